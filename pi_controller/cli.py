@@ -1,0 +1,102 @@
+"""`pi-controller`: run the daemon, check a config, build plugins."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import structlog
+
+from pi_controller import config, logs
+
+EXIT_CONFIG = 2
+
+log = structlog.get_logger("pi_controller.cli")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.configure(getattr(args, "log_format", "console"), getattr(args, "log_level", "info"))
+    return int(args.handler(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pi-controller", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the control loop")
+    run.add_argument("--config", required=True, type=Path, help="YAML config file")
+    run.add_argument("--simulate", action="store_true", help="mock pins driven by the simulation models")
+    run.add_argument("--ticks", type=_positive, help="run N ticks, then print a JSON snapshot and exit")
+    run.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
+    run.add_argument("--log-format", choices=["console", "json"], default="console")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("check-config", help="validate a config file without touching a pin")
+    check.add_argument("config", type=Path)
+    check.set_defaults(handler=_check_config)
+
+    plugin = commands.add_parser("plugin", help="plugin tools")
+    plugin_commands = plugin.add_subparsers(required=True, metavar="ACTION")
+    build = plugin_commands.add_parser("build", help="rebuild the bundled and test plugins from source")
+    build.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: .)")
+    build.set_defaults(handler=_build_plugins)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _load(path: Path) -> config.Settings | None:
+    try:
+        return config.load(path)
+    except config.ConfigError as exc:
+        log.error("config_invalid", file=exc.file, line=exc.line, key=config.format_path(exc.path),
+                  problem=exc.message)
+        print(f"config error: {exc}", file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pi_controller.daemon import Daemon
+    from pi_controller.hardware import HardwareError
+
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    try:
+        daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins)
+    except HardwareError as exc:
+        log.error("hardware_setup_failed", error=str(exc))
+        return 1
+    try:
+        asyncio.run(daemon.serve(args.ticks))
+        if args.ticks:
+            json.dump(daemon.snapshot(), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+    finally:
+        daemon.close()
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    print(f"{args.config}: OK ({len(settings.sensors)} sensors, {len(settings.actuators)} actuators, "
+          f"plugins from {settings.plugins_directory()})")
+    return 0
+
+
+def _build_plugins(args: argparse.Namespace) -> int:
+    from pi_controller import plugin_build
+
+    return plugin_build.main(["--root", str(args.root)])

@@ -1,0 +1,355 @@
+"""YAML in, validated immutable settings out: the only module that knows the file format.
+
+Settings are frozen dataclasses. Their type hints *are* the schema: `convert` walks a parsed YAML tree
+against them, so an error can name the file, the line, the key path and what would be valid, before any
+pin is touched. Sensor, actuator and simulation kinds register their own settings classes in their own
+modules; this module only dispatches on `kind`.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from pi_controller import actuators, sensors
+from pi_controller.schema import bounded
+from pi_controller.simulators import models as simulation_models
+
+KeyPath = tuple[str | int, ...]
+
+
+class ConfigError(Exception):
+    """A configuration problem, located precisely enough to fix it without reading code."""
+
+    def __init__(self, file: Path | str, path: KeyPath, message: str, line: int | None = None):
+        self.file = str(file)
+        self.path = path
+        self.line = line
+        self.message = message
+        where = f"{self.file}:{line}" if line else self.file
+        super().__init__(f"{where}: {format_path(path) or '(top level)'}: {message}")
+
+
+def format_path(path: KeyPath) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    rate_hz: float = bounded(0.1, 1000.0, default=10.0)
+    # Share of the tick period that plugin time budgets (timeouts) may add up to; the rest is left
+    # for sensor reads, actuator writes and scheduling slack.
+    plugin_budget: float = bounded(0.05, 0.9, default=0.6)
+
+    @property
+    def period(self) -> float:
+        return 1.0 / self.rate_hz
+
+
+@dataclass(frozen=True)
+class PinSettings:
+    factory: Literal["lgpio", "mock"] = "lgpio"
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """Limits and wiring for one plugin; every field may be left to `plugins.defaults`."""
+
+    memory_pages: int | None = bounded(1, 65536, default=None)
+    timeout_ms: float | None = bounded(0.1, 10_000, default=None)
+    max_output_bytes: int | None = bounded(16, 16 * 1024 * 1024, default=None)
+    priority: int | None = None
+    enabled: bool = True
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PluginDefaults:
+    memory_pages: int = bounded(1, 65536, default=32)
+    timeout_ms: float = bounded(0.1, 10_000, default=10.0)
+    max_output_bytes: int = bounded(16, 16 * 1024 * 1024, default=64 * 1024)
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class PluginsSettings:
+    directory: str = "plugins"
+    defaults: PluginDefaults = field(default_factory=PluginDefaults)
+    settings: Mapping[str, PluginSettings] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: Path
+    loop: LoopSettings
+    pins: PinSettings
+    sensors: tuple[sensors.SensorSettings, ...]
+    actuators: tuple[actuators.ActuatorSettings, ...]
+    plugins: PluginsSettings
+    simulation: tuple[simulation_models.ModelSettings, ...]
+
+    def plugins_directory(self) -> Path:
+        """The plugins folder; a relative one is relative to the config file's folder."""
+        return (self.source.parent / self.plugins.directory).resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(path: Path | str) -> Settings:
+    """Read, parse and validate a config file. Raises ConfigError; never touches hardware."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, (), f"cannot read the file: {exc.strerror or exc}") from exc
+    return parse(text, path)
+
+
+def parse(text: str, source: Path) -> Settings:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise ConfigError(source, (), f"not valid YAML: {getattr(exc, 'problem', exc)}", line) from exc
+    tree = _Tree(source)
+    data = tree.value(root, ()) if root is not None else {}
+    return _Converter(tree).settings(data)
+
+
+class _Tree:
+    """Turns composed YAML nodes into plain values while remembering each key path's line."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        self.lines: dict[KeyPath, int] = {}
+        self._constructor = yaml.SafeLoader("")
+
+    def value(self, node: yaml.Node, path: KeyPath) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self._constructor.construct_object(key_node, deep=True)
+                if key in result:
+                    raise ConfigError(self.source, path + (key,), "duplicate key",
+                                      key_node.start_mark.line + 1)
+                result[key] = self.value(value_node, path + (key,))
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.value(item, path + (i,)) for i, item in enumerate(node.value)]
+        return self._constructor.construct_object(node, deep=True)
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        probe = path
+        while probe and probe not in self.lines:
+            probe = probe[:-1]
+        return ConfigError(self.source, path, message, self.lines.get(probe))
+
+
+_TOP_LEVEL = {
+    "loop": LoopSettings,
+    "pins": PinSettings,
+    "plugins": PluginsSettings,
+}
+
+
+class _Converter:
+    """Checks a plain value tree against dataclass type hints."""
+
+    def __init__(self, tree: _Tree):
+        self.tree = tree
+
+    def settings(self, data: Any) -> Settings:
+        if not isinstance(data, dict):
+            raise self.tree.error((), f"expected a mapping of sections, got {_kind(data)}")
+        known = set(_TOP_LEVEL) | {"sensors", "actuators", "simulation"}
+        self._reject_unknown(data, known, ())
+        parts = {name: self.convert(data.get(name, {}), cls, (name,)) for name, cls in _TOP_LEVEL.items()}
+        result = Settings(
+            source=self.tree.source.resolve(),
+            sensors=self._kinds(data.get("sensors", []), sensors.KINDS, ("sensors",)),
+            actuators=self._kinds(data.get("actuators", []), actuators.KINDS, ("actuators",)),
+            simulation=self._kinds(data.get("simulation", []), simulation_models.KINDS, ("simulation",)),
+            **parts,
+        )
+        _check_cross_references(result, self.tree)
+        return result
+
+    def _kinds(self, items: Any, kinds: Mapping[str, type], path: KeyPath) -> tuple[Any, ...]:
+        if not isinstance(items, list):
+            raise self.tree.error(path, f"expected a list, got {_kind(items)}")
+        result = []
+        for index, item in enumerate(items):
+            here = path + (index,)
+            if not isinstance(item, dict):
+                raise self.tree.error(here, f"expected a mapping, got {_kind(item)}")
+            kind = item.get("kind")
+            if kind not in kinds:
+                raise self.tree.error(here + ("kind",),
+                                      f"unknown or missing kind {kind!r}; valid kinds: {', '.join(sorted(kinds))}")
+            result.append(self.convert(item, kinds[kind], here))
+        return tuple(result)
+
+    def convert(self, value: Any, hint: Any, path: KeyPath) -> Any:
+        if dataclasses.is_dataclass(hint):
+            return self._dataclass(value, hint, path)
+        origin = typing.get_origin(hint)
+        if origin is Literal:
+            choices = typing.get_args(hint)
+            if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
+                raise self.tree.error(path, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+            return value
+        if origin in (typing.Union, types.UnionType):
+            return self._union(value, typing.get_args(hint), path)
+        if origin is tuple:
+            (item_hint, _ellipsis) = typing.get_args(hint)
+            return tuple(self.convert(v, item_hint, path + (i,)) for i, v in enumerate(self._list(value, path)))
+        if origin in (dict, collections.abc.Mapping):
+            return self._mapping(value, typing.get_args(hint)[1], path)
+        return self._scalar(value, hint, path)
+
+    def _dataclass(self, value: Any, cls: Any, path: KeyPath) -> Any:
+        if not isinstance(value, dict):
+            raise self.tree.error(path, f"expected a mapping, got {_kind(value)}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        self._reject_unknown(value, set(fields), path)
+        kwargs = {}
+        for name, spec in fields.items():
+            if name in value:
+                converted = self.convert(value[name], hints[name], path + (name,))
+                _check_bounds(self.tree, converted, spec, path + (name,))
+                kwargs[name] = converted
+            elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise self.tree.error(path + (name,), f"missing required key '{name}'")
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:
+            raise self.tree.error(path, str(exc)) from exc
+
+    def _union(self, value: Any, options: tuple[Any, ...], path: KeyPath) -> Any:
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return self.convert(value, option, path)
+            except ConfigError as exc:
+                errors.append(exc.message)
+        raise self.tree.error(path, " or ".join(errors))
+
+    def _mapping(self, value: Any, item_hint: Any, path: KeyPath) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.tree.error(path, f"expected a mapping, got {_kind(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                raise self.tree.error(path + (key,), "keys must be strings")
+        return {k: self.convert(v, item_hint, path + (k,)) for k, v in value.items()}
+
+    def _list(self, value: Any, path: KeyPath) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.tree.error(path, f"expected a list, got {_kind(value)}")
+        return value
+
+    def _scalar(self, value: Any, hint: Any, path: KeyPath) -> Any:
+        if hint is Any:
+            return value
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+            raise self.tree.error(path, f"expected {_TYPE_NAMES.get(hint, hint.__name__)}, got {_kind(value)}")
+        if hint is float and not math.isfinite(value):
+            raise self.tree.error(path, f"expected a finite number, got {value!r}")
+        return value
+
+    def _reject_unknown(self, value: dict[Any, Any], known: set[str], path: KeyPath) -> None:
+        for key in value:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise self.tree.error(path + (key,),
+                                      f"unknown key '{key}'; {hint}valid keys: {', '.join(sorted(known))}")
+
+
+_TYPE_NAMES = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "a mapping"}
+    return f"{names.get(type(value), type(value).__name__)} ({value!r})" if not isinstance(
+        value, (list, dict)) else names[type(value)]
+
+
+def _check_bounds(tree: _Tree, value: Any, spec: dataclasses.Field[Any], path: KeyPath) -> None:
+    pattern = spec.metadata.get("pattern")
+    if pattern and isinstance(value, str) and not re.fullmatch(pattern, value):
+        raise tree.error(path, f"{value!r} is not valid; expected {spec.metadata['meaning']}")
+    low, high = spec.metadata.get("low"), spec.metadata.get("high")
+    if value is None or isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+        return
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise tree.error(path, f"{value!r} is out of range; valid: {low} to {high}")
+
+
+def _check_cross_references(settings: Settings, tree: _Tree) -> None:
+    """Rules that span entries: unique ids, one device per pin, references that resolve."""
+    seen_ids: dict[str, KeyPath] = {}
+    pin_owners: dict[int, tuple[KeyPath, bool]] = {}  # pin -> (first user, on a shared bus)
+    groups = (("sensors", settings.sensors), ("actuators", settings.actuators))
+    for section, entries in groups:
+        for index, entry in enumerate(entries):
+            here: KeyPath = (section, index)
+            if entry.id in seen_ids:
+                raise tree.error(here + ("id",), f"duplicate id '{entry.id}', already used at "
+                                                 f"{format_path(seen_ids[entry.id])}; ids must be unique")
+            seen_ids[entry.id] = here
+            claims = [(k, p, False) for k, p in entry.pins().items()]
+            claims += [(k, p, True) for k, p in entry.bus_pins().items()]
+            for key, pin, shared in claims:
+                owner = pin_owners.setdefault(pin, (here, shared))
+                if owner[0] != here and not (shared and owner[1]):
+                    raise tree.error(here + (key,), f"GPIO{pin} ({key}) is already used by "
+                                                    f"{format_path(owner[0])}; one device per pin")
+    for index, model in enumerate(settings.simulation):
+        for key, (wanted, ref) in model.references().items():
+            pool = {s.id for s in settings.sensors} if wanted == "sensor" else {a.id for a in settings.actuators}
+            if ref not in pool:
+                raise tree.error(("simulation", index, key), f"no {wanted} with id '{ref}'; "
+                                                             f"known: {', '.join(sorted(pool)) or 'none'}")
+    _check_plugin_budget(settings, tree)
+
+
+def _check_plugin_budget(settings: Settings, tree: _Tree) -> None:
+    budget_ms = settings.loop.period * settings.loop.plugin_budget * 1000.0
+    defaults = settings.plugins.defaults
+    if defaults.timeout_ms > budget_ms:
+        raise tree.error(("plugins", "defaults", "timeout_ms"),
+                         f"{defaults.timeout_ms} ms does not fit the plugin budget of {budget_ms:.1f} ms per "
+                         f"tick (loop.rate_hz x loop.plugin_budget); lower it or the loop rate")
+    configured = {name: s.timeout_ms or defaults.timeout_ms
+                  for name, s in settings.plugins.settings.items() if s.enabled}
+    if sum(configured.values()) > budget_ms:
+        raise tree.error(("plugins", "settings"),
+                         f"the configured plugins' timeouts add up to {sum(configured.values()):.1f} ms, over the "
+                         f"plugin budget of {budget_ms:.1f} ms per tick; lower their timeout_ms, the loop rate, "
+                         f"or raise loop.plugin_budget")

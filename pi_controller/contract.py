@@ -1,0 +1,117 @@
+"""The plugin ABI in one place: the context a plugin gets and the commands it may return.
+
+Input (one JSON object): `sensor_readings` (a list of `{sensor_id, value, unit, timestamp, valid}`,
+plus `error` when a reading is invalid and `value` is null), `device_states` (by actuator id),
+`timestamp` (Unix seconds), `tick` and `config` (the plugin's own config map).
+Output: a JSON array of `{device_id, action, parameters}`.
+
+The context is encoded once per tick; each plugin's config is encoded once at load time and spliced
+in, so a tick costs one `json.dumps` whatever the number of plugins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Protocol
+
+from pi_controller.sensors import Reading
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+class Rejected(Exception):
+    """A command that is not applied; the message is the reason, logged with plugin and device."""
+
+
+class OutputError(Exception):
+    """A plugin's whole output is unusable (not JSON, not a list, too large)."""
+
+
+class CommandTarget(Protocol):
+    def command(self, action: str, parameters: Mapping[str, Any]) -> float | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    device_id: str
+    action: str
+    target: float | None
+    plugin: str
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    plugin: str
+    device_id: str | None
+    reason: str
+
+
+def encode_config(config: Mapping[str, Any]) -> bytes:
+    """A plugin's config as the tail of its context; done once, when the plugin is loaded."""
+    return b',"config":' + _ENCODER.encode(config).encode() + b"}"
+
+
+def encode_context(readings: Iterable[Reading], device_states: Mapping[str, Any],
+                   timestamp: float, tick: int) -> bytes:
+    """Everything but the config, without the closing brace: one encode per tick for all plugins."""
+    body = {
+        "sensor_readings": [r.as_json() for r in readings],
+        "device_states": device_states,
+        "timestamp": timestamp,
+        "tick": tick,
+    }
+    return _ENCODER.encode(body)[:-1].encode()
+
+
+def number(parameters: Mapping[str, Any], name: str, low: float, high: float) -> float:
+    """A finite numeric parameter within [low, high], or Rejected saying which rule it broke."""
+    if name not in parameters:
+        raise Rejected(f"missing parameter '{name}'")
+    value = parameters[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Rejected(f"parameter '{name}' must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise Rejected(f"parameter '{name}' must be finite, got {value}")
+    if not low <= value <= high:
+        raise Rejected(f"parameter '{name}' = {value:g} is out of range {low:g}..{high:g}")
+    return float(value)
+
+
+def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, CommandTarget]
+                 ) -> tuple[list[Command], list[Rejection]]:
+    """Validate a plugin's output against the contract and the actuators it names."""
+    try:
+        entries = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise OutputError(f"output is not JSON: {str(exc)[:120]}") from exc
+    if not isinstance(entries, list):
+        raise OutputError(f"output must be a JSON array of commands, got a {type(entries).__name__}")
+    commands: list[Command] = []
+    rejections: list[Rejection] = []
+    for index, entry in enumerate(entries):
+        device = entry.get("device_id") if isinstance(entry, dict) else None
+        try:
+            commands.append(_command(index, entry, plugin, priority, targets))
+        except Rejected as exc:
+            rejections.append(Rejection(plugin, device if isinstance(device, str) else None, str(exc)))
+    return commands, rejections
+
+
+def _command(index: int, entry: Any, plugin: str, priority: int,
+             targets: Mapping[str, CommandTarget]) -> Command:
+    if not isinstance(entry, dict):
+        raise Rejected(f"command #{index} must be an object, got {type(entry).__name__}")
+    device, action = entry.get("device_id"), entry.get("action")
+    parameters = entry.get("parameters", {})
+    if not isinstance(device, str):
+        raise Rejected(f"command #{index} has no string 'device_id'")
+    if device not in targets:
+        raise Rejected(f"unknown device '{device}'")
+    if not isinstance(action, str):
+        raise Rejected(f"command #{index} has no string 'action'")
+    if not isinstance(parameters, dict):
+        raise Rejected(f"'parameters' must be an object, got {type(parameters).__name__}")
+    return Command(device, action, targets[device].command(action, parameters), plugin, priority)

@@ -1,0 +1,97 @@
+"""Sensors and actuators built from settings on one pin factory.
+
+Nothing above this layer imports gpiozero. An optional environment (a simulator) is advanced to the
+present before each read, so simulated physics happen on the same path a Pi's sensors take.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol
+
+import structlog
+from gpiozero.pins import Factory
+
+from pi_controller import actuators, sensors
+from pi_controller.actuators import Actuator
+from pi_controller.clock import Clock
+from pi_controller.config import Settings
+from pi_controller.contract import Command
+from pi_controller.sensors import Reading, Sensor
+
+log = structlog.get_logger("pi_controller.hardware")
+
+
+class Environment(Protocol):
+    def advance(self, now: float) -> None:
+        """Bring the simulated world to time `now` and set the mock pins it drives."""
+
+    def close(self) -> None: ...
+
+
+class HardwareError(Exception):
+    """A device could not be set up; names the device."""
+
+
+class Hardware:
+    def __init__(self, sensor_list: list[Sensor], actuator_list: list[Actuator], factory: Factory):
+        self.sensors = sensor_list
+        self.actuators: dict[str, Actuator] = {a.id: a for a in actuator_list}
+        self.factory = factory
+        self.environment: Environment | None = None
+
+    @classmethod
+    def build(cls, settings: Settings, factory: Factory, clock: Clock) -> Hardware:
+        """Claim every device; on failure release what was claimed and say which device failed."""
+        built: list[Any] = []
+        try:
+            for a in settings.actuators:
+                built.append(_claim(a.id, lambda: actuators.build(a, factory)))
+            for s in settings.sensors:
+                built.append(_claim(s.id, lambda: sensors.build(s, factory, clock)))
+        except HardwareError:
+            for device in built:
+                device.close()
+            raise
+        return cls([d for d in built if isinstance(d, Sensor)], [d for d in built if isinstance(d, Actuator)],
+                   factory)
+
+    def read(self, now: float) -> list[Reading]:
+        if self.environment is not None:
+            self.environment.advance(now)
+        return [sensor.read(now) for sensor in self.sensors]
+
+    def apply(self, commands: Iterable[Command], tick: int) -> None:
+        for command in commands:
+            actuator = self.actuators[command.device_id]
+            try:
+                actuator.apply(command.target)
+            except Exception as exc:  # a pin that fails to switch must not stop the others
+                log.error("actuator_write_failed", device=actuator.id, tick=tick, error=str(exc))
+
+    def safe_state(self) -> None:
+        """Every actuator to its safe state; one failure never keeps the others from it."""
+        for actuator in self.actuators.values():
+            try:
+                actuator.safe()
+            except Exception as exc:
+                log.error("safe_state_failed", device=actuator.id, error=str(exc))
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Each actuator's state as the plugin context shows it."""
+        return {key: actuator.state for key, actuator in self.actuators.items()}
+
+    def close(self) -> None:
+        if self.environment is not None:
+            self.environment.close()
+        for device in [*self.sensors, *self.actuators.values()]:
+            try:
+                device.close()
+            except Exception as exc:
+                log.warning("device_close_failed", device=device.settings.id, error=str(exc))
+
+
+def _claim(device_id: str, make: Any) -> Any:
+    try:
+        return make()
+    except Exception as exc:
+        raise HardwareError(f"device '{device_id}': {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,111 @@
+"""The scheduler and the tick: fixed rate against absolute deadlines, every step delegated.
+
+Tick k is due at t0 + k * period, so the rate never drifts. A tick that overruns makes the next start
+late, or skips the deadlines already past (counted as missed), never piles ticks up. The tick body is
+synchronous and runs on one dedicated worker thread, so Extism calls (which release the GIL) never
+block the event loop, and no plugin instance is ever called from two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import structlog
+
+from pi_controller import arbitration, contract
+from pi_controller.clock import Clock
+from pi_controller.contract import Command, OutputError
+from pi_controller.hardware import Hardware
+from pi_controller.logs import ChangeLog
+from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
+from pi_controller.sensors import Reading
+from pi_controller.stats import PluginStats, TickStats
+
+log = structlog.get_logger("pi_controller.loop")
+
+
+class ControlLoop:
+    def __init__(self, hardware: Hardware, plugins: PluginSet, clock: Clock, period: float):
+        self.hardware = hardware
+        self.plugins = plugins
+        self.clock = clock
+        self.period = period
+        self.ticks = TickStats()
+        self.plugin_stats: dict[str, PluginStats] = {}
+        self.readings: list[Reading] = []
+        self.last_states: dict[str, dict[str, Any]] = hardware.states()
+        self._problems = ChangeLog(log)
+
+    async def run(self, stop: asyncio.Event, max_ticks: int | None = None) -> None:
+        """Tick until `stop` is set or `max_ticks` ticks have run."""
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tick") as worker:
+            t0 = self.clock.monotonic()
+            due = 0
+            while max_ticks is None or self.ticks.count < max_ticks:
+                deadline = t0 + due * self.period
+                if not await self.clock.sleep_until(deadline, stop):
+                    break
+                started = self.clock.monotonic()
+                await loop.run_in_executor(worker, self.tick, self.ticks.count)
+                finished = self.clock.monotonic()
+                self.ticks.count += 1
+                self.ticks.durations.add(finished - started)
+                self.ticks.jitter.add(started - deadline)
+                due = self._next_due(due, finished - t0)
+
+    def _next_due(self, due: int, elapsed: float) -> int:
+        """The first deadline not yet past; deadlines skipped on the way are missed ticks."""
+        next_due = max(due + 1, math.ceil(elapsed / self.period))
+        if next_due > due + 1:
+            self.ticks.missed += next_due - due - 1
+            self._problems.problem("overrun", "tick_overrun", tick=self.ticks.count,
+                                   missed=next_due - due - 1, period_ms=self.period * 1000)
+        return next_due
+
+    def tick(self, number: int) -> None:
+        """Read, decide, arbitrate, act: one pass of the control loop."""
+        now = self.clock.time()
+        self.readings = self.hardware.read(now)
+        context = contract.encode_context(self.readings, self.hardware.states(), now, number)
+        proposals: list[Command] = []
+        for plugin in self.plugins:
+            proposals.extend(self._consult(plugin, context, number))
+        commands, conflicts = arbitration.resolve(proposals)
+        for winner, loser in conflicts:
+            self._problems.problem(("conflict", winner.device_id, winner.plugin, loser.plugin), "command_conflict",
+                                   level="info", tick=number, device=winner.device_id, winner=winner.plugin,
+                                   loser=loser.plugin)
+        self.hardware.apply(commands, number)
+        self.last_states = self.hardware.states()
+        self._problems.settle(tick=number)
+
+    def _consult(self, plugin: SandboxedPlugin, context: bytes, number: int) -> list[Command]:
+        """One plugin's commands for this tick; any failure of the plugin stays with the plugin."""
+        stats = self.plugin_stats.setdefault(plugin.name, PluginStats())
+        stats.calls += 1
+        started = self.clock.monotonic()
+        try:
+            try:
+                raw = plugin.call(context)
+            finally:
+                stats.durations.add(self.clock.monotonic() - started)
+            commands, rejections = contract.parse_output(raw, plugin.name, plugin.priority,
+                                                         self.hardware.actuators)
+        except (PluginCallError, OutputError) as exc:
+            stats.errors += 1
+            self._problems.problem(("error", plugin.name, str(exc)), "plugin_call_failed", level="error",
+                                   plugin=plugin.name, tick=number, reason=str(exc))
+            return []
+        stats.rejected += len(rejections)
+        for r in rejections:
+            self._problems.problem(("rejected", r.plugin, r.device_id, r.reason), "command_rejected",
+                                   plugin=r.plugin, device=r.device_id, tick=number, reason=r.reason)
+        return commands
+
+    def summary(self) -> dict[str, Any]:
+        return {"ticks": self.ticks.summary(),
+                "plugins": {name: s.summary() for name, s in self.plugin_stats.items()}}

@@ -1,0 +1,51 @@
+"""Pin factories: the only difference between a Raspberry Pi and a simulated run.
+
+On a Pi the factory is pinned to lgpio (gpiozero's fallback chain ends in confusing errors on a Pi 5
+when lgpio is missing). Simulated runs use gpiozero's MockFactory with PWM-capable pins; sensors that
+time a capacitor's charge or an ultrasonic echo get the mock pin classes that can do so.
+"""
+
+from __future__ import annotations
+
+from gpiozero import Device
+from gpiozero.pins import Factory
+from gpiozero.pins.mock import MockChargingPin, MockFactory, MockPWMPin, MockTriggerPin
+
+from pi_controller.config import Settings
+from pi_controller.sensors import DistanceSettings, LightSettings
+
+
+class _ChargingPin(MockChargingPin, MockPWMPin):
+    """A charging pin the PWM-pin factory accepts (it refuses a non-PWM pin in a PWM factory)."""
+
+
+class _TriggerPin(MockTriggerPin, MockPWMPin):
+    """A trigger pin that echoes on its partner pin, accepted by the PWM-pin factory."""
+
+
+def make_factory(settings: Settings, simulate: bool) -> Factory:
+    """The factory every device is built on, also made gpiozero's default.
+
+    Devices get it explicitly, but gpiozero 2.0.1's software SPI bus builds its own device without
+    passing the factory on, so it must be the default too, or an MCP3008 on mock pins fails with
+    "Unable to load any default pin factory!".
+    """
+    if simulate or settings.pins.factory == "mock":
+        factory: Factory = mock_factory(settings)
+    else:
+        from gpiozero.pins.lgpio import LGPIOFactory  # only importable where lgpio can open a chip
+
+        factory = LGPIOFactory()
+    Device.pin_factory = factory
+    return factory
+
+
+def mock_factory(settings: Settings) -> MockFactory:
+    factory = MockFactory(pin_class=MockPWMPin)
+    for sensor in settings.sensors:
+        if isinstance(sensor, LightSettings):
+            factory.pin(sensor.pin, pin_class=_ChargingPin)
+        elif isinstance(sensor, DistanceSettings):
+            echo = factory.pin(sensor.echo)
+            factory.pin(sensor.trigger, pin_class=_TriggerPin, echo_pin=echo)
+    return factory

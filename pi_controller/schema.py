@@ -1,0 +1,32 @@
+"""Field helpers for settings dataclasses: validation rules that `config` enforces when loading.
+
+They live apart from `config` so that the modules defining settings (sensors, actuators, simulators)
+can use them without importing the loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+
+
+def bounded(low: float | None = None, high: float | None = None, **kwargs: Any) -> Any:
+    """A field whose number must lie in [low, high]."""
+    return field(metadata={"low": low, "high": high}, **kwargs)
+
+
+def matching(pattern: str, meaning: str, **kwargs: Any) -> Any:
+    """A field whose string must match `pattern` entirely; `meaning` says what is valid."""
+    return field(metadata={"pattern": pattern, "meaning": meaning}, **kwargs)
+
+
+def bcm_pin(**kwargs: Any) -> Any:
+    """A GPIO number in BCM numbering, as printed by `pinout`."""
+    return bounded(0, 27, **kwargs)
+
+
+def device_id(**kwargs: Any) -> Any:
+    """An id that can appear in logs, JSON keys and MQTT topics as it is."""
+    return matching(ID_PATTERN, "1 to 64 letters, digits, '_' or '-'", **kwargs)

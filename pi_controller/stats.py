@@ -1,0 +1,62 @@
+"""Counters and bounded timing windows for ticks and plugins, summarised on demand.
+
+Samples go into fixed-size windows so a daemon that runs for months uses constant memory; the
+percentiles are computed only when a snapshot is asked for, never in the tick.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+WINDOW = 3000  # five minutes of ticks at 10 Hz
+
+
+class Window:
+    """The last WINDOW samples, plus the all-time maximum."""
+
+    def __init__(self) -> None:
+        self._samples: deque[float] = deque(maxlen=WINDOW)
+        self.max = 0.0
+
+    def add(self, value: float) -> None:
+        self._samples.append(value)
+        if value > self.max:
+            self.max = value
+
+    def percentile(self, fraction: float) -> float:
+        if not self._samples:
+            return 0.0
+        ordered = sorted(self._samples)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1e6)
+
+
+@dataclass
+class PluginStats:
+    calls: int = 0
+    errors: int = 0
+    rejected: int = 0
+    durations: Window = field(default_factory=Window)
+
+    def summary(self) -> dict[str, Any]:
+        return {"calls": self.calls, "errors": self.errors, "rejected": self.rejected,
+                "median_us": _us(self.durations.percentile(0.5)), "max_us": _us(self.durations.max)}
+
+
+@dataclass
+class TickStats:
+    count: int = 0
+    missed: int = 0
+    durations: Window = field(default_factory=Window)
+    jitter: Window = field(default_factory=Window)
+
+    def summary(self) -> dict[str, Any]:
+        return {"count": self.count, "missed": self.missed,
+                "duration_median_us": _us(self.durations.percentile(0.5)),
+                "duration_p99_us": _us(self.durations.percentile(0.99)),
+                "start_jitter_p99_us": _us(self.jitter.percentile(0.99))}
