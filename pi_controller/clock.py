@@ -17,6 +17,9 @@ class Clock(Protocol):
     def time(self) -> float:
         """Wall-clock Unix time: timestamps that plugins and telemetry see."""
 
+    def perf_counter(self) -> float:
+        """A real high-resolution timer for measuring work, even when scheduling time is virtual."""
+
     async def sleep_until(self, deadline: float, stop: asyncio.Event) -> bool:
         """Wait until monotonic() reaches `deadline`; False if `stop` was set first."""
 
@@ -27,6 +30,9 @@ class SystemClock:
 
     def time(self) -> float:
         return time.time()
+
+    def perf_counter(self) -> float:
+        return time.perf_counter()
 
     async def sleep_until(self, deadline: float, stop: asyncio.Event) -> bool:
         delay = deadline - time.monotonic()
@@ -39,3 +45,31 @@ class SystemClock:
         except TimeoutError:
             return True
         return False
+
+
+class VirtualClock:
+    """Time that passes only when the loop waits: a waited-for deadline is reached at once.
+
+    Scheduling is exact and runs as fast as the work allows; durations of work are still measured
+    with the real timer.
+    """
+
+    def __init__(self, start: float = 1_800_000_000.0):
+        self._start = start
+        self._now = 0.0
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def time(self) -> float:
+        return self._start + self._now
+
+    def perf_counter(self) -> float:
+        return time.perf_counter()
+
+    async def sleep_until(self, deadline: float, stop: asyncio.Event) -> bool:
+        await asyncio.sleep(0)  # let signal handlers and other tasks run
+        if stop.is_set():
+            return False
+        self._now = max(self._now, deadline)
+        return True

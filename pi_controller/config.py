@@ -304,11 +304,11 @@ def _check_bounds(tree: _Tree, value: Any, spec: dataclasses.Field[Any], path: K
     pattern = spec.metadata.get("pattern")
     if pattern and isinstance(value, str) and not re.fullmatch(pattern, value):
         raise tree.error(path, f"{value!r} is not valid; expected {spec.metadata['meaning']}")
-    low, high = spec.metadata.get("low"), spec.metadata.get("high")
-    if value is None or isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+    if "low" not in spec.metadata or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise tree.error(path, f"{value!r} is out of range; valid: {low} to {high}")
+    low, high = spec.metadata["low"], spec.metadata["high"]
+    if not low <= value <= high:
+        raise tree.error(path, f"{value:g} is out of range; valid: {low:g} to {high:g}")
 
 
 def _check_cross_references(settings: Settings, tree: _Tree) -> None:

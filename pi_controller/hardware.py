@@ -75,6 +75,7 @@ class Hardware:
                 actuator.safe()
             except Exception as exc:
                 log.error("safe_state_failed", device=actuator.id, error=str(exc))
+        log.info("actuators_safe", states={key: a.target for key, a in self.actuators.items()})
 
     def states(self) -> dict[str, dict[str, Any]]:
         """Each actuator's state as the plugin context shows it."""

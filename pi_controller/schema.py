@@ -12,7 +12,7 @@ from typing import Any
 ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 
 
-def bounded(low: float | None = None, high: float | None = None, **kwargs: Any) -> Any:
+def bounded(low: float, high: float, **kwargs: Any) -> Any:
     """A field whose number must lie in [low, high]."""
     return field(metadata={"low": low, "high": high}, **kwargs)
 

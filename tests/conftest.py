@@ -1,0 +1,83 @@
+"""Fixtures: configs written to disk, daemons on gpiozero mock pins, the repo's real plugins."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+from gpiozero import Device
+
+from pi_controller import config
+from pi_controller.clock import Clock, VirtualClock
+from pi_controller.daemon import Daemon
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_PLUGINS = REPO / "plugins"
+TEST_PLUGINS = REPO / "tests" / "plugins"
+EXAMPLE_CONFIG = REPO / "config" / "example.yaml"
+
+
+def example_data() -> dict[str, Any]:
+    """The example config as plain data, for tests to alter."""
+    data = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    data["plugins"]["directory"] = str(BUNDLED_PLUGINS)
+    return data
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """Write config data (a dict, or YAML text) to a file and return its path."""
+
+    def write(data: dict[str, Any] | str, name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def plugin_dir(tmp_path: Path):
+    """A fresh plugins folder holding copies of the named plugins (bundled or test ones)."""
+
+    def make(*names: str) -> Path:
+        folder = tmp_path / "plugins"
+        folder.mkdir(exist_ok=True)
+        for name in names:
+            source = BUNDLED_PLUGINS / f"{name}.wasm"
+            if not source.exists():
+                source = TEST_PLUGINS / f"{name}.wasm"
+            shutil.copy(source, folder / f"{name}.wasm")
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def run_daemon(write_config) -> Iterator[Any]:
+    """Build a daemon on mock pins from config data, run N ticks, return it (closed afterwards)."""
+    daemons: list[Daemon] = []
+
+    def run(data: dict[str, Any], ticks: int, *, simulate: bool = True, plugins: Path | None = None,
+            clock: Clock | None = None) -> Daemon:
+        settings = config.load(write_config(data))
+        daemon = Daemon(settings, simulate=simulate, plugins_dir=plugins, clock=clock or VirtualClock())
+        daemons.append(daemon)
+        asyncio.run(daemon.serve(ticks))
+        return daemon
+
+    yield run
+    for daemon in daemons:
+        daemon.close()
+
+
+@pytest.fixture(autouse=True)
+def _reset_pin_factory() -> Iterator[None]:
+    yield
+    if Device.pin_factory is not None:
+        Device.pin_factory.reset()
+        Device.pin_factory = None

@@ -1,0 +1,251 @@
+"""Every validation rule: the error names the file, the line, the key path and what would be valid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from pi_controller import config
+from pi_controller.actuators import PwmSettings, RelaySettings, ServoSettings
+from pi_controller.sensors import DigitalSettings, MCP3008Settings
+from tests.conftest import EXAMPLE_CONFIG, example_data
+
+
+def error_for(write_config, data: dict[str, Any] | str) -> config.ConfigError:
+    path = write_config(data)
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path)
+    assert caught.value.file == str(path)
+    return caught.value
+
+
+def test_example_config_loads_with_the_seed_device_ids() -> None:
+    settings = config.load(EXAMPLE_CONFIG)
+    assert {s.id: s.unit for s in settings.sensors} == {
+        "temperature_sensor": "celsius", "motion_sensor": "boolean", "light_sensor": "lux"}
+    assert {a.id: type(a) for a in settings.actuators} == {
+        "led_strip": PwmSettings, "servo_motor": ServoSettings, "relay_switch": RelaySettings}
+    assert settings.loop.rate_hz == 10.0
+    assert settings.plugins_directory() == (EXAMPLE_CONFIG.parent.parent / "plugins").resolve()
+
+
+def test_defaults_fill_what_the_file_leaves_out(write_config) -> None:
+    settings = config.load(write_config("sensors:\n  - {id: door, kind: button, pin: 5}\n"))
+    assert settings.loop.rate_hz == 10.0
+    assert settings.pins.factory == "lgpio"
+    assert settings.sensors == (DigitalSettings(id="door", kind="button", pin=5),)
+    assert settings.plugins.defaults.timeout_ms == 10.0
+
+
+def test_unknown_key_suggests_the_close_one(write_config) -> None:
+    data = example_data()
+    data["loop"]["rate_hx"] = 5
+    error = error_for(write_config, data)
+    assert error.path == ("loop", "rate_hx")
+    assert "did you mean 'rate_hz'" in error.message
+    lines = write_config(data).read_text().splitlines()
+    assert lines[error.line - 1].strip() == "rate_hx: 5"
+
+
+def test_wrong_type_names_the_expected_type(write_config) -> None:
+    data = example_data()
+    data["actuators"][0]["frequency"] = "fast"
+    error = error_for(write_config, data)
+    assert error.path == ("actuators", 0, "frequency")
+    assert "expected a number, got a string ('fast')" in error.message
+
+
+def test_boolean_is_not_a_number(write_config) -> None:
+    data = example_data()
+    data["sensors"][0]["channel"] = True
+    error = error_for(write_config, data)
+    assert error.path == ("sensors", 0, "channel")
+    assert "expected an integer" in error.message
+
+
+def test_missing_required_field(write_config) -> None:
+    data = example_data()
+    del data["sensors"][0]["channel"]
+    error = error_for(write_config, data)
+    assert error.path == ("sensors", 0, "channel")
+    assert "missing required key 'channel'" in error.message
+
+
+def test_unknown_kind_lists_the_valid_kinds(write_config) -> None:
+    data = example_data()
+    data["sensors"][1]["kind"] = "thermometer"
+    error = error_for(write_config, data)
+    assert error.path == ("sensors", 1, "kind")
+    assert "ds18b20" in error.message and "mcp3008" in error.message
+
+
+def test_duplicate_id(write_config) -> None:
+    data = example_data()
+    data["actuators"][1]["id"] = "led_strip"
+    error = error_for(write_config, data)
+    assert error.path == ("actuators", 1, "id")
+    assert "duplicate id 'led_strip', already used at actuators[0]" in error.message
+
+
+def test_two_devices_on_one_pin(write_config) -> None:
+    data = example_data()
+    data["actuators"][2]["pin"] = data["sensors"][1]["pin"]
+    error = error_for(write_config, data)
+    assert error.path == ("actuators", 2, "pin")
+    assert "GPIO17 (pin) is already used by sensors[1]" in error.message
+
+
+def test_spi_pins_are_shared_by_adc_channels_but_not_with_other_devices(write_config) -> None:
+    data = example_data()
+    config.load(write_config(data))  # two MCP3008 channels on one bus are fine
+    data["actuators"][0]["pin"] = 11
+    error = error_for(write_config, data)
+    assert error.path == ("actuators", 0, "pin")
+    assert "GPIO11" in error.message and "sensors[0]" in error.message
+
+
+@pytest.mark.parametrize("section,index,key,value,expected", [
+    ("actuators", 0, "max_duty", 120, "120 is out of range; valid: 0 to 100"),
+    ("actuators", 0, "pin", 40, "40 is out of range; valid: 0 to 27"),
+    ("sensors", 0, "channel", 9, "channel 9 is out of range; an MCP3008 has channels 0 to 7"),
+    ("actuators", 1, "min_angle", 120, "min_angle 120.0 must be below max_angle 90.0"),
+    ("actuators", 0, "min_duty", 50, None),  # fine alone, see the next case
+])
+def test_bad_range(write_config, section, index, key, value, expected) -> None:
+    data = example_data()
+    data[section][index][key] = value
+    if expected is None:
+        config.load(write_config(data))
+        return
+    error = error_for(write_config, data)
+    assert expected in error.message
+    assert error.path[:2] == (section, index)
+
+
+def test_min_duty_above_max_duty(write_config) -> None:
+    data = example_data()
+    data["actuators"][0].update(min_duty=60, max_duty=40)
+    error = error_for(write_config, data)
+    assert error.path == ("actuators", 0)
+    assert "min_duty 60.0 is above max_duty 40.0" in error.message
+
+
+def test_bad_id_characters(write_config) -> None:
+    data = example_data()
+    data["sensors"][0]["id"] = "temp sensor/1"
+    error = error_for(write_config, data)
+    assert error.path == ("sensors", 0, "id")
+    assert "letters, digits" in error.message
+
+
+def test_literal_choices_are_listed(write_config) -> None:
+    data = example_data()
+    data["actuators"][2]["safe_state"] = "maybe"
+    error = error_for(write_config, data)
+    assert error.path == ("actuators", 2, "safe_state")
+    assert "'off', 'on'" in error.message
+
+
+def test_simulation_reference_must_exist(write_config) -> None:
+    data = example_data()
+    data["simulation"][0]["heater"] = "boiler"
+    error = error_for(write_config, data)
+    assert error.path == ("simulation", 0, "heater")
+    assert "no actuator with id 'boiler'" in error.message
+
+
+def test_plugin_timeouts_must_fit_the_tick(write_config) -> None:
+    data = example_data()
+    data["plugins"]["settings"]["temperature_control"]["timeout_ms"] = 55
+    error = error_for(write_config, data)
+    assert error.path == ("plugins", "settings")
+    assert "add up to 75.0 ms, over the plugin budget of 60.0 ms" in error.message
+
+
+def test_default_timeout_must_fit_the_tick(write_config) -> None:
+    data = example_data()
+    data["loop"]["rate_hz"] = 100
+    error = error_for(write_config, data)
+    assert error.path == ("plugins", "defaults", "timeout_ms")
+    assert "does not fit the plugin budget of 6.0 ms" in error.message
+
+
+def test_yaml_syntax_error_has_a_line(write_config) -> None:
+    error = error_for(write_config, "loop:\n  rate_hz: [10\nsensors: []\n")
+    assert "not valid YAML" in error.message
+    assert error.line == 3
+
+
+def test_duplicate_yaml_key(write_config) -> None:
+    error = error_for(write_config, "loop:\n  rate_hz: 10\n  rate_hz: 20\n")
+    assert error.path == ("loop", "rate_hz")
+    assert error.message == "duplicate key"
+    assert error.line == 3
+
+
+def test_non_finite_number_is_refused(write_config) -> None:
+    error = error_for(write_config, "loop:\n  rate_hz: .nan\n")
+    assert "finite" in error.message
+
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(tmp_path / "nope.yaml")
+    assert "cannot read the file" in caught.value.message
+
+
+def test_error_text_reads_file_line_key_and_fix(write_config) -> None:
+    data = example_data()
+    data["actuators"][0]["max_duty"] = 120
+    path = write_config(data)
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path)
+    line = caught.value.line
+    assert str(caught.value) == (f"{path}:{line}: actuators[0].max_duty: 120 is out of range; valid: 0 to 100")
+    assert path.read_text().splitlines()[line - 1].strip().startswith("max_duty")
+
+
+def test_settings_are_immutable() -> None:
+    settings = config.load(EXAMPLE_CONFIG)
+    with pytest.raises(AttributeError):
+        settings.loop.rate_hz = 1  # type: ignore[misc]
+    assert isinstance(settings.sensors[0], MCP3008Settings)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pi_controller", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_bad_config_exits_2_before_touching_a_pin(write_config) -> None:
+    data = example_data()
+    data["actuators"][0]["pin"] = 17
+    path = write_config(data)
+    # No --simulate: with a valid config this would try to open the Pi's GPIO chip and fail differently.
+    result = run_cli("run", "--config", str(path))
+    assert result.returncode == 2
+    assert f"config error: {path}:" in result.stderr
+    assert "actuators[0].pin: GPIO17 (pin) is already used by sensors[1]" in result.stderr
+    assert "hardware_setup_failed" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_accepts_the_example_and_rejects_a_bad_one(write_config) -> None:
+    ok = run_cli("check-config", str(EXAMPLE_CONFIG))
+    assert ok.returncode == 0, ok.stderr
+    assert "OK (3 sensors, 3 actuators" in ok.stdout
+    data = example_data()
+    data["sensors"][0]["scale"] = 0
+    bad = run_cli("check-config", str(write_config(data)))
+    assert bad.returncode == 2
+    assert "sensors[0]: scale must not be 0" in bad.stderr
+
+
+def test_check_config_never_creates_a_pin_factory(write_config) -> None:
+    code = ("from gpiozero import Device; from pi_controller import config; "
+            f"config.load({str(EXAMPLE_CONFIG)!r}); print(Device.pin_factory)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "None", result.stderr

@@ -1,0 +1,148 @@
+"""The plugin ABI: the context plugins get, and every way a command is rejected."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from gpiozero.pins.mock import MockFactory, MockPWMPin
+
+from pi_controller import actuators, arbitration, contract
+from pi_controller.actuators import PwmSettings, RelaySettings, ServoSettings
+from pi_controller.contract import Command, OutputError
+from pi_controller.sensors import Reading
+
+
+@pytest.fixture
+def targets() -> dict[str, actuators.Actuator]:
+    factory = MockFactory(pin_class=MockPWMPin)
+    built = [
+        actuators.build(PwmSettings(id="led_strip", kind="pwm", pin=18, min_duty=10, max_duty=90), factory),
+        actuators.build(RelaySettings(id="relay_switch", kind="relay", pin=27), factory),
+        actuators.build(ServoSettings(id="servo_motor", kind="servo", pin=13, min_angle=0, max_angle=90),
+                        factory),
+    ]
+    yield {a.id: a for a in built}
+    for a in built:
+        a.close()
+
+
+def parse(raw: Any, targets) -> tuple[list[Command], list[contract.Rejection]]:
+    data = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+    return contract.parse_output(data, "p", 5, targets)
+
+
+def test_context_is_the_seed_shape_with_the_plugin_config_spliced_in() -> None:
+    readings = [Reading("temperature_sensor", 20.5, "celsius", 100.0),
+                Reading("light_sensor", None, "lux", 100.0, "SPI read failed")]
+    states = {"relay_switch": {"type": "relay", "on": False, "value": 0}}
+    prefix = contract.encode_context(readings, states, 100.0, 7)
+    context = json.loads(prefix + contract.encode_config({"setpoint": 21.0, "mode": "eco"}))
+    assert context == {
+        "sensor_readings": [
+            {"sensor_id": "temperature_sensor", "value": 20.5, "unit": "celsius", "timestamp": 100.0,
+             "valid": True},
+            {"sensor_id": "light_sensor", "value": None, "unit": "lux", "timestamp": 100.0, "valid": False,
+             "error": "SPI read failed"},
+        ],
+        "device_states": states,
+        "timestamp": 100.0,
+        "tick": 7,
+        "config": {"setpoint": 21.0, "mode": "eco"},
+    }
+
+
+def test_the_seed_actions_are_accepted(targets) -> None:
+    commands, rejections = parse([
+        {"device_id": "relay_switch", "action": "set_high", "parameters": {}},
+        {"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 42.5}},
+        {"device_id": "servo_motor", "action": "set_angle", "parameters": {"angle": 45}},
+        {"device_id": "led_strip", "action": "set_low"},  # parameters may be left out
+    ], targets)
+    assert rejections == []
+    assert [(c.device_id, c.action, c.target, c.plugin, c.priority) for c in commands] == [
+        ("relay_switch", "set_high", 1.0, "p", 5), ("led_strip", "pwm", 42.5, "p", 5),
+        ("servo_motor", "set_angle", 45.0, "p", 5), ("led_strip", "set_low", 0.0, "p", 5)]
+
+
+@pytest.mark.parametrize("command,device,reason", [
+    ({"device_id": "toaster", "action": "set_high"}, "toaster", "unknown device 'toaster'"),
+    ({"device_id": "relay_switch", "action": "pwm", "parameters": {"duty_cycle": 5}}, "relay_switch",
+     "action 'pwm' is not valid for a relay; valid: set_high, set_low"),
+    ({"device_id": "led_strip", "action": "pwm"}, "led_strip", "missing parameter 'duty_cycle'"),
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": "50"}}, "led_strip",
+     "parameter 'duty_cycle' must be a number, got str '50'"),
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": True}}, "led_strip",
+     "parameter 'duty_cycle' must be a number, got bool True"),
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 150}}, "led_strip",
+     "parameter 'duty_cycle' = 150 is out of range 0..100"),
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": -1}}, "led_strip",
+     "parameter 'duty_cycle' = -1 is out of range 0..100"),
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 95}}, "led_strip",
+     "duty_cycle 95 is outside this output's bounds 10..90 (or 0)"),
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 5}}, "led_strip",
+     "duty_cycle 5 is outside this output's bounds 10..90 (or 0)"),
+    ({"device_id": "led_strip", "action": "set_high"}, "led_strip",
+     "duty_cycle 100 is outside this output's bounds 10..90 (or 0)"),
+    ({"device_id": "servo_motor", "action": "set_angle", "parameters": {"angle": 91}}, "servo_motor",
+     "parameter 'angle' = 91 is out of range 0..90"),
+    ({"device_id": "led_strip", "action": "pwm", "parameters": [50]}, "led_strip",
+     "'parameters' must be an object, got list"),
+    ({"device_id": 3, "action": "set_high"}, None, "command #0 has no string 'device_id'"),
+    ({"device_id": "led_strip"}, "led_strip", "command #0 has no string 'action'"),
+    ("set_high", None, "command #0 must be an object, got str"),
+])
+def test_bad_commands_are_rejected_with_a_reason(targets, command, device, reason) -> None:
+    commands, rejections = parse([command], targets)
+    assert commands == []
+    assert [(r.plugin, r.device_id, r.reason) for r in rejections] == [("p", device, reason)]
+
+
+@pytest.mark.parametrize("literal", [b"1e999", b"-1e999", b"NaN", b"Infinity"])
+def test_non_finite_values_are_rejected_not_clamped(targets, literal) -> None:
+    raw = b'[{"device_id":"led_strip","action":"pwm","parameters":{"duty_cycle":' + literal + b"}}]"
+    commands, rejections = parse(raw, targets)
+    assert commands == []
+    assert "must be finite" in rejections[0].reason
+
+
+def test_one_bad_command_does_not_spoil_the_good_ones(targets) -> None:
+    commands, rejections = parse([
+        {"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 500}},
+        {"device_id": "relay_switch", "action": "set_high"},
+    ], targets)
+    assert [c.device_id for c in commands] == ["relay_switch"]
+    assert [r.device_id for r in rejections] == ["led_strip"]
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"this is not json {", "output is not JSON"),
+    (b'{"device_id": "led_strip", "action": "set_high"}', "must be a JSON array of commands, got a dict"),
+    (b"", "output is not JSON"),
+    (b"[" * 100_000, "output is not JSON"),
+    (b"\xff\xfe", "output is not JSON"),
+])
+def test_unusable_output_is_an_error_of_the_call(targets, raw, message) -> None:
+    with pytest.raises(OutputError, match=message):
+        parse(raw, targets)
+
+
+def cmd(device: str, target: float | None, plugin: str, priority: int) -> Command:
+    return Command(device, "x", target, plugin, priority)
+
+
+def test_arbitration_first_in_priority_order_wins_and_conflicts_are_reported() -> None:
+    high = cmd("led_strip", 0.0, "energy_saver", 20)
+    low = cmd("led_strip", 80.0, "motion_light", 10)
+    agree = cmd("relay_switch", 1.0, "a", 10)
+    same = cmd("relay_switch", 1.0, "b", 5)
+    winners, conflicts = arbitration.resolve([high, agree, low, same])
+    assert winners == [high, agree]
+    assert conflicts == [(high, low)]  # agreeing plugins are no conflict
+
+
+def test_a_plugins_own_later_command_supersedes_its_earlier_one() -> None:
+    first, second = cmd("led_strip", 10.0, "a", 1), cmd("led_strip", 20.0, "a", 1)
+    winners, conflicts = arbitration.resolve([first, second])
+    assert winners == [second] and conflicts == []

@@ -1,0 +1,168 @@
+"""Sensors and actuators on gpiozero's mock pins: values, failures as data, safe states."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from gpiozero import Device
+from gpiozero.pins.mock import MockFactory, MockPWMPin
+
+from pi_controller import actuators, config, sensors
+from pi_controller.actuators import PwmSettings, RelaySettings, ServoSettings
+from pi_controller.clock import VirtualClock
+from pi_controller.hardware import Hardware, HardwareError
+from pi_controller.pins import make_factory
+from pi_controller.sensors import (CPUTemperatureSettings, DigitalSettings, DS18B20Settings, LightSettings,
+                                   MCP3008Settings)
+from pi_controller.simulators.adc import SimulatedMCP3008
+from tests.conftest import example_data
+
+CLOCK = VirtualClock()
+
+
+@pytest.fixture
+def factory() -> MockFactory:
+    factory = MockFactory(pin_class=MockPWMPin)
+    Device.pin_factory = factory
+    return factory
+
+
+def w1_file(base: Path, device: str, text: str) -> None:
+    (base / device).mkdir(parents=True, exist_ok=True)
+    (base / device / "w1_slave").write_text(text)
+
+
+GOOD_W1 = "72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\n72 01 4b 46 7f ff 0e 10 57 t=23125\n"
+
+
+@pytest.mark.parametrize("text,value,error", [
+    (GOOD_W1, 23.125, None),
+    ("72 01 4b 46 7f ff 0e 10 57 : crc=00 NO\n72 01 4b 46 7f ff 0e 10 57 t=23125\n", None, "CRC check failed"),
+    ("50 05 4b 46 7f ff 0c 10 1c : crc=1c YES\n50 05 4b 46 7f ff 0c 10 1c t=85000\n", None, "power-on value"),
+    ("", None, "CRC check failed"),
+])
+def test_ds18b20_parses_the_sysfs_file(tmp_path, text, value, error) -> None:
+    w1_file(tmp_path, "28-0316a2790aff", text)
+    settings = DS18B20Settings(id="t", kind="ds18b20", device="28-0316a2790aff", base_dir=str(tmp_path),
+                               poll_interval_s=0)
+    reading = sensors.build(settings, None, CLOCK).read(5.0)
+    assert (reading.value, reading.valid) == (value, error is None)
+    assert error is None or error in reading.error
+    assert reading.timestamp == 5.0 and reading.unit == "celsius"
+
+
+def test_ds18b20_missing_file_is_an_invalid_reading(tmp_path) -> None:
+    settings = DS18B20Settings(id="t", kind="ds18b20", device="28-0316a2790aff", base_dir=str(tmp_path),
+                               poll_interval_s=0)
+    reading = sensors.build(settings, None, CLOCK).read(1.0)
+    assert not reading.valid and reading.value is None
+    assert "FileNotFoundError" in reading.error
+
+
+def test_ds18b20_polled_on_its_own_thread_serves_the_last_value(tmp_path) -> None:
+    w1_file(tmp_path, "28-0316a2790aff", GOOD_W1)
+    settings = DS18B20Settings(id="t", kind="ds18b20", device="28-0316a2790aff", base_dir=str(tmp_path),
+                               poll_interval_s=30)
+    sensor = sensors.build(settings, None, CLOCK)
+    try:
+        (tmp_path / "28-0316a2790aff" / "w1_slave").unlink()
+        reading = sensor.read(99.0)  # no file any more, yet no blocking read in the tick
+        assert reading.value == 23.125
+        assert reading.timestamp == CLOCK.time()  # the time it was really read
+    finally:
+        sensor.close()
+
+
+def test_mcp3008_reads_through_software_spi_with_scale_and_offset(factory) -> None:
+    adc = SimulatedMCP3008(factory, 0)
+    settings = MCP3008Settings(id="tmp36", kind="mcp3008", channel=3, unit="celsius", scale=330.0,
+                               offset=-50.0)
+    sensor = sensors.build(settings, factory, CLOCK)
+    adc.fractions[3] = (21.0 + 50.0) / 330.0
+    assert sensor.read(0).value == pytest.approx(21.0, abs=330 / 1023)
+    adc.fractions[3] = 0.0
+    assert sensor.read(0).value == pytest.approx(-50.0, abs=330 / 1023)
+    sensor.close()
+
+
+def test_digital_input_follows_its_pin_and_wiring(factory) -> None:
+    motion = sensors.build(DigitalSettings(id="m", kind="motion", pin=17), factory, CLOCK)
+    button = sensors.build(DigitalSettings(id="b", kind="button", pin=5), factory, CLOCK)
+    factory.pin(17).drive_high()
+    factory.pin(5).drive_low()  # a button pulls up, so pressed is low
+    assert (motion.read(0).value, button.read(0).value) == (1.0, 1.0)
+    factory.pin(17).drive_low()
+    factory.pin(5).drive_high()
+    assert (motion.read(0).value, button.read(0).value) == (0.0, 0.0)
+
+
+def test_cpu_temperature_from_its_file(tmp_path, factory) -> None:
+    (tmp_path / "temp").write_text("48312\n")
+    sensor = sensors.build(CPUTemperatureSettings(id="cpu", kind="cpu_temperature",
+                                                  sensor_file=str(tmp_path / "temp")), factory, CLOCK)
+    assert sensor.read(0).value == pytest.approx(48.312)
+    (tmp_path / "temp").unlink()
+    assert not sensor.read(0).valid
+
+
+def test_light_sensor_on_a_charging_mock_pin(tmp_path, write_config) -> None:
+    data = {"sensors": [{"id": "ldr", "kind": "light", "pin": 4, "scale": 1000.0}], "pins": {"factory": "mock"}}
+    settings = config.load(write_config(data))
+    factory = make_factory(settings, simulate=True)
+    hardware = Hardware.build(settings, factory, CLOCK)
+    try:
+        reading = hardware.read(0)[0]
+        assert reading.valid and 0.0 <= reading.value <= 1000.0
+    finally:
+        hardware.close()
+
+
+def test_a_non_finite_sample_is_an_invalid_reading() -> None:
+    class Broken(sensors.Sensor):
+        def _sample(self) -> float:
+            return math.nan
+
+    reading = Broken(DigitalSettings(id="x", kind="line", pin=6)).read(0)
+    assert reading.error == "non-finite value nan"
+
+
+def test_actuators_are_claimed_in_their_safe_state(factory) -> None:
+    relay = actuators.build(RelaySettings(id="r", kind="relay", pin=27, active_high=False), factory)
+    pwm = actuators.build(PwmSettings(id="p", kind="pwm", pin=18, safe_state=20.0, min_duty=10), factory)
+    servo = actuators.build(ServoSettings(id="s", kind="servo", pin=13, safe_state=0.0), factory)
+    # Active-low relay, off: the pin is high from the moment it is claimed; it never went low.
+    assert [s.state for s in factory.pin(27).states] == [False, True]
+    assert factory.pin(18).state == pytest.approx(0.2)
+    assert servo.device.angle == pytest.approx(0.0)
+    assert (relay.state, pwm.state["duty_cycle"], servo.state["angle"]) == (
+        {"type": "relay", "on": False, "value": 0}, 20.0, 0.0)
+
+
+def test_apply_writes_only_changes_and_safe_returns_to_the_safe_state(factory) -> None:
+    relay = actuators.build(RelaySettings(id="r", kind="relay", pin=27), factory)
+    factory.pin(27).clear_states()
+    assert relay.apply(1.0) and not relay.apply(1.0)
+    relay.safe()
+    factory.pin(27).assert_states([False, True, False])
+
+
+def test_servo_detaches_on_set_low(factory) -> None:
+    servo = actuators.build(ServoSettings(id="s", kind="servo", pin=13), factory)
+    servo.apply(servo.command("set_angle", {"angle": 30}))
+    assert servo.device.angle == pytest.approx(30, abs=0.5)
+    servo.apply(servo.command("set_low", {}))
+    assert servo.device.value is None and servo.state["on"] is False
+
+
+def test_hardware_build_failure_names_the_device_and_releases_the_rest(write_config, factory) -> None:
+    data = example_data()
+    settings = config.load(write_config(data))
+    factory.pin(27, pin_class=MockPWMPin).function = "output"
+    blocker = actuators.build(RelaySettings(id="other", kind="relay", pin=27), factory)
+    with pytest.raises(HardwareError, match="device 'relay_switch'"):
+        Hardware.build(settings, factory, CLOCK)
+    blocker.close()
+    # The devices claimed before the failure were released: building again works.
+    Hardware.build(settings, factory, CLOCK).close()
