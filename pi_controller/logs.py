@@ -34,24 +34,28 @@ def configure(fmt: LogFormat = "console", level: str = "info") -> None:
 
 
 class ChangeLog:
-    """Logs each problem on its first tick and when it clears, keyed by what it concerns."""
+    """Logs each problem when it starts and when it has cleared, keyed by what it concerns.
 
-    def __init__(self, logger: Any):
+    A problem clears after `quiet_ticks` ticks without it, so one that comes and goes every other
+    tick is one problem, not a line per tick.
+    """
+
+    def __init__(self, logger: Any, quiet_ticks: int = 50):
         self._log = logger
-        self._active: dict[Hashable, str] = {}
-        self._seen: set[Hashable] = set()
+        self._quiet = quiet_ticks
+        self._active: dict[Hashable, tuple[str, int]] = {}  # key -> (event, tick last seen)
 
-    def problem(self, key: Hashable, event: str, level: str = "warning", **fields: Any) -> None:
-        self._seen.add(key)
+    def problem(self, key: Hashable, event: str, tick: int, level: str = "warning", **fields: Any) -> None:
         if key not in self._active:
-            self._active[key] = event
-            getattr(self._log, level)(event, **fields)
+            getattr(self._log, level)(event, tick=tick, **fields)
+        self._active[key] = (event, tick)
 
-    def settle(self, **fields: Any) -> None:
-        """End of a tick: problems not seen in it have cleared."""
-        for key in [k for k in self._active if k not in self._seen]:
-            self._log.info(f"{self._active.pop(key)}_cleared", key=_describe(key), **fields)
-        self._seen.clear()
+    def settle(self, tick: int) -> None:
+        """End of a tick: problems not seen for `quiet_ticks` ticks have cleared."""
+        for key, (event, seen) in list(self._active.items()):
+            if tick - seen >= self._quiet:
+                del self._active[key]
+                self._log.info(f"{event}_cleared", key=_describe(key), tick=tick, last_seen_tick=seen)
 
 
 def _describe(key: Hashable) -> Any:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from gpiozero import Device
 from gpiozero.pins import Factory
-from gpiozero.pins.mock import MockChargingPin, MockFactory, MockPWMPin, MockTriggerPin
+from gpiozero.pins.mock import (MockChargingPin, MockFactory, MockPWMPin, MockSPIClockPin, MockSPISelectPin,
+                                MockTriggerPin)
 
 from pi_controller.config import Settings
-from pi_controller.sensors import DistanceSettings, LightSettings
+from pi_controller.sensors import SPI0_PINS, SPI0_SELECT, DistanceSettings, LightSettings, MCP3008Settings
 
 
 class _ChargingPin(MockChargingPin, MockPWMPin):
@@ -21,6 +22,17 @@ class _ChargingPin(MockChargingPin, MockPWMPin):
 
 class _TriggerPin(MockTriggerPin, MockPWMPin):
     """A trigger pin that echoes on its partner pin, accepted by the PWM-pin factory."""
+
+
+class SPIClockPin(MockSPIClockPin, MockPWMPin):
+    """A clock pin a simulated SPI device can listen on, accepted by the PWM-pin factory."""
+
+    def _get_state(self) -> bool:
+        return bool(super()._get_state())  # MockSPIDevice xors it with bools; a PWM pin holds floats
+
+
+class SPISelectPin(MockSPISelectPin, MockPWMPin):
+    """A chip-select pin a simulated SPI device can listen on, accepted by the PWM-pin factory."""
 
 
 def make_factory(settings: Settings, simulate: bool) -> Factory:
@@ -48,4 +60,8 @@ def mock_factory(settings: Settings) -> MockFactory:
         elif isinstance(sensor, DistanceSettings):
             echo = factory.pin(sensor.echo)
             factory.pin(sensor.trigger, pin_class=_TriggerPin, echo_pin=echo)
+        elif isinstance(sensor, MCP3008Settings):
+            # So that a simulated chip can be attached to the bus at any time.
+            factory.pin(SPI0_PINS["clock"], pin_class=SPIClockPin)
+            factory.pin(SPI0_SELECT[sensor.chip_select], pin_class=SPISelectPin)
     return factory

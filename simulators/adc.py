@@ -4,26 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpiozero.pins.mock import MockFactory, MockPWMPin, MockSPIClockPin, MockSPIDevice, MockSPISelectPin
+from gpiozero.pins.mock import MockFactory, MockSPIClockPin, MockSPIDevice, MockSPISelectPin
 
+from pi_controller.pins import SPIClockPin, SPISelectPin
 from pi_controller.sensors import SPI0_PINS, SPI0_SELECT
 
 BITS = 10
 
 
-class _ClockPin(MockSPIClockPin, MockPWMPin):
-    def _get_state(self) -> bool:
-        return bool(super()._get_state())  # MockSPIDevice xors it with bools; a PWM pin holds floats
-
-
-class _SelectPin(MockSPISelectPin, MockPWMPin):
-    pass
-
-
 class _PwmPins:
     """Gives MockSPIDevice PWM-capable SPI pins: a factory of PWM pins refuses any other pin class."""
 
-    _VARIANTS = {MockSPIClockPin: _ClockPin, MockSPISelectPin: _SelectPin}
+    _VARIANTS = {MockSPIClockPin: SPIClockPin, MockSPISelectPin: SPISelectPin}
 
     def __init__(self, factory: MockFactory):
         self._factory = factory

@@ -1,0 +1,138 @@
+"""Build the Zig control plugins into the committed `.wasm` files.
+
+`plugins/src/<name>.zig` becomes `plugins/<name>.wasm` (the bundled plugins) and
+`tests/plugins/src/<name>.zig` becomes `tests/plugins/<name>.wasm` (the hostile test plugins).
+`plugins/src/pdk.zig` is the guest helper every plugin imports as `@import("pdk")`; it is a
+module of its own on the compiler's command line, so sources outside `plugins/src` may use it.
+
+The compiler is the `ziglang` wheel, pinned to `ZIG_VERSION`: the committed binaries are what
+exactly that version builds (wasm32-freestanding, ReleaseSmall, stripped), byte for byte, and
+`tests/test_plugin_build.py` checks it. Run `python -m pi_controller.plugin_build` after
+changing a plugin source, and commit the sources with their binaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ZIG_VERSION = "0.17.0"
+
+#: The plugin source folders, relative to the repository root, and where their builds go.
+SOURCE_DIRS: tuple[tuple[str, str], ...] = (("plugins/src", "plugins"),
+                                            ("tests/plugins/src", "tests/plugins"))
+#: The guest helper, relative to the repository root; a module, not a plugin.
+PDK = Path("plugins/src/pdk.zig")
+
+#: Shadow stack of a plugin. Zig's default (1 MiB) would make every instance start with 17
+#: pages of memory; the plugins need a few KiB. The stack sits below the data, so an
+#: overflow traps (out of bounds) instead of corrupting memory.
+STACK_BYTES = 32 * 1024
+
+#: The only symbol a plugin exports (besides its memory, which Zig exports by default).
+EXPORTS: tuple[str, ...] = ("control_logic",)
+
+
+class BuildError(RuntimeError):
+    """The compiler is missing or the wrong version, or a plugin does not compile."""
+
+
+def _zig(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ziglang", *args], cwd=cwd,
+                          capture_output=True, text=True, check=False)
+
+
+def check_compiler() -> None:
+    """Raise BuildError unless `python -m ziglang` is Zig `ZIG_VERSION`."""
+    hint = f"install it with: pip install ziglang=={ZIG_VERSION}  (or: pip install -e '.[build]')"
+    try:
+        result = _zig("version")
+    except OSError as exc:
+        raise BuildError(f"cannot run {sys.executable} -m ziglang ({exc}); {hint}") from exc
+    found = result.stdout.strip()
+    if result.returncode != 0:
+        raise BuildError(f"the Zig compiler is not installed for {sys.executable} "
+                         f"({result.stderr.strip().splitlines()[-1:]}); {hint}")
+    if found != ZIG_VERSION:
+        raise BuildError(f"plugins are built with Zig {ZIG_VERSION}, found Zig {found}; {hint}")
+
+
+def cache_dir() -> Path:
+    """Zig's local cache: under the system temp dir, never in the repository."""
+    return Path(tempfile.gettempdir()) / "pi-controller-zig-cache"
+
+
+def find_pdk(source: Path) -> Path:
+    """The `plugins/src/pdk.zig` of the repository holding `source` (searched upwards)."""
+    for folder in source.resolve().parents:
+        if (folder / PDK).is_file():
+            return folder / PDK
+    raise BuildError(f"no {PDK} in any folder above {source}")
+
+
+def compile_args(source: Path, output: Path, pdk: Path) -> list[str]:
+    """The `zig build-exe` arguments for one plugin: module `root` is the plugin, `pdk` the helper."""
+    return [
+        "build-exe", "-target", "wasm32-freestanding", "-O", "ReleaseSmall", "-fstrip",
+        "-fsingle-threaded", "-fno-entry", *(f"--export={name}" for name in EXPORTS),
+        "--stack", str(STACK_BYTES), "--name", source.stem,
+        "--cache-dir", str(cache_dir()), f"-femit-bin={output.resolve()}",
+        "--dep", "pdk", f"-Mroot={source.resolve()}", f"-Mpdk={pdk.resolve()}",
+    ]
+
+
+def build(source: Path, output: Path, pdk: Path | None = None) -> None:
+    """Compile one plugin source into `output` (a .wasm); raise BuildError with zig's message."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result = _zig(*compile_args(source, output, pdk or find_pdk(source)))
+    if result.returncode != 0:
+        raise BuildError(f"building {source} failed:\n{result.stderr.strip()}")
+
+
+def sources(root: Path) -> list[tuple[Path, Path]]:
+    """Every (plugin source, .wasm it builds into) under `root`, the PDK excluded."""
+    pairs = []
+    for source_dir, output_dir in SOURCE_DIRS:
+        for source in sorted((root / source_dir).glob("*.zig")):
+            if source.resolve() != (root / PDK).resolve():
+                pairs.append((source, root / output_dir / f"{source.stem}.wasm"))
+    return pairs
+
+
+def build_all(root: Path) -> list[Path]:
+    """Build every plugin of the repository at `root`; return the .wasm files written."""
+    if not (root / PDK).is_file():
+        raise BuildError(f"{root.resolve()} is not the repository root: it has no {PDK}")
+    check_compiler()
+    built = []
+    for source, output in sources(root):
+        build(source, output, root / PDK)
+        built.append(output)
+    return built
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: build every plugin of the repository (default: the current directory)."""
+    parser = argparse.ArgumentParser(prog="python -m pi_controller.plugin_build",
+                                     description="Build the Zig plugins into .wasm files.")
+    parser.add_argument("root", nargs="?", type=Path, default=Path.cwd(),
+                        help="repository root (default: the current directory)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        built = build_all(args.root)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in built:
+        print(f"{path.relative_to(args.root)}  {path.stat().st_size} bytes")
+    print(f"built {len(built)} plugins with Zig {ZIG_VERSION} in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

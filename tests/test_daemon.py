@@ -1,0 +1,206 @@
+"""The real daemon end to end: real Extism, the repo's plugins, gpiozero mock pins."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import TEST_PLUGINS, example_data
+
+HOSTILE = ("trap", "endless_loop", "memory_hog", "error_return")
+
+
+class Script:
+    """A test environment: sets sensor pins as a function of (virtual) time, like a simulator would."""
+
+    def __init__(self, daemon: Any, temperature: float = 21.0, lux: float = 100.0, motion_until: float = -1.0):
+        from pi_controller.simulators.adc import SimulatedMCP3008
+
+        self.adc = SimulatedMCP3008(daemon.hardware.factory, 0)
+        self.motion_pin = daemon.hardware.factory.pin(17)
+        self.temperature, self.lux = temperature, lux
+        self.motion_until = motion_until
+        self.start: float | None = None
+
+    def advance(self, now: float) -> None:
+        self.start = now if self.start is None else self.start
+        self.adc.fractions[0] = (self.temperature + 50.0) / 330.0
+        self.adc.fractions[1] = self.lux / 1000.0
+        if now - self.start < self.motion_until:
+            self.motion_pin.drive_high()
+        else:
+            self.motion_pin.drive_low()
+
+    def close(self) -> None:
+        self.adc.close()
+
+
+def unsimulated(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data, simulation=[])
+    data["pins"] = {"factory": "mock"}
+    return data
+
+
+def scripted(run_daemon, data: dict[str, Any], ticks: int, **script: Any) -> Any:
+    """Run with a Script environment in place of the simulation models."""
+    daemon = run_daemon(unsimulated(data), 0)  # builds and loads, runs nothing
+    daemon.hardware.environment = Script(daemon, **script)
+    asyncio.run(daemon.serve(ticks))
+    return daemon
+
+
+def test_bundled_plugins_load_and_every_tick_runs_every_plugin(run_daemon) -> None:
+    daemon = run_daemon(example_data(), 30)
+    snap = daemon.snapshot()
+    assert {name: p["state"] for name, p in snap["plugins"].items()} == {
+        "energy_saver": "loaded", "motion_light": "loaded", "temperature_control": "loaded"}
+    for name, stats in snap["plugins"].items():
+        assert (stats["calls"], stats["errors"], stats["rejected"]) == (30, 0, 0), name
+        assert 0 < stats["median_us"] <= stats["max_us"]
+    assert snap["ticks"]["count"] == 30 and snap["ticks"]["missed"] == 0
+    assert set(snap["sensors"]) == {"temperature_sensor", "motion_sensor", "light_sensor"}
+    assert all(r["valid"] for r in snap["sensors"].values())
+    assert set(snap["actuators"]) == {"led_strip", "servo_motor", "relay_switch"}
+    json.dumps(snap)  # the snapshot is plain JSON
+
+
+def test_heater_warms_a_cold_simulated_room_and_holds_the_setpoint(run_daemon) -> None:
+    data = example_data()
+    room = data["simulation"][0]
+    room.update(start_c=16.0, time_constant_s=60.0)
+    daemon = run_daemon(data, 3000)  # five simulated minutes
+    relay_states = [bool(s.state) for s in daemon.hardware.factory.pin(27).states]
+    switches = sum(1 for a, b in zip(relay_states, relay_states[1:]) if a != b)
+    assert relay_states[1] is True  # the first switch: heater on in the cold room
+    assert switches >= 3  # on, off at the top of the band, on again as it cools...
+    temperature = daemon.snapshot()["sensors"]["temperature_sensor"]["value"]
+    lsb = 330 / 1023
+    assert 20.5 - 2 * lsb <= temperature <= 21.5 + 2 * lsb
+
+
+def test_motion_turns_the_strip_on_holds_then_fades_out(run_daemon) -> None:
+    data = example_data()
+    data["plugins"]["settings"]["motion_light"]["config"] = {"hold_seconds": 2, "fade_seconds": 1, "on_duty": 80}
+    daemon = scripted(run_daemon, data, 60, motion_until=1.0, lux=50.0)
+    duties = [round(s.state * 100, 1) for s in daemon.hardware.factory.pin(18).states]
+    assert duties[0] == 0.0 and duties[1] == 80.0  # off at claim, on with the first motion
+    peak_end = max(i for i, d in enumerate(duties) if d == 80.0)
+    fade = duties[peak_end + 1:]
+    assert fade == sorted(fade, reverse=True) and 0.0 < fade[0] < 80.0  # fades, never jumps up
+    assert fade[-1] == 0.0
+    assert len([d for d in fade if 0 < d < 80]) >= 5  # a fade over ~10 ticks, not a cut
+
+
+def test_bright_light_wins_over_motion_by_priority_and_the_conflict_is_logged_once(run_daemon) -> None:
+    with capture_logs() as logs:
+        daemon = scripted(run_daemon, example_data(), 20, motion_until=100.0, lux=900.0)
+    assert daemon.snapshot()["actuators"]["led_strip"]["duty_cycle"] == 0.0
+    assert all(s.state == 0.0 for s in daemon.hardware.factory.pin(18).states)
+    conflicts = [e for e in logs if e["event"] == "command_conflict"]
+    assert len(conflicts) == 1
+    assert conflicts[0] | {"tick": 0} == conflicts[0] | {
+        "device": "led_strip", "winner": "energy_saver", "loser": "motion_light", "tick": 0}
+
+
+def test_hostile_plugins_fail_alone_and_the_bundled_ones_keep_control(run_daemon, plugin_dir) -> None:
+    data = example_data()
+    data["simulation"][0].update(start_c=15.0)
+    data["plugins"]["defaults"]["timeout_ms"] = 5
+    data["plugins"]["settings"].update({
+        "memory_hog": {"memory_pages": 16},
+        "garbage": {"config": {"output": "this is not json {"}},
+    })
+    folder = plugin_dir("temperature_control", "motion_light", "energy_saver", *HOSTILE)
+    shutil.copy(TEST_PLUGINS / "echo_output.wasm", folder / "garbage.wasm")
+    with capture_logs() as logs:
+        daemon = run_daemon(data, 20, plugins=folder)
+    snap = daemon.snapshot()
+    for name in (*HOSTILE, "garbage"):
+        assert snap["plugins"][name]["state"] == "loaded"
+        assert (snap["plugins"][name]["calls"], snap["plugins"][name]["errors"]) == (20, 20), name
+    for name in ("temperature_control", "motion_light", "energy_saver"):
+        assert snap["plugins"][name]["errors"] == 0, name
+    assert snap["ticks"]["count"] == 20
+    assert daemon.hardware.factory.pin(27).states[1].state == 1.0  # the heater came on anyway
+    assert snap["plugins"]["endless_loop"]["median_us"] >= 5000  # it ran until its timeout stopped it
+    failures = {e["plugin"]: e["reason"] for e in logs if e["event"] == "plugin_call_failed"}
+    assert "timeout" in failures["endless_loop"]
+    assert "oom" in failures["memory_hog"]
+    assert "sensor table corrupt" in failures["error_return"]
+    assert "output is not JSON" in failures["garbage"]
+    assert len([e for e in logs if e["event"] == "plugin_call_failed"]) == 5  # once each, not per tick
+
+
+@pytest.mark.parametrize("output,rejected,applied", [
+    ('[{"device_id":"led_strip","action":"pwm","parameters":{"duty_cycle":1e999}}]', 1, False),
+    ('[{"device_id":"led_strip","action":"pwm","parameters":{"duty_cycle":101}}]', 1, False),
+    ('[{"device_id":"toaster","action":"set_high"},'
+     '{"device_id":"led_strip","action":"pwm","parameters":{"duty_cycle":30}}]', 1, True),
+])
+def test_rejected_commands_are_never_applied_and_logged_once(run_daemon, plugin_dir, output, rejected,
+                                                             applied) -> None:
+    data = unsimulated(example_data())
+    data["plugins"]["settings"] = {"echo_output": {"config": {"output": output}}}
+    with capture_logs() as logs:
+        daemon = run_daemon(data, 10, plugins=plugin_dir("echo_output"))
+    stats = daemon.snapshot()["plugins"]["echo_output"]
+    assert (stats["errors"], stats["rejected"]) == (0, 10 * rejected)
+    assert daemon.snapshot()["actuators"]["led_strip"]["duty_cycle"] == (30.0 if applied else 0.0)
+    events = [e for e in logs if e["event"] == "command_rejected"]
+    assert len(events) == rejected
+    assert events[0]["plugin"] == "echo_output" and events[0]["tick"] == 0 and events[0]["reason"]
+
+
+def test_a_plugin_that_fails_to_load_is_reported_and_skipped(run_daemon, plugin_dir) -> None:
+    folder = plugin_dir("temperature_control")
+    (folder / "broken.wasm").write_bytes(b"\x00asm\x01\x00\x00\x00garbage")
+    (folder / "notes.txt").write_text("not a plugin")
+    daemon = run_daemon(unsimulated(example_data()), 3, plugins=folder)
+    plugins = daemon.snapshot()["plugins"]
+    assert plugins["broken"]["state"] == "failed" and plugins["broken"]["reason"]
+    assert plugins["temperature_control"]["calls"] == 3
+    assert "notes" not in plugins
+
+
+def test_plugins_beyond_the_time_budget_are_refused_at_load(run_daemon, plugin_dir) -> None:
+    data = unsimulated(example_data())
+    data["plugins"]["defaults"]["timeout_ms"] = 25  # budget 60 ms: two fit, the third does not
+    data["plugins"]["settings"] = {}
+    daemon = run_daemon(data, 1, plugins=plugin_dir("energy_saver", "motion_light", "temperature_control"))
+    plugins = daemon.snapshot()["plugins"]
+    assert [plugins[n]["state"] for n in ("energy_saver", "motion_light", "temperature_control")] == [
+        "loaded", "loaded", "failed"]
+    assert "does not fit the tick" in plugins["temperature_control"]["reason"]
+
+
+def test_disabled_plugin_is_not_loaded(run_daemon, plugin_dir) -> None:
+    data = unsimulated(example_data())
+    data["plugins"]["settings"]["motion_light"]["enabled"] = False
+    daemon = run_daemon(data, 2)
+    assert daemon.snapshot()["plugins"]["motion_light"] == {"state": "disabled"}
+
+
+def test_every_actuator_ends_in_its_safe_state(run_daemon) -> None:
+    data = example_data()
+    data["simulation"][0].update(start_c=10.0)
+    data["actuators"][1]["safe_state"] = 45
+    daemon = scripted(run_daemon, data, 5, motion_until=100.0, lux=10.0, temperature=10.0)
+    factory = daemon.hardware.factory
+    assert daemon.snapshot()["actuators"]["relay_switch"]["on"] is True  # on during the run...
+    assert factory.pin(27).state == 0.0  # ...off after it
+    assert factory.pin(18).state == 0.0
+    assert daemon.hardware.actuators["servo_motor"].device.angle == pytest.approx(45, abs=0.5)
+
+
+def test_plugin_sees_the_context_with_its_own_config(run_daemon, plugin_dir) -> None:
+    """A plugin that echoes its config proves the per-plugin config reaches it intact."""
+    data = unsimulated(example_data())
+    command = {"device_id": "servo_motor", "action": "set_angle", "parameters": {"angle": 33.5}}
+    data["plugins"]["settings"] = {"echo_output": {"config": {"output": json.dumps([command])}}}
+    daemon = run_daemon(data, 1, plugins=plugin_dir("echo_output"))
+    assert daemon.snapshot()["actuators"]["servo_motor"]["angle"] == 33.5
