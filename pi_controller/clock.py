@@ -67,6 +67,10 @@ class VirtualClock:
     def perf_counter(self) -> float:
         return time.perf_counter()
 
+    def advance(self, seconds: float) -> None:
+        """Let virtual time pass during work, as a slow read or a stalled call would."""
+        self._now += seconds
+
     async def sleep_until(self, deadline: float, stop: asyncio.Event) -> bool:
         await asyncio.sleep(0)  # let signal handlers and other tasks run
         if stop.is_set():

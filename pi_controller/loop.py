@@ -27,6 +27,12 @@ from pi_controller.stats import PluginStats, TickStats
 log = structlog.get_logger("pi_controller.loop")
 
 
+def next_deadline(due: int, elapsed: float, period: float) -> int:
+    """The index of the first deadline not yet past once tick `due` ends `elapsed` seconds after t0;
+    the deadlines skipped on the way are missed ticks."""
+    return max(due + 1, math.ceil(elapsed / period))
+
+
 class ControlLoop:
     def __init__(self, hardware: Hardware, plugins: PluginSet, clock: Clock, period: float):
         self.hardware = hardware
@@ -57,8 +63,7 @@ class ControlLoop:
                 due = self._next_due(due, self.clock.monotonic() - t0)
 
     def _next_due(self, due: int, elapsed: float) -> int:
-        """The first deadline not yet past; deadlines skipped on the way are missed ticks."""
-        next_due = max(due + 1, math.ceil(elapsed / self.period))
+        next_due = next_deadline(due, elapsed, self.period)
         if next_due > due + 1:
             self.ticks.missed += next_due - due - 1
             self._problems.problem("overrun", "tick_overrun", tick=self.ticks.count,

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from pi_controller.clock import VirtualClock
 from tests.conftest import TEST_PLUGINS, example_data
 
 HOSTILE = ("trap", "endless_loop", "memory_hog", "error_return")
@@ -204,3 +205,30 @@ def test_plugin_sees_the_context_with_its_own_config(run_daemon, plugin_dir) -> 
     data["plugins"]["settings"] = {"echo_output": {"config": {"output": json.dumps([command])}}}
     daemon = run_daemon(data, 1, plugins=plugin_dir("echo_output"))
     assert daemon.snapshot()["actuators"]["servo_motor"]["angle"] == 33.5
+
+
+def test_a_tick_that_overruns_skips_past_deadlines_and_counts_them_missed(run_daemon) -> None:
+    clock = VirtualClock()
+
+    class Stall:
+        """Tick 3's sensor reads take 250 ms: deadlines 4 and 5 pass during it."""
+
+        reads = 0
+
+        def advance(self, now: float) -> None:
+            self.reads += 1
+            if self.reads == 4:
+                clock.advance(0.25)
+
+        def close(self) -> None:
+            pass
+
+    daemon = run_daemon(unsimulated(example_data()), 0, clock=clock)
+    daemon.hardware.environment = Stall()
+    with capture_logs() as logs:
+        asyncio.run(daemon.serve(10))
+    ticks = daemon.snapshot()["ticks"]
+    assert (ticks["count"], ticks["missed"]) == (10, 2)
+    assert clock.monotonic() == pytest.approx(1.1)  # 10 ticks + 2 skipped deadlines, no drift
+    overruns = [e for e in logs if e["event"] == "tick_overrun"]
+    assert len(overruns) == 1 and overruns[0]["missed"] == 2 and overruns[0]["tick"] == 4

@@ -1,0 +1,75 @@
+"""The daemon as a user runs it: a subprocess, its exit code, its stdout snapshot and its stderr logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pi_controller.loop import next_deadline
+from tests.conftest import EXAMPLE_CONFIG
+
+
+def pi_controller(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pi_controller", *args]
+
+
+def test_run_ticks_prints_one_json_snapshot_and_logs_to_stderr() -> None:
+    result = subprocess.run(pi_controller("run", "--config", str(EXAMPLE_CONFIG), "--simulate", "--ticks", "5",
+                                          "--log-format", "json"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    snapshot = json.loads(result.stdout)
+    assert snapshot["ticks"]["count"] == 5
+    assert set(snapshot) == {"sensors", "actuators", "plugins", "ticks"}
+    assert set(snapshot["ticks"]) == {"count", "missed", "duration_median_us", "duration_p99_us",
+                                      "start_jitter_p99_us"}
+    for stats in snapshot["plugins"].values():
+        assert set(stats) == {"state", "calls", "errors", "rejected", "median_us", "max_us"}
+    events = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON event
+    names = [e["event"] for e in events]
+    assert names.index("loop_started") < names.index("loop_stopped") < len(names) - 1
+    assert names[-1] == "actuators_safe"
+    assert events[-1]["states"] == {"led_strip": 0.0, "servo_motor": 0.0, "relay_switch": 0.0}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_end_the_run_cleanly_with_actuators_safe(sig) -> None:
+    process = subprocess.Popen(pi_controller("run", "--config", str(EXAMPLE_CONFIG), "--simulate",
+                                             "--log-format", "json"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:  # wait until the loop runs
+            if json.loads(line)["event"] == "loop_started":
+                break
+        time.sleep(0.3)
+        process.send_signal(sig)
+        rest = process.communicate(timeout=30)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    names = [json.loads(line)["event"] for line in rest.splitlines()]
+    assert names[-2:] == ["loop_stopped", "actuators_safe"]
+
+
+def test_log_format_console_is_readable_text() -> None:
+    result = subprocess.run(pi_controller("run", "--config", str(EXAMPLE_CONFIG), "--simulate", "--ticks", "1"),
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "TERM": "dumb"})
+    assert result.returncode == 0
+    line = next(l for l in result.stderr.splitlines() if "plugin_loaded" in l)
+    assert "plugin=energy_saver" in line or "plugin=motion_light" in line or "plugin=temperature_control" in line
+    assert not line.startswith("{")
+
+
+@pytest.mark.parametrize("due,elapsed_periods,expected_next", [
+    (0, 0.3, 1),   # on time: the next deadline
+    (4, 4.99, 5),  # late but before the next deadline: no tick lost
+    (4, 5.2, 6),   # overran one deadline: it is skipped (counted missed by the loop)
+    (4, 7.5, 8),   # a long stall skips everything past, never piles ticks up
+])
+def test_overruns_skip_past_deadlines_and_never_pile_up(due, elapsed_periods, expected_next) -> None:
+    assert next_deadline(due, elapsed_periods * 0.1, 0.1) == expected_next
