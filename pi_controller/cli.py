@@ -79,11 +79,14 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     try:
         asyncio.run(daemon.serve(args.ticks))
-        if args.ticks:
-            json.dump(daemon.snapshot(), sys.stdout, indent=2)
-            sys.stdout.write("\n")
+    except Exception:  # a bug of ours: actuators are already safe (serve's finally); say what happened
+        log.exception("daemon_crashed")
+        return 1
     finally:
         daemon.close()
+    if args.ticks:
+        json.dump(daemon.snapshot(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -74,6 +75,12 @@ class PluginSettings:
     priority: int | None = None
     enabled: bool = True
     config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            json.dumps(self.config, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config must hold plain JSON values (numbers, strings, lists, maps): {exc}") from exc
 
 
 @dataclass(frozen=True)

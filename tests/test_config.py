@@ -249,3 +249,10 @@ def test_check_config_never_creates_a_pin_factory(write_config) -> None:
             f"config.load({str(EXAMPLE_CONFIG)!r}); print(Device.pin_factory)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "None", result.stderr
+
+
+@pytest.mark.parametrize("value", ["2024-01-01", ".inf"])
+def test_plugin_config_must_be_plain_json(write_config, value) -> None:
+    error = error_for(write_config, f"plugins:\n  settings:\n    p:\n      config:\n        since: {value}\n")
+    assert error.path == ("plugins", "settings", "p")
+    assert "plain JSON values" in error.message
