@@ -102,4 +102,4 @@ def _check_config(args: argparse.Namespace) -> int:
 def _build_plugins(args: argparse.Namespace) -> int:
     from pi_controller import plugin_build
 
-    return plugin_build.main(["--root", str(args.root)])
+    return plugin_build.main([str(args.root)])

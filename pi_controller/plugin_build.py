@@ -55,8 +55,8 @@ def check_compiler() -> None:
         raise BuildError(f"cannot run {sys.executable} -m ziglang ({exc}); {hint}") from exc
     found = result.stdout.strip()
     if result.returncode != 0:
-        raise BuildError(f"the Zig compiler is not installed for {sys.executable} "
-                         f"({result.stderr.strip().splitlines()[-1:]}); {hint}")
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BuildError(f"the Zig compiler is not installed for {sys.executable} ({reason}); {hint}")
     if found != ZIG_VERSION:
         raise BuildError(f"plugins are built with Zig {ZIG_VERSION}, found Zig {found}; {hint}")
 

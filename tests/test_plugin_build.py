@@ -1,0 +1,50 @@
+"""The committed plugin binaries are exactly what their Zig sources build into.
+
+Every plugin is rebuilt into a temporary folder with the pinned compiler and compared byte for
+byte with the committed `.wasm`; and no `.wasm` is committed without its source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pi_controller import plugin_build
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = plugin_build.sources(ROOT)
+REBUILD = "rebuild with: python -m pi_controller.plugin_build (and commit the .wasm with its source)"
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every plugin built afresh, at the same relative paths as in the repository."""
+    plugin_build.check_compiler()
+    out = tmp_path_factory.mktemp("plugin_build")
+    for source, committed in PLUGINS:
+        plugin_build.build(source, out / committed.relative_to(ROOT), ROOT / plugin_build.PDK)
+    return out
+
+
+def test_there_are_plugins() -> None:
+    names = {committed.name for _, committed in PLUGINS}
+    assert {"temperature_control.wasm", "motion_light.wasm", "energy_saver.wasm"} <= names
+
+
+@pytest.mark.parametrize("source, committed", PLUGINS,
+                         ids=[str(committed.relative_to(ROOT)) for _, committed in PLUGINS])
+def test_committed_wasm_is_what_the_source_builds(build_dir: Path, source: Path, committed: Path) -> None:
+    relative = committed.relative_to(ROOT)
+    assert committed.is_file(), f"{relative} is missing; {REBUILD}"
+    fresh = (build_dir / relative).read_bytes()
+    assert committed.read_bytes() == fresh, (
+        f"{relative} is not what {source.relative_to(ROOT)} builds into with Zig "
+        f"{plugin_build.ZIG_VERSION} ({committed.stat().st_size} vs {len(fresh)} bytes); {REBUILD}")
+
+
+def test_every_wasm_has_a_source() -> None:
+    built = {committed for _, committed in PLUGINS}
+    wasm = sorted(path for _, folder in plugin_build.SOURCE_DIRS for path in (ROOT / folder).glob("*.wasm"))
+    orphans = [str(path.relative_to(ROOT)) for path in wasm if path not in built]
+    assert not orphans, f"no source builds these: {orphans}; delete them or commit their sources"
