@@ -56,8 +56,8 @@ class Daemon:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 running.remove_signal_handler(sig)
-            self.hardware.safe_state()
             log.info("loop_stopped", ticks=self.loop.ticks.count, missed=self.loop.ticks.missed)
+            self.hardware.safe_state()
 
     def snapshot(self) -> dict[str, Any]:
         """Last readings, actuator states as the last tick left them, plugin and tick stats."""
@@ -76,6 +76,5 @@ class Daemon:
         }
 
     def close(self) -> None:
-        self.hardware.safe_state()
         self.plugins.close()
         self.hardware.close()

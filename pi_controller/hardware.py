@@ -63,10 +63,17 @@ class Hardware:
     def apply(self, commands: Iterable[Command], tick: int) -> None:
         for command in commands:
             actuator = self.actuators[command.device_id]
+            was_on = actuator.state["on"]
             try:
-                actuator.apply(command.target)
+                changed = actuator.apply(command.target)
             except Exception as exc:  # a pin that fails to switch must not stop the others
                 log.error("actuator_write_failed", device=actuator.id, tick=tick, error=str(exc))
+                continue
+            if changed:
+                # Switching on or off is news; a fade's every step is detail.
+                level = "info" if actuator.state["on"] != was_on else "debug"
+                getattr(log, level)("actuator_set", device=actuator.id, target=command.target,
+                                    plugin=command.plugin, tick=tick)
 
     def safe_state(self) -> None:
         """Every actuator to its safe state; one failure never keeps the others from it."""
@@ -82,6 +89,9 @@ class Hardware:
         return {key: actuator.state for key, actuator in self.actuators.items()}
 
     def close(self) -> None:
+        """Safe state if anything is not in it yet, then release every device."""
+        if any(a.target != a.safe_target for a in self.actuators.values()):
+            self.safe_state()
         if self.environment is not None:
             self.environment.close()
         for device in [*self.sensors, *self.actuators.values()]:

@@ -34,6 +34,9 @@ def test_run_ticks_prints_one_json_snapshot_and_logs_to_stderr() -> None:
     names = [e["event"] for e in events]
     assert names.index("loop_started") < names.index("loop_stopped") < len(names) - 1
     assert names[-1] == "actuators_safe"
+    switched = next(e for e in events if e["event"] == "actuator_set")  # the room starts below the band
+    assert (switched["device"], switched["target"], switched["plugin"], switched["tick"]) == (
+        "relay_switch", 1.0, "temperature_control", 0)
     assert events[-1]["states"] == {"led_strip": 0.0, "servo_motor": 0.0, "relay_switch": 0.0}
 
 
@@ -54,6 +57,7 @@ def test_signals_end_the_run_cleanly_with_actuators_safe(sig) -> None:
     assert process.returncode == 0
     names = [json.loads(line)["event"] for line in rest.splitlines()]
     assert names[-2:] == ["loop_stopped", "actuators_safe"]
+    assert names.count("actuators_safe") == 1
 
 
 def test_log_format_console_is_readable_text() -> None:
