@@ -17,11 +17,26 @@ from pi_controller.contract import Rejected, number
 from pi_controller.schema import bcm_pin, bounded, device_id
 
 
+Target = float | None  # what an actuator is set to; None is a servo without pulses
+
+
 @dataclass(frozen=True, kw_only=True)
 class ActuatorSettings:
+    """What every actuator has: a pin, its states for faults, start-up and shut-down, and the safety
+    rules enforced between plugins and the pin (see `safety`)."""
+
     id: str = device_id()
     kind: str
     pin: int = bcm_pin()
+    # Safety rules; "on" means a relay closed, a duty above 0, a servo holding a position.
+    requires: tuple[str, ...] = ()  # sensor ids: safe state while any is invalid or stale
+    min_on_s: float = bounded(0, 86400, default=0.0)
+    min_off_s: float = bounded(0, 86400, default=0.0)
+    max_on_s: float | None = bounded(0.1, 7 * 86400, default=None)
+
+    safe_state: Any
+    startup_state: Any = None  # None: the safe state
+    shutdown_state: Any = None  # None: the safe state
 
     def pins(self) -> dict[str, int]:
         return {"pin": self.pin}
@@ -29,19 +44,45 @@ class ActuatorSettings:
     def bus_pins(self) -> dict[str, int]:
         return {}
 
+    def target(self, state: Any) -> Target:
+        """The target a configured state stands for; raises ValueError for a state out of bounds."""
+        raise NotImplementedError
+
+    def targets(self) -> tuple[Target, Target, Target]:
+        """(safe, startup, shutdown) targets."""
+        safe = self.target(self.safe_state)
+        pick = (lambda state: safe if state is None else self.target(state))
+        return safe, pick(self.startup_state), pick(self.shutdown_state)
+
+    def __post_init__(self) -> None:
+        for name in ("safe_state", "startup_state", "shutdown_state"):
+            state = getattr(self, name)
+            try:
+                if state is not None:
+                    self.target(state)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from exc
+
 
 @dataclass(frozen=True, kw_only=True)
 class RelaySettings(ActuatorSettings):
     kind: Literal["relay"]
     active_high: bool = True
     safe_state: Literal["off", "on"] = "off"
+    startup_state: Literal["off", "on"] | None = None
+    shutdown_state: Literal["off", "on"] | None = None
+
+    def target(self, state: Any) -> Target:
+        return 1.0 if state == "on" else 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
 class PwmSettings(ActuatorSettings):
     """A PWM output (LED strip, heater element, fan); duties in percent.
 
-    A commanded duty outside [min_duty, max_duty] is rejected, except 0, which is always off.
+    A commanded duty above `max_duty` is rejected; one between 0 and `min_duty` means off (a motor or
+    lamp that cannot run that low), as ESPHome's min_power. `max_rate` limits the change of duty in
+    percent per second (soft start); going to a safe state is never slowed down.
     """
 
     kind: Literal["pwm"]
@@ -49,18 +90,26 @@ class PwmSettings(ActuatorSettings):
     frequency: float = bounded(1, 10_000, default=100.0)
     min_duty: float = bounded(0, 100, default=0.0)
     max_duty: float = bounded(0, 100, default=100.0)
+    max_rate: float | None = bounded(0.01, 1e6, default=None)
     safe_state: float = bounded(0, 100, default=0.0)
+    startup_state: float | None = bounded(0, 100, default=None)
+    shutdown_state: float | None = bounded(0, 100, default=None)
+
+    def target(self, state: Any) -> Target:
+        if state != 0 and not self.min_duty <= state <= self.max_duty:
+            raise ValueError(f"duty {state:g} is outside min_duty..max_duty ({self.min_duty:g}..{self.max_duty:g})")
+        return float(state)
 
     def __post_init__(self) -> None:
         if self.min_duty > self.max_duty:
-            raise ValueError(f"min_duty {self.min_duty} is above max_duty {self.max_duty}")
-        if self.safe_state != 0 and not self.min_duty <= self.safe_state <= self.max_duty:
-            raise ValueError(f"safe_state {self.safe_state} is outside min_duty..max_duty")
+            raise ValueError(f"min_duty {self.min_duty:g} is above max_duty {self.max_duty:g}")
+        super().__post_init__()
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServoSettings(ActuatorSettings):
-    """A hobby servo (gpiozero AngularServo); `safe_state` is an angle or 'detached' (no pulses)."""
+    """A hobby servo (gpiozero AngularServo); states are an angle or 'detached' (no pulses).
+    `max_speed` limits how fast it is moved, in degrees per second."""
 
     kind: Literal["servo"]
     min_angle: float = -90.0
@@ -68,23 +117,29 @@ class ServoSettings(ActuatorSettings):
     min_pulse_ms: float = bounded(0.1, 5, default=1.0)
     max_pulse_ms: float = bounded(0.1, 5, default=2.0)
     frame_ms: float = bounded(5, 100, default=20.0)
+    max_speed: float | None = bounded(0.01, 1e6, default=None)
     safe_state: float | Literal["detached"] = "detached"
+    startup_state: float | Literal["detached"] | None = None
+    shutdown_state: float | Literal["detached"] | None = None
+
+    def target(self, state: Any) -> Target:
+        if state == "detached":
+            return None
+        if not self.min_angle <= state <= self.max_angle:
+            raise ValueError(f"angle {state:g} is outside min_angle..max_angle")
+        return float(state)
 
     def __post_init__(self) -> None:
         if self.min_angle >= self.max_angle:
-            raise ValueError(f"min_angle {self.min_angle} must be below max_angle {self.max_angle}")
+            raise ValueError(f"min_angle {self.min_angle:g} must be below max_angle {self.max_angle:g}")
         if self.min_pulse_ms >= self.max_pulse_ms:
             raise ValueError("min_pulse_ms must be below max_pulse_ms")
-        if isinstance(self.safe_state, float) and not self.min_angle <= self.safe_state <= self.max_angle:
-            raise ValueError(f"safe_state {self.safe_state} is outside min_angle..max_angle")
+        super().__post_init__()
 
 
 KINDS: dict[str, type[ActuatorSettings]] = {
     "relay": RelaySettings, "pwm": PwmSettings, "servo": ServoSettings,
 }
-
-Target = float | None  # what an actuator is set to; None is a servo without pulses
-
 
 class Actuator:
     """Holds the last applied target and its state as the plugin context shows it."""
@@ -92,12 +147,12 @@ class Actuator:
     kind: str
     actions: tuple[str, ...] = ()
 
-    def __init__(self, settings: ActuatorSettings, device: Any, safe_target: Target):
+    def __init__(self, settings: ActuatorSettings, device: Any):
         self.settings = settings
         self.device = device
-        self.safe_target = safe_target
-        self.target: Target = safe_target
-        self.state: dict[str, Any] = self._describe(safe_target)
+        self.safe_target, self.startup_target, self.shutdown_target = settings.targets()
+        self.target: Target = self.startup_target  # devices are claimed in their start-up state
+        self.state: dict[str, Any] = self._describe(self.target)
 
     @property
     def id(self) -> str:
@@ -115,9 +170,6 @@ class Actuator:
         self.target = target
         self.state = self._describe(target)
         return True
-
-    def safe(self) -> None:
-        self.apply(self.safe_target)
 
     def close(self) -> None:
         self.device.close()
@@ -165,9 +217,8 @@ class Pwm(Actuator):
         raise self._unknown(action)
 
     def _within_bounds(self, duty: float) -> float:
-        low, high = self.settings.min_duty, self.settings.max_duty
-        if duty != 0 and not low <= duty <= high:
-            raise Rejected(f"duty_cycle {duty:g} is outside this output's bounds {low:g}..{high:g} (or 0)")
+        if duty > self.settings.max_duty:
+            raise Rejected(f"duty_cycle {duty:g} is above this output's max_duty {self.settings.max_duty:g}")
         return duty
 
     def _write(self, target: Target) -> None:
@@ -201,22 +252,19 @@ class Servo(Actuator):
 
 
 def build(settings: ActuatorSettings, factory: Factory) -> Actuator:
-    """Claim the pin already in the safe state, so that nothing switches on at start-up."""
+    """Claim the pin already in the start-up state, so that nothing switches at boot."""
+    _safe, startup, _shutdown = settings.targets()
     if isinstance(settings, RelaySettings):
-        on = settings.safe_state == "on"
-        device = OutputDevice(settings.pin, active_high=settings.active_high, initial_value=on,
-                              pin_factory=factory)
-        return Relay(settings, device, 1.0 if on else 0.0)
+        return Relay(settings, OutputDevice(settings.pin, active_high=settings.active_high,
+                                            initial_value=bool(startup), pin_factory=factory))
     if isinstance(settings, PwmSettings):
-        device = PWMOutputDevice(settings.pin, active_high=settings.active_high,
-                                 initial_value=settings.safe_state / 100.0, frequency=settings.frequency,
-                                 pin_factory=factory)
-        return Pwm(settings, device, settings.safe_state)
+        return Pwm(settings, PWMOutputDevice(settings.pin, active_high=settings.active_high,
+                                             initial_value=(startup or 0.0) / 100.0,
+                                             frequency=settings.frequency, pin_factory=factory))
     if isinstance(settings, ServoSettings):
-        safe = None if settings.safe_state == "detached" else float(settings.safe_state)
-        device = AngularServo(settings.pin, initial_angle=safe, min_angle=settings.min_angle,
-                              max_angle=settings.max_angle, min_pulse_width=settings.min_pulse_ms / 1000,
-                              max_pulse_width=settings.max_pulse_ms / 1000,
-                              frame_width=settings.frame_ms / 1000, pin_factory=factory)
-        return Servo(settings, device, safe)
+        return Servo(settings, AngularServo(settings.pin, initial_angle=startup, min_angle=settings.min_angle,
+                                            max_angle=settings.max_angle,
+                                            min_pulse_width=settings.min_pulse_ms / 1000,
+                                            max_pulse_width=settings.max_pulse_ms / 1000,
+                                            frame_width=settings.frame_ms / 1000, pin_factory=factory))
     raise TypeError(f"no actuator for {type(settings).__name__}")

@@ -66,6 +66,26 @@ class PinSettings:
 
 
 @dataclass(frozen=True)
+class WatchdogSettings:
+    """Safe state for every actuator when no tick completes for `timeout_s` (see `safety.Watchdog`)."""
+
+    enabled: bool = True
+    timeout_s: float = bounded(0.05, 3600, default=1.0)
+
+
+@dataclass(frozen=True)
+class InterlockSettings:
+    """Actuators that must never be on together, with `wait_s` between one going off and another on."""
+
+    actuators: tuple[str, ...]
+    wait_s: float = bounded(0, 86400, default=0.0)
+
+    def __post_init__(self) -> None:
+        if len(set(self.actuators)) < 2 or len(set(self.actuators)) != len(self.actuators):
+            raise ValueError("an interlock group names two or more different actuators")
+
+
+@dataclass(frozen=True)
 class PluginSettings:
     """Limits and wiring for one plugin; every field may be left to `plugins.defaults`."""
 
@@ -107,6 +127,8 @@ class Settings:
     actuators: tuple[actuators.ActuatorSettings, ...]
     plugins: PluginsSettings
     simulation: tuple[simulation_models.ModelSettings, ...]
+    watchdog: WatchdogSettings
+    interlocks: tuple[InterlockSettings, ...]
 
     def plugins_directory(self) -> Path:
         """The plugins folder; a relative one is relative to the config file's folder."""
@@ -174,6 +196,7 @@ _TOP_LEVEL = {
     "loop": LoopSettings,
     "pins": PinSettings,
     "plugins": PluginsSettings,
+    "watchdog": WatchdogSettings,
 }
 
 
@@ -186,10 +209,11 @@ class _Converter:
     def settings(self, data: Any) -> Settings:
         if not isinstance(data, dict):
             raise self.tree.error((), f"expected a mapping of sections, got {_kind(data)}")
-        known = set(_TOP_LEVEL) | {"sensors", "actuators", "simulation"}
+        known = set(_TOP_LEVEL) | {"sensors", "actuators", "simulation", "interlocks"}
         self._reject_unknown(data, known, ())
         parts = {name: self.convert(data.get(name, {}), cls, (name,)) for name, cls in _TOP_LEVEL.items()}
         result = Settings(
+            interlocks=self.convert(data.get("interlocks", []), tuple[InterlockSettings, ...], ("interlocks",)),
             source=self.tree.source.resolve(),
             sensors=self._kinds(data.get("sensors", []), sensors.KINDS, ("sensors",)),
             actuators=self._kinds(data.get("actuators", []), actuators.KINDS, ("actuators",)),
@@ -337,6 +361,7 @@ def _check_cross_references(settings: Settings, tree: _Tree) -> None:
                 if owner[0] != here and not (shared and owner[1]):
                     raise tree.error(here + (key,), f"GPIO{pin} ({key}) is already used by "
                                                     f"{format_path(owner[0])}; one device per pin")
+    _check_safety_references(settings, tree)
     for index, model in enumerate(settings.simulation):
         for key, (wanted, ref) in model.references().items():
             pool = {s.id for s in settings.sensors} if wanted == "sensor" else {a.id for a in settings.actuators}
@@ -344,6 +369,25 @@ def _check_cross_references(settings: Settings, tree: _Tree) -> None:
                 raise tree.error(("simulation", index, key), f"no {wanted} with id '{ref}'; "
                                                              f"known: {', '.join(sorted(pool)) or 'none'}")
     _check_plugin_budget(settings, tree)
+
+
+def _check_safety_references(settings: Settings, tree: _Tree) -> None:
+    sensor_ids = {s.id for s in settings.sensors}
+    actuator_ids = {a.id for a in settings.actuators}
+    for index, actuator in enumerate(settings.actuators):
+        for position, sensor in enumerate(actuator.requires):
+            if sensor not in sensor_ids:
+                raise tree.error(("actuators", index, "requires", position),
+                                 f"no sensor with id '{sensor}'; known: {', '.join(sorted(sensor_ids)) or 'none'}")
+    for index, group in enumerate(settings.interlocks):
+        for position, member in enumerate(group.actuators):
+            if member not in actuator_ids:
+                raise tree.error(("interlocks", index, "actuators", position),
+                                 f"no actuator with id '{member}'; known: {', '.join(sorted(actuator_ids))}")
+    if settings.watchdog.enabled and settings.watchdog.timeout_s < 2 * settings.loop.period:
+        raise tree.error(("watchdog", "timeout_s"),
+                         f"{settings.watchdog.timeout_s:g} s is shorter than two ticks "
+                         f"({2 * settings.loop.period:g} s at loop.rate_hz {settings.loop.rate_hz:g}); raise it")
 
 
 def _check_plugin_budget(settings: Settings, tree: _Tree) -> None:

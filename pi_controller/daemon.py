@@ -16,6 +16,7 @@ from pi_controller.hardware import Hardware
 from pi_controller.loop import ControlLoop
 from pi_controller.pins import make_factory
 from pi_controller.plugins import PluginSet
+from pi_controller.safety import Safety, Watchdog
 
 log = structlog.get_logger("pi_controller.daemon")
 
@@ -33,7 +34,7 @@ class Daemon:
             world = World(settings, factory)
         self.hardware = Hardware.build(settings, factory, self.clock)
         self.hardware.environment = world
-        self.hardware.safe_state()
+        self.hardware.settle("startup", "starting")
         budget_ms = settings.loop.period * settings.loop.plugin_budget * 1000.0
         self.plugins = PluginSet(settings.plugins, plugins_dir or settings.plugins_directory(), budget_ms)
         try:
@@ -41,7 +42,11 @@ class Daemon:
         except BaseException:
             self.close()
             raise
-        self.loop = ControlLoop(self.hardware, self.plugins, self.clock, settings.loop.period)
+        safety = Safety(self.hardware.actuators, settings.sensors, settings.interlocks)
+        self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
+                         if settings.watchdog.enabled else None)
+        self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period,
+                                self.watchdog.beat if self.watchdog else lambda: None)
 
     async def serve(self, max_ticks: int | None = None) -> None:
         """Run the loop until SIGINT/SIGTERM or `max_ticks`; actuators end in their safe state."""
@@ -51,13 +56,17 @@ class Daemon:
             running.add_signal_handler(sig, stop.set)
         log.info("loop_started", rate_hz=self.settings.loop.rate_hz, plugins=len(self.plugins),
                  sensors=len(self.hardware.sensors), actuators=len(self.hardware.actuators))
+        if self.watchdog:
+            self.watchdog.start()
         try:
             await self.loop.run(stop, max_ticks)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 running.remove_signal_handler(sig)
+            if self.watchdog:
+                self.watchdog.stop()
             log.info("loop_stopped", ticks=self.loop.ticks.count, missed=self.loop.ticks.missed)
-            self.hardware.safe_state()
+            self.hardware.settle("shutdown", "stopping")
 
     def snapshot(self) -> dict[str, Any]:
         """Last readings, actuator states as the last tick left them, plugin and tick stats."""
@@ -73,6 +82,7 @@ class Daemon:
             "actuators": self.loop.last_states,
             "plugins": plugins,
             "ticks": summary["ticks"],
+            "safety": {"held": summary["held"], "watchdog_trips": self.watchdog.trips if self.watchdog else 0},
         }
 
     def close(self) -> None:

@@ -6,7 +6,8 @@ present before each read, so simulated physics happen on the same path a Pi's se
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol
+import threading
+from typing import Any, Iterable, Literal, Protocol
 
 import structlog
 from gpiozero.pins import Factory
@@ -28,6 +29,9 @@ class Environment(Protocol):
     def close(self) -> None: ...
 
 
+State = Literal["safe", "startup", "shutdown"]
+
+
 class HardwareError(Exception):
     """A device could not be set up; names the device."""
 
@@ -38,6 +42,7 @@ class Hardware:
         self.actuators: dict[str, Actuator] = {a.id: a for a in actuator_list}
         self.factory = factory
         self.environment: Environment | None = None
+        self._lock = threading.Lock()  # the tick's writes against the watchdog's
 
     @classmethod
     def build(cls, settings: Settings, factory: Factory, clock: Clock) -> Hardware:
@@ -61,37 +66,50 @@ class Hardware:
         return [sensor.read(now) for sensor in self.sensors]
 
     def apply(self, commands: Iterable[Command], tick: int) -> None:
-        for command in commands:
-            actuator = self.actuators[command.device_id]
-            was_on = actuator.state["on"]
-            try:
-                changed = actuator.apply(command.target)
-            except Exception as exc:  # a pin that fails to switch must not stop the others
-                log.error("actuator_write_failed", device=actuator.id, tick=tick, error=str(exc))
-                continue
-            if changed:
-                # Switching on or off is news; a fade's every step is detail.
-                level = "info" if actuator.state["on"] != was_on else "debug"
-                getattr(log, level)("actuator_set", device=actuator.id, target=command.target,
-                                    plugin=command.plugin, tick=tick)
+        with self._lock:
+            for command in commands:
+                self._apply(self.actuators[command.device_id], command, tick)
 
-    def safe_state(self) -> None:
-        """Every actuator to its safe state; one failure never keeps the others from it."""
-        for actuator in self.actuators.values():
-            try:
-                actuator.safe()
-            except Exception as exc:
-                log.error("safe_state_failed", device=actuator.id, error=str(exc))
-        log.info("actuators_safe", states={key: a.target for key, a in self.actuators.items()})
+    def _apply(self, actuator: Actuator, command: Command, tick: int) -> None:
+        was_on = actuator.state["on"]
+        try:
+            changed = actuator.apply(command.target)
+        except Exception as exc:  # a pin that fails to switch must not stop the others
+            log.error("actuator_write_failed", device=actuator.id, tick=tick, error=str(exc))
+            return
+        if changed:
+            # Switching on or off is news; a fade's every step is detail.
+            level = "info" if actuator.state["on"] != was_on else "debug"
+            getattr(log, level)("actuator_set", device=actuator.id, target=command.target,
+                                plugin=command.plugin, tick=tick)
+
+    def settle(self, state: State, reason: str) -> None:
+        """Every actuator to its safe, start-up or shut-down state, from any thread.
+
+        One failure never keeps the others from it, and a tick stuck while holding the lock does not
+        either: after a short wait the pins are driven regardless.
+        """
+        locked = self._lock.acquire(timeout=0.25)
+        try:
+            for actuator in self.actuators.values():
+                try:
+                    actuator.apply(getattr(actuator, f"{state}_target"))
+                except Exception as exc:
+                    log.error("actuator_write_failed", device=actuator.id, state=state, error=str(exc))
+        finally:
+            if locked:
+                self._lock.release()
+        log.info(f"actuators_{state}", reason=reason,
+                 states={key: a.target for key, a in self.actuators.items()})
 
     def states(self) -> dict[str, dict[str, Any]]:
         """Each actuator's state as the plugin context shows it."""
         return {key: actuator.state for key, actuator in self.actuators.items()}
 
     def close(self) -> None:
-        """Safe state if anything is not in it yet, then release every device."""
-        if any(a.target != a.safe_target for a in self.actuators.values()):
-            self.safe_state()
+        """Shut-down state if anything is not in it yet, then release every device."""
+        if any(a.target != a.shutdown_target for a in self.actuators.values()):
+            self.settle("shutdown", "closing")
         if self.environment is not None:
             self.environment.close()
         for device in [*self.sensors, *self.actuators.values()]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
@@ -21,6 +21,7 @@ from pi_controller.contract import Command, OutputError
 from pi_controller.hardware import Hardware
 from pi_controller.logs import ChangeLog
 from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
+from pi_controller.safety import Hold, Safety
 from pi_controller.sensors import Reading
 from pi_controller.stats import PluginStats, TickStats
 
@@ -34,11 +35,14 @@ def next_deadline(due: int, elapsed: float, period: float) -> int:
 
 
 class ControlLoop:
-    def __init__(self, hardware: Hardware, plugins: PluginSet, clock: Clock, period: float):
+    def __init__(self, hardware: Hardware, plugins: PluginSet, safety: Safety, clock: Clock, period: float,
+                 heartbeat: Callable[[], None] = lambda: None):
         self.hardware = hardware
         self.plugins = plugins
+        self.safety = safety
         self.clock = clock
         self.period = period
+        self.heartbeat = heartbeat
         self.ticks = TickStats()
         self.plugin_stats: dict[str, PluginStats] = {}
         self.readings: list[Reading] = []
@@ -58,6 +62,7 @@ class ControlLoop:
                 started, work_started = self.clock.monotonic(), self.clock.perf_counter()
                 await loop.run_in_executor(worker, self.tick, self.ticks.count)
                 self.ticks.count += 1
+                self.heartbeat()
                 self.ticks.durations.add(self.clock.perf_counter() - work_started)
                 self.ticks.jitter.add(started - deadline)
                 due = self._next_due(due, self.clock.monotonic() - t0)
@@ -71,21 +76,40 @@ class ControlLoop:
         return next_due
 
     def tick(self, number: int) -> None:
-        """Read, decide, arbitrate, act: one pass of the control loop."""
+        """Read, decide, arbitrate, guard, act: one pass of the control loop."""
         now = self.clock.time()
         self.readings = self.hardware.read(now)
+        self._report_sensors(number)
         context = contract.encode_context(self.readings, self.hardware.states(), now, number)
         proposals: list[Command] = []
         for plugin in self.plugins:
             proposals.extend(self._consult(plugin, context, number))
-        commands, conflicts = arbitration.resolve(proposals)
+        wanted, conflicts = arbitration.resolve(proposals)
+        self._report_conflicts(conflicts, number)
+        commands, holds = self.safety.decide(wanted, self.readings, now)
+        self._report_holds(holds, number)
+        self.hardware.apply(commands, number)
+        self.last_states = self.hardware.states()
+        self._problems.settle(tick=number)
+
+    def _report_sensors(self, number: int) -> None:
+        for r in self.readings:
+            if not r.valid:
+                self._problems.problem(("sensor", r.sensor_id, r.error), "sensor_invalid", tick=number,
+                                       sensor=r.sensor_id, error=r.error)
+
+    def _report_conflicts(self, conflicts: list[tuple[Command, Command]], number: int) -> None:
         for winner, loser in conflicts:
             self._problems.problem(("conflict", winner.device_id, winner.plugin, loser.plugin), "command_conflict",
                                    level="info", tick=number, device=winner.device_id, winner=winner.plugin,
                                    loser=loser.plugin)
-        self.hardware.apply(commands, number)
-        self.last_states = self.hardware.states()
-        self._problems.settle(tick=number)
+
+    def _report_holds(self, holds: list[Hold], number: int) -> None:
+        for h in holds:
+            if h.plugin in self.plugin_stats:
+                self.plugin_stats[h.plugin].held += 1
+            self._problems.problem(("held", h.device_id, h.rule), "command_held", tick=number,
+                                   device=h.device_id, rule=h.rule, detail=h.detail, plugin=h.plugin)
 
     def _consult(self, plugin: SandboxedPlugin, context: bytes, number: int) -> list[Command]:
         """One plugin's commands for this tick; any failure of the plugin stays with the plugin."""
@@ -112,4 +136,5 @@ class ControlLoop:
 
     def summary(self) -> dict[str, Any]:
         return {"ticks": self.ticks.summary(),
-                "plugins": {name: s.summary() for name, s in self.plugin_stats.items()}}
+                "plugins": {name: s.summary() for name, s in self.plugin_stats.items()},
+                "held": {key: dict(rules) for key, rules in self.safety.held.items() if rules}}

@@ -19,7 +19,7 @@ from gpiozero import MCP3008, CPUTemperature, DigitalInputDevice, DistanceSensor
 from gpiozero.pins import Factory
 
 from pi_controller.clock import Clock
-from pi_controller.schema import bcm_pin, device_id
+from pi_controller.schema import bcm_pin, bounded, device_id
 
 # Pins of the Pi's SPI0 bus (BCM numbering); CE0/CE1 select the chip.
 SPI0_PINS = {"clock": 11, "mosi": 10, "miso": 9}
@@ -55,6 +55,15 @@ class SensorSettings:
     id: str = device_id()
     kind: str
     unit: str
+    # The physical range: a value outside it is a failed read (a disconnected TMP36 reads -50 C).
+    valid_min: float | None = None
+    valid_max: float | None = None
+    # Actuators that require this sensor go safe when its reading is older than this.
+    max_age_s: float | None = bounded(0.01, 86400, default=None)
+
+    def __post_init__(self) -> None:
+        if self.valid_min is not None and self.valid_max is not None and self.valid_min >= self.valid_max:
+            raise ValueError(f"valid_min {self.valid_min:g} must be below valid_max {self.valid_max:g}")
 
     def pins(self) -> dict[str, int]:
         """Pins this sensor claims for itself alone, by config key."""
@@ -97,6 +106,7 @@ class MCP3008Settings(SensorSettings):
             raise ValueError(f"channel {self.channel} is out of range; an MCP3008 has channels 0 to 7")
         if self.scale == 0:
             raise ValueError("scale must not be 0")
+        super().__post_init__()
 
     def bus_pins(self) -> dict[str, int]:
         return {**SPI0_PINS, "chip_select": SPI0_SELECT[self.chip_select]}
@@ -156,6 +166,7 @@ class DS18B20Settings(SensorSettings):
             raise ValueError(f"device {self.device!r} is not a 1-wire id such as '28-0316a2790aff'")
         if self.poll_interval_s < 0:
             raise ValueError("poll_interval_s must be 0 (read inline) or more")
+        super().__post_init__()
 
 
 KINDS: dict[str, type[SensorSettings]] = {
@@ -182,6 +193,11 @@ class Sensor:
             return self._invalid(now, f"{type(exc).__name__}: {exc}")
         if not math.isfinite(value):
             return self._invalid(now, f"non-finite value {value}")
+        low, high = self.settings.valid_min, self.settings.valid_max
+        if low is not None and value < low:
+            return self._invalid(now, f"{value:g} is below valid_min {low:g}")
+        if high is not None and value > high:
+            return self._invalid(now, f"{value:g} is above valid_max {high:g}")
         return Reading(self.settings.id, value, self.settings.unit, now)
 
     def _invalid(self, now: float, why: str) -> Reading:

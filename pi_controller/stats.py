@@ -41,10 +41,11 @@ class PluginStats:
     calls: int = 0
     errors: int = 0
     rejected: int = 0
+    held: int = 0  # valid commands the safety rules held back, counted per tick
     durations: Window = field(default_factory=Window)
 
     def summary(self) -> dict[str, Any]:
-        return {"calls": self.calls, "errors": self.errors, "rejected": self.rejected,
+        return {"calls": self.calls, "errors": self.errors, "rejected": self.rejected, "held": self.held,
                 "median_us": _us(self.durations.percentile(0.5)), "max_us": _us(self.durations.max)}
 
 

@@ -25,19 +25,21 @@ def test_run_ticks_prints_one_json_snapshot_and_logs_to_stderr() -> None:
     assert result.returncode == 0, result.stderr
     snapshot = json.loads(result.stdout)
     assert snapshot["ticks"]["count"] == 5
-    assert set(snapshot) == {"sensors", "actuators", "plugins", "ticks"}
+    assert set(snapshot) == {"sensors", "actuators", "plugins", "ticks", "safety"}
+    assert snapshot["safety"] == {"held": {}, "watchdog_trips": 0}
     assert set(snapshot["ticks"]) == {"count", "missed", "duration_median_us", "duration_p99_us",
                                       "start_jitter_p99_us"}
     for stats in snapshot["plugins"].values():
-        assert set(stats) == {"state", "calls", "errors", "rejected", "median_us", "max_us"}
+        assert set(stats) == {"state", "calls", "errors", "rejected", "held", "median_us", "max_us"}
     events = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON event
     names = [e["event"] for e in events]
     assert names.index("loop_started") < names.index("loop_stopped") < len(names) - 1
-    assert names[-1] == "actuators_safe"
+    assert names[-1] == "actuators_shutdown"
     switched = next(e for e in events if e["event"] == "actuator_set")  # the room starts below the band
     assert (switched["device"], switched["target"], switched["plugin"], switched["tick"]) == (
         "relay_switch", 1.0, "temperature_control", 0)
     assert events[-1]["states"] == {"led_strip": 0.0, "servo_motor": 0.0, "relay_switch": 0.0}
+    assert names.index("actuators_startup") < names.index("loop_started")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -56,8 +58,8 @@ def test_signals_end_the_run_cleanly_with_actuators_safe(sig) -> None:
         process.kill()
     assert process.returncode == 0
     names = [json.loads(line)["event"] for line in rest.splitlines()]
-    assert names[-2:] == ["loop_stopped", "actuators_safe"]
-    assert names.count("actuators_safe") == 1
+    assert names[-2:] == ["loop_stopped", "actuators_shutdown"]
+    assert names.count("actuators_shutdown") == 1
 
 
 def test_log_format_console_is_readable_text() -> None:

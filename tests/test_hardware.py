@@ -140,12 +140,31 @@ def test_actuators_are_claimed_in_their_safe_state(factory) -> None:
         {"type": "relay", "on": False, "value": 0}, 20.0, 0.0)
 
 
-def test_apply_writes_only_changes_and_safe_returns_to_the_safe_state(factory) -> None:
+def test_apply_writes_only_changes(factory) -> None:
     relay = actuators.build(RelaySettings(id="r", kind="relay", pin=27), factory)
     factory.pin(27).clear_states()
     assert relay.apply(1.0) and not relay.apply(1.0)
-    relay.safe()
+    assert relay.apply(0.0)
     factory.pin(27).assert_states([False, True, False])
+
+
+def test_settle_drives_every_actuator_to_the_named_state(write_config) -> None:
+    data = example_data()
+    data["actuators"][0].update(safe_state=0, startup_state=10, shutdown_state=20)
+    data["actuators"][2].update(startup_state="on")
+    settings = config.load(write_config(data))
+    factory = make_factory(settings, simulate=True)
+    hardware = Hardware.build(settings, factory, CLOCK)
+    try:
+        # Claimed in the start-up state: the relay was never off, the strip never at 0.
+        assert [s.state for s in factory.pin(27).states] == [False, True]
+        assert [s.state for s in factory.pin(18).states] == [0, 0.1]
+        hardware.settle("shutdown", "test")
+        assert (factory.pin(18).state, factory.pin(27).state) == (0.2, 0.0)
+        hardware.settle("safe", "test")
+        assert (factory.pin(18).state, factory.pin(27).state) == (0.0, 0.0)
+    finally:
+        hardware.close()
 
 
 def test_servo_detaches_on_set_low(factory) -> None:
