@@ -86,7 +86,7 @@ class ControlLoop:
             proposals.extend(self._consult(plugin, context, number))
         wanted, conflicts = arbitration.resolve(proposals)
         self._report_conflicts(conflicts, number)
-        commands, holds = self.safety.decide(wanted, self.readings, now)
+        commands, holds = self.safety.decide(wanted, self.readings, now, self.clock.monotonic())
         self._report_holds(holds, number)
         self.hardware.apply(commands, number)
         self.last_states = self.hardware.states()

@@ -77,12 +77,16 @@ class Safety:
         self.held: dict[str, Counter[str]] = {key: Counter() for key in actuators}
         self._last_now: float | None = None
 
-    def decide(self, commands: Iterable[Command], readings: Iterable[Reading], now: float
+    def decide(self, commands: Iterable[Command], readings: Iterable[Reading], wall: float, now: float
                ) -> tuple[list[Command], list[Hold]]:
-        """The commands to apply this tick, and the holds that kept others back."""
+        """The commands to apply this tick, and the holds that kept others back.
+
+        `now` is monotonic time, for every duration: a Pi without a clock battery jumps its wall
+        clock at the first NTP sync. `wall` only dates readings.
+        """
         dt = 0.0 if self._last_now is None else max(0.0, now - self._last_now)
         self._last_now = now
-        stale = self._stale(readings, now)
+        stale = self._stale(readings, wall)
         asked = {c.device_id: c for c in commands}
         planned: dict[str, Target] = {}
         out: list[Command] = []

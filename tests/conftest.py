@@ -67,7 +67,8 @@ def run_daemon(write_config) -> Iterator[Any]:
         settings = config.load(write_config(data))
         daemon = Daemon(settings, simulate=simulate, plugins_dir=plugins, clock=clock or VirtualClock())
         daemons.append(daemon)
-        asyncio.run(daemon.serve(ticks))
+        if ticks:  # 0: built, plugins loaded, not started (the test serves it itself)
+            asyncio.run(daemon.serve(ticks))
         return daemon
 
     yield run

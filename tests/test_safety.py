@@ -1,0 +1,227 @@
+"""Each safety rule against a plugin of ours that tries to break it; pin histories show it held."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from pi_controller.clock import VirtualClock
+from pi_controller.simulators.adc import SimulatedMCP3008
+
+PERIOD = 0.1
+
+
+def layout(**heater: Any) -> dict[str, Any]:
+    """A heater and a cooler (relays), a lamp (PWM), a vent (servo), a thermometer on an ADC."""
+    return {
+        "pins": {"factory": "mock"},
+        "sensors": [{"id": "temperature", "kind": "mcp3008", "channel": 0, "unit": "celsius", "scale": 330.0,
+                     "offset": -50.0, "valid_min": -40.0, "valid_max": 125.0}],
+        "actuators": [
+            {"id": "heater", "kind": "relay", "pin": 27, **heater},
+            {"id": "cooler", "kind": "relay", "pin": 22},
+            {"id": "lamp", "kind": "pwm", "pin": 18},
+            {"id": "vent", "kind": "servo", "pin": 13},
+        ],
+        "plugins": {"defaults": {"timeout_ms": 20}, "settings": {}},
+    }
+
+
+def echo(data: dict[str, Any], *commands: tuple[str, str, dict[str, float]]) -> dict[str, Any]:
+    """Make the echo_output plugin send these commands every tick."""
+    output = [{"device_id": d, "action": a, "parameters": p} for d, a, p in commands]
+    data["plugins"]["settings"]["echo_output"] = {"config": {"output": json.dumps(output)}}
+    return data
+
+
+class Recorder:
+    """The environment of a test: sets the thermometer, and notes each pin's state at every tick."""
+
+    def __init__(self, daemon: Any, celsius: Any = 20.0):
+        self.factory = daemon.hardware.factory
+        self.adc = SimulatedMCP3008(self.factory, 0)
+        self.celsius = celsius if callable(celsius) else (lambda tick: celsius)
+        self.ticks: list[dict[int, float]] = []  # per tick: pin -> state after the previous tick
+
+    def advance(self, now: float) -> None:
+        self.ticks.append({pin: float(self.factory.pin(pin).state) for pin in (27, 22, 18, 13)})
+        self.adc.fractions[0] = (self.celsius(len(self.ticks) - 1) + 50.0) / 330.0
+
+    def column(self, pin: int) -> list[float]:
+        """The pin's state during each tick (as the tick left it)."""
+        return [t[pin] for t in self.ticks[1:]]
+
+    def close(self) -> None:
+        self.adc.close()
+
+
+def run(run_daemon, plugin_dir, data: dict[str, Any], ticks: int, plugins: tuple[str, ...] = ("echo_output",),
+        clock: Any = None, **recorder: Any) -> tuple[Any, Recorder]:
+    daemon = run_daemon(data, 0, simulate=False, plugins=plugin_dir(*plugins), clock=clock or VirtualClock())
+    daemon.hardware.environment = recorder_ = Recorder(daemon, **recorder)
+    asyncio.run(daemon.serve(ticks + 1))  # +1: the recorder sees the last tick's result at the next one
+    return daemon, recorder_
+
+
+def runs(states: list[float]) -> list[tuple[float, int]]:
+    """(state, length in ticks) of each run of equal states."""
+    out: list[tuple[float, int]] = []
+    for state in states:
+        if out and out[-1][0] == state:
+            out[-1] = (state, out[-1][1] + 1)
+        else:
+            out.append((state, 1))
+    return out
+
+
+def held(logs: list[dict[str, Any]], device: str, rule: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "command_held" and e["device"] == device and e["rule"] == rule]
+
+
+def test_min_on_and_min_off_stop_a_plugin_chattering_at_10_hz(run_daemon, plugin_dir) -> None:
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, layout(min_on_s=1.0, min_off_s=2.0), 100, plugins=("sweep",))
+    heater = runs(rec.column(27))
+    assert heater[0] == (0.0, 20)  # start-up counts as a switch: off for min_off_s first
+    assert all(length >= 10 for state, length in heater[1:-1] if state == 1.0)
+    assert all(length >= 20 for state, length in heater[1:-1] if state == 0.0)
+    assert len(heater) >= 4  # it does switch, just not faster than allowed
+    cooler = runs(rec.column(22))  # no rule on the cooler: it follows the plugin every tick
+    assert len(cooler) == 100
+    counts = daemon.snapshot()["safety"]["held"]["heater"]
+    assert counts["min_on"] > 0 and counts["min_off"] > 0
+    assert len(held(logs, "heater", "min_on")) == 1 and len(held(logs, "heater", "min_off")) == 1
+
+
+def test_interlocked_actuators_are_never_on_together(run_daemon, plugin_dir) -> None:
+    data = layout()
+    data["interlocks"] = [{"actuators": ["heater", "cooler"]}]
+    data = echo(data, ("heater", "set_high", {}), ("cooler", "set_high", {}))
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, data, 30)
+    assert all(not (t[27] and t[22]) for t in rec.ticks)
+    assert rec.column(27) == [1.0] * 30 and rec.column(22) == [0.0] * 30  # the first in the group wins
+    assert daemon.snapshot()["safety"]["held"] == {"cooler": {"interlock": 31}}  # every tick run
+    assert held(logs, "cooler", "interlock")[0]["detail"] == "interlocked with 'heater', which is on"
+
+
+def test_interlock_waits_between_one_going_off_and_the_other_coming_on(run_daemon, plugin_dir) -> None:
+    data = layout(startup_state="on")
+    data["interlocks"] = [{"actuators": ["heater", "cooler"], "wait_s": 1.5}]
+    data = echo(data, ("heater", "set_low", {}), ("cooler", "set_high", {}))
+    daemon, rec = run(run_daemon, plugin_dir, data, 30)
+    assert rec.ticks[0][27] == 1.0  # on from start-up
+    assert rec.column(27) == [0.0] * 30  # off at tick 0
+    assert runs(rec.column(22))[0] == (0.0, 15)  # cooler on 1.5 s later, not before
+
+
+def test_max_rate_ramps_a_pwm_output_and_safe_state_is_not_ramped(run_daemon, plugin_dir) -> None:
+    data = layout()
+    data["actuators"][2]["max_rate"] = 50.0  # %/s: 5 % a tick
+    data = echo(data, ("lamp", "pwm", {"duty_cycle": 100}))
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, data, 30)
+    duties = [round(d * 100, 6) for d in rec.column(18)]
+    assert duties[:21] == [5.0 * k for k in range(21)] and duties[21:] == [100.0] * 9
+    assert len(held(logs, "lamp", "max_rate")) == 1
+    assert daemon.hardware.factory.pin(18).state == 0.0  # shut down at once, no ramp down
+
+
+def test_max_speed_moves_a_servo_slowly(run_daemon, plugin_dir) -> None:
+    data = layout()
+    data["actuators"][3].update(max_speed=90.0, startup_state=0)  # deg/s: 9 degrees a tick
+    data = echo(data, ("vent", "set_angle", {"angle": 90}))
+    daemon = run_daemon(data, 0, simulate=False, plugins=plugin_dir("echo_output"), clock=VirtualClock())
+    vent = daemon.hardware.actuators["vent"]
+    angles: list[float] = []
+
+    class Probe:
+        def advance(self, now: float) -> None:
+            angles.append(round(vent.target, 6))
+
+        def close(self) -> None:
+            pass
+
+    daemon.hardware.environment = Probe()
+    asyncio.run(daemon.serve(12))
+    assert angles == [0.0, 0.0] + [9.0 * k for k in range(1, 11)]  # the first tick has no elapsed time
+
+
+def test_max_on_forces_the_safe_state_and_latches_while_the_plugin_keeps_asking(run_daemon, plugin_dir) -> None:
+    data = echo(layout(max_on_s=1.0), ("heater", "set_high", {}))
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, data, 50)
+    assert runs(rec.column(27)) == [(1.0, 10), (0.0, 40)]
+    assert daemon.snapshot()["safety"]["held"]["heater"]["max_on"] == 41  # every tick run from tick 10
+    forced = [e for e in logs if e["event"] == "actuator_set" and e["device"] == "heater" and e["target"] == 0.0]
+    assert forced[0]["plugin"] == "safety" and forced[0]["tick"] == 10
+
+
+def test_a_failing_sensor_is_invalid_in_the_context_and_forces_what_requires_it_safe(run_daemon,
+                                                                                      plugin_dir) -> None:
+    data = echo(layout(requires=["temperature"]), ("heater", "set_high", {}))
+    disconnected = lambda tick: -50.0 if 10 <= tick < 20 else 20.0  # a TMP36 with its wire off reads -50
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, data, 80, celsius=disconnected)
+    assert runs(rec.column(27)) == [(1.0, 10), (0.0, 10), (1.0, 60)]  # control resumes with the sensor
+    invalid = [e for e in logs if e["event"] == "sensor_invalid"]
+    assert len(invalid) == 1 and invalid[0]["tick"] == 10
+    assert "below valid_min -40" in invalid[0]["error"]
+    assert [e["tick"] for e in logs if e["event"] == "sensor_invalid_cleared"] == [69]  # 50 quiet ticks
+    requires = held(logs, "heater", "requires")
+    assert len(requires) == 1 and "sensor 'temperature' invalid" in requires[0]["detail"]
+
+
+def test_a_stale_sensor_forces_what_requires_it_safe(run_daemon, plugin_dir, tmp_path) -> None:
+    device = "28-0316a2790aff"
+    (tmp_path / device).mkdir()
+    (tmp_path / device / "w1_slave").write_text("aa : crc=aa YES\naa t=21000\n")
+    data = echo(layout(requires=["probe"]), ("heater", "set_high", {}))
+    # Polled every 60 s of real time: in this virtual-time run it is read once, then only ages.
+    data["sensors"].append({"id": "probe", "kind": "ds18b20", "device": device, "base_dir": str(tmp_path),
+                            "poll_interval_s": 60, "max_age_s": 2.0})
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, data, 40)
+    heater = runs(rec.column(27))
+    assert heater[0][0] == 1.0 and heater[1][0] == 0.0 and len(heater) == 2
+    assert 19 <= heater[0][1] <= 21  # on until the reading is 2 s old
+    assert "max_age_s 2" in held(logs, "heater", "requires")[0]["detail"]
+
+
+def test_watchdog_drives_actuators_safe_when_the_loop_stalls_and_control_resumes(run_daemon, plugin_dir) -> None:
+    data = echo(layout(), ("heater", "set_high", {}))
+    data["watchdog"] = {"timeout_s": 0.3}
+    daemon = run_daemon(data, 0, simulate=False, plugins=plugin_dir("echo_output"), clock=VirtualClock())
+    pin = daemon.hardware.factory.pin(27)
+    during_stall: list[float] = []
+
+    class Stall:
+        """Tick 5 blocks for 1 s of real time, like a hung sensor read or a bug of ours."""
+
+        reads = 0
+
+        def advance(self, now: float) -> None:
+            self.reads += 1
+            if self.reads == 6:
+                time.sleep(1.0)
+                during_stall.append(float(pin.state))
+
+        def close(self) -> None:
+            pass
+
+    daemon.hardware.environment = Stall()
+    with capture_logs() as logs:
+        asyncio.run(daemon.serve(10))
+    states = [float(s.state) for s in pin.states]
+    assert states[-3:] == [1.0, 0.0, 1.0] or states[-4:-1] == [1.0, 0.0, 1.0]  # on, safe, on again
+    assert during_stall == [0.0]  # the watchdog acted while the tick was stuck
+    names = [e["event"] for e in logs]
+    assert names.count("watchdog_tripped") == 1 and names.count("watchdog_recovered") == 1
+    assert names.index("watchdog_tripped") < names.index("watchdog_recovered")
+    assert daemon.snapshot()["safety"]["watchdog_trips"] == 1
