@@ -132,8 +132,8 @@ class ServoSettings(ActuatorSettings):
     def __post_init__(self) -> None:
         if self.min_angle >= self.max_angle:
             raise ValueError(f"min_angle {self.min_angle:g} must be below max_angle {self.max_angle:g}")
-        if self.min_pulse_ms >= self.max_pulse_ms:
-            raise ValueError("min_pulse_ms must be below max_pulse_ms")
+        if not self.min_pulse_ms < self.max_pulse_ms < self.frame_ms:
+            raise ValueError("pulse widths must satisfy min_pulse_ms < max_pulse_ms < frame_ms")
         super().__post_init__()
 
 
@@ -162,9 +162,10 @@ class Actuator:
         """The target an action asks for; raises Rejected if the action or its value is not valid."""
         raise NotImplementedError
 
-    def apply(self, target: Target) -> bool:
-        """Drive the device to `target`; True if anything changed."""
-        if target == self.target:
+    def apply(self, target: Target, force: bool = False) -> bool:
+        """Drive the device to `target`; True if anything changed. `force` writes even an unchanged
+        target, so a safe state is asserted after a failed or partial write."""
+        if target == self.target and not force:
             return False
         self._write(target)
         self.target = target
@@ -181,7 +182,8 @@ class Actuator:
         raise NotImplementedError
 
     def _unknown(self, action: str) -> Rejected:
-        return Rejected(f"action '{action}' is not valid for a {self.kind}; valid: {', '.join(self.actions)}")
+        return Rejected("unknown_action", f"action '{action[:40]}' is not valid for a {self.kind}; "
+                                          f"valid: {', '.join(self.actions)}")
 
 
 class Relay(Actuator):
@@ -218,7 +220,8 @@ class Pwm(Actuator):
 
     def _within_bounds(self, duty: float) -> float:
         if duty > self.settings.max_duty:
-            raise Rejected(f"duty_cycle {duty:g} is above this output's max_duty {self.settings.max_duty:g}")
+            raise Rejected("above_max_duty",
+                           f"duty_cycle {duty:g} is above this output's max_duty {self.settings.max_duty:g}")
         return duty
 
     def _write(self, target: Target) -> None:

@@ -68,12 +68,16 @@ def _load(path: Path) -> config.Settings | None:
 def _run(args: argparse.Namespace) -> int:
     from pi_controller.daemon import Daemon
     from pi_controller.hardware import HardwareError
+    from pi_controller.simulators.world import SimulationError
 
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
     try:
         daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins)
+    except SimulationError as exc:
+        log.error("simulation_invalid", file=str(args.config), problem=str(exc))
+        return EXIT_CONFIG
     except HardwareError as exc:
         log.error("hardware_setup_failed", error=str(exc))
         return 1

@@ -59,6 +59,11 @@ class LoopSettings:
     def period(self) -> float:
         return 1.0 / self.rate_hz
 
+    @property
+    def plugin_budget_ms(self) -> float:
+        """What the plugins' timeouts may add up to in one tick."""
+        return self.period * self.plugin_budget * 1000.0
+
 
 @dataclass(frozen=True)
 class PinSettings:
@@ -90,7 +95,7 @@ class PluginSettings:
     """Limits and wiring for one plugin; every field may be left to `plugins.defaults`."""
 
     memory_pages: int | None = bounded(1, 65536, default=None)
-    timeout_ms: float | None = bounded(0.1, 10_000, default=None)
+    timeout_ms: int | None = bounded(1, 10_000, default=None)  # libextism counts whole milliseconds
     max_output_bytes: int | None = bounded(16, 16 * 1024 * 1024, default=None)
     priority: int | None = None
     enabled: bool = True
@@ -106,7 +111,7 @@ class PluginSettings:
 @dataclass(frozen=True)
 class PluginDefaults:
     memory_pages: int = bounded(1, 65536, default=32)
-    timeout_ms: float = bounded(0.1, 10_000, default=10.0)
+    timeout_ms: int = bounded(1, 10_000, default=10)
     max_output_bytes: int = bounded(16, 16 * 1024 * 1024, default=64 * 1024)
     priority: int = 0
 
@@ -174,7 +179,7 @@ class _Tree:
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
             for key_node, value_node in node.value:
-                key = self._constructor.construct_object(key_node, deep=True)
+                key = self._scalar(key_node, path)
                 if key in result:
                     raise ConfigError(self.source, path + (key,), "duplicate key",
                                       key_node.start_mark.line + 1)
@@ -183,7 +188,20 @@ class _Tree:
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self.value(item, path + (i,)) for i, item in enumerate(node.value)]
-        return self._constructor.construct_object(node, deep=True)
+        return self._scalar(node, path)
+
+    def _scalar(self, node: yaml.Node, path: KeyPath) -> Any:
+        try:
+            value = self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as exc:
+            raise ConfigError(self.source, path, f"cannot read {node.tag} value {node.value!r}: "
+                                                 f"{getattr(exc, 'problem', exc)}", node.start_mark.line + 1)
+        try:
+            hash(value)
+        except TypeError:
+            raise ConfigError(self.source, path, "a mapping key must be a plain value",
+                              node.start_mark.line + 1) from None
+        return value
 
     def error(self, path: KeyPath, message: str) -> ConfigError:
         probe = path
@@ -232,7 +250,7 @@ class _Converter:
             if not isinstance(item, dict):
                 raise self.tree.error(here, f"expected a mapping, got {_kind(item)}")
             kind = item.get("kind")
-            if kind not in kinds:
+            if not isinstance(kind, str) or kind not in kinds:
                 raise self.tree.error(here + ("kind",),
                                       f"unknown or missing kind {kind!r}; valid kinds: {', '.join(sorted(kinds))}")
             result.append(self.convert(item, kinds[kind], here))
@@ -244,8 +262,10 @@ class _Converter:
         origin = typing.get_origin(hint)
         if origin is Literal:
             choices = typing.get_args(hint)
-            if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
-                raise self.tree.error(path, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+            if not any(value == c and type(value) is type(c) for c in choices):
+                hint_text = " (YAML reads a bare off/on/yes/no as true or false: quote it)" if isinstance(
+                    value, bool) else ""
+                raise self.tree.error(path, f"{value!r} is not one of {', '.join(map(repr, choices))}{hint_text}")
             return value
         if origin in (typing.Union, types.UnionType):
             return self._union(value, typing.get_args(hint), path)
@@ -343,9 +363,16 @@ def _check_bounds(tree: _Tree, value: Any, spec: dataclasses.Field[Any], path: K
 
 
 def _check_cross_references(settings: Settings, tree: _Tree) -> None:
-    """Rules that span entries: unique ids, one device per pin, references that resolve."""
+    """Rules that span entries: unique ids, one device per pin, references that resolve, budgets."""
+    _check_ids_and_pins(settings, tree)
+    _check_safety_references(settings, tree)
+    _check_simulation_references(settings, tree)
+    _check_plugin_budget(settings, tree)
+
+
+def _check_ids_and_pins(settings: Settings, tree: _Tree) -> None:
     seen_ids: dict[str, KeyPath] = {}
-    pin_owners: dict[int, tuple[KeyPath, bool]] = {}  # pin -> (first user, on a shared bus)
+    pin_owners: dict[int, tuple[KeyPath, str, bool]] = {}  # pin -> (first user, its key, on a shared bus)
     groups = (("sensors", settings.sensors), ("actuators", settings.actuators))
     for section, entries in groups:
         for index, entry in enumerate(entries):
@@ -357,18 +384,19 @@ def _check_cross_references(settings: Settings, tree: _Tree) -> None:
             claims = [(k, p, False) for k, p in entry.pins().items()]
             claims += [(k, p, True) for k, p in entry.bus_pins().items()]
             for key, pin, shared in claims:
-                owner = pin_owners.setdefault(pin, (here, shared))
-                if owner[0] != here and not (shared and owner[1]):
+                owner, owner_key, owner_shared = pin_owners.setdefault(pin, (here, key, shared))
+                if (owner, owner_key) != (here, key) and not (shared and owner_shared):
                     raise tree.error(here + (key,), f"GPIO{pin} ({key}) is already used by "
-                                                    f"{format_path(owner[0])}; one device per pin")
-    _check_safety_references(settings, tree)
+                                                    f"{format_path(owner + (owner_key,))}; one device per pin")
+
+
+def _check_simulation_references(settings: Settings, tree: _Tree) -> None:
     for index, model in enumerate(settings.simulation):
         for key, (wanted, ref) in model.references().items():
             pool = {s.id for s in settings.sensors} if wanted == "sensor" else {a.id for a in settings.actuators}
             if ref not in pool:
                 raise tree.error(("simulation", index, key), f"no {wanted} with id '{ref}'; "
                                                              f"known: {', '.join(sorted(pool)) or 'none'}")
-    _check_plugin_budget(settings, tree)
 
 
 def _check_safety_references(settings: Settings, tree: _Tree) -> None:
@@ -391,7 +419,7 @@ def _check_safety_references(settings: Settings, tree: _Tree) -> None:
 
 
 def _check_plugin_budget(settings: Settings, tree: _Tree) -> None:
-    budget_ms = settings.loop.period * settings.loop.plugin_budget * 1000.0
+    budget_ms = settings.loop.plugin_budget_ms
     defaults = settings.plugins.defaults
     if defaults.timeout_ms > budget_ms:
         raise tree.error(("plugins", "defaults", "timeout_ms"),

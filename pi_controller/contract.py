@@ -22,11 +22,20 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 class Rejected(Exception):
-    """A command that is not applied; the message is the reason, logged with plugin and device."""
+    """A command that is not applied: `rule` names the kind of fault (what problems are keyed by, so a
+    plugin cannot flood the log with ever-new values), the message gives the detail."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(message)
+        self.rule = rule
 
 
 class OutputError(Exception):
-    """A plugin's whole output is unusable (not JSON, not a list, too large)."""
+    """A plugin's whole output is unusable; `kind` is "not_json", "not_a_list" or "too_many_commands"."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 class CommandTarget(Protocol):
@@ -45,7 +54,8 @@ class Command:
 @dataclass(frozen=True, slots=True)
 class Rejection:
     plugin: str
-    device_id: str | None
+    device_id: str | None  # None unless it names a device that exists
+    rule: str
     reason: str
 
 
@@ -69,15 +79,20 @@ def encode_context(readings: Iterable[Reading], device_states: Mapping[str, Any]
 def number(parameters: Mapping[str, Any], name: str, low: float, high: float) -> float:
     """A finite numeric parameter within [low, high], or Rejected saying which rule it broke."""
     if name not in parameters:
-        raise Rejected(f"missing parameter '{name}'")
+        raise Rejected("missing_parameter", f"missing parameter '{name}'")
     value = parameters[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Rejected(f"parameter '{name}' must be a number, got {type(value).__name__} {value!r}")
+        raise Rejected("not_a_number", f"parameter '{name}' must be a number, got {type(value).__name__} "
+                                       f"{repr(value)[:40]}")
+    try:
+        value = float(value)  # JSON integers have no size limit; one too large for a float is no number
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value):
-        raise Rejected(f"parameter '{name}' must be finite, got {value}")
+        raise Rejected("not_finite", f"parameter '{name}' must be finite, got {value}")
     if not low <= value <= high:
-        raise Rejected(f"parameter '{name}' = {value:g} is out of range {low:g}..{high:g}")
-    return float(value)
+        raise Rejected("out_of_range", f"parameter '{name}' = {value:g} is out of range {low:g}..{high:g}")
+    return value
 
 
 def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, CommandTarget]
@@ -86,9 +101,13 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
     try:
         entries = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise OutputError(f"output is not JSON: {str(exc)[:120]}") from exc
+        raise OutputError("not_json", f"output is not JSON: {str(exc)[:120]}") from exc
     if not isinstance(entries, list):
-        raise OutputError(f"output must be a JSON array of commands, got a {type(entries).__name__}")
+        raise OutputError("not_a_list", f"output must be a JSON array of commands, got a {type(entries).__name__}")
+    limit = max_commands(len(targets))
+    if len(entries) > limit:
+        raise OutputError("too_many_commands", f"output has {len(entries)} commands; at most {limit} for "
+                                               f"{len(targets)} actuators")
     commands: list[Command] = []
     rejections: list[Rejection] = []
     for index, entry in enumerate(entries):
@@ -96,22 +115,28 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
         try:
             commands.append(_command(index, entry, plugin, priority, targets))
         except Rejected as exc:
-            rejections.append(Rejection(plugin, device if isinstance(device, str) else None, str(exc)))
+            known = device if isinstance(device, str) and device in targets else None
+            rejections.append(Rejection(plugin, known, exc.rule, str(exc)))
     return commands, rejections
+
+
+def max_commands(actuators: int) -> int:
+    """A few commands per actuator are plenty; more is a runaway plugin, refused before any work."""
+    return 4 * actuators + 16
 
 
 def _command(index: int, entry: Any, plugin: str, priority: int,
              targets: Mapping[str, CommandTarget]) -> Command:
     if not isinstance(entry, dict):
-        raise Rejected(f"command #{index} must be an object, got {type(entry).__name__}")
+        raise Rejected("malformed", f"command #{index} must be an object, got {type(entry).__name__}")
     device, action = entry.get("device_id"), entry.get("action")
     parameters = entry.get("parameters", {})
     if not isinstance(device, str):
-        raise Rejected(f"command #{index} has no string 'device_id'")
+        raise Rejected("malformed", f"command #{index} has no string 'device_id'")
     if device not in targets:
-        raise Rejected(f"unknown device '{device}'")
+        raise Rejected("unknown_device", f"unknown device '{device[:64]}'")
     if not isinstance(action, str):
-        raise Rejected(f"command #{index} has no string 'action'")
+        raise Rejected("malformed", f"command #{index} has no string 'action'")
     if not isinstance(parameters, dict):
-        raise Rejected(f"'parameters' must be an object, got {type(parameters).__name__}")
+        raise Rejected("malformed", f"'parameters' must be an object, got {type(parameters).__name__}")
     return Command(device, action, targets[device].command(action, parameters), plugin, priority)

@@ -32,11 +32,16 @@ class Daemon:
             from pi_controller.simulators.world import World
 
             world = World(settings, factory)
-        self.hardware = Hardware.build(settings, factory, self.clock)
+        try:
+            self.hardware = Hardware.build(settings, factory, self.clock)
+        except BaseException:
+            if world is not None:
+                world.close()
+            raise
         self.hardware.environment = world
         self.hardware.settle("startup", "starting")
-        budget_ms = settings.loop.period * settings.loop.plugin_budget * 1000.0
-        self.plugins = PluginSet(settings.plugins, plugins_dir or settings.plugins_directory(), budget_ms)
+        self.plugins = PluginSet(settings.plugins, plugins_dir or settings.plugins_directory(),
+                                 settings.loop.plugin_budget_ms)
         try:
             self.plugins.load_all()
         except BaseException:

@@ -65,23 +65,24 @@ class Hardware:
             self.environment.advance(now)
         return [sensor.read(now) for sensor in self.sensors]
 
-    def apply(self, commands: Iterable[Command], tick: int) -> None:
+    def apply(self, commands: Iterable[Command], tick: int) -> dict[str, str]:
+        """Apply commands; returns the actuators whose write failed, with why (the loop reports them)."""
+        failed = {}
         with self._lock:
             for command in commands:
-                self._apply(self.actuators[command.device_id], command, tick)
-
-    def _apply(self, actuator: Actuator, command: Command, tick: int) -> None:
-        was_on = actuator.state["on"]
-        try:
-            changed = actuator.apply(command.target)
-        except Exception as exc:  # a pin that fails to switch must not stop the others
-            log.error("actuator_write_failed", device=actuator.id, tick=tick, error=str(exc))
-            return
-        if changed:
-            # Switching on or off is news; a fade's every step is detail.
-            level = "info" if actuator.state["on"] != was_on else "debug"
-            getattr(log, level)("actuator_set", device=actuator.id, target=command.target,
-                                plugin=command.plugin, tick=tick)
+                actuator = self.actuators[command.device_id]
+                was_on = actuator.state["on"]
+                try:
+                    changed = actuator.apply(command.target)
+                except Exception as exc:  # a pin that fails to switch must not stop the others
+                    failed[actuator.id] = f"{type(exc).__name__}: {exc}"
+                    continue
+                if changed:
+                    # Switching on or off is news; a fade's every step is detail.
+                    level = "info" if actuator.state["on"] != was_on else "debug"
+                    getattr(log, level)("actuator_set", device=actuator.id, target=command.target,
+                                        plugin=command.plugin, tick=tick)
+        return failed
 
     def settle(self, state: State, reason: str) -> None:
         """Every actuator to its safe, start-up or shut-down state, from any thread.
@@ -93,7 +94,7 @@ class Hardware:
         try:
             for actuator in self.actuators.values():
                 try:
-                    actuator.apply(getattr(actuator, f"{state}_target"))
+                    actuator.apply(getattr(actuator, f"{state}_target"), force=True)
                 except Exception as exc:
                     log.error("actuator_write_failed", device=actuator.id, state=state, error=str(exc))
         finally:
@@ -107,16 +108,20 @@ class Hardware:
         return {key: actuator.state for key, actuator in self.actuators.items()}
 
     def close(self) -> None:
-        """Shut-down state if anything is not in it yet, then release every device."""
+        """Shut-down state if anything is not in it yet, then release the sensors.
+
+        Actuator pins stay claimed, driven in their shut-down state until the process exits: gpiozero
+        would release them as floating inputs, and a relay board then does what its pull resistors say.
+        """
         if any(a.target != a.shutdown_target for a in self.actuators.values()):
             self.settle("shutdown", "closing")
         if self.environment is not None:
             self.environment.close()
-        for device in [*self.sensors, *self.actuators.values()]:
+        for sensor in self.sensors:
             try:
-                device.close()
+                sensor.close()
             except Exception as exc:
-                log.warning("device_close_failed", device=device.settings.id, error=str(exc))
+                log.warning("device_close_failed", device=sensor.settings.id, error=str(exc))
 
 
 def _claim(device_id: str, make: Any) -> Any:

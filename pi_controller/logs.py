@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Any, Hashable, Literal
 
 import structlog
@@ -31,6 +32,14 @@ def configure(fmt: LogFormat = "console", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    warnings.showwarning = _warning_as_event
+
+
+def _warning_as_event(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Library warnings (gpiozero's fallbacks, no echo...) as events, so every stderr line is one."""
+    structlog.get_logger("py.warnings").warning("library_warning", category=category.__name__,
+                                                message=str(message), source=f"{filename}:{lineno}")
 
 
 class ChangeLog:

@@ -17,10 +17,10 @@ import structlog
 
 from pi_controller import arbitration, contract
 from pi_controller.clock import Clock
-from pi_controller.contract import Command, OutputError
+from pi_controller.contract import Command
 from pi_controller.hardware import Hardware
 from pi_controller.logs import ChangeLog
-from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
+from pi_controller.plugins import PluginSet, SandboxedPlugin
 from pi_controller.safety import Hold, Safety
 from pi_controller.sensors import Reading
 from pi_controller.stats import PluginStats, TickStats
@@ -88,7 +88,9 @@ class ControlLoop:
         self._report_conflicts(conflicts, number)
         commands, holds = self.safety.decide(wanted, self.readings, now, self.clock.monotonic())
         self._report_holds(holds, number)
-        self.hardware.apply(commands, number)
+        for device, error in self.hardware.apply(commands, number).items():
+            self._problems.problem(("write", device), "actuator_write_failed", level="error", tick=number,
+                                   device=device, error=error)
         self.last_states = self.hardware.states()
         self._problems.settle(tick=number)
 
@@ -113,7 +115,7 @@ class ControlLoop:
 
     def _consult(self, plugin: SandboxedPlugin, context: bytes, number: int) -> list[Command]:
         """One plugin's commands for this tick; any failure of the plugin stays with the plugin."""
-        stats = self.plugin_stats.setdefault(plugin.name, PluginStats())
+        stats = self.plugin_stats.get(plugin.name) or self.plugin_stats.setdefault(plugin.name, PluginStats())
         stats.calls += 1
         started = self.clock.perf_counter()
         try:
@@ -123,15 +125,16 @@ class ControlLoop:
                 stats.durations.add(self.clock.perf_counter() - started)
             commands, rejections = contract.parse_output(raw, plugin.name, plugin.priority,
                                                          self.hardware.actuators)
-        except (PluginCallError, OutputError) as exc:
+        except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
             stats.errors += 1
-            self._problems.problem(("error", plugin.name, str(exc)), "plugin_call_failed", level="error",
-                                   plugin=plugin.name, tick=number, reason=str(exc))
+            kind = getattr(exc, "kind", type(exc).__name__)
+            self._problems.problem(("error", plugin.name, kind), "plugin_call_failed", level="error",
+                                   plugin=plugin.name, tick=number, kind=kind, reason=str(exc)[:300])
             return []
         stats.rejected += len(rejections)
         for r in rejections:
-            self._problems.problem(("rejected", r.plugin, r.device_id, r.reason), "command_rejected",
-                                   plugin=r.plugin, device=r.device_id, tick=number, reason=r.reason)
+            self._problems.problem(("rejected", r.plugin, r.device_id, r.rule), "command_rejected",
+                                   plugin=r.plugin, device=r.device_id, tick=number, rule=r.rule, reason=r.reason)
         return commands
 
     def summary(self) -> dict[str, Any]:

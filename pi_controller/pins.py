@@ -13,6 +13,7 @@ from gpiozero.pins.mock import (MockChargingPin, MockFactory, MockPWMPin, MockSP
                                 MockTriggerPin)
 
 from pi_controller.config import Settings
+from pi_controller.hardware import HardwareError
 from pi_controller.sensors import SPI0_PINS, SPI0_SELECT, DistanceSettings, LightSettings, MCP3008Settings
 
 
@@ -45,11 +46,20 @@ def make_factory(settings: Settings, simulate: bool) -> Factory:
     if simulate or settings.pins.factory == "mock":
         factory: Factory = mock_factory(settings)
     else:
-        from gpiozero.pins.lgpio import LGPIOFactory  # only importable where lgpio can open a chip
-
-        factory = LGPIOFactory()
+        factory = _lgpio_factory()
     Device.pin_factory = factory
     return factory
+
+
+def _lgpio_factory() -> Factory:
+    try:
+        from gpiozero.pins.lgpio import LGPIOFactory
+
+        return LGPIOFactory()
+    except Exception as exc:  # gpiozero raises several kinds here: no Pi, no lgpio, no permission
+        raise HardwareError(f"cannot open the Pi's GPIO through lgpio ({type(exc).__name__}: {exc}); not on a "
+                            f"Pi? run with --simulate or set pins.factory: mock. On a Pi: is the user in the "
+                            f"'gpio' group?") from exc
 
 
 def mock_factory(settings: Settings) -> MockFactory:

@@ -26,7 +26,7 @@ ENTRY_POINT = "control_logic"
 @dataclass(frozen=True)
 class Limits:
     memory_pages: int
-    timeout_ms: float
+    timeout_ms: int
     max_output_bytes: int
     priority: int
 
@@ -40,7 +40,23 @@ class Limits:
 
 
 class PluginCallError(Exception):
-    """A call that produced no usable output: trap, timeout, out of memory, error return, too large."""
+    """A call that produced no usable output; `kind` is "timeout", "out_of_memory", "trap",
+    "output_too_large" or "error_return" (the plugin reported an error of its own)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+    @classmethod
+    def from_extism(cls, exc: extism.Error) -> PluginCallError:
+        message = str(exc) or "error without a message"
+        if message == "timeout":
+            return cls("timeout", message)
+        if message == "oom" or "failed to allocate" in message:
+            return cls("out_of_memory", message)
+        if message.startswith("error while executing"):
+            return cls("trap", message)
+        return cls("error_return", message)
 
 
 class SandboxedPlugin:
@@ -54,8 +70,7 @@ class SandboxedPlugin:
         manifest = {
             "wasm": [{"data": wasm}],
             "memory": {"max_pages": limits.memory_pages},
-            # libextism takes whole milliseconds; never round a budget down to "no timeout".
-            "timeout_ms": max(1, round(limits.timeout_ms)),
+            "timeout_ms": limits.timeout_ms,
         }
         self._instance = extism.Plugin(manifest, wasi=False, functions=[])
         if not self._instance.function_exists(ENTRY_POINT):
@@ -69,9 +84,9 @@ class SandboxedPlugin:
         try:
             output: bytes = self._instance.call(ENTRY_POINT, context_prefix + self.config_suffix)
         except extism.Error as exc:
-            raise PluginCallError(str(exc) or "error without a message") from exc
+            raise PluginCallError.from_extism(exc) from exc
         if len(output) > self.limits.max_output_bytes:
-            raise PluginCallError(f"output of {len(output)} bytes exceeds max_output_bytes "
+            raise PluginCallError("output_too_large", f"output of {len(output)} bytes exceeds max_output_bytes "
                                   f"{self.limits.max_output_bytes}")
         return output
 
@@ -103,28 +118,32 @@ class PluginSet:
         return len(self._plugins)
 
     def load_all(self) -> None:
-        """Load every `*.wasm` in the folder; a plugin that fails is reported and skipped."""
+        """Load every `*.wasm` in the folder, highest priority first, so that when the time budget is
+        full it is a low-priority plugin that is left out; a plugin that fails is reported and skipped."""
         if not self.directory.is_dir():
             log.error("plugins_directory_missing", directory=str(self.directory))
             return
-        for path in sorted(self.directory.glob("*.wasm")):
-            self._load(path)
-        self._plugins.sort(key=lambda p: (-p.priority, p.name))
+        files = {path.stem: path for path in self.directory.glob("*.wasm")}
+        for name in sorted(set(self.settings.settings) - set(files)):
+            log.warning("plugin_configured_but_missing", plugin=name, directory=str(self.directory))
+        candidates = [(Limits.resolve(self.settings.settings.get(name), self.settings.defaults), name)
+                      for name in files]
+        for limits, name in sorted(candidates, key=lambda c: (-c[0].priority, c[1])):
+            self._load(files[name], limits)
         log.info("plugins_loaded", count=len(self._plugins), directory=str(self.directory),
                  names=[p.name for p in self._plugins])
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path, limits: Limits) -> None:
         name = path.stem
         own = self.settings.settings.get(name)
         if own is not None and not own.enabled:
             self.status[name] = PluginStatus("disabled")
             log.info("plugin_disabled", plugin=name)
             return
-        limits = Limits.resolve(own, self.settings.defaults)
         spent = sum(p.limits.timeout_ms for p in self._plugins)
         if spent + limits.timeout_ms > self.budget_ms:
-            return self._failed(name, f"timeout_ms {limits.timeout_ms:g} does not fit the tick: loaded plugins "
-                                      f"already take {spent:g} of the {self.budget_ms:g} ms plugin budget")
+            return self._failed(name, f"timeout_ms {limits.timeout_ms} does not fit the tick: plugins of higher "
+                                      f"priority already take {spent} of the {self.budget_ms:g} ms plugin budget")
         try:
             plugin = SandboxedPlugin(name, path.read_bytes(), limits, own.config if own else {})
         except (OSError, extism.Error) as exc:

@@ -24,6 +24,8 @@ from pi_controller.schema import bcm_pin, bounded, device_id
 # Pins of the Pi's SPI0 bus (BCM numbering); CE0/CE1 select the chip.
 SPI0_PINS = {"clock": 11, "mosi": 10, "miso": 9}
 SPI0_SELECT = {0: 8, 1: 7}
+DEFAULT_W1_DIR = "/sys/bus/w1/devices"
+I2C_PINS = (2, 3)  # fixed 1.8 kOhm pull-ups on the board: no input there can pull down
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +84,16 @@ class DigitalSettings(SensorSettings):
     pin: int = bcm_pin()
     unit: str = "boolean"
     pull_up: bool | None = None  # None: the kind's usual wiring (buttons pull up, the others down)
-    bounce_ms: float | None = None
+
+    @property
+    def active_low(self) -> bool:
+        """Pulled up, the input reads active when the pin is low."""
+        return self.pull_up if self.pull_up is not None else self.kind == "button"
+
+    def __post_init__(self) -> None:
+        if self.pin in I2C_PINS and not self.active_low:
+            raise ValueError(f"GPIO{self.pin} has a fixed pull-up on a Pi (I2C); use another pin, or pull_up: true")
+        super().__post_init__()
 
     def pins(self) -> dict[str, int]:
         return {"pin": self.pin}
@@ -124,6 +135,11 @@ class LightSettings(SensorSettings):
     def pins(self) -> dict[str, int]:
         return {"pin": self.pin}
 
+    def __post_init__(self) -> None:
+        if self.pin in I2C_PINS:
+            raise ValueError(f"GPIO{self.pin} has a fixed pull-up (I2C): a capacitor never discharges there")
+        super().__post_init__()
+
 
 @dataclass(frozen=True, kw_only=True)
 class DistanceSettings(SensorSettings):
@@ -133,10 +149,17 @@ class DistanceSettings(SensorSettings):
     echo: int = bcm_pin()
     trigger: int = bcm_pin()
     unit: str = "m"
-    max_distance: float = 1.0
+    max_distance: float = bounded(0.01, 10, default=1.0)
 
     def pins(self) -> dict[str, int]:
         return {"echo": self.echo, "trigger": self.trigger}
+
+    def __post_init__(self) -> None:
+        if self.echo == self.trigger:
+            raise ValueError("echo and trigger must be different pins")
+        if self.echo in I2C_PINS:
+            raise ValueError(f"echo on GPIO{self.echo} would fight its fixed pull-up (I2C); use another pin")
+        super().__post_init__()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,15 +181,22 @@ class DS18B20Settings(SensorSettings):
     kind: Literal["ds18b20"]
     device: str
     unit: str = "celsius"
-    base_dir: str = "/sys/bus/w1/devices"
+    base_dir: str = DEFAULT_W1_DIR
     poll_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[0-9a-f]{2}-[0-9a-f]{12}", self.device):
             raise ValueError(f"device {self.device!r} is not a 1-wire id such as '28-0316a2790aff'")
+        super().__post_init__()
         if self.poll_interval_s < 0:
             raise ValueError("poll_interval_s must be 0 (read inline) or more")
-        super().__post_init__()
+        if self.poll_interval_s == 0 and self.base_dir == DEFAULT_W1_DIR:
+            raise ValueError("poll_interval_s: 0 reads in the tick, but the kernel's w1_slave takes ~750 ms; "
+                             "poll it (the default) or point base_dir at a simulated tree")
+
+    @property
+    def w1_slave(self) -> Path:
+        return Path(self.base_dir) / self.device / "w1_slave"
 
 
 KINDS: dict[str, type[SensorSettings]] = {
@@ -229,13 +259,14 @@ class DS18B20(Sensor):
     """Parses the w1_slave file: a CRC verdict line, then the temperature in millidegrees."""
 
     POWER_ON_VALUE = 85.0  # what the chip reports before its first conversion, not a temperature
+    CONVERSION_S = 0.75  # a 12-bit conversion
 
     settings: DS18B20Settings
 
     def __init__(self, settings: DS18B20Settings, clock: Clock):
         super().__init__(settings)
         self.clock = clock
-        self.path = Path(settings.base_dir) / settings.device / "w1_slave"
+        self.path = settings.w1_slave
         self._last: Reading | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -247,8 +278,13 @@ class DS18B20(Sensor):
     def read(self, now: float) -> Reading:
         if self._thread is None:
             return super().read(now)
-        assert self._last is not None
-        return self._last
+        last = self._last
+        assert last is not None
+        # A poll stuck on the bus must not serve its last value as fresh for ever.
+        silent = now - last.timestamp
+        if silent > 3 * max(self.settings.poll_interval_s, self.CONVERSION_S):
+            return self._invalid(now, f"no reading for {silent:.1f} s: the 1-wire bus does not answer")
+        return last
 
     def _poll(self) -> None:
         while not self._stop.wait(self.settings.poll_interval_s):
@@ -274,9 +310,7 @@ SensorBuilder = Callable[[Any, Factory], Sensor]
 
 
 def _digital(s: DigitalSettings, factory: Factory) -> Sensor:
-    pull_up = s.pull_up if s.pull_up is not None else s.kind == "button"
-    bounce = None if s.bounce_ms is None else s.bounce_ms / 1000.0
-    device = DigitalInputDevice(s.pin, pull_up=pull_up, bounce_time=bounce, pin_factory=factory)
+    device = DigitalInputDevice(s.pin, pull_up=s.active_low, pin_factory=factory)
     return GpiozeroSensor(s, device, lambda d: d.value)
 
 
@@ -285,14 +319,29 @@ def _mcp3008(s: MCP3008Settings, factory: Factory) -> Sensor:
     return GpiozeroSensor(s, device, lambda d: d.value * s.scale + s.offset)
 
 
+def _sampled(read: Callable[[Any], float]) -> Callable[[Any], float]:
+    """For gpiozero's smoothed devices, built with partial=True so a read never blocks the tick.
+
+    Without samples (no echo yet, a charge that never completes) gpiozero would report 0.0, a
+    plausible value; that is a failed read. gpiozero has no public way to ask, hence `_queue`.
+    """
+    def sample(device: Any) -> float:
+        if not device._queue.queue:
+            raise ValueError("no sample yet: check the wiring")
+        return read(device)
+
+    return sample
+
+
 def _light(s: LightSettings, factory: Factory) -> Sensor:
-    device = LightSensor(s.pin, pin_factory=factory)
-    return GpiozeroSensor(s, device, lambda d: d.value * s.scale)
+    device = LightSensor(s.pin, partial=True, pin_factory=factory)
+    return GpiozeroSensor(s, device, _sampled(lambda d: d.value * s.scale))
 
 
 def _distance(s: DistanceSettings, factory: Factory) -> Sensor:
-    device = DistanceSensor(echo=s.echo, trigger=s.trigger, max_distance=s.max_distance, pin_factory=factory)
-    return GpiozeroSensor(s, device, lambda d: d.distance)
+    device = DistanceSensor(echo=s.echo, trigger=s.trigger, max_distance=s.max_distance, partial=True,
+                            pin_factory=factory)
+    return GpiozeroSensor(s, device, _sampled(lambda d: d.distance))
 
 
 def _cpu_temperature(s: CPUTemperatureSettings, factory: Factory) -> Sensor:

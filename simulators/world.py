@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from gpiozero.pins.mock import MockFactory, MockPin
 
 from pi_controller.actuators import ActuatorSettings, PwmSettings, RelaySettings
@@ -29,7 +27,7 @@ class AdcPort:
 class DigitalPort:
     def __init__(self, pin: MockPin, settings: DigitalSettings):
         self.pin = pin
-        self.active_low = settings.pull_up if settings.pull_up is not None else settings.kind == "button"
+        self.active_low = settings.active_low
 
     def set(self, value: float) -> None:
         if (value >= 0.5) != self.active_low:
@@ -42,8 +40,12 @@ class W1FilePort:
     """Writes a DS18B20's w1_slave file as the kernel would (the sensor's base_dir must be writable)."""
 
     def __init__(self, settings: DS18B20Settings):
-        self.path = Path(settings.base_dir) / settings.device / "w1_slave"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = settings.w1_slave
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SimulationError(f"cannot simulate sensor '{settings.id}' at {self.path}: {exc}; give it a "
+                                  f"writable base_dir for simulated runs") from exc
 
     def set(self, value: float) -> None:
         milli = round(value * 1000)

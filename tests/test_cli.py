@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from pi_controller.loop import next_deadline
 from tests.conftest import EXAMPLE_CONFIG
 
 
@@ -60,6 +59,8 @@ def test_signals_end_the_run_cleanly_with_actuators_safe(sig) -> None:
     names = [json.loads(line)["event"] for line in rest.splitlines()]
     assert names[-2:] == ["loop_stopped", "actuators_shutdown"]
     assert names.count("actuators_shutdown") == 1
+    last = json.loads(rest.splitlines()[-1])
+    assert last["states"] == {"led_strip": 0.0, "servo_motor": 0.0, "relay_switch": 0.0}
 
 
 def test_log_format_console_is_readable_text() -> None:
@@ -69,13 +70,3 @@ def test_log_format_console_is_readable_text() -> None:
     line = next(l for l in result.stderr.splitlines() if "plugin_loaded" in l)
     assert "plugin=energy_saver" in line or "plugin=motion_light" in line or "plugin=temperature_control" in line
     assert not line.startswith("{")
-
-
-@pytest.mark.parametrize("due,elapsed_periods,expected_next", [
-    (0, 0.3, 1),   # on time: the next deadline
-    (4, 4.99, 5),  # late but before the next deadline: no tick lost
-    (4, 5.2, 6),   # overran one deadline: it is skipped (counted missed by the loop)
-    (4, 7.5, 8),   # a long stall skips everything past, never piles ticks up
-])
-def test_overruns_skip_past_deadlines_and_never_pile_up(due, elapsed_periods, expected_next) -> None:
-    assert next_deadline(due, elapsed_periods * 0.1, 0.1) == expected_next

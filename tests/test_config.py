@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 from typing import Any
 
@@ -256,3 +257,82 @@ def test_plugin_config_must_be_plain_json(write_config, value) -> None:
     error = error_for(write_config, f"plugins:\n  settings:\n    p:\n      config:\n        since: {value}\n")
     assert error.path == ("plugins", "settings", "p")
     assert "plain JSON values" in error.message
+
+
+@pytest.mark.parametrize("sensor,message", [
+    ({"id": "m", "kind": "motion", "pin": 2}, "GPIO2 has a fixed pull-up on a Pi (I2C)"),
+    ({"id": "l", "kind": "light", "pin": 3}, "GPIO3 has a fixed pull-up (I2C)"),
+    ({"id": "d", "kind": "distance", "echo": 2, "trigger": 4}, "echo on GPIO2 would fight its fixed pull-up"),
+    ({"id": "d", "kind": "distance", "echo": 5, "trigger": 5}, "echo and trigger must be different pins"),
+    ({"id": "d", "kind": "distance", "echo": 5, "trigger": 6, "max_distance": 0}, "0 is out of range"),
+    ({"id": "w", "kind": "ds18b20", "device": "28-0316a2790aff", "poll_interval_s": 0}, "takes ~750 ms"),
+    ({"id": "a", "kind": "mcp3008", "channel": 0, "unit": "V", "chip_select": 1.0}, "1.0 is not one of 0, 1"),
+    ({"id": "a", "kind": ["mcp3008"], "unit": "V"}, "unknown or missing kind ['mcp3008']"),
+    ({"id": "t", "kind": "mcp3008", "channel": 0, "unit": "C", "valid_min": 5, "valid_max": 1},
+     "valid_min 5 must be below valid_max 1"),
+])
+def test_what_gpiozero_would_refuse_later_is_refused_now(write_config, sensor, message) -> None:
+    error = error_for(write_config, {"sensors": [sensor]})
+    assert error.path[:2] == ("sensors", 0)
+    assert message in error.message
+
+
+def test_a_button_may_sit_on_the_i2c_pins(write_config) -> None:
+    config.load(write_config({"sensors": [{"id": "b", "kind": "button", "pin": 2}]}))
+
+
+def test_servo_pulses_must_fit_the_frame(write_config) -> None:
+    data = example_data()
+    data["actuators"][1].update(max_pulse_ms=5, frame_ms=5)
+    assert "min_pulse_ms < max_pulse_ms < frame_ms" in error_for(write_config, data).message
+
+
+def test_an_unquoted_off_gets_a_hint(write_config) -> None:
+    error = error_for(write_config, "actuators:\n  - {id: r, kind: relay, pin: 5, safe_state: off}\n")
+    assert error.path == ("actuators", 0, "safe_state")
+    assert "quote it" in error.message
+
+
+@pytest.mark.parametrize("text,line", [("loop:\n  rate_hz: !!int abc\n", 2), ("loop:\n  rate_hz: !foo 3\n", 2),
+                                       ("? [a, b]\n: 1\n", 1)])
+def test_yaml_values_that_cannot_be_constructed_are_config_errors(write_config, text, line) -> None:
+    error = error_for(write_config, text)
+    assert error.line == line
+
+
+def test_safety_references_must_resolve(write_config) -> None:
+    data = example_data()
+    data["actuators"][2]["requires"] = ["temperature_sensor", "thermostat"]
+    error = error_for(write_config, data)
+    assert error.path == ("actuators", 2, "requires", 1)
+    assert "no sensor with id 'thermostat'" in error.message
+    data = example_data()
+    data["interlocks"] = [{"actuators": ["relay_switch", "fan"]}]
+    error = error_for(write_config, data)
+    assert error.path == ("interlocks", 0, "actuators", 1)
+    data["interlocks"] = [{"actuators": ["relay_switch", "relay_switch"]}]
+    assert "two or more different actuators" in error_for(write_config, data).message
+
+
+def test_watchdog_timeout_must_outlast_two_ticks(write_config) -> None:
+    data = example_data()
+    data["watchdog"] = {"timeout_s": 0.15}
+    error = error_for(write_config, data)
+    assert error.path == ("watchdog", "timeout_s")
+    assert "shorter than two ticks (0.2 s" in error.message
+
+
+@pytest.mark.skipif(Path("/dev/gpiochip0").exists(), reason="this machine has GPIO")
+def test_cli_without_a_pi_says_so_and_how_to_simulate() -> None:
+    result = run_cli("run", "--config", str(EXAMPLE_CONFIG), "--log-format", "json")
+    assert result.returncode == 1
+    assert "not on a Pi? run with --simulate" in result.stderr
+
+
+def test_cli_a_simulation_that_cannot_run_is_a_config_error(write_config, tmp_path) -> None:
+    data = example_data()
+    data["sensors"][0] = {"id": "temperature_sensor", "kind": "ds18b20", "device": "28-0316a2790aff",
+                          "base_dir": "/proc/no-such-dir"}
+    result = run_cli("run", "--config", str(write_config(data)), "--simulate", "--ticks", "1")
+    assert result.returncode == 2
+    assert "give it a writable base_dir" in result.stderr

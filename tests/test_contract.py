@@ -66,35 +66,50 @@ def test_the_seed_actions_are_accepted(targets) -> None:
         ("servo_motor", "set_angle", 45.0, "p", 5), ("led_strip", "set_low", 0.0, "p", 5)]
 
 
-@pytest.mark.parametrize("command,device,reason", [
-    ({"device_id": "toaster", "action": "set_high"}, "toaster", "unknown device 'toaster'"),
+@pytest.mark.parametrize("command,device,rule,reason", [
+    ({"device_id": "toaster", "action": "set_high"}, None, "unknown_device", "unknown device 'toaster'"),
     ({"device_id": "relay_switch", "action": "pwm", "parameters": {"duty_cycle": 5}}, "relay_switch",
-     "action 'pwm' is not valid for a relay; valid: set_high, set_low"),
-    ({"device_id": "led_strip", "action": "pwm"}, "led_strip", "missing parameter 'duty_cycle'"),
-    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": "50"}}, "led_strip",
+     "unknown_action", "action 'pwm' is not valid for a relay; valid: set_high, set_low"),
+    ({"device_id": "led_strip", "action": "pwm"}, "led_strip", "missing_parameter",
+     "missing parameter 'duty_cycle'"),
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": "50"}}, "led_strip", "not_a_number",
      "parameter 'duty_cycle' must be a number, got str '50'"),
-    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": True}}, "led_strip",
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": True}}, "led_strip", "not_a_number",
      "parameter 'duty_cycle' must be a number, got bool True"),
-    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 150}}, "led_strip",
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 150}}, "led_strip", "out_of_range",
      "parameter 'duty_cycle' = 150 is out of range 0..100"),
-    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": -1}}, "led_strip",
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": -1}}, "led_strip", "out_of_range",
      "parameter 'duty_cycle' = -1 is out of range 0..100"),
-    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 95}}, "led_strip",
+    ({"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 95}}, "led_strip", "above_max_duty",
      "duty_cycle 95 is above this output's max_duty 90"),
-    ({"device_id": "led_strip", "action": "set_high"}, "led_strip",
+    ({"device_id": "led_strip", "action": "set_high"}, "led_strip", "above_max_duty",
      "duty_cycle 100 is above this output's max_duty 90"),
     ({"device_id": "servo_motor", "action": "set_angle", "parameters": {"angle": 91}}, "servo_motor",
-     "parameter 'angle' = 91 is out of range 0..90"),
-    ({"device_id": "led_strip", "action": "pwm", "parameters": [50]}, "led_strip",
+     "out_of_range", "parameter 'angle' = 91 is out of range 0..90"),
+    ({"device_id": "led_strip", "action": "pwm", "parameters": [50]}, "led_strip", "malformed",
      "'parameters' must be an object, got list"),
-    ({"device_id": 3, "action": "set_high"}, None, "command #0 has no string 'device_id'"),
-    ({"device_id": "led_strip"}, "led_strip", "command #0 has no string 'action'"),
-    ("set_high", None, "command #0 must be an object, got str"),
+    ({"device_id": 3, "action": "set_high"}, None, "malformed", "command #0 has no string 'device_id'"),
+    ({"device_id": "led_strip"}, "led_strip", "malformed", "command #0 has no string 'action'"),
+    ("set_high", None, "malformed", "command #0 must be an object, got str"),
 ])
-def test_bad_commands_are_rejected_with_a_reason(targets, command, device, reason) -> None:
+def test_bad_commands_are_rejected_with_a_rule_and_a_reason(targets, command, device, rule, reason) -> None:
     commands, rejections = parse([command], targets)
     assert commands == []
-    assert [(r.plugin, r.device_id, r.reason) for r in rejections] == [("p", device, reason)]
+    assert [(r.plugin, r.device_id, r.rule, r.reason) for r in rejections] == [("p", device, rule, reason)]
+
+
+def test_an_integer_too_large_for_a_float_is_not_finite(targets) -> None:
+    raw = b'[{"device_id":"led_strip","action":"pwm","parameters":{"duty_cycle":1' + b"0" * 400 + b"}}]"
+    commands, rejections = parse(raw, targets)
+    assert commands == [] and rejections[0].rule == "not_finite"
+
+
+def test_a_flood_of_commands_is_refused_whole(targets) -> None:
+    limit = contract.max_commands(len(targets))
+    parse([1] * limit, targets)  # at the limit: each entry judged (and rejected)
+    with pytest.raises(OutputError, match=f"output has {limit + 1} commands; at most {limit}") as caught:
+        parse([1] * (limit + 1), targets)
+    assert caught.value.kind == "too_many_commands"
 
 
 @pytest.mark.parametrize("literal", [b"1e999", b"-1e999", b"NaN", b"Infinity"])

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from pi_controller import contract
 from pi_controller.clock import VirtualClock
+from pi_controller.loop import next_deadline
 from tests.conftest import TEST_PLUGINS, example_data
 
 HOSTILE = ("trap", "endless_loop", "memory_hog", "error_return")
@@ -104,8 +106,8 @@ def test_bright_light_wins_over_motion_by_priority_and_the_conflict_is_logged_on
     assert all(s.state == 0.0 for s in daemon.hardware.factory.pin(18).states)
     conflicts = [e for e in logs if e["event"] == "command_conflict"]
     assert len(conflicts) == 1
-    assert conflicts[0] | {"tick": 0} == conflicts[0] | {
-        "device": "led_strip", "winner": "energy_saver", "loser": "motion_light", "tick": 0}
+    assert (conflicts[0]["device"], conflicts[0]["winner"], conflicts[0]["loser"]) == (
+        "led_strip", "energy_saver", "motion_light")
 
 
 def test_hostile_plugins_fail_alone_and_the_bundled_ones_keep_control(run_daemon, plugin_dir) -> None:
@@ -139,6 +141,7 @@ def test_hostile_plugins_fail_alone_and_the_bundled_ones_keep_control(run_daemon
 
 @pytest.mark.parametrize("output,rejected,applied", [
     ('[{"device_id":"led_strip","action":"pwm","parameters":{"duty_cycle":1e999}}]', 1, False),
+    ('[{"device_id":"led_strip","action":"pwm","parameters":{"duty_cycle":1' + "0" * 400 + '}}]', 1, False),
     ('[{"device_id":"led_strip","action":"pwm","parameters":{"duty_cycle":101}}]', 1, False),
     ('[{"device_id":"toaster","action":"set_high"},'
      '{"device_id":"led_strip","action":"pwm","parameters":{"duty_cycle":30}}]', 1, True),
@@ -186,25 +189,57 @@ def test_disabled_plugin_is_not_loaded(run_daemon, plugin_dir) -> None:
     assert daemon.snapshot()["plugins"]["motion_light"] == {"state": "disabled"}
 
 
-def test_every_actuator_ends_in_its_safe_state(run_daemon) -> None:
-    data = example_data()
-    data["simulation"][0].update(start_c=10.0)
-    data["actuators"][1]["safe_state"] = 45
-    daemon = scripted(run_daemon, data, 5, motion_until=100.0, lux=10.0, temperature=10.0)
-    factory = daemon.hardware.factory
-    assert daemon.snapshot()["actuators"]["relay_switch"]["on"] is True  # on during the run...
-    assert factory.pin(27).state == 0.0  # ...off after it
-    assert factory.pin(18).state == 0.0
-    assert daemon.hardware.actuators["servo_motor"].device.angle == pytest.approx(45, abs=0.5)
-
-
-def test_plugin_sees_the_context_with_its_own_config(run_daemon, plugin_dir) -> None:
-    """A plugin that echoes its config proves the per-plugin config reaches it intact."""
+def test_every_actuator_ends_in_its_shutdown_state_and_stays_there_after_close(run_daemon, plugin_dir) -> None:
     data = unsimulated(example_data())
-    command = {"device_id": "servo_motor", "action": "set_angle", "parameters": {"angle": 33.5}}
-    data["plugins"]["settings"] = {"echo_output": {"config": {"output": json.dumps([command])}}}
-    daemon = run_daemon(data, 1, plugins=plugin_dir("echo_output"))
-    assert daemon.snapshot()["actuators"]["servo_motor"]["angle"] == 33.5
+    data["actuators"][1]["shutdown_state"] = 45
+    commands = [{"device_id": "relay_switch", "action": "set_high"},
+                {"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 60}},
+                {"device_id": "servo_motor", "action": "set_angle", "parameters": {"angle": 80}}]
+    data["plugins"]["settings"] = {"echo_output": {"config": {"output": json.dumps(commands)}}}
+    daemon = run_daemon(data, 5, plugins=plugin_dir("echo_output"))
+    assert daemon.snapshot()["actuators"] == {  # what the plugin set during the run...
+        "relay_switch": {"type": "relay", "on": True, "value": 1},
+        "led_strip": {"type": "pwm", "on": True, "value": 60.0, "duty_cycle": 60.0},
+        "servo_motor": {"type": "servo", "on": True, "value": 80.0, "angle": 80.0}}
+    factory = daemon.hardware.factory
+
+    def pins() -> tuple[float, float, float]:
+        return (factory.pin(27).state, factory.pin(18).state,
+                round(daemon.hardware.actuators["servo_motor"].device.angle, 1))
+
+    assert pins() == (0.0, 0.0, 45.0)  # ...and their shut-down states after it
+    daemon.close()
+    assert pins() == (0.0, 0.0, 45.0)  # still driven: closing does not let the pins float
+
+
+def test_plugin_gets_the_context_exactly_as_encoded_with_its_own_config(run_daemon, plugin_dir) -> None:
+    """echo_input returns its input: what the plugin sees is the whole context, config spliced in."""
+    data = unsimulated(example_data())
+    data["plugins"]["settings"] = {"echo_input": {"config": {"setpoint": 19.5, "mode": "eco"}}}
+    daemon = run_daemon(data, 0, plugins=plugin_dir("echo_input"))
+    plugin = next(iter(daemon.plugins))
+    readings = daemon.hardware.read(1234.5)
+    prefix = contract.encode_context(readings, daemon.hardware.states(), 1234.5, 7)
+    seen = json.loads(plugin.call(prefix))
+    assert seen == {
+        "sensor_readings": [r.as_json() for r in readings],
+        "device_states": {"led_strip": {"type": "pwm", "on": False, "value": 0.0, "duty_cycle": 0.0},
+                          "servo_motor": {"type": "servo", "on": True, "value": 0.0, "angle": 0.0},
+                          "relay_switch": {"type": "relay", "on": False, "value": 0}},
+        "timestamp": 1234.5, "tick": 7, "config": {"setpoint": 19.5, "mode": "eco"}}
+    assert [r["sensor_id"] for r in seen["sensor_readings"]] == ["temperature_sensor", "motion_sensor",
+                                                                  "light_sensor"]
+
+
+def test_a_flood_of_commands_fails_the_call_and_logs_once(run_daemon, plugin_dir) -> None:
+    data = unsimulated(example_data())
+    data["plugins"]["settings"] = {"echo_output": {"config": {"output": "[" + "1," * 5000 + "1]"}}}
+    with capture_logs() as logs:
+        daemon = run_daemon(data, 5, plugins=plugin_dir("echo_output"))
+    stats = daemon.snapshot()["plugins"]["echo_output"]
+    assert (stats["errors"], stats["rejected"]) == (5, 0)
+    failures = [e for e in logs if e["event"] == "plugin_call_failed"]
+    assert len(failures) == 1 and failures[0]["kind"] == "too_many_commands"
 
 
 def test_a_tick_that_overruns_skips_past_deadlines_and_counts_them_missed(run_daemon) -> None:
@@ -232,3 +267,13 @@ def test_a_tick_that_overruns_skips_past_deadlines_and_counts_them_missed(run_da
     assert clock.monotonic() == pytest.approx(1.1)  # 10 ticks + 2 skipped deadlines, no drift
     overruns = [e for e in logs if e["event"] == "tick_overrun"]
     assert len(overruns) == 1 and overruns[0]["missed"] == 2 and overruns[0]["tick"] == 4
+
+
+@pytest.mark.parametrize("due,elapsed_periods,expected_next", [
+    (0, 0.3, 1),   # on time: the next deadline
+    (4, 4.99, 5),  # late but before the next deadline: no tick lost
+    (4, 5.2, 6),   # overran one deadline: it is skipped (counted missed by the loop)
+    (4, 7.5, 8),   # a long stall skips everything past, never piles ticks up
+])
+def test_overruns_skip_past_deadlines_and_never_pile_up(due, elapsed_periods, expected_next) -> None:
+    assert next_deadline(due, elapsed_periods * 0.1, 0.1) == expected_next

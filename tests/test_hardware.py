@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -61,16 +62,37 @@ def test_ds18b20_missing_file_is_an_invalid_reading(tmp_path) -> None:
     assert "FileNotFoundError" in reading.error
 
 
-def test_ds18b20_polled_on_its_own_thread_serves_the_last_value(tmp_path) -> None:
+def test_ds18b20_is_polled_on_its_own_thread(tmp_path) -> None:
+    w1_file(tmp_path, "28-0316a2790aff", GOOD_W1)
+    settings = DS18B20Settings(id="t", kind="ds18b20", device="28-0316a2790aff", base_dir=str(tmp_path),
+                               poll_interval_s=0.02)
+    clock = VirtualClock()
+    sensor = sensors.build(settings, None, clock)
+    try:
+        assert sensor.read(clock.time()).value == 23.125  # read once at start
+        w1_file(tmp_path, "28-0316a2790aff", GOOD_W1.replace("t=23125", "t=19500"))
+        deadline = time.monotonic() + 5
+        while sensor.read(clock.time()).value != 19.5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sensor.read(clock.time()).value == 19.5  # the thread picked the change up
+    finally:
+        sensor.close()
+
+
+def test_ds18b20_whose_bus_stops_answering_goes_invalid(tmp_path) -> None:
     w1_file(tmp_path, "28-0316a2790aff", GOOD_W1)
     settings = DS18B20Settings(id="t", kind="ds18b20", device="28-0316a2790aff", base_dir=str(tmp_path),
                                poll_interval_s=30)
-    sensor = sensors.build(settings, None, CLOCK)
+    clock = VirtualClock()
+    sensor = sensors.build(settings, None, clock)
     try:
-        (tmp_path / "28-0316a2790aff" / "w1_slave").unlink()
-        reading = sensor.read(99.0)  # no file any more, yet no blocking read in the tick
-        assert reading.value == 23.125
-        assert reading.timestamp == CLOCK.time()  # the time it was really read
+        first = sensor.read(clock.time())
+        assert first.value == 23.125 and first.timestamp == clock.time()
+        clock.advance(89.0)  # under three poll intervals: the last value stands
+        assert sensor.read(clock.time()) == first
+        clock.advance(2.0)
+        stale = sensor.read(clock.time())
+        assert stale.value is None and stale.error == "no reading for 91.0 s: the 1-wire bus does not answer"
     finally:
         sensor.close()
 
@@ -107,16 +129,43 @@ def test_cpu_temperature_from_its_file(tmp_path, factory) -> None:
     assert not sensor.read(0).valid
 
 
-def test_light_sensor_on_a_charging_mock_pin(tmp_path, write_config) -> None:
+def wait_valid(sensor: sensors.Sensor, seconds: float = 5.0) -> sensors.Reading:
+    deadline = time.monotonic() + seconds
+    reading = sensor.read(0)
+    while not reading.valid and time.monotonic() < deadline:
+        time.sleep(0.01)
+        reading = sensor.read(0)
+    return reading
+
+
+def test_light_sensor_reads_the_charge_time_without_blocking(write_config) -> None:
     data = {"sensors": [{"id": "ldr", "kind": "light", "pin": 4, "scale": 1000.0}], "pins": {"factory": "mock"}}
     settings = config.load(write_config(data))
     factory = make_factory(settings, simulate=True)
+    factory.pin(4).charge_time = 0.001  # bright: the capacitor charges in a tenth of the limit
     hardware = Hardware.build(settings, factory, CLOCK)
     try:
-        reading = hardware.read(0)[0]
-        assert reading.valid and 0.0 <= reading.value <= 1000.0
+        started = time.monotonic()
+        first = hardware.sensors[0].read(0)
+        assert time.monotonic() - started < 0.005  # never waits for the smoothing queue
+        assert first.valid or first.error == "ValueError: no sample yet: check the wiring"
+        assert wait_valid(hardware.sensors[0]).value > 500
     finally:
         hardware.close()
+
+
+def test_distance_sensor_without_echo_is_invalid_not_zero_and_never_blocks(factory) -> None:
+    from pi_controller.sensors import DistanceSettings
+
+    # A plain mock trigger pin never echoes: an unplugged HC-SR04.
+    sensor = sensors.build(DistanceSettings(id="d", kind="distance", echo=20, trigger=21), factory, CLOCK)
+    try:
+        started = time.monotonic()
+        readings = [sensor.read(0) for _ in range(3)]
+        assert time.monotonic() - started < 0.05
+        assert all(r.error == "ValueError: no sample yet: check the wiring" for r in readings)
+    finally:
+        sensor.close()
 
 
 def test_a_non_finite_sample_is_an_invalid_reading() -> None:
