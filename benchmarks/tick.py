@@ -77,13 +77,13 @@ class Floor:
                           lambda d: d.value) for s in settings.sensors if s.kind == "motion"]
         self.devices = {a.id: self._device(a) for a in settings.actuators}
         self.states = {a.id: {"type": a.kind, "on": False, "value": 0.0} for a in settings.actuators}
-        self.plugins = []
+        self.plugins: list[tuple[extism.Plugin, bytes]] = []
         for name, folder in PLUGINS.items():
             own = settings.plugins.settings.get(name)
             manifest = {"wasm": [{"data": (folder / f"{name}.wasm").read_bytes()}],
                         "memory": {"max_pages": MEMORY_PAGES}, "timeout_ms": TIMEOUT_MS}
-            self.plugins.append((extism.Plugin(manifest, wasi=False, functions=[]),
-                                 dict(own.config) if own else {}))
+            suffix = b',"config":' + json.dumps(dict(own.config) if own else {}).encode() + b"}"
+            self.plugins.append((extism.Plugin(manifest, wasi=False, functions=[]), suffix))
 
     def _device(self, a: Any) -> Any:
         if a.kind == "pwm":
@@ -98,9 +98,8 @@ class Floor:
                     for sid, dev, read in self.sensors]
         body = {"sensor_readings": readings, "device_states": self.states, "timestamp": now, "tick": number}
         context = json.dumps(body, separators=(",", ":"))[:-1].encode()
-        for plugin, plugin_config in self.plugins:
-            commands = json.loads(plugin.call("control_logic",
-                                              context + b',"config":' + json.dumps(plugin_config).encode() + b"}"))
+        for plugin, config_suffix in self.plugins:
+            commands = json.loads(plugin.call("control_logic", context + config_suffix))
             for c in commands:
                 self._write(c)
 
@@ -145,7 +144,6 @@ def main() -> None:
         settings = config.load(path)
         floor = Floor(settings)
         daemon = Daemon(settings, clock=VirtualClock())
-        daemon.hardware.environment = None
         adc = SimulatedMCP3008(daemon.hardware.factory, 0)
         adc.fractions[0] = 71 / 330
         counter = iter(range(10**9))

@@ -66,12 +66,12 @@ class Daemon:
         try:
             await self.loop.run(stop, max_ticks)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                running.remove_signal_handler(sig)
             if self.watchdog:
                 self.watchdog.stop()
             log.info("loop_stopped", ticks=self.loop.ticks.count, missed=self.loop.ticks.missed)
             self.hardware.settle("shutdown", "stopping")
+            for sig in (signal.SIGINT, signal.SIGTERM):  # only now: a second Ctrl-C must not cut this short
+                running.remove_signal_handler(sig)
 
     def snapshot(self) -> dict[str, Any]:
         """Last readings, actuator states as the last tick left them, plugin and tick stats."""

@@ -49,7 +49,10 @@ class W1FilePort:
 
     def set(self, value: float) -> None:
         milli = round(value * 1000)
-        self.path.write_text(f"00 00 00 00 00 00 00 00 00 : crc=00 YES\n00 00 00 00 00 00 00 00 00 t={milli}\n")
+        # Written aside and renamed: the sensor's poll thread must never see half a file.
+        partial = self.path.with_suffix(".new")
+        partial.write_text(f"00 00 00 00 00 00 00 00 00 : crc=00 YES\n00 00 00 00 00 00 00 00 00 t={milli}\n")
+        partial.replace(self.path)
 
 
 class PinProbe:
