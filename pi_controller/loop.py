@@ -21,7 +21,7 @@ from pi_controller.contract import Command
 from pi_controller.hardware import Hardware
 from pi_controller.logs import ChangeLog
 from pi_controller.plugins import PluginSet, SandboxedPlugin
-from pi_controller.safety import Hold, Safety
+from pi_controller.safety import FORCING, Hold, Safety
 from pi_controller.sensors import Reading
 from pi_controller.stats import PluginStats, TickStats
 
@@ -111,6 +111,7 @@ class ControlLoop:
             if h.plugin in self.plugin_stats:
                 self.plugin_stats[h.plugin].held += 1
             self._problems.problem(("held", h.device_id, h.rule), "command_held", tick=number,
+                                   level="warning" if h.rule in FORCING else "info",
                                    device=h.device_id, rule=h.rule, detail=h.detail, plugin=h.plugin)
 
     def _consult(self, plugin: SandboxedPlugin, context: bytes, number: int) -> list[Command]:

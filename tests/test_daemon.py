@@ -192,6 +192,7 @@ def test_disabled_plugin_is_not_loaded(run_daemon, plugin_dir) -> None:
 def test_every_actuator_ends_in_its_shutdown_state_and_stays_there_after_close(run_daemon, plugin_dir) -> None:
     data = unsimulated(example_data())
     data["actuators"][1]["shutdown_state"] = 45
+    del data["actuators"][2]["requires"]  # no simulated thermometer here
     commands = [{"device_id": "relay_switch", "action": "set_high"},
                 {"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 60}},
                 {"device_id": "servo_motor", "action": "set_angle", "parameters": {"angle": 80}}]
