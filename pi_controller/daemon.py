@@ -51,7 +51,7 @@ class Daemon:
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
         self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period,
-                                self.watchdog.beat if self.watchdog else lambda: None)
+                                [self.watchdog] if self.watchdog else [])
 
     async def serve(self, max_ticks: int | None = None) -> None:
         """Run the loop until SIGINT/SIGTERM or `max_ticks`; actuators end in their safe state."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import structlog
 
@@ -20,6 +20,7 @@ from pi_controller.clock import Clock
 from pi_controller.contract import Command
 from pi_controller.hardware import Hardware
 from pi_controller.logs import ChangeLog
+from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.plugins import PluginSet, SandboxedPlugin
 from pi_controller.safety import FORCING, Hold, Safety
 from pi_controller.sensors import Reading
@@ -36,13 +37,13 @@ def next_deadline(due: int, elapsed: float, period: float) -> int:
 
 class ControlLoop:
     def __init__(self, hardware: Hardware, plugins: PluginSet, safety: Safety, clock: Clock, period: float,
-                 heartbeat: Callable[[], None] = lambda: None):
+                 observers: Sequence[LoopObserver] = ()):
         self.hardware = hardware
         self.plugins = plugins
         self.safety = safety
         self.clock = clock
         self.period = period
-        self.heartbeat = heartbeat
+        self.observers = observers
         self.ticks = TickStats()
         self.plugin_stats: dict[str, PluginStats] = {}
         self.readings: list[Reading] = []
@@ -61,19 +62,21 @@ class ControlLoop:
                     break
                 started, work_started = self.clock.monotonic(), self.clock.perf_counter()
                 await loop.run_in_executor(worker, self.tick, self.ticks.count)
-                self.ticks.count += 1
-                self.heartbeat()
-                self.ticks.durations.add(self.clock.perf_counter() - work_started)
-                self.ticks.jitter.add(started - deadline)
-                due = self._next_due(due, self.clock.monotonic() - t0)
+                duration = self.clock.perf_counter() - work_started
+                next_due = next_deadline(due, self.clock.monotonic() - t0, self.period)
+                self._count(TickReport(self.ticks.count, duration, started - deadline, next_due - due - 1))
+                due = next_due
 
-    def _next_due(self, due: int, elapsed: float) -> int:
-        next_due = next_deadline(due, elapsed, self.period)
-        if next_due > due + 1:
-            self.ticks.missed += next_due - due - 1
-            self._problems.problem("overrun", "tick_overrun", tick=self.ticks.count,
-                                   missed=next_due - due - 1, period_ms=self.period * 1000)
-        return next_due
+    def _count(self, report: TickReport) -> None:
+        self.ticks.count += 1
+        self.ticks.durations.add(report.duration)
+        self.ticks.jitter.add(report.jitter)
+        if report.missed:
+            self.ticks.missed += report.missed
+            self._problems.problem("overrun", "tick_overrun", tick=report.number, missed=report.missed,
+                                   period_ms=self.period * 1000)
+        for observer in self.observers:
+            observer.tick_done(report)
 
     def tick(self, number: int) -> None:
         """Read, decide, arbitrate, guard, act: one pass of the control loop."""
@@ -123,15 +126,20 @@ class ControlLoop:
             try:
                 raw = plugin.call(context)
             finally:
-                stats.durations.add(self.clock.perf_counter() - started)
+                seconds = self.clock.perf_counter() - started
+                stats.durations.add(seconds)
             commands, rejections = contract.parse_output(raw, plugin.name, plugin.priority,
                                                          self.hardware.actuators)
         except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
             stats.errors += 1
+            for observer in self.observers:
+                observer.plugin_called(plugin.name, seconds, True)
             kind = getattr(exc, "kind", type(exc).__name__)
             self._problems.problem(("error", plugin.name, kind), "plugin_call_failed", level="error",
                                    plugin=plugin.name, tick=number, kind=kind, reason=str(exc)[:300])
             return []
+        for observer in self.observers:
+            observer.plugin_called(plugin.name, seconds, False)
         stats.rejected += len(rejections)
         for r in rejections:
             self._problems.problem(("rejected", r.plugin, r.device_id, r.rule), "command_rejected",

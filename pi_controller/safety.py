@@ -27,6 +27,7 @@ from pi_controller.actuators import Actuator, PwmSettings, ServoSettings, Target
 from pi_controller.config import InterlockSettings
 from pi_controller.contract import Command
 from pi_controller.hardware import Hardware
+from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.sensors import Reading, SensorSettings
 
 log = structlog.get_logger("pi_controller.safety")
@@ -185,7 +186,7 @@ def _shape(settings: object, current: Target, wanted: Target, dt: float, hold: _
     return current + step, note or hold("max_rate", f"ramping towards {wanted:g} at {rate:g}/s")
 
 
-class Watchdog:
+class Watchdog(LoopObserver):
     """Drives every actuator to its safe state when no tick has completed for `timeout_s`.
 
     A thread of its own, on a real timer, so a blocked event loop, a hung tick or a bug of ours cannot
@@ -209,8 +210,7 @@ class Watchdog:
         self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self._thread.start()
 
-    def beat(self) -> None:
-        """A tick completed."""
+    def tick_done(self, report: TickReport) -> None:
         self._last = self._timer()
         if self._tripped:
             self._tripped = False
