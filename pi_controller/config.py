@@ -79,6 +79,15 @@ class WatchdogSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus /metrics with /health and /ready; off by default, and on localhost unless told."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = bounded(1, 65535, default=9108)
+
+
+@dataclass(frozen=True)
 class InterlockSettings:
     """Actuators that must never be on together, with `wait_s` between one going off and another on."""
 
@@ -134,6 +143,7 @@ class Settings:
     simulation: tuple[simulation_models.ModelSettings, ...]
     watchdog: WatchdogSettings
     interlocks: tuple[InterlockSettings, ...]
+    metrics: MetricsSettings
 
     def plugins_directory(self) -> Path:
         """The plugins folder; a relative one is relative to the config file's folder."""
@@ -215,6 +225,7 @@ _TOP_LEVEL = {
     "pins": PinSettings,
     "plugins": PluginsSettings,
     "watchdog": WatchdogSettings,
+    "metrics": MetricsSettings,
 }
 
 

@@ -4,6 +4,7 @@ every actuator in its safe state on every way out."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from pathlib import Path
 from typing import Any
@@ -11,54 +12,85 @@ from typing import Any
 import structlog
 
 from pi_controller.clock import Clock, SystemClock
+from pi_controller import config
 from pi_controller.config import Settings
-from pi_controller.hardware import Hardware
+from pi_controller.hardware import Environment, Hardware
 from pi_controller.loop import ControlLoop
 from pi_controller.pins import make_factory
 from pi_controller.plugins import PluginSet
+from pi_controller.metrics import Metrics, MetricsServer
 from pi_controller.safety import Safety, Watchdog
+from pi_controller.systemd import Notifier
 
 log = structlog.get_logger("pi_controller.daemon")
+
+# What a reload cannot change under a running loop: the rate, the pin factory, the simulated world,
+# and the threads and sockets set up at start.
+_RESTART_ONLY = ("loop", "pins", "simulation", "watchdog", "metrics")
 
 
 class Daemon:
     def __init__(self, settings: Settings, *, simulate: bool = False, plugins_dir: Path | None = None,
                  clock: Clock | None = None):
         self.settings = settings
+        self.simulate = simulate
+        self.plugins_dir = plugins_dir
         self.clock = clock or SystemClock()
-        factory = make_factory(settings, simulate)
-        world = None
-        if simulate and settings.simulation:
-            from pi_controller.simulators.world import World
-
-            world = World(settings, factory)
-        try:
-            self.hardware = Hardware.build(settings, factory, self.clock)
-        except BaseException:
-            if world is not None:
-                world.close()
-            raise
-        self.hardware.environment = world
+        self.hardware = self._build_hardware()
         self.hardware.settle("startup", "starting")
-        self.plugins = PluginSet(settings.plugins, plugins_dir or settings.plugins_directory(),
-                                 settings.loop.plugin_budget_ms)
         try:
-            self.plugins.load_all()
+            self.plugins = self._load_plugins(settings)
         except BaseException:
-            self.close()
+            self.hardware.close()
             raise
         safety = Safety(self.hardware.actuators, settings.sensors, settings.interlocks)
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
-        self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period,
-                                [self.watchdog] if self.watchdog else [])
+        self.notifier = Notifier(self._status)
+        self.metrics = Metrics(settings.loop.period, lambda: [p.name for p in self.plugins]) \
+            if settings.metrics.enabled else None
+        observers = [o for o in (self.watchdog, self.notifier, self.metrics) if o is not None]
+        self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers)
+
+    def _build_hardware(self) -> Hardware:
+        factory = make_factory(self.settings, self.simulate)
+        world = self._world(factory)
+        try:
+            hardware = Hardware.build(self.settings, factory, self.clock)
+        except BaseException:
+            if world is not None:
+                world.close()
+            raise
+        hardware.environment = world
+        return hardware
+
+    def _world(self, factory: Any) -> Environment | None:
+        if not (self.simulate and self.settings.simulation):
+            return None
+        from pi_controller.simulators.world import World
+
+        return World(self.settings, factory)
+
+    def _load_plugins(self, settings: Settings) -> PluginSet:
+        plugins = PluginSet(settings.plugins, self.plugins_dir or settings.plugins_directory(),
+                            settings.loop.plugin_budget_ms)
+        try:
+            plugins.load_all()
+        except BaseException:
+            plugins.close()
+            raise
+        return plugins
 
     async def serve(self, max_ticks: int | None = None) -> None:
-        """Run the loop until SIGINT/SIGTERM or `max_ticks`; actuators end in their safe state."""
+        """Run the loop until SIGINT/SIGTERM or `max_ticks`; actuators end in their shut-down state.
+        SIGHUP reloads the config between two ticks."""
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            running.add_signal_handler(sig, stop.set)
+        handlers = {signal.SIGINT: stop.set, signal.SIGTERM: stop.set,
+                    signal.SIGHUP: lambda: self.loop.between_ticks(self.reload)}
+        for sig, handler in handlers.items():
+            running.add_signal_handler(sig, handler)
+        server = self._metrics_server()
         log.info("loop_started", rate_hz=self.settings.loop.rate_hz, plugins=len(self.plugins),
                  sensors=len(self.hardware.sensors), actuators=len(self.hardware.actuators))
         if self.watchdog:
@@ -66,12 +98,50 @@ class Daemon:
         try:
             await self.loop.run(stop, max_ticks)
         finally:
+            self.notifier.stopping()
             if self.watchdog:
                 self.watchdog.stop()
             log.info("loop_stopped", ticks=self.loop.ticks.count, missed=self.loop.ticks.missed)
             self.hardware.settle("shutdown", "stopping")
-            for sig in (signal.SIGINT, signal.SIGTERM):  # only now: a second Ctrl-C must not cut this short
+            if server:
+                server.close()
+            for sig in handlers:  # only now: a second Ctrl-C must not cut the shut-down short
                 running.remove_signal_handler(sig)
+
+    def _metrics_server(self) -> MetricsServer | None:
+        if self.metrics is None:
+            return None
+        server = MetricsServer(self.metrics, self.settings.metrics.host, self.settings.metrics.port)
+        server.start()
+        return server
+
+    def _status(self) -> str:
+        ticks = self.loop.ticks
+        return (f"{self.settings.loop.rate_hz:g} Hz, {ticks.count} ticks, {ticks.missed} missed, "
+                f"{len(self.plugins)} plugins")
+
+    def reload(self) -> None:
+        """Re-read the config file (SIGHUP); apply it if valid, else keep running on the old one."""
+        try:
+            new = config.load(self.settings.source)
+        except config.ConfigError as exc:
+            log.error("reload_refused", file=exc.file, line=exc.line, key=config.format_path(exc.path),
+                      problem=exc.message)
+            return
+        for section in _RESTART_ONLY:
+            if getattr(new, section) != getattr(self.settings, section):
+                log.warning("reload_needs_restart", section=section, note="kept the running value")
+        new = dataclasses.replace(new, **{section: getattr(self.settings, section) for section in _RESTART_ONLY})
+        failed = self.hardware.reconfigure(new, self.clock)
+        for device, error in failed.items():
+            log.error("reload_device_failed", device=device, error=error)
+        old_plugins, self.plugins = self.plugins, self._load_plugins(new)
+        self.loop.plugins = self.plugins
+        self.loop.safety = Safety(self.hardware.actuators, new.sensors, new.interlocks, self.loop.safety)
+        old_plugins.close()
+        self.settings = new
+        log.info("config_reloaded", file=str(new.source), sensors=len(self.hardware.sensors),
+                 actuators=len(self.hardware.actuators), plugins=len(self.plugins))
 
     def snapshot(self) -> dict[str, Any]:
         """Last readings, actuator states as the last tick left them, plugin and tick stats."""
@@ -93,3 +163,4 @@ class Daemon:
     def close(self) -> None:
         self.plugins.close()
         self.hardware.close()
+        self.notifier.close()

@@ -7,7 +7,7 @@ present before each read, so simulated physics happen on the same path a Pi's se
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, Literal, Protocol
+from typing import Any, Callable, Iterable, Literal, Protocol, TypeVar
 
 import structlog
 from gpiozero.pins import Factory
@@ -30,6 +30,7 @@ class Environment(Protocol):
 
 
 State = Literal["safe", "startup", "shutdown"]
+T = TypeVar("T")
 
 
 class HardwareError(Exception):
@@ -59,6 +60,30 @@ class Hardware:
             raise
         return cls([d for d in built if isinstance(d, Sensor)], [d for d in built if isinstance(d, Actuator)],
                    factory)
+
+    def reconfigure(self, settings: Settings, clock: Clock) -> dict[str, str]:
+        """Make the devices match new settings between two ticks: unchanged devices are kept as they are
+        (their pins never glitch); removed and changed ones are released, actuators after going to their
+        shut-down state; new and changed ones are claimed. Returns the devices that failed, with why."""
+        kept_actuators = {a.id: self.actuators[a.id] for a in settings.actuators
+                          if a.id in self.actuators and self.actuators[a.id].settings == a}
+        kept_sensors = {s.settings.id: s for s in self.sensors if s.settings in settings.sensors}
+        with self._lock:
+            for actuator in self.actuators.values():
+                if actuator.id not in kept_actuators:
+                    actuator.apply(actuator.shutdown_target, force=True)
+                    actuator.close()
+            for sensor in self.sensors:
+                if sensor.settings.id not in kept_sensors:
+                    sensor.close()
+            failed: dict[str, str] = {}
+            self.actuators = {a.id: kept_actuators.get(a.id) or _claim_or_note(
+                a.id, lambda: actuators.build(a, self.factory), failed) for a in settings.actuators}
+            self.sensors = [kept_sensors.get(s.id) or _claim_or_note(
+                s.id, lambda: sensors.build(s, self.factory, clock), failed) for s in settings.sensors]
+        self.actuators = {key: a for key, a in self.actuators.items() if a is not None}
+        self.sensors = [sensor for sensor in self.sensors if sensor is not None]
+        return failed
 
     def read(self, now: float) -> list[Reading]:
         if self.environment is not None:
@@ -124,8 +149,16 @@ class Hardware:
                 log.warning("device_close_failed", device=sensor.settings.id, error=str(exc))
 
 
-def _claim(device_id: str, make: Any) -> Any:
+def _claim(device_id: str, make: Callable[[], T]) -> T:
     try:
         return make()
     except Exception as exc:
         raise HardwareError(f"device '{device_id}': {type(exc).__name__}: {exc}") from exc
+
+
+def _claim_or_note(device_id: str, make: Callable[[], T], failed: dict[str, str]) -> T | None:
+    try:
+        return _claim(device_id, make)
+    except HardwareError as exc:
+        failed[device_id] = str(exc)
+        return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import structlog
 
@@ -44,6 +44,7 @@ class ControlLoop:
         self.clock = clock
         self.period = period
         self.observers = observers
+        self._between: list[Callable[[], None]] = []
         self.ticks = TickStats()
         self.plugin_stats: dict[str, PluginStats] = {}
         self.readings: list[Reading] = []
@@ -66,6 +67,12 @@ class ControlLoop:
                 next_due = next_deadline(due, self.clock.monotonic() - t0, self.period)
                 self._count(TickReport(self.ticks.count, duration, started - deadline, next_due - due - 1))
                 due = next_due
+                while self._between:
+                    self._between.pop(0)()
+
+    def between_ticks(self, work: Callable[[], None]) -> None:
+        """Run `work` on the event loop after the current tick, before the next: the tick thread is idle."""
+        self._between.append(work)
 
     def _count(self, report: TickReport) -> None:
         self.ticks.count += 1

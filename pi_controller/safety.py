@@ -68,15 +68,19 @@ class Guard:
 
 class Safety:
     def __init__(self, actuators: Mapping[str, Actuator], sensors: Iterable[SensorSettings],
-                 interlocks: Iterable[InterlockSettings]):
-        self.guards = {key: Guard(a) for key, a in actuators.items()}
+                 interlocks: Iterable[InterlockSettings], previous: Safety | None = None):
+        """`previous`: the rules before a reload, whose timers carry on for the actuators kept."""
+        old = previous.guards if previous else {}
+        self.guards = {key: old[key] if key in old and old[key].actuator is a else Guard(a)
+                       for key, a in actuators.items()}
         self.max_age = {s.id: s.max_age_s for s in sensors if s.max_age_s is not None}
         self.partners: dict[str, list[tuple[str, float]]] = {key: [] for key in actuators}
         for group in interlocks:
             for member in group.actuators:
                 self.partners[member] += [(other, group.wait_s) for other in group.actuators if other != member]
-        self.held: dict[str, Counter[str]] = {key: Counter() for key in actuators}
-        self._last_now: float | None = None
+        self.held: dict[str, Counter[str]] = {key: previous.held.get(key, Counter()) if previous else Counter()
+                                              for key in actuators}
+        self._last_now: float | None = previous._last_now if previous else None
 
     def decide(self, commands: Iterable[Command], readings: Iterable[Reading], wall: float, now: float
                ) -> tuple[list[Command], list[Hold]]:

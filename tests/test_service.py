@@ -1,0 +1,234 @@
+"""Running as a service: systemd's notify protocol, SIGHUP reloads, metrics and health, safe-state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from pi_controller.clock import VirtualClock
+from tests.conftest import example_data
+
+DEVICE = "28-0316a2790aff"
+W1_OK = "aa : crc=aa YES\naa t=21000\n"
+
+
+def service_config(tmp_path: Path, **extra: Any) -> Path:
+    """The example on mock pins, plus a DS18B20 read inline from a file the test controls."""
+    data = example_data()
+    data["pins"] = {"factory": "mock"}
+    (tmp_path / DEVICE).mkdir()
+    (tmp_path / DEVICE / "w1_slave").write_text(W1_OK)
+    data["sensors"].append({"id": "probe", "kind": "ds18b20", "device": DEVICE, "base_dir": str(tmp_path),
+                            "poll_interval_s": 0})
+    data.update(extra)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(10)
+    yield sock
+    sock.close()
+
+
+def start(config: Path, notify: socket.socket | None, **env: str) -> subprocess.Popen[str]:
+    environ = {**os.environ, **env}
+    if notify is not None:
+        environ["NOTIFY_SOCKET"] = notify.getsockname()
+    return subprocess.Popen([sys.executable, "-m", "pi_controller", "run", "--config", str(config), "--simulate",
+                             "--log-format", "json"], env=environ, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def receive(sock: socket.socket, until: str, limit: int = 200) -> list[str]:
+    """Datagrams until one containing `until` (included)."""
+    seen: list[str] = []
+    while len(seen) < limit:
+        seen.append(sock.recv(4096).decode())
+        if until in seen[-1]:
+            return seen
+    raise AssertionError(f"no {until!r} in {seen}")
+
+
+def test_ready_after_the_first_tick_then_watchdog_pings_and_stopping(tmp_path, notify_socket) -> None:
+    process = start(service_config(tmp_path), notify_socket, WATCHDOG_USEC="400000")  # pings every 0.2 s
+    try:
+        first = receive(notify_socket, "READY=1")
+        assert len(first) == 1 and first[0].startswith("READY=1\nSTATUS=10 Hz, 1 ticks, 0 missed, 3 plugins")
+        pings = receive(notify_socket, "WATCHDOG=1") + receive(notify_socket, "WATCHDOG=1")
+        assert pings.count("WATCHDOG=1") == 2
+        process.send_signal(signal.SIGTERM)
+        assert receive(notify_socket, "STOPPING=1")[-1] == "STOPPING=1"
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_a_stalled_loop_stops_the_watchdog_pings(tmp_path, notify_socket) -> None:
+    config = service_config(tmp_path)
+    process = start(config, notify_socket, WATCHDOG_USEC="400000")
+    try:
+        receive(notify_socket, "READY=1")
+        receive(notify_socket, "WATCHDOG=1")
+        # A 1-wire read that never returns: the sensor file becomes a pipe nobody writes.
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        fifo.replace(tmp_path / DEVICE / "w1_slave")
+        notify_socket.settimeout(0.3)
+        tail = []
+        try:
+            while True:
+                tail.append(notify_socket.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert len(tail) <= 2  # what was in flight; then silence, and systemd would restart us
+        notify_socket.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            notify_socket.recv(4096)
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    events = [json.loads(line) for line in stderr.splitlines()]
+    tripped = [e for e in events if e["event"] == "watchdog_tripped"]
+    assert tripped, "our own watchdog thread drove the actuators safe meanwhile"
+    assert any(e["event"] == "actuators_safe" for e in events)
+
+
+def test_no_notify_socket_no_messages(tmp_path) -> None:
+    process = start(service_config(tmp_path), None)
+    try:
+        for line in process.stderr:
+            if json.loads(line)["event"] == "loop_started":
+                break
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def reload_run(run_daemon, data: dict[str, Any], write_config, change: dict[str, Any] | str, ticks: int = 20
+               ) -> tuple[Any, list[dict[str, Any]]]:
+    """Run `ticks` ticks; at tick 5 rewrite the config file and send ourselves SIGHUP."""
+    daemon = run_daemon(data, 0, clock=VirtualClock())
+    path = daemon.settings.source
+
+    class Trigger:
+        reads = 0
+
+        def advance(self, now: float) -> None:
+            self.reads += 1
+            if self.reads == 5:
+                path.write_text(change if isinstance(change, str) else yaml.safe_dump(change))
+                os.kill(os.getpid(), signal.SIGHUP)
+
+        def close(self) -> None:
+            pass
+
+    daemon.hardware.environment = Trigger()
+    with capture_logs() as logs:
+        asyncio.run(daemon.serve(ticks))
+    return daemon, logs
+
+
+def test_sighup_applies_a_valid_config_between_ticks_without_touching_unchanged_pins(run_daemon,
+                                                                                     write_config) -> None:
+    data = example_data()
+    data["pins"] = {"factory": "mock"}
+    data["simulation"] = []
+    data["actuators"][2].pop("requires")
+    data["plugins"]["settings"] = {"echo_output": {"config": {"output": json.dumps(
+        [{"device_id": "relay_switch", "action": "set_high"}])}}}
+    data["plugins"]["directory"] = str(Path(__file__).parent / "plugins")
+    changed = json.loads(json.dumps(data))
+    changed["actuators"].append({"id": "fan", "kind": "pwm", "pin": 19})
+    changed["actuators"] = [a for a in changed["actuators"] if a["id"] != "servo_motor"]
+    changed["plugins"]["settings"]["echo_output"]["config"]["output"] = json.dumps(
+        [{"device_id": "relay_switch", "action": "set_high"},
+         {"device_id": "fan", "action": "pwm", "parameters": {"duty_cycle": 40}}])
+    for name in ("endless_loop", "trap", "memory_hog", "error_return", "sweep", "echo_input"):
+        changed["plugins"]["settings"][name] = data["plugins"]["settings"][name] = {"enabled": False}
+    daemon, logs = reload_run(run_daemon, data, write_config, changed)
+    names = [e["event"] for e in logs]
+    assert "config_reloaded" in names
+    assert daemon.snapshot()["actuators"]["fan"]["duty_cycle"] == 40.0  # the new device, commanded
+    assert "servo_motor" not in daemon.snapshot()["actuators"]
+    relay = [float(s.state) for s in daemon.hardware.factory.pin(27).states]
+    assert relay[:2] == [0.0, 1.0] and relay[2:] == [0.0]  # on through the reload; off only at shutdown
+    assert daemon.snapshot()["ticks"]["missed"] == 0
+
+
+def test_sighup_with_an_invalid_config_keeps_the_old_one(run_daemon, write_config) -> None:
+    data = example_data()
+    data["pins"] = {"factory": "mock"}
+    daemon, logs = reload_run(run_daemon, data, write_config, "loop:\n  rate_hz: fast\n")
+    refused = [e for e in logs if e["event"] == "reload_refused"]
+    assert len(refused) == 1 and refused[0]["key"] == "loop.rate_hz"
+    assert "config_reloaded" not in [e["event"] for e in logs]
+    assert daemon.snapshot()["ticks"]["count"] == 20
+    assert set(daemon.snapshot()["actuators"]) == {"led_strip", "servo_motor", "relay_switch"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_metrics_health_and_ready_on_localhost(tmp_path) -> None:
+    port = free_port()
+    process = start(service_config(tmp_path, metrics={"enabled": True, "port": port}), None)
+    try:
+        for line in process.stderr:
+            if json.loads(line)["event"] == "metrics_listening":
+                break
+        deadline = time.monotonic() + 10
+        while fetch(f"http://127.0.0.1:{port}/ready")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert fetch(f"http://127.0.0.1:{port}/health") == (200, "ok\n")
+        status, text = fetch(f"http://127.0.0.1:{port}/metrics")
+        assert fetch(f"http://127.0.0.1:{port}/nope")[0] == 404
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    calls = {s.labels["plugin"]: s.value for s in families["extism_plugin_calls"].samples
+             if s.name == "extism_plugin_calls_total"}
+    assert set(calls) == {"energy_saver", "motion_light", "temperature_control"} and min(calls.values()) >= 5
+    assert {s.labels["plugin"] for s in families["extism_active_plugins"].samples} == set(calls)
+    counts = [s for s in families["extism_plugin_duration_seconds"].samples if s.name.endswith("_count")]
+    assert {s.labels["plugin"]: s.value for s in counts} == calls
+    assert any(s.name == "pi_controller_tick_duration_seconds_count" and s.value >= 5
+               for s in families["pi_controller_tick_duration_seconds"].samples)
+    assert "pi_controller_missed_ticks" in families and "pi_controller_tick_start_jitter_seconds" in families
+    assert "extism_plugin_errors" in families
