@@ -1,5 +1,3 @@
-import sys
+from pi_controller.cli import entry
 
-from pi_controller.cli import main
-
-sys.exit(main())
+entry()

@@ -147,12 +147,12 @@ class Actuator:
     kind: str
     actions: tuple[str, ...] = ()
 
-    def __init__(self, settings: ActuatorSettings, device: Any):
+    def __init__(self, settings: ActuatorSettings, device: Any, claimed: Target):
         self.settings = settings
         self.device = device
         self.safe_target, self.startup_target, self.shutdown_target = settings.targets()
-        self.target: Target = self.startup_target  # devices are claimed in their start-up state
-        self.state: dict[str, Any] = self._describe(self.target)
+        self.target: Target = claimed
+        self.state: dict[str, Any] = self._describe(claimed)
 
     @property
     def id(self) -> str:
@@ -254,20 +254,21 @@ class Servo(Actuator):
         return {"type": "servo", "on": target is not None, "value": target, "angle": target}
 
 
-def build(settings: ActuatorSettings, factory: Factory) -> Actuator:
-    """Claim the pin already in the start-up state, so that nothing switches at boot."""
-    _safe, startup, _shutdown = settings.targets()
+def build(settings: ActuatorSettings, factory: Factory, state: str = "startup") -> Actuator:
+    """Claim the pin already in the start-up (or another named) state, so nothing switches at boot."""
+    safe, startup, shutdown = settings.targets()
+    target = {"safe": safe, "startup": startup, "shutdown": shutdown}[state]
     if isinstance(settings, RelaySettings):
         return Relay(settings, OutputDevice(settings.pin, active_high=settings.active_high,
-                                            initial_value=bool(startup), pin_factory=factory))
+                                            initial_value=bool(target), pin_factory=factory), target)
     if isinstance(settings, PwmSettings):
         return Pwm(settings, PWMOutputDevice(settings.pin, active_high=settings.active_high,
-                                             initial_value=(startup or 0.0) / 100.0,
-                                             frequency=settings.frequency, pin_factory=factory))
+                                             initial_value=(target or 0.0) / 100.0,
+                                             frequency=settings.frequency, pin_factory=factory), target)
     if isinstance(settings, ServoSettings):
-        return Servo(settings, AngularServo(settings.pin, initial_angle=startup, min_angle=settings.min_angle,
+        return Servo(settings, AngularServo(settings.pin, initial_angle=target, min_angle=settings.min_angle,
                                             max_angle=settings.max_angle,
                                             min_pulse_width=settings.min_pulse_ms / 1000,
                                             max_pulse_width=settings.max_pulse_ms / 1000,
-                                            frame_width=settings.frame_ms / 1000, pin_factory=factory))
+                                            frame_width=settings.frame_ms / 1000, pin_factory=factory), target)
     raise TypeError(f"no actuator for {type(settings).__name__}")

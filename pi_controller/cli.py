@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 
@@ -21,6 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.configure(getattr(args, "log_format", "console"), getattr(args, "log_level", "info"))
     return int(args.handler(args))
+
+
+def entry() -> NoReturn:
+    """The console script: `main`, then an exit that leaves the actuator pins as they were set."""
+    from pi_controller.pins import exit_holding_pins
+
+    exit_holding_pins(main())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file without touching a pin")
     check.add_argument("config", type=Path)
     check.set_defaults(handler=_check_config)
+
+    safe = commands.add_parser("safe-state", help="drive every actuator of a config to its safe state and exit "
+                                                  "(systemd's ExecStopPost=, after a crash)")
+    safe.add_argument("--config", required=True, type=Path, help="YAML config file")
+    safe.add_argument("--simulate", action="store_true", help="on mock pins")
+    safe.set_defaults(handler=_safe_state)
 
     plugin = commands.add_parser("plugin", help="plugin tools")
     plugin_commands = plugin.add_subparsers(required=True, metavar="ACTION")
@@ -66,8 +79,11 @@ def _load(path: Path) -> config.Settings | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from pi_controller.daemon import Daemon
     from pi_controller.hardware import HardwareError
+    from pi_controller.pins import hold
     from pi_controller.simulators.world import SimulationError
 
     settings = _load(args.config)
@@ -88,10 +104,41 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     finally:
         daemon.close()
+        hold(a.device for a in daemon.hardware.actuators.values())
     if args.ticks:
         json.dump(daemon.snapshot(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     return 0
+
+
+def _safe_state(args: argparse.Namespace) -> int:
+    """Claims each actuator directly in its safe state; one that cannot be claimed does not stop the rest.
+
+    Nothing of the daemon is loaded (no plugins, no Extism): after a crash this has to be quick.
+    """
+    from pi_controller import actuators
+    from pi_controller.hardware import HardwareError
+    from pi_controller.pins import hold, make_factory
+
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    try:
+        factory = make_factory(settings, args.simulate)
+    except HardwareError as exc:
+        log.error("safe_state_failed", error=str(exc))
+        return 1
+    failed = 0
+    for entry in settings.actuators:
+        try:
+            actuator = actuators.build(entry, factory, state="safe")
+        except Exception as exc:  # a busy or broken pin must not keep the others from their safe state
+            failed += 1
+            log.error("safe_state_failed", device=entry.id, error=f"{type(exc).__name__}: {exc}")
+            continue
+        hold([actuator.device])
+        log.info("safe_state_set", device=entry.id, target=actuator.target)
+    return 1 if failed else 0
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -7,6 +7,10 @@ time a capacitor's charge or an ultrasonic echo get the mock pin classes that ca
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import Any, Iterable, NoReturn
+
 from gpiozero import Device
 from gpiozero.pins import Factory
 from gpiozero.pins.mock import (MockChargingPin, MockFactory, MockPWMPin, MockSPIClockPin, MockSPISelectPin,
@@ -75,3 +79,23 @@ def mock_factory(settings: Settings) -> MockFactory:
             factory.pin(SPI0_PINS["clock"], pin_class=SPIClockPin)
             factory.pin(SPI0_SELECT[sensor.chip_select], pin_class=SPISelectPin)
     return factory
+
+
+_held: list[Any] = []
+
+
+def hold(devices: Iterable[Any]) -> None:
+    """Keep these devices, and so their pins' levels, until the process exits.
+
+    gpiozero returns a pin to a floating input when its device is closed or garbage-collected, and
+    at exit; a relay would then follow its board's pull resistors. Held devices are never closed,
+    and `exit_holding_pins` leaves without gpiozero's exit handler, so on Raspberry Pi OS, whose kernel
+    keeps a released line's output level (unless strict_gpiod is set), outputs stay where we left them.
+    """
+    _held.extend(devices)
+
+
+def exit_holding_pins(code: int) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -232,3 +232,27 @@ def test_metrics_health_and_ready_on_localhost(tmp_path) -> None:
                for s in families["pi_controller_tick_duration_seconds"].samples)
     assert "pi_controller_missed_ticks" in families and "pi_controller_tick_start_jitter_seconds" in families
     assert "extism_plugin_errors" in families
+
+
+def test_safe_state_claims_every_actuator_directly_in_its_safe_state(write_config) -> None:
+    from gpiozero import Device
+
+    from pi_controller import cli
+
+    data = example_data()
+    data["actuators"][0]["safe_state"] = 25  # led_strip, pin 18
+    data["actuators"][1]["safe_state"] = 30  # servo_motor, pin 13
+    data["actuators"][2].update(active_high=False, startup_state="on")  # relay_switch, pin 27
+    assert cli.main(["safe-state", "--config", str(write_config(data)), "--simulate"]) == 0
+    factory = Device.pin_factory
+    # Each pin was written once, straight to its safe state: no detour through a start-up state.
+    assert [s.state for s in factory.pin(18).states][1:] == [0.25]
+    assert [s.state for s in factory.pin(27).states][1:] == [True]  # active low: high is off
+    pulse_ms = factory.pin(13).state * 20  # duty of a 20 ms frame
+    assert pulse_ms == pytest.approx(1.0 + 30 / 90, abs=0.01)  # 0..90 degrees over 1..2 ms
+
+
+def test_safe_state_with_a_bad_config_exits_2(write_config) -> None:
+    from pi_controller import cli
+
+    assert cli.main(["safe-state", "--config", str(write_config("actuators: 3\n"))]) == 2

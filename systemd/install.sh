@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs pi-controller as a systemd service on Raspberry Pi OS (Bookworm; Pi 3, 4, 5, Zero 2 W):
+# a virtual environment in /opt/pi-controller (Bookworm's Python refuses system-wide pip installs),
+# the unit and its user, /etc/pi-controller/config.yaml (kept if it exists), the bundled plugins in
+# /var/lib/pi-controller/plugins; then enables SPI and 1-wire and starts the service.
+#
+#   sudo systemd/install.sh            install on this Pi
+#   ROOT=/tmp/stage systemd/install.sh  stage the files under a root instead (no user, no systemctl)
+set -euo pipefail
+
+ROOT=${ROOT:-}
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+PREFIX=/opt/pi-controller
+STATE=/var/lib/pi-controller
+CONF=/etc/pi-controller/config.yaml
+live() { [ -z "$ROOT" ]; }
+
+if live && [ "$(id -u)" -ne 0 ]; then
+    echo "install.sh: run it as root: sudo $0" >&2
+    exit 1
+fi
+if live; then
+    apt-get install -y python3-venv
+    # lgpio has wheels for 64-bit OS; on 32-bit pip builds it, which needs these.
+    apt-get install -y swig liblgpio-dev || echo "install.sh: no swig/liblgpio-dev; fine on 64-bit Raspberry Pi OS"
+fi
+
+# Built from a copy: a build in the checkout would write into it, and two at once would collide.
+build=$(mktemp -d)
+trap 'rm -rf "$build"' EXIT
+tar -C "$SRC" --exclude=./.git --exclude=./.venv --exclude=./build -cf - . | tar -C "$build" -xf -
+python3 -m venv "$ROOT$PREFIX/venv"
+"$ROOT$PREFIX/venv/bin/pip" install --quiet --upgrade "$build"
+
+install -D -m 0644 "$SRC/systemd/pi-controller.service" "$ROOT/etc/systemd/system/pi-controller.service"
+install -D -m 0644 "$SRC/systemd/pi-controller.sysusers" "$ROOT/usr/lib/sysusers.d/pi-controller.conf"
+install -d -m 0755 "$ROOT$STATE/plugins"
+install -m 0644 "$SRC"/plugins/*.wasm "$ROOT$STATE/plugins/"
+if [ ! -e "$ROOT$CONF" ]; then
+    install -d -m 0755 "$ROOT/etc/pi-controller"
+    sed "s#^  directory: .*#  directory: $STATE/plugins#" "$SRC/config/example.yaml" > "$ROOT$CONF"
+    chmod 0640 "$ROOT$CONF"
+fi
+"$ROOT$PREFIX/venv/bin/pi-controller" check-config "$ROOT$CONF"
+
+if live; then
+    systemd-sysusers pi-controller.conf
+    chgrp pi-controller "$CONF"
+    if command -v raspi-config >/dev/null; then
+        raspi-config nonint do_spi 0      # 0 means enable
+        raspi-config nonint do_onewire 0  # takes effect after a reboot
+    fi
+    systemctl daemon-reload
+    systemctl enable --now pi-controller.service
+    echo "installed; follow it with: journalctl -u pi-controller -f"
+fi

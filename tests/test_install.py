@@ -1,0 +1,69 @@
+"""The Pi install, as far as a machine without a Pi allows: staged into a temporary root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "systemd" / "pi-controller.service"
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("root")
+    subprocess.run(["bash", str(REPO / "systemd" / "install.sh")], env={**os.environ, "ROOT": str(root)},
+                   check=True, capture_output=True, text=True, timeout=600)
+    return root
+
+
+def test_install_stages_the_venv_unit_user_config_and_plugins(stage: Path) -> None:
+    assert (stage / "etc/systemd/system/pi-controller.service").read_text() == UNIT.read_text()
+    sysusers = (stage / "usr/lib/sysusers.d/pi-controller.conf").read_text()
+    assert "u pi-controller" in sysusers and "m pi-controller gpio" in sysusers
+    plugins = sorted(p.name for p in (stage / "var/lib/pi-controller/plugins").iterdir())
+    assert plugins == sorted(p.name for p in (REPO / "plugins").glob("*.wasm"))
+    config = yaml.safe_load((stage / "etc/pi-controller/config.yaml").read_text())
+    assert config["plugins"]["directory"] == "/var/lib/pi-controller/plugins"
+    assert config["pins"]["factory"] == "lgpio"
+
+
+def test_the_installed_command_runs_safe_state_quickly(stage: Path) -> None:
+    result = subprocess.run([str(stage / "opt/pi-controller/venv/bin/pi-controller"), "safe-state", "--config",
+                             str(stage / "etc/pi-controller/config.yaml"), "--simulate"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("safe_state_set") == 3
+
+
+def test_reinstall_keeps_an_edited_config(stage: Path) -> None:
+    config = stage / "etc/pi-controller/config.yaml"
+    config.write_text(config.read_text().replace("rate_hz: 10", "rate_hz: 5"))
+    subprocess.run(["bash", str(REPO / "systemd" / "install.sh")], env={**os.environ, "ROOT": str(stage)},
+                   check=True, capture_output=True, timeout=600)
+    assert "rate_hz: 5" in config.read_text()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_unit_passes_systemd_analyze_verify(stage: Path, tmp_path: Path) -> None:
+    # verify checks that ExecStart's program exists: point it at the staged one.
+    unit = tmp_path / "pi-controller.service"
+    unit.write_text(UNIT.read_text().replace("/opt/pi-controller", str(stage / "opt/pi-controller")))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_unit_has_what_the_daemon_relies_on() -> None:
+    unit = UNIT.read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "ExecStopPost=/opt/pi-controller/venv/bin/pi-controller safe-state", "WorkingDirectory=%S/",
+                 "CacheDirectory=pi-controller", "Environment=XDG_CACHE_HOME=%C/pi-controller",
+                 "DeviceAllow=char-gpiochip rw", "SupplementaryGroups=gpio spi i2c"):
+        assert line in unit
+    assert "MemoryDenyWriteExecute=yes" not in unit  # wasmtime's JIT needs it off
