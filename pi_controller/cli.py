@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -114,7 +115,8 @@ def _run(args: argparse.Namespace) -> int:
 def _safe_state(args: argparse.Namespace) -> int:
     """Claims each actuator directly in its safe state; one that cannot be claimed does not stop the rest.
 
-    Nothing of the daemon is loaded (no plugins, no Extism): after a crash this has to be quick.
+    Nothing of the daemon is loaded (no plugins, no Extism): after a crash this has to be quick. After a
+    clean stop (systemd says so in $SERVICE_RESULT) the pins already hold their shut-down states.
     """
     from pi_controller import actuators
     from pi_controller.hardware import HardwareError
@@ -123,6 +125,9 @@ def _safe_state(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings is None:
         return EXIT_CONFIG
+    if os.environ.get("SERVICE_RESULT") == "success":  # systemd's verdict on the run that just ended
+        log.info("safe_state_skipped", reason="the daemon stopped cleanly, leaving its shut-down states")
+        return 0
     try:
         factory = make_factory(settings, args.simulate)
     except HardwareError as exc:

@@ -256,3 +256,15 @@ def test_safe_state_with_a_bad_config_exits_2(write_config) -> None:
     from pi_controller import cli
 
     assert cli.main(["safe-state", "--config", str(write_config("actuators: 3\n"))]) == 2
+
+
+def test_safe_state_leaves_the_shutdown_states_after_a_clean_stop(write_config, monkeypatch, capsys) -> None:
+    from gpiozero import Device
+
+    from pi_controller import cli
+
+    monkeypatch.setenv("SERVICE_RESULT", "success")
+    assert cli.main(["safe-state", "--config", str(write_config(example_data())), "--simulate"]) == 0
+    assert Device.pin_factory is None  # no pin factory was even made
+    err = capsys.readouterr().err
+    assert "safe_state_skipped" in err and "safe_state_set" not in err
