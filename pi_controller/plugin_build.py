@@ -24,6 +24,7 @@ ZIG_VERSION = "0.17.0"
 
 #: The plugin source folders, relative to the repository root, and where their builds go.
 SOURCE_DIRS: tuple[tuple[str, str], ...] = (("plugins/src", "plugins"),
+                                            ("plugins/examples", "plugins/examples"),
                                             ("tests/plugins/src", "tests/plugins"))
 #: The guest helper, relative to the repository root; a module, not a plugin.
 PDK = Path("plugins/src/pdk.zig")
@@ -33,8 +34,11 @@ PDK = Path("plugins/src/pdk.zig")
 #: overflow traps (out of bounds) instead of corrupting memory.
 STACK_BYTES = 32 * 1024
 
-#: The only symbol a plugin exports (besides its memory, which Zig exports by default).
+#: The symbol every plugin exports (besides its memory, which Zig exports by default), and those it
+#: exports when its source defines them (`export fn health_check`): the linker refuses to export a
+#: symbol that does not exist.
 EXPORTS: tuple[str, ...] = ("control_logic",)
+OPTIONAL_EXPORTS: tuple[str, ...] = ("health_check",)
 
 
 class BuildError(RuntimeError):
@@ -75,13 +79,28 @@ def find_pdk(source: Path) -> Path:
 
 
 def compile_args(source: Path, output: Path, pdk: Path) -> list[str]:
-    """The `zig build-exe` arguments for one plugin: module `root` is the plugin, `pdk` the helper."""
+    """The compiler arguments for one plugin: `zig build-exe` for Zig (module `root` is the plugin,
+    `pdk` the helper), `zig cc` for C (which includes `pdk.h` from beside `pdk.zig`)."""
+    if source.suffix == ".c":
+        return c_compile_args(source, output, pdk)
+    text = source.read_text()
+    exports = [*EXPORTS, *(name for name in OPTIONAL_EXPORTS if f"export fn {name}(" in text)]
     return [
         "build-exe", "-target", "wasm32-freestanding", "-O", "ReleaseSmall", "-fstrip",
-        "-fsingle-threaded", "-fno-entry", *(f"--export={name}" for name in EXPORTS),
+        "-fsingle-threaded", "-fno-entry", *(f"--export={name}" for name in exports),
         "--stack", str(STACK_BYTES), "--name", source.stem,
         "--cache-dir", str(cache_dir()), f"-femit-bin={output.resolve()}",
         "--dep", "pdk", f"-Mroot={source.resolve()}", f"-Mpdk={pdk.resolve()}",
+    ]
+
+
+def c_compile_args(source: Path, output: Path, pdk: Path) -> list[str]:
+    """`zig cc` for a C plugin: the same target, size optimisation and stack; no libc, no entry.
+    The C helper marks its exports with `export_name`, so none are named here."""
+    return [
+        "cc", "--target=wasm32-freestanding", "-Os", "-s", "-nostdlib", "-fno-builtin", "-std=c11",
+        "-Wall", "-Werror", f"-I{pdk.parent.resolve()}", "-Wl,--no-entry", f"-Wl,-z,stack-size={STACK_BYTES}",
+        "-o", str(output.resolve()), str(source.resolve()),
     ]
 
 
@@ -97,7 +116,7 @@ def sources(root: Path) -> list[tuple[Path, Path]]:
     """Every (plugin source, .wasm it builds into) under `root`, the PDK excluded."""
     pairs = []
     for source_dir, output_dir in SOURCE_DIRS:
-        for source in sorted((root / source_dir).glob("*.zig")):
+        for source in sorted([*(root / source_dir).glob("*.zig"), *(root / source_dir).glob("*.c")]):
             if source.resolve() != (root / PDK).resolve():
                 pairs.append((source, root / output_dir / f"{source.stem}.wasm"))
     return pairs

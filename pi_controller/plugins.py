@@ -1,104 +1,219 @@
 """Sandboxed control plugins: one Extism instance per plugin, and the set of them in a folder.
 
 This module knows nothing of pins or MQTT: it turns a context into raw output bytes, or an error that
-says why, within the plugin's memory, time and output limits. Each instance is called from one thread
-only (the tick thread): the SDK returns another call's output when an instance is shared.
+says why, within the plugin's grant (memory, fuel, time, output, vars, hosts; see `manifest`). Each
+instance is called from one thread only (the tick thread): the SDK returns another call's output when
+an instance is shared. The set changes only in `PluginSet.apply`, between two ticks; what a change
+needs (reading files, compiling, health checks) is done beforehand by `prepare`, off the event loop.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Iterable, Iterator, Sequence
 
 import extism
 import structlog
+from extism.extism import CompiledPlugin, _ffi, _lib  # fuel is only in libextism's C API
 
-from pi_controller.config import PluginDefaults, PluginSettings, PluginsSettings
-from pi_controller.contract import encode_config
+from pi_controller.config import PluginsSettings
+from pi_controller.contract import Command, Rejection, encode_config
+from pi_controller.extism_log import router
+from pi_controller.manifest import Grant, Refused, grant, load_manifest
+from pi_controller.quarantine import Guard
+from pi_controller.sensors import Reading
 
 log = structlog.get_logger("pi_controller.plugins")
 
 ENTRY_POINT = "control_logic"
+HEALTH_CHECK = "health_check"  # optional export: called once at load; an error refuses the plugin
 
+# Failures after which the instance is rebuilt: Extism keeps an instance whose call trapped or was
+# stopped, and a guest without our PDK's stack reset would keep the leaked stack (and an instance
+# that hit its memory limit would keep all that memory) on every later call.
+_REBUILD_AFTER = frozenset({"trap", "timeout", "out_of_memory", "out_of_fuel"})
 
-@dataclass(frozen=True)
-class Limits:
-    memory_pages: int
-    timeout_ms: int
-    max_output_bytes: int
-    priority: int
-
-    @classmethod
-    def resolve(cls, own: PluginSettings | None, defaults: PluginDefaults) -> Limits:
-        def pick(name: str) -> Any:
-            value = getattr(own, name, None) if own is not None else None
-            return getattr(defaults, name) if value is None else value
-
-        return cls(pick("memory_pages"), pick("timeout_ms"), pick("max_output_bytes"), pick("priority"))
+_READINGS_KEY = b'{"sensor_readings":'  # how contract.encode_context starts every context
 
 
 class PluginCallError(Exception):
-    """A call that produced no usable output; `kind` is "timeout", "out_of_memory", "trap",
-    "output_too_large" or "error_return" (the plugin reported an error of its own)."""
+    """A call that produced no usable output; `kind` is "timeout", "out_of_fuel", "out_of_memory",
+    "trap", "output_too_large" or "error_return" (the plugin reported an error of its own)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
 
     @classmethod
-    def from_extism(cls, exc: extism.Error) -> PluginCallError:
+    def from_extism(cls, exc: extism.Error, reason: str | None, terms: Grant) -> PluginCallError:
         message = str(exc) or "error without a message"
         if message == "timeout":
-            return cls("timeout", message)
+            return cls("timeout", f"timeout: the call ran past timeout_ms {terms.timeout_ms}")
+        if message == "plugin ran out of fuel":
+            return cls("out_of_fuel", f"ran out of fuel: more than {terms.fuel} instructions in one call")
         if message == "oom" or "failed to allocate" in message:
-            return cls("out_of_memory", message)
+            return cls("out_of_memory", f"oom: memory would pass memory_pages {terms.memory_pages} "
+                                        f"({terms.memory_pages * 64} KiB)")
         if message.startswith("error while executing"):
-            return cls("trap", message)
+            return cls("trap", reason or message)
         return cls("error_return", message)
 
 
-class SandboxedPlugin:
-    """One loaded `.wasm`: no WASI, no network, no host functions, bounded memory and time."""
+def compile_plugin(wasm: bytes, terms: Grant) -> CompiledPlugin:
+    """A compiled module under `terms`, with a fuel limit (the SDK's constructor has none): no WASI,
+    no host functions, no network beyond `allowed_hosts`."""
+    manifest = {
+        "wasm": [{"data": base64.b64encode(wasm).decode()}],
+        "memory": {"max_pages": terms.memory_pages, "max_var_bytes": terms.max_var_bytes,
+                   "max_http_response_bytes": terms.max_http_response_bytes},
+        "timeout_ms": terms.timeout_ms,  # the backstop: fuel does not count time spent in the host
+        "allowed_hosts": list(terms.allowed_hosts),
+        # Extism config holds strings only: other values go as their JSON text.
+        "config": {k: v if isinstance(v, str) else json.dumps(v) for k, v in terms.config.items()},
+    }
+    data = json.dumps(manifest).encode()
+    error = _ffi.new("char**")
+    pointer = _lib.extism_compiled_plugin_new_with_fuel_limit(data, len(data), _ffi.NULL, 0, False,
+                                                              terms.fuel, error)
+    if pointer == _ffi.NULL:
+        message = _ffi.string(error[0]).decode(errors="replace")
+        _lib.extism_plugin_new_error_free(error[0])
+        raise extism.Error(message)
+    compiled = CompiledPlugin.__new__(CompiledPlugin)  # owns `pointer` now: its __del__ frees it
+    compiled.pointer, compiled.functions = pointer, []
+    return compiled
 
-    def __init__(self, name: str, wasm: bytes, limits: Limits, config: Mapping[str, Any]):
+
+class SandboxedPlugin:
+    """One loaded `.wasm` under its grant, with its quarantine guard."""
+
+    def __init__(self, name: str, wasm: bytes, terms: Grant, guard: Guard):
         self.name = name
-        self.limits = limits
+        self.grant = terms
+        self.guard = guard
         self.sha256 = hashlib.sha256(wasm).hexdigest()
-        self.config_suffix = encode_config(config)
-        manifest = {
-            "wasm": [{"data": wasm}],
-            "memory": {"max_pages": limits.memory_pages},
-            "timeout_ms": limits.timeout_ms,
-        }
-        self._instance = extism.Plugin(manifest, wasi=False, functions=[])
-        if not self._instance.function_exists(ENTRY_POINT):
-            raise extism.Error(f"the module does not export '{ENTRY_POINT}'")
+        if terms.sha256 is not None and terms.sha256 != self.sha256:
+            raise Refused(f"sha256 {self.sha256} is not the pinned {terms.sha256}")
+        self.config_suffix = encode_config(terms.config)
+        self._compiled = compile_plugin(wasm, terms)
+        self._instance, self._id = self._instantiate()
+        try:
+            self._check_exports()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def priority(self) -> int:
-        return self.limits.priority
+        return self.grant.priority
 
-    def call(self, context_prefix: bytes) -> bytes:
-        try:
-            output: bytes = self._instance.call(ENTRY_POINT, context_prefix + self.config_suffix)
-        except extism.Error as exc:
-            raise PluginCallError.from_extism(exc) from exc
-        if len(output) > self.limits.max_output_bytes:
+    def _instantiate(self) -> tuple[extism.Plugin, str]:
+        instance = extism.Plugin(self._compiled)
+        instance_id = str(instance.id)
+        router().register(instance_id, self.name)
+        return instance, instance_id
+
+    def _check_exports(self) -> None:
+        if not self._instance.function_exists(ENTRY_POINT):
+            raise Refused(f"the module does not export '{ENTRY_POINT}'")
+        if self._instance.function_exists(HEALTH_CHECK):
+            try:
+                self._invoke(HEALTH_CHECK, b"")
+            except PluginCallError as exc:
+                raise Refused(f"{HEALTH_CHECK} failed: {exc}") from exc
+
+    def call(self, context: bytes) -> bytes:
+        """One tick: `context` is the context without its config (`contract.encode_context`)."""
+        output = self._invoke(ENTRY_POINT, context + self.config_suffix)
+        router().drain()  # 0.75 us: other lines are logged now, and libextism's buffer never grows
+        if len(output) > self.grant.max_output_bytes:
             raise PluginCallError("output_too_large", f"output of {len(output)} bytes exceeds max_output_bytes "
-                                  f"{self.limits.max_output_bytes}")
+                                  f"{self.grant.max_output_bytes}")
         return output
 
-    def close(self) -> None:
+    def _invoke(self, function: str, data: bytes) -> bytes:
+        try:
+            output: bytes = self._instance.call(function, data)
+        except extism.Error as exc:
+            error = PluginCallError.from_extism(exc, router().reason(self._id), self.grant)
+            if error.kind in _REBUILD_AFTER:
+                self._rebuild()
+            raise error from exc
+        return output
+
+    def _rebuild(self) -> None:
+        """A fresh instance of the same compiled module (~0.4 ms); its vars start empty again."""
+        self._free_instance()
+        self._instance, self._id = self._instantiate()
+
+    def view(self, context: bytes, readings: Sequence[Reading]) -> bytes:
+        """The context as this plugin may see it: only the readings of its declared sensors."""
+        if self.grant.sensors is None:
+            return context
+        everything = _encode([r.as_json() for r in readings])
+        mine = _encode([r.as_json() for r in readings if r.sensor_id in self.grant.sensors])
+        return _READINGS_KEY + mine + context[len(_READINGS_KEY) + len(everything):]
+
+    def screen(self, commands: list[Command], rejections: list[Rejection]
+               ) -> tuple[list[Command], list[Rejection]]:
+        """Valid commands split by capability: one to an actuator not granted is rejected."""
+        allowed = self.grant.actuators
+        if allowed is None:
+            return commands, rejections
+        kept = [c for c in commands if c.device_id in allowed]
+        refused = [Rejection(self.name, c.device_id, "forbidden_device",
+                             f"'{c.device_id}' is not among the actuators granted to this plugin "
+                             f"({', '.join(sorted(allowed)) or 'none'})")
+                   for c in commands if c.device_id not in allowed]
+        return kept, rejections + refused
+
+    def status(self, kept_because: str | None = None) -> PluginStatus:
+        if self.guard.quarantined:
+            return PluginStatus("quarantined", self.guard.reason, self.sha256, self.grant.manifest.version or None)
+        reason = f"kept this version: its replacement was refused: {kept_because}" if kept_because else None
+        return PluginStatus("loaded", reason, self.sha256, self.grant.manifest.version or None)
+
+    def _free_instance(self) -> None:
+        router().forget(self._id)
         self._instance.__exit__(None, None, None)
+
+    def close(self) -> None:
+        self._free_instance()
+        self._compiled.__del__()
+
+
+def _encode(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
 
 
 @dataclass(frozen=True)
 class PluginStatus:
-    state: str  # "loaded", "disabled" or "failed"
+    state: str  # "loaded", "quarantined", "disabled" or "failed"
     reason: str | None = None
     sha256: str | None = None
+    version: str | None = None
+
+
+@dataclass
+class Update:
+    """What `prepare` found for some plugin names, applied by `apply` between two ticks."""
+
+    loaded: dict[str, SandboxedPlugin] = field(default_factory=dict)  # new, or replacing a live one
+    removed: set[str] = field(default_factory=set)  # its file is gone
+    refused: dict[str, PluginStatus] = field(default_factory=dict)  # failed to load, or disabled
+
+    def close(self) -> None:
+        """Drop an update that will not be applied."""
+        for plugin in self.loaded.values():
+            plugin.close()
+
+
+def _order(plugin: SandboxedPlugin) -> tuple[int, str]:
+    return -plugin.priority, plugin.name
 
 
 class PluginSet:
@@ -108,8 +223,9 @@ class PluginSet:
         self.settings = settings
         self.directory = directory
         self.budget_ms = budget_ms
-        self.status: dict[str, PluginStatus] = {}
-        self._plugins: list[SandboxedPlugin] = []
+        self._plugins: tuple[SandboxedPlugin, ...] = ()  # replaced whole, so a tick sees one version
+        self._refused: dict[str, PluginStatus] = {}
+        self._kept: dict[str, str] = {}  # live plugins whose replacement was refused, and why
 
     def __iter__(self) -> Iterator[SandboxedPlugin]:
         return iter(self._plugins)
@@ -117,47 +233,105 @@ class PluginSet:
     def __len__(self) -> int:
         return len(self._plugins)
 
+    @property
+    def status(self) -> dict[str, PluginStatus]:
+        """Every plugin of the folder by name: loaded, quarantined, disabled or failed, with why."""
+        result = dict(self._refused)
+        result.update((p.name, p.status(self._kept.get(p.name))) for p in self._plugins)
+        return result
+
     def load_all(self) -> None:
         """Load every `*.wasm` in the folder, highest priority first, so that when the time budget is
         full it is a low-priority plugin that is left out; a plugin that fails is reported and skipped."""
         if not self.directory.is_dir():
             log.error("plugins_directory_missing", directory=str(self.directory))
             return
-        files = {path.stem: path for path in self.directory.glob("*.wasm")}
-        for name in sorted(set(self.settings.settings) - set(files)):
+        names = {path.stem for path in self.directory.glob("*.wasm")}
+        for name in sorted(set(self.settings.settings) - names):
             log.warning("plugin_configured_but_missing", plugin=name, directory=str(self.directory))
-        candidates = [(Limits.resolve(self.settings.settings.get(name), self.settings.defaults), name)
-                      for name in files]
-        for limits, name in sorted(candidates, key=lambda c: (-c[0].priority, c[1])):
-            self._load(files[name], limits)
+        self.apply(self.prepare(names))
         log.info("plugins_loaded", count=len(self._plugins), directory=str(self.directory),
                  names=[p.name for p in self._plugins])
 
-    def _load(self, path: Path, limits: Limits) -> None:
-        name = path.stem
-        own = self.settings.settings.get(name)
-        if own is not None and not own.enabled:
-            self.status[name] = PluginStatus("disabled")
-            log.info("plugin_disabled", plugin=name)
-            return
-        spent = sum(p.limits.timeout_ms for p in self._plugins)
-        if spent + limits.timeout_ms > self.budget_ms:
-            return self._failed(name, f"timeout_ms {limits.timeout_ms} does not fit the tick: plugins of higher "
-                                      f"priority already take {spent} of the {self.budget_ms:g} ms plugin budget")
-        try:
-            plugin = SandboxedPlugin(name, path.read_bytes(), limits, own.config if own else {})
-        except (OSError, extism.Error) as exc:
-            return self._failed(name, str(exc))
-        self._plugins.append(plugin)
-        self.status[name] = PluginStatus("loaded", sha256=plugin.sha256)
-        log.info("plugin_loaded", plugin=name, sha256=plugin.sha256[:12], priority=limits.priority,
-                 memory_pages=limits.memory_pages, timeout_ms=limits.timeout_ms)
+    def prepare(self, names: Iterable[str]) -> Update:
+        """Read and compile what changed among `names`; safe on any thread, touches nothing live."""
+        update = Update()
+        live = {p.name: p for p in self._plugins}
+        for name in names:
+            path = self.directory / f"{name}.wasm"
+            own = self.settings.settings.get(name)
+            if not path.is_file():
+                update.removed.add(name)
+            elif own is not None and not own.enabled:
+                update.refused[name] = PluginStatus("disabled")
+            else:
+                self._prepare_one(name, path, live.get(name), update)
+        return update
 
-    def _failed(self, name: str, reason: str) -> None:
-        self.status[name] = PluginStatus("failed", reason)
-        log.error("plugin_load_failed", plugin=name, reason=reason)
+    def _prepare_one(self, name: str, path: Path, live: SandboxedPlugin | None, update: Update) -> None:
+        try:
+            wasm = path.read_bytes()
+            terms = grant(name, load_manifest(path), self.settings)
+            if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
+                return  # the same plugin under the same terms: nothing to swap
+            update.loaded[name] = SandboxedPlugin(name, wasm, terms, Guard(name, self.settings.quarantine))
+        except (OSError, extism.Error, Refused) as exc:
+            update.refused[name] = PluginStatus("failed", str(exc)[:500])
+
+    def apply(self, update: Update) -> None:
+        """Swap in what `prepare` found. Call between two ticks: the tick thread is idle."""
+        live = {p.name: p for p in self._plugins}
+        retired: list[SandboxedPlugin] = []
+        for name in update.removed:
+            self._refused.pop(name, None)
+            self._kept.pop(name, None)
+            if name in live:
+                retired.append(live.pop(name))
+                log.info("plugin_unloaded", plugin=name, reason="its file is gone")
+        for name, status in update.refused.items():
+            self._refuse(name, status, live, retired)
+        for plugin in sorted(update.loaded.values(), key=_order):
+            self._admit(plugin, live, retired)
+        self._plugins = tuple(sorted(live.values(), key=_order))
+        for plugin in retired:
+            plugin.close()
+
+    def _refuse(self, name: str, status: PluginStatus, live: dict[str, SandboxedPlugin],
+                retired: list[SandboxedPlugin]) -> None:
+        if status.state == "failed" and name in live:  # a bad replacement: the running version stays
+            self._kept[name] = status.reason or "unknown"
+            log.error("plugin_replacement_refused", plugin=name, reason=status.reason,
+                      kept_sha256=live[name].sha256[:12])
+            return
+        if name in live:
+            retired.append(live.pop(name))
+        self._kept.pop(name, None)
+        self._refused[name] = status
+        if status.state == "disabled":
+            log.info("plugin_disabled", plugin=name)
+        else:
+            log.error("plugin_load_failed", plugin=name, reason=status.reason)
+
+    def _admit(self, plugin: SandboxedPlugin, live: dict[str, SandboxedPlugin],
+               retired: list[SandboxedPlugin]) -> None:
+        spent = sum(p.grant.timeout_ms for p in live.values() if p.name != plugin.name)
+        if spent + plugin.grant.timeout_ms > self.budget_ms:
+            retired.append(plugin)
+            reason = (f"timeout_ms {plugin.grant.timeout_ms} does not fit the tick: the plugins already loaded "
+                      f"take {spent} of the {self.budget_ms:g} ms plugin budget")
+            return self._refuse(plugin.name, PluginStatus("failed", reason), live, retired)
+        previous = live.get(plugin.name)
+        if previous is not None:
+            retired.append(previous)
+        live[plugin.name] = plugin
+        self._refused.pop(plugin.name, None)
+        self._kept.pop(plugin.name, None)
+        terms = plugin.grant
+        log.info("plugin_replaced" if previous else "plugin_loaded", plugin=plugin.name,
+                 sha256=plugin.sha256[:12], version=terms.manifest.version or None, priority=terms.priority,
+                 memory_pages=terms.memory_pages, timeout_ms=terms.timeout_ms, fuel=terms.fuel)
 
     def close(self) -> None:
         for plugin in self._plugins:
             plugin.close()
-        self._plugins.clear()
+        self._plugins = ()

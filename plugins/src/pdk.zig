@@ -46,6 +46,13 @@ const kernel = struct {
     extern "extism:host/env" fn store_u64(offset: u64, word: u64) void; // (i64, i64) -> ()
     extern "extism:host/env" fn output_set(offset: u64, length: u64) void; // (i64, i64) -> ()
     extern "extism:host/env" fn error_set(offset: u64) void; // (i64) -> ()
+    extern "extism:host/env" fn length(offset: u64) u64; // (i64) -> i64
+    extern "extism:host/env" fn load_u8(offset: u64) u8; // (i64) -> i32
+    extern "extism:host/env" fn load_u64(offset: u64) u64; // (i64) -> i64
+    extern "extism:host/env" fn free(offset: u64) void; // (i64) -> ()
+    extern "extism:host/env" fn config_get(key: u64) u64; // (i64) -> i64, 0 when absent
+    extern "extism:host/env" fn var_get(key: u64) u64; // (i64) -> i64, 0 when absent
+    extern "extism:host/env" fn var_set(key: u64, value: u64) void; // (i64, i64) -> (), value 0 deletes
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -422,6 +429,12 @@ pub fn setError(text: []const u8) void {
     kernel.error_set(offset);
 }
 
+/// Copy `bytes` into a new block of Extism kernel memory and return its offset, the way Extism
+/// host functions take their arguments (see `configGet`, or a host function of the daemon).
+pub fn store(bytes: []const u8) Error!u64 {
+    return toKernel(bytes) orelse error.OutOfMemory;
+}
+
 /// Copy `bytes` into a new block of kernel memory; null if the kernel is out of memory.
 fn toKernel(bytes: []const u8) ?u64 {
     const offset = kernel.alloc(bytes.len);
@@ -432,4 +445,41 @@ fn toKernel(bytes: []const u8) ?u64 {
     }
     while (i < bytes.len) : (i += 1) kernel.store_u8(offset + i, bytes[i]);
     return offset;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extism config and vars
+// ---------------------------------------------------------------------------------------------
+
+/// The Extism config value `key` (the plugin's config map as the daemon hands it to Extism: strings
+/// as they are, other values as their JSON text), copied into `allocator`; null when absent.
+/// `Context.config` has the same map as JSON, parsed.
+pub fn configGet(allocator: Allocator, key: []const u8) Error!?[]u8 {
+    return fromKernelOrNull(allocator, kernel.config_get(try store(key)));
+}
+
+/// The var `key` of this instance, copied into `allocator`; null when unset. Vars persist from
+/// call to call of one instance, within the daemon's `max_var_bytes` for all of them together;
+/// they start empty when the plugin is (re)loaded, and after a call that trapped, timed out or
+/// ran out of fuel or memory (the daemon then builds a fresh instance).
+pub fn varGet(allocator: Allocator, key: []const u8) Error!?[]u8 {
+    return fromKernelOrNull(allocator, kernel.var_get(try store(key)));
+}
+
+/// Set the var `key` to `value`. Past `max_var_bytes` the call fails (an Extism error).
+pub fn varSet(key: []const u8, value: []const u8) Error!void {
+    kernel.var_set(try store(key), try store(value));
+}
+
+fn fromKernelOrNull(allocator: Allocator, offset: u64) Error!?[]u8 {
+    if (offset == 0) return null;
+    defer kernel.free(offset);
+    const length = std.math.cast(usize, kernel.length(offset)) orelse return error.OutOfMemory;
+    const bytes = try allocator.alloc(u8, length);
+    var i: usize = 0;
+    while (i + 8 <= length) : (i += 8) {
+        std.mem.writeInt(u64, bytes[i..][0..8], kernel.load_u64(offset + i), .little);
+    }
+    while (i < length) : (i += 1) bytes[i] = kernel.load_u8(offset + i);
+    return bytes;
 }

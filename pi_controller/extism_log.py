@@ -1,0 +1,96 @@
+"""libextism's own log, routed into ours: the real reason a call failed, by plugin.
+
+A trap or a denied HTTP request comes back from the SDK as "error while executing at wasm
+backtrace: ..."; what happened ("wasm trap: wasm `unreachable` instruction executed", "HTTP
+request to ... is not allowed") is only written to libextism's log. `set_log_custom` is
+process-wide and takes effect once, so there is one router per process (`router()`), set up
+before the first plugin is built. Lines are buffered by libextism until drained: a failed call
+drains them at once (on the thread that made the call) and takes its reason out; lines that
+explain no call failure are logged as `extism_log` events.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from functools import cache
+
+import extism
+import structlog
+
+# wasmtime captures (and symbolizes) a Rust backtrace for every error when RUST_BACKTRACE is set, as it
+# is in many developer shells: ~75 ms per failed call here, enough for one hostile plugin to overrun
+# ticks. RUST_LIB_BACKTRACE=0 turns that off for library errors only (panics still show theirs); Rust
+# reads it at the first error, so setting it when this module is imported (by plugins) is in time.
+os.environ["RUST_LIB_BACKTRACE"] = "0"
+
+log = structlog.get_logger("pi_controller.extism")
+
+_LINE = re.compile(r"^\S+\s+(?P<level>[A-Z]+)\s+(?P<target>[\w:]+): (?P<text>.*?)(?: plugin=\"(?P<id>[0-9a-f-]{36})\")?\s*$",
+                   re.DOTALL)
+_CALL_FAILED = re.compile(r"call to \S+ (encountered an error|returned with error message): ", re.DOTALL)
+_MAX_REASON = 400
+
+
+class ExtismLog:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._names: dict[str, str] = {}  # instance id -> plugin name
+        self._reasons: dict[str, str] = {}  # instance id -> why its last call failed
+        self._logger = extism.set_log_custom(self._line, "warn")
+
+    def register(self, instance_id: str, plugin: str) -> None:
+        with self._lock:
+            self._names[instance_id] = plugin
+
+    def forget(self, instance_id: str) -> None:
+        with self._lock:
+            self._names.pop(instance_id, None)
+            self._reasons.pop(instance_id, None)
+
+    def reason(self, instance_id: str) -> str | None:
+        """Why the last call of this instance failed, as libextism logged it (None if it did not)."""
+        self._logger.drain()
+        with self._lock:
+            return self._reasons.pop(instance_id, None)
+
+    def drain(self) -> None:
+        self._logger.drain()
+
+    def _line(self, line: str) -> None:
+        # Runs inside libextism's drain: an exception here would be printed by cffi and lost.
+        try:
+            self._take(line)
+        except Exception:  # noqa: BLE001
+            log.exception("extism_log_unreadable", line=line[:200])
+
+    def _take(self, line: str) -> None:
+        match = _LINE.match(line)
+        if match is None:
+            log.warning("extism_log", text=line.strip()[:_MAX_REASON])
+            return
+        instance, text = match["id"], match["text"]
+        failed = _CALL_FAILED.search(text)
+        with self._lock:
+            plugin = self._names.get(instance or "")
+            if failed and instance:
+                self._reasons[instance] = _cause(text[failed.end():])
+                return
+        level = "warning" if match["level"] == "WARN" else "error"
+        getattr(log, level)("extism_log", plugin=plugin, target=match["target"], text=text.strip()[:_MAX_REASON])
+
+
+def _cause(text: str) -> str:
+    """The useful part of an error: what follows "Caused by:" (wasmtime's chain), else the text."""
+    head, _, cause = text.partition("Caused by:")
+    lines = [line.strip() for line in (cause or head).splitlines() if line.strip()]
+    if cause:
+        lines = [line.split(": ", 1)[-1] if line[:1].isdigit() else line for line in lines]
+    return "; ".join(lines)[:_MAX_REASON]
+
+
+@cache
+def router() -> ExtismLog:
+    """The process's router, created on first use (before any plugin runs, so that it takes)."""
+    return ExtismLog()

@@ -1,0 +1,134 @@
+"""A plugin's sidecar manifest and what the operator grants it: the terms a plugin runs under.
+
+`<stem>.yaml` beside `<stem>.wasm` says what the plugin is and what it asks for (limits, config,
+hosts, the sensors it reads, the actuators it commands, a priority). The daemon's settings for the
+plugin win over the manifest, the defaults fill what neither gives, and the operator's ceilings
+bound the result: a plugin that asks for more is refused, never silently given less.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from pi_controller import config
+from pi_controller.config import PluginSettings, PluginsSettings
+from pi_controller.schema import bounded
+
+
+class Refused(Exception):
+    """A plugin the daemon will not load: the message says why, in the operator's words."""
+
+
+@dataclass(frozen=True)
+class ManifestLimits:
+    memory_pages: int | None = bounded(1, 65536, default=None)
+    timeout_ms: int | None = bounded(1, 10_000, default=None)
+    fuel: int | None = bounded(1_000, 10**12, default=None)
+    max_output_bytes: int | None = bounded(16, 16 * 1024 * 1024, default=None)
+    max_var_bytes: int | None = bounded(0, 16 * 1024 * 1024, default=None)
+    max_http_response_bytes: int | None = bounded(0, 64 * 1024 * 1024, default=None)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str = ""
+    version: str = ""
+    description: str = ""
+    author: str = ""
+    priority: int | None = None
+    limits: ManifestLimits = field(default_factory=ManifestLimits)
+    config: Mapping[str, Any] = field(default_factory=dict)
+    allowed_hosts: tuple[str, ...] = ()
+    sensors: tuple[str, ...] | None = None
+    actuators: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Everything a plugin runs under, resolved: what `SandboxedPlugin` enforces."""
+
+    memory_pages: int
+    timeout_ms: int
+    fuel: int
+    max_output_bytes: int
+    max_var_bytes: int
+    max_http_response_bytes: int
+    priority: int
+    allowed_hosts: tuple[str, ...] = ()
+    sensors: frozenset[str] | None = None  # None: every reading
+    actuators: frozenset[str] | None = None  # None: every actuator
+    config: Mapping[str, Any] = field(default_factory=dict)
+    sha256: str | None = None  # the only content accepted, when pinned
+    manifest: Manifest = field(default_factory=Manifest)
+
+
+_LIMITS = ("memory_pages", "timeout_ms", "fuel", "max_output_bytes", "max_var_bytes", "max_http_response_bytes")
+_CEILINGS = {"memory_pages": "max_memory_pages", "timeout_ms": "max_timeout_ms", "fuel": "max_fuel",
+             "max_var_bytes": "max_var_bytes", "max_http_response_bytes": "max_http_response_bytes"}
+
+
+def manifest_path(wasm: Path) -> Path:
+    return wasm.with_suffix(".yaml")
+
+
+def load_manifest(wasm: Path) -> Manifest:
+    """The sidecar manifest of `wasm`, or an empty one; Refused with file, line and key if invalid."""
+    path = manifest_path(wasm)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Manifest()
+    except OSError as exc:
+        raise Refused(f"cannot read {path.name}: {exc.strerror or exc}") from exc
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = config._Tree(path)  # the config loader's checks, so errors read the same
+        data = tree.value(root, ()) if root is not None else {}
+        return config._Converter(tree).convert(data, Manifest, ())
+    except yaml.YAMLError as exc:
+        raise Refused(f"{path.name} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    except config.ConfigError as exc:
+        raise Refused(f"manifest {exc}") from exc
+
+
+def grant(name: str, manifest: Manifest, settings: PluginsSettings) -> Grant:
+    """What `name` runs under: the operator's settings over the manifest over the defaults, within
+    the ceilings. Raises Refused when the result passes a ceiling."""
+    own = settings.settings.get(name) or PluginSettings()
+
+    def pick(key: str, asked: Any) -> Any:
+        for value in (getattr(own, key), asked):
+            if value is not None:
+                return value
+        return getattr(settings.defaults, key)
+
+    limits = {key: pick(key, getattr(manifest.limits, key)) for key in _LIMITS}
+    hosts = own.allowed_hosts if own.allowed_hosts is not None else manifest.allowed_hosts
+    result = Grant(
+        **limits, priority=pick("priority", manifest.priority), allowed_hosts=tuple(hosts),
+        sensors=_set(own.sensors if own.sensors is not None else manifest.sensors),
+        actuators=_set(own.actuators if own.actuators is not None else manifest.actuators),
+        config={**manifest.config, **own.config}, sha256=own.sha256, manifest=manifest)
+    _check_ceilings(result, settings)
+    return result
+
+
+def _set(ids: tuple[str, ...] | None) -> frozenset[str] | None:
+    return None if ids is None else frozenset(ids)
+
+
+def _check_ceilings(result: Grant, settings: PluginsSettings) -> None:
+    ceilings = settings.ceilings
+    for key, ceiling in _CEILINGS.items():
+        if getattr(result, key) > getattr(ceilings, ceiling):
+            raise Refused(f"{key} {getattr(result, key)} is above the operator's ceiling "
+                          f"plugins.ceilings.{ceiling} {getattr(ceilings, ceiling)}")
+    for host in result.allowed_hosts:
+        if not any(fnmatch.fnmatchcase(host, pattern) for pattern in ceilings.allowed_hosts):
+            raise Refused(f"allowed host '{host}' is not within plugins.ceilings.allowed_hosts "
+                          f"{list(ceilings.allowed_hosts)}")

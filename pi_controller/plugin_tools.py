@@ -1,0 +1,154 @@
+"""The plugin author's kit on the command line: `pi-controller plugin call` and `plugin new`.
+
+`call` runs one call of a `.wasm` the way the daemon would (its manifest, the config's settings and
+ceilings, fuel, limits) on a context from a file or stdin, and prints what came back with our
+contract's verdict on every command. `new` writes a plugin source from a template, ready for
+`pi-controller plugin build`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from pi_controller import config
+
+TEMPLATES: dict[str, str] = {
+    "zig": '''//! {name}: what it does, in one line. Built by `pi-controller plugin build`.
+
+const pdk = @import("pdk");
+
+export fn control_logic() i32 {{
+    return pdk.run(step);
+}}
+
+fn step(ctx: *const pdk.Context, out: *pdk.Commands) !void {{
+    const light = try ctx.configString("light", "led_strip");
+    const lux = ctx.value("light_sensor") orelse return; // invalid or missing: no command
+    if (lux > try ctx.configNumber("bright_lux", 500)) try out.setLow(light);
+}}
+''',
+    "c": '''/* {name}: what it does, in one line. Built by `pi-controller plugin build`. */
+
+#include "pdk.h"
+
+PDK_EXPORT("control_logic") int control_logic(void) {{
+    pdk_context ctx;
+    if (!pdk_read_context(&ctx)) return 1;
+    double lux;
+    if (!pdk_sensor_value(&ctx, "light_sensor", &lux)) return pdk_commands_done(); /* invalid: no command */
+    if (lux > pdk_config_number("bright_lux", 500)) pdk_set_low("led_strip");
+    return pdk_commands_done();
+}}
+''',
+}
+MANIFEST_TEMPLATE = """# Beside {name}.wasm in the plugins folder. The daemon's config may override any of it.
+name: {name}
+version: 0.1.0
+description: what it does
+author: you
+sensors: [light_sensor]      # its context holds only these readings
+actuators: [led_strip]       # commands to any other actuator are rejected
+config: {{bright_lux: 500}}
+"""
+
+
+def add_commands(plugin_commands: Any) -> None:
+    call = plugin_commands.add_parser("call", help="run one call of a plugin on a context and show the verdicts")
+    call.add_argument("wasm", type=Path, help="the plugin (.wasm); its manifest (.yaml) beside it is read")
+    call.add_argument("--context", type=Path, help="JSON context file (default: stdin)")
+    call.add_argument("--config", type=Path, help="daemon config: the plugin's settings, ceilings and actuators "
+                                                  "(default: actuators from the context's device_states)")
+    call.set_defaults(handler=run_call)
+    new = plugin_commands.add_parser("new", help="write a new plugin source (and manifest) from a template")
+    new.add_argument("name", help="the plugin's name: letters, digits and '_'")
+    new.add_argument("--lang", choices=sorted(TEMPLATES), default="zig")
+    new.add_argument("--dir", type=Path, default=Path("plugins/src"), help="where to write (default: plugins/src)")
+    new.set_defaults(handler=run_new)
+
+
+def run_new(args: argparse.Namespace) -> int:
+    if not args.name.isidentifier():
+        print(f"error: '{args.name}' is not a valid plugin name (letters, digits, '_')", file=sys.stderr)
+        return 2
+    source = args.dir / f"{args.name}.{args.lang}"
+    manifest = args.dir / f"{args.name}.yaml"
+    if source.exists():
+        print(f"error: {source} exists", file=sys.stderr)
+        return 1
+    args.dir.mkdir(parents=True, exist_ok=True)
+    source.write_text(TEMPLATES[args.lang].format(name=args.name))
+    manifest.write_text(MANIFEST_TEMPLATE.format(name=args.name))
+    print(f"wrote {source} and {manifest}; build with: pi-controller plugin build, then copy the .wasm "
+          f"and the .yaml into the daemon's plugins folder")
+    return 0
+
+
+def run_call(args: argparse.Namespace) -> int:
+    context = json.loads(args.context.read_text() if args.context else sys.stdin.read())
+    settings = config.load(args.config) if args.config else _settings_for(context)
+    report = call_once(args.wasm, context, settings)
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0 if "error" not in report and not report["rejected"] else 1
+
+
+def _settings_for(context: Mapping[str, Any]) -> config.Settings:
+    """Settings with one default actuator per entry of the context's device_states, on mock pins."""
+    devices = context.get("device_states", {})
+    actuators = [{"id": name, "kind": state.get("type", "relay"), "pin": 2 + index}
+                 for index, (name, state) in enumerate(devices.items())]
+    return config.parse(yaml.safe_dump({"pins": {"factory": "mock"}, "actuators": actuators}), Path("<context>"))
+
+
+def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) -> dict[str, Any]:
+    """One call under the daemon's terms; what it returned and the contract's verdict, as JSON data."""
+    import extism
+
+    from pi_controller import actuators, contract
+    from pi_controller.manifest import Refused, grant, load_manifest
+    from pi_controller.pins import make_factory
+    from pi_controller.plugins import PluginCallError, SandboxedPlugin
+    from pi_controller.quarantine import Guard
+    from pi_controller.sensors import Reading
+
+    name = wasm.stem
+    try:
+        terms = grant(name, load_manifest(wasm), settings.plugins)
+        terms = dataclasses.replace(terms, config={**terms.config, **context.get("config", {})})
+        plugin = SandboxedPlugin(name, wasm.read_bytes(), terms, Guard(name, settings.plugins.quarantine))
+    except (OSError, Refused, extism.Error) as exc:
+        return {"plugin": name, "error": {"kind": "load_failed", "reason": str(exc)}, "rejected": []}
+    factory = make_factory(settings, simulate=True)
+    targets = {entry.id: actuators.build(entry, factory) for entry in settings.actuators}
+    readings = [Reading(r["sensor_id"], r.get("value"), r.get("unit", ""), r.get("timestamp", 0.0), r.get("error"))
+                for r in context.get("sensor_readings", [])]
+    # As contract.encode_context lays it out: readings first, no config (the plugin splices its own in).
+    body = {"sensor_readings": [r.as_json() for r in readings],
+            **{k: v for k, v in context.items() if k not in ("sensor_readings", "config")}}
+    prefix = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()[:-1]
+    report: dict[str, Any] = {"plugin": name, "sha256": plugin.sha256, "fuel": terms.fuel,
+                              "timeout_ms": terms.timeout_ms, "memory_pages": terms.memory_pages}
+    started = time.perf_counter()
+    try:
+        raw = plugin.call(plugin.view(prefix, readings))
+        report["duration_ms"] = round((time.perf_counter() - started) * 1e3, 3)
+        report["output"] = raw.decode(errors="replace")
+        commands, rejections = plugin.screen(*contract.parse_output(raw, name, terms.priority, targets))
+    except (PluginCallError, contract.OutputError) as exc:
+        report["error"] = {"kind": exc.kind, "reason": str(exc)}
+        commands, rejections = [], []
+    finally:
+        plugin.close()
+        for target in targets.values():
+            target.close()
+    report["accepted"] = [{"device_id": c.device_id, "action": c.action, "target": c.target} for c in commands]
+    report["rejected"] = [{"device_id": r.device_id, "rule": r.rule, "reason": r.reason} for r in rejections]
+    return report

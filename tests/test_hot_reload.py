@@ -1,0 +1,134 @@
+"""Hot reload: files written, replaced, renamed and deleted in the plugins folder while the loop runs
+in real time; no tick is missed, and every tick calls every live plugin once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+from structlog.testing import capture_logs
+
+from pi_controller.clock import SystemClock
+from tests.conftest import TEST_PLUGINS, example_data
+from tests.test_daemon import unsimulated
+
+WAIT_S = 5.0  # generous: this is a correctness test; benchmarks/plugin_reload.py measures latency
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(int(WAIT_S / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not within {WAIT_S} s: {what}")
+
+
+def run_with(daemon: Any, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Serve in real time, play `scenario` beside the ticks, then stop as SIGINT would."""
+
+    async def main() -> None:
+        serving = asyncio.create_task(daemon.serve())
+        await until(lambda: daemon.loop.ticks.count > 2, "the loop runs")
+        try:
+            await scenario()
+        finally:
+            signal.raise_signal(signal.SIGINT)
+            await serving
+
+    asyncio.run(main())
+
+
+def sha(daemon: Any, name: str) -> str | None:
+    status = daemon.plugins.status.get(name)
+    return status.sha256 if status else None
+
+
+@pytest.fixture
+def live(run_daemon, plugin_dir) -> tuple[Any, Path]:
+    data = unsimulated(example_data())
+    data["plugins"]["settings"] = {}
+    folder = plugin_dir("temperature_control")
+    return run_daemon(data, 0, plugins=folder, clock=SystemClock()), folder
+
+
+def test_write_replace_rename_and_delete_while_the_loop_runs(live) -> None:
+    daemon, folder = live
+    echo, counter = (TEST_PLUGINS / "echo_output.wasm").read_bytes(), (TEST_PLUGINS / "counter.wasm").read_bytes()
+
+    async def scenario() -> None:
+        with open(folder / "late.wasm", "wb") as slow:  # a slow copy: half, three ticks, the rest
+            slow.write(echo[:len(echo) // 2])
+            slow.flush()
+            await asyncio.sleep(0.3)
+            assert "late" not in daemon.plugins.status  # still open for writing: not looked at
+            slow.write(echo[len(echo) // 2:])
+        await until(lambda: sha(daemon, "late") is not None, "the copied plugin is loaded")
+        first = sha(daemon, "late")
+        (folder / ".late.tmp").write_bytes(counter)  # the atomic way: write aside, rename over
+        os.replace(folder / ".late.tmp", folder / "late.wasm")
+        await until(lambda: sha(daemon, "late") not in (None, first), "the renamed-over plugin is swapped in")
+        calls_before = daemon.loop.plugin_stats["late"].calls
+        await until(lambda: daemon.loop.plugin_stats["late"].calls > calls_before + 2, "the new version runs")
+        (folder / "late.wasm").unlink()
+        await until(lambda: "late" not in daemon.plugins.status, "the deleted plugin is unloaded")
+
+    with capture_logs() as logs:
+        run_with(daemon, scenario)
+    events = [e["event"] for e in logs if e.get("plugin") == "late" and e["event"].startswith("plugin_")]
+    assert events == ["plugin_loaded", "plugin_replaced", "plugin_unloaded"]
+    assert not [e for e in logs if e["event"] in ("plugin_load_failed", "plugin_call_failed")]
+    ticks = daemon.loop.ticks
+    assert ticks.missed == 0
+    assert daemon.loop.plugin_stats["temperature_control"].calls == ticks.count  # every tick, every plugin
+    assert daemon.snapshot()["actuators"]["led_strip"]["duty_cycle"] > 0  # counter ran, commanding the strip
+
+
+def test_a_replacement_that_fails_leaves_the_previous_version_running(live) -> None:
+    daemon, folder = live
+    original = sha(daemon, "temperature_control")
+
+    async def replace(content: bytes) -> None:
+        (folder / ".next").write_bytes(content)
+        os.replace(folder / ".next", folder / "temperature_control.wasm")
+
+    async def scenario() -> None:
+        await replace(b"\x00asm\x01\x00\x00\x00garbage")
+        await until(lambda: daemon.plugins.status["temperature_control"].reason is not None, "refused")
+        await replace((TEST_PLUGINS / "unhealthy.wasm").read_bytes())
+        await until(lambda: "calibration" in (daemon.plugins.status["temperature_control"].reason or ""),
+                    "refused by its health check")
+        assert sha(daemon, "temperature_control") == original
+        await replace((TEST_PLUGINS / "echo_output.wasm").read_bytes())
+        await until(lambda: sha(daemon, "temperature_control") != original, "a good one is swapped in")
+
+    with capture_logs() as logs:
+        run_with(daemon, scenario)
+    refusals = [e["reason"] for e in logs if e["event"] == "plugin_replacement_refused"]
+    assert len(refusals) == 2 and "calibration table missing" in refusals[1]
+    assert daemon.plugins.status["temperature_control"].reason is None
+    assert daemon.loop.ticks.missed == 0
+    assert daemon.loop.plugin_stats["temperature_control"].errors == 0
+
+
+def test_a_replaced_file_leaves_quarantine_at_once_and_a_manifest_change_reloads(run_daemon, plugin_dir) -> None:
+    data = unsimulated(example_data())
+    data["plugins"]["settings"] = {}
+    data["plugins"]["quarantine"] = {"failures": 2, "backoff_s": 600}
+    folder = plugin_dir("trap")
+    daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
+
+    async def scenario() -> None:
+        await until(lambda: daemon.plugins.status["trap"].state == "quarantined", "quarantined")
+        shutil.copy(TEST_PLUGINS / "echo_output.wasm", folder / "trap.wasm")
+        await until(lambda: daemon.plugins.status["trap"].state == "loaded", "out of quarantine")
+        (folder / "trap.yaml").write_text("version: 2.0.0\npriority: 7\n")
+        await until(lambda: daemon.plugins.status["trap"].version == "2.0.0", "the manifest is applied")
+
+    run_with(daemon, scenario)
+    assert next(iter(daemon.plugins)).priority == 7
+    assert daemon.loop.ticks.missed == 0
