@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import structlog
 
-from pi_controller import config, logs
+from pi_controller import config, logs, plugin_tools, simulation
 
 EXIT_CONFIG = 2
 
@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file without touching a pin")
     check.add_argument("config", type=Path)
     check.set_defaults(handler=_check_config)
+    simulation.add_command(commands)
 
     safe = commands.add_parser("safe-state", help="drive every actuator of a config to its safe state and exit "
                                                   "(systemd's ExecStopPost=, after a crash)")
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     build = plugin_commands.add_parser("build", help="rebuild the bundled and test plugins from source")
     build.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: .)")
     build.set_defaults(handler=_build_plugins)
+    plugin_tools.add_commands(plugin_commands)
     return parser
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from pi_controller import actuators, sensors
-from pi_controller.schema import bounded
+from pi_controller.schema import bounded, device_id, matching
 from pi_controller.simulators import models as simulation_models
 
 KeyPath = tuple[str | int, ...]
@@ -88,6 +88,54 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    ca_file: str | None = None  # None: the system's CA store
+    cert_file: str | None = None  # a client certificate, with key_file
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no file at {path}")
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Telemetry to an MQTT broker, Home Assistant discovery, and commands back (see `telemetry`)."""
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = bounded(1, 65535, default=1883)
+    client_id: str | None = None  # None: pi-controller-<node_id>
+    username: str | None = None
+    password: str | None = None
+    tls: TlsSettings | None = None
+    keepalive_s: int = bounded(5, 3600, default=30)
+    base_topic: str = matching(r"[^#+/\s][^#+\s]*[^#+/\s]|[^#+/\s]", "a topic without '#', '+', spaces or "
+                                                                     "leading/trailing '/'", default="pi-controller")
+    node_id: str = device_id(default="pi")  # one per Pi, so many Pis share a broker
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
+    heartbeat_s: float = bounded(1, 86400, default=60.0)  # republish unchanged states this often
+    loop_interval_s: float = bounded(1, 3600, default=10.0)
+    max_messages_per_s: float = bounded(1, 100_000, default=50.0)
+    deadband: Mapping[str, float] = field(default_factory=dict)  # sensor id -> change worth publishing
+    buffer_messages: int = bounded(10, 10_000_000, default=10_000)  # kept while the broker is away
+    buffer_file: str | None = None  # keeps the unsent messages across a restart of the daemon
+    commands: bool = True  # false: read-only, nothing is subscribed
+    override_expiry_s: float = bounded(1, 7 * 86400, default=3600.0)
+
+    def __post_init__(self) -> None:
+        if self.password is not None and self.username is None:
+            raise ValueError("a password needs a username")
+        if any(value < 0 for value in self.deadband.values()):
+            raise ValueError("deadbands are changes: 0 or more")
+
+
+@dataclass(frozen=True)
 class InterlockSettings:
     """Actuators that must never be on together, with `wait_s` between one going off and another on."""
 
@@ -109,6 +157,14 @@ class PluginSettings:
     priority: int | None = None
     enabled: bool = True
     config: Mapping[str, Any] = field(default_factory=dict)
+    # What the operator sets here wins over the plugin's manifest (see pi_controller/manifest.py).
+    fuel: int | None = bounded(1_000, 10**12, default=None)  # Wasm instructions per call
+    max_var_bytes: int | None = bounded(0, 16 * 1024 * 1024, default=None)
+    max_http_response_bytes: int | None = bounded(0, 64 * 1024 * 1024, default=None)
+    allowed_hosts: tuple[str, ...] | None = None
+    sensors: tuple[str, ...] | None = None  # the readings its context holds; None: the manifest's, or all
+    actuators: tuple[str, ...] | None = None  # what it may command; None: the manifest's, or all
+    sha256: str | None = matching(r"[0-9a-f]{64}", "64 lowercase hex digits (sha256sum's output)", default=None)
 
     def __post_init__(self) -> None:
         try:
@@ -123,12 +179,41 @@ class PluginDefaults:
     timeout_ms: int = bounded(1, 10_000, default=10)
     max_output_bytes: int = bounded(16, 16 * 1024 * 1024, default=64 * 1024)
     priority: int = 0
+    fuel: int = bounded(1_000, 10**12, default=2_000_000)
+    max_var_bytes: int = bounded(0, 16 * 1024 * 1024, default=4096)
+    max_http_response_bytes: int = bounded(0, 64 * 1024 * 1024, default=64 * 1024)
+
+
+@dataclass(frozen=True)
+class PluginCeilings:
+    """The operator's bounds on every plugin, whatever its manifest or its settings ask for."""
+
+    max_memory_pages: int = bounded(1, 65536, default=256)
+    max_timeout_ms: int = bounded(1, 10_000, default=50)
+    max_fuel: int = bounded(1_000, 10**12, default=100_000_000)
+    max_var_bytes: int = bounded(0, 16 * 1024 * 1024, default=64 * 1024)
+    max_http_response_bytes: int = bounded(0, 64 * 1024 * 1024, default=1024 * 1024)
+    allowed_hosts: tuple[str, ...] = ()  # patterns as Extism takes them; none: no plugin reaches the network
+
+
+@dataclass(frozen=True)
+class QuarantineSettings:
+    """A plugin with `failures` failed calls and rejected commands within `window_s` is not called for
+    `backoff_s`, doubling at each relapse up to `max_backoff_s`."""
+
+    failures: int = bounded(1, 1_000_000, default=30)
+    window_s: float = bounded(0.1, 86400, default=10.0)
+    backoff_s: float = bounded(0.1, 86400, default=5.0)
+    max_backoff_s: float = bounded(0.1, 86400, default=300.0)
 
 
 @dataclass(frozen=True)
 class PluginsSettings:
     directory: str = "plugins"
+    watch: bool = True  # hot reload: load, swap and unload plugins as files land in the folder
     defaults: PluginDefaults = field(default_factory=PluginDefaults)
+    ceilings: PluginCeilings = field(default_factory=PluginCeilings)
+    quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
     settings: Mapping[str, PluginSettings] = field(default_factory=dict)
 
 
@@ -144,6 +229,7 @@ class Settings:
     watchdog: WatchdogSettings
     interlocks: tuple[InterlockSettings, ...]
     metrics: MetricsSettings
+    mqtt: MqttSettings
 
     def plugins_directory(self) -> Path:
         """The plugins folder; a relative one is relative to the config file's folder."""
@@ -226,6 +312,7 @@ _TOP_LEVEL = {
     "plugins": PluginsSettings,
     "watchdog": WatchdogSettings,
     "metrics": MetricsSettings,
+    "mqtt": MqttSettings,
 }
 
 
@@ -423,6 +510,10 @@ def _check_safety_references(settings: Settings, tree: _Tree) -> None:
             if member not in actuator_ids:
                 raise tree.error(("interlocks", index, "actuators", position),
                                  f"no actuator with id '{member}'; known: {', '.join(sorted(actuator_ids))}")
+    for sensor in settings.mqtt.deadband:
+        if sensor not in sensor_ids:
+            raise tree.error(("mqtt", "deadband", sensor), f"no sensor with id '{sensor}'; "
+                                                           f"known: {', '.join(sorted(sensor_ids))}")
     if settings.watchdog.enabled and settings.watchdog.timeout_s < 2 * settings.loop.period:
         raise tree.error(("watchdog", "timeout_s"),
                          f"{settings.watchdog.timeout_s:g} s is shorter than two ticks "

@@ -17,16 +17,21 @@ from pi_controller.config import Settings
 from pi_controller.hardware import Environment, Hardware
 from pi_controller.loop import ControlLoop
 from pi_controller.pins import make_factory
+from pi_controller.plugin_watch import PluginWatcher
 from pi_controller.plugins import PluginSet
 from pi_controller.metrics import Metrics, MetricsServer
 from pi_controller.safety import Safety, Watchdog
+from pi_controller.stats import PluginStats
+from pi_controller.operator import Operator
 from pi_controller.systemd import Notifier
+from pi_controller.telemetry import Telemetry
 
 log = structlog.get_logger("pi_controller.daemon")
 
 # What a reload cannot change under a running loop: the rate, the pin factory, the simulated world,
 # and the threads and sockets set up at start.
-_RESTART_ONLY = ("loop", "pins", "simulation", "watchdog", "metrics")
+_RESTART_ONLY = ("loop", "pins", "simulation", "watchdog", "metrics", "mqtt")
+_NEVER_CALLED = PluginStats()
 
 
 class Daemon:
@@ -49,8 +54,12 @@ class Daemon:
         self.notifier = Notifier(self._status)
         self.metrics = Metrics(settings.loop.period, lambda: [p.name for p in self.plugins]) \
             if settings.metrics.enabled else None
-        observers = [o for o in (self.watchdog, self.notifier, self.metrics) if o is not None]
-        self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers)
+        self.operator = Operator(settings.mqtt.override_expiry_s)
+        self.telemetry = Telemetry(settings, self, self.operator) if settings.mqtt.enabled else None
+        observers = [o for o in (self.watchdog, self.notifier, self.metrics, self.telemetry) if o is not None]
+        self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
+                                self.operator)
+        self._started = self.clock.monotonic()
 
     def _build_hardware(self) -> Hardware:
         factory = make_factory(self.settings, self.simulate)
@@ -95,18 +104,31 @@ class Daemon:
                  sensors=len(self.hardware.sensors), actuators=len(self.hardware.actuators))
         if self.watchdog:
             self.watchdog.start()
+        if self.telemetry:
+            self.telemetry.start(p.name for p in self.plugins)
+        watcher = self._watch_plugins()
         try:
             await self.loop.run(stop, max_ticks)
         finally:
+            if watcher:
+                watcher.cancel()
             self.notifier.stopping()
             if self.watchdog:
                 self.watchdog.stop()
             log.info("loop_stopped", ticks=self.loop.ticks.count, missed=self.loop.ticks.missed)
             self.hardware.settle("shutdown", "stopping")
+            if self.telemetry:
+                self.telemetry.stop()
             if server:
                 server.close()
             for sig in handlers:  # only now: a second Ctrl-C must not cut the shut-down short
                 running.remove_signal_handler(sig)
+
+    def _watch_plugins(self) -> asyncio.Task[None] | None:
+        """Hot reload of the plugins folder (`plugins.watch`), beside the ticks on the event loop."""
+        if not self.settings.plugins.watch:
+            return None
+        return asyncio.create_task(PluginWatcher(lambda: self.plugins, self.loop).run(), name="plugin-watch")
 
     def _metrics_server(self) -> MetricsServer | None:
         if self.metrics is None:
@@ -143,6 +165,24 @@ class Daemon:
         log.info("config_reloaded", file=str(new.source), sensors=len(self.hardware.sensors),
                  actuators=len(self.hardware.actuators), plugins=len(self.plugins))
 
+    def plugin_states(self) -> dict[str, dict[str, Any]]:
+        """Each plugin's state for telemetry: loaded, disabled or failed (with why), and its counts."""
+        states = {}
+        for name, status in self.plugins.status.items():
+            stats = self.loop.plugin_stats.get(name) or _NEVER_CALLED  # counters only: this runs every tick
+            states[name] = {"state": status.state, "reason": status.reason,
+                            "enabled": name not in self.operator.disabled, "calls": stats.calls,
+                            "errors": stats.errors, "rejected": stats.rejected, "held": stats.held}
+        return states
+
+    def loop_state(self) -> dict[str, Any]:
+        ticks = self.loop.ticks.summary()
+        elapsed = self.clock.monotonic() - self._started
+        return {"rate_hz": round(ticks["count"] / elapsed, 2) if elapsed > 0 else 0.0, "ticks": ticks["count"],
+                "missed": ticks["missed"], "duration_median_ms": ticks["duration_median_us"] / 1000,
+                "duration_p99_ms": ticks["duration_p99_us"] / 1000,
+                "start_jitter_p99_ms": ticks["start_jitter_p99_us"] / 1000}
+
     def snapshot(self) -> dict[str, Any]:
         """Last readings, actuator states as the last tick left them, plugin and tick stats."""
         summary = self.loop.summary()
@@ -158,7 +198,7 @@ class Daemon:
             "plugins": plugins,
             "ticks": summary["ticks"],
             "safety": {"held": summary["held"], "watchdog_trips": self.watchdog.trips if self.watchdog else 0},
-        }
+        } | ({"telemetry": self.telemetry.summary()} if self.telemetry else {})
 
     def close(self) -> None:
         self.plugins.close()

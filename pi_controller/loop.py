@@ -21,6 +21,7 @@ from pi_controller.contract import Command
 from pi_controller.hardware import Hardware
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import LoopObserver, TickReport
+from pi_controller.operator import Operator
 from pi_controller.plugins import PluginSet, SandboxedPlugin
 from pi_controller.safety import FORCING, Hold, Safety
 from pi_controller.sensors import Reading
@@ -37,10 +38,11 @@ def next_deadline(due: int, elapsed: float, period: float) -> int:
 
 class ControlLoop:
     def __init__(self, hardware: Hardware, plugins: PluginSet, safety: Safety, clock: Clock, period: float,
-                 observers: Sequence[LoopObserver] = ()):
+                 observers: Sequence[LoopObserver] = (), operator: Operator | None = None):
         self.hardware = hardware
         self.plugins = plugins
         self.safety = safety
+        self.operator = operator or Operator(expiry_s=3600)
         self.clock = clock
         self.period = period
         self.observers = observers
@@ -91,8 +93,9 @@ class ControlLoop:
         self.readings = self.hardware.read(now)
         self._report_sensors(number)
         context = contract.encode_context(self.readings, self.hardware.states(), now, number)
-        proposals: list[Command] = []
-        for plugin in self.plugins:
+        # Operator overrides come first: arbitration keeps the first command for a device.
+        proposals = self.operator.commands(self.hardware.actuators, self.plugins, self.clock.monotonic(), number)
+        for plugin in self.operator.enabled(self.plugins):
             proposals.extend(self._consult(plugin, context, number))
         wanted, conflicts = arbitration.resolve(proposals)
         self._report_conflicts(conflicts, number)
@@ -126,17 +129,20 @@ class ControlLoop:
 
     def _consult(self, plugin: SandboxedPlugin, context: bytes, number: int) -> list[Command]:
         """One plugin's commands for this tick; any failure of the plugin stays with the plugin."""
+        now = self.clock.monotonic()
+        if not plugin.guard.admit(now, number):  # quarantined: not called until its backoff has passed
+            return []
         stats = self.plugin_stats.get(plugin.name) or self.plugin_stats.setdefault(plugin.name, PluginStats())
         stats.calls += 1
         started = self.clock.perf_counter()
         try:
             try:
-                raw = plugin.call(context)
+                raw = plugin.call(plugin.view(context, self.readings))
             finally:
                 seconds = self.clock.perf_counter() - started
                 stats.durations.add(seconds)
-            commands, rejections = contract.parse_output(raw, plugin.name, plugin.priority,
-                                                         self.hardware.actuators)
+            commands, rejections = plugin.screen(*contract.parse_output(raw, plugin.name, plugin.priority,
+                                                                        self.hardware.actuators))
         except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
             stats.errors += 1
             for observer in self.observers:
@@ -144,9 +150,11 @@ class ControlLoop:
             kind = getattr(exc, "kind", type(exc).__name__)
             self._problems.problem(("error", plugin.name, kind), "plugin_call_failed", level="error",
                                    plugin=plugin.name, tick=number, kind=kind, reason=str(exc)[:300])
+            plugin.guard.record(now, number, 1, f"{kind}: {str(exc)[:300]}")
             return []
         for observer in self.observers:
             observer.plugin_called(plugin.name, seconds, False)
+        plugin.guard.record(now, number, len(rejections), rejections[0].reason if rejections else "")
         stats.rejected += len(rejections)
         for r in rejections:
             self._problems.problem(("rejected", r.plugin, r.device_id, r.rule), "command_rejected",

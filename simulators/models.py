@@ -1,8 +1,17 @@
-"""Physical models: a heated room, people moving about, daylight plus a lamp.
+"""Physical models: a heated room, people moving about, daylight plus a lamp, a slow servo.
 
 Each model has a settings class (its YAML schema, under `simulation:`) and a class that advances the
 model to a given time, reading actuators through `Probe`s and writing sensors through `Port`s.
-Adding a model: a settings class, a model class, an entry in `KINDS` and `MODELS`.
+
+Adding a model:
+1. a frozen settings dataclass with `kind: Literal["name"]`, its parameters (`bounded` fields are
+   range-checked when the config loads) and `references()`, naming the sensors it drives and the
+   actuators it reads by config key;
+2. a model class built as `Model(settings, ports, probes)` (keyed as `references()` keys them) with
+   `advance(now)`, which brings the physics to `now` and sets its ports, and `state()`, the physical
+   quantities worth a column in `pi-controller simulate` traces;
+3. an entry in `KINDS` and in `MODELS`, and the class in the `Model` union.
+Randomness comes from a `random.Random(seed)` of the model's own, so a seed gives the same run.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ class Port(Protocol):
 
 
 class Probe(Protocol):
-    """Where a model reads an actuator's output, 0 (off) to 1 (full)."""
+    """Where a model reads an actuator's output: 0 (off) to 1 (full) for relays and PWM, the
+    commanded angle in degrees for a servo."""
 
     def level(self) -> float: ...
 
@@ -39,15 +49,24 @@ class ModelSettings:
 @dataclass(frozen=True, kw_only=True)
 class RoomSettings(ModelSettings):
     """First-order thermal model: the room relaxes to the outside temperature, the heater adds
-    `heater_rise_c` to the temperature it would settle at."""
+    `heater_rise_c` to the temperature it would settle at.
+
+    Outside it is `outside_c` on average, `outside_swing_c` colder at the start of each day (dawn,
+    as in the daylight model) and as much warmer half a day later. The thermometer reads the room
+    with gaussian noise of `noise_c` (standard deviation), drawn from `seed`.
+    """
 
     kind: Literal["room"]
     sensor: str = device_id()
     heater: str = device_id()
     outside_c: float = bounded(-50, 60, default=12.0)
+    outside_swing_c: float = bounded(0, 50, default=0.0)
+    day_length_s: float = bounded(1, 1e7, default=86400.0)
     start_c: float = bounded(-50, 80, default=18.0)
     time_constant_s: float = bounded(1, 1e6, default=600.0)
     heater_rise_c: float = bounded(0, 200, default=16.0)
+    noise_c: float = bounded(0, 10, default=0.0)
+    seed: int = 1
 
     def references(self) -> dict[str, tuple[str, str]]:
         return {"sensor": ("sensor", self.sensor), "heater": ("actuator", self.heater)}
@@ -85,9 +104,31 @@ class DaylightSettings(ModelSettings):
         return refs
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServoSettings(ModelSettings):
+    """A servo that moves towards its commanded angle at `speed_deg_s`, and stays where it is while
+    detached; `sensor`, if given, reads its actual angle (a feedback potentiometer)."""
+
+    kind: Literal["servo"]
+    servo: str = device_id()
+    sensor: str | None = device_id(default=None)
+    speed_deg_s: float = bounded(0.01, 1e5, default=60.0)
+
+    def references(self) -> dict[str, tuple[str, str]]:
+        refs = {"servo": ("actuator", self.servo)}
+        if self.sensor is not None:
+            refs["sensor"] = ("sensor", self.sensor)
+        return refs
+
+
 KINDS: dict[str, type[ModelSettings]] = {
-    "room": RoomSettings, "motion": MotionSettings, "daylight": DaylightSettings,
+    "room": RoomSettings, "motion": MotionSettings, "daylight": DaylightSettings, "servo": ServoSettings,
 }
+
+
+def day_phase(now: float, start: float, day_length_s: float) -> float:
+    """How far into its day `now` is, 0 (dawn of the first day, at `start`) to 1."""
+    return ((now - start) / day_length_s) % 1.0
 
 
 class Room:
@@ -96,17 +137,27 @@ class Room:
         self.thermometer = ports["sensor"]
         self.heater = probes["heater"]
         self.temperature = settings.start_c
+        self.outside = settings.outside_c
+        self._random = random.Random(settings.seed)
+        self._start: float | None = None
         self._last: float | None = None
 
     def advance(self, now: float) -> None:
         s = self.settings
+        self._start = now if self._start is None else self._start
+        phase = day_phase(now, self._start, s.day_length_s)
+        self.outside = s.outside_c - s.outside_swing_c * math.cos(2 * math.pi * phase)
         if self._last is not None and now > self._last:
-            # Exact solution over the step, so any step size is stable.
-            settle = s.outside_c + s.heater_rise_c * self.heater.level()
+            # Exact solution over the step (the outside held at its present value), so any step is stable.
+            settle = self.outside + s.heater_rise_c * self.heater.level()
             decay = math.exp(-(now - self._last) / s.time_constant_s)
             self.temperature = settle + (self.temperature - settle) * decay
         self._last = now
-        self.thermometer.set(self.temperature)
+        noise = self._random.gauss(0.0, s.noise_c) if s.noise_c else 0.0
+        self.thermometer.set(self.temperature + noise)
+
+    def state(self) -> dict[str, float]:
+        return {"temperature_c": self.temperature, "outside_c": self.outside}
 
 
 class Motion:
@@ -126,25 +177,53 @@ class Motion:
             self._next_change += self._random.expovariate(1 / mean)
         self.sensor.set(1.0 if self.present else 0.0)
 
+    def state(self) -> dict[str, float]:
+        return {"present": float(self.present)}
+
 
 class Daylight:
     def __init__(self, settings: DaylightSettings, ports: dict[str, Port], probes: dict[str, Probe]):
         self.settings = settings
         self.sensor = ports["sensor"]
         self.lamp = probes.get("lamp")
+        self.daylight = 0.0
         self._start: float | None = None
 
     def advance(self, now: float) -> None:
         s = self.settings
-        if self._start is None:
-            self._start = now
-        phase = ((now - self._start) / s.day_length_s) % 1.0
-        daylight = s.peak_lux * max(0.0, math.sin(2 * math.pi * phase))
+        self._start = now if self._start is None else self._start
+        self.daylight = s.peak_lux * max(0.0, math.sin(2 * math.pi * day_phase(now, self._start, s.day_length_s)))
         lamp = s.lamp_lux * self.lamp.level() if self.lamp is not None else 0.0
-        self.sensor.set(daylight + lamp)
+        self.sensor.set(self.daylight + lamp)
+
+    def state(self) -> dict[str, float]:
+        return {"daylight_lux": self.daylight}
 
 
-Model = Room | Motion | Daylight
+class Servo:
+    def __init__(self, settings: ServoSettings, ports: dict[str, Port], probes: dict[str, Probe]):
+        self.settings = settings
+        self.servo = probes["servo"]
+        self.feedback = ports.get("sensor")
+        self.angle = 0.0
+        self._last: float | None = None
+
+    def advance(self, now: float) -> None:
+        commanded = self.servo.level()
+        if self._last is None:
+            self.angle = commanded  # where the first pulses find it
+        else:
+            reach = self.settings.speed_deg_s * max(0.0, now - self._last)
+            self.angle += max(-reach, min(reach, commanded - self.angle))
+        self._last = now
+        if self.feedback is not None:
+            self.feedback.set(self.angle)
+
+    def state(self) -> dict[str, float]:
+        return {"angle_deg": self.angle}
+
+
+Model = Room | Motion | Daylight | Servo
 MODELS: dict[type[ModelSettings], type[Model]] = {
-    RoomSettings: Room, MotionSettings: Motion, DaylightSettings: Daylight,
+    RoomSettings: Room, MotionSettings: Motion, DaylightSettings: Daylight, ServoSettings: Servo,
 }

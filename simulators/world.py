@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gpiozero.pins.mock import MockFactory, MockPin
 
-from pi_controller.actuators import ActuatorSettings, PwmSettings, RelaySettings
+from pi_controller.actuators import ActuatorSettings, PwmSettings, RelaySettings, ServoSettings
 from pi_controller.config import Settings
 from pi_controller.sensors import DigitalSettings, DS18B20Settings, MCP3008Settings, SensorSettings
 from pi_controller.simulators.adc import SimulatedMCP3008
@@ -67,6 +67,24 @@ class PinProbe:
         return state if self.active_high else 1.0 - state
 
 
+class AngleProbe:
+    """A servo's commanded angle, from the pulse width on its mock pin; while detached (no pulses)
+    the last one, and before any, the middle of its range."""
+
+    def __init__(self, pin: MockPin, settings: ServoSettings):
+        self.pin = pin
+        self.settings = settings
+        self._last = (settings.min_angle + settings.max_angle) / 2
+
+    def level(self) -> float:
+        s = self.settings
+        if self.pin.state:
+            pulse_ms = self.pin.state * s.frame_ms
+            share = (pulse_ms - s.min_pulse_ms) / (s.max_pulse_ms - s.min_pulse_ms)
+            self._last = s.min_angle + share * (s.max_angle - s.min_angle)
+        return self._last
+
+
 class World:
     def __init__(self, settings: Settings, factory: MockFactory):
         self.factory = factory
@@ -106,4 +124,6 @@ class World:
     def _probe(self, actuator: ActuatorSettings) -> Probe:
         if isinstance(actuator, (RelaySettings, PwmSettings)):
             return PinProbe(self.factory.pin(actuator.pin), actuator.active_high)
+        if isinstance(actuator, ServoSettings):
+            return AngleProbe(self.factory.pin(actuator.pin), actuator)
         raise SimulationError(f"no simulated probe for actuator '{actuator.id}' of kind {actuator.kind}")

@@ -1,0 +1,156 @@
+"""What an operator asks for from outside (MQTT today): manual overrides, plugins on or off, plugin
+config values changed at run time.
+
+Requests arrive on any thread through `submit` and are taken up by the tick, where they pass the same
+validation as plugin commands (`Actuator.command`) and, as commands, the same safety rules. An override
+wins over every plugin until it is released or expires.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping
+
+import structlog
+
+from pi_controller.actuators import Actuator, Pwm, Relay, Servo
+from pi_controller.contract import Command, Rejected, encode_config
+
+log = structlog.get_logger("pi_controller.operator")
+
+OPERATOR = "operator"  # the "plugin" of operator commands in logs and stats
+PRIORITY = 2**31  # above any plugin's
+
+
+@dataclass(frozen=True)
+class SetActuator:
+    device_id: str
+    payload: bytes
+    expires_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    device_id: str
+
+
+@dataclass(frozen=True)
+class EnablePlugin:
+    name: str
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class SetPluginConfig:
+    name: str
+    key: str
+    value: Any
+
+
+Request = SetActuator | Release | EnablePlugin | SetPluginConfig
+
+
+class Operator:
+    def __init__(self, expiry_s: float):
+        self.expiry_s = expiry_s
+        self.disabled: set[str] = set()
+        self.config: dict[str, dict[str, Any]] = {}  # plugin -> values changed at run time
+        self._overrides: dict[str, tuple[Command, float]] = {}  # device -> (command, expiry)
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+
+    def submit(self, request: Request) -> None:
+        """From any thread; taken up at the start of the next tick."""
+        self._inbox.put(request)
+
+    def enabled(self, plugins: Iterable[Any]) -> Iterator[Any]:
+        return (p for p in plugins if p.name not in self.disabled)
+
+    def overrides(self) -> Mapping[str, tuple[Command, float]]:
+        return self._overrides
+
+    def commands(self, actuators: Mapping[str, Actuator], plugins: Iterable[Any], now: float,
+                 tick: int) -> list[Command]:
+        """Take up pending requests, expire old overrides, and return the overrides in force."""
+        while not self._inbox.empty():
+            request = self._inbox.get_nowait()
+            try:
+                self._take(request, actuators, plugins, now, tick)
+            except Exception as exc:  # nothing from outside may stop the loop
+                log.error("operator_request_failed", request=repr(request)[:200], tick=tick, error=str(exc))
+        for device, (command, expiry) in list(self._overrides.items()):
+            if now >= expiry or device not in actuators:
+                del self._overrides[device]
+                log.info("override_ended", device=device, tick=tick,
+                         reason="expired" if now >= expiry else "device removed")
+        return [command for command, _ in self._overrides.values()]
+
+    def _take(self, request: Request, actuators: Mapping[str, Actuator], plugins: Iterable[Any], now: float,
+              tick: int) -> None:
+        if isinstance(request, SetActuator):
+            self._override(request, actuators, now, tick)
+        elif isinstance(request, Release):
+            if self._overrides.pop(request.device_id, None) is not None:
+                log.info("override_ended", device=request.device_id, tick=tick, reason="released")
+        elif isinstance(request, EnablePlugin):
+            (self.disabled.discard if request.enabled else self.disabled.add)(request.name)
+            log.info("plugin_enabled" if request.enabled else "plugin_disabled_by_operator",
+                     plugin=request.name, tick=tick)
+        else:
+            self._configure(request, plugins, tick)
+
+    def _override(self, request: SetActuator, actuators: Mapping[str, Actuator], now: float, tick: int) -> None:
+        actuator = actuators.get(request.device_id)
+        try:
+            if actuator is None:
+                raise Rejected("unknown_device", f"unknown device '{request.device_id[:64]}'")
+            action, parameters, expires_s = parse_set(actuator, request.payload)
+            target = actuator.command(action, parameters)
+        except Rejected as exc:
+            log.warning("operator_command_rejected", device=request.device_id, tick=tick, rule=exc.rule,
+                        reason=str(exc))
+            return
+        lasts = expires_s or request.expires_s or self.expiry_s
+        self._overrides[actuator.id] = (Command(actuator.id, action, target, OPERATOR, PRIORITY), now + lasts)
+        log.info("override_set", device=actuator.id, target=target, expires_in_s=lasts, tick=tick)
+
+    def _configure(self, request: SetPluginConfig, plugins: Iterable[Any], tick: int) -> None:
+        plugin = next((p for p in plugins if p.name == request.name), None)
+        if plugin is None:
+            log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
+            return
+        changed = self.config.setdefault(request.name, {})
+        changed[request.key] = request.value
+        plugin.config_suffix = encode_config({**plugin.grant.config, **changed})
+        log.info("plugin_config_set", plugin=request.name, key=request.key, value=request.value, tick=tick)
+
+
+def parse_set(actuator: Actuator, payload: bytes) -> tuple[str, dict[str, Any], float | None]:
+    """(action, parameters, expiry) from a set payload: our own JSON command, or what Home Assistant
+    sends to a switch ("ON"/"OFF"), a JSON-schema light ({"state", "brightness"}) or a number."""
+    text = payload.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = text
+    if isinstance(data, dict) and "action" in data:
+        parameters = data.get("parameters", {})
+        if not isinstance(parameters, dict) or not isinstance(data["action"], str):
+            raise Rejected("malformed", "'action' must be a string and 'parameters' an object")
+        expires = data.get("expires_s")
+        if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))
+                                    or not 0 < expires <= 7 * 86400):
+            raise Rejected("malformed", "'expires_s' must be a number of seconds up to a week")
+        return data["action"], parameters, expires
+    if isinstance(actuator, Pwm) and isinstance(data, dict) and data.get("state") in ("ON", "OFF"):
+        if data["state"] == "OFF":
+            return "set_low", {}, None
+        if "brightness" in data:
+            return "pwm", {"duty_cycle": data["brightness"]}, None  # discovery sets brightness_scale 100
+        return "set_high", {}, None
+    if isinstance(actuator, (Relay, Pwm)) and data in ("ON", "OFF"):
+        return ("set_high" if data == "ON" else "set_low"), {}, None
+    if isinstance(actuator, Servo) and not isinstance(data, (dict, list, str)):
+        return "set_angle", {"angle": data}, None
+    raise Rejected("malformed", f"cannot read {text[:60]!r} as a command for a {actuator.kind}")

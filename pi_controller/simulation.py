@@ -1,0 +1,453 @@
+"""`pi-controller simulate`: the real daemon (loop, plugins, validation, safety) against the simulation
+models on a virtual clock, as fast as the machine allows; a trace of every tick, a verdict, a plot.
+
+The trace is recorded by wrapping the simulated world: the hardware advances it before every tick's
+reads, which is when the previous tick is complete, so the loop stays untouched. Everything in the
+trace runs on virtual time from a fixed start, so a seed gives a byte-identical trace; tick durations
+(real time) are left out on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import dataclasses
+import importlib.util
+import math
+import re
+import sys
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeGuard
+
+import structlog
+
+from pi_controller import config
+from pi_controller.actuators import ActuatorSettings, PwmSettings, RelaySettings
+from pi_controller.clock import VirtualClock
+from pi_controller.sensors import DEFAULT_W1_DIR, DS18B20Settings
+from pi_controller.simulators.models import Model, RoomSettings
+
+if TYPE_CHECKING:
+    from pi_controller.daemon import Daemon
+
+START = 1_800_000_000.0  # Unix time of tick 0 on the virtual clock: the same every run
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
+log = structlog.get_logger("pi_controller.simulation")
+
+Row = dict[str, float | None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings of a reproducible run
+
+
+def prepare(settings: config.Settings, rate_hz: float | None = None, seed: int | None = None) -> config.Settings:
+    """The settings of a run whose trace depends on nothing but the config and the seed.
+
+    No watchdog: it is a real-time thread and would trip on a busy machine, not on a stuck tick. No
+    metrics server and no MQTT: simulated data must not be served or published as if it were real. A
+    simulated DS18B20 is read in the tick, because its poll thread sleeps in real time. `seed` reseeds
+    every model that draws random numbers, each with its own (two motion sensors must not move in step).
+    """
+    loop = settings.loop if rate_hz is None else dataclasses.replace(settings.loop, rate_hz=rate_hz)
+    sensors = tuple(dataclasses.replace(s, poll_interval_s=0.0)
+                    if isinstance(s, DS18B20Settings) and s.base_dir != DEFAULT_W1_DIR else s
+                    for s in settings.sensors)
+    models = settings.simulation if seed is None else tuple(
+        dataclasses.replace(m, seed=seed + i) if hasattr(m, "seed") else m
+        for i, m in enumerate(settings.simulation))
+    off = {name: dataclasses.replace(getattr(settings, name), enabled=False)
+           for name in ("watchdog", "metrics", "mqtt")}
+    return dataclasses.replace(settings, loop=loop, sensors=sensors, simulation=models, **off)
+
+
+def model_names(settings: config.Settings) -> list[str]:
+    """A name per model for trace columns: its kind, numbered from the second of a kind on (room_2)."""
+    seen: Counter[str] = Counter()
+    names = []
+    for model in settings.simulation:
+        seen[model.kind] += 1
+        names.append(model.kind if seen[model.kind] == 1 else f"{model.kind}_{seen[model.kind]}")
+    return names
+
+
+@dataclass(frozen=True)
+class Band:
+    """A plugin's setpoint ± hysteresis on the sensor it controls."""
+
+    plugin: str
+    sensor: str
+    setpoint: float
+    hysteresis: float
+
+    def holds(self, value: float) -> bool:
+        return self.setpoint - self.hysteresis <= value <= self.setpoint + self.hysteresis
+
+
+def bands(settings: config.Settings) -> list[Band]:
+    """The band of every enabled plugin with a numeric `setpoint` in its config, on the config's `sensor`
+    or, when it names none, on the sensor of the (only) room model."""
+    rooms = [m.sensor for m in settings.simulation if isinstance(m, RoomSettings)]
+    found = []
+    for name, plugin in sorted(settings.plugins.settings.items()):
+        setpoint, hysteresis = plugin.config.get("setpoint"), plugin.config.get("hysteresis", 0.0)
+        sensor = plugin.config.get("sensor", rooms[0] if len(rooms) == 1 else None)
+        if plugin.enabled and _number(setpoint) and _number(hysteresis) and isinstance(sensor, str):
+            found.append(Band(name, sensor, float(setpoint), float(hysteresis)))
+    return found
+
+
+def _number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording
+
+
+class Sink(Protocol):
+    def add(self, row: Row) -> None: ...
+
+
+class Recorder:
+    """The environment of a simulated run: advances the world and hands each finished tick, as a row,
+    to the sinks (the trace file, the verdict)."""
+
+    def __init__(self, daemon: Daemon, clock: VirtualClock):
+        self.daemon = daemon
+        self.world = daemon.hardware.environment
+        self.start = clock.time()
+        self.sinks: list[Sink] = []
+        self.models: list[Model] = list(getattr(self.world, "models", []))
+        self.plugins = sorted(p.name for p in daemon.plugins)
+        self.model_columns = [f"{name}.{key}" for name, m in zip(model_names(daemon.settings), self.models)
+                              for key in m.state()]
+        self.columns = ["time_s", "tick", *(s.id for s in daemon.settings.sensors),
+                        *(a.id for a in daemon.settings.actuators), *self.model_columns,
+                        *(f"{p}.{what}" for p in self.plugins for what in ("errors", "rejected")),
+                        *(f"{a.id}.held" for a in daemon.settings.actuators)]
+        self._pending: tuple[float, list[float]] | None = None  # the tick under way: its time, model state
+        self._ticks = 0
+        self._totals: Counter[str] = Counter()
+
+    def advance(self, now: float) -> None:
+        self.flush()
+        if self.world is not None:
+            self.world.advance(now)
+        self._pending = (now, [v for m in self.models for v in m.state().values()])
+        # gpiozero's mock pins keep every state change they go through: with bit-banged SPI, a
+        # simulated day would be gigabytes of history nobody reads.
+        for pin in self.daemon.hardware.factory.pins.values():
+            pin.clear_states()
+
+    def flush(self) -> None:
+        """Hand on the tick under way: called before the next tick's reads and once after the last tick."""
+        if self._pending is None:
+            return
+        now, model_state = self._pending
+        self._pending = None
+        loop = self.daemon.loop
+        row: Row = {"time_s": now - self.start, "tick": self._ticks}
+        row |= {r.sensor_id: r.value for r in loop.readings}
+        row |= {key: state["value"] for key, state in loop.last_states.items()}
+        row |= dict(zip(self.model_columns, model_state))
+        row |= self._counts()
+        self._ticks += 1
+        for sink in self.sinks:
+            sink.add(row)
+
+    def _counts(self) -> Row:
+        """This tick's plugin errors, rejections and safety holds: the counters' growth since the last row."""
+        totals: Counter[str] = Counter()
+        for name in self.plugins:
+            stats = self.daemon.loop.plugin_stats.get(name)
+            totals[f"{name}.errors"] = stats.errors if stats else 0
+            totals[f"{name}.rejected"] = stats.rejected if stats else 0
+        for key, rules in self.daemon.loop.safety.held.items():
+            totals[f"{key}.held"] = sum(rules.values())
+        counts: Row = {key: totals[key] - self._totals[key] for key in totals}
+        self._totals = totals
+        return counts
+
+    def close(self) -> None:
+        if self.world is not None:
+            self.world.close()
+
+
+class TraceWriter:
+    """CSV, one row per tick, columns in a fixed order and numbers in a fixed format."""
+
+    def __init__(self, stream: TextIO, columns: list[str]):
+        self.columns = columns
+        self._csv = csv.writer(stream, lineterminator="\n")
+        self._csv.writerow(columns)
+
+    def add(self, row: Row) -> None:
+        self._csv.writerow([_cell(row[c]) for c in self.columns])
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return ""  # an invalid reading, a detached servo
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4f}"
+
+
+def read_trace(path: Path) -> dict[str, array[float]]:
+    """A trace file's columns as numbers (compact arrays: a day at 10 Hz is millions of them); an empty
+    cell is NaN."""
+    with path.open(newline="", encoding="utf-8") as stream:
+        reader = csv.reader(stream)
+        columns = next(reader)
+        values = [array("d") for _ in columns]
+        for row in reader:
+            for column, cell in zip(values, row):
+                column.append(float(cell) if cell else math.nan)
+    return dict(zip(columns, values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdict
+
+
+def duty(settings: ActuatorSettings, value: float | None) -> float:
+    """An actuator's share of full power: a relay's state, a PWM duty; a servo is powered while it
+    gets pulses."""
+    if value is None:
+        return 0.0
+    if isinstance(settings, PwmSettings):
+        return value / 100.0
+    if isinstance(settings, RelaySettings):
+        return float(value)
+    return 1.0
+
+
+@dataclass
+class BandTally:
+    """Time in a band, counted from warm-up: the first tick whose reading is in it. The lowest and
+    highest readings are those after warm-up, or of the whole run if it never got there."""
+
+    band: Band
+    reached_at: float | None = None
+    inside: int = 0
+    after: int = 0
+    low: float = float("inf")
+    high: float = float("-inf")
+
+    def add(self, row: Row) -> None:
+        value = row[self.band.sensor]
+        inside = value is not None and self.band.holds(value)
+        if self.reached_at is None and inside:
+            self.reached_at = row["time_s"]
+            self.low, self.high = float("inf"), float("-inf")  # from now on: after warm-up
+        if self.reached_at is not None:
+            self.after += 1
+            self.inside += inside
+        if value is not None:
+            self.low, self.high = min(self.low, value), max(self.high, value)
+
+    @property
+    def share(self) -> float:
+        return self.inside / self.after if self.after else 0.0
+
+
+@dataclass
+class ActuatorTally:
+    settings: ActuatorSettings
+    switches: int = 0
+    duty_sum: float = 0.0  # per-tick duties added up: times the period, the energy in full-power seconds
+    on: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.on = duty(self.settings, self.settings.targets()[1]) > 0  # start-up state
+
+    def add(self, value: float | None) -> None:
+        level = duty(self.settings, value)
+        self.switches += (level > 0) != self.on
+        self.on = level > 0
+        self.duty_sum += level
+
+
+class Verdict:
+    """What a plugin author needs to know of a run: time in the setpoint bands, switches and energy
+    per actuator, plugin failures and what the safety rules held back."""
+
+    def __init__(self, settings: config.Settings):
+        self.settings = settings
+        self.period = settings.loop.period
+        self.ticks = 0
+        self.bands = [BandTally(b) for b in bands(settings)]
+        self.actuators = {a.id: ActuatorTally(a) for a in settings.actuators}
+        self.plugins: dict[str, str] = {}  # plugin -> what went wrong, if anything
+        self.held: dict[str, dict[str, int]] = {}
+        self.wall_s = 0.0
+
+    def add(self, row: Row) -> None:
+        self.ticks += 1
+        for band in self.bands:
+            band.add(row)
+        for key, tally in self.actuators.items():
+            tally.add(row[key])
+
+    def finish(self, daemon: Daemon, wall_s: float) -> None:
+        self.wall_s = wall_s
+        self.held = daemon.loop.summary()["held"]
+        stats = daemon.loop.plugin_stats
+        for name, status in sorted(daemon.plugins.status.items()):
+            if status.state != "loaded":
+                self.plugins[name] = f"{status.state}{': ' + status.reason if status.reason else ''}"
+            elif name in stats and (stats[name].errors or stats[name].rejected):
+                self.plugins[name] = (f"{stats[name].errors} errors in {stats[name].calls} calls, "
+                                      f"{stats[name].rejected} rejected commands")
+            else:
+                self.plugins[name] = ""
+
+    def lines(self) -> list[str]:
+        simulated = self.ticks * self.period
+        speed = f" ({simulated / self.wall_s:.0f}x real time)" if self.wall_s else ""
+        out = [(f"simulated {hms(simulated)} at {self.settings.loop.rate_hz:g} Hz: {self.ticks} ticks in "
+                f"{self.wall_s:.1f} s{speed}")]
+        out += [self._band_line(b) for b in self.bands]
+        out += [self._actuator_line(key, t) for key, t in self.actuators.items()]
+        failing = {name: why for name, why in self.plugins.items() if why}
+        ok = [name for name, why in self.plugins.items() if not why]
+        if ok:
+            out.append(f"plugins without errors or rejected commands: {', '.join(ok)}")
+        out += [f"plugin {name}: {why}" for name, why in failing.items()]
+        out += [f"safety held back {key}: " + ", ".join(f"{rule} {n} ticks" for rule, n in sorted(rules.items()))
+                for key, rules in self.held.items()]
+        return out
+
+    def _band_line(self, tally: BandTally) -> str:
+        b = tally.band
+        unit = next(s.unit for s in self.settings.sensors if s.id == b.sensor)
+        head = f"{b.plugin}: {b.sensor} at {b.setpoint:g} ± {b.hysteresis:g} {unit}"
+        if tally.reached_at is None:
+            return f"{head}: never in the band; {tally.low:.2f} to {tally.high:.2f}"
+        return (f"{head}: in the band {100 * tally.share:.1f} % of the time after warm-up (reached at "
+                f"{hms(tally.reached_at)}); {tally.low:.2f} to {tally.high:.2f} after warm-up")
+
+    def _actuator_line(self, key: str, tally: ActuatorTally) -> str:
+        share = tally.duty_sum / self.ticks if self.ticks else 0.0
+        energy = f"{tally.duty_sum * self.period / 3600:.2f} h at full power"
+        if isinstance(tally.settings, RelaySettings):
+            return f"{key} (relay): {tally.switches} switches, on {100 * share:.1f} % of the time: {energy}"
+        if isinstance(tally.settings, PwmSettings):
+            return f"{key} (pwm): {tally.switches} switches, mean duty {100 * share:.1f} %: {energy}"
+        return f"{key} ({tally.settings.kind}): powered {100 * share:.1f} % of the time"
+
+
+def hms(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run(settings: config.Settings, duration_s: float, trace: Path, plugins_dir: Path | None = None) -> Verdict:
+    """Simulate `duration_s` with prepared settings, write the trace, return the verdict.
+
+    Raises SimulationError (a model the devices cannot carry) and HardwareError as the daemon does.
+    """
+    from pi_controller.daemon import Daemon
+
+    clock = VirtualClock(START)
+    daemon = Daemon(settings, simulate=True, plugins_dir=plugins_dir, clock=clock)
+    verdict = Verdict(settings)
+    ticks = max(1, round(duration_s * settings.loop.rate_hz))
+    try:
+        with trace.open("w", newline="", encoding="utf-8") as stream:
+            recorder = Recorder(daemon, clock)
+            recorder.sinks = [TraceWriter(stream, recorder.columns), verdict]
+            daemon.hardware.environment = recorder
+            log.info("simulation_started", ticks=ticks, rate_hz=settings.loop.rate_hz, trace=str(trace))
+            started = time.perf_counter()
+            asyncio.run(daemon.serve(ticks))
+            recorder.flush()
+        verdict.finish(daemon, time.perf_counter() - started)
+    finally:
+        daemon.close()
+    log.info("simulation_finished", ticks=verdict.ticks, wall_s=round(verdict.wall_s, 2))
+    return verdict
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+_RATE = next(f for f in dataclasses.fields(config.LoopSettings) if f.name == "rate_hz")  # its bounds
+
+
+def add_command(commands: Any) -> None:
+    """Register `simulate` on the CLI's subcommands (argparse's subparsers action)."""
+    low, high = _RATE.metadata["low"], _RATE.metadata["high"]
+    sim = commands.add_parser("simulate", help="run the loop and plugins against the models, faster than real time")
+    sim.add_argument("--config", required=True, type=Path, help="YAML config file, with a simulation: section")
+    sim.add_argument("--duration", type=parse_duration, default=parse_duration("24h"),
+                     help="simulated time: 90s, 30m, 24h, 2d (default 24h)")
+    sim.add_argument("--rate", type=_rate, help=f"ticks per simulated second, {low:g} to {high:g} "
+                                                f"(default: the config's loop.rate_hz)")
+    sim.add_argument("--seed", type=int, help="reseed the models' random numbers (default: the config's seeds)")
+    sim.add_argument("--trace", type=Path, default=Path("trace.csv"), help="CSV trace (default trace.csv)")
+    sim.add_argument("--plot", type=Path, help="draw the trace to this PNG (needs pi-controller[plot])")
+    sim.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
+    sim.add_argument("--log-format", choices=["console", "json"], default="console")
+    sim.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
+    sim.set_defaults(handler=command)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90', '90s', '30m', '24h' or '2d'."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not match or float(match[1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 30m, 24h or 2d")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not _RATE.metadata["low"] <= value <= _RATE.metadata["high"]:
+        raise argparse.ArgumentTypeError(f"{value:g} is out of range; valid: {_RATE.metadata['low']:g} to "
+                                         f"{_RATE.metadata['high']:g}")
+    return value
+
+
+def command(args: argparse.Namespace) -> int:
+    from pi_controller.hardware import HardwareError
+    from pi_controller.simulators.world import SimulationError
+
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before a long run, not after it
+        print("--plot needs matplotlib: pip install 'pi-controller[plot]'", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        settings = prepare(config.load(args.config), args.rate, args.seed)
+    except config.ConfigError as exc:
+        log.error("config_invalid", file=exc.file, line=exc.line, key=config.format_path(exc.path),
+                  problem=exc.message)
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        verdict = run(settings, args.duration, args.trace, args.plugins)
+    except SimulationError as exc:
+        print(f"simulation error: {args.config}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except HardwareError as exc:
+        log.error("hardware_setup_failed", error=str(exc))
+        return EXIT_FAILED
+    print("\n".join([*verdict.lines(), f"trace: {args.trace}"]))
+    if args.plot:
+        from pi_controller import plot
+
+        plot.draw(read_trace(args.trace), verdict, args.plot)
+        print(f"plot: {args.plot}")
+    return 0

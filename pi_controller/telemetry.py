@@ -1,0 +1,278 @@
+"""MQTT telemetry and commands, through paho-mqtt (2.x, callback API 2), never in the loop's way.
+
+After each tick (`tick_done`, on the event loop) this decides what is worth publishing (on change
+beyond a sensor's deadband, or at the heartbeat), queues it in a bounded outbox and hands the outbox
+to paho at up to `max_messages_per_s`, only while connected. paho's own thread does the network:
+connecting, reconnecting with backoff, QoS 1 retries. While the broker is away the outbox keeps
+messages in order with their original timestamps; past its bound the oldest are dropped and counted.
+Inbound commands become `Operator` requests, validated at the next tick.
+
+Topics (under `<base_topic>/<node_id>`): `status` (retained online/offline, with a last will),
+`sensor/<id>/state`, `actuator/<id>/state` (JSON, retained), `actuator/<id>/set` and `/release`,
+`plugin/<name>/state`, `plugin/<name>/enable`, `plugin/<name>/config/<key>/set`, `loop/state`,
+`telemetry/state` (buffered and dropped counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import paho.mqtt.client as mqtt
+import structlog
+
+from pi_controller import discovery
+from pi_controller.config import MqttSettings, Settings
+from pi_controller.discovery import Topics
+from pi_controller.observer import LoopObserver, TickReport
+from pi_controller.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig
+
+log = structlog.get_logger("pi_controller.telemetry")
+
+Message = tuple[str, bytes, bool]  # topic, payload, retain
+PAHO_QUEUE = 1000  # messages paho may hold itself (in flight, or handed over as the link dropped)
+
+
+class Telemetry(LoopObserver):
+    def __init__(self, settings: Settings, view: Any, operator: Operator,
+                 timer: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.mqtt = settings.mqtt
+        self.topics = Topics.of(self.mqtt)
+        self.view = view  # the daemon: readings, actuator states, plugin states, loop stats
+        self.operator = operator
+        self._timer = timer
+        self.outbox: deque[Message] = deque()
+        self.dropped = 0
+        self.readings_queued = 0
+        self._published: dict[str, tuple[Any, float]] = {}  # topic -> (what was sent, when)
+        self._tokens = 0.0
+        self._last_pump = timer()
+        self._connected = threading.Event()
+        self._resync = threading.Event()
+        self._stale_configs: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._discovery: dict[str, dict[str, Any]] = {}
+        self.client = self._client()
+        self._restore()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _client(self) -> mqtt.Client:
+        m = self.mqtt
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id or f"pi-controller-{m.node_id}")
+        if m.username is not None:
+            client.username_pw_set(m.username, m.password)
+        if m.tls is not None:
+            client.tls_set(ca_certs=m.tls.ca_file, certfile=m.tls.cert_file, keyfile=m.tls.key_file)
+        client.will_set(self.topics.status, "offline", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=60)
+        client.max_queued_messages_set(PAHO_QUEUE)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def start(self, plugins: Iterable[str]) -> None:
+        """Connect in the background: a broker that is down never holds up the daemon."""
+        self._discovery = discovery.configs(self.settings, plugins) if self.mqtt.discovery else {}
+        self.client.connect_async(self.mqtt.host, self.mqtt.port, self.mqtt.keepalive_s)
+        self.client.loop_start()
+        log.info("mqtt_starting", host=self.mqtt.host, port=self.mqtt.port, base=self.topics.base)
+
+    def summary(self) -> dict[str, Any]:
+        return {"connected": self._connected.is_set(), "readings_queued": self.readings_queued,
+                "buffered": len(self.outbox), "dropped": self.dropped}
+
+    def stop(self) -> None:
+        """Publish what can be published, say offline, disconnect; keep the rest on disk if asked."""
+        if self._connected.is_set():
+            self._pump(budget=len(self.outbox))
+            info = self.client.publish(self.topics.status, "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError):
+                pass  # gone meanwhile: the last will says the same
+        self._connected.clear()  # leaving on purpose is no disconnection to warn about
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._persist()
+
+    # -- paho's thread ---------------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("mqtt_connect_refused", reason=str(reason))
+            return
+        client.publish(self.topics.status, "online", qos=1, retain=True)
+        subscriptions = [("homeassistant/status", 1)] if self.mqtt.discovery else []
+        if self.mqtt.discovery:
+            subscriptions.append((f"{self.mqtt.discovery_prefix}/+/{self.mqtt.node_id}/+/config", 1))
+        if self.mqtt.commands:
+            b = self.topics.base
+            subscriptions += [(f"{b}/actuator/+/set", 1), (f"{b}/actuator/+/release", 1),
+                              (f"{b}/plugin/+/enable", 1), (f"{b}/plugin/+/config/+/set", 1)]
+        if subscriptions:
+            client.subscribe(subscriptions)
+        self._connected.set()
+        self._resync.set()
+        log.info("mqtt_connected", host=self.mqtt.host, port=self.mqtt.port)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self._connected.is_set():
+            log.warning("mqtt_disconnected", reason=str(reason), buffered=len(self.outbox))
+        self._connected.clear()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._route(message.topic, message.payload, message.retain)
+        except Exception as exc:  # paho would swallow it silently; a bad message must not go unnoticed
+            log.warning("mqtt_message_rejected", topic=message.topic[:200], error=str(exc))
+
+    def _route(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == "homeassistant/status":
+            if payload == b"online":
+                self._resync.set()  # Home Assistant restarted: it needs discovery and states again
+            return
+        if topic.endswith("/config") and topic.startswith(self.mqtt.discovery_prefix + "/"):
+            if payload and topic not in self._discovery:
+                self._stale_configs.put(topic)  # an entity of ours no longer in the config
+            return
+        parts = topic[len(self.topics.base) + 1:].split("/")
+        if retained:
+            return  # a command left retained on the broker is not a fresh request
+        match parts:
+            case ["actuator", device, "set"]:
+                self.operator.submit(SetActuator(device, payload))
+            case ["actuator", device, "release"]:
+                self.operator.submit(Release(device))
+            case ["plugin", name, "enable"]:
+                self.operator.submit(EnablePlugin(name, payload.strip().upper() in (b"ON", b"TRUE", b"1")))
+            case ["plugin", name, "config", key, "set"]:
+                self.operator.submit(SetPluginConfig(name, key, _scalar(payload)))
+
+    # -- the event loop --------------------------------------------------------------------------
+
+    def tick_done(self, report: TickReport) -> None:
+        now = self._timer()
+        if self._resync.is_set():
+            self._resync.clear()
+            self._queue_front([(t, json.dumps(c).encode(), True) for t, c in self._discovery.items()])
+            self._published.clear()  # every state again, for a subscriber that just arrived
+        while not self._stale_configs.empty():
+            self._queue_front([(self._stale_configs.get_nowait(), b"", True)])
+        self._collect(now)
+        self._pump()
+
+    def _collect(self, now: float) -> None:
+        heartbeat = self.mqtt.heartbeat_s
+        for reading in self.view.loop.readings:
+            data = reading.as_json()
+            band = self.mqtt.deadband.get(reading.sensor_id, 0.0)
+            self.readings_queued += self._offer(self.topics.sensor(reading.sensor_id), data, now, heartbeat,
+                                                lambda old, new, band=band: _moved(old, new, band))
+        overrides = self.operator.overrides()
+        for device, state in self.view.loop.last_states.items():
+            self._offer(self.topics.actuator(device), _actuator_payload(state, device in overrides), now, heartbeat)
+        for name, state in self.view.plugin_states().items():
+            self._offer(self.topics.plugin(name), state, now, heartbeat,
+                        lambda old, new: (old["state"], old["enabled"]) != (new["state"], new["enabled"]))
+        last_loop = self._published.get(self.topics.loop)
+        if last_loop is None or now - last_loop[1] >= self.mqtt.loop_interval_s:  # percentiles are not free
+            self._offer(self.topics.loop, self.view.loop_state(), now, 0.0)
+        telemetry = {"buffered": len(self.outbox), "dropped": self.dropped}
+        self._offer(self.topics.telemetry, telemetry, now, heartbeat)
+
+    def _offer(self, topic: str, data: dict[str, Any], now: float, every: float,
+               changed: Callable[[Any, Any], bool] = lambda old, new: old != new) -> bool:
+        """Queue `data` if it changed enough or is due again; True if queued."""
+        last = self._published.get(topic)
+        if last is not None and now - last[1] < every and not changed(last[0], data):
+            return False
+        self._published[topic] = (data, now)
+        self._queue((topic, json.dumps(data).encode(), True))
+        return True
+
+    def _queue(self, message: Message) -> None:
+        if len(self.outbox) >= self.mqtt.buffer_messages:
+            self.outbox.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("telemetry_dropped", dropped=self.dropped, bound=self.mqtt.buffer_messages)
+        self.outbox.append(message)
+
+    def _queue_front(self, messages: list[Message]) -> None:
+        self.outbox.extendleft(reversed(messages))
+
+    def _pump(self, budget: int | None = None) -> None:
+        now = self._timer()
+        rate = self.mqtt.max_messages_per_s
+        self._tokens = min(rate, self._tokens + rate * (now - self._last_pump))
+        self._last_pump = now
+        allowed = int(self._tokens) if budget is None else budget
+        sent = 0
+        while self.outbox and sent < allowed and self._connected.is_set():
+            topic, payload, retain = self.outbox[0]
+            # Even when the connection dropped a moment ago (NO_CONN), paho keeps a QoS 1 message and
+            # sends it after reconnecting; only its own queue being full leaves the message with us.
+            if self.client.publish(topic, payload, qos=1, retain=retain).rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                break
+            self.outbox.popleft()
+            sent += 1
+        self._tokens -= sent
+
+    # -- a restart of the daemon -----------------------------------------------------------------
+
+    def _persist(self) -> None:
+        if not self.mqtt.buffer_file or not self.outbox:
+            return
+        with open(self.mqtt.buffer_file, "w", encoding="utf-8") as f:
+            for topic, payload, retain in self.outbox:
+                f.write(json.dumps([topic, payload.decode(), retain]) + "\n")
+        log.info("telemetry_saved", messages=len(self.outbox), file=self.mqtt.buffer_file)
+
+    def _restore(self) -> None:
+        path = Path(self.mqtt.buffer_file) if self.mqtt.buffer_file else None
+        if path is None or not path.exists():
+            return
+        try:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                topic, payload, retain = json.loads(line)
+                self._queue((topic, payload.encode(), retain))
+        except (OSError, ValueError) as exc:
+            log.warning("telemetry_restore_failed", file=str(path), error=str(exc))
+        path.unlink(missing_ok=True)
+        log.info("telemetry_restored", messages=len(self.outbox), file=str(path))
+
+
+def _moved(old: dict[str, Any], new: dict[str, Any], band: float) -> bool:
+    if old["valid"] != new["valid"] or old.get("error") != new.get("error"):
+        return True
+    if old["value"] is None or new["value"] is None:
+        return old["value"] != new["value"]
+    return abs(new["value"] - old["value"]) > band if band else new["value"] != old["value"]
+
+
+def _actuator_payload(state: dict[str, Any], overridden: bool) -> dict[str, Any]:
+    payload = {**state, "override": overridden}
+    if state["type"] == "pwm":  # what Home Assistant's JSON-schema light reads
+        payload |= {"state": "ON" if state["on"] else "OFF", "brightness": state["duty_cycle"],
+                    "color_mode": "brightness"}
+    return payload
+
+
+def _scalar(payload: bytes) -> Any:
+    """A config value from a payload: JSON if it parses (numbers, true/false), else the text."""
+    text = payload.decode("utf-8", "replace").strip()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("config values must be finite")
+    return value

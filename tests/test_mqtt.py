@@ -1,0 +1,376 @@
+"""MQTT with a real broker on loopback (mosquitto) and a real paho subscriber; the daemon a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+
+from tests.conftest import example_data
+
+NODE = "testpi"
+BASE = f"pi-controller/{NODE}"
+
+MOSQUITTO = shutil.which("mosquitto") or shutil.which("/usr/sbin/mosquitto")
+AMQTT = shutil.which("amqtt", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+
+pytestmark = pytest.mark.skipif(not (MOSQUITTO or AMQTT), reason="no broker: install Debian's mosquitto (.ci/run "
+                                                                  "does) or amqtt from PyPI")
+
+
+# Measured with amqtt 0.12.1: no last will on SIGKILL of a client, and no sessions across a restart.
+needs_mosquitto = pytest.mark.skipif(not MOSQUITTO, reason="amqtt lacks what this test needs; install mosquitto")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """A broker process on loopback: Debian's mosquitto (with persistence, so subscriber sessions
+    survive a restart), or amqtt from PyPI where mosquitto is not installed."""
+
+    def __init__(self, folder: Path):
+        self.port = free_port()
+        if MOSQUITTO:
+            self.conf = folder / "mosquitto.conf"
+            self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                                 f"persistence_location {folder}/\nautosave_interval 1\n")
+            self.command = [MOSQUITTO, "-c", str(self.conf)]
+        else:
+            self.conf = folder / "amqtt.yaml"
+            self.conf.write_text(yaml.safe_dump({
+                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+                "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}))
+            self.command = [str(AMQTT), "-c", str(self.conf)]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"the broker did not start: {self.command}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()  # mosquitto saves its persistence file on SIGTERM
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    broker = Broker(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+class Subscriber:
+    """A paho client recording every message under our base topic and the discovery prefix."""
+
+    def __init__(self, port: int, client_id: str = "test-subscriber"):
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        self.client.on_message = self._record
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(f"{BASE}/#", 1), ("homeassistant/#", 1)])
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _record(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((message.topic, message.payload, bool(message.retain)))
+
+    def on(self, topic: str) -> list[bytes]:
+        with self._lock:
+            return [payload for t, payload, _ in self.messages if t == topic]
+
+    def wait_for(self, test: Callable[[], Any], seconds: float = 15) -> Any:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            result = test()
+            if result:
+                return result
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; topics seen: {sorted({t for t, _, _ in self.messages})}")
+
+    def publish(self, topic: str, payload: str | bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def subscriber(broker: Broker) -> Iterator[Subscriber]:
+    sub = Subscriber(broker.port)
+    yield sub
+    sub.close()
+
+
+def daemon_config(tmp_path: Path, port: int, **mqtt_settings: Any) -> Path:
+    data = example_data()
+    data["mqtt"] = {"enabled": True, "port": port, "node_id": NODE, **mqtt_settings}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pi_controller", "run", "--config", str(config), "--simulate",
+                             "--log-format", "json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(process: subprocess.Popen[str], stop: bool = True) -> tuple[str, list[dict[str, Any]]]:
+    """Stop the daemon (or, with --ticks, let it end) and return its stdout and log events."""
+    if stop and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    return out, [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+
+
+def state(sub: Subscriber, topic: str) -> dict[str, Any] | None:
+    payloads = sub.on(topic)
+    return json.loads(payloads[-1]) if payloads else None
+
+
+def test_discovery_states_and_availability(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port))
+    try:
+        subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status") == [b"online"])
+        temperature = subscriber.wait_for(lambda: state(subscriber, f"{BASE}/sensor/temperature_sensor/state"))
+        subscriber.wait_for(lambda: state(subscriber, f"{BASE}/loop/state"))
+        subscriber.wait_for(lambda: state(subscriber, f"{BASE}/plugin/motion_light/state"))
+    finally:
+        finish(process)
+    assert temperature["unit"] == "celsius" and temperature["valid"] and isinstance(temperature["value"], float)
+    configs = {t: json.loads(p) for t, p, _ in subscriber.messages if t.startswith("homeassistant/") and p}
+    prefix = f"homeassistant/%s/{NODE}/%s/config"
+    temp = configs[prefix % ("sensor", "temperature_sensor")]
+    assert (temp["device_class"], temp["unit_of_measurement"], temp["state_class"]) == ("temperature", "°C",
+                                                                                         "measurement")
+    assert temp["unique_id"] == f"{NODE}_temperature_sensor"
+    assert temp["default_entity_id"] == f"sensor.{NODE}_temperature_sensor" and "object_id" not in temp
+    assert temp["state_topic"] == f"{BASE}/sensor/temperature_sensor/state"
+    assert temp["availability"] == [{"topic": f"{BASE}/status"}]
+    assert temp["device"]["identifiers"] == [f"pi-controller-{NODE}"]
+    assert configs[prefix % ("sensor", "light_sensor")]["device_class"] == "illuminance"
+    assert configs[prefix % ("binary_sensor", "motion_sensor")]["device_class"] == "motion"
+    relay = configs[prefix % ("switch", "relay_switch")]
+    assert relay["command_topic"] == f"{BASE}/actuator/relay_switch/set"
+    light = configs[prefix % ("light", "led_strip")]
+    assert light["schema"] == "json" and light["supported_color_modes"] == ["brightness"]
+    servo = configs[prefix % ("number", "servo_motor")]
+    assert (servo["min"], servo["max"]) == (0, 90)
+    assert {prefix % ("sensor", "loop_rate_hz"), prefix % ("switch", "plugin_motion_light_enabled")} <= set(configs)
+    assert len({c["device"]["identifiers"][0] for c in configs.values()}) == 1  # one device per Pi
+    assert subscriber.on(f"{BASE}/status")[-1] == b"offline"  # said on the way out
+    retained = {t for t, _, r in subscriber.messages if r}
+    assert retained == set()  # a live subscription gets live copies; the broker keeps them retained
+
+
+@needs_mosquitto
+def test_the_last_will_says_offline_when_the_daemon_is_killed(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port))
+    subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status") == [b"online"])
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status")[-1:] == [b"offline"])
+    late = Subscriber(broker.port, "late-subscriber")  # a dashboard that connects afterwards sees it too
+    try:
+        late.wait_for(lambda: late.on(f"{BASE}/status") == [b"offline"])
+    finally:
+        late.close()
+
+
+def test_overrides_win_over_plugins_until_released_or_expired(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port, heartbeat_s=1))
+    led = f"{BASE}/actuator/led_strip"
+    try:
+        subscriber.wait_for(lambda: state(subscriber, f"{led}/state"))
+        subscriber.publish(f"{led}/set", json.dumps({"state": "ON", "brightness": 40}))
+        on = subscriber.wait_for(lambda: (s := state(subscriber, f"{led}/state")) and s["override"] and s)
+        assert (on["duty_cycle"], on["state"], on["brightness"]) == (40.0, "ON", 40.0)
+        subscriber.publish(f"{led}/release", "")
+        subscriber.wait_for(lambda: state(subscriber, f"{led}/state")["override"] is False)
+        subscriber.publish(f"{led}/set", json.dumps({"action": "pwm", "parameters": {"duty_cycle": 30},
+                                                     "expires_s": 1}))
+        subscriber.wait_for(lambda: state(subscriber, f"{led}/state")["duty_cycle"] == 30.0)
+        subscriber.wait_for(lambda: state(subscriber, f"{led}/state")["override"] is False)
+    finally:
+        _, events = finish(process)
+    ended = [e["reason"] for e in events if e["event"] == "override_ended"]
+    assert ended == ["released", "expired"]
+
+
+def test_commands_are_validated_like_plugin_commands_and_bad_ones_rejected(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port))
+    try:
+        subscriber.wait_for(lambda: state(subscriber, f"{BASE}/actuator/led_strip/state"))
+        for topic, payload in [("actuator/led_strip/set", '{"state": "ON", "brightness": 150}'),
+                               ("actuator/led_strip/set", "\xff garbage"),
+                               ("actuator/toaster/set", "ON"),
+                               ("actuator/servo_motor/set", "1e999"),
+                               ("plugin/temperature_control/config/setpoint/set", "NaN"),
+                               ("actuator/relay_switch/set", "ON")]:
+            subscriber.publish(f"{BASE}/{topic}", payload)
+        subscriber.wait_for(lambda: (s := state(subscriber, f"{BASE}/actuator/relay_switch/state")) and s["override"])
+    finally:
+        _, events = finish(process)
+    rejected = [(e.get("device"), e.get("rule")) for e in events if e["event"] == "operator_command_rejected"]
+    assert rejected == [("led_strip", "out_of_range"), ("led_strip", "malformed"), ("toaster", "unknown_device"),
+                        ("servo_motor", "not_finite")]
+    assert any(e["event"] == "mqtt_message_rejected" for e in events)  # the NaN config value
+    assert not any(e["event"] == "daemon_crashed" for e in events)
+
+
+def test_plugins_are_switched_off_and_reconfigured_at_run_time(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port, heartbeat_s=1))
+    plugin = f"{BASE}/plugin/temperature_control"
+    relay = f"{BASE}/actuator/relay_switch/state"
+    try:
+        subscriber.wait_for(lambda: (s := state(subscriber, relay)) and s["on"])  # 19 C: heating to 21
+        subscriber.publish(f"{plugin}/config/setpoint/set", "12")
+        subscriber.wait_for(lambda: state(subscriber, relay)["on"] is False)  # 19 C is warm enough for 12
+        subscriber.publish(f"{plugin}/enable", "OFF")
+        subscriber.wait_for(lambda: state(subscriber, f"{plugin}/state")["enabled"] is False)
+        calls = state(subscriber, f"{plugin}/state")["calls"]
+        time.sleep(1.5)
+        assert state(subscriber, f"{plugin}/state")["calls"] == calls  # not called while off
+    finally:
+        _, events = finish(process)
+    assert [e["key"] for e in events if e["event"] == "plugin_config_set"] == ["setpoint"]
+
+
+def test_read_only_mode_subscribes_to_nothing(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port, commands=False, heartbeat_s=1))
+    try:
+        subscriber.wait_for(lambda: state(subscriber, f"{BASE}/actuator/led_strip/state"))
+        subscriber.publish(f"{BASE}/actuator/led_strip/set", "ON")
+        time.sleep(1.5)
+        assert not state(subscriber, f"{BASE}/actuator/led_strip/state")["override"]
+    finally:
+        _, events = finish(process)
+    assert not any(e["event"].startswith("override") for e in events)
+
+
+def test_deadband_keeps_small_changes_off_the_broker(tmp_path, broker, subscriber) -> None:
+    config = daemon_config(tmp_path, broker.port, deadband={"light_sensor": 1e6}, discovery=False)
+    out, _ = finish(start_daemon(config, "--ticks", "40"), stop=False)
+    subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status")[-1:] == [b"offline"])
+    # Daylight changes every tick (the outage test sees it), but never by a million lux: the first
+    # reading, and the same again when the connection came up and every state was republished.
+    assert 1 <= len(subscriber.on(f"{BASE}/sensor/light_sensor/state")) <= 2
+    assert json.loads(out)["telemetry"]["dropped"] == 0
+
+
+def test_rate_cap_spreads_messages_out(tmp_path, broker, subscriber) -> None:
+    arrivals: list[float] = []
+    subscriber.client.on_message = lambda c, u, m: arrivals.append(time.monotonic())
+    config = daemon_config(tmp_path, broker.port, deadband={"light_sensor": 0.0}, discovery=False,
+                           max_messages_per_s=3)
+    process = start_daemon(config)
+    try:
+        subscriber.wait_for(lambda: arrivals, seconds=15)
+        time.sleep(4)
+        window_end = time.monotonic()
+    finally:
+        finish(process)
+    # The light sensor alone offers 10 messages a second; at most 3 a second (and one second's burst)
+    # may go out. A slow machine only sends fewer.
+    in_window = [t for t in arrivals if window_end - 3 <= t < window_end]
+    assert len(in_window) <= 3 * 3 + 3
+
+
+@needs_mosquitto
+def test_a_broker_outage_loses_no_reading(tmp_path, broker, subscriber) -> None:
+    config = daemon_config(tmp_path, broker.port, deadband={"light_sensor": 0.0}, discovery=False,
+                           max_messages_per_s=1000)
+    process = start_daemon(config, "--ticks", "80")
+    subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status") == [b"online"])
+    time.sleep(1.5)
+    broker.stop()
+    time.sleep(2.5)  # readings taken meanwhile wait in the daemon's outbox
+    broker.start()
+    out, events = finish(process, stop=False)
+    snapshot = json.loads(out)
+    readings = {(json.loads(p)["sensor_id"], json.loads(p)["timestamp"])
+                for t, p, _ in subscriber.messages if "/sensor/" in t}
+
+    def all_arrived() -> bool:
+        return len({(json.loads(p)["sensor_id"], json.loads(p)["timestamp"])
+                    for t, p, _ in subscriber.messages if "/sensor/" in t}) >= snapshot["telemetry"]["readings_queued"]
+
+    subscriber.wait_for(all_arrived, seconds=20)
+    readings = {(json.loads(p)["sensor_id"], json.loads(p)["timestamp"])
+                for t, p, _ in subscriber.messages if "/sensor/" in t}
+    assert len(readings) == snapshot["telemetry"]["readings_queued"]
+    assert snapshot["telemetry"]["dropped"] == 0
+    names = [e["event"] for e in events]
+    assert names.count("mqtt_disconnected") == 1 and names.count("mqtt_connected") == 2
+    assert snapshot["ticks"]["count"] == 80  # the loop ran on through the outage
+    light = [json.loads(p)["timestamp"] for t, p, _ in subscriber.messages if t.endswith("light_sensor/state")]
+    assert light == sorted(light)  # in order, with their original timestamps
+
+
+def discovery_topics(sub: Subscriber) -> set[str]:
+    return {t for t, p, _ in sub.messages if t.startswith("homeassistant/") and t.endswith("/config") and p}
+
+
+def test_home_assistant_restart_gets_discovery_and_states_again(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port))
+    try:
+        first = subscriber.wait_for(lambda: len(discovery_topics(subscriber)) >= 15 and discovery_topics(subscriber))
+        subscriber.wait_for(lambda: state(subscriber, f"{BASE}/actuator/servo_motor/state"))
+        with subscriber._lock:
+            subscriber.messages.clear()
+        subscriber.publish("homeassistant/status", "online")
+        subscriber.wait_for(lambda: discovery_topics(subscriber) == first)
+        subscriber.wait_for(lambda: state(subscriber, f"{BASE}/actuator/servo_motor/state"))  # unchanged, resent
+    finally:
+        finish(process)
+
+
+def test_a_device_removed_from_the_config_loses_its_entity_on_the_next_start(tmp_path, broker, subscriber) -> None:
+    config = daemon_config(tmp_path, broker.port)
+    servo = f"homeassistant/number/{NODE}/servo_motor/config"
+    finish(start_daemon(config, "--ticks", "10"), stop=False)
+    assert subscriber.wait_for(lambda: subscriber.on(servo))[-1] != b""
+    data = yaml.safe_load(config.read_text())
+    data["actuators"] = [a for a in data["actuators"] if a["id"] != "servo_motor"]
+    data["simulation"] = [m for m in data["simulation"] if "servo_motor" not in m.values()]
+    config.write_text(yaml.safe_dump(data))
+    out, _ = finish(start_daemon(config, "--ticks", "20"), stop=False)
+    assert json.loads(out)["ticks"]["count"] == 20
+    subscriber.wait_for(lambda: subscriber.on(servo)[-1] == b"")  # an empty retained config removes it
+    late = Subscriber(broker.port, "late-subscriber")
+    try:
+        late.wait_for(lambda: late.on(f"{BASE}/status"))
+        time.sleep(0.5)
+        assert late.on(servo) == []  # nothing retained for it any more
+        assert late.on(f"homeassistant/switch/{NODE}/relay_switch/config")  # the others stay
+    finally:
+        late.close()

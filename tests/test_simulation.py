@@ -1,0 +1,160 @@
+"""`pi-controller simulate`: the real loop, plugins and safety against the models on a virtual clock.
+
+Days are simulated at a slow loop rate (a tick every 10 s) with a room whose time constant is half an hour,
+so that a day costs seconds (about 1 ms a tick); the path is the same as at 10 Hz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import structlog
+
+from pi_controller import config, logs, simulation
+from pi_controller.clock import SystemClock
+from tests.conftest import example_data
+
+LSB_C = 330 / 1023  # one step of the TMP36 on the MCP3008
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_this_test() -> Iterator[None]:
+    """Tests that run the CLI in-process leave structlog printing to the stderr pytest captured for them,
+    closed by now: log to this test's instead, and leave the configuration as it was found."""
+    saved = structlog.get_config()
+    logs.configure("console", "warning")
+    yield
+    structlog.configure(**saved)
+
+
+def day_room(data: dict[str, Any], **room: Any) -> dict[str, Any]:
+    """The example with a room that takes a while to heat, and an outside following a 24 h curve."""
+    data["simulation"][0].update({"start_c": 19.0, "time_constant_s": 1800.0, "outside_c": 12.0,
+                                  "outside_swing_c": 4.0, "day_length_s": 86400.0, "noise_c": 0.05, **room})
+    return data
+
+
+def simulate(write_config, data: dict[str, Any], duration_s: float, rate_hz: float, tmp_path: Path,
+             plugins: Path | None = None) -> tuple[simulation.Verdict, dict[str, Any]]:
+    settings = simulation.prepare(config.load(write_config(data)), rate_hz)
+    trace = tmp_path / "trace.csv"
+    verdict = simulation.run(settings, duration_s, trace, plugins)
+    return verdict, simulation.read_trace(trace)
+
+
+def test_the_bundled_thermostat_holds_its_band_for_a_simulated_day(write_config, plugin_dir, tmp_path) -> None:
+    verdict, trace = simulate(write_config, day_room(example_data()), 24 * 3600, 0.1, tmp_path,
+                              plugin_dir("temperature_control"))
+    assert verdict.ticks == len(trace["time_s"]) == 8640
+    assert verdict.plugins == {"temperature_control": ""} and not verdict.held
+    warm = [i for i, t in enumerate(trace["time_s"]) if t >= 3600]  # warm-up: the first hour
+    room = [trace["room.temperature_c"][i] for i in warm]
+    reading = [trace["temperature_sensor"][i] for i in warm]
+    # The plugin acts once the reading is a step outside the band; the room moves little in a tick.
+    assert 20.5 - LSB_C <= min(room) and max(room) <= 21.5 + LSB_C
+    assert 20.5 - LSB_C <= min(reading) and max(reading) <= 21.5 + LSB_C
+    band = verdict.bands[0]
+    assert (band.band.plugin, band.band.sensor) == ("temperature_control", "temperature_sensor")
+    assert band.reached_at is not None and band.reached_at < 3600 and band.share > 0.9
+    heater = verdict.actuators["relay_switch"]
+    assert heater.switches > 50  # really controlling: on and off all day
+    # It works harder in the cold of the night (the start) than in the warmth of the afternoon.
+    relay, hours = trace["relay_switch"], trace["time_s"]
+    night = [r for r, t in zip(relay, hours) if 1 * 3600 <= t < 3 * 3600]
+    afternoon = [r for r, t in zip(relay, hours) if 11 * 3600 <= t < 13 * 3600]
+    assert sum(night) / len(night) > sum(afternoon) / len(afternoon) + 0.2
+
+
+def test_a_plugin_that_never_switches_the_heater_lets_the_room_drift_to_outside(write_config, plugin_dir,
+                                                                                tmp_path) -> None:
+    data = day_room(example_data())
+    data["plugins"]["settings"] = {"echo_output": {"config": {"output": "[]"}}}
+    verdict, trace = simulate(write_config, data, 24 * 3600, 0.1, tmp_path, plugin_dir("echo_output"))
+    assert set(trace["relay_switch"]) == {0.0} and verdict.actuators["relay_switch"].switches == 0
+    settled = [i for i, t in enumerate(trace["time_s"]) if t >= 4 * 3600]  # eight time constants
+    gaps = [abs(trace["room.temperature_c"][i] - trace["room.outside_c"][i]) for i in settled]
+    # A room lags the outside's day curve by about its time constant: 4 C * 2 pi * 1800 s / 1 day.
+    assert max(gaps) < 0.6
+    readings = [trace["temperature_sensor"][i] - trace["room.outside_c"][i] for i in settled]
+    assert max(abs(r) for r in readings) < 0.6 + LSB_C + 4 * 0.05
+    assert min(trace["room.outside_c"]) == pytest.approx(8.0, abs=0.01)
+    assert max(trace["room.outside_c"]) == pytest.approx(16.0, abs=0.01)
+    assert verdict.plugins == {"echo_output": ""}
+
+
+def test_a_servo_takes_its_time_to_reach_the_commanded_angle(write_config, plugin_dir, tmp_path) -> None:
+    data = example_data()
+    command = {"device_id": "servo_motor", "action": "set_angle", "parameters": {"angle": 90}}
+    data["plugins"]["settings"] = {"echo_output": {"config": {"output": json.dumps([command])}}}
+    _verdict, trace = simulate(write_config, data, 5, 1.0, tmp_path, plugin_dir("echo_output"))
+    assert list(trace["servo_motor"]) == [90.0] * 5  # commanded at once, from the first tick
+    assert list(trace["servo.angle_deg"]) == [0.0, 30.0, 60.0, 90.0, 90.0]  # 30 degrees a second
+
+
+def test_the_room_is_read_through_a_simulated_1_wire_thermometer_too(write_config, tmp_path) -> None:
+    data = example_data()
+    data["sensors"][0] = {"id": "temperature_sensor", "kind": "ds18b20", "device": "28-0316a2790aff",
+                          "base_dir": str(tmp_path / "w1")}
+    data["simulation"][0]["noise_c"] = 0.0
+    verdict, trace = simulate(write_config, data, 60, 1.0, tmp_path)
+    assert list(trace["temperature_sensor"]) == pytest.approx(list(trace["room.temperature_c"]), abs=0.0006)
+    assert verdict.actuators["relay_switch"].switches >= 1  # the example room starts cold
+
+
+def test_real_time_simulate_runs_read_the_same_models(run_daemon) -> None:
+    data = example_data()
+    data["simulation"][0]["noise_c"] = 0.0
+    daemon = run_daemon(data, 3, clock=SystemClock())
+    world = daemon.hardware.environment
+    assert [type(m).__name__ for m in world.models] == ["Room", "Motion", "Daylight", "Servo"]
+    reading = daemon.snapshot()["sensors"]["temperature_sensor"]["value"]
+    assert reading == pytest.approx(world.models[0].temperature, abs=LSB_C)
+
+
+def pi_controller(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pi_controller", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_same_seed_gives_byte_identical_traces_and_a_plot(write_config, tmp_path) -> None:
+    data = example_data()
+    data["simulation"][0]["noise_c"] = 0.1
+    path = write_config(data)
+
+    def run(name: str, seed: str, *extra: str) -> bytes:
+        result = pi_controller("simulate", "--config", str(path), "--duration", "5m", "--rate", "2",
+                               "--seed", seed, "--trace", str(tmp_path / name), *extra)
+        assert result.returncode == 0, result.stderr
+        assert "temperature_control: temperature_sensor at 21 ± 0.5 celsius" in result.stdout
+        assert "relay_switch (relay):" in result.stdout and "switches" in result.stdout
+        return (tmp_path / name).read_bytes()
+
+    first = run("a.csv", "11", "--plot", str(tmp_path / "a.png"))
+    assert run("b.csv", "11") == first
+    assert run("c.csv", "12") != first  # the seed reaches the room's noise and the motion
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header, *rows = first.decode().splitlines()
+    assert header.split(",")[:3] == ["time_s", "tick", "temperature_sensor"] and len(rows) == 600
+    assert "ms" not in header and "duration" not in header  # real time never reaches a trace
+
+
+def test_a_bad_config_is_a_config_error(write_config) -> None:
+    data = example_data()
+    data["simulation"][0]["noise_c"] = -1
+    result = pi_controller("simulate", "--config", str(write_config(data)), "--duration", "1m")
+    assert result.returncode == 2
+    assert "config error:" in result.stderr and "simulation[0].noise_c" in result.stderr
+
+
+def test_durations() -> None:
+    assert [simulation.parse_duration(d) for d in ("90", "90s", "30m", "24h", "2d", "1.5h")] == [
+        90, 90, 1800, 86400, 172800, 5400]
+    for wrong in ("soon", "0s", "-1h", "24 hours"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            simulation.parse_duration(wrong)
