@@ -29,10 +29,16 @@ def configure(fmt: LogFormat = "console", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_stderr,
         cache_logger_on_first_use=False,
     )
     warnings.showwarning = _warning_as_event
+
+
+def _stderr(*args: Any) -> structlog.PrintLogger:
+    """Whatever sys.stderr is when the event is written, not when logging was set up (a test's capture
+    that has since closed, say)."""
+    return structlog.PrintLogger(sys.stderr)
 
 
 def _warning_as_event(message: Warning | str, category: type[Warning], filename: str, lineno: int,

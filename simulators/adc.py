@@ -53,3 +53,9 @@ class SimulatedMCP3008(MockSPIDevice):
         level = self.fractions[channel] if single else self.fractions[channel] - self.fractions[channel ^ 1]
         # A null bit and a sample bit come before the result, as on the chip.
         self.tx_word(round(min(1.0, max(0.0, level)) * (2 ** BITS - 1)), BITS + 2)
+
+    def forget(self) -> None:
+        """Drop the bus pins' histories: gpiozero's mock pins keep every change, and a bit-banged read
+        is a hundred of them, so a day of simulated reads would be gigabytes nobody looks at."""
+        for pin in (self.clock_pin, self.mosi_pin, self.miso_pin, self.select_pin):
+            pin.clear_states()

@@ -105,6 +105,8 @@ class World:
     def advance(self, now: float) -> None:
         for model in self.models:
             model.advance(now)
+        for adc in self._adcs.values():
+            adc.forget()
 
     def close(self) -> None:
         for adc in self._adcs.values():
