@@ -374,3 +374,30 @@ def test_a_device_removed_from_the_config_loses_its_entity_on_the_next_start(tmp
         assert late.on(f"homeassistant/switch/{NODE}/relay_switch/config")  # the others stay
     finally:
         late.close()
+
+
+def test_buffered_messages_survive_a_restart_of_the_daemon(tmp_path) -> None:
+    broker = Broker(tmp_path)  # not started: the first run never reaches it
+    buffer = tmp_path / "outbox.jsonl"
+    config = daemon_config(tmp_path, broker.port, buffer_file=str(buffer), discovery=False)
+    out, events = finish(start_daemon(config, "--ticks", "10"), stop=False)
+    queued = json.loads(out)["telemetry"]["readings_queued"]
+    first_run_ended = time.time()
+    assert queued >= 3 and buffer.exists()
+    assert [e["messages"] for e in events if e["event"] == "telemetry_saved"]
+    broker.start()
+    sub = Subscriber(broker.port)
+    try:
+        sub.wait_for(lambda: sub.client.is_connected())
+        time.sleep(0.3)  # subscribed
+        finish(start_daemon(config, "--ticks", "10"), stop=False)
+        def from_first_run() -> set[tuple[str, float]]:
+            readings = (json.loads(p) for t, p, _ in sub.messages if "/sensor/" in t)
+            return {(r["sensor_id"], r["timestamp"]) for r in readings if r["timestamp"] < first_run_ended}
+
+        sub.wait_for(lambda: len(from_first_run()) >= queued)
+        assert len(from_first_run()) == queued  # every reading of the run the broker never saw
+        assert not buffer.exists()  # taken up, not sent twice
+    finally:
+        sub.close()
+        broker.stop()
