@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Iterable, NoReturn
+from typing import Any, Iterable, NoReturn, Protocol
 
 from gpiozero import Device
 from gpiozero.pins import Factory
-from gpiozero.pins.mock import (MockChargingPin, MockFactory, MockPWMPin, MockSPIClockPin, MockSPISelectPin,
-                                MockTriggerPin)
+from gpiozero.mixins import SharedMixin
+from gpiozero.pins import SPI
+from gpiozero.pins.mock import MockChargingPin, MockFactory, MockPWMPin, MockTriggerPin
 
 from pi_controller.config import Settings
 from pi_controller.hardware import HardwareError
-from pi_controller.sensors import SPI0_PINS, SPI0_SELECT, DistanceSettings, LightSettings, MCP3008Settings
+from pi_controller.sensors import DistanceSettings, LightSettings
 
 
 class _ChargingPin(MockChargingPin, MockPWMPin):
@@ -29,22 +30,67 @@ class _TriggerPin(MockTriggerPin, MockPWMPin):
     """A trigger pin that echoes on its partner pin, accepted by the PWM-pin factory."""
 
 
-class SPIClockPin(MockSPIClockPin, MockPWMPin):
-    """A clock pin a simulated SPI device can listen on, accepted by the PWM-pin factory."""
+class SpiChip(Protocol):
+    """A simulated chip on the SPI bus: answers a whole transfer, as the kernel's spidev would."""
 
-    def _get_state(self) -> bool:
-        return bool(super()._get_state())  # MockSPIDevice xors it with bools; a PWM pin holds floats
+    def transfer(self, words: list[int]) -> list[int]: ...
 
 
-class SPISelectPin(MockSPISelectPin, MockPWMPin):
-    """A chip-select pin a simulated SPI device can listen on, accepted by the PWM-pin factory."""
+class MockHardwareSPI(SPI):
+    """Hardware SPI on mock pins: whole transfers to the chip registered for the chip-select pin.
+
+    gpiozero's own mock SPI bit-bangs every clock edge through mock pins (about half a millisecond
+    per ADC read here, most of a simulated tick); a Pi's hardware SPI does not pass bits through
+    Python either. Without a chip on the select pin the bus reads zeros, like a floating MISO.
+    """
+
+    def __init__(self, clock_pin: str, mosi_pin: str, miso_pin: str, select_pin: str, pin_factory: Any):
+        super().__init__(pin_factory=pin_factory)
+        self._select = select_pin
+        self._open = True
+        self.pin_factory.reserve_pins(self, clock_pin, mosi_pin, miso_pin, select_pin)
+
+    def _conflicts_with(self, other: Any) -> bool:
+        return not (isinstance(other, MockHardwareSPI) and other._select != self._select)
+
+    @property
+    def closed(self) -> bool:
+        return not self._open
+
+    def close(self) -> None:
+        self._open = False
+        self.pin_factory.release_all(self)
+        super().close()
+
+    def transfer(self, data: list[int]) -> list[int]:
+        chip = self.pin_factory.spi_chips.get(self._select)
+        return chip.transfer(list(data)) if chip is not None else [0] * len(data)
+
+
+class _SharedMockHardwareSPI(SharedMixin, MockHardwareSPI):
+    @classmethod
+    def _shared_key(cls, clock_pin: str, mosi_pin: str, miso_pin: str, select_pin: str, pin_factory: Any) -> Any:
+        return (pin_factory, clock_pin, select_pin)  # shared within one factory, not across them
+
+
+class SimulatedFactory(MockFactory):
+    """gpiozero's mock factory with PWM-capable pins and SPI chips that a simulation attaches."""
+
+    def __init__(self) -> None:
+        super().__init__(pin_class=MockPWMPin)
+        self.spi_chips: dict[str, SpiChip] = {}  # select pin name ("GPIO8") -> chip
+
+    def _get_spi_class(self, shared: bool, hardware: bool) -> type:
+        if hardware:
+            return _SharedMockHardwareSPI if shared else MockHardwareSPI
+        return super()._get_spi_class(shared, hardware)
 
 
 def make_factory(settings: Settings, simulate: bool) -> Factory:
     """The factory every device is built on, also made gpiozero's default.
 
     Devices get it explicitly, but gpiozero 2.0.1's software SPI bus builds its own device without
-    passing the factory on, so it must be the default too, or an MCP3008 on mock pins fails with
+    passing the factory on, so it must be the default too, or an MCP3008 on software SPI fails with
     "Unable to load any default pin factory!".
     """
     if simulate or settings.pins.factory == "mock":
@@ -66,18 +112,14 @@ def _lgpio_factory() -> Factory:
                             f"'gpio' group?") from exc
 
 
-def mock_factory(settings: Settings) -> MockFactory:
-    factory = MockFactory(pin_class=MockPWMPin)
+def mock_factory(settings: Settings) -> SimulatedFactory:
+    factory = SimulatedFactory()
     for sensor in settings.sensors:
         if isinstance(sensor, LightSettings):
             factory.pin(sensor.pin, pin_class=_ChargingPin)
         elif isinstance(sensor, DistanceSettings):
             echo = factory.pin(sensor.echo)
             factory.pin(sensor.trigger, pin_class=_TriggerPin, echo_pin=echo)
-        elif isinstance(sensor, MCP3008Settings):
-            # So that a simulated chip can be attached to the bus at any time.
-            factory.pin(SPI0_PINS["clock"], pin_class=SPIClockPin)
-            factory.pin(SPI0_SELECT[sensor.chip_select], pin_class=SPISelectPin)
     return factory
 
 

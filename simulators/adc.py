@@ -1,61 +1,46 @@
-"""The slave side of an MCP3008 on gpiozero's mock SPI bus, serving voltages that models set."""
+"""A simulated MCP3008 on the SPI bus, serving voltages that models set."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from gpiozero.pins.mock import MockFactory, MockSPIClockPin, MockSPIDevice, MockSPISelectPin
-
-from pi_controller.pins import SPIClockPin, SPISelectPin
-from pi_controller.sensors import SPI0_PINS, SPI0_SELECT
+from pi_controller.pins import SimulatedFactory
+from pi_controller.sensors import SPI0_SELECT
 
 BITS = 10
 
 
-class _PwmPins:
-    """Gives MockSPIDevice PWM-capable SPI pins: a factory of PWM pins refuses any other pin class."""
+class SimulatedMCP3008:
+    """Answers single-ended and differential conversions with `fractions` of full scale (0..1),
+    bit for bit as the chip does: a start bit, single/differential, three channel bits, then a null
+    bit and the result, most significant bit first."""
 
-    _VARIANTS = {MockSPIClockPin: SPIClockPin, MockSPISelectPin: SPISelectPin}
-
-    def __init__(self, factory: MockFactory):
-        self._factory = factory
-
-    def pin(self, name: Any, pin_class: type | None = None) -> Any:
-        return self._factory.pin(name, pin_class=self._VARIANTS.get(pin_class, pin_class))
-
-
-class SimulatedMCP3008(MockSPIDevice):
-    """Answers single-ended and differential conversions with `fractions` of full scale (0..1)."""
-
-    def __init__(self, factory: MockFactory, chip_select: int):
-        super().__init__(SPI0_PINS["clock"], SPI0_PINS["mosi"], SPI0_PINS["miso"],
-                         SPI0_SELECT[chip_select], pin_factory=_PwmPins(factory))
+    def __init__(self, factory: SimulatedFactory, chip_select: int):
         self.fractions = [0.0] * 8
-        self._request: list[int] | None = None
+        self._factory = factory
+        self._select = f"GPIO{SPI0_SELECT[chip_select]}"
+        factory.spi_chips[self._select] = self
 
-    def on_start(self) -> None:
-        super().on_start()
-        self._request = None
+    def transfer(self, words: list[int]) -> list[int]:
+        received = [(word >> (7 - i)) & 1 for word in words for i in range(8)]
+        sent: list[int] = []
+        reply: list[int] = []
+        request: list[int] | None = None
+        for bit in received:
+            sent.append(reply.pop(0) if reply else 0)  # MISO is driven on the edge the request bit arrives
+            if request is None:
+                request = [] if bit else None
+            elif len(request) < 4:
+                request.append(bit)
+                if len(request) == 4:
+                    reply = self._answer(*request)
+        return [int("".join(map(str, sent[i:i + 8])), 2) for i in range(0, len(sent), 8)]
 
-    def on_bit(self) -> None:
-        bit = self.rx_buf[-1]
-        if self._request is None:
-            if bit:  # the start bit; the four bits after it say what to convert
-                self._request = []
-            return
-        if len(self._request) < 4:
-            self._request.append(int(bit))
-            if len(self._request) == 4:
-                self._answer(*self._request)
-
-    def _answer(self, single: int, c2: int, c1: int, c0: int) -> None:
+    def _answer(self, single: int, c2: int, c1: int, c0: int) -> list[int]:
         channel = c2 << 2 | c1 << 1 | c0
         level = self.fractions[channel] if single else self.fractions[channel] - self.fractions[channel ^ 1]
-        # A null bit and a sample bit come before the result, as on the chip.
-        self.tx_word(round(min(1.0, max(0.0, level)) * (2 ** BITS - 1)), BITS + 2)
+        value = round(min(1.0, max(0.0, level)) * (2 ** BITS - 1))
+        # A sample bit and a null bit come before the result.
+        return [(value >> (BITS + 1 - i)) & 1 for i in range(BITS + 2)]
 
-    def forget(self) -> None:
-        """Drop the bus pins' histories: gpiozero's mock pins keep every change, and a bit-banged read
-        is a hundred of them, so a day of simulated reads would be gigabytes nobody looks at."""
-        for pin in (self.clock_pin, self.mosi_pin, self.miso_pin, self.select_pin):
-            pin.clear_states()
+    def close(self) -> None:
+        if self._factory.spi_chips.get(self._select) is self:
+            del self._factory.spi_chips[self._select]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from gpiozero.pins.mock import MockFactory, MockPin
+from gpiozero.pins.mock import MockPin
 
 from pi_controller.actuators import ActuatorSettings, PwmSettings, RelaySettings, ServoSettings
 from pi_controller.config import Settings
+from pi_controller.pins import SimulatedFactory
 from pi_controller.sensors import DigitalSettings, DS18B20Settings, MCP3008Settings, SensorSettings
 from pi_controller.simulators.adc import SimulatedMCP3008
 from pi_controller.simulators.models import MODELS, Model, Port, Probe
@@ -86,7 +87,7 @@ class AngleProbe:
 
 
 class World:
-    def __init__(self, settings: Settings, factory: MockFactory):
+    def __init__(self, settings: Settings, factory: SimulatedFactory):
         self.factory = factory
         self._adcs: dict[int, SimulatedMCP3008] = {}
         sensors = {s.id: s for s in settings.sensors}
@@ -105,8 +106,6 @@ class World:
     def advance(self, now: float) -> None:
         for model in self.models:
             model.advance(now)
-        for adc in self._adcs.values():
-            adc.forget()
 
     def close(self) -> None:
         for adc in self._adcs.values():

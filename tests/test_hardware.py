@@ -14,7 +14,7 @@ from pi_controller import actuators, config, sensors
 from pi_controller.actuators import PwmSettings, RelaySettings, ServoSettings
 from pi_controller.clock import VirtualClock
 from pi_controller.hardware import Hardware, HardwareError
-from pi_controller.pins import make_factory
+from pi_controller.pins import SimulatedFactory, make_factory
 from pi_controller.sensors import (CPUTemperatureSettings, DigitalSettings, DS18B20Settings, LightSettings,
                                    MCP3008Settings)
 from pi_controller.simulators.adc import SimulatedMCP3008
@@ -24,8 +24,8 @@ CLOCK = VirtualClock()
 
 
 @pytest.fixture
-def factory() -> MockFactory:
-    factory = MockFactory(pin_class=MockPWMPin)
+def factory() -> SimulatedFactory:
+    factory = SimulatedFactory()
     Device.pin_factory = factory
     return factory
 
