@@ -100,17 +100,20 @@ def _run(args: argparse.Namespace) -> int:
     except HardwareError as exc:
         log.error("hardware_setup_failed", error=str(exc))
         return 1
+    except Exception:  # anything else at start-up: say what, exit non-zero (ExecStopPost makes pins safe)
+        log.exception("startup_failed")
+        return 1
     try:
         asyncio.run(daemon.serve(args.ticks))
+        if args.ticks:  # before closing: closing unloads the plugins the snapshot reports on
+            json.dump(daemon.snapshot(), sys.stdout, indent=2)
+            sys.stdout.write("\n")
     except Exception:  # a bug of ours: actuators are already safe (serve's finally); say what happened
         log.exception("daemon_crashed")
         return 1
     finally:
         daemon.close()
         hold(a.device for a in daemon.hardware.actuators.values())
-    if args.ticks:
-        json.dump(daemon.snapshot(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
     return 0
 
 

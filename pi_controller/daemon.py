@@ -44,10 +44,13 @@ class Daemon:
         self.hardware = self._build_hardware()
         self.hardware.settle("startup", "starting")
         try:
-            self.plugins = self._load_plugins(settings)
-        except BaseException:
+            self._build_rest(settings)
+        except BaseException:  # pins are claimed: leave them in their shut-down states
             self.hardware.close()
             raise
+
+    def _build_rest(self, settings: Settings) -> None:
+        self.plugins = self._load_plugins(settings)
         safety = Safety(self.hardware.actuators, settings.sensors, settings.interlocks)
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
@@ -105,7 +108,7 @@ class Daemon:
         if self.watchdog:
             self.watchdog.start()
         if self.telemetry:
-            self.telemetry.start(p.name for p in self.plugins)
+            self.telemetry.start(self.plugins.status)  # failed ones too: their entities say why
         watcher = self._watch_plugins()
         try:
             await self.loop.run(stop, max_ticks)
@@ -117,10 +120,12 @@ class Daemon:
                 self.watchdog.stop()
             log.info("loop_stopped", ticks=self.loop.ticks.count, missed=self.loop.ticks.missed)
             self.hardware.settle("shutdown", "stopping")
-            if self.telemetry:
-                self.telemetry.stop()
-            if server:
-                server.close()
+            steps = ([self.telemetry.stop] if self.telemetry else []) + ([server.close] if server else [])
+            for step in steps:
+                try:
+                    step()
+                except Exception:  # the pins are settled; what is left must not hide why we stopped
+                    log.exception("shutdown_step_failed", step=step.__qualname__)
             for sig in handlers:  # only now: a second Ctrl-C must not cut the shut-down short
                 running.remove_signal_handler(sig)
 
@@ -150,14 +155,21 @@ class Daemon:
             log.error("reload_refused", file=exc.file, line=exc.line, key=config.format_path(exc.path),
                       problem=exc.message)
             return
+        try:
+            self._apply(new)
+        except Exception:  # a reload must never end the loop: it carries on with what is in place
+            log.exception("reload_failed", file=str(new.source))
+
+    def _apply(self, new: Settings) -> None:
         for section in _RESTART_ONLY:
             if getattr(new, section) != getattr(self.settings, section):
                 log.warning("reload_needs_restart", section=section, note="kept the running value")
         new = dataclasses.replace(new, **{section: getattr(self.settings, section) for section in _RESTART_ONLY})
+        plugins = self._load_plugins(new)  # first: if this fails, no pin has changed
         failed = self.hardware.reconfigure(new, self.clock)
         for device, error in failed.items():
             log.error("reload_device_failed", device=device, error=error)
-        old_plugins, self.plugins = self.plugins, self._load_plugins(new)
+        old_plugins, self.plugins = self.plugins, plugins
         self.loop.plugins = self.plugins
         self.loop.safety = Safety(self.hardware.actuators, new.sensors, new.interlocks, self.loop.safety)
         old_plugins.close()

@@ -67,16 +67,16 @@ def configs(settings: Settings, plugins: Iterable[str]) -> dict[str, dict[str, A
     result = {}
     for platform, object_id, payload in entities:
         unique_id = f"{mqtt.node_id}_{object_id}"
+        slug = unique_id.lower().replace("-", "_")  # entity ids are lower case, with underscores
         result[f"{mqtt.discovery_prefix}/{platform}/{mqtt.node_id}/{object_id}/config"] = {
-            **common, "unique_id": unique_id, "default_entity_id": f"{platform}.{unique_id}", **payload}
+            **common, "unique_id": unique_id, "default_entity_id": f"{platform}.{slug}", **payload}
     return result
 
 
 def _common(mqtt: MqttSettings, topics: Topics) -> dict[str, Any]:
     return {
-        "availability": [{"topic": topics.status}],
-        "payload_available": "online",
-        "payload_not_available": "offline",
+        "availability": [{"topic": topics.status, "payload_available": "online",
+                          "payload_not_available": "offline"}],
         "device": {"identifiers": [f"pi-controller-{mqtt.node_id}"], "name": f"pi-controller {mqtt.node_id}",
                    "manufacturer": "pi-controller", "model": "Raspberry Pi", "sw_version": __version__},
         "origin": {"name": "pi-controller", "sw_version": __version__},
@@ -104,8 +104,9 @@ def _actuator(a: ActuatorSettings, topics: Topics) -> tuple[str, str, dict[str, 
         return "switch", a.id, {**base, "value_template": "{{ 'ON' if value_json.on else 'OFF' }}",
                                 "payload_on": "ON", "payload_off": "OFF", "state_on": "ON", "state_off": "OFF"}
     if isinstance(a, PwmSettings):
+        # Full brightness is the output's max_duty, and brightness is the duty in percent.
         return "light", a.id, {**base, "schema": "json", "supported_color_modes": ["brightness"],
-                               "brightness_scale": 100}
+                               "brightness_scale": a.max_duty}
     assert isinstance(a, ServoSettings)
     return "number", a.id, {**base, "value_template": "{{ value_json.angle }}", "min": a.min_angle,
                             "max": a.max_angle, "step": 1, "unit_of_measurement": "°", "mode": "slider"}

@@ -81,8 +81,9 @@ class Hardware:
                 a.id, lambda: actuators.build(a, self.factory), failed) for a in settings.actuators}
             self.sensors = [kept_sensors.get(s.id) or _claim_or_note(
                 s.id, lambda: sensors.build(s, self.factory, clock), failed) for s in settings.sensors]
-        self.actuators = {key: a for key, a in self.actuators.items() if a is not None}
-        self.sensors = [sensor for sensor in self.sensors if sensor is not None]
+            # Inside the lock: the watchdog must never see a device that failed to be claimed.
+            self.actuators = {key: a for key, a in self.actuators.items() if a is not None}
+            self.sensors = [sensor for sensor in self.sensors if sensor is not None]
         return failed
 
     def read(self, now: float) -> list[Reading]:
@@ -102,11 +103,9 @@ class Hardware:
                 except Exception as exc:  # a pin that fails to switch must not stop the others
                     failed[actuator.id] = f"{type(exc).__name__}: {exc}"
                     continue
-                if changed:
-                    # Switching on or off is news; a fade's every step is detail.
-                    level = "info" if actuator.state["on"] != was_on else "debug"
-                    getattr(log, level)("actuator_set", device=actuator.id, target=command.target,
-                                        plugin=command.plugin, tick=tick)
+                if changed and actuator.state["on"] != was_on:  # switching is news; a fade's every step is not
+                    log.info("actuator_set", device=actuator.id, target=command.target, plugin=command.plugin,
+                             tick=tick)
         return failed
 
     def settle(self, state: State, reason: str) -> None:

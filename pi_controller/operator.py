@@ -20,15 +20,13 @@ from pi_controller.contract import Command, Rejected, encode_config
 
 log = structlog.get_logger("pi_controller.operator")
 
-OPERATOR = "operator"  # the "plugin" of operator commands in logs and stats
-PRIORITY = 2**31  # above any plugin's
+OPERATOR = "operator"  # the "plugin" of operator commands in logs and stats (no plugin may take the name)
 
 
 @dataclass(frozen=True)
 class SetActuator:
     device_id: str
     payload: bytes
-    expires_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +92,9 @@ class Operator:
             if self._overrides.pop(request.device_id, None) is not None:
                 log.info("override_ended", device=request.device_id, tick=tick, reason="released")
         elif isinstance(request, EnablePlugin):
+            if not any(p.name == request.name for p in plugins):
+                log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
+                return
             (self.disabled.discard if request.enabled else self.disabled.add)(request.name)
             log.info("plugin_enabled" if request.enabled else "plugin_disabled_by_operator",
                      plugin=request.name, tick=tick)
@@ -111,8 +112,9 @@ class Operator:
             log.warning("operator_command_rejected", device=request.device_id, tick=tick, rule=exc.rule,
                         reason=str(exc))
             return
-        lasts = expires_s or request.expires_s or self.expiry_s
-        self._overrides[actuator.id] = (Command(actuator.id, action, target, OPERATOR, PRIORITY), now + lasts)
+        lasts = expires_s or self.expiry_s
+        # Its priority is moot: operator commands go first, and arbitration keeps the first per device.
+        self._overrides[actuator.id] = (Command(actuator.id, action, target, OPERATOR, 0), now + lasts)
         log.info("override_set", device=actuator.id, target=target, expires_in_s=lasts, tick=tick)
 
     def _configure(self, request: SetPluginConfig, plugins: Iterable[Any], tick: int) -> None:
@@ -120,9 +122,9 @@ class Operator:
         if plugin is None:
             log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
             return
-        changed = self.config.setdefault(request.name, {})
-        changed[request.key] = request.value
-        plugin.config_suffix = encode_config({**plugin.grant.config, **changed})
+        changed = {**self.config.get(request.name, {}), request.key: request.value}
+        plugin.config_suffix = encode_config({**plugin.grant.config, **changed})  # raises on NaN, nested too
+        self.config[request.name] = changed  # only once it encoded: a bad value blocks nothing after it
         log.info("plugin_config_set", plugin=request.name, key=request.key, value=request.value, tick=tick)
 
 
@@ -146,9 +148,10 @@ def parse_set(actuator: Actuator, payload: bytes) -> tuple[str, dict[str, Any], 
     if isinstance(actuator, Pwm) and isinstance(data, dict) and data.get("state") in ("ON", "OFF"):
         if data["state"] == "OFF":
             return "set_low", {}, None
-        if "brightness" in data:
-            return "pwm", {"duty_cycle": data["brightness"]}, None  # discovery sets brightness_scale 100
-        return "set_high", {}, None
+        full = actuator.settings.max_duty  # discovery sets brightness_scale to it: brightness is the duty
+        return "pwm", {"duty_cycle": data.get("brightness", full)}, None
+    if isinstance(actuator, Pwm) and data == "ON":
+        return "pwm", {"duty_cycle": actuator.settings.max_duty}, None
     if isinstance(actuator, (Relay, Pwm)) and data in ("ON", "OFF"):
         return ("set_high" if data == "ON" else "set_low"), {}, None
     if isinstance(actuator, Servo) and not isinstance(data, (dict, list, str)):

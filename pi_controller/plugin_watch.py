@@ -88,7 +88,10 @@ class PluginWatcher:
             await self._wake.wait()
             self._wake.clear()
             names, self._due = self._due, set()
-            await self.reload(names)
+            try:
+                await self.reload(names)
+            except Exception as exc:  # one bad batch must not end hot reload for good
+                log.error("plugin_reload_failed", plugins=sorted(names), error=f"{type(exc).__name__}: {exc}")
 
     async def reload(self, names: set[str]) -> None:
         """Prepare `names` on a worker thread, then apply them between two ticks."""

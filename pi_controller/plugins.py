@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ from pi_controller.contract import Command, Rejection, encode_config
 from pi_controller.extism_log import router
 from pi_controller.manifest import Grant, Refused, grant, load_manifest
 from pi_controller.quarantine import Guard
+from pi_controller.schema import ID_PATTERN
 from pi_controller.sensors import Reading
 
 log = structlog.get_logger("pi_controller.plugins")
@@ -212,6 +214,14 @@ class Update:
             plugin.close()
 
 
+RESERVED = ("operator", "safety")  # what logs and arbitration call commands that come from us
+NAME_RULE = "1 to 64 letters, digits, '_' or '-', and not 'operator' or 'safety'"
+
+
+def valid_name(name: str) -> bool:
+    return re.fullmatch(ID_PATTERN, name) is not None and name not in RESERVED
+
+
 def _order(plugin: SandboxedPlugin) -> tuple[int, str]:
     return -plugin.priority, plugin.name
 
@@ -260,7 +270,10 @@ class PluginSet:
         for name in names:
             path = self.directory / f"{name}.wasm"
             own = self.settings.settings.get(name)
-            if not path.is_file():
+            if not valid_name(name):
+                # Not even in the status: the name goes into log keys and MQTT topics as it is.
+                log.error("plugin_name_invalid", file=str(path)[:300], valid=NAME_RULE)
+            elif not path.is_file():
                 update.removed.add(name)
             elif own is not None and not own.enabled:
                 update.refused[name] = PluginStatus("disabled")
@@ -277,6 +290,8 @@ class PluginSet:
             update.loaded[name] = SandboxedPlugin(name, wasm, terms, Guard(name, self.settings.quarantine))
         except (OSError, extism.Error, Refused) as exc:
             update.refused[name] = PluginStatus("failed", str(exc)[:500])
+        except Exception as exc:  # whatever else a dropped file holds (a manifest in Latin-1...), it fails alone
+            update.refused[name] = PluginStatus("failed", f"{type(exc).__name__}: {exc}"[:500])
 
     def apply(self, update: Update) -> None:
         """Swap in what `prepare` found. Call between two ticks: the tick thread is idle."""

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 
 import structlog
 
-from pi_controller.actuators import Actuator, PwmSettings, ServoSettings, Target
+from pi_controller.actuators import Actuator, ActuatorSettings, PwmSettings, ServoSettings, Target
 from pi_controller.config import InterlockSettings
 from pi_controller.contract import Command
 from pi_controller.hardware import Hardware
@@ -58,6 +58,7 @@ class Guard:
         self.was_on = is_on(actuator.target)
         self.switched_at: float | None = None  # set by the first tick: start-up counts as a switch
         self.latched = False
+        self.unruled = False  # no rule applies: the tick can skip them all (set by Safety)
 
     def observe(self, now: float) -> None:
         """Notice a switch made outside the rules (the watchdog, a shutdown) and when it happened."""
@@ -76,8 +77,11 @@ class Safety:
         self.max_age = {s.id: s.max_age_s for s in sensors if s.max_age_s is not None}
         self.partners: dict[str, list[tuple[str, float]]] = {key: [] for key in actuators}
         for group in interlocks:
-            for member in group.actuators:
-                self.partners[member] += [(other, group.wait_s) for other in group.actuators if other != member]
+            present = [m for m in group.actuators if m in actuators]  # one that failed to be claimed is off
+            for member in present:
+                self.partners[member] += [(other, group.wait_s) for other in present if other != member]
+        for key, guard in self.guards.items():
+            guard.unruled = not self.partners[key] and _unruled(guard.actuator.settings)
         self.held: dict[str, Counter[str]] = {key: previous.held.get(key, Counter()) if previous else Counter()
                                               for key in actuators}
         self._last_now: float | None = previous._last_now if previous else None
@@ -100,8 +104,11 @@ class Safety:
             guard.observe(now)
             if key in asked:
                 guard.wanted, guard.plugin = asked[key].target, asked[key].plugin
-            target, hold = self._target(guard, key in asked and is_on(asked[key].target), stale, planned,
-                                        now, dt)
+            if guard.unruled:
+                target, hold = guard.wanted, None
+            else:
+                target, hold = self._target(guard, key in asked and is_on(asked[key].target), stale, planned,
+                                            now, dt)
             planned[key] = target
             if hold is not None:
                 holds.append(hold)
@@ -157,6 +164,12 @@ class Safety:
             if not partner.was_on and partner.switched_at is not None and now - partner.switched_at < wait_s:
                 return f"'{other}' went off {now - partner.switched_at:.1f} s ago; interlock wait_s {wait_s:g}"
         return None
+
+
+def _unruled(settings: ActuatorSettings) -> bool:
+    rate = getattr(settings, "max_rate", None) or getattr(settings, "max_speed", None)
+    return not (settings.requires or settings.max_on_s is not None or settings.min_on_s or settings.min_off_s
+                or getattr(settings, "min_duty", 0) or rate)
 
 
 class _Holder:

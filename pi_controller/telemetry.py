@@ -28,7 +28,7 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from pi_controller import discovery
-from pi_controller.config import MqttSettings, Settings
+from pi_controller.config import Settings
 from pi_controller.discovery import Topics
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig
@@ -152,7 +152,10 @@ class Telemetry(LoopObserver):
             case ["actuator", device, "release"]:
                 self.operator.submit(Release(device))
             case ["plugin", name, "enable"]:
-                self.operator.submit(EnablePlugin(name, payload.strip().upper() in (b"ON", b"TRUE", b"1")))
+                switch = {b"ON": True, b"TRUE": True, b"1": True, b"OFF": False, b"FALSE": False, b"0": False}
+                if payload.strip().upper() not in switch:
+                    raise ValueError("expected ON or OFF")
+                self.operator.submit(EnablePlugin(name, switch[payload.strip().upper()]))
             case ["plugin", name, "config", key, "set"]:
                 self.operator.submit(SetPluginConfig(name, key, _scalar(payload)))
 
@@ -186,7 +189,8 @@ class Telemetry(LoopObserver):
         if last_loop is None or now - last_loop[1] >= self.mqtt.loop_interval_s:  # percentiles are not free
             self._offer(self.topics.loop, self.view.loop_state(), now, 0.0)
         telemetry = {"buffered": len(self.outbox), "dropped": self.dropped}
-        self._offer(self.topics.telemetry, telemetry, now, heartbeat)
+        # Not on every change of `buffered`: during an outage that would fill the buffer with itself.
+        self._offer(self.topics.telemetry, telemetry, now, heartbeat, lambda old, new: old["dropped"] != new["dropped"])
 
     def _offer(self, topic: str, data: dict[str, Any], now: float, every: float,
                changed: Callable[[Any, Any], bool] = lambda old, new: old != new) -> bool:

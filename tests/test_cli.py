@@ -29,6 +29,7 @@ def test_run_ticks_prints_one_json_snapshot_and_logs_to_stderr() -> None:
     assert snapshot["safety"] == {"held": {"relay_switch": {"min_off": 5}}, "watchdog_trips": 0}
     assert set(snapshot["ticks"]) == {"count", "missed", "duration_median_us", "duration_p99_us",
                                       "start_jitter_p99_us"}
+    assert set(snapshot["plugins"]) == {"energy_saver", "motion_light", "temperature_control"}
     for stats in snapshot["plugins"].values():
         assert set(stats) == {"state", "calls", "errors", "rejected", "held", "median_us", "max_us"}
     events = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON event

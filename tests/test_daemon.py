@@ -278,3 +278,22 @@ def test_a_tick_that_overruns_skips_past_deadlines_and_counts_them_missed(run_da
 ])
 def test_overruns_skip_past_deadlines_and_never_pile_up(due, elapsed_periods, expected_next) -> None:
     assert next_deadline(due, elapsed_periods * 0.1, 0.1) == expected_next
+
+
+def test_file_names_that_cannot_be_plugin_names_are_refused(run_daemon, plugin_dir) -> None:
+    folder = plugin_dir("temperature_control")
+    for bad in ("a+b", "operator", "safety", "x#y"):
+        shutil.copy(folder / "temperature_control.wasm", folder / f"{bad}.wasm")
+    with capture_logs() as logs:
+        daemon = run_daemon(unsimulated(example_data()), 2, plugins=folder)
+    assert set(daemon.snapshot()["plugins"]) == {"temperature_control"}
+    assert len([e for e in logs if e["event"] == "plugin_name_invalid"]) == 4
+
+
+def test_a_manifest_that_is_not_text_fails_its_plugin_only(run_daemon, plugin_dir) -> None:
+    folder = plugin_dir("temperature_control", "motion_light")
+    (folder / "motion_light.yaml").write_bytes(b"name: \xff\xfe motion\n")
+    daemon = run_daemon(unsimulated(example_data()), 2, plugins=folder)
+    plugins = daemon.snapshot()["plugins"]
+    assert plugins["motion_light"]["state"] == "failed" and "UnicodeDecodeError" in plugins["motion_light"]["reason"]
+    assert plugins["temperature_control"]["calls"] == 2

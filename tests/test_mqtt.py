@@ -175,7 +175,8 @@ def test_discovery_states_and_availability(tmp_path, broker, subscriber) -> None
     assert temp["unique_id"] == f"{NODE}_temperature_sensor"
     assert temp["default_entity_id"] == f"sensor.{NODE}_temperature_sensor" and "object_id" not in temp
     assert temp["state_topic"] == f"{BASE}/sensor/temperature_sensor/state"
-    assert temp["availability"] == [{"topic": f"{BASE}/status"}]
+    assert temp["availability"] == [{"topic": f"{BASE}/status", "payload_available": "online",
+                                      "payload_not_available": "offline"}]
     assert temp["device"]["identifiers"] == [f"pi-controller-{NODE}"]
     assert configs[prefix % ("sensor", "light_sensor")]["device_class"] == "illuminance"
     assert configs[prefix % ("binary_sensor", "motion_sensor")]["device_class"] == "motion"

@@ -1,0 +1,75 @@
+"""Operator requests taken up by the tick: validation, expiry, config values that cannot be encoded."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from gpiozero import Device
+
+from pi_controller import actuators
+from pi_controller.actuators import PwmSettings, RelaySettings
+from pi_controller.contract import Rejected
+from pi_controller.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig, parse_set
+from pi_controller.pins import SimulatedFactory
+
+
+@pytest.fixture
+def devices():
+    factory = SimulatedFactory()
+    Device.pin_factory = factory
+    built = [actuators.build(PwmSettings(id="lamp", kind="pwm", pin=18, max_duty=80), factory),
+             actuators.build(RelaySettings(id="heater", kind="relay", pin=27), factory)]
+    return {a.id: a for a in built}
+
+
+class FakePlugin(SimpleNamespace):
+    """Only what the operator touches of a plugin: its name, grant config and config suffix."""
+
+
+def plugin(name: str = "thermostat") -> FakePlugin:
+    return FakePlugin(name=name, grant=SimpleNamespace(config={"setpoint": 21}), config_suffix=b"")
+
+
+@pytest.mark.parametrize("payload,expected", [
+    (b"ON", ("pwm", {"duty_cycle": 80.0})),  # full is the output's max_duty, not 100 %
+    (b'{"state": "ON", "brightness": 40}', ("pwm", {"duty_cycle": 40})),
+    (b'{"state": "OFF"}', ("set_low", {})),
+    (b'{"action": "pwm", "parameters": {"duty_cycle": 10}, "expires_s": 5}', ("pwm", {"duty_cycle": 10})),
+])
+def test_home_assistant_and_our_own_payloads(devices, payload, expected) -> None:
+    assert parse_set(devices["lamp"], payload)[:2] == expected
+
+
+@pytest.mark.parametrize("payload", [b"MAYBE", b"[1]", b'{"action": 3}', b'{"action": "pwm", "expires_s": -1}'])
+def test_unreadable_payloads_are_rejected(devices, payload) -> None:
+    with pytest.raises(Rejected):
+        parse_set(devices["heater"], payload)
+
+
+def test_overrides_expire_and_release(devices) -> None:
+    operator = Operator(expiry_s=10)
+    operator.submit(SetActuator("heater", b"ON"))
+    assert [c.target for c in operator.commands(devices, [], now=0.0, tick=0)] == [1.0]
+    assert operator.commands(devices, [], now=9.9, tick=1)  # still in force
+    assert operator.commands(devices, [], now=10.0, tick=2) == []  # expired
+    operator.submit(SetActuator("heater", b"ON"))
+    operator.submit(Release("heater"))
+    assert operator.commands(devices, [], now=11.0, tick=3) == []
+
+
+def test_a_config_value_that_cannot_be_encoded_blocks_nothing_after_it(devices) -> None:
+    operator, thermostat = Operator(expiry_s=10), plugin()
+    operator.submit(SetPluginConfig("thermostat", "curve", [float("nan")]))
+    operator.submit(SetPluginConfig("thermostat", "setpoint", 19.5))
+    operator.commands(devices, [thermostat], now=0.0, tick=0)
+    assert thermostat.config_suffix == b',"config":{"setpoint":19.5}}'
+    assert operator.config == {"thermostat": {"setpoint": 19.5}}
+
+
+def test_enabling_an_unknown_plugin_is_refused(devices) -> None:
+    operator = Operator(expiry_s=10)
+    operator.submit(EnablePlugin("nobody", False))
+    operator.submit(EnablePlugin("thermostat", False))
+    operator.commands(devices, [plugin()], now=0.0, tick=0)
+    assert operator.disabled == {"thermostat"}
