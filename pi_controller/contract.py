@@ -11,6 +11,7 @@ in, so a tick costs one `json.dumps` whatever the number of plugins.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class CommandTarget(Protocol):
     def command(self, action: str, parameters: Mapping[str, Any]) -> float | None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made for every command of every tick, and frozen costs 4x
 class Command:
     device_id: str
     action: str
@@ -64,16 +65,32 @@ def encode_config(config: Mapping[str, Any]) -> bytes:
     return b',"config":' + _ENCODER.encode(config).encode() + b"}"
 
 
+READINGS_KEY = b'{"sensor_readings":'  # how every context starts
+
+
 def encode_context(readings: Iterable[Reading], device_states: Mapping[str, Any],
                    timestamp: float, tick: int) -> bytes:
     """Everything but the config, without the closing brace: one encode per tick for all plugins."""
-    body = {
-        "sensor_readings": [r.as_json() for r in readings],
-        "device_states": device_states,
-        "timestamp": timestamp,
-        "tick": tick,
-    }
-    return _ENCODER.encode(body)[:-1].encode()
+    rest = _ENCODER.encode({"device_states": device_states, "timestamp": timestamp, "tick": tick})
+    return READINGS_KEY + encode_readings(readings) + b"," + rest[1:-1].encode()
+
+
+def encode_readings(readings: Iterable[Reading]) -> bytes:
+    """The `sensor_readings` array. A valid reading is written by hand from parts encoded once per
+    sensor: the tick's hottest encode, a third of what json.dumps of a dict costs. Same bytes."""
+    return ("[" + ",".join(_reading(r) for r in readings) + "]").encode()
+
+
+def _reading(r: Reading) -> str:
+    if r.error is not None or r.value is None:
+        return _ENCODER.encode(r.as_json())
+    return (f'{{"sensor_id":{_string(r.sensor_id)},"value":{float(r.value)!r},"unit":{_string(r.unit)},'
+            f'"timestamp":{float(r.timestamp)!r},"valid":true}}')
+
+
+@functools.lru_cache(maxsize=1024)
+def _string(text: str) -> str:
+    return _ENCODER.encode(text)
 
 
 def number(parameters: Mapping[str, Any], name: str, low: float, high: float) -> float:
@@ -111,10 +128,10 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
     commands: list[Command] = []
     rejections: list[Rejection] = []
     for index, entry in enumerate(entries):
-        device = entry.get("device_id") if isinstance(entry, dict) else None
         try:
             commands.append(_command(index, entry, plugin, priority, targets))
         except Rejected as exc:
+            device = entry.get("device_id") if isinstance(entry, dict) else None
             known = device if isinstance(device, str) and device in targets else None
             rejections.append(Rejection(plugin, known, exc.rule, str(exc)))
     return commands, rejections

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Literal, Protocol, TypeVar
 import structlog
 from gpiozero.pins import Factory
 
-from pi_controller import actuators, sensors
+from pi_controller import actuators, logs, sensors
 from pi_controller.actuators import Actuator
 from pi_controller.clock import Clock
 from pi_controller.config import Settings
@@ -103,7 +103,7 @@ class Hardware:
                 except Exception as exc:  # a pin that fails to switch must not stop the others
                     failed[actuator.id] = f"{type(exc).__name__}: {exc}"
                     continue
-                if changed and actuator.state["on"] != was_on:  # switching is news; a fade's every step is not
+                if changed and actuator.state["on"] != was_on and logs.enabled("info"):  # a fade's steps are not news
                     log.info("actuator_set", device=actuator.id, target=command.target, plugin=command.plugin,
                              tick=tick)
         return failed

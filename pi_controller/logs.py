@@ -16,7 +16,17 @@ import structlog
 LogFormat = Literal["console", "json"]
 
 
+_threshold = logging.DEBUG
+
+
+def enabled(level: str) -> bool:
+    """Whether events at `level` are kept: the tick asks before building events that would be dropped."""
+    return logging.getLevelName(level.upper()) >= _threshold
+
+
 def configure(fmt: LogFormat = "console", level: str = "info") -> None:
+    global _threshold
+    _threshold = logging.getLevelName(level.upper())
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(

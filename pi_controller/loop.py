@@ -47,6 +47,8 @@ class ControlLoop:
         self.clock = clock
         self.period = period
         self.observers = observers
+        # Those that follow plugin calls at all: the others need not be called three times a tick.
+        self._call_observers = [o for o in observers if type(o).plugin_called is not LoopObserver.plugin_called]
         self._between: list[Callable[[], None]] = []
         self.ticks = TickStats()
         self.plugin_stats: dict[str, PluginStats] = {}
@@ -149,14 +151,14 @@ class ControlLoop:
                                                                         self.hardware.actuators))
         except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
             stats.errors += 1
-            for observer in self.observers:
+            for observer in self._call_observers:
                 observer.plugin_called(plugin.name, seconds, True)
             kind = getattr(exc, "kind", type(exc).__name__)
             self._problems.problem(("error", plugin.name, kind), "plugin_call_failed", level="error",
                                    plugin=plugin.name, tick=number, kind=kind, reason=str(exc)[:300])
             plugin.guard.record(now, number, 1, f"{kind}: {str(exc)[:300]}")
             return []
-        for observer in self.observers:
+        for observer in self._call_observers:
             observer.plugin_called(plugin.name, seconds, False)
         plugin.guard.record(now, number, len(rejections), rejections[0].reason if rejections else "")
         stats.rejected += len(rejections)

@@ -22,7 +22,7 @@ import structlog
 from extism.extism import CompiledPlugin, _ffi, _lib  # fuel is only in libextism's C API
 
 from pi_controller.config import PluginsSettings
-from pi_controller.contract import Command, Rejection, encode_config
+from pi_controller.contract import READINGS_KEY, Command, Rejection, encode_config, encode_readings
 from pi_controller.extism_log import router
 from pi_controller.manifest import Grant, Refused, grant, load_manifest
 from pi_controller.quarantine import Guard
@@ -39,7 +39,6 @@ HEALTH_CHECK = "health_check"  # optional export: called once at load; an error 
 # that hit its memory limit would keep all that memory) on every later call.
 _REBUILD_AFTER = frozenset({"trap", "timeout", "out_of_memory", "out_of_fuel"})
 
-_READINGS_KEY = b'{"sensor_readings":'  # how contract.encode_context starts every context
 
 
 class PluginCallError(Exception):
@@ -156,9 +155,9 @@ class SandboxedPlugin:
         """The context as this plugin may see it: only the readings of its declared sensors."""
         if self.grant.sensors is None:
             return context
-        everything = _encode([r.as_json() for r in readings])
-        mine = _encode([r.as_json() for r in readings if r.sensor_id in self.grant.sensors])
-        return _READINGS_KEY + mine + context[len(_READINGS_KEY) + len(everything):]
+        everything = encode_readings(readings)
+        mine = encode_readings(r for r in readings if r.sensor_id in self.grant.sensors)
+        return READINGS_KEY + mine + context[len(READINGS_KEY) + len(everything):]
 
     def screen(self, commands: list[Command], rejections: list[Rejection]
                ) -> tuple[list[Command], list[Rejection]]:
@@ -186,10 +185,6 @@ class SandboxedPlugin:
     def close(self) -> None:
         self._free_instance()
         self._compiled.__del__()
-
-
-def _encode(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
 
 
 @dataclass(frozen=True)

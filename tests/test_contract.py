@@ -159,3 +159,10 @@ def test_a_plugins_own_later_command_supersedes_its_earlier_one() -> None:
     first, second = cmd("led_strip", 10.0, "a", 1), cmd("led_strip", 20.0, "a", 1)
     winners, conflicts = arbitration.resolve([first, second])
     assert winners == [second] and conflicts == []
+
+
+@pytest.mark.parametrize("value,timestamp", [(21.5, 1.8e9 + 0.1), (-50.0, 0.0), (1e-7, 3.0), (123456789.125, 2.5)])
+def test_readings_are_encoded_as_json_dumps_would(value, timestamp) -> None:
+    readings = [Reading("tëmp", value, "°C", timestamp), Reading("x", None, "lux", timestamp, "no \"echo\"")]
+    expected = json.dumps([r.as_json() for r in readings], separators=(",", ":")).encode()
+    assert contract.encode_readings(readings) == expected
