@@ -98,8 +98,14 @@ class Daemon:
         SIGHUP reloads the config between two ticks."""
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
-        handlers = {signal.SIGINT: stop.set, signal.SIGTERM: stop.set,
-                    signal.SIGHUP: lambda: self.loop.between_ticks(self.reload)}
+        reloads: set[asyncio.Task[None]] = set()  # referenced until done: the loop keeps only weak ones
+
+        def reload() -> None:
+            task = running.create_task(self.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        handlers = {signal.SIGINT: stop.set, signal.SIGTERM: stop.set, signal.SIGHUP: reload}
         for sig, handler in handlers.items():
             running.add_signal_handler(sig, handler)
         server = self._metrics_server()
@@ -147,25 +153,35 @@ class Daemon:
         return (f"{self.settings.loop.rate_hz:g} Hz, {ticks.count} ticks, {ticks.missed} missed, "
                 f"{len(self.plugins)} plugins")
 
-    def reload(self) -> None:
-        """Re-read the config file (SIGHUP); apply it if valid, else keep running on the old one."""
+    async def reload(self) -> None:
+        """Re-read the config file (SIGHUP); apply it between two ticks if valid, else keep the old one.
+
+        Reading the file and compiling the plugins (up to seconds, cold, on a Pi) happen on a thread;
+        only the swap waits for the gap between two ticks, so the loop and the watchdog never wait."""
         try:
             new = config.load(self.settings.source)
         except config.ConfigError as exc:
             log.error("reload_refused", file=exc.file, line=exc.line, key=config.format_path(exc.path),
                       problem=exc.message)
             return
-        try:
-            self._apply(new)
-        except Exception:  # a reload must never end the loop: it carries on with what is in place
-            log.exception("reload_failed", file=str(new.source))
-
-    def _apply(self, new: Settings) -> None:
         for section in _RESTART_ONLY:
             if getattr(new, section) != getattr(self.settings, section):
                 log.warning("reload_needs_restart", section=section, note="kept the running value")
         new = dataclasses.replace(new, **{section: getattr(self.settings, section) for section in _RESTART_ONLY})
-        plugins = self._load_plugins(new)  # first: if this fails, no pin has changed
+        try:
+            plugins = await asyncio.to_thread(self._load_plugins, new)  # if this fails, no pin has changed
+        except Exception:
+            log.exception("reload_failed", file=str(new.source))
+            return
+        self.loop.between_ticks(lambda: self._apply(new, plugins))
+
+    def _apply(self, new: Settings, plugins: PluginSet) -> None:
+        try:
+            self._swap(new, plugins)
+        except Exception:  # a reload must never end the loop: it carries on with what is in place
+            log.exception("reload_failed", file=str(new.source))
+
+    def _swap(self, new: Settings, plugins: PluginSet) -> None:
         failed = self.hardware.reconfigure(new, self.clock)
         for device, error in failed.items():
             log.error("reload_device_failed", device=device, error=error)

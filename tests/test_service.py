@@ -127,11 +127,14 @@ def test_no_notify_socket_no_messages(tmp_path) -> None:
         process.communicate()
 
 
-def reload_run(run_daemon, data: dict[str, Any], write_config, change: dict[str, Any] | str, ticks: int = 20
+def reload_run(run_daemon, data: dict[str, Any], write_config, change: dict[str, Any] | str, ticks: int = 100
                ) -> tuple[Any, list[dict[str, Any]]]:
-    """Run `ticks` ticks; at tick 5 rewrite the config file and send ourselves SIGHUP."""
+    """Run `ticks` ticks; at tick 5 rewrite the config file and send ourselves SIGHUP.
+
+    Virtual ticks take well under a millisecond while the reload compiles its plugins on a thread in
+    real time: until the new settings are in, each tick gives it 5 ms of real time."""
     daemon = run_daemon(data, 0, clock=VirtualClock())
-    path = daemon.settings.source
+    path, before = daemon.settings.source, daemon.settings
 
     class Trigger:
         reads = 0
@@ -141,6 +144,8 @@ def reload_run(run_daemon, data: dict[str, Any], write_config, change: dict[str,
             if self.reads == 5:
                 path.write_text(change if isinstance(change, str) else yaml.safe_dump(change))
                 os.kill(os.getpid(), signal.SIGHUP)
+            elif self.reads > 5 and daemon.settings is before:
+                time.sleep(0.005)
 
         def close(self) -> None:
             pass
@@ -185,7 +190,7 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(run_daemon, write_confi
     refused = [e for e in logs if e["event"] == "reload_refused"]
     assert len(refused) == 1 and refused[0]["key"] == "loop.rate_hz"
     assert "config_reloaded" not in [e["event"] for e in logs]
-    assert daemon.snapshot()["ticks"]["count"] == 20
+    assert daemon.snapshot()["ticks"]["count"] == 100
     assert set(daemon.snapshot()["actuators"]) == {"led_strip", "servo_motor", "relay_switch"}
 
 
