@@ -26,7 +26,6 @@ from typing import Any, Callable
 import extism
 import yaml
 from gpiozero import MCP3008, AngularServo, Device, DigitalInputDevice, OutputDevice, PWMOutputDevice
-from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from pi_controller import config, logs
 from pi_controller.clock import VirtualClock

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 from gpiozero import Device
-from gpiozero.pins.mock import MockFactory, MockPWMPin
+from gpiozero.pins.mock import MockPWMPin
 
 from pi_controller import actuators, config, sensors
 from pi_controller.actuators import PwmSettings, RelaySettings, ServoSettings
 from pi_controller.clock import VirtualClock
 from pi_controller.hardware import Hardware, HardwareError
 from pi_controller.pins import SimulatedFactory, make_factory
-from pi_controller.sensors import (CPUTemperatureSettings, DigitalSettings, DS18B20Settings, LightSettings,
-                                   MCP3008Settings)
+from pi_controller.sensors import (CPUTemperatureSettings, DigitalSettings, DS18B20Settings, MCP3008Settings)
 from pi_controller.simulators.adc import SimulatedMCP3008
 from tests.conftest import example_data
 
