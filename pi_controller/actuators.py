@@ -16,7 +16,6 @@ from gpiozero.pins import Factory
 from pi_controller.contract import Rejected, number
 from pi_controller.schema import bcm_pin, bounded, device_id
 
-
 Target = float | None  # what an actuator is set to; None is a servo without pulses
 
 

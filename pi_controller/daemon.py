@@ -1,5 +1,5 @@
 """The composition root: builds hardware, plugins and the loop from settings, runs them, and puts
-every actuator in its safe state on every way out."""
+every actuator in its shut-down state on every way out."""
 
 from __future__ import annotations
 
@@ -11,18 +11,18 @@ from typing import Any
 
 import structlog
 
-from pi_controller.clock import Clock, SystemClock
 from pi_controller import config
+from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import Settings
 from pi_controller.hardware import Environment, Hardware
 from pi_controller.loop import ControlLoop
+from pi_controller.metrics import Metrics, MetricsServer
+from pi_controller.operator import Operator
 from pi_controller.pins import make_factory
 from pi_controller.plugin_watch import PluginWatcher
 from pi_controller.plugins import PluginSet
-from pi_controller.metrics import Metrics, MetricsServer
 from pi_controller.safety import Safety, Watchdog
 from pi_controller.stats import PluginStats
-from pi_controller.operator import Operator
 from pi_controller.systemd import Notifier
 from pi_controller.telemetry import Telemetry
 

@@ -12,9 +12,8 @@ import sys
 from typing import Any, Iterable, NoReturn, Protocol
 
 from gpiozero import Device
-from gpiozero.pins import Factory
 from gpiozero.mixins import SharedMixin
-from gpiozero.pins import SPI
+from gpiozero.pins import SPI, Factory
 from gpiozero.pins.mock import MockChargingPin, MockFactory, MockPWMPin, MockTriggerPin
 
 from pi_controller.config import Settings

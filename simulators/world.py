@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from gpiozero.pins.mock import MockPin
+from pi_controller.simulators.adc import SimulatedMCP3008
+from pi_controller.simulators.models import MODELS, Model, Port, Probe
 
 from pi_controller.actuators import ActuatorSettings, PwmSettings, RelaySettings, ServoSettings
 from pi_controller.config import Settings
 from pi_controller.pins import SimulatedFactory
 from pi_controller.sensors import DigitalSettings, DS18B20Settings, MCP3008Settings, SensorSettings
-from pi_controller.simulators.adc import SimulatedMCP3008
-from pi_controller.simulators.models import MODELS, Model, Port, Probe
 
 
 class SimulationError(Exception):
