@@ -130,10 +130,8 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     targets = {entry.id: actuators.build(entry, factory) for entry in settings.actuators}
     readings = [Reading(r["sensor_id"], r.get("value"), r.get("unit", ""), r.get("timestamp", 0.0), r.get("error"))
                 for r in context.get("sensor_readings", [])]
-    # As contract.encode_context lays it out: readings first, no config (the plugin splices its own in).
-    body = {"sensor_readings": [r.as_json() for r in readings],
-            **{k: v for k, v in context.items() if k not in ("sensor_readings", "config")}}
-    prefix = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()[:-1]
+    prefix = contract.encode_context(readings, context.get("device_states", {}), context.get("timestamp", 0.0),
+                                     context.get("tick", 0))
     report: dict[str, Any] = {"plugin": name, "sha256": plugin.sha256, "fuel": terms.fuel,
                               "timeout_ms": terms.timeout_ms, "memory_pages": terms.memory_pages}
     started = time.perf_counter()

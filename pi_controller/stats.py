@@ -25,11 +25,12 @@ class Window:
         if value > self.max:
             self.max = value
 
-    def percentile(self, fraction: float) -> float:
+    def percentiles(self, *fractions: float) -> list[float]:
+        """Several percentiles from one sort of the window."""
         if not self._samples:
-            return 0.0
+            return [0.0] * len(fractions)
         ordered = sorted(self._samples)
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+        return [ordered[min(len(ordered) - 1, int(f * len(ordered)))] for f in fractions]
 
 
 def _us(seconds: float) -> int:
@@ -46,7 +47,7 @@ class PluginStats:
 
     def summary(self) -> dict[str, Any]:
         return {"calls": self.calls, "errors": self.errors, "rejected": self.rejected, "held": self.held,
-                "median_us": _us(self.durations.percentile(0.5)), "max_us": _us(self.durations.max)}
+                "median_us": _us(self.durations.percentiles(0.5)[0]), "max_us": _us(self.durations.max)}
 
 
 @dataclass
@@ -57,7 +58,7 @@ class TickStats:
     jitter: Window = field(default_factory=Window)
 
     def summary(self) -> dict[str, Any]:
-        return {"count": self.count, "missed": self.missed,
-                "duration_median_us": _us(self.durations.percentile(0.5)),
-                "duration_p99_us": _us(self.durations.percentile(0.99)),
-                "start_jitter_p99_us": _us(self.jitter.percentile(0.99))}
+        median, p99 = self.durations.percentiles(0.5, 0.99)
+        (jitter_p99,) = self.jitter.percentiles(0.99)
+        return {"count": self.count, "missed": self.missed, "duration_median_us": _us(median),
+                "duration_p99_us": _us(p99), "start_jitter_p99_us": _us(jitter_p99)}

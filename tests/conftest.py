@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,6 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLED_PLUGINS = REPO / "plugins"
 TEST_PLUGINS = REPO / "tests" / "plugins"
 EXAMPLE_CONFIG = REPO / "config" / "example.yaml"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on just now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def example_data() -> dict[str, Any]:

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockPWMPin
+from pi_controller.simulators.adc import SimulatedMCP3008
 
 from pi_controller import actuators, config, sensors
 from pi_controller.actuators import PwmSettings, RelaySettings, ServoSettings
 from pi_controller.clock import VirtualClock
 from pi_controller.hardware import Hardware, HardwareError
 from pi_controller.pins import SimulatedFactory, make_factory
-from pi_controller.sensors import (CPUTemperatureSettings, DigitalSettings, DS18B20Settings, MCP3008Settings)
-from pi_controller.simulators.adc import SimulatedMCP3008
+from pi_controller.sensors import CPUTemperatureSettings, DigitalSettings, DS18B20Settings, MCP3008Settings
 from tests.conftest import example_data
 
 CLOCK = VirtualClock()
@@ -61,12 +61,17 @@ def test_ds18b20_missing_file_is_an_invalid_reading(tmp_path) -> None:
     assert "FileNotFoundError" in reading.error
 
 
-def test_ds18b20_is_polled_on_its_own_thread(tmp_path) -> None:
+def polled_ds18b20(tmp_path: Path, interval_s: float, clock: VirtualClock) -> sensors.Sensor:
+    """A DS18B20 reading 23.125 C, polled on its own thread every `interval_s`."""
     w1_file(tmp_path, "28-0316a2790aff", GOOD_W1)
     settings = DS18B20Settings(id="t", kind="ds18b20", device="28-0316a2790aff", base_dir=str(tmp_path),
-                               poll_interval_s=0.02)
+                               poll_interval_s=interval_s)
+    return sensors.build(settings, None, clock)
+
+
+def test_ds18b20_is_polled_on_its_own_thread(tmp_path) -> None:
     clock = VirtualClock()
-    sensor = sensors.build(settings, None, clock)
+    sensor = polled_ds18b20(tmp_path, 0.02, clock)
     try:
         assert sensor.read(clock.time()).value == 23.125  # read once at start
         w1_file(tmp_path, "28-0316a2790aff", GOOD_W1.replace("t=23125", "t=19500"))
@@ -79,11 +84,8 @@ def test_ds18b20_is_polled_on_its_own_thread(tmp_path) -> None:
 
 
 def test_ds18b20_whose_bus_stops_answering_goes_invalid(tmp_path) -> None:
-    w1_file(tmp_path, "28-0316a2790aff", GOOD_W1)
-    settings = DS18B20Settings(id="t", kind="ds18b20", device="28-0316a2790aff", base_dir=str(tmp_path),
-                               poll_interval_s=30)
     clock = VirtualClock()
-    sensor = sensors.build(settings, None, clock)
+    sensor = polled_ds18b20(tmp_path, 30, clock)
     try:
         first = sensor.read(clock.time())
         assert first.value == 23.125 and first.timestamp == clock.time()

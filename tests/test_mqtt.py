@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
-from tests.conftest import example_data
+from tests.conftest import example_data, free_port
 
 NODE = "testpi"
 BASE = f"pi-controller/{NODE}"
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.skipif(not (MOSQUITTO or AMQTT), reason="no broker: ins
 
 # Measured with amqtt 0.12.1: no last will on SIGKILL of a client, and no sessions across a restart.
 needs_mosquitto = pytest.mark.skipif(not MOSQUITTO, reason="amqtt lacks what this test needs; install mosquitto")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Broker:

@@ -7,10 +7,10 @@ import json
 import time
 from typing import Any
 
+from pi_controller.simulators.adc import SimulatedMCP3008
 from structlog.testing import capture_logs
 
 from pi_controller.clock import VirtualClock
-from pi_controller.simulators.adc import SimulatedMCP3008
 
 PERIOD = 0.1
 

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from pi_controller.clock import VirtualClock
-from tests.conftest import example_data
+from tests.conftest import example_data, free_port
 
 DEVICE = "28-0316a2790aff"
 W1_OK = "aa : crc=aa YES\naa t=21000\n"
@@ -194,12 +194,6 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(run_daemon, write_confi
     assert "config_reloaded" not in [e["event"] for e in logs]
     assert daemon.snapshot()["ticks"]["count"] == 100
     assert set(daemon.snapshot()["actuators"]) == {"led_strip", "servo_motor", "relay_switch"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ticks_counted(exposition: str) -> float:
