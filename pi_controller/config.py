@@ -197,6 +197,17 @@ class PluginCeilings:
 
 
 @dataclass(frozen=True)
+class HostFunctionSettings:
+    """The bounds of the host functions plugins may import (see `host_functions`)."""
+
+    history_length: int = bounded(1, 36_000, default=600)  # valid readings kept per sensor: 60 s at 10 Hz
+    history_reads_per_call: int = bounded(0, 1000, default=8)
+    log_lines_per_s: float = bounded(0.01, 1000, default=5.0)
+    log_burst: int = bounded(1, 10_000, default=20)
+    host_calls_per_call: int = bounded(1, 100_000, default=64)  # past it, the plugin's call is cancelled
+
+
+@dataclass(frozen=True)
 class QuarantineSettings:
     """A plugin with `failures` failed calls and rejected commands within `window_s` is not called for
     `backoff_s`, doubling at each relapse up to `max_backoff_s`."""
@@ -214,6 +225,7 @@ class PluginsSettings:
     defaults: PluginDefaults = field(default_factory=PluginDefaults)
     ceilings: PluginCeilings = field(default_factory=PluginCeilings)
     quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
+    host: HostFunctionSettings = field(default_factory=HostFunctionSettings)
     settings: Mapping[str, PluginSettings] = field(default_factory=dict)
 
 

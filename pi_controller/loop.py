@@ -98,6 +98,7 @@ class ControlLoop:
         now = self.clock.time()
         self.readings = self.hardware.read(now)
         self._report_sensors(number)
+        self.plugins.record(self.readings)
         context = contract.encode_context(self.readings, self.hardware.states(), now, number)
         # Operator overrides come first: arbitration keeps the first command for a device.
         proposals = self.operator.commands(self.hardware.actuators, self.plugins, self.clock.monotonic(), number)
@@ -143,7 +144,7 @@ class ControlLoop:
         started = self.clock.perf_counter()
         try:
             try:
-                raw = plugin.call(plugin.view(context, self.readings))
+                raw = plugin.call(plugin.view(context, self.readings), number)
             finally:
                 seconds = self.clock.perf_counter() - started
                 stats.durations.add(seconds)

@@ -113,6 +113,7 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     import extism
 
     from pi_controller import actuators, contract
+    from pi_controller.host_functions import History, PluginHost
     from pi_controller.manifest import Refused, grant, load_manifest
     from pi_controller.pins import make_factory
     from pi_controller.plugins import PluginCallError, SandboxedPlugin
@@ -123,7 +124,8 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     try:
         terms = grant(name, load_manifest(wasm), settings.plugins)
         terms = dataclasses.replace(terms, config={**terms.config, **context.get("config", {})})
-        plugin = SandboxedPlugin(name, wasm.read_bytes(), terms, Guard(name, settings.plugins.quarantine))
+        host = PluginHost(name, terms.sensors, History(settings.plugins.host.history_length), settings.plugins.host)
+        plugin = SandboxedPlugin(name, wasm.read_bytes(), terms, Guard(name, settings.plugins.quarantine), host)
     except (OSError, Refused, extism.Error) as exc:
         return {"plugin": name, "error": {"kind": "load_failed", "reason": str(exc)}, "rejected": []}
     factory = make_factory(settings, simulate=True)

@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import extism
 import structlog
@@ -24,6 +24,7 @@ from extism.extism import CompiledPlugin, _ffi, _lib  # fuel is only in libextis
 from pi_controller.config import PluginsSettings
 from pi_controller.contract import READINGS_KEY, Command, Rejection, encode_config, encode_readings
 from pi_controller.extism_log import router
+from pi_controller.host_functions import History, PluginHost, free_functions, new_functions
 from pi_controller.manifest import Grant, Refused, grant, load_manifest
 from pi_controller.quarantine import Guard
 from pi_controller.schema import ID_PATTERN
@@ -37,13 +38,14 @@ HEALTH_CHECK = "health_check"  # optional export: called once at load; an error 
 # Failures after which the instance is rebuilt: Extism keeps an instance whose call trapped or was
 # stopped, and a guest without our PDK's stack reset would keep the leaked stack (and an instance
 # that hit its memory limit would keep all that memory) on every later call.
-_REBUILD_AFTER = frozenset({"trap", "timeout", "out_of_memory", "out_of_fuel"})
+_REBUILD_AFTER = frozenset({"trap", "timeout", "out_of_memory", "out_of_fuel", "host_call_limit"})
 
 
 
 class PluginCallError(Exception):
     """A call that produced no usable output; `kind` is "timeout", "out_of_fuel", "out_of_memory",
-    "trap", "output_too_large" or "error_return" (the plugin reported an error of its own)."""
+    "trap", "host_call_limit", "output_too_large" or "error_return" (the plugin reported an error
+    of its own)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -64,9 +66,10 @@ class PluginCallError(Exception):
         return cls("error_return", message)
 
 
-def compile_plugin(wasm: bytes, terms: Grant) -> CompiledPlugin:
-    """A compiled module under `terms`, with a fuel limit (the SDK's constructor has none): no WASI,
-    no host functions, no network beyond `allowed_hosts`."""
+def compile_plugin(wasm: bytes, terms: Grant, host: Any) -> CompiledPlugin:
+    """A compiled module under `terms`, with a fuel limit (the SDK's constructor has none) and our
+    host functions bound to `host` (a cffi handle of its PluginHost): no WASI, no network beyond
+    `allowed_hosts`."""
     manifest = {
         "wasm": [{"data": base64.b64encode(wasm).decode()}],
         "memory": {"max_pages": terms.memory_pages, "max_var_bytes": terms.max_var_bytes,
@@ -78,8 +81,12 @@ def compile_plugin(wasm: bytes, terms: Grant) -> CompiledPlugin:
     }
     data = json.dumps(manifest).encode()
     error = _ffi.new("char**")
-    pointer = _lib.extism_compiled_plugin_new_with_fuel_limit(data, len(data), _ffi.NULL, 0, False,
-                                                              terms.fuel, error)
+    functions = new_functions(host)
+    try:
+        pointer = _lib.extism_compiled_plugin_new_with_fuel_limit(data, len(data), functions, len(functions),
+                                                                  False, terms.fuel, error)
+    finally:
+        free_functions(functions)  # the compiled plugin has taken what it needs
     if pointer == _ffi.NULL:
         message = _ffi.string(error[0]).decode(errors="replace")
         _lib.extism_plugin_new_error_free(error[0])
@@ -92,15 +99,17 @@ def compile_plugin(wasm: bytes, terms: Grant) -> CompiledPlugin:
 class SandboxedPlugin:
     """One loaded `.wasm` under its grant, with its quarantine guard."""
 
-    def __init__(self, name: str, wasm: bytes, terms: Grant, guard: Guard):
+    def __init__(self, name: str, wasm: bytes, terms: Grant, guard: Guard, host: PluginHost):
         self.name = name
         self.grant = terms
         self.guard = guard
+        self.host = host
+        self._host_handle = _ffi.new_handle(host)  # what the host functions get: alive as long as we are
         self.sha256 = hashlib.sha256(wasm).hexdigest()
         if terms.sha256 is not None and terms.sha256 != self.sha256:
             raise Refused(f"sha256 {self.sha256} is not the pinned {terms.sha256}")
         self.config_suffix = encode_config(terms.config)
-        self._compiled = compile_plugin(wasm, terms)
+        self._compiled = compile_plugin(wasm, terms, self._host_handle)
         self._instance, self._id = self._instantiate()
         try:
             self._check_exports()
@@ -116,6 +125,7 @@ class SandboxedPlugin:
         instance = extism.Plugin(self._compiled)
         instance_id = str(instance.id)
         router().register(instance_id, self.name)
+        self.host.cancel = instance.cancel_handle().cancel
         return instance, instance_id
 
     def _check_exports(self) -> None:
@@ -127,24 +137,35 @@ class SandboxedPlugin:
             except PluginCallError as exc:
                 raise Refused(f"{HEALTH_CHECK} failed: {exc}") from exc
 
-    def call(self, context: bytes) -> bytes:
+    def call(self, context: bytes, tick: int | None = None) -> bytes:
         """One tick: `context` is the context without its config (`contract.encode_context`)."""
-        output = self._invoke(ENTRY_POINT, context + self.config_suffix)
+        output = self._invoke(ENTRY_POINT, context + self.config_suffix, tick)
         router().drain()  # 0.75 us: other lines are logged now, and libextism's buffer never grows
         if len(output) > self.grant.max_output_bytes:
             raise PluginCallError("output_too_large", f"output of {len(output)} bytes exceeds max_output_bytes "
                                   f"{self.grant.max_output_bytes}")
         return output
 
-    def _invoke(self, function: str, data: bytes) -> bytes:
+    def _invoke(self, function: str, data: bytes, tick: int | None = None) -> bytes:
+        self.host.start_call(tick)
         try:
             output: bytes = self._instance.call(function, data)
         except extism.Error as exc:
-            error = PluginCallError.from_extism(exc, router().reason(self._id), self.grant)
+            error = self._call_error(exc)
             if error.kind in _REBUILD_AFTER:
                 self._rebuild()
             raise error from exc
+        if self.host.over_budget:  # it ended before the cancel took: the verdict must not depend on that
+            self._rebuild()
+            raise self._call_error(extism.Error("cancelled"))
         return output
+
+    def _call_error(self, exc: extism.Error) -> PluginCallError:
+        reason = router().reason(self._id)
+        if self.host.over_budget:  # we cancelled it: what shows is a timeout or a trap
+            return PluginCallError("host_call_limit", f"cancelled: more than {self.host.settings.host_calls_per_call} "
+                                   "host function calls in one call (plugins.host.host_calls_per_call)")
+        return PluginCallError.from_extism(exc, reason, self.grant)
 
     def _rebuild(self) -> None:
         """A fresh instance of the same compiled module (~0.4 ms); its vars start empty again."""
@@ -228,6 +249,7 @@ class PluginSet:
         self.settings = settings
         self.directory = directory
         self.budget_ms = budget_ms
+        self.history = History(settings.host.history_length)
         self._plugins: tuple[SandboxedPlugin, ...] = ()  # replaced whole, so a tick sees one version
         self._refused: dict[str, PluginStatus] = {}
         self._kept: dict[str, str] = {}  # live plugins whose replacement was refused, and why
@@ -244,6 +266,10 @@ class PluginSet:
         result = dict(self._refused)
         result.update((p.name, p.status(self._kept.get(p.name))) for p in self._plugins)
         return result
+
+    def record(self, readings: Iterable[Reading]) -> None:
+        """This tick's readings, for the plugins that read history (`host_functions`)."""
+        self.history.record(readings)
 
     def load_all(self) -> None:
         """Load every `*.wasm` in the folder, highest priority first, so that when the time budget is
@@ -282,7 +308,8 @@ class PluginSet:
             terms = grant(name, load_manifest(path), self.settings)
             if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
                 return  # the same plugin under the same terms: nothing to swap
-            update.loaded[name] = SandboxedPlugin(name, wasm, terms, Guard(name, self.settings.quarantine))
+            host = PluginHost(name, terms.sensors, self.history, self.settings.host)
+            update.loaded[name] = SandboxedPlugin(name, wasm, terms, Guard(name, self.settings.quarantine), host)
         except (OSError, extism.Error, Refused) as exc:
             update.refused[name] = PluginStatus("failed", str(exc)[:500])
         except Exception as exc:  # whatever else a dropped file holds (a manifest in Latin-1...), it fails alone

@@ -14,7 +14,9 @@ from gpiozero import Device
 
 from pi_controller import config
 from pi_controller.clock import Clock, VirtualClock
+from pi_controller.config import PluginsSettings
 from pi_controller.daemon import Daemon
+from pi_controller.plugins import PluginSet
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_PLUGINS = REPO / "plugins"
@@ -93,3 +95,31 @@ def _reset_pin_factory() -> Iterator[None]:
     if Device.pin_factory is not None:
         Device.pin_factory.reset()
         Device.pin_factory = None
+
+
+@pytest.fixture
+def plugin_set(tmp_path: Path) -> Iterator[Any]:
+    """A PluginSet over a fresh folder holding the named plugins, loaded under the given settings."""
+    sets: list[PluginSet] = []
+
+    def make(*names: str, manifests: dict[str, dict[str, Any]] | None = None, **settings: Any) -> PluginSet:
+        folder = tmp_path / "plugins"
+        folder.mkdir(exist_ok=True)
+        for name in names:
+            shutil.copy(plugin_wasm(name), folder / f"{name}.wasm")
+        for name, manifest in (manifests or {}).items():
+            (folder / f"{name}.yaml").write_text(yaml.safe_dump(manifest))
+        plugins = PluginSet(PluginsSettings(**settings), folder, budget_ms=1000)
+        plugins.load_all()
+        sets.append(plugins)
+        return plugins
+
+    yield make
+    for plugins in sets:
+        plugins.close()
+
+
+def plugin_wasm(name: str) -> Path:
+    """A bundled plugin by name, or else a test plugin."""
+    bundled = BUNDLED_PLUGINS / f"{name}.wasm"
+    return bundled if bundled.exists() else TEST_PLUGINS / f"{name}.wasm"

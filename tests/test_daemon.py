@@ -117,13 +117,15 @@ def test_hostile_plugins_fail_alone_and_the_bundled_ones_keep_control(run_daemon
     data["plugins"]["settings"].update({
         "memory_hog": {"memory_pages": 16},
         "garbage": {"config": {"output": "this is not json {"}},
+        "flooder": {"config": {"mode": "flood"}},
     })
     folder = plugin_dir("temperature_control", "motion_light", "energy_saver", *HOSTILE)
     shutil.copy(TEST_PLUGINS / "echo_output.wasm", folder / "garbage.wasm")
+    shutil.copy(TEST_PLUGINS / "host_calls.wasm", folder / "flooder.wasm")  # calls pi_log forever
     with capture_logs() as logs:
         daemon = run_daemon(data, 20, plugins=folder)
     snap = daemon.snapshot()
-    for name in (*HOSTILE, "garbage"):
+    for name in (*HOSTILE, "garbage", "flooder"):
         assert snap["plugins"][name]["state"] == "loaded"
         assert (snap["plugins"][name]["calls"], snap["plugins"][name]["errors"]) == (20, 20), name
     for name in ("temperature_control", "motion_light", "energy_saver"):
@@ -136,7 +138,8 @@ def test_hostile_plugins_fail_alone_and_the_bundled_ones_keep_control(run_daemon
     assert "oom" in failures["memory_hog"]
     assert "sensor table corrupt" in failures["error_return"]
     assert "output is not JSON" in failures["garbage"]
-    assert len([e for e in logs if e["event"] == "plugin_call_failed"]) == 5  # once each, not per tick
+    assert "more than 64 host function calls" in failures["flooder"]
+    assert len([e for e in logs if e["event"] == "plugin_call_failed"]) == 6  # once each, not per tick
 
 
 @pytest.mark.parametrize("output,rejected,applied", [

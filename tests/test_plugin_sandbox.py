@@ -6,51 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-import yaml
 from structlog.testing import capture_logs
 
 from pi_controller import contract
 from pi_controller.clock import VirtualClock
-from pi_controller.config import PluginCeilings, PluginSettings, PluginsSettings
+from pi_controller.config import PluginCeilings, PluginSettings
 from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
-from tests.conftest import BUNDLED_PLUGINS, TEST_PLUGINS, example_data
+from tests.conftest import example_data, plugin_wasm
 from tests.test_daemon import HOSTILE, unsimulated
 
 CONTEXT = b'{"sensor_readings":[],"device_states":{},"timestamp":1.0,"tick":1'
-
-
-@pytest.fixture
-def plugin_set(tmp_path: Path) -> Iterator[Any]:
-    """A PluginSet over a fresh folder holding the named plugins, loaded under the given settings."""
-    sets: list[PluginSet] = []
-
-    def make(*names: str, manifests: dict[str, dict[str, Any]] | None = None, **settings: Any) -> PluginSet:
-        folder = tmp_path / "plugins"
-        folder.mkdir(exist_ok=True)
-        for name in names:
-            shutil.copy(_wasm(name), folder / f"{name}.wasm")
-        for name, manifest in (manifests or {}).items():
-            (folder / f"{name}.yaml").write_text(yaml.safe_dump(manifest))
-        plugins = PluginSet(PluginsSettings(**settings), folder, budget_ms=1000)
-        plugins.load_all()
-        sets.append(plugins)
-        return plugins
-
-    yield make
-    for plugins in sets:
-        plugins.close()
-
-
-def _wasm(name: str) -> Path:
-    bundled = BUNDLED_PLUGINS / f"{name}.wasm"
-    return bundled if bundled.exists() else TEST_PLUGINS / f"{name}.wasm"
 
 
 def only(plugins: PluginSet) -> SandboxedPlugin:
@@ -198,7 +168,7 @@ def test_a_host_within_the_ceiling_is_granted_and_others_stay_denied(plugin_set)
 def test_sha256_pinning_refuses_other_content(plugin_set) -> None:
     import hashlib
 
-    digest = hashlib.sha256(_wasm("echo_output").read_bytes()).hexdigest()
+    digest = hashlib.sha256(plugin_wasm("echo_output").read_bytes()).hexdigest()
     assert len(plugin_set("echo_output", settings={"echo_output": PluginSettings(sha256=digest)})) == 1
     status = plugin_set("echo_output", settings={"echo_output": PluginSettings(sha256="0" * 64)}).status["echo_output"]
     assert status.state == "failed" and f"sha256 {digest} is not the pinned {'0' * 64}" == status.reason

@@ -1,7 +1,8 @@
 //! pi_controller PDK: the guest side of the pi-controller plugin contract, for plugins in Zig.
 //!
 //! A plugin is a wasm32-freestanding module that exports `control_logic() i32`. The daemon calls
-//! it once per control tick through Extism (no WASI, no host functions of ours) with one JSON
+//! it once per control tick through Extism (no WASI; the daemon's own host functions `log` and
+//! `history` below are there if the plugin uses them) with one JSON
 //! context (sensor readings, device states, timestamp, tick, the plugin's own config) and takes
 //! a JSON array of commands back. The shortest plugin:
 //!
@@ -445,6 +446,60 @@ fn toKernel(bytes: []const u8) ?u64 {
     }
     while (i < bytes.len) : (i += 1) kernel.store_u8(offset + i, bytes[i]);
     return offset;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon's host functions
+// ---------------------------------------------------------------------------------------------
+
+/// Imported from "extism:host/user" only by a plugin that calls `log` or `history`.
+const daemon = struct {
+    extern "extism:host/user" fn pi_log(level: u64, message: u64) void; // (i64, i64) -> ()
+    extern "extism:host/user" fn pi_history(sensor_id: u64, count: u64) u64; // (i64, i64) -> i64
+};
+
+pub const LogLevel = enum(u64) { debug = 0, info = 1, warning = 2, @"error" = 3 };
+
+/// One line in the daemon's log (a `plugin_log` event with this plugin's name and the tick),
+/// formatted into 512 bytes at most. The daemon rate-limits each plugin's lines (5 a second,
+/// bursts of 20, by default) and counts what it drops. For fields of your own, log a JSON
+/// object: `pdk.log(.info, "{{\"message\":\"heating\",\"error_c\":{d}}}", .{err})`.
+pub fn log(level: LogLevel, comptime fmt: []const u8, args: anytype) void {
+    var buffer: [512]u8 = undefined;
+    var writer: std.Io.Writer = .fixed(&buffer);
+    writer.print(fmt, args) catch {};
+    const offset = toKernel(writer.buffered()) orelse return;
+    daemon.pi_log(@intFromEnum(level), offset);
+    kernel.free(offset);
+}
+
+/// One past reading of a sensor: Unix seconds and the value.
+pub const Sample = struct { timestamp: f64, value: f64 };
+
+/// Up to `count` most recent valid readings of `sensor_id`, oldest first, in `allocator`'s
+/// memory; the current tick's reading is the last. Null when the daemon refuses: a sensor it
+/// does not know or has not granted to this plugin, or more reads in one call than it allows
+/// (8 by default). The daemon keeps the last 600 readings of each sensor by default.
+pub fn history(allocator: Allocator, sensor_id: []const u8, count: u32) Error!?[]Sample {
+    const key = try store(sensor_id);
+    defer kernel.free(key);
+    const text = try fromKernelOrNull(allocator, daemon.pi_history(key, count)) orelse return null;
+    const pairs = std.json.parseFromSliceLeaky([]const [2]f64, allocator, text, .{}) catch |err| switch (err) {
+        error.OutOfMemory => return error.OutOfMemory,
+        else => return fail("history of '{s}' is not a list of pairs: {s}", .{ sensor_id, @errorName(err) }),
+    };
+    const samples = try allocator.alloc(Sample, pairs.len);
+    for (pairs, samples) |pair, *sample| sample.* = .{ .timestamp = pair[0], .value = pair[1] };
+    return samples;
+}
+
+/// The mean value of `sensor_id` over its last `count` readings; null when there are none.
+pub fn historyMean(allocator: Allocator, sensor_id: []const u8, count: u32) Error!?f64 {
+    const samples = try history(allocator, sensor_id, count) orelse return null;
+    if (samples.len == 0) return null;
+    var sum: f64 = 0;
+    for (samples) |s| sum += s.value;
+    return sum / @as(f64, @floatFromInt(samples.len));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,264 @@
+"""The host functions a control plugin may import from "extism:host/user", and what backs them.
+
+- `pi_log(level: i64, message: i64)`: one line into our log pipeline as a `plugin_log` event with the
+  plugin and tick. `level` is 0 debug, 1 info, 2 warning, 3 error; `message` is the offset of an
+  Extism memory block holding UTF-8 text, or a JSON object `{"message": ..., other scalar fields}`.
+  Rate limited per plugin (a token bucket); what is dropped is counted in one line when logging resumes.
+- `pi_history(sensor_id: i64, count: i64) -> i64`: the offset of a JSON array `[[timestamp, value], ...]`
+  holding up to `count` most recent valid readings of a sensor, oldest first; 0 when the sensor is
+  unknown, not granted to the plugin, or the plugin has used its reads for this call.
+
+Both run on the tick thread inside the plugin's call and trust nothing from the guest: offsets are
+looked up in Extism's allocation table (an offset that is not a block reads as empty), lengths are
+capped before anything is copied, and every failure is caught here (cffi would print an escaping
+exception and carry on with a zero result). Each call of a plugin has a budget of host calls: past it,
+the call is cancelled, so a guest spinning on host functions fails in a number of calls, not of
+milliseconds (fuel does not count time spent in the host).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from itertools import islice
+from typing import Any, Callable, Iterable
+
+import structlog
+from extism.extism import _ffi, _lib
+
+from pi_controller import logs
+from pi_controller.config import HostFunctionSettings
+from pi_controller.sensors import Reading
+
+log = structlog.get_logger("pi_controller.plugin")
+
+NAMESPACE = b"extism:host/user"
+LEVELS = ("debug", "info", "warning", "error")
+MAX_MESSAGE_BYTES = 2048  # read from the guest at most; the logged text is cut shorter still
+MAX_TEXT = 512
+MAX_FIELDS = 16
+MAX_ID_BYTES = 64  # schema.ID_PATTERN's longest id
+_I64 = 1  # ExtismValType
+_SIGNATURE = "void(ExtismCurrentPlugin*, const ExtismVal*, ExtismSize, ExtismVal*, ExtismSize, void*)"
+
+
+class History:
+    """The recent valid readings of every sensor, in rings of fixed length that the loop fills once a
+    tick from the readings it already has. Entries are kept encoded: a read joins them, and the
+    values are written as the context writes them."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self._rings: dict[str, deque[str]] = {}
+
+    def record(self, readings: Iterable[Reading]) -> None:
+        for r in readings:
+            ring = self._rings.get(r.sensor_id)
+            if ring is None:
+                ring = self._rings[r.sensor_id] = deque(maxlen=self.length)
+            if r.error is None and r.value is not None:
+                ring.append(f"[{float(r.timestamp)!r},{float(r.value)!r}]")
+
+    def encode(self, sensor_id: str, count: int) -> bytes | None:
+        """The last `count` entries, oldest first, as a JSON array; None for a sensor never read."""
+        ring = self._rings.get(sensor_id)
+        if ring is None:
+            return None
+        recent = list(islice(reversed(ring), max(0, count)))
+        recent.reverse()
+        return ("[" + ",".join(recent) + "]").encode()
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens, self._last = float(burst), clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+class PluginHost:
+    """What the host functions do for one plugin: its name, the sensors granted to it, its log
+    budget and its per-call budgets. Lives as long as the plugin's compiled module."""
+
+    def __init__(self, plugin: str, sensors: frozenset[str] | None, history: History,
+                 settings: HostFunctionSettings):
+        self.plugin = plugin
+        self.sensors = sensors
+        self.history = history
+        self.settings = settings
+        self.tick: int | None = None
+        self.cancel: Callable[[], Any] = lambda: None  # set by the plugin to cancel its current call
+        self.over_budget = False
+        self._calls_left = self._reads_left = 0
+        self._bucket = TokenBucket(settings.log_lines_per_s, settings.log_burst)
+        self._dropped = 0
+        self._warned: dict[str, float] = {}
+
+    def start_call(self, tick: int | None) -> None:
+        self.tick = tick
+        self.over_budget = False
+        self._calls_left = self.settings.host_calls_per_call
+        self._reads_left = self.settings.history_reads_per_call
+
+    def spend(self) -> bool:
+        """One host call; past the call's budget, cancel the call (once) and do nothing more."""
+        self._calls_left -= 1
+        if self._calls_left >= 0:
+            return True
+        if not self.over_budget:
+            self.over_budget = True
+            self.cancel()
+        return False
+
+    def log_line(self, level: int, data: bytes) -> None:
+        name = LEVELS[level] if 0 <= level < len(LEVELS) else "info"
+        if not logs.enabled(name):
+            return  # before any parsing: a debug line costs nothing when debug is off
+        if not data:
+            self.warn("log_without_message")
+            return
+        if not self._bucket.take():
+            self._dropped += 1
+            return
+        if self._dropped:
+            log.warning("plugin_log_suppressed", plugin=self.plugin, tick=self.tick, lines=self._dropped,
+                        limit=f"{self.settings.log_lines_per_s:g}/s, burst {self.settings.log_burst}")
+            self._dropped = 0
+        message, fields = parse_message(data)
+        getattr(log, name)("plugin_log", plugin=self.plugin, tick=self.tick, message=message,
+                           **({"fields": fields} if fields else {}))
+
+    def read_history(self, sensor_id: bytes, count: int) -> bytes | None:
+        sensor = sensor_id.decode(errors="replace")
+        if self.sensors is not None and sensor not in self.sensors:
+            self.warn("history_not_granted", sensor=printable(sensor))
+            return None
+        if self._reads_left <= 0:
+            self.warn("history_reads_used", limit=self.settings.history_reads_per_call)
+            return None
+        self._reads_left -= 1
+        found = self.history.encode(sensor, min(count, self.history.length))
+        if found is None:
+            self.warn("history_unknown_sensor", sensor=printable(sensor))
+        return found
+
+    def warn(self, why: str, **fields: Any) -> None:
+        """A guest's misuse of a host function, logged at most once a minute per kind."""
+        now = time.monotonic()
+        if now - self._warned.get(why, -math.inf) < 60:
+            return
+        self._warned[why] = now
+        log.warning("plugin_host_call_refused", plugin=self.plugin, tick=self.tick, why=why, **fields)
+
+
+def parse_message(data: bytes) -> tuple[str, dict[str, Any]]:
+    """A guest's log message: plain text, or a JSON object with "message" and scalar fields."""
+    text = data.decode(errors="replace")
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict):
+            fields = {printable(str(k), 64): _scalar(v) for k, v in islice(obj.items(), MAX_FIELDS + 1)
+                      if k != "message"}
+            return printable(str(obj.get("message", ""))), dict(islice(fields.items(), MAX_FIELDS))
+    return printable(text), {}
+
+
+def _scalar(value: Any) -> Any:
+    if value is None or isinstance(value, bool) or isinstance(value, int) and abs(value) < 2**53:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return printable(value if isinstance(value, str) else json.dumps(value)[:MAX_TEXT])
+
+
+def printable(text: str, limit: int = MAX_TEXT) -> str:
+    """`text` cut to `limit` characters with control characters escaped: one event stays one line."""
+    cut = text[:limit] + (f"...({len(text) - limit} more)" if len(text) > limit else "")
+    return cut if cut.isprintable() else cut.encode("unicode_escape").decode("ascii")
+
+
+# --- the functions themselves, as libextism calls them ------------------------------------------
+
+
+def _read(current: Any, offset: int, limit: int) -> bytes:
+    """At most `limit` bytes of the guest's block at `offset`; empty for anything that is not one."""
+    if offset <= 0:
+        return b""
+    length = _lib.extism_current_plugin_memory_length(current, offset)
+    if length <= 0:
+        return b""
+    return bytes(_ffi.buffer(_lib.extism_current_plugin_memory(current) + offset, min(length, limit)))
+
+
+def _write(current: Any, data: bytes) -> int:
+    """`data` in a new block of the guest's memory (counted against its page limit); 0 if none."""
+    offset = _lib.extism_current_plugin_memory_alloc(current, len(data))
+    if offset == 0:
+        return 0
+    # The allocation may have grown (and moved) the memory: the base is read after it.
+    _ffi.memmove(_lib.extism_current_plugin_memory(current) + offset, data, len(data))
+    return int(offset)
+
+
+def _failed(function: str, user_data: Any, exc: BaseException) -> None:
+    try:
+        plugin = _ffi.from_handle(user_data).plugin
+    except Exception:
+        plugin = None
+    log.error("host_function_failed", function=function, plugin=plugin, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+@_ffi.callback(_SIGNATURE)
+def _pi_log(current: Any, inputs: Any, n_inputs: int, outputs: Any, n_outputs: int, user_data: Any) -> None:
+    try:
+        host: PluginHost = _ffi.from_handle(user_data)
+        if host.spend():
+            host.log_line(inputs[0].v.i64, _read(current, inputs[1].v.i64, MAX_MESSAGE_BYTES))
+    except Exception as exc:
+        _failed("pi_log", user_data, exc)
+
+
+@_ffi.callback(_SIGNATURE)
+def _pi_history(current: Any, inputs: Any, n_inputs: int, outputs: Any, n_outputs: int, user_data: Any) -> None:
+    outputs[0].v.i64 = 0
+    try:
+        host: PluginHost = _ffi.from_handle(user_data)
+        if host.spend():
+            data = host.read_history(_read(current, inputs[0].v.i64, MAX_ID_BYTES + 1), inputs[1].v.i64)
+            if data is not None:
+                outputs[0].v.i64 = _write(current, data)
+    except Exception as exc:
+        _failed("pi_history", user_data, exc)
+
+
+_FUNCTIONS = ((b"pi_log", _pi_log, [_I64, _I64], []), (b"pi_history", _pi_history, [_I64, _I64], [_I64]))
+
+
+def new_functions(handle: Any) -> list[Any]:
+    """Fresh ExtismFunction pointers for one compiled plugin (libextism takes each into one plugin
+    only); `handle` is the cffi handle of its PluginHost. Free them with `free_functions`."""
+    functions = []
+    for name, callback, params, results in _FUNCTIONS:
+        pointer = _lib.extism_function_new(name, params, len(params), results or _ffi.NULL, len(results),
+                                           callback, handle, _ffi.NULL)
+        _lib.extism_function_set_namespace(pointer, NAMESPACE)
+        functions.append(pointer)
+    return functions
+
+
+def free_functions(functions: list[Any]) -> None:
+    for pointer in functions:
+        _lib.extism_function_free(pointer)

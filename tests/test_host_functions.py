@@ -1,0 +1,167 @@
+"""The daemon's host functions (`pi_log`, `pi_history`) through the real Extism runtime, called by a
+real plugin (tests/plugins/src/host_calls.zig) politely and not: history rings, grants, per-call
+budgets, the rate-limited log, and offsets that are no memory block."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from pi_controller.config import HostFunctionSettings, PluginSettings
+from pi_controller.host_functions import History, TokenBucket, parse_message, printable
+from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
+from pi_controller.sensors import Reading
+from tests.test_plugin_sandbox import CONTEXT, only
+
+
+def readings(tick: int) -> list[Reading]:
+    """Tick `tick`: a temperature that climbs a degree a tick, a light sensor that fails every third."""
+    light = (Reading("light", None, "lux", 1000.0 + tick, "no echo") if tick % 3 == 0
+             else Reading("light", 10.0 * tick, "lux", 1000.0 + tick))
+    return [Reading("temperature", 20.0 + tick, "°C", 1000.0 + tick), light]
+
+
+def host_calls(plugin_set: Any, ticks: int = 7, manifest: dict[str, Any] | None = None,
+               host: HostFunctionSettings | None = None, **config: Any) -> tuple[PluginSet, SandboxedPlugin]:
+    plugins = plugin_set("host_calls", manifests={"host_calls": manifest} if manifest else None,
+                         settings={"host_calls": PluginSettings(config=config, timeout_ms=50)},
+                         host=host or HostFunctionSettings())
+    for tick in range(1, ticks + 1):
+        plugins.record(readings(tick))
+    return plugins, only(plugins)
+
+
+def answer(plugin: SandboxedPlugin, tick: int = 8) -> Any:
+    return json.loads(plugin.call(CONTEXT, tick))
+
+
+# --- pi_history ---------------------------------------------------------------------------------
+
+def test_history_gives_the_last_readings_oldest_first(plugin_set) -> None:
+    _, plugin = host_calls(plugin_set, mode="history", sensor="temperature", count=3)
+    assert answer(plugin) == [[1005.0, 25.0], [1006.0, 26.0], [1007.0, 27.0]]
+
+
+def test_history_leaves_out_invalid_readings(plugin_set) -> None:
+    _, plugin = host_calls(plugin_set, mode="history", sensor="light", count=100)
+    assert answer(plugin) == [[1000.0 + t, 10.0 * t] for t in (1, 2, 4, 5, 7)]
+
+
+def test_history_keeps_history_length_readings_and_no_more(plugin_set) -> None:
+    _, plugin = host_calls(plugin_set, ticks=50, host=HostFunctionSettings(history_length=10),
+                           mode="history", sensor="temperature", count=1_000_000)
+    assert answer(plugin) == [[1000.0 + t, 20.0 + t] for t in range(41, 51)]
+
+
+def test_a_plugin_computes_a_moving_average_through_the_zig_pdk(plugin_set) -> None:
+    _, plugin = host_calls(plugin_set, mode="mean", sensor="temperature", count=4)
+    assert answer(plugin) == [25.5]  # (24 + 25 + 26 + 27) / 4
+
+
+def test_history_of_a_sensor_not_granted_is_refused_and_logged(plugin_set) -> None:
+    with capture_logs() as logs:
+        _, plugin = host_calls(plugin_set, manifest={"sensors": ["light"]}, mode="history", sensor="temperature")
+        assert answer(plugin) is None
+    refused = [e for e in logs if e["event"] == "plugin_host_call_refused"]
+    assert refused == [{"event": "plugin_host_call_refused", "log_level": "warning", "plugin": "host_calls",
+                        "tick": 8, "why": "history_not_granted", "sensor": "temperature"}]
+
+
+def test_history_of_an_unknown_sensor_is_refused(plugin_set) -> None:
+    _, plugin = host_calls(plugin_set, mode="history", sensor="no_such_sensor")
+    assert answer(plugin) is None
+
+
+def test_history_reads_are_limited_per_call_and_the_limit_resets_with_each_call(plugin_set) -> None:
+    _, plugin = host_calls(plugin_set, host=HostFunctionSettings(history_reads_per_call=5), mode="reads", count=12)
+    assert answer(plugin, 8) == [5]
+    assert answer(plugin, 9) == [5]
+
+
+# --- pi_log -------------------------------------------------------------------------------------
+
+def test_log_lines_become_events_with_the_plugin_tick_and_level(plugin_set) -> None:
+    _, plugin = host_calls(plugin_set, mode="log", count=2, level=2, message="valve stuck\nopen")
+    with capture_logs() as logs:
+        answer(plugin, 42)
+    assert [e for e in logs if e["event"] == "plugin_log"] == 2 * [
+        {"event": "plugin_log", "log_level": "warning", "plugin": "host_calls", "tick": 42,
+         "message": "valve stuck\\nopen"}]
+
+
+def test_a_json_message_brings_its_fields(plugin_set) -> None:
+    message = json.dumps({"message": "heating", "error_c": 1.5, "on": True, "nested": {"a": [1]}})
+    _, plugin = host_calls(plugin_set, mode="log", count=1, message=message)
+    with capture_logs() as logs:
+        answer(plugin)
+    (event,) = [e for e in logs if e["event"] == "plugin_log"]
+    assert event["message"] == "heating"
+    assert event["fields"] == {"error_c": 1.5, "on": True, "nested": '{"a": [1]}'}
+
+
+def test_log_lines_are_rate_limited_and_the_dropped_ones_counted(plugin_set) -> None:
+    now = [0.0]
+    plugins, plugin = host_calls(plugin_set, host=HostFunctionSettings(log_burst=10, log_lines_per_s=2),
+                                 mode="log", count=25)
+    plugin.host._bucket = TokenBucket(2, 10, clock=lambda: now[0])  # time is ours to move
+    with capture_logs() as logs:
+        answer(plugin)
+        now[0] = 2.0  # room for 4 more lines
+        answer(plugin)
+    events = [e["event"] for e in logs if e["event"].startswith("plugin_log")]
+    assert events == 10 * ["plugin_log"] + ["plugin_log_suppressed"] + 4 * ["plugin_log"]
+    (suppressed,) = [e for e in logs if e["event"] == "plugin_log_suppressed"]
+    assert suppressed["lines"] == 15
+
+
+# --- hostile use --------------------------------------------------------------------------------
+
+def test_a_plugin_spinning_on_host_calls_is_cancelled_after_its_budget(plugin_set) -> None:
+    _, plugin = host_calls(plugin_set, host=HostFunctionSettings(host_calls_per_call=32), mode="flood")
+    for tick in (8, 9):  # the rebuilt instance is cancelled the same way: the verdict does not drift
+        with pytest.raises(PluginCallError) as caught:
+            plugin.call(CONTEXT, tick)
+        assert caught.value.kind == "host_call_limit" and "more than 32 host function calls" in str(caught.value)
+
+
+def test_offsets_that_are_no_memory_block_read_as_nothing(plugin_set) -> None:
+    _, plugin = host_calls(plugin_set, mode="garbage", sensor="temperature")
+    with capture_logs() as logs:
+        assert answer(plugin) == [0, 0, 1]  # two refused reads, then a read of count 2**64-1 answered
+    assert not [e for e in logs if e["event"] in ("plugin_log", "host_function_failed")]
+    assert {e["why"] for e in logs if e["event"] == "plugin_host_call_refused"} >= {"log_without_message"}
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+
+def test_history_encodes_values_as_the_context_does() -> None:
+    history = History(3)
+    history.record([Reading("t", 21.1, "°C", 1732000000.125), Reading("t", None, "°C", 1.0, "bad")])
+    assert history.encode("t", 5) == b"[[1732000000.125,21.1]]"
+    assert history.encode("t", -1) == b"[]"
+    assert history.encode("nope", 5) is None
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"plain text", ("plain text", {})),
+    (b"\xff\xfe bad utf-8", ("\ufffd\ufffd bad utf-8", {})),
+    (b'{"message": "m", "n": 1e400}', ("m", {"n": "inf"})),
+    (b'{"no": "message"}', ("", {"no": "message"})),
+    (b'{"broken": ', ('{"broken": ', {})),
+    (b'[1, 2]', ("[1, 2]", {})),
+])
+def test_parse_message(data: bytes, expected: tuple[str, dict[str, Any]]) -> None:
+    assert parse_message(data) == expected
+
+
+def test_parse_message_keeps_at_most_16_fields() -> None:
+    _, fields = parse_message(json.dumps({f"k{i}": i for i in range(100)}).encode())
+    assert list(fields) == [f"k{i}" for i in range(16)]
+
+
+def test_printable_cuts_and_escapes() -> None:
+    assert printable("a\x1b[31mb", 100) == "a\\x1b[31mb"
+    assert printable("x" * 10, 4) == "xxxx...(6 more)"
