@@ -46,27 +46,48 @@ _SIGNATURE = "void(ExtismCurrentPlugin*, const ExtismVal*, ExtismSize, ExtismVal
 
 class History:
     """The recent valid readings of every sensor, in rings of fixed length that the loop fills once a
-    tick from the readings it already has. Entries are kept encoded: a read joins them, and the
-    values are written as the context writes them."""
+    tick from the readings it already has. The tick only appends references to its own Reading
+    objects; a read encodes what arrived since the last read (the way the context writes numbers)
+    and joins the encoded entries, so a plugin asking every tick for a long window pays for one new
+    entry, not for the window. About 100 bytes an entry."""
 
     def __init__(self, length: int):
         self.length = length
-        self._rings: dict[str, deque[str]] = {}
+        self._rings: dict[str, _Ring] = {}
 
     def record(self, readings: Iterable[Reading]) -> None:
         for r in readings:
             ring = self._rings.get(r.sensor_id)
             if ring is None:
-                ring = self._rings[r.sensor_id] = deque(maxlen=self.length)
+                ring = self._rings[r.sensor_id] = _Ring(self.length)
             if r.error is None and r.value is not None:
-                ring.append(f"[{float(r.timestamp)!r},{float(r.value)!r}]")
+                ring.add(r)
 
     def encode(self, sensor_id: str, count: int) -> bytes | None:
         """The last `count` entries, oldest first, as a JSON array; None for a sensor never read."""
         ring = self._rings.get(sensor_id)
-        if ring is None:
-            return None
-        recent = list(islice(reversed(ring), max(0, count)))
+        return None if ring is None else ring.encode(count)
+
+
+class _Ring:
+    __slots__ = ("length", "encoded", "pending")
+
+    def __init__(self, length: int):
+        self.length = length
+        self.encoded: deque[str] = deque(maxlen=length)
+        self.pending: list[Reading] = []  # not yet encoded: nobody read since they came
+
+    def add(self, r: Reading) -> None:
+        self.pending.append(r)
+        if len(self.pending) >= 2 * self.length:  # nobody reads: stay bounded all the same
+            del self.pending[:-self.length]
+
+    def encode(self, count: int) -> bytes:
+        if self.pending:
+            self.encoded.extend(f"[{float(r.timestamp)!r},{float(r.value or 0.0)!r}]"
+                                for r in self.pending[-self.length:])
+            self.pending.clear()
+        recent = list(islice(reversed(self.encoded), max(0, count)))
         recent.reverse()
         return ("[" + ",".join(recent) + "]").encode()
 

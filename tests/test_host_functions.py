@@ -117,6 +117,18 @@ def test_log_lines_are_rate_limited_and_the_dropped_ones_counted(plugin_set) -> 
     assert suppressed["lines"] == 15
 
 
+def test_a_c_plugin_dims_to_the_moving_average_and_logs_through_the_c_pdk(plugin_set) -> None:
+    plugins = plugin_set("smoothed_light")
+    with capture_logs() as logs:
+        assert json.loads(only(plugins).call(CONTEXT, 1)) == []  # no history yet
+        for tick in range(1, 8):
+            plugins.record(readings(tick))
+        assert json.loads(only(plugins).call(CONTEXT, 8)) == [
+            {"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 45.0}}]  # 20, 40, 50, 70
+    lines = [(e["log_level"], e["message"], e.get("fields")) for e in logs if e["event"] == "plugin_log"]
+    assert lines == [("warning", "no light history", None), ("info", "dimming to the mean", {"window": 4})]
+
+
 # --- hostile use --------------------------------------------------------------------------------
 
 def test_a_plugin_spinning_on_host_calls_is_cancelled_after_its_budget(plugin_set) -> None:
@@ -143,6 +155,18 @@ def test_history_encodes_values_as_the_context_does() -> None:
     assert history.encode("t", 5) == b"[[1732000000.125,21.1]]"
     assert history.encode("t", -1) == b"[]"
     assert history.encode("nope", 5) is None
+
+
+def test_history_reads_between_records_see_every_entry_once_in_order() -> None:
+    history = History(4)
+    seen = []
+    for tick in range(1, 30):
+        history.record([Reading("t", float(tick), "", float(tick))])
+        if tick % 7 == 0 or tick == 2:
+            seen.append(json.loads(history.encode("t", 4)))
+    assert seen == [[[1.0, 1.0], [2.0, 2.0]]] + [[[float(t), float(t)] for t in range(n - 3, n + 1)]
+                                                 for n in (7, 14, 21, 28)]
+    assert len(history._rings["t"].pending) == 1  # tick 29: unread, not yet encoded
 
 
 @pytest.mark.parametrize("data, expected", [

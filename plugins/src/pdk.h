@@ -38,6 +38,11 @@ PDK_KERNEL("output_set") void pdk_kernel_output_set(uint64_t offset, uint64_t le
 PDK_KERNEL("error_set") void pdk_kernel_error_set(uint64_t offset);
 PDK_KERNEL("config_get") uint64_t pdk_kernel_config_get(uint64_t key);
 
+/* The daemon's host functions: imported only by a plugin that uses pdk_log or pdk_history_mean. */
+#define PDK_DAEMON(name) __attribute__((import_module("extism:host/user"), import_name(name)))
+PDK_DAEMON("pi_log") void pdk_daemon_log(uint64_t level, uint64_t message);
+PDK_DAEMON("pi_history") uint64_t pdk_daemon_history(uint64_t sensor_id, uint64_t count);
+
 #ifndef PDK_INPUT_BYTES
 #define PDK_INPUT_BYTES 16384
 #endif
@@ -142,6 +147,50 @@ static inline double pdk_config_number(const char *key, double fallback) {
     pdk_kernel_free(offset);
     double value;
     return pdk_parse_number(text, &value) ? value : fallback;
+}
+
+enum { PDK_DEBUG, PDK_INFO, PDK_WARNING, PDK_ERROR };
+
+/* One line in the daemon's log at `level` (PDK_INFO...), with this plugin's name and the tick. The
+ * daemon rate-limits each plugin's lines; a JSON object as `text` brings fields of its own. */
+static inline void pdk_log(int level, const char *text) {
+    uint64_t offset = pdk_store(text, pdk_strlen(text));
+    if (!offset) return;
+    pdk_daemon_log((uint64_t)level, offset);
+    pdk_kernel_free(offset);
+}
+
+/* The mean of sensor `id` over its last `count` valid readings (the daemon's history, this tick's
+ * reading last); 0 when the daemon refuses (sensor unknown or not granted) or has none yet. */
+static inline int pdk_history_mean(const char *id, uint32_t count, double *mean) {
+    uint64_t key = pdk_store(id, pdk_strlen(id));
+    uint64_t offset = key ? pdk_daemon_history(key, count) : 0;
+    if (key) pdk_kernel_free(key);
+    if (!offset) return 0;
+    /* "[[t,v],[t,v],...]": a value runs from the comma inside a pair to the pair's "]". */
+    uint64_t length = pdk_kernel_length(offset);
+    double sum = 0, value;
+    uint32_t n = 0, k = 0;
+    int depth = 0, in_value = 0;
+    char number[40];
+    for (uint64_t i = 0; i < length; i++) {
+        char c = (char)pdk_kernel_load_u8(offset + i);
+        if (c == '[') {
+            depth++;
+        } else if (c == ',' && depth == 2) {
+            in_value = 1, k = 0;
+        } else if (c == ']') {
+            number[k] = 0;
+            if (depth-- == 2 && in_value && pdk_parse_number(number, &value)) sum += value, n++;
+            in_value = 0;
+        } else if (in_value && k + 1 < sizeof number) {
+            number[k++] = c;
+        }
+    }
+    pdk_kernel_free(offset);
+    if (!n) return 0;
+    *mean = sum / n;
+    return 1;
 }
 
 static inline void pdk_append(const char *text) {
