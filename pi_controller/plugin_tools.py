@@ -1,8 +1,9 @@
 """The plugin author's kit on the command line: `pi-controller plugin call` and `plugin new`.
 
 `call` runs one call of a `.wasm` the way the daemon would (its manifest, the config's settings and
-ceilings, fuel, limits) on a context from a file or stdin, and prints what came back with our
-contract's verdict on every command. `new` writes a plugin source from a template, ready for
+ceilings, fuel, limits, host functions) on a context from a file or stdin, and prints what came back
+with our contract's verdict on every command. The context file may hold a `history` key besides the
+contract's (`{sensor_id: [[timestamp, value], ...]}`, oldest first): what `pi_history` answers. `new` writes a plugin source from a template, ready for
 `pi-controller plugin build`.
 """
 
@@ -124,7 +125,8 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     try:
         terms = grant(name, load_manifest(wasm), settings.plugins)
         terms = dataclasses.replace(terms, config={**terms.config, **context.get("config", {})})
-        host = PluginHost(name, terms.sensors, History(settings.plugins.host.history_length), settings.plugins.host)
+        history = History(settings.plugins.host.history_length)
+        host = PluginHost(name, terms.sensors, history, settings.plugins.host)
         plugin = SandboxedPlugin(name, wasm.read_bytes(), terms, Guard(name, settings.plugins.quarantine), host)
     except (OSError, Refused, extism.Error) as exc:
         return {"plugin": name, "error": {"kind": "load_failed", "reason": str(exc)}, "rejected": []}
@@ -132,13 +134,16 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     targets = {entry.id: actuators.build(entry, factory) for entry in settings.actuators}
     readings = [Reading(r["sensor_id"], r.get("value"), r.get("unit", ""), r.get("timestamp", 0.0), r.get("error"))
                 for r in context.get("sensor_readings", [])]
+    for sensor, pairs in context.get("history", {}).items():  # what pi_history answers, oldest first
+        history.record(Reading(sensor, value, "", timestamp) for timestamp, value in pairs)
+    history.record(readings)  # as in the loop: this tick's reading is the newest
     prefix = contract.encode_context(readings, context.get("device_states", {}), context.get("timestamp", 0.0),
                                      context.get("tick", 0))
     report: dict[str, Any] = {"plugin": name, "sha256": plugin.sha256, "fuel": terms.fuel,
                               "timeout_ms": terms.timeout_ms, "memory_pages": terms.memory_pages}
     started = time.perf_counter()
     try:
-        raw = plugin.call(plugin.view(prefix, readings))
+        raw = plugin.call(plugin.view(prefix, readings), context.get("tick", 0))
         report["duration_ms"] = round((time.perf_counter() - started) * 1e3, 3)
         report["output"] = raw.decode(errors="replace")
         commands, rejections = plugin.screen(*contract.parse_output(raw, name, terms.priority, targets))

@@ -50,6 +50,12 @@ def test_call_shows_rejections_under_the_config_s_actuators(capsys, tmp_path) ->
     assert [r["rule"] for r in report["rejected"]] == ["out_of_range", "unknown_device"]
 
 
+def test_call_feeds_the_context_s_history_to_pi_history(capsys, tmp_path) -> None:
+    ctx = dict(context(light=90.0), history={"light": [[0.8, 10.0], [0.9, 20.0], [0.95, 40.0]]})
+    code, report = call(capsys, tmp_path, TEST_PLUGINS / "smoothed_light.wasm", ctx)
+    assert code == 0 and report["accepted"] == [{"device_id": "led_strip", "action": "pwm", "target": 40.0}]
+
+
 def test_call_reports_a_failed_call_with_its_reason(capsys, tmp_path) -> None:
     code, report = call(capsys, tmp_path, TEST_PLUGINS / "trap.wasm", context())
     assert code == 1 and report["error"] == {"kind": "trap", "reason": "wasm trap: wasm `unreachable` instruction executed"}
