@@ -19,6 +19,8 @@ from functools import cache
 import extism
 import structlog
 
+from pi_controller.logs import LineBudget
+
 # wasmtime captures (and symbolizes) a Rust backtrace for every error when RUST_BACKTRACE is set, as it
 # is in many developer shells: ~75 ms per failed call here, enough for one hostile plugin to overrun
 # ticks. RUST_LIB_BACKTRACE=0 turns that off for library errors only (panics still show theirs); Rust
@@ -37,16 +39,20 @@ class ExtismLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._names: dict[str, str] = {}  # instance id -> plugin name
+        self._budgets: dict[str, LineBudget] = {}  # instance id -> its plugin's share of the log
         self._reasons: dict[str, str] = {}  # instance id -> why its last call failed
         self._logger = extism.set_log_custom(self._line, "warn")
 
-    def register(self, instance_id: str, plugin: str) -> None:
+    def register(self, instance_id: str, plugin: str, budget: LineBudget | None = None) -> None:
         with self._lock:
             self._names[instance_id] = plugin
+            if budget is not None:
+                self._budgets[instance_id] = budget
 
     def forget(self, instance_id: str) -> None:
         with self._lock:
             self._names.pop(instance_id, None)
+            self._budgets.pop(instance_id, None)
             self._reasons.pop(instance_id, None)
 
     def reason(self, instance_id: str) -> str | None:
@@ -74,9 +80,12 @@ class ExtismLog:
         failed = _CALL_FAILED.search(text)
         with self._lock:
             plugin = self._names.get(instance or "")
+            budget = self._budgets.get(instance or "")
             if failed and instance:
                 self._reasons[instance] = _cause(text[failed.end():])
                 return
+        if budget is not None and not budget.admit():  # a guest's own log_warn/log_error lines, in a loop
+            return
         level = "warning" if match["level"] == "WARN" else "error"
         getattr(log, level)("extism_log", plugin=plugin, target=match["target"], text=text.strip()[:_MAX_REASON])
 

@@ -3,7 +3,8 @@
 - `pi_log(level: i64, message: i64)`: one line into our log pipeline as a `plugin_log` event with the
   plugin and tick. `level` is 0 debug, 1 info, 2 warning, 3 error; `message` is the offset of an
   Extism memory block holding UTF-8 text, or a JSON object `{"message": ..., other scalar fields}`.
-  Rate limited per plugin (a token bucket); what is dropped is counted in one line when logging resumes.
+  Rate limited per plugin (`logs.LineBudget`, which Extism's own log functions share); what is dropped
+  is counted in one line when logging resumes.
 - `pi_history(sensor_id: i64, count: i64) -> i64`: the offset of a JSON array `[[timestamp, value], ...]`
   holding up to `count` most recent valid readings of a sensor, oldest first; 0 when the sensor is
   unknown, not granted to the plugin, or the plugin has used its reads for this call.
@@ -92,21 +93,6 @@ class _Ring:
         return ("[" + ",".join(recent) + "]").encode()
 
 
-class TokenBucket:
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._tokens, self._last = float(burst), clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
-
 class PluginHost:
     """What the host functions do for one plugin: its name, the sensors granted to it, its log
     budget and its per-call budgets. Lives as long as the plugin's compiled module."""
@@ -121,8 +107,7 @@ class PluginHost:
         self.cancel: Callable[[], Any] = lambda: None  # set by the plugin to cancel its current call
         self.over_budget = False
         self._calls_left = self._reads_left = 0
-        self._bucket = TokenBucket(settings.log_lines_per_s, settings.log_burst)
-        self._dropped = 0
+        self.budget = logs.LineBudget(log, plugin, settings.log_lines_per_s, settings.log_burst)
         self._warned: dict[str, float] = {}
 
     def start_call(self, tick: int | None) -> None:
@@ -148,13 +133,8 @@ class PluginHost:
         if not data:
             self.warn("log_without_message")
             return
-        if not self._bucket.take():
-            self._dropped += 1
+        if not self.budget.admit(self.tick):
             return
-        if self._dropped:
-            log.warning("plugin_log_suppressed", plugin=self.plugin, tick=self.tick, lines=self._dropped,
-                        limit=f"{self.settings.log_lines_per_s:g}/s, burst {self.settings.log_burst}")
-            self._dropped = 0
         message, fields = parse_message(data)
         getattr(log, name)("plugin_log", plugin=self.plugin, tick=self.tick, message=message,
                            **({"fields": fields} if fields else {}))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import warnings
-from typing import Any, Hashable, Literal
+from typing import Any, Callable, Hashable, Literal
 
 import structlog
 
@@ -85,3 +86,31 @@ class ChangeLog:
 
 def _describe(key: Hashable) -> Any:
     return list(key) if isinstance(key, tuple) else key
+
+
+class LineBudget:
+    """One plugin's share of the log: `rate` lines a second in bursts of `burst` (a token bucket),
+    whichever way its lines come (our `pi_log`, or Extism's own log functions). What it drops is
+    counted and said in one line when it may log again."""
+
+    def __init__(self, logger: Any, plugin: str, rate: float, burst: int,
+                 clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._log, self._plugin = logger, plugin
+        self._rate, self._burst = rate, burst
+        self._tokens, self._last = float(burst), clock()
+        self.dropped = 0
+
+    def admit(self, tick: int | None = None) -> bool:
+        now = self.clock()
+        self._tokens = min(self._burst, self._tokens + max(0.0, now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            self.dropped += 1
+            return False
+        self._tokens -= 1
+        if self.dropped:
+            self._log.warning("plugin_log_suppressed", plugin=self._plugin, tick=tick, lines=self.dropped,
+                              limit=f"{self._rate:g}/s, burst {self._burst}")
+            self.dropped = 0
+        return True

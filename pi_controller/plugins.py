@@ -124,7 +124,7 @@ class SandboxedPlugin:
     def _instantiate(self) -> tuple[extism.Plugin, str]:
         instance = extism.Plugin(self._compiled)
         instance_id = str(instance.id)
-        router().register(instance_id, self.name)
+        router().register(instance_id, self.name, self.host.budget)
         self.host.cancel = instance.cancel_handle().cancel
         return instance, instance_id
 

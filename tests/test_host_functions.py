@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.config import HostFunctionSettings, PluginSettings
-from pi_controller.host_functions import History, TokenBucket, parse_message, printable
+from pi_controller.host_functions import History, parse_message, printable
 from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
 from pi_controller.sensors import Reading
 from tests.test_plugin_sandbox import CONTEXT, only
@@ -106,7 +106,7 @@ def test_log_lines_are_rate_limited_and_the_dropped_ones_counted(plugin_set) -> 
     now = [0.0]
     plugins, plugin = host_calls(plugin_set, host=HostFunctionSettings(log_burst=10, log_lines_per_s=2),
                                  mode="log", count=25)
-    plugin.host._bucket = TokenBucket(2, 10, clock=lambda: now[0])  # time is ours to move
+    plugin.host.budget.clock = lambda: now[0]  # time is ours to move
     with capture_logs() as logs:
         answer(plugin)
         now[0] = 2.0  # room for 4 more lines
@@ -137,6 +137,17 @@ def test_a_plugin_spinning_on_host_calls_is_cancelled_after_its_budget(plugin_se
         with pytest.raises(PluginCallError) as caught:
             plugin.call(CONTEXT, tick)
         assert caught.value.kind == "host_call_limit" and "more than 32 host function calls" in str(caught.value)
+
+
+def test_a_plugin_flooding_extism_s_own_log_gets_only_its_share_of_ours(plugin_set) -> None:
+    plugin = only(plugin_set("log_flood", host=HostFunctionSettings(log_burst=20, log_lines_per_s=0.01)))
+    with capture_logs() as logs:
+        for tick in range(3):  # hundreds of log_error calls each, until its fuel runs out
+            with pytest.raises(PluginCallError):
+                plugin.call(CONTEXT, tick)
+    lines = [e for e in logs if e["event"] == "extism_log"]
+    assert len(lines) == 20 and {(e["plugin"], e["text"]) for e in lines} == {("log_flood", "flooding the log")}
+    assert plugin.host.budget.dropped > 500
 
 
 def test_offsets_that_are_no_memory_block_read_as_nothing(plugin_set) -> None:
