@@ -4,7 +4,8 @@
 //! - "reads": calls `pi_history` `count` times; outputs how many were answered, as `[n]`
 //! - "log": logs `count` lines of `message` at `level` (0..3); outputs `[]`
 //! - "flood": calls `pi_log` forever
-//! - "garbage": hands the host functions offsets that are no Extism block; outputs the answers
+//! - "garbage": hands the host functions offsets that are no Extism block (0, past the end, inside a
+//!   block); outputs the answers
 
 const std = @import("std");
 const pdk = @import("pdk");
@@ -49,7 +50,8 @@ fn body(allocator: std.mem.Allocator) !void {
         const a = pi_history(0, 10);
         const b = pi_history(987654321, 10);
         const c = pi_history(try pdk.store(sensor), std.math.maxInt(u64));
-        try w.print("[{d},{d},{d}]", .{ a, b, @intFromBool(c != 0) });
+        const inside = pi_history((try pdk.store(sensor)) + 1, 10); // within a block, not its start
+        try w.print("[{d},{d},{d},{d}]", .{ a, b, @intFromBool(c != 0), inside });
     } else return pdk.fail("unknown mode '{s}'", .{mode});
     try pdk.setOutput(out.written());
 }
