@@ -1,4 +1,4 @@
-"""Build the Zig control plugins into the committed `.wasm` files.
+"""Build the control plugins (Zig, C, AssemblyScript) into the committed `.wasm` files.
 
 `plugins/src/<name>.zig` becomes `plugins/<name>.wasm` (the bundled plugins) and
 `tests/plugins/src/<name>.zig` becomes `tests/plugins/<name>.wasm` (the hostile test plugins).
@@ -9,11 +9,17 @@ The compiler is the `ziglang` wheel, pinned to `ZIG_VERSION`: the committed bina
 exactly that version builds (wasm32-freestanding, ReleaseSmall, stripped), byte for byte, and
 `tests/test_plugin_build.py` checks it. Run `python -m pi_controller.plugin_build` after
 changing a plugin source, and commit the sources with their binaries.
+
+`.ts` sources are AssemblyScript on the upstream Extism PDK (`@extism/as-pdk`) and our helper
+`plugins/assemblyscript/pi.ts`; the compiler and the PDK are pinned by that folder's
+`package-lock.json` and installed there with `npm ci` (Node.js and npm needed, from the npm registry).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +27,9 @@ import time
 from pathlib import Path
 
 ZIG_VERSION = "0.17.0"
+AS_VERSION = "0.28.20"  # as in plugins/assemblyscript/package-lock.json
+#: The npm project holding the AssemblyScript compiler, the upstream PDK and our helper.
+AS_PROJECT = Path("plugins/assemblyscript")
 
 #: The plugin source folders, relative to the repository root, and where their builds go.
 SOURCE_DIRS: tuple[tuple[str, str], ...] = (("plugins/src", "plugins"),
@@ -105,18 +114,56 @@ def c_compile_args(source: Path, output: Path, pdk: Path) -> list[str]:
 
 
 def build(source: Path, output: Path, pdk: Path | None = None) -> None:
-    """Compile one plugin source into `output` (a .wasm); raise BuildError with zig's message."""
+    """Compile one plugin source into `output` (a .wasm); raise BuildError with the compiler's message."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    result = _zig(*compile_args(source, output, pdk or find_pdk(source)))
+    pdk = pdk or find_pdk(source)
+    if source.suffix == ".ts":
+        root = pdk.resolve().parents[2]
+        result = subprocess.run(assemblyscript_args(root, source, output), cwd=root, capture_output=True,
+                                text=True, check=False)
+    else:
+        result = _zig(*compile_args(source, output, pdk))
     if result.returncode != 0:
         raise BuildError(f"building {source} failed:\n{result.stderr.strip()}")
+
+
+def assemblyscript_args(root: Path, source: Path, output: Path) -> list[str]:
+    """`asc` for one AssemblyScript plugin, run from `root` with paths relative to it: the file names
+    that abort messages carry are then the same on every machine. `-Oz` for size; the incremental
+    runtime because an instance lives from tick to tick (the stub runtime never frees, and would run
+    into the page limit); `abort` reports its message through Extism's error, then traps."""
+    project = root / AS_PROJECT
+    return ["node", str(project / "node_modules" / "assemblyscript" / "bin" / "asc.js"),
+            str(source.resolve().relative_to(root.resolve())), "--outFile", str(output.resolve()),
+            "-Oz", "--runtime", "incremental", "--noAssert", "--use", f"abort={AS_PROJECT}/pi/abort",
+            "--path", str(AS_PROJECT / "node_modules")]
+
+
+def check_assemblyscript(root: Path) -> None:
+    """Install the pinned AssemblyScript compiler and PDK (`npm ci`) unless they are there already;
+    BuildError if Node.js or npm is missing, or the installed compiler is not `AS_VERSION`."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise BuildError("AssemblyScript plugins need Node.js and npm: apt-get install nodejs npm")
+    project = root / AS_PROJECT
+    installed = project / "node_modules" / ".package-lock.json"  # npm's record of what it installed
+    if not installed.is_file() or installed.stat().st_mtime < (project / "package-lock.json").stat().st_mtime:
+        result = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=project, capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0:
+            raise BuildError(f"npm ci in {AS_PROJECT} failed:\n{result.stderr.strip()[-2000:]}")
+    manifest = project / "node_modules" / "assemblyscript" / "package.json"
+    found = json.loads(manifest.read_text())["version"]
+    if found != AS_VERSION:
+        raise BuildError(f"plugins are built with AssemblyScript {AS_VERSION}, found {found} in {AS_PROJECT}; "
+                         f"run npm ci there")
 
 
 def sources(root: Path) -> list[tuple[Path, Path]]:
     """Every (plugin source, .wasm it builds into) under `root`, the PDK excluded."""
     pairs = []
     for source_dir, output_dir in SOURCE_DIRS:
-        for source in sorted([*(root / source_dir).glob("*.zig"), *(root / source_dir).glob("*.c")]):
+        found = [path for pattern in ("*.zig", "*.c", "*.ts") for path in (root / source_dir).glob(pattern)]
+        for source in sorted(found):
             if source.resolve() != (root / PDK).resolve():
                 pairs.append((source, root / output_dir / f"{source.stem}.wasm"))
     return pairs
@@ -127,8 +174,11 @@ def build_all(root: Path) -> list[Path]:
     if not (root / PDK).is_file():
         raise BuildError(f"{root.resolve()} is not the repository root: it has no {PDK}")
     check_compiler()
+    pairs = sources(root)
+    if any(source.suffix == ".ts" for source, _ in pairs):
+        check_assemblyscript(root)
     built = []
-    for source, output in sources(root):
+    for source, output in pairs:
         build(source, output, root / PDK)
         built.append(output)
     return built
@@ -137,7 +187,7 @@ def build_all(root: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """Command line: build every plugin of the repository (default: the current directory)."""
     parser = argparse.ArgumentParser(prog="python -m pi_controller.plugin_build",
-                                     description="Build the Zig plugins into .wasm files.")
+                                     description="Build the plugins (Zig, C, AssemblyScript) into .wasm files.")
     parser.add_argument("root", nargs="?", type=Path, default=Path.cwd(),
                         help="repository root (default: the current directory)")
     args = parser.parse_args(argv)
@@ -149,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for path in built:
         print(f"{path.relative_to(args.root)}  {path.stat().st_size} bytes")
-    print(f"built {len(built)} plugins with Zig {ZIG_VERSION} in {time.monotonic() - started:.1f} s")
+    print(f"built {len(built)} plugins with Zig {ZIG_VERSION} and AssemblyScript {AS_VERSION} "
+          f"in {time.monotonic() - started:.1f} s")
     return 0
 
 

@@ -120,6 +120,8 @@ def plugin_set(tmp_path: Path) -> Iterator[Any]:
 
 
 def plugin_wasm(name: str) -> Path:
-    """A bundled plugin by name, or else a test plugin."""
-    bundled = BUNDLED_PLUGINS / f"{name}.wasm"
-    return bundled if bundled.exists() else TEST_PLUGINS / f"{name}.wasm"
+    """A plugin of the repository by name: bundled, an example, or a test plugin."""
+    for folder in (BUNDLED_PLUGINS, BUNDLED_PLUGINS / "examples"):
+        if (folder / f"{name}.wasm").exists():
+            return folder / f"{name}.wasm"
+    return TEST_PLUGINS / f"{name}.wasm"

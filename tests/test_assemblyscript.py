@@ -1,0 +1,95 @@
+"""Plugins in AssemblyScript, built with the upstream Extism PDK (@extism/as-pdk) and our helper
+plugins/assemblyscript/pi.ts, run by the real host: the example daylight_dimmer (Var and Config
+through the upstream PDK, our manifest and grants) and a test plugin on the host functions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from pi_controller.config import PluginSettings
+from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
+from pi_controller.sensors import Reading
+from tests.conftest import REPO
+from tests.test_plugin_sandbox import CONTEXT, only
+
+EXAMPLES = REPO / "plugins" / "examples"
+
+
+def dimmer(plugin_set: Any, tmp_path: Path, **settings: Any) -> SandboxedPlugin:
+    """daylight_dimmer with its manifest, as an operator would drop it into the plugins folder."""
+    folder = tmp_path / "plugins"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(EXAMPLES / "daylight_dimmer.yaml", folder / "daylight_dimmer.yaml")
+    plugins: PluginSet = plugin_set("daylight_dimmer", settings={"daylight_dimmer": PluginSettings(**settings)})
+    return only(plugins)
+
+
+def context(lux: float | None, other: float = 0.0) -> bytes:
+    readings = [Reading("temperature_sensor", other, "celsius", 1.0),
+                Reading("light_sensor", lux, "lux", 1.0, None if lux is not None else "no echo")]
+    body = {"sensor_readings": [r.as_json() for r in readings], "device_states": {}, "timestamp": 1.0, "tick": 1}
+    return json.dumps(body, separators=(",", ":"))[:-1].encode()  # the host splices the config in
+
+
+def duties(plugin: SandboxedPlugin, *lux: float | None) -> list[Any]:
+    result = []
+    for value in lux:
+        commands = json.loads(plugin.call(context(value)))
+        result.append([(c["device_id"], c["action"], c["parameters"].get("duty_cycle")) for c in commands])
+    return result
+
+
+def test_the_dimmer_tops_the_light_up_smoothing_it_in_an_extism_var(plugin_set, tmp_path) -> None:
+    plugin = dimmer(plugin_set, tmp_path, config={"smoothing": 0.5})  # target_lux 400 from the manifest
+    assert duties(plugin, 100, 100, 300, 500, 500) == [
+        [("led_strip", "pwm", 75.0)],  # first reading: nothing to smooth yet
+        [("led_strip", "pwm", 75.0)],
+        [("led_strip", "pwm", 50.0)],  # smoothed 200 of 400
+        [("led_strip", "pwm", 12.5)],  # smoothed 350
+        [("led_strip", "pwm", 0.0)],  # 425: daylight is enough
+    ]
+
+
+def test_an_invalid_reading_commands_nothing(plugin_set, tmp_path) -> None:
+    assert duties(dimmer(plugin_set, tmp_path), None) == [[]]
+
+
+def test_its_manifest_grants_it_the_light_and_the_strip_only(plugin_set, tmp_path) -> None:
+    plugin = dimmer(plugin_set, tmp_path)
+    assert plugin.grant.sensors == {"light_sensor"} and plugin.grant.actuators == {"led_strip"}
+    seen = json.loads(plugin.view(context(100.0), [Reading("temperature_sensor", 0.0, "celsius", 1.0),
+                                                   Reading("light_sensor", 100.0, "lux", 1.0)]) + b"}")
+    assert [r["sensor_id"] for r in seen["sensor_readings"]] == ["light_sensor"]
+
+
+def test_a_bad_config_fails_the_call_with_the_plugin_s_own_message(plugin_set, tmp_path) -> None:
+    plugin = dimmer(plugin_set, tmp_path, config={"target_lux": -5})
+    with pytest.raises(PluginCallError) as caught:
+        plugin.call(context(100.0))
+    assert caught.value.kind == "error_return"
+    assert str(caught.value).startswith("need 0 < smoothing <= 1 and target_lux > 0 at plugins/examples/daylight_dimmer.ts")
+
+
+def test_thousands_of_calls_fit_the_default_limits(plugin_set, tmp_path) -> None:
+    plugin = dimmer(plugin_set, tmp_path)  # 32 pages, 2,000,000 fuel, 10 ms: the defaults
+    assert plugin.grant.memory_pages == 32
+    for tick in range(3000):  # the incremental runtime frees what each call allocated
+        json.loads(plugin.call(context(float(tick % 800))))
+
+
+def test_host_functions_through_the_assemblyscript_helper(plugin_set) -> None:
+    plugins = plugin_set("smoothed_light_as")
+    with capture_logs() as logs:
+        assert json.loads(only(plugins).call(CONTEXT, 1)) == []
+        for tick, lux in enumerate((20.0, 40.0, 50.0, 70.0), start=1):
+            plugins.record([Reading("light", lux, "lux", float(tick))])
+        assert json.loads(only(plugins).call(CONTEXT, 5)) == [
+            {"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 45.0}}]
+    lines = [(e["log_level"], e["message"], e.get("fields")) for e in logs if e["event"] == "plugin_log"]
+    assert lines == [("warning", "no light history", None), ("info", "dimming to the mean", {"window": 4})]
