@@ -162,6 +162,8 @@ class PluginSettings:
     max_var_bytes: int | None = bounded(0, 16 * 1024 * 1024, default=None)
     max_http_response_bytes: int | None = bounded(0, 64 * 1024 * 1024, default=None)
     allowed_hosts: tuple[str, ...] | None = None
+    wasi: bool | None = None  # None: what the manifest asks for
+    allowed_paths: Mapping[str, str] | None = None  # host directory -> the path the plugin sees (WASI only)
     sensors: tuple[str, ...] | None = None  # the readings its context holds; None: the manifest's, or all
     actuators: tuple[str, ...] | None = None  # what it may command; None: the manifest's, or all
     sha256: str | None = matching(r"[0-9a-f]{64}", "64 lowercase hex digits (sha256sum's output)", default=None)
@@ -194,6 +196,8 @@ class PluginCeilings:
     max_var_bytes: int = bounded(0, 16 * 1024 * 1024, default=64 * 1024)
     max_http_response_bytes: int = bounded(0, 64 * 1024 * 1024, default=1024 * 1024)
     allowed_hosts: tuple[str, ...] = ()  # patterns as Extism takes them; none: no plugin reaches the network
+    allow_wasi: bool = False  # no plugin gets WASI (clocks, random, stdio, files) unless this is true
+    allowed_paths: tuple[str, ...] = ()  # absolute host directories inside which a plugin may be given files
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ bound the result: a plugin that asks for more is refused, never silently given l
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -44,6 +45,8 @@ class Manifest:
     limits: ManifestLimits = field(default_factory=ManifestLimits)
     config: Mapping[str, Any] = field(default_factory=dict)
     allowed_hosts: tuple[str, ...] = ()
+    wasi: bool = False
+    allowed_paths: Mapping[str, str] = field(default_factory=dict)  # host directory -> guest path
     sensors: tuple[str, ...] | None = None
     actuators: tuple[str, ...] | None = None
 
@@ -60,6 +63,8 @@ class Grant:
     max_http_response_bytes: int
     priority: int
     allowed_hosts: tuple[str, ...] = ()
+    wasi: bool = False
+    allowed_paths: Mapping[str, str] = field(default_factory=dict)  # host directory -> guest path; WASI only
     sensors: frozenset[str] | None = None  # None: every reading
     actuators: frozenset[str] | None = None  # None: every actuator
     config: Mapping[str, Any] = field(default_factory=dict)
@@ -109,8 +114,10 @@ def grant(name: str, manifest: Manifest, settings: PluginsSettings) -> Grant:
 
     limits = {key: pick(key, getattr(manifest.limits, key)) for key in _LIMITS}
     hosts = own.allowed_hosts if own.allowed_hosts is not None else manifest.allowed_hosts
+    paths = own.allowed_paths if own.allowed_paths is not None else manifest.allowed_paths
     result = Grant(
         **limits, priority=pick("priority", manifest.priority), allowed_hosts=tuple(hosts),
+        wasi=own.wasi if own.wasi is not None else manifest.wasi, allowed_paths=dict(paths),
         sensors=_set(own.sensors if own.sensors is not None else manifest.sensors),
         actuators=_set(own.actuators if own.actuators is not None else manifest.actuators),
         config={**manifest.config, **own.config}, sha256=own.sha256, manifest=manifest)
@@ -132,3 +139,20 @@ def _check_ceilings(result: Grant, settings: PluginsSettings) -> None:
         if not any(fnmatch.fnmatchcase(host, pattern) for pattern in ceilings.allowed_hosts):
             raise Refused(f"allowed host '{host}' is not within plugins.ceilings.allowed_hosts "
                           f"{list(ceilings.allowed_hosts)}")
+    _check_wasi(result, settings)
+
+
+def _check_wasi(result: Grant, settings: PluginsSettings) -> None:
+    ceilings = settings.ceilings
+    if result.wasi and not ceilings.allow_wasi:
+        raise Refused("it asks for WASI, which plugins.ceilings.allow_wasi (false) does not allow; "
+                      "set it to true to let plugins have WASI")
+    if result.allowed_paths and not result.wasi:
+        raise Refused("allowed_paths needs wasi: true (without WASI a plugin cannot open a file)")
+    roots = [os.path.realpath(root) for root in ceilings.allowed_paths]
+    for path in result.allowed_paths:
+        if not os.path.isabs(path):
+            raise Refused(f"allowed path '{path}' must be absolute")
+        real = os.path.realpath(path)  # no way out through '..' or a link
+        if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+            raise Refused(f"allowed path '{path}' is not within plugins.ceilings.allowed_paths {list(roots)}")

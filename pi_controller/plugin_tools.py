@@ -3,8 +3,8 @@
 `call` runs one call of a `.wasm` the way the daemon would (its manifest, the config's settings and
 ceilings, fuel, limits, host functions) on a context from a file or stdin, and prints what came back
 with our contract's verdict on every command. The context file may hold a `history` key besides the
-contract's (`{sensor_id: [[timestamp, value], ...]}`, oldest first): what `pi_history` answers. `new` writes a plugin source from a template, ready for
-`pi-controller plugin build`.
+contract's (`{sensor_id: [[timestamp, value], ...]}`, oldest first): what `pi_history` answers.
+`new` writes a plugin source from a template, ready for `pi-controller plugin build`.
 """
 
 from __future__ import annotations

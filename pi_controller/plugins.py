@@ -68,8 +68,8 @@ class PluginCallError(Exception):
 
 def compile_plugin(wasm: bytes, terms: Grant, host: Any) -> CompiledPlugin:
     """A compiled module under `terms`, with a fuel limit (the SDK's constructor has none) and our
-    host functions bound to `host` (a cffi handle of its PluginHost): no WASI, no network beyond
-    `allowed_hosts`."""
+    host functions bound to `host` (a cffi handle of its PluginHost): WASI and files only as granted,
+    no network beyond `allowed_hosts`."""
     manifest = {
         "wasm": [{"data": base64.b64encode(wasm).decode()}],
         "memory": {"max_pages": terms.memory_pages, "max_var_bytes": terms.max_var_bytes,
@@ -78,13 +78,14 @@ def compile_plugin(wasm: bytes, terms: Grant, host: Any) -> CompiledPlugin:
         "allowed_hosts": list(terms.allowed_hosts),
         # Extism config holds strings only: other values go as their JSON text.
         "config": {k: v if isinstance(v, str) else json.dumps(v) for k, v in terms.config.items()},
+        **({"allowed_paths": dict(terms.allowed_paths)} if terms.allowed_paths else {}),
     }
     data = json.dumps(manifest).encode()
     error = _ffi.new("char**")
     functions = new_functions(host)
     try:
         pointer = _lib.extism_compiled_plugin_new_with_fuel_limit(data, len(data), functions, len(functions),
-                                                                  False, terms.fuel, error)
+                                                                  terms.wasi, terms.fuel, error)
     finally:
         free_functions(functions)  # the compiled plugin has taken what it needs
     if pointer == _ffi.NULL:
@@ -110,7 +111,14 @@ class SandboxedPlugin:
             raise Refused(f"sha256 {self.sha256} is not the pinned {terms.sha256}")
         self.config_suffix = encode_config(terms.config)
         self._compiled = compile_plugin(wasm, terms, self._host_handle)
-        self._instance, self._id = self._instantiate()
+        try:
+            self._instance, self._id = self._instantiate()
+        except extism.Error as exc:
+            self._compiled.__del__()
+            if "wasi_snapshot_preview1" in str(exc) and not terms.wasi:
+                raise Refused(f"{exc} (the module needs WASI, which is not granted: wasi: true in its "
+                              "manifest or settings, within plugins.ceilings.allow_wasi)") from exc
+            raise
         try:
             self._check_exports()
         except BaseException:
@@ -366,7 +374,8 @@ class PluginSet:
         terms = plugin.grant
         log.info("plugin_replaced" if previous else "plugin_loaded", plugin=plugin.name,
                  sha256=plugin.sha256[:12], version=terms.manifest.version or None, priority=terms.priority,
-                 memory_pages=terms.memory_pages, timeout_ms=terms.timeout_ms, fuel=terms.fuel)
+                 memory_pages=terms.memory_pages, timeout_ms=terms.timeout_ms, fuel=terms.fuel,
+                 **({"wasi": True, "paths": dict(terms.allowed_paths)} if terms.wasi else {}))
 
     def close(self) -> None:
         for plugin in self._plugins:

@@ -73,7 +73,8 @@ def test_a_bad_config_fails_the_call_with_the_plugin_s_own_message(plugin_set, t
     with pytest.raises(PluginCallError) as caught:
         plugin.call(context(100.0))
     assert caught.value.kind == "error_return"
-    assert str(caught.value).startswith("need 0 < smoothing <= 1 and target_lux > 0 at plugins/examples/daylight_dimmer.ts")
+    assert str(caught.value).startswith(
+        "need 0 < smoothing <= 1 and target_lux > 0 at plugins/examples/daylight_dimmer.ts")
 
 
 def test_thousands_of_calls_fit_the_default_limits(plugin_set, tmp_path) -> None:

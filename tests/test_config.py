@@ -259,6 +259,12 @@ def test_plugin_config_must_be_plain_json(write_config, value) -> None:
     assert "plain JSON values" in error.message
 
 
+def test_allowed_paths_must_map_directories_to_guest_paths(write_config) -> None:
+    error = error_for(write_config, "plugins:\n  settings:\n    p:\n      allowed_paths: [/srv/data]\n")
+    assert error.path == ("plugins", "settings", "p", "allowed_paths")
+    assert "expected a mapping, got a list" in error.message
+
+
 @pytest.mark.parametrize("sensor,message", [
     ({"id": "m", "kind": "motion", "pin": 2}, "GPIO2 has a fixed pull-up on a Pi (I2C)"),
     ({"id": "l", "kind": "light", "pin": 3}, "GPIO3 has a fixed pull-up (I2C)"),
