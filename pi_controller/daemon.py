@@ -15,6 +15,7 @@ from pi_controller import config
 from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import Settings
 from pi_controller.hardware import Environment, Hardware
+from pi_controller.host_functions import History
 from pi_controller.loop import ControlLoop
 from pi_controller.metrics import Metrics, MetricsServer
 from pi_controller.operator import Operator
@@ -41,6 +42,7 @@ class Daemon:
         self.simulate = simulate
         self.plugins_dir = plugins_dir
         self.clock = clock or SystemClock()
+        self._watcher: asyncio.Task[None] | None = None
         self.hardware = self._build_hardware()
         self.hardware.settle("startup", "starting")
         try:
@@ -83,9 +85,12 @@ class Daemon:
 
         return World(self.settings, factory)
 
-    def _load_plugins(self, settings: Settings) -> PluginSet:
-        plugins = PluginSet(settings.plugins, self.plugins_dir or settings.plugins_directory(),
-                            settings.loop.plugin_budget_ms)
+    def _plugins_directory(self, settings: Settings) -> Path:
+        return self.plugins_dir or settings.plugins_directory()
+
+    def _load_plugins(self, settings: Settings, history: History | None = None) -> PluginSet:
+        plugins = PluginSet(settings.plugins, self._plugins_directory(settings), settings.loop.plugin_budget_ms,
+                            history)
         try:
             plugins.load_all()
         except BaseException:
@@ -115,12 +120,11 @@ class Daemon:
             self.watchdog.start()
         if self.telemetry:
             self.telemetry.start(self.plugins.status)  # failed ones too: their entities say why
-        watcher = self._watch_plugins()
+        self._watch_plugins()
         try:
             await self.loop.run(stop, max_ticks)
         finally:
-            if watcher:
-                watcher.cancel()
+            self._stop_watching()
             self.notifier.stopping()
             if self.watchdog:
                 self.watchdog.stop()
@@ -135,11 +139,16 @@ class Daemon:
             for sig in handlers:  # only now: a second Ctrl-C must not cut the shut-down short
                 running.remove_signal_handler(sig)
 
-    def _watch_plugins(self) -> asyncio.Task[None] | None:
+    def _watch_plugins(self) -> None:
         """Hot reload of the plugins folder (`plugins.watch`), beside the ticks on the event loop."""
-        if not self.settings.plugins.watch:
-            return None
-        return asyncio.create_task(PluginWatcher(lambda: self.plugins, self.loop).run(), name="plugin-watch")
+        if self.settings.plugins.watch:
+            self._watcher = asyncio.create_task(PluginWatcher(lambda: self.plugins, self.loop).run(),
+                                                name="plugin-watch")
+
+    def _stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
     def _metrics_server(self) -> MetricsServer | None:
         if self.metrics is None:
@@ -168,8 +177,15 @@ class Daemon:
             if getattr(new, section) != getattr(self.settings, section):
                 log.warning("reload_needs_restart", section=section, note="kept the running value")
         new = dataclasses.replace(new, **{section: getattr(self.settings, section) for section in _RESTART_ONLY})
+        directory = self._plugins_directory(new)
+        if not directory.is_dir():  # loading it would unload every plugin: an operator's typo is no reason
+            log.error("reload_refused", file=str(new.source), key="plugins.directory", problem=f"{directory} is "
+                      "not a directory; create it, or fix the path", note="kept the running config and plugins")
+            return
+        # The sensor history goes on, unless its length changed.
+        history = self.plugins.history if self.plugins.history.length == new.plugins.host.history_length else None
         try:
-            plugins = await asyncio.to_thread(self._load_plugins, new)  # if this fails, no pin has changed
+            plugins = await asyncio.to_thread(self._load_plugins, new, history)  # if this fails, no pin has changed
         except Exception:
             log.exception("reload_failed", file=str(new.source))
             return
@@ -186,10 +202,15 @@ class Daemon:
         for device, error in failed.items():
             log.error("reload_device_failed", device=device, error=error)
         old_plugins, self.plugins = self.plugins, plugins
+        plugins.inherit(old_plugins)
         self.loop.plugins = self.plugins
         self.loop.safety = Safety(self.hardware.actuators, new.sensors, new.interlocks, self.loop.safety)
         old_plugins.close()
+        watching = (old_plugins.directory, self.settings.plugins.watch)
         self.settings = new
+        if watching != (plugins.directory, new.plugins.watch):  # follow the folder the plugins now come from
+            self._stop_watching()
+            self._watch_plugins()
         log.info("config_reloaded", file=str(new.source), sensors=len(self.hardware.sensors),
                  actuators=len(self.hardware.actuators), plugins=len(self.plugins))
 

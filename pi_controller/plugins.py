@@ -253,11 +253,11 @@ def _order(plugin: SandboxedPlugin) -> tuple[int, str]:
 class PluginSet:
     """The plugins of one folder, in call order: highest priority first, then by name."""
 
-    def __init__(self, settings: PluginsSettings, directory: Path, budget_ms: float):
+    def __init__(self, settings: PluginsSettings, directory: Path, budget_ms: float, history: History | None = None):
         self.settings = settings
         self.directory = directory
         self.budget_ms = budget_ms
-        self.history = History(settings.host.history_length)
+        self.history = history or History(settings.host.history_length)
         self._plugins: tuple[SandboxedPlugin, ...] = ()  # replaced whole, so a tick sees one version
         self._refused: dict[str, PluginStatus] = {}
         self._kept: dict[str, str] = {}  # live plugins whose replacement was refused, and why
@@ -274,6 +274,17 @@ class PluginSet:
         result = dict(self._refused)
         result.update((p.name, p.status(self._kept.get(p.name))) for p in self._plugins)
         return result
+
+    def inherit(self, old: PluginSet) -> None:
+        """What a config reload keeps of the set this one replaces (call between two ticks): the
+        quarantine state of each plugin whose file did not change, now under the new quarantine
+        settings. A reload is no way out of quarantine; a new file is (see `prepare`)."""
+        before = {p.name: p for p in old}
+        for plugin in self._plugins:
+            previous = before.get(plugin.name)
+            if previous is not None and previous.sha256 == plugin.sha256:
+                previous.guard.settings = self.settings.quarantine
+                plugin.guard = previous.guard
 
     def record(self, readings: Iterable[Reading]) -> None:
         """This tick's readings, for the plugins that read history (`host_functions`)."""

@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.clock import SystemClock
-from tests.conftest import TEST_PLUGINS, example_data
+from tests.conftest import TEST_PLUGINS, example_data, plugin_wasm
 from tests.test_daemon import unsimulated
 
 WAIT_S = 5.0  # generous: this is a correctness test; benchmarks/plugin_reload.py measures latency
@@ -132,3 +132,99 @@ def test_a_replaced_file_leaves_quarantine_at_once_and_a_manifest_change_reloads
     run_with(daemon, scenario)
     assert next(iter(daemon.plugins)).priority == 7
     assert daemon.loop.ticks.missed == 0
+
+
+# --- SIGHUP: the config names another folder, or changes nothing about a plugin -----------------------
+
+@pytest.fixture
+def configured(run_daemon, write_config, tmp_path) -> Callable[..., Any]:
+    """A daemon whose plugins folder comes from its config file (no --plugins), and a way to rewrite
+    that file and reload it as SIGHUP does."""
+    data = unsimulated(example_data())
+    data["plugins"]["settings"] = {}
+
+    def make(folder: Path, **plugins: Any) -> tuple[Any, Callable[..., Awaitable[None]]]:
+        data["plugins"].update(directory=str(folder), **plugins)
+        daemon = run_daemon(data, 0, clock=SystemClock())
+
+        async def reload(**changes: Any) -> None:
+            data["plugins"].update(changes)
+            write_config(data)
+            await daemon.reload()
+
+        return daemon, reload
+
+    return make
+
+
+def folder_with(tmp_path: Path, name: str, *plugins: str) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    for plugin in plugins:
+        shutil.copy(plugin_wasm(plugin), folder / f"{plugin}.wasm")
+    return folder
+
+
+def test_sighup_moves_to_a_new_plugins_folder_and_watches_it_instead(configured, tmp_path) -> None:
+    first, second = folder_with(tmp_path, "a", "temperature_control"), folder_with(tmp_path, "b", "energy_saver")
+    daemon, reload = configured(first)
+
+    async def scenario() -> None:
+        with capture_logs() as logs:
+            await reload(directory=str(second))
+            await until(lambda: set(daemon.plugins.status) == {"energy_saver"}, "the new folder's plugins run")
+            await until(lambda: any(e["event"] == "plugins_watching" for e in logs), "the new folder is watched")
+        shutil.copy(plugin_wasm("echo_output"), first / "stale.wasm")  # the old folder: no longer followed
+        shutil.copy(plugin_wasm("motion_light"), second / "motion_light.wasm")
+        await until(lambda: "motion_light" in daemon.plugins.status, "a file dropped in the new folder loads")
+        await asyncio.sleep(0.2)  # time enough for the old folder's file, were it watched
+
+    run_with(daemon, scenario)
+    assert set(daemon.plugins.status) == {"energy_saver", "motion_light"}
+    assert daemon.loop.plugin_stats["energy_saver"].calls > 0
+    assert daemon.loop.ticks.missed == 0
+
+
+def test_sighup_to_a_folder_that_does_not_exist_is_refused_and_keeps_everything(configured, tmp_path) -> None:
+    daemon, reload = configured(folder_with(tmp_path, "a", "temperature_control"))
+
+    async def scenario() -> None:
+        with capture_logs() as logs:
+            await reload(directory=str(tmp_path / "typo"), watch=True)
+        (refused,) = [e for e in logs if e["event"] == "reload_refused"]
+        assert refused["key"] == "plugins.directory" and "typo is not a directory" in refused["problem"]
+
+    run_with(daemon, scenario)
+    assert set(daemon.plugins.status) == {"temperature_control"}
+    assert daemon.plugins.directory == tmp_path / "a"
+
+
+def test_sighup_keeps_a_quarantined_plugin_in_quarantine(configured, tmp_path) -> None:
+    daemon, reload = configured(folder_with(tmp_path, "a", "trap"), quarantine={"failures": 2, "backoff_s": 600})
+
+    async def scenario() -> None:
+        await until(lambda: daemon.plugins.status["trap"].state == "quarantined", "quarantined")
+        calls = daemon.loop.plugin_stats["trap"].calls
+        with capture_logs() as logs:
+            await reload(quarantine={"failures": 5, "backoff_s": 600})
+            await until(lambda: any(e["event"] == "config_reloaded" for e in logs), "reloaded")
+        await asyncio.sleep(0.3)  # three ticks in which a fresh guard would have called it
+        assert daemon.plugins.status["trap"].state == "quarantined"
+        assert daemon.loop.plugin_stats["trap"].calls == calls
+        assert next(iter(daemon.plugins)).guard.settings.failures == 5  # the new settings from now on
+
+    run_with(daemon, scenario)
+    assert daemon.loop.ticks.missed == 0
+
+
+def test_sighup_can_turn_watching_off(configured, tmp_path) -> None:
+    folder = folder_with(tmp_path, "a", "temperature_control")
+    daemon, reload = configured(folder)
+
+    async def scenario() -> None:
+        await reload(watch=False)
+        shutil.copy(plugin_wasm("energy_saver"), folder / "energy_saver.wasm")
+        await asyncio.sleep(0.3)  # time enough to load it, were the folder watched
+
+    run_with(daemon, scenario)
+    assert set(daemon.plugins.status) == {"temperature_control"}
