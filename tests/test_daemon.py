@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller import contract
-from pi_controller.clock import VirtualClock
+from pi_controller.clock import SystemClock, VirtualClock
 from pi_controller.loop import next_deadline
 from tests.conftest import TEST_PLUGINS, example_data
 
@@ -140,6 +140,44 @@ def test_hostile_plugins_fail_alone_and_the_bundled_ones_keep_control(run_daemon
     assert "output is not JSON" in failures["garbage"]
     assert "more than 64 host function calls" in failures["flooder"]
     assert len([e for e in logs if e["event"] == "plugin_call_failed"]) == 6  # once each, not per tick
+
+
+# Every hostile plugin of tests/plugins, by the name it runs under, with the settings that make it hostile.
+EVERY_HOSTILE: dict[str, tuple[str, dict[str, Any]]] = {
+    "trap": ("trap", {}), "endless_loop": ("endless_loop", {}), "memory_hog": ("memory_hog", {"memory_pages": 16}),
+    "var_hog": ("var_hog", {}), "http_fetch": ("http_fetch", {}), "huge_output": ("huge_output", {}),
+    "error_return": ("error_return", {}), "fuel_burner": ("fuel_burner", {"config": {"iterations": 3_000_000}}),
+    "flooder": ("host_calls", {"config": {"mode": "flood"}}), "log_flood": ("log_flood", {}),
+    "garbage": ("echo_output", {"config": {"output": "this is not json {"}}),
+    "out_of_range": ("echo_output", {"config": {"output": '[{"device_id":"led_strip","action":"pwm",'
+                                                          '"parameters":{"duty_cycle":150}}]'}}),
+    "forbidden": ("echo_output", {"actuators": ["servo_motor"], "priority": 100,
+                                  "config": {"output": '[{"device_id":"relay_switch","action":"set_low"}]'}}),
+}
+
+
+def test_every_hostile_plugin_at_once_beside_the_bundled_ones_in_real_time(run_daemon, plugin_dir) -> None:
+    data = example_data()
+    data["simulation"][0].update(start_c=15.0)
+    data["plugins"]["defaults"]["timeout_ms"] = 3  # 17 plugins in the 60 ms plugin budget of a tick
+    folder = plugin_dir("temperature_control", "motion_light", "energy_saver", "wasi_import")
+    for name, (wasm, settings) in EVERY_HOSTILE.items():
+        shutil.copy(TEST_PLUGINS / f"{wasm}.wasm", folder / f"{name}.wasm")
+        data["plugins"]["settings"][name] = settings
+    daemon = run_daemon(data, 30, plugins=folder, clock=SystemClock())  # three seconds at 10 Hz
+    snap = daemon.snapshot()
+    for name in EVERY_HOSTILE:
+        stats = snap["plugins"][name]
+        faults = stats["errors"] + stats["rejected"]
+        # var_hog fails once its vars are full, then starts over in a fresh instance; the others every call
+        assert stats["calls"] > 0 and (faults > 0 if name == "var_hog" else faults >= stats["calls"]), name
+    assert snap["plugins"]["wasi_import"]["state"] == "failed"  # refused at load: no WASI granted
+    for name in ("temperature_control", "motion_light", "energy_saver"):
+        assert (snap["plugins"][name]["calls"], snap["plugins"][name]["errors"]) == (30, 0), name
+    # The cold room's heater: off when claimed, on from the first tick, and no hostile plugin turned it
+    # off before the shut-down did.
+    assert [s.state for s in daemon.hardware.factory.pin(27).states] == [0.0, 1.0, 0.0]
+    assert (snap["ticks"]["count"], snap["ticks"]["missed"]) == (30, 0)
 
 
 @pytest.mark.parametrize("output,rejected,applied", [
