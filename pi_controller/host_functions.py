@@ -245,7 +245,8 @@ def _pi_history(current: Any, inputs: Any, n_inputs: int, outputs: Any, n_output
         _failed("pi_history", user_data, exc)
 
 
-_FUNCTIONS = ((b"pi_log", _pi_log, [_I64, _I64], []), (b"pi_history", _pi_history, [_I64, _I64], [_I64]))
+_FUNCTIONS: tuple[tuple[bytes, Any, list[int], list[int]], ...] = (
+    (b"pi_log", _pi_log, [_I64, _I64], []), (b"pi_history", _pi_history, [_I64, _I64], [_I64]))
 
 
 def new_functions(handle: Any) -> list[Any]:
