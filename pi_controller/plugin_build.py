@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -118,25 +119,28 @@ def build(source: Path, output: Path, pdk: Path | None = None) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     pdk = pdk or find_pdk(source)
     if source.suffix == ".ts":
-        root = pdk.resolve().parents[2]
-        result = subprocess.run(assemblyscript_args(root, source, output), cwd=root, capture_output=True,
-                                text=True, check=False)
+        args, cwd = assemblyscript_args(pdk.resolve().parents[2], source, output)
+        result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
     else:
         result = _zig(*compile_args(source, output, pdk))
     if result.returncode != 0:
         raise BuildError(f"building {source} failed:\n{result.stderr.strip()}")
 
 
-def assemblyscript_args(root: Path, source: Path, output: Path) -> list[str]:
-    """`asc` for one AssemblyScript plugin, run from `root` with paths relative to it: the file names
-    that abort messages carry are then the same on every machine. `-Oz` for size; the incremental
-    runtime because an instance lives from tick to tick (the stub runtime never frees, and would run
-    into the page limit); `abort` reports its message through Extism's error, then traps."""
-    project = root / AS_PROJECT
-    return ["node", str(project / "node_modules" / "assemblyscript" / "bin" / "asc.js"),
-            str(source.resolve().relative_to(root.resolve())), "--outFile", str(output.resolve()),
-            "-Oz", "--runtime", "incremental", "--noAssert", "--use", f"abort={AS_PROJECT}/pi/abort",
-            "--path", str(AS_PROJECT / "node_modules")]
+def assemblyscript_args(root: Path, source: Path, output: Path) -> tuple[list[str], Path]:
+    """`asc` for one AssemblyScript plugin, and where to run it: from `root`, with paths relative to it,
+    for a source of the repository (the file names that abort messages carry are then the same on
+    every machine), else from the source's folder (asc names modules by their path from there).
+    `-Oz` for size; the incremental runtime because an instance lives from tick to tick (the stub
+    runtime never frees, and would run into the page limit); `abort` reports its message through
+    Extism's error, then traps."""
+    root, source = root.resolve(), source.resolve()
+    base = root if source.is_relative_to(root) else source.parent
+    project = Path(os.path.relpath(root / AS_PROJECT, base))
+    return (["node", str(root / AS_PROJECT / "node_modules" / "assemblyscript" / "bin" / "asc.js"),
+             str(source.relative_to(base)), "--outFile", str(output.resolve()),
+             "-Oz", "--runtime", "incremental", "--noAssert", "--use", f"abort={project}/pi/abort",
+             "--path", str(project / "node_modules")], base)
 
 
 def check_assemblyscript(root: Path) -> None:

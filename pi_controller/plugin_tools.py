@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,17 @@ PDK_EXPORT("control_logic") int control_logic(void) {{
     if (!pdk_sensor_value(&ctx, "light_sensor", &lux)) return pdk_commands_done(); /* invalid: no command */
     if (lux > pdk_config_number("bright_lux", 500)) pdk_set_low("led_strip");
     return pdk_commands_done();
+}}
+''',
+    "ts": '''// {name}: what it does, in one line. Built by `pi-controller plugin build`.
+
+import {{ Commands, Context, run }} from "{helper}";
+
+export function control_logic(): i32 {{
+  return run((ctx: Context, out: Commands): void => {{
+    const lux = ctx.value("light_sensor"); // NaN when invalid or missing: no command
+    if (lux > ctx.configNumber("bright_lux", 500)) out.setLow("led_strip");
+  }});
 }}
 ''',
 }
@@ -85,11 +97,22 @@ def run_new(args: argparse.Namespace) -> int:
         print(f"error: {source} exists", file=sys.stderr)
         return 1
     args.dir.mkdir(parents=True, exist_ok=True)
-    source.write_text(TEMPLATES[args.lang].format(name=args.name))
+    source.write_text(TEMPLATES[args.lang].format(name=args.name, helper=_assemblyscript_helper(args.dir)))
     manifest.write_text(MANIFEST_TEMPLATE.format(name=args.name))
     print(f"wrote {source} and {manifest}; build with: pi-controller plugin build, then copy the .wasm "
           f"and the .yaml into the daemon's plugins folder")
     return 0
+
+
+def _assemblyscript_helper(folder: Path) -> str:
+    """How a source in `folder` imports plugins/assemblyscript/pi.ts: from the repository above it, or
+    else from the one we are run in."""
+    from pi_controller.plugin_build import AS_PROJECT
+
+    for root in (*folder.resolve().parents, Path.cwd()):
+        if (root / AS_PROJECT / "pi.ts").is_file():
+            return os.path.relpath(root / AS_PROJECT / "pi", folder.resolve())
+    return f"../{AS_PROJECT.name}/pi"  # as from plugins/src, where plugin build looks
 
 
 def run_call(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import pytest
 import structlog
 
 from pi_controller import cli, plugin_build
-from tests.conftest import BUNDLED_PLUGINS, EXAMPLE_CONFIG, REPO, TEST_PLUGINS
+from tests.conftest import BUNDLED_PLUGINS, EXAMPLE_CONFIG, REPO, TEST_PLUGINS, skip_unless_ci
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +61,13 @@ def test_call_reports_a_failed_call_with_its_reason(capsys, tmp_path) -> None:
     assert code == 1 and report["error"] == {"kind": "trap", "reason": "wasm trap: wasm `unreachable` instruction executed"}
 
 
-@pytest.mark.parametrize("lang", ["zig", "c"])
+@pytest.mark.parametrize("lang", ["zig", "c", "ts"])
 def test_new_makes_a_plugin_that_builds_and_works(capsys, tmp_path, lang: str) -> None:
+    if lang == "ts":
+        try:
+            plugin_build.check_assemblyscript(REPO)  # Node.js, npm and the pinned compiler
+        except plugin_build.BuildError as exc:
+            skip_unless_ci(str(exc))
     assert cli.main(["plugin", "new", "daylight_off", "--lang", lang, "--dir", str(tmp_path)]) == 0
     capsys.readouterr()
     wasm = tmp_path / "daylight_off.wasm"
