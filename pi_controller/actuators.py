@@ -32,6 +32,10 @@ class ActuatorSettings:
     min_on_s: float = bounded(0, 86400, default=0.0)
     min_off_s: float = bounded(0, 86400, default=0.0)
     max_on_s: float | None = bounded(0.1, 7 * 86400, default=None)
+    # Ownership: safe state once the plugin it follows has failed for this long (None: safety's default),
+    # and, when set, once this long has passed without its command being renewed (a lease).
+    failsafe_after_s: float | None = bounded(0, 3600, default=None)
+    command_ttl_s: float | None = bounded(0.1, 7 * 86400, default=None)
 
     safe_state: Any
     startup_state: Any = None  # None: the safe state

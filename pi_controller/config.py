@@ -23,6 +23,8 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from pi_controller import actuators, sensors
+from pi_controller.contract import Rejected
+from pi_controller.plugin_config import check_config
 from pi_controller.schema import bounded, device_id, matching
 from pi_controller.simulators import models as simulation_models
 
@@ -136,6 +138,15 @@ class MqttSettings:
 
 
 @dataclass(frozen=True)
+class SafetySettings:
+    """What every actuator falls back on (see `safety`): its safe state once the plugin whose command it
+    follows has been failing, quarantined, disabled or unloaded for `failsafe_after_s`. An actuator's own
+    `failsafe_after_s` wins over this."""
+
+    failsafe_after_s: float = bounded(0, 3600, default=1.0)
+
+
+@dataclass(frozen=True)
 class InterlockSettings:
     """Actuators that must never be on together, with `wait_s` between one going off and another on."""
 
@@ -173,6 +184,10 @@ class PluginSettings:
             json.dumps(self.config, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config must hold plain JSON values (numbers, strings, lists, maps): {exc}") from exc
+        try:
+            check_config(self.config, None)  # sizes; the plugin's config_schema is checked when it loads
+        except Rejected as exc:
+            raise ValueError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -243,6 +258,7 @@ class Settings:
     plugins: PluginsSettings
     simulation: tuple[simulation_models.ModelSettings, ...]
     watchdog: WatchdogSettings
+    safety: SafetySettings
     interlocks: tuple[InterlockSettings, ...]
     metrics: MetricsSettings
     mqtt: MqttSettings
@@ -327,6 +343,7 @@ _TOP_LEVEL = {
     "pins": PinSettings,
     "plugins": PluginsSettings,
     "watchdog": WatchdogSettings,
+    "safety": SafetySettings,
     "metrics": MetricsSettings,
     "mqtt": MqttSettings,
 }

@@ -18,6 +18,8 @@ import yaml
 
 from pi_controller import config
 from pi_controller.config import PluginSettings, PluginsSettings
+from pi_controller.contract import Rejected
+from pi_controller.plugin_config import ConfigField, check_config
 from pi_controller.schema import bounded
 
 
@@ -44,11 +46,18 @@ class Manifest:
     priority: int | None = None
     limits: ManifestLimits = field(default_factory=ManifestLimits)
     config: Mapping[str, Any] = field(default_factory=dict)
+    config_schema: Mapping[str, ConfigField] | None = None  # None: no schema (see plugin_config)
     allowed_hosts: tuple[str, ...] = ()
     wasi: bool = False
     allowed_paths: Mapping[str, str] = field(default_factory=dict)  # host directory -> guest path
     sensors: tuple[str, ...] | None = None
     actuators: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            check_config(self.config, self.config_schema)
+        except Rejected as exc:  # the converter reports it with the manifest's file and line
+            raise ValueError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class Grant:
     sensors: frozenset[str] | None = None  # None: every reading
     actuators: frozenset[str] | None = None  # None: every actuator
     config: Mapping[str, Any] = field(default_factory=dict)
+    config_schema: Mapping[str, ConfigField] | None = None
     sha256: str | None = None  # the only content accepted, when pinned
     manifest: Manifest = field(default_factory=Manifest)
 
@@ -120,8 +130,13 @@ def grant(name: str, manifest: Manifest, settings: PluginsSettings) -> Grant:
         wasi=own.wasi if own.wasi is not None else manifest.wasi, allowed_paths=dict(paths),
         sensors=_set(own.sensors if own.sensors is not None else manifest.sensors),
         actuators=_set(own.actuators if own.actuators is not None else manifest.actuators),
-        config={**manifest.config, **own.config}, sha256=own.sha256, manifest=manifest)
+        config={**manifest.config, **own.config}, config_schema=manifest.config_schema, sha256=own.sha256,
+        manifest=manifest)
     _check_ceilings(result, settings)
+    try:
+        check_config(result.config, manifest.config_schema)
+    except Rejected as exc:
+        raise Refused(f"plugins.settings.{name}.config: {exc} (the manifest's config_schema)") from exc
     return result
 
 

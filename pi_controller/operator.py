@@ -17,6 +17,7 @@ import structlog
 
 from pi_controller.actuators import Actuator, Pwm, Relay, Servo
 from pi_controller.contract import Command, Rejected, encode_config
+from pi_controller.plugin_config import check_change
 
 log = structlog.get_logger("pi_controller.operator")
 
@@ -118,13 +119,22 @@ class Operator:
         log.info("override_set", device=actuator.id, target=target, expires_in_s=lasts, tick=tick)
 
     def _configure(self, request: SetPluginConfig, plugins: Iterable[Any], tick: int) -> None:
+        """A config value for a plugin, checked against its schema (or the keys and types it has) before
+        it is used: a refused value changes nothing, and the plugin runs on with what it had."""
         plugin = next((p for p in plugins if p.name == request.name), None)
         if plugin is None:
             log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
             return
+        current = {**plugin.grant.config, **self.config.get(request.name, {})}
+        try:
+            check_change(request.key, request.value, plugin.grant.config_schema, current)
+        except Rejected as exc:
+            log.warning("plugin_config_refused", plugin=request.name, key=request.key[:64], tick=tick,
+                        rule=exc.rule, reason=str(exc))
+            return
         changed = {**self.config.get(request.name, {}), request.key: request.value}
-        plugin.config_suffix = encode_config({**plugin.grant.config, **changed})  # raises on NaN, nested too
-        self.config[request.name] = changed  # only once it encoded: a bad value blocks nothing after it
+        plugin.config_suffix = encode_config({**plugin.grant.config, **changed})
+        self.config[request.name] = changed
         log.info("plugin_config_set", plugin=request.name, key=request.key, value=request.value, tick=tick)
 
 

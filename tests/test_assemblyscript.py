@@ -5,11 +5,11 @@ through the upstream PDK, our manifest and grants) and a test plugin on the host
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from structlog.testing import capture_logs
 
 from pi_controller.config import PluginSettings
@@ -21,13 +21,20 @@ from tests.test_plugin_sandbox import CONTEXT, only
 EXAMPLES = REPO / "plugins" / "examples"
 
 
-def dimmer(plugin_set: Any, tmp_path: Path, **settings: Any) -> SandboxedPlugin:
-    """daylight_dimmer with its manifest, as an operator would drop it into the plugins folder."""
+def dimmer(plugin_set: Any, tmp_path: Path, schema: bool = True, **settings: Any) -> SandboxedPlugin:
+    return only(dimmer_set(plugin_set, tmp_path, schema, **settings))
+
+
+def dimmer_set(plugin_set: Any, tmp_path: Path, schema: bool = True, **settings: Any) -> PluginSet:
+    """daylight_dimmer with its manifest, as an operator would drop it into the plugins folder (without
+    its config_schema when `schema` is false, so that a bad value reaches the plugin)."""
     folder = tmp_path / "plugins"
     folder.mkdir(exist_ok=True)
-    shutil.copy(EXAMPLES / "daylight_dimmer.yaml", folder / "daylight_dimmer.yaml")
-    plugins: PluginSet = plugin_set("daylight_dimmer", settings={"daylight_dimmer": PluginSettings(**settings)})
-    return only(plugins)
+    manifest = yaml.safe_load((EXAMPLES / "daylight_dimmer.yaml").read_text())
+    if not schema:
+        del manifest["config_schema"]
+    (folder / "daylight_dimmer.yaml").write_text(yaml.safe_dump(manifest))
+    return plugin_set("daylight_dimmer", settings={"daylight_dimmer": PluginSettings(**settings)})
 
 
 def context(lux: float | None, other: float = 0.0) -> bytes:
@@ -68,8 +75,16 @@ def test_its_manifest_grants_it_the_light_and_the_strip_only(plugin_set, tmp_pat
     assert [r["sensor_id"] for r in seen["sensor_readings"]] == ["light_sensor"]
 
 
+def test_a_bad_config_is_refused_by_the_manifest_s_schema(plugin_set, tmp_path) -> None:
+    plugins = dimmer_set(plugin_set, tmp_path, config={"target_lux": -5})
+    assert not list(plugins)
+    assert plugins.status["daylight_dimmer"].reason == (
+        "plugins.settings.daylight_dimmer.config: config 'target_lux': -5 is below the minimum 1 "
+        "(the manifest's config_schema)")
+
+
 def test_a_bad_config_fails_the_call_with_the_plugin_s_own_message(plugin_set, tmp_path) -> None:
-    plugin = dimmer(plugin_set, tmp_path, config={"target_lux": -5})
+    plugin = dimmer(plugin_set, tmp_path, schema=False, config={"target_lux": -5})
     with pytest.raises(PluginCallError) as caught:
         plugin.call(context(100.0))
     assert caught.value.kind == "error_return"

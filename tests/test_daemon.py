@@ -275,7 +275,7 @@ def test_plugin_gets_the_context_exactly_as_encoded_with_its_own_config(run_daem
 
 def test_a_flood_of_commands_fails_the_call_and_logs_once(run_daemon, plugin_dir) -> None:
     data = unsimulated(example_data())
-    data["plugins"]["settings"] = {"echo_output": {"config": {"output": "[" + "1," * 5000 + "1]"}}}
+    data["plugins"]["settings"] = {"echo_output": {"config": {"output": "[" + "1," * 1000 + "1]"}}}
     with capture_logs() as logs:
         daemon = run_daemon(data, 5, plugins=plugin_dir("echo_output"))
     stats = daemon.snapshot()["plugins"]["echo_output"]

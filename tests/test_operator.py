@@ -28,7 +28,7 @@ class FakePlugin(SimpleNamespace):
 
 
 def plugin(name: str = "thermostat") -> FakePlugin:
-    return FakePlugin(name=name, grant=SimpleNamespace(config={"setpoint": 21}), config_suffix=b"")
+    return FakePlugin(name=name, grant=SimpleNamespace(config={"setpoint": 21}, config_schema=None), config_suffix=b"")
 
 
 @pytest.mark.parametrize("payload,expected", [
