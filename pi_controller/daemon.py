@@ -53,7 +53,8 @@ class Daemon:
 
     def _build_rest(self, settings: Settings) -> None:
         self.plugins = self._load_plugins(settings)
-        safety = Safety(self.hardware.actuators, settings.sensors, settings.interlocks)
+        safety = Safety(self.hardware.actuators, settings.sensors, settings.interlocks,
+                        failsafe_after_s=settings.safety.failsafe_after_s)
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
         self.notifier = Notifier(self._status)
@@ -204,7 +205,8 @@ class Daemon:
         old_plugins, self.plugins = self.plugins, plugins
         plugins.inherit(old_plugins)
         self.loop.plugins = self.plugins
-        self.loop.safety = Safety(self.hardware.actuators, new.sensors, new.interlocks, self.loop.safety)
+        self.loop.safety = Safety(self.hardware.actuators, new.sensors, new.interlocks, self.loop.safety,
+                                  new.safety.failsafe_after_s)
         old_plugins.close()
         watching = (old_plugins.directory, self.settings.plugins.watch)
         self.settings = new
@@ -246,7 +248,8 @@ class Daemon:
             "actuators": self.loop.last_states,
             "plugins": plugins,
             "ticks": summary["ticks"],
-            "safety": {"held": summary["held"], "watchdog_trips": self.watchdog.trips if self.watchdog else 0},
+            "safety": {"held": summary["held"], "failsafes": summary["failsafes"], "owners": summary["owners"],
+                       "watchdog_trips": self.watchdog.trips if self.watchdog else 0},
         } | ({"telemetry": self.telemetry.summary()} if self.telemetry else {})
 
     def close(self) -> None:

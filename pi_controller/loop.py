@@ -23,6 +23,7 @@ from pi_controller.hardware import Hardware
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.operator import Operator
+from pi_controller.ownership import Failsafe, Health
 from pi_controller.plugins import PluginSet, SandboxedPlugin
 from pi_controller.safety import FORCING, Hold, Safety
 from pi_controller.sensors import Reading
@@ -54,6 +55,7 @@ class ControlLoop:
         self.plugin_stats: dict[str, PluginStats] = {}
         self.readings: list[Reading] = []
         self.last_states: dict[str, dict[str, Any]] = hardware.states()
+        self.health = Health(self._why_not_called)
         self._problems = ChangeLog(log)
 
     async def run(self, stop: asyncio.Event, max_ticks: int | None = None) -> None:
@@ -85,12 +87,15 @@ class ControlLoop:
             self.ticks.missed += report.missed
             self._problems.problem("overrun", "tick_overrun", tick=report.number, missed=report.missed,
                                    period_ms=self.period * 1000)
+        self._notify(lambda observer: observer.tick_done(report), report.number)
+
+    def _notify(self, tell: Callable[[LoopObserver], None], number: int) -> None:
         for observer in self.observers:
             try:
-                observer.tick_done(report)
+                tell(observer)
             except Exception as exc:  # telemetry, metrics and the like must never end the loop
                 self._problems.problem(("observer", type(observer).__name__, type(exc).__name__), "observer_failed",
-                                       level="error", tick=report.number, observer=type(observer).__name__,
+                                       level="error", tick=number, observer=type(observer).__name__,
                                        error=str(exc)[:300])
 
     def tick(self, number: int) -> None:
@@ -102,13 +107,15 @@ class ControlLoop:
         context = contract.encode_context(self.readings, self.hardware.states(), now, number)
         # Operator overrides come first: arbitration keeps the first command for a device.
         proposals = self.operator.commands(self.hardware.actuators, self.plugins, self.clock.monotonic(), number)
+        self.health.begin()
         for plugin in self.operator.enabled(self.plugins):
             proposals.extend(self._consult(plugin, context, number))
         wanted, conflicts = arbitration.resolve(proposals)
         self._report_conflicts(conflicts, number)
-        commands, holds = self.safety.decide(wanted, self.readings, now, self.clock.monotonic())
-        self._report_holds(holds, number)
-        for device, error in self.hardware.apply(commands, number).items():
+        decision = self.safety.decide(wanted, self.readings, now, self.clock.monotonic(), self.health)
+        self._report_failsafes(decision.failsafes, number)
+        self._report_holds(decision.holds, number)
+        for device, error in self.hardware.apply(decision.commands, number).items():
             self._problems.problem(("write", device), "actuator_write_failed", level="error", tick=number,
                                    device=device, error=error)
         self.last_states = self.hardware.states()
@@ -126,6 +133,19 @@ class ControlLoop:
                                    level="info", tick=number, device=winner.device_id, winner=winner.plugin,
                                    loser=loser.plugin)
 
+    def _report_failsafes(self, failsafes: list[Failsafe], number: int) -> None:
+        for f in failsafes:  # once each: the actuator has no owner left to fail
+            log.warning("actuator_failsafe", tick=number, device=f.device_id, owner=f.owner, why=f.why)
+            self._notify(lambda observer: observer.actuator_failsafe(f), number)
+
+    def _why_not_called(self, plugin: str) -> str:
+        if plugin in self.operator.disabled:
+            return "was disabled by the operator"
+        status = self.plugins.status.get(plugin)
+        if status is None:
+            return "was unloaded"
+        return f"is {status.state}" + (f": {status.reason[:200]}" if status.reason else "")
+
     def _report_holds(self, holds: list[Hold], number: int) -> None:
         for h in holds:
             if h.plugin in self.plugin_stats:
@@ -138,6 +158,7 @@ class ControlLoop:
         """One plugin's commands for this tick; any failure of the plugin stays with the plugin."""
         now = self.clock.monotonic()
         if not plugin.guard.admit(now, number):  # quarantined: not called until its backoff has passed
+            self.health.failed(plugin.name, now, f"is quarantined: {plugin.guard.reason}")
             return []
         stats = self.plugin_stats.get(plugin.name) or self.plugin_stats.setdefault(plugin.name, PluginStats())
         stats.calls += 1
@@ -158,7 +179,9 @@ class ControlLoop:
             self._problems.problem(("error", plugin.name, kind), "plugin_call_failed", level="error",
                                    plugin=plugin.name, tick=number, kind=kind, reason=str(exc)[:300])
             plugin.guard.record(now, number, 1, f"{kind}: {str(exc)[:300]}")
+            self.health.failed(plugin.name, now, f"has failed every call since ({kind})")
             return []
+        self.health.ok(plugin.name)
         for observer in self._call_observers:
             observer.plugin_called(plugin.name, seconds, False)
         plugin.guard.record(now, number, len(rejections), rejections[0].reason if rejections else "")
@@ -171,4 +194,6 @@ class ControlLoop:
     def summary(self) -> dict[str, Any]:
         return {"ticks": self.ticks.summary(),
                 "plugins": {name: s.summary() for name, s in self.plugin_stats.items()},
-                "held": {key: dict(rules) for key, rules in self.safety.held.items() if rules}}
+                "held": {key: dict(rules) for key, rules in self.safety.held.items() if rules},
+                "failsafes": dict(self.safety.failsafes),
+                "owners": {key: guard.plugin for key, guard in self.safety.guards.items()}}

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import structlog
 
 from pi_controller.observer import LoopObserver, TickReport
+from pi_controller.ownership import Failsafe
 
 log = structlog.get_logger("pi_controller.metrics")
 
@@ -44,12 +45,18 @@ class Metrics(LoopObserver):
                                         buckets=TICK_BUCKETS, registry=self.registry)
         self.missed = Counter("pi_controller_missed_ticks_total", "Deadlines skipped by overruns",
                               registry=self.registry)
+        self.failsafes = Counter("pi_controller_failsafes_total",
+                                 "Actuators put in their safe state because their owner failed or its lease ran out",
+                                 ["device"], registry=self.registry)
 
     def plugin_called(self, plugin: str, seconds: float, failed: bool) -> None:
         self.calls.labels(plugin).inc()
         self.call_seconds.labels(plugin).observe(seconds)
         if failed:
             self.errors.labels(plugin).inc()
+
+    def actuator_failsafe(self, failsafe: Failsafe) -> None:
+        self.failsafes.labels(failsafe.device_id).inc()
 
     def tick_done(self, report: TickReport) -> None:
         self._last_tick = self._timer()

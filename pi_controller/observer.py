@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pi_controller.ownership import Failsafe
+
 
 @dataclass(frozen=True, slots=True)
 class TickReport:
@@ -26,3 +28,6 @@ class LoopObserver:
 
     def plugin_called(self, plugin: str, seconds: float, failed: bool) -> None:
         pass
+
+    def actuator_failsafe(self, failsafe: Failsafe) -> None:
+        """An actuator was taken from its failing owner and put in its safe state (on the tick thread)."""

@@ -1,17 +1,23 @@
 """Rules between validated commands and the pins, and a watchdog that does not need the loop.
 
 Plugins decide; this layer makes sure nothing they decide, and nothing failing around them, can hurt
-the equipment. Each tick, every actuator's wanted target (the last one a plugin asked for) passes:
+the equipment. Each tick, every actuator's wanted target (the last one its owner asked for) passes:
 
-1. overrides that force the safe state: a required sensor invalid or stale (`requires`, Mycodo's
+1. ownership (see `ownership`): while the owner is failing (failed calls in a row, quarantined,
+   disabled, unloaded) nothing more is applied on its behalf, and after `failsafe_after_s` the
+   actuator is taken from it and put in its safe state; likewise when a command with a lease
+   (`command_ttl_s`) is not renewed in time. Only a command from a healthy owner moves it again;
+2. overrides that force the safe state: a required sensor invalid or stale (`requires`, Mycodo's
    "max age"), or on for longer than `max_on_s` (latched: it stays safe until a tick passes without
    a request to be on, so only a fresh request turns it on again);
-2. wear rules that hold the current state: interlock groups (never on together, `wait_s` between one
-   going off and another coming on), `min_on_s` and `min_off_s` (start-up counts as a switch);
-3. shaping: a PWM duty below `min_duty` is off; `max_rate` and `max_speed` limit the change per second.
+3. wear rules that hold the current state: interlock groups (never on together, `wait_s` between one
+   going off and another coming on), `min_on_s` and `min_off_s` (start-up counts as a switch). A held
+   request belongs to its plugin: it lapses in the first tick the plugin does not ask for it again
+   (unless it asks for the safe state, which always stands);
+4. shaping: a PWM duty below `min_duty` is off; `max_rate` and `max_speed` limit the change per second.
 
 Going to a safe state is never held back or slowed down. A held command is reported once per state
-change by the loop and counted per actuator and rule.
+change by the loop and counted per actuator and rule; a failsafe is reported once, when it happens.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import structlog
 
@@ -28,12 +34,15 @@ from pi_controller.config import InterlockSettings
 from pi_controller.contract import Command
 from pi_controller.hardware import Hardware
 from pi_controller.observer import LoopObserver, TickReport
+from pi_controller.operator import OPERATOR
+from pi_controller.ownership import Failsafe, Health
 from pi_controller.sensors import Reading, SensorSettings
 
 log = structlog.get_logger("pi_controller.safety")
 
 SAFETY = "safety"  # the "plugin" of commands this layer makes itself
 FORCING = ("requires", "max_on")  # rules that force the safe state rather than hold a change
+WEAR = ("interlock", "min_on", "min_off")  # rules that hold the current state while a request waits
 
 
 def is_on(target: Target) -> bool:
@@ -48,17 +57,43 @@ class Hold:
     plugin: str
 
 
-class Guard:
-    """One actuator's rule state: what was asked, when it last switched, whether max_on tripped."""
+class Decision(NamedTuple):
+    commands: list[Command]  # what to apply this tick
+    holds: list[Hold]  # what the rules kept back
+    failsafes: list[Failsafe]  # actuators taken from their owner this tick
 
-    def __init__(self, actuator: Actuator):
+
+class Guard:
+    """One actuator's rule state: its owner and what it asked, when it last switched, whether max_on
+    tripped, whether a request is waiting on a wear rule."""
+
+    def __init__(self, actuator: Actuator, failsafe_after_s: float):
         self.actuator = actuator
         self.wanted: Target = actuator.target
-        self.plugin = SAFETY
+        self.plugin = SAFETY  # the owner: whose command `wanted` is
+        self.commanded_at = 0.0  # when the owner last asked (monotonic), for the lease
+        self.failsafe: str | None = None  # why it was last put in its safe state, until an owner takes it
+        self.failsafe_after_s = failsafe_after_s
         self.was_on = is_on(actuator.target)
         self.switched_at: float | None = None  # set by the first tick: start-up counts as a switch
         self.latched = False
+        self.held = False  # its request waits on a wear rule
         self.unruled = False  # no rule applies: the tick can skip them all (set by Safety)
+
+    def follow(self, command: Command, now: float) -> None:
+        self.wanted, self.plugin, self.commanded_at, self.failsafe = command.target, command.plugin, now, None
+
+    def drop_request(self) -> None:
+        """Forget what the owner asked for and did not get yet; a request for the safe state stands."""
+        if self.wanted != self.actuator.safe_target:
+            self.wanted = self.actuator.target
+        self.held = False
+
+    def take_back(self, why: str) -> Failsafe:
+        """From its owner, to its safe state."""
+        failsafe = Failsafe(self.actuator.id, self.plugin, why)
+        self.wanted, self.plugin, self.failsafe, self.held = self.actuator.safe_target, SAFETY, why, False
+        return failsafe
 
     def observe(self, now: float) -> None:
         """Notice a switch made outside the rules (the watchdog, a shutdown) and when it happened."""
@@ -69,11 +104,16 @@ class Guard:
 
 class Safety:
     def __init__(self, actuators: Mapping[str, Actuator], sensors: Iterable[SensorSettings],
-                 interlocks: Iterable[InterlockSettings], previous: Safety | None = None):
-        """`previous`: the rules before a reload, whose timers carry on for the actuators kept."""
+                 interlocks: Iterable[InterlockSettings], previous: Safety | None = None,
+                 failsafe_after_s: float = 1.0):
+        """`previous`: the rules before a reload, whose timers and owners carry on for the actuators kept.
+        `failsafe_after_s`: for actuators that do not set their own."""
         old = previous.guards if previous else {}
-        self.guards = {key: old[key] if key in old and old[key].actuator is a else Guard(a)
+        self.guards = {key: old[key] if key in old and old[key].actuator is a else Guard(a, failsafe_after_s)
                        for key, a in actuators.items()}
+        for guard in self.guards.values():
+            own = guard.actuator.settings.failsafe_after_s
+            guard.failsafe_after_s = failsafe_after_s if own is None else own
         self.max_age = {s.id: s.max_age_s for s in sensors if s.max_age_s is not None}
         self.partners: dict[str, list[tuple[str, float]]] = {key: [] for key in actuators}
         for group in interlocks:
@@ -84,11 +124,14 @@ class Safety:
             guard.unruled = not self.partners[key] and _unruled(guard.actuator.settings)
         self.held: dict[str, Counter[str]] = {key: previous.held.get(key, Counter()) if previous else Counter()
                                               for key in actuators}
+        self.failsafes: Counter[str] = Counter({key: previous.failsafes[key] for key in actuators}
+                                               if previous else {})
         self._last_now: float | None = previous._last_now if previous else None
 
-    def decide(self, commands: Iterable[Command], readings: Iterable[Reading], wall: float, now: float
-               ) -> tuple[list[Command], list[Hold]]:
-        """The commands to apply this tick, and the holds that kept others back.
+    def decide(self, commands: Iterable[Command], readings: Iterable[Reading], wall: float, now: float,
+               health: Health) -> Decision:
+        """The commands to apply this tick, the holds that kept others back, and the actuators taken
+        from owners that `health` says are failing.
 
         `now` is monotonic time, for every duration: a Pi without a clock battery jumps its wall
         clock at the first NTP sync. `wall` only dates readings.
@@ -98,27 +141,52 @@ class Safety:
         stale = self._stale(readings, wall)
         asked = {c.device_id: c for c in commands}
         planned: dict[str, Target] = {}
-        out: list[Command] = []
-        holds: list[Hold] = []
+        decision = Decision([], [], [])
         for key, guard in self.guards.items():
             guard.observe(now)
             if key in asked:
-                guard.wanted, guard.plugin = asked[key].target, asked[key].plugin
-            if guard.unruled:
+                guard.follow(asked[key], now)
+            elif guard.held:  # a request held back lapses when its plugin stops asking for it
+                guard.drop_request()
+            failsafe = self._ownership(guard, health, now)
+            if failsafe is not None:
+                decision.failsafes.append(failsafe)
+                self.failsafes[key] += 1
+            if guard.unruled or failsafe is not None:  # a failsafe is never held back or slowed down
                 target, hold = guard.wanted, None
             else:
                 target, hold = self._target(guard, key in asked and is_on(asked[key].target), stale, planned,
                                             now, dt)
             planned[key] = target
+            guard.held = hold is not None and hold.rule in WEAR
             if hold is not None:
-                holds.append(hold)
+                decision.holds.append(hold)
                 self.held[key][hold.rule] += 1
             if target != guard.actuator.target:
                 forced = hold is not None and hold.rule in FORCING
-                out.append(Command(key, "set", target, SAFETY if forced else guard.plugin, 0))
+                decision.commands.append(Command(key, "set", target, SAFETY if forced else guard.plugin, 0))
                 if is_on(target) != guard.was_on:
                     guard.switched_at, guard.was_on = now, is_on(target)
-        return out, holds
+        return decision
+
+    def _ownership(self, guard: Guard, health: Health, now: float) -> Failsafe | None:
+        """Whether the owner still has the actuator: a failing owner gets nothing more applied and, after
+        `failsafe_after_s`, loses it; so does one whose lease (`command_ttl_s`) ran out."""
+        owner = guard.plugin
+        if owner in (SAFETY, OPERATOR):  # start-up and safe states, and overrides, which expire by themselves
+            return None
+        failing = health.failing(owner, now)
+        if failing is not None:
+            since, why = failing
+            guard.drop_request()  # nothing more is applied on its behalf
+            if now - since >= guard.failsafe_after_s:
+                return guard.take_back(f"plugin '{owner}' {why} ({now - since:.1f} s, "
+                                       f"failsafe_after_s {guard.failsafe_after_s:g})")
+        ttl = guard.actuator.settings.command_ttl_s
+        if ttl is not None and now - guard.commanded_at >= ttl:
+            return guard.take_back(f"no command from plugin '{owner}' for {now - guard.commanded_at:.1f} s "
+                                   f"(command_ttl_s {ttl:g})")
+        return None
 
     def _stale(self, readings: Iterable[Reading], now: float) -> dict[str, str]:
         """Sensor id -> why it cannot be trusted now."""

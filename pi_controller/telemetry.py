@@ -32,6 +32,7 @@ from pi_controller.config import Settings
 from pi_controller.discovery import Topics
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig
+from pi_controller.safety import Guard
 
 log = structlog.get_logger("pi_controller.telemetry")
 
@@ -180,8 +181,10 @@ class Telemetry(LoopObserver):
             self.readings_queued += self._offer(self.topics.sensor(reading.sensor_id), data, now, heartbeat,
                                                 lambda old, new, band=band: _moved(old, new, band))
         overrides = self.operator.overrides()
+        guards = self.view.loop.safety.guards
         for device, state in self.view.loop.last_states.items():
-            self._offer(self.topics.actuator(device), _actuator_payload(state, device in overrides), now, heartbeat)
+            self._offer(self.topics.actuator(device), _actuator_payload(state, device in overrides, guards.get(device)),
+                        now, heartbeat)
         for name, state in self.view.plugin_states().items():
             self._offer(self.topics.plugin(name), state, now, heartbeat,
                         lambda old, new: (old["state"], old["enabled"]) != (new["state"], new["enabled"]))
@@ -262,8 +265,11 @@ def _moved(old: dict[str, Any], new: dict[str, Any], band: float) -> bool:
     return abs(new["value"] - old["value"]) > band if band else new["value"] != old["value"]
 
 
-def _actuator_payload(state: dict[str, Any], overridden: bool) -> dict[str, Any]:
-    payload = {**state, "override": overridden}
+def _actuator_payload(state: dict[str, Any], overridden: bool, guard: Guard | None) -> dict[str, Any]:
+    """The state, whether an override holds it, whose command it follows (`owner`: a plugin, "operator"
+    or "safety") and why it was last put in its safe state (`failsafe`, until an owner takes it again)."""
+    payload = {**state, "override": overridden, "owner": guard.plugin if guard else None,
+               "failsafe": guard.failsafe if guard else None}
     if state["type"] == "pwm":  # what Home Assistant's JSON-schema light reads
         payload |= {"state": "ON" if state["on"] else "OFF", "brightness": state["duty_cycle"],
                     "color_mode": "brightness"}

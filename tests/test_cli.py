@@ -26,7 +26,9 @@ def test_run_ticks_prints_one_json_snapshot_and_logs_to_stderr() -> None:
     assert snapshot["ticks"]["count"] == 5
     assert set(snapshot) == {"sensors", "actuators", "plugins", "ticks", "safety"}
     # The room starts cold, but start-up counts as a switch: the heater waits out its min_off_s.
-    assert snapshot["safety"] == {"held": {"relay_switch": {"min_off": 5}}, "watchdog_trips": 0}
+    assert snapshot["safety"] == {"held": {"relay_switch": {"min_off": 5}}, "failsafes": {}, "watchdog_trips": 0,
+                                  "owners": {"relay_switch": "temperature_control", "led_strip": "safety",
+                                             "servo_motor": "safety"}}
     assert set(snapshot["ticks"]) == {"count", "missed", "duration_median_us", "duration_p99_us",
                                       "start_jitter_p99_us"}
     assert set(snapshot["plugins"]) == {"energy_saver", "motion_light", "temperature_control"}

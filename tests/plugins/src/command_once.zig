@@ -1,0 +1,23 @@
+//! Test plugin for ownership: on its first call it switches `config.device` (default "relay_switch")
+//! on (set_high); on every later call it says nothing (`config.then` "silent", the default: an empty
+//! list) or fails ("fail": an error of its own). Its call count is an Extism var, so a failed call
+//! (which keeps the instance) does not make it start over.
+
+const std = @import("std");
+const pdk = @import("pdk");
+
+export fn control_logic() i32 {
+    return pdk.run(step);
+}
+
+fn step(ctx: *const pdk.Context, out: *pdk.Commands) !void {
+    const allocator = pdk.callAllocator();
+    const previous = try pdk.varGet(allocator, "calls");
+    const calls: u64 = if (previous) |text| (std.fmt.parseInt(u64, text, 10) catch 0) + 1 else 1;
+    var buffer: [20]u8 = undefined;
+    try pdk.varSet("calls", std.fmt.bufPrint(&buffer, "{d}", .{calls}) catch unreachable);
+    if (calls == 1) return out.setHigh(try ctx.configString("device", "relay_switch"));
+    if (std.mem.eql(u8, try ctx.configString("then", "silent"), "fail")) {
+        return pdk.fail("failing on purpose, call {d}", .{calls});
+    }
+}
