@@ -23,9 +23,8 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from pi_controller import actuators, sensors
-from pi_controller.contract import Rejected
-from pi_controller.plugin_config import check_config
-from pi_controller.schema import bounded, device_id, matching
+from pi_controller.plugin_config import check_settings
+from pi_controller.schema import FieldError, bounded, device_id, matching
 from pi_controller.simulators import models as simulation_models
 
 KeyPath = tuple[str | int, ...]
@@ -184,10 +183,7 @@ class PluginSettings:
             json.dumps(self.config, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config must hold plain JSON values (numbers, strings, lists, maps): {exc}") from exc
-        try:
-            check_config(self.config, None)  # sizes; the plugin's config_schema is checked when it loads
-        except Rejected as exc:
-            raise ValueError(str(exc)) from None
+        check_settings(self.config, None)  # sizes; the plugin's config_schema is checked when it loads
 
 
 @dataclass(frozen=True)
@@ -423,6 +419,8 @@ class _Converter:
                 raise self.tree.error(path + (name,), f"missing required key '{name}'")
         try:
             return cls(**kwargs)
+        except FieldError as exc:
+            raise self.tree.error(path + exc.path, str(exc)) from exc
         except ValueError as exc:
             raise self.tree.error(path, str(exc)) from exc
 

@@ -19,7 +19,7 @@ import yaml
 from pi_controller import config
 from pi_controller.config import PluginSettings, PluginsSettings
 from pi_controller.contract import Rejected
-from pi_controller.plugin_config import ConfigField, check_config
+from pi_controller.plugin_config import ConfigField, check_config, check_settings
 from pi_controller.schema import bounded
 
 
@@ -54,10 +54,7 @@ class Manifest:
     actuators: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        try:
-            check_config(self.config, self.config_schema)
-        except Rejected as exc:  # the converter reports it with the manifest's file and line
-            raise ValueError(str(exc)) from None
+        check_settings(self.config, self.config_schema)
 
 
 @dataclass(frozen=True)

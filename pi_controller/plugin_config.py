@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 from pi_controller.contract import Rejected
-from pi_controller.schema import bounded
+from pi_controller.schema import FieldError, bounded
 
 MAX_VALUE_BYTES = 4096
 MAX_CONFIG_BYTES = 64 * 1024
@@ -73,10 +73,22 @@ def check_config(config: Mapping[str, Any], schema: Schema | None) -> None:
     """A whole config (a manifest's defaults, the daemon's settings): each key against the schema,
     when there is one, and the sizes. Raises Rejected naming the key."""
     for key, value in config.items():
-        if schema is not None:
-            _check_against(key, value, schema)
-        _check_size(key, value)
+        _check_value(key, value, schema)
     _check_total(config)
+
+
+def check_settings(config: Mapping[str, Any], schema: Schema | None) -> None:
+    """`check_config` for a settings class (a manifest, the daemon's plugin settings): raises FieldError
+    at the key at fault, so that the loader names its line."""
+    for key, value in config.items():
+        try:
+            _check_value(key, value, schema)
+        except Rejected as exc:
+            raise FieldError(("config", key), str(exc)) from None
+    try:
+        _check_total(config)
+    except Rejected as exc:
+        raise FieldError(("config",), str(exc)) from None
 
 
 def check_change(key: str, value: Any, schema: Schema | None, current: Mapping[str, Any]) -> None:
@@ -93,6 +105,12 @@ def check_change(key: str, value: Any, schema: Schema | None, current: Mapping[s
                                      f"got {_json_type(value)} {_show(value)}")
     _check_size(key, value)
     _check_total({**current, key: value})
+
+
+def _check_value(key: str, value: Any, schema: Schema | None) -> None:
+    if schema is not None:
+        _check_against(key, value, schema)
+    _check_size(key, value)
 
 
 def _check_against(key: str, value: Any, schema: Schema) -> None:

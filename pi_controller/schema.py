@@ -12,6 +12,15 @@ from typing import Any
 ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 
 
+class FieldError(ValueError):
+    """A settings class's own check failing on one of its keys: `path` (below the class) lets the loader
+    point at that key's line rather than the class's."""
+
+    def __init__(self, path: tuple[str | int, ...], message: str):
+        super().__init__(message)
+        self.path = path
+
+
 def bounded(low: float, high: float, **kwargs: Any) -> Any:
     """A field whose number must lie in [low, high]."""
     return field(metadata={"low": low, "high": high}, **kwargs)

@@ -288,6 +288,7 @@ class Verdict:
         self.actuators = {a.id: ActuatorTally(a) for a in settings.actuators}
         self.plugins: dict[str, str] = {}  # plugin -> what went wrong, if anything
         self.held: dict[str, dict[str, int]] = {}
+        self.failsafes: dict[str, int] = {}  # actuator -> times it was taken from a failing owner
         self.wall_s = 0.0
 
     def add(self, row: Row) -> None:
@@ -299,7 +300,8 @@ class Verdict:
 
     def finish(self, daemon: Daemon, wall_s: float) -> None:
         self.wall_s = wall_s
-        self.held = daemon.loop.summary()["held"]
+        summary = daemon.loop.summary()
+        self.held, self.failsafes = summary["held"], summary["failsafes"]
         stats = daemon.loop.plugin_stats
         for name, status in sorted(daemon.plugins.status.items()):
             if status.state != "loaded":
@@ -324,6 +326,8 @@ class Verdict:
         out += [f"plugin {name}: {why}" for name, why in failing.items()]
         out += [f"safety held back {key}: " + ", ".join(f"{rule} {n} ticks" for rule, n in sorted(rules.items()))
                 for key, rules in self.held.items()]
+        out += [f"failsafe: {key} put in its safe state {n} times, its owner failing or silent"
+                for key, n in self.failsafes.items()]
         return out
 
     def _band_line(self, tally: BandTally) -> str:

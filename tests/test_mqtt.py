@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -396,3 +397,48 @@ def test_buffered_messages_survive_a_restart_of_the_daemon(tmp_path) -> None:
     finally:
         sub.close()
         broker.stop()
+
+
+def test_bad_config_values_are_refused_and_the_plugin_runs_on_without_an_error(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port))
+    plugin = f"{BASE}/plugin/temperature_control"
+    relay = f"{BASE}/actuator/relay_switch/state"
+    try:
+        subscriber.wait_for(lambda: (s := state(subscriber, relay)) and s["on"])  # 19 C: heating to 21
+        for key, payload in [("setpoint", "hot"), ("setpoint", "80"), ("setpoint", "true"), ("sensor", "x" * 5000),
+                             ("turbo", "1"), ("setpoint", "12")]:  # the last one is good
+            subscriber.publish(f"{plugin}/config/{key}/set", payload)
+        subscriber.wait_for(lambda: state(subscriber, relay)["on"] is False)  # 19 C is warm enough for 12
+    finally:
+        _, events = finish(process)
+    refused = [(e["plugin"], e["key"], e["rule"]) for e in events if e["event"] == "plugin_config_refused"]
+    assert refused == [("temperature_control", "setpoint", "wrong_type"),
+                       ("temperature_control", "setpoint", "out_of_range"),
+                       ("temperature_control", "setpoint", "wrong_type"),
+                       ("temperature_control", "sensor", "too_large"),
+                       ("temperature_control", "turbo", "unknown_key")]
+    assert all(len(json.dumps(e)) < 1000 for e in events)  # nothing sent is logged whole
+    assert [e["key"] for e in events if e["event"] == "plugin_config_set"] == ["setpoint"]
+    assert not [e for e in events if e["event"] in ("plugin_call_failed", "actuator_failsafe")]
+
+
+def test_a_failsafe_shows_in_the_actuator_state_and_in_metrics(tmp_path, broker, subscriber) -> None:
+    port = free_port()
+    config_path = daemon_config(tmp_path, broker.port)
+    data = yaml.safe_load(config_path.read_text())
+    data["metrics"] = {"enabled": True, "port": port}
+    config_path.write_text(yaml.safe_dump(data))
+    process = start_daemon(config_path)
+    relay = f"{BASE}/actuator/relay_switch/state"
+    try:
+        heating = subscriber.wait_for(lambda: (s := state(subscriber, relay)) and s["on"] and s)
+        assert (heating["owner"], heating["failsafe"]) == ("temperature_control", None)
+        subscriber.publish(f"{BASE}/plugin/temperature_control/enable", "OFF")
+        safe = subscriber.wait_for(lambda: (s := state(subscriber, relay)) and s["failsafe"] and s)
+        assert (safe["on"], safe["owner"]) == (False, "safety")
+        assert safe["failsafe"].startswith("plugin 'temperature_control' was disabled by the operator")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            assert 'pi_controller_failsafes_total{device="relay_switch"} 1.0' in response.read().decode()
+    finally:
+        _, events = finish(process)
+    assert [e["device"] for e in events if e["event"] == "actuator_failsafe"] == ["relay_switch"]

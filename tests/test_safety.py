@@ -10,7 +10,9 @@ from typing import Any
 from pi_controller.simulators.adc import SimulatedMCP3008
 from structlog.testing import capture_logs
 
-from pi_controller.clock import VirtualClock
+from pi_controller import contract
+from pi_controller.clock import SystemClock, VirtualClock
+from pi_controller.operator import EnablePlugin
 
 PERIOD = 0.1
 
@@ -223,3 +225,111 @@ def test_watchdog_drives_actuators_safe_when_the_loop_stalls_and_control_resumes
     assert names.count("watchdog_tripped") == 1 and names.count("watchdog_recovered") == 1
     assert names.index("watchdog_tripped") < names.index("watchdog_recovered")
     assert daemon.snapshot()["safety"]["watchdog_trips"] == 1
+
+
+def once(data: dict[str, Any], then: str) -> dict[str, Any]:
+    """Make the command_once plugin switch the heater on at its first call, then be `then` ("fail", "silent")."""
+    data["plugins"]["settings"]["command_once"] = {"config": {"device": "heater", "then": then}}
+    return data
+
+
+def failsafes(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "actuator_failsafe"]
+
+
+def test_a_plugin_that_fails_after_switching_a_relay_on_loses_it_after_failsafe_after_s(run_daemon,
+                                                                                          plugin_dir) -> None:
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, once(layout(), "fail"), 40, plugins=("command_once",))
+    # On at tick 0; failing from tick 1 (0.1 s); 1 s later, at tick 11, safe: never again on its word.
+    assert runs(rec.column(27)) == [(1.0, 11), (0.0, 29)]
+    (event,) = failsafes(logs)
+    assert (event["device"], event["owner"], event["tick"]) == ("heater", "command_once", 11)
+    assert event["why"].startswith("plugin 'command_once' has failed every call since (error_return) (1.0 s")
+    safety = daemon.snapshot()["safety"]
+    assert safety["failsafes"] == {"heater": 1} and safety["owners"]["heater"] == "safety"
+
+
+def test_failsafe_after_s_is_per_actuator_over_the_global_default(run_daemon, plugin_dir) -> None:
+    data = once(layout(failsafe_after_s=0.3), "fail")
+    data["safety"] = {"failsafe_after_s": 5.0}
+    daemon, rec = run(run_daemon, plugin_dir, data, 20, plugins=("command_once",))
+    assert runs(rec.column(27)) == [(1.0, 4), (0.0, 16)]
+
+
+def test_a_failing_plugin_in_real_time_ends_with_the_relay_safe(run_daemon, plugin_dir) -> None:
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, once(layout(), "fail"), 40, plugins=("command_once",),
+                          clock=SystemClock())
+    assert [float(s.state) for s in daemon.hardware.factory.pin(27).states] == [0.0, 1.0, 0.0]
+    assert [e["device"] for e in failsafes(logs)] == ["heater"]
+
+
+def test_a_plugin_that_commands_once_keeps_its_command_without_a_lease(run_daemon, plugin_dir) -> None:
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, once(layout(), "silent"), 50, plugins=("command_once",))
+    assert rec.column(27) == [1.0] * 50
+    assert not failsafes(logs) and daemon.snapshot()["safety"]["owners"]["heater"] == "command_once"
+
+
+def test_a_command_whose_lease_is_not_renewed_ends_in_the_safe_state(run_daemon, plugin_dir) -> None:
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, once(layout(command_ttl_s=2.0), "silent"), 50,
+                          plugins=("command_once",))
+    assert runs(rec.column(27)) == [(1.0, 20), (0.0, 30)]
+    (event,) = failsafes(logs)
+    assert event["tick"] == 20 and "(command_ttl_s 2)" in event["why"]
+
+
+def test_a_request_held_back_is_never_applied_for_a_plugin_that_then_fails(run_daemon, plugin_dir) -> None:
+    # Start-up counts as a switch: min_off_s holds the plugin's "on" for 2 s, and it fails meanwhile.
+    with capture_logs() as logs:
+        daemon, rec = run(run_daemon, plugin_dir, once(layout(min_off_s=2.0), "fail"), 50,
+                          plugins=("command_once",))
+    assert rec.column(27) == [0.0] * 50
+    assert not [e for e in logs if e["event"] == "actuator_set" and e["device"] == "heater"]
+
+
+def test_a_request_held_back_lapses_when_its_plugin_stops_asking(run_daemon, plugin_dir) -> None:
+    daemon, rec = run(run_daemon, plugin_dir, once(layout(min_off_s=2.0), "silent"), 50, plugins=("command_once",))
+    assert rec.column(27) == [0.0] * 50
+
+
+def test_a_held_request_for_the_safe_state_stands_when_its_plugin_stops_asking(run_daemon, plugin_dir) -> None:
+    # echo_output asks for the heater on, then (from tick 5, told by the test) nothing but "off" once:
+    # min_on_s holds that "off", which must still happen when min_on_s has passed.
+    data = echo(layout(min_on_s=2.0), ("heater", "set_high", {}))
+    daemon = run_daemon(data, 0, simulate=False, plugins=plugin_dir("echo_output"), clock=VirtualClock())
+    plugin = next(iter(daemon.plugins))
+    off = json.dumps([{"device_id": "heater", "action": "set_low", "parameters": {}}])
+
+    class Script(Recorder):
+        def advance(self, now: float) -> None:
+            super().advance(now)
+            if len(self.ticks) == 6:
+                plugin.config_suffix = contract.encode_config({"output": off})
+            elif len(self.ticks) == 7:
+                plugin.config_suffix = contract.encode_config({"output": "[]"})
+
+    daemon.hardware.environment = rec = Script(daemon)
+    asyncio.run(daemon.serve(41))
+    assert runs(rec.column(27)) == [(1.0, 20), (0.0, 20)]
+
+
+def test_an_owner_disabled_by_the_operator_loses_its_actuator(run_daemon, plugin_dir) -> None:
+    data = echo(layout(), ("heater", "set_high", {}))
+    daemon = run_daemon(data, 0, simulate=False, plugins=plugin_dir("echo_output"), clock=VirtualClock())
+
+    class Script(Recorder):
+        def advance(self, now: float) -> None:
+            super().advance(now)
+            if len(self.ticks) == 5:
+                daemon.operator.submit(EnablePlugin("echo_output", False))
+
+    daemon.hardware.environment = rec = Script(daemon)
+    with capture_logs() as logs:
+        asyncio.run(daemon.serve(31))
+    # Disabled at tick 4; not called from then on; 1 s later (tick 14) the heater is safe.
+    assert runs(rec.column(27)) == [(1.0, 14), (0.0, 16)]
+    (event,) = failsafes(logs)
+    assert event["why"].startswith("plugin 'echo_output' was disabled by the operator (1.0 s")

@@ -27,10 +27,11 @@ LSB_C = 330 / 1023  # one step of the TMP36 on the MCP3008
 def _logs_to_this_test() -> Iterator[None]:
     """Tests that run the CLI in-process leave structlog printing to the stderr pytest captured for them,
     closed by now: log to this test's instead, and leave the configuration as it was found."""
-    saved = structlog.get_config()
+    saved, threshold = structlog.get_config(), logs._threshold
     logs.configure("console", "warning")
     yield
     structlog.configure(**saved)
+    logs._threshold = threshold  # what the tick asks before building an event: tests after this one log at info
 
 
 def day_room(data: dict[str, Any], **room: Any) -> dict[str, Any]:
@@ -158,3 +159,14 @@ def test_durations() -> None:
     for wrong in ("soon", "0s", "-1h", "24 hours"):
         with pytest.raises(argparse.ArgumentTypeError):
             simulation.parse_duration(wrong)
+
+
+def test_a_plugin_failing_after_switching_the_heater_on_leaves_it_off_in_simulate(write_config, plugin_dir,
+                                                                                   tmp_path) -> None:
+    data = example_data()
+    data["plugins"]["settings"] = {"command_once": {"config": {"then": "fail"}}}
+    verdict, trace = simulate(write_config, data, 60, 10, tmp_path, plugin_dir("command_once"))
+    heater = list(trace["relay_switch"])
+    assert heater == [1.0] * 11 + [0.0] * 589  # on at tick 0, failing from tick 1, safe 1 s later
+    assert verdict.failsafes == {"relay_switch": 1}
+    assert "failsafe: relay_switch put in its safe state 1 times, its owner failing or silent" in verdict.lines()
