@@ -7,12 +7,14 @@ import json
 import time
 from typing import Any
 
+import pytest
 from pi_controller.simulators.adc import SimulatedMCP3008
 from structlog.testing import capture_logs
 
 from pi_controller import contract
 from pi_controller.clock import SystemClock, VirtualClock
 from pi_controller.operator import EnablePlugin
+from pi_controller.plugins import Update
 
 PERIOD = 0.1
 
@@ -316,20 +318,23 @@ def test_a_held_request_for_the_safe_state_stands_when_its_plugin_stops_asking(r
     assert runs(rec.column(27)) == [(1.0, 20), (0.0, 20)]
 
 
-def test_an_owner_disabled_by_the_operator_loses_its_actuator(run_daemon, plugin_dir) -> None:
+@pytest.mark.parametrize("how,why", [("disabled", "was disabled by the operator"), ("unloaded", "was unloaded")])
+def test_an_owner_disabled_or_unloaded_loses_its_actuator(run_daemon, plugin_dir, how: str, why: str) -> None:
     data = echo(layout(), ("heater", "set_high", {}))
     daemon = run_daemon(data, 0, simulate=False, plugins=plugin_dir("echo_output"), clock=VirtualClock())
 
     class Script(Recorder):
         def advance(self, now: float) -> None:
             super().advance(now)
-            if len(self.ticks) == 5:
+            if len(self.ticks) == 5 and how == "disabled":
                 daemon.operator.submit(EnablePlugin("echo_output", False))
+            elif len(self.ticks) == 5:  # as the watcher does when the file is deleted
+                daemon.loop.between_ticks(lambda: daemon.plugins.apply(Update(removed={"echo_output"})))
 
     daemon.hardware.environment = rec = Script(daemon)
     with capture_logs() as logs:
         asyncio.run(daemon.serve(31))
-    # Disabled at tick 4; not called from then on; 1 s later (tick 14) the heater is safe.
-    assert runs(rec.column(27)) == [(1.0, 14), (0.0, 16)]
+    # Gone from tick 4 (disabled) or 5 (unloaded after tick 4); 1 s later the heater is safe.
+    assert runs(rec.column(27)) == ([(1.0, 14), (0.0, 16)] if how == "disabled" else [(1.0, 15), (0.0, 15)])
     (event,) = failsafes(logs)
-    assert event["why"].startswith("plugin 'echo_output' was disabled by the operator (1.0 s")
+    assert event["why"].startswith(f"plugin 'echo_output' {why} (1.0 s")
