@@ -18,6 +18,7 @@ changing a plugin source, and commit the sources with their binaries.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -76,7 +77,8 @@ def check_compiler() -> None:
 
 
 def cache_dir() -> Path:
-    """Zig's local cache: under the system temp dir, never in the repository."""
+    """Zig's local cache, and the finished builds by what they were built from (`build_key`): under the
+    system temp dir, never in the repository."""
     return Path(tempfile.gettempdir()) / "pi-controller-zig-cache"
 
 
@@ -115,9 +117,38 @@ def c_compile_args(source: Path, output: Path, pdk: Path) -> list[str]:
 
 
 def build(source: Path, output: Path, pdk: Path | None = None) -> None:
-    """Compile one plugin source into `output` (a .wasm); raise BuildError with the compiler's message."""
+    """Compile one plugin source into `output` (a .wasm), or copy what the same inputs built before;
+    raise BuildError with the compiler's message."""
     output.parent.mkdir(parents=True, exist_ok=True)
     pdk = pdk or find_pdk(source)
+    cached = cache_dir() / "builds" / f"{build_key(source, pdk)}.wasm"
+    if cached.is_file():
+        shutil.copyfile(cached, output)
+        return
+    _compile(source, output, pdk)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(f".{os.getpid()}.partial")
+    shutil.copyfile(output, partial)
+    partial.replace(cached)  # atomic: a build cut short never poses as a finished one
+
+
+def build_key(source: Path, pdk: Path) -> str:
+    """What a build depends on, hashed: the compilers' versions, this module (the flags), the source and
+    its path in the repository (AssemblyScript puts it in abort messages), and the guest helpers it may
+    use. The same key gives the same bytes: the builds are reproducible, which the tests check."""
+    root = pdk.resolve().parents[2]
+    digest = hashlib.sha256(f"{ZIG_VERSION} {AS_VERSION}".encode())
+    helpers = [pdk, pdk.with_name("pdk.h"), *sorted((root / AS_PROJECT).glob("*.ts")),
+               root / AS_PROJECT / "package-lock.json"]
+    for path in (Path(__file__), source, *helpers):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    place = source.resolve()
+    digest.update(str(place.relative_to(root) if place.is_relative_to(root) else place.name).encode())
+    return digest.hexdigest()
+
+
+def _compile(source: Path, output: Path, pdk: Path) -> None:
     if source.suffix == ".ts":
         args, cwd = assemblyscript_args(pdk.resolve().parents[2], source, output)
         result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
