@@ -209,6 +209,8 @@ class PluginCeilings:
     allowed_hosts: tuple[str, ...] = ()  # patterns as Extism takes them; none: no plugin reaches the network
     allow_wasi: bool = False  # no plugin gets WASI (clocks, random, stdio, files) unless this is true
     allowed_paths: tuple[str, ...] = ()  # absolute host directories inside which a plugin may be given files
+    max_file_bytes: int = bounded(1024, 1024 * 1024 * 1024, default=16 * 1024 * 1024)  # a .wasm, before it is read
+    max_priority: int = bounded(-10**9, 10**9, default=1000)  # what a plugin's manifest or settings may claim
 
 
 @dataclass(frozen=True)

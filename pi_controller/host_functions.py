@@ -24,14 +24,16 @@ import math
 import time
 from collections import deque
 from itertools import islice
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import structlog
 from extism.extism import _ffi, _lib
 
 from pi_controller import logs
-from pi_controller.config import HostFunctionSettings
-from pi_controller.sensors import Reading
+
+if TYPE_CHECKING:  # not at run time: the trial compile's child (wasm_compile) imports this module, and fast
+    from pi_controller.config import HostFunctionSettings
+    from pi_controller.sensors import Reading
 
 log = structlog.get_logger("pi_controller.plugin")
 

@@ -143,6 +143,7 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     from pi_controller.plugins import PluginCallError, SandboxedPlugin
     from pi_controller.quarantine import Guard
     from pi_controller.sensors import Reading
+    from pi_controller.wasm_gate import read_module
 
     name = wasm.stem
     try:
@@ -150,7 +151,8 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
         terms = dataclasses.replace(terms, config={**terms.config, **context.get("config", {})})
         history = History(settings.plugins.host.history_length)
         host = PluginHost(name, terms.sensors, history, settings.plugins.host)
-        plugin = SandboxedPlugin(name, wasm.read_bytes(), terms, Guard(name, settings.plugins.quarantine), host)
+        module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
+        plugin = SandboxedPlugin(name, module, terms, Guard(name, settings.plugins.quarantine), host)
     except (OSError, Refused, extism.Error) as exc:
         return {"plugin": name, "error": {"kind": "load_failed", "reason": str(exc)}, "rejected": []}
     factory = make_factory(settings, simulate=True)

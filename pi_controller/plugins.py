@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +20,18 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import extism
 import structlog
-from extism.extism import CompiledPlugin, _ffi, _lib  # fuel is only in libextism's C API
+from extism.extism import CompiledPlugin, _ffi
 
 from pi_controller.config import PluginsSettings
 from pi_controller.contract import READINGS_KEY, Command, Rejection, encode_config, encode_readings
 from pi_controller.extism_log import router
-from pi_controller.host_functions import History, PluginHost, free_functions, new_functions
+from pi_controller.host_functions import History, PluginHost
 from pi_controller.manifest import Grant, Refused, grant, load_manifest
 from pi_controller.quarantine import Guard
 from pi_controller.schema import ID_PATTERN
 from pi_controller.sensors import Reading
+from pi_controller.wasm_compile import compile_module
+from pi_controller.wasm_gate import read_module, trial
 
 log = structlog.get_logger("pi_controller.plugins")
 
@@ -69,9 +72,8 @@ class PluginCallError(Exception):
 def compile_plugin(wasm: bytes, terms: Grant, host: Any) -> CompiledPlugin:
     """A compiled module under `terms`, with a fuel limit (the SDK's constructor has none) and our
     host functions bound to `host` (a cffi handle of its PluginHost): WASI and files only as granted,
-    no network beyond `allowed_hosts`."""
+    no network beyond `allowed_hosts`. Tried first in a child process (`wasm_gate.trial`)."""
     manifest = {
-        "wasm": [{"data": base64.b64encode(wasm).decode()}],
         "memory": {"max_pages": terms.memory_pages, "max_var_bytes": terms.max_var_bytes,
                    "max_http_response_bytes": terms.max_http_response_bytes},
         "timeout_ms": terms.timeout_ms,  # the backstop: fuel does not count time spent in the host
@@ -80,21 +82,10 @@ def compile_plugin(wasm: bytes, terms: Grant, host: Any) -> CompiledPlugin:
         "config": {k: v if isinstance(v, str) else json.dumps(v) for k, v in terms.config.items()},
         **({"allowed_paths": dict(terms.allowed_paths)} if terms.allowed_paths else {}),
     }
-    data = json.dumps(manifest).encode()
-    error = _ffi.new("char**")
-    functions = new_functions(host)
-    try:
-        pointer = _lib.extism_compiled_plugin_new_with_fuel_limit(data, len(data), functions, len(functions),
-                                                                  terms.wasi, terms.fuel, error)
-    finally:
-        free_functions(functions)  # the compiled plugin has taken what it needs
-    if pointer == _ffi.NULL:
-        message = _ffi.string(error[0]).decode(errors="replace")
-        _lib.extism_plugin_new_error_free(error[0])
-        raise extism.Error(message)
-    compiled = CompiledPlugin.__new__(CompiledPlugin)  # owns `pointer` now: its __del__ frees it
-    compiled.pointer, compiled.functions = pointer, []
-    return compiled
+    # The module spliced in as bytes: one copy of its base64 rather than three (str, JSON, bytes).
+    data = b'{"wasm":[{"data":"' + base64.b64encode(wasm) + b'"}],' + json.dumps(manifest).encode()[1:]
+    trial(data, terms.wasi, terms.fuel)
+    return compile_module(data, terms.wasi, terms.fuel, host)
 
 
 class SandboxedPlugin:
@@ -313,7 +304,7 @@ class PluginSet:
             if not valid_name(name):
                 # Not even in the status: the name goes into log keys and MQTT topics as it is.
                 log.error("plugin_name_invalid", file=str(path)[:300], valid=NAME_RULE)
-            elif not path.is_file():
+            elif not os.path.lexists(path):  # a FIFO or a dangling link is not gone: the gate refuses it
                 update.removed.add(name)
             elif own is not None and not own.enabled:
                 update.refused[name] = PluginStatus("disabled")
@@ -323,7 +314,7 @@ class PluginSet:
 
     def _prepare_one(self, name: str, path: Path, live: SandboxedPlugin | None, update: Update) -> None:
         try:
-            wasm = path.read_bytes()
+            wasm = read_module(path, self.directory, self.settings.ceilings.max_file_bytes)
             terms = grant(name, load_manifest(path), self.settings)
             if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
                 return  # the same plugin under the same terms: nothing to swap

@@ -1,0 +1,86 @@
+"""The gate in front of libextism: what may reach the compiler, and what a trial compile in a child stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pi_controller import plugin_tools
+from pi_controller.config import PluginCeilings, PluginsSettings
+from pi_controller.manifest import Refused
+from pi_controller.plugins import PluginSet
+from pi_controller.wasm_gate import read_module
+from tests.conftest import plugin_wasm
+from tests.wasm_modules import module
+
+SECRET = b"root:x:0:0:secret-first-line\n"
+
+# name -> (bytes, or how to make the file; a word of the reason it is refused with)
+HOSTILE: dict[str, tuple[bytes, str]] = {
+    "nul": (b"\0", "not a WebAssembly binary"),
+    "nul_as": (b"\0as", "not a WebAssembly binary"),
+    "x_nul": (b"x\0", "not a WebAssembly binary"),
+    "prefix": (b"\0asm\x01\0", "version 1"),
+    "wat": (b"(module (func (export \"control_logic\")))\n", "text format is not accepted"),
+    "component": (b"\0asm\x0d\0\x01\0", "version 1"),
+    "nul_import": (module(imports=((b"env", b"x\0y"),)), "makes libextism crash"),
+    "oversize": (module(custom_bytes=200 * 1024), "over plugins.ceilings.max_file_bytes"),
+}
+
+
+def hostile_folder(folder: Path) -> Path:
+    """The plugins folder with every hostile file of HOSTILE, a symlink out, a FIFO and a good plugin."""
+    folder.mkdir(exist_ok=True)
+    for name, (data, _) in HOSTILE.items():
+        (folder / f"{name}.wasm").write_bytes(data)
+    secret = folder.parent / "passwd"
+    secret.write_bytes(SECRET)
+    (folder / "link_out.wasm").symlink_to(secret)
+    (folder / "link_in.wasm").symlink_to(folder / "kept.wasm")
+    os.mkfifo(folder / "fifo.wasm")
+    shutil.copy(plugin_wasm("motion_light"), folder / "kept.wasm")
+    return folder
+
+
+REASONS = {**{name: word for name, (_, word) in HOSTILE.items()},
+           "link_out": "symbolic link to outside", "fifo": "not a regular file"}
+
+
+def test_every_hostile_file_fails_alone_with_a_reason_that_quotes_nothing_of_it(tmp_path: Path) -> None:
+    folder = hostile_folder(tmp_path / "plugins")
+    plugins = PluginSet(PluginsSettings(ceilings=PluginCeilings(max_file_bytes=128 * 1024)), folder, budget_ms=1000)
+    try:
+        plugins.load_all()  # returns at all: the FIFO did not block it, the NUL import did not abort us
+        status = plugins.status
+    finally:
+        plugins.close()
+    assert {name for name, s in status.items() if s.state == "loaded"} == {"kept", "link_in"}
+    for name, word in REASONS.items():
+        assert status[name].state == "failed", name
+        assert word in status[name].reason, (name, status[name].reason)
+        assert "\n" not in status[name].reason and "secret" not in status[name].reason
+        assert "module (func" not in status[name].reason
+
+
+def test_the_size_cap_is_checked_before_the_file_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.wasm"
+    with path.open("wb") as f:  # sparse: 1 TiB that takes no disk and would take all the memory
+        f.truncate(1 << 40)
+    with pytest.raises(Refused, match="1099511627776 bytes, over plugins.ceilings.max_file_bytes 16777216"):
+        read_module(path, tmp_path, PluginCeilings().max_file_bytes)
+
+
+def test_plugin_call_on_hostile_files_reports_a_load_failure_and_goes_on(tmp_path: Path) -> None:
+    folder = hostile_folder(tmp_path / "plugins")
+    settings = plugin_tools._settings_for({"device_states": {"relay_switch": {"type": "relay"}}})
+    for name, word in REASONS.items():
+        if name == "oversize":
+            continue  # 200 KiB is within the default cap: it loads, and fails for want of control_logic
+        report = plugin_tools.call_once(folder / f"{name}.wasm", {}, settings)
+        assert report["error"]["kind"] == "load_failed", name
+        assert word in report["error"]["reason"], (name, report)
+        assert "secret" not in json.dumps(report)
