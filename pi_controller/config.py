@@ -270,26 +270,82 @@ class Settings:
 # Loading
 
 
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a few KiB; past this it is no config
+MAX_NESTING = 64  # mappings and lists within each other
+
+
 def load(path: Path | str) -> Settings:
     """Read, parse and validate a config file. Raises ConfigError; never touches hardware."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(path, (), f"cannot read the file: {exc.strerror or exc}") from exc
-    return parse(text, path)
+    return parse(read(path, MAX_CONFIG_BYTES), path)
 
 
 def parse(text: str, source: Path) -> Settings:
+    tree, data = _compose(text, source, MAX_CONFIG_BYTES)
+    return _Converter(tree).settings(data)
+
+
+def read(path: Path, max_bytes: int) -> str:
+    """A YAML file's text, at most `max_bytes` of it; ConfigError if it is longer or unreadable."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        with path.open("rb") as file:
+            data = file.read(max_bytes + 1)
+    except OSError as exc:
+        raise ConfigError(path, (), f"cannot read the file: {exc.strerror or exc}") from exc
+    if len(data) > max_bytes:
+        raise ConfigError(path, (), f"the file is longer than {max_bytes} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(path, (), f"not UTF-8 text (byte {exc.start})", line) from None
+
+
+def load_document(path: Path, cls: type[Any], max_bytes: int) -> Any:
+    """Another YAML document of ours (a plugin manifest) read into `cls` the way a config is, so its
+    errors name file, line and key as a config's do. Raises ConfigError."""
+    tree, data = _compose(read(path, max_bytes), path, max_bytes)
+    return _Converter(tree).convert(data, cls, ())
+
+
+def _compose(text: str, source: Path, max_bytes: int) -> tuple[_Tree, Any]:
+    """YAML text into plain values, bounded: its size, its nesting, and no anchors or aliases (a
+    few hundred bytes of nested aliases expand to millions of nodes)."""
+    if len(text) > max_bytes:
+        raise ConfigError(source, (), f"the document is longer than {max_bytes} bytes")
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        raise ConfigError(source, (), f"not valid YAML: {getattr(exc, 'problem', exc)}", line) from exc
+        raise ConfigError(source, (), f"not valid YAML: {getattr(exc, 'problem', exc)}", line) from None
+    finally:
+        loader.dispose()
     tree = _Tree(source)
-    data = tree.value(root, ()) if root is not None else {}
-    return _Converter(tree).settings(data)
+    return tree, (tree.value(root, ()) if root is not None else {})
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe composer, refusing anchors, aliases and deep nesting as it meets them."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not accepted; "
+                                                          "write the value out", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_NESTING} deep",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 class _Tree:

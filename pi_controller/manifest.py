@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from pi_controller import config
 from pi_controller.config import PluginSettings, PluginsSettings
 from pi_controller.contract import Rejected
@@ -88,24 +86,30 @@ def manifest_path(wasm: Path) -> Path:
     return wasm.with_suffix(".yaml")
 
 
+MAX_MANIFEST_BYTES = 64 * 1024
+
+
 def load_manifest(wasm: Path) -> Manifest:
     """The sidecar manifest of `wasm`, or an empty one; Refused with file, line and key if invalid."""
     path = manifest_path(wasm)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return Manifest()
-    except OSError as exc:
-        raise Refused(f"cannot read {path.name}: {exc.strerror or exc}") from exc
+    if not links_within(path, wasm.parent):
+        raise Refused(f"{path.name} is a symbolic link to outside the plugins folder")
+    if not path.is_file():  # a FIFO would block the read for good
+        raise Refused(f"{path.name} is not a regular file")
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        tree = config._Tree(path)  # the config loader's checks, so errors read the same
-        data = tree.value(root, ()) if root is not None else {}
-        return config._Converter(tree).convert(data, Manifest, ())
-    except yaml.YAMLError as exc:
-        raise Refused(f"{path.name} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        return config.load_document(path, Manifest, MAX_MANIFEST_BYTES)
     except config.ConfigError as exc:
         raise Refused(f"manifest {exc}") from exc
+
+
+def links_within(path: Path, folder: Path) -> bool:
+    """False for a symbolic link that resolves outside `folder`: what it points at is not the
+    plugin's to show (a link to /etc/passwd would put its lines into errors)."""
+    if not os.path.islink(path):
+        return True
+    return os.path.realpath(path).startswith(os.path.realpath(folder).rstrip(os.sep) + os.sep)
 
 
 def grant(name: str, manifest: Manifest, settings: PluginsSettings) -> Grant:

@@ -24,7 +24,7 @@ import sys
 import threading
 from pathlib import Path
 
-from pi_controller.manifest import Refused
+from pi_controller.manifest import Refused, links_within
 from pi_controller.wasm_compile import OUT_OF_MEMORY, TRIAL_CPU_S, TRIAL_MEMORY_BYTES
 
 MAGIC = b"\0asm"
@@ -35,13 +35,11 @@ TRIAL_WALL_S = 60.0  # both cores saturated, and a cold start of Python in the c
 def read_module(path: Path, folder: Path, max_bytes: int) -> bytes:
     """The bytes of the module at `path`, or Refused with a one-line reason that quotes nothing of it."""
     name = path.name
-    real = os.path.realpath(path)
-    root = os.path.realpath(folder)
-    if os.path.islink(path) and not real.startswith(root.rstrip(os.sep) + os.sep):
+    if not links_within(path, folder):
         raise Refused(f"{name} is a symbolic link to outside the plugins folder; copy the module in instead")
     try:
         # O_NONBLOCK: a FIFO named *.wasm would otherwise block the open until someone writes to it.
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise Refused(f"cannot open {name}: {exc.strerror or type(exc).__name__}") from None
     with os.fdopen(fd, "rb") as file:
