@@ -79,7 +79,8 @@ class Grant:
 
 _LIMITS = ("memory_pages", "timeout_ms", "fuel", "max_output_bytes", "max_var_bytes", "max_http_response_bytes")
 _CEILINGS = {"memory_pages": "max_memory_pages", "timeout_ms": "max_timeout_ms", "fuel": "max_fuel",
-             "max_var_bytes": "max_var_bytes", "max_http_response_bytes": "max_http_response_bytes"}
+             "max_var_bytes": "max_var_bytes", "max_http_response_bytes": "max_http_response_bytes",
+             "priority": "max_priority"}
 
 
 def manifest_path(wasm: Path) -> Path:

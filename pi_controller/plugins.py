@@ -361,12 +361,24 @@ class PluginSet:
 
     def _admit(self, plugin: SandboxedPlugin, live: dict[str, SandboxedPlugin],
                retired: list[SandboxedPlugin]) -> None:
-        spent = sum(p.grant.timeout_ms for p in live.values() if p.name != plugin.name)
+        """Give `plugin` its share of the tick's time budget. Healthy plugins hold their shares; a
+        quarantined one gives its share up to a plugin that would not fit otherwise."""
+        others = [p for p in live.values() if p.name != plugin.name]
+        spent = sum(p.grant.timeout_ms for p in others if not p.guard.quarantined)
         if spent + plugin.grant.timeout_ms > self.budget_ms:
             retired.append(plugin)
             reason = (f"timeout_ms {plugin.grant.timeout_ms} does not fit the tick: the plugins already loaded "
                       f"take {spent} of the {self.budget_ms:g} ms plugin budget")
             return self._refuse(plugin.name, PluginStatus("failed", reason), live, retired)
+        for resting in sorted((p for p in others if p.guard.quarantined), key=_order, reverse=True):
+            if sum(p.grant.timeout_ms for p in live.values() if p.name != plugin.name) + plugin.grant.timeout_ms \
+                    <= self.budget_ms:
+                break
+            retired.append(live.pop(resting.name))
+            self._kept.pop(resting.name, None)
+            reason = f"unloaded while quarantined ({resting.guard.reason}): its time budget went to {plugin.name}"
+            self._refused[resting.name] = PluginStatus("failed", reason[:500])
+            log.warning("plugin_unloaded", plugin=resting.name, reason=reason[:500])
         previous = live.get(plugin.name)
         if previous is not None:
             retired.append(previous)
