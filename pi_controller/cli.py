@@ -28,6 +28,7 @@ def entry() -> NoReturn:
     """The console script: `main`, then an exit that leaves the actuator pins as they were set."""
     from pi_controller.pins import exit_holding_pins
 
+    logs.capture_native_stderr()
     exit_holding_pins(main())
 
 

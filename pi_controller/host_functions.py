@@ -109,7 +109,8 @@ class PluginHost:
         self.cancel: Callable[[], Any] = lambda: None  # set by the plugin to cancel its current call
         self.over_budget = False
         self._calls_left = self._reads_left = 0
-        self.budget = logs.LineBudget(log, plugin, settings.log_lines_per_s, settings.log_burst)
+        self.budget = logs.LineBudget(log, "plugin_log_suppressed", settings.log_lines_per_s, settings.log_burst,
+                                      plugin=plugin)
         self._warned: dict[str, float] = {}
 
     def start_call(self, tick: int | None) -> None:
@@ -144,7 +145,7 @@ class PluginHost:
     def read_history(self, sensor_id: bytes, count: int) -> bytes | None:
         sensor = sensor_id.decode(errors="replace")
         if self.sensors is not None and sensor not in self.sensors:
-            self.warn("history_not_granted", sensor=printable(sensor))
+            self.warn("history_not_granted", sensor=logs.printable(sensor))
             return None
         if self._reads_left <= 0:
             self.warn("history_reads_used", limit=self.settings.history_reads_per_call)
@@ -152,7 +153,7 @@ class PluginHost:
         self._reads_left -= 1
         found = self.history.encode(sensor, min(count, self.history.length))
         if found is None:
-            self.warn("history_unknown_sensor", sensor=printable(sensor))
+            self.warn("history_unknown_sensor", sensor=logs.printable(sensor))
         return found
 
     def warn(self, why: str, **fields: Any) -> None:
@@ -173,10 +174,10 @@ def parse_message(data: bytes) -> tuple[str, dict[str, Any]]:
         except (ValueError, RecursionError):
             obj = None
         if isinstance(obj, dict):
-            fields = {printable(str(k), 64): _scalar(v) for k, v in islice(obj.items(), MAX_FIELDS + 1)
+            fields = {logs.printable(str(k), 64): _scalar(v) for k, v in islice(obj.items(), MAX_FIELDS + 1)
                       if k != "message"}
-            return printable(str(obj.get("message", ""))), dict(islice(fields.items(), MAX_FIELDS))
-    return printable(text), {}
+            return logs.printable(str(obj.get("message", "")), MAX_TEXT), dict(islice(fields.items(), MAX_FIELDS))
+    return logs.printable(text, MAX_TEXT), {}
 
 
 def _scalar(value: Any) -> Any:
@@ -184,13 +185,7 @@ def _scalar(value: Any) -> Any:
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    return printable(value if isinstance(value, str) else json.dumps(value)[:MAX_TEXT])
-
-
-def printable(text: str, limit: int = MAX_TEXT) -> str:
-    """`text` cut to `limit` characters with control characters escaped: one event stays one line."""
-    cut = text[:limit] + (f"...({len(text) - limit} more)" if len(text) > limit else "")
-    return cut if cut.isprintable() else cut.encode("unicode_escape").decode("ascii")
+    return logs.printable(value if isinstance(value, str) else json.dumps(value)[:MAX_TEXT], MAX_TEXT)
 
 
 # --- the functions themselves, as libextism calls them ------------------------------------------

@@ -6,10 +6,16 @@ when it clears, never once per tick, while stats still count every occurrence.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import math
+import os
+import re
 import sys
+import threading
 import time
 import warnings
+from collections import Counter
 from typing import Any, Callable, Hashable, Literal
 
 import structlog
@@ -35,8 +41,10 @@ def configure(fmt: LogFormat = "console", level: str = "info") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ProcessBudget(PROCESS_LINES_PER_S, PROCESS_BURST),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            bound_fields,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -44,6 +52,28 @@ def configure(fmt: LogFormat = "console", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     warnings.showwarning = _warning_as_event
+
+
+def capture_native_stderr() -> None:
+    """Native code writes to file descriptor 2 past any handler of ours (libextism's tracing-subscriber
+    prints raw lines when a guest's error holds a NUL): point fd 2 at a pipe whose lines a thread logs
+    as `native_stderr` events, and Python's own writes (our events included) at the real stderr.
+    Python's fatal-error traceback goes to the real stderr too, so a crash still says where it was."""
+    real = os.dup(2)
+    sys.stderr = open(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    faulthandler.enable(sys.stderr)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    threading.Thread(target=_log_native, args=(read_end,), name="native-stderr", daemon=True).start()
+
+
+def _log_native(fd: int) -> None:
+    logger = structlog.get_logger("pi_controller.native")
+    with open(fd, "rb") as pipe:
+        for line in iter(lambda: pipe.readline(4096), b""):
+            if line.strip():
+                logger.warning("native_stderr", text=line.decode(errors="replace").rstrip())
 
 
 def _stderr(*args: Any) -> structlog.PrintLogger:
@@ -89,28 +119,107 @@ def _describe(key: Hashable) -> Any:
 
 
 class LineBudget:
-    """One plugin's share of the log: `rate` lines a second in bursts of `burst` (a token bucket),
-    whichever way its lines come (our `pi_log`, or Extism's own log functions). What it drops is
-    counted and said in one line when it may log again."""
+    """A share of the log: `rate` lines a second in bursts of `burst` (a token bucket). What it drops
+    is counted, by what it was when the caller says, and told in one `notice` line (with `fields`)
+    once it may log again; that line takes a token like any other and comes at most every
+    `notice_s`, so a flood costs the log `rate` lines a second, notices included. Not thread-safe:
+    one per plugin (our `pi_log` and Extism's own log functions, on the tick thread), or behind a lock."""
 
-    def __init__(self, logger: Any, plugin: str, rate: float, burst: int,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, logger: Any, notice: str, rate: float, burst: int,
+                 clock: Callable[[], float] = time.monotonic, notice_s: float = 10.0, **fields: Any):
         self.clock = clock
-        self._log, self._plugin = logger, plugin
-        self._rate, self._burst = rate, burst
+        self._log, self._notice, self._fields = logger, notice, fields
+        self._rate, self._burst, self._notice_s = rate, burst, notice_s
         self._tokens, self._last = float(burst), clock()
+        self._noticed = -math.inf
         self.dropped = 0
+        self._what: Counter[str] = Counter()
 
-    def admit(self, tick: int | None = None) -> bool:
+    def admit(self, tick: int | None = None, what: str | None = None) -> bool:
         now = self.clock()
         self._tokens = min(self._burst, self._tokens + max(0.0, now - self._last) * self._rate)
         self._last = now
+        if self.dropped and self._tokens >= 1 and now - self._noticed >= self._notice_s:
+            self._tokens -= 1  # the notice goes first, on the token the line would have had
+            self._noticed = now
+            most = dict(self._what.most_common(_NOTICE_KINDS)) if self._what else None
+            self._log.warning(self._notice, tick=tick, lines=self.dropped, limit=f"{self._rate:g}/s, burst {self._burst}",
+                              **({"dropped": most} if most else {}), **self._fields)
+            self.dropped = 0
+            self._what.clear()
         if self._tokens < 1:
             self.dropped += 1
+            if what is not None and (what in self._what or len(self._what) < _NOTICE_KINDS):
+                self._what[what] += 1
             return False
         self._tokens -= 1
-        if self.dropped:
-            self._log.warning("plugin_log_suppressed", plugin=self._plugin, tick=tick, lines=self.dropped,
-                              limit=f"{self._rate:g}/s, burst {self._burst}")
-            self.dropped = 0
         return True
+
+
+_NOTICE_KINDS = 8  # the kinds of line a notice names, most dropped first
+
+
+PROCESS_LINES_PER_S = 50.0
+PROCESS_BURST = 500  # a daemon's start (every plugin, device, topic) fits
+
+
+class ProcessBudget:
+    """The structlog processor that bounds the whole process's log, whatever logs: past the budget,
+    events are dropped and one `log_lines_dropped` line says how many, of which events."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self._budget = LineBudget(structlog.get_logger("pi_controller.logs"), "log_lines_dropped", rate, burst, clock)
+        self._lock = threading.Lock()
+        self._inside = threading.local()  # the notice itself passes through this processor
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        if getattr(self._inside, "notice", False):
+            return event
+        with self._lock:
+            self._inside.notice = True
+            try:
+                admitted = self._budget.admit(event.get("tick"), str(event.get("event"))[:64])
+            finally:
+                self._inside.notice = False
+        if not admitted:
+            raise structlog.DropEvent
+        return event
+
+
+MAX_FIELD_CHARS = 300
+
+
+def bound_fields(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """No field of any event over MAX_FIELD_CHARS characters, nor with a control character that would
+    break the line, whatever a plugin, a sensor or a payload put into it. A traceback keeps its lines."""
+    for key, value in event.items():
+        if key == "exception":
+            event[key] = value[:_MAX_TRACEBACK]
+        elif isinstance(value, str):
+            event[key] = printable(value)
+        elif not (value is None or isinstance(value, (bool, int, float))):
+            text = repr(value) if isinstance(value, (list, tuple, dict)) else str(value)
+            if len(text) > MAX_FIELD_CHARS or not text.isprintable():
+                event[key] = printable(text)
+    return event
+
+
+_MAX_TRACEBACK = 8000
+
+
+def printable(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """`text` cut to `limit` characters with control characters escaped: one event stays one line."""
+    cut = text[:limit] + (f"...({len(text) - limit} more)" if len(text) > limit else "")
+    if cut.isprintable():
+        return cut
+    escaped = cut.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit + 20 else escaped[:limit] + "...(escaped)"
+
+
+def kind_of(text: str) -> str:
+    """What a problem is keyed by: its text with the numbers masked, so "no reading for 2.3 s" and
+    "... 2.4 s" are one problem, not one a tick."""
+    return _NUMBER.sub("#", text)[:200]
+
+
+_NUMBER = re.compile(r"[-+]?\d[\d.,:e+-]*")

@@ -20,7 +20,7 @@ from pi_controller import arbitration, contract
 from pi_controller.clock import Clock
 from pi_controller.contract import Command
 from pi_controller.hardware import Hardware
-from pi_controller.logs import ChangeLog
+from pi_controller.logs import ChangeLog, kind_of
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.operator import Operator
 from pi_controller.ownership import Failsafe, Health
@@ -124,7 +124,7 @@ class ControlLoop:
     def _report_sensors(self, number: int) -> None:
         for r in self.readings:
             if not r.valid:
-                self._problems.problem(("sensor", r.sensor_id, r.error), "sensor_invalid", tick=number,
+                self._problems.problem(("sensor", r.sensor_id, kind_of(r.error or "")), "sensor_invalid", tick=number,
                                        sensor=r.sensor_id, error=r.error)
 
     def _report_conflicts(self, conflicts: list[tuple[Command, Command]], number: int) -> None:
@@ -188,7 +188,8 @@ class ControlLoop:
         stats.rejected += len(rejections)
         for r in rejections:
             self._problems.problem(("rejected", r.plugin, r.device_id, r.rule), "command_rejected",
-                                   plugin=r.plugin, device=r.device_id, tick=number, rule=r.rule, reason=r.reason)
+                                   plugin=r.plugin, tick=number, rule=r.rule, reason=r.reason,
+                                   **({"device": r.device_id} if r.device_id is not None else {}))
         return commands
 
     def summary(self) -> dict[str, Any]:

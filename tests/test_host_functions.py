@@ -11,7 +11,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.config import HostFunctionSettings, PluginSettings
-from pi_controller.host_functions import History, parse_message, printable
+from pi_controller.host_functions import History, parse_message
+from pi_controller.logs import printable
 from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
 from pi_controller.sensors import Reading
 from tests.test_plugin_sandbox import CONTEXT, only
@@ -109,10 +110,10 @@ def test_log_lines_are_rate_limited_and_the_dropped_ones_counted(plugin_set) -> 
     plugin.host.budget.clock = lambda: now[0]  # time is ours to move
     with capture_logs() as logs:
         answer(plugin)
-        now[0] = 2.0  # room for 4 more lines
+        now[0] = 2.0  # room for 4 more lines, the notice of what was dropped among them
         answer(plugin)
     events = [e["event"] for e in logs if e["event"].startswith("plugin_log")]
-    assert events == 10 * ["plugin_log"] + ["plugin_log_suppressed"] + 4 * ["plugin_log"]
+    assert events == 10 * ["plugin_log"] + ["plugin_log_suppressed"] + 3 * ["plugin_log"]
     (suppressed,) = [e for e in logs if e["event"] == "plugin_log_suppressed"]
     assert suppressed["lines"] == 15
 

@@ -30,3 +30,21 @@ def module(imports: tuple[tuple[bytes, bytes], ...] = (), custom_bytes: int = 0)
     if imports:
         out += _section(2, _leb(len(imports)) + b"".join(_name(m) + _name(f) + b"\x00\x00" for m, f in imports))
     return out
+
+
+def nul_error_module() -> bytes:
+    """A plugin whose `control_logic` sets the error "a\\0b" through Extism's kernel and returns 1."""
+    types = [b"\x60\x01\x7e\x01\x7e", b"\x60\x02\x7e\x7f\x00", b"\x60\x01\x7e\x00", b"\x60\x00\x01\x7f"]
+    imports = [(b"alloc", 0), (b"store_u8", 1), (b"error_set", 2)]
+    store = b"".join(b"\x20\x00\x42" + bytes([i]) + b"\x7c\x41" + byte + b"\x10\x01"
+                     for i, byte in enumerate([b"\xe1\x00", b"\x00", b"\xe2\x00"]))  # p+i <- 'a', 0, 'b'
+    body = (b"\x01\x01\x7e"  # one local: i64 p
+            b"\x42\x03\x10\x00\x21\x00"  # p = alloc(3)
+            + store + b"\x20\x00\x10\x02"  # error_set(p)
+            b"\x41\x01\x0b")  # return 1
+    out = HEADER + _section(1, _leb(len(types)) + b"".join(types))
+    out += _section(2, _leb(len(imports)) + b"".join(_name(b"extism:host/env") + _name(f) + b"\x00" + _leb(t)
+                                                     for f, t in imports))
+    out += _section(3, b"\x01\x03")
+    out += _section(7, b"\x01" + _name(b"control_logic") + b"\x00\x03")
+    return out + _section(10, b"\x01" + _leb(len(body)) + body)

@@ -1,0 +1,105 @@
+"""The log stays bounded whatever floods it: per plugin, for the whole process, in each field, by kind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import structlog
+from structlog.testing import capture_logs
+
+from pi_controller import logs
+from pi_controller.logs import LineBudget, ProcessBudget, bound_fields
+from tests.conftest import example_data
+from tests.wasm_modules import nul_error_module
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_flood_costs_the_budget_notices_included_and_notices_come_at_most_every_ten_seconds() -> None:
+    clock = Clock()
+    budget = LineBudget(structlog.get_logger("test"), "suppressed", rate=5, burst=20, clock=clock, plugin="p")
+    admitted = 0
+    with capture_logs() as events:
+        for step in range(600):  # 100 lines a second for 60 s
+            clock.now = step / 10
+            admitted += sum(budget.admit(tick=step) for _ in range(10))
+    notices = [e for e in events if e["event"] == "suppressed"]
+    assert admitted + len(notices) <= 20 + 5 * 60
+    assert 1 <= len(notices) <= 60 // 10 + 1 and all(e["plugin"] == "p" for e in notices)
+    assert sum(e["lines"] for e in notices) + admitted + budget.dropped == 6000
+
+
+def test_the_whole_process_has_one_budget_and_says_what_it_dropped() -> None:
+    clock = Clock()
+    out: list[str] = []
+    logger = structlog.wrap_logger(structlog.ReturnLogger(), processors=[
+        ProcessBudget(rate=10, burst=50, clock=clock), bound_fields, structlog.processors.JSONRenderer()])
+    with capture_logs() as notices:
+        for step in range(100):  # ten seconds at 100 events a second, from everywhere at once
+            clock.now = step / 10
+            for source in range(10):
+                line = logger.warning("flood" if source else "other", tick=step)  # None: dropped
+                if line is not None:
+                    out.append(line)
+    assert len(out) + len(notices) <= 50 + 10 * 10
+    (notice,) = [n for n in notices if n["event"] == "log_lines_dropped"]
+    assert set(notice["dropped"]) == {"flood", "other"} and notice["dropped"]["flood"] > notice["dropped"]["other"]
+
+
+def test_no_field_is_longer_than_a_few_hundred_characters_nor_breaks_the_line() -> None:
+    event = bound_fields(None, "warning", {"event": "x", "value": "A" * 1_048_576, "line": "a\nb\x00c",
+                                           "many": list(range(100_000)), "n": 3, "none": None})
+    assert all(len(str(v)) <= logs.MAX_FIELD_CHARS + 30 for v in event.values())
+    assert event["line"] == "a\\nb\\x00c" and event["n"] == 3 and event["none"] is None
+    assert event["value"].endswith("...(1048276 more)")
+
+
+def test_an_invalid_reading_whose_text_holds_a_number_is_one_problem(run_daemon) -> None:
+    data = example_data()
+    data["sensors"][0].update(valid_min=-50.0, valid_max=-45.0)  # every reading of the room (noisy) is over it
+    data["plugins"]["settings"] = {}
+    with capture_logs() as events:
+        daemon = run_daemon(data, 30)
+    invalid = [e for e in events if e["event"] == "sensor_invalid"]
+    assert len(invalid) == 1 and "above valid_max" in invalid[0]["error"]
+    assert daemon.loop.ticks.count == 30
+
+
+def test_an_unknown_device_in_plugin_output_is_logged_without_a_null_device(run_daemon, plugin_dir) -> None:
+    data = example_data()
+    data["plugins"]["settings"] = {"echo_output": {"config": {"output": json.dumps(
+        [{"device_id": "no_such_device", "action": "set_high"}])}}}
+    with capture_logs() as events:
+        run_daemon(data, 3, plugins=plugin_dir("echo_output"))
+    (rejected,) = [e for e in events if e["event"] == "command_rejected"]
+    assert rejected["rule"] == "unknown_device" and "device" not in rejected
+    assert "no_such_device" in rejected["reason"]
+
+
+def test_libextism_raw_lines_are_captured_into_the_json_log(tmp_path: Path) -> None:
+    """A guest error holding a NUL makes libextism print raw [tracing-subscriber] lines on fd 2."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "nul_error.wasm").write_bytes(nul_error_module())
+    data = example_data()
+    data["plugins"] = {"directory": str(folder), "watch": False}
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(data))
+    done = subprocess.run([str(Path(sys.executable).parent / "pi-controller"), "run", "--config", str(config),
+                           "--simulate", "--ticks", "5", "--log-format", "json"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "RUST_BACKTRACE": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON event
+    assert any(e["event"] == "plugin_call_failed" and e["plugin"] == "nul_error" for e in events)
+    native = [e for e in events if e["event"] == "native_stderr"]
+    assert native and all("tracing-subscriber" in e["text"] for e in native)
