@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from pi_controller import logs
 from pi_controller.logs import LineBudget, ProcessBudget, bound_fields
+from pi_controller.sensors import Reading
 from tests.conftest import example_data
 from tests.wasm_modules import nul_error_module
 
@@ -65,14 +66,17 @@ def test_no_field_is_longer_than_a_few_hundred_characters_nor_breaks_the_line() 
 
 
 def test_an_invalid_reading_whose_text_holds_a_number_is_one_problem(run_daemon) -> None:
-    data = example_data()
-    data["sensors"][0].update(valid_min=-50.0, valid_max=-45.0)  # every reading of the room (noisy) is over it
-    data["plugins"]["settings"] = {}
+    loop = run_daemon(example_data(), 0).loop  # built, not started: the ticks are ours
     with capture_logs() as events:
-        daemon = run_daemon(data, 30)
+        for tick in range(30):  # a dead 1-wire bus: the same problem, a new number every tick
+            loop.readings = [Reading("temperature_sensor", None, "celsius", tick / 10,
+                                     f"no reading for {2.3 + tick / 10:.1f} s: the 1-wire bus does not answer")]
+            loop._report_sensors(tick)
+        loop.readings = [Reading("temperature_sensor", None, "celsius", 3.0, "CRC check failed")]
+        loop._report_sensors(30)
     invalid = [e for e in events if e["event"] == "sensor_invalid"]
-    assert len(invalid) == 1 and "above valid_max" in invalid[0]["error"]
-    assert daemon.loop.ticks.count == 30
+    assert [e["error"] for e in invalid] == ["no reading for 2.3 s: the 1-wire bus does not answer",
+                                             "CRC check failed"]
 
 
 def test_an_unknown_device_in_plugin_output_is_logged_without_a_null_device(run_daemon, plugin_dir) -> None:
