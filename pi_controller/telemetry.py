@@ -133,7 +133,7 @@ class Telemetry(LoopObserver):
         try:
             self._route(message.topic, message.payload, message.retain)
         except Exception as exc:  # paho would swallow it silently; a bad message must not go unnoticed
-            log.warning("mqtt_message_rejected", topic=message.topic[:200], error=str(exc))
+            log.warning("mqtt_message_rejected", topic=message.topic[:200], error=str(exc)[:300])
 
     def _route(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == "homeassistant/status":
@@ -149,16 +149,16 @@ class Telemetry(LoopObserver):
             return  # a command left retained on the broker is not a fresh request
         match parts:
             case ["actuator", device, "set"]:
-                self.operator.submit(SetActuator(device, payload))
+                self.operator.submit(SetActuator(device, _within(payload, MAX_SET_BYTES)))
             case ["actuator", device, "release"]:
                 self.operator.submit(Release(device))
             case ["plugin", name, "enable"]:
                 switch = {b"ON": True, b"TRUE": True, b"1": True, b"OFF": False, b"FALSE": False, b"0": False}
-                if payload.strip().upper() not in switch:
+                if _within(payload, MAX_ENABLE_BYTES).strip().upper() not in switch:
                     raise ValueError("expected ON or OFF")
                 self.operator.submit(EnablePlugin(name, switch[payload.strip().upper()]))
             case ["plugin", name, "config", key, "set"]:
-                self.operator.submit(SetPluginConfig(name, key, _scalar(payload)))
+                self.operator.submit(SetPluginConfig(name, key, _scalar(_within(payload, MAX_CONFIG_VALUE_BYTES))))
 
     # -- the event loop --------------------------------------------------------------------------
 
@@ -273,6 +273,19 @@ def _actuator_payload(state: dict[str, Any], overridden: bool, guard: Guard | No
     if state["type"] == "pwm":  # what Home Assistant's JSON-schema light reads
         payload |= {"state": "ON" if state["on"] else "OFF", "brightness": state["duty_cycle"],
                     "color_mode": "brightness"}
+    return payload
+
+
+# What a command topic's payload may weigh, checked before it is decoded: a 1 MB value on a config
+# topic was stored, logged whole and handed to the plugin every tick.
+MAX_SET_BYTES = 1024  # {"action": ..., "parameters": {...}, "expires_s": ...}, or ON/OFF, or a number
+MAX_ENABLE_BYTES = 16
+MAX_CONFIG_VALUE_BYTES = 4096
+
+
+def _within(payload: bytes, limit: int) -> bytes:
+    if len(payload) > limit:
+        raise ValueError(f"a payload of {len(payload)} bytes, over the {limit} bytes this topic takes")
     return payload
 
 
