@@ -2,9 +2,10 @@
 
 Why inotify (through asyncinotify, a small pure-Python asyncio binding) rather than polling or
 watchfiles: it tells *how* a file changed. A file is only looked at once its writer has closed it
-(CLOSE_WRITE) or once it has been renamed into the folder (MOVED_TO), so a file still being written,
-however slowly and in however many writes, is never read; polling mtimes can only guess from a
-pause in the writes, and watchfiles (Rust notify) folds both into "modified"/"added". A rename,
+(CLOSE_WRITE) or once it has been renamed into the folder (MOVED_TO) or linked there (CREATE of a
+symlink), so a file still being written, however slowly and in however many writes, is never read;
+polling mtimes can only guess from a pause in the writes, and watchfiles (Rust notify) folds both
+into "modified"/"added". A rename,
 the atomic way to install a file, is acted on at once; a close is given `settle_s` for a writer that
 closes and reopens. The daemon runs on Linux only (gpiozero on lgpio, systemd), where inotify is.
 
@@ -27,7 +28,7 @@ from pi_controller.plugins import PluginSet
 
 log = structlog.get_logger("pi_controller.plugins")
 
-_WATCHED = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE | Mask.ONLYDIR
+_WATCHED = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE | Mask.CREATE | Mask.ONLYDIR
 _AT_ONCE = Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE
 _SUFFIXES = (".wasm", ".yaml")  # a plugin, and its manifest
 
@@ -70,6 +71,8 @@ class PluginWatcher:
         name = event.name
         if name is None or name.suffix not in _SUFFIXES or name.name.startswith("."):
             return
+        if Mask.CREATE in event.mask and not (event.path is not None and event.path.is_symlink()):
+            return  # a file being written: its close says when it is whole; a link is whole at once
         self._schedule(name.stem, 0.0 if event.mask & _AT_ONCE else self._settle_s)
 
     def _schedule(self, name: str, delay: float) -> None:
