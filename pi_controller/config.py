@@ -313,15 +313,19 @@ def _compose(text: str, source: Path, max_bytes: int) -> tuple[_Tree, Any]:
     few hundred bytes of nested aliases expand to millions of nodes)."""
     if len(text) > max_bytes:
         raise ConfigError(source, (), f"the document is longer than {max_bytes} bytes")
-    loader = _BoundedLoader(text)
     try:
-        root = loader.get_single_node()
+        loader = _BoundedLoader(text)  # its reader already refuses control characters
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(source, (), f"not valid YAML: control character {exc.character:#x}", line) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
         raise ConfigError(source, (), f"not valid YAML: {getattr(exc, 'problem', exc)}", line) from None
-    finally:
-        loader.dispose()
     tree = _Tree(source)
     return tree, (tree.value(root, ()) if root is not None else {})
 

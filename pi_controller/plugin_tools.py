@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -115,13 +116,70 @@ def _assemblyscript_helper(folder: Path) -> str:
     return f"../{AS_PROJECT.name}/pi"  # as from plugins/src, where plugin build looks
 
 
+MAX_CONTEXT_BYTES = 1024 * 1024
+
+
+class ContextError(ValueError):
+    """A context that is not what the contract describes: said in one line, before any call."""
+
+
 def run_call(args: argparse.Namespace) -> int:
-    context = json.loads(args.context.read_text() if args.context else sys.stdin.read())
-    settings = config.load(args.config) if args.config else _settings_for(context)
+    try:
+        with (args.context.open("rb") if args.context else sys.stdin.buffer) as source:
+            text = source.read(MAX_CONTEXT_BYTES + 1)
+        if len(text) > MAX_CONTEXT_BYTES:
+            raise ContextError(f"the context is longer than {MAX_CONTEXT_BYTES} bytes")
+        try:
+            context = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ContextError(f"the context is not JSON: {str(exc)[:120]}") from None
+        check_context(context)
+        settings = config.load(args.config) if args.config else _settings_for(context)
+    except (OSError, ContextError, config.ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     report = call_once(args.wasm, context, settings)
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0 if "error" not in report and not report["rejected"] else 1
+
+
+def check_context(context: Any) -> None:
+    """ContextError unless `context` has the contract's shape (every key optional), and `history`."""
+    if not isinstance(context, dict):
+        raise ContextError("the context must be a JSON object")
+    _expect(context, "sensor_readings", list)
+    for index, reading in enumerate(context.get("sensor_readings", [])):
+        where = f"sensor_readings[{index}]"
+        if not isinstance(reading, dict) or not isinstance(reading.get("sensor_id"), str):
+            raise ContextError(f"{where} must be an object with a string sensor_id")
+        for key, kinds in (("value", (int, float, type(None))), ("unit", str), ("timestamp", (int, float)),
+                           ("error", (str, type(None)))):
+            _expect(reading, key, kinds, where)
+    _expect(context, "device_states", dict)
+    if not all(isinstance(state, dict) for state in context.get("device_states", {}).values()):
+        raise ContextError("device_states must map each actuator id to an object")
+    _expect(context, "timestamp", (int, float))
+    _expect(context, "tick", int)
+    _expect(context, "config", dict)
+    _expect(context, "history", dict)
+    for sensor, pairs in context.get("history", {}).items():
+        if not isinstance(pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(_number(v) for v in p) for p in pairs):
+            raise ContextError(f"history.{sensor[:64]} must be a list of [timestamp, value] pairs")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _expect(data: dict[str, Any], key: str, kinds: Any, where: str = "the context") -> None:
+    value = data.get(key)
+    if key in data and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in (
+            kinds if isinstance(kinds, tuple) else (kinds,))):
+        raise ContextError(f"{key} in {where} has the wrong type ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ContextError(f"{key} in {where} must be finite")
 
 
 def _settings_for(context: Mapping[str, Any]) -> config.Settings:
@@ -133,7 +191,8 @@ def _settings_for(context: Mapping[str, Any]) -> config.Settings:
 
 
 def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) -> dict[str, Any]:
-    """One call under the daemon's terms; what it returned and the contract's verdict, as JSON data."""
+    """One call under the daemon's terms; what it returned and the contract's verdict, as JSON data.
+    ContextError for a context `check_context` refuses."""
     import extism
 
     from pi_controller import actuators, contract
@@ -145,6 +204,7 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     from pi_controller.sensors import Reading
     from pi_controller.wasm_gate import read_module
 
+    check_context(context)
     name = wasm.stem
     try:
         terms = grant(name, load_manifest(wasm), settings.plugins)
