@@ -280,7 +280,7 @@ def _actuator_payload(state: dict[str, Any], overridden: bool, guard: Guard | No
 # topic was stored, logged whole and handed to the plugin every tick.
 MAX_SET_BYTES = 1024  # {"action": ..., "parameters": {...}, "expires_s": ...}, or ON/OFF, or a number
 MAX_ENABLE_BYTES = 16
-MAX_CONFIG_VALUE_BYTES = 4096
+MAX_CONFIG_VALUE_BYTES = 16 * 1024  # coarse: the operator checks the value itself (4 KiB a value, typed)
 
 
 def _within(payload: bytes, limit: int) -> bytes:

@@ -336,5 +336,5 @@ def test_a_manifest_that_is_not_text_fails_its_plugin_only(run_daemon, plugin_di
     (folder / "motion_light.yaml").write_bytes(b"name: \xff\xfe motion\n")
     daemon = run_daemon(unsimulated(example_data()), 2, plugins=folder)
     plugins = daemon.snapshot()["plugins"]
-    assert plugins["motion_light"]["state"] == "failed" and "UnicodeDecodeError" in plugins["motion_light"]["reason"]
+    assert plugins["motion_light"]["state"] == "failed" and "motion_light.yaml:1: (top level): not UTF-8 text" in plugins["motion_light"]["reason"]
     assert plugins["temperature_control"]["calls"] == 2

@@ -20,7 +20,7 @@ def test_oversize_payloads_are_refused_before_decoding_and_logged_bounded(tmp_pa
     finally:
         _, events = finish(process)
     rejected = [e["error"] for e in events if e["event"] == "mqtt_message_rejected"]
-    assert rejected == ["a payload of 1048576 bytes, over the 4096 bytes this topic takes",
+    assert rejected == ["a payload of 1048576 bytes, over the 16384 bytes this topic takes",
                         "a payload of 1048618 bytes, over the 1024 bytes this topic takes",
                         "a payload of 102 bytes, over the 16 bytes this topic takes"]
     assert not any(e["event"] in ("plugin_config_set", "operator_command_rejected") for e in events)
