@@ -11,6 +11,8 @@ from typing import Protocol
 
 
 class Clock(Protocol):
+    real: bool  # whether monotonic() is real time: what wall-clock limits may rest on (see `backstop`)
+
     def monotonic(self) -> float:
         """Seconds on a clock that never jumps: scheduling and durations."""
 
@@ -25,6 +27,8 @@ class Clock(Protocol):
 
 
 class SystemClock:
+    real = True
+
     def monotonic(self) -> float:
         return time.monotonic()
 
@@ -53,6 +57,8 @@ class VirtualClock:
     Scheduling is exact and runs as fast as the work allows; durations of work are still measured
     with the real timer.
     """
+
+    real = False
 
     def __init__(self, start: float = 1_800_000_000.0):
         self._start = start

@@ -172,14 +172,7 @@ class ControlLoop:
             commands, rejections = plugin.screen(*contract.parse_output(raw, plugin.name, plugin.priority,
                                                                         self.hardware.actuators))
         except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
-            stats.errors += 1
-            for observer in self._call_observers:
-                observer.plugin_called(plugin.name, seconds, True)
-            kind = getattr(exc, "kind", type(exc).__name__)
-            self._problems.problem(("error", plugin.name, kind), "plugin_call_failed", level="error",
-                                   plugin=plugin.name, tick=number, kind=kind, reason=str(exc)[:300])
-            plugin.guard.record(now, number, 1, f"{kind}: {str(exc)[:300]}")
-            self.health.failed(plugin.name, now, f"has failed every call since ({kind})")
+            self._failed(plugin, exc, stats, seconds, number)
             return []
         self.health.ok(plugin.name)
         for observer in self._call_observers:
@@ -191,6 +184,28 @@ class ControlLoop:
                                    plugin=r.plugin, tick=number, rule=r.rule, reason=r.reason,
                                    **({"device": r.device_id} if r.device_id is not None else {}))
         return commands
+
+    def _failed(self, plugin: SandboxedPlugin, exc: Exception, stats: PluginStats, seconds: float,
+                number: int) -> None:
+        """A call that gave no usable output: the plugin's fault (counted, towards quarantine and the
+        failsafe), or a stall of the machine's (counted apart; the plugin is neither blamed nor cleared)."""
+        kind = getattr(exc, "kind", type(exc).__name__)
+        reset, fault = getattr(exc, "reset", False), getattr(exc, "plugin_s_fault", True)
+        stats.resets += reset
+        for observer in self._call_observers:
+            observer.plugin_called(plugin.name, seconds, fault)
+        if not fault:
+            stats.stalls += 1
+            self.health.stalled(plugin.name)
+            self._problems.problem(("stall", plugin.name), "plugin_call_stalled", level="warning", plugin=plugin.name,
+                                   tick=number, reason=str(exc)[:300], state_reset=reset)
+            return
+        stats.errors += 1
+        self._problems.problem(("error", plugin.name, kind), "plugin_call_failed", level="error", plugin=plugin.name,
+                               tick=number, kind=kind, reason=str(exc)[:300], state_reset=reset)
+        now = self.clock.monotonic()
+        plugin.guard.record(now, number, 1, f"{kind}: {str(exc)[:300]}")
+        self.health.failed(plugin.name, now, f"has failed every call since ({kind})")
 
     def summary(self) -> dict[str, Any]:
         return {"ticks": self.ticks.summary(),

@@ -49,6 +49,10 @@ class Health:
         since = self._failing[plugin][0] if plugin in self._failing else now
         self._failing[plugin] = (since, why)
 
+    def stalled(self, plugin: str) -> None:
+        """Its call ran past the backstop: the machine's doing, so it is neither failing nor cleared."""
+        self._heard.add(plugin)
+
     def failing(self, plugin: str, now: float) -> tuple[float, str] | None:
         """(since, why) if `plugin` is failing, or was not called this tick; None while it is healthy."""
         if plugin in self._failing:

@@ -22,6 +22,7 @@ import extism
 import structlog
 from extism.extism import CompiledPlugin, _ffi
 
+from pi_controller.backstop import Backstop
 from pi_controller.config import PluginsSettings
 from pi_controller.contract import READINGS_KEY, Command, Rejection, encode_config, encode_readings
 from pi_controller.extism_log import router
@@ -40,25 +41,33 @@ HEALTH_CHECK = "health_check"  # optional export: called once at load; an error 
 
 # Failures after which the instance is rebuilt: Extism keeps an instance whose call trapped or was
 # stopped, and a guest without our PDK's stack reset would keep the leaked stack (and an instance
-# that hit its memory limit would keep all that memory) on every later call.
-_REBUILD_AFTER = frozenset({"trap", "timeout", "out_of_memory", "out_of_fuel", "host_call_limit"})
-
+# that hit its memory limit would keep all that memory) on every later call. The plugin's vars go
+# with it: the error says so (`reset`), and the loop counts it.
+_REBUILD_AFTER = frozenset({"trap", "stalled", "out_of_memory", "out_of_fuel", "host_call_limit"})
 
 
 class PluginCallError(Exception):
-    """A call that produced no usable output; `kind` is "timeout", "out_of_fuel", "out_of_memory",
-    "trap", "host_call_limit", "output_too_large" or "error_return" (the plugin reported an error
-    of its own)."""
+    """A call that produced no usable output; `kind` is "out_of_fuel", "out_of_memory", "trap",
+    "host_call_limit", "output_too_large", "error_return" (the plugin reported an error of its own),
+    or "stalled" (it ran past its wall-clock backstop: the machine's doing, not the plugin's; see
+    `backstop`). `reset`: its instance was rebuilt, so its vars start empty again."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, reset: bool = False):
         super().__init__(message)
         self.kind = kind
+        self.reset = reset
+
+    @property
+    def plugin_s_fault(self) -> bool:
+        return self.kind != "stalled"
 
     @classmethod
-    def from_extism(cls, exc: extism.Error, reason: str | None, terms: Grant) -> PluginCallError:
+    def from_extism(cls, exc: extism.Error, reason: str | None, terms: Grant, backstop_ms: int) -> PluginCallError:
         message = str(exc) or "error without a message"
         if message == "timeout":
-            return cls("timeout", f"timeout: the call ran past timeout_ms {terms.timeout_ms}")
+            return cls("stalled", f"stalled: the call ran past its {backstop_ms} ms wall-clock backstop, far "
+                                  f"beyond what fuel {terms.fuel} costs on this machine: the machine or a host "
+                                  "function was slow")
         if message == "plugin ran out of fuel":
             return cls("out_of_fuel", f"ran out of fuel: more than {terms.fuel} instructions in one call")
         if message == "oom" or "failed to allocate" in message:
@@ -69,14 +78,14 @@ class PluginCallError(Exception):
         return cls("error_return", message)
 
 
-def compile_plugin(wasm: bytes, terms: Grant, host: Any) -> CompiledPlugin:
+def compile_plugin(wasm: bytes, terms: Grant, host: Any, backstop_ms: int) -> CompiledPlugin:
     """A compiled module under `terms`, with a fuel limit (the SDK's constructor has none) and our
     host functions bound to `host` (a cffi handle of its PluginHost): WASI and files only as granted,
     no network beyond `allowed_hosts`. Tried first in a child process (`wasm_gate.trial`)."""
     manifest = {
         "memory": {"max_pages": terms.memory_pages, "max_var_bytes": terms.max_var_bytes,
                    "max_http_response_bytes": terms.max_http_response_bytes},
-        "timeout_ms": terms.timeout_ms,  # the backstop: fuel does not count time spent in the host
+        "timeout_ms": backstop_ms,  # against a stall only: fuel is the budget (see `backstop`)
         "allowed_hosts": list(terms.allowed_hosts),
         # Extism config holds strings only: other values go as their JSON text.
         "config": {k: v if isinstance(v, str) else json.dumps(v) for k, v in terms.config.items()},
@@ -91,9 +100,11 @@ def compile_plugin(wasm: bytes, terms: Grant, host: Any) -> CompiledPlugin:
 class SandboxedPlugin:
     """One loaded `.wasm` under its grant, with its quarantine guard."""
 
-    def __init__(self, name: str, wasm: bytes, terms: Grant, guard: Guard, host: PluginHost):
+    def __init__(self, name: str, wasm: bytes, terms: Grant, guard: Guard, host: PluginHost,
+                 backstop: Backstop | None = None):
         self.name = name
         self.grant = terms
+        self.backstop_ms = (backstop or Backstop()).ms(terms.fuel, terms.timeout_ms)
         self.guard = guard
         self.host = host
         self._host_handle = _ffi.new_handle(host)  # what the host functions get: alive as long as we are
@@ -101,7 +112,7 @@ class SandboxedPlugin:
         if terms.sha256 is not None and terms.sha256 != self.sha256:
             raise Refused(f"sha256 {self.sha256} is not the pinned {terms.sha256}")
         self.config_suffix = encode_config(terms.config)
-        self._compiled = compile_plugin(wasm, terms, self._host_handle)
+        self._compiled = compile_plugin(wasm, terms, self._host_handle, self.backstop_ms)
         try:
             self._instance, self._id = self._instantiate()
         except extism.Error as exc:
@@ -153,10 +164,13 @@ class SandboxedPlugin:
             error = self._call_error(exc)
             if error.kind in _REBUILD_AFTER:
                 self._rebuild()
+                error.reset = True
             raise error from exc
         if self.host.over_budget:  # it ended before the cancel took: the verdict must not depend on that
             self._rebuild()
-            raise self._call_error(extism.Error("cancelled"))
+            error = self._call_error(extism.Error("cancelled"))
+            error.reset = True
+            raise error
         return output
 
     def _call_error(self, exc: extism.Error) -> PluginCallError:
@@ -164,7 +178,7 @@ class SandboxedPlugin:
         if self.host.over_budget:  # we cancelled it: what shows is a timeout or a trap
             return PluginCallError("host_call_limit", f"cancelled: more than {self.host.settings.host_calls_per_call} "
                                    "host function calls in one call (plugins.host.host_calls_per_call)")
-        return PluginCallError.from_extism(exc, reason, self.grant)
+        return PluginCallError.from_extism(exc, reason, self.grant, self.backstop_ms)
 
     def _rebuild(self) -> None:
         """A fresh instance of the same compiled module (~0.4 ms); its vars start empty again."""
@@ -244,10 +258,12 @@ def _order(plugin: SandboxedPlugin) -> tuple[int, str]:
 class PluginSet:
     """The plugins of one folder, in call order: highest priority first, then by name."""
 
-    def __init__(self, settings: PluginsSettings, directory: Path, budget_ms: float, history: History | None = None):
+    def __init__(self, settings: PluginsSettings, directory: Path, budget_ms: float, history: History | None = None,
+                 backstop: Backstop | None = None):
         self.settings = settings
         self.directory = directory
         self.budget_ms = budget_ms
+        self.backstop = backstop or Backstop()
         self.history = history or History(settings.host.history_length)
         self._plugins: tuple[SandboxedPlugin, ...] = ()  # replaced whole, so a tick sees one version
         self._refused: dict[str, PluginStatus] = {}
@@ -319,7 +335,8 @@ class PluginSet:
             if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
                 return  # the same plugin under the same terms: nothing to swap
             host = PluginHost(name, terms.sensors, self.history, self.settings.host)
-            update.loaded[name] = SandboxedPlugin(name, wasm, terms, Guard(name, self.settings.quarantine), host)
+            update.loaded[name] = SandboxedPlugin(name, wasm, terms, Guard(name, self.settings.quarantine), host,
+                                                  self.backstop)
         except (OSError, extism.Error, Refused) as exc:
             update.refused[name] = PluginStatus("failed", str(exc)[:500])
         except Exception as exc:  # whatever else a dropped file holds (a manifest in Latin-1...), it fails alone

@@ -43,10 +43,13 @@ class PluginStats:
     errors: int = 0
     rejected: int = 0
     held: int = 0  # valid commands the safety rules held back, counted per tick
+    stalls: int = 0  # calls past their wall-clock backstop: the machine's doing, not the plugin's
+    resets: int = 0  # calls after which its instance was rebuilt (its vars lost)
     durations: Window = field(default_factory=Window)
 
     def summary(self) -> dict[str, Any]:
         return {"calls": self.calls, "errors": self.errors, "rejected": self.rejected, "held": self.held,
+                "stalls": self.stalls, "resets": self.resets,
                 "median_us": _us(self.durations.percentiles(0.5)[0]), "max_us": _us(self.durations.max)}
 
 

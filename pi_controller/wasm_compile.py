@@ -26,9 +26,10 @@ OUT_OF_MEMORY = 3  # the child's exit status when Python ran out of its memory
 
 def compile_module(manifest: bytes, wasi: bool, fuel: int, host: Any) -> CompiledPlugin:
     """The compiled module of `manifest` (libextism's JSON, module inline), with a fuel limit and our
-    host functions bound to `host` (a cffi handle of its PluginHost, or NULL in the trial child)."""
+    host functions bound to `host` (a cffi handle of its PluginHost, or None where no plugin calls them:
+    the trial child, the fuel calibration)."""
     error = _ffi.new("char**")
-    functions = new_functions(host)
+    functions = new_functions(_ffi.NULL if host is None else host)
     try:
         pointer = _lib.extism_compiled_plugin_new_with_fuel_limit(manifest, len(manifest), functions,
                                                                   len(functions), wasi, fuel, error)
@@ -50,7 +51,7 @@ def _trial(wasi: bool, fuel: int) -> int:
     resource.setrlimit(resource.RLIMIT_CPU, (TRIAL_CPU_S, TRIAL_CPU_S + 1))
     manifest = sys.stdin.buffer.read()
     try:
-        compiled = compile_module(manifest, wasi, fuel, _ffi.NULL)
+        compiled = compile_module(manifest, wasi, fuel, None)
         extism.Plugin(compiled).__exit__(None, None, None)
     except MemoryError:
         return OUT_OF_MEMORY

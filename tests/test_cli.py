@@ -33,7 +33,8 @@ def test_run_ticks_prints_one_json_snapshot_and_logs_to_stderr() -> None:
                                       "start_jitter_p99_us"}
     assert set(snapshot["plugins"]) == {"energy_saver", "motion_light", "temperature_control"}
     for stats in snapshot["plugins"].values():
-        assert set(stats) == {"state", "calls", "errors", "rejected", "held", "median_us", "max_us"}
+        assert set(stats) == {"state", "calls", "errors", "rejected", "held", "stalls", "resets", "median_us",
+                              "max_us"}
     events = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON event
     names = [e["event"] for e in events]
     assert names.index("loop_started") < names.index("loop_stopped") < len(names) - 1

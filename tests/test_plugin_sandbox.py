@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,9 +14,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from pi_controller import contract
+from pi_controller import backstop, contract
+from pi_controller import daemon as daemon_module
+from pi_controller.backstop import Backstop
 from pi_controller.clock import VirtualClock
-from pi_controller.config import PluginCeilings, PluginSettings
+from pi_controller.config import PluginCeilings, PluginDefaults, PluginSettings, PluginsSettings
 from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
 from tests.conftest import example_data, plugin_wasm
 from tests.test_daemon import HOSTILE, unsimulated
@@ -64,6 +67,55 @@ def test_the_fuel_verdict_is_the_same_on_an_idle_and_on_a_loaded_machine(plugin_
             process.kill()
             process.wait()
     assert idle == loaded == {UNDER: "within budget", OVER: "out_of_fuel"}
+
+
+class TightBackstop(Backstop):
+    """A machine so slow that 1 ms is past what the fuel should cost: every long call stalls."""
+
+    def ms(self, fuel: int, timeout_ms: int) -> int:
+        return 1
+
+
+def test_the_backstop_is_what_the_fuel_costs_here_times_the_margin_and_never_below_timeout_ms() -> None:
+    cost = backstop.ns_per_fuel()
+    assert 0 < cost < 1000  # nanoseconds per instruction: a real measurement, whatever the machine
+    expected = math.ceil(2_000_000 * cost * backstop.MARGIN / 1e6 + backstop.HOST_ALLOWANCE_MS)
+    assert Backstop().ms(2_000_000, 1) == expected
+    assert Backstop().ms(2_000_000, 9_000) == 9_000
+    assert Backstop(real=False).ms(2_000_000, 1) == backstop.VIRTUAL_BACKSTOP_MS
+
+
+def test_a_call_past_its_backstop_is_a_stall_that_says_it_reset_the_instance(plugin_set, tmp_path) -> None:
+    folder = tmp_path / "stall"
+    folder.mkdir()
+    (folder / "counter.wasm").write_bytes(plugin_wasm("counter").read_bytes())
+    (folder / "endless_loop.wasm").write_bytes(plugin_wasm("endless_loop").read_bytes())
+    settings = PluginsSettings(defaults=PluginDefaults(fuel=100_000_000), ceilings=PluginCeilings())
+    plugins = PluginSet(settings, folder, budget_ms=1000, backstop=TightBackstop())
+    plugins.load_all()
+    try:
+        spinning = next(p for p in plugins if p.name == "endless_loop")
+        error = failure(spinning)  # 100,000,000 instructions take more than 1 ms on any machine
+        assert (error.kind, error.reset, error.plugin_s_fault) == ("stalled", True, False)
+        assert str(error).startswith("stalled: the call ran past its 1 ms wall-clock backstop")
+    finally:
+        plugins.close()
+
+
+def test_the_loop_counts_a_stall_apart_and_neither_blames_nor_quarantines_the_plugin(run_daemon, plugin_dir,
+                                                                                   monkeypatch) -> None:
+    monkeypatch.setattr(daemon_module, "Backstop", lambda real: TightBackstop())
+    data = unsimulated(example_data())
+    data["plugins"]["defaults"]["fuel"] = 100_000_000
+    data["plugins"]["quarantine"] = {"failures": 2}
+    with capture_logs() as logs:
+        daemon = run_daemon(data, 10, plugins=plugin_dir("endless_loop"))
+    stats = daemon.snapshot()["plugins"]["endless_loop"]
+    assert (stats["state"], stats["calls"], stats["errors"], stats["stalls"], stats["resets"]) == (
+        "loaded", 10, 0, 10, 10)
+    stalls = [e for e in logs if e["event"] == "plugin_call_stalled"]
+    assert len(stalls) == 1 and stalls[0]["state_reset"] is True
+    assert not [e for e in logs if e["event"] in ("plugin_call_failed", "plugin_quarantined")]
 
 
 def test_an_endless_loop_runs_out_of_fuel_long_before_its_timeout(plugin_set) -> None:
