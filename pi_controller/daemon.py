@@ -12,7 +12,6 @@ from typing import Any
 import structlog
 
 from pi_controller import config
-from pi_controller.backstop import Backstop
 from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import Settings
 from pi_controller.hardware import Environment, Hardware
@@ -92,7 +91,7 @@ class Daemon:
 
     def _load_plugins(self, settings: Settings, history: History | None = None) -> PluginSet:
         plugins = PluginSet(settings.plugins, self._plugins_directory(settings), settings.loop.plugin_budget_ms,
-                            history, Backstop(real=self.clock.real))
+                            history, self.clock)
         try:
             plugins.load_all()
         except BaseException:

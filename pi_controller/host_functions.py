@@ -100,7 +100,8 @@ class PluginHost:
     budget and its per-call budgets. Lives as long as the plugin's compiled module."""
 
     def __init__(self, plugin: str, sensors: frozenset[str] | None, history: History,
-                 settings: HostFunctionSettings):
+                 settings: HostFunctionSettings, clock: Callable[[], float] = time.monotonic):
+        """`clock`: the loop's monotonic time, so a plugin's log budget is the same in a simulated day."""
         self.plugin = plugin
         self.sensors = sensors
         self.history = history
@@ -110,7 +111,8 @@ class PluginHost:
         self.over_budget = False
         self._calls_left = self._reads_left = 0
         self.budget = logs.LineBudget(log, "plugin_log_suppressed", settings.log_lines_per_s, settings.log_burst,
-                                      plugin=plugin)
+                                      clock=clock, plugin=plugin)
+        self._clock = clock
         self._warned: dict[str, float] = {}
 
     def start_call(self, tick: int | None) -> None:
@@ -158,7 +160,7 @@ class PluginHost:
 
     def warn(self, why: str, **fields: Any) -> None:
         """A guest's misuse of a host function, logged at most once a minute per kind."""
-        now = time.monotonic()
+        now = self._clock()
         if now - self._warned.get(why, -math.inf) < 60:
             return
         self._warned[why] = now

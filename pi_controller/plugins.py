@@ -23,6 +23,7 @@ import structlog
 from extism.extism import CompiledPlugin, _ffi
 
 from pi_controller.backstop import Backstop
+from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import PluginsSettings
 from pi_controller.contract import READINGS_KEY, Command, Rejection, encode_config, encode_readings
 from pi_controller.extism_log import router
@@ -259,11 +260,13 @@ class PluginSet:
     """The plugins of one folder, in call order: highest priority first, then by name."""
 
     def __init__(self, settings: PluginsSettings, directory: Path, budget_ms: float, history: History | None = None,
-                 backstop: Backstop | None = None):
+                 clock: Clock | None = None, backstop: Backstop | None = None):
+        """`clock`: the loop's (real by default); the backstop follows it unless given."""
         self.settings = settings
         self.directory = directory
         self.budget_ms = budget_ms
-        self.backstop = backstop or Backstop()
+        self.clock = clock or SystemClock()
+        self.backstop = backstop or Backstop(real=self.clock.real)
         self.history = history or History(settings.host.history_length)
         self._plugins: tuple[SandboxedPlugin, ...] = ()  # replaced whole, so a tick sees one version
         self._refused: dict[str, PluginStatus] = {}
@@ -334,7 +337,7 @@ class PluginSet:
             terms = grant(name, load_manifest(path), self.settings)
             if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
                 return  # the same plugin under the same terms: nothing to swap
-            host = PluginHost(name, terms.sensors, self.history, self.settings.host)
+            host = PluginHost(name, terms.sensors, self.history, self.settings.host, self.clock.monotonic)
             update.loaded[name] = SandboxedPlugin(name, wasm, terms, Guard(name, self.settings.quarantine), host,
                                                   self.backstop)
         except (OSError, extism.Error, Refused) as exc:

@@ -17,12 +17,33 @@ from pi_controller import config
 from pi_controller.clock import Clock, VirtualClock
 from pi_controller.config import PluginsSettings
 from pi_controller.daemon import Daemon
-from pi_controller.plugins import PluginSet
+from pi_controller.plugins import PluginSet, SandboxedPlugin
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_PLUGINS = REPO / "plugins"
 TEST_PLUGINS = REPO / "tests" / "plugins"
 EXAMPLE_CONFIG = REPO / "config" / "example.yaml"
+
+
+HOSTILE = ("trap", "endless_loop", "memory_hog", "error_return")  # test plugins that fail every call
+CONTEXT = b'{"sensor_readings":[],"device_states":{},"timestamp":1.0,"tick":1'  # the host splices the config in
+# 258 bytes that would expand to 10^6 strings through nested aliases (the "billion laughs" of YAML).
+ALIAS_BOMB = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{n}: &{n} [{','.join([f'*{p}'] * 10)}]" for p, n in zip("abcde", "bcdef")]) + "\n"
+
+
+def only(plugins: PluginSet) -> SandboxedPlugin:
+    """The one plugin a set holds."""
+    (plugin,) = plugins
+    return plugin
+
+
+def unsimulated(data: dict[str, Any]) -> dict[str, Any]:
+    """Config data on mock pins without the simulation models (a test drives the pins itself)."""
+    data = dict(data, simulation=[])
+    data["pins"] = {"factory": "mock"}
+    return data
 
 
 def skip_unless_ci(reason: str) -> None:

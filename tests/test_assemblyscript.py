@@ -15,8 +15,7 @@ from structlog.testing import capture_logs
 from pi_controller.config import PluginSettings
 from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
 from pi_controller.sensors import Reading
-from tests.conftest import REPO
-from tests.test_plugin_sandbox import CONTEXT, only
+from tests.conftest import CONTEXT, REPO, only
 
 EXAMPLES = REPO / "plugins" / "examples"
 

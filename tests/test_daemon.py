@@ -13,9 +13,7 @@ from structlog.testing import capture_logs
 from pi_controller import contract
 from pi_controller.clock import SystemClock, VirtualClock
 from pi_controller.loop import next_deadline
-from tests.conftest import TEST_PLUGINS, example_data
-
-HOSTILE = ("trap", "endless_loop", "memory_hog", "error_return")
+from tests.conftest import HOSTILE, TEST_PLUGINS, example_data, unsimulated
 
 
 class Script:
@@ -41,12 +39,6 @@ class Script:
 
     def close(self) -> None:
         self.adc.close()
-
-
-def unsimulated(data: dict[str, Any]) -> dict[str, Any]:
-    data = dict(data, simulation=[])
-    data["pins"] = {"factory": "mock"}
-    return data
 
 
 def scripted(run_daemon, data: dict[str, Any], ticks: int, **script: Any) -> Any:

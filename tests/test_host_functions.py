@@ -15,7 +15,7 @@ from pi_controller.host_functions import History, parse_message
 from pi_controller.logs import printable
 from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
 from pi_controller.sensors import Reading
-from tests.test_plugin_sandbox import CONTEXT, only
+from tests.conftest import CONTEXT, only
 
 
 def readings(tick: int) -> list[Reading]:

@@ -17,8 +17,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import example_data, plugin_wasm
-from tests.test_yaml_bounds import ALIAS_BOMB
+from tests.conftest import ALIAS_BOMB, example_data, plugin_wasm
 from tests.wasm_modules import module
 
 WAIT_S = 60.0  # generous, for a loaded machine: the test waits on events, never on a duration

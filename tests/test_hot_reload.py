@@ -14,8 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.clock import SystemClock
-from tests.conftest import TEST_PLUGINS, example_data, plugin_wasm
-from tests.test_daemon import unsimulated
+from tests.conftest import TEST_PLUGINS, example_data, plugin_wasm, unsimulated
 
 WAIT_S = 5.0  # generous: this is a correctness test; benchmarks/plugin_reload.py measures latency
 

@@ -11,7 +11,7 @@ import pytest
 
 from pi_controller.config import PluginCeilings, PluginSettings
 from pi_controller.plugins import PluginSet
-from tests.test_plugin_sandbox import CONTEXT, only
+from tests.conftest import CONTEXT, only
 
 
 @pytest.fixture

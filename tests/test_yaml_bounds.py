@@ -10,12 +10,7 @@ import pytest
 from pi_controller import config, plugin_tools
 from pi_controller.config import ConfigError
 from pi_controller.manifest import MAX_MANIFEST_BYTES, Refused, load_manifest
-from tests.conftest import plugin_wasm
-
-# 258 bytes that would expand to 10^6 strings through nested aliases (the "billion laughs" of YAML).
-ALIAS_BOMB = "\n".join(
-    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    + [f"{n}: &{n} [{','.join([f'*{p}'] * 10)}]" for p, n in zip("abcde", "bcdef")]) + "\n"
+from tests.conftest import ALIAS_BOMB, plugin_wasm
 
 
 @pytest.mark.parametrize("text, line, words", [
