@@ -55,7 +55,6 @@ def test_signals_end_the_run_cleanly_with_actuators_safe(sig) -> None:
         for line in process.stderr:  # wait until the loop runs
             if json.loads(line)["event"] == "loop_started":
                 break
-        time.sleep(0.3)
         process.send_signal(sig)
         rest = process.communicate(timeout=30)[1]
     finally:
