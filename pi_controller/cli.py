@@ -72,9 +72,13 @@ def _positive(text: str) -> int:
     return value
 
 
-def _load(path: Path) -> config.Settings | None:
+def _load(path: Path, *, to_run: bool = True, plugins_dir: Path | None = None) -> config.Settings | None:
+    """The config; for what runs plugins (run, check-config) with its plugins folder checked too."""
     try:
-        return config.load(path)
+        settings = config.load(path)
+        if to_run:
+            config.check_plugins_directory(settings, plugins_dir)
+        return settings
     except config.ConfigError as exc:
         log.error("config_invalid", file=exc.file, line=exc.line, key=config.format_path(exc.path),
                   problem=exc.message)
@@ -90,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     from pi_controller.pins import hold
     from pi_controller.simulators.world import SimulationError
 
-    settings = _load(args.config)
+    settings = _load(args.config, plugins_dir=args.plugins)
     if settings is None:
         return EXIT_CONFIG
     try:
@@ -128,7 +132,7 @@ def _safe_state(args: argparse.Namespace) -> int:
     from pi_controller.hardware import HardwareError
     from pi_controller.pins import hold, make_factory
 
-    settings = _load(args.config)
+    settings = _load(args.config, to_run=False)
     if settings is None:
         return EXIT_CONFIG
     if os.environ.get("SERVICE_RESULT") == "success":  # systemd's verdict on the run that just ended

@@ -260,10 +260,29 @@ class Settings:
     interlocks: tuple[InterlockSettings, ...]
     metrics: MetricsSettings
     mqtt: MqttSettings
+    lines: Mapping[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)  # key path -> line
 
     def plugins_directory(self) -> Path:
         """The plugins folder; a relative one is relative to the config file's folder."""
         return (self.source.parent / self.plugins.directory).resolve()
+
+    def error(self, path: KeyPath, message: str) -> ConfigError:
+        """A ConfigError at `path`, on the line the key (or the nearest section above it) was read from."""
+        return ConfigError(self.source, path, message, _line_of(self.lines, path))
+
+
+def check_plugins_directory(settings: Settings, override: Path | None = None) -> Path:
+    """What running (not checking a file alone) needs: the plugins folder is a folder. Loading a folder
+    that is not there would unload every plugin; an operator's typo is no reason. Returns the folder."""
+    directory = override.resolve() if override is not None else settings.plugins_directory()
+    if directory.is_dir():
+        return directory
+    what = "is a file, not a folder" if directory.exists() else "does not exist"
+    if override is not None:
+        raise ConfigError(settings.source, ("plugins", "directory"), f"{directory} (given by --plugins) {what}; "
+                                                                      "give a folder of .wasm plugins")
+    raise settings.error(("plugins", "directory"), f"{directory} {what}; create the folder (it may be empty) or "
+                                                   f"fix the path (relative paths start at the config file's folder)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +301,9 @@ def load(path: Path | str) -> Settings:
 
 def parse(text: str, source: Path) -> Settings:
     tree, data = _compose(text, source, MAX_CONFIG_BYTES)
+    if not tree.lines:  # not one YAML node
+        raise ConfigError(source, (), "the file is empty or holds only comments (truncated?); a config needs "
+                                      "sensors: or actuators:, see config/example.yaml", 1)
     return _Converter(tree).settings(data)
 
 
@@ -390,10 +412,13 @@ class _Tree:
         return value
 
     def error(self, path: KeyPath, message: str) -> ConfigError:
-        probe = path
-        while probe and probe not in self.lines:
-            probe = probe[:-1]
-        return ConfigError(self.source, path, message, self.lines.get(probe))
+        return ConfigError(self.source, path, message, _line_of(self.lines, path))
+
+
+def _line_of(lines: Mapping[KeyPath, int], path: KeyPath) -> int | None:
+    while path and path not in lines:
+        path = path[:-1]
+    return lines.get(path)
 
 
 _TOP_LEVEL = {
@@ -425,6 +450,7 @@ class _Converter:
             sensors=self._kinds(data.get("sensors", []), sensors.KINDS, ("sensors",)),
             actuators=self._kinds(data.get("actuators", []), actuators.KINDS, ("actuators",)),
             simulation=self._kinds(data.get("simulation", []), simulation_models.KINDS, ("simulation",)),
+            lines=self.tree.lines,
             **parts,
         )
         _check_cross_references(result, self.tree)
@@ -554,11 +580,23 @@ def _check_bounds(tree: _Tree, value: Any, spec: dataclasses.Field[Any], path: K
 
 
 def _check_cross_references(settings: Settings, tree: _Tree) -> None:
-    """Rules that span entries: unique ids, one device per pin, references that resolve, budgets."""
+    """Rules that span entries: something to control, unique ids, one device per pin, references that
+    resolve, budgets."""
+    _check_devices(settings, tree)
     _check_ids_and_pins(settings, tree)
     _check_safety_references(settings, tree)
     _check_simulation_references(settings, tree)
     _check_plugin_budget(settings, tree)
+
+
+def _check_devices(settings: Settings, tree: _Tree) -> None:
+    """A config with neither sensors nor actuators is a truncated or emptied file, not a plan: loading it
+    (on a reload above all) would release every device and leave the daemon reporting itself healthy."""
+    if settings.sensors or settings.actuators:
+        return
+    key = next((k for k in ("sensors", "actuators") if (k,) in tree.lines), "sensors")
+    raise tree.error((key,), "no sensors and no actuators: nothing to read or control (a truncated file?); "
+                             "list the devices under sensors: and actuators:, see config/example.yaml")
 
 
 def _check_ids_and_pins(settings: Settings, tree: _Tree) -> None:

@@ -170,19 +170,15 @@ class Daemon:
         only the swap waits for the gap between two ticks, so the loop and the watchdog never wait."""
         try:
             new = config.load(self.settings.source)
+            config.check_plugins_directory(new, self.plugins_dir)
         except config.ConfigError as exc:
             log.error("reload_refused", file=exc.file, line=exc.line, key=config.format_path(exc.path),
-                      problem=exc.message)
+                      problem=exc.message, note="kept the running config and plugins")
             return
         for section in _RESTART_ONLY:
             if getattr(new, section) != getattr(self.settings, section):
                 log.warning("reload_needs_restart", section=section, note="kept the running value")
         new = dataclasses.replace(new, **{section: getattr(self.settings, section) for section in _RESTART_ONLY})
-        directory = self._plugins_directory(new)
-        if not directory.is_dir():  # loading it would unload every plugin: an operator's typo is no reason
-            log.error("reload_refused", file=str(new.source), key="plugins.directory", problem=f"{directory} is "
-                      "not a directory; create it, or fix the path", note="kept the running config and plugins")
-            return
         # The sensor history goes on, unless its length changed.
         history = self.plugins.history if self.plugins.history.length == new.plugins.host.history_length else None
         try:

@@ -342,3 +342,48 @@ def test_cli_a_simulation_that_cannot_run_is_a_config_error(write_config, tmp_pa
     result = run_cli("run", "--config", str(write_config(data)), "--simulate", "--ticks", "1")
     assert result.returncode == 2
     assert "give it a writable base_dir" in result.stderr
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("", "", 1),  # truncated to nothing
+    ("# pi-controller\n\n# (the rest was lost)\n", "", 1),
+    ("loop:\n  rate_hz: 10\n", "sensors", 1),  # cut off before the devices
+    ("loop:\n  rate_hz: 10\nsensors: []\nactuators: []\n", "sensors", 3),
+])
+def test_a_config_with_nothing_to_control_is_refused_naming_the_key(write_config, text, key, line) -> None:
+    error = error_for(write_config, text)
+    assert (config.format_path(error.path), error.line) == (key, line)
+    assert "config/example.yaml" in error.message  # the fix: where a complete config is
+
+
+def test_a_config_with_sensors_only_is_fine(write_config) -> None:
+    assert config.load(write_config("sensors:\n  - {id: door, kind: button, pin: 5}\n")).actuators == ()
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("fault", ["empty", "missing folder", "file for a folder"])
+def test_check_config_and_run_refuse_what_would_unload_everything_with_exit_2(write_config, tmp_path, command,
+                                                                               fault) -> None:
+    data = example_data()
+    data["plugins"]["directory"] = "plugins"  # beside the config
+    if fault == "file for a folder":
+        (tmp_path / "plugins").write_text("")
+    path = write_config("# nothing left\n" if fault == "empty" else data)
+    result = run_cli(*([command, str(path)] if command == "check-config" else [command, "--config", str(path)]))
+    assert result.returncode == 2
+    (message,) = [line for line in result.stderr.splitlines() if line.startswith("config error: ")]
+    if fault == "empty":
+        assert message.startswith(f"config error: {path}:1: (top level): the file is empty")
+    else:
+        line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "directory:" in text)
+        what = "does not exist" if fault == "missing folder" else "is a file, not a folder"
+        assert message.startswith(f"config error: {path}:{line}: plugins.directory: {tmp_path / 'plugins'} {what}; "
+                                  "create the folder")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_run_refuses_a_plugins_override_that_is_not_a_folder(tmp_path) -> None:
+    result = run_cli("run", "--config", str(EXAMPLE_CONFIG), "--simulate", "--plugins", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert (f"config error: {EXAMPLE_CONFIG}: plugins.directory: {tmp_path / 'nope'} (given by --plugins) does "
+            "not exist") in result.stderr

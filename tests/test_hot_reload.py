@@ -197,7 +197,7 @@ def test_sighup_to_a_folder_that_does_not_exist_is_refused_and_keeps_everything(
         with capture_logs() as logs:
             await reload(directory=str(tmp_path / "typo"), watch=True)
         (refused,) = [e for e in logs if e["event"] == "reload_refused"]
-        assert refused["key"] == "plugins.directory" and "typo is not a directory" in refused["problem"]
+        assert refused["key"] == "plugins.directory" and "typo does not exist" in refused["problem"]
 
     run_with(daemon, scenario)
     assert set(daemon.plugins.status) == {"temperature_control"}

@@ -196,6 +196,23 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(run_daemon, write_confi
     assert set(daemon.snapshot()["actuators"]) == {"led_strip", "servo_motor", "relay_switch"}
 
 
+@pytest.mark.parametrize("truncated, key", [("", ""), ("# pi-controller config\n", ""),
+                                            ("loop:\n  rate_hz: 10\nsensors: []\n", "sensors")])
+def test_sighup_with_a_truncated_config_keeps_every_device_and_plugin(run_daemon, write_config, truncated,
+                                                                      key) -> None:
+    data = example_data()
+    data["pins"] = {"factory": "mock"}
+    daemon, logs = reload_run(run_daemon, data, write_config, truncated)
+    (refused,) = [e for e in logs if e["event"] == "reload_refused"]
+    assert refused["key"] == key and "config/example.yaml" in refused["problem"]
+    assert "config_reloaded" not in [e["event"] for e in logs]
+    snapshot = daemon.snapshot()
+    assert set(snapshot["actuators"]) == {"led_strip", "servo_motor", "relay_switch"}
+    assert {name: p["state"] for name, p in snapshot["plugins"].items()} == dict.fromkeys(
+        ["energy_saver", "motion_light", "temperature_control"], "loaded")
+    assert snapshot["plugins"]["temperature_control"]["calls"] == 100  # called on every tick, reload or not
+
+
 def ticks_counted(exposition: str) -> float:
     found = re.search(r"^pi_controller_tick_duration_seconds_count (\S+)$", exposition, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
