@@ -22,6 +22,7 @@ from pi_controller.operator import Operator
 from pi_controller.pins import make_factory
 from pi_controller.plugin_watch import PluginWatcher
 from pi_controller.plugins import PluginSet
+from pi_controller.readiness import Readiness
 from pi_controller.safety import Safety, Watchdog
 from pi_controller.stats import PluginStats
 from pi_controller.systemd import Notifier
@@ -58,11 +59,12 @@ class Daemon:
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
         self.notifier = Notifier(self._status)
-        self.metrics = Metrics(settings.loop.period, lambda: [p.name for p in self.plugins]) \
+        self.metrics = Metrics(settings.loop.period, lambda: self.plugins.status) \
             if settings.metrics.enabled else None
         self.operator = Operator(settings.mqtt.override_expiry_s)
         self.telemetry = Telemetry(settings, self, self.operator) if settings.mqtt.enabled else None
-        observers = [o for o in (self.watchdog, self.notifier, self.metrics, self.telemetry) if o is not None]
+        observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.telemetry)  # /ready, then READY=1
+                     if o is not None]
         self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
                                 self.operator)
         self._started = self.clock.monotonic()
@@ -115,8 +117,10 @@ class Daemon:
         for sig, handler in handlers.items():
             running.add_signal_handler(sig, handler)
         server = self._metrics_server()
+        plugins = Readiness.of(self.plugins.status)
         log.info("loop_started", rate_hz=self.settings.loop.rate_hz, plugins=len(self.plugins),
-                 sensors=len(self.hardware.sensors), actuators=len(self.hardware.actuators))
+                 sensors=len(self.hardware.sensors), actuators=len(self.hardware.actuators),
+                 **({} if plugins.complete else {"plugins_failed": list(plugins.failed), "ready": str(plugins)}))
         if self.watchdog:
             self.watchdog.start()
         if self.telemetry:
@@ -161,7 +165,7 @@ class Daemon:
     def _status(self) -> str:
         ticks = self.loop.ticks
         return (f"{self.settings.loop.rate_hz:g} Hz, {ticks.count} ticks, {ticks.missed} missed, "
-                f"{len(self.plugins)} plugins")
+                f"{Readiness.of(self.plugins.status)}")
 
     async def reload(self) -> None:
         """Re-read the config file (SIGHUP); apply it between two ticks if valid, else keep the old one.

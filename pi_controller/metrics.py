@@ -9,12 +9,16 @@ from __future__ import annotations
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import structlog
 
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.ownership import Failsafe
+from pi_controller.readiness import Readiness
+
+if TYPE_CHECKING:
+    from pi_controller.plugins import PluginStatus
 
 log = structlog.get_logger("pi_controller.metrics")
 
@@ -24,7 +28,8 @@ TICK_BUCKETS = (0.5e-3, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5,
 
 
 class Metrics(LoopObserver):
-    def __init__(self, period: float, plugins: Callable[[], list[str]], timer: Callable[[], float] = time.monotonic):
+    def __init__(self, period: float, plugins: Callable[[], Mapping[str, PluginStatus]],
+                 timer: Callable[[], float] = time.monotonic):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -69,16 +74,20 @@ class Metrics(LoopObserver):
         """Ticking on time: a tick completed within the last three periods (at least a second)."""
         return self._last_tick is not None and self._timer() - self._last_tick < max(1.0, 3 * self.period)
 
-    def ready(self) -> bool:
-        """Started: plugins loaded and the first tick run."""
-        return self._last_tick is not None
+    def ready(self) -> tuple[bool, str]:
+        """Started (the first tick has run) with every plugin of the folder loaded; and what to say."""
+        if self._last_tick is None:
+            return False, "not yet: starting"
+        plugins = Readiness.of(self._plugins())
+        return plugins.complete, f"{'ok' if plugins.complete else 'not ready'}: {plugins}"
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
 
         self.active.clear()
-        for name in self._plugins():
-            self.active.labels(name).set(1)
+        for name, status in self._plugins().items():
+            if status.state in ("loaded", "quarantined"):
+                self.active.labels(name).set(1)
         return generate_latest(self.registry)
 
 
@@ -108,11 +117,12 @@ class _Handler(BaseHTTPRequestHandler):
             from prometheus_client import CONTENT_TYPE_LATEST
 
             return self._answer(200, self.metrics.exposition(), CONTENT_TYPE_LATEST)
-        checks = {"/health": self.metrics.healthy, "/ready": self.metrics.ready}
-        if self.path in checks:
-            ok = checks[self.path]()
-            return self._answer(200 if ok else 503, b"ok\n" if ok else b"not yet\n" if self.path == "/ready"
-                                else b"not ticking on time\n")
+        if self.path == "/health":
+            ok = self.metrics.healthy()
+            return self._answer(200 if ok else 503, b"ok\n" if ok else b"not ticking on time\n")
+        if self.path == "/ready":
+            ok, text = self.metrics.ready()
+            return self._answer(200 if ok else 503, f"{text}\n".encode())
         self._answer(404, b"try /metrics, /health or /ready\n")
 
     def _answer(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:

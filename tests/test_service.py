@@ -51,12 +51,15 @@ def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
     sock.close()
 
 
-def start(config: Path, notify: socket.socket | None, **env: str) -> subprocess.Popen[str]:
-    environ = {**os.environ, **env}
+def start(config: Path, notify: socket.socket | None, wrapper: tuple[str, ...] = (), **env: str | None
+          ) -> subprocess.Popen[str]:
+    """The daemon on simulated pins (under `wrapper`, a command that ends by running its arguments), with
+    `env` added to the environment (None: taken out)."""
+    environ = {name: value for name, value in {**os.environ, **env}.items() if value is not None}
     if notify is not None:
         environ["NOTIFY_SOCKET"] = notify.getsockname()
-    return subprocess.Popen([sys.executable, "-m", "pi_controller", "run", "--config", str(config), "--simulate",
-                             "--log-format", "json"], env=environ, stdout=subprocess.PIPE,
+    return subprocess.Popen([*wrapper, sys.executable, "-m", "pi_controller", "run", "--config", str(config),
+                             "--simulate", "--log-format", "json"], env=environ, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -75,7 +78,7 @@ def test_ready_after_the_first_tick_then_watchdog_pings_and_stopping(tmp_path, n
     try:
         first = receive(notify_socket, "READY=1")
         assert len(first) == 1 and first[0].startswith("READY=1\nSTATUS=10 Hz, 1 ticks, ")
-        assert first[0].endswith(", 3 plugins")
+        assert first[0].endswith(", 3 of 3 plugins loaded")
         pings = receive(notify_socket, "WATCHDOG=1") + receive(notify_socket, "WATCHDOG=1")
         assert pings.count("WATCHDOG=1") == 2
         process.send_signal(signal.SIGTERM)
@@ -257,6 +260,69 @@ def test_metrics_health_and_ready_on_localhost(tmp_path) -> None:
                for s in families["pi_controller_tick_duration_seconds"].samples)
     assert "pi_controller_missed_ticks" in families and "pi_controller_tick_start_jitter_seconds" in families
     assert "extism_plugin_errors" in families
+
+
+def read_only(folder: Path) -> tuple[str, ...]:
+    """A wrapper that runs a command with `folder` mounted read-only in a mount namespace of its own, as an
+    SD card remounted read-only after errors (tests run as root: permissions alone would not stop a write)."""
+    mount = f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && ! touch {folder}/probe"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no read-only bind mount here (unshare -m): {probe.stderr.decode()[-200:]}")
+    return ("unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh")
+
+
+@pytest.mark.parametrize("cache", ["a file in its place", "read-only"])
+def test_an_unwritable_wasm_cache_is_bypassed_logged_once_and_every_plugin_loads(tmp_path, notify_socket,
+                                                                                 cache) -> None:
+    port = free_port()
+    home = tmp_path / "cache"  # the unit's XDG_CACHE_HOME (CacheDirectory=); wasmtime wants home/wasmtime
+    home.mkdir()
+    if cache == "a file in its place":
+        (home / "wasmtime").write_text("")
+        wrapper: tuple[str, ...] = ()
+    else:
+        wrapper = read_only(home)
+    process = start(service_config(tmp_path, metrics={"enabled": True, "port": port}), notify_socket, wrapper,
+                    XDG_CACHE_HOME=str(home), EXTISM_CACHE_CONFIG=None)  # the cache on, where the unit puts it
+    try:
+        ready = receive(notify_socket, "READY=1")[-1]
+        assert ready.endswith(", 3 of 3 plugins loaded")
+        assert fetch(f"http://127.0.0.1:{port}/ready") == (200, "ok: 3 of 3 plugins loaded\n")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0
+    events = [json.loads(line) for line in stderr.splitlines()]
+    (unusable,) = [e for e in events if e["event"] == "wasm_cache_unusable"]
+    assert unusable["cache"] == str(home / "wasmtime") and "os error" in unusable["error"]
+    assert not [e for e in events if e["event"] == "plugin_load_failed"]
+    assert not (home / "wasmtime").is_dir()
+
+
+def test_ready_says_how_many_plugins_of_how_many_loaded(tmp_path, notify_socket, plugin_dir) -> None:
+    port = free_port()
+    folder = plugin_dir("temperature_control", "energy_saver", "motion_light")
+    (folder / "broken.wasm").write_bytes(b"\x00asm\x01\x00\x00\x00garbage")
+    config = service_config(tmp_path, metrics={"enabled": True, "port": port})
+    data = yaml.safe_load(config.read_text())
+    data["plugins"]["directory"] = str(folder)
+    config.write_text(yaml.safe_dump(data))
+    process = start(config, notify_socket)
+    try:
+        ready = receive(notify_socket, "READY=1")[-1]  # started, pins controlled; systemctl status says the rest
+        assert ready.endswith(", 3 of 4 plugins loaded; failed: broken")
+        assert fetch(f"http://127.0.0.1:{port}/ready") == (503, "not ready: 3 of 4 plugins loaded; failed: broken\n")
+        assert fetch(f"http://127.0.0.1:{port}/health") == (200, "ok\n")
+        (folder / "broken.wasm").unlink()  # the owner removes it: the watcher unloads it, and ready it is
+        deadline = time.monotonic() + 20
+        while fetch(f"http://127.0.0.1:{port}/ready")[0] != 200:
+            assert time.monotonic() < deadline, "still not ready 20 s after the broken file went"
+            time.sleep(0.05)
+        assert fetch(f"http://127.0.0.1:{port}/ready") == (200, "ok: 3 of 3 plugins loaded\n")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
 
 
 def test_safe_state_claims_every_actuator_directly_in_its_safe_state(write_config) -> None:
