@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 import structlog
 
-from pi_controller import config, logs, plugin_tools, simulation
+from pi_controller import config, known_good, logs, plugin_tools, safe_state, simulation
 
 EXIT_CONFIG = 2
 
@@ -41,20 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--simulate", action="store_true", help="mock pins driven by the simulation models")
     run.add_argument("--ticks", type=_positive, help="run N ticks, then print a JSON snapshot and exit")
     run.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
+    run.add_argument("--state-dir", type=Path, default=known_good.state_directory(),
+                     help="keep the config it runs with here, for safe-state (default: $STATE_DIRECTORY)")
     run.add_argument("--log-format", choices=["console", "json"], default="console")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("check-config", help="validate a config file without touching a pin")
     check.add_argument("config", type=Path)
+    check.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
     check.set_defaults(handler=_check_config)
     simulation.add_command(commands)
 
-    safe = commands.add_parser("safe-state", help="drive every actuator of a config to its safe state and exit "
-                                                  "(systemd's ExecStopPost=, after a crash)")
-    safe.add_argument("--config", required=True, type=Path, help="YAML config file")
-    safe.add_argument("--simulate", action="store_true", help="on mock pins")
-    safe.set_defaults(handler=_safe_state)
+    safe_state.add_command(commands)
 
     plugin = commands.add_parser("plugin", help="plugin tools")
     plugin_commands = plugin.add_subparsers(required=True, metavar="ACTION")
@@ -72,12 +70,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def _load(path: Path, *, to_run: bool = True, plugins_dir: Path | None = None) -> config.Settings | None:
-    """The config; for what runs plugins (run, check-config) with its plugins folder checked too."""
+def _load(path: Path, plugins_dir: Path | None = None) -> config.Settings | None:
+    """The config, with the plugins folder it would run (or `plugins_dir`) checked too."""
     try:
         settings = config.load(path)
-        if to_run:
-            config.check_plugins_directory(settings, plugins_dir)
+        config.check_plugins_directory(settings, plugins_dir)
         return settings
     except config.ConfigError as exc:
         log.error("config_invalid", file=exc.file, line=exc.line, key=config.format_path(exc.path),
@@ -98,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     try:
-        daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins)
+        daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins, state_dir=args.state_dir)
     except SimulationError as exc:
         log.error("simulation_invalid", file=str(args.config), problem=str(exc))
         return EXIT_CONFIG
@@ -122,46 +119,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _safe_state(args: argparse.Namespace) -> int:
-    """Claims each actuator directly in its safe state; one that cannot be claimed does not stop the rest.
-
-    Nothing of the daemon is loaded (no plugins, no Extism): after a crash this has to be quick. After a
-    clean stop (systemd says so in $SERVICE_RESULT) the pins already hold their shut-down states.
-    """
-    from pi_controller import actuators
-    from pi_controller.hardware import HardwareError
-    from pi_controller.pins import hold, make_factory
-
-    settings = _load(args.config, to_run=False)
-    if settings is None:
-        return EXIT_CONFIG
-    if os.environ.get("SERVICE_RESULT") == "success":  # systemd's verdict on the run that just ended
-        log.info("safe_state_skipped", reason="the daemon stopped cleanly, leaving its shut-down states")
-        return 0
-    try:
-        factory = make_factory(settings, args.simulate)
-    except HardwareError as exc:
-        log.error("safe_state_failed", error=str(exc))
-        return 1
-    failed = 0
-    for entry in settings.actuators:
-        try:
-            actuator = actuators.build(entry, factory, state="safe")
-        except Exception as exc:  # a busy or broken pin must not keep the others from their safe state
-            failed += 1
-            log.error("safe_state_failed", device=entry.id, error=f"{type(exc).__name__}: {exc}")
-            continue
-        hold([actuator.device])
-        log.info("safe_state_set", device=entry.id, target=actuator.target)
-    return 1 if failed else 0
-
-
 def _check_config(args: argparse.Namespace) -> int:
-    settings = _load(args.config)
+    settings = _load(args.config, args.plugins)
     if settings is None:
         return EXIT_CONFIG
     print(f"{args.config}: OK ({len(settings.sensors)} sensors, {len(settings.actuators)} actuators, "
-          f"plugins from {settings.plugins_directory()})")
+          f"plugins from {args.plugins or settings.plugins_directory()})")
     return 0
 
 

@@ -374,6 +374,57 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
+def salvage(path: Path | str) -> tuple[Settings, list[ConfigError]]:
+    """What `safe-state` can still use of a config that does not load: `pins`, and every actuator entry
+    that converts on its own (no cross-checks), with the errors met on the way. A file cut off in the
+    middle of an entry is read up to the line before the YAML error. Raises ConfigError only when the file
+    cannot be read at all."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(path, (), f"cannot read the file: {exc.strerror or exc}") from exc
+    errors: list[ConfigError] = []
+    tree = _Tree(path)
+    data: Any = {}
+    try:
+        data = _salvage_tree(text, tree)
+    except ConfigError as exc:
+        errors.append(exc)
+    convert = _Converter(tree)
+    pins, actuator_entries = PinSettings(), []
+    if isinstance(data, dict):
+        try:
+            pins = convert.convert(data.get("pins", {}), PinSettings, ("pins",))
+        except ConfigError as exc:
+            errors.append(exc)
+        entries = data.get("actuators", [])
+        for index, entry in enumerate(entries if isinstance(entries, list) else []):
+            try:
+                actuator_entries.append(convert.kind(entry, actuators.KINDS, ("actuators", index)))
+            except ConfigError as exc:
+                errors.append(exc)
+    settings = Settings(source=path.resolve(), loop=LoopSettings(), pins=pins, sensors=(),
+                        actuators=tuple(actuator_entries), plugins=PluginsSettings(), simulation=(),
+                        watchdog=WatchdogSettings(), interlocks=(), metrics=MetricsSettings(), mqtt=MqttSettings())
+    return settings, errors
+
+
+def _salvage_tree(text: str, tree: _Tree) -> Any:
+    """The YAML tree of `text`, or of as many of its first lines as parse (a file cut off mid-entry)."""
+    lines = text.splitlines()
+    for _attempt in range(20):
+        try:
+            root = yaml.compose("\n".join(lines), Loader=yaml.SafeLoader)
+            return tree.value(root, ()) if root is not None else {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            if mark is None or mark.line == 0 or not lines:
+                raise ConfigError(tree.source, (), f"not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+            lines = lines[:min(mark.line, len(lines) - 1)]  # cut before the line that does not parse
+    raise ConfigError(tree.source, (), "not valid YAML, even cut short")
+
+
 class _Tree:
     """Turns composed YAML nodes into plain values while remembering each key path's line."""
 
@@ -459,17 +510,17 @@ class _Converter:
     def _kinds(self, items: Any, kinds: Mapping[str, type], path: KeyPath) -> tuple[Any, ...]:
         if not isinstance(items, list):
             raise self.tree.error(path, f"expected a list, got {_kind(items)}")
-        result = []
-        for index, item in enumerate(items):
-            here = path + (index,)
-            if not isinstance(item, dict):
-                raise self.tree.error(here, f"expected a mapping, got {_kind(item)}")
-            kind = item.get("kind")
-            if not isinstance(kind, str) or kind not in kinds:
-                raise self.tree.error(here + ("kind",),
-                                      f"unknown or missing kind {kind!r}; valid kinds: {', '.join(sorted(kinds))}")
-            result.append(self.convert(item, kinds[kind], here))
-        return tuple(result)
+        return tuple(self.kind(item, kinds, path + (index,)) for index, item in enumerate(items))
+
+    def kind(self, item: Any, kinds: Mapping[str, type], path: KeyPath) -> Any:
+        """One entry of a list of kinds (sensors, actuators, simulation models)."""
+        if not isinstance(item, dict):
+            raise self.tree.error(path, f"expected a mapping, got {_kind(item)}")
+        kind = item.get("kind")
+        if not isinstance(kind, str) or kind not in kinds:
+            raise self.tree.error(path + ("kind",),
+                                  f"unknown or missing kind {kind!r}; valid kinds: {', '.join(sorted(kinds))}")
+        return self.convert(item, kinds[kind], path)
 
     def convert(self, value: Any, hint: Any, path: KeyPath) -> Any:
         if dataclasses.is_dataclass(hint):

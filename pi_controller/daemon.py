@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from pi_controller import config
+from pi_controller import config, known_good
 from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import Settings
 from pi_controller.hardware import Environment, Hardware
@@ -38,10 +38,11 @@ _NEVER_CALLED = PluginStats()
 
 class Daemon:
     def __init__(self, settings: Settings, *, simulate: bool = False, plugins_dir: Path | None = None,
-                 clock: Clock | None = None):
+                 clock: Clock | None = None, state_dir: Path | None = None):
         self.settings = settings
         self.simulate = simulate
         self.plugins_dir = plugins_dir
+        self.state_dir = state_dir  # where the config it runs with is kept for safe-state
         self.clock = clock or SystemClock()
         self._watcher: asyncio.Task[None] | None = None
         self.hardware = self._build_hardware()
@@ -126,6 +127,7 @@ class Daemon:
         if self.telemetry:
             self.telemetry.start(self.plugins.status)  # failed ones too: their entities say why
         self._watch_plugins()
+        known_good.keep(self.settings, self.state_dir)
         try:
             await self.loop.run(stop, max_ticks)
         finally:
@@ -190,13 +192,18 @@ class Daemon:
         except Exception:
             log.exception("reload_failed", file=str(new.source))
             return
-        self.loop.between_ticks(lambda: self._apply(new, plugins))
+        applied = asyncio.get_running_loop().create_future()
+        self.loop.between_ticks(lambda: applied.set_result(self._apply(new, plugins)))
+        if await applied:
+            await asyncio.to_thread(known_good.keep, new, self.state_dir)
 
-    def _apply(self, new: Settings, plugins: PluginSet) -> None:
+    def _apply(self, new: Settings, plugins: PluginSet) -> bool:
         try:
             self._swap(new, plugins)
+            return True
         except Exception:  # a reload must never end the loop: it carries on with what is in place
             log.exception("reload_failed", file=str(new.source))
+            return False
 
     def _swap(self, new: Settings, plugins: PluginSet) -> None:
         failed = self.hardware.reconfigure(new, self.clock)

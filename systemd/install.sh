@@ -41,7 +41,7 @@ if [ ! -e "$ROOT$CONF" ]; then
     sed "s#^  directory: .*#  directory: $STATE/plugins#" "$SRC/config/example.yaml" > "$ROOT$CONF"
     chmod 0640 "$ROOT$CONF"
 fi
-"$ROOT$PREFIX/venv/bin/pi-controller" check-config "$ROOT$CONF"
+"$ROOT$PREFIX/venv/bin/pi-controller" check-config "$ROOT$CONF" --plugins "$ROOT$STATE/plugins"
 
 if live; then
     systemd-sysusers pi-controller.conf

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -67,3 +68,38 @@ def test_unit_has_what_the_daemon_relies_on() -> None:
                  "DeviceAllow=char-gpiochip rw", "SupplementaryGroups=gpio spi i2c"):
         assert line in unit
     assert "MemoryDenyWriteExecute=yes" not in unit  # wasmtime's JIT needs it off
+
+
+def unit_command(stage: Path, key: str, *extra: str) -> list[str]:
+    """The unit's `key=` command line (ExecStart, ExecStopPost), run on the staged files, plus `extra`."""
+    line = next(line for line in UNIT.read_text().splitlines() if line.startswith(f"{key}="))
+    words = line.split("=", 1)[1].split()
+    return [f"{stage}{word}" if word.startswith(("/opt/", "/etc/", "/var/")) else word for word in words] + [*extra]
+
+
+def test_after_a_crash_with_the_config_truncated_safe_state_drives_what_the_daemon_ran_with(stage: Path,
+                                                                                             tmp_path: Path) -> None:
+    config = stage / "etc/pi-controller/config.yaml"
+    original = config.read_text()
+    state = tmp_path / "state"  # what systemd makes of StateDirectory= and passes as $STATE_DIRECTORY
+    state.mkdir()
+    unit_env = {**os.environ, "STATE_DIRECTORY": str(state)}
+    try:
+        ran = subprocess.run(unit_command(stage, "ExecStart", "--simulate", "--ticks", "2", "--plugins",
+                                          str(stage / "var/lib/pi-controller/plugins")),
+                             env=unit_env, capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 0, ran.stderr
+        config.write_text(original[:40])  # an editor crash: the file cut after a line and a half
+        check = subprocess.run(unit_command(stage, "ExecStart")[:1] + ["check-config", str(config)],
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 2 and "config error: " in check.stderr
+        safe = subprocess.run(unit_command(stage, "ExecStopPost", "--simulate"),
+                              env={**unit_env, "SERVICE_RESULT": "signal"}, capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        config.write_text(original)
+    assert safe.returncode == 0, safe.stderr
+    events = [json.loads(line) for line in safe.stderr.splitlines()]  # --log-format json, from the unit
+    assert events[0]["event"] == "safe_state_source" and events[0]["file"] == str(state / "last-good-config.yaml")
+    assert sorted(e["device"] for e in events if e["event"] == "safe_state_set") == [
+        "led_strip", "relay_switch", "servo_motor"]

@@ -343,10 +343,94 @@ def test_safe_state_claims_every_actuator_directly_in_its_safe_state(write_confi
     assert pulse_ms == pytest.approx(1.0 + 30 / 90, abs=0.01)  # 0..90 degrees over 1..2 ms
 
 
-def test_safe_state_with_a_bad_config_exits_2(write_config) -> None:
+def test_safe_state_with_nothing_to_identify_exits_2(write_config, tmp_path, capsys) -> None:
     from pi_controller import cli
 
-    assert cli.main(["safe-state", "--config", str(write_config("actuators: 3\n"))]) == 2
+    state = tmp_path / "state"  # empty: the daemon never ran
+    state.mkdir()
+    assert cli.main(["safe-state", "--config", str(write_config("actuators: 3\n")), "--state-dir", str(state)]) == 2
+    assert cli.main(["safe-state", "--config", str(tmp_path / "gone.yaml"), "--state-dir", str(state)]) == 2
+    assert capsys.readouterr().err.count("safe_state_failed") == 2
+
+
+def safe_pins() -> dict[int, list[float]]:
+    """What safe-state wrote to each actuator pin of the example (PWM 18, servo 13, relay 27)."""
+    from gpiozero import Device
+
+    return {pin: [float(s.state) for s in Device.pin_factory.pin(pin).states][1:] for pin in (18, 13, 27)}
+
+
+def ran_with(config: Path, state: Path) -> None:
+    """The daemon as the unit runs it, for a few ticks: it keeps its config in the state directory."""
+    result = subprocess.run([sys.executable, "-m", "pi_controller", "run", "--config", str(config), "--simulate",
+                             "--ticks", "2", "--log-format", "json"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "STATE_DIRECTORY": str(state)})
+    assert result.returncode == 0, result.stderr
+    assert (state / "last-good-config.yaml").read_text() == config.read_text()
+
+
+@pytest.mark.parametrize("edit", ["", "# truncated\n", "actuators: [\n", None])  # None: the file is gone
+def test_safe_state_after_a_crash_drives_what_the_daemon_ran_with_whatever_the_file_now_says(
+        write_config, tmp_path, capfd, edit) -> None:
+    from pi_controller import cli
+
+    data = example_data()
+    data["actuators"][0]["safe_state"] = 25  # led_strip, pin 18
+    data["actuators"][2].update(active_high=False, startup_state="on")  # relay_switch, pin 27
+    config, state = write_config(data), tmp_path / "state"
+    state.mkdir()
+    ran_with(config, state)
+    if edit is None:
+        config.unlink()
+    else:
+        config.write_text(edit)
+    assert cli.main(["safe-state", "--config", str(config), "--simulate", "--log-format", "json"],
+                    ) == 2  # no state directory given, none in the environment: nothing to go on
+    capfd.readouterr()
+    assert cli.main(["safe-state", "--config", str(config), "--simulate", "--log-format", "json",
+                     "--state-dir", str(state)]) == 0
+    assert safe_pins() == {18: [0.25], 13: [pytest.approx(0.05)], 27: [1.0]}  # relay active low: high is off
+    events = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+    sources = [e for e in events if e["event"] == "safe_state_source"]
+    assert sources[0]["source"] == "the config the daemon last ran with"
+    assert sorted(e["device"] for e in events if e["event"] == "safe_state_set") == [
+        "led_strip", "relay_switch", "servo_motor"]
+
+
+SALVAGEABLE = """\
+pins: {factory: mock}
+sensors:
+  - {id: t, kind: mcp3008, channel: 0, valid_min: cold}
+actuators:
+  - {id: led_strip, kind: pwm, pin: 18, frequency: fast}
+  - {id: servo_motor, kind: servo, pin: 13}
+  - id: relay_switch
+    kind: relay
+    pin: 27
+    active_high: false
+  - id: fan
+    kind: pwm
+    pin: 19
+    frequency: [
+"""  # a bad sensor, a bad actuator, and the file ends in the middle of the last one
+
+
+def test_safe_state_without_a_copy_salvages_every_actuator_entry_that_converts_alone(write_config, capfd) -> None:
+    from pi_controller import cli
+
+    config = write_config(SALVAGEABLE)
+    capfd.readouterr()
+    assert cli.main(["safe-state", "--config", str(config), "--simulate", "--log-format", "json"]) == 0
+    events = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+    (invalid,) = [e for e in events if e["event"] == "safe_state_config_invalid"]
+    assert invalid["line"] == 15 and "not valid YAML" in invalid["problem"]
+    (source,) = [e for e in events if e["event"] == "safe_state_source"]
+    assert source["source"] == "the config file, salvaged"
+    assert source["actuators"] == ["servo_motor", "relay_switch", "fan"]  # fan: read up to the line cut short
+    assert source["skipped"] == [f"{config}:5: actuators[0].frequency: expected a number, got a string ('fast')"]
+    assert [e["device"] for e in events if e["event"] == "safe_state_set"] == ["servo_motor", "relay_switch", "fan"]
+    pins = safe_pins()
+    assert pins[18] == [] and pins[27] == [1.0]  # the broken strip untouched; the relay off (active low)
 
 
 def test_safe_state_leaves_the_shutdown_states_after_a_clean_stop(write_config, monkeypatch, capsys) -> None:

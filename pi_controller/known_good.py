@@ -1,0 +1,64 @@
+"""The config the daemon last ran with, kept in its state directory for `safe-state`.
+
+After a crash, `safe-state` (the unit's ExecStopPost=) must drive what the dead process drove. The config
+on disk may since have been edited (not yet reloaded), broken or removed; this copy is what the daemon
+started or last reloaded with. It lives in systemd's StateDirectory= ($STATE_DIRECTORY), and is replaced
+atomically (a power cut mid-write leaves the previous copy). Without a state directory nothing is kept
+and `safe-state` reads the config file alone.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import structlog
+
+from pi_controller import config
+from pi_controller.config import Settings
+
+log = structlog.get_logger("pi_controller.known_good")
+
+FILE_NAME = "last-good-config.yaml"
+
+
+def state_directory(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """systemd's StateDirectory= (the first, when it names several), or None outside systemd."""
+    value = environ.get("STATE_DIRECTORY", "")
+    return Path(value.split(":")[0]) if value else None
+
+
+def copy_path(directory: Path) -> Path:
+    return directory / FILE_NAME
+
+
+def keep(settings: Settings, directory: Path | None) -> None:
+    """Copy the config file the daemon runs with into `directory`, unless it changed since it was read
+    (then the copy would not be what runs; the next reload keeps the new one). Never raises: a full or
+    read-only SD card must not stop the loop, it only leaves safe-state the config file."""
+    if directory is None:
+        return
+    try:
+        text = settings.source.read_text(encoding="utf-8")
+        if config.parse(text, settings.source).actuators != settings.actuators:
+            log.warning("known_good_config_not_kept", file=str(settings.source),
+                        reason="the file changed since it was read")
+            return
+        _write_atomically(copy_path(directory), text)
+    except (OSError, config.ConfigError) as exc:
+        log.warning("known_good_config_not_kept", directory=str(directory), error=str(exc))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

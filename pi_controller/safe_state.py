@@ -1,0 +1,110 @@
+"""`pi-controller safe-state`: every actuator it can identify, claimed directly in its safe state.
+
+systemd runs it as ExecStopPost=, after a crash, a SIGKILL or a failed start, when nothing of the daemon
+is left to do it; so it loads no plugins and no Extism, and nothing it reads may keep it from the pins.
+The actuators come from, in order:
+1. the config the daemon last ran with (`known_good`, in the state directory): what the dead process drove;
+2. the config file: all of it when it is valid, else every actuator entry that converts on its own.
+An actuator on a pin an earlier source already names is left to that one. After a clean stop (systemd
+says so in $SERVICE_RESULT) the pins already hold their shut-down states and nothing is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from pi_controller import config, known_good
+from pi_controller.actuators import ActuatorSettings
+from pi_controller.config import Settings
+
+log = structlog.get_logger("pi_controller.safe_state")
+
+EXIT_NOTHING_FOUND = 2  # as a config error: no actuator could be identified, nothing was done
+
+
+def add_command(commands: Any) -> None:
+    """Register `safe-state` on the CLI's subcommands (argparse's subparsers action)."""
+    safe = commands.add_parser("safe-state", help="drive every actuator of a config to its safe state and exit "
+                                                  "(systemd's ExecStopPost=, after a crash)")
+    safe.add_argument("--config", required=True, type=Path, help="YAML config file")
+    safe.add_argument("--state-dir", type=Path, default=known_good.state_directory(),
+                      help="where the daemon keeps the config it last ran with (default: $STATE_DIRECTORY)")
+    safe.add_argument("--simulate", action="store_true", help="on mock pins")
+    safe.add_argument("--log-format", choices=["console", "json"], default="console")
+    safe.set_defaults(handler=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    from pi_controller.hardware import HardwareError
+    from pi_controller.pins import make_factory
+
+    if os.environ.get("SERVICE_RESULT") == "success":  # systemd's verdict on the run that just ended
+        log.info("safe_state_skipped", reason="the daemon stopped cleanly, leaving its shut-down states")
+        return 0
+    sources = [s for s in (_known_good(args.state_dir), _read(args.config, "the config file")) if s is not None]
+    entries = _by_pin(sources)
+    if not entries:
+        log.error("safe_state_failed", error="no actuator found: no config the daemon ran with, and none in "
+                                             f"{args.config}", state_dir=str(args.state_dir))
+        return EXIT_NOTHING_FOUND
+    try:
+        factory = make_factory(sources[0], args.simulate)
+    except HardwareError as exc:
+        log.error("safe_state_failed", error=str(exc))
+        return 1
+    return 0 if all([_claim_safe(entry, factory) for entry in entries]) else 1
+
+
+def _known_good(directory: Path | None) -> Settings | None:
+    if directory is None or not known_good.copy_path(directory).is_file():
+        return None
+    return _read(known_good.copy_path(directory), "the config the daemon last ran with")
+
+
+def _read(path: Path, what: str) -> Settings | None:
+    """All of a valid config; of an invalid one, what converts on its own (its errors logged)."""
+    try:
+        settings = config.load(path)
+        log.info("safe_state_source", file=str(path), source=what, actuators=[a.id for a in settings.actuators])
+        return settings
+    except config.ConfigError as exc:
+        log.warning("safe_state_config_invalid", file=exc.file, line=exc.line, key=config.format_path(exc.path),
+                    problem=exc.message)
+    try:
+        settings, errors = config.salvage(path)
+    except config.ConfigError:  # unreadable: already said
+        return None
+    log.info("safe_state_source", file=str(path), source=f"{what}, salvaged",
+             actuators=[a.id for a in settings.actuators], skipped=[str(error) for error in errors])
+    return settings
+
+
+def _by_pin(sources: list[Settings]) -> list[ActuatorSettings]:
+    """Each source's actuators on pins no earlier source names."""
+    claimed: set[int] = set()
+    entries = []
+    for settings in sources:
+        for entry in settings.actuators:
+            if not claimed & set(entry.pins().values()):
+                claimed.update(entry.pins().values())
+                entries.append(entry)
+    return entries
+
+
+def _claim_safe(entry: ActuatorSettings, factory: Any) -> bool:
+    from pi_controller import actuators
+    from pi_controller.pins import hold
+
+    try:
+        actuator = actuators.build(entry, factory, state="safe")
+    except Exception as exc:  # a busy or broken pin must not keep the others from their safe state
+        log.error("safe_state_failed", device=entry.id, error=f"{type(exc).__name__}: {exc}")
+        return False
+    hold([actuator.device])
+    log.info("safe_state_set", device=entry.id, target=actuator.target)
+    return True
