@@ -23,6 +23,7 @@ from pi_controller.pins import make_factory
 from pi_controller.plugin_watch import PluginWatcher
 from pi_controller.plugins import PluginSet
 from pi_controller.readiness import Readiness
+from pi_controller.reloads import ReloadResult, Reloads
 from pi_controller.safety import Safety, Watchdog
 from pi_controller.stats import PluginStats
 from pi_controller.systemd import Notifier
@@ -107,14 +108,8 @@ class Daemon:
         SIGHUP reloads the config between two ticks."""
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
-        reloads: set[asyncio.Task[None]] = set()  # referenced until done: the loop keeps only weak ones
-
-        def reload() -> None:
-            task = running.create_task(self.reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        handlers = {signal.SIGINT: stop.set, signal.SIGTERM: stop.set, signal.SIGHUP: reload}
+        reloads = Reloads(self.reload)
+        handlers = {signal.SIGINT: stop.set, signal.SIGTERM: stop.set, signal.SIGHUP: reloads.request}
         for sig, handler in handlers.items():
             running.add_signal_handler(sig, handler)
         server = self._metrics_server()
@@ -169,7 +164,7 @@ class Daemon:
         return (f"{self.settings.loop.rate_hz:g} Hz, {ticks.count} ticks, {ticks.missed} missed, "
                 f"{Readiness.of(self.plugins.status)}")
 
-    async def reload(self) -> None:
+    async def reload(self) -> ReloadResult:
         """Re-read the config file (SIGHUP); apply it between two ticks if valid, else keep the old one.
 
         Reading the file and compiling the plugins (up to seconds, cold, on a Pi) happen on a thread;
@@ -180,7 +175,7 @@ class Daemon:
         except config.ConfigError as exc:
             log.error("reload_refused", file=exc.file, line=exc.line, key=config.format_path(exc.path),
                       problem=exc.message, note="kept the running config and plugins")
-            return
+            return ReloadResult("refused", f"reload refused, running config kept: {exc}")
         for section in _RESTART_ONLY:
             if getattr(new, section) != getattr(self.settings, section):
                 log.warning("reload_needs_restart", section=section, note="kept the running value")
@@ -189,21 +184,23 @@ class Daemon:
         history = self.plugins.history if self.plugins.history.length == new.plugins.host.history_length else None
         try:
             plugins = await asyncio.to_thread(self._load_plugins, new, history)  # if this fails, no pin has changed
-        except Exception:
+        except Exception as exc:
             log.exception("reload_failed", file=str(new.source))
-            return
-        applied = asyncio.get_running_loop().create_future()
+            return ReloadResult("failed", f"reload failed, running config kept: {type(exc).__name__}: {exc}")
+        applied: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
         self.loop.between_ticks(lambda: applied.set_result(self._apply(new, plugins)))
-        if await applied:
+        result = await applied
+        if result.outcome == "applied":
             await asyncio.to_thread(known_good.keep, new, self.state_dir)
+        return result
 
-    def _apply(self, new: Settings, plugins: PluginSet) -> bool:
+    def _apply(self, new: Settings, plugins: PluginSet) -> ReloadResult:
         try:
             self._swap(new, plugins)
-            return True
-        except Exception:  # a reload must never end the loop: it carries on with what is in place
+        except Exception as exc:  # a reload must never end the loop: it carries on with what is in place
             log.exception("reload_failed", file=str(new.source))
-            return False
+            return ReloadResult("failed", f"reload failed while applied: {type(exc).__name__}: {exc}")
+        return ReloadResult("applied", f"config reloaded: {Readiness.of(self.plugins.status)}")
 
     def _swap(self, new: Settings, plugins: PluginSet) -> None:
         failed = self.hardware.reconfigure(new, self.clock)

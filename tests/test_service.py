@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +22,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from pi_controller.clock import VirtualClock
+from pi_controller.clock import SystemClock, VirtualClock
 from tests.conftest import example_data, free_port
+from tests.test_hot_reload import run_with, until
 
 DEVICE = "28-0316a2790aff"
 W1_OK = "aa : crc=aa YES\naa t=21000\n"
@@ -214,6 +216,43 @@ def test_sighup_with_a_truncated_config_keeps_every_device_and_plugin(run_daemon
     assert {name: p["state"] for name, p in snapshot["plugins"].items()} == dict.fromkeys(
         ["energy_saver", "motion_light", "temperature_control"], "loaded")
     assert snapshot["plugins"]["temperature_control"]["calls"] == 100  # called on every tick, reload or not
+
+
+RELOADS = ("config_reloaded", "reload_refused", "reload_failed")
+
+
+def test_a_storm_of_sighups_costs_two_reloads_no_missed_tick_and_no_thread(run_daemon) -> None:
+    data = example_data()
+    data["pins"] = {"factory": "mock"}
+    daemon = run_daemon(data, 0, clock=SystemClock())
+    path = daemon.settings.source
+
+    def setpoint() -> float:
+        return daemon.settings.plugins.settings["temperature_control"].config["setpoint"]
+
+    def write_and_hup(value: float) -> None:
+        data["plugins"]["settings"]["temperature_control"]["config"]["setpoint"] = value
+        path.write_text(yaml.safe_dump(data))
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    async def scenario() -> None:
+        write_and_hup(20.0)  # one reload first: the thread it compiles on is there before we count
+        await until(lambda: setpoint() == 20.0, "the first reload applied")
+        threads = threading.active_count()
+        with capture_logs() as logs:
+            for step in range(20):
+                write_and_hup(20.1 + step / 10)
+                await asyncio.sleep(0.02)
+            await until(lambda: setpoint() == 22.0, "the last file written applied")
+            ticks = daemon.loop.ticks.count
+            await until(lambda: daemon.loop.ticks.count > ticks + 5, "five more ticks")  # room for a third
+        reloads = [e["event"] for e in logs if e["event"] in RELOADS]
+        assert reloads in (["config_reloaded"], ["config_reloaded"] * 2)
+        assert threading.active_count() <= threads
+
+    run_with(daemon, scenario)
+    assert daemon.loop.ticks.missed == 0
+    assert daemon.snapshot()["safety"]["watchdog_trips"] == 0
 
 
 def ticks_counted(exposition: str) -> float:
