@@ -35,6 +35,7 @@ log = structlog.get_logger("pi_controller.daemon")
 # and the threads and sockets set up at start.
 _RESTART_ONLY = ("loop", "pins", "simulation", "watchdog", "metrics", "mqtt")
 _NEVER_CALLED = PluginStats()
+_STATUS_CHARS = 400  # systemctl status shows one line of it
 
 
 class Daemon:
@@ -44,6 +45,7 @@ class Daemon:
         self.simulate = simulate
         self.plugins_dir = plugins_dir
         self.state_dir = state_dir  # where the config it runs with is kept for safe-state
+        self.last_reload: ReloadResult | None = None
         self.clock = clock or SystemClock()
         self._watcher: asyncio.Task[None] | None = None
         self.hardware = self._build_hardware()
@@ -108,7 +110,7 @@ class Daemon:
         SIGHUP reloads the config between two ticks."""
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
-        reloads = Reloads(self.reload)
+        reloads = Reloads(self._reload_and_report)
         handlers = {signal.SIGINT: stop.set, signal.SIGTERM: stop.set, signal.SIGHUP: reloads.request}
         for sig, handler in handlers.items():
             running.add_signal_handler(sig, handler)
@@ -161,8 +163,23 @@ class Daemon:
 
     def _status(self) -> str:
         ticks = self.loop.ticks
-        return (f"{self.settings.loop.rate_hz:g} Hz, {ticks.count} ticks, {ticks.missed} missed, "
-                f"{Readiness.of(self.plugins.status)}")
+        status = (f"{self.settings.loop.rate_hz:g} Hz, {ticks.count} ticks, {ticks.missed} missed, "
+                  f"{Readiness.of(self.plugins.status)}")
+        if self.last_reload is not None and self.last_reload.outcome != "applied":  # until one is applied
+            status += f"; last {self.last_reload.message}"
+        return status[:_STATUS_CHARS]
+
+    async def _reload_and_report(self) -> None:
+        """One coalesced SIGHUP: the reload inside systemd's notify-reload protocol, its result kept for
+        the status line and counted."""
+        self.notifier.reloading()
+        try:
+            result = await self.reload()
+        except Exception as exc:  # a bug of ours: say so, and never leave systemd waiting for READY=1
+            log.exception("reload_failed", file=str(self.settings.source))
+            result = ReloadResult("failed", f"reload failed, running config kept: {type(exc).__name__}: {exc}")
+        self.last_reload = result
+        self.notifier.reloaded(result.message[:_STATUS_CHARS])
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file (SIGHUP); apply it between two ticks if valid, else keep the old one.

@@ -6,7 +6,10 @@ than taken from a library (sdnotify, the usual one, has not changed since 2017 a
 - READY=1 once the config is valid, pins are set, plugins are loaded and the first tick has run;
 - WATCHDOG=1 after ticks that ran on time, at most twice per WatchdogSec: a loop that stalls or keeps
   overrunning stops the pings and systemd restarts the service;
-- STATUS= with the tick rate and plugin count, every few seconds;
+- STATUS= with the tick rate and how many of the folder's plugins loaded, every few seconds;
+- on a reload (SIGHUP), systemd's notify-reload protocol: RELOADING=1 with MONOTONIC_USEC= (so that
+  systemd knows this reload began after its signal), then READY=1 with STATUS= saying what came of it,
+  a refused reload included (Type=notify-reload holds `systemctl reload` until then);
 - STOPPING=1 when the loop ends.
 Outside systemd (no $NOTIFY_SOCKET) every call does nothing.
 """
@@ -51,6 +54,13 @@ class Notifier(LoopObserver):
         if now - self._last_status >= STATUS_EVERY_S:
             self._last_status = now
             self.send(f"STATUS={self._status()}")
+
+    def reloading(self) -> None:
+        self.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}\n"
+                  "STATUS=reloading the config")
+
+    def reloaded(self, result: str) -> None:
+        self.send(f"READY=1\nSTATUS={result}")
 
     def stopping(self) -> None:
         self.send("STOPPING=1")

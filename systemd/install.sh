@@ -34,6 +34,20 @@ python3 -m venv "$ROOT$PREFIX/venv"
 
 install -D -m 0644 "$SRC/systemd/pi-controller.service" "$ROOT/etc/systemd/system/pi-controller.service"
 install -D -m 0644 "$SRC/systemd/pi-controller.sysusers" "$ROOT/usr/lib/sysusers.d/pi-controller.conf"
+# systemd 253 and later: Type=notify-reload, so that `systemctl reload` waits for the daemon's READY=1 (a refused
+# reload shows in `systemctl status`). SYSTEMD_VERSION stands in for the running systemd's when staging.
+DROPIN="$ROOT/etc/systemd/system/pi-controller.service.d/notify-reload.conf"
+version=${SYSTEMD_VERSION:-$(systemctl --version 2>/dev/null | awk 'NR == 1 { print $2 }')}
+if [ "${version:-0}" -ge 253 ] 2>/dev/null; then
+    install -D -m 0644 /dev/stdin "$DROPIN" <<'UNIT'
+[Service]
+Type=notify-reload
+# systemd sends SIGHUP itself and waits for RELOADING=1 and READY=1; no kill, no separate check.
+ExecReload=
+UNIT
+else
+    rm -f "$DROPIN"
+fi
 install -d -m 0755 "$ROOT$STATE/plugins"
 install -m 0644 "$SRC"/plugins/*.wasm "$ROOT$STATE/plugins/"
 if [ ! -e "$ROOT$CONF" ]; then

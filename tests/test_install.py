@@ -13,12 +13,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "pi-controller.service"
+BOOKWORM = {"SYSTEMD_VERSION": "252"}  # Raspberry Pi OS Bookworm's systemd, whatever runs the tests
 
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("root")
-    subprocess.run(["bash", str(REPO / "systemd" / "install.sh")], env={**os.environ, "ROOT": str(root)},
+    subprocess.run(["bash", str(REPO / "systemd" / "install.sh")], env={**os.environ, **BOOKWORM, "ROOT": str(root)},
                    check=True, capture_output=True, text=True, timeout=600)
     return root
 
@@ -32,6 +33,7 @@ def test_install_stages_the_venv_unit_user_config_and_plugins(stage: Path) -> No
     config = yaml.safe_load((stage / "etc/pi-controller/config.yaml").read_text())
     assert config["plugins"]["directory"] == "/var/lib/pi-controller/plugins"
     assert config["pins"]["factory"] == "lgpio"
+    assert not (stage / "etc/systemd/system/pi-controller.service.d").exists()  # no notify-reload before systemd 253
 
 
 def test_the_installed_command_runs_safe_state_quickly(stage: Path) -> None:
@@ -45,7 +47,7 @@ def test_the_installed_command_runs_safe_state_quickly(stage: Path) -> None:
 def test_reinstall_keeps_an_edited_config(stage: Path) -> None:
     config = stage / "etc/pi-controller/config.yaml"
     config.write_text(config.read_text().replace("rate_hz: 10", "rate_hz: 5"))
-    subprocess.run(["bash", str(REPO / "systemd" / "install.sh")], env={**os.environ, "ROOT": str(stage)},
+    subprocess.run(["bash", str(REPO / "systemd" / "install.sh")], env={**os.environ, **BOOKWORM, "ROOT": str(stage)},
                    check=True, capture_output=True, timeout=600)
     assert "rate_hz: 5" in config.read_text()
 
@@ -62,7 +64,9 @@ def test_unit_passes_systemd_analyze_verify(stage: Path, tmp_path: Path) -> None
 
 def test_unit_has_what_the_daemon_relies_on() -> None:
     unit = UNIT.read_text()
-    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "ExecReload=/bin/kill -HUP $MAINPID",
+    for line in ("Type=notify\n", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=2\n",
+                 "ExecReload=/opt/pi-controller/venv/bin/pi-controller check-config /etc/pi-controller/config.yaml\n"
+                 "ExecReload=/bin/kill -HUP $MAINPID\n",  # in this order: a bad config fails `systemctl reload`
                  "ExecStopPost=/opt/pi-controller/venv/bin/pi-controller safe-state", "WorkingDirectory=%S/",
                  "CacheDirectory=pi-controller", "Environment=XDG_CACHE_HOME=%C/pi-controller",
                  "DeviceAllow=char-gpiochip rw", "SupplementaryGroups=gpio spi i2c"):
@@ -103,3 +107,11 @@ def test_after_a_crash_with_the_config_truncated_safe_state_drives_what_the_daem
     assert events[0]["event"] == "safe_state_source" and events[0]["file"] == str(state / "last-good-config.yaml")
     assert sorted(e["device"] for e in events if e["event"] == "safe_state_set") == [
         "led_strip", "relay_switch", "servo_motor"]
+
+
+def test_where_systemd_allows_a_drop_in_makes_it_notify_reload(stage: Path) -> None:
+    subprocess.run(["bash", str(REPO / "systemd" / "install.sh")],
+                   env={**os.environ, "ROOT": str(stage), "SYSTEMD_VERSION": "254"}, check=True, capture_output=True,
+                   timeout=600)
+    dropin = (stage / "etc/systemd/system/pi-controller.service.d/notify-reload.conf").read_text()
+    assert "[Service]\nType=notify-reload\n" in dropin and "\nExecReload=\n" in dropin  # systemd signals, waits

@@ -121,6 +121,57 @@ def test_a_stalled_loop_stops_the_watchdog_pings(tmp_path, notify_socket) -> Non
     assert any(e["event"] == "actuators_safe" for e in events)
 
 
+def monotonic_us() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def reload_messages(sock: socket.socket) -> tuple[str, str]:
+    """RELOADING=1 and the READY=1 that follows it (a periodic STATUS= may come between)."""
+    messages = receive(sock, "READY=1")
+    return next(m for m in messages if m.startswith("RELOADING=1")), messages[-1]
+
+
+def test_a_reload_speaks_systemds_notify_reload_protocol_refused_or_applied(tmp_path, notify_socket) -> None:
+    config = service_config(tmp_path)
+    good = config.read_text()
+    process = start(config, notify_socket)
+    try:
+        receive(notify_socket, "READY=1")
+        config.write_text("")  # truncated (an editor crash, a full SD card): refused
+        signalled = monotonic_us()
+        process.send_signal(signal.SIGHUP)
+        reloading, ready = reload_messages(notify_socket)
+        fields = dict(line.split("=", 1) for line in reloading.splitlines())
+        assert fields["RELOADING"] == "1" and signalled <= int(fields["MONOTONIC_USEC"]) <= monotonic_us()
+        assert ready == (f"READY=1\nSTATUS=reload refused, running config kept: {config}:1: (top level): the file is "
+                         "empty or holds only comments (truncated?); a config needs sensors: or actuators:, see "
+                         "config/example.yaml")
+        config.write_text(good.replace("setpoint: 21.0", "setpoint: 19.5"))
+        process.send_signal(signal.SIGHUP)
+        reloading, ready = reload_messages(notify_socket)
+        assert reloading.startswith("RELOADING=1\nMONOTONIC_USEC=")
+        assert ready == "READY=1\nSTATUS=config reloaded: 3 of 3 plugins loaded"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    events = [json.loads(line)["event"] for line in stderr.splitlines()]
+    assert events.count("reload_refused") == 1 and events.count("config_reloaded") == 1
+
+
+def test_a_config_error_at_start_exits_2_which_the_unit_does_not_restart(tmp_path, notify_socket) -> None:
+    config = service_config(tmp_path)
+    config.write_text("")
+    process = start(config, notify_socket)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2  # RestartPreventExitStatus=2 (test_install checks the unit says so)
+    assert f"config error: {config}:1: (top level): the file is empty" in stderr
+    notify_socket.settimeout(0.1)
+    with pytest.raises(TimeoutError):  # never READY=1
+        notify_socket.recv(4096)
+
+
 def test_no_notify_socket_no_messages(tmp_path) -> None:
     process = start(service_config(tmp_path), None)
     try:
