@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import structlog
 
@@ -21,7 +21,7 @@ from pi_controller.metrics import Metrics, MetricsServer
 from pi_controller.operator import Operator
 from pi_controller.pins import make_factory
 from pi_controller.plugin_watch import PluginWatcher
-from pi_controller.plugins import PluginSet
+from pi_controller.plugins import PluginSet, PluginStatus
 from pi_controller.readiness import Readiness
 from pi_controller.reloads import ReloadResult, Reloads
 from pi_controller.safety import Safety, Watchdog
@@ -63,7 +63,7 @@ class Daemon:
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
         self.notifier = Notifier(self._status)
-        self.metrics = Metrics(settings.loop.period, lambda: self.plugins.status) \
+        self.metrics = Metrics(settings.loop.period, self) \
             if settings.metrics.enabled else None
         self.operator = Operator(settings.mqtt.override_expiry_s)
         self.telemetry = Telemetry(settings, self, self.operator) if settings.mqtt.enabled else None
@@ -179,6 +179,8 @@ class Daemon:
             log.exception("reload_failed", file=str(self.settings.source))
             result = ReloadResult("failed", f"reload failed, running config kept: {type(exc).__name__}: {exc}")
         self.last_reload = result
+        if self.metrics:
+            self.metrics.reloaded(result.outcome)
         self.notifier.reloaded(result.message[:_STATUS_CHARS])
 
     async def reload(self) -> ReloadResult:
@@ -236,6 +238,22 @@ class Daemon:
             self._watch_plugins()
         log.info("config_reloaded", file=str(new.source), sensors=len(self.hardware.sensors),
                  actuators=len(self.hardware.actuators), plugins=len(self.plugins))
+
+    # What metrics read when scraped, on the server's thread: copies made in one step each (the loop
+    # replaces these objects whole, or adds keys to the counters, between and during ticks).
+
+    def plugin_statuses(self) -> Mapping[str, PluginStatus]:
+        return self.plugins.status
+
+    def sensor_validity(self) -> Mapping[str, bool]:
+        configured = dict.fromkeys((s.id for s in self.settings.sensors), False)  # invalid until read
+        return configured | {r.sensor_id: r.valid for r in self.loop.readings}
+
+    def safety_holds(self) -> Mapping[str, int]:
+        return {device: sum(dict(rules).values()) for device, rules in list(self.loop.safety.held.items())}
+
+    def watchdog_trips(self) -> int:
+        return self.watchdog.trips if self.watchdog else 0
 
     def plugin_states(self) -> dict[str, dict[str, Any]]:
         """Each plugin's state for telemetry: loaded, disabled or failed (with why), and its counts."""

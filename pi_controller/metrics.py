@@ -2,14 +2,20 @@
 
 prometheus-client does the exposition format and the metric types; the HTTP server is the standard
 library's, one thread, so that /health and /ready can sit beside /metrics.
+
+Every name starts with `pi_controller_`, and every series is there from the first scrape (counters at
+0), so that an alert on `increase(...)` sees the first error, not a series appearing. What the loop
+counts as it goes (calls, tick times, reloads) is pushed here; what other parts already hold (plugin
+states, sensor validity, safety holds, watchdog trips) is read at scrape time through `Source`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
 
 import structlog
 
@@ -18,41 +24,77 @@ from pi_controller.ownership import Failsafe
 from pi_controller.readiness import Readiness
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
     from pi_controller.plugins import PluginStatus
 
 log = structlog.get_logger("pi_controller.metrics")
 
+PREFIX = "pi_controller"
 # Plugin calls take tens of microseconds; a timeout is milliseconds.
 CALL_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1)
 TICK_BUCKETS = (0.5e-3, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0)
+PLUGIN_STATES = ("loaded", "quarantined", "failed", "disabled")
+RELOAD_OUTCOMES = ("applied", "refused", "failed")
+
+
+class Source(Protocol):
+    """What metrics read at scrape time, on the server's thread: each answer is a fresh copy."""
+
+    def plugin_statuses(self) -> Mapping[str, PluginStatus]: ...
+
+    def sensor_validity(self) -> Mapping[str, bool]: ...
+
+    def safety_holds(self) -> Mapping[str, int]: ...
+
+    def watchdog_trips(self) -> int: ...
 
 
 class Metrics(LoopObserver):
-    def __init__(self, period: float, plugins: Callable[[], Mapping[str, PluginStatus]],
-                 timer: Callable[[], float] = time.monotonic):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    def __init__(self, period: float, source: Source, timer: Callable[[], float] = time.monotonic):
+        from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
 
+        disable_created_metrics()  # no *_created series: they double the output and nothing here reads them
         self.registry = CollectorRegistry()
         self.period = period
-        self._plugins = plugins
+        self.source = source
         self._timer = timer
         self._last_tick: float | None = None
-        self.calls = Counter("extism_plugin_calls_total", "Plugin calls", ["plugin"], registry=self.registry)
-        self.errors = Counter("extism_plugin_errors_total", "Plugin calls that failed", ["plugin"],
+        ProcessCollector(namespace=PREFIX, registry=self.registry)  # RSS, open fds, CPU seconds, start time
+        self.calls = Counter(f"{PREFIX}_plugin_calls_total", "Plugin calls", ["plugin"], registry=self.registry)
+        self.errors = Counter(f"{PREFIX}_plugin_errors_total", "Plugin calls that failed", ["plugin"],
                               registry=self.registry)
-        self.call_seconds = Histogram("extism_plugin_duration_seconds", "Plugin call time", ["plugin"],
+        self.call_seconds = Histogram(f"{PREFIX}_plugin_call_duration_seconds", "Plugin call time", ["plugin"],
                                       buckets=CALL_BUCKETS, registry=self.registry)
-        self.active = Gauge("extism_active_plugins", "1 for each plugin loaded and called", ["plugin"],
-                            registry=self.registry)
-        self.tick_seconds = Histogram("pi_controller_tick_duration_seconds", "Work per tick",
+        self.tick_seconds = Histogram(f"{PREFIX}_tick_duration_seconds", "Work per tick",
                                       buckets=TICK_BUCKETS, registry=self.registry)
-        self.jitter_seconds = Histogram("pi_controller_tick_start_jitter_seconds", "Tick start after its deadline",
+        self.jitter_seconds = Histogram(f"{PREFIX}_tick_start_jitter_seconds", "Tick start after its deadline",
                                         buckets=TICK_BUCKETS, registry=self.registry)
-        self.missed = Counter("pi_controller_missed_ticks_total", "Deadlines skipped by overruns",
-                              registry=self.registry)
-        self.failsafes = Counter("pi_controller_failsafes_total",
+        self.missed = Counter(f"{PREFIX}_missed_ticks_total", "Deadlines skipped by overruns", registry=self.registry)
+        self.failsafes = Counter(f"{PREFIX}_failsafes_total",
                                  "Actuators put in their safe state because their owner failed or its lease ran out",
                                  ["device"], registry=self.registry)
+        self.reloads = Counter(f"{PREFIX}_reloads_total", "Config reloads (SIGHUP) by result", ["result"],
+                               registry=self.registry)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome)
+        self.registry.register(_StateCollector(self))
+        self._named: set[tuple[str, str]] = set()
+        self.name_series()
+
+    def name_series(self) -> None:
+        """Series for every plugin of the folder and every actuator, at 0 until counted (at start, and after
+        a reload or a hot swap: the scrape calls this too)."""
+        names = {("plugin", name) for name in self.source.plugin_statuses()}
+        names |= {("device", device) for device in self.source.safety_holds()}  # every actuator
+        for kind, name in names - self._named:
+            if kind == "plugin":
+                self.calls.labels(name)
+                self.errors.labels(name)
+                self.call_seconds.labels(name)
+            else:
+                self.failsafes.labels(name)
+        self._named |= names
 
     def plugin_called(self, plugin: str, seconds: float, failed: bool) -> None:
         self.calls.labels(plugin).inc()
@@ -70,6 +112,9 @@ class Metrics(LoopObserver):
         if report.missed:
             self.missed.inc(report.missed)
 
+    def reloaded(self, outcome: str) -> None:
+        self.reloads.labels(outcome).inc()
+
     def healthy(self) -> bool:
         """Ticking on time: a tick completed within the last three periods (at least a second)."""
         return self._last_tick is not None and self._timer() - self._last_tick < max(1.0, 3 * self.period)
@@ -78,17 +123,46 @@ class Metrics(LoopObserver):
         """Started (the first tick has run) with every plugin of the folder loaded; and what to say."""
         if self._last_tick is None:
             return False, "not yet: starting"
-        plugins = Readiness.of(self._plugins())
+        plugins = Readiness.of(self.source.plugin_statuses())
         return plugins.complete, f"{'ok' if plugins.complete else 'not ready'}: {plugins}"
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest
 
-        self.active.clear()
-        for name, status in self._plugins().items():
-            if status.state in ("loaded", "quarantined"):
-                self.active.labels(name).set(1)
+        self.name_series()
         return generate_latest(self.registry)
+
+
+class _StateCollector:
+    """What other parts hold, read when scraped."""
+
+    def __init__(self, metrics: Metrics):
+        self._source = metrics.source
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        states = GaugeMetricFamily(f"{PREFIX}_plugin_state", "1 for the state each plugin of the folder is in",
+                                   labels=["plugin", "state"])
+        for name, status in sorted(self._source.plugin_statuses().items()):
+            for state in PLUGIN_STATES:
+                states.add_metric([name, state], 1.0 if status.state == state else 0.0)
+        yield states
+        valid = GaugeMetricFamily(f"{PREFIX}_sensor_valid", "1 while the sensor's last reading is valid",
+                                  labels=["sensor"])
+        for sensor, ok in sorted(self._source.sensor_validity().items()):
+            valid.add_metric([sensor], 1.0 if ok else 0.0)
+        yield valid
+        holds = CounterMetricFamily(f"{PREFIX}_safety_holds", "Commands the safety rules held back or forced safe, "
+                                                              "by actuator", labels=["device"])
+        for device, count in sorted(self._source.safety_holds().items()):
+            holds.add_metric([device], float(count))
+        yield holds
+        yield CounterMetricFamily(f"{PREFIX}_watchdog_trips", "Times the watchdog drove every actuator safe",
+                                  value=float(self._source.watchdog_trips()))
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # names vary with the config; nothing to check them against at registration
 
 
 class MetricsServer:
@@ -113,17 +187,21 @@ class _Handler(BaseHTTPRequestHandler):
     metrics: Metrics
 
     def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
-        if self.path == "/metrics":
+        path = urllib.parse.urlsplit(self.path).path  # Prometheus and probes may add a query string
+        if path == "/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST
 
             return self._answer(200, self.metrics.exposition(), CONTENT_TYPE_LATEST)
-        if self.path == "/health":
+        if path == "/health":
             ok = self.metrics.healthy()
             return self._answer(200 if ok else 503, b"ok\n" if ok else b"not ticking on time\n")
-        if self.path == "/ready":
+        if path == "/ready":
             ok, text = self.metrics.ready()
             return self._answer(200 if ok else 503, f"{text}\n".encode())
         self._answer(404, b"try /metrics, /health or /ready\n")
+
+    def version_string(self) -> str:
+        return "pi-controller"  # not http.server's default, which tells every client our Python version
 
     def _answer(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
         self.send_response(code)

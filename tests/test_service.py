@@ -319,37 +319,76 @@ def fetch(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition by (name, sorted labels)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def wait_for_event(process: subprocess.Popen[str], event: str) -> None:
+    for line in process.stderr:
+        if json.loads(line)["event"] == event:
+            return
+    raise AssertionError(f"the daemon ended without {event}")
+
+
+PLUGINS = ("energy_saver", "motion_light", "temperature_control")
+
+
 def test_metrics_health_and_ready_on_localhost(tmp_path) -> None:
     port = free_port()
-    process = start(service_config(tmp_path, metrics={"enabled": True, "port": port}), None)
+    config = service_config(tmp_path, metrics={"enabled": True, "port": port})
+    process = start(config, None)
+    url = f"http://127.0.0.1:{port}"
     try:
-        for line in process.stderr:
-            if json.loads(line)["event"] == "metrics_listening":
-                break
+        wait_for_event(process, "metrics_listening")
+        first = samples(fetch(f"{url}/metrics")[1])  # maybe before the first tick: everything there all the same
         deadline = time.monotonic() + 10
-        while fetch(f"http://127.0.0.1:{port}/ready")[0] != 200 and time.monotonic() < deadline:
+        while fetch(f"{url}/ready")[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert fetch(f"http://127.0.0.1:{port}/health") == (200, "ok\n")
-        while ticks_counted(fetch(f"http://127.0.0.1:{port}/metrics")[1]) < 5:
+        assert fetch(f"{url}/health") == (200, "ok\n")
+        while ticks_counted(fetch(f"{url}/metrics")[1]) < 5:
             assert time.monotonic() < deadline + 10, "fewer than 5 ticks in 20 s"
             time.sleep(0.05)
-        status, text = fetch(f"http://127.0.0.1:{port}/metrics")
-        assert fetch(f"http://127.0.0.1:{port}/nope")[0] == 404
+        config.write_text("")  # truncated: the reload is refused, and counted
+        process.send_signal(signal.SIGHUP)
+        wait_for_event(process, "reload_refused")
+        refused = ("pi_controller_reloads_total", (("result", "refused"),))
+        while samples(fetch(f"{url}/metrics")[1])[refused] == 0:  # counted once READY=1 is on its way
+            assert time.monotonic() < deadline + 20, "the refused reload not counted in 30 s"
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"{url}/metrics?x=1", timeout=5) as response:  # a query string is fine
+            server, text = response.headers["Server"], response.read().decode()
+        assert fetch(f"{url}/ready?verbose=1") == (200, "ok: 3 of 3 plugins loaded\n")
+        assert fetch(f"{url}/nope")[0] == 404
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=30)
-    assert status == 200
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    calls = {s.labels["plugin"]: s.value for s in families["extism_plugin_calls"].samples
-             if s.name == "extism_plugin_calls_total"}
-    assert set(calls) == {"energy_saver", "motion_light", "temperature_control"} and min(calls.values()) >= 5
-    assert {s.labels["plugin"] for s in families["extism_active_plugins"].samples} == set(calls)
-    counts = [s for s in families["extism_plugin_duration_seconds"].samples if s.name.endswith("_count")]
-    assert {s.labels["plugin"]: s.value for s in counts} == calls
-    assert any(s.name == "pi_controller_tick_duration_seconds_count" and s.value >= 5
-               for s in families["pi_controller_tick_duration_seconds"].samples)
-    assert "pi_controller_missed_ticks" in families and "pi_controller_tick_start_jitter_seconds" in families
-    assert "extism_plugin_errors" in families
+    assert server == "pi-controller"  # not "BaseHTTP/0.6 Python/3.x"
+    for plugin in PLUGINS:
+        assert first[("pi_controller_plugin_errors_total", (("plugin", plugin),))] == 0
+    for sensor in ("temperature_sensor", "motion_sensor", "light_sensor", "probe"):
+        assert ("pi_controller_sensor_valid", (("sensor", sensor),)) in first
+    for device in ("led_strip", "servo_motor", "relay_switch"):
+        assert first[("pi_controller_safety_holds_total", (("device", device),))] == 0
+    assert first[("pi_controller_watchdog_trips_total", ())] == 0
+    assert {first[("pi_controller_reloads_total", (("result", r),))] for r in ("applied", "refused", "failed")} == {0}
+    assert ("pi_controller_process_resident_memory_bytes", ()) in first
+    assert ("pi_controller_process_open_fds", ()) in first
+    assert ("pi_controller_process_cpu_seconds_total", ()) in first
+    last = samples(text)
+    assert {name for name, _ in last} == {name for name, _ in first}  # the same series from the start
+    assert all(name.startswith("pi_controller_") and not name.endswith("_created") for name, _ in last)
+    calls = {plugin: last[("pi_controller_plugin_calls_total", (("plugin", plugin),))] for plugin in PLUGINS}
+    assert min(calls.values()) >= 5
+    assert calls == {p: last[("pi_controller_plugin_call_duration_seconds_count", (("plugin", p),))] for p in PLUGINS}
+    assert {p: last[("pi_controller_plugin_state", (("plugin", p), ("state", "loaded")))] for p in PLUGINS} == \
+        dict.fromkeys(PLUGINS, 1)
+    assert last[("pi_controller_plugin_state", (("plugin", "motion_light"), ("state", "failed")))] == 0
+    assert last[("pi_controller_sensor_valid", (("sensor", "probe"),))] == 1
+    assert last[refused] == 1 and last[("pi_controller_reloads_total", (("result", "applied"),))] == 0
+    assert last[("pi_controller_tick_duration_seconds_count", ())] >= 5
+    assert ("pi_controller_missed_ticks_total", ()) in last and ("pi_controller_tick_start_jitter_seconds_count", ()) in last
 
 
 def read_only(folder: Path) -> tuple[str, ...]:
@@ -404,6 +443,8 @@ def test_ready_says_how_many_plugins_of_how_many_loaded(tmp_path, notify_socket,
         assert ready.endswith(", 3 of 4 plugins loaded; failed: broken")
         assert fetch(f"http://127.0.0.1:{port}/ready") == (503, "not ready: 3 of 4 plugins loaded; failed: broken\n")
         assert fetch(f"http://127.0.0.1:{port}/health") == (200, "ok\n")
+        assert samples(fetch(f"http://127.0.0.1:{port}/metrics")[1])[
+            ("pi_controller_plugin_state", (("plugin", "broken"), ("state", "failed")))] == 1
         (folder / "broken.wasm").unlink()  # the owner removes it: the watcher unloads it, and ready it is
         deadline = time.monotonic() + 20
         while fetch(f"http://127.0.0.1:{port}/ready")[0] != 200:
