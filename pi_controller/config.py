@@ -14,6 +14,7 @@ import difflib
 import json
 import math
 import re
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,7 +118,7 @@ class MqttSettings:
     keepalive_s: int = bounded(5, 3600, default=30)
     base_topic: str = matching(r"[^#+/\s][^#+\s]*[^#+/\s]|[^#+/\s]", "a topic without '#', '+', spaces or "
                                                                      "leading/trailing '/'", default="pi-controller")
-    node_id: str = device_id(default="pi")  # one per Pi, so many Pis share a broker
+    node_id: str = device_id(default_factory=lambda: host_node_id(socket.gethostname()))  # one per Pi
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
     heartbeat_s: float = bounded(1, 86400, default=60.0)  # republish unchanged states this often
@@ -134,6 +135,13 @@ class MqttSettings:
             raise ValueError("a password needs a username")
         if any(value < 0 for value in self.deadband.values()):
             raise ValueError("deadbands are changes: 0 or more")
+
+
+def host_node_id(hostname: str) -> str:
+    """The default node id: the host name's first label, in what an id may hold (two Pis left at one id
+    take over each other's MQTT client id and flip each other offline)."""
+    label = re.sub(r"[^A-Za-z0-9_-]+", "-", hostname.split(".")[0]).strip("-")[:64]
+    return label or "pi"
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,11 @@ log = structlog.get_logger("pi_controller.telemetry")
 
 Message = tuple[str, bytes, bool]  # topic, payload, retain
 PAHO_QUEUE = 1000  # messages paho may hold itself (in flight, or handed over as the link dropped)
+# A broker closes a client's connection when another connects with the same client id (two Pis left at
+# one node_id); each reconnects and closes the other's within the reconnect delay. Connections ended by
+# the broker this soon, this many times in a row, are that and not a flaky network.
+TAKEOVER_LINK_S = 10.0
+TAKEOVER_COUNT = 3
 
 
 class Telemetry(LoopObserver):
@@ -59,6 +64,9 @@ class Telemetry(LoopObserver):
         self._resync = threading.Event()
         self._stale_configs: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._discovery: dict[str, dict[str, Any]] = {}
+        self.client_id = self.mqtt.client_id or f"pi-controller-{self.mqtt.node_id}"
+        self._connected_at = 0.0
+        self._short_links = 0  # connections in a row the broker ended within TAKEOVER_LINK_S
         self.client = self._client()
         self._restore()
 
@@ -66,7 +74,7 @@ class Telemetry(LoopObserver):
 
     def _client(self) -> mqtt.Client:
         m = self.mqtt
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id or f"pi-controller-{m.node_id}")
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id)
         if m.username is not None:
             client.username_pw_set(m.username, m.password)
         if m.tls is not None:
@@ -84,7 +92,8 @@ class Telemetry(LoopObserver):
         self._discovery = discovery.configs(self.settings, plugins) if self.mqtt.discovery else {}
         self.client.connect_async(self.mqtt.host, self.mqtt.port, self.mqtt.keepalive_s)
         self.client.loop_start()
-        log.info("mqtt_starting", host=self.mqtt.host, port=self.mqtt.port, base=self.topics.base)
+        log.info("mqtt_starting", host=self.mqtt.host, port=self.mqtt.port, base=self.topics.base,
+                 client_id=self.client_id)
 
     def summary(self) -> dict[str, Any]:
         return {"connected": self._connected.is_set(), "readings_queued": self.readings_queued,
@@ -120,14 +129,27 @@ class Telemetry(LoopObserver):
                               (f"{b}/plugin/+/enable", 1), (f"{b}/plugin/+/config/+/set", 1)]
         if subscriptions:
             client.subscribe(subscriptions)
+        self._connected_at = self._timer()
         self._connected.set()
         self._resync.set()
         log.info("mqtt_connected", host=self.mqtt.host, port=self.mqtt.port)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set():  # not leaving on purpose (stop() clears it first)
             log.warning("mqtt_disconnected", reason=str(reason), buffered=len(self.outbox))
+            self._count_short_link()
         self._connected.clear()
+
+    def _count_short_link(self) -> None:
+        """Say once, with the fix, when another client keeps taking our client id over."""
+        short = self._timer() - self._connected_at < TAKEOVER_LINK_S
+        self._short_links = self._short_links + 1 if short else 0
+        if self._short_links == TAKEOVER_COUNT:
+            log.error("mqtt_client_id_taken_over", client_id=self.client_id, node_id=self.mqtt.node_id,
+                      disconnects=self._short_links, within_s=TAKEOVER_LINK_S,
+                      hint="another client (another Pi left at the same mqtt.node_id?) connects with this client "
+                           "id and the broker drops one of the two each time; give each Pi its own mqtt.node_id "
+                           "(default: its hostname) or mqtt.client_id")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

@@ -387,3 +387,16 @@ def test_run_refuses_a_plugins_override_that_is_not_a_folder(tmp_path) -> None:
     assert result.returncode == 2
     assert (f"config error: {EXAMPLE_CONFIG}: plugins.directory: {tmp_path / 'nope'} (given by --plugins) does "
             "not exist") in result.stderr
+
+
+@pytest.mark.parametrize("hostname, node_id", [
+    ("raspberrypi", "raspberrypi"), ("kitchen-pi.local", "kitchen-pi"), ("Pi 4 (garage)", "Pi-4-garage"),
+    ("x" * 80, "x" * 64), ("...", "pi"), ("", "pi"),
+])
+def test_the_mqtt_node_id_defaults_to_the_hostname_as_an_id(hostname, node_id) -> None:
+    assert config.host_node_id(hostname) == node_id
+
+
+def test_the_example_leaves_the_node_id_to_the_hostname(monkeypatch) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "greenhouse.lan")
+    assert config.load(EXAMPLE_CONFIG).mqtt.node_id == "greenhouse"

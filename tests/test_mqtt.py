@@ -19,6 +19,8 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
+from pi_controller import config
+from pi_controller.telemetry import TAKEOVER_COUNT
 from tests.conftest import example_data, free_port
 
 NODE = "testpi"
@@ -442,3 +444,33 @@ def test_a_failsafe_shows_in_the_actuator_state_and_in_metrics(tmp_path, broker,
     finally:
         _, events = finish(process)
     assert [e["device"] for e in events if e["event"] == "actuator_failsafe"] == ["relay_switch"]
+
+
+@needs_mosquitto
+def test_two_daemons_left_at_the_default_node_id_say_once_why_they_keep_dropping(tmp_path, broker, subscriber) -> None:
+    node = config.host_node_id(socket.gethostname())  # the default: both run on this host
+    status = f"pi-controller/{node}/status"
+    subscriber.client.subscribe(status, 1)
+    paths = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        path = daemon_config(tmp_path / name, broker.port)
+        data = yaml.safe_load(path.read_text())
+        del data["mqtt"]["node_id"]
+        path.write_text(yaml.safe_dump(data))
+        paths.append(path)
+    first = start_daemon(paths[0])
+    try:
+        subscriber.wait_for(lambda: subscriber.on(status) == [b"online"])
+        second = start_daemon(paths[1])
+        try:  # each connection takes the client id over from the other: "online" flips back and forth
+            subscriber.wait_for(lambda: subscriber.on(status).count(b"online") >= 2 * TAKEOVER_COUNT + 4, 90)
+        finally:
+            _, second_events = finish(second)
+    finally:
+        _, first_events = finish(first)
+    for events in (first_events, second_events):  # each was dropped at least four times in a row
+        (started,) = [e for e in events if e["event"] == "mqtt_starting"]
+        assert started["base"] == f"pi-controller/{node}" and started["client_id"] == f"pi-controller-{node}"
+        (taken,) = [e for e in events if e["event"] == "mqtt_client_id_taken_over"]  # once, not at every flip
+        assert taken["client_id"] == f"pi-controller-{node}" and "give each Pi its own mqtt.node_id" in taken["hint"]
