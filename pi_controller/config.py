@@ -414,7 +414,8 @@ def salvage(path: Path | str) -> tuple[Settings, list[ConfigError]]:
                 errors.append(exc)
     settings = Settings(source=path.resolve(), loop=LoopSettings(), pins=pins, sensors=(),
                         actuators=tuple(actuator_entries), plugins=PluginsSettings(), simulation=(),
-                        watchdog=WatchdogSettings(), interlocks=(), metrics=MetricsSettings(), mqtt=MqttSettings())
+                        watchdog=WatchdogSettings(), safety=SafetySettings(), interlocks=(), metrics=MetricsSettings(),
+                        mqtt=MqttSettings())
     return settings, errors
 
 

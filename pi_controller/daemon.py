@@ -245,6 +245,9 @@ class Daemon:
     def plugin_statuses(self) -> Mapping[str, PluginStatus]:
         return self.plugins.status
 
+    def actuator_ids(self) -> list[str]:
+        return [a.id for a in self.settings.actuators]
+
     def sensor_validity(self) -> Mapping[str, bool]:
         configured = dict.fromkeys((s.id for s in self.settings.sensors), False)  # invalid until read
         return configured | {r.sensor_id: r.valid for r in self.loop.readings}

@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import structlog
 
@@ -42,6 +42,8 @@ class Source(Protocol):
     """What metrics read at scrape time, on the server's thread: each answer is a fresh copy."""
 
     def plugin_statuses(self) -> Mapping[str, PluginStatus]: ...
+
+    def actuator_ids(self) -> Iterable[str]: ...
 
     def sensor_validity(self) -> Mapping[str, bool]: ...
 
@@ -86,7 +88,7 @@ class Metrics(LoopObserver):
         """Series for every plugin of the folder and every actuator, at 0 until counted (at start, and after
         a reload or a hot swap: the scrape calls this too)."""
         names = {("plugin", name) for name in self.source.plugin_statuses()}
-        names |= {("device", device) for device in self.source.safety_holds()}  # every actuator
+        names |= {("device", device) for device in self.source.actuator_ids()}
         for kind, name in names - self._named:
             if kind == "plugin":
                 self.calls.labels(name)

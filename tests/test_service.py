@@ -371,6 +371,7 @@ def test_metrics_health_and_ready_on_localhost(tmp_path) -> None:
         assert ("pi_controller_sensor_valid", (("sensor", sensor),)) in first
     for device in ("led_strip", "servo_motor", "relay_switch"):
         assert first[("pi_controller_safety_holds_total", (("device", device),))] == 0
+        assert first[("pi_controller_failsafes_total", (("device", device),))] == 0
     assert first[("pi_controller_watchdog_trips_total", ())] == 0
     assert {first[("pi_controller_reloads_total", (("result", r),))] for r in ("applied", "refused", "failed")} == {0}
     assert ("pi_controller_process_resident_memory_bytes", ()) in first
