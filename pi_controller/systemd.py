@@ -46,21 +46,21 @@ class Notifier(LoopObserver):
         if not self._ready:
             self._ready = True
             self._last_status = now
-            self.send(f"READY=1\nSTATUS={self._status()}")
+            self.send(f"READY=1\nSTATUS={_one_line(self._status())}")
             return
         if self.ping_every is not None and report.on_time and now - self._last_ping >= self.ping_every:
             self._last_ping = now
             self.send("WATCHDOG=1")
         if now - self._last_status >= STATUS_EVERY_S:
             self._last_status = now
-            self.send(f"STATUS={self._status()}")
+            self.send(f"STATUS={_one_line(self._status())}")
 
     def reloading(self) -> None:
         self.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}\n"
                   "STATUS=reloading the config")
 
     def reloaded(self, result: str) -> None:
-        self.send(f"READY=1\nSTATUS={result}")
+        self.send(f"READY=1\nSTATUS={_one_line(result)}")
 
     def stopping(self) -> None:
         self.send("STOPPING=1")
@@ -76,6 +76,11 @@ class Notifier(LoopObserver):
     def close(self) -> None:
         if self._socket is not None:
             self._socket.close()
+
+
+def _one_line(text: str) -> str:
+    """A newline would end STATUS= and start a field of its own (a config error may quote YAML)."""
+    return " ".join(text.split("\n"))
 
 
 def _address(path: str) -> str | bytes | None:
