@@ -315,8 +315,9 @@ def parse(text: str, source: Path) -> Settings:
     return _Converter(tree).settings(data)
 
 
-def read(path: Path, max_bytes: int) -> str:
-    """A YAML file's text, at most `max_bytes` of it; ConfigError if it is longer or unreadable."""
+def read(path: Path, max_bytes: int, errors: str = "strict") -> str:
+    """A YAML file's text, at most `max_bytes` of it; ConfigError if it is longer or unreadable (or, with
+    `errors` "strict", not UTF-8)."""
     try:
         with path.open("rb") as file:
             data = file.read(max_bytes + 1)
@@ -325,7 +326,7 @@ def read(path: Path, max_bytes: int) -> str:
     if len(data) > max_bytes:
         raise ConfigError(path, (), f"the file is longer than {max_bytes} bytes")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8", errors)
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise ConfigError(path, (), f"not UTF-8 text (byte {exc.start})", line) from None
@@ -388,15 +389,11 @@ def salvage(path: Path | str) -> tuple[Settings, list[ConfigError]]:
     middle of an entry is read up to the line before the YAML error. Raises ConfigError only when the file
     cannot be read at all."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise ConfigError(path, (), f"cannot read the file: {exc.strerror or exc}") from exc
+    text = read(path, MAX_CONFIG_BYTES, errors="replace")  # cut mid-character: the rest still counts
     errors: list[ConfigError] = []
-    tree = _Tree(path)
-    data: Any = {}
+    tree, data = _Tree(path), {}
     try:
-        data = _salvage_tree(text, tree)
+        tree, data = _salvage_tree(text, path)
     except ConfigError as exc:
         errors.append(exc)
     convert = _Converter(tree)
@@ -419,19 +416,17 @@ def salvage(path: Path | str) -> tuple[Settings, list[ConfigError]]:
     return settings, errors
 
 
-def _salvage_tree(text: str, tree: _Tree) -> Any:
+def _salvage_tree(text: str, source: Path) -> tuple[_Tree, Any]:
     """The YAML tree of `text`, or of as many of its first lines as parse (a file cut off mid-entry)."""
     lines = text.splitlines()
     for _attempt in range(20):
         try:
-            root = yaml.compose("\n".join(lines), Loader=yaml.SafeLoader)
-            return tree.value(root, ()) if root is not None else {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            if mark is None or mark.line == 0 or not lines:
-                raise ConfigError(tree.source, (), f"not valid YAML: {getattr(exc, 'problem', exc)}") from exc
-            lines = lines[:min(mark.line, len(lines) - 1)]  # cut before the line that does not parse
-    raise ConfigError(tree.source, (), "not valid YAML, even cut short")
+            return _compose("\n".join(lines), source, MAX_CONFIG_BYTES)
+        except ConfigError as exc:
+            if not exc.line or exc.line == 1:
+                raise
+            lines = lines[:min(exc.line - 1, len(lines) - 1)]  # cut before the line that does not parse
+    raise ConfigError(source, (), "not valid YAML, even cut short")
 
 
 class _Tree:
