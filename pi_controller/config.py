@@ -304,7 +304,9 @@ MAX_NESTING = 64  # mappings and lists within each other
 def load(path: Path | str) -> Settings:
     """Read, parse and validate a config file. Raises ConfigError; never touches hardware."""
     path = Path(path)
-    return parse(read(path, MAX_CONFIG_BYTES), path)
+    settings = parse(read(path, MAX_CONFIG_BYTES), path)
+    _check_devices(settings)
+    return settings
 
 
 def parse(text: str, source: Path) -> Settings:
@@ -635,22 +637,21 @@ def _check_bounds(tree: _Tree, value: Any, spec: dataclasses.Field[Any], path: K
 
 
 def _check_cross_references(settings: Settings, tree: _Tree) -> None:
-    """Rules that span entries: something to control, unique ids, one device per pin, references that
-    resolve, budgets."""
-    _check_devices(settings, tree)
+    """Rules that span entries: unique ids, one device per pin, references that resolve, budgets."""
     _check_ids_and_pins(settings, tree)
     _check_safety_references(settings, tree)
     _check_simulation_references(settings, tree)
     _check_plugin_budget(settings, tree)
 
 
-def _check_devices(settings: Settings, tree: _Tree) -> None:
-    """A config with neither sensors nor actuators is a truncated or emptied file, not a plan: loading it
-    (on a reload above all) would release every device and leave the daemon reporting itself healthy."""
+def _check_devices(settings: Settings) -> None:
+    """A config file with neither sensors nor actuators is a truncated or emptied file, not a plan: loading
+    it (on a reload above all) would release every device and leave the daemon reporting itself healthy.
+    (Settings made up in code, as `plugin call` does, may hold none.)"""
     if settings.sensors or settings.actuators:
         return
-    key = next((k for k in ("sensors", "actuators") if (k,) in tree.lines), "sensors")
-    raise tree.error((key,), "no sensors and no actuators: nothing to read or control (a truncated file?); "
+    key = next((k for k in ("sensors", "actuators") if (k,) in settings.lines), "sensors")
+    raise settings.error((key,), "no sensors and no actuators: nothing to read or control (a truncated file?); "
                              "list the devices under sensors: and actuators:, see config/example.yaml")
 
 
