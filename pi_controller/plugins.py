@@ -32,7 +32,6 @@ from pi_controller.manifest import Grant, Refused, grant, load_manifest
 from pi_controller.quarantine import Guard
 from pi_controller.schema import ID_PATTERN
 from pi_controller.sensors import Reading
-from pi_controller.wasm_cache import compile_with_fallback
 from pi_controller.wasm_compile import compile_module
 from pi_controller.wasm_gate import read_module, trial
 
@@ -96,8 +95,7 @@ def compile_plugin(wasm: bytes, terms: Grant, host: Any, backstop_ms: int) -> Co
     # The module spliced in as bytes: one copy of its base64 rather than three (str, JSON, bytes).
     data = b'{"wasm":[{"data":"' + base64.b64encode(wasm) + b'"}],' + json.dumps(manifest).encode()[1:]
     trial(data, terms.wasi, terms.fuel)
-    # wasmtime's cache unwritable: compiled without it (host functions are new at each try)
-    return compile_with_fallback(lambda: compile_module(data, terms.wasi, terms.fuel, host))
+    return compile_module(data, terms.wasi, terms.fuel, host)
 
 
 class SandboxedPlugin:

@@ -18,6 +18,7 @@ import extism
 from extism.extism import CompiledPlugin, _ffi, _lib  # fuel is only in libextism's C API
 
 from pi_controller.host_functions import free_functions, new_functions
+from pi_controller.wasm_cache import compile_with_fallback
 
 TRIAL_MEMORY_BYTES = 512 * 1024 * 1024  # the child's data segment (RLIMIT_DATA): a 16 MiB module takes ~130
 TRIAL_CPU_S = 20  # seconds of CPU for the child (RLIMIT_CPU)
@@ -27,7 +28,13 @@ OUT_OF_MEMORY = 3  # the child's exit status when Python ran out of its memory
 def compile_module(manifest: bytes, wasi: bool, fuel: int, host: Any) -> CompiledPlugin:
     """The compiled module of `manifest` (libextism's JSON, module inline), with a fuel limit and our
     host functions bound to `host` (a cffi handle of its PluginHost, or None where no plugin calls them:
-    the trial child, the fuel calibration)."""
+    the trial child, the fuel calibration); without wasmtime's cache when that cannot be written (see
+    `wasm_cache`)."""
+    return compile_with_fallback(lambda: _compile(manifest, wasi, fuel, host))
+
+
+def _compile(manifest: bytes, wasi: bool, fuel: int, host: Any) -> CompiledPlugin:
+    """One try: host functions are bound to one compile, even a failed one, so each try makes its own."""
     error = _ffi.new("char**")
     functions = new_functions(_ffi.NULL if host is None else host)
     try:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 import yaml
@@ -44,6 +45,39 @@ def unsimulated(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data, simulation=[])
     data["pins"] = {"factory": "mock"}
     return data
+
+
+# Waiting on the loop in real time (hot reload, SIGHUP), shared by the tests that serve a daemon.
+WAIT_S = 60.0  # only how long a broken test hangs: nothing here is timed (benchmarks/plugin_reload.py is)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(int(WAIT_S / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not within {WAIT_S} s: {what}")
+
+
+async def more_ticks(daemon: Any, count: int) -> None:
+    """Wait until the loop has run `count` more ticks: time for what a tick would have noticed."""
+    target = daemon.loop.ticks.count + count
+    await until(lambda: daemon.loop.ticks.count >= target, f"{count} more ticks")
+
+
+def run_with(daemon: Any, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Serve in real time, play `scenario` beside the ticks, then stop as SIGINT would."""
+
+    async def main() -> None:
+        serving = asyncio.create_task(daemon.serve())
+        await until(lambda: daemon.loop.ticks.count > 2, "the loop runs")
+        try:
+            await scenario()
+        finally:
+            signal.raise_signal(signal.SIGINT)
+            await serving
+
+    asyncio.run(main())
 
 
 def skip_unless_ci(reason: str) -> None:

@@ -3,10 +3,8 @@ in real time; no tick is missed, and every tick calls every live plugin once."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -14,38 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.clock import SystemClock
-from tests.conftest import TEST_PLUGINS, example_data, plugin_wasm, unsimulated
-
-WAIT_S = 60.0  # only how long a broken test hangs: nothing here is timed (benchmarks/plugin_reload.py is)
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(int(WAIT_S / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not within {WAIT_S} s: {what}")
-
-
-async def more_ticks(daemon: Any, count: int) -> None:
-    """Wait until the loop has run `count` more ticks: time for what a tick would have noticed."""
-    target = daemon.loop.ticks.count + count
-    await until(lambda: daemon.loop.ticks.count >= target, f"{count} more ticks")
-
-
-def run_with(daemon: Any, scenario: Callable[[], Awaitable[None]]) -> None:
-    """Serve in real time, play `scenario` beside the ticks, then stop as SIGINT would."""
-
-    async def main() -> None:
-        serving = asyncio.create_task(daemon.serve())
-        await until(lambda: daemon.loop.ticks.count > 2, "the loop runs")
-        try:
-            await scenario()
-        finally:
-            signal.raise_signal(signal.SIGINT)
-            await serving
-
-    asyncio.run(main())
+from tests.conftest import TEST_PLUGINS, example_data, more_ticks, plugin_wasm, run_with, unsimulated, until
 
 
 def sha(daemon: Any, name: str) -> str | None:

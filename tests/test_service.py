@@ -23,8 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from pi_controller.clock import SystemClock, VirtualClock
-from tests.conftest import example_data, free_port
-from tests.test_hot_reload import run_with, until
+from tests.conftest import example_data, free_port, more_ticks, run_with, until
 
 DEVICE = "28-0316a2790aff"
 W1_OK = "aa : crc=aa YES\naa t=21000\n"
@@ -295,8 +294,7 @@ def test_a_storm_of_sighups_costs_two_reloads_no_missed_tick_and_no_thread(run_d
                 write_and_hup(20.1 + step / 10)
                 await asyncio.sleep(0.02)
             await until(lambda: setpoint() == 22.0, "the last file written applied")
-            ticks = daemon.loop.ticks.count
-            await until(lambda: daemon.loop.ticks.count > ticks + 5, "five more ticks")  # room for a third
+            await more_ticks(daemon, 5)  # room for a third, were there one
         reloads = [e["event"] for e in logs if e["event"] in RELOADS]
         assert reloads in (["config_reloaded"], ["config_reloaded"] * 2)
         assert threading.active_count() <= threads
