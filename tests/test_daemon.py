@@ -160,7 +160,7 @@ def test_every_hostile_plugin_at_once_beside_the_bundled_ones_in_real_time(run_d
     snap = daemon.snapshot()
     for name in EVERY_HOSTILE:
         stats = snap["plugins"][name]
-        faults = stats["errors"] + stats["rejected"]
+        faults = stats["errors"] + stats["rejected"] + stats["stalls"]  # a busy machine stalls a call or two
         # var_hog fails once its vars are full, then starts over in a fresh instance; the others every call
         assert stats["calls"] > 0 and (faults > 0 if name == "var_hog" else faults >= stats["calls"]), name
     assert snap["plugins"]["wasi_import"]["state"] == "failed"  # refused at load: no WASI granted

@@ -61,6 +61,11 @@ def test_the_fuel_verdict_is_the_same_on_an_idle_and_on_a_loaded_machine(plugin_
     assert idle == loaded == {UNDER: "within budget", OVER: "out_of_fuel"}
 
 
+# Fuel for a spin of ~0.4 s here: far past a 2 ms backstop anywhere, and long enough that the backstop's
+# timer thread gets its turn on a saturated machine before the fuel runs out.
+LONG_SPIN = 2_000_000_000
+
+
 class TightBackstop(Backstop):
     """A machine so slow that 2 ms is past what the fuel should cost: every long call stalls. (Not 1:
     libextism 1.41 never fires a timeout_ms of 1, measured here.)"""
@@ -82,12 +87,12 @@ def test_a_call_past_its_backstop_is_a_stall_that_says_it_reset_the_instance(plu
     folder = tmp_path / "stall"
     folder.mkdir()
     (folder / "endless_loop.wasm").write_bytes(plugin_wasm("endless_loop").read_bytes())
-    settings = PluginsSettings(defaults=PluginDefaults(fuel=100_000_000), ceilings=PluginCeilings())
+    settings = PluginsSettings(defaults=PluginDefaults(fuel=LONG_SPIN), ceilings=PluginCeilings(max_fuel=LONG_SPIN))
     plugins = PluginSet(settings, folder, budget_ms=1000, backstop=TightBackstop())
     plugins.load_all()
     try:
         spinning = next(p for p in plugins if p.name == "endless_loop")
-        error = failure(spinning)  # 100,000,000 instructions take ~15 ms here, far more than 2 ms anywhere
+        error = failure(spinning)
         assert (error.kind, error.reset, error.plugin_s_fault) == ("stalled", True, False)
         assert str(error).startswith("stalled: the call ran past its 2 ms wall-clock backstop")
     finally:
@@ -98,7 +103,8 @@ def test_the_loop_counts_a_stall_apart_and_neither_blames_nor_quarantines_the_pl
                                                                                    monkeypatch) -> None:
     monkeypatch.setattr(plugins_module, "Backstop", lambda real: TightBackstop())
     data = unsimulated(example_data())
-    data["plugins"]["defaults"]["fuel"] = 100_000_000
+    data["plugins"]["defaults"]["fuel"] = LONG_SPIN
+    data["plugins"]["ceilings"] = {"max_fuel": LONG_SPIN}
     data["plugins"]["quarantine"] = {"failures": 2}
     with capture_logs() as logs:
         daemon = run_daemon(data, 10, plugins=plugin_dir("endless_loop"))
