@@ -62,11 +62,13 @@ class Daemon:
                         failsafe_after_s=settings.safety.failsafe_after_s)
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
-        self.notifier = Notifier(self._status)
-        self.metrics = Metrics(settings.loop.period, self) \
+        # Time from the one clock; only the watchdog keeps a real timer, since it must catch a stuck loop.
+        self.notifier = Notifier(self._status, timer=self.clock.monotonic)
+        self.metrics = Metrics(settings.loop.period, self, self.clock.monotonic) \
             if settings.metrics.enabled else None
         self.operator = Operator(settings.mqtt.override_expiry_s)
-        self.telemetry = Telemetry(settings, self, self.operator) if settings.mqtt.enabled else None
+        self.telemetry = Telemetry(settings, self, self.operator, self.clock.monotonic) \
+            if settings.mqtt.enabled else None
         observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.telemetry)  # /ready, then READY=1
                      if o is not None]
         self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
