@@ -28,7 +28,12 @@ def entry() -> NoReturn:
     from pi_controller.pins import exit_holding_pins
 
     logs.capture_native_stderr()
-    exit_holding_pins(main())
+    logs.write_off_thread()  # no tick waits on stderr
+    try:
+        code = main()
+    finally:
+        logs.flush()
+    exit_holding_pins(code)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,9 +7,11 @@ when it clears, never once per tick, while stats still count every occurrence.
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import math
 import os
+import queue
 import re
 import sys
 import threading
@@ -76,10 +78,67 @@ def _log_native(fd: int) -> None:
                 logger.warning("native_stderr", text=line.decode(errors="replace").rstrip())
 
 
-def _stderr(*args: Any) -> structlog.PrintLogger:
-    """Whatever sys.stderr is when the event is written, not when logging was set up (a test's capture
-    that has since closed, say)."""
-    return structlog.PrintLogger(sys.stderr)
+def _stderr(*args: Any) -> Any:
+    """The writer thread once `write_off_thread` started it; until then whatever sys.stderr is when the
+    event is written, not when logging was set up (a test's capture that has since closed, say)."""
+    return _writer if _writer is not None else structlog.PrintLogger(sys.stderr)
+
+
+class LineWriter:
+    """Writes rendered events to stderr from a thread of its own, so that no tick waits on it: on a Pi,
+    stderr is a pipe to journald, which can stall on a slow SD card. Bounded: with `max_lines` waiting,
+    further lines are dropped and counted, and one line says how many once there is room again."""
+
+    def __init__(self, max_lines: int = 10_000):
+        self._lines: queue.Queue[str] = queue.Queue(max_lines)
+        self._lock = threading.Lock()  # one writer at a time: the thread, or `flush` at exit
+        self.dropped = 0
+        threading.Thread(target=self._run, name="log-writer", daemon=True).start()
+
+    def msg(self, line: str) -> None:
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1  # a rare miss of the count across threads is of no consequence
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = failure = err = msg
+
+    def _run(self) -> None:
+        while True:
+            line = self._lines.get()
+            with self._lock:
+                self._write(line)
+
+    def _write(self, line: str) -> None:
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            print(json.dumps({"event": "log_lines_dropped", "lines": dropped, "why": "the log writer fell behind"}),
+                  file=sys.stderr)
+        print(line, file=sys.stderr, flush=self._lines.empty())
+
+    def flush(self) -> None:
+        """Write what is waiting, now, on this thread: before the process exits."""
+        with self._lock:
+            while not self._lines.empty():
+                self._write(self._lines.get_nowait())
+            sys.stderr.flush()
+
+
+_writer: LineWriter | None = None
+
+
+def write_off_thread() -> LineWriter:
+    """From now on events are written by a thread of their own (the daemon's console entry sets this;
+    `flush` before exiting)."""
+    global _writer
+    if _writer is None:
+        _writer = LineWriter()
+    return _writer
+
+
+def flush() -> None:
+    if _writer is not None:
+        _writer.flush()
 
 
 def _warning_as_event(message: Warning | str, category: type[Warning], filename: str, lineno: int,
