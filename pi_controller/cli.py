@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--simulate", action="store_true", help="mock pins driven by the simulation models")
     run.add_argument("--ticks", type=_positive, help="run N ticks, then print a JSON snapshot and exit")
     run.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
+    run.add_argument("--record", type=Path, help="record every tick to this file, for replay (.gz: gzip; "
+                                                  "overrides record.path)")
     run.add_argument("--state-dir", type=Path, default=known_good.state_directory(),
                      help="keep the config it runs with here, for safe-state (default: $STATE_DIRECTORY)")
     run.add_argument("--log-format", choices=["console", "json"], default="console")
@@ -94,19 +96,25 @@ def _run(args: argparse.Namespace) -> int:
     from pi_controller.daemon import Daemon
     from pi_controller.hardware import HardwareError
     from pi_controller.pins import hold
+    from pi_controller.record import RecordingError
     from pi_controller.simulators.world import SimulationError
 
     settings = _load(args.config, plugins_dir=args.plugins)
     if settings is None:
         return EXIT_CONFIG
     try:
-        daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins, state_dir=args.state_dir)
+        daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins, state_dir=args.state_dir,
+                        record=args.record)
     except SimulationError as exc:
         log.error("simulation_invalid", file=str(args.config), problem=str(exc))
         return EXIT_CONFIG
     except HardwareError as exc:
         log.error("hardware_setup_failed", error=str(exc))
         return 1
+    except RecordingError as exc:
+        log.error("recording_unavailable", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except Exception:  # anything else at start-up: say what, exit non-zero (ExecStopPost makes pins safe)
         log.exception("startup_failed")
         return 1

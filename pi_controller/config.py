@@ -90,6 +90,15 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class RecordSettings:
+    """A recording of every tick for `pi-controller replay` (see `record`); off unless a path is given."""
+
+    path: str | None = None  # relative to the config file's folder; ending in .gz: gzip
+    max_mb: int = bounded(1, 100_000, default=32)  # then rotated: about a day at 10 Hz, gzip
+    keep: int = bounded(0, 100, default=3)  # rotated files kept beside it (.1 is the newest)
+
+
+@dataclass(frozen=True)
 class TlsSettings:
     ca_file: str | None = None  # None: the system's CA store
     cert_file: str | None = None  # a client certificate, with key_file
@@ -268,6 +277,7 @@ class Settings:
     interlocks: tuple[InterlockSettings, ...]
     metrics: MetricsSettings
     mqtt: MqttSettings
+    record: RecordSettings = RecordSettings()
     lines: Mapping[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)  # key path -> line
 
     def plugins_directory(self) -> Path:
@@ -486,6 +496,7 @@ _TOP_LEVEL = {
     "safety": SafetySettings,
     "metrics": MetricsSettings,
     "mqtt": MqttSettings,
+    "record": RecordSettings,
 }
 
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import structlog
 
-from pi_controller import config, known_good
+from pi_controller import config, known_good, record
 from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import Settings
 from pi_controller.hardware import Environment, Hardware
@@ -23,6 +23,7 @@ from pi_controller.pins import make_factory
 from pi_controller.plugin_watch import PluginWatcher
 from pi_controller.plugins import PluginSet, PluginStatus
 from pi_controller.readiness import Readiness
+from pi_controller.record import Recorder
 from pi_controller.reloads import ReloadResult, Reloads
 from pi_controller.safety import Safety, Watchdog
 from pi_controller.stats import PluginStats
@@ -33,20 +34,23 @@ log = structlog.get_logger("pi_controller.daemon")
 
 # What a reload cannot change under a running loop: the rate, the pin factory, the simulated world,
 # and the threads and sockets set up at start.
-_RESTART_ONLY = ("loop", "pins", "simulation", "watchdog", "metrics", "mqtt")
+_RESTART_ONLY = ("loop", "pins", "simulation", "watchdog", "metrics", "mqtt", "record")
 _NEVER_CALLED = PluginStats()
 _STATUS_CHARS = 400  # systemctl status shows one line of it
 
 
 class Daemon:
     def __init__(self, settings: Settings, *, simulate: bool = False, plugins_dir: Path | None = None,
-                 clock: Clock | None = None, state_dir: Path | None = None):
+                 clock: Clock | None = None, state_dir: Path | None = None, record: Path | None = None):
+        """`record`: a recording of every tick (overrides record.path)."""
         self.settings = settings
         self.simulate = simulate
         self.plugins_dir = plugins_dir
         self.state_dir = state_dir  # where the config it runs with is kept for safe-state
         self.last_reload: ReloadResult | None = None
         self.clock = clock or SystemClock()
+        self.recorder: Recorder | None = None
+        self._record_to = record
         self._watcher: asyncio.Task[None] | None = None
         self.hardware = self._build_hardware()
         self.hardware.settle("startup", "starting")
@@ -69,11 +73,19 @@ class Daemon:
         self.operator = Operator(settings.mqtt.override_expiry_s)
         self.telemetry = Telemetry(settings, self, self.operator, self.clock.monotonic) \
             if settings.mqtt.enabled else None
-        observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.telemetry)  # /ready, then READY=1
-                     if o is not None]
+        self.recorder = self._recorder(settings)
+        observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.telemetry, self.recorder)
+                     if o is not None]  # /ready, then READY=1
         self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
                                 self.operator)
         self._started = self.clock.monotonic()
+
+    def _recorder(self, settings: Settings) -> Recorder | None:
+        path = self._record_to or (settings.source.parent / settings.record.path if settings.record.path else None)
+        if path is None:
+            return None
+        first = record.header(settings, {p.name: p.sha256 for p in self.plugins}, self.clock.time())
+        return Recorder(settings.record, path, lambda: self.loop.trace, first)
 
     def _build_hardware(self) -> Hardware:
         factory = make_factory(self.settings, self.simulate)
@@ -297,6 +309,8 @@ class Daemon:
         } | ({"telemetry": self.telemetry.summary()} if self.telemetry else {})
 
     def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
         self.plugins.close()
         self.hardware.close()
         self.notifier.close()

@@ -21,7 +21,7 @@ from pi_controller.clock import Clock
 from pi_controller.contract import Command
 from pi_controller.hardware import Hardware
 from pi_controller.logs import ChangeLog, kind_of
-from pi_controller.observer import LoopObserver, TickReport
+from pi_controller.observer import LoopObserver, TickReport, TickTrace, Verdicts
 from pi_controller.operator import Operator
 from pi_controller.ownership import Failsafe, Health
 from pi_controller.plugins import PluginSet, SandboxedPlugin
@@ -56,6 +56,8 @@ class ControlLoop:
         self.readings: list[Reading] = []
         self.last_states: dict[str, dict[str, Any]] = hardware.states()
         self.health = Health(self._why_not_called)
+        self.verdicts = Verdicts()
+        self.trace: TickTrace | None = None  # the last tick's, for a recorder
         self._problems = ChangeLog(log)
 
     async def run(self, stop: asyncio.Event, max_ticks: int | None = None) -> None:
@@ -104,10 +106,12 @@ class ControlLoop:
         self.readings = self.hardware.read(now)
         self._report_sensors(number)
         self.plugins.record(self.readings)
-        context = contract.encode_context(self.readings, self.hardware.states(), now, number)
+        states = self.hardware.states()
+        context = contract.encode_context(self.readings, states, now, number)
         # Operator overrides come first: arbitration keeps the first command for a device.
         proposals = self.operator.commands(self.hardware.actuators, self.plugins, self.clock.monotonic(), number)
         self.health.begin()
+        self.verdicts = Verdicts()
         for plugin in self.operator.enabled(self.plugins):
             proposals.extend(self._consult(plugin, context, number))
         wanted, conflicts = arbitration.resolve(proposals)
@@ -119,6 +123,8 @@ class ControlLoop:
             self._problems.problem(("write", device), "actuator_write_failed", level="error", tick=number,
                                    device=device, error=error)
         self.last_states = self.hardware.states()
+        self.trace = TickTrace(number, now, self.clock.monotonic(), self.readings, states, proposals, self.verdicts,
+                               conflicts, decision, frozenset(self.operator.disabled))
         self._problems.settle(tick=number)
 
     def _report_sensors(self, number: int) -> None:
@@ -159,6 +165,7 @@ class ControlLoop:
         now = self.clock.monotonic()
         if not plugin.guard.admit(now, number):  # quarantined: not called until its backoff has passed
             self.health.failed(plugin.name, now, f"is quarantined: {plugin.guard.reason}")
+            self.verdicts.failures[plugin.name] = "quarantined"
             return []
         stats = self.plugin_stats.get(plugin.name) or self.plugin_stats.setdefault(plugin.name, PluginStats())
         stats.calls += 1
@@ -175,10 +182,12 @@ class ControlLoop:
             self._failed(plugin, exc, stats, seconds, number)
             return []
         self.health.ok(plugin.name)
+        self.verdicts.answered.append(plugin.name)
         for observer in self._call_observers:
             observer.plugin_called(plugin.name, seconds, False)
         plugin.guard.record(now, number, len(rejections), rejections[0].reason if rejections else "")
         stats.rejected += len(rejections)
+        self.verdicts.rejections.extend(rejections)
         for r in rejections:
             self._problems.problem(("rejected", r.plugin, r.device_id, r.rule), "command_rejected",
                                    plugin=r.plugin, tick=number, rule=r.rule, reason=r.reason,
@@ -192,6 +201,7 @@ class ControlLoop:
         kind = getattr(exc, "kind", type(exc).__name__)
         reset, fault = getattr(exc, "reset", False), getattr(exc, "plugin_s_fault", True)
         stats.resets += reset
+        self.verdicts.failures[plugin.name] = kind
         for observer in self._call_observers:
             observer.plugin_called(plugin.name, seconds, fault)
         if not fault:

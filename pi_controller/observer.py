@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from pi_controller.ownership import Failsafe
+
+if TYPE_CHECKING:
+    from pi_controller.contract import Command, Rejection
+    from pi_controller.safety import Decision
+    from pi_controller.sensors import Reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +23,32 @@ class TickReport:
     @property
     def on_time(self) -> bool:
         return self.missed == 0
+
+
+@dataclass(slots=True)
+class Verdicts:
+    """What became of the plugins' calls in one tick, beyond their valid commands."""
+
+    answered: list[str] = field(default_factory=list)  # plugins whose call gave a usable output
+    rejections: list[Rejection] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # plugin -> kind of failed call
+
+
+@dataclass(frozen=True, slots=True)
+class TickTrace:
+    """What one tick saw and did, kept by reference (nothing is copied in the tick) for whoever
+    records it after the tick: the context's parts, every proposal, and what became of them."""
+
+    number: int
+    time: float  # the context's timestamp (wall clock)
+    monotonic: float
+    readings: list[Reading]
+    states: dict[str, dict[str, Any]]  # the device states the plugins saw
+    proposals: list[Command]  # operator overrides first, then each plugin's valid commands
+    verdicts: Verdicts
+    conflicts: list[tuple[Command, Command]]
+    decision: Decision
+    disabled: frozenset[str]  # plugins the operator has switched off
 
 
 class LoopObserver:

@@ -1,0 +1,296 @@
+"""Recordings: what the loop saw and did, one compact JSON line per tick, for `replay` and post-mortems.
+
+A recording is a header line (`{"format": "pi-controller-recording", "version": 1, ...}`: the rate,
+each sensor's unit, the actuators, the plugins loaded and the config's text, so it replays anywhere)
+followed by one line per tick. A tick line holds, leaving out what is empty:
+
+    n  tick number          t  the context's timestamp     m  the loop's monotonic time
+    r  valid readings: {sensor: value}, or {sensor: [value, timestamp]} when read at another time
+    bad  invalid readings: {sensor: [error, timestamp]}
+    s  device states the plugins saw, those that changed since the line before: {actuator: state}
+    p  each plugin that answered: {plugin: [[actuator, action, target], ...]} (its valid commands)
+    x  rejected commands: {plugin: [[actuator or null, rule, reason], ...]}
+    e  failed calls: {plugin: kind}      o  operator overrides in force: [[actuator, action, target]]
+    k  conflicts: [[actuator, winner, loser]]     h  safety holds: [[actuator, rule, plugin]]
+    f  failsafes: [[actuator, owner, why]]        a  applied: [[actuator, target, plugin]]
+    d  plugins the operator disabled
+
+Plain lines compress tenfold: a name ending in `.gz` is gzip, flushed in sync blocks so that all but
+the last second decodes after a crash. Each run appends (a new header, a new gzip member); a reader
+skips a last line cut short. Lines are encoded after the tick (in `tick_done`, between two ticks) and
+written by a thread of their own through a bounded queue: a slow SD card drops lines (counted, logged
+once), it never holds up a tick. Past `max_mb` the file is rotated (`.1`, `.2`, ... `keep` of them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import queue
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+import structlog
+
+from pi_controller.config import MAX_CONFIG_BYTES, RecordSettings, Settings, read
+from pi_controller.logs import ChangeLog
+from pi_controller.observer import LoopObserver, TickReport, TickTrace
+
+log = structlog.get_logger("pi_controller.record")
+
+FORMAT = "pi-controller-recording"
+VERSION = 1
+MAX_LINE_BYTES = 1024 * 1024  # a tick of a few dozen devices is a few KiB: past this it is no line of ours
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_QUEUE_LINES = 600  # a minute at 10 Hz: what a stalled card may hold before lines are dropped
+_FLUSH_S = 1.0
+_STOP = b""
+
+
+def header(settings: Settings, plugins: dict[str, str], started: float) -> dict[str, Any]:
+    """The first line of each run: what a replay needs besides the ticks. `plugins`: name -> sha256."""
+    try:
+        text: str | None = read(settings.source, MAX_CONFIG_BYTES)
+    except OSError:  # the file moved since it was loaded: replay then needs --config
+        text = None
+    return {"format": FORMAT, "version": VERSION, "started": started, "rate_hz": settings.loop.rate_hz,
+            "sensors": {s.id: s.unit for s in settings.sensors},
+            "actuators": {a.id: a.kind for a in settings.actuators},
+            "plugins": plugins, "config_file": str(settings.source), "config": text}
+
+
+def encode(trace: TickTrace, previous: dict[str, dict[str, Any]] | None) -> bytes:
+    """One tick as a line; `previous`: the states of the line before (None: write them all)."""
+    line: dict[str, Any] = {"n": trace.number, "t": trace.time, "m": trace.monotonic}
+    valid: dict[str, Any] = {}
+    bad: dict[str, Any] = {}
+    for r in trace.readings:
+        if r.error is not None:
+            bad[r.sensor_id] = [r.error, r.timestamp]
+        else:
+            valid[r.sensor_id] = r.value if r.timestamp == trace.time else [r.value, r.timestamp]
+    states = {key: state for key, state in trace.states.items()
+              if previous is None or previous.get(key) is not state}
+    plugins: dict[str, list[Any]] = {name: [] for name in trace.verdicts.answered}
+    overrides = []
+    for c in trace.proposals:
+        (plugins.setdefault(c.plugin, []) if c.plugin in plugins else overrides).append(
+            [c.device_id, c.action, c.target])
+    rejected: dict[str, list[Any]] = {}
+    for j in trace.verdicts.rejections:
+        rejected.setdefault(j.plugin, []).append([j.device_id, j.rule, j.reason])
+    decision = trace.decision
+    parts = {"r": valid, "bad": bad, "s": states, "p": plugins, "x": rejected, "e": trace.verdicts.failures,
+             "o": overrides, "k": [[w.device_id, w.plugin, lost.plugin] for w, lost in trace.conflicts],
+             "h": [[h.device_id, h.rule, h.plugin] for h in decision.holds],
+             "f": [[f.device_id, f.owner, f.why] for f in decision.failsafes],
+             "a": [[c.device_id, c.target, c.plugin] for c in decision.commands],
+             "d": sorted(trace.disabled)}
+    line.update((key, value) for key, value in parts.items() if value)
+    return _ENCODER.encode(line).encode() + b"\n"
+
+
+class Recorder(LoopObserver):
+    """Appends each finished tick to a recording: encoded on the event loop after the tick, written
+    on a thread of its own."""
+
+    def __init__(self, settings: RecordSettings, path: Path, trace: Callable[[], TickTrace | None],
+                 first_line: dict[str, Any]):
+        self.settings = settings
+        self.path = path
+        self.dropped = 0
+        self.lines = 0
+        self._closed = False
+        self._trace = trace
+        self._header = _ENCODER.encode(first_line).encode() + b"\n"
+        self._states: dict[str, dict[str, Any]] | None = None
+        self._queue: queue.Queue[bytes] = queue.Queue(_QUEUE_LINES)
+        self._problems = ChangeLog(log)
+        try:
+            self._file = _Output(path, settings.max_mb * 1024 * 1024, settings.keep, self._header)
+        except OSError as exc:
+            raise RecordingError(f"cannot record to {path}: {exc.strerror or exc}") from exc
+        self._thread = threading.Thread(target=self._write, name="recorder", daemon=True)
+        self._thread.start()
+        log.info("recording", file=str(path), max_mb=settings.max_mb, keep=settings.keep)
+
+    def tick_done(self, report: TickReport) -> None:
+        trace = self._trace()
+        if trace is None or trace.number != report.number:
+            return  # no tick completed since (a tick that raised leaves the last trace in place)
+        line = encode(trace, self._states)
+        self._states = trace.states
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+            self._states = None  # the next line that gets through carries every state again
+            self._problems.problem("full", "recording_lines_dropped", tick=trace.number, file=str(self.path),
+                                   dropped=self.dropped, note="the disk is slower than the ticks")
+            return
+        self._problems.settle(tick=trace.number)
+
+    def _write(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            try:
+                line = self._queue.get(timeout=_FLUSH_S)
+            except queue.Empty:
+                line = None
+            if line is _STOP:
+                break
+            try:
+                if line is not None:
+                    self._file.write(line)
+                    self.lines += 1
+                if line is None or time.monotonic() - last_flush >= _FLUSH_S:
+                    self._file.flush()
+                    last_flush = time.monotonic()
+            except OSError as exc:  # a full or failing disk ends the recording, never the loop
+                log.error("recording_failed", file=str(self.path), error=str(exc)[:300])
+                self._drain()
+                return
+        self._file.close()
+
+    def _drain(self) -> None:
+        """After a write error: keep taking lines (so the loop never blocks) until told to stop."""
+        self._file.abandon()
+        while self._queue.get() is not _STOP:
+            self.dropped += 1
+
+    def close(self) -> None:
+        """Write what is queued, end the file, stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+        log.info("recording_closed", file=str(self.path), lines=self.lines, dropped=self.dropped)
+
+
+class _Output:
+    """The recording file (gzip by its name), rotated past `max_bytes`; used by the writer thread only."""
+
+    def __init__(self, path: Path, max_bytes: int, keep: int, first_line: bytes):
+        self.path, self.max_bytes, self.keep, self.first_line = path, max_bytes, keep, first_line
+        self._raw: IO[bytes] | None = None
+        self._out: IO[bytes] | None = None
+        self._open()
+
+    def _open(self) -> None:
+        self._raw = open(self.path, "ab")
+        self._out = gzip.GzipFile(fileobj=self._raw, mode="ab", mtime=0) if self.path.suffix == ".gz" else self._raw
+        self._out.write(self.first_line)
+
+    def write(self, line: bytes) -> None:
+        assert self._out is not None and self._raw is not None
+        self._out.write(line)
+        if self._raw.tell() >= self.max_bytes:
+            self._rotate()
+
+    def flush(self) -> None:
+        if self._out is not None:
+            self._out.flush()  # gzip: a sync flush, so what is written so far decodes without the end
+
+    def _rotate(self) -> None:
+        self.close()
+        for n in range(self.keep, 0, -1):  # the oldest is overwritten
+            newer = self.path if n == 1 else self.path.with_name(f"{self.path.name}.{n - 1}")
+            if newer.exists():
+                os.replace(newer, self.path.with_name(f"{self.path.name}.{n}"))
+        if self.keep == 0:
+            self.path.unlink(missing_ok=True)
+        self._open()
+
+    def close(self) -> None:
+        if self._out is not None and self._out is not self._raw:
+            self._out.close()
+        if self._raw is not None:
+            self._raw.close()
+        self._raw = self._out = None
+
+    def abandon(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            self._raw = self._out = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class RecordingError(Exception):
+    """Not a recording of ours (or of a version this one cannot read)."""
+
+
+class Reader:
+    """The lines of a recording, plain or gzip, as (header, tick) pairs; a line cut short (a crash
+    mid-write) or unreadable is skipped and counted in `skipped`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.skipped = 0
+        self.header: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        for raw in self._lines():
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                self.skipped += 1
+                continue
+            if not isinstance(line, dict):
+                self.skipped += 1
+            elif line.get("format") == FORMAT:
+                self.header = _checked(line, self.path)
+            elif self.header is None:
+                raise RecordingError(f"{self.path}: does not start with a {FORMAT} header line")
+            elif isinstance(line.get("n"), int) and isinstance(line.get("t"), (int, float)):
+                yield self.header, line
+            else:
+                self.skipped += 1
+
+    def _lines(self) -> Iterator[bytes]:
+        pending = b""
+        for chunk in _chunks(self.path):
+            pending += chunk
+            *whole, pending = pending.split(b"\n")
+            yield from (line for line in whole if line)
+            if len(pending) > MAX_LINE_BYTES:
+                raise RecordingError(f"{self.path}: a line longer than {MAX_LINE_BYTES} bytes: not a recording")
+        if pending:
+            self.skipped += 1  # the last line, cut short
+
+
+def _checked(header: dict[str, Any], path: Path) -> dict[str, Any]:
+    if header.get("version") != VERSION:
+        raise RecordingError(f"{path}: recording version {header.get('version')!r}; this pi-controller reads "
+                             f"version {VERSION}")
+    return header
+
+
+def _chunks(path: Path, size: int = 1 << 16) -> Iterator[bytes]:
+    """The file's bytes, gunzipped if it is gzip (members one after another; a cut-off end yields
+    what it decodes to)."""
+    with path.open("rb") as stream:
+        first = stream.read(size)
+        if not first.startswith(b"\x1f\x8b"):
+            while first:
+                yield first
+                first = stream.read(size)
+            return
+        inflate, data = zlib.decompressobj(wbits=31), first
+        try:
+            while data:
+                yield inflate.decompress(data)
+                while inflate.eof and inflate.unused_data:  # the next run's member
+                    data, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
+                    yield inflate.decompress(data)
+                data = stream.read(size)
+        except zlib.error as exc:
+            raise RecordingError(f"{path}: corrupt gzip data ({exc})") from exc
