@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import structlog
 
-from pi_controller import config, known_good, logs, plugin_tools, safe_state, simulation
+from pi_controller import config, known_good, logs, plugin_tools, replay, safe_state, simulation
 
 EXIT_CONFIG = 2
 
@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
     check.set_defaults(handler=_check_config)
     simulation.add_command(commands)
+    replay.add_command(commands)
 
     safe_state.add_command(commands)
 

@@ -242,14 +242,13 @@ class Reader:
             try:
                 line = json.loads(raw)
             except ValueError:
-                self.skipped += 1
-                continue
-            if not isinstance(line, dict):
-                self.skipped += 1
-            elif line.get("format") == FORMAT:
+                line = None
+            if isinstance(line, dict) and line.get("format") == FORMAT:
                 self.header = _checked(line, self.path)
             elif self.header is None:
                 raise RecordingError(f"{self.path}: does not start with a {FORMAT} header line")
+            elif not isinstance(line, dict):
+                self.skipped += 1
             elif isinstance(line.get("n"), int) and isinstance(line.get("t"), (int, float)):
                 yield self.header, line
             else:

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
+import structlog
 import yaml
 from gpiozero import Device
 
-from pi_controller import config
+from pi_controller import config, logs
 from pi_controller.clock import Clock, VirtualClock
 from pi_controller.config import PluginsSettings
 from pi_controller.daemon import Daemon
@@ -102,6 +103,17 @@ def example_data() -> dict[str, Any]:
     heater = next(a for a in data["actuators"] if a["id"] == "relay_switch")
     del heater["min_on_s"], heater["min_off_s"]
     return data
+
+
+@pytest.fixture
+def cli_logs() -> Iterator[None]:
+    """Tests that run the CLI in-process leave structlog printing to the stderr pytest captured for them,
+    closed by now: log to this test's instead, and leave the configuration as it was found."""
+    saved, threshold = structlog.get_config(), logs._threshold
+    logs.configure("console", "warning")
+    yield
+    structlog.configure(**saved)
+    logs._threshold = threshold  # what the tick asks before building an event: tests after this one log at info
 
 
 @pytest.fixture

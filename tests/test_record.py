@@ -118,7 +118,7 @@ def test_the_file_is_rotated_past_its_size_keeping_the_newest(tmp_path) -> None:
     assert json.loads(path.read_text().splitlines()[-1])["n"] == 99
 
 
-def test_an_unwritable_recording_is_refused_before_the_loop_starts(write_config, tmp_path) -> None:
+def test_an_unwritable_recording_is_refused_before_the_loop_starts(write_config, tmp_path, cli_logs) -> None:
     from pi_controller import cli
 
     data = example_data()

@@ -11,12 +11,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-import structlog
 
-from pi_controller import config, logs, simulation
+from pi_controller import config, simulation
 from pi_controller.clock import SystemClock
 from tests.conftest import example_data
 
@@ -24,14 +23,8 @@ LSB_C = 330 / 1023  # one step of the TMP36 on the MCP3008
 
 
 @pytest.fixture(autouse=True)
-def _logs_to_this_test() -> Iterator[None]:
-    """Tests that run the CLI in-process leave structlog printing to the stderr pytest captured for them,
-    closed by now: log to this test's instead, and leave the configuration as it was found."""
-    saved, threshold = structlog.get_config(), logs._threshold
-    logs.configure("console", "warning")
-    yield
-    structlog.configure(**saved)
-    logs._threshold = threshold  # what the tick asks before building an event: tests after this one log at info
+def _logs_to_this_test(cli_logs) -> None:
+    """Every test here may run the CLI in-process."""
 
 
 def day_room(data: dict[str, Any], **room: Any) -> dict[str, Any]:

@@ -1,0 +1,230 @@
+"""`pi-controller replay`: a recording's readings and device states fed to plugins again, on a virtual
+clock and as fast as they run, their commands validated and passed through the safety rules, and
+compared with what was recorded, per plugin and per actuator.
+
+The plugins see what the recorded ones saw (the recorded device states, not those their own commands
+would have made), so a difference shows where a plugin decides otherwise, tick by tick, and never
+snowballs. The safety rules run on mock actuators driven by the replayed commands: what would have
+been held or failed safe, and where the applied commands differ from the recorded ones. Plugins start
+fresh at `--from`, as after a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from pi_controller import actuators, arbitration, config
+from pi_controller.agreement import Agreement, Verdict, verdict, verdict_of
+from pi_controller.clock import VirtualClock
+from pi_controller.contract import Command, encode_context
+from pi_controller.hardware import Hardware
+from pi_controller.operator import OPERATOR
+from pi_controller.ownership import Health
+from pi_controller.pins import mock_factory
+from pi_controller.plugins import PluginSet, SandboxedPlugin
+from pi_controller.proposals import propose
+from pi_controller.record import Reader, RecordingError
+from pi_controller.safety import Safety
+from pi_controller.sensors import Reading
+
+log = structlog.get_logger("pi_controller.replay")
+
+EXIT_CONFIG = 2
+
+
+class Replay:
+    """The plugins of a folder and the safety rules of a config, fed one recorded tick after another."""
+
+    def __init__(self, settings: config.Settings, plugins_dir: Path, start: float):
+        self.settings = settings
+        self.clock = VirtualClock(start)
+        factory = mock_factory(settings)
+        self.hardware = Hardware([], [actuators.build(a, factory) for a in settings.actuators], factory)
+        self.plugins = PluginSet(settings.plugins, plugins_dir, settings.loop.plugin_budget_ms, clock=self.clock)
+        self.plugins.load_all()
+        self.safety = Safety(self.hardware.actuators, settings.sensors, settings.interlocks,
+                             failsafe_after_s=settings.safety.failsafe_after_s)
+        self.health = Health(lambda plugin: "was not called")
+        self.compared: dict[str, Agreement] = {p.name: Agreement("recorded", "replayed") for p in self.plugins}
+        self.not_recorded: Counter[str] = Counter()  # ticks a plugin was not called in the recording
+        self.applied = Agreement("recorded", "replayed")
+        self.ticks = 0
+        self.states: dict[str, Any] = {}
+
+    def feed(self, line: dict[str, Any], units: dict[str, str]) -> None:
+        """One recorded tick: the plugins called on its context, compared, arbitrated and guarded."""
+        number, now = line["n"], line["t"]
+        self.clock.advance(max(0.0, line.get("m", 0.0) - self.clock.monotonic()))
+        readings = _readings(line, units, now)
+        self.states.update(line.get("s", {}))
+        self.plugins.record(readings)
+        context = encode_context(readings, self.states, now, number)
+        proposals = [Command(device, action, target, OPERATOR, 0) for device, action, target in line.get("o", [])
+                     if device in self.hardware.actuators]
+        self.health.begin()
+        for plugin in self.plugins:
+            if plugin.name not in line.get("d", ()):
+                proposals.extend(self._consult(plugin, context, readings, line))
+        wanted, _ = arbitration.resolve(proposals)
+        decision = self.safety.decide(wanted, readings, now, self.clock.monotonic(), self.health)
+        self.hardware.apply(decision.commands, number)
+        self.applied.add(number, now, {device: [target, plugin] for device, target, plugin in line.get("a", [])},
+                         {c.device_id: [c.target, c.plugin] for c in decision.commands})
+        self.ticks += 1
+
+    def _consult(self, plugin: SandboxedPlugin, context: bytes, readings: list[Reading],
+                 line: dict[str, Any]) -> list[Command]:
+        failed = None
+        commands, rejections = [], []
+        try:
+            commands, rejections = propose(plugin, context, readings, self.hardware.actuators, line["n"])
+            self.health.ok(plugin.name)
+        except Exception as exc:  # a failed call is a verdict to compare, as the loop counts it
+            failed = getattr(exc, "kind", type(exc).__name__)
+            self.health.failed(plugin.name, self.clock.monotonic(), f"has failed every call since ({failed})")
+        recorded = _recorded(line, plugin.name)
+        if recorded is None:
+            self.not_recorded[plugin.name] += 1
+        else:
+            self.compared[plugin.name].add(line["n"], line["t"], recorded[0], verdict_of(commands, rejections),
+                                           (recorded[1], failed))
+        return commands
+
+    def report(self, recording: Path, header: dict[str, Any], skipped: int) -> dict[str, Any]:
+        recorded_plugins = header.get("plugins", {})
+        plugins = {}
+        for plugin in self.plugins:
+            entry = self.compared[plugin.name].summary()
+            entry["sha256"] = plugin.sha256
+            if plugin.name in recorded_plugins:
+                entry["recorded_sha256"] = recorded_plugins[plugin.name]
+            if self.not_recorded[plugin.name]:
+                entry["ticks_not_recorded"] = self.not_recorded[plugin.name]
+            plugins[plugin.name] = entry
+        return {"recording": str(recording), "ticks": self.ticks, "skipped_lines": skipped,
+                "plugins": plugins,
+                "not_loaded": {name: s.reason or s.state for name, s in self.plugins.status.items()
+                               if s.state != "loaded"},
+                "safety": {"held": {key: dict(rules) for key, rules in self.safety.held.items() if rules},
+                           "failsafes": dict(self.safety.failsafes),
+                           "applied": self.applied.summary()}}
+
+    def close(self) -> None:
+        self.plugins.close()
+        for actuator in self.hardware.actuators.values():
+            actuator.close()
+
+
+def _readings(line: dict[str, Any], units: dict[str, str], now: float) -> list[Reading]:
+    """The tick's readings in the order the loop read them (the header's): the context's bytes depend on it."""
+    valid, bad = line.get("r", {}), line.get("bad", {})
+    readings = []
+    for sensor in [*units, *(s for s in (*valid, *bad) if s not in units)]:
+        if sensor in valid:
+            value, timestamp = valid[sensor] if isinstance(valid[sensor], list) else (valid[sensor], now)
+            readings.append(Reading(sensor, value, units.get(sensor, ""), timestamp))
+        elif sensor in bad:
+            error, timestamp = bad[sensor]
+            readings.append(Reading(sensor, None, units.get(sensor, ""), timestamp, str(error)))
+    return readings
+
+
+def _recorded(line: dict[str, Any], plugin: str) -> tuple[Verdict, str | None] | None:
+    """The recorded verdict of `plugin` in this tick and its failed call's kind; None if not called."""
+    failed = line.get("e", {}).get(plugin)
+    if plugin not in line.get("p", {}) and failed is None:
+        return None
+    if failed == "quarantined":
+        return None
+    rejected = ((device, rule) for device, rule, _ in line.get("x", {}).get(plugin, []))
+    return verdict(line.get("p", {}).get(plugin, []), rejected), failed
+
+
+def replay(recording: Path, settings: config.Settings | None, plugins_dir: Path | None,
+           start: float | None = None, end: float | None = None) -> dict[str, Any]:
+    """Replay `recording` (within [start, end], Unix seconds) and return the report. Raises
+    RecordingError, and ConfigError for the config given or recorded."""
+    reader = Reader(recording)
+    session: Replay | None = None
+    header: dict[str, Any] = {}
+    try:
+        for header, line in reader:
+            if (start is not None and line["t"] < start) or (end is not None and line["t"] > end):
+                continue
+            if session is None:
+                settings = settings or _recorded_settings(header, recording)
+                folder = config.check_plugins_directory(settings, plugins_dir)
+                session = Replay(settings, folder, line["t"] - line.get("m", 0.0))
+            try:
+                session.feed(line, header.get("sensors", {}))
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a line not written by us
+                raise RecordingError(f"{recording}: tick {line['n']}: malformed line ({exc})"[:300]) from exc
+        if session is None:
+            raise RecordingError(f"{recording}: no tick recorded" + (" in the range given" if start or end else ""))
+        return session.report(recording, header, reader.skipped)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _recorded_settings(header: dict[str, Any], recording: Path) -> config.Settings:
+    text = header.get("config")
+    if not isinstance(text, str):
+        raise RecordingError(f"{recording}: the recording holds no config: give one with --config")
+    return config.parse(text, Path(header.get("config_file") or recording))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def add_command(commands: Any) -> None:
+    """Register `replay` on the CLI's subcommands."""
+    cmd = commands.add_parser("replay", help="feed a recording to plugins and compare their commands with it")
+    cmd.add_argument("recording", type=Path, help="a file written by run --record or simulate --record")
+    cmd.add_argument("--config", type=Path, help="config (default: the one recorded)")
+    cmd.add_argument("--plugins", type=Path, help="plugins folder (default: the config's plugins.directory)")
+    cmd.add_argument("--from", dest="start", type=parse_time, help="first tick: Unix seconds or ISO 8601 time")
+    cmd.add_argument("--to", dest="end", type=parse_time, help="last tick: Unix seconds or ISO 8601 time")
+    cmd.add_argument("--log-format", choices=["console", "json"], default="console")
+    cmd.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="error")
+    cmd.set_defaults(handler=command)
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is neither Unix seconds nor an ISO 8601 time "
+                                         "such as 2026-12-01T18:00:00") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def command(args: argparse.Namespace) -> int:
+    try:
+        settings = config.load(args.config) if args.config else None
+        report = replay(args.recording, settings, args.plugins, args.start, args.end)
+    except config.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (RecordingError, OSError) as exc:
+        print(f"replay error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0

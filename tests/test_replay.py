@@ -1,0 +1,127 @@
+"""Replay: a simulated run recorded, then its readings fed again to the same plugins (they agree on every
+tick) and to a changed one (it differs at exactly the ticks its change decides otherwise)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pi_controller import config, replay
+from pi_controller.clock import VirtualClock
+from pi_controller.record import Reader, RecordingError
+from tests.conftest import BUNDLED_PLUGINS, example_data
+
+TICKS = 600  # ten simulated minutes at 1 Hz: the room warms past the band and the heater cycles
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    """A recording of the example (bundled plugins, the room model), and the config data it ran."""
+    import asyncio
+
+    from pi_controller.daemon import Daemon
+
+    folder = tmp_path_factory.mktemp("recorded")
+    data = example_data()
+    data["loop"]["rate_hz"] = 1.0
+    data["watchdog"] = {"timeout_s": 5.0}
+    data["pins"] = {"factory": "mock"}
+    data["record"] = {"path": "run.jsonl.gz"}
+    path = folder / "config.yaml"
+    path.write_text(json.dumps(data))
+    daemon = Daemon(config.load(path), simulate=True, clock=VirtualClock())
+    try:
+        asyncio.run(daemon.serve(TICKS))
+    finally:
+        daemon.close()
+    return folder / "run.jsonl.gz", data
+
+
+def thermostat(temperature: float | None, setpoint: float, hysteresis: float = 0.5) -> list[Any] | None:
+    """The bundled temperature_control, in Python: what it commands for one reading."""
+    if temperature is None or temperature < setpoint - hysteresis:
+        return ["set_low", 0.0] if temperature is None else ["set_high", 1.0]
+    if temperature > setpoint + hysteresis:
+        return ["set_low", 0.0]
+    return None
+
+
+def test_the_same_plugins_replayed_agree_on_every_tick(recorded) -> None:
+    path, _ = recorded
+    report = replay.replay(path, None, None)  # the config and plugins folder as recorded
+    assert report["ticks"] == TICKS and report["skipped_lines"] == 0
+    assert set(report["plugins"]) == {"energy_saver", "motion_light", "temperature_control"}
+    for name, plugin in report["plugins"].items():
+        assert plugin["agree"] == plugin["ticks"] == TICKS, name
+        assert plugin["agreement_percent"] == 100.0
+        assert plugin["sha256"] == plugin["recorded_sha256"]
+        assert all(a["agree"] == TICKS for a in plugin["actuators"].values()), name
+    heater = report["plugins"]["temperature_control"]["actuators"]["relay_switch"]
+    assert heater["ticks"] == TICKS and "first_difference" not in heater
+    # The safety rules on the replayed commands applied what the loop applied, tick for tick.
+    assert report["safety"]["applied"]["agree"] == TICKS
+
+
+def test_a_changed_setpoint_differs_at_exactly_the_ticks_it_decides_otherwise(recorded, tmp_path) -> None:
+    path, data = recorded
+    data = json.loads(json.dumps(data))
+    data["plugins"]["settings"]["temperature_control"]["config"]["setpoint"] = 20.0
+    data["plugins"]["directory"] = str(BUNDLED_PLUGINS)
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(json.dumps(data))
+    report = replay.replay(path, config.load(changed), None)
+
+    lines = [line for _, line in Reader(path)]
+    temperatures = [line.get("r", {}).get("temperature_sensor") for line in lines]
+    expected = [n for n, t in enumerate(temperatures) if thermostat(t, 21.0) != thermostat(t, 20.0)]
+    assert expected, "the recorded room never left the band between the two setpoints"
+    heater = report["plugins"]["temperature_control"]["actuators"]["relay_switch"]
+    assert heater["ticks"] - heater["agree"] == len(expected)
+    first = heater["first_difference"]
+    assert first["tick"] == expected[0]
+    t = temperatures[expected[0]]
+    assert first["recorded"] == thermostat(t, 21.0) and first["replayed"] == thermostat(t, 20.0)
+    # The other plugins are the same: they still agree on every tick.
+    assert report["plugins"]["energy_saver"]["agree"] == TICKS
+    assert report["plugins"]["motion_light"]["agree"] == TICKS
+
+
+def test_a_window_of_the_recording_replays_alone(recorded) -> None:
+    path, _ = recorded
+    lines = [line for _, line in Reader(path)]
+    start, end = lines[100]["t"], lines[199]["t"]
+    report = replay.replay(path, None, None, start, end)
+    assert report["ticks"] == 100
+    assert report["plugins"]["temperature_control"]["agree"] == 100
+
+
+def test_a_truncated_recording_replays_up_to_the_cut(recorded, tmp_path) -> None:
+    import gzip
+
+    path, _ = recorded
+    plain = gzip.decompress(path.read_bytes())
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(plain[:plain.index(b'{"n":300,') + 40])
+    report = replay.replay(cut, None, None)
+    assert report["ticks"] == 300 and report["skipped_lines"] == 1
+    assert report["plugins"]["temperature_control"]["agree"] == 300
+
+
+def test_the_command_prints_the_report_and_refuses_what_is_no_recording(recorded, tmp_path, capsys,
+                                                                      cli_logs) -> None:
+    from pi_controller import cli
+
+    path, _ = recorded
+    lines = [line for _, line in Reader(path)]
+    assert cli.main(["replay", str(path), "--from", str(lines[10]["t"]), "--to", str(lines[19]["t"])]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ticks"] == 10
+    other = tmp_path / "other.txt"
+    other.write_text("hello\n")
+    assert cli.main(["replay", str(other)]) == 2
+    assert "header" in capsys.readouterr().err
+    with pytest.raises(RecordingError):
+        replay.replay(path, None, None, start=lines[-1]["t"] + 1)
