@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import structlog
 
-from pi_controller import config, known_good, logs, plugin_tools, replay, safe_state, simulation
+from pi_controller import config, known_good, logs, plugin_tools, replay, safe_state, shadow, simulation
 
 EXIT_CONFIG = 2
 
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: .)")
     build.set_defaults(handler=_build_plugins)
     plugin_tools.add_commands(plugin_commands)
+    shadow.add_command(plugin_commands)
     return parser
 
 

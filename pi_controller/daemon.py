@@ -26,6 +26,7 @@ from pi_controller.readiness import Readiness
 from pi_controller.record import Recorder
 from pi_controller.reloads import ReloadResult, Reloads
 from pi_controller.safety import Safety, Watchdog
+from pi_controller.shadow import Shadows
 from pi_controller.stats import PluginStats
 from pi_controller.systemd import Notifier
 from pi_controller.telemetry import Telemetry
@@ -52,6 +53,7 @@ class Daemon:
         self.recorder: Recorder | None = None
         self._record_to = record
         self._watcher: asyncio.Task[None] | None = None
+        self._shadow_watcher: asyncio.Task[None] | None = None
         self.hardware = self._build_hardware()
         self.hardware.settle("startup", "starting")
         try:
@@ -78,6 +80,8 @@ class Daemon:
                      if o is not None]  # /ready, then READY=1
         self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
                                 self.operator)
+        self.shadows = Shadows(settings.plugins, self.plugins, self.clock, self.plugins.history)
+        self.loop.shadows = self.shadows
         self._started = self.clock.monotonic()
 
     def _recorder(self, settings: Settings) -> Recorder | None:
@@ -162,11 +166,15 @@ class Daemon:
         if self.settings.plugins.watch:
             self._watcher = asyncio.create_task(PluginWatcher(lambda: self.plugins, self.loop).run(),
                                                 name="plugin-watch")
+            if self.shadows.plugins.directory.is_dir():
+                self._shadow_watcher = asyncio.create_task(
+                    PluginWatcher(lambda: self.shadows.plugins, self.loop).run(), name="shadow-watch")
 
     def _stop_watching(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        for watcher in (self._watcher, self._shadow_watcher):
+            if watcher is not None:
+                watcher.cancel()
+        self._watcher = self._shadow_watcher = None
 
     def _metrics_server(self) -> MetricsServer | None:
         if self.metrics is None:
@@ -272,6 +280,9 @@ class Daemon:
     def watchdog_trips(self) -> int:
         return self.watchdog.trips if self.watchdog else 0
 
+    def shadow_agreement(self) -> Mapping[tuple[str, str], tuple[int, int]]:
+        return self.shadows.agreement()
+
     def plugin_states(self) -> dict[str, dict[str, Any]]:
         """Each plugin's state for telemetry: loaded, disabled or failed (with why), and its counts."""
         states = {}
@@ -306,11 +317,13 @@ class Daemon:
             "ticks": summary["ticks"],
             "safety": {"held": summary["held"], "failsafes": summary["failsafes"], "owners": summary["owners"],
                        "watchdog_trips": self.watchdog.trips if self.watchdog else 0},
-        } | ({"telemetry": self.telemetry.summary()} if self.telemetry else {})
+        } | ({"telemetry": self.telemetry.summary()} if self.telemetry else {}) | (
+            {"shadows": self.shadows.snapshot()} if self.shadows.plugins.status else {})
 
     def close(self) -> None:
         if self.recorder is not None:
             self.recorder.close()
+        self.shadows.close()
         self.plugins.close()
         self.hardware.close()
         self.notifier.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import structlog
 
@@ -28,6 +28,9 @@ from pi_controller.plugins import PluginSet, SandboxedPlugin
 from pi_controller.safety import FORCING, Hold, Safety
 from pi_controller.sensors import Reading
 from pi_controller.stats import PluginStats, TickStats
+
+if TYPE_CHECKING:
+    from pi_controller.shadow import Shadows
 
 log = structlog.get_logger("pi_controller.loop")
 
@@ -58,6 +61,7 @@ class ControlLoop:
         self.health = Health(self._why_not_called)
         self.verdicts = Verdicts()
         self.trace: TickTrace | None = None  # the last tick's, for a recorder
+        self.shadows: Shadows | None = None
         self._problems = ChangeLog(log)
 
     async def run(self, stop: asyncio.Event, max_ticks: int | None = None) -> None:
@@ -102,7 +106,7 @@ class ControlLoop:
 
     def tick(self, number: int) -> None:
         """Read, decide, arbitrate, guard, act: one pass of the control loop."""
-        now = self.clock.time()
+        now, started = self.clock.time(), self.clock.perf_counter()
         self.readings = self.hardware.read(now)
         self._report_sensors(number)
         self.plugins.record(self.readings)
@@ -125,6 +129,8 @@ class ControlLoop:
         self.last_states = self.hardware.states()
         self.trace = TickTrace(number, now, self.clock.monotonic(), self.readings, states, proposals, self.verdicts,
                                conflicts, decision, frozenset(self.operator.disabled))
+        if self.shadows is not None:  # after the pins are written: shadows never delay what is applied
+            self.shadows.consult(self.trace, context, self.hardware.actuators, started)
         self._problems.settle(tick=number)
 
     def _report_sensors(self, number: int) -> None:

@@ -51,6 +51,9 @@ class Source(Protocol):
 
     def watchdog_trips(self) -> int: ...
 
+    def shadow_agreement(self) -> Mapping[tuple[str, str], tuple[int, int]]:
+        """(plugin, actuator or "*") -> (ticks its shadow agreed, ticks compared)."""
+
 
 class Metrics(LoopObserver):
     def __init__(self, period: float, source: Source, timer: Callable[[], float] = time.monotonic):
@@ -162,9 +165,26 @@ class _StateCollector:
         yield holds
         yield CounterMetricFamily(f"{PREFIX}_watchdog_trips", "Times the watchdog drove every actuator safe",
                                   value=float(self._source.watchdog_trips()))
+        yield from _shadow_families(self._source.shadow_agreement())
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # names vary with the config; nothing to check them against at registration
+
+
+def _shadow_families(agreement: Mapping[tuple[str, str], tuple[int, int]]) -> Iterator[Metric]:
+    """How each shadow plugin agrees with its live plugin, per actuator ("*": whole calls)."""
+    from prometheus_client.core import CounterMetricFamily
+
+    labels = ["plugin", "device"]
+    compared = CounterMetricFamily(f"{PREFIX}_shadow_compared_ticks", "Ticks a shadow plugin ran beside its live "
+                                                                      "plugin", labels=labels)
+    agreed = CounterMetricFamily(f"{PREFIX}_shadow_agreed_ticks", "Ticks a shadow plugin's commands agreed with "
+                                                                  "its live plugin's", labels=labels)
+    for key, (agree, ticks) in sorted(agreement.items()):
+        compared.add_metric(list(key), float(ticks))
+        agreed.add_metric(list(key), float(agree))
+    yield compared
+    yield agreed
 
 
 class MetricsServer:

@@ -1,0 +1,177 @@
+"""Shadow plugins: a plugin in the plugins folder's `shadow/` subfolder, under a live plugin's name,
+runs beside it every tick on the same context, within its own grant, and is never applied.
+
+Its output is parsed and validated as the live plugin's is, then compared with the live plugin's,
+per actuator (see `agreement`): the snapshot and metrics show how often they agreed and the last
+time they did not. Through the safety rules: where this tick's decision forced an actuator safe
+(`safety.FORCING`: a required sensor invalid or stale, max_on), a shadow asking it on is counted as
+held, as the live plugin's request was. The wear rules (min_on, interlocks, rates) depend on what the
+actuator did under its owner's commands, which a shadow never has, so they are left out.
+
+Shadows run after the actuators are written, so they never delay the live plugins' commands, and
+they get the plugin time budget the live plugins leave: a shadow that does not fit is refused at
+load, and on a real clock one is skipped (counted) in a tick already too late for its timeout. A
+shadow's failures are its own: counted, quarantined as any plugin, never the live plugin's health.
+`pi-controller plugin promote NAME` moves the shadow's file over the live one (see `promote`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import structlog
+
+from pi_controller.agreement import Agreement, verdict_of
+from pi_controller.clock import Clock
+from pi_controller.config import PluginsSettings
+from pi_controller.contract import Command, CommandTarget, Rejection
+from pi_controller.host_functions import History
+from pi_controller.logs import ChangeLog
+from pi_controller.observer import TickTrace
+from pi_controller.plugins import PluginSet, SandboxedPlugin
+from pi_controller.proposals import propose
+from pi_controller.safety import FORCING, is_on
+
+log = structlog.get_logger("pi_controller.shadow")
+
+FOLDER = "shadow"
+
+
+class ShadowStats:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.errors = 0
+        self.skipped = 0  # ticks left out: the tick's budget was spent
+        self.held: Counter[tuple[str, str]] = Counter()  # (actuator, rule): asked on while forced safe
+        self.agreement = Agreement("live", "shadow")
+
+
+class Shadows:
+    """The shadow plugins of one plugins folder, and how each compares with its live plugin."""
+
+    def __init__(self, settings: PluginsSettings, live: PluginSet, clock: Clock, history: History):
+        spare = live.budget_ms - sum(p.grant.timeout_ms for p in live)
+        self.plugins = PluginSet(settings, live.directory / FOLDER, max(0.0, spare), history, clock)
+        self.clock = clock
+        self.budget_ms = live.budget_ms
+        self.stats: dict[str, ShadowStats] = {}
+        self._problems = ChangeLog(log)
+        if self.plugins.directory.is_dir():  # not load_all: a live plugin without a shadow is no news
+            self.plugins.apply(self.plugins.prepare(path.stem for path in self.plugins.directory.glob("*.wasm")))
+            log.info("shadows_loaded", directory=str(self.plugins.directory), names=[p.name for p in self.plugins],
+                     failed={name: s.reason for name, s in self.plugins.status.items() if s.state == "failed"})
+
+    def __len__(self) -> int:
+        return len(self.plugins)
+
+    def consult(self, tick: TickTrace, context: bytes, targets: Mapping[str, CommandTarget], started: float) -> None:
+        """Call each shadow whose live plugin was called in `tick`, on its context, and compare;
+        `started`: the tick's start on the clock's perf_counter."""
+        called = tick.verdicts.answered + list(tick.verdicts.failures)
+        for shadow in self.plugins:
+            if shadow.name not in called or tick.verdicts.failures.get(shadow.name) == "quarantined":
+                continue
+            stats = self.stats.get(shadow.name) or self.stats.setdefault(shadow.name, ShadowStats())
+            spent_ms = (self.clock.perf_counter() - started) * 1000
+            if self.clock.real and spent_ms + shadow.grant.timeout_ms > self.budget_ms:
+                stats.skipped += 1
+                continue
+            if not shadow.guard.admit(self.clock.monotonic(), tick.number):
+                continue
+            try:
+                self._compare(shadow, stats, tick, context, targets)
+            except Exception as exc:  # a bug of ours in a side show: logged once, never the loop's end
+                self._problems.problem(("shadow", shadow.name), "shadow_failed", level="error", plugin=shadow.name,
+                                       tick=tick.number, error=f"{type(exc).__name__}: {exc}"[:300])
+
+    def _compare(self, shadow: SandboxedPlugin, stats: ShadowStats, tick: TickTrace, context: bytes,
+                 targets: Mapping[str, CommandTarget]) -> None:
+        stats.calls += 1
+        number, verdicts = tick.number, tick.verdicts
+        failed = None
+        commands: list[Command] = []
+        rejections: list[Rejection] = []
+        try:
+            commands, rejections = propose(shadow, context, tick.readings, targets, number)
+        except Exception as exc:  # a shadow's failure is its own, and changes nothing live
+            failed = getattr(exc, "kind", type(exc).__name__)
+            stats.errors += 1
+        shadow.guard.record(self.clock.monotonic(), number, len(rejections) + (failed is not None),
+                            failed or (rejections[0].reason if rejections else ""))
+        forced = {h.device_id: h.rule for h in tick.decision.holds if h.rule in FORCING}
+        for c in commands:
+            if c.device_id in forced and is_on(c.target):
+                stats.held[(c.device_id, forced[c.device_id])] += 1
+        name = shadow.name
+        live = verdict_of((c for c in tick.proposals if c.plugin == name),
+                          (r for r in verdicts.rejections if r.plugin == name))
+        agreed = stats.agreement.add(number, tick.time, live, verdict_of(commands, rejections),
+                                     (verdicts.failures.get(name), failed))
+        if not agreed and stats.agreement.differing[""] == 1:
+            log.info("shadow_disagrees", plugin=name, tick=number, difference=stats.agreement.first[""])
+
+    def agreement(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(plugin, actuator or "*" for whole calls) -> (ticks agreed, ticks compared), for metrics."""
+        result = {}
+        for name, stats in list(self.stats.items()):
+            a = stats.agreement
+            result[(name, "*")] = (a.ticks - a.differing[""], a.ticks)
+            result.update(((name, device), (a.ticks - a.differing[device], a.ticks)) for device in list(a.seen))
+        return result
+
+    def snapshot(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for name, status in self.plugins.status.items():
+            entry: dict[str, Any] = {"state": status.state}
+            if status.reason:
+                entry["reason"] = status.reason
+            stats = self.stats.get(name)
+            if stats is not None:
+                entry |= {"calls": stats.calls, "errors": stats.errors, "skipped": stats.skipped,
+                          "would_be_held": {f"{device}:{rule}": n for (device, rule), n in stats.held.items()}}
+                entry |= stats.agreement.summary(last=True)
+            result[name] = entry
+        return result
+
+    def close(self) -> None:
+        self.plugins.close()
+
+
+def promote(plugins_dir: Path, name: str) -> str:
+    """Move shadow/NAME.wasm (and its manifest) over the live plugin's files; returns what was done.
+    A rename: the watcher sees the live file replaced at once and hot-swaps it."""
+    shadow = plugins_dir / FOLDER / f"{name}.wasm"
+    if not shadow.is_file():
+        raise FileNotFoundError(f"no shadow plugin {shadow}")
+    manifest = shadow.with_suffix(".yaml")
+    if manifest.is_file():  # first: the new module must not be loaded under the old terms
+        os.replace(manifest, plugins_dir / manifest.name)
+    os.replace(shadow, plugins_dir / shadow.name)
+    return f"promoted {shadow} to {plugins_dir / shadow.name}"
+
+
+def add_command(plugin_commands: Any) -> None:
+    """Register `plugin promote` on the plugin subcommands."""
+    cmd = plugin_commands.add_parser("promote", help="make a shadow plugin live (moves shadow/NAME.wasm over NAME.wasm)")
+    cmd.add_argument("name", help="the plugin's name")
+    cmd.add_argument("--plugins", type=Path, required=True, help="the plugins folder")
+    cmd.set_defaults(handler=_promote)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from pi_controller.plugins import NAME_RULE, valid_name
+
+    if not valid_name(args.name):
+        print(f"error: {args.name[:80]!r} is no plugin name: {NAME_RULE}", file=sys.stderr)
+        return 2
+    try:
+        print(promote(args.plugins, args.name))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

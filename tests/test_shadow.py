@@ -1,0 +1,87 @@
+"""Shadow plugins: run beside the live plugin of their name every tick, compared, never applied."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pi_controller import cli, shadow
+from pi_controller.clock import VirtualClock
+from pi_controller.metrics import Metrics
+from tests.conftest import TEST_PLUGINS, example_data
+
+TICKS = 60
+
+
+def heater_only() -> dict[str, Any]:
+    """The example's heater and thermometer alone, with the room model: cold, so the thermostat asks for
+    heat on every tick."""
+    data = example_data()
+    data["sensors"] = [s for s in data["sensors"] if s["id"] == "temperature_sensor"]
+    data["actuators"] = [a for a in data["actuators"] if a["id"] == "relay_switch"]
+    data["simulation"] = [m for m in data["simulation"] if m["kind"] == "room"]
+    data["mqtt"]["deadband"] = {}
+    data["metrics"] = {"enabled": False}
+    return data
+
+
+def with_shadow(plugin_dir, live: str, shadow_of: str, shadow_file: str) -> Path:
+    folder = plugin_dir(live)
+    (folder / shadow.FOLDER).mkdir()
+    shutil.copy(TEST_PLUGINS / f"{shadow_file}.wasm", folder / shadow.FOLDER / f"{shadow_of}.wasm")
+    return folder
+
+
+def test_a_shadow_flipping_the_relay_every_tick_never_reaches_the_pin(run_daemon, plugin_dir) -> None:
+    folder = with_shadow(plugin_dir, "temperature_control", "temperature_control", "sweep")
+    daemon = run_daemon(heater_only(), TICKS, plugins=folder, clock=VirtualClock())
+    # The pin did what the live thermostat asked: on at the first tick, off only at shutdown.
+    assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]
+    assert [p.name for p in daemon.plugins] == ["temperature_control"]
+    snapshot = daemon.snapshot()["shadows"]["temperature_control"]
+    # sweep asks for on at even ticks (as the thermostat does) and for off at odd ones.
+    assert snapshot["calls"] == TICKS and snapshot["errors"] == 0
+    assert snapshot["ticks"] == TICKS and snapshot["agree"] == TICKS // 2
+    relay = snapshot["actuators"]["relay_switch"]
+    assert relay["agree"] == TICKS // 2
+    assert relay["first_difference"]["tick"] == 1
+    assert relay["last_difference"] == {"tick": TICKS - 1, "time": relay["last_difference"]["time"],
+                                        "live": ["set_high", 1.0], "shadow": ["set_low", 0.0]}
+    assert daemon.loop.plugin_stats["temperature_control"].calls == TICKS  # the live plugin, called as ever
+    metrics = Metrics(0.1, daemon)
+    text = metrics.exposition().decode()
+    assert 'pi_controller_shadow_compared_ticks_total{device="relay_switch",plugin="temperature_control"} 60.0' in text
+    assert 'pi_controller_shadow_agreed_ticks_total{device="relay_switch",plugin="temperature_control"} 30.0' in text
+
+
+def test_a_shadow_that_fails_changes_nothing_live(run_daemon, plugin_dir) -> None:
+    folder = with_shadow(plugin_dir, "temperature_control", "temperature_control", "trap")
+    daemon = run_daemon(heater_only(), 10, plugins=folder, clock=VirtualClock())
+    assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]
+    snapshot = daemon.snapshot()
+    entry = snapshot["shadows"]["temperature_control"]
+    assert entry["errors"] >= 1 and entry["agree"] == 0
+    assert entry["first_difference"]["shadow"] == {"failed": "trap"}
+    assert snapshot["plugins"]["temperature_control"]["errors"] == 0
+    assert snapshot["safety"]["failsafes"] == {}
+
+
+def test_a_shadow_without_a_live_plugin_is_not_called(run_daemon, plugin_dir) -> None:
+    folder = with_shadow(plugin_dir, "temperature_control", "energy_saver", "sweep")
+    daemon = run_daemon(heater_only(), 5, plugins=folder, clock=VirtualClock())
+    entry = daemon.snapshot()["shadows"]["energy_saver"]
+    assert entry == {"state": "loaded"}
+    assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]
+
+
+def test_promote_moves_the_shadow_over_the_live_plugin(plugin_dir, cli_logs, capsys) -> None:
+    folder = with_shadow(plugin_dir, "temperature_control", "temperature_control", "sweep")
+    (folder / shadow.FOLDER / "temperature_control.yaml").write_text("name: temperature_control\n")
+    assert cli.main(["plugin", "promote", "temperature_control", "--plugins", str(folder)]) == 0
+    assert (folder / "temperature_control.wasm").read_bytes() == (TEST_PLUGINS / "sweep.wasm").read_bytes()
+    assert (folder / "temperature_control.yaml").read_text() == "name: temperature_control\n"
+    assert list((folder / shadow.FOLDER).iterdir()) == []
+    assert cli.main(["plugin", "promote", "temperature_control", "--plugins", str(folder)]) == 1
+    assert "no shadow plugin" in capsys.readouterr().err
+    assert cli.main(["plugin", "promote", "../etc", "--plugins", str(folder)]) == 2
