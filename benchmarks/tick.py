@@ -9,7 +9,10 @@ measured twice: its tick body (`ControlLoop.tick`) and whole loop iterations (`D
 virtual clock, so scheduling costs are counted but no time is spent sleeping). Rounds alternate
 between floor and daemon so machine noise hits both alike; medians of the rounds are reported.
 
-    python benchmarks/tick.py [--ticks 1000] [--rounds 5]
+    python benchmarks/tick.py [--ticks 1000] [--rounds 5] [--record FILE]
+
+With --record the daemon records every tick (`record`): the loop iteration then includes encoding
+each tick's line (after the tick, in `tick_done`), and a row measures that encode alone.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import yaml
 from gpiozero import MCP3008, AngularServo, Device, DigitalInputDevice, OutputDevice, PWMOutputDevice
 from pi_controller.simulators.adc import SimulatedMCP3008
 
-from pi_controller import config, logs
+from pi_controller import config, logs, record
 from pi_controller.clock import VirtualClock
 from pi_controller.daemon import Daemon
 from pi_controller.pins import mock_factory
@@ -131,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ticks", type=int, default=1000)  # amortizes serve()'s start-up over many ticks
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--record", type=Path, help="record the daemon's ticks to this file (.gz: gzip)")
     args = parser.parse_args()
     logs.configure("console", "warning")
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +146,7 @@ def main() -> None:
         path.write_text(yaml.safe_dump(config_data(folder)))
         settings = config.load(path)
         floor = Floor(settings)
-        daemon = Daemon(settings, clock=VirtualClock())
+        daemon = Daemon(settings, clock=VirtualClock(), record=args.record)
         adc = SimulatedMCP3008(daemon.hardware.factory, 0)
         adc.fractions[0] = 71 / 330
         counter = iter(range(10**9))
@@ -158,11 +162,21 @@ def main() -> None:
         def loop_run(n: int) -> None:
             asyncio.run(daemon.serve(daemon.loop.ticks.count + n))
 
+        def encode_run(n: int) -> None:
+            trace = daemon.loop.trace
+            assert trace is not None
+            for _ in range(n):
+                record.encode(trace, trace.states)
+
         results: dict[str, list[float]] = {"floor": [], "tick body": [], "loop iteration": []}
+        if args.record:
+            results["record encode"] = []
         for _ in range(args.rounds):
             results["floor"].append(per_tick(floor_run, args.ticks))
             results["tick body"].append(per_tick(body_run, args.ticks))
             results["loop iteration"].append(per_tick(loop_run, args.ticks))
+            if args.record:
+                results["record encode"].append(per_tick(encode_run, args.ticks))
         writes = sum(len(s.states) for s in daemon.hardware.factory.pins.values())
         stats = daemon.snapshot()
         adc.close()
@@ -176,6 +190,8 @@ def main() -> None:
         print(f"{name:>15}: {median * 1e6:8.0f} us/tick  ({median / floor_median:.2f}x floor)")
     errors = {name: p["errors"] + p["rejected"] for name, p in stats["plugins"].items()}
     print(f"daemon plugin errors+rejections: {errors}; pin state changes recorded: {writes}")
+    if args.record:
+        print(f"recording: {args.record.stat().st_size / (args.rounds * args.ticks):.0f} bytes/tick on disk")
 
 
 if __name__ == "__main__":

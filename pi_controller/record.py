@@ -18,8 +18,8 @@ followed by one line per tick. A tick line holds, leaving out what is empty:
 Plain lines compress tenfold: a name ending in `.gz` is gzip, flushed in sync blocks so that all but
 the last second decodes after a crash. Each run appends (a new header, a new gzip member); a reader
 skips a last line cut short. Lines are encoded after the tick (in `tick_done`, between two ticks) and
-written by a thread of their own through a bounded queue: a slow SD card drops lines (counted, logged
-once), it never holds up a tick. Past `max_mb` the file is rotated (`.1`, `.2`, ... `keep` of them).
+written by a thread of their own, ten at a time, through a bounded queue: a slow SD card drops lines
+(counted, logged once), it never holds up a tick. Past `max_mb` the file is rotated (`.1`, `.2`, ... `keep` of them).
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ FORMAT = "pi-controller-recording"
 VERSION = 1
 MAX_LINE_BYTES = 1024 * 1024  # a tick of a few dozen devices is a few KiB: past this it is no line of ours
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-_QUEUE_LINES = 600  # a minute at 10 Hz: what a stalled card may hold before lines are dropped
+_BATCH = 10  # lines handed to the writer at once: one wake-up of its thread a second at 10 Hz
+_QUEUE_BATCHES = 60  # a minute at 10 Hz: what a stalled card may hold before lines are dropped
 _FLUSH_S = 1.0
-_STOP = b""
+_STOP: list[bytes] = []
 
 
 def header(settings: Settings, plugins: dict[str, str], started: float) -> dict[str, Any]:
@@ -108,7 +109,8 @@ class Recorder(LoopObserver):
         self._trace = trace
         self._header = _ENCODER.encode(first_line).encode() + b"\n"
         self._states: dict[str, dict[str, Any]] | None = None
-        self._queue: queue.Queue[bytes] = queue.Queue(_QUEUE_LINES)
+        self._batch: list[bytes] = []
+        self._queue: queue.Queue[list[bytes]] = queue.Queue(_QUEUE_BATCHES)
         self._problems = ChangeLog(log)
         try:
             self._file = _Output(path, settings.max_mb * 1024 * 1024, settings.keep, self._header)
@@ -122,12 +124,15 @@ class Recorder(LoopObserver):
         trace = self._trace()
         if trace is None or trace.number != report.number:
             return  # no tick completed since (a tick that raised leaves the last trace in place)
-        line = encode(trace, self._states)
+        self._batch.append(encode(trace, self._states))
         self._states = trace.states
+        if len(self._batch) < _BATCH:
+            return
+        batch, self._batch = self._batch, []
         try:
-            self._queue.put_nowait(line)
+            self._queue.put_nowait(batch)
         except queue.Full:
-            self.dropped += 1
+            self.dropped += len(batch)
             self._states = None  # the next line that gets through carries every state again
             self._problems.problem("full", "recording_lines_dropped", tick=trace.number, file=str(self.path),
                                    dropped=self.dropped, note="the disk is slower than the ticks")
@@ -138,16 +143,16 @@ class Recorder(LoopObserver):
         last_flush = time.monotonic()
         while True:
             try:
-                line = self._queue.get(timeout=_FLUSH_S)
+                batch = self._queue.get(timeout=_FLUSH_S)
             except queue.Empty:
-                line = None
-            if line is _STOP:
+                batch = None
+            if batch is _STOP:
                 break
             try:
-                if line is not None:
-                    self._file.write(line)
-                    self.lines += 1
-                if line is None or time.monotonic() - last_flush >= _FLUSH_S:
+                if batch is not None:
+                    self._file.write(b"".join(batch))
+                    self.lines += len(batch)
+                if batch is None or time.monotonic() - last_flush >= _FLUSH_S:
                     self._file.flush()
                     last_flush = time.monotonic()
             except OSError as exc:  # a full or failing disk ends the recording, never the loop
@@ -159,14 +164,16 @@ class Recorder(LoopObserver):
     def _drain(self) -> None:
         """After a write error: keep taking lines (so the loop never blocks) until told to stop."""
         self._file.abandon()
-        while self._queue.get() is not _STOP:
-            self.dropped += 1
+        while (batch := self._queue.get()) is not _STOP:
+            self.dropped += len(batch)
 
     def close(self) -> None:
         """Write what is queued, end the file, stop the thread."""
         if self._closed:
             return
         self._closed = True
+        if self._batch:
+            self._queue.put(self._batch)
         self._queue.put(_STOP)
         self._thread.join()
         log.info("recording_closed", file=str(self.path), lines=self.lines, dropped=self.dropped)
@@ -186,9 +193,9 @@ class _Output:
         self._out = gzip.GzipFile(fileobj=self._raw, mode="ab", mtime=0) if self.path.suffix == ".gz" else self._raw
         self._out.write(self.first_line)
 
-    def write(self, line: bytes) -> None:
+    def write(self, lines: bytes) -> None:
         assert self._out is not None and self._raw is not None
-        self._out.write(line)
+        self._out.write(lines)
         if self._raw.tell() >= self.max_bytes:
             self._rotate()
 

@@ -354,15 +354,17 @@ def hms(seconds: float) -> str:
 # Running
 
 
-def run(settings: config.Settings, duration_s: float, trace: Path, plugins_dir: Path | None = None) -> Verdict:
-    """Simulate `duration_s` with prepared settings, write the trace, return the verdict.
+def run(settings: config.Settings, duration_s: float, trace: Path, plugins_dir: Path | None = None,
+        record: Path | None = None) -> Verdict:
+    """Simulate `duration_s` with prepared settings, write the trace (and with `record`, a recording
+    for `replay`, the format a Pi records in), return the verdict.
 
     Raises SimulationError (a model the devices cannot carry) and HardwareError as the daemon does.
     """
     from pi_controller.daemon import Daemon
 
     clock = VirtualClock(START)
-    daemon = Daemon(settings, simulate=True, plugins_dir=plugins_dir, clock=clock)
+    daemon = Daemon(settings, simulate=True, plugins_dir=plugins_dir, clock=clock, record=record)
     verdict = Verdict(settings)
     ticks = max(1, round(duration_s * settings.loop.rate_hz))
     try:
@@ -401,6 +403,7 @@ def add_command(commands: Any) -> None:
                                                 f"(default: the config's loop.rate_hz)")
     sim.add_argument("--seed", type=int, help="reseed the models' random numbers (default: the config's seeds)")
     sim.add_argument("--trace", type=Path, default=Path("trace.csv"), help="CSV trace (default trace.csv)")
+    sim.add_argument("--record", type=Path, help="also record every tick to this file, for replay (.gz: gzip)")
     sim.add_argument("--plot", type=Path, help="draw the trace to this PNG (needs pi-controller[plot])")
     sim.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
     sim.add_argument("--log-format", choices=["console", "json"], default="console")
@@ -426,6 +429,7 @@ def _rate(text: str) -> float:
 
 def command(args: argparse.Namespace) -> int:
     from pi_controller.hardware import HardwareError
+    from pi_controller.record import RecordingError
     from pi_controller.simulators.world import SimulationError
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # before a long run, not after it
@@ -439,14 +443,17 @@ def command(args: argparse.Namespace) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        verdict = run(settings, args.duration, args.trace, args.plugins)
+        verdict = run(settings, args.duration, args.trace, args.plugins, args.record)
     except SimulationError as exc:
         print(f"simulation error: {args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except HardwareError as exc:
         log.error("hardware_setup_failed", error=str(exc))
         return EXIT_FAILED
-    print("\n".join([*verdict.lines(), f"trace: {args.trace}"]))
+    except RecordingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print("\n".join([*verdict.lines(), f"trace: {args.trace}"] + ([f"recording: {args.record}"] if args.record else [])))
     if args.plot:
         from pi_controller import plot
 

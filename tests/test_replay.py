@@ -125,3 +125,15 @@ def test_the_command_prints_the_report_and_refuses_what_is_no_recording(recorded
     assert "header" in capsys.readouterr().err
     with pytest.raises(RecordingError):
         replay.replay(path, None, None, start=lines[-1]["t"] + 1)
+
+
+def test_a_simulate_recording_replays_like_a_pi_recording(write_config, tmp_path, cli_logs, capsys) -> None:
+    from pi_controller import cli
+
+    path = tmp_path / "sim.jsonl"
+    assert cli.main(["simulate", "--config", str(write_config(example_data())), "--duration", "60s",
+                     "--trace", str(tmp_path / "trace.csv"), "--record", str(path)]) == 0
+    capsys.readouterr()
+    report = replay.replay(path, None, None)
+    assert report["ticks"] == 600
+    assert all(p["agreement_percent"] == 100.0 for p in report["plugins"].values())
