@@ -11,8 +11,10 @@ wait for the gap between ticks), and one thread means no plugin instance is ever
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import structlog
 
@@ -33,6 +35,29 @@ if TYPE_CHECKING:
     from pi_controller.shadow import Shadows
 
 log = structlog.get_logger("pi_controller.loop")
+
+
+@contextlib.contextmanager
+def collector_between_ticks() -> Iterator[None]:
+    """The garbage collector out of the tick: what start-up built lives as long as the loop, so it is
+    frozen (never scanned again: a full collection of it took 27 to 44 ms here, far more on a Pi Zero),
+    and the collector runs only when `collect_if_due` calls it, in the gap after a tick."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def collect_if_due() -> None:
+    """Collect what the automatic collector would have by now (its own thresholds), outside the tick."""
+    counts, thresholds = gc.get_count(), gc.get_threshold()
+    if counts[0] >= thresholds[0]:
+        generation = 2 if counts[2] >= thresholds[2] else 1 if counts[1] >= thresholds[1] else 0
+        gc.collect(generation)
 
 
 def next_deadline(due: int, elapsed: float, period: float) -> int:
@@ -66,6 +91,10 @@ class ControlLoop:
 
     async def run(self, stop: asyncio.Event, max_ticks: int | None = None) -> None:
         """Tick until `stop` is set or `max_ticks` ticks have run."""
+        with collector_between_ticks():
+            await self._run(stop, max_ticks)
+
+    async def _run(self, stop: asyncio.Event, max_ticks: int | None) -> None:
         t0 = self.clock.monotonic()
         due = 0
         while max_ticks is None or self.ticks.count < max_ticks:
@@ -80,6 +109,7 @@ class ControlLoop:
             due = next_due
             while self._between:
                 self._between.pop(0)()
+            collect_if_due()
 
     def between_ticks(self, work: Callable[[], None]) -> None:
         """Run `work` after the current tick, before the next."""
