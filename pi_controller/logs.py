@@ -108,6 +108,7 @@ class LineWriter:
             line = self._lines.get()
             with self._lock:
                 self._write(line)
+            self._lines.task_done()
 
     def _write(self, line: str) -> None:
         if self.dropped:
@@ -116,11 +117,17 @@ class LineWriter:
                   file=sys.stderr)
         print(line, file=sys.stderr, flush=self._lines.empty())
 
-    def flush(self) -> None:
-        """Write what is waiting, now, on this thread: before the process exits."""
+    def flush(self, wait_s: float = 2.0) -> None:
+        """Write what is waiting, now, on this thread, and wait (a while) for the line the writer may
+        have taken but not yet written: before the process exits, nothing logged may be lost."""
         with self._lock:
             while not self._lines.empty():
                 self._write(self._lines.get_nowait())
+                self._lines.task_done()
+        deadline = time.monotonic() + wait_s
+        while self._lines.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with self._lock:
             sys.stderr.flush()
 
 
