@@ -81,6 +81,17 @@ def run_with(daemon: Any, scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(main())
 
 
+# .ci/run's second pass saturates both cores on purpose (PI_CONTROLLER_TESTS_SATURATED=1).
+SATURATED = os.environ.get("PI_CONTROLLER_TESTS_SATURATED") == "1"
+
+
+def assert_no_missed_ticks(missed: int) -> None:
+    """Every deadline kept: asserted on a machine with cores to spare. With the cores saturated on
+    purpose, a late tick is the machine's doing; everything else a test asserts still holds then."""
+    if not SATURATED:
+        assert missed == 0, f"{missed} ticks missed"
+
+
 def skip_unless_ci(reason: str) -> None:
     """Skip for want of a tool a developer may not have; under CI (.ci/run sets CI), fail instead."""
     if os.environ.get("CI"):

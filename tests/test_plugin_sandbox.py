@@ -61,9 +61,10 @@ def test_the_fuel_verdict_is_the_same_on_an_idle_and_on_a_loaded_machine(plugin_
     assert idle == loaded == {UNDER: "within budget", OVER: "out_of_fuel"}
 
 
-# Fuel for a spin of ~0.4 s here: far past a 2 ms backstop anywhere, and long enough that the backstop's
-# timer thread gets its turn on a saturated machine before the fuel runs out.
-LONG_SPIN = 2_000_000_000
+# Fuel for a spin of ~4 s here: far past a 2 ms backstop anywhere, and long enough that the backstop's
+# timer thread gets its turn on a saturated machine before the fuel runs out (at 0.4 s it once did not,
+# with a load average of 14).
+LONG_SPIN = 20_000_000_000
 
 
 class TightBackstop(Backstop):
@@ -107,11 +108,11 @@ def test_the_loop_counts_a_stall_apart_and_neither_blames_nor_quarantines_the_pl
     data["plugins"]["ceilings"] = {"max_fuel": LONG_SPIN}
     data["plugins"]["quarantine"] = {"failures": 2}
     with capture_logs() as logs:
-        daemon = run_daemon(data, 10, plugins=plugin_dir("endless_loop"))
+        daemon = run_daemon(data, 4, plugins=plugin_dir("endless_loop"))
     stats = daemon.snapshot()["plugins"]["endless_loop"]
     failed = [(e["kind"], e["reason"]) for e in logs if e["event"] == "plugin_call_failed"]
     assert (stats["state"], stats["calls"], stats["errors"], stats["stalls"], stats["resets"]) == (
-        "loaded", 10, 0, 10, 10), failed
+        "loaded", 4, 0, 4, 4), failed
     stalls = [e for e in logs if e["event"] == "plugin_call_stalled"]
     assert len(stalls) == 1 and stalls[0]["state_reset"] is True
     assert not [e for e in logs if e["event"] in ("plugin_call_failed", "plugin_quarantined")]
