@@ -27,9 +27,10 @@ from typing import Any
 
 from pi_controller import logs
 from pi_controller.config import HostFunctionSettings, PluginSettings, PluginsSettings
-from pi_controller.host_functions import History
-from pi_controller.plugins import PluginSet, SandboxedPlugin
-from pi_controller.sensors import Reading
+from pi_controller.devices.sensors import Reading
+from pi_controller.plugins.host_functions import History
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.sandbox import SandboxedPlugin
 
 REPO = Path(__file__).resolve().parent.parent
 MODES: dict[str, dict[str, Any]] = {

@@ -31,10 +31,12 @@ import yaml
 from gpiozero import MCP3008, AngularServo, Device, DigitalInputDevice, OutputDevice, PWMOutputDevice
 from pi_controller.simulators.adc import SimulatedMCP3008
 
-from pi_controller import config, logs, record
+from pi_controller import config, logs
 from pi_controller.clock import VirtualClock
 from pi_controller.daemon import Daemon
-from pi_controller.pins import mock_factory
+from pi_controller.devices.pins import mock_factory
+from pi_controller.sim import record
+from pi_controller.simulators.adc import SimulatedMCP3008
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = {"temperature_control": REPO / "plugins", "energy_saver": REPO / "plugins",

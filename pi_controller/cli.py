@@ -10,7 +10,10 @@ from typing import NoReturn
 
 import structlog
 
-from pi_controller import config, known_good, logs, plugin_tools, replay, safe_state, shadow, simulation
+from pi_controller import config, logs
+from pi_controller.plugins import shadow, tools
+from pi_controller.safety import known_good, safe_state
+from pi_controller.sim import replay, simulation
 
 EXIT_CONFIG = 2
 
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> NoReturn:
     """The console script: `main`, then an exit that leaves the actuator pins as they were set."""
-    from pi_controller.pins import exit_holding_pins
+    from pi_controller.devices.pins import exit_holding_pins
 
     logs.capture_native_stderr()
     logs.write_off_thread()  # no tick waits on stderr
@@ -67,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     build = plugin_commands.add_parser("build", help="rebuild the bundled and test plugins from source")
     build.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: .)")
     build.set_defaults(handler=_build_plugins)
-    plugin_tools.add_commands(plugin_commands)
+    tools.add_commands(plugin_commands)
     shadow.add_command(plugin_commands)
     return parser
 
@@ -96,9 +99,9 @@ def _run(args: argparse.Namespace) -> int:
     import asyncio
 
     from pi_controller.daemon import Daemon
-    from pi_controller.hardware import HardwareError
-    from pi_controller.pins import hold
-    from pi_controller.record import RecordingError
+    from pi_controller.devices.hardware import HardwareError
+    from pi_controller.devices.pins import hold
+    from pi_controller.sim.record import RecordingError
     from pi_controller.simulators.world import SimulationError
 
     settings = _load(args.config, plugins_dir=args.plugins)
@@ -144,6 +147,6 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _build_plugins(args: argparse.Namespace) -> int:
-    from pi_controller import plugin_build
+    from pi_controller.plugins import build
 
-    return plugin_build.main([str(args.root)])
+    return build.main([str(args.root)])

@@ -23,8 +23,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from pi_controller import actuators, sensors
-from pi_controller.plugin_config import check_settings
+from pi_controller.devices import actuators, sensors
+from pi_controller.plugins.plugin_config import check_settings
 from pi_controller.schema import FieldError, bounded, device_id, matching
 from pi_controller.simulators import models as simulation_models
 
@@ -74,7 +74,7 @@ class PinSettings:
 
 @dataclass(frozen=True)
 class WatchdogSettings:
-    """Safe state for every actuator when no tick completes for `timeout_s` (see `safety.Watchdog`)."""
+    """Safe state for every actuator when no tick completes for `timeout_s` (see `safety.watchdog.Watchdog`)."""
 
     enabled: bool = True
     timeout_s: float = bounded(0.05, 3600, default=1.0)
@@ -184,7 +184,7 @@ class PluginSettings:
     priority: int | None = None
     enabled: bool = True
     config: Mapping[str, Any] = field(default_factory=dict)
-    # What the operator sets here wins over the plugin's manifest (see pi_controller/manifest.py).
+    # What the operator sets here wins over the plugin's manifest (see pi_controller/plugins/manifest.py).
     fuel: int | None = bounded(1_000, 10**12, default=None)  # Wasm instructions per call
     max_var_bytes: int | None = bounded(0, 16 * 1024 * 1024, default=None)
     max_http_response_bytes: int | None = bounded(0, 64 * 1024 * 1024, default=None)

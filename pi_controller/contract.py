@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
-from pi_controller.sensors import Reading
+from pi_controller.devices.sensors import Reading
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 

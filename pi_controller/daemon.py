@@ -11,25 +11,29 @@ from typing import Any, Mapping
 
 import structlog
 
-from pi_controller import config, known_good, record
+from pi_controller import config
 from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import Settings
-from pi_controller.hardware import Environment, Hardware
-from pi_controller.host_functions import History
+from pi_controller.devices.hardware import Environment, Hardware
+from pi_controller.devices.pins import make_factory
 from pi_controller.loop import ControlLoop
 from pi_controller.metrics import Metrics, MetricsServer
-from pi_controller.operator import Operator
-from pi_controller.pins import make_factory
-from pi_controller.plugin_watch import PluginWatcher
-from pi_controller.plugins import PluginSet, PluginStatus
+from pi_controller.mqtt.operator import Operator
+from pi_controller.mqtt.telemetry import Telemetry
+from pi_controller.plugins.host_functions import History
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.sandbox import PluginStatus
+from pi_controller.plugins.shadow import Shadows
+from pi_controller.plugins.watch import PluginWatcher
 from pi_controller.readiness import Readiness
-from pi_controller.record import Recorder
 from pi_controller.reloads import ReloadResult, Reloads
-from pi_controller.safety import Safety, Watchdog
-from pi_controller.shadow import Shadows
+from pi_controller.safety import known_good
+from pi_controller.safety.rules import Safety
+from pi_controller.safety.watchdog import Watchdog
+from pi_controller.sim import record
+from pi_controller.sim.record import Recorder
 from pi_controller.stats import PluginStats
 from pi_controller.systemd import Notifier
-from pi_controller.telemetry import Telemetry
 
 log = structlog.get_logger("pi_controller.daemon")
 

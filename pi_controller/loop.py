@@ -21,14 +21,15 @@ import structlog
 from pi_controller import arbitration, contract
 from pi_controller.clock import Clock
 from pi_controller.contract import Command
-from pi_controller.hardware import Hardware
+from pi_controller.devices.hardware import Hardware
+from pi_controller.devices.sensors import Reading
 from pi_controller.logs import ChangeLog, kind_of
+from pi_controller.mqtt.operator import Operator
 from pi_controller.observer import LoopObserver, TickReport, TickTrace, Verdicts
-from pi_controller.operator import Operator
-from pi_controller.ownership import Failsafe, Health
-from pi_controller.plugins import PluginSet, SandboxedPlugin
-from pi_controller.safety import FORCING, Hold, Safety
-from pi_controller.sensors import Reading
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.sandbox import SandboxedPlugin
+from pi_controller.safety.ownership import Failsafe, Health
+from pi_controller.safety.rules import FORCING, Hold, Safety
 from pi_controller.stats import PluginStats, TickStats
 
 if TYPE_CHECKING:

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Pr
 import structlog
 
 from pi_controller.observer import LoopObserver, TickReport
-from pi_controller.ownership import Failsafe
 from pi_controller.readiness import Readiness
+from pi_controller.safety.ownership import Failsafe
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from pi_controller.plugins import PluginStatus
+    from pi_controller.plugins.sandbox import PluginStatus
 
 log = structlog.get_logger("pi_controller.metrics")
 

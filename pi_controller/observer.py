@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pi_controller.ownership import Failsafe
+from pi_controller.safety.ownership import Failsafe
 
 if TYPE_CHECKING:
     from pi_controller.contract import Command, Rejection
-    from pi_controller.safety import Decision
-    from pi_controller.sensors import Reading
+    from pi_controller.devices.sensors import Reading
+    from pi_controller.safety.rules import Decision
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:
-    from pi_controller.plugins import PluginStatus
+    from pi_controller.plugins.sandbox import PluginStatus
 
 
 @dataclass(frozen=True)

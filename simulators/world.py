@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from gpiozero.pins.mock import MockPin
+from pi_controller.config import Settings
+from pi_controller.devices.actuators import ActuatorSettings, PwmSettings, RelaySettings, ServoSettings
+from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.devices.sensors import DigitalSettings, DS18B20Settings, MCP3008Settings, SensorSettings
 from pi_controller.simulators.adc import SimulatedMCP3008
 from pi_controller.simulators.models import MODELS, Model, Port, Probe
-
-from pi_controller.actuators import ActuatorSettings, PwmSettings, RelaySettings, ServoSettings
-from pi_controller.config import Settings
-from pi_controller.pins import SimulatedFactory
-from pi_controller.sensors import DigitalSettings, DS18B20Settings, MCP3008Settings, SensorSettings
 
 
 class SimulationError(Exception):

@@ -19,7 +19,8 @@ from pi_controller import config, logs
 from pi_controller.clock import Clock, VirtualClock
 from pi_controller.config import PluginsSettings
 from pi_controller.daemon import Daemon
-from pi_controller.plugins import PluginSet, SandboxedPlugin
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.sandbox import SandboxedPlugin
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_PLUGINS = REPO / "plugins"

@@ -19,11 +19,14 @@ import hypothesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pi_controller import actuators, config, contract, operator, plugin_tools, telemetry
+from pi_controller import config, contract
 from pi_controller.config import PluginsSettings
-from pi_controller.manifest import Manifest, Refused, load_manifest
-from pi_controller.pins import SimulatedFactory
-from pi_controller.plugins import PluginSet
+from pi_controller.devices import actuators
+from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.mqtt import operator, telemetry
+from pi_controller.plugins import tools
+from pi_controller.plugins.manifest import Manifest, Refused, load_manifest
+from pi_controller.plugins.plugin_set import PluginSet
 
 REPO = Path(__file__).resolve().parent.parent
 MODULES = sorted((REPO / "plugins").glob("*.wasm")) + sorted((REPO / "plugins" / "examples").glob("*.wasm"))
@@ -152,8 +155,8 @@ def context() -> st.SearchStrategy[Any]:
 def check_context(data: Any, wasm: Path, settings: config.Settings) -> None:
     """`plugin call` on a context from a file: a report, or a one-line error, never a traceback."""
     try:
-        report = plugin_tools.call_once(wasm, data, settings)
-    except plugin_tools.ContextError:
+        report = tools.call_once(wasm, data, settings)
+    except tools.ContextError:
         return
     json.dumps(report)
 
@@ -178,7 +181,7 @@ def payload() -> st.SearchStrategy[bytes]:
 def run(name: str, examples: int, seed: int | None = None) -> Callable[[], None]:
     """A test function that feeds target `name` `examples` inputs."""
     targets = _targets() if name in ("plugin_output", "payload") else {}
-    call_settings = plugin_tools._settings_for({"device_states": {i: {"type": "relay"} for i in _IDS[:2]}})
+    call_settings = tools._settings_for({"device_states": {i: {"type": "relay"} for i in _IDS[:2]}})
     table: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], None]]] = {
         "module_bytes": (module_bytes(), check_module_bytes),
         "config": (yaml_text(CONFIGS), check_config),

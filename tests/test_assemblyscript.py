@@ -13,8 +13,9 @@ import yaml
 from structlog.testing import capture_logs
 
 from pi_controller.config import PluginSettings
-from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
-from pi_controller.sensors import Reading
+from pi_controller.devices.sensors import Reading
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from tests.conftest import CONTEXT, REPO, only
 
 EXAMPLES = REPO / "plugins" / "examples"

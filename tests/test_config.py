@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from pi_controller import config
-from pi_controller.actuators import PwmSettings, RelaySettings, ServoSettings
-from pi_controller.sensors import DigitalSettings, MCP3008Settings
+from pi_controller.devices.actuators import PwmSettings, RelaySettings, ServoSettings
+from pi_controller.devices.sensors import DigitalSettings, MCP3008Settings
 from tests.conftest import EXAMPLE_CONFIG, example_data
 
 

@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
-from pi_controller import actuators, arbitration, contract
-from pi_controller.actuators import PwmSettings, RelaySettings, ServoSettings
+from pi_controller import arbitration, contract
 from pi_controller.contract import Command, OutputError
-from pi_controller.sensors import Reading
+from pi_controller.devices import actuators
+from pi_controller.devices.actuators import PwmSettings, RelaySettings, ServoSettings
+from pi_controller.devices.sensors import Reading
 
 
 @pytest.fixture

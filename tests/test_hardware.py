@@ -11,14 +11,14 @@ from typing import Any, Callable
 import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockPWMPin
-from pi_controller.simulators.adc import SimulatedMCP3008
-
-from pi_controller import actuators, config, sensors
-from pi_controller.actuators import PwmSettings, RelaySettings, ServoSettings
+from pi_controller import config
 from pi_controller.clock import VirtualClock
-from pi_controller.hardware import Hardware, HardwareError
-from pi_controller.pins import SimulatedFactory, make_factory
-from pi_controller.sensors import CPUTemperatureSettings, DigitalSettings, DS18B20Settings, MCP3008Settings
+from pi_controller.devices import actuators, sensors
+from pi_controller.devices.actuators import PwmSettings, RelaySettings, ServoSettings
+from pi_controller.devices.hardware import Hardware, HardwareError
+from pi_controller.devices.pins import SimulatedFactory, make_factory
+from pi_controller.devices.sensors import CPUTemperatureSettings, DigitalSettings, DS18B20Settings, MCP3008Settings
+from pi_controller.simulators.adc import SimulatedMCP3008
 from tests.conftest import example_data
 
 CLOCK = VirtualClock()
@@ -168,7 +168,7 @@ def test_light_sensor_reads_the_charge_time_without_blocking(write_config) -> No
 
 
 def test_distance_sensor_without_echo_is_invalid_not_zero_and_never_blocks(factory) -> None:
-    from pi_controller.sensors import DistanceSettings
+    from pi_controller.devices.sensors import DistanceSettings
 
     # A plain mock trigger pin never echoes: an unplugged HC-SR04.
     sensor = sensors.build(DistanceSettings(id="d", kind="distance", echo=20, trigger=21), factory, CLOCK)

@@ -11,10 +11,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.config import HostFunctionSettings, PluginSettings
-from pi_controller.host_functions import History, parse_message
+from pi_controller.devices.sensors import Reading
 from pi_controller.logs import printable
-from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
-from pi_controller.sensors import Reading
+from pi_controller.plugins.host_functions import History, parse_message
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from tests.conftest import CONTEXT, only
 
 

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 from gpiozero import Device
 
-from pi_controller import actuators
-from pi_controller.actuators import PwmSettings, RelaySettings
 from pi_controller.contract import Rejected
-from pi_controller.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig, parse_set
-from pi_controller.pins import SimulatedFactory
+from pi_controller.devices import actuators
+from pi_controller.devices.actuators import PwmSettings, RelaySettings
+from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.mqtt.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig, parse_set
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from pi_controller.config import PluginCeilings, PluginDefaults, PluginSettings, QuarantineSettings
-from pi_controller.plugins import PluginCallError
+from pi_controller.plugins.sandbox import PluginCallError
 from tests.conftest import plugin_wasm
 
 

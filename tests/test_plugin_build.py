@@ -11,26 +11,26 @@ from pathlib import Path
 
 import pytest
 
-from pi_controller import plugin_build
+from pi_controller.plugins import build
 from tests.conftest import skip_unless_ci
 
 ROOT = Path(__file__).resolve().parents[1]
-PLUGINS = plugin_build.sources(ROOT)
-REBUILD = "rebuild with: python -m pi_controller.plugin_build (and commit the .wasm with its source)"
+PLUGINS = build.sources(ROOT)
+REBUILD = "rebuild with: python -m pi_controller.plugins.build (and commit the .wasm with its source)"
 
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every plugin built afresh, at the same relative paths as in the repository."""
-    plugin_build.check_compiler()
+    build.check_compiler()
     out = tmp_path_factory.mktemp("plugin_build")
     try:
-        plugin_build.check_assemblyscript(ROOT)
-    except plugin_build.BuildError as exc:
+        build.check_assemblyscript(ROOT)
+    except build.BuildError as exc:
         (out / "no-assemblyscript").write_text(str(exc))
     for source, committed in PLUGINS:
         if source.suffix != ".ts" or not (out / "no-assemblyscript").exists():
-            plugin_build.build(source, out / committed.relative_to(ROOT), ROOT / plugin_build.PDK)
+            build.build(source, out / committed.relative_to(ROOT), ROOT / build.PDK)
     return out
 
 
@@ -49,8 +49,8 @@ def test_committed_wasm_is_what_the_source_builds(build_dir: Path, source: Path,
         skip_unless_ci(missing.read_text())
     assert committed.is_file(), f"{relative} is missing; {REBUILD}"
     fresh = (build_dir / relative).read_bytes()
-    compiler = (f"AssemblyScript {plugin_build.AS_VERSION}" if source.suffix == ".ts"
-                else f"Zig {plugin_build.ZIG_VERSION}")
+    compiler = (f"AssemblyScript {build.AS_VERSION}" if source.suffix == ".ts"
+                else f"Zig {build.ZIG_VERSION}")
     assert committed.read_bytes() == fresh, (
         f"{relative} is not what {source.relative_to(ROOT)} builds into with {compiler} "
         f"({committed.stat().st_size} vs {len(fresh)} bytes); {REBUILD}")
@@ -58,6 +58,6 @@ def test_committed_wasm_is_what_the_source_builds(build_dir: Path, source: Path,
 
 def test_every_wasm_has_a_source() -> None:
     built = {committed for _, committed in PLUGINS}
-    wasm = sorted(path for _, folder in plugin_build.SOURCE_DIRS for path in (ROOT / folder).glob("*.wasm"))
+    wasm = sorted(path for _, folder in build.SOURCE_DIRS for path in (ROOT / folder).glob("*.wasm"))
     orphans = [str(path.relative_to(ROOT)) for path in wasm if path not in built]
     assert not orphans, f"no source builds these: {orphans}; delete them or commit their sources"

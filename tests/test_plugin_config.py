@@ -9,8 +9,8 @@ import pytest
 
 from pi_controller import config
 from pi_controller.contract import Rejected
-from pi_controller.manifest import Refused, load_manifest
-from pi_controller.plugin_config import ConfigField, check_change
+from pi_controller.plugins.manifest import Refused, load_manifest
+from pi_controller.plugins.plugin_config import ConfigField, check_change
 
 SCHEMA = {"setpoint": ConfigField("number", min=5, max=30), "steps": ConfigField("integer", min=0),
           "mode": ConfigField("string", allowed=("heat", "off")), "name": ConfigField("string", max_length=8),

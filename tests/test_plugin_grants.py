@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pi_controller.config import PluginCeilings, PluginSettings
-from pi_controller.plugins import PluginSet
+from pi_controller.plugins.plugin_set import PluginSet
 from tests.conftest import CONTEXT, only
 
 

@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from pi_controller import backstop, contract
-from pi_controller import plugins as plugins_module
-from pi_controller.backstop import Backstop
+from pi_controller import contract
 from pi_controller.clock import VirtualClock
 from pi_controller.config import PluginCeilings, PluginDefaults, PluginSettings, PluginsSettings
-from pi_controller.plugins import PluginCallError, PluginSet, SandboxedPlugin
+from pi_controller.plugins import backstop
+from pi_controller.plugins import plugin_set
+from pi_controller.plugins.backstop import Backstop
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from tests.conftest import CONTEXT, HOSTILE, example_data, only, plugin_wasm, unsimulated
 
 
@@ -102,7 +104,7 @@ def test_a_call_past_its_backstop_is_a_stall_that_says_it_reset_the_instance(plu
 
 def test_the_loop_counts_a_stall_apart_and_neither_blames_nor_quarantines_the_plugin(run_daemon, plugin_dir,
                                                                                    monkeypatch) -> None:
-    monkeypatch.setattr(plugins_module, "Backstop", lambda real: TightBackstop())
+    monkeypatch.setattr(plugin_set, "Backstop", lambda real: TightBackstop())
     data = unsimulated(example_data())
     data["plugins"]["defaults"]["fuel"] = LONG_SPIN
     data["plugins"]["ceilings"] = {"max_fuel": LONG_SPIN}

@@ -10,7 +10,8 @@ from typing import Any, Iterator
 import pytest
 import structlog
 
-from pi_controller import cli, plugin_build
+from pi_controller import cli
+from pi_controller.plugins import build
 from tests.conftest import BUNDLED_PLUGINS, EXAMPLE_CONFIG, REPO, TEST_PLUGINS, skip_unless_ci
 
 
@@ -65,13 +66,13 @@ def test_call_reports_a_failed_call_with_its_reason(capsys, tmp_path) -> None:
 def test_new_makes_a_plugin_that_builds_and_works(capsys, tmp_path, lang: str) -> None:
     if lang == "ts":
         try:
-            plugin_build.check_assemblyscript(REPO)  # Node.js, npm and the pinned compiler
-        except plugin_build.BuildError as exc:
+            build.check_assemblyscript(REPO)  # Node.js, npm and the pinned compiler
+        except build.BuildError as exc:
             skip_unless_ci(str(exc))
     assert cli.main(["plugin", "new", "daylight_off", "--lang", lang, "--dir", str(tmp_path)]) == 0
     capsys.readouterr()
     wasm = tmp_path / "daylight_off.wasm"
-    plugin_build.build(tmp_path / f"daylight_off.{lang}", wasm, REPO / plugin_build.PDK)
+    build.build(tmp_path / f"daylight_off.{lang}", wasm, REPO / build.PDK)
     code, report = call(capsys, tmp_path, wasm, context(light_sensor=900.0, motion_sensor=1.0))
     assert code == 0 and report["accepted"] == [{"device_id": "led_strip", "action": "set_low", "target": 0.0}]
 

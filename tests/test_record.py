@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pi_controller import record
 from pi_controller.clock import VirtualClock
-from pi_controller.record import Reader, RecordingError
+from pi_controller.sim import record
+from pi_controller.sim.record import Reader, RecordingError
 from tests.conftest import example_data, unsimulated
 
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from pi_controller import config, replay
+from pi_controller import config
 from pi_controller.clock import VirtualClock
-from pi_controller.record import Reader, RecordingError
+from pi_controller.sim import replay
+from pi_controller.sim.record import Reader, RecordingError
 from tests.conftest import BUNDLED_PLUGINS, example_data
 
 TICKS = 600  # ten simulated minutes at 1 Hz: the room warms past the band and the heater cycles

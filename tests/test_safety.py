@@ -13,8 +13,8 @@ from structlog.testing import capture_logs
 
 from pi_controller import contract
 from pi_controller.clock import SystemClock, VirtualClock
-from pi_controller.operator import EnablePlugin
-from pi_controller.plugins import Update
+from pi_controller.mqtt.operator import EnablePlugin
+from pi_controller.plugins.plugin_set import Update
 
 PERIOD = 0.1
 

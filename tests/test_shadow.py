@@ -6,9 +6,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pi_controller import cli, shadow
+from pi_controller import cli
 from pi_controller.clock import VirtualClock
 from pi_controller.metrics import Metrics
+from pi_controller.plugins import shadow
 from tests.conftest import TEST_PLUGINS, example_data
 
 TICKS = 60

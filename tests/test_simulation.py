@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from pi_controller import config, simulation
+from pi_controller import config, logs
 from pi_controller.clock import SystemClock
+from pi_controller.sim import simulation
 from tests.conftest import example_data
 
 LSB_C = 330 / 1023  # one step of the TMP36 on the MCP3008

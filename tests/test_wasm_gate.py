@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pi_controller import plugin_tools
 from pi_controller.config import PluginCeilings, PluginsSettings
-from pi_controller.manifest import Refused
-from pi_controller.plugins import PluginSet
-from pi_controller.wasm_gate import read_module
+from pi_controller.plugins import tools
+from pi_controller.plugins.manifest import Refused
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.wasm_gate import read_module
 from tests.conftest import plugin_wasm
 from tests.wasm_modules import module
 
@@ -76,11 +76,11 @@ def test_the_size_cap_is_checked_before_the_file_is_read(tmp_path: Path) -> None
 
 def test_plugin_call_on_hostile_files_reports_a_load_failure_and_goes_on(tmp_path: Path) -> None:
     folder = hostile_folder(tmp_path / "plugins")
-    settings = plugin_tools._settings_for({"device_states": {"relay_switch": {"type": "relay"}}})
+    settings = tools._settings_for({"device_states": {"relay_switch": {"type": "relay"}}})
     for name, word in REASONS.items():
         if name == "oversize":
             continue  # 200 KiB is within the default cap: it loads, and fails for want of control_logic
-        report = plugin_tools.call_once(folder / f"{name}.wasm", {}, settings)
+        report = tools.call_once(folder / f"{name}.wasm", {}, settings)
         assert report["error"]["kind"] == "load_failed", name
         assert word in report["error"]["reason"], (name, report)
         assert "secret" not in json.dumps(report)

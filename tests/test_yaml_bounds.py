@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pi_controller import config, plugin_tools
+from pi_controller import config
 from pi_controller.config import ConfigError
-from pi_controller.manifest import MAX_MANIFEST_BYTES, Refused, load_manifest
+from pi_controller.plugins import tools
+from pi_controller.plugins.manifest import MAX_MANIFEST_BYTES, Refused, load_manifest
 from tests.conftest import ALIAS_BOMB, plugin_wasm
 
 
@@ -70,6 +71,6 @@ def test_a_manifest_linked_to_outside_the_folder_is_refused_without_quoting_it(t
 
 def test_plugin_call_refuses_an_alias_bomb_manifest(tmp_path: Path) -> None:
     wasm = plugin_with_manifest(tmp_path / "plugins", ALIAS_BOMB)
-    report = plugin_tools.call_once(wasm, {}, plugin_tools._settings_for({}))
+    report = tools.call_once(wasm, {}, tools._settings_for({}))
     assert report["error"]["kind"] == "load_failed"
     assert "anchors and aliases" in report["error"]["reason"]

@@ -13,7 +13,7 @@
 //     });
 //   }
 //
-// Build with `python -m pi_controller.plugin_build` (see docs/plugins.md). The context is read with
+// Build with `python -m pi_controller.plugins.build` (see docs/plugins.md). The context is read with
 // a small scanner, not a JSON parser: it relies on the daemon's compact encoding (no spaces), which
 // the contract fixes. Output is written as UTF-8 bytes: the PDK's Host.outputString sizes its block
 // by string.length (UTF-16 units), which cuts short any output with a non-ASCII character.

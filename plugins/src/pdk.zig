@@ -20,7 +20,7 @@
 //! }
 //! ```
 //!
-//! Build it with `python -m pi_controller.plugin_build` (see plugins/README.md).
+//! Build it with `python -m pi_controller.plugins.build` (see plugins/README.md).
 //!
 //! Memory: each call allocates from a heap that is emptied when the next call starts, so
 //! nothing `step` allocates and no slice of the context outlives the call. State kept between

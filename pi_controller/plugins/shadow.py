@@ -26,16 +26,17 @@ from typing import Any, Mapping
 
 import structlog
 
-from pi_controller.agreement import Agreement, verdict_of
 from pi_controller.clock import Clock
 from pi_controller.config import PluginsSettings
 from pi_controller.contract import Command, CommandTarget, Rejection
-from pi_controller.host_functions import History
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import TickTrace
-from pi_controller.plugins import PluginSet, SandboxedPlugin
-from pi_controller.proposals import propose
-from pi_controller.safety import FORCING, is_on
+from pi_controller.plugins.host_functions import History
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.proposals import propose
+from pi_controller.plugins.sandbox import SandboxedPlugin
+from pi_controller.safety.rules import FORCING, is_on
+from pi_controller.sim.agreement import Agreement, verdict_of
 
 log = structlog.get_logger("pi_controller.shadow")
 
@@ -164,7 +165,7 @@ def add_command(plugin_commands: Any) -> None:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from pi_controller.plugins import NAME_RULE, valid_name
+    from pi_controller.plugins.plugin_set import NAME_RULE, valid_name
 
     if not valid_name(args.name):
         print(f"error: {args.name[:80]!r} is no plugin name: {NAME_RULE}", file=sys.stderr)

@@ -21,19 +21,21 @@ from typing import Any
 
 import structlog
 
-from pi_controller import actuators, arbitration, config
-from pi_controller.agreement import Agreement, Verdict, verdict, verdict_of
+from pi_controller import arbitration, config
 from pi_controller.clock import VirtualClock
 from pi_controller.contract import Command, encode_context
-from pi_controller.hardware import Hardware
-from pi_controller.operator import OPERATOR
-from pi_controller.ownership import Health
-from pi_controller.pins import mock_factory
-from pi_controller.plugins import PluginSet, SandboxedPlugin
-from pi_controller.proposals import propose
-from pi_controller.record import Reader, RecordingError
-from pi_controller.safety import Safety
-from pi_controller.sensors import Reading
+from pi_controller.devices import actuators
+from pi_controller.devices.hardware import Hardware
+from pi_controller.devices.pins import mock_factory
+from pi_controller.devices.sensors import Reading
+from pi_controller.mqtt.operator import OPERATOR
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.proposals import propose
+from pi_controller.plugins.sandbox import SandboxedPlugin
+from pi_controller.safety.ownership import Health
+from pi_controller.safety.rules import Safety
+from pi_controller.sim.agreement import Agreement, Verdict, verdict, verdict_of
+from pi_controller.sim.record import Reader, RecordingError
 
 log = structlog.get_logger("pi_controller.replay")
 

@@ -17,8 +17,8 @@ from gpiozero.pins import SPI, Factory
 from gpiozero.pins.mock import MockChargingPin, MockFactory, MockPWMPin, MockTriggerPin
 
 from pi_controller.config import Settings
-from pi_controller.hardware import HardwareError
-from pi_controller.sensors import DistanceSettings, LightSettings
+from pi_controller.devices.hardware import HardwareError
+from pi_controller.devices.sensors import DistanceSettings, LightSettings
 
 
 class _ChargingPin(MockChargingPin, MockPWMPin):

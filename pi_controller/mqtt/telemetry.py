@@ -27,12 +27,12 @@ from typing import Any, Callable, Iterable
 import paho.mqtt.client as mqtt
 import structlog
 
-from pi_controller import discovery
 from pi_controller.config import Settings
-from pi_controller.discovery import Topics
+from pi_controller.mqtt import discovery
+from pi_controller.mqtt.discovery import Topics
+from pi_controller.mqtt.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig
 from pi_controller.observer import LoopObserver, TickReport
-from pi_controller.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig
-from pi_controller.safety import Guard
+from pi_controller.safety.rules import Guard
 
 log = structlog.get_logger("pi_controller.telemetry")
 

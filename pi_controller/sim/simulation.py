@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeGuard
 import structlog
 
 from pi_controller import config
-from pi_controller.actuators import ActuatorSettings, PwmSettings, RelaySettings
 from pi_controller.clock import VirtualClock
-from pi_controller.sensors import DEFAULT_W1_DIR, DS18B20Settings
+from pi_controller.devices.actuators import ActuatorSettings, PwmSettings, RelaySettings
+from pi_controller.devices.sensors import DEFAULT_W1_DIR, DS18B20Settings
 from pi_controller.simulators.models import Model, RoomSettings
 
 if TYPE_CHECKING:
@@ -428,8 +428,8 @@ def _rate(text: str) -> float:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pi_controller.hardware import HardwareError
-    from pi_controller.record import RecordingError
+    from pi_controller.devices.hardware import HardwareError
+    from pi_controller.sim.record import RecordingError
     from pi_controller.simulators.world import SimulationError
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # before a long run, not after it
@@ -455,7 +455,7 @@ def command(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print("\n".join([*verdict.lines(), f"trace: {args.trace}"] + ([f"recording: {args.record}"] if args.record else [])))
     if args.plot:
-        from pi_controller import plot
+        from pi_controller.sim import plot
 
         plot.draw(read_trace(args.trace), verdict, args.plot)
         print(f"plot: {args.plot}")

@@ -108,7 +108,7 @@ def run_new(args: argparse.Namespace) -> int:
 def _assemblyscript_helper(folder: Path) -> str:
     """How a source in `folder` imports plugins/assemblyscript/pi.ts: from the repository above it, or
     else from the one we are run in."""
-    from pi_controller.plugin_build import AS_PROJECT
+    from pi_controller.plugins.build import AS_PROJECT
 
     for root in (*folder.resolve().parents, Path.cwd()):
         if (root / AS_PROJECT / "pi.ts").is_file():
@@ -195,14 +195,15 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     ContextError for a context `check_context` refuses."""
     import extism
 
-    from pi_controller import actuators, contract
-    from pi_controller.host_functions import History, PluginHost
-    from pi_controller.manifest import Refused, grant, load_manifest
-    from pi_controller.pins import make_factory
-    from pi_controller.plugins import PluginCallError, SandboxedPlugin
-    from pi_controller.quarantine import Guard
-    from pi_controller.sensors import Reading
-    from pi_controller.wasm_gate import read_module
+    from pi_controller import contract
+    from pi_controller.devices import actuators
+    from pi_controller.devices.pins import make_factory
+    from pi_controller.devices.sensors import Reading
+    from pi_controller.plugins.host_functions import History, PluginHost
+    from pi_controller.plugins.manifest import Refused, grant, load_manifest
+    from pi_controller.plugins.quarantine import Guard
+    from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
+    from pi_controller.plugins.wasm_gate import read_module
 
     check_context(context)
     name = wasm.stem

@@ -24,7 +24,7 @@ import time
 
 import extism
 
-from pi_controller.wasm_compile import compile_module
+from pi_controller.plugins.extism_adapter import compile_module
 
 MARGIN = 4.0
 HOST_ALLOWANCE_MS = 5.0

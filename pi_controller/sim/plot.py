@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from pi_controller.actuators import PwmSettings, RelaySettings, ServoSettings
 from pi_controller.config import Settings
-from pi_controller.simulation import Band, BandTally, Verdict, hms, model_names
+from pi_controller.devices.actuators import PwmSettings, RelaySettings, ServoSettings
+from pi_controller.sim.simulation import Band, BandTally, Verdict, hms, model_names
 
 Style = Literal["line", "binary", "duty", "angle", "count"]
 BAND_COLOUR, OUT_COLOUR, READING_COLOUR, ACTUATOR_COLOUR = "#2ca02c", "#d62728", "#1f77b4", "#ff7f0e"

@@ -2,7 +2,7 @@
 
 The SDK's constructor has no fuel limit, so modules are compiled with
 `extism_compiled_plugin_new_with_fuel_limit` from the cffi library the SDK loads, with our host
-functions. `python -m pi_controller.wasm_compile WASI FUEL` (manifest JSON on stdin) is the child of
+functions. `python -m pi_controller.plugins.extism_adapter WASI FUEL` (manifest JSON on stdin) is the child of
 `wasm_gate.trial`: it sets its own limits before libextism is loaded, then compiles and instantiates
 once. It imports little (no config, no gpiozero): it starts in ~0.1 s. The limits are set after
 libextism is loaded (it is mapped from its file, which RLIMIT_DATA does not count) and before it runs.
@@ -17,8 +17,8 @@ from typing import Any
 import extism
 from extism.extism import CompiledPlugin, _ffi, _lib  # fuel is only in libextism's C API
 
-from pi_controller.host_functions import free_functions, new_functions
-from pi_controller.wasm_cache import compile_with_fallback
+from pi_controller.plugins.host_functions import free_functions, new_functions
+from pi_controller.plugins.wasm_cache import compile_with_fallback
 
 TRIAL_MEMORY_BYTES = 512 * 1024 * 1024  # the child's data segment (RLIMIT_DATA): a 16 MiB module takes ~130
 TRIAL_CPU_S = 20  # seconds of CPU for the child (RLIMIT_CPU)

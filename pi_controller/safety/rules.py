@@ -1,4 +1,4 @@
-"""Rules between validated commands and the pins, and a watchdog that does not need the loop.
+"""Rules between validated commands and the pins.
 
 Plugins decide; this layer makes sure nothing they decide, and nothing failing around them, can hurt
 the equipment. Each tick, every actuator's wanted target (the last one its owner asked for) passes:
@@ -22,21 +22,19 @@ change by the loop and counted per actuator and rule; a failsafe is reported onc
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, NamedTuple
+from typing import Iterable, Mapping, NamedTuple
 
 import structlog
 
-from pi_controller.actuators import Actuator, ActuatorSettings, PwmSettings, ServoSettings, Target
 from pi_controller.config import InterlockSettings
 from pi_controller.contract import Command
-from pi_controller.hardware import Hardware
-from pi_controller.observer import LoopObserver, TickReport
-from pi_controller.operator import OPERATOR
-from pi_controller.ownership import Failsafe, Health
-from pi_controller.sensors import Reading, SensorSettings
+from pi_controller.devices.actuators import Actuator, ActuatorSettings, PwmSettings, ServoSettings, Target
+from pi_controller.devices.hardware import Hardware
+from pi_controller.devices.sensors import Reading, SensorSettings
+from pi_controller.mqtt.operator import OPERATOR
+from pi_controller.safety.ownership import Failsafe, Health
 
 log = structlog.get_logger("pi_controller.safety")
 
@@ -269,49 +267,3 @@ def _shape(settings: object, current: Target, wanted: Target, dt: float, hold: _
         return wanted, note
     step = rate * dt if wanted > current else -rate * dt
     return current + step, note or hold("max_rate", f"ramping towards {wanted:g} at {rate:g}/s")
-
-
-class Watchdog(LoopObserver):
-    """Drives every actuator to its safe state when no tick has completed for `timeout_s`.
-
-    A thread of its own, on a real timer, so a blocked event loop, a hung tick or a bug of ours cannot
-    keep a heater on; the systemd watchdog would only catch it much later, by killing the process.
-    When ticks complete again, control resumes with the next tick.
-    """
-
-    def __init__(self, hardware: Hardware, timeout_s: float, timer: Callable[[], float]):
-        self.hardware = hardware
-        self.timeout_s = timeout_s
-        self.trips = 0
-        self._timer = timer
-        self._last = timer()
-        self._tripped = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._last = self._timer()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
-        self._thread.start()
-
-    def tick_done(self, report: TickReport) -> None:
-        self._last = self._timer()
-        if self._tripped:
-            self._tripped = False
-            log.warning("watchdog_recovered", trips=self.trips)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.timeout_s / 4):
-            silent = self._timer() - self._last
-            if silent >= self.timeout_s and not self._tripped:
-                self._tripped = True
-                self.trips += 1
-                log.error("watchdog_tripped", silent_s=round(silent, 3), timeout_s=self.timeout_s)
-                self.hardware.settle("safe", f"watchdog: no tick completed for {silent:.2f} s")
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None

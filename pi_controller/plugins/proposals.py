@@ -8,8 +8,8 @@ from typing import Mapping, Sequence
 
 from pi_controller import contract
 from pi_controller.contract import Command, CommandTarget, Rejection
-from pi_controller.plugins import SandboxedPlugin
-from pi_controller.sensors import Reading
+from pi_controller.devices.sensors import Reading
+from pi_controller.plugins.sandbox import SandboxedPlugin
 
 
 def propose(plugin: SandboxedPlugin, context: bytes, readings: Sequence[Reading],

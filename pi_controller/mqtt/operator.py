@@ -15,9 +15,9 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import structlog
 
-from pi_controller.actuators import Actuator, Pwm, Relay, Servo
 from pi_controller.contract import Command, Rejected, encode_config
-from pi_controller.plugin_config import check_change
+from pi_controller.devices.actuators import Actuator, Pwm, Relay, Servo
+from pi_controller.plugins.plugin_config import check_change
 
 log = structlog.get_logger("pi_controller.operator")
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from pi_controller import __version__
-from pi_controller.actuators import ActuatorSettings, PwmSettings, RelaySettings, ServoSettings
 from pi_controller.config import MqttSettings, Settings
-from pi_controller.sensors import DigitalSettings, SensorSettings
+from pi_controller.devices.actuators import ActuatorSettings, PwmSettings, RelaySettings, ServoSettings
+from pi_controller.devices.sensors import DigitalSettings, SensorSettings
 
 # unit in the config -> (device_class, unit Home Assistant expects)
 UNITS = {

@@ -24,7 +24,7 @@ import structlog
 from asyncinotify import Event, Inotify, Mask
 
 from pi_controller.loop import ControlLoop
-from pi_controller.plugins import PluginSet
+from pi_controller.plugins.plugin_set import PluginSet
 
 log = structlog.get_logger("pi_controller.plugins")
 

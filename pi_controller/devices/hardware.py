@@ -12,12 +12,13 @@ from typing import Any, Callable, Iterable, Literal, Protocol, TypeVar
 import structlog
 from gpiozero.pins import Factory
 
-from pi_controller import actuators, logs, sensors
-from pi_controller.actuators import Actuator
+from pi_controller import logs
 from pi_controller.clock import Clock
 from pi_controller.config import Settings
 from pi_controller.contract import Command
-from pi_controller.sensors import Reading, Sensor
+from pi_controller.devices import actuators, sensors
+from pi_controller.devices.actuators import Actuator
+from pi_controller.devices.sensors import Reading, Sensor
 
 log = structlog.get_logger("pi_controller.hardware")
 

@@ -7,7 +7,7 @@ module of its own on the compiler's command line, so sources outside `plugins/sr
 
 The compiler is the `ziglang` wheel, pinned to `ZIG_VERSION`: the committed binaries are what
 exactly that version builds (wasm32-freestanding, ReleaseSmall, stripped), byte for byte, and
-`tests/test_plugin_build.py` checks it. Run `python -m pi_controller.plugin_build` after
+`tests/test_plugin_build.py` checks it. Run `python -m pi_controller.plugins.build` after
 changing a plugin source, and commit the sources with their binaries.
 
 `.ts` sources are AssemblyScript on the upstream Extism PDK (`@extism/as-pdk`) and our helper
@@ -221,7 +221,7 @@ def build_all(root: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: build every plugin of the repository (default: the current directory)."""
-    parser = argparse.ArgumentParser(prog="python -m pi_controller.plugin_build",
+    parser = argparse.ArgumentParser(prog="python -m pi_controller.plugins.build",
                                      description="Build the plugins (Zig, C, AssemblyScript) into .wasm files.")
     parser.add_argument("root", nargs="?", type=Path, default=Path.cwd(),
                         help="repository root (default: the current directory)")

@@ -18,9 +18,10 @@ from typing import Any
 
 import structlog
 
-from pi_controller import config, known_good
-from pi_controller.actuators import ActuatorSettings
+from pi_controller import config
 from pi_controller.config import Settings
+from pi_controller.devices.actuators import ActuatorSettings
+from pi_controller.safety import known_good
 
 log = structlog.get_logger("pi_controller.safe_state")
 
@@ -40,8 +41,8 @@ def add_command(commands: Any) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pi_controller.hardware import HardwareError
-    from pi_controller.pins import make_factory
+    from pi_controller.devices.hardware import HardwareError
+    from pi_controller.devices.pins import make_factory
 
     if os.environ.get("SERVICE_RESULT") == "success":  # systemd's verdict on the run that just ended
         log.info("safe_state_skipped", reason="the daemon stopped cleanly, leaving its shut-down states")
@@ -97,8 +98,8 @@ def _by_pin(sources: list[Settings]) -> list[ActuatorSettings]:
 
 
 def _claim_safe(entry: ActuatorSettings, factory: Any) -> bool:
-    from pi_controller import actuators
-    from pi_controller.pins import hold
+    from pi_controller.devices import actuators
+    from pi_controller.devices.pins import hold
 
     try:
         actuator = actuators.build(entry, factory, state="safe")

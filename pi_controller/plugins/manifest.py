@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from pi_controller import config
 from pi_controller.config import PluginSettings, PluginsSettings
 from pi_controller.contract import Rejected
-from pi_controller.plugin_config import ConfigField, check_config, check_settings
+from pi_controller.plugins.plugin_config import ConfigField, check_config, check_settings
 from pi_controller.schema import bounded
 
 

@@ -31,9 +31,9 @@ from extism.extism import _ffi, _lib
 
 from pi_controller import logs
 
-if TYPE_CHECKING:  # not at run time: the trial compile's child (wasm_compile) imports this module, and fast
+if TYPE_CHECKING:  # not at run time: the trial compile's child (extism_adapter) imports this module, and fast
     from pi_controller.config import HostFunctionSettings
-    from pi_controller.sensors import Reading
+    from pi_controller.devices.sensors import Reading
 
 log = structlog.get_logger("pi_controller.plugin")
 

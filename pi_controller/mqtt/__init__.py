@@ -1,0 +1,1 @@
+"""MQTT: publishing policy, Home Assistant discovery, the operator's inbox."""

@@ -1,0 +1,1 @@
+"""Sandboxed Wasm control plugins: the Extism adapter, the sandbox, the set and its folder, grants."""

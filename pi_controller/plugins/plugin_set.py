@@ -1,0 +1,217 @@
+"""The plugins of one folder: loaded, replaced and removed as a whole between two ticks.
+
+The set changes only in `PluginSet.apply`, between two ticks; what a change needs (reading files,
+compiling, health checks) is done beforehand by `prepare`, off the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import extism
+import structlog
+
+from pi_controller.clock import Clock, SystemClock
+from pi_controller.config import PluginsSettings
+from pi_controller.devices.sensors import Reading
+from pi_controller.plugins.backstop import Backstop
+from pi_controller.plugins.host_functions import History, PluginHost
+from pi_controller.plugins.manifest import Refused, grant, load_manifest
+from pi_controller.plugins.quarantine import Guard
+from pi_controller.plugins.sandbox import PluginStatus, SandboxedPlugin
+from pi_controller.plugins.wasm_gate import read_module
+from pi_controller.schema import ID_PATTERN
+
+log = structlog.get_logger("pi_controller.plugins")
+
+
+@dataclass
+class Update:
+    """What `prepare` found for some plugin names, applied by `apply` between two ticks."""
+
+    loaded: dict[str, SandboxedPlugin] = field(default_factory=dict)  # new, or replacing a live one
+    removed: set[str] = field(default_factory=set)  # its file is gone
+    refused: dict[str, PluginStatus] = field(default_factory=dict)  # failed to load, or disabled
+
+    def close(self) -> None:
+        """Drop an update that will not be applied."""
+        for plugin in self.loaded.values():
+            plugin.close()
+
+
+RESERVED = ("operator", "safety")  # what logs and arbitration call commands that come from us
+NAME_RULE = "1 to 64 letters, digits, '_' or '-', and not 'operator' or 'safety'"
+
+
+def valid_name(name: str) -> bool:
+    return re.fullmatch(ID_PATTERN, name) is not None and name not in RESERVED
+
+
+def _order(plugin: SandboxedPlugin) -> tuple[int, str]:
+    return -plugin.priority, plugin.name
+
+
+class PluginSet:
+    """The plugins of one folder, in call order: highest priority first, then by name."""
+
+    def __init__(self, settings: PluginsSettings, directory: Path, budget_ms: float, history: History | None = None,
+                 clock: Clock | None = None, backstop: Backstop | None = None):
+        """`clock`: the loop's (real by default); the backstop follows it unless given."""
+        self.settings = settings
+        self.directory = directory
+        self.budget_ms = budget_ms
+        self.clock = clock or SystemClock()
+        self.backstop = backstop or Backstop(real=self.clock.real)
+        self.history = history or History(settings.host.history_length)
+        self._plugins: tuple[SandboxedPlugin, ...] = ()  # replaced whole, so a tick sees one version
+        self._refused: dict[str, PluginStatus] = {}
+        self._kept: dict[str, str] = {}  # live plugins whose replacement was refused, and why
+
+    def __iter__(self) -> Iterator[SandboxedPlugin]:
+        return iter(self._plugins)
+
+    def __len__(self) -> int:
+        return len(self._plugins)
+
+    @property
+    def status(self) -> dict[str, PluginStatus]:
+        """Every plugin of the folder by name: loaded, quarantined, disabled or failed, with why."""
+        result = dict(self._refused)
+        result.update((p.name, p.status(self._kept.get(p.name))) for p in self._plugins)
+        return result
+
+    def inherit(self, old: PluginSet) -> None:
+        """What a config reload keeps of the set this one replaces (call between two ticks): the
+        quarantine state of each plugin whose file did not change, now under the new quarantine
+        settings. A reload is no way out of quarantine; a new file is (see `prepare`)."""
+        before = {p.name: p for p in old}
+        for plugin in self._plugins:
+            previous = before.get(plugin.name)
+            if previous is not None and previous.sha256 == plugin.sha256:
+                previous.guard.settings = self.settings.quarantine
+                plugin.guard = previous.guard
+
+    def record(self, readings: Iterable[Reading]) -> None:
+        """This tick's readings, for the plugins that read history (`host_functions`)."""
+        self.history.record(readings)
+
+    def load_all(self) -> None:
+        """Load every `*.wasm` in the folder, highest priority first, so that when the time budget is
+        full it is a low-priority plugin that is left out; a plugin that fails is reported and skipped."""
+        if not self.directory.is_dir():
+            log.error("plugins_directory_missing", directory=str(self.directory))
+            return
+        names = {path.stem for path in self.directory.glob("*.wasm")}
+        for name in sorted(set(self.settings.settings) - names):
+            log.warning("plugin_configured_but_missing", plugin=name, directory=str(self.directory))
+        self.apply(self.prepare(names))
+        log.info("plugins_loaded", count=len(self._plugins), directory=str(self.directory),
+                 names=[p.name for p in self._plugins])
+
+    def prepare(self, names: Iterable[str]) -> Update:
+        """Read and compile what changed among `names`; safe on any thread, touches nothing live."""
+        update = Update()
+        live = {p.name: p for p in self._plugins}
+        for name in names:
+            path = self.directory / f"{name}.wasm"
+            own = self.settings.settings.get(name)
+            if not valid_name(name):
+                # Not even in the status: the name goes into log keys and MQTT topics as it is.
+                log.error("plugin_name_invalid", file=str(path)[:300], valid=NAME_RULE)
+            elif not os.path.lexists(path):  # a FIFO or a dangling link is not gone: the gate refuses it
+                update.removed.add(name)
+            elif own is not None and not own.enabled:
+                update.refused[name] = PluginStatus("disabled")
+            else:
+                self._prepare_one(name, path, live.get(name), update)
+        return update
+
+    def _prepare_one(self, name: str, path: Path, live: SandboxedPlugin | None, update: Update) -> None:
+        try:
+            wasm = read_module(path, self.directory, self.settings.ceilings.max_file_bytes)
+            terms = grant(name, load_manifest(path), self.settings)
+            if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
+                return  # the same plugin under the same terms: nothing to swap
+            host = PluginHost(name, terms.sensors, self.history, self.settings.host, self.clock.monotonic)
+            update.loaded[name] = SandboxedPlugin(name, wasm, terms, Guard(name, self.settings.quarantine), host,
+                                                  self.backstop)
+        except (OSError, extism.Error, Refused) as exc:
+            update.refused[name] = PluginStatus("failed", str(exc)[:500])
+        except Exception as exc:  # whatever else a dropped file holds (a manifest in Latin-1...), it fails alone
+            update.refused[name] = PluginStatus("failed", f"{type(exc).__name__}: {exc}"[:500])
+
+    def apply(self, update: Update) -> None:
+        """Swap in what `prepare` found. Call between two ticks: the tick thread is idle."""
+        live = {p.name: p for p in self._plugins}
+        retired: list[SandboxedPlugin] = []
+        for name in update.removed:
+            self._refused.pop(name, None)
+            self._kept.pop(name, None)
+            if name in live:
+                retired.append(live.pop(name))
+                log.info("plugin_unloaded", plugin=name, reason="its file is gone")
+        for name, status in update.refused.items():
+            self._refuse(name, status, live, retired)
+        for plugin in sorted(update.loaded.values(), key=_order):
+            self._admit(plugin, live, retired)
+        self._plugins = tuple(sorted(live.values(), key=_order))
+        for plugin in retired:
+            plugin.close()
+
+    def _refuse(self, name: str, status: PluginStatus, live: dict[str, SandboxedPlugin],
+                retired: list[SandboxedPlugin]) -> None:
+        if status.state == "failed" and name in live:  # a bad replacement: the running version stays
+            self._kept[name] = status.reason or "unknown"
+            log.error("plugin_replacement_refused", plugin=name, reason=status.reason,
+                      kept_sha256=live[name].sha256[:12])
+            return
+        if name in live:
+            retired.append(live.pop(name))
+        self._kept.pop(name, None)
+        self._refused[name] = status
+        if status.state == "disabled":
+            log.info("plugin_disabled", plugin=name)
+        else:
+            log.error("plugin_load_failed", plugin=name, reason=status.reason)
+
+    def _admit(self, plugin: SandboxedPlugin, live: dict[str, SandboxedPlugin],
+               retired: list[SandboxedPlugin]) -> None:
+        """Give `plugin` its share of the tick's time budget. Healthy plugins hold their shares; a
+        quarantined one gives its share up to a plugin that would not fit otherwise."""
+        others = [p for p in live.values() if p.name != plugin.name]
+        spent = sum(p.grant.timeout_ms for p in others if not p.guard.quarantined)
+        if spent + plugin.grant.timeout_ms > self.budget_ms:
+            retired.append(plugin)
+            reason = (f"timeout_ms {plugin.grant.timeout_ms} does not fit the tick: the plugins already loaded "
+                      f"take {spent} of the {self.budget_ms:g} ms plugin budget")
+            return self._refuse(plugin.name, PluginStatus("failed", reason), live, retired)
+        for resting in sorted((p for p in others if p.guard.quarantined), key=_order, reverse=True):
+            if sum(p.grant.timeout_ms for p in live.values() if p.name != plugin.name) + plugin.grant.timeout_ms \
+                    <= self.budget_ms:
+                break
+            retired.append(live.pop(resting.name))
+            self._kept.pop(resting.name, None)
+            reason = f"unloaded while quarantined ({resting.guard.reason}): its time budget went to {plugin.name}"
+            self._refused[resting.name] = PluginStatus("failed", reason[:500])
+            log.warning("plugin_unloaded", plugin=resting.name, reason=reason[:500])
+        previous = live.get(plugin.name)
+        if previous is not None:
+            retired.append(previous)
+        live[plugin.name] = plugin
+        self._refused.pop(plugin.name, None)
+        self._kept.pop(plugin.name, None)
+        terms = plugin.grant
+        log.info("plugin_replaced" if previous else "plugin_loaded", plugin=plugin.name,
+                 sha256=plugin.sha256[:12], version=terms.manifest.version or None, priority=terms.priority,
+                 memory_pages=terms.memory_pages, timeout_ms=terms.timeout_ms, fuel=terms.fuel,
+                 **({"wasi": True, "paths": dict(terms.allowed_paths)} if terms.wasi else {}))
+
+    def close(self) -> None:
+        for plugin in self._plugins:
+            plugin.close()
+        self._plugins = ()

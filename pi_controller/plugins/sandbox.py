@@ -1,0 +1,220 @@
+"""A sandboxed control plugin: one Extism instance under its grant.
+
+This module knows nothing of pins or MQTT: it turns a context into raw output bytes, or an error that
+says why, within the plugin's grant (memory, fuel, time, output, vars, hosts; see `manifest`). Each
+instance is called from one thread only (the tick thread): the SDK returns another call's output when
+an instance is shared. The plugins of a folder make up a `plugin_set.PluginSet`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import extism
+from extism.extism import CompiledPlugin, _ffi
+
+from pi_controller.contract import READINGS_KEY, Command, Rejection, encode_config, encode_readings
+from pi_controller.devices.sensors import Reading
+from pi_controller.plugins.backstop import Backstop
+from pi_controller.plugins.extism_adapter import compile_module
+from pi_controller.plugins.extism_log import router
+from pi_controller.plugins.host_functions import PluginHost
+from pi_controller.plugins.manifest import Grant, Refused
+from pi_controller.plugins.quarantine import Guard
+from pi_controller.plugins.wasm_gate import trial
+
+ENTRY_POINT = "control_logic"
+HEALTH_CHECK = "health_check"  # optional export: called once at load; an error refuses the plugin
+
+# Failures after which the instance is rebuilt: Extism keeps an instance whose call trapped or was
+# stopped, and a guest without our PDK's stack reset would keep the leaked stack (and an instance
+# that hit its memory limit would keep all that memory) on every later call. The plugin's vars go
+# with it: the error says so (`reset`), and the loop counts it.
+_REBUILD_AFTER = frozenset({"trap", "stalled", "out_of_memory", "out_of_fuel", "host_call_limit"})
+
+
+class PluginCallError(Exception):
+    """A call that produced no usable output; `kind` is "out_of_fuel", "out_of_memory", "trap",
+    "host_call_limit", "output_too_large", "error_return" (the plugin reported an error of its own),
+    or "stalled" (it ran past its wall-clock backstop: the machine's doing, not the plugin's; see
+    `backstop`). `reset`: its instance was rebuilt, so its vars start empty again."""
+
+    def __init__(self, kind: str, message: str, reset: bool = False):
+        super().__init__(message)
+        self.kind = kind
+        self.reset = reset
+
+    @property
+    def plugin_s_fault(self) -> bool:
+        return self.kind != "stalled"
+
+    @classmethod
+    def from_extism(cls, exc: extism.Error, reason: str | None, terms: Grant, backstop_ms: int) -> PluginCallError:
+        message = str(exc) or "error without a message"
+        if message == "timeout":
+            return cls("stalled", f"stalled: the call ran past its {backstop_ms} ms wall-clock backstop, far "
+                                  f"beyond what fuel {terms.fuel} costs on this machine: the machine or a host "
+                                  "function was slow")
+        if message == "plugin ran out of fuel":
+            return cls("out_of_fuel", f"ran out of fuel: more than {terms.fuel} instructions in one call")
+        if message == "oom" or "failed to allocate" in message:
+            return cls("out_of_memory", f"oom: memory would pass memory_pages {terms.memory_pages} "
+                                        f"({terms.memory_pages * 64} KiB)")
+        if message.startswith("error while executing"):
+            return cls("trap", reason or message)
+        return cls("error_return", message)
+
+
+def compile_plugin(wasm: bytes, terms: Grant, host: Any, backstop_ms: int) -> CompiledPlugin:
+    """A compiled module under `terms`, with a fuel limit (the SDK's constructor has none) and our
+    host functions bound to `host` (a cffi handle of its PluginHost): WASI and files only as granted,
+    no network beyond `allowed_hosts`. Tried first in a child process (`wasm_gate.trial`)."""
+    manifest = {
+        "memory": {"max_pages": terms.memory_pages, "max_var_bytes": terms.max_var_bytes,
+                   "max_http_response_bytes": terms.max_http_response_bytes},
+        "timeout_ms": backstop_ms,  # against a stall only: fuel is the budget (see `backstop`)
+        "allowed_hosts": list(terms.allowed_hosts),
+        # Extism config holds strings only: other values go as their JSON text.
+        "config": {k: v if isinstance(v, str) else json.dumps(v) for k, v in terms.config.items()},
+        **({"allowed_paths": dict(terms.allowed_paths)} if terms.allowed_paths else {}),
+    }
+    # The module spliced in as bytes: one copy of its base64 rather than three (str, JSON, bytes).
+    data = b'{"wasm":[{"data":"' + base64.b64encode(wasm) + b'"}],' + json.dumps(manifest).encode()[1:]
+    trial(data, terms.wasi, terms.fuel)
+    return compile_module(data, terms.wasi, terms.fuel, host)
+
+
+class SandboxedPlugin:
+    """One loaded `.wasm` under its grant, with its quarantine guard."""
+
+    def __init__(self, name: str, wasm: bytes, terms: Grant, guard: Guard, host: PluginHost,
+                 backstop: Backstop | None = None):
+        self.name = name
+        self.grant = terms
+        self.backstop_ms = (backstop or Backstop()).ms(terms.fuel, terms.timeout_ms)
+        self.guard = guard
+        self.host = host
+        self._host_handle = _ffi.new_handle(host)  # what the host functions get: alive as long as we are
+        self.sha256 = hashlib.sha256(wasm).hexdigest()
+        if terms.sha256 is not None and terms.sha256 != self.sha256:
+            raise Refused(f"sha256 {self.sha256} is not the pinned {terms.sha256}")
+        self.config_suffix = encode_config(terms.config)
+        self._compiled = compile_plugin(wasm, terms, self._host_handle, self.backstop_ms)
+        try:
+            self._instance, self._id = self._instantiate()
+        except extism.Error as exc:
+            self._compiled.__del__()
+            if "wasi_snapshot_preview1" in str(exc) and not terms.wasi:
+                raise Refused(f"{exc} (the module needs WASI, which is not granted: wasi: true in its "
+                              "manifest or settings, within plugins.ceilings.allow_wasi)") from exc
+            raise
+        try:
+            self._check_exports()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def priority(self) -> int:
+        return self.grant.priority
+
+    def _instantiate(self) -> tuple[extism.Plugin, str]:
+        instance = extism.Plugin(self._compiled)
+        instance_id = str(instance.id)
+        router().register(instance_id, self.name, self.host.budget)
+        self.host.cancel = instance.cancel_handle().cancel
+        return instance, instance_id
+
+    def _check_exports(self) -> None:
+        if not self._instance.function_exists(ENTRY_POINT):
+            raise Refused(f"the module does not export '{ENTRY_POINT}'")
+        if self._instance.function_exists(HEALTH_CHECK):
+            try:
+                self._invoke(HEALTH_CHECK, b"")
+            except PluginCallError as exc:
+                raise Refused(f"{HEALTH_CHECK} failed: {exc}") from exc
+
+    def call(self, context: bytes, tick: int | None = None) -> bytes:
+        """One tick: `context` is the context without its config (`contract.encode_context`)."""
+        output = self._invoke(ENTRY_POINT, context + self.config_suffix, tick)
+        router().drain()  # 0.75 us: other lines are logged now, and libextism's buffer never grows
+        if len(output) > self.grant.max_output_bytes:
+            raise PluginCallError("output_too_large", f"output of {len(output)} bytes exceeds max_output_bytes "
+                                  f"{self.grant.max_output_bytes}")
+        return output
+
+    def _invoke(self, function: str, data: bytes, tick: int | None = None) -> bytes:
+        self.host.start_call(tick)
+        try:
+            output: bytes = self._instance.call(function, data)
+        except extism.Error as exc:
+            error = self._call_error(exc)
+            if error.kind in _REBUILD_AFTER:
+                self._rebuild()
+                error.reset = True
+            raise error from exc
+        if self.host.over_budget:  # it ended before the cancel took: the verdict must not depend on that
+            self._rebuild()
+            error = self._call_error(extism.Error("cancelled"))
+            error.reset = True
+            raise error
+        return output
+
+    def _call_error(self, exc: extism.Error) -> PluginCallError:
+        reason = router().reason(self._id)
+        if self.host.over_budget:  # we cancelled it: what shows is a timeout or a trap
+            return PluginCallError("host_call_limit", f"cancelled: more than {self.host.settings.host_calls_per_call} "
+                                   "host function calls in one call (plugins.host.host_calls_per_call)")
+        return PluginCallError.from_extism(exc, reason, self.grant, self.backstop_ms)
+
+    def _rebuild(self) -> None:
+        """A fresh instance of the same compiled module (~0.4 ms); its vars start empty again."""
+        self._free_instance()
+        self._instance, self._id = self._instantiate()
+
+    def view(self, context: bytes, readings: Sequence[Reading]) -> bytes:
+        """The context as this plugin may see it: only the readings of its declared sensors."""
+        if self.grant.sensors is None:
+            return context
+        everything = encode_readings(readings)
+        mine = encode_readings(r for r in readings if r.sensor_id in self.grant.sensors)
+        return READINGS_KEY + mine + context[len(READINGS_KEY) + len(everything):]
+
+    def screen(self, commands: list[Command], rejections: list[Rejection]
+               ) -> tuple[list[Command], list[Rejection]]:
+        """Valid commands split by capability: one to an actuator not granted is rejected."""
+        allowed = self.grant.actuators
+        if allowed is None:
+            return commands, rejections
+        kept = [c for c in commands if c.device_id in allowed]
+        refused = [Rejection(self.name, c.device_id, "forbidden_device",
+                             f"'{c.device_id}' is not among the actuators granted to this plugin "
+                             f"({', '.join(sorted(allowed)) or 'none'})")
+                   for c in commands if c.device_id not in allowed]
+        return kept, rejections + refused
+
+    def status(self, kept_because: str | None = None) -> PluginStatus:
+        if self.guard.quarantined:
+            return PluginStatus("quarantined", self.guard.reason, self.sha256, self.grant.manifest.version or None)
+        reason = f"kept this version: its replacement was refused: {kept_because}" if kept_because else None
+        return PluginStatus("loaded", reason, self.sha256, self.grant.manifest.version or None)
+
+    def _free_instance(self) -> None:
+        router().forget(self._id)
+        self._instance.__exit__(None, None, None)
+
+    def close(self) -> None:
+        self._free_instance()
+        self._compiled.__del__()
+
+
+@dataclass(frozen=True)
+class PluginStatus:
+    state: str  # "loaded", "quarantined", "disabled" or "failed"
+    reason: str | None = None
+    sha256: str | None = None
+    version: str | None = None
