@@ -2,8 +2,9 @@
 
 Settings are frozen dataclasses. Their type hints *are* the schema: `convert` walks a parsed YAML tree
 against them, so an error can name the file, the line, the key path and what would be valid, before any
-pin is touched. Sensor, actuator and simulation kinds register their own settings classes in their own
-modules; this module only dispatches on `kind`.
+pin is touched. Sensor and actuator kinds define their settings classes in their own modules, listed in
+`devices.registry` (no gpiozero is imported for that), simulation models in `simulators.models`; this
+module only dispatches on `kind`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from pi_controller.devices import actuators, sensors
+from pi_controller.devices import actuators, registry, sensors
 from pi_controller.plugins.plugin_config import check_settings
 from pi_controller.schema import FieldError, bounded, device_id, matching
 from pi_controller.simulators import models as simulation_models
@@ -418,7 +419,7 @@ def salvage(path: Path | str) -> tuple[Settings, list[ConfigError]]:
         entries = data.get("actuators", [])
         for index, entry in enumerate(entries if isinstance(entries, list) else []):
             try:
-                actuator_entries.append(convert.kind(entry, actuators.KINDS, ("actuators", index)))
+                actuator_entries.append(convert.kind(entry, registry.ACTUATORS, ("actuators", index)))
             except ConfigError as exc:
                 errors.append(exc)
     settings = Settings(source=path.resolve(), loop=LoopSettings(), pins=pins, sensors=(),
@@ -515,8 +516,8 @@ class _Converter:
         result = Settings(
             interlocks=self.convert(data.get("interlocks", []), tuple[InterlockSettings, ...], ("interlocks",)),
             source=self.tree.source.resolve(),
-            sensors=self._kinds(data.get("sensors", []), sensors.KINDS, ("sensors",)),
-            actuators=self._kinds(data.get("actuators", []), actuators.KINDS, ("actuators",)),
+            sensors=self._kinds(data.get("sensors", []), registry.SENSORS, ("sensors",)),
+            actuators=self._kinds(data.get("actuators", []), registry.ACTUATORS, ("actuators",)),
             simulation=self._kinds(data.get("simulation", []), simulation_models.KINDS, ("simulation",)),
             lines=self.tree.lines,
             **parts,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from pi_controller.devices.mcp3008 import SPI0_SELECT
 from pi_controller.devices.pins import SimulatedFactory
-from pi_controller.devices.sensors import SPI0_SELECT
 
 BITS = 10
 

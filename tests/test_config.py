@@ -10,8 +10,11 @@ from typing import Any
 import pytest
 
 from pi_controller import config
-from pi_controller.devices.actuators import PwmSettings, RelaySettings, ServoSettings
-from pi_controller.devices.sensors import DigitalSettings, MCP3008Settings
+from pi_controller.devices.digital import DigitalSettings
+from pi_controller.devices.mcp3008 import MCP3008Settings
+from pi_controller.devices.pwm import PwmSettings
+from pi_controller.devices.relay import RelaySettings
+from pi_controller.devices.servo import ServoSettings
 from tests.conftest import EXAMPLE_CONFIG, example_data
 
 
@@ -250,6 +253,15 @@ def test_check_config_never_creates_a_pin_factory(write_config) -> None:
             f"config.load({str(EXAMPLE_CONFIG)!r}); print(Device.pin_factory)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "None", result.stderr
+
+
+def test_check_config_does_not_load_gpiozero() -> None:
+    """Device kinds build their gpiozero devices lazily: checking a config on a desktop needs none of it."""
+    code = ("import sys; from pi_controller import cli; "
+            f"code = cli.main(['check-config', {str(EXAMPLE_CONFIG)!r}]); "
+            "print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('gpiozero', 'lgpio')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("value", ["2024-01-01", ".inf"])

@@ -14,10 +14,15 @@ from gpiozero.pins.mock import MockPWMPin
 from pi_controller import config
 from pi_controller.clock import VirtualClock
 from pi_controller.devices import actuators, sensors
-from pi_controller.devices.actuators import PwmSettings, RelaySettings, ServoSettings
+from pi_controller.devices.cpu_temperature import CPUTemperatureSettings
+from pi_controller.devices.digital import DigitalSettings
+from pi_controller.devices.ds18b20 import DS18B20Settings
 from pi_controller.devices.hardware import Hardware, HardwareError
+from pi_controller.devices.mcp3008 import MCP3008Settings
 from pi_controller.devices.pins import SimulatedFactory, make_factory
-from pi_controller.devices.sensors import CPUTemperatureSettings, DigitalSettings, DS18B20Settings, MCP3008Settings
+from pi_controller.devices.pwm import PwmSettings
+from pi_controller.devices.relay import RelaySettings
+from pi_controller.devices.servo import ServoSettings
 from pi_controller.simulators.adc import SimulatedMCP3008
 from tests.conftest import example_data
 
@@ -49,7 +54,7 @@ def test_ds18b20_parses_the_sysfs_file(tmp_path, text, value, error) -> None:
     w1_file(tmp_path, "28-0316a2790aff", text)
     settings = DS18B20Settings(id="t", kind="ds18b20", device="28-0316a2790aff", base_dir=str(tmp_path),
                                poll_interval_s=0)
-    reading = sensors.build(settings, None, CLOCK).read(5.0)
+    reading = settings.sensor(None, CLOCK).read(5.0)
     assert (reading.value, reading.valid) == (value, error is None)
     assert error is None or error in reading.error
     assert reading.timestamp == 5.0 and reading.unit == "celsius"
@@ -58,7 +63,7 @@ def test_ds18b20_parses_the_sysfs_file(tmp_path, text, value, error) -> None:
 def test_ds18b20_missing_file_is_an_invalid_reading(tmp_path) -> None:
     settings = DS18B20Settings(id="t", kind="ds18b20", device="28-0316a2790aff", base_dir=str(tmp_path),
                                poll_interval_s=0)
-    reading = sensors.build(settings, None, CLOCK).read(1.0)
+    reading = settings.sensor(None, CLOCK).read(1.0)
     assert not reading.valid and reading.value is None
     assert "FileNotFoundError" in reading.error
 
@@ -68,7 +73,7 @@ def polled_ds18b20(tmp_path: Path, interval_s: float, clock: VirtualClock) -> se
     w1_file(tmp_path, "28-0316a2790aff", GOOD_W1)
     settings = DS18B20Settings(id="t", kind="ds18b20", device="28-0316a2790aff", base_dir=str(tmp_path),
                                poll_interval_s=interval_s)
-    return sensors.build(settings, None, clock)
+    return settings.sensor(None, clock)
 
 
 def test_ds18b20_is_polled_on_its_own_thread(tmp_path) -> None:
@@ -104,7 +109,7 @@ def test_mcp3008_reads_through_software_spi_with_scale_and_offset(factory) -> No
     adc = SimulatedMCP3008(factory, 0)
     settings = MCP3008Settings(id="tmp36", kind="mcp3008", channel=3, unit="celsius", scale=330.0,
                                offset=-50.0)
-    sensor = sensors.build(settings, factory, CLOCK)
+    sensor = settings.sensor(factory, CLOCK)
     adc.fractions[3] = (21.0 + 50.0) / 330.0
     assert sensor.read(0).value == pytest.approx(21.0, abs=330 / 1023)
     adc.fractions[3] = 0.0
@@ -113,8 +118,8 @@ def test_mcp3008_reads_through_software_spi_with_scale_and_offset(factory) -> No
 
 
 def test_digital_input_follows_its_pin_and_wiring(factory) -> None:
-    motion = sensors.build(DigitalSettings(id="m", kind="motion", pin=17), factory, CLOCK)
-    button = sensors.build(DigitalSettings(id="b", kind="button", pin=5), factory, CLOCK)
+    motion = DigitalSettings(id="m", kind="motion", pin=17).sensor(factory, CLOCK)
+    button = DigitalSettings(id="b", kind="button", pin=5).sensor(factory, CLOCK)
     factory.pin(17).drive_high()
     factory.pin(5).drive_low()  # a button pulls up, so pressed is low
     assert (motion.read(0).value, button.read(0).value) == (1.0, 1.0)
@@ -125,8 +130,8 @@ def test_digital_input_follows_its_pin_and_wiring(factory) -> None:
 
 def test_cpu_temperature_from_its_file(tmp_path, factory) -> None:
     (tmp_path / "temp").write_text("48312\n")
-    sensor = sensors.build(CPUTemperatureSettings(id="cpu", kind="cpu_temperature",
-                                                  sensor_file=str(tmp_path / "temp")), factory, CLOCK)
+    sensor = CPUTemperatureSettings(id="cpu", kind="cpu_temperature",
+                                                  sensor_file=str(tmp_path / "temp")).sensor(factory, CLOCK)
     assert sensor.read(0).value == pytest.approx(48.312)
     (tmp_path / "temp").unlink()
     assert not sensor.read(0).valid
@@ -168,10 +173,10 @@ def test_light_sensor_reads_the_charge_time_without_blocking(write_config) -> No
 
 
 def test_distance_sensor_without_echo_is_invalid_not_zero_and_never_blocks(factory) -> None:
-    from pi_controller.devices.sensors import DistanceSettings
+    from pi_controller.devices.distance import DistanceSettings
 
     # A plain mock trigger pin never echoes: an unplugged HC-SR04.
-    sensor = sensors.build(DistanceSettings(id="d", kind="distance", echo=20, trigger=21), factory, CLOCK)
+    sensor = DistanceSettings(id="d", kind="distance", echo=20, trigger=21).sensor(factory, CLOCK)
     try:
         readings = returned(lambda: [sensor.read(0) for _ in range(3)])[0]
         assert all(r.error == "ValueError: no sample yet: check the wiring" for r in readings)

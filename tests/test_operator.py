@@ -9,8 +9,9 @@ from gpiozero import Device
 
 from pi_controller.contract import Rejected
 from pi_controller.devices import actuators
-from pi_controller.devices.actuators import PwmSettings, RelaySettings
 from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.devices.pwm import PwmSettings
+from pi_controller.devices.relay import RelaySettings
 from pi_controller.mqtt.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig, parse_set
 
 

@@ -13,8 +13,13 @@ from structlog.testing import capture_logs
 
 from pi_controller import contract
 from pi_controller.clock import SystemClock, VirtualClock
+from pi_controller.devices import actuators
+from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.devices.servo import ServoSettings
 from pi_controller.mqtt.operator import EnablePlugin
 from pi_controller.plugins.plugin_set import Update
+from pi_controller.safety.ownership import Health
+from pi_controller.safety.rules import Safety
 
 PERIOD = 0.1
 
@@ -338,3 +343,15 @@ def test_an_owner_disabled_or_unloaded_loses_its_actuator(run_daemon, plugin_dir
     assert runs(rec.column(27)) == ([(1.0, 14), (0.0, 16)] if how == "disabled" else [(1.0, 15), (0.0, 15)])
     (event,) = failsafes(logs)
     assert event["why"].startswith(f"plugin 'echo_output' {why} (1.0 s")
+
+
+def test_a_servo_holding_zero_degrees_is_on_for_the_rules() -> None:
+    """"On" is what the kind says: a servo holding any angle, 0 degrees included, is on (max_on_s trips)."""
+    servo = actuators.build(ServoSettings(id="s", kind="servo", pin=13, startup_state=0.0, max_on_s=1.0),
+                            SimulatedFactory())
+    safety = Safety({"s": servo}, [], [])
+    health = Health(lambda name: "absent")
+    decisions = [safety.decide([], [], now, now, health) for now in (0.0, 0.5, 1.0)]
+    assert [h.rule for h in decisions[-1].holds] == ["max_on"]
+    assert [c.target for c in decisions[-1].commands] == [None]  # detached: its safe state
+    servo.close()

@@ -1,22 +1,45 @@
-"""Actuator kinds: their settings, the actions they accept, and how they drive gpiozero devices.
+"""What every actuator kind has, and the hooks through which the rest of the daemon asks a kind.
 
 An actuator turns a validated action into a target value, applies targets, reports its state for the
 plugin context, and knows its safe state. Targets are checked against the contract's range and the
 configured bounds and rejected when outside: never clamped into action.
+
+A kind is one module (`relay`, `pwm`, `servo`, `motor`) with a settings class and an actuator class,
+listed in `registry`. Its settings answer what needs no device (the gpiozero device it builds, its Home
+Assistant entity and payloads, its share of power and plot panel in a simulated run, its probe for the
+simulation models); its actuator answers what the safety rules ask of a live device (what "on" means,
+how a value is shaped towards a target). Nothing here imports gpiozero: a kind imports it when it
+builds its device, so `check-config` never loads it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping, NamedTuple
 
-from gpiozero import AngularServo, OutputDevice, PWMOutputDevice
-from gpiozero.pins import Factory
-
-from pi_controller.contract import Rejected, number
+from pi_controller.contract import Rejected
 from pi_controller.schema import bcm_pin, bounded, device_id
 
+if TYPE_CHECKING:
+    from gpiozero.pins import Factory
+    from gpiozero.pins.mock import MockPin
+
+    from pi_controller.devices.pins import SimulatedFactory
+    from pi_controller.simulators.models import Probe
+
 Target = float | None  # what an actuator is set to; None is a servo without pulses
+Note = tuple[str, str] | None  # (rule, detail) of a shaping step, for the safety rules' holds
+PanelStyle = Literal["binary", "duty", "angle", "speed"]
+
+
+class PlotPanel(NamedTuple):
+    """How `pi-controller simulate --plot` draws an actuator's trace."""
+
+    unit: str
+    style: PanelStyle
+    note: str
+    limits: tuple[float, float] | None = None  # the y axis, where the kind has a fixed range
+    with_models: bool = False  # the model quantities that follow it are drawn in its panel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,7 +50,7 @@ class ActuatorSettings:
     id: str = device_id()
     kind: str
     pin: int = bcm_pin()
-    # Safety rules; "on" means a relay closed, a duty above 0, a servo holding a position.
+    # Safety rules; "on" is what the kind's actuator says (`Actuator.is_on`).
     requires: tuple[str, ...] = ()  # sensor ids: safe state while any is invalid or stale
     min_on_s: float = bounded(0, 86400, default=0.0)
     min_off_s: float = bounded(0, 86400, default=0.0)
@@ -66,83 +89,42 @@ class ActuatorSettings:
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from exc
 
+    # The kind's hooks ------------------------------------------------------------------------
 
-@dataclass(frozen=True, kw_only=True)
-class RelaySettings(ActuatorSettings):
-    kind: Literal["relay"]
-    active_high: bool = True
-    safe_state: Literal["off", "on"] = "off"
-    startup_state: Literal["off", "on"] | None = None
-    shutdown_state: Literal["off", "on"] | None = None
+    def actuator(self, factory: Factory | None, target: Target) -> Actuator:
+        """The actuator on its gpiozero device, claimed already at `target` (nothing switches at boot)."""
+        raise NotImplementedError
 
-    def target(self, state: Any) -> Target:
-        return 1.0 if state == "on" else 0.0
+    def entity(self) -> tuple[str, dict[str, Any]]:
+        """Home Assistant's platform for this actuator and what its discovery config adds to the
+        name, state and command topics."""
+        raise NotImplementedError
 
+    def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
+        """(action, parameters) from what Home Assistant's entity sends (JSON-decoded where it
+        parses), or None if this kind's entity does not send that."""
+        return None
 
-@dataclass(frozen=True, kw_only=True)
-class PwmSettings(ActuatorSettings):
-    """A PWM output (LED strip, heater element, fan); duties in percent.
+    def entity_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """What the entity reads in the state topic beyond the actuator's state (`Actuator.state`)."""
+        return {}
 
-    A commanded duty above `max_duty` is rejected; one between 0 and `min_duty` means off (a motor or
-    lamp that cannot run that low), as ESPHome's min_power. `max_rate` limits the change of duty in
-    percent per second (soft start); going to a safe state is never slowed down.
-    """
+    def power(self, value: Target) -> float:
+        """Its share of full power at `value`, 0 to 1: what a simulated run's energy counts."""
+        raise NotImplementedError
 
-    kind: Literal["pwm"]
-    active_high: bool = True
-    frequency: float = bounded(1, 10_000, default=100.0)
-    min_duty: float = bounded(0, 100, default=0.0)
-    max_duty: float = bounded(0, 100, default=100.0)
-    max_rate: float | None = bounded(0.01, 1e6, default=None)
-    safe_state: float = bounded(0, 100, default=0.0)
-    startup_state: float | None = bounded(0, 100, default=None)
-    shutdown_state: float | None = bounded(0, 100, default=None)
+    def summary(self, switches: int, share: float, energy: str) -> str:
+        """A simulated run's verdict on it: `share` is its mean power in percent, `energy` in words."""
+        raise NotImplementedError
 
-    def target(self, state: Any) -> Target:
-        if state != 0 and not self.min_duty <= state <= self.max_duty:
-            raise ValueError(f"duty {state:g} is outside min_duty..max_duty ({self.min_duty:g}..{self.max_duty:g})")
-        return float(state)
+    def panel(self, switches: int, share: float) -> PlotPanel:
+        """Its panel in `pi-controller simulate --plot`."""
+        raise NotImplementedError
 
-    def __post_init__(self) -> None:
-        if self.min_duty > self.max_duty:
-            raise ValueError(f"min_duty {self.min_duty:g} is above max_duty {self.max_duty:g}")
-        super().__post_init__()
+    def probe(self, factory: SimulatedFactory) -> Probe:
+        """What the simulation models read of its output, from its mock pins (see `simulators.models`)."""
+        raise NotImplementedError
 
-
-@dataclass(frozen=True, kw_only=True)
-class ServoSettings(ActuatorSettings):
-    """A hobby servo (gpiozero AngularServo); states are an angle or 'detached' (no pulses).
-    `max_speed` limits how fast it is moved, in degrees per second."""
-
-    kind: Literal["servo"]
-    min_angle: float = -90.0
-    max_angle: float = 90.0
-    min_pulse_ms: float = bounded(0.1, 5, default=1.0)
-    max_pulse_ms: float = bounded(0.1, 5, default=2.0)
-    frame_ms: float = bounded(5, 100, default=20.0)
-    max_speed: float | None = bounded(0.01, 1e6, default=None)
-    safe_state: float | Literal["detached"] = "detached"
-    startup_state: float | Literal["detached"] | None = None
-    shutdown_state: float | Literal["detached"] | None = None
-
-    def target(self, state: Any) -> Target:
-        if state == "detached":
-            return None
-        if not self.min_angle <= state <= self.max_angle:
-            raise ValueError(f"angle {state:g} is outside min_angle..max_angle")
-        return float(state)
-
-    def __post_init__(self) -> None:
-        if self.min_angle >= self.max_angle:
-            raise ValueError(f"min_angle {self.min_angle:g} must be below max_angle {self.max_angle:g}")
-        if not self.min_pulse_ms < self.max_pulse_ms < self.frame_ms:
-            raise ValueError("pulse widths must satisfy min_pulse_ms < max_pulse_ms < frame_ms")
-        super().__post_init__()
-
-
-KINDS: dict[str, type[ActuatorSettings]] = {
-    "relay": RelaySettings, "pwm": PwmSettings, "servo": ServoSettings,
-}
 
 class Actuator:
     """Holds the last applied target and its state as the plugin context shows it."""
@@ -178,6 +160,22 @@ class Actuator:
     def close(self) -> None:
         self.device.close()
 
+    # Hooks for the safety rules ----------------------------------------------------------------
+
+    @staticmethod
+    def is_on(target: Target) -> bool:
+        """What "on" means for min_on_s, min_off_s, max_on_s and interlocks."""
+        return target is not None and target != 0.0
+
+    def shapes(self) -> bool:
+        """Whether `shape` may change a target: the tick skips the rules of an actuator with none."""
+        return False
+
+    def shape(self, wanted: Target, dt: float, off_for: float) -> tuple[Target, Note]:
+        """A step from the current target towards `wanted`, never past it, `dt` seconds after the last
+        tick; `off_for`: how long it has been off (0 while on). The note names the rule that acted."""
+        return wanted, None
+
     def _write(self, target: Target) -> None:
         raise NotImplementedError
 
@@ -189,89 +187,27 @@ class Actuator:
                                           f"valid: {', '.join(self.actions)}")
 
 
-class Relay(Actuator):
-    kind = "relay"
-    actions = ("set_high", "set_low")
-
-    def command(self, action: str, parameters: Mapping[str, Any]) -> Target:
-        if action == "set_high":
-            return 1.0
-        if action == "set_low":
-            return 0.0
-        raise self._unknown(action)
-
-    def _write(self, target: Target) -> None:
-        self.device.value = bool(target)
-
-    def _describe(self, target: Target) -> dict[str, Any]:
-        return {"type": "relay", "on": bool(target), "value": int(bool(target))}
+def ramp(current: Target, wanted: Target, rate: float | None, dt: float) -> tuple[Target, Note]:
+    """At most `rate` per second from `current` towards `wanted` (a soft start, a slow servo)."""
+    if rate is None or wanted is None or current is None or abs(wanted - current) <= rate * dt:
+        return wanted, None
+    step = rate * dt if wanted > current else -rate * dt
+    return current + step, ("max_rate", f"ramping towards {wanted:g} at {rate:g}/s")
 
 
-class Pwm(Actuator):
-    kind = "pwm"
-    actions = ("set_high", "set_low", "pwm")
-    settings: PwmSettings
+class PinProbe:
+    """An output's level from its mock pin, whatever the wiring's polarity."""
 
-    def command(self, action: str, parameters: Mapping[str, Any]) -> Target:
-        if action == "set_low":
-            return 0.0
-        if action == "set_high":
-            return self._within_bounds(100.0)
-        if action == "pwm":
-            return self._within_bounds(number(parameters, "duty_cycle", 0.0, 100.0))
-        raise self._unknown(action)
+    def __init__(self, pin: MockPin, active_high: bool):
+        self.pin = pin
+        self.active_high = active_high
 
-    def _within_bounds(self, duty: float) -> float:
-        if duty > self.settings.max_duty:
-            raise Rejected("above_max_duty",
-                           f"duty_cycle {duty:g} is above this output's max_duty {self.settings.max_duty:g}")
-        return duty
-
-    def _write(self, target: Target) -> None:
-        self.device.value = (target or 0.0) / 100.0
-
-    def _describe(self, target: Target) -> dict[str, Any]:
-        duty = target or 0.0
-        return {"type": "pwm", "on": duty > 0, "value": duty, "duty_cycle": duty}
+    def level(self) -> float:
+        state = float(self.pin.state)
+        return state if self.active_high else 1.0 - state
 
 
-class Servo(Actuator):
-    kind = "servo"
-    actions = ("set_angle", "set_low")
-    settings: ServoSettings
-
-    def command(self, action: str, parameters: Mapping[str, Any]) -> Target:
-        if action == "set_low":
-            return None
-        if action == "set_angle":
-            return number(parameters, "angle", self.settings.min_angle, self.settings.max_angle)
-        raise self._unknown(action)
-
-    def _write(self, target: Target) -> None:
-        if target is None:
-            self.device.detach()
-        else:
-            self.device.angle = target
-
-    def _describe(self, target: Target) -> dict[str, Any]:
-        return {"type": "servo", "on": target is not None, "value": target, "angle": target}
-
-
-def build(settings: ActuatorSettings, factory: Factory, state: str = "startup") -> Actuator:
+def build(settings: ActuatorSettings, factory: Factory | None, state: str = "startup") -> Actuator:
     """Claim the pin already in the start-up (or another named) state, so nothing switches at boot."""
     safe, startup, shutdown = settings.targets()
-    target = {"safe": safe, "startup": startup, "shutdown": shutdown}[state]
-    if isinstance(settings, RelaySettings):
-        return Relay(settings, OutputDevice(settings.pin, active_high=settings.active_high,
-                                            initial_value=bool(target), pin_factory=factory), target)
-    if isinstance(settings, PwmSettings):
-        return Pwm(settings, PWMOutputDevice(settings.pin, active_high=settings.active_high,
-                                             initial_value=(target or 0.0) / 100.0,
-                                             frequency=settings.frequency, pin_factory=factory), target)
-    if isinstance(settings, ServoSettings):
-        return Servo(settings, AngularServo(settings.pin, initial_angle=target, min_angle=settings.min_angle,
-                                            max_angle=settings.max_angle,
-                                            min_pulse_width=settings.min_pulse_ms / 1000,
-                                            max_pulse_width=settings.max_pulse_ms / 1000,
-                                            frame_width=settings.frame_ms / 1000, pin_factory=factory), target)
-    raise TypeError(f"no actuator for {type(settings).__name__}")
+    return settings.actuator(factory, {"safe": safe, "startup": startup, "shutdown": shutdown}[state])

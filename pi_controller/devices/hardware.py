@@ -16,7 +16,7 @@ from pi_controller import logs
 from pi_controller.clock import Clock
 from pi_controller.config import Settings
 from pi_controller.contract import Command
-from pi_controller.devices import actuators, sensors
+from pi_controller.devices import actuators
 from pi_controller.devices.actuators import Actuator
 from pi_controller.devices.sensors import Reading, Sensor
 
@@ -54,7 +54,7 @@ class Hardware:
             for a in settings.actuators:
                 built.append(_claim(a.id, lambda: actuators.build(a, factory)))
             for s in settings.sensors:
-                built.append(_claim(s.id, lambda: sensors.build(s, factory, clock)))
+                built.append(_claim(s.id, lambda: s.sensor(factory, clock)))
         except HardwareError:
             for device in built:
                 device.close()
@@ -81,7 +81,7 @@ class Hardware:
             self.actuators = {a.id: kept_actuators.get(a.id) or _claim_or_note(
                 a.id, lambda: actuators.build(a, self.factory), failed) for a in settings.actuators}
             self.sensors = [kept_sensors.get(s.id) or _claim_or_note(
-                s.id, lambda: sensors.build(s, self.factory, clock), failed) for s in settings.sensors]
+                s.id, lambda: s.sensor(self.factory, clock), failed) for s in settings.sensors]
             # Inside the lock: the watchdog must never see a device that failed to be claimed.
             self.actuators = {key: a for key, a in self.actuators.items() if a is not None}
             self.sensors = [sensor for sensor in self.sensors if sensor is not None]

@@ -18,14 +18,13 @@ from gpiozero.pins.mock import MockChargingPin, MockFactory, MockPWMPin, MockTri
 
 from pi_controller.config import Settings
 from pi_controller.devices.hardware import HardwareError
-from pi_controller.devices.sensors import DistanceSettings, LightSettings
 
 
-class _ChargingPin(MockChargingPin, MockPWMPin):
+class ChargingPin(MockChargingPin, MockPWMPin):
     """A charging pin the PWM-pin factory accepts (it refuses a non-PWM pin in a PWM factory)."""
 
 
-class _TriggerPin(MockTriggerPin, MockPWMPin):
+class TriggerPin(MockTriggerPin, MockPWMPin):
     """A trigger pin that echoes on its partner pin, accepted by the PWM-pin factory."""
 
 
@@ -114,11 +113,7 @@ def _lgpio_factory() -> Factory:
 def mock_factory(settings: Settings) -> SimulatedFactory:
     factory = SimulatedFactory()
     for sensor in settings.sensors:
-        if isinstance(sensor, LightSettings):
-            factory.pin(sensor.pin, pin_class=_ChargingPin)
-        elif isinstance(sensor, DistanceSettings):
-            echo = factory.pin(sensor.echo)
-            factory.pin(sensor.trigger, pin_class=_TriggerPin, echo_pin=echo)
+        sensor.mock_pins(factory)
     return factory
 
 

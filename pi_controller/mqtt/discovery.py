@@ -12,14 +12,8 @@ from typing import Any, Iterable
 
 from pi_controller import __version__
 from pi_controller.config import MqttSettings, Settings
-from pi_controller.devices.actuators import ActuatorSettings, PwmSettings, RelaySettings, ServoSettings
-from pi_controller.devices.sensors import DigitalSettings, SensorSettings
-
-# unit in the config -> (device_class, unit Home Assistant expects)
-UNITS = {
-    "celsius": ("temperature", "°C"), "fahrenheit": ("temperature", "°F"), "lux": ("illuminance", "lx"),
-    "m": ("distance", "m"), "cm": ("distance", "cm"), "V": ("voltage", "V"), "%": (None, "%"),
-}
+from pi_controller.devices.actuators import ActuatorSettings
+from pi_controller.devices.sensors import SensorSettings
 
 
 @dataclass(frozen=True)
@@ -84,32 +78,14 @@ def _common(mqtt: MqttSettings, topics: Topics) -> dict[str, Any]:
 
 
 def _sensor(s: SensorSettings, topics: Topics) -> tuple[str, str, dict[str, Any]]:
-    base = {"name": s.id.replace("_", " "), "state_topic": topics.sensor(s.id)}
-    if s.unit == "boolean" or isinstance(s, DigitalSettings):
-        klass = {"motion": "motion"}.get(s.kind)
-        return "binary_sensor", s.id, {**base, "value_template": "{{ 'ON' if value_json.value else 'OFF' }}",
-                                       **({"device_class": klass} if klass else {})}
-    device_class, unit = UNITS.get(s.unit, (None, s.unit))
-    payload = {**base, "value_template": "{{ value_json.value }}", "unit_of_measurement": unit,
-               "state_class": "measurement"}
-    if device_class:
-        payload["device_class"] = device_class
-    return "sensor", s.id, payload
+    platform, entity = s.entity()
+    return platform, s.id, {"name": s.id.replace("_", " "), "state_topic": topics.sensor(s.id), **entity}
 
 
 def _actuator(a: ActuatorSettings, topics: Topics) -> tuple[str, str, dict[str, Any]]:
-    base = {"name": a.id.replace("_", " "), "state_topic": topics.actuator(a.id),
-            "command_topic": topics.actuator(a.id, "set")}
-    if isinstance(a, RelaySettings):
-        return "switch", a.id, {**base, "value_template": "{{ 'ON' if value_json.on else 'OFF' }}",
-                                "payload_on": "ON", "payload_off": "OFF", "state_on": "ON", "state_off": "OFF"}
-    if isinstance(a, PwmSettings):
-        # Full brightness is the output's max_duty, and brightness is the duty in percent.
-        return "light", a.id, {**base, "schema": "json", "supported_color_modes": ["brightness"],
-                               "brightness_scale": a.max_duty}
-    assert isinstance(a, ServoSettings)
-    return "number", a.id, {**base, "value_template": "{{ value_json.angle }}", "min": a.min_angle,
-                            "max": a.max_angle, "step": 1, "unit_of_measurement": "°", "mode": "slider"}
+    platform, entity = a.entity()
+    return platform, a.id, {"name": a.id.replace("_", " "), "state_topic": topics.actuator(a.id),
+                            "command_topic": topics.actuator(a.id, "set"), **entity}
 
 
 def _loop_health(topics: Topics) -> list[tuple[str, str, dict[str, Any]]]:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import structlog
 
 from pi_controller.contract import Command, Rejected, encode_config
-from pi_controller.devices.actuators import Actuator, Pwm, Relay, Servo
+from pi_controller.devices.actuators import Actuator
 from pi_controller.plugins.plugin_config import check_change
 
 log = structlog.get_logger("pi_controller.operator")
@@ -155,15 +155,7 @@ def parse_set(actuator: Actuator, payload: bytes) -> tuple[str, dict[str, Any], 
                                     or not 0 < expires <= 7 * 86400):
             raise Rejected("malformed", "'expires_s' must be a number of seconds up to a week")
         return data["action"], parameters, expires
-    if isinstance(actuator, Pwm) and isinstance(data, dict) and data.get("state") in ("ON", "OFF"):
-        if data["state"] == "OFF":
-            return "set_low", {}, None
-        full = actuator.settings.max_duty  # discovery sets brightness_scale to it: brightness is the duty
-        return "pwm", {"duty_cycle": data.get("brightness", full)}, None
-    if isinstance(actuator, Pwm) and data == "ON":
-        return "pwm", {"duty_cycle": actuator.settings.max_duty}, None
-    if isinstance(actuator, (Relay, Pwm)) and data in ("ON", "OFF"):
-        return ("set_high" if data == "ON" else "set_low"), {}, None
-    if isinstance(actuator, Servo) and not isinstance(data, (dict, list, str)):
-        return "set_angle", {"angle": data}, None
+    parsed = actuator.settings.parse_entity(data)  # what the kind's Home Assistant entity sends
+    if parsed is not None:
+        return (*parsed, None)
     raise Rejected("malformed", f"cannot read {text[:60]!r} as a command for a {actuator.kind}")

@@ -290,12 +290,11 @@ def _moved(old: dict[str, Any], new: dict[str, Any], band: float) -> bool:
 def _actuator_payload(state: dict[str, Any], overridden: bool, guard: Guard | None) -> dict[str, Any]:
     """The state, whether an override holds it, whose command it follows (`owner`: a plugin, "operator"
     or "safety") and why it was last put in its safe state (`failsafe`, until an owner takes it again)."""
-    payload = {**state, "override": overridden, "owner": guard.plugin if guard else None,
-               "failsafe": guard.failsafe if guard else None}
-    if state["type"] == "pwm":  # what Home Assistant's JSON-schema light reads
-        payload |= {"state": "ON" if state["on"] else "OFF", "brightness": state["duty_cycle"],
-                    "color_mode": "brightness"}
-    return payload
+    if guard is None:
+        return {**state, "override": overridden, "owner": None, "failsafe": None}
+    # and what its Home Assistant entity reads, as its kind says
+    return {**state, "override": overridden, "owner": guard.plugin, "failsafe": guard.failsafe,
+            **guard.actuator.settings.entity_state(state)}
 
 
 # What a command topic's payload may weigh, checked before it is decoded: a 1 MB value on a config

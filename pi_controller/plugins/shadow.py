@@ -28,14 +28,15 @@ import structlog
 
 from pi_controller.clock import Clock
 from pi_controller.config import PluginsSettings
-from pi_controller.contract import Command, CommandTarget, Rejection
+from pi_controller.contract import Command, Rejection
+from pi_controller.devices.actuators import Actuator
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import TickTrace
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.proposals import propose
 from pi_controller.plugins.sandbox import SandboxedPlugin
-from pi_controller.safety.rules import FORCING, is_on
+from pi_controller.safety.rules import FORCING
 from pi_controller.sim.agreement import Agreement, verdict_of
 
 log = structlog.get_logger("pi_controller.shadow")
@@ -70,7 +71,7 @@ class Shadows:
     def __len__(self) -> int:
         return len(self.plugins)
 
-    def consult(self, tick: TickTrace, context: bytes, targets: Mapping[str, CommandTarget], started: float) -> None:
+    def consult(self, tick: TickTrace, context: bytes, targets: Mapping[str, Actuator], started: float) -> None:
         """Call each shadow whose live plugin was called in `tick`, on its context, and compare;
         `started`: the tick's start on the clock's perf_counter."""
         called = tick.verdicts.answered + list(tick.verdicts.failures)
@@ -91,7 +92,7 @@ class Shadows:
                                        tick=tick.number, error=f"{type(exc).__name__}: {exc}"[:300])
 
     def _compare(self, shadow: SandboxedPlugin, stats: ShadowStats, tick: TickTrace, context: bytes,
-                 targets: Mapping[str, CommandTarget]) -> None:
+                 targets: Mapping[str, Actuator]) -> None:
         stats.calls += 1
         number, verdicts = tick.number, tick.verdicts
         failed = None
@@ -106,7 +107,7 @@ class Shadows:
                             failed or (rejections[0].reason if rejections else ""))
         forced = {h.device_id: h.rule for h in tick.decision.holds if h.rule in FORCING}
         for c in commands:
-            if c.device_id in forced and is_on(c.target):
+            if c.device_id in forced and targets[c.device_id].is_on(c.target):  # "on" as its kind says
                 stats.held[(c.device_id, forced[c.device_id])] += 1
         name = shadow.name
         live = verdict_of((c for c in tick.proposals if c.plugin == name),

@@ -14,7 +14,8 @@ the equipment. Each tick, every actuator's wanted target (the last one its owner
    going off and another coming on), `min_on_s` and `min_off_s` (start-up counts as a switch). A held
    request belongs to its plugin: it lapses in the first tick the plugin does not ask for it again
    (unless it asks for the safe state, which always stands);
-4. shaping: a PWM duty below `min_duty` is off; `max_rate` and `max_speed` limit the change per second.
+4. shaping, as the actuator's kind says (`Actuator.shape`): a PWM duty below `min_duty` is off;
+   `max_rate` and `max_speed` limit the change per second.
 
 Going to a safe state is never held back or slowed down. A held command is reported once per state
 change by the loop and counted per actuator and rule; a failsafe is reported once, when it happens.
@@ -30,7 +31,7 @@ import structlog
 
 from pi_controller.config import InterlockSettings
 from pi_controller.contract import Command
-from pi_controller.devices.actuators import Actuator, ActuatorSettings, PwmSettings, ServoSettings, Target
+from pi_controller.devices.actuators import Actuator, Target
 from pi_controller.devices.hardware import Hardware
 from pi_controller.devices.sensors import Reading, SensorSettings
 from pi_controller.mqtt.operator import OPERATOR
@@ -41,10 +42,6 @@ log = structlog.get_logger("pi_controller.safety")
 SAFETY = "safety"  # the "plugin" of commands this layer makes itself
 FORCING = ("requires", "max_on")  # rules that force the safe state rather than hold a change
 WEAR = ("interlock", "min_on", "min_off")  # rules that hold the current state while a request waits
-
-
-def is_on(target: Target) -> bool:
-    return target is not None and target != 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +69,7 @@ class Guard:
         self.commanded_at = 0.0  # when the owner last asked (monotonic), for the lease
         self.failsafe: str | None = None  # why it was last put in its safe state, until an owner takes it
         self.failsafe_after_s = failsafe_after_s
-        self.was_on = is_on(actuator.target)
+        self.was_on = actuator.is_on(actuator.target)
         self.switched_at: float | None = None  # set by the first tick: start-up counts as a switch
         self.latched = False
         self.held = False  # its request waits on a wear rule
@@ -95,7 +92,7 @@ class Guard:
 
     def observe(self, now: float) -> None:
         """Notice a switch made outside the rules (the watchdog, a shutdown) and when it happened."""
-        on = is_on(self.actuator.target)
+        on = self.actuator.is_on(self.actuator.target)
         if self.switched_at is None or on != self.was_on:
             self.switched_at, self.was_on = now, on
 
@@ -119,7 +116,7 @@ class Safety:
             for member in present:
                 self.partners[member] += [(other, group.wait_s) for other in present if other != member]
         for key, guard in self.guards.items():
-            guard.unruled = not self.partners[key] and _unruled(guard.actuator.settings)
+            guard.unruled = not self.partners[key] and _unruled(guard.actuator)
         self.held: dict[str, Counter[str]] = {key: previous.held.get(key, Counter()) if previous else Counter()
                                               for key in actuators}
         self.failsafes: Counter[str] = Counter({key: previous.failsafes[key] for key in actuators}
@@ -141,6 +138,7 @@ class Safety:
         planned: dict[str, Target] = {}
         decision = Decision([], [], [])
         for key, guard in self.guards.items():
+            on = guard.actuator.is_on
             guard.observe(now)
             if key in asked:
                 guard.follow(asked[key], now)
@@ -153,7 +151,7 @@ class Safety:
             if guard.unruled or failsafe is not None:  # a failsafe is never held back or slowed down
                 target, hold = guard.wanted, None
             else:
-                target, hold = self._target(guard, key in asked and is_on(asked[key].target), stale, planned,
+                target, hold = self._target(guard, key in asked and on(asked[key].target), stale, planned,
                                             now, dt)
             planned[key] = target
             guard.held = hold is not None and hold.rule in WEAR
@@ -163,8 +161,8 @@ class Safety:
             if target != guard.actuator.target:
                 forced = hold is not None and hold.rule in FORCING
                 decision.commands.append(Command(key, "set", target, SAFETY if forced else guard.plugin, 0))
-                if is_on(target) != guard.was_on:
-                    guard.switched_at, guard.was_on = now, is_on(target)
+                if on(target) != guard.was_on:
+                    guard.switched_at, guard.was_on = now, on(target)
         return decision
 
     def _ownership(self, guard: Guard, health: Health, now: float) -> Failsafe | None:
@@ -211,31 +209,32 @@ class Safety:
         if guard.latched:
             guard.latched = asks_on
             return actuator.safe_target, hold("max_on", f"on for longer than max_on_s {settings.max_on_s:g}")
-        current, wanted = actuator.target, guard.wanted
-        if is_on(wanted) and not is_on(current):
+        current, wanted, on = actuator.target, guard.wanted, actuator.is_on
+        if on(wanted) and not on(current):
             blocked = self._interlocked(actuator.id, planned, now)
             if blocked:
                 return current, hold("interlock", blocked)
-        if is_on(wanted) != is_on(current):
-            wear = _wear(settings.min_on_s if is_on(current) else settings.min_off_s, now - guard.switched_at)
+        if on(wanted) != on(current):
+            wear = _wear(settings.min_on_s if on(current) else settings.min_off_s, now - guard.switched_at)
             if wear:
-                return current, hold("min_on" if is_on(current) else "min_off", wear)
-        return _shape(settings, current, wanted, dt, hold)
+                return current, hold("min_on" if on(current) else "min_off", wear)
+        target, note = actuator.shape(wanted, dt, 0.0 if guard.was_on else now - guard.switched_at)
+        return target, None if note is None else hold(*note)
 
     def _interlocked(self, key: str, planned: Mapping[str, Target], now: float) -> str | None:
         for other, wait_s in self.partners[key]:
             partner = self.guards[other]
-            if is_on(planned.get(other, partner.actuator.target)):
+            if partner.actuator.is_on(planned.get(other, partner.actuator.target)):
                 return f"interlocked with '{other}', which is on"
             if not partner.was_on and partner.switched_at is not None and now - partner.switched_at < wait_s:
                 return f"'{other}' went off {now - partner.switched_at:.1f} s ago; interlock wait_s {wait_s:g}"
         return None
 
 
-def _unruled(settings: ActuatorSettings) -> bool:
-    rate = getattr(settings, "max_rate", None) or getattr(settings, "max_speed", None)
+def _unruled(actuator: Actuator) -> bool:
+    settings = actuator.settings
     return not (settings.requires or settings.max_on_s is not None or settings.min_on_s or settings.min_off_s
-                or getattr(settings, "min_duty", 0) or rate)
+                or actuator.shapes())
 
 
 class _Holder:
@@ -252,18 +251,3 @@ def _wear(minimum_s: float, elapsed_s: float) -> str | None:
     if elapsed_s < minimum_s:
         return f"switched {elapsed_s:.1f} s ago, minimum {minimum_s:g} s"
     return None
-
-
-def _shape(settings: object, current: Target, wanted: Target, dt: float, hold: _Holder
-           ) -> tuple[Target, Hold | None]:
-    """min_duty (below is off) and rate limits; a step towards the wanted target, never past it."""
-    note = None
-    if isinstance(settings, PwmSettings) and wanted is not None and 0 < wanted < settings.min_duty:
-        note = hold("min_duty", f"duty {wanted:g} is below min_duty {settings.min_duty:g}: off")
-        wanted = 0.0
-    rate = settings.max_rate if isinstance(settings, PwmSettings) else (
-        settings.max_speed if isinstance(settings, ServoSettings) else None)
-    if rate is None or wanted is None or current is None or abs(wanted - current) <= rate * dt:
-        return wanted, note
-    step = rate * dt if wanted > current else -rate * dt
-    return current + step, note or hold("max_rate", f"ramping towards {wanted:g} at {rate:g}/s")

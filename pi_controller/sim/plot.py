@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from pi_controller.config import Settings
-from pi_controller.devices.actuators import PwmSettings, RelaySettings, ServoSettings
 from pi_controller.sim.simulation import Band, BandTally, Verdict, hms, model_names
 
 Style = Literal["line", "binary", "duty", "angle", "count"]
@@ -28,6 +27,7 @@ class Panel:
     context: list[tuple[str, str]] = field(default_factory=list)  # (column, label): model quantities
     bands: list[Band] = field(default_factory=list)
     note: str = ""
+    limits: tuple[float, float] | None = None  # of the y axis
 
 
 def layout(verdict: Verdict, trace: Mapping[str, Sequence[float]]) -> list[Panel]:
@@ -76,11 +76,9 @@ def _model_wiring(settings: Settings, columns: list[str]) -> tuple[dict[str, lis
 def _actuator_panel(verdict: Verdict, key: str, context: list[tuple[str, str]]) -> Panel:
     tally = verdict.actuators[key]
     share = 100 * tally.duty_sum / verdict.ticks if verdict.ticks else 0.0
-    if isinstance(tally.settings, RelaySettings):
-        return Panel(key, "relay", "binary", [key], note=f"{tally.switches} switches, on {share:.1f} %")
-    if isinstance(tally.settings, PwmSettings):
-        return Panel(key, "duty %", "duty", [key], note=f"{tally.switches} switches, mean duty {share:.1f} %")
-    return Panel(key, "angle °", "angle", [key], context, note="commanded angle, and where the servo is")
+    kind = tally.settings.panel(tally.switches, share)  # how its kind is drawn
+    return Panel(key, kind.unit, kind.style, [key], context if kind.with_models else [], note=kind.note,
+                 limits=kind.limits)
 
 
 def _band_note(tally: BandTally) -> str:
@@ -172,7 +170,7 @@ def _binary(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:
 def _duty(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:
     ax.fill_between(view.t, 0, view.mean(panel.columns[0]), step="post", color=ACTUATOR_COLOUR, alpha=0.6,
                     linewidth=0)
-    ax.set_ylim(0, 105)
+    ax.set_ylim(*panel.limits or (0, 105))
 
 
 def _angle(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:
@@ -181,9 +179,8 @@ def _angle(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:
             label=f"{key} (commanded)")
     for column, label in panel.context:
         ax.plot(view.t, view.mean(column), color="0.3", linewidth=0.8, label=label)
-    servo = verdict.actuators[key].settings
-    assert isinstance(servo, ServoSettings)
-    ax.set_ylim(servo.min_angle - 5, servo.max_angle + 5)
+    if panel.limits:
+        ax.set_ylim(*panel.limits)
 
 
 def _counts(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:

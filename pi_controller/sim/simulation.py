@@ -28,8 +28,7 @@ import structlog
 
 from pi_controller import config
 from pi_controller.clock import VirtualClock
-from pi_controller.devices.actuators import ActuatorSettings, PwmSettings, RelaySettings
-from pi_controller.devices.sensors import DEFAULT_W1_DIR, DS18B20Settings
+from pi_controller.devices.actuators import ActuatorSettings
 from pi_controller.simulators.models import Model, RoomSettings
 
 if TYPE_CHECKING:
@@ -57,9 +56,7 @@ def prepare(settings: config.Settings, rate_hz: float | None = None, seed: int |
     every model that draws random numbers, each with its own (two motion sensors must not move in step).
     """
     loop = settings.loop if rate_hz is None else dataclasses.replace(settings.loop, rate_hz=rate_hz)
-    sensors = tuple(dataclasses.replace(s, poll_interval_s=0.0)
-                    if isinstance(s, DS18B20Settings) and s.base_dir != DEFAULT_W1_DIR else s
-                    for s in settings.sensors)
+    sensors = tuple(s.simulated() for s in settings.sensors)
     models = settings.simulation if seed is None else tuple(
         dataclasses.replace(m, seed=seed + i) if hasattr(m, "seed") else m
         for i, m in enumerate(settings.simulation))
@@ -218,18 +215,6 @@ def read_trace(path: Path) -> dict[str, array[float]]:
 # Verdict
 
 
-def duty(settings: ActuatorSettings, value: float | None) -> float:
-    """An actuator's share of full power: a relay's state, a PWM duty; a servo is powered while it
-    gets pulses."""
-    if value is None:
-        return 0.0
-    if isinstance(settings, PwmSettings):
-        return value / 100.0
-    if isinstance(settings, RelaySettings):
-        return float(value)
-    return 1.0
-
-
 @dataclass
 class BandTally:
     """Time in a band, counted from warm-up: the first tick whose reading is in it. The lowest and
@@ -267,10 +252,10 @@ class ActuatorTally:
     on: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.on = duty(self.settings, self.settings.targets()[1]) > 0  # start-up state
+        self.on = self.settings.power(self.settings.targets()[1]) > 0  # start-up state
 
     def add(self, value: float | None) -> None:
-        level = duty(self.settings, value)
+        level = self.settings.power(value)
         self.switches += (level > 0) != self.on
         self.on = level > 0
         self.duty_sum += level
@@ -338,11 +323,7 @@ class Verdict:
     def _actuator_line(self, key: str, tally: ActuatorTally) -> str:
         share = tally.duty_sum / self.ticks if self.ticks else 0.0
         energy = f"{tally.duty_sum * self.period / 3600:.2f} h at full power"
-        if isinstance(tally.settings, RelaySettings):
-            return f"{key} (relay): {tally.switches} switches, on {100 * share:.1f} % of the time: {energy}"
-        if isinstance(tally.settings, PwmSettings):
-            return f"{key} (pwm): {tally.switches} switches, mean duty {100 * share:.1f} %: {energy}"
-        return f"{key} ({tally.settings.kind}): powered {100 * share:.1f} % of the time"
+        return f"{key} {tally.settings.summary(tally.switches, 100 * share, energy)}"
 
 
 def hms(seconds: float) -> str:
