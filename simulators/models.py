@@ -1,4 +1,4 @@
-"""Physical models: a heated room, people moving about, daylight plus a lamp, a slow servo.
+"""Physical models: a heated room, people moving about, daylight plus a lamp, a slow servo, a fan.
 
 Each model has a settings class (its YAML schema, under `simulation:`) and a class that advances the
 model to a given time, reading actuators through `Probe`s and writing sensors through `Port`s.
@@ -32,7 +32,7 @@ class Port(Protocol):
 
 class Probe(Protocol):
     """Where a model reads an actuator's output: 0 (off) to 1 (full) for relays and PWM, the
-    commanded angle in degrees for a servo."""
+    commanded angle in degrees for a servo, -1 (full backward) to 1 (full forward) for a motor."""
 
     def level(self) -> float: ...
 
@@ -121,8 +121,27 @@ class ServoSettings(ModelSettings):
         return refs
 
 
+@dataclass(frozen=True, kw_only=True)
+class FanSettings(ModelSettings):
+    """A fan on a motor: its airflow follows the motor's drive (signed: negative blows the other way) with
+    the inertia of `spin_up_s` (a time constant); `sensor`, if given, reads the airflow (an anemometer)."""
+
+    kind: Literal["fan"]
+    motor: str = device_id()
+    sensor: str | None = device_id(default=None)
+    max_airflow_mps: float = bounded(0.01, 100, default=3.0)
+    spin_up_s: float = bounded(0.01, 1e4, default=2.0)
+
+    def references(self) -> dict[str, tuple[str, str]]:
+        refs = {"motor": ("actuator", self.motor)}
+        if self.sensor is not None:
+            refs["sensor"] = ("sensor", self.sensor)
+        return refs
+
+
 KINDS: dict[str, type[ModelSettings]] = {
     "room": RoomSettings, "motion": MotionSettings, "daylight": DaylightSettings, "servo": ServoSettings,
+    "fan": FanSettings,
 }
 
 
@@ -223,7 +242,28 @@ class Servo:
         return {"angle_deg": self.angle}
 
 
-Model = Room | Motion | Daylight | Servo
+class Fan:
+    def __init__(self, settings: FanSettings, ports: dict[str, Port], probes: dict[str, Probe]):
+        self.settings = settings
+        self.motor = probes["motor"]
+        self.anemometer = ports.get("sensor")
+        self.airflow = 0.0  # m/s, signed as the motor's drive
+        self._last: float | None = None
+
+    def advance(self, now: float) -> None:
+        s = self.settings
+        wanted = self.motor.level() * s.max_airflow_mps
+        if self._last is not None and now > self._last:
+            self.airflow = wanted + (self.airflow - wanted) * math.exp(-(now - self._last) / s.spin_up_s)
+        self._last = now
+        if self.anemometer is not None:
+            self.anemometer.set(self.airflow)
+
+    def state(self) -> dict[str, float]:
+        return {"airflow_mps": self.airflow}
+
+
+Model = Room | Motion | Daylight | Servo | Fan
 MODELS: dict[type[ModelSettings], type[Model]] = {
-    RoomSettings: Room, MotionSettings: Motion, DaylightSettings: Daylight, ServoSettings: Servo,
+    RoomSettings: Room, MotionSettings: Motion, DaylightSettings: Daylight, ServoSettings: Servo, FanSettings: Fan,
 }

@@ -49,7 +49,6 @@ class ActuatorSettings:
 
     id: str = device_id()
     kind: str
-    pin: int = bcm_pin()
     # Safety rules; "on" is what the kind's actuator says (`Actuator.is_on`).
     requires: tuple[str, ...] = ()  # sensor ids: safe state while any is invalid or stale
     min_on_s: float = bounded(0, 86400, default=0.0)
@@ -65,7 +64,8 @@ class ActuatorSettings:
     shutdown_state: Any = None  # None: the safe state
 
     def pins(self) -> dict[str, int]:
-        return {"pin": self.pin}
+        """Its GPIO pins, by config key."""
+        raise NotImplementedError
 
     def bus_pins(self) -> dict[str, int]:
         return {}
@@ -100,11 +100,6 @@ class ActuatorSettings:
         name, state and command topics."""
         raise NotImplementedError
 
-    def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
-        """(action, parameters) from what Home Assistant's entity sends (JSON-decoded where it
-        parses), or None if this kind's entity does not send that."""
-        return None
-
     def entity_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """What the entity reads in the state topic beyond the actuator's state (`Actuator.state`)."""
         return {}
@@ -124,6 +119,16 @@ class ActuatorSettings:
     def probe(self, factory: SimulatedFactory) -> Probe:
         """What the simulation models read of its output, from its mock pins (see `simulators.models`)."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnePinSettings(ActuatorSettings):
+    """An actuator on one GPIO pin."""
+
+    pin: int = bcm_pin()
+
+    def pins(self) -> dict[str, int]:
+        return {"pin": self.pin}
 
 
 class Actuator:
@@ -146,6 +151,11 @@ class Actuator:
     def command(self, action: str, parameters: Mapping[str, Any]) -> Target:
         """The target an action asks for; raises Rejected if the action or its value is not valid."""
         raise NotImplementedError
+
+    def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
+        """(action, parameters) from what its Home Assistant entity sends (JSON-decoded where it
+        parses), or None if the entity does not send that."""
+        return None
 
     def apply(self, target: Target, force: bool = False) -> bool:
         """Drive the device to `target`; True if anything changed. `force` writes even an unchanged

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pi_controller.contract import Rejected, number
-from pi_controller.devices.actuators import Actuator, ActuatorSettings, Note, PinProbe, PlotPanel, Target, ramp
+from pi_controller.devices.actuators import Actuator, OnePinSettings, Note, PinProbe, PlotPanel, Target, ramp
 from pi_controller.devices.relay import on_off
 from pi_controller.schema import bounded
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PwmSettings(ActuatorSettings):
+class PwmSettings(OnePinSettings):
     kind: Literal["pwm"]
     active_high: bool = True
     frequency: float = bounded(1, 10_000, default=100.0)
@@ -54,16 +54,6 @@ class PwmSettings(ActuatorSettings):
         # Full brightness is the output's max_duty, and brightness is the duty in percent.
         return "light", {"schema": "json", "supported_color_modes": ["brightness"], "brightness_scale": self.max_duty}
 
-    def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
-        """The JSON-schema light's {"state", "brightness"}, or a plain "ON"/"OFF"."""
-        if isinstance(data, dict) and data.get("state") in ("ON", "OFF"):
-            if data["state"] == "OFF":
-                return "set_low", {}
-            return "pwm", {"duty_cycle": data.get("brightness", self.max_duty)}
-        if data == "ON":
-            return "pwm", {"duty_cycle": self.max_duty}
-        return on_off(data)
-
     def entity_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
         return {"state": "ON" if state["on"] else "OFF", "brightness": state["duty_cycle"], "color_mode": "brightness"}
 
@@ -93,6 +83,16 @@ class Pwm(Actuator):
         if action == "pwm":
             return self._within_bounds(number(parameters, "duty_cycle", 0.0, 100.0))
         raise self._unknown(action)
+
+    def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
+        """The JSON-schema light's {"state", "brightness"}, or a plain "ON"/"OFF"."""
+        if isinstance(data, dict) and data.get("state") in ("ON", "OFF"):
+            if data["state"] == "OFF":
+                return "set_low", {}
+            return "pwm", {"duty_cycle": data.get("brightness", self.settings.max_duty)}
+        if data == "ON":
+            return "pwm", {"duty_cycle": self.settings.max_duty}
+        return on_off(data)
 
     def shapes(self) -> bool:
         return bool(self.settings.min_duty or self.settings.max_rate)

@@ -9,6 +9,7 @@ from pi_controller.devices.distance import DistanceSettings
 from pi_controller.devices.ds18b20 import DS18B20Settings
 from pi_controller.devices.light import LightSettings
 from pi_controller.devices.mcp3008 import MCP3008Settings
+from pi_controller.devices.motor import MotorSettings
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
 from pi_controller.devices.sensors import SensorSettings
@@ -27,4 +28,5 @@ ACTUATORS: dict[str, type[ActuatorSettings]] = {
     "relay": RelaySettings,
     "pwm": PwmSettings,
     "servo": ServoSettings,
+    "motor": MotorSettings,
 }

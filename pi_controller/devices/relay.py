@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from pi_controller.devices.actuators import Actuator, ActuatorSettings, PinProbe, PlotPanel, Target
+from pi_controller.devices.actuators import Actuator, OnePinSettings, PinProbe, PlotPanel, Target
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
@@ -16,7 +16,7 @@ SWITCH = {"payload_on": "ON", "payload_off": "OFF", "state_on": "ON", "state_off
 
 
 @dataclass(frozen=True, kw_only=True)
-class RelaySettings(ActuatorSettings):
+class RelaySettings(OnePinSettings):
     kind: Literal["relay"]
     active_high: bool = True
     safe_state: Literal["off", "on"] = "off"
@@ -34,9 +34,6 @@ class RelaySettings(ActuatorSettings):
 
     def entity(self) -> tuple[str, dict[str, Any]]:
         return "switch", {"value_template": "{{ 'ON' if value_json.on else 'OFF' }}", **SWITCH}
-
-    def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
-        return on_off(data)
 
     def power(self, value: Target) -> float:
         return float(value or 0.0)
@@ -66,6 +63,9 @@ class Relay(Actuator):
         if action == "set_low":
             return 0.0
         raise self._unknown(action)
+
+    def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
+        return on_off(data)
 
     def _write(self, target: Target) -> None:
         self.device.value = bool(target)

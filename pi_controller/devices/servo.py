@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pi_controller.contract import number
-from pi_controller.devices.actuators import Actuator, ActuatorSettings, Note, PlotPanel, Target, ramp
+from pi_controller.devices.actuators import Actuator, OnePinSettings, Note, PlotPanel, Target, ramp
 from pi_controller.schema import bounded
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServoSettings(ActuatorSettings):
+class ServoSettings(OnePinSettings):
     kind: Literal["servo"]
     min_angle: float = -90.0
     max_angle: float = 90.0
@@ -59,10 +59,6 @@ class ServoSettings(ActuatorSettings):
         return "number", {"value_template": "{{ value_json.angle }}", "min": self.min_angle, "max": self.max_angle,
                           "step": 1, "unit_of_measurement": "°", "mode": "slider"}
 
-    def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
-        """The number entity's value."""
-        return None if isinstance(data, (dict, list, str)) else ("set_angle", {"angle": data})
-
     def power(self, value: Target) -> float:
         return 0.0 if value is None else 1.0  # powered while it gets pulses
 
@@ -88,6 +84,10 @@ class Servo(Actuator):
         if action == "set_angle":
             return number(parameters, "angle", self.settings.min_angle, self.settings.max_angle)
         raise self._unknown(action)
+
+    def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
+        """The number entity's value."""
+        return None if isinstance(data, (dict, list, str)) else ("set_angle", {"angle": data})
 
     @staticmethod
     def is_on(target: Target) -> bool:

@@ -155,7 +155,7 @@ def parse_set(actuator: Actuator, payload: bytes) -> tuple[str, dict[str, Any], 
                                     or not 0 < expires <= 7 * 86400):
             raise Rejected("malformed", "'expires_s' must be a number of seconds up to a week")
         return data["action"], parameters, expires
-    parsed = actuator.settings.parse_entity(data)  # what the kind's Home Assistant entity sends
+    parsed = actuator.parse_entity(data)  # what the kind's Home Assistant entity sends
     if parsed is not None:
         return (*parsed, None)
     raise Rejected("malformed", f"cannot read {text[:60]!r} as a command for a {actuator.kind}")
