@@ -1,8 +1,13 @@
-"""Compiling a module through libextism's C API, and the child process that tries it first.
+"""Every use of Extism beyond its public API, in one place: compiling with fuel, compiled modules and
+their instances, handles and memory for host functions, and the child process that tries a compile first.
 
 The SDK's constructor has no fuel limit, so modules are compiled with
 `extism_compiled_plugin_new_with_fuel_limit` from the cffi library the SDK loads, with our host
-functions. `python -m pi_controller.plugins.extism_adapter WASI FUEL` (manifest JSON on stdin) is the child of
+functions. A compiled module holds megabytes: it is freed when its plugin goes (`Module.free`), not when
+the garbage collector gets to it. Host functions get their plugin's host object through a cffi handle
+and read and write the guest's memory through `read_block` and `write_block`.
+
+`python -m pi_controller.plugins.extism_adapter WASI FUEL` (manifest JSON on stdin) is the child of
 `wasm_gate.trial`: it sets its own limits before libextism is loaded, then compiles and instantiates
 once. It imports little (no config, no gpiozero): it starts in ~0.1 s. The limits are set after
 libextism is loaded (it is mapped from its file, which RLIMIT_DATA does not count) and before it runs.
@@ -10,38 +15,71 @@ libextism is loaded (it is mapped from its file, which RLIMIT_DATA does not coun
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
-from typing import Any
+from functools import cache
+from typing import Any, Callable, Sequence
 
 import extism
-from extism.extism import CompiledPlugin, _ffi, _lib  # fuel is only in libextism's C API
+from extism.extism import CompiledPlugin, _ffi, _lib  # fuel and host memory are only in libextism's C API
 
-from pi_controller.plugins.host_functions import free_functions, new_functions
 from pi_controller.plugins.wasm_cache import compile_with_fallback
 
 TRIAL_MEMORY_BYTES = 512 * 1024 * 1024  # the child's data segment (RLIMIT_DATA): a 16 MiB module takes ~130
 TRIAL_CPU_S = 20  # seconds of CPU for the child (RLIMIT_CPU)
 OUT_OF_MEMORY = 3  # the child's exit status when Python ran out of its memory
 
+NAMESPACE = b"extism:host/user"  # where plugins import our host functions from
+I64 = 1  # ExtismValType
+_SIGNATURE = "void(ExtismCurrentPlugin*, const ExtismVal*, ExtismSize, ExtismVal*, ExtismSize, void*)"
+HostCallback = Callable[[Any, Any, int, Any, int, Any], None]
+HostFunction = tuple[bytes, Any, list[int], list[int]]  # name, callback (`host_function`), params, results
 
-def compile_module(manifest: bytes, wasi: bool, fuel: int, host: Any) -> CompiledPlugin:
-    """The compiled module of `manifest` (libextism's JSON, module inline), with a fuel limit and our
-    host functions bound to `host` (a cffi handle of its PluginHost, or None where no plugin calls them:
-    the trial child, the fuel calibration); without wasmtime's cache when that cannot be written (see
+
+class Module:
+    """A compiled module: instances are made from it until it is freed."""
+
+    def __init__(self, compiled: CompiledPlugin):
+        self._compiled = compiled
+
+    def instantiate(self) -> extism.Plugin:
+        return extism.Plugin(self._compiled)
+
+    def free(self) -> None:
+        """Now rather than at garbage collection (the SDK's own free, which runs once)."""
+        self._compiled.__del__()
+
+
+def compile_module(manifest: bytes, wasi: bool, fuel: int, host: Any,
+                   functions: Sequence[HostFunction] = ()) -> Module:
+    """The compiled module of `manifest` (libextism's JSON, module inline), with a fuel limit and
+    `functions` bound to `host` (a `handle` of its PluginHost, or None where no plugin calls them: the
+    trial child, the fuel calibration); without wasmtime's cache when that cannot be written (see
     `wasm_cache`)."""
-    return compile_with_fallback(lambda: _compile(manifest, wasi, fuel, host))
+    _quiet_rust_backtraces()
+    return Module(compile_with_fallback(lambda: _compile(manifest, wasi, fuel, host, functions)))
 
 
-def _compile(manifest: bytes, wasi: bool, fuel: int, host: Any) -> CompiledPlugin:
+@cache
+def _quiet_rust_backtraces() -> None:
+    """wasmtime captures (and symbolizes) a Rust backtrace for every error when RUST_BACKTRACE is set, as
+    it is in many developer shells: ~75 ms per failed call here, enough for one hostile plugin to overrun
+    ticks. RUST_LIB_BACKTRACE=0 turns that off for library errors only (panics still show theirs); Rust
+    reads it at the first error, so setting it before the first compile is in time."""
+    os.environ["RUST_LIB_BACKTRACE"] = "0"
+
+
+def _compile(manifest: bytes, wasi: bool, fuel: int, host: Any, functions: Sequence[HostFunction]) -> CompiledPlugin:
     """One try: host functions are bound to one compile, even a failed one, so each try makes its own."""
     error = _ffi.new("char**")
-    functions = new_functions(_ffi.NULL if host is None else host)
+    pointers = [_function(definition, _ffi.NULL if host is None else host) for definition in functions]
     try:
-        pointer = _lib.extism_compiled_plugin_new_with_fuel_limit(manifest, len(manifest), functions,
-                                                                  len(functions), wasi, fuel, error)
+        pointer = _lib.extism_compiled_plugin_new_with_fuel_limit(manifest, len(manifest), pointers,
+                                                                  len(pointers), wasi, fuel, error)
     finally:
-        free_functions(functions)  # the compiled plugin has taken what it needs
+        for function in pointers:  # the compiled plugin has taken what it needs
+            _lib.extism_function_free(function)
     if pointer == _ffi.NULL:
         message = _ffi.string(error[0]).decode(errors="replace")
         _lib.extism_plugin_new_error_free(error[0])
@@ -51,15 +89,65 @@ def _compile(manifest: bytes, wasi: bool, fuel: int, host: Any) -> CompiledPlugi
     return compiled
 
 
-def _trial(wasi: bool, fuel: int) -> int:
+def _function(definition: HostFunction, handle: Any) -> Any:
+    """A fresh ExtismFunction (libextism takes each into one compiled plugin only)."""
+    name, callback, params, results = definition
+    pointer = _lib.extism_function_new(name, params, len(params), results or _ffi.NULL, len(results), callback,
+                                       handle, _ffi.NULL)
+    _lib.extism_function_set_namespace(pointer, NAMESPACE)
+    return pointer
+
+
+# --- what host functions need ------------------------------------------------------------------
+
+
+def host_function(callback: HostCallback) -> Any:
+    """`callback` as libextism calls a host function (keep the result alive: it is the C entry point)."""
+    return _ffi.callback(_SIGNATURE)(callback)
+
+
+def handle(host: object) -> Any:
+    """What a host function gets as its user data; `host` lives as long as the handle is referenced."""
+    return _ffi.new_handle(host)
+
+
+def host_of(user_data: Any) -> Any:
+    """The object behind a `handle`."""
+    return _ffi.from_handle(user_data)
+
+
+def read_block(current: Any, offset: int, limit: int) -> bytes:
+    """At most `limit` bytes of the guest's block at `offset`; empty for anything that is not one."""
+    if offset <= 0:
+        return b""
+    length = _lib.extism_current_plugin_memory_length(current, offset)
+    if length <= 0:
+        return b""
+    return bytes(_ffi.buffer(_lib.extism_current_plugin_memory(current) + offset, min(length, limit)))
+
+
+def write_block(current: Any, data: bytes) -> int:
+    """`data` in a new block of the guest's memory (counted against its page limit); 0 if none."""
+    offset = _lib.extism_current_plugin_memory_alloc(current, len(data))
+    if offset == 0:
+        return 0
+    # The allocation may have grown (and moved) the memory: the base is read after it.
+    _ffi.memmove(_lib.extism_current_plugin_memory(current) + offset, data, len(data))
+    return int(offset)
+
+
+# --- the trial child ---------------------------------------------------------------------------
+
+
+def _trial(wasi: bool, fuel: int, functions: Sequence[HostFunction]) -> int:
     """In the child: limits first, then one compile and one instance. 0 unless it ran out of memory;
     a panic in libextism ends the child with SIGABRT, which is what the parent looks for."""
     resource.setrlimit(resource.RLIMIT_DATA, (TRIAL_MEMORY_BYTES, TRIAL_MEMORY_BYTES))
     resource.setrlimit(resource.RLIMIT_CPU, (TRIAL_CPU_S, TRIAL_CPU_S + 1))
     manifest = sys.stdin.buffer.read()
     try:
-        compiled = compile_module(manifest, wasi, fuel, None)
-        extism.Plugin(compiled).__exit__(None, None, None)
+        module = compile_module(manifest, wasi, fuel, None, functions)
+        module.instantiate().__exit__(None, None, None)
     except MemoryError:
         return OUT_OF_MEMORY
     except Exception:  # noqa: BLE001 - a clean error: the daemon's own compile reports it
@@ -68,4 +156,6 @@ def _trial(wasi: bool, fuel: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_trial(bool(int(sys.argv[1])), int(sys.argv[2])))
+    from pi_controller.plugins.host_functions import FUNCTIONS  # as the daemon binds them
+
+    sys.exit(_trial(bool(int(sys.argv[1])), int(sys.argv[2]), FUNCTIONS))

@@ -11,7 +11,6 @@ explain no call failure are logged as `extism_log` events.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from functools import cache
@@ -20,12 +19,6 @@ import extism
 import structlog
 
 from pi_controller.logs import LineBudget
-
-# wasmtime captures (and symbolizes) a Rust backtrace for every error when RUST_BACKTRACE is set, as it
-# is in many developer shells: ~75 ms per failed call here, enough for one hostile plugin to overrun
-# ticks. RUST_LIB_BACKTRACE=0 turns that off for library errors only (panics still show theirs); Rust
-# reads it at the first error, so setting it when this module is imported (by plugins) is in time.
-os.environ["RUST_LIB_BACKTRACE"] = "0"
 
 log = structlog.get_logger("pi_controller.extism")
 

@@ -27,9 +27,9 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import structlog
-from extism.extism import _ffi, _lib
 
 from pi_controller import logs
+from pi_controller.plugins.extism_adapter import I64, HostFunction, host_function, host_of, read_block, write_block
 
 if TYPE_CHECKING:  # not at run time: the trial compile's child (extism_adapter) imports this module, and fast
     from pi_controller.config import HostFunctionSettings
@@ -37,14 +37,11 @@ if TYPE_CHECKING:  # not at run time: the trial compile's child (extism_adapter)
 
 log = structlog.get_logger("pi_controller.plugin")
 
-NAMESPACE = b"extism:host/user"
 LEVELS = ("debug", "info", "warning", "error")
 MAX_MESSAGE_BYTES = 2048  # read from the guest at most; the logged text is cut shorter still
 MAX_TEXT = 512
 MAX_FIELDS = 16
 MAX_ID_BYTES = 64  # schema.ID_PATTERN's longest id
-_I64 = 1  # ExtismValType
-_SIGNATURE = "void(ExtismCurrentPlugin*, const ExtismVal*, ExtismSize, ExtismVal*, ExtismSize, void*)"
 
 
 class History:
@@ -193,73 +190,36 @@ def _scalar(value: Any) -> Any:
 # --- the functions themselves, as libextism calls them ------------------------------------------
 
 
-def _read(current: Any, offset: int, limit: int) -> bytes:
-    """At most `limit` bytes of the guest's block at `offset`; empty for anything that is not one."""
-    if offset <= 0:
-        return b""
-    length = _lib.extism_current_plugin_memory_length(current, offset)
-    if length <= 0:
-        return b""
-    return bytes(_ffi.buffer(_lib.extism_current_plugin_memory(current) + offset, min(length, limit)))
-
-
-def _write(current: Any, data: bytes) -> int:
-    """`data` in a new block of the guest's memory (counted against its page limit); 0 if none."""
-    offset = _lib.extism_current_plugin_memory_alloc(current, len(data))
-    if offset == 0:
-        return 0
-    # The allocation may have grown (and moved) the memory: the base is read after it.
-    _ffi.memmove(_lib.extism_current_plugin_memory(current) + offset, data, len(data))
-    return int(offset)
-
-
 def _failed(function: str, user_data: Any, exc: BaseException) -> None:
     try:
-        plugin = _ffi.from_handle(user_data).plugin
+        plugin = host_of(user_data).plugin
     except Exception:
         plugin = None
     log.error("host_function_failed", function=function, plugin=plugin, error=f"{type(exc).__name__}: {exc}"[:300])
 
 
-@_ffi.callback(_SIGNATURE)
+@host_function
 def _pi_log(current: Any, inputs: Any, n_inputs: int, outputs: Any, n_outputs: int, user_data: Any) -> None:
     try:
-        host: PluginHost = _ffi.from_handle(user_data)
+        host: PluginHost = host_of(user_data)
         if host.spend():
-            host.log_line(inputs[0].v.i64, _read(current, inputs[1].v.i64, MAX_MESSAGE_BYTES))
+            host.log_line(inputs[0].v.i64, read_block(current, inputs[1].v.i64, MAX_MESSAGE_BYTES))
     except Exception as exc:
         _failed("pi_log", user_data, exc)
 
 
-@_ffi.callback(_SIGNATURE)
+@host_function
 def _pi_history(current: Any, inputs: Any, n_inputs: int, outputs: Any, n_outputs: int, user_data: Any) -> None:
     outputs[0].v.i64 = 0
     try:
-        host: PluginHost = _ffi.from_handle(user_data)
+        host: PluginHost = host_of(user_data)
         if host.spend():
-            data = host.read_history(_read(current, inputs[0].v.i64, MAX_ID_BYTES + 1), inputs[1].v.i64)
+            data = host.read_history(read_block(current, inputs[0].v.i64, MAX_ID_BYTES + 1), inputs[1].v.i64)
             if data is not None:
-                outputs[0].v.i64 = _write(current, data)
+                outputs[0].v.i64 = write_block(current, data)
     except Exception as exc:
         _failed("pi_history", user_data, exc)
 
 
-_FUNCTIONS: tuple[tuple[bytes, Any, list[int], list[int]], ...] = (
-    (b"pi_log", _pi_log, [_I64, _I64], []), (b"pi_history", _pi_history, [_I64, _I64], [_I64]))
-
-
-def new_functions(handle: Any) -> list[Any]:
-    """Fresh ExtismFunction pointers for one compiled plugin (libextism takes each into one plugin
-    only); `handle` is the cffi handle of its PluginHost. Free them with `free_functions`."""
-    functions = []
-    for name, callback, params, results in _FUNCTIONS:
-        pointer = _lib.extism_function_new(name, params, len(params), results or _ffi.NULL, len(results),
-                                           callback, handle, _ffi.NULL)
-        _lib.extism_function_set_namespace(pointer, NAMESPACE)
-        functions.append(pointer)
-    return functions
-
-
-def free_functions(functions: list[Any]) -> None:
-    for pointer in functions:
-        _lib.extism_function_free(pointer)
+FUNCTIONS: tuple[HostFunction, ...] = (
+    (b"pi_log", _pi_log, [I64, I64], []), (b"pi_history", _pi_history, [I64, I64], [I64]))

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import extism
-from extism.extism import CompiledPlugin, _ffi
 
 from pi_controller.contract import READINGS_KEY, Command, Rejection, encode_config, encode_readings
 from pi_controller.devices.sensors import Reading
 from pi_controller.plugins.backstop import Backstop
-from pi_controller.plugins.extism_adapter import compile_module
+from pi_controller.plugins.extism_adapter import Module, compile_module, handle
 from pi_controller.plugins.extism_log import router
-from pi_controller.plugins.host_functions import PluginHost
+from pi_controller.plugins.host_functions import FUNCTIONS, PluginHost
 from pi_controller.plugins.manifest import Grant, Refused
 from pi_controller.plugins.quarantine import Guard
 from pi_controller.plugins.wasm_gate import trial
@@ -69,7 +68,7 @@ class PluginCallError(Exception):
         return cls("error_return", message)
 
 
-def compile_plugin(wasm: bytes, terms: Grant, host: Any, backstop_ms: int) -> CompiledPlugin:
+def compile_plugin(wasm: bytes, terms: Grant, host: Any, backstop_ms: int) -> Module:
     """A compiled module under `terms`, with a fuel limit (the SDK's constructor has none) and our
     host functions bound to `host` (a cffi handle of its PluginHost): WASI and files only as granted,
     no network beyond `allowed_hosts`. Tried first in a child process (`wasm_gate.trial`)."""
@@ -85,7 +84,7 @@ def compile_plugin(wasm: bytes, terms: Grant, host: Any, backstop_ms: int) -> Co
     # The module spliced in as bytes: one copy of its base64 rather than three (str, JSON, bytes).
     data = b'{"wasm":[{"data":"' + base64.b64encode(wasm) + b'"}],' + json.dumps(manifest).encode()[1:]
     trial(data, terms.wasi, terms.fuel)
-    return compile_module(data, terms.wasi, terms.fuel, host)
+    return compile_module(data, terms.wasi, terms.fuel, host, FUNCTIONS)
 
 
 class SandboxedPlugin:
@@ -98,16 +97,16 @@ class SandboxedPlugin:
         self.backstop_ms = (backstop or Backstop()).ms(terms.fuel, terms.timeout_ms)
         self.guard = guard
         self.host = host
-        self._host_handle = _ffi.new_handle(host)  # what the host functions get: alive as long as we are
+        self._host_handle = handle(host)  # what the host functions get: alive as long as we are
         self.sha256 = hashlib.sha256(wasm).hexdigest()
         if terms.sha256 is not None and terms.sha256 != self.sha256:
             raise Refused(f"sha256 {self.sha256} is not the pinned {terms.sha256}")
         self.config_suffix = encode_config(terms.config)
-        self._compiled = compile_plugin(wasm, terms, self._host_handle, self.backstop_ms)
+        self._module = compile_plugin(wasm, terms, self._host_handle, self.backstop_ms)
         try:
             self._instance, self._id = self._instantiate()
         except extism.Error as exc:
-            self._compiled.__del__()
+            self._module.free()
             if "wasi_snapshot_preview1" in str(exc) and not terms.wasi:
                 raise Refused(f"{exc} (the module needs WASI, which is not granted: wasi: true in its "
                               "manifest or settings, within plugins.ceilings.allow_wasi)") from exc
@@ -123,7 +122,7 @@ class SandboxedPlugin:
         return self.grant.priority
 
     def _instantiate(self) -> tuple[extism.Plugin, str]:
-        instance = extism.Plugin(self._compiled)
+        instance = self._module.instantiate()
         instance_id = str(instance.id)
         router().register(instance_id, self.name, self.host.budget)
         self.host.cancel = instance.cancel_handle().cancel
@@ -209,7 +208,7 @@ class SandboxedPlugin:
 
     def close(self) -> None:
         self._free_instance()
-        self._compiled.__del__()
+        self._module.free()
 
 
 @dataclass(frozen=True)
