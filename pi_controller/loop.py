@@ -126,8 +126,9 @@ class ControlLoop:
                                    period_ms=self.period * 1000)
         self._notify(lambda observer: observer.tick_done(report), report.number)
 
-    def _notify(self, tell: Callable[[LoopObserver], None], number: int) -> None:
-        for observer in self.observers:
+    def _notify(self, tell: Callable[[LoopObserver], None], number: int,
+                observers: Sequence[LoopObserver] | None = None) -> None:
+        for observer in self.observers if observers is None else observers:
             try:
                 tell(observer)
             except Exception as exc:  # telemetry, metrics and the like must never end the loop
@@ -197,7 +198,7 @@ class ControlLoop:
                                    level="warning" if h.rule in FORCING else "info",
                                    device=h.device_id, rule=h.rule, detail=h.detail, plugin=h.plugin)
 
-    def _consult(self, plugin: SandboxedPlugin, context: bytes, number: int) -> list[Command]:
+    def _consult(self, plugin: SandboxedPlugin, context: contract.Context, number: int) -> list[Command]:
         """One plugin's commands for this tick; any failure of the plugin stays with the plugin."""
         now = self.clock.monotonic()
         if not plugin.guard.admit(now, number):  # quarantined: not called until its backoff has passed
@@ -206,22 +207,17 @@ class ControlLoop:
             return []
         stats = self.plugin_stats.get(plugin.name) or self.plugin_stats.setdefault(plugin.name, PluginStats())
         stats.calls += 1
-        started = self.clock.perf_counter()
         try:
-            try:
-                raw = plugin.call(plugin.view(context, self.readings), number)
-            finally:
-                seconds = self.clock.perf_counter() - started
-                stats.durations.add(seconds)
-            commands, rejections = plugin.screen(*contract.parse_output(raw, plugin.name, plugin.priority,
-                                                                        self.hardware.actuators))
+            commands, rejections = plugin.decide(context, self.hardware.actuators, self.clock.perf_counter)
         except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
-            self._failed(plugin, exc, stats, seconds, number)
+            stats.durations.add(plugin.last_call_s)
+            self._failed(plugin, exc, stats, plugin.last_call_s, number)
             return []
+        seconds = plugin.last_call_s
+        stats.durations.add(seconds)
         self.health.ok(plugin.name)
         self.verdicts.answered.append(plugin.name)
-        for observer in self._call_observers:
-            observer.plugin_called(plugin.name, seconds, False)
+        self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False), number, self._call_observers)
         plugin.guard.record(now, number, len(rejections), rejections[0].reason if rejections else "")
         stats.rejected += len(rejections)
         self.verdicts.rejections.extend(rejections)
@@ -239,8 +235,7 @@ class ControlLoop:
         reset, fault = getattr(exc, "reset", False), getattr(exc, "plugin_s_fault", True)
         stats.resets += reset
         self.verdicts.failures[plugin.name] = kind
-        for observer in self._call_observers:
-            observer.plugin_called(plugin.name, seconds, fault)
+        self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, fault), number, self._call_observers)
         if not fault:
             stats.stalls += 1
             self.health.stalled(plugin.name)

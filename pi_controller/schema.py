@@ -6,7 +6,7 @@ can use them without importing the loader.
 
 from __future__ import annotations
 
-from dataclasses import field
+from dataclasses import MISSING, field, fields
 from typing import Any
 
 ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
@@ -33,7 +33,12 @@ def matching(pattern: str, meaning: str, **kwargs: Any) -> Any:
 
 def bcm_pin(**kwargs: Any) -> Any:
     """A GPIO number in BCM numbering, as printed by `pinout`."""
-    return bounded(0, 27, **kwargs)
+    return field(metadata={"low": 0, "high": 27, "pin": True}, **kwargs)
+
+
+def required_pins(cls: type) -> list[str]:
+    """The keys of the pins a settings class cannot do without."""
+    return [f.name for f in fields(cls) if f.metadata.get("pin") and f.default is MISSING]
 
 
 def device_id(**kwargs: Any) -> Any:

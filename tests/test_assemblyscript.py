@@ -12,6 +12,7 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from pi_controller import contract
 from pi_controller.config import PluginSettings
 from pi_controller.devices.sensors import Reading
 from pi_controller.plugins.plugin_set import PluginSet
@@ -70,8 +71,8 @@ def test_an_invalid_reading_commands_nothing(plugin_set, tmp_path) -> None:
 def test_its_manifest_grants_it_the_light_and_the_strip_only(plugin_set, tmp_path) -> None:
     plugin = dimmer(plugin_set, tmp_path)
     assert plugin.grant.sensors == {"light_sensor"} and plugin.grant.actuators == {"led_strip"}
-    seen = json.loads(plugin.view(context(100.0), [Reading("temperature_sensor", 0.0, "celsius", 1.0),
-                                                   Reading("light_sensor", 100.0, "lux", 1.0)]) + b"}")
+    readings = [Reading("temperature_sensor", 0.0, "celsius", 1.0), Reading("light_sensor", 100.0, "lux", 1.0)]
+    seen = json.loads(plugin.view(contract.encode_context(readings, {}, 1.0, 1)) + b"}")
     assert [r["sensor_id"] for r in seen["sensor_readings"]] == ["light_sensor"]
 
 

@@ -12,7 +12,8 @@ from structlog.testing import capture_logs
 
 from pi_controller import contract
 from pi_controller.clock import SystemClock, VirtualClock
-from pi_controller.loop import next_deadline
+from pi_controller.loop import ControlLoop, next_deadline
+from pi_controller.observer import LoopObserver, TickReport
 from tests.conftest import HOSTILE, TEST_PLUGINS, example_data, unsimulated
 
 
@@ -253,7 +254,7 @@ def test_plugin_gets_the_context_exactly_as_encoded_with_its_own_config(run_daem
     daemon = run_daemon(data, 0, plugins=plugin_dir("echo_input"))
     plugin = next(iter(daemon.plugins))
     readings = daemon.hardware.read(1234.5)
-    prefix = contract.encode_context(readings, daemon.hardware.states(), 1234.5, 7)
+    prefix = contract.encode_context(readings, daemon.hardware.states(), 1234.5, 7).encoded
     seen = json.loads(plugin.call(prefix))
     assert seen == {
         "sensor_readings": [r.as_json() for r in readings],
@@ -330,3 +331,22 @@ def test_a_manifest_that_is_not_text_fails_its_plugin_only(run_daemon, plugin_di
     plugins = daemon.snapshot()["plugins"]
     assert plugins["motion_light"]["state"] == "failed" and "motion_light.yaml:1: (top level): not UTF-8 text" in plugins["motion_light"]["reason"]
     assert plugins["temperature_control"]["calls"] == 2
+
+
+class Failing(LoopObserver):
+    def plugin_called(self, plugin: str, seconds: float, failed: bool) -> None:
+        raise ValueError("boom")
+
+    def tick_done(self, report: TickReport) -> None:
+        raise RuntimeError("bang")
+
+
+def test_an_observer_that_raises_never_ends_the_loop(run_daemon, plugin_dir) -> None:
+    """plugin_called observers are guarded as tick_done ones are: logged once, the loop goes on."""
+    daemon = run_daemon(unsimulated(example_data()), 0, plugins=plugin_dir("temperature_control"))
+    loop = ControlLoop(daemon.hardware, daemon.plugins, daemon.loop.safety, VirtualClock(), 0.1, [Failing()])
+    with capture_logs() as logs:
+        asyncio.run(loop.run(asyncio.Event(), max_ticks=5))
+    assert loop.ticks.count == 5 and loop.plugin_stats["temperature_control"].calls == 5
+    failed = [e for e in logs if e["event"] == "observer_failed"]
+    assert sorted(e["error"] for e in failed) == ["bang", "boom"]  # once each, not once a tick

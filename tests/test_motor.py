@@ -18,6 +18,7 @@ from pi_controller.devices.motor import Motor, MotorSettings
 from pi_controller.devices.pins import SimulatedFactory
 from pi_controller.mqtt import discovery
 from pi_controller.mqtt.operator import parse_set
+from pi_controller.plugins import tools
 from pi_controller.simulators.models import FanSettings
 from pi_controller.simulators.world import World
 
@@ -173,3 +174,9 @@ def test_the_fan_model_blows_as_the_motor_drives_it(write_config) -> None:
     assert -3.0 < model.state()["airflow_mps"] < -1.0  # spinning down, not stopped at once
     fan.close()
     world.close()
+
+
+def test_plugin_call_gives_a_motor_in_the_context_its_pins() -> None:
+    settings = tools._settings_for({"device_states": {"fan": {"type": "motor"}, "lamp": {"type": "pwm"}}})
+    fan, lamp = settings.actuators
+    assert isinstance(fan, MotorSettings) and fan.forward != fan.backward and lamp.pin not in fan.pins().values()

@@ -255,8 +255,8 @@ def test_a_plugin_that_declares_sensors_sees_only_those(run_daemon, plugin_dir) 
     readings = daemon.hardware.read(1234.5)
     full = contract.encode_context(readings, daemon.hardware.states(), 1234.5, 7)
     mine = [r for r in readings if r.sensor_id != "motion_sensor"]
-    assert plugin.view(full, readings) == contract.encode_context(mine, daemon.hardware.states(), 1234.5, 7)
-    seen = json.loads(plugin.call(plugin.view(full, readings)))
+    assert plugin.view(full) == contract.encode_context(mine, daemon.hardware.states(), 1234.5, 7).encoded
+    seen = json.loads(plugin.call(plugin.view(full)))
     assert [r["sensor_id"] for r in seen["sensor_readings"]] == ["temperature_sensor", "light_sensor"]
 
 

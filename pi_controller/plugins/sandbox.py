@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping
 
 import extism
 
-from pi_controller.contract import READINGS_KEY, Command, Rejection, encode_config, encode_readings
-from pi_controller.devices.sensors import Reading
+from pi_controller.contract import Command, CommandTarget, Context, Rejection, encode_config, parse_output
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.extism_adapter import Module, compile_module, handle
 from pi_controller.plugins.extism_log import router
@@ -102,6 +102,8 @@ class SandboxedPlugin:
         if terms.sha256 is not None and terms.sha256 != self.sha256:
             raise Refused(f"sha256 {self.sha256} is not the pinned {terms.sha256}")
         self.config_suffix = encode_config(terms.config)
+        self.last_call_s: float = 0.0
+        self.last_output: bytes | None = None  # of the last `decide`
         self._module = compile_plugin(wasm, terms, self._host_handle, self.backstop_ms)
         try:
             self._instance, self._id = self._instantiate()
@@ -175,13 +177,22 @@ class SandboxedPlugin:
         self._free_instance()
         self._instance, self._id = self._instantiate()
 
-    def view(self, context: bytes, readings: Sequence[Reading]) -> bytes:
+    def decide(self, context: Context, targets: Mapping[str, CommandTarget],
+               timer: Callable[[], float] = time.perf_counter) -> tuple[list[Command], list[Rejection]]:
+        """view, call, parse, screen: this plugin's commands for the tick, and those the contract or its
+        grant refused. Raises PluginCallError or contract.OutputError when nothing usable came back;
+        `last_call_s` and `last_output` (None if the call failed) say how the call went."""
+        self.last_output = None
+        started = timer()
+        try:
+            self.last_output = self.call(self.view(context), context.tick)
+        finally:
+            self.last_call_s = timer() - started
+        return self.screen(*parse_output(self.last_output, self.name, self.priority, targets))
+
+    def view(self, context: Context) -> bytes:
         """The context as this plugin may see it: only the readings of its declared sensors."""
-        if self.grant.sensors is None:
-            return context
-        everything = encode_readings(readings)
-        mine = encode_readings(r for r in readings if r.sensor_id in self.grant.sensors)
-        return READINGS_KEY + mine + context[len(READINGS_KEY) + len(everything):]
+        return context.encoded if self.grant.sensors is None else context.only(self.grant.sensors)
 
     def screen(self, commands: list[Command], rejections: list[Rejection]
                ) -> tuple[list[Command], list[Rejection]]:

@@ -28,13 +28,12 @@ import structlog
 
 from pi_controller.clock import Clock
 from pi_controller.config import PluginsSettings
-from pi_controller.contract import Command, Rejection
+from pi_controller.contract import Command, Context, Rejection
 from pi_controller.devices.actuators import Actuator
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import TickTrace
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
-from pi_controller.plugins.proposals import propose
 from pi_controller.plugins.sandbox import SandboxedPlugin
 from pi_controller.safety.rules import FORCING
 from pi_controller.sim.agreement import Agreement, verdict_of
@@ -71,7 +70,7 @@ class Shadows:
     def __len__(self) -> int:
         return len(self.plugins)
 
-    def consult(self, tick: TickTrace, context: bytes, targets: Mapping[str, Actuator], started: float) -> None:
+    def consult(self, tick: TickTrace, context: Context, targets: Mapping[str, Actuator], started: float) -> None:
         """Call each shadow whose live plugin was called in `tick`, on its context, and compare;
         `started`: the tick's start on the clock's perf_counter."""
         called = tick.verdicts.answered + list(tick.verdicts.failures)
@@ -91,7 +90,7 @@ class Shadows:
                 self._problems.problem(("shadow", shadow.name), "shadow_failed", level="error", plugin=shadow.name,
                                        tick=tick.number, error=f"{type(exc).__name__}: {exc}"[:300])
 
-    def _compare(self, shadow: SandboxedPlugin, stats: ShadowStats, tick: TickTrace, context: bytes,
+    def _compare(self, shadow: SandboxedPlugin, stats: ShadowStats, tick: TickTrace, context: Context,
                  targets: Mapping[str, Actuator]) -> None:
         stats.calls += 1
         number, verdicts = tick.number, tick.verdicts
@@ -99,7 +98,7 @@ class Shadows:
         commands: list[Command] = []
         rejections: list[Rejection] = []
         try:
-            commands, rejections = propose(shadow, context, tick.readings, targets, number)
+            commands, rejections = shadow.decide(context, targets)
         except Exception as exc:  # a shadow's failure is its own, and changes nothing live
             failed = getattr(exc, "kind", type(exc).__name__)
             stats.errors += 1

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -185,9 +184,18 @@ def _expect(data: dict[str, Any], key: str, kinds: Any, where: str = "the contex
 def _settings_for(context: Mapping[str, Any]) -> config.Settings:
     """Settings with one default actuator per entry of the context's device_states, on mock pins."""
     devices = context.get("device_states", {})
-    actuators = [{"id": name, "kind": state.get("type", "relay"), "pin": 2 + index}
-                 for index, (name, state) in enumerate(devices.items())]
+    pins = iter(range(2, 28))
+    actuators = [{"id": name, "kind": kind, **{key: next(pins, 27) for key in _pin_keys(kind)}}
+                 for name, kind in ((name, state.get("type", "relay")) for name, state in devices.items())]
     return config.parse(yaml.safe_dump({"pins": {"factory": "mock"}, "actuators": actuators}), Path("<context>"))
+
+
+def _pin_keys(kind: Any) -> list[str]:
+    """The pins an actuator kind needs (a kind that does not exist gets "pin": the config names the kind)."""
+    from pi_controller.devices.registry import ACTUATORS
+    from pi_controller.schema import required_pins
+
+    return required_pins(ACTUATORS[kind]) if isinstance(kind, str) and kind in ACTUATORS else ["pin"]
 
 
 def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) -> dict[str, Any]:
@@ -227,12 +235,8 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
                                      context.get("tick", 0))
     report: dict[str, Any] = {"plugin": name, "sha256": plugin.sha256, "fuel": terms.fuel,
                               "timeout_ms": terms.timeout_ms, "memory_pages": terms.memory_pages}
-    started = time.perf_counter()
     try:
-        raw = plugin.call(plugin.view(prefix, readings), context.get("tick", 0))
-        report["duration_ms"] = round((time.perf_counter() - started) * 1e3, 3)
-        report["output"] = raw.decode(errors="replace")
-        commands, rejections = plugin.screen(*contract.parse_output(raw, name, terms.priority, targets))
+        commands, rejections = plugin.decide(prefix, targets)
     except (PluginCallError, contract.OutputError) as exc:
         report["error"] = {"kind": exc.kind, "reason": str(exc)}
         commands, rejections = [], []
@@ -240,6 +244,9 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
         plugin.close()
         for target in targets.values():
             target.close()
+    if plugin.last_output is not None:
+        report["duration_ms"] = round(plugin.last_call_s * 1e3, 3)
+        report["output"] = plugin.last_output.decode(errors="replace")
     report["accepted"] = [{"device_id": c.device_id, "action": c.action, "target": c.target} for c in commands]
     report["rejected"] = [{"device_id": r.device_id, "rule": r.rule, "reason": r.reason} for r in rejections]
     return report

@@ -23,14 +23,13 @@ import structlog
 
 from pi_controller import arbitration, config
 from pi_controller.clock import VirtualClock
-from pi_controller.contract import Command, encode_context
+from pi_controller.contract import Command, Context, encode_context
 from pi_controller.devices import actuators
 from pi_controller.devices.hardware import Hardware
 from pi_controller.devices.pins import mock_factory
 from pi_controller.devices.sensors import Reading
 from pi_controller.mqtt.operator import OPERATOR
 from pi_controller.plugins.plugin_set import PluginSet
-from pi_controller.plugins.proposals import propose
 from pi_controller.plugins.sandbox import SandboxedPlugin
 from pi_controller.safety.ownership import Health
 from pi_controller.safety.rules import Safety
@@ -74,7 +73,7 @@ class Replay:
         self.health.begin()
         for plugin in self.plugins:
             if plugin.name not in line.get("d", ()):
-                proposals.extend(self._consult(plugin, context, readings, line))
+                proposals.extend(self._consult(plugin, context, line))
         wanted, _ = arbitration.resolve(proposals)
         decision = self.safety.decide(wanted, readings, now, self.clock.monotonic(), self.health)
         self.hardware.apply(decision.commands, number)
@@ -82,12 +81,11 @@ class Replay:
                          {c.device_id: [c.target, c.plugin] for c in decision.commands})
         self.ticks += 1
 
-    def _consult(self, plugin: SandboxedPlugin, context: bytes, readings: list[Reading],
-                 line: dict[str, Any]) -> list[Command]:
+    def _consult(self, plugin: SandboxedPlugin, context: Context, line: dict[str, Any]) -> list[Command]:
         failed = None
         commands, rejections = [], []
         try:
-            commands, rejections = propose(plugin, context, readings, self.hardware.actuators, line["n"])
+            commands, rejections = plugin.decide(context, self.hardware.actuators)
             self.health.ok(plugin.name)
         except Exception as exc:  # a failed call is a verdict to compare, as the loop counts it
             failed = getattr(exc, "kind", type(exc).__name__)
