@@ -180,7 +180,7 @@ def main() -> None:
             if args.record:
                 results["record encode"].append(per_tick(encode_run, args.ticks))
         writes = sum(len(s.states) for s in daemon.hardware.factory.pins.values())
-        stats = daemon.snapshot()
+        stats = daemon.status.snapshot()
         adc.close()
         daemon.close()
         floor.close()

@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(daemon.serve(args.ticks))
         if args.ticks:  # before closing: closing unloads the plugins the snapshot reports on
-            json.dump(daemon.snapshot(), sys.stdout, indent=2)
+            json.dump(daemon.status.snapshot(), sys.stdout, indent=2)
             sys.stdout.write("\n")
     except Exception:  # a bug of ours: actuators are already safe (serve's finally); say what happened
         log.exception("daemon_crashed")

@@ -1,5 +1,6 @@
-"""The composition root: builds hardware, plugins and the loop from settings, runs them, and puts
-every actuator in its shut-down state on every way out."""
+"""The composition root: builds hardware, plugins and the loop from settings and wires them, runs them,
+reloads them, and puts every actuator in its shut-down state on every way out. What the daemon looks
+like from outside is its `Status`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import dataclasses
 import signal
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import structlog
 
@@ -22,7 +23,6 @@ from pi_controller.mqtt.operator import Operator
 from pi_controller.mqtt.telemetry import Telemetry
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
-from pi_controller.plugins.sandbox import PluginStatus
 from pi_controller.plugins.shadow import Shadows
 from pi_controller.plugins.watch import PluginWatcher
 from pi_controller.readiness import Readiness
@@ -32,7 +32,7 @@ from pi_controller.safety.rules import Safety
 from pi_controller.safety.watchdog import Watchdog
 from pi_controller.sim import record
 from pi_controller.sim.record import Recorder
-from pi_controller.stats import PluginStats
+from pi_controller.status import STATUS_CHARS, Status
 from pi_controller.systemd import Notifier
 
 log = structlog.get_logger("pi_controller.daemon")
@@ -40,8 +40,6 @@ log = structlog.get_logger("pi_controller.daemon")
 # What a reload cannot change under a running loop: the rate, the pin factory, the simulated world,
 # and the threads and sockets set up at start.
 _RESTART_ONLY = ("loop", "pins", "simulation", "watchdog", "metrics", "mqtt", "record")
-_NEVER_CALLED = PluginStats()
-_STATUS_CHARS = 400  # systemctl status shows one line of it
 
 
 class Daemon:
@@ -52,7 +50,6 @@ class Daemon:
         self.simulate = simulate
         self.plugins_dir = plugins_dir
         self.state_dir = state_dir  # where the config it runs with is kept for safe-state
-        self.last_reload: ReloadResult | None = None
         self.clock = clock or SystemClock()
         self.recorder: Recorder | None = None
         self._record_to = record
@@ -72,21 +69,21 @@ class Daemon:
                         failsafe_after_s=settings.safety.failsafe_after_s)
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
-        # Time from the one clock; only the watchdog keeps a real timer, since it must catch a stuck loop.
-        self.notifier = Notifier(self._status, timer=self.clock.monotonic)
-        self.metrics = Metrics(settings.loop.period, self, self.clock.monotonic) \
-            if settings.metrics.enabled else None
         self.operator = Operator(settings.mqtt.override_expiry_s)
-        self.telemetry = Telemetry(settings, self, self.operator, self.clock.monotonic) \
+        self.status = Status(settings, self.plugins, self.operator, self.watchdog, self.clock.monotonic)
+        # Time from the one clock; only the watchdog keeps a real timer, since it must catch a stuck loop.
+        self.notifier = Notifier(self.status.line, timer=self.clock.monotonic)
+        self.metrics = Metrics(settings.loop.period, self.status, self.clock.monotonic) \
+            if settings.metrics.enabled else None
+        self.telemetry = Telemetry(settings, self.status, self.operator, self.clock.monotonic) \
             if settings.mqtt.enabled else None
         self.recorder = self._recorder(settings)
         observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.telemetry, self.recorder)
                      if o is not None]  # /ready, then READY=1
-        self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
-                                self.operator)
         self.shadows = Shadows(settings.plugins, self.plugins, self.clock, self.plugins.history)
-        self.loop.shadows = self.shadows
-        self._started = self.clock.monotonic()
+        self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
+                                self.operator, self.shadows)
+        self.status.wire(self.loop, self.telemetry, self.shadows)
 
     def _recorder(self, settings: Settings) -> Recorder | None:
         path = self._record_to or (settings.source.parent / settings.record.path if settings.record.path else None)
@@ -168,11 +165,11 @@ class Daemon:
     def _watch_plugins(self) -> None:
         """Hot reload of the plugins folder (`plugins.watch`), beside the ticks on the event loop."""
         if self.settings.plugins.watch:
-            self._watcher = asyncio.create_task(PluginWatcher(lambda: self.plugins, self.loop).run(),
+            self._watcher = asyncio.create_task(PluginWatcher(self.plugins, self.loop).run(),
                                                 name="plugin-watch")
             if self.shadows.plugins.directory.is_dir():
                 self._shadow_watcher = asyncio.create_task(
-                    PluginWatcher(lambda: self.shadows.plugins, self.loop).run(), name="shadow-watch")
+                    PluginWatcher(self.shadows.plugins, self.loop).run(), name="shadow-watch")
 
     def _stop_watching(self) -> None:
         for watcher in (self._watcher, self._shadow_watcher):
@@ -187,14 +184,6 @@ class Daemon:
         server.start()
         return server
 
-    def _status(self) -> str:
-        ticks = self.loop.ticks
-        status = (f"{self.settings.loop.rate_hz:g} Hz, {ticks.count} ticks, {ticks.missed} missed, "
-                  f"{Readiness.of(self.plugins.status)}")
-        if self.last_reload is not None and self.last_reload.outcome != "applied":  # until one is applied
-            status += f"; last {self.last_reload.message}"
-        return status[:_STATUS_CHARS]
-
     async def _reload_and_report(self) -> None:
         """One coalesced SIGHUP: the reload inside systemd's notify-reload protocol, its result kept for
         the status line and counted."""
@@ -204,10 +193,10 @@ class Daemon:
         except Exception as exc:  # a bug of ours: say so, and never leave systemd waiting for READY=1
             log.exception("reload_failed", file=str(self.settings.source))
             result = ReloadResult("failed", f"reload failed, running config kept: {type(exc).__name__}: {exc}")
-        self.last_reload = result
+        self.status.last_reload = result
         if self.metrics:
             self.metrics.reloaded(result.outcome)
-        self.notifier.reloaded(result.message[:_STATUS_CHARS])
+        self.notifier.reloaded(result.message[:STATUS_CHARS])
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file (SIGHUP); apply it between two ticks if valid, else keep the old one.
@@ -251,78 +240,15 @@ class Daemon:
         failed = self.hardware.reconfigure(new, self.clock)
         for device, error in failed.items():
             log.error("reload_device_failed", device=device, error=error)
-        old_plugins, self.plugins = self.plugins, plugins
-        plugins.inherit(old_plugins)
-        self.loop.plugins = self.plugins
-        self.loop.safety = Safety(self.hardware.actuators, new.sensors, new.interlocks, self.loop.safety,
-                                  new.safety.failsafe_after_s)
-        old_plugins.close()
-        watching = (old_plugins.directory, self.settings.plugins.watch)
-        self.settings = new
-        if watching != (plugins.directory, new.plugins.watch):  # follow the folder the plugins now come from
+        watching = (self.plugins.directory, self.settings.plugins.watch)
+        self.plugins.adopt(plugins)
+        self.loop.reconfigure(new.sensors, new.interlocks, new.safety.failsafe_after_s)
+        self.settings = self.status.settings = new
+        if watching != (self.plugins.directory, new.plugins.watch):  # follow the folder the plugins now come from
             self._stop_watching()
             self._watch_plugins()
         log.info("config_reloaded", file=str(new.source), sensors=len(self.hardware.sensors),
                  actuators=len(self.hardware.actuators), plugins=len(self.plugins))
-
-    # What metrics read when scraped, on the server's thread: copies made in one step each (the loop
-    # replaces these objects whole, or adds keys to the counters, between and during ticks).
-
-    def plugin_statuses(self) -> Mapping[str, PluginStatus]:
-        return self.plugins.status
-
-    def actuator_ids(self) -> list[str]:
-        return [a.id for a in self.settings.actuators]
-
-    def sensor_validity(self) -> Mapping[str, bool]:
-        configured = dict.fromkeys((s.id for s in self.settings.sensors), False)  # invalid until read
-        return configured | {r.sensor_id: r.valid for r in self.loop.readings}
-
-    def safety_holds(self) -> Mapping[str, int]:
-        return {device: sum(dict(rules).values()) for device, rules in list(self.loop.safety.held.items())}
-
-    def watchdog_trips(self) -> int:
-        return self.watchdog.trips if self.watchdog else 0
-
-    def shadow_agreement(self) -> Mapping[tuple[str, str], tuple[int, int]]:
-        return self.shadows.agreement()
-
-    def plugin_states(self) -> dict[str, dict[str, Any]]:
-        """Each plugin's state for telemetry: loaded, disabled or failed (with why), and its counts."""
-        states = {}
-        for name, status in self.plugins.status.items():
-            stats = self.loop.plugin_stats.get(name) or _NEVER_CALLED  # counters only: this runs every tick
-            states[name] = {"state": status.state, "reason": status.reason,
-                            "enabled": name not in self.operator.disabled, "calls": stats.calls,
-                            "errors": stats.errors, "rejected": stats.rejected, "held": stats.held}
-        return states
-
-    def loop_state(self) -> dict[str, Any]:
-        ticks = self.loop.ticks.summary()
-        elapsed = self.clock.monotonic() - self._started
-        return {"rate_hz": round(ticks["count"] / elapsed, 2) if elapsed > 0 else 0.0, "ticks": ticks["count"],
-                "missed": ticks["missed"], "duration_median_ms": ticks["duration_median_us"] / 1000,
-                "duration_p99_ms": ticks["duration_p99_us"] / 1000,
-                "start_jitter_p99_ms": ticks["start_jitter_p99_us"] / 1000}
-
-    def snapshot(self) -> dict[str, Any]:
-        """Last readings, actuator states as the last tick left them, plugin and tick stats."""
-        summary = self.loop.summary()
-        plugins: dict[str, Any] = {}
-        for name, status in self.plugins.status.items():
-            entry: dict[str, Any] = {"state": status.state}
-            if status.reason:
-                entry["reason"] = status.reason
-            plugins[name] = entry | summary["plugins"].get(name, {})
-        return {
-            "sensors": {r.sensor_id: r.as_json() for r in self.loop.readings},
-            "actuators": self.loop.last_states,
-            "plugins": plugins,
-            "ticks": summary["ticks"],
-            "safety": {"held": summary["held"], "failsafes": summary["failsafes"], "owners": summary["owners"],
-                       "watchdog_trips": self.watchdog.trips if self.watchdog else 0},
-        } | ({"telemetry": self.telemetry.summary()} if self.telemetry else {}) | (
-            {"shadows": self.shadows.snapshot()} if self.shadows.plugins.status else {})
 
     def close(self) -> None:
         if self.recorder is not None:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Hashable, Literal
 
 import structlog
 
+from pi_controller.token_bucket import TokenBucket
+
 LogFormat = Literal["console", "json"]
 
 
@@ -195,30 +197,30 @@ class LineBudget:
                  clock: Callable[[], float] = time.monotonic, notice_s: float = 10.0, **fields: Any):
         self.clock = clock
         self._log, self._notice, self._fields = logger, notice, fields
-        self._rate, self._burst, self._notice_s = rate, burst, notice_s
-        self._tokens, self._last = float(burst), clock()
+        self._bucket, self._notice_s = TokenBucket(rate, burst, clock()), notice_s
         self._noticed = -math.inf
         self.dropped = 0
         self._what: Counter[str] = Counter()
 
     def admit(self, tick: int | None = None, what: str | None = None) -> bool:
+        bucket = self._bucket
         now = self.clock()
-        self._tokens = min(self._burst, self._tokens + max(0.0, now - self._last) * self._rate)
-        self._last = now
-        if self.dropped and self._tokens >= 1 and now - self._noticed >= self._notice_s:
-            self._tokens -= 1  # the notice goes first, on the token the line would have had
+        tokens = bucket.refill(now)
+        if self.dropped and tokens >= 1 and now - self._noticed >= self._notice_s:
+            bucket.take()  # the notice goes first, on the token the line would have had
             self._noticed = now
             most = dict(self._what.most_common(_NOTICE_KINDS)) if self._what else None
-            self._log.warning(self._notice, tick=tick, lines=self.dropped, limit=f"{self._rate:g}/s, burst {self._burst}",
+            self._log.warning(self._notice, tick=tick, lines=self.dropped,
+                              limit=f"{bucket.rate:g}/s, burst {bucket.burst:g}",
                               **({"dropped": most} if most else {}), **self._fields)
             self.dropped = 0
             self._what.clear()
-        if self._tokens < 1:
+        if bucket.tokens < 1:
             self.dropped += 1
             if what is not None and (what in self._what or len(self._what) < _NOTICE_KINDS):
                 self._what[what] += 1
             return False
-        self._tokens -= 1
+        bucket.take()
         return True
 
 

@@ -14,15 +14,16 @@ import asyncio
 import contextlib
 import gc
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import structlog
 
 from pi_controller import arbitration, contract
 from pi_controller.clock import Clock
+from pi_controller.config import InterlockSettings
 from pi_controller.contract import Command
 from pi_controller.devices.hardware import Hardware
-from pi_controller.devices.sensors import Reading
+from pi_controller.devices.sensors import Reading, SensorSettings
 from pi_controller.logs import ChangeLog, kind_of
 from pi_controller.mqtt.operator import Operator
 from pi_controller.observer import LoopObserver, TickReport, TickTrace, Verdicts
@@ -69,7 +70,8 @@ def next_deadline(due: int, elapsed: float, period: float) -> int:
 
 class ControlLoop:
     def __init__(self, hardware: Hardware, plugins: PluginSet, safety: Safety, clock: Clock, period: float,
-                 observers: Sequence[LoopObserver] = (), operator: Operator | None = None):
+                 observers: Sequence[LoopObserver] = (), operator: Operator | None = None,
+                 shadows: Shadows | None = None):
         self.hardware = hardware
         self.plugins = plugins
         self.safety = safety
@@ -87,7 +89,7 @@ class ControlLoop:
         self.health = Health(self._why_not_called)
         self.verdicts = Verdicts()
         self.trace: TickTrace | None = None  # the last tick's, for a recorder
-        self.shadows: Shadows | None = None
+        self.shadows = shadows  # run beside the plugins, never applied
         self._problems = ChangeLog(log)
 
     async def run(self, stop: asyncio.Event, max_ticks: int | None = None) -> None:
@@ -111,6 +113,12 @@ class ControlLoop:
             while self._between:
                 self._between.pop(0)()
             collect_if_due()
+
+    def reconfigure(self, sensors: Iterable[SensorSettings], interlocks: Iterable[InterlockSettings],
+                    failsafe_after_s: float) -> None:
+        """New safety rules after a reload (call between two ticks): timers and owners carry on for the
+        actuators kept."""
+        self.safety = Safety(self.hardware.actuators, sensors, interlocks, self.safety, failsafe_after_s)
 
     def between_ticks(self, work: Callable[[], None]) -> None:
         """Run `work` after the current tick, before the next."""

@@ -52,7 +52,7 @@ def scripted(run_daemon, data: dict[str, Any], ticks: int, **script: Any) -> Any
 
 def test_bundled_plugins_load_and_every_tick_runs_every_plugin(run_daemon) -> None:
     daemon = run_daemon(example_data(), 30)
-    snap = daemon.snapshot()
+    snap = daemon.status.snapshot()
     assert {name: p["state"] for name, p in snap["plugins"].items()} == {
         "energy_saver": "loaded", "motion_light": "loaded", "temperature_control": "loaded"}
     for name, stats in snap["plugins"].items():
@@ -74,7 +74,7 @@ def test_heater_warms_a_cold_simulated_room_and_holds_the_setpoint(run_daemon) -
     switches = sum(1 for a, b in zip(relay_states, relay_states[1:]) if a != b)
     assert relay_states[1] is True  # the first switch: heater on in the cold room
     assert switches >= 3  # on, off at the top of the band, on again as it cools...
-    temperature = daemon.snapshot()["sensors"]["temperature_sensor"]["value"]
+    temperature = daemon.status.snapshot()["sensors"]["temperature_sensor"]["value"]
     lsb = 330 / 1023
     assert 20.5 - 2 * lsb <= temperature <= 21.5 + 2 * lsb
 
@@ -95,7 +95,7 @@ def test_motion_turns_the_strip_on_holds_then_fades_out(run_daemon) -> None:
 def test_bright_light_wins_over_motion_by_priority_and_the_conflict_is_logged_once(run_daemon) -> None:
     with capture_logs() as logs:
         daemon = scripted(run_daemon, example_data(), 20, motion_until=100.0, lux=900.0)
-    assert daemon.snapshot()["actuators"]["led_strip"]["duty_cycle"] == 0.0
+    assert daemon.status.snapshot()["actuators"]["led_strip"]["duty_cycle"] == 0.0
     assert all(s.state == 0.0 for s in daemon.hardware.factory.pin(18).states)
     conflicts = [e for e in logs if e["event"] == "command_conflict"]
     assert len(conflicts) == 1
@@ -117,7 +117,7 @@ def test_hostile_plugins_fail_alone_and_the_bundled_ones_keep_control(run_daemon
     shutil.copy(TEST_PLUGINS / "host_calls.wasm", folder / "flooder.wasm")  # calls pi_log forever
     with capture_logs() as logs:
         daemon = run_daemon(data, 20, plugins=folder)
-    snap = daemon.snapshot()
+    snap = daemon.status.snapshot()
     for name in (*HOSTILE, "garbage", "flooder"):
         assert snap["plugins"][name]["state"] == "loaded"
         assert (snap["plugins"][name]["calls"], snap["plugins"][name]["errors"]) == (20, 20), name
@@ -158,7 +158,7 @@ def test_every_hostile_plugin_at_once_beside_the_bundled_ones_in_real_time(run_d
         shutil.copy(TEST_PLUGINS / f"{wasm}.wasm", folder / f"{name}.wasm")
         data["plugins"]["settings"][name] = settings
     daemon = run_daemon(data, 30, plugins=folder, clock=SystemClock())  # three seconds at 10 Hz
-    snap = daemon.snapshot()
+    snap = daemon.status.snapshot()
     for name in EVERY_HOSTILE:
         stats = snap["plugins"][name]
         faults = stats["errors"] + stats["rejected"] + stats["stalls"]  # a busy machine stalls a call or two
@@ -186,9 +186,9 @@ def test_rejected_commands_are_never_applied_and_logged_once(run_daemon, plugin_
     data["plugins"]["settings"] = {"echo_output": {"config": {"output": output}}}
     with capture_logs() as logs:
         daemon = run_daemon(data, 10, plugins=plugin_dir("echo_output"))
-    stats = daemon.snapshot()["plugins"]["echo_output"]
+    stats = daemon.status.snapshot()["plugins"]["echo_output"]
     assert (stats["errors"], stats["rejected"]) == (0, 10 * rejected)
-    assert daemon.snapshot()["actuators"]["led_strip"]["duty_cycle"] == (30.0 if applied else 0.0)
+    assert daemon.status.snapshot()["actuators"]["led_strip"]["duty_cycle"] == (30.0 if applied else 0.0)
     events = [e for e in logs if e["event"] == "command_rejected"]
     assert len(events) == rejected
     assert events[0]["plugin"] == "echo_output" and events[0]["tick"] == 0 and events[0]["reason"]
@@ -199,7 +199,7 @@ def test_a_plugin_that_fails_to_load_is_reported_and_skipped(run_daemon, plugin_
     (folder / "broken.wasm").write_bytes(b"\x00asm\x01\x00\x00\x00garbage")
     (folder / "notes.txt").write_text("not a plugin")
     daemon = run_daemon(unsimulated(example_data()), 3, plugins=folder)
-    plugins = daemon.snapshot()["plugins"]
+    plugins = daemon.status.snapshot()["plugins"]
     assert plugins["broken"]["state"] == "failed" and plugins["broken"]["reason"]
     assert plugins["temperature_control"]["calls"] == 3
     assert "notes" not in plugins
@@ -210,7 +210,7 @@ def test_plugins_beyond_the_time_budget_are_refused_at_load(run_daemon, plugin_d
     data["plugins"]["defaults"]["timeout_ms"] = 25  # budget 60 ms: two fit, the third does not
     data["plugins"]["settings"] = {}
     daemon = run_daemon(data, 1, plugins=plugin_dir("energy_saver", "motion_light", "temperature_control"))
-    plugins = daemon.snapshot()["plugins"]
+    plugins = daemon.status.snapshot()["plugins"]
     assert [plugins[n]["state"] for n in ("energy_saver", "motion_light", "temperature_control")] == [
         "loaded", "loaded", "failed"]
     assert "does not fit the tick" in plugins["temperature_control"]["reason"]
@@ -220,7 +220,7 @@ def test_disabled_plugin_is_not_loaded(run_daemon, plugin_dir) -> None:
     data = unsimulated(example_data())
     data["plugins"]["settings"]["motion_light"]["enabled"] = False
     daemon = run_daemon(data, 2)
-    assert daemon.snapshot()["plugins"]["motion_light"] == {"state": "disabled"}
+    assert daemon.status.snapshot()["plugins"]["motion_light"] == {"state": "disabled"}
 
 
 def test_every_actuator_ends_in_its_shutdown_state_and_stays_there_after_close(run_daemon, plugin_dir) -> None:
@@ -232,7 +232,7 @@ def test_every_actuator_ends_in_its_shutdown_state_and_stays_there_after_close(r
                 {"device_id": "servo_motor", "action": "set_angle", "parameters": {"angle": 80}}]
     data["plugins"]["settings"] = {"echo_output": {"config": {"output": json.dumps(commands)}}}
     daemon = run_daemon(data, 5, plugins=plugin_dir("echo_output"))
-    assert daemon.snapshot()["actuators"] == {  # what the plugin set during the run...
+    assert daemon.status.snapshot()["actuators"] == {  # what the plugin set during the run...
         "relay_switch": {"type": "relay", "on": True, "value": 1},
         "led_strip": {"type": "pwm", "on": True, "value": 60.0, "duty_cycle": 60.0},
         "servo_motor": {"type": "servo", "on": True, "value": 80.0, "angle": 80.0}}
@@ -271,7 +271,7 @@ def test_a_flood_of_commands_fails_the_call_and_logs_once(run_daemon, plugin_dir
     data["plugins"]["settings"] = {"echo_output": {"config": {"output": "[" + "1," * 1000 + "1]"}}}
     with capture_logs() as logs:
         daemon = run_daemon(data, 5, plugins=plugin_dir("echo_output"))
-    stats = daemon.snapshot()["plugins"]["echo_output"]
+    stats = daemon.status.snapshot()["plugins"]["echo_output"]
     assert (stats["errors"], stats["rejected"]) == (5, 0)
     failures = [e for e in logs if e["event"] == "plugin_call_failed"]
     assert len(failures) == 1 and failures[0]["kind"] == "too_many_commands"
@@ -297,7 +297,7 @@ def test_a_tick_that_overruns_skips_past_deadlines_and_counts_them_missed(run_da
     daemon.hardware.environment = Stall()
     with capture_logs() as logs:
         asyncio.run(daemon.serve(10))
-    ticks = daemon.snapshot()["ticks"]
+    ticks = daemon.status.snapshot()["ticks"]
     assert (ticks["count"], ticks["missed"]) == (10, 2)
     assert clock.monotonic() == pytest.approx(1.1)  # 10 ticks + 2 skipped deadlines, no drift
     overruns = [e for e in logs if e["event"] == "tick_overrun"]
@@ -320,7 +320,7 @@ def test_file_names_that_cannot_be_plugin_names_are_refused(run_daemon, plugin_d
         shutil.copy(folder / "temperature_control.wasm", folder / f"{bad}.wasm")
     with capture_logs() as logs:
         daemon = run_daemon(unsimulated(example_data()), 2, plugins=folder)
-    assert set(daemon.snapshot()["plugins"]) == {"temperature_control"}
+    assert set(daemon.status.snapshot()["plugins"]) == {"temperature_control"}
     assert len([e for e in logs if e["event"] == "plugin_name_invalid"]) == 4
 
 
@@ -328,7 +328,7 @@ def test_a_manifest_that_is_not_text_fails_its_plugin_only(run_daemon, plugin_di
     folder = plugin_dir("temperature_control", "motion_light")
     (folder / "motion_light.yaml").write_bytes(b"name: \xff\xfe motion\n")
     daemon = run_daemon(unsimulated(example_data()), 2, plugins=folder)
-    plugins = daemon.snapshot()["plugins"]
+    plugins = daemon.status.snapshot()["plugins"]
     assert plugins["motion_light"]["state"] == "failed" and "motion_light.yaml:1: (top level): not UTF-8 text" in plugins["motion_light"]["reason"]
     assert plugins["temperature_control"]["calls"] == 2
 

@@ -66,7 +66,7 @@ def test_write_replace_rename_and_delete_while_the_loop_runs(live) -> None:
     ticks = daemon.loop.ticks
     assert_no_missed_ticks(ticks.missed)
     assert daemon.loop.plugin_stats["temperature_control"].calls == ticks.count  # every tick, every plugin
-    assert daemon.snapshot()["actuators"]["led_strip"]["duty_cycle"] > 0  # counter ran, commanding the strip
+    assert daemon.status.snapshot()["actuators"]["led_strip"]["duty_cycle"] > 0  # counter ran, commanding the strip
 
 
 def test_a_replacement_that_fails_leaves_the_previous_version_running(live) -> None:
@@ -149,6 +149,7 @@ def folder_with(tmp_path: Path, name: str, *plugins: str) -> Path:
 def test_sighup_moves_to_a_new_plugins_folder_and_watches_it_instead(configured, tmp_path) -> None:
     first, second = folder_with(tmp_path, "a", "temperature_control"), folder_with(tmp_path, "b", "energy_saver")
     daemon, reload = configured(first)
+    plugins = daemon.plugins
 
     async def scenario() -> None:
         with capture_logs() as logs:
@@ -161,6 +162,7 @@ def test_sighup_moves_to_a_new_plugins_folder_and_watches_it_instead(configured,
         await more_ticks(daemon, 3)  # time enough for the old folder's file, were it watched
 
     run_with(daemon, scenario)
+    assert daemon.plugins is plugins and daemon.loop.plugins is plugins  # one set, reloaded in place
     assert set(daemon.plugins.status) == {"energy_saver", "motion_light"}
     assert daemon.loop.plugin_stats["energy_saver"].calls > 0
     assert_no_missed_ticks(daemon.loop.ticks.missed)

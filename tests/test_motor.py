@@ -111,7 +111,7 @@ def test_a_reversal_goes_through_stop_for_reverse_delay_s(run_daemon, plugin_dir
     data = echo(("backward", {"speed": 40}), startup_state=50, reverse_delay_s=1.0)
     daemon, history = run(run_daemon, plugin_dir, data, 20)
     assert history == [(0.0, 0.0)] * 10 + [(0.0, 0.4)] * 10
-    assert daemon.snapshot()["safety"]["held"]["fan"]["reverse_delay"] == 10
+    assert daemon.status.snapshot()["safety"]["held"]["fan"]["reverse_delay"] == 10
 
 
 def test_after_start_up_a_motor_waits_reverse_delay_s_since_it_may_still_turn(run_daemon, plugin_dir) -> None:

@@ -111,7 +111,7 @@ def test_the_loop_counts_a_stall_apart_and_neither_blames_nor_quarantines_the_pl
     data["plugins"]["quarantine"] = {"failures": 2}
     with capture_logs() as logs:
         daemon = run_daemon(data, 4, plugins=plugin_dir("endless_loop"))
-    stats = daemon.snapshot()["plugins"]["endless_loop"]
+    stats = daemon.status.snapshot()["plugins"]["endless_loop"]
     failed = [(e["kind"], e["reason"]) for e in logs if e["event"] == "plugin_call_failed"]
     assert (stats["state"], stats["calls"], stats["errors"], stats["stalls"], stats["resets"]) == (
         "loaded", 4, 0, 4, 4), failed
@@ -238,7 +238,7 @@ def test_commands_to_actuators_not_granted_are_rejected_and_logged(run_daemon, p
                                                    "actuators": ["led_strip"]}}
     with capture_logs() as logs:
         daemon = run_daemon(data, 5, plugins=plugin_dir("echo_output"))
-    snap = daemon.snapshot()
+    snap = daemon.status.snapshot()
     assert snap["actuators"]["led_strip"]["duty_cycle"] == 30.0 and snap["actuators"]["relay_switch"]["on"] is False
     assert snap["plugins"]["echo_output"]["rejected"] == 5
     (event,) = [e for e in logs if e["event"] == "command_rejected"]
@@ -277,7 +277,7 @@ def test_a_failing_plugin_is_quarantined_with_a_growing_backoff_and_released(run
     quarantined = [e for e in logs if e["event"] == "plugin_quarantined"]
     assert [e["backoff_s"] for e in quarantined] == [1.0, 2.0, 4.0]
     assert "unreachable" in quarantined[0]["reason"]
-    snap = daemon.snapshot()
+    snap = daemon.status.snapshot()
     assert snap["plugins"]["trap"]["state"] == "quarantined" and "unreachable" in snap["plugins"]["trap"]["reason"]
     assert snap["plugins"]["trap"]["calls"] == 9
     assert snap["plugins"]["temperature_control"]["calls"] == 40
@@ -288,7 +288,7 @@ def test_rejected_commands_count_towards_quarantine(run_daemon, plugin_dir) -> N
     data["plugins"]["settings"] = {"echo_output": {"config": {"output": '[{"device_id":"toaster","action":"set_high"}]'}}}
     data["plugins"]["quarantine"] = {"failures": 5, "window_s": 10, "backoff_s": 100}
     daemon = run_daemon(data, 20, plugins=plugin_dir("echo_output"))
-    stats = daemon.snapshot()["plugins"]["echo_output"]
+    stats = daemon.status.snapshot()["plugins"]["echo_output"]
     assert (stats["state"], stats["calls"], stats["rejected"]) == ("quarantined", 5, 5)
 
 
@@ -307,7 +307,7 @@ def test_all_hostile_plugins_beside_the_bundled_ones_in_real_time(run_daemon, pl
     folder = plugin_dir("temperature_control", "motion_light", "energy_saver", *EVERY_HOSTILE)
     daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
     asyncio.run(daemon.serve(30))
-    snap = daemon.snapshot()
+    snap = daemon.status.snapshot()
     for name in ("temperature_control", "motion_light", "energy_saver"):
         assert (snap["plugins"][name]["calls"], snap["plugins"][name]["errors"]) == (30, 0), name
     for name in ("trap", "endless_loop", "memory_hog", "error_return", "http_fetch", "huge_output"):

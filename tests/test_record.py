@@ -37,7 +37,7 @@ def test_every_tick_is_recorded_with_what_the_loop_saw_and_did(run_daemon, tmp_p
     assert header["sensors"]["temperature_sensor"] == "celsius"
     # The last tick: the readings the snapshot shows, every plugin that answered, what was applied.
     last = lines[-1]
-    snapshot = daemon.snapshot()
+    snapshot = daemon.status.snapshot()
     assert last["r"]["temperature_sensor"] == snapshot["sensors"]["temperature_sensor"]["value"]
     assert set(last["p"]) == {"energy_saver", "motion_light", "temperature_control"}
     # Device states in full on the first line, then only the changes.

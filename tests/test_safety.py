@@ -101,7 +101,7 @@ def test_min_on_and_min_off_stop_a_plugin_chattering_at_10_hz(run_daemon, plugin
     assert len(heater) >= 4  # it does switch, just not faster than allowed
     cooler = runs(rec.column(22))  # no rule on the cooler: it follows the plugin every tick
     assert len(cooler) == 100
-    counts = daemon.snapshot()["safety"]["held"]["heater"]
+    counts = daemon.status.snapshot()["safety"]["held"]["heater"]
     assert counts["min_on"] > 0 and counts["min_off"] > 0
     assert len(held(logs, "heater", "min_on")) == 1 and len(held(logs, "heater", "min_off")) == 1
 
@@ -114,7 +114,7 @@ def test_interlocked_actuators_are_never_on_together(run_daemon, plugin_dir) -> 
         daemon, rec = run(run_daemon, plugin_dir, data, 30)
     assert all(not (t[27] and t[22]) for t in rec.ticks)
     assert rec.column(27) == [1.0] * 30 and rec.column(22) == [0.0] * 30  # the first in the group wins
-    assert daemon.snapshot()["safety"]["held"] == {"cooler": {"interlock": 31}}  # every tick run
+    assert daemon.status.snapshot()["safety"]["held"] == {"cooler": {"interlock": 31}}  # every tick run
     assert held(logs, "cooler", "interlock")[0]["detail"] == "interlocked with 'heater', which is on"
 
 
@@ -165,7 +165,7 @@ def test_max_on_forces_the_safe_state_and_latches_while_the_plugin_keeps_asking(
     with capture_logs() as logs:
         daemon, rec = run(run_daemon, plugin_dir, data, 50)
     assert runs(rec.column(27)) == [(1.0, 10), (0.0, 40)]
-    assert daemon.snapshot()["safety"]["held"]["heater"]["max_on"] == 41  # every tick run from tick 10
+    assert daemon.status.snapshot()["safety"]["held"]["heater"]["max_on"] == 41  # every tick run from tick 10
     forced = [e for e in logs if e["event"] == "actuator_set" and e["device"] == "heater" and e["target"] == 0.0]
     assert forced[0]["plugin"] == "safety" and forced[0]["tick"] == 10
 
@@ -231,7 +231,7 @@ def test_watchdog_drives_actuators_safe_when_the_loop_stalls_and_control_resumes
     names = [e["event"] for e in logs]
     assert names.count("watchdog_tripped") == 1 and names.count("watchdog_recovered") == 1
     assert names.index("watchdog_tripped") < names.index("watchdog_recovered")
-    assert daemon.snapshot()["safety"]["watchdog_trips"] == 1
+    assert daemon.status.snapshot()["safety"]["watchdog_trips"] == 1
 
 
 def once(data: dict[str, Any], then: str) -> dict[str, Any]:
@@ -253,7 +253,7 @@ def test_a_plugin_that_fails_after_switching_a_relay_on_loses_it_after_failsafe_
     (event,) = failsafes(logs)
     assert (event["device"], event["owner"], event["tick"]) == ("heater", "command_once", 11)
     assert event["why"].startswith("plugin 'command_once' has failed every call since (error_return) (1.0 s")
-    safety = daemon.snapshot()["safety"]
+    safety = daemon.status.snapshot()["safety"]
     assert safety["failsafes"] == {"heater": 1} and safety["owners"]["heater"] == "safety"
 
 
@@ -276,7 +276,7 @@ def test_a_plugin_that_commands_once_keeps_its_command_without_a_lease(run_daemo
     with capture_logs() as logs:
         daemon, rec = run(run_daemon, plugin_dir, once(layout(), "silent"), 50, plugins=("command_once",))
     assert rec.column(27) == [1.0] * 50
-    assert not failsafes(logs) and daemon.snapshot()["safety"]["owners"]["heater"] == "command_once"
+    assert not failsafes(logs) and daemon.status.snapshot()["safety"]["owners"]["heater"] == "command_once"
 
 
 def test_a_command_whose_lease_is_not_renewed_ends_in_the_safe_state(run_daemon, plugin_dir) -> None:

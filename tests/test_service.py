@@ -233,11 +233,11 @@ def test_sighup_applies_a_valid_config_between_ticks_without_touching_unchanged_
     daemon, logs = reload_run(run_daemon, data, write_config, changed)
     names = [e["event"] for e in logs]
     assert "config_reloaded" in names
-    assert daemon.snapshot()["actuators"]["fan"]["duty_cycle"] == 40.0  # the new device, commanded
-    assert "servo_motor" not in daemon.snapshot()["actuators"]
+    assert daemon.status.snapshot()["actuators"]["fan"]["duty_cycle"] == 40.0  # the new device, commanded
+    assert "servo_motor" not in daemon.status.snapshot()["actuators"]
     relay = [float(s.state) for s in daemon.hardware.factory.pin(27).states]
     assert relay[:2] == [0.0, 1.0] and relay[2:] == [0.0]  # on through the reload; off only at shutdown
-    assert_no_missed_ticks(daemon.snapshot()["ticks"]["missed"])
+    assert_no_missed_ticks(daemon.status.snapshot()["ticks"]["missed"])
 
 
 def test_sighup_with_an_invalid_config_keeps_the_old_one(run_daemon, write_config) -> None:
@@ -247,8 +247,8 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(run_daemon, write_confi
     refused = [e for e in logs if e["event"] == "reload_refused"]
     assert len(refused) == 1 and refused[0]["key"] == "loop.rate_hz"
     assert "config_reloaded" not in [e["event"] for e in logs]
-    assert daemon.snapshot()["ticks"]["count"] == 100
-    assert set(daemon.snapshot()["actuators"]) == {"led_strip", "servo_motor", "relay_switch"}
+    assert daemon.status.snapshot()["ticks"]["count"] == 100
+    assert set(daemon.status.snapshot()["actuators"]) == {"led_strip", "servo_motor", "relay_switch"}
 
 
 @pytest.mark.parametrize("truncated, key", [("", ""), ("# pi-controller config\n", ""),
@@ -261,7 +261,7 @@ def test_sighup_with_a_truncated_config_keeps_every_device_and_plugin(run_daemon
     (refused,) = [e for e in logs if e["event"] == "reload_refused"]
     assert refused["key"] == key and "config/example.yaml" in refused["problem"]
     assert "config_reloaded" not in [e["event"] for e in logs]
-    snapshot = daemon.snapshot()
+    snapshot = daemon.status.snapshot()
     assert set(snapshot["actuators"]) == {"led_strip", "servo_motor", "relay_switch"}
     assert {name: p["state"] for name, p in snapshot["plugins"].items()} == dict.fromkeys(
         ["energy_saver", "motion_light", "temperature_control"], "loaded")
@@ -301,7 +301,7 @@ def test_a_storm_of_sighups_costs_two_reloads_and_no_thread(run_daemon) -> None:
 
     run_with(daemon, scenario)
     # Missed deadlines rest on the machine's load as much as on us: benchmarks/ count them, not tests.
-    assert daemon.snapshot()["safety"]["watchdog_trips"] == 0
+    assert daemon.status.snapshot()["safety"]["watchdog_trips"] == 0
 
 
 def ticks_counted(exposition: str) -> float:

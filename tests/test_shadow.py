@@ -40,7 +40,7 @@ def test_a_shadow_flipping_the_relay_every_tick_never_reaches_the_pin(run_daemon
     # The pin did what the live thermostat asked: on at the first tick, off only at shutdown.
     assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]
     assert [p.name for p in daemon.plugins] == ["temperature_control"]
-    snapshot = daemon.snapshot()["shadows"]["temperature_control"]
+    snapshot = daemon.status.snapshot()["shadows"]["temperature_control"]
     # sweep asks for on at even ticks (as the thermostat does) and for off at odd ones.
     assert snapshot["calls"] == TICKS and snapshot["errors"] == 0
     assert snapshot["ticks"] == TICKS and snapshot["agree"] == TICKS // 2
@@ -60,7 +60,7 @@ def test_a_shadow_that_fails_changes_nothing_live(run_daemon, plugin_dir) -> Non
     folder = with_shadow(plugin_dir, "temperature_control", "temperature_control", "trap")
     daemon = run_daemon(heater_only(), 10, plugins=folder, clock=VirtualClock())
     assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]
-    snapshot = daemon.snapshot()
+    snapshot = daemon.status.snapshot()
     entry = snapshot["shadows"]["temperature_control"]
     assert entry["errors"] >= 1 and entry["agree"] == 0
     assert entry["first_difference"]["shadow"] == {"failed": "trap"}
@@ -71,7 +71,7 @@ def test_a_shadow_that_fails_changes_nothing_live(run_daemon, plugin_dir) -> Non
 def test_a_shadow_without_a_live_plugin_is_not_called(run_daemon, plugin_dir) -> None:
     folder = with_shadow(plugin_dir, "temperature_control", "energy_saver", "sweep")
     daemon = run_daemon(heater_only(), 5, plugins=folder, clock=VirtualClock())
-    entry = daemon.snapshot()["shadows"]["energy_saver"]
+    entry = daemon.status.snapshot()["shadows"]["energy_saver"]
     assert entry == {"state": "loaded"}
     assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]
 

@@ -108,7 +108,7 @@ def test_real_time_simulate_runs_read_the_same_models(run_daemon) -> None:
     daemon = run_daemon(data, 3, clock=SystemClock())
     world = daemon.hardware.environment
     assert [type(m).__name__ for m in world.models] == ["Room", "Motion", "Daylight", "Servo"]
-    reading = daemon.snapshot()["sensors"]["temperature_sensor"]["value"]
+    reading = daemon.status.snapshot()["sensors"]["temperature_sensor"]["value"]
     assert reading == pytest.approx(world.models[0].temperature, abs=LSB_C)
 
 

@@ -33,6 +33,8 @@ from pi_controller.mqtt.discovery import Topics
 from pi_controller.mqtt.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.safety.rules import Guard
+from pi_controller.status import Status
+from pi_controller.token_bucket import TokenBucket
 
 log = structlog.get_logger("pi_controller.telemetry")
 
@@ -46,20 +48,20 @@ TAKEOVER_COUNT = 3
 
 
 class Telemetry(LoopObserver):
-    def __init__(self, settings: Settings, view: Any, operator: Operator,
+    def __init__(self, settings: Settings, status: Status, operator: Operator,
                  timer: Callable[[], float] = time.monotonic):
         self.settings = settings
         self.mqtt = settings.mqtt
         self.topics = Topics.of(self.mqtt)
-        self.view = view  # the daemon: readings, actuator states, plugin states, loop stats
+        self.status = status  # readings, actuator states, plugin states, loop stats
         self.operator = operator
         self._timer = timer
         self.outbox: deque[Message] = deque()
         self.dropped = 0
         self.readings_queued = 0
         self._published: dict[str, tuple[Any, float]] = {}  # topic -> (what was sent, when)
-        self._tokens = 0.0
-        self._last_pump = timer()
+        rate = self.mqtt.max_messages_per_s
+        self._bucket = TokenBucket(rate, rate, timer(), tokens=0.0)  # a second's worth at most
         self._connected = threading.Event()
         self._resync = threading.Event()
         self._stale_configs: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -197,22 +199,22 @@ class Telemetry(LoopObserver):
 
     def _collect(self, now: float) -> None:
         heartbeat = self.mqtt.heartbeat_s
-        for reading in self.view.loop.readings:
+        for reading in self.status.readings():
             data = reading.as_json()
             band = self.mqtt.deadband.get(reading.sensor_id, 0.0)
             self.readings_queued += self._offer(self.topics.sensor(reading.sensor_id), data, now, heartbeat,
                                                 lambda old, new, band=band: _moved(old, new, band))
         overrides = self.operator.overrides()
-        guards = self.view.loop.safety.guards
-        for device, state in self.view.loop.last_states.items():
+        guards = self.status.guards()
+        for device, state in self.status.actuator_states().items():
             self._offer(self.topics.actuator(device), _actuator_payload(state, device in overrides, guards.get(device)),
                         now, heartbeat)
-        for name, state in self.view.plugin_states().items():
+        for name, state in self.status.plugin_states().items():
             self._offer(self.topics.plugin(name), state, now, heartbeat,
                         lambda old, new: (old["state"], old["enabled"]) != (new["state"], new["enabled"]))
         last_loop = self._published.get(self.topics.loop)
         if last_loop is None or now - last_loop[1] >= self.mqtt.loop_interval_s:  # percentiles are not free
-            self._offer(self.topics.loop, self.view.loop_state(), now, 0.0)
+            self._offer(self.topics.loop, self.status.loop_state(), now, 0.0)
         telemetry = {"buffered": len(self.outbox), "dropped": self.dropped}
         # Not on every change of `buffered`: during an outage that would fill the buffer with itself.
         self._offer(self.topics.telemetry, telemetry, now, heartbeat, lambda old, new: old["dropped"] != new["dropped"])
@@ -239,11 +241,8 @@ class Telemetry(LoopObserver):
         self.outbox.extendleft(reversed(messages))
 
     def _pump(self, budget: int | None = None) -> None:
-        now = self._timer()
-        rate = self.mqtt.max_messages_per_s
-        self._tokens = min(rate, self._tokens + rate * (now - self._last_pump))
-        self._last_pump = now
-        allowed = int(self._tokens) if budget is None else budget
+        tokens = self._bucket.refill(self._timer())
+        allowed = int(tokens) if budget is None else budget
         sent = 0
         while self.outbox and sent < allowed and self._connected.is_set():
             topic, payload, retain = self.outbox[0]
@@ -253,7 +252,7 @@ class Telemetry(LoopObserver):
                 break
             self.outbox.popleft()
             sent += 1
-        self._tokens -= sent
+        self._bucket.take(sent)
 
     # -- a restart of the daemon -----------------------------------------------------------------
 

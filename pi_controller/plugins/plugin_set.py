@@ -71,6 +71,7 @@ class PluginSet:
         self._plugins: tuple[SandboxedPlugin, ...] = ()  # replaced whole, so a tick sees one version
         self._refused: dict[str, PluginStatus] = {}
         self._kept: dict[str, str] = {}  # live plugins whose replacement was refused, and why
+        self.generation = 0  # counts `adopt`s: an update prepared before one is stale
 
     def __iter__(self) -> Iterator[SandboxedPlugin]:
         return iter(self._plugins)
@@ -85,16 +86,24 @@ class PluginSet:
         result.update((p.name, p.status(self._kept.get(p.name))) for p in self._plugins)
         return result
 
-    def inherit(self, old: PluginSet) -> None:
-        """What a config reload keeps of the set this one replaces (call between two ticks): the
-        quarantine state of each plugin whose file did not change, now under the new quarantine
-        settings. A reload is no way out of quarantine; a new file is (see `prepare`)."""
-        before = {p.name: p for p in old}
-        for plugin in self._plugins:
+    def adopt(self, loaded: PluginSet) -> None:
+        """Become the set a config reload `loaded` (call between two ticks), keeping this set's identity
+        for all that holds it. The quarantine state of each plugin whose file did not change carries
+        on, under the new quarantine settings: a reload is no way out of quarantine; a new file is (see
+        `prepare`). The plugins it replaces are closed."""
+        before = {p.name: p for p in self._plugins}
+        for plugin in loaded:
             previous = before.get(plugin.name)
             if previous is not None and previous.sha256 == plugin.sha256:
-                previous.guard.settings = self.settings.quarantine
+                previous.guard.settings = loaded.settings.quarantine
                 plugin.guard = previous.guard
+        self.settings, self.directory, self.budget_ms = loaded.settings, loaded.directory, loaded.budget_ms
+        self.history, self.backstop = loaded.history, loaded.backstop
+        self._plugins, self._refused, self._kept = loaded._plugins, loaded._refused, loaded._kept
+        loaded._plugins = ()
+        self.generation += 1
+        for plugin in before.values():
+            plugin.close()
 
     def record(self, readings: Iterable[Reading]) -> None:
         """This tick's readings, for the plugins that read history (`host_functions`)."""

@@ -18,7 +18,6 @@ never sees half an old and half a new set of plugins.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
 
 import structlog
 from asyncinotify import Event, Inotify, Mask
@@ -34,8 +33,8 @@ _SUFFIXES = (".wasm", ".yaml")  # a plugin, and its manifest
 
 
 class PluginWatcher:
-    def __init__(self, plugins: Callable[[], PluginSet], loop: ControlLoop, settle_s: float = 0.05):
-        self._plugins = plugins  # the daemon's current set: a SIGHUP reload replaces it
+    def __init__(self, plugins: PluginSet, loop: ControlLoop, settle_s: float = 0.05):
+        self._plugins = plugins
         self._loop = loop
         self._settle_s = settle_s
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -44,7 +43,7 @@ class PluginWatcher:
 
     async def run(self) -> None:
         """Until cancelled: note what lands in the folder, and reload it."""
-        directory = self._plugins().directory
+        directory = self._plugins.directory
         try:
             inotify = Inotify()
             inotify.add_watch(directory, _WATCHED)
@@ -65,7 +64,7 @@ class PluginWatcher:
 
     def _note(self, event: Event) -> None:
         if Mask.Q_OVERFLOW in event.mask:  # events were lost: look at everything again
-            for path in self._plugins().directory.glob("*.wasm"):
+            for path in self._plugins.directory.glob("*.wasm"):
                 self._schedule(path.stem, 0.0)
             return
         name = event.name
@@ -98,14 +97,14 @@ class PluginWatcher:
 
     async def reload(self, names: set[str]) -> None:
         """Prepare `names` on a worker thread, then apply them between two ticks."""
-        plugins = self._plugins()
+        plugins, generation = self._plugins, self._plugins.generation
         update = await asyncio.to_thread(plugins.prepare, names)
         swapped = asyncio.get_running_loop().create_future()
 
         def swap() -> None:
             if swapped.cancelled():  # the watcher stopped first and dropped the update
                 return
-            if self._plugins() is plugins:
+            if plugins.generation == generation:
                 plugins.apply(update)
             else:  # a SIGHUP reload replaced the whole set meanwhile, from the same files
                 update.close()

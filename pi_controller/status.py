@@ -1,0 +1,135 @@
+"""What a running daemon looks like from outside: what telemetry, metrics, systemd and the CLI read.
+
+The daemon builds one `Status` over the parts it wires (the loop, the plugin set, the operator, the
+watchdog) and tells it of a reload. Metrics read it when scraped, on the server's thread: each answer
+is a copy made in one step (the loop replaces these objects whole, or adds keys to the counters,
+between and during ticks).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from pi_controller.config import Settings
+from pi_controller.readiness import Readiness
+from pi_controller.stats import PluginStats
+
+if TYPE_CHECKING:
+    from pi_controller.devices.sensors import Reading
+    from pi_controller.loop import ControlLoop
+    from pi_controller.mqtt.operator import Operator
+    from pi_controller.mqtt.telemetry import Telemetry
+    from pi_controller.plugins.plugin_set import PluginSet
+    from pi_controller.plugins.sandbox import PluginStatus
+    from pi_controller.plugins.shadow import Shadows
+    from pi_controller.reloads import ReloadResult
+    from pi_controller.safety.rules import Guard
+    from pi_controller.safety.watchdog import Watchdog
+
+_NEVER_CALLED = PluginStats()
+STATUS_CHARS = 400  # systemctl status shows one line of it
+
+
+class Status:
+    def __init__(self, settings: Settings, plugins: PluginSet, operator: Operator, watchdog: Watchdog | None,
+                 monotonic: Callable[[], float]):
+        self.settings = settings  # the running config: replaced by a reload
+        self.plugins = plugins
+        self.operator = operator
+        self.watchdog = watchdog
+        self.loop: ControlLoop | None = None  # wired once the loop is built (it needs our readers first)
+        self.telemetry: Telemetry | None = None
+        self.shadows: Shadows | None = None
+        self.last_reload: ReloadResult | None = None
+        self._monotonic = monotonic
+        self._started = monotonic()
+
+    def wire(self, loop: ControlLoop, telemetry: Telemetry | None, shadows: Shadows) -> None:
+        """The parts built after us, since they read us; the loop's rate counts from now."""
+        self.loop, self.telemetry, self.shadows, self._started = loop, telemetry, shadows, self._monotonic()
+
+    def _loop(self) -> ControlLoop:
+        assert self.loop is not None, "read before the daemon wired its loop"
+        return self.loop
+
+    # -- for telemetry, every tick ---------------------------------------------------------------
+
+    def readings(self) -> list[Reading]:
+        return self._loop().readings
+
+    def actuator_states(self) -> Mapping[str, dict[str, Any]]:
+        """As the last tick left them."""
+        return self._loop().last_states
+
+    def guards(self) -> Mapping[str, Guard]:
+        """Each actuator's owner and why it was last put in its safe state."""
+        return self._loop().safety.guards
+
+    def plugin_states(self) -> dict[str, dict[str, Any]]:
+        """Each plugin's state: loaded, disabled or failed (with why), and its counts."""
+        states = {}
+        for name, status in self.plugins.status.items():
+            stats = self._loop().plugin_stats.get(name) or _NEVER_CALLED  # counters only: this runs every tick
+            states[name] = {"state": status.state, "reason": status.reason,
+                            "enabled": name not in self.operator.disabled, "calls": stats.calls,
+                            "errors": stats.errors, "rejected": stats.rejected, "held": stats.held}
+        return states
+
+    def loop_state(self) -> dict[str, Any]:
+        ticks = self._loop().ticks.summary()
+        elapsed = self._monotonic() - self._started
+        return {"rate_hz": round(ticks["count"] / elapsed, 2) if elapsed > 0 else 0.0, "ticks": ticks["count"],
+                "missed": ticks["missed"], "duration_median_ms": ticks["duration_median_us"] / 1000,
+                "duration_p99_ms": ticks["duration_p99_us"] / 1000,
+                "start_jitter_p99_ms": ticks["start_jitter_p99_us"] / 1000}
+
+    # -- for metrics (`metrics.Source`), at scrape time -------------------------------------------
+
+    def plugin_statuses(self) -> Mapping[str, PluginStatus]:
+        return self.plugins.status
+
+    def actuator_ids(self) -> list[str]:
+        return [a.id for a in self.settings.actuators]
+
+    def sensor_validity(self) -> Mapping[str, bool]:
+        configured = dict.fromkeys((s.id for s in self.settings.sensors), False)  # invalid until read
+        return configured | {r.sensor_id: r.valid for r in self._loop().readings}
+
+    def safety_holds(self) -> Mapping[str, int]:
+        return {device: sum(dict(rules).values()) for device, rules in list(self._loop().safety.held.items())}
+
+    def watchdog_trips(self) -> int:
+        return self.watchdog.trips if self.watchdog else 0
+
+    def shadow_agreement(self) -> Mapping[tuple[str, str], tuple[int, int]]:
+        return self.shadows.agreement() if self.shadows else {}
+
+    # -- for systemd and the CLI -------------------------------------------------------------------
+
+    def line(self) -> str:
+        """systemd's one-line STATUS=."""
+        ticks = self._loop().ticks
+        status = (f"{self.settings.loop.rate_hz:g} Hz, {ticks.count} ticks, {ticks.missed} missed, "
+                  f"{Readiness.of(self.plugins.status)}")
+        if self.last_reload is not None and self.last_reload.outcome != "applied":  # until one is applied
+            status += f"; last {self.last_reload.message}"
+        return status[:STATUS_CHARS]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Last readings, actuator states as the last tick left them, plugin and tick stats."""
+        summary = self._loop().summary()
+        plugins: dict[str, Any] = {}
+        for name, status in self.plugins.status.items():
+            entry: dict[str, Any] = {"state": status.state}
+            if status.reason:
+                entry["reason"] = status.reason
+            plugins[name] = entry | summary["plugins"].get(name, {})
+        return {
+            "sensors": {r.sensor_id: r.as_json() for r in self._loop().readings},
+            "actuators": self._loop().last_states,
+            "plugins": plugins,
+            "ticks": summary["ticks"],
+            "safety": {"held": summary["held"], "failsafes": summary["failsafes"], "owners": summary["owners"],
+                       "watchdog_trips": self.watchdog_trips()},
+        } | ({"telemetry": self.telemetry.summary()} if self.telemetry else {}) | (
+            {"shadows": self.shadows.snapshot()} if self.shadows and self.shadows.plugins.status else {})
