@@ -174,8 +174,8 @@ class ChangeLog:
             getattr(self._log, level)(event, tick=tick, **fields)
         self._active[key] = (event, tick)
 
-    def settle(self, tick: int) -> None:
-        """End of a tick: problems not seen for `quiet_ticks` ticks have cleared."""
+    def end_tick(self, tick: int) -> None:
+        """Problems not seen for `quiet_ticks` ticks have cleared."""
         for key, (event, seen) in list(self._active.items()):
             if tick - seen >= self._quiet:
                 del self._active[key]

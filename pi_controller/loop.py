@@ -160,10 +160,10 @@ class ControlLoop:
             proposals.extend(self._consult(plugin, context, number))
         wanted, conflicts = arbitration.resolve(proposals)
         self._report_conflicts(conflicts, number)
-        decision = self.safety.decide(wanted, self.readings, now, self.clock.monotonic(), self.health)
+        decision = self.safety.enforce(wanted, self.readings, now, self.clock.monotonic(), self.health)
         self._report_failsafes(decision.failsafes, number)
         self._report_holds(decision.holds, number)
-        for device, error in self.hardware.apply(decision.commands, number).items():
+        for device, error in self.hardware.apply(decision.writes, number).items():
             self._problems.problem(("write", device), "actuator_write_failed", level="error", tick=number,
                                    device=device, error=error)
         self.last_states = self.hardware.states()
@@ -171,7 +171,7 @@ class ControlLoop:
                                conflicts, decision, frozenset(self.operator.disabled))
         if self.shadows is not None:  # after the pins are written: shadows never delay what is applied
             self.shadows.consult(self.trace, context, self.hardware.actuators, started)
-        self._problems.settle(tick=number)
+        self._problems.end_tick(tick=number)
 
     def _report_sensors(self, number: int) -> None:
         for r in self.readings:
@@ -209,8 +209,8 @@ class ControlLoop:
     def _consult(self, plugin: SandboxedPlugin, context: contract.Context, number: int) -> list[Command]:
         """One plugin's commands for this tick; any failure of the plugin stays with the plugin."""
         now = self.clock.monotonic()
-        if not plugin.guard.admit(now, number):  # quarantined: not called until its backoff has passed
-            self.health.failed(plugin.name, now, f"is quarantined: {plugin.guard.reason}")
+        if not plugin.quarantine.admit(now, number):  # quarantined: not called until its backoff has passed
+            self.health.failed(plugin.name, now, f"is quarantined: {plugin.quarantine.reason}")
             self.verdicts.failures[plugin.name] = "quarantined"
             return []
         stats = self.plugin_stats.get(plugin.name) or self.plugin_stats.setdefault(plugin.name, PluginStats())
@@ -226,7 +226,7 @@ class ControlLoop:
         self.health.ok(plugin.name)
         self.verdicts.answered.append(plugin.name)
         self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False), number, self._call_observers)
-        plugin.guard.record(now, number, len(rejections), rejections[0].reason if rejections else "")
+        plugin.quarantine.record(now, number, len(rejections), rejections[0].reason if rejections else "")
         stats.rejected += len(rejections)
         self.verdicts.rejections.extend(rejections)
         for r in rejections:
@@ -254,7 +254,7 @@ class ControlLoop:
         self._problems.problem(("error", plugin.name, kind), "plugin_call_failed", level="error", plugin=plugin.name,
                                tick=number, kind=kind, reason=str(exc)[:300], state_reset=reset)
         now = self.clock.monotonic()
-        plugin.guard.record(now, number, 1, f"{kind}: {str(exc)[:300]}")
+        plugin.quarantine.record(now, number, 1, f"{kind}: {str(exc)[:300]}")
         self.health.failed(plugin.name, now, f"has failed every call since ({kind})")
 
     def summary(self) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class DaylightSettings(ModelSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServoSettings(ModelSettings):
+class ServoModelSettings(ModelSettings):
     """A servo that moves towards its commanded angle at `speed_deg_s`, and stays where it is while
     detached; `sensor`, if given, reads its actual angle (a feedback potentiometer)."""
 
@@ -140,7 +140,7 @@ class FanSettings(ModelSettings):
 
 
 KINDS: dict[str, type[ModelSettings]] = {
-    "room": RoomSettings, "motion": MotionSettings, "daylight": DaylightSettings, "servo": ServoSettings,
+    "room": RoomSettings, "motion": MotionSettings, "daylight": DaylightSettings, "servo": ServoModelSettings,
     "fan": FanSettings,
 }
 
@@ -219,8 +219,8 @@ class Daylight:
         return {"daylight_lux": self.daylight}
 
 
-class Servo:
-    def __init__(self, settings: ServoSettings, ports: dict[str, Port], probes: dict[str, Probe]):
+class ServoModel:
+    def __init__(self, settings: ServoModelSettings, ports: dict[str, Port], probes: dict[str, Probe]):
         self.settings = settings
         self.servo = probes["servo"]
         self.feedback = ports.get("sensor")
@@ -263,7 +263,8 @@ class Fan:
         return {"airflow_mps": self.airflow}
 
 
-Model = Room | Motion | Daylight | Servo | Fan
+Model = Room | Motion | Daylight | ServoModel | Fan
 MODELS: dict[type[ModelSettings], type[Model]] = {
-    RoomSettings: Room, MotionSettings: Motion, DaylightSettings: Daylight, ServoSettings: Servo, FanSettings: Fan,
+    RoomSettings: Room, MotionSettings: Motion, DaylightSettings: Daylight, ServoModelSettings: ServoModel,
+    FanSettings: Fan,
 }

@@ -194,7 +194,7 @@ def test_sighup_keeps_a_quarantined_plugin_in_quarantine(configured, tmp_path) -
         await more_ticks(daemon, 3)  # in which a fresh guard would have called it
         assert daemon.plugins.status["trap"].state == "quarantined"
         assert daemon.loop.plugin_stats["trap"].calls == calls
-        assert next(iter(daemon.plugins)).guard.settings.failures == 5  # the new settings from now on
+        assert next(iter(daemon.plugins)).quarantine.settings.failures == 5  # the new settings from now on
 
     run_with(daemon, scenario)
     assert_no_missed_ticks(daemon.loop.ticks.missed)

@@ -40,7 +40,7 @@ def test_a_quarantined_plugin_gives_its_share_of_the_budget_to_a_healthy_one(plu
     trap = next(p for p in plugins if p.name == "trap")
     with pytest.raises(PluginCallError) as caught:
         trap.call(b'{"sensor_readings":[]', 1)
-    trap.guard.record(now=0.0, tick=1, faults=1, reason=str(caught.value))
+    trap.quarantine.record(now=0.0, tick=1, faults=1, reason=str(caught.value))
     assert plugins.status["trap"].state == "quarantined"
     plugins.apply(plugins.prepare({"echo_output"}))
     assert {name: s.state for name, s in plugins.status.items()} == {

@@ -82,3 +82,11 @@ def test_the_c_example_guards_against_frost(capsys, tmp_path, celsius: float, ex
     code, report = call(capsys, tmp_path, REPO / "plugins" / "examples" / "frost_guard.wasm",
                         context(temperature_sensor=celsius))
     assert code == 0 and [c["action"] for c in report["accepted"]] == ([expected] if expected else [])
+
+
+@pytest.mark.parametrize("name", ["safety", "operator", "two-words", "x" * 65])
+def test_new_refuses_a_name_the_daemon_would_refuse(capsys, tmp_path, name: str) -> None:
+    """One name rule (`names`): what `plugin new` writes, the daemon loads."""
+    assert cli.main(["plugin", "new", name, "--dir", str(tmp_path)]) == 2
+    assert "not 'operator' or 'safety'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -351,7 +351,7 @@ def test_a_servo_holding_zero_degrees_is_on_for_the_rules() -> None:
                             SimulatedFactory())
     safety = Safety({"s": servo}, [], [])
     health = Health(lambda name: "absent")
-    decisions = [safety.decide([], [], now, now, health) for now in (0.0, 0.5, 1.0)]
+    decisions = [safety.enforce([], [], now, now, health) for now in (0.0, 0.5, 1.0)]
     assert [h.rule for h in decisions[-1].holds] == ["max_on"]
-    assert [c.target for c in decisions[-1].commands] == [None]  # detached: its safe state
+    assert [w.target for w in decisions[-1].writes] == [None]  # detached: its safe state
     servo.close()

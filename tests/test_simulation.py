@@ -107,7 +107,7 @@ def test_real_time_simulate_runs_read_the_same_models(run_daemon) -> None:
     data["simulation"][0]["noise_c"] = 0.0
     daemon = run_daemon(data, 3, clock=SystemClock())
     world = daemon.hardware.environment
-    assert [type(m).__name__ for m in world.models] == ["Room", "Motion", "Daylight", "Servo"]
+    assert [type(m).__name__ for m in world.models] == ["Room", "Motion", "Daylight", "ServoModel"]
     reading = daemon.status.snapshot()["sensors"]["temperature_sensor"]["value"]
     assert reading == pytest.approx(world.models[0].temperature, abs=LSB_C)
 

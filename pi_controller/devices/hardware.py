@@ -7,7 +7,7 @@ present before each read, so simulated physics happen on the same path a Pi's se
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterable, Literal, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Literal, NamedTuple, Protocol, TypeVar
 
 import structlog
 from gpiozero.pins import Factory
@@ -15,9 +15,8 @@ from gpiozero.pins import Factory
 from pi_controller import logs
 from pi_controller.clock import Clock
 from pi_controller.config import Settings
-from pi_controller.contract import Command
 from pi_controller.devices import actuators
-from pi_controller.devices.actuators import Actuator
+from pi_controller.devices.actuators import Actuator, Target
 from pi_controller.devices.sensors import Reading, Sensor
 
 log = structlog.get_logger("pi_controller.hardware")
@@ -32,6 +31,14 @@ class Environment(Protocol):
 
 State = Literal["safe", "startup", "shutdown"]
 T = TypeVar("T")
+
+
+class Write(NamedTuple):
+    """A target for an actuator, as the safety rules let it through, and on whose behalf."""
+
+    device_id: str
+    target: Target
+    plugin: str
 
 
 class HardwareError(Exception):
@@ -92,20 +99,20 @@ class Hardware:
             self.environment.advance(now)
         return [sensor.read(now) for sensor in self.sensors]
 
-    def apply(self, commands: Iterable[Command], tick: int) -> dict[str, str]:
-        """Apply commands; returns the actuators whose write failed, with why (the loop reports them)."""
+    def apply(self, writes: Iterable[Write], tick: int) -> dict[str, str]:
+        """Drive the actuators; returns those whose write failed, with why (the loop reports them)."""
         failed = {}
         with self._lock:
-            for command in commands:
-                actuator = self.actuators[command.device_id]
+            for write in writes:
+                actuator = self.actuators[write.device_id]
                 was_on = actuator.state["on"]
                 try:
-                    changed = actuator.apply(command.target)
+                    changed = actuator.apply(write.target)
                 except Exception as exc:  # a pin that fails to switch must not stop the others
                     failed[actuator.id] = f"{type(exc).__name__}: {exc}"
                     continue
                 if changed and actuator.state["on"] != was_on and logs.enabled("info"):  # a fade's steps are not news
-                    log.info("actuator_set", device=actuator.id, target=command.target, plugin=command.plugin,
+                    log.info("actuator_set", device=actuator.id, target=write.target, plugin=write.plugin,
                              tick=tick)
         return failed
 

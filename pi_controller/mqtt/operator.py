@@ -17,11 +17,11 @@ import structlog
 
 from pi_controller.contract import Command, Rejected, encode_config
 from pi_controller.devices.actuators import Actuator
+from pi_controller.names import OPERATOR
 from pi_controller.plugins.plugin_config import check_change
 
 log = structlog.get_logger("pi_controller.operator")
 
-OPERATOR = "operator"  # the "plugin" of operator commands in logs and stats (no plugin may take the name)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,13 +18,13 @@ import structlog
 from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import PluginsSettings
 from pi_controller.devices.sensors import Reading
+from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.host_functions import History, PluginHost
 from pi_controller.plugins.manifest import Refused, grant, load_manifest
-from pi_controller.plugins.quarantine import Guard
+from pi_controller.plugins.quarantine import Quarantine
 from pi_controller.plugins.sandbox import PluginStatus, SandboxedPlugin
 from pi_controller.plugins.wasm_gate import read_module
-from pi_controller.schema import ID_PATTERN
 
 log = structlog.get_logger("pi_controller.plugins")
 
@@ -42,14 +41,6 @@ class Update:
         """Drop an update that will not be applied."""
         for plugin in self.loaded.values():
             plugin.close()
-
-
-RESERVED = ("operator", "safety")  # what logs and arbitration call commands that come from us
-NAME_RULE = "1 to 64 letters, digits, '_' or '-', and not 'operator' or 'safety'"
-
-
-def valid_name(name: str) -> bool:
-    return re.fullmatch(ID_PATTERN, name) is not None and name not in RESERVED
 
 
 def _order(plugin: SandboxedPlugin) -> tuple[int, str]:
@@ -95,8 +86,8 @@ class PluginSet:
         for plugin in loaded:
             previous = before.get(plugin.name)
             if previous is not None and previous.sha256 == plugin.sha256:
-                previous.guard.settings = loaded.settings.quarantine
-                plugin.guard = previous.guard
+                previous.quarantine.settings = loaded.settings.quarantine
+                plugin.quarantine = previous.quarantine
         self.settings, self.directory, self.budget_ms = loaded.settings, loaded.directory, loaded.budget_ms
         self.history, self.backstop = loaded.history, loaded.backstop
         self._plugins, self._refused, self._kept = loaded._plugins, loaded._refused, loaded._kept
@@ -129,9 +120,9 @@ class PluginSet:
         for name in names:
             path = self.directory / f"{name}.wasm"
             own = self.settings.settings.get(name)
-            if not valid_name(name):
+            if not valid_plugin_name(name):
                 # Not even in the status: the name goes into log keys and MQTT topics as it is.
-                log.error("plugin_name_invalid", file=str(path)[:300], valid=NAME_RULE)
+                log.error("plugin_name_invalid", file=str(path)[:300], valid=PLUGIN_NAME_RULE)
             elif not os.path.lexists(path):  # a FIFO or a dangling link is not gone: the gate refuses it
                 update.removed.add(name)
             elif own is not None and not own.enabled:
@@ -147,7 +138,7 @@ class PluginSet:
             if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
                 return  # the same plugin under the same terms: nothing to swap
             host = PluginHost(name, terms.sensors, self.history, self.settings.host, self.clock.monotonic)
-            update.loaded[name] = SandboxedPlugin(name, wasm, terms, Guard(name, self.settings.quarantine), host,
+            update.loaded[name] = SandboxedPlugin(name, wasm, terms, Quarantine(name, self.settings.quarantine), host,
                                                   self.backstop)
         except (OSError, extism.Error, Refused) as exc:
             update.refused[name] = PluginStatus("failed", str(exc)[:500])
@@ -193,19 +184,19 @@ class PluginSet:
         """Give `plugin` its share of the tick's time budget. Healthy plugins hold their shares; a
         quarantined one gives its share up to a plugin that would not fit otherwise."""
         others = [p for p in live.values() if p.name != plugin.name]
-        spent = sum(p.grant.timeout_ms for p in others if not p.guard.quarantined)
+        spent = sum(p.grant.timeout_ms for p in others if not p.quarantine.quarantined)
         if spent + plugin.grant.timeout_ms > self.budget_ms:
             retired.append(plugin)
             reason = (f"timeout_ms {plugin.grant.timeout_ms} does not fit the tick: the plugins already loaded "
                       f"take {spent} of the {self.budget_ms:g} ms plugin budget")
             return self._refuse(plugin.name, PluginStatus("failed", reason), live, retired)
-        for resting in sorted((p for p in others if p.guard.quarantined), key=_order, reverse=True):
+        for resting in sorted((p for p in others if p.quarantine.quarantined), key=_order, reverse=True):
             if sum(p.grant.timeout_ms for p in live.values() if p.name != plugin.name) + plugin.grant.timeout_ms \
                     <= self.budget_ms:
                 break
             retired.append(live.pop(resting.name))
             self._kept.pop(resting.name, None)
-            reason = f"unloaded while quarantined ({resting.guard.reason}): its time budget went to {plugin.name}"
+            reason = f"unloaded while quarantined ({resting.quarantine.reason}): its time budget went to {plugin.name}"
             self._refused[resting.name] = PluginStatus("failed", reason[:500])
             log.warning("plugin_unloaded", plugin=resting.name, reason=reason[:500])
         previous = live.get(plugin.name)

@@ -1,6 +1,6 @@
 """Quarantine: a plugin that keeps failing is left out for a while, longer at each relapse.
 
-One `Guard` per loaded plugin (a replaced file gets a new one, so it leaves quarantine at once).
+One `Quarantine` per loaded plugin (a replaced file gets a new one, so it leaves quarantine at once).
 Faults are failed calls and rejected commands, counted on the loop's monotonic clock in a sliding
 window; at `failures` within `window_s` the plugin rests for `backoff_s`, doubled at each relapse up
 to `max_backoff_s`. A plugin that relapses after a whole window of good conduct starts again from
@@ -18,7 +18,7 @@ from pi_controller.config import QuarantineSettings
 log = structlog.get_logger("pi_controller.plugins")
 
 
-class Guard:
+class Quarantine:
     def __init__(self, plugin: str, settings: QuarantineSettings):
         self.plugin = plugin
         self.settings = settings

@@ -23,7 +23,7 @@ from pi_controller.plugins.extism_adapter import Module, compile_module, handle
 from pi_controller.plugins.extism_log import router
 from pi_controller.plugins.host_functions import FUNCTIONS, PluginHost
 from pi_controller.plugins.manifest import Grant, Refused
-from pi_controller.plugins.quarantine import Guard
+from pi_controller.plugins.quarantine import Quarantine
 from pi_controller.plugins.wasm_gate import trial
 
 ENTRY_POINT = "control_logic"
@@ -88,14 +88,14 @@ def compile_plugin(wasm: bytes, terms: Grant, host: Any, backstop_ms: int) -> Mo
 
 
 class SandboxedPlugin:
-    """One loaded `.wasm` under its grant, with its quarantine guard."""
+    """One loaded `.wasm` under its grant, with its quarantine."""
 
-    def __init__(self, name: str, wasm: bytes, terms: Grant, guard: Guard, host: PluginHost,
+    def __init__(self, name: str, wasm: bytes, terms: Grant, quarantine: Quarantine, host: PluginHost,
                  backstop: Backstop | None = None):
         self.name = name
         self.grant = terms
         self.backstop_ms = (backstop or Backstop()).ms(terms.fuel, terms.timeout_ms)
-        self.guard = guard
+        self.quarantine = quarantine
         self.host = host
         self._host_handle = handle(host)  # what the host functions get: alive as long as we are
         self.sha256 = hashlib.sha256(wasm).hexdigest()
@@ -208,8 +208,8 @@ class SandboxedPlugin:
         return kept, rejections + refused
 
     def status(self, kept_because: str | None = None) -> PluginStatus:
-        if self.guard.quarantined:
-            return PluginStatus("quarantined", self.guard.reason, self.sha256, self.grant.manifest.version or None)
+        if self.quarantine.quarantined:
+            return PluginStatus("quarantined", self.quarantine.reason, self.sha256, self.grant.manifest.version or None)
         reason = f"kept this version: its replacement was refused: {kept_because}" if kept_because else None
         return PluginStatus("loaded", reason, self.sha256, self.grant.manifest.version or None)
 

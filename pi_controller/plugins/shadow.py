@@ -82,7 +82,7 @@ class Shadows:
             if self.clock.real and spent_ms + shadow.grant.timeout_ms > self.budget_ms:
                 stats.skipped += 1
                 continue
-            if not shadow.guard.admit(self.clock.monotonic(), tick.number):
+            if not shadow.quarantine.admit(self.clock.monotonic(), tick.number):
                 continue
             try:
                 self._compare(shadow, stats, tick, context, targets)
@@ -102,7 +102,7 @@ class Shadows:
         except Exception as exc:  # a shadow's failure is its own, and changes nothing live
             failed = getattr(exc, "kind", type(exc).__name__)
             stats.errors += 1
-        shadow.guard.record(self.clock.monotonic(), number, len(rejections) + (failed is not None),
+        shadow.quarantine.record(self.clock.monotonic(), number, len(rejections) + (failed is not None),
                             failed or (rejections[0].reason if rejections else ""))
         forced = {h.device_id: h.rule for h in tick.decision.holds if h.rule in FORCING}
         for c in commands:
@@ -165,10 +165,10 @@ def add_command(plugin_commands: Any) -> None:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from pi_controller.plugins.plugin_set import NAME_RULE, valid_name
+    from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 
-    if not valid_name(args.name):
-        print(f"error: {args.name[:80]!r} is no plugin name: {NAME_RULE}", file=sys.stderr)
+    if not valid_plugin_name(args.name):
+        print(f"error: {args.name[:80]!r} is no plugin name: {PLUGIN_NAME_RULE}", file=sys.stderr)
         return 2
     try:
         print(promote(args.plugins, args.name))

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 from pi_controller import config
+from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 
 TEMPLATES: dict[str, str] = {
     "zig": '''//! {name}: what it does, in one line. Built by `pi-controller plugin build`.
@@ -81,15 +82,16 @@ def add_commands(plugin_commands: Any) -> None:
                                                   "(default: actuators from the context's device_states)")
     call.set_defaults(handler=run_call)
     new = plugin_commands.add_parser("new", help="write a new plugin source (and manifest) from a template")
-    new.add_argument("name", help="the plugin's name: letters, digits and '_'")
+    new.add_argument("name", help="the plugin's name: letters, digits and '_', not 'operator' or 'safety'")
     new.add_argument("--lang", choices=sorted(TEMPLATES), default="zig")
     new.add_argument("--dir", type=Path, default=Path("plugins/src"), help="where to write (default: plugins/src)")
     new.set_defaults(handler=run_new)
 
 
 def run_new(args: argparse.Namespace) -> int:
-    if not args.name.isidentifier():
-        print(f"error: '{args.name}' is not a valid plugin name (letters, digits, '_')", file=sys.stderr)
+    if not (valid_plugin_name(args.name) and args.name.isidentifier()):  # its sources use it as an identifier
+        print(f"error: '{args.name}' is not a valid plugin name ({PLUGIN_NAME_RULE}; '_' rather than '-', as it is "
+              "an identifier in the source)", file=sys.stderr)
         return 2
     source = args.dir / f"{args.name}.{args.lang}"
     manifest = args.dir / f"{args.name}.yaml"
@@ -209,7 +211,7 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     from pi_controller.devices.sensors import Reading
     from pi_controller.plugins.host_functions import History, PluginHost
     from pi_controller.plugins.manifest import Refused, grant, load_manifest
-    from pi_controller.plugins.quarantine import Guard
+    from pi_controller.plugins.quarantine import Quarantine
     from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
     from pi_controller.plugins.wasm_gate import read_module
 
@@ -221,7 +223,7 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
         history = History(settings.plugins.host.history_length)
         host = PluginHost(name, terms.sensors, history, settings.plugins.host)
         module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
-        plugin = SandboxedPlugin(name, module, terms, Guard(name, settings.plugins.quarantine), host)
+        plugin = SandboxedPlugin(name, module, terms, Quarantine(name, settings.plugins.quarantine), host)
     except (OSError, Refused, extism.Error) as exc:
         return {"plugin": name, "error": {"kind": "load_failed", "reason": str(exc)}, "rejected": []}
     factory = make_factory(settings, simulate=True)

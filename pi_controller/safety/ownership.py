@@ -1,7 +1,7 @@
 """Whose command each actuator follows, and whether that owner can still be trusted with it.
 
 An actuator follows one owner: the plugin whose command set what it wants, the operator, or nobody
-(`safety.SAFETY`: its start-up or safe state). A plugin keeps its actuators only while it is healthy:
+(`names.SAFETY`: its start-up or safe state). A plugin keeps its actuators only while it is healthy:
 `Health` hears from the loop how every plugin's call went this tick, and answers for an owner since
 when it has been failing and why: failed calls in a row, quarantine, or not being called at all
 (disabled, unloaded, refused). The safety layer then drops what the owner asked for and, after the

@@ -32,14 +32,13 @@ import structlog
 from pi_controller.config import InterlockSettings
 from pi_controller.contract import Command
 from pi_controller.devices.actuators import Actuator, Target
-from pi_controller.devices.hardware import Hardware
+from pi_controller.devices.hardware import Write
 from pi_controller.devices.sensors import Reading, SensorSettings
-from pi_controller.mqtt.operator import OPERATOR
+from pi_controller.names import OPERATOR, SAFETY
 from pi_controller.safety.ownership import Failsafe, Health
 
 log = structlog.get_logger("pi_controller.safety")
 
-SAFETY = "safety"  # the "plugin" of commands this layer makes itself
 FORCING = ("requires", "max_on")  # rules that force the safe state rather than hold a change
 WEAR = ("interlock", "min_on", "min_off")  # rules that hold the current state while a request waits
 
@@ -53,7 +52,7 @@ class Hold:
 
 
 class Decision(NamedTuple):
-    commands: list[Command]  # what to apply this tick
+    writes: list[Write]  # what to apply this tick
     holds: list[Hold]  # what the rules kept back
     failsafes: list[Failsafe]  # actuators taken from their owner this tick
 
@@ -123,7 +122,7 @@ class Safety:
                                                if previous else {})
         self._last_now: float | None = previous._last_now if previous else None
 
-    def decide(self, commands: Iterable[Command], readings: Iterable[Reading], wall: float, now: float,
+    def enforce(self, commands: Iterable[Command], readings: Iterable[Reading], wall: float, now: float,
                health: Health) -> Decision:
         """The commands to apply this tick, the holds that kept others back, and the actuators taken
         from owners that `health` says are failing.
@@ -160,7 +159,7 @@ class Safety:
                 self.held[key][hold.rule] += 1
             if target != guard.actuator.target:
                 forced = hold is not None and hold.rule in FORCING
-                decision.commands.append(Command(key, "set", target, SAFETY if forced else guard.plugin, 0))
+                decision.writes.append(Write(key, target, SAFETY if forced else guard.plugin))
                 if on(target) != guard.was_on:
                     guard.switched_at, guard.was_on = now, on(target)
         return decision

@@ -93,26 +93,26 @@ def draw(trace: Mapping[str, Sequence[float]], verdict: Verdict, path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    view = View(trace)
+    drawn = DrawnTrace(trace)
     panels = layout(verdict, trace)
     heights = [{"binary": 0.9, "count": 1.2, "angle": 1.4}.get(p.style, 2.2) for p in panels]
     fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(14, 1.0 + 1.2 * sum(heights)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False, layout="constrained")
     for ax, panel in zip(axes[:, 0], panels):
-        _DRAW[panel.style](ax, panel, view, verdict)
+        _DRAW[panel.style](ax, panel, drawn, verdict)
         ax.set_ylabel(panel.unit)
         ax.set_title(panel.title + (f"  —  {panel.note}" if panel.note else ""), fontsize=9, loc="left")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, framealpha=0.8)
-    axes[-1, 0].set_xlabel(f"simulated time ({view.unit})")
-    axes[-1, 0].set_xlim(view.t[0], view.end)
-    fig.suptitle(_title(verdict, view), fontsize=10, x=0.01, ha="left")
+    axes[-1, 0].set_xlabel(f"simulated time ({drawn.unit})")
+    axes[-1, 0].set_xlim(drawn.t[0], drawn.end)
+    fig.suptitle(_title(verdict, drawn), fontsize=10, x=0.01, ha="left")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-class View:
+class DrawnTrace:
     """The trace as drawn. With more ticks than about two per BUCKETS, each point stands for a bucket of
     ticks: its mean, lowest and highest value, so that a day at 10 Hz stays readable (and quick to draw)."""
 
@@ -148,54 +148,54 @@ class View:
         return self.np.fmax.reduceat(self.data[column], self.starts)
 
 
-def _title(verdict: Verdict, view: View) -> str:
+def _title(verdict: Verdict, drawn: DrawnTrace) -> str:
     settings = verdict.settings
     problems = [f"{name}: {why}" for name, why in verdict.plugins.items() if why]
     lines = [f"{settings.source.name}: {hms(verdict.ticks * verdict.period)} simulated at {settings.loop.rate_hz:g} Hz",
              "; ".join(problems) or "no plugin errors, no rejected commands"]
-    if view.bucketed:
-        lines.append(f"each point is {view.bucket_s:.0f} s: readings as mean (line) and lowest to highest "
+    if drawn.bucketed:
+        lines.append(f"each point is {drawn.bucket_s:.0f} s: readings as mean (line) and lowest to highest "
                      f"(shade); on/off and duty as the share of that time")
     return "\n".join(lines)
 
 
-def _binary(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:
+def _binary(ax: Any, panel: Panel, drawn: DrawnTrace, verdict: Verdict) -> None:
     colour = ACTUATOR_COLOUR if panel.unit == "relay" else "#9467bd"
     for column in panel.columns:
-        ax.fill_between(view.t, 0, view.mean(column), step="post", color=colour, alpha=0.7, linewidth=0)
+        ax.fill_between(drawn.t, 0, drawn.mean(column), step="post", color=colour, alpha=0.7, linewidth=0)
     ax.set_ylim(-0.1, 1.1)
     ax.set_yticks([0, 1], ["off", "on"])
 
 
-def _duty(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:
-    ax.fill_between(view.t, 0, view.mean(panel.columns[0]), step="post", color=ACTUATOR_COLOUR, alpha=0.6,
+def _duty(ax: Any, panel: Panel, drawn: DrawnTrace, verdict: Verdict) -> None:
+    ax.fill_between(drawn.t, 0, drawn.mean(panel.columns[0]), step="post", color=ACTUATOR_COLOUR, alpha=0.6,
                     linewidth=0)
     ax.set_ylim(*panel.limits or (0, 105))
 
 
-def _angle(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:
+def _angle(ax: Any, panel: Panel, drawn: DrawnTrace, verdict: Verdict) -> None:
     key = panel.columns[0]
-    ax.plot(view.t, view.mean(key), drawstyle="steps-post", color=ACTUATOR_COLOUR, linewidth=1.0,
+    ax.plot(drawn.t, drawn.mean(key), drawstyle="steps-post", color=ACTUATOR_COLOUR, linewidth=1.0,
             label=f"{key} (commanded)")
     for column, label in panel.context:
-        ax.plot(view.t, view.mean(column), color="0.3", linewidth=0.8, label=label)
+        ax.plot(drawn.t, drawn.mean(column), color="0.3", linewidth=0.8, label=label)
     if panel.limits:
         ax.set_ylim(*panel.limits)
 
 
-def _counts(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:
-    np = view.np
+def _counts(ax: Any, panel: Panel, drawn: DrawnTrace, verdict: Verdict) -> None:
+    np = drawn.np
     for column in panel.columns:
-        ax.step(view.t, np.fmax.reduceat(np.cumsum(view.data[column]), view.starts), where="post", label=column,
+        ax.step(drawn.t, np.fmax.reduceat(np.cumsum(drawn.data[column]), drawn.starts), where="post", label=column,
                 linewidth=1.0)
     ax.set_ylim(bottom=0)
 
 
-def _lines(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:
+def _lines(ax: Any, panel: Panel, drawn: DrawnTrace, verdict: Verdict) -> None:
     """Readings over their band. The limits fit the readings and bands, so that a model's context (the
     outside temperature) cannot squash the band into a line: off the scale, its legend gives its range."""
-    np = view.np
-    values = np.concatenate([view.data[c] for c in panel.columns])
+    np = drawn.np
+    values = np.concatenate([drawn.data[c] for c in panel.columns])
     values = values[~np.isnan(values)]
     lows = [b.setpoint - b.hysteresis for b in panel.bands] + ([values.min()] if values.size else [])
     highs = [b.setpoint + b.hysteresis for b in panel.bands] + ([values.max()] if values.size else [])
@@ -206,18 +206,18 @@ def _lines(ax: Any, panel: Panel, view: View, verdict: Verdict) -> None:
     pad = 0.08 * (high - low or 1.0)
     ax.set_ylim(low - pad, high + pad)
     for column in panel.columns:
-        if view.bucketed:
-            ax.fill_between(view.t, view.low(column), view.high(column), step="post", color=READING_COLOUR,
+        if drawn.bucketed:
+            ax.fill_between(drawn.t, drawn.low(column), drawn.high(column), step="post", color=READING_COLOUR,
                             alpha=0.3, linewidth=0, label=f"{column}, lowest to highest")
-        ax.plot(view.t, view.mean(column), drawstyle="steps-post", color=READING_COLOUR, linewidth=1.0,
-                label=f"{column}{', mean' if view.bucketed else ''}")
+        ax.plot(drawn.t, drawn.mean(column), drawstyle="steps-post", color=READING_COLOUR, linewidth=1.0,
+                label=f"{column}{', mean' if drawn.bucketed else ''}")
     for (column, label), style in zip(panel.context, _CONTEXT_STYLES * len(panel.context)):
-        series = view.mean(column)
+        series = drawn.mean(column)
         if np.nanmin(series) > high + pad or np.nanmax(series) < low - pad:
             label += f": {np.nanmin(series):.1f} to {np.nanmax(series):.1f}, off the scale"
-        ax.plot(view.t, series, label=label, **style)
+        ax.plot(drawn.t, series, label=label, **style)
     for band in panel.bands:
-        _draw_band(ax, band, view)
+        _draw_band(ax, band, drawn)
 
 
 _CONTEXT_STYLES: list[dict[str, Any]] = [{"color": "0.2", "linewidth": 0.8},
@@ -226,24 +226,24 @@ _CONTEXT_STYLES: list[dict[str, Any]] = [{"color": "0.2", "linewidth": 0.8},
 _DRAW = {"line": _lines, "binary": _binary, "duty": _duty, "angle": _angle, "count": _counts}
 
 
-def _draw_band(ax: Any, band: Band, view: View) -> None:
+def _draw_band(ax: Any, band: Band, drawn: DrawnTrace) -> None:
     """The band, its edges over the data so that a dense trace cannot hide them, and in red the readings
     more than one sensor step (the smallest change seen) outside it: a hysteresis controller reads one
     step outside before it acts, a badly tuned one goes further."""
-    np = view.np
+    np = drawn.np
     bottom, top = band.setpoint - band.hysteresis, band.setpoint + band.hysteresis
     ax.axhspan(bottom, top, color=BAND_COLOUR, alpha=0.15, zorder=0,
                label=f"{band.plugin}: {band.setpoint:g} ± {band.hysteresis:g}")
     for edge in (bottom, top):
         ax.axhline(edge, color=BAND_COLOUR, linewidth=1.2, zorder=4)
     ax.axhline(band.setpoint, color=BAND_COLOUR, linewidth=0.8, linestyle="--", zorder=4)
-    changes = np.abs(np.diff(view.data[band.sensor]))
+    changes = np.abs(np.diff(drawn.data[band.sensor]))
     step = np.nanmin(changes[changes > 0]) if np.any(changes > 0) else 0.0
-    lows, highs = view.low(band.sensor), view.high(band.sensor)
+    lows, highs = drawn.low(band.sensor), drawn.high(band.sensor)
     above, below = highs > top + step, lows < bottom - step
     if not (above.any() or below.any()):
         return
     red = np.where(above, highs, np.where(below, lows, np.nan))
     red = np.where(np.isnan(red) & np.roll(~np.isnan(red), 1), np.roll(red, 1), red)  # so one point shows
-    ax.plot(view.t, red, color=OUT_COLOUR, linewidth=1.4, drawstyle="steps-post", zorder=5,
+    ax.plot(drawn.t, red, color=OUT_COLOUR, linewidth=1.4, drawstyle="steps-post", zorder=5,
             label="more than a sensor step outside the band")

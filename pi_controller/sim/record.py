@@ -89,7 +89,7 @@ def encode(trace: TickTrace, previous: dict[str, dict[str, Any]] | None) -> byte
              "o": overrides, "k": [[w.device_id, w.plugin, lost.plugin] for w, lost in trace.conflicts],
              "h": [[h.device_id, h.rule, h.plugin] for h in decision.holds],
              "f": [[f.device_id, f.owner, f.why] for f in decision.failsafes],
-             "a": [[c.device_id, c.target, c.plugin] for c in decision.commands],
+             "a": [[w.device_id, w.target, w.plugin] for w in decision.writes],
              "d": sorted(trace.disabled)}
     line.update((key, value) for key, value in parts.items() if value)
     return _ENCODER.encode(line).encode() + b"\n"
@@ -137,7 +137,7 @@ class Recorder(LoopObserver):
             self._problems.problem("full", "recording_lines_dropped", tick=trace.number, file=str(self.path),
                                    dropped=self.dropped, note="the disk is slower than the ticks")
             return
-        self._problems.settle(tick=trace.number)
+        self._problems.end_tick(tick=trace.number)
 
     def _write(self) -> None:
         last_flush = time.monotonic()

@@ -75,10 +75,10 @@ class Replay:
             if plugin.name not in line.get("d", ()):
                 proposals.extend(self._consult(plugin, context, line))
         wanted, _ = arbitration.resolve(proposals)
-        decision = self.safety.decide(wanted, readings, now, self.clock.monotonic(), self.health)
-        self.hardware.apply(decision.commands, number)
+        decision = self.safety.enforce(wanted, readings, now, self.clock.monotonic(), self.health)
+        self.hardware.apply(decision.writes, number)
         self.applied.add(number, now, {device: [target, plugin] for device, target, plugin in line.get("a", [])},
-                         {c.device_id: [c.target, c.plugin] for c in decision.commands})
+                         {w.device_id: [w.target, w.plugin] for w in decision.writes})
         self.ticks += 1
 
     def _consult(self, plugin: SandboxedPlugin, context: Context, line: dict[str, Any]) -> list[Command]:
