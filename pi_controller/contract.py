@@ -16,7 +16,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Container, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Container, Mapping, Protocol, Sequence
 
 from pi_controller.devices.sensors import Reading
 

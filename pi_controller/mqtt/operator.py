@@ -23,7 +23,6 @@ from pi_controller.plugins.plugin_config import check_change
 log = structlog.get_logger("pi_controller.operator")
 
 
-
 @dataclass(frozen=True)
 class SetActuator:
     device_id: str
