@@ -7,10 +7,9 @@ present before each read, so simulated physics happen on the same path a Pi's se
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterable, Literal, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, NamedTuple, Protocol, TypeVar
 
 import structlog
-from gpiozero.pins import Factory
 
 from pi_controller import logs
 from pi_controller.clock import Clock
@@ -18,6 +17,9 @@ from pi_controller.config import Settings
 from pi_controller.devices import actuators
 from pi_controller.devices.actuators import Actuator, Target
 from pi_controller.devices.sensors import Reading, Sensor
+
+if TYPE_CHECKING:  # gpiozero is loaded by the kinds that build devices, not by what only names them
+    from gpiozero.pins import Factory
 
 log = structlog.get_logger("pi_controller.hardware")
 

@@ -26,7 +26,6 @@ from pi_controller.clock import VirtualClock
 from pi_controller.contract import Command, Context, encode_context
 from pi_controller.devices import actuators
 from pi_controller.devices.hardware import Hardware
-from pi_controller.devices.pins import mock_factory
 from pi_controller.devices.sensors import Reading
 from pi_controller.mqtt.operator import OPERATOR
 from pi_controller.plugins.plugin_set import PluginSet
@@ -45,6 +44,8 @@ class Replay:
     """The plugins of a folder and the safety rules of a config, fed one recorded tick after another."""
 
     def __init__(self, settings: config.Settings, plugins_dir: Path, start: float):
+        from pi_controller.devices.pins import mock_factory  # gpiozero: only when a replay runs, not check-config
+
         self.settings = settings
         self.clock = VirtualClock(start)
         factory = mock_factory(settings)
