@@ -50,7 +50,7 @@ def test_a_shadow_flipping_the_relay_every_tick_never_reaches_the_pin(run_daemon
     assert relay["last_difference"] == {"tick": TICKS - 1, "time": relay["last_difference"]["time"],
                                         "live": ["set_high", 1.0], "shadow": ["set_low", 0.0]}
     assert daemon.loop.plugin_stats["temperature_control"].calls == TICKS  # the live plugin, called as ever
-    metrics = Metrics(0.1, daemon)
+    metrics = Metrics(0.1, daemon.status)
     text = metrics.exposition().decode()
     assert 'pi_controller_shadow_compared_ticks_total{device="relay_switch",plugin="temperature_control"} 60.0' in text
     assert 'pi_controller_shadow_agreed_ticks_total{device="relay_switch",plugin="temperature_control"} 30.0' in text
