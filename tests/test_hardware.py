@@ -166,8 +166,8 @@ def test_light_sensor_reads_the_charge_time_without_blocking(write_config) -> No
         (first,) = returned(lambda: hardware.sensors[0].read(0))  # never waits for the smoothing queue
         assert first.error == "ValueError: no sample yet: check the wiring"
         factory.pin(4).charge_time = 0.001  # bright: the capacitor charges in a tenth of the limit
-        reading = wait_valid(hardware.sensors[0])  # its value rests on real time: a busy machine reads darker
-        assert reading.valid and reading.value > 0
+        # Its value rests on real time: a busy machine reads it darker, down to 0 lux, but never invalid.
+        assert wait_valid(hardware.sensors[0]).valid
     finally:
         hardware.close()
 
