@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("check-config", help="validate a config file without touching a pin")
-    check.add_argument("config", type=Path)
+    check.add_argument("path", type=Path, nargs="?", help="YAML config file (or --config)")
+    check.add_argument("--config", type=Path, help="YAML config file, as the other commands take it")
     check.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
     check.set_defaults(handler=_check_config)
     simulation.add_command(commands)
@@ -76,7 +77,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be 1 or more")
     return value
@@ -88,9 +92,7 @@ def _load(path: Path, plugins_dir: Path | None = None) -> config.Settings | None
         settings = config.load(path)
         config.check_plugins_directory(settings, plugins_dir)
         return settings
-    except config.ConfigError as exc:
-        log.error("config_invalid", file=exc.file, line=exc.line, key=config.format_path(exc.path),
-                  problem=exc.message)
+    except config.ConfigError as exc:  # said once, on stderr (the journal under systemd), in one line
         print(f"config error: {exc}", file=sys.stderr)
         return None
 
@@ -111,13 +113,12 @@ def _run(args: argparse.Namespace) -> int:
         daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins, state_dir=args.state_dir,
                         record=args.record)
     except SimulationError as exc:
-        log.error("simulation_invalid", file=str(args.config), problem=str(exc))
+        print(f"simulation error: {args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except HardwareError as exc:
         log.error("hardware_setup_failed", error=str(exc))
         return 1
     except RecordingError as exc:
-        log.error("recording_unavailable", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception:  # anything else at start-up: say what, exit non-zero (ExecStopPost makes pins safe)
@@ -138,10 +139,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = _load(args.config, args.plugins)
+    if (args.path is None) == (args.config is None):
+        print("error: check-config takes one config file: PATH or --config PATH", file=sys.stderr)
+        return EXIT_CONFIG
+    path = args.path or args.config
+    settings = _load(path, args.plugins)
     if settings is None:
         return EXIT_CONFIG
-    print(f"{args.config}: OK ({len(settings.sensors)} sensors, {len(settings.actuators)} actuators, "
+    print(f"{path}: OK ({len(settings.sensors)} sensors, {len(settings.actuators)} actuators, "
           f"plugins from {args.plugins or settings.plugins_directory()})")
     return 0
 

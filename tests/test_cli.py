@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import EXAMPLE_CONFIG
+from tests.conftest import EXAMPLE_CONFIG, REPO
 
 
 def pi_controller(*args: str) -> list[str]:
@@ -73,3 +73,54 @@ def test_log_format_console_is_readable_text() -> None:
     line = next(l for l in result.stderr.splitlines() if "plugin_loaded" in l)
     assert "plugin=energy_saver" in line or "plugin=motion_light" in line or "plugin=temperature_control" in line
     assert not line.startswith("{")
+
+
+PLUGIN = "plugins/energy_saver.wasm"
+CONFIG = str(EXAMPLE_CONFIG)
+
+
+@pytest.mark.parametrize("args, stdin, line", [
+    (["plugin", "call", PLUGIN], "not json", "error: the context is not JSON: Expecting value: line 1 column 1"),
+    (["plugin", "call", PLUGIN], "[1, 2]", "error: the context must be a JSON object, not an array"),
+    (["plugin", "call", PLUGIN, "--context", "/nonexistent/context.json"], "",
+     "error: cannot read the context /nonexistent/context.json: No such file or directory"),
+    (["plugin", "call", "/nonexistent/x.wasm"], "{}", "error: /nonexistent/x.wasm: no such plugin file"),
+    (["simulate", "--config", CONFIG, "--trace", "/nonexistent/trace.csv"], "",
+     "error: --trace /nonexistent/trace.csv: the folder /nonexistent does not exist"),
+    (["simulate", "--config", CONFIG, "--plot", "/nonexistent/day.png"], "",
+     "error: --plot /nonexistent/day.png: the folder /nonexistent does not exist"),
+    (["simulate", "--config", CONFIG, "--record", "/tmp"], "", "error: --record /tmp: is a folder; give a file name"),
+    (["check-config", "/nonexistent/config.yaml"], "",
+     "config error: /nonexistent/config.yaml: (top level): cannot read the file: No such file or directory"),
+    (["run", "--config", "/nonexistent/config.yaml"], "",
+     "config error: /nonexistent/config.yaml: (top level): cannot read the file: No such file or directory"),
+    (["check-config"], "", "error: check-config takes one config file: PATH or --config PATH"),
+])
+def test_a_mistake_in_what_the_user_passed_is_one_line_and_exit_2(args: list[str], stdin: str, line: str) -> None:
+    """Said once, before any work: a simulate of the default 24 h would take minutes if it started."""
+    result = subprocess.run(pi_controller(*args), input=stdin, capture_output=True, text=True, timeout=60,
+                            cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (said,) = result.stderr.splitlines()
+    assert said.startswith(line)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--config", CONFIG, "--ticks", "many"], "argument --ticks: 'many' is not a whole number"),
+    (["run", "--config", CONFIG, "--ticks", "0"], "argument --ticks: must be 1 or more"),
+    (["simulate", "--config", CONFIG, "--rate", "fast"], "argument --rate: 'fast' is not a number"),
+])
+def test_argument_errors_name_the_argument_not_our_functions(args: list[str], message: str) -> None:
+    result = subprocess.run(pi_controller(*args), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(message)
+    assert "_positive" not in result.stderr and "_rate" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_config_takes_the_path_as_the_other_commands_do() -> None:
+    for args in ([CONFIG], ["--config", CONFIG]):
+        result = subprocess.run(pi_controller("check-config", *args), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"{CONFIG}: OK (3 sensors, 3 actuators")

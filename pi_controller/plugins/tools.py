@@ -125,9 +125,11 @@ class ContextError(ValueError):
 
 
 def run_call(args: argparse.Namespace) -> int:
+    if not args.wasm.is_file():  # before reading stdin, which may wait for a terminal
+        print(f"error: {args.wasm}: no such plugin file", file=sys.stderr)
+        return 2
     try:
-        with (args.context.open("rb") if args.context else sys.stdin.buffer) as source:
-            text = source.read(MAX_CONTEXT_BYTES + 1)
+        text = _read_context(args.context)
         if len(text) > MAX_CONTEXT_BYTES:
             raise ContextError(f"the context is longer than {MAX_CONTEXT_BYTES} bytes")
         try:
@@ -136,7 +138,7 @@ def run_call(args: argparse.Namespace) -> int:
             raise ContextError(f"the context is not JSON: {str(exc)[:120]}") from None
         check_context(context)
         settings = config.load(args.config) if args.config else _settings_for(context)
-    except (OSError, ContextError, config.ConfigError) as exc:
+    except (ContextError, config.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = call_once(args.wasm, context, settings)
@@ -145,10 +147,19 @@ def run_call(args: argparse.Namespace) -> int:
     return 0 if "error" not in report and not report["rejected"] else 1
 
 
+def _read_context(path: Path | None) -> bytes:
+    """At most one byte more than a context may hold, from `path` or stdin."""
+    try:
+        with (path.open("rb") if path else sys.stdin.buffer) as source:
+            return source.read(MAX_CONTEXT_BYTES + 1)
+    except OSError as exc:
+        raise ContextError(f"cannot read the context {path or 'from stdin'}: {exc.strerror or exc}") from None
+
+
 def check_context(context: Any) -> None:
     """ContextError unless `context` has the contract's shape (every key optional), and `history`."""
     if not isinstance(context, dict):
-        raise ContextError("the context must be a JSON object")
+        raise ContextError(f"the context must be a JSON object, not {_json_kind(context)}")
     _expect(context, "sensor_readings", list)
     for index, reading in enumerate(context.get("sensor_readings", [])):
         where = f"sensor_readings[{index}]"
@@ -168,6 +179,10 @@ def check_context(context: Any) -> None:
         if not isinstance(pairs, list) or not all(
                 isinstance(p, list) and len(p) == 2 and all(_number(v) for v in p) for p in pairs):
             raise ContextError(f"history.{sensor[:64]} must be a list of [timestamp, value] pairs")
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(value), "a number")
 
 
 def _number(value: Any) -> bool:

@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import importlib.util
 import math
+import os
 import re
 import sys
 import time
@@ -401,11 +402,26 @@ def parse_duration(text: str) -> float:
 
 
 def _rate(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
     if not _RATE.metadata["low"] <= value <= _RATE.metadata["high"]:
         raise argparse.ArgumentTypeError(f"{value:g} is out of range; valid: {_RATE.metadata['low']:g} to "
                                          f"{_RATE.metadata['high']:g}")
     return value
+
+
+def unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (checked before a run, not found after it), or None."""
+    folder = path.parent
+    if path.is_dir():
+        return "is a folder; give a file name"
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK) or path.exists() and not os.access(path, os.W_OK):
+        return "not writable"
+    return None
 
 
 def command(args: argparse.Namespace) -> int:
@@ -416,11 +432,14 @@ def command(args: argparse.Namespace) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # before a long run, not after it
         print("--plot needs matplotlib: pip install 'pi-controller[plot]'", file=sys.stderr)
         return EXIT_FAILED
+    for option, path in (("--trace", args.trace), ("--plot", args.plot), ("--record", args.record)):
+        problem = unwritable(path) if path else None
+        if problem:
+            print(f"error: {option} {path}: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
     try:
         settings = prepare(config.load(args.config), args.rate, args.seed)
     except config.ConfigError as exc:
-        log.error("config_invalid", file=exc.file, line=exc.line, key=config.format_path(exc.path),
-                  problem=exc.message)
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
