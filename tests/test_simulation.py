@@ -18,7 +18,7 @@ import pytest
 from pi_controller import config, logs
 from pi_controller.clock import SystemClock
 from pi_controller.sim import simulation
-from tests.conftest import example_data
+from tests.conftest import EXAMPLE_CONFIG, example_data
 
 LSB_C = 330 / 1023  # one step of the TMP36 on the MCP3008
 
@@ -164,3 +164,30 @@ def test_a_plugin_failing_after_switching_the_heater_on_leaves_it_off_in_simulat
     assert heater == [1.0] * 11 + [0.0] * 589  # on at tick 0, failing from tick 1, safe 1 s later
     assert verdict.failsafes == {"relay_switch": 1}
     assert "failsafe: relay_switch put in its safe state 1 times, its owner failing or silent" in verdict.lines()
+
+
+def test_the_example_does_not_flap_for_a_quarter_of_an_hour(tmp_path) -> None:
+    """The light sensor sees the strip's own light: without energy_saver's hysteresis and lamp_lux, the
+    strip went on and off every tick around 500 lx (251 switches in these 15 minutes, 62 in one)."""
+    settings = simulation.prepare(config.load(EXAMPLE_CONFIG))
+    verdict = simulation.run(settings, 15 * 60, tmp_path / "trace.csv")
+    assert verdict.ticks == 9000
+    assert {key: tally.flapping for key, tally in verdict.actuators.items()} == {
+        "led_strip": [], "servo_motor": [], "relay_switch": []}
+    assert 2 <= verdict.actuators["led_strip"].switches <= 40  # motion still lights it, daylight still stops it
+    assert "no actuator flapped (more than 6 switches in a minute)" in verdict.lines()
+
+
+def test_an_actuator_switching_every_tick_is_flagged_with_when(write_config, plugin_dir, tmp_path) -> None:
+    data = example_data()  # without the servo: sweep's angles below 0 would get it quarantined
+    data["actuators"] = [a for a in data["actuators"] if a["kind"] != "servo"]
+    data["simulation"] = [m for m in data["simulation"] if m["kind"] != "servo"]
+    verdict, trace = simulate(write_config, data, 120, 10, tmp_path, plugin_dir("sweep"))
+    assert set(trace["relay_switch"][:4]) == {0.0, 1.0}  # sweep toggles the heater every tick
+    (flapping,) = verdict.actuators["relay_switch"].flapping
+    assert (flapping.start_s, flapping.end_s) == pytest.approx((0.0, 119.9))  # from the first switch to the end of the run
+    assert flapping.most == 600 and flapping.most_at_s == pytest.approx(59.9)  # every tick of the first minute
+    (line,) = [line for line in verdict.lines() if line.startswith("FLAPPING: relay_switch")]
+    assert line == ("FLAPPING: relay_switch switched more than 6 times a minute from 0:00:00 to 0:02:00; "
+                    f"at worst 600 switches in the minute to {simulation.hms(flapping.most_at_s)}")
+    assert not any(line.startswith("no actuator flapped") for line in verdict.lines())

@@ -20,7 +20,7 @@ import re
 import sys
 import time
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeGuard
@@ -245,21 +245,57 @@ class BandTally:
         return self.inside / self.after if self.after else 0.0
 
 
+FLAPPING_WINDOW_S = 60.0
+#: More switches than this within a minute is flapping: a relay or a lamp no one would accept (a
+#: compressor's usual minimum is minutes; the example's heater may switch every 10 s at most).
+FLAPPING_SWITCHES = 6
+
+
+@dataclass
+class Flapping:
+    """A stretch of time in which every minute-long window held more than FLAPPING_SWITCHES switches."""
+
+    start_s: float
+    end_s: float
+    most: int  # the most switches in one window of it
+    most_at_s: float  # when that window ended
+
+
 @dataclass
 class ActuatorTally:
     settings: ActuatorSettings
     switches: int = 0
     duty_sum: float = 0.0  # per-tick duties added up: times the period, the energy in full-power seconds
     on: bool = field(init=False)
+    flapping: list[Flapping] = field(default_factory=list)
+    _recent: deque[float] = field(default_factory=deque)  # the last minute's switch times
+    _flapping_now: bool = False
 
     def __post_init__(self) -> None:
         self.on = self.settings.power(self.settings.targets()[1]) > 0  # start-up state
 
-    def add(self, value: float | None) -> None:
+    def add(self, value: float | None, time_s: float) -> None:
         level = self.settings.power(value)
-        self.switches += (level > 0) != self.on
+        switched = (level > 0) != self.on
         self.on = level > 0
         self.duty_sum += level
+        self.switches += switched
+        if switched:
+            self._recent.append(time_s)
+        while self._recent and self._recent[0] <= time_s - FLAPPING_WINDOW_S:
+            self._recent.popleft()
+        self._track_flapping(time_s)
+
+    def _track_flapping(self, time_s: float) -> None:
+        flapping = len(self._recent) > FLAPPING_SWITCHES
+        if flapping and not self._flapping_now:
+            self.flapping.append(Flapping(self._recent[0], time_s, len(self._recent), time_s))
+        elif flapping:
+            last = self.flapping[-1]
+            last.end_s = time_s
+            if len(self._recent) > last.most:
+                last.most, last.most_at_s = len(self._recent), time_s
+        self._flapping_now = flapping
 
 
 class Verdict:
@@ -281,7 +317,7 @@ class Verdict:
         for band in self.bands:
             band.add(row)
         for key, tally in self.actuators.items():
-            tally.add(row[key])
+            tally.add(row[key], row["time_s"] or 0.0)
 
     def finish(self, daemon: Daemon) -> None:
         summary = daemon.loop.summary()
@@ -301,6 +337,9 @@ class Verdict:
         out = [f"simulated {hms(self.ticks * self.period)} at {self.settings.loop.rate_hz:g} Hz: {self.ticks} ticks"]
         out += [self._band_line(b) for b in self.bands]
         out += [self._actuator_line(key, t) for key, t in self.actuators.items()]
+        out += [self._flapping_line(key, t) for key, t in self.actuators.items() if t.flapping]
+        if not any(t.flapping for t in self.actuators.values()):
+            out.append(f"no actuator flapped (more than {FLAPPING_SWITCHES} switches in a minute)")
         failing = {name: why for name, why in self.plugins.items() if why}
         ok = [name for name, why in self.plugins.items() if not why]
         if ok:
@@ -325,6 +364,15 @@ class Verdict:
         share = tally.duty_sum / self.ticks if self.ticks else 0.0
         energy = f"{tally.duty_sum * self.period / 3600:.2f} h at full power"
         return f"{key} {tally.settings.summary(tally.switches, 100 * share, energy)}"
+
+
+    @staticmethod
+    def _flapping_line(key: str, tally: ActuatorTally) -> str:
+        worst = max(tally.flapping, key=lambda f: f.most)
+        shown = ", ".join(f"{hms(f.start_s)} to {hms(f.end_s)}" for f in tally.flapping[:3])
+        more = f" and {len(tally.flapping) - 3} more" if len(tally.flapping) > 3 else ""
+        return (f"FLAPPING: {key} switched more than {FLAPPING_SWITCHES} times a minute from {shown}{more}; "
+                f"at worst {worst.most} switches in the minute to {hms(worst.most_at_s)}")
 
 
 def hms(seconds: float) -> str:
