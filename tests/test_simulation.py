@@ -7,6 +7,7 @@ so that a day costs seconds (about 1 ms a tick); the path is the same as at 10 H
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
@@ -35,16 +36,16 @@ def day_room(data: dict[str, Any], **room: Any) -> dict[str, Any]:
     return data
 
 
-def simulate(write_config, data: dict[str, Any], duration_s: float, rate_hz: float, tmp_path: Path,
+def simulate(write_config, data: dict[str, Any], duration_s: float, rate_hz: float,
              plugins: Path | None = None) -> tuple[simulation.Verdict, dict[str, Any]]:
     settings = simulation.prepare(config.load(write_config(data)), rate_hz)
-    trace = tmp_path / "trace.csv"
-    verdict = simulation.run(settings, duration_s, trace, plugins)
-    return verdict, simulation.read_trace(trace)
+    columns = simulation.Columns()
+    verdict = simulation.run(settings, duration_s, [columns], plugins)
+    return verdict, columns.values
 
 
-def test_the_bundled_thermostat_holds_its_band_for_a_simulated_day(write_config, plugin_dir, tmp_path) -> None:
-    verdict, trace = simulate(write_config, day_room(example_data()), 24 * 3600, 0.1, tmp_path,
+def test_the_bundled_thermostat_holds_its_band_for_a_simulated_day(write_config, plugin_dir) -> None:
+    verdict, trace = simulate(write_config, day_room(example_data()), 24 * 3600, 0.1,
                               plugin_dir("temperature_control"))
     assert verdict.ticks == len(trace["time_s"]) == 8640
     assert verdict.plugins == {"temperature_control": ""} and not verdict.held
@@ -66,11 +67,10 @@ def test_the_bundled_thermostat_holds_its_band_for_a_simulated_day(write_config,
     assert sum(night) / len(night) > sum(afternoon) / len(afternoon) + 0.2
 
 
-def test_a_plugin_that_never_switches_the_heater_lets_the_room_drift_to_outside(write_config, plugin_dir,
-                                                                                tmp_path) -> None:
+def test_a_plugin_that_never_switches_the_heater_lets_the_room_drift_to_outside(write_config, plugin_dir) -> None:
     data = day_room(example_data())
     data["plugins"]["settings"] = {"echo_output": {"config": {"output": "[]"}}}
-    verdict, trace = simulate(write_config, data, 24 * 3600, 0.1, tmp_path, plugin_dir("echo_output"))
+    verdict, trace = simulate(write_config, data, 24 * 3600, 0.1, plugin_dir("echo_output"))
     assert set(trace["relay_switch"]) == {0.0} and verdict.actuators["relay_switch"].switches == 0
     settled = [i for i, t in enumerate(trace["time_s"]) if t >= 4 * 3600]  # eight time constants
     gaps = [abs(trace["room.temperature_c"][i] - trace["room.outside_c"][i]) for i in settled]
@@ -83,11 +83,11 @@ def test_a_plugin_that_never_switches_the_heater_lets_the_room_drift_to_outside(
     assert verdict.plugins == {"echo_output": ""}
 
 
-def test_a_servo_takes_its_time_to_reach_the_commanded_angle(write_config, plugin_dir, tmp_path) -> None:
+def test_a_servo_takes_its_time_to_reach_the_commanded_angle(write_config, plugin_dir) -> None:
     data = example_data()
     command = {"device_id": "servo_motor", "action": "set_angle", "parameters": {"angle": 90}}
     data["plugins"]["settings"] = {"echo_output": {"config": {"output": json.dumps([command])}}}
-    _verdict, trace = simulate(write_config, data, 5, 1.0, tmp_path, plugin_dir("echo_output"))
+    _verdict, trace = simulate(write_config, data, 5, 1.0, plugin_dir("echo_output"))
     assert list(trace["servo_motor"]) == [90.0] * 5  # commanded at once, from the first tick
     assert list(trace["servo.angle_deg"]) == [0.0, 30.0, 60.0, 90.0, 90.0]  # 30 degrees a second
 
@@ -97,7 +97,7 @@ def test_the_room_is_read_through_a_simulated_1_wire_thermometer_too(write_confi
     data["sensors"][0] = {"id": "temperature_sensor", "kind": "ds18b20", "device": "28-0316a2790aff",
                           "base_dir": str(tmp_path / "w1")}
     data["simulation"][0]["noise_c"] = 0.0
-    verdict, trace = simulate(write_config, data, 60, 1.0, tmp_path)
+    verdict, trace = simulate(write_config, data, 60, 1.0)
     assert list(trace["temperature_sensor"]) == pytest.approx(list(trace["room.temperature_c"]), abs=0.0006)
     assert verdict.actuators["relay_switch"].switches >= 1  # the example room starts cold
 
@@ -155,22 +155,21 @@ def test_durations() -> None:
             simulation.parse_duration(wrong)
 
 
-def test_a_plugin_failing_after_switching_the_heater_on_leaves_it_off_in_simulate(write_config, plugin_dir,
-                                                                                   tmp_path) -> None:
+def test_a_plugin_failing_after_switching_the_heater_on_leaves_it_off_in_simulate(write_config, plugin_dir) -> None:
     data = example_data()
     data["plugins"]["settings"] = {"command_once": {"config": {"then": "fail"}}}
-    verdict, trace = simulate(write_config, data, 60, 10, tmp_path, plugin_dir("command_once"))
+    verdict, trace = simulate(write_config, data, 60, 10, plugin_dir("command_once"))
     heater = list(trace["relay_switch"])
     assert heater == [1.0] * 11 + [0.0] * 589  # on at tick 0, failing from tick 1, safe 1 s later
     assert verdict.failsafes == {"relay_switch": 1}
     assert "failsafe: relay_switch put in its safe state 1 times, its owner failing or silent" in verdict.lines()
 
 
-def test_the_example_does_not_flap_for_a_quarter_of_an_hour(tmp_path) -> None:
+def test_the_example_does_not_flap_for_a_quarter_of_an_hour() -> None:
     """The light sensor sees the strip's own light: without energy_saver's hysteresis and lamp_lux, the
     strip went on and off every tick around 500 lx (251 switches in these 15 minutes, 62 in one)."""
     settings = simulation.prepare(config.load(EXAMPLE_CONFIG))
-    verdict = simulation.run(settings, 15 * 60, tmp_path / "trace.csv")
+    verdict = simulation.run(settings, 15 * 60)
     assert verdict.ticks == 9000
     assert {key: tally.flapping for key, tally in verdict.actuators.items()} == {
         "led_strip": [], "servo_motor": [], "relay_switch": []}
@@ -178,16 +177,44 @@ def test_the_example_does_not_flap_for_a_quarter_of_an_hour(tmp_path) -> None:
     assert "no actuator flapped (more than 6 switches in a minute)" in verdict.lines()
 
 
-def test_an_actuator_switching_every_tick_is_flagged_with_when(write_config, plugin_dir, tmp_path) -> None:
+def test_an_actuator_switching_every_tick_is_flagged_with_when(write_config, plugin_dir) -> None:
     data = example_data()  # without the servo: sweep's angles below 0 would get it quarantined
     data["actuators"] = [a for a in data["actuators"] if a["kind"] != "servo"]
     data["simulation"] = [m for m in data["simulation"] if m["kind"] != "servo"]
-    verdict, trace = simulate(write_config, data, 120, 10, tmp_path, plugin_dir("sweep"))
+    verdict, trace = simulate(write_config, data, 120, 10, plugin_dir("sweep"))
     assert set(trace["relay_switch"][:4]) == {0.0, 1.0}  # sweep toggles the heater every tick
     (flapping,) = verdict.actuators["relay_switch"].flapping
-    assert (flapping.start_s, flapping.end_s) == pytest.approx((0.0, 119.9))  # from the first switch to the end of the run
+    assert (flapping.start_s, flapping.end_s) == pytest.approx((0.0, 119.9))  # first switch to run end
     assert flapping.most == 600 and flapping.most_at_s == pytest.approx(59.9)  # every tick of the first minute
     (line,) = [line for line in verdict.lines() if line.startswith("FLAPPING: relay_switch")]
     assert line == ("FLAPPING: relay_switch switched more than 6 times a minute from 0:00:00 to 0:02:00; "
                     f"at worst 600 switches in the minute to {simulation.hms(flapping.most_at_s)}")
     assert not any(line.startswith("no actuator flapped") for line in verdict.lines())
+
+
+def test_simulate_writes_a_trace_only_when_asked_and_shows_progress(tmp_path) -> None:
+    """Not a terminal: a plain line at the start and every tenth of the run on stderr; no file written."""
+    result = subprocess.run([sys.executable, "-m", "pi_controller", "simulate", "--config", str(EXAMPLE_CONFIG),
+                             "--duration", "1m", "--rate", "2"], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert "trace:" not in result.stdout and result.stdout.startswith("simulated 0:01:00 at 2 Hz: 120 ticks")
+    progress = [line for line in result.stderr.splitlines() if line.startswith("simulated ")]
+    assert progress == ["simulated 0:00:00 of 0:01:00 (0 %)",  # the first tick: it has started
+                        *(f"simulated 0:{s // 60:02d}:{s % 60:02d} of 0:01:00 ({s * 100 // 60} %)" for s in range(6, 61, 6))]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_is_one_line_kept_up_to_date() -> None:
+    terminal = Terminal()
+    progress = simulation.Progress(3, 0.5, terminal)
+    for _ in range(3):
+        progress.add({})
+    text = terminal.getvalue()
+    assert text.startswith("\rsimulated 0:00:00 of 0:00:02 (33 %)")  # the first tick, then at most 5 a second
+    assert text.endswith("\rsimulated 0:00:02 of 0:00:02 (100 %)\n") and text.count("\n") == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import importlib.util
@@ -23,7 +24,7 @@ from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeGuard
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, TextIO, TypeGuard
 
 import structlog
 
@@ -111,12 +112,14 @@ def _number(value: Any) -> TypeGuard[float]:
 
 
 class Sink(Protocol):
+    def start(self, columns: list[str]) -> None: ...
+
     def add(self, row: Row) -> None: ...
 
 
 class Recorder:
     """The environment of a simulated run: advances the world and hands each finished tick, as a row,
-    to the sinks (the trace file, the verdict)."""
+    to the sinks (the verdict, and as asked the trace file, the plot's columns, progress)."""
 
     def __init__(self, daemon: Daemon, clock: VirtualClock):
         self.daemon = daemon
@@ -182,9 +185,12 @@ class Recorder:
 class TraceWriter:
     """CSV, one row per tick, columns in a fixed order and numbers in a fixed format."""
 
-    def __init__(self, stream: TextIO, columns: list[str]):
-        self.columns = columns
+    def __init__(self, stream: TextIO):
+        self.columns: list[str] = []
         self._csv = csv.writer(stream, lineterminator="\n")
+
+    def start(self, columns: list[str]) -> None:
+        self.columns = columns
         self._csv.writerow(columns)
 
     def add(self, row: Row) -> None:
@@ -199,17 +205,52 @@ def _cell(value: float | None) -> str:
     return f"{value:.4f}"
 
 
-def read_trace(path: Path) -> dict[str, array[float]]:
-    """A trace file's columns as numbers (compact arrays: a day at 10 Hz is millions of them); an empty
-    cell is NaN."""
-    with path.open(newline="", encoding="utf-8") as stream:
-        reader = csv.reader(stream)
-        columns = next(reader)
-        values = [array("d") for _ in columns]
-        for row in reader:
-            for column, cell in zip(values, row):
-                column.append(float(cell) if cell else math.nan)
-    return dict(zip(columns, values))
+class Columns:
+    """The run's columns as numbers, for the plot (compact arrays: a day at 10 Hz is millions of them);
+    an empty cell is NaN."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, array[float]] = {}
+
+    def start(self, columns: list[str]) -> None:
+        self.values = {column: array("d") for column in columns}
+
+    def add(self, row: Row) -> None:
+        for column, values in self.values.items():
+            value = row[column]
+            values.append(math.nan if value is None else value)
+
+
+class Progress:
+    """How far the run is, on stderr: one line kept up to date on a terminal (at most every 0.2 s of
+    real time), else a plain line every 10 %."""
+
+    def __init__(self, ticks: int, period_s: float, stream: TextIO | None = None):
+        stream = stream or sys.stderr  # as it is now: the console entry points it at the real stderr
+        self.ticks, self.stream, self.period_s = ticks, stream, period_s
+        self.terminal = stream.isatty()
+        self.done = 0
+        self._shown = -1.0  # a real time on a terminal, else the last tenth shown
+
+    def start(self, columns: list[str]) -> None:
+        pass
+
+    def add(self, row: Row) -> None:
+        self.done += 1
+        if self.terminal:
+            now = time.monotonic()
+            if now - self._shown >= 0.2 or self.done == self.ticks:
+                self._shown = now
+                self.stream.write(f"\r{self._line()}" + ("\n" if self.done == self.ticks else ""))
+                self.stream.flush()
+        elif self.done * 10 // self.ticks > self._shown:
+            self._shown = self.done * 10 // self.ticks
+            self.stream.write(self._line() + "\n")
+            self.stream.flush()
+
+    def _line(self) -> str:
+        return (f"simulated {hms(self.done * self.period_s)} of {hms(self.ticks * self.period_s)} "
+                f"({100 * self.done // self.ticks} %)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +353,9 @@ class Verdict:
         self.held: dict[str, dict[str, int]] = {}
         self.failsafes: dict[str, int] = {}  # actuator -> times it was taken from a failing owner
 
+    def start(self, columns: list[str]) -> None:
+        pass
+
     def add(self, row: Row) -> None:
         self.ticks += 1
         for band in self.bands:
@@ -384,10 +428,15 @@ def hms(seconds: float) -> str:
 # Running
 
 
-def run(settings: config.Settings, duration_s: float, trace: Path, plugins_dir: Path | None = None,
+def ticks_in(settings: config.Settings, duration_s: float) -> int:
+    return max(1, round(duration_s * settings.loop.rate_hz))
+
+
+def run(settings: config.Settings, duration_s: float, sinks: Sequence[Sink] = (), plugins_dir: Path | None = None,
         record: Path | None = None) -> Verdict:
-    """Simulate `duration_s` with prepared settings, write the trace (and with `record`, a recording
-    for `replay`, the format a Pi records in), return the verdict.
+    """Simulate `duration_s` with prepared settings, hand every tick to `sinks` (a trace file, the plot's
+    columns, progress; with `record`, write a recording for `replay`, the format a Pi records in), and
+    return the verdict.
 
     Raises SimulationError (a model the devices cannot carry) and HardwareError as the daemon does.
     """
@@ -396,16 +445,17 @@ def run(settings: config.Settings, duration_s: float, trace: Path, plugins_dir: 
     clock = VirtualClock(START)
     daemon = Daemon(settings, simulate=True, plugins_dir=plugins_dir, clock=clock, record=record)
     verdict = Verdict(settings)
-    ticks = max(1, round(duration_s * settings.loop.rate_hz))
+    ticks = ticks_in(settings, duration_s)
     try:
-        with trace.open("w", newline="", encoding="utf-8") as stream:
-            recorder = Recorder(daemon, clock)
-            recorder.sinks = [TraceWriter(stream, recorder.columns), verdict]
-            daemon.hardware.environment = recorder
-            log.info("simulation_started", ticks=ticks, rate_hz=settings.loop.rate_hz, trace=str(trace))
-            started = time.perf_counter()
-            asyncio.run(daemon.serve(ticks))
-            recorder.flush()
+        recorder = Recorder(daemon, clock)
+        recorder.sinks = [verdict, *sinks]
+        for sink in recorder.sinks:
+            sink.start(recorder.columns)
+        daemon.hardware.environment = recorder
+        log.info("simulation_started", ticks=ticks, rate_hz=settings.loop.rate_hz)
+        started = time.perf_counter()
+        asyncio.run(daemon.serve(ticks))
+        recorder.flush()
         verdict.finish(daemon)
         wall_s = time.perf_counter() - started
     finally:
@@ -432,7 +482,7 @@ def add_command(commands: Any) -> None:
     sim.add_argument("--rate", type=_rate, help=f"ticks per simulated second, {low:g} to {high:g} "
                                                 f"(default: the config's loop.rate_hz)")
     sim.add_argument("--seed", type=int, help="reseed the models' random numbers (default: the config's seeds)")
-    sim.add_argument("--trace", type=Path, default=Path("trace.csv"), help="CSV trace (default trace.csv)")
+    sim.add_argument("--trace", type=Path, help="write a CSV trace, a row per tick, to this file")
     sim.add_argument("--record", type=Path, help="also record every tick to this file, for replay (.gz: gzip)")
     sim.add_argument("--plot", type=Path, help="draw the trace to this PNG (needs pi-controller[plot])")
     sim.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
@@ -477,34 +527,49 @@ def command(args: argparse.Namespace) -> int:
     from pi_controller.sim.record import RecordingError
     from pi_controller.simulators.world import SimulationError
 
-    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before a long run, not after it
-        print("--plot needs matplotlib: pip install 'pi-controller[plot]'", file=sys.stderr)
-        return EXIT_FAILED
-    for option, path in (("--trace", args.trace), ("--plot", args.plot), ("--record", args.record)):
-        problem = unwritable(path) if path else None
-        if problem:
-            print(f"error: {option} {path}: {problem}", file=sys.stderr)
-            return EXIT_CONFIG
+    refusal = _refusal(args)  # before a long run, not after it
+    if refusal:
+        print(refusal[1], file=sys.stderr)
+        return refusal[0]
     try:
         settings = prepare(config.load(args.config), args.rate, args.seed)
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        verdict = run(settings, args.duration, args.trace, args.plugins, args.record)
-    except SimulationError as exc:
-        print(f"simulation error: {args.config}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except HardwareError as exc:
-        log.error("hardware_setup_failed", error=str(exc))
-        return EXIT_FAILED
-    except RecordingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    print("\n".join([*verdict.lines(), f"trace: {args.trace}"] + ([f"recording: {args.record}"] if args.record else [])))
+    columns = Columns()
+    with contextlib.ExitStack() as files:
+        sinks: list[Sink] = [Progress(ticks_in(settings, args.duration), settings.loop.period)]
+        if args.trace:
+            sinks.append(TraceWriter(files.enter_context(args.trace.open("w", newline="", encoding="utf-8"))))
+        if args.plot:
+            sinks.append(columns)
+        try:
+            verdict = run(settings, args.duration, sinks, args.plugins, args.record)
+        except SimulationError as exc:
+            print(f"simulation error: {args.config}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except HardwareError as exc:
+            log.error("hardware_setup_failed", error=str(exc))
+            return EXIT_FAILED
+        except RecordingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    written = [f"{what}: {path}" for what, path in (("trace", args.trace), ("recording", args.record)) if path]
+    print("\n".join([*verdict.lines(), *written]))
     if args.plot:
         from pi_controller.sim import plot
 
-        plot.draw(read_trace(args.trace), verdict, args.plot)
+        plot.draw(columns.values, verdict, args.plot)
         print(f"plot: {args.plot}")
     return 0
+
+
+def _refusal(args: argparse.Namespace) -> tuple[int, str] | None:
+    """The exit code and the line that refuse a run the arguments would make fail, or None."""
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return EXIT_FAILED, "--plot needs matplotlib: pip install 'pi-controller[plot]'"
+    for option, path in (("--trace", args.trace), ("--plot", args.plot), ("--record", args.record)):
+        problem = unwritable(path) if path else None
+        if problem:
+            return EXIT_CONFIG, f"error: {option} {path}: {problem}"
+    return None
