@@ -22,7 +22,7 @@ from pi_controller.plugins import plugin_set
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
-from tests.conftest import CONTEXT, HOSTILE, example_data, only, plugin_wasm, unsimulated
+from tests.conftest import CONTEXT, HOSTILE, SATURATED, example_data, only, plugin_wasm, unsimulated
 
 
 def failure(plugin: SandboxedPlugin, context: bytes = CONTEXT) -> PluginCallError:
@@ -69,6 +69,11 @@ def test_the_fuel_verdict_is_the_same_on_an_idle_and_on_a_loaded_machine(plugin_
 LONG_SPIN = 20_000_000_000
 
 
+# Whether a 2 ms wall-clock limit fires is up to a timer thread that a machine saturated on purpose
+# may starve for longer than any fuel we give: .ci/run's saturated pass leaves these two out.
+saturated_skip = pytest.mark.skipif(SATURATED, reason="the backstop's timer thread needs a core")
+
+
 class TightBackstop(Backstop):
     """A machine so slow that 2 ms is past what the fuel should cost: every long call stalls. (Not 1:
     libextism 1.41 never fires a timeout_ms of 1, measured here.)"""
@@ -86,6 +91,7 @@ def test_the_backstop_is_what_the_fuel_costs_here_times_the_margin_and_never_bel
     assert Backstop(real=False).ms(2_000_000, 1) == backstop.VIRTUAL_BACKSTOP_MS
 
 
+@saturated_skip
 def test_a_call_past_its_backstop_is_a_stall_that_says_it_reset_the_instance(plugin_set, tmp_path) -> None:
     folder = tmp_path / "stall"
     folder.mkdir()
@@ -102,6 +108,7 @@ def test_a_call_past_its_backstop_is_a_stall_that_says_it_reset_the_instance(plu
         plugins.close()
 
 
+@saturated_skip
 def test_the_loop_counts_a_stall_apart_and_neither_blames_nor_quarantines_the_plugin(run_daemon, plugin_dir,
                                                                                    monkeypatch) -> None:
     monkeypatch.setattr(plugin_set, "Backstop", lambda real: TightBackstop())
