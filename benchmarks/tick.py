@@ -1,24 +1,33 @@
 """The daemon's tick against the floor: the same work done directly, measured in the same run.
 
-Work per tick: 12 sensor reads on gpiozero mock pins (4 MCP3008 channels over the simulated SPI bus, 8 GPIO
-inputs), one context encode, 3 Extism plugin calls (two bundled plugins and `sweep`, which commands all
-8 actuators with values that change every tick), 3 output decodes, 8 actuator writes.
+Work per tick, in two workloads: `adc` reads 12 sensors on gpiozero mock pins (4 MCP3008 channels over
+the simulated SPI bus, 8 GPIO inputs), `light` reads 12 GPIO inputs and no ADC (the simulated SPI reads
+dominate `adc` and hide the daemon's own cost). Then one context encode, N Extism plugin calls (copies of
+`tests/plugins/echo_output.wasm`, each returning two fixed commands from its config), N output decodes,
+and the actuator writes (8 actuators: copy i commands actuators 2i and 2i+1, modulo 8).
 
-The floor does exactly that with no validation, arbitration, stats or scheduling. The daemon is
-measured twice: its tick body (`ControlLoop.tick`) and whole loop iterations (`Daemon.serve` on a
-virtual clock, so scheduling costs are counted but no time is spent sleeping). Rounds alternate
-between floor and daemon so machine noise hits both alike; medians of the rounds are reported.
+The floor does exactly that with no validation, arbitration, stats or scheduling, but its plugins are
+compiled as the daemon compiles them: the same memory limit, the same fuel limit and the same wall-clock
+backstop (`plugins.backstop`), both part of the honest cost of a call. The daemon is measured twice: its
+tick body (`ControlLoop.tick`) and whole loop iterations (`Daemon.serve` on a virtual clock, so
+scheduling costs are counted but no time is spent sleeping). Rounds alternate between floor and daemon so
+machine noise hits both alike; medians of the rounds are reported.
 
-    python benchmarks/tick.py [--ticks 1000] [--rounds 5] [--record FILE]
+    python benchmarks/tick.py [--plugins 3] [--workload adc|light|both] [--ticks 1000] [--rounds 5]
+                              [--record FILE] [--profile FILE]
 
 With --record the daemon records every tick (`record`): the loop iteration then includes encoding
-each tick's line (after the tick, in `tick_done`), and a row measures that encode alone.
+each tick's line (after the tick, in `tick_done`), and a row measures that encode alone. With --profile
+the daemon's tick body is run once more under cProfile and the stats are written to FILE (one file per
+workload, the workload's name appended).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import cProfile
 import json
 import statistics
 import tempfile
@@ -29,40 +38,64 @@ from typing import Any, Callable
 import extism
 import yaml
 from gpiozero import MCP3008, AngularServo, Device, DigitalInputDevice, OutputDevice, PWMOutputDevice
-from pi_controller.simulators.adc import SimulatedMCP3008
 
 from pi_controller import config, logs
 from pi_controller.clock import VirtualClock
 from pi_controller.daemon import Daemon
 from pi_controller.devices.pins import mock_factory
+from pi_controller.plugins.backstop import Backstop
+from pi_controller.plugins.extism_adapter import Module, compile_module
 from pi_controller.sim import record
 from pi_controller.simulators.adc import SimulatedMCP3008
 
 REPO = Path(__file__).resolve().parent.parent
-PLUGINS = {"temperature_control": REPO / "plugins", "energy_saver": REPO / "plugins",
-           "sweep": REPO / "tests" / "plugins"}
+PLUGIN = REPO / "tests" / "plugins" / "echo_output.wasm"
 ADC_CHANNELS = 4
 INPUT_PINS = (4, 5, 6, 16, 17, 22, 23, 24)
+LIGHT_PINS = INPUT_PINS + (7, 8, 9, 10)  # in place of the ADC's four channels (SPI pins unused)
 PWM_PINS = (18, 19, 25, 26)
 RELAY_PINS = (20, 27)
 SERVO_PINS = (12, 13)
 MEMORY_PAGES, TIMEOUT_MS = 32, 10
 
 
-def config_data(plugin_dir: Path) -> dict[str, Any]:
-    sensors: list[dict[str, Any]] = [
-        {"id": "temperature_sensor" if ch == 0 else f"adc{ch}", "kind": "mcp3008", "channel": ch,
-         "unit": "celsius", "scale": 330.0, "offset": -50.0} for ch in range(ADC_CHANNELS)]
-    sensors += [{"id": f"input{pin}", "kind": "motion", "pin": pin} for pin in INPUT_PINS]
-    actuators: list[dict[str, Any]] = [{"id": f"pwm{pin}", "kind": "pwm", "pin": pin} for pin in PWM_PINS]
-    actuators += [{"id": "relay_switch" if pin == 27 else f"relay{pin}", "kind": "relay", "pin": pin}
-                  for pin in RELAY_PINS]
-    actuators += [{"id": f"servo{pin}", "kind": "servo", "pin": pin} for pin in SERVO_PINS]
+def actuators() -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = [{"id": f"pwm{pin}", "kind": "pwm", "pin": pin} for pin in PWM_PINS]
+    found += [{"id": f"relay{pin}", "kind": "relay", "pin": pin} for pin in RELAY_PINS]
+    return found + [{"id": f"servo{pin}", "kind": "servo", "pin": pin} for pin in SERVO_PINS]
+
+
+def command(actuator: dict[str, Any]) -> dict[str, Any]:
+    """A fixed command that moves `actuator` away from its start-up state."""
+    if actuator["kind"] == "pwm":
+        return {"device_id": actuator["id"], "action": "pwm", "parameters": {"duty_cycle": 40}}
+    if actuator["kind"] == "servo":
+        return {"device_id": actuator["id"], "action": "set_angle", "parameters": {"angle": 30}}
+    return {"device_id": actuator["id"], "action": "set_high"}
+
+
+def plugin_settings(count: int) -> dict[str, dict[str, Any]]:
+    """Copy i of the plugin returns two fixed commands, for actuators 2i and 2i+1 (modulo 8)."""
+    targets = actuators()
+    return {f"echo{i:02}": {"config": {"output": json.dumps(
+        [command(targets[(2 * i) % len(targets)]), command(targets[(2 * i + 1) % len(targets)])])}}
+        for i in range(count)}
+
+
+def config_data(plugin_dir: Path, workload: str, count: int) -> dict[str, Any]:
+    sensors: list[dict[str, Any]] = []
+    if workload == "adc":
+        sensors += [{"id": f"adc{ch}", "kind": "mcp3008", "channel": ch, "unit": "celsius", "scale": 330.0,
+                     "offset": -50.0} for ch in range(ADC_CHANNELS)]
+    sensors += [{"id": f"input{pin}", "kind": "line", "pin": pin}
+                for pin in (INPUT_PINS if workload == "adc" else LIGHT_PINS)]
     return {
-        "pins": {"factory": "mock"}, "sensors": sensors, "actuators": actuators,
+        "pins": {"factory": "mock"}, "sensors": sensors, "actuators": actuators(),
         "plugins": {"directory": str(plugin_dir),
                     "defaults": {"memory_pages": MEMORY_PAGES, "timeout_ms": TIMEOUT_MS},
-                    "settings": {"energy_saver": {"config": {"sensor": "adc1", "light": "pwm18"}}}},
+                    "settings": plugin_settings(count)},
+        # A slow rate, so that the plugins' timeouts fit a tick at any count (the clock is virtual anyway).
+        "loop": {"rate_hz": 1, "plugin_budget": 0.9}, "watchdog": {"timeout_s": 5},
     }
 
 
@@ -78,16 +111,21 @@ class Floor:
             (s.id, MCP3008(channel=s.channel, pin_factory=self.factory), lambda d: d.value * 330 - 50)
             for s in settings.sensors if s.kind == "mcp3008"]
         self.sensors += [(s.id, DigitalInputDevice(s.pin, pull_up=False, pin_factory=self.factory),
-                          lambda d: d.value) for s in settings.sensors if s.kind == "motion"]
+                          lambda d: d.value) for s in settings.sensors if s.kind == "line"]
         self.devices = {a.id: self._device(a) for a in settings.actuators}
         self.states = {a.id: {"type": a.kind, "on": False, "value": 0.0} for a in settings.actuators}
+        defaults = settings.plugins.defaults
+        backstop_ms = Backstop().ms(defaults.fuel, defaults.timeout_ms)  # as the daemon sizes it
+        data = base64.b64encode(PLUGIN.read_bytes()).decode()
         self.plugins: list[tuple[extism.Plugin, bytes]] = []
-        for name, folder in PLUGINS.items():
-            own = settings.plugins.settings.get(name)
-            manifest = {"wasm": [{"data": (folder / f"{name}.wasm").read_bytes()}],
-                        "memory": {"max_pages": MEMORY_PAGES}, "timeout_ms": TIMEOUT_MS}
-            suffix = b',"config":' + json.dumps(dict(own.config) if own else {}).encode() + b"}"
-            self.plugins.append((extism.Plugin(manifest, wasi=False, functions=[]), suffix))
+        self.modules: list[Module] = []
+        for own in settings.plugins.settings.values():
+            manifest = json.dumps({"wasm": [{"data": data}], "memory": {"max_pages": defaults.memory_pages},
+                                   "timeout_ms": backstop_ms})
+            module = compile_module(manifest.encode(), False, defaults.fuel, None)
+            suffix = b',"config":' + json.dumps(dict(own.config)).encode() + b"}"
+            self.modules.append(module)
+            self.plugins.append((module.instantiate(), suffix))
 
     def _device(self, a: Any) -> Any:
         if a.kind == "pwm":
@@ -124,6 +162,10 @@ class Floor:
             device.close()
         for device in self.devices.values():
             device.close()
+        for plugin, _ in self.plugins:
+            plugin.__exit__(None, None, None)
+        for module in self.modules:
+            module.free()
 
 
 def per_tick(run: Callable[[int], None], ticks: int) -> float:
@@ -132,20 +174,14 @@ def per_tick(run: Callable[[int], None], ticks: int) -> float:
     return (time.perf_counter() - start) / ticks
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ticks", type=int, default=1000)  # amortizes serve()'s start-up over many ticks
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--record", type=Path, help="record the daemon's ticks to this file (.gz: gzip)")
-    args = parser.parse_args()
-    logs.configure("console", "warning")
+def measure(workload: str, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "plugins"
         folder.mkdir()
-        for name, source in PLUGINS.items():
-            (folder / f"{name}.wasm").write_bytes((source / f"{name}.wasm").read_bytes())
+        for name in plugin_settings(args.plugins):
+            (folder / f"{name}.wasm").write_bytes(PLUGIN.read_bytes())
         path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump(config_data(folder)))
+        path.write_text(yaml.safe_dump(config_data(folder, workload, args.plugins)))
         settings = config.load(path)
         floor = Floor(settings)
         daemon = Daemon(settings, clock=VirtualClock(), record=args.record)
@@ -179,21 +215,38 @@ def main() -> None:
             results["loop iteration"].append(per_tick(loop_run, args.ticks))
             if args.record:
                 results["record encode"].append(per_tick(encode_run, args.ticks))
+        if args.profile:
+            cProfile.runctx("body_run(n)", globals(), {"body_run": body_run, "n": args.ticks},
+                            f"{args.profile}.{workload}")
         writes = sum(len(s.states) for s in daemon.hardware.factory.pins.values())
         stats = daemon.status.snapshot()
         adc.close()
         daemon.close()
         floor.close()
     floor_median = statistics.median(results["floor"])
-    print(f"work per tick: {len(settings.sensors)} sensor reads, 1 encode, {len(PLUGINS)} plugin calls and "
-          f"decodes, {len(settings.actuators)} actuator writes ({args.rounds} rounds x {args.ticks} ticks)")
+    print(f"{workload} workload: {len(settings.sensors)} sensor reads, 1 encode, {args.plugins} plugin calls "
+          f"and decodes, {len(settings.actuators)} actuators ({args.rounds} rounds x {args.ticks} ticks)")
     for name, samples in results.items():
         median = statistics.median(samples)
         print(f"{name:>15}: {median * 1e6:8.0f} us/tick  ({median / floor_median:.2f}x floor)")
-    errors = {name: p["errors"] + p["rejected"] for name, p in stats["plugins"].items()}
-    print(f"daemon plugin errors+rejections: {errors}; pin state changes recorded: {writes}")
+    errors = {name: p["errors"] + p["rejected"] for name, p in stats["plugins"].items() if p["errors"] + p["rejected"]}
+    print(f"daemon plugin errors+rejections: {errors or 'none'}; pin state changes recorded: {writes}")
     if args.record:
         print(f"recording: {args.record.stat().st_size / (args.rounds * args.ticks):.0f} bytes/tick on disk")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plugins", type=int, default=3, help="copies of the plugin called each tick")
+    parser.add_argument("--workload", choices=("adc", "light", "both"), default="both")
+    parser.add_argument("--ticks", type=int, default=1000)  # amortizes serve()'s start-up over many ticks
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--record", type=Path, help="record the daemon's ticks to this file (.gz: gzip)")
+    parser.add_argument("--profile", type=Path, help="cProfile the daemon's tick body into FILE.<workload>")
+    args = parser.parse_args()
+    logs.configure("console", "warning")
+    for workload in ("light", "adc") if args.workload == "both" else (args.workload,):
+        measure(workload, args)
 
 
 if __name__ == "__main__":
