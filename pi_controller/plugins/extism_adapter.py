@@ -51,6 +51,17 @@ class Module:
         self._compiled.__del__()
 
 
+def call(instance: extism.Plugin, function: bytes, data: bytes) -> bytes:
+    """`instance.call(function, data)` without what the SDK adds to every call and we never use (a cffi
+    handle for a host context, the name's encode, a parse callback): 2.5 us of its 23 here, on the tick's
+    path once per plugin. Errors are the SDK's: its own check raises them."""
+    rc = _lib.extism_plugin_call(instance.plugin, function, data, len(data))
+    if rc != 0 or _lib.extism_plugin_error(instance.plugin) != _ffi.NULL:
+        instance._check_error(rc)
+    return bytes(_ffi.buffer(_lib.extism_plugin_output_data(instance.plugin),
+                             _lib.extism_plugin_output_length(instance.plugin)))
+
+
 def compile_module(manifest: bytes, wasi: bool, fuel: int, host: Any,
                    functions: Sequence[HostFunction] = ()) -> Module:
     """The compiled module of `manifest` (libextism's JSON, module inline), with a fuel limit and

@@ -19,7 +19,7 @@ import extism
 
 from pi_controller.contract import Command, CommandTarget, Context, Rejection, encode_config, parse_output
 from pi_controller.plugins.backstop import Backstop
-from pi_controller.plugins.extism_adapter import Module, compile_module, handle
+from pi_controller.plugins.extism_adapter import Module, call, compile_module, handle
 from pi_controller.plugins.extism_log import router
 from pi_controller.plugins.host_functions import FUNCTIONS, PluginHost
 from pi_controller.plugins.manifest import Grant, Refused
@@ -27,6 +27,7 @@ from pi_controller.plugins.quarantine import Quarantine
 from pi_controller.plugins.wasm_gate import trial
 
 ENTRY_POINT = "control_logic"
+_ENTRY_POINT = ENTRY_POINT.encode()  # as libextism takes it, encoded once
 HEALTH_CHECK = "health_check"  # optional export: called once at load; an error refuses the plugin
 
 # Failures after which the instance is rebuilt: Extism keeps an instance whose call trapped or was
@@ -104,6 +105,9 @@ class SandboxedPlugin:
         self.config_suffix = encode_config(terms.config)
         self.last_call_s: float = 0.0
         self.last_output: bytes | None = None  # of the last `decide`
+        # The last output that parsed, the actuators it was parsed against and what came of it: a plugin
+        # that says the same as last tick (most do, most ticks) costs no parse and no screen.
+        self._screened: tuple[bytes, Mapping[str, CommandTarget], list[Command], list[Rejection]] | None = None
         self._module = compile_plugin(wasm, terms, self._host_handle, self.backstop_ms)
         try:
             self._instance, self._id = self._instantiate()
@@ -135,23 +139,23 @@ class SandboxedPlugin:
             raise Refused(f"the module does not export '{ENTRY_POINT}'")
         if self._instance.function_exists(HEALTH_CHECK):
             try:
-                self._invoke(HEALTH_CHECK, b"")
+                self._invoke(HEALTH_CHECK.encode(), b"")
             except PluginCallError as exc:
                 raise Refused(f"{HEALTH_CHECK} failed: {exc}") from exc
 
     def call(self, context: bytes, tick: int | None = None) -> bytes:
         """One tick: `context` is the context without its config (`contract.encode_context`)."""
-        output = self._invoke(ENTRY_POINT, context + self.config_suffix, tick)
+        output = self._invoke(_ENTRY_POINT, context + self.config_suffix, tick)
         router().drain()  # 0.75 us: other lines are logged now, and libextism's buffer never grows
         if len(output) > self.grant.max_output_bytes:
             raise PluginCallError("output_too_large", f"output of {len(output)} bytes exceeds max_output_bytes "
                                   f"{self.grant.max_output_bytes}")
         return output
 
-    def _invoke(self, function: str, data: bytes, tick: int | None = None) -> bytes:
+    def _invoke(self, function: bytes, data: bytes, tick: int | None = None) -> bytes:
         self.host.start_call(tick)
         try:
-            output: bytes = self._instance.call(function, data)
+            output = call(self._instance, function, data)
         except extism.Error as exc:
             error = self._call_error(exc)
             if error.kind in _REBUILD_AFTER:
@@ -188,7 +192,18 @@ class SandboxedPlugin:
             self.last_output = self.call(self.view(context), context.tick)
         finally:
             self.last_call_s = timer() - started
-        return self.screen(*parse_output(self.last_output, self.name, self.priority, targets))
+        return self._parse_and_screen(self.last_output, targets)
+
+    def _parse_and_screen(self, output: bytes, targets: Mapping[str, CommandTarget]
+                          ) -> tuple[list[Command], list[Rejection]]:
+        """`screen(parse_output(...))`, or what it gave last time for the same output and actuators (a
+        reload makes a new mapping of them). Commands are never changed once made: they are shared."""
+        last = self._screened
+        if last is not None and last[1] is targets and last[0] == output:
+            return list(last[2]), list(last[3])
+        commands, rejections = self.screen(*parse_output(output, self.name, self.priority, targets))
+        self._screened = (output, targets, commands, rejections)
+        return list(commands), list(rejections)
 
     def view(self, context: Context) -> bytes:
         """The context as this plugin may see it: only the readings of its declared sensors."""
