@@ -11,15 +11,16 @@ compiled as the daemon compiles them: the same memory limit, the same fuel limit
 backstop (`plugins.backstop`), both part of the honest cost of a call. The daemon is measured twice: its
 tick body (`ControlLoop.tick`) and whole loop iterations (`Daemon.serve` on a virtual clock, so
 scheduling costs are counted but no time is spent sleeping). Rounds alternate between floor and daemon so
-machine noise hits both alike; medians of the rounds are reported.
+machine noise hits both alike; medians of the rounds are reported, of wall-clock time and of the
+process's CPU time (steadier on a busy machine).
 
     python benchmarks/tick.py [--plugins 3] [--workload adc|light|both] [--ticks 1000] [--rounds 5]
                               [--record FILE] [--profile FILE]
 
 With --record the daemon records every tick (`record`): the loop iteration then includes encoding
 each tick's line (after the tick, in `tick_done`), and a row measures that encode alone. With --profile
-the daemon's tick body is run once more under cProfile and the stats are written to FILE (one file per
-workload, the workload's name appended).
+the daemon's tick body and its loop iterations are run once more under cProfile, into
+FILE.<workload>.tick and FILE.<workload>.loop.
 """
 
 from __future__ import annotations
@@ -173,10 +174,11 @@ class Floor:
             module.free()
 
 
-def per_tick(run: Callable[[int], None], ticks: int) -> float:
-    start = time.perf_counter()
+def per_tick(run: Callable[[int], None], ticks: int) -> tuple[float, float]:
+    """Wall-clock and CPU seconds per tick: on a busy machine the process's CPU time is the steadier."""
+    start, cpu = time.perf_counter(), time.process_time()
     run(ticks)
-    return (time.perf_counter() - start) / ticks
+    return (time.perf_counter() - start) / ticks, (time.process_time() - cpu) / ticks
 
 
 def measure(workload: str, args: argparse.Namespace) -> None:
@@ -211,7 +213,7 @@ def measure(workload: str, args: argparse.Namespace) -> None:
             for _ in range(n):
                 record.encode(trace, trace.states)
 
-        results: dict[str, list[float]] = {"floor": [], "tick body": [], "loop iteration": []}
+        results: dict[str, list[tuple[float, float]]] = {"floor": [], "tick body": [], "loop iteration": []}
         if args.record:
             results["record encode"] = []
         for _ in range(args.rounds):
@@ -221,19 +223,20 @@ def measure(workload: str, args: argparse.Namespace) -> None:
             if args.record:
                 results["record encode"].append(per_tick(encode_run, args.ticks))
         if args.profile:
-            cProfile.runctx("body_run(n)", globals(), {"body_run": body_run, "n": args.ticks},
-                            f"{args.profile}.{workload}")
+            for what, run in (("tick", body_run), ("loop", loop_run)):
+                cProfile.runctx("run(n)", globals(), {"run": run, "n": args.ticks}, f"{args.profile}.{workload}.{what}")
         writes = sum(len(s.states) for s in daemon.hardware.factory.pins.values())
         stats = daemon.status.snapshot()
         adc.close()
         daemon.close()
         floor.close()
-    floor_median = statistics.median(results["floor"])
+    floor_wall, floor_cpu = (statistics.median(column) for column in zip(*results["floor"]))
     print(f"{workload} workload: {len(settings.sensors)} sensor reads, 1 encode, {args.plugins} plugin calls "
           f"and decodes, {len(settings.actuators)} actuators ({args.rounds} rounds x {args.ticks} ticks)")
     for name, samples in results.items():
-        median = statistics.median(samples)
-        print(f"{name:>15}: {median * 1e6:8.0f} us/tick  ({median / floor_median:.2f}x floor)")
+        wall, cpu = (statistics.median(column) for column in zip(*samples))
+        print(f"{name:>15}: {wall * 1e6:8.0f} us/tick  ({wall / floor_wall:.2f}x floor)   "
+              f"CPU {cpu * 1e6:8.0f} us/tick  ({cpu / floor_cpu:.2f}x floor)")
     errors = {name: bad for name, p in stats["plugins"].items() if (bad := p["errors"] + p["rejected"] + p["stalls"])}
     print(f"daemon plugin errors+rejections+stalls: {errors or 'none'}; floor stalls: {floor.stalls}; "
           f"pin state changes recorded: {writes}")
@@ -248,7 +251,7 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=1000)  # amortizes serve()'s start-up over many ticks
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--record", type=Path, help="record the daemon's ticks to this file (.gz: gzip)")
-    parser.add_argument("--profile", type=Path, help="cProfile the daemon's tick body into FILE.<workload>")
+    parser.add_argument("--profile", type=Path, help="cProfile the daemon's tick body and loop into FILE.<workload>.tick/.loop")
     args = parser.parse_args()
     logs.configure("console", "warning")
     for workload in ("light", "adc") if args.workload == "both" else (args.workload,):
