@@ -251,7 +251,8 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=1000)  # amortizes serve()'s start-up over many ticks
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--record", type=Path, help="record the daemon's ticks to this file (.gz: gzip)")
-    parser.add_argument("--profile", type=Path, help="cProfile the daemon's tick body and loop into FILE.<workload>.tick/.loop")
+    parser.add_argument("--profile", type=Path,
+                        help="cProfile the daemon's tick body and loop into FILE.<workload>.tick and .loop")
     args = parser.parse_args()
     logs.configure("console", "warning")
     for workload in ("light", "adc") if args.workload == "both" else (args.workload,):
