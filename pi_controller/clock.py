@@ -26,7 +26,7 @@ class Clock(Protocol):
         """Wait until monotonic() reaches `deadline`; False if `stop` was set first."""
 
 
-FINE_S = 0.002  # the last stretch before a deadline, waited for precisely (see SystemClock.sleep_until)
+FINE_S = 0.005  # the last stretch before a deadline, waited for precisely (see SystemClock.sleep_until)
 
 
 class SystemClock:
@@ -45,8 +45,9 @@ class SystemClock:
         """A coarse sleep on the event loop until `FINE_S` before the deadline, then a fine one.
 
         The event loop's timers and epoll's millisecond timeout round up: waking on them alone lands
-        a tick ~0.9 ms late at the median. The last stretch is a blocking `time.sleep` (a kernel
-        hrtimer, accurate to tens of microseconds, no core burnt); the loop has nothing else to do then.
+        a tick ~0.9 ms late at the median, and a few milliseconds late now and then. The last 5 ms are
+        a blocking `time.sleep` (a kernel hrtimer, accurate to tens of microseconds, no core burnt):
+        the loop has nothing else to do then, and paho, the watchdog and the log writer have threads.
         """
         if stop.is_set():
             return False
