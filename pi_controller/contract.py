@@ -20,7 +20,7 @@ from typing import Any, Container, Mapping, Protocol, Sequence
 
 from pi_controller.devices.sensors import Reading
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # what plugins and recordings get
 
 
 class Rejected(Exception):
@@ -63,7 +63,7 @@ class Rejection:
 
 def encode_config(config: Mapping[str, Any]) -> bytes:
     """A plugin's config as the tail of its context; done once, when the plugin is loaded."""
-    return b',"config":' + _ENCODER.encode(config).encode() + b"}"
+    return b',"config":' + COMPACT.encode(config).encode() + b"}"
 
 
 READINGS_KEY = b'{"sensor_readings":'  # how every context starts
@@ -88,7 +88,7 @@ class Context:
 
 def encode_context(readings: Sequence[Reading], device_states: Mapping[str, Any], timestamp: float,
                    tick: int) -> Context:
-    rest = _ENCODER.encode({"device_states": device_states, "timestamp": timestamp, "tick": tick})
+    rest = COMPACT.encode({"device_states": device_states, "timestamp": timestamp, "tick": tick})
     parts = tuple(_reading(r) for r in readings)
     tail = b"," + rest[1:-1].encode()
     return Context(readings, parts, tail, tick, READINGS_KEY + ("[" + ",".join(parts) + "]").encode() + tail)
@@ -98,14 +98,14 @@ def _reading(r: Reading) -> str:
     """A reading's JSON. A valid one is written by hand from parts encoded once per sensor: the tick's
     hottest encode, a third of what json.dumps of a dict costs. Same bytes."""
     if r.error is not None or r.value is None:
-        return _ENCODER.encode(r.as_json())
+        return COMPACT.encode(r.as_json())
     return (f'{{"sensor_id":{_string(r.sensor_id)},"value":{float(r.value)!r},"unit":{_string(r.unit)},'
             f'"timestamp":{float(r.timestamp)!r},"valid":true}}')
 
 
 @functools.lru_cache(maxsize=1024)
 def _string(text: str) -> str:
-    return _ENCODER.encode(text)
+    return COMPACT.encode(text)
 
 
 def number(parameters: Mapping[str, Any], name: str, low: float, high: float) -> float:

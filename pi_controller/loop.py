@@ -28,7 +28,7 @@ from pi_controller.logs import ChangeLog, kind_of
 from pi_controller.mqtt.operator import Operator
 from pi_controller.observer import LoopObserver, TickReport, TickTrace, Verdicts
 from pi_controller.plugins.plugin_set import PluginSet
-from pi_controller.plugins.sandbox import SandboxedPlugin
+from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from pi_controller.safety.ownership import Failsafe, Health
 from pi_controller.safety.rules import FORCING, Hold, Safety
 from pi_controller.stats import PluginStats, TickStats
@@ -239,7 +239,7 @@ class ControlLoop:
                 number: int) -> None:
         """A call that gave no usable output: the plugin's fault (counted, towards quarantine and the
         failsafe), or a stall of the machine's (counted apart; the plugin is neither blamed nor cleared)."""
-        kind = getattr(exc, "kind", type(exc).__name__)
+        kind = PluginCallError.kind_of(exc)
         reset, fault = getattr(exc, "reset", False), getattr(exc, "plugin_s_fault", True)
         stats.resets += reset
         self.verdicts.failures[plugin.name] = kind

@@ -46,6 +46,11 @@ class ModelSettings:
         return {}
 
 
+def wired(**references: tuple[str, str | None]) -> dict[str, tuple[str, str]]:
+    """`references` without the optional devices left unset."""
+    return {key: (kind, ref) for key, (kind, ref) in references.items() if ref is not None}
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoomSettings(ModelSettings):
     """First-order thermal model: the room relaxes to the outside temperature, the heater adds
@@ -98,10 +103,7 @@ class DaylightSettings(ModelSettings):
     lamp_lux: float = bounded(0, 200_000, default=150.0)
 
     def references(self) -> dict[str, tuple[str, str]]:
-        refs = {"sensor": ("sensor", self.sensor)}
-        if self.lamp is not None:
-            refs["lamp"] = ("actuator", self.lamp)
-        return refs
+        return wired(sensor=("sensor", self.sensor), lamp=("actuator", self.lamp))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,10 +117,7 @@ class ServoModelSettings(ModelSettings):
     speed_deg_s: float = bounded(0.01, 1e5, default=60.0)
 
     def references(self) -> dict[str, tuple[str, str]]:
-        refs = {"servo": ("actuator", self.servo)}
-        if self.sensor is not None:
-            refs["sensor"] = ("sensor", self.sensor)
-        return refs
+        return wired(servo=("actuator", self.servo), sensor=("sensor", self.sensor))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,10 +132,7 @@ class FanSettings(ModelSettings):
     spin_up_s: float = bounded(0.01, 1e4, default=2.0)
 
     def references(self) -> dict[str, tuple[str, str]]:
-        refs = {"motor": ("actuator", self.motor)}
-        if self.sensor is not None:
-            refs["sensor"] = ("sensor", self.sensor)
-        return refs
+        return wired(motor=("actuator", self.motor), sensor=("sensor", self.sensor))
 
 
 KINDS: dict[str, type[ModelSettings]] = {

@@ -13,6 +13,7 @@ from pi_controller.devices.pins import SimulatedFactory
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
 from pi_controller.mqtt.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig, parse_set
+from pi_controller.plugins.sandbox import SandboxedPlugin
 
 
 @pytest.fixture
@@ -26,6 +27,8 @@ def devices():
 
 class FakePlugin(SimpleNamespace):
     """Only what the operator touches of a plugin: its name, grant config and config suffix."""
+
+    set_config = SandboxedPlugin.set_config
 
 
 def plugin(name: str = "thermostat") -> FakePlugin:

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import structlog
 
-from pi_controller.contract import Command, Rejected, encode_config
+from pi_controller.contract import Command, Rejected
 from pi_controller.devices.actuators import Actuator
 from pi_controller.names import OPERATOR
 from pi_controller.plugins.plugin_config import check_change
@@ -124,15 +124,15 @@ class Operator:
         if plugin is None:
             log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
             return
-        current = {**plugin.grant.config, **self.config.get(request.name, {})}
+        changed = self.config.get(request.name, {})
         try:
-            check_change(request.key, request.value, plugin.grant.config_schema, current)
+            check_change(request.key, request.value, plugin.grant.config_schema, {**plugin.grant.config, **changed})
         except Rejected as exc:
             log.warning("plugin_config_refused", plugin=request.name, key=request.key[:64], tick=tick,
                         rule=exc.rule, reason=str(exc))
             return
-        changed = {**self.config.get(request.name, {}), request.key: request.value}
-        plugin.config_suffix = encode_config({**plugin.grant.config, **changed})
+        changed = {**changed, request.key: request.value}
+        plugin.set_config(changed)
         self.config[request.name] = changed
         log.info("plugin_config_set", plugin=request.name, key=request.key, value=request.value, tick=tick)
 

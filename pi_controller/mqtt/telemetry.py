@@ -60,6 +60,7 @@ class Telemetry(LoopObserver):
         self.dropped = 0
         self.readings_queued = 0
         self._published: dict[str, tuple[Any, float]] = {}  # topic -> (what was sent, when)
+        self._sensor_policies: dict[str, tuple[str, Callable[[Any, Any], bool]]] = {}  # by sensor id
         rate = self.mqtt.max_messages_per_s
         self._bucket = TokenBucket(rate, rate, timer(), tokens=0.0)  # a second's worth at most
         self._connected = threading.Event()
@@ -200,24 +201,30 @@ class Telemetry(LoopObserver):
     def _collect(self, now: float) -> None:
         heartbeat = self.mqtt.heartbeat_s
         for reading in self.status.readings():
-            data = reading.as_json()
-            band = self.mqtt.deadband.get(reading.sensor_id, 0.0)
-            self.readings_queued += self._offer(self.topics.sensor(reading.sensor_id), data, now, heartbeat,
-                                                lambda old, new, band=band: _moved(old, new, band))
+            topic, moved = self._sensor_policy(reading.sensor_id)
+            self.readings_queued += self._offer(topic, reading.as_json(), now, heartbeat, moved)
         overrides = self.operator.overrides()
         guards = self.status.guards()
         for device, state in self.status.actuator_states().items():
             self._offer(self.topics.actuator(device), _actuator_payload(state, device in overrides, guards.get(device)),
                         now, heartbeat)
         for name, state in self.status.plugin_states().items():
-            self._offer(self.topics.plugin(name), state, now, heartbeat,
-                        lambda old, new: (old["state"], old["enabled"]) != (new["state"], new["enabled"]))
+            self._offer(self.topics.plugin(name), state, now, heartbeat, _plugin_changed)
         last_loop = self._published.get(self.topics.loop)
         if last_loop is None or now - last_loop[1] >= self.mqtt.loop_interval_s:  # percentiles are not free
             self._offer(self.topics.loop, self.status.loop_state(), now, 0.0)
         telemetry = {"buffered": len(self.outbox), "dropped": self.dropped}
         # Not on every change of `buffered`: during an outage that would fill the buffer with itself.
-        self._offer(self.topics.telemetry, telemetry, now, heartbeat, lambda old, new: old["dropped"] != new["dropped"])
+        self._offer(self.topics.telemetry, telemetry, now, heartbeat, _dropped_changed)
+
+    def _sensor_policy(self, sensor_id: str) -> tuple[str, Callable[[Any, Any], bool]]:
+        """A sensor's topic and what counts as a change worth publishing: made once, used every tick."""
+        policy = self._sensor_policies.get(sensor_id)
+        if policy is None:
+            band = self.mqtt.deadband.get(sensor_id, 0.0)
+            policy = self._sensor_policies[sensor_id] = (self.topics.sensor(sensor_id),
+                                                         lambda old, new: _moved(old, new, band))
+        return policy
 
     def _offer(self, topic: str, data: dict[str, Any], now: float, every: float,
                changed: Callable[[Any, Any], bool] = lambda old, new: old != new) -> bool:
@@ -276,6 +283,14 @@ class Telemetry(LoopObserver):
             log.warning("telemetry_restore_failed", file=str(path), error=str(exc))
         path.unlink(missing_ok=True)
         log.info("telemetry_restored", messages=len(self.outbox), file=str(path))
+
+
+def _plugin_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return (old["state"], old["enabled"]) != (new["state"], new["enabled"])
+
+
+def _dropped_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return bool(old["dropped"] != new["dropped"])
 
 
 def _moved(old: dict[str, Any], new: dict[str, Any], band: float) -> bool:

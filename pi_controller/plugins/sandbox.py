@@ -48,6 +48,12 @@ class PluginCallError(Exception):
         self.kind = kind
         self.reset = reset
 
+    @staticmethod
+    def kind_of(exc: Exception) -> str:
+        """What a failed decision is counted and logged by: the call's kind, or what else was raised."""
+        kind = getattr(exc, "kind", None)  # a PluginCallError's, or the contract's OutputError's
+        return kind if isinstance(kind, str) else type(exc).__name__
+
     @property
     def plugin_s_fault(self) -> bool:
         return self.kind != "stalled"
@@ -102,7 +108,7 @@ class SandboxedPlugin:
         self.sha256 = hashlib.sha256(wasm).hexdigest()
         if terms.sha256 is not None and terms.sha256 != self.sha256:
             raise Refused(f"sha256 {self.sha256} is not the pinned {terms.sha256}")
-        self.config_suffix = encode_config(terms.config)
+        self.set_config({})
         self.last_call_s: float = 0.0
         self.last_output: bytes | None = None  # of the last `decide`
         # The last output that parsed, the actuators it was parsed against and what came of it: a plugin
@@ -142,6 +148,10 @@ class SandboxedPlugin:
                 self._invoke(HEALTH_CHECK.encode(), b"")
             except PluginCallError as exc:
                 raise Refused(f"{HEALTH_CHECK} failed: {exc}") from exc
+
+    def set_config(self, overrides: Mapping[str, Any]) -> None:
+        """The grant's config with an operator's values over it, encoded once for every later call."""
+        self.config_suffix = encode_config({**self.grant.config, **overrides})
 
     def call(self, context: bytes, tick: int | None = None) -> bytes:
         """One tick: `context` is the context without its config (`contract.encode_context`)."""

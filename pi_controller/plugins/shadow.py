@@ -34,7 +34,7 @@ from pi_controller.logs import ChangeLog
 from pi_controller.observer import TickTrace
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
-from pi_controller.plugins.sandbox import SandboxedPlugin
+from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from pi_controller.safety.rules import FORCING
 from pi_controller.sim.agreement import Agreement, verdict_of
 
@@ -100,7 +100,7 @@ class Shadows:
         try:
             commands, rejections = shadow.decide(context, targets)
         except Exception as exc:  # a shadow's failure is its own, and changes nothing live
-            failed = getattr(exc, "kind", type(exc).__name__)
+            failed = PluginCallError.kind_of(exc)
             stats.errors += 1
         shadow.quarantine.record(self.clock.monotonic(), number, len(rejections) + (failed is not None),
                             failed or (rejections[0].reason if rejections else ""))

@@ -61,13 +61,13 @@ class Guard:
     """One actuator's rule state: its owner and what it asked, when it last switched, whether max_on
     tripped, whether a request is waiting on a wear rule."""
 
-    def __init__(self, actuator: Actuator, failsafe_after_s: float):
+    def __init__(self, actuator: Actuator):
         self.actuator = actuator
         self.wanted: Target = actuator.target
         self.plugin = SAFETY  # the owner: whose command `wanted` is
         self.commanded_at = 0.0  # when the owner last asked (monotonic), for the lease
         self.failsafe: str | None = None  # why it was last put in its safe state, until an owner takes it
-        self.failsafe_after_s = failsafe_after_s
+        self.failsafe_after_s = 0.0  # the actuator's own, or the default (set by Safety)
         self.was_on = actuator.is_on(actuator.target)
         self.switched_at: float | None = None  # set by the first tick: start-up counts as a switch
         self.latched = False
@@ -103,7 +103,7 @@ class Safety:
         """`previous`: the rules before a reload, whose timers and owners carry on for the actuators kept.
         `failsafe_after_s`: for actuators that do not set their own."""
         old = previous.guards if previous else {}
-        self.guards = {key: old[key] if key in old and old[key].actuator is a else Guard(a, failsafe_after_s)
+        self.guards = {key: old[key] if key in old and old[key].actuator is a else Guard(a)
                        for key, a in actuators.items()}
         for guard in self.guards.values():
             own = guard.actuator.settings.failsafe_after_s

@@ -37,6 +37,7 @@ from typing import IO, Any, Callable, Iterator
 import structlog
 
 from pi_controller.config import MAX_CONFIG_BYTES, RecordSettings, Settings, read
+from pi_controller.contract import COMPACT
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import LoopObserver, TickReport, TickTrace
 
@@ -45,7 +46,6 @@ log = structlog.get_logger("pi_controller.record")
 FORMAT = "pi-controller-recording"
 VERSION = 1
 MAX_LINE_BYTES = 1024 * 1024  # a tick of a few dozen devices is a few KiB: past this it is no line of ours
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _BATCH = 10  # lines handed to the writer at once: one wake-up of its thread a second at 10 Hz
 _QUEUE_BATCHES = 60  # a minute at 10 Hz: what a stalled card may hold before lines are dropped
 _FLUSH_S = 1.0
@@ -92,7 +92,7 @@ def encode(trace: TickTrace, previous: dict[str, dict[str, Any]] | None) -> byte
              "a": [[w.device_id, w.target, w.plugin] for w in decision.writes],
              "d": sorted(trace.disabled)}
     line.update((key, value) for key, value in parts.items() if value)
-    return _ENCODER.encode(line).encode() + b"\n"
+    return COMPACT.encode(line).encode() + b"\n"
 
 
 class Recorder(LoopObserver):
@@ -107,7 +107,7 @@ class Recorder(LoopObserver):
         self.lines = 0
         self._closed = False
         self._trace = trace
-        self._header = _ENCODER.encode(first_line).encode() + b"\n"
+        self._header = COMPACT.encode(first_line).encode() + b"\n"
         self._states: dict[str, dict[str, Any]] | None = None
         self._batch: list[bytes] = []
         self._queue: queue.Queue[list[bytes]] = queue.Queue(_QUEUE_BATCHES)

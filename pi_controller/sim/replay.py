@@ -29,7 +29,7 @@ from pi_controller.devices.hardware import Hardware
 from pi_controller.devices.sensors import Reading
 from pi_controller.mqtt.operator import OPERATOR
 from pi_controller.plugins.plugin_set import PluginSet
-from pi_controller.plugins.sandbox import SandboxedPlugin
+from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from pi_controller.safety.ownership import Health
 from pi_controller.safety.rules import Safety
 from pi_controller.sim.agreement import Agreement, Verdict, verdict, verdict_of
@@ -89,7 +89,7 @@ class Replay:
             commands, rejections = plugin.decide(context, self.hardware.actuators)
             self.health.ok(plugin.name)
         except Exception as exc:  # a failed call is a verdict to compare, as the loop counts it
-            failed = getattr(exc, "kind", type(exc).__name__)
+            failed = PluginCallError.kind_of(exc)
             self.health.failed(plugin.name, self.clock.monotonic(), f"has failed every call since ({failed})")
         recorded = _recorded(line, plugin.name)
         if recorded is None:
