@@ -151,7 +151,7 @@ class ControlLoop:
         self._report_sensors(number)
         self.plugins.record(self.readings)
         states = self.hardware.states()
-        context = contract.encode_context(self.readings, states, now, number)
+        context = contract.encode_context(self.readings, self.hardware.states_json(), now, number)
         # Operator overrides come first: arbitration keeps the first command for a device.
         proposals = self.operator.commands(self.hardware.actuators, self.plugins, self.clock.monotonic(), number)
         self.health.begin()

@@ -20,26 +20,25 @@ class SimulatedMCP3008:
         factory.spi_chips[self._select] = self
 
     def transfer(self, words: list[int]) -> list[int]:
-        received = [(word >> (7 - i)) & 1 for word in words for i in range(8)]
-        sent: list[int] = []
-        reply: list[int] = []
-        request: list[int] | None = None
-        for bit in received:
-            sent.append(reply.pop(0) if reply else 0)  # MISO is driven on the edge the request bit arrives
-            if request is None:
-                request = [] if bit else None
-            elif len(request) < 4:
-                request.append(bit)
-                if len(request) == 4:
-                    reply = self._answer(*request)
-        return [int("".join(map(str, sent[i:i + 8])), 2) for i in range(0, len(sent), 8)]
+        """The chip's side of one transfer, on the words as integers (a read every sensor poll: bit by bit
+        in Python was most of a simulated tick's reads). The request is the first 1 bit (the start bit)
+        and the four bits after it; the reply's 12 bits go out on MISO from the bit after the request."""
+        size = 8 * len(words)
+        sent = int.from_bytes(bytes(words), "big")
+        start = size - sent.bit_length()  # the start bit's index from the first bit sent
+        if sent == 0 or start + 4 >= size:
+            return [0] * len(words)
+        request = (sent >> (size - start - 5)) & 0b1111
+        reply = self._answer(request >> 3, request >> 2 & 1, request >> 1 & 1, request & 1)
+        shift = size - (start + 5) - (BITS + 2)  # where the reply's last bit lands
+        miso = reply << shift if shift >= 0 else reply >> -shift
+        return list(miso.to_bytes(len(words), "big"))
 
-    def _answer(self, single: int, c2: int, c1: int, c0: int) -> list[int]:
+    def _answer(self, single: int, c2: int, c1: int, c0: int) -> int:
         channel = c2 << 2 | c1 << 1 | c0
         level = self.fractions[channel] if single else self.fractions[channel] - self.fractions[channel ^ 1]
-        value = round(min(1.0, max(0.0, level)) * (2 ** BITS - 1))
-        # A sample bit and a null bit come before the result.
-        return [(value >> (BITS + 1 - i)) & 1 for i in range(BITS + 2)]
+        # A sample bit and a null bit (both 0) come before the 10-bit result: 12 bits in all.
+        return round(min(1.0, max(0.0, level)) * (2 ** BITS - 1))
 
     def close(self) -> None:
         if self._factory.spi_chips.get(self._select) is self:

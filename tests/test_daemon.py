@@ -254,7 +254,7 @@ def test_plugin_gets_the_context_exactly_as_encoded_with_its_own_config(run_daem
     daemon = run_daemon(data, 0, plugins=plugin_dir("echo_input"))
     plugin = next(iter(daemon.plugins))
     readings = daemon.hardware.read(1234.5)
-    prefix = contract.encode_context(readings, daemon.hardware.states(), 1234.5, 7).encoded
+    prefix = contract.encode_context(readings, daemon.hardware.states_json(), 1234.5, 7).encoded
     seen = json.loads(plugin.call(prefix))
     assert seen == {
         "sensor_readings": [r.as_json() for r in readings],

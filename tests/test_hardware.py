@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -17,7 +18,7 @@ from pi_controller.devices import actuators, sensors
 from pi_controller.devices.cpu_temperature import CPUTemperatureSettings
 from pi_controller.devices.digital import DigitalSettings
 from pi_controller.devices.ds18b20 import DS18B20Settings
-from pi_controller.devices.hardware import Hardware, HardwareError
+from pi_controller.devices.hardware import Hardware, HardwareError, Write
 from pi_controller.devices.mcp3008 import MCP3008Settings
 from pi_controller.devices.pins import SimulatedFactory, make_factory
 from pi_controller.devices.pwm import PwmSettings
@@ -115,6 +116,40 @@ def test_mcp3008_reads_through_software_spi_with_scale_and_offset(factory) -> No
     adc.fractions[3] = 0.0
     assert sensor.read(0).value == pytest.approx(-50.0, abs=330 / 1023)
     sensor.close()
+
+
+def test_simulated_mcp3008_answers_every_channel_single_ended_and_differential(factory) -> None:
+    from gpiozero import MCP3008
+
+    adc = SimulatedMCP3008(factory, 0)
+    adc.fractions = [0.0, 0.1, 0.25, 0.5, 0.6, 0.75, 0.9, 1.0]
+    for channel in range(8):
+        single = MCP3008(channel=channel, pin_factory=factory)
+        pair = MCP3008(channel=channel, differential=True, pin_factory=factory)
+        try:  # 10 bits: within one step of full scale
+            assert single.value == pytest.approx(adc.fractions[channel], abs=1 / 1023)
+            assert pair.value == pytest.approx(max(0.0, adc.fractions[channel] - adc.fractions[channel ^ 1]), abs=1 / 1023)
+        finally:
+            single.close()
+            pair.close()
+    adc.close()
+
+
+def test_states_json_follows_every_actuator_change(write_config) -> None:
+    data = {"actuators": [{"id": "led", "kind": "pwm", "pin": 18}, {"id": "fan", "kind": "relay", "pin": 27}],
+            "pins": {"factory": "mock"}}
+    settings = config.load(write_config(data))
+    hardware = Hardware.build(settings, make_factory(settings, simulate=True), CLOCK)
+    try:
+        first = hardware.states_json()
+        assert json.loads(first) == hardware.states()
+        assert hardware.states_json() is first  # nothing moved: not encoded again
+        hardware.apply([Write("led", 0.4, "p")], 1)
+        assert json.loads(hardware.states_json())["led"]["value"] == pytest.approx(0.4)
+        hardware.apply([Write("fan", 1.0, "p")], 2)
+        assert json.loads(hardware.states_json()) == hardware.states()
+    finally:
+        hardware.close()
 
 
 def test_digital_input_follows_its_pin_and_wiring(factory) -> None:

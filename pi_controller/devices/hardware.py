@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, NamedTuple, 
 
 import structlog
 
-from pi_controller import logs
+from pi_controller import contract, logs
 from pi_controller.clock import Clock
 from pi_controller.config import Settings
 from pi_controller.devices import actuators
@@ -54,6 +54,7 @@ class Hardware:
         self.factory = factory
         self.environment: Environment | None = None
         self._lock = threading.Lock()  # the tick's writes against the watchdog's
+        self._encoded: tuple[tuple[dict[str, Any], ...], str] = ((), "")  # the states `states_json` last encoded
 
     @classmethod
     def build(cls, settings: Settings, factory: Factory, clock: Clock) -> Hardware:
@@ -140,6 +141,14 @@ class Hardware:
     def states(self) -> dict[str, dict[str, Any]]:
         """Each actuator's state as the plugin context shows it."""
         return {key: actuator.state for key, actuator in self.actuators.items()}
+
+    def states_json(self) -> str:
+        """`states()` as the context's JSON, encoded again only when a state changed: an actuator
+        replaces its state dict on a change and never edits it, and most ticks change nothing."""
+        current = tuple(actuator.state for actuator in self.actuators.values())
+        if len(current) != len(self._encoded[0]) or any(a is not b for a, b in zip(current, self._encoded[0])):
+            self._encoded = (current, contract.encode_states(self.states()))
+        return self._encoded[1]
 
     def close(self) -> None:
         """Shut-down state if anything is not in it yet, then release the sensors.

@@ -248,8 +248,8 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     for sensor, pairs in context.get("history", {}).items():  # what pi_history answers, oldest first
         history.record(Reading(sensor, value, "", timestamp) for timestamp, value in pairs)
     history.record(readings)  # as in the loop: this tick's reading is the newest
-    prefix = contract.encode_context(readings, context.get("device_states", {}), context.get("timestamp", 0.0),
-                                     context.get("tick", 0))
+    states = contract.encode_states(context.get("device_states", {}))
+    prefix = contract.encode_context(readings, states, context.get("timestamp", 0.0), context.get("tick", 0))
     report: dict[str, Any] = {"plugin": name, "sha256": plugin.sha256, "fuel": terms.fuel,
                               "timeout_ms": terms.timeout_ms, "memory_pages": terms.memory_pages}
     try:

@@ -23,7 +23,7 @@ import structlog
 
 from pi_controller import arbitration, config
 from pi_controller.clock import VirtualClock
-from pi_controller.contract import Command, Context, encode_context
+from pi_controller.contract import Command, Context, encode_context, encode_states
 from pi_controller.devices import actuators
 from pi_controller.devices.hardware import Hardware
 from pi_controller.devices.sensors import Reading
@@ -68,7 +68,7 @@ class Replay:
         readings = _readings(line, units, now)
         self.states.update(line.get("s", {}))
         self.plugins.record(readings)
-        context = encode_context(readings, self.states, now, number)
+        context = encode_context(readings, encode_states(self.states), now, number)
         proposals = [Command(device, action, target, OPERATOR, 0) for device, action, target in line.get("o", [])
                      if device in self.hardware.actuators]
         self.health.begin()

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 START = 1_800_000_000.0  # Unix time of tick 0 on the virtual clock: the same every run
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
+CLEAR_PIN_HISTORY_TICKS = 1000  # a mock pin's history of states is emptied this often
 
 log = structlog.get_logger("pi_controller.simulation")
 
@@ -130,13 +131,15 @@ class Recorder:
         self.plugins = sorted(p.name for p in daemon.plugins)
         self.model_columns = [f"{name}.{key}" for name, m in zip(model_names(daemon.settings), self.models)
                               for key in m.state()]
-        self.columns = ["time_s", "tick", *(s.id for s in daemon.settings.sensors),
-                        *(a.id for a in daemon.settings.actuators), *self.model_columns,
-                        *(f"{p}.{what}" for p in self.plugins for what in ("errors", "rejected")),
-                        *(f"{a.id}.held" for a in daemon.settings.actuators)]
+        self._actuator_ids = [a.id for a in daemon.settings.actuators]
+        self._count_columns = [*(f"{p}.{what}" for p in self.plugins for what in ("errors", "rejected")),
+                               *(f"{a}.held" for a in self._actuator_ids)]
+        self.columns = ["time_s", "tick", *(s.id for s in daemon.settings.sensors), *self._actuator_ids,
+                        *self.model_columns, *self._count_columns]
         self._pending: tuple[float, list[float]] | None = None  # the tick under way: its time, model state
         self._ticks = 0
-        self._totals: Counter[str] = Counter()
+        self._totals = [0] * len(self._count_columns)
+        self._no_counts: Row = dict.fromkeys(self._count_columns, 0)  # most ticks: nothing failed or held
 
     def advance(self, now: float) -> None:
         self.flush()
@@ -144,9 +147,10 @@ class Recorder:
             self.world.advance(now)
         self._pending = (now, [v for m in self.models for v in m.state().values()])
         # gpiozero's mock pins keep every state change they go through: with bit-banged SPI, a
-        # simulated day would be gigabytes of history nobody reads.
-        for pin in self.daemon.hardware.factory.pins.values():
-            pin.clear_states()
+        # simulated day would be gigabytes of history nobody reads. Now and then is enough to bound it.
+        if self._ticks % CLEAR_PIN_HISTORY_TICKS == 0:
+            for pin in self.daemon.hardware.factory.pins.values():
+                pin.clear_states()
 
     def flush(self) -> None:
         """Hand on the tick under way: called before the next tick's reads and once after the last tick."""
@@ -166,14 +170,16 @@ class Recorder:
 
     def _counts(self) -> Row:
         """This tick's plugin errors, rejections and safety holds: the counters' growth since the last row."""
-        totals: Counter[str] = Counter()
+        loop = self.daemon.loop
+        totals: list[int] = []
         for name in self.plugins:
-            stats = self.daemon.loop.plugin_stats.get(name)
-            totals[f"{name}.errors"] = stats.errors if stats else 0
-            totals[f"{name}.rejected"] = stats.rejected if stats else 0
-        for key, rules in self.daemon.loop.safety.held.items():
-            totals[f"{key}.held"] = sum(rules.values())
-        counts: Row = {key: totals[key] - self._totals[key] for key in totals}
+            stats = loop.plugin_stats.get(name)
+            totals += (stats.errors, stats.rejected) if stats else (0, 0)
+        held = loop.safety.held
+        totals += [sum(held[key].values()) if key in held else 0 for key in self._actuator_ids]
+        if totals == self._totals:
+            return self._no_counts
+        counts = {key: now - then for key, now, then in zip(self._count_columns, totals, self._totals)}
         self._totals = totals
         return counts
 
