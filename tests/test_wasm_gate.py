@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pi_controller.config import PluginCeilings, PluginsSettings
-from pi_controller.plugins import tools
+from pi_controller.plugins import tools, wasm_gate
 from pi_controller.plugins.manifest import Refused
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.wasm_gate import read_module
@@ -84,3 +85,31 @@ def test_plugin_call_on_hostile_files_reports_a_load_failure_and_goes_on(tmp_pat
         assert report["error"]["kind"] == "load_failed", name
         assert word in report["error"]["reason"], (name, report)
         assert "secret" not in json.dumps(report)
+
+
+def test_a_passed_trial_is_remembered_across_restarts_and_a_crashing_module_never_is(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("EXTISM_CACHE_CONFIG", raising=False)
+    good = module()
+    crash = module(imports=((b"env", b"x\0y"),))
+    manifest = lambda wasm: json.dumps({"wasm": [{"data": base64.b64encode(wasm).decode()}]}).encode()  # noqa: E731
+    wasm_gate.trial(manifest(good), False, 1000)
+    with pytest.raises(Refused, match="makes libextism crash"):
+        wasm_gate.trial(manifest(crash), False, 1000)
+    assert len(list((tmp_path / "cache" / "pi-controller" / "trials").iterdir())) == 1
+    monkeypatch.setattr(wasm_gate, "_passed", set())  # a new process: only the records remain
+
+    def no_child(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a trial child was started")
+
+    monkeypatch.setattr(wasm_gate.subprocess, "run", no_child)
+    wasm_gate.trial(manifest(good), False, 1000)  # from the record, without a child
+    with pytest.raises(AssertionError, match="trial child"):  # other terms: tried again
+        wasm_gate.trial(manifest(good), False, 2000)
+    with pytest.raises(AssertionError, match="trial child"):  # never recorded: tried again
+        wasm_gate.trial(manifest(crash), False, 1000)
+    monkeypatch.setattr(wasm_gate, "_passed", set())
+    monkeypatch.setenv("EXTISM_CACHE_CONFIG", "")  # the compile cache off: the records too
+    with pytest.raises(AssertionError, match="trial child"):
+        wasm_gate.trial(manifest(good), False, 1000)

@@ -109,6 +109,12 @@ def _function(definition: HostFunction, handle: Any) -> Any:
     return pointer
 
 
+@cache
+def runtime_version() -> str:
+    """libextism's version: what compiles a module, part of what a trial's verdict rests on."""
+    return extism.extism_version()
+
+
 # --- what host functions need ------------------------------------------------------------------
 
 

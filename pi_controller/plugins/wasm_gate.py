@@ -10,7 +10,8 @@ folder (a symlink only if it resolves inside it), at most `plugins.ceilings.max_
 with the binary magic and version 1. Then `trial` compiles and instantiates it once in a short-lived
 child with memory and CPU limits (`python -m pi_controller.plugins.extism_adapter`): a panic or a compile bomb kills
 the child, not the daemon, and the daemon's own compile of the same module is a warm hit in wasmtime's
-cache. A module that passed once is not tried again in this process. Reasons never quote the content.
+cache. A module that passed once is not tried again, in this process or (recorded beside the compile cache)
+after a restart. Reasons never quote the content.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import sys
 import threading
 from pathlib import Path
 
-from pi_controller.plugins.extism_adapter import OUT_OF_MEMORY, TRIAL_CPU_S, TRIAL_MEMORY_BYTES
+from pi_controller.plugins.extism_adapter import OUT_OF_MEMORY, TRIAL_CPU_S, TRIAL_MEMORY_BYTES, runtime_version
 from pi_controller.plugins.manifest import Refused, links_within
+from pi_controller.plugins.wasm_cache import CONFIG_VARIABLE
 
 MAGIC = b"\0asm"
 VERSION_1 = b"\x01\0\0\0"
@@ -66,10 +68,12 @@ _passed_lock = threading.Lock()
 def trial(manifest: bytes, wasi: bool, fuel: int) -> None:
     """Compile and instantiate the module of `manifest` (libextism's JSON, module inline) in a child
     with limits; Refused if that kills the child. A clean error in the child is left for the caller's
-    own compile to report. Blocks for ~0.2 s (a new Python) on a module not tried before."""
-    digest = hashlib.sha256(manifest + bytes([wasi]) + str(fuel).encode()).hexdigest()
+    own compile to report. Blocks for ~0.2 s (a new Python) on a module not tried before, here or in an
+    earlier run (`TrialRecords`)."""
+    digest = hashlib.sha256(manifest + bytes([wasi]) + f"{fuel} {runtime_version()}".encode()).hexdigest()
     with _passed_lock:
-        if digest in _passed:
+        if digest in _passed or RECORDS.passed(digest):
+            _passed.add(digest)
             return
     command = [sys.executable, "-m", "pi_controller.plugins.extism_adapter", str(int(wasi)), str(fuel)]
     try:
@@ -83,6 +87,41 @@ def trial(manifest: bytes, wasi: bool, fuel: int) -> None:
         raise Refused(_verdict(done.returncode, done.stderr))
     with _passed_lock:
         _passed.add(digest)
+        RECORDS.add(digest)
+
+
+class TrialRecords:
+    """The digests that passed a trial, kept across restarts beside wasmtime's compile cache: a restart
+    with the same modules, terms and libextism starts without a child per plugin (0.2 s each here,
+    seconds on a Pi Zero). Only passes are kept; a record that cannot be read or written is a trial
+    run again. Off when wasmtime's cache is (`EXTISM_CACHE_CONFIG` empty)."""
+
+    KEEP = 256  # records; the oldest go beyond this
+
+    def folder(self) -> Path | None:
+        if os.environ.get(CONFIG_VARIABLE) == "":
+            return None
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pi-controller" / "trials"
+
+    def passed(self, digest: str) -> bool:
+        folder = self.folder()
+        return folder is not None and (folder / digest).is_file()
+
+    def add(self, digest: str) -> None:
+        folder = self.folder()
+        if folder is None:
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / digest).touch()
+            records = sorted(folder.iterdir(), key=lambda path: path.stat().st_mtime)
+            for old in records[:-self.KEEP]:
+                old.unlink()
+        except OSError:  # a read-only or full cache: the next start tries again, nothing worse
+            pass
+
+
+RECORDS = TrialRecords()
 
 
 def _verdict(code: int, stderr: bytes) -> str:
