@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.fuzz_targets import TARGETS  # noqa: E402
+from tests.fuzz_targets import TARGETS
 
 # Plugin files cost a trial compile in a child each (~0.2 s): fewer of them in the same budget.
 SHARE = {"module_bytes": 0.1, "context": 0.2}

@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     logs.configure("console", "info")
-    sys.stderr = open("/dev/null", "w")  # noqa: SIM115  # the info lines are rendered, then thrown away
+    sys.stderr = open("/dev/null", "w")  # the info lines are rendered, then thrown away
     context = json.dumps({"sensor_readings": [r.as_json() for r in readings(0)], "device_states": {},
                           "timestamp": 1.7e9, "tick": 0})[:-1].encode()  # the daemon splices config in
     with tempfile.TemporaryDirectory() as tmp:

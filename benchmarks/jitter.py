@@ -37,7 +37,7 @@ def cpu_s() -> float:
 
 def spread(samples: list[float]) -> str:
     ordered = sorted(samples)
-    p = lambda f: ordered[min(len(ordered) - 1, int(f * len(ordered)))] * 1e6  # noqa: E731
+    p = lambda f: ordered[min(len(ordered) - 1, int(f * len(ordered)))] * 1e6
     return f"p50 {p(0.5):7.0f}  p99 {p(0.99):7.0f}  max {ordered[-1] * 1e6:7.0f}"
 
 

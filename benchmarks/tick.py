@@ -39,6 +39,7 @@ from typing import Any, Callable
 import extism
 import yaml
 from gpiozero import MCP3008, AngularServo, Device, DigitalInputDevice, OutputDevice, PWMOutputDevice
+from pi_controller.simulators.adc import SimulatedMCP3008
 
 from pi_controller import config, logs
 from pi_controller.clock import VirtualClock
@@ -47,7 +48,6 @@ from pi_controller.devices.pins import mock_factory
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.extism_adapter import Module, compile_module
 from pi_controller.sim import record
-from pi_controller.simulators.adc import SimulatedMCP3008
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "tests" / "plugins" / "echo_output.wasm"

@@ -208,7 +208,7 @@ class MetricsServer:
 class _Handler(BaseHTTPRequestHandler):
     metrics: Metrics
 
-    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+    def do_GET(self) -> None:
         path = urllib.parse.urlsplit(self.path).path  # Prometheus and probes may add a query string
         if path == "/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST

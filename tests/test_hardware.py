@@ -12,6 +12,8 @@ from typing import Any, Callable
 import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockPWMPin
+from pi_controller.simulators.adc import SimulatedMCP3008
+
 from pi_controller import config
 from pi_controller.clock import VirtualClock
 from pi_controller.devices import actuators, sensors
@@ -24,7 +26,6 @@ from pi_controller.devices.pins import SimulatedFactory, make_factory
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
 from pi_controller.devices.servo import ServoSettings
-from pi_controller.simulators.adc import SimulatedMCP3008
 from tests.conftest import example_data
 
 CLOCK = VirtualClock()

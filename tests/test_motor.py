@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pi_controller.simulators.models import FanSettings
+from pi_controller.simulators.world import World
 
 from pi_controller import config
 from pi_controller.clock import VirtualClock
@@ -19,8 +21,6 @@ from pi_controller.devices.pins import SimulatedFactory
 from pi_controller.mqtt import discovery
 from pi_controller.mqtt.operator import parse_set
 from pi_controller.plugins import tools
-from pi_controller.simulators.models import FanSettings
-from pi_controller.simulators.world import World
 
 FORWARD, BACKWARD, ENABLE = 20, 21, 16
 

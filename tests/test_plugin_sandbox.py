@@ -17,8 +17,7 @@ from structlog.testing import capture_logs
 from pi_controller import contract
 from pi_controller.clock import VirtualClock
 from pi_controller.config import PluginCeilings, PluginDefaults, PluginSettings, PluginsSettings
-from pi_controller.plugins import backstop
-from pi_controller.plugins import plugin_set
+from pi_controller.plugins import backstop, plugin_set
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pi_controller import config, logs
+from pi_controller import config
 from pi_controller.clock import SystemClock
 from pi_controller.sim import simulation
 from tests.conftest import EXAMPLE_CONFIG, example_data

@@ -93,7 +93,7 @@ def test_a_passed_trial_is_remembered_across_restarts_and_a_crashing_module_neve
     monkeypatch.delenv("EXTISM_CACHE_CONFIG", raising=False)
     good = module()
     crash = module(imports=((b"env", b"x\0y"),))
-    manifest = lambda wasm: json.dumps({"wasm": [{"data": base64.b64encode(wasm).decode()}]}).encode()  # noqa: E731
+    manifest = lambda wasm: json.dumps({"wasm": [{"data": base64.b64encode(wasm).decode()}]}).encode()
     wasm_gate.trial(manifest(good), False, 1000)
     with pytest.raises(Refused, match="makes libextism crash"):
         wasm_gate.trial(manifest(crash), False, 1000)

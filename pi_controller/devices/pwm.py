@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pi_controller.contract import Rejected, number
-from pi_controller.devices.actuators import Actuator, OnePinSettings, Note, PinProbe, PlotPanel, Target, ramp
+from pi_controller.devices.actuators import Actuator, Note, OnePinSettings, PinProbe, PlotPanel, Target, ramp
 from pi_controller.devices.relay import on_off
 from pi_controller.schema import bounded
 

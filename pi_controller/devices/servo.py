@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pi_controller.contract import number
-from pi_controller.devices.actuators import Actuator, OnePinSettings, Note, PlotPanel, Target, ramp
+from pi_controller.devices.actuators import Actuator, Note, OnePinSettings, PlotPanel, Target, ramp
 from pi_controller.schema import bounded
 
 if TYPE_CHECKING:

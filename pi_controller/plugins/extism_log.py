@@ -61,7 +61,7 @@ class ExtismLog:
         # Runs inside libextism's drain: an exception here would be printed by cffi and lost.
         try:
             self._take(line)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("extism_log_unreadable", line=line[:200])
 
     def _take(self, line: str) -> None:
