@@ -221,9 +221,7 @@ class Daemon:
         except Exception as exc:
             log.exception("reload_failed", file=str(new.source))
             return ReloadResult("failed", f"reload failed, running config kept: {type(exc).__name__}: {exc}")
-        applied: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
-        self.loop.between_ticks(lambda: applied.set_result(self._apply(new, plugins)))
-        result = await applied
+        result = await self.loop.in_gap(lambda: self._apply(new, plugins), plugins.close)
         if result.outcome == "applied":
             await asyncio.to_thread(known_good.keep, new, self.state_dir)
         return result

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import gc
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import structlog
 
@@ -36,6 +36,7 @@ from pi_controller.stats import PluginStats, TickStats
 if TYPE_CHECKING:
     from pi_controller.shadow import Shadows
 
+T = TypeVar("T")
 log = structlog.get_logger("pi_controller.loop")
 
 
@@ -123,6 +124,27 @@ class ControlLoop:
     def between_ticks(self, work: Callable[[], None]) -> None:
         """Run `work` after the current tick, before the next."""
         self._between.append(work)
+
+    async def in_gap(self, work: Callable[[], T], drop: Callable[[], None]) -> T:
+        """`work()` run between two ticks, awaited. Cancelled before it ran (the daemon stopping first),
+        `drop()` releases what `work` would have taken over: a prepared plugin set is not left unclosed."""
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def run() -> None:
+            if done.cancelled():
+                return
+            try:
+                done.set_result(work())
+            except Exception as exc:  # for the awaiting side to handle, not the tick loop
+                done.set_exception(exc)
+
+        self.between_ticks(run)
+        try:
+            return await done
+        except asyncio.CancelledError:
+            if done.cancelled():
+                drop()
+            raise
 
     def _count(self, report: TickReport) -> None:
         self.ticks.count += 1

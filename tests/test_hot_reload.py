@@ -3,6 +3,7 @@ in real time; no tick is missed, and every tick calls every live plugin once."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.clock import SystemClock
+from pi_controller.plugins.plugin_set import PluginSet
 from tests.conftest import (
     TEST_PLUGINS,
     assert_no_missed_ticks,
@@ -211,3 +213,23 @@ def test_sighup_can_turn_watching_off(configured, tmp_path) -> None:
 
     run_with(daemon, scenario)
     assert set(daemon.plugins.status) == {"temperature_control"}
+
+
+def test_a_reload_cut_short_by_a_stop_closes_the_plugins_it_prepared(configured, tmp_path, monkeypatch) -> None:
+    first, second = folder_with(tmp_path, "a", "temperature_control"), folder_with(tmp_path, "b", "energy_saver")
+    daemon, reload = configured(first)
+    prepared: list[PluginSet] = []
+    load = daemon._load_plugins
+    monkeypatch.setattr(daemon, "_load_plugins", lambda *args: prepared.append(load(*args)) or prepared[-1])
+
+    async def scenario() -> None:  # nothing ticks: the swap waits for a gap that never comes
+        task = asyncio.create_task(reload(directory=str(second)))
+        await until(lambda: bool(prepared) and bool(daemon.loop._between), "the new set is prepared and waits")
+        assert len(prepared[0]) == 1
+        task.cancel()  # what the stop at shut-down does to a reload in flight
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert len(prepared[0]) == 0, "the prepared plugins were left compiled and unclosed"
+    assert set(daemon.plugins.status) == {"temperature_control"}  # the running set is untouched

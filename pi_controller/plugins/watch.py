@@ -99,21 +99,11 @@ class PluginWatcher:
         """Prepare `names` on a worker thread, then apply them between two ticks."""
         plugins, generation = self._plugins, self._plugins.generation
         update = await asyncio.to_thread(plugins.prepare, names)
-        swapped = asyncio.get_running_loop().create_future()
 
         def swap() -> None:
-            if swapped.cancelled():  # the watcher stopped first and dropped the update
-                return
             if plugins.generation == generation:
                 plugins.apply(update)
             else:  # a SIGHUP reload replaced the whole set meanwhile, from the same files
                 update.close()
-            swapped.set_result(None)
 
-        self._loop.between_ticks(swap)
-        try:
-            await swapped
-        except asyncio.CancelledError:
-            if swapped.cancelled():  # never swapped in: nothing else will close it
-                update.close()
-            raise
+        await self._loop.in_gap(swap, update.close)
