@@ -4,23 +4,28 @@ The daemon runs the example config on simulated pins at its rate on the real clo
 and two cores kept busy by spinning processes; beside it, in the same conditions, a bare asyncio loop
 waking on `asyncio.sleep(deadline - now)` (the floor the event loop alone gives) is measured too.
 
-    python benchmarks/jitter.py [--ticks 300] [--rate 10]
+    python benchmarks/jitter.py [--ticks 300] [--rate 10] [--policies default,nice,fifo]
 
 Prints, per load: start jitter p50/p99/max and tick duration p50/p99/max in microseconds, and the
-daemon's CPU share (process CPU time over wall time).
+daemon's CPU share (process CPU time over wall time). With --policies the daemon is measured once per
+scheduling policy, what the unit's `Nice=-5` (`nice`) or `CPUSchedulingPolicy=fifo` with
+`CPUSchedulingPriority=10` (`fifo`) would give it (needs root, as the service has).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from pi_controller import config, logs
 from pi_controller.clock import SystemClock
@@ -63,6 +68,20 @@ def daemon(ticks: int, rate: float) -> tuple[list[float], list[float], float]:
     return jitters, durations, share
 
 
+@contextlib.contextmanager
+def scheduled(policy: str) -> Iterator[None]:
+    """This thread (and the threads it starts) under `policy`, as systemd would start the service."""
+    if policy == "nice":
+        os.setpriority(os.PRIO_PROCESS, 0, -5)
+    elif policy == "fifo":
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+
+
 def floor(ticks: int, rate: float) -> list[float]:
     """A bare asyncio loop: sleep to each deadline, note how late it woke."""
     async def run() -> list[float]:
@@ -81,24 +100,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ticks", type=int, default=300)
     parser.add_argument("--rate", type=float, default=10.0)
+    parser.add_argument("--policies", default="default", help="comma-separated: default, nice, fifo")
     args = parser.parse_args()
+    policies = args.policies.split(",")
     logs.configure("console", "warning")
     print(f"{args.ticks} ticks at {args.rate:g} Hz; microseconds")
     for busy in (0, 1, 2):
         spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
         try:
             bare = floor(args.ticks, args.rate)
-            jitters, durations, share = daemon(args.ticks, args.rate)
+            measured = {}
+            for policy in policies:
+                with scheduled(policy):
+                    measured[policy] = daemon(args.ticks, args.rate)
         finally:
             for spinner in spinners:
                 spinner.kill()
                 spinner.wait()
         print(f"{busy} cores busy")
-        print(f"  asyncio floor start jitter  {spread(bare)}")
-        print(f"  daemon start jitter         {spread(jitters)}")
-        print(f"  daemon tick duration        {spread(durations)}   (p99/median "
-              f"{sorted(durations)[int(0.99 * len(durations))] / statistics.median(durations):.1f})")
-        print(f"  daemon CPU share            {share * 100:.1f} %")
+        print(f"  asyncio floor start jitter    {spread(bare)}")
+        for policy, (jitters, durations, share) in measured.items():
+            print(f"  daemon{'' if policies == ['default'] else f' under {policy}'}:")
+            print(f"    start jitter              {spread(jitters)}")
+            print(f"    tick duration             {spread(durations)}   (p99/median "
+                  f"{sorted(durations)[int(0.99 * len(durations))] / statistics.median(durations):.1f})")
+            print(f"    CPU share                 {share * 100:.1f} %")
 
 
 if __name__ == "__main__":
