@@ -71,7 +71,8 @@ def started(command: list[str], env: dict[str, str], folder: Path) -> tuple[floa
         rss = peak = 0
         while process.poll() is None:
             try:
-                fields = dict(line.split(":", 1) for line in Path(f"/proc/{process.pid}/status").read_text().splitlines())
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                fields = dict(line.split(":", 1) for line in status.splitlines())
             except (OSError, ValueError):
                 break
             if "VmRSS" not in fields:  # exiting: its memory is gone already
