@@ -90,6 +90,8 @@ CONFIG = str(EXAMPLE_CONFIG)
     (["simulate", "--config", CONFIG, "--plot", "/nonexistent/day.png"], "",
      "error: --plot /nonexistent/day.png: the folder /nonexistent does not exist"),
     (["simulate", "--config", CONFIG, "--record", "/tmp"], "", "error: --record /tmp: is a folder; give a file name"),
+    (["simulate", "--config", CONFIG, "--plugins", "/nonexistent"], "",
+     f"config error: {CONFIG}: plugins.directory: /nonexistent (given by --plugins) does not exist"),
     (["check-config", "/nonexistent/config.yaml"], "",
      "config error: /nonexistent/config.yaml: (top level): cannot read the file: No such file or directory"),
     (["run", "--config", "/nonexistent/config.yaml"], "",

@@ -539,6 +539,7 @@ def command(args: argparse.Namespace) -> int:
         return refusal[0]
     try:
         settings = prepare(config.load(args.config), args.rate, args.seed)
+        config.check_plugins_directory(settings, args.plugins)  # a typo'd folder: not a run of no plugins
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
