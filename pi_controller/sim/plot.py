@@ -1,5 +1,11 @@
-"""The picture of a simulated run: one panel per quantity, each sensor's panel followed by the actuators
-that drive it (through the simulation models), the setpoint band where a plugin has one.
+"""The picture of a run (`simulate --plot`, `replay --plot`), decided by what happened in it: one panel per
+quantity (a sensor unit, an actuator kind's unit) whose values changed, the actuators after the quantity
+they drive through the models, the setpoint bands; below, a thin strip of events, one row per kind (plugin
+errors, rejected commands, safety holds), so that a rare error is never drowned by frequent holds.
+
+The run is reduced while it runs (`Buckets`): at most 2 x BUCKETS buckets of ticks, each kept as its mean,
+lowest and highest value and its sum, so that a day at 10 Hz (864,000 ticks) costs the memory and the
+drawing time of a few thousand points.
 
 matplotlib is an optional extra (`pi-controller[plot]`), heavy on a Pi: it is imported only when a
 picture is drawn, on the Agg backend (no display needed).
@@ -7,15 +13,32 @@ picture is drawn, on the Agg backend (no display needed).
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 from pi_controller.config import Settings
-from pi_controller.sim.simulation import Band, BandTally, Verdict, hms, model_names
+from pi_controller.sim.simulation import Band, BandTally, Row, Verdict, hms, model_names
 
-Style = Literal["line", "binary", "duty", "angle", "count"]
-BAND_COLOUR, OUT_COLOUR, READING_COLOUR, ACTUATOR_COLOUR = "#2ca02c", "#d62728", "#1f77b4", "#ff7f0e"
+if TYPE_CHECKING:
+    import numpy as np
+
+Style = Literal["line", "binary", "duty", "angle"]
+BAND_COLOUR, OUT_COLOUR, READING_COLOUR = "#2ca02c", "#d62728", "#1f77b4"
+SERIES_COLOURS = ["#ff7f0e", "#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+#: The event strip's rows, top to bottom: (column suffix, what a mark means, colour, mark height).
+EVENTS = ((".errors", "plugin call failed", "#d62728", 0.9), (".rejected", "command rejected", "#ff7f0e", 0.7),
+          (".held", "held by a safety rule", "0.55", 0.5))
+BUCKETS = 1000  # about a pixel each in a 14-inch figure: finer would only draw over itself
+CHUNK = 4096  # ticks reduced at once
+
+
+@dataclass
+class Series:
+    column: str
+    label: str
+    lane: str = ""  # the device it is of
 
 
 @dataclass
@@ -23,62 +46,241 @@ class Panel:
     title: str
     unit: str
     style: Style
-    columns: list[str]  # what the panel is about: readings, an actuator's state, counters
-    context: list[tuple[str, str]] = field(default_factory=list)  # (column, label): model quantities
+    series: list[Series]  # what the panel is about: readings or actuator states
+    context: list[Series] = field(default_factory=list)  # model quantities, drawn in grey
     bands: list[Band] = field(default_factory=list)
     note: str = ""
     limits: tuple[float, float] | None = None  # of the y axis
 
 
-def layout(verdict: Verdict, trace: Mapping[str, Sequence[float]]) -> list[Panel]:
-    """Sensors grouped by unit, in config order; after each group, the actuators of the models that drive
-    it; then the other actuators; then plugin problems, if there were any."""
-    settings = verdict.settings
-    context, feeders = _model_wiring(settings, list(trace))
+# ---------------------------------------------------------------------------------------------
+# The run, reduced
+
+
+class Buckets:
+    """A sink (see `simulation.Sink`) that reduces the run to buckets of consecutive ticks, as it runs:
+    per column, each bucket's sum and count of valid values, lowest and highest; and the smallest
+    change between two ticks (a sensor's step). When there would be more than 2 x `most` buckets, two
+    neighbours become one: the memory stays bounded however long the run."""
+
+    def __init__(self, most: int = BUCKETS):
+        import numpy as np
+
+        self.np = np
+        self.capacity = 2 * most
+        self.columns: list[str] = []
+        self.width = 1  # ticks per bucket
+        self.ticks = 0
+        self.used = 0  # buckets holding ticks
+        self.period = 0.0
+        self._pending: dict[str, array[float]] = {}
+        self._last: Any = None  # the last row reduced: the step across two chunks
+
+    def start(self, columns: list[str]) -> None:
+        np = self.np
+        self.columns = columns
+        self._pending = {c: array("d") for c in columns}
+        self.sums, self.counts, self.lows, self.highs = (np.zeros((len(columns), self.capacity)) for _ in range(4))
+        self.lows[:], self.highs[:] = np.nan, np.nan
+        self.steps = np.full(len(columns), np.inf)
+
+    def add(self, row: Row) -> None:
+        for column, values in self._pending.items():
+            value = row[column]
+            values.append(float("nan") if value is None else value)
+        if len(self._pending["time_s"]) >= CHUNK:
+            self.flush()
+
+    def extend(self, trace: Mapping[str, Sequence[float]]) -> None:
+        """Whole columns at once (a trace read back, a test's)."""
+        np = self.np
+        data = np.array([np.asarray(trace[c], dtype=float) for c in self.columns])
+        for first in range(0, data.shape[1], CHUNK):
+            self._reduce(data[:, first:first + CHUNK])
+
+    def flush(self) -> None:
+        if self._pending and len(self._pending["time_s"]):
+            self._reduce(self.np.array([self.np.frombuffer(v) for v in self._pending.values()]))
+            for values in self._pending.values():
+                del values[:]
+
+    def _reduce(self, chunk: Any) -> None:
+        """Fold a block of ticks (columns x ticks) into the buckets."""
+        np = self.np
+        n = chunk.shape[1]
+        while (self.ticks + n - 1) // self.width >= self.capacity:
+            self._halve()
+        if self.period == 0.0 and n + self.ticks > 1:
+            times = np.concatenate([[self._last[0]], chunk[0]]) if self._last is not None else chunk[0]
+            self.period = float(times[1] - times[0])
+        joined = chunk if self._last is None else np.concatenate([self._last[:, None], chunk], axis=1)
+        changes = np.abs(np.diff(joined, axis=1))
+        changes[~(changes > 0)] = np.inf
+        self.steps = np.fmin(self.steps, changes.min(axis=1, initial=np.inf))
+        index = (self.ticks + np.arange(n)) // self.width
+        starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
+        buckets = index[starts]
+        valid = ~np.isnan(chunk)
+        self.sums[:, buckets] += np.add.reduceat(np.where(valid, chunk, 0.0), starts, axis=1)
+        self.counts[:, buckets] += np.add.reduceat(valid, starts, axis=1)
+        self.lows[:, buckets] = np.fmin(self.lows[:, buckets], np.fmin.reduceat(chunk, starts, axis=1))
+        self.highs[:, buckets] = np.fmax(self.highs[:, buckets], np.fmax.reduceat(chunk, starts, axis=1))
+        self.ticks += n
+        self.used = int(buckets[-1]) + 1
+        self._last = chunk[:, -1].copy()
+
+    def _halve(self) -> None:
+        """Each pair of neighbouring buckets becomes one: twice the ticks per bucket."""
+        np = self.np
+        half = self.capacity // 2
+        for table, combine in ((self.sums, np.add), (self.counts, np.add), (self.lows, np.fmin),
+                               (self.highs, np.fmax)):
+            merged = combine(table[:, 0::2], table[:, 1::2])
+            table[:, :half] = merged
+            table[:, half:] = np.nan if combine is not np.add else 0.0
+        self.width *= 2
+        self.used = (self.used + 1) // 2
+
+    def view(self) -> Binned:
+        self.flush()
+        return Binned(self)
+
+
+class Binned:
+    """The buckets as drawn: per column, mean, lowest, highest and sum per bucket, against time."""
+
+    def __init__(self, buckets: Buckets):
+        np = self.np = buckets.np
+        used = buckets.used
+        self.index = {c: i for i, c in enumerate(buckets.columns)}
+        self.sums, self.counts = buckets.sums[:, :used], buckets.counts[:, :used]
+        self.lows, self.highs = buckets.lows[:, :used], buckets.highs[:, :used]
+        self.steps = buckets.steps
+        self.width, self.ticks, self.period = buckets.width, buckets.ticks, buckets.period
+        self.bucket_s = self.width * self.period
+        hours = buckets.ticks * self.period >= 3 * 3600
+        self.unit, scale = ("h", 3600.0) if hours else ("min", 60.0)
+        start = self.lows[self.index["time_s"]] if used else np.zeros(0)
+        self.t = start / scale
+        self.end = (buckets.ticks * self.period) / scale
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.means = np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan)
+
+    @property
+    def bucketed(self) -> bool:
+        return self.width > 1
+
+    def has(self, column: str) -> bool:
+        return column in self.index
+
+    def mean(self, column: str) -> Any:
+        """The mean of the valid values: for an on/off state, the share of the time on."""
+        return self.means[self.index[column]]
+
+    def low(self, column: str) -> Any:
+        return self.lows[self.index[column]]
+
+    def high(self, column: str) -> Any:
+        return self.highs[self.index[column]]
+
+    def total(self, column: str) -> Any:
+        return self.sums[self.index[column]]
+
+    def step(self, column: str) -> float:
+        step = float(self.steps[self.index[column]])
+        return 0.0 if step == float("inf") else step
+
+    def changed(self, column: str) -> bool:
+        np = self.np
+        low, high = self.low(column), self.high(column)
+        return bool(np.any(~np.isnan(low))) and float(np.nanmin(low)) != float(np.nanmax(high))
+
+    def constant(self, column: str) -> str:
+        """What an unchanged column held, in words."""
+        np = self.np
+        low = self.low(column)
+        return "never valid" if not np.any(~np.isnan(low)) else f"{float(np.nanmin(low)):g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Panels
+
+
+Variants = Sequence[tuple[str, str]]  # (column suffix, label suffix) of each line drawn per actuator
+LIVE: Variants = (("", ""),)
+
+
+@dataclass
+class Layout:
+    panels: list[Panel]
+    events: list[tuple[str, str, str, float, str]]  # (column, row label, colour, height, what a mark means)
+    unchanged: list[str]  # "device: value" of what never changed
+
+
+def layout(settings: Settings, binned: Binned, plugins: Sequence[str], bands: Sequence[BandTally] = (),
+           notes: Mapping[str, str] | None = None, variants: Variants = LIVE) -> Layout:
+    """Sensors grouped by unit, in config order, each group followed by the actuators (grouped by the unit
+    their kind is drawn in) of the models that drive it; then the other actuators; a group whose values
+    never changed is left out and named. `notes`: per actuator, its summary for the legend. `variants`:
+    the columns drawn per actuator (the live state, or a recorded and a replayed one)."""
+    notes = notes or {}
+    context, feeders = _model_wiring(settings, binned, plugins)
     panels: list[Panel] = []
+    unchanged: list[str] = []
+    kinds = {a.id: a.panel(0, 0.0) for a in settings.actuators}
     placed: set[str] = set()
+
+    def actuator_panels(ids: list[str]) -> None:
+        for unit in dict.fromkeys(kinds[a].unit for a in ids if a not in placed):
+            group = [a for a in ids if kinds[a].unit == unit and a not in placed]
+            placed.update(group)
+            moving = [a for a in group if any(binned.changed(a + s) for s, _ in variants if binned.has(a + s))]
+            unchanged.extend(f"{a} {binned.constant(a + variants[0][0])}" for a in group if a not in moving)
+            if moving:
+                kind = kinds[moving[0]]
+                panels.append(Panel(", ".join(moving), unit, kind.style,
+                                    [Series(a + s, f"{a}{label}{': ' + notes[a] if a in notes else ''}", a)
+                                     for a in moving for s, label in variants],
+                                    [c for a in moving for c in context[a]] if kind.with_models else [],
+                                    limits=kind.limits))
+
     for unit in dict.fromkeys(s.unit for s in settings.sensors):
         group = [s.id for s in settings.sensors if s.unit == unit]
-        tallies = [t for t in verdict.bands if t.band.sensor in group]
-        if unit == "boolean":
-            panels.append(Panel(", ".join(group), unit, "binary", group))
-        else:
-            panels.append(Panel(", ".join(group), unit, "line", group, [c for s in group for c in context[s]],
+        moving = [s for s in group if binned.changed(s)]
+        unchanged.extend(f"{s} {binned.constant(s)}" for s in group if s not in moving)
+        if moving:
+            tallies = [t for t in bands if t.band.sensor in moving]
+            panels.append(Panel(", ".join(moving), unit, "binary" if unit == "boolean" else "line",
+                                [Series(s, s, s) for s in moving], [c for s in moving for c in context[s]],
                                 [t.band for t in tallies], "; ".join(_band_note(t) for t in tallies)))
-        for actuator in (a for s in group for a in feeders[s] if a not in placed):
-            placed.add(actuator)
-            panels.append(_actuator_panel(verdict, actuator, context[actuator]))
-    panels += [_actuator_panel(verdict, a.id, context[a.id]) for a in settings.actuators if a.id not in placed]
-    problems = [c for c in trace if c.endswith((".errors", ".rejected", ".held")) and any(trace[c])]
-    if problems:
-        panels.append(Panel("plugin errors, rejected commands, safety holds (cumulative)", "ticks", "count",
-                            problems))
-    return panels
+        actuator_panels([a for s in group for a in feeders[s]])
+    actuator_panels([a.id for a in settings.actuators])
+    events = [(f"{name}{suffix}", f"{name} {suffix[1:]}", colour, height, meaning)
+              for suffix, meaning, colour, height in EVENTS
+              for name in (plugins if suffix != ".held" else [a.id for a in settings.actuators])
+              if binned.has(f"{name}{suffix}") and binned.np.any(binned.total(f"{name}{suffix}") > 0)]
+    return Layout(panels, events, unchanged)
 
 
-def _model_wiring(settings: Settings, columns: list[str]) -> tuple[dict[str, list[tuple[str, str]]],
-                                                                    dict[str, list[str]]]:
+def _model_wiring(settings: Settings, binned: Binned, plugins: Sequence[str]) -> tuple[
+        dict[str, list[Series]], dict[str, list[str]]]:
     """Per device, the model quantities drawn with it (with the first sensor a model drives, else with
-    the first actuator it reads); per sensor, the actuators that drive it through a model."""
+    the first actuator it reads); per sensor, the actuators that drive it through a model. A model's
+    columns are its name and a quantity; an event column (`servo.held` of an actuator named like the
+    servo model) is never one."""
     devices = [s.id for s in settings.sensors] + [a.id for a in settings.actuators]
-    context: dict[str, list[tuple[str, str]]] = {key: [] for key in devices}
+    events = {f"{name}{suffix}" for suffix, *_ in EVENTS for name in [*plugins, *devices]}
+    context: dict[str, list[Series]] = {key: [] for key in devices}
     feeders: dict[str, list[str]] = {s.id: [] for s in settings.sensors}
     for name, model in zip(model_names(settings), settings.simulation):
         sensors = [ref for role, ref in model.references().values() if role == "sensor"]
         actuators = [ref for role, ref in model.references().values() if role == "actuator"]
-        context[(sensors or actuators)[0]] += [(c, f"{c.split('.', 1)[1].rsplit('_', 1)[0]} ({name} model)")
-                                               for c in columns if c.startswith(f"{name}.")]
+        context[(sensors or actuators)[0]] += [
+            Series(c, f"{c.split('.', 1)[1].rsplit('_', 1)[0]} ({name} model)") for c in binned.index
+            if c.startswith(f"{name}.") and c not in events and c not in devices]
         for sensor in sensors:
             feeders[sensor] += actuators
     return context, feeders
-
-
-def _actuator_panel(verdict: Verdict, key: str, context: list[tuple[str, str]]) -> Panel:
-    tally = verdict.actuators[key]
-    share = 100 * tally.duty_sum / verdict.ticks if verdict.ticks else 0.0
-    kind = tally.settings.panel(tally.switches, share)  # how its kind is drawn
-    return Panel(key, kind.unit, kind.style, [key], context if kind.with_models else [], note=kind.note,
-                 limits=kind.limits)
 
 
 def _band_note(tally: BandTally) -> str:
@@ -87,163 +289,171 @@ def _band_note(tally: BandTally) -> str:
     return f"{tally.band.plugin}: {100 * tally.share:.1f} % in band after warm-up"
 
 
-def draw(trace: Mapping[str, Sequence[float]], verdict: Verdict, path: Path) -> None:
+# ---------------------------------------------------------------------------------------------
+# Drawing
+
+
+def draw(buckets: Buckets, verdict: Verdict, path: Path) -> None:
+    """The picture of a simulated run."""
+    binned = buckets.view()
+    plot = layout(verdict.settings, binned, list(verdict.plugins), verdict.bands,
+                  {key: t.settings.panel(t.switches, 100 * t.duty_sum / verdict.ticks if verdict.ticks else 0.0).note
+                   for key, t in verdict.actuators.items()})
+    problems = [f"{name}: {why}" for name, why in verdict.plugins.items() if why]
+    settings = verdict.settings
+    title = [f"{settings.source.name}: {hms(verdict.ticks * verdict.period)} simulated at {settings.loop.rate_hz:g} Hz",
+             "; ".join(problems) or "no plugin errors, no rejected commands"]
+    render(plot, binned, title, path)
+
+
+def render(plot: Layout, binned: Binned, title: list[str], path: Path) -> None:
+    """Draw `plot` to a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(plot, binned, title)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def figure(plot: Layout, binned: Binned, title: list[str]) -> Any:
+    """`plot` as a matplotlib figure: its panels, the event strip, a title of `title`'s lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drawn = DrawnTrace(trace)
-    panels = layout(verdict, trace)
-    heights = [{"binary": 0.9, "count": 1.2, "angle": 1.4}.get(p.style, 2.2) for p in panels]
-    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(14, 1.0 + 1.2 * sum(heights)),
+    if binned.bucketed:
+        title = [*title, f"each point is {_span(binned.bucket_s)}: readings as mean (line) and lowest to "
+                         f"highest (shade); on/off and duty as the share of that time"]
+    if plot.unchanged:
+        title = [*title, "unchanged: " + ", ".join(plot.unchanged)]
+    heights = [{"binary": 0.5 + 0.4 * len(p.series)}.get(p.style, 2.2 if p.style == "line" else 1.4)
+               for p in plot.panels] + [0.35 + 0.22 * max(1, len(plot.events))]
+    fig, axes = plt.subplots(len(heights), 1, sharex=True, figsize=(14, 1.2 + 0.5 * len(title) + 1.1 * sum(heights)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False, layout="constrained")
-    for ax, panel in zip(axes[:, 0], panels):
-        _DRAW[panel.style](ax, panel, drawn, verdict)
+    for ax, panel in zip(axes[:, 0], plot.panels):
+        _DRAW[panel.style](ax, panel, binned)
         ax.set_ylabel(panel.unit)
         ax.set_title(panel.title + (f"  —  {panel.note}" if panel.note else ""), fontsize=9, loc="left")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, framealpha=0.8)
-    axes[-1, 0].set_xlabel(f"simulated time ({drawn.unit})")
-    axes[-1, 0].set_xlim(drawn.t[0], drawn.end)
-    fig.suptitle(_title(verdict, drawn), fontsize=10, x=0.01, ha="left")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _events(axes[-1, 0], plot.events, binned)
+    axes[-1, 0].set_xlabel(f"time ({binned.unit})")
+    axes[-1, 0].set_xlim(binned.t[0] if binned.t.size else 0.0, binned.end)
+    fig.suptitle("\n".join(title), fontsize=9, x=0.01, ha="left")
+    return fig
 
 
-class DrawnTrace:
-    """The trace as drawn. With more ticks than about two per BUCKETS, each point stands for a bucket of
-    ticks: its mean, lowest and highest value, so that a day at 10 Hz stays readable (and quick to draw)."""
-
-    BUCKETS = 1200  # about a pixel each: more points would only draw over each other
-
-    def __init__(self, trace: Mapping[str, Sequence[float]]):
-        import numpy as np
-
-        self.np = np
-        self.data = {key: np.asarray(values, dtype=float) for key, values in trace.items()}
-        time_s = self.data["time_s"]
-        self.bucketed = len(time_s) > 2 * self.BUCKETS
-        self.starts = (np.unique(np.linspace(0, len(time_s), self.BUCKETS, endpoint=False).astype(int))
-                       if self.bucketed else np.arange(len(time_s)))
-        self.bucket_s = (len(time_s) / len(self.starts)) * (time_s[1] - time_s[0] if len(time_s) > 1 else 0.0)
-        hours = len(time_s) > 0 and time_s[-1] >= 3 * 3600
-        self.unit, scale = ("h", 3600.0) if hours else ("min", 60.0)
-        self.t = time_s[self.starts] / scale
-        self.end = (time_s[-1] + (time_s[1] - time_s[0] if len(time_s) > 1 else 0.0)) / scale
-
-    def mean(self, column: str) -> Any:
-        """Per bucket, the mean of the valid values: for an on/off state, the share of the time on."""
-        np, values = self.np, self.data[column]
-        valid = ~np.isnan(values)
-        counts = np.add.reduceat(valid, self.starts)
-        sums = np.add.reduceat(np.where(valid, values, 0.0), self.starts)
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-
-    def low(self, column: str) -> Any:
-        return self.np.fmin.reduceat(self.data[column], self.starts)
-
-    def high(self, column: str) -> Any:
-        return self.np.fmax.reduceat(self.data[column], self.starts)
+def _span(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds < 120 else f"{seconds / 60:.3g} min"
 
 
-def _title(verdict: Verdict, drawn: DrawnTrace) -> str:
-    settings = verdict.settings
-    problems = [f"{name}: {why}" for name, why in verdict.plugins.items() if why]
-    lines = [f"{settings.source.name}: {hms(verdict.ticks * verdict.period)} simulated at {settings.loop.rate_hz:g} Hz",
-             "; ".join(problems) or "no plugin errors, no rejected commands"]
-    if drawn.bucketed:
-        lines.append(f"each point is {drawn.bucket_s:.0f} s: readings as mean (line) and lowest to highest "
-                     f"(shade); on/off and duty as the share of that time")
-    return "\n".join(lines)
+def _events(ax: Any, events: list[tuple[str, str, str, float, str]], binned: Binned) -> None:
+    """A row per kind of event and where it came from; a mark in each bucket that had one, errors on top."""
+    ax.set_title("events: a mark per " + (_span(binned.bucket_s) if binned.bucketed else "tick") +
+                 " with at least one", fontsize=8, loc="left")
+    if not events:
+        ax.text(0.5, 0.5, "no plugin errors, rejected commands or safety holds", transform=ax.transAxes,
+                ha="center", va="center", fontsize=8, color="0.3")
+        ax.set_yticks([])
+        return
+    shown: set[str] = set()
+    rows = len(events)
+    for row, (column, _, colour, height, meaning) in enumerate(events):
+        y = rows - 1 - row
+        x = binned.t[binned.total(column) > 0]
+        ax.vlines(x, y - height / 2, y + height / 2, colors=colour, linewidth=1.2,
+                  label=None if meaning in shown else meaning, zorder=3 if colour != "0.55" else 2)
+        shown.add(meaning)
+    ax.set_yticks(range(rows), [label for _, label, *_ in reversed(events)], fontsize=7)
+    ax.set_ylim(-0.6, rows - 0.4)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, framealpha=0.8)
 
 
-def _binary(ax: Any, panel: Panel, drawn: DrawnTrace, verdict: Verdict) -> None:
-    colour = ACTUATOR_COLOUR if panel.unit == "relay" else "#9467bd"
-    for column in panel.columns:
-        ax.fill_between(drawn.t, 0, drawn.mean(column), step="post", color=colour, alpha=0.7, linewidth=0)
-    ax.set_ylim(-0.1, 1.1)
-    ax.set_yticks([0, 1], ["off", "on"])
+def _binary(ax: Any, panel: Panel, binned: Binned) -> None:
+    """A lane per device: the share of each bucket's time on, filled; a second series of the same device
+    (replayed over recorded) as a line over it."""
+    lanes = list(dict.fromkeys(s.lane for s in panel.series))
+    filled: set[str] = set()
+    for series in panel.series:
+        base = len(lanes) - 1 - lanes.index(series.lane)
+        share = binned.mean(series.column) * 0.8 + base
+        if series.lane in filled:
+            ax.plot(binned.t, share, drawstyle="steps-post", color="k", linewidth=0.9, label=series.label)
+            continue
+        filled.add(series.lane)
+        ax.fill_between(binned.t, base, share, step="post", linewidth=0, alpha=0.6, label=series.label,
+                        color=SERIES_COLOURS[lanes.index(series.lane) % len(SERIES_COLOURS)])
+    ax.set_ylim(-0.1, len(lanes) - 0.1)
+    ax.set_yticks([len(lanes) - 1 - i + 0.4 for i in range(len(lanes))], lanes, fontsize=7)
 
 
-def _duty(ax: Any, panel: Panel, drawn: DrawnTrace, verdict: Verdict) -> None:
-    ax.fill_between(drawn.t, 0, drawn.mean(panel.columns[0]), step="post", color=ACTUATOR_COLOUR, alpha=0.6,
-                    linewidth=0)
-    ax.set_ylim(*panel.limits or (0, 105))
-
-
-def _angle(ax: Any, panel: Panel, drawn: DrawnTrace, verdict: Verdict) -> None:
-    key = panel.columns[0]
-    ax.plot(drawn.t, drawn.mean(key), drawstyle="steps-post", color=ACTUATOR_COLOUR, linewidth=1.0,
-            label=f"{key} (commanded)")
-    for column, label in panel.context:
-        ax.plot(drawn.t, drawn.mean(column), color="0.3", linewidth=0.8, label=label)
+def _levels(ax: Any, panel: Panel, binned: Binned) -> None:
+    """Duty, speed, angle: each series' mean per bucket, its range shaded; model quantities in grey."""
+    for i, series in enumerate(panel.series):
+        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        if binned.bucketed:
+            ax.fill_between(binned.t, binned.low(series.column), binned.high(series.column), step="post",
+                            color=colour, alpha=0.2, linewidth=0)
+        ax.plot(binned.t, binned.mean(series.column), drawstyle="steps-post", color=colour, linewidth=1.0,
+                label=series.label)
+    for series, style in zip(panel.context, _CONTEXT_STYLES * len(panel.context)):
+        ax.plot(binned.t, binned.mean(series.column), label=series.label, **style)
     if panel.limits:
         ax.set_ylim(*panel.limits)
 
 
-def _counts(ax: Any, panel: Panel, drawn: DrawnTrace, verdict: Verdict) -> None:
-    np = drawn.np
-    for column in panel.columns:
-        ax.step(drawn.t, np.fmax.reduceat(np.cumsum(drawn.data[column]), drawn.starts), where="post", label=column,
-                linewidth=1.0)
-    ax.set_ylim(bottom=0)
-
-
-def _lines(ax: Any, panel: Panel, drawn: DrawnTrace, verdict: Verdict) -> None:
+def _lines(ax: Any, panel: Panel, binned: Binned) -> None:
     """Readings over their band. The limits fit the readings and bands, so that a model's context (the
     outside temperature) cannot squash the band into a line: off the scale, its legend gives its range."""
-    np = drawn.np
-    values = np.concatenate([drawn.data[c] for c in panel.columns])
-    values = values[~np.isnan(values)]
-    lows = [b.setpoint - b.hysteresis for b in panel.bands] + ([values.min()] if values.size else [])
-    highs = [b.setpoint + b.hysteresis for b in panel.bands] + ([values.max()] if values.size else [])
-    if not lows:
-        ax.text(0.5, 0.5, "no valid reading", transform=ax.transAxes, ha="center", color=OUT_COLOUR)
-        return
+    np = binned.np
+    lows = [b.setpoint - b.hysteresis for b in panel.bands] + [np.nanmin(binned.low(s.column)) for s in panel.series]
+    highs = [b.setpoint + b.hysteresis for b in panel.bands] + [np.nanmax(binned.high(s.column))
+                                                                  for s in panel.series]
     low, high = min(lows), max(highs)
     pad = 0.08 * (high - low or 1.0)
     ax.set_ylim(low - pad, high + pad)
-    for column in panel.columns:
-        if drawn.bucketed:
-            ax.fill_between(drawn.t, drawn.low(column), drawn.high(column), step="post", color=READING_COLOUR,
-                            alpha=0.3, linewidth=0, label=f"{column}, lowest to highest")
-        ax.plot(drawn.t, drawn.mean(column), drawstyle="steps-post", color=READING_COLOUR, linewidth=1.0,
-                label=f"{column}{', mean' if drawn.bucketed else ''}")
-    for (column, label), style in zip(panel.context, _CONTEXT_STYLES * len(panel.context)):
-        series = drawn.mean(column)
-        if np.nanmin(series) > high + pad or np.nanmax(series) < low - pad:
-            label += f": {np.nanmin(series):.1f} to {np.nanmax(series):.1f}, off the scale"
-        ax.plot(drawn.t, series, label=label, **style)
+    for i, series in enumerate(panel.series):
+        colour = READING_COLOUR if i == 0 else SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        if binned.bucketed:
+            ax.fill_between(binned.t, binned.low(series.column), binned.high(series.column), step="post",
+                            color=colour, alpha=0.3, linewidth=0, label=f"{series.label}, lowest to highest")
+        ax.plot(binned.t, binned.mean(series.column), drawstyle="steps-post", color=colour, linewidth=1.0,
+                label=f"{series.label}{', mean' if binned.bucketed else ''}")
+    for series, style in zip(panel.context, _CONTEXT_STYLES * len(panel.context)):
+        values = binned.mean(series.column)
+        label = series.label
+        if np.nanmin(values) > high + pad or np.nanmax(values) < low - pad:
+            label += f": {np.nanmin(values):.1f} to {np.nanmax(values):.1f}, off the scale"
+        ax.plot(binned.t, values, label=label, **style)
     for band in panel.bands:
-        _draw_band(ax, band, drawn)
+        _draw_band(ax, band, binned)
 
 
 _CONTEXT_STYLES: list[dict[str, Any]] = [{"color": "0.2", "linewidth": 0.8},
                                          {"color": "#17becf", "linewidth": 1.0, "linestyle": "--"},
                                          {"color": "#8c564b", "linewidth": 0.8}]
-_DRAW = {"line": _lines, "binary": _binary, "duty": _duty, "angle": _angle, "count": _counts}
+_DRAW = {"line": _lines, "binary": _binary, "duty": _levels, "angle": _levels}
 
 
-def _draw_band(ax: Any, band: Band, drawn: DrawnTrace) -> None:
+def _draw_band(ax: Any, band: Band, binned: Binned) -> None:
     """The band, its edges over the data so that a dense trace cannot hide them, and in red the readings
     more than one sensor step (the smallest change seen) outside it: a hysteresis controller reads one
     step outside before it acts, a badly tuned one goes further."""
-    np = drawn.np
+    np = binned.np
     bottom, top = band.setpoint - band.hysteresis, band.setpoint + band.hysteresis
     ax.axhspan(bottom, top, color=BAND_COLOUR, alpha=0.15, zorder=0,
                label=f"{band.plugin}: {band.setpoint:g} ± {band.hysteresis:g}")
     for edge in (bottom, top):
         ax.axhline(edge, color=BAND_COLOUR, linewidth=1.2, zorder=4)
     ax.axhline(band.setpoint, color=BAND_COLOUR, linewidth=0.8, linestyle="--", zorder=4)
-    changes = np.abs(np.diff(drawn.data[band.sensor]))
-    step = np.nanmin(changes[changes > 0]) if np.any(changes > 0) else 0.0
-    lows, highs = drawn.low(band.sensor), drawn.high(band.sensor)
+    step = binned.step(band.sensor)
+    lows, highs = binned.low(band.sensor), binned.high(band.sensor)
     above, below = highs > top + step, lows < bottom - step
     if not (above.any() or below.any()):
         return
     red = np.where(above, highs, np.where(below, lows, np.nan))
     red = np.where(np.isnan(red) & np.roll(~np.isnan(red), 1), np.roll(red, 1), red)  # so one point shows
-    ax.plot(drawn.t, red, color=OUT_COLOUR, linewidth=1.4, drawstyle="steps-post", zorder=5,
+    ax.plot(binned.t, red, color=OUT_COLOUR, linewidth=1.4, drawstyle="steps-post", zorder=5,
             label="more than a sensor step outside the band")

@@ -212,7 +212,7 @@ def _cell(value: float | None) -> str:
 
 
 class Columns:
-    """The run's columns as numbers, for the plot (compact arrays: a day at 10 Hz is millions of them);
+    """The run's columns as numbers, whole, for a test to look into (compact arrays);
     an empty cell is NaN."""
 
     def __init__(self) -> None:
@@ -543,13 +543,16 @@ def command(args: argparse.Namespace) -> int:
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    columns = Columns()
+    buckets = None
     with contextlib.ExitStack() as files:
         sinks: list[Sink] = [Progress(ticks_in(settings, args.duration), settings.loop.period)]
         if args.trace:
             sinks.append(TraceWriter(files.enter_context(args.trace.open("w", newline="", encoding="utf-8"))))
         if args.plot:
-            sinks.append(columns)
+            from pi_controller.sim import plot
+
+            buckets = plot.Buckets()
+            sinks.append(buckets)
         try:
             verdict = run(settings, args.duration, sinks, args.plugins, args.record)
         except SimulationError as exc:
@@ -563,10 +566,8 @@ def command(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
     written = [f"{what}: {path}" for what, path in (("trace", args.trace), ("recording", args.record)) if path]
     print("\n".join([*verdict.lines(), *written]))
-    if args.plot:
-        from pi_controller.sim import plot
-
-        plot.draw(columns.values, verdict, args.plot)
+    if buckets is not None:
+        plot.draw(buckets, verdict, args.plot)
         print(f"plot: {args.plot}")
     return 0
 
