@@ -192,7 +192,7 @@ class ControlLoop:
         self.trace = TickTrace(number, now, self.clock.monotonic(), self.readings, states, proposals, self.verdicts,
                                conflicts, decision, frozenset(self.operator.disabled))
         if self.shadows is not None:  # after the pins are written: shadows never delay what is applied
-            self.shadows.consult(self.trace, context, self.hardware.actuators, started)
+            self.shadows.consult(self.trace, context, self.hardware.actuators, self.safety, started)
         self._problems.end_tick(tick=number)
 
     def _report_sensors(self, number: int) -> None:

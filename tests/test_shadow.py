@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pi_controller import cli
 from pi_controller.clock import VirtualClock
 from pi_controller.metrics import Metrics
@@ -86,3 +88,23 @@ def test_promote_moves_the_shadow_over_the_live_plugin(plugin_dir, cli_logs, cap
     assert cli.main(["plugin", "promote", "temperature_control", "--plugins", str(folder)]) == 1
     assert "no shadow plugin" in capsys.readouterr().err
     assert cli.main(["plugin", "promote", "../etc", "--plugins", str(folder)]) == 2
+
+
+def test_a_shadow_is_dry_run_through_the_wear_rules_without_touching_the_live_ones(run_daemon, plugin_dir) -> None:
+    data = heater_only()
+    relay = data["actuators"][0]
+    relay["min_on_s"] = 10  # 60 ticks are 6 s: once on, any request for off is held
+    folder = with_shadow(plugin_dir, "temperature_control", "temperature_control", "sweep")
+    clock = VirtualClock()
+    started = clock.monotonic()
+    daemon = run_daemon(data, TICKS, plugins=folder, clock=clock)
+    # sweep asks for off at every odd tick: each is one min_on would hold, the relay being on since tick 0.
+    entry = daemon.status.snapshot()["shadows"]["temperature_control"]
+    assert entry["would_be_held"] == {"relay_switch:min_on": TICKS // 2}
+    # The live relay's rules saw only the thermostat: on at tick 0, never held, its timer from then on.
+    assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]
+    guard = daemon.loop.safety.guards["relay_switch"]
+    assert (guard.plugin, guard.wanted, guard.held, guard.latched) == ("temperature_control", True, False, False)
+    assert guard.switched_at == pytest.approx(started)
+    assert daemon.loop.safety.held["relay_switch"] == {}
+    assert daemon.status.snapshot()["safety"]["held"] == {}

@@ -3,10 +3,11 @@ runs beside it every tick on the same context, within its own grant, and is neve
 
 Its output is parsed and validated as the live plugin's is, then compared with the live plugin's,
 per actuator (see `agreement`): the snapshot and metrics show how often they agreed and the last
-time they did not. Through the safety rules: where this tick's decision forced an actuator safe
-(`safety.FORCING`: a required sensor invalid or stale, max_on), a shadow asking it on is counted as
-held, as the live plugin's request was. The wear rules (min_on, interlocks, rates) depend on what the
-actuator did under its owner's commands, which a shadow never has, so they are left out.
+time they did not. Through the safety rules, in a dry run
+(`Safety.dry_run`): what the rules would hold back of its commands had they come this tick, to the
+actuators as the live plugins left them (min_on and min_off, interlocks, max_on, required sensors,
+rates), counted per actuator and rule; the live actuators' timers, owners, latches and counts are
+never touched.
 
 Shadows run after the actuators are written, so they never delay the live plugins' commands, and
 they get the plugin time budget the live plugins leave: a shadow that does not fit is refused at
@@ -35,7 +36,7 @@ from pi_controller.observer import TickTrace
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
-from pi_controller.safety.rules import FORCING
+from pi_controller.safety.rules import Safety
 from pi_controller.sim.agreement import Agreement, verdict_of
 
 log = structlog.get_logger("pi_controller.shadow")
@@ -48,7 +49,7 @@ class ShadowStats:
         self.calls = 0
         self.errors = 0
         self.skipped = 0  # ticks left out: the tick's budget was spent
-        self.held: Counter[tuple[str, str]] = Counter()  # (actuator, rule): asked on while forced safe
+        self.held: Counter[tuple[str, str]] = Counter()  # (actuator, rule): what the rules would hold back
         self.agreement = Agreement("live", "shadow")
 
 
@@ -70,9 +71,10 @@ class Shadows:
     def __len__(self) -> int:
         return len(self.plugins)
 
-    def consult(self, tick: TickTrace, context: Context, targets: Mapping[str, Actuator], started: float) -> None:
-        """Call each shadow whose live plugin was called in `tick`, on its context, and compare;
-        `started`: the tick's start on the clock's perf_counter."""
+    def consult(self, tick: TickTrace, context: Context, targets: Mapping[str, Actuator], safety: Safety,
+                started: float) -> None:
+        """Call each shadow whose live plugin was called in `tick`, on its context, compare, and dry-run
+        its commands through `safety`; `started`: the tick's start on the clock's perf_counter."""
         called = tick.verdicts.answered + list(tick.verdicts.failures)
         for shadow in self.plugins:
             if shadow.name not in called or tick.verdicts.failures.get(shadow.name) == "quarantined":
@@ -85,13 +87,13 @@ class Shadows:
             if not shadow.quarantine.admit(self.clock.monotonic(), tick.number):
                 continue
             try:
-                self._compare(shadow, stats, tick, context, targets)
+                self._compare(shadow, stats, tick, context, targets, safety)
             except Exception as exc:  # a bug of ours in a side show: logged once, never the loop's end
                 self._problems.problem(("shadow", shadow.name), "shadow_failed", level="error", plugin=shadow.name,
                                        tick=tick.number, error=f"{type(exc).__name__}: {exc}"[:300])
 
     def _compare(self, shadow: SandboxedPlugin, stats: ShadowStats, tick: TickTrace, context: Context,
-                 targets: Mapping[str, Actuator]) -> None:
+                 targets: Mapping[str, Actuator], safety: Safety) -> None:
         stats.calls += 1
         number, verdicts = tick.number, tick.verdicts
         failed = None
@@ -104,10 +106,8 @@ class Shadows:
             stats.errors += 1
         shadow.quarantine.record(self.clock.monotonic(), number, len(rejections) + (failed is not None),
                             failed or (rejections[0].reason if rejections else ""))
-        forced = {h.device_id: h.rule for h in tick.decision.holds if h.rule in FORCING}
-        for c in commands:
-            if c.device_id in forced and targets[c.device_id].is_on(c.target):  # "on" as its kind says
-                stats.held[(c.device_id, forced[c.device_id])] += 1
+        for hold in safety.dry_run(commands, tick.readings, tick.time, tick.monotonic):
+            stats.held[(hold.device_id, hold.rule)] += 1
         name = shadow.name
         live = verdict_of((c for c in tick.proposals if c.plugin == name),
                           (r for r in verdicts.rejections if r.plugin == name))

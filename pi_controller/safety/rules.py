@@ -23,6 +23,7 @@ change by the loop and counted per actuator and rule; a failsafe is reported onc
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
@@ -121,6 +122,26 @@ class Safety:
         self.failsafes: Counter[str] = Counter({key: previous.failsafes[key] for key in actuators}
                                                if previous else {})
         self._last_now: float | None = previous._last_now if previous else None
+        self._dt = 0.0  # the last tick's step, for a dry run in the same tick
+
+    def dry_run(self, commands: Iterable[Command], readings: Iterable[Reading], wall: float,
+                now: float) -> list[Hold]:
+        """What the rules would hold back of `commands` (a shadow plugin's) if they came now, to the
+        actuators as this tick left them; changes nothing: no owner, timer, latch, count or pin. Ownership
+        is left out: the commands' plugin is not the actuators' owner."""
+        stale = self._stale(readings, wall)
+        planned: dict[str, Target] = {}
+        holds = []
+        for key, command in {c.device_id: c for c in commands}.items():
+            guard = copy.copy(self.guards[key])  # `_target` may latch max_on or drop the request
+            guard.follow(command, now)
+            if guard.unruled:
+                continue
+            target, hold = self._target(guard, guard.actuator.is_on(command.target), stale, planned, now, self._dt)
+            planned[key] = target
+            if hold is not None:
+                holds.append(hold)
+        return holds
 
     def enforce(self, commands: Iterable[Command], readings: Iterable[Reading], wall: float, now: float,
                health: Health) -> Decision:
@@ -130,7 +151,7 @@ class Safety:
         `now` is monotonic time, for every duration: a Pi without a clock battery jumps its wall
         clock at the first NTP sync. `wall` only dates readings.
         """
-        dt = 0.0 if self._last_now is None else max(0.0, now - self._last_now)
+        dt = self._dt = 0.0 if self._last_now is None else max(0.0, now - self._last_now)
         self._last_now = now
         stale = self._stale(readings, wall)
         asked = {c.device_id: c for c in commands}
