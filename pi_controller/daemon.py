@@ -23,7 +23,7 @@ from pi_controller.mqtt.operator import Operator
 from pi_controller.mqtt.telemetry import Telemetry
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
-from pi_controller.plugins.shadow import Shadows
+from pi_controller.plugins.shadow import FOLDER, Shadows
 from pi_controller.plugins.watch import PluginWatcher
 from pi_controller.readiness import Readiness
 from pi_controller.reloads import ReloadResult, Reloads
@@ -55,6 +55,7 @@ class Daemon:
         self._record_to = record
         self._watcher: asyncio.Task[None] | None = None
         self._shadow_watcher: asyncio.Task[None] | None = None
+        self._shadow_reload: asyncio.Task[None] | None = None
         self.hardware = self._build_hardware()
         self.hardware.settle("startup", "starting")
         try:
@@ -80,7 +81,7 @@ class Daemon:
         self.recorder = self._recorder(settings)
         observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.telemetry, self.recorder)
                      if o is not None]  # /ready, then READY=1
-        self.shadows = Shadows(settings.plugins, self.plugins, self.clock, self.plugins.history)
+        self.shadows = self._load_shadows(settings, self.plugins)
         self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
                                 self.operator, self.shadows)
         self.status.wire(self.loop, self.telemetry, self.shadows)
@@ -89,8 +90,18 @@ class Daemon:
         path = self._record_to or (settings.source.parent / settings.record.path if settings.record.path else None)
         if path is None:
             return None
-        first = record.header(settings, {p.name: p.sha256 for p in self.plugins}, self.clock.time())
+        first = record.header(settings, self._live(), self.clock.time())
         return Recorder(settings.record, path, lambda: self.loop.trace, first)
+
+    def _live(self) -> dict[str, str]:
+        return {p.name: p.sha256 for p in self.plugins}
+
+    def _plugins_changed(self) -> None:
+        """Between two ticks, after a reload or a plugin swapped in or out: a recording says from which
+        tick on which plugins and config were live."""
+        if self.recorder is not None:
+            self.recorder.reheader(record.header(self.settings, self._live(), self.clock.time(),
+                                                 self.loop.ticks.count, "reload"))
 
     def _build_hardware(self) -> Hardware:
         factory = make_factory(self.settings, self.simulate)
@@ -123,6 +134,31 @@ class Daemon:
             plugins.close()
             raise
         return plugins
+
+    def _load_shadows(self, settings: Settings, plugins: PluginSet) -> Shadows:
+        """The shadows of `plugins`' folder (compiles: off the event loop once the loop runs)."""
+        return Shadows(settings.plugins, plugins, self.clock, plugins.history)
+
+    def _adopt_shadows(self, shadows: Shadows) -> None:
+        """Swap in a rebuilt shadow set (call between two ticks): comparisons go on for the shadows whose
+        file did not change."""
+        old, self.shadows = self.shadows, shadows
+        shadows.carry_on(old)
+        self.loop.shadows = self.status.shadows = shadows
+        old.close()
+        if self._shadow_watcher is not None or self._watcher is not None:
+            self._watch_shadows()
+
+    def _shadow_folder_changed(self, name: str) -> None:
+        """The live folder's watcher saw a folder `name` come or go: the shadow folder, rebuild them."""
+        if name != FOLDER or (self._shadow_reload is not None and not self._shadow_reload.done()):
+            return
+
+        async def rebuild() -> None:
+            shadows = await asyncio.to_thread(self._load_shadows, self.settings, self.plugins)
+            self.loop.between_ticks(lambda: self._adopt_shadows(shadows))
+
+        self._shadow_reload = asyncio.create_task(rebuild(), name="shadow-reload")
 
     async def serve(self, max_ticks: int | None = None) -> None:
         """Run the loop until SIGINT/SIGTERM or `max_ticks`; actuators end in their shut-down state.
@@ -165,11 +201,18 @@ class Daemon:
     def _watch_plugins(self) -> None:
         """Hot reload of the plugins folder (`plugins.watch`), beside the ticks on the event loop."""
         if self.settings.plugins.watch:
-            self._watcher = asyncio.create_task(PluginWatcher(self.plugins, self.loop).run(),
-                                                name="plugin-watch")
-            if self.shadows.plugins.directory.is_dir():
-                self._shadow_watcher = asyncio.create_task(
-                    PluginWatcher(self.shadows.plugins, self.loop).run(), name="shadow-watch")
+            self._watcher = asyncio.create_task(
+                PluginWatcher(self.plugins, self.loop, self._plugins_changed, self._shadow_folder_changed).run(),
+                name="plugin-watch")
+            self._watch_shadows()
+
+    def _watch_shadows(self) -> None:
+        if self._shadow_watcher is not None:
+            self._shadow_watcher.cancel()
+            self._shadow_watcher = None
+        if self.shadows.plugins.directory.is_dir():
+            self._shadow_watcher = asyncio.create_task(PluginWatcher(self.shadows.plugins, self.loop).run(),
+                                                       name="shadow-watch")
 
     def _stop_watching(self) -> None:
         for watcher in (self._watcher, self._shadow_watcher):
@@ -221,20 +264,31 @@ class Daemon:
         except Exception as exc:
             log.exception("reload_failed", file=str(new.source))
             return ReloadResult("failed", f"reload failed, running config kept: {type(exc).__name__}: {exc}")
-        result = await self.loop.in_gap(lambda: self._apply(new, plugins), plugins.close)
+        try:
+            shadows = await asyncio.to_thread(self._load_shadows, new, plugins)
+        except Exception:  # the live plugins reload all the same
+            log.exception("shadows_reload_failed", file=str(new.source))
+            shadows = None
+
+        def drop() -> None:  # the stop came first: what was prepared is never swapped in
+            plugins.close()
+            if shadows is not None:
+                shadows.close()
+
+        result = await self.loop.in_gap(lambda: self._apply(new, plugins, shadows), drop)
         if result.outcome == "applied":
             await asyncio.to_thread(known_good.keep, new, self.state_dir)
         return result
 
-    def _apply(self, new: Settings, plugins: PluginSet) -> ReloadResult:
+    def _apply(self, new: Settings, plugins: PluginSet, shadows: Shadows | None) -> ReloadResult:
         try:
-            self._swap(new, plugins)
+            self._swap(new, plugins, shadows)
         except Exception as exc:  # a reload must never end the loop: it carries on with what is in place
             log.exception("reload_failed", file=str(new.source))
             return ReloadResult("failed", f"reload failed while applied: {type(exc).__name__}: {exc}")
         return ReloadResult("applied", f"config reloaded: {Readiness.of(self.plugins.status)}")
 
-    def _swap(self, new: Settings, plugins: PluginSet) -> None:
+    def _swap(self, new: Settings, plugins: PluginSet, shadows: Shadows | None) -> None:
         failed = self.hardware.reconfigure(new, self.clock)
         for device, error in failed.items():
             log.error("reload_device_failed", device=device, error=error)
@@ -245,6 +299,9 @@ class Daemon:
         if watching != (self.plugins.directory, new.plugins.watch):  # follow the folder the plugins now come from
             self._stop_watching()
             self._watch_plugins()
+        if shadows is not None:
+            self._adopt_shadows(shadows)
+        self._plugins_changed()
         log.info("config_reloaded", file=str(new.source), sensors=len(self.hardware.sensors),
                  actuators=len(self.hardware.actuators), plugins=len(self.plugins))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,10 @@ from typing import Any
 import pytest
 
 from pi_controller import cli
-from pi_controller.clock import VirtualClock
+from pi_controller.clock import SystemClock, VirtualClock
 from pi_controller.metrics import Metrics
 from pi_controller.plugins import shadow
-from tests.conftest import TEST_PLUGINS, example_data
+from tests.conftest import TEST_PLUGINS, example_data, more_ticks, run_with, until
 
 TICKS = 60
 
@@ -108,3 +109,48 @@ def test_a_shadow_is_dry_run_through_the_wear_rules_without_touching_the_live_on
     assert guard.switched_at == pytest.approx(started)
     assert daemon.loop.safety.held["relay_switch"] == {}
     assert daemon.status.snapshot()["safety"]["held"] == {}
+
+
+def shadow_calls(daemon: Any) -> int:
+    return daemon.status.snapshot().get("shadows", {}).get("temperature_control", {}).get("calls", 0)
+
+
+def test_a_config_reload_rebuilds_the_shadows_from_the_folder(run_daemon, plugin_dir) -> None:
+    data = heater_only()
+    data["plugins"]["watch"] = False  # only the reload looks at the folder
+    folder = plugin_dir("temperature_control")
+    daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
+
+    async def scenario() -> None:
+        assert "shadows" not in daemon.status.snapshot()
+        (folder / shadow.FOLDER).mkdir()
+        shutil.copy(TEST_PLUGINS / "sweep.wasm", folder / shadow.FOLDER / "temperature_control.wasm")
+        assert (await daemon.reload()).outcome == "applied"
+        await until(lambda: shadow_calls(daemon) > 3, "the shadow dropped in runs")
+        (folder / shadow.FOLDER / "temperature_control.wasm").unlink()
+        assert (await daemon.reload()).outcome == "applied"
+        assert "shadows" not in daemon.status.snapshot()
+
+    run_with(daemon, scenario)
+    assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]
+
+
+def test_a_shadow_folder_and_shadows_dropped_in_and_removed_are_picked_up_while_running(run_daemon,
+                                                                                        plugin_dir) -> None:
+    folder = plugin_dir("temperature_control")
+    daemon = run_daemon(heater_only(), 0, plugins=folder, clock=SystemClock())
+    shadows = folder / shadow.FOLDER
+
+    async def scenario() -> None:
+        shadows.mkdir()
+        await until(lambda: daemon.shadows.plugins.directory.is_dir() and daemon._shadow_watcher is not None,
+                    "the shadow folder is watched")
+        await more_ticks(daemon, 3)
+        shutil.copy(TEST_PLUGINS / "sweep.wasm", shadows / ".copying")
+        os.replace(shadows / ".copying", shadows / "temperature_control.wasm")
+        await until(lambda: shadow_calls(daemon) > 3, "the shadow dropped in runs")
+        (shadows / "temperature_control.wasm").unlink()
+        await until(lambda: "temperature_control" not in daemon.shadows.plugins.status, "the removed one is gone")
+
+    run_with(daemon, scenario)
+    assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]

@@ -71,6 +71,13 @@ class Shadows:
     def __len__(self) -> int:
         return len(self.plugins)
 
+    def carry_on(self, previous: Shadows) -> None:
+        """After a rebuild: the comparisons of each shadow whose file did not change go on."""
+        for name, stats in previous.stats.items():
+            now, before = self.plugins.status.get(name), previous.plugins.status.get(name)
+            if now is not None and before is not None and now.sha256 == before.sha256:
+                self.stats[name] = stats
+
     def consult(self, tick: TickTrace, context: Context, targets: Mapping[str, Actuator], safety: Safety,
                 started: float) -> None:
         """Call each shadow whose live plugin was called in `tick`, on its context, compare, and dry-run

@@ -18,6 +18,7 @@ never sees half an old and half a new set of plugins.
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 import structlog
 from asyncinotify import Event, Inotify, Mask
@@ -33,9 +34,14 @@ _SUFFIXES = (".wasm", ".yaml")  # a plugin, and its manifest
 
 
 class PluginWatcher:
-    def __init__(self, plugins: PluginSet, loop: ControlLoop, settle_s: float = 0.05):
+    def __init__(self, plugins: PluginSet, loop: ControlLoop, swapped: Callable[[], None] | None = None,
+                 folder: Callable[[str], None] | None = None, settle_s: float = 0.05):
+        """`swapped`: called after each swap, between two ticks; `folder`: with the name of a subfolder
+        that came or went."""
         self._plugins = plugins
         self._loop = loop
+        self._swapped = swapped
+        self._folder = folder
         self._settle_s = settle_s
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._due: set[str] = set()
@@ -68,6 +74,10 @@ class PluginWatcher:
                 self._schedule(path.stem, 0.0)
             return
         name = event.name
+        if name is not None and Mask.ISDIR in event.mask:
+            if self._folder is not None and event.mask & (Mask.CREATE | _AT_ONCE):
+                self._folder(name.name)
+            return
         if name is None or name.suffix not in _SUFFIXES or name.name.startswith("."):
             return
         if Mask.CREATE in event.mask and not (event.path is not None and event.path.is_symlink()):
@@ -103,6 +113,8 @@ class PluginWatcher:
         def swap() -> None:
             if plugins.generation == generation:
                 plugins.apply(update)
+                if self._swapped is not None:
+                    self._swapped()
             else:  # a SIGHUP reload replaced the whole set meanwhile, from the same files
                 update.close()
 

@@ -32,6 +32,8 @@ EVENTS = ((".errors", "plugin call failed", "#d62728", 0.9), (".rejected", "comm
           (".held", "held by a safety rule", "0.55", 0.5))
 BUCKETS = 1000  # about a pixel each in a 14-inch figure: finer would only draw over itself
 CHUNK = 4096  # ticks reduced at once
+PHASES = 200  # bins of a day overlaid
+OVERLAY_DAYS = 10  # from this many days of a periodic model on, its days are also drawn overlaid
 
 
 @dataclass
@@ -63,10 +65,13 @@ class Buckets:
     change between two ticks (a sensor's step). When there would be more than 2 x `most` buckets, two
     neighbours become one: the memory stays bounded however long the run."""
 
-    def __init__(self, most: int = BUCKETS):
+    def __init__(self, most: int = BUCKETS, periods: Mapping[str, float] | None = None):
+        """`periods`: the length of a day of the columns that follow one (see `periods`): those are also
+        folded onto one day, PHASES bins of it, for an overlay of the days."""
         import numpy as np
 
         self.np = np
+        self.periods = dict(periods or {})
         self.capacity = 2 * most
         self.columns: list[str] = []
         self.width = 1  # ticks per bucket
@@ -83,6 +88,11 @@ class Buckets:
         self.sums, self.counts, self.lows, self.highs = (np.zeros((len(columns), self.capacity)) for _ in range(4))
         self.lows[:], self.highs[:] = np.nan, np.nan
         self.steps = np.full(len(columns), np.inf)
+        self.folds: dict[float, Fold] = {}
+        for i, column in enumerate(columns):
+            period = self.periods.get(column) or self.periods.get(column.split(".", 1)[0] + ".")
+            if period:
+                self.folds.setdefault(period, Fold(np, period)).rows.append(i)
 
     def add(self, row: Row) -> None:
         for column, values in self._pending.items():
@@ -125,6 +135,8 @@ class Buckets:
         self.counts[:, buckets] += np.add.reduceat(valid, starts, axis=1)
         self.lows[:, buckets] = np.fmin(self.lows[:, buckets], np.fmin.reduceat(chunk, starts, axis=1))
         self.highs[:, buckets] = np.fmax(self.highs[:, buckets], np.fmax.reduceat(chunk, starts, axis=1))
+        for fold in self.folds.values():
+            fold.add(chunk)
         self.ticks += n
         self.used = int(buckets[-1]) + 1
         self._last = chunk[:, -1].copy()
@@ -146,6 +158,30 @@ class Buckets:
         return Binned(self)
 
 
+class Fold:
+    """Some columns folded onto one day of `period` seconds: per phase bin, the sum and count of valid
+    values, lowest and highest, over all the days."""
+
+    def __init__(self, np: Any, period: float):
+        self.np, self.period = np, period
+        self.rows: list[int] = []
+        self.sums, self.counts, self.lows, self.highs = ({} for _ in range(4))
+
+    def add(self, chunk: Any) -> None:
+        np = self.np
+        phase = np.minimum((chunk[0] % self.period / self.period * PHASES).astype(int), PHASES - 1)
+        for row in self.rows:
+            if row not in self.sums:
+                self.sums[row], self.counts[row] = np.zeros(PHASES), np.zeros(PHASES)
+                self.lows[row], self.highs[row] = np.full(PHASES, np.nan), np.full(PHASES, np.nan)
+            values = chunk[row]
+            valid = ~np.isnan(values)
+            self.sums[row] += np.bincount(phase, np.where(valid, values, 0.0), PHASES)
+            self.counts[row] += np.bincount(phase, valid, PHASES)
+            np.fmin.at(self.lows[row], phase, values)
+            np.fmax.at(self.highs[row], phase, values)
+
+
 class Binned:
     """The buckets as drawn: per column, mean, lowest, highest and sum per bucket, against time."""
 
@@ -163,8 +199,18 @@ class Binned:
         start = self.lows[self.index["time_s"]] if used else np.zeros(0)
         self.t = start / scale
         self.end = (buckets.ticks * self.period) / scale
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.means = np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan)
+        self.means = _means(np, self.sums, self.counts)
+        self.run_s = buckets.ticks * self.period
+        self.folds = {buckets.columns[row]: fold for fold in buckets.folds.values() for row in fold.rows}
+
+    def overlaid(self, column: str) -> tuple[float, Any, Any, Any] | None:
+        """The column's days overlaid, if it follows a day and the run has OVERLAY_DAYS of them: the day's
+        length, and per phase bin the mean, lowest and highest."""
+        fold = self.folds.get(column)
+        if fold is None or self.run_s < OVERLAY_DAYS * fold.period:
+            return None
+        row = self.index[column]
+        return fold.period, _means(self.np, fold.sums[row], fold.counts[row]), fold.lows[row], fold.highs[row]
 
     @property
     def bucketed(self) -> bool:
@@ -200,6 +246,23 @@ class Binned:
         np = self.np
         low = self.low(column)
         return "never valid" if not np.any(~np.isnan(low)) else f"{float(np.nanmin(low)):g}"
+
+
+def _means(np: Any, sums: Any, counts: Any) -> Any:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def periods(settings: Settings) -> dict[str, float]:
+    """The length of a day of each device a model with a day (`day_length_s`) is wired to, and of the
+    model's own columns (by their prefix, `daylight.`), for `Buckets`."""
+    found: dict[str, float] = {}
+    for name, model in zip(model_names(settings), settings.simulation):
+        day = getattr(model, "day_length_s", None)
+        if day:
+            for key in [f"{name}.", *(ref for _, ref in model.references().values())]:
+                found.setdefault(key, float(day))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,20 +392,56 @@ def figure(plot: Layout, binned: Binned, title: list[str]) -> Any:
         title = [*title, "unchanged: " + ", ".join(plot.unchanged)]
     heights = [{"binary": 0.5 + 0.4 * len(p.series)}.get(p.style, 2.2 if p.style == "line" else 1.4)
                for p in plot.panels] + [0.35 + 0.22 * max(1, len(plot.events))]
-    fig, axes = plt.subplots(len(heights), 1, sharex=True, figsize=(14, 1.2 + 0.5 * len(title) + 1.1 * sum(heights)),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False, layout="constrained")
-    for ax, panel in zip(axes[:, 0], plot.panels):
+    overlays = [[c for c in (*p.series, *p.context) if binned.overlaid(c.column)] for p in plot.panels]
+    wide = any(overlays)  # a column on the right for the days overlaid, beside each panel's legend
+    fig, axes = plt.subplots(len(heights), 2 if wide else 1, sharex="col", squeeze=False, layout="constrained",
+                             figsize=(16 if wide else 14, 1.2 + 0.5 * len(title) + 1.1 * sum(heights)),
+                             gridspec_kw={"height_ratios": heights, **({"width_ratios": [4, 1]} if wide else {})})
+    for row, panel in enumerate(plot.panels):
+        ax = axes[row, 0]
         _DRAW[panel.style](ax, panel, binned)
         ax.set_ylabel(panel.unit)
         ax.set_title(panel.title + (f"  —  {panel.note}" if panel.note else ""), fontsize=9, loc="left")
         ax.grid(True, alpha=0.3)
+        beside = axes[row, 1] if wide else ax
+        if wide and overlays[row]:
+            _overlay(beside, overlays[row], binned, ax.get_ylim())
+        elif wide:
+            beside.axis("off")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, framealpha=0.8)
+            beside.legend(*ax.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.005, 1.0),
+                          fontsize=7, framealpha=0.8)
     _events(axes[-1, 0], plot.events, binned)
+    if wide:
+        axes[-1, 1].axis("off")
     axes[-1, 0].set_xlabel(f"time ({binned.unit})")
     axes[-1, 0].set_xlim(binned.t[0] if binned.t.size else 0.0, binned.end)
     fig.suptitle("\n".join(title), fontsize=9, x=0.01, ha="left")
     return fig
+
+
+def _overlay(ax: Any, series: list[Series], binned: Binned, limits: tuple[float, float]) -> None:
+    """The days of a periodic run laid over each other: per phase of the day, mean and lowest to highest."""
+    np = binned.np
+    period = 0.0
+    for i, s in enumerate(series):
+        period, mean, low, high = binned.overlaid(s.column) or (0.0, None, None, None)
+        x = (np.arange(PHASES) + 0.5) / PHASES * period / 60
+        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)] if s.lane else "0.2"
+        ax.fill_between(x, low, high, color=colour, alpha=0.25, linewidth=0)
+        ax.plot(x, mean, color=colour, linewidth=1.0)
+    ax.set_title(f"{binned.run_s / period:.0f} days of {_span(period)} overlaid", fontsize=8, loc="left")
+    ax.set_xlabel("time of day (min)", fontsize=8)
+    ax.set_ylim(*limits)
+    ax.grid(True, alpha=0.3)
+    ax.tick_params(labelsize=7)
+
+
+def _fast(binned: Binned, column: str) -> bool:
+    """Whether a bucket is too long for the column's mean to mean anything: it follows a day only a few
+    buckets long (the overlay beside shows its course)."""
+    fold = binned.folds.get(column)
+    return fold is not None and binned.overlaid(column) is not None and binned.bucket_s > fold.period / 8
 
 
 def _span(seconds: float) -> str:
@@ -395,11 +494,14 @@ def _levels(ax: Any, panel: Panel, binned: Binned) -> None:
         colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
         if binned.bucketed:
             ax.fill_between(binned.t, binned.low(series.column), binned.high(series.column), step="post",
-                            color=colour, alpha=0.2, linewidth=0)
-        ax.plot(binned.t, binned.mean(series.column), drawstyle="steps-post", color=colour, linewidth=1.0,
-                label=series.label)
+                            color=colour, alpha=0.2, linewidth=0,
+                            label=f"{series.label}, lowest to highest" if _fast(binned, series.column) else None)
+        if not _fast(binned, series.column):
+            ax.plot(binned.t, binned.mean(series.column), drawstyle="steps-post", color=colour, linewidth=1.0,
+                    label=series.label)
     for series, style in zip(panel.context, _CONTEXT_STYLES * len(panel.context)):
-        ax.plot(binned.t, binned.mean(series.column), label=series.label, **style)
+        if not _fast(binned, series.column):
+            ax.plot(binned.t, binned.mean(series.column), label=series.label, **style)
     if panel.limits:
         ax.set_ylim(*panel.limits)
 
@@ -419,9 +521,12 @@ def _lines(ax: Any, panel: Panel, binned: Binned) -> None:
         if binned.bucketed:
             ax.fill_between(binned.t, binned.low(series.column), binned.high(series.column), step="post",
                             color=colour, alpha=0.3, linewidth=0, label=f"{series.label}, lowest to highest")
-        ax.plot(binned.t, binned.mean(series.column), drawstyle="steps-post", color=colour, linewidth=1.0,
-                label=f"{series.label}{', mean' if binned.bucketed else ''}")
+        if not _fast(binned, series.column):
+            ax.plot(binned.t, binned.mean(series.column), drawstyle="steps-post", color=colour, linewidth=1.0,
+                    label=f"{series.label}{', mean' if binned.bucketed else ''}")
     for series, style in zip(panel.context, _CONTEXT_STYLES * len(panel.context)):
+        if _fast(binned, series.column):
+            continue
         values = binned.mean(series.column)
         label = series.label
         if np.nanmin(values) > high + pad or np.nanmax(values) < low - pad:

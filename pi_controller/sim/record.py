@@ -2,7 +2,8 @@
 
 A recording is a header line (`{"format": "pi-controller-recording", "version": 1, ...}`: the rate,
 each sensor's unit, the actuators, the plugins loaded and the config's text, so it replays anywhere)
-followed by one line per tick. A tick line holds, leaving out what is empty:
+followed by one line per tick; a reload (SIGHUP, a plugin swapped in or out) writes a new header line
+(`"reason": "reload"`, `"tick"`: the first tick under it) before the next tick's. A tick line holds, leaving out what is empty:
 
     n  tick number          t  the context's timestamp     m  the loop's monotonic time
     r  valid readings: {sensor: value}, or {sensor: [value, timestamp]} when read at another time
@@ -52,13 +53,16 @@ _FLUSH_S = 1.0
 _STOP: list[bytes] = []
 
 
-def header(settings: Settings, plugins: dict[str, str], started: float) -> dict[str, Any]:
-    """The first line of each run: what a replay needs besides the ticks. `plugins`: name -> sha256."""
+def header(settings: Settings, plugins: dict[str, str], started: float, tick: int = 0,
+           reason: str = "start") -> dict[str, Any]:
+    """The first line of each run, and again after each reload (`reason`: "reload", from `tick` on):
+    what a replay needs besides the ticks. `plugins`: name -> sha256 of the live ones."""
     try:
         text: str | None = read(settings.source, MAX_CONFIG_BYTES)
     except OSError:  # the file moved since it was loaded: replay then needs --config
         text = None
-    return {"format": FORMAT, "version": VERSION, "started": started, "rate_hz": settings.loop.rate_hz,
+    return {"format": FORMAT, "version": VERSION, "started": started, "reason": reason, "tick": tick,
+            "rate_hz": settings.loop.rate_hz,
             "sensors": {s.id: s.unit for s in settings.sensors},
             "actuators": {a.id: a.kind for a in settings.actuators},
             "plugins": plugins, "config_file": str(settings.source), "config": text}
@@ -95,6 +99,10 @@ def encode(trace: TickTrace, previous: dict[str, dict[str, Any]] | None) -> byte
     return COMPACT.encode(line).encode() + b"\n"
 
 
+class _HeaderLine(bytes):
+    """A header line among the tick lines: the writer starts each rotated file with the latest."""
+
+
 class Recorder(LoopObserver):
     """Appends each finished tick to a recording: encoded on the event loop after the tick, written
     on a thread of its own."""
@@ -107,7 +115,7 @@ class Recorder(LoopObserver):
         self.lines = 0
         self._closed = False
         self._trace = trace
-        self._header = COMPACT.encode(first_line).encode() + b"\n"
+        self._header = _HeaderLine(COMPACT.encode(first_line).encode() + b"\n")
         self._states: dict[str, dict[str, Any]] | None = None
         self._batch: list[bytes] = []
         self._queue: queue.Queue[list[bytes]] = queue.Queue(_QUEUE_BATCHES)
@@ -119,6 +127,12 @@ class Recorder(LoopObserver):
         self._thread = threading.Thread(target=self._write, name="recorder", daemon=True)
         self._thread.start()
         log.info("recording", file=str(path), max_mb=settings.max_mb, keep=settings.keep)
+
+    def reheader(self, line: dict[str, Any]) -> None:
+        """A new header (after a reload), before the next tick's line; that line carries every state."""
+        self._header = _HeaderLine(COMPACT.encode(line).encode() + b"\n")
+        self._batch.append(self._header)
+        self._states = None
 
     def tick_done(self, report: TickReport) -> None:
         trace = self._trace()
@@ -134,6 +148,8 @@ class Recorder(LoopObserver):
         except queue.Full:
             self.dropped += len(batch)
             self._states = None  # the next line that gets through carries every state again
+            if any(isinstance(line, _HeaderLine) for line in batch):  # the ticks to come are under it
+                self._batch.append(self._header)
             self._problems.problem("full", "recording_lines_dropped", tick=trace.number, file=str(self.path),
                                    dropped=self.dropped, note="the disk is slower than the ticks")
             return
@@ -150,6 +166,9 @@ class Recorder(LoopObserver):
                 break
             try:
                 if batch is not None:
+                    headers = [line for line in batch if isinstance(line, _HeaderLine)]
+                    if headers:
+                        self._file.first_line = headers[-1]
                     self._file.write(b"".join(batch))
                     self.lines += len(batch)
                 if batch is None or time.monotonic() - last_flush >= _FLUSH_S:

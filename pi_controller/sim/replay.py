@@ -47,19 +47,40 @@ class Replay:
         from pi_controller.devices.pins import mock_factory  # gpiozero: only when a replay runs, not check-config
 
         self.settings = settings
+        self.plugins_dir = plugins_dir
         self.clock = VirtualClock(start)
         factory = mock_factory(settings)
         self.hardware = Hardware([], [actuators.build(a, factory) for a in settings.actuators], factory)
-        self.plugins = PluginSet(settings.plugins, plugins_dir, settings.loop.plugin_budget_ms, clock=self.clock)
-        self.plugins.load_all()
+        self.plugins = self._load(settings)
         self.safety = Safety(self.hardware.actuators, settings.sensors, settings.interlocks,
                              failsafe_after_s=settings.safety.failsafe_after_s)
         self.health = Health(lambda plugin: "was not called")
         self.compared: dict[str, Agreement] = {p.name: Agreement("recorded", "replayed") for p in self.plugins}
+        self.segments: list[dict[str, Any]] = []  # from which tick which plugins were live, as recorded
         self.not_recorded: Counter[str] = Counter()  # ticks a plugin was not called in the recording
         self.applied = Agreement("recorded", "replayed")
         self.ticks = 0
         self.states: dict[str, Any] = {}
+
+    def _load(self, settings: config.Settings) -> PluginSet:
+        plugins = PluginSet(settings.plugins, self.plugins_dir, settings.loop.plugin_budget_ms, clock=self.clock)
+        plugins.load_all()
+        return plugins
+
+    def restart(self, header: dict[str, Any], line: dict[str, Any], settings: config.Settings | None) -> None:
+        """A header line: from `line` on, the recording ran under it (a reload, or a new run). With
+        `settings` (the recorded config, when no other was given), the plugins restart fresh under them
+        and the safety rules follow them, as the daemon's did."""
+        self.segments.append({"tick": line["n"], "time": line["t"], "reason": header.get("reason", "start"),
+                              "plugins": header.get("plugins", {})})
+        if settings is None or not self.segments[:-1]:
+            return
+        self.plugins.close()
+        self.settings, self.plugins = settings, self._load(settings)
+        for plugin in self.plugins:
+            self.compared.setdefault(plugin.name, Agreement("recorded", "replayed"))
+        self.safety = Safety(self.hardware.actuators, settings.sensors, settings.interlocks, self.safety,
+                             settings.safety.failsafe_after_s)
 
     def feed(self, line: dict[str, Any], units: dict[str, str]) -> None:
         """One recorded tick: the plugins called on its context, compared, arbitrated and guarded."""
@@ -101,17 +122,19 @@ class Replay:
 
     def report(self, recording: Path, header: dict[str, Any], skipped: int) -> dict[str, Any]:
         recorded_plugins = header.get("plugins", {})
+        live = {p.name: p for p in self.plugins}
         plugins = {}
-        for plugin in self.plugins:
-            entry = self.compared[plugin.name].summary()
-            entry["sha256"] = plugin.sha256
-            if plugin.name in recorded_plugins:
-                entry["recorded_sha256"] = recorded_plugins[plugin.name]
-            if self.not_recorded[plugin.name]:
-                entry["ticks_not_recorded"] = self.not_recorded[plugin.name]
-            plugins[plugin.name] = entry
+        for name, agreement in self.compared.items():  # a plugin a reload unloaded keeps its counts
+            entry = agreement.summary()
+            if name in live:
+                entry["sha256"] = live[name].sha256
+            if name in recorded_plugins:
+                entry["recorded_sha256"] = recorded_plugins[name]
+            if self.not_recorded[name]:
+                entry["ticks_not_recorded"] = self.not_recorded[name]
+            plugins[name] = entry
         return {"recording": str(recording), "ticks": self.ticks, "skipped_lines": skipped,
-                "plugins": plugins,
+                "plugins": plugins, "segments": self.segments,
                 "not_loaded": {name: s.reason or s.state for name, s in self.plugins.status.items()
                                if s.state != "loaded"},
                 "safety": {"held": {key: dict(rules) for key, rules in self.safety.held.items() if rules},
@@ -156,14 +179,20 @@ def replay(recording: Path, settings: config.Settings | None, plugins_dir: Path 
     reader = Reader(recording)
     session: Replay | None = None
     header: dict[str, Any] = {}
+    given = settings
+    under: dict[str, Any] | None = None  # the header the last line read was under
     try:
         for header, line in reader:
+            if header is not under and session is not None:
+                session.restart(header, line, given or _recorded_settings(header, recording))
+            under = header
             if (start is not None and line["t"] < start) or (end is not None and line["t"] > end):
                 continue
             if session is None:
-                settings = settings or _recorded_settings(header, recording)
+                settings = given or _recorded_settings(header, recording)
                 folder = config.check_plugins_directory(settings, plugins_dir)
                 session = Replay(settings, folder, line["t"] - line.get("m", 0.0))
+                session.restart(header, line, None)
             try:
                 session.feed(line, header.get("sensors", {}))
             except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a line not written by us

@@ -551,7 +551,7 @@ def command(args: argparse.Namespace) -> int:
         if args.plot:
             from pi_controller.sim import plot
 
-            buckets = plot.Buckets()
+            buckets = plot.Buckets(periods=plot.periods(settings))
             sinks.append(buckets)
         try:
             verdict = run(settings, args.duration, sinks, args.plugins, args.record)
