@@ -138,3 +138,45 @@ def test_a_simulate_recording_replays_like_a_pi_recording(write_config, tmp_path
     report = replay.replay(path, None, None)
     assert report["ticks"] == 600
     assert all(p["agreement_percent"] == 100.0 for p in report["plugins"].values())
+
+
+def test_a_reload_starts_a_new_header_and_replay_follows_it(run_daemon, tmp_path) -> None:
+    from pi_controller.clock import SystemClock
+    from tests.conftest import more_ticks, run_with
+
+    data = example_data()
+    data["record"] = {"path": str(tmp_path / "run.jsonl")}
+    daemon = run_daemon(data, 0, clock=SystemClock())
+
+    async def scenario() -> None:
+        await more_ticks(daemon, 20)
+        data["plugins"]["settings"]["temperature_control"]["config"]["setpoint"] = 10.0  # the room at 19 C: off, from now on
+        data["plugins"]["settings"]["motion_light"]["enabled"] = False
+        (daemon.settings.source).write_text(json.dumps(data))
+        assert (await daemon.reload()).outcome == "applied"
+        await more_ticks(daemon, 20)
+
+    run_with(daemon, scenario)
+    daemon.close()  # the recording ends
+    path = tmp_path / "run.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    headers = [i for i, line in enumerate(lines) if "format" in line]
+    assert len(headers) == 2 and headers[0] == 0
+    second = lines[headers[1]]
+    assert second["reason"] == "reload" and second["tick"] == lines[headers[1] + 1]["n"]
+    assert set(lines[0]["plugins"]) - set(second["plugins"]) == {"motion_light"}
+    assert lines[headers[1] - 1]["n"] == second["tick"] - 1  # between two ticks
+    assert yaml_of(second["config"])["plugins"]["settings"]["temperature_control"]["config"]["setpoint"] == 10.0
+    report = replay.replay(path, None, None)
+    # Each part replayed under its own config: the plugins agree with what was recorded on every tick.
+    assert [(s["tick"], s["reason"]) for s in report["segments"]] == [(0, "start"), (second["tick"], "reload")]
+    for name, plugin in report["plugins"].items():
+        assert plugin["agreement_percent"] == 100.0, (name, plugin)
+    assert report["plugins"]["temperature_control"]["ticks"] == report["ticks"] == len(lines) - 2
+    assert report["plugins"]["motion_light"]["ticks"] == second["tick"]  # unloaded by the reload
+
+
+def yaml_of(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
