@@ -180,3 +180,34 @@ def yaml_of(text: str) -> Any:
     import yaml
 
     return yaml.safe_load(text)
+
+
+def test_the_plot_draws_recorded_and_replayed_actuators_over_the_readings(recorded, tmp_path, monkeypatch,
+                                                                          cli_logs, capsys) -> None:
+    from pi_controller import cli
+    from pi_controller.sim import plot
+
+    path, data = recorded
+    drawn: list[tuple[Any, Any]] = []
+    render = plot.render
+    monkeypatch.setattr(plot, "render", lambda layout, binned, *rest: (drawn.append((layout, binned)),
+                                                                      render(layout, binned, *rest)))
+    data = json.loads(json.dumps(data))
+    data["plugins"]["settings"]["temperature_control"]["config"]["setpoint"] = 20.0  # differs now and then
+    data["plugins"]["directory"] = str(BUNDLED_PLUGINS)
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(json.dumps(data))
+    assert cli.main(["replay", str(path), "--config", str(changed), "--plot", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    layout, binned = drawn[0]
+    panels = {p.unit: [s.column for s in p.series] for p in layout.panels}
+    assert panels["celsius"] == ["temperature_sensor"]
+    assert panels["relay"] == ["relay_switch.recorded", "relay_switch.replayed"]
+    recorded_on, replayed_on = binned.mean("relay_switch.recorded"), binned.mean("relay_switch.replayed")
+    assert binned.ticks == TICKS and (recorded_on != replayed_on).any()  # the lower setpoint heats less
+    assert replayed_on.sum() < recorded_on.sum()
+    # A folder that does not exist is refused before any replay, in one line.
+    capsys.readouterr()
+    assert cli.main(["replay", str(path), "--plot", str(tmp_path / "nowhere" / "r.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--plot" in err and "does not exist" in err

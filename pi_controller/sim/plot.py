@@ -405,29 +405,30 @@ def figure(plot: Layout, binned: Binned, title: list[str]) -> Any:
         ax.grid(True, alpha=0.3)
         beside = axes[row, 1] if wide else ax
         if wide and overlays[row]:
-            _overlay(beside, overlays[row], binned, ax.get_ylim())
+            _overlay(beside, panel, overlays[row], binned, ax.get_ylim())
         elif wide:
             beside.axis("off")
         if ax.get_legend_handles_labels()[0]:
-            beside.legend(*ax.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.005, 1.0),
-                          fontsize=7, framealpha=0.8)
+            beside.legend(*ax.get_legend_handles_labels(), loc="upper left", fontsize=7, framealpha=0.8,
+                          bbox_to_anchor=(1.005, 1.0) if beside is ax or overlays[row] else (0.0, 1.0))
     _events(axes[-1, 0], plot.events, binned)
     if wide:
         axes[-1, 1].axis("off")
     axes[-1, 0].set_xlabel(f"time ({binned.unit})")
-    axes[-1, 0].set_xlim(binned.t[0] if binned.t.size else 0.0, binned.end)
+    start = binned.t[0] if binned.t.size else 0.0
+    axes[-1, 0].set_xlim(start - 0.005 * (binned.end - start), binned.end)  # a mark at the start stays visible
     fig.suptitle("\n".join(title), fontsize=9, x=0.01, ha="left")
     return fig
 
 
-def _overlay(ax: Any, series: list[Series], binned: Binned, limits: tuple[float, float]) -> None:
+def _overlay(ax: Any, panel: Panel, series: list[Series], binned: Binned, limits: tuple[float, float]) -> None:
     """The days of a periodic run laid over each other: per phase of the day, mean and lowest to highest."""
     np = binned.np
     period = 0.0
-    for i, s in enumerate(series):
+    for s in series:
         period, mean, low, high = binned.overlaid(s.column) or (0.0, None, None, None)
         x = (np.arange(PHASES) + 0.5) / PHASES * period / 60
-        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)] if s.lane else "0.2"
+        colour = _colour(panel, panel.series.index(s)) if s in panel.series else "0.2"
         ax.fill_between(x, low, high, color=colour, alpha=0.25, linewidth=0)
         ax.plot(x, mean, color=colour, linewidth=1.0)
     ax.set_title(f"{binned.run_s / period:.0f} days of {_span(period)} overlaid", fontsize=8, loc="left")
@@ -435,6 +436,12 @@ def _overlay(ax: Any, series: list[Series], binned: Binned, limits: tuple[float,
     ax.set_ylim(*limits)
     ax.grid(True, alpha=0.3)
     ax.tick_params(labelsize=7)
+
+
+def _colour(panel: Panel, index: int) -> str:
+    """The colour of a panel's series: a reading's blue first, as the bands' legend expects."""
+    colours = [READING_COLOUR, *SERIES_COLOURS] if panel.style == "line" else SERIES_COLOURS
+    return colours[index % len(colours)]
 
 
 def _fast(binned: Binned, column: str) -> bool:
@@ -462,7 +469,7 @@ def _events(ax: Any, events: list[tuple[str, str, str, float, str]], binned: Bin
     for row, (column, _, colour, height, meaning) in enumerate(events):
         y = rows - 1 - row
         x = binned.t[binned.total(column) > 0]
-        ax.vlines(x, y - height / 2, y + height / 2, colors=colour, linewidth=1.2,
+        ax.vlines(x, y - height / 2, y + height / 2, colors=colour, linewidth=2.0,
                   label=None if meaning in shown else meaning, zorder=3 if colour != "0.55" else 2)
         shown.add(meaning)
     ax.set_yticks(range(rows), [label for _, label, *_ in reversed(events)], fontsize=7)
@@ -491,7 +498,7 @@ def _binary(ax: Any, panel: Panel, binned: Binned) -> None:
 def _levels(ax: Any, panel: Panel, binned: Binned) -> None:
     """Duty, speed, angle: each series' mean per bucket, its range shaded; model quantities in grey."""
     for i, series in enumerate(panel.series):
-        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        colour = _colour(panel, i)
         if binned.bucketed:
             ax.fill_between(binned.t, binned.low(series.column), binned.high(series.column), step="post",
                             color=colour, alpha=0.2, linewidth=0,
@@ -517,7 +524,7 @@ def _lines(ax: Any, panel: Panel, binned: Binned) -> None:
     pad = 0.08 * (high - low or 1.0)
     ax.set_ylim(low - pad, high + pad)
     for i, series in enumerate(panel.series):
-        colour = READING_COLOUR if i == 0 else SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        colour = _colour(panel, i)
         if binned.bucketed:
             ax.fill_between(binned.t, binned.low(series.column), binned.high(series.column), step="post",
                             color=colour, alpha=0.3, linewidth=0, label=f"{series.label}, lowest to highest")

@@ -31,7 +31,7 @@ from pi_controller.mqtt.operator import OPERATOR
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from pi_controller.safety.ownership import Health
-from pi_controller.safety.rules import Safety
+from pi_controller.safety.rules import Hold, Safety
 from pi_controller.sim.agreement import Agreement, Verdict, verdict, verdict_of
 from pi_controller.sim.record import Reader, RecordingError
 
@@ -43,7 +43,8 @@ EXIT_CONFIG = 2
 class Replay:
     """The plugins of a folder and the safety rules of a config, fed one recorded tick after another."""
 
-    def __init__(self, settings: config.Settings, plugins_dir: Path, start: float):
+    def __init__(self, settings: config.Settings, plugins_dir: Path, start: float, picture: Picture | None = None):
+        """`picture`: takes each tick's recorded and replayed actuator states, for `--plot`."""
         from pi_controller.devices.pins import mock_factory  # gpiozero: only when a replay runs, not check-config
 
         self.settings = settings
@@ -61,6 +62,10 @@ class Replay:
         self.applied = Agreement("recorded", "replayed")
         self.ticks = 0
         self.states: dict[str, Any] = {}
+        self.picture = picture
+        self.events: Counter[str] = Counter()  # this tick's replayed errors and rejections, for the picture
+        if picture is not None:
+            picture.start(settings, [p.name for p in self.plugins])
 
     def _load(self, settings: config.Settings) -> PluginSet:
         plugins = PluginSet(settings.plugins, self.plugins_dir, settings.loop.plugin_budget_ms, clock=self.clock)
@@ -93,11 +98,14 @@ class Replay:
         proposals = [Command(device, action, target, OPERATOR, 0) for device, action, target in line.get("o", [])
                      if device in self.hardware.actuators]
         self.health.begin()
+        self.events.clear()
         for plugin in self.plugins:
             if plugin.name not in line.get("d", ()):
                 proposals.extend(self._consult(plugin, context, line))
         wanted, _ = arbitration.resolve(proposals)
         decision = self.safety.enforce(wanted, readings, now, self.clock.monotonic(), self.health)
+        if self.picture is not None:  # the states this tick's plugins saw, as recorded and as replayed
+            self.picture.add(line, readings, self.states, self.hardware.states(), decision.holds, self.events)
         self.hardware.apply(decision.writes, number)
         self.applied.add(number, now, {device: [target, plugin] for device, target, plugin in line.get("a", [])},
                          {w.device_id: [w.target, w.plugin] for w in decision.writes})
@@ -112,6 +120,8 @@ class Replay:
         except Exception as exc:  # a failed call is a verdict to compare, as the loop counts it
             failed = PluginCallError.kind_of(exc)
             self.health.failed(plugin.name, self.clock.monotonic(), f"has failed every call since ({failed})")
+            self.events[f"{plugin.name}.errors"] += 1
+        self.events[f"{plugin.name}.rejected"] += len(rejections)
         recorded = _recorded(line, plugin.name)
         if recorded is None:
             self.not_recorded[plugin.name] += 1
@@ -147,6 +157,54 @@ class Replay:
             actuator.close()
 
 
+class Picture:
+    """`replay --plot`: per tick, the readings, each actuator's state as recorded and as replayed, and the
+    replayed plugin errors, rejections and safety holds, reduced as they come (see `plot.Buckets`)."""
+
+    VARIANTS = ((".recorded", " recorded"), (".replayed", " replayed"))
+
+    def __init__(self, path: Path):
+        from pi_controller.sim import plot
+
+        self.path = path
+        self.buckets = plot.Buckets()
+        self.first: float | None = None
+        self.empty: dict[str, float | None] = {}
+
+    def start(self, settings: config.Settings, plugins: list[str]) -> None:
+        self.settings, self.plugins = settings, plugins
+        devices = [a.id for a in settings.actuators]
+        columns = ["time_s", "tick", *(s.id for s in settings.sensors),
+                   *(f"{a}{suffix}" for a in devices for suffix, _ in self.VARIANTS),
+                   *(f"{p}.{what}" for p in plugins for what in ("errors", "rejected")), *(f"{a}.held" for a in devices)]
+        self.empty = dict.fromkeys(columns, 0)
+        self.empty.update((s.id, None) for s in settings.sensors)
+        self.buckets.start(columns)
+
+    def add(self, line: dict[str, Any], readings: list[Reading], recorded: dict[str, Any],
+            replayed: dict[str, dict[str, Any]], holds: list[Hold], events: Counter[str]) -> None:
+        self.first = line["t"] if self.first is None else self.first
+        row = dict(self.empty, time_s=line["t"] - self.first, tick=line["n"])
+        row.update((r.sensor_id, r.value) for r in readings if r.sensor_id in row)
+        for key, state in replayed.items():
+            row[f"{key}.replayed"] = state.get("value")
+            row[f"{key}.recorded"] = recorded.get(key, {}).get("value")
+        row.update((key, n) for key, n in events.items() if key in row)
+        for hold in holds:
+            row[f"{hold.device_id}.held"] += 1
+        self.buckets.add(row)
+
+    def draw(self, recording: Path, report: dict[str, Any]) -> None:
+        from pi_controller.sim import plot
+
+        binned = self.buckets.view()
+        layout = plot.layout(self.settings, binned, self.plugins, variants=self.VARIANTS)
+        agreement = ", ".join(f"{name} {p['agreement_percent']:g} %" for name, p in report["plugins"].items())
+        plot.render(layout, binned, [f"replay of {recording.name}: {report['ticks']} ticks",
+                                     f"agreement with the recording: {agreement or 'no plugin'}; events: replayed"],
+                    self.path)
+
+
 def _readings(line: dict[str, Any], units: dict[str, str], now: float) -> list[Reading]:
     """The tick's readings in the order the loop read them (the header's): the context's bytes depend on it."""
     valid, bad = line.get("r", {}), line.get("bad", {})
@@ -173,9 +231,9 @@ def _recorded(line: dict[str, Any], plugin: str) -> tuple[Verdict, str | None] |
 
 
 def replay(recording: Path, settings: config.Settings | None, plugins_dir: Path | None,
-           start: float | None = None, end: float | None = None) -> dict[str, Any]:
-    """Replay `recording` (within [start, end], Unix seconds) and return the report. Raises
-    RecordingError, and ConfigError for the config given or recorded."""
+           start: float | None = None, end: float | None = None, plot: Path | None = None) -> dict[str, Any]:
+    """Replay `recording` (within [start, end], Unix seconds) and return the report; with `plot`, draw
+    its picture there. Raises RecordingError, and ConfigError for the config given or recorded."""
     reader = Reader(recording)
     session: Replay | None = None
     header: dict[str, Any] = {}
@@ -191,7 +249,7 @@ def replay(recording: Path, settings: config.Settings | None, plugins_dir: Path 
             if session is None:
                 settings = given or _recorded_settings(header, recording)
                 folder = config.check_plugins_directory(settings, plugins_dir)
-                session = Replay(settings, folder, line["t"] - line.get("m", 0.0))
+                session = Replay(settings, folder, line["t"] - line.get("m", 0.0), Picture(plot) if plot else None)
                 session.restart(header, line, None)
             try:
                 session.feed(line, header.get("sensors", {}))
@@ -199,7 +257,10 @@ def replay(recording: Path, settings: config.Settings | None, plugins_dir: Path 
                 raise RecordingError(f"{recording}: tick {line['n']}: malformed line ({exc})"[:300]) from exc
         if session is None:
             raise RecordingError(f"{recording}: no tick recorded" + (" in the range given" if start or end else ""))
-        return session.report(recording, header, reader.skipped)
+        report = session.report(recording, header, reader.skipped)
+        if session.picture is not None:
+            session.picture.draw(recording, report)
+        return report
     finally:
         if session is not None:
             session.close()
@@ -224,6 +285,8 @@ def add_command(commands: Any) -> None:
     cmd.add_argument("--plugins", type=Path, help="plugins folder (default: the config's plugins.directory)")
     cmd.add_argument("--from", dest="start", type=parse_time, help="first tick: Unix seconds or ISO 8601 time")
     cmd.add_argument("--to", dest="end", type=parse_time, help="last tick: Unix seconds or ISO 8601 time")
+    cmd.add_argument("--plot", type=Path, help="draw the recorded and replayed actuator states over the readings "
+                                               "to this PNG (needs pi-controller[plot])")
     cmd.add_argument("--log-format", choices=["console", "json"], default="console")
     cmd.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="error")
     cmd.set_defaults(handler=command)
@@ -246,9 +309,15 @@ def parse_time(text: str) -> float:
 
 
 def command(args: argparse.Namespace) -> int:
+    from pi_controller.sim.simulation import plot_refusal
+
+    refusal = plot_refusal(args.plot)  # before the replay, not after it
+    if refusal:
+        print(refusal[1], file=sys.stderr)
+        return refusal[0]
     try:
         settings = config.load(args.config) if args.config else None
-        report = replay(args.recording, settings, args.plugins, args.start, args.end)
+        report = replay(args.recording, settings, args.plugins, args.start, args.end, args.plot)
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

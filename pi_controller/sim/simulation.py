@@ -572,11 +572,20 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
+def plot_refusal(path: Path | None) -> tuple[int, str] | None:
+    """The exit code and the line that refuse `--plot path` before a run, or None."""
+    if path and importlib.util.find_spec("matplotlib") is None:
+        return EXIT_FAILED, "--plot needs matplotlib: pip install 'pi-controller[plot]'"
+    problem = unwritable(path) if path else None
+    return (EXIT_CONFIG, f"error: --plot {path}: {problem}") if problem else None
+
+
 def _refusal(args: argparse.Namespace) -> tuple[int, str] | None:
     """The exit code and the line that refuse a run the arguments would make fail, or None."""
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        return EXIT_FAILED, "--plot needs matplotlib: pip install 'pi-controller[plot]'"
-    for option, path in (("--trace", args.trace), ("--plot", args.plot), ("--record", args.record)):
+    refusal = plot_refusal(args.plot)
+    if refusal:
+        return refusal
+    for option, path in (("--trace", args.trace), ("--record", args.record)):
         problem = unwritable(path) if path else None
         if problem:
             return EXIT_CONFIG, f"error: {option} {path}: {problem}"
