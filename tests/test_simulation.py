@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from pi_controller import config
 from pi_controller.clock import SystemClock
 from pi_controller.sim import simulation
+from pi_controller.sim.record import Playback
 from tests.conftest import EXAMPLE_CONFIG, example_data
 
 LSB_C = 330 / 1023  # one step of the TMP36 on the MCP3008
@@ -218,3 +220,36 @@ def test_progress_on_a_terminal_is_one_line_kept_up_to_date() -> None:
     text = terminal.getvalue()
     assert text.startswith("\rsimulated 0:00:00 of 0:00:02 (33 %)")  # the first tick, then at most 5 a second
     assert text.endswith("\rsimulated 0:00:02 of 0:00:02 (100 %)\n") and text.count("\n") == 1
+
+
+def test_sensors_without_a_model_are_driven_from_a_recording(write_config, tmp_path) -> None:
+    recording = tmp_path / "day.jsonl.gz"
+    settings = simulation.prepare(config.load(write_config(example_data(), "recorded.yaml")))
+    recorded = simulation.Columns()
+    simulation.run(settings, 30, [recorded], record=recording)
+    # Now without the daylight model, and with a room that starts warmer: the light sensor plays the
+    # recording, the thermometer keeps its model.
+    data = example_data()
+    data["simulation"] = [m for m in data["simulation"] if m["kind"] != "daylight"]
+    data["simulation"][0]["start_c"] = 25.0
+    settings = simulation.prepare(config.load(write_config(data)))
+    played = simulation.Columns()
+    verdict = simulation.run(settings, 40, [played], playback=Playback(recording))
+    assert verdict.played == ["light_sensor"]
+    assert "from the recording (no model drives them): light_sensor" in verdict.lines()
+    assert list(played.values["light_sensor"][:300]) == list(recorded.values["light_sensor"])
+    assert len(set(recorded.values["light_sensor"])) > 10  # it moved: the dawn of the example's day
+    assert min(played.values["temperature_sensor"]) > max(recorded.values["temperature_sensor"])
+    # Past the recording's end the sensor is invalid: the safety rules see a failed sensor, not a stale value.
+    assert all(math.isnan(v) for v in played.values["light_sensor"][301:])
+
+
+def test_from_recording_refuses_what_is_no_recording_before_the_run(write_config, tmp_path, capsys) -> None:
+    from pi_controller import cli
+
+    (tmp_path / "not.jsonl").write_text("hello\n")
+    for path in (tmp_path / "not.jsonl", tmp_path / "missing.jsonl"):
+        assert cli.main(["simulate", "--config", str(write_config(example_data())), "--duration", "1m",
+                         "--from-recording", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: --from-recording {path}:")

@@ -39,6 +39,7 @@ import structlog
 
 from pi_controller.config import MAX_CONFIG_BYTES, RecordSettings, Settings, read
 from pi_controller.contract import COMPACT
+from pi_controller.devices.sensors import Reading, Sensor
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import LoopObserver, TickReport, TickTrace
 
@@ -319,3 +320,70 @@ def _chunks(path: Path, size: int = 1 << 16) -> Iterator[bytes]:
                 data = stream.read(size)
         except zlib.error as exc:
             raise RecordingError(f"{path}: corrupt gzip data ({exc})") from exc
+
+
+def readings(line: dict[str, Any], units: dict[str, str], now: float) -> list[Reading]:
+    """The tick's readings in the order the loop read them (the header's): the context's bytes depend on it."""
+    valid, bad = line.get("r", {}), line.get("bad", {})
+    readings = []
+    for sensor in [*units, *(s for s in (*valid, *bad) if s not in units)]:
+        if sensor in valid:
+            value, timestamp = valid[sensor] if isinstance(valid[sensor], list) else (valid[sensor], now)
+            readings.append(Reading(sensor, value, units.get(sensor, ""), timestamp))
+        elif sensor in bad:
+            error, timestamp = bad[sensor]
+            readings.append(Reading(sensor, None, units.get(sensor, ""), timestamp, str(error)))
+    return readings
+
+
+class Unrecorded(Exception):
+    """No recorded value for a sensor at a tick: recorded invalid, left out, or past the end."""
+
+
+class Playback:
+    """A recording's readings on its own time from its first tick (sample and hold): what
+    `simulate --from-recording` feeds the sensors no model drives. Read as the run goes (bounded memory)."""
+
+    def __init__(self, path: Path):
+        self._lines = iter(Reader(path))
+        self._next = next(self._lines, None)
+        if self._next is None:
+            raise RecordingError(f"{path}: no tick recorded")
+        header, line = self._next
+        self.sensors: dict[str, str] = header.get("sensors", {})  # id -> unit
+        self._first, self._period = line["t"], 1.0 / float(header.get("rate_hz") or 1.0)
+        self._last_t = line["t"]
+        self._current: dict[str, Reading] = {}
+
+    def value(self, sensor: str, elapsed: float) -> float:
+        """The value recorded for `sensor` `elapsed` seconds after the first tick; raises Unrecorded."""
+        while self._next is not None and self._next[1]["t"] - self._first <= elapsed:
+            header, line = self._next
+            self._current = {r.sensor_id: r for r in readings(line, header.get("sensors", {}), line["t"])}
+            self._last_t = line["t"]
+            self._next = next(self._lines, None)
+        if self._next is None and elapsed > self._last_t - self._first + self._period:
+            raise Unrecorded(f"the recording ended at {self._last_t - self._first:.1f} s")
+        reading = self._current.get(sensor)
+        if reading is None or reading.value is None:
+            raise Unrecorded("recorded invalid" + (f": {reading.error}" if reading is not None else ""))
+        return reading.value
+
+
+class RecordedSensor(Sensor):
+    """A sensor played from a recording, in place of the one built (closed with it)."""
+
+    def __init__(self, sensor: Sensor, playback: Playback, start: float):
+        super().__init__(sensor.settings)
+        self._sensor, self._playback, self._start = sensor, playback, start
+        self._elapsed = 0.0
+
+    def read(self, now: float) -> Reading:
+        self._elapsed = now - self._start
+        return super().read(now)
+
+    def _sample(self) -> float:
+        return self._playback.value(self.settings.id, self._elapsed)
+
+    def close(self) -> None:
+        self._sensor.close()

@@ -32,6 +32,7 @@ from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from pi_controller.safety.ownership import Health
 from pi_controller.safety.rules import Hold, Safety
+from pi_controller.sim import record
 from pi_controller.sim.agreement import Agreement, Verdict, verdict, verdict_of
 from pi_controller.sim.record import Reader, RecordingError
 
@@ -91,7 +92,7 @@ class Replay:
         """One recorded tick: the plugins called on its context, compared, arbitrated and guarded."""
         number, now = line["n"], line["t"]
         self.clock.advance(max(0.0, line.get("m", 0.0) - self.clock.monotonic()))
-        readings = _readings(line, units, now)
+        readings = record.readings(line, units, now)
         self.states.update(line.get("s", {}))
         self.plugins.record(readings)
         context = encode_context(readings, encode_states(self.states), now, number)
@@ -203,20 +204,6 @@ class Picture:
         plot.render(layout, binned, [f"replay of {recording.name}: {report['ticks']} ticks",
                                      f"agreement with the recording: {agreement or 'no plugin'}; events: replayed"],
                     self.path)
-
-
-def _readings(line: dict[str, Any], units: dict[str, str], now: float) -> list[Reading]:
-    """The tick's readings in the order the loop read them (the header's): the context's bytes depend on it."""
-    valid, bad = line.get("r", {}), line.get("bad", {})
-    readings = []
-    for sensor in [*units, *(s for s in (*valid, *bad) if s not in units)]:
-        if sensor in valid:
-            value, timestamp = valid[sensor] if isinstance(valid[sensor], list) else (valid[sensor], now)
-            readings.append(Reading(sensor, value, units.get(sensor, ""), timestamp))
-        elif sensor in bad:
-            error, timestamp = bad[sensor]
-            readings.append(Reading(sensor, None, units.get(sensor, ""), timestamp, str(error)))
-    return readings
 
 
 def _recorded(line: dict[str, Any], plugin: str) -> tuple[Verdict, str | None] | None:

@@ -35,6 +35,7 @@ from pi_controller.simulators.models import Model, RoomSettings
 
 if TYPE_CHECKING:
     from pi_controller.daemon import Daemon
+    from pi_controller.sim.record import Playback
 
 START = 1_800_000_000.0  # Unix time of tick 0 on the virtual clock: the same every run
 EXIT_CONFIG = 2
@@ -358,6 +359,7 @@ class Verdict:
         self.plugins: dict[str, str] = {}  # plugin -> what went wrong, if anything
         self.held: dict[str, dict[str, int]] = {}
         self.failsafes: dict[str, int] = {}  # actuator -> times it was taken from a failing owner
+        self.played: list[str] = []  # sensors read from a recording
 
     def start(self, columns: list[str]) -> None:
         pass
@@ -385,6 +387,8 @@ class Verdict:
     def lines(self) -> list[str]:
         # Nothing of the machine's speed: the same config and seed print the same verdict anywhere.
         out = [f"simulated {hms(self.ticks * self.period)} at {self.settings.loop.rate_hz:g} Hz: {self.ticks} ticks"]
+        if self.played:
+            out.append(f"from the recording (no model drives them): {', '.join(self.played)}")
         out += [self._band_line(b) for b in self.bands]
         out += [self._actuator_line(key, t) for key, t in self.actuators.items()]
         out += [self._flapping_line(key, t) for key, t in self.actuators.items() if t.flapping]
@@ -439,10 +443,10 @@ def ticks_in(settings: config.Settings, duration_s: float) -> int:
 
 
 def run(settings: config.Settings, duration_s: float, sinks: Sequence[Sink] = (), plugins_dir: Path | None = None,
-        record: Path | None = None) -> Verdict:
+        record: Path | None = None, playback: Playback | None = None) -> Verdict:
     """Simulate `duration_s` with prepared settings, hand every tick to `sinks` (a trace file, the plot's
     columns, progress; with `record`, write a recording for `replay`, the format a Pi records in), and
-    return the verdict.
+    return the verdict. With `playback`, the sensors no model drives read what it recorded.
 
     Raises SimulationError (a model the devices cannot carry) and HardwareError as the daemon does.
     """
@@ -453,6 +457,8 @@ def run(settings: config.Settings, duration_s: float, sinks: Sequence[Sink] = ()
     verdict = Verdict(settings)
     ticks = ticks_in(settings, duration_s)
     try:
+        if playback is not None:
+            verdict.played = _play(daemon, playback, clock.time())
         recorder = Recorder(daemon, clock)
         recorder.sinks = [verdict, *sinks]
         for sink in recorder.sinks:
@@ -469,6 +475,19 @@ def run(settings: config.Settings, duration_s: float, sinks: Sequence[Sink] = ()
     log.info("simulation_finished", ticks=verdict.ticks, wall_s=round(wall_s, 2),
              speed=f"{verdict.ticks * settings.loop.period / wall_s:.0f}x real time" if wall_s else None)
     return verdict
+
+
+def _play(daemon: Daemon, playback: Playback, start: float) -> list[str]:
+    """Feed the sensors that no model drives and the recording has from the recording; their ids."""
+    from pi_controller.sim.record import RecordedSensor
+
+    modelled = {ref for model in daemon.settings.simulation for role, ref in model.references().values()
+                if role == "sensor"}
+    hardware = daemon.hardware
+    hardware.sensors = [RecordedSensor(s, playback, start)
+                        if s.settings.id not in modelled and s.settings.id in playback.sensors else s
+                        for s in hardware.sensors]
+    return [s.settings.id for s in hardware.sensors if isinstance(s, RecordedSensor)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +510,8 @@ def add_command(commands: Any) -> None:
     sim.add_argument("--trace", type=Path, help="write a CSV trace, a row per tick, to this file")
     sim.add_argument("--record", type=Path, help="also record every tick to this file, for replay (.gz: gzip)")
     sim.add_argument("--plot", type=Path, help="draw the trace to this PNG (needs pi-controller[plot])")
+    sim.add_argument("--from-recording", type=Path, help="drive the sensors no model drives from this recording "
+                                                         "(run --record or simulate --record)")
     sim.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
     sim.add_argument("--log-format", choices=["console", "json"], default="console")
     sim.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
@@ -530,7 +551,7 @@ def unwritable(path: Path) -> str | None:
 
 def command(args: argparse.Namespace) -> int:
     from pi_controller.devices.hardware import HardwareError
-    from pi_controller.sim.record import RecordingError
+    from pi_controller.sim.record import Playback, RecordingError
     from pi_controller.simulators.world import SimulationError
 
     refusal = _refusal(args)  # before a long run, not after it
@@ -543,6 +564,11 @@ def command(args: argparse.Namespace) -> int:
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        playback = Playback(args.from_recording) if args.from_recording else None
+    except (RecordingError, OSError) as exc:
+        print(f"error: --from-recording {args.from_recording}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     buckets = None
     with contextlib.ExitStack() as files:
         sinks: list[Sink] = [Progress(ticks_in(settings, args.duration), settings.loop.period)]
@@ -554,7 +580,7 @@ def command(args: argparse.Namespace) -> int:
             buckets = plot.Buckets(periods=plot.periods(settings))
             sinks.append(buckets)
         try:
-            verdict = run(settings, args.duration, sinks, args.plugins, args.record)
+            verdict = run(settings, args.duration, sinks, args.plugins, args.record, playback)
         except SimulationError as exc:
             print(f"simulation error: {args.config}: {exc}", file=sys.stderr)
             return EXIT_CONFIG
