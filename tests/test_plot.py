@@ -129,3 +129,28 @@ def test_ticks_added_one_by_one_reduce_as_whole_columns_do(example) -> None:
         assert np.allclose(one_by_one.mean(column), whole.mean(column), equal_nan=True)
         assert np.array_equal(one_by_one.low(column), whole.low(column), equal_nan=True)
     assert whole.step("light_sensor") == 0.0 and not whole.changed("light_sensor")
+
+
+def test_a_periodic_signal_over_many_days_is_drawn_as_one_day_overlaid(example) -> None:
+    ticks = 864_000
+    t = np.arange(ticks) / 10.0
+    lux = 450 + 450 * np.sin(2 * np.pi * t / 300.0)  # 288 five-minute days
+    trace = synthetic(example, ticks, light_sensor=lux, **{"daylight.daylight_lux": lux})
+    periods = plot.periods(example)
+    assert periods["light_sensor"] == periods["daylight."] == periods["led_strip"] == 300.0
+    buckets = plot.Buckets(periods=periods)
+    buckets.start(list(trace))
+    buckets.extend(trace)
+    view = buckets.view()
+    period, mean, low, high = view.overlaid("light_sensor")
+    phase = (np.arange(plot.PHASES) + 0.5) / plot.PHASES * period
+    assert period == 300.0 and np.allclose(mean, 450 + 450 * np.sin(2 * np.pi * phase / 300.0), atol=10)
+    assert view.overlaid("temperature_sensor") is None  # the room's day is 24 h: one of them, nothing to overlay
+    layout = plot.layout(example, view, PLUGINS)
+    fig = plot.figure(layout, view, ["a day"])
+    light = next(i for i, p in enumerate(layout.panels) if p.unit == "lux")
+    beside = fig.axes[2 * light + 1]
+    assert beside.get_title(loc="left") == "288 days of 5 min overlaid"
+    # Over the time axis, a bucket of 72 s is a quarter of a day: no mean line, only the range.
+    labels = [t.get_text() for t in beside.get_legend().get_texts()]
+    assert labels == ["light_sensor, lowest to highest"]

@@ -394,7 +394,7 @@ def figure(plot: Layout, binned: Binned, title: list[str]) -> Any:
                for p in plot.panels] + [0.35 + 0.22 * max(1, len(plot.events))]
     overlays = [[c for c in (*p.series, *p.context) if binned.overlaid(c.column)] for p in plot.panels]
     wide = any(overlays)  # a column on the right for the days overlaid, beside each panel's legend
-    fig, axes = plt.subplots(len(heights), 2 if wide else 1, sharex="col", squeeze=False, layout="constrained",
+    fig, axes = plt.subplots(len(heights), 2 if wide else 1, squeeze=False, layout="constrained",
                              figsize=(16 if wide else 14, 1.2 + 0.5 * len(title) + 1.1 * sum(heights)),
                              gridspec_kw={"height_ratios": heights, **({"width_ratios": [4, 1]} if wide else {})})
     for row, panel in enumerate(plot.panels):
@@ -411,6 +411,9 @@ def figure(plot: Layout, binned: Binned, title: list[str]) -> Any:
         if ax.get_legend_handles_labels()[0]:
             beside.legend(*ax.get_legend_handles_labels(), loc="upper left", fontsize=7, framealpha=0.8,
                           bbox_to_anchor=(1.005, 1.0) if beside is ax or overlays[row] else (0.0, 1.0))
+    for ax in axes[:-1, 0]:  # one time axis, labelled at the bottom; the overlays keep their own
+        ax.sharex(axes[-1, 0])
+        ax.tick_params(labelbottom=False)
     _events(axes[-1, 0], plot.events, binned)
     if wide:
         axes[-1, 1].axis("off")
@@ -445,10 +448,15 @@ def _colour(panel: Panel, index: int) -> str:
 
 
 def _fast(binned: Binned, column: str) -> bool:
-    """Whether a bucket is too long for the column's mean to mean anything: it follows a day only a few
-    buckets long (the overlay beside shows its course)."""
-    fold = binned.folds.get(column)
-    return fold is not None and binned.overlaid(column) is not None and binned.bucket_s > fold.period / 8
+    """Whether a bucket is too long for the column's mean to be worth a line: over a run this long it
+    turns back in more than a quarter of the buckets (a five-minute day, a thermostat's cycle), and a
+    line through it would be a moiré; the shade of lowest to highest (and an overlay of the days) shows it."""
+    np = binned.np
+    if not binned.bucketed:
+        return False
+    steps = np.diff(binned.mean(column))
+    signs = np.sign(steps[np.nan_to_num(steps) != 0])
+    return bool(np.count_nonzero(signs[1:] != signs[:-1]) > 0.25 * len(steps))
 
 
 def _span(seconds: float) -> str:
