@@ -150,7 +150,8 @@ def test_a_reload_starts_a_new_header_and_replay_follows_it(run_daemon, tmp_path
 
     async def scenario() -> None:
         await more_ticks(daemon, 20)
-        data["plugins"]["settings"]["temperature_control"]["config"]["setpoint"] = 10.0  # the room at 19 C: off, from now on
+        # The room is at 19 C: off from now on, where the thermostat had heated.
+        data["plugins"]["settings"]["temperature_control"]["config"]["setpoint"] = 10.0
         data["plugins"]["settings"]["motion_light"]["enabled"] = False
         (daemon.settings.source).write_text(json.dumps(data))
         assert (await daemon.reload()).outcome == "applied"

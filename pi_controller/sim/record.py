@@ -3,7 +3,8 @@
 A recording is a header line (`{"format": "pi-controller-recording", "version": 1, ...}`: the rate,
 each sensor's unit, the actuators, the plugins loaded and the config's text, so it replays anywhere)
 followed by one line per tick; a reload (SIGHUP, a plugin swapped in or out) writes a new header line
-(`"reason": "reload"`, `"tick"`: the first tick under it) before the next tick's. A tick line holds, leaving out what is empty:
+(`"reason": "reload"`, `"tick"`: the first tick under it) before the next tick's. A tick line holds,
+leaving out what is empty:
 
     n  tick number          t  the context's timestamp     m  the loop's monotonic time
     r  valid readings: {sensor: value}, or {sensor: [value, timestamp]} when read at another time

@@ -177,7 +177,8 @@ class Picture:
         devices = [a.id for a in settings.actuators]
         columns = ["time_s", "tick", *(s.id for s in settings.sensors),
                    *(f"{a}{suffix}" for a in devices for suffix, _ in self.VARIANTS),
-                   *(f"{p}.{what}" for p in plugins for what in ("errors", "rejected")), *(f"{a}.held" for a in devices)]
+                   *(f"{p}.{what}" for p in plugins for what in ("errors", "rejected")),
+                   *(f"{a}.held" for a in devices)]
         self.empty = dict.fromkeys(columns, 0)
         self.empty.update((s.id, None) for s in settings.sensors)
         self.buckets.start(columns)
