@@ -147,7 +147,7 @@ class Daemon:
         self.loop.shadows = self.status.shadows = shadows
         old.close()
         if self._shadow_watcher is not None or self._watcher is not None:
-            self._watch_shadows()
+            self._watch_shadows(rescan=True)  # what landed between the rebuild's look and the watch
 
     def _shadow_folder_changed(self, name: str) -> None:
         """The live folder's watcher saw a folder `name` come or go: the shadow folder, rebuild them."""
@@ -206,13 +206,13 @@ class Daemon:
                 name="plugin-watch")
             self._watch_shadows()
 
-    def _watch_shadows(self) -> None:
+    def _watch_shadows(self, rescan: bool = False) -> None:
         if self._shadow_watcher is not None:
             self._shadow_watcher.cancel()
             self._shadow_watcher = None
         if self.shadows.plugins.directory.is_dir():
-            self._shadow_watcher = asyncio.create_task(PluginWatcher(self.shadows.plugins, self.loop).run(),
-                                                       name="shadow-watch")
+            self._shadow_watcher = asyncio.create_task(
+                PluginWatcher(self.shadows.plugins, self.loop, rescan=rescan).run(), name="shadow-watch")
 
     def _stop_watching(self) -> None:
         for watcher in (self._watcher, self._shadow_watcher):

@@ -35,13 +35,15 @@ _SUFFIXES = (".wasm", ".yaml")  # a plugin, and its manifest
 
 class PluginWatcher:
     def __init__(self, plugins: PluginSet, loop: ControlLoop, swapped: Callable[[], None] | None = None,
-                 folder: Callable[[str], None] | None = None, settle_s: float = 0.05):
+                 folder: Callable[[str], None] | None = None, rescan: bool = False, settle_s: float = 0.05):
         """`swapped`: called after each swap, between two ticks; `folder`: with the name of a subfolder
-        that came or went."""
+        that came or went; `rescan`: look at every file once watching (a set loaded before the watch
+        began, which files may have reached unseen)."""
         self._plugins = plugins
         self._loop = loop
         self._swapped = swapped
         self._folder = folder
+        self._rescan = rescan
         self._settle_s = settle_s
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._due: set[str] = set()
@@ -58,6 +60,8 @@ class PluginWatcher:
                       note="plugins change on SIGHUP only")
             return
         log.info("plugins_watching", directory=str(directory))
+        if self._rescan:
+            self._look_at_everything()
         with inotify:
             reloads = asyncio.create_task(self._reload_forever())
             try:
@@ -70,8 +74,7 @@ class PluginWatcher:
 
     def _note(self, event: Event) -> None:
         if Mask.Q_OVERFLOW in event.mask:  # events were lost: look at everything again
-            for path in self._plugins.directory.glob("*.wasm"):
-                self._schedule(path.stem, 0.0)
+            self._look_at_everything()
             return
         name = event.name
         if name is not None and Mask.ISDIR in event.mask:
@@ -83,6 +86,12 @@ class PluginWatcher:
         if Mask.CREATE in event.mask and not (event.path is not None and event.path.is_symlink()):
             return  # a file being written: its close says when it is whole; a link is whole at once
         self._schedule(name.stem, 0.0 if event.mask & _AT_ONCE else self._settle_s)
+
+    def _look_at_everything(self) -> None:
+        """Each plugin file, as if it had just landed (one unchanged is left as it is), and each plugin
+        loaded, as if its file had gone (one still there stays)."""
+        for name in {path.stem for path in self._plugins.directory.glob("*.wasm")} | set(self._plugins.status):
+            self._schedule(name, 0.0)
 
     def _schedule(self, name: str, delay: float) -> None:
         """Reload `name` after `delay`; a later event for it starts the wait again."""

@@ -16,13 +16,10 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from pi_controller.config import Settings
 from pi_controller.sim.simulation import Band, BandTally, Row, Verdict, hms, model_names
-
-if TYPE_CHECKING:
-    import numpy as np
 
 Style = Literal["line", "binary", "duty", "angle"]
 BAND_COLOUR, OUT_COLOUR, READING_COLOUR = "#2ca02c", "#d62728", "#1f77b4"
@@ -277,7 +274,7 @@ LIVE: Variants = (("", ""),)
 class Layout:
     panels: list[Panel]
     events: list[tuple[str, str, str, float, str]]  # (column, row label, colour, height, what a mark means)
-    unchanged: list[str]  # "device: value" of what never changed
+    unchanged: list[str]  # "device value" of each that never changed
 
 
 def layout(settings: Settings, binned: Binned, plugins: Sequence[str], bands: Sequence[BandTally] = (),
@@ -478,7 +475,7 @@ def _events(ax: Any, events: list[tuple[str, str, str, float, str]], binned: Bin
         y = rows - 1 - row
         x = binned.t[binned.total(column) > 0]
         ax.vlines(x, y - height / 2, y + height / 2, colors=colour, linewidth=2.0,
-                  label=None if meaning in shown else meaning, zorder=3 if colour != "0.55" else 2)
+                  label=None if meaning in shown else meaning)
         shown.add(meaning)
     ax.set_yticks(range(rows), [label for _, label, *_ in reversed(events)], fontsize=7)
     ax.set_ylim(-0.6, rows - 0.4)
