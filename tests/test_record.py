@@ -127,3 +127,33 @@ def test_an_unwritable_recording_is_refused_before_the_loop_starts(write_config,
     code = cli.main(["run", "--config", str(path), "--simulate", "--ticks", "1",
                      "--record", str(tmp_path / "missing" / "r.jsonl")])
     assert code == 2
+
+
+def test_a_plugin_dropped_in_while_recording_starts_a_new_header(run_daemon, tmp_path, plugin_dir) -> None:
+    import os
+    import shutil
+
+    from pi_controller.clock import SystemClock
+    from tests.conftest import TEST_PLUGINS, more_ticks, run_with, until
+
+    folder = plugin_dir("temperature_control")
+    data = example_data()
+    data["record"] = {"path": str(tmp_path / "run.jsonl")}
+    daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
+
+    async def scenario() -> None:
+        await more_ticks(daemon, 5)
+        shutil.copy(TEST_PLUGINS / "echo_output.wasm", folder / ".late")
+        os.replace(folder / ".late", folder / "late.wasm")
+        await until(lambda: "late" in daemon.plugins.status, "the plugin dropped in is loaded")
+        await more_ticks(daemon, 5)
+
+    run_with(daemon, scenario)
+    daemon.close()
+    lines = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    headers = [(i, line) for i, line in enumerate(lines) if "format" in line]
+    assert [h["reason"] for _, h in headers] == ["start", "reload"]
+    (at, second), first = headers[1], headers[0][1]
+    assert set(second["plugins"]) - set(first["plugins"]) == {"late"}
+    assert lines[at + 1]["n"] == second["tick"] and "late" in lines[at + 1].get("p", {})
+    assert all("late" not in line.get("p", {}) for line in lines[1:at])
