@@ -156,7 +156,7 @@ class Daemon:
 
         async def rebuild() -> None:
             shadows = await asyncio.to_thread(self._load_shadows, self.settings, self.plugins)
-            self.loop.between_ticks(lambda: self._adopt_shadows(shadows))
+            await self.loop.in_gap(lambda: self._adopt_shadows(shadows), shadows.close)  # closed if the stop comes first
 
         self._shadow_reload = asyncio.create_task(rebuild(), name="shadow-reload")
 
