@@ -70,7 +70,7 @@ class Daemon:
                         failsafe_after_s=settings.safety.failsafe_after_s)
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
-        self.operator = Operator(settings.mqtt.override_expiry_s)
+        self.operator = Operator(settings.mqtt.override_expiry_s, self.clock.time)
         self.status = Status(settings, self.plugins, self.operator, self.watchdog, self.clock.monotonic)
         # Time from the one clock; only the watchdog keeps a real timer, since it must catch a stuck loop.
         self.notifier = Notifier(self.status.line, timer=self.clock.monotonic)
@@ -177,7 +177,7 @@ class Daemon:
         if self.watchdog:
             self.watchdog.start()
         if self.telemetry:
-            self.telemetry.start(self.plugins.status)  # failed ones too: their entities say why
+            self.telemetry.start()
         self._watch_plugins()
         known_good.keep(self.settings, self.state_dir)
         try:

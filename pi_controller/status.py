@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from pi_controller import __version__
 from pi_controller.config import Settings
+from pi_controller.plugins.plugin_config import Schema
 from pi_controller.readiness import Readiness
 from pi_controller.stats import PluginStats
 
@@ -66,22 +68,43 @@ class Status:
         return self._loop().safety.guards
 
     def plugin_states(self) -> dict[str, dict[str, Any]]:
-        """Each plugin's state: loaded, disabled or failed (with why), and its counts."""
+        """Each plugin's state: loaded, disabled or failed (with why), its counts, the config it runs
+        with (for its Home Assistant config entities) and, with a shadow, how far they agree."""
+        configs = {p.name: p.config for p in self.plugins}
         states = {}
         for name, status in self.plugins.status.items():
             stats = self._loop().plugin_stats.get(name) or _NEVER_CALLED  # counters only: this runs every tick
             states[name] = {"state": status.state, "reason": status.reason,
                             "enabled": name not in self.operator.disabled, "calls": stats.calls,
-                            "errors": stats.errors, "rejected": stats.rejected, "held": stats.held}
+                            "errors": stats.errors, "rejected": stats.rejected, "held": stats.held,
+                            "config": configs.get(name, {})}
+            shadow = self.shadows.agreement_of(name) if self.shadows else None
+            if shadow is not None:
+                states[name]["shadow"] = shadow
         return states
 
     def loop_state(self) -> dict[str, Any]:
+        """Tick statistics, and the daemon's health for Home Assistant's diagnostic entities."""
         ticks = self._loop().ticks.summary()
         elapsed = self._monotonic() - self._started
         return {"rate_hz": round(ticks["count"] / elapsed, 2) if elapsed > 0 else 0.0, "ticks": ticks["count"],
                 "missed": ticks["missed"], "duration_median_ms": ticks["duration_median_us"] / 1000,
                 "duration_p99_ms": ticks["duration_p99_us"] / 1000,
-                "start_jitter_p99_ms": ticks["start_jitter_p99_us"] / 1000}
+                "start_jitter_p99_ms": ticks["start_jitter_p99_us"] / 1000,
+                "uptime_s": round(elapsed), "version": __version__, "watchdog_trips": self.watchdog_trips(),
+                "failsafes": sum(self._loop().safety.failsafes.values()),
+                "safety_holds": sum(self.safety_holds().values()),
+                "last_reload": self.last_reload.outcome if self.last_reload else "none",
+                "last_reload_message": self.last_reload.message if self.last_reload else None}
+
+    def config_schemas(self) -> dict[str, Schema | None]:
+        """Each plugin of the folder by name, with its config schema (None: none, or not loaded)."""
+        schemas = {p.name: p.grant.config_schema for p in self.plugins}
+        return {name: schemas.get(name) for name in self.plugins.status}
+
+    def shadowed(self) -> list[str]:
+        """The plugins a shadow plugin runs beside."""
+        return sorted(p.name for p in self.shadows.plugins) if self.shadows else []
 
     # -- for metrics (`metrics.Source`), at scrape time -------------------------------------------
 

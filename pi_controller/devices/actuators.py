@@ -157,6 +157,9 @@ class Actuator:
         parses), or None if the entity does not send that."""
         return None
 
+    def overridden(self, target: Target) -> None:
+        """An operator's override to `target` was accepted (a light remembers its brightness)."""
+
     def apply(self, target: Target, force: bool = False) -> bool:
         """Drive the device to `target`; True if anything changed. `force` writes even an unchanged
         target, so a safe state is asserted after a failed or partial write."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pi_controller.clock import Clock
-from pi_controller.devices.sensors import I2C_PINS, GpiozeroSensor, Sensor, SensorSettings
+from pi_controller.devices.sensors import BINARY_TEMPLATE, I2C_PINS, GpiozeroSensor, Sensor, SensorSettings
 from pi_controller.schema import bcm_pin
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class DigitalSettings(SensorSettings):
 
     def entity(self) -> tuple[str, dict[str, Any]]:
         klass = {"motion": "motion"}.get(self.kind)
-        return "binary_sensor", {"value_template": "{{ 'ON' if value_json.value else 'OFF' }}",
+        return "binary_sensor", {"value_template": BINARY_TEMPLATE,
                                  **({"device_class": klass} if klass else {})}
 
     def port(self, world: World) -> DigitalPort:

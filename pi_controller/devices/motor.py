@@ -61,10 +61,11 @@ class MotorSettings(ActuatorSettings):
         return Motor(self, device, target)
 
     def entity(self) -> tuple[str, dict[str, Any]]:
-        """A fan: on/off, a percentage and a direction, all sent to the one command topic."""
+        """A fan: on/off, a percentage and a direction, all read from the one state topic and sent to the
+        one command topic (Home Assistant sends the percentage as a whole number)."""
         return "fan", {"state_value_template": "{{ 'ON' if value_json.on else 'OFF' }}",
                        "payload_on": "ON", "payload_off": "OFF",
-                       "percentage_value_template": "{{ value_json.speed }}", "speed_range_min": 1,
+                       "percentage_value_template": "{{ value_json.speed | round | int }}", "speed_range_min": 1,
                        "speed_range_max": 100,
                        "direction_value_template": "{{ 'reverse' if value_json.direction == 'backward' else 'forward' }}"}
 

@@ -75,6 +75,10 @@ class Pwm(Actuator):
     actions = ("set_high", "set_low", "pwm")
     settings: PwmSettings
 
+    def __init__(self, settings: PwmSettings, device: Any, claimed: Target):
+        super().__init__(settings, device, claimed)
+        self.brightness = settings.max_duty  # what "ON" alone turns it on at: the last brightness set
+
     def command(self, action: str, parameters: Mapping[str, Any]) -> Target:
         if action == "set_low":
             return 0.0
@@ -85,14 +89,20 @@ class Pwm(Actuator):
         raise self._unknown(action)
 
     def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
-        """The JSON-schema light's {"state", "brightness"}, or a plain "ON"/"OFF"."""
-        if isinstance(data, dict) and data.get("state") in ("ON", "OFF"):
-            if data["state"] == "OFF":
+        """The JSON-schema light's {"state", "brightness"}, either alone (a brightness alone turns it
+        on, as Zigbee2MQTT's lights), or a plain "ON"/"OFF". On without a brightness is the last
+        brightness an operator set (its max_duty before any)."""
+        if isinstance(data, dict) and (data.get("state") in ("ON", "OFF") or "brightness" in data):
+            if data.get("state") == "OFF":
                 return "set_low", {}
-            return "pwm", {"duty_cycle": data.get("brightness", self.settings.max_duty)}
+            return "pwm", {"duty_cycle": data.get("brightness", self.brightness)}
         if data == "ON":
-            return "pwm", {"duty_cycle": self.settings.max_duty}
+            return "pwm", {"duty_cycle": self.brightness}
         return on_off(data)
+
+    def overridden(self, target: Target) -> None:
+        if target:
+            self.brightness = target
 
     def shapes(self) -> bool:
         return bool(self.settings.min_duty or self.settings.max_rate)

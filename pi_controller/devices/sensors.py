@@ -28,11 +28,14 @@ if TYPE_CHECKING:
 
 I2C_PINS = (2, 3)  # fixed 1.8 kOhm pull-ups on the board: no input there can pull down
 
-# unit in the config -> (device_class, unit Home Assistant expects)
+# unit in the config -> (device_class, unit Home Assistant expects, decimals worth showing and sending)
 UNITS = {
-    "celsius": ("temperature", "°C"), "fahrenheit": ("temperature", "°F"), "lux": ("illuminance", "lx"),
-    "m": ("distance", "m"), "cm": ("distance", "cm"), "V": ("voltage", "V"), "%": (None, "%"),
+    "celsius": ("temperature", "°C", 1), "fahrenheit": ("temperature", "°F", 1), "lux": ("illuminance", "lx", 0),
+    "m": ("distance", "m", 2), "cm": ("distance", "cm", 0), "V": ("voltage", "V", 2), "%": (None, "%", 0),
 }
+DEFAULT_PRECISION = 2  # decimals for a unit not listed
+# A failed read (value null) is Home Assistant's "None": unknown, not "Clear" (OFF).
+BINARY_TEMPLATE = "{% if value_json.value is none %}None{% elif value_json.value %}ON{% else %}OFF{% endif %}"
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs four times as much to make, 12 times a tick
@@ -47,8 +50,10 @@ class Reading:
     def valid(self) -> bool:
         return self.error is None
 
-    def as_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"sensor_id": self.sensor_id, "value": self.value, "unit": self.unit,
+    def as_json(self, decimals: int | None = None) -> dict[str, Any]:
+        """As JSON; `decimals`: the value rounded to that many (for the wire, not for plugins)."""
+        value = self.value if decimals is None or self.value is None else round(self.value, decimals)
+        data: dict[str, Any] = {"sensor_id": self.sensor_id, "value": value, "unit": self.unit,
                                 "timestamp": self.timestamp, "valid": self.error is None}
         if self.error is not None:
             data["error"] = self.error
@@ -65,6 +70,8 @@ class SensorSettings:
     valid_max: float | None = None
     # Actuators that require this sensor go safe when its reading is older than this.
     max_age_s: float | None = bounded(0.01, 86400, default=None)
+    # Decimals shown in Home Assistant and sent over MQTT; default: what suits the unit (UNITS).
+    precision: int | None = bounded(0, 6, default=None)
 
     def __post_init__(self) -> None:
         if self.valid_min is not None and self.valid_max is not None and self.valid_min >= self.valid_max:
@@ -84,14 +91,23 @@ class SensorSettings:
         """The sensor on its device, claimed on `factory`."""
         raise NotImplementedError
 
+    def decimals(self) -> int | None:
+        """The value's decimals on the wire and in Home Assistant; None for an on/off reading."""
+        if self.unit == "boolean":
+            return None
+        if self.precision is not None:
+            return self.precision
+        return UNITS.get(self.unit, (None, None, DEFAULT_PRECISION))[2]
+
     def entity(self) -> tuple[str, dict[str, Any]]:
         """Home Assistant's platform for this sensor and what its discovery config adds to the name
         and state topic."""
         if self.unit == "boolean":
-            return "binary_sensor", {"value_template": "{{ 'ON' if value_json.value else 'OFF' }}"}
-        device_class, unit = UNITS.get(self.unit, (None, self.unit))
+            return "binary_sensor", {"value_template": BINARY_TEMPLATE}
+        device_class, unit, _ = UNITS.get(self.unit, (None, self.unit, None))
         return "sensor", {"value_template": "{{ value_json.value }}", "unit_of_measurement": unit,
-                          "state_class": "measurement", **({"device_class": device_class} if device_class else {})}
+                          "state_class": "measurement", "suggested_display_precision": self.decimals(),
+                          **({"device_class": device_class} if device_class else {})}
 
     def simulated(self) -> SensorSettings:
         """These settings as a simulated run reads them (on a virtual clock, nothing may wait in real time)."""

@@ -3,17 +3,37 @@
 Current conventions: per-entity configs with `unique_id`, a `device` block and `default_entity_id`
 (`object_id` is deprecated since Home Assistant 2025.10), availability on our status topic, the JSON
 light schema with `supported_color_modes`. A Pi's entities are named after the config's ids.
+
+Besides the devices: each plugin's state (an `enum` sensor), an on/off switch for it, a `number`,
+`select` or `switch` per key of its `config_schema` (entity category `config`), the agreement of its
+shadow; per actuator a "resume automatic" button that ends an override; diagnostics of the daemon
+(uptime, version, watchdog trips, failsafes, safety holds, last reload) from `loop/state`. Entities
+that send commands are left out when `mqtt.commands` is off. `tests/test_ha_discovery.py` checks every
+payload against the keys Home Assistant's MQTT platforms accept.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from pi_controller import __version__
 from pi_controller.config import MqttSettings, Settings
 from pi_controller.devices.actuators import ActuatorSettings
 from pi_controller.devices.sensors import SensorSettings
+from pi_controller.plugins.plugin_config import ConfigField, Schema
+from pi_controller.schema import ID_PATTERN
+
+Entity = tuple[str, str, dict[str, Any]]  # platform, object id, what its config adds to the common keys
+
+PLUGIN_STATES = ["loaded", "quarantined", "disabled", "failed"]  # `PluginStatus.state`
+RELOAD_OUTCOMES = ["none", "applied", "refused", "failed"]  # `reloads.Outcome`, and none yet
+# A sensor is republished at least every heartbeat_s: silent for this many heartbeats, it is unavailable
+# (a daemon that hangs with its connection up, a state that stopped coming).
+EXPIRE_HEARTBEATS = 2.5
 
 
 @dataclass(frozen=True)
@@ -48,16 +68,28 @@ class Topics:
         return f"{self.base}/plugin/{name}/{leaf}"
 
 
-def configs(settings: Settings, plugins: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Discovery topic -> config payload for every entity of this Pi."""
+def configs(settings: Settings, plugins: Mapping[str, Schema | None],
+            shadowed: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """Discovery topic -> config payload for every entity of this Pi; `plugins`: each plugin of the
+    folder with its config schema (None: it has none, or did not load); `shadowed`: plugins that have
+    a shadow plugin beside them."""
     mqtt = settings.mqtt
     topics = Topics.of(mqtt)
     common = _common(mqtt, topics)
-    entities: list[tuple[str, str, dict[str, Any]]] = []
-    entities += [_sensor(s, topics) for s in settings.sensors]
+    expire_after = math.ceil(EXPIRE_HEARTBEATS * mqtt.heartbeat_s)
+    entities: list[Entity] = []
+    entities += [_sensor(s, topics, expire_after) for s in settings.sensors]
     entities += [_actuator(a, topics) for a in settings.actuators]
-    entities += _loop_health(topics)
-    entities += [e for name in sorted(plugins) for e in _plugin(name, topics)]
+    if mqtt.commands:
+        entities += [_resume(a.id, topics) for a in settings.actuators]
+    entities += _diagnostics(topics)
+    for name in sorted(plugins):
+        entities += _plugin(name, topics)
+        if mqtt.commands:
+            schema = plugins[name] or {}
+            entities += [_config_entity(name, key, schema[key], topics) for key in sorted(schema)
+                         if re.fullmatch(ID_PATTERN, key) and _platform_of(schema[key])]  # a key fit for a topic
+    entities += [_shadow(name, topics) for name in sorted(shadowed)]
     result = {}
     for platform, object_id, payload in entities:
         unique_id = f"{mqtt.node_id}_{object_id}"
@@ -69,41 +101,137 @@ def configs(settings: Settings, plugins: Iterable[str]) -> dict[str, dict[str, A
 
 def _common(mqtt: MqttSettings, topics: Topics) -> dict[str, Any]:
     return {
-        "availability": [{"topic": topics.status, "payload_available": "online",
-                          "payload_not_available": "offline"}],
+        "availability": [_online(topics)],
         "device": {"identifiers": [f"pi-controller-{mqtt.node_id}"], "name": f"pi-controller {mqtt.node_id}",
                    "manufacturer": "pi-controller", "model": "Raspberry Pi", "sw_version": __version__},
         "origin": {"name": "pi-controller", "sw_version": __version__},
     }
 
 
-def _sensor(s: SensorSettings, topics: Topics) -> tuple[str, str, dict[str, Any]]:
+def _online(topics: Topics) -> dict[str, Any]:
+    return {"topic": topics.status, "payload_available": "online", "payload_not_available": "offline"}
+
+
+def _available_while(topic: str, condition: str, topics: Topics) -> dict[str, Any]:
+    """Availability while the Pi is online and `condition` (a Jinja test of `value_json`) holds on `topic`."""
+    return {"availability": [_online(topics), {"topic": topic, "payload_available": "online",
+                                               "payload_not_available": "offline",
+                                               "value_template": f"{{{{ 'online' if {condition} else 'offline' }}}}"}],
+            "availability_mode": "all"}
+
+
+def _name(object_id: str) -> str:
+    return object_id.replace("_", " ")
+
+
+def _sensor(s: SensorSettings, topics: Topics, expire_after: int) -> Entity:
+    """Unavailable while its reads fail (or read outside its valid range), and when its state stops
+    coming: never frozen at a last good value."""
     platform, entity = s.entity()
-    return platform, s.id, {"name": s.id.replace("_", " "), "state_topic": topics.sensor(s.id), **entity}
+    topic = topics.sensor(s.id)
+    return platform, s.id, {"name": _name(s.id), "state_topic": topic, "expire_after": expire_after,
+                            **_available_while(topic, "value_json.valid", topics), **entity}
 
 
-def _actuator(a: ActuatorSettings, topics: Topics) -> tuple[str, str, dict[str, Any]]:
+def _actuator(a: ActuatorSettings, topics: Topics) -> Entity:
     platform, entity = a.entity()
-    return platform, a.id, {"name": a.id.replace("_", " "), "state_topic": topics.actuator(a.id),
-                            "command_topic": topics.actuator(a.id, "set"), **entity}
+    state, command = topics.actuator(a.id), topics.actuator(a.id, "set")
+    payload = {"name": _name(a.id), "state_topic": state, "command_topic": command, **entity,
+               # Whether an operator holds it, until when, whose command it follows, why it went safe.
+               "json_attributes_topic": state,
+               "json_attributes_template": "{{ {'overridden': value_json.override, 'override_expires_at': "
+                                           "value_json.override_expires_at, 'owner': value_json.owner, "
+                                           "'failsafe': value_json.failsafe} | tojson }}"}
+    # What else the entity reads (a fan's percentage and direction) comes on the same state topic,
+    # and what else it sends goes to the same command topic (see the kind's `parse_entity`).
+    for feature in ("percentage", "direction"):
+        if f"{feature}_value_template" in entity:
+            payload |= {f"{feature}_state_topic": state, f"{feature}_command_topic": command}
+    return platform, a.id, payload
 
 
-def _loop_health(topics: Topics) -> list[tuple[str, str, dict[str, Any]]]:
-    def stat(key: str, name: str, unit: str | None, state_class: str) -> tuple[str, str, dict[str, Any]]:
-        payload = {"name": name, "state_topic": topics.loop, "value_template": f"{{{{ value_json.{key} }}}}",
-                   "state_class": state_class, "entity_category": "diagnostic"}
-        return "sensor", f"loop_{key}", payload | ({"unit_of_measurement": unit} if unit else {})
-
-    return [stat("rate_hz", "tick rate", "Hz", "measurement"),
-            stat("missed", "missed ticks", None, "total_increasing"),
-            stat("duration_p99_ms", "tick time p99", "ms", "measurement")]
+def _resume(actuator_id: str, topics: Topics) -> Entity:
+    """A button that ends an operator's override: the plugins decide again. Available while one holds."""
+    return "button", f"{actuator_id}_resume", {
+        "name": f"{_name(actuator_id)} resume automatic", "command_topic": topics.actuator(actuator_id, "release"),
+        "payload_press": "RELEASE", "icon": "mdi:robot",
+        **_available_while(topics.actuator(actuator_id), "value_json.override", topics)}
 
 
-def _plugin(name: str, topics: Topics) -> list[tuple[str, str, dict[str, Any]]]:
+def _diagnostics(topics: Topics) -> list[Entity]:
+    """The loop's health and the daemon's, all from `loop/state`."""
+    def stat(key: str, name: str, **extra: Any) -> Entity:
+        return "sensor", f"loop_{key}", {"name": name, "state_topic": topics.loop,
+                                         "value_template": f"{{{{ value_json.{key} }}}}",
+                                         "entity_category": "diagnostic", **extra}
+
+    count = {"state_class": "total_increasing", "suggested_display_precision": 0}
+    return [stat("rate_hz", "tick rate", unit_of_measurement="Hz", state_class="measurement",
+                 suggested_display_precision=1),
+            stat("missed", "missed ticks", **count),
+            stat("duration_p99_ms", "tick time p99", unit_of_measurement="ms", state_class="measurement",
+                 suggested_display_precision=2),
+            stat("uptime_s", "uptime", device_class="duration", unit_of_measurement="s",
+                 state_class="total_increasing", suggested_display_precision=0),
+            stat("version", "version", icon="mdi:tag"),
+            stat("watchdog_trips", "watchdog trips", **count),
+            stat("failsafes", "failsafes", **count),
+            stat("safety_holds", "safety holds", **count),
+            stat("last_reload", "last reload", device_class="enum", options=RELOAD_OUTCOMES,
+                 json_attributes_topic=topics.loop,
+                 json_attributes_template="{{ {'message': value_json.last_reload_message} | tojson }}")]
+
+
+def _plugin(name: str, topics: Topics) -> list[Entity]:
     state = {"name": f"plugin {name}", "state_topic": topics.plugin(name), "value_template": "{{ value_json.state }}",
+             "device_class": "enum", "options": PLUGIN_STATES,
              "json_attributes_topic": topics.plugin(name), "entity_category": "diagnostic"}
     switch = {"name": f"plugin {name} enabled", "state_topic": topics.plugin(name),
               "command_topic": topics.plugin(name, "enable"),
               "value_template": "{{ 'ON' if value_json.enabled else 'OFF' }}", "payload_on": "ON",
               "payload_off": "OFF", "state_on": "ON", "state_off": "OFF", "entity_category": "config"}
     return [("sensor", f"plugin_{name}", state), ("switch", f"plugin_{name}_enabled", switch)]
+
+
+def _platform_of(field: ConfigField) -> str | None:
+    """The entity a config key gets: a switch for a boolean, a select for a list of allowed values,
+    a number for a number with bounds; None for what Home Assistant has no fitting control for."""
+    if field.type == "boolean":
+        return "switch"
+    if field.allowed:
+        return "select"
+    bounded = field.min is not None and field.max is not None and field.min < field.max
+    return "number" if field.type in ("number", "integer") and bounded else None
+
+
+def _config_entity(plugin: str, key: str, field: ConfigField, topics: Topics) -> Entity:
+    """A config key of a plugin: the value it runs with, read from the plugin's state, set through
+    `plugin/<name>/config/<key>/set` (checked against the schema there, as any operator's value)."""
+    platform = _platform_of(field)
+    assert platform is not None
+    value = f"value_json.config[{json.dumps(key)}]"
+    payload: dict[str, Any] = {"name": f"{plugin} {_name(key)}", "state_topic": topics.plugin(plugin),
+                               "command_topic": topics.plugin(plugin, f"config/{key}/set"),
+                               "entity_category": "config"}
+    if platform == "switch":  # the command is parsed as JSON: true or false
+        payload |= {"value_template": f"{{{{ 'ON' if {value} else 'OFF' }}}}", "payload_on": "true",
+                    "payload_off": "false", "state_on": "ON", "state_off": "OFF"}
+    elif platform == "select":  # strings as they are; numbers as their JSON, which is how they come back
+        payload |= {"value_template": f"{{{{ {value} }}}}",
+                    "options": [v if isinstance(v, str) else json.dumps(v) for v in field.allowed or ()]}
+    else:
+        step = field.step or (1 if field.type == "integer" else 0.01)
+        payload |= {"value_template": f"{{{{ {value} }}}}", "min": field.min, "max": field.max, "step": step,
+                    "mode": "box", **({"unit_of_measurement": field.unit} if field.unit else {})}
+    return platform, f"plugin_{plugin}_config_{key}", payload
+
+
+def _shadow(name: str, topics: Topics) -> Entity:
+    """How often the shadow of `name` decides as `name` does (whole calls; per actuator in attributes)."""
+    return "sensor", f"plugin_{name}_shadow_agreement", {
+        "name": f"plugin {name} shadow agreement", "state_topic": topics.plugin(name),
+        "value_template": "{{ value_json.shadow.agreement_percent if value_json.shadow is defined else 'None' }}",
+        "unit_of_measurement": "%", "state_class": "measurement", "suggested_display_precision": 1,
+        "json_attributes_topic": topics.plugin(name),
+        "json_attributes_template": "{{ value_json.shadow | default({}) | tojson }}",
+        "entity_category": "diagnostic"}

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import structlog
 
@@ -50,13 +51,21 @@ class SetPluginConfig:
 Request = SetActuator | Release | EnablePlugin | SetPluginConfig
 
 
+@dataclass(frozen=True)
+class Override:
+    command: Command
+    expiry: float  # on the loop's monotonic clock
+    expires_at: float  # the same moment on the wall clock (Unix time), for people
+
+
 class Operator:
-    def __init__(self, expiry_s: float):
+    def __init__(self, expiry_s: float, wall: Callable[[], float] = time.time):
         self.expiry_s = expiry_s
         self.disabled: set[str] = set()
         self.config: dict[str, dict[str, Any]] = {}  # plugin -> values changed at run time
-        self._overrides: dict[str, tuple[Command, float]] = {}  # device -> (command, expiry)
+        self._overrides: dict[str, Override] = {}  # by device
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._wall = wall
 
     def submit(self, request: Request) -> None:
         """From any thread; taken up at the start of the next tick."""
@@ -65,7 +74,7 @@ class Operator:
     def enabled(self, plugins: Iterable[Any]) -> Iterator[Any]:
         return (p for p in plugins if p.name not in self.disabled)
 
-    def overrides(self) -> Mapping[str, tuple[Command, float]]:
+    def overrides(self) -> Mapping[str, Override]:
         return self._overrides
 
     def commands(self, actuators: Mapping[str, Actuator], plugins: Iterable[Any], now: float,
@@ -77,12 +86,12 @@ class Operator:
                 self._take(request, actuators, plugins, now, tick)
             except Exception as exc:  # nothing from outside may stop the loop
                 log.error("operator_request_failed", request=repr(request)[:200], tick=tick, error=str(exc))
-        for device, (command, expiry) in list(self._overrides.items()):
-            if now >= expiry or device not in actuators:
+        for device, override in list(self._overrides.items()):
+            if now >= override.expiry or device not in actuators:
                 del self._overrides[device]
                 log.info("override_ended", device=device, tick=tick,
-                         reason="expired" if now >= expiry else "device removed")
-        return [command for command, _ in self._overrides.values()]
+                         reason="expired" if now >= override.expiry else "device removed")
+        return [override.command for override in self._overrides.values()]
 
     def _take(self, request: Request, actuators: Mapping[str, Actuator], plugins: Iterable[Any], now: float,
               tick: int) -> None:
@@ -112,9 +121,11 @@ class Operator:
             log.warning("operator_command_rejected", device=request.device_id, tick=tick, rule=exc.rule,
                         reason=str(exc))
             return
+        actuator.overridden(target)
         lasts = expires_s or self.expiry_s
         # Its priority is moot: operator commands go first, and arbitration keeps the first per device.
-        self._overrides[actuator.id] = (Command(actuator.id, action, target, OPERATOR, 0), now + lasts)
+        self._overrides[actuator.id] = Override(Command(actuator.id, action, target, OPERATOR, 0), now + lasts,
+                                                self._wall() + lasts)
         log.info("override_set", device=actuator.id, target=target, expires_in_s=lasts, tick=tick)
 
     def _configure(self, request: SetPluginConfig, plugins: Iterable[Any], tick: int) -> None:

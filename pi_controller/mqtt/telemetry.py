@@ -21,8 +21,9 @@ import queue
 import threading
 import time
 from collections import deque
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -30,7 +31,7 @@ import structlog
 from pi_controller.config import Settings
 from pi_controller.mqtt import discovery
 from pi_controller.mqtt.discovery import Topics
-from pi_controller.mqtt.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig
+from pi_controller.mqtt.operator import EnablePlugin, Operator, Override, Release, SetActuator, SetPluginConfig
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.safety.rules import Guard
 from pi_controller.status import Status
@@ -60,7 +61,7 @@ class Telemetry(LoopObserver):
         self.dropped = 0
         self.readings_queued = 0
         self._published: dict[str, tuple[Any, float]] = {}  # topic -> (what was sent, when)
-        self._sensor_policies: dict[str, tuple[str, Callable[[Any, Any], bool]]] = {}  # by sensor id
+        self._sensor_policies: dict[str, tuple[str, int | None, Callable[[Any, Any], bool]]] = {}  # by sensor id
         rate = self.mqtt.max_messages_per_s
         self._bucket = TokenBucket(rate, rate, timer(), tokens=0.0)  # a second's worth at most
         self._connected = threading.Event()
@@ -90,9 +91,11 @@ class Telemetry(LoopObserver):
         client.on_message = self._on_message
         return client
 
-    def start(self, plugins: Iterable[str]) -> None:
-        """Connect in the background: a broker that is down never holds up the daemon."""
-        self._discovery = discovery.configs(self.settings, plugins) if self.mqtt.discovery else {}
+    def start(self) -> None:
+        """Connect in the background: a broker that is down never holds up the daemon. Discovery covers
+        the plugins of the folder then, failed ones too: their entities say why."""
+        self._discovery = (discovery.configs(self.settings, self.status.config_schemas(), self.status.shadowed())
+                           if self.mqtt.discovery else {})
         self.client.connect_async(self.mqtt.host, self.mqtt.port, self.mqtt.keepalive_s)
         self.client.loop_start()
         log.info("mqtt_starting", host=self.mqtt.host, port=self.mqtt.port, base=self.topics.base,
@@ -201,13 +204,13 @@ class Telemetry(LoopObserver):
     def _collect(self, now: float) -> None:
         heartbeat = self.mqtt.heartbeat_s
         for reading in self.status.readings():
-            topic, moved = self._sensor_policy(reading.sensor_id)
-            self.readings_queued += self._offer(topic, reading.as_json(), now, heartbeat, moved)
+            topic, decimals, moved = self._sensor_policy(reading.sensor_id)
+            self.readings_queued += self._offer(topic, reading.as_json(decimals), now, heartbeat, moved)
         overrides = self.operator.overrides()
         guards = self.status.guards()
         for device, state in self.status.actuator_states().items():
-            self._offer(self.topics.actuator(device), _actuator_payload(state, device in overrides, guards.get(device)),
-                        now, heartbeat)
+            self._offer(self.topics.actuator(device),
+                        _actuator_payload(state, overrides.get(device), guards.get(device)), now, heartbeat)
         for name, state in self.status.plugin_states().items():
             self._offer(self.topics.plugin(name), state, now, heartbeat, _plugin_changed)
         last_loop = self._published.get(self.topics.loop)
@@ -217,12 +220,14 @@ class Telemetry(LoopObserver):
         # Not on every change of `buffered`: during an outage that would fill the buffer with itself.
         self._offer(self.topics.telemetry, telemetry, now, heartbeat, _dropped_changed)
 
-    def _sensor_policy(self, sensor_id: str) -> tuple[str, Callable[[Any, Any], bool]]:
-        """A sensor's topic and what counts as a change worth publishing: made once, used every tick."""
+    def _sensor_policy(self, sensor_id: str) -> tuple[str, int | None, Callable[[Any, Any], bool]]:
+        """A sensor's topic, its decimals on the wire and what counts as a change worth publishing:
+        made once, used every tick."""
         policy = self._sensor_policies.get(sensor_id)
         if policy is None:
             band = self.mqtt.deadband.get(sensor_id, 0.0)
-            policy = self._sensor_policies[sensor_id] = (self.topics.sensor(sensor_id),
+            decimals = next((s.decimals() for s in self.settings.sensors if s.id == sensor_id), None)
+            policy = self._sensor_policies[sensor_id] = (self.topics.sensor(sensor_id), decimals,
                                                          lambda old, new: _moved(old, new, band))
         return policy
 
@@ -286,7 +291,13 @@ class Telemetry(LoopObserver):
 
 
 def _plugin_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    return (old["state"], old["enabled"]) != (new["state"], new["enabled"])
+    """Its state, its switch or its config (what its entities show); a shadow's agreement by a tenth."""
+    def shown(state: dict[str, Any]) -> tuple[Any, ...]:
+        shadow = state.get("shadow")
+        return (state["state"], state["enabled"], state["config"],
+                None if shadow is None else round(shadow["agreement_percent"], 1))
+
+    return shown(old) != shown(new)
 
 
 def _dropped_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -301,13 +312,16 @@ def _moved(old: dict[str, Any], new: dict[str, Any], band: float) -> bool:
     return abs(new["value"] - old["value"]) > band if band else new["value"] != old["value"]
 
 
-def _actuator_payload(state: dict[str, Any], overridden: bool, guard: Guard | None) -> dict[str, Any]:
-    """The state, whether an override holds it, whose command it follows (`owner`: a plugin, "operator"
-    or "safety") and why it was last put in its safe state (`failsafe`, until an owner takes it again)."""
+def _actuator_payload(state: dict[str, Any], override: Override | None, guard: Guard | None) -> dict[str, Any]:
+    """The state, whether an override holds it and until when (ISO 8601, UTC), whose command it follows
+    (`owner`: a plugin, "operator" or "safety") and why it was last put in its safe state (`failsafe`,
+    until an owner takes it again)."""
+    held = {"override": override is not None, "override_expires_at": None if override is None else
+            datetime.fromtimestamp(override.expires_at, timezone.utc).isoformat(timespec="seconds")}
     if guard is None:
-        return {**state, "override": overridden, "owner": None, "failsafe": None}
+        return {**state, **held, "owner": None, "failsafe": None}
     # and what its Home Assistant entity reads, as its kind says
-    return {**state, "override": overridden, "owner": guard.plugin, "failsafe": guard.failsafe,
+    return {**state, **held, "owner": guard.plugin, "failsafe": guard.failsafe,
             **guard.actuator.settings.entity_state(state)}
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 from pi_controller.contract import Rejected
-from pi_controller.schema import FieldError, bounded
+from pi_controller.schema import FieldError, bounded, matching
 
 MAX_VALUE_BYTES = 4096
 MAX_CONFIG_BYTES = 64 * 1024
@@ -36,6 +36,9 @@ class ConfigField:
     allowed: tuple[Any, ...] | None = None  # the only values accepted, when given
     max_length: int = bounded(0, MAX_VALUE_BYTES, default=256)  # strings, in characters
     description: str = ""
+    # How Home Assistant shows a number (its `number` entity): the unit, and the step of its input box.
+    unit: str = matching(r"[^\x00-\x1f]{0,16}", "up to 16 printable characters", default="")
+    step: float | None = bounded(0.001, 1e6, default=None)
 
     def __post_init__(self) -> None:
         if self.min is not None and self.max is not None and self.min > self.max:

@@ -151,7 +151,8 @@ class SandboxedPlugin:
 
     def set_config(self, overrides: Mapping[str, Any]) -> None:
         """The grant's config with an operator's values over it, encoded once for every later call."""
-        self.config_suffix = encode_config({**self.grant.config, **overrides})
+        self.config: dict[str, Any] = {**self.grant.config, **overrides}  # what the plugin runs with
+        self.config_suffix = encode_config(self.config)
 
     def call(self, context: bytes, tick: int | None = None) -> bytes:
         """One tick: `context` is the context without its config (`contract.encode_context`)."""

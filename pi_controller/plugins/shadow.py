@@ -132,6 +132,17 @@ class Shadows:
             result.update(((name, device), (a.ticks - a.differing[device], a.ticks)) for device in list(a.seen))
         return result
 
+    def agreement_of(self, name: str) -> dict[str, Any] | None:
+        """How far the shadow of `name` agrees with it, whole and per actuator (for MQTT); None before
+        it was first compared."""
+        stats = self.stats.get(name)
+        if stats is None:
+            return None
+        a = stats.agreement
+        return {"agreement_percent": a.percent(""), "ticks": a.ticks,
+                "actuators": {device: a.percent(device) for device in sorted(a.seen)},
+                "last_difference": a.last.get("")}
+
     def snapshot(self) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for name, status in self.plugins.status.items():
