@@ -1,0 +1,317 @@
+"""Home Assistant discovery checked against Home Assistant itself: every key of every payload is one its
+MQTT platforms accept, and every template renders, with Jinja as Home Assistant does, to a valid state
+from what the daemon really publishes on the template's topic (the telemetry's outbox after real ticks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pi_controller import config
+from pi_controller.clock import VirtualClock
+from pi_controller.config import ConfigError
+from pi_controller.daemon import Daemon
+from pi_controller.devices.sensors import Reading
+from pi_controller.mqtt import discovery
+from pi_controller.mqtt.operator import SetActuator
+from pi_controller.mqtt.telemetry import Telemetry
+from pi_controller.plugins.plugin_config import ConfigField
+from tests.conftest import BUNDLED_PLUGINS, example_data
+
+# What Home Assistant's MQTT discovery accepts, per platform. Its DISCOVERY_SCHEMAs drop any other key
+# without a word (extra=vol.REMOVE_EXTRA), so a misspelt or misplaced key would silently do nothing.
+# From home-assistant/core, homeassistant/components/mqtt/:
+#   config.py   MQTT_BASE_SCHEMA (qos, encoding), MQTT_RO_SCHEMA (+ state_topic, value_template),
+#               MQTT_RW_SCHEMA (+ command_topic, optimistic, retain, state_topic)
+#   schemas.py  MQTT_AVAILABILITY_SCHEMA (single and list forms) and MQTT_ENTITY_COMMON_SCHEMA; the
+#               2025.10 `default_entity_id` (schemas.py, `vol.Optional(CONF_DEFAULT_ENTITY_ID)`), which
+#               replaces the deprecated `object_id`; `entity_picture` (2024.1)
+BASE = {"qos", "encoding"}
+RO = BASE | {"state_topic", "value_template"}
+RW = BASE | {"command_topic", "optimistic", "retain", "state_topic"}
+COMMON = {"availability", "availability_mode", "availability_template", "availability_topic", "payload_available",
+          "payload_not_available", "device", "origin", "enabled_by_default", "entity_category", "entity_picture",
+          "icon", "json_attributes_topic", "json_attributes_template", "object_id", "default_entity_id",
+          "unique_id", "platform"}
+ACCEPTED = {
+    # sensor.py _PLATFORM_SCHEMA_BASE
+    "sensor": RO | COMMON | {"device_class", "expire_after", "force_update", "last_reset_value_template", "name",
+                             "options", "suggested_display_precision", "state_class", "unit_of_measurement"},
+    # binary_sensor.py PLATFORM_SCHEMA_MODERN
+    "binary_sensor": RO | COMMON | {"device_class", "expire_after", "force_update", "name", "off_delay",
+                                    "payload_off", "payload_on"},
+    # switch.py PLATFORM_SCHEMA_MODERN
+    "switch": RW | COMMON | {"command_template", "name", "payload_off", "payload_on", "state_off", "state_on",
+                             "value_template", "device_class"},
+    # number.py _PLATFORM_SCHEMA_BASE
+    "number": RW | COMMON | {"command_template", "device_class", "max", "min", "mode", "name", "payload_reset",
+                             "step", "unit_of_measurement", "value_template"},
+    # select.py PLATFORM_SCHEMA_MODERN
+    "select": RW | COMMON | {"command_template", "name", "options", "value_template"},
+    # button.py PLATFORM_SCHEMA_MODERN
+    "button": BASE | COMMON | {"command_template", "command_topic", "device_class", "name", "payload_press",
+                               "retain"},
+    # light/schema_json.py _PLATFORM_SCHEMA_BASE, with light/schema.py's `schema`
+    "light": RW | COMMON | {"schema", "brightness", "brightness_scale", "color_temp_kelvin", "effect", "effect_list",
+                            "flash", "flash_time_long", "flash_time_short", "max_mireds", "min_mireds",
+                            "max_kelvin", "min_kelvin", "name", "supported_color_modes", "transition",
+                            "white_scale"},
+    # fan.py _PLATFORM_SCHEMA_BASE
+    "fan": RW | COMMON | {"name", "command_template", "direction_command_topic", "direction_command_template",
+                          "direction_state_topic", "direction_value_template", "oscillation_command_topic",
+                          "oscillation_command_template", "oscillation_state_topic", "oscillation_value_template",
+                          "percentage_command_topic", "percentage_command_template", "percentage_state_topic",
+                          "percentage_value_template", "preset_mode_command_topic", "preset_modes",
+                          "preset_mode_command_template", "preset_mode_state_topic", "preset_mode_value_template",
+                          "speed_range_min", "speed_range_max", "payload_reset_percentage",
+                          "payload_reset_preset_mode", "payload_off", "payload_on", "payload_oscillation_off",
+                          "payload_oscillation_on", "state_value_template"},
+}
+COMMANDED = {"switch", "number", "select", "button", "light", "fan"}  # command_topic is required
+# schemas.py: MQTT_ENTITY_DEVICE_INFO_SCHEMA, MQTT_ORIGIN_INFO_SCHEMA, the availability list's entries
+DEVICE = {"identifiers", "connections", "manufacturer", "model", "model_id", "name", "hw_version", "serial_number",
+          "sw_version", "via_device", "suggested_area", "configuration_url"}
+ORIGIN = {"name", "sw_version", "support_url"}
+AVAILABILITY = {"topic", "payload_available", "payload_not_available", "value_template"}
+# The templates Home Assistant renders, and the topic each renders a message of.
+TEMPLATES = {"value_template": "state_topic", "state_value_template": "state_topic",
+             "percentage_value_template": "percentage_state_topic",
+             "direction_value_template": "direction_state_topic", "json_attributes_template": "json_attributes_topic"}
+
+JINJA = ImmutableSandboxedEnvironment()  # what Home Assistant renders templates with
+
+
+def render(template: str, payload: bytes) -> str:
+    """As Home Assistant's MqttValueTemplate.async_render_with_possible_json_value: `value` and `value_json`."""
+    text = payload.decode()
+    return JINJA.from_string(template).render(value=text, value_json=json.loads(text)).strip()
+
+
+# A plugin's config keys of every kind that gets an entity, and two that get none.
+SCHEMA_EXTRA = {"mode": {"type": "string", "allowed": ["eco", "comfort"]}, "boost": {"type": "boolean"},
+                "level": {"type": "integer", "allowed": [1, 2, 3]}, "days": {"type": "integer", "min": 0, "max": 7},
+                "label": {"type": "string"}, "ceiling": {"type": "number", "min": 0}}
+
+
+@pytest.fixture
+def published(tmp_path: Path, write_config):
+    """A daemon on mock pins with the bundled plugins (one shadowed, one with every kind of config key),
+    a motor, an operator's override of the LED strip, run 30 ticks; its discovery configs and, per topic,
+    the last payload the telemetry queued."""
+    folder = tmp_path / "plugins"
+    (folder / "shadow").mkdir(parents=True)
+    for name in ("temperature_control", "motion_light", "energy_saver"):
+        shutil.copy(BUNDLED_PLUGINS / f"{name}.wasm", folder / f"{name}.wasm")
+        shutil.copy(BUNDLED_PLUGINS / f"{name}.yaml", folder / f"{name}.yaml")
+    shutil.copy(BUNDLED_PLUGINS / "temperature_control.wasm", folder / "shadow" / "temperature_control.wasm")
+    manifest = yaml.safe_load((folder / "temperature_control.yaml").read_text())
+    manifest["config_schema"] |= SCHEMA_EXTRA
+    (folder / "temperature_control.yaml").write_text(yaml.safe_dump(manifest))
+    data = example_data()
+    data["plugins"]["directory"] = str(folder)
+    data["actuators"].append({"id": "fan", "kind": "motor", "forward": 20, "backward": 21})
+    data["mqtt"] = {"node_id": "testpi", "heartbeat_s": 30}
+    daemon = Daemon(config.load(write_config(data)), simulate=True, clock=VirtualClock())
+    try:
+        daemon.operator.submit(SetActuator("led_strip", b'{"brightness": 30}'))
+        asyncio.run(daemon.serve(30))
+        telemetry = Telemetry(daemon.settings, daemon.status, daemon.operator)
+        telemetry.tick_done(None)  # type: ignore[arg-type]  # it reads the status, not the report
+        payloads = {topic: payload for topic, payload, _ in telemetry.outbox}
+        telemetry.client.loop_stop()
+        configs = discovery.configs(daemon.settings, daemon.status.config_schemas(), daemon.status.shadowed())
+        yield configs, payloads
+    finally:
+        daemon.close()
+
+
+def platform_of(topic: str) -> str:
+    return topic.split("/")[1]
+
+
+def test_every_discovery_payload_uses_only_keys_home_assistant_accepts(published) -> None:
+    configs, _ = published
+    platforms = {platform_of(topic) for topic in configs}
+    assert platforms == set(ACCEPTED), "every platform we emit is checked, and each is emitted"
+    for topic, payload in configs.items():
+        platform = platform_of(topic)
+        assert set(payload) <= ACCEPTED[platform], f"{topic}: {set(payload) - ACCEPTED[platform]}"
+        assert set(payload["device"]) <= DEVICE and set(payload["origin"]) <= ORIGIN
+        assert all(set(entry) <= AVAILABILITY and "topic" in entry for entry in payload["availability"])
+        assert payload.get("availability_mode", "all") == "all"
+        assert "object_id" not in payload and payload["default_entity_id"].startswith(f"{platform}.")
+        assert payload.get("entity_category") in (None, "config", "diagnostic")
+        assert platform in COMMANDED or "command_topic" not in payload
+        assert platform not in COMMANDED or payload["command_topic"]
+        assert platform == "button" or payload["state_topic"]
+        for template, topic_key in TEMPLATES.items():
+            assert template not in payload or payload.get(topic_key), f"{topic}: {template} without {topic_key}"
+        if platform == "sensor":  # sensor.py validate_sensor_state_and_device_class_config
+            if "options" in payload:
+                assert payload["device_class"] == "enum" and payload["options"]
+                assert "state_class" not in payload and "unit_of_measurement" not in payload
+            assert payload.get("entity_category") != "config", "a sensor's category may only be diagnostic"
+            assert payload.get("suggested_display_precision", 0) >= 0  # cv.positive_int
+        if platform == "number":  # number.py validate_config; its step is at least 0.001
+            assert payload["min"] < payload["max"] and payload["step"] >= 0.001
+        if platform == "select":
+            assert payload["options"] and all(isinstance(option, str) for option in payload["options"])
+    assert len({payload["unique_id"] for payload in configs.values()}) == len(configs)
+
+
+def test_every_template_renders_to_a_valid_state_from_what_is_published(published) -> None:
+    configs, payloads = published
+    rendered = 0
+    for topic, config_ in configs.items():
+        platform = platform_of(topic)
+        for entry in config_["availability"][1:]:  # the first is the status topic, without a template
+            assert render(entry["value_template"], payloads[entry["topic"]]) in ("online", "offline")
+        for template, topic_key in TEMPLATES.items():
+            if template in config_:
+                value = render(config_[template], payloads[config_[topic_key]])
+                check_state(platform, template, value, config_, topic)
+                rendered += 1
+    assert rendered >= len(configs)
+
+
+def check_state(platform: str, template: str, value: str, entity: dict[str, Any], topic: str) -> None:
+    """What Home Assistant's entity would take `value` as, or fail saying why it would not."""
+    where = f"{topic} {template} gave {value!r}"
+    if template == "json_attributes_template":
+        assert isinstance(json.loads(value), dict), where
+    elif template == "percentage_value_template":
+        assert entity["speed_range_min"] - 1 <= int(value) <= entity["speed_range_max"], where
+    elif template == "direction_value_template":
+        assert value in ("forward", "reverse"), where
+    elif value == "None" and entity.get("entity_category") == "config" and "/plugin/" in entity["state_topic"]:
+        pass  # a config key the plugin's config leaves out: unknown
+    elif template == "state_value_template" or platform == "switch":
+        assert value in (entity.get("state_on", entity.get("payload_on")),
+                         entity.get("state_off", entity.get("payload_off"))), where
+    elif platform == "binary_sensor":
+        assert value in ("ON", "OFF", "None"), where
+    elif platform == "number":
+        assert entity["min"] <= float(value) <= entity["max"], where
+    elif platform in ("select",) or "options" in entity:
+        assert value in entity["options"], where
+    elif platform == "sensor" and ("unit_of_measurement" in entity or "state_class" in entity):
+        number = float(value)  # a numeric sensor refuses anything else
+        digits = entity.get("suggested_display_precision")
+        if "/sensor/" in entity["state_topic"]:  # a reading: rounded on the wire to what is shown
+            assert round(number, digits) == number, f"{where}: more than {digits} decimals on the wire"
+    else:
+        assert value and value != "None", where  # the version
+
+
+def test_plugin_config_keys_become_number_select_and_switch_entities(published) -> None:
+    configs, payloads = published
+    prefix = "homeassistant/%s/testpi/plugin_temperature_control_config_%s/config"
+    setpoint = configs[prefix % ("number", "setpoint")]
+    assert (setpoint["min"], setpoint["max"], setpoint["step"], setpoint["unit_of_measurement"]) == (5, 30, 0.1, "°C")
+    assert setpoint["entity_category"] == "config" and setpoint["mode"] == "box"
+    assert setpoint["command_topic"] == "pi-controller/testpi/plugin/temperature_control/config/setpoint/set"
+    assert render(setpoint["value_template"], payloads[setpoint["state_topic"]]) == "21.0"  # the config's value
+    assert configs[prefix % ("number", "days")]["step"] == 1  # an integer
+    assert configs[prefix % ("select", "mode")]["options"] == ["eco", "comfort"]
+    assert configs[prefix % ("select", "level")]["options"] == ["1", "2", "3"]  # as the command is parsed
+    boost = configs[prefix % ("switch", "boost")]
+    assert (boost["payload_on"], boost["payload_off"]) == ("true", "false")  # JSON, as config values are read
+    names = {topic.split("/")[3] for topic in configs}
+    assert not {"plugin_temperature_control_config_label", "plugin_temperature_control_config_ceiling",
+                "plugin_temperature_control_config_sensor"} & names  # no control fits: no entity
+
+
+def test_read_only_mode_offers_no_config_entity_and_no_resume_button(write_config) -> None:
+    schemas = {"temperature_control": {"setpoint": ConfigField("number", min=5, max=30)}}
+    data = example_data()
+    entities = {}
+    for commands in (True, False):
+        data["mqtt"] = {"node_id": "testpi", "commands": commands}
+        entities[commands] = set(discovery.configs(config.load(write_config(data)), schemas))
+    assert {topic.split("/")[3] for topic in entities[True] - entities[False]} == {
+        "plugin_temperature_control_config_setpoint", "led_strip_resume", "servo_motor_resume", "relay_switch_resume"}
+
+
+def test_an_override_shows_until_when_with_a_resume_button(published) -> None:
+    configs, payloads = published
+    state = json.loads(payloads["pi-controller/testpi/actuator/led_strip/state"])
+    assert state["override"] and state["owner"] == "operator" and state["override_expires_at"].endswith("+00:00")
+    light = configs["homeassistant/light/testpi/led_strip/config"]
+    attributes = json.loads(render(light["json_attributes_template"], payloads[light["json_attributes_topic"]]))
+    assert attributes["overridden"] and attributes["override_expires_at"] == state["override_expires_at"]
+    button = configs["homeassistant/button/testpi/led_strip_resume/config"]
+    assert button["command_topic"] == "pi-controller/testpi/actuator/led_strip/release"
+    assert render(button["availability"][1]["value_template"], payloads[button["availability"][1]["topic"]]) == "online"
+    relay = json.loads(payloads["pi-controller/testpi/actuator/relay_switch/state"])
+    assert not relay["override"] and relay["override_expires_at"] is None
+
+
+def test_diagnostics_come_from_loop_state(published) -> None:
+    configs, payloads = published
+    loop = json.loads(payloads["pi-controller/testpi/loop/state"])
+    assert isinstance(loop["uptime_s"], int) and loop["version"] and loop["last_reload"] == "none"
+    assert loop["watchdog_trips"] == 0 and loop["failsafes"] >= 0 and loop["safety_holds"] >= 0
+    for key in ("uptime_s", "version", "watchdog_trips", "failsafes", "safety_holds", "last_reload"):
+        entity = configs[f"homeassistant/sensor/testpi/loop_{key}/config"]
+        assert entity["entity_category"] == "diagnostic" and entity["state_topic"].endswith("/loop/state")
+    assert configs["homeassistant/sensor/testpi/loop_last_reload/config"]["options"] == discovery.RELOAD_OUTCOMES
+
+
+def test_the_plugin_state_is_an_enum_sensor(published) -> None:
+    configs, payloads = published
+    entity = configs["homeassistant/sensor/testpi/plugin_motion_light/config"]
+    assert entity["device_class"] == "enum" and entity["options"] == ["loaded", "quarantined", "disabled", "failed"]
+    assert render(entity["value_template"], payloads[entity["state_topic"]]) == "loaded"
+
+
+def test_a_shadow_shows_its_agreement(published) -> None:
+    configs, payloads = published
+    entity = configs["homeassistant/sensor/testpi/plugin_temperature_control_shadow_agreement/config"]
+    assert entity["entity_category"] == "diagnostic" and entity["unit_of_measurement"] == "%"
+    assert float(render(entity["value_template"], payloads[entity["state_topic"]])) == 100.0  # the same plugin
+    attributes = json.loads(render(entity["json_attributes_template"], payloads[entity["json_attributes_topic"]]))
+    assert attributes["ticks"] > 0 and attributes["actuators"] == {"relay_switch": 100.0}
+    assert "homeassistant/sensor/testpi/plugin_motion_light_shadow_agreement/config" not in configs  # no shadow
+
+
+def test_sensor_values_go_out_rounded_to_their_precision(published) -> None:
+    configs, payloads = published
+    temperature = json.loads(payloads["pi-controller/testpi/sensor/temperature_sensor/state"])
+    assert round(temperature["value"], 1) == temperature["value"]
+    assert configs["homeassistant/sensor/testpi/temperature_sensor/config"]["suggested_display_precision"] == 1
+    assert configs["homeassistant/sensor/testpi/light_sensor/config"]["suggested_display_precision"] == 0
+    assert "suggested_display_precision" not in configs["homeassistant/binary_sensor/testpi/motion_sensor/config"]
+
+
+def test_a_sensor_precision_in_the_config_is_checked_and_used(write_config) -> None:
+    data = example_data()
+    data["sensors"][0]["precision"] = 3
+    settings = config.load(write_config(data))
+    assert settings.sensors[0].decimals() == 3
+    assert Reading("t", 21.123456, "celsius", 1.0).as_json(3)["value"] == 21.123
+    for bad in (7, 1.5, "two"):
+        data["sensors"][0]["precision"] = bad
+        with pytest.raises(ConfigError, match="precision"):
+            config.load(write_config(data))
+
+
+def test_a_failed_read_is_unknown_and_its_sensor_unavailable(published) -> None:
+    configs, _ = published
+    failed = json.dumps(Reading("motion_sensor", None, "boolean", 1.0, "OSError: no pin").as_json()).encode()
+    motion = configs["homeassistant/binary_sensor/testpi/motion_sensor/config"]
+    assert render(motion["value_template"], failed) == "None"  # Home Assistant: unknown, not "Clear"
+    assert render(motion["value_template"], json.dumps(Reading("m", 1.0, "boolean", 1.0).as_json()).encode()) == "ON"
+    assert render(motion["value_template"], json.dumps(Reading("m", 0.0, "boolean", 1.0).as_json()).encode()) == "OFF"
+    (availability,) = motion["availability"][1:]
+    assert availability["topic"] == motion["state_topic"] and render(availability["value_template"], failed) == "offline"
+    temperature = configs["homeassistant/sensor/testpi/temperature_sensor/config"]
+    assert render(temperature["value_template"], failed) == "None"
+    # A state that stops coming (a daemon hung with its connection up) expires after 2.5 heartbeats.
+    assert motion["expire_after"] == temperature["expire_after"] == 75
