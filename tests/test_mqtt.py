@@ -22,6 +22,7 @@ import yaml
 from pi_controller import config
 from pi_controller.mqtt.telemetry import TAKEOVER_COUNT
 from tests.conftest import example_data, free_port
+from tests.test_ha_discovery import render
 
 NODE = "testpi"
 BASE = f"pi-controller/{NODE}"
@@ -270,6 +271,48 @@ def test_plugins_are_switched_off_and_reconfigured_at_run_time(tmp_path, broker,
     finally:
         _, events = finish(process)
     assert [e["key"] for e in events if e["event"] == "plugin_config_set"] == ["setpoint"]
+
+
+def discovered(sub: Subscriber, platform: str, object_id: str) -> dict[str, Any]:
+    """An entity's discovery config, once it came."""
+    return json.loads(sub.wait_for(lambda: sub.on(f"homeassistant/{platform}/{NODE}/{object_id}/config"))[-1])
+
+
+def test_home_assistant_sets_the_thermostat_setpoint_through_its_number_entity(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port))
+    try:
+        setpoint = discovered(subscriber, "number", "plugin_temperature_control_config_setpoint")
+        shown = lambda: render(setpoint["value_template"], subscriber.on(setpoint["state_topic"])[-1])  # noqa: E731
+        subscriber.wait_for(lambda: subscriber.on(setpoint["state_topic"]) and shown() == "21.0")
+        subscriber.publish(setpoint["command_topic"], "19.5")  # what Home Assistant's number sends
+        subscriber.wait_for(lambda: shown() == "19.5")  # published as soon as it changed
+        subscriber.publish(setpoint["command_topic"], "45")  # above its max: refused, the old value stays
+        heartbeats(subscriber, f"{BASE}/loop/state", 1)
+        assert shown() == "19.5"
+    finally:
+        _, events = finish(process)
+    assert [e["rule"] for e in events if e["event"] == "plugin_config_refused"] == ["out_of_range"]
+
+
+def test_an_override_shows_until_when_and_resume_automatic_ends_it(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port))
+    led = f"{BASE}/actuator/led_strip/state"
+    try:
+        light = discovered(subscriber, "light", "led_strip")
+        resume = discovered(subscriber, "button", "led_strip_resume")
+        subscriber.wait_for(lambda: state(subscriber, led))
+        subscriber.publish(light["command_topic"], '{"brightness": 30}')  # a brightness alone: on at 30 %
+        held = subscriber.wait_for(lambda: (s := state(subscriber, led)) and s["override"] and s)
+        assert (held["state"], held["brightness"], held["owner"]) == ("ON", 30.0, "operator")
+        attributes = json.loads(render(light["json_attributes_template"], subscriber.on(led)[-1]))
+        assert attributes["overridden"] and attributes["override_expires_at"] == held["override_expires_at"]
+        assert render(resume["availability"][1]["value_template"], subscriber.on(led)[-1]) == "online"
+        subscriber.publish(resume["command_topic"], resume["payload_press"])
+        released = subscriber.wait_for(lambda: (s := state(subscriber, led)) and not s["override"] and s)
+        assert released["override_expires_at"] is None
+        assert render(resume["availability"][1]["value_template"], subscriber.on(led)[-1]) == "offline"
+    finally:
+        finish(process)
 
 
 def test_read_only_mode_subscribes_to_nothing(tmp_path, broker, subscriber) -> None:

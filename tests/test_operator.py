@@ -77,3 +77,31 @@ def test_enabling_an_unknown_plugin_is_refused(devices) -> None:
     operator.submit(EnablePlugin("thermostat", False))
     operator.commands(devices, [plugin()], now=0.0, tick=0)
     assert operator.disabled == {"thermostat"}
+
+
+def test_a_brightness_alone_turns_the_light_on_at_it(devices) -> None:
+    assert parse_set(devices["lamp"], b'{"brightness": 30}')[:2] == ("pwm", {"duty_cycle": 30})
+    assert parse_set(devices["lamp"], b'{"brightness": 0}')[:2] == ("pwm", {"duty_cycle": 0})  # and 0 is off
+    assert parse_set(devices["lamp"], b'{"state": "OFF", "brightness": 30}')[:2] == ("set_low", {})
+
+
+def test_on_alone_restores_the_last_brightness_set_not_max_duty(devices) -> None:
+    operator, lamp = Operator(expiry_s=10), devices["lamp"]
+    operator.submit(SetActuator("lamp", b'{"brightness": 35}'))
+    assert [c.target for c in operator.commands(devices, [], now=0.0, tick=0)] == [35.0]
+    operator.submit(SetActuator("lamp", b'{"state": "OFF"}'))
+    assert [c.target for c in operator.commands(devices, [], now=1.0, tick=1)] == [0.0]
+    for on in (b'{"state": "ON"}', b"ON"):
+        operator.submit(SetActuator("lamp", on))
+        assert [c.target for c in operator.commands(devices, [], now=2.0, tick=2)] == [35.0]
+    operator.submit(SetActuator("lamp", b'{"brightness": 95}'))  # above max_duty: refused, and not remembered
+    operator.commands(devices, [], now=3.0, tick=3)
+    assert parse_set(lamp, b'{"state": "ON"}')[:2] == ("pwm", {"duty_cycle": 35.0})
+
+
+def test_an_override_knows_when_it_ends_on_the_wall_clock(devices) -> None:
+    operator = Operator(expiry_s=10, wall=lambda: 1_000_000.0)
+    operator.submit(SetActuator("heater", b'{"action": "set_high", "parameters": {}, "expires_s": 60}'))
+    operator.commands(devices, [], now=5.0, tick=0)
+    override = operator.overrides()["heater"]
+    assert (override.expiry, override.expires_at) == (65.0, 1_000_060.0)
