@@ -125,7 +125,6 @@ def published(tmp_path: Path, write_config):
         telemetry = Telemetry(daemon.settings, daemon.status, daemon.operator)
         telemetry.tick_done(None)  # type: ignore[arg-type]  # it reads the status, not the report
         payloads = {topic: payload for topic, payload, _ in telemetry.outbox}
-        telemetry.client.loop_stop()
         configs = discovery.configs(daemon.settings, daemon.status.config_schemas(), daemon.status.shadowed())
         yield configs, payloads
     finally:
