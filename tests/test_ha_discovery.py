@@ -309,7 +309,8 @@ def test_a_failed_read_is_unknown_and_its_sensor_unavailable(published) -> None:
     assert render(motion["value_template"], json.dumps(Reading("m", 1.0, "boolean", 1.0).as_json()).encode()) == "ON"
     assert render(motion["value_template"], json.dumps(Reading("m", 0.0, "boolean", 1.0).as_json()).encode()) == "OFF"
     (availability,) = motion["availability"][1:]
-    assert availability["topic"] == motion["state_topic"] and render(availability["value_template"], failed) == "offline"
+    assert availability["topic"] == motion["state_topic"]
+    assert render(availability["value_template"], failed) == "offline"
     temperature = configs["homeassistant/sensor/testpi/temperature_sensor/config"]
     assert render(temperature["value_template"], failed) == "None"
     # A state that stops coming (a daemon hung with its connection up) expires after 2.5 heartbeats.

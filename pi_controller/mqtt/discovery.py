@@ -213,18 +213,17 @@ def _config_entity(plugin: str, key: str, field: ConfigField, topics: Topics) ->
     known = f"{json.dumps(key)} in value_json.config"  # else "None": unknown (a key the config leaves out)
     payload: dict[str, Any] = {"name": f"{plugin} {_name(key)}", "state_topic": topics.plugin(plugin),
                                "command_topic": topics.plugin(plugin, f"config/{key}/set"),
+                               "value_template": f"{{{{ {value} if {known} else 'None' }}}}",
                                "entity_category": "config"}
     if platform == "switch":  # the command is parsed as JSON: true or false
         payload |= {"value_template": f"{{{{ ('ON' if {value} else 'OFF') if {known} else 'None' }}}}",
-                    "payload_on": "true",
-                    "payload_off": "false", "state_on": "ON", "state_off": "OFF"}
+                    "payload_on": "true", "payload_off": "false", "state_on": "ON", "state_off": "OFF"}
     elif platform == "select":  # strings as they are; numbers as their JSON, which is how they come back
-        payload |= {"value_template": f"{{{{ {value} if {known} else 'None' }}}}",
-                    "options": [v if isinstance(v, str) else json.dumps(v) for v in field.allowed or ()]}
+        payload["options"] = [v if isinstance(v, str) else json.dumps(v) for v in field.allowed or ()]
     else:
         step = field.step or (1 if field.type == "integer" else 0.01)
-        payload |= {"value_template": f"{{{{ {value} if {known} else 'None' }}}}", "min": field.min, "max": field.max, "step": step,
-                    "mode": "box", **({"unit_of_measurement": field.unit} if field.unit else {})}
+        payload |= {"min": field.min, "max": field.max, "step": step, "mode": "box",
+                    **({"unit_of_measurement": field.unit} if field.unit else {})}
     return platform, f"plugin_{plugin}_config_{key}", payload
 
 
