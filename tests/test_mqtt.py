@@ -279,7 +279,7 @@ def discovered(sub: Subscriber, platform: str, object_id: str) -> dict[str, Any]
 
 
 def test_home_assistant_sets_the_thermostat_setpoint_through_its_number_entity(tmp_path, broker, subscriber) -> None:
-    process = start_daemon(daemon_config(tmp_path, broker.port))
+    process = start_daemon(daemon_config(tmp_path, broker.port, loop_interval_s=1))
     try:
         setpoint = discovered(subscriber, "number", "plugin_temperature_control_config_setpoint")
         shown = lambda: render(setpoint["value_template"], subscriber.on(setpoint["state_topic"])[-1])  # noqa: E731
@@ -287,7 +287,7 @@ def test_home_assistant_sets_the_thermostat_setpoint_through_its_number_entity(t
         subscriber.publish(setpoint["command_topic"], "19.5")  # what Home Assistant's number sends
         subscriber.wait_for(lambda: shown() == "19.5")  # published as soon as it changed
         subscriber.publish(setpoint["command_topic"], "45")  # above its max: refused, the old value stays
-        heartbeats(subscriber, f"{BASE}/loop/state", 1)
+        heartbeats(subscriber, f"{BASE}/loop/state", 2)  # a second later: ten ticks took the command up
         assert shown() == "19.5"
     finally:
         _, events = finish(process)
