@@ -282,7 +282,10 @@ def test_home_assistant_sets_the_thermostat_setpoint_through_its_number_entity(t
     process = start_daemon(daemon_config(tmp_path, broker.port, loop_interval_s=1))
     try:
         setpoint = discovered(subscriber, "number", "plugin_temperature_control_config_setpoint")
-        shown = lambda: render(setpoint["value_template"], subscriber.on(setpoint["state_topic"])[-1])  # noqa: E731
+
+        def shown() -> str:  # what Home Assistant shows, from the last plugin state
+            return render(setpoint["value_template"], subscriber.on(setpoint["state_topic"])[-1])
+
         subscriber.wait_for(lambda: subscriber.on(setpoint["state_topic"]) and shown() == "21.0")
         subscriber.publish(setpoint["command_topic"], "19.5")  # what Home Assistant's number sends
         subscriber.wait_for(lambda: shown() == "19.5")  # published as soon as it changed
