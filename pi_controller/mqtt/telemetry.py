@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -317,7 +317,7 @@ def _actuator_payload(state: dict[str, Any], override: Override | None, guard: G
     (`owner`: a plugin, "operator" or "safety") and why it was last put in its safe state (`failsafe`,
     until an owner takes it again)."""
     held = {"override": override is not None, "override_expires_at": None if override is None else
-            datetime.fromtimestamp(override.expires_at, timezone.utc).isoformat(timespec="seconds")}
+            datetime.fromtimestamp(override.expires_at, UTC).isoformat(timespec="seconds")}
     if guard is None:
         return {**state, **held, "owner": None, "failsafe": None}
     # and what its Home Assistant entity reads, as its kind says
