@@ -69,3 +69,15 @@ def test_a_config_value_over_4_kib_in_the_daemon_s_config_is_an_error_with_its_l
         config.parse(text, tmp_path / "c.yaml")
     assert caught.value.line == 4 and caught.value.path == ("plugins", "settings", "p", "config", "output")
     assert "config 'output' is 5002 bytes of JSON, over 4096" in str(caught.value)
+
+
+@pytest.mark.parametrize("field,why", [("{type: number, step: 0}", "0 is out of range"),
+                                       ("{type: number, unit: '" + "x" * 17 + "'}", "up to 16 printable characters")])
+def test_a_schema_s_unit_and_step_for_home_assistant_are_checked(tmp_path: Path, field: str, why: str) -> None:
+    (tmp_path / "p.yaml").write_text(f"name: p\nconfig_schema:\n  setpoint: {field}\n")
+    with pytest.raises(Refused, match=why):
+        load_manifest(tmp_path / "p.wasm")
+    (tmp_path / "p.yaml").write_text("name: p\nconfig_schema:\n  setpoint: {type: number, step: 0.5, unit: '°C'}\n")
+    manifest = load_manifest(tmp_path / "p.wasm")
+    assert manifest is not None and manifest.config_schema is not None
+    assert (manifest.config_schema["setpoint"].step, manifest.config_schema["setpoint"].unit) == (0.5, "°C")
