@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -129,11 +131,38 @@ def test_simulated_mcp3008_answers_every_channel_single_ended_and_differential(f
         pair = MCP3008(channel=channel, differential=True, pin_factory=factory)
         try:  # 10 bits: within one step of full scale
             assert single.value == pytest.approx(adc.fractions[channel], abs=1 / 1023)
-            assert pair.value == pytest.approx(max(0.0, adc.fractions[channel] - adc.fractions[channel ^ 1]), abs=1 / 1023)
+            difference = max(0.0, adc.fractions[channel] - adc.fractions[channel ^ 1])
+            assert pair.value == pytest.approx(difference, abs=1 / 1023)
         finally:
             single.close()
             pair.close()
     adc.close()
+
+
+GARBAGE_INSIDE_RESERVATIONS = """
+import gc
+gc.set_threshold(50, 1, 1)  # collections start inside gpiozero's reserve_pins, with its lock held
+from gpiozero import MCP3008
+from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.simulators.adc import SimulatedMCP3008
+for _ in range(3):
+    factory = SimulatedFactory()
+    adc = SimulatedMCP3008(factory, 0)
+    for channel in range(8):
+        for differential in (False, True):
+            device = MCP3008(channel=channel, differential=differential, pin_factory=factory)
+            device.value
+            device.close()
+    adc.close()
+print("done")
+"""
+
+
+def test_a_shared_spi_bus_collected_while_pins_are_reserved_does_not_hang_the_process() -> None:
+    # Without the re-entrant lock this hung in the first round, every time.
+    result = subprocess.run([sys.executable, "-c", GARBAGE_INSIDE_RESERVATIONS], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout == "done\n", result.stderr
 
 
 def test_states_json_follows_every_actuator_change(write_config) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any, Iterable, NoReturn, Protocol
 
 from gpiozero import Device
@@ -76,6 +77,7 @@ class SimulatedFactory(MockFactory):
 
     def __init__(self) -> None:
         super().__init__(pin_class=MockPWMPin)
+        reentrant_reservations(self)
         self.spi_chips: dict[str, SpiChip] = {}  # select pin name ("GPIO8") -> chip
 
     def _get_spi_class(self, shared: bool, hardware: bool) -> type:
@@ -99,15 +101,25 @@ def make_factory(settings: Settings, simulate: bool) -> Factory:
     return factory
 
 
+def reentrant_reservations(factory: Factory) -> None:
+    """gpiozero 2.0.1 reserves pins under a plain Lock, and a shared SPI bus left in a reference cycle
+    releases its pins from `__del__`: a garbage collection that starts inside `reserve_pins` (a new
+    MCP3008 allocating) then waits for the lock its own thread holds, and the process hangs. A
+    re-entrant lock lets that release go through; the reservations it edits are plain lists."""
+    factory._res_lock = threading.RLock()
+
+
 def _lgpio_factory() -> Factory:
     try:
         from gpiozero.pins.lgpio import LGPIOFactory
 
-        return LGPIOFactory()
+        factory = LGPIOFactory()
     except Exception as exc:  # gpiozero raises several kinds here: no Pi, no lgpio, no permission
         raise HardwareError(f"cannot open the Pi's GPIO through lgpio ({type(exc).__name__}: {exc}); not on a "
                             f"Pi? run with --simulate or set pins.factory: mock. On a Pi: is the user in the "
                             f"'gpio' group?") from exc
+    reentrant_reservations(factory)
+    return factory
 
 
 def mock_factory(settings: Settings) -> SimulatedFactory:
