@@ -11,7 +11,7 @@ from typing import NoReturn
 import structlog
 
 from pi_controller import config, logs
-from pi_controller.plugins import shadow, tools
+from pi_controller.plugins import build, install, shadow, tools
 from pi_controller.safety import known_good, safe_state
 from pi_controller.sim import replay, simulation
 
@@ -68,10 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
     plugin = commands.add_parser("plugin", help="plugin tools")
     plugin_commands = plugin.add_subparsers(required=True, metavar="ACTION")
-    build = plugin_commands.add_parser("build", help="rebuild the bundled and test plugins from source")
-    build.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: .)")
-    build.set_defaults(handler=_build_plugins)
+    build.add_command(plugin_commands)
     tools.add_commands(plugin_commands)
+    install.add_command(plugin_commands)
     shadow.add_command(plugin_commands)
     return parser
 
@@ -150,8 +149,3 @@ def _check_config(args: argparse.Namespace) -> int:
           f"plugins from {args.plugins or settings.plugins_directory()})")
     return 0
 
-
-def _build_plugins(args: argparse.Namespace) -> int:
-    from pi_controller.plugins import build
-
-    return build.main([str(args.root)])

@@ -156,7 +156,7 @@ def check_context(data: Any, wasm: Path, settings: config.Settings) -> None:
     """`plugin call` on a context from a file: a report, or a one-line error, never a traceback."""
     try:
         report = tools.call_once(wasm, data, settings)
-    except tools.ContextError:
+    except (tools.ContextError, tools.LoadFailed):
         return
     json.dumps(report)
 
@@ -181,7 +181,7 @@ def payload() -> st.SearchStrategy[bytes]:
 def run(name: str, examples: int, seed: int | None = None) -> Callable[[], None]:
     """A test function that feeds target `name` `examples` inputs."""
     targets = _targets() if name in ("plugin_output", "payload") else {}
-    call_settings = tools._settings_for({"device_states": {i: {"type": "relay"} for i in _IDS[:2]}})
+    call_settings = tools.settings_for({"device_states": {i: {"type": "relay"} for i in _IDS[:2]}})
     table: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], None]]] = {
         "module_bytes": (module_bytes(), check_module_bytes),
         "config": (yaml_text(CONFIGS), check_config),

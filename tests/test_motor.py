@@ -182,6 +182,6 @@ def test_the_fan_model_blows_as_the_motor_drives_it(write_config) -> None:
 
 
 def test_plugin_call_gives_a_motor_in_the_context_its_pins() -> None:
-    settings = tools._settings_for({"device_states": {"fan": {"type": "motor"}, "lamp": {"type": "pwm"}}})
+    settings = tools.settings_for({"device_states": {"fan": {"type": "motor"}, "lamp": {"type": "pwm"}}})
     fan, lamp = settings.actuators
     assert isinstance(fan, MotorSettings) and fan.forward != fan.backward and lamp.pin not in fan.pins().values()

@@ -1,7 +1,8 @@
 """Build the control plugins (Zig, C, AssemblyScript) into the committed `.wasm` files.
 
 `plugins/src/<name>.zig` becomes `plugins/<name>.wasm` (the bundled plugins) and
-`tests/plugins/src/<name>.zig` becomes `tests/plugins/<name>.wasm` (the hostile test plugins).
+`tests/plugins/src/<name>.zig` becomes `tests/plugins/<name>.wasm` (the hostile test plugins); a plugin
+anywhere else (`pi-controller plugin build DIR/NAME.zig`) becomes `DIR/NAME.wasm`, beside its source.
 `plugins/src/pdk.zig` is the guest helper every plugin imports as `@import("pdk")`; it is a
 module of its own on the compiler's command line, so sources outside `plugins/src` may use it.
 
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ZIG_VERSION = "0.17.0"
 AS_VERSION = "0.28.20"  # as in plugins/assemblyscript/package-lock.json
@@ -82,12 +84,22 @@ def cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "pi-controller-zig-cache"
 
 
-def find_pdk(source: Path) -> Path:
-    """The `plugins/src/pdk.zig` of the repository holding `source` (searched upwards)."""
-    for folder in source.resolve().parents:
+def repository(near: Path) -> Path | None:
+    """The repository whose guest helpers a plugin at `near` builds with: the one holding it (searched
+    upwards), else the one this package runs from (an editable install), else None."""
+    for folder in (*near.resolve().parents, Path(__file__).resolve().parents[2]):
         if (folder / PDK).is_file():
-            return folder / PDK
-    raise BuildError(f"no {PDK} in any folder above {source}")
+            return folder
+    return None
+
+
+def find_pdk(source: Path) -> Path:
+    """The `plugins/src/pdk.zig` of `repository(source)`."""
+    root = repository(source)
+    if root is None:
+        raise BuildError(f"no {PDK} above {source} nor where pi-controller runs from; install pi-controller from "
+                         "its repository (pip install -e .)")
+    return root / PDK
 
 
 def compile_args(source: Path, output: Path, pdk: Path) -> list[str]:
@@ -116,20 +128,24 @@ def c_compile_args(source: Path, output: Path, pdk: Path) -> list[str]:
     ]
 
 
-def build(source: Path, output: Path, pdk: Path | None = None) -> None:
+def build(source: Path, output: Path, pdk: Path | None = None) -> bool:
     """Compile one plugin source into `output` (a .wasm), or copy what the same inputs built before;
-    raise BuildError with the compiler's message."""
+    False if `output` already held those bytes (then it is left untouched). BuildError with the
+    compiler's message."""
     output.parent.mkdir(parents=True, exist_ok=True)
     pdk = pdk or find_pdk(source)
     cached = cache_dir() / "builds" / f"{build_key(source, pdk)}.wasm"
     if cached.is_file():
+        if output.is_file() and output.read_bytes() == cached.read_bytes():
+            return False
         shutil.copyfile(cached, output)
-        return
+        return True
     _compile(source, output, pdk)
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".{os.getpid()}.partial")
     shutil.copyfile(output, partial)
     partial.replace(cached)  # atomic: a build cut short never poses as a finished one
+    return True
 
 
 def build_key(source: Path, pdk: Path) -> str:
@@ -204,19 +220,60 @@ def sources(root: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def build_all(root: Path) -> list[Path]:
-    """Build every plugin of the repository at `root`; return the .wasm files written."""
+def build_all(root: Path) -> tuple[list[Path], int]:
+    """Build every plugin of the repository at `root`; return the .wasm files that changed, and how many
+    plugins there are."""
     if not (root / PDK).is_file():
         raise BuildError(f"{root.resolve()} is not the repository root: it has no {PDK}")
     check_compiler()
     pairs = sources(root)
     if any(source.suffix == ".ts" for source, _ in pairs):
         check_assemblyscript(root)
-    built = []
-    for source, output in pairs:
-        build(source, output, root / PDK)
-        built.append(output)
-    return built
+    changed = [output for source, output in pairs if build(source, output, root / PDK)]
+    return changed, len(pairs)
+
+
+def build_one(source: Path) -> Path:
+    """Build `source` (a plugin's .zig, .c or .ts, anywhere) into the .wasm beside it; return that path."""
+    pdk = find_pdk(source)
+    if source.resolve() == pdk.resolve():
+        raise BuildError(f"{source} is the guest helper every plugin imports, not a plugin")
+    if source.suffix == ".ts":
+        check_assemblyscript(pdk.resolve().parents[2])
+    else:
+        check_compiler()
+    output = source.with_suffix(".wasm")
+    build(source, output, pdk)
+    return output
+
+
+def add_command(plugin_commands: Any) -> None:
+    """Register `plugin build` on the CLI's `plugin` subcommands (argparse's subparsers action)."""
+    command = plugin_commands.add_parser("build", help="build one plugin source into the .wasm beside it, or "
+                                                       "(with no source) the repository's bundled and test plugins")
+    command.add_argument("source", nargs="?", type=Path, help="a plugin's .zig, .c or .ts, anywhere")
+    command.add_argument("--root", type=Path, default=Path.cwd(),
+                         help="without SOURCE: the repository root (default: the current folder)")
+    command.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.source is None:
+        return main([str(args.root)])
+    if args.source.suffix not in (".zig", ".c", ".ts") or not args.source.is_file():
+        what = "no such file" if args.source.suffix in (".zig", ".c", ".ts") else "not a plugin source (.zig, .c, .ts)"
+        print(f"error: {args.source}: {what}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    try:
+        output = build_one(args.source)
+    except BuildError as exc:  # the compiler's messages, which may take many lines
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    manifest = output.with_suffix(".yaml")
+    beside = f"; its manifest {manifest.name} beside it" if manifest.is_file() else "; no manifest beside it"
+    print(f"built {output} ({output.stat().st_size} bytes) in {time.monotonic() - started:.1f} s{beside}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,14 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        built = build_all(args.root)
+        changed, count = build_all(args.root)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for path in built:
+    for path in changed:
         print(f"{path.relative_to(args.root)}  {path.stat().st_size} bytes")
-    print(f"built {len(built)} plugins with Zig {ZIG_VERSION} and AssemblyScript {AS_VERSION} "
-          f"in {time.monotonic() - started:.1f} s")
+    print(f"{len(changed)} of {count} plugins changed (built with Zig {ZIG_VERSION} and AssemblyScript "
+          f"{AS_VERSION}; the others as their sources already built) in {time.monotonic() - started:.1f} s")
     return 0
 
 

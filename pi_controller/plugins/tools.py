@@ -4,7 +4,8 @@
 ceilings, fuel, limits, host functions) on a context from a file or stdin, and prints what came back
 with our contract's verdict on every command. The context file may hold a `history` key besides the
 contract's (`{sensor_id: [[timestamp, value], ...]}`, oldest first): what `pi_history` answers.
-`new` writes a plugin source from a template, ready for `pi-controller plugin build`.
+`new` writes a plugin from templates (`templates`): its source, manifest, a sample context for `call`
+and a scenario for `simulate`, into any folder; `pi-controller plugin build` builds it there.
 """
 
 from __future__ import annotations
@@ -22,57 +23,7 @@ import yaml
 
 from pi_controller import config
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
-
-TEMPLATES: dict[str, str] = {
-    "zig": '''//! {name}: what it does, in one line. Built by `pi-controller plugin build`.
-
-const pdk = @import("pdk");
-
-export fn control_logic() i32 {{
-    return pdk.run(step);
-}}
-
-fn step(ctx: *const pdk.Context, out: *pdk.Commands) !void {{
-    const light = try ctx.configString("light", "led_strip");
-    const lux = ctx.value("light_sensor") orelse return; // invalid or missing: no command
-    if (lux > try ctx.configNumber("bright_lux", 500)) try out.setLow(light);
-}}
-''',
-    "c": '''/* {name}: what it does, in one line. Built by `pi-controller plugin build`. */
-
-#include "pdk.h"
-
-PDK_EXPORT("control_logic") int control_logic(void) {{
-    pdk_context ctx;
-    if (!pdk_read_context(&ctx)) return 1;
-    double lux;
-    if (!pdk_sensor_value(&ctx, "light_sensor", &lux)) return pdk_commands_done(); /* invalid: no command */
-    if (lux > pdk_config_number("bright_lux", 500)) pdk_set_low("led_strip");
-    return pdk_commands_done();
-}}
-''',
-    "ts": '''// {name}: what it does, in one line. Built by `pi-controller plugin build`.
-
-import {{ Commands, Context, run }} from "{helper}";
-
-export function control_logic(): i32 {{
-  return run((ctx: Context, out: Commands): void => {{
-    const lux = ctx.value("light_sensor"); // NaN when invalid or missing: no command
-    if (lux > ctx.configNumber("bright_lux", 500)) out.setLow("led_strip");
-  }});
-}}
-''',
-}
-MANIFEST_TEMPLATE = """# Beside {name}.wasm in the plugins folder. The daemon's config may override any of it.
-name: {name}
-version: 0.1.0
-description: what it does
-author: you
-sensors: [light_sensor]      # its context holds only these readings
-actuators: [led_strip]       # commands to any other actuator are rejected
-config: {{bright_lux: 500}}
-"""
-
+from pi_controller.plugins import templates
 
 def add_commands(plugin_commands: Any) -> None:
     call = plugin_commands.add_parser("call", help="run one call of a plugin on a context and show the verdicts")
@@ -81,10 +32,11 @@ def add_commands(plugin_commands: Any) -> None:
     call.add_argument("--config", type=Path, help="daemon config: the plugin's settings, ceilings and actuators "
                                                   "(default: actuators from the context's device_states)")
     call.set_defaults(handler=run_call)
-    new = plugin_commands.add_parser("new", help="write a new plugin source (and manifest) from a template")
+    new = plugin_commands.add_parser("new", help="write a new plugin: source, manifest, sample context, scenario")
     new.add_argument("name", help="the plugin's name: letters, digits and '_', not 'operator' or 'safety'")
-    new.add_argument("--lang", choices=sorted(TEMPLATES), default="zig")
-    new.add_argument("--dir", type=Path, default=Path("plugins/src"), help="where to write (default: plugins/src)")
+    new.add_argument("--lang", choices=sorted(templates.SOURCES), default="zig",
+                     help="zig (default), c, or ts (AssemblyScript)")
+    new.add_argument("--dir", type=Path, default=Path("."), help="where to write (default: the current folder)")
     new.set_defaults(handler=run_new)
 
 
@@ -93,28 +45,47 @@ def run_new(args: argparse.Namespace) -> int:
         print(f"error: '{args.name}' is not a valid plugin name ({PLUGIN_NAME_RULE}; '_' rather than '-', as it is "
               "an identifier in the source)", file=sys.stderr)
         return 2
-    source = args.dir / f"{args.name}.{args.lang}"
-    manifest = args.dir / f"{args.name}.yaml"
-    if source.exists():
-        print(f"error: {source} exists", file=sys.stderr)
-        return 1
-    args.dir.mkdir(parents=True, exist_ok=True)
-    source.write_text(TEMPLATES[args.lang].format(name=args.name, helper=_assemblyscript_helper(args.dir)))
-    manifest.write_text(MANIFEST_TEMPLATE.format(name=args.name))
-    print(f"wrote {source} and {manifest}; build with: pi-controller plugin build, then copy the .wasm "
-          f"and the .yaml into the daemon's plugins folder")
+    if args.dir.exists() and not args.dir.is_dir():
+        print(f"error: --dir {args.dir} is not a folder", file=sys.stderr)
+        return 2
+    files = {args.dir / f"{args.name}.{args.lang}": templates.SOURCES[args.lang],
+             args.dir / f"{args.name}.yaml": templates.MANIFEST,
+             args.dir / f"{args.name}.context.json": templates.CONTEXT,
+             args.dir / f"{args.name}.scenario.yaml": templates.SCENARIO}
+    there = [str(path) for path in files if os.path.lexists(path)]
+    if there:
+        print(f"error: {', '.join(there)} already there; nothing written (another name, or another --dir)",
+              file=sys.stderr)
+        return 2
+    try:
+        args.dir.mkdir(parents=True, exist_ok=True)
+        helper = _assemblyscript_helper(args.dir)
+        for path, template in files.items():
+            path.write_text(template.format(name=args.name, helper=helper))
+    except OSError as exc:
+        print(f"error: cannot write into {args.dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    source, _, context, scenario = files
+    wasm = source.with_suffix(".wasm")
+    print("\n".join([
+        f"wrote {source}, its manifest {args.name}.yaml, a sample context {context.name} and a scenario "
+        f"{scenario.name}; then:",
+        f"  pi-controller plugin build {source}",
+        f"  pi-controller plugin call {wasm} --context {context}",
+        f"  pi-controller simulate --config {scenario} --plugins {args.dir} --duration 15m",
+        f"  pi-controller plugin install {wasm} --config /etc/pi-controller/config.yaml"]))
     return 0
 
 
 def _assemblyscript_helper(folder: Path) -> str:
     """How a source in `folder` imports plugins/assemblyscript/pi.ts: from the repository above it, or
-    else from the one we are run in."""
-    from pi_controller.plugins.build import AS_PROJECT
+    else from the one pi-controller runs from."""
+    from pi_controller.plugins.build import AS_PROJECT, repository
 
-    for root in (*folder.resolve().parents, Path.cwd()):
-        if (root / AS_PROJECT / "pi.ts").is_file():
-            return os.path.relpath(root / AS_PROJECT / "pi", folder.resolve())
-    return f"../{AS_PROJECT.name}/pi"  # as from plugins/src, where plugin build looks
+    root = repository(folder / "x")
+    if root is None:
+        return f"../{AS_PROJECT.name}/pi"  # as from plugins/src of a repository
+    return os.path.relpath(root / AS_PROJECT / "pi", folder.resolve())
 
 
 MAX_CONTEXT_BYTES = 1024 * 1024
@@ -125,8 +96,15 @@ class ContextError(ValueError):
 
 
 def run_call(args: argparse.Namespace) -> int:
+    from pi_controller.plugins.manifest import Refused, load_manifest
+
     if not args.wasm.is_file():  # before reading stdin, which may wait for a terminal
         print(f"error: {args.wasm}: no such plugin file", file=sys.stderr)
+        return 2
+    try:
+        load_manifest(args.wasm)  # likewise
+    except Refused as exc:
+        print(f"error: {args.wasm}: {exc}", file=sys.stderr)
         return 2
     try:
         text = _read_context(args.context)
@@ -137,11 +115,14 @@ def run_call(args: argparse.Namespace) -> int:
         except (ValueError, RecursionError) as exc:
             raise ContextError(f"the context is not JSON: {str(exc)[:120]}") from None
         check_context(context)
-        settings = config.load(args.config) if args.config else _settings_for(context)
+        settings = config.load(args.config) if args.config else settings_for(context)
+        report = call_once(args.wasm, context, settings)
     except (ContextError, config.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = call_once(args.wasm, context, settings)
+    except LoadFailed as exc:
+        print(f"error: {args.wasm}: {exc}", file=sys.stderr)
+        return 2
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0 if "error" not in report and not report["rejected"] else 1
@@ -198,7 +179,7 @@ def _expect(data: dict[str, Any], key: str, kinds: Any, where: str = "the contex
         raise ContextError(f"{key} in {where} must be finite")
 
 
-def _settings_for(context: Mapping[str, Any]) -> config.Settings:
+def settings_for(context: Mapping[str, Any]) -> config.Settings:
     """Settings with one default actuator per entry of the context's device_states, on mock pins."""
     devices = context.get("device_states", {})
     pins = iter(range(2, 28))
@@ -215,32 +196,45 @@ def _pin_keys(kind: Any) -> list[str]:
     return required_pins(ACTUATORS[kind]) if isinstance(kind, str) and kind in ACTUATORS else ["pin"]
 
 
-def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) -> dict[str, Any]:
-    """One call under the daemon's terms; what it returned and the contract's verdict, as JSON data.
-    ContextError for a context `check_context` refuses."""
+class LoadFailed(ValueError):
+    """A plugin the daemon would not load (its file, manifest, grant or compile): said in one line."""
+
+
+def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str, Any] | None = None) -> Any:
+    """`wasm` loaded as the daemon would load it from its folder under `settings` (the gate, manifest,
+    grant, trial compile and health check), its config topped up with `extra_config`: a SandboxedPlugin
+    whose host's `history` answers pi_history. LoadFailed with the reason."""
     import extism
 
+    from pi_controller.plugins.host_functions import History, PluginHost
+    from pi_controller.plugins.manifest import Refused, grant, load_manifest
+    from pi_controller.plugins.quarantine import Quarantine
+    from pi_controller.plugins.sandbox import SandboxedPlugin
+    from pi_controller.plugins.wasm_gate import read_module
+
+    name = wasm.stem
+    try:
+        terms = grant(name, load_manifest(wasm), settings.plugins)
+        terms = dataclasses.replace(terms, config={**terms.config, **(extra_config or {})})
+        host = PluginHost(name, terms.sensors, History(settings.plugins.host.history_length), settings.plugins.host)
+        module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
+        return SandboxedPlugin(name, module, terms, Quarantine(name, settings.plugins.quarantine), host)
+    except (OSError, Refused, extism.Error) as exc:
+        raise LoadFailed(str(exc)[:500]) from None
+
+
+def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) -> dict[str, Any]:
+    """One call under the daemon's terms; what it returned and the contract's verdict, as JSON data.
+    ContextError for a context `check_context` refuses, LoadFailed for a plugin the daemon would not load."""
     from pi_controller import contract
     from pi_controller.devices import actuators
     from pi_controller.devices.pins import make_factory
     from pi_controller.devices.sensors import Reading
-    from pi_controller.plugins.host_functions import History, PluginHost
-    from pi_controller.plugins.manifest import Refused, grant, load_manifest
-    from pi_controller.plugins.quarantine import Quarantine
-    from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
-    from pi_controller.plugins.wasm_gate import read_module
+    from pi_controller.plugins.sandbox import PluginCallError
 
     check_context(context)
-    name = wasm.stem
-    try:
-        terms = grant(name, load_manifest(wasm), settings.plugins)
-        terms = dataclasses.replace(terms, config={**terms.config, **context.get("config", {})})
-        history = History(settings.plugins.host.history_length)
-        host = PluginHost(name, terms.sensors, history, settings.plugins.host)
-        module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
-        plugin = SandboxedPlugin(name, module, terms, Quarantine(name, settings.plugins.quarantine), host)
-    except (OSError, Refused, extism.Error) as exc:
-        return {"plugin": name, "error": {"kind": "load_failed", "reason": str(exc)}, "rejected": []}
+    plugin = load_plugin(wasm, settings, context.get("config", {}))
+    name, terms, history = plugin.name, plugin.grant, plugin.host.history
     factory = make_factory(settings, simulate=True)
     targets = {entry.id: actuators.build(entry, factory) for entry in settings.actuators}
     readings = [Reading(r["sensor_id"], r.get("value"), r.get("unit", ""), r.get("timestamp", 0.0), r.get("error"))

@@ -1,0 +1,128 @@
+"""`pi-controller plugin install NAME.wasm`: a plugin and its manifest into the daemon's plugins folder.
+
+The hot reloader acts on a file as soon as it is renamed into the folder, so nothing is written there
+under its final name: the module and its manifest are first written to a staging folder inside the
+plugins folder (hidden, and the watcher follows the folder's own entries only), loaded from there as
+the daemon would load them (the file gate, the manifest, the grant under the config's ceilings, a trial
+compile, the health check), and only then renamed into place, the manifest first: the daemon sees
+either the old plugin or the new one, whole, never half a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pi_controller import config
+from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
+from pi_controller.plugins import tools
+
+EXIT_REFUSED = 2
+
+
+class InstallError(ValueError):
+    """Why a plugin was not installed, in one line; nothing in the plugins folder changed."""
+
+
+def add_command(plugin_commands: Any) -> None:
+    """Register `plugin install` on the CLI's `plugin` subcommands (argparse's subparsers action)."""
+    command = plugin_commands.add_parser("install", help="check a plugin as the daemon would load it, then copy it "
+                                                         "and its manifest into the daemon's plugins folder")
+    command.add_argument("wasm", type=Path, help="the plugin (.wasm); its manifest (.yaml) beside it goes with it")
+    where = command.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="the daemon's config: its plugins.directory, and the plugin "
+                                                   "checked under its settings and ceilings")
+    where.add_argument("--plugins-dir", type=Path, help="the plugins folder (checked under the default ceilings)")
+    command.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        if args.config is not None:
+            settings = config.load(args.config)
+            folder = config.check_plugins_directory(settings)
+        else:
+            settings, folder = tools.settings_for({}), args.plugins_dir
+        installed = install(args.wasm, folder, settings)
+    except (InstallError, config.ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"installed {', '.join(path.name for path in installed)} into {folder}; a running daemon loads it "
+          "now (plugin_loaded or plugin_load_failed in its log)")
+    return 0
+
+
+def install(wasm: Path, folder: Path, settings: config.Settings) -> list[Path]:
+    """Check `wasm` (and its manifest) as the daemon would load it under `settings`, then move it into
+    `folder` atomically; return the files installed. InstallError, with `folder` unchanged."""
+    from pi_controller.plugins.manifest import MAX_MANIFEST_BYTES, Refused, load_manifest, manifest_path
+    from pi_controller.plugins.wasm_gate import read_module
+
+    if not valid_plugin_name(wasm.stem):
+        raise InstallError(f"{wasm.name}: '{wasm.stem}' is not a plugin name the daemon loads ({PLUGIN_NAME_RULE})")
+    if wasm.suffix != ".wasm" or not wasm.is_file():
+        raise InstallError(f"{wasm}: no such plugin file (a .wasm)")
+    if not folder.is_dir():
+        raise InstallError(f"the plugins folder {folder} does not exist or is not a folder")
+    if wasm.resolve().parent == folder.resolve():
+        raise InstallError(f"{wasm} is in the plugins folder already")
+    manifest = manifest_path(wasm)
+    try:
+        load_manifest(wasm)  # its errors name the author's file, not the staged copy
+        module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
+        described = manifest.read_bytes()[:MAX_MANIFEST_BYTES + 1] if manifest.is_file() else None
+    except (Refused, OSError) as exc:
+        raise InstallError(f"{wasm}: {exc}") from None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".install-", dir=folder))
+    except OSError as exc:
+        raise InstallError(f"cannot write into {folder}: {exc.strerror or exc}") from None
+    try:
+        staged = _stage(staging / wasm.name, module, described)
+        try:
+            tools.load_plugin(staged[-1], settings).close()  # what is installed is what was checked
+        except tools.LoadFailed as exc:
+            raise InstallError(f"{wasm}: not installed: {exc}") from None
+        return _move_in(staged, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _stage(wasm: Path, module: bytes, described: bytes | None) -> list[Path]:
+    """The module (and its manifest's bytes) written into the staging folder: manifest first."""
+    files = ([(wasm.with_suffix(".yaml"), described)] if described is not None else []) + [(wasm, module)]
+    try:
+        for path, data in files:
+            with path.open("wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())  # whole on disk before its name is: a power cut leaves the old one
+            path.chmod(0o644)  # the daemon's user reads what root installs
+    except OSError as exc:
+        raise InstallError(f"cannot write into {wasm.parent.parent}: {exc.strerror or exc}") from None
+    return [path for path, _ in files]
+
+
+def _move_in(staged: list[Path], folder: Path) -> list[Path]:
+    """Rename the staged files into `folder` (atomic, within one filesystem). A manifest left from an
+    earlier version that the new one lacks is removed first: it would describe another module."""
+    names = {path.name for path in staged}
+    stale = folder / staged[-1].with_suffix(".yaml").name
+    try:
+        if stale.name not in names and os.path.lexists(stale):
+            stale.unlink()
+        for path in staged:
+            os.replace(path, folder / path.name)
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the renames themselves on disk
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        raise InstallError(f"cannot move the plugin into {folder}: {exc.strerror or exc}") from None
+    return [folder / path.name for path in staged]
