@@ -61,3 +61,16 @@ def test_every_wasm_has_a_source() -> None:
     wasm = sorted(path for _, folder in build.SOURCE_DIRS for path in (ROOT / folder).glob("*.wasm"))
     orphans = [str(path.relative_to(ROOT)) for path in wasm if path not in built]
     assert not orphans, f"no source builds these: {orphans}; delete them or commit their sources"
+
+
+def test_a_rebuild_writes_only_what_changed(tmp_path: Path) -> None:
+    """`plugin build` with no source: a plugin whose .wasm is what its source builds is left untouched."""
+    source = ROOT / "plugins" / "src" / "energy_saver.zig"
+    output = tmp_path / "energy_saver.wasm"
+    assert build.build(source, output, ROOT / build.PDK) is True
+    before = output.stat().st_mtime_ns
+    assert build.build(source, output, ROOT / build.PDK) is False
+    assert output.stat().st_mtime_ns == before
+    output.write_bytes(b"stale")
+    assert build.build(source, output, ROOT / build.PDK) is True
+    assert output.read_bytes() == (ROOT / "plugins" / "energy_saver.wasm").read_bytes()

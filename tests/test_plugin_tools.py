@@ -11,7 +11,7 @@ import pytest
 import structlog
 
 from pi_controller import cli
-from pi_controller.plugins import build
+from pi_controller.plugins import build, templates
 from tests.conftest import BUNDLED_PLUGINS, EXAMPLE_CONFIG, REPO, TEST_PLUGINS, skip_unless_ci
 
 
@@ -90,3 +90,129 @@ def test_new_refuses_a_name_the_daemon_would_refuse(capsys, tmp_path, name: str)
     assert cli.main(["plugin", "new", name, "--dir", str(tmp_path)]) == 2
     assert "not 'operator' or 'safety'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_author_s_loop_works_in_a_folder_outside_the_repository(capsys, tmp_path, monkeypatch) -> None:
+    """new -> build -> call -> simulate -> install, as docs/plugins.md walks it, from a folder of one's own."""
+    work, daemon = tmp_path / "my_plugin", tmp_path / "daemon_plugins"
+    work.mkdir(), daemon.mkdir()
+    monkeypatch.chdir(work)
+    assert not work.resolve().is_relative_to(REPO)
+    assert cli.main(["plugin", "new", "porch_light"]) == 0  # into the current folder
+    said = capsys.readouterr().out
+    assert sorted(p.name for p in work.iterdir()) == ["porch_light.context.json", "porch_light.scenario.yaml",
+                                                      "porch_light.yaml", "porch_light.zig"]
+    assert "pi-controller plugin build porch_light.zig" in said
+
+    assert cli.main(["plugin", "build", "porch_light.zig"]) == 0
+    assert capsys.readouterr().out.startswith("built porch_light.wasm (")
+    assert (work / "porch_light.wasm").read_bytes()[:4] == b"\0asm"
+
+    assert cli.main(["plugin", "call", "porch_light.wasm", "--context", "porch_light.context.json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accepted"] == [{"device_id": "led_strip", "action": "set_low", "target": 0.0}]
+
+    assert cli.main(["simulate", "--config", "porch_light.scenario.yaml", "--plugins", str(work),
+                     "--duration", "15m"]) == 0
+    verdict = capsys.readouterr().out.splitlines()
+    switches = next(line for line in verdict if line.startswith("led_strip (pwm): "))
+    assert int(switches.split()[2]) >= 4  # on at each dusk, off at each dawn of three five-minute days
+    assert "no actuator flapped (more than 6 switches in a minute)" in verdict
+    assert "plugins without errors or rejected commands: porch_light" in verdict
+
+    assert cli.main(["plugin", "install", "porch_light.wasm", "--plugins-dir", str(daemon)]) == 0
+    assert sorted(p.name for p in daemon.iterdir()) == ["porch_light.wasm", "porch_light.yaml"]  # no staging left
+    for name in ("porch_light.wasm", "porch_light.yaml"):
+        assert (daemon / name).read_bytes() == (work / name).read_bytes()
+
+
+def one_line_error(capsys, args: list[str], code: int = 2) -> str:
+    assert cli.main(args) == code
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert captured.out == "" and line.startswith("error: ")
+    return line
+
+
+@pytest.fixture()
+def plugin_copy(tmp_path) -> Path:
+    """The bundled energy_saver with its manifest, in a folder of its own."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    for suffix in (".wasm", ".yaml"):
+        (folder / f"energy_saver{suffix}").write_bytes((BUNDLED_PLUGINS / f"energy_saver{suffix}").read_bytes())
+    return folder / "energy_saver.wasm"
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda wasm: wasm.with_suffix(".yaml").write_text("fuel: [\n"), "manifest "),
+    (lambda wasm: wasm.with_suffix(".yaml").write_text("limits: {fuel: 10}\n"), "limits.fuel"),
+    (lambda wasm: wasm.write_text("(module)"), "not a WebAssembly binary module"),
+])
+def test_call_and_install_refuse_a_plugin_the_daemon_would_not_load_in_one_line(capsys, tmp_path, plugin_copy,
+                                                                                 damage, said: str) -> None:
+    damage(plugin_copy)
+    (tmp_path / "ctx.json").write_text(json.dumps(context(light_sensor=900.0)))
+    assert said in one_line_error(capsys, ["plugin", "call", str(plugin_copy), "--context", str(tmp_path / "ctx.json")])
+    daemon = tmp_path / "daemon"
+    daemon.mkdir()
+    (daemon / "energy_saver.wasm").write_bytes(b"the running version")
+    line = one_line_error(capsys, ["plugin", "install", str(plugin_copy), "--plugins-dir", str(daemon)])
+    assert said in line and ".install-" not in line
+    assert [p.name for p in daemon.iterdir()] == ["energy_saver.wasm"]  # untouched
+    assert (daemon / "energy_saver.wasm").read_bytes() == b"the running version"
+
+
+def test_install_checks_the_plugin_under_the_config_s_ceilings_and_folder(capsys, tmp_path, plugin_copy) -> None:
+    daemon = tmp_path / "daemon"
+    daemon.mkdir()
+    config_file = tmp_path / "config.yaml"
+    scenario = templates.SCENARIO.format(name="energy_saver")
+    config_file.write_text(scenario.replace("directory: .", "directory: daemon\n  ceilings: {max_fuel: 1000}"))
+    assert "max_fuel" in one_line_error(capsys, ["plugin", "install", str(plugin_copy), "--config", str(config_file)])
+    assert not list(daemon.iterdir())
+    config_file.write_text(scenario.replace("directory: .", "directory: daemon"))
+    assert cli.main(["plugin", "install", str(plugin_copy), "--config", str(config_file)]) == 0
+    assert sorted(p.name for p in daemon.iterdir()) == ["energy_saver.wasm", "energy_saver.yaml"]
+
+
+def test_install_of_a_version_without_a_manifest_removes_the_old_one(capsys, tmp_path, plugin_copy) -> None:
+    daemon = tmp_path / "daemon"
+    daemon.mkdir()
+    assert cli.main(["plugin", "install", str(plugin_copy), "--plugins-dir", str(daemon)]) == 0
+    plugin_copy.with_suffix(".yaml").unlink()
+    assert cli.main(["plugin", "install", str(plugin_copy), "--plugins-dir", str(daemon)]) == 0
+    assert [p.name for p in daemon.iterdir()] == ["energy_saver.wasm"]  # no manifest describing another module
+
+
+@pytest.mark.parametrize("args, said", [
+    (["plugin", "build", "{tmp}/nothing.zig"], "nothing.zig: no such file"),
+    (["plugin", "build", "{tmp}/notes.txt"], "notes.txt: not a plugin source"),
+    (["plugin", "install", "{tmp}/nothing.wasm", "--plugins-dir", "{tmp}"], "nothing.wasm: no such plugin file"),
+    (["plugin", "install", "{tmp}/safety.wasm", "--plugins-dir", "{tmp}"], "is not a plugin name"),
+    (["plugin", "install", f"{BUNDLED_PLUGINS}/energy_saver.wasm", "--plugins-dir", "{tmp}/none"],
+     "the plugins folder {tmp}/none does not exist"),
+    (["plugin", "install", f"{BUNDLED_PLUGINS}/energy_saver.wasm", "--plugins-dir", str(BUNDLED_PLUGINS)],
+     "is in the plugins folder already"),
+    (["plugin", "new", "porch", "--dir", "{tmp}/notes.txt"], "--dir {tmp}/notes.txt is not a folder"),
+])
+def test_kit_mistakes_are_one_line_and_exit_2(capsys, tmp_path, args: list[str], said: str) -> None:
+    (tmp_path / "notes.txt").write_text("not a plugin")
+    line = one_line_error(capsys, [arg.format(tmp=tmp_path) for arg in args])
+    assert said.format(tmp=tmp_path) in line
+
+
+def test_new_writes_nothing_over_an_author_s_files(capsys, tmp_path) -> None:
+    (tmp_path / "porch.scenario.yaml").write_text("mine")
+    assert "porch.scenario.yaml already there" in one_line_error(capsys, ["plugin", "new", "porch", "--dir",
+                                                                          str(tmp_path)])
+    assert [p.name for p in tmp_path.iterdir()] == ["porch.scenario.yaml"]
+
+
+def test_build_of_a_source_that_does_not_compile_shows_the_compiler_s_message(capsys, tmp_path) -> None:
+    source = tmp_path / "broken.zig"
+    source.write_text("export fn control_logic() i32 { return undefined_name; }\n")
+    assert cli.main(["plugin", "build", str(source)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: building {source} failed:") and "undefined_name" in err
+    assert not source.with_suffix(".wasm").exists()

@@ -49,7 +49,10 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             settings, folder = tools.settings_for({}), args.plugins_dir
         installed = install(args.wasm, folder, settings)
-    except (InstallError, config.ConfigError) as exc:
+    except config.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except InstallError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     print(f"installed {', '.join(path.name for path in installed)} into {folder}; a running daemon loads it "
