@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
     import asyncio
 
     from pi_controller.daemon import Daemon
-    from pi_controller.devices.hardware import HardwareError
+    from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
     from pi_controller.devices.pins import hold
     from pi_controller.sim.record import RecordingError
     from pi_controller.simulators.world import SimulationError
@@ -114,9 +114,9 @@ def _run(args: argparse.Namespace) -> int:
     except SimulationError as exc:
         print(f"simulation error: {args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except HardwareError as exc:
-        log.error("hardware_setup_failed", error=str(exc))
-        return 1
+    except HardwareError as exc:  # said once, in one line, as a config error is
+        print(f"hardware error: {exc}", file=sys.stderr)
+        return EXIT_HARDWARE
     except RecordingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

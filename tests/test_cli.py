@@ -7,8 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from pi_controller.devices.hardware import EXIT_HARDWARE
 
 from tests.conftest import EXAMPLE_CONFIG, REPO
 
@@ -97,6 +100,9 @@ CONFIG = str(EXAMPLE_CONFIG)
     (["run", "--config", "/nonexistent/config.yaml"], "",
      "config error: /nonexistent/config.yaml: (top level): cannot read the file: No such file or directory"),
     (["check-config"], "", "error: check-config takes one config file: PATH or --config PATH"),
+    (["simulate", "--config", CONFIG, "--plugins", "/nonexistent"], "",
+     f"config error: {CONFIG}: plugins.directory: /nonexistent (given by --plugins) does not exist"),
+    (["replay", "/nonexistent/day.rec"], "", "replay error: /nonexistent/day.rec: No such file or directory"),
 ])
 def test_a_mistake_in_what_the_user_passed_is_one_line_and_exit_2(args: list[str], stdin: str, line: str) -> None:
     """Said once, before any work: a simulate of the default 24 h would take minutes if it started."""
@@ -113,12 +119,20 @@ def test_a_mistake_in_what_the_user_passed_is_one_line_and_exit_2(args: list[str
     (["run", "--config", CONFIG, "--ticks", "many"], "argument --ticks: 'many' is not a whole number"),
     (["run", "--config", CONFIG, "--ticks", "0"], "argument --ticks: must be 1 or more"),
     (["simulate", "--config", CONFIG, "--rate", "fast"], "argument --rate: 'fast' is not a number"),
+    (["simulate", "--config", CONFIG, "--rate", "1e9"], "argument --rate: 1e+09 is out of range; valid: 0.1 to 1000"),
+    (["simulate", "--config", CONFIG, "--duration", "0"],
+     "argument --duration: '0' is not a duration such as 90s, 30m, 24h or 2d"),
+    (["simulate", "--config", CONFIG, "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["replay", "x.rec", "--from", "noon"],
+     "argument --from: 'noon' is neither Unix seconds nor an ISO 8601 time such as 2026-12-01T18:00:00"),
 ])
 def test_argument_errors_name_the_argument_not_our_functions(args: list[str], message: str) -> None:
+    """Every type= function of the CLI: what argparse says names the option, never the function."""
     result = subprocess.run(pi_controller(*args), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].endswith(message)
-    assert "_positive" not in result.stderr and "_rate" not in result.stderr and "Traceback" not in result.stderr
+    for internal in ("_positive", "_rate", "parse_duration", "parse_time", "Traceback"):
+        assert internal not in result.stderr
 
 
 def test_check_config_takes_the_path_as_the_other_commands_do() -> None:
@@ -126,3 +140,21 @@ def test_check_config_takes_the_path_as_the_other_commands_do() -> None:
         result = subprocess.run(pi_controller("check-config", *args), capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"{CONFIG}: OK (3 sensors, 3 actuators")
+
+
+ON_A_PI = "Raspberry Pi" in (Path("/proc/device-tree/model").read_text(errors="replace")
+                             if Path("/proc/device-tree/model").is_file() else "")
+
+
+@pytest.mark.skipif(ON_A_PI, reason="on a Pi the GPIO opens")
+def test_no_gpio_is_one_line_and_the_hardware_exit_code() -> None:
+    """Not on a Pi (or lgpio missing, or not in the gpio group), without --simulate: said once, plainly;
+    exit 3, which systemd retries (a bus may come up late), unlike a config error's 2."""
+    result = subprocess.run(pi_controller("run", "--config", CONFIG, "--ticks", "1"), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == EXIT_HARDWARE == 3
+    (said,) = result.stderr.splitlines()
+    assert said.startswith("hardware error: cannot open the Pi's GPIO through lgpio (")
+    assert said.endswith("not on a Pi? run with --simulate or set pins.factory: mock. On a Pi: is the user in the "
+                         "'gpio' group?")
+    assert result.stdout == ""

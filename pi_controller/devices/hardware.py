@@ -47,6 +47,11 @@ class HardwareError(Exception):
     """A device could not be set up; names the device."""
 
 
+#: The exit code when the hardware could not be set up (no GPIO, lgpio missing, a device that does not
+#: answer): not 2, as systemd is right to retry it (a 1-wire or SPI bus may come up late at boot).
+EXIT_HARDWARE = 3
+
+
 class Hardware:
     def __init__(self, sensor_list: list[Sensor], actuator_list: list[Actuator], factory: Factory):
         self.sensors = sensor_list

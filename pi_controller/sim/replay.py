@@ -309,8 +309,11 @@ def command(args: argparse.Namespace) -> int:
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (RecordingError, OSError) as exc:
+    except RecordingError as exc:
         print(f"replay error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"replay error: {exc.filename or args.recording}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -522,7 +522,7 @@ def parse_duration(text: str) -> float:
     """Seconds in '90', '90s', '30m', '24h' or '2d'."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
     if not match or float(match[1]) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 30m, 24h or 2d")
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a duration such as 90s, 30m, 24h or 2d")
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
 
 
@@ -550,7 +550,7 @@ def unwritable(path: Path) -> str | None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pi_controller.devices.hardware import HardwareError
+    from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
     from pi_controller.sim.record import Playback, RecordingError
     from pi_controller.simulators.world import SimulationError
 
@@ -585,8 +585,8 @@ def command(args: argparse.Namespace) -> int:
             print(f"simulation error: {args.config}: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         except HardwareError as exc:
-            log.error("hardware_setup_failed", error=str(exc))
-            return EXIT_FAILED
+            print(f"hardware error: {exc}", file=sys.stderr)
+            return EXIT_HARDWARE
         except RecordingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
