@@ -4,6 +4,7 @@ in real time; no tick is missed, and every tick calls every live plugin once."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.clock import SystemClock
+from pi_controller.plugins import install
 from pi_controller.plugins.plugin_set import PluginSet
 from tests.conftest import (
+    BUNDLED_PLUGINS,
     TEST_PLUGINS,
     assert_no_missed_ticks,
     example_data,
@@ -233,3 +236,29 @@ def test_a_reload_cut_short_by_a_stop_closes_the_plugins_it_prepared(configured,
     asyncio.run(scenario())
     assert len(prepared[0]) == 0, "the prepared plugins were left compiled and unclosed"
     assert set(daemon.plugins.status) == {"temperature_control"}  # the running set is untouched
+def test_plugin_install_into_a_running_daemon_is_loaded_whole(live, tmp_path) -> None:
+    """`plugin install`: the hot reloader sees the new plugin, and later its new version, only whole."""
+    daemon, folder = live
+    work = tmp_path / "work"
+    work.mkdir()
+    for suffix in (".wasm", ".yaml"):
+        shutil.copy(BUNDLED_PLUGINS / f"energy_saver{suffix}", work / f"energy_saver{suffix}")
+    first = hashlib.sha256((work / "energy_saver.wasm").read_bytes()).hexdigest()
+    counter = (TEST_PLUGINS / "counter.wasm").read_bytes()
+
+    async def scenario() -> None:
+        await asyncio.to_thread(install.install, work / "energy_saver.wasm", folder, daemon.settings)
+        await until(lambda: sha(daemon, "energy_saver") == first, "the installed plugin is loaded")
+        (work / "energy_saver.wasm").write_bytes(counter)  # a new version, without a manifest
+        (work / "energy_saver.yaml").unlink()
+        await asyncio.to_thread(install.install, work / "energy_saver.wasm", folder, daemon.settings)
+        await until(lambda: sha(daemon, "energy_saver") == hashlib.sha256(counter).hexdigest(),
+                    "the new version is swapped in")
+
+    with capture_logs() as logs:
+        run_with(daemon, scenario)
+    events = [e["event"] for e in logs if e.get("plugin") == "energy_saver" and e["event"].startswith("plugin_")]
+    assert events[0] == "plugin_loaded" and set(events[1:]) == {"plugin_replaced"}
+    assert not [e for e in logs if e["event"] in ("plugin_load_failed", "plugin_call_failed")]
+    assert sorted(p.name for p in folder.iterdir()) == ["energy_saver.wasm", "temperature_control.wasm"]
+    assert_no_missed_ticks(daemon.loop.ticks.missed)

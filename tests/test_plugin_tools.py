@@ -70,11 +70,13 @@ def test_new_makes_a_plugin_that_builds_and_works(capsys, tmp_path, lang: str) -
         except build.BuildError as exc:
             skip_unless_ci(str(exc))
     assert cli.main(["plugin", "new", "daylight_off", "--lang", lang, "--dir", str(tmp_path)]) == 0
+    assert cli.main(["plugin", "build", str(tmp_path / f"daylight_off.{lang}")]) == 0  # outside the repository
     capsys.readouterr()
     wasm = tmp_path / "daylight_off.wasm"
-    build.build(tmp_path / f"daylight_off.{lang}", wasm, REPO / build.PDK)
     code, report = call(capsys, tmp_path, wasm, context(light_sensor=900.0, motion_sensor=1.0))
     assert code == 0 and report["accepted"] == [{"device_id": "led_strip", "action": "set_low", "target": 0.0}]
+    code, report = call(capsys, tmp_path, wasm, context(light_sensor=100.0))  # dark: on
+    assert code == 0 and report["accepted"] == [{"device_id": "led_strip", "action": "set_high", "target": 100.0}]
 
 
 @pytest.mark.parametrize("celsius,expected", [(2.0, "set_high"), (5.5, None), (8.0, "set_low")])
