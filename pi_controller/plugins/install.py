@@ -49,11 +49,8 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             settings, folder = tools.settings_for({}), args.plugins_dir
         installed = install(args.wasm, folder, settings)
-    except config.ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except InstallError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (config.ConfigError, InstallError) as exc:  # a config error is said as every command says it
+        print(f"{'config error' if isinstance(exc, config.ConfigError) else 'error'}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     print(f"installed {', '.join(path.name for path in installed)} into {folder}; a running daemon loads it "
           "now (plugin_loaded or plugin_load_failed in its log)")
