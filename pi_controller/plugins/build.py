@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for path in changed:
         print(f"{path.relative_to(args.root)}  {path.stat().st_size} bytes")
-    print(f"{len(changed)} of {count} plugins changed (built with Zig {ZIG_VERSION} and AssemblyScript "
-          f"{AS_VERSION}; the others as their sources already built) in {time.monotonic() - started:.1f} s")
+    print(f"{count} plugins, {len(changed)} written; the others were already what their sources build "
+          f"(Zig {ZIG_VERSION}, AssemblyScript {AS_VERSION}); {time.monotonic() - started:.1f} s")
     return 0
 
 
