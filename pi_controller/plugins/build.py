@@ -129,22 +129,23 @@ def c_compile_args(source: Path, output: Path, pdk: Path) -> list[str]:
 
 
 def build(source: Path, output: Path, pdk: Path | None = None) -> bool:
-    """Compile one plugin source into `output` (a .wasm), or copy what the same inputs built before;
+    """Compile one plugin source into `output` (a .wasm), unless the same inputs were built before;
     False if `output` already held those bytes (then it is left untouched). BuildError with the
     compiler's message."""
     output.parent.mkdir(parents=True, exist_ok=True)
     pdk = pdk or find_pdk(source)
     cached = cache_dir() / "builds" / f"{build_key(source, pdk)}.wasm"
-    if cached.is_file():
-        if output.is_file() and output.read_bytes() == cached.read_bytes():
-            return False
-        shutil.copyfile(cached, output)
-        return True
-    _compile(source, output, pdk)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(f".{os.getpid()}.partial")
-    shutil.copyfile(output, partial)
-    partial.replace(cached)  # atomic: a build cut short never poses as a finished one
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.partial.wasm")
+        try:
+            _compile(source, partial, pdk)
+            partial.replace(cached)  # atomic: a build cut short never poses as a finished one
+        finally:
+            partial.unlink(missing_ok=True)
+    if output.is_file() and output.read_bytes() == cached.read_bytes():
+        return False
+    shutil.copyfile(cached, output)
     return True
 
 
