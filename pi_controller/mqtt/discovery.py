@@ -38,7 +38,7 @@ EXPIRE_HEARTBEATS = 2.5
 
 @dataclass(frozen=True)
 class Topics:
-    """The topic layout, documented in the README."""
+    """The topic layout, documented in docs/home-assistant.md."""
 
     base: str
 
