@@ -253,14 +253,15 @@ def add_command(plugin_commands: Any) -> None:
     command = plugin_commands.add_parser("build", help="build one plugin source into the .wasm beside it, or "
                                                        "(with no source) the repository's bundled and test plugins")
     command.add_argument("source", nargs="?", type=Path, help="a plugin's .zig, .c or .ts, anywhere")
-    command.add_argument("--root", type=Path, default=Path.cwd(),
-                         help="without SOURCE: the repository root (default: the current folder)")
+    command.add_argument("--root", type=Path, help="without SOURCE: the repository root (default: the one "
+                                                   "holding the current folder, else pi-controller's own)")
     command.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
     if args.source is None:
-        return main([str(args.root)])
+        root = args.root or repository(Path.cwd() / "here")
+        return main([str(root or Path.cwd())])
     if args.source.suffix not in (".zig", ".c", ".ts") or not args.source.is_file():
         what = "no such file" if args.source.suffix in (".zig", ".c", ".ts") else "not a plugin source (.zig, .c, .ts)"
         print(f"error: {args.source}: {what}", file=sys.stderr)
