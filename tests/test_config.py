@@ -341,12 +341,6 @@ def test_watchdog_timeout_must_outlast_two_ticks(write_config) -> None:
 
 
 @pytest.mark.skipif(Path("/dev/gpiochip0").exists(), reason="this machine has GPIO")
-def test_cli_without_a_pi_says_so_and_how_to_simulate() -> None:
-    result = run_cli("run", "--config", str(EXAMPLE_CONFIG), "--log-format", "json")
-    assert result.returncode == 1
-    assert "not on a Pi? run with --simulate" in result.stderr
-
-
 def test_cli_a_simulation_that_cannot_run_is_a_config_error(write_config, tmp_path) -> None:
     data = example_data()
     data["sensors"][0] = {"id": "temperature_sensor", "kind": "ds18b20", "device": "28-0316a2790aff",

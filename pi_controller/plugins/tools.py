@@ -25,6 +25,7 @@ from pi_controller import config
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import templates
 
+
 def add_commands(plugin_commands: Any) -> None:
     call = plugin_commands.add_parser("call", help="run one call of a plugin on a context and show the verdicts")
     call.add_argument("wasm", type=Path, help="the plugin (.wasm); its manifest (.yaml) beside it is read")
