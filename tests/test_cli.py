@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from pi_controller.devices.hardware import EXIT_HARDWARE
-
 from tests.conftest import EXAMPLE_CONFIG, REPO
 
 
