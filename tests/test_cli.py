@@ -157,3 +157,17 @@ def test_without_a_pi_it_says_so_and_how_to_simulate_in_one_line() -> None:
     assert said.endswith("not on a Pi? run with --simulate or set pins.factory: mock. On a Pi: is the user in the "
                          "'gpio' group?")
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", [["run", "--config"], ["run", "--simulate", "--config"], ["check-config"],
+                                     ["check-config", "--config"], ["simulate", "--config"],
+                                     ["plugin", "install", "plugins/energy_saver.wasm", "--config"]])
+def test_a_config_error_is_said_once_by_every_command(tmp_path, command: list[str]) -> None:
+    """One line naming file, line and key: no log line besides it, no second copy."""
+    bad = tmp_path / "config.yaml"
+    bad.write_text(EXAMPLE_CONFIG.read_text().replace("frequency: 200", "frequency: 0"))
+    result = subprocess.run(pi_controller(*command, str(bad)), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2
+    (said,) = result.stderr.splitlines()
+    assert said.startswith(f"config error: {bad}:") and "actuators[0].frequency: 0 is out of range" in said
+    assert result.stdout == ""
