@@ -236,6 +236,8 @@ def test_a_reload_cut_short_by_a_stop_closes_the_plugins_it_prepared(configured,
     asyncio.run(scenario())
     assert len(prepared[0]) == 0, "the prepared plugins were left compiled and unclosed"
     assert set(daemon.plugins.status) == {"temperature_control"}  # the running set is untouched
+
+
 def test_plugin_install_into_a_running_daemon_is_loaded_whole(live, tmp_path) -> None:
     """`plugin install`: the hot reloader sees the new plugin, and later its new version, only whole."""
     daemon, folder = live
