@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import socket
 import types
@@ -99,11 +100,43 @@ class RecordSettings:
     keep: int = bounded(0, 100, default=3)  # rotated files kept beside it (.1 is the newest)
 
 
+MAX_SECRET_BYTES = 4096  # a password or a key's passphrase; a longer file is the wrong file
+CREDENTIALS = "${CREDENTIALS_DIRECTORY}"  # systemd's LoadCredential= folder, the one variable expanded
+
+
+def read_secret(key: str, path: str) -> str:
+    """A secret from a file of its own (a systemd credential), read when the config loads: bounded, one
+    trailing newline stripped. FieldError (naming `key`) if it cannot be used."""
+    if CREDENTIALS in path:
+        folder = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not folder:
+            raise FieldError((key,), f"{CREDENTIALS} is not set (systemd sets it for a unit with LoadCredential=); "
+                                     "outside systemd give the file's own path")
+        path = path.replace(CREDENTIALS, folder)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        raise FieldError((key,), f"cannot read {path}: {exc.strerror or exc}; fix the path or the file's "
+                                 "permissions (the daemon's user must read it)") from None
+    if len(data) > MAX_SECRET_BYTES:
+        raise FieldError((key,), f"{path} is longer than {MAX_SECRET_BYTES} bytes: not a password file")
+    try:
+        secret = data.decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise FieldError((key,), f"{path} is not UTF-8 text") from None
+    if not secret:
+        raise FieldError((key,), f"{path} is empty")
+    return secret
+
+
 @dataclass(frozen=True)
 class TlsSettings:
     ca_file: str | None = None  # None: the system's CA store
     cert_file: str | None = None  # a client certificate, with key_file
     key_file: str | None = None
+    key_password_file: str | None = None  # the passphrase of an encrypted key_file
+    key_password: str | None = field(default=None, init=False, repr=False)  # read from key_password_file
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
@@ -111,7 +144,11 @@ class TlsSettings:
         for name in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name}: no file at {path}")
+                raise FieldError((name,), f"no file at {path}")
+        if self.key_password_file is not None:
+            if self.key_file is None:
+                raise FieldError(("key_password_file",), "a key passphrase needs key_file (and cert_file)")
+            object.__setattr__(self, "key_password", read_secret("key_password_file", self.key_password_file))
 
 
 @dataclass(frozen=True)
@@ -123,7 +160,8 @@ class MqttSettings:
     port: int = bounded(1, 65535, default=1883)
     client_id: str | None = None  # None: pi-controller-<node_id>
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_file: str | None = None  # instead of password: a file holding it (a systemd credential)
     tls: TlsSettings | None = None
     keepalive_s: int = bounded(5, 3600, default=30)
     base_topic: str = matching(r"[^#+/\s][^#+\s]*[^#+/\s]|[^#+/\s]", "a topic without '#', '+', spaces or "
@@ -141,6 +179,10 @@ class MqttSettings:
     override_expiry_s: float = bounded(1, 7 * 86400, default=3600.0)
 
     def __post_init__(self) -> None:
+        if self.password_file is not None:
+            if self.password is not None:
+                raise FieldError(("password_file",), "give password or password_file, not both")
+            object.__setattr__(self, "password", read_secret("password_file", self.password_file))
         if self.password is not None and self.username is None:
             raise ValueError("a password needs a username")
         if any(value < 0 for value in self.deadband.values()):

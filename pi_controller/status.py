@@ -25,11 +25,12 @@ if TYPE_CHECKING:
     from pi_controller.plugins.sandbox import PluginStatus
     from pi_controller.plugins.shadow import Shadows
     from pi_controller.reloads import ReloadResult
-    from pi_controller.safety.rules import Guard
+    from pi_controller.safety.rules import Guard, Hold
     from pi_controller.safety.watchdog import Watchdog
 
 _NEVER_CALLED = PluginStats()
 STATUS_CHARS = 400  # systemctl status shows one line of it
+RATE_WINDOW_S = 1.0  # the tick rate is told once it is measured over this long at least
 
 
 class Status:
@@ -45,6 +46,7 @@ class Status:
         self.last_reload: ReloadResult | None = None
         self._monotonic = monotonic
         self._started = monotonic()
+        self._rate_base: tuple[float, int] | None = None  # (when, ticks) at the first look: the rate counts from there
 
     def wire(self, loop: ControlLoop, telemetry: Telemetry | None, shadows: Shadows) -> None:
         """The parts built after us, since they read us; the loop's rate counts from now."""
@@ -67,6 +69,15 @@ class Status:
         """Each actuator's owner and why it was last put in its safe state."""
         return self._loop().safety.guards
 
+    def holds(self) -> list[Hold]:
+        """What the safety rules held back in the last tick."""
+        trace = self._loop().trace
+        return trace.decision.holds if trace is not None else []
+
+    def settled_states(self) -> Mapping[str, dict[str, Any]]:
+        """As the pins are now (after a shut-down: the shut-down states)."""
+        return self._loop().hardware.states()
+
     def plugin_states(self) -> dict[str, dict[str, Any]]:
         """Each plugin's state: loaded, disabled or failed (with why), its counts, the config it runs
         with (for its Home Assistant config entities) and, with a shadow, how far they agree."""
@@ -83,11 +94,18 @@ class Status:
                 states[name]["shadow"] = shadow
         return states
 
-    def loop_state(self) -> dict[str, Any]:
-        """Tick statistics, and the daemon's health for Home Assistant's diagnostic entities."""
-        ticks = self._loop().ticks.summary()
-        elapsed = self._monotonic() - self._started
-        return {"rate_hz": round(ticks["count"] / elapsed, 2) if elapsed > 0 else 0.0, "ticks": ticks["count"],
+    def loop_state(self) -> dict[str, Any] | None:
+        """Tick statistics, and the daemon's health for Home Assistant's diagnostic entities. None until
+        the rate is measured: ticks counted from the first look, over a second at least (one tick 17 ms
+        after start-up is no rate of 59 Hz)."""
+        ticks, now = self._loop().ticks.summary(), self._monotonic()
+        if self._rate_base is None:
+            self._rate_base = (now, ticks["count"])
+        since, counted = self._rate_base
+        if now - since < RATE_WINDOW_S:
+            return None
+        elapsed = now - self._started
+        return {"rate_hz": round((ticks["count"] - counted) / (now - since), 2), "ticks": ticks["count"],
                 "missed": ticks["missed"], "duration_median_ms": ticks["duration_median_us"] / 1000,
                 "duration_p99_ms": ticks["duration_p99_us"] / 1000,
                 "start_jitter_p99_ms": ticks["start_jitter_p99_us"] / 1000,

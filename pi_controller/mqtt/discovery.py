@@ -7,9 +7,13 @@ light schema with `supported_color_modes`. A Pi's entities are named after the c
 Besides the devices: each plugin's state (an `enum` sensor), an on/off switch for it, a `number`,
 `select` or `switch` per key of its `config_schema` (entity category `config`), the agreement of its
 shadow; per actuator a "resume automatic" button that ends an override; diagnostics of the daemon
-(uptime, version, watchdog trips, failsafes, safety holds, last reload) from `loop/state`. Entities
-that send commands are left out when `mqtt.commands` is off. `tests/test_ha_discovery.py` checks every
-payload against the keys Home Assistant's MQTT platforms accept.
+(uptime, version, watchdog trips, failsafes, safety holds, last reload) from `loop/state`.
+`tests/test_ha_discovery.py` checks every payload against the keys Home Assistant's MQTT platforms accept.
+
+Read-only (`commands: false`): no entity has a `command_topic`. Buttons and config entities are left
+out; what else would take commands (actuators, plugin switches) is shown as a sensor of its state, and
+its commandable config is emptied (nothing is subscribed in read-only mode, so the usual clean-up
+cannot see it).
 """
 
 from __future__ import annotations
@@ -94,15 +98,63 @@ def configs(settings: Settings, plugins: Mapping[str, Schema | None],
     for platform, object_id, payload in entities:
         unique_id = f"{mqtt.node_id}_{object_id}"
         slug = unique_id.lower().replace("-", "_")  # entity ids are lower case, with underscores
-        result[f"{mqtt.discovery_prefix}/{platform}/{mqtt.node_id}/{object_id}/config"] = {
-            **common, "unique_id": unique_id, "default_entity_id": f"{platform}.{slug}", **payload}
+        topic = f"{mqtt.discovery_prefix}/{platform}/{mqtt.node_id}/{object_id}/config"
+        if not mqtt.commands and "command_topic" in payload:
+            result[topic] = {}  # emptied: Home Assistant drops the commandable entity
+            platform, payload = _read_only(platform, payload)
+            if platform is None:
+                continue
+            topic = f"{mqtt.discovery_prefix}/{platform}/{mqtt.node_id}/{object_id}/config"
+        result[topic] = {**common, "unique_id": unique_id, "default_entity_id": f"{platform}.{slug}", **payload}
     return result
+
+
+# What a read-only entity keeps of a commandable one; its platform instead of each commandable platform
+# (None: nothing to show, such as a button). Switches, lights and fans show on/off; numbers and selects
+# their value.
+READ_ONLY_KEYS = ("name", "state_topic", "entity_category", "json_attributes_topic", "unit_of_measurement",
+                  "icon", "value_template")
+READ_ONLY = {"switch": "binary_sensor", "light": "binary_sensor", "fan": "binary_sensor", "number": "sensor",
+             "select": "sensor", "text": "sensor"}
+
+
+def _read_only(platform: str, payload: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    kept = {k: v for k, v in payload.items() if k in READ_ONLY_KEYS}
+    read_only = READ_ONLY.get(platform)
+    if read_only == "binary_sensor":
+        on = payload.get("value_template") if platform == "switch" else "{{ 'ON' if value_json.on else 'OFF' }}"
+        kept |= {"value_template": on, "payload_on": payload.get("payload_on", "ON"),
+                 "payload_off": payload.get("payload_off", "OFF")}
+        if platform != "switch":  # an actuator: its duty, speed or direction as attributes
+            kept["json_attributes_topic"] = payload["state_topic"]
+    return read_only, kept
+
+
+def identifier(mqtt: MqttSettings) -> str:
+    """Our device's identifier in Home Assistant: what tells our configs from another integration's."""
+    return f"pi-controller-{mqtt.node_id}"
+
+
+MAX_CONFIG_BYTES = 64 * 1024  # a retained discovery config read back; ours are under 2 KiB
+
+
+def ours(payload: bytes, mqtt: MqttSettings) -> bool:
+    """Whether a retained discovery config belongs to our device (its identifiers say so)."""
+    if len(payload) > MAX_CONFIG_BYTES:
+        return False
+    try:
+        config = json.loads(payload)
+    except ValueError:
+        return False
+    device = config.get("device") if isinstance(config, dict) else None
+    identifiers = device.get("identifiers") if isinstance(device, dict) else None
+    return isinstance(identifiers, list) and identifier(mqtt) in identifiers
 
 
 def _common(mqtt: MqttSettings, topics: Topics) -> dict[str, Any]:
     return {
         "availability": [_online(topics)],
-        "device": {"identifiers": [f"pi-controller-{mqtt.node_id}"], "name": f"pi-controller {mqtt.node_id}",
+        "device": {"identifiers": [identifier(mqtt)], "name": f"pi-controller {mqtt.node_id}",
                    "manufacturer": "pi-controller", "model": "Raspberry Pi", "sw_version": __version__},
         "origin": {"name": "pi-controller", "sw_version": __version__},
     }

@@ -3,7 +3,8 @@ config values changed at run time.
 
 Requests arrive on any thread through `submit` and are taken up by the tick, where they pass the same
 validation as plugin commands (`Actuator.command`) and, as commands, the same safety rules. An override
-wins over every plugin until it is released or expires.
+wins over every plugin until it is released or expires. Each request with a `reply_to` is answered
+(`answers`, once the tick has passed the safety rules): applied, refused at validation, or held by a rule.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import json
 import queue
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import structlog
 
@@ -21,6 +23,9 @@ from pi_controller.devices.actuators import Actuator
 from pi_controller.names import OPERATOR
 from pi_controller.plugins.plugin_config import check_change
 
+if TYPE_CHECKING:
+    from pi_controller.safety.rules import Hold
+
 log = structlog.get_logger("pi_controller.operator")
 
 
@@ -28,17 +33,20 @@ log = structlog.get_logger("pi_controller.operator")
 class SetActuator:
     device_id: str
     payload: bytes
+    reply_to: str = ""  # where the answer goes (MQTT: the command topic's /result); "": no answer
 
 
 @dataclass(frozen=True)
 class Release:
     device_id: str
+    reply_to: str = ""
 
 
 @dataclass(frozen=True)
 class EnablePlugin:
     name: str
     enabled: bool
+    reply_to: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class SetPluginConfig:
     name: str
     key: str
     value: Any
+    reply_to: str = ""
 
 
 Request = SetActuator | Release | EnablePlugin | SetPluginConfig
@@ -58,6 +67,25 @@ class Override:
     expires_at: float  # the same moment on the wall clock (Unix time), for people
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What became of a request: `rule` (Rejected's vocabulary, or the safety rule that held it) and
+    `reason` when refused or held; `applied` what is in force now."""
+
+    reply_to: str
+    ok: bool
+    rule: str | None = None
+    reason: str | None = None
+    applied: Any = None
+    device: str | None = None  # an override: the safety rules of this tick still have their say
+
+    def payload(self) -> dict[str, Any]:
+        return {"ok": self.ok, "rule": self.rule, "reason": self.reason, "applied": self.applied}
+
+
+MAX_ANSWERS = 1000  # waiting to be sent: with nobody taking them (no MQTT), the oldest go
+
+
 class Operator:
     def __init__(self, expiry_s: float, wall: Callable[[], float] = time.time):
         self.expiry_s = expiry_s
@@ -66,6 +94,7 @@ class Operator:
         self._overrides: dict[str, Override] = {}  # by device
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._wall = wall
+        self._answers: deque[Answer] = deque(maxlen=MAX_ANSWERS)
 
     def submit(self, request: Request) -> None:
         """From any thread; taken up at the start of the next tick."""
@@ -77,15 +106,33 @@ class Operator:
     def overrides(self) -> Mapping[str, Override]:
         return self._overrides
 
+    def answers(self, holds: Iterable[Hold], states: Mapping[str, Mapping[str, Any]]) -> list[Answer]:
+        """The answers to the requests this tick took up, given what the safety rules held (`holds`) and
+        the actuators' states after the tick."""
+        held = {h.device_id: h for h in holds if h.plugin == OPERATOR}
+        answers = []
+        while self._answers:
+            answer = self._answers.popleft()
+            if answer.device is not None:
+                hold = held.get(answer.device)
+                answer = replace(answer, applied=states.get(answer.device)) if hold is None else replace(
+                    answer, ok=False, rule=hold.rule, applied=states.get(answer.device),
+                    reason=f"held by the safety rules: {hold.detail}; the override stands until released or expired")
+            answers.append(answer)
+        return answers
+
     def commands(self, actuators: Mapping[str, Actuator], plugins: Iterable[Any], now: float,
                  tick: int) -> list[Command]:
         """Take up pending requests, expire old overrides, and return the overrides in force."""
         while not self._inbox.empty():
             request = self._inbox.get_nowait()
             try:
-                self._take(request, actuators, plugins, now, tick)
+                answer = self._take(request, actuators, plugins, now, tick)
             except Exception as exc:  # nothing from outside may stop the loop
                 log.error("operator_request_failed", request=repr(request)[:200], tick=tick, error=str(exc))
+                answer = Answer(request.reply_to, False, "internal_error", str(exc)[:200])
+            if request.reply_to:
+                self._answers.append(answer)
         for device, override in list(self._overrides.items()):
             if now >= override.expiry or device not in actuators:
                 del self._overrides[device]
@@ -94,23 +141,24 @@ class Operator:
         return [override.command for override in self._overrides.values()]
 
     def _take(self, request: Request, actuators: Mapping[str, Actuator], plugins: Iterable[Any], now: float,
-              tick: int) -> None:
+              tick: int) -> Answer:
         if isinstance(request, SetActuator):
-            self._override(request, actuators, now, tick)
-        elif isinstance(request, Release):
+            return self._override(request, actuators, now, tick)
+        if isinstance(request, Release):
             if self._overrides.pop(request.device_id, None) is not None:
                 log.info("override_ended", device=request.device_id, tick=tick, reason="released")
-        elif isinstance(request, EnablePlugin):
+            return Answer(request.reply_to, True, applied={"override": False})
+        if isinstance(request, EnablePlugin):
             if not any(p.name == request.name for p in plugins):
                 log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
-                return
+                return _unknown_plugin(request)
             (self.disabled.discard if request.enabled else self.disabled.add)(request.name)
             log.info("plugin_enabled" if request.enabled else "plugin_disabled_by_operator",
                      plugin=request.name, tick=tick)
-        else:
-            self._configure(request, plugins, tick)
+            return Answer(request.reply_to, True, applied={"enabled": request.enabled})
+        return self._configure(request, plugins, tick)
 
-    def _override(self, request: SetActuator, actuators: Mapping[str, Actuator], now: float, tick: int) -> None:
+    def _override(self, request: SetActuator, actuators: Mapping[str, Actuator], now: float, tick: int) -> Answer:
         actuator = actuators.get(request.device_id)
         try:
             if actuator is None:
@@ -120,32 +168,38 @@ class Operator:
         except Rejected as exc:
             log.warning("operator_command_rejected", device=request.device_id, tick=tick, rule=exc.rule,
                         reason=str(exc))
-            return
+            return Answer(request.reply_to, False, exc.rule, str(exc))
         actuator.overridden(target)
         lasts = expires_s or self.expiry_s
         # Its priority is moot: operator commands go first, and arbitration keeps the first per device.
         self._overrides[actuator.id] = Override(Command(actuator.id, action, target, OPERATOR, 0), now + lasts,
                                                 self._wall() + lasts)
         log.info("override_set", device=actuator.id, target=target, expires_in_s=lasts, tick=tick)
+        return Answer(request.reply_to, True, device=actuator.id)
 
-    def _configure(self, request: SetPluginConfig, plugins: Iterable[Any], tick: int) -> None:
+    def _configure(self, request: SetPluginConfig, plugins: Iterable[Any], tick: int) -> Answer:
         """A config value for a plugin, checked against its schema (or the keys and types it has) before
         it is used: a refused value changes nothing, and the plugin runs on with what it had."""
         plugin = next((p for p in plugins if p.name == request.name), None)
         if plugin is None:
             log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
-            return
+            return _unknown_plugin(request)
         changed = self.config.get(request.name, {})
         try:
             check_change(request.key, request.value, plugin.grant.config_schema, {**plugin.grant.config, **changed})
         except Rejected as exc:
             log.warning("plugin_config_refused", plugin=request.name, key=request.key[:64], tick=tick,
                         rule=exc.rule, reason=str(exc))
-            return
+            return Answer(request.reply_to, False, exc.rule, str(exc))
         changed = {**changed, request.key: request.value}
         plugin.set_config(changed)
         self.config[request.name] = changed
         log.info("plugin_config_set", plugin=request.name, key=request.key, value=request.value, tick=tick)
+        return Answer(request.reply_to, True, applied={request.key: request.value})
+
+
+def _unknown_plugin(request: EnablePlugin | SetPluginConfig) -> Answer:
+    return Answer(request.reply_to, False, "unknown_plugin", f"no plugin '{request.name[:64]}'")
 
 
 def parse_set(actuator: Actuator, payload: bytes) -> tuple[str, dict[str, Any], float | None]:

@@ -3,14 +3,20 @@
 After each tick (`tick_done`, on the event loop) this decides what is worth publishing (on change
 beyond a sensor's deadband, or at the heartbeat), queues it in a bounded outbox and hands the outbox
 to paho at up to `max_messages_per_s`, only while connected. paho's own thread does the network:
-connecting, reconnecting with backoff, QoS 1 retries. While the broker is away the outbox keeps
-messages in order with their original timestamps; past its bound the oldest are dropped and counted.
-Inbound commands become `Operator` requests, validated at the next tick.
+connecting, reconnecting with backoff, QoS 1 retries; why a connection fails is logged once per reason.
+While the broker is away the outbox keeps messages in order with their original timestamps; past its
+bound the oldest are dropped and counted. While connected but held back by the rate cap, a state
+waits as the latest value of its topic (`pending`): a dashboard sees the present, not a queue.
+Inbound commands become `Operator` requests, validated at the next tick, each answered on the command
+topic's `/result` (not retained). With `commands: false` nothing is subscribed at all.
 
 Topics (under `<base_topic>/<node_id>`): `status` (retained online/offline, with a last will),
 `sensor/<id>/state`, `actuator/<id>/state` (JSON, retained), `actuator/<id>/set` and `/release`,
 `plugin/<name>/state`, `plugin/<name>/enable`, `plugin/<name>/config/<key>/set`, `loop/state`,
 `telemetry/state` (buffered and dropped counts).
+
+Retained leftovers of ours are emptied once connected: discovery configs of our device that are no
+longer configured, and state topics of sensors and actuators no longer configured.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -29,9 +36,12 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from pi_controller.config import Settings
+from pi_controller.contract import Rejected
 from pi_controller.mqtt import discovery
 from pi_controller.mqtt.discovery import Topics
-from pi_controller.mqtt.operator import EnablePlugin, Operator, Override, Release, SetActuator, SetPluginConfig
+from pi_controller.mqtt.operator import (Answer, EnablePlugin, Operator, Override, Release, SetActuator,
+                                        SetPluginConfig)
+from pi_controller.names import SAFETY
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.safety.rules import Guard
 from pi_controller.status import Status
@@ -57,7 +67,9 @@ class Telemetry(LoopObserver):
         self.status = status  # readings, actuator states, plugin states, loop stats
         self.operator = operator
         self._timer = timer
-        self.outbox: deque[Message] = deque()
+        self.outbox: deque[Message] = deque()  # in order, kept while the broker is away
+        self.pending: dict[str, Message] = {}  # while connected: the latest state per topic, oldest first
+        self.coalesced = 0  # states replaced by a newer one before they could be sent (the rate cap)
         self.dropped = 0
         self.readings_queued = 0
         self._published: dict[str, tuple[Any, float]] = {}  # topic -> (what was sent, when)
@@ -66,7 +78,12 @@ class Telemetry(LoopObserver):
         self._bucket = TokenBucket(rate, rate, timer(), tokens=0.0)  # a second's worth at most
         self._connected = threading.Event()
         self._resync = threading.Event()
-        self._stale_configs: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._stale: queue.SimpleQueue[str] = queue.SimpleQueue()  # retained topics of ours to empty
+        self._answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()  # refused before reaching the operator
+        self._sweep_mid: int | None = None  # the subscription to our own retained states, while it lasts
+        self.link_error: str | None = None  # why the last connection attempt failed, until one succeeds
+        self.connect_failures = 0
+        self._stopping = False
         self._discovery: dict[str, dict[str, Any]] = {}
         self.client_id = self.mqtt.client_id or f"pi-controller-{self.mqtt.node_id}"
         self._connected_at = 0.0
@@ -80,15 +97,18 @@ class Telemetry(LoopObserver):
         m = self.mqtt
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id)
         if m.username is not None:
-            client.username_pw_set(m.username, m.password)
+            client.username_pw_set(m.username, m.password)  # password: from password_file, if given
         if m.tls is not None:
-            client.tls_set(ca_certs=m.tls.ca_file, certfile=m.tls.cert_file, keyfile=m.tls.key_file)
+            client.tls_set(ca_certs=m.tls.ca_file, certfile=m.tls.cert_file, keyfile=m.tls.key_file,
+                           keyfile_password=m.tls.key_password)
         client.will_set(self.topics.status, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=60)
         client.max_queued_messages_set(PAHO_QUEUE)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def start(self) -> None:
@@ -103,12 +123,16 @@ class Telemetry(LoopObserver):
 
     def summary(self) -> dict[str, Any]:
         return {"connected": self._connected.is_set(), "readings_queued": self.readings_queued,
-                "buffered": len(self.outbox), "dropped": self.dropped}
+                "buffered": len(self.outbox), "dropped": self.dropped, "coalesced": self.coalesced,
+                "connect_failures": self.connect_failures, "connect_error": self.link_error}
 
     def stop(self) -> None:
-        """Publish what can be published, say offline, disconnect; keep the rest on disk if asked."""
+        """Publish what can be published and the actuators' shut-down states, say offline, disconnect;
+        keep the rest on disk if asked."""
+        self._stopping = True
         if self._connected.is_set():
-            self._pump(budget=len(self.outbox))
+            self._publish_shutdown_states()
+            self._pump(budget=len(self.outbox) + len(self.pending))
             info = self.client.publish(self.topics.status, "offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=2)
@@ -119,31 +143,67 @@ class Telemetry(LoopObserver):
         self.client.loop_stop()
         self._persist()
 
+    def _publish_shutdown_states(self) -> None:
+        """The states the pins were left in, retained, so that nothing says "on" once we are gone."""
+        now, guards = self._timer(), self.status.guards()
+        for device, state in self.status.settled_states().items():
+            payload = _actuator_payload(state, None, guards.get(device))
+            self._offer(self.topics.actuator(device), payload | {"owner": SAFETY, "failsafe": "the daemon stopped"},
+                        now, 0.0)
+
     # -- paho's thread ---------------------------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            log.warning("mqtt_connect_refused", reason=str(reason))
+            self._link_failed(f"refused by the broker: {reason}")
             return
         client.publish(self.topics.status, "online", qos=1, retain=True)
-        subscriptions = [("homeassistant/status", 1)] if self.mqtt.discovery else []
-        if self.mqtt.discovery:
-            subscriptions.append((f"{self.mqtt.discovery_prefix}/+/{self.mqtt.node_id}/+/config", 1))
-        if self.mqtt.commands:
+        if self.mqtt.commands:  # read-only: nothing subscribed, not even to tidy up (see discovery.configs)
+            client.subscribe(self._subscriptions())
             b = self.topics.base
-            subscriptions += [(f"{b}/actuator/+/set", 1), (f"{b}/actuator/+/release", 1),
-                              (f"{b}/plugin/+/enable", 1), (f"{b}/plugin/+/config/+/set", 1)]
-        if subscriptions:
-            client.subscribe(subscriptions)
+            self._sweep_mid = client.subscribe([(f"{b}/sensor/+/state", 1), (f"{b}/actuator/+/state", 1)])[1]
         self._connected_at = self._timer()
+        self.link_error = None
         self._connected.set()
         self._resync.set()
         log.info("mqtt_connected", host=self.mqtt.host, port=self.mqtt.port)
+
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        b = self.topics.base
+        subscriptions = [(f"{b}/actuator/+/set", 1), (f"{b}/actuator/+/release", 1), (f"{b}/plugin/+/enable", 1),
+                         (f"{b}/plugin/+/config/+/set", 1)]
+        if self.mqtt.discovery:
+            subscriptions += [("homeassistant/status", 1),
+                              (f"{self.mqtt.discovery_prefix}/+/{self.mqtt.node_id}/+/config", 1)]
+        return subscriptions
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
+        """Our retained states come with the subscription's acknowledgement: once it is here, the sweep
+        has seen them, and our own states need not come back to us."""
+        if mid == self._sweep_mid:
+            b = self.topics.base
+            client.unsubscribe([f"{b}/sensor/+/state", f"{b}/actuator/+/state"])
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """paho calls this from within its `except OSError`: the exception says why (refused, host
+        unknown, TLS)."""
+        exc = sys.exc_info()[1]
+        self._link_failed(f"{type(exc).__name__}: {exc}" if exc is not None else "connection failed")
+
+    def _link_failed(self, reason: str) -> None:
+        """paho retries with a back-off: say why once, and again only when the reason changes."""
+        self.connect_failures += 1
+        if reason != self.link_error:
+            self.link_error = reason
+            log.warning("mqtt_connect_failed", host=self.mqtt.host, port=self.mqtt.port, reason=reason[:300],
+                        buffered=len(self.outbox))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if self._connected.is_set():  # not leaving on purpose (stop() clears it first)
             log.warning("mqtt_disconnected", reason=str(reason), buffered=len(self.outbox))
             self._count_short_link()
+        elif not self._stopping and self.link_error is None:  # closed before the broker's answer (TLS, say)
+            self._link_failed(f"closed by the broker before connecting: {reason}")
         self._connected.clear()
 
     def _count_short_link(self) -> None:
@@ -162,6 +222,9 @@ class Telemetry(LoopObserver):
             self._route(message.topic, message.payload, message.retain)
         except Exception as exc:  # paho would swallow it silently; a bad message must not go unnoticed
             log.warning("mqtt_message_rejected", topic=message.topic[:200], error=str(exc)[:300])
+            if not message.retain and message.topic.startswith(self.topics.base + "/"):  # a command of ours
+                rule = exc.rule if isinstance(exc, Rejected) else "malformed"
+                self._answers.put(Answer(f"{message.topic}/result", False, rule, str(exc)[:300]))
 
     def _route(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == "homeassistant/status":
@@ -169,24 +232,38 @@ class Telemetry(LoopObserver):
                 self._resync.set()  # Home Assistant restarted: it needs discovery and states again
             return
         if topic.endswith("/config") and topic.startswith(self.mqtt.discovery_prefix + "/"):
-            if payload and topic not in self._discovery:
-                self._stale_configs.put(topic)  # an entity of ours no longer in the config
+            if payload and topic not in self._discovery and discovery.ours(payload, self.mqtt):
+                self._stale.put(topic)  # an entity of ours no longer in the config
             return
         parts = topic[len(self.topics.base) + 1:].split("/")
         if retained:
+            if payload and parts[-1:] == ["state"] and self._unconfigured(parts):
+                self._stale.put(topic)  # the retained state of a device no longer in the config
             return  # a command left retained on the broker is not a fresh request
+        reply = f"{topic}/result"
         match parts:
             case ["actuator", device, "set"]:
-                self.operator.submit(SetActuator(device, _within(payload, MAX_SET_BYTES)))
+                self.operator.submit(SetActuator(device, _within(payload, MAX_SET_BYTES), reply))
             case ["actuator", device, "release"]:
-                self.operator.submit(Release(device))
+                self.operator.submit(Release(device, reply))
             case ["plugin", name, "enable"]:
                 switch = {b"ON": True, b"TRUE": True, b"1": True, b"OFF": False, b"FALSE": False, b"0": False}
                 if _within(payload, MAX_ENABLE_BYTES).strip().upper() not in switch:
-                    raise ValueError("expected ON or OFF")
-                self.operator.submit(EnablePlugin(name, switch[payload.strip().upper()]))
+                    raise Rejected("malformed", "expected ON or OFF")
+                self.operator.submit(EnablePlugin(name, switch[payload.strip().upper()], reply))
             case ["plugin", name, "config", key, "set"]:
-                self.operator.submit(SetPluginConfig(name, key, _scalar(_within(payload, MAX_CONFIG_VALUE_BYTES))))
+                value = _scalar(_within(payload, MAX_CONFIG_VALUE_BYTES))
+                self.operator.submit(SetPluginConfig(name, key, value, reply))
+
+    def _unconfigured(self, parts: list[str]) -> bool:
+        """Whether `<kind>/<id>/state` names a sensor or actuator the running config does not have."""
+        running = self.status.settings
+        match parts:
+            case ["sensor", device, "state"]:
+                return all(s.id != device for s in running.sensors)
+            case ["actuator", device, "state"]:
+                return all(a.id != device for a in running.actuators)
+        return False
 
     # -- the event loop --------------------------------------------------------------------------
 
@@ -194,10 +271,18 @@ class Telemetry(LoopObserver):
         now = self._timer()
         if self._resync.is_set():
             self._resync.clear()
-            self._queue_front([(t, json.dumps(c).encode(), True) for t, c in self._discovery.items()])
-            self._published.clear()  # every state again, for a subscriber that just arrived
-        while not self._stale_configs.empty():
-            self._queue_front([(self._stale_configs.get_nowait(), b"", True)])
+            self._queue_front([(t, json.dumps(c).encode() if c else b"", True) for t, c in self._discovery.items()])
+            # Every state again, for a subscriber that just arrived; not those still waiting to go out
+            # (the first connection would otherwise send every state twice).
+            waiting = {topic for topic, _, _ in self.outbox} | set(self.pending)
+            self._published = {t: sent for t, sent in self._published.items() if t in waiting}
+        while not self._stale.empty():
+            self._queue_front([(self._stale.get_nowait(), b"", True)])
+        for answer in self.operator.answers(self.status.holds(), self.status.actuator_states()):
+            self._queue((answer.reply_to, json.dumps(answer.payload()).encode(), False))
+        while not self._answers.empty():
+            answer = self._answers.get_nowait()
+            self._queue((answer.reply_to, json.dumps(answer.payload()).encode(), False))
         self._collect(now)
         self._pump()
 
@@ -215,7 +300,9 @@ class Telemetry(LoopObserver):
             self._offer(self.topics.plugin(name), state, now, heartbeat, _plugin_changed)
         last_loop = self._published.get(self.topics.loop)
         if last_loop is None or now - last_loop[1] >= self.mqtt.loop_interval_s:  # percentiles are not free
-            self._offer(self.topics.loop, self.status.loop_state(), now, 0.0)
+            loop_state = self.status.loop_state()
+            if loop_state is not None:  # the rate measured
+                self._offer(self.topics.loop, loop_state, now, 0.0)
         telemetry = {"buffered": len(self.outbox), "dropped": self.dropped}
         # Not on every change of `buffered`: during an outage that would fill the buffer with itself.
         self._offer(self.topics.telemetry, telemetry, now, heartbeat, _dropped_changed)
@@ -242,6 +329,14 @@ class Telemetry(LoopObserver):
         return True
 
     def _queue(self, message: Message) -> None:
+        """While connected, a retained state waits as its topic's latest value; otherwise (the broker
+        away, or an answer to a command, which is news each time) it keeps its place in the outbox."""
+        topic, _, retain = message
+        if retain and self._connected.is_set():
+            if topic in self.pending:
+                self.coalesced += 1
+            self.pending[topic] = message  # keeps the topic's place: a busy topic does not starve the rest
+            return
         if len(self.outbox) >= self.mqtt.buffer_messages:
             self.outbox.popleft()
             self.dropped += 1
@@ -253,22 +348,33 @@ class Telemetry(LoopObserver):
         self.outbox.extendleft(reversed(messages))
 
     def _pump(self, budget: int | None = None) -> None:
+        """The outbox first (it is older), then the latest states, as far as the rate cap allows."""
+        if not self._connected.is_set():
+            for message in self.pending.values():  # the broker went away: they wait in order now
+                self._queue(message)
+            self.pending.clear()
+            return
         tokens = self._bucket.refill(self._timer())
         allowed = int(tokens) if budget is None else budget
         sent = 0
-        while self.outbox and sent < allowed and self._connected.is_set():
-            topic, payload, retain = self.outbox[0]
+        while (self.outbox or self.pending) and sent < allowed and self._connected.is_set():
+            topic, payload, retain = self.outbox[0] if self.outbox else next(iter(self.pending.values()))
             # Even when the connection dropped a moment ago (NO_CONN), paho keeps a QoS 1 message and
             # sends it after reconnecting; only its own queue being full leaves the message with us.
             if self.client.publish(topic, payload, qos=1, retain=retain).rc == mqtt.MQTT_ERR_QUEUE_SIZE:
                 break
-            self.outbox.popleft()
+            if self.outbox:
+                self.outbox.popleft()
+            else:
+                del self.pending[topic]
             sent += 1
         self._bucket.take(sent)
 
     # -- a restart of the daemon -----------------------------------------------------------------
 
     def _persist(self) -> None:
+        self.outbox.extend(self.pending.values())
+        self.pending.clear()
         if not self.mqtt.buffer_file or not self.outbox:
             return
         with open(self.mqtt.buffer_file, "w", encoding="utf-8") as f:
@@ -334,7 +440,7 @@ MAX_CONFIG_VALUE_BYTES = 16 * 1024  # coarse: the operator checks the value itse
 
 def _within(payload: bytes, limit: int) -> bytes:
     if len(payload) > limit:
-        raise ValueError(f"a payload of {len(payload)} bytes, over the {limit} bytes this topic takes")
+        raise Rejected("too_large", f"a payload of {len(payload)} bytes, over the {limit} bytes this topic takes")
     return payload
 
 
@@ -346,5 +452,5 @@ def _scalar(payload: bytes) -> Any:
     except ValueError:
         return text
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("config values must be finite")
+        raise Rejected("not_finite", "config values must be finite")
     return value
