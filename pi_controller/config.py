@@ -626,8 +626,11 @@ class _Converter:
     def _union(self, value: Any, options: tuple[Any, ...], path: KeyPath) -> Any:
         if value is None and type(None) in options:
             return None
+        choices = [o for o in options if o is not type(None)]
+        if len(choices) == 1:  # X | None: X's own error, at the key it names
+            return self.convert(value, choices[0], path)
         errors = []
-        for option in (o for o in options if o is not type(None)):
+        for option in choices:
             try:
                 return self.convert(value, option, path)
             except ConfigError as exc:

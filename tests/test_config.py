@@ -406,3 +406,61 @@ def test_the_mqtt_node_id_defaults_to_the_hostname_as_an_id(hostname, node_id) -
 def test_the_example_leaves_the_node_id_to_the_hostname(monkeypatch) -> None:
     monkeypatch.setattr("socket.gethostname", lambda: "greenhouse.lan")
     assert config.load(EXAMPLE_CONFIG).mqtt.node_id == "greenhouse"
+
+
+def mqtt_with(tmp_path: Path, **mqtt: Any) -> dict[str, Any]:
+    data = example_data()
+    data["mqtt"] = {"enabled": True, "username": "pi", **mqtt}
+    return data
+
+
+def test_the_mqtt_password_comes_from_its_own_file_without_the_trailing_newline(tmp_path, write_config) -> None:
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cret with spaces \n")
+    settings = config.load(write_config(mqtt_with(tmp_path, password_file=str(secret))))
+    assert settings.mqtt.password == "s3cret with spaces "
+    assert "s3cret" not in repr(settings.mqtt)  # not in a log line or a traceback
+
+
+def test_password_file_follows_systemds_credentials_directory(tmp_path, write_config, monkeypatch) -> None:
+    (tmp_path / "mqtt-password").write_text("from-systemd\n")
+    path = write_config(mqtt_with(tmp_path, password_file="${CREDENTIALS_DIRECTORY}/mqtt-password"))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert config.load(path).mqtt.password == "from-systemd"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(config.ConfigError, match=r"mqtt\.password_file: \$\{CREDENTIALS_DIRECTORY\} is not set"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("content, mqtt, message", [
+    (None, {}, "cannot read {file}: No such file or directory; fix the path"),
+    ("x" * 5000, {}, "{file} is longer than 4096 bytes: not a password file"),
+    ("\n", {}, "{file} is empty"),
+    ("pw", {"password": "inline"}, "give password or password_file, not both"),
+])
+def test_a_password_file_that_cannot_be_used_is_a_config_error_at_its_key(tmp_path, write_config, content, mqtt,
+                                                                            message) -> None:
+    secret = tmp_path / "mqtt-password"
+    if content is not None:
+        secret.write_text(content)
+    data = mqtt_with(tmp_path, password_file=str(secret), **mqtt)
+    error = error_for(write_config, data)
+    assert error.path == ("mqtt", "password_file")
+    assert error.line == data_line(error.file, "password_file:")
+    assert error.message.startswith(message.format(file=secret))
+
+
+def test_a_tls_key_passphrase_comes_from_a_file(tmp_path, write_config) -> None:
+    for name in ("ca.crt", "client.crt", "client.key"):
+        (tmp_path / name).write_text("-----BEGIN-----\n")  # read by paho when connecting, not here
+    (tmp_path / "key-password").write_text("passphrase\n")
+    tls = {"ca_file": str(tmp_path / "ca.crt"), "cert_file": str(tmp_path / "client.crt"),
+           "key_file": str(tmp_path / "client.key"), "key_password_file": str(tmp_path / "key-password")}
+    assert config.load(write_config(mqtt_with(tmp_path, tls=tls))).mqtt.tls.key_password == "passphrase"
+    tls["key_password_file"] = str(tmp_path / "missing")
+    error = error_for(write_config, mqtt_with(tmp_path, tls=tls))
+    assert error.path == ("mqtt", "tls", "key_password_file") and error.line is not None
+
+
+def data_line(file: str, key: str) -> int:
+    return next(n for n, line in enumerate(Path(file).read_text().splitlines(), 1) if line.strip().startswith(key))
