@@ -84,6 +84,7 @@ class Telemetry(LoopObserver):
         self.link_error: str | None = None  # why the last connection attempt failed, until one succeeds
         self.connect_failures = 0
         self._stopping = False
+        self._refused = False  # this attempt's CONNACK refused it
         self._discovery: dict[str, dict[str, Any]] = {}
         self.client_id = self.mqtt.client_id or f"pi-controller-{self.mqtt.node_id}"
         self._connected_at = 0.0
@@ -155,6 +156,7 @@ class Telemetry(LoopObserver):
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
+            self._refused = True  # paho closes the connection next: that is no second failure
             self._link_failed(f"refused by the broker: {reason}")
             return
         client.publish(self.topics.status, "online", qos=1, retain=True)
@@ -202,8 +204,12 @@ class Telemetry(LoopObserver):
         if self._connected.is_set():  # not leaving on purpose (stop() clears it first)
             log.warning("mqtt_disconnected", reason=str(reason), buffered=len(self.outbox))
             self._count_short_link()
-        elif not self._stopping and self.link_error is None:  # closed before the broker's answer (TLS, say)
-            self._link_failed(f"closed by the broker before connecting: {reason}")
+        elif not self._stopping and not self._refused:  # closed before the broker's answer (TLS, say)
+            tls = self.mqtt.tls
+            hint = "; does the broker want a client certificate (mqtt.tls.cert_file, key_file)?" if (
+                tls is not None and tls.cert_file is None) else ""
+            self._link_failed(f"closed before the broker answered: {reason}{hint}")
+        self._refused = False
         self._connected.clear()
 
     def _count_short_link(self) -> None:
