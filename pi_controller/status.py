@@ -49,8 +49,8 @@ class Status:
         self._rate_base: tuple[float, int] | None = None  # (when, ticks) at the first look: the rate counts from there
 
     def wire(self, loop: ControlLoop, telemetry: Telemetry | None, shadows: Shadows) -> None:
-        """The parts built after us, since they read us; the loop's rate counts from now."""
-        self.loop, self.telemetry, self.shadows, self._started = loop, telemetry, shadows, self._monotonic()
+        """The parts built after us, since they read us."""
+        self.loop, self.telemetry, self.shadows = loop, telemetry, shadows
 
     def _loop(self) -> ControlLoop:
         assert self.loop is not None, "read before the daemon wired its loop"

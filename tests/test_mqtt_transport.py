@@ -183,3 +183,173 @@ def test_every_command_is_answered_on_its_result_topic(tmp_path, broker, subscri
     assert answers[6]["applied"] == {"bright_lux": 600}
     results = [(t, r) for t, _, r in subscriber.messages if t.endswith("/result")]
     assert len(results) == len(commands) and not any(r for _, r in results)  # one each, never retained
+
+
+# -- read-only mode -------------------------------------------------------------------------------------------
+
+
+@needs_mosquitto
+def test_read_only_mode_advertises_no_commands_and_subscribes_to_nothing(tmp_path) -> None:
+    broker = ConfiguredBroker(tmp_path, "allow_anonymous true")
+    broker.start()
+    sub = Subscriber(broker.port)
+    try:
+        sub.subscribed.wait(15)
+        out, _ = finish(start_daemon(daemon_config(tmp_path, broker.port, commands=False), "--ticks", "20"),
+                        stop=False)
+        sub.wait_for(lambda: sub.on(f"{BASE}/status")[-1:] == [b"offline"])
+        configs = {t: json.loads(p) for t, p, _ in sub.messages if t.endswith("/config") and p}
+        emptied = {t for t, p, _ in sub.messages if t.endswith("/config") and not p}
+    finally:
+        sub.close()
+        broker.stop()
+    prefix = f"homeassistant/%s/{NODE}/%s/config"
+    assert len(configs) >= 10 and not [t for t, c in configs.items() if "command_topic" in c]
+    assert not [t for t in configs if t.startswith(("homeassistant/button/", "homeassistant/number/"))]
+    led = configs[prefix % ("binary_sensor", "led_strip")]  # the light, as a sensor of its state
+    assert led["state_topic"] == f"{BASE}/actuator/led_strip/state" and led["json_attributes_topic"]
+    assert configs[prefix % ("sensor", "servo_motor")]["value_template"] == "{{ value_json.angle }}"
+    # what a commandable run left retained goes: nothing is subscribed to find it, so it is named
+    assert {prefix % ("light", "led_strip"), prefix % ("number", "servo_motor"), prefix % ("switch", "relay_switch"),
+            prefix % ("switch", "plugin_motion_light_enabled")} <= emptied
+    assert broker.logged(f"New client connected from 127.0.0.1") >= 2 and broker.logged(f"as {CLIENT_ID}")
+    assert broker.logged("Received SUBSCRIBE from test-subscriber") == 1  # the log sees subscriptions
+    assert broker.logged(f"Received SUBSCRIBE from {CLIENT_ID}") == 0
+
+
+# -- lifecycle ------------------------------------------------------------------------------------------------
+
+
+def late_retained(port: int, topic: str, present: str) -> list[bytes]:
+    """What a subscriber arriving now gets on `topic`, once `present` (retained) has come."""
+    late = Subscriber(port, "late-subscriber")
+    try:
+        late.wait_for(lambda: late.on(present))  # retained messages come in one go, on subscribing
+        return late.on(topic)
+    finally:
+        late.close()
+
+
+def test_a_clean_stop_leaves_the_shut_down_states_retained_before_going_offline(tmp_path, broker, subscriber) -> None:
+    process = start_daemon(daemon_config(tmp_path, broker.port))
+    led = f"{BASE}/actuator/led_strip"
+    try:
+        subscriber.wait_for(lambda: state(subscriber, f"{led}/state"))
+        subscriber.publish(f"{led}/set", json.dumps({"state": "ON", "brightness": 80}))
+        subscriber.wait_for(lambda: (s := state(subscriber, f"{led}/state")) and s["on"] and s["override"])
+        subscriber.wait_for(lambda: (s := state(subscriber, f"{BASE}/actuator/relay_switch/state")) and s["on"])
+    finally:
+        finish(process)  # SIGTERM
+    subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status")[-1:] == [b"offline"])
+    topics = [t for t, _, _ in subscriber.messages]
+    offline = len(topics) - 1 - topics[::-1].index(f"{BASE}/status")
+    for device in ("led_strip", "relay_switch"):  # on before the stop, off after it
+        topic = f"{BASE}/actuator/{device}/state"
+        last = len(topics) - 1 - topics[::-1].index(topic)
+        assert last < offline, device  # said before going offline
+        final = json.loads(subscriber.on(topic)[-1])
+        assert (final["on"], final["owner"], final["failsafe"]) == (False, "safety", "the daemon stopped")
+        retained = late_retained(broker.port, topic, f"{BASE}/status")
+        assert json.loads(retained[-1])["on"] is False, device  # what a dashboard opened now sees
+    assert json.loads(subscriber.on(f"{led}/state")[-1])["state"] == "OFF"  # Home Assistant's light too
+
+
+def without(config_path: Path, actuator: str) -> None:
+    data = yaml.safe_load(config_path.read_text())
+    data["actuators"] = [a for a in data["actuators"] if a["id"] != actuator]
+    data["simulation"] = [m for m in data["simulation"] if actuator not in m.values()]
+    config_path.write_text(yaml.safe_dump(data))
+
+
+def test_a_device_removed_from_the_config_leaves_no_retained_state(tmp_path, broker, subscriber) -> None:
+    config_path = daemon_config(tmp_path, broker.port, discovery=False)
+    servo = f"{BASE}/actuator/servo_motor/state"
+    finish(start_daemon(config_path, "--ticks", "10"), stop=False)
+    assert subscriber.wait_for(lambda: subscriber.on(servo))[-1] != b""
+    elsewhere = "pi-controller/another-pi/actuator/servo_motor/state"  # not ours: left alone
+    subscriber.client.publish(elsewhere, b'{"on": false}', qos=1, retain=True).wait_for_publish(5)
+    without(config_path, "servo_motor")
+    finish(start_daemon(config_path, "--ticks", "20"), stop=False)
+    subscriber.wait_for(lambda: subscriber.on(servo)[-1] == b"")  # an empty retained message removes it
+    assert late_retained(broker.port, servo, f"{BASE}/actuator/relay_switch/state") == []
+    assert late_retained(broker.port, elsewhere, f"{BASE}/status") == []  # the late one subscribes to ours only
+    other = Subscriber(broker.port, "other-subscriber")
+    try:
+        other.client.subscribe(elsewhere, 1)
+        assert other.wait_for(lambda: other.on(elsewhere)) == [b'{"on": false}']
+    finally:
+        other.close()
+
+
+def test_discovery_clean_up_leaves_another_integrations_config_alone(tmp_path, broker, subscriber) -> None:
+    foreign = f"homeassistant/sensor/{NODE}/zigbee_temperature/config"  # another integration, same node id
+    ours = f"homeassistant/sensor/{NODE}/old_sensor/config"  # an entity of ours no longer configured
+    for topic, identifiers in ((foreign, ["zigbee2mqtt_0x00158d0001"]), (ours, [f"pi-controller-{NODE}"])):
+        payload = json.dumps({"name": "t", "state_topic": "x/y", "device": {"identifiers": identifiers}})
+        subscriber.client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+    finish(start_daemon(daemon_config(tmp_path, broker.port), "--ticks", "20"), stop=False)
+    subscriber.wait_for(lambda: subscriber.on(ours)[-1:] == [b""])
+    assert late_retained(broker.port, ours, f"homeassistant/switch/{NODE}/relay_switch/config") == []
+    left = late_retained(broker.port, foreign, f"homeassistant/switch/{NODE}/relay_switch/config")
+    assert json.loads(left[-1])["device"]["identifiers"] == ["zigbee2mqtt_0x00158d0001"]
+    assert subscriber.on(foreign)[-1] != b""  # never emptied, not even for a moment
+
+
+# -- the rate cap ---------------------------------------------------------------------------------------------
+
+
+def serve_in_process(tmp_path: Path, port: int, ticks_offline: int, ticks: int, **mqtt: Any) -> Daemon:
+    """A daemon on a virtual clock (time is ticks: exact, whatever the load): `ticks_offline` ticks before
+    it connects, `ticks` after, then a clean stop. Closed; its telemetry and loop are left to read."""
+    settings = config.load(daemon_config(tmp_path, port, discovery=False, **mqtt))
+    clock = VirtualClock()
+    daemon = Daemon(settings, simulate=True, clock=clock)
+    telemetry = daemon.telemetry
+    assert telemetry is not None
+
+    async def run(count: int) -> None:
+        await daemon.loop.run(asyncio.Event(), daemon.loop.ticks.count + count)
+        clock.advance(daemon.loop.period)  # a run starts at once: the next tick is a period later
+
+    try:
+        asyncio.run(run(ticks_offline))
+        telemetry.start()
+        deadline = 600
+        while not telemetry.summary()["connected"] and deadline:
+            telemetry._connected.wait(0.1)
+            deadline -= 1
+        assert telemetry.summary()["connected"]
+        asyncio.run(run(ticks))
+        daemon.hardware.settle("shutdown", "stopping")
+        telemetry.stop()
+    finally:
+        daemon.close()
+    return daemon
+
+
+def test_the_rate_cap_sends_the_latest_value_of_each_topic_not_a_queue(tmp_path, broker, subscriber) -> None:
+    cap, ticks = 5, 300  # 30 s of virtual time; the light changes every tick (deadband 0)
+    daemon = serve_in_process(tmp_path, broker.port, 0, ticks, deadband={"light_sensor": 0.0},
+                              max_messages_per_s=cap)
+    subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status")[-1:] == [b"offline"])
+    light = [json.loads(p)["timestamp"] for p in subscriber.on(f"{BASE}/sensor/light_sensor/state")]
+    latest = next(r for r in daemon.loop.readings if r.sensor_id == "light_sensor").timestamp
+    assert light == sorted(set(light))  # in order, none twice
+    assert light[-1] == latest  # the last one sent is the last one read
+    assert len(light) < ticks / 2 and daemon.telemetry.coalesced > 0  # not every reading: the latest of each
+    # A topic waits for at most one turn of every other state topic: never older than that.
+    topics = len({t for t, _, r in subscriber.messages if t.endswith("/state")})
+    gaps = [b - a for a, b in zip(light, light[1:])]
+    assert max(gaps) <= (topics + 1) / cap + daemon.loop.period
+    assert daemon.telemetry.summary()["dropped"] == 0
+
+
+def test_states_go_out_once_on_the_first_connection_and_loop_state_waits_for_a_measured_rate(
+        tmp_path, broker, subscriber) -> None:
+    serve_in_process(tmp_path, broker.port, 5, 30)  # states queued before the broker was reached
+    subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status")[-1:] == [b"offline"])
+    for device in ("led_strip", "relay_switch", "servo_motor"):
+        payloads = subscriber.on(f"{BASE}/actuator/{device}/state")
+        assert payloads and all(a != b for a, b in zip(payloads, payloads[1:])), device  # none sent twice
+    (first, *_) = [json.loads(p) for p in subscriber.on(f"{BASE}/loop/state")]
+    assert first["rate_hz"] == 10.0  # measured over a second of ticks, not one tick after start-up
