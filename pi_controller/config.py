@@ -110,8 +110,9 @@ def read_secret(key: str, path: str) -> str:
     if CREDENTIALS in path:
         folder = os.environ.get("CREDENTIALS_DIRECTORY")
         if not folder:
-            raise FieldError((key,), f"{CREDENTIALS} is not set (systemd sets it for a unit with LoadCredential=); "
-                                     "outside systemd give the file's own path")
+            raise FieldError((key,), f"{CREDENTIALS} is not set: systemd sets it for the service (LoadCredential=); "
+                                     "by hand, set it to the folder holding the file (CREDENTIALS_DIRECTORY=/etc/"
+                                     "pi-controller pi-controller check-config ...) or give the file's own path")
         path = path.replace(CREDENTIALS, folder)
     try:
         with open(path, "rb") as file:

@@ -428,7 +428,7 @@ def test_password_file_follows_systemds_credentials_directory(tmp_path, write_co
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     assert config.load(path).mqtt.password == "from-systemd"
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
-    with pytest.raises(config.ConfigError, match=r"mqtt\.password_file: \$\{CREDENTIALS_DIRECTORY\} is not set"):
+    with pytest.raises(config.ConfigError, match=r"mqtt\.password_file: \$\{CREDENTIALS_DIRECTORY\} is not set: "):
         config.load(path)
 
 
