@@ -5,6 +5,7 @@ shut-down states, clean-up of what is ours only, and the rate cap keeping the la
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import subprocess
@@ -17,9 +18,11 @@ import yaml
 from pi_controller import config
 from pi_controller.clock import VirtualClock
 from pi_controller.daemon import Daemon
+from tests import test_mqtt
 from tests.conftest import free_port, skip_unless_ci
-from tests.test_mqtt import (BASE, NODE, Broker, Subscriber, broker, daemon_config, finish,  # noqa: F401 (fixtures)
-                             needs_mosquitto, start_daemon, state, subscriber)
+from tests.test_mqtt import BASE, NODE, Broker, Subscriber, daemon_config, finish, needs_mosquitto, start_daemon, state
+
+broker, subscriber = test_mqtt.broker, test_mqtt.subscriber  # its fixtures: a broker, and a client recording it all
 
 CLIENT_ID = f"pi-controller-{NODE}"
 
@@ -102,8 +105,9 @@ def certificates(folder: Path) -> dict[str, Path]:
 @needs_mosquitto
 def test_mutual_tls_connects_and_an_untrusted_ca_or_no_client_certificate_is_said_once(tmp_path) -> None:
     certs = certificates(tmp_path / "certs")
-    broker = ConfiguredBroker(tmp_path, f"allow_anonymous true\ncafile {certs['ca.crt']}\ncertfile {certs['server.crt']}"
-                                        f"\nkeyfile {certs['server.key']}\nrequire_certificate true")
+    broker = ConfiguredBroker(tmp_path, f"allow_anonymous true\ncafile {certs['ca.crt']}\n"
+                                        f"certfile {certs['server.crt']}\nkeyfile {certs['server.key']}\n"
+                                        "require_certificate true")
     client = {"cert_file": str(certs["client.crt"]), "key_file": str(certs["client.key"]),
               "key_password_file": str(certs["key-password"])}
     broker.start()
@@ -121,8 +125,9 @@ def test_mutual_tls_connects_and_an_untrusted_ca_or_no_client_certificate_is_sai
         broker.stop()
     telemetry, events = results["mutual"]
     assert events_named(events, "mqtt_connected") and telemetry["connect_failures"] == 0
-    assert broker.logged(f"New client connected from 127.0.0.1") >= 1
-    for case, expected in [("untrusted", "certificate verify failed"), ("no client certificate", "want a client certificate")]:
+    assert broker.logged("New client connected from 127.0.0.1") >= 1
+    for case, expected in [("untrusted", "certificate verify failed"),
+                           ("no client certificate", "want a client certificate")]:
         telemetry, events = results[case]
         assert telemetry["connected"] is False and telemetry["connect_failures"] >= 2, case
         (failed,) = events_named(events, "mqtt_connect_failed")  # once, not at every retry
@@ -171,7 +176,7 @@ def test_every_command_is_answered_on_its_result_topic(tmp_path, broker, subscri
             reply = f"{BASE}/{topic}/result"
             seen = len(subscriber.on(reply))
             subscriber.publish(f"{BASE}/{topic}", payload)
-            subscriber.wait_for(lambda: len(subscriber.on(reply)) > seen)
+            subscriber.wait_for(lambda reply=reply, seen=seen: len(subscriber.on(reply)) > seen)
             answers.append(json.loads(subscriber.on(reply)[-1]))
     finally:
         finish(process)
@@ -198,8 +203,7 @@ def test_read_only_mode_advertises_no_commands_and_subscribes_to_nothing(tmp_pat
     sub = Subscriber(broker.port)
     try:
         sub.subscribed.wait(15)
-        out, _ = finish(start_daemon(daemon_config(tmp_path, broker.port, commands=False), "--ticks", "20"),
-                        stop=False)
+        finish(start_daemon(daemon_config(tmp_path, broker.port, commands=False), "--ticks", "20"), stop=False)
         sub.wait_for(lambda: sub.on(f"{BASE}/status")[-1:] == [b"offline"])
         configs = {t: json.loads(p) for t, p, _ in sub.messages if t.endswith("/config") and p}
         emptied = {t for t, p, _ in sub.messages if t.endswith("/config") and not p}
@@ -215,7 +219,7 @@ def test_read_only_mode_advertises_no_commands_and_subscribes_to_nothing(tmp_pat
     # what a commandable run left retained goes: nothing is subscribed to find it, so it is named
     assert {prefix % ("light", "led_strip"), prefix % ("number", "servo_motor"), prefix % ("switch", "relay_switch"),
             prefix % ("switch", "plugin_motion_light_enabled")} <= emptied
-    assert broker.logged(f"New client connected from 127.0.0.1") >= 2 and broker.logged(f"as {CLIENT_ID}")
+    assert broker.logged("New client connected from 127.0.0.1") >= 2 and broker.logged(f"as {CLIENT_ID}")
     assert broker.logged("Received SUBSCRIBE from test-subscriber") == 1  # the log sees subscriptions
     assert broker.logged(f"Received SUBSCRIBE from {CLIENT_ID}") == 0
 
@@ -342,7 +346,7 @@ def test_the_rate_cap_sends_the_latest_value_of_each_topic_not_a_queue(tmp_path,
     assert len(light) < ticks / 2 and daemon.telemetry.coalesced > 0  # not every reading: the latest of each
     # A topic waits for at most one turn of every other state topic: never older than that.
     topics = len({t for t, _, r in subscriber.messages if t.endswith("/state")})
-    gaps = [b - a for a, b in zip(light, light[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(light)]
     assert max(gaps) <= (topics + 1) / cap + daemon.loop.period
     assert daemon.telemetry.summary()["dropped"] == 0
 
@@ -353,6 +357,6 @@ def test_states_go_out_once_on_the_first_connection_and_loop_state_waits_for_a_m
     subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status")[-1:] == [b"offline"])
     for device in ("led_strip", "relay_switch", "servo_motor"):
         payloads = subscriber.on(f"{BASE}/actuator/{device}/state")
-        assert payloads and all(a != b for a, b in zip(payloads, payloads[1:])), device  # none sent twice
+        assert payloads and all(a != b for a, b in itertools.pairwise(payloads)), device  # none sent twice
     (first, *_) = [json.loads(p) for p in subscriber.on(f"{BASE}/loop/state")]
     assert first["rate_hz"] == 10.0  # measured over a second of ticks, not one tick after start-up
