@@ -54,6 +54,9 @@ class Source(Protocol):
     def shadow_agreement(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         """(plugin, actuator or "*") -> (ticks its shadow agreed, ticks compared)."""
 
+    def mqtt_link(self) -> tuple[bool, int] | None:
+        """(connected to the broker, connection attempts that failed); None without MQTT."""
+
 
 class Metrics(LoopObserver):
     def __init__(self, period: float, source: Source, timer: Callable[[], float] = time.monotonic):
@@ -166,6 +169,13 @@ class _StateCollector:
         yield CounterMetricFamily(f"{PREFIX}_watchdog_trips", "Times the watchdog drove every actuator safe",
                                   value=float(self._source.watchdog_trips()))
         yield from _shadow_families(self._source.shadow_agreement())
+        link = self._source.mqtt_link()
+        if link is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_mqtt_connected", "1 while connected to the MQTT broker",
+                                    value=1.0 if link[0] else 0.0)
+            yield CounterMetricFamily(f"{PREFIX}_mqtt_connect_failures", "Connection attempts to the MQTT broker "
+                                      "that failed (the reason is logged once each: mqtt_connect_failed)",
+                                      value=float(link[1]))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # names vary with the config; nothing to check them against at registration

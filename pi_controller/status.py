@@ -145,6 +145,12 @@ class Status:
     def shadow_agreement(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         return self.shadows.agreement() if self.shadows else {}
 
+    def mqtt_link(self) -> tuple[bool, int] | None:
+        if self.telemetry is None:
+            return None
+        summary = self.telemetry.summary()
+        return summary["connected"], summary["connect_failures"]
+
     # -- for systemd and the CLI -------------------------------------------------------------------
 
     def line(self) -> str:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import shutil
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -135,14 +138,41 @@ def test_mutual_tls_connects_and_an_untrusted_ca_or_no_client_certificate_is_sai
         assert not events_named(events, "mqtt_connected")
 
 
+def poll(test: Callable[[], Any], what: str, seconds: float = 60) -> Any:
+    """What `test` returns once it is true (the daemon is another process: nothing to wait on but this)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if result := test():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+def scrape(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            return response.read().decode()
+    except OSError:
+        return ""  # not serving yet
+
+
 @pytest.mark.parametrize("host, expected", [("127.0.0.1", "ConnectionRefusedError"),
                                             ("no-such-host.invalid", "gaierror")])
-def test_a_refused_connection_or_an_unknown_host_is_said_once_with_the_reason(tmp_path, host, expected) -> None:
+def test_a_refused_connection_or_an_unknown_host_is_said_once_and_counted_in_metrics(tmp_path, host,
+                                                                                     expected) -> None:
     path = daemon_config(tmp_path, free_port(), host=host, discovery=False)  # nothing listens there
-    out, events = finish(start_daemon(path, "--ticks", "60"), stop=False)
-    telemetry = json.loads(out)["telemetry"]
-    assert telemetry["connect_failures"] >= 2 and json.loads(out)["ticks"]["count"] == 60
-    (failed,) = events_named(events, "mqtt_connect_failed")
+    data = yaml.safe_load(path.read_text())
+    data["metrics"] = {"enabled": True, "port": (metrics := free_port())}
+    path.write_text(yaml.safe_dump(data))
+    process = start_daemon(path)
+    try:
+        failures = re.compile(r"^pi_controller_mqtt_connect_failures_total ([0-9.]+)$", re.MULTILINE)
+        text = poll(lambda: (m := failures.search(t := scrape(metrics))) and float(m.group(1)) >= 3 and t,
+                    "three failed attempts counted")
+        assert "\npi_controller_mqtt_connected 0.0\n" in text
+    finally:
+        _, events = finish(process)
+    (failed,) = events_named(events, "mqtt_connect_failed")  # once for three attempts and more
     assert failed["reason"].startswith(expected) and failed["host"] == host
 
 
