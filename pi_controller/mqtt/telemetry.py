@@ -284,10 +284,8 @@ class Telemetry(LoopObserver):
             self._published = {t: sent for t, sent in self._published.items() if t in waiting}
         while not self._stale.empty():
             self._queue_front([(self._stale.get_nowait(), b"", True)])
-        for answer in self.operator.answers(self.status.holds(), self.status.actuator_states()):
-            self._queue((answer.reply_to, json.dumps(answer.payload()).encode(), False))
-        while not self._answers.empty():
-            answer = self._answers.get_nowait()
+        refused = [self._answers.get_nowait() for _ in range(self._answers.qsize())]  # only we take from it
+        for answer in self.operator.answers(self.status.holds(), self.status.actuator_states()) + refused:
             self._queue((answer.reply_to, json.dumps(answer.payload()).encode(), False))
         self._collect(now)
         self._pump()
@@ -342,7 +340,11 @@ class Telemetry(LoopObserver):
             if topic in self.pending:
                 self.coalesced += 1
             self.pending[topic] = message  # keeps the topic's place: a busy topic does not starve the rest
-            return
+        else:
+            self._keep(message)
+
+    def _keep(self, message: Message) -> None:
+        """In the outbox, in order; past its bound the oldest go."""
         if len(self.outbox) >= self.mqtt.buffer_messages:
             self.outbox.popleft()
             self.dropped += 1
@@ -356,9 +358,7 @@ class Telemetry(LoopObserver):
     def _pump(self, budget: int | None = None) -> None:
         """The outbox first (it is older), then the latest states, as far as the rate cap allows."""
         if not self._connected.is_set():
-            for message in self.pending.values():  # the broker went away: they wait in order now
-                self._queue(message)
-            self.pending.clear()
+            self._unpend()  # the broker went away: they wait in order now
             return
         tokens = self._bucket.refill(self._timer())
         allowed = int(tokens) if budget is None else budget
@@ -378,9 +378,14 @@ class Telemetry(LoopObserver):
 
     # -- a restart of the daemon -----------------------------------------------------------------
 
-    def _persist(self) -> None:
-        self.outbox.extend(self.pending.values())
+    def _unpend(self) -> None:
+        """The latest states waiting on the rate cap into the outbox, in their order."""
+        for message in self.pending.values():
+            self._keep(message)
         self.pending.clear()
+
+    def _persist(self) -> None:
+        self._unpend()
         if not self.mqtt.buffer_file or not self.outbox:
             return
         with open(self.mqtt.buffer_file, "w", encoding="utf-8") as f:
@@ -395,7 +400,7 @@ class Telemetry(LoopObserver):
         try:
             for line in path.read_text(encoding="utf-8").splitlines():
                 topic, payload, retain = json.loads(line)
-                self._queue((topic, payload.encode(), retain))
+                self._keep((topic, payload.encode(), retain))
         except (OSError, ValueError) as exc:
             log.warning("telemetry_restore_failed", file=str(path), error=str(exc))
         path.unlink(missing_ok=True)
