@@ -80,10 +80,12 @@ class Answer:
     device: str | None = None  # an override: the safety rules of this tick still have their say
 
     def payload(self) -> dict[str, Any]:
-        return {"ok": self.ok, "rule": self.rule, "reason": self.reason, "applied": self.applied}
+        return {"ok": self.ok, "rule": self.rule, "reason": self.reason and self.reason[:MAX_REASON_CHARS],
+                "applied": self.applied}
 
 
 MAX_ANSWERS = 1000  # waiting to be sent: with nobody taking them (no MQTT), the oldest go
+MAX_REASON_CHARS = 300
 
 
 class Operator:
