@@ -169,7 +169,7 @@ def check_payload(payload: bytes, targets: dict[str, Any]) -> None:
             pass
     try:
         telemetry._scalar(telemetry._within(payload, telemetry.MAX_CONFIG_VALUE_BYTES))
-    except ValueError:
+    except contract.Rejected:  # too large, or not finite: refused with a rule, answered on /result
         pass
 
 

@@ -250,7 +250,7 @@ def test_read_only_mode_advertises_no_commands_and_subscribes_to_nothing(tmp_pat
     assert {prefix % ("light", "led_strip"), prefix % ("number", "servo_motor"), prefix % ("switch", "relay_switch"),
             prefix % ("switch", "plugin_motion_light_enabled")} <= emptied
     assert broker.logged("New client connected from 127.0.0.1") >= 2 and broker.logged(f"as {CLIENT_ID}")
-    assert broker.logged("Received SUBSCRIBE from test-subscriber") == 1  # the log sees subscriptions
+    assert broker.logged("Received SUBSCRIBE from test-subscriber") >= 1  # the log sees subscriptions
     assert broker.logged(f"Received SUBSCRIBE from {CLIENT_ID}") == 0
 
 
