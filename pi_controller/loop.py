@@ -100,6 +100,8 @@ class ControlLoop:
 
     async def _run(self, stop: asyncio.Event, max_ticks: int | None) -> None:
         t0 = self.clock.monotonic()
+        if self.ticks.first_at is None:
+            self.ticks.first_at = t0
         due = 0
         while max_ticks is None or self.ticks.count < max_ticks:
             deadline = t0 + due * self.period

@@ -57,6 +57,7 @@ class PluginStats:
 class TickStats:
     count: int = 0
     missed: int = 0
+    first_at: float | None = None  # when the first tick was due (monotonic): the tick rate counts from there
     durations: Window = field(default_factory=Window)
     jitter: Window = field(default_factory=Window)
 

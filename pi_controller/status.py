@@ -46,11 +46,10 @@ class Status:
         self.last_reload: ReloadResult | None = None
         self._monotonic = monotonic
         self._started = monotonic()
-        self._rate_base: tuple[float, int] | None = None  # (when, ticks) at the first look: the rate counts from there
 
     def wire(self, loop: ControlLoop, telemetry: Telemetry | None, shadows: Shadows) -> None:
-        """The parts built after us, since they read us."""
-        self.loop, self.telemetry, self.shadows = loop, telemetry, shadows
+        """The parts built after us, since they read us; the uptime counts from now."""
+        self.loop, self.telemetry, self.shadows, self._started = loop, telemetry, shadows, self._monotonic()
 
     def _loop(self) -> ControlLoop:
         assert self.loop is not None, "read before the daemon wired its loop"
@@ -96,16 +95,14 @@ class Status:
 
     def loop_state(self) -> dict[str, Any] | None:
         """Tick statistics, and the daemon's health for Home Assistant's diagnostic entities. None until
-        the rate is measured: ticks counted from the first look, over a second at least (one tick 17 ms
-        after start-up is no rate of 59 Hz)."""
-        ticks, now = self._loop().ticks.summary(), self._monotonic()
-        if self._rate_base is None:
-            self._rate_base = (now, ticks["count"])
-        since, counted = self._rate_base
-        if now - since < RATE_WINDOW_S:
+        the rate is measured, over a second of ticks at least (one tick 17 ms after start-up is no rate
+        of 59 Hz)."""
+        stats, now = self._loop().ticks, self._monotonic()
+        first = stats.first_at
+        if first is None or now - first < RATE_WINDOW_S or stats.count < 2:
             return None
-        elapsed = now - self._started
-        return {"rate_hz": round((ticks["count"] - counted) / (now - since), 2), "ticks": ticks["count"],
+        ticks, elapsed = stats.summary(), now - self._started
+        return {"rate_hz": round((ticks["count"] - 1) / (now - first), 2), "ticks": ticks["count"],
                 "missed": ticks["missed"], "duration_median_ms": ticks["duration_median_us"] / 1000,
                 "duration_p99_ms": ticks["duration_p99_us"] / 1000,
                 "start_jitter_p99_ms": ticks["start_jitter_p99_us"] / 1000,
