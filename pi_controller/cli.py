@@ -90,6 +90,8 @@ def _load(path: Path, plugins_dir: Path | None = None) -> config.Settings | None
     try:
         settings = config.load(path)
         config.check_plugins_directory(settings, plugins_dir)
+        if settings.mqtt.enabled:  # its credentials too, before any pin moves (simulate and replay never need them)
+            config.mqtt_secrets(settings)
         return settings
     except config.ConfigError as exc:  # said once, on stderr (the journal under systemd), in one line
         print(f"config error: {exc}", file=sys.stderr)
@@ -119,6 +121,9 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_HARDWARE
     except RecordingError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except config.ConfigError as exc:  # a credential file gone since it was checked
+        print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception:  # anything else at start-up: say what, exit non-zero (ExecStopPost makes pins safe)
         log.exception("startup_failed")

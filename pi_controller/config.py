@@ -104,30 +104,51 @@ MAX_SECRET_BYTES = 4096  # a password or a key's passphrase; a longer file is th
 CREDENTIALS = "${CREDENTIALS_DIRECTORY}"  # systemd's LoadCredential= folder, the one variable expanded
 
 
-def read_secret(key: str, path: str) -> str:
-    """A secret from a file of its own (a systemd credential), read when the config loads: bounded, one
-    trailing newline stripped. FieldError (naming `key`) if it cannot be used."""
+@dataclass(frozen=True)
+class MqttSecrets:
+    password: str | None
+    key_password: str | None
+
+
+def mqtt_secrets(settings: Settings) -> MqttSecrets:
+    """The MQTT password and the TLS key's passphrase, from their files where the config names files:
+    read when a connection needs them (`run` and `check-config` read them first, for an error at the
+    key's line), never by what only reads a config (simulate, replay, the plugin tools), so that a Pi's
+    config or recording works on a machine without its credentials. ConfigError if a file is unusable."""
+    mqtt, key = settings.mqtt, ("mqtt", "password_file")
+    try:
+        password = read_secret(mqtt.password_file) if mqtt.password_file is not None else mqtt.password
+        key = ("mqtt", "tls", "key_password_file")
+        tls_file = mqtt.tls.key_password_file if mqtt.tls is not None else None
+        return MqttSecrets(password, read_secret(tls_file) if tls_file is not None else None)
+    except ValueError as exc:
+        raise settings.error(key, str(exc)) from None
+
+
+def read_secret(path: str) -> str:
+    """A secret from a file of its own (a systemd credential): bounded, one trailing newline stripped.
+    ValueError if it cannot be used."""
     if CREDENTIALS in path:
         folder = os.environ.get("CREDENTIALS_DIRECTORY")
         if not folder:
-            raise FieldError((key,), f"{CREDENTIALS} is not set: systemd sets it for the service (LoadCredential=); "
-                                     "by hand, set it to the folder holding the file (CREDENTIALS_DIRECTORY=/etc/"
-                                     "pi-controller pi-controller check-config ...) or give the file's own path")
+            raise ValueError(f"{CREDENTIALS} is not set: systemd sets it for the service (LoadCredential=); by "
+                             "hand, set it to the folder holding the file (sudo env CREDENTIALS_DIRECTORY=/etc/"
+                             "pi-controller pi-controller check-config ...) or give the file's own path")
         path = path.replace(CREDENTIALS, folder)
     try:
         with open(path, "rb") as file:
             data = file.read(MAX_SECRET_BYTES + 1)
     except OSError as exc:
-        raise FieldError((key,), f"cannot read {path}: {exc.strerror or exc}; fix the path or the file's "
-                                 "permissions (the daemon's user must read it)") from None
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}; fix the path or the file's "
+                         "permissions (the daemon's user must read it)") from None
     if len(data) > MAX_SECRET_BYTES:
-        raise FieldError((key,), f"{path} is longer than {MAX_SECRET_BYTES} bytes: not a password file")
+        raise ValueError(f"{path} is longer than {MAX_SECRET_BYTES} bytes: not a password file")
     try:
         secret = data.decode("utf-8").removesuffix("\n").removesuffix("\r")
     except UnicodeDecodeError:
-        raise FieldError((key,), f"{path} is not UTF-8 text") from None
+        raise ValueError(f"{path} is not UTF-8 text") from None
     if not secret:
-        raise FieldError((key,), f"{path} is empty")
+        raise ValueError(f"{path} is empty")
     return secret
 
 
@@ -136,8 +157,7 @@ class TlsSettings:
     ca_file: str | None = None  # None: the system's CA store
     cert_file: str | None = None  # a client certificate, with key_file
     key_file: str | None = None
-    key_password_file: str | None = None  # the passphrase of an encrypted key_file
-    key_password: str | None = field(default=None, init=False, repr=False)  # read from key_password_file
+    key_password_file: str | None = None  # the passphrase of an encrypted key_file (see `mqtt_secrets`)
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
@@ -146,10 +166,8 @@ class TlsSettings:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise FieldError((name,), f"no file at {path}")
-        if self.key_password_file is not None:
-            if self.key_file is None:
-                raise FieldError(("key_password_file",), "a key passphrase needs key_file (and cert_file)")
-            object.__setattr__(self, "key_password", read_secret("key_password_file", self.key_password_file))
+        if self.key_password_file is not None and self.key_file is None:
+            raise FieldError(("key_password_file",), "a key passphrase needs key_file (and cert_file)")
 
 
 @dataclass(frozen=True)
@@ -162,7 +180,7 @@ class MqttSettings:
     client_id: str | None = None  # None: pi-controller-<node_id>
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    password_file: str | None = None  # instead of password: a file holding it (a systemd credential)
+    password_file: str | None = None  # instead of password: a file holding it (see `mqtt_secrets`)
     tls: TlsSettings | None = None
     keepalive_s: int = bounded(5, 3600, default=30)
     base_topic: str = matching(r"[^#+/\s][^#+\s]*[^#+/\s]|[^#+/\s]", "a topic without '#', '+', spaces or "
@@ -180,11 +198,9 @@ class MqttSettings:
     override_expiry_s: float = bounded(1, 7 * 86400, default=3600.0)
 
     def __post_init__(self) -> None:
-        if self.password_file is not None:
-            if self.password is not None:
-                raise FieldError(("password_file",), "give password or password_file, not both")
-            object.__setattr__(self, "password", read_secret("password_file", self.password_file))
-        if self.password is not None and self.username is None:
+        if self.password_file is not None and self.password is not None:
+            raise FieldError(("password_file",), "give password or password_file, not both")
+        if (self.password is not None or self.password_file is not None) and self.username is None:
             raise ValueError("a password needs a username")
         if any(value < 0 for value in self.deadband.values()):
             raise ValueError("deadbands are changes: 0 or more")

@@ -418,18 +418,31 @@ def test_the_mqtt_password_comes_from_its_own_file_without_the_trailing_newline(
     secret = tmp_path / "mqtt-password"
     secret.write_text("s3cret with spaces \n")
     settings = config.load(write_config(mqtt_with(tmp_path, password_file=str(secret))))
-    assert settings.mqtt.password == "s3cret with spaces "
-    assert "s3cret" not in repr(settings.mqtt)  # not in a log line or a traceback
+    assert config.mqtt_secrets(settings).password == "s3cret with spaces "
+    assert "s3cret" not in repr(settings)  # never held by the settings: not in a log line or a traceback
+
+
+def test_a_config_with_credentials_loads_where_they_are_not_and_a_simulation_runs_on_it(tmp_path, write_config,
+                                                                                        monkeypatch) -> None:
+    """A Pi's config (or the one in its recording) on a laptop: only a connection needs the secrets."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    data = mqtt_with(tmp_path, password_file="${CREDENTIALS_DIRECTORY}/mqtt-password")
+    settings = config.load(write_config(data))
+    with pytest.raises(config.ConfigError, match="CREDENTIALS_DIRECTORY"):
+        config.mqtt_secrets(settings)
+    result = subprocess.run([sys.executable, "-m", "pi_controller", "simulate", "--config", str(settings.source),
+                             "--duration", "10s"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_password_file_follows_systemds_credentials_directory(tmp_path, write_config, monkeypatch) -> None:
     (tmp_path / "mqtt-password").write_text("from-systemd\n")
     path = write_config(mqtt_with(tmp_path, password_file="${CREDENTIALS_DIRECTORY}/mqtt-password"))
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    assert config.load(path).mqtt.password == "from-systemd"
+    assert config.mqtt_secrets(config.load(path)).password == "from-systemd"
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(config.ConfigError, match=r"mqtt\.password_file: \$\{CREDENTIALS_DIRECTORY\} is not set: "):
-        config.load(path)
+        config.mqtt_secrets(config.load(path))
 
 
 @pytest.mark.parametrize("content, mqtt, message", [
@@ -444,7 +457,7 @@ def test_a_password_file_that_cannot_be_used_is_a_config_error_at_its_key(tmp_pa
     if content is not None:
         secret.write_text(content)
     data = mqtt_with(tmp_path, password_file=str(secret), **mqtt)
-    error = error_for(write_config, data)
+    error = secrets_error_for(write_config, data)
     assert error.path == ("mqtt", "password_file")
     assert error.line == data_line(error.file, "password_file:")
     assert error.message.startswith(message.format(file=secret))
@@ -456,10 +469,17 @@ def test_a_tls_key_passphrase_comes_from_a_file(tmp_path, write_config) -> None:
     (tmp_path / "key-password").write_text("passphrase\n")
     tls = {"ca_file": str(tmp_path / "ca.crt"), "cert_file": str(tmp_path / "client.crt"),
            "key_file": str(tmp_path / "client.key"), "key_password_file": str(tmp_path / "key-password")}
-    assert config.load(write_config(mqtt_with(tmp_path, tls=tls))).mqtt.tls.key_password == "passphrase"
+    assert config.mqtt_secrets(config.load(write_config(mqtt_with(tmp_path, tls=tls)))).key_password == "passphrase"
     tls["key_password_file"] = str(tmp_path / "missing")
-    error = error_for(write_config, mqtt_with(tmp_path, tls=tls))
+    error = secrets_error_for(write_config, mqtt_with(tmp_path, tls=tls))
     assert error.path == ("mqtt", "tls", "key_password_file") and error.line is not None
+
+
+def secrets_error_for(write_config: Any, data: dict[str, Any]) -> config.ConfigError:
+    """The error for `data`, whether loading it or reading its secrets (what `run` does first) finds it."""
+    with pytest.raises(config.ConfigError) as caught:
+        config.mqtt_secrets(config.load(write_config(data)))
+    return caught.value
 
 
 def data_line(file: str, key: str) -> int:

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 import structlog
 
+from pi_controller import config
 from pi_controller.config import Settings
 from pi_controller.contract import Rejected
 from pi_controller.mqtt import discovery
@@ -95,13 +96,13 @@ class Telemetry(LoopObserver):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def _client(self) -> mqtt.Client:
-        m = self.mqtt
+        m, secrets = self.mqtt, config.mqtt_secrets(self.settings)
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id)
         if m.username is not None:
-            client.username_pw_set(m.username, m.password)  # password: from password_file, if given
+            client.username_pw_set(m.username, secrets.password)
         if m.tls is not None:
             client.tls_set(ca_certs=m.tls.ca_file, certfile=m.tls.cert_file, keyfile=m.tls.key_file,
-                           keyfile_password=m.tls.key_password)
+                           keyfile_password=secrets.key_password)
         client.will_set(self.topics.status, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=60)
         client.max_queued_messages_set(PAHO_QUEUE)
