@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from gpiozero import Device
@@ -31,8 +32,10 @@ class FakePlugin(SimpleNamespace):
     set_config = SandboxedPlugin.set_config
 
 
-def plugin(name: str = "thermostat") -> FakePlugin:
-    return FakePlugin(name=name, grant=SimpleNamespace(config={"setpoint": 21}, config_schema=None), config_suffix=b"")
+def plugin(name: str = "thermostat", **config: Any) -> FakePlugin:
+    made = FakePlugin(name=name, grant=SimpleNamespace(config=config or {"setpoint": 21}, config_schema=None))
+    made.set_config({})  # as a plugin starts: its grant's config
+    return made
 
 
 @pytest.mark.parametrize("payload,expected", [
@@ -68,7 +71,17 @@ def test_a_config_value_that_cannot_be_encoded_blocks_nothing_after_it(devices) 
     operator.submit(SetPluginConfig("thermostat", "setpoint", 19.5))
     operator.commands(devices, [thermostat], now=0.0, tick=0)
     assert thermostat.config_suffix == b',"config":{"setpoint":19.5}}'
-    assert operator.config == {"thermostat": {"setpoint": 19.5}}
+    assert thermostat.config == {"setpoint": 19.5}
+
+
+def test_a_swapped_in_plugin_runs_its_own_config_not_the_values_set_on_the_version_before(devices) -> None:
+    operator, old = Operator(expiry_s=10), plugin()
+    operator.submit(SetPluginConfig("thermostat", "setpoint", 19.5))
+    operator.commands(devices, [old], now=0.0, tick=0)
+    new = plugin(setpoint=21, band=1.0)  # hot-swapped in under the same name
+    operator.submit(SetPluginConfig("thermostat", "band", 2.0))
+    operator.commands(devices, [new], now=1.0, tick=1)
+    assert new.config == {"setpoint": 21, "band": 2.0}  # 19.5 was the old version's, unchecked against this one
 
 
 def test_enabling_an_unknown_plugin_is_refused(devices) -> None:

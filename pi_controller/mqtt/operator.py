@@ -92,7 +92,6 @@ class Operator:
     def __init__(self, expiry_s: float, wall: Callable[[], float] = time.time):
         self.expiry_s = expiry_s
         self.disabled: set[str] = set()
-        self.config: dict[str, dict[str, Any]] = {}  # plugin -> values changed at run time
         self._overrides: dict[str, Override] = {}  # by device
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._wall = wall
@@ -186,16 +185,13 @@ class Operator:
         if plugin is None:
             log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
             return _unknown_plugin(request)
-        changed = self.config.get(request.name, {})
-        try:
-            check_change(request.key, request.value, plugin.grant.config_schema, {**plugin.grant.config, **changed})
+        try:  # against what this version runs with: a swapped-in plugin starts from its own config
+            check_change(request.key, request.value, plugin.grant.config_schema, plugin.config)
         except Rejected as exc:
             log.warning("plugin_config_refused", plugin=request.name, key=request.key[:64], tick=tick,
                         rule=exc.rule, reason=str(exc))
             return Answer(request.reply_to, False, exc.rule, str(exc))
-        changed = {**changed, request.key: request.value}
-        plugin.set_config(changed)
-        self.config[request.name] = changed
+        plugin.set_config({**plugin.config, request.key: request.value})
         log.info("plugin_config_set", plugin=request.name, key=request.key, value=request.value, tick=tick)
         return Answer(request.reply_to, True, applied={request.key: request.value})
 
