@@ -247,8 +247,12 @@ def test_sensors_without_a_model_are_driven_from_a_recording(write_config, tmp_p
 def test_from_recording_refuses_what_is_no_recording_before_the_run(write_config, tmp_path, capsys) -> None:
     from pi_controller import cli
 
+    from pi_controller.sim.record import FORMAT, VERSION
+
     (tmp_path / "not.jsonl").write_text("hello\n")
-    for path in (tmp_path / "not.jsonl", tmp_path / "missing.jsonl"):
+    crafted = {"format": FORMAT, "version": VERSION, "rate_hz": "fast", "sensors": {"light_sensor": "lux"}}
+    (tmp_path / "crafted.jsonl").write_text(json.dumps(crafted) + '\n{"n": 0, "t": 0.0}\n')
+    for path in (tmp_path / "not.jsonl", tmp_path / "missing.jsonl", tmp_path / "crafted.jsonl"):
         assert cli.main(["simulate", "--config", str(write_config(example_data())), "--duration", "1m",
                          "--from-recording", str(path)]) == 2
         err = capsys.readouterr().err

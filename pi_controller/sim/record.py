@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import queue
 import threading
@@ -295,9 +296,15 @@ class Reader:
 
 
 def _checked(header: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The header, if what readers take from it has its type: a file is anyone's to write."""
     if header.get("version") != VERSION:
         raise RecordingError(f"{path}: recording version {header.get('version')!r}; this pi-controller reads "
                              f"version {VERSION}")
+    rate, sensors = header.get("rate_hz", 1.0), header.get("sensors", {})
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < math.inf:
+        raise RecordingError(f"{path}: a header's rate_hz is {str(rate)[:40]!r}, not a rate")
+    if not isinstance(sensors, dict) or not all(isinstance(unit, str) for unit in sensors.values()):
+        raise RecordingError(f"{path}: a header's sensors are not a mapping of sensor ids to units")
     return header
 
 
