@@ -14,7 +14,9 @@ from pi_controller.devices.pins import SimulatedFactory
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
 from pi_controller.mqtt.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig, parse_set
+from pi_controller.names import OPERATOR
 from pi_controller.plugins.sandbox import SandboxedPlugin
+from pi_controller.safety.rules import Hold
 
 
 @pytest.fixture
@@ -118,3 +120,14 @@ def test_an_override_knows_when_it_ends_on_the_wall_clock(devices) -> None:
     operator.commands(devices, [], now=5.0, tick=0)
     override = operator.overrides()["heater"]
     assert (override.expiry, override.expires_at) == (65.0, 1_000_060.0)
+
+
+@pytest.mark.parametrize("rule, ok", [("max_rate", True), ("reverse_delay", True), ("min_off", False),
+                                      ("requires", False), ("min_duty", False)])
+def test_a_set_on_its_way_is_answered_ok_and_one_held_is_not(devices, rule: str, ok: bool) -> None:
+    operator = Operator(expiry_s=10)
+    operator.submit(SetActuator("lamp", b'{"brightness": 80}', reply_to="lamp/set/result"))
+    operator.commands(devices, [], now=0.0, tick=0)
+    (answer,) = operator.answers([Hold("lamp", rule, "what the rule says", OPERATOR)], {"lamp": {"value": 0.1}})
+    assert (answer.ok, answer.rule, answer.applied) == (ok, rule, {"value": 0.1})
+    assert ("on its way" in answer.reason) == ok and "what the rule says" in answer.reason

@@ -22,6 +22,7 @@ from pi_controller.contract import Command, Rejected
 from pi_controller.devices.actuators import Actuator
 from pi_controller.names import OPERATOR
 from pi_controller.plugins.plugin_config import check_change
+from pi_controller.safety.rules import GRADUAL
 
 if TYPE_CHECKING:
     from pi_controller.safety.rules import Hold
@@ -115,10 +116,7 @@ class Operator:
         while self._answers:
             answer = self._answers.popleft()
             if answer.device is not None:
-                hold = held.get(answer.device)
-                answer = replace(answer, applied=states.get(answer.device)) if hold is None else replace(
-                    answer, ok=False, rule=hold.rule, applied=states.get(answer.device),
-                    reason=f"held by the safety rules: {hold.detail}; the override stands until released or expired")
+                answer = _as_held(answer, held.get(answer.device), states.get(answer.device))
             answers.append(answer)
         return answers
 
@@ -194,6 +192,16 @@ class Operator:
         plugin.set_config({**plugin.config, request.key: request.value})
         log.info("plugin_config_set", plugin=request.name, key=request.key, value=request.value, tick=tick)
         return Answer(request.reply_to, True, applied={request.key: request.value})
+
+
+def _as_held(answer: Answer, hold: Hold | None, state: Mapping[str, Any] | None) -> Answer:
+    """A taken-up set as the safety rules left it: applied, on its way (a ramp), or held."""
+    if hold is None:
+        return replace(answer, applied=state)
+    if hold.rule in GRADUAL:
+        return replace(answer, rule=hold.rule, applied=state, reason=f"on its way: {hold.detail}")
+    return replace(answer, ok=False, rule=hold.rule, applied=state,
+                   reason=f"held by the safety rules: {hold.detail}; the override stands until released or expired")
 
 
 def _unknown_plugin(request: EnablePlugin | SetPluginConfig) -> Answer:

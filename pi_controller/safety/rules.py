@@ -42,6 +42,7 @@ log = structlog.get_logger("pi_controller.safety")
 
 FORCING = ("requires", "max_on")  # rules that force the safe state rather than hold a change
 WEAR = ("interlock", "min_on", "min_off")  # rules that hold the current state while a request waits
+GRADUAL = ("max_rate", "reverse_delay")  # shaping on the way to what was asked: it gets there, later
 
 
 @dataclass(frozen=True, slots=True)
