@@ -103,8 +103,8 @@ SCHEMA_EXTRA = {"mode": {"type": "string", "allowed": ["eco", "comfort"]}, "boos
 @pytest.fixture
 def published(tmp_path: Path, write_config):
     """A daemon on mock pins with the bundled plugins (one shadowed, one with every kind of config key),
-    a motor, an operator's override of the LED strip, run 30 ticks; its discovery configs and, per topic,
-    the last payload the telemetry queued."""
+    a motor, an operator's override of the LED strip, run 30 ticks; its discovery configs, per topic the
+    last payload the telemetry queued, and the failsafes and safety holds the loop counted."""
     folder = tmp_path / "plugins"
     (folder / "shadow").mkdir(parents=True)
     for name in ("temperature_control", "motion_light", "energy_saver"):
@@ -117,6 +117,7 @@ def published(tmp_path: Path, write_config):
     data = example_data()
     data["plugins"]["directory"] = str(folder)
     data["actuators"].append({"id": "fan", "kind": "motor", "forward": 20, "backward": 21})
+    next(a for a in data["actuators"] if a["id"] == "led_strip")["max_rate"] = 5.0  # the override ramps: holds
     data["mqtt"] = {"node_id": "testpi", "heartbeat_s": 30}
     daemon = Daemon(config.load(write_config(data)), simulate=True, clock=VirtualClock())
     try:
@@ -126,7 +127,9 @@ def published(tmp_path: Path, write_config):
         telemetry.tick_done(None)  # type: ignore[arg-type]  # it reads the status, not the report
         payloads = {topic: payload for topic, payload, _ in telemetry.outbox}
         configs = discovery.configs(daemon.settings, daemon.status.config_schemas(), daemon.status.shadowed())
-        yield configs, payloads
+        counted = {"failsafes": sum(daemon.loop.safety.failsafes.values()),
+                   "safety_holds": sum(sum(rules.values()) for rules in daemon.loop.safety.held.values())}
+        yield configs, payloads, counted
     finally:
         daemon.close()
 
@@ -136,7 +139,7 @@ def platform_of(topic: str) -> str:
 
 
 def test_every_discovery_payload_uses_only_keys_home_assistant_accepts(published) -> None:
-    configs, _ = published
+    configs, _, _ = published
     platforms = {platform_of(topic) for topic in configs}
     assert platforms == set(ACCEPTED), "every platform we emit is checked, and each is emitted"
     for topic, payload in configs.items():
@@ -166,7 +169,7 @@ def test_every_discovery_payload_uses_only_keys_home_assistant_accepts(published
 
 
 def test_every_template_renders_to_a_valid_state_from_what_is_published(published) -> None:
-    configs, payloads = published
+    configs, payloads, _ = published
     rendered = 0
     for topic, config_ in configs.items():
         platform = platform_of(topic)
@@ -210,7 +213,7 @@ def check_state(platform: str, template: str, value: str, entity: dict[str, Any]
 
 
 def test_plugin_config_keys_become_number_select_and_switch_entities(published) -> None:
-    configs, payloads = published
+    configs, payloads, _ = published
     prefix = "homeassistant/%s/testpi/plugin_temperature_control_config_%s/config"
     setpoint = configs[prefix % ("number", "setpoint")]
     assert (setpoint["min"], setpoint["max"], setpoint["step"], setpoint["unit_of_measurement"]) == (5, 30, 0.1, "°C")
@@ -239,7 +242,7 @@ def test_read_only_mode_offers_no_config_entity_and_no_resume_button(write_confi
 
 
 def test_an_override_shows_until_when_with_a_resume_button(published) -> None:
-    configs, payloads = published
+    configs, payloads, _ = published
     state = json.loads(payloads["pi-controller/testpi/actuator/led_strip/state"])
     assert state["override"] and state["owner"] == "operator" and state["override_expires_at"].endswith("+00:00")
     light = configs["homeassistant/light/testpi/led_strip/config"]
@@ -253,10 +256,12 @@ def test_an_override_shows_until_when_with_a_resume_button(published) -> None:
 
 
 def test_diagnostics_come_from_loop_state(published) -> None:
-    configs, payloads = published
+    configs, payloads, counted = published
     loop = json.loads(payloads["pi-controller/testpi/loop/state"])
     assert isinstance(loop["uptime_s"], int) and loop["version"] and loop["last_reload"] == "none"
-    assert loop["watchdog_trips"] == 0 and loop["failsafes"] >= 0 and loop["safety_holds"] >= 0
+    assert loop["watchdog_trips"] == 0
+    assert (loop["failsafes"], loop["safety_holds"]) == (counted["failsafes"], counted["safety_holds"])
+    assert counted["safety_holds"] > 0  # the override's ramp at least: the numbers are not zeros by default
     for key in ("uptime_s", "version", "watchdog_trips", "failsafes", "safety_holds", "last_reload"):
         entity = configs[f"homeassistant/sensor/testpi/loop_{key}/config"]
         assert entity["entity_category"] == "diagnostic" and entity["state_topic"].endswith("/loop/state")
@@ -264,14 +269,14 @@ def test_diagnostics_come_from_loop_state(published) -> None:
 
 
 def test_the_plugin_state_is_an_enum_sensor(published) -> None:
-    configs, payloads = published
+    configs, payloads, _ = published
     entity = configs["homeassistant/sensor/testpi/plugin_motion_light/config"]
     assert entity["device_class"] == "enum" and entity["options"] == ["loaded", "quarantined", "disabled", "failed"]
     assert render(entity["value_template"], payloads[entity["state_topic"]]) == "loaded"
 
 
 def test_a_shadow_shows_its_agreement(published) -> None:
-    configs, payloads = published
+    configs, payloads, _ = published
     entity = configs["homeassistant/sensor/testpi/plugin_temperature_control_shadow_agreement/config"]
     assert entity["entity_category"] == "diagnostic" and entity["unit_of_measurement"] == "%"
     assert float(render(entity["value_template"], payloads[entity["state_topic"]])) == 100.0  # the same plugin
@@ -281,7 +286,7 @@ def test_a_shadow_shows_its_agreement(published) -> None:
 
 
 def test_sensor_values_go_out_rounded_to_their_precision(published) -> None:
-    configs, payloads = published
+    configs, payloads, _ = published
     temperature = json.loads(payloads["pi-controller/testpi/sensor/temperature_sensor/state"])
     assert round(temperature["value"], 1) == temperature["value"]
     assert configs["homeassistant/sensor/testpi/temperature_sensor/config"]["suggested_display_precision"] == 1
@@ -302,7 +307,7 @@ def test_a_sensor_precision_in_the_config_is_checked_and_used(write_config) -> N
 
 
 def test_a_failed_read_is_unknown_and_its_sensor_unavailable(published) -> None:
-    configs, _ = published
+    configs, _, _ = published
     failed = json.dumps(Reading("motion_sensor", None, "boolean", 1.0, "OSError: no pin").as_json()).encode()
     motion = configs["homeassistant/binary_sensor/testpi/motion_sensor/config"]
     assert render(motion["value_template"], failed) == "None"  # Home Assistant: unknown, not "Clear"
