@@ -26,7 +26,7 @@ from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.shadow import FOLDER, Shadows
 from pi_controller.plugins.watch import PluginWatcher
 from pi_controller.readiness import Readiness
-from pi_controller.reloads import ReloadResult, Reloads
+from pi_controller.reloads import ReloadResult, Reloads, prepared
 from pi_controller.safety import known_good
 from pi_controller.safety.rules import Safety
 from pi_controller.safety.watchdog import Watchdog
@@ -154,9 +154,9 @@ class Daemon:
         if name != FOLDER or (self._shadow_reload is not None and not self._shadow_reload.done()):
             return
 
-        async def rebuild() -> None:
-            shadows = await asyncio.to_thread(self._load_shadows, self.settings, self.plugins)
-            await self.loop.in_gap(lambda: self._adopt_shadows(shadows), shadows.close)  # closed if the stop comes first
+        async def rebuild() -> None:  # what it prepares is closed if the stop comes first
+            shadows = await prepared(lambda: self._load_shadows(self.settings, self.plugins), Shadows.close)
+            await self.loop.in_gap(lambda: self._adopt_shadows(shadows), shadows.close)
 
         self._shadow_reload = asyncio.create_task(rebuild(), name="shadow-reload")
 
@@ -215,10 +215,10 @@ class Daemon:
                 PluginWatcher(self.shadows.plugins, self.loop, rescan=rescan).run(), name="shadow-watch")
 
     def _stop_watching(self) -> None:
-        for watcher in (self._watcher, self._shadow_watcher):
-            if watcher is not None:
-                watcher.cancel()
-        self._watcher = self._shadow_watcher = None
+        for task in (self._watcher, self._shadow_watcher, self._shadow_reload):
+            if task is not None:
+                task.cancel()  # a rebuild under way closes what it prepared
+        self._watcher = self._shadow_watcher = self._shadow_reload = None
 
     def _metrics_server(self) -> MetricsServer | None:
         if self.metrics is None:
@@ -260,12 +260,15 @@ class Daemon:
         # The sensor history goes on, unless its length changed.
         history = self.plugins.history if self.plugins.history.length == new.plugins.host.history_length else None
         try:
-            plugins = await asyncio.to_thread(self._load_plugins, new, history)  # if this fails, no pin has changed
+            plugins = await prepared(lambda: self._load_plugins(new, history), PluginSet.close)  # no pin changed
         except Exception as exc:
             log.exception("reload_failed", file=str(new.source))
             return ReloadResult("failed", f"reload failed, running config kept: {type(exc).__name__}: {exc}")
         try:
-            shadows = await asyncio.to_thread(self._load_shadows, new, plugins)
+            shadows = await prepared(lambda: self._load_shadows(new, plugins), Shadows.close)
+        except asyncio.CancelledError:
+            plugins.close()
+            raise
         except Exception:  # the live plugins reload all the same
             log.exception("shadows_reload_failed", file=str(new.source))
             shadows = None

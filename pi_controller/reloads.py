@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal
+from typing import Awaitable, Callable, Literal, TypeVar
 
 SETTLE_S = 0.25
+T = TypeVar("T")
 
 Outcome = Literal["applied", "refused", "failed"]
 
@@ -52,3 +53,19 @@ class Reloads:
                 await self._reload()
         finally:
             self._task = None
+
+
+async def prepared(make: Callable[[], T], close: Callable[[T], None]) -> T:
+    """`make()` on a worker thread (compiling plugins takes seconds on a Pi), awaited. Cancelled meanwhile
+    (the daemon stopping), what it makes is closed once it is made: no compiled set is left behind."""
+    future = asyncio.get_running_loop().run_in_executor(None, make)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda done: _close_made(done, close))
+        raise
+
+
+def _close_made(done: asyncio.Future[T], close: Callable[[T], None]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        close(done.result())

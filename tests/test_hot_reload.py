@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -264,3 +265,31 @@ def test_plugin_install_into_a_running_daemon_is_loaded_whole(live, tmp_path) ->
     assert not [e for e in logs if e["event"] in ("plugin_load_failed", "plugin_call_failed")]
     assert sorted(p.name for p in folder.iterdir()) == ["energy_saver.wasm", "temperature_control.wasm"]
     assert_no_missed_ticks(daemon.loop.ticks.missed)
+
+
+def test_a_reload_stopped_while_it_compiles_closes_what_it_compiled(configured, tmp_path, monkeypatch) -> None:
+    first, second = folder_with(tmp_path, "a", "temperature_control"), folder_with(tmp_path, "b", "energy_saver")
+    daemon, reload = configured(first)
+    prepared: list[PluginSet] = []
+    compiling, stopped = threading.Event(), threading.Event()
+    load = daemon._load_plugins
+
+    def slow_load(*args: Any) -> PluginSet:  # the stop comes while the new set compiles
+        compiling.set()
+        stopped.wait(timeout=60)
+        prepared.append(load(*args))
+        return prepared[-1]
+
+    monkeypatch.setattr(daemon, "_load_plugins", slow_load)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(reload(directory=str(second)))
+        await until(compiling.is_set, "the reload compiles")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stopped.set()
+        await until(lambda: bool(prepared) and len(prepared[0]) == 0, "what it compiled is closed once compiled")
+
+    asyncio.run(scenario())
+    assert set(daemon.plugins.status) == {"temperature_control"}  # the running set is untouched

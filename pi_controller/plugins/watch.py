@@ -24,7 +24,8 @@ import structlog
 from asyncinotify import Event, Inotify, Mask
 
 from pi_controller.loop import ControlLoop
-from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.plugin_set import PluginSet, Update
+from pi_controller.reloads import prepared
 
 log = structlog.get_logger("pi_controller.plugins")
 
@@ -117,7 +118,7 @@ class PluginWatcher:
     async def reload(self, names: set[str]) -> None:
         """Prepare `names` on a worker thread, then apply them between two ticks."""
         plugins, generation = self._plugins, self._plugins.generation
-        update = await asyncio.to_thread(plugins.prepare, names)
+        update = await prepared(lambda: plugins.prepare(names), Update.close)
 
         def swap() -> None:
             if plugins.generation == generation:
