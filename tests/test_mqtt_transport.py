@@ -22,7 +22,7 @@ from pi_controller import config
 from pi_controller.clock import VirtualClock
 from pi_controller.daemon import Daemon
 from tests import test_mqtt
-from tests.conftest import free_port, skip_unless_ci
+from tests.conftest import example_data, free_port, skip_unless_ci
 from tests.test_mqtt import BASE, NODE, Broker, Subscriber, daemon_config, finish, needs_mosquitto, start_daemon, state
 
 broker, subscriber = test_mqtt.broker, test_mqtt.subscriber  # its fixtures: a broker, and a client recording it all
@@ -390,3 +390,20 @@ def test_states_go_out_once_on_the_first_connection_and_loop_state_waits_for_a_m
         assert payloads and all(a != b for a, b in itertools.pairwise(payloads)), device  # none sent twice
     (first, *_) = [json.loads(p) for p in subscriber.on(f"{BASE}/loop/state")]
     assert first["rate_hz"] == 10.0  # measured over a second of ticks, not one tick after start-up
+
+
+def test_a_damaged_outage_buffer_costs_its_bad_lines_not_a_start(tmp_path, write_config) -> None:
+    from pi_controller.mqtt.telemetry import Telemetry
+
+    buffer = tmp_path / "outbox.jsonl"
+    good = json.dumps(["pi-controller/t/sensor/x/state", '{"value": 1}', False])
+    buffer.write_text("\n".join(["5", '["t", 1, true]', '[null, "x", false]', "not json", good]) + "\n")
+    data = example_data()
+    data["mqtt"] = {"node_id": "t", "buffer_file": str(buffer)}
+    daemon = Daemon(config.load(write_config(data)), simulate=True, clock=VirtualClock())
+    try:
+        telemetry = Telemetry(daemon.settings, daemon.status, daemon.operator)  # a restart: it reads the buffer
+        assert list(telemetry.outbox) == [("pi-controller/t/sensor/x/state", b'{"value": 1}', False)]
+        assert not buffer.exists()
+    finally:
+        daemon.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import sys
 import threading
@@ -389,23 +390,40 @@ class Telemetry(LoopObserver):
         self._unpend()
         if not self.mqtt.buffer_file or not self.outbox:
             return
-        with open(self.mqtt.buffer_file, "w", encoding="utf-8") as f:
+        partial = f"{self.mqtt.buffer_file}.partial"  # replaced whole: a crash mid-write leaves the old file
+        with open(partial, "w", encoding="utf-8") as f:
             for topic, payload, retain in self.outbox:
                 f.write(json.dumps([topic, payload.decode(), retain]) + "\n")
+        os.replace(partial, self.mqtt.buffer_file)
         log.info("telemetry_saved", messages=len(self.outbox), file=self.mqtt.buffer_file)
 
     def _restore(self) -> None:
         path = Path(self.mqtt.buffer_file) if self.mqtt.buffer_file else None
         if path is None or not path.exists():
             return
+        skipped = 0
         try:
             for line in path.read_text(encoding="utf-8").splitlines():
-                topic, payload, retain = json.loads(line)
-                self._keep((topic, payload.encode(), retain))
+                message = _restored(line)
+                if message is None:  # a file anyone could edit: a bad line is skipped, never a crash loop
+                    skipped += 1
+                else:
+                    self._keep(message)
         except (OSError, ValueError) as exc:
             log.warning("telemetry_restore_failed", file=str(path), error=str(exc))
         path.unlink(missing_ok=True)
-        log.info("telemetry_restored", messages=len(self.outbox), file=str(path))
+        log.info("telemetry_restored", messages=len(self.outbox), skipped=skipped, file=str(path))
+
+
+def _restored(line: str) -> Message | None:
+    """A saved message, if the line is one: [topic, payload text, retain]."""
+    try:
+        topic, payload, retain = json.loads(line)
+    except (ValueError, TypeError):
+        return None
+    if not (isinstance(topic, str) and topic and isinstance(payload, str) and isinstance(retain, bool)):
+        return None
+    return topic, payload.encode(), retain
 
 
 def _plugin_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
