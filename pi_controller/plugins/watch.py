@@ -86,7 +86,11 @@ class PluginWatcher:
             return
         if Mask.CREATE in event.mask and not (event.path is not None and event.path.is_symlink()):
             return  # a file being written: its close says when it is whole; a link is whole at once
-        self._schedule(name.stem, 0.0 if event.mask & _AT_ONCE else self._settle_s)
+        # A renamed or deleted module is whole at once. A manifest waits `settle_s` for its module: `plugin
+        # install` renames the manifest, then the module, and the pair is loaded as one, never the new
+        # manifest with the old module.
+        at_once = event.mask & _AT_ONCE and name.suffix == ".wasm"
+        self._schedule(name.stem, 0.0 if at_once else self._settle_s)
 
     def _look_at_everything(self) -> None:
         """Each plugin file, as if it had just landed (one unchanged is left as it is), and each plugin
