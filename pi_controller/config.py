@@ -115,12 +115,18 @@ def mqtt_secrets(settings: Settings) -> MqttSecrets:
     read when a connection needs them (`run` and `check-config` read them first, for an error at the
     key's line), never by what only reads a config (simulate, replay, the plugin tools), so that a Pi's
     config or recording works on a machine without its credentials. ConfigError if a file is unusable."""
-    mqtt, key = settings.mqtt, ("mqtt", "password_file")
+    mqtt = settings.mqtt
+    tls_file = mqtt.tls.key_password_file if mqtt.tls is not None else None
+    password = _secret(settings, ("mqtt", "password_file"), mqtt.password_file)
+    return MqttSecrets(mqtt.password if password is None else password,
+                       _secret(settings, ("mqtt", "tls", "key_password_file"), tls_file))
+
+
+def _secret(settings: Settings, key: KeyPath, path: str | None) -> str | None:
+    if path is None:
+        return None
     try:
-        password = read_secret(mqtt.password_file) if mqtt.password_file is not None else mqtt.password
-        key = ("mqtt", "tls", "key_password_file")
-        tls_file = mqtt.tls.key_password_file if mqtt.tls is not None else None
-        return MqttSecrets(password, read_secret(tls_file) if tls_file is not None else None)
+        return read_secret(path)
     except ValueError as exc:
         raise settings.error(key, str(exc)) from None
 

@@ -83,6 +83,17 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     broker.stop()
 
 
+def poll(test: Callable[[], Any], what: str, seconds: float = 60) -> Any:
+    """What `test` returns once it is true (a broker and a daemon in other processes: nothing to wait on
+    but this); `seconds` bounds a wait that would otherwise hang a failing test."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if result := test():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
 class Subscriber:
     """A paho client recording every message under our base topic and the discovery prefix."""
 
@@ -107,13 +118,10 @@ class Subscriber:
             return [payload for t, payload, _ in self.messages if t == topic]
 
     def wait_for(self, test: Callable[[], Any], seconds: float = 15) -> Any:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            result = test()
-            if result:
-                return result
-            time.sleep(0.05)
-        raise AssertionError(f"timed out; topics seen: {sorted({t for t, _, _ in self.messages})}")
+        try:
+            return poll(test, "what the test waits for", seconds)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; topics seen: {sorted({t for t, _, _ in self.messages})}") from None
 
     def publish(self, topic: str, payload: str | bytes) -> None:
         self.client.publish(topic, payload, qos=1).wait_for_publish(5)

@@ -10,10 +10,9 @@ import json
 import re
 import shutil
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -23,7 +22,8 @@ from pi_controller.clock import VirtualClock
 from pi_controller.daemon import Daemon
 from tests import test_mqtt
 from tests.conftest import example_data, free_port, skip_unless_ci
-from tests.test_mqtt import BASE, NODE, Broker, Subscriber, daemon_config, finish, needs_mosquitto, start_daemon, state
+from tests.test_mqtt import (BASE, NODE, Broker, Subscriber, daemon_config, finish, needs_mosquitto, poll,
+                             start_daemon, state)
 
 broker, subscriber = test_mqtt.broker, test_mqtt.subscriber  # its fixtures: a broker, and a client recording it all
 
@@ -136,16 +136,6 @@ def test_mutual_tls_connects_and_an_untrusted_ca_or_no_client_certificate_is_sai
         (failed,) = events_named(events, "mqtt_connect_failed")  # once, not at every retry
         assert expected in failed["reason"] and failed["reason"] == telemetry["connect_error"], (case, failed)
         assert not events_named(events, "mqtt_connected")
-
-
-def poll(test: Callable[[], Any], what: str, seconds: float = 60) -> Any:
-    """What `test` returns once it is true (the daemon is another process: nothing to wait on but this)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if result := test():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"not within {seconds} s: {what}")
 
 
 def scrape(port: int) -> str:

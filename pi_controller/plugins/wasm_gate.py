@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pi_controller.plugins.extism_adapter import OUT_OF_MEMORY, TRIAL_CPU_S, TRIAL_MEMORY_BYTES, runtime_version
 from pi_controller.plugins.manifest import Refused, links_within
-from pi_controller.plugins.wasm_cache import CONFIG_VARIABLE
+from pi_controller.plugins.wasm_cache import CONFIG_VARIABLE, location
 
 MAGIC = b"\0asm"
 VERSION_1 = b"\x01\0\0\0"
@@ -101,7 +101,7 @@ class TrialRecords:
     def folder(self) -> Path | None:
         if os.environ.get(CONFIG_VARIABLE) == "":
             return None
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pi-controller" / "trials"
+        return location(None).parent / "pi-controller" / "trials"  # beside wasmtime's own folder
 
     def passed(self, digest: str) -> bool:
         folder = self.folder()
