@@ -125,9 +125,8 @@ def test_hostile_plugins_fail_alone_and_the_bundled_ones_keep_control(run_daemon
         assert snap["plugins"][name]["errors"] == 0, name
     assert snap["ticks"]["count"] == 20
     assert daemon.hardware.factory.pin(27).states[1].state == 1.0  # the heater came on anyway
-    assert snap["plugins"]["endless_loop"]["median_us"] < 5000  # its fuel ran out before the 5 ms timeout
     failures = {e["plugin"]: e["reason"] for e in logs if e["event"] == "plugin_call_failed"}
-    assert "ran out of fuel" in failures["endless_loop"]
+    assert "ran out of fuel" in failures["endless_loop"]  # before the 5 ms timeout: how long it took is the load's
     assert "oom" in failures["memory_hog"]
     assert "sensor table corrupt" in failures["error_return"]
     assert "output is not JSON" in failures["garbage"]
