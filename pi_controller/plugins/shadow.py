@@ -33,11 +33,11 @@ from pi_controller.contract import Command, Context, Rejection
 from pi_controller.devices.actuators import Actuator
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import TickTrace
+from pi_controller.plugins.agreement import Agreement, verdict_of
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from pi_controller.safety.rules import Safety
-from pi_controller.sim.agreement import Agreement, verdict_of
 
 log = structlog.get_logger("pi_controller.shadow")
 

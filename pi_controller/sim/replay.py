@@ -27,13 +27,13 @@ from pi_controller.contract import Command, Context, encode_context, encode_stat
 from pi_controller.devices import actuators
 from pi_controller.devices.hardware import Hardware
 from pi_controller.devices.sensors import Reading
-from pi_controller.mqtt.operator import OPERATOR
+from pi_controller.names import OPERATOR
+from pi_controller.plugins.agreement import Agreement, Verdict, verdict, verdict_of
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from pi_controller.safety.ownership import Health
 from pi_controller.safety.rules import Hold, Safety
 from pi_controller.sim import record
-from pi_controller.sim.agreement import Agreement, Verdict, verdict, verdict_of
 from pi_controller.sim.record import Reader, RecordingError
 
 log = structlog.get_logger("pi_controller.replay")
