@@ -19,8 +19,8 @@ from pi_controller.devices.hardware import Environment, Hardware
 from pi_controller.devices.pins import make_factory
 from pi_controller.loop import ControlLoop
 from pi_controller.metrics import Metrics, MetricsServer
-from pi_controller.mqtt.operator import Operator
 from pi_controller.mqtt.telemetry import Telemetry
+from pi_controller.operator import Operator
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.shadow import FOLDER, Shadows

@@ -25,8 +25,8 @@ from pi_controller.contract import Command
 from pi_controller.devices.hardware import Hardware
 from pi_controller.devices.sensors import Reading, SensorSettings
 from pi_controller.logs import ChangeLog, kind_of
-from pi_controller.mqtt.operator import Operator
 from pi_controller.observer import LoopObserver, TickReport, TickTrace, Verdicts
+from pi_controller.operator import Operator
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from pi_controller.safety.ownership import Failsafe, Health

@@ -19,8 +19,8 @@ from pi_controller.stats import PluginStats
 if TYPE_CHECKING:
     from pi_controller.devices.sensors import Reading
     from pi_controller.loop import ControlLoop
-    from pi_controller.mqtt.operator import Operator
     from pi_controller.mqtt.telemetry import Telemetry
+    from pi_controller.operator import Operator
     from pi_controller.plugins.plugin_set import PluginSet
     from pi_controller.plugins.sandbox import PluginStatus
     from pi_controller.plugins.shadow import Shadows

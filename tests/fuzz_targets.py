@@ -19,11 +19,11 @@ import hypothesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pi_controller import config, contract
+from pi_controller import config, contract, operator
 from pi_controller.config import PluginsSettings
 from pi_controller.devices import actuators
 from pi_controller.devices.pins import SimulatedFactory
-from pi_controller.mqtt import operator, telemetry
+from pi_controller.mqtt import telemetry
 from pi_controller.plugins import tools
 from pi_controller.plugins.manifest import Manifest, Refused, load_manifest
 from pi_controller.plugins.plugin_set import PluginSet

@@ -20,8 +20,8 @@ from pi_controller.config import ConfigError
 from pi_controller.daemon import Daemon
 from pi_controller.devices.sensors import Reading
 from pi_controller.mqtt import discovery
-from pi_controller.mqtt.operator import SetActuator
 from pi_controller.mqtt.telemetry import Telemetry
+from pi_controller.operator import SetActuator
 from pi_controller.plugins.plugin_config import ConfigField
 from tests.conftest import BUNDLED_PLUGINS, example_data
 

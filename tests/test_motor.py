@@ -19,7 +19,7 @@ from pi_controller.devices import actuators
 from pi_controller.devices.motor import Motor, MotorSettings
 from pi_controller.devices.pins import SimulatedFactory
 from pi_controller.mqtt import discovery
-from pi_controller.mqtt.operator import parse_set
+from pi_controller.operator import parse_set
 from pi_controller.plugins import tools
 
 FORWARD, BACKWARD, ENABLE = 20, 21, 16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,8 +14,8 @@ from pi_controller.devices import actuators
 from pi_controller.devices.pins import SimulatedFactory
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
-from pi_controller.mqtt.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig, parse_set
 from pi_controller.names import OPERATOR
+from pi_controller.operator import EnablePlugin, Operator, Release, SetActuator, SetPluginConfig, parse_set
 from pi_controller.plugins.sandbox import SandboxedPlugin
 from pi_controller.safety.rules import Hold
 
@@ -131,3 +132,21 @@ def test_a_set_on_its_way_is_answered_ok_and_one_held_is_not(devices, rule: str,
     (answer,) = operator.answers([Hold("lamp", rule, "what the rule says", OPERATOR)], {"lamp": {"value": 0.1}})
     assert (answer.ok, answer.rule, answer.applied) == (ok, rule, {"value": 0.1})
     assert ("on its way" in answer.reason) == ok and "what the rule says" in answer.reason
+
+
+@dataclass(frozen=True)
+class Reboot:
+    """A request type the operator's match does not name (as one added to the union but not handled)."""
+
+    name: str
+    reply_to: str = ""
+
+
+def test_a_request_the_operator_does_not_handle_is_an_internal_error_not_another_request(devices) -> None:
+    operator, thermostat = Operator(expiry_s=10), plugin()
+    operator.submit(Reboot("thermostat", reply_to="reboot/result"))  # type: ignore[arg-type]
+    operator.submit(EnablePlugin("thermostat", False, reply_to="enable/result"))  # and what follows is taken up
+    operator.commands(devices, [thermostat], now=0.0, tick=0)
+    unhandled, enabled = operator.answers([], {})
+    assert (unhandled.reply_to, unhandled.ok, unhandled.rule) == ("reboot/result", False, "internal_error")
+    assert thermostat.config == {"setpoint": 21} and (enabled.ok, operator.disabled) == (True, {"thermostat"})

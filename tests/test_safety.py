@@ -16,7 +16,7 @@ from pi_controller.clock import SystemClock, VirtualClock
 from pi_controller.devices import actuators
 from pi_controller.devices.pins import SimulatedFactory
 from pi_controller.devices.servo import ServoSettings
-from pi_controller.mqtt.operator import EnablePlugin
+from pi_controller.operator import EnablePlugin
 from pi_controller.plugins.plugin_set import Update
 from pi_controller.safety.ownership import Health
 from pi_controller.safety.rules import Safety

@@ -41,10 +41,9 @@ from pi_controller.config import Settings
 from pi_controller.contract import Rejected
 from pi_controller.mqtt import discovery
 from pi_controller.mqtt.discovery import Topics
-from pi_controller.mqtt.operator import (Answer, EnablePlugin, Operator, Override, Release, SetActuator,
-                                        SetPluginConfig)
 from pi_controller.names import SAFETY
 from pi_controller.observer import LoopObserver, TickReport
+from pi_controller.operator import Answer, EnablePlugin, Operator, Override, Release, SetActuator, SetPluginConfig
 from pi_controller.safety.rules import Guard
 from pi_controller.status import Status
 from pi_controller.token_bucket import TokenBucket

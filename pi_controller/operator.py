@@ -1,6 +1,9 @@
 """What an operator asks for from outside (MQTT today): manual overrides, plugins on or off, plugin
 config values changed at run time.
 
+The requests are a closed union (`Request`), each taken up by its own case of one `match`; a new
+command is a request type here plus a row of `mqtt.inbox.COMMANDS` (docs/design.md shows one).
+
 Requests arrive on any thread through `submit` and are taken up by the tick, where they pass the same
 validation as plugin commands (`Actuator.command`) and, as commands, the same safety rules. An override
 wins over every plugin until it is released or expires. Each request with a `reply_to` is answered
@@ -14,7 +17,7 @@ import queue
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, assert_never
 
 import structlog
 
@@ -141,21 +144,30 @@ class Operator:
 
     def _take(self, request: Request, actuators: Mapping[str, Actuator], plugins: Iterable[Any], now: float,
               tick: int) -> Answer:
-        if isinstance(request, SetActuator):
-            return self._override(request, actuators, now, tick)
-        if isinstance(request, Release):
-            if self._overrides.pop(request.device_id, None) is not None:
-                log.info("override_ended", device=request.device_id, tick=tick, reason="released")
-            return Answer(request.reply_to, True, applied={"override": False})
-        if isinstance(request, EnablePlugin):
-            if not any(p.name == request.name for p in plugins):
-                log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
-                return _unknown_plugin(request)
-            (self.disabled.discard if request.enabled else self.disabled.add)(request.name)
-            log.info("plugin_enabled" if request.enabled else "plugin_disabled_by_operator",
-                     plugin=request.name, tick=tick)
-            return Answer(request.reply_to, True, applied={"enabled": request.enabled})
-        return self._configure(request, plugins, tick)
+        """Each request type by its own case: one the match does not name fails here (`assert_never`: mypy
+        says so first), never as another request."""
+        match request:
+            case SetActuator():
+                return self._override(request, actuators, now, tick)
+            case Release():
+                if self._overrides.pop(request.device_id, None) is not None:
+                    log.info("override_ended", device=request.device_id, tick=tick, reason="released")
+                return Answer(request.reply_to, True, applied={"override": False})
+            case EnablePlugin():
+                return self._enable(request, plugins, tick)
+            case SetPluginConfig():
+                return self._configure(request, plugins, tick)
+            case _:
+                assert_never(request)
+
+    def _enable(self, request: EnablePlugin, plugins: Iterable[Any], tick: int) -> Answer:
+        if not any(p.name == request.name for p in plugins):
+            log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
+            return _unknown_plugin(request)
+        (self.disabled.discard if request.enabled else self.disabled.add)(request.name)
+        log.info("plugin_enabled" if request.enabled else "plugin_disabled_by_operator", plugin=request.name,
+                 tick=tick)
+        return Answer(request.reply_to, True, applied={"enabled": request.enabled})
 
     def _override(self, request: SetActuator, actuators: Mapping[str, Actuator], now: float, tick: int) -> Answer:
         actuator = actuators.get(request.device_id)
