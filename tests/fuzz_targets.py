@@ -23,7 +23,7 @@ from pi_controller import config, contract, operator
 from pi_controller.config import PluginsSettings
 from pi_controller.devices import actuators
 from pi_controller.devices.pins import SimulatedFactory
-from pi_controller.mqtt import telemetry
+from pi_controller.mqtt import inbox
 from pi_controller.plugins import tools
 from pi_controller.plugins.manifest import Manifest, Refused, load_manifest
 from pi_controller.plugins.plugin_set import PluginSet
@@ -162,15 +162,19 @@ def check_context(data: Any, wasm: Path, settings: config.Settings) -> None:
 
 
 def check_payload(payload: bytes, targets: dict[str, Any]) -> None:
-    for actuator in targets.values():
+    """Through every command's row of the inbox: a request, or the refusal answered on /result; a set
+    then read for every kind of actuator as the operator reads it."""
+    for parse in inbox.COMMANDS.values():
         try:
-            operator.parse_set(actuator, telemetry._within(payload, telemetry.MAX_SET_BYTES))
-        except (contract.Rejected, ValueError):
-            pass
-    try:
-        telemetry._scalar(telemetry._within(payload, telemetry.MAX_CONFIG_VALUE_BYTES))
-    except contract.Rejected:  # too large, or not finite: refused with a rule, answered on /result
-        pass
+            request = parse(("x", "key"), payload, "reply")
+        except contract.Rejected:  # too large, not ON/OFF, not finite
+            continue
+        if isinstance(request, operator.SetActuator):
+            for actuator in targets.values():
+                try:
+                    operator.parse_set(actuator, request.payload)
+                except (contract.Rejected, ValueError):
+                    pass
 
 
 def payload() -> st.SearchStrategy[bytes]:

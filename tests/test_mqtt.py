@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pi_controller import config
-from pi_controller.mqtt.telemetry import TAKEOVER_COUNT
+from pi_controller.mqtt.link import TAKEOVER_COUNT
 from tests.conftest import example_data, free_port
 from tests.test_ha_discovery import render
 

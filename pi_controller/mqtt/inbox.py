@@ -1,0 +1,160 @@
+"""What comes in: one table, `{topic filter: Route}`, that says both what is subscribed to and who takes
+what arrives.
+
+Each row is registered with paho's `message_callback_add`, so paho's own filter matching dispatches a
+message to its row; the same rows are what `subscribe` asks the broker for, at every connection. A row
+cannot be subscribed without a handler, nor handled without being subscribed. A `sweep` row is
+subscribed only until the broker acknowledges it: long enough for the retained messages it brings.
+
+Handlers run on paho's thread: they only hand work over (the operator's thread-safe `submit`, a queue).
+A handler that raises costs its message, logged; on a command's row the refusal is answered on the
+command topic's `/result` (see `refused`). The commands themselves are the rows of `COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import paho.mqtt.client as mqtt
+import structlog
+
+from pi_controller.contract import Rejected
+from pi_controller.operator import Answer, EnablePlugin, Release, Request, SetActuator, SetPluginConfig
+
+log = structlog.get_logger("pi_controller.telemetry")
+
+
+@dataclass(frozen=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    retained: bool
+    levels: tuple[str, ...]  # what the filter's `+` levels matched, in order
+
+    @property
+    def reply_to(self) -> str:
+        """Where a command's answer goes."""
+        return f"{self.topic}/result"
+
+
+Handler = Callable[[Inbound], None]
+
+
+@dataclass(frozen=True)
+class Route:
+    handle: Handler
+    sweep: bool = False  # subscribed until acknowledged: for the retained messages the subscription brings
+    answered: bool = False  # a command: a message it refuses is answered on its /result topic
+
+
+class Inbox:
+    def __init__(self, routes: Mapping[str, Route]):
+        self.routes = dict(routes)
+        self._lasting = [(topic, 1) for topic, route in self.routes.items() if not route.sweep]
+        self._sweeps = [topic for topic, route in self.routes.items() if route.sweep]
+        self._sweep_mid: int | None = None  # the sweep's subscription, until acknowledged
+        self._refused: queue.SimpleQueue[Answer] = queue.SimpleQueue()
+
+    def attach(self, client: mqtt.Client) -> None:
+        """Every row's handler on `client`, once: paho keeps them across reconnections."""
+        for topic, route in self.routes.items():
+            client.message_callback_add(topic, self._callback(topic, route))
+        client.on_subscribe = self._on_subscribe
+
+    def subscribe(self, client: mqtt.Client) -> None:
+        """Every row, at each connection (paho's thread)."""
+        if self._lasting:
+            client.subscribe(self._lasting)
+        if self._sweeps:
+            self._sweep_mid = client.subscribe([(topic, 1) for topic in self._sweeps])[1]
+
+    def refused(self) -> list[Answer]:
+        """The answers to commands refused on arrival since the last call (the event loop's thread)."""
+        return [self._refused.get_nowait() for _ in range(self._refused.qsize())]  # only this thread takes
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
+        """The retained messages a subscription brings come before its acknowledgement: once it is
+        here, the sweep has seen them."""
+        if mid == self._sweep_mid:
+            client.unsubscribe(self._sweeps)
+
+    def _callback(self, topic_filter: str, route: Route) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
+        wildcards = [i for i, level in enumerate(topic_filter.split("/")) if level == "+"]
+
+        def dispatch(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+            levels = message.topic.split("/")
+            inbound = Inbound(message.topic, bytes(message.payload), bool(message.retain),
+                              tuple(levels[i] for i in wildcards))
+            try:
+                route.handle(inbound)
+            except Exception as exc:  # paho would end its thread over it; a bad message must not go unnoticed
+                log.warning("mqtt_message_rejected", topic=message.topic[:200], error=str(exc)[:300])
+                if route.answered and not inbound.retained:
+                    rule = exc.rule if isinstance(exc, Rejected) else "malformed"
+                    self._refused.put(Answer(inbound.reply_to, False, rule, str(exc)[:300]))
+
+        return dispatch
+
+
+# -- the commands ----------------------------------------------------------------------------------
+
+Parse = Callable[[Sequence[str], bytes, str], Request]  # the `+` levels, the payload, where the answer goes
+
+# Each command: its topic under `<base_topic>/<node_id>`, and the operator's request its payload makes
+# (raising `Rejected` for a payload it cannot take). A new command is a request type in `operator.py`
+# and a row here: docs/design.md shows one added.
+COMMANDS: dict[str, Parse] = {
+    "actuator/+/set": lambda at, payload, reply: SetActuator(at[0], bounded(payload, MAX_SET_BYTES), reply),
+    "actuator/+/release": lambda at, payload, reply: Release(at[0], reply),
+    "plugin/+/enable": lambda at, payload, reply: EnablePlugin(at[0], switch(payload), reply),
+    "plugin/+/config/+/set": lambda at, payload, reply: SetPluginConfig(at[0], at[1], config_value(payload), reply),
+}
+
+
+def commands(base: str, submit: Callable[[Request], None]) -> dict[str, Route]:
+    """The rows of `COMMANDS` under `base`, each handing its request to `submit`."""
+    def route(parse: Parse) -> Route:
+        def handle(message: Inbound) -> None:
+            if not message.retained:  # a command left retained on the broker is not a fresh request
+                submit(parse(message.levels, message.payload, message.reply_to))
+
+        return Route(handle, answered=True)
+
+    return {f"{base}/{topic}": route(parse) for topic, parse in COMMANDS.items()}
+
+
+# What a command topic's payload may weigh, checked before it is decoded: a 1 MB value on a config
+# topic was stored, logged whole and handed to the plugin every tick.
+MAX_SET_BYTES = 1024  # {"action": ..., "parameters": {...}, "expires_s": ...}, or ON/OFF, or a number
+MAX_ENABLE_BYTES = 16
+MAX_CONFIG_VALUE_BYTES = 16 * 1024  # coarse: the operator checks the value itself (4 KiB a value, typed)
+SWITCH = {b"ON": True, b"TRUE": True, b"1": True, b"OFF": False, b"FALSE": False, b"0": False}
+
+
+def bounded(payload: bytes, limit: int) -> bytes:
+    if len(payload) > limit:
+        raise Rejected("too_large", f"a payload of {len(payload)} bytes, over the {limit} bytes this topic takes")
+    return payload
+
+
+def switch(payload: bytes) -> bool:
+    word = bounded(payload, MAX_ENABLE_BYTES).strip().upper()
+    if word not in SWITCH:
+        raise Rejected("malformed", "expected ON or OFF")
+    return SWITCH[word]
+
+
+def config_value(payload: bytes) -> Any:
+    """A config value from a payload: JSON if it parses (numbers, true/false), else the text."""
+    text = bounded(payload, MAX_CONFIG_VALUE_BYTES).decode("utf-8", "replace").strip()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Rejected("not_finite", "config values must be finite")
+    return value

@@ -1,0 +1,177 @@
+"""What is worth publishing, and when: the publish policy, after each tick.
+
+A sensor's state when it moved beyond its deadband (or its validity or error changed), an actuator's or
+a plugin's when what its entities show changed, each at least every `heartbeat_s`; the loop's state
+every `loop_interval_s`, once its rate is measured. Home Assistant's discovery configs go out ahead of
+the states whenever a subscriber needs everything again (our connection, Home Assistant's restart), and
+with them every state again.
+
+Retained leftovers of ours are emptied once connected: discovery configs of our device that are no
+longer configured, and state topics of sensors and actuators no longer configured. The inbox's rows for
+them (`leftover_config`, `leftover_state`, `home_assistant_status`) run on paho's thread and only hand
+work over to the next tick.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from datetime import UTC, datetime
+from typing import Any, Callable
+
+from pi_controller.config import Settings
+from pi_controller.mqtt import discovery
+from pi_controller.mqtt.discovery import Topics
+from pi_controller.mqtt.inbox import Handler, Inbound
+from pi_controller.mqtt.outbox import Outbox
+from pi_controller.names import SAFETY
+from pi_controller.operator import Operator, Override
+from pi_controller.safety.rules import Guard
+from pi_controller.status import Status
+
+Changed = Callable[[Any, Any], bool]  # (what was sent, what is new): worth sending before the heartbeat?
+
+
+class PublishPolicy:
+    def __init__(self, settings: Settings, status: Status, operator: Operator, outbox: Outbox):
+        self.settings = settings
+        self.mqtt = settings.mqtt
+        self.topics = Topics.of(self.mqtt)
+        self.status = status  # readings, actuator states, plugin states, loop stats
+        self.operator = operator
+        self.outbox = outbox
+        self.readings_queued = 0
+        self._published: dict[str, tuple[Any, float]] = {}  # topic -> (what was sent, when)
+        self._sensor_policies: dict[str, tuple[str, int | None, Changed]] = {}  # by sensor id
+        self._discovery: dict[str, dict[str, Any]] = {}  # topic -> config: what Home Assistant is told exists
+        self._resync = threading.Event()
+        self._stale: queue.SimpleQueue[str] = queue.SimpleQueue()  # retained topics of ours to empty
+
+    def discover(self) -> None:
+        """The entities Home Assistant is told of: the configured devices, and the plugins of the folder
+        now, failed ones too (their entities say why)."""
+        self._discovery = (discovery.configs(self.settings, self.status.config_schemas(), self.status.shadowed())
+                           if self.mqtt.discovery else {})
+
+    def resync(self) -> None:
+        """A subscriber needs everything again: discovery and every state (any thread)."""
+        self._resync.set()
+
+    # -- the event loop --------------------------------------------------------------------------
+
+    def announce(self) -> None:
+        """Discovery when a resync is due, and the emptying of leftovers, ahead of everything queued."""
+        if self._resync.is_set():
+            self._resync.clear()
+            self.outbox.put_first((t, json.dumps(c).encode() if c else b"") for t, c in self._discovery.items())
+            # Every state again, for a subscriber that just arrived; not those still waiting to go out
+            # (the first connection would otherwise send every state twice).
+            waiting = self.outbox.waiting()
+            self._published = {t: sent for t, sent in self._published.items() if t in waiting}
+        while not self._stale.empty():
+            self.outbox.put_first([(self._stale.get_nowait(), b"")])
+
+    def collect(self, now: float) -> None:
+        heartbeat = self.mqtt.heartbeat_s
+        for reading in self.status.readings():
+            topic, decimals, moved = self._sensor_policy(reading.sensor_id)
+            self.readings_queued += self._offer(topic, reading.as_json(decimals), now, heartbeat, moved)
+        overrides = self.operator.overrides()
+        guards = self.status.guards()
+        for device, state in self.status.actuator_states().items():
+            self._offer(self.topics.actuator(device),
+                        _actuator_payload(state, overrides.get(device), guards.get(device)), now, heartbeat)
+        for name, state in self.status.plugin_states().items():
+            self._offer(self.topics.plugin(name), state, now, heartbeat, _plugin_changed)
+        last_loop = self._published.get(self.topics.loop)
+        if last_loop is None or now - last_loop[1] >= self.mqtt.loop_interval_s:  # percentiles are not free
+            loop_state = self.status.loop_state()
+            if loop_state is not None:  # the rate measured
+                self._offer(self.topics.loop, loop_state, now, 0.0)
+        telemetry = {"buffered": len(self.outbox), "dropped": self.outbox.dropped}
+        # Not on every change of `buffered`: during an outage that would fill the buffer with itself.
+        self._offer(self.topics.telemetry, telemetry, now, heartbeat, _dropped_changed)
+
+    def shutdown_states(self, now: float) -> None:
+        """The states the pins were left in, retained, so that nothing says "on" once we are gone."""
+        guards = self.status.guards()
+        for device, state in self.status.settled_states().items():
+            payload = _actuator_payload(state, None, guards.get(device))
+            self._offer(self.topics.actuator(device), payload | {"owner": SAFETY, "failsafe": "the daemon stopped"},
+                        now, 0.0)
+
+    def _sensor_policy(self, sensor_id: str) -> tuple[str, int | None, Changed]:
+        """A sensor's topic, its decimals on the wire and what counts as a change worth publishing:
+        made once, used every tick."""
+        policy = self._sensor_policies.get(sensor_id)
+        if policy is None:
+            band = self.mqtt.deadband.get(sensor_id, 0.0)
+            decimals = next((s.decimals() for s in self.settings.sensors if s.id == sensor_id), None)
+            policy = self._sensor_policies[sensor_id] = (self.topics.sensor(sensor_id), decimals,
+                                                         lambda old, new: _moved(old, new, band))
+        return policy
+
+    def _offer(self, topic: str, data: dict[str, Any], now: float, every: float,
+               changed: Changed = lambda old, new: old != new) -> bool:
+        """Queue `data` if it changed enough or is due again; True if queued."""
+        last = self._published.get(topic)
+        if last is not None and now - last[1] < every and not changed(last[0], data):
+            return False
+        self._published[topic] = (data, now)
+        self.outbox.put_state(topic, json.dumps(data).encode())
+        return True
+
+    # -- the inbox's rows (paho's thread) --------------------------------------------------------
+
+    def home_assistant_status(self, message: Inbound) -> None:
+        if message.payload == b"online":
+            self.resync()  # Home Assistant restarted: it needs discovery and states again
+
+    def leftover_config(self, message: Inbound) -> None:
+        """A retained discovery config of our device for an entity no longer configured."""
+        if message.payload and message.topic not in self._discovery and discovery.ours(message.payload, self.mqtt):
+            self._stale.put(message.topic)
+
+    def leftover_state(self, configured: Callable[[Settings], list[str]]) -> Handler:
+        """The retained state of a device no longer in the running config, whose ids `configured` lists."""
+        def handle(message: Inbound) -> None:
+            if message.retained and message.payload and message.levels[0] not in configured(self.status.settings):
+                self._stale.put(message.topic)
+
+        return handle
+
+
+def _plugin_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Its state, its switch or its config (what its entities show); a shadow's agreement by a tenth."""
+    def shown(state: dict[str, Any]) -> tuple[Any, ...]:
+        shadow = state.get("shadow")
+        return (state["state"], state["enabled"], state["config"],
+                None if shadow is None else round(shadow["agreement_percent"], 1))
+
+    return shown(old) != shown(new)
+
+
+def _dropped_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return bool(old["dropped"] != new["dropped"])
+
+
+def _moved(old: dict[str, Any], new: dict[str, Any], band: float) -> bool:
+    if old["valid"] != new["valid"] or old.get("error") != new.get("error"):
+        return True
+    if old["value"] is None or new["value"] is None:
+        return bool(old["value"] != new["value"])
+    return abs(new["value"] - old["value"]) > band if band else bool(new["value"] != old["value"])
+
+
+def _actuator_payload(state: dict[str, Any], override: Override | None, guard: Guard | None) -> dict[str, Any]:
+    """The state, whether an override holds it and until when (ISO 8601, UTC), whose command it follows
+    (`owner`: a plugin, "operator" or "safety") and why it was last put in its safe state (`failsafe`,
+    until an owner takes it again)."""
+    held = {"override": override is not None, "override_expires_at": None if override is None else
+            datetime.fromtimestamp(override.expires_at, UTC).isoformat(timespec="seconds")}
+    if guard is None:
+        return {**state, **held, "owner": None, "failsafe": None}
+    # and what its Home Assistant entity reads, as its kind says
+    return {**state, **held, "owner": guard.plugin, "failsafe": guard.failsafe,
+            **guard.actuator.settings.entity_state(state)}
