@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal, TypeVar
+from typing import Awaitable, Callable, Literal, Protocol, TypeVar
 
 SETTLE_S = 0.25
 T = TypeVar("T")
@@ -53,6 +53,12 @@ class Reloads:
                 await self._reload()
         finally:
             self._task = None
+
+
+class Gap(Protocol):
+    """What runs work between two ticks (the loop's `in_gap`), for what swaps parts in below the loop."""
+
+    async def in_gap(self, work: Callable[[], T], drop: Callable[[], None]) -> T: ...
 
 
 async def prepared(make: Callable[[], T], close: Callable[[T], None]) -> T:

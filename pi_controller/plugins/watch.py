@@ -23,9 +23,8 @@ from typing import Callable
 import structlog
 from asyncinotify import Event, Inotify, Mask
 
-from pi_controller.loop import ControlLoop
 from pi_controller.plugins.plugin_set import PluginSet, Update
-from pi_controller.reloads import prepared
+from pi_controller.reloads import Gap, prepared
 
 log = structlog.get_logger("pi_controller.plugins")
 
@@ -35,7 +34,7 @@ _SUFFIXES = (".wasm", ".yaml")  # a plugin, and its manifest
 
 
 class PluginWatcher:
-    def __init__(self, plugins: PluginSet, loop: ControlLoop, swapped: Callable[[], None] | None = None,
+    def __init__(self, plugins: PluginSet, loop: Gap, swapped: Callable[[], None] | None = None,
                  folder: Callable[[str], None] | None = None, rescan: bool = False, settle_s: float = 0.05):
         """`swapped`: called after each swap, between two ticks; `folder`: with the name of a subfolder
         that came or went; `rescan`: look at every file once watching (a set loaded before the watch
