@@ -23,7 +23,8 @@ from pi_controller.mqtt.telemetry import Telemetry
 from pi_controller.operator import Operator
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
-from pi_controller.plugins.shadow import FOLDER, Shadows
+from pi_controller.plugins.shadow import Shadows
+from pi_controller.plugins.shadow_supervisor import ShadowSupervisor
 from pi_controller.plugins.watch import PluginWatcher
 from pi_controller.readiness import Readiness
 from pi_controller.reloads import ReloadResult, Reloads, prepared
@@ -54,8 +55,6 @@ class Daemon:
         self.recorder: Recorder | None = None
         self._record_to = record
         self._watcher: asyncio.Task[None] | None = None
-        self._shadow_watcher: asyncio.Task[None] | None = None
-        self._shadow_reload: asyncio.Task[None] | None = None
         self.hardware = self._build_hardware()
         self.hardware.settle("startup", "starting")
         try:
@@ -81,10 +80,13 @@ class Daemon:
         self.recorder = self._recorder(settings)
         observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.telemetry, self.recorder)
                      if o is not None]  # /ready, then READY=1
-        self.shadows = self._load_shadows(settings, self.plugins)
+        self.shadows = ShadowSupervisor(settings.plugins, self.plugins, self.clock, self._shadows_adopted)
         self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
-                                self.operator, self.shadows)
-        self.status.wire(self.loop, self.telemetry, self.shadows)
+                                self.operator, self.shadows.current)
+        self.status.wire(self.loop, self.telemetry, self.shadows.current)
+
+    def _shadows_adopted(self, shadows: Shadows) -> None:
+        self.loop.shadows = self.status.shadows = shadows
 
     def _recorder(self, settings: Settings) -> Recorder | None:
         path = self._record_to or (settings.source.parent / settings.record.path if settings.record.path else None)
@@ -135,31 +137,6 @@ class Daemon:
             raise
         return plugins
 
-    def _load_shadows(self, settings: Settings, plugins: PluginSet) -> Shadows:
-        """The shadows of `plugins`' folder (compiles: off the event loop once the loop runs)."""
-        return Shadows(settings.plugins, plugins, self.clock, plugins.history)
-
-    def _adopt_shadows(self, shadows: Shadows) -> None:
-        """Swap in a rebuilt shadow set (call between two ticks): comparisons go on for the shadows whose
-        file did not change."""
-        old, self.shadows = self.shadows, shadows
-        shadows.carry_on(old)
-        self.loop.shadows = self.status.shadows = shadows
-        old.close()
-        if self._shadow_watcher is not None or self._watcher is not None:
-            self._watch_shadows(rescan=True)  # what landed between the rebuild's look and the watch
-
-    def _shadow_folder_changed(self, name: str) -> None:
-        """The live folder's watcher saw a folder `name` come or go: the shadow folder, rebuild them."""
-        if name != FOLDER or (self._shadow_reload is not None and not self._shadow_reload.done()):
-            return
-
-        async def rebuild() -> None:  # what it prepares is closed if the stop comes first
-            shadows = await prepared(lambda: self._load_shadows(self.settings, self.plugins), Shadows.close)
-            await self.loop.in_gap(lambda: self._adopt_shadows(shadows), shadows.close)
-
-        self._shadow_reload = asyncio.create_task(rebuild(), name="shadow-reload")
-
     async def serve(self, max_ticks: int | None = None) -> None:
         """Run the loop until SIGINT/SIGTERM or `max_ticks`; actuators end in their shut-down state.
         SIGHUP reloads the config between two ticks."""
@@ -179,11 +156,13 @@ class Daemon:
         if self.telemetry:
             self.telemetry.start()
         self._watch_plugins()
+        self.shadows.start(self.loop)
         known_good.keep(self.settings, self.state_dir)
         try:
             await self.loop.run(stop, max_ticks)
         finally:
             self._stop_watching()
+            self.shadows.stop()
             self.notifier.stopping()
             if self.watchdog:
                 self.watchdog.stop()
@@ -202,23 +181,13 @@ class Daemon:
         """Hot reload of the plugins folder (`plugins.watch`), beside the ticks on the event loop."""
         if self.settings.plugins.watch:
             self._watcher = asyncio.create_task(
-                PluginWatcher(self.plugins, self.loop, self._plugins_changed, self._shadow_folder_changed).run(),
+                PluginWatcher(self.plugins, self.loop, self._plugins_changed, self.shadows.folder_changed).run(),
                 name="plugin-watch")
-            self._watch_shadows()
-
-    def _watch_shadows(self, rescan: bool = False) -> None:
-        if self._shadow_watcher is not None:
-            self._shadow_watcher.cancel()
-            self._shadow_watcher = None
-        if self.shadows.plugins.directory.is_dir():
-            self._shadow_watcher = asyncio.create_task(
-                PluginWatcher(self.shadows.plugins, self.loop, rescan=rescan).run(), name="shadow-watch")
 
     def _stop_watching(self) -> None:
-        for task in (self._watcher, self._shadow_watcher, self._shadow_reload):
-            if task is not None:
-                task.cancel()  # a rebuild under way closes what it prepared
-        self._watcher = self._shadow_watcher = self._shadow_reload = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
     def _metrics_server(self) -> MetricsServer | None:
         if self.metrics is None:
@@ -265,13 +234,10 @@ class Daemon:
             log.exception("reload_failed", file=str(new.source))
             return ReloadResult("failed", f"reload failed, running config kept: {type(exc).__name__}: {exc}")
         try:
-            shadows = await prepared(lambda: self._load_shadows(new, plugins), Shadows.close)
+            shadows = await self.shadows.prepare(new.plugins, plugins)
         except asyncio.CancelledError:
             plugins.close()
             raise
-        except Exception:  # the live plugins reload all the same
-            log.exception("shadows_reload_failed", file=str(new.source))
-            shadows = None
 
         def drop() -> None:  # the stop came first: what was prepared is never swapped in
             plugins.close()
@@ -302,8 +268,7 @@ class Daemon:
         if watching != (self.plugins.directory, new.plugins.watch):  # follow the folder the plugins now come from
             self._stop_watching()
             self._watch_plugins()
-        if shadows is not None:
-            self._adopt_shadows(shadows)
+        self.shadows.reload(new.plugins, shadows)
         self._plugins_changed()
         log.info("config_reloaded", file=str(new.source), sensors=len(self.hardware.sensors),
                  actuators=len(self.hardware.actuators), plugins=len(self.plugins))

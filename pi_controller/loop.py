@@ -34,7 +34,7 @@ from pi_controller.safety.rules import FORCING, Hold, Safety
 from pi_controller.stats import PluginStats, TickStats
 
 if TYPE_CHECKING:
-    from pi_controller.shadow import Shadows
+    from pi_controller.plugins.shadow import Shadows
 
 T = TypeVar("T")
 log = structlog.get_logger("pi_controller.loop")

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pytest
 
 from pi_controller import cli
 from pi_controller.clock import SystemClock, VirtualClock
+from pi_controller.config import PluginsSettings
 from pi_controller.metrics import Metrics
-from pi_controller.plugins import shadow
-from tests.conftest import TEST_PLUGINS, example_data, run_with, until
+from pi_controller.plugins import shadow, shadow_supervisor
+from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.shadow import Shadows
+from pi_controller.plugins.shadow_supervisor import ShadowSupervisor
+from tests.conftest import TEST_PLUGINS, WAIT_S, example_data, run_with, until
+
+T = TypeVar("T")
 
 TICKS = 60
 
@@ -147,7 +154,87 @@ def test_a_shadow_folder_and_shadows_dropped_in_and_removed_are_picked_up_while_
         os.replace(shadows / ".copying", shadows / "temperature_control.wasm")
         await until(lambda: shadow_calls(daemon) > 3, "the shadow dropped in runs")
         (shadows / "temperature_control.wasm").unlink()
-        await until(lambda: "temperature_control" not in daemon.shadows.plugins.status, "the removed one is gone")
+        await until(lambda: "temperature_control" not in daemon.status.snapshot().get("shadows", {}),
+                    "the removed one is gone")
 
     run_with(daemon, scenario)
     assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]
+
+
+class Gap:
+    """The loop's gap between two ticks on a test's terms: at once, or never (a loop that does not tick)."""
+
+    def __init__(self, opens: bool):
+        self.opens = opens
+        self.waiting = asyncio.Event()
+
+    async def in_gap(self, work: Callable[[], T], drop: Callable[[], None]) -> T:
+        if self.opens:
+            return work()
+        self.waiting.set()
+        try:
+            return await asyncio.get_running_loop().create_future()  # never done
+        except asyncio.CancelledError:
+            drop()  # as the loop does: what would have been taken over is released
+            raise
+
+
+def shadowed(plugin_set: Any) -> PluginSet:
+    live = plugin_set("temperature_control", watch=False)
+    (live.directory / shadow.FOLDER).mkdir()
+    shutil.copy(TEST_PLUGINS / "sweep.wasm", live.directory / shadow.FOLDER / "temperature_control.wasm")
+    return live
+
+
+def test_a_reload_adopts_its_shadows_carrying_on_the_comparisons_of_unchanged_files(plugin_set) -> None:
+    live, settings, told = shadowed(plugin_set), PluginsSettings(watch=False), list[Shadows]()
+    supervisor = ShadowSupervisor(settings, live, VirtualClock(), told.append)
+    first = supervisor.current
+    stats = first.stats["temperature_control"] = shadow.ShadowStats()
+
+    async def reload() -> Shadows | None:
+        supervisor.start(Gap(opens=True))
+        prepared = await supervisor.prepare(settings, live)
+        supervisor.reload(settings, prepared)
+        return prepared
+
+    adopted = asyncio.run(reload())
+    try:
+        assert adopted is not None and told == [adopted] and supervisor.current is adopted
+        assert adopted.stats["temperature_control"] is stats  # the same file: its comparisons go on
+        assert len(first) == 0  # the set it replaced is closed
+        supervisor.reload(settings, None)  # a reload whose shadows failed to build: the running ones stay
+        assert supervisor.current is adopted and told == [adopted] and len(adopted) == 1
+    finally:
+        supervisor.stop()
+        supervisor.close()
+
+
+def test_a_shadow_rebuild_stopped_before_its_gap_closes_what_it_compiled(plugin_set, monkeypatch) -> None:
+    built: list[Shadows] = []
+
+    class Recorded(Shadows):
+        def __init__(self, *args: Any):
+            super().__init__(*args)
+            built.append(self)
+
+    monkeypatch.setattr(shadow_supervisor, "Shadows", Recorded)
+    live, told = plugin_set("temperature_control", watch=False), list[Shadows]()
+    supervisor = ShadowSupervisor(PluginsSettings(watch=False), live, VirtualClock(), told.append)
+    gap = Gap(opens=False)
+
+    async def scenario() -> None:
+        supervisor.start(gap)
+        (live.directory / shadow.FOLDER).mkdir()
+        shutil.copy(TEST_PLUGINS / "sweep.wasm", live.directory / shadow.FOLDER / "temperature_control.wasm")
+        supervisor.folder_changed(shadow.FOLDER)  # what the live folder's watcher says
+        await asyncio.wait_for(gap.waiting.wait(), WAIT_S)  # rebuilt, and waiting for a gap
+        assert len(built) == 2 and len(built[1]) == 1
+        supervisor.stop()
+        await until(lambda: len(built[1]) == 0, "what the rebuild compiled is closed")
+
+    try:
+        asyncio.run(scenario())
+        assert told == [] and supervisor.current is built[0]  # never adopted
+    finally:
+        supervisor.close()
