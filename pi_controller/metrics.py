@@ -1,20 +1,25 @@
 """Prometheus metrics and /health and /ready, on one port, off by default, on localhost by default.
 
-prometheus-client does the exposition format and the metric types; the HTTP server is the standard
-library's, one thread, so that /health and /ready can sit beside /metrics.
+prometheus-client does the exposition format and the metric types; the HTTP server is ours (`MetricsServer`),
+a few lines of asyncio on a thread of its own, bounded in connections, time and bytes, so that /health and
+/ready sit beside /metrics and nothing a client does costs a thread or prints a traceback.
 
-Every name starts with `pi_controller_`, and every series is there from the first scrape (counters at
-0), so that an alert on `increase(...)` sees the first error, not a series appearing. What the loop
+Every name starts with `pi_controller_` but the process's own (`process_resident_memory_bytes`,
+`process_cpu_seconds_total`...: the names every exporter gives them, which stock dashboards read), and
+every series is there from the first scrape (counters at 0), so that an alert on `increase(...)` sees
+the first error, not a series appearing. What the loop
 counts as it goes (calls, tick times, reloads) is pushed here; what other parts already hold (plugin
 states, sensor validity, safety holds, watchdog trips) is read at scrape time through `Source`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import structlog
@@ -68,7 +73,7 @@ class Metrics(LoopObserver):
         self.source = source
         self._timer = timer
         self._last_tick: float | None = None
-        ProcessCollector(namespace=PREFIX, registry=self.registry)  # RSS, open fds, CPU seconds, start time
+        ProcessCollector(registry=self.registry)  # process_*: RSS, CPU seconds...; the names stock dashboards use
         self.calls = Counter(f"{PREFIX}_plugin_calls_total", "Plugin calls", ["plugin"], registry=self.registry)
         self.errors = Counter(f"{PREFIX}_plugin_errors_total", "Plugin calls that failed", ["plugin"],
                               registry=self.registry)
@@ -197,50 +202,163 @@ def _shadow_families(agreement: Mapping[tuple[str, str], tuple[int, int]]) -> It
     yield agreed
 
 
-class MetricsServer:
-    """Serves /metrics, /health and /ready from one thread of its own."""
+MAX_CONNECTIONS = 16  # Prometheus and a probe or two need a few; each holds a socket and a few KiB
+TIMEOUT_S = 10.0  # Prometheus's default scrape timeout: to send a request, and again to take the answer
+MAX_REQUEST_BYTES = 8192  # the request line and headers; a scrape sends a few hundred bytes
+DROP_REASONS = ("capacity", "timeout", "bad_request")
+TEXT = "text/plain; charset=utf-8"
 
-    def __init__(self, metrics: Metrics, host: str, port: int):
-        handler = type("Handler", (_Handler,), {"metrics": metrics})
-        self.server = ThreadingHTTPServer((host, port), handler)
-        self.address = self.server.server_address
-        self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+
+class MetricsServer:
+    """Serves /metrics, /health and /ready from one thread of its own running an asyncio loop of its own:
+    the tick never waits on a scrape, nor a scrape on a tick, and however many clients connect it stays
+    one thread holding at most `max_connections` of them.
+
+    A client has `timeout_s` to send its request (the request line and headers, at most MAX_REQUEST_BYTES)
+    and as long to take the answer; then it is cut off. At the limit, a new connection pushes out the one
+    that has waited longest for its request, so that connections held open and silent (slow-loris) cannot
+    keep a scraper out: Prometheus sends its request as soon as it connects. One request per connection
+    (`Connection: close`). Nothing a client does prints a traceback: what is dropped is counted in
+    `pi_controller_http_connections_dropped_total`."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, max_connections: int = MAX_CONNECTIONS,
+                 timeout_s: float = TIMEOUT_S):
+        from prometheus_client import Counter
+
+        self.metrics = metrics
+        self.max_connections, self.timeout_s = max_connections, timeout_s
+        self.dropped = Counter(f"{PREFIX}_http_connections_dropped_total", "Connections to this server closed "
+                               "unanswered: pushed out at the connection limit, too slow, or not a request",
+                               ["reason"], registry=metrics.registry)
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, backlog=max_connections)
+        self.address = self._sock.getsockname()[:2]
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(_quiet)
+        self._closing = asyncio.Event()
+        self._open: set[asyncio.StreamWriter] = set()
+        self._waiting: dict[asyncio.StreamWriter, None] = {}  # open and without a request yet, oldest first
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._warned = False
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
         log.info("metrics_listening", host=self.address[0], port=self.address[1])
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._closing.set)
+            self._thread.join(max(1.0, self.timeout_s))
+        else:
+            self._sock.close()
+            self._loop.close()
 
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
 
-class _Handler(BaseHTTPRequestHandler):
-    metrics: Metrics
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(self._connection, sock=self._sock, limit=MAX_REQUEST_BYTES)
+        async with server:
+            await self._closing.wait()
+            for writer in list(self._open):
+                writer.transport.abort()
+            await asyncio.gather(*self._handlers, return_exceptions=True)  # each ends at its cut connection
 
-    def do_GET(self) -> None:
-        path = urllib.parse.urlsplit(self.path).path  # Prometheus and probes may add a query string
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._admit(writer):
+            return
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                head = await reader.readuntil(b"\r\n\r\n")
+            self._waiting.pop(writer, None)
+            writer.write(self._answer(head))
+            async with asyncio.timeout(self.timeout_s):
+                await writer.drain()
+            writer.close()
+        except TimeoutError:
+            self._drop(writer, "timeout")
+        except asyncio.LimitOverrunError:
+            writer.write(_response(431, b"request header fields too large\n"))
+            writer.close()
+            self.dropped.labels("bad_request").inc()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.transport.abort()  # the client went, or was pushed out (and counted then)
+        finally:
+            self._open.discard(writer)
+            self._waiting.pop(writer, None)
+            self._handlers.discard(handler)
+
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Room for `writer`, made by pushing out the longest waiting connection if need be."""
+        if len(self._open) >= self.max_connections:
+            if not self._waiting:  # all of them being answered: it is the new one that goes
+                self._drop(writer, "capacity")
+                return False
+            oldest = next(iter(self._waiting))
+            self._open.discard(oldest)
+            del self._waiting[oldest]
+            self._drop(oldest, "capacity")
+        self._open.add(writer)
+        self._waiting[writer] = None
+        return True
+
+    def _drop(self, writer: asyncio.StreamWriter, reason: str) -> None:
+        writer.transport.abort()
+        self.dropped.labels(reason).inc()
+        if reason == "capacity" and not self._warned:  # once: the counter says how often since
+            self._warned = True
+            log.warning("metrics_connection_limit", max_connections=self.max_connections,
+                        counted="pi_controller_http_connections_dropped_total")
+
+    def _answer(self, head: bytes) -> bytes:
+        request = head.split(b"\r\n", 1)[0].split()
+        if len(request) != 3 or not request[2].startswith(b"HTTP/1."):
+            self.dropped.labels("bad_request").inc()
+            return _response(400, b"not an HTTP/1 request\n")
+        method, target = request[0], request[1].decode("latin-1")
+        if method not in (b"GET", b"HEAD"):
+            return _response(405, b"GET only\n", headers="Allow: GET, HEAD\r\n")
+        try:
+            path = urllib.parse.urlsplit(target).path
+        except ValueError:  # "http://[::1" and the like
+            self.dropped.labels("bad_request").inc()
+            return _response(400, b"not a request target\n")
+        code, body, content_type = self._route(path)
+        return _response(code, body, content_type, head_only=method == b"HEAD")
+
+    def _route(self, path: str) -> tuple[int, bytes, str]:
         if path == "/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST
 
-            return self._answer(200, self.metrics.exposition(), CONTENT_TYPE_LATEST)
+            try:
+                return 200, self.metrics.exposition(), CONTENT_TYPE_LATEST
+            except Exception as exc:  # noqa: BLE001 (a bug of ours in a collector: a 500 and one line, never a traceback)
+                log.error("metrics_scrape_failed", error=f"{type(exc).__name__}: {exc}")
+                return 500, b"scrape failed: see the daemon's log\n", TEXT
         if path == "/health":
             ok = self.metrics.healthy()
-            return self._answer(200 if ok else 503, b"ok\n" if ok else b"not ticking on time\n")
+            return (200, b"ok\n", TEXT) if ok else (503, b"not ticking on time\n", TEXT)
         if path == "/ready":
             ok, text = self.metrics.ready()
-            return self._answer(200 if ok else 503, f"{text}\n".encode())
-        self._answer(404, b"try /metrics, /health or /ready\n")
+            return 200 if ok else 503, f"{text}\n".encode(), TEXT
+        return 404, b"try /metrics, /health or /ready\n", TEXT
 
-    def version_string(self) -> str:
-        return "pi-controller"  # not http.server's default, which tells every client our Python version
 
-    def _answer(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+def _response(code: int, body: bytes, content_type: str = TEXT, head_only: bool = False, headers: str = "") -> bytes:
+    head = (f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\nServer: pi-controller\r\n"  # no Python version
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n{headers}\r\n")
+    return head.encode("latin-1") + (b"" if head_only else body)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # scrapes every few seconds are not news
+
+def _quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """What asyncio would print with a traceback (a socket error it met on its own), as one line."""
+    log.warning("metrics_server_error", message=context.get("message"), error=repr(context.get("exception")))

@@ -383,12 +383,14 @@ def test_metrics_health_and_ready_on_localhost(tmp_path) -> None:
         assert first[("pi_controller_failsafes_total", (("device", device),))] == 0
     assert first[("pi_controller_watchdog_trips_total", ())] == 0
     assert {first[("pi_controller_reloads_total", (("result", r),))] for r in ("applied", "refused", "failed")} == {0}
-    assert ("pi_controller_process_resident_memory_bytes", ()) in first
-    assert ("pi_controller_process_open_fds", ()) in first
-    assert ("pi_controller_process_cpu_seconds_total", ()) in first
+    for standard in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total",
+                     "process_start_time_seconds"):  # the names stock dashboards read
+        assert (standard, ()) in first
+    assert {first[("pi_controller_http_connections_dropped_total", (("reason", r),))]
+            for r in ("capacity", "timeout", "bad_request")} == {0}
     last = samples(text)
     assert {name for name, _ in last} == {name for name, _ in first}  # the same series from the start
-    assert all(name.startswith("pi_controller_") and not name.endswith("_created") for name, _ in last)
+    assert all(name.startswith(("pi_controller_", "process_")) and not name.endswith("_created") for name, _ in last)
     calls = {plugin: last[("pi_controller_plugin_calls_total", (("plugin", plugin),))] for plugin in PLUGINS}
     assert min(calls.values()) >= 5
     assert calls == {p: last[("pi_controller_plugin_call_duration_seconds_count", (("plugin", p),))] for p in PLUGINS}
