@@ -13,6 +13,7 @@ import math
 import os
 import queue
 import re
+import select
 import sys
 import threading
 import time
@@ -60,24 +61,107 @@ def configure(fmt: LogFormat = "console", level: str = "info") -> None:
 
 def capture_native_stderr() -> None:
     """Native code writes to file descriptor 2 past any handler of ours (libextism's tracing-subscriber
-    prints raw lines when a guest's error holds a NUL): point fd 2 at a pipe whose lines a thread logs
-    as `native_stderr` events, and Python's own writes (our events included) at the real stderr.
-    Python's fatal-error traceback goes to the real stderr too, so a crash still says where it was."""
+    prints raw lines when a guest's error or log line holds a NUL): point fd 2 at a pipe whose lines
+    become `native_stderr` events (`NativeStderr`), and Python's own writes (our events included) at the
+    real stderr. Python's fatal-error traceback goes to the real stderr too, so a crash still says where
+    it was."""
+    global native_stderr
     real = os.dup(2)
     sys.stderr = open(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
     faulthandler.enable(sys.stderr)
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
-    threading.Thread(target=_log_native, args=(read_end,), name="native-stderr", daemon=True).start()
+    native_stderr = NativeStderr(read_end)
 
 
-def _log_native(fd: int) -> None:
-    logger = structlog.get_logger("pi_controller.native")
-    with open(fd, "rb") as pipe:
-        for line in iter(lambda: pipe.readline(4096), b""):
-            if line.strip():
-                logger.warning("native_stderr", text=line.decode(errors="replace").rstrip())
+class NativeStderr:
+    """The lines native code writes to fd 2 (a pipe), as events: a line written during a plugin call is
+    that plugin's, logged by its caller through the plugin's own share of the log; the others are
+    logged by the reader thread as they come, in the process's budget.
+
+    `begin` and `end` bracket each plugin call on the calling thread. The reader thread keeps the pipe
+    drained whatever happens (a call writing more than the pipe holds never blocks), holding what it
+    reads during a call (at most MAX_HELD lines, the rest counted) for `end`, which takes what is still
+    in the pipe too: every byte the call wrote is in its answer. Two calls under way at once (a plugin's
+    health check at load time beside the tick) share what they wrote: the first to end takes it."""
+
+    MAX_HELD = 256
+    MAX_LINE = 4096
+
+    def __init__(self, fd: int):
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._calls = 0  # under way
+        self._held: list[bytes] = []
+        self._more = 0  # lines past MAX_HELD during the calls under way
+        self._partial = b""
+        self._log = structlog.get_logger("pi_controller.native")
+        self._ready = select.poll()  # the caller's, for a look at the pipe that never waits
+        self._ready.register(fd, select.POLLIN)
+        threading.Thread(target=self._run, args=(select.poll(),), name="native-stderr", daemon=True).start()
+
+    def begin(self) -> None:
+        with self._lock:
+            self._calls += 1
+
+    def end(self) -> list[str]:
+        """What was written since `begin` (and by calls under way alongside), line by line."""
+        with self._lock:
+            if self._ready.poll(0):
+                self._hold()
+            self._calls -= 1
+            if not (self._held or self._partial):
+                return []  # as after nearly every call
+            lines = [*self._held, self._partial] if self._partial else self._held
+            if self._more:
+                lines.append(f"... and {self._more} more lines".encode())
+            self._held, self._more, self._partial = [], 0, b""
+        return [_native_text(line) for line in lines if line.strip()]
+
+    def _run(self, readable: select.poll) -> None:
+        readable.register(self._fd, select.POLLIN)
+        while True:
+            readable.poll()
+            with self._lock:
+                lines = self._read() if self._calls == 0 else self._hold()
+            if lines is None:
+                return  # the pipe's write end is gone: the process is ending
+            for line in lines:
+                if line.strip():
+                    self._log.warning("native_stderr", text=_native_text(line))
+
+    def _hold(self) -> list[bytes] | None:
+        lines = self._read()
+        if lines is None:
+            return None
+        room = self.MAX_HELD - len(self._held)
+        self._held += lines[:room]
+        self._more += len(lines[room:])
+        return []
+
+    def _read(self) -> list[bytes] | None:
+        """Whole lines from what the pipe holds now ([] if nothing; None at its end); a line longer than
+        MAX_LINE is cut there. Under the lock."""
+        try:
+            data = os.read(self._fd, 1 << 16)
+        except BlockingIOError:
+            return []
+        if not data:
+            return None
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > self.MAX_LINE:
+            lines.append(self._partial[:self.MAX_LINE])
+            self._partial = b""
+        return [line[:self.MAX_LINE] for line in lines]
+
+
+def _native_text(line: bytes) -> str:
+    return line.decode(errors="replace").rstrip()
+
+
+native_stderr: NativeStderr | None = None  # once `capture_native_stderr` has run
 
 
 def _stderr(*args: Any) -> Any:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import structlog
@@ -90,8 +91,46 @@ def test_an_unknown_device_in_plugin_output_is_logged_without_a_null_device(run_
     assert "no_such_device" in rejected["reason"]
 
 
-def test_libextism_raw_lines_are_captured_into_the_json_log(tmp_path: Path) -> None:
-    """A guest error holding a NUL makes libextism print raw [tracing-subscriber] lines on fd 2."""
+CALLS = """
+import sys
+from datetime import datetime
+from pathlib import Path
+from pi_controller import config, logs
+from pi_controller.plugins.tools import load_plugin
+
+logs.configure("json")
+logs.capture_native_stderr()
+logs.write_off_thread()
+plugin = load_plugin(Path(sys.argv[1]), config.load(Path(sys.argv[2])))
+failed = 0
+for tick in range(120):
+    try:
+        plugin.call(b'{"sensor_readings": [], "device_states": {}, "timestamp": 0}', tick)
+    except Exception:
+        failed += 1
+print(failed)
+logs.flush()
+"""
+
+
+def test_libextism_raw_lines_go_through_the_plugins_budget_named_after_it(tmp_path: Path) -> None:
+    """A guest error holding a NUL makes libextism print raw [tracing-subscriber] lines on fd 2: 120 calls,
+    240 raw lines, logged as the plugin's events within its share of the log (a burst of 20, 5 a second)."""
+    wasm = tmp_path / "nul_error.wasm"
+    wasm.write_bytes(nul_error_module())
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(example_data()))
+    done = subprocess.run([sys.executable, "-c", CALLS, str(wasm), str(config)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "RUST_BACKTRACE": "0"}, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0 and done.stdout == "120\n", done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON event
+    native = [e for e in events if e["event"] == "native_stderr"]
+    assert native and all(e["plugin"] == "nul_error" and "tracing-subscriber" in e["text"] for e in native)
+    seconds = (datetime.fromisoformat(events[-1]["timestamp"]) - datetime.fromisoformat(events[0]["timestamp"]))
+    assert len(native) <= 20 + 5 * seconds.total_seconds() + 1 < 240
+
+
+def test_libextism_raw_lines_in_the_daemon_are_its_events(tmp_path: Path) -> None:
     folder = tmp_path / "plugins"
     folder.mkdir()
     (folder / "nul_error.wasm").write_bytes(nul_error_module())
@@ -106,4 +145,4 @@ def test_libextism_raw_lines_are_captured_into_the_json_log(tmp_path: Path) -> N
     events = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON event
     assert any(e["event"] == "plugin_call_failed" and e["plugin"] == "nul_error" for e in events)
     native = [e for e in events if e["event"] == "native_stderr"]
-    assert native and all("tracing-subscriber" in e["text"] for e in native)
+    assert native and all("tracing-subscriber" in e["text"] and e["plugin"] == "nul_error" for e in native)

@@ -6,7 +6,8 @@ request to ... is not allowed") is only written to libextism's log. `set_log_cus
 process-wide and takes effect once, so there is one router per process (`router()`), set up
 before the first plugin is built. Lines are buffered by libextism until drained: a failed call
 drains them at once (on the thread that made the call) and takes its reason out; lines that
-explain no call failure are logged as `extism_log` events.
+explain no call failure are logged as `extism_log` events. What libextism writes straight to stderr
+during a call (`logs.NativeStderr`) is logged as the plugin's too, within the same share of the log.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from functools import cache
 import extism
 import structlog
 
+from pi_controller import logs
 from pi_controller.logs import LineBudget
 
 log = structlog.get_logger("pi_controller.extism")
@@ -56,6 +58,25 @@ class ExtismLog:
 
     def drain(self) -> None:
         self._logger.drain()
+
+    def calling(self) -> None:
+        """A plugin call begins on this thread: what native code writes to stderr until `called` is its."""
+        if logs.native_stderr is not None:
+            logs.native_stderr.begin()
+
+    def called(self, instance_id: str) -> None:
+        """The call has ended: what libextism wrote to stderr meanwhile (raw lines of tracing-subscriber's,
+        when a guest's error or log text holds a NUL), logged as the plugin's, within its share of the log."""
+        if logs.native_stderr is None:
+            return
+        lines = logs.native_stderr.end()
+        if not lines:
+            return
+        with self._lock:
+            plugin, budget = self._names.get(instance_id), self._budgets.get(instance_id)
+        for text in lines:
+            if budget is None or budget.admit(what="native_stderr"):
+                log.warning("native_stderr", plugin=plugin, text=text[:_MAX_REASON])
 
     def _line(self, line: str) -> None:
         # Runs inside libextism's drain: an exception here would be printed by cffi and lost.

@@ -166,7 +166,7 @@ class SandboxedPlugin:
     def _invoke(self, function: bytes, data: bytes, tick: int | None = None) -> bytes:
         self.host.start_call(tick)
         try:
-            output = call(self._instance, function, data)
+            output = self._call(function, data)
         except extism.Error as exc:
             error = self._call_error(exc)
             if error.kind in _REBUILD_AFTER:
@@ -179,6 +179,15 @@ class SandboxedPlugin:
             error.reset = True
             raise error
         return output
+
+    def _call(self, function: bytes, data: bytes) -> bytes:
+        """The call itself, with what libextism writes to stderr meanwhile logged as this plugin's."""
+        extism_log = router()
+        extism_log.calling()
+        try:
+            return call(self._instance, function, data)
+        finally:
+            extism_log.called(self._id)
 
     def _call_error(self, exc: extism.Error) -> PluginCallError:
         reason = router().reason(self._id)
