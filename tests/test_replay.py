@@ -212,3 +212,81 @@ def test_the_plot_draws_recorded_and_replayed_actuators_over_the_readings(record
     assert cli.main(["replay", str(path), "--plot", str(tmp_path / "nowhere" / "r.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--plot" in err and "does not exist" in err
+
+
+def head_of(recorded: Path, ticks: int) -> list[bytes]:
+    """The header line and the first `ticks` tick lines of a recording, as written."""
+    import gzip
+
+    with gzip.open(recorded, "rb") as lines:
+        return [next(lines) for _ in range(1 + ticks)]
+
+
+def test_a_gzip_bomb_is_refused_in_one_line_with_memory_bounded(recorded, tmp_path, capsys, cli_logs,
+                                                                write_config) -> None:
+    import gzip
+    import tracemalloc
+
+    from pi_controller import cli
+
+    bomb = tmp_path / "bomb.jsonl.gz"  # a real header, then 64 MiB of newlines in 64 KiB
+    with gzip.open(bomb, "wb", compresslevel=9) as out:
+        out.write(head_of(recorded[0], 0)[0])
+        for _ in range(64):
+            out.write(b"\n" * (1 << 20))
+    assert bomb.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(RecordingError, match="gzip bomb"):
+            list(Reader(bomb))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # the whole of it would be 64 MiB, and its empty lines a list of 512 MiB
+    assert cli.main(["replay", str(bomb)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"replay error: {bomb}: gzip data inflating past 200 times")
+    assert cli.main(["simulate", "--config", str(write_config(example_data())), "--duration", "1m",
+                     "--from-recording", str(bomb)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a gzip bomb, not a recording" in err
+
+
+def test_a_line_past_the_cap_is_refused_naming_it(recorded, tmp_path) -> None:
+    long = tmp_path / "long.jsonl"
+    long.write_bytes(b"".join(head_of(recorded[0], 2)) + b'{"n": 3, "t": 1, "pad": "' + b"x" * (2 << 20))
+    with pytest.raises(RecordingError, match=rf"^{long}:4: a line longer than 1048576 bytes"):
+        list(Reader(long))
+
+
+@pytest.mark.parametrize(("crafted", "every_reader"), [  # every_reader: refused by Reader, not only by replay
+    ("[" * 100_000 + "]" * 100_000, True),  # json.loads: RecursionError
+    ('{"n": 3, "t": 1e3, "r": [1]}', True),
+    ('{"n": 3, "t": 1e3, "r": {"light_sensor": 1e999}}', True),
+    ('{"n": 3, "t": 1e3, "r": {"light_sensor": [1]}}', True),
+    ('{"n": 3, "t": 1e3, "bad": {"light_sensor": 1}}', True),
+    ('{"n": 3, "t": NaN}', True),
+    ('{"n": 3, "t": 1e3, "m": "x"}', True),
+    ('{"n": 3, "t": 1e3, "e": []}', False),
+    ('{"n": 3, "t": 1e3, "o": [[1, 2, 3, 4]]}', False),
+    ('{"n": 3, "t": 1e3, "p": {"temperature_control": [[1]]}}', False),
+    ('{"n": 3, "t": 1e3, "d": 5}', False),
+])
+def test_a_crafted_line_is_one_refusal_naming_it(recorded, tmp_path, capsys, cli_logs, crafted: str,
+                                                  every_reader: bool) -> None:
+    from pi_controller import cli
+    from pi_controller.sim.record import Playback, Unrecorded
+
+    path = tmp_path / "crafted.jsonl"
+    lines = head_of(recorded[0], 6)
+    t0 = json.loads(lines[1])["t"]
+    crafted_line = crafted.replace("1e3", str(t0 + 3)).encode()
+    path.write_bytes(b"".join(lines[:4]) + crafted_line + b"\n" + b"".join(lines[4:]))
+    assert cli.main(["replay", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"replay error: {path}:5: ") and "Traceback" not in err
+    playback = Playback(path)  # simulate --from-recording: the sensors it plays are invalid from there, saying why
+    assert playback.value("light_sensor", 0.0) == json.loads(lines[1])["r"]["light_sensor"]
+    if every_reader:
+        with pytest.raises(Unrecorded, match=f"^{path}:5: "):
+            playback.value("light_sensor", 10.0)

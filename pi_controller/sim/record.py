@@ -50,6 +50,8 @@ log = structlog.get_logger("pi_controller.record")
 FORMAT = "pi-controller-recording"
 VERSION = 1
 MAX_LINE_BYTES = 1024 * 1024  # a tick of a few dozen devices is a few KiB: past this it is no line of ours
+MAX_GZIP_RATIO = 200  # our JSON lines deflate 10 to 20 times; gzip can do 1,000 (a bomb)
+MAX_GZIP_FLOOR = 1024 * 1024  # inflated bytes taken whatever the ratio (a header alone can be 40 times)
 _BATCH = 10  # lines handed to the writer at once: one wake-up of its thread a second at 10 Hz
 _QUEUE_BATCHES = 60  # a minute at 10 Hz: what a stalled card may hold before lines are dropped
 _FLUSH_S = 1.0
@@ -258,12 +260,16 @@ class RecordingError(Exception):
 
 
 class Reader:
-    """The lines of a recording, plain or gzip, as (header, tick) pairs; a line cut short (a crash
-    mid-write) or unreadable is skipped and counted in `skipped`."""
+    """The lines of a recording, plain or gzip, as (header, tick) pairs, read a chunk at a time (memory
+    bounded whatever the file holds); a line cut short (a crash mid-write) or not JSON is skipped and
+    counted in `skipped`. What is not a recording of ours raises RecordingError naming the file and its
+    line (`line`, from 1): a line over MAX_LINE_BYTES, JSON nested past all reason, a tick whose time or
+    readings are not of their type, gzip data that inflates past MAX_GZIP_RATIO (a bomb)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.skipped = 0
+        self.line = 0  # the number of the line last read
         self.header: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
@@ -272,45 +278,84 @@ class Reader:
                 line = json.loads(raw)
             except ValueError:
                 line = None
+            except RecursionError:
+                raise self.refusal("JSON nested thousands deep: not a line of ours") from None
             if isinstance(line, dict) and line.get("format") == FORMAT:
                 self.header = _checked(line, self.path)
             elif self.header is None:
                 raise RecordingError(f"{self.path}: does not start with a {FORMAT} header line")
             elif not isinstance(line, dict):
                 self.skipped += 1
-            elif isinstance(line.get("n"), int) and isinstance(line.get("t"), (int, float)):
+            elif isinstance(line.get("n"), int) and "t" in line:
+                problem = _tick_problem(line)
+                if problem:
+                    raise self.refusal(f"tick {str(line['n'])[:20]}: {problem}")
                 yield self.header, line
             else:
                 self.skipped += 1
+
+    def refusal(self, what: str) -> RecordingError:
+        """`what` is wrong with the line last read, as the one line that says so."""
+        return RecordingError(f"{self.path}:{self.line}: {what}"[:300])
 
     def _lines(self) -> Iterator[bytes]:
         pending = b""
         for chunk in _chunks(self.path):
             pending += chunk
             *whole, pending = pending.split(b"\n")
-            yield from (line for line in whole if line)
+            for line in whole:
+                self.line += 1
+                if line:
+                    yield line
             if len(pending) > MAX_LINE_BYTES:
-                raise RecordingError(f"{self.path}: a line longer than {MAX_LINE_BYTES} bytes: not a recording")
+                self.line += 1
+                raise self.refusal(f"a line longer than {MAX_LINE_BYTES} bytes: not a recording")
         if pending:
+            self.line += 1
             self.skipped += 1  # the last line, cut short
+
+
+def _tick_problem(line: dict[str, Any]) -> str | None:
+    """What is wrong with what every reader takes from a tick line (its times and readings, `readings`);
+    None if nothing. What only replay takes, it checks as it takes it."""
+    if not _finite(line["t"]) or not _finite(line.get("m", 0.0)):
+        return "its time (t, m) is not a finite number"
+    valid, bad = line.get("r", {}), line.get("bad", {})
+    if not isinstance(valid, dict) or not all(
+            _finite(v) or (isinstance(v, list) and len(v) == 2 and all(map(_finite, v))) for v in valid.values()):
+        return "its readings (r) are not sensor ids to finite values or [value, time]"
+    if not isinstance(bad, dict) or not all(isinstance(v, list) and len(v) == 2 and _finite(v[1])
+                                            for v in bad.values()):
+        return "its invalid readings (bad) are not sensor ids to [error, time]"
+    return None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _checked(header: dict[str, Any], path: Path) -> dict[str, Any]:
     """The header, if what readers take from it has its type: a file is anyone's to write."""
     if header.get("version") != VERSION:
-        raise RecordingError(f"{path}: recording version {header.get('version')!r}; this pi-controller reads "
-                             f"version {VERSION}")
+        raise RecordingError(f"{path}: recording version {str(header.get('version'))[:20]!r}; this pi-controller "
+                             f"reads version {VERSION}")
     rate, sensors = header.get("rate_hz", 1.0), header.get("sensors", {})
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < math.inf:
         raise RecordingError(f"{path}: a header's rate_hz is {str(rate)[:40]!r}, not a rate")
     if not isinstance(sensors, dict) or not all(isinstance(unit, str) for unit in sensors.values()):
         raise RecordingError(f"{path}: a header's sensors are not a mapping of sensor ids to units")
+    plugins, source = header.get("plugins", {}), header.get("config_file", "")
+    if not isinstance(plugins, dict) or not all(isinstance(sha, str) for sha in plugins.values()):
+        raise RecordingError(f"{path}: a header's plugins are not a mapping of plugin names to sha256 digests")
+    if not isinstance(source, str) or not isinstance(header.get("config", ""), str):
+        raise RecordingError(f"{path}: a header's config or config_file is not text")
     return header
 
 
 def _chunks(path: Path, size: int = 1 << 16) -> Iterator[bytes]:
     """The file's bytes, gunzipped if it is gzip (members one after another; a cut-off end yields
-    what it decodes to)."""
+    what it decodes to), at most `size` bytes at a time, and never more than MAX_GZIP_RATIO times what
+    it was inflated from (past a first MAX_GZIP_FLOOR)."""
     with path.open("rb") as stream:
         first = stream.read(size)
         if not first.startswith(b"\x1f\x8b"):
@@ -318,14 +363,26 @@ def _chunks(path: Path, size: int = 1 << 16) -> Iterator[bytes]:
                 yield first
                 first = stream.read(size)
             return
-        inflate, data = zlib.decompressobj(wbits=31), first
+        inflate, data, read, inflated = zlib.decompressobj(wbits=31), first, len(first), 0
         try:
             while data:
-                yield inflate.decompress(data)
-                while inflate.eof and inflate.unused_data:  # the next run's member
-                    data, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
-                    yield inflate.decompress(data)
+                while True:
+                    out = inflate.decompress(data, size)
+                    inflated += len(out)
+                    taken = read - len(inflate.unconsumed_tail)
+                    if inflated > max(MAX_GZIP_FLOOR, MAX_GZIP_RATIO * taken):
+                        raise RecordingError(f"{path}: gzip data inflating past {MAX_GZIP_RATIO} times its size "
+                                             f"({inflated >> 10} KiB from {taken} bytes): a gzip bomb, "
+                                             "not a recording")
+                    yield out
+                    if inflate.eof and inflate.unused_data:  # the next run's member
+                        data, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
+                    elif inflate.unconsumed_tail or len(out) == size:  # more to come of what was read
+                        data = inflate.unconsumed_tail
+                    else:
+                        break
                 data = stream.read(size)
+                read += len(data)
         except zlib.error as exc:
             raise RecordingError(f"{path}: corrupt gzip data ({exc})") from exc
 
@@ -362,6 +419,14 @@ class Playback:
         self._first, self._period = line["t"], 1.0 / float(header.get("rate_hz") or 1.0)
         self._last_t = line["t"]
         self._current: dict[str, Reading] = {}
+        self._refused: str | None = None  # why the recording ends early: a line not of ours
+
+    def _following(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        try:
+            return next(self._lines, None)
+        except RecordingError as exc:
+            self._refused = str(exc)
+            return None
 
     def value(self, sensor: str, elapsed: float) -> float:
         """The value recorded for `sensor` `elapsed` seconds after the first tick; raises Unrecorded."""
@@ -369,9 +434,9 @@ class Playback:
             header, line = self._next
             self._current = {r.sensor_id: r for r in readings(line, header.get("sensors", {}), line["t"])}
             self._last_t = line["t"]
-            self._next = next(self._lines, None)
+            self._next = self._following()
         if self._next is None and elapsed > self._last_t - self._first + self._period:
-            raise Unrecorded(f"the recording ended at {self._last_t - self._first:.1f} s")
+            raise Unrecorded(self._refused or f"the recording ended at {self._last_t - self._first:.1f} s")
         reading = self._current.get(sensor)
         if reading is None or reading.value is None:
             raise Unrecorded("recorded invalid" + (f": {reading.error}" if reading is not None else ""))

@@ -241,8 +241,8 @@ def replay(recording: Path, settings: config.Settings | None, plugins_dir: Path 
                 session.restart(header, line, None)
             try:
                 session.feed(line, header.get("sensors", {}))
-            except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a line not written by us
-                raise RecordingError(f"{recording}: tick {line['n']}: malformed line ({exc})"[:300]) from exc
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as exc:  # not by us
+                raise reader.refusal(f"tick {line['n']}: malformed line ({type(exc).__name__}: {exc})") from exc
         if session is None:
             raise RecordingError(f"{recording}: no tick recorded" + (" in the range given" if start or end else ""))
         report = session.report(recording, header, reader.skipped)
