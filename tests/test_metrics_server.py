@@ -175,3 +175,46 @@ def test_a_collector_that_raises_is_a_500_and_one_line_not_a_traceback(serve, ca
     (failed,) = [e for e in events if e["event"] == "metrics_scrape_failed"]
     assert "KeyError" in failed["error"] and "exc_info" not in failed
     assert capfd.readouterr().err == ""
+
+
+def test_the_daemon_under_a_thousand_slow_connections_keeps_its_threads_and_prints_only_events(
+        tmp_path, many_fds) -> None:
+    import json
+    import signal
+    from pathlib import Path
+
+    from tests.conftest import free_port
+    from tests.test_service import fetch, samples, service_config, start, wait_for_event
+
+    port = free_port()
+    process = start(service_config(tmp_path, metrics={"enabled": True, "port": port}), None)
+    url = f"http://127.0.0.1:{port}"
+
+    def threads() -> int:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        return int(status.split("\nThreads:")[1].split()[0])
+
+    slow: list[socket.socket] = []
+    try:
+        wait_for_event(process, "metrics_listening")
+        poll(lambda: fetch(f"{url}/ready")[0] == 200, "ready")
+        before = threads()
+        for _ in range(1000):
+            client = socket.create_connection(("127.0.0.1", port), timeout=HANG_S)
+            client.sendall(b"GET /metrics HTTP/1.1\r\n")
+            slow.append(client)
+        capacity = ("pi_controller_http_connections_dropped_total", (("reason", "capacity"),))
+        poll(lambda: samples(fetch(f"{url}/metrics")[1])[capacity] >= 1000 - 16, "scraped, the slow ones pushed out")
+        assert threads() <= before  # not one more thread for a thousand connections
+        for client in slow[-20:]:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+        assert fetch(f"{url}/health") == (200, "ok\n")
+    finally:
+        for client in slow:
+            client.close()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0
+    events = [json.loads(line) for line in stderr.splitlines()]  # every line an event: no traceback
+    assert [e["event"] for e in events if e["level"] not in ("info", "debug")] == ["metrics_connection_limit"]
