@@ -92,6 +92,7 @@ def test_a_thousand_slow_connections_cost_no_thread_and_a_scrape_still_gets_thro
     with capture_logs() as events:
         server = serve()
         assert get(server, "/health") == (200, b"ok\n")
+        capfd.readouterr()  # what starting it said, however logging is set up in this process
         threads = threading.active_count()
         slow = []
         try:
@@ -151,6 +152,7 @@ def test_a_client_that_never_reads_its_answer_is_cut_after_the_timeout(serve) ->
 ])
 def test_a_bad_request_gets_one_short_answer(serve, capfd, request_bytes, status) -> None:
     server = serve()
+    capfd.readouterr()  # what starting it said
     with capture_logs() as events:
         answer = exchange(server, request_bytes)
     assert answer.split(b" ", 2)[1] == status and len(answer) < 300
@@ -169,6 +171,7 @@ def test_a_collector_that_raises_is_a_500_and_one_line_not_a_traceback(serve, ca
         raise KeyError("plugin_statuses changed during iteration")
 
     server = serve(FakeMetrics(broken))
+    capfd.readouterr()  # what starting it said
     with capture_logs() as events:
         assert get(server, "/metrics")[0] == 500
         assert get(server, "/health") == (200, b"ok\n")
@@ -217,4 +220,6 @@ def test_the_daemon_under_a_thousand_slow_connections_keeps_its_threads_and_prin
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0
     events = [json.loads(line) for line in stderr.splitlines()]  # every line an event: no traceback
-    assert [e["event"] for e in events if e["level"] not in ("info", "debug")] == ["metrics_connection_limit"]
+    assert not [e for e in events if "exception" in e]
+    assert [e["event"] for e in events if e["event"].startswith("metrics_") and e["level"] != "info"] == [
+        "metrics_connection_limit"]  # (on a loaded machine, a tick_overrun or two besides)

@@ -337,7 +337,7 @@ def _finite(value: Any) -> bool:
 def _checked(header: dict[str, Any], path: Path) -> dict[str, Any]:
     """The header, if what readers take from it has its type: a file is anyone's to write."""
     if header.get("version") != VERSION:
-        raise RecordingError(f"{path}: recording version {str(header.get('version'))[:20]!r}; this pi-controller "
+        raise RecordingError(f"{path}: recording version {header.get('version')!r:.20}; this pi-controller "
                              f"reads version {VERSION}")
     rate, sensors = header.get("rate_hz", 1.0), header.get("sensors", {})
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < math.inf:
