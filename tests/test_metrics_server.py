@@ -6,6 +6,7 @@ a socket timeout only as the bound on how long a broken test hangs.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import socket
 import struct
@@ -44,17 +45,15 @@ class FakeMetrics:
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., MetricsServer]]:
-    servers: list[MetricsServer] = []
+    """Starts a server on a free port of 127.0.0.1 (`metrics`: a FakeMetrics by default), closed after the test."""
+    with contextlib.ExitStack() as started:
+        def start(metrics: Any = None, **limits: Any) -> MetricsServer:
+            server = MetricsServer(metrics or FakeMetrics(), "127.0.0.1", 0, **limits)
+            server.start()
+            started.callback(server.close)
+            return server
 
-    def start(metrics: Any = None, **limits: Any) -> MetricsServer:
-        server = MetricsServer(metrics or FakeMetrics(), "127.0.0.1", 0, **limits)
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
+        yield start
 
 
 def dropped(server: MetricsServer, reason: str) -> float:
