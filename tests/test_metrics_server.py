@@ -100,7 +100,7 @@ def test_a_thousand_slow_connections_cost_no_thread_and_a_scrape_still_gets_thro
                 client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
                 slow.append(client)
             poll(lambda: dropped(server, "capacity") >= 1000 - server.max_connections, "the slow ones pushed out")
-            assert threading.active_count() == threads
+            assert threading.active_count() <= threads
             assert get(server, "/metrics")[0] == 200  # pushes out the longest waiting slow one
             for client in slow[-20:]:  # and some reset the connection (RST, not FIN)
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -109,7 +109,7 @@ def test_a_thousand_slow_connections_cost_no_thread_and_a_scrape_still_gets_thro
         finally:
             for client in slow:
                 client.close()
-        assert threading.active_count() == threads
+        assert threading.active_count() <= threads
     out, err = capfd.readouterr()
     assert (out, err) == ("", "")
     assert [e["event"] for e in events if e["log_level"] != "info"] == ["metrics_connection_limit"]
