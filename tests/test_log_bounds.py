@@ -8,6 +8,7 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 from structlog.testing import capture_logs
@@ -16,7 +17,7 @@ from pi_controller import logs
 from pi_controller.devices.sensors import Reading
 from pi_controller.logs import LineBudget, ProcessBudget, bound_fields
 from tests.conftest import example_data
-from tests.wasm_modules import nul_error_module
+from tests.wasm_modules import nul_error_module, nul_log_module
 
 
 class Clock:
@@ -103,7 +104,7 @@ logs.capture_native_stderr()
 logs.write_off_thread()
 plugin = load_plugin(Path(sys.argv[1]), config.load(Path(sys.argv[2])))
 failed = 0
-for tick in range(120):
+for tick in range(int(sys.argv[3])):
     try:
         plugin.call(b'{"sensor_readings": [], "device_states": {}, "timestamp": 0}', tick)
     except Exception:
@@ -113,21 +114,35 @@ logs.flush()
 """
 
 
+def native_lines_of(module: bytes, name: str, calls: int, tmp_path: Path) -> tuple[list[dict[str, Any]], float]:
+    """The native_stderr events of `calls` calls of `module` (as plugin `name`) in a process that captures
+    fd 2 as the daemon does, and the seconds its log spans; every stderr line must be a JSON event."""
+    wasm = tmp_path / f"{name}.wasm"
+    wasm.write_bytes(module)
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(example_data()))
+    done = subprocess.run([sys.executable, "-c", CALLS, str(wasm), str(config), str(calls)], capture_output=True,
+                          text=True, check=False, timeout=120, env={**os.environ, "RUST_BACKTRACE": "0"},
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0 and done.stdout.strip().isdigit(), done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON event
+    seconds = (datetime.fromisoformat(events[-1]["timestamp"]) - datetime.fromisoformat(events[0]["timestamp"]))
+    return [e for e in events if e["event"] == "native_stderr"], seconds.total_seconds()
+
+
 def test_libextism_raw_lines_go_through_the_plugins_budget_named_after_it(tmp_path: Path) -> None:
     """A guest error holding a NUL makes libextism print raw [tracing-subscriber] lines on fd 2: 120 calls,
     240 raw lines, logged as the plugin's events within its share of the log (a burst of 20, 5 a second)."""
-    wasm = tmp_path / "nul_error.wasm"
-    wasm.write_bytes(nul_error_module())
-    config = tmp_path / "config.yaml"
-    config.write_text(json.dumps(example_data()))
-    done = subprocess.run([sys.executable, "-c", CALLS, str(wasm), str(config)], capture_output=True, text=True,
-                          check=False, timeout=120, env={**os.environ, "RUST_BACKTRACE": "0"}, cwd=Path(__file__).parent.parent)
-    assert done.returncode == 0 and done.stdout == "120\n", done.stderr[-2000:]
-    events = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON event
-    native = [e for e in events if e["event"] == "native_stderr"]
+    native, seconds = native_lines_of(nul_error_module(), "nul_error", 120, tmp_path)
     assert native and all(e["plugin"] == "nul_error" and "tracing-subscriber" in e["text"] for e in native)
-    seconds = (datetime.fromisoformat(events[-1]["timestamp"]) - datetime.fromisoformat(events[0]["timestamp"]))
-    assert len(native) <= 20 + 5 * seconds.total_seconds() + 1 < 240
+    assert len(native) <= 20 + 5 * seconds + 1 < 240
+
+
+def test_a_call_writing_more_raw_lines_than_the_pipe_holds_neither_blocks_nor_floods(tmp_path: Path) -> None:
+    """2,000 NUL log lines a call: some 240 KB of raw lines, past the 64 KiB a pipe holds while the call runs."""
+    native, seconds = native_lines_of(nul_log_module(2000), "nul_log", 5, tmp_path)
+    assert native and all(e["plugin"] == "nul_log" and "tracing-subscriber" in e["text"] for e in native)
+    assert len(native) <= 20 + 5 * seconds + 1
 
 
 def test_libextism_raw_lines_in_the_daemon_are_its_events(tmp_path: Path) -> None:

@@ -34,14 +34,30 @@ def module(imports: tuple[tuple[bytes, bytes], ...] = (), custom_bytes: int = 0)
 
 def nul_error_module() -> bytes:
     """A plugin whose `control_logic` sets the error "a\\0b" through Extism's kernel and returns 1."""
+    return _nul_text_module(b"error_set", b"\x20\x00\x10\x02"  # error_set(p)
+                                          b"\x41\x01\x0b")  # return 1
+
+
+def nul_log_module(lines: int) -> bytes:
+    """A plugin whose `control_logic` logs "a\\0b" at warn level `lines` times (below 8192) through Extism's
+    kernel and returns 0."""
+    return _nul_text_module(b"log_warn", b"\x03\x40"  # loop
+                                         b"\x20\x00\x10\x02"  # log_warn(p)
+                                         b"\x20\x01\x41\x01\x6a\x22\x01"  # i += 1
+                                         b"\x41" + _leb(lines) + b"\x48\x0d\x00\x0b"  # while i < lines
+                                         b"\x41\x00\x0b")  # return 0
+
+
+def _nul_text_module(kernel_function: bytes, tail: bytes) -> bytes:
+    """A module whose `control_logic` stores "a\\0b" in Extism's memory at p, then runs `tail` (locals: the
+    i64 p, an i32 counter), which may call `kernel_function` (i64) -> () of extism:host/env."""
     types = [b"\x60\x01\x7e\x01\x7e", b"\x60\x02\x7e\x7f\x00", b"\x60\x01\x7e\x00", b"\x60\x00\x01\x7f"]
-    imports = [(b"alloc", 0), (b"store_u8", 1), (b"error_set", 2)]
+    imports = [(b"alloc", 0), (b"store_u8", 1), (kernel_function, 2)]
     store = b"".join(b"\x20\x00\x42" + bytes([i]) + b"\x7c\x41" + byte + b"\x10\x01"
                      for i, byte in enumerate([b"\xe1\x00", b"\x00", b"\xe2\x00"]))  # p+i <- 'a', 0, 'b'
-    body = (b"\x01\x01\x7e"  # one local: i64 p
+    body = (b"\x02\x01\x7e\x01\x7f"  # locals: i64 p, i32 i
             b"\x42\x03\x10\x00\x21\x00"  # p = alloc(3)
-            + store + b"\x20\x00\x10\x02"  # error_set(p)
-            b"\x41\x01\x0b")  # return 1
+            + store + tail)
     out = HEADER + _section(1, _leb(len(types)) + b"".join(types))
     out += _section(2, _leb(len(imports)) + b"".join(_name(b"extism:host/env") + _name(f) + b"\x00" + _leb(t)
                                                      for f, t in imports))
