@@ -192,22 +192,22 @@ def test_the_daemon_under_a_thousand_slow_connections_keeps_its_threads_and_prin
     process = start(service_config(tmp_path, metrics={"enabled": True, "port": port}), None)
     url = f"http://127.0.0.1:{port}"
 
-    def threads() -> int:
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        return int(status.split("\nThreads:")[1].split()[0])
+    def status(field: str) -> int:  # Threads, or VmRSS in kB
+        return int(Path(f"/proc/{process.pid}/status").read_text().split(f"\n{field}:")[1].split()[0])
 
     slow: list[socket.socket] = []
     try:
         wait_for_event(process, "metrics_listening")
         poll(lambda: fetch(f"{url}/ready")[0] == 200, "ready")
-        before = threads()
+        threads, rss_kb = status("Threads"), status("VmRSS")
         for _ in range(1000):
             client = socket.create_connection(("127.0.0.1", port), timeout=HANG_S)
             client.sendall(b"GET /metrics HTTP/1.1\r\n")
             slow.append(client)
         capacity = ("pi_controller_http_connections_dropped_total", (("reason", "capacity"),))
         poll(lambda: samples(fetch(f"{url}/metrics")[1])[capacity] >= 1000 - 16, "scraped, the slow ones pushed out")
-        assert threads() <= before  # not one more thread for a thousand connections
+        assert status("Threads") <= threads  # not one more thread for a thousand connections
+        assert status("VmRSS") < rss_kb + 16 * 1024  # a thread each cost 27 MB here
         for client in slow[-20:]:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()
