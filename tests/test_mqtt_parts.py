@@ -3,15 +3,18 @@ clients), the outbox against a sender that records what it is handed."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
+from structlog.testing import capture_logs
 
 from pi_controller.config import MqttSettings
 from pi_controller.contract import Rejected
 from pi_controller.mqtt.inbox import COMMANDS, Inbound, Inbox, Route, commands
+from pi_controller.mqtt import outbox as outbox_module
 from pi_controller.mqtt.outbox import Message, Outbox
 from pi_controller.operator import EnablePlugin, Release, Request, SetActuator, SetPluginConfig
 from tests import test_mqtt
@@ -122,22 +125,40 @@ def test_every_command_row_is_subscribed_under_the_base_and_makes_its_request(br
     assert attached.strays == []
 
 
+class Receipt:
+    """What the sender hands back for a message: acknowledged by the broker or not."""
+
+    def __init__(self, acked: bool) -> None:
+        self.acked = acked
+
+    def is_published(self) -> bool:
+        return self.acked
+
+    def wait_for_publish(self, timeout: float | None = None) -> None:
+        pass  # the broker of this test answers at once, or never
+
+
 class Recording:
-    """The link's side of the outbox: connected or not, taking up to `room` messages."""
+    """The link's side of the outbox: connected or not, taking up to `room` messages, acknowledged by the
+    broker while `acks`."""
 
     def __init__(self) -> None:
         self.up = False
         self.room = 1000
+        self.acks = True
         self.sent: list[Message] = []
 
     def connected(self) -> bool:
         return self.up
 
-    def publish(self, message: Message) -> bool:
+    def publish(self, message: Message) -> Receipt | None:
         if len(self.sent) >= self.room:
-            return False
+            return None
         self.sent.append(message)
-        return True
+        return Receipt(self.acks)
+
+
+B = "pi-controller/t"  # the base of node "t"
 
 
 def outbox_on(sender: Recording, clock: list[float], tmp_path: Path, **mqtt: Any) -> Outbox:
@@ -145,23 +166,23 @@ def outbox_on(sender: Recording, clock: list[float], tmp_path: Path, **mqtt: Any
     return Outbox(settings, sender, lambda: clock[0])
 
 
-def test_while_the_broker_is_away_every_kind_waits_in_order_and_past_the_bound_the_oldest_go(tmp_path) -> None:
+def test_while_the_broker_is_away_states_wait_in_order_and_past_the_bound_the_oldest_go(tmp_path) -> None:
     sender, clock = Recording(), [0.0]
     outbox = outbox_on(sender, clock, tmp_path, buffer_messages=10, max_messages_per_s=100)
     outbox.put_state("s/a", b"1")
     outbox.put_answer("c/result", b"ok")
     outbox.put_state("s/a", b"2")  # away: not coalesced, history kept
     outbox.put_first([("config/a", b"{}")])
-    assert list(outbox) == [("config/a", b"{}", True), ("s/a", b"1", True), ("c/result", b"ok", False),
-                            ("s/a", b"2", True)]
-    for n in range(7):
+    assert list(outbox) == [("config/a", b"{}", True), ("s/a", b"1", True), ("s/a", b"2", True),
+                            ("c/result", b"ok", False)]  # by priority: configs, states, answers
+    for n in range(9):
         outbox.put_state(f"s/{n}", b"x")
-    assert (len(outbox), outbox.dropped, next(iter(outbox)).topic) == (10, 1, "s/a")
+    assert (len(outbox), outbox.dropped) == (12, 1)  # 10 states, the config, the answer
     outbox.pump()
     assert sender.sent == []  # nothing goes while away
     sender.up, clock[0] = True, 1.0
     outbox.pump()
-    assert [m.topic for m in sender.sent] == ["s/a", "c/result", "s/a"] + [f"s/{n}" for n in range(7)]
+    assert [m.topic for m in sender.sent] == ["config/a", "s/a"] + [f"s/{n}" for n in range(9)] + ["c/result"]
 
 
 def test_while_connected_a_state_waits_as_its_topics_latest_value_behind_the_rate_cap(tmp_path) -> None:
@@ -181,14 +202,88 @@ def test_while_connected_a_state_waits_as_its_topics_latest_value_behind_the_rat
     assert sender.sent == [("s/a", b"2", True)] and outbox.waiting() == {"s/b"}
 
 
+def test_a_flood_of_answers_never_holds_a_state_back_and_past_their_bound_the_oldest_go(tmp_path) -> None:
+    sender, clock = Recording(), [0.0]
+    sender.up = True
+    outbox = outbox_on(sender, clock, tmp_path, max_messages_per_s=50)
+    assert outbox.answer_bound == 50  # a second's worth of the rate cap
+    for tick in range(1, 101):  # 10 s at 10 Hz: 100 answers a tick, and a state of each of 3 sensors a second
+        for n in range(100):
+            outbox.put_answer(f"c/{tick}/{n}/result", b"{}")
+        if tick % 10 == 0:
+            for sensor in "xyz":
+                outbox.put_state(f"s/{sensor}", str(tick).encode())
+        clock[0] = tick / 10
+        outbox.pump()
+        assert not {topic for topic in outbox.waiting() if topic.startswith("s/")}, tick  # out in their tick
+    sent = [m.topic for m in sender.sent]
+    states = [topic for topic in sent if topic.startswith("s/")]
+    assert len(states) == 30 and 0.9 * 500 <= len(sent) <= 500  # the rate cap's 50/s: answers took the rest
+    kept = [m.topic for m in outbox if m.topic.startswith("c/")]
+    assert kept == [f"c/100/{n}/result" for n in range(100 - len(kept), 100)] and len(kept) >= 45  # the newest
+    assert outbox.answers_dropped == 100 * 100 - (len(sent) - len(states)) - len(kept)
+
+
+def test_at_a_stop_the_latest_states_go_past_the_backlog_and_each_is_confirmed_or_said_not_to_be(tmp_path) -> None:
+    sender, clock = Recording(), [0.0]
+    outbox = outbox_on(sender, clock, tmp_path, max_messages_per_s=5)
+    outbox.put_state(f"{B}/sensor/x/state", b"1")  # the broker away: into the outage buffer
+    sender.up = True
+    for n in range(50):
+        outbox.put_answer(f"{B}/actuator/relay/set/result", str(n).encode())
+    outbox.put_state(f"{B}/actuator/relay/state", b"on")
+    outbox.put_state(f"{B}/actuator/relay/state", b"off")  # the shut-down state, over the last one
+    with capture_logs() as logs:
+        outbox.flush(1.0)
+    assert sender.sent == [(f"{B}/actuator/relay/state", b"off", True)]  # no answer, no older state after it
+    assert outbox.answers_dropped == 50 and logs == []
+    outbox.save()  # the outage buffer waits for the next start: sent now, it would be what is retained
+    assert list(outbox_on(Recording(), clock, tmp_path)) == [(f"{B}/sensor/x/state", b"1", True)]
+
+    sender.sent, sender.acks = [], False  # a broker that takes the states and never acknowledges them
+    outbox.put_state(f"{B}/actuator/relay/state", b"off")
+    with capture_logs() as logs:
+        outbox.flush(1.0)
+    (said,) = logs
+    assert said["event"] == "telemetry_final_states_unconfirmed" and said["topics"] == [f"{B}/actuator/relay/state"]
+
+
 def test_what_is_unsent_at_a_stop_is_saved_and_first_out_after_the_next_start(tmp_path) -> None:
     sender, clock = Recording(), [0.0]
     sender.up = True
     outbox = outbox_on(sender, clock, tmp_path)
-    outbox.put_state("s/a", b"1")  # waiting on the rate cap
+    outbox.put_state(f"{B}/s/a", b"1")  # waiting on the rate cap
     sender.up = False
-    outbox.put_answer("c/result", b"ok")
+    outbox.put_state(f"{B}/s/b", b"2")
+    outbox.put_answer(f"{B}/c/result", b"ok")  # news: not kept across a restart
     outbox.save()
     restored = outbox_on(Recording(), clock, tmp_path)
-    assert list(restored) == [("c/result", b"ok", False), ("s/a", b"1", True)]  # the latest states last
+    assert list(restored) == [(f"{B}/s/a", b"1", True), (f"{B}/s/b", b"2", True)]
     assert not (tmp_path / "outbox.jsonl").exists()
+
+
+def test_the_buffer_file_publishes_only_to_our_topics_and_is_read_within_bounds(tmp_path) -> None:
+    buffer, clock = tmp_path / "outbox.jsonl", [0.0]
+    ours = json.dumps([f"{B}/sensor/x/state", "1", True])
+    lines = [json.dumps(["homeassistant/switch/evil/config", "{}", True]), json.dumps([f"{B}/#", "1", True]),
+             json.dumps(["pi-controller/other/sensor/x/state", "1", True]), '["' + "[" * 60_000 + '"]',
+             "[" * 100_000, "x" * (2 * outbox_module.MAX_LINE_BYTES), json.dumps([f"{B}/\ud800", "1", True]), ours]
+    buffer.write_text("\n".join(lines) + "\n")
+    with capture_logs() as logs:
+        restored = outbox_on(Recording(), clock, tmp_path)
+    assert list(restored) == [(f"{B}/sensor/x/state", b"1", True)]
+    (said,) = logs  # one line for the file
+    assert said["skipped"] == 7 and said["not_ours"][0] == "homeassistant/switch/evil/config"
+    assert not buffer.exists()
+
+
+def test_an_oversized_buffer_file_is_refused_in_one_line_and_kept_aside(tmp_path, monkeypatch) -> None:
+    buffer, clock = tmp_path / "outbox.jsonl", [0.0]
+    monkeypatch.setattr(outbox_module, "MAX_FILE_BYTES", 1000)
+    buffer.write_text((json.dumps([f"{B}/sensor/x/state", "1", True]) + "\n") * 100)
+    with capture_logs() as logs:
+        restored = outbox_on(Recording(), clock, tmp_path)
+    assert list(restored) == []
+    (said,) = logs
+    assert said["event"] == "telemetry_buffer_refused" and said["bytes"] > 1000
+    assert not buffer.exists() and (tmp_path / "outbox.jsonl.refused").exists()  # not read again at each start

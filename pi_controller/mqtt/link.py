@@ -30,6 +30,8 @@ PAHO_QUEUE = 1000  # messages paho may hold itself (in flight, or handed over as
 # the broker this soon, this many times in a row, are that and not a flaky network.
 TAKEOVER_LINK_S = 10.0
 TAKEOVER_COUNT = 3
+# A stop has systemd's TimeoutStopSec (10 s in our unit) for everything: the final states, then `offline`.
+FINAL_STATES_WAIT_S = 4.0  # for the broker to acknowledge the actuators' shut-down states
 OFFLINE_WAIT_S = 2.0  # for the broker to acknowledge `offline` at a stop; the last will says it otherwise
 
 
@@ -75,10 +77,11 @@ class Link:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def publish(self, message: Message) -> bool:
-        """Handed to paho (QoS 1); False if paho's own queue is full."""
+    def publish(self, message: Message) -> mqtt.MQTTMessageInfo | None:
+        """Handed to paho (QoS 1): its receipt, published once the broker acknowledges it; None if paho's
+        own queue is full."""
         info = self.client.publish(message.topic, message.payload, qos=1, retain=message.retain)
-        return info.rc != mqtt.MQTT_ERR_QUEUE_SIZE
+        return None if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE else info
 
     def stop(self) -> None:
         """Say offline (acknowledged, or the last will says it), disconnect, end paho's thread."""

@@ -1,32 +1,49 @@
 """What goes out, and when the broker lets it: the outbox between the publish policy and the link.
 
-Messages come in by what they are, each kind through its own door: a retained state (`put_state`), an
-answer to a command (`put_answer`), and discovery configs with the clean-ups of retained leftovers
-(`put_first`, ahead of everything queued: Home Assistant needs an entity's config before its state).
-How each kind is queued, bounded and ordered is decided here alone, so that giving them priorities
-(availability and states before answers, answers bounded apart) changes this module and no caller.
+Messages come in by what they are, each kind through its own door, and go out by priority:
+1. discovery configs and the clean-ups of retained leftovers (`put_first`: Home Assistant needs an
+   entity's config before its state), the latest per topic;
+2. retained states (`put_state`): while connected, the latest value per topic (`pending`, each topic
+   keeping its place: a busy topic does not starve the rest, a dashboard sees the present, not a queue);
+   while the broker is away, every one in order with its timestamp (the outage buffer, `history`: past
+   `buffer_messages` the oldest go, counted in `dropped`), sent before the latest on reconnecting;
+3. answers to commands (`put_answer`): news, never coalesced, never ahead of a state, kept apart and
+   bounded to a second's worth of the rate cap (`answer_bound`): past it the oldest go, counted in
+   `answers_dropped`. A flood of commands costs answers, never states. They are not kept in the outage
+   buffer nor its file.
+(`online` and `offline` are the link's own, said directly.)
 
-`pump` hands messages to the link at up to `max_messages_per_s`, only while connected. While the broker
-is away the outbox keeps messages in order with their original timestamps; past `buffer_messages` the
-oldest are dropped and counted. While connected but held back by the rate cap, a state waits as the
-latest value of its topic (`pending`): a dashboard sees the present, not a queue. With `buffer_file`, what
-is unsent at a stop is saved, and sent after the next start.
+`pump` hands messages to the link at up to `max_messages_per_s`, only while connected. At a stop,
+`flush` sends the configs and the latest states (the actuators' shut-down states among them) past
+everything else, dropping the answers still queued, and waits for the broker to acknowledge each (QoS 1)
+within its time. With `buffer_file`, the states still unsent are saved and sent after the next start;
+that file is read back line by line within bounds (`MAX_FILE_BYTES`, `MAX_LINE_BYTES`) and only into our
+own topics: anyone who can write it must not publish through us.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
+from typing import IO, Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import structlog
 
 from pi_controller.config import MqttSettings
+from pi_controller.mqtt.discovery import Topics
 from pi_controller.token_bucket import TokenBucket
 
 log = structlog.get_logger("pi_controller.telemetry")
+
+# The outage buffer's file: a state is a few hundred bytes, the default bound (10,000) a few MB. A file
+# over this is no buffer of ours (a copy gone wrong, a disk filled by someone else): refused whole.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_LINE_BYTES = 64 * 1024  # a saved line; a payload of ours is far smaller
+MAX_TOPIC_BYTES = 65535  # MQTT's own limit
+FOREIGN_NAMED = 5  # topics not ours in the file, named in the log
 
 
 class Message(NamedTuple):
@@ -35,13 +52,21 @@ class Message(NamedTuple):
     retain: bool
 
 
+class Delivery(Protocol):
+    """A message handed over (paho's MQTTMessageInfo): published once the broker acknowledged it."""
+
+    def is_published(self) -> bool: ...
+
+    def wait_for_publish(self, timeout: float | None = None) -> None: ...
+
+
 class Sender(Protocol):
     """Where the outbox's messages go (the link)."""
 
     def connected(self) -> bool: ...
 
-    def publish(self, message: Message) -> bool:
-        """Handed over (QoS 1); False if the sender holds all it may and the message stays with us."""
+    def publish(self, message: Message) -> Delivery | None:
+        """Handed over (QoS 1); None if the sender holds all it may and the message stays with us."""
         ...
 
 
@@ -49,87 +74,138 @@ class Outbox:
     def __init__(self, mqtt: MqttSettings, sender: Sender, timer: Callable[[], float]):
         self._bound = mqtt.buffer_messages
         self._file = Path(mqtt.buffer_file) if mqtt.buffer_file else None
+        self._base = Topics.of(mqtt).base + "/"
         self._sender = sender
         self._timer = timer
-        self._queue: deque[Message] = deque()  # in order, kept while the broker is away
+        self._first: dict[str, Message] = {}  # configs and clean-ups, the latest per topic, in order
+        self._history: deque[Message] = deque()  # states kept in order while the broker is away
         self._pending: dict[str, Message] = {}  # while connected: the latest state per topic, oldest first
+        self._answers: deque[Message] = deque()
+        self.answer_bound = max(10, int(mqtt.max_messages_per_s))  # a second's worth of the rate cap
         self.coalesced = 0  # states replaced by a newer one before they could be sent (the rate cap)
-        self.dropped = 0
+        self.dropped = 0  # states dropped from the outage buffer past its bound
+        self.answers_dropped = 0
         rate = mqtt.max_messages_per_s
         self._bucket = TokenBucket(rate, rate, timer(), tokens=0.0)  # a second's worth at most
         self._restore()
 
     def __len__(self) -> int:
-        """Messages kept in order (during an outage, all of them); not the states waiting on the rate cap."""
-        return len(self._queue)
+        """Messages kept in order: configs, the outage buffer, answers; not the states waiting on the rate cap."""
+        return len(self._first) + len(self._history) + len(self._answers)
 
     def __iter__(self) -> Iterator[Message]:
-        return iter(self._queue)
+        """Everything kept, in the order it would go out."""
+        yield from self._first.values()
+        yield from self._history
+        yield from self._pending.values()
+        yield from self._answers
 
     def waiting(self) -> set[str]:
         """The topics with a message not yet handed to the link."""
-        return {message.topic for message in self._queue} | set(self._pending)
+        return {message.topic for message in self}
 
     # -- in, by kind ---------------------------------------------------------------------------
 
     def put_state(self, topic: str, payload: bytes) -> None:
-        """A retained state. While connected it waits as its topic's latest value (keeping the topic's
-        place: a busy topic does not starve the rest); while the broker is away it keeps its place in order."""
+        """A retained state: while connected, its topic's latest value (keeping the topic's place); while
+        the broker is away, kept in order in the outage buffer."""
         message = Message(topic, payload, True)
         if self._sender.connected():
             if topic in self._pending:
                 self.coalesced += 1
             self._pending[topic] = message
         else:
+            self._unpend()  # those from before the broker went, first
             self._keep(message)
 
     def put_answer(self, topic: str, payload: bytes) -> None:
-        """An answer to a command: news each time, never coalesced, not retained."""
-        self._keep(Message(topic, payload, False))
+        """An answer to a command: news each time, never coalesced, not retained; past its bound the
+        oldest go."""
+        if len(self._answers) >= self.answer_bound:
+            self._answers.popleft()
+            self.answers_dropped += 1
+            if self.answers_dropped == 1 or self.answers_dropped % 1000 == 0:
+                log.warning("telemetry_answers_dropped", dropped=self.answers_dropped, bound=self.answer_bound)
+        self._answers.append(Message(topic, payload, False))
 
     def put_first(self, messages: Iterable[tuple[str, bytes]]) -> None:
         """Retained configs (or empty payloads that remove them), ahead of everything queued, in their order."""
-        self._queue.extendleft(reversed([Message(topic, payload, True) for topic, payload in messages]))
+        first = {topic: Message(topic, payload, True) for topic, payload in messages}
+        self._first = first | {topic: m for topic, m in self._first.items() if topic not in first}
 
     def _keep(self, message: Message) -> None:
-        """In order; past the bound the oldest go."""
-        if len(self._queue) >= self._bound:
-            self._queue.popleft()
+        """Into the outage buffer, in order; past the bound the oldest go."""
+        if len(self._history) >= self._bound:
+            self._history.popleft()
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("telemetry_dropped", dropped=self.dropped, bound=self._bound)
-        self._queue.append(message)
+        self._history.append(message)
 
     # -- out -----------------------------------------------------------------------------------
 
-    def pump(self, budget: int | None = None) -> None:
-        """The queue first (it is older), then the latest states, as far as the rate cap allows (or
-        `budget` messages, at a stop)."""
+    def pump(self) -> None:
+        """By priority (configs, the outage buffer, the latest states, answers), as far as the rate cap
+        allows."""
         if not self._sender.connected():
             self._unpend()  # the broker went away: they wait in order now
             return
-        tokens = self._bucket.refill(self._timer())
-        allowed = int(tokens) if budget is None else budget
+        allowed = int(self._bucket.refill(self._timer()))
         sent = 0
-        while (self._queue or self._pending) and sent < allowed and self._sender.connected():
-            message = self._queue[0] if self._queue else next(iter(self._pending.values()))
-            # Even when the connection dropped a moment ago, paho keeps a QoS 1 message and sends it after
-            # reconnecting; only its own queue being full leaves the message with us.
-            if not self._sender.publish(message):
-                break
-            if self._queue:
-                self._queue.popleft()
-            else:
-                del self._pending[message.topic]
-            sent += 1
+        for queued in (self._first, self._history, self._pending, self._answers):
+            sent += self._send(queued, allowed - sent)
         self._bucket.take(sent)
 
-    def flush(self) -> None:
-        """Everything kept, as far as the link takes it now (a stop)."""
-        self.pump(budget=len(self._queue) + len(self._pending))
+    def _send(self, queued: dict[str, Message] | deque[Message], allowed: int) -> int:
+        """Up to `allowed` of `queued`, oldest first, while the link takes them; how many it took."""
+        sent = 0
+        while queued and sent < allowed and self._sender.connected():
+            message = queued[0] if isinstance(queued, deque) else next(iter(queued.values()))
+            # Even when the connection dropped a moment ago, paho keeps a QoS 1 message and sends it after
+            # reconnecting; only its own queue being full leaves the message with us.
+            if self._sender.publish(message) is None:
+                break
+            if isinstance(queued, deque):
+                queued.popleft()
+            else:
+                del queued[message.topic]
+            sent += 1
+        return sent
+
+    def flush(self, wait_s: float) -> None:
+        """At a stop: the configs and the latest states, the actuators' shut-down states among them,
+        past everything else (the answers still queued are dropped; the outage buffer waits for the file
+        or the next start: sent after them, its older states would be what the broker retains), each
+        acknowledged by the broker within `wait_s` in all, or said not to be."""
+        self._drop_answers()
+        if not self._sender.connected():
+            if self._pending or self._history:
+                log.warning("telemetry_final_states_unsent", reason="the broker is away",
+                            kept=str(self._file) if self._file else None)
+            self._unpend()
+            return
+        handed: dict[str, Delivery] = {}
+        for queued in (self._first, self._pending):
+            while queued and self._sender.connected():
+                message = next(iter(queued.values()))
+                delivery = self._sender.publish(message)
+                if delivery is None:
+                    break
+                handed[message.topic] = delivery
+                del queued[message.topic]
+        unconfirmed = _unconfirmed(handed, time.monotonic() + wait_s)
+        if unconfirmed or self._pending:
+            log.warning("telemetry_final_states_unconfirmed", unconfirmed=len(unconfirmed),
+                        not_handed_over=len(self._pending), wait_s=wait_s,
+                        topics=sorted(unconfirmed + list(self._pending))[:20],
+                        consequence="the broker may retain what these topics said before the stop")
+
+    def _drop_answers(self) -> None:
+        self.answers_dropped += len(self._answers)
+        self._answers.clear()
 
     def _unpend(self) -> None:
-        """The latest states waiting on the rate cap into the queue, in their order."""
+        """The latest states waiting on the rate cap into the outage buffer, in their order."""
         for message in self._pending.values():
             self._keep(message)
         self._pending.clear()
@@ -137,41 +213,89 @@ class Outbox:
     # -- a restart of the daemon ---------------------------------------------------------------
 
     def save(self) -> None:
-        """What is unsent, to the buffer file if there is one."""
+        """The states unsent, to the buffer file if there is one (configs go again at every connection,
+        answers are news)."""
         self._unpend()
-        if self._file is None or not self._queue:
+        if self._file is None or not self._history:
             return
         partial = f"{self._file}.partial"  # replaced whole: a crash mid-write leaves the old file
         with open(partial, "w", encoding="utf-8") as f:
-            for topic, payload, retain in self._queue:
-                f.write(json.dumps([topic, payload.decode(), retain]) + "\n")
+            f.writelines(json.dumps([topic, payload.decode(), retain]) + "\n" for topic, payload, retain in self._history)
         os.replace(partial, self._file)
-        log.info("telemetry_saved", messages=len(self._queue), file=str(self._file))
+        log.info("telemetry_saved", messages=len(self._history), file=str(self._file))
 
     def _restore(self) -> None:
+        """The buffer file, into the outage buffer: a file anyone with the disk could edit, so each line is
+        checked and a bad one skipped (never a crash loop), a file over `MAX_FILE_BYTES` refused whole,
+        and only the newest `buffer_messages` held at a time. Taken up once: deleted, or kept aside as
+        `<file>.refused`."""
         path = self._file
         if path is None or not path.exists():
             return
-        skipped = 0
         try:
-            for line in path.read_text(encoding="utf-8").splitlines():
-                message = _restored(line)
-                if message is None:  # a file anyone could edit: a bad line is skipped, never a crash loop
-                    skipped += 1
-                else:
-                    self._keep(message)
-        except (OSError, ValueError) as exc:
-            log.warning("telemetry_restore_failed", file=str(path), error=str(exc))
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                path.replace(f"{path}.refused")
+                log.warning("telemetry_buffer_refused", file=str(path), bytes=size, limit=MAX_FILE_BYTES,
+                            kept_as=f"{path}.refused", fix="not a buffer of ours: inspect it, then delete it")
+                return
+            with open(path, "rb") as f:
+                skipped, foreign = self._read(f)
+        except OSError as exc:
+            log.warning("telemetry_restore_failed", file=str(path), error=str(exc)[:300])
+            return
         path.unlink(missing_ok=True)
-        log.info("telemetry_restored", messages=len(self._queue), skipped=skipped, file=str(path))
+        say = log.warning if skipped else log.info
+        say("telemetry_restored", messages=len(self._history), skipped=skipped, not_ours=foreign, file=str(path))
+
+    def _read(self, f: IO[bytes]) -> tuple[int, list[str]]:
+        """Each line of `f` that is a message of ours into the outage buffer; how many were skipped, and
+        the topics of those that were not ours."""
+        skipped = 0
+        foreign: list[str] = []
+        while line := f.readline(MAX_LINE_BYTES + 1):
+            if len(line) > MAX_LINE_BYTES:
+                while line and not line.endswith(b"\n"):  # the rest of an overlong line, a chunk at a time
+                    line = f.readline(MAX_LINE_BYTES)
+                skipped += 1
+                continue
+            message = _restored(line)
+            if message is None:
+                skipped += 1
+            elif not _ours(message.topic, self._base):
+                skipped += 1
+                if len(foreign) < FOREIGN_NAMED:
+                    foreign.append(message.topic[:200])
+            else:
+                self._keep(message)
+        return skipped, foreign
 
 
-def _restored(line: str) -> Message | None:
+def _unconfirmed(handed: dict[str, Delivery], deadline: float) -> list[str]:
+    """The topics of `handed` the broker has not acknowledged by `deadline` (monotonic)."""
+    unconfirmed = []
+    for topic, delivery in handed.items():
+        try:
+            delivery.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        except (RuntimeError, ValueError):  # the connection went meanwhile
+            pass
+        if not delivery.is_published():
+            unconfirmed.append(topic)
+    return unconfirmed
+
+
+def _ours(topic: str, base: str) -> bool:
+    """A topic under our own prefix that may be published to (no wildcard, no NUL)."""
+    return topic.startswith(base) and not any(c in topic for c in "+#\0")
+
+
+def _restored(line: bytes) -> Message | None:
     """A saved message, if the line is one: [topic, payload text, retain]."""
     try:
         topic, payload, retain = json.loads(line)
-    except (ValueError, TypeError):
-        return None
-    if not (isinstance(topic, str) and topic and isinstance(payload, str) and isinstance(retain, bool)):
-        return None
-    return Message(topic, payload.encode(), retain)
+        if (isinstance(topic, str) and isinstance(payload, str) and isinstance(retain, bool)
+                and 0 < len(topic.encode()) <= MAX_TOPIC_BYTES):
+            return Message(topic, payload.encode(), retain)
+    except (ValueError, TypeError, RecursionError):  # UnicodeError (a lone surrogate is valid JSON) is a ValueError
+        pass
+    return None

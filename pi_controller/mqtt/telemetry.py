@@ -31,7 +31,7 @@ import structlog
 from pi_controller.config import Settings
 from pi_controller.mqtt import inbox
 from pi_controller.mqtt.inbox import Inbox, Route
-from pi_controller.mqtt.link import Link
+from pi_controller.mqtt.link import FINAL_STATES_WAIT_S, Link
 from pi_controller.mqtt.outbox import Outbox
 from pi_controller.mqtt.policy import PublishPolicy
 from pi_controller.observer import LoopObserver, TickReport
@@ -92,10 +92,9 @@ class Telemetry(LoopObserver):
         self.outbox.pump()
 
     def stop(self) -> None:
-        """Publish what can be published and the actuators' shut-down states, say offline, disconnect;
-        keep the rest on disk if asked."""
-        if self.link.connected():
-            self.policy.shutdown_states(self._timer())
-            self.outbox.flush()
+        """The actuators' shut-down states and the other latest states past any backlog, acknowledged by
+        the broker (or said not to be), then offline, disconnect; the outage buffer kept on disk if asked."""
+        self.policy.shutdown_states(self._timer())
+        self.outbox.flush(FINAL_STATES_WAIT_S)
         self.link.stop()
         self.outbox.save()
