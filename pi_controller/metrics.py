@@ -59,8 +59,9 @@ class Source(Protocol):
     def shadow_agreement(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         """(plugin, actuator or "*") -> (ticks its shadow agreed, ticks compared)."""
 
-    def mqtt_link(self) -> tuple[bool, int] | None:
-        """(connected to the broker, connection attempts that failed); None without MQTT."""
+    def mqtt_link(self) -> tuple[bool, int, int] | None:
+        """(connected to the broker, connection attempts that failed, commands kept out by the rate
+        limits); None without MQTT."""
 
 
 class Metrics(LoopObserver):
@@ -181,6 +182,9 @@ class _StateCollector:
             yield CounterMetricFamily(f"{PREFIX}_mqtt_connect_failures", "Connection attempts to the MQTT broker "
                                       "that failed (the reason is logged once each: mqtt_connect_failed)",
                                       value=float(link[1]))
+            yield CounterMetricFamily(f"{PREFIX}_mqtt_commands_rate_limited", "MQTT commands dropped unread over "
+                                      "the rate limits, per topic or in all (logged: mqtt_commands_rate_limited)",
+                                      value=float(link[2]))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # names vary with the config; nothing to check them against at registration

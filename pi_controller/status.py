@@ -142,11 +142,11 @@ class Status:
     def shadow_agreement(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         return self.shadows.agreement() if self.shadows else {}
 
-    def mqtt_link(self) -> tuple[bool, int] | None:
+    def mqtt_link(self) -> tuple[bool, int, int] | None:
         if self.telemetry is None:
             return None
         summary = self.telemetry.summary()
-        return summary["connected"], summary["connect_failures"]
+        return summary["connected"], summary["connect_failures"], summary["commands_rate_limited"]
 
     # -- for systemd and the CLI -------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,7 +14,8 @@ from structlog.testing import capture_logs
 
 from pi_controller.config import MqttSettings
 from pi_controller.contract import Rejected
-from pi_controller.mqtt.inbox import COMMANDS, Inbound, Inbox, Route, commands
+from pi_controller.mqtt.inbox import (ALL_BURST, ANSWER_EVERY_S, COMMANDS, TOPIC_BURST, TOPIC_RATE, TOPICS_TRACKED,
+                                      Gate, Inbound, Inbox, Route, commands)
 from pi_controller.mqtt import outbox as outbox_module
 from pi_controller.mqtt.outbox import Message, Outbox
 from pi_controller.operator import EnablePlugin, Release, Request, SetActuator, SetPluginConfig
@@ -99,6 +101,43 @@ def test_a_refused_command_is_answered_and_a_failing_row_costs_only_its_message(
     assert [(a.reply_to, a.ok, a.rule, a.reason) for a in inbox.refused()] == [
         ("t/command/a/result", False, "too_large", "over the bound")]  # the other row is no command
     assert inbox.refused() == []  # each answered once
+
+
+def test_the_gate_lets_commands_in_per_topic_and_in_all_and_answers_what_it_drops_once_a_second() -> None:
+    clock = [0.0]
+    gate = Gate(lambda: clock[0])
+    verdicts = [gate.admit("a") for _ in range(int(TOPIC_BURST) + 5)]
+    assert verdicts == [(True, False)] * int(TOPIC_BURST) + [(False, True)] + [(False, False)] * 4
+    clock[0] = 1 / TOPIC_RATE  # one more token for "a"; its answer not due again yet
+    assert [gate.admit("a") for _ in range(2)] == [(True, False), (False, False)]
+    clock[0] += ANSWER_EVERY_S
+    assert gate.admit("b")[0] and gate.admit("a") == (True, False)  # topics apart
+    admitted = sum(gate.admit(f"t/{n}")[0] for n in range(10 * TOPICS_TRACKED))  # a flood over many topics
+    assert admitted <= ALL_BURST and gate.dropped >= 10 * TOPICS_TRACKED - ALL_BURST
+    assert len(gate._topics) <= TOPICS_TRACKED  # what it knows is bounded too
+
+
+def test_a_command_flood_is_dropped_before_its_handler_and_answered_rate_limited_once_a_second(broker,
+                                                                                               subscriber) -> None:
+    got: list[tuple[str, Inbound]] = []
+    inbox = Inbox({"t/command/+": Route(recorder(got, "command"), answered=True),
+                   "t/last": Route(recorder(got, "last"))})
+    attached = Attached(inbox, broker)
+    try:
+        started = time.monotonic()
+        for _ in range(300):
+            subscriber.client.publish("t/command/a", b"x", qos=0)
+        subscriber.publish("t/last", b"x")  # QoS 1, after them: when it is taken, every command was seen
+        poll(lambda: got and got[-1][0] == "last", "the message after the flood taken")
+        elapsed = time.monotonic() - started
+    finally:
+        attached.close()
+    commands = [m for name, m in got if name == "command"]
+    assert TOPIC_BURST <= len(commands) <= TOPIC_BURST + TOPIC_RATE * elapsed + 1
+    assert inbox.gate.dropped == 300 - len(commands)
+    answers = inbox.refused()
+    assert 1 <= len(answers) <= 1 + elapsed / ANSWER_EVERY_S
+    assert {(a.reply_to, a.ok, a.rule) for a in answers} == {("t/command/a/result", False, "rate_limited")}
 
 
 # One payload per command; a new row of COMMANDS gets its example here.

@@ -9,6 +9,10 @@ subscribed only until the broker acknowledges it: long enough for the retained m
 Handlers run on paho's thread: they only hand work over (the operator's thread-safe `submit`, a queue).
 A handler that raises costs its message, logged; on a command's row the refusal is answered on the
 command topic's `/result` (see `refused`). The commands themselves are the rows of `COMMANDS`.
+
+Commands are let in by a `Gate` before anything is done with them (no decoding, no split of the topic):
+a token bucket per topic and one for them all. What it keeps out is dropped and counted, and answered
+`rate_limited` at most once a second per topic, so that a flood costs a bounded share of a core.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import queue
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,6 +29,7 @@ import structlog
 
 from pi_controller.contract import Rejected
 from pi_controller.operator import Answer, EnablePlugin, Release, Request, SetActuator, SetPluginConfig
+from pi_controller.token_bucket import TokenBucket
 
 log = structlog.get_logger("pi_controller.telemetry")
 
@@ -51,9 +57,53 @@ class Route:
     answered: bool = False  # a command: a message it refuses is answered on its /result topic
 
 
+# Commands let in a second, per topic and in all, and the bursts above that. An operator, a dashboard's
+# slider or an automation sends a few a second; more than this is a script gone wrong or an attack.
+TOPIC_RATE, TOPIC_BURST = 5.0, 10.0
+ALL_RATE, ALL_BURST = 50.0, 100.0
+TOPICS_TRACKED = 256  # topics with a bucket of their own; past this the longest known goes (its bucket is full again soon)
+ANSWER_EVERY_S = 1.0  # a topic's `rate_limited` answers, at most
+
+
+class Gate:
+    """Which commands are let in, before any work is done for them (paho's thread): a token bucket per
+    topic and one for them all. `dropped` counts those kept out."""
+
+    def __init__(self, timer: Callable[[], float] = time.monotonic):
+        self._timer = timer
+        self._all = TokenBucket(ALL_RATE, ALL_BURST, timer())
+        self._answers = TokenBucket(ALL_RATE, ALL_BURST, timer())  # a flood over many topics: answers bounded too
+        self._topics: dict[str, tuple[TokenBucket, list[float]]] = {}  # topic -> (its bucket, [last answered])
+        self.dropped = 0
+
+    def admit(self, topic: str) -> tuple[bool, bool]:
+        """(let in, answer `rate_limited`): the second only for one kept out, once a second per topic."""
+        now = self._timer()
+        known = self._topics.get(topic)
+        if known is None:
+            if len(self._topics) >= TOPICS_TRACKED:
+                del self._topics[next(iter(self._topics))]
+            known = self._topics[topic] = (TokenBucket(TOPIC_RATE, TOPIC_BURST, now), [-ANSWER_EVERY_S])
+        bucket, answered = known
+        if bucket.refill(now) >= 1 and self._all.refill(now) >= 1:
+            bucket.take()
+            self._all.take()
+            return True, False
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 10_000 == 0:
+            log.warning("mqtt_commands_rate_limited", dropped=self.dropped, topic=topic[:200],
+                        per_topic_per_s=TOPIC_RATE, all_per_s=ALL_RATE)
+        if now - answered[0] < ANSWER_EVERY_S or self._answers.refill(now) < 1:
+            return False, False
+        self._answers.take()
+        answered[0] = now
+        return False, True
+
+
 class Inbox:
-    def __init__(self, routes: Mapping[str, Route]):
+    def __init__(self, routes: Mapping[str, Route], gate: Gate | None = None):
         self.routes = dict(routes)
+        self.gate = gate or Gate()
         self._lasting = [(topic, 1) for topic, route in self.routes.items() if not route.sweep]
         self._sweeps = [topic for topic, route in self.routes.items() if route.sweep]
         self._sweep_mid: int | None = None  # the sweep's subscription, until acknowledged
@@ -86,6 +136,8 @@ class Inbox:
         wildcards = [i for i, level in enumerate(topic_filter.split("/")) if level == "+"]
 
         def dispatch(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+            if route.answered and not message.retain and not self._admitted(message):
+                return
             levels = message.topic.split("/")
             inbound = Inbound(message.topic, bytes(message.payload), bool(message.retain),
                               tuple(levels[i] for i in wildcards))
@@ -98,6 +150,15 @@ class Inbox:
                     self._refused.put(Answer(inbound.reply_to, False, rule, str(exc)[:300]))
 
         return dispatch
+
+    def _admitted(self, message: mqtt.MQTTMessage) -> bool:
+        """A command let in by the gate; one kept out is answered `rate_limited` if the gate says so."""
+        admitted, answer = self.gate.admit(message.topic)
+        if answer:
+            self._refused.put(Answer(f"{message.topic}/result", False, "rate_limited",
+                                     f"over {TOPIC_RATE:g} commands a second on this topic or {ALL_RATE:g} in all: "
+                                     "dropped (this is said once a second)"))
+        return admitted
 
 
 # -- the commands ----------------------------------------------------------------------------------

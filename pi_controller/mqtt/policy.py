@@ -72,7 +72,8 @@ class PublishPolicy:
         while not self._stale.empty():
             self.outbox.put_first([(self._stale.get_nowait(), b"")])
 
-    def collect(self, now: float) -> None:
+    def collect(self, now: float, telemetry: dict[str, Any]) -> None:
+        """The states worth sending now; `telemetry`: the counts of telemetry's own state."""
         heartbeat = self.mqtt.heartbeat_s
         for reading in self.status.readings():
             topic, decimals, moved = self._sensor_policy(reading.sensor_id)
@@ -89,9 +90,8 @@ class PublishPolicy:
             loop_state = self.status.loop_state()
             if loop_state is not None:  # the rate measured
                 self._offer(self.topics.loop, loop_state, now, 0.0)
-        telemetry = {"buffered": len(self.outbox), "dropped": self.outbox.dropped}
         # Not on every change of `buffered`: during an outage that would fill the buffer with itself.
-        self._offer(self.topics.telemetry, telemetry, now, heartbeat, _dropped_changed)
+        self._offer(self.topics.telemetry, telemetry, now, heartbeat, _losses_changed)
 
     def shutdown_states(self, now: float) -> None:
         """The states the pins were left in, retained, so that nothing says "on" once we are gone."""
@@ -152,8 +152,9 @@ def _plugin_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return shown(old) != shown(new)
 
 
-def _dropped_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    return bool(old["dropped"] != new["dropped"])
+def _losses_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """What was dropped or kept out, not what is buffered."""
+    return {k: v for k, v in old.items() if k != "buffered"} != {k: v for k, v in new.items() if k != "buffered"}
 
 
 def _moved(old: dict[str, Any], new: dict[str, Any], band: float) -> bool:

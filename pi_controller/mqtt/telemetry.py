@@ -81,14 +81,19 @@ class Telemetry(LoopObserver):
 
     def summary(self) -> dict[str, Any]:
         return {"connected": self.link.connected(), "readings_queued": self.policy.readings_queued,
-                "buffered": len(self.outbox), "dropped": self.outbox.dropped, "coalesced": self.outbox.coalesced,
+                **self._counts(), "coalesced": self.outbox.coalesced,
                 "connect_failures": self.link.failures, "connect_error": self.link.error}
+
+    def _counts(self) -> dict[str, int]:
+        """What is buffered, and what was lost: telemetry's own state on MQTT, and in the summary."""
+        return {"buffered": len(self.outbox), "dropped": self.outbox.dropped,
+                "answers_dropped": self.outbox.answers_dropped, "commands_rate_limited": self.inbox.gate.dropped}
 
     def tick_done(self, report: TickReport) -> None:
         self.policy.announce()
         for answer in self.operator.answers(self.status.holds(), self.status.actuator_states()) + self.inbox.refused():
             self.outbox.put_answer(answer.reply_to, json.dumps(answer.payload()).encode())
-        self.policy.collect(self._timer())
+        self.policy.collect(self._timer(), self._counts())
         self.outbox.pump()
 
     def stop(self) -> None:
