@@ -4,11 +4,17 @@ retained. `benchmarks/flood.py` runs the big one and measures what it costs."""
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
+from pathlib import Path
+
+import yaml
 
 from benchmarks.flood import ACTUATORS, SENSORS, Flood, Recorder, largest_gaps, retained_states
 from tests import test_mqtt
-from tests.test_mqtt import BASE, daemon_config, finish, poll, start_daemon
+from tests.conftest import example_data, free_port
+from tests.test_mqtt import BASE, NODE, finish, poll, start_daemon
 
 broker = test_mqtt.broker
 pytestmark = test_mqtt.pytestmark
@@ -24,7 +30,8 @@ SLACK_S = 1.0
 def test_a_command_flood_starves_no_state_and_a_stop_in_it_leaves_the_shut_down_states_retained(tmp_path,
                                                                                                broker) -> None:
     recorder = Recorder(broker.port, BASE)
-    process = start_daemon(daemon_config(tmp_path, broker.port, heartbeat_s=HEARTBEAT_S))
+    metrics = free_port()
+    process = start_daemon(flood_config(tmp_path, broker.port, metrics))
     flood = Flood(broker.port, BASE, RATE, limit=int(RATE * 20))
     try:
         poll(lambda: all(recorder.latest(f"{BASE}/sensor/{s}/state") for s in SENSORS), "every sensor's first state")
@@ -34,6 +41,9 @@ def test_a_command_flood_starves_no_state_and_a_stop_in_it_leaves_the_shut_down_
         poll(lambda: all(overridden(recorder, device) for device in ACTUATORS), "every actuator overridden")
         poll(lambda: flood.sent >= RATE * 4, "four seconds' worth of commands sent")
         ended = time.monotonic()
+        limited = re.search(r"^pi_controller_mqtt_commands_rate_limited_total ([0-9.e+]+)$", scrape(metrics), re.M)
+        poll(lambda: (c := recorder.latest(f"{BASE}/telemetry/state")) and c["commands_rate_limited"] > RATE,
+             "the commands dropped counted on telemetry/state")
         _, events = finish(process)  # SIGTERM in the middle of the flood
     finally:
         flood.close()
@@ -49,8 +59,23 @@ def test_a_command_flood_starves_no_state_and_a_stop_in_it_leaves_the_shut_down_
     assert retained["led_strip"]["duty_cycle"] == 0.0 and retained["relay_switch"]["on"] is False
     assert retained["servo_motor"]["angle"] == 0.0
     assert [e for e in events if e["event"].startswith("telemetry_final_states")] == []  # each one acknowledged
-    (limited,) = [e for e in events if e["event"] == "mqtt_commands_rate_limited"]  # said once
-    assert limited["dropped"] == 1
+    (said,) = [e for e in events if e["event"] == "mqtt_commands_rate_limited"]  # said once
+    assert said["dropped"] == 1
+    assert limited and float(limited.group(1)) > RATE  # four seconds' worth, at most a few hundred let in
+
+
+def flood_config(tmp_path: Path, port: int, metrics: int) -> Path:
+    data = example_data()
+    data["mqtt"] = {"enabled": True, "port": port, "node_id": NODE, "heartbeat_s": HEARTBEAT_S}
+    data["metrics"] = {"enabled": True, "port": metrics}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
 
 
 def overridden(recorder: Recorder, device: str) -> bool:
