@@ -287,6 +287,18 @@ def test_at_a_stop_the_latest_states_go_past_the_backlog_and_each_is_confirmed_o
     assert said["event"] == "telemetry_final_states_unconfirmed" and said["topics"] == [f"{B}/actuator/relay/state"]
 
 
+def test_a_stop_with_the_broker_away_says_so_once_and_keeps_the_shut_down_states_for_the_next_start(tmp_path) -> None:
+    sender, clock = Recording(), [0.0]
+    outbox = outbox_on(sender, clock, tmp_path)
+    outbox.put_state(f"{B}/actuator/relay/state", b"on")
+    outbox.put_state(f"{B}/actuator/relay/state", b"off")  # the shut-down state, the broker away
+    with capture_logs() as logs:
+        outbox.flush(1.0)
+    assert [e["event"] for e in logs] == ["telemetry_final_states_unsent"] and sender.sent == []
+    outbox.save()
+    assert [m.payload for m in outbox_on(Recording(), clock, tmp_path)] == [b"on", b"off"]  # the last word last
+
+
 def test_what_is_unsent_at_a_stop_is_saved_and_first_out_after_the_next_start(tmp_path) -> None:
     sender, clock = Recording(), [0.0]
     sender.up = True
