@@ -60,13 +60,14 @@ def free_port() -> int:
 
 
 def until(test: Callable[[], Any], what: str, seconds: float = WAIT_S) -> Any:
-    """What `test` returns once true (another process: nothing to wait on but this)."""
+    """What `test` returns once it is true (a broker and a daemon in other processes: nothing to wait on
+    but this); `seconds` bounds a wait that would otherwise hang a failing run (tests wait with it too)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if result := test():
             return result
-        time.sleep(0.02)
-    raise TimeoutError(f"not within {seconds} s: {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s: {what}")
 
 
 @contextmanager

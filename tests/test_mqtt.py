@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
+from benchmarks.flood import until as poll
 from pi_controller import config
 from pi_controller.mqtt.link import TAKEOVER_COUNT
 from tests.conftest import example_data, free_port
@@ -81,17 +82,6 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     broker.start()
     yield broker
     broker.stop()
-
-
-def poll(test: Callable[[], Any], what: str, seconds: float = 60) -> Any:
-    """What `test` returns once it is true (a broker and a daemon in other processes: nothing to wait on
-    but this); `seconds` bounds a wait that would otherwise hang a failing test."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if result := test():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"not within {seconds} s: {what}")
 
 
 class Subscriber:
