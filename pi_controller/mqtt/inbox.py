@@ -61,7 +61,7 @@ class Route:
 # slider or an automation sends a few a second; more than this is a script gone wrong or an attack.
 TOPIC_RATE, TOPIC_BURST = 5.0, 10.0
 ALL_RATE, ALL_BURST = 50.0, 100.0
-TOPICS_TRACKED = 256  # topics with a bucket of their own; past this the longest known goes (its bucket is full again soon)
+TOPICS_TRACKED = 256  # topics with a bucket of their own; past this the longest known goes (the total still holds)
 ANSWER_EVERY_S = 1.0  # a topic's `rate_limited` answers, at most
 
 

@@ -220,7 +220,8 @@ class Outbox:
             return
         partial = f"{self._file}.partial"  # replaced whole: a crash mid-write leaves the old file
         with open(partial, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps([topic, payload.decode(), retain]) + "\n" for topic, payload, retain in self._history)
+            f.writelines(json.dumps([topic, payload.decode(), retain]) + "\n"
+                         for topic, payload, retain in self._history)
         os.replace(partial, self._file)
         log.info("telemetry_saved", messages=len(self._history), file=str(self._file))
 
