@@ -278,6 +278,11 @@ def test_at_a_stop_the_latest_states_go_past_the_backlog_and_each_is_confirmed_o
     assert outbox.answers_dropped == 50 and logs == []
     outbox.save()  # the outage buffer waits for the next start: sent now, it would be what is retained
     assert list(outbox_on(Recording(), clock, tmp_path)) == [(f"{B}/sensor/x/state", b"1", True)]
+    without_file = Outbox(MqttSettings(node_id="t"), Recording(), lambda: clock[0])
+    without_file.put_state(f"{B}/sensor/x/state", b"1")
+    with capture_logs() as logs:
+        without_file.save()
+    assert [(e["event"], e["messages"]) for e in logs] == [("telemetry_unsent_at_stop", 1)]  # lost, and said
 
     sender.sent, sender.acks = [], False  # a broker that takes the states and never acknowledges them
     outbox.put_state(f"{B}/actuator/relay/state", b"off")

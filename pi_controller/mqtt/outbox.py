@@ -216,7 +216,10 @@ class Outbox:
         """The states unsent, to the buffer file if there is one (configs go again at every connection,
         answers are news)."""
         self._unpend()
-        if self._file is None or not self._history:
+        if not self._history:
+            return
+        if self._file is None:
+            log.warning("telemetry_unsent_at_stop", messages=len(self._history), fix="mqtt.buffer_file keeps them")
             return
         partial = f"{self._file}.partial"  # replaced whole: a crash mid-write leaves the old file
         with open(partial, "w", encoding="utf-8") as f:
