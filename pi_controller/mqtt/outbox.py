@@ -24,6 +24,7 @@ own topics: anyone who can write it must not publish through us.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import deque
@@ -153,23 +154,24 @@ class Outbox:
         allowed = int(self._bucket.refill(self._timer()))
         sent = 0
         for queued in (self._first, self._history, self._pending, self._answers):
-            sent += self._send(queued, allowed - sent)
+            sent += len(self._send(queued, allowed - sent))
         self._bucket.take(sent)
 
-    def _send(self, queued: dict[str, Message] | deque[Message], allowed: int) -> int:
-        """Up to `allowed` of `queued`, oldest first, while the link takes them; how many it took."""
-        sent = 0
-        while queued and sent < allowed and self._sender.connected():
+    def _send(self, queued: dict[str, Message] | deque[Message], allowed: float) -> list[tuple[str, Delivery]]:
+        """Up to `allowed` of `queued`, oldest first, while the link takes them; what it took, by topic."""
+        sent: list[tuple[str, Delivery]] = []
+        while queued and len(sent) < allowed and self._sender.connected():
             message = queued[0] if isinstance(queued, deque) else next(iter(queued.values()))
             # Even when the connection dropped a moment ago, paho keeps a QoS 1 message and sends it after
             # reconnecting; only its own queue being full leaves the message with us.
-            if self._sender.publish(message) is None:
+            delivery = self._sender.publish(message)
+            if delivery is None:
                 break
             if isinstance(queued, deque):
                 queued.popleft()
             else:
                 del queued[message.topic]
-            sent += 1
+            sent.append((message.topic, delivery))
         return sent
 
     def flush(self, wait_s: float) -> None:
@@ -184,15 +186,7 @@ class Outbox:
                             kept=str(self._file) if self._file else None)
             self._unpend()
             return
-        handed: dict[str, Delivery] = {}
-        for queued in (self._first, self._pending):
-            while queued and self._sender.connected():
-                message = next(iter(queued.values()))
-                delivery = self._sender.publish(message)
-                if delivery is None:
-                    break
-                handed[message.topic] = delivery
-                del queued[message.topic]
+        handed = self._send(self._first, math.inf) + self._send(self._pending, math.inf)
         unconfirmed = _unconfirmed(handed, time.monotonic() + wait_s)
         if unconfirmed or self._pending:
             log.warning("telemetry_final_states_unconfirmed", unconfirmed=len(unconfirmed),
@@ -275,10 +269,10 @@ class Outbox:
         return skipped, foreign
 
 
-def _unconfirmed(handed: dict[str, Delivery], deadline: float) -> list[str]:
+def _unconfirmed(handed: list[tuple[str, Delivery]], deadline: float) -> list[str]:
     """The topics of `handed` the broker has not acknowledged by `deadline` (monotonic)."""
     unconfirmed = []
-    for topic, delivery in handed.items():
+    for topic, delivery in handed:
         try:
             delivery.wait_for_publish(max(0.0, deadline - time.monotonic()))
         except (RuntimeError, ValueError):  # the connection went meanwhile
