@@ -548,3 +548,19 @@ def test_oversize_payloads_are_refused_before_decoding_and_logged_bounded(tmp_pa
                         "a payload of 102 bytes, over the 16 bytes this topic takes"]
     assert not any(e["event"] in ("plugin_config_set", "operator_command_rejected") for e in events)
     assert max(len(str(value)) for e in events for value in e.values()) < 400
+
+
+def test_a_forged_line_in_the_outage_buffer_file_is_never_published(tmp_path, broker, subscriber) -> None:
+    buffer = tmp_path / "outbox.jsonl"
+    forged = ["homeassistant/switch/evil/config", json.dumps({"name": "evil", "command_topic": "x/set"}), True]
+    ours = [f"{BASE}/sensor/earlier/state", json.dumps({"value": 1}), True]  # after it in the file
+    buffer.write_text("\n".join(json.dumps(line) for line in (forged, ours)) + "\n")
+    process = start_daemon(daemon_config(tmp_path, broker.port, buffer_file=str(buffer)))
+    try:
+        subscriber.wait_for(lambda: subscriber.on(f"{BASE}/sensor/earlier/state"))
+    finally:
+        _, events = finish(process)
+    assert subscriber.on("homeassistant/switch/evil/config") == []
+    (restored,) = [e for e in events if e["event"] == "telemetry_restored"]
+    assert (restored["messages"], restored["skipped"], restored["not_ours"]) == (
+        1, 1, ["homeassistant/switch/evil/config"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any, Callable
 
@@ -331,6 +332,21 @@ def test_the_buffer_file_publishes_only_to_our_topics_and_is_read_within_bounds(
     (said,) = logs  # one line for the file
     assert said["skipped"] == 7 and said["not_ours"][0] == "homeassistant/switch/evil/config"
     assert not buffer.exists()
+
+
+def test_a_buffer_file_of_one_endless_line_is_read_in_bounded_memory(tmp_path) -> None:
+    buffer, clock = tmp_path / "outbox.jsonl", [0.0]
+    with open(buffer, "wb") as f:  # just under the file's ceiling, and no newline in it
+        f.write(b"[" * (outbox_module.MAX_FILE_BYTES - 1024))
+    tracemalloc.start()
+    try:
+        with capture_logs() as logs:
+            restored = outbox_on(Recording(), clock, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert list(restored) == [] and [(e["event"], e["skipped"]) for e in logs] == [("telemetry_restored", 1)]
+    assert peak < 4 * outbox_module.MAX_LINE_BYTES  # a line at a time, never the file
 
 
 def test_an_oversized_buffer_file_is_refused_in_one_line_and_kept_aside(tmp_path, monkeypatch) -> None:
