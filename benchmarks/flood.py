@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -194,10 +196,11 @@ def retained_states(port: int, base: str, devices: list[str]) -> dict[str, dict[
         reader.close()
 
 
-def daemon_config(folder: Path, port: int, node: str, heartbeat_s: float) -> Path:
+def daemon_config(folder: Path, port: int, node: str, heartbeat_s: float, metrics: int) -> Path:
     data = yaml.safe_load((REPO / "config" / "example.yaml").read_text())
     data["plugins"]["directory"] = str(REPO / "plugins")
     data["mqtt"] |= {"enabled": True, "host": "127.0.0.1", "port": port, "node_id": node, "heartbeat_s": heartbeat_s}
+    data["metrics"] = {"enabled": True, "port": metrics}  # missed ticks, read at each phase's ends
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -217,10 +220,16 @@ def stop_daemon(process: subprocess.Popen[str]) -> list[dict[str, Any]]:
 
 
 class Usage:
-    """A process's CPU time, threads and RSS, from /proc."""
+    """The daemon's CPU time, threads and RSS, from /proc; its missed ticks, from its metrics."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, metrics: int):
         self.pid = pid
+        self.metrics = metrics
+
+    def missed(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return int(float(re.search(r"^pi_controller_missed_ticks_total (\S+)$", text, re.M)[1]))  # type: ignore[index]
 
     def cpu_s(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -233,16 +242,17 @@ class Usage:
 
 def phase(name: str, usage: Usage, recorder: Recorder, seconds: float, during: Callable[[], None]) -> dict[str, Any]:
     """`seconds` of the daemon's life with `during` started at its beginning; what it cost and how states went."""
-    cpu, started = usage.cpu_s(), time.monotonic()
+    missed, cpu, started = usage.missed(), usage.cpu_s(), time.monotonic()
     during()
     time.sleep(seconds)  # the phase is a length of time: this is what is measured over
     wall, ended = time.monotonic() - started, time.monotonic()
+    missed = usage.missed() - missed
     threads, rss = usage.threads_and_rss_mb()
     gaps = largest_gaps(recorder.since(started, ended), recorder.base, SENSORS, started, ended)
     return {"phase": name, "cpu_share": (usage.cpu_s() - cpu) / wall, "threads": threads, "rss_mb": rss,
             "gap_received_s": max((g[0] for g in gaps.values()), default=None),
             "gap_stamped_s": max((g[1] for g in gaps.values()), default=None), "sensors": len(gaps),
-            "started": started, "ended": ended}
+            "missed": missed, "started": started, "ended": ended}
 
 
 def main() -> None:
@@ -256,8 +266,9 @@ def main() -> None:
     base = f"pi-controller/{node}"
     with tempfile.TemporaryDirectory(prefix="flood-") as tmp, mosquitto(Path(tmp)) as port:
         recorder = Recorder(port, base)
-        daemon = start_daemon(daemon_config(Path(tmp), port, node, args.heartbeat))
-        usage = Usage(daemon.pid)
+        metrics = free_port()
+        daemon = start_daemon(daemon_config(Path(tmp), port, node, args.heartbeat, metrics))
+        usage = Usage(daemon.pid, metrics)
         try:
             until(lambda: recorder.latest(f"{base}/loop/state"), "the daemon's first loop state")
             floor = phase("floor", usage, recorder, args.seconds, lambda: None)
@@ -277,12 +288,13 @@ def main() -> None:
     for p in (floor, flooded):
         print(f"{p['phase']:5}: CPU {100 * p['cpu_share']:5.1f} % of a core, largest state gap of a sensor "
               f"{p['gap_received_s']:.2f} s received / {p['gap_stamped_s']:.2f} s stamped ({p['sensors']} sensors, "
-              f"heartbeat {args.heartbeat:g} s), {p['threads']} threads, RSS {p['rss_mb']:.1f} MB")
+              f"heartbeat {args.heartbeat:g} s), {p['missed']} missed ticks, {p['threads']} threads, "
+              f"RSS {p['rss_mb']:.1f} MB")
     print(f"flood: {flood.sent} commands sent in {args.seconds:g} s and through the stop; ratio of CPU to the floor "
           f"{flooded['cpu_share'] / max(floor['cpu_share'], 1e-9):.2f}")
     print(f"answers delivered {answers}, dropped {counts.get('answers_dropped')}, commands rate-limited "
           f"{counts.get('commands_rate_limited')} (telemetry/state, last received)")
-    print(f"ticks {stopped.get('ticks')}, missed {stopped.get('missed')}")
+    print(f"in all, start to stop: ticks {stopped.get('ticks')}, missed {stopped.get('missed')}")
     unconfirmed = [e for e in events if e["event"] in ("telemetry_final_states_unconfirmed",
                                                        "telemetry_final_states_unsent")]
     print(f"final states unconfirmed at the stop: {unconfirmed or 'none'}")
