@@ -16,7 +16,8 @@ then as much of the outbox as the rate cap lets out.
 Topics (under `<base_topic>/<node_id>`): `status` (retained online/offline, with a last will),
 `sensor/<id>/state`, `actuator/<id>/state` (JSON, retained), `actuator/<id>/set` and `/release`,
 `plugin/<name>/state`, `plugin/<name>/enable`, `plugin/<name>/config/<key>/set`, `loop/state`,
-`telemetry/state` (buffered and dropped counts).
+`telemetry/state` (what is buffered; what was dropped: states past the outage buffer's bound, answers
+past theirs, commands over the rate limits).
 """
 
 from __future__ import annotations
