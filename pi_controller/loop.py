@@ -87,7 +87,7 @@ class ControlLoop:
         self.plugin_stats: dict[str, PluginStats] = {}
         self.readings: list[Reading] = []
         self.last_states: dict[str, dict[str, Any]] = hardware.states()
-        self.health = Health(self._why_not_called)
+        self.health = Health(self._why_not_called, plugins.granted)
         self.verdicts = Verdicts()
         self.trace: TickTrace | None = None  # the last tick's, for a recorder
         self.shadows = shadows  # run beside the plugins, never applied
@@ -247,7 +247,7 @@ class ControlLoop:
             return []
         seconds = plugin.last_call_s
         stats.durations.add(seconds)
-        self.health.ok(plugin.name)
+        self.health.ok(plugin.name, now, commands, rejections)
         self.verdicts.answered.append(plugin.name)
         self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False), number, self._call_observers)
         plugin.quarantine.record(now, number, len(rejections), rejections[0].reason if rejections else "")

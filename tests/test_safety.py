@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from pi_controller.operator import EnablePlugin
 from pi_controller.plugins.plugin_set import Update
 from pi_controller.safety.ownership import Health
 from pi_controller.safety.rules import Safety
+from tests.conftest import more_ticks, run_with, until
 
 PERIOD = 0.1
 
@@ -345,12 +347,94 @@ def test_an_owner_disabled_or_unloaded_loses_its_actuator(run_daemon, plugin_dir
     assert event["why"].startswith(f"plugin 'echo_output' {why} (1.0 s")
 
 
+def every_nth(data: dict[str, Any], device: str = "heater", every: int = 4) -> dict[str, Any]:
+    """Make the every_nth plugin switch `device` on at its first call and every `every`-th call after."""
+    data["plugins"]["settings"]["every_nth"] = {"config": {"device": device, "every": every}}
+    return data
+
+
+def test_an_owner_no_longer_granted_its_actuator_loses_it_at_once(run_daemon, plugin_dir) -> None:
+    # A new manifest, applied between ticks 5 and 6 as hot reload applies one, grants the plugin the lamp
+    # only. It still asks for the heater every 4th call: each rejected (forbidden_device), too rarely for
+    # quarantine (30 faults in 10 s), and none of its calls fails.
+    folder = plugin_dir("every_nth")
+    daemon = run_daemon(every_nth(layout()), 0, simulate=False, plugins=folder, clock=VirtualClock())
+
+    class Script(Recorder):
+        def advance(self, now: float) -> None:
+            super().advance(now)
+            if len(self.ticks) == 6:
+                (folder / "every_nth.yaml").write_text("actuators: [lamp]\n")
+                daemon.loop.between_ticks(lambda: daemon.plugins.apply(daemon.plugins.prepare({"every_nth"})))
+
+    daemon.hardware.environment = rec = Script(daemon)
+    with capture_logs() as logs:
+        asyncio.run(daemon.serve(101))
+    assert runs(rec.column(27)) == [(1.0, 6), (0.0, 94)]  # off at the first tick under the new grant
+    (event,) = failsafes(logs)
+    assert (event["device"], event["owner"], event["tick"]) == ("heater", "every_nth", 6)
+    assert event["why"] == "plugin 'every_nth' is no longer granted 'heater' (its manifest or settings changed)"
+    snapshot = daemon.status.snapshot()
+    assert snapshot["safety"]["failsafes"] == {"heater": 1} and snapshot["safety"]["owners"]["heater"] == "safety"
+    assert snapshot["plugins"]["every_nth"]["state"] == "loaded" and snapshot["plugins"]["every_nth"]["rejected"] > 0
+
+
+def test_an_owner_whose_every_command_for_its_actuator_is_rejected_loses_it_after_failsafe_after_s(
+        run_daemon, plugin_dir) -> None:
+    # echo_output switches the heater on; from tick 5 it asks for the heater with an action a relay does not
+    # take (rejected) while its lamp commands are fine; from tick 30 it switches the heater on again.
+    data = echo(layout(), ("heater", "set_high", {}))
+    daemon = run_daemon(data, 0, simulate=False, plugins=plugin_dir("echo_output"), clock=VirtualClock())
+    plugin = next(iter(daemon.plugins))
+    script = {6: [("heater", "pwm", {"duty_cycle": 50}), ("lamp", "pwm", {"duty_cycle": 30})],
+              31: [("heater", "set_high", {}), ("lamp", "pwm", {"duty_cycle": 30})]}
+
+    class Script(Recorder):
+        def advance(self, now: float) -> None:
+            super().advance(now)
+            if len(self.ticks) in script:
+                output = [{"device_id": d, "action": a, "parameters": p} for d, a, p in script[len(self.ticks)]]
+                plugin.config_suffix = contract.encode_config({"output": json.dumps(output)})
+
+    daemon.hardware.environment = rec = Script(daemon)
+    with capture_logs() as logs:
+        asyncio.run(daemon.serve(51))
+    # Rejected from tick 5; 1 s later, at tick 15, safe; on again at tick 30, on a command that is accepted.
+    assert runs(rec.column(27)) == [(1.0, 15), (0.0, 15), (1.0, 20)]
+    assert runs(rec.column(18)) == [(0.0, 5), (0.3, 45)]  # the lamp follows the same plugin throughout
+    (event,) = failsafes(logs)
+    assert (event["device"], event["tick"]) == ("heater", 15)
+    assert event["why"].startswith("plugin 'echo_output' has had every command for 'heater' rejected since (")
+    assert daemon.status.snapshot()["safety"]["failsafes"] == {"heater": 1}
+
+
+def test_a_new_manifest_dropped_in_takes_the_actuator_from_its_running_owner(run_daemon, plugin_dir) -> None:
+    """The same join in real time: the manifest written into the folder, the watcher applies it."""
+    folder = plugin_dir("every_nth")
+    daemon = run_daemon(every_nth(layout()), 0, simulate=False, plugins=folder, clock=SystemClock())
+    heater = daemon.hardware.factory.pin(27)
+
+    async def scenario() -> None:
+        await until(lambda: heater.state == 1, "the plugin switches the heater on")
+        (folder / ".every_nth.yaml").write_text("actuators: [lamp]\n")
+        os.replace(folder / ".every_nth.yaml", folder / "every_nth.yaml")
+        await until(lambda: daemon.loop.safety.failsafes["heater"] == 1, "the heater is taken back")
+        await more_ticks(daemon, 20)
+
+    with capture_logs() as logs:
+        run_with(daemon, scenario)
+    assert [float(s.state) for s in heater.states] == [0.0, 1.0, 0.0]
+    assert [e["why"] for e in failsafes(logs)] == [
+        "plugin 'every_nth' is no longer granted 'heater' (its manifest or settings changed)"]
+    assert daemon.plugins.status["every_nth"].state == "loaded"
+
+
 def test_a_servo_holding_zero_degrees_is_on_for_the_rules() -> None:
     """"On" is what the kind says: a servo holding any angle, 0 degrees included, is on (max_on_s trips)."""
     servo = actuators.build(ServoSettings(id="s", kind="servo", pin=13, startup_state=0.0, max_on_s=1.0),
                             SimulatedFactory())
     safety = Safety({"s": servo}, [], [])
-    health = Health(lambda name: "absent")
+    health = Health(lambda name: "absent", lambda name, device: True)
     decisions = [safety.enforce([], [], now, now, health) for now in (0.0, 0.5, 1.0)]
     assert [h.rule for h in decisions[-1].holds] == ["max_on"]
     assert [w.target for w in decisions[-1].writes] == [None]  # detached: its safe state

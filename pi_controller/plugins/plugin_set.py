@@ -60,6 +60,7 @@ class PluginSet:
         self.backstop = backstop or Backstop(real=self.clock.real)
         self.history = history or History(settings.host.history_length)
         self._plugins: tuple[SandboxedPlugin, ...] = ()  # replaced whole, so a tick sees one version
+        self._by_name: dict[str, SandboxedPlugin] = {}  # the same, by name
         self._refused: dict[str, PluginStatus] = {}
         self._kept: dict[str, str] = {}  # live plugins whose replacement was refused, and why
         self.generation = 0  # counts `adopt`s: an update prepared before one is stale
@@ -69,6 +70,15 @@ class PluginSet:
 
     def __len__(self) -> int:
         return len(self._plugins)
+
+    def _become(self, plugins: tuple[SandboxedPlugin, ...]) -> None:
+        self._plugins, self._by_name = plugins, {p.name: p for p in plugins}
+
+    def granted(self, plugin: str, device: str) -> bool:
+        """Whether `plugin`, as loaded now, may command `device`; True for one not loaded (its absence is
+        its own reason to lose what it owns: see `safety.ownership`)."""
+        loaded = self._by_name.get(plugin)
+        return loaded is None or loaded.grant.actuators is None or device in loaded.grant.actuators
 
     @property
     def status(self) -> dict[str, PluginStatus]:
@@ -90,8 +100,9 @@ class PluginSet:
                 plugin.quarantine = previous.quarantine
         self.settings, self.directory, self.budget_ms = loaded.settings, loaded.directory, loaded.budget_ms
         self.history, self.backstop = loaded.history, loaded.backstop
-        self._plugins, self._refused, self._kept = loaded._plugins, loaded._refused, loaded._kept
-        loaded._plugins = ()
+        self._become(loaded._plugins)
+        self._refused, self._kept = loaded._refused, loaded._kept
+        loaded._become(())
         self.generation += 1
         for plugin in before.values():
             plugin.close()
@@ -159,7 +170,7 @@ class PluginSet:
             self._refuse(name, status, live, retired)
         for plugin in sorted(update.loaded.values(), key=_order):
             self._admit(plugin, live, retired)
-        self._plugins = tuple(sorted(live.values(), key=_order))
+        self._become(tuple(sorted(live.values(), key=_order)))
         for plugin in retired:
             plugin.close()
 
@@ -214,4 +225,4 @@ class PluginSet:
     def close(self) -> None:
         for plugin in self._plugins:
             plugin.close()
-        self._plugins = ()
+        self._become(())

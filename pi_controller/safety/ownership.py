@@ -1,18 +1,23 @@
 """Whose command each actuator follows, and whether that owner can still be trusted with it.
 
 An actuator follows one owner: the plugin whose command set what it wants, the operator, or nobody
-(`names.SAFETY`: its start-up or safe state). A plugin keeps its actuators only while it is healthy:
-`Health` hears from the loop how every plugin's call went this tick, and answers for an owner since
-when it has been failing and why: failed calls in a row, quarantine, or not being called at all
-(disabled, unloaded, refused). The safety layer then drops what the owner asked for and, after the
-actuator's `failsafe_after_s`, puts it in its safe state (see `safety.Safety`). Called from the tick
-thread only.
+(`names.SAFETY`: its start-up or safe state). A plugin keeps its actuators only while it is healthy and
+granted them: `Health` hears from the loop how every plugin's call went this tick, and answers for an
+owner since when it has been failing and why: failed calls in a row, quarantine, not being called at all
+(disabled, unloaded, refused), or, for one actuator, every command for it rejected since some time (its
+last word could not be applied: the actuator runs on an older one). The safety layer then drops what
+the owner asked for and, after the actuator's `failsafe_after_s`, puts it in its safe state; an owner
+no longer granted the actuator (a new manifest or settings) loses it at once (see `safety.Safety`).
+Called from the tick thread only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable
+
+if TYPE_CHECKING:
+    from pi_controller.contract import Command, Rejection
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,21 +32,31 @@ class Failsafe:
 class Health:
     """How each plugin fared in the current tick, and since when the failing ones have been failing."""
 
-    def __init__(self, why_absent: Callable[[str], str]):
-        """`why_absent(name)`: why a plugin was not called this tick (disabled, unloaded, ...)."""
+    def __init__(self, why_absent: Callable[[str], str], granted: Callable[[str, str], bool]):
+        """`why_absent(name)`: why a plugin was not called this tick (disabled, unloaded, ...);
+        `granted(name, device)`: whether the plugin, as loaded now, may command the device."""
         self._why_absent = why_absent
+        self.granted = granted
         self._failing: dict[str, tuple[float, str]] = {}  # plugin -> (since, why)
+        self._refused: dict[tuple[str, str], tuple[float, str]] = {}  # (plugin, device) -> (since, why)
         self._heard: set[str] = set()  # plugins that ran, or were due to run, this tick
 
     def begin(self) -> None:
         """A new tick: nothing heard yet."""
         self._heard.clear()
 
-    def ok(self, plugin: str) -> None:
-        """Its call returned a usable output."""
+    def ok(self, plugin: str, now: float, commands: Iterable[Command], rejections: Iterable[Rejection]) -> None:
+        """Its call returned a usable output: these commands, and these rejected. A device whose commands
+        are all rejected from some tick on is one the plugin fails for, until one is accepted again."""
         self._heard.add(plugin)
         if plugin in self._failing:
             del self._failing[plugin]
+        for r in rejections:
+            if r.device_id is not None and (plugin, r.device_id) not in self._refused:
+                self._refused[(plugin, r.device_id)] = (now, f"{r.rule}: {r.reason[:200]}")
+        if self._refused:
+            for c in commands:
+                self._refused.pop((plugin, c.device_id), None)
 
     def failed(self, plugin: str, now: float, why: str) -> None:
         """Its call failed, or it was not called because it is quarantined."""
@@ -53,11 +68,15 @@ class Health:
         """Its call ran past the backstop: the machine's doing, so it is neither failing nor cleared."""
         self._heard.add(plugin)
 
-    def failing(self, plugin: str, now: float) -> tuple[float, str] | None:
-        """(since, why) if `plugin` is failing, or was not called this tick; None while it is healthy."""
+    def failing(self, plugin: str, now: float, device: str) -> tuple[float, str] | None:
+        """(since, why) if `plugin` is failing, was not called this tick, or has had every command for
+        `device` rejected since; None while it is healthy."""
         if plugin in self._failing:
             return self._failing[plugin]
-        if plugin in self._heard:
+        if plugin not in self._heard:
+            self._failing[plugin] = (now, self._why_absent(plugin))
+            return self._failing[plugin]
+        refused = self._refused.get((plugin, device))
+        if refused is None:
             return None
-        self._failing[plugin] = (now, self._why_absent(plugin))
-        return self._failing[plugin]
+        return refused[0], f"has had every command for '{device}' rejected since ({refused[1]})"

@@ -4,9 +4,10 @@ Plugins decide; this layer makes sure nothing they decide, and nothing failing a
 the equipment. Each tick, every actuator's wanted target (the last one its owner asked for) passes:
 
 1. ownership (see `ownership`): while the owner is failing (failed calls in a row, quarantined,
-   disabled, unloaded) nothing more is applied on its behalf, and after `failsafe_after_s` the
-   actuator is taken from it and put in its safe state; likewise when a command with a lease
-   (`command_ttl_s`) is not renewed in time. Only a command from a healthy owner moves it again;
+   disabled, unloaded, every command for this actuator rejected) nothing more is applied on its
+   behalf, and after `failsafe_after_s` the actuator is taken from it and put in its safe state;
+   likewise when a command with a lease (`command_ttl_s`) is not renewed in time, and at once when
+   the owner is no longer granted the actuator. Only a command from a healthy owner moves it again;
 2. overrides that force the safe state: a required sensor invalid or stale (`requires`, Mycodo's
    "max age"), or on for longer than `max_on_s` (latched: it stays safe until a tick passes without
    a request to be on, so only a fresh request turns it on again);
@@ -187,12 +188,16 @@ class Safety:
         return decision
 
     def _ownership(self, guard: Guard, health: Health, now: float) -> Failsafe | None:
-        """Whether the owner still has the actuator: a failing owner gets nothing more applied and, after
-        `failsafe_after_s`, loses it; so does one whose lease (`command_ttl_s`) ran out."""
-        owner = guard.plugin
+        """Whether the owner still has the actuator: one no longer granted it loses it at once; a failing
+        owner gets nothing more applied and, after `failsafe_after_s`, loses it; so does one whose lease
+        (`command_ttl_s`) ran out."""
+        owner, key = guard.plugin, guard.actuator.id
         if owner in (SAFETY, OPERATOR):  # start-up and safe states, and overrides, which expire by themselves
             return None
-        failing = health.failing(owner, now)
+        if not health.granted(owner, key):
+            return guard.take_back(f"plugin '{owner}' is no longer granted '{key}' (its manifest or settings "
+                                   "changed)")
+        failing = health.failing(owner, now, key)
         if failing is not None:
             since, why = failing
             guard.drop_request()  # nothing more is applied on its behalf

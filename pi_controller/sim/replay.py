@@ -56,7 +56,8 @@ class Replay:
         self.plugins = self._load(settings)
         self.safety = Safety(self.hardware.actuators, settings.sensors, settings.interlocks,
                              failsafe_after_s=settings.safety.failsafe_after_s)
-        self.health = Health(lambda plugin: "was not called")
+        self.health = Health(lambda plugin: "was not called",
+                             lambda plugin, device: self.plugins.granted(plugin, device))  # replaced on a restart
         self.compared: dict[str, Agreement] = {p.name: Agreement("recorded", "replayed") for p in self.plugins}
         self.segments: list[dict[str, Any]] = []  # from which tick which plugins were live, as recorded
         self.not_recorded: Counter[str] = Counter()  # ticks a plugin was not called in the recording
@@ -117,7 +118,7 @@ class Replay:
         commands, rejections = [], []
         try:
             commands, rejections = plugin.decide(context, self.hardware.actuators)
-            self.health.ok(plugin.name)
+            self.health.ok(plugin.name, self.clock.monotonic(), commands, rejections)
         except Exception as exc:  # a failed call is a verdict to compare, as the loop counts it
             failed = PluginCallError.kind_of(exc)
             self.health.failed(plugin.name, self.clock.monotonic(), f"has failed every call since ({failed})")
