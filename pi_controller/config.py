@@ -26,6 +26,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from pi_controller.devices import actuators, registry, sensors
+from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins.plugin_config import check_settings
 from pi_controller.schema import FieldError, bounded, device_id, matching
 from pi_controller.simulators import models as simulation_models
@@ -327,6 +328,19 @@ class PluginsSettings:
     quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
     host: HostFunctionSettings = field(default_factory=HostFunctionSettings)
     settings: Mapping[str, PluginSettings] = field(default_factory=dict)
+    # Plugins that must run here, whether or not they have settings: with those in `settings`, they take
+    # their share of the tick before any plugin dropped into the folder (see plugins/admission.py).
+    required: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for index, name in enumerate(self.required):
+            if not valid_plugin_name(name):
+                raise FieldError(("required", index), f"'{name[:64]}' is not a plugin name ({PLUGIN_NAME_RULE})")
+
+    def configured(self, name: str) -> bool:
+        """Whether the config names plugin `name` to run: settings not disabling it, or `required`."""
+        own = self.settings.get(name)
+        return (own is not None and own.enabled) or name in self.required
 
 
 @dataclass(frozen=True)
@@ -794,8 +808,9 @@ def _check_plugin_budget(settings: Settings, tree: _Tree) -> None:
         raise tree.error(("plugins", "defaults", "timeout_ms"),
                          f"{defaults.timeout_ms} ms does not fit the plugin budget of {budget_ms:.1f} ms per "
                          f"tick (loop.rate_hz x loop.plugin_budget); lower it or the loop rate")
-    configured = {name: s.timeout_ms or defaults.timeout_ms
-                  for name, s in settings.plugins.settings.items() if s.enabled}
+    own = settings.plugins.settings
+    configured = {name: (own[name].timeout_ms if name in own else None) or defaults.timeout_ms
+                  for name in [*own, *settings.plugins.required] if settings.plugins.configured(name)}
     if sum(configured.values()) > budget_ms:
         raise tree.error(("plugins", "settings"),
                          f"the configured plugins' timeouts add up to {sum(configured.values()):.1f} ms, over the "

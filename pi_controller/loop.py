@@ -250,7 +250,8 @@ class ControlLoop:
         self.health.ok(plugin.name, now, commands, rejections)
         self.verdicts.answered.append(plugin.name)
         self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False), number, self._call_observers)
-        plugin.quarantine.record(now, number, len(rejections), rejections[0].reason if rejections else "")
+        if plugin.quarantine.record(now, number, len(rejections), rejections[0].reason if rejections else ""):
+            self.plugins.made_room()  # its share of the tick is free for a plugin waiting for one
         stats.rejected += len(rejections)
         self.verdicts.rejections.extend(rejections)
         for r in rejections:
@@ -278,7 +279,8 @@ class ControlLoop:
         self._problems.problem(("error", plugin.name, kind), "plugin_call_failed", level="error", plugin=plugin.name,
                                tick=number, kind=kind, reason=str(exc)[:300], state_reset=reset)
         now = self.clock.monotonic()
-        plugin.quarantine.record(now, number, 1, f"{kind}: {str(exc)[:300]}")
+        if plugin.quarantine.record(now, number, 1, f"{kind}: {str(exc)[:300]}"):
+            self.plugins.made_room()
         self.health.failed(plugin.name, now, f"has failed every call since ({kind})")
 
     def summary(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import extism
 import structlog
@@ -19,6 +19,7 @@ from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import PluginsSettings
 from pi_controller.devices.sensors import Reading
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
+from pi_controller.plugins import admission
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.host_functions import History, PluginHost
 from pi_controller.plugins.manifest import Refused, grant, load_manifest
@@ -63,6 +64,8 @@ class PluginSet:
         self._by_name: dict[str, SandboxedPlugin] = {}  # the same, by name
         self._refused: dict[str, PluginStatus] = {}
         self._kept: dict[str, str] = {}  # live plugins whose replacement was refused, and why
+        self._waiting: dict[str, admission.Claim] = {}  # refused or unloaded for want of room in the tick
+        self.on_room: Callable[[set[str]], None] | None = None  # told the names of those that would fit now
         self.generation = 0  # counts `adopt`s: an update prepared before one is stale
 
     def __iter__(self) -> Iterator[SandboxedPlugin]:
@@ -101,7 +104,7 @@ class PluginSet:
         self.settings, self.directory, self.budget_ms = loaded.settings, loaded.directory, loaded.budget_ms
         self.history, self.backstop = loaded.history, loaded.backstop
         self._become(loaded._plugins)
-        self._refused, self._kept = loaded._refused, loaded._kept
+        self._refused, self._kept, self._waiting = loaded._refused, loaded._kept, loaded._waiting
         loaded._become(())
         self.generation += 1
         for plugin in before.values():
@@ -112,8 +115,8 @@ class PluginSet:
         self.history.record(readings)
 
     def load_all(self) -> None:
-        """Load every `*.wasm` in the folder, highest priority first, so that when the time budget is
-        full it is a low-priority plugin that is left out; a plugin that fails is reported and skipped."""
+        """Load every `*.wasm` in the folder, by rank (`admission`), so that when the time budget is full
+        it is a low-ranked plugin that is left out; a plugin that fails is reported and skipped."""
         if not self.directory.is_dir():
             log.error("plugins_directory_missing", directory=str(self.directory))
             return
@@ -163,16 +166,39 @@ class PluginSet:
         for name in update.removed:
             self._refused.pop(name, None)
             self._kept.pop(name, None)
+            self._waiting.pop(name, None)
             if name in live:
                 retired.append(live.pop(name))
                 log.info("plugin_unloaded", plugin=name, reason="its file is gone")
         for name, status in update.refused.items():
+            self._waiting.pop(name, None)
             self._refuse(name, status, live, retired)
-        for plugin in sorted(update.loaded.values(), key=_order):
+        for plugin in sorted(update.loaded.values(), key=lambda p: self.claim(p).rank):
             self._admit(plugin, live, retired)
         self._become(tuple(sorted(live.values(), key=_order)))
         for plugin in retired:
             plugin.close()
+        if update.removed:
+            self.made_room()
+
+    def claim(self, plugin: SandboxedPlugin) -> admission.Claim:
+        """`plugin`'s claim on the tick's time budget."""
+        return admission.Claim(plugin.name, plugin.grant.timeout_ms, plugin.priority,
+                               self.settings.configured(plugin.name), plugin.quarantine.quarantined)
+
+    def made_room(self) -> None:
+        """A plugin was quarantined or unloaded: the plugins refused for want of room that would fit now
+        are handed to `on_room` (the watcher loads them again)."""
+        live = [self.claim(p) for p in self._plugins]
+        fitting = set()
+        for name, claim in self._waiting.items():
+            try:
+                admission.displaced(claim, live, self.budget_ms)
+            except admission.NoRoom:
+                continue
+            fitting.add(name)
+        if fitting and self.on_room is not None:
+            self.on_room(fitting)
 
     def _refuse(self, name: str, status: PluginStatus, live: dict[str, SandboxedPlugin],
                 retired: list[SandboxedPlugin]) -> None:
@@ -192,24 +218,25 @@ class PluginSet:
 
     def _admit(self, plugin: SandboxedPlugin, live: dict[str, SandboxedPlugin],
                retired: list[SandboxedPlugin]) -> None:
-        """Give `plugin` its share of the tick's time budget. Healthy plugins hold their shares; a
-        quarantined one gives its share up to a plugin that would not fit otherwise."""
-        others = [p for p in live.values() if p.name != plugin.name]
-        spent = sum(p.grant.timeout_ms for p in others if not p.quarantine.quarantined)
-        if spent + plugin.grant.timeout_ms > self.budget_ms:
+        """Give `plugin` its share of the tick's time budget, by rank (`admission`): those it outranks, and
+        quarantined ones, make room for it; refused, it waits for room (`made_room`)."""
+        claim = self.claim(plugin)
+        try:
+            displaced = admission.displaced(claim, (self.claim(p) for p in live.values()), self.budget_ms)
+        except admission.NoRoom as exc:
             retired.append(plugin)
-            reason = (f"timeout_ms {plugin.grant.timeout_ms} does not fit the tick: the plugins already loaded "
-                      f"take {spent} of the {self.budget_ms:g} ms plugin budget")
-            return self._refuse(plugin.name, PluginStatus("failed", reason), live, retired)
-        for resting in sorted((p for p in others if p.quarantine.quarantined), key=_order, reverse=True):
-            if sum(p.grant.timeout_ms for p in live.values() if p.name != plugin.name) + plugin.grant.timeout_ms \
-                    <= self.budget_ms:
-                break
-            retired.append(live.pop(resting.name))
-            self._kept.pop(resting.name, None)
-            reason = f"unloaded while quarantined ({resting.quarantine.reason}): its time budget went to {plugin.name}"
-            self._refused[resting.name] = PluginStatus("failed", reason[:500])
-            log.warning("plugin_unloaded", plugin=resting.name, reason=reason[:500])
+            self._waiting[plugin.name] = claim
+            return self._refuse(plugin.name, PluginStatus("failed", str(exc)[:500]), live, retired)
+        for other in displaced:
+            gone = live.pop(other.name)
+            retired.append(gone)
+            self._kept.pop(other.name, None)
+            self._waiting[other.name] = other
+            reason = (f"unloaded{f' while quarantined ({gone.quarantine.reason})' if other.resting else ''}: its "
+                      f"share of the tick went to {claim.describe()}")
+            self._refused[other.name] = PluginStatus("failed", reason[:500])
+            log.warning("plugin_unloaded", plugin=other.name, reason=reason[:500])
+        self._waiting.pop(plugin.name, None)
         previous = live.get(plugin.name)
         if previous is not None:
             retired.append(previous)

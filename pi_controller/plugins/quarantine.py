@@ -42,16 +42,19 @@ class Quarantine:
         log.info("plugin_released", plugin=self.plugin, tick=tick, relapses=self._relapses)
         return True
 
-    def record(self, now: float, tick: int, faults: int, reason: str) -> None:
-        """Count a call's faults (0 for a clean call); quarantine the plugin past the limit."""
+    def record(self, now: float, tick: int, faults: int, reason: str) -> bool:
+        """Count a call's faults (0 for a clean call); quarantine the plugin past the limit. True when this
+        call's faults quarantined it."""
         if faults == 0:
-            return
+            return False
         self.reason = reason
         self._faults.extend([now] * min(faults, self.settings.failures))
         while self._faults and self._faults[0] <= now - self.settings.window_s:
             self._faults.popleft()
-        if len(self._faults) >= self.settings.failures:
-            self._quarantine(now, tick)
+        if len(self._faults) < self.settings.failures:
+            return False
+        self._quarantine(now, tick)
+        return True
 
     def _quarantine(self, now: float, tick: int) -> None:
         if self._released is not None and now - self._released > self.settings.window_s:

@@ -64,10 +64,12 @@ class PluginWatcher:
             self._look_at_everything()
         with inotify:
             reloads = asyncio.create_task(self._reload_forever())
+            self._plugins.on_room = self._look_at  # plugins refused for want of room, once there is some
             try:
                 async for event in inotify:
                     self._note(event)
             finally:
+                self._plugins.on_room = None
                 reloads.cancel()
                 for timer in self._timers.values():
                     timer.cancel()
@@ -94,7 +96,10 @@ class PluginWatcher:
     def _look_at_everything(self) -> None:
         """Each plugin file, as if it had just landed (one unchanged is left as it is), and each plugin
         loaded, as if its file had gone (one still there stays)."""
-        for name in {path.stem for path in self._plugins.directory.glob("*.wasm")} | set(self._plugins.status):
+        self._look_at({path.stem for path in self._plugins.directory.glob("*.wasm")} | set(self._plugins.status))
+
+    def _look_at(self, names: set[str]) -> None:
+        for name in names:
             self._schedule(name, 0.0)
 
     def _schedule(self, name: str, delay: float) -> None:
