@@ -11,7 +11,7 @@ from typing import NoReturn
 import structlog
 
 from pi_controller import config, logs
-from pi_controller.plugins import build, install, shadow, tools
+from pi_controller.plugins import build, checks, install, shadow, tools
 from pi_controller.safety import known_good, safe_state
 from pi_controller.sim import replay, simulation
 
@@ -85,14 +85,15 @@ def _positive(text: str) -> int:
     return value
 
 
-def _load(path: Path, plugins_dir: Path | None = None) -> config.Settings | None:
-    """The config, with the plugins folder it would run (or `plugins_dir`) checked too."""
+def _load(path: Path, plugins_dir: Path | None = None) -> tuple[config.Settings, list[str]] | None:
+    """The config, with the plugins folder it would run (or `plugins_dir`) checked too, as the daemon would
+    load it (`checks`): and what of the folder it would not load, not the config's doing, one line each."""
     try:
         settings = config.load(path)
-        config.check_plugins_directory(settings, plugins_dir)
+        notes = checks.check(settings, config.check_plugins_directory(settings, plugins_dir))
         if settings.mqtt.enabled:  # its credentials too, before any pin moves (simulate and replay never need them)
             config.mqtt_secrets(settings)
-        return settings
+        return settings, notes
     except config.ConfigError as exc:  # said once, on stderr (the journal under systemd), in one line
         print(f"config error: {exc}", file=sys.stderr)
         return None
@@ -107,9 +108,10 @@ def _run(args: argparse.Namespace) -> int:
     from pi_controller.sim.record import RecordingError
     from pi_controller.simulators.world import SimulationError
 
-    settings = _load(args.config, plugins_dir=args.plugins)
-    if settings is None:
+    loaded = _load(args.config, plugins_dir=args.plugins)
+    if loaded is None:
         return EXIT_CONFIG
+    settings, _ = loaded  # what of the folder fails to load, the daemon logs as it loads it
     try:
         daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins, state_dir=args.state_dir,
                         record=args.record)
@@ -147,9 +149,12 @@ def _check_config(args: argparse.Namespace) -> int:
         print("error: check-config takes one config file: PATH or --config PATH", file=sys.stderr)
         return EXIT_CONFIG
     path = args.path or args.config
-    settings = _load(path, args.plugins)
-    if settings is None:
+    loaded = _load(path, args.plugins)
+    if loaded is None:
         return EXIT_CONFIG
+    settings, notes = loaded
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"{path}: OK ({len(settings.sensors)} sensors, {len(settings.actuators)} actuators, "
           f"plugins from {args.plugins or settings.plugins_directory()})")
     return 0

@@ -21,6 +21,7 @@ from pi_controller.loop import ControlLoop
 from pi_controller.metrics import Metrics, MetricsServer
 from pi_controller.mqtt.telemetry import Telemetry
 from pi_controller.operator import Operator
+from pi_controller.plugins import checks
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.shadow import Shadows
@@ -216,16 +217,16 @@ class Daemon:
         Reading the file and compiling the plugins (up to seconds, cold, on a Pi) happen on a thread;
         only the swap waits for the gap between two ticks, so the loop and the watchdog never wait."""
         try:
-            new = config.load(self.settings.source)
-            config.check_plugins_directory(new, self.plugins_dir)
+            read = config.load(self.settings.source)
+            new = dataclasses.replace(read, **{section: getattr(self.settings, section) for section in _RESTART_ONLY})
+            checks.check(new, config.check_plugins_directory(new, self.plugins_dir))  # as check-config does
         except config.ConfigError as exc:
             log.error("reload_refused", file=exc.file, line=exc.line, key=config.format_path(exc.path),
                       problem=exc.message, note="kept the running config and plugins")
             return ReloadResult("refused", f"reload refused, running config kept: {exc}")
         for section in _RESTART_ONLY:
-            if getattr(new, section) != getattr(self.settings, section):
+            if getattr(read, section) != getattr(self.settings, section):
                 log.warning("reload_needs_restart", section=section, note="kept the running value")
-        new = dataclasses.replace(new, **{section: getattr(self.settings, section) for section in _RESTART_ONLY})
         # The sensor history goes on, unless its length changed.
         history = self.plugins.history if self.plugins.history.length == new.plugins.host.history_length else None
         try:
@@ -233,6 +234,14 @@ class Daemon:
         except Exception as exc:
             log.exception("reload_failed", file=str(new.source))
             return ReloadResult("failed", f"reload failed, running config kept: {type(exc).__name__}: {exc}")
+        lost = self.plugins.lost_to(plugins)
+        if lost:  # what the checks cannot see (a compile, a health check): the running version stays
+            plugins.close()
+            name, reason = next(iter(lost.items()))
+            log.error("reload_refused", file=str(new.source), plugin=name, problem=reason,
+                      note="kept the running config and plugins")
+            return ReloadResult("refused", f"reload refused, running config kept: plugin '{name}' would not load "
+                                           f"under it: {reason}")
         try:
             shadows = await self.shadows.prepare(new.plugins, plugins)
         except asyncio.CancelledError:

@@ -176,6 +176,16 @@ def run_daemon(write_config) -> Iterator[Any]:
         daemon.close()
 
 
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    """Where a daemon started with NOTIFY_SOCKET set tells what systemd would hear."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(120)  # only how long a broken test hangs: a saturated machine compiles slowly
+    yield sock
+    sock.close()
+
+
 @pytest.fixture(autouse=True)
 def _reset_pin_factory() -> Iterator[None]:
     yield

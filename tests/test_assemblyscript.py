@@ -80,7 +80,7 @@ def test_a_bad_config_is_refused_by_the_manifest_s_schema(plugin_set, tmp_path) 
     plugins = dimmer_set(plugin_set, tmp_path, config={"target_lux": -5})
     assert not list(plugins)
     assert plugins.status["daylight_dimmer"].reason == (
-        "plugins.settings.daylight_dimmer.config: config 'target_lux': -5 is below the minimum 1 "
+        "plugins.settings.daylight_dimmer.config.target_lux: config 'target_lux': -5 is below the minimum 1 "
         "(the manifest's config_schema)")
 
 

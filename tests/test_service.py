@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -41,15 +41,6 @@ def service_config(tmp_path: Path, **extra: Any) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify"))
-    sock.settimeout(120)  # only how long a broken test hangs: a saturated machine compiles slowly
-    yield sock
-    sock.close()
 
 
 def start(config: Path, notify: socket.socket | None, wrapper: tuple[str, ...] = (), **env: str | None

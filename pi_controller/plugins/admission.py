@@ -64,3 +64,17 @@ def _yields(holder: Claim, claim: Claim) -> bool:
         return False
     return holder.resting or claim.rank < holder.rank
 
+
+
+def refused_in_rank_order(claims: Iterable[Claim], budget_ms: float) -> dict[str, str]:
+    """The claims left out, with why, when all are admitted by rank, as a folder is loaded at start."""
+    admitted: list[Claim] = []
+    refused = {}
+    for claim in sorted(claims, key=lambda c: c.rank):
+        try:
+            displaced(claim, admitted, budget_ms)  # none: every claim admitted before it ranks higher
+        except NoRoom as exc:
+            refused[claim.name] = str(exc)
+            continue
+        admitted.append(claim)
+    return refused

@@ -18,11 +18,17 @@ from pi_controller import config
 from pi_controller.config import PluginSettings, PluginsSettings
 from pi_controller.contract import Rejected
 from pi_controller.plugins.plugin_config import ConfigField, check_config, check_settings
-from pi_controller.schema import bounded
+from pi_controller.schema import FieldError, bounded
 
 
 class Refused(Exception):
-    """A plugin the daemon will not load: the message says why, in the operator's words."""
+    """A plugin the daemon will not load: the message says why, in the operator's words. `key`: the
+    config's key at fault, when a value of the daemon's config is (with `problem`, the message without it)."""
+
+    def __init__(self, message: str, key: config.KeyPath | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.problem = problem or message
 
 
 @dataclass(frozen=True)
@@ -134,24 +140,40 @@ def grant(name: str, manifest: Manifest, settings: PluginsSettings) -> Grant:
         actuators=_set(own.actuators if own.actuators is not None else manifest.actuators),
         config={**manifest.config, **own.config}, config_schema=manifest.config_schema, sha256=own.sha256,
         manifest=manifest)
-    _check_ceilings(result, settings)
+    _check_ceilings(result, settings, name)
+    here: config.KeyPath = ("plugins", "settings", name)
     try:
+        check_settings(own.config, manifest.config_schema)  # the operator's values, each at its own key
         check_config(result.config, manifest.config_schema)
+    except FieldError as exc:
+        raise Refused(f"{config.format_path(here + exc.path)}: {exc} (the manifest's config_schema)",
+                      here + exc.path, str(exc)) from exc
     except Rejected as exc:
-        raise Refused(f"plugins.settings.{name}.config: {exc} (the manifest's config_schema)") from exc
+        raise Refused(f"{config.format_path(here)}.config: {exc} (the manifest's config_schema)",
+                      here + ("config",), str(exc)) from exc
     return result
+
+
+def terms(name: str, wasm: Path, settings: PluginsSettings) -> Grant:
+    """What plugin `name`, whose module is `wasm`, would run under: its manifest and its grant under
+    `settings`. What the daemon's load, check-config and `plugin install` all check before compiling.
+    Refused, saying why."""
+    return grant(name, load_manifest(wasm), settings)
 
 
 def _set(ids: tuple[str, ...] | None) -> frozenset[str] | None:
     return None if ids is None else frozenset(ids)
 
 
-def _check_ceilings(result: Grant, settings: PluginsSettings) -> None:
+def _check_ceilings(result: Grant, settings: PluginsSettings, name: str) -> None:
     ceilings = settings.ceilings
+    own = settings.settings.get(name)
     for key, ceiling in _CEILINGS.items():
         if getattr(result, key) > getattr(ceilings, ceiling):
-            raise Refused(f"{key} {getattr(result, key)} is above the operator's ceiling "
-                          f"plugins.ceilings.{ceiling} {getattr(ceilings, ceiling)}")
+            problem = (f"{key} {getattr(result, key)} is above the operator's ceiling plugins.ceilings.{ceiling} "
+                       f"{getattr(ceilings, ceiling)}")
+            at = ("plugins", "settings", name, key) if own is not None and getattr(own, key) is not None else None
+            raise Refused(problem, at)
     for host in result.allowed_hosts:
         if not any(fnmatch.fnmatchcase(host, pattern) for pattern in ceilings.allowed_hosts):
             raise Refused(f"allowed host '{host}' is not within plugins.ceilings.allowed_hosts "

@@ -12,6 +12,7 @@ A bad value is refused rather than clamped: a thermostat told "hot" or 80 C must
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import dataclass
@@ -119,8 +120,10 @@ def _check_value(key: str, value: Any, schema: Schema | None) -> None:
 def _check_against(key: str, value: Any, schema: Schema) -> None:
     field = schema.get(key)
     if field is None:
+        close = difflib.get_close_matches(key[:64], sorted(schema), n=1)
         raise Rejected("unknown_key", f"'{key[:64]}' is not in this plugin's config_schema "
-                                      f"({', '.join(sorted(schema))[:200] or 'none'})")
+                                      f"({', '.join(sorted(schema))[:200] or 'none'})"
+                                      + (f"; did you mean '{close[0]}'?" if close else ""))
     field.check(key, value)
 
 

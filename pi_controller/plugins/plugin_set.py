@@ -22,7 +22,8 @@ from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import admission
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.host_functions import History, PluginHost
-from pi_controller.plugins.manifest import Refused, grant, load_manifest
+from pi_controller.plugins import manifest
+from pi_controller.plugins.manifest import Refused
 from pi_controller.plugins.quarantine import Quarantine
 from pi_controller.plugins.sandbox import PluginStatus, SandboxedPlugin
 from pi_controller.plugins.wasm_gate import read_module
@@ -90,6 +91,16 @@ class PluginSet:
         result.update((p.name, p.status(self._kept.get(p.name))) for p in self._plugins)
         return result
 
+    def lost_to(self, other: PluginSet) -> dict[str, str]:
+        """The plugins running here as loaded (not a version kept over a refused replacement) that `other`,
+        the folder loaded under another config, refuses: name -> why."""
+        lost = {}
+        for plugin in self._plugins:
+            status = other.status.get(plugin.name)
+            if plugin.name not in self._kept and status is not None and status.state == "failed":
+                lost[plugin.name] = status.reason or "unknown"
+        return lost
+
     def adopt(self, loaded: PluginSet) -> None:
         """Become the set a config reload `loaded` (call between two ticks), keeping this set's identity
         for all that holds it. The quarantine state of each plugin whose file did not change carries
@@ -148,7 +159,7 @@ class PluginSet:
     def _prepare_one(self, name: str, path: Path, live: SandboxedPlugin | None, update: Update) -> None:
         try:
             wasm = read_module(path, self.directory, self.settings.ceilings.max_file_bytes)
-            terms = grant(name, load_manifest(path), self.settings)
+            terms = manifest.terms(name, path, self.settings)
             if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
                 return  # the same plugin under the same terms: nothing to swap
             host = PluginHost(name, terms.sensors, self.history, self.settings.host, self.clock.monotonic)

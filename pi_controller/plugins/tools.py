@@ -208,14 +208,14 @@ def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str
     import extism
 
     from pi_controller.plugins.host_functions import History, PluginHost
-    from pi_controller.plugins.manifest import Refused, grant, load_manifest
+    from pi_controller.plugins.manifest import Refused, terms as terms_of
     from pi_controller.plugins.quarantine import Quarantine
     from pi_controller.plugins.sandbox import SandboxedPlugin
     from pi_controller.plugins.wasm_gate import read_module
 
     name = wasm.stem
     try:
-        terms = grant(name, load_manifest(wasm), settings.plugins)
+        terms = terms_of(name, wasm, settings.plugins)
         terms = dataclasses.replace(terms, config={**terms.config, **(extra_config or {})})
         host = PluginHost(name, terms.sensors, History(settings.plugins.host.history_length), settings.plugins.host)
         module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)

@@ -1,0 +1,160 @@
+"""One check for one promise: check-config (the unit's reload check), the daemon's start and its reload refuse
+a config under which a plugin it names would not load, with file, line and key; the running version stays."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from structlog.testing import capture_logs
+
+from pi_controller import config
+from pi_controller.clock import SystemClock
+from pi_controller.plugins import checks
+from tests.conftest import example_data, more_ticks, plugin_wasm, run_with, unsimulated
+from tests.test_service import receive, reload_messages, service_config, start
+
+SETTINGS = ("plugins", "settings", "temperature_control", "config")
+BAD_VALUES = [  # what the row of issue 25 tried: a typo of a key, and a value past the schema's maximum
+    ({"setpoint": 21.0, "hysterisis": 0.5}, "hysterisis",
+     "'hysterisis' is not in this plugin's config_schema (heater, hysteresis, sensor, setpoint); "
+     "did you mean 'hysteresis'?"),
+    ({"setpoint": 210, "hysteresis": 0.5}, "setpoint", "config 'setpoint': 210 is above the maximum 30"),
+]
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pi_controller", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("values, key, problem", BAD_VALUES)
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_a_config_value_a_plugin_s_schema_refuses_is_a_config_error_before_any_pin_moves(
+        write_config, values: dict[str, Any], key: str, problem: str, command: str) -> None:
+    data = example_data()
+    data["plugins"]["settings"]["temperature_control"]["config"] = values
+    path = write_config(data)
+    result = cli(*([command, str(path)] if command == "check-config" else [command, "--config", str(path),
+                                                                            "--simulate"]))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"config error: {path}:{line_of(path, key)}: {config.format_path(SETTINGS + (key,))}: plugin "
+        f"'temperature_control' would not load: {problem}"]
+    assert result.stdout == ""  # run: not a pin claimed, no event logged
+
+
+def test_check_config_names_what_of_the_folder_would_not_load_that_is_not_the_config_s_doing(write_config,
+                                                                                             plugin_dir) -> None:
+    folder = plugin_dir("temperature_control", "motion_light", "energy_saver", "echo_output")
+    (folder / "echo_output.yaml").write_text("limits: {timeout_ms: 45}\n")  # 30 ms taken by the named ones
+    data = example_data()
+    data["plugins"]["directory"] = str(folder)
+    data["plugins"]["required"] = ["frost_guard"]  # not in the folder
+    result = cli("check-config", str(write_config(data)))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: plugin 'echo_output' ({folder / 'echo_output.wasm'}) would not load: timeout_ms 45 does not fit "
+        "the tick: 30 of the 60 ms plugin budget is held by energy_saver (10 ms, named in the config), motion_light "
+        "(10 ms, named in the config), temperature_control (10 ms, named in the config)",
+        f"warning: plugin 'frost_guard' is named in the config but has no module in {folder}"]
+
+
+def test_plugins_named_in_the_config_must_fit_the_budget_with_their_manifests(write_config, plugin_dir) -> None:
+    folder = plugin_dir("temperature_control", "motion_light", "energy_saver")
+    (folder / "motion_light.yaml").write_text("limits: {timeout_ms: 45}\n")  # the config alone would fit
+    data = example_data()
+    data["plugins"]["directory"] = str(folder)
+    with pytest.raises(config.ConfigError) as caught:
+        checks.check(config.load(write_config(data)), folder)
+    assert caught.value.path == ("plugins", "settings", "temperature_control")
+    assert caught.value.message.startswith("plugin 'temperature_control' would not load: timeout_ms 10 does not fit")
+
+
+def test_the_unit_s_reload_check_fails_and_a_sighup_keeps_the_running_thermostat(tmp_path, notify_socket) -> None:
+    """The row as a Pi owner meets it: the unit's `ExecReload=` runs check-config, then SIGHUP."""
+    path = service_config(tmp_path)
+    good = path.read_text()
+    process = start(path, notify_socket)
+    try:
+        receive(notify_socket, "READY=1")
+        path.write_text(good.replace("setpoint: 21.0", "setpoint: 210"))
+        check = cli("check-config", str(path))  # ExecReload's first line: `systemctl reload` fails here
+        assert check.returncode == 2 and "is above the maximum 30" in check.stderr
+        process.send_signal(signal.SIGHUP)  # as if sent by hand regardless
+        _, ready = reload_messages(notify_socket)
+        assert ready.startswith(f"READY=1\nSTATUS=reload refused, running config kept: {path}:")
+        assert "plugins.settings.temperature_control.config.setpoint" in ready
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    events = [json.loads(line) for line in stderr.splitlines()]
+    names = [e["event"] for e in events]
+    assert names.count("reload_refused") == 1
+    assert not {"plugin_load_failed", "config_reloaded", "actuator_failsafe", "plugin_unloaded"} & set(names)
+
+
+def test_a_reload_that_would_lose_a_running_plugin_for_a_reason_only_its_load_finds_is_refused(run_daemon,
+                                                                                              plugin_dir) -> None:
+    # A pinned sha256 the file does not have: nothing but reading the module finds it.
+    folder = plugin_dir("temperature_control")
+    data = unsimulated(example_data())
+    daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
+    results = []
+
+    async def scenario() -> None:
+        data["plugins"]["settings"]["temperature_control"]["sha256"] = "0" * 64
+        daemon.settings.source.write_text(yaml.safe_dump(data))
+        results.append(await daemon.reload())
+        await more_ticks(daemon, 3)
+
+    with capture_logs() as logs:
+        run_with(daemon, scenario)
+    (result,) = results
+    assert result.outcome == "refused"
+    assert result.message.startswith("reload refused, running config kept: plugin 'temperature_control' would not "
+                                     "load under it: sha256 ")
+    assert daemon.plugins.status["temperature_control"].state == "loaded"
+    assert daemon.settings.plugins.settings["temperature_control"].sha256 is None  # the running config
+    assert not [e for e in logs if e["event"] in ("config_reloaded", "plugin_unloaded", "actuator_failsafe")]
+    assert daemon.loop.plugin_stats["temperature_control"].calls == daemon.loop.ticks.count
+
+
+def test_a_reload_may_still_disable_a_plugin(run_daemon, plugin_dir) -> None:
+    folder = plugin_dir("temperature_control")
+    data = unsimulated(example_data())
+    daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
+    results = []
+
+    async def scenario() -> None:
+        data["plugins"]["settings"]["temperature_control"]["enabled"] = False
+        daemon.settings.source.write_text(yaml.safe_dump(data))
+        results.append((await daemon.reload()).outcome)
+
+    run_with(daemon, scenario)
+    assert results == ["applied"] and daemon.plugins.status["temperature_control"].state == "disabled"
+
+
+def test_plugin_call_with_a_config_refuses_what_the_daemon_would(write_config, tmp_path) -> None:
+    data = example_data()
+    data["plugins"]["settings"]["temperature_control"]["config"] = {"setpoint": 210}
+    wasm = tmp_path / "temperature_control.wasm"
+    shutil.copy(plugin_wasm("temperature_control"), wasm)
+    shutil.copy(plugin_wasm("temperature_control").with_suffix(".yaml"), wasm.with_suffix(".yaml"))
+    (tmp_path / "ctx.json").write_text("{}")
+    result = cli("plugin", "call", str(wasm), "--config", str(write_config(data)), "--context", str(tmp_path / "ctx.json"))
+    assert result.returncode == 2
+    assert "plugins.settings.temperature_control.config.setpoint: config 'setpoint': 210 is above the maximum 30" in \
+        result.stderr
