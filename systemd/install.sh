@@ -49,7 +49,9 @@ else
     rm -f "$DROPIN"
 fi
 install -d -m 0755 "$ROOT$STATE/plugins"
-install -m 0644 "$SRC"/plugins/*.wasm "$ROOT$STATE/plugins/"
+# Each module with its manifest: its version, limits and config_schema (schema-checked settings, and the
+# Home Assistant entities of its config) are in the manifest; a module alone loads without them.
+install -m 0644 "$SRC"/plugins/*.wasm "$SRC"/plugins/*.yaml "$ROOT$STATE/plugins/"
 if [ ! -e "$ROOT$CONF" ]; then
     install -d -m 0755 "$ROOT/etc/pi-controller"
     sed "s#^  directory: .*#  directory: $STATE/plugins#" "$SRC/config/example.yaml" > "$ROOT$CONF"

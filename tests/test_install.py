@@ -29,7 +29,9 @@ def test_install_stages_the_venv_unit_user_config_and_plugins(stage: Path) -> No
     sysusers = (stage / "usr/lib/sysusers.d/pi-controller.conf").read_text()
     assert "u pi-controller" in sysusers and "m pi-controller gpio" in sysusers
     plugins = sorted(p.name for p in (stage / "var/lib/pi-controller/plugins").iterdir())
-    assert plugins == sorted(p.name for p in (REPO / "plugins").glob("*.wasm"))
+    assert plugins == sorted(p.name for p in (REPO / "plugins").iterdir() if p.suffix in (".wasm", ".yaml"))
+    assert {p.rsplit(".", 1)[0] for p in plugins if p.endswith(".yaml")} == {
+        p.rsplit(".", 1)[0] for p in plugins if p.endswith(".wasm")}  # each module with its manifest
     config = yaml.safe_load((stage / "etc/pi-controller/config.yaml").read_text())
     assert config["plugins"]["directory"] == "/var/lib/pi-controller/plugins"
     assert config["pins"]["factory"] == "lgpio"
@@ -115,3 +117,47 @@ def test_where_systemd_allows_a_drop_in_makes_it_notify_reload(stage: Path) -> N
                    timeout=600)
     dropin = (stage / "etc/systemd/system/pi-controller.service.d/notify-reload.conf").read_text()
     assert "[Service]\nType=notify-reload\n" in dropin and "\nExecReload=\n" in dropin  # systemd signals, waits
+
+
+def test_a_staged_install_runs_its_plugins_with_their_manifests(stage: Path, tmp_path: Path) -> None:
+    """What install.sh put in place, run as installed: Home Assistant gets the thermostat's setpoint entity from
+    its manifest's config_schema, and a setpoint the schema refuses fails the check the unit's reload runs."""
+    from tests.test_mqtt import AMQTT, MOSQUITTO, NODE, Broker, Subscriber
+
+    if not (MOSQUITTO or AMQTT):
+        pytest.skip("no broker: install Debian's mosquitto (.ci/run does) or amqtt from PyPI")
+    command = str(stage / "opt/pi-controller/venv/bin/pi-controller")
+    plugins = str(stage / "var/lib/pi-controller/plugins")
+    data = yaml.safe_load((stage / "etc/pi-controller/config.yaml").read_text())
+    data["mqtt"].update(enabled=True, host="127.0.0.1", node_id=NODE)
+    broker = Broker(tmp_path)
+    broker.start()
+    subscriber = None
+    process = None
+    stderr = ""
+    try:
+        data["mqtt"]["port"] = broker.port
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(data))
+        subscriber = Subscriber(broker.port)
+        process = subprocess.Popen([command, "run", "--config", str(config), "--simulate", "--plugins", plugins,
+                                    "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
+        topic = f"homeassistant/number/{NODE}/plugin_temperature_control_config_setpoint/config"
+        entity = json.loads(subscriber.wait_for(lambda: subscriber.on(topic), 120)[-1])
+        assert (entity["min"], entity["max"], entity["unit_of_measurement"]) == (5, 30, "°C")
+        data["plugins"]["settings"]["temperature_control"]["config"]["setpoint"] = 80
+        config.write_text(yaml.safe_dump(data))
+        check = subprocess.run([command, "check-config", str(config), "--plugins", plugins], capture_output=True,
+                               text=True, timeout=120)
+        assert check.returncode == 2 and "config 'setpoint': 80 is above the maximum 30" in check.stderr
+    finally:
+        if process is not None:
+            process.terminate()
+            _, stderr = process.communicate(timeout=60)
+        if subscriber is not None:
+            subscriber.close()
+        broker.stop()
+    events = [json.loads(line) for line in stderr.splitlines()]
+    loaded = {e["plugin"]: e.get("version") for e in events if e["event"] == "plugin_loaded"}
+    assert loaded == {p.stem: yaml.safe_load(p.read_text())["version"] for p in (REPO / "plugins").glob("*.yaml")}
