@@ -23,6 +23,7 @@ from pi_controller.mqtt.telemetry import Telemetry
 from pi_controller.operator import Operator
 from pi_controller.plugins import checks
 from pi_controller.plugins.host_functions import History
+from pi_controller.plugins.manifest import Devices
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.shadow import Shadows
 from pi_controller.plugins.shadow_supervisor import ShadowSupervisor
@@ -130,7 +131,7 @@ class Daemon:
 
     def _load_plugins(self, settings: Settings, history: History | None = None) -> PluginSet:
         plugins = PluginSet(settings.plugins, self._plugins_directory(settings), settings.loop.plugin_budget_ms,
-                            history, self.clock)
+                            history, self.clock, devices=Devices.of(settings))
         try:
             plugins.load_all()
         except BaseException:

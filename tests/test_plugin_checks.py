@@ -16,9 +16,10 @@ import yaml
 from structlog.testing import capture_logs
 
 from pi_controller import config
-from pi_controller.clock import SystemClock
+from pi_controller.clock import SystemClock, VirtualClock
+from pi_controller.daemon import Daemon
 from pi_controller.plugins import checks
-from tests.conftest import example_data, more_ticks, plugin_wasm, run_with, unsimulated
+from tests.conftest import BUNDLED_PLUGINS, example_data, more_ticks, plugin_wasm, run_with, unsimulated
 from tests.test_service import receive, reload_messages, service_config, start
 
 SETTINGS = ("plugins", "settings", "temperature_control", "config")
@@ -153,8 +154,62 @@ def test_plugin_call_with_a_config_refuses_what_the_daemon_would(write_config, t
     wasm = tmp_path / "temperature_control.wasm"
     shutil.copy(plugin_wasm("temperature_control"), wasm)
     shutil.copy(plugin_wasm("temperature_control").with_suffix(".yaml"), wasm.with_suffix(".yaml"))
-    (tmp_path / "ctx.json").write_text("{}")
-    result = cli("plugin", "call", str(wasm), "--config", str(write_config(data)), "--context", str(tmp_path / "ctx.json"))
+    context = tmp_path / "ctx.json"
+    context.write_text("{}")
+    result = cli("plugin", "call", str(wasm), "--config", str(write_config(data)), "--context", str(context))
     assert result.returncode == 2
     assert "plugins.settings.temperature_control.config.setpoint: config 'setpoint': 210 is above the maximum 30" in \
         result.stderr
+
+
+FULL = ("60 of the 60 ms plugin budget is held by energy_saver (10 ms, named in the config), motion_light (10 ms, "
+        "named in the config), temperature_control (10 ms, named in the config), a1 (10 ms), a2 (10 ms), a3 (10 ms)")
+
+
+@pytest.mark.parametrize("name, manifest, others, reason", [
+    ("porch", "name: porch_light\n", (), "its manifest's name 'porch_light' is not its file's name 'porch': name the "
+     "file porch_light.wasm (and its manifest porch_light.yaml), or fix the name"),
+    ("porch", "actuators: [fan]\n", (), "its manifest grants it 'fan', which is not among the actuators of this "
+     "config (led_strip, relay_switch, servo_motor): grant what exists with plugins.settings.porch.actuators"),
+    ("porch", "sensors: [temperature_sensor, humidity]\n", (), "its manifest grants it 'humidity', which is not among "
+     "the sensors of this config (light_sensor, motion_sensor, temperature_sensor): grant what exists with "
+     "plugins.settings.porch.sensors"),
+    ("zz_seventh", "", ("a1", "a2", "a3"), f"timeout_ms 10 does not fit the tick: {FULL}"),
+])
+def test_plugin_install_refuses_with_the_daemon_s_own_reason_what_the_daemon_refuses(
+        write_config, plugin_dir, tmp_path, name: str, manifest: str, others: tuple[str, ...], reason: str) -> None:
+    folder = plugin_dir("temperature_control", "motion_light", "energy_saver")
+    for other in others:  # dropped in before: with the bundled three, six plugins fill the tick's budget
+        shutil.copy(plugin_wasm("echo_output"), folder / f"{other}.wasm")
+    data = example_data()
+    data["plugins"]["directory"] = str(folder)
+    path = write_config(data)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(plugin_wasm("echo_output"), work / f"{name}.wasm")
+    (work / f"{name}.yaml").write_text(manifest)
+    result = cli("plugin", "install", str(work / f"{name}.wasm"), "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {work / f'{name}.wasm'}: not installed: {reason}"]
+    assert not (folder / f"{name}.wasm").exists()
+    # The daemon, finding the same files in its folder, refuses the plugin with the same words.
+    shutil.copy(work / f"{name}.wasm", folder)
+    shutil.copy(work / f"{name}.yaml", folder)
+    daemon = Daemon(config.load(path), simulate=True, clock=VirtualClock())
+    try:
+        assert (daemon.plugins.status[name].state, daemon.plugins.status[name].reason) == ("failed", reason)
+    finally:
+        daemon.close()
+
+
+def test_a_grant_in_the_config_of_a_device_that_does_not_exist_is_a_config_error(write_config) -> None:
+    data = example_data()
+    data["plugins"]["settings"]["temperature_control"]["actuators"] = ["relay_switch", "heater"]
+    path = write_config(data)
+    with pytest.raises(config.ConfigError) as caught:
+        checks.check(config.load(path), BUNDLED_PLUGINS)
+    error = caught.value
+    assert (error.path, error.line) == (("plugins", "settings", "temperature_control", "actuators", 1),
+                                        line_of(path, "- heater"))
+    assert error.message == ("plugin 'temperature_control' would not load: 'heater' is not among the actuators of "
+                             "this config (led_strip, relay_switch, servo_motor)")

@@ -1,9 +1,10 @@
 """One check for one promise: what the daemon's load would refuse in a plugins folder, said before it loads.
 
 The daemon's start (`run`), `check-config` (and so the unit's `ExecReload=` check), a reload (SIGHUP) and
-`plugin install` all call `check`: each plugin's terms as the daemon's load makes them (`manifest.terms`:
-its manifest, its config against the manifest's `config_schema`, the ceilings) and the tick's time budget
-by rank (`admission`). Nothing is compiled: that stays with the load itself (and `plugin install`'s trial).
+`plugin install` all call `problems`: each plugin's terms as the daemon's load makes them (`manifest.terms`:
+its manifest, whose name is its file's, its config against the manifest's `config_schema`, the ceilings,
+grants of sensors and actuators that exist) and the tick's time budget by rank (`admission`). Nothing is
+compiled: that stays with the load itself (and `plugin install`'s trial).
 
 A plugin named in the config (`plugins.settings`, `plugins.required`) that would not load as configured is
 the config's mistake: a ConfigError at the key at fault, so that `run` exits 2 before any pin moves,
@@ -15,6 +16,7 @@ runs without it (`/ready` says so).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from pi_controller import config
@@ -22,35 +24,60 @@ from pi_controller.names import valid_plugin_name
 from pi_controller.plugins import admission, manifest
 
 
-def check(settings: config.Settings, folder: Path, candidate: Path | None = None) -> list[str]:
-    """The folder's plugins (and `candidate`, a module to install, in its file's place) as the daemon
-    would load them under `settings`: ConfigError for the first one named in the config that it would
-    refuse; one line for each other one it would refuse, and each one named in the config that is missing."""
+@dataclass(frozen=True)
+class Problem:
+    """Why the daemon would not load a plugin, and the config's key at fault (None: the plugin's own)."""
+
+    why: str
+    key: config.KeyPath | None = None
+
+
+def problems(settings: config.Settings, folder: Path, candidate: Path | None = None,
+             devices_known: bool = True) -> dict[str, Problem]:
+    """Each plugin of the folder (and `candidate`, a module to install, in its file's place) that the daemon
+    would not load under `settings`, by name. `devices_known`: `settings` is a daemon's config, whose
+    sensors and actuators a grant must name (not the stand-in of `plugin install --plugins-dir`)."""
     plugins = settings.plugins
-    modules = {path.stem: path for path in folder.glob("*.wasm") if valid_plugin_name(path.stem)}
-    if candidate is not None:
-        modules[candidate.stem] = candidate
-    refused: dict[str, tuple[str, config.KeyPath | None]] = {}
+    devices = manifest.Devices.of(settings) if devices_known else None
+    found: dict[str, Problem] = {}
     claims = []
-    for name, path in sorted(modules.items()):
+    for name, path in sorted(_modules(folder, candidate).items()):
         own = plugins.settings.get(name)
         if (own is not None and not own.enabled) or not os.path.lexists(path):
             continue
         try:
-            terms = manifest.terms(name, path, plugins)
+            terms = manifest.terms(name, path, plugins, devices)
         except manifest.Refused as exc:
-            refused[name] = (exc.problem, exc.key)
+            found[name] = Problem(exc.problem, exc.key)
             continue
         claims.append(admission.Claim(name, terms.timeout_ms, terms.priority, plugins.configured(name)))
     for name, why in admission.refused_in_rank_order(claims, settings.loop.plugin_budget_ms).items():
         own = plugins.settings.get(name)
-        refused[name] = (why, ("plugins", "settings", name, "timeout_ms") if own and own.timeout_ms else None)
-    for name, (why, key) in sorted(refused.items()):
+        found[name] = Problem(why, ("plugins", "settings", name, "timeout_ms") if own and own.timeout_ms else None)
+    return found
+
+
+def check(settings: config.Settings, folder: Path) -> list[str]:
+    """The folder's plugins as the daemon would load them under `settings`: ConfigError for the first one
+    named in the config that it would refuse; one line for each other one it would refuse, and for each one
+    named in the config that is missing."""
+    plugins = settings.plugins
+    found = problems(settings, folder)
+    for name, problem in sorted(found.items()):
         if plugins.configured(name):
-            raise settings.error(key or _named_at(plugins, name), f"plugin '{name}' would not load: {why}")
-    notes = [f"plugin '{name}' ({modules[name]}) would not load: {why}" for name, (why, _) in sorted(refused.items())]
+            raise settings.error(problem.key or _named_at(plugins, name), f"plugin '{name}' would not load: "
+                                                                          f"{problem.why}")
+    modules = _modules(folder)
+    notes = [f"plugin '{name}' ({modules[name]}) would not load: {p.why}" for name, p in sorted(found.items())]
     missing = sorted(n for n in {*plugins.settings, *plugins.required} if plugins.configured(n) and n not in modules)
     return notes + [f"plugin '{name}' is named in the config but has no module in {folder}" for name in missing]
+
+
+def _modules(folder: Path, candidate: Path | None = None) -> dict[str, Path]:
+    modules = {path.stem: path for path in folder.glob("*.wasm") if valid_plugin_name(path.stem)}
+    if candidate is not None:
+        modules[candidate.stem] = candidate
+    return modules
 
 
 def _named_at(plugins: config.PluginsSettings, name: str) -> config.KeyPath:

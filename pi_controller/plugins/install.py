@@ -48,7 +48,7 @@ def run_command(args: argparse.Namespace) -> int:
             folder = config.check_plugins_directory(settings)
         else:
             settings, folder = tools.settings_for({}), args.plugins_dir
-        installed = install(args.wasm, folder, settings)
+        installed = install(args.wasm, folder, settings, checked=args.config is not None)
     except (config.ConfigError, InstallError) as exc:  # a config error is said as every command says it
         print(f"{'config error' if isinstance(exc, config.ConfigError) else 'error'}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
@@ -57,10 +57,13 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def install(wasm: Path, folder: Path, settings: config.Settings) -> list[Path]:
-    """Check `wasm` (and its manifest) as the daemon would load it under `settings`, then move it into
-    `folder` atomically; return the files installed. InstallError, with `folder` unchanged."""
-    from pi_controller.plugins.manifest import MAX_MANIFEST_BYTES, Refused, load_manifest, manifest_path
+def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool = True) -> list[Path]:
+    """Check `wasm` (and its manifest) as the daemon would load it under `settings` beside the plugins of
+    `folder` (`checks`: its terms, the devices it is granted, the tick's budget), then move it into `folder`
+    atomically; return the files installed. `checked`: `settings` is the daemon's config, whose devices
+    its grant must name. InstallError, with `folder` unchanged."""
+    from pi_controller.plugins import checks
+    from pi_controller.plugins.manifest import MAX_MANIFEST_BYTES, Devices, Refused, load_manifest, manifest_path
     from pi_controller.plugins.wasm_gate import read_module
 
     if not valid_plugin_name(wasm.stem):
@@ -78,6 +81,9 @@ def install(wasm: Path, folder: Path, settings: config.Settings) -> list[Path]:
         described = manifest.read_bytes()[:MAX_MANIFEST_BYTES + 1] if manifest.is_file() else None
     except (Refused, OSError) as exc:
         raise InstallError(f"{wasm}: {exc}") from None
+    problem = checks.problems(settings, folder, wasm, checked).get(wasm.stem)
+    if problem is not None:
+        raise InstallError(f"{wasm}: not installed: {problem.why}")
     try:
         staging = Path(tempfile.mkdtemp(prefix=".install-", dir=folder))
     except OSError as exc:
@@ -85,7 +91,8 @@ def install(wasm: Path, folder: Path, settings: config.Settings) -> list[Path]:
     try:
         staged = _stage(staging / wasm.name, module, described)
         try:
-            tools.load_plugin(staged[-1], settings).close()  # what is installed is what was checked
+            devices = Devices.of(settings) if checked else None
+            tools.load_plugin(staged[-1], settings, devices=devices).close()  # what is installed is what was checked
         except tools.LoadFailed as exc:
             raise InstallError(f"{wasm}: not installed: {exc}") from None
         return _move_in(staged, folder)

@@ -154,11 +154,47 @@ def grant(name: str, manifest: Manifest, settings: PluginsSettings) -> Grant:
     return result
 
 
-def terms(name: str, wasm: Path, settings: PluginsSettings) -> Grant:
-    """What plugin `name`, whose module is `wasm`, would run under: its manifest and its grant under
-    `settings`. What the daemon's load, check-config and `plugin install` all check before compiling.
-    Refused, saying why."""
-    return grant(name, load_manifest(wasm), settings)
+@dataclass(frozen=True)
+class Devices:
+    """The sensors and actuators of a config: what a grant may name."""
+
+    sensors: frozenset[str]
+    actuators: frozenset[str]
+
+    @classmethod
+    def of(cls, settings: config.Settings) -> Devices:
+        return cls(frozenset(s.id for s in settings.sensors), frozenset(a.id for a in settings.actuators))
+
+
+def terms(name: str, wasm: Path, settings: PluginsSettings, devices: Devices | None) -> Grant:
+    """What plugin `name`, whose module is `wasm`, would run under: its manifest (whose name, if it gives
+    one, is its file's) and its grant under `settings`, naming only `devices` (None: not known, as for a
+    plugin tried without a config). What the daemon's load, check-config and `plugin install` all check
+    before compiling. Refused, saying why."""
+    described = load_manifest(wasm)
+    if described.name and described.name != name:
+        raise Refused(f"its manifest's name '{described.name[:64]}' is not its file's name '{name}': name the file "
+                      f"{described.name[:64]}.wasm (and its manifest {described.name[:64]}.yaml), or fix the name")
+    result = grant(name, described, settings)
+    if devices is not None:
+        own = settings.settings.get(name)
+        _check_granted(name, "actuators", result.actuators, devices.actuators, own.actuators if own else None)
+        _check_granted(name, "sensors", result.sensors, devices.sensors, own.sensors if own else None)
+    return result
+
+
+def _check_granted(name: str, kind: str, granted: frozenset[str] | None, existing: frozenset[str],
+                   own: tuple[str, ...] | None) -> None:
+    """Refused if the grant names a device that does not exist: a mismatch with this Pi that would only
+    show as rejected commands (or readings never seen) once running."""
+    for device in sorted((granted or frozenset()) - existing):
+        known = ", ".join(sorted(existing)) or "none"
+        if own is not None:  # the operator's settings name it
+            problem = f"'{device[:64]}' is not among the {kind} of this config ({known})"
+            raise Refused(f"plugins.settings.{name}.{kind}: {problem}", ("plugins", "settings", name, kind,
+                                                                          own.index(device)), problem)
+        raise Refused(f"its manifest grants it '{device[:64]}', which is not among the {kind} of this config "
+                      f"({known}): grant what exists with plugins.settings.{name}.{kind}")
 
 
 def _set(ids: tuple[str, ...] | None) -> frozenset[str] | None:

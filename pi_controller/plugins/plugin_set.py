@@ -23,7 +23,7 @@ from pi_controller.plugins import admission
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.host_functions import History, PluginHost
 from pi_controller.plugins import manifest
-from pi_controller.plugins.manifest import Refused
+from pi_controller.plugins.manifest import Devices, Refused
 from pi_controller.plugins.quarantine import Quarantine
 from pi_controller.plugins.sandbox import PluginStatus, SandboxedPlugin
 from pi_controller.plugins.wasm_gate import read_module
@@ -53,9 +53,11 @@ class PluginSet:
     """The plugins of one folder, in call order: highest priority first, then by name."""
 
     def __init__(self, settings: PluginsSettings, directory: Path, budget_ms: float, history: History | None = None,
-                 clock: Clock | None = None, backstop: Backstop | None = None):
-        """`clock`: the loop's (real by default); the backstop follows it unless given."""
+                 clock: Clock | None = None, backstop: Backstop | None = None, devices: Devices | None = None):
+        """`clock`: the loop's (real by default); the backstop follows it unless given. `devices`: what a
+        grant may name (None: not checked)."""
         self.settings = settings
+        self.devices = devices
         self.directory = directory
         self.budget_ms = budget_ms
         self.clock = clock or SystemClock()
@@ -113,6 +115,7 @@ class PluginSet:
                 previous.quarantine.settings = loaded.settings.quarantine
                 plugin.quarantine = previous.quarantine
         self.settings, self.directory, self.budget_ms = loaded.settings, loaded.directory, loaded.budget_ms
+        self.devices = loaded.devices
         self.history, self.backstop = loaded.history, loaded.backstop
         self._become(loaded._plugins)
         self._refused, self._kept, self._waiting = loaded._refused, loaded._kept, loaded._waiting
@@ -159,7 +162,7 @@ class PluginSet:
     def _prepare_one(self, name: str, path: Path, live: SandboxedPlugin | None, update: Update) -> None:
         try:
             wasm = read_module(path, self.directory, self.settings.ceilings.max_file_bytes)
-            terms = manifest.terms(name, path, self.settings)
+            terms = manifest.terms(name, path, self.settings, self.devices)
             if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
                 return  # the same plugin under the same terms: nothing to swap
             host = PluginHost(name, terms.sensors, self.history, self.settings.host, self.clock.monotonic)

@@ -17,13 +17,16 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
 from pi_controller import config
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import templates
+
+if TYPE_CHECKING:
+    from pi_controller.plugins.manifest import Devices
 
 
 def add_commands(plugin_commands: Any) -> None:
@@ -117,7 +120,7 @@ def run_call(args: argparse.Namespace) -> int:
             raise ContextError(f"the context is not JSON: {str(exc)[:120]}") from None
         check_context(context)
         settings = config.load(args.config) if args.config else settings_for(context)
-        report = call_once(args.wasm, context, settings)
+        report = call_once(args.wasm, context, settings, checked=args.config is not None)
     except (ContextError, config.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -201,10 +204,12 @@ class LoadFailed(ValueError):
     """A plugin the daemon would not load (its file, manifest, grant or compile): said in one line."""
 
 
-def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str, Any] | None = None) -> Any:
+def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str, Any] | None = None,
+                devices: Devices | None = None) -> Any:
     """`wasm` loaded as the daemon would load it from its folder under `settings` (the gate, manifest,
     grant, trial compile and health check), its config topped up with `extra_config`: a SandboxedPlugin
-    whose host's `history` answers pi_history. LoadFailed with the reason."""
+    whose host's `history` answers pi_history. `devices`: what its grant may name (a `manifest.Devices`;
+    None: not checked, as without a config). LoadFailed with the reason."""
     import extism
 
     from pi_controller.plugins.host_functions import History, PluginHost
@@ -215,7 +220,7 @@ def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str
 
     name = wasm.stem
     try:
-        terms = terms_of(name, wasm, settings.plugins)
+        terms = terms_of(name, wasm, settings.plugins, devices)
         terms = dataclasses.replace(terms, config={**terms.config, **(extra_config or {})})
         host = PluginHost(name, terms.sensors, History(settings.plugins.host.history_length), settings.plugins.host)
         module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
@@ -224,9 +229,11 @@ def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str
         raise LoadFailed(str(exc)[:500]) from None
 
 
-def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) -> dict[str, Any]:
+def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings, checked: bool = False
+              ) -> dict[str, Any]:
     """One call under the daemon's terms; what it returned and the contract's verdict, as JSON data.
-    ContextError for a context `check_context` refuses, LoadFailed for a plugin the daemon would not load."""
+    ContextError for a context `check_context` refuses, LoadFailed for a plugin the daemon would not load.
+    `checked`: `settings` is a daemon's config, whose devices the plugin's grant must name."""
     from pi_controller import contract
     from pi_controller.devices import actuators
     from pi_controller.devices.pins import make_factory
@@ -234,7 +241,9 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings) ->
     from pi_controller.plugins.sandbox import PluginCallError
 
     check_context(context)
-    plugin = load_plugin(wasm, settings, context.get("config", {}))
+    from pi_controller.plugins.manifest import Devices
+
+    plugin = load_plugin(wasm, settings, context.get("config", {}), Devices.of(settings) if checked else None)
     name, terms, history = plugin.name, plugin.grant, plugin.host.history
     factory = make_factory(settings, simulate=True)
     targets = {entry.id: actuators.build(entry, factory) for entry in settings.actuators}

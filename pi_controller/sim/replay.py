@@ -29,6 +29,7 @@ from pi_controller.devices.hardware import Hardware
 from pi_controller.devices.sensors import Reading
 from pi_controller.names import OPERATOR
 from pi_controller.plugins.agreement import Agreement, Verdict, verdict, verdict_of
+from pi_controller.plugins.manifest import Devices
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from pi_controller.safety.ownership import Health
@@ -70,7 +71,8 @@ class Replay:
             picture.start(settings, [p.name for p in self.plugins])
 
     def _load(self, settings: config.Settings) -> PluginSet:
-        plugins = PluginSet(settings.plugins, self.plugins_dir, settings.loop.plugin_budget_ms, clock=self.clock)
+        plugins = PluginSet(settings.plugins, self.plugins_dir, settings.loop.plugin_budget_ms, clock=self.clock,
+                            devices=Devices.of(settings))
         plugins.load_all()
         return plugins
 
