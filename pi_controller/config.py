@@ -342,6 +342,10 @@ class PluginsSettings:
         own = self.settings.get(name)
         return (own is not None and own.enabled) or name in self.required
 
+    def named(self) -> set[str]:
+        """The plugins the config names to run."""
+        return {name for name in (*self.settings, *self.required) if self.configured(name)}
+
 
 @dataclass(frozen=True)
 class Settings:

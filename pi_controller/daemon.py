@@ -28,7 +28,6 @@ from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.shadow import Shadows
 from pi_controller.plugins.shadow_supervisor import ShadowSupervisor
 from pi_controller.plugins.watch import PluginWatcher
-from pi_controller.readiness import Readiness
 from pi_controller.reloads import ReloadResult, Reloads, prepared
 from pi_controller.safety import known_good
 from pi_controller.safety.rules import Safety
@@ -149,7 +148,7 @@ class Daemon:
         for sig, handler in handlers.items():
             running.add_signal_handler(sig, handler)
         server = self._metrics_server()
-        plugins = Readiness.of(self.plugins.status)
+        plugins = self.plugins.readiness()
         log.info("loop_started", rate_hz=self.settings.loop.rate_hz, plugins=len(self.plugins),
                  sensors=len(self.hardware.sensors), actuators=len(self.hardware.actuators),
                  **({} if plugins.complete else {"plugins_failed": list(plugins.failed), "ready": str(plugins)}))
@@ -265,7 +264,7 @@ class Daemon:
         except Exception as exc:  # a reload must never end the loop: it carries on with what is in place
             log.exception("reload_failed", file=str(new.source))
             return ReloadResult("failed", f"reload failed while applied: {type(exc).__name__}: {exc}")
-        return ReloadResult("applied", f"config reloaded: {Readiness.of(self.plugins.status)}")
+        return ReloadResult("applied", f"config reloaded: {self.plugins.readiness()}")
 
     def _swap(self, new: Settings, plugins: PluginSet, shadows: Shadows | None) -> None:
         failed = self.hardware.reconfigure(new, self.clock)

@@ -48,6 +48,9 @@ class Source(Protocol):
 
     def plugin_statuses(self) -> Mapping[str, PluginStatus]: ...
 
+    def readiness(self) -> Readiness:
+        """How many of the plugins that should run do."""
+
     def actuator_ids(self) -> Iterable[str]: ...
 
     def sensor_validity(self) -> Mapping[str, bool]: ...
@@ -137,7 +140,7 @@ class Metrics(LoopObserver):
         """Started (the first tick has run) with every plugin of the folder loaded; and what to say."""
         if self._last_tick is None:
             return False, "not yet: starting"
-        plugins = Readiness.of(self.source.plugin_statuses())
+        plugins = self.source.readiness()
         return plugins.complete, f"{'ok' if plugins.complete else 'not ready'}: {plugins}"
 
     def exposition(self) -> bytes:

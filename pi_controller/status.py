@@ -126,6 +126,9 @@ class Status:
     def plugin_statuses(self) -> Mapping[str, PluginStatus]:
         return self.plugins.status
 
+    def readiness(self) -> Readiness:
+        return self.plugins.readiness()
+
     def actuator_ids(self) -> list[str]:
         return [a.id for a in self.settings.actuators]
 
@@ -154,7 +157,7 @@ class Status:
         """systemd's one-line STATUS=."""
         ticks = self._loop().ticks
         status = (f"{self.settings.loop.rate_hz:g} Hz, {ticks.count} ticks, {ticks.missed} missed, "
-                  f"{Readiness.of(self.plugins.status)}")
+                  f"{self.plugins.readiness()}")
         if self.last_reload is not None and self.last_reload.outcome != "applied":  # until one is applied
             status += f"; last {self.last_reload.message}"
         return status[:STATUS_CHARS]

@@ -8,6 +8,8 @@ import hashlib
 import os
 import shutil
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -22,6 +24,7 @@ from tests.conftest import (
     TEST_PLUGINS,
     assert_no_missed_ticks,
     example_data,
+    free_port,
     more_ticks,
     plugin_wasm,
     run_with,
@@ -293,3 +296,68 @@ def test_a_reload_stopped_while_it_compiles_closes_what_it_compiled(configured, 
 
     asyncio.run(scenario())
     assert set(daemon.plugins.status) == {"temperature_control"}  # the running set is untouched
+
+
+def ready(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def remove_and_copy_back(folder: Path, backup: Path) -> None:  # rm -rf plugins && cp -r backup plugins
+    shutil.rmtree(folder)
+    shutil.copytree(backup, folder)
+
+
+def move_away_and_back(folder: Path, backup: Path) -> None:  # mv plugins plugins.old, then back
+    folder.rename(folder.with_name("plugins.old"))
+    folder.with_name("plugins.old").rename(folder)
+
+
+def parent_too(folder: Path, backup: Path) -> None:  # the folder above it deleted, then both made again
+    shutil.rmtree(folder.parent)
+    folder.parent.mkdir()
+    shutil.copytree(backup, folder)
+
+
+@pytest.mark.parametrize("how", [remove_and_copy_back, move_away_and_back, parent_too])
+def test_the_plugins_folder_deleted_or_moved_and_back_is_followed(run_daemon, tmp_path, how) -> None:
+    folder, backup = tmp_path / "site" / "plugins", tmp_path / "backup"
+    backup.mkdir()
+    for name in ("temperature_control", "energy_saver", "motion_light"):
+        shutil.copy(plugin_wasm(name), backup / f"{name}.wasm")
+        shutil.copy(plugin_wasm(name).with_suffix(".yaml"), backup / f"{name}.yaml")
+    shutil.copytree(backup, folder)
+    data = unsimulated(example_data())
+    data["metrics"] = {"enabled": True, "port": free_port()}
+    daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
+    port = data["metrics"]["port"]
+    answers = []
+
+    async def scenario() -> None:
+        await until(lambda: ready(port)[0] == 200, "ready")
+        if how is move_away_and_back:  # as slow as a person: the folder stays away while we look
+            folder.rename(folder.with_name("plugins.old"))
+        else:
+            shutil.rmtree(folder.parent if how is parent_too else folder)
+        await until(lambda: len(daemon.plugins) == 0, "every plugin unloaded")
+        answers.append(await asyncio.to_thread(ready, port))
+        if how is move_away_and_back:
+            folder.with_name("plugins.old").rename(folder)
+        else:
+            if how is parent_too:
+                folder.parent.mkdir()
+            shutil.copytree(backup, folder)
+        await until(lambda: len(daemon.plugins) == 3, "every plugin loaded again")
+        await until(lambda: ready(port)[0] == 200, "ready again")
+
+    with capture_logs() as logs:
+        run_with(daemon, scenario)
+    assert answers == [(503, "not ready: 0 of 3 plugins loaded; missing: energy_saver, motion_light, "
+                             "temperature_control\n")]
+    events = [e["event"] for e in logs if e["event"].startswith("plugins_folder_")]
+    assert events == ["plugins_folder_gone", "plugins_folder_back"]
+    assert not [e for e in logs if e["event"] == "plugin_load_failed"]
+    assert_no_missed_ticks(daemon.loop.ticks.missed)

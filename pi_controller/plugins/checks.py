@@ -69,7 +69,7 @@ def check(settings: config.Settings, folder: Path) -> list[str]:
                                                                           f"{problem.why}")
     modules = _modules(folder)
     notes = [f"plugin '{name}' ({modules[name]}) would not load: {p.why}" for name, p in sorted(found.items())]
-    missing = sorted(n for n in {*plugins.settings, *plugins.required} if plugins.configured(n) and n not in modules)
+    missing = sorted(plugins.named() - set(modules))
     return notes + [f"plugin '{name}' is named in the config but has no module in {folder}" for name in missing]
 
 

@@ -27,6 +27,7 @@ from pi_controller.plugins.manifest import Devices, Refused
 from pi_controller.plugins.quarantine import Quarantine
 from pi_controller.plugins.sandbox import PluginStatus, SandboxedPlugin
 from pi_controller.plugins.wasm_gate import read_module
+from pi_controller.readiness import Readiness
 
 log = structlog.get_logger("pi_controller.plugins")
 
@@ -85,6 +86,10 @@ class PluginSet:
         its own reason to lose what it owns: see `safety.ownership`)."""
         loaded = self._by_name.get(plugin)
         return loaded is None or loaded.grant.actuators is None or device in loaded.grant.actuators
+
+    def readiness(self) -> Readiness:
+        """How many of the plugins that should run do: the folder's, and those the config names."""
+        return Readiness.of(self.status, self.settings.named())
 
     @property
     def status(self) -> dict[str, PluginStatus]:

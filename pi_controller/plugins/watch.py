@@ -18,10 +18,12 @@ never sees half an old and half a new set of plugins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from pathlib import Path
 from typing import Callable
 
 import structlog
-from asyncinotify import Event, Inotify, Mask
+from asyncinotify import Event, Inotify, Mask, Watch
 
 from pi_controller.plugins.plugin_set import PluginSet, Update
 from pi_controller.reloads import Gap, prepared
@@ -30,6 +32,8 @@ log = structlog.get_logger("pi_controller.plugins")
 
 _WATCHED = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE | Mask.CREATE | Mask.ONLYDIR
 _AT_ONCE = Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE
+_GONE = Mask.DELETE_SELF | Mask.MOVE_SELF  # the watched folder itself was deleted or moved away
+_ANCESTOR = Mask.CREATE | Mask.MOVED_TO | _GONE | Mask.ONLYDIR  # what may bring a missing folder back
 _SUFFIXES = (".wasm", ".yaml")  # a plugin, and its manifest
 
 
@@ -48,36 +52,109 @@ class PluginWatcher:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._due: set[str] = set()
         self._wake = asyncio.Event()
+        self._inotify: Inotify | None = None
+        self._watch: Watch | None = None  # on the folder, while it is there
+        self._ancestor: Watch | None = None  # on its nearest existing ancestor, while the folder is gone
 
     async def run(self) -> None:
-        """Until cancelled: note what lands in the folder, and reload it."""
+        """Until cancelled: note what lands in the folder, and reload it. A folder deleted or moved away
+        unloads its plugins; its nearest existing ancestor is then watched until it is back, and its
+        plugins are loaded again."""
         directory = self._plugins.directory
         try:
             inotify = Inotify()
-            inotify.add_watch(directory, _WATCHED)
         except OSError as exc:
             log.error("plugins_watch_unavailable", directory=str(directory), error=str(exc),
                       note="plugins change on SIGHUP only")
             return
-        log.info("plugins_watching", directory=str(directory))
-        if self._rescan:
-            self._look_at_everything()
         with inotify:
+            self._inotify = inotify
+            try:
+                there = self._watch_folder()
+            except OSError as exc:  # no more watches allowed (fs.inotify.max_user_watches), ...
+                log.error("plugins_watch_unavailable", directory=str(directory), error=str(exc),
+                          note="plugins change on SIGHUP only")
+                return
+            if there:
+                log.info("plugins_watching", directory=str(directory))
+                if self._rescan:
+                    self._look_at_everything()
+            else:
+                self._gone()
             reloads = asyncio.create_task(self._reload_forever())
             self._plugins.on_room = self._look_at  # plugins refused for want of room, once there is some
             try:
                 async for event in inotify:
-                    self._note(event)
+                    self._route(event)
             finally:
                 self._plugins.on_room = None
                 reloads.cancel()
                 for timer in self._timers.values():
                     timer.cancel()
 
-    def _note(self, event: Event) -> None:
-        if Mask.Q_OVERFLOW in event.mask:  # events were lost: look at everything again
+    def _route(self, event: Event) -> None:
+        if Mask.Q_OVERFLOW in event.mask and self._watch is None:  # events were lost: look again
+            self._look_for_folder()
+        elif Mask.Q_OVERFLOW in event.mask:
             self._look_at_everything()
-            return
+        elif self._watch is not None and event.watch is self._watch and event.mask & _GONE:
+            self._gone()
+        elif self._watch is not None and event.watch is self._watch:
+            self._note(event)
+        elif self._ancestor is not None and event.watch is self._ancestor:
+            if event.mask & _GONE:
+                self._drop_ancestor()
+            self._look_for_folder()
+
+    def _watch_folder(self) -> bool:
+        """Watch the folder if it is there; whether it is."""
+        assert self._inotify is not None
+        try:
+            self._watch = self._inotify.add_watch(self._plugins.directory, _WATCHED | _GONE)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
+
+    def _gone(self) -> None:
+        """The folder was deleted or moved away: its plugins are unloaded, and it is waited for."""
+        assert self._inotify is not None
+        if self._watch is not None:
+            with contextlib.suppress(OSError):  # the kernel drops a deleted folder's watch itself
+                self._inotify.rm_watch(self._watch)  # one moved elsewhere is watched no more
+            self._watch = None
+        log.error("plugins_folder_gone", directory=str(self._plugins.directory),
+                  note="its plugins are unloaded; they are loaded again when it is back")
+        self._look_at(set(self._plugins.status))
+        self._look_for_folder()
+
+    def _look_for_folder(self) -> None:
+        """While the folder is gone: back, watch it again and load what it holds; else watch the nearest
+        ancestor that exists (again after each change to it: the folder may come back a level at a time)."""
+        assert self._inotify is not None
+        while not self._watch_folder():
+            ancestor = _nearest_existing(self._plugins.directory)
+            if self._ancestor is not None and self._ancestor.path == ancestor:
+                return
+            self._drop_ancestor()
+            try:
+                self._ancestor = self._inotify.add_watch(ancestor, _ANCESTOR)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone meanwhile: look again
+        self._drop_ancestor()
+        log.warning("plugins_folder_back", directory=str(self._plugins.directory))
+        self._look_at_everything(self._settle_s)  # a folder being copied in: a file still written waits its close
+        if self._folder is not None:
+            for sub in self._plugins.directory.iterdir():
+                if sub.is_dir():
+                    self._folder(sub.name)
+
+    def _drop_ancestor(self) -> None:
+        if self._ancestor is not None and self._inotify is not None:
+            with contextlib.suppress(OSError):  # deleted: already dropped
+                self._inotify.rm_watch(self._ancestor)
+        self._ancestor = None
+
+    def _note(self, event: Event) -> None:
         name = event.name
         if name is not None and Mask.ISDIR in event.mask:
             if self._folder is not None and event.mask & (Mask.CREATE | _AT_ONCE):
@@ -93,14 +170,15 @@ class PluginWatcher:
         at_once = event.mask & _AT_ONCE and name.suffix == ".wasm"
         self._schedule(name.stem, 0.0 if at_once else self._settle_s)
 
-    def _look_at_everything(self) -> None:
+    def _look_at_everything(self, delay: float = 0.0) -> None:
         """Each plugin file, as if it had just landed (one unchanged is left as it is), and each plugin
         loaded, as if its file had gone (one still there stays)."""
-        self._look_at({path.stem for path in self._plugins.directory.glob("*.wasm")} | set(self._plugins.status))
+        names = {path.stem for path in self._plugins.directory.glob("*.wasm")} | set(self._plugins.status)
+        self._look_at(names, delay)
 
-    def _look_at(self, names: set[str]) -> None:
+    def _look_at(self, names: set[str], delay: float = 0.0) -> None:
         for name in names:
-            self._schedule(name, 0.0)
+            self._schedule(name, delay)
 
     def _schedule(self, name: str, delay: float) -> None:
         """Reload `name` after `delay`; a later event for it starts the wait again."""
@@ -137,3 +215,11 @@ class PluginWatcher:
                 update.close()
 
         await self._loop.in_gap(swap, update.close)
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`'s nearest ancestor that is a folder (the root at worst)."""
+    for ancestor in path.parents:
+        if ancestor.is_dir():
+            return ancestor
+    return Path(path.anchor)
