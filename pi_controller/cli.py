@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", type=Path, nargs="?", help="YAML config file (or --config)")
     check.add_argument("--config", type=Path, help="YAML config file, as the other commands take it")
     check.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
+    check.add_argument("--state-dir", type=Path, default=known_good.state_directory(),
+                       help="the service's StateDirectory= (default: $STATE_DIRECTORY, which systemd sets for the "
+                            "unit's ExecReload= check): where a recording may be written under the unit")
     check.set_defaults(handler=_check_config)
     simulation.add_command(commands)
     replay.add_command(commands)
@@ -105,13 +108,16 @@ def _run(args: argparse.Namespace) -> int:
     from pi_controller.daemon import Daemon
     from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
     from pi_controller.devices.pins import hold
-    from pi_controller.sim.record import RecordingError
     from pi_controller.simulators.world import SimulationError
 
     loaded = _load(args.config, plugins_dir=args.plugins)
     if loaded is None:
         return EXIT_CONFIG
     settings, _ = loaded  # what of the folder fails to load, the daemon logs as it loads it
+    problem = simulation.unwritable(args.record) if args.record else None
+    if problem:  # asked for on the command line: said before any pin moves (record.path never stops control)
+        print(f"error: --record {args.record}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins, state_dir=args.state_dir,
                         record=args.record)
@@ -121,9 +127,6 @@ def _run(args: argparse.Namespace) -> int:
     except HardwareError as exc:  # said once, in one line, as a config error is
         print(f"hardware error: {exc}", file=sys.stderr)
         return EXIT_HARDWARE
-    except RecordingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     except config.ConfigError as exc:  # a credential file gone since it was checked
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -153,6 +156,11 @@ def _check_config(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_CONFIG
     settings, notes = loaded
+    try:
+        notes += config.check_service_paths(settings, args.state_dir)
+    except config.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     print(f"{path}: OK ({len(settings.sensors)} sensors, {len(settings.actuators)} actuators, "

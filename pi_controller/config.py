@@ -387,6 +387,31 @@ def check_plugins_directory(settings: Settings, override: Path | None = None) ->
                                                    f"fix the path (relative paths start at the config file's folder)")
 
 
+def check_service_paths(settings: Settings, state_dir: Path | None) -> list[str]:
+    """Where the files the daemon writes for diagnostics may go when it runs as the unit, whose
+    StateDirectory= is `state_dir` (/var/lib/pi-controller; None: not under the unit, nothing to say): under
+    ProtectSystem=strict only it, the CacheDirectory= and /tmp are writable. ConfigError for a relative
+    `record.path` (it starts at the config's folder, /etc/pi-controller, which the unit cannot write); one
+    line for a path outside `state_dir`. The daemon itself runs on without a recording it cannot write."""
+    if state_dir is None:
+        return []
+    notes = []
+    paths: tuple[tuple[KeyPath, str | None], ...] = ((("record", "path"), settings.record.path),
+                                                     (("mqtt", "buffer_file"), settings.mqtt.buffer_file))
+    for key, value in paths:
+        if value is None:
+            continue
+        path = Path(value)
+        if not path.is_absolute() and key[0] == "record":
+            raise settings.error(key, f"'{value}' is relative: it would be written beside the config, in "
+                                      f"{settings.source.parent}, which the service cannot write (ProtectSystem="
+                                      f"strict); give a path under {state_dir}, such as {state_dir / path.name}")
+        if not (state_dir / path).resolve().is_relative_to(state_dir.resolve()):  # relative: the unit's workdir
+            notes.append(f"{format_path(key)} {value} is outside {state_dir}: the service writes there, its "
+                         "CacheDirectory= and /tmp only, unless a drop-in gives it ReadWritePaths=")
+    return notes
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 

@@ -84,7 +84,7 @@ class Daemon:
         self.shadows = ShadowSupervisor(settings.plugins, self.plugins, self.clock, self._shadows_adopted)
         self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
                                 self.operator, self.shadows.current)
-        self.status.wire(self.loop, self.telemetry, self.shadows.current)
+        self.status.wire(self.loop, self.telemetry, self.shadows.current, self.recorder)
 
     def _shadows_adopted(self, shadows: Shadows) -> None:
         self.loop.shadows = self.status.shadows = shadows

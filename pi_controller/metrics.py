@@ -66,6 +66,9 @@ class Source(Protocol):
         """(connected to the broker, connection attempts that failed, commands kept out by the rate
         limits); None without MQTT."""
 
+    def recording(self) -> tuple[bool, int] | None:
+        """(its file is being written, tick lines dropped); None without a recording."""
+
 
 class Metrics(LoopObserver):
     def __init__(self, period: float, source: Source, timer: Callable[[], float] = time.monotonic):
@@ -178,6 +181,12 @@ class _StateCollector:
         yield CounterMetricFamily(f"{PREFIX}_watchdog_trips", "Times the watchdog drove every actuator safe",
                                   value=float(self._source.watchdog_trips()))
         yield from _shadow_families(self._source.shadow_agreement())
+        recording = self._source.recording()
+        if recording is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_recording_ok", "1 while the recording is written (0: it cannot be, "
+                                    "logged once as recording_unavailable, and retried)", value=float(recording[0]))
+            yield CounterMetricFamily(f"{PREFIX}_recording_dropped_lines", "Tick lines the recording could not take",
+                                      value=float(recording[1]))
         link = self._source.mqtt_link()
         if link is not None:
             yield GaugeMetricFamily(f"{PREFIX}_mqtt_connected", "1 while connected to the MQTT broker",

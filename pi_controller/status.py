@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pi_controller.reloads import ReloadResult
     from pi_controller.safety.rules import Guard, Hold
     from pi_controller.safety.watchdog import Watchdog
+    from pi_controller.sim.record import Recorder
 
 _NEVER_CALLED = PluginStats()
 STATUS_CHARS = 400  # systemctl status shows one line of it
@@ -43,13 +44,16 @@ class Status:
         self.loop: ControlLoop | None = None  # wired once the loop is built (it needs our readers first)
         self.telemetry: Telemetry | None = None
         self.shadows: Shadows | None = None
+        self.recorder: Recorder | None = None
         self.last_reload: ReloadResult | None = None
         self._monotonic = monotonic
         self._started = monotonic()
 
-    def wire(self, loop: ControlLoop, telemetry: Telemetry | None, shadows: Shadows) -> None:
+    def wire(self, loop: ControlLoop, telemetry: Telemetry | None, shadows: Shadows,
+             recorder: Recorder | None) -> None:
         """The parts built after us, since they read us; the uptime counts from now."""
         self.loop, self.telemetry, self.shadows, self._started = loop, telemetry, shadows, self._monotonic()
+        self.recorder = recorder
 
     def _loop(self) -> ControlLoop:
         assert self.loop is not None, "read before the daemon wired its loop"
@@ -145,6 +149,11 @@ class Status:
     def shadow_agreement(self) -> Mapping[tuple[str, str], tuple[int, int]]:
         return self.shadows.agreement() if self.shadows else {}
 
+    def recording(self) -> tuple[bool, int] | None:
+        if self.recorder is None:
+            return None
+        return self.recorder.error is None, self.recorder.dropped
+
     def mqtt_link(self) -> tuple[bool, int, int] | None:
         if self.telemetry is None:
             return None
@@ -161,6 +170,12 @@ class Status:
         if self.last_reload is not None and self.last_reload.outcome != "applied":  # until one is applied
             status += f"; last {self.last_reload.message}"
         return status[:STATUS_CHARS]
+
+    def _recording(self) -> dict[str, Any]:
+        r = self.recorder
+        assert r is not None
+        return {"file": str(r.path), "writing": r.error is None, "lines": r.lines, "dropped": r.dropped,
+                "error": r.error}
 
     def snapshot(self) -> dict[str, Any]:
         """Last readings, actuator states as the last tick left them, plugin and tick stats."""
@@ -179,4 +194,5 @@ class Status:
             "safety": {"held": summary["held"], "failsafes": summary["failsafes"], "owners": summary["owners"],
                        "watchdog_trips": self.watchdog_trips()},
         } | ({"telemetry": self.telemetry.summary()} if self.telemetry else {}) | (
+            {"recording": self._recording()} if self.recorder else {}) | (
             {"shadows": self.shadows.snapshot()} if self.shadows and self.shadows.plugins.status else {})

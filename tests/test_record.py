@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import os
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from pi_controller.clock import VirtualClock
 from pi_controller.sim import record
@@ -157,3 +163,104 @@ def test_a_plugin_dropped_in_while_recording_starts_a_new_header(run_daemon, tmp
     assert set(second["plugins"]) - set(first["plugins"]) == {"late"}
     assert lines[at + 1]["n"] == second["tick"] and "late" in lines[at + 1].get("p", {})
     assert all("late" not in line.get("p", {}) for line in lines[1:at])
+
+
+@pytest.mark.parametrize("where, error", [
+    ("/dev/full", "No space left on device"),  # a full disk: it opens, and every write fails with ENOSPC
+    ("config.yaml/run.jsonl", "Not a directory"),  # relative, beside the config: a place it cannot open
+])
+def test_a_recording_that_cannot_be_written_never_stops_control(write_config, tmp_path, where: str,
+                                                                error: str) -> None:
+    """The row of issue 25, as the service meets it: `run` runs its ticks, says so once, and shows it."""
+    data = example_data()
+    data["pins"] = {"factory": "mock"}
+    data["record"] = {"path": where}
+    result = subprocess.run([sys.executable, "-m", "pi_controller", "run", "--config", str(write_config(data)),
+                             "--simulate", "--ticks", "25", "--log-format", "json"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    (unavailable,) = [e for e in events if e["event"] == "recording_unavailable"]
+    path = where if where.startswith("/") else str(tmp_path / where)
+    assert (unavailable["error"], unavailable["file"]) == (error, path)
+    snapshot = json.loads(result.stdout)
+    assert snapshot["ticks"]["count"] == 25 and snapshot["actuators"]["relay_switch"]["on"] is True  # it heats
+    assert snapshot["recording"] | {"dropped": 0, "lines": 0} == {
+        "file": path, "writing": False, "lines": 0, "dropped": 0, "error": error}
+
+
+def test_a_recording_that_cannot_be_opened_is_retried_and_reads_on_its_own_from_where_it_resumes(
+        run_daemon, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(record, "RETRY_S", 0.0)  # at every batch, rather than every 30 s
+    folder = tmp_path / "later"  # not there yet: as a disk mounted late, or a path fixed by hand
+    data = example_data()
+    data["record"] = {"path": str(folder / "run.jsonl")}
+    logs = capture_logs()
+    with logs as events:
+        daemon = run_daemon(data, 0, clock=VirtualClock())
+
+    class Script:
+        reads = 0
+
+        def advance(self, now: float) -> None:
+            self.reads += 1
+            if self.reads == 30:
+                folder.mkdir()
+            if self.reads > 30 and daemon.recorder.error is not None:
+                time.sleep(0.01)  # the writer's turn: virtual ticks are faster than its thread
+
+        def close(self) -> None:
+            pass
+
+    daemon.hardware.environment = Script()
+    with capture_logs() as later:
+        asyncio.run(daemon.serve(200))
+        daemon.close()
+    said = [e["event"] for e in events + later if e["event"].startswith("recording_")]
+    assert said == ["recording_unavailable", "recording_resumed", "recording_closed"]
+    reader = Reader(folder / "run.jsonl")
+    lines = [line for _, line in reader]
+    first = lines[0]["n"]
+    assert 0 < first < 200 and [line["n"] for line in lines] == list(range(first, 200))  # none lost after
+    assert set(lines[0]["s"]) == {"led_strip", "servo_motor", "relay_switch"}  # it reads without what was lost
+    assert reader.skipped == 0 and reader.header["reason"] == "start"
+
+
+@pytest.mark.parametrize("where, code, said", [
+    ("run.jsonl.gz", 2, "config error: {config}:{line}: record.path: 'run.jsonl.gz' is relative: it would be written "
+                        "beside the config, in {folder}, which the service cannot write (ProtectSystem=strict); give a "
+                        "path under {state}, such as {state}/run.jsonl.gz"),
+    ("/srv/run.jsonl.gz", 0, "warning: record.path /srv/run.jsonl.gz is outside {state}: the service writes there, its "
+                             "CacheDirectory= and /tmp only, unless a drop-in gives it ReadWritePaths="),
+    ("{state}/run.jsonl.gz", 0, None),
+])
+def test_check_config_under_the_unit_says_where_a_recording_may_live(write_config, tmp_path, where: str, code: int,
+                                                                     said: str | None) -> None:
+    state = tmp_path / "state"  # what systemd passes the unit's ExecReload= check as $STATE_DIRECTORY
+    state.mkdir()
+    data = example_data()
+    data["record"] = {"path": where.format(state=state)}
+    config = write_config(data)
+    result = subprocess.run([sys.executable, "-m", "pi_controller", "check-config", str(config)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "STATE_DIRECTORY": str(state)})
+    assert result.returncode == code
+    line = next(n for n, text in enumerate(config.read_text().splitlines(), 1) if text.startswith("  path:"))
+    expected = [said.format(config=config, line=line, folder=tmp_path, state=state)] if said else []
+    assert result.stderr.splitlines() == expected
+
+
+def test_an_outage_buffer_that_cannot_be_saved_is_said_once_and_the_stop_goes_on(write_config, tmp_path) -> None:
+    from tests.conftest import free_port
+
+    data = example_data()
+    data["pins"] = {"factory": "mock"}
+    data["mqtt"] = {"enabled": True, "host": "127.0.0.1", "port": free_port(), "node_id": "testpi",  # no broker
+                    "buffer_file": str(tmp_path / "missing" / "outbox.jsonl")}
+    result = subprocess.run([sys.executable, "-m", "pi_controller", "run", "--config", str(write_config(data)),
+                             "--simulate", "--ticks", "5", "--log-format", "json"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    (failed,) = [e for e in events if e["event"] == "telemetry_save_failed"]
+    assert failed["messages"] > 0 and "No such file or directory" in failed["error"]
+    assert not [e for e in events if e["event"] == "shutdown_step_failed"] and "Traceback" not in result.stderr

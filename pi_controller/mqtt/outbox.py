@@ -215,11 +215,17 @@ class Outbox:
         if self._file is None:
             log.warning("telemetry_unsent_at_stop", messages=len(self._history), fix="mqtt.buffer_file keeps them")
             return
-        partial = f"{self._file}.partial"  # replaced whole: a crash mid-write leaves the old file
-        with open(partial, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps([topic, payload.decode(), retain]) + "\n"
-                         for topic, payload, retain in self._history)
-        os.replace(partial, self._file)
+        partial = Path(f"{self._file}.partial")  # replaced whole: a crash mid-write leaves the old file
+        try:
+            with open(partial, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps([topic, payload.decode(), retain]) + "\n"
+                             for topic, payload, retain in self._history)
+            os.replace(partial, self._file)
+        except OSError as exc:  # a full or read-only disk: the states are lost, said once, the stop goes on
+            log.error("telemetry_save_failed", messages=len(self._history), file=str(self._file),
+                      error=str(exc)[:300])
+            partial.unlink(missing_ok=True)
+            return
         log.info("telemetry_saved", messages=len(self._history), file=str(self._file))
 
     def _restore(self) -> None:

@@ -55,6 +55,7 @@ MAX_GZIP_FLOOR = 1024 * 1024  # inflated bytes taken whatever the ratio (a heade
 _BATCH = 10  # lines handed to the writer at once: one wake-up of its thread a second at 10 Hz
 _QUEUE_BATCHES = 60  # a minute at 10 Hz: what a stalled card may hold before lines are dropped
 _FLUSH_S = 1.0
+RETRY_S = 30.0  # a recording that cannot be opened or written is tried again this often
 _STOP: list[bytes] = []
 
 
@@ -108,16 +109,29 @@ class _HeaderLine(bytes):
     """A header line among the tick lines: the writer starts each rotated file with the latest."""
 
 
+class _Resync(_HeaderLine):
+    """The first element of a batch after lines were lost: the header its lines are under, written only
+    if the file is opened for them; the line after it carries every state, so it reads without the lost."""
+
+
+def _ticks(lines: list[bytes]) -> int:
+    return sum(not isinstance(line, _HeaderLine) for line in lines)
+
+
 class Recorder(LoopObserver):
     """Appends each finished tick to a recording: encoded on the event loop after the tick, written
-    on a thread of its own."""
+    on a thread of its own. A recording is a diagnostic: a file that cannot be opened or written (a full
+    disk, a read-only folder) is logged once (`recording_unavailable`), its lines are dropped and counted,
+    it is tried again every `RETRY_S`, and the loop never waits for it nor stops for it."""
 
     def __init__(self, settings: RecordSettings, path: Path, trace: Callable[[], TickTrace | None],
                  first_line: dict[str, Any]):
         self.settings = settings
         self.path = path
-        self.dropped = 0
         self.lines = 0
+        self.error: str | None = None  # why lines are not being written, while they are not
+        self._dropped_full = 0  # lines the queue had no room for (counted on the event loop)
+        self._dropped_lost = 0  # lines the writer could not write (counted on its thread)
         self._closed = False
         self._trace = trace
         self._header = _HeaderLine(COMPACT.encode(first_line).encode() + b"\n")
@@ -125,13 +139,21 @@ class Recorder(LoopObserver):
         self._batch: list[bytes] = []
         self._queue: queue.Queue[list[bytes]] = queue.Queue(_QUEUE_BATCHES)
         self._problems = ChangeLog(log)
-        try:
-            self._file = _Output(path, settings.max_mb * 1024 * 1024, settings.keep, self._header)
-        except OSError as exc:
-            raise RecordingError(f"cannot record to {path}: {exc.strerror or exc}") from exc
+        self._lost = threading.Event()  # the writer dropped lines: the next batch must read on its own
+        self._file: _Output | None = None
+        self._synced = False  # what reaches the file follows what is in it
+        self._retry_at = 0.0
+        if self._reopen(_Resync(self._header)):  # at once: a failure is said before the first tick
+            self._synced = True
+            log.info("recording", file=str(path), max_mb=settings.max_mb, keep=settings.keep)
+        else:
+            self._lost.set()
         self._thread = threading.Thread(target=self._write, name="recorder", daemon=True)
         self._thread.start()
-        log.info("recording", file=str(path), max_mb=settings.max_mb, keep=settings.keep)
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped_full + self._dropped_lost
 
     def reheader(self, line: dict[str, Any]) -> None:
         """A new header (after a reload), before the next tick's line; that line carries every state."""
@@ -143,22 +165,31 @@ class Recorder(LoopObserver):
         trace = self._trace()
         if trace is None or trace.number != report.number:
             return  # no tick completed since (a tick that raised leaves the last trace in place)
+        if self._lost.is_set():  # what was encoded before is dropped by the writer: start afresh
+            self._lost.clear()
+            self._send(trace.number)
+            self._batch, self._states = [_Resync(self._header)], None
         self._batch.append(encode(trace, self._states))
         self._states = trace.states
-        if len(self._batch) < _BATCH:
-            return
+        if len(self._batch) >= _BATCH:
+            self._send(trace.number)
+
+    def _send(self, tick: int) -> None:
         batch, self._batch = self._batch, []
+        if not batch:
+            return
         try:
             self._queue.put_nowait(batch)
         except queue.Full:
-            self.dropped += len(batch)
+            self._dropped_full += _ticks(batch)
             self._states = None  # the next line that gets through carries every state again
-            if any(isinstance(line, _HeaderLine) for line in batch):  # the ticks to come are under it
-                self._batch.append(self._header)
-            self._problems.problem("full", "recording_lines_dropped", tick=trace.number, file=str(self.path),
+            self._batch = [_Resync(self._header)]
+            if any(isinstance(line, _HeaderLine) and not isinstance(line, _Resync) for line in batch):
+                self._batch.append(self._header)  # the ticks to come are under it
+            self._problems.problem("full", "recording_lines_dropped", tick=tick, file=str(self.path),
                                    dropped=self.dropped, note="the disk is slower than the ticks")
             return
-        self._problems.end_tick(tick=trace.number)
+        self._problems.end_tick(tick=tick)
 
     def _write(self) -> None:
         last_flush = time.monotonic()
@@ -169,27 +200,77 @@ class Recorder(LoopObserver):
                 batch = None
             if batch is _STOP:
                 break
+            if batch:
+                self._take(batch)
+            if self._file is not None and (batch is None or time.monotonic() - last_flush >= _FLUSH_S):
+                self._flush()
+                last_flush = time.monotonic()
+        if self._file is not None:
             try:
-                if batch is not None:
-                    headers = [line for line in batch if isinstance(line, _HeaderLine)]
-                    if headers:
-                        self._file.first_line = headers[-1]
-                    self._file.write(b"".join(batch))
-                    self.lines += len(batch)
-                if batch is None or time.monotonic() - last_flush >= _FLUSH_S:
-                    self._file.flush()
-                    last_flush = time.monotonic()
-            except OSError as exc:  # a full or failing disk ends the recording, never the loop
-                log.error("recording_failed", file=str(self.path), error=str(exc)[:300])
-                self._drain()
-                return
-        self._file.close()
+                self._file.close()
+            except OSError as exc:
+                self._unavailable(exc)
 
-    def _drain(self) -> None:
-        """After a write error: keep taking lines (so the loop never blocks) until told to stop."""
-        self._file.abandon()
-        while (batch := self._queue.get()) is not _STOP:
-            self.dropped += len(batch)
+    def _take(self, batch: list[bytes]) -> None:
+        """Write a batch, or drop it: after a loss, until one that reads on its own; without a file, until
+        it opens again."""
+        resync = isinstance(batch[0], _Resync)
+        if not (self._synced or resync) or (self._file is None and not self._reopen(batch[0])):
+            self._dropped_lost += _ticks(batch)
+            self._lost.set()
+            return
+        assert self._file is not None
+        lines = batch[1:] if resync else batch
+        headers = [line for line in lines if isinstance(line, _HeaderLine)]
+        if headers:
+            self._file.first_line = headers[-1]
+        try:
+            self._file.write(b"".join(lines))
+        except OSError as exc:
+            self._dropped_lost += _ticks(lines)
+            self._lose(exc)
+            return
+        self.lines += len(lines)
+        self._synced = True
+
+    def _flush(self) -> None:
+        """What was written, onto the disk: only then is a recording that could not be written back."""
+        assert self._file is not None
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self._lose(exc)
+            return
+        if self.error is not None:
+            log.warning("recording_resumed", file=str(self.path), dropped=self.dropped)
+            self.error = None
+
+    def _reopen(self, first_line: bytes) -> bool:
+        """Open the file (its first line `first_line`), at most every RETRY_S while it cannot be."""
+        if time.monotonic() < self._retry_at:
+            return False
+        try:
+            self._file = _Output(self.path, self.settings.max_mb * 1024 * 1024, self.settings.keep, first_line)
+        except OSError as exc:
+            self._unavailable(exc)
+            return False
+        return True
+
+    def _lose(self, exc: OSError) -> None:
+        """A write failed (a full or failing disk): the file is given up, and opened again later."""
+        if self._file is not None:
+            self._file.abandon()
+        self._file, self._synced = None, False
+        self._lost.set()
+        self._unavailable(exc)
+
+    def _unavailable(self, exc: OSError) -> None:
+        """Logged once until the recording is written again; tried again in RETRY_S."""
+        self._retry_at = time.monotonic() + RETRY_S
+        if self.error is None:
+            self.error = f"{exc.strerror or exc}"[:300]
+            log.error("recording_unavailable", file=str(self.path), error=self.error,
+                      note=f"the loop runs on without it; tried again every {RETRY_S:g} s")
 
     def close(self) -> None:
         """Write what is queued, end the file, stop the thread."""
@@ -214,8 +295,12 @@ class _Output:
 
     def _open(self) -> None:
         self._raw = open(self.path, "ab")
-        self._out = gzip.GzipFile(fileobj=self._raw, mode="ab", mtime=0) if self.path.suffix == ".gz" else self._raw
-        self._out.write(self.first_line)
+        try:
+            self._out = gzip.GzipFile(fileobj=self._raw, mode="ab", mtime=0) if self.path.suffix == ".gz" else self._raw
+            self._out.write(self.first_line)
+        except OSError:  # a full disk: nothing left open
+            self.abandon()
+            raise
 
     def write(self, lines: bytes) -> None:
         assert self._out is not None and self._raw is not None
