@@ -5,18 +5,21 @@ budgets, the rate-limited log, and offsets that are no memory block."""
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from pi_controller.config import HostFunctionSettings, PluginSettings
+from pi_controller.config import HostFunctionSettings, PluginSettings, PluginsSettings
 from pi_controller.devices.sensors import Reading
 from pi_controller.logs import printable
+from pi_controller.plugins import backstop
 from pi_controller.plugins.host_functions import History, parse_message
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
-from tests.conftest import CONTEXT, only
+from tests.conftest import CONTEXT, only, plugin_wasm
 
 
 def readings(tick: int) -> list[Reading]:
@@ -203,3 +206,33 @@ def test_parse_message_keeps_at_most_16_fields() -> None:
 def test_printable_cuts_and_escapes() -> None:
     assert printable("a\x1b[31mb", 100) == "a\\x1b[31mb"
     assert printable("x" * 10, 4) == "xxxx...(6 more)"
+
+
+def test_a_call_held_up_past_the_old_backstop_finishes_with_its_output_and_its_instance(tmp_path) -> None:
+    """The machine's slowness changes nothing: a call that a slow host function (or a busy machine) holds up
+    for 100 ms, past the 13 to 35 ms the backstop used to be here (idle to loaded), is not cut off, so its
+    instance and the plugin's state stand (issue 25: such stalls reset motion_light's hold timer, and replay
+    diverged)."""
+
+    class SlowHistory(History):
+        def encode(self, sensor_id: str, count: int) -> bytes | None:
+            time.sleep(0.1)
+            return super().encode(sensor_id, count)
+
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    shutil.copy(plugin_wasm("host_calls"), folder / "host_calls.wasm")
+    own = PluginSettings(config={"mode": "history", "sensor": "temperature", "count": 1})
+    settings = PluginsSettings(settings={"host_calls": own})
+    plugins = PluginSet(settings, folder, budget_ms=1000, history=SlowHistory(600))  # the real clock's backstop
+    try:
+        plugins.load_all()
+        plugins.record(readings(1))
+        plugin = only(plugins)
+        assert plugin.backstop_ms >= backstop.HOST_ALLOWANCE_MS
+        instance = plugin._instance
+        started = time.perf_counter()
+        assert answer(plugin) == [[1001.0, 21.0]]
+        assert time.perf_counter() - started >= 0.1 and plugin._instance is instance  # not rebuilt
+    finally:
+        plugins.close()
