@@ -230,17 +230,21 @@ def replay(recording: Path, settings: config.Settings | None, plugins_dir: Path 
     header: dict[str, Any] = {}
     given = settings
     under: dict[str, Any] | None = None  # the header the last line read was under
+    before: dict[str, Any] = {}  # the device states the lines before the window left (they carry changes)
     try:
         for header, line in reader:
             if header is not under and session is not None:
                 session.restart(header, line, given or _recorded_settings(header, recording))
             under = header
             if (start is not None and line["t"] < start) or (end is not None and line["t"] > end):
+                if session is None and isinstance(line.get("s"), dict):
+                    before.update(line["s"])
                 continue
             if session is None:
                 settings = given or _recorded_settings(header, recording)
                 folder = config.check_plugins_directory(settings, plugins_dir)
                 session = Replay(settings, folder, line["t"] - line.get("m", 0.0), Picture(plot) if plot else None)
+                session.states.update(before)
                 session.restart(header, line, None)
             try:
                 session.feed(line, header.get("sensors", {}))
