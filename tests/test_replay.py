@@ -41,13 +41,23 @@ def recorded(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
     return folder / "run.jsonl.gz", data
 
 
-def thermostat(temperature: float | None, setpoint: float, hysteresis: float = 0.5) -> list[Any] | None:
-    """The bundled temperature_control, in Python: what it commands for one reading."""
+def thermostat(temperature: float | None, on: bool, setpoint: float, hysteresis: float = 0.5) -> list[Any]:
+    """The bundled temperature_control, in Python: what it commands for one reading, the heater `on` or not
+    (in its band it says the heater's state again)."""
     if temperature is None or temperature < setpoint - hysteresis:
         return ["set_low", 0.0] if temperature is None else ["set_high", 1.0]
-    if temperature > setpoint + hysteresis:
+    if temperature > setpoint + hysteresis or not on:
         return ["set_low", 0.0]
-    return None
+    return ["set_high", 1.0]
+
+
+def heater_states(lines: list[dict[str, Any]]) -> list[bool]:
+    """Whether the heater was on as each line's plugins saw it (lines carry states that changed)."""
+    on, out = False, []
+    for line in lines:
+        on = line.get("s", {}).get("relay_switch", {}).get("on", on)
+        out.append(on)
+    return out
 
 
 def test_the_same_plugins_replayed_agree_on_every_tick(recorded) -> None:
@@ -77,14 +87,16 @@ def test_a_changed_setpoint_differs_at_exactly_the_ticks_it_decides_otherwise(re
 
     lines = [line for _, line in Reader(path)]
     temperatures = [line.get("r", {}).get("temperature_sensor") for line in lines]
-    expected = [n for n, t in enumerate(temperatures) if thermostat(t, 21.0) != thermostat(t, 20.0)]
+    states = heater_states(lines)
+    expected = [n for n, (t, on) in enumerate(zip(temperatures, states))
+                if thermostat(t, on, 21.0) != thermostat(t, on, 20.0)]
     assert expected, "the recorded room never left the band between the two setpoints"
     heater = report["plugins"]["temperature_control"]["actuators"]["relay_switch"]
     assert heater["ticks"] - heater["agree"] == len(expected)
     first = heater["first_difference"]
     assert first["tick"] == expected[0]
-    t = temperatures[expected[0]]
-    assert first["recorded"] == thermostat(t, 21.0) and first["replayed"] == thermostat(t, 20.0)
+    t, on = temperatures[expected[0]], states[expected[0]]
+    assert first["recorded"] == thermostat(t, on, 21.0) and first["replayed"] == thermostat(t, on, 20.0)
     # The other plugins are the same: they still agree on every tick.
     assert report["plugins"]["energy_saver"]["agree"] == TICKS
     assert report["plugins"]["motion_light"]["agree"] == TICKS

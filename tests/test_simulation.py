@@ -51,6 +51,7 @@ def test_the_bundled_thermostat_holds_its_band_for_a_simulated_day(write_config,
                               plugin_dir("temperature_control"))
     assert verdict.ticks == len(trace["time_s"]) == 8640
     assert verdict.plugins == {"temperature_control": ""} and not verdict.held
+    assert not verdict.failsafes  # the heater's lease (command_ttl_s) is renewed every tick, in the band too
     warm = [i for i, t in enumerate(trace["time_s"]) if t >= 3600]  # warm-up: the first hour
     room = [trace["room.temperature_c"][i] for i in warm]
     reading = [trace["temperature_sensor"][i] for i in warm]

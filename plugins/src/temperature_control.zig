@@ -1,8 +1,9 @@
 //! Heater relay with hysteresis.
 //!
 //! Reading below `setpoint - hysteresis`: heater on (set_high). Above `setpoint + hysteresis`:
-//! heater off (set_low). In between: no command, so the relay keeps its state. An invalid or
-//! missing reading switches the heater off (fail safe).
+//! heater off (set_low). In between: the relay keeps its state, said again every tick, so that a
+//! lease on the heater (`command_ttl_s`) holds while the plugin runs and lapses when it stops. An
+//! invalid or missing reading switches the heater off (fail safe).
 //!
 //! config: sensor ("temperature_sensor"), heater ("relay_switch"), setpoint (21.0, celsius),
 //! hysteresis (0.5, celsius, >= 0).
@@ -25,5 +26,7 @@ fn step(ctx: *const pdk.Context, out: *pdk.Commands) !void {
         try out.setHigh(heater);
     } else if (temperature > setpoint + hysteresis) {
         try out.setLow(heater);
+    } else if (ctx.device(heater)) |state| {
+        try if (state.on) out.setHigh(heater) else out.setLow(heater);
     }
 }
