@@ -213,3 +213,13 @@ def test_a_grant_in_the_config_of_a_device_that_does_not_exist_is_a_config_error
                                         line_of(path, "- heater"))
     assert error.message == ("plugin 'temperature_control' would not load: 'heater' is not among the actuators of "
                              "this config (led_strip, relay_switch, servo_motor)")
+
+
+def test_simulate_refuses_the_config_as_the_daemon_would(write_config) -> None:
+    data = example_data()
+    data["plugins"]["settings"]["temperature_control"]["config"] = {"setpoint": 210}
+    result = cli("simulate", "--config", str(write_config(data)), "--duration", "1m")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1].endswith(
+        "plugins.settings.temperature_control.config.setpoint: plugin 'temperature_control' would not load: "
+        "config 'setpoint': 210 is above the maximum 30")

@@ -551,6 +551,7 @@ def unwritable(path: Path) -> str | None:
 
 def command(args: argparse.Namespace) -> int:
     from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
+    from pi_controller.plugins import checks
     from pi_controller.sim.record import Playback, RecordingError
     from pi_controller.simulators.world import SimulationError
 
@@ -560,7 +561,8 @@ def command(args: argparse.Namespace) -> int:
         return refusal[0]
     try:
         settings = prepare(config.load(args.config), args.rate, args.seed)
-        config.check_plugins_directory(settings, args.plugins)  # a typo'd folder: not a run of no plugins
+        folder = config.check_plugins_directory(settings, args.plugins)  # a typo'd folder: not a run of no plugins
+        checks.check(settings, folder)  # a plugin the config names that would not load: not a day without it
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
