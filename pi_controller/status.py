@@ -82,14 +82,17 @@ class Status:
         return self._loop().hardware.states()
 
     def plugin_states(self) -> dict[str, dict[str, Any]]:
-        """Each plugin's state: loaded, disabled or failed (with why), its counts, the config it runs
+        """Each plugin's state: loaded, quarantined, disabled (by its manifest or the operator) or failed
+        (with why), its counts, the config it runs
         with (for its Home Assistant config entities) and, with a shadow, how far they agree."""
         configs = {p.name: p.config for p in self.plugins}
         states = {}
         for name, status in self.plugins.status.items():
             stats = self._loop().plugin_stats.get(name) or _NEVER_CALLED  # counters only: this runs every tick
-            states[name] = {"state": status.state, "reason": status.reason,
-                            "enabled": name not in self.operator.disabled, "calls": stats.calls,
+            enabled = name not in self.operator.disabled
+            states[name] = {"state": status.state if enabled or status.state == "failed" else "disabled",
+                            "reason": status.reason if enabled else "disabled by the operator",
+                            "enabled": enabled, "calls": stats.calls,
                             "errors": stats.errors, "rejected": stats.rejected, "held": stats.held,
                             "config": configs.get(name, {})}
             shadow = self.shadows.agreement_of(name) if self.shadows else None

@@ -16,10 +16,11 @@ from structlog.testing import capture_logs
 
 from pi_controller import contract
 from pi_controller.clock import VirtualClock
-from pi_controller.config import PluginCeilings, PluginDefaults, PluginSettings, PluginsSettings
+from pi_controller.config import PluginCeilings, PluginDefaults, PluginSettings, PluginsSettings, QuarantineSettings
 from pi_controller.plugins import backstop, plugin_set
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.plugins.quarantine import Quarantine
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from tests.conftest import CONTEXT, HOSTILE, SATURATED, example_data, only, plugin_wasm, unsimulated
 
@@ -325,3 +326,16 @@ def test_all_hostile_plugins_beside_the_bundled_ones_in_real_time(run_daemon, pl
     # Missed ticks are not asserted: sixteen plugins, several burning their whole fuel, on a machine whose
     # cores are saturated miss deadlines through no fault of the loop (benchmarks/ measure it).
     assert snap["ticks"]["count"] == 30
+
+
+def test_a_released_plugin_shows_quarantined_until_a_clean_call() -> None:
+    """One that fails every call never shows loaded between two rests (Home Assistant saw it flip)."""
+    quarantine = Quarantine("trap", QuarantineSettings(failures=3, window_s=10, backoff_s=1.0, max_backoff_s=60))
+    quarantine.record(0.0, 0, 3, "unreachable")
+    assert quarantine.quarantined and quarantine.shown_quarantined
+    assert quarantine.admit(1.5, 15)  # released: called again
+    assert not quarantine.quarantined and quarantine.shown_quarantined  # on probation
+    quarantine.record(1.5, 15, 1, "unreachable")
+    assert quarantine.admit(1.6, 16) and quarantine.shown_quarantined  # one fault: not yet back in, still shown so
+    quarantine.record(1.7, 17, 0, "")  # a clean call
+    assert not quarantine.shown_quarantined

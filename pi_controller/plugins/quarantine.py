@@ -4,7 +4,8 @@ One `Quarantine` per loaded plugin (a replaced file gets a new one, so it leaves
 Faults are failed calls and rejected commands, counted on the loop's monotonic clock in a sliding
 window; at `failures` within `window_s` the plugin rests for `backoff_s`, doubled at each relapse up
 to `max_backoff_s`. A plugin that relapses after a whole window of good conduct starts again from
-`backoff_s`. Called from the tick thread only.
+`backoff_s`. Released, a plugin is on probation until a clean call: it counts as quarantined till then,
+so one that fails every call does not show loaded between two rests. Called from the tick thread only.
 """
 
 from __future__ import annotations
@@ -27,10 +28,17 @@ class Quarantine:
         self._faults: deque[float] = deque()
         self._relapses = 0
         self._released: float | None = None
+        self._probation = False  # released, and no clean call since
 
     @property
     def quarantined(self) -> bool:
+        """Resting: not called."""
         return self.until is not None
+
+    @property
+    def shown_quarantined(self) -> bool:
+        """What its state says: resting, or released and not yet called cleanly."""
+        return self.until is not None or self._probation
 
     def admit(self, now: float, tick: int) -> bool:
         """Whether to call the plugin this tick; ends the quarantine once its backoff has passed."""
@@ -38,7 +46,7 @@ class Quarantine:
             return True
         if now < self.until:
             return False
-        self.until, self._released = None, now
+        self.until, self._released, self._probation = None, now, True
         log.info("plugin_released", plugin=self.plugin, tick=tick, relapses=self._relapses)
         return True
 
@@ -46,6 +54,7 @@ class Quarantine:
         """Count a call's faults (0 for a clean call); quarantine the plugin past the limit. True when this
         call's faults quarantined it."""
         if faults == 0:
+            self._probation = False
             return False
         self.reason = reason
         self._faults.extend([now] * min(faults, self.settings.failures))

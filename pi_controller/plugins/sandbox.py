@@ -243,7 +243,7 @@ class SandboxedPlugin:
         return kept, rejections + refused
 
     def status(self, kept_because: str | None = None) -> PluginStatus:
-        if self.quarantine.quarantined:
+        if self.quarantine.shown_quarantined:
             return PluginStatus("quarantined", self.quarantine.reason, self.sha256, self.grant.manifest.version or None)
         reason = f"kept this version: its replacement was refused: {kept_because}" if kept_because else None
         return PluginStatus("loaded", reason, self.sha256, self.grant.manifest.version or None)
