@@ -17,7 +17,7 @@ import queue
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, assert_never
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, TypeGuard, assert_never
 
 import structlog
 
@@ -100,6 +100,7 @@ class Operator:
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._wall = wall
         self._answers: deque[Answer] = deque(maxlen=MAX_ANSWERS)
+        self._waiting: list[Request] = []  # bare "ON"s held a tick for the level that may follow
 
     def submit(self, request: Request) -> None:
         """From any thread; taken up at the start of the next tick."""
@@ -126,8 +127,7 @@ class Operator:
     def commands(self, actuators: Mapping[str, Actuator], plugins: Iterable[Any], now: float,
                  tick: int) -> list[Command]:
         """Take up pending requests, expire old overrides, and return the overrides in force."""
-        while not self._inbox.empty():
-            request = self._inbox.get_nowait()
+        for request in self._intake(actuators):
             try:
                 answer = self._take(request, actuators, plugins, now, tick)
             except Exception as exc:  # nothing from outside may stop the loop
@@ -141,6 +141,17 @@ class Operator:
                 log.info("override_ended", device=device, tick=tick,
                          reason="expired" if now >= override.expiry else "device removed")
         return [override.command for override in self._overrides.values()]
+
+    def _intake(self, actuators: Mapping[str, Actuator]) -> list[Request]:
+        """The requests to take up now, in order: those held from the last tick first. A bare "ON" to a
+        kind whose entity sends its level next (`Actuator.level_follows_on`) waits a tick, unless a later
+        set of the same device came with it: Home Assistant's "on at 40 %" is then one command, the
+        level, never a start at the last speed corrected a tick later."""
+        arrived = [self._inbox.get_nowait() for _ in range(self._inbox.qsize())]  # only the tick takes
+        held, self._waiting = self._waiting, [
+            r for i, r in enumerate(arrived) if _bare_on(r, actuators)
+            and not any(isinstance(later, SetActuator) and later.device_id == r.device_id for later in arrived[i + 1:])]
+        return held + [r for r in arrived if not any(r is w for w in self._waiting)]
 
     def _take(self, request: Request, actuators: Mapping[str, Actuator], plugins: Iterable[Any], now: float,
               tick: int) -> Answer:
@@ -214,6 +225,13 @@ def _as_held(answer: Answer, hold: Hold | None, state: Mapping[str, Any] | None)
         return replace(answer, rule=hold.rule, applied=state, reason=f"on its way: {hold.detail}")
     return replace(answer, ok=False, rule=hold.rule, applied=state,
                    reason=f"held by the safety rules: {hold.detail}; the override stands until released or expired")
+
+
+def _bare_on(request: Request, actuators: Mapping[str, Actuator]) -> TypeGuard[SetActuator]:
+    if not isinstance(request, SetActuator):
+        return False
+    actuator = actuators.get(request.device_id)
+    return actuator is not None and actuator.level_follows_on and request.payload.strip() == b"ON"
 
 
 def _unknown_plugin(request: EnablePlugin | SetPluginConfig) -> Answer:

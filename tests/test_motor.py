@@ -137,7 +137,7 @@ def test_home_assistant_sees_a_fan_with_a_percentage_and_a_direction() -> None:
     settings = config.parse(
         "pins: {factory: mock}\nmqtt: {enabled: true, node_id: pi}\nactuators:\n"
         f"  - {{id: fan, kind: motor, forward: {FORWARD}, backward: {BACKWARD}}}\n", Path("c.yaml"))
-    (entity,) = (c for topic, c in discovery.configs(settings, {}).items() if "/fan/" in topic)
+    (entity,) = (c for topic, c in discovery.configs(settings, {}).items() if topic.split("/")[1] == "fan")
     assert entity["command_topic"].endswith("/actuator/fan/set")
     assert entity["percentage_value_template"] == "{{ value_json.speed | round | int }}"  # HA takes whole numbers
     # Home Assistant reads a percentage and a direction only from their own state topics, and offers

@@ -11,6 +11,7 @@ from gpiozero import Device
 
 from pi_controller.contract import Rejected
 from pi_controller.devices import actuators
+from pi_controller.devices.motor import MotorSettings
 from pi_controller.devices.pins import SimulatedFactory
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
@@ -150,3 +151,23 @@ def test_a_request_the_operator_does_not_handle_is_an_internal_error_not_another
     unhandled, enabled = operator.answers([], {})
     assert (unhandled.reply_to, unhandled.ok, unhandled.rule) == ("reboot/result", False, "internal_error")
     assert thermostat.config == {"setpoint": 21} and (enabled.ok, operator.disabled) == (True, {"thermostat"})
+
+
+def test_a_fan_turned_on_at_a_percentage_is_one_command_and_on_alone_restores_the_last(devices) -> None:
+    """Home Assistant's fan.turn_on with a percentage sends ON, then the percentage: the ON waits a tick
+    for it, so the fan never starts at another speed first; ON alone starts it at the last speed set."""
+    fan = actuators.build(MotorSettings(id="fan", kind="motor", forward=20, backward=21), Device.pin_factory)
+    devices, operator = {**devices, "fan": fan}, Operator(expiry_s=10)
+    operator.submit(SetActuator("fan", b"ON"))
+    assert operator.commands(devices, [], now=0.0, tick=0) == []  # waits for a level
+    operator.submit(SetActuator("fan", b"40"))  # the percentage, a tick later at worst
+    assert [c.target for c in operator.commands(devices, [], now=0.1, tick=1)] == [40.0]
+    operator.submit(SetActuator("fan", b"ON"))
+    operator.submit(SetActuator("fan", b"55"))  # both in one tick: the level alone
+    assert [c.target for c in operator.commands(devices, [], now=0.2, tick=2)] == [55.0]
+    operator.submit(SetActuator("fan", b"OFF"))
+    assert [c.target for c in operator.commands(devices, [], now=0.3, tick=3)] == [0.0]
+    operator.submit(SetActuator("fan", b"ON"))  # alone
+    assert [c.target for c in operator.commands(devices, [], now=0.4, tick=4)] == [0.0]  # a tick's wait
+    assert [c.target for c in operator.commands(devices, [], now=0.5, tick=5)] == [55.0]  # the last speed set
+    fan.close()

@@ -136,6 +136,9 @@ class Actuator:
 
     kind: str
     actions: tuple[str, ...] = ()
+    # Its Home Assistant entity sends "ON" and then its level as two messages (a fan's turn_on with a
+    # percentage): a bare "ON" waits a tick for a level that supersedes it (`operator.py`).
+    level_follows_on = False
 
     def __init__(self, settings: ActuatorSettings, device: Any, claimed: Target):
         self.settings = settings

@@ -88,10 +88,12 @@ class Motor(Actuator):
     kind = "motor"
     actions = ("forward", "backward", "stop", "set_low")
     settings: MotorSettings
+    level_follows_on = True  # Home Assistant's fan.turn_on: ON, then the percentage
 
     def __init__(self, settings: MotorSettings, device: Any, claimed: Target):
         super().__init__(settings, device, claimed)
         self.direction = _sign(claimed)  # of its last run; 0: not known (it may still turn from before)
+        self.speed = 100.0  # what "ON" alone starts it at: the last speed an operator set, as a light's brightness
 
     def command(self, action: str, parameters: Mapping[str, Any]) -> Target:
         if action in ("stop", "set_low"):
@@ -103,13 +105,13 @@ class Motor(Actuator):
 
     def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
         """The fan's "ON"/"OFF", a percentage, or a direction ("forward"/"reverse"); a speed keeps the
-        direction and a direction the speed."""
+        direction and a direction the speed; "ON" when stopped starts it at the last speed set."""
         speed = abs(self.target or 0.0)
         way = "backward" if self.direction < 0 else "forward"
         if data == "OFF":
             return "stop", {}
         if data == "ON":
-            return way, {"speed": speed or 100.0}
+            return way, {"speed": speed or self.speed}
         if data in ("forward", "reverse"):
             if not speed:
                 raise Rejected("malformed", "the motor is stopped: set its speed, then its direction")
@@ -117,6 +119,10 @@ class Motor(Actuator):
         if isinstance(data, (int, float)) and not isinstance(data, bool):
             return way, {"speed": data}
         return None
+
+    def overridden(self, target: Target) -> None:
+        if target:
+            self.speed = abs(target)
 
     def shapes(self) -> bool:
         return self.settings.reverse_delay_s > 0
