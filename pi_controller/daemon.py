@@ -87,7 +87,10 @@ class Daemon:
         self.status.wire(self.loop, self.telemetry, self.shadows.current, self.recorder)
 
     def _shadows_adopted(self, shadows: Shadows) -> None:
+        """Between two ticks: a shadow's agreement has an entity while it runs."""
         self.loop.shadows = self.status.shadows = shadows
+        if self.telemetry is not None:
+            self.telemetry.policy.rediscover()
 
     def _recorder(self, settings: Settings) -> Recorder | None:
         path = self._record_to or (settings.source.parent / settings.record.path if settings.record.path else None)
@@ -100,8 +103,10 @@ class Daemon:
         return {p.name: p.sha256 for p in self.plugins}
 
     def _plugins_changed(self) -> None:
-        """Between two ticks, after a reload or a plugin swapped in or out: a recording says from which
-        tick on which plugins and config were live."""
+        """Between two ticks, after a reload or a plugin swapped in or out: Home Assistant's entities
+        follow the plugin set, and a recording says from which tick on which plugins and config were live."""
+        if self.telemetry is not None:
+            self.telemetry.policy.rediscover()
         if self.recorder is not None:
             self.recorder.reheader(record.header(self.settings, self._live(), self.clock.time(),
                                                  self.loop.ticks.count, "reload"))

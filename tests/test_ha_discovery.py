@@ -126,7 +126,8 @@ def published(tmp_path: Path, write_config):
         telemetry = Telemetry(daemon.settings, daemon.status, daemon.operator)
         telemetry.tick_done(None)  # type: ignore[arg-type]  # it reads the status, not the report
         payloads = {topic: payload for topic, payload, _ in telemetry.outbox}
-        configs = discovery.configs(daemon.settings, daemon.status.config_schemas(), daemon.status.shadowed())
+        configs = {topic: config_ for topic, config_ in discovery.configs(
+            daemon.settings, daemon.status.config_schemas(), daemon.status.shadowed()).items() if config_}  # not removals
         counted = {"failsafes": sum(daemon.loop.safety.failsafes.values()),
                    "safety_holds": sum(sum(rules.values()) for rules in daemon.loop.safety.held.values())}
         yield configs, payloads, counted
@@ -143,29 +144,51 @@ def test_every_discovery_payload_uses_only_keys_home_assistant_accepts(published
     platforms = {platform_of(topic) for topic in configs}
     assert platforms == set(ACCEPTED), "every platform we emit is checked, and each is emitted"
     for topic, payload in configs.items():
-        platform = platform_of(topic)
-        assert set(payload) <= ACCEPTED[platform], f"{topic}: {set(payload) - ACCEPTED[platform]}"
-        assert set(payload["device"]) <= DEVICE and set(payload["origin"]) <= ORIGIN
-        assert all(set(entry) <= AVAILABILITY and "topic" in entry for entry in payload["availability"])
-        assert payload.get("availability_mode", "all") == "all"
-        assert "object_id" not in payload and payload["default_entity_id"].startswith(f"{platform}.")
-        assert payload.get("entity_category") in (None, "config", "diagnostic")
-        assert platform in COMMANDED or "command_topic" not in payload
-        assert platform not in COMMANDED or payload["command_topic"]
-        assert platform == "button" or payload["state_topic"]
-        for template, topic_key in TEMPLATES.items():
-            assert template not in payload or payload.get(topic_key), f"{topic}: {template} without {topic_key}"
-        if platform == "sensor":  # sensor.py validate_sensor_state_and_device_class_config
-            if "options" in payload:
-                assert payload["device_class"] == "enum" and payload["options"]
-                assert "state_class" not in payload and "unit_of_measurement" not in payload
-            assert payload.get("entity_category") != "config", "a sensor's category may only be diagnostic"
-            assert payload.get("suggested_display_precision", 0) >= 0  # cv.positive_int
-        if platform == "number":  # number.py validate_config; its step is at least 0.001
-            assert payload["min"] < payload["max"] and payload["step"] >= 0.001
-        if platform == "select":
-            assert payload["options"] and all(isinstance(option, str) for option in payload["options"])
+        check_accepted(topic, payload)
     assert len({payload["unique_id"] for payload in configs.values()}) == len(configs)
+    assert all(payload["unique_id"].startswith(discovery.UNIQUE_ID_PREFIX) for payload in configs.values())
+
+
+def test_read_only_payloads_are_accepted_too(published, write_config) -> None:
+    """Read-only mode's own payloads: its stand-ins for what takes commands are sensors, in no config
+    category (which Home Assistant refuses on a sensor or binary_sensor)."""
+    configs, _, _ = published
+    data = example_data()
+    data["mqtt"] = {"node_id": "testpi", "commands": False}
+    schemas = {"temperature_control": {"setpoint": ConfigField("number", min=5, max=30)}}
+    read_only = {t: c for t, c in discovery.configs(config.load(write_config(data)), schemas).items() if c}
+    assert {platform_of(topic) for topic in read_only} == {"sensor", "binary_sensor"}
+    for topic, payload in read_only.items():
+        check_accepted(topic, payload)
+    enabled = read_only["homeassistant/binary_sensor/testpi/plugin_temperature_control_enabled/config"]
+    assert "entity_category" not in enabled
+
+
+def check_accepted(topic: str, payload: dict[str, Any]) -> None:
+    """What Home Assistant's discovery schema of the topic's platform takes, or fail saying why not."""
+    platform = platform_of(topic)
+    assert set(payload) <= ACCEPTED[platform], f"{topic}: {set(payload) - ACCEPTED[platform]}"
+    assert set(payload["device"]) <= DEVICE and set(payload["origin"]) <= ORIGIN
+    assert all(set(entry) <= AVAILABILITY and "topic" in entry for entry in payload["availability"])
+    assert payload.get("availability_mode", "all") == "all"
+    assert "object_id" not in payload and payload["default_entity_id"].startswith(f"{platform}.")
+    assert payload.get("entity_category") in (None, "config", "diagnostic")
+    assert platform in COMMANDED or "command_topic" not in payload
+    assert platform not in COMMANDED or payload["command_topic"]
+    assert platform == "button" or payload["state_topic"]
+    for template, topic_key in TEMPLATES.items():
+        assert template not in payload or payload.get(topic_key), f"{topic}: {template} without {topic_key}"
+    if platform in ("sensor", "binary_sensor"):  # entity.py: "cannot be added as the entity category is set to config"
+        assert payload.get("entity_category") != "config", f"{topic}: a sensor's category may only be diagnostic"
+    if platform == "sensor":  # sensor.py validate_sensor_state_and_device_class_config
+        if "options" in payload:
+            assert payload["device_class"] == "enum" and payload["options"]
+            assert "state_class" not in payload and "unit_of_measurement" not in payload
+        assert payload.get("suggested_display_precision", 0) >= 0  # cv.positive_int
+    if platform == "number":  # number.py validate_config; its step is at least 0.001
+        assert payload["min"] < payload["max"] and payload["step"] >= 0.001
+    if platform == "select":
+        assert payload["options"] and all(isinstance(option, str) for option in payload["options"])
 
 
 def test_every_template_renders_to_a_valid_state_from_what_is_published(published) -> None:
@@ -218,6 +241,8 @@ def test_plugin_config_keys_become_number_select_and_switch_entities(published) 
     setpoint = configs[prefix % ("number", "setpoint")]
     assert (setpoint["min"], setpoint["max"], setpoint["step"], setpoint["unit_of_measurement"]) == (5, 30, 0.1, "°C")
     assert setpoint["entity_category"] == "config" and setpoint["mode"] == "box"
+    assert setpoint["device_class"] == "temperature"  # converted for those who read °F
+    assert "device_class" not in configs[prefix % ("number", "days")]
     assert setpoint["command_topic"] == "pi-controller/testpi/plugin/temperature_control/config/setpoint/set"
     assert render(setpoint["value_template"], payloads[setpoint["state_topic"]]) == "21.0"  # the config's value
     assert configs[prefix % ("number", "days")]["step"] == 1  # an integer
@@ -236,9 +261,29 @@ def test_read_only_mode_offers_no_config_entity_and_no_resume_button(write_confi
     entities = {}
     for commands in (True, False):
         data["mqtt"] = {"node_id": "testpi", "commands": commands}
-        entities[commands] = set(discovery.configs(config.load(write_config(data)), schemas))
-    assert {topic.split("/")[3] for topic in entities[True] - entities[False]} == {
+        entities[commands] = {t.split("/")[3] for t, c in discovery.configs(config.load(write_config(data)),
+                                                                              schemas).items() if c}
+    assert entities[True] - entities[False] == {
         "plugin_temperature_control_config_setpoint", "led_strip_resume", "servo_motor_resume", "relay_switch_resume"}
+
+
+def test_each_mode_empties_the_other_modes_entities(write_config) -> None:
+    """Switching between read-only and commands leaves no orphan: each mode empties the configs of the
+    other's stand-ins (nothing is subscribed in read-only mode to find them otherwise)."""
+    schemas = {"temperature_control": {"setpoint": ConfigField("number", min=5, max=30)}}
+    data = example_data()
+    configs = {}
+    for commands in (True, False):
+        data["mqtt"] = {"node_id": "testpi", "commands": commands}
+        configs[commands] = discovery.configs(config.load(write_config(data)), schemas)
+    shown = {commands: {t for t, c in configs[commands].items() if c} for commands in (True, False)}
+    emptied = {commands: {t for t, c in configs[commands].items() if not c} for commands in (True, False)}
+    swapped = shown[False] - shown[True]  # the read-only stand-ins
+    assert "homeassistant/binary_sensor/testpi/plugin_temperature_control_enabled/config" in swapped
+    assert "homeassistant/sensor/testpi/servo_motor/config" in swapped
+    assert emptied[True] == swapped
+    assert emptied[False] == shown[True] - shown[False]  # commandable, config controls and resume buttons too
+    assert "homeassistant/button/testpi/led_strip_resume/config" in emptied[False]
 
 
 def test_an_override_shows_until_when_with_a_resume_button(published) -> None:

@@ -22,7 +22,7 @@ import yaml
 from benchmarks.flood import until as poll
 from pi_controller import config
 from pi_controller.mqtt.link import TAKEOVER_COUNT
-from tests.conftest import example_data, free_port
+from tests.conftest import BUNDLED_PLUGINS, example_data, free_port
 from tests.test_ha_discovery import render
 
 NODE = "testpi"
@@ -176,7 +176,7 @@ def test_discovery_states_and_availability(tmp_path, broker, subscriber) -> None
     temp = configs[prefix % ("sensor", "temperature_sensor")]
     assert (temp["device_class"], temp["unit_of_measurement"], temp["state_class"]) == ("temperature", "°C",
                                                                                          "measurement")
-    assert temp["unique_id"] == f"{NODE}_temperature_sensor"
+    assert temp["unique_id"] == f"pi_controller_{NODE}_temperature_sensor"
     assert temp["default_entity_id"] == f"sensor.{NODE}_temperature_sensor" and "object_id" not in temp
     assert temp["state_topic"] == f"{BASE}/sensor/temperature_sensor/state"
     assert temp["availability"][0] == {"topic": f"{BASE}/status", "payload_available": "online",
@@ -564,3 +564,62 @@ def test_a_forged_line_in_the_outage_buffer_file_is_never_published(tmp_path, br
     (restored,) = [e for e in events if e["event"] == "telemetry_restored"]
     assert (restored["messages"], restored["skipped"], restored["not_ours"]) == (
         1, 1, ["homeassistant/switch/evil/config"])
+
+
+def test_entities_follow_the_plugin_set(tmp_path, broker, subscriber) -> None:
+    """A plugin dropped in gets its entities while the daemon runs, and can be switched off from them
+    at once; one taken out loses its entities and its retained state."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    for name in ("temperature_control", "motion_light"):
+        for suffix in (".wasm", ".yaml"):
+            shutil.copy(BUNDLED_PLUGINS / f"{name}{suffix}", folder / f"{name}{suffix}")
+    config_path = daemon_config(tmp_path, broker.port)
+    data = yaml.safe_load(config_path.read_text())
+    data["plugins"]["directory"] = str(folder)
+    config_path.write_text(yaml.safe_dump(data))
+    saver = f"homeassistant/switch/{NODE}/plugin_energy_saver_enabled/config"
+    light = f"homeassistant/sensor/{NODE}/plugin_motion_light/config"
+    process = start_daemon(config_path)
+    try:
+        subscriber.wait_for(lambda: state(subscriber, f"{BASE}/plugin/motion_light/state"))
+        assert not subscriber.on(saver)
+        shutil.copy(BUNDLED_PLUGINS / "energy_saver.yaml", folder / "energy_saver.yaml")  # its manifest first
+        shutil.copy(BUNDLED_PLUGINS / "energy_saver.wasm", folder / "energy_saver.wasm")
+        switch = json.loads(subscriber.wait_for(lambda: subscriber.on(saver))[-1])
+        subscriber.publish(switch["command_topic"], "OFF")  # what Home Assistant's switch sends
+        subscriber.wait_for(lambda: (s := state(subscriber, f"{BASE}/plugin/energy_saver/state"))
+                            and s["enabled"] is False and s["state"] == "disabled")
+        (folder / "motion_light.wasm").unlink()
+        subscriber.wait_for(lambda: subscriber.on(light)[-1] == b"")  # its entities go
+        subscriber.wait_for(lambda: subscriber.on(f"{BASE}/plugin/motion_light/state")[-1] == b"")  # and its state
+        assert subscriber.on(f"homeassistant/switch/{NODE}/plugin_motion_light_enabled/config")[-1] == b""
+    finally:
+        finish(process)
+    late = Subscriber(broker.port, "late-subscriber")
+    try:
+        late.wait_for(lambda: late.on(saver))
+        assert late.on(light) == [] and late.on(f"{BASE}/plugin/motion_light/state") == []  # nothing retained
+    finally:
+        late.close()
+
+
+def test_a_config_of_an_earlier_unique_id_is_emptied_and_sent_again(tmp_path, broker, subscriber) -> None:
+    """Home Assistant keeps an entity's first unique_id: a config of ours from before the prefix is
+    removed (emptied) before the config of now goes out on the same topic."""
+    topic = f"homeassistant/switch/{NODE}/relay_switch/config"
+    old = {"name": "relay switch", "unique_id": f"{NODE}_relay_switch", "command_topic": "x", "state_topic": "y",
+           "device": {"identifiers": [f"pi-controller-{NODE}"]}}
+    subscriber.client.publish(topic, json.dumps(old), qos=1, retain=True).wait_for_publish(5)
+    process = start_daemon(daemon_config(tmp_path, broker.port))
+    try:
+        subscriber.wait_for(lambda: len(subscriber.on(topic)) >= 2 and subscriber.on(topic)[-1]
+                            and json.loads(subscriber.on(topic)[-1])["unique_id"] == f"pi_controller_{NODE}_relay_switch")
+        subscriber.wait_for(lambda: b"" in subscriber.on(topic))
+    finally:
+        finish(process)
+    sent = subscriber.on(topic)
+    assert json.loads(sent[0])["unique_id"] == f"{NODE}_relay_switch"  # retained from before
+    after = sent[len(sent) - 1 - sent[::-1].index(b""):]  # from the last emptying on: the config of now
+    assert [json.loads(p)["unique_id"] for p in after[1:]] and all(
+        json.loads(p)["unique_id"] == f"pi_controller_{NODE}_relay_switch" for p in after[1:])

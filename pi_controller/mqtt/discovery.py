@@ -11,9 +11,16 @@ shadow; per actuator a "resume automatic" button that ends an override; diagnost
 `tests/test_ha_discovery.py` checks every payload against the keys Home Assistant's MQTT platforms accept.
 
 Read-only (`commands: false`): no entity has a `command_topic`. Buttons and config entities are left
-out; what else would take commands (actuators, plugin switches) is shown as a sensor of its state, and
-its commandable config is emptied (nothing is subscribed in read-only mode, so the usual clean-up
-cannot see it).
+out; what else would take commands (actuators, plugin switches) is shown as a sensor of its state (in no
+entity category: Home Assistant refuses `config` on a sensor), and its commandable config is emptied
+(nothing is subscribed in read-only mode, so the usual clean-up cannot see it). With commands, the
+read-only stand-ins are emptied the same way, so switching back leaves no orphan.
+
+Home Assistant 2024.4 is the oldest that takes these configs: 2024.3 and older refuse a JSON-schema light
+without `color_mode: true`, which 2025.3 and newer warn about as a removed option (docs/home-assistant.md).
+
+Every `unique_id` starts with `UNIQUE_ID_PREFIX`; configs of ours still carrying an id of an earlier
+scheme are emptied and sent again (`policy.py`), as Home Assistant keeps an entity's first id for good.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ Entity = tuple[str, str, dict[str, Any]]  # platform, object id, what its config
 
 PLUGIN_STATES = ["loaded", "quarantined", "disabled", "failed"]  # `PluginStatus.state`
 RELOAD_OUTCOMES = ["none", "applied", "refused", "failed"]  # `reloads.Outcome`, and none yet
+UNIQUE_ID_PREFIX = "pi_controller_"
+NUMBER_CLASSES = {"°C": "temperature", "°F": "temperature", "K": "temperature"}  # a config key's unit: its class
 # A sensor is republished at least every heartbeat_s: silent for this many heartbeats, it is unavailable
 # (a daemon that hangs with its connection up, a state that stopped coming).
 EXPIRE_HEARTBEATS = 2.5
@@ -84,29 +93,34 @@ def configs(settings: Settings, plugins: Mapping[str, Schema | None],
     entities: list[Entity] = []
     entities += [_sensor(s, topics, expire_after) for s in settings.sensors]
     entities += [_actuator(a, topics) for a in settings.actuators]
-    if mqtt.commands:
-        entities += [_resume(a.id, topics) for a in settings.actuators]
     entities += _diagnostics(topics)
+    commands_only = [_resume(a.id, topics) for a in settings.actuators]  # nothing to show without commands
     for name in sorted(plugins):
         entities += _plugin(name, topics)
-        if mqtt.commands:
-            schema = plugins[name] or {}
-            entities += [_config_entity(name, key, schema[key], topics) for key in sorted(schema)
-                         if re.fullmatch(ID_PATTERN, key) and _platform_of(schema[key])]  # a key fit for a topic
+        schema = plugins[name] or {}
+        commands_only += [_config_entity(name, key, schema[key], topics) for key in sorted(schema)
+                          if re.fullmatch(ID_PATTERN, key) and _platform_of(schema[key])]  # a key fit for a topic
     entities += [_shadow(name, topics) for name in sorted(shadowed)]
-    result = {}
-    for platform, object_id, payload in entities:
-        unique_id = f"{mqtt.node_id}_{object_id}"
-        slug = unique_id.lower().replace("-", "_")  # entity ids are lower case, with underscores
-        topic = f"{mqtt.discovery_prefix}/{platform}/{mqtt.node_id}/{object_id}/config"
-        if not mqtt.commands and "command_topic" in payload:
-            result[topic] = {}  # emptied: Home Assistant drops the commandable entity
-            platform, payload = _read_only(platform, payload)
-            if platform is None:
-                continue
-            topic = f"{mqtt.discovery_prefix}/{platform}/{mqtt.node_id}/{object_id}/config"
-        result[topic] = {**common, "unique_id": unique_id, "default_entity_id": f"{platform}.{slug}", **payload}
-    return result
+    result: dict[str, dict[str, Any]] = {}
+    emptied = []  # the other mode's entities: Home Assistant drops them
+
+    def topic(platform: str, object_id: str) -> str:
+        return f"{mqtt.discovery_prefix}/{platform}/{mqtt.node_id}/{object_id}/config"
+
+    for (platform, object_id, payload), stands_in in [(e, True) for e in entities] + [(e, False) for e in commands_only]:
+        slug = f"{mqtt.node_id}_{object_id}".lower().replace("-", "_")  # entity ids: lower case, underscores
+        if "command_topic" in payload:
+            read_only, shown = _read_only(platform, payload) if stands_in else (None, {})
+            if mqtt.commands:
+                emptied += [topic(read_only, object_id)] if read_only else []
+            else:
+                emptied.append(topic(platform, object_id))
+                if read_only is None:
+                    continue
+                platform, payload = read_only, shown
+        result[topic(platform, object_id)] = {**common, "unique_id": f"{UNIQUE_ID_PREFIX}{slug}",
+                                              "default_entity_id": f"{platform}.{slug}", **payload}
+    return {t: {} for t in emptied if t not in result} | result
 
 
 # What a read-only entity keeps of a commandable one; its platform instead of each commandable platform
@@ -119,7 +133,7 @@ READ_ONLY = {"switch": "binary_sensor", "light": "binary_sensor", "fan": "binary
 
 
 def _read_only(platform: str, payload: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
-    kept = {k: v for k, v in payload.items() if k in READ_ONLY_KEYS}
+    kept = {k: v for k, v in payload.items() if k in READ_ONLY_KEYS and (k, v) != ("entity_category", "config")}
     read_only = READ_ONLY.get(platform)
     if read_only == "binary_sensor":
         on = payload.get("value_template") if platform == "switch" else "{{ 'ON' if value_json.on else 'OFF' }}"
@@ -172,8 +186,11 @@ def _available_while(topic: str, condition: str, topics: Topics) -> dict[str, An
             "availability_mode": "all"}
 
 
-def _name(object_id: str) -> str:
-    return object_id.replace("_", " ")
+def _name(*words: str) -> str:
+    """An entity's name: its words (ids, with their underscores as spaces) in sentence case, as Home
+    Assistant names its own ("Led strip resume automatic", "Temperature control setpoint")."""
+    text = " ".join(words).replace("_", " ")
+    return text[:1].upper() + text[1:]
 
 
 def _sensor(s: SensorSettings, topics: Topics, expire_after: int) -> Entity:
@@ -205,7 +222,7 @@ def _actuator(a: ActuatorSettings, topics: Topics) -> Entity:
 def _resume(actuator_id: str, topics: Topics) -> Entity:
     """A button that ends an operator's override: the plugins decide again. Available while one holds."""
     return "button", f"{actuator_id}_resume", {
-        "name": f"{_name(actuator_id)} resume automatic", "command_topic": topics.actuator(actuator_id, "release"),
+        "name": _name(actuator_id, "resume automatic"), "command_topic": topics.actuator(actuator_id, "release"),
         "payload_press": "RELEASE", "icon": "mdi:robot",
         **_available_while(topics.actuator(actuator_id), "value_json.override", topics)}
 
@@ -213,7 +230,7 @@ def _resume(actuator_id: str, topics: Topics) -> Entity:
 def _diagnostics(topics: Topics) -> list[Entity]:
     """The loop's health and the daemon's, all from `loop/state`."""
     def stat(key: str, name: str, **extra: Any) -> Entity:
-        return "sensor", f"loop_{key}", {"name": name, "state_topic": topics.loop,
+        return "sensor", f"loop_{key}", {"name": _name(name), "state_topic": topics.loop,
                                          "value_template": f"{{{{ value_json.{key} }}}}",
                                          "entity_category": "diagnostic", **extra}
 
@@ -235,10 +252,10 @@ def _diagnostics(topics: Topics) -> list[Entity]:
 
 
 def _plugin(name: str, topics: Topics) -> list[Entity]:
-    state = {"name": f"plugin {name}", "state_topic": topics.plugin(name), "value_template": "{{ value_json.state }}",
+    state = {"name": _name(name, "plugin"), "state_topic": topics.plugin(name), "value_template": "{{ value_json.state }}",
              "device_class": "enum", "options": PLUGIN_STATES,
              "json_attributes_topic": topics.plugin(name), "entity_category": "diagnostic"}
-    switch = {"name": f"plugin {name} enabled", "state_topic": topics.plugin(name),
+    switch = {"name": _name(name, "enabled"), "state_topic": topics.plugin(name),
               "command_topic": topics.plugin(name, "enable"),
               "value_template": "{{ 'ON' if value_json.enabled else 'OFF' }}", "payload_on": "ON",
               "payload_off": "OFF", "state_on": "ON", "state_off": "OFF", "entity_category": "config"}
@@ -263,7 +280,7 @@ def _config_entity(plugin: str, key: str, field: ConfigField, topics: Topics) ->
     assert platform is not None
     value = f"value_json.config[{json.dumps(key)}]"
     known = f"{json.dumps(key)} in value_json.config"  # else "None": unknown (a key the config leaves out)
-    payload: dict[str, Any] = {"name": f"{plugin} {_name(key)}", "state_topic": topics.plugin(plugin),
+    payload: dict[str, Any] = {"name": _name(plugin, key), "state_topic": topics.plugin(plugin),
                                "command_topic": topics.plugin(plugin, f"config/{key}/set"),
                                "value_template": f"{{{{ {value} if {known} else 'None' }}}}",
                                "entity_category": "config"}
@@ -275,14 +292,16 @@ def _config_entity(plugin: str, key: str, field: ConfigField, topics: Topics) ->
     else:
         step = field.step or (1 if field.type == "integer" else 0.01)
         payload |= {"min": field.min, "max": field.max, "step": step, "mode": "box",
-                    **({"unit_of_measurement": field.unit} if field.unit else {})}
+                    **({"unit_of_measurement": field.unit} if field.unit else {}),
+                    # Home Assistant converts it for those who read °F, and sends back ours
+                    **({"device_class": NUMBER_CLASSES[field.unit]} if field.unit in NUMBER_CLASSES else {})}
     return platform, f"plugin_{plugin}_config_{key}", payload
 
 
 def _shadow(name: str, topics: Topics) -> Entity:
     """How often the shadow of `name` decides as `name` does (whole calls; per actuator in attributes)."""
     return "sensor", f"plugin_{name}_shadow_agreement", {
-        "name": f"plugin {name} shadow agreement", "state_topic": topics.plugin(name),
+        "name": _name(name, "shadow agreement"), "state_topic": topics.plugin(name),
         "value_template": "{{ value_json.shadow.agreement_percent if value_json.shadow is defined else 'None' }}",
         "unit_of_measurement": "%", "state_class": "measurement", "suggested_display_precision": 1,
         "json_attributes_topic": topics.plugin(name),

@@ -6,6 +6,10 @@ every `loop_interval_s`, once its rate is measured. Home Assistant's discovery c
 the states whenever a subscriber needs everything again (our connection, Home Assistant's restart), and
 with them every state again.
 
+The entities follow the plugin set: when it changes between two ticks (a plugin dropped in or taken out,
+a reload), `rediscover` queues the difference: configs new or changed, configs gone emptied, and the
+retained state of a plugin gone emptied too, so nothing shows a plugin that is not there.
+
 Retained leftovers of ours are emptied once connected: discovery configs of our device that are no
 longer configured, and state topics of sensors and actuators no longer configured. The inbox's rows for
 them (`leftover_config`, `leftover_state`, `home_assistant_status`) run on paho's thread and only hand
@@ -46,13 +50,29 @@ class PublishPolicy:
         self._sensor_policies: dict[str, tuple[str, int | None, Changed]] = {}  # by sensor id
         self._discovery: dict[str, dict[str, Any]] = {}  # topic -> config: what Home Assistant is told exists
         self._resync = threading.Event()
-        self._stale: queue.SimpleQueue[str] = queue.SimpleQueue()  # retained topics of ours to empty
+        self._plugins: set[str] = set()  # the plugins the discovery configs are of
+        # Retained topics of ours to set: emptied, or emptied and sent again (a config of an earlier id).
+        self._stale: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
 
     def discover(self) -> None:
         """The entities Home Assistant is told of: the configured devices, and the plugins of the folder
         now, failed ones too (their entities say why)."""
-        self._discovery = (discovery.configs(self.settings, self.status.config_schemas(), self.status.shadowed())
+        schemas = self.status.config_schemas()
+        self._plugins = set(schemas)
+        self._discovery = (discovery.configs(self.status.settings, schemas, self.status.shadowed())
                            if self.mqtt.discovery else {})
+
+    def rediscover(self) -> None:
+        """The plugin set or the config changed (between two ticks): the difference, ahead of the states."""
+        before, plugins = self._discovery, self._plugins
+        self.discover()
+        gone = sorted(plugins - self._plugins)
+        changes = [(t, c) for t, c in self._discovery.items() if before.get(t) != c]
+        changes += [(t, {}) for t in before if t not in self._discovery]
+        self.outbox.put_first([(t, json.dumps(c).encode() if c else b"") for t, c in changes]
+                              + [(self.topics.plugin(name), b"") for name in gone])
+        for name in gone:  # back again, it is news
+            self._published.pop(self.topics.plugin(name), None)
 
     def resync(self) -> None:
         """A subscriber needs everything again: discovery and every state (any thread)."""
@@ -69,8 +89,8 @@ class PublishPolicy:
             # (the first connection would otherwise send every state twice).
             waiting = self.outbox.waiting()
             self._published = {t: sent for t, sent in self._published.items() if t in waiting}
-        while not self._stale.empty():
-            self.outbox.put_first([(self._stale.get_nowait(), b"")])
+        # in their order (an emptied config before the same topic's new one), ahead of discovery
+        self.outbox.put_first([self._stale.get_nowait() for _ in range(self._stale.qsize())])  # only we take
 
     def collect(self, now: float, telemetry: dict[str, Any]) -> None:
         """The states worth sending now; `telemetry`: the counts of telemetry's own state."""
@@ -129,15 +149,23 @@ class PublishPolicy:
             self.resync()  # Home Assistant restarted: it needs discovery and states again
 
     def leftover_config(self, message: Inbound) -> None:
-        """A retained discovery config of our device for an entity no longer configured."""
-        if message.payload and message.topic not in self._discovery and discovery.ours(message.payload, self.mqtt):
-            self._stale.put(message.topic)
+        """A retained discovery config of our device for an entity no longer configured, or with an id of
+        an earlier scheme: Home Assistant keeps an entity's first unique_id, so it is emptied (the entity
+        goes) and sent again (it comes back under the id of now)."""
+        if not message.payload or not discovery.ours(message.payload, self.mqtt):
+            return
+        current = self._discovery.get(message.topic)
+        if current is None:
+            self._stale.put((message.topic, b""))
+        elif current and json.loads(message.payload).get("unique_id") != current["unique_id"]:
+            self._stale.put((message.topic, b""))
+            self._stale.put((message.topic, json.dumps(current).encode()))
 
     def leftover_state(self, configured: Callable[[Settings], list[str]]) -> Handler:
         """The retained state of a device no longer in the running config, whose ids `configured` lists."""
         def handle(message: Inbound) -> None:
             if message.retained and message.payload and message.levels[0] not in configured(self.status.settings):
-                self._stale.put(message.topic)
+                self._stale.put((message.topic, b""))
 
         return handle
 
