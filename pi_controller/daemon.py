@@ -76,7 +76,7 @@ class Daemon:
         self.notifier = Notifier(self.status.line, timer=self.clock.monotonic)
         self.metrics = Metrics(settings.loop.period, self.status, self.clock.monotonic) \
             if settings.metrics.enabled else None
-        self.telemetry = Telemetry(settings, self.status, self.operator, self.clock.monotonic) \
+        self.telemetry = Telemetry(settings, self.status, self.operator, self.clock.monotonic, self.clock.time) \
             if settings.mqtt.enabled else None
         self.recorder = self._recorder(settings)
         observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.telemetry, self.recorder)

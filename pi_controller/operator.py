@@ -81,7 +81,8 @@ class Answer:
     rule: str | None = None
     reason: str | None = None
     applied: Any = None
-    device: str | None = None  # an override: the safety rules of this tick still have their say
+    device: str | None = None  # the actuator a set concerns (taken up: the safety rules still have their say)
+    refused: bool = False  # refused at validation: nothing was done
 
     def payload(self) -> dict[str, Any]:
         return {"ok": self.ok, "rule": self.rule, "reason": self.reason and self.reason[:MAX_REASON_CHARS],
@@ -119,7 +120,7 @@ class Operator:
         answers = []
         while self._answers:
             answer = self._answers.popleft()
-            if answer.device is not None:
+            if answer.device is not None and not answer.refused:
                 answer = _as_held(answer, held.get(answer.device), states.get(answer.device))
             answers.append(answer)
         return answers
@@ -190,7 +191,8 @@ class Operator:
         except Rejected as exc:
             log.warning("operator_command_rejected", device=request.device_id, tick=tick, rule=exc.rule,
                         reason=str(exc))
-            return Answer(request.reply_to, False, exc.rule, str(exc))
+            known = request.device_id if actuator is not None else None
+            return Answer(request.reply_to, False, exc.rule, str(exc), device=known, refused=True)
         actuator.overridden(target)
         lasts = expires_s or self.expiry_s
         # Its priority is moot: operator commands go first, and arbitration keeps the first per device.

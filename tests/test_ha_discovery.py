@@ -73,6 +73,8 @@ ACCEPTED = {
                           "speed_range_min", "speed_range_max", "payload_reset_percentage",
                           "payload_reset_preset_mode", "payload_off", "payload_on", "payload_oscillation_off",
                           "payload_oscillation_on", "state_value_template"},
+    # event.py _PLATFORM_SCHEMA_BASE (MQTT_RO_SCHEMA; event_types required)
+    "event": RO | COMMON | {"device_class", "name", "event_types"},
 }
 COMMANDED = {"switch", "number", "select", "button", "light", "fan"}  # command_topic is required
 # schemas.py: MQTT_ENTITY_DEVICE_INFO_SCHEMA, MQTT_ORIGIN_INFO_SCHEMA, the availability list's entries
@@ -157,7 +159,7 @@ def test_read_only_payloads_are_accepted_too(published, write_config) -> None:
     data["mqtt"] = {"node_id": "testpi", "commands": False}
     schemas = {"temperature_control": {"setpoint": ConfigField("number", min=5, max=30)}}
     read_only = {t: c for t, c in discovery.configs(config.load(write_config(data)), schemas).items() if c}
-    assert {platform_of(topic) for topic in read_only} == {"sensor", "binary_sensor"}
+    assert {platform_of(topic) for topic in read_only} == {"sensor", "binary_sensor", "event"}
     for topic, payload in read_only.items():
         check_accepted(topic, payload)
     enabled = read_only["homeassistant/binary_sensor/testpi/plugin_temperature_control_enabled/config"]
@@ -189,6 +191,8 @@ def check_accepted(topic: str, payload: dict[str, Any]) -> None:
         assert payload["min"] < payload["max"] and payload["step"] >= 0.001
     if platform == "select":
         assert payload["options"] and all(isinstance(option, str) for option in payload["options"])
+    if platform == "event":
+        assert payload["event_types"] and all(isinstance(kind, str) for kind in payload["event_types"])
 
 
 def test_every_template_renders_to_a_valid_state_from_what_is_published(published) -> None:
@@ -203,7 +207,7 @@ def test_every_template_renders_to_a_valid_state_from_what_is_published(publishe
                 value = render(config_[template], payloads[config_[topic_key]])
                 check_state(platform, template, value, config_, topic)
                 rendered += 1
-    assert rendered >= len(configs)
+    assert rendered >= len([topic for topic in configs if platform_of(topic) != "event"])  # events: no template
 
 
 def check_state(platform: str, template: str, value: str, entity: dict[str, Any], topic: str) -> None:

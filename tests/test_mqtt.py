@@ -623,3 +623,41 @@ def test_a_config_of_an_earlier_unique_id_is_emptied_and_sent_again(tmp_path, br
     after = sent[len(sent) - 1 - sent[::-1].index(b""):]  # from the last emptying on: the config of now
     assert [json.loads(p)["unique_id"] for p in after[1:]] and all(
         json.loads(p)["unique_id"] == f"pi_controller_{NODE}_relay_switch" for p in after[1:])
+
+
+def test_a_held_command_shows_its_rule_in_the_attributes_and_fires_the_event_entity(tmp_path, broker,
+                                                                                     subscriber) -> None:
+    """switch.turn_on held by min_off: the switch's attributes say which rule, why and until when, and
+    its event entity fires; a refused value fires it too."""
+    config_path = daemon_config(tmp_path, broker.port)
+    data = yaml.safe_load(config_path.read_text())
+    next(a for a in data["actuators"] if a["id"] == "relay_switch")["min_off_s"] = 600  # start-up counts
+    config_path.write_text(yaml.safe_dump(data))
+    process = start_daemon(config_path)
+    events = f"{BASE}/actuator/relay_switch/event"
+    try:
+        switch = discovered(subscriber, "switch", "relay_switch")
+        event = discovered(subscriber, "event", "relay_switch_refusals")
+        assert event["state_topic"] == events and "held" in event["event_types"]
+        subscriber.wait_for(lambda: subscriber.on(events))  # the thermostat's own command, held first
+        subscriber.publish(switch["command_topic"], "ON")
+        fired = subscriber.wait_for(lambda: [e for e in map(json.loads, subscriber.on(events))
+                                             if e["owner"] == "operator"])
+        assert fired[0]["event_type"] == "held" and fired[0]["rule"] == "min_off" and fired[0]["until"]
+
+        def attributes() -> dict[str, Any]:
+            states = subscriber.on(switch["state_topic"])
+            return json.loads(render(switch["json_attributes_template"], states[-1])) if states else {"refusal": None}
+
+        subscriber.wait_for(lambda: (attributes()["refusal"] or {}).get("owner") == "operator")
+        refusal = attributes()["refusal"]
+        assert refusal["rule"] == "min_off" and "minimum 600" in refusal["reason"]
+        assert refusal["until"] > refusal["at"] and attributes()["overridden"]
+        assert render(switch["value_template"], subscriber.on(switch["state_topic"])[-1]) == "OFF"  # held off
+        servo = discovered(subscriber, "number", "servo_motor")
+        subscriber.publish(servo["command_topic"], "500")  # beyond its angle
+        refused = subscriber.wait_for(lambda: subscriber.on(f"{BASE}/actuator/servo_motor/event"))
+        assert json.loads(refused[-1])["event_type"] == "refused"
+    finally:
+        finish(process)
+    assert not [t for t, _, retained in subscriber.messages if t.endswith("/event") and retained]

@@ -19,7 +19,10 @@ from pi_controller.mqtt import outbox as outbox_module
 from pi_controller.mqtt.inbox import (ALL_BURST, ANSWER_EVERY_S, COMMANDS, TOPIC_BURST, TOPIC_RATE, TOPICS_TRACKED,
                                       Gate, Inbound, Inbox, Route, commands)
 from pi_controller.mqtt.outbox import Message, Outbox
-from pi_controller.operator import EnablePlugin, Release, Request, SetActuator, SetPluginConfig
+from pi_controller.mqtt.refusals import Refusals
+from pi_controller.operator import Answer, EnablePlugin, Release, Request, SetActuator, SetPluginConfig
+from pi_controller.safety.ownership import Failsafe
+from pi_controller.safety.rules import Hold
 from tests import test_mqtt
 from tests.test_mqtt import Broker, Subscriber, poll
 
@@ -359,3 +362,20 @@ def test_an_oversized_buffer_file_is_refused_in_one_line_and_kept_aside(tmp_path
     (said,) = logs
     assert said["event"] == "telemetry_buffer_refused" and said["bytes"] > 1000
     assert not buffer.exists() and (tmp_path / "outbox.jsonl.refused").exists()  # not read again at each start
+
+
+def test_refusals_fire_once_per_hold_and_for_each_refusal_and_failsafe() -> None:
+    refusals = Refusals(wall=lambda: 1_800_000_000.0)
+    hold = Hold("heater", "min_off", "switched 1.0 s ago, minimum 60 s", "thermostat", 59.0)
+    (first,) = refusals.after_tick([hold], [])
+    assert (first.event_type, first.rule, first.owner) == ("held", "min_off", "thermostat")
+    assert first.until == "2027-01-15T08:00:59+00:00" and first.at == "2027-01-15T08:00:00+00:00"
+    assert refusals.after_tick([hold], []) == []  # still held: no news
+    assert refusals.after_tick([hold, Hold("lamp", "max_rate", "ramping", "operator")], []) == []  # on its way
+    refused = Answer("t/result", False, "out_of_range", "angle 500 is above 180", device="servo", refused=True)
+    held = Answer("t/result", False, "min_off", "held by the safety rules", device="heater")  # told as a hold
+    refusals.failsafe(Failsafe("heater", "thermostat", "plugin 'thermostat' failed"))
+    fired = refusals.after_tick([hold], [refused, held])
+    assert [(r.device, r.event_type) for r in fired] == [("heater", "failsafe"), ("servo", "refused")]
+    assert refusals.last["heater"].event_type == "failsafe" and refusals.last["servo"].rule == "out_of_range"
+    assert [r.event_type for r in refusals.after_tick([], []) + refusals.after_tick([hold], [])] == ["held"]  # again

@@ -6,7 +6,8 @@ light schema with `supported_color_modes`. A Pi's entities are named after the c
 
 Besides the devices: each plugin's state (an `enum` sensor), an on/off switch for it, a `number`,
 `select` or `switch` per key of its `config_schema` (entity category `config`), the agreement of its
-shadow; per actuator a "resume automatic" button that ends an override; diagnostics of the daemon
+shadow; per actuator a "resume automatic" button that ends an override and an `event` entity firing on its holds,
+refusals and failsafes; diagnostics of the daemon
 (uptime, version, watchdog trips, failsafes, safety holds, last reload) from `loop/state`.
 `tests/test_ha_discovery.py` checks every payload against the keys Home Assistant's MQTT platforms accept.
 
@@ -35,6 +36,7 @@ from pi_controller import __version__
 from pi_controller.config import MqttSettings, Settings
 from pi_controller.devices.actuators import ActuatorSettings
 from pi_controller.devices.sensors import SensorSettings
+from pi_controller.mqtt.refusals import EVENT_TYPES
 from pi_controller.plugins.plugin_config import ConfigField, Schema
 from pi_controller.schema import ID_PATTERN
 
@@ -93,6 +95,7 @@ def configs(settings: Settings, plugins: Mapping[str, Schema | None],
     entities: list[Entity] = []
     entities += [_sensor(s, topics, expire_after) for s in settings.sensors]
     entities += [_actuator(a, topics) for a in settings.actuators]
+    entities += [_refusals(a.id, topics) for a in settings.actuators]
     entities += _diagnostics(topics)
     commands_only = [_resume(a.id, topics) for a in settings.actuators]  # nothing to show without commands
     for name in sorted(plugins):
@@ -210,13 +213,22 @@ def _actuator(a: ActuatorSettings, topics: Topics) -> Entity:
                "json_attributes_topic": state,
                "json_attributes_template": "{{ {'overridden': value_json.override, 'override_expires_at': "
                                            "value_json.override_expires_at, 'owner': value_json.owner, "
-                                           "'failsafe': value_json.failsafe} | tojson }}"}
+                                           "'failsafe': value_json.failsafe, 'refusal': value_json.refusal} "
+                                           "| tojson }}"}
     # What else the entity reads (a fan's percentage and direction) comes on the same state topic,
     # and what else it sends goes to the same command topic (see the kind's `parse_entity`).
     for feature in ("percentage", "direction"):
         if f"{feature}_value_template" in entity:
             payload |= {f"{feature}_state_topic": state, f"{feature}_command_topic": command}
     return platform, a.id, payload
+
+
+def _refusals(actuator_id: str, topics: Topics) -> Entity:
+    """An event entity that fires when the actuator is held, refused or taken to its safe state, with
+    the rule, the reason, whose command and until when as the event's attributes (refusals.py)."""
+    return "event", f"{actuator_id}_refusals", {
+        "name": _name(actuator_id, "refusals"), "state_topic": topics.actuator(actuator_id, "event"),
+        "event_types": EVENT_TYPES, "icon": "mdi:hand-back-left"}
 
 
 def _resume(actuator_id: str, topics: Topics) -> Entity:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any, Callable
 
@@ -29,8 +30,9 @@ from pi_controller.mqtt import discovery
 from pi_controller.mqtt.discovery import Topics
 from pi_controller.mqtt.inbox import Handler, Inbound
 from pi_controller.mqtt.outbox import Outbox
+from pi_controller.mqtt.refusals import Refusal, Refusals
 from pi_controller.names import SAFETY
-from pi_controller.operator import Operator, Override
+from pi_controller.operator import Answer, Operator, Override
 from pi_controller.safety.rules import Guard
 from pi_controller.status import Status
 
@@ -38,7 +40,8 @@ Changed = Callable[[Any, Any], bool]  # (what was sent, what is new): worth send
 
 
 class PublishPolicy:
-    def __init__(self, settings: Settings, status: Status, operator: Operator, outbox: Outbox):
+    def __init__(self, settings: Settings, status: Status, operator: Operator, outbox: Outbox,
+                 wall: Callable[[], float] = time.time):
         self.settings = settings
         self.mqtt = settings.mqtt
         self.topics = Topics.of(self.mqtt)
@@ -46,6 +49,7 @@ class PublishPolicy:
         self.operator = operator
         self.outbox = outbox
         self.readings_queued = 0
+        self.refusals = Refusals(wall)
         self._published: dict[str, tuple[Any, float]] = {}  # topic -> (what was sent, when)
         self._sensor_policies: dict[str, tuple[str, int | None, Changed]] = {}  # by sensor id
         self._discovery: dict[str, dict[str, Any]] = {}  # topic -> config: what Home Assistant is told exists
@@ -53,6 +57,7 @@ class PublishPolicy:
         self._plugins: set[str] = set()  # the plugins the discovery configs are of
         # Retained topics of ours to set: emptied, or emptied and sent again (a config of an earlier id).
         self._stale: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._again: dict[str, bytes] = {}  # configs to send once their emptying is out (the outbox keeps one a topic)
 
     def discover(self) -> None:
         """The entities Home Assistant is told of: the configured devices, and the plugins of the folder
@@ -89,8 +94,19 @@ class PublishPolicy:
             # (the first connection would otherwise send every state twice).
             waiting = self.outbox.waiting()
             self._published = {t: sent for t, sent in self._published.items() if t in waiting}
-        # in their order (an emptied config before the same topic's new one), ahead of discovery
-        self.outbox.put_first([self._stale.get_nowait() for _ in range(self._stale.qsize())])  # only we take
+        stale = [self._stale.get_nowait() for _ in range(self._stale.qsize())]  # only we take
+        self.outbox.put_first([(topic, b"") for topic, _ in stale])  # over what discovery queued for the topic
+        self._again |= {topic: config for topic, config in stale if config}
+        waiting = self.outbox.waiting()
+        ready = {topic: config for topic, config in self._again.items() if topic not in waiting}
+        self.outbox.put_first(ready.items())  # the emptying went out: the config of now after it
+        self._again = {topic: config for topic, config in self._again.items() if topic not in ready}
+
+    def refused(self, answers: list[Answer]) -> None:
+        """What the tick held back, refused or took to its safe state: an event each, not retained (news,
+        never coalesced: the outbox's door for answers)."""
+        for refusal in self.refusals.after_tick(self.status.holds(), answers):
+            self.outbox.put_answer(self.topics.actuator(refusal.device, "event"), json.dumps(refusal.payload()).encode())
 
     def collect(self, now: float, telemetry: dict[str, Any]) -> None:
         """The states worth sending now; `telemetry`: the counts of telemetry's own state."""
@@ -101,8 +117,8 @@ class PublishPolicy:
         overrides = self.operator.overrides()
         guards = self.status.guards()
         for device, state in self.status.actuator_states().items():
-            self._offer(self.topics.actuator(device),
-                        _actuator_payload(state, overrides.get(device), guards.get(device)), now, heartbeat)
+            self._offer(self.topics.actuator(device), _actuator_payload(
+                state, overrides.get(device), guards.get(device), self.refusals.last.get(device)), now, heartbeat)
         for name, state in self.status.plugin_states().items():
             self._offer(self.topics.plugin(name), state, now, heartbeat, _plugin_changed)
         last_loop = self._published.get(self.topics.loop)
@@ -117,7 +133,7 @@ class PublishPolicy:
         """The states the pins were left in, retained, so that nothing says "on" once we are gone."""
         guards = self.status.guards()
         for device, state in self.status.settled_states().items():
-            payload = _actuator_payload(state, None, guards.get(device))
+            payload = _actuator_payload(state, None, guards.get(device), self.refusals.last.get(device))
             self._offer(self.topics.actuator(device), payload | {"owner": SAFETY, "failsafe": "the daemon stopped"},
                         now, 0.0)
 
@@ -193,12 +209,14 @@ def _moved(old: dict[str, Any], new: dict[str, Any], band: float) -> bool:
     return abs(new["value"] - old["value"]) > band if band else bool(new["value"] != old["value"])
 
 
-def _actuator_payload(state: dict[str, Any], override: Override | None, guard: Guard | None) -> dict[str, Any]:
+def _actuator_payload(state: dict[str, Any], override: Override | None, guard: Guard | None,
+                      refusal: Refusal | None) -> dict[str, Any]:
     """The state, whether an override holds it and until when (ISO 8601, UTC), whose command it follows
-    (`owner`: a plugin, "operator" or "safety") and why it was last put in its safe state (`failsafe`,
-    until an owner takes it again)."""
+    (`owner`: a plugin, "operator" or "safety"), why it was last put in its safe state (`failsafe`,
+    until an owner takes it again) and the last refusal (`refusal`: see refusals.py)."""
     held = {"override": override is not None, "override_expires_at": None if override is None else
-            datetime.fromtimestamp(override.expires_at, UTC).isoformat(timespec="seconds")}
+            datetime.fromtimestamp(override.expires_at, UTC).isoformat(timespec="seconds"),
+            "refusal": None if refusal is None else refusal.payload()}
     if guard is None:
         return {**state, **held, "owner": None, "failsafe": None}
     # and what its Home Assistant entity reads, as its kind says

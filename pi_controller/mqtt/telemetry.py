@@ -15,6 +15,7 @@ then as much of the outbox as the rate cap lets out.
 
 Topics (under `<base_topic>/<node_id>`): `status` (retained online/offline, with a last will),
 `sensor/<id>/state`, `actuator/<id>/state` (JSON, retained), `actuator/<id>/set` and `/release`,
+`actuator/<id>/event` (holds, refusals, failsafes; not retained),
 `plugin/<name>/state`, `plugin/<name>/enable`, `plugin/<name>/config/<key>/set`, `loop/state`,
 `telemetry/state` (what is buffered; what was dropped: states past the outage buffer's bound, answers
 past theirs, commands over the rate limits).
@@ -37,6 +38,7 @@ from pi_controller.mqtt.outbox import Outbox
 from pi_controller.mqtt.policy import PublishPolicy
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.operator import Operator
+from pi_controller.safety.ownership import Failsafe
 from pi_controller.status import Status
 
 log = structlog.get_logger("pi_controller.telemetry")
@@ -44,14 +46,14 @@ log = structlog.get_logger("pi_controller.telemetry")
 
 class Telemetry(LoopObserver):
     def __init__(self, settings: Settings, status: Status, operator: Operator,
-                 timer: Callable[[], float] = time.monotonic):
+                 timer: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.mqtt = settings.mqtt
         self.status = status
         self.operator = operator
         self._timer = timer
         self.link = Link(settings, timer, self._up, lambda: len(self.outbox))
         self.outbox = Outbox(self.mqtt, self.link, timer)  # what a restart left in the buffer file, first
-        self.policy = PublishPolicy(settings, status, operator, self.outbox)
+        self.policy = PublishPolicy(settings, status, operator, self.outbox, wall)
         self.inbox = Inbox(self._routes() if self.mqtt.commands else {})
         self.inbox.attach(self.link.client)
 
@@ -92,10 +94,15 @@ class Telemetry(LoopObserver):
 
     def tick_done(self, report: TickReport) -> None:
         self.policy.announce()
-        for answer in self.operator.answers(self.status.holds(), self.status.actuator_states()) + self.inbox.refused():
+        answers = self.operator.answers(self.status.holds(), self.status.actuator_states())
+        for answer in answers + self.inbox.refused():
             self.outbox.put_answer(answer.reply_to, json.dumps(answer.payload()).encode())
+        self.policy.refused(answers)
         self.policy.collect(self._timer(), self._counts())
         self.outbox.pump()
+
+    def actuator_failsafe(self, failsafe: Failsafe) -> None:
+        self.policy.refusals.failsafe(failsafe)
 
     def stop(self) -> None:
         """The actuators' shut-down states and the other latest states past any backlog, acknowledged by

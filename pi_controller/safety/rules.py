@@ -52,6 +52,7 @@ class Hold:
     rule: str
     detail: str
     plugin: str
+    remaining_s: float | None = None  # how long it holds at most, when the rule knows (min_on, min_off)
 
 
 class Decision(NamedTuple):
@@ -241,9 +242,10 @@ class Safety:
             if blocked:
                 return current, hold("interlock", blocked)
         if on(wanted) != on(current):
-            wear = _wear(settings.min_on_s if on(current) else settings.min_off_s, now - guard.switched_at)
+            minimum_s, elapsed_s = settings.min_on_s if on(current) else settings.min_off_s, now - guard.switched_at
+            wear = _wear(minimum_s, elapsed_s)
             if wear:
-                return current, hold("min_on" if on(current) else "min_off", wear)
+                return current, hold("min_on" if on(current) else "min_off", wear, minimum_s - elapsed_s)
         target, note = actuator.shape(wanted, dt, 0.0 if guard.was_on else now - guard.switched_at)
         return target, None if note is None else hold(*note)
 
@@ -269,8 +271,8 @@ class _Holder:
     def __init__(self, device_id: str, plugin: str):
         self.device_id, self.plugin = device_id, plugin
 
-    def __call__(self, rule: str, detail: str) -> Hold:
-        return Hold(self.device_id, rule, detail, self.plugin)
+    def __call__(self, rule: str, detail: str, remaining_s: float | None = None) -> Hold:
+        return Hold(self.device_id, rule, detail, self.plugin, remaining_s)
 
 
 def _wear(minimum_s: float, elapsed_s: float) -> str | None:
