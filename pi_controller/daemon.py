@@ -21,6 +21,7 @@ from pi_controller.loop import ControlLoop
 from pi_controller.metrics import Metrics, MetricsServer
 from pi_controller.mqtt.telemetry import Telemetry
 from pi_controller.operator import Operator
+from pi_controller.operator_values import OperatorValues
 from pi_controller.plugins import checks
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.manifest import Devices
@@ -51,7 +52,7 @@ class Daemon:
         self.settings = settings
         self.simulate = simulate
         self.plugins_dir = plugins_dir
-        self.state_dir = state_dir  # where the config it runs with is kept for safe-state
+        self.state_dir = state_dir  # the config it runs with, for safe-state; the operator's kept values
         self.clock = clock or SystemClock()
         self.recorder: Recorder | None = None
         self._record_to = record
@@ -70,7 +71,9 @@ class Daemon:
                         failsafe_after_s=settings.safety.failsafe_after_s)
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
-        self.operator = Operator(settings.mqtt.override_expiry_s, self.clock.time)
+        self.values = OperatorValues(self.state_dir)
+        self.operator = Operator(settings.mqtt.override_expiry_s, self.clock.time, self.values)
+        self.values.apply(self.plugins, settings.plugins, self.operator.disabled)
         self.status = Status(settings, self.plugins, self.operator, self.watchdog, self.clock.monotonic)
         # Time from the one clock; only the watchdog keeps a real timer, since it must catch a stuck loop.
         self.notifier = Notifier(self.status.line, timer=self.clock.monotonic)
@@ -79,8 +82,9 @@ class Daemon:
         self.telemetry = Telemetry(settings, self.status, self.operator, self.clock.monotonic, self.clock.time) \
             if settings.mqtt.enabled else None
         self.recorder = self._recorder(settings)
-        observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.telemetry, self.recorder)
-                     if o is not None]  # /ready, then READY=1
+        # /ready, then READY=1; an operator's value on disk before Home Assistant is shown it
+        observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.values, self.telemetry,
+                                 self.recorder) if o is not None]
         self.shadows = ShadowSupervisor(settings.plugins, self.plugins, self.clock, self._shadows_adopted)
         self.loop = ControlLoop(self.hardware, self.plugins, safety, self.clock, settings.loop.period, observers,
                                 self.operator, self.shadows.current)
@@ -104,7 +108,9 @@ class Daemon:
 
     def _plugins_changed(self) -> None:
         """Between two ticks, after a reload or a plugin swapped in or out: Home Assistant's entities
-        follow the plugin set, and a recording says from which tick on which plugins and config were live."""
+        follow the plugin set, the operator's kept values apply to the plugins as loaded now, and a recording
+        says from which tick on which plugins and config were live."""
+        self.values.apply(self.plugins, self.settings.plugins, self.operator.disabled)
         if self.telemetry is not None:
             self.telemetry.policy.rediscover()
         if self.recorder is not None:

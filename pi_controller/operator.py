@@ -6,7 +6,8 @@ command is a request type here plus a row of `mqtt.inbox.COMMANDS` (docs/design.
 
 Requests arrive on any thread through `submit` and are taken up by the tick, where they pass the same
 validation as plugin commands (`Actuator.command`) and, as commands, the same safety rules. An override
-wins over every plugin until it is released or expires. Each request with a `reply_to` is answered
+wins over every plugin until it is released or expires; config values and plugins switched off are kept
+across restarts (`operator_values.py`). Each request with a `reply_to` is answered
 (`answers`, once the tick has passed the safety rules): applied, refused at validation, or held by a rule.
 """
 
@@ -28,6 +29,7 @@ from pi_controller.plugins.plugin_config import check_change
 from pi_controller.safety.rules import GRADUAL
 
 if TYPE_CHECKING:
+    from pi_controller.operator_values import OperatorValues
     from pi_controller.safety.rules import Hold
 
 log = structlog.get_logger("pi_controller.operator")
@@ -94,8 +96,10 @@ MAX_REASON_CHARS = 300
 
 
 class Operator:
-    def __init__(self, expiry_s: float, wall: Callable[[], float] = time.time):
+    def __init__(self, expiry_s: float, wall: Callable[[], float] = time.time, values: OperatorValues | None = None):
+        """`values`: where config values and plugins switched off are kept across restarts."""
         self.expiry_s = expiry_s
+        self.values = values
         self.disabled: set[str] = set()
         self._overrides: dict[str, Override] = {}  # by device
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -177,6 +181,8 @@ class Operator:
             log.warning("operator_command_rejected", plugin=request.name, tick=tick, reason="no such plugin")
             return _unknown_plugin(request)
         (self.disabled.discard if request.enabled else self.disabled.add)(request.name)
+        if self.values is not None:
+            self.values.enabled_set(next(p for p in plugins if p.name == request.name), request.enabled)
         log.info("plugin_enabled" if request.enabled else "plugin_disabled_by_operator", plugin=request.name,
                  tick=tick)
         return Answer(request.reply_to, True, applied={"enabled": request.enabled})
@@ -215,6 +221,8 @@ class Operator:
                         rule=exc.rule, reason=str(exc))
             return Answer(request.reply_to, False, exc.rule, str(exc))
         plugin.set_config({**plugin.config, request.key: request.value})
+        if self.values is not None:
+            self.values.config_set(plugin, request.key, request.value)
         log.info("plugin_config_set", plugin=request.name, key=request.key, value=request.value, tick=tick)
         return Answer(request.reply_to, True, applied={request.key: request.value})
 

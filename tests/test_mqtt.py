@@ -661,3 +661,62 @@ def test_a_held_command_shows_its_rule_in_the_attributes_and_fires_the_event_ent
     finally:
         finish(process)
     assert not [t for t, _, retained in subscriber.messages if t.endswith("/event") and retained]
+
+
+def test_values_set_from_home_assistant_survive_a_sigkill_and_a_file_edit_wins(tmp_path, broker, subscriber) -> None:
+    """A setpoint and a plugin switched off, set over MQTT, are in force again after a SIGKILL and a
+    restart (and shown so); a value then changed in the config file replaces the kept one."""
+    config_path = daemon_config(tmp_path, broker.port)
+    state_dir = tmp_path / "state"
+    plugin = f"{BASE}/plugin/temperature_control"
+    saver = f"{BASE}/plugin/energy_saver"
+
+    def shown(topic: str) -> dict[str, Any] | None:
+        return state(subscriber, f"{topic}/state")
+
+    process = start_daemon(config_path, "--state-dir", str(state_dir))
+    try:
+        setpoint = discovered(subscriber, "number", "plugin_temperature_control_config_setpoint")
+        subscriber.wait_for(lambda: (s := shown(plugin)) and s["config"]["setpoint"] == 21.0)
+        subscriber.publish(setpoint["command_topic"], "19.5")
+        subscriber.publish(f"{saver}/enable", "OFF")
+        subscriber.wait_for(lambda: shown(plugin)["config"]["setpoint"] == 19.5 and shown(saver)["enabled"] is False)
+        process.send_signal(signal.SIGHUP)  # a reload loads the plugins again: the values stay in force
+        subscriber.wait_for(lambda: (s := state(subscriber, f"{BASE}/loop/state")) and s["last_reload"] == "applied")
+        assert shown(plugin)["config"]["setpoint"] == 19.5 and shown(saver)["enabled"] is False
+    finally:
+        process.kill()  # SIGKILL: no shutdown path runs
+        process.wait(timeout=30)
+    forget_retained(subscriber, plugin, saver)
+    process = start_daemon(config_path, "--state-dir", str(state_dir))
+    try:
+        subscriber.wait_for(lambda: shown(plugin))
+        assert shown(plugin)["config"]["setpoint"] == 19.5
+        assert render(setpoint["value_template"], subscriber.on(setpoint["state_topic"])[-1]) == "19.5"
+        subscriber.wait_for(lambda: (s := shown(saver)) and s["enabled"] is False and s["state"] == "disabled")
+    finally:
+        _, events = finish(process)
+    assert [e["plugins"] for e in events if e["event"] == "operator_values_restored"] == [
+        ["energy_saver", "temperature_control"]]
+    data = yaml.safe_load(config_path.read_text())
+    data["plugins"]["settings"]["temperature_control"]["config"]["setpoint"] = 20.0  # the owner's latest word
+    config_path.write_text(yaml.safe_dump(data))
+    forget_retained(subscriber, plugin, saver)
+    process = start_daemon(config_path, "--state-dir", str(state_dir))
+    try:
+        subscriber.wait_for(lambda: shown(plugin) and shown(saver))
+        assert shown(plugin)["config"]["setpoint"] == 20.0
+        assert shown(saver)["enabled"] is False  # not edited in the file: still off
+    finally:
+        _, events = finish(process)
+    assert [(e["plugin"], e["key"]) for e in events if e["event"] == "operator_value_forgotten"] == [
+        ("temperature_control", "setpoint")]
+
+
+def forget_retained(sub: Subscriber, *bases: str) -> None:
+    """Empty the retained states of `bases` and what was seen: what comes next is the next run's."""
+    for base in bases:
+        sub.client.publish(f"{base}/state", b"", qos=1, retain=True).wait_for_publish(5)
+    sub.wait_for(lambda: all(sub.on(f"{base}/state")[-1:] == [b""] for base in bases))
+    with sub._lock:
+        sub.messages.clear()

@@ -46,12 +46,12 @@ def keep(settings: Settings, directory: Path | None) -> None:
             log.warning("known_good_config_not_kept", file=str(settings.source),
                         reason="the file changed since it was read")
             return
-        _write_atomically(copy_path(directory), text)
+        write_atomically(copy_path(directory), text)
     except (OSError, config.ConfigError) as exc:
         log.warning("known_good_config_not_kept", directory=str(directory), error=str(exc))
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:

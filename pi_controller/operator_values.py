@@ -1,0 +1,144 @@
+"""What an operator sets that outlives the process, as ESPHome's `restore_value`: plugin config values
+(a setpoint from Home Assistant) and plugins switched off, kept in `<state directory>/operator-values.json`
+and applied again at every start, reload and plugin swap.
+
+One rule decides between a kept value and the config file, the owner's latest word: each value is kept
+with what the file said when it was set (`file`: the plugin's config as its manifest and the config file
+give it, or its `enabled`). While the file still says that, the kept value is in force; once the file says
+something else, the file was edited after the value was set, and its value replaces the kept one, which is
+forgotten. A kept value the plugin's schema no longer takes (a new version) is forgotten too. Each is said
+once in the log.
+
+Written after the tick that took a value up and before its state is published, so what Home Assistant
+shows is on disk; atomically (temporary file, fsync, rename), so a crash or a power cut leaves the old
+file or the new one. A file that cannot be read is logged and left aside: the daemon runs on the config
+file alone, and the next value set replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import structlog
+
+from pi_controller.contract import Rejected
+from pi_controller.observer import LoopObserver, TickReport
+from pi_controller.plugins.plugin_config import check_change
+from pi_controller.safety.known_good import write_atomically
+
+if TYPE_CHECKING:
+    from pi_controller.config import PluginsSettings
+    from pi_controller.plugins.sandbox import SandboxedPlugin
+
+log = structlog.get_logger("pi_controller.operator")
+
+FILE_NAME = "operator-values.json"
+MAX_FILE_BYTES = 256 * 1024  # a few values per plugin; the operator bounds each value at 4 KiB
+Kept = dict[str, Any]  # {"value": what the operator set, "file": what the file said then (absent: nothing)}
+
+
+class OperatorValues(LoopObserver):
+    def __init__(self, directory: Path | None):
+        self.path = directory / FILE_NAME if directory is not None else None
+        self.config: dict[str, dict[str, Kept]] = {}  # plugin -> key -> kept
+        self.enabled: dict[str, Kept] = {}  # plugin -> kept
+        self._changed = False
+        self._load()
+
+    # -- from the operator, in the tick ----------------------------------------------------------
+
+    def config_set(self, plugin: SandboxedPlugin, key: str, value: Any) -> None:
+        self.config.setdefault(plugin.name, {})[key] = _kept(value, plugin.grant.config, key)
+        self._changed = True
+
+    def enabled_set(self, plugin: SandboxedPlugin, enabled: bool) -> None:
+        self.enabled[plugin.name] = {"value": enabled, "file": True}  # a loaded plugin: enabled in the file
+        self._changed = True
+
+    # -- between two ticks: a start, a reload, a swap ---------------------------------------------
+
+    def apply(self, plugins: Iterable[SandboxedPlugin], settings: PluginsSettings, disabled: set[str]) -> None:
+        """The kept values onto the plugins as loaded now, and the operator's `disabled` set, by the rule."""
+        for name, kept in list(self.enabled.items()):
+            in_file = settings.settings[name].enabled if name in settings.settings else True
+            if kept["file"] != in_file:
+                self._forget(name, "enabled", "the config file changed it since")
+            elif kept["value"]:
+                disabled.discard(name)
+            else:
+                disabled.add(name)
+        for plugin in plugins:
+            values = {key: kept["value"] for key, kept in list(self.config.get(plugin.name, {}).items())
+                      if self._still(plugin, key, kept)}
+            if values:
+                plugin.set_config(values)
+        self._save()
+
+    def _still(self, plugin: SandboxedPlugin, key: str, kept: Kept) -> bool:
+        """Whether a kept value stands for `plugin` as loaded now; forgotten if not."""
+        if _kept(kept["value"], plugin.grant.config, key) != kept:
+            self._forget(plugin.name, key, "the config file changed it since")
+            return False
+        try:
+            check_change(key, kept["value"], plugin.grant.config_schema, plugin.grant.config)
+        except Rejected as exc:
+            self._forget(plugin.name, key, f"this version refuses it: {exc}")
+            return False
+        return True
+
+    def _forget(self, plugin: str, key: str, why: str) -> None:
+        if key == "enabled":
+            del self.enabled[plugin]
+        else:
+            del self.config[plugin][key]
+        self._changed = True
+        log.info("operator_value_forgotten", plugin=plugin, key=key, reason=why)
+
+    # -- the file --------------------------------------------------------------------------------
+
+    def tick_done(self, report: TickReport) -> None:
+        self._save()
+
+    def _save(self) -> None:
+        if not self._changed or self.path is None:
+            return
+        self._changed = False
+        text = json.dumps({"config": self.config, "enabled": self.enabled}, indent=1, sort_keys=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.path, text)
+        except OSError as exc:  # a full or read-only card: the values stay in force until the process ends
+            log.warning("operator_values_not_kept", file=str(self.path), error=str(exc))
+
+    def _load(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            if self.path.stat().st_size > MAX_FILE_BYTES:
+                raise ValueError(f"over {MAX_FILE_BYTES} bytes")
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            config, enabled = data["config"], data["enabled"]
+            if not _readable(config, enabled):
+                raise ValueError("not what this daemon writes")
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a file anyone could edit: never a crash loop
+            log.warning("operator_values_unreadable", file=str(self.path), error=str(exc)[:200],
+                        note="running on the config file's values; the next value set replaces the file")
+            return
+        self.config, self.enabled = config, enabled
+        log.info("operator_values_restored", file=str(self.path), plugins=sorted(set(config) | set(enabled)))
+
+
+def _kept(value: Any, file_config: Mapping[str, Any], key: str) -> Kept:
+    return {"value": value, **({"file": file_config[key]} if key in file_config else {})}
+
+
+def _readable(config: Any, enabled: Any) -> bool:
+    """Whether the file's parts are what `_save` writes."""
+    def kept(entry: Any) -> bool:
+        return isinstance(entry, dict) and "value" in entry
+
+    return (isinstance(config, dict) and isinstance(enabled, dict)
+            and all(isinstance(keys, dict) and all(map(kept, keys.values())) for keys in config.values())
+            and all(kept(entry) and "file" in entry for entry in enabled.values()))

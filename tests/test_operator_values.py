@@ -1,0 +1,96 @@
+"""Operator values kept across restarts: the file-edit rule, a schema that changed, a bad file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from pi_controller.config import PluginSettings, PluginsSettings
+from pi_controller.operator import EnablePlugin, Operator, SetPluginConfig
+from pi_controller.operator_values import FILE_NAME, OperatorValues
+from pi_controller.plugins.plugin_config import ConfigField
+from pi_controller.plugins.sandbox import SandboxedPlugin
+
+
+class FakePlugin(SimpleNamespace):
+    """What the operator and the kept values touch of a plugin: its name, grant and config."""
+
+    set_config = SandboxedPlugin.set_config
+
+
+def thermostat(setpoint: float = 21.0, maximum: float = 30.0) -> FakePlugin:
+    schema = {"setpoint": ConfigField("number", min=5, max=maximum)}
+    made = FakePlugin(name="thermostat", grant=SimpleNamespace(config={"setpoint": setpoint}, config_schema=schema))
+    made.set_config({})
+    return made
+
+
+def restart(state: Path, plugin: FakePlugin, settings: PluginsSettings | None = None) -> set[str]:
+    """A new process: the kept values read and applied to `plugin` as loaded; the plugins switched off."""
+    disabled: set[str] = set()
+    OperatorValues(state).apply([plugin], settings or PluginsSettings(), disabled)
+    return disabled
+
+
+def set_values(state: Path, plugin: FakePlugin, *requests: Any) -> None:
+    values = OperatorValues(state)
+    operator = Operator(expiry_s=10, values=values)
+    for request in requests:
+        operator.submit(request)
+    operator.commands({}, [plugin], now=0.0, tick=0)
+    values.tick_done(None)  # type: ignore[arg-type]  # it reads no report
+
+
+def test_a_value_set_is_in_force_after_a_restart_until_the_file_changes_it(tmp_path: Path) -> None:
+    set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 19.5),
+               EnablePlugin("thermostat", False))
+    restarted = thermostat()
+    assert restart(tmp_path, restarted) == {"thermostat"} and restarted.config == {"setpoint": 19.5}
+    edited = thermostat(setpoint=20.0)  # the owner edited the file since: the file's latest word wins
+    with capture_logs() as logs:
+        assert restart(tmp_path, edited) == {"thermostat"}  # what the file did not change stays
+    assert edited.config == {"setpoint": 20.0}
+    assert [(e["key"], e["reason"]) for e in logs if e["event"] == "operator_value_forgotten"] == [
+        ("setpoint", "the config file changed it since")]
+    again = thermostat(setpoint=21.0)  # and it is forgotten for good, even with the file back as it was
+    restart(tmp_path, again)
+    assert again.config == {"setpoint": 21.0}
+    assert json.loads((tmp_path / FILE_NAME).read_text())["config"] == {"thermostat": {}}
+
+
+def test_disabling_in_the_file_replaces_the_operators_switch(tmp_path: Path) -> None:
+    set_values(tmp_path, thermostat(), EnablePlugin("thermostat", False))
+    off_in_file = PluginsSettings(settings={"thermostat": PluginSettings(enabled=False)})
+    restart(tmp_path, thermostat(), off_in_file)
+    assert restart(tmp_path, thermostat()) == set()  # on in the file again: the file's word
+
+
+def test_a_value_the_new_version_refuses_is_forgotten(tmp_path: Path) -> None:
+    set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0))
+    narrower = thermostat(maximum=25.0)
+    with capture_logs() as logs:
+        restart(tmp_path, narrower)
+    assert narrower.config == {"setpoint": 21.0}
+    assert [e["reason"][:23] for e in logs if e["event"] == "operator_value_forgotten"] == ["this version refuses it"]
+
+
+def test_an_unreadable_file_is_logged_and_the_config_file_rules(tmp_path: Path) -> None:
+    for text in ("{not json", '{"config": {"thermostat": {"setpoint": 3}}, "enabled": {}}', "[]", "x" * 300_000):
+        (tmp_path / FILE_NAME).write_text(text)
+        plugin = thermostat()
+        with capture_logs() as logs:
+            assert restart(tmp_path, plugin) == set()
+        assert plugin.config == {"setpoint": 21.0}
+        assert [e["event"] for e in logs] == ["operator_values_unreadable"]
+
+
+def test_without_a_state_directory_nothing_is_written(tmp_path: Path) -> None:
+    plugin = thermostat()
+    values = OperatorValues(None)
+    Operator(expiry_s=10, values=values).submit(SetPluginConfig("thermostat", "setpoint", 19.5))
+    values.tick_done(None)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == [] and plugin.config == {"setpoint": 21.0}
