@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from pi_controller import __version__
 from pi_controller.config import Settings
+from pi_controller.plugins.manifest import Climate
 from pi_controller.plugins.plugin_config import Schema
 from pi_controller.readiness import Readiness
 from pi_controller.stats import PluginStats
@@ -123,6 +124,12 @@ class Status:
         """Each plugin of the folder by name, with its config schema (None: none, or not loaded)."""
         schemas = {p.name: p.grant.config_schema for p in self.plugins}
         return {name: schemas.get(name) for name in self.plugins.status}
+
+    def thermostats(self) -> dict[str, Climate]:
+        """The loaded plugins whose manifest declares a thermostat role, resolved against their config."""
+        resolved = {p.name: p.grant.manifest.thermostat.resolve(p.config, p.grant.config_schema)
+                    for p in self.plugins if p.grant.manifest.thermostat is not None}
+        return {name: climate for name, climate in resolved.items() if climate is not None}
 
     def shadowed(self) -> list[str]:
         """The plugins a shadow plugin runs beside."""

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -19,7 +20,7 @@ from pi_controller.clock import VirtualClock
 from pi_controller.config import ConfigError
 from pi_controller.daemon import Daemon
 from pi_controller.devices.sensors import Reading
-from pi_controller.mqtt import discovery
+from pi_controller.mqtt import discovery, inbox
 from pi_controller.mqtt.telemetry import Telemetry
 from pi_controller.operator import SetActuator
 from pi_controller.plugins.plugin_config import ConfigField
@@ -73,6 +74,29 @@ ACCEPTED = {
                           "speed_range_min", "speed_range_max", "payload_reset_percentage",
                           "payload_reset_preset_mode", "payload_off", "payload_on", "payload_oscillation_off",
                           "payload_oscillation_on", "state_value_template"},
+    # climate.py _PLATFORM_SCHEMA_BASE (MQTT_BASE_SCHEMA: no state_topic nor command_topic of its own)
+    "climate": BASE | COMMON | {"name", "optimistic", "payload_off", "payload_on", "retain", "temperature_unit",
+                                "value_template", "precision", "initial", "min_temp", "max_temp", "temp_step",
+                                "modes", "mode_command_template", "mode_command_topic", "mode_state_template",
+                                "mode_state_topic", "action_template", "action_topic", "current_temperature_template",
+                                "current_temperature_topic", "current_humidity_template", "current_humidity_topic",
+                                "temperature_command_template", "temperature_command_topic",
+                                "temperature_state_template", "temperature_state_topic",
+                                "temperature_high_command_template", "temperature_high_command_topic",
+                                "temperature_high_state_template", "temperature_high_state_topic",
+                                "temperature_low_command_template", "temperature_low_command_topic",
+                                "temperature_low_state_template", "temperature_low_state_topic",
+                                "power_command_template", "power_command_topic", "fan_modes",
+                                "fan_mode_command_template", "fan_mode_command_topic", "fan_mode_state_template",
+                                "fan_mode_state_topic", "preset_modes", "preset_mode_command_template",
+                                "preset_mode_command_topic", "preset_mode_state_topic", "preset_mode_value_template",
+                                "swing_modes", "swing_mode_command_template", "swing_mode_command_topic",
+                                "swing_mode_state_template", "swing_mode_state_topic", "swing_horizontal_modes",
+                                "swing_horizontal_mode_command_template", "swing_horizontal_mode_command_topic",
+                                "swing_horizontal_mode_state_template", "swing_horizontal_mode_state_topic",
+                                "max_humidity", "min_humidity", "target_humidity_command_template",
+                                "target_humidity_command_topic", "target_humidity_state_template",
+                                "target_humidity_state_topic"},
     # event.py _PLATFORM_SCHEMA_BASE (MQTT_RO_SCHEMA; event_types required)
     "event": RO | COMMON | {"device_class", "name", "event_types"},
 }
@@ -84,6 +108,8 @@ ORIGIN = {"name", "sw_version", "support_url"}
 AVAILABILITY = {"topic", "payload_available", "payload_not_available", "value_template"}
 # The templates Home Assistant renders, and the topic each renders a message of.
 TEMPLATES = {"value_template": "state_topic", "state_value_template": "state_topic",
+             "mode_state_template": "mode_state_topic", "temperature_state_template": "temperature_state_topic",
+             "current_temperature_template": "current_temperature_topic", "action_template": "action_topic",
              "percentage_value_template": "percentage_state_topic",
              "direction_value_template": "direction_state_topic", "json_attributes_template": "json_attributes_topic"}
 
@@ -129,7 +155,8 @@ def published(tmp_path: Path, write_config):
         telemetry.tick_done(None)  # type: ignore[arg-type]  # it reads the status, not the report
         payloads = {topic: payload for topic, payload, _ in telemetry.outbox}
         configs = {topic: config_ for topic, config_ in discovery.configs(
-            daemon.settings, daemon.status.config_schemas(), daemon.status.shadowed()).items() if config_}  # not removals
+            daemon.settings, daemon.status.config_schemas(), daemon.status.shadowed(),
+            daemon.status.thermostats()).items() if config_}  # not removals
         counted = {"failsafes": sum(daemon.loop.safety.failsafes.values()),
                    "safety_holds": sum(sum(rules.values()) for rules in daemon.loop.safety.held.values())}
         yield configs, payloads, counted
@@ -177,7 +204,7 @@ def check_accepted(topic: str, payload: dict[str, Any]) -> None:
     assert payload.get("entity_category") in (None, "config", "diagnostic")
     assert platform in COMMANDED or "command_topic" not in payload
     assert platform not in COMMANDED or payload["command_topic"]
-    assert platform == "button" or payload["state_topic"]
+    assert platform in ("button", "climate") or payload["state_topic"]
     for template, topic_key in TEMPLATES.items():
         assert template not in payload or payload.get(topic_key), f"{topic}: {template} without {topic_key}"
     if platform in ("sensor", "binary_sensor"):  # entity.py: "cannot be added as the entity category is set to config"
@@ -191,6 +218,10 @@ def check_accepted(topic: str, payload: dict[str, Any]) -> None:
         assert payload["min"] < payload["max"] and payload["step"] >= 0.001
     if platform == "select":
         assert payload["options"] and all(isinstance(option, str) for option in payload["options"])
+    if platform == "climate":  # climate.py: modes from HVACMode, precision one of three, bounds in order
+        assert set(payload["modes"]) <= {"off", "heat", "cool", "heat_cool", "auto", "dry", "fan_only"}
+        assert payload["precision"] in (0.1, 0.5, 1.0) and payload["min_temp"] < payload["max_temp"]
+        assert payload.get("temperature_unit", "C") in ("C", "F")
     if platform == "event":
         assert payload["event_types"] and all(isinstance(kind, str) for kind in payload["event_types"])
 
@@ -217,6 +248,12 @@ def check_state(platform: str, template: str, value: str, entity: dict[str, Any]
         assert isinstance(json.loads(value), dict), where
     elif template == "percentage_value_template":
         assert entity["speed_range_min"] - 1 <= int(value) <= entity["speed_range_max"], where
+    elif template == "mode_state_template":
+        assert value in entity["modes"], where
+    elif template == "action_template":  # climate.py: an HVACAction
+        assert value in ("off", "heating", "cooling", "drying", "idle", "fan", "preheating", "defrosting"), where
+    elif template in ("temperature_state_template", "current_temperature_template"):
+        assert value == "None" or entity["min_temp"] - 50 <= float(value) <= entity["max_temp"] + 50, where
     elif template == "direction_value_template":
         assert value in ("forward", "reverse"), where
     elif value == "None" and entity.get("entity_category") == "config" and "/plugin/" in entity["state_topic"]:
@@ -369,3 +406,52 @@ def test_a_failed_read_is_unknown_and_its_sensor_unavailable(published) -> None:
     assert render(temperature["value_template"], failed) == "None"
     # A state that stops coming (a daemon hung with its connection up) expires after 2.5 heartbeats.
     assert motion["expire_after"] == temperature["expire_after"] == 75
+
+
+def test_the_thermostat_is_a_climate_entity(published) -> None:
+    """Current temperature from its thermometer, target from its config within the schema's bounds and
+    step, heat/off switching the plugin, heating/idle/off from its heater."""
+    configs, payloads, _ = published
+    climate = configs["homeassistant/climate/testpi/plugin_temperature_control_climate/config"]
+    base = "pi-controller/testpi"
+    assert (climate["min_temp"], climate["max_temp"], climate["temp_step"], climate["temperature_unit"]) == (
+        5, 30, 0.1, "C")
+    assert climate["temperature_command_topic"] == f"{base}/plugin/temperature_control/config/setpoint/set"
+    assert climate["mode_command_topic"] == f"{base}/plugin/temperature_control/enable"
+    assert climate["current_temperature_topic"] == f"{base}/sensor/temperature_sensor/state"
+    assert climate["action_topic"] == f"{base}/actuator/relay_switch/state"
+    command = JINJA.from_string(climate["mode_command_template"])
+    assert (command.render(value="heat"), command.render(value="off")) == ("ON", "OFF")  # what enable takes
+    plugin = payloads[climate["temperature_state_topic"]]
+    assert render(climate["temperature_state_template"], plugin) == "21.0"
+    assert render(climate["mode_state_template"], plugin) == "heat"
+    reading = json.loads(payloads[climate["current_temperature_topic"]])
+    assert float(render(climate["current_temperature_template"], payloads[climate["current_temperature_topic"]])) \
+        == reading["value"]
+    relay = json.loads(payloads[climate["action_topic"]])
+    expected = "heating" if relay["on"] else "off" if relay["owner"] == "safety" else "idle"
+    assert render(climate["action_template"], payloads[climate["action_topic"]]) == expected
+    off = json.dumps({**relay, "on": False, "owner": "safety"}).encode()
+    assert render(climate["action_template"], off) == "off"
+    idle = json.dumps({**relay, "on": False, "owner": "temperature_control"}).encode()
+    assert render(climate["action_template"], idle) == "idle"
+    failed = json.dumps(Reading("temperature_sensor", None, "celsius", 1.0, "OSError").as_json()).encode()
+    assert render(climate["current_temperature_template"], failed) == "None"  # Home Assistant: unknown
+
+
+def test_the_climate_entity_heats_the_simulated_room_to_the_target_set_from_home_assistant(run_daemon) -> None:
+    """What Home Assistant's climate sends on its temperature command topic goes through the daemon's own
+    command table, and the simulated room (19 °C at the start) is heated into the band around it."""
+    data = example_data()
+    data["mqtt"] = {"node_id": "testpi"}
+    daemon = run_daemon(data, 0)
+    climate = discovery.configs(daemon.settings, daemon.status.config_schemas(), (), daemon.status.thermostats())[
+        "homeassistant/climate/testpi/plugin_temperature_control_climate/config"]
+    routes = inbox.commands("pi-controller/testpi", daemon.operator.submit)
+    topic = climate["temperature_command_topic"]
+    (route,) = [r for f, r in routes.items() if mqtt.topic_matches_sub(f, topic)]
+    route.handle(inbox.Inbound(topic, b"23.5", False, ("temperature_control", "setpoint")))  # as HA sends it
+    asyncio.run(daemon.serve(9000))  # 15 simulated minutes
+    (temperature,) = [r.value for r in daemon.status.readings() if r.sensor_id == "temperature_sensor"]
+    assert daemon.status.plugin_states()["temperature_control"]["config"]["setpoint"] == 23.5
+    assert 23.0 <= temperature <= 24.5, temperature  # within the hysteresis band, as far as the room lags

@@ -81,3 +81,20 @@ def test_a_schema_s_unit_and_step_for_home_assistant_are_checked(tmp_path: Path,
     manifest = load_manifest(tmp_path / "p.wasm")
     assert manifest is not None and manifest.config_schema is not None
     assert (manifest.config_schema["setpoint"].step, manifest.config_schema["setpoint"].unit) == (0.5, "°C")
+
+
+@pytest.mark.parametrize("role,why", [
+    ("{current: sensor, target: hysteresis, heater: heater}", "thermostat.target: 'hysteresis' must be a number"),
+    ("{current: probe, target: setpoint, heater: heater}", "thermostat.current: 'probe' must be a config key"),
+    ("{current: sensor, target: setpoint}", "heater"),
+])
+def test_a_thermostat_role_names_a_bounded_target_and_default_ids(tmp_path: Path, role: str, why: str) -> None:
+    schema = ("config_schema:\n  setpoint: {type: number, min: 5, max: 30}\n  hysteresis: {type: number}\n"
+              "  sensor: {type: string}\n  heater: {type: string}\nconfig: {sensor: t, heater: h}\n")
+    (tmp_path / "p.yaml").write_text(f"name: p\n{schema}thermostat: {role}\n")
+    with pytest.raises(Refused, match=why):
+        load_manifest(tmp_path / "p.wasm")
+    (tmp_path / "p.yaml").write_text(f"name: p\n{schema}thermostat: {{current: sensor, target: setpoint, heater: heater}}\n")
+    role_ = load_manifest(tmp_path / "p.wasm").thermostat
+    assert role_ is not None and role_.resolve({"sensor": "t", "heater": "h"}, load_manifest(
+        tmp_path / "p.wasm").config_schema).sensor == "t"  # type: ignore[union-attr]

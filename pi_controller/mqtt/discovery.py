@@ -37,6 +37,7 @@ from pi_controller.config import MqttSettings, Settings
 from pi_controller.devices.actuators import ActuatorSettings
 from pi_controller.devices.sensors import SensorSettings
 from pi_controller.mqtt.refusals import EVENT_TYPES
+from pi_controller.plugins.manifest import Climate
 from pi_controller.plugins.plugin_config import ConfigField, Schema
 from pi_controller.schema import ID_PATTERN
 
@@ -45,6 +46,7 @@ Entity = tuple[str, str, dict[str, Any]]  # platform, object id, what its config
 PLUGIN_STATES = ["loaded", "quarantined", "disabled", "failed"]  # `PluginStatus.state`
 RELOAD_OUTCOMES = ["none", "applied", "refused", "failed"]  # `reloads.Outcome`, and none yet
 UNIQUE_ID_PREFIX = "pi_controller_"
+CLIMATE_UNITS = {"°C": "C", "°F": "F"}  # a target's unit: the climate entity's temperature_unit
 NUMBER_CLASSES = {"°C": "temperature", "°F": "temperature", "K": "temperature"}  # a config key's unit: its class
 # A sensor is republished at least every heartbeat_s: silent for this many heartbeats, it is unavailable
 # (a daemon that hangs with its connection up, a state that stopped coming).
@@ -83,11 +85,11 @@ class Topics:
         return f"{self.base}/plugin/{name}/{leaf}"
 
 
-def configs(settings: Settings, plugins: Mapping[str, Schema | None],
-            shadowed: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+def configs(settings: Settings, plugins: Mapping[str, Schema | None], shadowed: Iterable[str] = (),
+            thermostats: Mapping[str, Climate] | None = None) -> dict[str, dict[str, Any]]:
     """Discovery topic -> config payload for every entity of this Pi; `plugins`: each plugin of the
     folder with its config schema (None: it has none, or did not load); `shadowed`: plugins that have
-    a shadow plugin beside them."""
+    a shadow plugin beside them; `thermostats`: plugins that are thermostats, each a climate entity."""
     mqtt = settings.mqtt
     topics = Topics.of(mqtt)
     common = _common(mqtt, topics)
@@ -104,6 +106,7 @@ def configs(settings: Settings, plugins: Mapping[str, Schema | None],
         commands_only += [_config_entity(name, key, schema[key], topics) for key in sorted(schema)
                           if re.fullmatch(ID_PATTERN, key) and _platform_of(schema[key])]  # a key fit for a topic
     entities += [_shadow(name, topics) for name in sorted(shadowed)]
+    entities += [_climate(name, climate, topics) for name, climate in sorted((thermostats or {}).items())]
     result: dict[str, dict[str, Any]] = {}
     emptied = []  # the other mode's entities: Home Assistant drops them
 
@@ -112,7 +115,7 @@ def configs(settings: Settings, plugins: Mapping[str, Schema | None],
 
     for (platform, object_id, payload), stands_in in [(e, True) for e in entities] + [(e, False) for e in commands_only]:
         slug = f"{mqtt.node_id}_{object_id}".lower().replace("-", "_")  # entity ids: lower case, underscores
-        if "command_topic" in payload:
+        if any(key.endswith("command_topic") for key in payload):
             read_only, shown = _read_only(platform, payload) if stands_in else (None, {})
             if mqtt.commands:
                 emptied += [topic(read_only, object_id)] if read_only else []
@@ -136,6 +139,8 @@ READ_ONLY = {"switch": "binary_sensor", "light": "binary_sensor", "fan": "binary
 
 
 def _read_only(platform: str, payload: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    if platform == "climate":  # shows the temperatures, the mode and the action, and sets nothing
+        return platform, {k: v for k, v in payload.items() if "_command_" not in k}
     kept = {k: v for k, v in payload.items() if k in READ_ONLY_KEYS and (k, v) != ("entity_category", "config")}
     read_only = READ_ONLY.get(platform)
     if read_only == "binary_sensor":
@@ -308,6 +313,30 @@ def _config_entity(plugin: str, key: str, field: ConfigField, topics: Topics) ->
                     # Home Assistant converts it for those who read °F, and sends back ours
                     **({"device_class": NUMBER_CLASSES[field.unit]} if field.unit in NUMBER_CLASSES else {})}
     return platform, f"plugin_{plugin}_config_{key}", payload
+
+
+def _climate(plugin: str, climate: Climate, topics: Topics) -> Entity:
+    """A thermostat plugin: the current temperature from its thermometer, the target from its config
+    (set within the schema's bounds and step), heat/off switching the plugin on and off (off: its heater
+    goes to its safe state), and heating/idle/off from the heater's state (off: the safety rules hold it,
+    its owner gone)."""
+    field, state = climate.field, topics.plugin(plugin)
+    step = field.step or 0.1
+    target = f"value_json.config[{json.dumps(climate.target)}]"
+    return "climate", f"plugin_{plugin}_climate", {
+        "name": _name(plugin), "modes": ["off", "heat"],
+        "mode_state_topic": state, "mode_state_template": "{{ 'heat' if value_json.enabled else 'off' }}",
+        "mode_command_topic": topics.plugin(plugin, "enable"),
+        "mode_command_template": "{{ 'ON' if value == 'heat' else 'OFF' }}",
+        "temperature_state_topic": state, "temperature_state_template": f"{{{{ {target} }}}}",
+        "temperature_command_topic": topics.plugin(plugin, f"config/{climate.target}/set"),
+        "min_temp": field.min, "max_temp": field.max, "temp_step": step,
+        "precision": 1.0 if step >= 1 else 0.5 if step == 0.5 else 0.1,  # the three Home Assistant takes
+        "current_temperature_topic": topics.sensor(climate.sensor),
+        "current_temperature_template": "{{ value_json.value if value_json.valid else 'None' }}",
+        "action_topic": topics.actuator(climate.heater),
+        "action_template": "{{ 'heating' if value_json.on else ('off' if value_json.owner == 'safety' else 'idle') }}",
+        **({"temperature_unit": CLIMATE_UNITS[field.unit]} if field.unit in CLIMATE_UNITS else {})}
 
 
 def _shadow(name: str, topics: Topics) -> Entity:

@@ -64,8 +64,8 @@ class PublishPolicy:
         now, failed ones too (their entities say why)."""
         schemas = self.status.config_schemas()
         self._plugins = set(schemas)
-        self._discovery = (discovery.configs(self.status.settings, schemas, self.status.shadowed())
-                           if self.mqtt.discovery else {})
+        self._discovery = (discovery.configs(self.status.settings, schemas, self.status.shadowed(),
+                                             self.status.thermostats()) if self.mqtt.discovery else {})
 
     def rediscover(self) -> None:
         """The plugin set or the config changed (between two ticks): the difference, ahead of the states."""

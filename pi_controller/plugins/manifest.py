@@ -42,6 +42,34 @@ class ManifestLimits:
 
 
 @dataclass(frozen=True)
+class Thermostat:
+    """The plugin is a thermostat (Home Assistant shows it as a `climate` entity): config keys that name
+    its thermometer (`current`: a sensor id) and its heater (`heater`: an actuator id), and the
+    `config_schema` key of its target temperature (`target`: a number with min and max)."""
+
+    current: str
+    target: str
+    heater: str
+
+    def resolve(self, config: Mapping[str, Any], schema: Mapping[str, ConfigField] | None) -> Climate | None:
+        """The ids and the target as the plugin runs now (`config`), or None if its config names none."""
+        sensor, heater, target = config.get(self.current), config.get(self.heater), (schema or {}).get(self.target)
+        if isinstance(sensor, str) and isinstance(heater, str) and target is not None:
+            return Climate(sensor, heater, self.target, target)
+        return None
+
+
+@dataclass(frozen=True)
+class Climate:
+    """A thermostat plugin resolved: its thermometer, its heater, its target's key and field."""
+
+    sensor: str
+    heater: str
+    target: str
+    field: ConfigField
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str = ""
     version: str = ""
@@ -56,9 +84,12 @@ class Manifest:
     allowed_paths: Mapping[str, str] = field(default_factory=dict)  # host directory -> guest path
     sensors: tuple[str, ...] | None = None
     actuators: tuple[str, ...] | None = None
+    thermostat: Thermostat | None = None
 
     def __post_init__(self) -> None:
         check_settings(self.config, self.config_schema)
+        if self.thermostat is not None:
+            _check_thermostat(self.thermostat, self.config, self.config_schema or {})
 
 
 @dataclass(frozen=True)
@@ -195,6 +226,16 @@ def _check_granted(name: str, kind: str, granted: frozenset[str] | None, existin
                                                                           own.index(device)), problem)
         raise Refused(f"its manifest grants it '{device[:64]}', which is not among the {kind} of this config "
                       f"({known}): grant what exists with plugins.settings.{name}.{kind}")
+
+
+def _check_thermostat(role: Thermostat, defaults: Mapping[str, Any], schema: Mapping[str, ConfigField]) -> None:
+    target = schema.get(role.target)
+    if target is None or target.type != "number" or target.min is None or target.max is None:
+        raise FieldError(("thermostat", "target"), f"'{role.target}' must be a number of config_schema with min and max")
+    for key in ("current", "heater"):
+        name = getattr(role, key)
+        if not isinstance(defaults.get(name), str):
+            raise FieldError(("thermostat", key), f"'{name}' must be a config key with a default id in the manifest's config")
 
 
 def _set(ids: tuple[str, ...] | None) -> frozenset[str] | None:
