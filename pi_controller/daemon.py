@@ -26,7 +26,7 @@ from pi_controller.plugins import checks
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.manifest import Devices
 from pi_controller.plugins.plugin_set import PluginSet
-from pi_controller.plugins.shadow import Shadows
+from pi_controller.plugins.shadow import Shadows, promote
 from pi_controller.plugins.shadow_supervisor import ShadowSupervisor
 from pi_controller.plugins.watch import PluginWatcher
 from pi_controller.reloads import ReloadResult, Reloads, prepared
@@ -72,7 +72,7 @@ class Daemon:
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
         self.values = OperatorValues(self.state_dir)
-        self.operator = Operator(settings.mqtt.override_expiry_s, self.clock.time, self.values)
+        self.operator = Operator(settings.mqtt.override_expiry_s, self.clock.time, self.values, self._promote)
         self.values.apply(self.plugins, settings.plugins, self.operator.disabled)
         self.status = Status(settings, self.plugins, self.operator, self.watchdog, self.clock.monotonic)
         # Time from the one clock; only the watchdog keeps a real timer, since it must catch a stuck loop.
@@ -95,6 +95,18 @@ class Daemon:
         self.loop.shadows = self.status.shadows = shadows
         if self.telemetry is not None:
             self.telemetry.policy.rediscover()
+
+    def _promote(self, name: str) -> str | None:
+        """From the tick: make the running shadow of `name` live, or say why not. The files move on a
+        thread; the watcher then swaps the new version in, as for any file dropped in."""
+        if name not in {p.name for p in self.shadows.current.plugins}:
+            return f"no shadow plugin '{name[:64]}' runs beside it"
+        if not self.settings.plugins.watch:
+            return "plugins.watch is off: the promoted file would not be loaded until a reload"
+        moved = asyncio.get_running_loop().run_in_executor(None, promote, self.plugins.directory, name)
+        moved.add_done_callback(lambda done: done.exception() and log.error(
+            "plugin_promotion_failed", plugin=name, error=str(done.exception())))
+        return None
 
     def _recorder(self, settings: Settings) -> Recorder | None:
         path = self._record_to or (settings.source.parent / settings.record.path if settings.record.path else None)

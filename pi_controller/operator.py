@@ -63,7 +63,15 @@ class SetPluginConfig:
     reply_to: str = ""
 
 
-Request = SetActuator | Release | EnablePlugin | SetPluginConfig
+@dataclass(frozen=True)
+class PromotePlugin:
+    """Make the plugin's shadow (its candidate version) live: Home Assistant's update entity's install."""
+
+    name: str
+    reply_to: str = ""
+
+
+Request = SetActuator | Release | EnablePlugin | SetPluginConfig | PromotePlugin
 
 
 @dataclass(frozen=True)
@@ -96,10 +104,13 @@ MAX_REASON_CHARS = 300
 
 
 class Operator:
-    def __init__(self, expiry_s: float, wall: Callable[[], float] = time.time, values: OperatorValues | None = None):
-        """`values`: where config values and plugins switched off are kept across restarts."""
+    def __init__(self, expiry_s: float, wall: Callable[[], float] = time.time, values: OperatorValues | None = None,
+                 promote: Callable[[str], str | None] | None = None):
+        """`values`: where config values and plugins switched off are kept across restarts; `promote`:
+        starts making a plugin's shadow live (off the tick), or says why it cannot."""
         self.expiry_s = expiry_s
         self.values = values
+        self.promote = promote
         self.disabled: set[str] = set()
         self._overrides: dict[str, Override] = {}  # by device
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -173,6 +184,8 @@ class Operator:
                 return self._enable(request, plugins, tick)
             case SetPluginConfig():
                 return self._configure(request, plugins, tick)
+            case PromotePlugin():
+                return self._promote(request, tick)
             case _:
                 assert_never(request)
 
@@ -225,6 +238,15 @@ class Operator:
             self.values.config_set(plugin, request.key, request.value)
         log.info("plugin_config_set", plugin=request.name, key=request.key, value=request.value, tick=tick)
         return Answer(request.reply_to, True, applied={request.key: request.value})
+
+
+    def _promote(self, request: PromotePlugin, tick: int) -> Answer:
+        refused = self.promote(request.name) if self.promote is not None else "this daemon runs no shadow plugins"
+        if refused is not None:
+            log.warning("operator_command_rejected", plugin=request.name[:64], tick=tick, reason=refused)
+            return Answer(request.reply_to, False, "no_candidate", refused)
+        log.info("plugin_promotion_started", plugin=request.name, tick=tick)
+        return Answer(request.reply_to, True, applied={"promoting": request.name})
 
 
 def _as_held(answer: Answer, hold: Hold | None, state: Mapping[str, Any] | None) -> Answer:

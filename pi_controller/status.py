@@ -95,11 +95,20 @@ class Status:
                             "reason": status.reason if enabled else "disabled by the operator",
                             "enabled": enabled, "calls": stats.calls,
                             "errors": stats.errors, "rejected": stats.rejected, "held": stats.held,
-                            "config": configs.get(name, {})}
+                            "config": configs.get(name, {}), "version": status.version, "sha256": status.sha256,
+                            "candidate": self._candidate(name)}
             shadow = self.shadows.agreement_of(name) if self.shadows else None
             if shadow is not None:
                 states[name]["shadow"] = shadow
         return states
+
+    def _candidate(self, name: str) -> dict[str, Any] | None:
+        """The version and hash of the shadow plugin of `name`, if one runs another file: what promoting
+        it installs."""
+        status = self.shadows.plugins.status.get(name) if self.shadows else None
+        if status is None or status.state != "loaded" or status.sha256 == self.plugins.status[name].sha256:
+            return None
+        return {"version": status.version, "sha256": status.sha256}
 
     def loop_state(self) -> dict[str, Any] | None:
         """Tick statistics, and the daemon's health for Home Assistant's diagnostic entities. None until

@@ -97,6 +97,10 @@ ACCEPTED = {
                                 "max_humidity", "min_humidity", "target_humidity_command_template",
                                 "target_humidity_command_topic", "target_humidity_state_template",
                                 "target_humidity_state_topic"},
+    # update.py PLATFORM_SCHEMA_MODERN (MQTT_RO_SCHEMA; command_topic optional)
+    "update": RO | COMMON | {"command_topic", "device_class", "display_precision", "latest_version_template",
+                             "latest_version_topic", "name", "payload_install", "release_summary", "release_url",
+                             "retain", "title"},
     # event.py _PLATFORM_SCHEMA_BASE (MQTT_RO_SCHEMA; event_types required)
     "event": RO | COMMON | {"device_class", "name", "event_types"},
 }
@@ -178,10 +182,9 @@ def test_every_discovery_payload_uses_only_keys_home_assistant_accepts(published
     assert all(payload["unique_id"].startswith(discovery.UNIQUE_ID_PREFIX) for payload in configs.values())
 
 
-def test_read_only_payloads_are_accepted_too(published, write_config) -> None:
+def test_read_only_payloads_are_accepted_too(write_config) -> None:
     """Read-only mode's own payloads: its stand-ins for what takes commands are sensors, in no config
     category (which Home Assistant refuses on a sensor or binary_sensor)."""
-    configs, _, _ = published
     data = example_data()
     data["mqtt"] = {"node_id": "testpi", "commands": False}
     schemas = {"temperature_control": {"setpoint": ConfigField("number", min=5, max=30)}}
@@ -202,7 +205,7 @@ def check_accepted(topic: str, payload: dict[str, Any]) -> None:
     assert payload.get("availability_mode", "all") == "all"
     assert "object_id" not in payload and payload["default_entity_id"].startswith(f"{platform}.")
     assert payload.get("entity_category") in (None, "config", "diagnostic")
-    assert platform in COMMANDED or "command_topic" not in payload
+    assert platform in COMMANDED | {"update"} or "command_topic" not in payload
     assert platform not in COMMANDED or payload["command_topic"]
     assert platform in ("button", "climate") or payload["state_topic"]
     for template, topic_key in TEMPLATES.items():
@@ -248,6 +251,10 @@ def check_state(platform: str, template: str, value: str, entity: dict[str, Any]
         assert isinstance(json.loads(value), dict), where
     elif template == "percentage_value_template":
         assert entity["speed_range_min"] - 1 <= int(value) <= entity["speed_range_max"], where
+    elif platform == "update":  # update.py MQTT_JSON_UPDATE_SCHEMA
+        state = json.loads(value)
+        assert set(state) <= {"installed_version", "latest_version", "title"}, where
+        assert all(isinstance(v, str) and v for v in state.values()), where
     elif template == "mode_state_template":
         assert value in entity["modes"], where
     elif template == "action_template":  # climate.py: an HVACAction
@@ -455,3 +462,18 @@ def test_the_climate_entity_heats_the_simulated_room_to_the_target_set_from_home
     (temperature,) = [r.value for r in daemon.status.readings() if r.sensor_id == "temperature_sensor"]
     assert daemon.status.plugin_states()["temperature_control"]["config"]["setpoint"] == 23.5
     assert 23.0 <= temperature <= 24.5, temperature  # within the hysteresis band, as far as the room lags
+
+
+def test_each_plugin_is_an_update_whose_candidate_is_its_shadow(published) -> None:
+    configs, payloads, _ = published
+    update = configs["homeassistant/update/testpi/plugin_temperature_control_update/config"]
+    assert update["command_topic"] == "pi-controller/testpi/plugin/temperature_control/promote"
+    state = json.loads(payloads[update["state_topic"]])
+    shown = json.loads(render(update["value_template"], payloads[update["state_topic"]]))
+    assert shown["installed_version"] == f"1.0.0 ({state['sha256'][:12]})"
+    assert shown["latest_version"] == shown["installed_version"]  # its shadow is the same file: nothing new
+    newer = json.dumps({**state, "candidate": {"version": "1.1.0", "sha256": "f" * 64}}).encode()
+    assert json.loads(render(update["value_template"], newer))["latest_version"] == "1.1.0 (ffffffffffff)"
+    alone = json.loads(render(update["value_template"], payloads[configs[
+        "homeassistant/update/testpi/plugin_motion_light_update/config"]["state_topic"]]))
+    assert alone["latest_version"] == alone["installed_version"]  # no shadow: up to date

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -720,3 +721,36 @@ def forget_retained(sub: Subscriber, *bases: str) -> None:
     sub.wait_for(lambda: all(sub.on(f"{base}/state")[-1:] == [b""] for base in bases))
     with sub._lock:
         sub.messages.clear()
+
+
+def test_installing_a_plugin_update_from_home_assistant_promotes_its_shadow(tmp_path, broker, subscriber) -> None:
+    folder = tmp_path / "plugins"
+    (folder / "shadow").mkdir(parents=True)
+    for suffix in (".wasm", ".yaml"):
+        shutil.copy(BUNDLED_PLUGINS / f"temperature_control{suffix}", folder / f"temperature_control{suffix}")
+    candidate = folder / "shadow" / "temperature_control.wasm"
+    shutil.copy(BUNDLED_PLUGINS / "motion_light.wasm", candidate)  # another module: another hash
+    candidate_sha = hashlib.sha256(candidate.read_bytes()).hexdigest()
+    config_path = daemon_config(tmp_path, broker.port)
+    data = yaml.safe_load(config_path.read_text())
+    data["plugins"]["directory"] = str(folder)
+    config_path.write_text(yaml.safe_dump(data))
+    process = start_daemon(config_path)
+    plugin = f"{BASE}/plugin/temperature_control/state"
+    try:
+        update = discovered(subscriber, "update", "plugin_temperature_control_update")
+
+        def shown() -> dict[str, str]:
+            return json.loads(render(update["value_template"], subscriber.on(plugin)[-1]))
+
+        subscriber.wait_for(lambda: subscriber.on(plugin) and (state(subscriber, plugin) or {}).get("candidate"))
+        assert shown()["latest_version"] == f"? ({candidate_sha[:12]})" != shown()["installed_version"]  # no manifest
+        subscriber.publish(update["command_topic"], update["payload_install"])  # what Home Assistant's install sends
+        subscriber.wait_for(lambda: (s := state(subscriber, plugin)) and s["sha256"] == candidate_sha)
+        subscriber.wait_for(lambda: state(subscriber, plugin)["candidate"] is None)  # the shadow went live
+        assert shown()["latest_version"] == shown()["installed_version"]
+        answer = json.loads(subscriber.wait_for(lambda: subscriber.on(f"{update['command_topic']}/result"))[-1])
+        assert answer["ok"] and answer["applied"] == {"promoting": "temperature_control"}
+    finally:
+        finish(process)
+    assert not candidate.exists()

@@ -20,7 +20,7 @@ from pi_controller.mqtt.inbox import (ALL_BURST, ANSWER_EVERY_S, COMMANDS, TOPIC
                                       Gate, Inbound, Inbox, Route, commands)
 from pi_controller.mqtt.outbox import Message, Outbox
 from pi_controller.mqtt.refusals import Refusals
-from pi_controller.operator import Answer, EnablePlugin, Release, Request, SetActuator, SetPluginConfig
+from pi_controller.operator import Answer, EnablePlugin, PromotePlugin, Release, Request, SetActuator, SetPluginConfig
 from pi_controller.safety.ownership import Failsafe
 from pi_controller.safety.rules import Hold
 from tests import test_mqtt
@@ -146,7 +146,7 @@ def test_a_command_flood_is_dropped_before_its_handler_and_answered_rate_limited
 
 # One payload per command; a new row of COMMANDS gets its example here.
 EXAMPLES = {"actuator/+/set": b"ON", "actuator/+/release": b"RELEASE", "plugin/+/enable": b"off",
-            "plugin/+/config/+/set": b"19.5"}
+            "plugin/+/config/+/set": b"19.5", "plugin/+/promote": b"install"}
 
 
 def test_every_command_row_is_subscribed_under_the_base_and_makes_its_request(broker, subscriber) -> None:
@@ -164,7 +164,8 @@ def test_every_command_row_is_subscribed_under_the_base_and_makes_its_request(br
     assert requests == [SetActuator("one", b"ON", result("actuator/one/set")),  # not the retained one: stale
                         Release("one", result("actuator/one/release")),
                         EnablePlugin("one", False, result("plugin/one/enable")),
-                        SetPluginConfig("one", "two", 19.5, result("plugin/one/config/two/set"))]
+                        SetPluginConfig("one", "two", 19.5, result("plugin/one/config/two/set")),
+                        PromotePlugin("one", result("plugin/one/promote"))]
     assert attached.strays == []
 
 

@@ -102,6 +102,7 @@ def configs(settings: Settings, plugins: Mapping[str, Schema | None], shadowed: 
     commands_only = [_resume(a.id, topics) for a in settings.actuators]  # nothing to show without commands
     for name in sorted(plugins):
         entities += _plugin(name, topics)
+        commands_only.append(_update(name, topics))
         schema = plugins[name] or {}
         commands_only += [_config_entity(name, key, schema[key], topics) for key in sorted(schema)
                           if re.fullmatch(ID_PATTERN, key) and _platform_of(schema[key])]  # a key fit for a topic
@@ -277,6 +278,24 @@ def _plugin(name: str, topics: Topics) -> list[Entity]:
               "value_template": "{{ 'ON' if value_json.enabled else 'OFF' }}", "payload_on": "ON",
               "payload_off": "OFF", "state_on": "ON", "state_off": "OFF", "entity_category": "config"}
     return [("sensor", f"plugin_{name}", state), ("switch", f"plugin_{name}_enabled", switch)]
+
+
+def _version(of: str) -> str:
+    """A plugin's version as its update entity shows it (a Jinja expression): the manifest's version and
+    the file's hash, so that any other file (a shadow built from changed source, same version) is news."""
+    return f"(({of}.version or '?') ~ ((' (' ~ {of}.sha256[:12] ~ ')') if {of}.sha256 else ''))"
+
+
+def _update(name: str, topics: Topics) -> Entity:
+    """The plugin as an update: installed, the running file; latest, its shadow if one runs (install
+    promotes it, plugin/<name>/promote), else the installed one."""
+    installed = _version("value_json")
+    latest = f"({_version('value_json.candidate')} if value_json.candidate else {installed})"
+    return "update", f"plugin_{name}_update", {
+        "name": _name(name), "state_topic": topics.plugin(name), "command_topic": topics.plugin(name, "promote"),
+        "payload_install": "install", "entity_category": "config",
+        "value_template": f"{{{{ {{'installed_version': {installed}, 'latest_version': {latest}, "
+                          f"'title': {json.dumps(_name(name, 'plugin'))}}} | tojson }}}}"}
 
 
 def _platform_of(field: ConfigField) -> str | None:

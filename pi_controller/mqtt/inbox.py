@@ -29,7 +29,7 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from pi_controller.contract import Rejected
-from pi_controller.operator import Answer, EnablePlugin, Release, Request, SetActuator, SetPluginConfig
+from pi_controller.operator import Answer, EnablePlugin, PromotePlugin, Release, Request, SetActuator, SetPluginConfig
 from pi_controller.token_bucket import TokenBucket
 
 log = structlog.get_logger("pi_controller.telemetry")
@@ -174,6 +174,7 @@ COMMANDS: dict[str, Parse] = {
     "actuator/+/release": lambda at, payload, reply: Release(at[0], reply),
     "plugin/+/enable": lambda at, payload, reply: EnablePlugin(at[0], switch(payload), reply),
     "plugin/+/config/+/set": lambda at, payload, reply: SetPluginConfig(at[0], at[1], config_value(payload), reply),
+    "plugin/+/promote": lambda at, payload, reply: promotion(at[0], payload, reply),
 }
 
 
@@ -208,6 +209,12 @@ def switch(payload: bytes) -> bool:
     if word not in SWITCH:
         raise Rejected("malformed", "expected ON or OFF")
     return SWITCH[word]
+
+
+def promotion(name: str, payload: bytes, reply_to: str) -> PromotePlugin:
+    """Any short payload: Home Assistant's update entity sends its payload_install."""
+    bounded(payload, MAX_ENABLE_BYTES)
+    return PromotePlugin(name, reply_to)
 
 
 def config_value(payload: bytes) -> Any:
