@@ -303,7 +303,7 @@ def test_plugin_config_keys_become_number_select_and_switch_entities(published) 
                 "plugin_temperature_control_config_sensor"} & names  # no control fits: no entity
 
 
-def test_read_only_mode_offers_no_config_entity_and_no_resume_button(write_config) -> None:
+def test_read_only_mode_offers_no_config_entity_no_resume_button_and_no_update(write_config) -> None:
     schemas = {"temperature_control": {"setpoint": ConfigField("number", min=5, max=30)}}
     data = example_data()
     entities = {}
@@ -312,7 +312,8 @@ def test_read_only_mode_offers_no_config_entity_and_no_resume_button(write_confi
         entities[commands] = {t.split("/")[3] for t, c in discovery.configs(config.load(write_config(data)),
                                                                               schemas).items() if c}
     assert entities[True] - entities[False] == {
-        "plugin_temperature_control_config_setpoint", "led_strip_resume", "servo_motor_resume", "relay_switch_resume"}
+        "plugin_temperature_control_config_setpoint", "led_strip_resume", "servo_motor_resume", "relay_switch_resume",
+        "plugin_temperature_control_update"}  # its install is a command
 
 
 def test_each_mode_empties_the_other_modes_entities(write_config) -> None:
