@@ -614,8 +614,9 @@ def test_a_config_of_an_earlier_unique_id_is_emptied_and_sent_again(tmp_path, br
     subscriber.client.publish(topic, json.dumps(old), qos=1, retain=True).wait_for_publish(5)
     process = start_daemon(daemon_config(tmp_path, broker.port))
     try:
+        now = f"pi_controller_{NODE}_relay_switch"
         subscriber.wait_for(lambda: len(subscriber.on(topic)) >= 2 and subscriber.on(topic)[-1]
-                            and json.loads(subscriber.on(topic)[-1])["unique_id"] == f"pi_controller_{NODE}_relay_switch")
+                            and json.loads(subscriber.on(topic)[-1])["unique_id"] == now)
         subscriber.wait_for(lambda: b"" in subscriber.on(topic))
     finally:
         finish(process)

@@ -94,7 +94,9 @@ def test_a_thermostat_role_names_a_bounded_target_and_default_ids(tmp_path: Path
     (tmp_path / "p.yaml").write_text(f"name: p\n{schema}thermostat: {role}\n")
     with pytest.raises(Refused, match=why):
         load_manifest(tmp_path / "p.wasm")
-    (tmp_path / "p.yaml").write_text(f"name: p\n{schema}thermostat: {{current: sensor, target: setpoint, heater: heater}}\n")
-    role_ = load_manifest(tmp_path / "p.wasm").thermostat
-    assert role_ is not None and role_.resolve({"sensor": "t", "heater": "h"}, load_manifest(
-        tmp_path / "p.wasm").config_schema).sensor == "t"  # type: ignore[union-attr]
+    good = "thermostat: {current: sensor, target: setpoint, heater: heater}\n"
+    (tmp_path / "p.yaml").write_text(f"name: p\n{schema}{good}")
+    manifest = load_manifest(tmp_path / "p.wasm")
+    assert manifest.thermostat is not None
+    climate = manifest.thermostat.resolve({"sensor": "t", "heater": "h"}, manifest.config_schema)
+    assert climate is not None and (climate.sensor, climate.heater, climate.target) == ("t", "h", "setpoint")

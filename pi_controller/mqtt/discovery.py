@@ -114,7 +114,8 @@ def configs(settings: Settings, plugins: Mapping[str, Schema | None], shadowed: 
     def topic(platform: str, object_id: str) -> str:
         return f"{mqtt.discovery_prefix}/{platform}/{mqtt.node_id}/{object_id}/config"
 
-    for (platform, object_id, payload), stands_in in [(e, True) for e in entities] + [(e, False) for e in commands_only]:
+    tagged = [(e, True) for e in entities] + [(e, False) for e in commands_only]  # True: has a read-only stand-in
+    for (platform, object_id, payload), stands_in in tagged:
         slug = f"{mqtt.node_id}_{object_id}".lower().replace("-", "_")  # entity ids: lower case, underscores
         if any(key.endswith("command_topic") for key in payload):
             read_only, shown = _read_only(platform, payload) if stands_in else (None, {})
@@ -270,7 +271,8 @@ def _diagnostics(topics: Topics) -> list[Entity]:
 
 
 def _plugin(name: str, topics: Topics) -> list[Entity]:
-    state = {"name": _name(name, "plugin"), "state_topic": topics.plugin(name), "value_template": "{{ value_json.state }}",
+    state = {"name": _name(name, "plugin"), "state_topic": topics.plugin(name),
+             "value_template": "{{ value_json.state }}",
              "device_class": "enum", "options": PLUGIN_STATES,
              "json_attributes_topic": topics.plugin(name), "entity_category": "diagnostic"}
     switch = {"name": _name(name, "enabled"), "state_topic": topics.plugin(name),

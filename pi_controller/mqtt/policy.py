@@ -106,7 +106,8 @@ class PublishPolicy:
         """What the tick held back, refused or took to its safe state: an event each, not retained (news,
         never coalesced: the outbox's door for answers)."""
         for refusal in self.refusals.after_tick(self.status.holds(), answers):
-            self.outbox.put_answer(self.topics.actuator(refusal.device, "event"), json.dumps(refusal.payload()).encode())
+            event = json.dumps(refusal.payload()).encode()
+            self.outbox.put_answer(self.topics.actuator(refusal.device, "event"), event)
 
     def collect(self, now: float, telemetry: dict[str, Any]) -> None:
         """The states worth sending now; `telemetry`: the counts of telemetry's own state."""

@@ -231,11 +231,13 @@ def _check_granted(name: str, kind: str, granted: frozenset[str] | None, existin
 def _check_thermostat(role: Thermostat, defaults: Mapping[str, Any], schema: Mapping[str, ConfigField]) -> None:
     target = schema.get(role.target)
     if target is None or target.type != "number" or target.min is None or target.max is None:
-        raise FieldError(("thermostat", "target"), f"'{role.target}' must be a number of config_schema with min and max")
+        raise FieldError(("thermostat", "target"),
+                         f"'{role.target}' must be a number of config_schema with min and max")
     for key in ("current", "heater"):
         name = getattr(role, key)
         if not isinstance(defaults.get(name), str):
-            raise FieldError(("thermostat", key), f"'{name}' must be a config key with a default id in the manifest's config")
+            raise FieldError(("thermostat", key),
+                             f"'{name}' must be a config key with a default id in the manifest's config")
 
 
 def _set(ids: tuple[str, ...] | None) -> frozenset[str] | None:
