@@ -1,0 +1,338 @@
+"""The safety invariants of docs/safety.md ("What holds whatever happens"), as code that judges what a
+test saw: pin histories by tick (`daemon_rig.Tick`), and what the test did and knows (the files it put in
+the plugins folder, the configs it wrote and what check-config said of them).
+
+Each invariant has a name (`NAMES`); a violation raises `Violation`, which names it. `PinLaws` follows a
+daemon's life tick by tick; the functions below it judge one event (a reload, a start, an install, a
+stop). They take the daemon's reports of its own decisions (a tick's trace, a plugin's status) as the
+record of what happened, and judge them against the pins and against what the test knows independently
+(which plugin files are valid, which config it wrote, which sensor faults it caused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from pi_controller import arbitration
+from pi_controller.devices.hardware import Write
+from pi_controller.names import OPERATOR, SAFETY
+from tests.daemon_rig import PinChange, Tick
+
+OWNER = "owner"  # an actuator is driven only on behalf of its current owner, within that owner's grant
+FAILSAFE = "failsafe"  # failing, quarantined, disabled, unloaded or without the grant: safe within failsafe_after_s
+LEASE = "lease"  # no command outlives its lease (command_ttl_s, an override's end)
+REQUIRES = "requires"  # an actuator is safe while a sensor it requires is invalid
+INTERLOCK = "interlock"  # interlocked actuators are never on together, and wait_s apart
+WEAR = "wear"  # min_on_s, min_off_s and max_on_s hold on the pin history
+REFUSED_RELOAD = "refused_reload"  # a reload that is refused changes nothing
+RELOAD_KEEPS = "reload_keeps"  # an applied reload loses no plugin named in the config that was running
+CHECK_CONFIG = "check_config"  # what check-config accepts the daemon loads; what it refuses the daemon refuses
+SHUTDOWN = "shutdown"  # after a stop every pin is in its shut-down state
+CONFIGURED = "configured"  # plugins named in the config are loaded when their files are valid, whatever else is there
+READY = "ready"  # /ready answers ok only while every plugin named in the config is loaded
+INSTALL = "install"  # what `plugin install` accepts the daemon loads; what it refuses changes nothing
+
+NAMES = (OWNER, FAILSAFE, LEASE, REQUIRES, INTERLOCK, WEAR, REFUSED_RELOAD, RELOAD_KEEPS, CHECK_CONFIG, SHUTDOWN,
+         CONFIGURED, READY, INSTALL)
+
+EPSILON = 1e-6  # virtual times are sums of tick periods
+
+
+class Violation(AssertionError):
+    def __init__(self, invariant: str, message: str):
+        super().__init__(f"[{invariant}] {message}")
+        self.invariant = invariant
+
+
+@dataclass(frozen=True)
+class Actuator:
+    """What the config says of one actuator, as the test wrote it."""
+
+    id: str
+    safe: float  # the pin's value in the safe state
+    shutdown: float
+    min_on_s: float = 0.0
+    min_off_s: float = 0.0
+    max_on_s: float | None = None
+    command_ttl_s: float | None = None
+    requires: tuple[str, ...] = ()
+    interlocked: tuple[tuple[str, float], ...] = ()  # (other actuator, wait_s)
+
+    def on(self, value: float) -> bool:
+        return value != 0.0
+
+
+@dataclass(frozen=True)
+class Plant:
+    actuators: Mapping[str, Actuator]
+    failsafe_after_s: float
+
+
+@dataclass
+class _Owner:
+    """Who an actuator follows, as the trace shows it: the last winner of arbitration for it."""
+
+    plugin: str = SAFETY
+    target_on: bool = False
+    commanded_at: float = 0.0
+
+
+class PinLaws:
+    """The invariants that hold tick by tick over one life of the daemon, checked as each tick lands."""
+
+    def __init__(self, plant: Plant, started_at: float, first_pins: Mapping[str, float],
+                 enabled: Collection[str] = NAMES):
+        self.plant = plant
+        self.enabled = set(enabled)
+        self.started_at = started_at
+        self.pins = dict(first_pins)
+        self.owners = {key: _Owner() for key in plant.actuators}
+        self.bad_since: dict[tuple[str, str], tuple[float, str]] = {}  # (plugin, device) -> since, why
+        self.rejected: dict[tuple[str, str], float] = {}  # every command for the device rejected, since
+        self.switched_at = {key: started_at for key in plant.actuators}  # start-up counts as a switch
+        self.invalid_sensors: set[str] = set()  # what the test made fail, for REQUIRES
+
+    def fail(self, invariant: str, tick: Tick | None, message: str) -> None:
+        if invariant in self.enabled:
+            where = f"tick {tick.number} at {tick.at:.1f} s: " if tick is not None else ""
+            raise Violation(invariant, where + message)
+
+    def tick(self, tick: Tick) -> None:
+        self._owners(tick)
+        self._standing(tick)
+        self._changes(tick)
+        for key, actuator in self.plant.actuators.items():
+            if tick.pins[key] != actuator.safe:
+                self._not_safe(tick, actuator, tick.pins[key])
+        self.pins = dict(tick.pins)
+
+    def _owners(self, tick: Tick) -> None:
+        winners, _ = arbitration.resolve(tick.trace.proposals)
+        for command in winners:
+            if command.device_id in self.owners:
+                actuator = self.plant.actuators[command.device_id]
+                self.owners[command.device_id] = _Owner(command.plugin, actuator.on(command.target or 0.0), tick.at)
+
+    def _standing(self, tick: Tick) -> None:
+        """Since when each plugin has been unfit to drive each actuator, and why."""
+        verdicts = tick.trace.verdicts
+        answered = set(verdicts.answered)
+        accepted = {(c.plugin, c.device_id) for c in tick.trace.proposals}
+        for r in verdicts.rejections:
+            if r.device_id is not None and (r.plugin, r.device_id) not in accepted:
+                self.rejected.setdefault((r.plugin, r.device_id), tick.at)
+        for key in list(self.rejected):
+            if key in accepted:
+                del self.rejected[key]
+        for device in self.plant.actuators:
+            for plugin in {owner.plugin for owner in self.owners.values()} - {SAFETY, OPERATOR}:
+                why = self._unfit(tick, plugin, device, answered)
+                if why is None:
+                    self.bad_since.pop((plugin, device), None)
+                elif verdicts.failures.get(plugin) != "stalled":  # a stall is the machine's: no verdict
+                    self.bad_since.setdefault((plugin, device), (tick.at, why))
+
+    def _unfit(self, tick: Tick, plugin: str, device: str, answered: set[str]) -> str | None:
+        standing = tick.plugins.get(plugin)
+        failure = tick.trace.verdicts.failures.get(plugin)
+        if standing is None:
+            return "not in the plugin set (unloaded or refused)"
+        if plugin in tick.trace.disabled:
+            return "disabled by the operator"
+        if failure is not None:
+            return f"its call failed ({failure})"
+        if plugin not in answered:
+            return "not called"
+        if standing.actuators is not None and device not in standing.actuators:
+            return f"not granted '{device}' (granted {sorted(standing.actuators)})"
+        if (plugin, device) in self.rejected:
+            return f"every command it sent for '{device}' since {self.rejected[(plugin, device)]:.1f} s was rejected"
+        return None
+
+    def _not_safe(self, tick: Tick, actuator: Actuator, value: float) -> None:
+        owner = self.owners[actuator.id]
+        limit = self.plant.failsafe_after_s + tick.period - EPSILON  # the tick after the deadline
+        if owner.plugin == OPERATOR:
+            if not any(c.plugin == OPERATOR and c.device_id == actuator.id for c in tick.trace.proposals):
+                since = owner.commanded_at + tick.period
+                if tick.at - since >= limit:
+                    self.fail(LEASE, tick, f"'{actuator.id}' at {value:g} {tick.at - since:.1f} s after the "
+                                           f"operator's override ended, with no plugin in charge of it")
+        elif owner.plugin != SAFETY:
+            bad = self.bad_since.get((owner.plugin, actuator.id))
+            if bad is not None and tick.at - bad[0] >= limit:
+                self.fail(FAILSAFE, tick, f"'{actuator.id}' at {value:g}, not its safe state "
+                                          f"{actuator.safe:g}, {tick.at - bad[0]:.1f} s after its owner "
+                                          f"'{owner.plugin}' became unfit to drive it: {bad[1]}")
+        ttl = actuator.command_ttl_s
+        if ttl is not None and owner.plugin != SAFETY and tick.at - owner.commanded_at >= ttl + tick.period - EPSILON:
+            self.fail(LEASE, tick, f"'{actuator.id}' at {value:g} {tick.at - owner.commanded_at:.1f} s after "
+                                   f"'{owner.plugin}' last commanded it (command_ttl_s {ttl:g})")
+        missing = [s for s in actuator.requires if s in self.invalid_sensors]
+        if missing:
+            self.fail(REQUIRES, tick, f"'{actuator.id}' at {value:g} while the sensor it requires, "
+                                      f"{missing[0]}, is invalid")
+
+    def _changes(self, tick: Tick) -> None:
+        writes = {w.device_id: w for w in tick.trace.decision.writes}
+        pins = dict(self.pins)
+        for change in tick.changes:
+            actuator = self.plant.actuators[change.device]
+            write = writes.get(change.device)
+            self._driven_by_owner(tick, actuator, change, write)
+            was_on, now_on = actuator.on(pins[change.device]), actuator.on(change.value)
+            pins[change.device] = change.value
+            if was_on != now_on:
+                forced = write is not None and write.plugin == SAFETY
+                self._wear(tick, actuator, now_on, forced)
+                self.switched_at[actuator.id] = tick.at
+            if now_on:
+                self._interlock(tick, actuator, pins)
+        for key, actuator in self.plant.actuators.items():
+            on_since = self.switched_at[key]
+            if actuator.max_on_s is not None and actuator.on(pins[key]) and \
+                    tick.at - on_since >= actuator.max_on_s + tick.period - EPSILON:
+                self.fail(WEAR, tick, f"'{key}' on for {tick.at - on_since:.1f} s, max_on_s {actuator.max_on_s:g}")
+
+    def _driven_by_owner(self, tick: Tick, actuator: Actuator, change: PinChange, write: Write | None) -> None:
+        if write is None:
+            self.fail(OWNER, tick, f"'{actuator.id}' changed to {change.value:g} with no write of the tick for it")
+            return
+        if write.plugin == SAFETY:
+            if change.value != actuator.safe:
+                self.fail(OWNER, tick, f"'{actuator.id}' driven to {change.value:g} by the safety layer, "
+                                       f"which drives only the safe state {actuator.safe:g}")
+            return
+        owner = self.owners[actuator.id]
+        if write.plugin != owner.plugin:
+            self.fail(OWNER, tick, f"'{actuator.id}' driven to {change.value:g} on behalf of '{write.plugin}', "
+                                   f"while it follows '{owner.plugin}'")
+        if write.plugin == OPERATOR:
+            return
+        why = self._unfit(tick, write.plugin, actuator.id, set(tick.trace.verdicts.answered))
+        if why is not None:
+            self.fail(OWNER, tick, f"'{actuator.id}' driven to {change.value:g} on behalf of '{write.plugin}', "
+                                   f"which is {why}")
+        if actuator.on(change.value) and not owner.target_on:
+            self.fail(OWNER, tick, f"'{actuator.id}' switched on on behalf of '{write.plugin}', whose last "
+                                   f"command for it was off")
+
+    def _wear(self, tick: Tick, actuator: Actuator, now_on: bool, forced: bool) -> None:
+        held_for = tick.at - self.switched_at[actuator.id]
+        if now_on and held_for < actuator.min_off_s - EPSILON:
+            self.fail(WEAR, tick, f"'{actuator.id}' on {held_for:.1f} s after it last switched, "
+                                  f"min_off_s {actuator.min_off_s:g}")
+        if not now_on and not forced and held_for < actuator.min_on_s - EPSILON:
+            self.fail(WEAR, tick, f"'{actuator.id}' off {held_for:.1f} s after it last switched, "
+                                  f"min_on_s {actuator.min_on_s:g}, and not by the safety layer")
+
+    def _interlock(self, tick: Tick, actuator: Actuator, pins: Mapping[str, float]) -> None:
+        for other, wait_s in actuator.interlocked:
+            partner = self.plant.actuators[other]
+            if partner.on(pins[other]):
+                self.fail(INTERLOCK, tick, f"'{actuator.id}' and '{other}' on together")
+            elif tick.at - self.switched_at[other] < wait_s - EPSILON:
+                self.fail(INTERLOCK, tick, f"'{actuator.id}' on {tick.at - self.switched_at[other]:.1f} s after "
+                                           f"'{other}' went off; wait_s {wait_s:g}")
+
+    def stopped(self, last_pins: Mapping[str, float]) -> None:
+        for key, actuator in self.plant.actuators.items():
+            if last_pins[key] != actuator.shutdown:
+                self.fail(SHUTDOWN, None, f"after the stop '{key}' is at {last_pins[key]:g}, not its shut-down "
+                                          f"state {actuator.shutdown:g}")
+
+
+# -- one event at a time ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PluginView:
+    """A plugin of the set as its status shows it."""
+
+    state: str  # loaded, quarantined, disabled, failed
+    sha256: str | None
+    reason: str | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.state in ("loaded", "quarantined")
+
+
+@dataclass
+class Judge:
+    """Judges events against what the test knows; `enabled` selects invariants."""
+
+    enabled: Collection[str] = field(default_factory=lambda: NAMES)
+
+    def fail(self, invariant: str, message: str) -> None:
+        if invariant in self.enabled:
+            raise Violation(invariant, message)
+
+    def configured_loaded(self, plugins: Mapping[str, PluginView], due: Iterable[str], when: str) -> None:
+        """`due`: the plugins named in the config in force whose files and settings are valid and
+        which fit the budget together: each must be loaded (or quarantined)."""
+        for name in sorted(due):
+            view = plugins.get(name)
+            if view is None or not view.live:
+                self.fail(CONFIGURED, f"{when}: '{name}' is named in the config and its files are valid, but it "
+                                      f"is {view.state if view else 'not in the set'}"
+                                      f"{': ' + (view.reason or '')[:300] if view else ''}")
+
+    def ready(self, ready: bool, plugins: Mapping[str, PluginView], configured: Iterable[str], when: str) -> None:
+        missing = [name for name in sorted(configured) if not (name in plugins and plugins[name].live)]
+        if ready and missing:
+            self.fail(READY, f"{when}: /ready answers ok while '{missing[0]}', named in the config, is "
+                             f"{plugins[missing[0]].state if missing[0] in plugins else 'not loaded'}")
+
+    def reload(self, accepted: bool, outcome: str, message: str, before: Mapping[str, PluginView],
+               after: Mapping[str, PluginView], settings_kept: bool, configured: Iterable[str],
+               expected: Iterable[str]) -> None:
+        """A SIGHUP after the test wrote a config that check-config `accepted` (exit 0) or refused;
+        `expected`: the plugins of the new config whose files are valid, which fit the budget together."""
+        if outcome != "applied":
+            if accepted:
+                self.fail(CHECK_CONFIG, f"check-config accepted the config, the reload was {outcome}: {message}")
+            if before != after or not settings_kept:
+                self.fail(REFUSED_RELOAD, f"the reload was {outcome}, yet the plugins went from {_show(before)} "
+                                          f"to {_show(after)}" + ("" if settings_kept else " and the settings changed"))
+            return
+        if not accepted:
+            self.fail(CHECK_CONFIG, f"check-config refused the config, the reload applied it: {message}")
+        lost = [name for name in sorted(configured) if before.get(name, _GONE).live and not after.get(name, _GONE).live]
+        if lost:
+            self.fail(RELOAD_KEEPS, f"the reload was applied and '{lost[0]}', named in the config and running "
+                                    f"before, is now {after.get(lost[0], _GONE).state}: "
+                                    f"{(after.get(lost[0], _GONE).reason or '')[:300]}")
+        if accepted:
+            refused = [name for name in sorted(expected) if not after.get(name, _GONE).live]
+            if refused:
+                self.fail(CHECK_CONFIG, f"check-config accepted the config, and after the reload '{refused[0]}' "
+                                        f"is {after.get(refused[0], _GONE).state}: "
+                                        f"{(after.get(refused[0], _GONE).reason or '')[:300]}")
+
+    def start(self, accepted: bool, started: bool, why: str) -> None:
+        if accepted != started:
+            self.fail(CHECK_CONFIG, f"check-config {'accepted' if accepted else 'refused'} the config, "
+                                    f"the daemon {'started' if started else 'refused to start'}: {why}")
+
+    def install(self, name: str, installed: bool, why: str, valid: bool, folder_kept: bool,
+                after: PluginView | None) -> None:
+        """`valid`: whether the test made the plugin valid (module and manifest)."""
+        if not installed:
+            if not folder_kept:
+                self.fail(INSTALL, f"plugin install refused '{name}' ({why}) and yet changed the plugins folder")
+            return
+        if not valid:
+            self.fail(INSTALL, f"plugin install accepted '{name}', whose files are not valid")
+        if after is None or not after.live:
+            self.fail(INSTALL, f"plugin install accepted '{name}', the daemon then "
+                               f"{'left it out' if after is None else after.state}: "
+                               f"{(after.reason if after else '') or ''}"[:400])
+
+
+_GONE = PluginView("not in the set", None)
+
+
+def _show(plugins: Mapping[str, PluginView]) -> str:
+    return "{" + ", ".join(f"{name}: {view.state}" for name, view in sorted(plugins.items())) + "}"
