@@ -1,0 +1,661 @@
+"""A state machine over the real daemon: any sequence of ordinary events, every invariant after each.
+
+`DaemonMachine` (hypothesis' `RuleBasedStateMachine`) drives one daemon on a `daemon_rig.Rig` (mock pins,
+a stepped virtual clock) through what a Pi owner and the things around the daemon do: plugin files
+dropped in, replaced and removed (the `switchboard` test plugin, whose every behaviour is a config value,
+under several names; a plugin that traps; a file that is no module), manifests rewritten (grants,
+priorities, limits, names, broken ones), plugins quarantined, configs reloaded (good ones, and ones with a
+bad plugin setting, a budget overrun or broken YAML, each after `check-config`), restarts, `plugin install`,
+the plugins folder deleted and recreated, operator requests and plugin settings over the operator's API,
+sensor faults, and time: ticks, and stalls of the loop.
+
+Every tick is judged by `invariants.PinLaws` as it lands, and every event by `invariants.Judge`, against
+what the machine knows independently: which files it put where and whether they are valid, which config
+it wrote and what check-config said of it, which sensor faults it caused. Which invariants are judged is
+`DaemonMachine.judged` (`checking` makes a machine that judges only some, to find one row of issue 25 at
+a time). `tests/test_daemon_machine.py` runs it on a bounded budget; `benchmarks/fuzz.py --stateful`
+runs it long. A sequence it finds is printed as calls of these rules, and kept as a plain test there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import structlog
+import yaml
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from pi_controller import cli, logs
+from pi_controller.config import ConfigError
+from pi_controller.devices.hardware import HardwareError
+from pi_controller.mqtt.operator import EnablePlugin, Release, SetActuator, SetPluginConfig
+from pi_controller.plugins import install as plugin_install
+from pi_controller.sim.record import RecordingError
+from tests import invariants
+from tests.daemon_rig import Rig, RigError, StartRefused
+from tests.invariants import Actuator, Judge, PinLaws, Plant, PluginView
+
+TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
+MODULES = {"switchboard": (TEST_PLUGINS / "switchboard.wasm").read_bytes(),
+           "trap": (TEST_PLUGINS / "trap.wasm").read_bytes(),  # loads, and traps on every call
+           "broken": b"this is no WebAssembly module\n"}  # refused by the file gate
+LOADABLE = {"switchboard", "trap"}
+
+CONFIGURED = ("thermostat", "lamp_ctl")  # named in the first config
+DROPPED = ("hog", "stray")  # only ever dropped into the folder, unless a reload names them
+NAMES = CONFIGURED + DROPPED
+PINS = {"heater": 27, "cooler": 22, "lamp": 18}
+NO_SUCH_DEVICE = "boiler"
+SENSOR = "thermometer"
+W1_ID = "28-000000000001"
+BUDGET_MS = 60  # 10 Hz, plugin_budget 0.6
+DEFAULT_TIMEOUT_MS = 10
+FAILSAFE_AFTER_S = 1.0
+
+# The switchboard's config, as its manifests declare it; values off the schema are refused wherever
+# a schema applies (a plugin without a manifest has none).
+SCHEMA = {"mode": {"type": "string", "allowed": ["on", "off", "silent", "trap", "error", "garbage"]},
+          "device": {"type": "string", "max_length": 64},
+          "every": {"type": "integer", "min": 1, "max": 100},
+          "duty": {"type": "number", "min": 0, "max": 100}}
+GOOD_VALUES: dict[str, tuple[Any, ...]] = {"mode": ("on", "off", "silent", "trap", "error", "garbage"),
+                                           "device": ("heater", "cooler", "lamp", NO_SUCH_DEVICE),
+                                           "every": (1, 4), "duty": (30, 100)}
+BAD_VALUES: tuple[tuple[str, Any], ...] = (("mode", "hot"), ("every", 0), ("hysterisis", 0.5))
+
+
+def plant() -> Plant:
+    """The actuators of `config_text`, as invariants judge them (pin values: relays 0/1, PWM duty/100)."""
+    return Plant({
+        "heater": Actuator("heater", 0.0, 0.0, min_on_s=1, min_off_s=1, max_on_s=30, command_ttl_s=5,
+                           requires=(SENSOR,), interlocked=(("cooler", 1.0),)),
+        "cooler": Actuator("cooler", 0.0, 0.0, interlocked=(("heater", 1.0),)),
+        "lamp": Actuator("lamp", 0.0, 0.0),
+    }, FAILSAFE_AFTER_S)
+
+
+# -- what the machine puts on disk, and whether it is valid ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A plugin's manifest as the machine writes it; `valid` by construction."""
+
+    actuators: tuple[str, ...] | None = None
+    priority: int | None = None
+    timeout_ms: int | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    name: str | None = None  # the manifest's `name`: None for none, "" for the file's own name
+    broken: bool = False  # not YAML at all
+
+    def valid(self, file_name: str) -> bool:
+        return not self.broken and NO_SUCH_DEVICE not in (self.actuators or ()) and (self.priority or 0) <= 1000 \
+            and (self.timeout_ms or 0) <= 50 and _valid_config(self.config) and self.name in (None, "", file_name)
+
+    def text(self, file_name: str) -> str:
+        if self.broken:
+            return "name: [unclosed\n"
+        data: dict[str, Any] = {"version": "1.0.0", "config_schema": SCHEMA}
+        if self.name is not None:
+            data["name"] = self.name or file_name
+        if self.actuators is not None:
+            data["actuators"] = list(self.actuators)
+        if self.priority is not None:
+            data["priority"] = self.priority
+        if self.timeout_ms is not None:
+            data["limits"] = {"timeout_ms": self.timeout_ms}
+        if self.config:
+            data["config"] = dict(self.config)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Files:
+    module: str  # a key of MODULES
+    manifest: Manifest | None
+
+    def valid(self, name: str) -> bool:
+        return self.module in LOADABLE and (self.manifest is None or self.manifest.valid(name))
+
+    def timeout_ms(self) -> int | None:
+        return self.manifest.timeout_ms if self.manifest is not None else None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """`plugins.settings.<name>` in a config the machine writes."""
+
+    config: Mapping[str, Any] = field(default_factory=dict)
+    enabled: bool = True
+    priority: int | None = None
+    timeout_ms: int | None = None
+    actuators: tuple[str, ...] | None = None
+
+    def valid(self, files: Files) -> bool:
+        """Whether the daemon can run the plugin of `files` under these settings."""
+        schema = files.manifest is not None
+        return (_valid_config(self.config) or not schema) and NO_SUCH_DEVICE not in (self.actuators or ())
+
+    def data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"config": dict(self.config)}
+        if not self.enabled:
+            data["enabled"] = False
+        if self.priority is not None:
+            data["priority"] = self.priority
+        if self.timeout_ms is not None:
+            data["timeout_ms"] = self.timeout_ms
+        if self.actuators is not None:
+            data["actuators"] = list(self.actuators)
+        return data
+
+
+@dataclass(frozen=True)
+class Config:
+    entries: Mapping[str, Entry]
+    broken: str | None = None  # "yaml": not YAML; "typo": an unknown top-level key
+    unwritable_recording: bool = False  # record.path where no file can be made (a diagnostic, not control)
+
+    def enabled(self) -> list[str]:
+        return [name for name, entry in self.entries.items() if entry.enabled]
+
+
+def _valid_config(values: Mapping[str, Any]) -> bool:
+    return all(key in GOOD_VALUES and value in GOOD_VALUES[key] for key, value in values.items())
+
+
+FIRST_CONFIG = Config({"thermostat": Entry({"mode": "on", "device": "heater"}, priority=10),
+                       "lamp_ctl": Entry({"mode": "on", "device": "lamp", "duty": 30})})
+FIRST_FILES = {"thermostat": Files("switchboard", Manifest(actuators=("heater",))),
+               "lamp_ctl": Files("switchboard", Manifest(actuators=("lamp",)))}
+
+
+def config_text(root: Path, choice: Config) -> str:
+    if choice.broken == "yaml":
+        return "loop: {rate_hz: 10\nsensors: [\n"
+    data: dict[str, Any] = {
+        "loop": {"rate_hz": 10, "plugin_budget": 0.6},
+        "pins": {"factory": "mock"},
+        "sensors": [{"id": SENSOR, "kind": "ds18b20", "device": W1_ID, "base_dir": str(root / "w1"),
+                     "poll_interval_s": 0, "valid_min": -20, "valid_max": 60}],
+        "actuators": [
+            {"id": "heater", "kind": "relay", "pin": PINS["heater"], "safe_state": "off", "requires": [SENSOR],
+             "min_on_s": 1, "min_off_s": 1, "max_on_s": 30, "command_ttl_s": 5},
+            {"id": "cooler", "kind": "relay", "pin": PINS["cooler"], "safe_state": "off"},
+            {"id": "lamp", "kind": "pwm", "pin": PINS["lamp"], "max_duty": 80}],
+        "interlocks": [{"actuators": ["heater", "cooler"], "wait_s": 1}],
+        "safety": {"failsafe_after_s": FAILSAFE_AFTER_S},
+        "watchdog": {"enabled": False},  # it keeps real time: the rig's ticks are virtual
+        "mqtt": {"enabled": False, "override_expiry_s": 30},
+        "plugins": {"directory": "plugins", "defaults": {"timeout_ms": DEFAULT_TIMEOUT_MS},
+                    "quarantine": {"failures": 10, "window_s": 10, "backoff_s": 3, "max_backoff_s": 30},
+                    "settings": {name: entry.data() for name, entry in choice.entries.items()}},
+    }
+    if choice.broken == "typo":
+        data["pluginz"] = {}
+    if choice.unwritable_recording:
+        data["record"] = {"path": str(root / "config.yaml" / "ticks.jsonl")}  # under a file: no folder to write in
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# -- strategies ---------------------------------------------------------------------------------------
+
+plugin_names = st.sampled_from(NAMES)
+devices = st.sampled_from(tuple(PINS))
+good_config = st.fixed_dictionaries({}, optional={key: st.sampled_from(values) for key, values in GOOD_VALUES.items()})
+bad_config = st.tuples(good_config, st.sampled_from(BAD_VALUES)).map(lambda pair: {**pair[0], pair[1][0]: pair[1][1]})
+plugin_config = st.one_of(good_config, good_config, good_config, bad_config)  # mostly good: a bad one ends the run
+valid_manifests = st.builds(
+    Manifest, actuators=st.sampled_from([None, ("heater",), ("lamp",), ("cooler",), (), ("heater", "lamp")]),
+    priority=st.sampled_from([None, 1, 20, 999]), timeout_ms=st.sampled_from([None, 20, 50]), config=good_config,
+    name=st.sampled_from([None, ""]))
+DEFECTS: dict[str, dict[str, Any]] = {"no such actuator": {"actuators": (NO_SUCH_DEVICE,)},
+                                      "priority over the ceiling": {"priority": 5000},
+                                      "timeout over the ceiling": {"timeout_ms": 80},
+                                      "name of another plugin": {"name": "someone_else"},
+                                      "not YAML": {"broken": True}}
+defective_manifests = st.builds(lambda manifest, defect: replace(manifest, **DEFECTS[defect]), valid_manifests,
+                                st.sampled_from(sorted(DEFECTS)))
+manifests = st.one_of(st.none(), valid_manifests, valid_manifests, valid_manifests,
+                      defective_manifests, valid_manifests.map(lambda m: replace(m, config={"mode": "hot"})))
+files = st.builds(Files, module=st.sampled_from(["switchboard", "switchboard", "switchboard", "trap", "broken"]),
+                  manifest=manifests)
+entries = st.builds(Entry, config=plugin_config, enabled=st.sampled_from([True, True, True, False]),
+                    priority=st.sampled_from([None, 5, 50]), timeout_ms=st.sampled_from([None, None, 10, 20, 40]),
+                    actuators=st.sampled_from([None, None, None, ("heater",), ("lamp",), (NO_SUCH_DEVICE,)]))
+configs = st.builds(Config, entries=st.fixed_dictionaries({}, optional={name: entries for name in NAMES}),
+                    broken=st.sampled_from([None, None, None, None, None, "yaml", "typo"]),
+                    unwritable_recording=st.sampled_from([False, False, False, True]))
+override_payloads = st.sampled_from([b"ON", b"OFF", b'{"state": "ON", "brightness": 30}',
+                                     b'{"action": "set_high", "parameters": {}, "expires_s": 2}'])
+sensor_states = st.sampled_from(["20.0", "35.5", "crc", "missing", "power_on", "99.0"])
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Any:
+    """The daemon's log lines dropped while the machine runs (thousands of them; the violation says
+    what matters), and structlog left as it was found."""
+    saved, threshold = structlog.get_config(), logs._threshold
+    structlog.configure(processors=[_drop], wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
+                        cache_logger_on_first_use=False)
+    logs._threshold = logging.CRITICAL + 1
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        logs._threshold = threshold
+
+
+def _drop(logger: Any, method: str, event: Any) -> Any:
+    raise structlog.DropEvent
+
+
+_verdicts: dict[tuple[str, tuple[tuple[str, str], ...] | None], tuple[bool, str]] = {}
+
+
+def check_config(path: Path, folder: Path, choice: Config) -> tuple[bool, str]:
+    """`pi-controller check-config PATH`, in-process: (accepted, what it said). Its verdict is a function
+    of the config (`choice`, written to `path`) and the folder's files: the same pair is checked once in
+    a process."""
+    files = tuple(sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in folder.glob("*")
+                         if p.is_file())) if folder.is_dir() else None
+    key = (repr(choice), files)
+    if key not in _verdicts:
+        out, err = io.StringIO(), io.StringIO()
+        with quiet_logs(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["check-config", str(path)])
+        _verdicts[key] = code == 0, (out.getvalue() + err.getvalue()).strip()[:400]
+    return _verdicts[key]
+
+
+# The in-suite budget: the same sequences on every run (derandomized, no example database), so that CI
+# is never red for a sequence a developer's machine did not try; no deadline, since a step's time is the
+# machine's load. benchmarks/fuzz.py --stateful runs random ones, many more.
+IN_SUITE = settings(max_examples=40, stateful_step_count=25, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck), print_blob=False,
+                    phases=[Phase.explicit, Phase.generate, Phase.shrink])
+
+
+# -- the machine --------------------------------------------------------------------------------------
+
+REFUSALS = (StartRefused, ConfigError, HardwareError, RecordingError)  # what `run` refuses with exit status 2 or 3
+
+
+class DaemonMachine(RuleBasedStateMachine):
+    judged: ClassVar[Collection[str]] = invariants.NAMES
+    examples: ClassVar[int] = 0  # machines built so far in this process: one per example
+    found_after: ClassVar[int | None] = None  # the example in which the first violation was found
+    steps: ClassVar[int] = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        type(self).examples += 1
+        self.root = Path(tempfile.mkdtemp(prefix="pi-controller-machine-"))
+        self.folder = self.root / "plugins"
+        self.config_path = self.root / "config.yaml"
+        self.judge = Judge(self.judged)
+        self.plant = plant()
+        self.modules: dict[str, str] = {}  # the folder's modules by plugin name: keys of MODULES
+        self.manifests: dict[str, Manifest] = {}  # and its manifests, with or without their module
+        self.backup: tuple[dict[str, str], dict[str, Manifest]] | None = None  # while the folder is deleted
+        self.on_disk = self.in_force = FIRST_CONFIG
+        self.invalid_sensors: set[str] = set()
+        self._logs = quiet_logs()
+        self._logs.__enter__()
+        self.rig = Rig(self.config_path, PINS, self._tick)
+        self.laws: PinLaws | None = None
+
+    # -- judging -------------------------------------------------------------------------------
+
+    def _tick(self, tick: Any) -> None:
+        assert self.laws is not None
+        self._judged(lambda: self.laws.tick(tick))  # type: ignore[union-attr]
+
+    def _judged(self, judge: Any) -> None:
+        try:
+            judge()
+        except invariants.Violation:
+            if type(self).found_after is None:
+                type(self).found_after = type(self).examples
+            raise
+
+    def _views(self) -> dict[str, PluginView]:
+        assert self.rig.daemon is not None
+        return {name: PluginView(s.state, s.sha256, s.reason) for name, s in self.rig.daemon.plugins.status.items()}
+
+    def _files(self, name: str) -> Files | None:
+        """What the folder holds for `name`, if its module is there."""
+        return Files(self.modules[name], self.manifests.get(name)) if name in self.modules else None
+
+    def _due(self, settings_checked: bool = True) -> list[str]:
+        """The plugins of the config in force that must be loaded: named and enabled, their files valid
+        (and their settings, unless `settings_checked` is False: what check-config accepted must load), and
+        fitting the plugin budget together."""
+        due = {}
+        for name in self.in_force.enabled():
+            files, entry = self._files(name), self.in_force.entries[name]
+            if files is not None and files.valid(name) and (entry.valid(files) or not settings_checked):
+                due[name] = entry.timeout_ms or files.timeout_ms() or DEFAULT_TIMEOUT_MS
+        return sorted(due) if sum(due.values()) <= BUDGET_MS else []
+
+    @invariant()
+    def configured_plugins_run(self) -> None:
+        type(self).steps += 1  # hypothesis checks invariants after every step
+        if self.rig.daemon is None or self.rig.gap_pending():
+            return
+        views = self._views()
+        self._judged(lambda: self.judge.configured_loaded(views, self._due(), "after the last step"))
+        ready, _ = self.rig.readiness.ready()
+        self._judged(lambda: self.judge.ready(ready, views, self.in_force.enabled(), "after the last step"))
+
+    # -- setting up and down -------------------------------------------------------------------
+
+    @initialize()
+    def start(self) -> None:
+        self.folder.mkdir()
+        self._write_sensor("20.0")
+        for name, files in FIRST_FILES.items():
+            self._put(name, files)
+        self._write_config(FIRST_CONFIG)
+        self._start()
+
+    def _start(self) -> None:
+        self.rig.start()
+        assert self.rig.life is not None
+        self.laws = PinLaws(self.plant, self.rig.life.started_at, self.rig.life.first_pins, self.judged)
+        self.laws.invalid_sensors = set(self.invalid_sensors)
+        self.rig.finish()
+
+    def teardown(self) -> None:
+        try:
+            if self.rig.daemon is not None and self.laws is not None:
+                life = self.rig.stop()
+                assert life.last_pins is not None
+                self._judged(lambda: self.laws.stopped(life.last_pins))  # type: ignore[union-attr,arg-type]
+        finally:
+            self.rig.close()
+            self._logs.__exit__(None, None, None)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _put(self, name: str, files: Files) -> None:
+        """Into the folder as `plugin install` puts a plugin: each file written aside and renamed into
+        place, the manifest first, a manifest it lacks removed."""
+        self._put_manifest(name, files.manifest)
+        self._rename_in(f"{name}.wasm", MODULES[files.module])
+        self.modules[name] = files.module
+
+    def _put_manifest(self, name: str, manifest: Manifest | None) -> None:
+        if manifest is None:
+            (self.folder / f"{name}.yaml").unlink(missing_ok=True)
+            self.manifests.pop(name, None)
+        else:
+            self._rename_in(f"{name}.yaml", manifest.text(name).encode())
+            self.manifests[name] = manifest
+
+    def _rename_in(self, file_name: str, data: bytes) -> None:
+        staging = self.root / "staging" / file_name
+        staging.parent.mkdir(exist_ok=True)
+        staging.write_bytes(data)
+        os.replace(staging, self.folder / file_name)
+
+    def _write_config(self, choice: Config) -> None:
+        partial = self.config_path.with_suffix(".partial")
+        partial.write_text(config_text(self.root, choice))
+        os.replace(partial, self.config_path)
+        self.on_disk = choice
+
+    def _write_sensor(self, state: str) -> None:
+        path = self.root / "w1" / W1_ID / "w1_slave"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if state == "missing":
+            path.unlink(missing_ok=True)
+        else:
+            verdict, milli = ("NO", 20000) if state == "crc" else ("YES", 85000 if state == "power_on" else
+                                                                   round(float(state) * 1000))
+            partial = path.with_suffix(".new")
+            partial.write_text(f"00 00 00 00 00 00 00 00 00 : crc=00 {verdict}\n00 00 00 00 00 00 00 00 00 t={milli}\n")
+            os.replace(partial, path)
+        valid = state not in ("crc", "missing", "power_on") and -20 <= float(state) <= 60
+        self.invalid_sensors = set() if valid else {SENSOR}
+        if self.laws is not None:
+            self.laws.invalid_sensors = set(self.invalid_sensors)
+
+    # -- rules: the plugins folder -------------------------------------------------------------
+
+    @precondition(lambda self: self.folder.is_dir())
+    @rule(name=plugin_names, files=files)
+    def drop(self, name: str, files: Files) -> None:
+        """A plugin dropped in, or its files replaced."""
+        self._put(name, files)
+        self.rig.finish()
+
+    @precondition(lambda self: self.folder.is_dir())
+    @rule(name=plugin_names, manifest=manifests)
+    def rewrite_manifest(self, name: str, manifest: Manifest | None) -> None:
+        """A manifest written, replaced or removed, its module there or not (yet)."""
+        self._put_manifest(name, manifest)
+        self.rig.finish()
+
+    @precondition(lambda self: self.folder.is_dir())
+    @rule(name=plugin_names, actuators=st.sampled_from([None, ("heater",), ("lamp",), ("cooler",), ()]))
+    def regrant(self, name: str, actuators: tuple[str, ...] | None) -> None:
+        """Its manifest rewritten with other actuators granted, and nothing else changed."""
+        self._put_manifest(name, replace(self.manifests.get(name, Manifest()), actuators=actuators))
+        self.rig.finish()
+
+    @precondition(lambda self: self.folder.is_dir())
+    @rule(name=plugin_names, priority=st.sampled_from([None, 1, 20, 999]), timeout_ms=st.sampled_from([None, 20, 50]))
+    def reprioritize(self, name: str, priority: int | None, timeout_ms: int | None) -> None:
+        """Its manifest rewritten with another priority and time limit, and nothing else changed."""
+        self._put_manifest(name, replace(self.manifests.get(name, Manifest()), priority=priority, timeout_ms=timeout_ms))
+        self.rig.finish()
+
+    @precondition(lambda self: self.folder.is_dir())
+    @rule(name=plugin_names)
+    def remove(self, name: str) -> None:
+        (self.folder / f"{name}.yaml").unlink(missing_ok=True)
+        (self.folder / f"{name}.wasm").unlink(missing_ok=True)
+        self.modules.pop(name, None)
+        self.manifests.pop(name, None)
+        self.rig.finish()
+
+    @precondition(lambda self: self.folder.is_dir())
+    @rule()
+    def delete_folder(self) -> None:
+        """`rm -rf plugins` under the running daemon."""
+        for name in sorted(set(self.modules) | set(self.manifests)):
+            (self.folder / f"{name}.yaml").unlink(missing_ok=True)
+            (self.folder / f"{name}.wasm").unlink(missing_ok=True)
+        shutil.rmtree(self.folder)
+        self.backup, self.modules, self.manifests = (self.modules, self.manifests), {}, {}
+        self.rig.finish()
+
+    @precondition(lambda self: not self.folder.is_dir())
+    @rule()
+    def recreate_folder(self) -> None:
+        """`cp -r backup plugins`: the folder back, with the files it had."""
+        self.folder.mkdir()
+        self.modules, self.manifests = self.backup or ({}, {})
+        self.backup = None
+        for name, manifest in sorted(self.manifests.items()):
+            (self.folder / f"{name}.yaml").write_text(manifest.text(name))
+        for name, module in sorted(self.modules.items()):
+            (self.folder / f"{name}.wasm").write_bytes(MODULES[module])
+        self.rig.finish()
+
+    @precondition(lambda self: self.folder.is_dir())
+    @rule(name=plugin_names, files=files)
+    def install(self, name: str, files: Files) -> None:
+        """`pi-controller plugin install NAME.wasm --config CONFIG`, in-process."""
+        source = self.root / "source"
+        shutil.rmtree(source, ignore_errors=True)
+        source.mkdir()
+        if files.manifest is not None:
+            (source / f"{name}.yaml").write_text(files.manifest.text(name))
+        (source / f"{name}.wasm").write_bytes(MODULES[files.module])
+        before = sorted((p.name, p.read_bytes()) for p in self.folder.iterdir())
+        with contextlib.redirect_stderr(io.StringIO()):
+            settings = cli._load(self.config_path)  # as `plugin install --config` loads it
+        if settings is None:
+            return
+        try:
+            with quiet_logs():
+                plugin_install.install(source / f"{name}.wasm", self.folder, settings)
+            installed, why = True, "installed"
+        except plugin_install.InstallError as exc:
+            installed, why = False, str(exc)
+        kept = before == sorted((p.name, p.read_bytes()) for p in self.folder.iterdir())
+        if installed:
+            self.modules[name] = files.module
+            self.manifests.pop(name, None)
+            if files.manifest is not None:
+                self.manifests[name] = files.manifest
+        self.rig.finish()
+        view = self._views().get(name) if installed else None
+        valid = files.valid(name) and (name not in self.in_force.entries or self.in_force.entries[name].valid(files))
+        self._judged(lambda: self.judge.install(name, installed, why, valid, kept, view))
+
+    # -- rules: the config ---------------------------------------------------------------------
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(choice=configs)
+    def reload(self, choice: Config) -> None:
+        """A config written, `check-config`, then SIGHUP (the unit's ExecReload and its check)."""
+        self._write_config(choice)
+        accepted, _ = check_config(self.config_path, self.folder, choice)
+        daemon = self.rig.daemon
+        assert daemon is not None
+        before, settings, last = self._views(), daemon.settings, daemon.status.last_reload
+        self.rig.sighup()
+        self.rig.settle()
+        kept = None
+        if not self.rig.gap_pending():  # decided without the gap: refused
+            kept = (self._views(), daemon.settings == settings)
+        self.rig.finish()
+        result = daemon.status.last_reload
+        if result is None or result is last:
+            raise RigError("the SIGHUP did not reload")
+        if result.outcome == "applied":
+            self.in_force = choice
+        after, settings_kept = kept or (self._views(), daemon.settings == settings)
+        self._judged(lambda: self.judge.reload(accepted, result.outcome, result.message, before, after,
+                                               settings_kept, self.in_force.enabled(), self._due(False)))
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(name=plugin_names, entry=st.one_of(st.none(), entries))
+    def reconfigure(self, name: str, entry: Entry | None) -> None:
+        """The config in force with one plugin's settings changed (or removed), then as `reload`."""
+        changed = {**self.in_force.entries, name: entry} if entry is not None else \
+            {key: value for key, value in self.in_force.entries.items() if key != name}
+        self.reload(replace(self.in_force, entries=changed, broken=None))
+
+    @precondition(lambda self: self.rig.daemon is not None and self.folder.is_dir())
+    @rule()
+    def restart(self) -> None:
+        """The daemon stopped (SIGTERM) and started again from the config on disk."""
+        accepted, _ = check_config(self.config_path, self.folder, self.on_disk)
+        life = self.rig.stop()
+        assert self.laws is not None and life.last_pins is not None
+        self._judged(lambda: self.laws.stopped(life.last_pins))  # type: ignore[union-attr,arg-type]
+        try:
+            self._start()
+            started, why = True, "started"
+        except REFUSALS as exc:  # what `run` turns into an exit status of 2 or 3
+            started, why = False, f"{type(exc).__name__}: {exc}"
+        if started:
+            self.in_force = self.on_disk
+        self._judged(lambda: self.judge.start(accepted, started, why))
+        if not started:  # the service down; bring it back with the config that ran, and no recording
+            self._write_config(replace(self.in_force, unwritable_recording=False))
+            self._start()
+
+    # -- rules: the operator -------------------------------------------------------------------
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(name=plugin_names, setting=st.one_of(
+        st.sampled_from([(k, v) for k, values in GOOD_VALUES.items() for v in values]), st.sampled_from(BAD_VALUES)))
+    def operator_sets(self, name: str, setting: tuple[str, Any]) -> None:
+        assert self.rig.daemon is not None
+        self.rig.daemon.operator.submit(SetPluginConfig(name, setting[0], setting[1], "reply"))
+        self.rig.finish()
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(name=plugin_names, enabled=st.booleans())
+    def operator_enables(self, name: str, enabled: bool) -> None:
+        assert self.rig.daemon is not None
+        self.rig.daemon.operator.submit(EnablePlugin(name, enabled, "reply"))
+        self.rig.finish()
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(device=devices, payload=override_payloads)
+    def override(self, device: str, payload: bytes) -> None:
+        assert self.rig.daemon is not None
+        self.rig.daemon.operator.submit(SetActuator(device, payload, "reply"))
+        self.rig.finish()
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(device=devices)
+    def release(self, device: str) -> None:
+        assert self.rig.daemon is not None
+        self.rig.daemon.operator.submit(Release(device, "reply"))
+        self.rig.finish()
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(name=plugin_names)
+    def quarantine(self, name: str) -> None:
+        """Its mode set to trap over the operator's API, then ticks until the daemon quarantines it."""
+        daemon = self.rig.daemon
+        assert daemon is not None
+        daemon.operator.submit(SetPluginConfig(name, "mode", "trap", "reply"))
+        for _ in range(15):
+            self.rig.tick()
+            if daemon.plugins.status.get(name, PluginView("", None)).state == "quarantined":
+                break
+        self.rig.finish()
+
+    # -- rules: the world and time -------------------------------------------------------------
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(state=sensor_states)
+    def sensor(self, state: str) -> None:
+        self._write_sensor(state)
+        self.rig.finish()
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(ticks=st.integers(1, 40))
+    def advance(self, ticks: int) -> None:
+        self.rig.ticks(ticks)
+        self.rig.finish(0)
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(seconds=st.sampled_from([0.5, 2.0, 6.0]))
+    def stall(self, seconds: float) -> None:
+        self.rig.stall(seconds)
+        self.rig.finish()
+
+
+def checking(*names: str, leaving_out: Collection[str] = ()) -> type[DaemonMachine]:
+    """A `DaemonMachine` that judges only the invariants `names`, and never runs the rules
+    `leaving_out` (to tell one row of issue 25 from another that breaks the same invariant)."""
+    unknown = set(names) - set(invariants.NAMES)
+    if unknown:
+        raise ValueError(f"no invariant {sorted(unknown)}; there are {', '.join(invariants.NAMES)}")
+    attributes: dict[str, Any] = {"judged": frozenset(names), "examples": 0, "found_after": None, "steps": 0}
+    for rule_name in leaving_out:
+        method = getattr(DaemonMachine, rule_name)
+        attributes[rule_name] = precondition(lambda self: False)(method)
+    return type(f"DaemonMachine_{'_'.join(names)}", (DaemonMachine,), attributes)
+
