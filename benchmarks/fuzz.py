@@ -7,6 +7,14 @@ other than the target's refusal; hypothesis prints the input), hangs (past --tim
 children (the fuzzers, and for plugin files their trial-compile children).
 
     python benchmarks/fuzz.py [--examples 2000] [--seed 1] [--timeout 1800] [TARGET ...]
+
+With `--stateful`, runs the state machine of tests/daemon_machine.py instead (the real daemon under any
+sequence of events, every safety invariant after each step) until `--steps` steps have run, in rounds of
+random sequences (seeds `--seed`, `--seed`+1, ...); a round ends early at a violation, printed with the
+sequence that shows it, shrunk. `--invariant NAME` judges only those invariants (tests/invariants.py);
+`--leave-out RULE` never runs those rules. It prints the steps, sequences and failures found.
+
+    python benchmarks/fuzz.py --stateful [--steps 100000] [--seed 1] [--invariant NAME ...] [--leave-out RULE ...]
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from tests.fuzz_targets import TARGETS
 
 # Plugin files cost a trial compile in a child each (~0.2 s): fewer of them in the same budget.
 SHARE = {"module_bytes": 0.1, "context": 0.2}
+ROUND_EXAMPLES = 200  # sequences per round of --stateful
 
 
 def fuzz(target: str, examples: int, seed: int, timeout: float) -> dict[str, object]:
@@ -47,13 +56,46 @@ def fuzz(target: str, examples: int, seed: int, timeout: float) -> dict[str, obj
             "output": output[-4000:] if code else ""}
 
 
+def stateful(steps: int, seed: int, judged: list[str], leaving_out: list[str]) -> bool:
+    """Rounds of the daemon's state machine until `steps` steps; whether any found a violation."""
+    from hypothesis import seed as seeded
+    from hypothesis import settings
+    from hypothesis.stateful import get_state_machine_test
+
+    from tests.daemon_machine import IN_SUITE, checking
+    from tests.invariants import NAMES
+
+    machine = checking(*(judged or NAMES), leaving_out=leaving_out)
+    rounds = settings(IN_SUITE, max_examples=ROUND_EXAMPLES, derandomize=False)
+    found, started, number = 0, time.perf_counter(), 0
+    print(f"{'round':>5} {'seed':>6} {'steps':>8} {'sequences':>10} {'failures':>9} {'seconds':>8}", flush=True)
+    while machine.steps < steps:
+        try:
+            seeded(seed + number)(get_state_machine_test(machine, settings=rounds))()
+        except AssertionError as exc:  # a violation, with the sequence that shows it
+            found += 1
+            print(f"found: {exc}\n" + "\n".join(getattr(exc, "__notes__", [])), flush=True)
+        print(f"{number:>5} {seed + number:>6} {machine.steps:>8} {machine.examples:>10} {found:>9} "
+              f"{time.perf_counter() - started:>8.0f}", flush=True)
+        number += 1
+    print(f"steps {machine.steps}, sequences {machine.examples}, failures found {found}, "
+          f"{time.perf_counter() - started:.0f} s")
+    return found > 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("targets", nargs="*", default=list(TARGETS), help=f"some of: {', '.join(TARGETS)}")
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per target before it is a hang")
+    parser.add_argument("--stateful", action="store_true", help="the daemon's state machine instead of the targets")
+    parser.add_argument("--steps", type=int, default=100_000, help="--stateful: steps to run")
+    parser.add_argument("--invariant", action="append", default=[], help="--stateful: judge only this one")
+    parser.add_argument("--leave-out", action="append", default=[], help="--stateful: never run this rule")
     args = parser.parse_args()
+    if args.stateful:
+        sys.exit(1 if stateful(args.steps, args.seed, args.invariant, args.leave_out) else 0)
     print(f"{'target':<14} {'inputs':>7} {'crashes':>8} {'findings':>9} {'hangs':>6} {'seconds':>8}")
     failed = False
     for target in args.targets:
