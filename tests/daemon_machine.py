@@ -40,7 +40,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from pi_controller import cli, logs
 from pi_controller.config import ConfigError
 from pi_controller.devices.hardware import HardwareError
-from pi_controller.mqtt.operator import EnablePlugin, Release, SetActuator, SetPluginConfig
+from pi_controller.operator import EnablePlugin, Release, SetActuator, SetPluginConfig
 from pi_controller.plugins import install as plugin_install
 from pi_controller.sim.record import RecordingError
 from tests import invariants
