@@ -12,9 +12,12 @@ With `--stateful`, runs the state machine of tests/daemon_machine.py instead (th
 sequence of events, every safety invariant after each step) until `--steps` steps have run, in rounds of
 random sequences (seeds `--seed`, `--seed`+1, ...); a round ends early at a violation, printed with the
 sequence that shows it, shrunk. `--invariant NAME` judges only those invariants (tests/invariants.py);
-`--leave-out RULE` never runs those rules. It prints the steps, sequences and failures found.
+`--matching REGEX` counts only violations whose message matches; `--leave-out RULE` never runs those
+rules (to look for one kind of finding while another is known). It prints the steps, sequences and
+failures found.
 
-    python benchmarks/fuzz.py --stateful [--steps 100000] [--seed 1] [--invariant NAME ...] [--leave-out RULE ...]
+    python benchmarks/fuzz.py --stateful [--steps 100000] [--seed 1] [--invariant NAME ...] [--matching REGEX]
+                              [--leave-out RULE ...]
 """
 
 from __future__ import annotations
@@ -56,16 +59,15 @@ def fuzz(target: str, examples: int, seed: int, timeout: float) -> dict[str, obj
             "output": output[-4000:] if code else ""}
 
 
-def stateful(steps: int, seed: int, judged: list[str], leaving_out: list[str]) -> bool:
+def stateful(steps: int, seed: int, judged: list[str], matching: str | None, leaving_out: list[str]) -> bool:
     """Rounds of the daemon's state machine until `steps` steps; whether any found a violation."""
     from hypothesis import seed as seeded
     from hypothesis import settings
     from hypothesis.stateful import get_state_machine_test
 
     from tests.daemon_machine import IN_SUITE, checking
-    from tests.invariants import NAMES
 
-    machine = checking(*(judged or NAMES), leaving_out=leaving_out)
+    machine = checking(*judged, matching=matching, leaving_out=leaving_out)
     rounds = settings(IN_SUITE, max_examples=ROUND_EXAMPLES, derandomize=False)
     found, started, number = 0, time.perf_counter(), 0
     print(f"{'round':>5} {'seed':>6} {'steps':>8} {'sequences':>10} {'failures':>9} {'seconds':>8}", flush=True)
@@ -92,10 +94,11 @@ def main() -> None:
     parser.add_argument("--stateful", action="store_true", help="the daemon's state machine instead of the targets")
     parser.add_argument("--steps", type=int, default=100_000, help="--stateful: steps to run")
     parser.add_argument("--invariant", action="append", default=[], help="--stateful: judge only this one")
+    parser.add_argument("--matching", help="--stateful: count only violations whose message matches this")
     parser.add_argument("--leave-out", action="append", default=[], help="--stateful: never run this rule")
     args = parser.parse_args()
     if args.stateful:
-        sys.exit(1 if stateful(args.steps, args.seed, args.invariant, args.leave_out) else 0)
+        sys.exit(1 if stateful(args.steps, args.seed, args.invariant, args.matching, args.leave_out) else 0)
     print(f"{'target':<14} {'inputs':>7} {'crashes':>8} {'findings':>9} {'hangs':>6} {'seconds':>8}")
     failed = False
     for target in args.targets:

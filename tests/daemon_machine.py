@@ -45,7 +45,7 @@ from pi_controller.plugins import install as plugin_install
 from pi_controller.sim.record import RecordingError
 from tests import invariants
 from tests.daemon_rig import Rig, RigError, StartRefused
-from tests.invariants import Actuator, Judge, PinLaws, Plant, PluginView
+from tests.invariants import Actuator, Judge, Judged, PinLaws, Plant, PluginView
 
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
 MODULES = {"switchboard": (TEST_PLUGINS / "switchboard.wasm").read_bytes(),
@@ -293,7 +293,7 @@ REFUSALS = (StartRefused, ConfigError, HardwareError, RecordingError)  # what `r
 
 
 class DaemonMachine(RuleBasedStateMachine):
-    judged: ClassVar[Collection[str]] = invariants.NAMES
+    judged: ClassVar[Judged] = Judged()
     examples: ClassVar[int] = 0  # machines built so far in this process: one per example
     found_after: ClassVar[int | None] = None  # the example in which the first violation was found
     steps: ClassVar[int] = 0
@@ -647,13 +647,15 @@ class DaemonMachine(RuleBasedStateMachine):
         self.rig.finish()
 
 
-def checking(*names: str, leaving_out: Collection[str] = ()) -> type[DaemonMachine]:
-    """A `DaemonMachine` that judges only the invariants `names`, and never runs the rules
-    `leaving_out` (to tell one row of issue 25 from another that breaks the same invariant)."""
+def checking(*names: str, matching: str | None = None, leaving_out: Collection[str] = ()) -> type[DaemonMachine]:
+    """A `DaemonMachine` that judges only the invariants `names` (all if none), only violations whose
+    message matches `matching` when given, and never runs the rules `leaving_out`: to look for one kind
+    of finding (one row of issue 25) while others are known."""
     unknown = set(names) - set(invariants.NAMES)
     if unknown:
         raise ValueError(f"no invariant {sorted(unknown)}; there are {', '.join(invariants.NAMES)}")
-    attributes: dict[str, Any] = {"judged": frozenset(names), "examples": 0, "found_after": None, "steps": 0}
+    attributes: dict[str, Any] = {"judged": Judged(names or invariants.NAMES, matching), "examples": 0,
+                                  "found_after": None, "steps": 0}
     for rule_name in leaving_out:
         method = getattr(DaemonMachine, rule_name)
         attributes[rule_name] = precondition(lambda self: False)(method)

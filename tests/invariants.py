@@ -11,6 +11,7 @@ record of what happened, and judge them against the pins and against what the te
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -43,6 +44,20 @@ class Violation(AssertionError):
     def __init__(self, invariant: str, message: str):
         super().__init__(f"[{invariant}] {message}")
         self.invariant = invariant
+
+
+@dataclass(frozen=True)
+class Judged:
+    """Which violations count: of these invariants, and (when `matching` is given) whose message
+    matches it, to look for one kind of finding while another is known."""
+
+    invariants: Collection[str] = NAMES
+    matching: str | None = None
+
+    def __call__(self, invariant: str, message: str) -> Violation | None:
+        if invariant in self.invariants and (self.matching is None or re.search(self.matching, message)):
+            return Violation(invariant, message)
+        return None
 
 
 @dataclass(frozen=True)
@@ -82,9 +97,10 @@ class PinLaws:
     """The invariants that hold tick by tick over one life of the daemon, checked as each tick lands."""
 
     def __init__(self, plant: Plant, started_at: float, first_pins: Mapping[str, float],
-                 enabled: Collection[str] = NAMES):
+                 judged: Judged = Judged()):
         self.plant = plant
-        self.enabled = set(enabled)
+        self.judged = judged
+        self.found: list[Violation] = []  # this tick's, raised once its bookkeeping is done
         self.started_at = started_at
         self.pins = dict(first_pins)
         self.owners = {key: _Owner() for key in plant.actuators}
@@ -94,9 +110,15 @@ class PinLaws:
         self.invalid_sensors: set[str] = set()  # what the test made fail, for REQUIRES
 
     def fail(self, invariant: str, tick: Tick | None, message: str) -> None:
-        if invariant in self.enabled:
-            where = f"tick {tick.number} at {tick.at:.1f} s: " if tick is not None else ""
-            raise Violation(invariant, where + message)
+        where = f"tick {tick.number} at {tick.at:.1f} s: " if tick is not None else ""
+        violation = self.judged(invariant, where + message)
+        if violation is not None:
+            self.found.append(violation)
+
+    def _raise_found(self) -> None:
+        found, self.found = self.found, []
+        if found:
+            raise found[0]
 
     def tick(self, tick: Tick) -> None:
         self._owners(tick)
@@ -106,6 +128,7 @@ class PinLaws:
             if tick.pins[key] != actuator.safe:
                 self._not_safe(tick, actuator, tick.pins[key])
         self.pins = dict(tick.pins)
+        self._raise_found()
 
     def _owners(self, tick: Tick) -> None:
         winners, _ = arbitration.resolve(tick.trace.proposals)
@@ -241,6 +264,7 @@ class PinLaws:
             if last_pins[key] != actuator.shutdown:
                 self.fail(SHUTDOWN, None, f"after the stop '{key}' is at {last_pins[key]:g}, not its shut-down "
                                           f"state {actuator.shutdown:g}")
+        self._raise_found()
 
 
 # -- one event at a time ------------------------------------------------------------------------------
@@ -261,13 +285,14 @@ class PluginView:
 
 @dataclass
 class Judge:
-    """Judges events against what the test knows; `enabled` selects invariants."""
+    """Judges events against what the test knows."""
 
-    enabled: Collection[str] = field(default_factory=lambda: NAMES)
+    judged: Judged = field(default_factory=Judged)
 
     def fail(self, invariant: str, message: str) -> None:
-        if invariant in self.enabled:
-            raise Violation(invariant, message)
+        violation = self.judged(invariant, message)
+        if violation is not None:
+            raise violation
 
     def configured_loaded(self, plugins: Mapping[str, PluginView], due: Iterable[str], when: str) -> None:
         """`due`: the plugins named in the config in force whose files and settings are valid and
