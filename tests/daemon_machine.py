@@ -577,7 +577,8 @@ class DaemonMachine(RuleBasedStateMachine):
             started, why = False, f"{type(exc).__name__}: {exc}"
         if started:
             self.in_force = self.on_disk
-        self._judged(lambda: self.judge.start(accepted, started, why))
+        views = self._views() if started else {}
+        self._judged(lambda: self.judge.start(accepted, started, why, views, self._due(False)))
         if not started:  # the service down; bring it back with the config that ran, and no recording
             self._write_config(replace(self.in_force, unwritable_recording=False))
             self._start()

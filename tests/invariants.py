@@ -336,21 +336,30 @@ class Judge:
                                         f"is {after.get(refused[0], _GONE).state}: "
                                         f"{(after.get(refused[0], _GONE).reason or '')[:300]}")
 
-    def start(self, accepted: bool, started: bool, why: str) -> None:
+    def start(self, accepted: bool, started: bool, why: str, plugins: Mapping[str, PluginView],
+              expected: Iterable[str]) -> None:
+        """A start from a config that check-config `accepted` or refused; `expected`: the plugins it
+        names whose files are valid, which fit the budget together."""
         if accepted != started:
             self.fail(CHECK_CONFIG, f"check-config {'accepted' if accepted else 'refused'} the config, "
                                     f"the daemon {'started' if started else 'refused to start'}: {why}")
+        refused = [name for name in sorted(expected) if not plugins.get(name, _GONE).live]
+        if accepted and started and refused:
+            self.fail(CHECK_CONFIG, f"check-config accepted the config, and after the start '{refused[0]}' is "
+                                    f"{plugins.get(refused[0], _GONE).state}: "
+                                    f"{(plugins.get(refused[0], _GONE).reason or '')[:300]}")
 
     def install(self, name: str, installed: bool, why: str, valid: bool, folder_kept: bool,
                 after: PluginView | None) -> None:
-        """`valid`: whether the test made the plugin valid (module and manifest)."""
+        """`valid`: whether the test made the plugin valid (module, manifest, and its settings in the
+        config); `after`: what the daemon made of it (a plugin the config disables is not loaded)."""
         if not installed:
             if not folder_kept:
                 self.fail(INSTALL, f"plugin install refused '{name}' ({why}) and yet changed the plugins folder")
             return
         if not valid:
             self.fail(INSTALL, f"plugin install accepted '{name}', whose files are not valid")
-        if after is None or not after.live:
+        if after is None or not (after.live or after.state == "disabled"):
             self.fail(INSTALL, f"plugin install accepted '{name}', the daemon then "
                                f"{'left it out' if after is None else after.state}: "
                                f"{(after.reason if after else '') or ''}"[:400])
