@@ -443,6 +443,13 @@ class DaemonMachine(RuleBasedStateMachine):
         self.rig.finish()
 
     @precondition(lambda self: self.folder.is_dir())
+    @rule(name=plugin_names, mode=st.sampled_from(["trap", "silent", "on"]))
+    def drop_greedy(self, name: str, mode: str) -> None:
+        """A plugin dropped in that claims the highest priority and the longest call its ceilings allow."""
+        self._put(name, Files("switchboard", Manifest(priority=999, timeout_ms=50, config={"mode": mode})))
+        self.rig.finish()
+
+    @precondition(lambda self: self.folder.is_dir())
     @rule(name=plugin_names, manifest=manifests)
     def rewrite_manifest(self, name: str, manifest: Manifest | None) -> None:
         """A manifest written, replaced or removed, its module there or not (yet)."""
@@ -561,6 +568,13 @@ class DaemonMachine(RuleBasedStateMachine):
         changed = {**self.in_force.entries, name: entry} if entry is not None else \
             {key: value for key, value in self.in_force.entries.items() if key != name}
         self.reload(replace(self.in_force, entries=changed, broken=None))
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(unwritable=st.booleans())
+    def record(self, unwritable: bool) -> None:
+        """The config in force, asking for a recording where none can be written (or for none), then as
+        `reload` (a recording is taken up at the next start)."""
+        self.reload(replace(self.in_force, broken=None, unwritable_recording=unwritable))
 
     @precondition(lambda self: self.rig.daemon is not None and self.folder.is_dir())
     @rule()

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
-from tests.daemon_machine import FIRST_CONFIG, IN_SUITE, NO_SUCH_DEVICE, Config, DaemonMachine, Entry, Files, Manifest
+from tests.daemon_machine import FIRST_CONFIG, IN_SUITE, NO_SUCH_DEVICE, DaemonMachine, Entry, Files, Manifest
 
 ISSUE_25 = "issue 25 (found by this machine on main 4b7fbbb; fixed on branch i25)"
 
@@ -88,7 +88,7 @@ def test_ready_says_no_while_a_plugin_named_in_the_config_is_missing() -> None:
 @pytest.mark.xfail(strict=True, reason=f"{ISSUE_25}: recording and systemd")
 def test_a_recording_that_cannot_be_written_never_stops_the_daemon_from_starting() -> None:
     with machine() as state:
-        state.reload(choice=Config(FIRST_CONFIG.entries, unwritable_recording=True))
+        state.record(unwritable=True)
         state.restart()
 
 
