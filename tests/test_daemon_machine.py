@@ -92,7 +92,6 @@ def test_a_recording_that_cannot_be_written_never_stops_the_daemon_from_starting
         state.restart()
 
 
-@pytest.mark.xfail(strict=True, reason="found by this machine: an ended override leaves its actuator on; fix pending")
 def test_an_override_that_ends_with_no_plugin_in_charge_leaves_the_actuator_safe() -> None:
     with machine() as state:
         state.operator_enables(name="thermostat", enabled=False)

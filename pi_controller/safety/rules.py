@@ -6,8 +6,9 @@ the equipment. Each tick, every actuator's wanted target (the last one its owner
 1. ownership (see `ownership`): while the owner is failing (failed calls in a row, quarantined,
    disabled, unloaded, every command for this actuator rejected) nothing more is applied on its
    behalf, and after `failsafe_after_s` the actuator is taken from it and put in its safe state;
-   likewise when a command with a lease (`command_ttl_s`) is not renewed in time, and at once when
-   the owner is no longer granted the actuator. Only a command from a healthy owner moves it again;
+   likewise when a command with a lease (`command_ttl_s`) is not renewed in time, and when an
+   operator's override has ended (released or expired) and no plugin took the actuator back; at once
+   when the owner is no longer granted the actuator. Only a command from a healthy owner moves it again;
 2. overrides that force the safe state: a required sensor invalid or stale (`requires`, Mycodo's
    "max age"), or on for longer than `max_on_s` (latched: it stays safe until a tick passes without
    a request to be on, so only a fresh request turns it on again);
@@ -191,9 +192,15 @@ class Safety:
     def _ownership(self, guard: Guard, health: Health, now: float) -> Failsafe | None:
         """Whether the owner still has the actuator: one no longer granted it loses it at once; a failing
         owner gets nothing more applied and, after `failsafe_after_s`, loses it; so does one whose lease
-        (`command_ttl_s`) ran out."""
+        (`command_ttl_s`) ran out, and an override that ended with no plugin taking the actuator back."""
         owner, key = guard.plugin, guard.actuator.id
-        if owner in (SAFETY, OPERATOR):  # start-up and safe states, and overrides, which expire by themselves
+        if owner == SAFETY:  # start-up and safe states
+            return None
+        if owner == OPERATOR:  # an override is asked for again every tick until it is released or expires
+            ended = now - guard.commanded_at
+            if ended >= guard.failsafe_after_s and ended > 0:
+                return guard.take_back(f"the operator's override ended {ended:.1f} s ago and no plugin took the "
+                                       f"actuator back (failsafe_after_s {guard.failsafe_after_s:g})")
             return None
         if not health.granted(owner, key):
             return guard.take_back(f"plugin '{owner}' is no longer granted '{key}' (its manifest or settings "
