@@ -41,7 +41,6 @@ from pi_controller import cli, logs
 from pi_controller.config import ConfigError
 from pi_controller.devices.hardware import HardwareError
 from pi_controller.operator import EnablePlugin, Release, SetActuator, SetPluginConfig
-from pi_controller.plugins import install as plugin_install
 from pi_controller.sim.record import RecordingError
 from tests import invariants
 from tests.daemon_rig import Rig, RigError, StartRefused
@@ -272,11 +271,16 @@ def check_config(path: Path, folder: Path, choice: Config) -> tuple[bool, str]:
                          if p.is_file())) if folder.is_dir() else None
     key = (repr(choice), files)
     if key not in _verdicts:
-        out, err = io.StringIO(), io.StringIO()
-        with quiet_logs(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(["check-config", str(path)])
-        _verdicts[key] = code == 0, (out.getvalue() + err.getvalue()).strip()[:400]
+        _verdicts[key] = run_cli("check-config", str(path))
     return _verdicts[key]
+
+
+def run_cli(*argv: str) -> tuple[bool, str]:
+    """`pi-controller ARGV...` in-process: (exit status 0, what it said)."""
+    out, err = io.StringIO(), io.StringIO()
+    with quiet_logs(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code == 0, (out.getvalue() + err.getvalue()).strip()[:400]
 
 
 # The in-suite budget: the same sequences on every run (derandomized, no example database), so that CI
@@ -503,10 +507,11 @@ class DaemonMachine(RuleBasedStateMachine):
             (self.folder / f"{name}.wasm").write_bytes(MODULES[module])
         self.rig.finish()
 
-    @precondition(lambda self: self.folder.is_dir())
+    @precondition(lambda self: self.folder.is_dir() and self.on_disk == self.in_force)
     @rule(name=plugin_names, files=files)
     def install(self, name: str, files: Files) -> None:
-        """`pi-controller plugin install NAME.wasm --config CONFIG`, in-process."""
+        """`pi-controller plugin install NAME.wasm --config CONFIG`, in-process, with the config the daemon
+        runs."""
         source = self.root / "source"
         shutil.rmtree(source, ignore_errors=True)
         source.mkdir()
@@ -514,16 +519,7 @@ class DaemonMachine(RuleBasedStateMachine):
             (source / f"{name}.yaml").write_text(files.manifest.text(name))
         (source / f"{name}.wasm").write_bytes(MODULES[files.module])
         before = sorted((p.name, p.read_bytes()) for p in self.folder.iterdir())
-        with contextlib.redirect_stderr(io.StringIO()):
-            settings = cli._load(self.config_path)  # as `plugin install --config` loads it
-        if settings is None:
-            return
-        try:
-            with quiet_logs():
-                plugin_install.install(source / f"{name}.wasm", self.folder, settings)
-            installed, why = True, "installed"
-        except plugin_install.InstallError as exc:
-            installed, why = False, str(exc)
+        installed, why = run_cli("plugin", "install", str(source / f"{name}.wasm"), "--config", str(self.config_path))
         kept = before == sorted((p.name, p.read_bytes()) for p in self.folder.iterdir())
         if installed:
             self.modules[name] = files.module
@@ -593,8 +589,11 @@ class DaemonMachine(RuleBasedStateMachine):
             self.in_force = self.on_disk
         views = self._views() if started else {}
         self._judged(lambda: self.judge.start(accepted, started, why, views, self._due(False)))
-        if not started:  # the service down; bring it back with the config that ran, and no recording
-            self._write_config(replace(self.in_force, unwritable_recording=False))
+        if not started:  # the service down: the owner puts back the first config and its plugins, and starts
+            self.in_force = FIRST_CONFIG
+            self._write_config(FIRST_CONFIG)
+            for name, files in FIRST_FILES.items():
+                self._put(name, files)
             self._start()
 
     # -- rules: the operator -------------------------------------------------------------------
