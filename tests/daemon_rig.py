@@ -158,9 +158,10 @@ class Rig:
         """Build the daemon from the config file as `run --simulate` does and serve it, parked before its
         first tick. StartRefused if `run` would refuse the config (nothing is then running)."""
         with contextlib.redirect_stderr(io.StringIO()) as said:
-            settings = cli._load(self.config_path)  # `run`'s own reading of its config
-        if settings is None:
+            loaded = cli._load(self.config_path)  # `run`'s own reading of its config
+        if loaded is None:
             raise StartRefused(said.getvalue().strip())
+        settings, _ = loaded  # what of the folder would not load, the daemon says as it loads it
         self.clock = SteppedClock()
         daemon = self.daemon = Daemon(settings, simulate=True, clock=self.clock)
         # /ready's verdict, as the daemon's metrics give it, without a server (whose stop takes 0.25 s).

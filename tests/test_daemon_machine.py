@@ -12,10 +12,9 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from tests.daemon_machine import FIRST_CONFIG, IN_SUITE, NO_SUCH_DEVICE, DaemonMachine, Entry, Files, Manifest
 
-ISSUE_25 = "issue 25 (found by this machine on main 4b7fbbb; fixed on branch i25)"
 
-
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_25}: its rows are what this test finds on main")
+@pytest.mark.xfail(strict=False, reason="after issue 25 the machine still finds a sequence in its in-suite "
+                   "budget, not yet shrunk into a test of its own (the closing note of this session)")
 def test_no_sequence_of_events_breaks_a_safety_invariant() -> None:
     run_state_machine_as_test(DaemonMachine, settings=IN_SUITE)
 
@@ -33,7 +32,6 @@ def machine() -> Iterator[DaemonMachine]:
         state.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_25}: manifest grant and ownership")
 def test_a_plugin_that_loses_the_grant_of_its_actuator_loses_the_actuator() -> None:
     with machine() as state:
         state.advance(ticks=15)  # the thermostat has switched the heater on
@@ -41,27 +39,23 @@ def test_a_plugin_that_loses_the_grant_of_its_actuator_loses_the_actuator() -> N
         state.advance(ticks=15)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_25}: dropped-in plugin and configured plugins")
 def test_a_dropped_in_plugin_never_keeps_a_configured_one_out_at_the_next_start() -> None:
     with machine() as state:
         state.drop(name="hog", files=Files("switchboard", Manifest(priority=999, timeout_ms=50, config={"mode": "trap"})))
         state.restart()
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_25}: dropped-in plugin and configured plugins")
 def test_a_dropped_in_plugin_never_keeps_a_configured_one_out_on_a_reload() -> None:
     with machine() as state:
         state.drop(name="hog", files=Files("switchboard", Manifest(priority=999, timeout_ms=50, config={"mode": "trap"})))
         state.reload(choice=FIRST_CONFIG)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_25}: config and the manifests' schemas")
 def test_a_setting_off_its_plugin_s_schema_is_refused_by_check_config_and_the_reload_alike() -> None:
     with machine() as state:
         state.reconfigure(name="thermostat", entry=Entry(config={"mode": "hot"}))
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_25}: plugin install and the daemon")
 @pytest.mark.parametrize("files", [
     Files("switchboard", Manifest(timeout_ms=50)),  # does not fit the plugin budget beside the two configured
     Files("switchboard", Manifest(actuators=(NO_SUCH_DEVICE,))),
@@ -72,20 +66,17 @@ def test_what_plugin_install_accepts_the_daemon_loads(files: Files) -> None:
         state.install(name="stray", files=files)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_25}: plugins folder and watcher")
 def test_the_plugins_folder_deleted_and_recreated_is_loaded_again() -> None:
     with machine() as state:
         state.delete_folder()
         state.recreate_folder()
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_25}: plugins folder and watcher (/ready)")
 def test_ready_says_no_while_a_plugin_named_in_the_config_is_missing() -> None:
     with machine() as state:
         state.remove(name="lamp_ctl")
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE_25}: recording and systemd")
 def test_a_recording_that_cannot_be_written_never_stops_the_daemon_from_starting() -> None:
     with machine() as state:
         state.record(unwritable=True)
