@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs pi-controller as a systemd service on Raspberry Pi OS (Bookworm; Pi 3, 4, 5, Zero 2 W):
+# Installs pi-controller as a systemd service on 64-bit Raspberry Pi OS (Bookworm, arm64; Pi 3, 4, 5, Zero 2 W):
 # a virtual environment in /opt/pi-controller (Bookworm's Python refuses system-wide pip installs),
 # the unit and its user, /etc/pi-controller/config.yaml (kept if it exists), the bundled plugins in
 # /var/lib/pi-controller/plugins; then enables SPI and 1-wire and starts the service.
@@ -15,14 +15,22 @@ STATE=/var/lib/pi-controller
 CONF=/etc/pi-controller/config.yaml
 live() { [ -z "$ROOT" ]; }
 
+# Before anything is installed: the userland's architecture, not the kernel's (a 32-bit Raspberry Pi OS may
+# run a 64-bit kernel). The Wasm runtime (extism-sys) ships wheels for arm64 and x86-64 only, and no source.
+arch=$(dpkg --print-architecture 2>/dev/null || echo "unknown (no dpkg)")
+case "$arch" in
+    arm64 | amd64) ;;
+    *)
+        echo "install.sh: 64-bit Raspberry Pi OS (arm64) is required, this system is $arch: flash \"Raspberry Pi OS" \
+             "(64-bit)\" with Raspberry Pi Imager (Pi 3, 4, 5, Zero 2 W), then run this again" >&2
+        exit 1 ;;
+esac
 if live && [ "$(id -u)" -ne 0 ]; then
     echo "install.sh: run it as root: sudo $0" >&2
     exit 1
 fi
 if live; then
     apt-get install -y python3-venv
-    # lgpio has wheels for 64-bit OS; on 32-bit pip builds it, which needs these.
-    apt-get install -y swig liblgpio-dev || echo "install.sh: no swig/liblgpio-dev; fine on 64-bit Raspberry Pi OS"
 fi
 
 # Built from a copy: a build in the checkout would write into it, and two at once would collide.

@@ -161,3 +161,45 @@ def test_a_staged_install_runs_its_plugins_with_their_manifests(stage: Path, tmp
     events = [json.loads(line) for line in stderr.splitlines()]
     loaded = {e["plugin"]: e.get("version") for e in events if e["event"] == "plugin_loaded"}
     assert loaded == {p.stem: yaml.safe_load(p.read_text())["version"] for p in (REPO / "plugins").glob("*.yaml")}
+
+
+def fake_commands(folder: Path, **answers: str) -> dict[str, str]:
+    """An environment whose PATH puts `folder` first, holding a command per `answers` that prints its answer,
+    and the installers (apt-get, python3, pip, systemctl) as commands that note they were called."""
+    folder.mkdir()
+    for name, answer in answers.items():
+        (folder / name).write_text(f"#!/bin/sh\necho {answer}\n")
+    for name in ("apt-get", "python3", "pip", "pip3", "systemctl", "systemd-sysusers", "raspi-config"):
+        (folder / name).write_text(f"#!/bin/sh\necho {name} \"$@\" >> {folder}/called\n")
+    for command in folder.iterdir():
+        command.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("arch", ["armhf", "armel", "i386"])
+def test_a_32_bit_userland_is_refused_before_anything_is_installed(tmp_path: Path, arch: str) -> None:
+    """A 32-bit Raspberry Pi OS (even on a 64-bit kernel: uname says aarch64) stops at once, in one line."""
+    env = fake_commands(tmp_path / "bin", dpkg=arch, uname="aarch64")
+    root = tmp_path / "root"
+    root.mkdir()
+    staged = subprocess.run(["bash", str(REPO / "systemd" / "install.sh")], env={**env, **BOOKWORM, "ROOT": str(root)},
+                            capture_output=True, text=True, timeout=60)
+    # As the owner runs it (not root here, so that nothing of this machine's could be touched if the check failed).
+    (tmp_path / "bin" / "id").write_text("#!/bin/sh\necho 1000\n")
+    (tmp_path / "bin" / "id").chmod(0o755)
+    live = subprocess.run(["bash", str(REPO / "systemd" / "install.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    for result in (staged, live):
+        assert result.returncode == 1
+        assert result.stdout == ""
+        line, = result.stderr.splitlines()
+        assert "64-bit Raspberry Pi OS (arm64) is required" in line and f"this system is {arch}" in line
+        assert "Raspberry Pi Imager" in line  # what to do instead
+    assert not (tmp_path / "bin" / "called").exists()  # no apt-get, no venv, no pip
+    assert list(root.iterdir()) == []
+
+
+def test_no_step_for_32_bit_builds_is_left() -> None:
+    script = (REPO / "systemd" / "install.sh").read_text()
+    assert "swig" not in script and "liblgpio-dev" not in script
+    assert script.index("dpkg --print-architecture") < script.index("apt-get install") < script.index("/pip\" install")
