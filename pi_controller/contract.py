@@ -2,7 +2,8 @@
 
 Input (one JSON object): `sensor_readings` (a list of `{sensor_id, value, unit, timestamp, valid}`,
 plus `error` when a reading is invalid and `value` is null), `device_states` (by actuator id),
-`timestamp` (Unix seconds), `tick` and `config` (the plugin's own config map).
+`timestamp` (Unix seconds: the wall clock, which NTP may step), `monotonic` (seconds on a clock that never
+jumps: for timers), `tick` and `config` (the plugin's own config map).
 Output: a JSON array of `{device_id, action, parameters}`.
 
 The context is encoded once per tick (`Context`); each plugin's config is encoded once at load time and
@@ -76,7 +77,7 @@ class Context:
 
     readings: Sequence[Reading]
     parts: tuple[str, ...]
-    tail: bytes  # ',"device_states":...,"tick":N'
+    tail: bytes  # ',"device_states":...,"timestamp":T,"monotonic":M,"tick":N'
     tick: int
     encoded: bytes
 
@@ -86,11 +87,14 @@ class Context:
         return READINGS_KEY + b"[" + mine.encode() + b"]" + self.tail
 
 
-def encode_context(readings: Sequence[Reading], states: str, timestamp: float, tick: int) -> Context:
+def encode_context(readings: Sequence[Reading], states: str, timestamp: float, tick: int, *,
+                   monotonic: float) -> Context:
     """One tick's context; `states` is the device states' JSON (`encode_states`), which most ticks
-    leave unchanged, so that its owner can keep it from tick to tick."""
+    leave unchanged, so that its owner can keep it from tick to tick. `timestamp` is the wall clock (the
+    time of day; it steps when NTP sets it), `monotonic` the clock a plugin's timers can trust."""
     parts = tuple(_reading(r) for r in readings)
-    tail = f',"device_states":{states},"timestamp":{_scalar(timestamp)},"tick":{_scalar(tick)}'.encode()
+    tail = (f',"device_states":{states},"timestamp":{_scalar(timestamp)},"monotonic":{_scalar(monotonic)},'
+            f'"tick":{_scalar(tick)}').encode()
     return Context(readings, parts, tail, tick, READINGS_KEY + ("[" + ",".join(parts) + "]").encode() + tail)
 
 

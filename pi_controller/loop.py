@@ -170,12 +170,12 @@ class ControlLoop:
 
     def tick(self, number: int) -> None:
         """Read, decide, arbitrate, guard, act: one pass of the control loop."""
-        now, started = self.clock.time(), self.clock.perf_counter()
+        now, monotonic, started = self.clock.time(), self.clock.monotonic(), self.clock.perf_counter()
         self.readings = self.hardware.read(now)
         self._report_sensors(number)
         self.plugins.record(self.readings)
         states = self.hardware.states()
-        context = contract.encode_context(self.readings, self.hardware.states_json(), now, number)
+        context = contract.encode_context(self.readings, self.hardware.states_json(), now, number, monotonic=monotonic)
         # Operator overrides come first: arbitration keeps the first command for a device.
         proposals = self.operator.commands(self.hardware.actuators, self.plugins, self.clock.monotonic(), number)
         self.health.begin()
@@ -191,7 +191,7 @@ class ControlLoop:
             self._problems.problem(("write", device), "actuator_write_failed", level="error", tick=number,
                                    device=device, error=error)
         self.last_states = self.hardware.states()
-        self.trace = TickTrace(number, now, self.clock.monotonic(), self.readings, states, proposals, self.verdicts,
+        self.trace = TickTrace(number, now, monotonic, self.readings, states, proposals, self.verdicts,
                                conflicts, decision, frozenset(self.operator.disabled))
         if self.shadows is not None:  # after the pins are written: shadows never delay what is applied
             self.shadows.consult(self.trace, context, self.hardware.actuators, self.safety, started)

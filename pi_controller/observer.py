@@ -41,7 +41,7 @@ class TickTrace:
 
     number: int
     time: float  # the context's timestamp (wall clock)
-    monotonic: float
+    monotonic: float  # the context's monotonic time
     readings: list[Reading]
     states: dict[str, dict[str, Any]]  # the device states the plugins saw
     proposals: list[Command]  # operator overrides first, then each plugin's valid commands

@@ -72,7 +72,7 @@ def test_its_manifest_grants_it_the_light_and_the_strip_only(plugin_set, tmp_pat
     plugin = dimmer(plugin_set, tmp_path)
     assert plugin.grant.sensors == {"light_sensor"} and plugin.grant.actuators == {"led_strip"}
     readings = [Reading("temperature_sensor", 0.0, "celsius", 1.0), Reading("light_sensor", 100.0, "lux", 1.0)]
-    seen = json.loads(plugin.view(contract.encode_context(readings, "{}", 1.0, 1)) + b"}")
+    seen = json.loads(plugin.view(contract.encode_context(readings, "{}", 1.0, 1, monotonic=0.5)) + b"}")
     assert [r["sensor_id"] for r in seen["sensor_readings"]] == ["light_sensor"]
 
 

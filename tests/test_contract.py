@@ -40,7 +40,7 @@ def test_context_is_the_seed_shape_with_the_plugin_config_spliced_in() -> None:
     readings = [Reading("temperature_sensor", 20.5, "celsius", 100.0),
                 Reading("light_sensor", None, "lux", 100.0, "SPI read failed")]
     states = {"relay_switch": {"type": "relay", "on": False, "value": 0}}
-    prefix = contract.encode_context(readings, contract.encode_states(states), 100.0, 7).encoded
+    prefix = contract.encode_context(readings, contract.encode_states(states), 100.0, 7, monotonic=2.5).encoded
     context = json.loads(prefix + contract.encode_config({"setpoint": 21.0, "mode": "eco"}))
     assert context == {
         "sensor_readings": [
@@ -51,6 +51,7 @@ def test_context_is_the_seed_shape_with_the_plugin_config_spliced_in() -> None:
         ],
         "device_states": states,
         "timestamp": 100.0,
+        "monotonic": 2.5,
         "tick": 7,
         "config": {"setpoint": 21.0, "mode": "eco"},
     }
@@ -168,5 +169,5 @@ def test_a_plugins_own_later_command_supersedes_its_earlier_one() -> None:
 def test_readings_are_encoded_as_json_dumps_would(value, timestamp) -> None:
     readings = [Reading("tëmp", value, "°C", timestamp), Reading("x", None, "lux", timestamp, "no \"echo\"")]
     expected = json.dumps([r.as_json() for r in readings], separators=(",", ":")).encode()
-    parts = contract.encode_context(readings, "{}", 0.0, 0).parts
+    parts = contract.encode_context(readings, "{}", 0.0, 0, monotonic=0.0).parts
     assert ("[" + ",".join(parts) + "]").encode() == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 from typing import Any
@@ -253,14 +254,14 @@ def test_plugin_gets_the_context_exactly_as_encoded_with_its_own_config(run_daem
     daemon = run_daemon(data, 0, plugins=plugin_dir("echo_input"))
     plugin = next(iter(daemon.plugins))
     readings = daemon.hardware.read(1234.5)
-    prefix = contract.encode_context(readings, daemon.hardware.states_json(), 1234.5, 7).encoded
+    prefix = contract.encode_context(readings, daemon.hardware.states_json(), 1234.5, 7, monotonic=88.25).encoded
     seen = json.loads(plugin.call(prefix))
     assert seen == {
         "sensor_readings": [r.as_json() for r in readings],
         "device_states": {"led_strip": {"type": "pwm", "on": False, "value": 0.0, "duty_cycle": 0.0},
                           "servo_motor": {"type": "servo", "on": True, "value": 0.0, "angle": 0.0},
                           "relay_switch": {"type": "relay", "on": False, "value": 0}},
-        "timestamp": 1234.5, "tick": 7, "config": {"setpoint": 19.5, "mode": "eco"}}
+        "timestamp": 1234.5, "monotonic": 88.25, "tick": 7, "config": {"setpoint": 19.5, "mode": "eco"}}
     assert [r["sensor_id"] for r in seen["sensor_readings"]] == ["temperature_sensor", "motion_sensor",
                                                                   "light_sensor"]
 
@@ -349,3 +350,59 @@ def test_an_observer_that_raises_never_ends_the_loop(run_daemon, plugin_dir) -> 
     assert loop.ticks.count == 5 and loop.plugin_stats["temperature_control"].calls == 5
     failed = [e for e in logs if e["event"] == "observer_failed"]
     assert sorted(e["error"] for e in failed) == ["bang", "boom"]  # once each, not once a tick
+
+
+class SteppedClock(VirtualClock):
+    """Virtual time whose wall clock is set forward by `step_s` at `at_s`, as NTP sets a Pi's clock (it has no
+    real-time clock) some seconds after boot; its monotonic clock runs on untouched."""
+
+    def __init__(self, at_s: float, step_s: float):
+        super().__init__()
+        self.at_s, self.step_s = at_s, step_s
+
+    def time(self) -> float:
+        return super().time() + (self.step_s if self.monotonic() >= self.at_s else 0.0)
+
+
+class MotionThenStill:
+    """Someone moves until `until_s` (monotonic), then nobody; notes, before each tick, what the last one left:
+    the light's duty and the context's two times."""
+
+    def __init__(self, daemon: Any, until_s: float):
+        self.daemon, self.until_s = daemon, until_s
+        self.duties: list[float] = []
+        self.times: list[tuple[float, float]] = []
+
+    def advance(self, now: float) -> None:
+        if self.daemon.loop.trace is not None:
+            self.duties.append(self.daemon.hardware.actuators["led_strip"].state["value"])
+            self.times.append((self.daemon.loop.trace.time, self.daemon.loop.trace.monotonic))
+        self.daemon.hardware.factory.pin(17).drive_high() if self.daemon.clock.monotonic() < self.until_s \
+            else self.daemon.hardware.factory.pin(17).drive_low()
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("step_s", [3600.0, -3600.0])
+def test_a_wall_clock_step_moves_the_timestamp_and_no_plugin_timer(run_daemon, plugin_dir, step_s) -> None:
+    """motion_light holds the light 2 s after the last motion, then fades it over 1 s, on the context's
+    `monotonic`: a step of the wall clock during the hold (either way) neither cuts it short nor stretches it."""
+    data = unsimulated(example_data())
+    data["plugins"]["settings"] = {"motion_light": {"config": {"hold_seconds": 2, "fade_seconds": 1, "on_duty": 80}}}
+
+    def run(clock: VirtualClock) -> MotionThenStill:
+        daemon = run_daemon(data, 0, plugins=plugin_dir("motion_light"), clock=clock)
+        world = daemon.hardware.environment = MotionThenStill(daemon, until_s=1.0)
+        asyncio.run(daemon.serve(50))
+        return world
+
+    steady, stepped = run(VirtualClock()), run(SteppedClock(at_s=2.0, step_s=step_s))
+    assert stepped.duties == steady.duties
+    # Motion in ticks 0-9 (to 0.9 s); on until 2 s after it, then a 1 s fade in 0.1 s steps, then off.
+    assert steady.duties[:29] == [80.0] * 29 and steady.duties[29] < 80.0 and steady.duties[40:] == [0.0] * 9
+    wall = [t for t, _ in stepped.times]
+    monotonic = [m for _, m in stepped.times]
+    assert monotonic == [m for _, m in steady.times]
+    assert all(b - a == pytest.approx(0.1) for a, b in itertools.pairwise(monotonic))
+    assert wall[21] - wall[19] == pytest.approx(0.2 + step_s)  # what the plugins saw as the time of day

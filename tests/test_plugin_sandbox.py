@@ -260,9 +260,10 @@ def test_a_plugin_that_declares_sensors_sees_only_those(run_daemon, plugin_dir) 
     daemon = run_daemon(data, 0, plugins=folder)
     plugin = only(daemon.plugins)
     readings = daemon.hardware.read(1234.5)
-    full = contract.encode_context(readings, daemon.hardware.states_json(), 1234.5, 7)
+    full = contract.encode_context(readings, daemon.hardware.states_json(), 1234.5, 7, monotonic=3.0)
     mine = [r for r in readings if r.sensor_id != "motion_sensor"]
-    assert plugin.view(full) == contract.encode_context(mine, daemon.hardware.states_json(), 1234.5, 7).encoded
+    states = daemon.hardware.states_json()
+    assert plugin.view(full) == contract.encode_context(mine, states, 1234.5, 7, monotonic=3.0).encoded
     seen = json.loads(plugin.call(plugin.view(full)))
     assert [r["sensor_id"] for r in seen["sensor_readings"]] == ["temperature_sensor", "light_sensor"]
 

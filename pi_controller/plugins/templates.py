@@ -83,6 +83,7 @@ CONTEXT = """{{
   ],
   "device_states": {{"led_strip": {{"type": "pwm", "on": true, "value": 100.0, "duty_cycle": 100.0}}}},
   "timestamp": 1764017500.1,
+  "monotonic": 4210.3,
   "tick": 42,
   "history": {{"light_sensor": [[1764017500.0, 880.0]]}}
 }}

@@ -157,6 +157,7 @@ def check_context(context: Any) -> None:
     if not all(isinstance(state, dict) for state in context.get("device_states", {}).values()):
         raise ContextError("device_states must map each actuator id to an object")
     _expect(context, "timestamp", (int, float))
+    _expect(context, "monotonic", (int, float))
     _expect(context, "tick", int)
     _expect(context, "config", dict)
     _expect(context, "history", dict)
@@ -253,7 +254,8 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings, ch
         history.record(Reading(sensor, value, "", timestamp) for timestamp, value in pairs)
     history.record(readings)  # as in the loop: this tick's reading is the newest
     states = contract.encode_states(context.get("device_states", {}))
-    prefix = contract.encode_context(readings, states, context.get("timestamp", 0.0), context.get("tick", 0))
+    prefix = contract.encode_context(readings, states, context.get("timestamp", 0.0), context.get("tick", 0),
+                                     monotonic=context.get("monotonic", 0.0))
     report: dict[str, Any] = {"plugin": name, "sha256": plugin.sha256, "fuel": terms.fuel,
                               "timeout_ms": terms.timeout_ms, "memory_pages": terms.memory_pages}
     try:

@@ -6,7 +6,7 @@ followed by one line per tick; a reload (SIGHUP, a plugin swapped in or out) wri
 (`"reason": "reload"`, `"tick"`: the first tick under it) before the next tick's. A tick line holds,
 leaving out what is empty:
 
-    n  tick number          t  the context's timestamp     m  the loop's monotonic time
+    n  tick number          t  the context's timestamp     m  the context's monotonic time
     r  valid readings: {sensor: value}, or {sensor: [value, timestamp]} when read at another time
     bad  invalid readings: {sensor: [error, timestamp]}
     s  device states the plugins saw, those that changed since the line before: {actuator: state}

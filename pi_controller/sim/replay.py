@@ -98,7 +98,7 @@ class Replay:
         readings = record.readings(line, units, now)
         self.states.update(line.get("s", {}))
         self.plugins.record(readings)
-        context = encode_context(readings, encode_states(self.states), now, number)
+        context = encode_context(readings, encode_states(self.states), now, number, monotonic=self.clock.monotonic())
         proposals = [Command(device, action, target, OPERATOR, 0) for device, action, target in line.get("o", [])
                      if device in self.hardware.actuators]
         self.health.begin()

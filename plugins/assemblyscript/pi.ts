@@ -67,9 +67,31 @@ export class Context {
     return numberAfter(reading, '"value":');
   }
 
-  // The context's `timestamp`: Unix seconds of this tick, the only clock a plugin should use.
+  // The context's `timestamp`: Unix seconds of this tick on the wall clock, for the time of day. It jumps
+  // when the clock is set (NTP steps a Pi's clock after boot): never time anything with it.
   get timestamp(): f64 {
-    return numberAfter(this.json.slice(this.json.lastIndexOf('"timestamp":')), '"timestamp":');
+    return numberAfter(this.tail(), '"timestamp":');
+  }
+
+  // The context's `monotonic`: seconds of this tick on a clock that never jumps (only differences mean
+  // anything), for timers, holds and rates. Use these two, never a clock of your own. NaN from a daemon
+  // older than the field.
+  get monotonic(): f64 {
+    const tail = this.tail();
+    const at = tail.indexOf(',"monotonic":');
+    const tick = tail.indexOf(',"tick":');
+    return at < 0 || (tick >= 0 && at > tick) ? NaN : numberAfter(tail.slice(at), '"monotonic":');
+  }
+
+  // The context's own keys, from its "timestamp" on ("timestamp":T,"monotonic":M,"tick":N,"config":...):
+  // they follow the device states' closing brace, where no reading's "timestamp" can be; an actuator named
+  // "timestamp" is followed by its state, not a number.
+  private tail(): string {
+    const key = '},"timestamp":';
+    for (let at = this.json.indexOf(key); at >= 0; at = this.json.indexOf(key, at + 1)) {
+      if (!isNaN(numberAfter(this.json.slice(at, at + key.length + 1), key))) return this.json.slice(at + 2);
+    }
+    return "";
   }
 
   // Config `key` as a number (through Extism config, where the daemon puts every config value,

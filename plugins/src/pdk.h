@@ -135,6 +135,34 @@ static inline int pdk_sensor_value(const pdk_context *ctx, const char *id, doubl
     return valid && number && pdk_parse_number(number + 8, value);
 }
 
+/* The context's own keys, from its "timestamp" on ("timestamp":T,"monotonic":M,"tick":N,"config":...):
+ * they follow the device states' closing brace, where no reading's "timestamp" can be; an actuator named
+ * "timestamp" is followed by its state, not a number. */
+static inline const char *pdk_context_tail(const pdk_context *ctx) {
+    const char *end = ctx->json + ctx->length;
+    double number;
+    for (const char *at = pdk_find(ctx->json, end, "},\"timestamp\":"); at; at = pdk_find(at + 1, end, "},\"timestamp\":"))
+        if (pdk_parse_number(at + 14, &number)) return at + 2;
+    return 0;
+}
+
+/* The context's `timestamp`: Unix seconds of this tick on the wall clock, for the time of day. It jumps
+ * when the clock is set (NTP steps a Pi's clock after boot): never time anything with it. 0 if absent. */
+static inline int pdk_timestamp(const pdk_context *ctx, double *seconds) {
+    const char *tail = pdk_context_tail(ctx);
+    return tail && pdk_parse_number(tail + 12, seconds);
+}
+
+/* The context's `monotonic`: seconds of this tick on a clock that never jumps (only differences mean
+ * anything), for timers, holds and rates; use these two, never a clock of your own. 0 if absent (a
+ * daemon older than the field). */
+static inline int pdk_monotonic(const pdk_context *ctx, double *seconds) {
+    const char *end = ctx->json + ctx->length, *tail = pdk_context_tail(ctx);
+    const char *tick = tail ? pdk_find(tail, end, ",\"tick\":") : 0;
+    const char *at = tail ? pdk_find(tail, tick ? tick : end, ",\"monotonic\":") : 0;
+    return at && pdk_parse_number(at + 13, seconds);
+}
+
 /* Config `key` as a number (from Extism config), or `fallback` when absent or not a number. */
 static inline double pdk_config_number(const char *key, double fallback) {
     uint64_t offset = pdk_kernel_config_get(pdk_store(key, pdk_strlen(key)));

@@ -90,8 +90,13 @@ pub const DeviceState = struct {
 pub const Context = struct {
     sensor_readings: []const Reading = &.{},
     device_states: std.json.ArrayHashMap(DeviceState) = .{},
-    /// Unix seconds of this tick: the only clock a plugin should use.
+    /// Unix seconds of this tick, on the wall clock: for the time of day. It jumps when the clock is
+    /// set (a Pi has no real-time clock: NTP steps it after boot), so never time anything with it.
     timestamp: f64 = 0,
+    /// Seconds of this tick on a clock that never jumps (the daemon's monotonic clock; only
+    /// differences mean anything): for timers, holds and rates. Use these two, never a clock of
+    /// your own.
+    monotonic: f64 = 0,
     /// Tick counter, increasing by one per control tick.
     tick: i64 = 0,
     /// This plugin's config map from the daemon's YAML, as is (numbers, strings, bools, nested).
