@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -21,9 +22,31 @@ log = structlog.get_logger("pi_controller.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logs.configure(logs.asked_format(argv))  # argparse's own refusals follow --log-format too
     args = _parser().parse_args(argv)
     logs.configure(getattr(args, "log_format", "console"), getattr(args, "log_level", "info"))
     return int(args.handler(args))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose refusals follow --log-format: with JSON, one event instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        if not logs.is_json():
+            super().error(message)
+        logs.refusal("usage_error", f"{self.prog}: error: {message}")
+        self.exit(EXIT_CONFIG)
+
+
+def version() -> str:
+    """This version, the Wasm runtime's and where it runs: what a bug report needs first."""
+    from importlib.metadata import version as installed
+
+    from pi_controller import __version__
+
+    return (f"pi-controller {__version__} (extism-sys {installed('extism-sys')}, Python {platform.python_version()}, "
+            f"{platform.machine()})")
 
 
 def entry() -> NoReturn:
@@ -40,7 +63,8 @@ def entry() -> NoReturn:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pi-controller", description=__doc__)
+    parser = Parser(prog="pi-controller", description=__doc__)
+    parser.add_argument("--version", action="version", version=version())
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the control loop")
@@ -98,7 +122,7 @@ def _load(path: Path, plugins_dir: Path | None = None) -> tuple[config.Settings,
             config.mqtt_secrets(settings)
         return settings, notes
     except config.ConfigError as exc:  # said once, on stderr (the journal under systemd), in one line
-        print(f"config error: {exc}", file=sys.stderr)
+        exc.refuse()
         return None
 
 
@@ -116,19 +140,19 @@ def _run(args: argparse.Namespace) -> int:
     settings, _ = loaded  # what of the folder fails to load, the daemon logs as it loads it
     problem = simulation.unwritable(args.record) if args.record else None
     if problem:  # asked for on the command line: said before any pin moves (record.path never stops control)
-        print(f"error: --record {args.record}: {problem}", file=sys.stderr)
+        logs.refusal("recording_error", f"error: --record {args.record}: {problem}")
         return EXIT_CONFIG
     try:
         daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins, state_dir=args.state_dir,
                         record=args.record)
     except SimulationError as exc:
-        print(f"simulation error: {args.config}: {exc}", file=sys.stderr)
+        logs.refusal("simulation_error", f"simulation error: {args.config}: {exc}", file=str(args.config))
         return EXIT_CONFIG
     except HardwareError as exc:  # said once, in one line, as a config error is
-        print(f"hardware error: {exc}", file=sys.stderr)
+        logs.refusal("hardware_error", f"hardware error: {exc}")
         return EXIT_HARDWARE
     except config.ConfigError as exc:  # a credential file gone since it was checked
-        print(f"config error: {exc}", file=sys.stderr)
+        exc.refuse()
         return EXIT_CONFIG
     except Exception:  # anything else at start-up: say what, exit non-zero (ExecStopPost makes pins safe)
         log.exception("startup_failed")
@@ -159,7 +183,7 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         notes += config.check_service_paths(settings, args.state_dir)
     except config.ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        exc.refuse()
         return EXIT_CONFIG
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)

@@ -25,6 +25,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from pi_controller import logs
 from pi_controller.devices import actuators, registry, sensors
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins.plugin_config import check_settings
@@ -44,6 +45,11 @@ class ConfigError(Exception):
         self.message = message
         where = f"{self.file}:{line}" if line else self.file
         super().__init__(f"{where}: {format_path(path) or '(top level)'}: {message}")
+
+    def refuse(self) -> None:
+        """Say it once, as a command that will not run: one line, or one JSON event with its parts."""
+        logs.refusal("config_error", f"config error: {self}", file=self.file, line=self.line,
+                     key=format_path(self.path), problem=self.message)
 
 
 def format_path(path: KeyPath) -> str:

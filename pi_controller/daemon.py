@@ -6,23 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import platform
 import signal
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from pi_controller import config
+from pi_controller import __version__, config
 from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import Settings
 from pi_controller.devices.hardware import Environment, Hardware
-from pi_controller.devices.pins import make_factory
+from pi_controller.devices.pins import factory_kind, make_factory
 from pi_controller.loop import ControlLoop
 from pi_controller.metrics import Metrics, MetricsServer
 from pi_controller.mqtt.telemetry import Telemetry
 from pi_controller.operator import Operator
 from pi_controller.operator_values import OperatorValues
 from pi_controller.plugins import checks
+from pi_controller.plugins.extism_adapter import runtime_version
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.manifest import Devices
 from pi_controller.plugins.plugin_set import PluginSet
@@ -57,6 +60,7 @@ class Daemon:
         self.recorder: Recorder | None = None
         self._record_to = record
         self._watcher: asyncio.Task[None] | None = None
+        self._say_starting()
         self.hardware = self._build_hardware()
         self.hardware.settle("startup", "starting")
         try:
@@ -64,6 +68,13 @@ class Daemon:
         except BaseException:  # pins are claimed: leave them in their shut-down states
             self.hardware.close()
             raise
+
+    def _say_starting(self) -> None:
+        """The first event of a run, before any pin moves: what runs, from where, on what."""
+        log.info("daemon_starting", version=__version__, config=str(self.settings.source),
+                 plugins=str(self._plugins_directory(self.settings)), pins=factory_kind(self.settings, self.simulate),
+                 runtime=f"libextism {runtime_version()}", python=platform.python_version(),
+                 machine=platform.machine(), pid=os.getpid())
 
     def _build_rest(self, settings: Settings) -> None:
         self.plugins = self._load_plugins(settings)

@@ -29,6 +29,7 @@ LogFormat = Literal["console", "json"]
 
 
 _threshold = logging.DEBUG
+_format: LogFormat = "console"
 
 
 def enabled(level: str) -> bool:
@@ -37,8 +38,8 @@ def enabled(level: str) -> bool:
 
 
 def configure(fmt: LogFormat = "console", level: str = "info") -> None:
-    global _threshold
-    _threshold = logging.getLevelName(level.upper())
+    global _threshold, _format
+    _threshold, _format = logging.getLevelName(level.upper()), fmt
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
@@ -57,6 +58,28 @@ def configure(fmt: LogFormat = "console", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     warnings.showwarning = _warning_as_event
+
+
+def refusal(event: str, text: str, /, **fields: Any) -> None:
+    """An error that stops a command before it runs (a config error, no GPIO, a bad argument), said once:
+    the plain `text` a person reads on a console; with JSON asked for, an event carrying it as `message`,
+    with `fields`, so that every line of the journal parses (jq stops at the first that does not)."""
+    if is_json():
+        structlog.get_logger("pi_controller.cli").error(event, message=text, **fields)
+    else:
+        print(text, file=sys.stderr)
+
+
+def is_json() -> bool:
+    return _format == "json"
+
+
+def asked_format(argv: list[str]) -> LogFormat:
+    """The log format a command line asks for, read before argparse: its own refusals must follow it."""
+    for index, word in enumerate(argv):
+        if word == "--log-format=json" or (word == "--log-format" and argv[index + 1:index + 2] == ["json"]):
+            return "json"
+    return "console"
 
 
 def capture_native_stderr() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pi_controller.devices.hardware import EXIT_HARDWARE
+from pi_controller.plugins.extism_adapter import runtime_version
 from tests.conftest import EXAMPLE_CONFIG, REPO
 
 
@@ -38,6 +41,10 @@ def test_run_ticks_prints_one_json_snapshot_and_logs_to_stderr() -> None:
                               "max_us"}
     events = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON event
     names = [e["event"] for e in events]
+    assert names[0] == "daemon_starting"  # before any pin moves: what runs, from where, on what
+    assert events[0]["version"] == importlib.metadata.version("pi-controller")
+    assert events[0]["config"] == str(EXAMPLE_CONFIG) and events[0]["plugins"] == str(REPO / "plugins")
+    assert events[0]["pins"] == "mock" and events[0]["runtime"] == f"libextism {runtime_version()}"
     assert names.index("loop_started") < names.index("loop_stopped") < len(names) - 1
     assert names[-1] == "actuators_shutdown"
     held = [e for e in events if e["event"] == "command_held"]
@@ -149,10 +156,10 @@ ON_A_PI = "Raspberry Pi" in (Path("/proc/device-tree/model").read_text(errors="r
 def test_without_a_pi_it_says_so_and_how_to_simulate_in_one_line() -> None:
     """Not on a Pi (or lgpio missing, or not in the gpio group), without --simulate: said once, plainly;
     exit 3, which systemd retries (a bus may come up late), unlike a config error's 2."""
-    result = subprocess.run(pi_controller("run", "--config", CONFIG, "--log-format", "json"), capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(pi_controller("run", "--config", CONFIG), capture_output=True, text=True, timeout=60)
     assert result.returncode == EXIT_HARDWARE == 3
-    (said,) = result.stderr.splitlines()
+    starting, said = result.stderr.splitlines()
+    assert "daemon_starting" in starting and "pins=lgpio" in starting
     assert said.startswith("hardware error: cannot open the Pi's GPIO through lgpio (")
     assert said.endswith("not on a Pi? run with --simulate or set pins.factory: mock. On a Pi: is the user in the "
                          "'gpio' group?")
@@ -171,3 +178,31 @@ def test_a_config_error_is_said_once_by_every_command(tmp_path, command: list[st
     (said,) = result.stderr.splitlines()
     assert said.startswith(f"config error: {bad}:") and "actuators[0].frequency: 0 is out of range" in said
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args, event, exit_code", [
+    (["run", "--config", "/nonexistent/config.yaml"], "config_error", 2),
+    (["run", "--config", CONFIG, "--ticks", "many"], "usage_error", 2),
+    (["run", "--config", CONFIG, "--log-level", "loud"], "usage_error", 2),
+    pytest.param(["run", "--config", CONFIG], "hardware_error", EXIT_HARDWARE,
+                 marks=pytest.mark.skipif(ON_A_PI, reason="on a Pi the GPIO opens")),
+    (["simulate", "--config", CONFIG, "--trace", "/nonexistent/trace.csv"], "argument_error", 2),
+    (["replay", "/nonexistent/day.rec"], "replay_error", 2),
+])
+def test_with_json_asked_for_every_line_is_json_errors_at_start_included(args: list[str], event: str,
+                                                                        exit_code: int) -> None:
+    """jq and journald's JSON readers stop at the first line that is not JSON: a start that fails is when
+    the owner reads the log, so its error is an event too, with the plain line as its message."""
+    result = subprocess.run(pi_controller(*args, "--log-format", "json"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == exit_code
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert events[-1]["event"] == event and events[-1]["level"] == "error"
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_version_names_the_runtime_and_the_machine() -> None:
+    result = subprocess.run(pi_controller("--version"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout == (f"pi-controller {importlib.metadata.version('pi-controller')} (extism-sys "
+                             f"{runtime_version()}, Python {platform.python_version()}, {platform.machine()})\n")
+

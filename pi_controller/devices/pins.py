@@ -86,6 +86,11 @@ class SimulatedFactory(MockFactory):
         return super()._get_spi_class(shared, hardware)
 
 
+def factory_kind(settings: Settings, simulate: bool) -> str:
+    """The pin factory a run gets: "lgpio" on a Pi, "mock" simulated (--simulate, or pins.factory: mock)."""
+    return "mock" if simulate or settings.pins.factory == "mock" else "lgpio"
+
+
 def make_factory(settings: Settings, simulate: bool) -> Factory:
     """The factory every device is built on, also made gpiozero's default.
 
@@ -93,7 +98,7 @@ def make_factory(settings: Settings, simulate: bool) -> Factory:
     passing the factory on, so it must be the default too, or an MCP3008 on software SPI fails with
     "Unable to load any default pin factory!".
     """
-    if simulate or settings.pins.factory == "mock":
+    if factory_kind(settings, simulate) == "mock":
         factory: Factory = mock_factory(settings)
     else:
         factory = _lgpio_factory()

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from pi_controller import arbitration, config
+from pi_controller import arbitration, config, logs
 from pi_controller.clock import VirtualClock
 from pi_controller.contract import Command, Context, encode_context, encode_states
 from pi_controller.devices import actuators
@@ -308,19 +308,19 @@ def command(args: argparse.Namespace) -> int:
 
     refusal = plot_refusal(args.plot)  # before the replay, not after it
     if refusal:
-        print(refusal[1], file=sys.stderr)
+        logs.refusal("argument_error", refusal[1])
         return refusal[0]
     try:
         settings = config.load(args.config) if args.config else None
         report = replay(args.recording, settings, args.plugins, args.start, args.end, args.plot)
     except config.ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        exc.refuse()
         return EXIT_CONFIG
     except RecordingError as exc:
-        print(f"replay error: {exc}", file=sys.stderr)
+        logs.refusal("replay_error", f"replay error: {exc}")
         return EXIT_CONFIG
     except OSError as exc:
-        print(f"replay error: {exc.filename or args.recording}: {exc.strerror or exc}", file=sys.stderr)
+        logs.refusal("replay_error", f"replay error: {exc.filename or args.recording}: {exc.strerror or exc}")
         return EXIT_CONFIG
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")

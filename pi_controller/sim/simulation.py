@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, TextIO, TypeGuard
 
 import structlog
 
-from pi_controller import config
+from pi_controller import config, logs
 from pi_controller.clock import VirtualClock
 from pi_controller.devices.actuators import ActuatorSettings
 from pi_controller.simulators.models import Model, RoomSettings
@@ -557,19 +557,19 @@ def command(args: argparse.Namespace) -> int:
 
     refusal = _refusal(args)  # before a long run, not after it
     if refusal:
-        print(refusal[1], file=sys.stderr)
+        logs.refusal("argument_error", refusal[1])
         return refusal[0]
     try:
         settings = prepare(config.load(args.config), args.rate, args.seed)
         folder = config.check_plugins_directory(settings, args.plugins)  # a typo'd folder: not a run of no plugins
         checks.check(settings, folder)  # a plugin the config names that would not load: not a day without it
     except config.ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        exc.refuse()
         return EXIT_CONFIG
     try:
         playback = Playback(args.from_recording) if args.from_recording else None
     except (RecordingError, OSError) as exc:
-        print(f"error: --from-recording {args.from_recording}: {exc}", file=sys.stderr)
+        logs.refusal("recording_error", f"error: --from-recording {args.from_recording}: {exc}")
         return EXIT_CONFIG
     buckets = None
     with contextlib.ExitStack() as files:
@@ -584,13 +584,13 @@ def command(args: argparse.Namespace) -> int:
         try:
             verdict = run(settings, args.duration, sinks, args.plugins, args.record, playback)
         except SimulationError as exc:
-            print(f"simulation error: {args.config}: {exc}", file=sys.stderr)
+            logs.refusal("simulation_error", f"simulation error: {args.config}: {exc}", file=str(args.config))
             return EXIT_CONFIG
         except HardwareError as exc:
-            print(f"hardware error: {exc}", file=sys.stderr)
+            logs.refusal("hardware_error", f"hardware error: {exc}")
             return EXIT_HARDWARE
         except RecordingError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            logs.refusal("recording_error", f"error: {exc}")
             return EXIT_CONFIG
     written = [f"{what}: {path}" for what, path in (("trace", args.trace), ("recording", args.record)) if path]
     print("\n".join([*verdict.lines(), *written]))
