@@ -187,6 +187,7 @@ def test_a_config_error_is_said_once_by_every_command(tmp_path, command: list[st
     pytest.param(["run", "--config", CONFIG], "hardware_error", EXIT_HARDWARE,
                  marks=pytest.mark.skipif(ON_A_PI, reason="on a Pi the GPIO opens")),
     (["simulate", "--config", CONFIG, "--trace", "/nonexistent/trace.csv"], "argument_error", 2),
+    (["safe-state", "--config", "/nonexistent/config.yaml"], "safe_state_failed", 2),
     (["replay", "/nonexistent/day.rec"], "replay_error", 2),
 ])
 def test_with_json_asked_for_every_line_is_json_errors_at_start_included(args: list[str], event: str,
@@ -206,3 +207,30 @@ def test_version_names_the_runtime_and_the_machine() -> None:
     assert result.stdout == (f"pi-controller {importlib.metadata.version('pi-controller')} (extism-sys "
                              f"{runtime_version()}, Python {platform.python_version()}, {platform.machine()})\n")
 
+
+def test_run_makes_the_state_directory_it_is_given(tmp_path) -> None:
+    """Where it keeps the config it runs with for safe-state: made, as systemd makes StateDirectory=."""
+    state = tmp_path / "state" / "pi-controller"
+    result = subprocess.run(pi_controller("run", "--config", CONFIG, "--simulate", "--ticks", "2", "--state-dir",
+                                          str(state)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "known_good_config_not_kept" not in result.stderr
+    assert (state / "last-good-config.yaml").read_text() == EXAMPLE_CONFIG.read_text()
+
+
+@pytest.mark.skipif(ON_A_PI, reason="on a Pi the GPIO opens")
+def test_safe_state_without_gpio_exits_3_as_every_command_does() -> None:
+    result = subprocess.run(pi_controller("safe-state", "--config", CONFIG, "--log-format", "json"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_HARDWARE
+    assert json.loads(result.stderr.splitlines()[-1])["event"] == "safe_state_failed"
+
+
+def test_safe_state_names_the_pins_it_set() -> None:
+    """What the owner checks with a meter after a crash: the pin, not only the device's name."""
+    result = subprocess.run(pi_controller("safe-state", "--config", CONFIG, "--simulate", "--log-format", "json"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {e["device"]: e["pins"] for e in events if e["event"] == "safe_state_set"} == {
+        "led_strip": {"pin": 18}, "servo_motor": {"pin": 13}, "relay_switch": {"pin": 27}}

@@ -46,6 +46,7 @@ def keep(settings: Settings, directory: Path | None) -> None:
             log.warning("known_good_config_not_kept", file=str(settings.source),
                         reason="the file changed since it was read")
             return
+        directory.mkdir(parents=True, exist_ok=True)  # `run --state-dir DIR` makes DIR, as systemd makes its own
         write_atomically(copy_path(directory), text)
     except (OSError, config.ConfigError) as exc:
         log.warning("known_good_config_not_kept", directory=str(directory), error=str(exc))

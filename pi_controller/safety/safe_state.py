@@ -41,7 +41,7 @@ def add_command(commands: Any) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pi_controller.devices.hardware import HardwareError
+    from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
     from pi_controller.devices.pins import make_factory
 
     if os.environ.get("SERVICE_RESULT") == "success":  # systemd's verdict on the run that just ended
@@ -55,9 +55,9 @@ def command(args: argparse.Namespace) -> int:
         return EXIT_NOTHING_FOUND
     try:
         factory = make_factory(sources[0], args.simulate)
-    except HardwareError as exc:
+    except HardwareError as exc:  # no GPIO: the exit code every command gives for it (systemd logs it)
         log.error("safe_state_failed", error=str(exc))
-        return 1
+        return EXIT_HARDWARE
     return 0 if all([_claim_safe(entry, factory) for entry in entries]) else 1
 
 
@@ -104,8 +104,8 @@ def _claim_safe(entry: ActuatorSettings, factory: Any) -> bool:
     try:
         actuator = actuators.build(entry, factory, state="safe")
     except Exception as exc:  # a busy or broken pin must not keep the others from their safe state
-        log.error("safe_state_failed", device=entry.id, error=f"{type(exc).__name__}: {exc}")
+        log.error("safe_state_failed", device=entry.id, pins=entry.pins(), error=f"{type(exc).__name__}: {exc}")
         return False
     hold([actuator.device])
-    log.info("safe_state_set", device=entry.id, target=actuator.target)
+    log.info("safe_state_set", device=entry.id, pins=entry.pins(), target=actuator.target)  # what to check with a meter
     return True
