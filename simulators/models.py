@@ -53,8 +53,11 @@ def wired(**references: tuple[str, str | None]) -> dict[str, tuple[str, str]]:
 
 @dataclass(frozen=True, kw_only=True)
 class RoomSettings(ModelSettings):
-    """First-order thermal model: the room relaxes to the outside temperature, the heater adds
-    `heater_rise_c` to the temperature it would settle at.
+    """First-order thermal model: the room relaxes to the outside temperature through its walls (with
+    `time_constant_s`); a heater, if any, adds `heater_rise_c` to the temperature it would settle at, at
+    full power; a fan, if any, brings outside air in: at full speed the room relaxes to the outside with
+    `fan_time_constant_s` as well (so it cools while it is warmer outside than in, and warms otherwise).
+    A relay is full or off, a PWM output its duty, a motor its speed either way.
 
     Outside it is `outside_c` on average, `outside_swing_c` colder at the start of each day (dawn,
     as in the daylight model) and as much warmer half a day later. The thermometer reads the room
@@ -63,7 +66,9 @@ class RoomSettings(ModelSettings):
 
     kind: Literal["room"]
     sensor: str = device_id()
-    heater: str = device_id()
+    heater: str | None = device_id(default=None)
+    fan: str | None = device_id(default=None)
+    fan_time_constant_s: float = bounded(1, 1e6, default=120.0)
     outside_c: float = bounded(-50, 60, default=12.0)
     outside_swing_c: float = bounded(0, 50, default=0.0)
     day_length_s: float = bounded(1, 1e7, default=86400.0)
@@ -74,7 +79,7 @@ class RoomSettings(ModelSettings):
     seed: int = 1
 
     def references(self) -> dict[str, tuple[str, str]]:
-        return {"sensor": ("sensor", self.sensor), "heater": ("actuator", self.heater)}
+        return wired(sensor=("sensor", self.sensor), heater=("actuator", self.heater), fan=("actuator", self.fan))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,7 +155,7 @@ class Room:
     def __init__(self, settings: RoomSettings, ports: dict[str, Port], probes: dict[str, Probe]):
         self.settings = settings
         self.thermometer = ports["sensor"]
-        self.heater = probes["heater"]
+        self.heater, self.fan = probes.get("heater"), probes.get("fan")
         self.temperature = settings.start_c
         self.outside = settings.outside_c
         self._random = random.Random(settings.seed)
@@ -163,9 +168,13 @@ class Room:
         phase = day_phase(now, self._start, s.day_length_s)
         self.outside = s.outside_c - s.outside_swing_c * math.cos(2 * math.pi * phase)
         if self._last is not None and now > self._last:
-            # Exact solution over the step (the outside held at its present value), so any step is stable.
-            settle = self.outside + s.heater_rise_c * self.heater.level()
-            decay = math.exp(-(now - self._last) / s.time_constant_s)
+            # Exact solution over the step (the outside and the actuators held as they are), so any step is
+            # stable. The fan adds to the walls' conductance (1 without it: the same numbers, bit for bit).
+            heat = self.heater.level() if self.heater is not None else 0.0
+            conductance = 1.0 + (abs(self.fan.level()) * s.time_constant_s / s.fan_time_constant_s
+                                 if self.fan is not None else 0.0)
+            settle = self.outside + s.heater_rise_c * heat / conductance
+            decay = math.exp(-(now - self._last) * conductance / s.time_constant_s)
             self.temperature = settle + (self.temperature - settle) * decay
         self._last = now
         noise = self._random.gauss(0.0, s.noise_c) if s.noise_c else 0.0

@@ -48,7 +48,12 @@ class World:
         return self._adcs[chip_select]
 
     def _port(self, sensor: SensorSettings) -> Port:
-        port = sensor.port(self)
+        try:
+            port = sensor.port(self)
+        except OSError as exc:  # a file of the owner's that a model would write (a DS18B20's base_dir)
+            raise SimulationError(f"cannot simulate sensor '{sensor.id}': {exc.strerror or exc}: {exc.filename}; "
+                                  f"give it a writable place for simulated runs, or leave it under /sys, which "
+                                  f"simulated pins simulate") from exc
         if port is None:
             raise SimulationError(f"no simulated port for sensor '{sensor.id}' of kind {sensor.kind}")
         return port

@@ -347,7 +347,7 @@ def test_cli_a_simulation_that_cannot_run_is_a_config_error(write_config, tmp_pa
                           "base_dir": "/proc/no-such-dir"}
     result = run_cli("run", "--config", str(write_config(data)), "--simulate", "--ticks", "1")
     assert result.returncode == 2
-    assert "give it a writable base_dir" in result.stderr
+    assert "give it a writable place for simulated runs" in result.stderr
 
 
 @pytest.mark.parametrize("text, key, line", [

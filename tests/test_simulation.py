@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from pi_controller import config
 from pi_controller.clock import SystemClock
@@ -258,3 +259,78 @@ def test_from_recording_refuses_what_is_no_recording_before_the_run(write_config
                          "--from-recording", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"error: --from-recording {path}:")
+
+
+EVERY_KIND = EXAMPLE_CONFIG.parent / "every-kind.yaml"
+
+
+def test_a_config_with_every_device_kind_runs_on_simulated_pins() -> None:
+    """On a laptop: no Pi, no /sys/class/thermal of the Pi's, no 1-wire bus, no writable base_dir given."""
+    from pi_controller.devices import cpu_temperature, registry
+
+    data = yaml.safe_load(EVERY_KIND.read_text())
+    kinds = {entry["kind"] for entry in data["sensors"] + data["actuators"]}
+    assert kinds == set(registry.SENSORS) | set(registry.ACTUATORS)
+    result = pi_controller("run", "--config", str(EVERY_KIND), "--simulate", "--ticks", "20", "--log-level", "warning")
+    assert result.returncode == 0, result.stderr
+    snapshot = json.loads(result.stdout)
+    assert {name: r["valid"] for name, r in snapshot["sensors"].items()} == {s["id"]: True for s in data["sensors"]}
+    assert snapshot["sensors"]["cpu"]["value"] == cpu_temperature.SIMULATED_C  # the simulated zone, not this CPU's
+    assert snapshot["sensors"]["air_temperature"]["value"] == pytest.approx(15.0, abs=0.1)  # the room's start_c
+    assert all(p["calls"] == 20 and p["errors"] == 0 for p in snapshot["plugins"].values())
+
+
+def test_every_kind_on_the_virtual_clock_reads_the_models_through_the_kernel_s_formats(write_config) -> None:
+    """The DS18B20 on its default base_dir gets the room through a simulated w1_slave (read in the tick); the
+    room has a heater and a fan."""
+    data = yaml.safe_load(EVERY_KIND.read_text())
+    data["plugins"]["directory"] = str(EXAMPLE_CONFIG.parent.parent / "plugins")
+    verdict, trace = simulate(write_config, data, 600, 1.0)
+    assert verdict.plugins == {"energy_saver": "", "motion_light": "", "temperature_control": ""}
+    assert list(trace["air_temperature"]) == pytest.approx(list(trace["room.temperature_c"]), abs=0.0006)
+    assert set(trace["cpu"]) == {45.0}
+    assert verdict.actuators["heater"].switches >= 1  # 15 C in a greenhouse held at 18
+
+
+class Level:
+    def __init__(self, level: float = 0.0):
+        self.value = level
+
+    def level(self) -> float:
+        return self.value
+
+
+class Thermometer:
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+def room_after(seconds: float, heater: float | None, fan: float | None, **settings: Any) -> float:
+    """The room's temperature after `seconds` from 25 C, 10 C outside, with the actuators held as given
+    (None: the room has no such actuator)."""
+    from pi_controller.simulators.models import Room, RoomSettings
+
+    probes = {name: Level(level) for name, level in (("heater", heater), ("fan", fan)) if level is not None}
+    room_settings = RoomSettings(kind="room", sensor="t", start_c=25.0, outside_c=10.0, time_constant_s=600,
+                                 **{name: name for name in probes}, **settings)
+    room = Room(room_settings, {"sensor": Thermometer()}, probes)
+    room.advance(0.0)
+    room.advance(seconds)
+    return room.temperature
+
+
+def test_the_room_needs_neither_heater_nor_fan_and_a_fan_cools_it_towards_the_outside() -> None:
+    alone = room_after(600, None, None)
+    assert alone == pytest.approx(10 + 15 * math.exp(-1))
+    assert room_after(600, 0.0, 0.0) == alone  # off is as good as absent
+    fan = room_after(600, None, 1.0, fan_time_constant_s=300)  # walls 1/600 + fan 1/300 = 1/200
+    assert fan == pytest.approx(10 + 15 * math.exp(-3))
+    assert room_after(600, None, -1.0, fan_time_constant_s=300) == fan  # a motor blowing the other way
+    assert room_after(600, None, 0.5, fan_time_constant_s=300) == pytest.approx(10 + 15 * math.exp(-2))
+
+
+def test_a_heater_and_a_fan_together_settle_between() -> None:
+    """At equilibrium the heater's power leaves through the walls and the fan's air: 16 C rise through the walls
+    alone, a third of it with a fan that exchanges twice as much."""
+    assert room_after(1e6, 1.0, None) == pytest.approx(26.0)
+    assert room_after(1e6, 1.0, 1.0, fan_time_constant_s=300) == pytest.approx(10 + 16 / 3)

@@ -2,7 +2,9 @@
 
 The kernel converts on every read of w1_slave, which blocks for about 750 ms, far longer than a tick:
 the sensor is polled every `poll_interval_s` and the tick takes the last result. With
-`poll_interval_s: 0` it is read inline (for simulated sysfs trees, which answer at once).
+`poll_interval_s: 0` it is read inline (for simulated sysfs trees, which answer at once). On simulated
+pins the kernel's own tree is simulated (`kernel_files`), read inline too: it reads `SIMULATED_C` unless a
+model (a room) drives it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pi_controller.clock import Clock
+from pi_controller.devices.kernel_files import KernelFile, KernelFilePort, SimulatedFile, kernel_file
 from pi_controller.devices.sensors import Reading, Sensor, SensorSettings
 
 if TYPE_CHECKING:
@@ -23,6 +26,12 @@ if TYPE_CHECKING:
     from pi_controller.simulators.world import World
 
 DEFAULT_W1_DIR = "/sys/bus/w1/devices"
+SIMULATED_C = 20.0  # a probe in a room, on simulated pins where no model drives it
+
+
+def w1_slave_text(celsius: float) -> str:
+    """The two lines the kernel's w1_therm driver gives: a CRC verdict, then the temperature in millidegrees."""
+    return f"00 00 00 00 00 00 00 00 00 : crc=00 YES\n00 00 00 00 00 00 00 00 00 t={round(celsius * 1000)}\n"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,14 +53,14 @@ class DS18B20Settings(SensorSettings):
                              "poll it (the default) or point base_dir at a simulated tree")
 
     def sensor(self, factory: Factory | None, clock: Clock) -> Sensor:
-        return DS18B20(self, clock)
+        return DS18B20(self, clock, kernel_file(self.w1_slave, factory, w1_slave_text(SIMULATED_C)))
 
     def simulated(self) -> SensorSettings:
-        """A simulated tree is read in the tick: the poll thread sleeps in real time."""
+        """A tree of the owner's is read in the tick: the poll thread sleeps in real time."""
         return self if self.base_dir == DEFAULT_W1_DIR else dataclasses.replace(self, poll_interval_s=0.0)
 
-    def port(self, world: World) -> W1FilePort:
-        return W1FilePort(self)
+    def port(self, world: World) -> KernelFilePort:
+        return KernelFilePort(kernel_file(self.w1_slave, world.factory, w1_slave_text(SIMULATED_C)), w1_slave_text)
 
     @property
     def w1_slave(self) -> Path:
@@ -66,14 +75,14 @@ class DS18B20(Sensor):
 
     settings: DS18B20Settings
 
-    def __init__(self, settings: DS18B20Settings, clock: Clock):
+    def __init__(self, settings: DS18B20Settings, clock: Clock, w1_slave: KernelFile):
         super().__init__(settings)
         self.clock = clock
-        self.path = settings.w1_slave
+        self.w1_slave = w1_slave
         self._last: Reading | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if settings.poll_interval_s > 0:
+        if settings.poll_interval_s > 0 and not isinstance(w1_slave, SimulatedFile):  # that one answers at once
             self._last = super().read(self.clock.time())
             self._thread = threading.Thread(target=self._poll, name=f"w1-{settings.id}", daemon=True)
             self._thread.start()
@@ -94,7 +103,7 @@ class DS18B20(Sensor):
             self._last = super().read(self.clock.time())
 
     def _sample(self) -> float:
-        lines = self.path.read_text(encoding="ascii").splitlines()
+        lines = self.w1_slave.read_text().splitlines()
         if len(lines) < 2 or not lines[0].rstrip().endswith("YES"):
             raise ValueError("CRC check failed")
         _, _, raw = lines[1].rpartition("t=")
@@ -108,23 +117,3 @@ class DS18B20(Sensor):
         if self._thread is not None:
             self._thread.join()
 
-
-class W1FilePort:
-    """Writes a DS18B20's w1_slave file as the kernel would (the sensor's base_dir must be writable)."""
-
-    def __init__(self, settings: DS18B20Settings):
-        from pi_controller.simulators.world import SimulationError
-
-        self.path = settings.w1_slave
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SimulationError(f"cannot simulate sensor '{settings.id}' at {self.path}: {exc}; give it a "
-                                  f"writable base_dir for simulated runs") from exc
-
-    def set(self, value: float) -> None:
-        milli = round(value * 1000)
-        # Written aside and renamed: the sensor's poll thread must never see half a file.
-        partial = self.path.with_suffix(".new")
-        partial.write_text(f"00 00 00 00 00 00 00 00 00 : crc=00 YES\n00 00 00 00 00 00 00 00 00 t={milli}\n")
-        partial.replace(self.path)

@@ -19,6 +19,7 @@ from gpiozero.pins.mock import MockChargingPin, MockFactory, MockPWMPin, MockTri
 
 from pi_controller.config import Settings
 from pi_controller.devices.hardware import HardwareError
+from pi_controller.devices.kernel_files import SimulatedFile
 
 
 class ChargingPin(MockChargingPin, MockPWMPin):
@@ -79,6 +80,7 @@ class SimulatedFactory(MockFactory):
         super().__init__(pin_class=MockPWMPin)
         reentrant_reservations(self)
         self.spi_chips: dict[str, SpiChip] = {}  # select pin name ("GPIO8") -> chip
+        self.kernel_files: dict[str, SimulatedFile] = {}  # what sensors read under /sys, by path (kernel_files)
 
     def _get_spi_class(self, shared: bool, hardware: bool) -> type:
         if hardware:
