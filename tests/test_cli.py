@@ -91,6 +91,10 @@ CONFIG = str(EXAMPLE_CONFIG)
 @pytest.mark.parametrize("args, stdin, line", [
     (["plugin", "call", PLUGIN], "not json", "error: the context is not JSON: Expecting value: line 1 column 1"),
     (["plugin", "call", PLUGIN], "[1, 2]", "error: the context must be a JSON object, not an array"),
+    (["plugin", "call", PLUGIN], '{"sensor_reading": []}',
+     "error: unknown key 'sensor_reading' in the context: did you mean 'sensor_readings'?"),
+    (["plugin", "call", PLUGIN], '{"sensor_readings": [{"sensor_id": "x", "vlaue": 3}]}',
+     "error: unknown key 'vlaue' in sensor_readings[0]: did you mean 'value'?"),
     (["plugin", "call", PLUGIN, "--context", "/nonexistent/context.json"], "",
      "error: cannot read the context /nonexistent/context.json: No such file or directory"),
     (["plugin", "call", "/nonexistent/x.wasm"], "{}", "error: /nonexistent/x.wasm: no such plugin file"),

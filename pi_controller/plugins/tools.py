@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import yaml
 
@@ -145,11 +146,13 @@ def check_context(context: Any) -> None:
     """ContextError unless `context` has the contract's shape (every key optional), and `history`."""
     if not isinstance(context, dict):
         raise ContextError(f"the context must be a JSON object, not {_json_kind(context)}")
+    _known_keys(context, CONTEXT_KEYS, "the context")
     _expect(context, "sensor_readings", list)
     for index, reading in enumerate(context.get("sensor_readings", [])):
         where = f"sensor_readings[{index}]"
         if not isinstance(reading, dict) or not isinstance(reading.get("sensor_id"), str):
             raise ContextError(f"{where} must be an object with a string sensor_id")
+        _known_keys(reading, READING_KEYS, where)
         for key, kinds in (("value", (int, float, type(None))), ("unit", str), ("timestamp", (int, float)),
                            ("error", (str, type(None)))):
             _expect(reading, key, kinds, where)
@@ -165,6 +168,19 @@ def check_context(context: Any) -> None:
         if not isinstance(pairs, list) or not all(
                 isinstance(p, list) and len(p) == 2 and all(_number(v) for v in p) for p in pairs):
             raise ContextError(f"history.{sensor[:64]} must be a list of [timestamp, value] pairs")
+
+
+CONTEXT_KEYS = ("sensor_readings", "device_states", "timestamp", "monotonic", "tick", "config", "history")
+READING_KEYS = ("sensor_id", "value", "unit", "timestamp", "valid", "error")
+
+
+def _known_keys(data: dict[str, Any], known: Sequence[str], where: str) -> None:
+    """A misspelled key is refused, not ignored: `sensor_reading` would run the plugin on no readings."""
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the keys are {', '.join(known)}"
+            raise ContextError(f"unknown key {key[:64]!r} in {where}: {hint}")
 
 
 def _json_kind(value: Any) -> str:
