@@ -34,6 +34,8 @@ ZIG_VERSION = "0.17.0"
 AS_VERSION = "0.28.20"  # as in plugins/assemblyscript/package-lock.json
 #: The npm project holding the AssemblyScript compiler, the upstream PDK and our helper.
 AS_PROJECT = Path("plugins/assemblyscript")
+#: The package name a plugin imports our helper by: `import { run } from "pi-controller/pi"`.
+AS_PACKAGE = "pi-controller"
 
 #: The plugin source folders, relative to the repository root, and where their builds go.
 SOURCE_DIRS: tuple[tuple[str, str], ...] = (("plugins/src", "plugins"),
@@ -187,8 +189,23 @@ def assemblyscript_args(root: Path, source: Path, output: Path) -> tuple[list[st
     project = Path(os.path.relpath(root / AS_PROJECT, base))
     return (["node", str(root / AS_PROJECT / "node_modules" / "assemblyscript" / "bin" / "asc.js"),
              str(source.relative_to(base)), "--outFile", str(output.resolve()),
-             "-Oz", "--runtime", "incremental", "--noAssert", "--use", f"abort={project}/pi/abort",
-             "--path", str(project / "node_modules")], base)
+             "-Oz", "--runtime", "incremental", "--noAssert", "--use", f"abort=~lib/{AS_PACKAGE}/pi/abort",
+             "--path", str(project / "node_modules"), "--path", str(helper_package(root))], base)
+
+
+def helper_package(root: Path) -> Path:
+    """A folder holding our helper as the package `pi-controller` (a link to `root`'s AS_PROJECT), for asc's
+    --path: a plugin imports it as "pi-controller/pi" wherever its source lies, and a folder moved does not
+    break. One per repository, in the build cache; the link is made aside and renamed into place."""
+    folder = cache_dir() / "assemblyscript" / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    link = folder / AS_PACKAGE
+    if not (link.is_symlink() and link.resolve() == (root / AS_PROJECT).resolve()):
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{AS_PACKAGE}.{os.getpid()}"
+        partial.unlink(missing_ok=True)
+        partial.symlink_to(root / AS_PROJECT, target_is_directory=True)
+        partial.replace(link)
+    return folder
 
 
 def check_assemblyscript(root: Path) -> None:

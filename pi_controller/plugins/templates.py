@@ -3,7 +3,7 @@ context for `plugin call` and a scenario for `simulate`, all for the same small 
 
 The job: a light that goes on in the dark and off in bright light, with a gap between the two thresholds
 wider than what the light adds to its own sensor (`lamp_lux` in the scenario), so it cannot switch itself
-back and forth. Every file is formatted with `name` (and the sources' `helper`, the AssemblyScript import).
+back and forth. Every file is formatted with `name`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ PDK_EXPORT("control_logic") int control_logic(void) {{
 ''',
     "ts": '''// {name}: a light on in the dark, off in bright light. Built by `pi-controller plugin build {name}.ts`.
 
-import {{ Commands, Context, run }} from "{helper}";
+import {{ Commands, Context, run }} from "pi-controller/pi";
 
 // Whether the light is on: kept from tick to tick, so between dark_lux and bright_lux nothing changes.
 let on = false;

@@ -46,9 +46,8 @@ def add_commands(plugin_commands: Any) -> None:
 
 
 def run_new(args: argparse.Namespace) -> int:
-    if not (valid_plugin_name(args.name) and args.name.isidentifier()):  # its sources use it as an identifier
-        print(f"error: '{args.name}' is not a valid plugin name ({PLUGIN_NAME_RULE}; '_' rather than '-', as it is "
-              "an identifier in the source)", file=sys.stderr)
+    if not valid_plugin_name(args.name):
+        print(f"error: '{args.name}' is not a valid plugin name ({PLUGIN_NAME_RULE})", file=sys.stderr)
         return 2
     if args.dir.exists() and not args.dir.is_dir():
         print(f"error: --dir {args.dir} is not a folder", file=sys.stderr)
@@ -64,9 +63,8 @@ def run_new(args: argparse.Namespace) -> int:
         return 2
     try:
         args.dir.mkdir(parents=True, exist_ok=True)
-        helper = _assemblyscript_helper(args.dir)
         for path, template in files.items():
-            path.write_text(template.format(name=args.name, helper=helper))
+            path.write_text(template.format(name=args.name))
     except OSError as exc:
         print(f"error: cannot write into {args.dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -80,17 +78,6 @@ def run_new(args: argparse.Namespace) -> int:
         f"  pi-controller simulate --config {scenario} --plugins {args.dir} --duration 15m",
         f"  pi-controller plugin install {wasm} --config /etc/pi-controller/config.yaml"]))
     return 0
-
-
-def _assemblyscript_helper(folder: Path) -> str:
-    """How a source in `folder` imports plugins/assemblyscript/pi.ts: from the repository above it, or
-    else from the one pi-controller runs from."""
-    from pi_controller.plugins.build import AS_PROJECT, repository
-
-    root = repository(folder / "x")
-    if root is None:
-        return f"../{AS_PROJECT.name}/pi"  # as from plugins/src of a repository
-    return os.path.relpath(root / AS_PROJECT / "pi", folder.resolve())
 
 
 MAX_CONTEXT_BYTES = 1024 * 1024

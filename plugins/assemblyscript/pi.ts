@@ -4,7 +4,7 @@
 // context to read sensor values from, commands to write back, and the daemon's host functions. A
 // plugin:
 //
-//   import { Context, Commands, run } from "../assemblyscript/pi";
+//   import { Context, Commands, run } from "pi-controller/pi";   // this file, wherever the plugin lies
 //
 //   export function control_logic(): i32 {
 //     return run((ctx: Context, out: Commands): void => {

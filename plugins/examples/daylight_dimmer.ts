@@ -5,7 +5,7 @@
 // An invalid reading: no command (lower-priority plugins, or the strip's last state, stand).
 
 import { Var } from "@extism/as-pdk";
-import { Commands, Context, run } from "../assemblyscript/pi";
+import { Commands, Context, run } from "pi-controller/pi";
 
 export function control_logic(): i32 {
   return run((ctx: Context, out: Commands): void => {

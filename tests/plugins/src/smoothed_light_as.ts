@@ -2,7 +2,7 @@
 // same behaviour as smoothed_light.c. Dims `led_strip` to the mean of `light`'s last 4 readings
 // (capped at 100) and logs a line saying so; with no history, logs a warning and commands nothing.
 
-import { Commands, Context, Level, historyMean, log, run } from "../../../plugins/assemblyscript/pi";
+import { Commands, Context, Level, historyMean, log, run } from "pi-controller/pi";
 
 export function control_logic(): i32 {
   return run((ctx: Context, out: Commands): void => {
