@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logs.configure(logs.asked_format(argv))  # argparse's own refusals follow --log-format too
     args = _parser().parse_args(argv)
-    logs.configure(getattr(args, "log_format", "console"), getattr(args, "log_level", "info"))
+    logs.configure(getattr(args, "log_format", "console"), getattr(args, "log_level", "info"),
+                   getattr(args, "plugin_log_level", None))
     return int(args.handler(args))
 
 

@@ -28,23 +28,32 @@ from pi_controller.token_bucket import TokenBucket
 LogFormat = Literal["console", "json"]
 
 
-_threshold = logging.DEBUG
+_threshold = _plugin_threshold = logging.DEBUG
 _format: LogFormat = "console"
+PLUGIN_LINE = "plugin_log"  # a plugin's own line (pi_log), which may have a threshold of its own
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "msg": logging.INFO, "warning": logging.WARNING,
+           "warn": logging.WARNING, "error": logging.ERROR, "err": logging.ERROR, "exception": logging.ERROR,
+           "critical": logging.CRITICAL, "fatal": logging.CRITICAL, "failure": logging.ERROR}
 
 
-def enabled(level: str) -> bool:
-    """Whether events at `level` are kept: the tick asks before building events that would be dropped."""
-    return logging.getLevelName(level.upper()) >= _threshold
+def enabled(level: str, plugin_line: bool = False) -> bool:
+    """Whether events at `level` are kept (a plugin's own line's: `plugin_line`): the tick asks before
+    building events that would be dropped."""
+    return logging.getLevelName(level.upper()) >= (_plugin_threshold if plugin_line else _threshold)
 
 
-def configure(fmt: LogFormat = "console", level: str = "info") -> None:
-    global _threshold, _format
+def configure(fmt: LogFormat = "console", level: str = "info", plugin_level: str | None = None) -> None:
+    """`plugin_level`: plugins' own lines from that level on, whatever `level` says of the daemon's events
+    (`simulate` shows an author's pi_log lines at info while the daemon's own stay at warning)."""
+    global _threshold, _plugin_threshold, _format
     _threshold, _format = logging.getLevelName(level.upper()), fmt
+    _plugin_threshold = min(_threshold, logging.getLevelName((plugin_level or level).upper()))
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *([_daemon_threshold] if _plugin_threshold < _threshold else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             ProcessBudget(PROCESS_LINES_PER_S, PROCESS_BURST),
@@ -53,11 +62,18 @@ def configure(fmt: LogFormat = "console", level: str = "info") -> None:
             bound_fields,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(_plugin_threshold),
         logger_factory=_stderr,
         cache_logger_on_first_use=False,
     )
     warnings.showwarning = _warning_as_event
+
+
+def _daemon_threshold(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """With plugins' lines let through from a lower level: the daemon's own events below its threshold go."""
+    if event.get("event") != PLUGIN_LINE and _LEVELS.get(method, logging.INFO) < _threshold:
+        raise structlog.DropEvent
+    return event
 
 
 def refusal(event: str, text: str, /, **fields: Any) -> None:

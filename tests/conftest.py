@@ -121,11 +121,12 @@ def example_data() -> dict[str, Any]:
 def cli_logs() -> Iterator[None]:
     """Tests that run the CLI in-process leave structlog printing to the stderr pytest captured for them,
     closed by now: log to this test's instead, and leave the configuration as it was found."""
-    saved, threshold = structlog.get_config(), logs._threshold
+    saved, thresholds = structlog.get_config(), (logs._threshold, logs._plugin_threshold, logs._format)
     logs.configure("console", "warning")
     yield
     structlog.configure(**saved)
-    logs._threshold = threshold  # what the tick asks before building an event: tests after this one log at info
+    # What the tick and the host functions ask before building an event: tests after this one log at info.
+    logs._threshold, logs._plugin_threshold, logs._format = thresholds
 
 
 @pytest.fixture

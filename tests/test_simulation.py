@@ -334,3 +334,17 @@ def test_a_heater_and_a_fan_together_settle_between() -> None:
     alone, a third of it with a fan that exchanges twice as much."""
     assert room_after(1e6, 1.0, None) == pytest.approx(26.0)
     assert room_after(1e6, 1.0, 1.0, fan_time_constant_s=300) == pytest.approx(10 + 16 / 3)
+
+
+def test_simulate_shows_the_plugins_own_log_lines_and_not_the_daemon_s_info(write_config, plugin_dir) -> None:
+    """An author simulates to see the plugin: its pi_log lines from info on, the daemon's own from warning."""
+    data = example_data()
+    data["sensors"][2]["id"] = data["simulation"][2]["sensor"] = "light"  # smoothed_light's sensor
+    data["mqtt"].pop("deadband")
+    data["plugins"]["settings"] = {}
+    result = pi_controller("simulate", "--config", str(write_config(data)), "--duration", "5s", "--rate", "2",
+                           "--plugins", str(plugin_dir("smoothed_light")))
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "plugin_log" in line]
+    assert len(said) == 10 and all("dimming to the mean" in line and "plugin=smoothed_light" in line for line in said)
+    assert "plugin_loaded" not in result.stderr and "loop_started" not in result.stderr

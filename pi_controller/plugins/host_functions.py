@@ -130,7 +130,7 @@ class PluginHost:
 
     def log_line(self, level: int, data: bytes) -> None:
         name = LEVELS[level] if 0 <= level < len(LEVELS) else "info"
-        if not logs.enabled(name):
+        if not logs.enabled(name, plugin_line=True):
             return  # before any parsing: a debug line costs nothing when debug is off
         if not data:
             self.warn("log_without_message")
@@ -138,7 +138,7 @@ class PluginHost:
         if not self.budget.admit(self.tick):
             return
         message, fields = parse_message(data)
-        getattr(log, name)("plugin_log", plugin=self.plugin, tick=self.tick, message=message,
+        getattr(log, name)(logs.PLUGIN_LINE, plugin=self.plugin, tick=self.tick, message=message,
                            **({"fields": fields} if fields else {}))
 
     def read_history(self, sensor_id: bytes, count: int) -> bytes | None:

@@ -514,8 +514,9 @@ def add_command(commands: Any) -> None:
                                                          "(run --record or simulate --record)")
     sim.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
     sim.add_argument("--log-format", choices=["console", "json"], default="console")
-    sim.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
-    sim.set_defaults(handler=command)
+    sim.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",
+                     help="the daemon's own events from this level on; the plugins' pi_log lines show from info on")
+    sim.set_defaults(handler=command, plugin_log_level="info")  # what an author simulates for
 
 
 def parse_duration(text: str) -> float:
