@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import pytest
+from structlog.testing import capture_logs
 
 from pi_controller import cli
 from pi_controller.clock import SystemClock, VirtualClock
@@ -238,3 +240,21 @@ def test_a_shadow_rebuild_stopped_before_its_gap_closes_what_it_compiled(plugin_
         assert told == [] and supervisor.current is built[0]  # never adopted
     finally:
         supervisor.close()
+
+
+def test_promoting_says_the_shadow_left_and_the_live_plugin_was_replaced(run_daemon, plugin_dir) -> None:
+    """The shadow set's events are its own: a promotion is no `plugin_unloaded`, as if the live plugin had gone."""
+    folder = with_shadow(plugin_dir, "temperature_control", "temperature_control", "sweep")
+    daemon = run_daemon(heater_only(), 0, plugins=folder, clock=SystemClock())
+    sweep = hashlib.sha256((TEST_PLUGINS / "sweep.wasm").read_bytes()).hexdigest()
+
+    async def scenario() -> None:
+        shadow.promote(folder, "temperature_control")
+        await until(lambda: [p.sha256 for p in daemon.plugins] == [sweep] and not daemon.shadows.current.plugins.status,
+                    "the shadow is live, and no shadow is left")
+
+    with capture_logs() as logs:
+        run_with(daemon, scenario)
+    events = sorted(e["event"] for e in logs if e.get("plugin") == "temperature_control" and "unloaded" in e["event"]
+                    or e["event"].endswith("_replaced"))
+    assert events == ["plugin_replaced", "shadow_unloaded"]

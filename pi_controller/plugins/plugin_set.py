@@ -54,9 +54,12 @@ class PluginSet:
     """The plugins of one folder, in call order: highest priority first, then by name."""
 
     def __init__(self, settings: PluginsSettings, directory: Path, budget_ms: float, history: History | None = None,
-                 clock: Clock | None = None, backstop: Backstop | None = None, devices: Devices | None = None):
+                 clock: Clock | None = None, backstop: Backstop | None = None, devices: Devices | None = None,
+                 role: str = "plugin"):
         """`clock`: the loop's (real by default); the backstop follows it unless given. `devices`: what a
-        grant may name (None: not checked)."""
+        grant may name (None: not checked). `role` names the events of its plugins ("shadow": shadow_loaded,
+        shadow_unloaded..., never taken for the live ones)."""
+        self.role = role
         self.settings = settings
         self.devices = devices
         self.directory = directory
@@ -188,7 +191,7 @@ class PluginSet:
             self._waiting.pop(name, None)
             if name in live:
                 retired.append(live.pop(name))
-                log.info("plugin_unloaded", plugin=name, reason="its file is gone")
+                log.info(f"{self.role}_unloaded", plugin=name, reason=f"its file left {self.directory}")
         for name, status in update.refused.items():
             self._waiting.pop(name, None)
             self._refuse(name, status, live, retired)
@@ -223,7 +226,7 @@ class PluginSet:
                 retired: list[SandboxedPlugin]) -> None:
         if status.state == "failed" and name in live:  # a bad replacement: the running version stays
             self._kept[name] = status.reason or "unknown"
-            log.error("plugin_replacement_refused", plugin=name, reason=status.reason,
+            log.error(f"{self.role}_replacement_refused", plugin=name, reason=status.reason,
                       kept_sha256=live[name].sha256[:12])
             return
         if name in live:
@@ -231,9 +234,9 @@ class PluginSet:
         self._kept.pop(name, None)
         self._refused[name] = status
         if status.state == "disabled":
-            log.info("plugin_disabled", plugin=name)
+            log.info(f"{self.role}_disabled", plugin=name)
         else:
-            log.error("plugin_load_failed", plugin=name, reason=status.reason)
+            log.error(f"{self.role}_load_failed", plugin=name, reason=status.reason)
 
     def _admit(self, plugin: SandboxedPlugin, live: dict[str, SandboxedPlugin],
                retired: list[SandboxedPlugin]) -> None:
@@ -254,7 +257,7 @@ class PluginSet:
             reason = (f"unloaded{f' while quarantined ({gone.quarantine.reason})' if other.resting else ''}: its "
                       f"share of the tick went to {claim.describe()}")
             self._refused[other.name] = PluginStatus("failed", reason[:500])
-            log.warning("plugin_unloaded", plugin=other.name, reason=reason[:500])
+            log.warning(f"{self.role}_unloaded", plugin=other.name, reason=reason[:500])
         self._waiting.pop(plugin.name, None)
         previous = live.get(plugin.name)
         if previous is not None:
@@ -263,7 +266,7 @@ class PluginSet:
         self._refused.pop(plugin.name, None)
         self._kept.pop(plugin.name, None)
         terms = plugin.grant
-        log.info("plugin_replaced" if previous else "plugin_loaded", plugin=plugin.name,
+        log.info(f"{self.role}_replaced" if previous else f"{self.role}_loaded", plugin=plugin.name,
                  sha256=plugin.sha256[:12], version=terms.manifest.version or None, priority=terms.priority,
                  memory_pages=terms.memory_pages, timeout_ms=terms.timeout_ms, fuel=terms.fuel,
                  **({"wasi": True, "paths": dict(terms.allowed_paths)} if terms.wasi else {}))

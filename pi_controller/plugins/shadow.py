@@ -59,7 +59,7 @@ class Shadows:
     def __init__(self, settings: PluginsSettings, live: PluginSet, clock: Clock, history: History):
         spare = live.budget_ms - sum(p.grant.timeout_ms for p in live)
         self.plugins = PluginSet(settings, live.directory / FOLDER, max(0.0, spare), history, clock,
-                                 devices=live.devices)
+                                 devices=live.devices, role="shadow")
         self.clock = clock
         self.budget_ms = live.budget_ms
         self.stats: dict[str, ShadowStats] = {}
