@@ -21,7 +21,7 @@ from pi_controller import config
 from pi_controller.clock import VirtualClock
 from pi_controller.daemon import Daemon
 from tests import test_mqtt
-from tests.conftest import example_data, free_port, skip_unless_ci
+from tests.conftest import REPO, example_data, free_port, skip_unless_ci
 from tests.test_mqtt import (BASE, NODE, Broker, Subscriber, daemon_config, finish, needs_mosquitto, poll,
                              start_daemon, state)
 
@@ -396,3 +396,11 @@ def test_a_damaged_outage_buffer_costs_its_bad_lines_not_a_start(tmp_path, write
         assert not buffer.exists()
     finally:
         daemon.close()
+
+
+def test_the_documented_reconnect_back_off_is_the_one_paho_is_given() -> None:
+    from pi_controller.mqtt import link
+
+    text = " ".join((REPO / "docs" / "home-assistant.md").read_text().split())
+    assert (f"back-off ({link.RECONNECT_FIRST_S} s, doubling to at most {link.RECONNECT_MAX_S} s between "
+            f"tries") in text

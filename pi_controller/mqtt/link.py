@@ -33,6 +33,10 @@ TAKEOVER_COUNT = 3
 # A stop has systemd's TimeoutStopSec (10 s in our unit) for everything: the final states, then `offline`.
 FINAL_STATES_WAIT_S = 4.0  # for the broker to acknowledge the actuators' shut-down states
 OFFLINE_WAIT_S = 2.0  # for the broker to acknowledge `offline` at a stop; the last will says it otherwise
+# paho's reconnect back-off: the first retry after this, doubling up to the cap, then every RECONNECT_MAX_S (a
+# broker back after an outage is found within a minute; a broker down for a day costs a try a minute).
+RECONNECT_FIRST_S = 1
+RECONNECT_MAX_S = 60
 
 
 class Link:
@@ -63,7 +67,7 @@ class Link:
             client.tls_set(ca_certs=m.tls.ca_file, certfile=m.tls.cert_file, keyfile=m.tls.key_file,
                            keyfile_password=secrets.key_password)
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=60)
+        client.reconnect_delay_set(min_delay=RECONNECT_FIRST_S, max_delay=RECONNECT_MAX_S)
         client.max_queued_messages_set(PAHO_QUEUE)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
