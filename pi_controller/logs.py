@@ -67,6 +67,7 @@ def configure(fmt: LogFormat = "console", level: str = "info", plugin_level: str
         cache_logger_on_first_use=False,
     )
     warnings.showwarning = _warning_as_event
+    threading.excepthook = _thread_failed
 
 
 def _daemon_threshold(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +272,13 @@ def write_off_thread() -> LineWriter:
 def flush() -> None:
     if _writer is not None:
         _writer.flush()
+
+
+def _thread_failed(failure: threading.ExceptHookArgs) -> None:
+    """An exception that ends a thread (a library's, say) as one event, not a raw traceback on stderr."""
+    structlog.get_logger("pi_controller.threads").error(
+        "thread_failed", thread=failure.thread.name if failure.thread else None,
+        exc_info=(failure.exc_type, failure.exc_value, failure.exc_traceback))
 
 
 def _warning_as_event(message: Warning | str, category: type[Warning], filename: str, lineno: int,

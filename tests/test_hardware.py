@@ -15,6 +15,7 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockPWMPin
 from pi_controller.simulators.adc import SimulatedMCP3008
+from structlog.testing import capture_logs
 
 from pi_controller import config
 from pi_controller.clock import VirtualClock
@@ -247,6 +248,42 @@ def test_distance_sensor_without_echo_is_invalid_not_zero_and_never_blocks(facto
         assert all(r.error == "ValueError: no sample yet: check the wiring" for r in readings)
     finally:
         sensor.close()
+
+
+def test_a_distance_sensor_stops_sampling_before_it_lets_go_of_its_trigger(factory) -> None:
+    """gpiozero's DistanceSensor drops its trigger, then stops its sampling thread: a read in between raised
+    AttributeError in that thread (a raw traceback on stderr, seen under emulation at shut-down)."""
+    from pi_controller.devices.distance import DistanceSettings
+
+    sensor = DistanceSettings(id="d", kind="distance", echo=20, trigger=21).sensor(factory, CLOCK)
+    queue, had_trigger = sensor.device._queue, []
+    stop = queue.stop
+
+    def noting_stop() -> None:
+        had_trigger.append(sensor.device._trigger is not None)
+        stop()
+
+    queue.stop = noting_stop
+    sensor.close()
+    assert had_trigger[0] is True and not queue.is_alive()
+
+
+def test_a_thread_that_fails_is_one_event_not_a_raw_traceback(cli_logs) -> None:
+    """What every stderr line being an event (JSON when asked) needs of a library's thread too."""
+    from pi_controller import logs
+
+    logs.configure("json", "info")
+
+    def fail() -> None:
+        raise AttributeError("'NoneType' object has no attribute 'pin'")
+
+    with capture_logs() as events:
+        thread = threading.Thread(target=fail, name="fill")
+        thread.start()
+        thread.join()
+    (event,) = [e for e in events if e["event"] == "thread_failed"]
+    assert event["thread"] == "fill" and event["log_level"] == "error"
+    assert event["exc_info"][0] is AttributeError
 
 
 def test_a_non_finite_sample_is_an_invalid_reading() -> None:

@@ -163,6 +163,11 @@ class GpiozeroSensor(Sensor):
         return self._sample_device(self.device)
 
     def close(self) -> None:
+        # A smoothed device's sampling thread first: gpiozero's DistanceSensor lets go of its trigger before
+        # stopping it, and a read in between raised in that thread.
+        queue = getattr(self.device, "_queue", None)
+        if queue is not None and queue.is_alive():
+            queue.stop()
         self.device.close()
 
 
