@@ -84,6 +84,7 @@ def refusal(event: str, text: str, /, **fields: Any) -> None:
     if is_json():
         structlog.get_logger("pi_controller.cli").error(event, message=text, **fields)
     else:
+        flush()  # after the events logged before it (they go through the writer thread), not ahead of them
         print(text, file=sys.stderr)
 
 
