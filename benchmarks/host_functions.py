@@ -27,7 +27,7 @@ from typing import Any
 
 from pi_controller import logs
 from pi_controller.config import HostFunctionSettings, PluginSettings, PluginsSettings
-from pi_controller.devices.sensors import Reading
+from pi_controller.contract import Reading
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import SandboxedPlugin

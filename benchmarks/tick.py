@@ -44,7 +44,7 @@ from pi_controller.simulators.adc import SimulatedMCP3008
 from pi_controller import config, logs
 from pi_controller.clock import VirtualClock
 from pi_controller.daemon import Daemon
-from pi_controller.devices.pins import mock_factory
+from pi_controller.devices.mock_pins import mock_factory
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.extism_adapter import Module, compile_module
 from pi_controller.sim import record
@@ -104,7 +104,7 @@ class Floor:
     """The same reads, encode, calls, decodes and writes, written directly against the libraries."""
 
     def __init__(self, settings: config.Settings):
-        self.factory = mock_factory(settings)
+        self.factory = mock_factory(settings.sensors)
         Device.pin_factory = self.factory  # gpiozero's software SPI needs the default factory
         self.adc = SimulatedMCP3008(self.factory, 0)
         self.adc.fractions[0] = 71 / 330

@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     from pi_controller.daemon import Daemon
     from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
     from pi_controller.devices.pins import hold
-    from pi_controller.simulators.world import SimulationError
+    from pi_controller.devices.simulation import SimulationError
 
     loaded = _load(args.config, plugins_dir=args.plugins)
     if loaded is None:

@@ -27,6 +27,7 @@ import yaml
 
 from pi_controller import logs
 from pi_controller.devices import actuators, registry, sensors
+from pi_controller.devices.pins import PinSettings
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins.plugin_config import check_settings
 from pi_controller.schema import FieldError, bounded, device_id, matching
@@ -74,11 +75,6 @@ class LoopSettings:
     def plugin_budget_ms(self) -> float:
         """What the plugins' timeouts may add up to in one tick."""
         return self.period * self.plugin_budget * 1000.0
-
-
-@dataclass(frozen=True)
-class PinSettings:
-    factory: Literal["lgpio", "mock"] = "lgpio"
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ class Daemon:
     def _say_starting(self) -> None:
         """The first event of a run, before any pin moves: what runs, from where, on what."""
         log.info("daemon_starting", version=__version__, config=str(self.settings.source),
-                 plugins=str(self._plugins_directory(self.settings)), pins=factory_kind(self.settings, self.simulate),
+                 plugins=str(self._plugins_directory(self.settings)),
+                 pins=factory_kind(self.settings.pins, self.simulate),
                  runtime=f"libextism {runtime_version()}", python=platform.python_version(),
                  machine=platform.machine(), pid=os.getpid())
 
@@ -141,10 +142,10 @@ class Daemon:
                                                  self.loop.ticks.count, "reload"))
 
     def _build_hardware(self) -> Hardware:
-        factory = make_factory(self.settings, self.simulate)
+        factory = make_factory(self.settings.pins, self.settings.sensors, self.simulate)
         world = self._world(factory)
         try:
-            hardware = Hardware.build(self.settings, factory, self.clock)
+            hardware = Hardware.build(self.settings.actuators, self.settings.sensors, factory, self.clock)
         except BaseException:
             if world is not None:
                 world.close()
@@ -157,7 +158,7 @@ class Daemon:
             return None
         from pi_controller.simulators.world import World
 
-        return World(self.settings, factory)
+        return World(self.settings.sensors, self.settings.actuators, self.settings.simulation, factory)
 
     def _plugins_directory(self, settings: Settings) -> Path:
         return self.plugins_dir or settings.plugins_directory()
@@ -301,7 +302,7 @@ class Daemon:
         return ReloadResult("applied", f"config reloaded: {self.plugins.readiness()}")
 
     def _swap(self, new: Settings, plugins: PluginSet, shadows: Shadows | None) -> None:
-        failed = self.hardware.reconfigure(new, self.clock)
+        failed = self.hardware.reconfigure(new.actuators, new.sensors, self.clock)
         for device, error in failed.items():
             log.error("reload_device_failed", device=device, error=error)
         watching = (self.plugins.directory, self.settings.plugins.watch)

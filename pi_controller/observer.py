@@ -9,7 +9,7 @@ from pi_controller.safety.ownership import Failsafe
 
 if TYPE_CHECKING:
     from pi_controller.contract import Command, Rejection
-    from pi_controller.devices.sensors import Reading
+    from pi_controller.contract import Reading
     from pi_controller.safety.rules import Decision
 
 

@@ -18,7 +18,7 @@ from pi_controller.readiness import Readiness
 from pi_controller.stats import PluginStats
 
 if TYPE_CHECKING:
-    from pi_controller.devices.sensors import Reading
+    from pi_controller.contract import Reading
     from pi_controller.loop import ControlLoop
     from pi_controller.mqtt.telemetry import Telemetry
     from pi_controller.operator import Operator

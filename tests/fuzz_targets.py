@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pi_controller import config, contract, operator
 from pi_controller.config import PluginsSettings
 from pi_controller.devices import actuators
-from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.devices.mock_pins import SimulatedFactory
 from pi_controller.mqtt import inbox
 from pi_controller.plugins import tools
 from pi_controller.plugins.manifest import Manifest, Refused, load_manifest

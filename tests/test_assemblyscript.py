@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from pi_controller import contract
 from pi_controller.config import PluginSettings
-from pi_controller.devices.sensors import Reading
+from pi_controller.contract import Reading
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from tests.conftest import CONTEXT, REPO, only

@@ -13,7 +13,7 @@ from pi_controller.contract import Command, OutputError
 from pi_controller.devices import actuators
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
-from pi_controller.devices.sensors import Reading
+from pi_controller.contract import Reading
 from pi_controller.devices.servo import ServoSettings
 
 

@@ -25,7 +25,8 @@ from pi_controller.devices.digital import DigitalSettings
 from pi_controller.devices.ds18b20 import DS18B20Settings
 from pi_controller.devices.hardware import Hardware, HardwareError, Write
 from pi_controller.devices.mcp3008 import MCP3008Settings
-from pi_controller.devices.pins import SimulatedFactory, make_factory
+from pi_controller.devices.mock_pins import SimulatedFactory
+from pi_controller.devices.pins import make_factory
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
 from pi_controller.devices.servo import ServoSettings
@@ -144,7 +145,7 @@ GARBAGE_INSIDE_RESERVATIONS = """
 import gc
 gc.set_threshold(50, 1, 1)  # collections start inside gpiozero's reserve_pins, with its lock held
 from gpiozero import MCP3008
-from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.devices.mock_pins import SimulatedFactory
 from pi_controller.simulators.adc import SimulatedMCP3008
 for _ in range(3):
     factory = SimulatedFactory()
@@ -170,7 +171,8 @@ def test_states_json_follows_every_actuator_change(write_config) -> None:
     data = {"actuators": [{"id": "led", "kind": "pwm", "pin": 18}, {"id": "fan", "kind": "relay", "pin": 27}],
             "pins": {"factory": "mock"}}
     settings = config.load(write_config(data))
-    hardware = Hardware.build(settings, make_factory(settings, simulate=True), CLOCK)
+    factory = make_factory(settings.pins, settings.sensors, simulate=True)
+    hardware = Hardware.build(settings.actuators, settings.sensors, factory, CLOCK)
     try:
         first = hardware.states_json()
         assert json.loads(first) == hardware.states()
@@ -225,9 +227,9 @@ def returned(call: Callable[[], Any]) -> list[Any]:
 def test_light_sensor_reads_the_charge_time_without_blocking(write_config) -> None:
     data = {"sensors": [{"id": "ldr", "kind": "light", "pin": 4, "scale": 1000.0}], "pins": {"factory": "mock"}}
     settings = config.load(write_config(data))
-    factory = make_factory(settings, simulate=True)
+    factory = make_factory(settings.pins, settings.sensors, simulate=True)
     factory.pin(4).charge_time = 3600.0  # no sample for an hour: a read that waited for one would hang
-    hardware = Hardware.build(settings, factory, CLOCK)
+    hardware = Hardware.build(settings.actuators, settings.sensors, factory, CLOCK)
     try:
         (first,) = returned(lambda: hardware.sensors[0].read(0))  # never waits for the smoothing queue
         assert first.error == "ValueError: no sample yet: check the wiring"
@@ -320,8 +322,8 @@ def test_settle_drives_every_actuator_to_the_named_state(write_config) -> None:
     data["actuators"][0].update(safe_state=0, startup_state=10, shutdown_state=20)
     data["actuators"][2].update(startup_state="on")
     settings = config.load(write_config(data))
-    factory = make_factory(settings, simulate=True)
-    hardware = Hardware.build(settings, factory, CLOCK)
+    factory = make_factory(settings.pins, settings.sensors, simulate=True)
+    hardware = Hardware.build(settings.actuators, settings.sensors, factory, CLOCK)
     try:
         # Claimed in the start-up state: the relay was never off, the strip never at 0.
         assert [s.state for s in factory.pin(27).states] == [False, True]
@@ -348,7 +350,7 @@ def test_hardware_build_failure_names_the_device_and_releases_the_rest(write_con
     factory.pin(27, pin_class=MockPWMPin).function = "output"
     blocker = actuators.build(RelaySettings(id="other", kind="relay", pin=27), factory)
     with pytest.raises(HardwareError, match="device 'relay_switch'"):
-        Hardware.build(settings, factory, CLOCK)
+        Hardware.build(settings.actuators, settings.sensors, factory, CLOCK)
     blocker.close()
     # The devices claimed before the failure were released: building again works.
-    Hardware.build(settings, factory, CLOCK).close()
+    Hardware.build(settings.actuators, settings.sensors, factory, CLOCK).close()

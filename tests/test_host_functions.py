@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.config import HostFunctionSettings, PluginSettings, PluginsSettings
-from pi_controller.devices.sensors import Reading
+from pi_controller.contract import Reading
 from pi_controller.logs import printable
 from pi_controller.plugins import backstop
 from pi_controller.plugins.host_functions import History, parse_message

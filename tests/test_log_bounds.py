@@ -14,7 +14,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from pi_controller import logs
-from pi_controller.devices.sensors import Reading
+from pi_controller.contract import Reading
 from pi_controller.logs import LineBudget, ProcessBudget, bound_fields
 from tests.conftest import example_data
 from tests.wasm_modules import nul_error_module, nul_log_module

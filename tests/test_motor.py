@@ -17,7 +17,7 @@ from pi_controller.clock import VirtualClock
 from pi_controller.contract import Rejected
 from pi_controller.devices import actuators
 from pi_controller.devices.motor import Motor, MotorSettings
-from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.devices.mock_pins import SimulatedFactory
 from pi_controller.mqtt import discovery
 from pi_controller.operator import parse_set
 from pi_controller.plugins import tools
@@ -167,7 +167,7 @@ def test_the_fan_model_blows_as_the_motor_drives_it(write_config) -> None:
     settings = config.load(write_config(data))
     assert isinstance(settings.simulation[0], FanSettings)
     factory = SimulatedFactory()
-    world = World(settings, factory)
+    world = World(settings.sensors, settings.actuators, settings.simulation, factory)
     fan = actuators.build(settings.actuators[0], factory)
     (model,) = world.models
     fan.apply(-100.0)

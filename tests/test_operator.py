@@ -11,8 +11,8 @@ from gpiozero import Device
 
 from pi_controller.contract import Rejected
 from pi_controller.devices import actuators
+from pi_controller.devices.mock_pins import SimulatedFactory
 from pi_controller.devices.motor import MotorSettings
-from pi_controller.devices.pins import SimulatedFactory
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
 from pi_controller.names import OPERATOR

@@ -11,7 +11,7 @@ import pytest
 
 from pi_controller import contract
 from pi_controller.config import PluginSettings
-from pi_controller.devices.sensors import Reading
+from pi_controller.contract import Reading
 from tests.conftest import only
 
 STATES = contract.encode_states({"monotonic": {"type": "relay", "on": False, "value": 0},

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from pi_controller import contract
 from pi_controller.clock import SystemClock, VirtualClock
 from pi_controller.devices import actuators
-from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.devices.mock_pins import SimulatedFactory
 from pi_controller.devices.servo import ServoSettings
 from pi_controller.operator import EnablePlugin
 from pi_controller.plugins.plugin_set import Update

@@ -22,10 +22,9 @@ from pi_controller.schema import bcm_pin, bounded, device_id
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
-    from gpiozero.pins.mock import MockPin
+    from gpiozero.pins.mock import MockFactory, MockPin
 
-    from pi_controller.devices.pins import SimulatedFactory
-    from pi_controller.simulators.models import Probe
+    from pi_controller.devices.simulation import Probe
 
 Target = float | None  # what an actuator is set to; None is a servo without pulses
 Note = tuple[str, str] | None  # (rule, detail) of a shaping step, for the safety rules' holds
@@ -116,7 +115,7 @@ class ActuatorSettings:
         """Its panel in `pi-controller simulate --plot`."""
         raise NotImplementedError
 
-    def probe(self, factory: SimulatedFactory) -> Probe:
+    def probe(self, factory: MockFactory) -> Probe:
         """What the simulation models read of its output, from its mock pins (see `simulators.models`)."""
         raise NotImplementedError
 

@@ -14,7 +14,7 @@ from pi_controller.devices.sensors import Sensor, SensorSettings
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
 
-    from pi_controller.simulators.world import World
+    from pi_controller.devices.simulation import SimulatedBoard
 
 SIMULATED_C = 45.0  # a Pi's CPU at work, on simulated pins where no model drives it
 
@@ -32,8 +32,8 @@ class CPUTemperatureSettings(SensorSettings):
     def sensor(self, factory: Factory | None, clock: Clock) -> Sensor:
         return CPUTemperature(self, kernel_file(self.sensor_file, factory, thermal_zone_text(SIMULATED_C)))
 
-    def port(self, world: World) -> KernelFilePort:
-        return KernelFilePort(kernel_file(self.sensor_file, world.factory, thermal_zone_text(SIMULATED_C)),
+    def port(self, board: SimulatedBoard) -> KernelFilePort:
+        return KernelFilePort(kernel_file(self.sensor_file, board.factory, thermal_zone_text(SIMULATED_C)),
                               thermal_zone_text)
 
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from gpiozero.pins import Factory
     from gpiozero.pins.mock import MockPin
 
-    from pi_controller.simulators.world import World
+    from pi_controller.devices.simulation import SimulatedBoard
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,8 +47,8 @@ class DigitalSettings(SensorSettings):
         return "binary_sensor", {"value_template": BINARY_TEMPLATE,
                                  **({"device_class": klass} if klass else {})}
 
-    def port(self, world: World) -> DigitalPort:
-        return DigitalPort(world.factory.pin(self.pin), self.active_low)
+    def port(self, board: SimulatedBoard) -> DigitalPort:
+        return DigitalPort(board.factory.pin(self.pin), self.active_low)
 
 
 class DigitalPort:

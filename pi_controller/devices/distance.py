@@ -11,8 +11,8 @@ from pi_controller.schema import bcm_pin, bounded
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
+    from gpiozero.pins.mock import MockFactory
 
-    from pi_controller.devices.pins import SimulatedFactory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,8 +40,8 @@ class DistanceSettings(SensorSettings):
                                 pin_factory=factory)
         return GpiozeroSensor(self, device, sampled(lambda d: d.distance))
 
-    def mock_pins(self, factory: SimulatedFactory) -> None:
-        from pi_controller.devices.pins import TriggerPin
+    def mock_pins(self, factory: MockFactory) -> None:
+        from pi_controller.devices.mock_pins import TriggerPin
 
         echo = factory.pin(self.echo)
         factory.pin(self.trigger, pin_class=TriggerPin, echo_pin=echo)

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pi_controller.clock import Clock
+from pi_controller.contract import Reading
 from pi_controller.devices.kernel_files import KernelFile, KernelFilePort, SimulatedFile, kernel_file
-from pi_controller.devices.sensors import Reading, Sensor, SensorSettings
+from pi_controller.devices.sensors import Sensor, SensorSettings
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
 
-    from pi_controller.simulators.world import World
+    from pi_controller.devices.simulation import SimulatedBoard
 
 DEFAULT_W1_DIR = "/sys/bus/w1/devices"
 SIMULATED_C = 20.0  # a probe in a room, on simulated pins where no model drives it
@@ -59,8 +60,8 @@ class DS18B20Settings(SensorSettings):
         """A tree of the owner's is read in the tick: the poll thread sleeps in real time."""
         return self if self.base_dir == DEFAULT_W1_DIR else dataclasses.replace(self, poll_interval_s=0.0)
 
-    def port(self, world: World) -> KernelFilePort:
-        return KernelFilePort(kernel_file(self.w1_slave, world.factory, w1_slave_text(SIMULATED_C)), w1_slave_text)
+    def port(self, board: SimulatedBoard) -> KernelFilePort:
+        return KernelFilePort(kernel_file(self.w1_slave, board.factory, w1_slave_text(SIMULATED_C)), w1_slave_text)
 
     @property
     def w1_slave(self) -> Path:
@@ -116,4 +117,3 @@ class DS18B20(Sensor):
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-

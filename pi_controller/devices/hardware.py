@@ -7,16 +7,16 @@ present before each read, so simulated physics happen on the same path a Pi's se
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, NamedTuple, Protocol, Sequence, TypeVar
 
 import structlog
 
 from pi_controller import contract, logs
 from pi_controller.clock import Clock
-from pi_controller.config import Settings
 from pi_controller.devices import actuators
-from pi_controller.devices.actuators import Actuator, Target
-from pi_controller.devices.sensors import Reading, Sensor
+from pi_controller.devices.actuators import Actuator, ActuatorSettings, Target
+from pi_controller.contract import Reading
+from pi_controller.devices.sensors import Sensor, SensorSettings
 
 if TYPE_CHECKING:  # gpiozero is loaded by the kinds that build devices, not by what only names them
     from gpiozero.pins import Factory
@@ -62,13 +62,14 @@ class Hardware:
         self._encoded: tuple[tuple[dict[str, Any], ...], str] = ((), "")  # the states `states_json` last encoded
 
     @classmethod
-    def build(cls, settings: Settings, factory: Factory, clock: Clock) -> Hardware:
+    def build(cls, actuator_settings: Iterable[ActuatorSettings], sensor_settings: Iterable[SensorSettings],
+              factory: Factory, clock: Clock) -> Hardware:
         """Claim every device; on failure release what was claimed and say which device failed."""
         built: list[Any] = []
         try:
-            for a in settings.actuators:
+            for a in actuator_settings:
                 built.append(_claim(a.id, lambda: actuators.build(a, factory)))
-            for s in settings.sensors:
+            for s in sensor_settings:
                 built.append(_claim(s.id, lambda: s.sensor(factory, clock)))
         except HardwareError:
             for device in built:
@@ -77,13 +78,14 @@ class Hardware:
         return cls([d for d in built if isinstance(d, Sensor)], [d for d in built if isinstance(d, Actuator)],
                    factory)
 
-    def reconfigure(self, settings: Settings, clock: Clock) -> dict[str, str]:
+    def reconfigure(self, actuator_settings: Sequence[ActuatorSettings], sensor_settings: Sequence[SensorSettings],
+                    clock: Clock) -> dict[str, str]:
         """Make the devices match new settings between two ticks: unchanged devices are kept as they are
         (their pins never glitch); removed and changed ones are released, actuators after going to their
         shut-down state; new and changed ones are claimed. Returns the devices that failed, with why."""
-        kept_actuators = {a.id: self.actuators[a.id] for a in settings.actuators
+        kept_actuators = {a.id: self.actuators[a.id] for a in actuator_settings
                           if a.id in self.actuators and self.actuators[a.id].settings == a}
-        kept_sensors = {s.settings.id: s for s in self.sensors if s.settings in settings.sensors}
+        kept_sensors = {s.settings.id: s for s in self.sensors if s.settings in sensor_settings}
         with self._lock:
             for actuator in self.actuators.values():
                 if actuator.id not in kept_actuators:
@@ -94,9 +96,9 @@ class Hardware:
                     sensor.close()
             failed: dict[str, str] = {}
             self.actuators = {a.id: kept_actuators.get(a.id) or _claim_or_note(
-                a.id, lambda: actuators.build(a, self.factory), failed) for a in settings.actuators}
+                a.id, lambda: actuators.build(a, self.factory), failed) for a in actuator_settings}
             self.sensors = [kept_sensors.get(s.id) or _claim_or_note(
-                s.id, lambda: s.sensor(self.factory, clock), failed) for s in settings.sensors]
+                s.id, lambda: s.sensor(self.factory, clock), failed) for s in sensor_settings]
             # Inside the lock: the watchdog must never see a device that failed to be claimed.
             self.actuators = {key: a for key, a in self.actuators.items() if a is not None}
             self.sensors = [sensor for sensor in self.sensors if sensor is not None]
@@ -170,6 +172,14 @@ class Hardware:
                 sensor.close()
             except Exception as exc:
                 log.warning("device_close_failed", device=sensor.settings.id, error=str(exc))
+
+
+def reentrant_reservations(factory: Factory) -> None:
+    """gpiozero 2.0.1 reserves pins under a plain Lock, and a shared SPI bus left in a reference cycle
+    releases its pins from `__del__`: a garbage collection that starts inside `reserve_pins` (a new
+    MCP3008 allocating) then waits for the lock its own thread holds, and the process hangs. A
+    re-entrant lock lets that release go through; the reservations it edits are plain lists."""
+    factory._res_lock = threading.RLock()
 
 
 def _claim(device_id: str, make: Callable[[], T]) -> T:

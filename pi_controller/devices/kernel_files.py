@@ -58,12 +58,13 @@ class SimulatedFile:
 def kernel_file(path: str | Path, factory: Any, simulated: str) -> KernelFile:
     """`path` as a sensor built on `factory` reads it: on simulated pins and under /sys, the text a model
     sets (`simulated` until one does), shared by every reader and writer of that path; else the file."""
-    from pi_controller.devices.pins import SimulatedFactory
-
     path = Path(path)
-    if not (isinstance(factory, SimulatedFactory) and path.is_relative_to(SYSFS)):
+    # Simulated pins (devices.mock_pins.SimulatedFactory) keep them; asked by attribute, not class, as
+    # mock_pins builds on this module.
+    files: dict[str, SimulatedFile] | None = getattr(factory, "kernel_files", None)
+    if files is None or not path.is_relative_to(SYSFS):
         return RealFile(path)
-    return factory.kernel_files.setdefault(str(path), SimulatedFile(simulated))
+    return files.setdefault(str(path), SimulatedFile(simulated))
 
 
 class KernelFilePort:

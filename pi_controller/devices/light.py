@@ -11,8 +11,8 @@ from pi_controller.schema import bcm_pin
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
+    from gpiozero.pins.mock import MockFactory
 
-    from pi_controller.devices.pins import SimulatedFactory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +36,7 @@ class LightSettings(SensorSettings):
         device = LightSensor(self.pin, partial=True, pin_factory=factory)
         return GpiozeroSensor(self, device, sampled(lambda d: d.value * self.scale))
 
-    def mock_pins(self, factory: SimulatedFactory) -> None:
-        from pi_controller.devices.pins import ChargingPin
+    def mock_pins(self, factory: MockFactory) -> None:
+        from pi_controller.devices.mock_pins import ChargingPin
 
         factory.pin(self.pin, pin_class=ChargingPin)

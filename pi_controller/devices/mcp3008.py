@@ -14,8 +14,7 @@ from pi_controller.devices.sensors import GpiozeroSensor, Sensor, SensorSettings
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
 
-    from pi_controller.simulators.adc import SimulatedMCP3008
-    from pi_controller.simulators.world import World
+    from pi_controller.devices.simulation import AdcChip, SimulatedBoard
 
 # Pins of the Pi's SPI0 bus (BCM numbering); CE0/CE1 select the chip.
 SPI0_PINS = {"clock": 11, "mosi": 10, "miso": 9}
@@ -46,12 +45,12 @@ class MCP3008Settings(SensorSettings):
         device = MCP3008(channel=self.channel, device=self.chip_select, pin_factory=factory)
         return GpiozeroSensor(self, device, lambda d: d.value * self.scale + self.offset)
 
-    def port(self, world: World) -> AdcPort:
-        return AdcPort(world.adc(self.chip_select), self)
+    def port(self, board: SimulatedBoard) -> AdcPort:
+        return AdcPort(board.adc(self.chip_select), self)
 
 
 class AdcPort:
-    def __init__(self, adc: SimulatedMCP3008, settings: MCP3008Settings):
+    def __init__(self, adc: AdcChip, settings: MCP3008Settings):
         self.adc = adc
         self.settings = settings
 

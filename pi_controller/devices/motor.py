@@ -19,9 +19,8 @@ from pi_controller.schema import bcm_pin, bounded
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
-    from gpiozero.pins.mock import MockPin
+    from gpiozero.pins.mock import MockFactory, MockPin
 
-    from pi_controller.devices.pins import SimulatedFactory
 
 Speed = Literal["stopped"] | float
 
@@ -79,7 +78,7 @@ class MotorSettings(ActuatorSettings):
         return PlotPanel("speed % (< 0 backward)", "duty", f"{switches} starts and stops, mean speed {share:.1f} %",
                          (-105, 105))
 
-    def probe(self, factory: SimulatedFactory) -> MotorProbe:
+    def probe(self, factory: MockFactory) -> MotorProbe:
         enable = factory.pin(self.enable) if self.enable is not None else None
         return MotorProbe(factory.pin(self.forward), factory.pin(self.backward), enable)
 

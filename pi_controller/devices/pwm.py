@@ -18,8 +18,8 @@ from pi_controller.schema import bounded
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
+    from gpiozero.pins.mock import MockFactory
 
-    from pi_controller.devices.pins import SimulatedFactory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +66,7 @@ class PwmSettings(OnePinSettings):
     def panel(self, switches: int, share: float) -> PlotPanel:
         return PlotPanel("duty %", "duty", f"{switches} switches, mean duty {share:.1f} %", (0, 105))
 
-    def probe(self, factory: SimulatedFactory) -> PinProbe:
+    def probe(self, factory: MockFactory) -> PinProbe:
         return PinProbe(factory.pin(self.pin), self.active_high)
 
 

@@ -9,8 +9,8 @@ from pi_controller.devices.actuators import Actuator, OnePinSettings, PinProbe, 
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
+    from gpiozero.pins.mock import MockFactory
 
-    from pi_controller.devices.pins import SimulatedFactory
 
 SWITCH = {"payload_on": "ON", "payload_off": "OFF", "state_on": "ON", "state_off": "OFF"}
 
@@ -44,7 +44,7 @@ class RelaySettings(OnePinSettings):
     def panel(self, switches: int, share: float) -> PlotPanel:
         return PlotPanel("relay", "binary", f"{switches} switches, on {share:.1f} %")
 
-    def probe(self, factory: SimulatedFactory) -> PinProbe:
+    def probe(self, factory: MockFactory) -> PinProbe:
         return PinProbe(factory.pin(self.pin), self.active_high)
 
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from pi_controller.clock import Clock
+from pi_controller.contract import Reading
 from pi_controller.schema import bounded, device_id
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
+    from gpiozero.pins.mock import MockFactory
 
-    from pi_controller.devices.pins import SimulatedFactory
-    from pi_controller.simulators.models import Port
-    from pi_controller.simulators.world import World
+    from pi_controller.devices.simulation import Port, SimulatedBoard
 
 I2C_PINS = (2, 3)  # fixed 1.8 kOhm pull-ups on the board: no input there can pull down
 
@@ -36,28 +36,6 @@ UNITS = {
 DEFAULT_PRECISION = 2  # decimals for a unit not listed
 # A failed read (value null) is Home Assistant's "None": unknown, not "Clear" (OFF).
 BINARY_TEMPLATE = "{% if value_json.value is none %}None{% elif value_json.value %}ON{% else %}OFF{% endif %}"
-
-
-@dataclass(slots=True)  # not frozen: a frozen dataclass costs four times as much to make, 12 times a tick
-class Reading:
-    sensor_id: str
-    value: float | None
-    unit: str
-    timestamp: float
-    error: str | None = None
-
-    @property
-    def valid(self) -> bool:
-        return self.error is None
-
-    def as_json(self, decimals: int | None = None) -> dict[str, Any]:
-        """As JSON; `decimals`: the value rounded to that many (for the wire, not for plugins)."""
-        value = self.value if decimals is None or self.value is None else round(self.value, decimals)
-        data: dict[str, Any] = {"sensor_id": self.sensor_id, "value": value, "unit": self.unit,
-                                "timestamp": self.timestamp, "valid": self.error is None}
-        if self.error is not None:
-            data["error"] = self.error
-        return data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,10 +91,10 @@ class SensorSettings:
         """These settings as a simulated run reads them (on a virtual clock, nothing may wait in real time)."""
         return self
 
-    def mock_pins(self, factory: SimulatedFactory) -> None:
+    def mock_pins(self, factory: MockFactory) -> None:
         """Give its pins the mock classes that can play its hardware, before anything claims them."""
 
-    def port(self, world: World) -> Port | None:
+    def port(self, board: SimulatedBoard) -> Port | None:
         """Where a simulation model writes its physical value; None if no model can."""
         return None
 

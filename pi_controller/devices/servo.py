@@ -15,9 +15,8 @@ from pi_controller.schema import bounded
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
-    from gpiozero.pins.mock import MockPin
+    from gpiozero.pins.mock import MockFactory, MockPin
 
-    from pi_controller.devices.pins import SimulatedFactory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +68,7 @@ class ServoSettings(OnePinSettings):
         return PlotPanel("angle °", "angle", "commanded angle, and where the servo is",
                          (self.min_angle - 5, self.max_angle + 5), with_models=True)
 
-    def probe(self, factory: SimulatedFactory) -> AngleProbe:
+    def probe(self, factory: MockFactory) -> AngleProbe:
         return AngleProbe(factory.pin(self.pin), self)
 
 

@@ -33,7 +33,7 @@ from pi_controller.plugins.extism_adapter import I64, HostFunction, host_functio
 
 if TYPE_CHECKING:  # not at run time: the trial compile's child (extism_adapter) imports this module, and fast
     from pi_controller.config import HostFunctionSettings
-    from pi_controller.devices.sensors import Reading
+    from pi_controller.contract import Reading
 
 log = structlog.get_logger("pi_controller.plugin")
 

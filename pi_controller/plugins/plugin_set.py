@@ -17,7 +17,7 @@ import structlog
 
 from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import PluginsSettings
-from pi_controller.devices.sensors import Reading
+from pi_controller.contract import Reading
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import admission
 from pi_controller.plugins.backstop import Backstop

@@ -241,7 +241,7 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings, ch
     from pi_controller import contract
     from pi_controller.devices import actuators
     from pi_controller.devices.pins import make_factory
-    from pi_controller.devices.sensors import Reading
+    from pi_controller.contract import Reading
     from pi_controller.plugins.sandbox import PluginCallError
 
     check_context(context)
@@ -249,7 +249,7 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings, ch
 
     plugin = load_plugin(wasm, settings, context.get("config", {}), Devices.of(settings) if checked else None)
     name, terms, history = plugin.name, plugin.grant, plugin.host.history
-    factory = make_factory(settings, simulate=True)
+    factory = make_factory(settings.pins, settings.sensors, simulate=True)
     targets = {entry.id: actuators.build(entry, factory) for entry in settings.actuators}
     readings = [Reading(r["sensor_id"], r.get("value"), r.get("unit", ""), r.get("timestamp", 0.0), r.get("error"))
                 for r in context.get("sensor_readings", [])]

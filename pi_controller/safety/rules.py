@@ -36,7 +36,8 @@ from pi_controller.config import InterlockSettings
 from pi_controller.contract import Command
 from pi_controller.devices.actuators import Actuator, Target
 from pi_controller.devices.hardware import Write
-from pi_controller.devices.sensors import Reading, SensorSettings
+from pi_controller.contract import Reading
+from pi_controller.devices.sensors import SensorSettings
 from pi_controller.names import OPERATOR, SAFETY
 from pi_controller.safety.ownership import Failsafe, Health
 

@@ -54,7 +54,7 @@ def command(args: argparse.Namespace) -> int:
                                              f"{args.config}", state_dir=str(args.state_dir))
         return EXIT_NOTHING_FOUND
     try:
-        factory = make_factory(sources[0], args.simulate)
+        factory = make_factory(sources[0].pins, sources[0].sensors, args.simulate)
     except HardwareError as exc:  # no GPIO: the exit code every command gives for it (systemd logs it)
         log.error("safe_state_failed", error=str(exc))
         return EXIT_HARDWARE

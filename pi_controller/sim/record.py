@@ -41,7 +41,8 @@ import structlog
 
 from pi_controller.config import MAX_CONFIG_BYTES, RecordSettings, Settings, read
 from pi_controller.contract import COMPACT
-from pi_controller.devices.sensors import Reading, Sensor
+from pi_controller.contract import Reading
+from pi_controller.devices.sensors import Sensor
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import LoopObserver, TickReport, TickTrace
 

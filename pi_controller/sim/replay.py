@@ -26,7 +26,7 @@ from pi_controller.clock import VirtualClock
 from pi_controller.contract import Command, Context, encode_context, encode_states
 from pi_controller.devices import actuators
 from pi_controller.devices.hardware import Hardware
-from pi_controller.devices.sensors import Reading
+from pi_controller.contract import Reading
 from pi_controller.names import OPERATOR
 from pi_controller.plugins.agreement import Agreement, Verdict, verdict, verdict_of
 from pi_controller.plugins.manifest import Devices
@@ -47,12 +47,12 @@ class Replay:
 
     def __init__(self, settings: config.Settings, plugins_dir: Path, start: float, picture: Picture | None = None):
         """`picture`: takes each tick's recorded and replayed actuator states, for `--plot`."""
-        from pi_controller.devices.pins import mock_factory  # gpiozero: only when a replay runs, not check-config
+        from pi_controller.devices.mock_pins import mock_factory  # gpiozero: only when a replay runs, not check-config
 
         self.settings = settings
         self.plugins_dir = plugins_dir
         self.clock = VirtualClock(start)
-        factory = mock_factory(settings)
+        factory = mock_factory(settings.sensors)
         self.hardware = Hardware([], [actuators.build(a, factory) for a in settings.actuators], factory)
         self.plugins = self._load(settings)
         self.safety = Safety(self.hardware.actuators, settings.sensors, settings.interlocks,

@@ -554,7 +554,7 @@ def command(args: argparse.Namespace) -> int:
     from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
     from pi_controller.plugins import checks
     from pi_controller.sim.record import Playback, RecordingError
-    from pi_controller.simulators.world import SimulationError
+    from pi_controller.devices.simulation import SimulationError
 
     refusal = _refusal(args)  # before a long run, not after it
     if refusal:

@@ -1,4 +1,4 @@
-"""Simulated physics for `--simulate` runs, installed as `pi_controller.simulators`.
+"""Simulated physics for `--simulate` runs and `pi-controller simulate`.
 
 Models drive gpiozero mock pins and a simulated MCP3008, so a simulated reading travels the same
 path as a real one (pin or SPI bus, gpiozero device, sensor), and read actuators back from their pins.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pi_controller.devices.mcp3008 import SPI0_SELECT
-from pi_controller.devices.pins import SimulatedFactory
+from pi_controller.devices.mock_pins import SimulatedFactory
 
 BITS = 10
 

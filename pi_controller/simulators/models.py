@@ -19,22 +19,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
+from pi_controller.devices.simulation import Port, Probe
 from pi_controller.schema import bounded, device_id
-
-
-class Port(Protocol):
-    """Where a model writes a sensor's physical value (in the sensor's unit)."""
-
-    def set(self, value: float) -> None: ...
-
-
-class Probe(Protocol):
-    """Where a model reads an actuator's output: 0 (off) to 1 (full) for relays and PWM, the
-    commanded angle in degrees for a servo, -1 (full backward) to 1 (full forward) for a motor."""
-
-    def level(self) -> float: ...
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,32 +5,35 @@ Each device kind says where a model writes its sensor (`SensorSettings.port`) an
 
 from __future__ import annotations
 
-from pi_controller.config import Settings
-from pi_controller.devices.pins import SimulatedFactory
+from typing import Iterable
+
+from pi_controller.devices.actuators import ActuatorSettings
+from pi_controller.devices.mock_pins import SimulatedFactory
 from pi_controller.devices.sensors import SensorSettings
+from pi_controller.devices.simulation import Port, Probe, SimulationError
 from pi_controller.simulators.adc import SimulatedMCP3008
-from pi_controller.simulators.models import MODELS, Model, Port, Probe
-
-
-class SimulationError(Exception):
-    """A model wired to a device it cannot drive or read."""
+from pi_controller.simulators.models import MODELS, Model, ModelSettings
 
 
 class World:
-    def __init__(self, settings: Settings, factory: SimulatedFactory):
+    """The config's `simulation:` models wired to its sensors and actuators on a simulated factory (a
+    `devices.simulation.SimulatedBoard` to the sensor kinds that place their ports on it)."""
+
+    def __init__(self, sensors: Iterable[SensorSettings], actuators: Iterable[ActuatorSettings],
+                 models: Iterable[ModelSettings], factory: SimulatedFactory):
         self.factory = factory
         self._adcs: dict[int, SimulatedMCP3008] = {}
-        sensors = {s.id: s for s in settings.sensors}
-        actuators = {a.id: a for a in settings.actuators}
+        sensors_by_id = {s.id: s for s in sensors}
+        actuators_by_id = {a.id: a for a in actuators}
         self.models: list[Model] = []
-        for model_settings in settings.simulation:
+        for model_settings in models:
             ports: dict[str, Port] = {}
             probes: dict[str, Probe] = {}
             for key, (role, ref) in model_settings.references().items():
                 if role == "sensor":
-                    ports[key] = self._port(sensors[ref])
+                    ports[key] = self._port(sensors_by_id[ref])
                 else:
-                    probes[key] = actuators[ref].probe(self.factory)
+                    probes[key] = actuators_by_id[ref].probe(self.factory)
             self.models.append(MODELS[type(model_settings)](model_settings, ports, probes))
 
     def advance(self, now: float) -> None:
