@@ -14,7 +14,7 @@ import structlog
 from pi_controller import config, logs
 from pi_controller.plugins import build, checks, install, shadow, tools
 from pi_controller.safety import known_good, safe_state
-from pi_controller.sim import replay, simulation
+from pi_controller.sim import commands as sim_commands
 
 EXIT_CONFIG = 2
 
@@ -89,8 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="the service's StateDirectory= (default: $STATE_DIRECTORY, which systemd sets for the "
                             "unit's ExecReload= check): where a recording may be written under the unit")
     check.set_defaults(handler=_check_config)
-    simulation.add_command(commands)
-    replay.add_command(commands)
+    sim_commands.add_commands(commands)
 
     safe_state.add_command(commands)
 
@@ -134,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
     from pi_controller.devices.pins import hold
     from pi_controller.devices.simulation import SimulationError
+    from pi_controller.sim.record import RecordingError
 
     loaded = _load(args.config, plugins_dir=args.plugins)
     if loaded is None:

@@ -21,9 +21,8 @@ import structlog
 from pi_controller import arbitration, contract
 from pi_controller.clock import Clock
 from pi_controller.config import InterlockSettings
-from pi_controller.contract import Command
+from pi_controller.contract import Command, Reading
 from pi_controller.devices.hardware import Hardware
-from pi_controller.contract import Reading
 from pi_controller.devices.sensors import SensorSettings
 from pi_controller.logs import ChangeLog, kind_of
 from pi_controller.observer import LoopObserver, TickReport, TickTrace, Verdicts

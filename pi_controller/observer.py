@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Any
 from pi_controller.safety.ownership import Failsafe
 
 if TYPE_CHECKING:
-    from pi_controller.contract import Command, Rejection
-    from pi_controller.contract import Reading
+    from pi_controller.contract import Command, Reading, Rejection
     from pi_controller.safety.rules import Decision
 
 

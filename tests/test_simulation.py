@@ -20,8 +20,9 @@ import yaml
 
 from pi_controller import config
 from pi_controller.clock import SystemClock
-from pi_controller.sim import simulation
+from pi_controller.sim import commands, simulation
 from pi_controller.sim.record import Playback
+from pi_controller.sim.verdict import Verdict, hms
 from tests.conftest import EXAMPLE_CONFIG, example_data
 
 LSB_C = 330 / 1023  # one step of the TMP36 on the MCP3008
@@ -40,7 +41,7 @@ def day_room(data: dict[str, Any], **room: Any) -> dict[str, Any]:
 
 
 def simulate(write_config, data: dict[str, Any], duration_s: float, rate_hz: float,
-             plugins: Path | None = None) -> tuple[simulation.Verdict, dict[str, Any]]:
+             plugins: Path | None = None) -> tuple[Verdict, dict[str, Any]]:
     settings = simulation.prepare(config.load(write_config(data)), rate_hz)
     columns = simulation.Columns()
     verdict = simulation.run(settings, duration_s, [columns], plugins)
@@ -152,11 +153,11 @@ def test_a_bad_config_is_a_config_error(write_config) -> None:
 
 
 def test_durations() -> None:
-    assert [simulation.parse_duration(d) for d in ("90", "90s", "30m", "24h", "2d", "1.5h")] == [
+    assert [commands.parse_duration(d) for d in ("90", "90s", "30m", "24h", "2d", "1.5h")] == [
         90, 90, 1800, 86400, 172800, 5400]
     for wrong in ("soon", "0s", "-1h", "24 hours"):
         with pytest.raises(argparse.ArgumentTypeError):
-            simulation.parse_duration(wrong)
+            commands.parse_duration(wrong)
 
 
 def test_a_plugin_failing_after_switching_the_heater_on_leaves_it_off_in_simulate(write_config, plugin_dir) -> None:
@@ -192,7 +193,7 @@ def test_an_actuator_switching_every_tick_is_flagged_with_when(write_config, plu
     assert flapping.most == 600 and flapping.most_at_s == pytest.approx(59.9)  # every tick of the first minute
     (line,) = [line for line in verdict.lines() if line.startswith("FLAPPING: relay_switch")]
     assert line == ("FLAPPING: relay_switch switched more than 6 times a minute from 0:00:00 to 0:02:00; "
-                    f"at worst 600 switches in the minute to {simulation.hms(flapping.most_at_s)}")
+                    f"at worst 600 switches in the minute to {hms(flapping.most_at_s)}")
     assert not any(line.startswith("no actuator flapped") for line in verdict.lines())
 
 

@@ -13,9 +13,9 @@ import structlog
 
 from pi_controller import contract, logs
 from pi_controller.clock import Clock
+from pi_controller.contract import Reading
 from pi_controller.devices import actuators
 from pi_controller.devices.actuators import Actuator, ActuatorSettings, Target
-from pi_controller.contract import Reading
 from pi_controller.devices.sensors import Sensor, SensorSettings
 
 if TYPE_CHECKING:  # gpiozero is loaded by the kinds that build devices, not by what only names them

@@ -239,9 +239,9 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings, ch
     ContextError for a context `check_context` refuses, LoadFailed for a plugin the daemon would not load.
     `checked`: `settings` is a daemon's config, whose devices the plugin's grant must name."""
     from pi_controller import contract
+    from pi_controller.contract import Reading
     from pi_controller.devices import actuators
     from pi_controller.devices.pins import make_factory
-    from pi_controller.contract import Reading
     from pi_controller.plugins.sandbox import PluginCallError
 
     check_context(context)

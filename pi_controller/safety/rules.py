@@ -33,10 +33,9 @@ from typing import Iterable, Mapping, NamedTuple
 import structlog
 
 from pi_controller.config import InterlockSettings
-from pi_controller.contract import Command
+from pi_controller.contract import Command, Reading
 from pi_controller.devices.actuators import Actuator, Target
 from pi_controller.devices.hardware import Write
-from pi_controller.contract import Reading
 from pi_controller.devices.sensors import SensorSettings
 from pi_controller.names import OPERATOR, SAFETY
 from pi_controller.safety.ownership import Failsafe, Health

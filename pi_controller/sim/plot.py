@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from pi_controller.config import Settings
-from pi_controller.sim.simulation import Band, BandTally, Row, Verdict, hms, model_names
+from pi_controller.sim.simulation import model_names
+from pi_controller.sim.verdict import Band, BandTally, Row, Verdict, hms
 
 Style = Literal["line", "binary", "duty", "angle"]
 BAND_COLOUR, OUT_COLOUR, READING_COLOUR = "#2ca02c", "#d62728", "#1f77b4"

@@ -40,8 +40,7 @@ from typing import IO, Any, Callable, Iterator
 import structlog
 
 from pi_controller.config import MAX_CONFIG_BYTES, RecordSettings, Settings, read
-from pi_controller.contract import COMPACT
-from pi_controller.contract import Reading
+from pi_controller.contract import COMPACT, Reading
 from pi_controller.devices.sensors import Sensor
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import LoopObserver, TickReport, TickTrace

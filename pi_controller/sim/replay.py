@@ -11,22 +11,17 @@ fresh at `--from`, as after a restart.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from pi_controller import arbitration, config, logs
+from pi_controller import arbitration, config
 from pi_controller.clock import VirtualClock
-from pi_controller.contract import Command, Context, encode_context, encode_states
+from pi_controller.contract import Command, Context, Reading, encode_context, encode_states
 from pi_controller.devices import actuators
 from pi_controller.devices.hardware import Hardware
-from pi_controller.contract import Reading
 from pi_controller.names import OPERATOR
 from pi_controller.plugins.agreement import Agreement, Verdict, verdict, verdict_of
 from pi_controller.plugins.manifest import Devices
@@ -38,8 +33,6 @@ from pi_controller.sim import record
 from pi_controller.sim.record import Reader, RecordingError
 
 log = structlog.get_logger("pi_controller.replay")
-
-EXIT_CONFIG = 2
 
 
 class Replay:
@@ -266,62 +259,3 @@ def _recorded_settings(header: dict[str, Any], recording: Path) -> config.Settin
     if not isinstance(text, str):
         raise RecordingError(f"{recording}: the recording holds no config: give one with --config")
     return config.parse(text, Path(header.get("config_file") or recording))
-
-
-# ---------------------------------------------------------------------------------------------
-# The command
-
-
-def add_command(commands: Any) -> None:
-    """Register `replay` on the CLI's subcommands."""
-    cmd = commands.add_parser("replay", help="feed a recording to plugins and compare their commands with it")
-    cmd.add_argument("recording", type=Path, help="a file written by run --record or simulate --record")
-    cmd.add_argument("--config", type=Path, help="config (default: the one recorded)")
-    cmd.add_argument("--plugins", type=Path, help="plugins folder (default: the config's plugins.directory)")
-    cmd.add_argument("--from", dest="start", type=parse_time, help="first tick: Unix seconds or ISO 8601 time")
-    cmd.add_argument("--to", dest="end", type=parse_time, help="last tick: Unix seconds or ISO 8601 time")
-    cmd.add_argument("--plot", type=Path, help="draw the recorded and replayed actuator states over the readings "
-                                               "to this PNG (needs pi-controller[plot])")
-    cmd.add_argument("--log-format", choices=["console", "json"], default="console")
-    cmd.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="error")
-    cmd.set_defaults(handler=command)
-
-
-def parse_time(text: str) -> float:
-    """Unix seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is neither Unix seconds nor an ISO 8601 time "
-                                         "such as 2026-12-01T18:00:00") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
-
-
-def command(args: argparse.Namespace) -> int:
-    from pi_controller.sim.simulation import plot_refusal
-
-    refusal = plot_refusal(args.plot)  # before the replay, not after it
-    if refusal:
-        logs.refusal("argument_error", refusal[1])
-        return refusal[0]
-    try:
-        settings = config.load(args.config) if args.config else None
-        report = replay(args.recording, settings, args.plugins, args.start, args.end, args.plot)
-    except config.ConfigError as exc:
-        exc.refuse()
-        return EXIT_CONFIG
-    except RecordingError as exc:
-        logs.refusal("replay_error", f"replay error: {exc}")
-        return EXIT_CONFIG
-    except OSError as exc:
-        logs.refusal("replay_error", f"replay error: {exc.filename or args.recording}: {exc.strerror or exc}")
-        return EXIT_CONFIG
-    json.dump(report, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0

@@ -1,5 +1,6 @@
-"""`pi-controller simulate`: the real daemon (loop, plugins, validation, safety) against the simulation
-models on a virtual clock, as fast as the machine allows; a trace of every tick, a verdict, a plot.
+"""The engine of `pi-controller simulate`: the real daemon (loop, plugins, validation, safety) against the
+simulation models on a virtual clock, as fast as the machine allows, each tick handed as a row to sinks (the
+verdict, a trace file, the plot's buckets, progress). The command itself is `sim.commands`.
 
 The trace is recorded by wrapping the simulated world: the hardware advances it before every tick's
 reads, which is when the previous tick is complete, so the loop stays untouched. Everything in the
@@ -9,42 +10,32 @@ trace runs on virtual time from a fixed start, so a seed gives a byte-identical 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import csv
 import dataclasses
-import importlib.util
 import math
-import os
-import re
 import sys
 import time
 from array import array
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence, TextIO, TypeGuard
+from typing import TYPE_CHECKING, Protocol, Sequence, TextIO
 
 import structlog
 
-from pi_controller import config, logs
+from pi_controller import config
 from pi_controller.clock import VirtualClock
-from pi_controller.devices.actuators import ActuatorSettings
-from pi_controller.simulators.models import Model, RoomSettings
+from pi_controller.sim.verdict import Row, Verdict, hms
+from pi_controller.simulators.models import Model
 
 if TYPE_CHECKING:
     from pi_controller.daemon import Daemon
     from pi_controller.sim.record import Playback
 
 START = 1_800_000_000.0  # Unix time of tick 0 on the virtual clock: the same every run
-EXIT_CONFIG = 2
-EXIT_FAILED = 1
 CLEAR_PIN_HISTORY_TICKS = 1000  # a mock pin's history of states is emptied this often
 
 log = structlog.get_logger("pi_controller.simulation")
-
-Row = dict[str, float | None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,35 +69,6 @@ def model_names(settings: config.Settings) -> list[str]:
         names.append(model.kind if seen[model.kind] == 1 else f"{model.kind}_{seen[model.kind]}")
     return names
 
-
-@dataclass(frozen=True)
-class Band:
-    """A plugin's setpoint ± hysteresis on the sensor it controls."""
-
-    plugin: str
-    sensor: str
-    setpoint: float
-    hysteresis: float
-
-    def holds(self, value: float) -> bool:
-        return self.setpoint - self.hysteresis <= value <= self.setpoint + self.hysteresis
-
-
-def bands(settings: config.Settings) -> list[Band]:
-    """The band of every enabled plugin with a numeric `setpoint` in its config, on the config's `sensor`
-    or, when it names none, on the sensor of the (only) room model."""
-    rooms = [m.sensor for m in settings.simulation if isinstance(m, RoomSettings)]
-    found = []
-    for name, plugin in sorted(settings.plugins.settings.items()):
-        setpoint, hysteresis = plugin.config.get("setpoint"), plugin.config.get("hysteresis", 0.0)
-        sensor = plugin.config.get("sensor", rooms[0] if len(rooms) == 1 else None)
-        if plugin.enabled and _number(setpoint) and _number(hysteresis) and isinstance(sensor, str):
-            found.append(Band(name, sensor, float(setpoint), float(hysteresis)))
-    return found
-
-
-def _number(value: Any) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,180 +223,6 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------
-# Verdict
-
-
-@dataclass
-class BandTally:
-    """Time in a band, counted from warm-up: the first tick whose reading is in it. The lowest and
-    highest readings are those after warm-up, or of the whole run if it never got there."""
-
-    band: Band
-    reached_at: float | None = None
-    inside: int = 0
-    after: int = 0
-    low: float = float("inf")
-    high: float = float("-inf")
-
-    def add(self, row: Row) -> None:
-        value = row[self.band.sensor]
-        inside = value is not None and self.band.holds(value)
-        if self.reached_at is None and inside:
-            self.reached_at = row["time_s"]
-            self.low, self.high = float("inf"), float("-inf")  # from now on: after warm-up
-        if self.reached_at is not None:
-            self.after += 1
-            self.inside += inside
-        if value is not None:
-            self.low, self.high = min(self.low, value), max(self.high, value)
-
-    @property
-    def share(self) -> float:
-        return self.inside / self.after if self.after else 0.0
-
-
-FLAPPING_WINDOW_S = 60.0
-#: More switches than this within a minute is flapping: a relay or a lamp no one would accept (a
-#: compressor's usual minimum is minutes; the example's heater may switch every 10 s at most).
-FLAPPING_SWITCHES = 6
-
-
-@dataclass
-class Flapping:
-    """A stretch of time in which every minute-long window held more than FLAPPING_SWITCHES switches."""
-
-    start_s: float
-    end_s: float
-    most: int  # the most switches in one window of it
-    most_at_s: float  # when that window ended
-
-
-@dataclass
-class ActuatorTally:
-    settings: ActuatorSettings
-    switches: int = 0
-    duty_sum: float = 0.0  # per-tick duties added up: times the period, the energy in full-power seconds
-    on: bool = field(init=False)
-    flapping: list[Flapping] = field(default_factory=list)
-    _recent: deque[float] = field(default_factory=deque)  # the last minute's switch times
-    _flapping_now: bool = False
-
-    def __post_init__(self) -> None:
-        self.on = self.settings.power(self.settings.targets()[1]) > 0  # start-up state
-
-    def add(self, value: float | None, time_s: float) -> None:
-        level = self.settings.power(value)
-        switched = (level > 0) != self.on
-        self.on = level > 0
-        self.duty_sum += level
-        self.switches += switched
-        if switched:
-            self._recent.append(time_s)
-        while self._recent and self._recent[0] <= time_s - FLAPPING_WINDOW_S:
-            self._recent.popleft()
-        self._track_flapping(time_s)
-
-    def _track_flapping(self, time_s: float) -> None:
-        flapping = len(self._recent) > FLAPPING_SWITCHES
-        if flapping and not self._flapping_now:
-            self.flapping.append(Flapping(self._recent[0], time_s, len(self._recent), time_s))
-        elif flapping:
-            last = self.flapping[-1]
-            last.end_s = time_s
-            if len(self._recent) > last.most:
-                last.most, last.most_at_s = len(self._recent), time_s
-        self._flapping_now = flapping
-
-
-class Verdict:
-    """What a plugin author needs to know of a run: time in the setpoint bands, switches and energy
-    per actuator, plugin failures and what the safety rules held back."""
-
-    def __init__(self, settings: config.Settings):
-        self.settings = settings
-        self.period = settings.loop.period
-        self.ticks = 0
-        self.bands = [BandTally(b) for b in bands(settings)]
-        self.actuators = {a.id: ActuatorTally(a) for a in settings.actuators}
-        self.plugins: dict[str, str] = {}  # plugin -> what went wrong, if anything
-        self.held: dict[str, dict[str, int]] = {}
-        self.failsafes: dict[str, int] = {}  # actuator -> times it was taken from a failing owner
-        self.played: list[str] = []  # sensors read from a recording
-
-    def start(self, columns: list[str]) -> None:
-        pass
-
-    def add(self, row: Row) -> None:
-        self.ticks += 1
-        for band in self.bands:
-            band.add(row)
-        for key, tally in self.actuators.items():
-            tally.add(row[key], row["time_s"] or 0.0)
-
-    def finish(self, daemon: Daemon) -> None:
-        summary = daemon.loop.summary()
-        self.held, self.failsafes = summary["held"], summary["failsafes"]
-        stats = daemon.loop.plugin_stats
-        for name, status in sorted(daemon.plugins.status.items()):
-            if status.state != "loaded":
-                self.plugins[name] = f"{status.state}{': ' + status.reason if status.reason else ''}"
-            elif name in stats and (stats[name].errors or stats[name].rejected):
-                self.plugins[name] = (f"{stats[name].errors} errors in {stats[name].calls} calls, "
-                                      f"{stats[name].rejected} rejected commands")
-            else:
-                self.plugins[name] = ""
-
-    def lines(self) -> list[str]:
-        # Nothing of the machine's speed: the same config and seed print the same verdict anywhere.
-        out = [f"simulated {hms(self.ticks * self.period)} at {self.settings.loop.rate_hz:g} Hz: {self.ticks} ticks"]
-        if self.played:
-            out.append(f"from the recording (no model drives them): {', '.join(self.played)}")
-        out += [self._band_line(b) for b in self.bands]
-        out += [self._actuator_line(key, t) for key, t in self.actuators.items()]
-        out += [self._flapping_line(key, t) for key, t in self.actuators.items() if t.flapping]
-        if not any(t.flapping for t in self.actuators.values()):
-            out.append(f"no actuator flapped (more than {FLAPPING_SWITCHES} switches in a minute)")
-        failing = {name: why for name, why in self.plugins.items() if why}
-        ok = [name for name, why in self.plugins.items() if not why]
-        if ok:
-            out.append(f"plugins without errors or rejected commands: {', '.join(ok)}")
-        out += [f"plugin {name}: {why}" for name, why in failing.items()]
-        out += [f"safety held back {key}: " + ", ".join(f"{rule} {n} ticks" for rule, n in sorted(rules.items()))
-                for key, rules in self.held.items()]
-        out += [f"failsafe: {key} put in its safe state {n} times, its owner failing or silent"
-                for key, n in self.failsafes.items()]
-        return out
-
-    def _band_line(self, tally: BandTally) -> str:
-        b = tally.band
-        unit = next(s.unit for s in self.settings.sensors if s.id == b.sensor)
-        head = f"{b.plugin}: {b.sensor} at {b.setpoint:g} ± {b.hysteresis:g} {unit}"
-        if tally.reached_at is None:
-            return f"{head}: never in the band; {tally.low:.2f} to {tally.high:.2f}"
-        return (f"{head}: in the band {100 * tally.share:.1f} % of the time after warm-up (reached at "
-                f"{hms(tally.reached_at)}); {tally.low:.2f} to {tally.high:.2f} after warm-up")
-
-    def _actuator_line(self, key: str, tally: ActuatorTally) -> str:
-        share = tally.duty_sum / self.ticks if self.ticks else 0.0
-        energy = f"{tally.duty_sum * self.period / 3600:.2f} h at full power"
-        return f"{key} {tally.settings.summary(tally.switches, 100 * share, energy)}"
-
-
-    @staticmethod
-    def _flapping_line(key: str, tally: ActuatorTally) -> str:
-        worst = max(tally.flapping, key=lambda f: f.most)
-        shown = ", ".join(f"{hms(f.start_s)} to {hms(f.end_s)}" for f in tally.flapping[:3])
-        more = f" and {len(tally.flapping) - 3} more" if len(tally.flapping) > 3 else ""
-        return (f"FLAPPING: {key} switched more than {FLAPPING_SWITCHES} times a minute from {shown}{more}; "
-                f"at worst {worst.most} switches in the minute to {hms(worst.most_at_s)}")
-
-
-def hms(seconds: float) -> str:
-    whole = round(seconds)
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
-
-
-# ---------------------------------------------------------------------------------------------
 # Running
 
 
@@ -488,134 +276,3 @@ def _play(daemon: Daemon, playback: Playback, start: float) -> list[str]:
                         if s.settings.id not in modelled and s.settings.id in playback.sensors else s
                         for s in hardware.sensors]
     return [s.settings.id for s in hardware.sensors if isinstance(s, RecordedSensor)]
-
-
-# ---------------------------------------------------------------------------------------------
-# The command
-
-
-_RATE = next(f for f in dataclasses.fields(config.LoopSettings) if f.name == "rate_hz")  # its bounds
-
-
-def add_command(commands: Any) -> None:
-    """Register `simulate` on the CLI's subcommands (argparse's subparsers action)."""
-    low, high = _RATE.metadata["low"], _RATE.metadata["high"]
-    sim = commands.add_parser("simulate", help="run the loop and plugins against the models, faster than real time")
-    sim.add_argument("--config", required=True, type=Path, help="YAML config file, with a simulation: section")
-    sim.add_argument("--duration", type=parse_duration, default=parse_duration("24h"),
-                     help="simulated time: 90s, 30m, 24h, 2d (default 24h)")
-    sim.add_argument("--rate", type=_rate, help=f"ticks per simulated second, {low:g} to {high:g} "
-                                                f"(default: the config's loop.rate_hz)")
-    sim.add_argument("--seed", type=int, help="reseed the models' random numbers (default: the config's seeds)")
-    sim.add_argument("--trace", type=Path, help="write a CSV trace, a row per tick, to this file")
-    sim.add_argument("--record", type=Path, help="also record every tick to this file, for replay (.gz: gzip)")
-    sim.add_argument("--plot", type=Path, help="draw the trace to this PNG (needs pi-controller[plot])")
-    sim.add_argument("--from-recording", type=Path, help="drive the sensors no model drives from this recording "
-                                                         "(run --record or simulate --record)")
-    sim.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
-    sim.add_argument("--log-format", choices=["console", "json"], default="console")
-    sim.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",
-                     help="the daemon's own events from this level on; the plugins' pi_log lines show from info on")
-    sim.set_defaults(handler=command, plugin_log_level="info")  # what an author simulates for
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in '90', '90s', '30m', '24h' or '2d'."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
-    if not match or float(match[1]) == 0:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a duration such as 90s, 30m, 24h or 2d")
-    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
-    if not _RATE.metadata["low"] <= value <= _RATE.metadata["high"]:
-        raise argparse.ArgumentTypeError(f"{value:g} is out of range; valid: {_RATE.metadata['low']:g} to "
-                                         f"{_RATE.metadata['high']:g}")
-    return value
-
-
-def unwritable(path: Path) -> str | None:
-    """Why a file cannot be written at `path` (checked before a run, not found after it), or None."""
-    folder = path.parent
-    if path.is_dir():
-        return "is a folder; give a file name"
-    if not folder.is_dir():
-        return f"the folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK) or path.exists() and not os.access(path, os.W_OK):
-        return "not writable"
-    return None
-
-
-def command(args: argparse.Namespace) -> int:
-    from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
-    from pi_controller.plugins import checks
-    from pi_controller.sim.record import Playback, RecordingError
-    from pi_controller.devices.simulation import SimulationError
-
-    refusal = _refusal(args)  # before a long run, not after it
-    if refusal:
-        logs.refusal("argument_error", refusal[1])
-        return refusal[0]
-    try:
-        settings = prepare(config.load(args.config), args.rate, args.seed)
-        folder = config.check_plugins_directory(settings, args.plugins)  # a typo'd folder: not a run of no plugins
-        checks.check(settings, folder)  # a plugin the config names that would not load: not a day without it
-    except config.ConfigError as exc:
-        exc.refuse()
-        return EXIT_CONFIG
-    try:
-        playback = Playback(args.from_recording) if args.from_recording else None
-    except (RecordingError, OSError) as exc:
-        logs.refusal("recording_error", f"error: --from-recording {args.from_recording}: {exc}")
-        return EXIT_CONFIG
-    buckets = None
-    with contextlib.ExitStack() as files:
-        sinks: list[Sink] = [Progress(ticks_in(settings, args.duration), settings.loop.period)]
-        if args.trace:
-            sinks.append(TraceWriter(files.enter_context(args.trace.open("w", newline="", encoding="utf-8"))))
-        if args.plot:
-            from pi_controller.sim import plot
-
-            buckets = plot.Buckets(periods=plot.periods(settings))
-            sinks.append(buckets)
-        try:
-            verdict = run(settings, args.duration, sinks, args.plugins, args.record, playback)
-        except SimulationError as exc:
-            logs.refusal("simulation_error", f"simulation error: {args.config}: {exc}", file=str(args.config))
-            return EXIT_CONFIG
-        except HardwareError as exc:
-            logs.refusal("hardware_error", f"hardware error: {exc}")
-            return EXIT_HARDWARE
-        except RecordingError as exc:
-            logs.refusal("recording_error", f"error: {exc}")
-            return EXIT_CONFIG
-    written = [f"{what}: {path}" for what, path in (("trace", args.trace), ("recording", args.record)) if path]
-    print("\n".join([*verdict.lines(), *written]))
-    if buckets is not None:
-        plot.draw(buckets, verdict, args.plot)
-        print(f"plot: {args.plot}")
-    return 0
-
-
-def plot_refusal(path: Path | None) -> tuple[int, str] | None:
-    """The exit code and the line that refuse `--plot path` before a run, or None."""
-    if path and importlib.util.find_spec("matplotlib") is None:
-        return EXIT_FAILED, "--plot needs matplotlib: pip install 'pi-controller[plot]'"
-    problem = unwritable(path) if path else None
-    return (EXIT_CONFIG, f"error: --plot {path}: {problem}") if problem else None
-
-
-def _refusal(args: argparse.Namespace) -> tuple[int, str] | None:
-    """The exit code and the line that refuse a run the arguments would make fail, or None."""
-    refusal = plot_refusal(args.plot)
-    if refusal:
-        return refusal
-    for option, path in (("--trace", args.trace), ("--record", args.record)):
-        problem = unwritable(path) if path else None
-        if problem:
-            return EXIT_CONFIG, f"error: {option} {path}: {problem}"
-    return None
