@@ -1,23 +1,16 @@
 """Every use of Extism beyond its public API, in one place: compiling with fuel, compiled modules and
-their instances, handles and memory for host functions, and the child process that tries a compile first.
+their instances, handles and memory for host functions.
 
 The SDK's constructor has no fuel limit, so modules are compiled with
 `extism_compiled_plugin_new_with_fuel_limit` from the cffi library the SDK loads, with our host
 functions. A compiled module holds megabytes: it is freed when its plugin goes (`Module.free`), not when
 the garbage collector gets to it. Host functions get their plugin's host object through a cffi handle
 and read and write the guest's memory through `read_block` and `write_block`.
-
-`python -m pi_controller.plugins.extism_adapter WASI FUEL` (manifest JSON on stdin) is the child of
-`wasm_gate.trial`: it sets its own limits before libextism is loaded, then compiles and instantiates
-once. It imports little (no config, no gpiozero): it starts in ~0.1 s. The limits are set after
-libextism is loaded (it is mapped from its file, which RLIMIT_DATA does not count) and before it runs.
 """
 
 from __future__ import annotations
 
 import os
-import resource
-import sys
 from functools import cache
 from typing import Any, Callable, Sequence
 
@@ -25,10 +18,6 @@ import extism
 from extism.extism import CompiledPlugin, _ffi, _lib  # fuel and host memory are only in libextism's C API
 
 from pi_controller.plugins.wasm_cache import compile_with_fallback
-
-TRIAL_MEMORY_BYTES = 512 * 1024 * 1024  # the child's data segment (RLIMIT_DATA): a 16 MiB module takes ~130
-TRIAL_CPU_S = 20  # seconds of CPU for the child (RLIMIT_CPU)
-OUT_OF_MEMORY = 3  # the child's exit status when Python ran out of its memory
 
 NAMESPACE = b"extism:host/user"  # where plugins import our host functions from
 I64 = 1  # ExtismValType
@@ -151,28 +140,3 @@ def write_block(current: Any, data: bytes) -> int:
     # The allocation may have grown (and moved) the memory: the base is read after it.
     _ffi.memmove(_lib.extism_current_plugin_memory(current) + offset, data, len(data))
     return int(offset)
-
-
-# --- the trial child ---------------------------------------------------------------------------
-
-
-def _trial(wasi: bool, fuel: int, functions: Sequence[HostFunction]) -> int:
-    """In the child: limits first, then one compile and one instance. 0 unless it ran out of memory;
-    a panic in libextism ends the child with SIGABRT, which is what the parent looks for."""
-    resource.setrlimit(resource.RLIMIT_DATA, (TRIAL_MEMORY_BYTES, TRIAL_MEMORY_BYTES))
-    resource.setrlimit(resource.RLIMIT_CPU, (TRIAL_CPU_S, TRIAL_CPU_S + 1))
-    manifest = sys.stdin.buffer.read()
-    try:
-        module = compile_module(manifest, wasi, fuel, None, functions)
-        module.instantiate().__exit__(None, None, None)
-    except MemoryError:
-        return OUT_OF_MEMORY
-    except Exception:
-        return 0
-    return 0
-
-
-if __name__ == "__main__":
-    from pi_controller.plugins.host_functions import FUNCTIONS  # as the daemon binds them
-
-    sys.exit(_trial(bool(int(sys.argv[1])), int(sys.argv[2]), FUNCTIONS))

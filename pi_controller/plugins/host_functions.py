@@ -31,7 +31,7 @@ import structlog
 from pi_controller import logs
 from pi_controller.plugins.extism_adapter import I64, HostFunction, host_function, host_of, read_block, write_block
 
-if TYPE_CHECKING:  # not at run time: the trial compile's child (extism_adapter) imports this module, and fast
+if TYPE_CHECKING:  # not at run time: the trial compile's child (`trial`) imports this module, and fast
     from pi_controller.config import HostFunctionSettings
     from pi_controller.contract import Reading
 

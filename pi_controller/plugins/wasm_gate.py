@@ -8,7 +8,7 @@ with a 100 MiB custom section took the daemon to 720 MB. So every path that comp
 load, hot reload, `plugin call`) first takes it through `read_module`: a regular file in the plugins
 folder (a symlink only if it resolves inside it), at most `plugins.ceilings.max_file_bytes`, starting
 with the binary magic and version 1. Then `trial` compiles and instantiates it once in a short-lived
-child with memory and CPU limits (`python -m pi_controller.plugins.extism_adapter`): a panic or a compile bomb kills
+child with memory and CPU limits (`python -m pi_controller.plugins.trial`): a panic or a compile bomb kills
 the child, not the daemon, and the daemon's own compile of the same module is a warm hit in wasmtime's
 cache. A module that passed once is not tried again, in this process or (recorded beside the compile cache)
 after a restart. Reasons never quote the content.
@@ -25,8 +25,9 @@ import sys
 import threading
 from pathlib import Path
 
-from pi_controller.plugins.extism_adapter import OUT_OF_MEMORY, TRIAL_CPU_S, TRIAL_MEMORY_BYTES, runtime_version
+from pi_controller.plugins.extism_adapter import runtime_version
 from pi_controller.plugins.manifest import Refused, links_within
+from pi_controller.plugins.trial import OUT_OF_MEMORY, TRIAL_CPU_S, TRIAL_MEMORY_BYTES
 from pi_controller.plugins.wasm_cache import CONFIG_VARIABLE, location
 
 MAGIC = b"\0asm"
@@ -75,7 +76,7 @@ def trial(manifest: bytes, wasi: bool, fuel: int) -> None:
         if digest in _passed or RECORDS.passed(digest):
             _passed.add(digest)
             return
-    command = [sys.executable, "-m", "pi_controller.plugins.extism_adapter", str(int(wasi)), str(fuel)]
+    command = [sys.executable, "-m", "pi_controller.plugins.trial", str(int(wasi)), str(fuel)]
     try:
         done = subprocess.run(command, input=manifest, capture_output=True, timeout=TRIAL_WALL_S,
                               env={**os.environ, "RUST_BACKTRACE": "0"})
