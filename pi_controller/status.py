@@ -8,7 +8,7 @@ between and during ticks).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from pi_controller import __version__
 from pi_controller.config import Settings
@@ -20,7 +20,6 @@ from pi_controller.stats import PluginStats
 if TYPE_CHECKING:
     from pi_controller.contract import Reading
     from pi_controller.loop import ControlLoop
-    from pi_controller.mqtt.telemetry import Telemetry
     from pi_controller.operator import Operator
     from pi_controller.plugins.plugin_set import PluginSet
     from pi_controller.plugins.sandbox import PluginStatus
@@ -35,6 +34,12 @@ STATUS_CHARS = 400  # systemctl status shows one line of it
 RATE_WINDOW_S = 1.0  # the tick rate is told once it is measured over this long at least
 
 
+class Summarised(Protocol):
+    """A part whose state the status reports as it tells it (telemetry: the broker link, what is queued)."""
+
+    def summary(self) -> dict[str, Any]: ...
+
+
 class Status:
     def __init__(self, settings: Settings, plugins: PluginSet, operator: Operator, watchdog: Watchdog | None,
                  monotonic: Callable[[], float]):
@@ -43,14 +48,14 @@ class Status:
         self.operator = operator
         self.watchdog = watchdog
         self.loop: ControlLoop | None = None  # wired once the loop is built (it needs our readers first)
-        self.telemetry: Telemetry | None = None
+        self.telemetry: Summarised | None = None
         self.shadows: Shadows | None = None
         self.recorder: Recorder | None = None
         self.last_reload: ReloadResult | None = None
         self._monotonic = monotonic
         self._started = monotonic()
 
-    def wire(self, loop: ControlLoop, telemetry: Telemetry | None, shadows: Shadows,
+    def wire(self, loop: ControlLoop, telemetry: Summarised | None, shadows: Shadows,
              recorder: Recorder | None) -> None:
         """The parts built after us, since they read us; the uptime counts from now."""
         self.loop, self.telemetry, self.shadows, self._started = loop, telemetry, shadows, self._monotonic()
