@@ -39,15 +39,17 @@ from typing import Any, Callable
 import extism
 import yaml
 from gpiozero import MCP3008, AngularServo, Device, DigitalInputDevice, OutputDevice, PWMOutputDevice
-from pi_controller.simulators.adc import SimulatedMCP3008
 
 from pi_controller import config, logs
 from pi_controller.clock import VirtualClock
 from pi_controller.daemon import Daemon
+from pi_controller.devices.digital import DigitalSettings
+from pi_controller.devices.mcp3008 import MCP3008Settings
 from pi_controller.devices.mock_pins import mock_factory
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.extism_adapter import Module, compile_module
 from pi_controller.sim import record
+from pi_controller.simulators.adc import SimulatedMCP3008
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "tests" / "plugins" / "echo_output.wasm"
@@ -110,9 +112,9 @@ class Floor:
         self.adc.fractions[0] = 71 / 330
         self.sensors: list[tuple[str, Any, Callable[[Any], float]]] = [
             (s.id, MCP3008(channel=s.channel, pin_factory=self.factory), lambda d: d.value * 330 - 50)
-            for s in settings.sensors if s.kind == "mcp3008"]
+            for s in settings.sensors if isinstance(s, MCP3008Settings)]
         self.sensors += [(s.id, DigitalInputDevice(s.pin, pull_up=False, pin_factory=self.factory),
-                          lambda d: d.value) for s in settings.sensors if s.kind == "line"]
+                          lambda d: d.value) for s in settings.sensors if isinstance(s, DigitalSettings) and s.kind == "line"]
         self.devices = {a.id: self._device(a) for a in settings.actuators}
         self.states = {a.id: {"type": a.kind, "on": False, "value": 0.0} for a in settings.actuators}
         defaults = settings.plugins.defaults

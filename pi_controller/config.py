@@ -478,8 +478,8 @@ def _compose(text: str, source: Path, max_bytes: int) -> tuple[_Tree, Any]:
         raise ConfigError(source, (), f"not valid YAML: control character {exc.character:#x}", line) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise ConfigError(source, (), f"not valid YAML: {getattr(exc, 'problem', exc)}", line) from None
+        raise ConfigError(source, (), f"not valid YAML: {getattr(exc, 'problem', exc)}",
+                          mark.line + 1 if mark else None) from None
     tree = _Tree(source)
     return tree, (tree.value(root, ()) if root is not None else {})
 
@@ -514,7 +514,7 @@ def salvage(path: Path | str) -> tuple[Settings, list[ConfigError]]:
     path = Path(path)
     text = read(path, MAX_CONFIG_BYTES, errors="replace")  # cut mid-character: the rest still counts
     errors: list[ConfigError] = []
-    tree, data = _Tree(path), {}
+    tree, data = _Tree(path), dict[str, Any]()
     try:
         tree, data = _salvage_tree(text, path)
     except ConfigError as exc:
@@ -783,7 +783,8 @@ def _check_devices(settings: Settings) -> None:
 def _check_ids_and_pins(settings: Settings, tree: _Tree) -> None:
     seen_ids: dict[str, KeyPath] = {}
     pin_owners: dict[int, tuple[KeyPath, str, bool]] = {}  # pin -> (first user, its key, on a shared bus)
-    groups = (("sensors", settings.sensors), ("actuators", settings.actuators))
+    groups: tuple[tuple[str, tuple[sensors.SensorSettings | actuators.ActuatorSettings, ...]], ...] = (
+        ("sensors", settings.sensors), ("actuators", settings.actuators))
     for section, entries in groups:
         for index, entry in enumerate(entries):
             here: KeyPath = (section, index)

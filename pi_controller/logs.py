@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any, Callable, Hashable, Literal
 
 import structlog
+from structlog.typing import EventDict
 
 from pi_controller.token_bucket import TokenBucket
 
@@ -372,7 +373,7 @@ class ProcessBudget:
         self._lock = threading.Lock()
         self._inside = threading.local()  # the notice itself passes through this processor
 
-    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, logger: Any, method: str, event: EventDict) -> EventDict:
         if getattr(self._inside, "notice", False):
             return event
         with self._lock:
@@ -389,7 +390,7 @@ class ProcessBudget:
 MAX_FIELD_CHARS = 300
 
 
-def bound_fields(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def bound_fields(logger: Any, method: str, event: EventDict) -> EventDict:
     """No field of any event over MAX_FIELD_CHARS characters, nor with a control character that would
     break the line, whatever a plugin, a sensor or a payload put into it. A traceback keeps its lines."""
     for key, value in event.items():

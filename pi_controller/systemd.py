@@ -35,8 +35,9 @@ class Notifier(LoopObserver):
                  timer: Callable[[], float] = time.monotonic):
         self._status = status
         self._timer = timer
-        self._address = _address(environ.get("NOTIFY_SOCKET", ""))
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if self._address else None
+        address = _address(environ.get("NOTIFY_SOCKET", ""))
+        self._address: str | bytes = address or ""
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if address else None
         self.ping_every = _ping_interval(environ)
         self._ready = False
         self._last_ping = self._last_status = float("-inf")

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 Target = float | None  # what an actuator is set to; None is a servo without pulses
 Note = tuple[str, str] | None  # (rule, detail) of a shaping step, for the safety rules' holds
-PanelStyle = Literal["binary", "duty", "angle", "speed"]
+PanelStyle = Literal["line", "binary", "duty", "angle"]  # how the plot draws a panel: its one vocabulary
 
 
 class PlotPanel(NamedTuple):

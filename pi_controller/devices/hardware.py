@@ -6,6 +6,7 @@ present before each read, so simulated physics happen on the same path a Pi's se
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, NamedTuple, Protocol, Sequence, TypeVar
 
@@ -68,9 +69,9 @@ class Hardware:
         built: list[Any] = []
         try:
             for a in actuator_settings:
-                built.append(_claim(a.id, lambda: actuators.build(a, factory)))
+                built.append(_claim(a.id, functools.partial(actuators.build, a, factory)))
             for s in sensor_settings:
-                built.append(_claim(s.id, lambda: s.sensor(factory, clock)))
+                built.append(_claim(s.id, functools.partial(s.sensor, factory, clock)))
         except HardwareError:
             for device in built:
                 device.close()
@@ -95,13 +96,13 @@ class Hardware:
                 if sensor.settings.id not in kept_sensors:
                     sensor.close()
             failed: dict[str, str] = {}
-            self.actuators = {a.id: kept_actuators.get(a.id) or _claim_or_note(
-                a.id, lambda: actuators.build(a, self.factory), failed) for a in actuator_settings}
-            self.sensors = [kept_sensors.get(s.id) or _claim_or_note(
-                s.id, lambda: s.sensor(self.factory, clock), failed) for s in sensor_settings]
+            claimed = {a.id: kept_actuators.get(a.id) or _claim_or_note(
+                a.id, functools.partial(actuators.build, a, self.factory), failed) for a in actuator_settings}
+            reading = [kept_sensors.get(s.id) or _claim_or_note(
+                s.id, functools.partial(s.sensor, self.factory, clock), failed) for s in sensor_settings]
             # Inside the lock: the watchdog must never see a device that failed to be claimed.
-            self.actuators = {key: a for key, a in self.actuators.items() if a is not None}
-            self.sensors = [sensor for sensor in self.sensors if sensor is not None]
+            self.actuators = {key: a for key, a in claimed.items() if a is not None}
+            self.sensors = [sensor for sensor in reading if sensor is not None]
         return failed
 
     def read(self, now: float) -> list[Reading]:

@@ -94,6 +94,10 @@ class Guard:
         self.wanted, self.plugin, self.failsafe, self.held = self.actuator.safe_target, SAFETY, why, False
         return failsafe
 
+    def since_switch(self, now: float) -> float:
+        """How long it has been on, or off; not yet observed by a tick, it has only just started."""
+        return 0.0 if self.switched_at is None else now - self.switched_at
+
     def observe(self, now: float) -> None:
         """Notice a switch made outside the rules (the watchdog, a shutdown) and when it happened."""
         on = self.actuator.is_on(self.actuator.target)
@@ -107,8 +111,8 @@ class Safety:
                  failsafe_after_s: float = 1.0):
         """`previous`: the rules before a reload, whose timers and owners carry on for the actuators kept.
         `failsafe_after_s`: for actuators that do not set their own."""
-        old = previous.guards if previous else {}
-        self.guards = {key: old[key] if key in old and old[key].actuator is a else Guard(a)
+        old: Mapping[str, Guard] = previous.guards if previous else {}
+        self.guards: dict[str, Guard] = {key: old[key] if key in old and old[key].actuator is a else Guard(a)
                        for key, a in actuators.items()}
         for guard in self.guards.values():
             own = guard.actuator.settings.failsafe_after_s
@@ -237,7 +241,7 @@ class Safety:
         for sensor in settings.requires:
             if sensor in stale:
                 return actuator.safe_target, hold("requires", f"sensor '{sensor}' {stale[sensor]}")
-        if settings.max_on_s is not None and guard.was_on and now - guard.switched_at >= settings.max_on_s:
+        if settings.max_on_s is not None and guard.was_on and guard.since_switch(now) >= settings.max_on_s:
             guard.latched = True
             guard.wanted = actuator.safe_target  # only a fresh request turns it on again
         if guard.latched:
@@ -249,11 +253,11 @@ class Safety:
             if blocked:
                 return current, hold("interlock", blocked)
         if on(wanted) != on(current):
-            minimum_s, elapsed_s = settings.min_on_s if on(current) else settings.min_off_s, now - guard.switched_at
+            minimum_s, elapsed_s = settings.min_on_s if on(current) else settings.min_off_s, guard.since_switch(now)
             wear = _wear(minimum_s, elapsed_s)
             if wear:
                 return current, hold("min_on" if on(current) else "min_off", wear, minimum_s - elapsed_s)
-        target, note = actuator.shape(wanted, dt, 0.0 if guard.was_on else now - guard.switched_at)
+        target, note = actuator.shape(wanted, dt, 0.0 if guard.was_on else guard.since_switch(now))
         return target, None if note is None else hold(*note)
 
     def _interlocked(self, key: str, planned: Mapping[str, Target], now: float) -> str | None:

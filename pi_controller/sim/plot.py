@@ -16,13 +16,13 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pi_controller.config import Settings
+from pi_controller.devices.actuators import PanelStyle
 from pi_controller.sim.simulation import model_names
 from pi_controller.sim.verdict import Band, BandTally, Row, Verdict, hms
 
-Style = Literal["line", "binary", "duty", "angle"]
 BAND_COLOUR, OUT_COLOUR, READING_COLOUR = "#2ca02c", "#d62728", "#1f77b4"
 SERIES_COLOURS = ["#ff7f0e", "#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 #: The event strip's rows, top to bottom: (column suffix, what a mark means, colour, mark height).
@@ -45,7 +45,7 @@ class Series:
 class Panel:
     title: str
     unit: str
-    style: Style
+    style: PanelStyle
     series: list[Series]  # what the panel is about: readings or actuator states
     context: list[Series] = field(default_factory=list)  # model quantities, drawn in grey
     bands: list[Band] = field(default_factory=list)
@@ -163,7 +163,10 @@ class Fold:
     def __init__(self, np: Any, period: float):
         self.np, self.period = np, period
         self.rows: list[int] = []
-        self.sums, self.counts, self.lows, self.highs = ({} for _ in range(4))
+        self.sums: dict[int, Any] = {}  # row of the chunk -> per phase bin (numpy arrays)
+        self.counts: dict[int, Any] = {}
+        self.lows: dict[int, Any] = {}
+        self.highs: dict[int, Any] = {}
 
     def add(self, chunk: Any) -> None:
         np = self.np
@@ -552,7 +555,8 @@ def _lines(ax: Any, panel: Panel, binned: Binned) -> None:
 _CONTEXT_STYLES: list[dict[str, Any]] = [{"color": "0.2", "linewidth": 0.8},
                                          {"color": "#17becf", "linewidth": 1.0, "linestyle": "--"},
                                          {"color": "#8c564b", "linewidth": 0.8}]
-_DRAW = {"line": _lines, "binary": _binary, "duty": _levels, "angle": _levels}
+_DRAW: dict[PanelStyle, Callable[[Any, Panel, Binned], None]] = {
+    "line": _lines, "binary": _binary, "duty": _levels, "angle": _levels}
 
 
 def _draw_band(ax: Any, band: Band, binned: Binned) -> None:

@@ -87,7 +87,7 @@ def encode(trace: TickTrace, previous: dict[str, dict[str, Any]] | None) -> byte
     states = {key: state for key, state in trace.states.items()
               if previous is None or previous.get(key) is not state}
     plugins: dict[str, list[Any]] = {name: [] for name in trace.verdicts.answered}
-    overrides = []
+    overrides: list[list[Any]] = []
     for c in trace.proposals:
         (plugins.setdefault(c.plugin, []) if c.plugin in plugins else overrides).append(
             [c.device_id, c.action, c.target])
@@ -290,14 +290,18 @@ class _Output:
     def __init__(self, path: Path, max_bytes: int, keep: int, first_line: bytes):
         self.path, self.max_bytes, self.keep, self.first_line = path, max_bytes, keep, first_line
         self._raw: IO[bytes] | None = None
-        self._out: IO[bytes] | None = None
+        self._out: IO[bytes] | gzip.GzipFile | None = None
         self._open()
 
     def _open(self) -> None:
-        self._raw = open(self.path, "ab")
+        raw: IO[bytes] = open(self.path, "ab")  # noqa: SIM115 (closed by `close`, the writer thread's)
+        self._raw = raw
         try:
-            self._out = gzip.GzipFile(fileobj=self._raw, mode="ab", mtime=0) if self.path.suffix == ".gz" else self._raw
-            self._out.write(self.first_line)
+            out: IO[bytes] | gzip.GzipFile = raw
+            if self.path.suffix == ".gz":
+                out = gzip.GzipFile(fileobj=raw, mode="ab", mtime=0)
+            self._out = out
+            out.write(self.first_line)
         except OSError:  # a full disk: nothing left open
             self.abandon()
             raise

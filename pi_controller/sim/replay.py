@@ -19,7 +19,7 @@ import structlog
 
 from pi_controller import arbitration, config
 from pi_controller.clock import VirtualClock
-from pi_controller.contract import Command, Context, Reading, encode_context, encode_states
+from pi_controller.contract import Command, Context, Reading, Rejection, encode_context, encode_states
 from pi_controller.devices import actuators
 from pi_controller.devices.hardware import Hardware
 from pi_controller.names import OPERATOR
@@ -110,7 +110,8 @@ class Replay:
 
     def _consult(self, plugin: SandboxedPlugin, context: Context, line: dict[str, Any]) -> list[Command]:
         failed = None
-        commands, rejections = [], []
+        commands: list[Command] = []
+        rejections: list[Rejection] = []
         try:
             commands, rejections = plugin.decide(context, self.hardware.actuators)
             self.health.ok(plugin.name, self.clock.monotonic(), commands, rejections)

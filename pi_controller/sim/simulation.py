@@ -26,7 +26,7 @@ import structlog
 from pi_controller import config
 from pi_controller.clock import VirtualClock
 from pi_controller.sim.verdict import Row, Verdict, hms
-from pi_controller.simulators.models import Model
+from pi_controller.simulators.models import Model, SeededSettings
 
 if TYPE_CHECKING:
     from pi_controller.daemon import Daemon
@@ -53,7 +53,7 @@ def prepare(settings: config.Settings, rate_hz: float | None = None, seed: int |
     loop = settings.loop if rate_hz is None else dataclasses.replace(settings.loop, rate_hz=rate_hz)
     sensors = tuple(s.simulated() for s in settings.sensors)
     models = settings.simulation if seed is None else tuple(
-        dataclasses.replace(m, seed=seed + i) if hasattr(m, "seed") else m
+        dataclasses.replace(m, seed=seed + i) if isinstance(m, SeededSettings) else m
         for i, m in enumerate(settings.simulation))
     off = {name: dataclasses.replace(getattr(settings, name), enabled=False)
            for name in ("watchdog", "metrics", "mqtt")}
@@ -142,7 +142,7 @@ class Recorder:
         totals += [sum(held[key].values()) if key in held else 0 for key in self._actuator_ids]
         if totals == self._totals:
             return self._no_counts
-        counts = {key: now - then for key, now, then in zip(self._count_columns, totals, self._totals)}
+        counts: Row = {key: now - then for key, now, then in zip(self._count_columns, totals, self._totals)}
         self._totals = totals
         return counts
 

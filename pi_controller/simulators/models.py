@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
 from pi_controller.devices.simulation import Port, Probe
 from pi_controller.schema import bounded, device_id
@@ -34,13 +34,20 @@ class ModelSettings:
         return {}
 
 
+@dataclass(frozen=True, kw_only=True)
+class SeededSettings(ModelSettings):
+    """A model that draws random numbers, from a generator of its own seeded with `seed`."""
+
+    seed: int = 1
+
+
 def wired(**references: tuple[str, str | None]) -> dict[str, tuple[str, str]]:
     """`references` without the optional devices left unset."""
     return {key: (kind, ref) for key, (kind, ref) in references.items() if ref is not None}
 
 
 @dataclass(frozen=True, kw_only=True)
-class RoomSettings(ModelSettings):
+class RoomSettings(SeededSettings):
     """First-order thermal model: the room relaxes to the outside temperature through its walls (with
     `time_constant_s`); a heater, if any, adds `heater_rise_c` to the temperature it would settle at, at
     full power; a fan, if any, brings outside air in: at full speed the room relaxes to the outside with
@@ -64,21 +71,19 @@ class RoomSettings(ModelSettings):
     time_constant_s: float = bounded(1, 1e6, default=600.0)
     heater_rise_c: float = bounded(0, 200, default=16.0)
     noise_c: float = bounded(0, 10, default=0.0)
-    seed: int = 1
 
     def references(self) -> dict[str, tuple[str, str]]:
         return wired(sensor=("sensor", self.sensor), heater=("actuator", self.heater), fan=("actuator", self.fan))
 
 
 @dataclass(frozen=True, kw_only=True)
-class MotionSettings(ModelSettings):
+class MotionSettings(SeededSettings):
     """People come and go: exponential gaps and visits, from a seeded random generator."""
 
     kind: Literal["motion"]
     sensor: str = device_id()
     mean_gap_s: float = bounded(0.1, 1e6, default=40.0)
     mean_duration_s: float = bounded(0.1, 1e6, default=15.0)
-    seed: int = 1
 
     def references(self) -> dict[str, tuple[str, str]]:
         return {"sensor": ("sensor", self.sensor)}
@@ -257,7 +262,9 @@ class Fan:
 
 
 Model = Room | Motion | Daylight | ServoModel | Fan
-MODELS: dict[type[ModelSettings], type[Model]] = {
+# A model's class, built on its own settings class (the key it is registered under) and its wiring.
+ModelClass = Callable[[Any, dict[str, Port], dict[str, Probe]], Model]
+MODELS: dict[type[ModelSettings], ModelClass] = {
     RoomSettings: Room, MotionSettings: Motion, DaylightSettings: Daylight, ServoModelSettings: ServoModel,
     FanSettings: Fan,
 }
