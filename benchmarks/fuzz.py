@@ -53,7 +53,8 @@ def fuzz(target: str, examples: int, seed: int, timeout: float) -> dict[str, obj
         hang = True
     code = child.returncode
     tried = [line for line in output.splitlines() if line.startswith("tried ")]
-    return {"target": target, "inputs": int(tried[-1].split()[1]) if tried else "?", "seconds": round(time.perf_counter() - started, 1),
+    return {"target": target, "inputs": int(tried[-1].split()[1]) if tried else "?",
+            "seconds": round(time.perf_counter() - started, 1),
             "crashes": int(code is not None and code < 0 and not hang), "findings": int(code is not None and code > 0),
             "hangs": int(hang), "signal": signal.Signals(-code).name if code and code < 0 else None,
             "output": output[-4000:] if code else ""}

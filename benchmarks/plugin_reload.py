@@ -116,7 +116,8 @@ class Recorder(LoopObserver):
                 "jitter_p99_ms": jitter[int(0.99 * len(jitter))] * 1e3}
 
 
-async def run(daemon: Daemon, folder: Path, rounds: int) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any]]:
+async def run(daemon: Daemon, folder: Path, rounds: int
+              ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any]]:
     recorder = Recorder()
     daemon.loop.observers = [*daemon.loop.observers, recorder]
     serving = asyncio.create_task(daemon.serve())

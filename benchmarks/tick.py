@@ -114,7 +114,8 @@ class Floor:
             (s.id, MCP3008(channel=s.channel, pin_factory=self.factory), lambda d: d.value * 330 - 50)
             for s in settings.sensors if isinstance(s, MCP3008Settings)]
         self.sensors += [(s.id, DigitalInputDevice(s.pin, pull_up=False, pin_factory=self.factory),
-                          lambda d: d.value) for s in settings.sensors if isinstance(s, DigitalSettings) and s.kind == "line"]
+                          lambda d: d.value)
+                         for s in settings.sensors if isinstance(s, DigitalSettings) and s.kind == "line"]
         self.devices = {a.id: self._device(a) for a in settings.actuators}
         self.states = {a.id: {"type": a.kind, "on": False, "value": 0.0} for a in settings.actuators}
         defaults = settings.plugins.defaults

@@ -60,7 +60,7 @@ class SystemClock:
                 pass
         fine = deadline - time.monotonic()
         if fine > 0:
-            time.sleep(fine)
+            time.sleep(fine)  # noqa: ASYNC251 (the last FINE_S on purpose: asyncio's timer is coarser)
         return not stop.is_set()
 
 

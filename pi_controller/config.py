@@ -581,7 +581,7 @@ class _Tree:
             value = self._constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError) as exc:
             raise ConfigError(self.source, path, f"cannot read {node.tag} value {node.value!r}: "
-                                                 f"{getattr(exc, 'problem', exc)}", node.start_mark.line + 1)
+                                                 f"{getattr(exc, 'problem', exc)}", node.start_mark.line + 1) from None
         try:
             hash(value)
         except TypeError:

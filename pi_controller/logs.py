@@ -109,7 +109,7 @@ def capture_native_stderr() -> None:
     it was."""
     global native_stderr
     real = os.dup(2)
-    sys.stderr = open(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    sys.stderr = open(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
     faulthandler.enable(sys.stderr)
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)

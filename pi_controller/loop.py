@@ -212,7 +212,7 @@ class ControlLoop:
     def _report_failsafes(self, failsafes: list[Failsafe], number: int) -> None:
         for f in failsafes:  # once each: the actuator has no owner left to fail
             log.warning("actuator_failsafe", tick=number, device=f.device_id, owner=f.owner, why=f.why)
-            self._notify(lambda observer: observer.actuator_failsafe(f), number)
+            self._notify(lambda observer: observer.actuator_failsafe(f), number)  # noqa: B023 (called at once)
 
     def _why_not_called(self, plugin: str) -> str:
         if plugin in self.operator.disabled:

@@ -113,7 +113,8 @@ def check_manifest(text: str) -> None:
 
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                      max_leaves=16)
 _IDS = ["relay_switch", "led_strip", "servo_motor", "nope", ""]
 _ACTIONS = ["set_high", "set_low", "pwm", "set_angle", "detach", "x"]

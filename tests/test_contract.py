@@ -9,11 +9,10 @@ import pytest
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from pi_controller import arbitration, contract
-from pi_controller.contract import Command, OutputError
+from pi_controller.contract import Command, OutputError, Reading
 from pi_controller.devices import actuators
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
-from pi_controller.contract import Reading
 from pi_controller.devices.servo import ServoSettings
 
 

@@ -72,7 +72,7 @@ def test_heater_warms_a_cold_simulated_room_and_holds_the_setpoint(run_daemon) -
     room.update(start_c=16.0, time_constant_s=60.0)
     daemon = run_daemon(data, 3000)  # five simulated minutes
     relay_states = [bool(s.state) for s in daemon.hardware.factory.pin(27).states]
-    switches = sum(1 for a, b in zip(relay_states, relay_states[1:]) if a != b)
+    switches = sum(1 for a, b in itertools.pairwise(relay_states) if a != b)
     assert relay_states[1] is True  # the first switch: heater on in the cold room
     assert switches >= 3  # on, off at the top of the band, on again as it cools...
     temperature = daemon.status.snapshot()["sensors"]["temperature_sensor"]["value"]
@@ -329,7 +329,8 @@ def test_a_manifest_that_is_not_text_fails_its_plugin_only(run_daemon, plugin_di
     (folder / "motion_light.yaml").write_bytes(b"name: \xff\xfe motion\n")
     daemon = run_daemon(unsimulated(example_data()), 2, plugins=folder)
     plugins = daemon.status.snapshot()["plugins"]
-    assert plugins["motion_light"]["state"] == "failed" and "motion_light.yaml:1: (top level): not UTF-8 text" in plugins["motion_light"]["reason"]
+    assert plugins["motion_light"]["state"] == "failed"
+    assert "motion_light.yaml:1: (top level): not UTF-8 text" in plugins["motion_light"]["reason"]
     assert plugins["temperature_control"]["calls"] == 2
 
 

@@ -14,7 +14,6 @@ from typing import Any, Callable
 import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockPWMPin
-from pi_controller.simulators.adc import SimulatedMCP3008
 from structlog.testing import capture_logs
 
 from pi_controller import config
@@ -30,6 +29,7 @@ from pi_controller.devices.pins import make_factory
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
 from pi_controller.devices.servo import ServoSettings
+from pi_controller.simulators.adc import SimulatedMCP3008
 from tests.conftest import example_data
 
 CLOCK = VirtualClock()

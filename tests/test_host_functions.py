@@ -109,7 +109,7 @@ def test_a_json_message_brings_its_fields(plugin_set) -> None:
 
 def test_log_lines_are_rate_limited_and_the_dropped_ones_counted(plugin_set) -> None:
     now = [0.0]
-    plugins, plugin = host_calls(plugin_set, host=HostFunctionSettings(log_burst=10, log_lines_per_s=2),
+    _plugins, plugin = host_calls(plugin_set, host=HostFunctionSettings(log_burst=10, log_lines_per_s=2),
                                  mode="log", count=25)
     plugin.host.budget.clock = lambda: now[0]  # time is ours to move
     with capture_logs() as logs:

@@ -52,7 +52,8 @@ class Daemon:
         deadline = time.monotonic() + WAIT_S
         while not test():
             assert self.process.poll() is None, f"the daemon ended ({self.process.returncode}) before: {what}"
-            assert time.monotonic() < deadline, f"not within {WAIT_S} s: {what}; {[e['event'] for e in self.events][-30:]}; {self.failed()}"
+            events = [e["event"] for e in self.events][-30:]
+            assert time.monotonic() < deadline, f"not within {WAIT_S} s: {what}; {events}; {self.failed()}"
             time.sleep(0.05)
 
     def failed(self) -> dict[str, str]:

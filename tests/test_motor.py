@@ -9,18 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pi_controller.simulators.models import FanSettings
-from pi_controller.simulators.world import World
 
 from pi_controller import config
 from pi_controller.clock import VirtualClock
 from pi_controller.contract import Rejected
 from pi_controller.devices import actuators
-from pi_controller.devices.motor import Motor, MotorSettings
 from pi_controller.devices.mock_pins import SimulatedFactory
+from pi_controller.devices.motor import Motor, MotorSettings
 from pi_controller.mqtt import discovery
 from pi_controller.operator import parse_set
 from pi_controller.plugins import tools
+from pi_controller.simulators.models import FanSettings
+from pi_controller.simulators.world import World
 
 FORWARD, BACKWARD, ENABLE = 20, 21, 16
 

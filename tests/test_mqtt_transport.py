@@ -22,8 +22,18 @@ from pi_controller.clock import VirtualClock
 from pi_controller.daemon import Daemon
 from tests import test_mqtt
 from tests.conftest import REPO, example_data, free_port, skip_unless_ci
-from tests.test_mqtt import (BASE, NODE, Broker, Subscriber, daemon_config, finish, needs_mosquitto, poll,
-                             start_daemon, state)
+from tests.test_mqtt import (
+    BASE,
+    NODE,
+    Broker,
+    Subscriber,
+    daemon_config,
+    finish,
+    needs_mosquitto,
+    poll,
+    start_daemon,
+    state,
+)
 
 broker, subscriber = test_mqtt.broker, test_mqtt.subscriber  # its fixtures: a broker, and a client recording it all
 

@@ -142,7 +142,7 @@ def test_a_periodic_signal_over_many_days_is_drawn_as_one_day_overlaid(example) 
     buckets.start(list(trace))
     buckets.extend(trace)
     view = buckets.view()
-    period, mean, low, high = view.overlaid("light_sensor")
+    period, mean, _low, _high = view.overlaid("light_sensor")
     phase = (np.arange(plot.PHASES) + 0.5) / plot.PHASES * period
     assert period == 300.0 and np.allclose(mean, 450 + 450 * np.sin(2 * np.pi * phase / 300.0), atol=10)
     assert view.overlaid("temperature_sensor") is None  # the room's day is 24 h: one of them, nothing to overlay

@@ -293,7 +293,8 @@ def test_a_failing_plugin_is_quarantined_with_a_growing_backoff_and_released(run
 
 def test_rejected_commands_count_towards_quarantine(run_daemon, plugin_dir) -> None:
     data = unsimulated(example_data())
-    data["plugins"]["settings"] = {"echo_output": {"config": {"output": '[{"device_id":"toaster","action":"set_high"}]'}}}
+    output = '[{"device_id":"toaster","action":"set_high"}]'
+    data["plugins"]["settings"] = {"echo_output": {"config": {"output": output}}}
     data["plugins"]["quarantine"] = {"failures": 5, "window_s": 10, "backoff_s": 100}
     daemon = run_daemon(data, 20, plugins=plugin_dir("echo_output"))
     stats = daemon.status.snapshot()["plugins"]["echo_output"]

@@ -38,7 +38,8 @@ def call(capsys, tmp_path: Path, wasm: Path, ctx: dict[str, Any], *extra: str) -
 
 
 def test_call_prints_the_commands_and_their_verdicts(capsys, tmp_path) -> None:
-    code, report = call(capsys, tmp_path, BUNDLED_PLUGINS / "temperature_control.wasm", context(temperature_sensor=18.0))
+    code, report = call(capsys, tmp_path, BUNDLED_PLUGINS / "temperature_control.wasm",
+                        context(temperature_sensor=18.0))
     assert code == 0 and report["accepted"] == [{"device_id": "relay_switch", "action": "set_high", "target": 1.0}]
     assert report["rejected"] == [] and report["fuel"] == 2_000_000
 
@@ -59,7 +60,8 @@ def test_call_feeds_the_context_s_history_to_pi_history(capsys, tmp_path) -> Non
 
 def test_call_reports_a_failed_call_with_its_reason(capsys, tmp_path) -> None:
     code, report = call(capsys, tmp_path, TEST_PLUGINS / "trap.wasm", context())
-    assert code == 1 and report["error"] == {"kind": "trap", "reason": "wasm trap: wasm `unreachable` instruction executed"}
+    assert code == 1
+    assert report["error"] == {"kind": "trap", "reason": "wasm trap: wasm `unreachable` instruction executed"}
 
 
 @pytest.mark.parametrize("lang", ["zig", "c", "ts"])
@@ -137,7 +139,7 @@ def one_line_error(capsys, args: list[str], code: int = 2) -> str:
     return line
 
 
-@pytest.fixture()
+@pytest.fixture
 def plugin_copy(tmp_path) -> Path:
     """The bundled energy_saver with its manifest, in a folder of its own."""
     folder = tmp_path / "work"

@@ -207,7 +207,8 @@ def test_simulate_writes_a_trace_only_when_asked_and_shows_progress(tmp_path) ->
     assert "trace:" not in result.stdout and result.stdout.startswith("simulated 0:01:00 at 2 Hz: 120 ticks")
     progress = [line for line in result.stderr.splitlines() if line.startswith("simulated ")]
     assert progress == ["simulated 0:00:00 of 0:01:00 (0 %)",  # the first tick: it has started
-                        *(f"simulated 0:{s // 60:02d}:{s % 60:02d} of 0:01:00 ({s * 100 // 60} %)" for s in range(6, 61, 6))]
+                        *(f"simulated 0:{s // 60:02d}:{s % 60:02d} of 0:01:00 ({s * 100 // 60} %)"
+                          for s in range(6, 61, 6))]
 
 
 class Terminal(io.StringIO):
@@ -249,7 +250,6 @@ def test_sensors_without_a_model_are_driven_from_a_recording(write_config, tmp_p
 
 def test_from_recording_refuses_what_is_no_recording_before_the_run(write_config, tmp_path, capsys) -> None:
     from pi_controller import cli
-
     from pi_controller.sim.record import FORMAT, VERSION
 
     (tmp_path / "not.jsonl").write_text("hello\n")

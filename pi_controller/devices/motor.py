@@ -66,7 +66,8 @@ class MotorSettings(ActuatorSettings):
                        "payload_on": "ON", "payload_off": "OFF",
                        "percentage_value_template": "{{ value_json.speed | round | int }}", "speed_range_min": 1,
                        "speed_range_max": 100,
-                       "direction_value_template": "{{ 'reverse' if value_json.direction == 'backward' else 'forward' }}"}
+                       "direction_value_template":
+                           "{{ 'reverse' if value_json.direction == 'backward' else 'forward' }}"}
 
     def power(self, value: Target) -> float:
         return abs(value or 0.0) / 100.0

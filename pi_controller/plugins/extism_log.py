@@ -24,8 +24,8 @@ from pi_controller.logs import LineBudget
 
 log = structlog.get_logger("pi_controller.extism")
 
-_LINE = re.compile(r"^\S+\s+(?P<level>[A-Z]+)\s+(?P<target>[\w:]+): (?P<text>.*?)(?: plugin=\"(?P<id>[0-9a-f-]{36})\")?\s*$",
-                   re.DOTALL)
+_LINE = re.compile(r"^\S+\s+(?P<level>[A-Z]+)\s+(?P<target>[\w:]+): "
+                   r"(?P<text>.*?)(?: plugin=\"(?P<id>[0-9a-f-]{36})\")?\s*$", re.DOTALL)
 _CALL_FAILED = re.compile(r"call to \S+ (encountered an error|returned with error message): ", re.DOTALL)
 _MAX_REASON = 400
 

@@ -70,7 +70,7 @@ class History:
 
 
 class _Ring:
-    __slots__ = ("length", "encoded", "pending")
+    __slots__ = ("encoded", "length", "pending")
 
     def __init__(self, length: int):
         self.length = length
@@ -180,7 +180,7 @@ def parse_message(data: bytes) -> tuple[str, dict[str, Any]]:
 
 
 def _scalar(value: Any) -> Any:
-    if value is None or isinstance(value, bool) or isinstance(value, int) and abs(value) < 2**53:
+    if value is None or isinstance(value, bool) or (isinstance(value, int) and abs(value) < 2**53):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)

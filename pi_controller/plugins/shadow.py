@@ -177,7 +177,8 @@ def promote(plugins_dir: Path, name: str) -> str:
 
 def add_command(plugin_commands: Any) -> None:
     """Register `plugin promote` on the plugin subcommands."""
-    cmd = plugin_commands.add_parser("promote", help="make a shadow plugin live (moves shadow/NAME.wasm over NAME.wasm)")
+    cmd = plugin_commands.add_parser("promote",
+                                     help="make a shadow plugin live (moves shadow/NAME.wasm over NAME.wasm)")
     cmd.add_argument("name", help="the plugin's name")
     cmd.add_argument("--plugins", type=Path, required=True, help="the plugins folder")
     cmd.set_defaults(handler=_promote)

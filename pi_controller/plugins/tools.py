@@ -180,8 +180,8 @@ def _number(value: Any) -> bool:
 
 def _expect(data: dict[str, Any], key: str, kinds: Any, where: str = "the context") -> None:
     value = data.get(key)
-    if key in data and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in (
-            kinds if isinstance(kinds, tuple) else (kinds,))):
+    if key in data and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in (
+            kinds if isinstance(kinds, tuple) else (kinds,)))):
         raise ContextError(f"{key} in {where} has the wrong type ({type(value).__name__})")
     if isinstance(value, float) and not math.isfinite(value):
         raise ContextError(f"{key} in {where} must be finite")

@@ -58,7 +58,8 @@ def command(args: argparse.Namespace) -> int:
     except HardwareError as exc:  # no GPIO: the exit code every command gives for it (systemd logs it)
         log.error("safe_state_failed", error=str(exc))
         return EXIT_HARDWARE
-    return 0 if all([_claim_safe(entry, factory) for entry in entries]) else 1
+    claimed = [_claim_safe(entry, factory) for entry in entries]  # every one, also after one that failed
+    return 0 if all(claimed) else 1
 
 
 def _known_good(directory: Path | None) -> Settings | None:

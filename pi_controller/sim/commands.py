@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,7 +99,7 @@ def parse_time(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is neither Unix seconds nor an ISO 8601 time "
                                          "such as 2026-12-01T18:00:00") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 
@@ -121,7 +121,7 @@ def unwritable(path: Path) -> str | None:
         return "is a folder; give a file name"
     if not folder.is_dir():
         return f"the folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK) or path.exists() and not os.access(path, os.W_OK):
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         return "not writable"
     return None
 
