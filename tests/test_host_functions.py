@@ -183,7 +183,8 @@ def test_history_reads_between_records_see_every_entry_once_in_order() -> None:
             seen.append(json.loads(history.encode("t", 4)))
     assert seen == [[[1.0, 1.0], [2.0, 2.0]]] + [[[float(t), float(t)] for t in range(n - 3, n + 1)]
                                                  for n in (7, 14, 21, 28)]
-    assert len(history._rings["t"].pending) == 1  # tick 29: unread, not yet encoded
+    history.record([Reading("t", 30.0, "", 30.0)])  # two records since the last read: neither is lost
+    assert json.loads(history.encode("t", 4)) == [[float(t), float(t)] for t in range(27, 31)]
 
 
 @pytest.mark.parametrize("data, expected", [

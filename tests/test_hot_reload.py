@@ -226,12 +226,19 @@ def test_a_reload_cut_short_by_a_stop_closes_the_plugins_it_prepared(configured,
     first, second = folder_with(tmp_path, "a", "temperature_control"), folder_with(tmp_path, "b", "energy_saver")
     daemon, reload = configured(first)
     prepared: list[PluginSet] = []
-    load = daemon._load_plugins
+    load, in_gap = daemon._load_plugins, daemon.loop.in_gap
     monkeypatch.setattr(daemon, "_load_plugins", lambda *args: prepared.append(load(*args)) or prepared[-1])
+    waiting: list[object] = []
+
+    async def waits_for_a_gap(work: Any, drop: Any) -> Any:
+        waiting.append(work)
+        return await in_gap(work, drop)
+
+    monkeypatch.setattr(daemon.loop, "in_gap", waits_for_a_gap)
 
     async def scenario() -> None:  # nothing ticks: the swap waits for a gap that never comes
         task = asyncio.create_task(reload(directory=str(second)))
-        await until(lambda: bool(prepared) and bool(daemon.loop._between), "the new set is prepared and waits")
+        await until(lambda: bool(prepared) and bool(waiting), "the new set is prepared and waits for a gap")
         assert len(prepared[0]) == 1
         task.cancel()  # what the stop at shut-down does to a reload in flight
         with pytest.raises(asyncio.CancelledError):

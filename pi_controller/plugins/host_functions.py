@@ -106,20 +106,30 @@ class PluginHost:
         self.tick: int | None = None
         self.cancel: Callable[[], Any] = lambda: None  # set by the plugin to cancel its current call
         self.over_budget = False
+        self.stalled = False  # the call ran past its backstop, seen at a host call (see `spend`)
+        self._deadline = math.inf
         self._calls_left = self._reads_left = 0
         self.budget = logs.LineBudget(log, "plugin_log_suppressed", settings.log_lines_per_s, settings.log_burst,
                                       clock=clock, plugin=plugin)
         self._clock = clock
         self._warned: dict[str, float] = {}
 
-    def start_call(self, tick: int | None) -> None:
+    def start_call(self, tick: int | None, backstop_s: float = math.inf) -> None:
         self.tick = tick
-        self.over_budget = False
+        self.over_budget = self.stalled = False
+        self._deadline = self._clock() + backstop_s
         self._calls_left = self.settings.host_calls_per_call
         self._reads_left = self.settings.history_reads_per_call
 
     def spend(self) -> bool:
-        """One host call; past the call's budget, cancel the call (once) and do nothing more."""
+        """One host call, or nothing more done for this call: past its backstop on the loop's clock (a
+        host call held up, or a machine so slow that libextism's own timer has not fired yet), the call has
+        stalled; past its budget of host calls, it is cancelled (once). Either verdict is ours, whatever
+        the call does next (see `sandbox`). A stall is not cancelled: libextism's cancel lands late on a
+        loaded machine, on the next call of the same compiled module, and the call ends by its fuel."""
+        if self.stalled or self._clock() > self._deadline:
+            self.stalled = True
+            return False
         self._calls_left -= 1
         if self._calls_left >= 0:
             return True

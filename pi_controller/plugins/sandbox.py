@@ -59,12 +59,16 @@ class PluginCallError(Exception):
         return self.kind != "stalled"
 
     @classmethod
+    def stalled(cls, terms: Grant, backstop_ms: int) -> PluginCallError:
+        return cls("stalled", f"stalled: the call ran past its {backstop_ms} ms wall-clock backstop, far "
+                              f"beyond what fuel {terms.fuel} costs on this machine: the machine or a host "
+                              "function was slow")
+
+    @classmethod
     def from_extism(cls, exc: extism.Error, reason: str | None, terms: Grant, backstop_ms: int) -> PluginCallError:
         message = str(exc) or "error without a message"
         if message == "timeout":
-            return cls("stalled", f"stalled: the call ran past its {backstop_ms} ms wall-clock backstop, far "
-                                  f"beyond what fuel {terms.fuel} costs on this machine: the machine or a host "
-                                  "function was slow")
+            return cls.stalled(terms, backstop_ms)
         if message == "plugin ran out of fuel":
             return cls("out_of_fuel", f"ran out of fuel: more than {terms.fuel} instructions in one call")
         if message == "oom" or "failed to allocate" in message:
@@ -164,7 +168,7 @@ class SandboxedPlugin:
         return output
 
     def _invoke(self, function: bytes, data: bytes, tick: int | None = None) -> bytes:
-        self.host.start_call(tick)
+        self.host.start_call(tick, self.backstop_ms / 1000)
         try:
             output = self._call(function, data)
         except extism.Error as exc:
@@ -173,7 +177,7 @@ class SandboxedPlugin:
                 self._rebuild()
                 error.reset = True
             raise error from exc
-        if self.host.over_budget:  # it ended before the cancel took: the verdict must not depend on that
+        if self.host.over_budget or self.host.stalled:  # it ended anyway (a cancel not taken yet): the verdict stands
             self._rebuild()
             error = self._call_error(extism.Error("cancelled"))
             error.reset = True
@@ -191,6 +195,8 @@ class SandboxedPlugin:
 
     def _call_error(self, exc: extism.Error) -> PluginCallError:
         reason = router().reason(self._id)
+        if self.host.stalled:  # past its backstop before anything else: whatever it ended with is no verdict
+            return PluginCallError.stalled(self.grant, self.backstop_ms)
         if self.host.over_budget:  # we cancelled it: what shows is a timeout or a trap
             return PluginCallError("host_call_limit", f"cancelled: more than {self.host.settings.host_calls_per_call} "
                                    "host function calls in one call (plugins.host.host_calls_per_call)")
