@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import REPO
 from tests.fuzz_targets import run
 
+pytestmark = pytest.mark.slow  # hundreds of generated inputs per target
+
 
 def test_plugin_file_bytes_never_abort_the_process() -> None:
     """In a child: an abort there fails this test instead of ending pytest."""

@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "pi-controller.service"
 BOOKWORM = {"SYSTEMD_VERSION": "252"}  # Raspberry Pi OS Bookworm's systemd, whatever runs the tests
 
+pytestmark = pytest.mark.slow  # a staged install: a venv and pip, then the unit checked
+
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -356,6 +356,7 @@ def test_rate_cap_spreads_messages_out(tmp_path, broker, subscriber) -> None:
 
 
 @needs_mosquitto
+@pytest.mark.slow  # the broker stopped and started again
 def test_a_broker_outage_loses_no_reading(tmp_path, broker, subscriber) -> None:
     config = daemon_config(tmp_path, broker.port, deadband={"light_sensor": 0.0}, discovery=False,
                            max_messages_per_s=1000)
@@ -427,6 +428,7 @@ def test_a_device_removed_from_the_config_loses_its_entity_on_the_next_start(tmp
         late.close()
 
 
+@pytest.mark.slow  # a broker outage across a restart of the daemon
 def test_buffered_messages_survive_a_restart_of_the_daemon(tmp_path) -> None:
     broker = Broker(tmp_path)  # not started: the first run never reaches it
     buffer = tmp_path / "outbox.jsonl"
@@ -499,6 +501,7 @@ def test_a_failsafe_shows_in_the_actuator_state_and_in_metrics(tmp_path, broker,
 
 
 @needs_mosquitto
+@pytest.mark.slow  # the broker drops one daemon for the other, again and again
 def test_two_daemons_left_at_the_default_node_id_say_once_why_they_keep_dropping(tmp_path, broker, subscriber) -> None:
     node = config.host_node_id(socket.gethostname())  # the default: both run on this host
     status = f"pi-controller/{node}/status"

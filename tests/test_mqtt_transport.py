@@ -116,6 +116,7 @@ def certificates(folder: Path) -> dict[str, Path]:
 
 
 @needs_mosquitto
+@pytest.mark.slow  # certificates made, three brokers with TLS
 def test_mutual_tls_connects_and_an_untrusted_ca_or_no_client_certificate_is_said_once(tmp_path) -> None:
     certs = certificates(tmp_path / "certs")
     broker = ConfiguredBroker(tmp_path, f"allow_anonymous true\ncafile {certs['ca.crt']}\n"
@@ -156,6 +157,7 @@ def scrape(port: int) -> str:
         return ""  # not serving yet
 
 
+@pytest.mark.slow  # no broker there: the link retries until the failure is said
 @pytest.mark.parametrize("host, expected", [("127.0.0.1", "ConnectionRefusedError"),
                                             ("no-such-host.invalid", "gaierror")])
 def test_a_refused_connection_or_an_unknown_host_is_said_once_and_counted_in_metrics(tmp_path, host,

@@ -40,6 +40,7 @@ def test_there_are_plugins() -> None:
             "daylight_dimmer.wasm"} <= names
 
 
+@pytest.mark.slow  # every plugin built again with its pinned compiler
 @pytest.mark.parametrize("source, committed", PLUGINS,
                          ids=[str(committed.relative_to(ROOT)) for _, committed in PLUGINS])
 def test_committed_wasm_is_what_the_source_builds(build_dir: Path, source: Path, committed: Path) -> None:
@@ -63,6 +64,7 @@ def test_every_wasm_has_a_source() -> None:
     assert not orphans, f"no source builds these: {orphans}; delete them or commit their sources"
 
 
+@pytest.mark.slow
 def test_a_rebuild_writes_only_what_changed(tmp_path: Path) -> None:
     """`plugin build` with no source: a plugin whose .wasm is what its source builds is left untouched."""
     source = ROOT / "plugins" / "src" / "energy_saver.zig"

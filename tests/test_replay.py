@@ -195,6 +195,7 @@ def yaml_of(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+@pytest.mark.slow  # matplotlib draws it
 def test_the_plot_draws_recorded_and_replayed_actuators_over_the_readings(recorded, tmp_path, monkeypatch,
                                                                           cli_logs, capsys) -> None:
     from pi_controller import cli

@@ -122,6 +122,7 @@ def pi_controller(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120)
 
 
+@pytest.mark.slow  # two simulated hours, twice, and matplotlib draws them
 def test_the_same_seed_gives_byte_identical_traces_and_a_plot(write_config, tmp_path) -> None:
     data = example_data()
     data["simulation"][0]["noise_c"] = 0.1
