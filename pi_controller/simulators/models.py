@@ -11,7 +11,8 @@ Adding a model:
    `advance(now)`, which brings the physics to `now` and sets its ports, and `state()`, the physical
    quantities worth a column in `pi-controller simulate` traces;
 3. an entry in `KINDS` and in `MODELS`, and the class in the `Model` union.
-Randomness comes from a `random.Random(seed)` of the model's own, so a seed gives the same run.
+Randomness comes from a `random.Random(seed)` of the model's own, so a seed gives the same run: a model
+that draws any has settings derived from `SeededSettings`, which `simulate --seed` reseeds.
 """
 
 from __future__ import annotations
