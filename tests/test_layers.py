@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("pi_controller.simulators",),
     ("pi_controller.config",),
     ("pi_controller.safety", "pi_controller.plugins", "pi_controller.arbitration", "pi_controller.observer",
-     "pi_controller.readiness", "pi_controller.sim.agreement"),
-    ("pi_controller.mqtt.operator", "pi_controller.operator"),
+     "pi_controller.readiness"),
+    ("pi_controller.operator",),
     ("pi_controller.loop",),
     # what follows the loop and shows it: telemetry, metrics, recordings, the status view, systemd
     ("pi_controller.mqtt", "pi_controller.metrics", "pi_controller.sim.record", "pi_controller.status",
