@@ -115,6 +115,7 @@ class PluginHost:
         self._warned: dict[str, float] = {}
 
     def start_call(self, tick: int | None, backstop_s: float = math.inf) -> None:
+        """A call begins; `backstop_s`: how long it may run on the loop's clock, when that clock is virtual."""
         self.tick = tick
         self.over_budget = self.stalled = False
         self._deadline = self._clock() + backstop_s
@@ -122,11 +123,11 @@ class PluginHost:
         self._reads_left = self.settings.history_reads_per_call
 
     def spend(self) -> bool:
-        """One host call, or nothing more done for this call: past its backstop on the loop's clock (a
-        host call held up, or a machine so slow that libextism's own timer has not fired yet), the call has
-        stalled; past its budget of host calls, it is cancelled (once). Either verdict is ours, whatever
-        the call does next (see `sandbox`). A stall is not cancelled: libextism's cancel lands late on a
-        loaded machine, on the next call of the same compiled module, and the call ends by its fuel."""
+        """One host call, or nothing more done for this call: past its backstop on a virtual clock (a host
+        call held up in virtual time, which libextism's wall-clock timer cannot see), the call has stalled;
+        past its budget of host calls, it is cancelled (once). Either verdict is ours, whatever the call
+        does next (see `sandbox`). A stall is not cancelled: libextism's cancel lands late on a loaded
+        machine, on the next call of the same compiled module, and the call ends by its fuel."""
         if self.stalled or self._clock() > self._deadline:
             self.stalled = True
             return False
