@@ -358,7 +358,7 @@ class MetricsServer:
             try:
                 return 200, self.metrics.exposition(), CONTENT_TYPE_LATEST
             # A bug of ours in a collector: a 500 and one line, never a traceback.
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.error("metrics_scrape_failed", error=f"{type(exc).__name__}: {exc}")
                 return 500, b"scrape failed: see the daemon's log\n", TEXT
         if path == "/health":

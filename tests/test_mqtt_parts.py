@@ -16,8 +16,19 @@ from structlog.testing import capture_logs
 from pi_controller.config import MqttSettings
 from pi_controller.contract import Rejected
 from pi_controller.mqtt import outbox as outbox_module
-from pi_controller.mqtt.inbox import (ALL_BURST, ANSWER_EVERY_S, COMMANDS, TOPIC_BURST, TOPIC_RATE, TOPICS_TRACKED,
-                                      Gate, Inbound, Inbox, Route, commands)
+from pi_controller.mqtt.inbox import (
+    ALL_BURST,
+    ANSWER_EVERY_S,
+    COMMANDS,
+    TOPIC_BURST,
+    TOPIC_RATE,
+    TOPICS_TRACKED,
+    Gate,
+    Inbound,
+    Inbox,
+    Route,
+    commands,
+)
 from pi_controller.mqtt.outbox import Message, Outbox
 from pi_controller.mqtt.refusals import Refusals
 from pi_controller.operator import Answer, EnablePlugin, PromotePlugin, Release, Request, SetActuator, SetPluginConfig
