@@ -11,6 +11,7 @@ import subprocess
 import sys
 from typing import Any
 
+import extism
 import pytest
 from structlog.testing import capture_logs
 
@@ -23,7 +24,7 @@ from pi_controller.plugins.host_functions import PluginHost
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.quarantine import Quarantine
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
-from tests.conftest import CONTEXT, HOSTILE, SATURATED, example_data, only, plugin_wasm, unsimulated
+from tests.conftest import CONTEXT, HOSTILE, example_data, only, plugin_wasm, unsimulated
 
 
 def failure(plugin: SandboxedPlugin, context: bytes = CONTEXT) -> PluginCallError:
@@ -64,25 +65,6 @@ def test_the_fuel_verdict_is_the_same_on_an_idle_and_on_a_loaded_machine(plugin_
     assert idle == loaded == {UNDER: "within budget", OVER: "out_of_fuel"}
 
 
-# Fuel for a spin of ~4 s here: far past a 2 ms backstop anywhere, and long enough that the backstop's
-# timer thread gets its turn on a saturated machine before the fuel runs out (at 0.4 s it once did not,
-# with a load average of 14).
-LONG_SPIN = 20_000_000_000
-
-
-# Whether a 2 ms wall-clock limit fires is up to a timer thread that a machine saturated on purpose
-# may starve for longer than any fuel we give: .ci/run's saturated pass leaves these two out.
-saturated_skip = pytest.mark.skipif(SATURATED, reason="the backstop's timer thread needs a core")
-
-
-class TightBackstop(Backstop):
-    """A machine so slow that 2 ms is past what the fuel should cost: every long call stalls. (Not 1:
-    libextism 1.41 never fires a timeout_ms of 1, measured here.)"""
-
-    def ms(self, fuel: int, timeout_ms: int) -> int:
-        return 2
-
-
 def test_the_backstop_is_what_the_fuel_costs_here_times_the_margin_and_never_below_timeout_ms() -> None:
     cost = backstop.ns_per_fuel()
     assert 0 < cost < 1000  # nanoseconds per instruction: a real measurement, whatever the machine
@@ -92,21 +74,43 @@ def test_the_backstop_is_what_the_fuel_costs_here_times_the_margin_and_never_bel
     assert Backstop(real=False).ms(2_000_000, 1) == backstop.VIRTUAL_BACKSTOP_MS
 
 
-@saturated_skip
-def test_a_call_past_its_backstop_is_a_stall_that_says_it_reset_the_instance(plugin_set, tmp_path) -> None:
+def held_up(monkeypatch: pytest.MonkeyPatch, clock: VirtualClock) -> None:
+    """Every pi_log call takes longer than a call's virtual backstop: the machine's doing, not the plugin's."""
+    log_line = PluginHost.log_line
+
+    def slow(host: PluginHost, level: int, data: bytes) -> None:
+        clock.advance(backstop.VIRTUAL_BACKSTOP_MS / 1000 + 1)
+        log_line(host, level, data)
+
+    monkeypatch.setattr(PluginHost, "log_line", slow)
+
+
+def test_a_call_past_its_backstop_is_a_stall_that_says_it_reset_the_instance(tmp_path, monkeypatch) -> None:
+    """Whatever the call does after its backstop (here it logs once more and returns), it has stalled. On
+    the virtual clock, so no wall-clock timer races the fuel: libextism's own timer was seen, with the cores
+    saturated, to let a spin run on for two minutes past a 2 ms timeout."""
+    clock = VirtualClock()
+    held_up(monkeypatch, clock)
     folder = tmp_path / "stall"
     folder.mkdir()
-    (folder / "endless_loop.wasm").write_bytes(plugin_wasm("endless_loop").read_bytes())
-    settings = PluginsSettings(defaults=PluginDefaults(fuel=LONG_SPIN), ceilings=PluginCeilings(max_fuel=LONG_SPIN))
-    plugins = PluginSet(settings, folder, budget_ms=1000, backstop=TightBackstop())
+    (folder / "host_calls.wasm").write_bytes(plugin_wasm("host_calls").read_bytes())
+    settings = PluginsSettings(settings={"host_calls": PluginSettings(config={"mode": "log", "count": 2})})
+    plugins = PluginSet(settings, folder, budget_ms=1000, clock=clock)
     plugins.load_all()
     try:
-        spinning = next(p for p in plugins if p.name == "endless_loop")
-        error = failure(spinning)
+        error = failure(only(plugins))
         assert (error.kind, error.reset, error.plugin_s_fault) == ("stalled", True, False)
-        assert str(error).startswith("stalled: the call ran past its 2 ms wall-clock backstop")
+        assert str(error).startswith(f"stalled: the call ran past its {backstop.VIRTUAL_BACKSTOP_MS} ms")
     finally:
         plugins.close()
+
+
+def test_libextism_s_timeout_is_a_stall_not_the_plugin_s_error(plugin_set) -> None:
+    """The real timer's verdict reads as the virtual one's (libextism says "timeout")."""
+    grant = only(plugin_set("energy_saver")).grant
+    error = PluginCallError.from_extism(extism.Error("timeout"), None, grant, 12)
+    assert (error.kind, error.plugin_s_fault) == ("stalled", False)
+    assert str(error).startswith("stalled: the call ran past its 12 ms wall-clock backstop")
 
 
 def test_the_loop_counts_a_stall_apart_and_neither_blames_nor_quarantines_the_plugin(run_daemon, plugin_dir,
@@ -115,13 +119,7 @@ def test_the_loop_counts_a_stall_apart_and_neither_blames_nor_quarantines_the_pl
     virtual clock the hold-up is the clock moved on (no wall-clock timer races the plugin's fuel), so the
     verdict is the same on an idle and on a saturated machine."""
     clock = VirtualClock()
-    log_line = PluginHost.log_line
-
-    def held_up(host: PluginHost, level: int, data: bytes) -> None:
-        clock.advance(backstop.VIRTUAL_BACKSTOP_MS / 1000 + 1)
-        log_line(host, level, data)
-
-    monkeypatch.setattr(PluginHost, "log_line", held_up)
+    held_up(monkeypatch, clock)
     data = unsimulated(example_data())
     data["plugins"]["settings"] = {"host_calls": {"config": {"mode": "log", "count": 2}}}
     data["plugins"]["quarantine"] = {"failures": 2}
