@@ -46,7 +46,7 @@ class FixedBackstop(backstop.Backstop):
 
 def measure(ticks: int, fixed_ms: int | None) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, int]]:
     if fixed_ms is not None:
-        plugin_set.Backstop = lambda real: FixedBackstop(fixed_ms)  # type: ignore[misc]  # this run only
+        plugin_set.Backstop = lambda real: FixedBackstop(fixed_ms)  # type: ignore[assignment,misc]  # this run only
     settings = config.load(REPO / "config" / "example.yaml")
     durations: dict[str, list[float]] = defaultdict(list)
 
@@ -95,7 +95,8 @@ def main() -> None:
         stats = snapshot["plugins"][name]
         over = ", ".join(f">{t} ms: {sum(s > t / 1000 for s in ordered)}" for t in THRESHOLDS_MS)
         print(f"{name}: backstop {backstops[name]} ms; {len(ordered)} calls; "
-              f"us p50 {percentile(ordered, 0.5) * 1e6:.0f} p99 {percentile(ordered, 0.99) * 1e6:.0f} p99.9 {percentile(ordered, 0.999) * 1e6:.0f} "
+              f"us p50 {percentile(ordered, 0.5) * 1e6:.0f} p99 {percentile(ordered, 0.99) * 1e6:.0f} "
+              f"p99.9 {percentile(ordered, 0.999) * 1e6:.0f} "
               f"max {ordered[-1] * 1e6:.0f}; {over}; stalls {stats['stalls']}, resets {stats['resets']}, "
               f"errors {stats['errors']}")
 

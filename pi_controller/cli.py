@@ -133,13 +133,12 @@ def _run(args: argparse.Namespace) -> int:
     from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
     from pi_controller.devices.pins import hold
     from pi_controller.devices.simulation import SimulationError
-    from pi_controller.sim.record import RecordingError
 
     loaded = _load(args.config, plugins_dir=args.plugins)
     if loaded is None:
         return EXIT_CONFIG
     settings, _ = loaded  # what of the folder fails to load, the daemon logs as it loads it
-    problem = simulation.unwritable(args.record) if args.record else None
+    problem = sim_commands.unwritable(args.record) if args.record else None
     if problem:  # asked for on the command line: said before any pin moves (record.path never stops control)
         logs.refusal("recording_error", f"error: --record {args.record}: {problem}")
         return EXIT_CONFIG

@@ -18,8 +18,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pi_controller import config
 from pi_controller.clock import VirtualClock
 from pi_controller.config import ConfigError
-from pi_controller.daemon import Daemon
 from pi_controller.contract import Reading
+from pi_controller.daemon import Daemon
 from pi_controller.mqtt import discovery, inbox
 from pi_controller.mqtt.telemetry import Telemetry
 from pi_controller.operator import SetActuator

@@ -17,8 +17,8 @@ from structlog.testing import capture_logs
 
 from pi_controller import contract
 from pi_controller.clock import VirtualClock
-from pi_controller.config import PluginCeilings, PluginDefaults, PluginSettings, PluginsSettings, QuarantineSettings
-from pi_controller.plugins import backstop, plugin_set
+from pi_controller.config import PluginCeilings, PluginSettings, PluginsSettings, QuarantineSettings
+from pi_controller.plugins import backstop
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.host_functions import PluginHost
 from pi_controller.plugins.plugin_set import PluginSet

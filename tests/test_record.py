@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import os
 import json
+import os
 import subprocess
 import sys
 import time

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import pytest
-from pi_controller.simulators.adc import SimulatedMCP3008
 from structlog.testing import capture_logs
 
 from pi_controller import contract
@@ -21,6 +20,7 @@ from pi_controller.operator import EnablePlugin
 from pi_controller.plugins.plugin_set import Update
 from pi_controller.safety.ownership import Health
 from pi_controller.safety.rules import Safety
+from pi_controller.simulators.adc import SimulatedMCP3008
 from tests.conftest import more_ticks, run_with, until
 
 PERIOD = 0.1
@@ -124,7 +124,7 @@ def test_interlock_waits_between_one_going_off_and_the_other_coming_on(run_daemo
     data = layout(startup_state="on")
     data["interlocks"] = [{"actuators": ["heater", "cooler"], "wait_s": 1.5}]
     data = echo(data, ("heater", "set_low", {}), ("cooler", "set_high", {}))
-    daemon, rec = run(run_daemon, plugin_dir, data, 30)
+    _daemon, rec = run(run_daemon, plugin_dir, data, 30)
     assert rec.ticks[0][27] == 1.0  # on from start-up
     assert rec.column(27) == [0.0] * 30  # off at tick 0
     assert runs(rec.column(22))[0] == (0.0, 15)  # cooler on 1.5 s later, not before
@@ -177,7 +177,7 @@ def test_a_failing_sensor_is_invalid_in_the_context_and_forces_what_requires_it_
     data = echo(layout(requires=["temperature"]), ("heater", "set_high", {}))
     disconnected = lambda tick: -50.0 if 10 <= tick < 20 else 20.0  # a TMP36 with its wire off reads -50
     with capture_logs() as logs:
-        daemon, rec = run(run_daemon, plugin_dir, data, 80, celsius=disconnected)
+        _daemon, rec = run(run_daemon, plugin_dir, data, 80, celsius=disconnected)
     assert runs(rec.column(27)) == [(1.0, 10), (0.0, 10), (1.0, 60)]  # control resumes with the sensor
     invalid = [e for e in logs if e["event"] == "sensor_invalid"]
     assert len(invalid) == 1 and invalid[0]["tick"] == 10
@@ -196,7 +196,7 @@ def test_a_stale_sensor_forces_what_requires_it_safe(run_daemon, plugin_dir, tmp
     data["sensors"].append({"id": "probe", "kind": "ds18b20", "device": device, "base_dir": str(tmp_path),
                             "poll_interval_s": 60, "max_age_s": 2.0})
     with capture_logs() as logs:
-        daemon, rec = run(run_daemon, plugin_dir, data, 40)
+        _daemon, rec = run(run_daemon, plugin_dir, data, 40)
     heater = runs(rec.column(27))
     assert heater[0][0] == 1.0 and heater[1][0] == 0.0 and len(heater) == 2
     assert 19 <= heater[0][1] <= 21  # on until the reading is 2 s old
@@ -262,13 +262,13 @@ def test_a_plugin_that_fails_after_switching_a_relay_on_loses_it_after_failsafe_
 def test_failsafe_after_s_is_per_actuator_over_the_global_default(run_daemon, plugin_dir) -> None:
     data = once(layout(failsafe_after_s=0.3), "fail")
     data["safety"] = {"failsafe_after_s": 5.0}
-    daemon, rec = run(run_daemon, plugin_dir, data, 20, plugins=("command_once",))
+    _daemon, rec = run(run_daemon, plugin_dir, data, 20, plugins=("command_once",))
     assert runs(rec.column(27)) == [(1.0, 4), (0.0, 16)]
 
 
 def test_a_failing_plugin_in_real_time_ends_with_the_relay_safe(run_daemon, plugin_dir) -> None:
     with capture_logs() as logs:
-        daemon, rec = run(run_daemon, plugin_dir, once(layout(), "fail"), 40, plugins=("command_once",),
+        daemon, _rec = run(run_daemon, plugin_dir, once(layout(), "fail"), 40, plugins=("command_once",),
                           clock=SystemClock())
     assert [float(s.state) for s in daemon.hardware.factory.pin(27).states] == [0.0, 1.0, 0.0]
     assert [e["device"] for e in failsafes(logs)] == ["heater"]
@@ -283,7 +283,7 @@ def test_a_plugin_that_commands_once_keeps_its_command_without_a_lease(run_daemo
 
 def test_a_command_whose_lease_is_not_renewed_ends_in_the_safe_state(run_daemon, plugin_dir) -> None:
     with capture_logs() as logs:
-        daemon, rec = run(run_daemon, plugin_dir, once(layout(command_ttl_s=2.0), "silent"), 50,
+        _daemon, rec = run(run_daemon, plugin_dir, once(layout(command_ttl_s=2.0), "silent"), 50,
                           plugins=("command_once",))
     assert runs(rec.column(27)) == [(1.0, 20), (0.0, 30)]
     (event,) = failsafes(logs)
@@ -293,14 +293,14 @@ def test_a_command_whose_lease_is_not_renewed_ends_in_the_safe_state(run_daemon,
 def test_a_request_held_back_is_never_applied_for_a_plugin_that_then_fails(run_daemon, plugin_dir) -> None:
     # Start-up counts as a switch: min_off_s holds the plugin's "on" for 2 s, and it fails meanwhile.
     with capture_logs() as logs:
-        daemon, rec = run(run_daemon, plugin_dir, once(layout(min_off_s=2.0), "fail"), 50,
+        _daemon, rec = run(run_daemon, plugin_dir, once(layout(min_off_s=2.0), "fail"), 50,
                           plugins=("command_once",))
     assert rec.column(27) == [0.0] * 50
     assert not [e for e in logs if e["event"] == "actuator_set" and e["device"] == "heater"]
 
 
 def test_a_request_held_back_lapses_when_its_plugin_stops_asking(run_daemon, plugin_dir) -> None:
-    daemon, rec = run(run_daemon, plugin_dir, once(layout(min_off_s=2.0), "silent"), 50, plugins=("command_once",))
+    _daemon, rec = run(run_daemon, plugin_dir, once(layout(min_off_s=2.0), "silent"), 50, plugins=("command_once",))
     assert rec.column(27) == [0.0] * 50
 
 

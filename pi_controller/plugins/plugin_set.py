@@ -19,10 +19,9 @@ from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import PluginsSettings
 from pi_controller.contract import Reading
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
-from pi_controller.plugins import admission
+from pi_controller.plugins import admission, manifest
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.host_functions import History, PluginHost
-from pi_controller.plugins import manifest
 from pi_controller.plugins.manifest import Devices, Refused
 from pi_controller.plugins.quarantine import Quarantine
 from pi_controller.plugins.sandbox import PluginStatus, SandboxedPlugin

@@ -217,7 +217,8 @@ def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str
     import extism
 
     from pi_controller.plugins.host_functions import History, PluginHost
-    from pi_controller.plugins.manifest import Refused, terms as terms_of
+    from pi_controller.plugins.manifest import Refused
+    from pi_controller.plugins.manifest import terms as terms_of
     from pi_controller.plugins.quarantine import Quarantine
     from pi_controller.plugins.sandbox import SandboxedPlugin
     from pi_controller.plugins.wasm_gate import read_module

@@ -294,7 +294,7 @@ class _Output:
         self._open()
 
     def _open(self) -> None:
-        raw: IO[bytes] = open(self.path, "ab")  # noqa: SIM115 (closed by `close`, the writer thread's)
+        raw: IO[bytes] = open(self.path, "ab")
         self._raw = raw
         try:
             out: IO[bytes] | gzip.GzipFile = raw
