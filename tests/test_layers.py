@@ -13,7 +13,8 @@ import pi_controller
 PACKAGE = Path(pi_controller.__file__).parent
 
 # Lowest first; a module may import from its own layer and the layers below, never above. A module is
-# in the layer of the longest name here that it is or is inside of.
+# in the layer of the longest name here that it is or is inside of ("pi_controller" is the package's
+# __init__ alone: a module named nowhere is in no layer, and the test says so).
 LAYERS: list[tuple[str, ...]] = [
     # what anything may use: time, bounded schema fields, logging, names, counters
     ("pi_controller", "pi_controller.clock", "pi_controller.schema", "pi_controller.logs",
@@ -25,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pi_controller.config",),
     ("pi_controller.safety", "pi_controller.plugins", "pi_controller.arbitration", "pi_controller.observer",
      "pi_controller.readiness"),
-    ("pi_controller.operator",),
+    ("pi_controller.operator", "pi_controller.operator_values"),
     ("pi_controller.loop",),
     # what follows the loop and shows it: telemetry, metrics, recordings, the status view, systemd
     ("pi_controller.mqtt", "pi_controller.metrics", "pi_controller.sim.record", "pi_controller.status",
@@ -76,7 +77,7 @@ def graph() -> dict[str, set[str]]:
 
 def layer_of(module: str) -> int:
     matches = [(len(prefix), index) for index, layer in enumerate(LAYERS) for prefix in layer
-               if module == prefix or module.startswith(prefix + ".")]
+               if module == prefix or (prefix != "pi_controller" and module.startswith(prefix + "."))]
     assert matches, f"{module} is in no layer: add it to LAYERS (and to docs/design.md)"
     return max(matches)[1]
 
