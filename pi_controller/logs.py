@@ -71,7 +71,7 @@ def configure(fmt: LogFormat = "console", level: str = "info", plugin_level: str
     threading.excepthook = _thread_failed
 
 
-def _daemon_threshold(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _daemon_threshold(logger: Any, method: str, event: EventDict) -> EventDict:
     """With plugins' lines let through from a lower level: the daemon's own events below its threshold go."""
     if event.get("event") != PLUGIN_LINE and _LEVELS.get(method, logging.INFO) < _threshold:
         raise structlog.DropEvent

@@ -233,7 +233,7 @@ files = st.builds(Files, module=st.sampled_from(["switchboard", "switchboard", "
 entries = st.builds(Entry, config=plugin_config, enabled=st.sampled_from([True, True, True, False]),
                     priority=st.sampled_from([None, 5, 50]), timeout_ms=st.sampled_from([None, None, 10, 20, 40]),
                     actuators=st.sampled_from([None, None, None, ("heater",), ("lamp",), (NO_SUCH_DEVICE,)]))
-configs = st.builds(Config, entries=st.fixed_dictionaries({}, optional={name: entries for name in NAMES}),
+configs = st.builds(Config, entries=st.fixed_dictionaries({}, optional=dict.fromkeys(NAMES, entries)),
                     broken=st.sampled_from([None, None, None, None, None, "yaml", "typo"]),
                     unwritable_recording=st.sampled_from([False, False, False, True]))
 override_payloads = st.sampled_from([b"ON", b"OFF", b'{"state": "ON", "brightness": 30}',
@@ -324,7 +324,7 @@ class DaemonMachine(RuleBasedStateMachine):
 
     def _tick(self, tick: Any) -> None:
         assert self.laws is not None
-        self._judged(lambda: self.laws.tick(tick))  # type: ignore[union-attr]
+        self._judged(lambda: self.laws.tick(tick))
 
     def _judged(self, judge: Any) -> None:
         try:
@@ -386,7 +386,7 @@ class DaemonMachine(RuleBasedStateMachine):
             if self.rig.daemon is not None and self.laws is not None:
                 life = self.rig.stop()
                 assert life.last_pins is not None
-                self._judged(lambda: self.laws.stopped(life.last_pins))  # type: ignore[union-attr,arg-type]
+                self._judged(lambda: self.laws.stopped(life.last_pins))
         finally:
             self.rig.close()
             self._logs.__exit__(None, None, None)
@@ -471,7 +471,8 @@ class DaemonMachine(RuleBasedStateMachine):
     @rule(name=plugin_names, priority=st.sampled_from([None, 1, 20, 999]), timeout_ms=st.sampled_from([None, 20, 50]))
     def reprioritize(self, name: str, priority: int | None, timeout_ms: int | None) -> None:
         """Its manifest rewritten with another priority and time limit, and nothing else changed."""
-        self._put_manifest(name, replace(self.manifests.get(name, Manifest()), priority=priority, timeout_ms=timeout_ms))
+        manifest = replace(self.manifests.get(name, Manifest()), priority=priority, timeout_ms=timeout_ms)
+        self._put_manifest(name, manifest)
         self.rig.finish()
 
     @precondition(lambda self: self.folder.is_dir())
@@ -579,7 +580,7 @@ class DaemonMachine(RuleBasedStateMachine):
         accepted, _ = check_config(self.config_path, self.folder, self.on_disk)
         life = self.rig.stop()
         assert self.laws is not None and life.last_pins is not None
-        self._judged(lambda: self.laws.stopped(life.last_pins))  # type: ignore[union-attr,arg-type]
+        self._judged(lambda: self.laws.stopped(life.last_pins))
         try:
             self._start()
             started, why = True, "started"

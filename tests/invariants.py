@@ -106,7 +106,7 @@ class PinLaws:
         self.owners = {key: _Owner() for key in plant.actuators}
         self.bad_since: dict[tuple[str, str], tuple[float, str]] = {}  # (plugin, device) -> since, why
         self.rejected: dict[tuple[str, str], float] = {}  # every command for the device rejected, since
-        self.switched_at = {key: started_at for key in plant.actuators}  # start-up counts as a switch
+        self.switched_at = dict.fromkeys(plant.actuators, started_at)  # start-up counts as a switch
         self.invalid_sensors: set[str] = set()  # what the test made fail, for REQUIRES
 
     def fail(self, invariant: str, tick: Tick | None, message: str) -> None:

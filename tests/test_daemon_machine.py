@@ -41,13 +41,15 @@ def test_a_plugin_that_loses_the_grant_of_its_actuator_loses_the_actuator() -> N
 
 def test_a_dropped_in_plugin_never_keeps_a_configured_one_out_at_the_next_start() -> None:
     with machine() as state:
-        state.drop(name="hog", files=Files("switchboard", Manifest(priority=999, timeout_ms=50, config={"mode": "trap"})))
+        state.drop(name="hog", files=Files("switchboard", Manifest(priority=999, timeout_ms=50,
+                                                                   config={"mode": "trap"})))
         state.restart()
 
 
 def test_a_dropped_in_plugin_never_keeps_a_configured_one_out_on_a_reload() -> None:
     with machine() as state:
-        state.drop(name="hog", files=Files("switchboard", Manifest(priority=999, timeout_ms=50, config={"mode": "trap"})))
+        state.drop(name="hog", files=Files("switchboard", Manifest(priority=999, timeout_ms=50,
+                                                                   config={"mode": "trap"})))
         state.reload(choice=FIRST_CONFIG)
 
 

@@ -255,6 +255,6 @@ def test_promoting_says_the_shadow_left_and_the_live_plugin_was_replaced(run_dae
 
     with capture_logs() as logs:
         run_with(daemon, scenario)
-    events = sorted(e["event"] for e in logs if e.get("plugin") == "temperature_control" and "unloaded" in e["event"]
+    events = sorted(e["event"] for e in logs if (e.get("plugin") == "temperature_control" and "unloaded" in e["event"])
                     or e["event"].endswith("_replaced"))
     assert events == ["plugin_replaced", "shadow_unloaded"]
