@@ -31,6 +31,8 @@ sys.path.insert(0, str(REPO))  # the repository's pi_controller, installed or no
 
 from pi_controller import config
 from pi_controller.devices import registry
+from pi_controller.devices.actuators import ActuatorSettings
+from pi_controller.devices.sensors import SensorSettings
 
 CONFIG = REPO / "config" / "every-kind.yaml"
 IMAGES = REPO / "docs" / "images"
@@ -141,7 +143,7 @@ def draw(picture: Picture, title: str) -> bytes:
         d += pi
         ends = []
         for index, wire in enumerate(picture.wires):
-            d += (last := elm.Line().at(pi.absanchors[f"p{index}"]).right(0.8))
+            d += (last := elm.Line().right(0.8).at(pi.absanchors[f"p{index}"]))
             for element, label in wire.series:
                 d += (last := element().right().label(label))
             ends.append(last.end)
@@ -158,7 +160,7 @@ def draw(picture: Picture, title: str) -> bytes:
             d += element().at((x, points[top][1])).to((x, points[bottom][1])).label(label, loc="bottom")
             d += elm.Dot().at((x, points[bottom][1]))
         if picture.part is not None:
-            _box(d, picture, points)
+            _box(d, picture, picture.part, points)
         if picture.note:
             d += elm.Label().right().at((pi.absanchors["p0"][0] - 3.5, min(y for _, y in points) - 1.3)).label(
                 picture.note, halign="left")
@@ -167,16 +169,17 @@ def draw(picture: Picture, title: str) -> bytes:
     return svg if isinstance(svg, bytes) else svg.encode()
 
 
-def _box(d: Any, picture: Picture, points: list[tuple[float, float]]) -> None:
-    """The module, its pins facing the wires, its other side's connections as labels."""
+def _box(d: Any, picture: Picture, part: str, points: list[tuple[float, float]]) -> None:
+    """The module (`part`), its pins facing the wires, its other side's connections as labels."""
     pins = [elm.IcPin(name=w.part or "", side="left", anchorname=f"m{i}") for i, w in enumerate(picture.wires)]
     outputs = [elm.IcPin(name=o, side="right", anchorname=f"o{i}") for i, o in enumerate(picture.outputs)]
-    pins.reverse(), outputs.reverse()  # a side's pins go from the bottom up: the first wire at the top
+    pins.reverse()  # a side's pins go from the bottom up: the first wire at the top
+    outputs.reverse()
     text = max(len(w.part or "") for w in picture.wires) + max((len(o) for o in picture.outputs), default=0)
     box = elm.Ic(pins=[*pins, *outputs], pinspacing=SPACING, edgepadW=1.5 + 0.16 * text, leadlen=0.4)
     box.right().anchor("m0")
     box.at(points[0])
-    box.label(picture.part, loc="top")
+    box.label(part, loc="top")
     d += box
 
 
@@ -184,7 +187,8 @@ def pictures(config_path: Path = CONFIG) -> dict[str, bytes]:
     """Every wired kind's picture (SVG bytes) by kind, from the first device of that kind in the config."""
     settings = config.load(config_path)
     first: dict[str, Any] = {}
-    for entry in (*settings.sensors, *settings.actuators):
+    entries: list[SensorSettings | ActuatorSettings] = [*settings.sensors, *settings.actuators]
+    for entry in entries:
         first.setdefault(entry.kind, entry)
     missing = set(registry.SENSORS) | set(registry.ACTUATORS)
     missing -= set(first) & (set(PICTURES) | set(NO_WIRING))
