@@ -75,9 +75,14 @@ def graph() -> dict[str, set[str]]:
     return {name: imports(name, path, set(found)) for name, path in found.items()}
 
 
+def placings(module: str) -> list[tuple[int, int]]:
+    """(length of the name, layer) for every name in LAYERS that `module` is or is inside of."""
+    return [(len(prefix), index) for index, layer in enumerate(LAYERS) for prefix in layer
+            if module == prefix or (prefix != "pi_controller" and module.startswith(prefix + "."))]
+
+
 def layer_of(module: str) -> int:
-    matches = [(len(prefix), index) for index, layer in enumerate(LAYERS) for prefix in layer
-               if module == prefix or (prefix != "pi_controller" and module.startswith(prefix + "."))]
+    matches = placings(module)
     assert matches, f"{module} is in no layer: add it to LAYERS (and to docs/design.md)"
     return max(matches)[1]
 
@@ -124,6 +129,12 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def test_every_module_is_in_a_layer() -> None:
+    """A new module is placed, even one that imports nothing of the package (the checks below ask only
+    about modules along an import)."""
+    assert [module for module in graph() if not placings(module)] == []
+
+
 def test_no_import_circle_anywhere_in_the_package() -> None:
     assert cycles(graph()) == []
 
@@ -148,5 +159,6 @@ def test_the_walk_sees_circles_and_upward_imports() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     edges = graph()
     assert "pi_controller.contract" in edges["pi_controller.devices.sensors"]  # the walk finds real imports
+    assert "pi_controller.devices.kernel_files" in edges["pi_controller.devices.mock_pins"]
     assert layer_of("pi_controller.devices.relay") < layer_of("pi_controller.config") < layer_of("pi_controller.loop")
     assert layer_of("pi_controller.plugins.plugin_config") < layer_of("pi_controller.plugins.sandbox")
