@@ -187,13 +187,13 @@ class Daemon:
         log.info("loop_started", rate_hz=self.settings.loop.rate_hz, plugins=len(self.plugins),
                  sensors=len(self.hardware.sensors), actuators=len(self.hardware.actuators),
                  **({} if plugins.complete else {"plugins_failed": list(plugins.failed), "ready": str(plugins)}))
-        if self.watchdog:
-            self.watchdog.start()
         if self.telemetry:
             self.telemetry.start()
         self._watch_plugins()
         self.shadows.start(self.loop)
         known_good.keep(self.settings, self.state_dir)
+        if self.watchdog:  # its time runs from the first tick, not from the start-up steps above
+            self.watchdog.start()
         try:
             await self.loop.run(stop, max_ticks)
         finally:
