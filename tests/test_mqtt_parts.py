@@ -3,18 +3,23 @@ clients), the outbox against a sender that records what it is handed."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import threading
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any, Callable
+from types import SimpleNamespace
+from typing import Any, Callable, cast
 
 import paho.mqtt.client as mqtt
+import yaml
 from structlog.testing import capture_logs
 
+from pi_controller import config
 from pi_controller.config import MqttSettings
-from pi_controller.contract import Rejected
+from pi_controller.contract import Reading, Rejected
 from pi_controller.mqtt import outbox as outbox_module
 from pi_controller.mqtt.inbox import (
     ALL_BURST,
@@ -30,11 +35,23 @@ from pi_controller.mqtt.inbox import (
     commands,
 )
 from pi_controller.mqtt.outbox import Message, Outbox
+from pi_controller.mqtt.policy import PublishPolicy
 from pi_controller.mqtt.refusals import Refusals
-from pi_controller.operator import Answer, EnablePlugin, PromotePlugin, Release, Request, SetActuator, SetPluginConfig
+from pi_controller.operator import (
+    Answer,
+    EnablePlugin,
+    Operator,
+    PromotePlugin,
+    Release,
+    Request,
+    SetActuator,
+    SetPluginConfig,
+)
 from pi_controller.safety.ownership import Failsafe
 from pi_controller.safety.rules import Hold
+from pi_controller.status import Status
 from tests import test_mqtt
+from tests.conftest import example_data
 from tests.test_mqtt import Broker, Subscriber, poll
 
 broker, subscriber = test_mqtt.broker, test_mqtt.subscriber  # a broker, and a client to publish with
@@ -391,3 +408,31 @@ def test_refusals_fire_once_per_hold_and_for_each_refusal_and_failsafe() -> None
     assert [(r.device, r.event_type) for r in fired] == [("heater", "failsafe"), ("servo", "refused")]
     assert refusals.last["heater"].event_type == "failsafe" and refusals.last["servo"].rule == "out_of_range"
     assert [r.event_type for r in refusals.after_tick([], []) + refusals.after_tick([hold], [])] == ["held"]  # again
+
+
+def test_an_unchanged_state_goes_out_again_before_its_heartbeat_is_over_whatever_the_ticks_jitter(tmp_path) -> None:
+    """Virtual time: ticks at 10 Hz, each up to 0.45 of a period late (a loaded machine), a sensor whose
+    value never moves. No two of its states are further apart than the heartbeat (the first tick after
+    the heartbeat made that up to 2.1 s with 2 s), and it is not sent much more often than that either."""
+    data = example_data()
+    data["mqtt"] = {"enabled": True, "node_id": "t", "heartbeat_s": 2.0}
+    settings = config.parse(yaml.safe_dump(data), tmp_path / "c.yaml")
+    period, heartbeat = settings.loop.period, settings.mqtt.heartbeat_s
+    clock = [0.0]
+    sender = Recording()
+    sender.up = True
+    outbox = Outbox(settings.mqtt, sender, lambda: clock[0])
+    status = SimpleNamespace(readings=lambda: [Reading("temperature", 20.0, "C", clock[0])],
+                             actuator_states=dict, plugin_states=dict, guards=dict, loop_state=lambda: None)
+    policy = PublishPolicy(settings, cast(Status, status), cast(Operator, SimpleNamespace(overrides=dict)), outbox,
+                           wall=lambda: clock[0])
+    topic, jitter, sent = f"{B}/sensor/temperature/state", random.Random(28), []
+    for tick in range(600):
+        clock[0] = tick * period + jitter.uniform(0.0, 0.45 * period)
+        before = len(sender.sent)
+        policy.collect(clock[0], {})
+        outbox.pump()
+        sent += [clock[0] for message in sender.sent[before:] if message.topic == topic]
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert len(sent) > 25 and max(gaps) <= heartbeat, max(gaps)
+    assert min(gaps) >= heartbeat - 2 * period, min(gaps)

@@ -2,7 +2,9 @@
 
 A sensor's state when it moved beyond its deadband (or its validity or error changed), an actuator's or
 a plugin's when what its entities show changed, each at least every `heartbeat_s`; the loop's state
-every `loop_interval_s`, once its rate is measured. Home Assistant's discovery configs go out ahead of
+every `loop_interval_s`, once its rate is measured. An unchanged state goes out again at the last tick
+before its heartbeat is over, not at the first after it, so no two of its states are further apart than
+the heartbeat (see `REPUBLISH_EARLY_PERIODS`). Home Assistant's discovery configs go out ahead of
 the states whenever a subscriber needs everything again (our connection, Home Assistant's restart), and
 with them every state again.
 
@@ -38,6 +40,12 @@ from pi_controller.status import Status
 
 Changed = Callable[[Any, Any], bool]  # (what was sent, what is new): worth sending before the heartbeat?
 
+# How many tick periods before its heartbeat is over an unchanged state is due again. The first tick at
+# least `heartbeat - 1.5 periods` after the last send comes less than `heartbeat - 0.5 period` after it
+# when ticks are a period apart: half a period is left for the loop's jitter, and none of the gap
+# between two states is a tick's wait past the heartbeat (with 2 s and 10 Hz it was up to 2.1 s).
+REPUBLISH_EARLY_PERIODS = 1.5
+
 
 class PublishPolicy:
     def __init__(self, settings: Settings, status: Status, operator: Operator, outbox: Outbox,
@@ -45,6 +53,7 @@ class PublishPolicy:
         self.settings = settings
         self.mqtt = settings.mqtt
         self.topics = Topics.of(self.mqtt)
+        self._republish_after = max(0.0, self.mqtt.heartbeat_s - REPUBLISH_EARLY_PERIODS * settings.loop.period)
         self.status = status  # readings, actuator states, plugin states, loop stats
         self.operator = operator
         self.outbox = outbox
@@ -111,7 +120,7 @@ class PublishPolicy:
 
     def collect(self, now: float, telemetry: dict[str, Any]) -> None:
         """The states worth sending now; `telemetry`: the counts of telemetry's own state."""
-        heartbeat = self.mqtt.heartbeat_s
+        heartbeat = self._republish_after  # the heartbeat, a tick and a half early
         for reading in self.status.readings():
             topic, decimals, moved = self._sensor_policy(reading.sensor_id)
             self.readings_queued += self._offer(topic, reading.as_json(decimals), now, heartbeat, moved)
