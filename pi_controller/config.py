@@ -200,6 +200,10 @@ class MqttSettings:
     heartbeat_s: float = bounded(1, 86400, default=60.0)  # republish unchanged states this often
     loop_interval_s: float = bounded(1, 3600, default=10.0)
     max_messages_per_s: float = bounded(1, 100_000, default=50.0)
+    # Commands let in a second, in all and on each command topic (bursts of twice that): an operator, a
+    # slider or an automation sends a few a second; more is a script gone wrong or an attack.
+    max_commands_per_s: float = bounded(1, 10_000, default=50.0)
+    max_commands_per_s_per_topic: float = bounded(1, 10_000, default=5.0)
     deadband: Mapping[str, float] = field(default_factory=dict)  # sensor id -> change worth publishing
     buffer_messages: int = bounded(10, 10_000_000, default=10_000)  # kept while the broker is away
     buffer_file: str | None = None  # keeps the unsent messages across a restart of the daemon
@@ -211,6 +215,10 @@ class MqttSettings:
             raise FieldError(("password_file",), "give password or password_file, not both")
         if (self.password is not None or self.password_file is not None) and self.username is None:
             raise ValueError("a password needs a username")
+        if self.max_commands_per_s_per_topic > self.max_commands_per_s:
+            raise FieldError(("max_commands_per_s_per_topic",),
+                             f"{self.max_commands_per_s_per_topic:g} is above max_commands_per_s "
+                             f"({self.max_commands_per_s:g}), which bounds every topic too: lower it or raise that")
         if any(value < 0 for value in self.deadband.values()):
             raise ValueError("deadbands are changes: 0 or more")
 

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 
 from pi_controller import config
+from pi_controller.config import MqttSettings
 from pi_controller.devices.digital import DigitalSettings
 from pi_controller.devices.mcp3008 import MCP3008Settings
 from pi_controller.devices.pwm import PwmSettings
 from pi_controller.devices.relay import RelaySettings
 from pi_controller.devices.servo import ServoSettings
+from pi_controller.mqtt.inbox import BURST_S, Gate
 from tests.conftest import EXAMPLE_CONFIG, example_data
 
 
@@ -484,3 +486,25 @@ def secrets_error_for(write_config: Any, data: dict[str, Any]) -> config.ConfigE
 
 def data_line(file: str, key: str) -> int:
     return next(n for n, line in enumerate(Path(file).read_text().splitlines(), 1) if line.strip().startswith(key))
+
+
+@pytest.mark.parametrize("mqtt, key, message", [
+    ({"max_commands_per_s": 0}, "max_commands_per_s", "0 is out of range; valid: 1 to 10000"),
+    ({"max_commands_per_s_per_topic": 20_000}, "max_commands_per_s_per_topic",
+     "20000 is out of range; valid: 1 to 10000"),
+    ({"max_commands_per_s": 10, "max_commands_per_s_per_topic": 20}, "max_commands_per_s_per_topic",
+     "20 is above max_commands_per_s (10), which bounds every topic too: lower it or raise that"),
+])
+def test_the_command_rate_limits_are_bounded_settings(tmp_path, write_config, mqtt, key, message) -> None:
+    error = error_for(write_config, mqtt_with(tmp_path, **mqtt))
+    assert error.path == ("mqtt", key)
+    assert error.line == data_line(error.file, f"{key}:")
+    assert message in error.message
+
+
+def test_the_command_gate_takes_its_rates_from_the_settings(tmp_path, write_config) -> None:
+    mqtt = config.load(write_config(mqtt_with(tmp_path, max_commands_per_s=3, max_commands_per_s_per_topic=2))).mqtt
+    gate = Gate.of(mqtt, timer=lambda: 0.0)
+    assert sum(gate.admit("a")[0] for _ in range(10)) == 2 * BURST_S  # its burst: two seconds' worth
+    assert sum(gate.admit("b")[0] for _ in range(10)) == 3 * BURST_S - 2 * BURST_S  # what is left of all
+    assert (MqttSettings().max_commands_per_s, MqttSettings().max_commands_per_s_per_topic) == (50.0, 5.0)  # documented

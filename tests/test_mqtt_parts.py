@@ -22,11 +22,9 @@ from pi_controller.config import MqttSettings
 from pi_controller.contract import Reading, Rejected
 from pi_controller.mqtt import outbox as outbox_module
 from pi_controller.mqtt.inbox import (
-    ALL_BURST,
     ANSWER_EVERY_S,
+    BURST_S,
     COMMANDS,
-    TOPIC_BURST,
-    TOPIC_RATE,
     TOPICS_TRACKED,
     Gate,
     Inbound,
@@ -56,6 +54,9 @@ from tests.test_mqtt import Broker, Subscriber, poll
 
 broker, subscriber = test_mqtt.broker, test_mqtt.subscriber  # a broker, and a client to publish with
 pytestmark = test_mqtt.pytestmark
+
+TOPIC_RATE, ALL_RATE = MqttSettings().max_commands_per_s_per_topic, MqttSettings().max_commands_per_s  # the defaults
+TOPIC_BURST, ALL_BURST = TOPIC_RATE * BURST_S, ALL_RATE * BURST_S
 
 
 class Attached:
@@ -97,7 +98,7 @@ def test_the_table_is_both_what_is_subscribed_and_who_takes_each_message(broker,
     subscriber.client.publish("t/sweep/old", b"left over", qos=1, retain=True).wait_for_publish(5)
     got: list[tuple[str, Inbound]] = []
     inbox = Inbox({"t/+/x": Route(recorder(got, "x")), "t/status": Route(recorder(got, "status")),
-                   "t/sweep/+": Route(recorder(got, "sweep"), sweep=True)})
+                   "t/sweep/+": Route(recorder(got, "sweep"), sweep=True)}, Gate.of(MqttSettings()))
     attached = Attached(inbox, broker)
     try:
         poll(attached.unsubscribed.is_set, "the sweep unsubscribed once the broker acknowledged it")
@@ -122,7 +123,7 @@ def test_a_refused_command_is_answered_and_a_failing_row_costs_only_its_message(
 
     got: list[tuple[str, Inbound]] = []
     inbox = Inbox({"t/command/+": Route(refuse, answered=True), "t/other": Route(fail),
-                   "t/last": Route(recorder(got, "last"))})
+                   "t/last": Route(recorder(got, "last"))}, Gate.of(MqttSettings()))
     attached = Attached(inbox, broker)
     try:
         for topic in ("t/command/a", "t/other", "t/last"):
@@ -137,7 +138,7 @@ def test_a_refused_command_is_answered_and_a_failing_row_costs_only_its_message(
 
 def test_the_gate_lets_commands_in_per_topic_and_in_all_and_answers_what_it_drops_once_a_second() -> None:
     clock = [0.0]
-    gate = Gate(lambda: clock[0])
+    gate = Gate(TOPIC_RATE, ALL_RATE, lambda: clock[0])
     verdicts = [gate.admit("a") for _ in range(int(TOPIC_BURST) + 5)]
     assert verdicts == [(True, False)] * int(TOPIC_BURST) + [(False, True)] + [(False, False)] * 4
     clock[0] = 1 / TOPIC_RATE  # one more token for "a"; its answer not due again yet
@@ -153,7 +154,7 @@ def test_a_command_flood_is_dropped_before_its_handler_and_answered_rate_limited
                                                                                                subscriber) -> None:
     got: list[tuple[str, Inbound]] = []
     inbox = Inbox({"t/command/+": Route(recorder(got, "command"), answered=True),
-                   "t/last": Route(recorder(got, "last"))})
+                   "t/last": Route(recorder(got, "last"))}, Gate(TOPIC_RATE, ALL_RATE))
     attached = Attached(inbox, broker)
     try:
         started = time.monotonic()
@@ -181,7 +182,7 @@ def test_every_command_row_is_subscribed_under_the_base_and_makes_its_request(br
     assert set(EXAMPLES) == set(COMMANDS)
     subscriber.client.publish("base/node/actuator/old/set", b"ON", qos=1, retain=True).wait_for_publish(5)
     requests: list[Request] = []
-    attached = Attached(Inbox(commands("base/node", requests.append)), broker)
+    attached = Attached(Inbox(commands("base/node", requests.append), Gate.of(MqttSettings())), broker)
     try:
         for row, payload in EXAMPLES.items():
             subscriber.publish("base/node/" + row.replace("+", "one", 1).replace("+", "two"), payload)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import paho.mqtt.client as mqtt
 import structlog
 
+from pi_controller.config import MqttSettings
 from pi_controller.contract import Rejected
 from pi_controller.operator import Answer, EnablePlugin, PromotePlugin, Release, Request, SetActuator, SetPluginConfig
 from pi_controller.token_bucket import TokenBucket
@@ -58,24 +59,27 @@ class Route:
     answered: bool = False  # a command: a message it refuses is answered on its /result topic
 
 
-# Commands let in a second, per topic and in all, and the bursts above that. An operator, a dashboard's
-# slider or an automation sends a few a second; more than this is a script gone wrong or an attack.
-TOPIC_RATE, TOPIC_BURST = 5.0, 10.0
-ALL_RATE, ALL_BURST = 50.0, 100.0
+BURST_S = 2.0  # a bucket holds this many seconds' worth of commands: a burst above the rate
 TOPICS_TRACKED = 256  # topics with a bucket of their own; past this the longest known goes (the total still holds)
 ANSWER_EVERY_S = 1.0  # a topic's `rate_limited` answers, at most
 
 
 class Gate:
     """Which commands are let in, before any work is done for them (paho's thread): a token bucket per
-    topic and one for them all. `dropped` counts those kept out."""
+    topic (`per_topic` a second) and one for them all (`total`; the settings' `max_commands_per_s...`).
+    `dropped` counts those kept out."""
 
-    def __init__(self, timer: Callable[[], float] = time.monotonic):
+    def __init__(self, per_topic: float, total: float, timer: Callable[[], float] = time.monotonic):
         self._timer = timer
-        self._all = TokenBucket(ALL_RATE, ALL_BURST, timer())
-        self._answers = TokenBucket(ALL_RATE, ALL_BURST, timer())  # a flood over many topics: answers bounded too
+        self.per_topic, self.total = per_topic, total
+        self._all = TokenBucket(total, total * BURST_S, timer())
+        self._answers = TokenBucket(total, total * BURST_S, timer())  # a flood over many topics: answers bounded too
         self._topics: dict[str, tuple[TokenBucket, list[float]]] = {}  # topic -> (its bucket, [last answered])
         self.dropped = 0
+
+    @classmethod
+    def of(cls, mqtt: MqttSettings, timer: Callable[[], float] = time.monotonic) -> Gate:
+        return cls(mqtt.max_commands_per_s_per_topic, mqtt.max_commands_per_s, timer)
 
     def admit(self, topic: str) -> tuple[bool, bool]:
         """(let in, answer `rate_limited`): the second only for one kept out, once a second per topic."""
@@ -84,7 +88,8 @@ class Gate:
         if known is None:
             if len(self._topics) >= TOPICS_TRACKED:
                 del self._topics[next(iter(self._topics))]
-            known = self._topics[topic] = (TokenBucket(TOPIC_RATE, TOPIC_BURST, now), [-ANSWER_EVERY_S])
+            bucket = TokenBucket(self.per_topic, self.per_topic * BURST_S, now)
+            known = self._topics[topic] = (bucket, [-ANSWER_EVERY_S])
         bucket, answered = known
         if bucket.refill(now) >= 1 and self._all.refill(now) >= 1:
             bucket.take()
@@ -93,7 +98,7 @@ class Gate:
         self.dropped += 1
         if self.dropped == 1 or self.dropped % 10_000 == 0:
             log.warning("mqtt_commands_rate_limited", dropped=self.dropped, topic=topic[:200],
-                        per_topic_per_s=TOPIC_RATE, all_per_s=ALL_RATE)
+                        per_topic_per_s=self.per_topic, all_per_s=self.total)
         if now - answered[0] < ANSWER_EVERY_S or self._answers.refill(now) < 1:
             return False, False
         self._answers.take()
@@ -102,9 +107,9 @@ class Gate:
 
 
 class Inbox:
-    def __init__(self, routes: Mapping[str, Route], gate: Gate | None = None):
+    def __init__(self, routes: Mapping[str, Route], gate: Gate):
         self.routes = dict(routes)
-        self.gate = gate or Gate()
+        self.gate = gate
         self._lasting = [(topic, 1) for topic, route in self.routes.items() if not route.sweep]
         self._sweeps = [topic for topic, route in self.routes.items() if route.sweep]
         self._sweep_mid: int | None = None  # the sweep's subscription, until acknowledged
@@ -157,7 +162,8 @@ class Inbox:
         admitted, answer = self.gate.admit(message.topic)
         if answer:
             self._refused.put(Answer(f"{message.topic}/result", False, "rate_limited",
-                                     f"over {TOPIC_RATE:g} commands a second on this topic or {ALL_RATE:g} in all: "
+                                     f"over {self.gate.per_topic:g} commands a second on this topic or "
+                                     f"{self.gate.total:g} in all: "
                                      "dropped (this is said once a second)"))
         return admitted
 

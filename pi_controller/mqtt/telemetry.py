@@ -54,7 +54,7 @@ class Telemetry(LoopObserver):
         self.link = Link(settings, timer, self._up, lambda: len(self.outbox))
         self.outbox = Outbox(self.mqtt, self.link, timer)  # what a restart left in the buffer file, first
         self.policy = PublishPolicy(settings, status, operator, self.outbox, wall)
-        self.inbox = Inbox(self._routes() if self.mqtt.commands else {})
+        self.inbox = Inbox(self._routes() if self.mqtt.commands else {}, inbox.Gate.of(self.mqtt))
         self.inbox.attach(self.link.client)
 
     def _routes(self) -> dict[str, Route]:
