@@ -204,7 +204,8 @@ class Daemon:
                 self.watchdog.stop()
             log.info("loop_stopped", ticks=self.loop.ticks.count, missed=self.loop.ticks.missed)
             self.hardware.settle("shutdown", "stopping")
-            steps = ([self.telemetry.stop] if self.telemetry else []) + ([server.close] if server else [])
+            steps = ([self.values.close] + ([self.telemetry.stop] if self.telemetry else [])
+                     + ([server.close] if server else []))
             for step in steps:
                 try:
                     step()

@@ -87,6 +87,10 @@ class Status:
         """As the pins are now (after a shut-down: the shut-down states)."""
         return self._loop().hardware.states()
 
+    def values_written(self) -> bool:
+        """Whether every value an operator set is on disk (operator_values.py)."""
+        return self.operator.values is None or self.operator.values.written()
+
     def plugin_states(self) -> dict[str, dict[str, Any]]:
         """Each plugin's state: loaded, quarantined, disabled (by its manifest or the operator) or failed
         (with why), its counts, the config it runs

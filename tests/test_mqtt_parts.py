@@ -424,7 +424,8 @@ def test_an_unchanged_state_goes_out_again_before_its_heartbeat_is_over_whatever
     sender.up = True
     outbox = Outbox(settings.mqtt, sender, lambda: clock[0])
     status = SimpleNamespace(readings=lambda: [Reading("temperature", 20.0, "C", clock[0])],
-                             actuator_states=dict, plugin_states=dict, guards=dict, loop_state=lambda: None)
+                             actuator_states=dict, plugin_states=dict, guards=dict, loop_state=lambda: None,
+                             values_written=lambda: True)
     policy = PublishPolicy(settings, cast(Status, status), cast(Operator, SimpleNamespace(overrides=dict)), outbox,
                            wall=lambda: clock[0])
     topic, jitter, sent = f"{B}/sensor/temperature/state", random.Random(28), []
@@ -437,3 +438,21 @@ def test_an_unchanged_state_goes_out_again_before_its_heartbeat_is_over_whatever
     gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert len(sent) > 25 and max(gaps) <= heartbeat, max(gaps)
     assert min(gaps) >= heartbeat - 2 * period, min(gaps)
+
+
+def test_a_plugin_state_showing_an_operators_value_waits_until_the_value_is_on_disk(tmp_path) -> None:
+    data = example_data()
+    data["mqtt"] = {"enabled": True, "node_id": "t"}
+    settings = config.parse(yaml.safe_dump(data), tmp_path / "c.yaml")
+    sender, written, clock = Recording(), [False], [0.0]
+    sender.up = True
+    outbox = Outbox(settings.mqtt, sender, lambda: clock[0])
+    state = {"state": "loaded", "enabled": True, "config": {"setpoint": 19.5}, "sha256": None, "candidate": None}
+    status = SimpleNamespace(readings=list, actuator_states=dict, plugin_states=lambda: {"thermostat": state},
+                             guards=dict, loop_state=lambda: None, values_written=lambda: written[0])
+    policy = PublishPolicy(settings, cast(Status, status), cast(Operator, SimpleNamespace(overrides=dict)), outbox)
+    for now in (1.0, 1.1, 1.2, 1.3):
+        clock[0], written[0] = now, now >= 1.2
+        policy.collect(now, {})
+        outbox.pump()
+        assert [m.topic for m in sender.sent].count(f"{B}/plugin/thermostat/state") == (now >= 1.2)

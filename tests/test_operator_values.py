@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from structlog.testing import capture_logs
 
+from pi_controller import operator_values
 from pi_controller.config import PluginSettings, PluginsSettings
 from pi_controller.operator import EnablePlugin, Operator, SetPluginConfig
 from pi_controller.operator_values import FILE_NAME, OperatorValues
 from pi_controller.plugins.plugin_config import ConfigField
 from pi_controller.plugins.sandbox import SandboxedPlugin
+from tests.test_mqtt import poll
 
 
 class FakePlugin(SimpleNamespace):
@@ -32,7 +35,9 @@ def thermostat(setpoint: float = 21.0, maximum: float = 30.0) -> FakePlugin:
 def restart(state: Path, plugin: FakePlugin, settings: PluginsSettings | None = None) -> set[str]:
     """A new process: the kept values read and applied to `plugin` as loaded; the plugins switched off."""
     disabled: set[str] = set()
-    OperatorValues(state).apply([plugin], settings or PluginsSettings(), disabled)
+    values = OperatorValues(state)
+    values.apply([plugin], settings or PluginsSettings(), disabled)
+    values.close()  # and a stop
     return disabled
 
 
@@ -43,6 +48,7 @@ def set_values(state: Path, plugin: FakePlugin, *requests: Any) -> None:
         operator.submit(request)
     operator.commands({}, [plugin], now=0.0, tick=0)
     values.tick_done(None)  # type: ignore[arg-type]  # it reads no report
+    poll(values.written, "the values written (on a thread of their own)")
 
 
 def test_a_value_set_is_in_force_after_a_restart_until_the_file_changes_it(tmp_path: Path) -> None:
@@ -94,3 +100,32 @@ def test_without_a_state_directory_nothing_is_written(tmp_path: Path) -> None:
     Operator(expiry_s=10, values=values).submit(SetPluginConfig("thermostat", "setpoint", 19.5))
     values.tick_done(None)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == [] and plugin.config == {"setpoint": 21.0}
+
+
+def test_the_file_is_written_off_the_loop_one_write_at_a_time_and_the_last_value_wins(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """An fsync took up to 120 ms here (longer on an SD card): the tick that took a value up does not
+    wait for it, and `written` says when it is on disk (telemetry shows the value only then)."""
+    release, real = threading.Event(), operator_values.write_atomically
+
+    def slow(path: Path, text: str) -> None:
+        release.wait()
+        real(path, text)
+
+    monkeypatch.setattr(operator_values, "write_atomically", slow)
+    plugin = thermostat()
+    values = OperatorValues(tmp_path)
+    operator = Operator(expiry_s=10, values=values)
+    for tick, setpoint in enumerate((19.5, 20.5)):
+        operator.submit(SetPluginConfig("thermostat", "setpoint", setpoint))
+        operator.commands({}, [plugin], now=0.0, tick=tick)
+        values.tick_done(None)  # type: ignore[arg-type]  # returns with the write held up
+        assert not values.written() and not (tmp_path / FILE_NAME).exists()
+    release.set()
+
+    def ticked_and_written() -> bool:
+        values.tick_done(None)  # type: ignore[arg-type]
+        return values.written()
+
+    poll(ticked_and_written, "both written, one after the other")
+    assert json.loads((tmp_path / FILE_NAME).read_text())["config"]["thermostat"]["setpoint"]["value"] == 20.5

@@ -129,8 +129,9 @@ class PublishPolicy:
         for device, state in self.status.actuator_states().items():
             self._offer(self.topics.actuator(device), _actuator_payload(
                 state, overrides.get(device), guards.get(device), self.refusals.last.get(device)), now, heartbeat)
-        for name, state in self.status.plugin_states().items():
-            self._offer(self.topics.plugin(name), state, now, heartbeat, _plugin_changed)
+        if self.status.values_written():  # what Home Assistant is shown of an operator's value is on disk
+            for name, state in self.status.plugin_states().items():
+                self._offer(self.topics.plugin(name), state, now, heartbeat, _plugin_changed)
         last_loop = self._published.get(self.topics.loop)
         if last_loop is None or now - last_loop[1] >= self.mqtt.loop_interval_s:  # percentiles are not free
             loop_state = self.status.loop_state()
