@@ -171,9 +171,11 @@ def test_every_entity_appears_with_its_class_and_every_control_acts_on_the_daemo
         assert climate["attributes"]["hvac_modes"] == ["off", "heat"]
         assert (climate["attributes"]["min_temp"], climate["attributes"]["max_temp"]) == (5, 30)
         assert device.get("number", "temperature_control_setpoint")["attributes"]["device_class"] == "temperature"
-        assert "refusal" in device.get("switch", "relay_switch")["attributes"]
+        # attributes and an update's version come on topics of their own, after the entity's config
+        device.until("switch", "relay_switch", lambda s: "refusal" in s["attributes"], "the switch's refusal attribute")
         assert device.get("event", "relay_switch_refusals")["attributes"]["event_types"]
-        assert device.get("update", "energy_saver")["attributes"]["installed_version"]
+        device.until("update", "energy_saver", lambda s: s["attributes"].get("installed_version"),
+                     "the plugin's installed version")
 
         ha.service("light", "turn_on", entity_id=device.id("light", "led_strip"), brightness_pct=40)
         device.until("light", "led_strip", lambda s: s["state"] == "on" and s["attributes"]["brightness"] == 102
