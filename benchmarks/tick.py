@@ -1,26 +1,28 @@
-"""The daemon's tick against the floor: the same work done directly, measured in the same run.
+"""The daemon's tick against a floor doing the same work, both paced in real time as the daemon runs.
 
-Work per tick, in two workloads: `adc` reads 12 sensors on gpiozero mock pins (4 MCP3008 channels over
-the simulated SPI bus, 8 GPIO inputs), `light` reads 12 GPIO inputs and no ADC (the simulated SPI reads
-dominate `adc` and hide the daemon's own cost). Then one context encode, N Extism plugin calls (copies of
-`tests/plugins/echo_output.wasm`, each returning two fixed commands from its config), N output decodes,
-and the actuator writes (8 actuators: copy i commands actuators 2i and 2i+1, modulo 8).
+Work per tick: 12 GPIO reads (gpiozero mock pins), one context encode, N plugin calls, N output decodes and
+the writes to 8 actuators (copy i of the plugin commands actuators 2i and 2i+1, modulo 8). Two plugins, a
+row each: `reading` (`tests/plugins/alternating.wasm`) parses its whole context and answers differently on
+alternate ticks, so no output repeats the one before; `echo` (`tests/plugins/echo_output.wasm`) parses its
+context too but always returns the same two commands.
 
-The floor does exactly that with no validation, arbitration, stats or scheduling, but its plugins are
-compiled as the daemon compiles them: the same memory limit, the same fuel limit and the same wall-clock
-backstop (`plugins.backstop`), both part of the honest cost of a call. The daemon is measured twice: its
-tick body (`ControlLoop.tick`) and whole loop iterations (`Daemon.serve` on a virtual clock, so
-scheduling costs are counted but no time is spent sleeping). Rounds alternate between floor and daemon so
-machine noise hits both alike; medians of the rounds are reported, of wall-clock time and of the
-process's CPU time (steadier on a busy machine).
+The floor does that work directly against the libraries: reads, `json.dumps`, the plugins compiled as the
+daemon compiles them (the same memory pages, fuel and wall-clock backstop) and called through libextism's
+plain `extism_plugin_call`, `json.loads`, the writes; no validation, arbitration, safety or stats. Both run
+on the real clock at `--rates` (10 and 50 Hz), sleeping to absolute deadlines (`SystemClock.sleep_until`),
+in rounds that alternate (floor, daemon, daemon, floor, ...): a loop that sleeps between ticks pays more per
+tick than one that runs ticks back to back (cold caches, threads to wake), so only the same cadence compares.
+The daemon is the real `Daemon.serve`, with its watchdog thread and native stderr capture, as `run` has them.
+Per tick: wall time of the tick's work (the median of the ticks, the median of the rounds) and the process's
+CPU time over the round divided by its ticks (sleeping, scheduling, the garbage collector and every thread,
+libextism's timer thread included).
 
-    python benchmarks/tick.py [--plugins 3] [--workload adc|light|both] [--ticks 1000] [--rounds 5]
-                              [--record FILE] [--profile FILE]
+Last, the CPU share of one core the daemon takes running `config/example.yaml` on simulated pins at 10 Hz
+(`pi-controller run --simulate` as a process, its threads' CPU time from /proc over `--share-seconds` after
+READY=1), and with `--baseline REF` the same for the code at git REF, alternating, in the same run.
 
-With --record the daemon records every tick (`record`): the loop iteration then includes encoding
-each tick's line (after the tick, in `tick_done`), and a row measures that encode alone. With --profile
-the daemon's tick body and its loop iterations are run once more under cProfile, into
-FILE.<workload>.tick and FILE.<workload>.loop.
+    python benchmarks/tick.py [--plugins 3 10] [--rates 10 50] [--rows reading echo] [--seconds 2.5]
+                              [--rounds 3] [--share-seconds 8] [--baseline REF]
 """
 
 from __future__ import annotations
@@ -28,38 +30,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import cProfile
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import extism
 import yaml
-from gpiozero import MCP3008, AngularServo, Device, DigitalInputDevice, OutputDevice, PWMOutputDevice
+from gpiozero import AngularServo, DigitalInputDevice, OutputDevice, PWMOutputDevice
 
 from pi_controller import config, logs
-from pi_controller.clock import VirtualClock
+from pi_controller.clock import SystemClock
 from pi_controller.daemon import Daemon
-from pi_controller.devices.digital import DigitalSettings
-from pi_controller.devices.mcp3008 import MCP3008Settings
-from pi_controller.devices.mock_pins import mock_factory
+from pi_controller.devices.pins import mock_factory
+from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.plugins.backstop import Backstop
-from pi_controller.plugins.extism_adapter import Module, compile_module
-from pi_controller.sim import record
-from pi_controller.simulators.adc import SimulatedMCP3008
+from pi_controller.plugins.extism_adapter import Module, call, compile_module
 
 REPO = Path(__file__).resolve().parent.parent
-PLUGIN = REPO / "tests" / "plugins" / "echo_output.wasm"
-ADC_CHANNELS = 4
-INPUT_PINS = (4, 5, 6, 16, 17, 22, 23, 24)
-LIGHT_PINS = INPUT_PINS + (7, 8, 9, 10)  # in place of the ADC's four channels (SPI pins unused)
+PLUGINS = {"reading": REPO / "tests" / "plugins" / "alternating.wasm",
+           "echo": REPO / "tests" / "plugins" / "echo_output.wasm"}
+EXAMPLE = REPO / "config" / "example.yaml"
+INPUT_PINS = (4, 5, 6, 7, 8, 9, 10, 16, 17, 22, 23, 24)
 PWM_PINS = (18, 19, 25, 26)
 RELAY_PINS = (20, 27)
 SERVO_PINS = (12, 13)
-MEMORY_PAGES, TIMEOUT_MS = 32, 10
+MEMORY_PAGES, TIMEOUT_MS = 32, 1  # 1 ms: ten plugins' claims fit the plugin budget of a tick at 50 Hz
+ENTRY_POINT = b"control_logic"
 
 
 def actuators() -> list[dict[str, Any]]:
@@ -68,8 +74,8 @@ def actuators() -> list[dict[str, Any]]:
     return found + [{"id": f"servo{pin}", "kind": "servo", "pin": pin} for pin in SERVO_PINS]
 
 
-def command(actuator: dict[str, Any]) -> dict[str, Any]:
-    """A fixed command that moves `actuator` away from its start-up state."""
+def fixed_command(actuator: dict[str, Any]) -> dict[str, Any]:
+    """What `echo` returns for `actuator`, every tick."""
     if actuator["kind"] == "pwm":
         return {"device_id": actuator["id"], "action": "pwm", "parameters": {"duty_cycle": 40}}
     if actuator["kind"] == "servo":
@@ -77,77 +83,81 @@ def command(actuator: dict[str, Any]) -> dict[str, Any]:
     return {"device_id": actuator["id"], "action": "set_high"}
 
 
-def plugin_settings(count: int) -> dict[str, dict[str, Any]]:
-    """Copy i of the plugin returns two fixed commands, for actuators 2i and 2i+1 (modulo 8)."""
+def plugin_settings(row: str, count: int) -> dict[str, dict[str, Any]]:
+    """Copy i of the plugin commands actuators 2i and 2i+1 (modulo 8)."""
     targets = actuators()
-    return {f"echo{i:02}": {"config": {"output": json.dumps(
-        [command(targets[(2 * i) % len(targets)]), command(targets[(2 * i + 1) % len(targets)])])}}
-        for i in range(count)}
+    settings = {}
+    for i in range(count):
+        mine = [targets[(2 * i) % len(targets)], targets[(2 * i + 1) % len(targets)]]
+        own = ({"devices": ",".join(a["id"] for a in mine)} if row == "reading"
+               else {"output": json.dumps([fixed_command(a) for a in mine])})
+        settings[f"{row}{i:02}"] = {"config": own}
+    return settings
 
 
-def config_data(plugin_dir: Path, workload: str, count: int) -> dict[str, Any]:
-    sensors: list[dict[str, Any]] = []
-    if workload == "adc":
-        sensors += [{"id": f"adc{ch}", "kind": "mcp3008", "channel": ch, "unit": "celsius", "scale": 330.0,
-                     "offset": -50.0} for ch in range(ADC_CHANNELS)]
-    sensors += [{"id": f"input{pin}", "kind": "line", "pin": pin}
-                for pin in (INPUT_PINS if workload == "adc" else LIGHT_PINS)]
+def config_data(plugin_dir: Path, row: str, count: int, rate: float) -> dict[str, Any]:
     return {
-        "pins": {"factory": "mock"}, "sensors": sensors, "actuators": actuators(),
+        "pins": {"factory": "mock"},
+        "sensors": [{"id": f"input{pin}", "kind": "line", "pin": pin} for pin in INPUT_PINS],
+        "actuators": actuators(),
         "plugins": {"directory": str(plugin_dir),
                     "defaults": {"memory_pages": MEMORY_PAGES, "timeout_ms": TIMEOUT_MS},
-                    "settings": plugin_settings(count)},
-        # A slow rate, so that the plugins' timeouts fit a tick at any count (the clock is virtual anyway).
-        "loop": {"rate_hz": 1, "plugin_budget": 0.9}, "watchdog": {"timeout_s": 5},
+                    "settings": plugin_settings(row, count)},
+        "loop": {"rate_hz": rate, "plugin_budget": 0.9}, "watchdog": {"timeout_s": 1.0},
     }
+
+
+def settings_for(folder: Path, row: str, count: int, rate: float) -> config.Settings:
+    plugins = folder / f"{row}-{count}"
+    if not plugins.exists():
+        plugins.mkdir()
+        for name in plugin_settings(row, count):
+            (plugins / f"{name}.wasm").write_bytes(PLUGINS[row].read_bytes())
+    path = folder / f"{row}-{count}-{rate:g}.yaml"
+    path.write_text(yaml.safe_dump(config_data(plugins, row, count, rate)))
+    return config.load(path)
 
 
 class Floor:
     """The same reads, encode, calls, decodes and writes, written directly against the libraries."""
 
-    def __init__(self, settings: config.Settings):
-        self.factory = mock_factory(settings.sensors)
-        Device.pin_factory = self.factory  # gpiozero's software SPI needs the default factory
-        self.adc = SimulatedMCP3008(self.factory, 0)
-        self.adc.fractions[0] = 71 / 330
-        self.sensors: list[tuple[str, Any, Callable[[Any], float]]] = [
-            (s.id, MCP3008(channel=s.channel, pin_factory=self.factory), lambda d: d.value * 330 - 50)
-            for s in settings.sensors if isinstance(s, MCP3008Settings)]
-        self.sensors += [(s.id, DigitalInputDevice(s.pin, pull_up=False, pin_factory=self.factory),
-                          lambda d: d.value)
-                         for s in settings.sensors if isinstance(s, DigitalSettings) and s.kind == "line"]
-        self.devices = {a.id: self._device(a) for a in settings.actuators}
-        self.states = {a.id: {"type": a.kind, "on": False, "value": 0.0} for a in settings.actuators}
+    def __init__(self, settings: config.Settings, wasm: bytes):
+        factory = mock_factory(settings)
+        self.sensors = [(s.id, DigitalInputDevice(s.pin, pull_up=False, pin_factory=factory))
+                        for s in settings.sensors]
+        self.devices = {a.id: self._device(a, factory) for a in settings.actuators}
+        self.states = {a.id: self._state(a.kind, 0.0 if a.kind != "servo" else None) for a in settings.actuators}
         defaults = settings.plugins.defaults
         backstop_ms = Backstop().ms(defaults.fuel, defaults.timeout_ms)  # as the daemon sizes it
-        data = base64.b64encode(PLUGIN.read_bytes()).decode()
-        self.plugins: list[tuple[extism.Plugin, bytes]] = []
         self.modules: list[Module] = []
+        self.plugins: list[tuple[extism.Plugin, bytes]] = []
         self.stalls = 0
+        data = base64.b64encode(wasm).decode()
         for own in settings.plugins.settings.values():
             manifest = json.dumps({"wasm": [{"data": data}], "memory": {"max_pages": defaults.memory_pages},
                                    "timeout_ms": backstop_ms})
             module = compile_module(manifest.encode(), False, defaults.fuel, None)
-            suffix = b',"config":' + json.dumps(dict(own.config)).encode() + b"}"
             self.modules.append(module)
-            self.plugins.append((module.instantiate(), suffix))
+            config_json = json.dumps(dict(own.config), separators=(",", ":"))
+            self.plugins.append((module.instantiate(), b',"config":' + config_json.encode() + b"}"))
 
-    def _device(self, a: Any) -> Any:
+    @staticmethod
+    def _device(a: Any, factory: Any) -> Any:
         if a.kind == "pwm":
-            return PWMOutputDevice(a.pin, pin_factory=self.factory)
+            return PWMOutputDevice(a.pin, pin_factory=factory)
         if a.kind == "relay":
-            return OutputDevice(a.pin, pin_factory=self.factory)
-        return AngularServo(a.pin, pin_factory=self.factory)
+            return OutputDevice(a.pin, pin_factory=factory)
+        return AngularServo(a.pin, pin_factory=factory)
 
     def tick(self, number: int) -> None:
         now = time.time()
-        readings = [{"sensor_id": sid, "value": float(read(dev)), "unit": "x", "timestamp": now, "valid": True}
-                    for sid, dev, read in self.sensors]
+        readings = [{"sensor_id": sid, "value": float(device.value), "unit": "boolean", "timestamp": now, "valid": True}
+                    for sid, device in self.sensors]
         body = {"sensor_readings": readings, "device_states": self.states, "timestamp": now, "tick": number}
         context = json.dumps(body, separators=(",", ":"))[:-1].encode()
         for plugin, config_suffix in self.plugins:
             try:
-                commands = json.loads(plugin.call("control_logic", context + config_suffix))
+                commands = json.loads(call(plugin, ENTRY_POINT, context + config_suffix))
             except extism.Error:  # past the backstop on a busy machine: counted, as the daemon counts it
                 self.stalls += 1
                 continue
@@ -162,12 +172,28 @@ class Floor:
             value = device.angle = parameters["angle"]
         else:
             value = device.value = c["action"] == "set_high"
-        self.states[c["device_id"]] = {"type": self.states[c["device_id"]]["type"], "on": bool(value),
-                                       "value": float(value)}
+        self.states[c["device_id"]] = self._state(self.states[c["device_id"]]["type"], value)
+
+    @staticmethod
+    def _state(kind: str, value: Any) -> dict[str, Any]:
+        """An actuator's state as the daemon's context shows it (the same keys, so the same bytes to parse)."""
+        if kind == "pwm":
+            return {"type": kind, "on": value > 0, "value": value, "duty_cycle": value}
+        if kind == "servo":
+            return {"type": kind, "on": value is not None, "value": value, "angle": value}
+        return {"type": kind, "on": bool(value), "value": int(bool(value))}
+
+    async def run(self, ticks: int, period: float, durations: list[float], first: int) -> None:
+        clock, stop = SystemClock(), asyncio.Event()
+        t0 = clock.monotonic()
+        for k in range(ticks):
+            await clock.sleep_until(t0 + k * period, stop)
+            started = time.perf_counter()
+            self.tick(first + k)
+            durations.append(time.perf_counter() - started)
 
     def close(self) -> None:
-        self.adc.close()
-        for _, device, _ in self.sensors:
+        for _, device in self.sensors:
             device.close()
         for device in self.devices.values():
             device.close()
@@ -177,89 +203,162 @@ class Floor:
             module.free()
 
 
-def per_tick(run: Callable[[int], None], ticks: int) -> tuple[float, float]:
-    """Wall-clock and CPU seconds per tick: on a busy machine the process's CPU time is the steadier."""
-    start, cpu = time.perf_counter(), time.process_time()
-    run(ticks)
-    return (time.perf_counter() - start) / ticks, (time.process_time() - cpu) / ticks
+class Durations(LoopObserver):
+    """Each tick's work as the loop itself measures it (what `--ticks`' median is made of)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def tick_done(self, report: TickReport) -> None:
+        self.seconds.append(report.duration)
 
 
-def measure(workload: str, args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "plugins"
-        folder.mkdir()
-        for name in plugin_settings(args.plugins):
-            (folder / f"{name}.wasm").write_bytes(PLUGIN.read_bytes())
-        path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump(config_data(folder, workload, args.plugins)))
-        settings = config.load(path)
-        floor = Floor(settings)
-        daemon = Daemon(settings, clock=VirtualClock(), record=args.record)
-        adc = SimulatedMCP3008(daemon.hardware.factory, 0)
-        adc.fractions[0] = 71 / 330
-        counter = iter(range(10**9))
+@dataclass
+class Row:
+    row: str
+    plugins: int
+    rate: float
+    floor: tuple[float, float]  # wall and CPU seconds per tick
+    daemon: tuple[float, float]
+    missed: int
+    problems: int
 
-        def floor_run(n: int) -> None:
-            for _ in range(n):
-                floor.tick(next(counter))
 
-        def body_run(n: int) -> None:
-            for _ in range(n):
-                daemon.loop.tick(next(counter))
+def paced(run: Any, ticks: int) -> tuple[float, float]:
+    """One round: the median tick's wall time and the process's CPU time per tick."""
+    durations: list[float] = []
+    cpu = time.process_time()
+    run(durations)
+    return statistics.median(durations[-ticks:]), (time.process_time() - cpu) / ticks
 
-        def loop_run(n: int) -> None:
-            asyncio.run(daemon.serve(daemon.loop.ticks.count + n))
 
-        def encode_run(n: int) -> None:
-            trace = daemon.loop.trace
-            assert trace is not None
-            for _ in range(n):
-                record.encode(trace, trace.states)
+def measure(folder: Path, row: str, count: int, rate: float, args: argparse.Namespace) -> Row:
+    settings = settings_for(folder, row, count, rate)
+    ticks = max(5, round(args.seconds * rate))
+    floor = Floor(settings, PLUGINS[row].read_bytes())
+    daemon = Daemon(settings, simulate=False)
+    durations = Durations()
+    daemon.loop.observers = [*daemon.loop.observers, durations]
+    counter = iter(range(1, 10**9))
 
-        results: dict[str, list[tuple[float, float]]] = {"floor": [], "tick body": [], "loop iteration": []}
-        if args.record:
-            results["record encode"] = []
-        for _ in range(args.rounds):
-            results["floor"].append(per_tick(floor_run, args.ticks))
-            results["tick body"].append(per_tick(body_run, args.ticks))
-            results["loop iteration"].append(per_tick(loop_run, args.ticks))
-            if args.record:
-                results["record encode"].append(per_tick(encode_run, args.ticks))
-        if args.profile:
-            for what, run in (("tick", body_run), ("loop", loop_run)):
-                cProfile.runctx("run(n)", globals(), {"run": run, "n": args.ticks}, f"{args.profile}.{workload}.{what}")
-        writes = sum(len(s.states) for s in daemon.hardware.factory.pins.values())
+    def floor_round(out: list[float]) -> None:
+        asyncio.run(floor.run(ticks, settings.loop.period, out, next(counter) * ticks))
+
+    def daemon_round(out: list[float]) -> None:
+        asyncio.run(daemon.serve(daemon.loop.ticks.count + ticks))
+        out.extend(durations.seconds[-ticks:])
+
+    results: dict[str, list[tuple[float, float]]] = {"floor": [], "daemon": []}
+    try:
+        floor_round([])  # warm-up, unmeasured
+        daemon_round([])
+        for k in range(args.rounds):  # floor, daemon, daemon, floor, ...: neither always goes first
+            order = ("floor", "daemon") if k % 2 == 0 else ("daemon", "floor")
+            for who in order:
+                results[who].append(paced(floor_round if who == "floor" else daemon_round, ticks))
         stats = daemon.status.snapshot()
-        adc.close()
+    finally:
         daemon.close()
         floor.close()
-    floor_wall, floor_cpu = (statistics.median(column) for column in zip(*results["floor"]))
-    print(f"{workload} workload: {len(settings.sensors)} sensor reads, 1 encode, {args.plugins} plugin calls "
-          f"and decodes, {len(settings.actuators)} actuators ({args.rounds} rounds x {args.ticks} ticks)")
-    for name, samples in results.items():
-        wall, cpu = (statistics.median(column) for column in zip(*samples))
-        print(f"{name:>15}: {wall * 1e6:8.0f} us/tick  ({wall / floor_wall:.2f}x floor)   "
-              f"CPU {cpu * 1e6:8.0f} us/tick  ({cpu / floor_cpu:.2f}x floor)")
-    errors = {name: bad for name, p in stats["plugins"].items() if (bad := p["errors"] + p["rejected"] + p["stalls"])}
-    print(f"daemon plugin errors+rejections+stalls: {errors or 'none'}; floor stalls: {floor.stalls}; "
-          f"pin state changes recorded: {writes}")
-    if args.record:
-        print(f"recording: {args.record.stat().st_size / (args.rounds * args.ticks):.0f} bytes/tick on disk")
+    problems = sum(p["errors"] + p["rejected"] + p["stalls"] for p in stats["plugins"].values()) + floor.stalls
+    median = {who: tuple(statistics.median(column) for column in zip(*samples)) for who, samples in results.items()}
+    return Row(row, count, rate, median["floor"], median["daemon"], daemon.loop.ticks.missed, problems)
+
+
+# --- the CPU share of the example config ---------------------------------------------------------
+
+
+def cpu_share(source: Path, seconds: float, folder: Path) -> float:
+    """The share of one core `pi-controller run --simulate` of the code at `source` takes, after READY=1."""
+    address = str(folder / f"notify-{time.monotonic_ns()}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    state = folder / f"state-{time.monotonic_ns()}"
+    command = [sys.executable, "-m", "pi_controller", "run", "--simulate", "--config", str(source / EXAMPLE.relative_to(REPO)),
+               "--log-level", "warning", "--state-dir", str(state)]
+    env = {**os.environ, "NOTIFY_SOCKET": address, "PYTHONPATH": str(source)}
+    process = subprocess.Popen(command, env=env, cwd=source, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sock.settimeout(60)
+        while not sock.recv(4096).startswith(b"READY=1"):
+            pass
+        time.sleep(1.0)  # past start-up's own work
+        cpu, begun = _cpu_seconds(process.pid), time.monotonic()
+        time.sleep(seconds)
+        return (_cpu_seconds(process.pid) - cpu) / (time.monotonic() - begun)
+    finally:
+        process.terminate()
+        process.wait()
+        sock.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of a process, all its threads summed (/proc/PID/task/*/schedstat: nanoseconds, where
+    /proc/PID/stat counts 10 ms clock ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):  # a thread that has just ended
+            pass
+    return total / 1e9
+
+
+def checkout(ref: str, folder: Path) -> Path:
+    """The tree of git `ref`, extracted (nothing installed: it runs from PYTHONPATH)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], check=True, capture_output=True).stdout
+    target = folder / f"baseline-{ref.replace('/', '_')}"
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    if (target / "simulators").is_dir() and not (target / "pi_controller" / "simulators").exists():
+        (target / "pi_controller" / "simulators").symlink_to(target / "simulators")  # the layout before issue 27
+    return target
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plugins", type=int, default=3, help="copies of the plugin called each tick")
-    parser.add_argument("--workload", choices=("adc", "light", "both"), default="both")
-    parser.add_argument("--ticks", type=int, default=1000)  # amortizes serve()'s start-up over many ticks
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--record", type=Path, help="record the daemon's ticks to this file (.gz: gzip)")
-    parser.add_argument("--profile", type=Path,
-                        help="cProfile the daemon's tick body and loop into FILE.<workload>.tick and .loop")
+    parser.add_argument("--plugins", type=int, nargs="+", default=[3, 10], help="plugin counts")
+    parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 50.0], help="tick rates (Hz)")
+    parser.add_argument("--rows", nargs="+", choices=tuple(PLUGINS), default=list(PLUGINS))
+    parser.add_argument("--seconds", type=float, default=2.5, help="length of one round")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds of each, alternating")
+    parser.add_argument("--share-seconds", type=float, default=8.0, help="0: no CPU share measured")
+    parser.add_argument("--baseline", help="a git ref whose CPU share is measured beside this code's")
     args = parser.parse_args()
     logs.configure("console", "warning")
-    for workload in ("light", "adc") if args.workload == "both" else (args.workload,):
-        measure(workload, args)
+    logs.capture_native_stderr()  # as `pi-controller run` does: each plugin call is bracketed (issue 28)
+    print(f"load average at start: {load()}")
+    print(f"{'plugins':>7} {'rate':>5} {'plugin':>8} {'floor':>9} {'daemon':>9} {'ratio':>6} "
+          f"{'CPU floor':>10} {'CPU daemon':>11} {'ratio':>6}  load")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for count in args.plugins:
+            for rate in args.rates:
+                for row in args.rows:
+                    r = measure(folder, row, count, rate, args)
+                    notes = (f"  missed {r.missed}" if r.missed else "") + (f"  problems {r.problems}" if r.problems else "")
+                    print(f"{count:>7} {rate:>3g}Hz {row:>8} {r.floor[0] * 1e6:>6.0f} us {r.daemon[0] * 1e6:>6.0f} us "
+                          f"{r.daemon[0] / r.floor[0]:>5.2f}x {r.floor[1] * 1e6:>7.0f} us {r.daemon[1] * 1e6:>8.0f} us "
+                          f"{r.daemon[1] / r.floor[1]:>5.2f}x  {load()}{notes}", flush=True)
+        if args.share_seconds > 0:
+            sources = {"this code": REPO}
+            if args.baseline:
+                sources = {f"baseline {args.baseline}": checkout(args.baseline, folder), **sources}
+            shares: dict[str, list[float]] = {name: [] for name in sources}
+            for _ in range(2 if args.baseline else 1):
+                for name, source in sources.items():
+                    shares[name].append(cpu_share(source, args.share_seconds, folder))
+            for name, values in shares.items():
+                print(f"CPU share of one core at 10 Hz, config/example.yaml on simulated pins, {name}: "
+                      f"{statistics.median(values) * 100:.2f} % ({', '.join(f'{v * 100:.2f}' for v in values)}; "
+                      f"load {load()})")
 
 
 if __name__ == "__main__":
