@@ -19,7 +19,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Container, Mapping, Protocol, Sequence
 
+import msgspec
+
 COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # what plugins and recordings get
+_DECODER = msgspec.json.Decoder()  # untyped: plain dicts, lists, str, int, float, bool, None, as json gives
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs four times as much to make, 12 times a tick
@@ -169,7 +172,7 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
                  ) -> tuple[list[Command], list[Rejection]]:
     """Validate a plugin's output against the contract and the actuators it names."""
     try:
-        entries = json.loads(raw)
+        entries = decode(raw)
     except (ValueError, RecursionError) as exc:
         raise OutputError("not_json", f"output is not JSON: {str(exc)[:120]}") from exc
     if not isinstance(entries, list):
@@ -188,6 +191,17 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
             known = device if isinstance(device, str) and device in targets else None
             rejections.append(Rejection(plugin, known, exc.rule, str(exc)))
     return commands, rejections
+
+
+def decode(raw: bytes) -> Any:
+    """`json.loads(raw)`, the same values, through msgspec's decoder where it takes the text: 2 us against
+    json's 12 for a plugin's two commands here. What msgspec refuses and json takes (NaN, a number past a
+    float's range, a lone surrogate, a byte-order mark, UTF-16) or refuses too (nesting too deep for either)
+    goes to json.loads, so every output decodes, or fails with the message, as it did before."""
+    try:
+        return _DECODER.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return json.loads(raw)
 
 
 def max_commands(actuators: int) -> int:

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 from gpiozero.pins.mock import MockFactory, MockPWMPin
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pi_controller import arbitration, contract
 from pi_controller.contract import Command, OutputError, Reading
@@ -170,3 +172,40 @@ def test_readings_are_encoded_as_json_dumps_would(value, timestamp) -> None:
     expected = json.dumps([r.as_json() for r in readings], separators=(",", ":")).encode()
     parts = contract.encode_context(readings, "{}", 0.0, 0, monotonic=0.0).parts
     assert ("[" + ",".join(parts) + "]").encode() == expected
+
+
+# --- decoding output: msgspec where it can, json's answer always --------------------------------------
+
+_EDGES = [b"[]", b" [ ] ", b"-0", b"1E400", b"-1E400", b"1.7976931348623159e308", b"4.9e-324", b"NaN", b"[Infinity]",
+          b"123456789012345678901234567890", b"18446744073709551616", b'{"a":1,"a":2}', b'"\\ud800"',
+          b'"\\u0000"', b"\xef\xbb\xbf[]", "[]".encode("utf-16"), b'"\xff"', b"[1.0,2]", b"[" * 5000 + b"]" * 5000,
+          b'[{"device_id":"led_strip","action":"pwm","parameters":{"duty_cycle":4e1}}]', b"", b"[1,]", b"nul"]
+
+
+def _decoded(decode: Any, raw: bytes) -> tuple[str, str]:
+    """What a decode gives, compared by type and repr (NaN != NaN), or the error it raises, with its message."""
+    try:
+        value = decode(raw)
+    except (ValueError, RecursionError) as exc:
+        return type(exc).__name__, str(exc)
+    return type(value).__name__, repr(value)
+
+
+@pytest.mark.parametrize("raw", _EDGES, ids=range(len(_EDGES)))
+def test_decode_gives_what_json_gives_at_the_edges(raw: bytes) -> None:
+    """msgspec refuses some texts json takes (NaN, numbers past a float, surrogates, a BOM, UTF-16): those go
+    to json.loads, so what a plugin's output decodes to, or the error it fails with, never changed."""
+    assert _decoded(contract.decode, raw) == _decoded(json.loads, raw)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_JSON.map(lambda value: json.dumps(value).encode()),
+                 _JSON.map(lambda value: json.dumps(value, ensure_ascii=False, indent=1).encode()),
+                 st.binary(max_size=40)))
+def test_decode_gives_what_json_gives(raw: bytes) -> None:
+    assert _decoded(contract.decode, raw) == _decoded(json.loads, raw)
