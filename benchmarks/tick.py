@@ -13,9 +13,10 @@ on the real clock at `--rates` (10 and 50 Hz), sleeping to absolute deadlines (`
 in rounds that alternate (floor, daemon, daemon, floor, ...): a loop that sleeps between ticks pays more per
 tick than one that runs ticks back to back (cold caches, threads to wake), so only the same cadence compares.
 The daemon is the real `Daemon.serve`, with its watchdog thread and native stderr capture, as `run` has them.
-Per tick: wall time of the tick's work (the median of the ticks, the median of the rounds) and the process's
-CPU time over the round divided by its ticks (sleeping, scheduling, the garbage collector and every thread,
-libextism's timer thread included).
+Per tick, medians of the ticks then of the rounds: the wall time of the tick's work; the CPU time its thread
+spent in it (what other processes on the machine change least); and the process's CPU time per tick from the
+first tick's end to the last's (sleeping, scheduling, the garbage collector and every thread, libextism's
+timer thread included; not the loop's start and stop).
 
 Last, the CPU share of one core the daemon takes running `config/example.yaml` on simulated pins at 10 Hz
 (`pi-controller run --simulate` as a process, its threads' CPU time from /proc over `--share-seconds` after
@@ -42,7 +43,7 @@ import time
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import extism
 import yaml
@@ -52,7 +53,6 @@ from pi_controller import config, logs
 from pi_controller.clock import SystemClock
 from pi_controller.daemon import Daemon
 from pi_controller.devices.pins import mock_factory
-from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.extism_adapter import Module, call, compile_module
 
@@ -183,14 +183,12 @@ class Floor:
             return {"type": kind, "on": value is not None, "value": value, "angle": value}
         return {"type": kind, "on": bool(value), "value": int(bool(value))}
 
-    async def run(self, ticks: int, period: float, durations: list[float], first: int) -> None:
-        clock, stop = SystemClock(), asyncio.Event()
+    async def run(self, ticks: int, period: float, timed: Timed, first: int) -> None:
+        clock, stop, tick = SystemClock(), asyncio.Event(), timed.around(self.tick)
         t0 = clock.monotonic()
         for k in range(ticks):
             await clock.sleep_until(t0 + k * period, stop)
-            started = time.perf_counter()
-            self.tick(first + k)
-            durations.append(time.perf_counter() - started)
+            tick(first + k)
 
     def close(self) -> None:
         for _, device in self.sensors:
@@ -203,14 +201,33 @@ class Floor:
             module.free()
 
 
-class Durations(LoopObserver):
-    """Each tick's work as the loop itself measures it (what `--ticks`' median is made of)."""
+class Timed:
+    """Each tick's work: its wall time, the CPU time of its thread in it (what another process's use of the
+    core does not change) and the process's CPU time when it ended."""
 
     def __init__(self) -> None:
-        self.seconds: list[float] = []
+        self.samples: list[tuple[float, float, float]] = []
 
-    def tick_done(self, report: TickReport) -> None:
-        self.seconds.append(report.duration)
+    def around(self, tick: Callable[[int], None]) -> Callable[[int], None]:
+        def timed(number: int) -> None:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            tick(number)
+            self.samples.append((time.perf_counter() - wall, time.thread_time() - cpu, time.process_time()))
+
+        return timed
+
+    def round(self, ticks: int) -> Round:
+        """The last `ticks` ticks: medians of the tick's work, and the process's CPU time per tick from the
+        first tick's end to the last's (sleeps, scheduling, the collector, every thread; not starting up)."""
+        walls, cpus, ends = zip(*self.samples[-ticks:])
+        return Round(statistics.median(walls), statistics.median(cpus), (ends[-1] - ends[0]) / (ticks - 1))
+
+
+@dataclass
+class Round:
+    wall: float  # seconds
+    cpu: float
+    process_cpu: float
 
 
 @dataclass
@@ -218,18 +235,10 @@ class Row:
     row: str
     plugins: int
     rate: float
-    floor: tuple[float, float]  # wall and CPU seconds per tick
-    daemon: tuple[float, float]
+    floor: Round
+    daemon: Round
     missed: int
     problems: int
-
-
-def paced(run: Any, ticks: int) -> tuple[float, float]:
-    """One round: the median tick's wall time and the process's CPU time per tick."""
-    durations: list[float] = []
-    cpu = time.process_time()
-    run(durations)
-    return statistics.median(durations[-ticks:]), (time.process_time() - cpu) / ticks
 
 
 def measure(folder: Path, row: str, count: int, rate: float, args: argparse.Namespace) -> Row:
@@ -237,31 +246,32 @@ def measure(folder: Path, row: str, count: int, rate: float, args: argparse.Name
     ticks = max(5, round(args.seconds * rate))
     floor = Floor(settings, PLUGINS[row].read_bytes())
     daemon = Daemon(settings, simulate=False)
-    durations = Durations()
-    daemon.loop.observers = [*daemon.loop.observers, durations]
+    timed = {"floor": Timed(), "daemon": Timed()}
+    daemon.loop.tick = timed["daemon"].around(daemon.loop.tick)  # type: ignore[method-assign]
     counter = iter(range(1, 10**9))
 
-    def floor_round(out: list[float]) -> None:
-        asyncio.run(floor.run(ticks, settings.loop.period, out, next(counter) * ticks))
+    def run(who: str) -> Round:
+        if who == "floor":
+            asyncio.run(floor.run(ticks, settings.loop.period, timed["floor"], next(counter) * ticks))
+        else:
+            asyncio.run(daemon.serve(daemon.loop.ticks.count + ticks))
+        return timed[who].round(ticks)
 
-    def daemon_round(out: list[float]) -> None:
-        asyncio.run(daemon.serve(daemon.loop.ticks.count + ticks))
-        out.extend(durations.seconds[-ticks:])
-
-    results: dict[str, list[tuple[float, float]]] = {"floor": [], "daemon": []}
+    results: dict[str, list[Round]] = {"floor": [], "daemon": []}
     try:
-        floor_round([])  # warm-up, unmeasured
-        daemon_round([])
+        run("floor")  # warm-up, unmeasured
+        run("daemon")
         for k in range(args.rounds):  # floor, daemon, daemon, floor, ...: neither always goes first
-            order = ("floor", "daemon") if k % 2 == 0 else ("daemon", "floor")
-            for who in order:
-                results[who].append(paced(floor_round if who == "floor" else daemon_round, ticks))
+            for who in ("floor", "daemon") if k % 2 == 0 else ("daemon", "floor"):
+                results[who].append(run(who))
         stats = daemon.status.snapshot()
     finally:
         daemon.close()
         floor.close()
     problems = sum(p["errors"] + p["rejected"] + p["stalls"] for p in stats["plugins"].values()) + floor.stalls
-    median = {who: tuple(statistics.median(column) for column in zip(*samples)) for who, samples in results.items()}
+    median = {who: Round(*(statistics.median(column) for column in zip(*((r.wall, r.cpu, r.process_cpu)
+                                                                              for r in rounds))))
+              for who, rounds in results.items()}
     return Row(row, count, rate, median["floor"], median["daemon"], daemon.loop.ticks.missed, problems)
 
 
@@ -322,6 +332,19 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def line(r: Row) -> str:
+    def us(seconds: float, width: int) -> str:
+        return f"{seconds * 1e6:>{width - 3}.0f} us"
+
+    def columns(floor: float, daemon: float) -> str:
+        return f"{us(floor, 9)} {us(daemon, 9)} {daemon / floor:>5.2f}x"
+
+    notes = (f"  missed {r.missed}" if r.missed else "") + (f"  problems {r.problems}" if r.problems else "")
+    return (f"{r.plugins:>7} {r.rate:>3g}Hz {r.row:>7} | {columns(r.floor.wall, r.daemon.wall)} | "
+            f"{columns(r.floor.cpu, r.daemon.cpu)} | {columns(r.floor.process_cpu, r.daemon.process_cpu)} | "
+            f"{load()}{notes}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plugins", type=int, nargs="+", default=[3, 10], help="plugin counts")
@@ -335,18 +358,16 @@ def main() -> None:
     logs.configure("console", "warning")
     logs.capture_native_stderr()  # as `pi-controller run` does: each plugin call is bracketed (issue 28)
     print(f"load average at start: {load()}")
-    print(f"{'plugins':>7} {'rate':>5} {'plugin':>8} {'floor':>9} {'daemon':>9} {'ratio':>6} "
-          f"{'CPU floor':>10} {'CPU daemon':>11} {'ratio':>6}  load")
+    print("wall and CPU: the tick's work (its thread's CPU time), medians; proc: the process's CPU time per tick, "
+          "all threads, sleeps and scheduling included")
+    print(f"{'plugins':>7} {'rate':>5} {'plugin':>7} | {'floor':>9} {'daemon':>9} {'ratio':>6} | {'CPU floor':>9} "
+          f"{'daemon':>9} {'ratio':>6} | {'proc floor':>9} {'daemon':>9} {'ratio':>6} | load average")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for count in args.plugins:
             for rate in args.rates:
                 for row in args.rows:
-                    r = measure(folder, row, count, rate, args)
-                    notes = (f"  missed {r.missed}" if r.missed else "") + (f"  problems {r.problems}" if r.problems else "")
-                    print(f"{count:>7} {rate:>3g}Hz {row:>8} {r.floor[0] * 1e6:>6.0f} us {r.daemon[0] * 1e6:>6.0f} us "
-                          f"{r.daemon[0] / r.floor[0]:>5.2f}x {r.floor[1] * 1e6:>7.0f} us {r.daemon[1] * 1e6:>8.0f} us "
-                          f"{r.daemon[1] / r.floor[1]:>5.2f}x  {load()}{notes}", flush=True)
+                    print(line(measure(folder, row, count, rate, args)), flush=True)
         if args.share_seconds > 0:
             sources = {"this code": REPO}
             if args.baseline:
