@@ -2,9 +2,10 @@
 
 Work per tick: 12 GPIO reads (gpiozero mock pins), one context encode, N plugin calls, N output decodes and
 the writes to 8 actuators (copy i of the plugin commands actuators 2i and 2i+1, modulo 8). Two plugins, a
-row each: `reading` (`tests/plugins/alternating.wasm`) parses its whole context and answers differently on
-alternate ticks, so no output repeats the one before; `echo` (`tests/plugins/echo_output.wasm`) parses its
-context too but always returns the same two commands.
+row each: `reading` (`tests/plugins/alternating.wasm`, the plugin of issue 30) copies its whole context
+through the PDK and answers differently on alternate calls, so no output is the one before it; `echo`
+(`tests/plugins/echo_output.wasm`) parses its whole context (as a plugin on `pdk.run` does, ~10x the cost of
+a copy) and always returns the same two commands.
 
 The floor does that work directly against the libraries: reads, `json.dumps`, the plugins compiled as the
 daemon compiles them (the same memory pages, fuel and wall-clock backstop) and called through libextism's
@@ -74,13 +75,13 @@ def actuators() -> list[dict[str, Any]]:
     return found + [{"id": f"servo{pin}", "kind": "servo", "pin": pin} for pin in SERVO_PINS]
 
 
-def fixed_command(actuator: dict[str, Any]) -> dict[str, Any]:
-    """What `echo` returns for `actuator`, every tick."""
+def command(actuator: dict[str, Any], odd: bool = False) -> dict[str, Any]:
+    """A command that moves `actuator` away from its start-up state; another one on odd calls."""
     if actuator["kind"] == "pwm":
-        return {"device_id": actuator["id"], "action": "pwm", "parameters": {"duty_cycle": 40}}
+        return {"device_id": actuator["id"], "action": "pwm", "parameters": {"duty_cycle": 60 if odd else 40}}
     if actuator["kind"] == "servo":
-        return {"device_id": actuator["id"], "action": "set_angle", "parameters": {"angle": 30}}
-    return {"device_id": actuator["id"], "action": "set_high"}
+        return {"device_id": actuator["id"], "action": "set_angle", "parameters": {"angle": 60 if odd else 30}}
+    return {"device_id": actuator["id"], "action": "set_low" if odd else "set_high"}
 
 
 def plugin_settings(row: str, count: int) -> dict[str, dict[str, Any]]:
@@ -89,8 +90,8 @@ def plugin_settings(row: str, count: int) -> dict[str, dict[str, Any]]:
     settings = {}
     for i in range(count):
         mine = [targets[(2 * i) % len(targets)], targets[(2 * i + 1) % len(targets)]]
-        own = ({"devices": ",".join(a["id"] for a in mine)} if row == "reading"
-               else {"output": json.dumps([fixed_command(a) for a in mine])})
+        own = ({"odd": json.dumps([command(a, odd=True) for a in mine]), "even": json.dumps([command(a) for a in mine])}
+               if row == "reading" else {"output": json.dumps([command(a) for a in mine])})
         settings[f"{row}{i:02}"] = {"config": own}
     return settings
 
@@ -135,7 +136,7 @@ class Floor:
         data = base64.b64encode(wasm).decode()
         for own in settings.plugins.settings.values():
             manifest = json.dumps({"wasm": [{"data": data}], "memory": {"max_pages": defaults.memory_pages},
-                                   "timeout_ms": backstop_ms})
+                                   "timeout_ms": backstop_ms, "config": dict(own.config)})  # as the daemon has it
             module = compile_module(manifest.encode(), False, defaults.fuel, None)
             self.modules.append(module)
             config_json = json.dumps(dict(own.config), separators=(",", ":"))

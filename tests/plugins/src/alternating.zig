@@ -1,27 +1,22 @@
-//! Benchmark load (benchmarks/tick.py): a plugin that reads its whole context (`pdk.run` parses
-//! every reading, every device state and its config) and answers differently on alternate ticks,
-//! so no output is ever the one before: it commands each actuator named in `config.devices`
-//! (comma-separated), as its kind in `device_states` says: relays on and off, PWM duty 40 and
-//! 60 %, servos 30 and 60 degrees.
+//! Benchmark load (benchmarks/tick.py), the plugin of issue 30: it copies its whole input through the
+//! PDK, as every plugin reads its context, and answers differently on alternate calls, so no output
+//! is the one before it: `config.odd` on the first call, `config.even` on the next, and so on (Extism
+//! config: JSON arrays of commands, returned byte for byte). A count of its calls in module memory
+//! says which.
 
 const std = @import("std");
 const pdk = @import("pdk");
 
+var calls: u64 = 0;
+
 export fn control_logic() i32 {
-    return pdk.run(step);
+    return pdk.runRaw(answer);
 }
 
-fn step(ctx: *const pdk.Context, out: *pdk.Commands) !void {
-    const even = @mod(ctx.tick, 2) == 0;
-    var names = std.mem.splitScalar(u8, try ctx.configString("devices", ""), ',');
-    while (names.next()) |id| {
-        const state = ctx.device(id) orelse continue;
-        if (std.mem.eql(u8, state.type, "relay")) {
-            try if (even) out.setHigh(id) else out.setLow(id);
-        } else if (std.mem.eql(u8, state.type, "pwm")) {
-            try out.pwm(id, if (even) 40 else 60);
-        } else if (std.mem.eql(u8, state.type, "servo")) {
-            try out.setAngle(id, if (even) 30 else 60);
-        }
-    }
+fn answer(allocator: std.mem.Allocator) !void {
+    _ = try pdk.readInput(allocator);
+    calls += 1;
+    const key = if (calls % 2 == 0) "even" else "odd";
+    const output = try pdk.configGet(allocator, key) orelse return pdk.fail("config '{s}' is missing", .{key});
+    try pdk.setOutput(output);
 }
