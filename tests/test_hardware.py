@@ -185,6 +185,32 @@ def test_states_json_follows_every_actuator_change(write_config) -> None:
         hardware.close()
 
 
+def test_states_are_built_again_after_every_write_that_changed_an_actuator(write_config) -> None:
+    """`states()` is kept from one look to the next (the tick looks three times) until an actuator is
+    written: by the tick, by the watchdog's settle or by a reload; a write that changes nothing keeps it."""
+    data = {"actuators": [{"id": "led", "kind": "pwm", "pin": 18}, {"id": "fan", "kind": "relay", "pin": 27}],
+            "pins": {"factory": "mock"}}
+    settings = config.load(write_config(data))
+    hardware = Hardware.build(settings, make_factory(settings, simulate=True), CLOCK)
+    try:
+        kept = hardware.states()
+        assert hardware.states() is kept
+        hardware.apply([Write("led", kept["led"]["value"], "p")], 1)  # the target it has: nothing changes
+        assert hardware.states() is kept
+        hardware.apply([Write("led", 0.4, "p")], 2)
+        moved = hardware.states()
+        assert moved is not kept and moved["led"]["value"] == pytest.approx(0.4) and kept["led"]["value"] == 0
+        assert json.loads(hardware.states_json()) == moved
+        hardware.settle("safe", "test")
+        assert hardware.states()["led"]["value"] == 0 and json.loads(hardware.states_json())["led"]["value"] == 0
+        hardware.apply([Write("fan", 1.0, "p")], 3)
+        assert hardware.states()["fan"]["on"] is True and json.loads(hardware.states_json())["fan"]["on"] is True
+        hardware.reconfigure(config.load(write_config({**data, "actuators": data["actuators"][:1]})), CLOCK)
+        assert list(hardware.states()) == ["led"] and list(json.loads(hardware.states_json())) == ["led"]
+    finally:
+        hardware.close()
+
+
 def test_digital_input_follows_its_pin_and_wiring(factory) -> None:
     motion = DigitalSettings(id="m", kind="motion", pin=17).sensor(factory, CLOCK)
     button = DigitalSettings(id="b", kind="button", pin=5).sensor(factory, CLOCK)

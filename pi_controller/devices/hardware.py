@@ -7,6 +7,7 @@ present before each read, so simulated physics happen on the same path a Pi's se
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, NamedTuple, Protocol, Sequence, TypeVar
 
@@ -60,7 +61,12 @@ class Hardware:
         self.factory = factory
         self.environment: Environment | None = None
         self._lock = threading.Lock()  # the tick's writes against the watchdog's
-        self._encoded: tuple[tuple[dict[str, Any], ...], str] = ((), "")  # the states `states_json` last encoded
+        # Every write that changed an actuator (apply, settle, reconfigure) takes a new version, after the
+        # write; `states` and `states_json` are built once per version, however often they are asked for.
+        # From a counter: the watchdog's thread may settle without the lock, and next() loses no update.
+        self._versions = itertools.count(1)
+        self._version = 0
+        self._states: tuple[int, dict[str, dict[str, Any]], str | None] = (-1, {}, None)
 
     @classmethod
     def build(cls, actuator_settings: Iterable[ActuatorSettings], sensor_settings: Iterable[SensorSettings],
@@ -103,6 +109,7 @@ class Hardware:
             # Inside the lock: the watchdog must never see a device that failed to be claimed.
             self.actuators = {key: a for key, a in claimed.items() if a is not None}
             self.sensors = [sensor for sensor in reading if sensor is not None]
+            self._version = next(self._versions)
         return failed
 
     def read(self, now: float) -> list[Reading]:
@@ -119,10 +126,13 @@ class Hardware:
                 was_on = actuator.state["on"]
                 try:
                     changed = actuator.apply(write.target)
-                except Exception as exc:  # a pin that fails to switch must not stop the others
-                    failed[actuator.id] = f"{type(exc).__name__}: {exc}"
+                except Exception as exc:  # a pin that fails to switch must not stop the others (its state
+                    failed[actuator.id] = f"{type(exc).__name__}: {exc}"  # is set only after a write)
                     continue
-                if changed and actuator.state["on"] != was_on and logs.enabled("info"):  # a fade's steps are not news
+                if not changed:
+                    continue
+                self._version = next(self._versions)
+                if actuator.state["on"] != was_on and logs.enabled("info"):  # a fade's steps are not news
                     log.info("actuator_set", device=actuator.id, target=write.target, plugin=write.plugin,
                              tick=tick)
         return failed
@@ -141,22 +151,33 @@ class Hardware:
                 except Exception as exc:
                     log.error("actuator_write_failed", device=actuator.id, state=state, error=str(exc))
         finally:
+            self._version = next(self._versions)
             if locked:
                 self._lock.release()
         log.info(f"actuators_{state}", reason=reason,
                  states={key: a.target for key, a in self.actuators.items()})
 
     def states(self) -> dict[str, dict[str, Any]]:
-        """Each actuator's state as the plugin context shows it."""
-        return {key: actuator.state for key, actuator in self.actuators.items()}
+        """Each actuator's state as the plugin context shows it: the same dict until an actuator is written
+        (the tick looks three times; nobody may change it). The version is read before the states: a write
+        from the watchdog's thread meanwhile leaves a snapshot of an older version, built again next time."""
+        version, states, _ = self._states
+        if version != self._version:
+            version = self._version
+            states = {key: actuator.state for key, actuator in self.actuators.items()}
+            self._states = (version, states, None)
+        return states
 
     def states_json(self) -> str:
-        """`states()` as the context's JSON, encoded again only when a state changed: an actuator
-        replaces its state dict on a change and never edits it, and most ticks change nothing."""
-        current = tuple(actuator.state for actuator in self.actuators.values())
-        if len(current) != len(self._encoded[0]) or any(a is not b for a, b in zip(current, self._encoded[0])):
-            self._encoded = (current, contract.encode_states(self.states()))
-        return self._encoded[1]
+        """`states()` as the context's JSON, encoded once per version of them: most ticks change nothing."""
+        states = self.states()
+        version, snapshot, encoded = self._states
+        if snapshot is not states:  # another thread's write came in between: what was asked for, uncached
+            return contract.encode_states(states)
+        if encoded is None:
+            encoded = contract.encode_states(states)
+            self._states = (version, states, encoded)
+        return encoded
 
     def close(self) -> None:
         """Shut-down state if anything is not in it yet, then release the sensors.
