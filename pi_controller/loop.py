@@ -249,7 +249,9 @@ class ControlLoop:
         stats.durations.add(seconds)
         self.health.ok(plugin.name, now, commands, rejections)
         self.verdicts.answered.append(plugin.name)
-        self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False), number, self._call_observers)
+        if self._call_observers:
+            self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False), number,
+                         self._call_observers)
         if plugin.quarantine.record(now, number, len(rejections), rejections[0].reason if rejections else ""):
             self.plugins.made_room()  # its share of the tick is free for a plugin waiting for one
         stats.rejected += len(rejections)
