@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import pytest
 from gpiozero import Device
-from gpiozero.pins.mock import MockPWMPin
+from gpiozero.pins.mock import MockFactory, MockPWMPin
 from structlog.testing import capture_logs
 
-from pi_controller import config
+from pi_controller import config, contract
 from pi_controller.clock import VirtualClock
 from pi_controller.devices import actuators, sensors
 from pi_controller.devices.cpu_temperature import CPUTemperatureSettings
@@ -209,6 +209,28 @@ def test_states_are_built_again_after_every_write_that_changed_an_actuator(write
         assert list(hardware.states()) == ["led"] and list(json.loads(hardware.states_json())) == ["led"]
     finally:
         hardware.close()
+
+
+def test_an_actuator_s_state_json_is_its_state_encoded_whatever_it_was_before() -> None:
+    """`state_json` is kept per target the actuator has been in: 1, 1.0 and True are one key to a dict but
+    three JSON texts, and a fade's many steps are kept to KNOWN_STATES, never all."""
+    factory = MockFactory(pin_class=MockPWMPin)
+    built = [actuators.build(PwmSettings(id="led", kind="pwm", pin=18), factory),
+             actuators.build(RelaySettings(id="fan", kind="relay", pin=27), factory),
+             actuators.build(ServoSettings(id="vent", kind="servo", pin=13, min_angle=0, max_angle=90), factory)]
+    targets = {"led": [0.5, 1, 1.0, True, 0, 0.0, 0.5, *(i / 100 for i in range(40)), 1],
+               "fan": [1.0, 0.0, True, False, 1, 0, 1.0], "vent": [None, 30, 30.0, 45.5, None, 0, 0.0, 90]}
+    try:
+        for actuator in built:
+            assert actuator.state_json() == contract.COMPACT.encode(actuator.state)
+            for target in targets[actuator.id]:
+                actuator.apply(target, force=True)
+                assert actuator.state_json() == contract.COMPACT.encode(actuator.state), (actuator.id, target)
+                assert actuator.state == actuator._describe(target)
+            assert len(actuator._known) <= actuators.KNOWN_STATES
+    finally:
+        for actuator in built:
+            actuator.close()
 
 
 def test_digital_input_follows_its_pin_and_wiring(factory) -> None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping, NamedTuple
 
-from pi_controller.contract import Rejected
+from pi_controller.contract import COMPACT, Rejected
 from pi_controller.schema import bcm_pin, bounded, device_id
+
+KNOWN_STATES = 16  # states an actuator keeps described and encoded (`Actuator.state_json`)
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
@@ -135,6 +137,7 @@ class Actuator:
 
     kind: str
     actions: tuple[str, ...] = ()
+    state: dict[str, Any]  # as the plugin context shows it; replaced on a change, never edited
     # Its Home Assistant entity sends "ON" and then its level as two messages (a fan's turn_on with a
     # percentage): a bare "ON" waits a tick for a level that supersedes it (`operator.py`).
     level_follows_on = False
@@ -144,7 +147,10 @@ class Actuator:
         self.device = device
         self.safe_target, self.startup_target, self.shutdown_target = settings.targets()
         self.target: Target = claimed
-        self.state: dict[str, Any] = self._describe(claimed)
+        # The states this actuator has been in, with their JSON once asked for, by target: an actuator goes
+        # back and forth between a few (on and off, a plugin's levels) and each is described and encoded once.
+        self._known: dict[tuple[type, Target], list[Any]] = {}
+        self._set_state(claimed)
 
     @property
     def id(self) -> str:
@@ -169,8 +175,25 @@ class Actuator:
             return False
         self._write(target)
         self.target = target
-        self.state = self._describe(target)
+        self._set_state(target)
         return True
+
+    def state_json(self) -> str:
+        """`state` as the context's JSON (`contract.COMPACT`), encoded the first time this state is shown."""
+        entry = self._entry
+        if entry[1] is None:
+            entry[1] = COMPACT.encode(entry[0])
+        return str(entry[1])
+
+    def _set_state(self, target: Target) -> None:
+        key = (type(target), target)  # 1, 1.0 and True are one key to a dict, not one JSON
+        entry = self._known.get(key)
+        if entry is None:
+            if len(self._known) >= KNOWN_STATES:  # a fade or a sweep: a few steps kept, never all
+                self._known.clear()
+            entry = self._known[key] = [self._describe(target), None]
+        self.state = entry[0]
+        self._entry = entry
 
     def close(self) -> None:
         self.device.close()

@@ -174,8 +174,9 @@ class Hardware:
         version, snapshot, encoded = self._states
         if snapshot is not states:  # another thread's write came in between: what was asked for, uncached
             return contract.encode_states(states)
-        if encoded is None:
-            encoded = contract.encode_states(states)
+        if encoded is None:  # as contract.encode_states(states) writes it, from each actuator's own JSON
+            encoded = "{" + ",".join(f"{contract.string(key)}:{a.state_json()}" for key, a in self.actuators.items()
+                                     ) + "}"
             self._states = (version, states, encoded)
         return encoded
 
