@@ -143,6 +143,8 @@ class Operator:
     def commands(self, actuators: Mapping[str, Actuator], plugins: Iterable[Any], now: float,
                  tick: int) -> list[Command]:
         """Take up pending requests, expire old overrides, and return the overrides in force."""
+        if not (self._waiting or self._overrides) and self._inbox.empty():
+            return []  # most ticks: nothing asked, nothing in force
         for request in self._intake(actuators):
             try:
                 answer = self._take(request, actuators, plugins, now, tick)
