@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import structlog
@@ -61,6 +62,18 @@ def collect_if_due() -> None:
     if counts[0] >= thresholds[0]:
         generation = 2 if counts[2] >= thresholds[2] else 1 if counts[1] >= thresholds[1] else 0
         gc.collect(generation)
+
+
+@dataclass(slots=True)
+class Call:
+    """A plugin's call in this tick, before its answer is checked: when it was asked and when it ended (the
+    times its verdicts are dated by), and its failure if it gave nothing."""
+
+    plugin: SandboxedPlugin
+    now: float
+    ended: float = 0.0
+    admitted: bool = True
+    failure: Exception | None = None
 
 
 def next_deadline(due: int, elapsed: float, period: float) -> int:
@@ -180,8 +193,11 @@ class ControlLoop:
         proposals = self.operator.commands(self.hardware.actuators, self.plugins, self.clock.monotonic(), number)
         self.health.begin()
         self.verdicts = Verdicts()
-        for plugin in self.operator.enabled(self.plugins):
-            proposals.extend(self._consult(plugin, context, number))
+        # The calls back to back (libextism's and the Wasm runtime's code stays in the caches from one to
+        # the next), then each answer checked and counted, in the same order.
+        asked = [self._ask(plugin, context, number) for plugin in self.operator.enabled(self.plugins)]
+        for call in asked:
+            proposals.extend(self._consult(call, number))
         wanted, conflicts = arbitration.resolve(proposals)
         self._report_conflicts(conflicts, number)
         decision = self.safety.enforce(wanted, self.readings, now, self.clock.monotonic(), self.health)
@@ -230,20 +246,33 @@ class ControlLoop:
                                    level="warning" if h.rule in FORCING else "info",
                                    device=h.device_id, rule=h.rule, detail=h.detail, plugin=h.plugin)
 
-    def _consult(self, plugin: SandboxedPlugin, context: contract.Context, number: int) -> list[Command]:
-        """One plugin's commands for this tick; any failure of the plugin stays with the plugin."""
+    def _ask(self, plugin: SandboxedPlugin, context: contract.Context, number: int) -> Call:
+        """One plugin's call for this tick, unless it is quarantined (not called until its backoff has passed)."""
         now = self.clock.monotonic()
-        if not plugin.quarantine.admit(now, number):  # quarantined: not called until its backoff has passed
+        if not plugin.quarantine.admit(now, number):
+            return Call(plugin, now, admitted=False)
+        try:
+            plugin.ask(context, self.clock.perf_counter)
+        except Exception as exc:  # whatever a call makes us do, it fails only this plugin
+            return Call(plugin, now, self.clock.monotonic(), failure=exc)
+        return Call(plugin, now, self.clock.monotonic())
+
+    def _consult(self, call: Call, number: int) -> list[Command]:
+        """One plugin's commands for this tick; any failure of the plugin stays with the plugin."""
+        plugin, now = call.plugin, call.now
+        if not call.admitted:
             self.health.failed(plugin.name, now, f"is quarantined: {plugin.quarantine.reason}")
             self.verdicts.failures[plugin.name] = "quarantined"
             return []
         stats = self.plugin_stats.get(plugin.name) or self.plugin_stats.setdefault(plugin.name, PluginStats())
         stats.calls += 1
         try:
-            commands, rejections = plugin.decide(context, self.hardware.actuators, self.clock.perf_counter)
+            if call.failure is not None:
+                raise call.failure
+            commands, rejections = plugin.answer(self.hardware.actuators)
         except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
             stats.durations.add(plugin.last_call_s)
-            self._failed(plugin, exc, stats, plugin.last_call_s, number)
+            self._failed(plugin, exc, stats, plugin.last_call_s, number, call.ended)
             return []
         seconds = plugin.last_call_s
         stats.durations.add(seconds)
@@ -263,7 +292,7 @@ class ControlLoop:
         return commands
 
     def _failed(self, plugin: SandboxedPlugin, exc: Exception, stats: PluginStats, seconds: float,
-                number: int) -> None:
+                number: int, ended: float) -> None:
         """A call that gave no usable output: the plugin's fault (counted, towards quarantine and the
         failsafe), or a stall of the machine's (counted apart; the plugin is neither blamed nor cleared)."""
         kind = PluginCallError.kind_of(exc)
@@ -280,10 +309,9 @@ class ControlLoop:
         stats.errors += 1
         self._problems.problem(("error", plugin.name, kind), "plugin_call_failed", level="error", plugin=plugin.name,
                                tick=number, kind=kind, reason=str(exc)[:300], state_reset=reset)
-        now = self.clock.monotonic()
-        if plugin.quarantine.record(now, number, 1, f"{kind}: {str(exc)[:300]}"):
+        if plugin.quarantine.record(ended, number, 1, f"{kind}: {str(exc)[:300]}"):
             self.plugins.made_room()
-        self.health.failed(plugin.name, now, f"has failed every call since ({kind})")
+        self.health.failed(plugin.name, ended, f"has failed every call since ({kind})")
 
     def summary(self) -> dict[str, Any]:
         return {"ticks": self.ticks.summary(),

@@ -217,12 +217,21 @@ class SandboxedPlugin:
         """view, call, parse, screen: this plugin's commands for the tick, and those the contract or its
         grant refused. Raises PluginCallError or contract.OutputError when nothing usable came back;
         `last_call_s` and `last_output` (None if the call failed) say how the call went."""
+        self.ask(context, timer)
+        return self.answer(targets)
+
+    def ask(self, context: Context, timer: Callable[[], float] = time.perf_counter) -> None:
+        """`decide`'s call: `last_output` (None if it failed: PluginCallError) and `last_call_s`."""
         self.last_output = None
         started = timer()
         try:
             self.last_output = self.call(self.view(context), context.tick)
         finally:
             self.last_call_s = timer() - started
+
+    def answer(self, targets: Mapping[str, CommandTarget]) -> tuple[list[Command], list[Rejection]]:
+        """`decide`'s parse and screen of what the last `ask` got back."""
+        assert self.last_output is not None, "answer() follows an ask() that succeeded"
         return self._parse_and_screen(self.last_output, targets)
 
     def _parse_and_screen(self, output: bytes, targets: Mapping[str, CommandTarget]
