@@ -23,7 +23,7 @@ Last, the CPU share of one core the daemon takes running `config/example.yaml` o
 (`pi-controller run --simulate` as a process, its threads' CPU time from /proc over `--share-seconds` after
 READY=1), and with `--baseline REF` the same for the code at git REF, alternating, in the same run.
 
-    python benchmarks/tick.py [--plugins 3 10] [--rates 10 50] [--rows reading echo] [--seconds 2.5]
+    python benchmarks/tick.py [--plugins 3 10] [--rates 10 50] [--rows reading echo] [--seconds 2]
                               [--rounds 3] [--share-seconds 8] [--baseline REF]
 """
 
@@ -251,17 +251,18 @@ def measure(folder: Path, row: str, count: int, rate: float, args: argparse.Name
     daemon.loop.tick = timed["daemon"].around(daemon.loop.tick)  # type: ignore[method-assign]
     counter = iter(range(1, 10**9))
 
-    def run(who: str) -> Round:
+    def run(who: str, ticks: int = ticks) -> Round:
         if who == "floor":
-            asyncio.run(floor.run(ticks, settings.loop.period, timed["floor"], next(counter) * ticks))
+            asyncio.run(floor.run(ticks, settings.loop.period, timed["floor"], next(counter) * 10**4))
         else:
             asyncio.run(daemon.serve(daemon.loop.ticks.count + ticks))
         return timed[who].round(ticks)
 
     results: dict[str, list[Round]] = {"floor": [], "daemon": []}
     try:
-        run("floor")  # warm-up, unmeasured
-        run("daemon")
+        warm_up = max(5, round(rate))  # a second of each, unmeasured
+        run("floor", warm_up)
+        run("daemon", warm_up)
         for k in range(args.rounds):  # floor, daemon, daemon, floor, ...: neither always goes first
             for who in ("floor", "daemon") if k % 2 == 0 else ("daemon", "floor"):
                 results[who].append(run(who))
@@ -351,7 +352,7 @@ def main() -> None:
     parser.add_argument("--plugins", type=int, nargs="+", default=[3, 10], help="plugin counts")
     parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 50.0], help="tick rates (Hz)")
     parser.add_argument("--rows", nargs="+", choices=tuple(PLUGINS), default=list(PLUGINS))
-    parser.add_argument("--seconds", type=float, default=2.5, help="length of one round")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of one round")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds of each, alternating")
     parser.add_argument("--share-seconds", type=float, default=8.0, help="0: no CPU share measured")
     parser.add_argument("--baseline", help="a git ref whose CPU share is measured beside this code's")
