@@ -124,7 +124,7 @@ class Floor:
 
     def __init__(self, settings: config.Settings, wasm: bytes):
         factory = mock_factory(settings)
-        self.sensors = [(s.id, DigitalInputDevice(s.pin, pull_up=False, pin_factory=factory))
+        self.sensors = [(s.id, DigitalInputDevice(s.pins()["pin"], pull_up=False, pin_factory=factory))
                         for s in settings.sensors]
         self.devices = {a.id: self._device(a, factory) for a in settings.actuators}
         self.states = {a.id: self._state(a.kind, 0.0 if a.kind != "servo" else None) for a in settings.actuators}
@@ -248,7 +248,7 @@ def measure(folder: Path, row: str, count: int, rate: float, args: argparse.Name
     floor = Floor(settings, PLUGINS[row].read_bytes())
     daemon = Daemon(settings, simulate=False)
     timed = {"floor": Timed(), "daemon": Timed()}
-    daemon.loop.tick = timed["daemon"].around(daemon.loop.tick)  # type: ignore[method-assign]
+    daemon.loop.tick = timed["daemon"].around(daemon.loop.tick)  # type: ignore[method-assign, assignment]
     counter = iter(range(1, 10**9))
 
     def run(who: str, ticks: int = ticks) -> Round:
