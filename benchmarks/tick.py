@@ -53,7 +53,7 @@ from gpiozero import AngularServo, DigitalInputDevice, OutputDevice, PWMOutputDe
 from pi_controller import config, logs
 from pi_controller.clock import SystemClock
 from pi_controller.daemon import Daemon
-from pi_controller.devices.pins import mock_factory
+from pi_controller.devices.mock_pins import mock_factory
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.extism_adapter import Module, call, compile_module
 
@@ -123,7 +123,7 @@ class Floor:
     """The same reads, encode, calls, decodes and writes, written directly against the libraries."""
 
     def __init__(self, settings: config.Settings, wasm: bytes):
-        factory = mock_factory(settings)
+        factory = mock_factory(settings.sensors)
         self.sensors = [(s.id, DigitalInputDevice(s.pins()["pin"], pull_up=False, pin_factory=factory))
                         for s in settings.sensors]
         self.devices = {a.id: self._device(a, factory) for a in settings.actuators}
@@ -286,8 +286,8 @@ def cpu_share(source: Path, seconds: float, folder: Path) -> float:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(address)
     state = folder / f"state-{time.monotonic_ns()}"
-    command = [sys.executable, "-m", "pi_controller", "run", "--simulate", "--config", str(source / EXAMPLE.relative_to(REPO)),
-               "--log-level", "warning", "--state-dir", str(state)]
+    command = [sys.executable, "-m", "pi_controller", "run", "--simulate", "--log-level", "warning",
+               "--config", str(source / EXAMPLE.relative_to(REPO)), "--state-dir", str(state)]
     env = {**os.environ, "NOTIFY_SOCKET": address, "PYTHONPATH": str(source)}
     process = subprocess.Popen(command, env=env, cwd=source, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -199,8 +199,8 @@ def test_decode_gives_what_json_gives_at_the_edges(raw: bytes) -> None:
 
 
 _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
-                     max_leaves=20)
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=4), inner, max_size=4), max_leaves=20)
 
 
 @settings(max_examples=300, deadline=None)
