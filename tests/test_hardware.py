@@ -191,7 +191,8 @@ def test_states_are_built_again_after_every_write_that_changed_an_actuator(write
     data = {"actuators": [{"id": "led", "kind": "pwm", "pin": 18}, {"id": "fan", "kind": "relay", "pin": 27}],
             "pins": {"factory": "mock"}}
     settings = config.load(write_config(data))
-    hardware = Hardware.build(settings, make_factory(settings, simulate=True), CLOCK)
+    factory = make_factory(settings.pins, settings.sensors, simulate=True)
+    hardware = Hardware.build(settings.actuators, settings.sensors, factory, CLOCK)
     try:
         kept = hardware.states()
         assert hardware.states() is kept
@@ -205,7 +206,8 @@ def test_states_are_built_again_after_every_write_that_changed_an_actuator(write
         assert hardware.states()["led"]["value"] == 0 and json.loads(hardware.states_json())["led"]["value"] == 0
         hardware.apply([Write("fan", 1.0, "p")], 3)
         assert hardware.states()["fan"]["on"] is True and json.loads(hardware.states_json())["fan"]["on"] is True
-        hardware.reconfigure(config.load(write_config({**data, "actuators": data["actuators"][:1]})), CLOCK)
+        fewer = config.load(write_config({**data, "actuators": data["actuators"][:1]}))
+        hardware.reconfigure(fewer.actuators, fewer.sensors, CLOCK)
         assert list(hardware.states()) == ["led"] and list(json.loads(hardware.states_json())) == ["led"]
     finally:
         hardware.close()
