@@ -346,12 +346,15 @@ class DaemonMachine(RuleBasedStateMachine):
         """The plugins of the config in force that must be loaded: named and enabled, their files valid
         (and their settings, unless `settings_checked` is False: what check-config accepted must load), and
         fitting the plugin budget together."""
-        due = {}
+        due, kept = {}, 0
+        running = {p.name: p.grant.timeout_ms for p in self.rig.daemon.plugins} if self.rig.daemon else {}
         for name in self.in_force.enabled():
             files, entry = self._files(name), self.in_force.entries[name]
             if files is not None and files.valid(name) and (entry.valid(files) or not settings_checked):
                 due[name] = entry.timeout_ms or files.timeout_ms() or DEFAULT_TIMEOUT_MS
-        return sorted(due) if sum(due.values()) <= BUDGET_MS else []
+            else:  # a version running still, its replacement refused, holds its share
+                kept += running.get(name, 0)
+        return sorted(due) if sum(due.values()) + kept <= BUDGET_MS else []
 
     @invariant()
     def configured_plugins_run(self) -> None:
