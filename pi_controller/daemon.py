@@ -255,7 +255,9 @@ class Daemon:
         try:
             read = config.load(self.settings.source)
             new = dataclasses.replace(read, **{section: getattr(self.settings, section) for section in _RESTART_ONLY})
-            checks.check(new, config.check_plugins_directory(new, self.plugins_dir))  # as check-config does
+            folder = config.check_plugins_directory(new, self.plugins_dir)
+            foreseen = checks.problems(new, folder)  # the plugins it would not load, each for a reason of its own
+            checks.check(new, folder, foreseen)  # as check-config does
         except config.ConfigError as exc:
             log.error("reload_refused", file=exc.file, line=exc.line, key=config.format_path(exc.path),
                       problem=exc.message, note="kept the running config and plugins")
@@ -270,8 +272,10 @@ class Daemon:
         except Exception as exc:
             log.exception("reload_failed", file=str(new.source))
             return ReloadResult("failed", f"reload failed, running config kept: {type(exc).__name__}: {exc}")
-        lost = self.plugins.lost_to(plugins)
-        if lost:  # what the checks cannot see (a compile, a health check): the running version stays
+        # What the checks could not see (a compile, a health check, a pinned sha256): the running version stays.
+        # What they saw check-config said too (a dropped-in plugin past the budget): the reload goes ahead.
+        lost = {name: why for name, why in self.plugins.lost_to(plugins).items() if name not in foreseen}
+        if lost:
             plugins.close()
             name, reason = next(iter(lost.items()))
             log.error("reload_refused", file=str(new.source), plugin=name, problem=reason,

@@ -90,3 +90,11 @@ def test_an_override_that_ends_with_no_plugin_in_charge_leaves_the_actuator_safe
         state.operator_enables(name="thermostat", enabled=False)
         state.override(device="heater", payload=b'{"action": "set_high", "parameters": {}, "expires_s": 2}')
         state.advance(ticks=40)
+
+
+def test_a_reload_check_config_accepts_goes_ahead_though_a_dropped_in_plugin_no_longer_fits() -> None:
+    """Found on main after issue 25's fixes: check-config accepted the config (the dropped-in plugin would not
+    load under it, it said), and the reload was refused for that plugin."""
+    with machine() as state:
+        state.drop(name="stray", files=Files("switchboard", Manifest(timeout_ms=40)))
+        state.reconfigure(name="thermostat", entry=Entry({"mode": "on", "device": "heater"}, priority=10, timeout_ms=20))

@@ -148,6 +148,29 @@ def test_a_reload_may_still_disable_a_plugin(run_daemon, plugin_dir) -> None:
     assert results == ["applied"] and daemon.plugins.status["temperature_control"].state == "disabled"
 
 
+def test_a_reload_check_config_accepts_goes_ahead_though_a_dropped_in_plugin_no_longer_fits(run_daemon, plugin_dir,
+                                                                                            write_config) -> None:
+    # Found by the state machine (tests/daemon_machine.py): check-config accepted the config, saying that the
+    # dropped-in plugin would not load under it, and the reload was then refused for that plugin.
+    folder = plugin_dir("temperature_control", "echo_output")
+    (folder / "echo_output.yaml").write_text("limits: {timeout_ms: 50}\n")  # 10 + 50 of the 60 ms
+    data = unsimulated(example_data())
+    daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
+    data["plugins"]["settings"]["temperature_control"]["timeout_ms"] = 20
+    check = cli("check-config", str(write_config(data)), "--plugins", str(folder))
+    assert check.returncode == 0 and "plugin 'echo_output'" in check.stdout + check.stderr
+    results = []
+
+    async def scenario() -> None:
+        results.append(await daemon.reload())
+
+    run_with(daemon, scenario)
+    assert [r.outcome for r in results] == ["applied"]
+    assert daemon.plugins.status["temperature_control"].state == "loaded"
+    echo = daemon.plugins.status["echo_output"]
+    assert echo.state == "failed" and "held by temperature_control (20 ms, named in the config)" in (echo.reason or "")
+
+
 def test_plugin_call_with_a_config_refuses_what_the_daemon_would(write_config, tmp_path) -> None:
     data = example_data()
     data["plugins"]["settings"]["temperature_control"]["config"] = {"setpoint": 210}

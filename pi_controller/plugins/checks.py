@@ -57,12 +57,12 @@ def problems(settings: config.Settings, folder: Path, candidate: Path | None = N
     return found
 
 
-def check(settings: config.Settings, folder: Path) -> list[str]:
+def check(settings: config.Settings, folder: Path, found: dict[str, Problem] | None = None) -> list[str]:
     """The folder's plugins as the daemon would load them under `settings`: ConfigError for the first one
     named in the config that it would refuse; one line for each other one it would refuse, and for each one
-    named in the config that is missing."""
+    named in the config that is missing. `found`: `problems(settings, folder)`, if the caller has it."""
     plugins = settings.plugins
-    found = problems(settings, folder)
+    found = problems(settings, folder) if found is None else found
     for name, problem in sorted(found.items()):
         if plugins.configured(name):
             raise settings.error(problem.key or _named_at(plugins, name), f"plugin '{name}' would not load: "
