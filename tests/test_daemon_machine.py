@@ -98,3 +98,11 @@ def test_a_reload_check_config_accepts_goes_ahead_though_a_dropped_in_plugin_no_
     with machine() as state:
         state.drop(name="stray", files=Files("switchboard", Manifest(timeout_ms=40)))
         state.reconfigure(name="thermostat", entry=Entry({"mode": "on", "device": "heater"}, priority=10, timeout_ms=20))
+
+
+def test_an_owner_quarantined_for_its_rejected_commands_is_failing_since_the_first_rejection() -> None:
+    """Found on main after issue 25's fixes: the quarantine that the rejections brought on started the
+    owner's failing over, and the lamp stayed on its old duty 1 s longer."""
+    with machine() as state:
+        state.operator_sets(name="lamp_ctl", setting=("duty", 100))  # above the lamp's max_duty: each rejected
+        state.advance(ticks=15)

@@ -408,6 +408,33 @@ def test_an_owner_whose_every_command_for_its_actuator_is_rejected_loses_it_afte
     assert daemon.status.snapshot()["safety"]["failsafes"] == {"heater": 1}
 
 
+def test_an_owner_quarantined_for_its_rejected_commands_loses_the_actuator_from_the_first_rejection(
+        run_daemon, plugin_dir) -> None:
+    # As above, and the rejections quarantine it (5 in 10 s) before failsafe_after_s has passed: the heater is
+    # safe 1 s after the first rejection all the same, not 1 s after the quarantine began. Found by the state
+    # machine (tests/daemon_machine.py): the quarantine started the owner's failing over.
+    data = echo(layout(), ("heater", "set_high", {}))
+    data["plugins"]["quarantine"] = {"failures": 5, "window_s": 10, "backoff_s": 60}
+    daemon = run_daemon(data, 0, simulate=False, plugins=plugin_dir("echo_output"), clock=VirtualClock())
+    plugin = next(iter(daemon.plugins))
+
+    class Script(Recorder):
+        def advance(self, now: float) -> None:
+            super().advance(now)
+            if len(self.ticks) == 6:
+                output = [{"device_id": "heater", "action": "pwm", "parameters": {"duty_cycle": 50}}]
+                plugin.config_suffix = contract.encode_config({"output": json.dumps(output)})
+
+    daemon.hardware.environment = rec = Script(daemon)
+    with capture_logs() as logs:
+        asyncio.run(daemon.serve(31))
+    # Rejected from tick 5, quarantined at tick 10; safe at tick 15.
+    assert runs(rec.column(27)) == [(1.0, 15), (0.0, 15)]
+    (event,) = failsafes(logs)
+    assert event["tick"] == 15 and "has had every command for 'heater' rejected since (" in event["why"]
+    assert "and is quarantined" in event["why"]
+
+
 def test_a_new_manifest_dropped_in_takes_the_actuator_from_its_running_owner(run_daemon, plugin_dir) -> None:
     """The same join in real time: the manifest written into the folder, the watcher applies it."""
     folder = plugin_dir("every_nth")

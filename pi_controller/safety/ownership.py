@@ -70,13 +70,14 @@ class Health:
 
     def failing(self, plugin: str, now: float, device: str) -> tuple[float, str] | None:
         """(since, why) if `plugin` is failing, was not called this tick, or has had every command for
-        `device` rejected since; None while it is healthy."""
-        if plugin in self._failing:
-            return self._failing[plugin]
-        if plugin not in self._heard:
+        `device` rejected since; None while it is healthy. Since the earliest of these: a plugin quarantined
+        for the rejections of its commands for `device` has been failing it since the first of them."""
+        if plugin not in self._failing and plugin not in self._heard:
             self._failing[plugin] = (now, self._why_absent(plugin))
-            return self._failing[plugin]
-        refused = self._refused.get((plugin, device))
+        whole, refused = self._failing.get(plugin), self._refused.get((plugin, device))
         if refused is None:
-            return None
-        return refused[0], f"has had every command for '{device}' rejected since ({refused[1]})"
+            return whole
+        rejected = f"has had every command for '{device}' rejected since ({refused[1]})"
+        if whole is None:
+            return refused[0], rejected
+        return min(whole[0], refused[0]), whole[1] if whole[0] <= refused[0] else f"{rejected}, and {whole[1]}"
