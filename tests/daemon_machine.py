@@ -90,7 +90,7 @@ def plant() -> Plant:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A plugin's manifest as the machine writes it; `valid` by construction."""
+    """A plugin's manifest as the machine writes it (`runnable` says whether the daemon can run it)."""
 
     actuators: tuple[str, ...] | None = None
     priority: int | None = None
@@ -98,10 +98,6 @@ class Manifest:
     config: Mapping[str, Any] = field(default_factory=dict)
     name: str | None = None  # the manifest's `name`: None for none, "" for the file's own name
     broken: bool = False  # not YAML at all
-
-    def valid(self, file_name: str) -> bool:
-        return not self.broken and NO_SUCH_DEVICE not in (self.actuators or ()) and (self.priority or 0) <= 1000 \
-            and (self.timeout_ms or 0) <= 50 and _valid_config(self.config) and self.name in (None, "", file_name)
 
     def text(self, file_name: str) -> str:
         if self.broken:
@@ -125,9 +121,6 @@ class Files:
     module: str  # a key of MODULES
     manifest: Manifest | None
 
-    def valid(self, name: str) -> bool:
-        return self.module in LOADABLE and (self.manifest is None or self.manifest.valid(name))
-
     def timeout_ms(self) -> int | None:
         return self.manifest.timeout_ms if self.manifest is not None else None
 
@@ -141,11 +134,6 @@ class Entry:
     priority: int | None = None
     timeout_ms: int | None = None
     actuators: tuple[str, ...] | None = None
-
-    def valid(self, files: Files) -> bool:
-        """Whether the daemon can run the plugin of `files` under these settings."""
-        schema = files.manifest is not None
-        return (_valid_config(self.config) or not schema) and NO_SUCH_DEVICE not in (self.actuators or ())
 
     def data(self) -> dict[str, Any]:
         data: dict[str, Any] = {"config": dict(self.config)}
@@ -168,6 +156,25 @@ class Config:
 
     def enabled(self) -> list[str]:
         return [name for name, entry in self.entries.items() if entry.enabled]
+
+
+def runnable(name: str, files: Files, entry: Entry | None) -> bool:
+    """Whether the daemon can run plugin `name` of `files` under `entry`, its settings in the config (None:
+    the manifest's terms alone), by construction of what the machine writes: the settings win over the
+    manifest, within the ceilings (priority 1000, timeout_ms 50), granting only what exists; the config is
+    checked against the manifest's schema, merged over the manifest's own config (itself checked)."""
+    own = entry or Entry()
+    if files.module not in LOADABLE or NO_SUCH_DEVICE in (own.actuators or ()):
+        return False
+    described = files.manifest
+    if described is None:  # no schema, nor other terms than the settings
+        return True
+    priority = own.priority if own.priority is not None else described.priority
+    timeout_ms = own.timeout_ms if own.timeout_ms is not None else described.timeout_ms
+    actuators = own.actuators if own.actuators is not None else described.actuators
+    return not described.broken and described.name in (None, "", name) and (priority or 0) <= 1000 \
+        and (timeout_ms or 0) <= 50 and NO_SUCH_DEVICE not in (actuators or ()) \
+        and _valid_config(described.config) and _valid_config({**described.config, **own.config})
 
 
 def _valid_config(values: Mapping[str, Any]) -> bool:
@@ -343,14 +350,14 @@ class DaemonMachine(RuleBasedStateMachine):
         return Files(self.modules[name], self.manifests.get(name)) if name in self.modules else None
 
     def _due(self, settings_checked: bool = True) -> list[str]:
-        """The plugins of the config in force that must be loaded: named and enabled, their files valid
-        (and their settings, unless `settings_checked` is False: what check-config accepted must load), and
-        fitting the plugin budget together."""
+        """The plugins of the config in force that must be loaded: named and enabled, runnable under their
+        settings (or, unless `settings_checked`, under their manifest's terms alone: what check-config accepted
+        must load), and fitting the plugin budget together."""
         due, kept = {}, 0
         running = {p.name: p.grant.timeout_ms for p in self.rig.daemon.plugins} if self.rig.daemon else {}
         for name in self.in_force.enabled():
             files, entry = self._files(name), self.in_force.entries[name]
-            if files is not None and files.valid(name) and (entry.valid(files) or not settings_checked):
+            if files is not None and runnable(name, files, entry if settings_checked else None):
                 due[name] = entry.timeout_ms or files.timeout_ms() or DEFAULT_TIMEOUT_MS
             else:  # a version running still, its replacement refused, holds its share
                 kept += running.get(name, 0)
@@ -532,7 +539,7 @@ class DaemonMachine(RuleBasedStateMachine):
                 self.manifests[name] = files.manifest
         self.rig.finish()
         view = self._views().get(name) if installed else None
-        valid = files.valid(name) and (name not in self.in_force.entries or self.in_force.entries[name].valid(files))
+        valid = runnable(name, files, self.in_force.entries.get(name))
         self._judged(lambda: self.judge.install(name, installed, why, valid, kept, view))
 
     # -- rules: the config ---------------------------------------------------------------------

@@ -101,7 +101,6 @@ class PinLaws:
         self.plant = plant
         self.judged = judged
         self.found: list[Violation] = []  # this tick's, raised once its bookkeeping is done
-        self.started_at = started_at
         self.pins = dict(first_pins)
         self.owners = {key: _Owner() for key in plant.actuators}
         self.bad_since: dict[tuple[str, str], tuple[float, str]] = {}  # (plugin, device) -> since, why
