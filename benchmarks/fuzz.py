@@ -75,9 +75,11 @@ def stateful(steps: int, seed: int, judged: list[str], matching: str | None, lea
     while machine.steps < steps:
         try:
             seeded(seed + number)(get_state_machine_test(machine, settings=rounds))()
-        except AssertionError as exc:  # a violation, with the sequence that shows it
-            found += 1
-            print(f"found: {exc}\n" + "\n".join(getattr(exc, "__notes__", [])), flush=True)
+        except Exception as exc:  # noqa: BLE001 -- whatever a sequence raised is a finding, printed with it
+            for each in exc.exceptions if isinstance(exc, ExceptionGroup) else [exc]:
+                found += 1
+                print(f"found: {type(each).__name__}: {each}\n" + "\n".join(getattr(each, "__notes__", [])),
+                      flush=True)
         print(f"{number:>5} {seed + number:>6} {machine.steps:>8} {machine.examples:>10} {found:>9} "
               f"{time.perf_counter() - started:>8.0f}", flush=True)
         number += 1
