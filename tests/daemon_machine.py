@@ -565,8 +565,9 @@ class DaemonMachine(RuleBasedStateMachine):
         if result.outcome == "applied":
             self.in_force = choice
         after, settings_kept = kept or (self._views(), daemon.settings == settings)
+        unloadable = [name for name, view in before.items() if view.live and self.modules.get(name) == "broken"]
         self._judged(lambda: self.judge.reload(accepted, result.outcome, result.message, before, after,
-                                               settings_kept, self.in_force.enabled(), self._due(False)))
+                                               settings_kept, self.in_force.enabled(), self._due(False), unloadable))
 
     @precondition(lambda self: self.rig.daemon is not None)
     @rule(name=plugin_names, entry=st.one_of(st.none(), entries))

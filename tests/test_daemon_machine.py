@@ -106,3 +106,11 @@ def test_an_owner_quarantined_for_its_rejected_commands_is_failing_since_the_fir
     with machine() as state:
         state.operator_sets(name="lamp_ctl", setting=("duty", 100))  # above the lamp's max_duty: each rejected
         state.advance(ticks=15)
+
+
+def test_a_reload_keeps_a_running_version_whose_replacement_would_not_load() -> None:
+    """Found on main after issue 25's fixes: the thermostat's file replaced by one that is no module (the
+    running version kept, as the docs say), then any reload applied without the thermostat."""
+    with machine() as state:
+        state.drop(name="thermostat", files=Files("broken", None))
+        state.reconfigure(name="lamp_ctl", entry=None)

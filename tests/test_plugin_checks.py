@@ -133,6 +133,30 @@ def test_a_reload_that_would_lose_a_running_plugin_for_a_reason_only_its_load_fi
     assert daemon.loop.plugin_stats["temperature_control"].calls == daemon.loop.ticks.count
 
 
+def test_a_reload_that_would_lose_a_version_kept_over_a_bad_replacement_is_refused(run_daemon, plugin_dir) -> None:
+    # The running thermostat's file replaced by one that is no module: the running version stays (hot reload
+    # refuses the replacement), and a reload must not drop it either. Found by the state machine.
+    folder = plugin_dir("temperature_control")
+    data = unsimulated(example_data())
+    daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
+    results = []
+
+    async def scenario() -> None:
+        (folder / "temperature_control.wasm").write_bytes(b"not a module")
+        await daemon.loop.in_gap(lambda: daemon.plugins.apply(daemon.plugins.prepare({"temperature_control"})),
+                                 lambda: None)  # as the watcher applies it
+        results.append(await daemon.reload())
+        await more_ticks(daemon, 3)
+
+    run_with(daemon, scenario)
+    (result,) = results
+    assert result.outcome == "refused"
+    assert result.message.startswith("reload refused, running config kept: plugin 'temperature_control' would not "
+                                     "load under it: temperature_control.wasm is not a WebAssembly binary module")
+    assert daemon.plugins.status["temperature_control"].state == "loaded"
+    assert daemon.loop.plugin_stats["temperature_control"].calls == daemon.loop.ticks.count
+
+
 def test_a_reload_may_still_disable_a_plugin(run_daemon, plugin_dir) -> None:
     folder = plugin_dir("temperature_control")
     data = unsimulated(example_data())

@@ -101,12 +101,12 @@ class PluginSet:
         return result
 
     def lost_to(self, other: PluginSet) -> dict[str, str]:
-        """The plugins running here as loaded (not a version kept over a refused replacement) that `other`,
-        the folder loaded under another config, refuses: name -> why."""
+        """The plugins running here that `other`, the folder loaded under another config, refuses: name -> why.
+        A version kept over a refused replacement counts: it runs, and the file in its place would not load."""
         lost = {}
         for plugin in self._plugins:
             status = other.status.get(plugin.name)
-            if plugin.name not in self._kept and status is not None and status.state == "failed":
+            if status is not None and status.state == "failed":
                 lost[plugin.name] = status.reason or "unknown"
         return lost
 
