@@ -13,8 +13,6 @@ from hypothesis.stateful import run_state_machine_as_test
 from tests.daemon_machine import FIRST_CONFIG, IN_SUITE, NO_SUCH_DEVICE, DaemonMachine, Entry, Files, Manifest
 
 
-@pytest.mark.xfail(strict=False, reason="after issue 25 the machine still finds a sequence in its in-suite "
-                   "budget, not yet shrunk into a test of its own (the closing note of this session)")
 def test_no_sequence_of_events_breaks_a_safety_invariant() -> None:
     run_state_machine_as_test(DaemonMachine, settings=IN_SUITE)
 
