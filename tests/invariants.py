@@ -91,6 +91,7 @@ class _Owner:
     plugin: str = SAFETY
     target_on: bool = False
     commanded_at: float = 0.0
+    asked_safe: bool = False  # its last command asked for the safe state: that request stands (docs/safety.md)
 
 
 class PinLaws:
@@ -134,7 +135,8 @@ class PinLaws:
         for command in winners:
             if command.device_id in self.owners:
                 actuator = self.plant.actuators[command.device_id]
-                self.owners[command.device_id] = _Owner(command.plugin, actuator.on(command.target or 0.0), tick.at)
+                on = actuator.on(command.target or 0.0)
+                self.owners[command.device_id] = _Owner(command.plugin, on, tick.at, on == actuator.on(actuator.safe))
 
     def _standing(self, tick: Tick) -> None:
         """Since when each plugin has been unfit to drive each actuator, and why."""
@@ -233,7 +235,8 @@ class PinLaws:
         if write.plugin == OPERATOR:
             return
         why = self._unfit(tick, write.plugin, actuator.id, set(tick.trace.verdicts.answered))
-        if why is not None:
+        standing = owner.asked_safe and change.value == actuator.safe  # held, it stands whatever the owner became
+        if why is not None and not standing:
             self.fail(OWNER, tick, f"'{actuator.id}' driven to {change.value:g} on behalf of '{write.plugin}', "
                                    f"which is {why}")
         if actuator.on(change.value) and not owner.target_on:

@@ -112,3 +112,15 @@ def test_a_reload_keeps_a_running_version_whose_replacement_would_not_load() -> 
     with machine() as state:
         state.drop(name="thermostat", files=Files("broken", None))
         state.reconfigure(name="lamp_ctl", entry=None)
+
+
+def test_a_held_request_for_the_safe_state_stands_when_its_owner_is_gone() -> None:
+    """Found by the long run with issue 32's fixes: the thermostat asked the heater off inside its min_on_s,
+    and its folder was deleted before the hold ended; the heater went off when it ended, on the
+    thermostat's behalf. docs/safety.md promises that (a held request for the safe state always stands),
+    and going off then is sooner than failsafe_after_s: the owner invariant had no word for it."""
+    with machine() as state:
+        state.advance(ticks=17)  # the heater came on at 1.0 s (min_off_s from start-up); min_on_s holds to 2.0 s
+        state.operator_sets(name="thermostat", setting=("mode", "off"))
+        state.delete_folder()
+        state.recreate_folder()
