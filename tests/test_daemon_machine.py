@@ -124,3 +124,13 @@ def test_a_held_request_for_the_safe_state_stands_when_its_owner_is_gone() -> No
         state.operator_sets(name="thermostat", setting=("mode", "off"))
         state.delete_folder()
         state.recreate_folder()
+
+
+def test_plugin_install_refuses_while_a_plugin_the_config_names_would_not_load() -> None:
+    """Found by the long run with issue 32's fixes: lamp_ctl's replacement refused (its manifest names
+    another plugin: the running version stays, and holds its share), the thermostat greedy; a plugin
+    installed that fitted only without lamp_ctl's share was accepted, then refused by the daemon."""
+    with machine() as state:
+        state.drop(name="lamp_ctl", files=Files("switchboard", Manifest(name="someone_else")))
+        state.drop_greedy(name="thermostat", mode="trap")
+        state.install(name="hog", files=Files("switchboard", None))

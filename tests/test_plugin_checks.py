@@ -249,6 +249,34 @@ def test_plugin_install_refuses_with_the_daemon_s_own_reason_what_the_daemon_ref
         daemon.close()
 
 
+def test_plugin_install_refuses_while_a_plugin_the_config_names_would_not_load(write_config, plugin_dir,
+                                                                              tmp_path) -> None:
+    """Found by the state machine's long run: the thermostat's manifest replaced by one naming another plugin
+    (refused: the daemon kept its running version, which holds its share of the budget), then a plugin
+    installed that fitted only without that share: installed, and refused by the daemon. No file shows
+    that share; the daemon would not start with this folder: install says so, and installs the fix."""
+    folder = plugin_dir("temperature_control", "motion_light", "energy_saver")
+    (folder / "temperature_control.yaml").write_text("name: thermostat\n")
+    data = example_data()
+    data["plugins"]["directory"] = str(folder)
+    path = write_config(data)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(plugin_wasm("echo_output"), work / "porch.wasm")
+    result = cli("plugin", "install", str(work / "porch.wasm"), "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: {work / 'porch.wasm'}: not installed: plugin 'temperature_control', named in the config, would not "
+        "load (its manifest's name 'thermostat' is not its file's name 'temperature_control': name the file "
+        "thermostat.wasm (and its manifest thermostat.yaml), or fix the name); fix it first: the daemon would not "
+        "start with this folder"]
+    assert not (folder / "porch.wasm").exists()
+    for suffix in (".wasm", ".yaml"):
+        shutil.copy(BUNDLED_PLUGINS / f"temperature_control{suffix}", work)
+    assert cli("plugin", "install", str(work / "temperature_control.wasm"), "--config", str(path)).returncode == 0
+    assert cli("plugin", "install", str(work / "porch.wasm"), "--config", str(path)).returncode == 0
+
+
 def test_a_grant_in_the_config_of_a_device_that_does_not_exist_is_a_config_error(write_config) -> None:
     data = example_data()
     data["plugins"]["settings"]["temperature_control"]["actuators"] = ["relay_switch", "heater"]

@@ -81,9 +81,13 @@ def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool =
         described = manifest.read_bytes()[:MAX_MANIFEST_BYTES + 1] if manifest.is_file() else None
     except (Refused, OSError) as exc:
         raise InstallError(f"{wasm}: {exc}") from None
-    problem = checks.problems(settings, folder, wasm, checked).get(wasm.stem)
-    if problem is not None:
-        raise InstallError(f"{wasm}: not installed: {problem.why}")
+    found = checks.problems(settings, folder, wasm, checked)
+    if wasm.stem in found:
+        raise InstallError(f"{wasm}: not installed: {found[wasm.stem].why}")
+    broken = sorted(name for name in found if settings.plugins.configured(name))
+    if broken:  # a running daemon keeps its last version that loaded, whose share of the budget no file shows
+        raise InstallError(f"{wasm}: not installed: plugin '{broken[0]}', named in the config, would not load "
+                           f"({found[broken[0]].why}); fix it first: the daemon would not start with this folder")
     try:
         staging = Path(tempfile.mkdtemp(prefix=".install-", dir=folder))
     except OSError as exc:
