@@ -134,3 +134,12 @@ def test_plugin_install_refuses_while_a_plugin_the_config_names_would_not_load()
         state.drop(name="lamp_ctl", files=Files("switchboard", Manifest(name="someone_else")))
         state.drop_greedy(name="thermostat", mode="trap")
         state.install(name="hog", files=Files("switchboard", None))
+
+
+def test_a_plugin_given_a_smaller_share_makes_room_for_one_waiting() -> None:
+    """Found by the long run with issue 32's fixes: lamp_ctl (20 ms) unloaded for the thermostat's new
+    manifest (priority 5000, 50 ms) stayed out when the thermostat came down to 20 ms, room for both."""
+    with machine() as state:
+        state.reprioritize(name="lamp_ctl", priority=None, timeout_ms=20)
+        state.rewrite_manifest(name="thermostat", manifest=Manifest(priority=5000, timeout_ms=50))
+        state.reprioritize(name="thermostat", priority=None, timeout_ms=20)

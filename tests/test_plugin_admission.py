@@ -175,3 +175,25 @@ def test_plugins_required_is_checked_with_the_config(write_config, required: lis
     with pytest.raises(config.ConfigError) as caught:
         config.load(write_config(data))
     assert problem in str(caught.value)
+
+
+def test_a_plugin_given_a_smaller_share_makes_room_for_one_waiting(run_daemon, plugin_dir) -> None:
+    """Found by the state machine's long run: a plugin waiting for room stayed out when the one holding the
+    budget was replaced by a version asking less (only a plugin unloaded or quarantined made room)."""
+    data = unsimulated(example_data())
+    data["plugins"]["settings"] = {}  # nothing named in the config: the folder's plugins rank by priority
+    data["loop"]["plugin_budget"] = 0.5  # 50 ms
+    folder = plugin_dir()
+    for name, manifest in (("big", "priority: 999\nlimits: {timeout_ms: 50}\n"), ("small", "limits: {timeout_ms: 30}\n")):
+        shutil.copy(plugin_wasm("echo_output"), folder / f"{name}.wasm")
+        (folder / f"{name}.yaml").write_text(manifest)
+    daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
+    assert (state(daemon, "big"), state(daemon, "small")) == ("loaded", "failed")
+
+    async def scenario() -> None:
+        (folder / ".big.yaml").write_text("priority: 999\nlimits: {timeout_ms: 20}\n")
+        os.replace(folder / ".big.yaml", folder / "big.yaml")
+        await until(lambda: state(daemon, "small") == "loaded", "the waiting plugin loads")
+
+    run_with(daemon, scenario)
+    assert state(daemon, "big") == "loaded"

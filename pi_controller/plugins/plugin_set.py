@@ -199,7 +199,7 @@ class PluginSet:
         self._become(tuple(sorted(live.values(), key=_order)))
         for plugin in retired:
             plugin.close()
-        if update.removed:
+        if self._waiting:  # a plugin removed, refused or replaced by one with a smaller share leaves room
             self.made_room()
 
     def claim(self, plugin: SandboxedPlugin) -> admission.Claim:
@@ -208,8 +208,8 @@ class PluginSet:
                                self.settings.configured(plugin.name), plugin.quarantine.quarantined)
 
     def made_room(self) -> None:
-        """A plugin was quarantined or unloaded: the plugins refused for want of room that would fit now
-        are handed to `on_room` (the watcher loads them again)."""
+        """A plugin was quarantined, unloaded, refused or given a smaller share: the plugins refused for want
+        of room that would fit now are handed to `on_room` (the watcher loads them again)."""
         live = [self.claim(p) for p in self._plugins]
         fitting = set()
         for name, claim in self._waiting.items():
