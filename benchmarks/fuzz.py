@@ -75,7 +75,7 @@ def stateful(steps: int, seed: int, judged: list[str], matching: str | None, lea
     while machine.steps < steps:
         try:
             seeded(seed + number)(get_state_machine_test(machine, settings=rounds))()
-        except Exception as exc:  # noqa: BLE001 -- whatever a sequence raised is a finding, printed with it
+        except Exception as exc:  # whatever a sequence raised is a finding, printed with it
             for each in exc.exceptions if isinstance(exc, ExceptionGroup) else [exc]:
                 found += 1
                 print(f"found: {type(each).__name__}: {each}\n" + "\n".join(getattr(each, "__notes__", [])),

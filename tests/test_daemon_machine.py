@@ -95,7 +95,8 @@ def test_a_reload_check_config_accepts_goes_ahead_though_a_dropped_in_plugin_no_
     load under it, it said), and the reload was refused for that plugin."""
     with machine() as state:
         state.drop(name="stray", files=Files("switchboard", Manifest(timeout_ms=40)))
-        state.reconfigure(name="thermostat", entry=Entry({"mode": "on", "device": "heater"}, priority=10, timeout_ms=20))
+        state.reconfigure(name="thermostat",
+                          entry=Entry({"mode": "on", "device": "heater"}, priority=10, timeout_ms=20))
 
 
 def test_an_owner_quarantined_for_its_rejected_commands_is_failing_since_the_first_rejection() -> None:

@@ -184,7 +184,8 @@ def test_a_plugin_given_a_smaller_share_makes_room_for_one_waiting(run_daemon, p
     data["plugins"]["settings"] = {}  # nothing named in the config: the folder's plugins rank by priority
     data["loop"]["plugin_budget"] = 0.5  # 50 ms
     folder = plugin_dir()
-    for name, manifest in (("big", "priority: 999\nlimits: {timeout_ms: 50}\n"), ("small", "limits: {timeout_ms: 30}\n")):
+    manifests = {"big": "priority: 999\nlimits: {timeout_ms: 50}\n", "small": "limits: {timeout_ms: 30}\n"}
+    for name, manifest in manifests.items():
         shutil.copy(plugin_wasm("echo_output"), folder / f"{name}.wasm")
         (folder / f"{name}.yaml").write_text(manifest)
     daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
