@@ -12,7 +12,7 @@ from typing import NoReturn
 import structlog
 
 from pi_controller import config, logs
-from pi_controller.plugins import build, checks, install, shadow, tools
+from pi_controller.plugins import build, checks, install, shadow, signing_cli, tools
 from pi_controller.safety import known_good, safe_state
 from pi_controller.sim import commands as sim_commands
 
@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_command(plugin_commands)
     tools.add_commands(plugin_commands)
     install.add_command(plugin_commands)
+    signing_cli.add_commands(plugin_commands)
     shadow.add_command(plugin_commands)
     return parser
 

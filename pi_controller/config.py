@@ -25,7 +25,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from pi_controller import logs
+from pi_controller import keys, logs
 from pi_controller.devices import actuators, registry, sensors
 from pi_controller.devices.pins import PinSettings
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
@@ -341,6 +341,10 @@ class PluginsSettings:
     # Plugins that must run here, whether or not they have settings: with those in `settings`, they take
     # their share of the tick before any plugin dropped into the folder (see plugins/admission.py).
     required: tuple[str, ...] = ()
+    # Ed25519 public keys whose signatures this node accepts: a PEM file's path (relative paths start at the
+    # config file's folder), PEM text, or the raw key in base64. Resolved to base64 when the config loads.
+    trusted_keys: tuple[str, ...] = ()
+    require_signature: bool = False  # refuse every module without a valid signature (see plugins/signing.py)
 
     def __post_init__(self) -> None:
         for index, name in enumerate(self.required):
@@ -454,6 +458,11 @@ def read(path: Path, max_bytes: int, errors: str = "strict") -> str:
             data = file.read(max_bytes + 1)
     except OSError as exc:
         raise ConfigError(path, (), f"cannot read the file: {exc.strerror or exc}") from exc
+    return decode(data, path, max_bytes, errors)
+
+
+def decode(data: bytes, path: Path, max_bytes: int, errors: str = "strict") -> str:
+    """`read`'s checks on bytes already read from `path`."""
     if len(data) > max_bytes:
         raise ConfigError(path, (), f"the file is longer than {max_bytes} bytes")
     try:
@@ -463,11 +472,12 @@ def read(path: Path, max_bytes: int, errors: str = "strict") -> str:
         raise ConfigError(path, (), f"not UTF-8 text (byte {exc.start})", line) from None
 
 
-def load_document(path: Path, cls: type[Any], max_bytes: int) -> Any:
+def load_document(path: Path, cls: type[Any], max_bytes: int, data: bytes | None = None) -> Any:
     """Another YAML document of ours (a plugin manifest) read into `cls` the way a config is, so its
-    errors name file, line and key as a config's do. Raises ConfigError."""
-    tree, data = _compose(read(path, max_bytes), path, max_bytes)
-    return _Converter(tree).convert(data, cls, ())
+    errors name file, line and key as a config's do; `data`: its bytes, already read. Raises ConfigError."""
+    text = read(path, max_bytes) if data is None else decode(data, path, max_bytes)
+    tree, document = _compose(text, path, max_bytes)
+    return _Converter(tree).convert(document, cls, ())
 
 
 def _compose(text: str, source: Path, max_bytes: int) -> tuple[_Tree, Any]:
@@ -641,7 +651,7 @@ class _Converter:
             **parts,
         )
         _check_cross_references(result, self.tree)
-        return result
+        return _with_trusted_keys(result, self.tree)
 
     def _kinds(self, items: Any, kinds: Mapping[str, type], path: KeyPath) -> tuple[Any, ...]:
         if not isinstance(items, list):
@@ -775,6 +785,20 @@ def _check_cross_references(settings: Settings, tree: _Tree) -> None:
     _check_safety_references(settings, tree)
     _check_simulation_references(settings, tree)
     _check_plugin_budget(settings, tree)
+
+
+def _with_trusted_keys(settings: Settings, tree: _Tree) -> Settings:
+    """`settings` with each of plugins.trusted_keys read (a file) and checked, as the raw key in base64."""
+    entries = settings.plugins.trusted_keys
+    if len(entries) > keys.MAX_TRUSTED_KEYS:
+        raise tree.error(("plugins", "trusted_keys"), f"{len(entries)} keys; at most {keys.MAX_TRUSTED_KEYS}")
+    resolved = []
+    for index, entry in enumerate(entries):
+        try:
+            resolved.append(keys.trusted_key(entry, settings.source.parent))
+        except keys.KeyProblem as exc:
+            raise tree.error(("plugins", "trusted_keys", index), str(exc)) from None
+    return dataclasses.replace(settings, plugins=dataclasses.replace(settings.plugins, trusted_keys=tuple(resolved)))
 
 
 def _check_devices(settings: Settings) -> None:

@@ -18,7 +18,8 @@ PACKAGE = Path(pi_controller.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     # what anything may use: time, bounded schema fields, logging, names, counters
     ("pi_controller", "pi_controller.clock", "pi_controller.schema", "pi_controller.logs",
-     "pi_controller.token_bucket", "pi_controller.names", "pi_controller.stats", "pi_controller.reloads"),
+     "pi_controller.token_bucket", "pi_controller.names", "pi_controller.stats", "pi_controller.reloads",
+     "pi_controller.keys"),
     # the plugin ABI: context, readings, commands, and a plugin's typed config
     ("pi_controller.contract", "pi_controller.plugins.plugin_config"),
     ("pi_controller.devices",),

@@ -1,16 +1,18 @@
 """One check for one promise: what the daemon's load would refuse in a plugins folder, said before it loads.
 
 The daemon's start (`run`), `check-config` (and so the unit's `ExecReload=` check), a reload (SIGHUP) and
-`plugin install` all call `problems`: each plugin's terms as the daemon's load makes them (`manifest.terms`:
-its manifest, whose name is its file's, its config against the manifest's `config_schema`, the ceilings,
-grants of sensors and actuators that exist) and the tick's time budget by rank (`admission`). Nothing is
-compiled: that stays with the load itself (and `plugin install`'s trial).
+`plugin install` all call `problems`: each plugin's terms as the daemon's load makes them (the file gate,
+then `manifest.terms`: its signature, its manifest, whose name is its file's, its config against the
+manifest's `config_schema`, the ceilings, grants of sensors and actuators that exist) and the tick's time
+budget by rank (`admission`). Nothing is compiled: that stays with the load itself (and `plugin install`'s
+trial).
 
 A plugin named in the config (`plugins.settings`, `plugins.required`) that would not load as configured is
 the config's mistake: a ConfigError at the key at fault, so that `run` exits 2 before any pin moves,
 `check-config` fails and a reload is refused with the running version kept, as the docs promise. Any other
 plugin of the folder that would not load is its own: `check` returns one line about it, and the daemon
-runs without it (`/ready` says so).
+runs without it (`/ready` says so), unless a key of the config refuses it (a signature that
+`plugins.require_signature` or `plugins.trusted_keys` refuses): that is the config's too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from pi_controller import config
 from pi_controller.names import valid_plugin_name
 from pi_controller.plugins import admission, manifest
+from pi_controller.plugins.wasm_gate import read_module
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ def problems(settings: config.Settings, folder: Path, candidate: Path | None = N
         if (own is not None and not own.enabled) or not os.path.lexists(path):
             continue
         try:
-            terms = manifest.terms(name, path, plugins, devices)
+            module = read_module(path, path.parent, plugins.ceilings.max_file_bytes)
+            terms = manifest.terms(name, path, module, plugins, devices)
         except manifest.Refused as exc:
             found[name] = Problem(exc.problem, exc.key)
             continue
@@ -59,12 +63,13 @@ def problems(settings: config.Settings, folder: Path, candidate: Path | None = N
 
 def check(settings: config.Settings, folder: Path, found: dict[str, Problem] | None = None) -> list[str]:
     """The folder's plugins as the daemon would load them under `settings`: ConfigError for the first one
-    named in the config that it would refuse; one line for each other one it would refuse, and for each one
-    named in the config that is missing. `found`: `problems(settings, folder)`, if the caller has it."""
+    named in the config that it would refuse, or that a key of the config refuses (`plugins.require_signature`,
+    `plugins.trusted_keys`); one line for each other one it would refuse, and for each one named in the config
+    that is missing. `found`: `problems(settings, folder)`, if the caller has it."""
     plugins = settings.plugins
     found = problems(settings, folder) if found is None else found
     for name, problem in sorted(found.items()):
-        if plugins.configured(name):
+        if plugins.configured(name) or problem.key is not None:  # a node-wide key (a signature's) refuses it
             raise settings.error(problem.key or _named_at(plugins, name), f"plugin '{name}' would not load: "
                                                                           f"{problem.why}")
     modules = _modules(folder)

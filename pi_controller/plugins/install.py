@@ -1,11 +1,11 @@
-"""`pi-controller plugin install NAME.wasm`: a plugin and its manifest into the daemon's plugins folder.
+"""`pi-controller plugin install NAME.wasm`: a plugin, its manifest and signature into the plugins folder.
 
 The hot reloader acts on a file as soon as it is renamed into the folder, so nothing is written there
-under its final name: the module and its manifest are first written to a staging folder inside the
-plugins folder (hidden, and the watcher follows the folder's own entries only), loaded from there as
-the daemon would load them (the file gate, the manifest, the grant under the config's ceilings, a trial
-compile, the health check), and only then renamed into place, the manifest first: the daemon sees
-either the old plugin or the new one, whole, never half a file.
+under its final name: the module, its manifest and its signature are first written to a staging folder
+inside the plugins folder (hidden, and the watcher follows the folder's own entries only), loaded from
+there as the daemon would load them (`checks`: the file gate, the signature, the manifest, the grant
+under the config's ceilings; then a trial compile and the health check), and only then renamed into
+place, the module last: the daemon sees either the old plugin or the new one, whole, never half a file.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 from pi_controller import config
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import tools
+from pi_controller.plugins.signing import SUFFIX
 
 EXIT_REFUSED = 2
 
@@ -58,12 +59,13 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool = True) -> list[Path]:
-    """Check `wasm` (and its manifest) as the daemon would load it under `settings` beside the plugins of
-    `folder` (`checks`: its terms, the devices it is granted, the tick's budget), then move it into `folder`
-    atomically; return the files installed. `checked`: `settings` is the daemon's config, whose devices
-    its grant must name. InstallError, with `folder` unchanged."""
+    """Check `wasm` (and its manifest and signature) as the daemon would load it under `settings` beside the
+    plugins of `folder` (`checks`: its signature and terms, the devices it is granted, the tick's budget), then
+    move it into `folder` atomically; return the files installed. `checked`: `settings` is the daemon's config,
+    whose devices its grant must name. InstallError, with `folder` unchanged."""
     from pi_controller.plugins import checks
-    from pi_controller.plugins.manifest import MAX_MANIFEST_BYTES, Devices, Refused, load_manifest, manifest_path
+    from pi_controller.plugins.manifest import Devices, Refused, parse_manifest, read_manifest
+    from pi_controller.plugins.signing import read_signature
     from pi_controller.plugins.wasm_gate import read_module
 
     if not valid_plugin_name(wasm.stem):
@@ -74,11 +76,11 @@ def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool =
         raise InstallError(f"the plugins folder {folder} does not exist or is not a folder")
     if wasm.resolve().parent == folder.resolve():
         raise InstallError(f"{wasm} is in the plugins folder already")
-    manifest = manifest_path(wasm)
     try:
-        load_manifest(wasm)  # its errors name the author's file, not the staged copy
+        described = read_manifest(wasm)
+        parse_manifest(wasm, described)  # its errors name the author's file, not the staged copy
         module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
-        described = manifest.read_bytes()[:MAX_MANIFEST_BYTES + 1] if manifest.is_file() else None
+        signature = read_signature(wasm)
     except (Refused, OSError) as exc:
         raise InstallError(f"{wasm}: {exc}") from None
     found = checks.problems(settings, folder, wasm, checked)
@@ -93,7 +95,7 @@ def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool =
     except OSError as exc:
         raise InstallError(f"cannot write into {folder}: {exc.strerror or exc}") from None
     try:
-        staged = _stage(staging / wasm.name, module, described)
+        staged = _stage(staging / wasm.name, module, described, signature)
         try:
             devices = Devices.of(settings) if checked else None
             tools.load_plugin(staged[-1], settings, devices=devices).close()  # what is installed is what was checked
@@ -104,9 +106,10 @@ def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool =
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _stage(wasm: Path, module: bytes, described: bytes | None) -> list[Path]:
-    """The module (and its manifest's bytes) written into the staging folder: manifest first."""
-    files = ([(wasm.with_suffix(".yaml"), described)] if described is not None else []) + [(wasm, module)]
+def _stage(wasm: Path, module: bytes, described: bytes | None, signature: bytes | None) -> list[Path]:
+    """The module (and its manifest's and signature's bytes) written into the staging folder, module last."""
+    beside = [(wasm.with_suffix(suffix), data) for suffix, data in ((".yaml", described), (SUFFIX, signature))]
+    files = [(path, data) for path, data in beside if data is not None] + [(wasm, module)]
     try:
         for path, data in files:
             with path.open("wb") as out:
@@ -120,13 +123,14 @@ def _stage(wasm: Path, module: bytes, described: bytes | None) -> list[Path]:
 
 
 def _move_in(staged: list[Path], folder: Path) -> list[Path]:
-    """Rename the staged files into `folder` (atomic, within one filesystem). A manifest left from an
-    earlier version that the new one lacks is removed first: it would describe another module."""
+    """Rename the staged files into `folder` (atomic, within one filesystem). A manifest or signature left
+    from an earlier version that the new one lacks is removed first: it would describe another module."""
     names = {path.name for path in staged}
-    stale = folder / staged[-1].with_suffix(".yaml").name
     try:
-        if stale.name not in names and os.path.lexists(stale):
-            stale.unlink()
+        for suffix in (".yaml", SUFFIX):
+            stale = folder / staged[-1].with_suffix(suffix).name
+            if stale.name not in names and os.path.lexists(stale):
+                stale.unlink()
         for path in staged:
             os.replace(path, folder / path.name)
         directory = os.open(folder, os.O_RDONLY)

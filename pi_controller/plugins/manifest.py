@@ -8,6 +8,7 @@ bound the result: a plugin that asks for more is refused, never silently given l
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from dataclasses import dataclass, field
@@ -18,17 +19,9 @@ from pi_controller import config
 from pi_controller.config import PluginSettings, PluginsSettings
 from pi_controller.contract import Rejected
 from pi_controller.plugins.plugin_config import ConfigField, check_config, check_settings
+from pi_controller.plugins.refusal import Refused as Refused
+from pi_controller.plugins.refusal import links_within as links_within
 from pi_controller.schema import FieldError, bounded
-
-
-class Refused(Exception):
-    """A plugin the daemon will not load: the message says why, in the operator's words. `key`: the
-    config's key at fault, when a value of the daemon's config is (with `problem`, the message without it)."""
-
-    def __init__(self, message: str, key: config.KeyPath | None = None, problem: str | None = None):
-        super().__init__(message)
-        self.key = key
-        self.problem = problem or message
 
 
 @dataclass(frozen=True)
@@ -112,6 +105,7 @@ class Grant:
     config_schema: Mapping[str, ConfigField] | None = None
     sha256: str | None = None  # the only content accepted, when pinned
     manifest: Manifest = field(default_factory=Manifest)
+    signer: str | None = None  # the fingerprint of the trusted key that signed it (see `signing`)
 
 
 _LIMITS = ("memory_pages", "timeout_ms", "fuel", "max_output_bytes", "max_var_bytes", "max_http_response_bytes")
@@ -129,25 +123,34 @@ MAX_MANIFEST_BYTES = 64 * 1024
 
 def load_manifest(wasm: Path) -> Manifest:
     """The sidecar manifest of `wasm`, or an empty one; Refused with file, line and key if invalid."""
+    return parse_manifest(wasm, read_manifest(wasm))
+
+
+def read_manifest(wasm: Path) -> bytes | None:
+    """The bytes of `wasm`'s manifest (at most one past the bound), None if it has none; Refused for a
+    file that is not the plugin's to show or would block the read."""
     path = manifest_path(wasm)
     if not os.path.lexists(path):
-        return Manifest()
+        return None
     if not links_within(path, wasm.parent):
         raise Refused(f"{path.name} is a symbolic link to outside the plugins folder")
     if not path.is_file():  # a FIFO would block the read for good
         raise Refused(f"{path.name} is not a regular file")
     try:
-        return config.load_document(path, Manifest, MAX_MANIFEST_BYTES)
+        with path.open("rb") as file:
+            return file.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise Refused(f"cannot read {path.name}: {exc.strerror or exc}") from None
+
+
+def parse_manifest(wasm: Path, data: bytes | None) -> Manifest:
+    """The manifest `read_manifest` read (its bytes are what a signature covers), checked."""
+    if data is None:
+        return Manifest()
+    try:
+        return config.load_document(manifest_path(wasm), Manifest, MAX_MANIFEST_BYTES, data)
     except config.ConfigError as exc:
         raise Refused(f"manifest {exc}") from exc
-
-
-def links_within(path: Path, folder: Path) -> bool:
-    """False for a symbolic link that resolves outside `folder`: what it points at is not the
-    plugin's to show (a link to /etc/passwd would put its lines into errors)."""
-    if not os.path.islink(path):
-        return True
-    return os.path.realpath(path).startswith(os.path.realpath(folder).rstrip(os.sep) + os.sep)
 
 
 def grant(name: str, manifest: Manifest, settings: PluginsSettings) -> Grant:
@@ -197,16 +200,21 @@ class Devices:
         return cls(frozenset(s.id for s in settings.sensors), frozenset(a.id for a in settings.actuators))
 
 
-def terms(name: str, wasm: Path, settings: PluginsSettings, devices: Devices | None) -> Grant:
-    """What plugin `name`, whose module is `wasm`, would run under: its manifest (whose name, if it gives
-    one, is its file's) and its grant under `settings`, naming only `devices` (None: not known, as for a
-    plugin tried without a config). What the daemon's load, check-config and `plugin install` all check
-    before compiling. Refused, saying why."""
-    described = load_manifest(wasm)
+def terms(name: str, wasm: Path, module: bytes, settings: PluginsSettings, devices: Devices | None) -> Grant:
+    """What plugin `name`, whose module is `wasm` (its bytes `module`, as read for loading), would run
+    under: its signature over those bytes and its manifest's (`signing`: the manifest is read once, so what
+    is checked is what loads), its manifest (whose name, if it gives one, is its file's) and its grant under
+    `settings`, naming only `devices` (None: not known, as for a plugin tried without a config). What the
+    daemon's load, check-config and `plugin install` all check before compiling. Refused, saying why."""
+    from pi_controller.plugins import signing  # it builds on this module's Refused
+
+    data = read_manifest(wasm)
+    signer = signing.check(wasm, module, data, settings)
+    described = parse_manifest(wasm, data)
     if described.name and described.name != name:
         raise Refused(f"its manifest's name '{described.name[:64]}' is not its file's name '{name}': name the file "
                       f"{described.name[:64]}.wasm (and its manifest {described.name[:64]}.yaml), or fix the name")
-    result = grant(name, described, settings)
+    result = dataclasses.replace(grant(name, described, settings), signer=signer)
     if devices is not None:
         own = settings.settings.get(name)
         _check_granted(name, "actuators", result.actuators, devices.actuators, own.actuators if own else None)

@@ -169,7 +169,7 @@ class PluginSet:
     def _prepare_one(self, name: str, path: Path, live: SandboxedPlugin | None, update: Update) -> None:
         try:
             wasm = read_module(path, self.directory, self.settings.ceilings.max_file_bytes)
-            terms = manifest.terms(name, path, self.settings, self.devices)
+            terms = manifest.terms(name, path, wasm, self.settings, self.devices)
             if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
                 return  # the same plugin under the same terms: nothing to swap
             host = PluginHost(name, terms.sensors, self.history, self.settings.host, self.clock.monotonic)
@@ -268,6 +268,7 @@ class PluginSet:
         log.info(f"{self.role}_replaced" if previous else f"{self.role}_loaded", plugin=plugin.name,
                  sha256=plugin.sha256[:12], version=terms.manifest.version or None, priority=terms.priority,
                  memory_pages=terms.memory_pages, timeout_ms=terms.timeout_ms, fuel=terms.fuel,
+                 **({"signed_by": terms.signer} if terms.signer else {}),
                  **({"wasi": True, "paths": dict(terms.allowed_paths)} if terms.wasi else {}))
 
     def close(self) -> None:

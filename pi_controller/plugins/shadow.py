@@ -37,6 +37,7 @@ from pi_controller.plugins.agreement import Agreement, verdict_of
 from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
+from pi_controller.plugins.signing import SUFFIX
 from pi_controller.safety.rules import Safety
 
 log = structlog.get_logger("pi_controller.shadow")
@@ -163,14 +164,18 @@ class Shadows:
 
 
 def promote(plugins_dir: Path, name: str) -> str:
-    """Move shadow/NAME.wasm (and its manifest) over the live plugin's files; returns what was done.
-    A rename: the watcher sees the live file replaced at once and hot-swaps it."""
+    """Move shadow/NAME.wasm (and its manifest and signature) over the live plugin's files; returns what
+    was done. A rename: the watcher sees the live file replaced at once and hot-swaps it."""
     shadow = plugins_dir / FOLDER / f"{name}.wasm"
     if not shadow.is_file():
         raise FileNotFoundError(f"no shadow plugin {shadow}")
-    manifest = shadow.with_suffix(".yaml")
+    manifest, signature = shadow.with_suffix(".yaml"), shadow.with_suffix(SUFFIX)
     if manifest.is_file():  # first: the new module must not be loaded under the old terms
         os.replace(manifest, plugins_dir / manifest.name)
+    if signature.is_file():
+        os.replace(signature, plugins_dir / signature.name)
+    elif os.path.lexists(plugins_dir / signature.name):  # it signed the old module: the new one would fail it
+        os.unlink(plugins_dir / signature.name)
     os.replace(shadow, plugins_dir / shadow.name)
     return f"promoted {shadow} to {plugins_dir / shadow.name}"
 

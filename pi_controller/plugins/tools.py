@@ -210,10 +210,10 @@ class LoadFailed(ValueError):
 
 def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str, Any] | None = None,
                 devices: Devices | None = None) -> Any:
-    """`wasm` loaded as the daemon would load it from its folder under `settings` (the gate, manifest,
-    grant, trial compile and health check), its config topped up with `extra_config`: a SandboxedPlugin
-    whose host's `history` answers pi_history. `devices`: what its grant may name (a `manifest.Devices`;
-    None: not checked, as without a config). LoadFailed with the reason."""
+    """`wasm` loaded as the daemon would load it from its folder under `settings` (the gate;
+    `manifest.terms`: signature, manifest and grant; the trial compile and health check), its config topped
+    up with `extra_config`: a SandboxedPlugin whose host's `history` answers pi_history. `devices`: what its
+    grant may name (a `manifest.Devices`; None: not checked, as without a config). LoadFailed with the reason."""
     import extism
 
     from pi_controller.plugins.host_functions import History, PluginHost
@@ -225,10 +225,10 @@ def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str
 
     name = wasm.stem
     try:
-        terms = terms_of(name, wasm, settings.plugins, devices)
+        module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
+        terms = terms_of(name, wasm, module, settings.plugins, devices)
         terms = dataclasses.replace(terms, config={**terms.config, **(extra_config or {})})
         host = PluginHost(name, terms.sensors, History(settings.plugins.host.history_length), settings.plugins.host)
-        module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
         return SandboxedPlugin(name, module, terms, Quarantine(name, settings.plugins.quarantine), host)
     except (OSError, Refused, extism.Error) as exc:
         raise LoadFailed(str(exc)[:500]) from None

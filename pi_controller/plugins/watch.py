@@ -34,7 +34,7 @@ _WATCHED = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE | Ma
 _AT_ONCE = Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE
 _GONE = Mask.DELETE_SELF | Mask.MOVE_SELF  # the watched folder itself was deleted or moved away
 _ANCESTOR = Mask.CREATE | Mask.MOVED_TO | _GONE | Mask.ONLYDIR  # what may bring a missing folder back
-_SUFFIXES = (".wasm", ".yaml")  # a plugin, and its manifest
+_SUFFIXES = (".wasm", ".yaml", ".sig")  # a plugin, its manifest and its signature
 
 
 class PluginWatcher:
@@ -164,9 +164,9 @@ class PluginWatcher:
             return
         if Mask.CREATE in event.mask and not (event.path is not None and event.path.is_symlink()):
             return  # a file being written: its close says when it is whole; a link is whole at once
-        # A renamed or deleted module is whole at once. A manifest waits `settle_s` for its module: `plugin
-        # install` renames the manifest, then the module, and the pair is loaded as one, never the new
-        # manifest with the old module.
+        # A renamed or deleted module is whole at once. A manifest or signature waits `settle_s` for its
+        # module: `plugin install` renames the manifest and signature, then the module, and the pair is loaded
+        # as one, never the new manifest with the old module.
         at_once = event.mask & _AT_ONCE and name.suffix == ".wasm"
         self._schedule(name.stem, 0.0 if at_once else self._settle_s)
 
