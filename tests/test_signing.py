@@ -330,7 +330,15 @@ def test_check_config_reports_each_plugin_the_daemon_would_refuse(work, keys, tm
     assert cli.main(["check-config", str(node)]) == 0
     capsys.readouterr()
     shutil.copy(TEST_PLUGINS / "counter.wasm", folder / "counter.wasm")
-    assert cli.main(["check-config", str(node)]) == 2  # not a warning: the config's own key refuses it
+    assert cli.main(["check-config", str(node)]) == 0  # dropped in, not named: refused alone, as the daemon does
+    err = capsys.readouterr().err
+    assert err == (f"warning: plugin 'counter' ({folder / 'counter.wasm'}) would not load: counter.wasm has no "
+                   "signature (counter.sig) and plugins.require_signature is true; sign it: pi-controller plugin "
+                   "sign counter.wasm --key KEY\n")
+    data = node_data(folder, keys, require=True)
+    data["plugins"]["required"] = ["counter"]  # named: the config's own key refuses it
+    node = write_config(data)
+    assert cli.main(["check-config", str(node)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"config error: {node}:") and err.endswith(
         "plugins.require_signature: plugin 'counter' would not load: counter.wasm has no signature (counter.sig) and "
@@ -370,3 +378,147 @@ def test_promoting_a_signed_shadow_carries_its_signature_and_an_unsigned_one_dro
     promote(folder, PLUGIN)
     assert not (folder / f"{PLUGIN}.sig").exists()
     assert admit(folder / f"{PLUGIN}.wasm", folder, settings)[1].signer is None
+
+
+# --- a bad signature beside a module the config does not name (issue 25's principle) ------------------
+# A file dropped into the folder never keeps the configured plugins out, nor stops the daemon: a signature
+# that does not verify on an unconfigured module refuses that module alone (logged once, its state "failed",
+# a warning of check-config); on a configured one it is the config's error at the key at fault (exit 2).
+
+BAD_SIGNATURES = ("stranger", "damaged", "other_module")
+
+
+def drop_badly_signed(folder: Path, keys: dict[str, Any], bad: str, name: str = "counter") -> str:
+    """Drop module `name` with a signature that must be refused; the start of the reason the node gives."""
+    wasm = folder / f"{name}.wasm"
+    shutil.copy(TEST_PLUGINS / f"{name}.wasm", wasm)
+    if bad == "damaged":
+        wasm.with_suffix(".sig").write_text("pi-controller plugin signature v1\nkey: nonsense\n")
+        return f"{name}.sig is not a signature"
+    sign(wasm, keys["stranger" if bad == "stranger" else "owner"])
+    if bad == "stranger":
+        return f"{name}.sig was made by key {keys['stranger_id']}, which is not in plugins.trusted_keys"
+    shutil.copy(TEST_PLUGINS / "echo_output.wasm", wasm)  # the module changed after it was signed
+    return f"{name}.sig does not verify under key {keys['owner_id']}"
+
+
+def run_cli(node: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any], str]:
+    """`pi-controller run --ticks 3` in-process: its exit status, its snapshot, what it said on stderr."""
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    code = cli.main(["run", "--config", str(node), "--ticks", "3", "--state-dir", str(state), "--log-format", "json"])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else {}), err
+
+
+def events(err: str, event: str, plugin: str) -> list[dict[str, Any]]:
+    lines = (json.loads(line) for line in err.splitlines() if line.startswith("{"))
+    return [e for e in lines if e.get("event") == event and e.get("plugin") == plugin]
+
+
+def signed_node(work: Path, keys: dict[str, Any], tmp_path: Path, require: bool) -> tuple[Path, dict[str, Any]]:
+    """A node's folder with the signed bundled plugin, and config data naming it."""
+    sign(work / f"{PLUGIN}.wasm", keys["owner"])
+    folder = node_folder(tmp_path, work)
+    data = node_data(folder, keys, require=require)
+    data["plugins"]["settings"] = {PLUGIN: {}}
+    return folder, data
+
+
+@pytest.mark.parametrize("require", [False, True], ids=["optional", "required"])
+@pytest.mark.parametrize("bad", BAD_SIGNATURES)
+def test_run_and_check_config_refuse_only_an_unconfigured_module_with_a_bad_signature(
+        work, keys, tmp_path, write_config, capsys, cli_logs, bad, require) -> None:
+    folder, data = signed_node(work, keys, tmp_path, require)
+    node = write_config(data)
+    reason = drop_badly_signed(folder, keys, bad)
+    assert cli.main(["check-config", str(node)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: plugin 'counter' ({folder / 'counter.wasm'}) would not load: {reason}"), err
+    code, snapshot, err = run_cli(node, tmp_path, capsys)
+    assert code == 0, err
+    assert snapshot["plugins"][PLUGIN]["state"] == "loaded" and snapshot["plugins"][PLUGIN]["calls"] == 3
+    assert snapshot["plugins"]["counter"]["state"] == "failed"
+    assert snapshot["plugins"]["counter"]["reason"].startswith(reason)
+    assert len(events(err, "plugin_load_failed", "counter")) == 1  # logged once, not each tick
+
+
+@pytest.mark.parametrize("bad", BAD_SIGNATURES)
+def test_a_configured_module_with_a_bad_signature_is_a_config_error_at_the_key_at_fault(
+        work, keys, tmp_path, write_config, capsys, cli_logs, bad) -> None:
+    folder = node_folder(tmp_path, work)
+    data = node_data(folder, keys, require=False)
+    data["plugins"]["settings"] = {"counter": {}}
+    node = write_config(data)
+    reason = drop_badly_signed(folder, keys, bad)
+    key = "plugins.settings.counter" if bad == "damaged" else "plugins.trusted_keys"  # the file's fault, or a key's
+    for command in (["check-config", str(node)], ["run", "--config", str(node), "--ticks", "3"]):
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"config error: {node}:") and f": {key}: plugin 'counter' would not " \
+            f"load: {reason}" in err and err.count("\n") == 1, err
+
+
+def test_a_configured_unsigned_module_is_a_config_error_at_require_signature_only_when_required(
+        work, keys, tmp_path, write_config, capsys, cli_logs) -> None:
+    folder = node_folder(tmp_path, work)  # temperature_control, unsigned
+    data = node_data(folder, keys, require=True)
+    data["plugins"]["settings"] = {PLUGIN: {}}
+    assert cli.main(["run", "--config", str(write_config(data)), "--ticks", "3"]) == 2
+    assert ": plugins.require_signature: plugin 'temperature_control' would not load:" in capsys.readouterr().err
+    data["plugins"]["require_signature"] = False
+    code, snapshot, err = run_cli(write_config(data), tmp_path, capsys)
+    assert code == 0 and snapshot["plugins"][PLUGIN]["state"] == "loaded", err
+
+
+def test_a_reload_applies_beside_a_badly_signed_dropped_module_and_is_refused_for_a_configured_one(
+        work, keys, tmp_path, write_config, run_daemon) -> None:
+    import yaml
+
+    folder, data = signed_node(work, keys, tmp_path, require=True)
+    daemon = run_daemon(data, 0, clock=SystemClock())
+    node = daemon.settings.source
+    reason = drop_badly_signed(folder, keys, "stranger")
+    results = []
+
+    async def scenario() -> None:
+        results.append(await daemon.reload())  # the dropped module's own refusal: the reload applies
+        data["plugins"]["settings"]["counter"] = {}  # now the config names it: the config's mistake
+        node.write_text(yaml.safe_dump(data))
+        results.append(await daemon.reload())
+
+    run_with(daemon, scenario)
+    assert [r.outcome for r in results] == ["applied", "refused"], results
+    assert f"plugins.trusted_keys: plugin 'counter' would not load: {reason}" in results[1].message
+    assert daemon.plugins.status[PLUGIN].state == "loaded"
+    refused = daemon.plugins.status["counter"]
+    assert refused.state == "failed" and reason in (refused.reason or "")
+    assert [p.name for p in daemon.plugins] == [PLUGIN]
+
+
+@pytest.mark.parametrize("bad", BAD_SIGNATURES)
+def test_a_badly_signed_module_dropped_in_while_running_is_refused_alone_and_logged_once(
+        work, keys, tmp_path, run_daemon, bad) -> None:
+    from tests.conftest import more_ticks
+
+    folder, data = signed_node(work, keys, tmp_path, require=False)
+    daemon = run_daemon(data, 0, clock=SystemClock())
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    reason = drop_badly_signed(drop, keys, bad)
+
+    async def scenario() -> None:
+        os.replace(drop / "counter.sig", folder / "counter.sig")  # the signature first, then the module
+        os.replace(drop / "counter.wasm", folder / "counter.wasm")
+        await until(lambda: "counter" in daemon.plugins.status, "the dropped module is looked at")
+        calls = daemon.loop.summary()["plugins"][PLUGIN]["calls"]
+        await more_ticks(daemon, 5)
+        assert daemon.loop.summary()["plugins"][PLUGIN]["calls"] >= calls + 5  # the configured plugin runs on
+
+    with capture_logs() as logs:
+        run_with(daemon, scenario)
+    failed = [e for e in logs if e["event"] == "plugin_load_failed" and e.get("plugin") == "counter"]
+    assert len(failed) == 1 and failed[0]["reason"].startswith(reason), failed
+    assert daemon.plugins.status["counter"].state == "failed"
+    assert [p.name for p in daemon.plugins] == [PLUGIN]
+    assert_no_missed_ticks(daemon.loop.ticks.missed)

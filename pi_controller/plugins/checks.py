@@ -11,8 +11,9 @@ A plugin named in the config (`plugins.settings`, `plugins.required`) that would
 the config's mistake: a ConfigError at the key at fault, so that `run` exits 2 before any pin moves,
 `check-config` fails and a reload is refused with the running version kept, as the docs promise. Any other
 plugin of the folder that would not load is its own: `check` returns one line about it, and the daemon
-runs without it (`/ready` says so), unless a key of the config refuses it (a signature that
-`plugins.require_signature` or `plugins.trusted_keys` refuses): that is the config's too.
+runs without it (`/ready` says so), whatever refused it, a signature that `plugins.require_signature` or
+`plugins.trusted_keys` refuses included: a file dropped into the folder never keeps the configured plugins
+out, nor the daemon from starting or reloading.
 """
 
 from __future__ import annotations
@@ -63,13 +64,13 @@ def problems(settings: config.Settings, folder: Path, candidate: Path | None = N
 
 def check(settings: config.Settings, folder: Path, found: dict[str, Problem] | None = None) -> list[str]:
     """The folder's plugins as the daemon would load them under `settings`: ConfigError for the first one
-    named in the config that it would refuse, or that a key of the config refuses (`plugins.require_signature`,
-    `plugins.trusted_keys`); one line for each other one it would refuse, and for each one named in the config
-    that is missing. `found`: `problems(settings, folder)`, if the caller has it."""
+    named in the config that it would refuse, at the key at fault (`plugins.require_signature` or
+    `plugins.trusted_keys` for a signature); one line for each other one it would refuse, and for each one
+    named in the config that is missing. `found`: `problems(settings, folder)`, if the caller has it."""
     plugins = settings.plugins
     found = problems(settings, folder) if found is None else found
     for name, problem in sorted(found.items()):
-        if plugins.configured(name) or problem.key is not None:  # a node-wide key (a signature's) refuses it
+        if plugins.configured(name):
             raise settings.error(problem.key or _named_at(plugins, name), f"plugin '{name}' would not load: "
                                                                           f"{problem.why}")
     modules = _modules(folder)
