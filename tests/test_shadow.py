@@ -192,7 +192,8 @@ def test_a_reload_adopts_its_shadows_carrying_on_the_comparisons_of_unchanged_fi
     live, settings, told = shadowed(plugin_set), PluginsSettings(watch=False), list[Shadows]()
     supervisor = ShadowSupervisor(settings, live, VirtualClock(), told.append)
     first = supervisor.current
-    stats = first.stats["temperature_control"] = shadow.ShadowStats()
+    compared = first.plugins.status["temperature_control"].sha256 or ""
+    stats = first.stats["temperature_control"] = shadow.ShadowStats(compared)
 
     async def reload() -> Shadows | None:
         supervisor.start(Gap(opens=True))

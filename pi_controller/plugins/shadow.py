@@ -46,7 +46,8 @@ FOLDER = "shadow"
 
 
 class ShadowStats:
-    def __init__(self) -> None:
+    def __init__(self, sha256: str) -> None:
+        self.sha256 = sha256  # of the shadow compared: another file under its name starts over
         self.calls = 0
         self.errors = 0
         self.skipped = 0  # ticks left out: the tick's budget was spent
@@ -88,7 +89,9 @@ class Shadows:
         for shadow in self.plugins:
             if shadow.name not in called or tick.verdicts.failures.get(shadow.name) == "quarantined":
                 continue
-            stats = self.stats.get(shadow.name) or self.stats.setdefault(shadow.name, ShadowStats())
+            stats = self.stats.get(shadow.name)
+            if stats is None or stats.sha256 != shadow.sha256:  # a new shadow, or another file swapped in under it
+                stats = self.stats[shadow.name] = ShadowStats(shadow.sha256)
             spent_ms = (self.clock.perf_counter() - started) * 1000
             if self.clock.real and spent_ms + shadow.grant.timeout_ms > self.budget_ms:
                 stats.skipped += 1
