@@ -12,6 +12,7 @@ from typing import NoReturn
 import structlog
 
 from pi_controller import config, logs
+from pi_controller.fleet import tool as fleet_tool
 from pi_controller.plugins import build, checks, install, shadow, signing_cli, tools
 from pi_controller.safety import known_good, safe_state
 from pi_controller.sim import commands as sim_commands
@@ -100,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     install.add_command(plugin_commands)
     signing_cli.add_commands(plugin_commands)
     shadow.add_command(plugin_commands)
+    fleet_tool.add_command(commands)
     return parser
 
 

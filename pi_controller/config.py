@@ -209,8 +209,11 @@ class MqttSettings:
     buffer_file: str | None = None  # keeps the unsent messages across a restart of the daemon
     commands: bool = True  # false: read-only, nothing is subscribed
     override_expiry_s: float = bounded(1, 7 * 86400, default=3600.0)
+    fleet: bool = False  # take signed plugin rollouts announced on <base_topic>/fleet/ (docs/fleet.md)
 
     def __post_init__(self) -> None:
+        if self.fleet and self.node_id == "fleet":
+            raise FieldError(("node_id",), "'fleet' is the rollouts' topic level under base_topic; pick another id")
         if self.password_file is not None and self.password is not None:
             raise FieldError(("password_file",), "give password or password_file, not both")
         if (self.password is not None or self.password_file is not None) and self.username is None:

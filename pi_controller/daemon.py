@@ -19,6 +19,7 @@ from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import Settings
 from pi_controller.devices.hardware import Environment, Hardware
 from pi_controller.devices.pins import factory_kind, make_factory
+from pi_controller.fleet.node import FleetNode
 from pi_controller.loop import ControlLoop
 from pi_controller.metrics import Metrics, MetricsServer
 from pi_controller.mqtt.telemetry import Telemetry
@@ -91,8 +92,11 @@ class Daemon:
         self.notifier = Notifier(self.status.line, timer=self.clock.monotonic)
         self.metrics = Metrics(settings.loop.period, self.status, self.clock.monotonic) \
             if settings.metrics.enabled else None
-        self.telemetry = Telemetry(settings, self.status, self.operator, self.clock.monotonic, self.clock.time) \
-            if settings.mqtt.enabled else None
+        fleet = FleetNode(settings, self.status, self.state_dir) if settings.mqtt.enabled and settings.mqtt.fleet \
+            else None
+        self.status.fleet = fleet
+        self.telemetry = Telemetry(settings, self.status, self.operator, self.clock.monotonic, self.clock.time,
+                                   fleet) if settings.mqtt.enabled else None
         self.recorder = self._recorder(settings)
         # /ready, then READY=1; an operator's value on disk before Home Assistant is shown it
         observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.values, self.telemetry,

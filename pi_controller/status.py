@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pi_controller.safety.rules import Guard, Hold
     from pi_controller.safety.watchdog import Watchdog
     from pi_controller.sim.record import Recorder
+    from pi_controller.fleet.node import FleetNode
 
 _NEVER_CALLED = PluginStats()
 STATUS_CHARS = 400  # systemctl status shows one line of it
@@ -51,6 +52,7 @@ class Status:
         self.telemetry: Summarised | None = None
         self.shadows: Shadows | None = None
         self.recorder: Recorder | None = None
+        self.fleet: FleetNode | None = None
         self.last_reload: ReloadResult | None = None
         self._monotonic = monotonic
         self._started = monotonic()
@@ -105,7 +107,8 @@ class Status:
                             "enabled": enabled, "calls": stats.calls,
                             "errors": stats.errors, "rejected": stats.rejected, "held": stats.held,
                             "config": configs.get(name, {}), "version": status.version, "sha256": status.sha256,
-                            "candidate": self._candidate(name)}
+                            "candidate": self._candidate(name),
+                            "rollout": self.fleet.shown(name) if self.fleet is not None else None}
             shadow = self.shadows.agreement_of(name) if self.shadows else None
             if shadow is not None:
                 states[name]["shadow"] = shadow

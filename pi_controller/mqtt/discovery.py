@@ -289,15 +289,20 @@ def _version(of: str) -> str:
 
 
 def _update(name: str, topics: Topics) -> Entity:
-    """The plugin as an update: installed, the running file; latest, its shadow if one runs (install
+    """The plugin as an update: installed, the running file; latest, the version a fleet rollout announced
+    (with this node's progress: in_progress and update_percentage), else its shadow if one runs (install
     promotes it, plugin/<name>/promote), else the installed one."""
     installed = _version("value_json")
-    latest = f"({_version('value_json.candidate')} if value_json.candidate else {installed})"
+    rollout = "value_json.rollout"
+    latest = (f"({_version(rollout)} if {rollout} else "
+              f"({_version('value_json.candidate')} if value_json.candidate else {installed}))")
     return "update", f"plugin_{name}_update", {
         "name": _name(name), "state_topic": topics.plugin(name), "command_topic": topics.plugin(name, "promote"),
         "payload_install": "install", "entity_category": "config",
         "value_template": f"{{{{ {{'installed_version': {installed}, 'latest_version': {latest}, "
-                          f"'title': {json.dumps(_name(name, 'plugin'))}}} | tojson }}}}"}
+                          f"'in_progress': ({rollout}.in_progress if {rollout} else false), "
+                          f"'update_percentage': ({rollout}.percent if {rollout} and {rollout}.in_progress "
+                          f"else none), 'title': {json.dumps(_name(name, 'plugin'))}}} | tojson }}}}"}
 
 
 def _platform_of(field: ConfigField) -> str | None:

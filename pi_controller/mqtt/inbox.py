@@ -57,6 +57,7 @@ class Route:
     handle: Handler
     sweep: bool = False  # subscribed until acknowledged: for the retained messages the subscription brings
     answered: bool = False  # a command: a message it refuses is answered on its /result topic
+    on_demand: bool = False  # subscribed only within its filter, to what `fetch` asks for, until `unfetch`
 
 
 BURST_S = 2.0  # a bucket holds this many seconds' worth of commands: a burst above the rate
@@ -110,7 +111,9 @@ class Inbox:
     def __init__(self, routes: Mapping[str, Route], gate: Gate):
         self.routes = dict(routes)
         self.gate = gate
-        self._lasting = [(topic, 1) for topic, route in self.routes.items() if not route.sweep]
+        self._lasting = [(topic, 1) for topic, route in self.routes.items() if not (route.sweep or route.on_demand)]
+        self._fetching: set[str] = set()  # what on-demand rows asked for (a topic within their filter)
+        self._client: mqtt.Client | None = None
         self._sweeps = [topic for topic, route in self.routes.items() if route.sweep]
         self._sweep_mid: int | None = None  # the sweep's subscription, until acknowledged
         self._refused: queue.SimpleQueue[Answer] = queue.SimpleQueue()
@@ -120,11 +123,23 @@ class Inbox:
         for topic, route in self.routes.items():
             client.message_callback_add(topic, self._callback(topic, route))
         client.on_subscribe = self._on_subscribe
+        self._client = client
+
+    def fetch(self, topic: str) -> None:
+        """Subscribe to `topic` (within an on-demand row's filter) now, and at each connection until `unfetch`."""
+        if topic not in self._fetching and self._client is not None:
+            self._fetching.add(topic)
+            self._client.subscribe(topic, 1)  # while disconnected, the next connection's `subscribe` asks
+
+    def unfetch(self, topic: str) -> None:
+        if topic in self._fetching and self._client is not None:
+            self._fetching.discard(topic)
+            self._client.unsubscribe(topic)
 
     def subscribe(self, client: mqtt.Client) -> None:
         """Every row, at each connection (paho's thread)."""
-        if self._lasting:
-            client.subscribe(self._lasting)
+        if self._lasting or self._fetching:
+            client.subscribe(self._lasting + [(topic, 1) for topic in sorted(self._fetching)])
         if self._sweeps:
             self._sweep_mid = client.subscribe([(topic, 1) for topic in self._sweeps])[1]
 

@@ -198,11 +198,12 @@ class PublishPolicy:
 
 
 def _plugin_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Its state, its switch or its config (what its entities show); a shadow's agreement by a tenth."""
+    """Its state, its switch or its config (what its entities show), a rollout's progress; a shadow's agreement
+    by a tenth."""
     def shown(state: dict[str, Any]) -> tuple[Any, ...]:
         shadow = state.get("shadow")
         return (state["state"], state["enabled"], state["config"], state["sha256"], state["candidate"],
-                None if shadow is None else round(shadow["agreement_percent"], 1))
+                state["rollout"], None if shadow is None else round(shadow["agreement_percent"], 1))
 
     return shown(old) != shown(new)
 

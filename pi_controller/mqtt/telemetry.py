@@ -18,7 +18,7 @@ Topics (under `<base_topic>/<node_id>`): `status` (retained online/offline, with
 `actuator/<id>/event` (holds, refusals, failsafes; not retained),
 `plugin/<name>/state`, `plugin/<name>/enable`, `plugin/<name>/config/<key>/set`, `loop/state`,
 `telemetry/state` (what is buffered; what was dropped: states past the outage buffer's bound, answers
-past theirs, commands over the rate limits).
+past theirs, commands over the rate limits). With `mqtt.fleet`, the rollouts' topics (`fleet/node.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from pi_controller.config import Settings
+from pi_controller.fleet.node import FleetNode
 from pi_controller.mqtt import inbox
 from pi_controller.mqtt.inbox import Inbox, Route
 from pi_controller.mqtt.link import FINAL_STATES_WAIT_S, Link
@@ -46,8 +47,11 @@ log = structlog.get_logger("pi_controller.telemetry")
 
 class Telemetry(LoopObserver):
     def __init__(self, settings: Settings, status: Status, operator: Operator,
-                 timer: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+                 timer: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 fleet: FleetNode | None = None):
+        """`fleet`: this node's part in rollouts (`mqtt.fleet`), whose rows join the inbox's."""
         self.mqtt = settings.mqtt
+        self.fleet = fleet
         self.status = status
         self.operator = operator
         self._timer = timer
@@ -56,6 +60,8 @@ class Telemetry(LoopObserver):
         self.policy = PublishPolicy(settings, status, operator, self.outbox, wall)
         self.inbox = Inbox(self._routes() if self.mqtt.commands else {}, inbox.Gate.of(self.mqtt))
         self.inbox.attach(self.link.client)
+        if fleet is not None:
+            fleet.fetch, fleet.unfetch = self.inbox.fetch, self.inbox.unfetch
 
     def _routes(self) -> dict[str, Route]:
         """Our commands; Home Assistant's restarts and the discovery configs of ours it holds; once at
@@ -68,7 +74,7 @@ class Telemetry(LoopObserver):
         routes[f"{base}/sensor/+/state"] = Route(policy.leftover_state(lambda s: [d.id for d in s.sensors]), sweep=True)
         routes[f"{base}/actuator/+/state"] = Route(policy.leftover_state(lambda s: [d.id for d in s.actuators]),
                                                    sweep=True)
-        return routes
+        return routes | (self.fleet.routes() if self.fleet is not None else {})
 
     def _up(self, client: mqtt.Client) -> None:
         """Connected (paho's thread): subscribe, and send a subscriber that may have missed us everything."""
@@ -98,6 +104,8 @@ class Telemetry(LoopObserver):
         for answer in answers + self.inbox.refused():
             self.outbox.put_answer(answer.reply_to, json.dumps(answer.payload()).encode())
         self.policy.refused(answers)
+        if self.fleet is not None:
+            self.fleet.tick(self.outbox.put_state)
         self.policy.collect(self._timer(), self._counts())
         self.outbox.pump()
 

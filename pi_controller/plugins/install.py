@@ -106,6 +106,19 @@ def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool =
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def put(folder: Path, name: str, module: bytes, described: bytes | None, signature: bytes | None) -> list[Path]:
+    """A module checked already (a fleet rollout's: its shadow, or the version it rolls back to), with its
+    manifest's and signature's bytes, moved into `folder` as `install` moves one: staged, the module last."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".install-", dir=folder))
+    except OSError as exc:
+        raise InstallError(f"cannot write into {folder}: {exc.strerror or exc}") from None
+    try:
+        return _move_in(_stage(staging / f"{name}.wasm", module, described, signature), folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _stage(wasm: Path, module: bytes, described: bytes | None, signature: bytes | None) -> list[Path]:
     """The module (and its manifest's and signature's bytes) written into the staging folder, module last."""
     beside = [(wasm.with_suffix(suffix), data) for suffix, data in ((".yaml", described), (SUFFIX, signature))]

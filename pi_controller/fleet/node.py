@@ -1,0 +1,389 @@
+"""A node's part in a fleet rollout (`mqtt.fleet: true`), on the broker's retained announcement.
+
+For each plugin announced with this node in a stage already let in, the node, by itself:
+1. fetches the module's chunks (subscribing to them only now), and checks its size against
+   `plugins.ceilings.max_file_bytes` and its sha256 before anything else; then the one check
+   (`plugins/checks.py`: the signature, here always required, under `plugins.trusted_keys`, the manifest,
+   the grant, the tick's budget beside the plugins of the folder), as `plugin install` and a start do;
+2. installs it as the live version's shadow (`plugins/shadow.py`) and compares the two for the announced
+   `shadow_ticks`: any error or quarantine of the shadow, or an agreement under the announced minimum, ends
+   it there, the live version untouched;
+3. keeps the live version's files, promotes the shadow (the `update` entity's install), and watches the new
+   version's first `live_ticks` calls: an error, a quarantine, a failsafe (any, on this node) or a refused load
+   puts the kept files back (the watcher swaps them in, as for any file dropped in), by itself;
+4. says where it is at each step on `<base>/<node_id>/fleet/<plugin>` (retained), and keeps its last word on
+   each rollout in its state folder, so that a restart never runs a rollout it refused or rolled back again.
+
+The live plugin is only ever replaced by a rename of a whole module that loaded as a shadow, and the
+plugin set keeps the running version over any replacement that fails to load: a node is never left without
+a version of a plugin it runs. Messages are taken on paho's thread (parsed, bounded), acted on after a tick
+on the event loop; files are written on a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import queue
+import tempfile
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+
+from pi_controller.config import Settings
+from pi_controller.fleet import protocol
+from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
+from pi_controller.mqtt.inbox import Inbound, Route
+from pi_controller.plugins import checks
+from pi_controller.plugins.install import InstallError, put
+from pi_controller.plugins.manifest import read_manifest
+from pi_controller.plugins.shadow import FOLDER, promote
+from pi_controller.plugins.signing import SUFFIX, read_signature
+from pi_controller.status import Status
+
+log = structlog.get_logger("pi_controller.fleet")
+
+MIN_SWAP_TICKS = 50  # the promoted version runs within this many ticks (or live_ticks), or it did not load
+MAX_INBOUND = 4096  # messages waiting for the next tick; past it, chunks are dropped (fetched again)
+
+
+@dataclass
+class Rollout:
+    """This node's progress in one announced rollout."""
+
+    announcement: Announcement
+    phase: str = protocol.WAITING
+    reason: str | None = None
+    chunks: dict[int, bytes] = field(default_factory=dict)
+    job: Future[Any] | None = None  # file work on a worker thread
+    then: Callable[[], None] | None = None  # once it is done
+    baseline: dict[str, int] | None = None  # the live version's counts when the promoted one took over
+    waited: int = 0  # ticks since the promotion, until the promoted version runs
+    previous: str | None = None  # the sha256 of the version it replaced
+    restoring: str | None = None  # why it rolls back, until the version it replaced runs again
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ended(self) -> bool:
+        return self.phase in (protocol.LIVE, protocol.STOPPED, *protocol.FAILED)
+
+
+class FleetNode:
+    def __init__(self, settings: Settings, status: Status, state_dir: Path | None):
+        self.status = status  # its settings: the running config (a reload changes trusted_keys)
+        self.node = settings.mqtt.node_id
+        self.site = settings.mqtt.base_topic
+        self.folder = (state_dir or Path(tempfile.gettempdir()) / f"pi-controller-{self.node}") / "fleet"
+        self.rollouts: dict[str, Rollout] = {}
+        self._inbound: queue.Queue[tuple[str, Any]] = queue.Queue(MAX_INBOUND)
+        self._said: dict[str, bytes] = {}  # plugin -> the verdict last published
+        self.fetch: Callable[[str], None] = lambda topic: None  # wired by telemetry: subscribe, unsubscribe
+        self.unfetch: Callable[[str], None] = lambda topic: None
+
+    def routes(self) -> dict[str, Route]:
+        """The inbox's rows: the announcements (retained: what a returning node catches up from), and the
+        chunks, subscribed to only while a module is fetched."""
+        return {protocol.rollout_topic(self.site, "+"): Route(self._announced),
+                protocol.chunk_topic(self.site, "+", "+"): Route(self._chunk, on_demand=True)}
+
+    # -- paho's thread: parse, bound, hand over ---------------------------------------------------
+
+    def _announced(self, message: Inbound) -> None:
+        if not message.payload:
+            return  # a rollout's announcement cleared
+        announcement = Announcement.parse(message.payload, self.status.settings.plugins.ceilings.max_file_bytes)
+        if announcement.name != message.levels[0]:
+            raise Malformed(f"an announcement of '{announcement.name}' on the topic of '{message.levels[0][:64]}'")
+        self._inbound.put(("announcement", announcement))
+
+    def _chunk(self, message: Inbound) -> None:
+        sha256, index = message.levels
+        if len(message.payload) > protocol.CHUNK_BYTES or not index.isdigit() or len(index) > 6:
+            raise Malformed(f"a chunk of {len(message.payload)} bytes at index {index[:8]!r}")
+        try:
+            self._inbound.put_nowait(("chunk", (sha256, int(index), message.payload)))
+        except queue.Full:
+            pass  # its rollout fetches it again (`_refetch`)
+
+    # -- the event loop, after each tick ----------------------------------------------------------
+
+    def tick(self, publish: Callable[[str, bytes], None]) -> None:
+        """Take what arrived, move each rollout on, say where each stands (`publish`: a retained state)."""
+        for _ in range(self._inbound.qsize()):
+            kind, item = self._inbound.get_nowait()
+            if kind == "announcement":
+                self._announcement(item)
+            else:
+                self._take_chunk(*item)
+        for name, rollout in list(self.rollouts.items()):
+            self._advance(name, rollout)
+            said = self._verdict(rollout).payload()
+            if self._said.get(name) != said:
+                self._said[name] = said
+                publish(protocol.verdict_topic(self.site, self.node, name), said)
+
+    def shown(self, name: str) -> dict[str, Any] | None:
+        """For Home Assistant's update entity: the announced version, and how far this node is with it."""
+        rollout = self.rollouts.get(name)
+        if rollout is None or rollout.phase == protocol.WAITING:
+            return None
+        a = rollout.announcement
+        return {"version": a.version, "sha256": a.sha256, "phase": rollout.phase,
+                "in_progress": not rollout.ended, "percent": protocol.PROGRESS.get(rollout.phase, 0)}
+
+    def _announcement(self, a: Announcement) -> None:
+        current = self.rollouts.get(a.name)
+        if current is not None and current.announcement.rollout == a.rollout:
+            current.announcement = a  # a stage let in, or the rollout stopped
+            return
+        if current is not None:
+            self._abandon(a.name, current)
+        stage = a.stage_of(self.node)
+        if stage is None:
+            self.rollouts.pop(a.name, None)
+            return
+        rollout = self.rollouts[a.name] = Rollout(a)
+        kept = self._kept_word(a.name)
+        if kept is not None and kept.get("rollout") == a.rollout:
+            rollout.phase, rollout.reason = kept["phase"], kept.get("reason")
+            return
+        live = self.status.plugins.status.get(a.name)
+        if live is not None and live.sha256 == a.sha256:
+            rollout.phase = protocol.LIVE
+            log.info("fleet_version_already_live", plugin=a.name, version=a.version, rollout=a.rollout)
+
+    def _advance(self, name: str, rollout: Rollout) -> None:
+        a = rollout.announcement
+        if rollout.job is not None:
+            if not rollout.job.done():
+                return
+            job, rollout.job = rollout.job, None
+            then, rollout.then = rollout.then, None
+            if job.exception() is not None and then is not None:  # a rollback's own files could not be written
+                log.error("fleet_rollback_failed", plugin=name, rollout=a.rollout, error=str(job.exception())[:300],
+                          note="the plugin set runs on whichever whole version it last loaded")
+                self._fail(name, rollout, protocol.ROLLED_BACK, f"the kept version could not be restored: "
+                                                                f"{job.exception()}")
+            elif job.exception() is not None:
+                self._fail(name, rollout, protocol.REFUSED, str(job.exception()))
+                return
+            elif then is not None:
+                then()
+        if rollout.ended:
+            return
+        if a.state == "stopped" and rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
+            self._abandon(name, rollout)
+            rollout.phase = protocol.STOPPED
+            return
+        stage = a.stage_of(self.node)
+        if rollout.phase == protocol.WAITING and stage is not None and stage <= a.stage:
+            self._start_fetch(name, rollout)
+        elif rollout.phase == protocol.SHADOW:
+            self._watch_shadow(name, rollout)
+        elif rollout.phase == protocol.LIVE_WINDOW:
+            self._watch_live(name, rollout)
+
+    # -- fetch and check --------------------------------------------------------------------------
+
+    def _start_fetch(self, name: str, rollout: Rollout) -> None:
+        live = self.status.plugins.status.get(name)
+        if live is None or live.state != "loaded":
+            self._fail(name, rollout, protocol.REFUSED, f"plugin '{name}' does not run here: a rollout replaces a "
+                                                        "running version (install the first one with plugin install)")
+            return
+        rollout.phase = protocol.FETCHING
+        self.fetch(protocol.chunk_topic(self.site, rollout.announcement.sha256, "+"))
+        log.info("fleet_fetching", plugin=name, version=rollout.announcement.version, rollout=rollout.announcement.rollout)
+
+    def _take_chunk(self, sha256: str, index: int, data: bytes) -> None:
+        for name, rollout in self.rollouts.items():
+            a = rollout.announcement
+            if rollout.phase != protocol.FETCHING or a.sha256 != sha256 or rollout.job is not None:
+                continue
+            if index >= a.chunks:
+                self._fail(name, rollout, protocol.REFUSED, f"chunk {index} of a module of {a.chunks} chunks")
+                continue
+            rollout.chunks[index] = data
+            if len(rollout.chunks) == a.chunks:
+                self.unfetch(protocol.chunk_topic(self.site, sha256, "+"))
+                module = b"".join(rollout.chunks[i] for i in range(a.chunks))
+                rollout.chunks = {}
+                rollout.job = self._in_worker(lambda: self._check_and_shadow(a, module))
+                rollout.phase = protocol.SHADOW
+
+    def _check_and_shadow(self, a: Announcement, module: bytes) -> None:
+        """On a worker thread: the bytes against the announcement, then the one check, then the shadow."""
+        if len(module) != a.size:
+            raise InstallError(f"the module is {len(module)} bytes, not the {a.size} announced")
+        digest = hashlib.sha256(module).hexdigest()
+        if digest != a.sha256:
+            raise InstallError(f"the module's sha256 is {digest[:16]}.., not the {a.sha256[:16]}.. announced")
+        manifest = a.manifest.encode() if a.manifest is not None else None
+        staged = put(self._staging(), a.name, module, manifest, a.signature.encode())[-1]
+        running = self.status.settings
+        settings = replace(running, plugins=replace(running.plugins, require_signature=True))
+        problem = checks.problems(settings, self.status.plugins.directory, staged).get(a.name)
+        if problem is not None:
+            raise InstallError(problem.why)
+        shadows = self.status.plugins.directory / FOLDER
+        shadows.mkdir(exist_ok=True)
+        put(shadows, a.name, module, manifest, a.signature.encode())
+        log.info("fleet_shadow_installed", plugin=a.name, version=a.version, rollout=a.rollout)
+
+    # -- the windows ------------------------------------------------------------------------------
+
+    def _watch_shadow(self, name: str, rollout: Rollout) -> None:
+        a = rollout.announcement
+        shadows = self.status.shadows
+        loaded = shadows.plugins.status.get(name) if shadows is not None else None
+        if shadows is None or loaded is None or loaded.sha256 != a.sha256:
+            return  # not adopted yet
+        if loaded.state == "failed":
+            self._abandon(name, rollout)
+            self._fail(name, rollout, protocol.REFUSED, f"as a shadow: {loaded.reason}")
+            return
+        stats = shadows.stats.get(name)
+        compared = stats.agreement.ticks if stats is not None else 0
+        errors = stats.errors if stats is not None else 0
+        agreement = stats.agreement.percent() if stats is not None else 100.0
+        rollout.counts = {"shadow_ticks": compared, "errors": errors, "agreement_percent": agreement}
+        if errors or loaded.state == "quarantined":
+            self._abandon(name, rollout)
+            self._fail(name, rollout, protocol.ROLLED_BACK, f"the shadow failed {errors} of {compared} calls "
+                                                            f"({loaded.state}); the live version never changed")
+        elif compared >= a.shadow_ticks and agreement < a.min_agreement_percent:
+            self._abandon(name, rollout)
+            self._fail(name, rollout, protocol.ROLLED_BACK, f"the shadow agreed {agreement}% over {compared} ticks, "
+                                                            f"under the {a.min_agreement_percent}% asked")
+        elif compared >= a.shadow_ticks:
+            rollout.phase = protocol.LIVE_WINDOW
+            rollout.previous = self.status.plugins.status[name].sha256
+            rollout.job = self._in_worker(lambda: self._keep_and_promote(name))
+
+    def _keep_and_promote(self, name: str) -> None:
+        """On a worker thread: the live version's files kept for a rollback, then the shadow made live."""
+        live = self.status.plugins.directory / f"{name}.wasm"
+        kept = self.folder / "previous" / name
+        kept.mkdir(parents=True, exist_ok=True)
+        for suffix, data in ((".wasm", live.read_bytes()), (".yaml", read_manifest(live)),
+                             (SUFFIX, read_signature(live))):
+            path = kept / f"{name}{suffix}"
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(data)
+        log.info("fleet_promoting", plugin=name, done=promote(self.status.plugins.directory, name)[:300])
+
+    def _watch_live(self, name: str, rollout: Rollout) -> None:
+        a = rollout.announcement
+        live = self.status.plugins.status.get(name)
+        if live is None:
+            return
+        if rollout.restoring is not None:  # said once the version it replaced runs again
+            if live.sha256 == rollout.previous:
+                self._fail(name, rollout, protocol.ROLLED_BACK, rollout.restoring)
+            return
+        if rollout.baseline is None:
+            rollout.waited += 1
+            if live.sha256 != a.sha256:  # the watcher may see the files moved in one by one: a refusal may pass
+                if rollout.waited > max(a.live_ticks, MIN_SWAP_TICKS):
+                    self._roll_back(name, rollout, f"the promoted version did not load: {live.reason or 'not seen'}")
+                return
+            rollout.baseline = self._live_counts(name)
+            return
+        now = self._live_counts(name)
+        delta = {key: now[key] - rollout.baseline[key] for key in now}
+        rollout.counts = {"calls": delta["calls"], "errors": delta["errors"], "failsafes": delta["failsafes"],
+                          "missed_ticks": delta["missed"], "state": live.state}
+        if live.sha256 != a.sha256 or live.state != "loaded" or delta["errors"] or delta["failsafes"]:
+            self._roll_back(name, rollout, f"{delta['errors']} errors and {delta['failsafes']} failsafes in "
+                                           f"{delta['calls']} calls ({live.state}) after promotion")
+        elif delta["calls"] >= a.live_ticks:
+            rollout.phase = protocol.LIVE
+            self._keep_word(name, rollout)
+            log.info("fleet_version_live", plugin=name, version=a.version, rollout=a.rollout, **rollout.counts)
+
+    def _live_counts(self, name: str) -> dict[str, int]:
+        loop = self.status.loop
+        assert loop is not None, "a tick ran: the loop is wired"
+        stats = loop.plugin_stats.get(name)
+        return {"calls": stats.calls if stats else 0, "errors": stats.errors if stats else 0,
+                "failsafes": sum(loop.safety.failsafes.values()), "missed": loop.ticks.missed}
+
+    def _roll_back(self, name: str, rollout: Rollout, why: str) -> None:
+        kept = self.folder / "previous" / name
+        wasm = kept / f"{name}.wasm"
+
+        def restore() -> None:
+            manifest, signature = (kept / f"{name}.yaml"), (kept / f"{name}{SUFFIX}")
+            put(self.status.plugins.directory, name, wasm.read_bytes(),
+                manifest.read_bytes() if manifest.exists() else None,
+                signature.read_bytes() if signature.exists() else None)
+
+        rollout.job = self._in_worker(restore)
+        rollout.then = lambda: setattr(rollout, "restoring", why)
+        log.warning("fleet_rolling_back", plugin=name, rollout=rollout.announcement.rollout, reason=why[:300])
+
+    # -- endings ----------------------------------------------------------------------------------
+
+    def _abandon(self, name: str, rollout: Rollout) -> None:
+        """Stop fetching; remove the shadow this rollout installed (the live version never changed)."""
+        self.unfetch(protocol.chunk_topic(self.site, rollout.announcement.sha256, "+"))
+        rollout.chunks = {}
+        shadow = self.status.plugins.directory / FOLDER / f"{name}.wasm"
+        sha256 = rollout.announcement.sha256
+
+        def remove() -> None:
+            if shadow.is_file() and hashlib.sha256(shadow.read_bytes()).hexdigest() == sha256:
+                shadow.unlink()
+
+        if rollout.phase == protocol.SHADOW:
+            self._in_worker(remove)
+
+    def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
+        rollout.phase, rollout.reason = phase, why[:500]
+        self._keep_word(name, rollout)
+        a = rollout.announcement
+        log.error("fleet_rollout_failed" if phase == protocol.ROLLED_BACK else "fleet_rollout_refused",
+                  plugin=name, version=a.version, rollout=a.rollout, reason=rollout.reason)
+
+    def _verdict(self, rollout: Rollout) -> Verdict:
+        live = self.status.plugins.status.get(rollout.announcement.name)
+        return Verdict(rollout.announcement.rollout, rollout.phase, live.version if live else None,
+                       live.sha256 if live else None, rollout.reason, rollout.counts)
+
+    def _kept_word(self, name: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.folder / f"{name}.json").read_bytes()[:4096])
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and isinstance(data.get("phase"), str) else None
+
+    def _keep_word(self, name: str, rollout: Rollout) -> None:
+        word = {"rollout": rollout.announcement.rollout, "phase": rollout.phase, "reason": rollout.reason}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / f"{name}.json").write_text(json.dumps(word))
+        except OSError as exc:
+            log.warning("fleet_state_not_kept", plugin=name, error=str(exc)[:200])
+
+    def _staging(self) -> Path:
+        staging = self.folder / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        return staging
+
+    def _in_worker(self, work: Callable[[], None]) -> Future[Any]:
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(work())
+            except Exception as exc:  # said by `_advance` as the rollout's refusal
+                future.set_exception(exc)
+
+        asyncio.get_running_loop().run_in_executor(None, run)
+        return future
