@@ -253,8 +253,12 @@ def check_state(platform: str, template: str, value: str, entity: dict[str, Any]
         assert entity["speed_range_min"] - 1 <= int(value) <= entity["speed_range_max"], where
     elif platform == "update":  # update.py MQTT_JSON_UPDATE_SCHEMA
         state = json.loads(value)
+        progress = {key: state.pop(key, default) for key, default in (("in_progress", False),
+                                                                      ("update_percentage", None))}
         assert set(state) <= {"installed_version", "latest_version", "title"}, where
         assert all(isinstance(v, str) and v for v in state.values()), where
+        assert isinstance(progress["in_progress"], bool), where
+        assert progress["update_percentage"] is None or 0 <= progress["update_percentage"] <= 100, where
     elif template == "mode_state_template":
         assert value in entity["modes"], where
     elif template == "action_template":  # climate.py: an HVACAction
@@ -478,3 +482,17 @@ def test_each_plugin_is_an_update_whose_candidate_is_its_shadow(published) -> No
     alone = json.loads(render(update["value_template"], payloads[configs[
         "homeassistant/update/testpi/plugin_motion_light_update/config"]["state_topic"]]))
     assert alone["latest_version"] == alone["installed_version"]  # no shadow: up to date
+
+
+def test_an_announced_rollout_is_the_latest_version_with_this_node_s_progress(published) -> None:
+    configs, payloads, _ = published
+    update = configs["homeassistant/update/testpi/plugin_temperature_control_update/config"]
+    state = json.loads(payloads[update["state_topic"]])
+    rollout = {"version": "2.0.0", "sha256": "e" * 64, "phase": "shadow", "in_progress": True, "percent": 30}
+    shown = json.loads(render(update["value_template"], json.dumps({**state, "rollout": rollout}).encode()))
+    assert shown["latest_version"] == "2.0.0 (eeeeeeeeeeee)" and shown["installed_version"].startswith("1.0.0 (")
+    assert shown["in_progress"] is True and shown["update_percentage"] == 30
+    check_state("update", "value_template", json.dumps(shown), update, "update")
+    done = {**rollout, "phase": "live", "in_progress": False, "percent": 100}
+    shown = json.loads(render(update["value_template"], json.dumps({**state, "rollout": done}).encode()))
+    assert shown["in_progress"] is False and shown["update_percentage"] is None
