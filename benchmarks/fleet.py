@@ -32,9 +32,9 @@ import paho.mqtt.client as mqtt
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pi_controller import cli  # noqa: E402
-from pi_controller.fleet.simulate import SimulatedFleet  # noqa: E402
-from pi_controller.fleet.tool import Broker, Plan, Watcher, rollout  # noqa: E402
+from pi_controller import cli
+from pi_controller.fleet.simulate import SimulatedFleet
+from pi_controller.fleet.tool import Broker, Plan, Watcher, rollout
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 BASE = "bench"

@@ -19,6 +19,7 @@ from pi_controller.stats import PluginStats
 
 if TYPE_CHECKING:
     from pi_controller.contract import Reading
+    from pi_controller.fleet.node import FleetNode
     from pi_controller.loop import ControlLoop
     from pi_controller.operator import Operator
     from pi_controller.plugins.plugin_set import PluginSet
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from pi_controller.safety.rules import Guard, Hold
     from pi_controller.safety.watchdog import Watchdog
     from pi_controller.sim.record import Recorder
-    from pi_controller.fleet.node import FleetNode
 
 _NEVER_CALLED = PluginStats()
 STATUS_CHARS = 400  # systemctl status shows one line of it

@@ -27,10 +27,11 @@ import hashlib
 import json
 import queue
 import tempfile
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -59,7 +60,7 @@ class Rollout:
     phase: str = protocol.WAITING
     reason: str | None = None
     chunks: dict[int, bytes] = field(default_factory=dict)
-    job: Future[Any] | None = None  # file work on a worker thread
+    job: asyncio.Future[None] | None = None  # file work on a worker thread
     then: Callable[[], None] | None = None  # once it is done
     baseline: dict[str, int] | None = None  # the live version's counts when the promoted one took over
     waited: int = 0  # ticks since the promotion, until the promoted version runs
@@ -81,6 +82,7 @@ class FleetNode:
         self.rollouts: dict[str, Rollout] = {}
         self._inbound: queue.Queue[tuple[str, Any]] = queue.Queue(MAX_INBOUND)
         self._said: dict[str, bytes] = {}  # plugin -> the verdict last published
+        self._lost_chunks = False
         self.fetch: Callable[[str], None] = lambda topic: None  # wired by telemetry: subscribe, unsubscribe
         self.unfetch: Callable[[str], None] = lambda topic: None
 
@@ -107,7 +109,7 @@ class FleetNode:
         try:
             self._inbound.put_nowait(("chunk", (sha256, int(index), message.payload)))
         except queue.Full:
-            pass  # its rollout fetches it again (`_refetch`)
+            self._lost_chunks = True  # the fetch subscribes again: the broker sends the retained chunks anew
 
     # -- the event loop, after each tick ----------------------------------------------------------
 
@@ -119,6 +121,13 @@ class FleetNode:
                 self._announcement(item)
             else:
                 self._take_chunk(*item)
+        if self._lost_chunks:
+            self._lost_chunks = False
+            for rollout in self.rollouts.values():
+                if rollout.phase == protocol.FETCHING and rollout.job is None:
+                    topic = protocol.chunk_topic(self.site, rollout.announcement.sha256, "+")
+                    self.unfetch(topic)
+                    self.fetch(topic)
         for name, rollout in list(self.rollouts.items()):
             self._advance(name, rollout)
             said = self._verdict(rollout).payload()
@@ -212,7 +221,7 @@ class FleetNode:
                 self.unfetch(protocol.chunk_topic(self.site, sha256, "+"))
                 module = b"".join(rollout.chunks[i] for i in range(a.chunks))
                 rollout.chunks = {}
-                rollout.job = self._in_worker(lambda: self._check_and_shadow(a, module))
+                rollout.job = self._in_worker(partial(self._check_and_shadow, a, module))
                 rollout.phase = protocol.SHADOW
 
     def _check_and_shadow(self, a: Announcement, module: bytes) -> None:
@@ -376,14 +385,6 @@ class FleetNode:
         staging.mkdir(parents=True, exist_ok=True)
         return staging
 
-    def _in_worker(self, work: Callable[[], None]) -> Future[Any]:
-        future: Future[Any] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(work())
-            except Exception as exc:  # said by `_advance` as the rollout's refusal
-                future.set_exception(exc)
-
-        asyncio.get_running_loop().run_in_executor(None, run)
-        return future
+    def _in_worker(self, work: Callable[[], None]) -> asyncio.Future[None]:
+        """`work` on a worker thread; what it raises, `_advance` says as the rollout's refusal."""
+        return asyncio.get_running_loop().run_in_executor(None, work)

@@ -15,9 +15,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -75,7 +76,7 @@ def load_plan(path: Path) -> Plan:
     if not plan.nodes or len(set(plan.nodes)) != len(plan.nodes) or not set(plan.canaries) <= set(plan.nodes):
         raise config.ConfigError(path, ("nodes",), f"{where[1]} names each node once, its canaries among them")
     for index, step in enumerate(plan.stages):
-        number = step[:-1] if step.endswith("%") else step
+        number = step.removesuffix("%")
         if not number.isdigit() or not 0 < int(number) <= (100 if step.endswith("%") else protocol.MAX_NODES):
             raise config.ConfigError(path, ("stages", index), f"'{step[:20]}' is no stage: a count (3) or a "
                                                               "percentage of the nodes after the canaries (50%)")
@@ -120,11 +121,11 @@ class Watcher:
             if message.topic == self._ping:
                 self._pinged.set()
             elif levels[:2] == ["fleet", "rollout"] and message.payload:
-                self.announcements[levels[2]] = Announcement.parse(message.payload, MAX_MODULE_BYTES)
+                self.announcements[levels[2]] = Announcement.parse(bytes(message.payload), MAX_MODULE_BYTES)
             elif len(levels) == 2 and levels[1] == "status":
                 self.online[levels[0]] = message.payload == b"online"
             elif len(levels) == 3 and levels[1] == "fleet" and message.payload:
-                self.verdicts[(levels[0], levels[2])] = Verdict.parse(message.payload)
+                self.verdicts[(levels[0], levels[2])] = Verdict.parse(bytes(message.payload))
         except Malformed as exc:
             print(f"warning: {message.topic[:200]}: {exc}", file=sys.stderr)
         with self.changed:

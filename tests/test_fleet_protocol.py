@@ -1,0 +1,82 @@
+"""What a fleet rollout says on the broker: every payload bounded and checked before use, and the stages a
+fleet.yaml makes. The rollouts themselves, against real daemons and a broker, are in test_fleet.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from typing import Any
+
+import pytest
+
+from pi_controller import config
+from pi_controller.fleet import protocol
+from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
+from pi_controller.fleet.tool import Plan, load_plan
+
+GOOD = Announcement("1796633878-819e5030", "probe", "2.0.0", "a" * 64, 96097, 2, "sig", None,
+                    (("node-00",), ("node-01", "node-02")), 0)
+
+
+def payload(**changes: Any) -> bytes:
+    data = asdict(GOOD) | changes
+    return json.dumps(data).encode()
+
+
+def test_an_announcement_round_trips() -> None:
+    assert Announcement.parse(GOOD.payload(), 1 << 20) == GOOD
+    assert GOOD.stage_of("node-02") == 1 and GOOD.stage_of("node-09") is None
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"size": 2 << 20, "chunks": 32}, "this node takes 1 to 1048576"),
+    ({"chunks": 3}, "3 chunks for 96097 bytes"),
+    ({"stages": [["node-00"], ["node-00"]]}, "name each node"),
+    ({"stages": [["node/00"]]}, "name each node"),
+    ({"stages": []}, "name each node"),
+    ({"stage": 2}, "one of its stages"),
+    ({"state": "paused"}, "one of its stages"),
+    ({"sha256": "A" * 64}, "a sha256"),
+    ({"name": "../probe"}, "names a plugin"),
+    ({"signature": "x" * 2000}, "longer than a node takes"),
+    ({"shadow_ticks": 1.5}, "whole numbers"),
+    ({"min_agreement_percent": 101}, "0 to 100 percent"),
+    ({"rollout": "a b"}, "are text"),
+    ({"extra": 1}, "not an announcement"),
+])
+def test_an_announcement_a_node_cannot_use_is_refused_saying_why(changes, says) -> None:
+    with pytest.raises(Malformed, match=says):
+        Announcement.parse(payload(**changes), 1 << 20)
+
+
+def test_payloads_over_their_bound_are_refused_before_they_are_decoded() -> None:
+    with pytest.raises(Malformed, match="over the"):
+        Announcement.parse(b"{" + b" " * protocol.MAX_ANNOUNCEMENT_BYTES + b"}", 1 << 20)
+    with pytest.raises(Malformed, match="over the 4096 bytes"):
+        Verdict.parse(b" " * 5000)
+    with pytest.raises(Malformed, match="phase"):
+        Verdict.parse(b'{"rollout": "r", "phase": "promoted"}')
+    assert Verdict.parse(Verdict("r", "live", "2.0.0").payload()) == Verdict("r", "live", "2.0.0")
+
+
+@pytest.mark.parametrize("stages, expected", [
+    (("100%",), [["a"], ["b", "c", "d", "e"]]),
+    (("1", "50%"), [["a"], ["b"], ["c", "d"], ["e"]]),
+    (("2",), [["a"], ["b", "c"], ["d", "e"]]),  # any left: a last stage
+])
+def test_the_stages_are_the_canaries_then_counts_or_percentages_of_the_rest(stages, expected) -> None:
+    plan = Plan(("a", "b", "c", "d", "e"), stages=stages)
+    assert [list(s) for s in plan.staged()] == expected
+    assert [list(s) for s in replace(plan, canaries=("c",)).staged()][0] == ["c"]
+
+
+def test_a_fleet_yaml_with_a_bad_stage_names_file_line_and_key(tmp_path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("nodes: [a, b]\nstages: ['1', 'half']\n")
+    with pytest.raises(config.ConfigError, match="stages"):
+        load_plan(path)
+    path.write_text("nodes: [a, b]\ncanaries: [c]\n")
+    with pytest.raises(config.ConfigError, match="nodes"):
+        load_plan(path)
+    path.write_text("nodes: [a, b]\nstages: ['50%']\nbroker: {host: hub, port: 1884}\n")
+    assert load_plan(path).broker.port == 1884
