@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from pi_controller.fleet import protocol
 from pi_controller.fleet.protocol import Announcement
 from pi_controller.fleet.simulate import SimulatedFleet
 from pi_controller.fleet.tool import Broker as Site
-from pi_controller.fleet.tool import Plan, Watcher, announce, rollout
+from pi_controller.fleet.tool import Plan, Watcher, announce, rollout, status
 from tests.conftest import EXAMPLE_CONFIG, TEST_PLUGINS
 from tests.test_mqtt import MOSQUITTO, Broker
 
@@ -228,3 +231,29 @@ def test_a_node_that_was_offline_catches_up_from_the_retained_announcement(site)
     finally:
         seen.close()
     assert sha256(folder / "probe.wasm") == sha256(site["good"])
+    shown: list[str] = []
+    assert status(plan(nodes, site["port"]), shown.append) == 0
+    assert shown[0].startswith("probe 2.0.0 (rollout ") and ", done, stage 2 of 2)" in shown[0]  # the canary, then the other two
+    assert [line.split()[:2] + line.split()[3:5] for line in shown[1:]] == [
+        [node, "online", "2.0.0", "live"] for node in nodes.nodes]
+
+
+def test_fleet_simulate_runs_its_nodes_until_interrupted(site, tmp_path) -> None:
+    fleet_yaml = tmp_path / "fleet.yaml"
+    fleet_yaml.write_text(f"nodes: [node-00, node-01]\nbroker: {{host: 127.0.0.1, port: {site['port']}, "
+                          f"base_topic: {BASE}}}\n")
+    process = subprocess.Popen([sys.executable, "-m", "pi_controller", "fleet", "simulate", "2", "--config",
+                                str(fleet_yaml), "--dir", str(tmp_path / "sim"), "--plugins", str(site["live"].parent),
+                                "--trusted-key", str(site["keys"] / "owner.pem.pub"), "--node-config",
+                                str(EXAMPLE_CONFIG)], stdout=subprocess.PIPE, text=True)
+    seen = watcher(site["port"])
+    try:
+        assert seen.wait(lambda: seen.online.get("node-00") and seen.online.get("node-01"), WAIT_S)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(WAIT_S) == 0
+        assert seen.wait(lambda: seen.online.get("node-00") is False and seen.online.get("node-01") is False, WAIT_S)
+    finally:
+        seen.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.stdout is not None and process.stdout.read().startswith("2 nodes running (node-00, node-01")
