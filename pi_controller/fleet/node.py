@@ -48,7 +48,7 @@ from pi_controller.status import Status
 
 log = structlog.get_logger("pi_controller.fleet")
 
-MIN_SWAP_TICKS = 50  # the promoted version runs within this many ticks (or live_ticks), or it did not load
+MIN_SWAP_TICKS = 300  # a shadow or a promoted version runs within this many ticks (or its window), or it did not load
 MAX_INBOUND = 4096  # messages waiting for the next tick; past it, chunks are dropped (fetched again)
 
 
@@ -63,7 +63,7 @@ class Rollout:
     job: asyncio.Future[None] | None = None  # file work on a worker thread
     then: Callable[[], None] | None = None  # once it is done
     baseline: dict[str, int] | None = None  # the live version's counts when the promoted one took over
-    waited: int = 0  # ticks since the promotion, until the promoted version runs
+    waited: int = 0  # ticks until the shadow, then the promoted version, runs
     previous: str | None = None  # the sha256 of the version it replaced
     restoring: str | None = None  # why it rolls back, until the version it replaced runs again
     counts: dict[str, Any] = field(default_factory=dict)
@@ -204,6 +204,10 @@ class FleetNode:
             self._fail(name, rollout, protocol.REFUSED, f"plugin '{name}' does not run here: a rollout replaces a "
                                                         "running version (install the first one with plugin install)")
             return
+        if not self.status.settings.plugins.watch:
+            self._fail(name, rollout, protocol.REFUSED, "plugins.watch is off: a shadow or a promoted version "
+                                                        "would not be loaded until a restart")
+            return
         rollout.phase = protocol.FETCHING
         self.fetch(protocol.chunk_topic(self.site, rollout.announcement.sha256, "+"))
         log.info("fleet_fetching", plugin=name, version=rollout.announcement.version, rollout=rollout.announcement.rollout)
@@ -249,8 +253,13 @@ class FleetNode:
         a = rollout.announcement
         shadows = self.status.shadows
         loaded = shadows.plugins.status.get(name) if shadows is not None else None
-        if shadows is None or loaded is None or loaded.sha256 != a.sha256:
-            return  # not adopted yet
+        if shadows is None or loaded is None or loaded.sha256 != a.sha256:  # not adopted yet
+            rollout.waited += 1
+            if rollout.waited > max(a.shadow_ticks, MIN_SWAP_TICKS):
+                self._abandon(name, rollout)
+                self._fail(name, rollout, protocol.REFUSED, "the shadow was not loaded (is the plugins folder "
+                                                            "followed?)")
+            return
         if loaded.state == "failed":
             self._abandon(name, rollout)
             self._fail(name, rollout, protocol.REFUSED, f"as a shadow: {loaded.reason}")
@@ -269,7 +278,7 @@ class FleetNode:
             self._fail(name, rollout, protocol.ROLLED_BACK, f"the shadow agreed {agreement}% over {compared} ticks, "
                                                             f"under the {a.min_agreement_percent}% asked")
         elif compared >= a.shadow_ticks:
-            rollout.phase = protocol.LIVE_WINDOW
+            rollout.phase, rollout.waited = protocol.LIVE_WINDOW, 0
             rollout.previous = self.status.plugins.status[name].sha256
             rollout.job = self._in_worker(lambda: self._keep_and_promote(name))
 
