@@ -127,7 +127,8 @@ def measure(count: int, rate: float, windows: int, folder: Path, made: dict[str,
         took = time.monotonic() - began
         counters_after, cpu_to = sys_counters.now(), cpu_seconds(broker.pid)
         floor = 2 * 2 * windows / rate
-        print(f"  announce -> live on all {count}: {took:.1f} s, {took / floor:.2f}x its floor (the windows: shadow_ticks "
+        print(f"  announce -> live on all {count}: {took:.1f} s, {took / floor:.2f}x its floor (the windows: "
+              "shadow_ticks "
               f"and live_ticks at {rate:g} Hz, for the canary and then the rest: {floor:.0f} s; load {loadavg()})")
         print(f"  broker during it: CPU {(cpu_to - cpu_from) / took * 100:.1f} %, RSS {rss_mib(broker.pid):.1f} MiB")
         span = took + 1.1

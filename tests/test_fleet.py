@@ -233,7 +233,8 @@ def test_a_node_that_was_offline_catches_up_from_the_retained_announcement(site)
     assert sha256(folder / "probe.wasm") == sha256(site["good"])
     shown: list[str] = []
     assert status(plan(nodes, site["port"]), shown.append) == 0
-    assert shown[0].startswith("probe 2.0.0 (rollout ") and ", done, stage 2 of 2)" in shown[0]  # the canary, then the other two
+    # the canary, then the other two
+    assert shown[0].startswith("probe 2.0.0 (rollout ") and ", done, stage 2 of 2)" in shown[0]
     assert [line.split()[:2] + line.split()[3:5] for line in shown[1:]] == [
         [node, "online", "2.0.0", "live"] for node in nodes.nodes]
 

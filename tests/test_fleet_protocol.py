@@ -67,7 +67,7 @@ def test_payloads_over_their_bound_are_refused_before_they_are_decoded() -> None
 def test_the_stages_are_the_canaries_then_counts_or_percentages_of_the_rest(stages, expected) -> None:
     plan = Plan(("a", "b", "c", "d", "e"), stages=stages)
     assert [list(s) for s in plan.staged()] == expected
-    assert [list(s) for s in replace(plan, canaries=("c",)).staged()][0] == ["c"]
+    assert list(replace(plan, canaries=("c",)).staged()[0]) == ["c"]
 
 
 def test_a_fleet_yaml_with_a_bad_stage_names_file_line_and_key(tmp_path) -> None:

@@ -208,9 +208,10 @@ class FleetNode:
             self._fail(name, rollout, protocol.REFUSED, "plugins.watch is off: a shadow or a promoted version "
                                                         "would not be loaded until a restart")
             return
+        a = rollout.announcement
         rollout.phase = protocol.FETCHING
-        self.fetch(protocol.chunk_topic(self.site, rollout.announcement.sha256, "+"))
-        log.info("fleet_fetching", plugin=name, version=rollout.announcement.version, rollout=rollout.announcement.rollout)
+        self.fetch(protocol.chunk_topic(self.site, a.sha256, "+"))
+        log.info("fleet_fetching", plugin=name, version=a.version, rollout=a.rollout)
 
     def _take_chunk(self, sha256: str, index: int, data: bytes) -> None:
         for name, rollout in self.rollouts.items():

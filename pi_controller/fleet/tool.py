@@ -94,7 +94,8 @@ class Watcher:
         self.changed = threading.Condition()
         self._ping = f"{self.base}/fleet/tool/{uuid.uuid4().hex}"
         self._pinged = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pi-controller-fleet-{uuid.uuid4().hex[:8]}")
+        client_id = f"pi-controller-fleet-{uuid.uuid4().hex[:8]}"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.on_message = self._message
         self.client.on_connect = lambda client, *_: client.subscribe(
             [(protocol.verdict_topic(self.base, "+", plugin), 1), (f"{self.base}/+/status", 1),
@@ -158,7 +159,8 @@ def announce(wasm: Path, plan: Plan) -> Announcement:
         raise ValueError(f"{wasm}: over {MAX_MODULE_BYTES} bytes")
     signature = read_signature(wasm)
     if signature is None:
-        raise ValueError(f"{wasm}: not signed: a rollout carries a signature; pi-controller plugin sign {wasm} --key KEY")
+        raise ValueError(f"{wasm}: not signed: a rollout carries a signature; "
+                         f"pi-controller plugin sign {wasm} --key KEY")
     SignatureFile.parse(signature, wasm.with_suffix(SUFFIX).name)
     described = read_manifest(wasm)
     version = parse_manifest(wasm, described).version
@@ -236,7 +238,8 @@ def status(plan: Plan, say: Callable[[str], None] = print) -> int:
                 online = {True: "online", False: "offline"}.get(watcher.online.get(node, False))
                 shown = "-" if verdict is None or verdict.rollout != a.rollout else verdict.phase
                 live = verdict.version if verdict is not None else None
-                say(f"  {node:<24} {online:<8} live {live or '?':<12} {shown:<12} {(verdict.reason or '') if verdict else ''}"[:300])
+                why = (verdict.reason or "") if verdict else ""
+                say(f"  {node:<24} {online:<8} live {live or '?':<12} {shown:<12} {why}"[:300])
     finally:
         watcher.close()
     return 0
