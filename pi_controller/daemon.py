@@ -94,7 +94,7 @@ class Daemon:
             if settings.metrics.enabled else None
         fleet = FleetNode(settings, self.status, self.state_dir) if settings.mqtt.enabled and settings.mqtt.fleet \
             else None
-        self.status.fleet = fleet
+        self.status.rollout_of = fleet.shown if fleet is not None else None
         self.telemetry = Telemetry(settings, self.status, self.operator, self.clock.monotonic, self.clock.time,
                                    fleet) if settings.mqtt.enabled else None
         self.recorder = self._recorder(settings)

@@ -19,7 +19,6 @@ from pi_controller.stats import PluginStats
 
 if TYPE_CHECKING:
     from pi_controller.contract import Reading
-    from pi_controller.fleet.node import FleetNode
     from pi_controller.loop import ControlLoop
     from pi_controller.operator import Operator
     from pi_controller.plugins.plugin_set import PluginSet
@@ -52,7 +51,7 @@ class Status:
         self.telemetry: Summarised | None = None
         self.shadows: Shadows | None = None
         self.recorder: Recorder | None = None
-        self.fleet: FleetNode | None = None
+        self.rollout_of: Callable[[str], dict[str, Any] | None] | None = None  # a fleet rollout of a plugin, shown
         self.last_reload: ReloadResult | None = None
         self._monotonic = monotonic
         self._started = monotonic()
@@ -108,7 +107,7 @@ class Status:
                             "errors": stats.errors, "rejected": stats.rejected, "held": stats.held,
                             "config": configs.get(name, {}), "version": status.version, "sha256": status.sha256,
                             "candidate": self._candidate(name),
-                            "rollout": self.fleet.shown(name) if self.fleet is not None else None}
+                            "rollout": self.rollout_of(name) if self.rollout_of is not None else None}
             shadow = self.shadows.agreement_of(name) if self.shadows else None
             if shadow is not None:
                 states[name]["shadow"] = shadow

@@ -26,16 +26,18 @@ LAYERS: list[tuple[str, ...]] = [
     ("pi_controller.simulators",),
     ("pi_controller.config",),
     ("pi_controller.safety", "pi_controller.plugins", "pi_controller.arbitration", "pi_controller.observer",
-     "pi_controller.readiness"),
+     "pi_controller.readiness", "pi_controller.fleet.protocol"),
     ("pi_controller.operator", "pi_controller.operator_values"),
     ("pi_controller.loop",),
     # what follows the loop and shows it: telemetry, metrics, recordings, the status view, systemd
     ("pi_controller.mqtt", "pi_controller.metrics", "pi_controller.sim.record", "pi_controller.status",
      "pi_controller.systemd"),
+    # a node's part in fleet rollouts: it follows the status and speaks through the inbox's rows
+    ("pi_controller.fleet", "pi_controller.fleet.node"),
     ("pi_controller.daemon",),
     # the engines and commands that run a daemon or stand in for one
     ("pi_controller.sim",),
-    ("pi_controller.cli", "pi_controller.__main__"),
+    ("pi_controller.cli", "pi_controller.__main__", "pi_controller.fleet.tool", "pi_controller.fleet.simulate"),
 ]
 
 

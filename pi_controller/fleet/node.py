@@ -83,8 +83,11 @@ class FleetNode:
         self._inbound: queue.Queue[tuple[str, Any]] = queue.Queue(MAX_INBOUND)
         self._said: dict[str, bytes] = {}  # plugin -> the verdict last published
         self._lost_chunks = False
-        self.fetch: Callable[[str], None] = lambda topic: None  # wired by telemetry: subscribe, unsubscribe
+        self.fetch: Callable[[str], None] = lambda topic: None  # subscribe, unsubscribe: telemetry's (`wire`)
         self.unfetch: Callable[[str], None] = lambda topic: None
+
+    def wire(self, fetch: Callable[[str], None], unfetch: Callable[[str], None]) -> None:
+        self.fetch, self.unfetch = fetch, unfetch
 
     def routes(self) -> dict[str, Route]:
         """The inbox's rows: the announcements (retained: what a returning node catches up from), and the

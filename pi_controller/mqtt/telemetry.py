@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import paho.mqtt.client as mqtt
 import structlog
 
 from pi_controller.config import Settings
-from pi_controller.fleet.node import FleetNode
 from pi_controller.mqtt import inbox
 from pi_controller.mqtt.inbox import Inbox, Route
 from pi_controller.mqtt.link import FINAL_STATES_WAIT_S, Link
@@ -45,10 +44,21 @@ from pi_controller.status import Status
 log = structlog.get_logger("pi_controller.telemetry")
 
 
+class Rollouts(Protocol):
+    """A node's part in fleet rollouts (`fleet/node.py`): rows of its own in the inbox's table, subscriptions
+    it asks for and ends (`wire`), and its word after each tick, as retained states."""
+
+    def routes(self) -> dict[str, Route]: ...
+
+    def wire(self, fetch: Callable[[str], None], unfetch: Callable[[str], None]) -> None: ...
+
+    def tick(self, publish: Callable[[str, bytes], None]) -> None: ...
+
+
 class Telemetry(LoopObserver):
     def __init__(self, settings: Settings, status: Status, operator: Operator,
                  timer: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 fleet: FleetNode | None = None):
+                 fleet: Rollouts | None = None):
         """`fleet`: this node's part in rollouts (`mqtt.fleet`), whose rows join the inbox's."""
         self.mqtt = settings.mqtt
         self.fleet = fleet
@@ -61,7 +71,7 @@ class Telemetry(LoopObserver):
         self.inbox = Inbox(self._routes() if self.mqtt.commands else {}, inbox.Gate.of(self.mqtt))
         self.inbox.attach(self.link.client)
         if fleet is not None:
-            fleet.fetch, fleet.unfetch = self.inbox.fetch, self.inbox.unfetch
+            fleet.wire(self.inbox.fetch, self.inbox.unfetch)
 
     def _routes(self) -> dict[str, Route]:
         """Our commands; Home Assistant's restarts and the discovery configs of ours it holds; once at
