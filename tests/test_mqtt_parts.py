@@ -447,7 +447,8 @@ def test_a_plugin_state_showing_an_operators_value_waits_until_the_value_is_on_d
     sender, written, clock = Recording(), [False], [0.0]
     sender.up = True
     outbox = Outbox(settings.mqtt, sender, lambda: clock[0])
-    state = {"state": "loaded", "enabled": True, "config": {"setpoint": 19.5}, "sha256": None, "candidate": None}
+    state = {"state": "loaded", "enabled": True, "config": {"setpoint": 19.5}, "sha256": None, "candidate": None,
+             "rollout": None}
     status = SimpleNamespace(readings=list, actuator_states=dict, plugin_states=lambda: {"thermostat": state},
                              guards=dict, loop_state=lambda: None, values_written=lambda: written[0])
     policy = PublishPolicy(settings, cast(Status, status), cast(Operator, SimpleNamespace(overrides=dict)), outbox)
