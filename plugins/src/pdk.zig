@@ -531,6 +531,16 @@ pub fn varSet(key: []const u8, value: []const u8) Error!void {
     kernel.var_set(try store(key), try store(value));
 }
 
+/// This instance's calls so far, this one included (1 at its first), counted in the var `key`: a
+/// call that returned an error keeps the count; a fresh instance (see `varGet`) starts it over.
+pub fn countCall(key: []const u8) Error!u64 {
+    const previous = try varGet(callAllocator(), key);
+    const calls: u64 = if (previous) |text| (std.fmt.parseInt(u64, text, 10) catch 0) + 1 else 1;
+    var buffer: [20]u8 = undefined;
+    try varSet(key, std.fmt.bufPrint(&buffer, "{d}", .{calls}) catch unreachable);
+    return calls;
+}
+
 fn fromKernelOrNull(allocator: Allocator, offset: u64) Error!?[]u8 {
     if (offset == 0) return null;
     defer kernel.free(offset);

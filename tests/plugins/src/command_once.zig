@@ -11,11 +11,7 @@ export fn control_logic() i32 {
 }
 
 fn step(ctx: *const pdk.Context, out: *pdk.Commands) !void {
-    const allocator = pdk.callAllocator();
-    const previous = try pdk.varGet(allocator, "calls");
-    const calls: u64 = if (previous) |text| (std.fmt.parseInt(u64, text, 10) catch 0) + 1 else 1;
-    var buffer: [20]u8 = undefined;
-    try pdk.varSet("calls", std.fmt.bufPrint(&buffer, "{d}", .{calls}) catch unreachable);
+    const calls = try pdk.countCall("calls");
     if (calls == 1) return out.setHigh(try ctx.configString("device", "relay_switch"));
     if (std.mem.eql(u8, try ctx.configString("then", "silent"), "fail")) {
         return pdk.fail("failing on purpose, call {d}", .{calls});

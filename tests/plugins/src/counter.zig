@@ -12,10 +12,7 @@ export fn control_logic() i32 {
 fn step(ctx: *const pdk.Context, out: *pdk.Commands) !void {
     _ = ctx;
     const allocator = pdk.callAllocator();
-    const previous = try pdk.varGet(allocator, "calls");
-    const calls: u64 = if (previous) |text| (std.fmt.parseInt(u64, text, 10) catch 0) + 1 else 1;
-    var buffer: [20]u8 = undefined;
-    try pdk.varSet("calls", std.fmt.bufPrint(&buffer, "{d}", .{calls}) catch unreachable);
+    const calls = try pdk.countCall("calls");
     const light = try pdk.configGet(allocator, "light") orelse "led_strip";
     try out.pwm(light, @floatFromInt(calls % 100));
 }

@@ -3,7 +3,6 @@
 //! each time it speaks, it stays under quarantine's default rate (30 faults in 10 s) for good. Its call
 //! count is an Extism var.
 
-const std = @import("std");
 const pdk = @import("pdk");
 
 export fn control_logic() i32 {
@@ -11,11 +10,7 @@ export fn control_logic() i32 {
 }
 
 fn step(ctx: *const pdk.Context, out: *pdk.Commands) !void {
-    const allocator = pdk.callAllocator();
-    const previous = try pdk.varGet(allocator, "calls");
-    const calls: u64 = if (previous) |text| (std.fmt.parseInt(u64, text, 10) catch 0) + 1 else 1;
-    var buffer: [20]u8 = undefined;
-    try pdk.varSet("calls", std.fmt.bufPrint(&buffer, "{d}", .{calls}) catch unreachable);
+    const calls = try pdk.countCall("calls");
     const every: u64 = @intFromFloat(@max(1.0, try ctx.configNumber("every", 4)));
     if ((calls - 1) % every == 0) try out.setHigh(try ctx.configString("device", "relay_switch"));
 }

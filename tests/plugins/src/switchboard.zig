@@ -23,7 +23,7 @@ fn step(allocator: std.mem.Allocator) !void {
     if (std.mem.eql(u8, mode, "error")) return pdk.fail("failing on purpose (mode error)", .{});
     if (std.mem.eql(u8, mode, "garbage")) return pdk.setOutput("this is not json {");
     var out: pdk.Commands = .{ .allocator = allocator };
-    if (try speaks(allocator, &ctx)) {
+    if (try speaks(&ctx)) {
         const device = try ctx.configString("device", "heater");
         const pwm = if (ctx.device(device)) |state| std.mem.eql(u8, state.type, "pwm") else false;
         if (std.mem.eql(u8, mode, "on")) {
@@ -36,11 +36,8 @@ fn step(allocator: std.mem.Allocator) !void {
 }
 
 /// Whether this call is one of every `config.every` calls.
-fn speaks(allocator: std.mem.Allocator, ctx: *const pdk.Context) !bool {
+fn speaks(ctx: *const pdk.Context) !bool {
     const every = try ctx.configNumber("every", 1);
-    const previous = try pdk.varGet(allocator, "calls");
-    const calls: u64 = if (previous) |text| (std.fmt.parseInt(u64, text, 10) catch 0) + 1 else 1;
-    var buffer: [20]u8 = undefined;
-    try pdk.varSet("calls", std.fmt.bufPrint(&buffer, "{d}", .{calls}) catch unreachable);
+    const calls = try pdk.countCall("calls");
     return every <= 1 or calls % @as(u64, @intFromFloat(@min(every, 1e9))) == 0;
 }
