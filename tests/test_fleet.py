@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 
 from pi_controller import cli
 from pi_controller.fleet import protocol
@@ -63,9 +64,9 @@ def site(tmp_path: Path, mosquitto: Broker, cli_logs: None) -> Iterator[dict[str
     live = version(tmp_path / "v1", TEST_PLUGINS / "counter.wasm", "1.0.0", owner)
     made: list[SimulatedFleet] = []
 
-    def fleet(count: int) -> SimulatedFleet:
+    def fleet(count: int, plugin_settings: dict[str, Any] | None = None) -> SimulatedFleet:
         nodes = SimulatedFleet(count, tmp_path / "nodes", "127.0.0.1", mosquitto.port, BASE, live.parent,
-                               keys / "owner.pem.pub", EXAMPLE_CONFIG)
+                               keys / "owner.pem.pub", EXAMPLE_CONFIG, plugin_settings=plugin_settings)
         made.append(nodes)
         return nodes
 
@@ -237,6 +238,37 @@ def test_a_node_that_was_offline_catches_up_from_the_retained_announcement(site)
     assert shown[0].startswith("probe 2.0.0 (rollout ") and ", done, stage 2 of 2)" in shown[0]
     assert [line.split()[:2] + line.split()[3:5] for line in shown[1:]] == [
         [node, "online", "2.0.0", "live"] for node in nodes.nodes]
+
+
+def test_a_node_stopped_in_its_live_window_watches_it_again_and_rolls_back_by_itself(site) -> None:
+    """A node stopped (a power cut, an upgrade) after promoting a version but before its live window ended
+    must not say live on the strength of the files it finds: it watches the window again from its first call,
+    and a version failing there is rolled back as if the node had never stopped. The version here is healthy
+    until the restart (trap_sometimes with trap_every 10^9), and traps on every 3rd call after it."""
+    nodes = site["fleet"](1, {"probe": {"config": {"trap_every": 1_000_000_000}}})
+    nodes.start_all()
+    all_online(nodes, site["port"])
+    a = announce(site["trapping"], plan(nodes, site["port"], shadow_ticks=3, live_ticks=1_000_000))
+    publish(site["port"], a, site["trapping"].read_bytes())
+    seen = watcher(site["port"])
+    try:
+        assert seen.wait(lambda: (v := seen.verdicts.get(("node-00", "probe"))) is not None
+                         and v.phase == "live_window" and v.sha256 == sha256(site["trapping"]), WAIT_S), seen.verdicts
+        assert nodes.stop("node-00") == 0
+        config = nodes.folder / "node-00" / "config.yaml"
+        data = yaml.safe_load(config.read_text())
+        data["plugins"]["settings"]["probe"]["config"]["trap_every"] = 3
+        config.write_text(yaml.safe_dump(data))
+        nodes.start("node-00")
+        assert seen.wait(lambda: (v := seen.verdicts.get(("node-00", "probe"))) is not None
+                         and v.phase in ("live", "rolled_back"), WAIT_S), seen.verdicts
+        verdict = seen.verdicts[("node-00", "probe")]
+    finally:
+        seen.close()
+    assert (verdict.phase, verdict.sha256) == ("rolled_back", sha256(site["live"])), verdict
+    assert len(events(nodes, "node-00", "fleet_live_window_restarted")) == 1
+    assert events(nodes, "node-00", "fleet_version_already_live") == []
+    assert sha256(site["tmp"] / "nodes" / "node-00" / "plugins" / "probe.wasm") == sha256(site["live"])
 
 
 def test_fleet_simulate_runs_its_nodes_until_interrupted(site, tmp_path) -> None:

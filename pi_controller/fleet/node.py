@@ -11,8 +11,9 @@ For each plugin announced with this node in a stage already let in, the node, by
 3. keeps the live version's files, promotes the shadow (the `update` entity's install), and watches the new
    version's first `live_ticks` calls: an error, a quarantine, a failsafe (any, on this node) or a refused load
    puts the kept files back (the watcher swaps them in, as for any file dropped in), by itself;
-4. says where it is at each step on `<base>/<node_id>/fleet/<plugin>` (retained), and keeps its last word on
-   each rollout in its state folder, so that a restart never runs a rollout it refused or rolled back again.
+4. says where it is at each step on `<base>/<node_id>/fleet/<plugin>` (retained), and keeps its word on each
+   rollout in its state folder from the promotion on, so that a restart never runs a rollout it refused or
+   rolled back again, and one stopped in the live window watches that window again (or finishes its rollback).
 
 The live plugin is only ever replaced by a rename of a whole module that loaded as a shadow, and the
 plugin set keeps the running version over any replacement that fails to load: a node is never left without
@@ -161,12 +162,32 @@ class FleetNode:
         rollout = self.rollouts[a.name] = Rollout(a)
         kept = self._kept_word(a.name)
         if kept is not None and kept.get("rollout") == a.rollout:
-            rollout.phase, rollout.reason = kept["phase"], kept.get("reason")
+            self._resume(a.name, rollout, kept)
             return
         live = self.status.plugins.status.get(a.name)
         if live is not None and live.sha256 == a.sha256:
             rollout.phase = protocol.LIVE
             log.info("fleet_version_already_live", plugin=a.name, version=a.version, rollout=a.rollout)
+
+    def _resume(self, name: str, rollout: Rollout, kept: dict[str, Any]) -> None:
+        """This node's rollout as it stood when the node stopped: an ended one stays ended; one promoted but not
+        yet judged healthy watches its live window again from its first call, or, stopped before the promoted
+        version ran or while rolling back, puts the kept version back."""
+        rollout.phase, rollout.reason = kept["phase"], kept.get("reason")
+        if rollout.phase != protocol.LIVE_WINDOW:
+            return
+        previous, why = kept.get("previous"), kept.get("restoring")
+        rollout.previous = previous if isinstance(previous, str) else None
+        live = self.status.plugins.status.get(name)
+        if not isinstance(why, str) and live is not None and live.sha256 == rollout.announcement.sha256:
+            log.warning("fleet_live_window_restarted", plugin=name, rollout=rollout.announcement.rollout,
+                        note="the node stopped in the promoted version's live window; it is watched again")
+            return
+        why = why if isinstance(why, str) else "the node stopped while the version was promoted"
+        if (self.folder / "previous" / name / f"{name}.wasm").is_file():
+            self._roll_back(name, rollout, why)
+        else:  # stopped before the live version's files were kept: it was never replaced
+            self._fail(name, rollout, protocol.ROLLED_BACK, f"{why}; the live version never changed")
 
     def _advance(self, name: str, rollout: Rollout) -> None:
         a = rollout.announcement
@@ -284,6 +305,7 @@ class FleetNode:
         elif compared >= a.shadow_ticks:
             rollout.phase, rollout.waited = protocol.LIVE_WINDOW, 0
             rollout.previous = self.status.plugins.status[name].sha256
+            self._keep_word(name, rollout)  # a restart from here on watches the window again, or rolls back
             rollout.job = self._in_worker(lambda: self._keep_and_promote(name))
 
     def _keep_and_promote(self, name: str) -> None:
@@ -346,6 +368,7 @@ class FleetNode:
                 manifest.read_bytes() if manifest.exists() else None,
                 signature.read_bytes() if signature.exists() else None)
 
+        self._keep_word(name, rollout, restoring=why)  # a restart finishes the rollback
         rollout.job = self._in_worker(restore)
         rollout.then = lambda: setattr(rollout, "restoring", why)
         log.warning("fleet_rolling_back", plugin=name, rollout=rollout.announcement.rollout, reason=why[:300])
@@ -385,8 +408,9 @@ class FleetNode:
             return None
         return data if isinstance(data, dict) and isinstance(data.get("phase"), str) else None
 
-    def _keep_word(self, name: str, rollout: Rollout) -> None:
-        word = {"rollout": rollout.announcement.rollout, "phase": rollout.phase, "reason": rollout.reason}
+    def _keep_word(self, name: str, rollout: Rollout, restoring: str | None = None) -> None:
+        word = {"rollout": rollout.announcement.rollout, "phase": rollout.phase, "reason": rollout.reason,
+                "previous": rollout.previous, "restoring": restoring}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / f"{name}.json").write_text(json.dumps(word))
