@@ -144,3 +144,19 @@ def test_a_plugin_given_a_smaller_share_makes_room_for_one_waiting() -> None:
         state.reprioritize(name="lamp_ctl", priority=None, timeout_ms=20)
         state.rewrite_manifest(name="thermostat", manifest=Manifest(priority=5000, timeout_ms=50))
         state.reprioritize(name="thermostat", priority=None, timeout_ms=20)
+
+
+def test_a_manifest_put_back_to_the_running_terms_ends_the_refusal_of_its_replacement() -> None:
+    """Found by `fuzz.py --stateful` (seed 7005): the thermostat's manifest asked for 50 ms, no room beside
+    lamp_ctl's 20 (refused, its 20 ms version kept), then for 20 ms again, the running version's terms. The
+    refusal stayed in its status and in the wait for room; when lamp_ctl later made room, the watcher found the
+    thermostat fitting and reloaded it as the same, between every two ticks for good."""
+    with machine() as state:
+        state.reprioritize(name="thermostat", priority=None, timeout_ms=20)
+        state.reprioritize(name="lamp_ctl", priority=999, timeout_ms=20)
+        state.reprioritize(name="thermostat", priority=None, timeout_ms=50)
+        assert "its replacement was refused" in (state.rig.daemon.plugins.status["thermostat"].reason or "")
+        state.reprioritize(name="thermostat", priority=None, timeout_ms=20)
+        assert state.rig.daemon.plugins.status["thermostat"].reason is None
+        state.reprioritize(name="lamp_ctl", priority=None, timeout_ms=None)  # the rig fails if the gap never empties
+        assert not state.rig.gap_pending()

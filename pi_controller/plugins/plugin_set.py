@@ -38,6 +38,7 @@ class Update:
     loaded: dict[str, SandboxedPlugin] = field(default_factory=dict)  # new, or replacing a live one
     removed: set[str] = field(default_factory=set)  # its file is gone
     refused: dict[str, PluginStatus] = field(default_factory=dict)  # failed to load, or disabled
+    current: set[str] = field(default_factory=set)  # its file is the live version, under the same terms
 
     def close(self) -> None:
         """Drop an update that will not be applied."""
@@ -171,7 +172,8 @@ class PluginSet:
             wasm = read_module(path, self.directory, self.settings.ceilings.max_file_bytes)
             terms = manifest.terms(name, path, wasm, self.settings, self.devices)
             if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
-                return  # the same plugin under the same terms: nothing to swap
+                update.current.add(name)  # the same plugin under the same terms: nothing to swap
+                return
             host = PluginHost(name, terms.sensors, self.history, self.settings.host, self.clock.monotonic)
             update.loaded[name] = SandboxedPlugin(name, wasm, terms, Quarantine(name, self.settings.quarantine), host,
                                                   self.backstop)
@@ -184,6 +186,8 @@ class PluginSet:
         """Swap in what `prepare` found. Call between two ticks: the tick thread is idle."""
         live = {p.name: p for p in self._plugins}
         retired: list[SandboxedPlugin] = []
+        for name in update.current:
+            self._withdrawn(name)
         for name in update.removed:
             self._refused.pop(name, None)
             self._kept.pop(name, None)
@@ -201,6 +205,13 @@ class PluginSet:
             plugin.close()
         if self._waiting:  # a plugin removed, refused or replaced by one with a smaller share leaves room
             self.made_room()
+
+    def _withdrawn(self, name: str) -> None:
+        """The file is the running version again: a replacement refused before, and its wait for room, are over
+        (left waiting, it would be found to fit whenever room was made, and reloaded as the same, for good)."""
+        self._waiting.pop(name, None)
+        if self._kept.pop(name, None) is not None:
+            log.info(f"{self.role}_replacement_withdrawn", plugin=name, note="its file is the running version")
 
     def claim(self, plugin: SandboxedPlugin) -> admission.Claim:
         """`plugin`'s claim on the tick's time budget."""
