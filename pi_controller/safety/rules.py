@@ -78,6 +78,7 @@ class Guard:
         self.latched = False
         self.held = False  # its request waits on a wear rule
         self.unruled = False  # no rule applies: the tick can skip them all (set by Safety)
+        self.ttl = actuator.settings.command_ttl_s  # the lease of its owner's commands
 
     def follow(self, command: Command, now: float) -> None:
         self.wanted, self.plugin, self.commanded_at, self.failsafe = command.target, command.plugin, now, None
@@ -125,6 +126,9 @@ class Safety:
                 self.partners[member] += [(other, group.wait_s) for other in present if other != member]
         for key, guard in self.guards.items():
             guard.unruled = not self.partners[key] and _unruled(guard.actuator)
+        # Which sensors are stale matters only to an actuator that requires some: most configs have none,
+        # and the tick need not look at every reading for them.
+        self._requiring = any(guard.actuator.settings.requires for guard in self.guards.values())
         self.held: dict[str, Counter[str]] = {key: previous.held.get(key, Counter()) if previous else Counter()
                                               for key in actuators}
         self.failsafes: Counter[str] = Counter({key: previous.failsafes[key] for key in actuators}
@@ -137,7 +141,7 @@ class Safety:
         """What the rules would hold back of `commands` (a shadow plugin's) if they came now, to the
         actuators as this tick left them; changes nothing: no owner, timer, latch, count or pin. Ownership
         is left out: the commands' plugin is not the actuators' owner."""
-        stale = self._stale(readings, wall)
+        stale = self._stale(readings, wall) if self._requiring else {}
         planned: dict[str, Target] = {}
         holds = []
         for key, command in {c.device_id: c for c in commands}.items():
@@ -161,36 +165,39 @@ class Safety:
         """
         dt = self._dt = 0.0 if self._last_now is None else max(0.0, now - self._last_now)
         self._last_now = now
-        stale = self._stale(readings, wall)
+        stale = self._stale(readings, wall) if self._requiring else {}
         asked = {c.device_id: c for c in commands}
         planned: dict[str, Target] = {}
         decision = Decision([], [], [])
         for key, guard in self.guards.items():
-            on = guard.actuator.is_on
+            actuator = guard.actuator
             guard.observe(now)
-            if key in asked:
-                guard.follow(asked[key], now)
+            command = asked.get(key)
+            if command is not None:
+                guard.follow(command, now)
             elif guard.held:  # a request held back lapses when its plugin stops asking for it
                 guard.drop_request()
-            failsafe = self._ownership(guard, health, now)
+            failsafe = None if guard.plugin == SAFETY else self._ownership(guard, health, now)
             if failsafe is not None:
                 decision.failsafes.append(failsafe)
                 self.failsafes[key] += 1
             if guard.unruled or failsafe is not None:  # a failsafe is never held back or slowed down
                 target, hold = guard.wanted, None
             else:
-                target, hold = self._target(guard, key in asked and on(asked[key].target), stale, planned,
-                                            now, dt)
+                target, hold = self._target(guard, command is not None and actuator.is_on(command.target), stale,
+                                            planned, now, dt)
             planned[key] = target
-            guard.held = hold is not None and hold.rule in WEAR
-            if hold is not None:
+            if hold is None:
+                guard.held = False
+            else:
+                guard.held = hold.rule in WEAR
                 decision.holds.append(hold)
                 self.held[key][hold.rule] += 1
-            if target != guard.actuator.target:
+            if target != actuator.target:
                 forced = hold is not None and hold.rule in FORCING
                 decision.writes.append(Write(key, target, SAFETY if forced else guard.plugin))
-                if on(target) != guard.was_on:
-                    guard.switched_at, guard.was_on = now, on(target)
+                if actuator.is_on(target) != guard.was_on:
+                    guard.switched_at, guard.was_on = now, not guard.was_on
         return decision
 
     def _ownership(self, guard: Guard, health: Health, now: float) -> Failsafe | None:
@@ -198,7 +205,7 @@ class Safety:
         owner gets nothing more applied and, after `failsafe_after_s`, loses it; so does one whose lease
         (`command_ttl_s`) ran out, and an override that ended with no plugin taking the actuator back."""
         owner, key = guard.plugin, guard.actuator.id
-        if owner == SAFETY:  # start-up and safe states
+        if owner == SAFETY:  # start-up and safe states (the tick does not ask)
             return None
         if owner == OPERATOR:  # an override is asked for again every tick until it is released or expires
             ended = now - guard.commanded_at
@@ -216,7 +223,7 @@ class Safety:
             if now - since >= guard.failsafe_after_s:
                 return guard.take_back(f"plugin '{owner}' {why} ({now - since:.1f} s, "
                                        f"failsafe_after_s {guard.failsafe_after_s:g})")
-        ttl = guard.actuator.settings.command_ttl_s
+        ttl = guard.ttl
         if ttl is not None and now - guard.commanded_at >= ttl:
             return guard.take_back(f"no command from plugin '{owner}' for {now - guard.commanded_at:.1f} s "
                                    f"(command_ttl_s {ttl:g})")
