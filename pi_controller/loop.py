@@ -128,6 +128,7 @@ class ControlLoop:
             due = next_due
             while self._between:
                 self._between.pop(0)()
+            self.plugins.history.file()  # the tick's readings, filed once its pins are written
             collect_if_due()
 
     def reconfigure(self, sensors: Iterable[SensorSettings], interlocks: Iterable[InterlockSettings],

@@ -24,7 +24,7 @@ import math
 import time
 from collections import deque
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import structlog
 
@@ -45,26 +45,39 @@ MAX_ID_BYTES = 64  # schema.ID_PATTERN's longest id
 
 
 class History:
-    """The recent valid readings of every sensor, in rings of fixed length that the loop fills once a
-    tick from the readings it already has. The tick only appends references to its own Reading
-    objects; a read encodes what arrived since the last read (the way the context writes numbers)
-    and joins the encoded entries, so a plugin asking every tick for a long window pays for one new
-    entry, not for the window. About 100 bytes an entry."""
+    """The recent valid readings of every sensor, in rings of fixed length. The tick only keeps its list
+    of readings (`record`); they are filed into their sensors' rings when a plugin reads, or by the loop
+    once the tick's pins are written (`file`), so the tick's path to its writes pays one append. A read
+    encodes what arrived since the last read (the way the context writes numbers) and joins the encoded
+    entries, so a plugin asking every tick for a long window pays for one new entry, not for the window.
+    About 100 bytes an entry."""
 
     def __init__(self, length: int):
         self.length = length
         self._rings: dict[str, _Ring] = {}
+        self._unfiled: list[Sequence[Reading]] = []  # whole ticks' readings, oldest first; never changed
 
-    def record(self, readings: Iterable[Reading]) -> None:
-        for r in readings:
-            ring = self._rings.get(r.sensor_id)
-            if ring is None:
-                ring = self._rings[r.sensor_id] = _Ring(self.length)
-            if r.error is None and r.value is not None:
-                ring.add(r)
+    def record(self, readings: Sequence[Reading]) -> None:
+        """One tick's readings (a list its caller no longer changes), newest last."""
+        self._unfiled.append(readings)
+        if len(self._unfiled) >= self.length:  # nobody files them: stay bounded all the same
+            self.file()
+
+    def file(self) -> None:
+        """The readings recorded since the last time, into their rings (a ring for every sensor read)."""
+        for readings in self._unfiled:
+            for r in readings:
+                ring = self._rings.get(r.sensor_id)
+                if ring is None:
+                    ring = self._rings[r.sensor_id] = _Ring(self.length)
+                if r.error is None and r.value is not None:
+                    ring.add(r)
+        self._unfiled.clear()
 
     def encode(self, sensor_id: str, count: int) -> bytes | None:
         """The last `count` entries, oldest first, as a JSON array; None for a sensor never read."""
+        if self._unfiled:
+            self.file()
         ring = self._rings.get(sensor_id)
         return None if ring is None else ring.encode(count)
 

@@ -10,7 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import extism
 import structlog
@@ -132,7 +132,7 @@ class PluginSet:
         for plugin in before.values():
             plugin.close()
 
-    def record(self, readings: Iterable[Reading]) -> None:
+    def record(self, readings: Sequence[Reading]) -> None:
         """This tick's readings, for the plugins that read history (`host_functions`)."""
         self.history.record(readings)
 

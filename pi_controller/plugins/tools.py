@@ -255,7 +255,7 @@ def call_once(wasm: Path, context: dict[str, Any], settings: config.Settings, ch
     readings = [Reading(r["sensor_id"], r.get("value"), r.get("unit", ""), r.get("timestamp", 0.0), r.get("error"))
                 for r in context.get("sensor_readings", [])]
     for sensor, pairs in context.get("history", {}).items():  # what pi_history answers, oldest first
-        history.record(Reading(sensor, value, "", timestamp) for timestamp, value in pairs)
+        history.record([Reading(sensor, value, "", timestamp) for timestamp, value in pairs])
     history.record(readings)  # as in the loop: this tick's reading is the newest
     states = contract.encode_states(context.get("device_states", {}))
     prefix = contract.encode_context(readings, states, context.get("timestamp", 0.0), context.get("tick", 0),
