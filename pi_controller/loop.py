@@ -29,7 +29,7 @@ from pi_controller.logs import ChangeLog, kind_of
 from pi_controller.observer import LoopObserver, TickReport, TickTrace, Verdicts
 from pi_controller.operator import Operator
 from pi_controller.plugins.plugin_set import PluginSet
-from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
+from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin, drain_log
 from pi_controller.safety.ownership import Failsafe, Health
 from pi_controller.safety.rules import FORCING, Hold, Safety
 from pi_controller.stats import PluginStats, TickStats
@@ -197,6 +197,7 @@ class ControlLoop:
         # The calls back to back (libextism's and the Wasm runtime's code stays in the caches from one to
         # the next), then each answer checked and counted, in the same order.
         asked = [self._ask(plugin, context, number) for plugin in self.operator.enabled(self.plugins)]
+        drain_log()  # what libextism logged during the calls, before their verdicts
         for call in asked:
             proposals.extend(self._consult(call, number))
         wanted, conflicts = arbitration.resolve(proposals)
