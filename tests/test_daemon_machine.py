@@ -160,3 +160,16 @@ def test_a_manifest_put_back_to_the_running_terms_ends_the_refusal_of_its_replac
         assert state.rig.daemon.plugins.status["thermostat"].reason is None
         state.reprioritize(name="lamp_ctl", priority=None, timeout_ms=None)  # the rig fails if the gap never empties
         assert not state.rig.gap_pending()
+
+
+def test_an_owner_back_after_an_unload_with_every_command_rejected_has_been_failing_since_the_unload() -> None:
+    """Found by `fuzz.py --stateful` (seed 10009): lamp_ctl's folder deleted (unloaded) and put back, and its
+    duty set to 100, above the lamp's max_duty 80: every command rejected. No word of lamp_ctl's had reached
+    the lamp since before the unload, yet the failsafe counted from the first rejection, and the lamp ran on
+    that old word 1.1 s after its owner became unfit (failsafe_after_s 1)."""
+    with machine() as state:
+        state.delete_folder()
+        state.sensor(state="20.0")
+        state.recreate_folder()
+        state.operator_sets(name="lamp_ctl", setting=("duty", 100))
+        state.quarantine(name="thermostat")  # ticks for the failsafe to be due

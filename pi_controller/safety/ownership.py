@@ -47,13 +47,15 @@ class Health:
 
     def ok(self, plugin: str, now: float, commands: Iterable[Command], rejections: Iterable[Rejection]) -> None:
         """Its call returned a usable output: these commands, and these rejected. A device whose commands
-        are all rejected from some tick on is one the plugin fails for, until one is accepted again."""
+        are all rejected from some tick on is one the plugin fails for, until one is accepted again; if the
+        plugin was failing (or not called) until now, since then: no word of its has reached the device since."""
         self._heard.add(plugin)
-        if plugin in self._failing:
-            del self._failing[plugin]
+        was = self._failing.pop(plugin, None)
         for r in rejections:
             if r.device_id is not None and (plugin, r.device_id) not in self._refused:
-                self._refused[(plugin, r.device_id)] = (now, f"{r.rule}: {r.reason[:200]}")
+                why = f"{r.rule}: {r.reason[:200]}"
+                self._refused[(plugin, r.device_id)] = (now, why) if was is None else (
+                    was[0], f"{why}; before that it {was[1]}")
         if self._refused:
             for c in commands:
                 self._refused.pop((plugin, c.device_id), None)
