@@ -173,11 +173,13 @@ class SandboxedPlugin:
     def call(self, context: bytes, tick: int | None = None) -> bytes:
         """One tick: `context` is the context without its config (`contract.encode_context`). What
         libextism logged during the call is logged before it returns."""
-        output = self._invoke(_ENTRY_POINT, context + self.config_suffix, tick)
+        output = self._entry(context, tick)
         drain_log()
-        return self._bounded(output)
+        return output
 
-    def _bounded(self, output: bytes) -> bytes:
+    def _entry(self, context: bytes, tick: int | None) -> bytes:
+        """`control_logic` on `context` with the config, bounded; libextism's log is left for `drain_log`."""
+        output = self._invoke(_ENTRY_POINT, context + self.config_suffix, tick)
         if len(output) > self.grant.max_output_bytes:
             raise PluginCallError("output_too_large", f"output of {len(output)} bytes exceeds max_output_bytes "
                                   f"{self.grant.max_output_bytes}")
@@ -239,8 +241,7 @@ class SandboxedPlugin:
         self.last_output = None
         started = timer()
         try:
-            self.last_output = self._bounded(self._invoke(_ENTRY_POINT, self.view(context) + self.config_suffix,
-                                                          context.tick))
+            self.last_output = self._entry(self.view(context), context.tick)
         finally:
             self.last_call_s = timer() - started
 

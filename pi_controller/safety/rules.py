@@ -78,7 +78,6 @@ class Guard:
         self.latched = False
         self.held = False  # its request waits on a wear rule
         self.unruled = False  # no rule applies: the tick can skip them all (set by Safety)
-        self.ttl = actuator.settings.command_ttl_s  # the lease of its owner's commands
 
     def follow(self, command: Command, now: float) -> None:
         self.wanted, self.plugin, self.commanded_at, self.failsafe = command.target, command.plugin, now, None
@@ -203,10 +202,9 @@ class Safety:
     def _ownership(self, guard: Guard, health: Health, now: float) -> Failsafe | None:
         """Whether the owner still has the actuator: one no longer granted it loses it at once; a failing
         owner gets nothing more applied and, after `failsafe_after_s`, loses it; so does one whose lease
-        (`command_ttl_s`) ran out, and an override that ended with no plugin taking the actuator back."""
+        (`command_ttl_s`) ran out, and an override that ended with no plugin taking the actuator back. Not
+        asked of an actuator in its start-up or safe state (owner `SAFETY`): nobody's to lose."""
         owner, key = guard.plugin, guard.actuator.id
-        if owner == SAFETY:  # start-up and safe states (the tick does not ask)
-            return None
         if owner == OPERATOR:  # an override is asked for again every tick until it is released or expires
             ended = now - guard.commanded_at
             if ended >= guard.failsafe_after_s and ended > 0:
@@ -223,7 +221,7 @@ class Safety:
             if now - since >= guard.failsafe_after_s:
                 return guard.take_back(f"plugin '{owner}' {why} ({now - since:.1f} s, "
                                        f"failsafe_after_s {guard.failsafe_after_s:g})")
-        ttl = guard.ttl
+        ttl = guard.actuator.settings.command_ttl_s
         if ttl is not None and now - guard.commanded_at >= ttl:
             return guard.take_back(f"no command from plugin '{owner}' for {now - guard.commanded_at:.1f} s "
                                    f"(command_ttl_s {ttl:g})")
