@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 from gpiozero import Device
@@ -167,50 +167,52 @@ def test_a_shared_spi_bus_collected_while_pins_are_reserved_does_not_hang_the_pr
     assert result.returncode == 0 and result.stdout == "done\n", result.stderr
 
 
-def test_states_json_follows_every_actuator_change(write_config) -> None:
-    data = {"actuators": [{"id": "led", "kind": "pwm", "pin": 18}, {"id": "fan", "kind": "relay", "pin": 27}],
-            "pins": {"factory": "mock"}}
-    settings = config.load(write_config(data))
+LED_AND_FAN = {"actuators": [{"id": "led", "kind": "pwm", "pin": 18}, {"id": "fan", "kind": "relay", "pin": 27}],
+               "pins": {"factory": "mock"}}
+
+
+@pytest.fixture
+def led_and_fan(write_config) -> Iterator[Hardware]:
+    """A PWM output and a relay on simulated pins."""
+    settings = config.load(write_config(LED_AND_FAN))
     factory = make_factory(settings.pins, settings.sensors, simulate=True)
     hardware = Hardware.build(settings.actuators, settings.sensors, factory, CLOCK)
     try:
-        first = hardware.states_json()
-        assert json.loads(first) == hardware.states()
-        assert hardware.states_json() is first  # nothing moved: not encoded again
-        hardware.apply([Write("led", 0.4, "p")], 1)
-        assert json.loads(hardware.states_json())["led"]["value"] == pytest.approx(0.4)
-        hardware.apply([Write("fan", 1.0, "p")], 2)
-        assert json.loads(hardware.states_json()) == hardware.states()
+        yield hardware
     finally:
         hardware.close()
 
 
-def test_states_are_built_again_after_every_write_that_changed_an_actuator(write_config) -> None:
+def test_states_json_follows_every_actuator_change(led_and_fan) -> None:
+    hardware = led_and_fan
+    first = hardware.states_json()
+    assert json.loads(first) == hardware.states()
+    assert hardware.states_json() is first  # nothing moved: not encoded again
+    hardware.apply([Write("led", 0.4, "p")], 1)
+    assert json.loads(hardware.states_json())["led"]["value"] == pytest.approx(0.4)
+    hardware.apply([Write("fan", 1.0, "p")], 2)
+    assert json.loads(hardware.states_json()) == hardware.states()
+
+
+def test_states_are_built_again_after_every_write_that_changed_an_actuator(led_and_fan, write_config) -> None:
     """`states()` is kept from one look to the next (the tick looks three times) until an actuator is
     written: by the tick, by the watchdog's settle or by a reload; a write that changes nothing keeps it."""
-    data = {"actuators": [{"id": "led", "kind": "pwm", "pin": 18}, {"id": "fan", "kind": "relay", "pin": 27}],
-            "pins": {"factory": "mock"}}
-    settings = config.load(write_config(data))
-    factory = make_factory(settings.pins, settings.sensors, simulate=True)
-    hardware = Hardware.build(settings.actuators, settings.sensors, factory, CLOCK)
-    try:
-        kept = hardware.states()
-        assert hardware.states() is kept
-        hardware.apply([Write("led", kept["led"]["value"], "p")], 1)  # the target it has: nothing changes
-        assert hardware.states() is kept
-        hardware.apply([Write("led", 0.4, "p")], 2)
-        moved = hardware.states()
-        assert moved is not kept and moved["led"]["value"] == pytest.approx(0.4) and kept["led"]["value"] == 0
-        assert json.loads(hardware.states_json()) == moved
-        hardware.settle("safe", "test")
-        assert hardware.states()["led"]["value"] == 0 and json.loads(hardware.states_json())["led"]["value"] == 0
-        hardware.apply([Write("fan", 1.0, "p")], 3)
-        assert hardware.states()["fan"]["on"] is True and json.loads(hardware.states_json())["fan"]["on"] is True
-        fewer = config.load(write_config({**data, "actuators": data["actuators"][:1]}))
-        hardware.reconfigure(fewer.actuators, fewer.sensors, CLOCK)
-        assert list(hardware.states()) == ["led"] and list(json.loads(hardware.states_json())) == ["led"]
-    finally:
-        hardware.close()
+    hardware = led_and_fan
+    kept = hardware.states()
+    assert hardware.states() is kept
+    hardware.apply([Write("led", kept["led"]["value"], "p")], 1)  # the target it has: nothing changes
+    assert hardware.states() is kept
+    hardware.apply([Write("led", 0.4, "p")], 2)
+    moved = hardware.states()
+    assert moved is not kept and moved["led"]["value"] == pytest.approx(0.4) and kept["led"]["value"] == 0
+    assert json.loads(hardware.states_json()) == moved
+    hardware.settle("safe", "test")
+    assert hardware.states()["led"]["value"] == 0 and json.loads(hardware.states_json())["led"]["value"] == 0
+    hardware.apply([Write("fan", 1.0, "p")], 3)
+    assert hardware.states()["fan"]["on"] is True and json.loads(hardware.states_json())["fan"]["on"] is True
+    fewer = config.load(write_config({**LED_AND_FAN, "actuators": LED_AND_FAN["actuators"][:1]}))
+    hardware.reconfigure(fewer.actuators, fewer.sensors, CLOCK)
+    assert list(hardware.states()) == ["led"] and list(json.loads(hardware.states_json())) == ["led"]
 
 
 def test_an_actuator_s_state_json_is_its_state_encoded_whatever_it_was_before() -> None:
