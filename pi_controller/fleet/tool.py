@@ -152,6 +152,11 @@ class Watcher:
 
 def announce(wasm: Path, plan: Plan) -> Announcement:
     """The announcement of `wasm` (signed beside it, with its manifest if it has one) under `plan`."""
+    return _announced(wasm, plan)[0]
+
+
+def _announced(wasm: Path, plan: Plan) -> tuple[Announcement, bytes]:
+    """`announce`'s announcement, and the module's bytes it describes (read once: the chunks are these)."""
     if not wasm.is_file() or wasm.suffix != ".wasm":
         raise ValueError(f"{wasm}: no such plugin file (a .wasm)")
     module = wasm.read_bytes()[:MAX_MODULE_BYTES + 1]
@@ -169,16 +174,15 @@ def announce(wasm: Path, plan: Plan) -> Announcement:
                         -(-len(module) // protocol.CHUNK_BYTES), signature.decode(),
                         described.decode() if described is not None else None, plan.staged(), 0,
                         shadow_ticks=plan.shadow_ticks, live_ticks=plan.live_ticks,
-                        min_agreement_percent=plan.min_agreement_percent)
+                        min_agreement_percent=plan.min_agreement_percent), module
 
 
 def rollout(wasm: Path, plan: Plan, say: Callable[[str], None] = print) -> int:
-    a = announce(wasm, plan)
+    a, module = _announced(wasm, plan)
     watcher = Watcher(plan.broker, a.name)
     try:
         base = plan.broker.base_topic
         before = watcher.announcements.get(a.name)
-        module = wasm.read_bytes()
         for index in range(a.chunks):
             chunk = module[index * protocol.CHUNK_BYTES:(index + 1) * protocol.CHUNK_BYTES]
             watcher.publish(protocol.chunk_topic(base, a.sha256, index), chunk)
