@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,7 @@ def rollout(wasm: Path, plan: Plan, say: Callable[[str], None] = print) -> int:
 def _stages(watcher: Watcher, a: Announcement, plan: Plan, say: Callable[[str], None]) -> int:
     topic = protocol.rollout_topic(plan.broker.base_topic, a.name)
     for stage in range(len(a.stages)):
-        a = Announcement(**{**a.__dict__, "stage": stage})
+        a = replace(a, stage=stage)
         watcher.publish(topic, a.payload())
         say(f"stage {stage} ({'canaries' if stage == 0 else 'stage'}): {', '.join(a.stages[stage])}")
         nodes = a.stages[stage]
@@ -212,7 +212,7 @@ def _stages(watcher: Watcher, a: Announcement, plan: Plan, say: Callable[[str], 
         outcome = watcher.wait(settled, plan.stage_timeout_s)
         failed = outcome[0] if outcome else []
         if failed or outcome is None:
-            watcher.publish(topic, Announcement(**{**a.__dict__, "state": "stopped"}).payload())
+            watcher.publish(topic, replace(a, state="stopped").payload())
             for node in failed:
                 verdict = watcher.verdicts[(node, a.name)]
                 say(f"node {node}: {verdict.phase}: {verdict.reason}")
@@ -222,7 +222,7 @@ def _stages(watcher: Watcher, a: Announcement, plan: Plan, say: Callable[[str], 
         offline = [n for n in nodes if _phase(watcher, n, a) != protocol.LIVE]
         if offline:
             say(f"offline, will catch up: {', '.join(offline)}")
-    watcher.publish(topic, Announcement(**{**a.__dict__, "state": "done"}).payload())
+    watcher.publish(topic, replace(a, state="done").payload())
     say(f"rollout {a.rollout} done: {a.name} {a.version} live on every node online")
     return 0
 
