@@ -239,8 +239,8 @@ def status(plan: Plan, say: Callable[[str], None] = print) -> int:
             say(f"{name} {a.version} (rollout {a.rollout}, {a.state}, stage {a.stage + 1} of {len(a.stages)})")
             for node in sorted(set(a.nodes()) | set(plan.nodes)):
                 verdict = watcher.verdicts.get((node, name))
-                online = {True: "online", False: "offline"}.get(watcher.online.get(node, False))
-                shown = "-" if verdict is None or verdict.rollout != a.rollout else verdict.phase
+                online = "online" if watcher.online.get(node) else "offline"
+                shown = _phase(watcher, node, a) or "-"
                 live = verdict.version if verdict is not None else None
                 why = (verdict.reason or "") if verdict else ""
                 say(f"  {node:<24} {online:<8} live {live or '?':<12} {shown:<12} {why}"[:300])
