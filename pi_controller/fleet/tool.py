@@ -25,7 +25,8 @@ import paho.mqtt.client as mqtt
 from pi_controller import config
 from pi_controller.fleet import protocol
 from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
-from pi_controller.plugins.manifest import Refused, parse_manifest, read_manifest
+from pi_controller.plugins.manifest import parse_manifest, read_manifest
+from pi_controller.plugins.refusal import Refused
 from pi_controller.plugins.signing import SUFFIX, SignatureFile, read_signature
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
