@@ -49,6 +49,11 @@ def test_an_announcement_a_node_cannot_use_is_refused_saying_why(changes, says) 
         Announcement.parse(payload(**changes), 1 << 20)
 
 
+def test_a_module_is_published_in_whole_chunks_the_last_one_shorter() -> None:
+    sizes = (1, protocol.CHUNK_BYTES - 1, protocol.CHUNK_BYTES, protocol.CHUNK_BYTES + 1, 3 * protocol.CHUNK_BYTES)
+    assert [protocol.chunk_count(size) for size in sizes] == [1, 1, 1, 2, 3]
+
+
 def test_payloads_over_their_bound_are_refused_before_they_are_decoded() -> None:
     with pytest.raises(Malformed, match="over the"):
         Announcement.parse(b"{" + b" " * protocol.MAX_ANNOUNCEMENT_BYTES + b"}", 1 << 20)

@@ -52,6 +52,11 @@ def verdict_topic(base: str, node: str, plugin: str) -> str:
     return f"{base}/{node}/fleet/{plugin}"
 
 
+def chunk_count(size: int) -> int:
+    """How many chunks a module of `size` bytes is published in: `CHUNK_BYTES` each, the last one shorter."""
+    return -(-size // CHUNK_BYTES)
+
+
 @dataclass(frozen=True)
 class Announcement:
     rollout: str  # this rollout's id: a node decides once per id
@@ -99,7 +104,7 @@ class Announcement:
         if not 0 < self.size <= max_module_bytes:
             raise Malformed(f"a module of {self.size} bytes: this node takes 1 to {max_module_bytes} "
                             "(plugins.ceilings.max_file_bytes)")
-        if self.chunks != -(-self.size // CHUNK_BYTES):
+        if self.chunks != chunk_count(self.size):
             raise Malformed(f"{self.chunks} chunks for {self.size} bytes in chunks of {CHUNK_BYTES}")
         if len(self.signature) > MAX_SIGNATURE_BYTES or (self.manifest is not None and (
                 not isinstance(self.manifest, str) or len(self.manifest.encode()) > MAX_MANIFEST_BYTES)):

@@ -172,7 +172,7 @@ def _announced(wasm: Path, plan: Plan) -> tuple[Announcement, bytes]:
     version = parse_manifest(wasm, described).version
     sha256 = hashlib.sha256(module).hexdigest()
     return Announcement(f"{int(time.time())}-{sha256[:8]}", wasm.stem, version or sha256[:12], sha256, len(module),
-                        -(-len(module) // protocol.CHUNK_BYTES), signature.decode(),
+                        protocol.chunk_count(len(module)), signature.decode(),
                         described.decode() if described is not None else None, plan.staged(), 0,
                         shadow_ticks=plan.shadow_ticks, live_ticks=plan.live_ticks,
                         min_agreement_percent=plan.min_agreement_percent), module
