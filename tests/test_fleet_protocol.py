@@ -4,15 +4,17 @@ fleet.yaml makes. The rollouts themselves, against real daemons and a broker, ar
 from __future__ import annotations
 
 import json
+import tracemalloc
 from dataclasses import asdict, replace
 from typing import Any
 
 import pytest
 
-from pi_controller import config
+from pi_controller import cli, config
 from pi_controller.fleet import protocol
 from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
-from pi_controller.fleet.tool import Plan, load_plan
+from pi_controller.fleet.tool import MAX_MODULE_BYTES, Plan, announce, load_plan
+from pi_controller.plugins.refusal import Refused
 
 GOOD = Announcement("1796633878-819e5030", "probe", "2.0.0", "a" * 64, 96097, 2, "sig", None,
                     (("node-00",), ("node-01", "node-02")), 0)
@@ -85,3 +87,22 @@ def test_a_fleet_yaml_with_a_bad_stage_names_file_line_and_key(tmp_path) -> None
         load_plan(path)
     path.write_text("nodes: [a, b]\nstages: ['50%']\nbroker: {host: hub, port: 1884}\n")
     assert load_plan(path).broker.port == 1884
+
+
+def test_the_tool_refuses_a_module_over_its_limit_by_its_size_before_reading_it(tmp_path, capsys) -> None:
+    wasm = tmp_path / "probe.wasm"
+    with wasm.open("wb") as file:
+        file.truncate(MAX_MODULE_BYTES + 1)  # sparse: its size says it all
+    tracemalloc.start()
+    try:
+        with pytest.raises(Refused):
+            announce(wasm, Plan(("node-00",)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_MODULE_BYTES // 16  # not read: reading it took the whole 16 MiB
+    fleet_yaml = tmp_path / "fleet.yaml"
+    fleet_yaml.write_text("nodes: [node-00]\n")
+    assert cli.main(["fleet", "rollout", str(wasm), "--config", str(fleet_yaml)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: probe.wasm has {MAX_MODULE_BYTES + 1} bytes, over the fleet tool's limit {MAX_MODULE_BYTES}"]

@@ -28,6 +28,7 @@ from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
 from pi_controller.plugins.manifest import parse_manifest, read_manifest
 from pi_controller.plugins.refusal import Refused
 from pi_controller.plugins.signing import SUFFIX, SignatureFile, read_signature
+from pi_controller.plugins.wasm_gate import read_module
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
 MAX_PLAN_BYTES = 256 * 1024
@@ -160,9 +161,7 @@ def _announced(wasm: Path, plan: Plan) -> tuple[Announcement, bytes]:
     """`announce`'s announcement, and the module's bytes it describes (read once: the chunks are these)."""
     if not wasm.is_file() or wasm.suffix != ".wasm":
         raise ValueError(f"{wasm}: no such plugin file (a .wasm)")
-    module = wasm.read_bytes()[:MAX_MODULE_BYTES + 1]
-    if len(module) > MAX_MODULE_BYTES:
-        raise ValueError(f"{wasm}: over {MAX_MODULE_BYTES} bytes")
+    module = read_module(wasm, wasm.parent, MAX_MODULE_BYTES, "the fleet tool's limit")  # sized before it is read
     signature = read_signature(wasm)
     if signature is None:
         raise ValueError(f"{wasm}: not signed: a rollout carries a signature; "

@@ -35,8 +35,9 @@ VERSION_1 = b"\x01\0\0\0"
 TRIAL_WALL_S = 60.0  # both cores saturated, and a cold start of Python in the child
 
 
-def read_module(path: Path, folder: Path, max_bytes: int) -> bytes:
-    """The bytes of the module at `path`, or Refused with a one-line reason that quotes nothing of it."""
+def read_module(path: Path, folder: Path, max_bytes: int, limit: str = "plugins.ceilings.max_file_bytes") -> bytes:
+    """The bytes of the module at `path`, or Refused with a one-line reason that quotes nothing of it
+    (`limit`: what a refusal calls `max_bytes`)."""
     name = path.name
     if not links_within(path, folder):
         raise Refused(f"{name} is a symbolic link to outside the plugins folder; copy the module in instead")
@@ -50,10 +51,10 @@ def read_module(path: Path, folder: Path, max_bytes: int) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise Refused(f"{name} is not a regular file")
         if info.st_size > max_bytes:
-            raise Refused(f"{name} has {info.st_size} bytes, over plugins.ceilings.max_file_bytes {max_bytes}")
+            raise Refused(f"{name} has {info.st_size} bytes, over {limit} {max_bytes}")
         data = file.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise Refused(f"{name} grew past plugins.ceilings.max_file_bytes {max_bytes} while it was read")
+        raise Refused(f"{name} grew past {limit} {max_bytes} while it was read")
     if data[:4] != MAGIC:
         raise Refused(f"{name} is not a WebAssembly binary module (no \\0asm magic; the text format is not "
                       "accepted: build the .wasm)")
