@@ -39,6 +39,7 @@ import structlog
 from pi_controller.config import Settings
 from pi_controller.fleet import protocol
 from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
+from pi_controller.keys import read_small
 from pi_controller.mqtt.inbox import Inbound, Route
 from pi_controller.plugins import checks
 from pi_controller.plugins.install import InstallError, put
@@ -51,6 +52,7 @@ log = structlog.get_logger("pi_controller.fleet")
 
 MIN_SWAP_TICKS = 300  # a shadow or a promoted version runs within this many ticks (or its window), or it did not load
 MAX_INBOUND = 4096  # messages waiting for the next tick; past it, chunks are dropped (fetched again)
+MAX_WORD_BYTES = 4096  # a node's word on a rollout, kept in its state folder (`_keep_word`)
 
 
 @dataclass
@@ -402,9 +404,13 @@ class FleetNode:
                        live.sha256 if live else None, rollout.reason, rollout.counts)
 
     def _kept_word(self, name: str) -> dict[str, Any] | None:
+        path = self.folder / f"{name}.json"
         try:
-            data = json.loads((self.folder / f"{name}.json").read_bytes()[:4096])
-        except (OSError, ValueError):
+            data = json.loads(read_small(path, MAX_WORD_BYTES, "a node's word on a rollout"))
+        except (FileNotFoundError, ValueError):
+            return None  # none kept (or cut short by a power cut): the rollout is new to this node
+        except OSError as exc:
+            log.warning("fleet_state_unreadable", plugin=name, error=f"{path} {exc.strerror}"[:300])
             return None
         return data if isinstance(data, dict) and isinstance(data.get("phase"), str) else None
 
