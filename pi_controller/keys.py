@@ -47,10 +47,7 @@ def trusted_key(entry: str, base: Path) -> str:
     `base`), as the raw key in base64. KeyProblem says what is wrong with it."""
     text = entry.strip()
     if _BASE64_KEY.fullmatch(text):
-        try:
-            return _raw(Ed25519PublicKey.from_public_bytes(base64.b64decode(text)))
-        except ValueError:
-            raise KeyProblem("not an Ed25519 public key (44 base64 characters of its 32 raw bytes)") from None
+        return _raw_key(text)
     if text.startswith("-----BEGIN"):
         return _raw(_pem_public(text.encode(), "the PEM text"))
     if len(text) > 4096 or "\n" in text:
@@ -60,9 +57,18 @@ def trusted_key(entry: str, base: Path) -> str:
         data = read_small(path, MAX_KEY_BYTES, "a public key")
     except OSError as exc:
         raise KeyProblem(f"the key file {path} {exc.strerror}") from None
-    if _BASE64_KEY.fullmatch(data.decode("ascii", "replace").strip()):
-        return trusted_key(data.decode("ascii"), base)
+    held = data.decode("ascii", "replace").strip()
+    if _BASE64_KEY.fullmatch(held):
+        return _raw_key(held)
     return _raw(_pem_public(data, f"the key file {path}"))
+
+
+def _raw_key(text: str) -> str:
+    """A raw key in base64 (44 characters, `_BASE64_KEY`), as an Ed25519 public key's."""
+    try:
+        return _raw(Ed25519PublicKey.from_public_bytes(base64.b64decode(text)))
+    except ValueError:
+        raise KeyProblem("not an Ed25519 public key (44 base64 characters of its 32 raw bytes)") from None
 
 
 def _pem_public(data: bytes, what: str) -> Ed25519PublicKey:

@@ -181,10 +181,11 @@ def test_trusted_keys_take_a_path_pem_text_or_a_raw_key(keys, tmp_path, write_co
     public = keys["owner"].with_name("owner.pem.pub")
     pem = public.read_text()
     raw = trusted_key(str(public), tmp_path)
+    (tmp_path / "owner.raw").write_text(f"{raw}\n")  # a file may hold the raw key too
     data = node_data(tmp_path, keys, True)
-    data["plugins"]["trusted_keys"] = [os.path.relpath(public, tmp_path), pem, raw]
+    data["plugins"]["trusted_keys"] = [os.path.relpath(public, tmp_path), pem, raw, "owner.raw"]
     loaded = config.load(write_config(data)).plugins.trusted_keys
-    assert loaded == (raw, raw, raw)
+    assert loaded == (raw, raw, raw, raw)
 
 
 @pytest.mark.parametrize(("entry", "message"), [
