@@ -75,8 +75,8 @@ def _pem_public(data: bytes, what: str) -> Ed25519PublicKey:
     if b"PRIVATE KEY" in data:
         raise KeyProblem(f"{what} holds a private key: a node needs only the public one (the .pub file "
                          "`pi-controller plugin keygen` writes); keep the private key off the nodes")
-    key: Ed25519PublicKey = ed25519(lambda: serialization.load_pem_public_key(data), Ed25519PublicKey,
-                                     f"{what} is not a PEM public key")
+    key: Ed25519PublicKey = ed25519(lambda: serialization.load_pem_public_key(data), Ed25519PublicKey, what,
+                                     "a PEM public key")
     return key
 
 
@@ -84,13 +84,13 @@ def _raw(key: Ed25519PublicKey) -> str:
     return base64.b64encode(key.public_bytes_raw()).decode()
 
 
-def ed25519(load: Callable[[], object], kind: type[Any], unreadable: str) -> Any:
-    """What `load` reads from PEM, if it is an Ed25519 key of `kind`; KeyProblem otherwise."""
+def ed25519(load: Callable[[], object], kind: type[Any], what: str, form: str) -> Any:
+    """What `load` reads from PEM, if it is an Ed25519 key of `kind`; KeyProblem otherwise, saying that `what`
+    was read is not in the `form` asked ("a PEM public key"), or not an Ed25519 key."""
     try:
         key = load()
     except (ValueError, UnsupportedAlgorithm):
-        raise KeyProblem(unreadable) from None
+        raise KeyProblem(f"{what} is not {form}") from None
     if not isinstance(key, kind):
-        raise KeyProblem(f"{unreadable.split(' is not ')[0]} is not an Ed25519 key (openssl genpkey -algorithm "
-                         "ed25519 makes one)")
+        raise KeyProblem(f"{what} is not an Ed25519 key (openssl genpkey -algorithm ed25519 makes one)")
     return key

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
 from pi_controller import cli, config
 from pi_controller.clock import SystemClock
-from pi_controller.keys import MAX_TRUSTED_KEYS, trusted_key
+from pi_controller.keys import MAX_TRUSTED_KEYS, KeyProblem, trusted_key
 from pi_controller.plugins import signing, signing_cli
 from pi_controller.plugins.manifest import Grant, Refused, terms
 from pi_controller.plugins.wasm_gate import read_module
@@ -207,6 +209,27 @@ def test_a_bad_trusted_key_names_file_line_and_key(keys, tmp_path, write_config,
         config.load(path)
     assert str(error.value).startswith(f"{path}:6: plugins.trusted_keys[1]: ")
     assert message in str(error.value) and "AAAA" not in str(error.value)  # the content is not quoted
+
+
+def test_a_key_of_another_algorithm_is_refused_naming_its_file_whole(tmp_path) -> None:
+    """An EC key pair in PEM (a key, but not Ed25519), in a folder whose name holds the words of the message."""
+    folder = tmp_path / "this is not it"
+    folder.mkdir()
+    private = ec.generate_private_key(ec.SECP256R1())
+    (folder / "ec.pem").write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (folder / "ec.pub").write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    how = "is not an Ed25519 key (openssl genpkey -algorithm ed25519 makes one)"
+    with pytest.raises(KeyProblem) as refused:
+        signing_cli.load_private_key(folder / "ec.pem")
+    assert str(refused.value) == f"{folder / 'ec.pem'} {how}"
+    with pytest.raises(KeyProblem) as refused:
+        trusted_key("this is not it/ec.pub", tmp_path)
+    assert str(refused.value) == f"the key file {folder / 'ec.pub'} {how}"
+    with pytest.raises(KeyProblem) as refused:
+        signing_cli.load_private_key(folder / "ec.pub")
+    assert str(refused.value) == f"{folder / 'ec.pub'} is not a PEM private key"
 
 
 def test_too_many_trusted_keys_is_a_config_error(keys, tmp_path, write_config) -> None:

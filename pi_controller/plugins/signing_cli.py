@@ -26,7 +26,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise KeyProblem(f"the key {path} {exc.strerror}") from None
     try:
         key: Ed25519PrivateKey = ed25519(lambda: serialization.load_pem_private_key(data, password=None),
-                                          Ed25519PrivateKey, f"{path} is not a PEM private key")
+                                          Ed25519PrivateKey, str(path), "a PEM private key")
         return key
     except TypeError:
         raise KeyProblem(f"{path} is encrypted; decrypt a copy: openssl pkey -in {path} -out PLAIN.pem") from None
