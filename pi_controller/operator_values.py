@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import structlog
 
 from pi_controller.contract import Rejected
+from pi_controller.files import write_atomically
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.plugins.plugin_config import check_change
-from pi_controller.safety.known_good import write_atomically
 
 if TYPE_CHECKING:
     from pi_controller.config import PluginsSettings
@@ -153,7 +153,7 @@ class OperatorValues(LoopObserver):
 def _write(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, text)
+        write_atomically(path, text.encode())
     except OSError as exc:  # a full or read-only card: the values stay in force until the process ends
         log.warning("operator_values_not_kept", file=str(path), error=str(exc))
 

@@ -16,10 +16,10 @@ PACKAGE = Path(pi_controller.__file__).parent
 # in the layer of the longest name here that it is or is inside of ("pi_controller" is the package's
 # __init__ alone: a module named nowhere is in no layer, and the test says so).
 LAYERS: list[tuple[str, ...]] = [
-    # what anything may use: time, bounded schema fields, logging, names, counters
+    # what anything may use: time, bounded schema fields, logging, names, counters, keys and files
     ("pi_controller", "pi_controller.clock", "pi_controller.schema", "pi_controller.logs",
      "pi_controller.token_bucket", "pi_controller.names", "pi_controller.stats", "pi_controller.reloads",
-     "pi_controller.keys"),
+     "pi_controller.keys", "pi_controller.files"),
     # the plugin ABI: context, readings, commands, and a plugin's typed config
     ("pi_controller.contract", "pi_controller.plugins.plugin_config"),
     ("pi_controller.devices",),

@@ -108,9 +108,9 @@ def test_the_file_is_written_off_the_loop_one_write_at_a_time_and_the_last_value
     wait for it, and `written` says when it is on disk (telemetry shows the value only then)."""
     release, real = threading.Event(), operator_values.write_atomically
 
-    def slow(path: Path, text: str) -> None:
+    def slow(path: Path, data: bytes) -> None:
         release.wait()
-        real(path, text)
+        real(path, data)
 
     monkeypatch.setattr(operator_values, "write_atomically", slow)
     plugin = thermostat()

@@ -177,6 +177,18 @@ def test_sign_refuses_a_private_key_of_another_kind_or_a_missing_one(work, tmp_p
     assert not wasm.with_suffix(".sig").exists()
 
 
+def test_keygen_makes_the_private_key_its_owner_s_alone_whatever_a_cut_short_run_left_beside_it(
+        tmp_path, capsys) -> None:
+    """Each write goes through a temporary file of its own: one left by a keygen cut short (readable by all)
+    is neither reused for the new key nor touched."""
+    left = tmp_path / ".owner.pem.tmp"
+    left.write_text("left over")
+    left.chmod(0o644)
+    keygen(tmp_path / "owner.pem", capsys)  # which asserts the key's mode
+    assert left.read_text() == "left over"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".owner.pem.tmp", "owner.pem", "owner.pem.pub"]
+
+
 # --- the keys a node trusts, in its config -----------------------------------------------------------
 
 def test_trusted_keys_take_a_path_pem_text_or_a_raw_key(keys, tmp_path, write_config) -> None:

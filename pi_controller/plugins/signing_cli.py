@@ -12,6 +12,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from pi_controller.files import write_atomically
 from pi_controller.keys import MAX_KEY_BYTES, KeyProblem, ed25519, read_small
 from pi_controller.plugins.refusal import Refused
 from pi_controller.plugins.signing import SUFFIX, fingerprint, sign
@@ -67,7 +68,7 @@ def run_sign(args: argparse.Namespace) -> int:
         described = read_manifest(wasm)
         parse_manifest(wasm, described)  # a manifest no node would load is not worth a signature
         signed = sign(wasm.stem, module, described, key)
-        _write_atomically(wasm.with_suffix(SUFFIX), signed.text().encode(), 0o644)
+        write_atomically(wasm.with_suffix(SUFFIX), signed.text().encode(), 0o644)
     except (Refused, KeyProblem) as exc:
         return _error(str(exc))
     except OSError as exc:
@@ -85,8 +86,8 @@ def run_keygen(args: argparse.Namespace) -> int:
         return _error(f"{', '.join(there)} already there; nothing written (a key is not overwritten)")
     key = Ed25519PrivateKey.generate()
     try:
-        _write_atomically(path, private_pem(key), 0o600)
-        _write_atomically(public, public_pem(key.public_key()), 0o644)
+        write_atomically(path, private_pem(key), 0o600)
+        write_atomically(public, public_pem(key.public_key()), 0o644)
     except OSError as exc:
         return _error(f"cannot write the key: {exc.strerror or exc}")
     print(f"wrote the private key {path} (keep it off the nodes) and the public key {public}, key "
@@ -98,18 +99,3 @@ def _error(message: str) -> int:
     """A mistake in what was passed, said in one line: exit status 2, as every command has it."""
     print(f"error: {message}", file=sys.stderr)
     return 2
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """`data` under `path` whole or not at all (the hot reloader acts on the rename), with `mode` from the start."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

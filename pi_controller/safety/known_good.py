@@ -10,7 +10,6 @@ and `safe-state` reads the config file alone.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -18,6 +17,7 @@ import structlog
 
 from pi_controller import config
 from pi_controller.config import Settings
+from pi_controller.files import write_atomically
 
 log = structlog.get_logger("pi_controller.known_good")
 
@@ -47,19 +47,6 @@ def keep(settings: Settings, directory: Path | None) -> None:
                         reason="the file changed since it was read")
             return
         directory.mkdir(parents=True, exist_ok=True)  # `run --state-dir DIR` makes DIR, as systemd makes its own
-        write_atomically(copy_path(directory), text)
+        write_atomically(copy_path(directory), text.encode())
     except (OSError, config.ConfigError) as exc:
         log.warning("known_good_config_not_kept", directory=str(directory), error=str(exc))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

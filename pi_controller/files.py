@@ -1,0 +1,26 @@
+"""Files replaced whole or not at all: after a power cut mid-write the previous file is there, never part of
+the new one, and a folder's watcher (the plugins' hot reload) sees one rename. For the daemon's state (the
+known-good config, the operator's values) and the owner's keys and signatures."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """`data` under `path` whole or not at all, created with `mode` (less the umask) from the start: a private
+    key is never readable by others, not even for a moment. The temporary file beside it is a new one
+    (O_EXCL), hidden (a leading dot), and gone when the write fails."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
