@@ -69,3 +69,31 @@ def test_a_word_kept_over_its_bound_is_not_read_and_the_node_says_so_in_one_line
     assert verdict.phase == protocol.LIVE  # what is announced already runs here
     assert [e["error"] for e in logs if e["event"] == "fleet_state_unreadable"] == [
         f"{path} is longer than 4096 bytes: not a node's word on a rollout"]
+
+
+@pytest.mark.parametrize("restored", [True, False], ids=["restored", "kept-files-unreadable"])
+def test_a_rollback_a_node_stopped_in_is_finished_from_the_word_it_kept(node, restored: bool) -> None:
+    """The word as a node writes it (`_keep_word`, this very text) when it starts putting its kept version
+    back: a node restarted on it puts that version back and says rolled back, with the reason it kept; if the
+    kept files cannot be written back, it says that instead."""
+    previous = live_sha256(node)  # the version the rollout replaced: what was kept, and runs again once put back
+    kept = node.folder / "previous" / NAME
+    kept.mkdir(parents=True)
+    (kept / f"{NAME}.wasm").write_bytes((node.status.plugins.directory / f"{NAME}.wasm").read_bytes())
+    if not restored:
+        (kept / f"{NAME}.yaml").mkdir()  # a manifest that cannot be read
+    why = "3 errors and 0 failsafes in 9 calls (loaded) after promotion"
+    (node.folder / f"{NAME}.json").write_text(
+        '{"rollout": "1796633878-819e5030", "phase": "live_window", "reason": null, '
+        f'"previous": "{previous}", "restoring": "{why}"}}')
+    with capture_logs() as logs:
+        announce(node, "b" * 64)  # the promoted version's digest
+        verdict = tick_until(node, lambda verdict: verdict.phase in protocol.FAILED)
+    assert verdict.phase == protocol.ROLLED_BACK and verdict.sha256 == previous
+    if restored:
+        assert verdict.reason == why
+    else:
+        assert (verdict.reason or "").startswith("the kept version could not be restored: [Errno 21] Is a directory")
+    events = [e["event"] for e in logs if e["event"].startswith("fleet_")]
+    assert events == ["fleet_rolling_back", *([] if restored else ["fleet_rollback_failed"]), "fleet_rollout_failed"]
+    assert json.loads((node.folder / f"{NAME}.json").read_text())["phase"] == protocol.ROLLED_BACK
