@@ -19,7 +19,7 @@ from pi_controller import cli, config
 from pi_controller.clock import SystemClock
 from pi_controller.keys import MAX_TRUSTED_KEYS, KeyProblem, trusted_key
 from pi_controller.plugins import signing, signing_cli
-from pi_controller.plugins.manifest import Grant, Refused, terms
+from pi_controller.plugins.manifest import Grant, Manifest, Refused, parse_manifest, terms
 from pi_controller.plugins.wasm_gate import read_module
 from tests.conftest import (
     BUNDLED_PLUGINS,
@@ -100,7 +100,12 @@ def test_a_signed_plugin_is_admitted_with_the_key_that_signed_it(work, keys, tmp
     sign(wasm, keys["owner"])
     module, terms = admit(wasm, work, plugins_settings(tmp_path, keys, require=True))
     assert module == wasm.read_bytes() and terms.signer == keys["owner_id"]
-    assert terms.manifest.name  # the manifest parsed is the one signed
+    # The manifest parsed is the one signed: the signature covers these bytes, and they are what was parsed.
+    manifest = wasm.with_suffix(".yaml").read_bytes()
+    signed = signing.SignatureFile.parse(wasm.with_suffix(".sig").read_bytes(), f"{PLUGIN}.sig")
+    signing_cli.load_private_key(keys["owner"]).public_key().verify(
+        signed.signature, signing.statement(PLUGIN, module, manifest))  # raises if it does not cover them
+    assert terms.manifest == parse_manifest(wasm, manifest) != Manifest()
 
 
 @pytest.mark.parametrize("require", [True, False])
