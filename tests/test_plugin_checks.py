@@ -157,6 +157,13 @@ def test_a_reload_that_would_lose_a_version_kept_over_a_bad_replacement_is_refus
     assert "temperature_control.wasm is not a WebAssembly binary module" in result.message
     assert daemon.plugins.status["temperature_control"].state == "loaded"
     assert daemon.loop.plugin_stats["temperature_control"].calls == daemon.loop.ticks.count
+    path = daemon.settings.source
+    check = cli("check-config", str(path), "--plugins", str(folder))
+    assert check.returncode == 2
+    assert check.stderr.splitlines() == [
+        f"config error: {path}:{line_of(path, 'temperature_control:')}: plugins.settings.temperature_control: plugin "
+        "'temperature_control' would not load: temperature_control.wasm is not a WebAssembly binary module (no "
+        "\\0asm magic; the text format is not accepted: build the .wasm)"]
 
 
 def test_a_reload_may_still_disable_a_plugin(run_daemon, plugin_dir) -> None:
