@@ -10,21 +10,24 @@ a copy) and always returns the same two commands.
 The floor does that work directly against the libraries: reads, `json.dumps`, the plugins compiled as the
 daemon compiles them (the same memory pages, fuel and wall-clock backstop) and called through libextism's
 plain `extism_plugin_call`, `json.loads`, the writes; no validation, arbitration, safety or stats. Both run
-on the real clock at `--rates` (10 and 50 Hz), sleeping to absolute deadlines (`SystemClock.sleep_until`),
-in rounds that alternate (floor, daemon, daemon, floor, ...): a loop that sleeps between ticks pays more per
-tick than one that runs ticks back to back (cold caches, threads to wake), so only the same cadence compares.
+on the real clock at `--rates` (10 and 50 Hz), sleeping to absolute deadlines (`SystemClock.sleep_until`): a
+loop that sleeps between ticks pays more per tick than one that runs ticks back to back (cold caches, threads
+to wake), so only the same cadence compares. They run side by side in one event loop, the floor's ticks half
+a period after the daemon's, so that every daemon tick has a floor tick beside it under the same conditions.
+Rounds that took turns (floor, daemon, daemon, floor, ...) put the two on a host whose clock speed and
+neighbours changed from one round to the next: on an idle machine the same plugin on both sides came out
+0.68x to 2.27x that way, and within 0.92x to 1.08x side by side.
 The daemon is the real `Daemon.serve`, with its watchdog thread and native stderr capture, as `run` has them.
-Per tick, medians of the ticks then of the rounds: the wall time of the tick's work; the CPU time its thread
-spent in it (what other processes on the machine change least); and the process's CPU time per tick from the
-first tick's end to the last's (sleeping, scheduling, the garbage collector and every thread, libextism's
-timer thread included; not the loop's start and stop).
+Per tick, medians over the ticks: the wall time of the tick's work, and the CPU time its thread spent in it
+(what other processes on the machine change least); and the middle half (quartiles) of the ratios of each
+daemon tick's CPU time to the floor tick's after it, the spread of the comparison.
 
 Last, the CPU share of one core the daemon takes running `config/example.yaml` on simulated pins at 10 Hz
 (`pi-controller run --simulate` as a process, its threads' CPU time from /proc over `--share-seconds` after
 READY=1), and with `--baseline REF` the same for the code at git REF, alternating, in the same run.
 
-    python benchmarks/tick.py [--plugins 3 10] [--rates 10 50] [--rows reading echo] [--seconds 2]
-                              [--rounds 3] [--share-seconds 8] [--baseline REF]
+    python benchmarks/tick.py [--plugins 3 10] [--rates 10 50] [--rows reading echo] [--seconds 12]
+                              [--share-seconds 8] [--baseline REF]
 """
 
 from __future__ import annotations
@@ -184,12 +187,13 @@ class Floor:
             return {"type": kind, "on": value is not None, "value": value, "angle": value}
         return {"type": kind, "on": bool(value), "value": int(bool(value))}
 
-    async def run(self, ticks: int, period: float, timed: Timed, first: int) -> None:
+    async def run(self, ticks: int, period: float, timed: Timed, offset: float) -> None:
+        """`ticks` ticks at the daemon's rate, the first `offset` seconds from now."""
         clock, stop, tick = SystemClock(), asyncio.Event(), timed.around(self.tick)
-        t0 = clock.monotonic()
+        t0 = clock.monotonic() + offset
         for k in range(ticks):
             await clock.sleep_until(t0 + k * period, stop)
-            tick(first + k)
+            tick(k)
 
     def close(self) -> None:
         for _, device in self.sensors:
@@ -203,32 +207,19 @@ class Floor:
 
 
 class Timed:
-    """Each tick's work: its wall time, the CPU time of its thread in it (what another process's use of the
-    core does not change) and the process's CPU time when it ended."""
+    """Each tick's work: its wall time and the CPU time of its thread in it (what another process's use of
+    the core does not change)."""
 
     def __init__(self) -> None:
-        self.samples: list[tuple[float, float, float]] = []
+        self.samples: list[tuple[float, float]] = []
 
     def around(self, tick: Callable[[int], None]) -> Callable[[int], None]:
         def timed(number: int) -> None:
             wall, cpu = time.perf_counter(), time.thread_time()
             tick(number)
-            self.samples.append((time.perf_counter() - wall, time.thread_time() - cpu, time.process_time()))
+            self.samples.append((time.perf_counter() - wall, time.thread_time() - cpu))
 
         return timed
-
-    def round(self, ticks: int) -> Round:
-        """The last `ticks` ticks: medians of the tick's work, and the process's CPU time per tick from the
-        first tick's end to the last's (sleeps, scheduling, the collector, every thread; not starting up)."""
-        walls, cpus, ends = zip(*self.samples[-ticks:])
-        return Round(statistics.median(walls), statistics.median(cpus), (ends[-1] - ends[0]) / (ticks - 1))
-
-
-@dataclass
-class Round:
-    wall: float  # seconds
-    cpu: float
-    process_cpu: float
 
 
 @dataclass
@@ -236,45 +227,47 @@ class Row:
     row: str
     plugins: int
     rate: float
-    floor: Round
-    daemon: Round
+    floor: tuple[float, float]  # medians of the ticks' wall and CPU time, seconds
+    daemon: tuple[float, float]
+    spread: tuple[float, float]  # quartiles of the ratio of CPU times of a daemon tick and the floor's after it
     missed: int
     problems: int
 
 
 def measure(folder: Path, row: str, count: int, rate: float, args: argparse.Namespace) -> Row:
+    """The daemon and the floor side by side in one event loop, at the same rate, the floor's ticks half a
+    period after the daemon's: each tick is paired with one under the same conditions (the host's clock
+    speed, its neighbours, what the other left in the caches), as rounds run one after the other are not."""
     settings = settings_for(folder, row, count, rate)
-    ticks = max(5, round(args.seconds * rate))
     floor = Floor(settings, PLUGINS[row].read_bytes())
     daemon = Daemon(settings, simulate=False)
     timed = {"floor": Timed(), "daemon": Timed()}
     daemon.loop.tick = timed["daemon"].around(daemon.loop.tick)  # type: ignore[method-assign, assignment]
-    counter = iter(range(1, 10**9))
+    period = settings.loop.period
 
-    def run(who: str, ticks: int = ticks) -> Round:
-        if who == "floor":
-            asyncio.run(floor.run(ticks, settings.loop.period, timed["floor"], next(counter) * 10**4))
-        else:
-            asyncio.run(daemon.serve(daemon.loop.ticks.count + ticks))
-        return timed[who].round(ticks)
+    async def side_by_side(ticks: int) -> None:
+        floor_ticks = asyncio.create_task(floor.run(ticks, period, timed["floor"], period / 2))
+        try:
+            await daemon.serve(daemon.loop.ticks.count + ticks)
+        finally:
+            await floor_ticks
 
-    results: dict[str, list[Round]] = {"floor": [], "daemon": []}
     try:
-        warm_up = max(5, round(rate))  # a second of each, unmeasured
-        run("floor", warm_up)
-        run("daemon", warm_up)
-        for k in range(args.rounds):  # floor, daemon, daemon, floor, ...: neither always goes first
-            for who in ("floor", "daemon") if k % 2 == 0 else ("daemon", "floor"):
-                results[who].append(run(who))
+        asyncio.run(side_by_side(max(5, round(rate))))  # a second, unmeasured
+        for side in timed.values():
+            side.samples.clear()
+        asyncio.run(side_by_side(max(5, round(args.seconds * rate))))
         stats = daemon.status.snapshot()
     finally:
         daemon.close()
         floor.close()
     problems = sum(p["errors"] + p["rejected"] + p["stalls"] for p in stats["plugins"].values()) + floor.stalls
-    median = {who: Round(*(statistics.median(column) for column in zip(*((r.wall, r.cpu, r.process_cpu)
-                                                                              for r in rounds))))
-              for who, rounds in results.items()}
-    return Row(row, count, rate, median["floor"], median["daemon"], daemon.loop.ticks.missed, problems)
+    pairs = list(zip(timed["daemon"].samples, timed["floor"].samples))
+    quartiles = statistics.quantiles([d[1] / f[1] for d, f in pairs], n=4)
+    medians = {who: (statistics.median(s[0] for s in side.samples), statistics.median(s[1] for s in side.samples))
+               for who, side in timed.items()}
+    return Row(row, count, rate, medians["floor"], medians["daemon"], (quartiles[0], quartiles[2]),
+               daemon.loop.ticks.missed, problems)
 
 
 # --- the CPU share of the example config ---------------------------------------------------------
@@ -342,9 +335,8 @@ def line(r: Row) -> str:
         return f"{us(floor, 9)} {us(daemon, 9)} {daemon / floor:>5.2f}x"
 
     notes = (f"  missed {r.missed}" if r.missed else "") + (f"  problems {r.problems}" if r.problems else "")
-    return (f"{r.plugins:>7} {r.rate:>3g}Hz {r.row:>7} | {columns(r.floor.wall, r.daemon.wall)} | "
-            f"{columns(r.floor.cpu, r.daemon.cpu)} | {columns(r.floor.process_cpu, r.daemon.process_cpu)} | "
-            f"{load()}{notes}")
+    return (f"{r.plugins:>7} {r.rate:>3g}Hz {r.row:>7} | {columns(r.floor[0], r.daemon[0])} | "
+            f"{columns(r.floor[1], r.daemon[1])} | {r.spread[0]:>5.2f}-{r.spread[1]:<5.2f}x | {load()}{notes}")
 
 
 def main() -> None:
@@ -352,18 +344,17 @@ def main() -> None:
     parser.add_argument("--plugins", type=int, nargs="+", default=[3, 10], help="plugin counts")
     parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 50.0], help="tick rates (Hz)")
     parser.add_argument("--rows", nargs="+", choices=tuple(PLUGINS), default=list(PLUGINS))
-    parser.add_argument("--seconds", type=float, default=2.0, help="length of one round")
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds of each, alternating")
+    parser.add_argument("--seconds", type=float, default=12.0, help="measured ticks of each, in seconds")
     parser.add_argument("--share-seconds", type=float, default=8.0, help="0: no CPU share measured")
     parser.add_argument("--baseline", help="a git ref whose CPU share is measured beside this code's")
     args = parser.parse_args()
     logs.configure("console", "warning")
     logs.capture_native_stderr()  # as `pi-controller run` does: each plugin call is bracketed (issue 28)
     print(f"load average at start: {load()}")
-    print("wall and CPU: the tick's work (its thread's CPU time), medians; proc: the process's CPU time per tick, "
-          "all threads, sleeps and scheduling included")
+    print("wall and CPU: the tick's work (its thread's CPU time), medians of the ticks; paired: the middle half "
+          "of the ratios of a daemon tick's CPU time to the floor's tick after it")
     print(f"{'plugins':>7} {'rate':>5} {'plugin':>7} | {'floor':>9} {'daemon':>9} {'ratio':>6} | {'CPU floor':>9} "
-          f"{'daemon':>9} {'ratio':>6} | {'proc floor':>9} {'daemon':>9} {'ratio':>6} | load average")
+          f"{'daemon':>9} {'ratio':>6} | {'paired':>11} | load average")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for count in args.plugins:
