@@ -40,7 +40,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "msg": logging.INFO, "w
 def enabled(level: str, plugin_line: bool = False) -> bool:
     """Whether events at `level` are kept (a plugin's own line's: `plugin_line`): the tick asks before
     building events that would be dropped."""
-    return logging.getLevelName(level.upper()) >= (_plugin_threshold if plugin_line else _threshold)
+    return _LEVELS[level] >= (_plugin_threshold if plugin_line else _threshold)  # once per switch in a tick
 
 
 def configure(fmt: LogFormat = "console", level: str = "info", plugin_level: str | None = None) -> None:
