@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.fleet import protocol
-from pi_controller.fleet.node import FleetNode
+from pi_controller.fleet.node import MAX_REASON, MAX_WORD_BYTES, FleetNode, Rollout
 from pi_controller.fleet.protocol import Announcement, Verdict
 from pi_controller.mqtt.inbox import Inbound
 from tests.conftest import example_data, unsimulated, until
@@ -56,7 +56,7 @@ def tick_until(node: FleetNode, done: Callable[[Verdict], bool]) -> Verdict:
 
 
 def test_a_word_kept_over_its_bound_is_not_read_and_the_node_says_so_in_one_line(node) -> None:
-    """A word on this very rollout, but padded past the 4096 bytes a node's word takes: not what a node
+    """A word on this very rollout, but padded past the 16 KiB a node's word takes: not what a node
     wrote, so it is not read (not even to its bound, and not obeyed): the rollout is new to the node."""
     path = node.folder / f"{NAME}.json"
     path.parent.mkdir(parents=True)
@@ -68,7 +68,19 @@ def test_a_word_kept_over_its_bound_is_not_read_and_the_node_says_so_in_one_line
         verdict = tick_until(node, lambda verdict: verdict.phase != protocol.WAITING)
     assert verdict.phase == protocol.LIVE  # what is announced already runs here
     assert [e["error"] for e in logs if e["event"] == "fleet_state_unreadable"] == [
-        f"{path} is longer than 4096 bytes: not a node's word on a rollout"]
+        f"{path} is longer than {MAX_WORD_BYTES} bytes: not a node's word on a rollout"]
+
+
+def test_the_longest_word_a_node_keeps_is_one_it_reads_back_whole(node) -> None:
+    """Reasons as long as a plugin's error can make them, of characters JSON writes six bytes for: the word
+    kept is cut to MAX_REASON characters a reason, within what a restart reads, and read back as written."""
+    why = "\x01" * 5000
+    a = Announcement("1796633878-819e5030", NAME, "2.0.0", "b" * 64, 1000, 1, "sig", None, ((node.node,),), 0)
+    rollout = Rollout(a, protocol.ROLLED_BACK, reason=why[:MAX_REASON], previous="a" * 64)
+    node._keep_word(NAME, rollout, restoring=why)
+    assert (node.folder / f"{NAME}.json").stat().st_size <= MAX_WORD_BYTES
+    assert node._kept_word(NAME) == {"rollout": a.rollout, "phase": protocol.ROLLED_BACK, "reason": why[:MAX_REASON],
+                                     "previous": "a" * 64, "restoring": why[:MAX_REASON]}
 
 
 @pytest.mark.parametrize("restored", [True, False], ids=["restored", "kept-files-unreadable"])

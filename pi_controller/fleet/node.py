@@ -37,6 +37,7 @@ from typing import Any
 import structlog
 
 from pi_controller.config import Settings
+from pi_controller.files import write_atomically
 from pi_controller.fleet import protocol
 from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
 from pi_controller.keys import read_small
@@ -52,7 +53,10 @@ log = structlog.get_logger("pi_controller.fleet")
 
 MIN_SWAP_TICKS = 300  # a shadow or a promoted version runs within this many ticks (or its window), or it did not load
 MAX_INBOUND = 4096  # messages waiting for the next tick; past it, chunks are dropped (fetched again)
-MAX_WORD_BYTES = 4096  # a node's word on a rollout, kept in its state folder (`_keep_word`)
+MAX_REASON = 500  # characters of a reason, said or kept
+# A node's word on a rollout, kept in its state folder (`_keep_word`): its ids and two reasons of MAX_REASON
+# characters, each of which JSON may write in six (\u0001).
+MAX_WORD_BYTES = 16 * 1024
 
 
 @dataclass
@@ -391,7 +395,7 @@ class FleetNode:
             self._in_worker(remove)
 
     def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
-        rollout.phase, rollout.reason = phase, why[:500]
+        rollout.phase, rollout.reason = phase, why[:MAX_REASON]
         self._keep_word(name, rollout)
         a = rollout.announcement
         log.error("fleet_rollout_failed" if phase == protocol.ROLLED_BACK else "fleet_rollout_refused",
@@ -415,10 +419,11 @@ class FleetNode:
 
     def _keep_word(self, name: str, rollout: Rollout, restoring: str | None = None) -> None:
         word = {"rollout": rollout.announcement.rollout, "phase": rollout.phase, "reason": rollout.reason,
-                "previous": rollout.previous, "restoring": restoring}
+                "previous": rollout.previous, "restoring": restoring[:MAX_REASON] if restoring else None}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            (self.folder / f"{name}.json").write_text(json.dumps(word))
+            # Whole or not at all: a word cut short by a power cut would make a restart forget a rollback.
+            write_atomically(self.folder / f"{name}.json", json.dumps(word).encode())
         except OSError as exc:
             log.warning("fleet_state_not_kept", plugin=name, error=str(exc)[:200])
 
