@@ -9,17 +9,20 @@ import secrets
 from pathlib import Path
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomically(path: Path, data: bytes, mode: int = 0o600, flush: bool = True) -> None:
     """`data` under `path` whole or not at all, created with `mode` (less the umask) from the start: a private
     key is never readable by others, not even for a moment. The temporary file beside it is a new one
-    (O_EXCL), hidden (a leading dot), and gone when the write fails."""
+    (O_EXCL), hidden (a leading dot), and gone when the write fails. `flush`: on the card before the rename
+    (an fsync: tens of milliseconds on an SD card, so not on the event loop); without it the rename still
+    gives the old file or the new one, never a part, but a power cut soon after may give the old one."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+            if flush:
+                file.flush()
+                os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

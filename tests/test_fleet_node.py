@@ -72,9 +72,9 @@ def test_a_word_kept_over_its_bound_is_not_read_and_the_node_says_so_in_one_line
 
 
 def test_the_longest_word_a_node_keeps_is_one_it_reads_back_whole(node) -> None:
-    """Reasons as long as a plugin's error can make them, of characters JSON writes six bytes for: the word
+    """Reasons as long as a plugin's error can make them, of characters JSON writes twelve bytes for: the word
     kept is cut to MAX_REASON characters a reason, within what a restart reads, and read back as written."""
-    why = "\x01" * 5000
+    why = "\U0001F600" * 5000
     a = Announcement("1796633878-819e5030", NAME, "2.0.0", "b" * 64, 1000, 1, "sig", None, ((node.node,),), 0)
     rollout = Rollout(a, protocol.ROLLED_BACK, reason=why[:MAX_REASON], previous="a" * 64)
     node._keep_word(NAME, rollout, restoring=why)

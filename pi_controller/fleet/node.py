@@ -18,7 +18,8 @@ For each plugin announced with this node in a stage already let in, the node, by
 The live plugin is only ever replaced by a rename of a whole module that loaded as a shadow, and the
 plugin set keeps the running version over any replacement that fails to load: a node is never left without
 a version of a plugin it runs. Messages are taken on paho's thread (parsed, bounded), acted on after a tick
-on the event loop; files are written on a worker thread.
+on the event loop; module files are written on a worker thread, the node's word (a few hundred bytes) on
+the event loop, whole but not flushed.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ MIN_SWAP_TICKS = 300  # a shadow or a promoted version runs within this many tic
 MAX_INBOUND = 4096  # messages waiting for the next tick; past it, chunks are dropped (fetched again)
 MAX_REASON = 500  # characters of a reason, said or kept
 # A node's word on a rollout, kept in its state folder (`_keep_word`): its ids and two reasons of MAX_REASON
-# characters, each of which JSON may write in six (\u0001).
+# characters, each of which JSON may write in up to twelve bytes (a surrogate pair, \ud83d\ude00).
 MAX_WORD_BYTES = 16 * 1024
 
 
@@ -422,8 +423,9 @@ class FleetNode:
                 "previous": rollout.previous, "restoring": restoring[:MAX_REASON] if restoring else None}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            # Whole or not at all: a word cut short by a power cut would make a restart forget a rollback.
-            write_atomically(self.folder / f"{name}.json", json.dumps(word).encode())
+            # Whole or not at all (a word cut short would make a restart forget a rollback), and on the event
+            # loop, between two ticks: so without an fsync, which could cost a tick on an SD card.
+            write_atomically(self.folder / f"{name}.json", json.dumps(word).encode(), flush=False)
         except OSError as exc:
             log.warning("fleet_state_not_kept", plugin=name, error=str(exc)[:200])
 
