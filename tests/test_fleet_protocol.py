@@ -14,7 +14,6 @@ from pi_controller import cli, config
 from pi_controller.fleet import protocol
 from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
 from pi_controller.fleet.tool import MAX_MODULE_BYTES, Plan, announce, load_plan
-from pi_controller.plugins.refusal import Refused
 
 GOOD = Announcement("1796633878-819e5030", "probe", "2.0.0", "a" * 64, 96097, 2, "sig", None,
                     (("node-00",), ("node-01", "node-02")), 0)
@@ -89,13 +88,25 @@ def test_a_fleet_yaml_with_a_bad_stage_names_file_line_and_key(tmp_path) -> None
     assert load_plan(path).broker.port == 1884
 
 
+def test_the_tool_follows_a_link_to_a_module_built_elsewhere(tmp_path) -> None:
+    """On the owner's workstation there is no plugins folder to stay within: a link from where the rollout is
+    made to where the module was built is read (and here refused for what it lacks: a signature)."""
+    built, out = tmp_path / "build", tmp_path / "out"
+    built.mkdir()
+    out.mkdir()
+    (built / "probe.wasm").write_bytes(b"\0asm\x01\0\0\0")
+    (out / "probe.wasm").symlink_to(built / "probe.wasm")
+    with pytest.raises(ValueError, match=r"probe.wasm: not signed"):
+        announce(out / "probe.wasm", Plan(("node-00",)))
+
+
 def test_the_tool_refuses_a_module_over_its_limit_by_its_size_before_reading_it(tmp_path, capsys) -> None:
     wasm = tmp_path / "probe.wasm"
     with wasm.open("wb") as file:
         file.truncate(MAX_MODULE_BYTES + 1)  # sparse: its size says it all
     tracemalloc.start()
     try:
-        with pytest.raises(Refused):
+        with pytest.raises(ValueError, match=f"has {MAX_MODULE_BYTES + 1} bytes"):
             announce(wasm, Plan(("node-00",)))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -105,4 +116,4 @@ def test_the_tool_refuses_a_module_over_its_limit_by_its_size_before_reading_it(
     fleet_yaml.write_text("nodes: [node-00]\n")
     assert cli.main(["fleet", "rollout", str(wasm), "--config", str(fleet_yaml)]) == 1
     assert capsys.readouterr().err.splitlines() == [
-        f"error: probe.wasm has {MAX_MODULE_BYTES + 1} bytes, over the fleet tool's limit {MAX_MODULE_BYTES}"]
+        f"error: {wasm} has {MAX_MODULE_BYTES + 1} bytes, over the fleet tool's limit {MAX_MODULE_BYTES}"]
