@@ -12,15 +12,17 @@ daemon compiles them (the same memory pages, fuel and wall-clock backstop) and c
 plain `extism_plugin_call`, `json.loads`, the writes; no validation, arbitration, safety or stats. Both run
 on the real clock at `--rates` (10 and 50 Hz), sleeping to absolute deadlines (`SystemClock.sleep_until`): a
 loop that sleeps between ticks pays more per tick than one that runs ticks back to back (cold caches, threads
-to wake), so only the same cadence compares. They run side by side in one event loop, the floor's ticks half
-a period after the daemon's, so that every daemon tick has a floor tick beside it under the same conditions.
-Rounds that took turns (floor, daemon, daemon, floor, ...) put the two on a host whose clock speed and
-neighbours changed from one round to the next: on an idle machine the same plugin on both sides came out
-0.68x to 2.27x that way, and within 0.92x to 1.08x side by side.
+to wake), so only the same cadence compares. They run side by side in one event loop, the floor's deadlines
+half a period after the daemon's (both skip deadlines already past), so that every daemon tick has a floor tick
+beside it under the same conditions; each daemon tick is paired with the floor tick that begins within a
+period after it. Rounds that took turns (floor, daemon, daemon, floor, ...) put the two on a host whose clock
+speed and neighbours changed from one round to the next: on an idle machine the same plugin on both sides
+came out 0.68x to 2.27x that way (benchmarks/README.md has the runs).
 The daemon is the real `Daemon.serve`, with its watchdog thread and native stderr capture, as `run` has them.
-Per tick, medians over the ticks: the wall time of the tick's work, and the CPU time its thread spent in it
-(what other processes on the machine change least); and the middle half (quartiles) of the ratios of each
-daemon tick's CPU time to the floor tick's after it, the spread of the comparison.
+Medians over the paired ticks: the wall time of the tick's work; the CPU time its thread spent in it (what
+other processes on the machine change least); the CPU time its thread spent awake, from waking for the tick
+to sleeping again (the daemon's work after its tick too: observers, the garbage collection it does between
+ticks); and the middle half (quartiles) of the ratios of each daemon tick's CPU time to its floor tick's.
 
 Last, the CPU share of one core the daemon takes running `config/example.yaml` on simulated pins at 10 Hz
 (`pi-controller run --simulate` as a process, its threads' CPU time from /proc over `--share-seconds` after
@@ -57,6 +59,7 @@ from pi_controller import config, logs
 from pi_controller.clock import SystemClock
 from pi_controller.daemon import Daemon
 from pi_controller.devices.mock_pins import mock_factory
+from pi_controller.loop import next_deadline
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.extism_adapter import Module, call, compile_module
 
@@ -187,13 +190,16 @@ class Floor:
             return {"type": kind, "on": value is not None, "value": value, "angle": value}
         return {"type": kind, "on": bool(value), "value": int(bool(value))}
 
-    async def run(self, ticks: int, period: float, timed: Timed, offset: float) -> None:
-        """`ticks` ticks at the daemon's rate, the first `offset` seconds from now."""
-        clock, stop, tick = SystemClock(), asyncio.Event(), timed.around(self.tick)
-        t0 = clock.monotonic() + offset
-        for k in range(ticks):
-            await clock.sleep_until(t0 + k * period, stop)
-            tick(k)
+    async def run(self, ticks: int, period: float, timed: Timed, daemon_t0: asyncio.Future[float]) -> None:
+        """`ticks` ticks at the daemon's rate, half a period after the daemon's own (whose first deadline is
+        `daemon_t0`); deadlines already past are skipped, as the daemon's loop skips them."""
+        stop, tick = asyncio.Event(), timed.around(self.tick)
+        t0 = await daemon_t0 + period / 2
+        due = 0
+        for _ in range(ticks):
+            await timed.clock.sleep_until(t0 + due * period, stop)
+            tick(due)
+            due = next_deadline(due, timed.clock.monotonic() - t0, period)
 
     def close(self) -> None:
         for _, device in self.sensors:
@@ -206,20 +212,64 @@ class Floor:
             module.free()
 
 
-class Timed:
-    """Each tick's work: its wall time and the CPU time of its thread in it (what another process's use of
-    the core does not change)."""
+class Awake(SystemClock):
+    """The real clock, noting the CPU time its thread spends awake from one wake-up to the next sleep: the
+    tick and whatever runs after it before the loop sleeps again (the daemon's observers, its garbage
+    collection), none of which `Timed` sees."""
 
     def __init__(self) -> None:
-        self.samples: list[tuple[float, float]] = []
+        self.first_deadline: asyncio.Future[float] | None = None
+        self.awake: list[float] = []  # CPU seconds from each wake-up to the next sleep
+        self._woke: float | None = None
+
+    async def sleep_until(self, deadline: float, stop: asyncio.Event) -> bool:
+        if self._woke is not None:
+            self.awake.append(time.thread_time() - self._woke)
+        if self.first_deadline is not None and not self.first_deadline.done():
+            self.first_deadline.set_result(deadline)
+        woken = await super().sleep_until(deadline, stop)
+        self._woke = time.thread_time()
+        return woken
+
+
+class Timed:
+    """Each tick's work: when it began, its wall time and the CPU time of its thread in it (what another
+    process's use of the core does not change); and, through `clock`, the CPU time awake around it."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float]] = []
+        self.clock = Awake()
 
     def around(self, tick: Callable[[int], None]) -> Callable[[int], None]:
         def timed(number: int) -> None:
-            wall, cpu = time.perf_counter(), time.thread_time()
+            begun, wall, cpu = time.monotonic(), time.perf_counter(), time.thread_time()
             tick(number)
-            self.samples.append((time.perf_counter() - wall, time.thread_time() - cpu))
+            self.samples.append((begun, time.perf_counter() - wall, time.thread_time() - cpu))
 
         return timed
+
+    def clear(self) -> None:
+        self.samples.clear()
+        self.clock.awake.clear()
+
+    def ticks(self) -> list[Tick]:
+        """(began, wall, CPU, CPU awake) of every tick but the last, whose time awake ends with the run."""
+        return [(*sample, awake) for sample, awake in zip(self.samples, self.clock.awake)]
+
+
+Tick = tuple[float, float, float, float]  # when it began, its wall time, its CPU time, CPU time awake
+
+
+def pairs(daemon: list[Tick], floor: list[Tick], period: float) -> list[tuple[Tick, Tick]]:
+    """Each daemon tick with the floor tick that began within a period after it (a tick late or skipped on
+    either side leaves one unpaired)."""
+    found, k = [], 0
+    for d in daemon:
+        while k < len(floor) and floor[k][0] <= d[0]:
+            k += 1
+        if k < len(floor) and floor[k][0] < d[0] + period:
+            found.append((d, floor[k]))
+    return found
 
 
 @dataclass
@@ -227,9 +277,10 @@ class Row:
     row: str
     plugins: int
     rate: float
-    floor: tuple[float, float]  # medians of the ticks' wall and CPU time, seconds
-    daemon: tuple[float, float]
-    spread: tuple[float, float]  # quartiles of the ratio of CPU times of a daemon tick and the floor's after it
+    floor: tuple[float, float, float]  # medians over the paired ticks: wall, CPU, CPU awake (seconds)
+    daemon: tuple[float, float, float]
+    spread: tuple[float, float]  # quartiles of the ratios of a daemon tick's CPU time to its floor tick's
+    paired: int
     missed: int
     problems: int
 
@@ -243,10 +294,13 @@ def measure(folder: Path, row: str, count: int, rate: float, args: argparse.Name
     daemon = Daemon(settings, simulate=False)
     timed = {"floor": Timed(), "daemon": Timed()}
     daemon.loop.tick = timed["daemon"].around(daemon.loop.tick)  # type: ignore[method-assign, assignment]
+    daemon.loop.clock = timed["daemon"].clock
     period = settings.loop.period
 
     async def side_by_side(ticks: int) -> None:
-        floor_ticks = asyncio.create_task(floor.run(ticks, period, timed["floor"], period / 2))
+        daemon_t0 = timed["daemon"].clock.first_deadline = asyncio.get_running_loop().create_future()
+        # One tick fewer: the floor's last would come after the daemon's loop has ended.
+        floor_ticks = asyncio.create_task(floor.run(ticks - 1, period, timed["floor"], daemon_t0))
         try:
             await daemon.serve(daemon.loop.ticks.count + ticks)
         finally:
@@ -255,18 +309,21 @@ def measure(folder: Path, row: str, count: int, rate: float, args: argparse.Name
     try:
         asyncio.run(side_by_side(max(5, round(rate))))  # a second, unmeasured
         for side in timed.values():
-            side.samples.clear()
+            side.clear()
         asyncio.run(side_by_side(max(5, round(args.seconds * rate))))
         stats = daemon.status.snapshot()
     finally:
         daemon.close()
         floor.close()
     problems = sum(p["errors"] + p["rejected"] + p["stalls"] for p in stats["plugins"].values()) + floor.stalls
-    pairs = list(zip(timed["daemon"].samples, timed["floor"].samples))
-    quartiles = statistics.quantiles([d[1] / f[1] for d, f in pairs], n=4)
-    medians = {who: (statistics.median(s[0] for s in side.samples), statistics.median(s[1] for s in side.samples))
-               for who, side in timed.items()}
-    return Row(row, count, rate, medians["floor"], medians["daemon"], (quartiles[0], quartiles[2]),
+    paired = pairs(timed["daemon"].ticks(), timed["floor"].ticks(), period)
+    quartiles = statistics.quantiles([d[2] / f[2] for d, f in paired], n=4)
+
+    def medians(side: int) -> tuple[float, float, float]:
+        wall, cpu, awake = (statistics.median(pair[side][column] for pair in paired) for column in (1, 2, 3))
+        return wall, cpu, awake
+
+    return Row(row, count, rate, medians(1), medians(0), (quartiles[0], quartiles[2]), len(paired),
                daemon.loop.ticks.missed, problems)
 
 
@@ -336,7 +393,8 @@ def line(r: Row) -> str:
 
     notes = (f"  missed {r.missed}" if r.missed else "") + (f"  problems {r.problems}" if r.problems else "")
     return (f"{r.plugins:>7} {r.rate:>3g}Hz {r.row:>7} | {columns(r.floor[0], r.daemon[0])} | "
-            f"{columns(r.floor[1], r.daemon[1])} | {r.spread[0]:>5.2f}-{r.spread[1]:<5.2f}x | {load()}{notes}")
+            f"{columns(r.floor[1], r.daemon[1])} | {columns(r.floor[2], r.daemon[2])} | "
+            f"{r.spread[0]:>5.2f}-{r.spread[1]:<5.2f}x {r.paired:>4} | {load()}{notes}")
 
 
 def main() -> None:
@@ -351,10 +409,11 @@ def main() -> None:
     logs.configure("console", "warning")
     logs.capture_native_stderr()  # as `pi-controller run` does: each plugin call is bracketed (issue 28)
     print(f"load average at start: {load()}")
-    print("wall and CPU: the tick's work (its thread's CPU time), medians of the ticks; paired: the middle half "
-          "of the ratios of a daemon tick's CPU time to the floor's tick after it")
+    print("wall and CPU: the tick's work (its thread's CPU time); awake: its thread's CPU time from waking for the "
+          "tick to sleeping again (what runs after the tick too); medians over the paired ticks. paired: the middle "
+          "half of the ratios of a daemon tick's CPU time to its floor tick's, and how many pairs")
     print(f"{'plugins':>7} {'rate':>5} {'plugin':>7} | {'floor':>9} {'daemon':>9} {'ratio':>6} | {'CPU floor':>9} "
-          f"{'daemon':>9} {'ratio':>6} | {'paired':>11} | load average")
+          f"{'daemon':>9} {'ratio':>6} | {'awake fl.':>9} {'daemon':>9} {'ratio':>6} | {'paired':>16} | load average")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for count in args.plugins:
