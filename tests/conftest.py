@@ -19,6 +19,7 @@ from pi_controller import config, logs
 from pi_controller.clock import Clock, VirtualClock
 from pi_controller.config import PluginsSettings
 from pi_controller.daemon import Daemon
+from pi_controller.devices import pins
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import SandboxedPlugin
 
@@ -190,6 +191,12 @@ def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
 @pytest.fixture(autouse=True)
 def _reset_pin_factory() -> Iterator[None]:
     yield
+    # `run` and `safe-state` hold their actuators (pins.hold) for a process that leaves through os._exit. A
+    # test that ran them in-process goes on: left held, those devices were closed by their __del__ only at the
+    # interpreter's exit, after gpiozero's mock module was torn down (a GPIOBase.__del__ traceback each, as
+    # pytest's workers exit). Closed here, while their pins are still there to take the change.
+    while pins._held:
+        pins._held.pop().close()
     if Device.pin_factory is not None:
         Device.pin_factory.reset()
         Device.pin_factory = None
