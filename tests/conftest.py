@@ -68,6 +68,21 @@ async def more_ticks(daemon: Any, count: int) -> None:
     await until(lambda: daemon.loop.ticks.count >= target, f"{count} more ticks")
 
 
+def swaps_of(daemon: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Where the loop ran each reload's swap: the number of ticks done before it, so that tick `n` was
+    the first under the new config. What a test asserts on instead of missed deadlines, which a loaded
+    machine causes as well as a swap that blocks (benchmarks/plugin_reload.py counts those)."""
+    swaps: list[int] = []
+    swap = daemon._swap
+
+    def recorded(*args: Any) -> None:
+        swaps.append(daemon.loop.ticks.count)
+        swap(*args)
+
+    monkeypatch.setattr(daemon, "_swap", recorded)
+    return swaps
+
+
 def run_with(daemon: Any, scenario: Callable[[], Awaitable[None]]) -> None:
     """Serve in real time, play `scenario` beside the ticks, then stop as SIGINT would."""
 

@@ -22,12 +22,14 @@ from pi_controller.plugins.plugin_set import PluginSet
 from tests.conftest import (
     BUNDLED_PLUGINS,
     TEST_PLUGINS,
+    WAIT_S,
     assert_no_missed_ticks,
     example_data,
     free_port,
     more_ticks,
     plugin_wasm,
     run_with,
+    swaps_of,
     unsimulated,
     until,
 )
@@ -155,14 +157,28 @@ def folder_with(tmp_path: Path, name: str, *plugins: str) -> Path:
     return folder
 
 
-def test_sighup_moves_to_a_new_plugins_folder_and_watches_it_instead(configured, tmp_path) -> None:
+def test_sighup_moves_to_a_new_plugins_folder_and_watches_it_instead(configured, tmp_path, monkeypatch) -> None:
     first, second = folder_with(tmp_path, "a", "temperature_control"), folder_with(tmp_path, "b", "energy_saver")
     daemon, reload = configured(first)
     plugins = daemon.plugins
+    swaps = swaps_of(daemon, monkeypatch)
+    compiling, compiled, released = threading.Event(), threading.Event(), []
+    load = daemon._load_plugins
+
+    def held_compile(*args: Any) -> PluginSet:  # held until the loop has ticked on meanwhile
+        compiling.set()
+        released.append(compiled.wait(WAIT_S))
+        return load(*args)
+
+    monkeypatch.setattr(daemon, "_load_plugins", held_compile)
 
     async def scenario() -> None:
         with capture_logs() as logs:
-            await reload(directory=str(second))
+            reloading = asyncio.create_task(reload(directory=str(second)))
+            await until(compiling.is_set, "the new folder's plugins compile")
+            await more_ticks(daemon, 3)  # the loop's thread is not the one compiling
+            compiled.set()
+            await reloading
             await until(lambda: set(daemon.plugins.status) == {"energy_saver"}, "the new folder's plugins run")
             await until(lambda: any(e["event"] == "plugins_watching" for e in logs), "the new folder is watched")
         shutil.copy(plugin_wasm("echo_output"), first / "stale.wasm")  # the old folder: no longer followed
@@ -173,8 +189,12 @@ def test_sighup_moves_to_a_new_plugins_folder_and_watches_it_instead(configured,
     run_with(daemon, scenario)
     assert daemon.plugins is plugins and daemon.loop.plugins is plugins  # one set, reloaded in place
     assert set(daemon.plugins.status) == {"energy_saver", "motion_light"}
-    assert daemon.loop.plugin_stats["energy_saver"].calls > 0
-    assert_no_missed_ticks(daemon.loop.ticks.missed)
+    # Swapped in between two ticks: every tick before called the old folder's plugin, every tick after the new.
+    assert released == [True], "the loop did not tick while the new folder's plugins compiled"
+    (swapped,) = swaps
+    stats = daemon.loop.plugin_stats
+    assert stats["temperature_control"].calls == swapped > 2
+    assert stats["energy_saver"].calls == daemon.loop.ticks.count - swapped > 3
 
 
 def test_sighup_to_a_folder_that_does_not_exist_is_refused_and_keeps_everything(configured, tmp_path) -> None:
