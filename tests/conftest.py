@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -66,6 +67,60 @@ async def more_ticks(daemon: Any, count: int) -> None:
     """Wait until the loop has run `count` more ticks: time for what a tick would have noticed."""
     target = daemon.loop.ticks.count + count
     await until(lambda: daemon.loop.ticks.count >= target, f"{count} more ticks")
+
+
+class Held:
+    """`owner.method`, each call held where it runs until `release`: held on a worker thread, the loop
+    ticks on meanwhile; held on the loop's thread, no tick runs until the wait gives up (`waits` then
+    holds False). How a test shows that work is done off the loop, whatever the machine's load."""
+
+    def __init__(self, owner: Any, method: str, monkeypatch: pytest.MonkeyPatch):
+        self.entered, self._released = threading.Event(), threading.Event()
+        self.waits: list[bool] = []
+        work = getattr(owner, method)
+
+        def held(*args: Any) -> Any:
+            self.entered.set()
+            self.waits.append(self._released.wait(WAIT_S))
+            return work(*args)
+
+        monkeypatch.setattr(owner, method, held)
+
+    async def past_ticks(self, daemon: Any, count: int = 3) -> None:
+        """Wait for the held call, let the loop run `count` more ticks, then release it (and later calls)."""
+        await until(self.entered.is_set, "the held work begins")
+        await more_ticks(daemon, count)
+        self._released.set()
+
+
+class PluginsLive:
+    """Which plugins were live from which tick on, recorded at each hot-reload swap (`PluginSet.apply`):
+    `changes` holds the ticks done before each swap and the plugins live after it (name: sha256), from
+    the start. Asserted on instead of missed deadlines, which a loaded machine causes too."""
+
+    def __init__(self, daemon: Any, monkeypatch: pytest.MonkeyPatch):
+        self._daemon = daemon
+        self.changes = [(daemon.loop.ticks.count, self._live())]
+        apply = daemon.plugins.apply
+
+        def recorded(update: Any) -> None:
+            apply(update)
+            self.changes.append((daemon.loop.ticks.count, self._live()))
+
+        monkeypatch.setattr(daemon.plugins, "apply", recorded)
+
+    def _live(self) -> dict[str, str]:
+        return {plugin.name: plugin.sha256 for plugin in self._daemon.plugins}
+
+    def ticks_live(self, name: str) -> int:
+        """How many of the ticks run so far had `name` live: each of them called it once, if it ran."""
+        ends = [tick for tick, _ in self.changes[1:]] + [self._daemon.loop.ticks.count]
+        return sum(end - start for (start, live), end in zip(self.changes, ends) if name in live)
+
+    def versions(self, name: str) -> list[str | None]:
+        """`name`'s sha256 from the start and after each swap that changed it (None: not live)."""
+        shas = [live.get(name) for _, live in self.changes]
+        return [sha for i, sha in enumerate(shas) if i == 0 or sha != shas[i - 1]]
 
 
 def swaps_of(daemon: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:

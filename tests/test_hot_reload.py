@@ -1,5 +1,7 @@
 """Hot reload: files written, replaced, renamed and deleted in the plugins folder while the loop runs
-in real time; no tick is missed, and every tick calls every live plugin once."""
+in real time; plugins compile off the loop's thread, go live between two ticks, and every tick calls
+every live plugin once. (Missed deadlines around a reload, which a loaded machine causes too, are
+measured by benchmarks/plugin_reload.py.)"""
 
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from pi_controller.plugins.plugin_set import PluginSet
 from tests.conftest import (
     BUNDLED_PLUGINS,
     TEST_PLUGINS,
-    WAIT_S,
-    assert_no_missed_ticks,
+    Held,
+    PluginsLive,
     example_data,
     free_port,
     more_ticks,
@@ -48,9 +50,11 @@ def live(run_daemon, plugin_dir) -> tuple[Any, Path]:
     return run_daemon(data, 0, plugins=folder, clock=SystemClock()), folder
 
 
-def test_write_replace_rename_and_delete_while_the_loop_runs(live) -> None:
+def test_write_replace_rename_and_delete_while_the_loop_runs(live, monkeypatch) -> None:
     daemon, folder = live
     echo, counter = (TEST_PLUGINS / "echo_output.wasm").read_bytes(), (TEST_PLUGINS / "counter.wasm").read_bytes()
+    swaps = PluginsLive(daemon, monkeypatch)
+    compile = Held(daemon.plugins, "prepare", monkeypatch)  # the first, the copied plugin's, held
 
     async def scenario() -> None:
         with open(folder / "late.wasm", "wb") as slow:  # a slow copy: half, three ticks, the rest
@@ -59,6 +63,7 @@ def test_write_replace_rename_and_delete_while_the_loop_runs(live) -> None:
             await more_ticks(daemon, 3)
             assert "late" not in daemon.plugins.status  # still open for writing: not looked at
             slow.write(echo[len(echo) // 2:])
+        await compile.past_ticks(daemon)  # the loop's thread is not the one compiling it
         await until(lambda: sha(daemon, "late") is not None, "the copied plugin is loaded")
         first = sha(daemon, "late")
         (folder / ".late.tmp").write_bytes(counter)  # the atomic way: write aside, rename over
@@ -74,15 +79,18 @@ def test_write_replace_rename_and_delete_while_the_loop_runs(live) -> None:
     events = [e["event"] for e in logs if e.get("plugin") == "late" and e["event"].startswith("plugin_")]
     assert events == ["plugin_loaded", "plugin_replaced", "plugin_unloaded"]
     assert not [e for e in logs if e["event"] in ("plugin_load_failed", "plugin_call_failed")]
-    ticks = daemon.loop.ticks
-    assert_no_missed_ticks(ticks.missed)
-    assert daemon.loop.plugin_stats["temperature_control"].calls == ticks.count  # every tick, every plugin
+    assert compile.waits[0], "the loop did not tick while the copied plugin compiled"
+    # Each version swapped in between two ticks, and called once on every tick it was live.
+    assert swaps.versions("late") == [None, hashlib.sha256(echo).hexdigest(), hashlib.sha256(counter).hexdigest(), None]
+    assert daemon.loop.plugin_stats["late"].calls == swaps.ticks_live("late") > 2
+    assert daemon.loop.plugin_stats["temperature_control"].calls == daemon.loop.ticks.count  # every tick, every plugin
     assert daemon.status.snapshot()["actuators"]["led_strip"]["duty_cycle"] > 0  # counter ran, commanding the strip
 
 
-def test_a_replacement_that_fails_leaves_the_previous_version_running(live) -> None:
+def test_a_replacement_that_fails_leaves_the_previous_version_running(live, monkeypatch) -> None:
     daemon, folder = live
     original = sha(daemon, "temperature_control")
+    swaps = PluginsLive(daemon, monkeypatch)
 
     async def replace(content: bytes) -> None:
         (folder / ".next").write_bytes(content)
@@ -103,16 +111,22 @@ def test_a_replacement_that_fails_leaves_the_previous_version_running(live) -> N
     refusals = [e["reason"] for e in logs if e["event"] == "plugin_replacement_refused"]
     assert len(refusals) == 2 and "calibration table missing" in refusals[1]
     assert daemon.plugins.status["temperature_control"].reason is None
-    assert_no_missed_ticks(daemon.loop.ticks.missed)
-    assert daemon.loop.plugin_stats["temperature_control"].errors == 0
+    # Neither refused version went live for a tick: the previous one ran on every tick until the good one.
+    assert swaps.versions("temperature_control") == [original, hashlib.sha256(
+        (TEST_PLUGINS / "echo_output.wasm").read_bytes()).hexdigest()]
+    stats = daemon.loop.plugin_stats["temperature_control"]
+    assert stats.calls == daemon.loop.ticks.count and stats.errors == 0
 
 
-def test_a_replaced_file_leaves_quarantine_at_once_and_a_manifest_change_reloads(run_daemon, plugin_dir) -> None:
+def test_a_replaced_file_leaves_quarantine_at_once_and_a_manifest_change_reloads(run_daemon, plugin_dir,
+                                                                                 monkeypatch) -> None:
     data = unsimulated(example_data())
     data["plugins"]["settings"] = {}
     data["plugins"]["quarantine"] = {"failures": 2, "backoff_s": 600}
     folder = plugin_dir("trap")
     daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
+    swaps = PluginsLive(daemon, monkeypatch)
+    echo = hashlib.sha256((TEST_PLUGINS / "echo_output.wasm").read_bytes()).hexdigest()
 
     async def scenario() -> None:
         await until(lambda: daemon.plugins.status["trap"].state == "quarantined", "quarantined")
@@ -123,7 +137,10 @@ def test_a_replaced_file_leaves_quarantine_at_once_and_a_manifest_change_reloads
 
     run_with(daemon, scenario)
     assert next(iter(daemon.plugins)).priority == 7
-    assert_no_missed_ticks(daemon.loop.ticks.missed)
+    # At once: the replacement was called on every tick from the swap that brought it in, backoff or not.
+    replaced = next(tick for tick, live in swaps.changes if live.get("trap") == echo)
+    stats = daemon.loop.plugin_stats["trap"]
+    assert stats.errors == 2 and stats.calls - stats.errors == daemon.loop.ticks.count - replaced > 0
 
 
 # --- SIGHUP: the config names another folder, or changes nothing about a plugin -----------------------
@@ -162,22 +179,12 @@ def test_sighup_moves_to_a_new_plugins_folder_and_watches_it_instead(configured,
     daemon, reload = configured(first)
     plugins = daemon.plugins
     swaps = swaps_of(daemon, monkeypatch)
-    compiling, compiled, released = threading.Event(), threading.Event(), []
-    load = daemon._load_plugins
-
-    def held_compile(*args: Any) -> PluginSet:  # held until the loop has ticked on meanwhile
-        compiling.set()
-        released.append(compiled.wait(WAIT_S))
-        return load(*args)
-
-    monkeypatch.setattr(daemon, "_load_plugins", held_compile)
+    compile = Held(daemon, "_load_plugins", monkeypatch)  # held until the loop has ticked on meanwhile
 
     async def scenario() -> None:
         with capture_logs() as logs:
             reloading = asyncio.create_task(reload(directory=str(second)))
-            await until(compiling.is_set, "the new folder's plugins compile")
-            await more_ticks(daemon, 3)  # the loop's thread is not the one compiling
-            compiled.set()
+            await compile.past_ticks(daemon)  # the loop's thread is not the one compiling
             await reloading
             await until(lambda: set(daemon.plugins.status) == {"energy_saver"}, "the new folder's plugins run")
             await until(lambda: any(e["event"] == "plugins_watching" for e in logs), "the new folder is watched")
@@ -190,7 +197,7 @@ def test_sighup_moves_to_a_new_plugins_folder_and_watches_it_instead(configured,
     assert daemon.plugins is plugins and daemon.loop.plugins is plugins  # one set, reloaded in place
     assert set(daemon.plugins.status) == {"energy_saver", "motion_light"}
     # Swapped in between two ticks: every tick before called the old folder's plugin, every tick after the new.
-    assert released == [True], "the loop did not tick while the new folder's plugins compiled"
+    assert compile.waits == [True], "the loop did not tick while the new folder's plugins compiled"
     (swapped,) = swaps
     stats = daemon.loop.plugin_stats
     assert stats["temperature_control"].calls == swapped > 2
@@ -211,8 +218,9 @@ def test_sighup_to_a_folder_that_does_not_exist_is_refused_and_keeps_everything(
     assert daemon.plugins.directory == tmp_path / "a"
 
 
-def test_sighup_keeps_a_quarantined_plugin_in_quarantine(configured, tmp_path) -> None:
+def test_sighup_keeps_a_quarantined_plugin_in_quarantine(configured, tmp_path, monkeypatch) -> None:
     daemon, reload = configured(folder_with(tmp_path, "a", "trap"), quarantine={"failures": 2, "backoff_s": 600})
+    swaps = swaps_of(daemon, monkeypatch)
 
     async def scenario() -> None:
         await until(lambda: daemon.plugins.status["trap"].state == "quarantined", "quarantined")
@@ -226,7 +234,9 @@ def test_sighup_keeps_a_quarantined_plugin_in_quarantine(configured, tmp_path) -
         assert next(iter(daemon.plugins)).quarantine.settings.failures == 5  # the new settings from now on
 
     run_with(daemon, scenario)
-    assert_no_missed_ticks(daemon.loop.ticks.missed)
+    # Its two failures, before the reload; none on the ticks since, the new set's included.
+    (swapped,) = swaps
+    assert daemon.loop.plugin_stats["trap"].calls == 2 and daemon.loop.ticks.count >= swapped + 3
 
 
 def test_sighup_can_turn_watching_off(configured, tmp_path) -> None:
@@ -269,9 +279,10 @@ def test_a_reload_cut_short_by_a_stop_closes_the_plugins_it_prepared(configured,
     assert set(daemon.plugins.status) == {"temperature_control"}  # the running set is untouched
 
 
-def test_plugin_install_into_a_running_daemon_is_loaded_whole(live, tmp_path) -> None:
+def test_plugin_install_into_a_running_daemon_is_loaded_whole(live, tmp_path, monkeypatch) -> None:
     """`plugin install`: the hot reloader sees the new plugin, and later its new version, only whole."""
     daemon, folder = live
+    swaps = PluginsLive(daemon, monkeypatch)
     work = tmp_path / "work"
     work.mkdir()
     for suffix in (".wasm", ".yaml"):
@@ -294,7 +305,10 @@ def test_plugin_install_into_a_running_daemon_is_loaded_whole(live, tmp_path) ->
     assert events == ["plugin_loaded", "plugin_replaced"]  # each version swapped in once, as a whole pair
     assert not [e for e in logs if e["event"] in ("plugin_load_failed", "plugin_call_failed")]
     assert sorted(p.name for p in folder.iterdir()) == ["energy_saver.wasm", "temperature_control.wasm"]
-    assert_no_missed_ticks(daemon.loop.ticks.missed)
+    # Each version went live in one swap, between two ticks, and ran on every tick from then on.
+    assert swaps.versions("energy_saver") == [None, first, hashlib.sha256(counter).hexdigest()]
+    assert daemon.loop.plugin_stats["energy_saver"].calls == swaps.ticks_live("energy_saver") > 0
+    assert daemon.loop.plugin_stats["temperature_control"].calls == daemon.loop.ticks.count
 
 
 def test_a_reload_stopped_while_it_compiles_closes_what_it_compiled(configured, tmp_path, monkeypatch) -> None:
@@ -350,7 +364,7 @@ def parent_too(folder: Path, backup: Path) -> None:  # the folder above it delet
 
 
 @pytest.mark.parametrize("how", [remove_and_copy_back, move_away_and_back, parent_too])
-def test_the_plugins_folder_deleted_or_moved_and_back_is_followed(run_daemon, tmp_path, how) -> None:
+def test_the_plugins_folder_deleted_or_moved_and_back_is_followed(run_daemon, tmp_path, how, monkeypatch) -> None:
     folder, backup = tmp_path / "site" / "plugins", tmp_path / "backup"
     backup.mkdir()
     for name in ("temperature_control", "energy_saver", "motion_light"):
@@ -361,6 +375,7 @@ def test_the_plugins_folder_deleted_or_moved_and_back_is_followed(run_daemon, tm
     data["metrics"] = {"enabled": True, "port": free_port()}
     daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
     port = data["metrics"]["port"]
+    swaps = PluginsLive(daemon, monkeypatch)
     answers = []
 
     async def scenario() -> None:
@@ -387,4 +402,8 @@ def test_the_plugins_folder_deleted_or_moved_and_back_is_followed(run_daemon, tm
     events = [e["event"] for e in logs if e["event"].startswith("plugins_folder_")]
     assert events == ["plugins_folder_gone", "plugins_folder_back"]
     assert not [e for e in logs if e["event"] == "plugin_load_failed"]
-    assert_no_missed_ticks(daemon.loop.ticks.missed)
+    # Unloaded while the folder was away, loaded again once back: each called on every tick it was live.
+    for name, stats in daemon.loop.plugin_stats.items():
+        (shown, gone, back) = swaps.versions(name)
+        assert shown == back is not None and gone is None, (name, swaps.changes)
+        assert stats.calls == swaps.ticks_live(name) < daemon.loop.ticks.count, name
