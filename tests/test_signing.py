@@ -3,6 +3,7 @@ the refusals a node makes on its own (daemon load, hot reload), in `plugin insta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,8 +25,9 @@ from pi_controller.plugins.wasm_gate import read_module
 from tests.conftest import (
     BUNDLED_PLUGINS,
     TEST_PLUGINS,
-    assert_no_missed_ticks,
+    PluginsLive,
     example_data,
+    more_ticks,
     run_with,
     unsimulated,
     until,
@@ -288,10 +290,11 @@ def test_the_daemon_loads_a_signed_plugin_and_refuses_an_unsigned_one(work, keys
 
 
 def test_a_hand_dropped_unsigned_module_is_refused_on_hot_reload_and_a_signed_one_loads(
-        work, keys, tmp_path, run_daemon) -> None:
+        work, keys, tmp_path, run_daemon, monkeypatch) -> None:
     sign(work / f"{PLUGIN}.wasm", keys["owner"])
     folder = node_folder(tmp_path, work)
     daemon = run_daemon(node_data(folder, keys, require=True), 0, clock=SystemClock())
+    swaps = PluginsLive(daemon, monkeypatch)
     drop = tmp_path / "drop"
     drop.mkdir()
     shutil.copy(TEST_PLUGINS / "counter.wasm", drop / "counter.wasm")
@@ -302,6 +305,7 @@ def test_a_hand_dropped_unsigned_module_is_refused_on_hot_reload_and_a_signed_on
         await until(lambda: "counter" in daemon.plugins.status, "the dropped module is looked at")
         os.replace(drop / "counter.sig", folder / "counter.sig")  # its signature follows
         await until(lambda: daemon.plugins.status["counter"].state == "loaded", "the signed module loads")
+        await more_ticks(daemon, 3)  # and runs
 
     with capture_logs() as logs:
         run_with(daemon, scenario)
@@ -310,7 +314,12 @@ def test_a_hand_dropped_unsigned_module_is_refused_on_hot_reload_and_a_signed_on
     assert events[0] == ("plugin_load_failed", "counter.wasm has no signature (counter.sig")
     assert events[-1][0] == "plugin_loaded", events
     assert "counter" in [p.name for p in daemon.plugins]
-    assert_no_missed_ticks(daemon.loop.ticks.missed)
+    # The unsigned module never went live for a tick; the signed one ran on every tick from its swap on,
+    # and the running plugin on every tick throughout.
+    assert swaps.versions("counter") == [None, hashlib.sha256((TEST_PLUGINS / "counter.wasm").read_bytes()).hexdigest()]
+    stats = daemon.loop.plugin_stats
+    assert stats["counter"].calls == swaps.ticks_live("counter") > 0
+    assert stats[PLUGIN].calls == daemon.loop.ticks.count
 
 
 def test_a_live_plugin_whose_module_is_tampered_keeps_running_its_verified_version(
@@ -539,11 +548,10 @@ def test_a_reload_applies_beside_a_badly_signed_dropped_module_and_is_refused_fo
 
 @pytest.mark.parametrize("bad", BAD_SIGNATURES)
 def test_a_badly_signed_module_dropped_in_while_running_is_refused_alone_and_logged_once(
-        work, keys, tmp_path, run_daemon, bad) -> None:
-    from tests.conftest import more_ticks
-
+        work, keys, tmp_path, run_daemon, bad, monkeypatch) -> None:
     folder, data = signed_node(work, keys, tmp_path, require=False)
     daemon = run_daemon(data, 0, clock=SystemClock())
+    swaps = PluginsLive(daemon, monkeypatch)
     drop = tmp_path / "drop"
     drop.mkdir()
     reason = drop_badly_signed(drop, keys, bad)
@@ -562,4 +570,6 @@ def test_a_badly_signed_module_dropped_in_while_running_is_refused_alone_and_log
     assert len(failed) == 1 and failed[0]["reason"].startswith(reason), failed
     assert daemon.plugins.status["counter"].state == "failed"
     assert [p.name for p in daemon.plugins] == [PLUGIN]
-    assert_no_missed_ticks(daemon.loop.ticks.missed)
+    # Refused alone: it never went live for a tick, and the configured plugin ran on every tick.
+    assert swaps.versions("counter") == [None] and len(swaps.changes) > 1
+    assert daemon.loop.plugin_stats[PLUGIN].calls == daemon.loop.ticks.count
