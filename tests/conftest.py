@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import signal
@@ -36,6 +37,11 @@ CONTEXT = b'{"sensor_readings":[],"device_states":{},"timestamp":1.0,"tick":1'  
 ALIAS_BOMB = "\n".join(
     ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     + [f"{n}: &{n} [{','.join([f'*{p}'] * 10)}]" for p, n in zip("abcde", "bcdef")]) + "\n"
+
+
+def sha256_of(path: Path) -> str:
+    """The hash a plugin loaded from `path` goes by (`SandboxedPlugin.sha256`)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def only(plugins: PluginSet) -> SandboxedPlugin:

@@ -31,6 +31,7 @@ from tests.conftest import (
     more_ticks,
     plugin_wasm,
     run_with,
+    sha256_of,
     swaps_of,
     unsimulated,
     until,
@@ -54,7 +55,7 @@ def test_write_replace_rename_and_delete_while_the_loop_runs(live, monkeypatch) 
     daemon, folder = live
     echo, counter = (TEST_PLUGINS / "echo_output.wasm").read_bytes(), (TEST_PLUGINS / "counter.wasm").read_bytes()
     swaps = PluginsLive(daemon, monkeypatch)
-    compile = Held(daemon.plugins, "prepare", monkeypatch)  # the first, the copied plugin's, held
+    compiles = Held(daemon.plugins, "prepare", monkeypatch)  # the first, the copied plugin's, held
 
     async def scenario() -> None:
         with open(folder / "late.wasm", "wb") as slow:  # a slow copy: half, three ticks, the rest
@@ -63,7 +64,7 @@ def test_write_replace_rename_and_delete_while_the_loop_runs(live, monkeypatch) 
             await more_ticks(daemon, 3)
             assert "late" not in daemon.plugins.status  # still open for writing: not looked at
             slow.write(echo[len(echo) // 2:])
-        await compile.past_ticks(daemon)  # the loop's thread is not the one compiling it
+        await compiles.past_ticks(daemon)  # the loop's thread is not the one compiling it
         await until(lambda: sha(daemon, "late") is not None, "the copied plugin is loaded")
         first = sha(daemon, "late")
         (folder / ".late.tmp").write_bytes(counter)  # the atomic way: write aside, rename over
@@ -79,7 +80,7 @@ def test_write_replace_rename_and_delete_while_the_loop_runs(live, monkeypatch) 
     events = [e["event"] for e in logs if e.get("plugin") == "late" and e["event"].startswith("plugin_")]
     assert events == ["plugin_loaded", "plugin_replaced", "plugin_unloaded"]
     assert not [e for e in logs if e["event"] in ("plugin_load_failed", "plugin_call_failed")]
-    assert compile.waits[0], "the loop did not tick while the copied plugin compiled"
+    assert compiles.waits[0], "the loop did not tick while the copied plugin compiled"
     # Each version swapped in between two ticks, and called once on every tick it was live.
     assert swaps.versions("late") == [None, hashlib.sha256(echo).hexdigest(), hashlib.sha256(counter).hexdigest(), None]
     assert daemon.loop.plugin_stats["late"].calls == swaps.ticks_live("late") > 2
@@ -112,8 +113,7 @@ def test_a_replacement_that_fails_leaves_the_previous_version_running(live, monk
     assert len(refusals) == 2 and "calibration table missing" in refusals[1]
     assert daemon.plugins.status["temperature_control"].reason is None
     # Neither refused version went live for a tick: the previous one ran on every tick until the good one.
-    assert swaps.versions("temperature_control") == [original, hashlib.sha256(
-        (TEST_PLUGINS / "echo_output.wasm").read_bytes()).hexdigest()]
+    assert swaps.versions("temperature_control") == [original, sha256_of(TEST_PLUGINS / "echo_output.wasm")]
     stats = daemon.loop.plugin_stats["temperature_control"]
     assert stats.calls == daemon.loop.ticks.count and stats.errors == 0
 
@@ -126,7 +126,7 @@ def test_a_replaced_file_leaves_quarantine_at_once_and_a_manifest_change_reloads
     folder = plugin_dir("trap")
     daemon = run_daemon(data, 0, plugins=folder, clock=SystemClock())
     swaps = PluginsLive(daemon, monkeypatch)
-    echo = hashlib.sha256((TEST_PLUGINS / "echo_output.wasm").read_bytes()).hexdigest()
+    echo = sha256_of(TEST_PLUGINS / "echo_output.wasm")
 
     async def scenario() -> None:
         await until(lambda: daemon.plugins.status["trap"].state == "quarantined", "quarantined")
@@ -179,12 +179,12 @@ def test_sighup_moves_to_a_new_plugins_folder_and_watches_it_instead(configured,
     daemon, reload = configured(first)
     plugins = daemon.plugins
     swaps = swaps_of(daemon, monkeypatch)
-    compile = Held(daemon, "_load_plugins", monkeypatch)  # held until the loop has ticked on meanwhile
+    compiles = Held(daemon, "_load_plugins", monkeypatch)  # held until the loop has ticked on meanwhile
 
     async def scenario() -> None:
         with capture_logs() as logs:
             reloading = asyncio.create_task(reload(directory=str(second)))
-            await compile.past_ticks(daemon)  # the loop's thread is not the one compiling
+            await compiles.past_ticks(daemon)  # the loop's thread is not the one compiling
             await reloading
             await until(lambda: set(daemon.plugins.status) == {"energy_saver"}, "the new folder's plugins run")
             await until(lambda: any(e["event"] == "plugins_watching" for e in logs), "the new folder is watched")
@@ -197,7 +197,7 @@ def test_sighup_moves_to_a_new_plugins_folder_and_watches_it_instead(configured,
     assert daemon.plugins is plugins and daemon.loop.plugins is plugins  # one set, reloaded in place
     assert set(daemon.plugins.status) == {"energy_saver", "motion_light"}
     # Swapped in between two ticks: every tick before called the old folder's plugin, every tick after the new.
-    assert compile.waits == [True], "the loop did not tick while the new folder's plugins compiled"
+    assert compiles.waits == [True], "the loop did not tick while the new folder's plugins compiled"
     (swapped,) = swaps
     stats = daemon.loop.plugin_stats
     assert stats["temperature_control"].calls == swapped > 2

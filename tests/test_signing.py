@@ -3,7 +3,6 @@ the refusals a node makes on its own (daemon load, hot reload), in `plugin insta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from tests.conftest import (
     example_data,
     more_ticks,
     run_with,
+    sha256_of,
     unsimulated,
     until,
 )
@@ -316,7 +316,7 @@ def test_a_hand_dropped_unsigned_module_is_refused_on_hot_reload_and_a_signed_on
     assert "counter" in [p.name for p in daemon.plugins]
     # The unsigned module never went live for a tick; the signed one ran on every tick from its swap on,
     # and the running plugin on every tick throughout.
-    assert swaps.versions("counter") == [None, hashlib.sha256((TEST_PLUGINS / "counter.wasm").read_bytes()).hexdigest()]
+    assert swaps.versions("counter") == [None, sha256_of(TEST_PLUGINS / "counter.wasm")]
     stats = daemon.loop.plugin_stats
     assert stats["counter"].calls == swaps.ticks_live("counter") > 0
     assert stats[PLUGIN].calls == daemon.loop.ticks.count
