@@ -69,11 +69,10 @@ class Rollout:
     reason: str | None = None
     chunks: dict[int, bytes] = field(default_factory=dict)
     job: asyncio.Future[None] | None = None  # file work on a worker thread
-    rolling_back: str | None = None  # while `job` is a rollback's (the kept version put back): why
     baseline: dict[str, int] | None = None  # the live version's counts when the promoted one took over
     waited: int = 0  # ticks until the shadow, then the promoted version, runs
     previous: str | None = None  # the sha256 of the version it replaced
-    restoring: str | None = None  # why it rolls back, until the version it replaced runs again
+    restoring: str | None = None  # why it rolls back, from the rollback's job until the version it replaced runs
     counts: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -202,8 +201,7 @@ class FleetNode:
             if not rollout.job.done():
                 return
             job, rollout.job = rollout.job, None
-            rolling_back, rollout.rolling_back = rollout.rolling_back, None
-            if job.exception() is not None and rolling_back is not None:  # a rollback's own files could not be written
+            if job.exception() is not None and rollout.restoring is not None:  # a rollback's files could not be written
                 log.error("fleet_rollback_failed", plugin=name, rollout=a.rollout, error=str(job.exception())[:300],
                           note="the plugin set runs on whichever whole version it last loaded")
                 self._fail(name, rollout, protocol.ROLLED_BACK, f"the kept version could not be restored: "
@@ -211,8 +209,6 @@ class FleetNode:
             elif job.exception() is not None:
                 self._fail(name, rollout, protocol.REFUSED, str(job.exception()))
                 return
-            elif rolling_back is not None:
-                rollout.restoring = rolling_back  # said once the version it replaced runs again
         if rollout.ended:
             return
         if a.state == "stopped" and rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
@@ -376,7 +372,7 @@ class FleetNode:
                 signature.read_bytes() if signature.exists() else None)
 
         self._keep_word(name, rollout, restoring=why)  # a restart finishes the rollback
-        rollout.job, rollout.rolling_back = self._in_worker(restore), why
+        rollout.job, rollout.restoring = self._in_worker(restore), why
         log.warning("fleet_rolling_back", plugin=name, rollout=rollout.announcement.rollout, reason=why[:300])
 
     # -- endings ----------------------------------------------------------------------------------
