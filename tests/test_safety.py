@@ -15,6 +15,7 @@ from pi_controller import contract
 from pi_controller.clock import SystemClock, VirtualClock
 from pi_controller.devices import actuators
 from pi_controller.devices.mock_pins import SimulatedFactory
+from pi_controller.devices.relay import RelaySettings
 from pi_controller.devices.servo import ServoSettings
 from pi_controller.operator import EnablePlugin
 from pi_controller.plugins.plugin_set import Update
@@ -466,3 +467,45 @@ def test_a_servo_holding_zero_degrees_is_on_for_the_rules() -> None:
     assert [h.rule for h in decisions[-1].holds] == ["max_on"]
     assert [w.target for w in decisions[-1].writes] == [None]  # detached: its safe state
     servo.close()
+
+
+def relay_under_rules(**rules: Any) -> tuple[actuators.Actuator, Safety, Health]:
+    relay = actuators.build(RelaySettings(id="heater", kind="relay", pin=27, safe_state="off", **rules),
+                            SimulatedFactory())
+    return relay, Safety({"heater": relay}, [], []), Health(lambda name: "absent", lambda name, device: True)
+
+
+def asked(health: Health, now: float, *commands: contract.Command) -> list[contract.Command]:
+    health.begin()
+    health.ok("plugin", now, commands, [])
+    return list(commands)
+
+
+ON = contract.Command("heater", "set_high", 1.0, "plugin", 0)
+
+
+def test_a_switch_made_outside_the_rules_starts_min_off_from_when_the_tick_sees_it() -> None:
+    """The watchdog or a shutdown switching a relay off between two ticks is a switch as the rules count
+    them: min_off_s holds a request to come back on from the tick that sees it."""
+    relay, safety, health = relay_under_rules(min_off_s=5.0)
+    safety.enforce([], [], 0.0, 0.0, health)  # start-up counts as a switch
+    assert [w.target for w in safety.enforce(asked(health, 10.0, ON), [], 10.0, 10.0, health).writes] == [1.0]
+    relay.apply(1.0)
+    safety.enforce(asked(health, 11.0, ON), [], 11.0, 11.0, health)  # on, and seen on
+    relay.apply(0.0, force=True)  # the watchdog, between two ticks
+    held = safety.enforce(asked(health, 12.0, ON), [], 12.0, 12.0, health)
+    assert held.writes == [] and [(h.rule, h.remaining_s) for h in held.holds] == [("min_off", 5.0)]
+    later = safety.enforce(asked(health, 17.0, ON), [], 17.0, 17.0, health)
+    assert [w.target for w in later.writes] == [1.0] and later.holds == []
+    relay.close()
+
+
+def test_a_write_that_did_not_take_is_no_switch_for_the_rules() -> None:
+    """A planned switch whose write failed leaves the relay as it was: the next tick sees that, so max_on_s
+    does not count time on for a relay that never came on."""
+    relay, safety, health = relay_under_rules(max_on_s=1.0)
+    assert [w.target for w in safety.enforce(asked(health, 10.0, ON), [], 10.0, 10.0, health).writes] == [1.0]
+    # The write failed: the relay stays off, and the plugin asks again.
+    decision = safety.enforce(asked(health, 11.5, ON), [], 11.5, 11.5, health)
+    assert [w.target for w in decision.writes] == [1.0] and decision.holds == []
+    relay.close()

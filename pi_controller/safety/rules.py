@@ -45,6 +45,7 @@ log = structlog.get_logger("pi_controller.safety")
 FORCING = ("requires", "max_on")  # rules that force the safe state rather than hold a change
 WEAR = ("interlock", "min_on", "min_off")  # rules that hold the current state while a request waits
 GRADUAL = ("max_rate", "reverse_delay")  # shaping on the way to what was asked: it gets there, later
+_UNSEEN = object()  # a guard's `seen` before its first tick: no target is equal to it
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +76,11 @@ class Guard:
         self.failsafe_after_s = 0.0  # the actuator's own, or the default (set by Safety)
         self.was_on = actuator.is_on(actuator.target)
         self.switched_at: float | None = None  # set by the first tick: start-up counts as a switch
+        self.seen: Target | object = _UNSEEN  # the actuator's target when last observed or planned
         self.latched = False
         self.held = False  # its request waits on a wear rule
         self.unruled = False  # no rule applies: the tick can skip them all (set by Safety)
+        self.leased = actuator.settings.command_ttl_s is not None  # its owner's command lapses
 
     def follow(self, command: Command, now: float) -> None:
         self.wanted, self.plugin, self.commanded_at, self.failsafe = command.target, command.plugin, now, None
@@ -99,8 +102,10 @@ class Guard:
         return 0.0 if self.switched_at is None else now - self.switched_at
 
     def observe(self, now: float) -> None:
-        """Notice a switch made outside the rules (the watchdog, a shutdown) and when it happened."""
-        on = self.actuator.is_on(self.actuator.target)
+        """Notice a switch made outside the rules (the watchdog, a shutdown) and when it happened: asked
+        by the tick only of a target other than the one it last saw or planned, the only kind that can be."""
+        self.seen = target = self.actuator.target
+        on = self.actuator.is_on(target)
         if self.switched_at is None or on != self.was_on:
             self.switched_at, self.was_on = now, on
 
@@ -170,13 +175,16 @@ class Safety:
         decision = Decision([], [], [])
         for key, guard in self.guards.items():
             actuator = guard.actuator
-            guard.observe(now)
+            if actuator.target != guard.seen:
+                guard.observe(now)
             command = asked.get(key)
             if command is not None:
                 guard.follow(command, now)
             elif guard.held:  # a request held back lapses when its plugin stops asking for it
                 guard.drop_request()
-            failsafe = None if guard.plugin == SAFETY else self._ownership(guard, health, now)
+            owner = guard.plugin
+            failsafe = (None if owner == SAFETY or (not guard.leased and health.sound(owner, key))
+                        else self._ownership(guard, health, now))
             if failsafe is not None:
                 decision.failsafes.append(failsafe)
                 self.failsafes[key] += 1
@@ -195,6 +203,7 @@ class Safety:
             if target != actuator.target:
                 forced = hold is not None and hold.rule in FORCING
                 decision.writes.append(Write(key, target, SAFETY if forced else guard.plugin))
+                guard.seen = target  # the next tick observes it only if the write did not take
                 if actuator.is_on(target) != guard.was_on:
                     guard.switched_at, guard.was_on = now, not guard.was_on
         return decision
@@ -203,7 +212,8 @@ class Safety:
         """Whether the owner still has the actuator: one no longer granted it loses it at once; a failing
         owner gets nothing more applied and, after `failsafe_after_s`, loses it; so does one whose lease
         (`command_ttl_s`) ran out, and an override that ended with no plugin taking the actuator back. Not
-        asked of an actuator in its start-up or safe state (owner `SAFETY`): nobody's to lose."""
+        asked of an actuator in its start-up or safe state (owner `SAFETY`): nobody's to lose; nor of a
+        sound owner (`Health.sound`) without a lease: nothing to lose it by."""
         owner, key = guard.plugin, guard.actuator.id
         if owner == OPERATOR:  # an override is asked for again every tick until it is released or expires
             ended = now - guard.commanded_at
