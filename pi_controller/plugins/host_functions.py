@@ -71,7 +71,10 @@ class History:
                 if ring is None:
                     ring = self._rings[r.sensor_id] = _Ring(self.length)
                 if r.error is None and r.value is not None:
-                    ring.add(r)
+                    pending = ring.pending  # appended here, not in a method of the ring: once per reading
+                    pending.append(r)
+                    if len(pending) >= 2 * self.length:  # nobody reads: stay bounded all the same
+                        del pending[:-self.length]
         self._unfiled.clear()
 
     def encode(self, sensor_id: str, count: int) -> bytes | None:
@@ -89,11 +92,6 @@ class _Ring:
         self.length = length
         self.encoded: deque[str] = deque(maxlen=length)
         self.pending: list[Reading] = []  # not yet encoded: nobody read since they came
-
-    def add(self, r: Reading) -> None:
-        self.pending.append(r)
-        if len(self.pending) >= 2 * self.length:  # nobody reads: stay bounded all the same
-            del self.pending[:-self.length]
 
     def encode(self, count: int) -> bytes:
         if self.pending:
