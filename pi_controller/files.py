@@ -1,26 +1,34 @@
 """Files replaced whole or not at all: after a power cut mid-write the previous file is there, never part of
 the new one, and a folder's watcher (the plugins' hot reload) sees one rename. For the daemon's state (the
-known-good config, the operator's values) and the owner's keys and signatures."""
+known-good config, the operator's values, a fleet node's word) and the owner's keys and signatures."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 from pathlib import Path
+
+# The temporary file of `NAME`, beside it: `.NAME.PID.XXXXXXXX.tmp`. Hidden and of no plugin's suffix, so neither
+# the plugins' watcher nor a glob of `*.wasm` takes it; named by its writer's process, so that one a crash left
+# (a power cut, a SIGKILL) is told from one still being written, and the next write of NAME removes it.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]{1,7})\.[0-9a-f]{8}\.tmp")
+_writing: set[str] = set()  # this process's temporaries under way (a restart may be given a crashed one's pid)
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600, flush: bool = True) -> None:
     """`data` under `path` whole or not at all, created with `mode` (less the umask) from the start: a private
     key is never readable by others, not even for a moment. The temporary file beside it is a new one
-    (O_EXCL), hidden (a leading dot), and gone when the write fails. `flush`: the file, then its rename, on
-    the card before this returns (two fsyncs: tens of milliseconds on an SD card, so not on the event loop);
-    without it the rename still gives the old file or the new one, never a part, but a power cut soon after
-    may give the old one."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
+    (O_EXCL), hidden (a leading dot), and gone when the write fails; one a crash left is removed by the next
+    write of `path` (`_TEMPORARY`). `flush`: the file, then its rename, on the card before this returns (two
+    fsyncs: tens of milliseconds on an SD card, so not on the event loop); without it the rename still gives
+    the old file or the new one, never a part, but a power cut soon after may give the old one."""
+    _remove_leftovers(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    _writing.add(str(temporary))
+    try:  # the name is this process's alone (its pid): whatever holds it when the write fails is ours to remove
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), "wb") as file:
             file.write(data)
             if flush:
                 file.flush()
@@ -29,6 +37,8 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600, flush: bool = T
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    finally:
+        _writing.discard(str(temporary))
     if flush:
         _flush_folder(path.parent)
 
@@ -47,3 +57,31 @@ def _flush_folder(folder: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporaries of `path` that writers which crashed left; never one still being written."""
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return  # the write itself says what is wrong with the folder
+    for name in names:
+        match = _TEMPORARY.fullmatch(name)
+        if match is not None and match["name"] == path.name and _abandoned(path.with_name(name), int(match["pid"])):
+            try:
+                path.with_name(name).unlink(missing_ok=True)
+            except OSError:  # another user's, in a shared folder: it stays, and harms nothing
+                pass
+
+
+def _abandoned(temporary: Path, pid: int) -> bool:
+    """Whether the process that wrote `temporary` is gone (or is this one, which is not writing it)."""
+    if pid == os.getpid():
+        return str(temporary) not in _writing
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process is there
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # there, another user's
+        pass
+    return False

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,72 @@ def test_a_card_that_fails_to_flush_the_folder_is_said(tmp_path: Path, monkeypat
     fsyncs(monkeypatch, folder_error=errno.EIO)
     with pytest.raises(OSError, match="Input/output error"):
         write_atomically(tmp_path / "word.json", b"new")
+
+
+# A writer in a process of its own, stopped at the rename, its temporary written whole: it says the temporary's
+# name, then dies there ("crash", as at a power cut or a SIGKILL) or waits for a line on stdin and renames.
+WRITER = """
+import os, sys
+from pathlib import Path
+from pi_controller.files import write_atomically
+replace = os.replace
+def stopped(temporary, path):
+    print(os.path.basename(temporary), flush=True)
+    if sys.argv[2] == "crash":
+        os._exit(1)
+    sys.stdin.readline()
+    replace(temporary, path)
+os.replace = stopped
+write_atomically(Path(sys.argv[1]), b"child's")
+"""
+
+
+def writer(path: Path, then: str) -> tuple[subprocess.Popen[str], Path]:
+    """A writer of `path` stopped at its rename, and its temporary file."""
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(path), then], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    temporary = path.with_name(child.stdout.readline().strip())
+    assert temporary.name.startswith(f".{path.name}.{child.pid}.") and temporary.suffix == ".tmp"
+    assert temporary.read_bytes() == b"child's"
+    return child, temporary
+
+
+def test_a_temporary_a_crash_left_is_removed_by_the_next_write_of_its_file(tmp_path: Path) -> None:
+    """A writer that died between its temporary and the rename (nothing of it ran to remove the temporary)
+    left it; the next write of the same file removes it, and another file's stays."""
+    path, other = tmp_path / "word.json", tmp_path / "word.json.1"
+    crashed, _ = writer(path, "crash")
+    assert crashed.wait() == 1
+    _, others = writer(other, "crash")
+    write_atomically(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert temporaries(tmp_path) == [others.name]
+
+
+def test_a_temporary_left_under_this_process_s_pid_is_removed_too(tmp_path: Path) -> None:
+    """After a reboot the daemon may be given the pid its crashed predecessor had: a temporary of that pid,
+    which this process is not writing, is a leftover all the same."""
+    path = tmp_path / "word.json"
+    crashed, temporary = writer(path, "crash")
+    crashed.wait()
+    temporary.rename(temporary.with_name(temporary.name.replace(f".{crashed.pid}.", f".{os.getpid()}.")))
+    write_atomically(path, b"new")
+    assert temporaries(tmp_path) == []
+
+
+def test_a_temporary_still_being_written_is_left_to_its_writer(tmp_path: Path) -> None:
+    """Two processes writing one file: the second's write does not take the first's temporary away, and
+    the first's rename, after it, lands."""
+    path = tmp_path / "word.json"
+    child, temporary = writer(path, "wait")
+    try:
+        write_atomically(path, b"new")
+        assert path.read_bytes() == b"new" and temporary.exists()
+    finally:
+        assert child.stdin is not None
+        child.stdin.write("\n")
+        child.stdin.close()
+    assert child.wait() == 0
+    assert path.read_bytes() == b"child's"
+    assert temporaries(tmp_path) == []
