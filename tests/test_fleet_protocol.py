@@ -14,6 +14,7 @@ from pi_controller import cli, config
 from pi_controller.fleet import protocol
 from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
 from pi_controller.fleet.tool import MAX_MODULE_BYTES, Plan, announce, load_plan
+from pi_controller.plugins.refusal import Refused
 
 GOOD = Announcement("1796633878-819e5030", "probe", "2.0.0", "a" * 64, 96097, 2, "sig", None,
                     (("node-00",), ("node-01", "node-02")), 0)
@@ -106,7 +107,7 @@ def test_the_tool_refuses_a_module_over_its_limit_by_its_size_before_reading_it(
         file.truncate(MAX_MODULE_BYTES + 1)  # sparse: its size says it all
     tracemalloc.start()
     try:
-        with pytest.raises(ValueError, match=f"has {MAX_MODULE_BYTES + 1} bytes"):
+        with pytest.raises(Refused, match=f"has {MAX_MODULE_BYTES + 1} bytes"):
             announce(wasm, Plan(("node-00",)))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -117,3 +118,21 @@ def test_the_tool_refuses_a_module_over_its_limit_by_its_size_before_reading_it(
     assert cli.main(["fleet", "rollout", str(wasm), "--config", str(fleet_yaml)]) == 1
     assert capsys.readouterr().err.splitlines() == [
         f"error: {wasm} has {MAX_MODULE_BYTES + 1} bytes, over the fleet tool's limit {MAX_MODULE_BYTES}"]
+
+
+NOT_A_MODULE = "is not a WebAssembly binary module (no \\0asm magic; the text format is not accepted: build the .wasm)"
+
+
+@pytest.mark.parametrize(("given", "said"), [
+    ("text.wasm", f"text.wasm {NOT_A_MODULE}"),
+    ("{tmp}/text.wasm", f"{{tmp}}/text.wasm {NOT_A_MODULE}"),
+    ("missing.wasm", "missing.wasm: no such plugin file (a .wasm)"),
+])
+def test_the_tool_names_a_module_it_refuses_once_as_given_in_one_line(tmp_path, monkeypatch, capsys, given: str,
+                                                                       said: str) -> None:
+    """The file gate's refusal names the file as the owner typed it, once, and says why in the gate's words."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.wasm").write_text("(module)")
+    (tmp_path / "fleet.yaml").write_text("nodes: [node-00]\n")
+    assert cli.main(["fleet", "rollout", given.format(tmp=tmp_path), "--config", "fleet.yaml"]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: {said.format(tmp=tmp_path)}"]

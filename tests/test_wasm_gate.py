@@ -114,3 +114,10 @@ def test_a_passed_trial_is_remembered_across_restarts_and_a_crashing_module_neve
     monkeypatch.setenv("EXTISM_CACHE_CONFIG", "")  # the compile cache off: the records too
     with pytest.raises(AssertionError, match="trial child"):
         wasm_gate.trial(manifest(good), False, 1000)
+
+
+def test_a_refusal_names_the_file_as_the_caller_asks(tmp_path: Path) -> None:
+    """A tool run on a path the owner typed names it so (the daemon names a plugin's file in its folder)."""
+    with pytest.raises(Refused) as refused:
+        read_module(tmp_path / "gone.wasm", tmp_path, PluginCeilings().max_file_bytes, name="typed/gone.wasm")
+    assert str(refused.value) == "cannot open typed/gone.wasm: No such file or directory"

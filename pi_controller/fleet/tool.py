@@ -161,10 +161,9 @@ def _announced(wasm: Path, plan: Plan) -> tuple[Announcement, bytes]:
     """`announce`'s announcement, and the module's bytes it describes (read once: the chunks are these)."""
     if not wasm.is_file() or wasm.suffix != ".wasm":
         raise ValueError(f"{wasm}: no such plugin file (a .wasm)")
-    try:  # sized before it is read; a link is followed (the owner's own files, not a node's plugins folder)
-        module = read_module(wasm, wasm.resolve().parent, MAX_MODULE_BYTES, "the fleet tool's limit")
-    except Refused as exc:
-        raise ValueError(f"{wasm.parent}/{exc}") from None  # named by its path, as the tool's other errors
+    # Sized before it is read; a link is followed (the owner's own files, not a node's plugins folder). The
+    # file is named as it was given, as the tool's other errors name it.
+    module = read_module(wasm, wasm.resolve().parent, MAX_MODULE_BYTES, "the fleet tool's limit", str(wasm))
     signature = read_signature(wasm)
     if signature is None:
         raise ValueError(f"{wasm}: not signed: a rollout carries a signature; "

@@ -35,10 +35,12 @@ VERSION_1 = b"\x01\0\0\0"
 TRIAL_WALL_S = 60.0  # both cores saturated, and a cold start of Python in the child
 
 
-def read_module(path: Path, folder: Path, max_bytes: int, limit: str = "plugins.ceilings.max_file_bytes") -> bytes:
+def read_module(path: Path, folder: Path, max_bytes: int, limit: str = "plugins.ceilings.max_file_bytes",
+                name: str | None = None) -> bytes:
     """The bytes of the module at `path`, or Refused with a one-line reason that quotes nothing of it
-    (`limit`: what a refusal calls `max_bytes`)."""
-    name = path.name
+    (`limit`: what a refusal calls `max_bytes`; `name`: what it calls the file, its name in the folder unless
+    given)."""
+    name = name or path.name
     if not links_within(path, folder):
         raise Refused(f"{name} is a symbolic link to outside the plugins folder; copy the module in instead")
     try:
