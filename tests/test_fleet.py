@@ -189,9 +189,9 @@ def test_a_bad_signature_or_bytes_that_are_not_the_sha256_are_refused_by_every_n
     wasm = site["good"]
     if forgery == "untrusted key":
         assert cli.main(["plugin", "sign", str(wasm), "--key", str(site["keys"] / "stranger.pem")]) == 0
-    a = announce(wasm, plan(nodes, site["port"]))
+    a, read = announce(wasm, plan(nodes, site["port"]))
     a = Announcement(**{**a.__dict__, "stages": (tuple(nodes.nodes),)})  # every node at once
-    module = bytearray(wasm.read_bytes())
+    module = bytearray(read)
     if forgery == "flipped byte":
         module[len(module) // 2] ^= 1
     publish(site["port"], a, bytes(module))
@@ -248,8 +248,8 @@ def test_a_node_stopped_in_its_live_window_watches_it_again_and_rolls_back_by_it
     nodes = site["fleet"](1, {"probe": {"config": {"trap_every": 1_000_000_000}}})
     nodes.start_all()
     all_online(nodes, site["port"])
-    a = announce(site["trapping"], plan(nodes, site["port"], shadow_ticks=3, live_ticks=1_000_000))
-    publish(site["port"], a, site["trapping"].read_bytes())
+    a, module = announce(site["trapping"], plan(nodes, site["port"], shadow_ticks=3, live_ticks=1_000_000))
+    publish(site["port"], a, module)
     seen = watcher(site["port"])
     try:
         assert seen.wait(lambda: (v := seen.verdicts.get(("node-00", "probe"))) is not None

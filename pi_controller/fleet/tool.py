@@ -152,13 +152,9 @@ class Watcher:
         self.client.loop_stop()
 
 
-def announce(wasm: Path, plan: Plan) -> Announcement:
-    """The announcement of `wasm` (signed beside it, with its manifest if it has one) under `plan`."""
-    return _announced(wasm, plan)[0]
-
-
-def _announced(wasm: Path, plan: Plan) -> tuple[Announcement, bytes]:
-    """`announce`'s announcement, and the module's bytes it describes (read once: the chunks are these)."""
+def announce(wasm: Path, plan: Plan) -> tuple[Announcement, bytes]:
+    """The announcement of `wasm` (signed beside it, with its manifest if it has one) under `plan`, and the
+    module's bytes it describes (read once: the chunks are these)."""
     if not wasm.is_file() or wasm.suffix != ".wasm":
         raise ValueError(f"{wasm}: no such plugin file (a .wasm)")
     # Sized before it is read; a link is followed (the owner's own files, not a node's plugins folder). The
@@ -180,7 +176,7 @@ def _announced(wasm: Path, plan: Plan) -> tuple[Announcement, bytes]:
 
 
 def rollout(wasm: Path, plan: Plan, say: Callable[[str], None] = print) -> int:
-    a, module = _announced(wasm, plan)
+    a, module = announce(wasm, plan)
     watcher = Watcher(plan.broker, a.name)
     try:
         base = plan.broker.base_topic
