@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pi_controller.fleet import protocol
-from pi_controller.fleet.node import MAX_REASON, MAX_WORD_BYTES, FleetNode, Rollout
+from pi_controller.fleet.node import MAX_REASON, MAX_WORD_BYTES, FleetNode
 from pi_controller.fleet.protocol import Announcement, Verdict
 from pi_controller.mqtt.inbox import Inbound
 from tests.conftest import example_data, unsimulated, until
@@ -71,21 +71,42 @@ def test_a_word_kept_over_its_bound_is_not_read_and_the_node_says_so_in_one_line
         f"{path} is longer than {MAX_WORD_BYTES} bytes: not a node's word on a rollout"]
 
 
+def tick_once(node: FleetNode) -> None:
+    """One tick's work of the node, on an event loop; the file work it hands to worker threads is done when
+    this returns (its verdicts are not read: a reason as long as these makes one over what a verdict may weigh)."""
+    async def main() -> None:
+        node.tick(lambda topic, payload: None)
+
+    asyncio.run(main())
+
+
 def test_the_longest_word_a_node_keeps_is_one_it_reads_back_whole(node) -> None:
-    """Reasons as long as a plugin's error can make them, of characters JSON writes twelve bytes for: the word
-    kept is cut to MAX_REASON characters a reason, within what a restart reads, and read back as written."""
-    why = "\U0001F600" * 5000
-    a = Announcement("1796633878-819e5030", NAME, "2.0.0", "b" * 64, 1000, 1, "sig", None, ((node.node,),), 0)
-    rollout = Rollout(a, protocol.ROLLED_BACK, reason=why[:MAX_REASON], previous="a" * 64)
-    node._keep_word(NAME, rollout, restoring=why)
+    """Reasons of characters JSON writes twelve bytes for (a surrogate pair), as long as a node takes them: a
+    node restarted while rolling back a version, with a kept reason of MAX_REASON such characters and a longer
+    reason to roll back, starts the rollback again and keeps its word anew, the latter cut to MAX_REASON. That
+    word, the longest a node writes, is within what a restart reads, and the next restart reads it back whole."""
+    previous = live_sha256(node)
+    kept = node.folder / "previous" / NAME
+    kept.mkdir(parents=True)
+    (kept / f"{NAME}.wasm").write_bytes((node.status.plugins.directory / f"{NAME}.wasm").read_bytes())
+    reason, why = "\U0001F600" * MAX_REASON, "\U0001F601" * (MAX_REASON + 300)
+    word = {"rollout": "1796633878-819e5030", "phase": protocol.LIVE_WINDOW, "reason": reason,
+            "previous": previous, "restoring": why}
+    (node.folder / f"{NAME}.json").write_text(json.dumps(word))
+    announce(node, "b" * 64)
+    tick_once(node)
     assert (node.folder / f"{NAME}.json").stat().st_size <= MAX_WORD_BYTES
-    assert node._kept_word(NAME) == {"rollout": a.rollout, "phase": protocol.ROLLED_BACK, "reason": why[:MAX_REASON],
-                                     "previous": "a" * 64, "restoring": why[:MAX_REASON]}
+    restarted = FleetNode(node.status.settings, node.status, node.folder.parent)
+    announce(restarted, "b" * 64)
+    tick_once(restarted)
+    rollout = restarted.rollouts[NAME]
+    assert (rollout.announcement.rollout, rollout.phase, rollout.reason, rollout.previous, rollout.restoring) == (
+        word["rollout"], protocol.LIVE_WINDOW, reason, previous, why[:MAX_REASON])
 
 
 @pytest.mark.parametrize("restored", [True, False], ids=["restored", "kept-files-unreadable"])
 def test_a_rollback_a_node_stopped_in_is_finished_from_the_word_it_kept(node, restored: bool) -> None:
-    """The word as a node writes it (`_keep_word`, this very text) when it starts putting its kept version
+    """The word as a node writes it (this very text) when it starts putting its kept version
     back: a node restarted on it puts that version back and says rolled back, with the reason it kept; if the
     kept files cannot be written back, it says that instead."""
     previous = live_sha256(node)  # the version the rollout replaced: what was kept, and runs again once put back
