@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,7 +96,9 @@ def test_the_longest_word_a_node_keeps_is_one_it_reads_back_whole(node) -> None:
     (node.folder / f"{NAME}.json").write_text(json.dumps(word))
     announce(node, "b" * 64)
     tick_once(node)
-    assert (node.folder / f"{NAME}.json").stat().st_size <= MAX_WORD_BYTES
+    kept_word = (node.folder / f"{NAME}.json").stat()
+    assert kept_word.st_size <= MAX_WORD_BYTES
+    assert stat.S_IMODE(kept_word.st_mode) == 0o600  # the node's alone: no one else reads it
     restarted = FleetNode(node.status.settings, node.status, node.folder.parent)
     announce(restarted, "b" * 64)
     tick_once(restarted)

@@ -420,8 +420,11 @@ class FleetNode:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             # Whole or not at all (a word cut short would make a restart forget a rollback), and on the event
-            # loop, between two ticks: so without an fsync, which could cost a tick on an SD card.
-            write_atomically(self.folder / f"{name}.json", json.dumps(word).encode(), flush=False)
+            # loop, between two ticks: so without an fsync, which could cost a tick on an SD card. Mode 0600, as
+            # the daemon's other state: only this node reads it, at its next start (the owner's tool and Home
+            # Assistant read the verdict it publishes; no command reads the file), and without a state directory
+            # it lies in the shared /tmp. (Under the unit, UMask=0027 kept it from others before, too.)
+            write_atomically(self.folder / f"{name}.json", json.dumps(word).encode(), 0o600, flush=False)
         except OSError as exc:
             log.warning("fleet_state_not_kept", plugin=name, error=str(exc)[:200])
 
