@@ -12,7 +12,7 @@ import pytest
 
 from pi_controller import cli, config
 from pi_controller.fleet import protocol
-from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
+from pi_controller.fleet.protocol import MAX_VERDICT_BYTES, Announcement, Malformed, Verdict
 from pi_controller.fleet.tool import MAX_MODULE_BYTES, Plan, announce, load_plan
 from pi_controller.plugins.refusal import Refused
 
@@ -136,3 +136,13 @@ def test_the_tool_names_a_module_it_refuses_once_as_given_in_one_line(tmp_path, 
     (tmp_path / "fleet.yaml").write_text("nodes: [node-00]\n")
     assert cli.main(["fleet", "rollout", given.format(tmp=tmp_path), "--config", "fleet.yaml"]) == 1
     assert capsys.readouterr().err.splitlines() == [f"error: {said.format(tmp=tmp_path)}"]
+
+
+@pytest.mark.parametrize("reason", ["\U0001f525" * 500, "\x01" * 500, "x" * 5000])
+def test_a_verdict_with_any_reason_fits_what_a_verdict_may_weigh(reason: str) -> None:
+    """A node's reason in any script (500 characters, as a node cuts it) reaches the fleet tool whole; one
+    that would not fit (control characters, or longer than any node says) is cut rather than dropped."""
+    verdict = Verdict("r", "rolled_back", "2.0.0", "ab" * 32, reason, {"calls": 10, "errors": 1})
+    parsed = Verdict.parse(verdict.payload())
+    assert len(verdict.payload()) <= MAX_VERDICT_BYTES
+    assert parsed.reason == reason if len(reason) <= 500 else reason.startswith(parsed.reason or "-")

@@ -133,8 +133,14 @@ class Verdict:
     counts: dict[str, Any] = field(default_factory=dict)  # shadow: agreement, ticks, errors; live: calls, errors..
 
     def payload(self) -> bytes:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None and v != {}},
-                          separators=(",", ":")).encode()
+        """As UTF-8 JSON within MAX_VERDICT_BYTES, which a reason in any script fits (\\u escapes would make
+        500 emoji 6 KB): a reason that would not (control characters escape to six bytes each) is cut."""
+        fields = {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+        while True:
+            data = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(data) <= MAX_VERDICT_BYTES or not fields.get("reason"):
+                return data
+            fields["reason"] = fields["reason"][:len(fields["reason"]) // 2]
 
     @classmethod
     def parse(cls, payload: bytes) -> Verdict:
