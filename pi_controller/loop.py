@@ -250,8 +250,8 @@ class ControlLoop:
 
     def _ask(self, plugin: SandboxedPlugin, context: contract.Context, number: int) -> Call:
         """One plugin's call for this tick, unless it is quarantined (not called until its backoff has passed)."""
-        now = self.clock.monotonic()
-        if not plugin.quarantine.admit(now, number):
+        now, quarantine = self.clock.monotonic(), plugin.quarantine
+        if quarantine.until is not None and not quarantine.admit(now, number):  # asked only while it rests
             return Call(plugin, now, admitted=False)
         try:
             plugin.ask(context, self.clock.perf_counter)

@@ -19,7 +19,6 @@ from functools import cache
 import extism
 import structlog
 
-from pi_controller import logs
 from pi_controller.logs import LineBudget
 
 log = structlog.get_logger("pi_controller.extism")
@@ -59,19 +58,10 @@ class ExtismLog:
     def drain(self) -> None:
         self._logger.drain()
 
-    def calling(self) -> None:
-        """A plugin call begins on this thread: what native code writes to stderr until `called` is its."""
-        if logs.native_stderr is not None:
-            logs.native_stderr.begin()
-
-    def called(self, instance_id: str) -> None:
-        """The call has ended: what libextism wrote to stderr meanwhile (raw lines of tracing-subscriber's,
-        when a guest's error or log text holds a NUL), logged as the plugin's, within its share of the log."""
-        if logs.native_stderr is None:
-            return
-        lines = logs.native_stderr.end()
-        if not lines:
-            return
+    def native_stderr(self, instance_id: str, lines: list[str]) -> None:
+        """What libextism wrote to stderr during a call of this instance (`logs.NativeStderr.end`: raw lines
+        of tracing-subscriber's, when a guest's error or log text holds a NUL), logged as its plugin's,
+        within its share of the log. The caller brackets the call itself (`sandbox`), as it runs every tick."""
         with self._lock:
             plugin, budget = self._names.get(instance_id), self._budgets.get(instance_id)
         for text in lines:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import extism
 
+from pi_controller import logs
 from pi_controller.contract import Command, CommandTarget, Context, Rejection, encode_config, parse_output
 from pi_controller.plugins.backstop import Backstop
 from pi_controller.plugins.extism_adapter import Module, call, compile_module, handle
@@ -113,6 +114,7 @@ class SandboxedPlugin:
                  backstop: Backstop | None = None):
         self.name = name
         self.grant = terms
+        self.priority = terms.priority  # read for every parse: an attribute, as the grant never changes
         backstop = backstop or Backstop()
         self.backstop_ms = backstop.ms(terms.fuel, terms.timeout_ms)
         # On a virtual clock libextism's timer, which counts wall-clock time, cannot tell a stall: the host
@@ -145,10 +147,6 @@ class SandboxedPlugin:
             self.close()
             raise
 
-    @property
-    def priority(self) -> int:
-        return self.grant.priority
-
     def _instantiate(self) -> tuple[extism.Plugin, str]:
         instance = self._module.instantiate()
         instance_id = str(instance.id)
@@ -161,7 +159,7 @@ class SandboxedPlugin:
             raise Refused(f"the module does not export '{ENTRY_POINT}'")
         if self._instance.function_exists(HEALTH_CHECK):
             try:
-                self._invoke(HEALTH_CHECK.encode(), b"")
+                self._invoke(HEALTH_CHECK.encode(), b"", bounded=False)
             except PluginCallError as exc:
                 raise Refused(f"{HEALTH_CHECK} failed: {exc}") from exc
 
@@ -173,43 +171,40 @@ class SandboxedPlugin:
     def call(self, context: bytes, tick: int | None = None) -> bytes:
         """One tick: `context` is the context without its config (`contract.encode_context`). What
         libextism logged during the call is logged before it returns."""
-        output = self._entry(context, tick)
+        output = self._invoke(_ENTRY_POINT, context + self.config_suffix, tick)
         drain_log()
         return output
 
-    def _entry(self, context: bytes, tick: int | None) -> bytes:
-        """`control_logic` on `context` with the config, bounded; libextism's log is left for `drain_log`."""
-        output = self._invoke(_ENTRY_POINT, context + self.config_suffix, tick)
-        if len(output) > self.grant.max_output_bytes:
-            raise PluginCallError("output_too_large", f"output of {len(output)} bytes exceeds max_output_bytes "
-                                  f"{self.grant.max_output_bytes}")
-        return output
-
-    def _invoke(self, function: bytes, data: bytes, tick: int | None = None) -> bytes:
-        self.host.start_call(tick, self._virtual_backstop_s)
+    def _invoke(self, function: bytes, data: bytes, tick: int | None = None, bounded: bool = True) -> bytes:
+        """`function` on `data` under the host-call budget and the backstops, its output within
+        max_output_bytes if `bounded`; libextism's log is left for `drain_log`. One frame for all of it: it
+        runs for every plugin every tick."""
+        host = self.host
+        host.start_call(tick, self._virtual_backstop_s)
+        native = logs.native_stderr  # what libextism writes to stderr during the call is this plugin's
+        if native is not None:
+            native.begin()
         try:
-            output = self._call(function, data)
+            try:
+                output = call(self._instance, function, data)
+            finally:  # logged before anything else the call leads to
+                if native is not None and (lines := native.end()):
+                    router().native_stderr(self._id, lines)
         except extism.Error as exc:
             error = self._call_error(exc)
             if error.kind in _REBUILD_AFTER:
                 self._rebuild()
                 error.reset = True
             raise error from exc
-        if self.host.over_budget or self.host.stalled:  # it ended anyway (a cancel not taken yet): the verdict stands
+        if host.over_budget or host.stalled:  # it ended anyway (a cancel not taken yet): the verdict stands
             self._rebuild()
             error = self._call_error(extism.Error("cancelled"))
             error.reset = True
             raise error
+        if bounded and len(output) > self.grant.max_output_bytes:
+            raise PluginCallError("output_too_large", f"output of {len(output)} bytes exceeds max_output_bytes "
+                                  f"{self.grant.max_output_bytes}")
         return output
-
-    def _call(self, function: bytes, data: bytes) -> bytes:
-        """The call itself, with what libextism writes to stderr meanwhile logged as this plugin's."""
-        extism_log = router()
-        extism_log.calling()
-        try:
-            return call(self._instance, function, data)
-        finally:
-            extism_log.called(self._id)
 
     def _call_error(self, exc: extism.Error) -> PluginCallError:
         reason = router().reason(self._id)
@@ -241,23 +236,22 @@ class SandboxedPlugin:
         self.last_output = None
         started = timer()
         try:
-            self.last_output = self._entry(self.view(context), context.tick)
+            mine = context.encoded if self.grant.sensors is None else self.view(context)
+            self.last_output = self._invoke(_ENTRY_POINT, mine + self.config_suffix, context.tick)
         finally:
             self.last_call_s = timer() - started
 
     def answer(self, targets: Mapping[str, CommandTarget]) -> tuple[list[Command], list[Rejection]]:
-        """`decide`'s parse and screen of what the last `ask` got back."""
-        assert self.last_output is not None, "answer() follows an ask() that succeeded"
-        return self._parse_and_screen(self.last_output, targets)
-
-    def _parse_and_screen(self, output: bytes, targets: Mapping[str, CommandTarget]
-                          ) -> tuple[list[Command], list[Rejection]]:
-        """`screen(parse_output(...))`, or what it gave last time for the same output and actuators (a
-        reload makes a new mapping of them). Commands are never changed once made: they are shared."""
-        last = self._screened
+        """`decide`'s parse and screen of what the last `ask` got back, or what they gave last time for the
+        same output and actuators (a reload makes a new mapping of them). Commands are never changed once
+        made: they are shared."""
+        output, last = self.last_output, self._screened
+        assert output is not None, "answer() follows an ask() that succeeded"
         if last is not None and last[1] is targets and last[0] == output:
             return list(last[2]), list(last[3])
-        commands, rejections = self.screen(*parse_output(output, self.name, self.priority, targets))
+        commands, rejections = parse_output(output, self.name, self.priority, targets)
+        if self.grant.actuators is not None:
+            commands, rejections = self.screen(commands, rejections, self.grant.actuators)
         self._screened = (output, targets, commands, rejections)
         return list(commands), list(rejections)
 
@@ -265,12 +259,9 @@ class SandboxedPlugin:
         """The context as this plugin may see it: only the readings of its declared sensors."""
         return context.encoded if self.grant.sensors is None else context.only(self.grant.sensors)
 
-    def screen(self, commands: list[Command], rejections: list[Rejection]
+    def screen(self, commands: list[Command], rejections: list[Rejection], allowed: frozenset[str]
                ) -> tuple[list[Command], list[Rejection]]:
-        """Valid commands split by capability: one to an actuator not granted is rejected."""
-        allowed = self.grant.actuators
-        if allowed is None:
-            return commands, rejections
+        """Valid commands split by capability: one to an actuator not `allowed` (the grant's) is rejected."""
         kept = [c for c in commands if c.device_id in allowed]
         refused = [Rejection(self.name, c.device_id, "forbidden_device",
                              f"'{c.device_id}' is not among the actuators granted to this plugin "
