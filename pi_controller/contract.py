@@ -171,7 +171,8 @@ def number(parameters: Mapping[str, Any], name: str, low: float, high: float) ->
 
 def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, CommandTarget]
                  ) -> tuple[list[Command], list[Rejection]]:
-    """Validate a plugin's output against the contract and the actuators it names."""
+    """Validate a plugin's output against the contract and the actuators it names. Each command is checked
+    inline, not in a function of its own: this runs for every command of every plugin, every tick."""
     try:
         entries = decode(raw)
     except (ValueError, RecursionError) as exc:
@@ -185,10 +186,22 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
     commands: list[Command] = []
     rejections: list[Rejection] = []
     for index, entry in enumerate(entries):
+        device = None
         try:
-            commands.append(_command(index, entry, plugin, priority, targets))
+            if not isinstance(entry, dict):
+                raise Rejected("malformed", f"command #{index} must be an object, got {type(entry).__name__}")
+            device, action = entry.get("device_id"), entry.get("action")
+            parameters = entry.get("parameters", {})
+            if not isinstance(device, str):
+                raise Rejected("malformed", f"command #{index} has no string 'device_id'")
+            if device not in targets:
+                raise Rejected("unknown_device", f"unknown device '{device[:64]}'")
+            if not isinstance(action, str):
+                raise Rejected("malformed", f"command #{index} has no string 'action'")
+            if not isinstance(parameters, dict):
+                raise Rejected("malformed", f"'parameters' must be an object, got {type(parameters).__name__}")
+            commands.append(Command(device, action, targets[device].command(action, parameters), plugin, priority))
         except Rejected as exc:
-            device = entry.get("device_id") if isinstance(entry, dict) else None
             known = device if isinstance(device, str) and device in targets else None
             rejections.append(Rejection(plugin, known, exc.rule, str(exc)))
     return commands, rejections
@@ -208,20 +221,3 @@ def decode(raw: bytes) -> Any:
 def max_commands(actuators: int) -> int:
     """A few commands per actuator are plenty; more is a runaway plugin, refused before any work."""
     return 4 * actuators + 16
-
-
-def _command(index: int, entry: Any, plugin: str, priority: int,
-             targets: Mapping[str, CommandTarget]) -> Command:
-    if not isinstance(entry, dict):
-        raise Rejected("malformed", f"command #{index} must be an object, got {type(entry).__name__}")
-    device, action = entry.get("device_id"), entry.get("action")
-    parameters = entry.get("parameters", {})
-    if not isinstance(device, str):
-        raise Rejected("malformed", f"command #{index} has no string 'device_id'")
-    if device not in targets:
-        raise Rejected("unknown_device", f"unknown device '{device[:64]}'")
-    if not isinstance(action, str):
-        raise Rejected("malformed", f"command #{index} has no string 'action'")
-    if not isinstance(parameters, dict):
-        raise Rejected("malformed", f"'parameters' must be an object, got {type(parameters).__name__}")
-    return Command(device, action, targets[device].command(action, parameters), plugin, priority)
