@@ -268,22 +268,26 @@ class ControlLoop:
             return []
         stats = self.plugin_stats.get(plugin.name) or self.plugin_stats.setdefault(plugin.name, PluginStats())
         stats.calls += 1
+        seconds = plugin.last_call_s
+        stats.durations.add(seconds)
         try:
             if call.failure is not None:
                 raise call.failure
             commands, rejections = plugin.answer(self.hardware.actuators)
         except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
-            stats.durations.add(plugin.last_call_s)
-            self._failed(plugin, exc, stats, plugin.last_call_s, number, call.ended)
+            self._failed(plugin, exc, stats, seconds, number, call.ended)
             return []
-        seconds = plugin.last_call_s
-        stats.durations.add(seconds)
         self.health.ok(plugin.name, now, commands, rejections)
         self.verdicts.answered.append(plugin.name)
         if self._call_observers:
             self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False), number,
                          self._call_observers)
-        if plugin.quarantine.record(now, number, len(rejections), rejections[0].reason if rejections else ""):
+        quarantine = plugin.quarantine
+        if not rejections:
+            if quarantine.probation:  # a clean call is news to its quarantine only then
+                quarantine.record(now, number, 0, "")
+            return commands
+        if quarantine.record(now, number, len(rejections), rejections[0].reason):
             self.plugins.made_room()  # its share of the tick is free for a plugin waiting for one
         stats.rejected += len(rejections)
         self.verdicts.rejections.extend(rejections)

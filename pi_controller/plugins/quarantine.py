@@ -28,7 +28,7 @@ class Quarantine:
         self._faults: deque[float] = deque()
         self._relapses = 0
         self._released: float | None = None
-        self._probation = False  # released, and no clean call since
+        self.probation = False  # released, and no clean call since (the loop tells `record` of one only then)
 
     @property
     def quarantined(self) -> bool:
@@ -38,7 +38,7 @@ class Quarantine:
     @property
     def shown_quarantined(self) -> bool:
         """What its state says: resting, or released and not yet called cleanly."""
-        return self.until is not None or self._probation
+        return self.until is not None or self.probation
 
     def admit(self, now: float, tick: int) -> bool:
         """Whether to call the plugin this tick; ends the quarantine once its backoff has passed."""
@@ -46,7 +46,7 @@ class Quarantine:
             return True
         if now < self.until:
             return False
-        self.until, self._released, self._probation = None, now, True
+        self.until, self._released, self.probation = None, now, True
         log.info("plugin_released", plugin=self.plugin, tick=tick, relapses=self._relapses)
         return True
 
@@ -54,7 +54,7 @@ class Quarantine:
         """Count a call's faults (0 for a clean call); quarantine the plugin past the limit. True when this
         call's faults quarantined it."""
         if faults == 0:
-            self._probation = False
+            self.probation = False
             return False
         self.reason = reason
         self._faults.extend([now] * min(faults, self.settings.failures))
