@@ -129,7 +129,8 @@ class PluginHost:
         """A call begins; `backstop_s`: how long it may run on the loop's clock, when that clock is virtual."""
         self.tick = tick
         self.over_budget = self.stalled = False
-        self._deadline = math.inf if backstop_s == math.inf else self._clock() + backstop_s  # no clock read for none
+        # No clock read without a backstop (a real clock's calls, every tick): libextism's own timer stops those.
+        self._deadline = math.inf if backstop_s == math.inf else self._clock() + backstop_s
         self._calls_left = self.settings.host_calls_per_call
         self._reads_left = self.settings.history_reads_per_call
 
