@@ -169,16 +169,27 @@ def number(parameters: Mapping[str, Any], name: str, low: float, high: float) ->
     return value
 
 
+class _Entry(msgspec.Struct):
+    """A command with the contract's types: what nearly every output holds, typed by msgspec's decoder in C."""
+
+    device_id: str
+    action: str
+    parameters: dict[str, Any] = {}  # a fresh one for each entry (msgspec copies an empty default)
+
+
+_ENTRIES = msgspec.json.Decoder(list[_Entry])
+
+
 def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, CommandTarget]
                  ) -> tuple[list[Command], list[Rejection]]:
-    """Validate a plugin's output against the contract and the actuators it names. Each command is checked
-    inline, not in a function of its own: this runs for every command of every plugin, every tick."""
+    """Validate a plugin's output against the contract and the actuators it names. An output whose commands
+    all have the contract's types (nearly all) is typed by msgspec as it decodes; any other is decoded as
+    json.loads would and checked by hand, command by command (`_entry`), for the same verdicts. This runs
+    for every command of every plugin, every tick."""
     try:
-        entries = decode(raw)
-    except (ValueError, RecursionError) as exc:
-        raise OutputError("not_json", f"output is not JSON: {str(exc)[:120]}") from exc
-    if not isinstance(entries, list):
-        raise OutputError("not_a_list", f"output must be a JSON array of commands, got a {type(entries).__name__}")
+        entries: list[Any] = _ENTRIES.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        entries = _array(raw)
     limit = max_commands(len(targets))
     if len(entries) > limit:
         raise OutputError("too_many_commands", f"output has {len(entries)} commands; at most {limit} for "
@@ -186,25 +197,55 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
     commands: list[Command] = []
     rejections: list[Rejection] = []
     for index, entry in enumerate(entries):
-        device = None
         try:
-            if not isinstance(entry, dict):
-                raise Rejected("malformed", f"command #{index} must be an object, got {type(entry).__name__}")
-            device, action = entry.get("device_id"), entry.get("action")
-            parameters = entry.get("parameters", {})
-            if not isinstance(device, str):
-                raise Rejected("malformed", f"command #{index} has no string 'device_id'")
-            if device not in targets:
-                raise Rejected("unknown_device", f"unknown device '{device[:64]}'")
-            if not isinstance(action, str):
-                raise Rejected("malformed", f"command #{index} has no string 'action'")
-            if not isinstance(parameters, dict):
-                raise Rejected("malformed", f"'parameters' must be an object, got {type(parameters).__name__}")
-            commands.append(Command(device, action, targets[device].command(action, parameters), plugin, priority))
+            typed = entry if isinstance(entry, _Entry) else _entry(index, entry, targets)
+            if typed.device_id not in targets:
+                raise _unknown(typed.device_id)
+            command = targets[typed.device_id].command(typed.action, typed.parameters)
+            commands.append(Command(typed.device_id, typed.action, command, plugin, priority))
         except Rejected as exc:
-            known = device if isinstance(device, str) and device in targets else None
-            rejections.append(Rejection(plugin, known, exc.rule, str(exc)))
+            rejections.append(Rejection(plugin, _named(entry, targets), exc.rule, str(exc)))
     return commands, rejections
+
+
+def _array(raw: bytes) -> list[Any]:
+    """An output msgspec could not type, decoded: a JSON array, or OutputError saying why not."""
+    try:
+        entries = decode(raw)
+    except (ValueError, RecursionError) as exc:
+        raise OutputError("not_json", f"output is not JSON: {str(exc)[:120]}") from exc
+    if not isinstance(entries, list):
+        raise OutputError("not_a_list", f"output must be a JSON array of commands, got a {type(entries).__name__}")
+    return entries
+
+
+def _entry(index: int, entry: Any, targets: Mapping[str, CommandTarget]) -> _Entry:
+    """An entry of an output msgspec could not type, checked in the contract's order; Rejected if malformed."""
+    if not isinstance(entry, dict):
+        raise Rejected("malformed", f"command #{index} must be an object, got {type(entry).__name__}")
+    device, action = entry.get("device_id"), entry.get("action")
+    parameters = entry.get("parameters", {})
+    if not isinstance(device, str):
+        raise Rejected("malformed", f"command #{index} has no string 'device_id'")
+    if device not in targets:
+        raise _unknown(device)
+    if not isinstance(action, str):
+        raise Rejected("malformed", f"command #{index} has no string 'action'")
+    if not isinstance(parameters, dict):
+        raise Rejected("malformed", f"'parameters' must be an object, got {type(parameters).__name__}")
+    return _Entry(device, action, parameters)
+
+
+def _named(entry: Any, targets: Mapping[str, CommandTarget]) -> str | None:
+    """The device a rejected entry names, if it exists."""
+    if isinstance(entry, _Entry):
+        return entry.device_id if entry.device_id in targets else None
+    device = entry.get("device_id") if isinstance(entry, dict) else None
+    return device if isinstance(device, str) and device in targets else None
+
+
+def _unknown(device: str) -> Rejected:
+    return Rejected("unknown_device", f"unknown device '{device[:64]}'")
 
 
 def decode(raw: bytes) -> Any:
