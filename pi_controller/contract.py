@@ -188,8 +188,9 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
     for every command of every plugin, every tick."""
     try:
         entries: list[Any] = _ENTRIES.decode(raw)
+        typed = True
     except (msgspec.DecodeError, RecursionError):
-        entries = _array(raw)
+        entries, typed = _array(raw), False
     limit = max_commands(len(targets))
     if len(entries) > limit:
         raise OutputError("too_many_commands", f"output has {len(entries)} commands; at most {limit} for "
@@ -198,11 +199,11 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
     rejections: list[Rejection] = []
     for index, entry in enumerate(entries):
         try:
-            typed = entry if isinstance(entry, _Entry) else _entry(index, entry, targets)
-            if typed.device_id not in targets:
-                raise _unknown(typed.device_id)
-            command = targets[typed.device_id].command(typed.action, typed.parameters)
-            commands.append(Command(typed.device_id, typed.action, command, plugin, priority))
+            checked = entry if typed else _entry(index, entry, targets)
+            if checked.device_id not in targets:
+                raise _unknown(checked.device_id)
+            command = targets[checked.device_id].command(checked.action, checked.parameters)
+            commands.append(Command(checked.device_id, checked.action, command, plugin, priority))
         except Rejected as exc:
             rejections.append(Rejection(plugin, _named(entry, targets), exc.rule, str(exc)))
     return commands, rejections
