@@ -251,7 +251,7 @@ class ControlLoop:
     def _ask(self, plugin: SandboxedPlugin, context: contract.Context, number: int) -> Call:
         """One plugin's call for this tick, unless it is quarantined (not called until its backoff has passed)."""
         now, quarantine = self.clock.monotonic(), plugin.quarantine
-        if quarantine.until is not None and not quarantine.admit(now, number):  # asked only while it rests
+        if quarantine.until is not None and not quarantine.admit(now, number):  # asked only while the plugin rests
             return Call(plugin, now, admitted=False)
         try:
             plugin.ask(context, self.clock.perf_counter)

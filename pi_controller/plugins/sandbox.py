@@ -236,7 +236,7 @@ class SandboxedPlugin:
         self.last_output = None
         started = timer()
         try:
-            mine = context.encoded if self.grant.sensors is None else self.view(context)
+            mine = context.encoded if self.grant.sensors is None else self.view(context)  # no call for the whole
             self.last_output = self._invoke(_ENTRY_POINT, mine + self.config_suffix, context.tick)
         finally:
             self.last_call_s = timer() - started
