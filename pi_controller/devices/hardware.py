@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, NamedTuple, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Protocol, Sequence, TypeVar
 
+import msgspec
 import structlog
 
 from pi_controller import contract, logs
@@ -37,7 +38,7 @@ State = Literal["safe", "startup", "shutdown"]
 T = TypeVar("T")
 
 
-class Write(NamedTuple):
+class Write(msgspec.Struct, frozen=True, gc=False):  # made in C (see contract.Reading)
     """A target for an actuator, as the safety rules let it through, and on whose behalf."""
 
     device_id: str

@@ -13,15 +13,15 @@ Called from the tick thread only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
+
+import msgspec
 
 if TYPE_CHECKING:
     from pi_controller.contract import Command, Rejection
 
 
-@dataclass(frozen=True, slots=True)
-class Failsafe:
+class Failsafe(msgspec.Struct, frozen=True, gc=False):  # made in C (see contract.Reading)
     """An actuator taken from its owner and put in its safe state."""
 
     device_id: str

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from dataclasses import dataclass
-from typing import Iterable, Mapping, NamedTuple
+from typing import Iterable, Mapping
 
+import msgspec
 import structlog
 
 from pi_controller.config import InterlockSettings
@@ -48,8 +48,7 @@ GRADUAL = ("max_rate", "reverse_delay")  # shaping on the way to what was asked:
 _UNSEEN = object()  # a guard's `seen` before its first tick: no target is equal to it
 
 
-@dataclass(frozen=True, slots=True)
-class Hold:
+class Hold(msgspec.Struct, frozen=True, gc=False):  # made in C (see contract.Reading)
     device_id: str
     rule: str
     detail: str
@@ -57,7 +56,7 @@ class Hold:
     remaining_s: float | None = None  # how long it holds at most, when the rule knows (min_on, min_off)
 
 
-class Decision(NamedTuple):
+class Decision(msgspec.Struct):
     writes: list[Write]  # what to apply this tick
     holds: list[Hold]  # what the rules kept back
     failsafes: list[Failsafe]  # actuators taken from their owner this tick
