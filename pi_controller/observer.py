@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from pi_controller.safety.ownership import Failsafe
 
@@ -12,8 +13,8 @@ if TYPE_CHECKING:
     from pi_controller.safety.rules import Decision
 
 
-@dataclass(frozen=True, slots=True)
-class TickReport:
+# Made in C, as the tick's other records (see contract.Reading).
+class TickReport(msgspec.Struct, frozen=True, gc=False):
     number: int
     duration: float  # seconds of work
     jitter: float  # seconds the tick started after its deadline
@@ -24,17 +25,15 @@ class TickReport:
         return self.missed == 0
 
 
-@dataclass(slots=True)
-class Verdicts:
+class Verdicts(msgspec.Struct):
     """What became of the plugins' calls in one tick, beyond their valid commands."""
 
-    answered: list[str] = field(default_factory=list)  # plugins whose call gave a usable output
-    rejections: list[Rejection] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)  # plugin -> kind of failed call
+    answered: list[str] = msgspec.field(default_factory=list)  # plugins whose call gave a usable output
+    rejections: list[Rejection] = msgspec.field(default_factory=list)
+    failures: dict[str, str] = msgspec.field(default_factory=dict)  # plugin -> kind of failed call
 
 
-@dataclass(slots=True)  # not frozen: made every tick, and frozen costs 5x (1 us); never changed once made
-class TickTrace:
+class TickTrace(msgspec.Struct):  # never changed once made
     """What one tick saw and did, kept by reference (nothing is copied in the tick) for whoever
     records it after the tick: the context's parts, every proposal, and what became of them."""
 
