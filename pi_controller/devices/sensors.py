@@ -12,6 +12,7 @@ Assistant entity, its mock pins and its port for the simulation models.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -102,6 +103,8 @@ class SensorSettings:
 class Sensor:
     """Reads one value; subclasses implement `_sample` and may raise, `read` never does."""
 
+    _sample: Callable[[], float]  # a method of the kind's, or a callable set by the instance (GpiozeroSensor)
+
     def __init__(self, settings: SensorSettings):
         self.settings = settings
 
@@ -122,9 +125,6 @@ class Sensor:
     def _invalid(self, now: float, why: str) -> Reading:
         return Reading(self.settings.id, None, self.settings.unit, now, why)
 
-    def _sample(self) -> float:
-        raise NotImplementedError
-
     def close(self) -> None:
         """Release the pins and threads the sensor holds."""
 
@@ -135,10 +135,8 @@ class GpiozeroSensor(Sensor):
     def __init__(self, settings: SensorSettings, device: Any, sample: Callable[[Any], float]):
         super().__init__(settings)
         self.device = device
-        self._sample_device = sample
-
-    def _sample(self) -> float:
-        return self._sample_device(self.device)
+        # sample(device) bound once, in C: a read goes from `read` to gpiozero with no frame of ours between.
+        self._sample = functools.partial(sample, device)
 
     def close(self) -> None:
         # A smoothed device's sampling thread first: gpiozero's DistanceSensor lets go of its trigger before
