@@ -217,8 +217,8 @@ class ControlLoop:
 
     def _report_sensors(self, number: int) -> None:
         for r in self.readings:
-            if not r.valid:
-                self._problems.problem(("sensor", r.sensor_id, kind_of(r.error or "")), "sensor_invalid", tick=number,
+            if r.error is not None:  # not `r.valid`: a property is a Python call, for every reading of every tick
+                self._problems.problem(("sensor", r.sensor_id, kind_of(r.error)), "sensor_invalid", tick=number,
                                        sensor=r.sensor_id, error=r.error)
 
     def _report_conflicts(self, conflicts: list[tuple[Command, Command]], number: int) -> None:
