@@ -116,7 +116,12 @@ def encode_context(readings: Sequence[Reading], states: str, timestamp: float, t
     """One tick's context; `states` is the device states' JSON (`encode_states`), which most ticks
     leave unchanged, so that its owner can keep it from tick to tick. `timestamp` is the wall clock (the
     time of day; it steps when NTP sets it), `monotonic` the clock a plugin's timers can trust."""
-    parts = tuple(_reading(r) for r in readings)
+    # Each reading's JSON. A valid one is written by hand from parts encoded once per sensor: the tick's
+    # hottest encode, a third of what json.dumps of a dict costs, and the same bytes. One comprehension,
+    # not a function per reading: a Python call for each of them, every tick.
+    parts = tuple([f'{{"sensor_id":{string(r.sensor_id)},"value":{float(r.value)!r},"unit":{string(r.unit)},'
+                   f'"timestamp":{float(r.timestamp)!r},"valid":true}}'
+                   if r.error is None and r.value is not None else COMPACT.encode(r.as_json()) for r in readings])
     tail = (f',"device_states":{states},"timestamp":{_scalar(timestamp)},"monotonic":{_scalar(monotonic)},'
             f'"tick":{_scalar(tick)}').encode()
     return Context(readings, parts, tail, tick, READINGS_KEY + ("[" + ",".join(parts) + "]").encode() + tail)
@@ -131,15 +136,6 @@ def _scalar(value: Any) -> str:
 
 def encode_states(device_states: Mapping[str, Any]) -> str:
     return COMPACT.encode(device_states)
-
-
-def _reading(r: Reading) -> str:
-    """A reading's JSON. A valid one is written by hand from parts encoded once per sensor: the tick's
-    hottest encode, a third of what json.dumps of a dict costs. Same bytes."""
-    if r.error is not None or r.value is None:
-        return COMPACT.encode(r.as_json())
-    return (f'{{"sensor_id":{string(r.sensor_id)},"value":{float(r.value)!r},"unit":{string(r.unit)},'
-            f'"timestamp":{float(r.timestamp)!r},"valid":true}}')
 
 
 @functools.lru_cache(maxsize=1024)
