@@ -226,10 +226,10 @@ def test_an_actuator_s_state_json_is_its_state_encoded_whatever_it_was_before() 
                "fan": [1.0, 0.0, True, False, 1, 0, 1.0], "vent": [None, 30, 30.0, 45.5, None, 0, 0.0, 90]}
     try:
         for actuator in built:
-            assert actuator.state_json() == contract.COMPACT.encode(actuator.state)
+            assert actuator.state_json == contract.COMPACT.encode(actuator.state)
             for target in targets[actuator.id]:
                 actuator.apply(target, force=True)
-                assert actuator.state_json() == contract.COMPACT.encode(actuator.state), (actuator.id, target)
+                assert actuator.state_json == contract.COMPACT.encode(actuator.state), (actuator.id, target)
                 assert actuator.state == actuator._describe(target)
             assert len(actuator._known) <= actuators.KNOWN_STATES
     finally:

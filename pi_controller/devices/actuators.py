@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping, NamedTuple
 from pi_controller.contract import COMPACT, Rejected
 from pi_controller.schema import bcm_pin, bounded, device_id
 
-KNOWN_STATES = 16  # states an actuator keeps described and encoded (`Actuator.state_json`)
+KNOWN_STATES = 16  # states an actuator keeps described and encoded (`Actuator._set_state`)
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
@@ -138,6 +138,7 @@ class Actuator:
     kind: str
     actions: tuple[str, ...] = ()
     state: dict[str, Any]  # as the plugin context shows it; replaced on a change, never edited
+    state_json: str  # `state` as the context's JSON (`contract.COMPACT`)
     # Its Home Assistant entity sends "ON" and then its level as two messages (a fan's turn_on with a
     # percentage): a bare "ON" waits a tick for a level that supersedes it (`operator.py`).
     level_follows_on = False
@@ -147,9 +148,9 @@ class Actuator:
         self.device = device
         self.safe_target, self.startup_target, self.shutdown_target = settings.targets()
         self.target: Target = claimed
-        # The states this actuator has been in, with their JSON once asked for, by target: an actuator goes
-        # back and forth between a few (on and off, a plugin's levels) and each is described and encoded once.
-        self._known: dict[tuple[type, Target], list[Any]] = {}
+        # The states this actuator has been in, with their JSON, by target: an actuator goes back and forth
+        # between a few (on and off, a plugin's levels) and each is described and encoded once.
+        self._known: dict[tuple[type, Target], tuple[dict[str, Any], str]] = {}
         self._set_state(claimed)
 
     @property
@@ -178,22 +179,17 @@ class Actuator:
         self._set_state(target)
         return True
 
-    def state_json(self) -> str:
-        """`state` as the context's JSON (`contract.COMPACT`), encoded the first time this state is shown."""
-        entry = self._entry
-        if entry[1] is None:
-            entry[1] = COMPACT.encode(entry[0])
-        return str(entry[1])
-
     def _set_state(self, target: Target) -> None:
         key = (type(target), target)  # 1, 1.0 and True are one key to a dict, not one JSON
-        entry = self._known.get(key)
-        if entry is None:
+        known = self._known.get(key)
+        if known is None:
             if len(self._known) >= KNOWN_STATES:  # a fade or a sweep: a few steps kept, never all
                 self._known.clear()
-            entry = self._known[key] = [self._describe(target), None]
-        self.state = entry[0]
-        self._entry = entry
+            state = self._describe(target)
+            # Encoded now rather than when first shown: every tick shows the states (`Hardware.states_json`),
+            # and an attribute is read with no call.
+            known = self._known[key] = (state, COMPACT.encode(state))
+        self.state, self.state_json = known
 
     def close(self) -> None:
         self.device.close()

@@ -58,7 +58,7 @@ EXIT_HARDWARE = 3
 class Hardware:
     def __init__(self, sensor_list: list[Sensor], actuator_list: list[Actuator], factory: Factory):
         self.sensors = sensor_list
-        self.actuators: dict[str, Actuator] = {a.id: a for a in actuator_list}
+        self._set_actuators({a.id: a for a in actuator_list})
         self.factory = factory
         self.environment: Environment | None = None
         self._lock = threading.Lock()  # the tick's writes against the watchdog's
@@ -108,7 +108,7 @@ class Hardware:
             reading = [kept_sensors.get(s.id) or _claim_or_note(
                 s.id, functools.partial(s.sensor, self.factory, clock), failed) for s in sensor_settings]
             # Inside the lock: the watchdog must never see a device that failed to be claimed.
-            self.actuators = {key: a for key, a in claimed.items() if a is not None}
+            self._set_actuators({key: a for key, a in claimed.items() if a is not None})
             self.sensors = [sensor for sensor in reading if sensor is not None]
             self._version = next(self._versions)
         return failed
@@ -175,11 +175,15 @@ class Hardware:
         version, snapshot, encoded = self._states
         if snapshot is not states:  # another thread's write came in between: what was asked for, uncached
             return contract.encode_states(states)
-        if encoded is None:  # as contract.encode_states(states) writes it, from each actuator's own JSON
-            encoded = "{" + ",".join(f"{contract.string(key)}:{a.state_json()}" for key, a in self.actuators.items()
-                                     ) + "}"
+        if encoded is None:  # as contract.encode_states(states) writes it, from each key's and actuator's own JSON
+            encoded = "{" + ",".join([key + a.state_json for key, a in self._json_keys]) + "}"
             self._states = (version, states, encoded)
         return encoded
+
+    def _set_actuators(self, actuators: dict[str, Actuator]) -> None:
+        self.actuators = actuators
+        # Each with its key as the context's JSON writes it, and the colon: encoded once, not at every change.
+        self._json_keys = [(contract.string(key) + ":", a) for key, a in actuators.items()]
 
     def close(self) -> None:
         """Shut-down state if anything is not in it yet, then release the sensors.
