@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping, NamedTuple
 from pi_controller.contract import COMPACT, Rejected
 from pi_controller.schema import bcm_pin, bounded, device_id
 
-KNOWN_STATES = 16  # states an actuator keeps described and encoded (`Actuator._set_state`)
+KNOWN_STATES = 16  # states an actuator keeps described and encoded (`Actuator._learn`)
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
@@ -151,7 +151,7 @@ class Actuator:
         # The states this actuator has been in, with their JSON, by target: an actuator goes back and forth
         # between a few (on and off, a plugin's levels) and each is described and encoded once.
         self._known: dict[tuple[type, Target], tuple[dict[str, Any], str]] = {}
-        self._set_state(claimed)
+        self.state, self.state_json = self._learn(claimed)
 
     @property
     def id(self) -> str:
@@ -176,20 +176,19 @@ class Actuator:
             return False
         self._write(target)
         self.target = target
-        self._set_state(target)
+        # A state it has been in before, the usual case, is looked up here: a write calls nothing more.
+        self.state, self.state_json = self._known.get((type(target), target)) or self._learn(target)
         return True
 
-    def _set_state(self, target: Target) -> None:
-        key = (type(target), target)  # 1, 1.0 and True are one key to a dict, not one JSON
-        known = self._known.get(key)
-        if known is None:
-            if len(self._known) >= KNOWN_STATES:  # a fade or a sweep: a few steps kept, never all
-                self._known.clear()
-            state = self._describe(target)
-            # Encoded now rather than when first shown: every tick shows the states (`Hardware.states_json`),
-            # and an attribute is read with no call.
-            known = self._known[key] = (state, COMPACT.encode(state))
-        self.state, self.state_json = known
+    def _learn(self, target: Target) -> tuple[dict[str, Any], str]:
+        """`target`'s state and its JSON, kept for the next time. Encoded now rather than when first shown:
+        every tick shows the states (`Hardware.states_json`), and an attribute is read with no call."""
+        if len(self._known) >= KNOWN_STATES:  # a fade or a sweep: a few steps kept, never all
+            self._known.clear()
+        state = self._describe(target)
+        # The target's type is part of the key: 1, 1.0 and True are one key to a dict, not one JSON.
+        known = self._known[(type(target), target)] = (state, COMPACT.encode(state))
+        return known
 
     def close(self) -> None:
         self.device.close()
