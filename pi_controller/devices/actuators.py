@@ -145,6 +145,7 @@ class Actuator:
 
     def __init__(self, settings: ActuatorSettings, device: Any, claimed: Target):
         self.settings = settings
+        self.id = settings.id  # an attribute, not a property: the safety rules ask it of every actuator, every tick
         self.device = device
         self.safe_target, self.startup_target, self.shutdown_target = settings.targets()
         self.target: Target = claimed
@@ -152,10 +153,6 @@ class Actuator:
         # between a few (on and off, a plugin's levels) and each is described and encoded once.
         self._known: dict[tuple[type, Target], tuple[dict[str, Any], str]] = {}
         self.state, self.state_json = self._learn(claimed)
-
-    @property
-    def id(self) -> str:
-        return self.settings.id
 
     def command(self, action: str, parameters: Mapping[str, Any]) -> Target:
         """The target an action asks for; raises Rejected if the action or its value is not valid."""
