@@ -187,7 +187,7 @@ class ControlLoop:
         now, monotonic, started = self.clock.time(), self.clock.monotonic(), self.clock.perf_counter()
         self.readings = self.hardware.read(now)
         self._report_sensors(number)
-        self.plugins.record(self.readings)
+        self.plugins.history.record(self.readings)  # filed after the tick (`_run`)
         states = self.hardware.states()
         context = contract.encode_context(self.readings, self.hardware.states_json(), now, number, monotonic=monotonic)
         # Operator overrides come first: arbitration keeps the first command for a device.
