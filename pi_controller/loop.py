@@ -201,10 +201,13 @@ class ControlLoop:
         for call in asked:
             proposals.extend(self._consult(call, number))
         wanted, conflicts = arbitration.resolve(proposals)
-        self._report_conflicts(conflicts, number)
+        if conflicts:  # this report and the two below are called only when there is something to report
+            self._report_conflicts(conflicts, number)
         decision = self.safety.enforce(wanted, self.readings, now, self.clock.monotonic(), self.health)
-        self._report_failsafes(decision.failsafes, number)
-        self._report_holds(decision.holds, number)
+        if decision.failsafes:
+            self._report_failsafes(decision.failsafes, number)
+        if decision.holds:
+            self._report_holds(decision.holds, number)
         for device, error in self.hardware.apply(decision.writes, number).items():
             self._problems.problem(("write", device), "actuator_write_failed", level="error", tick=number,
                                    device=device, error=error)
