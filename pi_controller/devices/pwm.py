@@ -83,10 +83,15 @@ class Pwm(Actuator):
         if action == "set_low":
             return 0.0
         if action == "set_high":
-            return self._within_bounds(100.0)
-        if action == "pwm":
-            return self._within_bounds(number(parameters, "duty_cycle", 0.0, 100.0))
-        raise self._unknown(action)
+            duty = 100.0
+        elif action == "pwm":
+            duty = number(parameters, "duty_cycle", 0.0, 100.0)
+        else:
+            raise self._unknown(action)
+        if duty > self.settings.max_duty:  # checked here, not in a helper: a call less for every command
+            raise Rejected("above_max_duty",
+                           f"duty_cycle {duty:g} is above this output's max_duty {self.settings.max_duty:g}")
+        return duty
 
     def parse_entity(self, data: Any) -> tuple[str, dict[str, Any]] | None:
         """The JSON-schema light's {"state", "brightness"}, either alone (a brightness alone turns it
@@ -114,12 +119,6 @@ class Pwm(Actuator):
             note, wanted = ("min_duty", f"duty {wanted:g} is below min_duty {s.min_duty:g}: off"), 0.0
         target, ramping = ramp(self.target, wanted, s.max_rate, dt)
         return target, note or ramping
-
-    def _within_bounds(self, duty: float) -> float:
-        if duty > self.settings.max_duty:
-            raise Rejected("above_max_duty",
-                           f"duty_cycle {duty:g} is above this output's max_duty {self.settings.max_duty:g}")
-        return duty
 
     def _write(self, target: Target) -> None:
         self.device.value = (target or 0.0) / 100.0
