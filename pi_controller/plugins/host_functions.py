@@ -71,10 +71,7 @@ class History:
                 if ring is None:
                     ring = self._rings[r.sensor_id] = _Ring(self.length)
                 if r.error is None and r.value is not None:
-                    pending = ring.pending  # appended here, not in a method of the ring: once per reading
-                    pending.append(r)
-                    if len(pending) >= 2 * self.length:  # nobody reads: stay bounded all the same
-                        del pending[:-self.length]
+                    ring.pending.append(r)
         self._unfiled.clear()
 
     def encode(self, sensor_id: str, count: int) -> bytes | None:
@@ -91,12 +88,13 @@ class _Ring:
     def __init__(self, length: int):
         self.length = length
         self.encoded: deque[str] = deque(maxlen=length)
-        self.pending: list[Reading] = []  # not yet encoded: nobody read since they came
+        # Not yet encoded, as nobody read since they came; the last `length` alone, as no more would be read.
+        # A bounded deque: filing a reading is one append (12 and more after every tick), with nothing to trim.
+        self.pending: deque[Reading] = deque(maxlen=length)
 
     def encode(self, count: int) -> bytes:
         if self.pending:
-            self.encoded.extend(f"[{float(r.timestamp)!r},{float(r.value or 0.0)!r}]"
-                                for r in self.pending[-self.length:])
+            self.encoded.extend(f"[{float(r.timestamp)!r},{float(r.value or 0.0)!r}]" for r in self.pending)
             self.pending.clear()
         recent = list(islice(reversed(self.encoded), max(0, count)))
         recent.reverse()
