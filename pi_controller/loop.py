@@ -15,6 +15,7 @@ import contextlib
 import gc
 import math
 from dataclasses import dataclass
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import structlog
@@ -170,7 +171,8 @@ class ControlLoop:
             self.ticks.missed += report.missed
             self._problems.problem("overrun", "tick_overrun", tick=report.number, missed=report.missed,
                                    period_ms=self.period * 1000)
-        self._notify(lambda observer: observer.tick_done(report), report.number)
+        # methodcaller, not a lambda: each observer's tick_done called from C, with no frame of ours between
+        self._notify(methodcaller("tick_done", report), report.number)
 
     def _notify(self, tell: Callable[[LoopObserver], None], number: int,
                 observers: Sequence[LoopObserver] | None = None) -> None:
