@@ -14,10 +14,10 @@ import asyncio
 import contextlib
 import gc
 import math
-from dataclasses import dataclass
 from operator import methodcaller
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
+import msgspec
 import structlog
 
 from pi_controller import arbitration, contract
@@ -65,8 +65,7 @@ def collect_if_due() -> None:
         gc.collect(generation)
 
 
-@dataclass(slots=True)
-class Call:
+class Call(msgspec.Struct):  # a Struct, as the tick's other records: made in C, once per plugin per tick
     """A plugin's call in this tick, before its answer is checked: when it was asked and when it ended (the
     times its verdicts are dated by), and its failure if it gave nothing."""
 
@@ -282,7 +281,7 @@ class ControlLoop:
         except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
             self._failed(plugin, exc, stats, seconds, number, call.ended)
             return []
-        self.health.ok(plugin.name, now, commands, rejections)
+        self.health.ok(plugin.name, now, commands, rejections, plugin.grant.actuators)
         self.verdicts.answered.append(plugin.name)
         if self._call_observers:
             self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False), number,

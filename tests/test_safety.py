@@ -477,7 +477,7 @@ def relay_under_rules(**rules: Any) -> tuple[actuators.Actuator, Safety, Health]
 
 def asked(health: Health, now: float, *commands: contract.Command) -> list[contract.Command]:
     health.begin()
-    health.ok("plugin", now, commands, [])
+    health.ok("plugin", now, commands, [], None)
     return list(commands)
 
 

@@ -13,7 +13,7 @@ Called from the tick thread only.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Collection, Iterable
 
 import msgspec
 
@@ -40,19 +40,22 @@ class Health:
         self._failing: dict[str, tuple[float, str]] = {}  # plugin -> (since, why)
         self._refused: dict[tuple[str, str], tuple[float, str]] = {}  # (plugin, device) -> (since, why)
         self._heard: set[str] = set()  # plugins that ran, or were due to run, this tick
-        self._answered: set[str] = set()  # plugins whose call this tick gave a usable output
+        # Plugins whose call this tick gave a usable output -> the actuators they are granted (None: all).
+        self._answered: dict[str, Collection[str] | None] = {}
 
     def begin(self) -> None:
         """A new tick: nothing heard yet."""
         self._heard.clear()
         self._answered.clear()
 
-    def ok(self, plugin: str, now: float, commands: Iterable[Command], rejections: Iterable[Rejection]) -> None:
-        """Its call returned a usable output: these commands, and these rejected. A device whose commands
-        are all rejected from some tick on is one the plugin fails for, until one is accepted again; if the
-        plugin was failing (or not called) until now, since then: no word of its has reached the device since."""
+    def ok(self, plugin: str, now: float, commands: Iterable[Command], rejections: Iterable[Rejection],
+           granted: Collection[str] | None) -> None:
+        """Its call returned a usable output: these commands, and these rejected; `granted`: the actuators it
+        may command as it is loaded (None: all). A device whose commands are all rejected from some tick on is
+        one the plugin fails for, until one is accepted again; if the plugin was failing (or not called) until
+        now, since then: no word of its has reached the device since."""
         self._heard.add(plugin)
-        self._answered.add(plugin)
+        self._answered[plugin] = granted
         was = self._failing.pop(plugin, None)
         for r in rejections:
             if r.device_id is not None and (plugin, r.device_id) not in self._refused:
@@ -66,7 +69,7 @@ class Health:
     def failed(self, plugin: str, now: float, why: str) -> None:
         """Its call failed, or it was not called because it is quarantined."""
         self._heard.add(plugin)
-        self._answered.discard(plugin)
+        self._answered.pop(plugin, None)
         since = self._failing[plugin][0] if plugin in self._failing else now
         self._failing[plugin] = (since, why)
 
@@ -75,10 +78,13 @@ class Health:
         self._heard.add(plugin)
 
     def sound(self, plugin: str, device: str) -> bool:
-        """Whether `plugin` answered this tick, may command `device` and has not had every command for it
-        rejected: what holds for nearly every owner in nearly every tick, asked first so that the tick
-        looks into why an owner fails (`failing`) only for one that may."""
-        return plugin in self._answered and (plugin, device) not in self._refused and self.granted(plugin, device)
+        """Whether `plugin` answered this tick, may command `device` (as `granted` says, from what it answered
+        with) and has not had every command for it rejected: what holds for nearly every owner in nearly every
+        tick, asked first so that the tick looks into why an owner fails (`failing`) only for one that may."""
+        if plugin not in self._answered:
+            return False
+        granted = self._answered[plugin]
+        return (granted is None or device in granted) and (plugin, device) not in self._refused
 
     def failing(self, plugin: str, now: float, device: str) -> tuple[float, str] | None:
         """(since, why) if `plugin` is failing, was not called this tick, or has had every command for

@@ -114,7 +114,7 @@ class Replay:
         rejections: list[Rejection] = []
         try:
             commands, rejections = plugin.decide(context, self.hardware.actuators)
-            self.health.ok(plugin.name, self.clock.monotonic(), commands, rejections)
+            self.health.ok(plugin.name, self.clock.monotonic(), commands, rejections, plugin.grant.actuators)
         except Exception as exc:  # a failed call is a verdict to compare, as the loop counts it
             failed = PluginCallError.kind_of(exc)
             self.health.failed(plugin.name, self.clock.monotonic(), f"has failed every call since ({failed})")
