@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from functools import cache
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import extism
 from extism.extism import CompiledPlugin, _ffi, _lib  # fuel and host memory are only in libextism's C API
@@ -20,6 +20,7 @@ from extism.extism import CompiledPlugin, _ffi, _lib  # fuel and host memory are
 from pi_controller.plugins.wasm_cache import compile_with_fallback
 
 NAMESPACE = b"extism:host/user"  # where plugins import our host functions from
+KERNEL = "extism:host/env"  # libextism's own functions: memory, input and output, vars, config, HTTP, its log
 I64 = 1  # ExtismValType
 _SIGNATURE = "void(ExtismCurrentPlugin*, const ExtismVal*, ExtismSize, ExtismVal*, ExtismSize, void*)"
 HostCallback = Callable[[Any, Any, int, Any, int, Any], None]
@@ -96,6 +97,12 @@ def _function(definition: HostFunction, handle: Any) -> Any:
                                        handle, _ffi.NULL)
     _lib.extism_function_set_namespace(pointer, NAMESPACE)
     return pointer
+
+
+def may_log(imported: Collection[tuple[str, str]] | None) -> bool:
+    """Whether a module importing these functions (None: not known) can write to libextism's log during a
+    call that succeeds: only through libextism's log functions (its other lines are of failed calls)."""
+    return imported is None or any(module == KERNEL and name.startswith("log_") for module, name in imported)
 
 
 @cache

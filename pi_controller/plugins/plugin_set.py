@@ -69,6 +69,7 @@ class PluginSet:
         self.history = history or History(settings.host.history_length)
         self._plugins: tuple[SandboxedPlugin, ...] = ()  # replaced whole, so a tick sees one version
         self._by_name: dict[str, SandboxedPlugin] = {}  # the same, by name
+        self.logs_to_extism = False  # whether any of them can write to libextism's log in a call that succeeds
         self._refused: dict[str, PluginStatus] = {}
         self._kept: dict[str, str] = {}  # live plugins whose replacement was refused, and why
         self._waiting: dict[str, admission.Claim] = {}  # refused or unloaded for want of room in the tick
@@ -83,6 +84,7 @@ class PluginSet:
 
     def _become(self, plugins: tuple[SandboxedPlugin, ...]) -> None:
         self._plugins, self._by_name = plugins, {p.name: p for p in plugins}
+        self.logs_to_extism = any(p.logs_to_extism for p in plugins)
 
     def granted(self, plugin: str, device: str) -> bool:
         """Whether `plugin`, as loaded now, may command `device`; True for one not loaded (its absence is

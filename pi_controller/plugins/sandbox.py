@@ -21,12 +21,13 @@ import extism
 from pi_controller import logs
 from pi_controller.contract import Command, CommandTarget, Context, Rejection, encode_config, parse_output
 from pi_controller.plugins.backstop import Backstop
-from pi_controller.plugins.extism_adapter import Module, call, compile_module, handle
+from pi_controller.plugins.extism_adapter import Module, call, compile_module, handle, may_log
 from pi_controller.plugins.extism_log import router
 from pi_controller.plugins.host_functions import FUNCTIONS, PluginHost
 from pi_controller.plugins.manifest import Grant, Refused
 from pi_controller.plugins.quarantine import Quarantine
 from pi_controller.plugins.wasm_gate import trial
+from pi_controller.plugins.wasm_imports import imported_functions
 
 ENTRY_POINT = "control_logic"
 _ENTRY_POINT = ENTRY_POINT.encode()  # as libextism takes it, encoded once
@@ -124,6 +125,7 @@ class SandboxedPlugin:
         self.host = host
         self._host_handle = handle(host)  # what the host functions get: alive as long as we are
         self.sha256 = hashlib.sha256(wasm).hexdigest()
+        self.logs_to_extism = may_log(imported_functions(wasm))  # so the tick drains libextism's log for it
         if terms.sha256 is not None and terms.sha256 != self.sha256:
             raise Refused(f"sha256 {self.sha256} is not the pinned {terms.sha256}")
         self.set_config({})
