@@ -39,6 +39,11 @@ if TYPE_CHECKING:
     from pi_controller.plugins.shadow import Shadows
 
 T = TypeVar("T")
+# libextism's log gets lines of failed calls (taken at once, as their reasons: `SandboxedPlugin`), of plugins
+# that import its log functions (drained after every tick's calls while one is loaded), and of hardly
+# anything else; a drain costs ~20 us on cold caches, so without such a plugin it is drained every so often,
+# and its buffer stays bounded all the same.
+DRAIN_EVERY = 64
 log = structlog.get_logger("pi_controller.loop")
 
 
@@ -198,7 +203,8 @@ class ControlLoop:
         # The calls back to back (libextism's and the Wasm runtime's code stays in the caches from one to
         # the next), then each answer checked and counted, in the same order.
         asked = [self._ask(plugin, context, number) for plugin in self.operator.enabled(self.plugins)]
-        drain_log()  # what libextism logged during the calls, before their verdicts
+        if self.plugins.logs_to_extism or number % DRAIN_EVERY == 0:
+            drain_log()  # what libextism logged during the calls, before their verdicts
         for call in asked:
             proposals.extend(self._consult(call, number))
         wanted, conflicts = arbitration.resolve(proposals)

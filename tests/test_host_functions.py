@@ -19,7 +19,7 @@ from pi_controller.plugins import backstop
 from pi_controller.plugins.host_functions import History, parse_message
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
-from tests.conftest import CONTEXT, only, plugin_wasm
+from tests.conftest import CONTEXT, example_data, only, plugin_wasm, unsimulated
 
 
 def readings(tick: int) -> list[Reading]:
@@ -249,3 +249,19 @@ def test_the_history_stays_bounded_when_no_plugin_reads_it_and_keeps_the_newest(
         history.file()
         assert len(history._rings["t"].pending) < 2 * 3
     assert json.loads(history.encode("t", 10) or b"") == [[47.0, 47.0], [48.0, 48.0], [49.0, 49.0]]
+
+
+def test_what_a_plugin_writes_to_extism_s_own_log_in_calls_that_succeed_is_logged_every_tick(
+        run_daemon, plugin_dir) -> None:
+    """The tick drains libextism's log after its calls while a plugin that imports its log functions is
+    loaded (the others can put only a failed call's lines there, taken with the failure): every call's line
+    is in our log, as the plugin's, none left waiting for a failure or the periodic drain (every 64 ticks)."""
+    data = unsimulated(example_data())
+    data["plugins"]["settings"] = {}
+    with capture_logs() as logs:
+        daemon = run_daemon(data, 10, plugins=plugin_dir("extism_logger", "temperature_control"))
+    assert daemon.plugins.logs_to_extism
+    assert [p.logs_to_extism for p in daemon.plugins] == [True, False]
+    lines = [e for e in logs if e["event"] == "extism_log"]
+    assert [(e["plugin"], e["text"]) for e in lines] == [("extism_logger", "a line of this call")] * 10
+    assert daemon.status.snapshot()["plugins"]["extism_logger"]["errors"] == 0
