@@ -14,6 +14,9 @@ For each plugin announced with this node in a stage already let in, the node, by
 4. says where it is at each step on `<base>/<node_id>/fleet/<plugin>` (retained), and keeps its word on each
    rollout in its state folder from the promotion on, so that a restart never runs a rollout it refused or
    rolled back again, and one stopped in the live window watches that window again (or finishes its rollback).
+5. leaves the plugin to its owner when, in a window (or while the node was stopped after a promotion), the owner
+   removed it, disabled it or put another version in (`plugin install`, a copy): that ends the node's part
+   (`refused`, saying so), with the shadow removed and nothing put back over the owner's word.
 
 The live plugin is only ever replaced by a rename of a whole module that loaded as a shadow, and the
 plugin set keeps the running version over any replacement that fails to load: a node is never left without
@@ -71,7 +74,7 @@ class Rollout:
     job: asyncio.Future[None] | None = None  # file work on a worker thread
     baseline: dict[str, int] | None = None  # the live version's counts when the promoted one took over
     waited: int = 0  # ticks until the shadow, then the promoted version, runs
-    previous: str | None = None  # the sha256 of the version it replaced
+    previous: str | None = None  # the sha256 of the version it replaces: the one live when its fetch began
     restoring: str | None = None  # why it rolls back, from the rollback's job until the version it replaced runs
     counts: dict[str, Any] = field(default_factory=dict)
 
@@ -184,6 +187,8 @@ class FleetNode:
             return
         previous, why = kept.get("previous"), kept.get("restoring")
         rollout.previous = previous if isinstance(previous, str) else None
+        if self._ended_by_hand(name, rollout):  # while the node was stopped
+            return
         live = self.status.plugins.status.get(name)
         if not isinstance(why, str) and live is not None and live.sha256 == rollout.announcement.sha256:
             log.warning("fleet_live_window_restarted", plugin=name, rollout=rollout.announcement.rollout,
@@ -236,7 +241,7 @@ class FleetNode:
                                                         "would not be loaded until a restart")
             return
         a = rollout.announcement
-        rollout.phase = protocol.FETCHING
+        rollout.phase, rollout.previous = protocol.FETCHING, live.sha256
         self.fetch(protocol.chunk_topic(self.site, a.sha256, "+"))
         log.info("fleet_fetching", plugin=name, version=a.version, rollout=a.rollout)
 
@@ -279,6 +284,8 @@ class FleetNode:
 
     def _watch_shadow(self, name: str, rollout: Rollout) -> None:
         a = rollout.announcement
+        if self._ended_by_hand(name, rollout):
+            return
         shadows = self.status.shadows
         loaded = shadows.plugins.status.get(name) if shadows is not None else None
         if shadows is None or loaded is None or loaded.sha256 != a.sha256:  # not adopted yet
@@ -307,7 +314,6 @@ class FleetNode:
                                                             f"under the {a.min_agreement_percent}% asked")
         elif compared >= a.shadow_ticks:
             rollout.phase, rollout.waited = protocol.LIVE_WINDOW, 0
-            rollout.previous = self.status.plugins.status[name].sha256
             self._keep_word(name, rollout)  # a restart from here on watches the window again, or rolls back
             rollout.job = self._in_worker(lambda: self._keep_and_promote(name))
 
@@ -327,9 +333,9 @@ class FleetNode:
 
     def _watch_live(self, name: str, rollout: Rollout) -> None:
         a = rollout.announcement
-        live = self.status.plugins.status.get(name)
-        if live is None:
+        if self._ended_by_hand(name, rollout):
             return
+        live = self.status.plugins.status[name]  # not removed
         if rollout.restoring is not None:  # said once the version it replaced runs again
             if live.sha256 == rollout.previous:
                 self._fail(name, rollout, protocol.ROLLED_BACK, rollout.restoring)
@@ -376,6 +382,26 @@ class FleetNode:
         log.warning("fleet_rolling_back", plugin=name, rollout=rollout.announcement.rollout, reason=why[:300])
 
     # -- endings ----------------------------------------------------------------------------------
+
+    def _ended_by_hand(self, name: str, rollout: Rollout) -> bool:
+        """Whether the owner removed or disabled the plugin, or put another version of it in, since this rollout
+        began: if so, its part here ends, with the shadow removed and the plugins folder left as the owner left
+        it (a rollback would put the version the rollout replaced back over the owner's word)."""
+        live = self.status.plugins.status.get(name)
+        if live is None:
+            why = f"plugin '{name}' was removed from the plugins folder by hand"
+        elif live.state == "disabled":
+            why = f"plugin '{name}' was disabled in the config"
+        elif live.sha256 is not None and rollout.previous is not None and live.sha256 not in (
+                rollout.previous, rollout.announcement.sha256):
+            why = f"another version of plugin '{name}' was put in by hand ({live.version or live.sha256[:16]})"
+        else:
+            return False
+        if rollout.phase == protocol.SHADOW:
+            self._abandon(name, rollout)
+        self._fail(name, rollout, protocol.ROLLED_BACK if rollout.restoring else protocol.REFUSED,
+                   f"{rollout.restoring + '; then ' if rollout.restoring else ''}{why}: the node leaves it as it is")
+        return True
 
     def _abandon(self, name: str, rollout: Rollout) -> None:
         """Stop fetching; remove the shadow this rollout installed (the live version never changed)."""

@@ -1,0 +1,215 @@
+"""Where a fleet rollout meets the rest of the daemon, seen from the other side of each join: the owner's hand
+on the plugins folder (a version installed by hand, a plugin removed), a config reload, the tick's budget, the
+files a rollback puts back. One real daemon (`daemon_rig.Rig`: mock pins, ticks granted one at a time, its
+plugins folder followed) and a `FleetNode` ticked after each tick, as telemetry ticks it; the announcement and
+the module's chunks handed to it as the inbox hands them. Nothing is timed: each test ticks until the node
+says what it waits for, within a bound of ticks that only says how long a broken test runs."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pi_controller import cli
+from pi_controller.fleet import protocol
+from pi_controller.fleet.node import MIN_SWAP_TICKS, FleetNode
+from pi_controller.fleet.protocol import Announcement, Verdict
+from pi_controller.fleet.tool import Plan, announce
+from pi_controller.mqtt.inbox import Inbound
+from tests.conftest import TEST_PLUGINS, example_data, sha256_of, unsimulated
+from tests.daemon_rig import Rig
+from tests.test_fleet import version
+
+NAME = "probe"
+MAX_TICKS = 4 * MIN_SWAP_TICKS  # past the node's longest wait for a swap: only how long a broken test runs
+
+
+class Site:
+    """One node's daemon (`rig`) and its part in rollouts (`node`), with the keys and versions of `probe`."""
+
+    def __init__(self, tmp: Path, write_config: Callable[[dict[str, Any]], Path]):
+        self.tmp = tmp
+        keys = tmp / "keys"
+        keys.mkdir()
+        assert cli.main(["plugin", "keygen", str(keys / "owner.pem")]) == 0
+        self.key = keys / "owner.pem"
+        self.live = version(tmp / "v1", TEST_PLUGINS / "counter.wasm", "1.0.0", self.key)
+        self.new = version(tmp / "v2", TEST_PLUGINS / "switchboard.wasm", "2.0.0", self.key)
+        self.folder = tmp / "plugins"
+        self.folder.mkdir()
+        for path in self.live.parent.iterdir():
+            shutil.copy(path, self.folder / path.name)
+        self.data = unsimulated(example_data())
+        self.data["plugins"] |= {"directory": str(self.folder), "settings": {},
+                                 "trusted_keys": [str(keys / "owner.pem.pub")]}
+        self.write_config = write_config
+        self.rig = Rig(write_config(self.data), {})
+        self.node: FleetNode | None = None
+        self.said: list[Verdict] = []
+
+    def start(self) -> None:
+        """The daemon started (again) on the config as it stands, and its fleet node with its state folder."""
+        daemon = self.rig.start()
+        self.node = FleetNode(daemon.settings, daemon.status, self.tmp / "state")
+
+    def reload(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """The config changed by `change`, then SIGHUP, waited on until applied."""
+        change(self.data)
+        self.write_config(self.data)
+        before = self.rig.daemon.status.last_reload if self.rig.daemon else None
+        self.rig.sighup()
+        for _ in range(MAX_TICKS):
+            self.rig.finish()
+            if self.rig.daemon is not None and self.rig.daemon.status.last_reload is not before:
+                break
+        assert self.rig.daemon is not None and self.rig.daemon.status.last_reload.outcome == "applied", \
+            self.rig.daemon.status.last_reload
+
+    def announce(self, wasm: Path, **windows: Any) -> Announcement:
+        """A rollout of `wasm` with this node its canary, handed over (`hand_over`)."""
+        assert self.node is not None
+        a = announce(wasm, Plan((self.node.node,), **({"shadow_ticks": 10, "live_ticks": 10} | windows)))
+        self.hand_over(a, wasm.read_bytes())
+        return a
+
+    def hand_over(self, a: Announcement, module: bytes) -> None:
+        """`a` as the inbox hands it over (retained: again to a restarted node); `module`'s chunks as the broker
+        sends them, once the node subscribes to them."""
+        node = self.node
+        assert node is not None
+        routes = node.routes()
+
+        def fetch(topic: str) -> None:
+            for index in range(a.chunks):
+                chunk = module[index * protocol.CHUNK_BYTES:(index + 1) * protocol.CHUNK_BYTES]
+                inbound = Inbound(protocol.chunk_topic(node.site, a.sha256, index), chunk, True, (a.sha256, str(index)))
+                routes[protocol.chunk_topic(node.site, "+", "+")].handle(inbound)
+
+        node.wire(fetch, lambda topic: None)
+        topic = protocol.rollout_topic(node.site, NAME)
+        routes[protocol.rollout_topic(node.site, "+")].handle(Inbound(topic, a.payload(), True, (NAME,)))
+
+    def tick(self) -> Verdict | None:
+        """One tick, what it left for the gap and the watcher landed, then the node's turn; its last verdict."""
+        node = self.node
+        assert node is not None
+        self.rig.tick()
+        self.rig.settle()
+
+        async def after_tick() -> None:  # on the daemon's event loop, as telemetry calls it
+            node.tick(lambda topic, payload: self.said.append(Verdict.parse(payload)))
+
+        self.rig.aio.run_until_complete(after_tick())
+        self.rig.settle()
+        return self.said[-1] if self.said else None
+
+    def until(self, done: Callable[[Verdict], bool], what: str) -> Verdict:
+        for _ in range(MAX_TICKS):
+            verdict = self.tick()
+            if verdict is not None and done(verdict):
+                return verdict
+        raise AssertionError(f"not within {MAX_TICKS} ticks: {what}; the node said {self.said[-3:]}")
+
+    def ticks(self, count: int) -> Verdict | None:
+        for _ in range(count):
+            verdict = self.tick()
+        return verdict
+
+    def live_status(self) -> Any:
+        assert self.rig.daemon is not None
+        return self.rig.daemon.status.plugins.status.get(NAME)
+
+
+@pytest.fixture
+def site(tmp_path: Path, write_config, cli_logs: None) -> Iterator[Site]:
+    made = Site(tmp_path, write_config)
+    yield made
+    made.rig.close()
+
+
+def in_phase(*phases: str) -> Callable[[Verdict], bool]:
+    return lambda verdict: verdict.phase in phases
+
+
+def installed_by_hand(site: Site, number: str) -> Path:
+    """Another version of `probe`, signed, put in with `plugin install` as its owner does."""
+    wasm = version(site.tmp / f"hand-{number}", TEST_PLUGINS / "every_nth.wasm", number, site.key)
+    assert cli.main(["plugin", "install", str(wasm), "--config", str(site.rig.config_path)]) == 0
+    return wasm
+
+
+def test_a_version_installed_by_hand_in_the_live_window_stays_and_ends_the_rollout(site) -> None:
+    """The owner's `plugin install` while a promoted version is watched is the owner's word: the node must not
+    take it for a failed promotion and put the version the rollout replaced back over it."""
+    site.start()
+    site.announce(site.new, live_ticks=1_000_000)
+    site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.sha256 == sha256_of(site.new), "promoted")
+    hand = installed_by_hand(site, "3.0.0")
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollout ends")
+    assert verdict.phase == protocol.REFUSED and "by hand" in (verdict.reason or ""), verdict
+    assert verdict.sha256 == sha256_of(hand)
+    site.ticks(MIN_SWAP_TICKS)  # nothing put back later either
+    assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(hand) == site.live_status().sha256
+    assert (site.folder / f"{NAME}.yaml").read_bytes() == hand.with_suffix(".yaml").read_bytes()
+
+
+def removed_by_hand(site: Site) -> None:
+    for suffix in (".wasm", ".yaml", ".sig"):
+        (site.folder / f"{NAME}{suffix}").unlink()
+
+
+@pytest.mark.parametrize("when", ["running", "stopped"])
+def test_a_plugin_removed_by_hand_in_the_live_window_is_not_put_back_then_nor_after_a_restart(site, when) -> None:
+    """The owner removes the plugin while its promoted version is watched, with the daemon running or stopped:
+    the node ends its part (a rollout waits on no plugin that is gone), and never puts the version the rollout
+    replaced back into the folder, at once or when the node starts again on its kept word."""
+    site.start()
+    a = site.announce(site.new, live_ticks=1_000_000)
+    site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.sha256 == sha256_of(site.new), "promoted")
+    if when == "running":
+        removed_by_hand(site)
+        verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollout ends")
+        assert verdict.phase == protocol.REFUSED and "removed" in (verdict.reason or ""), verdict
+    site.rig.stop()
+    if when == "stopped":
+        removed_by_hand(site)
+    site.start()
+    site.said.clear()
+    site.hand_over(a, site.new.read_bytes())  # the retained announcement, to the node started again
+    verdict = site.until(lambda v: True, "a verdict")
+    site.ticks(MIN_SWAP_TICKS)
+    assert verdict.phase == site.said[-1].phase == protocol.REFUSED and "removed" in (verdict.reason or ""), verdict
+    assert not (site.folder / f"{NAME}.wasm").exists() and site.live_status() is None
+
+
+def test_a_plugin_disabled_by_a_reload_in_the_shadow_window_ends_the_rollout_and_its_shadow(site) -> None:
+    """The owner disables the plugin (plugins.settings, SIGHUP) while its new version runs as a shadow: the
+    shadow is compared with nothing from then on; the node says so at once and removes it."""
+    site.start()
+    site.announce(site.new, shadow_ticks=1_000_000)
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    site.reload(lambda data: data["plugins"]["settings"].update({NAME: {"enabled": False}}))
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollout ends")
+    assert verdict.phase == protocol.REFUSED and "disabled" in (verdict.reason or ""), verdict
+    site.ticks(2)
+    assert not (site.folder / "shadow" / f"{NAME}.wasm").exists()
+    assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live)
+    assert site.live_status().state == "disabled"
+
+
+def test_a_version_installed_by_hand_in_the_shadow_window_is_not_overwritten_by_the_promotion(site) -> None:
+    """What the shadow was compared with, and checked beside, is the version that ran when the rollout began:
+    the owner's `plugin install` of another one meanwhile is the owner's word, not the version to replace."""
+    site.start()
+    site.announce(site.new, shadow_ticks=30)
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    hand = installed_by_hand(site, "3.0.0")
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollout ends")
+    assert verdict.phase == protocol.REFUSED and "by hand" in (verdict.reason or ""), verdict
+    site.ticks(2)
+    assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(hand) == site.live_status().sha256
+    assert not (site.folder / "shadow" / f"{NAME}.wasm").exists()
