@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,7 @@ def test_a_plugin_disabled_by_a_reload_in_the_shadow_window_ends_the_rollout_and
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollout ends")
     assert verdict.phase == protocol.REFUSED and "disabled" in (verdict.reason or ""), verdict
     site.ticks(2)
-    assert not (site.folder / "shadow" / f"{NAME}.wasm").exists()
+    assert list((site.folder / "shadow").glob(f"{NAME}.*")) == []  # module, manifest and signature
     assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live)
     assert site.live_status().state == "disabled"
 
@@ -213,3 +214,43 @@ def test_a_version_installed_by_hand_in_the_shadow_window_is_not_overwritten_by_
     site.ticks(2)
     assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(hand) == site.live_status().sha256
     assert not (site.folder / "shadow" / f"{NAME}.wasm").exists()
+
+
+def trapping(site: Site) -> Path:
+    """Version 3.0.0 of `probe`, signed: it traps on its 7th call (tests/plugins/src/trap_sometimes.zig)."""
+    return version(site.tmp / "v3", TEST_PLUGINS / "trap_sometimes.wasm", "3.0.0", site.key)
+
+
+def test_a_rollout_stopped_while_the_node_was_away_in_its_shadow_window_leaves_no_shadow_behind(site) -> None:
+    """The node stops with the new version running as a shadow; the rollout is stopped meanwhile (another node
+    failed it). Started again on the retained announcement, the node says stopped and removes the shadow,
+    which would otherwise run beside the live version for good, compared with it on every tick."""
+    site.start()
+    a = site.announce(site.new, shadow_ticks=1_000_000)
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    site.rig.stop()
+    site.start()
+    site.said.clear()
+    site.hand_over(replace(a, state="stopped"), site.new.read_bytes())
+    verdict = site.until(lambda v: True, "a verdict")
+    site.ticks(2)
+    assert verdict.phase == protocol.STOPPED, verdict
+    assert list((site.folder / "shadow").glob(f"{NAME}.*")) == []  # module, manifest and signature
+    assert site.rig.daemon is not None and len(site.rig.daemon.shadows.current) == 0
+
+
+def test_a_shadow_dropped_in_by_hand_after_a_rollout_failed_its_shadow_loads_on_its_own_terms(site) -> None:
+    """A rollout whose shadow failed removes it whole: no manifest or signature of the fleet's version is left
+    in shadow/ for the next module dropped there by hand, which would otherwise load under them (and fail)."""
+    site.start()
+    site.announce(trapping(site), shadow_ticks=20)
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.ROLLED_BACK and "never changed" in (verdict.reason or ""), verdict
+    shutil.copy(TEST_PLUGINS / "every_nth.wasm", site.folder / "shadow" / f"{NAME}.wasm")
+    assert site.rig.daemon is not None
+    for _ in range(MAX_TICKS):
+        site.tick()
+        shadow = site.rig.daemon.shadows.current.plugins.status.get(NAME)
+        if shadow is not None and shadow.sha256 == sha256_of(TEST_PLUGINS / "every_nth.wasm"):
+            break
+    assert shadow is not None and (shadow.state, shadow.reason) == ("loaded", None), shadow

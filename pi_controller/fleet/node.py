@@ -404,17 +404,19 @@ class FleetNode:
         return True
 
     def _abandon(self, name: str, rollout: Rollout) -> None:
-        """Stop fetching; remove the shadow this rollout installed (the live version never changed)."""
+        """Stop fetching; remove the shadow this rollout installed (the live version never changed), in this
+        run of the node or an earlier one (stopped in the shadow window, it returns to a rollout stopped)."""
         self.unfetch(protocol.chunk_topic(self.site, rollout.announcement.sha256, "+"))
         rollout.chunks = {}
         shadow = self.status.plugins.directory / FOLDER / f"{name}.wasm"
         sha256 = rollout.announcement.sha256
 
-        def remove() -> None:
+        def remove() -> None:  # the module first (the shadow unloads), then what was beside it
             if shadow.is_file() and hashlib.sha256(shadow.read_bytes()).hexdigest() == sha256:
-                shadow.unlink()
+                for suffix in (".wasm", ".yaml", SUFFIX):
+                    shadow.with_suffix(suffix).unlink(missing_ok=True)
 
-        if rollout.phase == protocol.SHADOW:
+        if rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
             self._in_worker(remove)
 
     def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
