@@ -221,6 +221,50 @@ def trapping(site: Site) -> Path:
     return version(site.tmp / "v3", TEST_PLUGINS / "trap_sometimes.wasm", "3.0.0", site.key)
 
 
+@pytest.mark.parametrize("described", [True, False], ids=["manifest-and-signature", "bare-module"])
+def test_a_rollback_puts_back_the_manifest_and_signature_of_the_version_it_restores(site, described) -> None:
+    """The rolled-out version comes with its own manifest and signature; rolled back after its promotion, the
+    folder holds the old module with the old manifest and signature again, byte for byte, or, for an old
+    module that had neither, neither: never the new manifest beside the old module."""
+    if not described:
+        for suffix in (".yaml", ".sig"):
+            (site.folder / f"{NAME}{suffix}").unlink()
+    site.start()
+    new = trapping(site)
+    site.announce(new, shadow_ticks=3)
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.ROLLED_BACK and "after promotion" in (verdict.reason or ""), verdict
+    assert verdict.sha256 == sha256_of(site.live) == site.live_status().sha256
+    assert site.live_status().version == ("1.0.0" if described else None)
+    for suffix in (".yaml", ".sig"):
+        kept = site.live.with_suffix(suffix)
+        assert (site.folder / kept.name).exists() == described
+        if described:
+            assert (site.folder / kept.name).read_bytes() == kept.read_bytes()
+
+
+def test_a_promoted_version_whose_share_of_the_tick_was_taken_meanwhile_is_rolled_back(site) -> None:
+    """The new version asks 40 ms of the 60 ms plugin budget: room when it was announced and checked, none once
+    another plugin of higher rank is dropped into the folder during its shadow window. At its promotion the
+    plugin set keeps the running version (the budget goes by rank), and the node rolls back, saying why."""
+    (site.new.with_suffix(".yaml")).write_text('version: "2.0.0"\nlimits: {timeout_ms: 40}\n')
+    assert cli.main(["plugin", "sign", str(site.new), "--key", str(site.key)]) == 0
+    site.start()
+    site.announce(site.new, shadow_ticks=20)
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    filler = site.tmp / "filler" / "filler.wasm"  # dropped in with plugin install
+    filler.parent.mkdir()
+    shutil.copy(TEST_PLUGINS / "counter.wasm", filler)
+    filler.with_suffix(".yaml").write_text("priority: 50\nlimits: {timeout_ms: 30}\n")
+    assert cli.main(["plugin", "sign", str(filler), "--key", str(site.key)]) == 0
+    assert cli.main(["plugin", "install", str(filler), "--config", str(site.rig.config_path)]) == 0
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.ROLLED_BACK and "does not fit the tick" in (verdict.reason or ""), verdict
+    assert verdict.sha256 == sha256_of(site.live) == site.live_status().sha256
+    assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live)
+    assert site.rig.daemon is not None and {p.name for p in site.rig.daemon.plugins} == {NAME, "filler"}
+
+
 def test_a_rollout_stopped_while_the_node_was_away_in_its_shadow_window_leaves_no_shadow_behind(site) -> None:
     """The node stops with the new version running as a shadow; the rollout is stopped meanwhile (another node
     failed it). Started again on the retained announcement, the node says stopped and removes the shadow,
