@@ -6,8 +6,9 @@ One rule decides between a kept value and the config file, the owner's latest wo
 with what the file said when it was set (`file`: the plugin's config as its manifest and the config file
 give it, or its `enabled`). While the file still says that, the kept value is in force; once the file says
 something else, the file was edited after the value was set, and its value replaces the kept one, which is
-forgotten. A kept value the plugin's schema no longer takes (a new version) is forgotten too. Each is said
-once in the log.
+forgotten (said once in the log). A kept value that the version loaded now has no key for, or refuses (a new
+version), is set aside: not applied, and in force again for a version that takes it, such as the one a fleet
+rollout or the owner puts back; forgetting it would lose the operator's word to a version tried for minutes.
 
 Written after the tick that took a value up, on a thread of its own (an fsync took up to 120 ms here, more
 than a tick, and longer on an SD card), and the plugin states that show it are published only once it is
@@ -81,14 +82,19 @@ class OperatorValues(LoopObserver):
         self._save()
 
     def _still(self, plugin: SandboxedPlugin, key: str, kept: Kept) -> bool:
-        """Whether a kept value stands for `plugin` as loaded now; forgotten if not."""
-        if _kept(kept["value"], plugin.grant.config, key) != kept:
+        """Whether a kept value stands for `plugin` as loaded now: forgotten if the file changed it since, set
+        aside (kept, not applied) while this version has no such key or refuses the value."""
+        grant = plugin.grant
+        if key not in grant.config and key not in (grant.config_schema or {}):
+            log.info("operator_value_set_aside", plugin=plugin.name, key=key, reason="this version has no such key")
+            return False
+        if _kept(kept["value"], grant.config, key) != kept:
             self._forget(plugin.name, key, "the config file changed it since")
             return False
         try:
-            check_change(key, kept["value"], plugin.grant.config_schema, plugin.grant.config)
+            check_change(key, kept["value"], grant.config_schema, grant.config)
         except Rejected as exc:
-            self._forget(plugin.name, key, f"this version refuses it: {exc}")
+            log.info("operator_value_set_aside", plugin=plugin.name, key=key, reason=f"this version refuses it: {exc}")
             return False
         return True
 

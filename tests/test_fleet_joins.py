@@ -21,6 +21,7 @@ from pi_controller.fleet.node import MIN_SWAP_TICKS, FleetNode
 from pi_controller.fleet.protocol import Announcement, Verdict
 from pi_controller.fleet.tool import Plan, announce
 from pi_controller.mqtt.inbox import Inbound
+from pi_controller.operator import SetPluginConfig
 from tests.conftest import TEST_PLUGINS, example_data, sha256_of, unsimulated
 from tests.daemon_rig import Rig
 from tests.test_fleet import version
@@ -298,3 +299,24 @@ def test_a_shadow_dropped_in_by_hand_after_a_rollout_failed_its_shadow_loads_on_
         if shadow is not None and shadow.sha256 == sha256_of(TEST_PLUGINS / "every_nth.wasm"):
             break
     assert shadow is not None and (shadow.state, shadow.reason) == ("loaded", None), shadow
+
+
+def test_a_config_value_the_operator_set_is_in_force_again_once_a_rollout_is_rolled_back(site) -> None:
+    """The operator set a config value of the running version (from Home Assistant); the rolled-out version
+    has no such key, and is rolled back after its promotion: the version put back runs with the operator's
+    value again, as before the rollout, not with the file's."""
+    site.live.with_suffix(".yaml").write_text('version: "1.0.0"\nconfig: {note: factory}\n'
+                                              'config_schema: {note: {type: string, max_length: 32}}\n')
+    assert cli.main(["plugin", "sign", str(site.live), "--key", str(site.key)]) == 0
+    for suffix in (".yaml", ".sig"):
+        shutil.copy(site.live.with_suffix(suffix), site.folder / f"{NAME}{suffix}")
+    site.start()
+    daemon = site.rig.daemon
+    assert daemon is not None
+    daemon.operator.submit(SetPluginConfig(NAME, "note", "operator"))
+    site.ticks(2)
+    assert {p.name: p for p in daemon.plugins}[NAME].config["note"] == "operator"
+    site.announce(trapping(site), shadow_ticks=3)
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.ROLLED_BACK and "after promotion" in (verdict.reason or ""), verdict
+    assert {p.name: p for p in daemon.plugins}[NAME].config["note"] == "operator"

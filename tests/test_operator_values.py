@@ -75,13 +75,24 @@ def test_disabling_in_the_file_replaces_the_operators_switch(tmp_path: Path) -> 
     assert restart(tmp_path, thermostat()) == set()  # on in the file again: the file's word
 
 
-def test_a_value_the_new_version_refuses_is_forgotten(tmp_path: Path) -> None:
+def test_a_value_a_new_version_refuses_is_set_aside_and_in_force_again_for_a_version_that_takes_it(
+        tmp_path: Path) -> None:
+    """A new version tried (a fleet rollout rolled back, a version installed by hand and then undone) does not
+    cost the operator's value: set aside while it runs, in force again once the old version is back."""
     set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0))
     narrower = thermostat(maximum=25.0)
+    keyless = FakePlugin(name="thermostat", grant=SimpleNamespace(config={}, config_schema=None))
+    keyless.set_config({})
     with capture_logs() as logs:
         restart(tmp_path, narrower)
-    assert narrower.config == {"setpoint": 21.0}
-    assert [e["reason"][:23] for e in logs if e["event"] == "operator_value_forgotten"] == ["this version refuses it"]
+        restart(tmp_path, keyless)
+    assert narrower.config == {"setpoint": 21.0} and keyless.config == {}
+    assert [e["reason"][:23] for e in logs if e["event"] == "operator_value_set_aside"] == [
+        "this version refuses it", "this version has no suc"]
+    assert [e for e in logs if e["event"] == "operator_value_forgotten"] == []
+    back = thermostat()
+    restart(tmp_path, back)
+    assert back.config == {"setpoint": 28.0}
 
 
 def test_an_unreadable_file_is_logged_and_the_config_file_rules(tmp_path: Path) -> None:
