@@ -7,6 +7,7 @@ says what it waits for, within a bound of ticks that only says how long a broken
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from pi_controller import cli
 from pi_controller.fleet import protocol
@@ -320,3 +322,37 @@ def test_a_config_value_the_operator_set_is_in_force_again_once_a_rollout_is_rol
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
     assert verdict.phase == protocol.ROLLED_BACK and "after promotion" in (verdict.reason or ""), verdict
     assert {p.name: p for p in daemon.plugins}[NAME].config["note"] == "operator"
+
+
+def echoing(folder: Path, number: str, key: Path, section: bytes = b"") -> Path:
+    """echo_output as `probe` at `number`: it commands what its config's `output` says, nothing of its own;
+    `section`, a custom section appended (another module, the same behaviour). Signed with `key`."""
+    folder.mkdir()
+    wasm = folder / f"{NAME}.wasm"
+    wasm.write_bytes((TEST_PLUGINS / "echo_output.wasm").read_bytes() + section)
+    wasm.with_suffix(".yaml").write_text(yaml.safe_dump({
+        "version": number, "config": {"output": pwm(30)}, "config_schema": {"output": {"type": "string"}}}))
+    assert cli.main(["plugin", "sign", str(wasm), "--key", str(key)]) == 0
+    return wasm
+
+
+def pwm(duty: int) -> str:
+    return json.dumps([{"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": duty}}])
+
+
+def test_a_shadow_is_compared_with_the_live_version_on_the_operators_config_values(site) -> None:
+    """The operator set a config value of the live version (a setpoint from Home Assistant): its shadow runs on
+    it too, so the two are compared on the same config. Compared on the file's instead, a version doing the
+    very same would disagree on every tick and fail the rollout's minimum agreement."""
+    live = echoing(site.tmp / "echo-1", "1.0.0", site.key)
+    for path in live.parent.iterdir():
+        shutil.copy(path, site.folder / path.name)
+    site.start()
+    daemon = site.rig.daemon
+    assert daemon is not None
+    daemon.operator.submit(SetPluginConfig(NAME, "output", pwm(60)))
+    site.ticks(2)
+    new = echoing(site.tmp / "echo-2", "2.0.0", site.key, section=b"\x00\x03\x02v2")  # a custom section "v2"
+    site.announce(new, shadow_ticks=20, min_agreement_percent=90)
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(new), verdict

@@ -29,12 +29,13 @@ import structlog
 
 from pi_controller.clock import Clock
 from pi_controller.config import PluginsSettings
-from pi_controller.contract import Command, Context, Rejection
+from pi_controller.contract import Command, Context, Rejected, Rejection
 from pi_controller.devices.actuators import Actuator
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import TickTrace
 from pi_controller.plugins.agreement import Agreement, verdict_of
 from pi_controller.plugins.host_functions import History
+from pi_controller.plugins.plugin_config import check_change
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
 from pi_controller.plugins.signing import SUFFIX
@@ -64,6 +65,8 @@ class Shadows:
                                  devices=live.devices, role="shadow")
         self.clock = clock
         self.budget_ms = live.budget_ms
+        self.live = live  # whose operator values the shadows follow (`follow`)
+        self._followed: dict[str, tuple[SandboxedPlugin, dict[str, Any]]] = {}  # name -> shadow, live config
         self.stats: dict[str, ShadowStats] = {}
         self._problems = ChangeLog(log)
         if self.plugins.directory.is_dir():  # not load_all: a live plugin without a shadow is no news
@@ -99,10 +102,30 @@ class Shadows:
             if not shadow.quarantine.admit(self.clock.monotonic(), tick.number):
                 continue
             try:
+                self._follow(shadow)
                 self._compare(shadow, stats, tick, context, targets, safety)
             except Exception as exc:  # a bug of ours in a side show: logged once, never the loop's end
                 self._problems.problem(("shadow", shadow.name), "shadow_failed", level="error", plugin=shadow.name,
                                        tick=tick.number, error=f"{type(exc).__name__}: {exc}"[:300])
+
+    def _follow(self, shadow: SandboxedPlugin) -> None:
+        """The config values the operator set on the live version (from Home Assistant, kept across restarts) onto
+        its shadow, those it takes: the two are compared on one config, not the file's against the operator's."""
+        live = next((p for p in self.live if p.name == shadow.name), None)
+        followed = self._followed.get(shadow.name)
+        if live is None or (followed is not None and followed[0] is shadow and followed[1] is live.config):
+            return  # neither changed since (set_config makes a new config)
+        self._followed[shadow.name] = (shadow, live.config)
+        values = {}
+        for key, value in live.config.items():
+            if key in live.grant.config and live.grant.config[key] == value:
+                continue  # the file's, not the operator's
+            try:
+                check_change(key, value, shadow.grant.config_schema, shadow.grant.config)
+            except Rejected:
+                continue  # a value this version does not take: it runs on its own
+            values[key] = value
+        shadow.set_config(values)
 
     def _compare(self, shadow: SandboxedPlugin, stats: ShadowStats, tick: TickTrace, context: Context,
                  targets: Mapping[str, Actuator], safety: Safety) -> None:
