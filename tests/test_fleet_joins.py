@@ -23,7 +23,7 @@ from pi_controller.fleet.node import MIN_SWAP_TICKS, FleetNode
 from pi_controller.fleet.protocol import Announcement, Verdict
 from pi_controller.fleet.tool import Plan, announce
 from pi_controller.mqtt.inbox import Inbound
-from pi_controller.operator import SetPluginConfig
+from pi_controller.operator import EnablePlugin, SetPluginConfig
 from tests.conftest import TEST_PLUGINS, example_data, sha256_of, unsimulated
 from tests.daemon_rig import Rig
 from tests.test_fleet import version
@@ -356,3 +356,22 @@ def test_a_shadow_is_compared_with_the_live_version_on_the_operators_config_valu
     site.announce(new, shadow_ticks=20, min_agreement_percent=90)
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
     assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(new), verdict
+
+
+def test_a_plugin_the_operator_switches_off_in_the_live_window_holds_the_window_until_switched_on(site) -> None:
+    """Switched off from Home Assistant (not in the config: the operator's switch), the promoted version is not
+    called: its live window waits, nothing is rolled back meanwhile, and it goes on once switched on again."""
+    site.start()
+    daemon = site.rig.daemon
+    assert daemon is not None
+    site.announce(site.new, live_ticks=20)
+    site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.counts.get("calls", 0) > 0, "called once promoted")
+    daemon.operator.submit(EnablePlugin(NAME, False))
+    site.ticks(2)
+    calls = site.said[-1].counts["calls"]
+    verdict = site.ticks(MIN_SWAP_TICKS)
+    assert verdict is not None and (verdict.phase, verdict.counts["calls"]) == (protocol.LIVE_WINDOW, calls), verdict
+    assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.new)
+    daemon.operator.submit(EnablePlugin(NAME, True))
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(site.new), verdict

@@ -9,8 +9,9 @@ For each plugin announced with this node in a stage already let in, the node, by
    `shadow_ticks`: any error or quarantine of the shadow, or an agreement under the announced minimum, ends
    it there, the live version untouched;
 3. keeps the live version's files, promotes the shadow (the `update` entity's install), and watches the new
-   version's first `live_ticks` calls: an error, a quarantine, a failsafe (any, on this node) or a refused load
-   puts the kept files back (the watcher swaps them in, as for any file dropped in), by itself;
+   version's first `live_ticks` calls: an error, a quarantine, a failsafe (any, on this node, but while the
+   operator has the plugin switched off) or a refused load puts the kept files back (the watcher swaps them in,
+   as for any file dropped in), by itself;
 4. says where it is at each step on `<base>/<node_id>/fleet/<plugin>` (retained), and keeps its word on each
    rollout in its state folder from the promotion on, so that a restart never runs a rollout it refused or
    rolled back again, and one stopped in the live window watches that window again (or finishes its rollback).
@@ -349,6 +350,9 @@ class FleetNode:
             rollout.baseline = self._live_counts(name)
             return
         now = self._live_counts(name)
+        if name in self.status.operator.disabled:  # switched off from Home Assistant: not called, its window waits;
+            rollout.baseline["failsafes"] = now["failsafes"]  # its actuators failing safe then is the operator's doing
+            return
         delta = {key: now[key] - rollout.baseline[key] for key in now}
         rollout.counts = {"calls": delta["calls"], "errors": delta["errors"], "failsafes": delta["failsafes"],
                           "missed_ticks": delta["missed"], "state": live.state}
