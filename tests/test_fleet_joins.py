@@ -375,3 +375,19 @@ def test_a_plugin_the_operator_switches_off_in_the_live_window_holds_the_window_
     daemon.operator.submit(EnablePlugin(NAME, True))
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
     assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(site.new), verdict
+
+
+def test_a_reload_that_grants_the_promoted_version_more_keeps_its_live_window_going(site) -> None:
+    """A SIGHUP reload in the live window that changes the plugin's terms (its share of the tick) reloads the
+    same module under them: the window goes on counting its calls, and ends live."""
+    site.start()
+    site.announce(site.new, live_ticks=40)
+    site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.counts.get("calls", 0) > 0, "called once promoted")
+    site.reload(lambda data: data["plugins"]["settings"].update({NAME: {"timeout_ms": 20, "priority": 5}}))
+    assert site.live_status().state == "loaded"
+    assert {p.name: p for p in site.rig.daemon.plugins}[NAME].grant.timeout_ms == 20  # type: ignore[union-attr]
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(site.new), verdict
+    assert verdict.counts["calls"] >= 40 and site.node is not None
+    assert site.node.shown(NAME) == {"version": "2.0.0", "sha256": sha256_of(site.new), "phase": protocol.LIVE,
+                                     "in_progress": False, "percent": 100}
