@@ -391,3 +391,26 @@ def test_a_reload_that_grants_the_promoted_version_more_keeps_its_live_window_go
     assert verdict.counts["calls"] >= 40 and site.node is not None
     assert site.node.shown(NAME) == {"version": "2.0.0", "sha256": sha256_of(site.new), "phase": protocol.LIVE,
                                      "in_progress": False, "percent": 100}
+
+
+def test_a_reload_that_removes_an_actuator_which_failed_safe_before_the_rollout_fails_no_live_window(site) -> None:
+    """The node counts failsafes on all its actuators from the promotion on. One that failed safe before the
+    rollout (the operator switched its owner off a while) and that a reload in the live window removes takes
+    its count with it: that is no failsafe of the version's, and the window ends live."""
+    site.start()
+    daemon = site.rig.daemon
+    assert daemon is not None
+    site.rig.ticks(2)
+    daemon.operator.submit(EnablePlugin(NAME, False))  # the led strip's owner: it fails safe within a second
+    for _ in range(MAX_TICKS):
+        site.rig.tick()
+        if daemon.loop.safety.failsafes["led_strip"]:
+            break
+    assert sum(daemon.loop.safety.failsafes.values()) == 1, daemon.loop.safety.failsafes
+    daemon.operator.submit(EnablePlugin(NAME, True))
+    site.announce(site.new, live_ticks=40)
+    site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.counts.get("calls", 0) > 0, "called once promoted")
+    site.reload(lambda data: data.update(actuators=[a for a in data["actuators"] if a["id"] != "led_strip"]))
+    assert sum(daemon.loop.safety.failsafes.values()) == 0, daemon.loop.safety.failsafes  # its count went with it
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.LIVE and verdict.counts["failsafes"] == 0, verdict

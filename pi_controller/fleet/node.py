@@ -350,8 +350,10 @@ class FleetNode:
             rollout.baseline = self._live_counts(name)
             return
         now = self._live_counts(name)
-        if name in self.status.operator.disabled:  # switched off from Home Assistant: not called, its window waits;
-            rollout.baseline["failsafes"] = now["failsafes"]  # its actuators failing safe then is the operator's doing
+        off = name in self.status.operator.disabled  # switched off from Home Assistant: not called, its window waits
+        if off or now["failsafes"] < rollout.baseline["failsafes"]:  # its actuators failing safe then is the
+            rollout.baseline["failsafes"] = now["failsafes"]  # operator's doing; a reload took an actuator's count
+        if off:
             return
         delta = {key: now[key] - rollout.baseline[key] for key in now}
         rollout.counts = {"calls": delta["calls"], "errors": delta["errors"], "failsafes": delta["failsafes"],
