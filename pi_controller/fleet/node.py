@@ -74,7 +74,7 @@ class Rollout:
     chunks: dict[int, bytes] = field(default_factory=dict)
     job: asyncio.Future[None] | None = None  # file work on a worker thread
     baseline: dict[str, int] | None = None  # the live version's counts when the promoted one took over
-    waited: int = 0  # ticks until the shadow, then the promoted version, runs
+    waited: int = 0  # ticks until the shadow, then the promoted version, then a kept one put back, runs
     previous: str | None = None  # the sha256 of the version it replaces: the one live when its fetch began
     restoring: str | None = None  # why it rolls back, from the rollback's job until the version it replaced runs
     counts: dict[str, Any] = field(default_factory=dict)
@@ -337,9 +337,13 @@ class FleetNode:
         if self._ended_by_hand(name, rollout):
             return
         live = self.status.plugins.status[name]  # not removed
-        if rollout.restoring is not None:  # said once the version it replaced runs again
+        if rollout.restoring is not None:  # said once the version it replaced runs again, or cannot
+            rollout.waited += 1
             if live.sha256 == rollout.previous:
                 self._fail(name, rollout, protocol.ROLLED_BACK, rollout.restoring)
+            elif rollout.waited > MIN_SWAP_TICKS:
+                self._fail(name, rollout, protocol.ROLLED_BACK, f"{rollout.restoring}; the kept version did not load "
+                                                                f"either: {live.reason or live.state}")
             return
         if rollout.baseline is None:
             rollout.waited += 1
@@ -384,7 +388,7 @@ class FleetNode:
                 signature.read_bytes() if signature.exists() else None)
 
         self._keep_word(name, rollout, restoring=why)  # a restart finishes the rollback
-        rollout.job, rollout.restoring = self._in_worker(restore), why
+        rollout.job, rollout.restoring, rollout.waited = self._in_worker(restore), why, 0
         log.warning("fleet_rolling_back", plugin=name, rollout=rollout.announcement.rollout, reason=why[:300])
 
     # -- endings ----------------------------------------------------------------------------------
