@@ -429,3 +429,17 @@ def test_a_rollback_whose_kept_version_does_not_load_either_ends_saying_so(site)
     assert verdict.phase == protocol.ROLLED_BACK and "did not load either" in (verdict.reason or ""), verdict
     assert "trusted_keys" in (verdict.reason or "")
     assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live)  # what was kept, for a config that takes it
+
+
+def test_a_version_without_a_manifest_promoted_over_one_with_a_manifest_runs_without_it(site) -> None:
+    """The old version's manifest must not stay beside a new module that has none: it would describe another
+    module (its version, its limits), and the new module's signature, over the module alone, would fail."""
+    bare = site.tmp / "bare" / f"{NAME}.wasm"
+    bare.parent.mkdir()
+    shutil.copy(TEST_PLUGINS / "switchboard.wasm", bare)
+    assert cli.main(["plugin", "sign", str(bare), "--key", str(site.key)]) == 0
+    site.start()
+    site.announce(bare)
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(bare), verdict
+    assert not (site.folder / f"{NAME}.yaml").exists() and site.live_status().version is None

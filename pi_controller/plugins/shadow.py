@@ -198,6 +198,8 @@ def promote(plugins_dir: Path, name: str) -> str:
     manifest, signature = shadow.with_suffix(".yaml"), shadow.with_suffix(SUFFIX)
     if manifest.is_file():  # first: the new module must not be loaded under the old terms
         os.replace(manifest, plugins_dir / manifest.name)
+    elif os.path.lexists(plugins_dir / manifest.name):  # it described the old module, not this one
+        os.unlink(plugins_dir / manifest.name)
     if signature.is_file():
         os.replace(signature, plugins_dir / signature.name)
     elif os.path.lexists(plugins_dir / signature.name):  # it signed the old module: the new one would fail it
