@@ -120,8 +120,8 @@ class Site:
 
     def ticks(self, count: int) -> Verdict | None:
         for _ in range(count):
-            verdict = self.tick()
-        return verdict
+            self.tick()
+        return self.said[-1] if self.said else None
 
     def live_status(self) -> Any:
         assert self.rig.daemon is not None
