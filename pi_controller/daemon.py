@@ -117,6 +117,9 @@ class Daemon:
         thread; the watcher then swaps the new version in, as for any file dropped in."""
         if name not in {p.name for p in self.shadows.current.plugins}:
             return f"no shadow plugin '{name[:64]}' runs beside it"
+        rollout = self.status.rollout_of(name) if self.status.rollout_of is not None else None
+        if rollout is not None and rollout["in_progress"]:  # it keeps the running version's files first
+            return f"a fleet rollout of version {rollout['version']} is under way: it promotes its shadow itself"
         if not self.settings.plugins.watch:
             return "plugins.watch is off: the promoted file would not be loaded until a reload"
         moved = asyncio.get_running_loop().run_in_executor(None, promote, self.plugins.directory, name)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from pi_controller import cli
 from pi_controller.fleet import protocol
@@ -23,7 +24,7 @@ from pi_controller.fleet.node import MIN_SWAP_TICKS, FleetNode
 from pi_controller.fleet.protocol import Announcement, Verdict
 from pi_controller.fleet.tool import Plan, announce
 from pi_controller.mqtt.inbox import Inbound
-from pi_controller.operator import EnablePlugin, SetPluginConfig
+from pi_controller.operator import EnablePlugin, PromotePlugin, SetPluginConfig
 from tests.conftest import TEST_PLUGINS, example_data, sha256_of, unsimulated
 from tests.daemon_rig import Rig
 from tests.test_fleet import version
@@ -59,6 +60,7 @@ class Site:
         """The daemon started (again) on the config as it stands, and its fleet node with its state folder."""
         daemon = self.rig.start()
         self.node = FleetNode(daemon.settings, daemon.status, self.tmp / "state")
+        daemon.status.rollout_of = self.node.shown  # as the daemon wires its own (mqtt.fleet)
 
     def reload(self, change: Callable[[dict[str, Any]], None]) -> None:
         """The config changed by `change`, then SIGHUP, waited on until applied."""
@@ -443,3 +445,24 @@ def test_a_version_without_a_manifest_promoted_over_one_with_a_manifest_runs_wit
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
     assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(bare), verdict
     assert not (site.folder / f"{NAME}.yaml").exists() and site.live_status().version is None
+
+
+def test_the_update_entitys_install_during_a_rollouts_shadow_window_leaves_the_promotion_to_the_rollout(
+        site) -> None:
+    """Home Assistant's `update` entity shows the announced version in progress; its install (promote the
+    shadow) pressed meanwhile is refused, saying why: the rollout promotes its shadow itself, once compared,
+    keeping the running version's files for a rollback. Taken, it moved the shadow away under the rollout, which
+    refused it as never loaded while it ran, with nothing kept to roll back to."""
+    site.start()
+    daemon = site.rig.daemon
+    assert daemon is not None
+    site.announce(site.new, shadow_ticks=30)
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    with capture_logs() as logs:
+        daemon.operator.submit(PromotePlugin(NAME))  # as the entity's install comes
+        site.tick()
+    assert [e["reason"] for e in logs if e["event"] == "operator_command_rejected"] == [
+        "a fleet rollout of version 2.0.0 is under way: it promotes its shadow itself"]
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(site.new), verdict
+    assert sha256_of(site.tmp / "state" / "fleet" / "previous" / NAME / f"{NAME}.wasm") == sha256_of(site.live)
