@@ -466,3 +466,17 @@ def test_the_update_entitys_install_during_a_rollouts_shadow_window_leaves_the_p
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
     assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(site.new), verdict
     assert sha256_of(site.tmp / "state" / "fleet" / "previous" / NAME / f"{NAME}.wasm") == sha256_of(site.live)
+
+
+def test_a_shadow_promoted_by_hand_in_its_window_ends_the_rollout_saying_so(site) -> None:
+    """`plugin promote` by hand (what the daemon cannot refuse, unlike the update entity) moves the rollout's
+    shadow over the live version before it was compared: the owner's word; the node says so at once, and leaves
+    the version the owner made live, instead of refusing it later as a shadow that never loaded."""
+    site.start()
+    site.announce(site.new, shadow_ticks=1_000_000)
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    assert cli.main(["plugin", "promote", NAME, "--plugins", str(site.folder)]) == 0
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.REFUSED and "promoted by hand" in (verdict.reason or ""), verdict
+    site.ticks(MIN_SWAP_TICKS)
+    assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.new) == site.live_status().sha256

@@ -16,8 +16,9 @@ For each plugin announced with this node in a stage already let in, the node, by
    rollout in its state folder from the promotion on, so that a restart never runs a rollout it refused or
    rolled back again, and one stopped in the live window watches that window again (or finishes its rollback).
 5. leaves the plugin to its owner when, in a window (or while the node was stopped after a promotion), the owner
-   removed it, disabled it or put another version in (`plugin install`, a copy): that ends the node's part
-   (`refused`, saying so), with the shadow removed and nothing put back over the owner's word.
+   removed it, disabled it, put another version in (`plugin install`, a copy) or promoted the shadow by hand
+   (`plugin promote`): that ends the node's part (`refused`, saying so), with the shadow removed and nothing
+   put back over the owner's word.
 
 The live plugin is only ever replaced by a rename of a whole module that loaded as a shadow, and the
 plugin set keeps the running version over any replacement that fails to load: a node is never left without
@@ -394,9 +395,9 @@ class FleetNode:
     # -- endings ----------------------------------------------------------------------------------
 
     def _ended_by_hand(self, name: str, rollout: Rollout) -> bool:
-        """Whether the owner removed or disabled the plugin, or put another version of it in, since this rollout
-        began: if so, its part here ends, with the shadow removed and the plugins folder left as the owner left
-        it (a rollback would put the version the rollout replaced back over the owner's word)."""
+        """Whether the owner removed or disabled the plugin, put another version of it in, or promoted its shadow,
+        since this rollout began: if so, its part here ends, with the shadow removed and the plugins folder left
+        as the owner left it (a rollback would put the version the rollout replaced back over the owner's word)."""
         live = self.status.plugins.status.get(name)
         if live is None:
             why = f"plugin '{name}' was removed from the plugins folder by hand"
@@ -405,6 +406,8 @@ class FleetNode:
         elif live.sha256 is not None and rollout.previous is not None and live.sha256 not in (
                 rollout.previous, rollout.announcement.sha256):
             why = f"another version of plugin '{name}' was put in by hand ({live.version or live.sha256[:16]})"
+        elif rollout.phase == protocol.SHADOW and live.sha256 == rollout.announcement.sha256 != rollout.previous:
+            why = f"the shadow of plugin '{name}' was promoted by hand (plugin promote) before it was compared"
         else:
             return False
         if rollout.phase == protocol.SHADOW:
