@@ -480,3 +480,30 @@ def test_a_shadow_promoted_by_hand_in_its_window_ends_the_rollout_saying_so(site
     assert verdict.phase == protocol.REFUSED and "promoted by hand" in (verdict.reason or ""), verdict
     site.ticks(MIN_SWAP_TICKS)
     assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.new) == site.live_status().sha256
+
+
+def test_a_rollout_replaced_while_its_shadow_is_being_installed_leaves_no_shadow_behind(site) -> None:
+    """A new rollout of the plugin that leaves this node out arrives while the node checks and installs the
+    shadow of the one it replaces (on a worker thread): that shadow, landing after the new rollout, is removed
+    too, not left to run beside the live version for good."""
+    site.start()
+    node = site.node
+    assert node is not None
+    a = announce(site.new, Plan((node.node,), shadow_ticks=1_000_000))
+    elsewhere = replace(a, rollout="1796633878-00000000", stages=(("another-node",),))
+    routes = node.routes()
+    module = site.new.read_bytes()
+
+    def fetch(topic: str) -> None:  # the module, then at once the rollout that replaces it
+        for index in range(a.chunks):
+            chunk = module[index * protocol.CHUNK_BYTES:(index + 1) * protocol.CHUNK_BYTES]
+            inbound = Inbound(protocol.chunk_topic(node.site, a.sha256, index), chunk, True, (a.sha256, str(index)))
+            routes[protocol.chunk_topic(node.site, "+", "+")].handle(inbound)
+        topic = protocol.rollout_topic(node.site, NAME)
+        routes[protocol.rollout_topic(node.site, "+")].handle(Inbound(topic, elsewhere.payload(), True, (NAME,)))
+
+    site.hand_over(a, module)
+    node.wire(fetch, lambda topic: None)
+    site.ticks(3)
+    assert node.rollouts == {}  # the new rollout is not this node's
+    assert list((site.folder / "shadow").glob(f"{NAME}.*")) == []

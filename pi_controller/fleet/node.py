@@ -429,7 +429,14 @@ class FleetNode:
                 for suffix in (".wasm", ".yaml", SUFFIX):
                     shadow.with_suffix(suffix).unlink(missing_ok=True)
 
-        if rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
+        def after(job: asyncio.Future[None]) -> None:
+            if not job.cancelled():
+                job.exception()  # taken: the rollout it would refuse is gone
+            self._in_worker(remove)
+
+        if rollout.job is not None and not rollout.job.done():  # the shadow it installs may land after this
+            rollout.job.add_done_callback(after)
+        elif rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
             self._in_worker(remove)
 
     def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
