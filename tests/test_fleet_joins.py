@@ -78,8 +78,8 @@ class Site:
     def announce(self, wasm: Path, **windows: Any) -> Announcement:
         """A rollout of `wasm` with this node its canary, handed over (`hand_over`)."""
         assert self.node is not None
-        a = announce(wasm, Plan((self.node.node,), **({"shadow_ticks": 10, "live_ticks": 10} | windows)))
-        self.hand_over(a, wasm.read_bytes())
+        a, module = announce(wasm, Plan((self.node.node,), **({"shadow_ticks": 10, "live_ticks": 10} | windows)))
+        self.hand_over(a, module)
         return a
 
     def hand_over(self, a: Announcement, module: bytes) -> None:
@@ -489,10 +489,9 @@ def test_a_rollout_replaced_while_its_shadow_is_being_installed_leaves_no_shadow
     site.start()
     node = site.node
     assert node is not None
-    a = announce(site.new, Plan((node.node,), shadow_ticks=1_000_000))
+    a, module = announce(site.new, Plan((node.node,), shadow_ticks=1_000_000))
     elsewhere = replace(a, rollout="1796633878-00000000", stages=(("another-node",),))
     routes = node.routes()
-    module = site.new.read_bytes()
 
     def fetch(topic: str) -> None:  # the module, then at once the rollout that replaces it
         for index in range(a.chunks):
