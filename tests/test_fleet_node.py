@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -133,3 +134,15 @@ def test_a_rollback_a_node_stopped_in_is_finished_from_the_word_it_kept(node, re
     events = [e["event"] for e in logs if e["event"].startswith("fleet_")]
     assert events == ["fleet_rolling_back", *([] if restored else ["fleet_rollback_failed"]), "fleet_rollout_failed"]
     assert json.loads((node.folder / f"{NAME}.json").read_text())["phase"] == protocol.ROLLED_BACK
+
+
+def test_a_node_without_a_state_folder_keeps_its_files_in_a_private_one_of_its_own(run_daemon, plugin_dir) -> None:
+    """Not a fixed path in the shared /tmp, which another user could make first and fill with the module a
+    rollback would put back: a folder only this process knows, that only its user may enter."""
+    daemon = run_daemon(unsimulated(example_data()), 0, plugins=plugin_dir(NAME))
+    nodes = [FleetNode(daemon.settings, daemon.status, None) for _ in range(2)]
+    folders = [node.folder.parent for node in nodes]
+    assert folders[0] != folders[1] and all(stat.S_IMODE(f.stat().st_mode) == 0o700 for f in folders)
+    assert all(f.name.startswith(f"pi-controller-{nodes[0].node}-") for f in folders)
+    for folder in folders:
+        shutil.rmtree(folder)

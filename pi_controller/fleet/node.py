@@ -90,7 +90,10 @@ class FleetNode:
         self.status = status  # its settings: the running config (a reload changes trusted_keys)
         self.node = settings.mqtt.node_id
         self.site = settings.mqtt.base_topic
-        self.folder = (state_dir or Path(tempfile.gettempdir()) / f"pi-controller-{self.node}") / "fleet"
+        # Without a state folder (`run` without --state-dir; the unit always gives one), a private one of this
+        # process's (mode 0700, a name nobody can guess): a fixed one in the shared /tmp could be made first by
+        # another user, who would then choose the module a rollback puts back. A restart does not find it again.
+        self.folder = (state_dir or Path(tempfile.mkdtemp(prefix=f"pi-controller-{self.node}-"))) / "fleet"
         self.rollouts: dict[str, Rollout] = {}
         self._inbound: queue.Queue[tuple[str, Any]] = queue.Queue(MAX_INBOUND)
         self._said: dict[str, bytes] = {}  # plugin -> the verdict last published
@@ -470,8 +473,7 @@ class FleetNode:
             # Whole or not at all (a word cut short would make a restart forget a rollback), and on the event
             # loop, between two ticks: so without an fsync, which could cost a tick on an SD card. Mode 0600, as
             # the daemon's other state: only this node reads it, at its next start (the owner's tool and Home
-            # Assistant read the verdict it publishes; no command reads the file), and without a state directory
-            # it lies in the shared /tmp. (Under the unit, UMask=0027 kept it from others before, too.)
+            # Assistant read the verdict it publishes; no command reads the file).
             write_atomically(self.folder / f"{name}.json", json.dumps(word).encode(), 0o600, flush=False)
         except OSError as exc:
             log.warning("fleet_state_not_kept", plugin=name, error=str(exc)[:200])
