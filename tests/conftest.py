@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -194,16 +195,25 @@ def example_data() -> dict[str, Any]:
     return data
 
 
+@contextlib.contextmanager
+def logging_at(level: str) -> Iterator[None]:
+    """structlog configured as the daemon configures it, at `level`, and left as it was found."""
+    saved, thresholds = structlog.get_config(), (logs._threshold, logs._plugin_threshold, logs._format)
+    logs.configure("console", level)
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        # What the tick and the host functions ask before building an event: tests after this one log at info.
+        logs._threshold, logs._plugin_threshold, logs._format = thresholds
+
+
 @pytest.fixture
 def cli_logs() -> Iterator[None]:
     """Tests that run the CLI in-process leave structlog printing to the stderr pytest captured for them,
     closed by now: log to this test's instead, and leave the configuration as it was found."""
-    saved, thresholds = structlog.get_config(), (logs._threshold, logs._plugin_threshold, logs._format)
-    logs.configure("console", "warning")
-    yield
-    structlog.configure(**saved)
-    # What the tick and the host functions ask before building an event: tests after this one log at info.
-    logs._threshold, logs._plugin_threshold, logs._format = thresholds
+    with logging_at("warning"):
+        yield
 
 
 @pytest.fixture
