@@ -1,0 +1,414 @@
+"""Home Assistant's view of the daemon, from the broker's side: after every step of sequences of events
+(plugins dropped in, replaced, removed; the folder deleted and recreated; SIGHUP reloads that add, remove,
+rename and change the kind of actuators and sensors; a plugin quarantined and released; the operator's
+switch; the broker restarted; the daemon restarted with another config), what the broker retains is exactly
+what the daemon runs now, and its metrics name nothing else.
+
+The daemon is the real one on a `daemon_rig.Rig` (mock pins, ticks granted one at a time), talking to a
+real mosquitto (with persistence: what it retains survives its restart); what the broker retains is read by
+a fresh paho client each time, as Home Assistant finds it when it starts. After each step the rig ticks until
+the invariant holds (the daemon publishes what it owes within a few ticks), within a bound.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+
+from pi_controller.mqtt import discovery
+from pi_controller.operator import EnablePlugin, SetPluginConfig
+from tests.daemon_machine import MODULES, Manifest, quiet_logs
+from tests.daemon_rig import Rig
+from tests.test_mqtt import MOSQUITTO, Broker
+
+pytestmark = pytest.mark.skipif(not MOSQUITTO, reason="needs mosquitto's persistence across its restart")
+
+NODE = "entities"
+BASE = f"pi-controller/{NODE}"
+PREFIX = "homeassistant"
+PLATFORMS = {"relay": "switch", "pwm": "light", "servo": "number", "motion": "binary_sensor",
+             "button": "binary_sensor", "ds18b20": "sensor"}
+W1_ID = "28-000000000001"
+CONVERGE_TICKS = 60  # the daemon owes the broker its view within this many ticks of a step
+PROBE_WAIT_S = 30.0
+AWAY_TICKS = 60  # past the heartbeat (5 s at 10 Hz)  # only how long a broken broker hangs a read
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str
+    pin: int | None = None  # None: a DS18B20 on the 1-wire files
+
+
+Devices = Mapping[str, Device]
+FIRST_ACTUATORS: Devices = {"heater": Device("relay", 27), "lamp": Device("pwm", 18)}
+FIRST_SENSORS: Devices = {"presence": Device("motion", 17), "probe": Device("ds18b20")}
+
+
+def lamp_plugin(**config: Any) -> Manifest:
+    return Manifest(config={"mode": "on", "device": "lamp", "duty": 30, **config})
+
+
+def retained(port: int) -> dict[str, bytes]:
+    """What the broker retains under our base topic and the discovery prefix, as a new subscriber gets it:
+    the retained messages a subscription brings come before a message published after its acknowledgement."""
+    found: dict[str, bytes] = {}
+    marker = f"{BASE}/probe/{uuid.uuid4().hex}"
+    done = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}")
+
+    def on_message(c: Any, u: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == marker:
+            done.set()
+        elif message.retain:
+            found[message.topic] = bytes(message.payload)
+
+    client.on_message = on_message
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe([(f"{PREFIX}/#", 1), (f"{BASE}/#", 1)])
+    client.on_subscribe = lambda c, u, mid, codes, p: c.publish(marker, b".", qos=1)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        if not done.wait(PROBE_WAIT_S):
+            raise AssertionError(f"the broker on {port} never answered the probe")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return found
+
+
+@dataclass
+class Scene:
+    """One daemon, one broker, and what the test put where: the devices of the config on disk, the plugins
+    of the folder."""
+
+    root: Path
+    broker: Broker
+    actuators: Devices = field(default_factory=lambda: dict(FIRST_ACTUATORS))
+    sensors: Devices = field(default_factory=lambda: dict(FIRST_SENSORS))
+    plugins: dict[str, Manifest | None] = field(default_factory=dict)
+    rig: Rig | None = None
+
+    @property
+    def folder(self) -> Path:
+        return self.root / "plugins"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    # -- set up -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.folder.mkdir()
+        self._write_config()
+        self.rig = Rig(self.config_path, {})
+        self.rig.start()
+        self.rig.finish()
+        self.agree("the start")
+
+    def stop(self) -> None:
+        if self.rig is not None:
+            self.rig.close()
+            self.rig = None
+
+    def _write_config(self) -> None:
+        w1 = self.root / "w1" / W1_ID / "w1_slave"
+        w1.parent.mkdir(parents=True, exist_ok=True)
+        w1.write_text("00 00 00 00 00 00 00 00 00 : crc=00 YES\n00 00 00 00 00 00 00 00 00 t=20000\n")
+        sensors = [{"id": i, "kind": d.kind, "pin": d.pin} if d.pin is not None else
+                   {"id": i, "kind": d.kind, "device": W1_ID, "base_dir": str(self.root / "w1"), "poll_interval_s": 0}
+                   for i, d in self.sensors.items()]
+        data = {
+            "loop": {"rate_hz": 10, "plugin_budget": 0.6},
+            "pins": {"factory": "mock"},
+            "sensors": sensors,
+            "actuators": [{"id": i, "kind": d.kind, "pin": d.pin} for i, d in self.actuators.items()],
+            "watchdog": {"enabled": False},  # it keeps real time: the rig's ticks are virtual
+            "mqtt": {"enabled": True, "host": "127.0.0.1", "port": self.broker.port, "node_id": NODE,
+                     "max_messages_per_s": 10_000, "heartbeat_s": 5},
+            "plugins": {"directory": "plugins", "defaults": {"timeout_ms": 10},
+                        "quarantine": {"failures": 10, "window_s": 10, "backoff_s": 3, "max_backoff_s": 30}},
+        }
+        partial = self.config_path.with_suffix(".partial")
+        partial.write_text(yaml.safe_dump(data, sort_keys=False))
+        partial.replace(self.config_path)
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def drop(self, name: str, manifest: Manifest | None = None) -> None:
+        """A plugin dropped in (or replaced), manifest first, each file renamed into place."""
+        self.folder.mkdir(exist_ok=True)
+        staging = self.root / "staging"
+        staging.mkdir(exist_ok=True)
+        if manifest is not None:
+            (staging / f"{name}.yaml").write_text(manifest.text(name))
+            (staging / f"{name}.yaml").replace(self.folder / f"{name}.yaml")
+        else:
+            (self.folder / f"{name}.yaml").unlink(missing_ok=True)
+        (staging / f"{name}.wasm").write_bytes(MODULES["switchboard"])
+        (staging / f"{name}.wasm").replace(self.folder / f"{name}.wasm")
+        self.plugins[name] = manifest
+        self._finish(f"{name} dropped in")
+
+    def remove(self, name: str) -> None:
+        self._unlink(name)
+        self._finish(f"{name} removed")
+
+    def _unlink(self, name: str) -> None:
+        (self.folder / f"{name}.wasm").unlink()
+        (self.folder / f"{name}.yaml").unlink(missing_ok=True)
+        del self.plugins[name]
+
+    def delete_folder(self) -> None:
+        shutil.rmtree(self.folder)
+        self._finish("the folder deleted")
+
+    def recreate_folder(self) -> None:
+        plugins, self.plugins = self.plugins, {}
+        for name, manifest in plugins.items():
+            self.drop(name, manifest)
+
+    def reload(self, actuators: Devices | None = None, sensors: Devices | None = None) -> None:
+        """The config rewritten with these devices, then SIGHUP."""
+        assert self.rig is not None and self.rig.daemon is not None
+        self.actuators, self.sensors = dict(actuators or self.actuators), dict(sensors or self.sensors)
+        self._write_config()
+        last = self.rig.daemon.status.last_reload
+        self.rig.sighup()
+        self.rig.finish()
+        result = self.rig.daemon.status.last_reload
+        assert result is not None and result is not last and result.outcome == "applied", result
+        self.agree("a reload")
+
+    def restart(self, actuators: Devices | None = None, sensors: Devices | None = None, gone: tuple[str, ...] = ()
+                ) -> None:
+        """The daemon stopped (SIGTERM), the plugins `gone` taken out of the folder, the config rewritten,
+        started again."""
+        assert self.rig is not None
+        self.rig.stop()
+        for name in gone:
+            self._unlink(name)
+        self.actuators, self.sensors = dict(actuators or self.actuators), dict(sensors or self.sensors)
+        self._write_config()
+        self.rig.start()
+        self._finish("a restart")
+
+    def quarantine(self, name: str) -> None:
+        """Its mode set to trap by the operator, ticks until the daemon quarantines it."""
+        daemon = self._daemon()
+        daemon.operator.submit(SetPluginConfig(name, "mode", "trap", ""))
+        self._tick_until(lambda: daemon.plugins.status[name].state == "quarantined", f"{name} quarantined")
+        self.agree(f"{name} quarantined")
+
+    def release(self, name: str) -> None:
+        """Its mode set back by the operator, ticks until its quarantine ends."""
+        daemon = self._daemon()
+        daemon.operator.submit(SetPluginConfig(name, "mode", "on", ""))
+        self._tick_until(lambda: daemon.plugins.status[name].state == "loaded", f"{name} released", 200)
+        self.agree(f"{name} released")
+
+    def switch(self, name: str, enabled: bool) -> None:
+        self._daemon().operator.submit(EnablePlugin(name, enabled, ""))
+        self._finish(f"{name} switched {'on' if enabled else 'off'}")
+
+    def broker_restart(self, meanwhile: Callable[[], None] = lambda: None) -> None:
+        """The broker stopped (its retained messages saved), `meanwhile` done while it is away, started again."""
+        daemon = self._daemon()
+        assert daemon.telemetry is not None and self.rig is not None
+        self.broker.stop()
+        self._tick_until(lambda: not daemon.telemetry.link.connected(), "the daemon sees the broker gone")
+        self.rig.ticks(AWAY_TICKS)  # every state heartbeats into the outage buffer
+        meanwhile()
+        self.rig.ticks(AWAY_TICKS)
+        self.broker.start()
+        self._tick_until(daemon.telemetry.link.connected, "the daemon reconnects", 10_000)
+        self.agree("the broker's restart")
+
+    # -- the invariant ----------------------------------------------------------------------------
+
+    def _daemon(self) -> Any:
+        assert self.rig is not None and self.rig.daemon is not None
+        return self.rig.daemon
+
+    def _finish(self, after: str) -> None:
+        assert self.rig is not None
+        self.rig.finish()
+        self.agree(after)
+
+    def _tick_until(self, condition: Callable[[], bool], what: str, ticks: int = 100) -> None:
+        assert self.rig is not None
+        for _ in range(ticks):
+            if condition():
+                return
+            self.rig.tick()
+            self.rig.settle()
+        raise AssertionError(f"not within {ticks} ticks: {what}")
+
+    def agree(self, after: str) -> None:
+        """Tick until the broker retains exactly what the daemon runs (and metrics name nothing else);
+        past the bound, what disagrees."""
+        assert self.rig is not None
+        if self.broker.process is None:  # away: nothing to read; what the daemon owes, it owes at reconnecting
+            return
+        problems: list[str] = []
+        for _ in range(CONVERGE_TICKS):
+            self.rig.tick()
+            self.rig.settle()
+            telemetry = self._daemon().telemetry
+            if not telemetry.link.connected() or telemetry.outbox.waiting():
+                continue
+            problems = self.disagreements(retained(self.broker.port))
+            if not problems:
+                return
+        raise AssertionError(f"after {after}, {CONVERGE_TICKS} ticks on:\n  " + "\n  ".join(problems or
+                                                                                          ["never connected"]))
+
+    def disagreements(self, broker: dict[str, bytes]) -> list[str]:
+        daemon = self._daemon()
+        status = daemon.status
+        problems: list[str] = []
+        # Discovery: the configs of what runs, each as the daemon would send it now, and nothing else.
+        now = {t: c for t, c in discovery.configs(status.settings, status.config_schemas(), status.shadowed(),
+                                                  status.thermostats()).items() if c}
+        shown = {t: json.loads(p) for t, p in broker.items() if t.startswith(f"{PREFIX}/")}
+        problems += [f"left over: {t}" for t in sorted(set(shown) - set(now))]
+        problems += [f"missing: {t}" for t in sorted(set(now) - set(shown))]
+        problems += [f"stale config: {t}" for t in sorted(set(now) & set(shown)) if now[t] != shown[t]]
+        # ... and what the test put there, by kind, whatever the daemon thinks it runs.
+        for object_id, device in {**self.actuators, **self.sensors}.items():
+            if f"{PREFIX}/{PLATFORMS[device.kind]}/{NODE}/{object_id}/config" not in shown:
+                problems.append(f"{object_id} ({device.kind}) has no {PLATFORMS[device.kind]} entity")
+        for name in self.plugins if self.folder.is_dir() else ():
+            if f"{PREFIX}/sensor/{NODE}/plugin_{name}/config" not in shown:
+                problems.append(f"plugin {name} has no entity")
+        problems += self._states(broker, status)
+        problems += self._series(daemon)
+        return problems
+
+    def _states(self, broker: dict[str, bytes], status: Any) -> list[str]:
+        """The retained states: one per sensor, actuator and plugin of now, each saying what status says."""
+        problems = []
+        states = {t[len(BASE) + 1:]: json.loads(p) for t, p in broker.items() if t.startswith(f"{BASE}/")
+                  and t not in (f"{BASE}/status", f"{BASE}/loop/state", f"{BASE}/telemetry/state")}
+        expected = {f"sensor/{s.id}/state" for s in status.settings.sensors}
+        expected |= {f"actuator/{a.id}/state" for a in status.settings.actuators}
+        expected |= {f"plugin/{name}/state" for name in status.plugin_states()}
+        problems += [f"retained state left over: {t}" for t in sorted(set(states) - expected)]
+        problems += [f"no retained state: {t}" for t in sorted(expected - set(states))]
+        for name, plugin in status.plugin_states().items():
+            shown = states.get(f"plugin/{name}/state", {})
+            if (shown.get("state"), shown.get("enabled")) != (plugin["state"], plugin["enabled"]):
+                problems.append(f"plugin {name} shown {shown.get('state')}, enabled {shown.get('enabled')}; "
+                                f"status says {plugin['state']}, enabled {plugin['enabled']}")
+        for device, state in status.actuator_states().items():
+            shown = states.get(f"actuator/{device}/state", {})
+            if {k: shown.get(k) for k in state} != state:
+                problems.append(f"actuator {device} shown {shown}; status says {state}")
+        return problems
+
+    def _series(self, daemon: Any) -> list[str]:
+        """Metrics: no series of a plugin, actuator or sensor that is gone."""
+        assert self.rig is not None
+        text = self.rig.readiness.exposition().decode()
+        named = {("plugin", n) for n in re.findall(r'plugin="([^"]+)"', text)}
+        named |= {("device", n) for n in re.findall(r'device="([^"*]+)"', text)}
+        named |= {("sensor", n) for n in re.findall(r'sensor="([^"]+)"', text)}
+        status = daemon.status
+        running = {("plugin", n) for n in status.plugin_statuses()} | {("device", a) for a in status.actuator_ids()}
+        running |= {("sensor", s.id) for s in status.settings.sensors}
+        return [f"metrics name a {kind} gone: {name}" for kind, name in sorted(named - running)]
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> Iterator[Scene]:
+    broker = Broker(tmp_path)
+    broker.start()
+    with quiet_logs():
+        scene = Scene(tmp_path, broker)
+        try:
+            yield scene
+        finally:
+            scene.stop()
+            broker.stop()
+
+
+def plugins_come_and_go(s: Scene) -> None:
+    s.drop("lamp_ctl", lamp_plugin())
+    s.drop("stray", lamp_plugin(mode="silent"))
+    s.drop("lamp_ctl", None)  # replaced by the same module without a manifest: no config entities
+    s.remove("stray")
+    s.delete_folder()
+    s.recreate_folder()
+
+
+def reloads_change_the_devices(s: Scene) -> None:
+    s.drop("lamp_ctl", lamp_plugin())
+    s.reload(actuators={**FIRST_ACTUATORS, "vent": Device("servo", 13)}, sensors={"presence": Device("motion", 17)})
+    s.reload(actuators={"boiler": Device("relay", 27), "lamp": Device("pwm", 18), "vent": Device("servo", 13)},
+             sensors={"presence": Device("motion", 17), "door": Device("button", 23)})  # heater renamed boiler
+    s.reload(actuators={"boiler": Device("pwm", 27), "lamp": Device("pwm", 18)},  # a relay turned into a PWM output
+             sensors={"presence": Device("motion", 17), "probe": Device("ds18b20")})
+
+
+def quarantine_and_the_operator(s: Scene) -> None:
+    s.drop("lamp_ctl", lamp_plugin())
+    s.switch("lamp_ctl", False)
+    s.switch("lamp_ctl", True)
+    s.quarantine("lamp_ctl")
+    s.release("lamp_ctl")
+
+
+def changes_while_the_broker_is_away(s: Scene) -> None:
+    s.drop("lamp_ctl", lamp_plugin())
+    s.drop("stray", lamp_plugin())
+
+    def meanwhile() -> None:
+        s.remove("stray")
+        s.reload(actuators={"lamp": Device("pwm", 18)}, sensors={"presence": Device("motion", 17)})
+
+    s.broker_restart(meanwhile)
+    s.broker_restart()
+
+
+def a_restart_with_another_config(s: Scene) -> None:
+    s.drop("lamp_ctl", lamp_plugin())
+    s.drop("stray", lamp_plugin())
+    s.restart(actuators={"boiler": Device("pwm", 27), "lamp": Device("pwm", 18)},
+              sensors={"presence": Device("motion", 17)}, gone=("stray",))
+
+
+def broken(sequence: Callable[[Scene], None], why: str) -> Any:
+    return pytest.param(sequence, marks=pytest.mark.xfail(strict=True, reason=why))
+
+
+SEQUENCES = [
+    broken(plugins_come_and_go, "metrics.py keeps the series of a plugin that is gone"),
+    broken(reloads_change_the_devices, "policy.rediscover empties no retained state of a sensor or actuator a "
+                                       "reload removed"),
+    quarantine_and_the_operator,
+    broken(changes_while_the_broker_is_away, "the outage buffer's states of what went meanwhile are sent after "
+                                             "their emptying (outbox.py); metrics keep what went"),
+    broken(a_restart_with_another_config, "telemetry sweeps no retained plugin state of the run before"),
+]
+
+
+@pytest.mark.parametrize("sequence", SEQUENCES, ids=lambda s: s.__name__)
+def test_the_broker_retains_what_the_daemon_runs_after_every_step(scene: Scene, sequence: Callable[[Scene], None]
+                                                                  ) -> None:
+    started = time.monotonic()
+    scene.start()
+    sequence(scene)
+    assert time.monotonic() - started < 120
