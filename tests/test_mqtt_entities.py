@@ -396,8 +396,7 @@ def broken(sequence: Callable[[Scene], None], why: str) -> Any:
 
 SEQUENCES = [
     broken(plugins_come_and_go, "metrics.py keeps the series of a plugin that is gone"),
-    broken(reloads_change_the_devices, "policy.rediscover empties no retained state of a sensor or actuator a "
-                                       "reload removed"),
+    broken(reloads_change_the_devices, "metrics.py keeps the series of an actuator that is gone"),
     quarantine_and_the_operator,
     broken(changes_while_the_broker_is_away, "the outage buffer's states of what went meanwhile are sent after "
                                              "their emptying (outbox.py); metrics keep what went"),

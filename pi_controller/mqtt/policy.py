@@ -10,7 +10,7 @@ with them every state again.
 
 The entities follow the plugin set: when it changes between two ticks (a plugin dropped in or taken out,
 a reload), `rediscover` queues the difference: configs new or changed, configs gone emptied, and the
-retained state of a plugin gone emptied too, so nothing shows a plugin that is not there.
+retained state of a plugin, sensor or actuator gone emptied too, so nothing shows one that is not there.
 
 Retained leftovers of ours are emptied once connected: discovery configs of our device that are no
 longer configured, and state topics of sensors and actuators no longer configured. The inbox's rows for
@@ -63,7 +63,7 @@ class PublishPolicy:
         self._sensor_policies: dict[str, tuple[str, int | None, Changed]] = {}  # by sensor id
         self._discovery: dict[str, dict[str, Any]] = {}  # topic -> config: what Home Assistant is told exists
         self._resync = threading.Event()
-        self._plugins: set[str] = set()  # the plugins the discovery configs are of
+        self._states: set[str] = set()  # the state topics of the sensors, actuators and plugins discovered
         # Retained topics of ours to set: emptied, or emptied and sent again (a config of an earlier id).
         self._stale: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._again: dict[str, bytes] = {}  # configs to send once their emptying is out (the outbox keeps one a topic)
@@ -71,22 +71,25 @@ class PublishPolicy:
     def discover(self) -> None:
         """The entities Home Assistant is told of: the configured devices, and the plugins of the folder
         now, failed ones too (their entities say why)."""
-        schemas = self.status.config_schemas()
-        self._plugins = set(schemas)
-        self._discovery = (discovery.configs(self.status.settings, schemas, self.status.shadowed(),
+        schemas, settings = self.status.config_schemas(), self.status.settings
+        self._states = ({self.topics.sensor(s.id) for s in settings.sensors}
+                        | {self.topics.actuator(a.id) for a in settings.actuators}
+                        | {self.topics.plugin(name) for name in schemas})
+        self._discovery = (discovery.configs(settings, schemas, self.status.shadowed(),
                                              self.status.thermostats()) if self.mqtt.discovery else {})
 
     def rediscover(self) -> None:
-        """The plugin set or the config changed (between two ticks): the difference, ahead of the states."""
-        before, plugins = self._discovery, self._plugins
+        """The plugin set or the config changed (between two ticks): the difference, ahead of the states; the
+        retained states of the sensors, actuators and plugins gone emptied."""
+        before, states = self._discovery, self._states
         self.discover()
-        gone = sorted(plugins - self._plugins)
+        gone = sorted(states - self._states)
         changes = [(t, c) for t, c in self._discovery.items() if before.get(t) != c]
         changes += [(t, {}) for t in before if t not in self._discovery]
         self.outbox.put_first([(t, json.dumps(c).encode() if c else b"") for t, c in changes]
-                              + [(self.topics.plugin(name), b"") for name in gone])
-        for name in gone:  # back again, it is news
-            self._published.pop(self.topics.plugin(name), None)
+                              + [(topic, b"") for topic in gone])
+        for topic in gone:  # back again, it is news
+            self._published.pop(topic, None)
 
     def resync(self) -> None:
         """A subscriber needs everything again: discovery and every state (any thread)."""
