@@ -103,18 +103,18 @@ class Metrics(LoopObserver):
         self.name_series()
 
     def name_series(self) -> None:
-        """Series for every plugin of the folder and every actuator, at 0 until counted (at start, and after
-        a reload or a hot swap: the scrape calls this too)."""
+        """Series for every plugin of the folder and every actuator, at 0 until counted, and none for one
+        that went (at start, and after a reload or a hot swap: the scrape calls this too). One that comes
+        back starts again at 0, which Prometheus takes as a counter's reset."""
         names = {("plugin", name) for name in self.source.plugin_statuses()}
         names |= {("device", device) for device in self.source.actuator_ids()}
-        for kind, name in names - self._named:
-            if kind == "plugin":
-                self.calls.labels(name)
-                self.errors.labels(name)
-                self.call_seconds.labels(name)
-            else:
-                self.failsafes.labels(name)
-        self._named |= names
+        for kind, name in names ^ self._named:
+            for family in (self.calls, self.errors, self.call_seconds) if kind == "plugin" else (self.failsafes,):
+                if (kind, name) in names:
+                    family.labels(name)
+                else:
+                    family.remove(name)
+        self._named = names
 
     def plugin_called(self, plugin: str, seconds: float, failed: bool) -> None:
         self.calls.labels(plugin).inc()
