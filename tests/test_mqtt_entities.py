@@ -398,8 +398,7 @@ SEQUENCES = [
     plugins_come_and_go,
     reloads_change_the_devices,
     quarantine_and_the_operator,
-    broken(changes_while_the_broker_is_away, "the outage buffer's states of what went meanwhile are sent after "
-                                             "their emptying (outbox.py)"),
+    changes_while_the_broker_is_away,
     broken(a_restart_with_another_config, "telemetry sweeps no retained plugin state of the run before"),
 ]
 

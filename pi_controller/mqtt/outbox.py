@@ -2,7 +2,7 @@
 
 Messages come in by what they are, each kind through its own door, and go out by priority:
 1. discovery configs and the clean-ups of retained leftovers (`put_first`: Home Assistant needs an
-   entity's config before its state), the latest per topic;
+   entity's config before its state), the latest per topic; a clean-up drops the states queued on its topic;
 2. retained states (`put_state`): while connected, the latest value per topic (`pending`, each topic
    keeping its place: a busy topic does not starve the rest, a dashboard sees the present, not a queue);
    while the broker is away, every one in order with its timestamp (the outage buffer, `history`: past
@@ -130,9 +130,17 @@ class Outbox:
         self._answers.append(Message(topic, payload, False))
 
     def put_first(self, messages: Iterable[tuple[str, bytes]]) -> None:
-        """Retained configs (or empty payloads that remove them), ahead of everything queued, in their order."""
+        """Retained configs (or empty payloads that remove them), ahead of everything queued, in their order.
+        They supersede the states queued on their topics: a state of a device gone, sent after its emptying
+        (from the outage buffer, at reconnecting), would be retained again."""
         first = {topic: Message(topic, payload, True) for topic, payload in messages}
+        if not first:
+            return
         self._first = first | {topic: m for topic, m in self._first.items() if topic not in first}
+        if any(m.topic in first for m in self._history):
+            self._history = deque(m for m in self._history if m.topic not in first)
+        for topic in first.keys() & self._pending.keys():
+            del self._pending[topic]
 
     def _keep(self, message: Message) -> None:
         """Into the outage buffer, in order; past the bound the oldest go."""
