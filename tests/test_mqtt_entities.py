@@ -399,7 +399,7 @@ SEQUENCES = [
     reloads_change_the_devices,
     quarantine_and_the_operator,
     changes_while_the_broker_is_away,
-    broken(a_restart_with_another_config, "telemetry sweeps no retained plugin state of the run before"),
+    a_restart_with_another_config,
 ]
 
 

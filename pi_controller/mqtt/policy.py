@@ -13,7 +13,7 @@ a reload), `rediscover` queues the difference: configs new or changed, configs g
 retained state of a plugin, sensor or actuator gone emptied too, so nothing shows one that is not there.
 
 Retained leftovers of ours are emptied once connected: discovery configs of our device that are no
-longer configured, and state topics of sensors and actuators no longer configured. The inbox's rows for
+longer configured, and state topics of sensors, actuators and plugins the daemon does not run. The inbox's rows for
 them (`leftover_config`, `leftover_state`, `home_assistant_status`) run on paho's thread and only hand
 work over to the next tick.
 """
@@ -30,7 +30,7 @@ from typing import Any, Callable
 from pi_controller.config import Settings
 from pi_controller.mqtt import discovery
 from pi_controller.mqtt.discovery import Topics
-from pi_controller.mqtt.inbox import Handler, Inbound
+from pi_controller.mqtt.inbox import Inbound
 from pi_controller.mqtt.outbox import Outbox
 from pi_controller.mqtt.refusals import Refusal, Refusals
 from pi_controller.names import SAFETY
@@ -191,13 +191,10 @@ class PublishPolicy:
             self._stale.put((message.topic, b""))
             self._stale.put((message.topic, json.dumps(current).encode()))
 
-    def leftover_state(self, configured: Callable[[Settings], list[str]]) -> Handler:
-        """The retained state of a device no longer in the running config, whose ids `configured` lists."""
-        def handle(message: Inbound) -> None:
-            if message.retained and message.payload and message.levels[0] not in configured(self.status.settings):
-                self._stale.put((message.topic, b""))
-
-        return handle
+    def leftover_state(self, message: Inbound) -> None:
+        """The retained state of a sensor, actuator or plugin the daemon does not run (a run before had it)."""
+        if message.retained and message.payload and message.topic not in self._states:  # replaced whole, not changed
+            self._stale.put((message.topic, b""))
 
 
 def _plugin_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -75,15 +75,14 @@ class Telemetry(LoopObserver):
 
     def _routes(self) -> dict[str, Route]:
         """Our commands; Home Assistant's restarts and the discovery configs of ours it holds; once at
-        each connection, the retained states of ours, to empty those of devices no longer configured."""
+        each connection, the retained states of ours, to empty those of devices and plugins gone."""
         policy, base = self.policy, self.policy.topics.base
         routes = inbox.commands(base, self.operator.submit)
         if self.mqtt.discovery:
             routes["homeassistant/status"] = Route(policy.home_assistant_status)
             routes[f"{self.mqtt.discovery_prefix}/+/{self.mqtt.node_id}/+/config"] = Route(policy.leftover_config)
-        routes[f"{base}/sensor/+/state"] = Route(policy.leftover_state(lambda s: [d.id for d in s.sensors]), sweep=True)
-        routes[f"{base}/actuator/+/state"] = Route(policy.leftover_state(lambda s: [d.id for d in s.actuators]),
-                                                   sweep=True)
+        for kind in ("sensor", "actuator", "plugin"):
+            routes[f"{base}/{kind}/+/state"] = Route(policy.leftover_state, sweep=True)
         return routes | (self.fleet.routes() if self.fleet is not None else {})
 
     def _up(self, client: mqtt.Client) -> None:
