@@ -40,7 +40,6 @@ BASE = f"pi-controller/{NODE}"
 PREFIX = "homeassistant"
 PLATFORMS = {"relay": "switch", "pwm": "light", "servo": "number", "motion": "binary_sensor",
              "button": "binary_sensor", "ds18b20": "sensor"}
-W1_ID = "28-000000000001"
 CONVERGE_TICKS = 60  # the daemon owes the broker its view within this many ticks of a step
 PROBE_WAIT_S = 30.0
 AWAY_TICKS = 60  # past the heartbeat (5 s at 10 Hz)  # only how long a broken broker hangs a read
@@ -125,11 +124,7 @@ class Scene:
             self.rig = None
 
     def _write_config(self) -> None:
-        w1 = self.root / "w1" / W1_ID / "w1_slave"
-        w1.parent.mkdir(parents=True, exist_ok=True)
-        w1.write_text("00 00 00 00 00 00 00 00 00 : crc=00 YES\n00 00 00 00 00 00 00 00 00 t=20000\n")
-        sensors = [{"id": i, "kind": d.kind, "pin": d.pin} if d.pin is not None else
-                   {"id": i, "kind": d.kind, "device": W1_ID, "base_dir": str(self.root / "w1"), "poll_interval_s": 0}
+        sensors = [{"id": i, "kind": d.kind, "pin": d.pin} if d.pin is not None else self._thermometer(i)
                    for i, d in self.sensors.items()]
         data = {
             "loop": {"rate_hz": 10, "plugin_budget": 0.6},
@@ -145,6 +140,15 @@ class Scene:
         partial = self.config_path.with_suffix(".partial")
         partial.write_text(yaml.safe_dump(data, sort_keys=False))
         partial.replace(self.config_path)
+
+    def _thermometer(self, sensor_id: str) -> dict[str, Any]:
+        """A DS18B20 of its own, reading 20.123 °C (a value the wire rounds)."""
+        w1_id = f"28-{sensor_id.encode().hex()[:12]:0>12}"
+        w1 = self.root / "w1" / w1_id / "w1_slave"
+        w1.parent.mkdir(parents=True, exist_ok=True)
+        w1.write_text("00 00 00 00 00 00 00 00 00 : crc=00 YES\n00 00 00 00 00 00 00 00 00 t=20123\n")
+        return {"id": sensor_id, "kind": "ds18b20", "device": w1_id, "base_dir": str(self.root / "w1"),
+                "poll_interval_s": 0}
 
     # -- events -----------------------------------------------------------------------------------
 
@@ -313,6 +317,12 @@ class Scene:
             if (shown.get("state"), shown.get("enabled")) != (plugin["state"], plugin["enabled"]):
                 problems.append(f"plugin {name} shown {shown.get('state')}, enabled {shown.get('enabled')}; "
                                 f"status says {plugin['state']}, enabled {plugin['enabled']}")
+        decimals = {sensor.id: sensor.decimals() for sensor in status.settings.sensors}
+        for reading in status.readings():
+            shown = states.get(f"sensor/{reading.sensor_id}/state", {})
+            now = reading.as_json(decimals[reading.sensor_id])
+            if (shown.get("value"), shown.get("valid")) != (now["value"], now["valid"]):
+                problems.append(f"sensor {reading.sensor_id} shown {shown}; status says {now}")
         for device, state in status.actuator_states().items():
             shown = states.get(f"actuator/{device}/state", {})
             if {k: shown.get(k) for k in state} != state:
@@ -361,6 +371,7 @@ def reloads_change_the_devices(s: Scene) -> None:
              sensors={"presence": Device("motion", 17), "door": Device("button", 23)})  # heater renamed boiler
     s.reload(actuators={"boiler": Device("pwm", 27), "lamp": Device("pwm", 18)},  # a relay turned into a PWM output
              sensors={"presence": Device("motion", 17), "probe": Device("ds18b20")})
+    s.reload(sensors={"presence": Device("ds18b20"), "probe": Device("motion", 23)})  # each the other's kind
 
 
 def quarantine_and_the_operator(s: Scene) -> None:

@@ -423,7 +423,7 @@ def test_an_unchanged_state_goes_out_again_before_its_heartbeat_is_over_whatever
     sender = Recording()
     sender.up = True
     outbox = Outbox(settings.mqtt, sender, lambda: clock[0])
-    status = SimpleNamespace(readings=lambda: [Reading("temperature", 20.0, "C", clock[0])],
+    status = SimpleNamespace(settings=settings, readings=lambda: [Reading("temperature", 20.0, "C", clock[0])],
                              actuator_states=dict, plugin_states=dict, guards=dict, loop_state=lambda: None,
                              values_written=lambda: True)
     policy = PublishPolicy(settings, cast(Status, status), cast(Operator, SimpleNamespace(overrides=dict)), outbox,

@@ -50,8 +50,7 @@ REPUBLISH_EARLY_PERIODS = 1.5
 class PublishPolicy:
     def __init__(self, settings: Settings, status: Status, operator: Operator, outbox: Outbox,
                  wall: Callable[[], float] = time.time):
-        self.settings = settings
-        self.mqtt = settings.mqtt
+        self.mqtt = settings.mqtt  # and the loop's period: what a reload cannot change (the rest: status.settings)
         self.topics = Topics.of(self.mqtt)
         self._republish_after = max(0.0, self.mqtt.heartbeat_s - REPUBLISH_EARLY_PERIODS * settings.loop.period)
         self.status = status  # readings, actuator states, plugin states, loop stats
@@ -72,6 +71,7 @@ class PublishPolicy:
         """The entities Home Assistant is told of: the configured devices, and the plugins of the folder
         now, failed ones too (their entities say why)."""
         schemas, settings = self.status.config_schemas(), self.status.settings
+        self._sensor_policies.clear()  # a reload may have changed a sensor's kind, and its decimals
         self._states = ({self.topics.sensor(s.id) for s in settings.sensors}
                         | {self.topics.actuator(a.id) for a in settings.actuators}
                         | {self.topics.plugin(name) for name in schemas})
@@ -157,7 +157,7 @@ class PublishPolicy:
         policy = self._sensor_policies.get(sensor_id)
         if policy is None:
             band = self.mqtt.deadband.get(sensor_id, 0.0)
-            decimals = next((s.decimals() for s in self.settings.sensors if s.id == sensor_id), None)
+            decimals = next((s.decimals() for s in self.status.settings.sensors if s.id == sensor_id), None)
             policy = self._sensor_policies[sensor_id] = (self.topics.sensor(sensor_id), decimals,
                                                          lambda old, new: _moved(old, new, band))
         return policy
