@@ -40,6 +40,7 @@ BASE = f"pi-controller/{NODE}"
 PREFIX = "homeassistant"
 PLATFORMS = {"relay": "switch", "pwm": "light", "servo": "number", "motion": "binary_sensor",
              "button": "binary_sensor", "ds18b20": "sensor"}
+READ_ONLY = {"switch": "binary_sensor", "light": "binary_sensor", "number": "sensor"}  # without commands
 CONVERGE_TICKS = 60  # the daemon owes the broker its view within this many ticks of a step
 PROBE_WAIT_S = 30.0
 AWAY_TICKS = 60  # past the heartbeat (5 s at 10 Hz)  # only how long a broken broker hangs a read
@@ -98,6 +99,7 @@ class Scene:
     actuators: Devices = field(default_factory=lambda: dict(FIRST_ACTUATORS))
     sensors: Devices = field(default_factory=lambda: dict(FIRST_SENSORS))
     plugins: dict[str, Manifest | None] = field(default_factory=dict)
+    mqtt: dict[str, Any] = field(default_factory=dict)  # mqtt settings beyond the scene's own
     rig: Rig | None = None
 
     @property
@@ -133,7 +135,7 @@ class Scene:
             "actuators": [{"id": i, "kind": d.kind, "pin": d.pin} for i, d in self.actuators.items()],
             "watchdog": {"enabled": False},  # it keeps real time: the rig's ticks are virtual
             "mqtt": {"enabled": True, "host": "127.0.0.1", "port": self.broker.port, "node_id": NODE,
-                     "max_messages_per_s": 10_000, "heartbeat_s": 5},
+                     "max_messages_per_s": 10_000, "heartbeat_s": 5, **self.mqtt},
             "plugins": {"directory": "plugins", "defaults": {"timeout_ms": 10},
                         "quarantine": {"failures": 10, "window_s": 10, "backoff_s": 3, "max_backoff_s": 30}},
         }
@@ -197,14 +199,15 @@ class Scene:
         assert result is not None and result is not last and result.outcome == "applied", result
         self.agree("a reload")
 
-    def restart(self, actuators: Devices | None = None, sensors: Devices | None = None, gone: tuple[str, ...] = ()
-                ) -> None:
-        """The daemon stopped (SIGTERM), the plugins `gone` taken out of the folder, the config rewritten,
-        started again."""
+    def restart(self, actuators: Devices | None = None, sensors: Devices | None = None, gone: tuple[str, ...] = (),
+                **mqtt: Any) -> None:
+        """The daemon stopped (SIGTERM), the plugins `gone` taken out of the folder, the config rewritten
+        (with `mqtt` settings), started again."""
         assert self.rig is not None
         self.rig.stop()
         for name in gone:
             self._unlink(name)
+        self.mqtt |= mqtt
         self.actuators, self.sensors = dict(actuators or self.actuators), dict(sensors or self.sensors)
         self._write_config()
         self.rig.start()
@@ -230,15 +233,16 @@ class Scene:
 
     def broker_restart(self, meanwhile: Callable[[], None] = lambda: None) -> None:
         """The broker stopped (its retained messages saved), `meanwhile` done while it is away, started again."""
-        daemon = self._daemon()
-        assert daemon.telemetry is not None and self.rig is not None
+        link = self._daemon().telemetry.link
+        assert self.rig is not None
         self.broker.stop()
-        self._tick_until(lambda: not daemon.telemetry.link.connected(), "the daemon sees the broker gone")
+        self._tick_until(lambda: not link.connected(), "the daemon sees the broker gone")
         self.rig.ticks(AWAY_TICKS)  # every state heartbeats into the outage buffer
         meanwhile()
         self.rig.ticks(AWAY_TICKS)
         self.broker.start()
-        self._tick_until(daemon.telemetry.link.connected, "the daemon reconnects", 10_000)
+        link = self._daemon().telemetry.link  # another daemon's, if `meanwhile` restarted it
+        self._tick_until(link.connected, "the daemon reconnects", 10_000)
         self.agree("the broker's restart")
 
     # -- the invariant ----------------------------------------------------------------------------
@@ -293,8 +297,10 @@ class Scene:
         problems += [f"stale config: {t}" for t in sorted(set(now) & set(shown)) if now[t] != shown[t]]
         # ... and what the test put there, by kind, whatever the daemon thinks it runs.
         for object_id, device in {**self.actuators, **self.sensors}.items():
-            if f"{PREFIX}/{PLATFORMS[device.kind]}/{NODE}/{object_id}/config" not in shown:
-                problems.append(f"{object_id} ({device.kind}) has no {PLATFORMS[device.kind]} entity")
+            platform = PLATFORMS[device.kind]
+            platform = platform if self.mqtt.get("commands", True) else READ_ONLY.get(platform, platform)
+            if f"{PREFIX}/{platform}/{NODE}/{object_id}/config" not in shown:
+                problems.append(f"{object_id} ({device.kind}) has no {platform} entity")
         for name in self.plugins if self.folder.is_dir() else ():
             if f"{PREFIX}/sensor/{NODE}/plugin_{name}/config" not in shown:
                 problems.append(f"plugin {name} has no entity")
@@ -405,12 +411,30 @@ def broken(sequence: Callable[[Scene], None], why: str) -> Any:
     return pytest.param(sequence, marks=pytest.mark.xfail(strict=True, reason=why))
 
 
+def an_outage_across_a_restart(s: Scene) -> None:
+    """The broker away while the daemon stops (its outage buffer kept in a file) and starts with another
+    config and plugin set."""
+    s.drop("lamp_ctl", lamp_plugin())
+    s.drop("stray", lamp_plugin())
+    s.restart(buffer_file=str(s.root / "outbox.jsonl"))
+    s.broker_restart(lambda: s.restart(actuators={"lamp": Device("pwm", 18)}, sensors={"door": Device("button", 23)},
+                                       gone=("stray",)))
+
+
+def read_only_and_back(s: Scene) -> None:
+    s.drop("lamp_ctl", lamp_plugin())
+    s.restart(commands=False)
+    s.restart(commands=True, actuators={"lamp": Device("pwm", 18)})
+
+
 SEQUENCES = [
     plugins_come_and_go,
     reloads_change_the_devices,
     quarantine_and_the_operator,
     changes_while_the_broker_is_away,
     a_restart_with_another_config,
+    an_outage_across_a_restart,
+    read_only_and_back,
 ]
 
 

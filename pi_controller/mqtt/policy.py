@@ -78,6 +78,15 @@ class PublishPolicy:
         self._discovery = (discovery.configs(settings, schemas, self.status.shadowed(),
                                              self.status.thermostats()) if self.mqtt.discovery else {})
 
+    def forget_restored(self) -> None:
+        """At start, once discovered: the states the outage buffer's file kept for a sensor, actuator or plugin
+        this run does not have are emptied, not sent (sent after the sweep at connecting, they would be
+        retained for good)."""
+        kinds = tuple(f"{self.topics.base}/{kind}/" for kind in ("sensor", "actuator", "plugin"))
+        gone = {topic for topic in self.outbox.waiting()
+                if topic.startswith(kinds) and topic.endswith("/state") and topic not in self._states}
+        self.outbox.put_first((topic, b"") for topic in sorted(gone))
+
     def rediscover(self) -> None:
         """The plugin set or the config changed (between two ticks): the difference, ahead of the states; the
         retained states of the sensors, actuators and plugins gone emptied."""

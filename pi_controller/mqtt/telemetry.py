@@ -93,6 +93,7 @@ class Telemetry(LoopObserver):
     def start(self) -> None:
         """Connect in the background: a broker that is down never holds up the daemon."""
         self.policy.discover()
+        self.policy.forget_restored()
         self.link.start()
         log.info("mqtt_starting", host=self.mqtt.host, port=self.mqtt.port, base=self.policy.topics.base,
                  client_id=self.link.client_id)
