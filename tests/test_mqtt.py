@@ -48,8 +48,10 @@ class Broker:
         self.port = free_port()
         if MOSQUITTO:
             self.conf = folder / "mosquitto.conf"
+            # As root, mosquitto runs as its own user, which cannot write into pytest's folder (mode 700):
+            # persistence then fails without a word. `user` has no effect on one started by another user.
             self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                                 f"persistence_location {folder}/\nautosave_interval 1\n")
+                                 f"persistence_location {folder}/\nautosave_interval 1\nuser root\n")
             self.command = [MOSQUITTO, "-c", str(self.conf)]
         else:
             self.conf = folder / "amqtt.yaml"

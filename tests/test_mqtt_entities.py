@@ -100,6 +100,7 @@ class Scene:
     sensors: Devices = field(default_factory=lambda: dict(FIRST_SENSORS))
     plugins: dict[str, Manifest | None] = field(default_factory=dict)
     mqtt: dict[str, Any] = field(default_factory=dict)  # mqtt settings beyond the scene's own
+    disabled: frozenset[str] = frozenset()  # plugins the config switches off (plugins.settings.<name>.enabled)
     rig: Rig | None = None
 
     @property
@@ -137,7 +138,8 @@ class Scene:
             "mqtt": {"enabled": True, "host": "127.0.0.1", "port": self.broker.port, "node_id": NODE,
                      "max_messages_per_s": 10_000, "heartbeat_s": 5, **self.mqtt},
             "plugins": {"directory": "plugins", "defaults": {"timeout_ms": 10},
-                        "quarantine": {"failures": 10, "window_s": 10, "backoff_s": 3, "max_backoff_s": 30}},
+                        "quarantine": {"failures": 10, "window_s": 10, "backoff_s": 3, "max_backoff_s": 30},
+                        "settings": {name: {"enabled": False} for name in sorted(self.disabled)}},
         }
         partial = self.config_path.with_suffix(".partial")
         partial.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -187,10 +189,12 @@ class Scene:
         for name, manifest in plugins.items():
             self.drop(name, manifest)
 
-    def reload(self, actuators: Devices | None = None, sensors: Devices | None = None) -> None:
-        """The config rewritten with these devices, then SIGHUP."""
+    def reload(self, actuators: Devices | None = None, sensors: Devices | None = None,
+               disabled: frozenset[str] | None = None) -> None:
+        """The config rewritten with these devices (and plugins switched off), then SIGHUP."""
         assert self.rig is not None and self.rig.daemon is not None
         self.actuators, self.sensors = dict(actuators or self.actuators), dict(sensors or self.sensors)
+        self.disabled = self.disabled if disabled is None else disabled
         self._write_config()
         last = self.rig.daemon.status.last_reload
         self.rig.sighup()
@@ -231,11 +235,14 @@ class Scene:
         self._daemon().operator.submit(EnablePlugin(name, enabled, ""))
         self._finish(f"{name} switched {'on' if enabled else 'off'}")
 
-    def broker_restart(self, meanwhile: Callable[[], None] = lambda: None) -> None:
-        """The broker stopped (its retained messages saved), `meanwhile` done while it is away, started again."""
+    def broker_restart(self, meanwhile: Callable[[], None] = lambda: None, forgets: bool = False) -> None:
+        """The broker stopped (its retained messages saved, or lost if it `forgets`), `meanwhile` done while it
+        is away, started again."""
         link = self._daemon().telemetry.link
         assert self.rig is not None
         self.broker.stop()
+        if forgets:
+            (self.root / "mosquitto.db").unlink()
         self._tick_until(lambda: not link.connected(), "the daemon sees the broker gone")
         self.rig.ticks(AWAY_TICKS)  # every state heartbeats into the outage buffer
         meanwhile()
@@ -384,6 +391,8 @@ def quarantine_and_the_operator(s: Scene) -> None:
     s.drop("lamp_ctl", lamp_plugin())
     s.switch("lamp_ctl", False)
     s.switch("lamp_ctl", True)
+    s.reload(disabled=frozenset({"lamp_ctl"}))  # the config switches it off: no config entities
+    s.reload(disabled=frozenset())
     s.quarantine("lamp_ctl")
     s.release("lamp_ctl")
 
@@ -391,19 +400,21 @@ def quarantine_and_the_operator(s: Scene) -> None:
 def changes_while_the_broker_is_away(s: Scene) -> None:
     s.drop("lamp_ctl", lamp_plugin())
     s.drop("stray", lamp_plugin())
+    s.drop("hog", lamp_plugin())
 
     def meanwhile() -> None:
         s.remove("stray")
         s.reload(actuators={"lamp": Device("pwm", 18)}, sensors={"presence": Device("motion", 17)})
 
-    s.broker_restart(meanwhile)
-    s.broker_restart()
+    s.broker_restart(meanwhile, forgets=True)  # what went must not come back from the outage buffer
+    s.broker_restart(lambda: s.remove("hog"))  # what went must go from what the broker kept
+    s.broker_restart(forgets=True)  # everything sent again
 
 
 def a_restart_with_another_config(s: Scene) -> None:
     s.drop("lamp_ctl", lamp_plugin())
     s.drop("stray", lamp_plugin())
-    s.restart(actuators={"boiler": Device("pwm", 27), "lamp": Device("pwm", 18)},
+    s.restart(actuators={"boiler": Device("pwm", 27), "lamp": Device("relay", 18)},  # renamed; a PWM turned relay
               sensors={"presence": Device("motion", 17)}, gone=("stray",))
 
 
@@ -418,7 +429,7 @@ def an_outage_across_a_restart(s: Scene) -> None:
     s.drop("stray", lamp_plugin())
     s.restart(buffer_file=str(s.root / "outbox.jsonl"))
     s.broker_restart(lambda: s.restart(actuators={"lamp": Device("pwm", 18)}, sensors={"door": Device("button", 23)},
-                                       gone=("stray",)))
+                                       gone=("stray",)), forgets=True)
 
 
 def read_only_and_back(s: Scene) -> None:
