@@ -152,8 +152,9 @@ class Status:
         return {name: climate for name, climate in resolved.items() if climate is not None}
 
     def shadowed(self) -> list[str]:
-        """The plugins a shadow plugin runs beside."""
-        return sorted(p.name for p in self.shadows.plugins) if self.shadows else []
+        """The plugins of the folder a shadow plugin runs beside (one whose plugin is gone has no state to
+        show its agreement in)."""
+        return sorted(p.name for p in self.shadows.plugins if p.name in self.plugins.status) if self.shadows else []
 
     # -- for metrics (`metrics.Source`), at scrape time -------------------------------------------
 

@@ -171,6 +171,20 @@ class Scene:
         self.plugins[name] = manifest
         self._finish(f"{name} dropped in")
 
+    def shadow(self, name: str, manifest: Manifest | None) -> None:
+        """A shadow plugin of `name` put beside it (None: taken out)."""
+        folder = self.folder / "shadow"
+        folder.mkdir(exist_ok=True)
+        if manifest is None:
+            for suffix in (".wasm", ".yaml"):
+                (folder / f"{name}{suffix}").unlink(missing_ok=True)
+        else:
+            (folder / f"{name}.yaml").write_text(manifest.text(name))
+            (self.root / "staging").mkdir(exist_ok=True)
+            (self.root / "staging" / f"{name}.wasm").write_bytes(MODULES["switchboard"])
+            (self.root / "staging" / f"{name}.wasm").replace(folder / f"{name}.wasm")
+        self._finish(f"a shadow of {name} {'taken out' if manifest is None else 'put in'}")
+
     def remove(self, name: str) -> None:
         self._unlink(name)
         self._finish(f"{name} removed")
@@ -311,6 +325,9 @@ class Scene:
         for name in self.plugins if self.folder.is_dir() else ():
             if f"{PREFIX}/sensor/{NODE}/plugin_{name}/config" not in shown:
                 problems.append(f"plugin {name} has no entity")
+        # Each entity reads a state the broker holds (an event entity's come and go).
+        problems += [f"{t} reads {c['state_topic']}, which nothing publishes" for t, c in sorted(shown.items())
+                     if not t.startswith(f"{PREFIX}/event/") and c.get("state_topic") not in (None, *broker)]
         problems += self._states(broker, status)
         problems += self._series(daemon)
         return problems
@@ -351,6 +368,7 @@ class Scene:
         named |= {("sensor", n) for n in re.findall(r'sensor="([^"]+)"', text)}
         status = daemon.status
         running = {("plugin", n) for n in status.plugin_statuses()} | {("device", a) for a in status.actuator_ids()}
+        running |= {("plugin", n) for n, _ in status.shadow_agreement()}  # a shadow runs on without its plugin
         running |= {("sensor", s.id) for s in status.settings.sensors}
         return [f"metrics name a {kind} gone: {name}" for kind, name in sorted(named - running)]
 
@@ -438,6 +456,14 @@ def read_only_and_back(s: Scene) -> None:
     s.restart(commands=True, actuators={"lamp": Device("pwm", 18)})
 
 
+def shadows_come_and_go(s: Scene) -> None:
+    s.drop("lamp_ctl", lamp_plugin())
+    s.shadow("lamp_ctl", lamp_plugin(duty=60))  # disagrees: its agreement has series and an entity
+    s.remove("lamp_ctl")  # the shadow runs on alone
+    s.drop("lamp_ctl", lamp_plugin())
+    s.shadow("lamp_ctl", None)
+
+
 SEQUENCES = [
     plugins_come_and_go,
     reloads_change_the_devices,
@@ -446,6 +472,8 @@ SEQUENCES = [
     a_restart_with_another_config,
     an_outage_across_a_restart,
     read_only_and_back,
+    broken(shadows_come_and_go, "shadow_supervisor's watcher tells nobody of a shadow swapped in or out of its "
+                                "folder: Home Assistant keeps the entity of a shadow taken out"),
 ]
 
 
