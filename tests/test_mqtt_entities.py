@@ -368,7 +368,7 @@ class Scene:
         named |= {("sensor", n) for n in re.findall(r'sensor="([^"]+)"', text)}
         status = daemon.status
         running = {("plugin", n) for n in status.plugin_statuses()} | {("device", a) for a in status.actuator_ids()}
-        running |= {("plugin", n) for n, _ in status.shadow_agreement()}  # a shadow runs on without its plugin
+        running |= {("plugin", p.name) for p in status.shadows.plugins}  # a shadow runs on without its plugin
         running |= {("sensor", s.id) for s in status.settings.sensors}
         return [f"metrics name a {kind} gone: {name}" for kind, name in sorted(named - running)]
 
@@ -472,8 +472,7 @@ SEQUENCES = [
     a_restart_with_another_config,
     an_outage_across_a_restart,
     read_only_and_back,
-    broken(shadows_come_and_go, "shadow_supervisor's watcher tells nobody of a shadow swapped in or out of its "
-                                "folder: Home Assistant keeps the entity of a shadow taken out"),
+    shadows_come_and_go,
 ]
 
 

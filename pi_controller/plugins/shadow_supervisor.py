@@ -98,8 +98,9 @@ class ShadowSupervisor:
             self._watcher = None
         folder = self.current.plugins.directory
         if self._gap is not None and self.settings.watch and folder.is_dir():
-            self._watcher = asyncio.create_task(PluginWatcher(self.current.plugins, self._gap, rescan=rescan).run(),
-                                                name="shadow-watch")
+            # A shadow swapped in or out is a set adopted anew: its agreement's entity comes or goes.
+            watcher = PluginWatcher(self.current.plugins, self._gap, lambda: self._adopted(self.current), rescan=rescan)
+            self._watcher = asyncio.create_task(watcher.run(), name="shadow-watch")
 
     def stop(self) -> None:
         """No more watching, and a rebuild under way cancelled (it closes what it prepared)."""
