@@ -57,6 +57,20 @@ FIRST_ACTUATORS: Devices = {"heater": Device("relay", 27), "lamp": Device("pwm",
 FIRST_SENSORS: Devices = {"presence": Device("motion", 17), "probe": Device("ds18b20")}
 
 
+@dataclass(frozen=True)
+class ThermostatManifest:
+    """The switchboard as a thermostat (a climate entity): its thermometer, heater and target in its config."""
+
+    sensor: str = "probe"
+
+    def text(self, name: str) -> str:
+        return yaml.safe_dump({"version": "1.0.0", "config_schema": {
+            "mode": {"type": "string", "allowed": ["on", "off", "trap"]}, "device": {"type": "string"},
+            "sensor": {"type": "string"}, "target": {"type": "number", "min": 5, "max": 30}},
+            "config": {"mode": "off", "device": "heater", "sensor": self.sensor, "target": 21},
+            "thermostat": {"current": "sensor", "heater": "device", "target": "target"}})
+
+
 def lamp_plugin(**config: Any) -> Manifest:
     return Manifest(config={"mode": "on", "device": "lamp", "duty": 30, **config})
 
@@ -98,7 +112,7 @@ class Scene:
     broker: Broker
     actuators: Devices = field(default_factory=lambda: dict(FIRST_ACTUATORS))
     sensors: Devices = field(default_factory=lambda: dict(FIRST_SENSORS))
-    plugins: dict[str, Manifest | None] = field(default_factory=dict)
+    plugins: dict[str, Manifest | ThermostatManifest | None] = field(default_factory=dict)
     mqtt: dict[str, Any] = field(default_factory=dict)  # mqtt settings beyond the scene's own
     disabled: frozenset[str] = frozenset()  # plugins the config switches off (plugins.settings.<name>.enabled)
     rig: Rig | None = None
@@ -156,7 +170,7 @@ class Scene:
 
     # -- events -----------------------------------------------------------------------------------
 
-    def drop(self, name: str, manifest: Manifest | None = None) -> None:
+    def drop(self, name: str, manifest: Manifest | ThermostatManifest | None = None) -> None:
         """A plugin dropped in (or replaced), manifest first, each file renamed into place."""
         self.folder.mkdir(exist_ok=True)
         staging = self.root / "staging"
@@ -171,7 +185,7 @@ class Scene:
         self.plugins[name] = manifest
         self._finish(f"{name} dropped in")
 
-    def shadow(self, name: str, manifest: Manifest | None) -> None:
+    def shadow(self, name: str, manifest: Manifest | ThermostatManifest | None) -> None:
         """A shadow plugin of `name` put beside it (None: taken out)."""
         folder = self.folder / "shadow"
         folder.mkdir(exist_ok=True)
@@ -244,6 +258,11 @@ class Scene:
         daemon.operator.submit(SetPluginConfig(name, "mode", "on", ""))
         self._tick_until(lambda: daemon.plugins.status[name].state == "loaded", f"{name} released", 200)
         self.agree(f"{name} released")
+
+    def configure(self, name: str, key: str, value: Any) -> None:
+        """A config value of a plugin set by the operator (over MQTT or Home Assistant)."""
+        self._daemon().operator.submit(SetPluginConfig(name, key, value, ""))
+        self._finish(f"{name}'s {key} set to {value!r}")
 
     def switch(self, name: str, enabled: bool) -> None:
         self._daemon().operator.submit(EnablePlugin(name, enabled, ""))
@@ -464,6 +483,13 @@ def shadows_come_and_go(s: Scene) -> None:
     s.shadow("lamp_ctl", None)
 
 
+def a_thermostat_follows_its_config(s: Scene) -> None:
+    s.drop("thermo", ThermostatManifest())
+    s.configure("thermo", "sensor", "presence")  # its climate entity reads another thermometer
+    s.configure("thermo", "target", 19)
+    s.drop("thermo", ThermostatManifest(sensor="presence"))
+
+
 SEQUENCES = [
     plugins_come_and_go,
     reloads_change_the_devices,
@@ -473,6 +499,7 @@ SEQUENCES = [
     an_outage_across_a_restart,
     read_only_and_back,
     shadows_come_and_go,
+    a_thermostat_follows_its_config,
 ]
 
 

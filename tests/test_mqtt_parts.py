@@ -450,7 +450,7 @@ def test_a_plugin_state_showing_an_operators_value_waits_until_the_value_is_on_d
     state = {"state": "loaded", "enabled": True, "config": {"setpoint": 19.5}, "sha256": None, "candidate": None,
              "rollout": None}
     status = SimpleNamespace(readings=list, actuator_states=dict, plugin_states=lambda: {"thermostat": state},
-                             guards=dict, loop_state=lambda: None, values_written=lambda: written[0])
+                             guards=dict, loop_state=lambda: None, values_written=lambda: written[0], thermostats=dict)
     policy = PublishPolicy(settings, cast(Status, status), cast(Operator, SimpleNamespace(overrides=dict)), outbox)
     for now in (1.0, 1.1, 1.2, 1.3):
         clock[0], written[0] = now, now >= 1.2

@@ -9,7 +9,8 @@ the states whenever a subscriber needs everything again (our connection, Home As
 with them every state again.
 
 The entities follow the plugin set: when it changes between two ticks (a plugin dropped in or taken out,
-a reload), `rediscover` queues the difference: configs new or changed, configs gone emptied, and the
+a reload), or an operator's value makes a thermostat plugin name another thermometer or heater, `rediscover`
+queues the difference: configs new or changed, configs gone emptied, and the
 retained state of a plugin, sensor or actuator gone emptied too, so nothing shows one that is not there.
 
 Retained leftovers of ours are emptied once connected: discovery configs of our device that are no
@@ -35,6 +36,7 @@ from pi_controller.mqtt.outbox import Outbox
 from pi_controller.mqtt.refusals import Refusal, Refusals
 from pi_controller.names import SAFETY
 from pi_controller.operator import Answer, Operator, Override
+from pi_controller.plugins.manifest import Climate
 from pi_controller.safety.rules import Guard
 from pi_controller.status import Status
 
@@ -63,6 +65,7 @@ class PublishPolicy:
         self._discovery: dict[str, dict[str, Any]] = {}  # topic -> config: what Home Assistant is told exists
         self._resync = threading.Event()
         self._states: set[str] = set()  # the state topics of the sensors, actuators and plugins discovered
+        self._thermostats: dict[str, Climate] = {}  # the climate entities discovered, as their plugins' config says
         # Retained topics of ours to set: emptied, or emptied and sent again (a config of an earlier id).
         self._stale: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._again: dict[str, bytes] = {}  # configs to send once their emptying is out (the outbox keeps one a topic)
@@ -75,8 +78,9 @@ class PublishPolicy:
         self._states = ({self.topics.sensor(s.id) for s in settings.sensors}
                         | {self.topics.actuator(a.id) for a in settings.actuators}
                         | {self.topics.plugin(name) for name in schemas})
-        self._discovery = (discovery.configs(settings, schemas, self.status.shadowed(),
-                                             self.status.thermostats()) if self.mqtt.discovery else {})
+        self._thermostats = self.status.thermostats()
+        self._discovery = (discovery.configs(settings, schemas, self.status.shadowed(), self._thermostats)
+                           if self.mqtt.discovery else {})
 
     def forget_restored(self) -> None:
         """At start, once discovered: the states the outage buffer's file kept for a sensor, actuator or plugin
@@ -142,8 +146,11 @@ class PublishPolicy:
             self._offer(self.topics.actuator(device), _actuator_payload(
                 state, overrides.get(device), guards.get(device), self.refusals.last.get(device)), now, heartbeat)
         if self.status.values_written():  # what Home Assistant is shown of an operator's value is on disk
+            queued = False
             for name, state in self.status.plugin_states().items():
-                self._offer(self.topics.plugin(name), state, now, heartbeat, _plugin_changed)
+                queued |= self._offer(self.topics.plugin(name), state, now, heartbeat, _plugin_changed)
+            if queued and self.status.thermostats() != self._thermostats:  # an operator's value named another
+                self.rediscover()  # thermometer or heater: the climate entity reads that one now
         last_loop = self._published.get(self.topics.loop)
         if last_loop is None or now - last_loop[1] >= self.mqtt.loop_interval_s:  # percentiles are not free
             loop_state = self.status.loop_state()
