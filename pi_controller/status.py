@@ -146,10 +146,13 @@ class Status:
         return {name: schemas.get(name) for name in self.plugins.status}
 
     def thermostats(self) -> dict[str, Climate]:
-        """The loaded plugins whose manifest declares a thermostat role, resolved against their config."""
+        """The loaded plugins whose manifest declares a thermostat role, resolved against their config, whose
+        thermometer and heater are configured (the climate entity reads both)."""
         resolved = {p.name: p.grant.manifest.thermostat.resolve(p.config, p.grant.config_schema)
                     for p in self.plugins if p.grant.manifest.thermostat is not None}
-        return {name: climate for name, climate in resolved.items() if climate is not None}
+        sensors, actuators = {s.id for s in self.settings.sensors}, {a.id for a in self.settings.actuators}
+        return {name: climate for name, climate in resolved.items()
+                if climate is not None and climate.sensor in sensors and climate.heater in actuators}
 
     def shadowed(self) -> list[str]:
         """The plugins of the folder a shadow plugin runs beside (one whose plugin is gone has no state to

@@ -344,9 +344,9 @@ class Scene:
         for name in self.plugins if self.folder.is_dir() else ():
             if f"{PREFIX}/sensor/{NODE}/plugin_{name}/config" not in shown:
                 problems.append(f"plugin {name} has no entity")
-        # Each entity reads a state the broker holds (an event entity's come and go).
-        problems += [f"{t} reads {c['state_topic']}, which nothing publishes" for t, c in sorted(shown.items())
-                     if not t.startswith(f"{PREFIX}/event/") and c.get("state_topic") not in (None, *broker)]
+        # Each entity reads states the broker holds (an event entity's come and go).
+        problems += [f"{t} reads {read}, which nothing publishes" for t, c in sorted(shown.items())
+                     if not t.startswith(f"{PREFIX}/event/") for read in _read(c) if read not in broker]
         problems += self._states(broker, status)
         problems += self._series(daemon)
         return problems
@@ -390,6 +390,12 @@ class Scene:
         running |= {("plugin", p.name) for p in status.shadows.plugins}  # a shadow runs on without its plugin
         running |= {("sensor", s.id) for s in status.settings.sensors}
         return [f"metrics name a {kind} gone: {name}" for kind, name in sorted(named - running)]
+
+
+def _read(config: Mapping[str, Any]) -> set[str]:
+    """The topics an entity's config reads: its state's, its attributes', its availability's."""
+    topics = {v for k, v in config.items() if k.endswith("_topic") and "command" not in k}
+    return topics | {a["topic"] for a in config.get("availability", [])}
 
 
 @pytest.fixture
@@ -488,6 +494,7 @@ def a_thermostat_follows_its_config(s: Scene) -> None:
     s.configure("thermo", "sensor", "presence")  # its climate entity reads another thermometer
     s.configure("thermo", "target", 19)
     s.drop("thermo", ThermostatManifest(sensor="presence"))
+    s.reload(sensors={"probe": Device("ds18b20")})  # the thermometer it names is gone
 
 
 SEQUENCES = [
