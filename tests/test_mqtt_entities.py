@@ -329,19 +329,20 @@ class Scene:
         status = daemon.status
         problems: list[str] = []
         # Discovery: the configs of what runs, each as the daemon would send it now, and nothing else.
+        discovering = self.mqtt.get("discovery", True)
         now = {t: c for t, c in discovery.configs(status.settings, status.config_schemas(), status.shadowed(),
-                                                  status.thermostats()).items() if c}
+                                                  status.thermostats()).items() if c and discovering}
         shown = {t: json.loads(p) for t, p in broker.items() if t.startswith(f"{PREFIX}/")}
         problems += [f"left over: {t}" for t in sorted(set(shown) - set(now))]
         problems += [f"missing: {t}" for t in sorted(set(now) - set(shown))]
         problems += [f"stale config: {t}" for t in sorted(set(now) & set(shown)) if now[t] != shown[t]]
         # ... and what the test put there, by kind, whatever the daemon thinks it runs.
-        for object_id, device in {**self.actuators, **self.sensors}.items():
+        for object_id, device in {**self.actuators, **self.sensors}.items() if discovering else ():
             platform = PLATFORMS[device.kind]
             platform = platform if self.mqtt.get("commands", True) else READ_ONLY.get(platform, platform)
             if f"{PREFIX}/{platform}/{NODE}/{object_id}/config" not in shown:
                 problems.append(f"{object_id} ({device.kind}) has no {platform} entity")
-        for name in self.plugins if self.folder.is_dir() else ():
+        for name in self.plugins if self.folder.is_dir() and discovering else ():
             if f"{PREFIX}/sensor/{NODE}/plugin_{name}/config" not in shown:
                 problems.append(f"plugin {name} has no entity")
         # Each entity reads states the broker holds (an event entity's come and go).
@@ -481,6 +482,12 @@ def read_only_and_back(s: Scene) -> None:
     s.restart(commands=True, actuators={"lamp": Device("pwm", 18)})
 
 
+def discovery_off_and_on(s: Scene) -> None:
+    s.drop("lamp_ctl", lamp_plugin())
+    s.restart(discovery=False)  # Home Assistant is told of nothing: what it was told before goes
+    s.restart(discovery=True)
+
+
 def shadows_come_and_go(s: Scene) -> None:
     s.drop("lamp_ctl", lamp_plugin())
     s.shadow("lamp_ctl", lamp_plugin(duty=60))  # disagrees: its agreement has series and an entity
@@ -505,6 +512,7 @@ SEQUENCES = [
     a_restart_with_another_config,
     an_outage_across_a_restart,
     read_only_and_back,
+    discovery_off_and_on,
     shadows_come_and_go,
     a_thermostat_follows_its_config,
 ]

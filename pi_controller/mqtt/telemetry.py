@@ -80,7 +80,8 @@ class Telemetry(LoopObserver):
         routes = inbox.commands(base, self.operator.submit)
         if self.mqtt.discovery:
             routes["homeassistant/status"] = Route(policy.home_assistant_status)
-            routes[f"{self.mqtt.discovery_prefix}/+/{self.mqtt.node_id}/+/config"] = Route(policy.leftover_config)
+        # Without discovery too: Home Assistant is then told of nothing, and what an earlier run told it goes.
+        routes[f"{self.mqtt.discovery_prefix}/+/{self.mqtt.node_id}/+/config"] = Route(policy.leftover_config)
         for kind in ("sensor", "actuator", "plugin"):
             routes[f"{base}/{kind}/+/state"] = Route(policy.leftover_state, sweep=True)
         return routes | (self.fleet.routes() if self.fleet is not None else {})
