@@ -1,13 +1,21 @@
-"""Home Assistant's view of the daemon, from the broker's side: after every step of sequences of events
-(plugins dropped in, replaced, removed; the folder deleted and recreated; SIGHUP reloads that add, remove,
-rename and change the kind of actuators and sensors; a plugin quarantined and released; the operator's
-switch; the broker restarted; the daemon restarted with another config), what the broker retains is exactly
-what the daemon runs now, and its metrics name nothing else.
+"""Home Assistant's view of the daemon, from the broker's side, after every step of sequences of events:
+scripted (`SEQUENCES`) and drawn by hypothesis (`EntitiesMachine`, on a fixed budget).
 
-The daemon is the real one on a `daemon_rig.Rig` (mock pins, ticks granted one at a time), talking to a
-real mosquitto (with persistence: what it retains survives its restart); what the broker retains is read by
-a fresh paho client each time, as Home Assistant finds it when it starts. After each step the rig ticks until
-the invariant holds (the daemon publishes what it owes within a few ticks), within a bound.
+The events: plugins dropped in, replaced, removed; the folder deleted and recreated; shadows put in and taken
+out; SIGHUP reloads that add, remove, rename and change the kind of actuators and sensors, or switch a plugin
+off; a plugin quarantined and released; the operator's switch and config values (a thermostat's thermometer);
+the broker restarted, keeping or forgetting what it retained, with changes meanwhile; the daemon restarted
+with another config (devices, plugins, read-only, discovery off), across a broker outage too.
+
+The invariant: the broker retains exactly the discovery configs the daemon would send now (and one entity
+of the right platform per device and plugin the test put there), a state for each sensor, actuator and
+plugin that runs and none other, each saying what the daemon's status says; every topic an entity reads is
+retained; metrics name no plugin, actuator or sensor that is gone (a shadow's series stay while it runs).
+
+The daemon is the real one on a `daemon_rig.Rig` (mock pins, ticks granted one at a time), talking to a real
+mosquitto (with persistence); what the broker retains is read by a fresh paho client each time, as Home
+Assistant finds it when it starts. After each step the rig ticks until the invariant holds (the daemon owes
+the broker its view within a few ticks), within a bound.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -26,6 +35,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
 
 from pi_controller.mqtt import discovery
 from pi_controller.operator import EnablePlugin, SetPluginConfig
@@ -43,6 +55,7 @@ PLATFORMS = {"relay": "switch", "pwm": "light", "servo": "number", "motion": "bi
 READ_ONLY = {"switch": "binary_sensor", "light": "binary_sensor", "number": "sensor"}  # without commands
 CONVERGE_TICKS = 60  # the daemon owes the broker its view within this many ticks of a step
 PROBE_WAIT_S = 30.0
+LINK_WAIT_S = 90.0  # only how long a broken link hangs the test: paho's back-off after an outage, under load
 AWAY_TICKS = 60  # past the heartbeat (5 s at 10 Hz)  # only how long a broken broker hangs a read
 
 
@@ -276,13 +289,16 @@ class Scene:
         self.broker.stop()
         if forgets:
             (self.root / "mosquitto.db").unlink()
-        self._tick_until(lambda: not link.connected(), "the daemon sees the broker gone")
+        deadline = time.monotonic() + LINK_WAIT_S
+        while link.connected():  # paho's thread sees the connection close
+            self.rig.tick()
+            assert time.monotonic() < deadline, "the daemon never saw the broker go"
         self.rig.ticks(AWAY_TICKS)  # every state heartbeats into the outage buffer
         meanwhile()
         self.rig.ticks(AWAY_TICKS)
         self.broker.start()
         link = self._daemon().telemetry.link  # another daemon's, if `meanwhile` restarted it
-        self._tick_until(link.connected, "the daemon reconnects", 10_000)
+        assert link._connected.wait(LINK_WAIT_S), "the daemon never reconnected"  # paho's back-off is real time
         self.agree("the broker's restart")
 
     # -- the invariant ----------------------------------------------------------------------------
@@ -525,3 +541,99 @@ def test_the_broker_retains_what_the_daemon_runs_after_every_step(scene: Scene, 
     scene.start()
     sequence(scene)
     assert time.monotonic() - started < 120
+
+
+# -- any sequence: the same events drawn by hypothesis ------------------------------------------------------
+
+NAMES = ("lamp_ctl", "thermo", "stray")
+MANIFESTS = (lamp_plugin(), None, ThermostatManifest(), ThermostatManifest(sensor="presence"))
+DEVICE_SETS: tuple[tuple[Devices, Devices], ...] = (
+    (FIRST_ACTUATORS, FIRST_SENSORS),
+    ({"boiler": Device("pwm", 27), "lamp": Device("relay", 18)}, {"presence": Device("ds18b20")}),
+    ({**FIRST_ACTUATORS, "vent": Device("servo", 13)}, {"probe": Device("motion", 23), "door": Device("button", 17)}),
+)
+# Deterministic, as tests/daemon_machine.py's in-suite budget: the same sequences on every run.
+IN_SUITE = settings(max_examples=8, stateful_step_count=15, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck), print_blob=False)
+
+
+class EntitiesMachine(RuleBasedStateMachine):
+    """The events of the sequences above in any order; each step waits for the invariant (`Scene.agree`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="pi-controller-entities-"))
+        self.broker = Broker(self.root)
+        self.broker.start()
+        self._logs = quiet_logs()
+        self._logs.__enter__()
+        self.scene = Scene(self.root, self.broker)
+
+    @initialize()
+    def start(self) -> None:
+        self.scene.start()
+
+    def teardown(self) -> None:
+        try:
+            self.scene.stop()
+            self.broker.stop()
+        finally:
+            self._logs.__exit__(None, None, None)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    @precondition(lambda self: self.scene.folder.is_dir())
+    @rule(name=st.sampled_from(NAMES), manifest=st.sampled_from(MANIFESTS))
+    def drop(self, name: str, manifest: Manifest | ThermostatManifest | None) -> None:
+        self.scene.drop(name, manifest)
+
+    @precondition(lambda self: self.scene.folder.is_dir() and self.scene.plugins)
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        self.scene.remove(data.draw(st.sampled_from(sorted(self.scene.plugins))))
+
+    @precondition(lambda self: self.scene.folder.is_dir())
+    @rule()
+    def delete_folder(self) -> None:
+        self.scene.delete_folder()
+
+    @precondition(lambda self: not self.scene.folder.is_dir())
+    @rule()
+    def recreate_folder(self) -> None:
+        self.scene.recreate_folder()
+
+    @precondition(lambda self: self.scene.folder.is_dir())
+    @rule(devices=st.sampled_from(DEVICE_SETS), disabled=st.sampled_from([frozenset(), frozenset({"lamp_ctl"})]))
+    def reload(self, devices: tuple[Devices, Devices], disabled: frozenset[str]) -> None:
+        self.scene.reload(*devices, disabled=disabled)
+
+    @precondition(lambda self: self.scene.folder.is_dir())
+    @rule(devices=st.sampled_from(DEVICE_SETS))
+    def restart(self, devices: tuple[Devices, Devices]) -> None:
+        """Not into read-only mode: it subscribes to nothing, so it cannot see what a run before left (as
+        docs/home-assistant.md says); `read_only_and_back` keeps the devices."""
+        self.scene.restart(*devices)
+
+    @precondition(lambda self: self.scene.folder.is_dir())
+    @rule(forgets=st.booleans(), devices=st.one_of(st.none(), st.sampled_from(DEVICE_SETS)))
+    def broker_restart(self, forgets: bool, devices: tuple[Devices, Devices] | None) -> None:
+        """The broker restarted, and the config reloaded meanwhile if `devices`."""
+        self.scene.broker_restart((lambda: self.scene.reload(*devices)) if devices else lambda: None, forgets)
+
+    @precondition(lambda self: any(name in self.scene._daemon().plugins.status for name in NAMES))
+    @rule(data=st.data(), enabled=st.booleans())
+    def switch(self, data: st.DataObject, enabled: bool) -> None:
+        self.scene.switch(data.draw(st.sampled_from(sorted(self.scene._daemon().plugins.status))), enabled)
+
+    @precondition(lambda self: self.scene.folder.is_dir())
+    @rule(name=st.sampled_from(NAMES), on=st.booleans())
+    def shadow(self, name: str, on: bool) -> None:
+        self.scene.shadow(name, lamp_plugin(duty=60) if on else None)
+
+    @precondition(lambda self: "thermo" in self.scene._daemon().plugins.status)
+    @rule(sensor=st.sampled_from(["probe", "presence"]))
+    def thermometer(self, sensor: str) -> None:
+        self.scene.configure("thermo", "sensor", sensor)
+
+
+def test_any_sequence_of_these_events_keeps_the_broker_to_what_the_daemon_runs() -> None:
+    run_state_machine_as_test(EntitiesMachine, settings=IN_SUITE)

@@ -54,6 +54,7 @@ class Link:
         self._connected = threading.Event()
         self._stopping = False
         self._refused = False  # this attempt's CONNACK refused it
+        self._online: int | None = None  # the message id of this connection's `online`
         self._connected_at = 0.0
         self._short_links = 0  # connections in a row the broker ended within TAKEOVER_LINK_S
         self.client = self._client(settings)
@@ -70,6 +71,7 @@ class Link:
         client.reconnect_delay_set(min_delay=RECONNECT_FIRST_S, max_delay=RECONNECT_MAX_S)
         client.max_queued_messages_set(PAHO_QUEUE)
         client.on_connect = self._on_connect
+        client.on_publish = self._on_publish
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         return client
@@ -107,12 +109,18 @@ class Link:
             self._refused = True  # paho closes the connection next: that is no second failure
             self._failed(f"refused by the broker: {reason}")
             return
-        client.publish(self.status_topic, "online", qos=1, retain=True)
+        # Connected for the outbox once the broker acknowledges `online`: paho resends what it held from before
+        # (states handed over as the link dropped) after this callback returns, and a clean-up sent first would
+        # be undone by the state it empties.
+        self._online = client.publish(self.status_topic, "online", qos=1, retain=True).mid
         self._connected_at = self._timer()
         self.error = None
-        self._connected.set()
         self._up(client)
         log.info("mqtt_connected", host=self.mqtt.host, port=self.mqtt.port)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        if mid == self._online:
+            self._connected.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         """paho calls this from within its `except OSError`: the exception says why (refused, host
