@@ -146,3 +146,12 @@ def test_a_verdict_with_any_reason_fits_what_a_verdict_may_weigh(reason: str) ->
     parsed = Verdict.parse(verdict.payload())
     assert len(verdict.payload()) <= MAX_VERDICT_BYTES
     assert parsed.reason == reason if len(reason) <= 500 else reason.startswith(parsed.reason or "-")
+
+
+def test_a_verdict_with_a_lone_surrogate_or_a_version_past_the_bound_is_still_said() -> None:
+    """A manifest's version may hold a lone surrogate (YAML takes one): it goes as its \\u escape, not as an
+    encoding error that would stop the node's telemetry; a version that alone passes the bound is cut."""
+    odd = Verdict("r", "refused", "1.0\udcff", None, "replaced by version 1.0\udcff by hand")
+    assert Verdict.parse(odd.payload()) == odd
+    huge = Verdict.parse(Verdict("r", "live", "9" * 10_000, None, "x" * 500).payload())
+    assert huge.reason == "" and "9" * 1000 in (huge.version or "") and len(huge.version or "") < 4096

@@ -134,13 +134,16 @@ class Verdict:
 
     def payload(self) -> bytes:
         """As UTF-8 JSON within MAX_VERDICT_BYTES, which a reason in any script fits (\\u escapes would make
-        500 emoji 6 KB): a reason that would not (control characters escape to six bytes each) is cut."""
+        500 emoji 6 KB). A lone surrogate (a manifest's version may hold one) is written as its \\u escape;
+        a reason, then a version, that would not fit (control characters escape to six bytes each; a version
+        is bounded only by its manifest's size) is cut."""
         fields = {k: v for k, v in asdict(self).items() if v is not None and v != {}}
         while True:
-            data = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
-            if len(data) <= MAX_VERDICT_BYTES or not fields.get("reason"):
+            data = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")
+            cut = next((key for key in ("reason", "version") if fields.get(key)), None)
+            if len(data) <= MAX_VERDICT_BYTES or cut is None:
                 return data
-            fields["reason"] = fields["reason"][:len(fields["reason"]) // 2]
+            fields[cut] = fields[cut][:len(fields[cut]) // 2]
 
     @classmethod
     def parse(cls, payload: bytes) -> Verdict:
