@@ -104,7 +104,8 @@ def compile_plugin(wasm: bytes, terms: Grant, host: Any, backstop_ms: int) -> Mo
 def drain_log() -> None:
     """Log what libextism's own log holds now (lines no failed call took as its reason), so that its buffer
     never grows. Once per batch of calls, not after each: paced at 10 Hz with 3 plugins, a drain between
-    two calls made the next call 8 to 13 us slower (libextism's log lock and buffer, cold each time)."""
+    two calls made the next call 8 to 13 us slower (libextism's log lock and buffer, cold each time). The loop
+    drains only while a plugin that can log there is loaded, and every 64th tick (`loop.DRAIN_EVERY`)."""
     router().drain()
 
 
@@ -125,7 +126,6 @@ class SandboxedPlugin:
         self.host = host
         self._host_handle = handle(host)  # what the host functions get: alive as long as we are
         self.sha256 = hashlib.sha256(wasm).hexdigest()
-        self.logs_to_extism = may_log(imported_functions(wasm))  # so the tick drains libextism's log for it
         if terms.sha256 is not None and terms.sha256 != self.sha256:
             raise Refused(f"sha256 {self.sha256} is not the pinned {terms.sha256}")
         self.set_config({})
@@ -135,6 +135,8 @@ class SandboxedPlugin:
         # that says the same as last tick (most do, most ticks) costs no parse and no screen.
         self._screened: tuple[bytes, Mapping[str, CommandTarget], list[Command], list[Rejection]] | None = None
         self._module = compile_plugin(wasm, terms, self._host_handle, self.backstop_ms)
+        # Read once the module has passed its trial and compiled (so its imports are within wasmtime's limits).
+        self.logs_to_extism = may_log(imported_functions(wasm))  # so the tick drains libextism's log for it
         try:
             self._instance, self._id = self._instantiate()
         except extism.Error as exc:
@@ -233,8 +235,8 @@ class SandboxedPlugin:
 
     def ask(self, context: Context, timer: Callable[[], float] = time.perf_counter) -> None:
         """`decide`'s call: `last_output` (None if it failed: PluginCallError) and `last_call_s`. What
-        libextism logged during the call stays in its buffer until `drain_log`: the loop drains once after
-        the tick's calls, as a drain between two calls makes the next one slower (see `drain_log`)."""
+        libextism logged during the call stays in its buffer until `drain_log`, which the loop calls after the
+        tick's calls, not between two (see `drain_log`)."""
         self.last_output = None
         started = timer()
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 HEADER = 8  # magic and version, checked by `wasm_gate.read_module`
 IMPORT_SECTION = 2
+MAX_IMPORTS = 100_000  # wasmparser's limit, which wasmtime validates against: more is no module it runs
 FUNCTION, TABLE, MEMORY, GLOBAL, TAG = range(5)  # an import's kind
 
 
@@ -86,7 +87,10 @@ def _import_section(wasm: bytes) -> _Reader | None:
 
 def _functions(reader: _Reader) -> frozenset[tuple[str, str]]:
     functions = set()
-    for _ in range(reader.unsigned()):
+    count = reader.unsigned()
+    if count > MAX_IMPORTS:  # whoever asks, hostile bytes never cost seconds of Python
+        raise _Malformed
+    for _ in range(count):
         module, name, kind = reader.name(), reader.name(), reader.byte()
         if kind == FUNCTION:
             functions.add((module, name))
