@@ -50,6 +50,7 @@ class OperatorValues(LoopObserver):
         self.enabled: dict[str, Kept] = {}  # plugin -> kept
         self._changed = False
         self._writing: threading.Thread | None = None  # the write under way
+        self._aside: set[tuple[str, str, str]] = set()  # (plugin, key, module's sha256) said to be set aside
         self._load()
 
     # -- from the operator, in the tick ----------------------------------------------------------
@@ -86,17 +87,22 @@ class OperatorValues(LoopObserver):
         aside (kept, not applied) while this version has no such key or refuses the value."""
         grant = plugin.grant
         if key not in grant.config and key not in (grant.config_schema or {}):
-            log.info("operator_value_set_aside", plugin=plugin.name, key=key, reason="this version has no such key")
-            return False
+            return self._set_aside(plugin, key, "this version has no such key")
         if _kept(kept["value"], grant.config, key) != kept:
             self._forget(plugin.name, key, "the config file changed it since")
             return False
         try:
             check_change(key, kept["value"], grant.config_schema, grant.config)
         except Rejected as exc:
-            log.info("operator_value_set_aside", plugin=plugin.name, key=key, reason=f"this version refuses it: {exc}")
-            return False
+            return self._set_aside(plugin, key, f"this version refuses it: {exc}")
         return True
+
+    def _set_aside(self, plugin: SandboxedPlugin, key: str, why: str) -> bool:
+        """Not applied to this version; said once for it, not at every swap of any plugin (`apply`)."""
+        if (plugin.name, key, plugin.sha256) not in self._aside:
+            self._aside.add((plugin.name, key, plugin.sha256))
+            log.info("operator_value_set_aside", plugin=plugin.name, key=key, reason=why)
+        return False
 
     def _forget(self, plugin: str, key: str, why: str) -> None:
         if key == "enabled":

@@ -27,7 +27,8 @@ class FakePlugin(SimpleNamespace):
 
 def thermostat(setpoint: float = 21.0, maximum: float = 30.0) -> FakePlugin:
     schema = {"setpoint": ConfigField("number", min=5, max=maximum)}
-    made = FakePlugin(name="thermostat", grant=SimpleNamespace(config={"setpoint": setpoint}, config_schema=schema))
+    made = FakePlugin(name="thermostat", grant=SimpleNamespace(config={"setpoint": setpoint}, config_schema=schema),
+                      sha256=f"thermostat-{maximum}")
     made.set_config({})
     return made
 
@@ -81,7 +82,7 @@ def test_a_value_a_new_version_refuses_is_set_aside_and_in_force_again_for_a_ver
     cost the operator's value: set aside while it runs, in force again once the old version is back."""
     set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0))
     narrower = thermostat(maximum=25.0)
-    keyless = FakePlugin(name="thermostat", grant=SimpleNamespace(config={}, config_schema=None))
+    keyless = FakePlugin(name="thermostat", grant=SimpleNamespace(config={}, config_schema=None), sha256="keyless")
     keyless.set_config({})
     with capture_logs() as logs:
         restart(tmp_path, narrower)
@@ -93,6 +94,18 @@ def test_a_value_a_new_version_refuses_is_set_aside_and_in_force_again_for_a_ver
     back = thermostat()
     restart(tmp_path, back)
     assert back.config == {"setpoint": 28.0}
+
+
+def test_a_value_set_aside_is_said_once_for_a_version_not_at_every_swap(tmp_path: Path) -> None:
+    """`apply` runs after every reload and swap of any plugin: the value set aside for this version is news once."""
+    set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0))
+    values, narrower = OperatorValues(tmp_path), thermostat(maximum=25.0)
+    with capture_logs() as logs:
+        for _ in range(3):
+            values.apply([narrower], PluginsSettings(), set())
+        values.apply([thermostat(maximum=26.0)], PluginsSettings(), set())  # another version: news again
+    assert [e["event"] for e in logs].count("operator_value_set_aside") == 2
+    values.close()
 
 
 def test_an_unreadable_file_is_logged_and_the_config_file_rules(tmp_path: Path) -> None:
