@@ -14,7 +14,7 @@ from pathlib import Path
 # the plugins' watcher nor a glob of `*.wasm` takes it; named by its writer's process, so that one a crash left
 # (a power cut, a SIGKILL) is told from one still being written, and the next write of NAME removes it.
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]{1,7})\.[0-9a-f]{8}\.tmp")
-_writing: set[str] = set()  # this process's temporaries under way (a restart may be given a crashed one's pid)
+_writing: set[str] = set()  # names of this process's temporaries under way (a restart may get a crashed one's pid)
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600, flush: bool = True) -> None:
@@ -26,7 +26,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600, flush: bool = T
     the old file or the new one, never a part, but a power cut soon after may give the old one."""
     _remove_leftovers(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    _writing.add(str(temporary))
+    _writing.add(temporary.name)
     try:  # the name is this process's alone (its pid): whatever holds it when the write fails is ours to remove
         with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), "wb") as file:
             file.write(data)
@@ -38,7 +38,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600, flush: bool = T
         temporary.unlink(missing_ok=True)
         raise
     finally:
-        _writing.discard(str(temporary))
+        _writing.discard(temporary.name)
     if flush:
         _flush_folder(path.parent)
 
@@ -77,7 +77,7 @@ def _remove_leftovers(path: Path) -> None:
 def _abandoned(temporary: Path, pid: int) -> bool:
     """Whether the process that wrote `temporary` is gone (or is this one, which is not writing it)."""
     if pid == os.getpid():
-        return str(temporary) not in _writing
+        return temporary.name not in _writing
     try:
         os.kill(pid, 0)  # no signal: only whether the process is there
     except ProcessLookupError:

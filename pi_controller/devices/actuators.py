@@ -184,7 +184,7 @@ class Actuator:
             self._known.clear()
         state = self._describe(target)
         # The target's type is part of the key: 1, 1.0 and True are one key to a dict, not one JSON.
-        known = self._known[(type(target), target)] = (state, COMPACT.encode(state))
+        self._known[(type(target), target)] = known = (state, COMPACT.encode(state))
         return known
 
     def close(self) -> None:
