@@ -9,28 +9,19 @@ import pytest
 
 from pi_controller.plugins.extism_adapter import may_log
 from pi_controller.plugins.wasm_imports import imported_functions
+from tests import wasm_modules
+from tests.wasm_modules import HEADER, leb, section
 
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
-HEADER = b"\0asm\x01\0\0\0"
 ENV, USER = "extism:host/env", "extism:host/user"
 
 
-def leb(value: int) -> bytes:
-    """`value` as an unsigned LEB128 number."""
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def module(*sections: tuple[int, bytes]) -> bytes:
-    return HEADER + b"".join(bytes([section]) + leb(len(body)) + body for section, body in sections)
+    return HEADER + b"".join(section(kind, body) for kind, body in sections)
 
 
 def name(text: str) -> bytes:
-    return bytes([len(text)]) + text.encode()
+    return wasm_modules.name(text.encode())
 
 
 def imports(*entries: bytes) -> tuple[int, bytes]:

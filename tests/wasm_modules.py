@@ -5,7 +5,7 @@ from __future__ import annotations
 HEADER = b"\0asm\x01\0\0\0"
 
 
-def _leb(n: int) -> bytes:
+def leb(n: int) -> bytes:
     out = bytearray()
     while True:
         low, n = n & 0x7F, n >> 7
@@ -14,21 +14,21 @@ def _leb(n: int) -> bytes:
             return bytes(out)
 
 
-def _name(text: bytes) -> bytes:
-    return _leb(len(text)) + text
+def name(text: bytes) -> bytes:
+    return leb(len(text)) + text
 
 
-def _section(kind: int, body: bytes) -> bytes:
-    return bytes([kind]) + _leb(len(body)) + body
+def section(kind: int, body: bytes) -> bytes:
+    return bytes([kind]) + leb(len(body)) + body
 
 
 def module(imports: tuple[tuple[bytes, bytes], ...] = (), custom_bytes: int = 0) -> bytes:
     """A module of one function type () -> (), importing `imports` (module, name) as functions of it,
     with a custom section of `custom_bytes` zeros when asked (a compile bomb that is a valid module)."""
-    out = HEADER + (_section(0, _name(b"padding") + bytes(custom_bytes)) if custom_bytes else b"")
-    out += _section(1, _leb(1) + b"\x60\x00\x00")
+    out = HEADER + (section(0, name(b"padding") + bytes(custom_bytes)) if custom_bytes else b"")
+    out += section(1, leb(1) + b"\x60\x00\x00")
     if imports:
-        out += _section(2, _leb(len(imports)) + b"".join(_name(m) + _name(f) + b"\x00\x00" for m, f in imports))
+        out += section(2, leb(len(imports)) + b"".join(name(m) + name(f) + b"\x00\x00" for m, f in imports))
     return out
 
 
@@ -44,7 +44,7 @@ def nul_log_module(lines: int) -> bytes:
     return _nul_text_module(b"log_warn", b"\x03\x40"  # loop
                                          b"\x20\x00\x10\x02"  # log_warn(p)
                                          b"\x20\x01\x41\x01\x6a\x22\x01"  # i += 1
-                                         b"\x41" + _leb(lines) + b"\x48\x0d\x00\x0b"  # while i < lines
+                                         b"\x41" + leb(lines) + b"\x48\x0d\x00\x0b"  # while i < lines
                                          b"\x41\x00\x0b")  # return 0
 
 
@@ -58,9 +58,9 @@ def _nul_text_module(kernel_function: bytes, tail: bytes) -> bytes:
     body = (b"\x02\x01\x7e\x01\x7f"  # locals: i64 p, i32 i
             b"\x42\x03\x10\x00\x21\x00"  # p = alloc(3)
             + store + tail)
-    out = HEADER + _section(1, _leb(len(types)) + b"".join(types))
-    out += _section(2, _leb(len(imports)) + b"".join(_name(b"extism:host/env") + _name(f) + b"\x00" + _leb(t)
+    out = HEADER + section(1, leb(len(types)) + b"".join(types))
+    out += section(2, leb(len(imports)) + b"".join(name(b"extism:host/env") + name(f) + b"\x00" + leb(t)
                                                      for f, t in imports))
-    out += _section(3, b"\x01\x03")
-    out += _section(7, b"\x01" + _name(b"control_logic") + b"\x00\x03")
-    return out + _section(10, b"\x01" + _leb(len(body)) + body)
+    out += section(3, b"\x01\x03")
+    out += section(7, b"\x01" + name(b"control_logic") + b"\x00\x03")
+    return out + section(10, b"\x01" + leb(len(body)) + body)
