@@ -173,3 +173,20 @@ def test_an_owner_back_after_an_unload_with_every_command_rejected_has_been_fail
         state.recreate_folder()
         state.operator_sets(name="lamp_ctl", setting=("duty", 100))
         state.quarantine(name="thermostat")  # ticks for the failsafe to be due
+
+
+def test_plugin_install_counts_the_share_of_the_tick_a_version_the_daemon_kept_holds() -> None:
+    """Found by `fuzz.py --stateful` (seed 14003): the thermostat, no longer named in the config, was running
+    at 10 ms when a 50 ms version of it was dropped in beside the 50 ms hog: refused for room, its 10 ms
+    version kept. `plugin install` of a 10 ms plugin then checked the files (hog 50, thermostat refused: room
+    for 10) and accepted it, and the daemon, whose 60 ms were held by hog and the kept thermostat, refused it.
+    The install now refuses while a plugin of the folder would not load, as for one named in the config."""
+    with machine() as state:
+        state.drop_greedy(mode="trap", name="hog")
+        state.reprioritize(name="thermostat", priority=1, timeout_ms=None)
+        state.reconfigure(entry=None, name="thermostat")
+        state.reconfigure(entry=None, name="lamp_ctl")
+        state.drop_greedy(mode="trap", name="thermostat")
+        state.remove(name="lamp_ctl")
+        state.install(files=Files(module="switchboard", manifest=None), name="stray")
+        assert "stray" not in state.rig.daemon.plugins.status

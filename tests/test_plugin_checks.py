@@ -286,6 +286,30 @@ def test_plugin_install_refuses_while_a_plugin_the_config_names_would_not_load(w
     assert cli("plugin", "install", str(work / "porch.wasm"), "--config", str(path)).returncode == 0
 
 
+def test_plugin_install_refuses_while_a_plugin_dropped_in_would_not_load(write_config, plugin_dir, tmp_path) -> None:
+    """The same for a plugin the config does not name: a running daemon may still run an earlier version of it
+    (one that loaded before this file replaced it), whose share of the tick no file shows. Removed, it blocks
+    nothing."""
+    folder = plugin_dir("temperature_control", "motion_light", "energy_saver", "echo_output")
+    (folder / "echo_output.yaml").write_text("name: echo\n")
+    data = example_data()
+    data["plugins"]["directory"] = str(folder)
+    path = write_config(data)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(plugin_wasm("echo_output"), work / "porch.wasm")
+    result = cli("plugin", "install", str(work / "porch.wasm"), "--config", str(path))
+    assert result.returncode == 2 and not (folder / "porch.wasm").exists()
+    assert result.stderr.splitlines() == [
+        f"error: {work / 'porch.wasm'}: not installed: plugin 'echo_output' of the folder would not load (its "
+        "manifest's name 'echo' is not its file's name 'echo_output': name the file echo.wasm (and its manifest "
+        "echo.yaml), or fix the name); fix or remove it first: a running daemon may still run an earlier version "
+        "of it, whose share of the tick no file shows"]
+    for suffix in (".wasm", ".yaml"):
+        (folder / f"echo_output{suffix}").unlink()
+    assert cli("plugin", "install", str(work / "porch.wasm"), "--config", str(path)).returncode == 0
+
+
 def test_a_grant_in_the_config_of_a_device_that_does_not_exist_is_a_config_error(write_config) -> None:
     data = example_data()
     data["plugins"]["settings"]["temperature_control"]["actuators"] = ["relay_switch", "heater"]

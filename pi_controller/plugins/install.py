@@ -16,12 +16,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pi_controller import config
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import tools
 from pi_controller.plugins.signing import SUFFIX
+
+if TYPE_CHECKING:  # checks is imported when an install runs, not by every command's parser
+    from pi_controller.plugins.checks import Problem
 
 EXIT_REFUSED = 2
 
@@ -86,10 +89,8 @@ def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool =
     found = checks.problems(settings, folder, wasm, checked)
     if wasm.stem in found:
         raise InstallError(f"{wasm}: not installed: {found[wasm.stem].why}")
-    broken = sorted(name for name in found if settings.plugins.configured(name))
-    if broken:  # a running daemon keeps its last version that loaded, whose share of the budget no file shows
-        raise InstallError(f"{wasm}: not installed: plugin '{broken[0]}', named in the config, would not load "
-                           f"({found[broken[0]].why}); fix it first: the daemon would not start with this folder")
+    if found:  # another plugin of the folder that would not load: see `_blocked_by`
+        raise InstallError(f"{wasm}: not installed: {_blocked_by(settings, *min(found.items()))}")
     try:
         staging = Path(tempfile.mkdtemp(prefix=".install-", dir=folder))
     except OSError as exc:
@@ -104,6 +105,17 @@ def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool =
         return _move_in(staged, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _blocked_by(settings: config.Settings, name: str, problem: Problem) -> str:
+    """Why a plugin of the folder that would not load blocks an install: a running daemon keeps the last
+    version of it that loaded, whose share of the tick's budget no file shows (the check, by the files, would
+    give it to the new one), and one named in the config would stop the next start."""
+    if settings.plugins.configured(name):
+        return (f"plugin '{name}', named in the config, would not load ({problem.why}); fix it first: the daemon "
+                "would not start with this folder")
+    return (f"plugin '{name}' of the folder would not load ({problem.why}); fix or remove it first: a running "
+            "daemon may still run an earlier version of it, whose share of the tick no file shows")
 
 
 def put(folder: Path, name: str, module: bytes, described: bytes | None, signature: bytes | None) -> list[Path]:
