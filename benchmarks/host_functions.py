@@ -60,7 +60,7 @@ def plugin_for(folder: Path, name: str, config: dict[str, Any]) -> tuple[PluginS
     plugins = PluginSet(PluginsSettings(host=host, settings={"host_calls": settings}), sub, budget_ms=1000)
     plugins.load_all()
     for tick in range(700):
-        plugins.record(readings(tick))
+        plugins.history.record(readings(tick))
     (plugin,) = plugins
     return plugins, plugin
 

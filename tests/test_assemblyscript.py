@@ -105,7 +105,7 @@ def test_host_functions_through_the_assemblyscript_helper(plugin_set) -> None:
     with capture_logs() as logs:
         assert json.loads(only(plugins).call(CONTEXT, 1)) == []
         for tick, lux in enumerate((20.0, 40.0, 50.0, 70.0), start=1):
-            plugins.record([Reading("light", lux, "lux", float(tick))])
+            plugins.history.record([Reading("light", lux, "lux", float(tick))])
         assert json.loads(only(plugins).call(CONTEXT, 5)) == [
             {"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 45.0}}]
     lines = [(e["log_level"], e["message"], e.get("fields")) for e in logs if e["event"] == "plugin_log"]

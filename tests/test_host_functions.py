@@ -35,7 +35,7 @@ def host_calls(plugin_set: Any, ticks: int = 7, manifest: dict[str, Any] | None 
                          settings={"host_calls": PluginSettings(config=config, timeout_ms=50)},
                          host=host or HostFunctionSettings())
     for tick in range(1, ticks + 1):
-        plugins.record(readings(tick))
+        plugins.history.record(readings(tick))
     return plugins, only(plugins)
 
 
@@ -127,7 +127,7 @@ def test_a_c_plugin_dims_to_the_moving_average_and_logs_through_the_c_pdk(plugin
     with capture_logs() as logs:
         assert json.loads(only(plugins).call(CONTEXT, 1)) == []  # no history yet
         for tick in range(1, 8):
-            plugins.record(readings(tick))
+            plugins.history.record(readings(tick))
         assert json.loads(only(plugins).call(CONTEXT, 8)) == [
             {"device_id": "led_strip", "action": "pwm", "parameters": {"duty_cycle": 45.0}}]  # 20, 40, 50, 70
     lines = [(e["log_level"], e["message"], e.get("fields")) for e in logs if e["event"] == "plugin_log"]
@@ -228,7 +228,7 @@ def test_a_call_held_up_past_the_old_backstop_finishes_with_its_output_and_its_i
     plugins = PluginSet(settings, folder, budget_ms=1000, history=SlowHistory(600))  # the real clock's backstop
     try:
         plugins.load_all()
-        plugins.record(readings(1))
+        plugins.history.record(readings(1))
         plugin = only(plugins)
         assert plugin.backstop_ms >= backstop.HOST_ALLOWANCE_MS
         instance = plugin._instance

@@ -10,14 +10,13 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 import extism
 import structlog
 
 from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import PluginsSettings
-from pi_controller.contract import Reading
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import admission, manifest
 from pi_controller.plugins.backstop import Backstop
@@ -133,10 +132,6 @@ class PluginSet:
         self.generation += 1
         for plugin in before.values():
             plugin.close()
-
-    def record(self, readings: Sequence[Reading]) -> None:
-        """This tick's readings, for the plugins that read history (`host_functions`)."""
-        self.history.record(readings)
 
     def load_all(self) -> None:
         """Load every `*.wasm` in the folder, by rank (`admission`), so that when the time budget is full

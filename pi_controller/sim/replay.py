@@ -90,7 +90,7 @@ class Replay:
         self.clock.advance(max(0.0, line.get("m", 0.0) - self.clock.monotonic()))
         readings = record.readings(line, units, now)
         self.states.update(line.get("s", {}))
-        self.plugins.record(readings)
+        self.plugins.history.record(readings)
         context = encode_context(readings, encode_states(self.states), now, number, monotonic=self.clock.monotonic())
         proposals = [Command(device, action, target, OPERATOR, 0) for device, action, target in line.get("o", [])
                      if device in self.hardware.actuators]
