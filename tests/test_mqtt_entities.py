@@ -512,6 +512,16 @@ def shadows_come_and_go(s: Scene) -> None:
     s.shadow("lamp_ctl", None)
 
 
+def a_shadow_taken_out_after_its_plugin(s: Scene) -> None:
+    """Found by the machine on a longer budget (60 examples): the live plugin removed, then its shadow taken
+    out of the shadow folder: the shadow's agreement stayed in the metrics."""
+    s.shadow("stray", lamp_plugin(duty=60))  # a shadow with no live plugin at all
+    s.shadow("lamp_ctl", lamp_plugin(duty=60))
+    s.drop("lamp_ctl", lamp_plugin())
+    s.remove("lamp_ctl")
+    s.shadow("lamp_ctl", None)
+
+
 def a_thermostat_follows_its_config(s: Scene) -> None:
     s.drop("thermo", ThermostatManifest())
     s.configure("thermo", "sensor", "presence")  # its climate entity reads another thermometer
@@ -530,6 +540,7 @@ SEQUENCES = [
     read_only_and_back,
     discovery_off_and_on,
     shadows_come_and_go,
+    a_shadow_taken_out_after_its_plugin,
     a_thermostat_follows_its_config,
 ]
 

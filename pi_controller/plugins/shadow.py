@@ -152,9 +152,13 @@ class Shadows:
             log.info("shadow_disagrees", plugin=name, tick=number, difference=stats.agreement.first[""])
 
     def agreement(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(plugin, actuator or "*" for whole calls) -> (ticks agreed, ticks compared), for metrics."""
+        """(plugin, actuator or "*" for whole calls) -> (ticks agreed, ticks compared), for metrics: of the
+        shadows there now (one taken out keeps its comparisons, unshown, in case it comes back)."""
         result = {}
+        running = self.plugins.status
         for name, stats in list(self.stats.items()):
+            if name not in running:
+                continue
             a = stats.agreement
             result[(name, "*")] = (a.ticks - a.differing[""], a.ticks)
             result.update(((name, device), (a.ticks - a.differing[device], a.ticks)) for device in list(a.seen))
