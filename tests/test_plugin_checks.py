@@ -258,6 +258,18 @@ def test_plugin_install_refuses_with_the_daemon_s_own_reason_what_the_daemon_ref
         daemon.close()
 
 
+def install_porch(write_config: Any, folder: Path, tmp_path: Path) -> tuple[Path, Path, Any]:
+    """`plugin install porch.wasm` (a copy of echo_output) beside `folder`'s plugins, under the example config:
+    the config's path, the folder porch.wasm is installed from, and the command's result."""
+    data = example_data()
+    data["plugins"]["directory"] = str(folder)
+    path = write_config(data)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(plugin_wasm("echo_output"), work / "porch.wasm")
+    return path, work, cli("plugin", "install", str(work / "porch.wasm"), "--config", str(path))
+
+
 def test_plugin_install_refuses_while_a_plugin_the_config_names_would_not_load(write_config, plugin_dir,
                                                                               tmp_path) -> None:
     """Found by the state machine's long run: the thermostat's manifest replaced by one naming another plugin
@@ -266,13 +278,7 @@ def test_plugin_install_refuses_while_a_plugin_the_config_names_would_not_load(w
     that share; the daemon would not start with this folder: install says so, and installs the fix."""
     folder = plugin_dir("temperature_control", "motion_light", "energy_saver")
     (folder / "temperature_control.yaml").write_text("name: thermostat\n")
-    data = example_data()
-    data["plugins"]["directory"] = str(folder)
-    path = write_config(data)
-    work = tmp_path / "work"
-    work.mkdir()
-    shutil.copy(plugin_wasm("echo_output"), work / "porch.wasm")
-    result = cli("plugin", "install", str(work / "porch.wasm"), "--config", str(path))
+    path, work, result = install_porch(write_config, folder, tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"error: {work / 'porch.wasm'}: not installed: plugin 'temperature_control', named in the config, would not "
@@ -292,13 +298,7 @@ def test_plugin_install_refuses_while_a_plugin_dropped_in_would_not_load(write_c
     nothing."""
     folder = plugin_dir("temperature_control", "motion_light", "energy_saver", "echo_output")
     (folder / "echo_output.yaml").write_text("name: echo\n")
-    data = example_data()
-    data["plugins"]["directory"] = str(folder)
-    path = write_config(data)
-    work = tmp_path / "work"
-    work.mkdir()
-    shutil.copy(plugin_wasm("echo_output"), work / "porch.wasm")
-    result = cli("plugin", "install", str(work / "porch.wasm"), "--config", str(path))
+    path, work, result = install_porch(write_config, folder, tmp_path)
     assert result.returncode == 2 and not (folder / "porch.wasm").exists()
     assert result.stderr.splitlines() == [
         f"error: {work / 'porch.wasm'}: not installed: plugin 'echo_output' of the folder would not load (its "
