@@ -85,10 +85,14 @@ class PluginSet:
         self._plugins, self._by_name = plugins, {p.name: p for p in plugins}
         self.logs_to_extism = any(p.logs_to_extism for p in plugins)
 
+    def named(self, plugin: str) -> SandboxedPlugin | None:
+        """The plugin of that name as loaded now; None if it is not."""
+        return self._by_name.get(plugin)
+
     def granted(self, plugin: str, device: str) -> bool:
         """Whether `plugin`, as loaded now, may command `device`; True for one not loaded (its absence is
         its own reason to lose what it owns: see `safety.ownership`)."""
-        loaded = self._by_name.get(plugin)
+        loaded = self.named(plugin)
         return loaded is None or loaded.grant.actuators is None or device in loaded.grant.actuators
 
     def readiness(self) -> Readiness:

@@ -111,7 +111,7 @@ class Shadows:
     def _follow(self, shadow: SandboxedPlugin) -> None:
         """The config values the operator set on the live version (from Home Assistant, kept across restarts) onto
         its shadow, those it takes: the two are compared on one config, not the file's against the operator's."""
-        live = next((p for p in self.live if p.name == shadow.name), None)
+        live = self.live.named(shadow.name)
         followed = self._followed.get(shadow.name)
         if live is None or (followed is not None and followed[0] is shadow and followed[1] is live.config):
             return  # neither changed since (set_config makes a new config)
