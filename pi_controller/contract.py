@@ -194,7 +194,7 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
     for index, entry in enumerate(entries):
         try:
             checked = entry if typed else _entry(index, entry, targets)
-            if checked.device_id not in targets:
+            if checked.device_id not in targets:  # for a typed entry: `_entry` has checked the others already
                 raise _unknown(checked.device_id)
             command = targets[checked.device_id].command(checked.action, checked.parameters)
             commands.append(Command(checked.device_id, checked.action, command, plugin, priority))
