@@ -113,12 +113,20 @@ class Site:
         self.rig.settle()
         return self.said[-1] if self.said else None
 
-    def until(self, done: Callable[[Verdict], bool], what: str) -> Verdict:
-        for _ in range(MAX_TICKS):
+    def until(self, done: Callable[[Verdict], bool], what: str, within: int = MAX_TICKS) -> Verdict:
+        for _ in range(within):
             verdict = self.tick()
             if verdict is not None and done(verdict):
                 return verdict
-        raise AssertionError(f"not within {MAX_TICKS} ticks: {what}; the node said {self.said[-3:]}")
+        raise AssertionError(f"not within {within} ticks: {what}; the node said {self.said[-3:]}")
+
+    def settle(self, done: Callable[[], bool], what: str) -> None:
+        """Ticks until `done` (the node's file work lands on a worker thread)."""
+        for _ in range(MAX_TICKS):
+            if done():
+                return
+            self.tick()
+        raise AssertionError(f"not within {MAX_TICKS} ticks: {what}")
 
     def ticks(self, count: int) -> Verdict | None:
         for _ in range(count):
@@ -263,8 +271,10 @@ def test_a_promoted_version_whose_share_of_the_tick_was_taken_meanwhile_is_rolle
     filler.with_suffix(".yaml").write_text("priority: 50\nlimits: {timeout_ms: 30}\n")
     assert cli.main(["plugin", "sign", str(filler), "--key", str(site.key)]) == 0
     assert cli.main(["plugin", "install", str(filler), "--config", str(site.rig.config_path)]) == 0
-    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    # At its promotion, not after the longest wait for a swap: the node checks the tick's room before it promotes.
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
     assert verdict.phase == protocol.ROLLED_BACK and "does not fit the tick" in (verdict.reason or ""), verdict
+    assert "at its promotion" in (verdict.reason or "") and list((site.folder / "shadow").glob(f"{NAME}.*")) == []
     assert verdict.sha256 == sha256_of(site.live) == site.live_status().sha256
     assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live)
     assert site.rig.daemon is not None and {p.name for p in site.rig.daemon.plugins} == {NAME, "filler"}
@@ -506,3 +516,26 @@ def test_a_rollout_replaced_while_its_shadow_is_being_installed_leaves_no_shadow
     site.ticks(3)
     assert node.rollouts == {}  # the new rollout is not this node's
     assert list((site.folder / "shadow").glob(f"{NAME}.*")) == []
+
+
+def shadow_files(folder: Path) -> list[Path]:
+    return list((folder / "shadow").glob(f"{NAME}.*"))  # module, manifest and signature
+
+
+def test_a_rollout_whose_shadow_would_not_fit_the_tick_is_refused_at_its_announcement(site) -> None:
+    """The new version asks 45 ms of the 60 ms plugin budget: room in the live version's place, but a shadow runs
+    beside the live plugins, in the 40 ms they leave. Refused when it is checked, saying so in one line, not after
+    the longest wait for a shadow that the shadow set never loaded."""
+    site.live.with_suffix(".yaml").write_text('version: "1.0.0"\nlimits: {timeout_ms: 20}\n')
+    assert cli.main(["plugin", "sign", str(site.live), "--key", str(site.key)]) == 0
+    for suffix in (".yaml", ".sig"):
+        shutil.copy(site.live.with_suffix(suffix), site.folder / f"{NAME}{suffix}")
+    site.new.with_suffix(".yaml").write_text('version: "2.0.0"\nlimits: {timeout_ms: 45}\n')
+    assert cli.main(["plugin", "sign", str(site.new), "--key", str(site.key)]) == 0
+    site.start()
+    site.announce(site.new, shadow_ticks=20)
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
+    assert verdict.phase == protocol.REFUSED, verdict
+    assert verdict.reason == ("as a shadow, timeout_ms 45 does not fit the tick: the live plugins leave 40 of the "
+                              "60 ms plugin budget"), verdict
+    assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)

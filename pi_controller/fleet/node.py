@@ -51,7 +51,8 @@ from pi_controller.mqtt.inbox import Inbound, Route
 from pi_controller.plugins import checks
 from pi_controller.plugins.install import InstallError, put
 from pi_controller.plugins.manifest import read_manifest
-from pi_controller.plugins.shadow import FOLDER, promote
+from pi_controller.plugins.sandbox import SandboxedPlugin
+from pi_controller.plugins.shadow import FOLDER, promote, spare_ms
 from pi_controller.plugins.signing import SUFFIX, read_signature
 from pi_controller.status import Status
 
@@ -267,7 +268,8 @@ class FleetNode:
                 rollout.phase = protocol.SHADOW
 
     def _check_and_shadow(self, a: Announcement, module: bytes) -> None:
-        """On a worker thread: the bytes against the announcement, then the one check, then the shadow."""
+        """On a worker thread: the bytes against the announcement, then the one check, then the shadow's share of
+        the tick, then the shadow."""
         if len(module) != a.size:
             raise InstallError(f"the module is {len(module)} bytes, not the {a.size} announced")
         digest = hashlib.sha256(module).hexdigest()
@@ -280,6 +282,10 @@ class FleetNode:
         problem = checks.problems(settings, self.status.plugins.directory, staged).get(a.name)
         if problem is not None:
             raise InstallError(problem.why)
+        timeout_ms, spare = checks.claim(settings, staged).timeout_ms, spare_ms(self.status.plugins)
+        if timeout_ms > spare:  # the shadow set would refuse it: the shadows get what the live plugins leave
+            raise InstallError(f"as a shadow, timeout_ms {timeout_ms} does not fit the tick: the live plugins leave "
+                               f"{spare:g} of the {self.status.plugins.budget_ms:g} ms plugin budget")
         shadows = self.status.plugins.directory / FOLDER
         shadows.mkdir(exist_ok=True)
         put(shadows, a.name, module, manifest, a.signature.encode())
@@ -318,9 +324,20 @@ class FleetNode:
             self._fail(name, rollout, protocol.ROLLED_BACK, f"the shadow agreed {agreement}% over {compared} ticks, "
                                                             f"under the {a.min_agreement_percent}% asked")
         elif compared >= a.shadow_ticks:
-            rollout.phase, rollout.waited = protocol.LIVE_WINDOW, 0
-            self._keep_word(name, rollout)  # a restart from here on watches the window again, or rolls back
-            rollout.job = self._in_worker(lambda: self._keep_and_promote(name))
+            self._go_live(name, rollout, shadows.plugins.named(name))
+
+    def _go_live(self, name: str, rollout: Rollout, shadow: SandboxedPlugin | None) -> None:
+        """Promote the shadow, compared: unless the live plugins leave it no room in the tick now (the plugin set
+        would keep the running version over it, and the node would wait the longest swap to say so)."""
+        crowded = self.status.plugins.no_room_for(shadow) if shadow is not None else None
+        if crowded is not None:
+            self._abandon(name, rollout)
+            self._fail(name, rollout, protocol.ROLLED_BACK, f"at its promotion: {crowded}; the live version never "
+                                                            "changed")
+            return
+        rollout.phase, rollout.waited = protocol.LIVE_WINDOW, 0
+        self._keep_word(name, rollout)  # a restart from here on watches the window again, or rolls back
+        rollout.job = self._in_worker(lambda: self._keep_and_promote(name))
 
     def _keep_and_promote(self, name: str) -> None:
         """On a worker thread: the live version's files kept for a rollback, then the shadow made live."""

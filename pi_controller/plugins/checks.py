@@ -50,16 +50,25 @@ def problems(settings: config.Settings, folder: Path, candidate: Path | None = N
         if (own is not None and not own.enabled) or not os.path.lexists(path):
             continue
         try:
-            module = read_module(path, path.parent, plugins.ceilings.max_file_bytes)
-            terms = manifest.terms(name, path, module, plugins, devices)
+            claims.append(_claim(plugins, devices, name, path))
         except manifest.Refused as exc:
             found[name] = Problem(exc.problem, exc.key)
-            continue
-        claims.append(admission.Claim(name, terms.timeout_ms, terms.priority, plugins.configured(name)))
     for name, why in admission.refused_in_rank_order(claims, settings.loop.plugin_budget_ms).items():
         own = plugins.settings.get(name)
         found[name] = Problem(why, ("plugins", "settings", name, "timeout_ms") if own and own.timeout_ms else None)
     return found
+
+
+def claim(settings: config.Settings, path: Path) -> admission.Claim:
+    """The claim on the tick's time budget of the module at `path` under `settings` (Refused if it has none)."""
+    return _claim(settings.plugins, manifest.Devices.of(settings), path.stem, path)
+
+
+def _claim(plugins: config.PluginsSettings, devices: manifest.Devices | None, name: str,
+           path: Path) -> admission.Claim:
+    module = read_module(path, path.parent, plugins.ceilings.max_file_bytes)
+    terms = manifest.terms(name, path, module, plugins, devices)
+    return admission.Claim(name, terms.timeout_ms, terms.priority, plugins.configured(name))
 
 
 def check(settings: config.Settings, folder: Path, found: dict[str, Problem] | None = None) -> list[str]:

@@ -219,6 +219,15 @@ class PluginSet:
         return admission.Claim(plugin.name, plugin.grant.timeout_ms, plugin.priority,
                                self.settings.configured(plugin.name), plugin.quarantine.quarantined)
 
+    def no_room_for(self, plugin: SandboxedPlugin) -> str | None:
+        """Why `plugin` would be refused for want of room in the tick, in its namesake's place, were it loaded
+        now (as `_admit` would refuse it); None if it would fit."""
+        try:
+            admission.displaced(self.claim(plugin), [self.claim(p) for p in self._plugins], self.budget_ms)
+        except admission.NoRoom as exc:
+            return str(exc)
+        return None
+
     def made_room(self) -> None:
         """A plugin was quarantined, unloaded, refused or given a smaller share: the plugins refused for want
         of room that would fit now are handed to `on_room` (the watcher loads them again)."""

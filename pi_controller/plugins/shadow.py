@@ -56,12 +56,16 @@ class ShadowStats:
         self.agreement = Agreement("live", "shadow")
 
 
+def spare_ms(live: PluginSet) -> float:
+    """The plugin time budget the live plugins leave: the shadows' budget."""
+    return max(0.0, live.budget_ms - sum(p.grant.timeout_ms for p in live))
+
+
 class Shadows:
     """The shadow plugins of one plugins folder, and how each compares with its live plugin."""
 
     def __init__(self, settings: PluginsSettings, live: PluginSet, clock: Clock, history: History):
-        spare = live.budget_ms - sum(p.grant.timeout_ms for p in live)
-        self.plugins = PluginSet(settings, live.directory / FOLDER, max(0.0, spare), history, clock,
+        self.plugins = PluginSet(settings, live.directory / FOLDER, spare_ms(live), history, clock,
                                  devices=live.devices, role="shadow")
         self.clock = clock
         self.budget_ms = live.budget_ms
