@@ -539,3 +539,54 @@ def test_a_rollout_whose_shadow_would_not_fit_the_tick_is_refused_at_its_announc
     assert verdict.reason == ("as a shadow, timeout_ms 45 does not fit the tick: the live plugins leave 40 of the "
                               "60 ms plugin budget"), verdict
     assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)
+
+
+def test_a_plugin_disabled_by_a_reload_in_the_live_window_gets_back_the_version_it_replaced(site) -> None:
+    """The owner disables the plugin (plugins.settings, SIGHUP) while its promoted version is watched: that
+    version never finished its window, and is called no more. The node puts the version it replaced back, as
+    any rollout that did not finish leaves a node, and says so; the plugin stays disabled (its actuators in their
+    safe state) and, enabled again, runs the version the owner had before the rollout."""
+    site.start()
+    site.announce(site.new, live_ticks=1_000_000)
+    site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.counts.get("calls", 0) > 0, "called once promoted")
+    site.reload(lambda data: data["plugins"]["settings"].update({NAME: {"enabled": False}}))
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.ROLLED_BACK, verdict
+    assert verdict.reason == (f"plugin '{NAME}' was disabled in the config: the version it replaced is put back, "
+                              "to run once the plugin is enabled again"), verdict
+    assert site.live_status().state == "disabled"
+    for suffix in (".wasm", ".yaml", ".sig"):
+        assert (site.folder / f"{NAME}{suffix}").read_bytes() == site.live.with_suffix(suffix).read_bytes()
+    site.reload(lambda data: data["plugins"]["settings"].update({NAME: {"enabled": True}}))
+    site.settle(lambda: site.live_status().state == "loaded", "enabled again")
+    assert site.live_status().sha256 == sha256_of(site.live)
+    assert site.said[-1].phase == protocol.ROLLED_BACK
+
+
+@pytest.mark.parametrize("window", [protocol.SHADOW, protocol.LIVE_WINDOW])
+def test_a_reload_that_moves_the_plugins_folder_mid_rollout_ends_it_and_leaves_the_old_folder_as_it_was(
+        site, window) -> None:
+    """The owner moves plugins.directory (SIGHUP) while the node compares the new version as a shadow, or watches
+    it promoted: the rollout was checked and done in the old folder, which the daemon no longer follows. Its part
+    here ends at once, saying so: the old folder gets back what it held before the rollout (no shadow, the
+    replaced version), and the new one, the owner's, is left as it is."""
+    site.start()
+    if window == protocol.SHADOW:
+        site.announce(site.new, shadow_ticks=1_000_000)
+        site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    else:
+        site.announce(site.new, live_ticks=1_000_000)
+        site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.counts.get("calls", 0) > 0, "called")
+    moved = site.tmp / "moved"
+    moved.mkdir()
+    for suffix in (".wasm", ".yaml", ".sig"):  # the owner's copy of the version that ran before the rollout
+        shutil.copy(site.live.with_suffix(suffix), moved / f"{NAME}{suffix}")
+    site.reload(lambda data: data["plugins"].update(directory=str(moved)))
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
+    assert verdict.phase == (protocol.REFUSED if window == protocol.SHADOW else protocol.ROLLED_BACK), verdict
+    assert f"plugins.directory moved from {site.folder} to {moved} by a reload" in (verdict.reason or ""), verdict
+    site.settle(lambda: shadow_files(site.folder) == [], "the shadow removed from the old folder")
+    for suffix in (".wasm", ".yaml", ".sig"):
+        assert (site.folder / f"{NAME}{suffix}").read_bytes() == site.live.with_suffix(suffix).read_bytes()
+        assert (moved / f"{NAME}{suffix}").read_bytes() == site.live.with_suffix(suffix).read_bytes()
+    assert shadow_files(moved) == [] and site.live_status().sha256 == sha256_of(site.live)

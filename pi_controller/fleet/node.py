@@ -18,7 +18,8 @@ For each plugin announced with this node in a stage already let in, the node, by
 5. leaves the plugin to its owner when, in a window (or while the node was stopped after a promotion), the owner
    removed it, disabled it, put another version in (`plugin install`, a copy) or promoted the shadow by hand
    (`plugin promote`): that ends the node's part (`refused`, saying so), with the shadow removed and nothing
-   put back over the owner's word.
+   put back over the owner's word; a plugin disabled, or `plugins.directory` moved by a reload, in the live
+   window puts the version it replaced back into the rollout's folder (`rolled_back`, saying so).
 
 The live plugin is only ever replaced by a rename of a whole module that loaded as a shadow, and the
 plugin set keeps the running version over any replacement that fails to load: a node is never left without
@@ -61,9 +62,10 @@ log = structlog.get_logger("pi_controller.fleet")
 MIN_SWAP_TICKS = 300  # a shadow or a promoted version runs within this many ticks (or its window), or it did not load
 MAX_INBOUND = 4096  # messages waiting for the next tick; past it, chunks are dropped (fetched again)
 MAX_REASON = 500  # characters of a reason, said or kept
-# A node's word on a rollout, kept in its state folder (`_keep_word`): its ids and two reasons of MAX_REASON
-# characters, each of which JSON may write in up to twelve bytes (a surrogate pair, \ud83d\ude00).
-MAX_WORD_BYTES = 16 * 1024
+# A node's word on a rollout, kept in its state folder (`_keep_word`): its ids, two reasons of MAX_REASON
+# characters, each of which JSON may write in up to twelve bytes (a surrogate pair, \ud83d\ude00), and its
+# plugins folder, a path of up to 4096 bytes that JSON may write in up to six each (\u001f).
+MAX_WORD_BYTES = 40 * 1024
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Rollout:
     """This node's progress in one announced rollout."""
 
     announcement: Announcement
+    directory: Path  # the plugins folder it works in: the one followed when its fetch began (or at a restart)
     phase: str = protocol.WAITING
     reason: str | None = None
     chunks: dict[int, bytes] = field(default_factory=dict)
@@ -174,7 +177,7 @@ class FleetNode:
         if stage is None:
             self.rollouts.pop(a.name, None)
             return
-        rollout = self.rollouts[a.name] = Rollout(a)
+        rollout = self.rollouts[a.name] = Rollout(a, self.status.plugins.directory)
         kept = self._kept_word(a.name)
         if kept is not None and kept.get("rollout") == a.rollout:
             self._resume(a.name, rollout, kept)
@@ -191,8 +194,9 @@ class FleetNode:
         rollout.phase, rollout.reason = kept["phase"], kept.get("reason")
         if rollout.phase != protocol.LIVE_WINDOW:
             return
-        previous, why = kept.get("previous"), kept.get("restoring")
+        previous, why, directory = kept.get("previous"), kept.get("restoring"), kept.get("directory")
         rollout.previous = previous if isinstance(previous, str) else None
+        rollout.directory = Path(directory) if isinstance(directory, str) else rollout.directory
         if self._ended_by_hand(name, rollout):  # while the node was stopped
             return
         live = self.status.plugins.status.get(name)
@@ -248,6 +252,7 @@ class FleetNode:
             return
         a = rollout.announcement
         rollout.phase, rollout.previous = protocol.FETCHING, live.sha256
+        rollout.directory = self.status.plugins.directory  # a reload may have moved it while the stage waited
         self.fetch(protocol.chunk_topic(self.site, a.sha256, "+"))
         log.info("fleet_fetching", plugin=name, version=a.version, rollout=a.rollout)
 
@@ -264,10 +269,10 @@ class FleetNode:
                 self.unfetch(protocol.chunk_topic(self.site, sha256, "+"))
                 module = b"".join(rollout.chunks[i] for i in range(a.chunks))
                 rollout.chunks = {}
-                rollout.job = self._in_worker(partial(self._check_and_shadow, a, module))
+                rollout.job = self._in_worker(partial(self._check_and_shadow, a, module, rollout.directory))
                 rollout.phase = protocol.SHADOW
 
-    def _check_and_shadow(self, a: Announcement, module: bytes) -> None:
+    def _check_and_shadow(self, a: Announcement, module: bytes, directory: Path) -> None:
         """On a worker thread: the bytes against the announcement, then the one check, then the shadow's share of
         the tick, then the shadow."""
         if len(module) != a.size:
@@ -279,14 +284,14 @@ class FleetNode:
         staged = put(self._staging(), a.name, module, manifest, a.signature.encode())[-1]
         running = self.status.settings
         settings = replace(running, plugins=replace(running.plugins, require_signature=True))
-        problem = checks.problems(settings, self.status.plugins.directory, staged).get(a.name)
+        problem = checks.problems(settings, directory, staged).get(a.name)
         if problem is not None:
             raise InstallError(problem.why)
         timeout_ms, spare = checks.claim(settings, staged).timeout_ms, spare_ms(self.status.plugins)
         if timeout_ms > spare:  # the shadow set would refuse it: the shadows get what the live plugins leave
             raise InstallError(f"as a shadow, timeout_ms {timeout_ms} does not fit the tick: the live plugins leave "
                                f"{spare:g} of the {self.status.plugins.budget_ms:g} ms plugin budget")
-        shadows = self.status.plugins.directory / FOLDER
+        shadows = directory / FOLDER
         shadows.mkdir(exist_ok=True)
         put(shadows, a.name, module, manifest, a.signature.encode())
         log.info("fleet_shadow_installed", plugin=a.name, version=a.version, rollout=a.rollout)
@@ -337,11 +342,11 @@ class FleetNode:
             return
         rollout.phase, rollout.waited = protocol.LIVE_WINDOW, 0
         self._keep_word(name, rollout)  # a restart from here on watches the window again, or rolls back
-        rollout.job = self._in_worker(lambda: self._keep_and_promote(name))
+        rollout.job = self._in_worker(partial(self._keep_and_promote, name, rollout.directory))
 
-    def _keep_and_promote(self, name: str) -> None:
+    def _keep_and_promote(self, name: str, directory: Path) -> None:
         """On a worker thread: the live version's files kept for a rollback, then the shadow made live."""
-        live = self.status.plugins.directory / f"{name}.wasm"
+        live = directory / f"{name}.wasm"
         kept = self.folder / "previous" / name
         kept.mkdir(parents=True, exist_ok=True)
         for suffix, data in ((".wasm", live.read_bytes()), (".yaml", read_manifest(live)),
@@ -351,7 +356,7 @@ class FleetNode:
                 path.unlink(missing_ok=True)
             else:
                 path.write_bytes(data)
-        log.info("fleet_promoting", plugin=name, done=promote(self.status.plugins.directory, name)[:300])
+        log.info("fleet_promoting", plugin=name, done=promote(directory, name)[:300])
 
     def _watch_live(self, name: str, rollout: Rollout) -> None:
         a = rollout.announcement
@@ -404,7 +409,7 @@ class FleetNode:
 
         def restore() -> None:
             manifest, signature = (kept / f"{name}.yaml"), (kept / f"{name}{SUFFIX}")
-            put(self.status.plugins.directory, name, wasm.read_bytes(),
+            put(rollout.directory, name, wasm.read_bytes(),
                 manifest.read_bytes() if manifest.exists() else None,
                 signature.read_bytes() if signature.exists() else None)
 
@@ -417,12 +422,19 @@ class FleetNode:
     def _ended_by_hand(self, name: str, rollout: Rollout) -> bool:
         """Whether the owner removed or disabled the plugin, put another version of it in, or promoted its shadow,
         since this rollout began: if so, its part here ends, with the shadow removed and the plugins folder left
-        as the owner left it (a rollback would put the version the rollout replaced back over the owner's word)."""
+        as the owner left it (a rollback would put the version the rollout replaced back over the owner's word).
+        A plugin disabled, or a plugins folder moved by a reload, in the live window is rolled back (`_put_back`)."""
         live = self.status.plugins.status.get(name)
-        if live is None:
+        if rollout.directory != self.status.plugins.directory:
+            why = f"plugins.directory moved from {rollout.directory} to {self.status.plugins.directory} by a reload"
+            if rollout.phase == protocol.LIVE_WINDOW:
+                return self._put_back(name, rollout, why, f" in {rollout.directory}; the new folder is left as it is")
+        elif live is None:
             why = f"plugin '{name}' was removed from the plugins folder by hand"
         elif live.state == "disabled":
             why = f"plugin '{name}' was disabled in the config"
+            if rollout.phase == protocol.LIVE_WINDOW:
+                return self._put_back(name, rollout, why, ", to run once the plugin is enabled again")
         elif live.sha256 is not None and rollout.previous is not None and live.sha256 not in (
                 rollout.previous, rollout.announcement.sha256):
             why = f"another version of plugin '{name}' was put in by hand ({live.version or live.sha256[:16]})"
@@ -436,18 +448,26 @@ class FleetNode:
                    f"{rollout.restoring + '; then ' if rollout.restoring else ''}{why}: the node leaves it as it is")
         return True
 
+    def _put_back(self, name: str, rollout: Rollout, why: str, where: str) -> bool:
+        """The promoted version has not finished its live window, and will not be called in it: the version it
+        replaced is put back into the rollout's folder (`where` says what that means), and the node says rolled
+        back once its files are (it does not run now: disabled, or in a folder no longer followed)."""
+        done = f"{why}: the version it replaced is put back{where}"
+        if rollout.restoring is not None:  # the rollback's files are back: `_advance` waited for its job
+            self._fail(name, rollout, protocol.ROLLED_BACK,
+                       rollout.restoring if rollout.restoring == done else f"{rollout.restoring}; then {why}")
+        elif (self.folder / "previous" / name / f"{name}.wasm").is_file():
+            self._roll_back(name, rollout, done)
+        else:  # stopped before the live version's files were kept: it was never replaced
+            self._fail(name, rollout, protocol.ROLLED_BACK, f"{why}; the live version never changed")
+        return True
+
     def _abandon(self, name: str, rollout: Rollout) -> None:
         """Stop fetching; remove the shadow this rollout installed (the live version never changed), in this
         run of the node or an earlier one (stopped in the shadow window, it returns to a rollout stopped)."""
         self.unfetch(protocol.chunk_topic(self.site, rollout.announcement.sha256, "+"))
         rollout.chunks = {}
-        shadow = self.status.plugins.directory / FOLDER / f"{name}.wasm"
-        sha256 = rollout.announcement.sha256
-
-        def remove() -> None:  # the module first (the shadow unloads), then what was beside it
-            if shadow.is_file() and hashlib.sha256(shadow.read_bytes()).hexdigest() == sha256:
-                for suffix in (".wasm", ".yaml", SUFFIX):
-                    shadow.with_suffix(suffix).unlink(missing_ok=True)
+        remove = partial(self._remove_shadow, name, rollout.directory, rollout.announcement.sha256)
 
         def after(job: asyncio.Future[None]) -> None:
             if not job.cancelled():
@@ -458,6 +478,14 @@ class FleetNode:
             rollout.job.add_done_callback(after)
         elif rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
             self._in_worker(remove)
+
+    def _remove_shadow(self, name: str, directory: Path, sha256: str) -> None:
+        """On a worker thread: the shadow of `name` in `directory` removed if it is the module `sha256` (not one
+        put there by hand since), the module first (the shadow unloads), then what was beside it."""
+        shadow = directory / FOLDER / f"{name}.wasm"
+        if shadow.is_file() and hashlib.sha256(shadow.read_bytes()).hexdigest() == sha256:
+            for suffix in (".wasm", ".yaml", SUFFIX):
+                shadow.with_suffix(suffix).unlink(missing_ok=True)
 
     def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
         rollout.phase, rollout.reason = phase, why[:MAX_REASON]
@@ -484,7 +512,8 @@ class FleetNode:
 
     def _keep_word(self, name: str, rollout: Rollout, restoring: str | None = None) -> None:
         word = {"rollout": rollout.announcement.rollout, "phase": rollout.phase, "reason": rollout.reason,
-                "previous": rollout.previous, "restoring": restoring[:MAX_REASON] if restoring else None}
+                "previous": rollout.previous, "restoring": restoring[:MAX_REASON] if restoring else None,
+                "directory": str(rollout.directory)}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             # Whole or not at all (a word cut short would make a restart forget a rollback), and on the event
