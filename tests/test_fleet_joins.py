@@ -522,6 +522,25 @@ def shadow_files(folder: Path) -> list[Path]:
     return list((folder / "shadow").glob(f"{NAME}.*"))  # module, manifest and signature
 
 
+def test_a_rollout_replaced_while_the_node_was_away_in_its_shadow_window_leaves_no_shadow_behind(site) -> None:
+    """The node stops with the new version running as a shadow, and the rollout is replaced meanwhile by one that
+    leaves this node out. Nothing of the node's word is kept before a promotion, but the shadow it installed is
+    noted: started again on the new announcement, the node removes it, which would otherwise run beside the live
+    version for good, compared with it on every tick."""
+    site.start()
+    a = site.announce(site.new, shadow_ticks=1_000_000)
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    site.rig.stop()
+    site.start()
+    elsewhere = replace(a, rollout="1796633878-00000000", stages=(("another-node",),))
+    site.hand_over(elsewhere, site.new.read_bytes())
+    daemon = site.rig.daemon
+    assert daemon is not None and len(daemon.shadows.current) == 1  # the shadow came back with the node
+    site.settle(lambda: not shadow_files(site.folder) and len(daemon.shadows.current) == 0, "the shadow removed")
+    assert site.node is not None and site.node.rollouts == {}  # the new rollout is not this node's
+    assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live) == site.live_status().sha256
+
+
 def test_a_rollout_whose_shadow_would_not_fit_the_tick_is_refused_at_its_announcement(site) -> None:
     """The new version asks 45 ms of the 60 ms plugin budget: room in the live version's place, but a shadow runs
     beside the live plugins, in the 40 ms they leave. Refused when it is checked, saying so in one line, not after

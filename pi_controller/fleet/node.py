@@ -173,6 +173,8 @@ class FleetNode:
             return
         if current is not None:
             self._abandon(a.name, current)
+        else:
+            self._remove_earlier_shadow(a)
         stage = a.stage_of(self.node)
         if stage is None:
             self.rollouts.pop(a.name, None)
@@ -274,7 +276,7 @@ class FleetNode:
 
     def _check_and_shadow(self, a: Announcement, module: bytes, directory: Path) -> None:
         """On a worker thread: the bytes against the announcement, then the one check, then the shadow's share of
-        the tick, then the shadow."""
+        the tick, then the shadow, noted (`_remove_earlier_shadow`)."""
         if len(module) != a.size:
             raise InstallError(f"the module is {len(module)} bytes, not the {a.size} announced")
         digest = hashlib.sha256(module).hexdigest()
@@ -293,6 +295,7 @@ class FleetNode:
                                f"{spare:g} of the {self.status.plugins.budget_ms:g} ms plugin budget")
         shadows = directory / FOLDER
         shadows.mkdir(exist_ok=True)
+        self._note_shadow(a, directory)
         put(shadows, a.name, module, manifest, a.signature.encode())
         log.info("fleet_shadow_installed", plugin=a.name, version=a.version, rollout=a.rollout)
 
@@ -357,6 +360,7 @@ class FleetNode:
             else:
                 path.write_bytes(data)
         log.info("fleet_promoting", plugin=name, done=promote(directory, name)[:300])
+        (self.folder / FOLDER / f"{name}.json").unlink(missing_ok=True)  # no shadow left to remove
 
     def _watch_live(self, name: str, rollout: Rollout) -> None:
         a = rollout.announcement
@@ -481,11 +485,31 @@ class FleetNode:
 
     def _remove_shadow(self, name: str, directory: Path, sha256: str) -> None:
         """On a worker thread: the shadow of `name` in `directory` removed if it is the module `sha256` (not one
-        put there by hand since), the module first (the shadow unloads), then what was beside it."""
+        put there by hand since), the module first (the shadow unloads), then what was beside it; and its note."""
         shadow = directory / FOLDER / f"{name}.wasm"
         if shadow.is_file() and hashlib.sha256(shadow.read_bytes()).hexdigest() == sha256:
             for suffix in (".wasm", ".yaml", SUFFIX):
                 shadow.with_suffix(suffix).unlink(missing_ok=True)
+        note = self._shadow_note(name)
+        if note is not None and note.get("sha256") == sha256:
+            (self.folder / FOLDER / f"{name}.json").unlink(missing_ok=True)
+
+    def _note_shadow(self, a: Announcement, directory: Path) -> None:
+        """Before its shadow is installed: which rollout's module it is, and where, kept in the state folder. The
+        node's word is kept only from the promotion on; a node stopped in the shadow window finds the shadow it
+        left by this note, for a rollout replaced meanwhile (`_remove_earlier_shadow`)."""
+        note = {"rollout": a.rollout, "sha256": a.sha256, "directory": str(directory)}
+        (self.folder / FOLDER).mkdir(parents=True, exist_ok=True)
+        write_atomically(self.folder / FOLDER / f"{a.name}.json", json.dumps(note).encode(), 0o600, flush=False)
+
+    def _remove_earlier_shadow(self, a: Announcement) -> None:
+        """The first announcement of `a.name` this node takes: a shadow an earlier run installed for another
+        rollout is removed, whether or not `a` is this node's: nothing else would ever compare or remove it."""
+        note = self._shadow_note(a.name)
+        if note is not None and note.get("rollout") != a.rollout and isinstance(note.get("sha256"), str) \
+                and isinstance(note.get("directory"), str):
+            self._in_worker(partial(self._remove_shadow, a.name, Path(note["directory"]), note["sha256"]))
+            log.info("fleet_earlier_shadow_removed", plugin=a.name, rollout=note.get("rollout"), replaced_by=a.rollout)
 
     def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
         rollout.phase, rollout.reason = phase, why[:MAX_REASON]
@@ -500,15 +524,21 @@ class FleetNode:
                        live.sha256 if live else None, rollout.reason, rollout.counts)
 
     def _kept_word(self, name: str) -> dict[str, Any] | None:
-        path = self.folder / f"{name}.json"
+        data = self._read_state(name, self.folder / f"{name}.json", "a node's word on a rollout")
+        return data if data is not None and isinstance(data.get("phase"), str) else None
+
+    def _shadow_note(self, name: str) -> dict[str, Any] | None:
+        return self._read_state(name, self.folder / FOLDER / f"{name}.json", "the note of a rollout's shadow")
+
+    def _read_state(self, name: str, path: Path, what: str) -> dict[str, Any] | None:
         try:
-            data = json.loads(read_small(path, MAX_WORD_BYTES, "a node's word on a rollout"))
+            data = json.loads(read_small(path, MAX_WORD_BYTES, what))
         except (FileNotFoundError, ValueError):
             return None  # none kept (or cut short by a power cut): the rollout is new to this node
         except OSError as exc:
             log.warning("fleet_state_unreadable", plugin=name, error=f"{path} {exc.strerror}"[:300])
             return None
-        return data if isinstance(data, dict) and isinstance(data.get("phase"), str) else None
+        return data if isinstance(data, dict) else None
 
     def _keep_word(self, name: str, rollout: Rollout, restoring: str | None = None) -> None:
         word = {"rollout": rollout.announcement.rollout, "phase": rollout.phase, "reason": rollout.reason,
