@@ -4,11 +4,13 @@ and applied again at every start, reload and plugin swap.
 
 One rule decides between a kept value and the config file, the owner's latest word: each value is kept
 with what the file said when it was set (`file`: the plugin's config as its manifest and the config file
-give it, or its `enabled`). While the file still says that, the kept value is in force; once the file says
-something else, the file was edited after the value was set, and its value replaces the kept one, which is
-forgotten (said once in the log). A kept value that the version loaded now has no key for, or refuses (a new
-version), is set aside: not applied, and in force again for a version that takes it, such as the one a fleet
-rollout or the owner puts back; forgetting it would lose the operator's word to a version tried for minutes.
+give it, or its `enabled`). While the file still says that, or nothing (a manifest that gives the key no
+default), the kept value is in force; once the file says something else, the file was edited after the
+value was set, and its value replaces the kept one, which is forgotten (said once in the log). A kept value
+that the version loaded now has no key for, or refuses (a new version), is set aside: not applied, and in
+force again for a version that takes it, such as the one a fleet rollout or the owner puts back; forgetting
+it would lose the operator's word to a version tried for minutes. The values of a plugin gone from the
+plugins folder, and not named in the config, are forgotten: removing it is the owner's word.
 
 Written after the tick that took a value up, on a thread of its own (an fsync took up to 120 ms here, more
 than a tick, and longer on an SD card), and the plugin states that show it are published only once it is
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping
 
 import structlog
 
@@ -50,7 +52,7 @@ class OperatorValues(LoopObserver):
         self.enabled: dict[str, Kept] = {}  # plugin -> kept
         self._changed = False
         self._writing: threading.Thread | None = None  # the write under way
-        self._aside: set[tuple[str, str, str]] = set()  # (plugin, key, module's sha256) said to be set aside
+        self._aside: dict[tuple[str, str], str] = {}  # (plugin, key) -> the module's sha256 it was said set aside for
         self._load()
 
     # -- from the operator, in the tick ----------------------------------------------------------
@@ -65,8 +67,15 @@ class OperatorValues(LoopObserver):
 
     # -- between two ticks: a start, a reload, a swap ---------------------------------------------
 
-    def apply(self, plugins: Iterable[SandboxedPlugin], settings: PluginsSettings, disabled: set[str]) -> None:
-        """The kept values onto the plugins as loaded now, and the operator's `disabled` set, by the rule."""
+    def apply(self, plugins: Iterable[SandboxedPlugin], settings: PluginsSettings, disabled: set[str],
+              present: Collection[str] | None = None) -> None:
+        """The kept values onto the plugins as loaded now, and the operator's `disabled` set, by the rule.
+        `present`: every plugin of the folder, loaded or not (None: not known, nothing forgotten for it)."""
+        if present is not None:
+            for name in (set(self.config) | set(self.enabled)) - {*present, *settings.settings, *settings.required}:
+                for key in [*self.config.get(name, {}), *(["enabled"] if name in self.enabled else [])]:
+                    self._forget(name, key, "the plugin left the plugins folder")
+                self.config.pop(name, None)
         for name, kept in list(self.enabled.items()):
             in_file = settings.settings[name].enabled if name in settings.settings else True
             if kept["file"] != in_file:
@@ -88,7 +97,7 @@ class OperatorValues(LoopObserver):
         grant = plugin.grant
         if key not in grant.config and key not in (grant.config_schema or {}):
             return self._set_aside(plugin, key, "this version has no such key")
-        if _kept(kept["value"], grant.config, key) != kept:
+        if key in grant.config and _kept(kept["value"], grant.config, key) != kept:  # the file says another value
             self._forget(plugin.name, key, "the config file changed it since")
             return False
         try:
@@ -99,8 +108,8 @@ class OperatorValues(LoopObserver):
 
     def _set_aside(self, plugin: SandboxedPlugin, key: str, why: str) -> bool:
         """Not applied to this version; said once for it, not at every swap of any plugin (`apply`)."""
-        if (plugin.name, key, plugin.sha256) not in self._aside:
-            self._aside.add((plugin.name, key, plugin.sha256))
+        if self._aside.get((plugin.name, key)) != plugin.sha256:
+            self._aside[plugin.name, key] = plugin.sha256
             log.info("operator_value_set_aside", plugin=plugin.name, key=key, reason=why)
         return False
 
@@ -109,6 +118,7 @@ class OperatorValues(LoopObserver):
             del self.enabled[plugin]
         else:
             del self.config[plugin][key]
+            self._aside.pop((plugin, key), None)
         self._changed = True
         log.info("operator_value_forgotten", plugin=plugin, key=key, reason=why)
 

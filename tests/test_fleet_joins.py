@@ -260,16 +260,14 @@ def test_a_promoted_version_whose_share_of_the_tick_was_taken_meanwhile_is_rolle
     """The new version asks 40 ms of the 60 ms plugin budget: room when it was announced and checked, none once
     another plugin of higher rank is dropped into the folder during its shadow window. At its promotion the
     plugin set keeps the running version (the budget goes by rank), and the node rolls back, saying why."""
-    (site.new.with_suffix(".yaml")).write_text('version: "2.0.0"\nlimits: {timeout_ms: 40}\n')
-    assert cli.main(["plugin", "sign", str(site.new), "--key", str(site.key)]) == 0
+    described(site, site.new, 'version: "2.0.0"\nlimits: {timeout_ms: 40}\n')
     site.start()
     site.announce(site.new, shadow_ticks=20)
     site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
     filler = site.tmp / "filler" / "filler.wasm"  # dropped in with plugin install
     filler.parent.mkdir()
     shutil.copy(TEST_PLUGINS / "counter.wasm", filler)
-    filler.with_suffix(".yaml").write_text("priority: 50\nlimits: {timeout_ms: 30}\n")
-    assert cli.main(["plugin", "sign", str(filler), "--key", str(site.key)]) == 0
+    described(site, filler, "priority: 50\nlimits: {timeout_ms: 30}\n")
     assert cli.main(["plugin", "install", str(filler), "--config", str(site.rig.config_path)]) == 0
     # At its promotion, not after the longest wait for a swap: the node checks the tick's room before it promotes.
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
@@ -315,15 +313,27 @@ def test_a_shadow_dropped_in_by_hand_after_a_rollout_failed_its_shadow_loads_on_
     assert shadow is not None and (shadow.state, shadow.reason) == ("loaded", None), shadow
 
 
+NOTE = "config_schema: {note: {type: string, max_length: 32}}\n"  # a config key the operator may set
+
+
+def described(site: Site, wasm: Path, manifest: str) -> None:
+    """`wasm`'s manifest made `manifest`, signed again."""
+    wasm.with_suffix(".yaml").write_text(manifest)
+    assert cli.main(["plugin", "sign", str(wasm), "--key", str(site.key)]) == 0
+
+
+def with_a_note(site: Site) -> None:
+    """The running version (1.0.0) given a config key, `note`, that the operator may set: in the folder too."""
+    described(site, site.live, f'version: "1.0.0"\nconfig: {{note: factory}}\n{NOTE}')
+    for suffix in (".yaml", ".sig"):
+        shutil.copy(site.live.with_suffix(suffix), site.folder / f"{NAME}{suffix}")
+
+
 def test_a_config_value_the_operator_set_is_in_force_again_once_a_rollout_is_rolled_back(site) -> None:
     """The operator set a config value of the running version (from Home Assistant); the rolled-out version
     has no such key, and is rolled back after its promotion: the version put back runs with the operator's
     value again, as before the rollout, not with the file's."""
-    site.live.with_suffix(".yaml").write_text('version: "1.0.0"\nconfig: {note: factory}\n'
-                                              'config_schema: {note: {type: string, max_length: 32}}\n')
-    assert cli.main(["plugin", "sign", str(site.live), "--key", str(site.key)]) == 0
-    for suffix in (".yaml", ".sig"):
-        shutil.copy(site.live.with_suffix(suffix), site.folder / f"{NAME}{suffix}")
+    with_a_note(site)
     site.start()
     daemon = site.rig.daemon
     assert daemon is not None
@@ -545,12 +555,10 @@ def test_a_rollout_whose_shadow_would_not_fit_the_tick_is_refused_at_its_announc
     """The new version asks 45 ms of the 60 ms plugin budget: room in the live version's place, but a shadow runs
     beside the live plugins, in the 40 ms they leave. Refused when it is checked, saying so in one line, not after
     the longest wait for a shadow that the shadow set never loaded."""
-    site.live.with_suffix(".yaml").write_text('version: "1.0.0"\nlimits: {timeout_ms: 20}\n')
-    assert cli.main(["plugin", "sign", str(site.live), "--key", str(site.key)]) == 0
+    described(site, site.live, 'version: "1.0.0"\nlimits: {timeout_ms: 20}\n')
     for suffix in (".yaml", ".sig"):
         shutil.copy(site.live.with_suffix(suffix), site.folder / f"{NAME}{suffix}")
-    site.new.with_suffix(".yaml").write_text('version: "2.0.0"\nlimits: {timeout_ms: 45}\n')
-    assert cli.main(["plugin", "sign", str(site.new), "--key", str(site.key)]) == 0
+    described(site, site.new, 'version: "2.0.0"\nlimits: {timeout_ms: 45}\n')
     site.start()
     site.announce(site.new, shadow_ticks=20)
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
@@ -609,3 +617,37 @@ def test_a_reload_that_moves_the_plugins_folder_mid_rollout_ends_it_and_leaves_t
         assert (site.folder / f"{NAME}{suffix}").read_bytes() == site.live.with_suffix(suffix).read_bytes()
         assert (moved / f"{NAME}{suffix}").read_bytes() == site.live.with_suffix(suffix).read_bytes()
     assert shadow_files(moved) == [] and site.live_status().sha256 == sha256_of(site.live)
+
+
+def test_an_operator_value_whose_default_a_new_version_drops_stays_in_force(site) -> None:
+    """The operator set a config value of the running version; the owner installs a version whose manifest still
+    takes the key but gives it no default. The files say nothing of the value: that is no edit of the owner's
+    (which would replace the operator's value), and the operator's value stays in force."""
+    with_a_note(site)
+    site.start()
+    daemon = site.rig.daemon
+    assert daemon is not None
+    daemon.operator.submit(SetPluginConfig(NAME, "note", "operator"))
+    site.ticks(2)
+    hand = version(site.tmp / "hand-2.0.0", TEST_PLUGINS / "counter.wasm", "2.0.0", site.key)
+    described(site, hand, f'version: "2.0.0"\n{NOTE}')
+    assert cli.main(["plugin", "install", str(hand), "--config", str(site.rig.config_path)]) == 0
+    site.settle(lambda: site.live_status().version == "2.0.0", "the new version runs")
+    assert daemon.plugins.named(NAME).config["note"] == "operator"  # type: ignore[union-attr]
+
+
+def test_the_operator_values_of_a_plugin_removed_by_hand_are_forgotten(site) -> None:
+    """The operator set a config value and switched the plugin off; the owner then removes the plugin. Its values,
+    set aside for a version that may come back during a rollout, are forgotten once no module of it is left (and
+    the config does not name it): nothing else would ever drop them."""
+    with_a_note(site)
+    site.start()
+    daemon = site.rig.daemon
+    assert daemon is not None
+    daemon.operator.submit(SetPluginConfig(NAME, "note", "operator"))
+    daemon.operator.submit(EnablePlugin(NAME, False))
+    site.ticks(2)
+    assert NAME in daemon.values.config and NAME in daemon.values.enabled
+    removed_by_hand(site)
+    site.settle(lambda: site.live_status() is None, "the plugin unloaded")
+    assert NAME not in daemon.values.config and NAME not in daemon.values.enabled

@@ -153,3 +153,23 @@ def test_the_file_is_written_off_the_loop_one_write_at_a_time_and_the_last_value
 
     poll(ticked_and_written, "both written, one after the other")
     assert json.loads((tmp_path / FILE_NAME).read_text())["config"]["thermostat"]["setpoint"]["value"] == 20.5
+
+
+def test_the_values_of_a_plugin_gone_from_the_folder_are_forgotten_unless_the_config_names_it(tmp_path: Path) -> None:
+    """Gone from the folder (`present`), the plugin's values go, the one set aside with them (nothing else would
+    drop them, in the file or in memory); kept while the config still names it, or while the folder is not known."""
+    set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0),
+               EnablePlugin("thermostat", False))
+    values = OperatorValues(tmp_path)
+    values.apply([thermostat(maximum=25.0)], PluginsSettings(), set(), present={"thermostat"})  # set aside
+    assert list(values._aside) == [("thermostat", "setpoint")]
+    for settings, present in ((PluginsSettings(required=("thermostat",)), set()), (PluginsSettings(), None)):
+        values.apply([], settings, set(), present)
+        assert values.config == {"thermostat": {"setpoint": {"value": 28.0, "file": 21.0}}}
+    with capture_logs() as logs:
+        values.apply([], PluginsSettings(), set(), present={"another"})
+    values.close()
+    assert sorted((e["key"], e["reason"]) for e in logs if e["event"] == "operator_value_forgotten") == [
+        ("enabled", "the plugin left the plugins folder"), ("setpoint", "the plugin left the plugins folder")]
+    assert json.loads((tmp_path / FILE_NAME).read_text()) == {"config": {}, "enabled": {}}
+    assert values._aside == {}
