@@ -58,7 +58,7 @@ def tick_until(node: FleetNode, done: Callable[[Verdict], bool]) -> Verdict:
 
 
 def test_a_word_kept_over_its_bound_is_not_read_and_the_node_says_so_in_one_line(node) -> None:
-    """A word on this very rollout, but padded past the 16 KiB a node's word takes: not what a node
+    """A word on this very rollout, but padded past the MAX_WORD_BYTES a node's word takes: not what a node
     wrote, so it is not read (not even to its bound, and not obeyed): the rollout is new to the node."""
     path = node.folder / f"{NAME}.json"
     path.parent.mkdir(parents=True)
