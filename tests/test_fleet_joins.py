@@ -19,6 +19,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from pi_controller import cli
+from pi_controller.daemon import Daemon
 from pi_controller.fleet import protocol
 from pi_controller.fleet.node import MIN_SWAP_TICKS, FleetNode
 from pi_controller.fleet.protocol import Announcement, Verdict
@@ -322,23 +323,25 @@ def described(site: Site, wasm: Path, manifest: str) -> None:
     assert cli.main(["plugin", "sign", str(wasm), "--key", str(site.key)]) == 0
 
 
-def with_a_note(site: Site) -> None:
-    """The running version (1.0.0) given a config key, `note`, that the operator may set: in the folder too."""
+def started_with_the_operators_note(site: Site) -> Daemon:
+    """The running version (1.0.0) given a config key, `note` (in the folder too), the daemon started, and the
+    operator's value of it, "operator", taken up."""
     described(site, site.live, f'version: "1.0.0"\nconfig: {{note: factory}}\n{NOTE}')
     for suffix in (".yaml", ".sig"):
         shutil.copy(site.live.with_suffix(suffix), site.folder / f"{NAME}{suffix}")
+    site.start()
+    daemon = site.rig.daemon
+    assert daemon is not None
+    daemon.operator.submit(SetPluginConfig(NAME, "note", "operator"))
+    site.ticks(2)
+    return daemon
 
 
 def test_a_config_value_the_operator_set_is_in_force_again_once_a_rollout_is_rolled_back(site) -> None:
     """The operator set a config value of the running version (from Home Assistant); the rolled-out version
     has no such key, and is rolled back after its promotion: the version put back runs with the operator's
     value again, as before the rollout, not with the file's."""
-    with_a_note(site)
-    site.start()
-    daemon = site.rig.daemon
-    assert daemon is not None
-    daemon.operator.submit(SetPluginConfig(NAME, "note", "operator"))
-    site.ticks(2)
+    daemon = started_with_the_operators_note(site)
     assert {p.name: p for p in daemon.plugins}[NAME].config["note"] == "operator"
     site.announce(trapping(site), shadow_ticks=3)
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
@@ -623,12 +626,7 @@ def test_an_operator_value_whose_default_a_new_version_drops_stays_in_force(site
     """The operator set a config value of the running version; the owner installs a version whose manifest still
     takes the key but gives it no default. The files say nothing of the value: that is no edit of the owner's
     (which would replace the operator's value), and the operator's value stays in force."""
-    with_a_note(site)
-    site.start()
-    daemon = site.rig.daemon
-    assert daemon is not None
-    daemon.operator.submit(SetPluginConfig(NAME, "note", "operator"))
-    site.ticks(2)
+    daemon = started_with_the_operators_note(site)
     hand = version(site.tmp / "hand-2.0.0", TEST_PLUGINS / "counter.wasm", "2.0.0", site.key)
     described(site, hand, f'version: "2.0.0"\n{NOTE}')
     assert cli.main(["plugin", "install", str(hand), "--config", str(site.rig.config_path)]) == 0
@@ -640,11 +638,7 @@ def test_the_operator_values_of_a_plugin_removed_by_hand_are_forgotten(site) -> 
     """The operator set a config value and switched the plugin off; the owner then removes the plugin. Its values,
     set aside for a version that may come back during a rollout, are forgotten once no module of it is left (and
     the config does not name it): nothing else would ever drop them."""
-    with_a_note(site)
-    site.start()
-    daemon = site.rig.daemon
-    assert daemon is not None
-    daemon.operator.submit(SetPluginConfig(NAME, "note", "operator"))
+    daemon = started_with_the_operators_note(site)
     daemon.operator.submit(EnablePlugin(NAME, False))
     site.ticks(2)
     assert NAME in daemon.values.config and NAME in daemon.values.enabled
