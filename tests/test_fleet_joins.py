@@ -257,6 +257,16 @@ def test_a_rollback_puts_back_the_manifest_and_signature_of_the_version_it_resto
             assert (site.folder / kept.name).read_bytes() == kept.read_bytes()
 
 
+def install_filler(site: Site) -> None:
+    """Another plugin, `filler`, ranked above `probe` (priority 50), holding 30 ms of the 60 ms plugin budget,
+    put in with plugin install."""
+    filler = site.tmp / "filler" / "filler.wasm"
+    filler.parent.mkdir()
+    shutil.copy(TEST_PLUGINS / "counter.wasm", filler)
+    described(site, filler, "priority: 50\nlimits: {timeout_ms: 30}\n")
+    assert cli.main(["plugin", "install", str(filler), "--config", str(site.rig.config_path)]) == 0
+
+
 def test_a_promoted_version_whose_share_of_the_tick_was_taken_meanwhile_is_rolled_back(site) -> None:
     """The new version asks 40 ms of the 60 ms plugin budget: room when it was announced and checked, none once
     another plugin of higher rank is dropped into the folder during its shadow window. At its promotion the
@@ -265,11 +275,7 @@ def test_a_promoted_version_whose_share_of_the_tick_was_taken_meanwhile_is_rolle
     site.start()
     site.announce(site.new, shadow_ticks=20)
     site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
-    filler = site.tmp / "filler" / "filler.wasm"  # dropped in with plugin install
-    filler.parent.mkdir()
-    shutil.copy(TEST_PLUGINS / "counter.wasm", filler)
-    described(site, filler, "priority: 50\nlimits: {timeout_ms: 30}\n")
-    assert cli.main(["plugin", "install", str(filler), "--config", str(site.rig.config_path)]) == 0
+    install_filler(site)
     # At its promotion, not after the longest wait for a swap: the node checks the tick's room before it promotes.
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
     assert verdict.phase == protocol.ROLLED_BACK and "does not fit the tick" in (verdict.reason or ""), verdict
@@ -568,6 +574,23 @@ def test_a_rollout_whose_shadow_would_not_fit_the_tick_is_refused_at_its_announc
     assert verdict.phase == protocol.REFUSED, verdict
     assert verdict.reason == ("as a shadow, timeout_ms 45 does not fit the tick: the live plugins leave 40 of the "
                               "60 ms plugin budget"), verdict
+    assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)
+
+
+def test_a_rollout_that_would_not_fit_the_tick_in_the_live_versions_place_is_refused_at_its_announcement(
+        site) -> None:
+    """The one check of the module, beside the folder's plugins, takes the tick's budget by rank: 35 ms in the
+    place of the live version does not fit beside filler's 30 ms. Refused when it is checked, never installed."""
+    described(site, site.new, 'version: "2.0.0"\nlimits: {timeout_ms: 35}\n')
+    site.start()
+    install_filler(site)
+    site.settle(lambda: site.rig.daemon is not None and site.rig.daemon.plugins.named("filler") is not None,
+                "filler runs")
+    site.announce(site.new, shadow_ticks=20)
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
+    assert verdict.phase == protocol.REFUSED, verdict
+    assert verdict.reason == ("timeout_ms 35 does not fit the tick: 30 of the 60 ms plugin budget is held by filler "
+                              "(30 ms)"), verdict
     assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)
 
 
