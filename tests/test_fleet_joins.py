@@ -560,6 +560,14 @@ def test_a_rollout_replaced_while_the_node_was_away_in_its_shadow_window_leaves_
     assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live) == site.live_status().sha256
 
 
+def refused_when_checked(site: Site, reason: str) -> None:
+    """`site.new` announced: refused when the node checks it, saying `reason`, never installed as a shadow."""
+    site.announce(site.new, shadow_ticks=20)
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
+    assert (verdict.phase, verdict.reason) == (protocol.REFUSED, reason), verdict
+    assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)
+
+
 def test_a_rollout_whose_shadow_would_not_fit_the_tick_is_refused_at_its_announcement(site) -> None:
     """The new version asks 45 ms of the 60 ms plugin budget: room in the live version's place, but a shadow runs
     beside the live plugins, in the 40 ms they leave. Refused when it is checked, saying so in one line, not after
@@ -569,12 +577,8 @@ def test_a_rollout_whose_shadow_would_not_fit_the_tick_is_refused_at_its_announc
         shutil.copy(site.live.with_suffix(suffix), site.folder / f"{NAME}{suffix}")
     described(site, site.new, 'version: "2.0.0"\nlimits: {timeout_ms: 45}\n')
     site.start()
-    site.announce(site.new, shadow_ticks=20)
-    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
-    assert verdict.phase == protocol.REFUSED, verdict
-    assert verdict.reason == ("as a shadow, timeout_ms 45 does not fit the tick: the live plugins leave 40 of the "
-                              "60 ms plugin budget"), verdict
-    assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)
+    refused_when_checked(site, "as a shadow, timeout_ms 45 does not fit the tick: the live plugins leave 40 of the "
+                               "60 ms plugin budget")
 
 
 def test_a_rollout_that_would_not_fit_the_tick_in_the_live_versions_place_is_refused_at_its_announcement(
@@ -586,12 +590,8 @@ def test_a_rollout_that_would_not_fit_the_tick_in_the_live_versions_place_is_ref
     install_filler(site)
     site.settle(lambda: site.rig.daemon is not None and site.rig.daemon.plugins.named("filler") is not None,
                 "filler runs")
-    site.announce(site.new, shadow_ticks=20)
-    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
-    assert verdict.phase == protocol.REFUSED, verdict
-    assert verdict.reason == ("timeout_ms 35 does not fit the tick: 30 of the 60 ms plugin budget is held by filler "
-                              "(30 ms)"), verdict
-    assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)
+    refused_when_checked(site, "timeout_ms 35 does not fit the tick: 30 of the 60 ms plugin budget is held by filler "
+                               "(30 ms)")
 
 
 def test_a_plugin_disabled_by_a_reload_in_the_live_window_gets_back_the_version_it_replaced(site) -> None:
