@@ -594,15 +594,24 @@ def test_a_rollout_that_would_not_fit_the_tick_in_the_live_versions_place_is_ref
                                "(30 ms)")
 
 
-def test_a_plugin_disabled_by_a_reload_in_the_live_window_gets_back_the_version_it_replaced(site) -> None:
-    """The owner disables the plugin (plugins.settings, SIGHUP) while its promoted version is watched: that
-    version never finished its window, and is called no more. The node puts the version it replaced back, as
-    any rollout that did not finish leaves a node, and says so; the plugin stays disabled (its actuators in their
-    safe state) and, enabled again, runs the version the owner had before the rollout."""
+@pytest.mark.parametrize("when", ["running", "stopped"])
+def test_a_plugin_disabled_in_the_live_window_gets_back_the_version_it_replaced(site, when) -> None:
+    """The owner disables the plugin (plugins.settings, SIGHUP; or edited while the daemon was stopped) while its
+    promoted version is watched: that version never finished its window, and is called no more. The node puts the
+    version it replaced back, as any rollout that did not finish leaves a node, and says so; the plugin stays
+    disabled (its actuators in their safe state) and, enabled again, runs the version the owner had before."""
     site.start()
-    site.announce(site.new, live_ticks=1_000_000)
+    a = site.announce(site.new, live_ticks=1_000_000)
     site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.counts.get("calls", 0) > 0, "called once promoted")
-    site.reload(lambda data: data["plugins"]["settings"].update({NAME: {"enabled": False}}))
+    if when == "running":
+        site.reload(lambda data: data["plugins"]["settings"].update({NAME: {"enabled": False}}))
+    else:
+        site.rig.stop()
+        site.data["plugins"]["settings"] = {NAME: {"enabled": False}}
+        site.write_config(site.data)
+        site.start()
+        site.said.clear()
+        site.hand_over(a, site.new.read_bytes())  # the retained announcement, to the node started again
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
     assert verdict.phase == protocol.ROLLED_BACK, verdict
     assert verdict.reason == (f"plugin '{NAME}' was disabled in the config: the version it replaced is put back, "
