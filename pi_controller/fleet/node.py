@@ -483,16 +483,19 @@ class FleetNode:
         elif rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
             self._in_worker(remove)
 
-    def _remove_shadow(self, name: str, directory: Path, sha256: str) -> None:
+    def _remove_shadow(self, name: str, directory: Path, sha256: str) -> bool:
         """On a worker thread: the shadow of `name` in `directory` removed if it is the module `sha256` (not one
-        put there by hand since), the module first (the shadow unloads), then what was beside it; and its note."""
+        put there by hand since), the module first (the shadow unloads), then what was beside it; and its note.
+        Whether there was one to remove."""
         shadow = directory / FOLDER / f"{name}.wasm"
-        if shadow.is_file() and hashlib.sha256(shadow.read_bytes()).hexdigest() == sha256:
+        ours = shadow.is_file() and hashlib.sha256(shadow.read_bytes()).hexdigest() == sha256
+        if ours:
             for suffix in (".wasm", ".yaml", SUFFIX):
                 shadow.with_suffix(suffix).unlink(missing_ok=True)
         note = self._shadow_note(name)
         if note is not None and note.get("sha256") == sha256:
             (self.folder / FOLDER / f"{name}.json").unlink(missing_ok=True)
+        return ours
 
     def _note_shadow(self, a: Announcement, directory: Path) -> None:
         """Before its shadow is installed: which rollout's module it is, and where, kept in the state folder. The
@@ -506,10 +509,16 @@ class FleetNode:
         """The first announcement of `a.name` this node takes: a shadow an earlier run installed for another
         rollout is removed, whether or not `a` is this node's: nothing else would ever compare or remove it."""
         note = self._shadow_note(a.name)
-        if note is not None and note.get("rollout") != a.rollout and isinstance(note.get("sha256"), str) \
-                and isinstance(note.get("directory"), str):
-            self._in_worker(partial(self._remove_shadow, a.name, Path(note["directory"]), note["sha256"]))
-            log.info("fleet_earlier_shadow_removed", plugin=a.name, rollout=note.get("rollout"), replaced_by=a.rollout)
+        if note is None or note.get("rollout") == a.rollout or not isinstance(note.get("sha256"), str) \
+                or not isinstance(note.get("directory"), str):
+            return
+
+        def remove() -> None:
+            if self._remove_shadow(a.name, Path(note["directory"]), note["sha256"]):
+                log.info("fleet_earlier_shadow_removed", plugin=a.name, rollout=str(note.get("rollout"))[:64],
+                         replaced_by=a.rollout)
+
+        self._in_worker(remove)
 
     def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
         rollout.phase, rollout.reason = phase, why[:MAX_REASON]
@@ -559,6 +568,6 @@ class FleetNode:
         staging.mkdir(parents=True, exist_ok=True)
         return staging
 
-    def _in_worker(self, work: Callable[[], None]) -> asyncio.Future[None]:
+    def _in_worker(self, work: Callable[[], object]) -> asyncio.Future[Any]:
         """`work` on a worker thread; what it raises, `_advance` says as the rollout's refusal."""
         return asyncio.get_running_loop().run_in_executor(None, work)
