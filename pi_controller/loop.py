@@ -26,7 +26,7 @@ from pi_controller.config import InterlockSettings
 from pi_controller.contract import Command, Reading
 from pi_controller.devices.hardware import Hardware
 from pi_controller.devices.sensors import SensorSettings
-from pi_controller.logs import ChangeLog, kind_of
+from pi_controller.logs import ChangeLog, held_native_stderr, kind_of
 from pi_controller.observer import LoopObserver, TickReport, TickTrace, Verdicts
 from pi_controller.operator import Operator
 from pi_controller.plugins.plugin_set import PluginSet
@@ -202,7 +202,8 @@ class ControlLoop:
         self.verdicts = Verdicts()
         # The calls back to back (libextism's and the Wasm runtime's code stays in the caches from one to
         # the next), then each answer checked and counted, in the same order.
-        asked = [self._ask(plugin, context, number) for plugin in self.operator.enabled(self.plugins)]
+        with held_native_stderr():  # one bracket for the calls' writes to fd 2, not one each
+            asked = [self._ask(plugin, context, number) for plugin in self.operator.enabled(self.plugins)]
         if self.plugins.logs_to_extism or number % DRAIN_EVERY == 0:
             drain_log()  # what libextism logged during the calls, before their verdicts
         for call in asked:

@@ -146,9 +146,12 @@ def test_a_call_writing_more_raw_lines_than_the_pipe_holds_neither_blocks_nor_fl
 
 
 def test_libextism_raw_lines_in_the_daemon_are_its_events(tmp_path: Path) -> None:
+    """The tick's calls share one bracket on fd 2: what a failed call and a plugin logging there wrote is
+    still each one's own."""
     folder = tmp_path / "plugins"
     folder.mkdir()
     (folder / "nul_error.wasm").write_bytes(nul_error_module())
+    (folder / "nul_log.wasm").write_bytes(nul_log_module(3))
     data = example_data()
     data["plugins"] = {"directory": str(folder), "watch": False}
     config = tmp_path / "config.yaml"
@@ -160,4 +163,27 @@ def test_libextism_raw_lines_in_the_daemon_are_its_events(tmp_path: Path) -> Non
     events = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON event
     assert any(e["event"] == "plugin_call_failed" and e["plugin"] == "nul_error" for e in events)
     native = [e for e in events if e["event"] == "native_stderr"]
-    assert native and all("tracing-subscriber" in e["text"] and e["plugin"] == "nul_error" for e in native)
+    assert all("tracing-subscriber" in e["text"] for e in native)
+    assert {e.get("plugin") for e in native} == {"nul_error", "nul_log"}  # none left to the process
+
+
+BATCH = """
+import os, sys
+from pi_controller import logs
+
+logs.configure("json")
+logs.capture_native_stderr()
+with logs.held_native_stderr():
+    os.write(2, b"taken\\n")
+    print(logs.native_stderr.take())
+    os.write(2, b"left\\n")
+print(logs.native_stderr.take())
+"""
+
+
+def test_a_batch_of_calls_holds_fd_2_for_the_call_that_takes_it_and_logs_the_rest_as_the_process_s() -> None:
+    done = subprocess.run([sys.executable, "-c", BATCH], capture_output=True, text=True, check=True, timeout=60,
+                          cwd=Path(__file__).parent.parent)
+    assert done.stdout.splitlines() == ["['taken']", "[]"]
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(e["event"], e["text"], "plugin" in e) for e in events] == [("native_stderr", "left", False)]

@@ -137,6 +137,9 @@ class SandboxedPlugin:
         self._module = compile_plugin(wasm, terms, self._host_handle, self.backstop_ms)
         # Read once the module has passed its trial and compiled (so its imports are within wasmtime's limits).
         self.logs_to_extism = may_log(imported_functions(wasm))  # so the tick drains libextism's log for it
+        # Whether a call that succeeds can write to fd 2: libextism prints a guest's log line that holds a NUL,
+        # and WASI's stderr when EXTISM_ENABLE_WASI_OUTPUT is set (a failed call can always: its error).
+        self._may_write_fd2 = self.logs_to_extism or terms.wasi
         try:
             self._instance, self._id = self._instantiate()
         except extism.Error as exc:
@@ -179,27 +182,34 @@ class SandboxedPlugin:
         drain_log()
         return output
 
-    def _invoke(self, function: bytes, data: bytes, tick: int | None = None, bounded: bool = True) -> bytes:
+    def _invoke(self, function: bytes, data: bytes, tick: int | None = None, bounded: bool = True,
+                batched: bool = False) -> bytes:
         """`function` on `data` under the host-call budget and the backstops, its output within
-        max_output_bytes if `bounded`; libextism's log is left for `drain_log`. One frame for all of it: it
-        runs for every plugin every tick."""
+        max_output_bytes if `bounded`; libextism's log is left for `drain_log`. What libextism writes to fd 2
+        during the call is this plugin's: taken in a bracket of its own, or, `batched`, in the caller's
+        (`logs.held_native_stderr`) after a call that can have written. One frame for all of it: it runs
+        for every plugin every tick."""
         host = self.host
         host.start_call(tick, self._virtual_backstop_s)
-        native = logs.native_stderr  # what libextism writes to stderr during the call is this plugin's
-        if native is not None:
-            native.begin()
+        own = None if batched else logs.native_stderr
+        if own is not None:
+            own.begin()
         try:
             try:
                 output = call(self._instance, function, data)
             finally:  # logged before anything else the call leads to
-                if native is not None and (lines := native.end()):
+                if own is not None and (lines := own.end()):
                     router().native_stderr(self._id, lines)
         except extism.Error as exc:
+            if batched:  # libextism prints a guest's error that holds a NUL
+                self._take_native_stderr()
             error = self._call_error(exc)
             if error.kind in _REBUILD_AFTER:
                 self._rebuild()
                 error.reset = True
             raise error from exc
+        if batched and self._may_write_fd2:
+            self._take_native_stderr()
         if host.over_budget or host.stalled:  # it ended anyway (a cancel not taken yet): the verdict stands
             self._rebuild()
             error = self._call_error(extism.Error("cancelled"))
@@ -209,6 +219,12 @@ class SandboxedPlugin:
             raise PluginCallError("output_too_large", f"output of {len(output)} bytes exceeds max_output_bytes "
                                   f"{self.grant.max_output_bytes}")
         return output
+
+    def _take_native_stderr(self) -> None:
+        """What a call of a batch wrote to fd 2, as this plugin's."""
+        native = logs.native_stderr
+        if native is not None and (lines := native.take()):
+            router().native_stderr(self._id, lines)
 
     def _call_error(self, exc: extism.Error) -> PluginCallError:
         reason = router().reason(self._id)
@@ -229,19 +245,21 @@ class SandboxedPlugin:
         """view, call, parse, screen: this plugin's commands for the tick, and those the contract or its
         grant refused. Raises PluginCallError or contract.OutputError when nothing usable came back;
         `last_call_s` and `last_output` (None if the call failed) say how the call went."""
-        self.ask(context, timer)
+        with logs.held_native_stderr():
+            self.ask(context, timer)
         drain_log()
         return self.answer(targets)
 
     def ask(self, context: Context, timer: Callable[[], float] = time.perf_counter) -> None:
-        """`decide`'s call: `last_output` (None if it failed: PluginCallError) and `last_call_s`. What
-        libextism logged during the call stays in its buffer until `drain_log`, which the loop calls after the
-        tick's calls, not between two (see `drain_log`)."""
+        """`decide`'s call, one of a batch (`logs.held_native_stderr`, which the loop holds around the tick's
+        calls): `last_output` (None if it failed: PluginCallError) and `last_call_s`. What libextism logged
+        during the call stays in its buffer until `drain_log`, which the loop calls after the tick's calls,
+        not between two (see `drain_log`)."""
         self.last_output = None
         started = timer()
         try:
             mine = context.encoded if self.grant.sensors is None else self.view(context)  # no call for the whole
-            self.last_output = self._invoke(_ENTRY_POINT, mine + self.config_suffix, context.tick)
+            self.last_output = self._invoke(_ENTRY_POINT, mine + self.config_suffix, context.tick, batched=True)
         finally:
             self.last_call_s = timer() - started
 
