@@ -165,8 +165,7 @@ class NativeStderr:
         with self._lock:
             return self._taken()
 
-    def __enter__(self) -> None:
-        self.begin()
+    __enter__ = begin  # `with native_stderr:` is a batch's bracket
 
     def __exit__(self, *_: object) -> None:
         for line in self.end():  # written by a call that could not have (or by code beside it): the process's

@@ -19,7 +19,7 @@ from pi_controller.clock import Clock
 from pi_controller.contract import Reading
 from pi_controller.devices import actuators
 from pi_controller.devices.actuators import Actuator, ActuatorSettings, Target
-from pi_controller.devices.sensors import Sensor, SensorSettings
+from pi_controller.devices.sensors import Sensor, SensorSettings, sample
 
 if TYPE_CHECKING:  # gpiozero is loaded by the kinds that build devices, not by what only names them
     from gpiozero.pins import Factory
@@ -57,7 +57,7 @@ EXIT_HARDWARE = 3
 
 class Hardware:
     def __init__(self, sensor_list: list[Sensor], actuator_list: list[Actuator], factory: Factory):
-        self.sensors = sensor_list
+        self.set_sensors(sensor_list)
         self._set_actuators({a.id: a for a in actuator_list})
         self.factory = factory
         self.environment: Environment | None = None
@@ -109,13 +109,15 @@ class Hardware:
                 s.id, functools.partial(s.sensor, self.factory, clock), failed) for s in sensor_settings]
             # Inside the lock: the watchdog must never see a device that failed to be claimed.
             self._set_actuators({key: a for key, a in claimed.items() if a is not None})
-            self.sensors = [sensor for sensor in reading if sensor is not None]
+            self.set_sensors([sensor for sensor in reading if sensor is not None])
             self._version = next(self._versions)
         return failed
 
     def read(self, now: float) -> list[Reading]:
         if self.environment is not None:
             self.environment.advance(now)
+        if self._sampled_when_read:  # as nearly every config: one frame for all (`sensors.sample`)
+            return sample(self.sensors, now)
         return [sensor.read(now) for sensor in self.sensors]
 
     def apply(self, writes: Iterable[Write], tick: int) -> dict[str, str]:
@@ -179,6 +181,13 @@ class Hardware:
             encoded = "{" + ",".join([key + a.state_json for key, a in self._json_keys]) + "}"
             self._states = (version, states, encoded)
         return encoded
+
+    def set_sensors(self, sensors: list[Sensor]) -> None:
+        """The sensors the tick reads, in this order (set between two ticks)."""
+        self.sensors = sensors
+        # Whether every one reads as `Sensor.read` does, a sample when asked; not a kind that serves what a
+        # thread of its own sampled (a polled DS18B20), nor a recording.
+        self._sampled_when_read = all(type(s).read is Sensor.read for s in sensors)
 
     def _set_actuators(self, actuators: dict[str, Actuator]) -> None:
         self.actuators = actuators

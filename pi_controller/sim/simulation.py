@@ -272,7 +272,7 @@ def _play(daemon: Daemon, playback: Playback, start: float) -> list[str]:
     modelled = {ref for model in daemon.settings.simulation for role, ref in model.references().values()
                 if role == "sensor"}
     hardware = daemon.hardware
-    hardware.sensors = [RecordedSensor(s, playback, start)
-                        if s.settings.id not in modelled and s.settings.id in playback.sensors else s
-                        for s in hardware.sensors]
+    hardware.set_sensors([RecordedSensor(s, playback, start)
+                          if s.settings.id not in modelled and s.settings.id in playback.sensors else s
+                          for s in hardware.sensors])
     return [s.settings.id for s in hardware.sensors if isinstance(s, RecordedSensor)]
