@@ -158,12 +158,14 @@ def test_call_and_install_refuse_a_plugin_the_daemon_would_not_load_in_one_line(
                                                                                  damage, said: str) -> None:
     damage(plugin_copy)
     (tmp_path / "ctx.json").write_text(json.dumps(context(light_sensor=900.0)))
-    assert said in one_line_error(capsys, ["plugin", "call", str(plugin_copy), "--context", str(tmp_path / "ctx.json")])
+    line = one_line_error(capsys, ["plugin", "call", str(plugin_copy), "--context", str(tmp_path / "ctx.json")])
+    assert said in line and line.count(plugin_copy.name) == 1  # the file named once, as it was given
     daemon = tmp_path / "daemon"
     daemon.mkdir()
     (daemon / "energy_saver.wasm").write_bytes(b"the running version")
     line = one_line_error(capsys, ["plugin", "install", str(plugin_copy), "--plugins-dir", str(daemon)])
     assert said in line and ".install-" not in line
+    assert line.startswith(f"error: {plugin_copy}: ") and line.count(plugin_copy.name) == 1
     assert [p.name for p in daemon.iterdir()] == ["energy_saver.wasm"]  # untouched
     assert (daemon / "energy_saver.wasm").read_bytes() == b"the running version"
 

@@ -72,7 +72,7 @@ def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool =
     from pi_controller.plugins.wasm_gate import read_module
 
     if not valid_plugin_name(wasm.stem):
-        raise InstallError(f"{wasm.name}: '{wasm.stem}' is not a plugin name the daemon loads ({PLUGIN_NAME_RULE})")
+        raise InstallError(f"{wasm}: '{wasm.stem}' is not a plugin name the daemon loads ({PLUGIN_NAME_RULE})")
     if wasm.suffix != ".wasm" or not wasm.is_file():
         raise InstallError(f"{wasm}: no such plugin file (a .wasm)")
     if not folder.is_dir():
@@ -82,7 +82,7 @@ def install(wasm: Path, folder: Path, settings: config.Settings, checked: bool =
     try:
         described = read_manifest(wasm)
         parse_manifest(wasm, described)  # its errors name the author's file, not the staged copy
-        module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
+        module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes, name="it")  # named once
         signature = read_signature(wasm)
     except (Refused, OSError) as exc:
         raise InstallError(f"{wasm}: {exc}") from None

@@ -205,7 +205,8 @@ def _pin_keys(kind: Any) -> list[str]:
 
 
 class LoadFailed(ValueError):
-    """A plugin the daemon would not load (its file, manifest, grant or compile): said in one line."""
+    """A plugin the daemon would not load (its file, manifest, grant or compile): said in one line that calls
+    the file "it", for its caller to name once."""
 
 
 def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str, Any] | None = None,
@@ -225,7 +226,7 @@ def load_plugin(wasm: Path, settings: config.Settings, extra_config: Mapping[str
 
     name = wasm.stem
     try:
-        module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes)
+        module = read_module(wasm, wasm.parent, settings.plugins.ceilings.max_file_bytes, name="it")  # callers name it
         terms = terms_of(name, wasm, module, settings.plugins, devices)
         terms = dataclasses.replace(terms, config={**terms.config, **(extra_config or {})})
         host = PluginHost(name, terms.sensors, History(settings.plugins.host.history_length), settings.plugins.host)
