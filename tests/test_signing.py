@@ -184,6 +184,28 @@ def test_sign_refuses_a_private_key_of_another_kind_or_a_missing_one(work, tmp_p
     assert not wasm.with_suffix(".sig").exists()
 
 
+@pytest.mark.parametrize("file, said", [
+    ("notes.txt", "not a plugin file the daemon loads"),
+    ("missing.wasm", "cannot open it"),
+    (f"{PLUGIN}.wasm", "is not a WebAssembly binary module"),
+    (f"{PLUGIN}.yaml", "not a plugin file the daemon loads"),
+])
+def test_sign_names_the_plugin_s_file_as_given_and_once(work, keys, capsys, file: str, said: str) -> None:
+    (work / f"{PLUGIN}.wasm").write_text("(module)")
+    (work / "notes.txt").write_text("not a plugin")
+    given = work / file
+    assert cli.main(["plugin", "sign", str(given), "--key", str(keys["owner"])]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {given}: ") and said in line and line.count(given.name) == 1
+    assert not (work / f"{PLUGIN}.sig").exists()
+
+
+def test_sign_says_what_it_signed_by_the_paths_given(work, keys, capsys) -> None:
+    wasm = work / f"{PLUGIN}.wasm"
+    sign(wasm, keys["owner"])
+    assert capsys.readouterr().out.startswith(f"signed {wasm} and {wasm.with_suffix('.yaml')} with key ")
+
+
 def test_keygen_makes_the_private_key_its_owner_s_alone_whatever_a_cut_short_run_left_beside_it(
         tmp_path, capsys) -> None:
     """Each write goes through a temporary file of its own: one left by a keygen cut short (readable by all)

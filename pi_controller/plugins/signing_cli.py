@@ -55,25 +55,29 @@ def add_commands(plugin_commands: Any) -> None:
 
 def run_sign(args: argparse.Namespace) -> int:
     from pi_controller.config import PluginCeilings
-    from pi_controller.names import valid_plugin_name
+    from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
     from pi_controller.plugins.manifest import parse_manifest, read_manifest
     from pi_controller.plugins.wasm_gate import read_module
 
-    wasm: Path = args.wasm
+    wasm: Path = args.wasm  # named as the user gave it, as install and call name it
+    if wasm.suffix != ".wasm" or not valid_plugin_name(wasm.stem):
+        return _error(f"{wasm}: not a plugin file the daemon loads (NAME.wasm, NAME: {PLUGIN_NAME_RULE})")
     try:
-        if wasm.suffix != ".wasm" or not valid_plugin_name(wasm.stem):
-            raise Refused(f"{wasm.name} is not a plugin file the daemon loads (NAME.wasm)")
         key = load_private_key(args.key)
-        module = read_module(wasm, wasm.parent, PluginCeilings().max_file_bytes)
+    except KeyProblem as exc:  # names the key's file
+        return _error(str(exc))
+    try:
+        module = read_module(wasm, wasm.parent, PluginCeilings().max_file_bytes, name="it")
         described = read_manifest(wasm)
         parse_manifest(wasm, described)  # a manifest no node would load is not worth a signature
         signed = sign(wasm.stem, module, described, key)
+    except Refused as exc:
+        return _error(f"{wasm}: {exc}")
+    try:
         write_atomically(wasm.with_suffix(SUFFIX), signed.text().encode(), 0o644)
-    except (Refused, KeyProblem) as exc:
-        return _error(str(exc))
     except OSError as exc:
         return _error(f"cannot write {wasm.with_suffix(SUFFIX)}: {exc.strerror or exc}")
-    print(f"signed {wasm.name}{' and ' + wasm.with_suffix('.yaml').name if described is not None else ''} with key "
+    print(f"signed {wasm}{' and ' + str(wasm.with_suffix('.yaml')) if described is not None else ''} with key "
           f"{signed.key}: {wasm.with_suffix(SUFFIX)}")
     return 0
 
