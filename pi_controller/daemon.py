@@ -203,10 +203,12 @@ class Daemon:
             self.telemetry.start()
         self._watch_plugins()
         self.shadows.start(self.loop)
-        known_good.keep(self.settings, self.state_dir)
-        if self.watchdog:  # its time runs from the first tick, not from the start-up steps above
-            self.watchdog.start()
         try:
+            # Off the event loop (signals and the watcher run meanwhile), but before the first tick: after a crash
+            # in the first ticks, safe-state drives what they drove, not what an earlier config named.
+            await asyncio.to_thread(known_good.keep, self.settings, self.state_dir)
+            if self.watchdog:  # its time runs from the first tick, not from the start-up steps above
+                self.watchdog.start()
             await self.loop.run(stop, max_ticks)
         finally:
             self._stop_watching()

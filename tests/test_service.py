@@ -532,6 +532,33 @@ def test_safe_state_after_a_crash_drives_what_the_daemon_ran_with_whatever_the_f
         "led_strip", "relay_switch", "servo_motor"]
 
 
+def test_the_copy_for_safe_state_is_written_off_the_event_loop_before_the_first_tick_and_once(
+        write_config, tmp_path, monkeypatch) -> None:
+    """Two fsyncs on an SD card are tens of milliseconds: not on the event loop, and not again at a restart
+    with the same config, whose copy is there already."""
+    from pi_controller import config as config_module
+    from pi_controller.daemon import Daemon
+    from pi_controller.safety import known_good
+
+    writes: list[str] = []
+
+    def write(path: Path, data: bytes, *args: Any, **kwargs: Any) -> None:
+        writes.append(threading.current_thread().name)
+        write_atomically(path, data, *args, **kwargs)
+
+    write_atomically = known_good.write_atomically
+    monkeypatch.setattr(known_good, "write_atomically", write)
+    settings, state = config_module.load(write_config(example_data())), tmp_path / "state"
+    for _ in range(2):  # a start, and a restart with the same config
+        daemon = Daemon(settings, simulate=True, state_dir=state, clock=VirtualClock())
+        try:
+            asyncio.run(daemon.serve(1))
+        finally:
+            daemon.close()
+        assert known_good.copy_path(state).read_bytes() == settings.source.read_bytes()
+    assert len(writes) == 1 and writes[0] != threading.main_thread().name
+
+
 SALVAGEABLE = """\
 pins: {factory: mock}
 sensors:

@@ -36,8 +36,10 @@ def copy_path(directory: Path) -> Path:
 
 def keep(settings: Settings, directory: Path | None) -> None:
     """Copy the config file the daemon runs with into `directory`, unless it changed since it was read
-    (then the copy would not be what runs; the next reload keeps the new one). Never raises: a full or
-    read-only SD card must not stop the loop, it only leaves safe-state the config file."""
+    (then the copy would not be what runs; the next reload keeps the new one) or the copy holds it already
+    (a restart: no write, and none of its two fsyncs, tens of milliseconds on an SD card). Never raises: a
+    full or read-only SD card must not stop the loop, it only leaves safe-state the config file. Blocks on
+    the card: call it off the event loop."""
     if directory is None:
         return
     try:
@@ -47,6 +49,16 @@ def keep(settings: Settings, directory: Path | None) -> None:
                         reason="the file changed since it was read")
             return
         directory.mkdir(parents=True, exist_ok=True)  # `run --state-dir DIR` makes DIR, as systemd makes its own
-        write_atomically(copy_path(directory), text.encode())
+        if not _holds(copy_path(directory), text.encode()):
+            write_atomically(copy_path(directory), text.encode())
     except (OSError, config.ConfigError) as exc:
         log.warning("known_good_config_not_kept", directory=str(directory), error=str(exc))
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether the file at `path` is `data`, byte for byte (read no further than one byte past it)."""
+    try:
+        with path.open("rb") as file:
+            return file.read(len(data) + 1) == data
+    except OSError:  # none yet, or not readable: written anew
+        return False
