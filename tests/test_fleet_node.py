@@ -73,6 +73,21 @@ def test_a_word_kept_over_its_bound_is_not_read_and_the_node_says_so_in_one_line
         f"{path} is longer than {MAX_WORD_BYTES} bytes: not a node's word on a rollout"]
 
 
+@pytest.mark.parametrize("kept, said", [
+    ("\u00e9" * (MAX_REASON + 300), "\u00e9" * MAX_REASON),  # two bytes each in UTF-8: cut by character
+    ({"not": "a reason"}, None),
+], ids=["too-long", "not-a-string"])
+def test_a_kept_reason_is_said_again_within_its_bound(node, kept: object, said: str | None) -> None:
+    """A node restarted on a rollout it refused says the reason it kept, as any reason, cut to MAX_REASON;
+    a kept value that is no reason is not said."""
+    (node.folder).mkdir(parents=True)
+    (node.folder / f"{NAME}.json").write_text(json.dumps({"rollout": "1796633878-819e5030", "phase": "refused",
+                                                          "reason": kept, "previous": None, "restoring": None}))
+    announce(node, "b" * 64)
+    verdict = tick_until(node, lambda verdict: verdict.phase == protocol.REFUSED)
+    assert verdict.reason == said and node.rollouts[NAME].reason == said
+
+
 def tick_once(node: FleetNode) -> None:
     """One tick's work of the node, on an event loop; the file work it hands to worker threads is done when
     this returns (its verdicts are not read: a reason as long as these makes one over what a verdict may weigh)."""

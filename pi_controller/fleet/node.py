@@ -68,6 +68,12 @@ MAX_REASON = 500  # characters of a reason, said or kept
 MAX_WORD_BYTES = 40 * 1024
 
 
+def _cut(reason: Any) -> str | None:
+    """A reason as a node says and keeps it: a string cut to MAX_REASON characters (whole ones: its UTF-8 is
+    never cut inside a character), None for anything else (a kept word's file may hold anything)."""
+    return reason[:MAX_REASON] if isinstance(reason, str) else None
+
+
 @dataclass
 class Rollout:
     """This node's progress in one announced rollout."""
@@ -193,10 +199,10 @@ class FleetNode:
         """This node's rollout as it stood when the node stopped: an ended one stays ended; one promoted but not
         yet judged healthy watches its live window again from its first call, or, stopped before the promoted
         version ran or while rolling back, puts the kept version back."""
-        rollout.phase, rollout.reason = kept["phase"], kept.get("reason")
+        rollout.phase, rollout.reason = kept["phase"], _cut(kept.get("reason"))  # the file may hold anything
         if rollout.phase != protocol.LIVE_WINDOW:
             return
-        previous, why, directory = kept.get("previous"), kept.get("restoring"), kept.get("directory")
+        previous, why, directory = kept.get("previous"), _cut(kept.get("restoring")), kept.get("directory")
         rollout.previous = previous if isinstance(previous, str) else None
         rollout.directory = Path(directory) if isinstance(directory, str) else rollout.directory
         if self._ended_by_hand(name, rollout):  # while the node was stopped
@@ -521,7 +527,7 @@ class FleetNode:
         self._in_worker(remove)
 
     def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
-        rollout.phase, rollout.reason = phase, why[:MAX_REASON]
+        rollout.phase, rollout.reason = phase, _cut(why)
         self._keep_word(name, rollout)
         a = rollout.announcement
         log.error("fleet_rollout_failed" if phase == protocol.ROLLED_BACK else "fleet_rollout_refused",
@@ -551,7 +557,7 @@ class FleetNode:
 
     def _keep_word(self, name: str, rollout: Rollout, restoring: str | None = None) -> None:
         word = {"rollout": rollout.announcement.rollout, "phase": rollout.phase, "reason": rollout.reason,
-                "previous": rollout.previous, "restoring": restoring[:MAX_REASON] if restoring else None,
+                "previous": rollout.previous, "restoring": _cut(restoring) or None,
                 "directory": str(rollout.directory)}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
