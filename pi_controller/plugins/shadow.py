@@ -34,7 +34,6 @@ from pi_controller.devices.actuators import Actuator
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import TickTrace
 from pi_controller.plugins.agreement import Agreement, verdict_of
-from pi_controller.plugins.host_functions import History
 from pi_controller.plugins.plugin_config import check_change
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
@@ -64,12 +63,15 @@ def spare_ms(live: PluginSet) -> float:
 class Shadows:
     """The shadow plugins of one plugins folder, and how each compares with its live plugin."""
 
-    def __init__(self, settings: PluginsSettings, live: PluginSet, clock: Clock, history: History):
-        self.plugins = PluginSet(settings, live.directory / FOLDER, spare_ms(live), history, clock,
-                                 devices=live.devices, role="shadow")
+    def __init__(self, settings: PluginsSettings, beside: PluginSet, follows: PluginSet, clock: Clock):
+        """The shadows in `beside`'s folder, in what its plugins leave of the tick's budget, reading its history;
+        `follows`: the live set whose operator values they follow (`_follow`), the daemon's own, which keeps its
+        identity (a reload's `beside` is emptied into it once adopted)."""
+        self.plugins = PluginSet(settings, beside.directory / FOLDER, spare_ms(beside), beside.history, clock,
+                                 devices=beside.devices, role="shadow")
         self.clock = clock
-        self.budget_ms = live.budget_ms
-        self.live = live  # whose operator values the shadows follow (`follow`)
+        self.budget_ms = beside.budget_ms
+        self.live = follows
         self._followed: dict[str, tuple[SandboxedPlugin, dict[str, Any]]] = {}  # name -> shadow, live config
         self.stats: dict[str, ShadowStats] = {}
         self._problems = ChangeLog(log)

@@ -40,9 +40,7 @@ class ShadowSupervisor:
         self._rebuild: asyncio.Task[None] | None = None
 
     def _build(self, settings: PluginsSettings, live: PluginSet) -> Shadows:
-        shadows = Shadows(settings, live, self._clock, live.history)
-        shadows.live = self.live  # a reload's set `live` is emptied into it once adopted
-        return shadows
+        return Shadows(settings, live, self.live, self._clock)
 
     def start(self, gap: Gap) -> None:
         """Follow the shadow folder while the live folder is followed; swaps go through `gap`."""
