@@ -9,8 +9,11 @@ import itertools
 import json
 import re
 import shutil
+import socket
 import subprocess
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,23 +160,34 @@ def scrape(port: int) -> str:
         return ""  # not serving yet
 
 
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port held bound and not listening: while this is held, a connection to it is refused. A port
+    that was only free when looked up (`free_port`) may meanwhile be another test's broker's, or the source
+    port the kernel picks for the connection to it, which then connects to itself (TCP's simultaneous open)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
+
+
 @pytest.mark.slow  # no broker there: the link retries until the failure is said
 @pytest.mark.parametrize("host, expected", [("127.0.0.1", "ConnectionRefusedError"),
                                             ("no-such-host.invalid", "gaierror")])
 def test_a_refused_connection_or_an_unknown_host_is_said_once_and_counted_in_metrics(tmp_path, host,
                                                                                      expected) -> None:
-    path = daemon_config(tmp_path, free_port(), host=host, discovery=False)  # nothing listens there
-    data = yaml.safe_load(path.read_text())
-    data["metrics"] = {"enabled": True, "port": (metrics := free_port())}
-    path.write_text(yaml.safe_dump(data))
-    process = start_daemon(path)
-    try:
-        failures = re.compile(r"^pi_controller_mqtt_connect_failures_total ([0-9.]+)$", re.MULTILINE)
-        text = poll(lambda: (m := failures.search(t := scrape(metrics))) and float(m.group(1)) >= 3 and t,
-                    "three failed attempts counted")
-        assert "\npi_controller_mqtt_connected 0.0\n" in text
-    finally:
-        _, events = finish(process)
+    with refused_port() as port:  # nothing listens there, for as long as the daemon tries
+        path = daemon_config(tmp_path, port, host=host, discovery=False)
+        data = yaml.safe_load(path.read_text())
+        data["metrics"] = {"enabled": True, "port": (metrics := free_port())}
+        path.write_text(yaml.safe_dump(data))
+        process = start_daemon(path)
+        try:
+            failures = re.compile(r"^pi_controller_mqtt_connect_failures_total ([0-9.]+)$", re.MULTILINE)
+            text = poll(lambda: (m := failures.search(t := scrape(metrics))) and float(m.group(1)) >= 3 and t,
+                        "three failed attempts counted")
+            assert "\npi_controller_mqtt_connected 0.0\n" in text
+        finally:
+            _, events = finish(process)
     (failed,) = events_named(events, "mqtt_connect_failed")  # once for three attempts and more
     assert failed["reason"].startswith(expected) and failed["host"] == host
 
