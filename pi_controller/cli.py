@@ -12,6 +12,7 @@ from typing import NoReturn
 import structlog
 
 from pi_controller import config, logs
+from pi_controller.files import path_argument
 from pi_controller.fleet import tool as fleet_tool
 from pi_controller.plugins import build, checks, install, shadow, signing_cli, tools
 from pi_controller.safety import known_good, safe_state
@@ -70,23 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the control loop")
-    run.add_argument("--config", required=True, type=Path, help="YAML config file")
+    run.add_argument("--config", required=True, type=path_argument, help="YAML config file")
     run.add_argument("--simulate", action="store_true", help="mock pins driven by the simulation models")
     run.add_argument("--ticks", type=_positive, help="run N ticks, then print a JSON snapshot and exit")
-    run.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
-    run.add_argument("--record", type=Path, help="record every tick to this file, for replay (.gz: gzip; "
-                                                  "overrides record.path)")
-    run.add_argument("--state-dir", type=Path, default=known_good.state_directory(),
+    run.add_argument("--plugins", type=path_argument, help="plugins folder (overrides plugins.directory)")
+    run.add_argument("--record", type=path_argument, help="record every tick to this file, for replay (.gz: gzip; "
+                                                          "overrides record.path)")
+    run.add_argument("--state-dir", type=path_argument, default=known_good.state_directory(),
                      help="keep the config it runs with here, for safe-state (default: $STATE_DIRECTORY)")
     run.add_argument("--log-format", choices=["console", "json"], default="console")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("check-config", help="validate a config file without touching a pin")
-    check.add_argument("path", type=Path, nargs="?", help="YAML config file (or --config)")
-    check.add_argument("--config", type=Path, help="YAML config file, as the other commands take it")
-    check.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
-    check.add_argument("--state-dir", type=Path, default=known_good.state_directory(),
+    check.add_argument("path", type=path_argument, nargs="?", help="YAML config file (or --config)")
+    check.add_argument("--config", type=path_argument, help="YAML config file, as the other commands take it")
+    check.add_argument("--plugins", type=path_argument, help="plugins folder (overrides plugins.directory)")
+    check.add_argument("--state-dir", type=path_argument, default=known_good.state_directory(),
                        help="the service's StateDirectory= (default: $STATE_DIRECTORY, which systemd sets for the "
                             "unit's ExecReload= check): where a recording may be written under the unit")
     check.set_defaults(handler=_check_config)

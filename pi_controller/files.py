@@ -4,6 +4,7 @@ known-good config, the operator's values, a fleet node's word) and the owner's k
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import re
@@ -15,6 +16,21 @@ from pathlib import Path
 # (a power cut, a SIGKILL) is told from one still being written, and the next write of NAME removes it.
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]{1,7})\.[0-9a-f]{8}\.tmp")
 _writing: set[str] = set()  # names of this process's temporaries under way (a restart may get a crashed one's pid)
+
+
+PATH_MAX, NAME_MAX = 4096, 255  # bytes, Linux's: past them every call on the path fails (ENAMETOOLONG)
+
+
+def path_argument(text: str) -> Path:
+    """A command line's path (argparse's `type`): one no file can have is refused there, in one line, before
+    a check of it on the way (Path.is_dir and its kind raise for it) could end in a traceback."""
+    encoded = os.fsencode(text)
+    if len(encoded) >= PATH_MAX:
+        raise argparse.ArgumentTypeError(f"a path of {len(encoded)} bytes, over the {PATH_MAX - 1} a path may have")
+    if any(len(name) > NAME_MAX for name in encoded.split(b"/")):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}...: a name in the path is over the {NAME_MAX} bytes a "
+                                         "name may have")
+    return Path(text)
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600, flush: bool = True) -> None:

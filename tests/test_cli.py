@@ -133,13 +133,17 @@ def test_a_mistake_in_what_the_user_passed_is_one_line_and_exit_2(args: list[str
     (["simulate", "--config", CONFIG, "--seed", "x"], "argument --seed: invalid int value: 'x'"),
     (["replay", "x.rec", "--from", "noon"],
      "argument --from: 'noon' is neither Unix seconds nor an ISO 8601 time such as 2026-12-01T18:00:00"),
+    (["check-config", CONFIG, "--plugins", "A" * 5000],  # Path.is_dir() raises for it: a traceback
+     "argument --plugins: a path of 5000 bytes, over the 4095 a path may have"),
+    (["run", "--config", CONFIG, "--state-dir", "/tmp/" + "B" * 300],
+     f"argument --state-dir: '/tmp/{'B' * 35}'...: a name in the path is over the 255 bytes a name may have"),
 ])
 def test_argument_errors_name_the_argument_not_our_functions(args: list[str], message: str) -> None:
     """Every type= function of the CLI: what argparse says names the option, never the function."""
     result = subprocess.run(pi_controller(*args), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].endswith(message)
-    for internal in ("_positive", "_rate", "parse_duration", "parse_time", "Traceback"):
+    for internal in ("_positive", "_rate", "parse_duration", "parse_time", "path_argument", "Traceback"):
         assert internal not in result.stderr
 
 

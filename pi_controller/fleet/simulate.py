@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from pi_controller.files import path_argument
+
 DEFAULT_RATE_HZ = 2.0
 
 
@@ -81,11 +83,13 @@ class SimulatedFleet:
 def add_command(actions: Any, run: Callable[[Callable[[argparse.Namespace, Any], int]], Callable[..., int]]) -> None:
     command = actions.add_parser("simulate", help="N daemons on simulated pins against the plan's broker")
     command.add_argument("count", type=int, help="how many nodes (node-00, node-01, ...)")
-    command.add_argument("--config", type=Path, required=True, help="fleet.yaml (its broker)")
-    command.add_argument("--dir", type=Path, required=True, help="where each node's config, plugins and state go")
-    command.add_argument("--plugins", type=Path, required=True, help="the plugins every node starts with")
-    command.add_argument("--trusted-key", type=Path, required=True, help="the public key rollouts are signed with")
-    command.add_argument("--node-config", type=Path, default=Path("config/example.yaml"),
+    command.add_argument("--config", type=path_argument, required=True, help="fleet.yaml (its broker)")
+    command.add_argument("--dir", type=path_argument, required=True,
+                         help="where each node's config, plugins and state go")
+    command.add_argument("--plugins", type=path_argument, required=True, help="the plugins every node starts with")
+    command.add_argument("--trusted-key", type=path_argument, required=True,
+                         help="the public key rollouts are signed with")
+    command.add_argument("--node-config", type=path_argument, default=Path("config/example.yaml"),
                          help="the config each node's is made from (default: config/example.yaml)")
     command.add_argument("--rate-hz", type=float, default=DEFAULT_RATE_HZ, help="each node's tick rate (default 2)")
     command.set_defaults(handler=run(_simulate))

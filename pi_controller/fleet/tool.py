@@ -23,6 +23,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from pi_controller import config
+from pi_controller.files import path_argument
 from pi_controller.fleet import protocol
 from pi_controller.fleet.protocol import Announcement, Malformed, Verdict
 from pi_controller.plugins.manifest import parse_manifest, read_manifest
@@ -251,11 +252,13 @@ def add_command(commands: Any) -> None:
     fleet = commands.add_parser("fleet", help="roll a signed plugin out to a fleet of nodes over MQTT")
     actions = fleet.add_subparsers(required=True, metavar="ACTION")
     command = actions.add_parser("rollout", help="announce a signed plugin version; canaries, then stages")
-    command.add_argument("wasm", type=Path, help="the plugin (.wasm), signed (.sig) beside its manifest (.yaml)")
-    command.add_argument("--config", type=Path, required=True, help="fleet.yaml: broker, nodes, stages, windows")
+    command.add_argument("wasm", type=path_argument,
+                         help="the plugin (.wasm), signed (.sig) beside its manifest (.yaml)")
+    command.add_argument("--config", type=path_argument, required=True,
+                         help="fleet.yaml: broker, nodes, stages, windows")
     command.set_defaults(handler=_run(lambda args, plan: rollout(args.wasm, plan)))
     command = actions.add_parser("status", help="every node's version and verdict, per announced plugin")
-    command.add_argument("--config", type=Path, required=True, help="fleet.yaml")
+    command.add_argument("--config", type=path_argument, required=True, help="fleet.yaml")
     command.set_defaults(handler=_run(lambda args, plan: status(plan)))
     from pi_controller.fleet import simulate
 

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pi_controller.files import path_argument
+
 ZIG_VERSION = "0.17.0"
 AS_VERSION = "0.28.20"  # as in plugins/assemblyscript/package-lock.json
 #: The npm project holding the AssemblyScript compiler, the upstream PDK and our helper.
@@ -269,9 +271,9 @@ def add_command(plugin_commands: Any) -> None:
     """Register `plugin build` on the CLI's `plugin` subcommands (argparse's subparsers action)."""
     command = plugin_commands.add_parser("build", help="build one plugin source into the .wasm beside it, or "
                                                        "(with no source) the repository's bundled and test plugins")
-    command.add_argument("source", nargs="?", type=Path, help="a plugin's .zig, .c or .ts, anywhere")
-    command.add_argument("--root", type=Path, help="without SOURCE: the repository root (default: the one "
-                                                   "holding the current folder, else pi-controller's own)")
+    command.add_argument("source", nargs="?", type=path_argument, help="a plugin's .zig, .c or .ts, anywhere")
+    command.add_argument("--root", type=path_argument, help="without SOURCE: the repository root (default: the one "
+                                                            "holding the current folder, else pi-controller's own)")
     command.set_defaults(handler=run_command)
 
 
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: build every plugin of the repository (default: the current directory)."""
     parser = argparse.ArgumentParser(prog="python -m pi_controller.plugins.build",
                                      description="Build the plugins (Zig, C, AssemblyScript) into .wasm files.")
-    parser.add_argument("root", nargs="?", type=Path, default=Path.cwd(),
+    parser.add_argument("root", nargs="?", type=path_argument, default=Path.cwd(),
                         help="repository root (default: the current directory)")
     args = parser.parse_args(argv)
     started = time.monotonic()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pi_controller import config
+from pi_controller.files import path_argument
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import tools
 from pi_controller.plugins.signing import SUFFIX
@@ -37,11 +38,14 @@ def add_command(plugin_commands: Any) -> None:
     """Register `plugin install` on the CLI's `plugin` subcommands (argparse's subparsers action)."""
     command = plugin_commands.add_parser("install", help="check a plugin as the daemon would load it, then copy it "
                                                          "and its manifest into the daemon's plugins folder")
-    command.add_argument("wasm", type=Path, help="the plugin (.wasm); its manifest (.yaml) beside it goes with it")
+    command.add_argument("wasm", type=path_argument,
+                         help="the plugin (.wasm); its manifest (.yaml) beside it goes with it")
     where = command.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", type=Path, help="the daemon's config: its plugins.directory, and the plugin "
-                                                   "checked under its settings and ceilings")
-    where.add_argument("--plugins-dir", type=Path, help="the plugins folder (checked under the default ceilings)")
+    where.add_argument("--config", type=path_argument,
+                       help="the daemon's config: its plugins.directory, and the plugin "
+                            "checked under its settings and ceilings")
+    where.add_argument("--plugins-dir", type=path_argument,
+                       help="the plugins folder (checked under the default ceilings)")
     command.set_defaults(handler=run_command)
 
 

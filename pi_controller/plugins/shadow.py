@@ -31,6 +31,7 @@ from pi_controller.clock import Clock
 from pi_controller.config import PluginsSettings
 from pi_controller.contract import Command, Context, Rejected, Rejection
 from pi_controller.devices.actuators import Actuator
+from pi_controller.files import path_argument
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import TickTrace
 from pi_controller.plugins.agreement import Agreement, verdict_of
@@ -223,7 +224,7 @@ def add_command(plugin_commands: Any) -> None:
     cmd = plugin_commands.add_parser("promote",
                                      help="make a shadow plugin live (moves shadow/NAME.wasm over NAME.wasm)")
     cmd.add_argument("name", help="the plugin's name")
-    cmd.add_argument("--plugins", type=Path, required=True, help="the plugins folder")
+    cmd.add_argument("--plugins", type=path_argument, required=True, help="the plugins folder")
     cmd.set_defaults(handler=_promote)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from pi_controller.files import write_atomically
+from pi_controller.files import path_argument, write_atomically
 from pi_controller.keys import MAX_KEY_BYTES, KeyProblem, ed25519, read_small
 from pi_controller.plugins.refusal import Refused
 from pi_controller.plugins.signing import SUFFIX, fingerprint, sign
@@ -45,11 +45,14 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 def add_commands(plugin_commands: Any) -> None:
     """Register `plugin sign` and `plugin keygen` on the CLI's `plugin` subcommands."""
     command = plugin_commands.add_parser("sign", help="sign a plugin and its manifest: writes NAME.sig beside them")
-    command.add_argument("wasm", type=Path, help="the plugin (.wasm); its manifest (.yaml) beside it is signed too")
-    command.add_argument("--key", type=Path, required=True, help="the Ed25519 private key (PEM), from plugin keygen")
+    command.add_argument("wasm", type=path_argument,
+                         help="the plugin (.wasm); its manifest (.yaml) beside it is signed too")
+    command.add_argument("--key", type=path_argument, required=True,
+                         help="the Ed25519 private key (PEM), from plugin keygen")
     command.set_defaults(handler=run_sign)
     keygen = plugin_commands.add_parser("keygen", help="make an Ed25519 signing key: KEY (private) and KEY.pub")
-    keygen.add_argument("key", type=Path, help="where to write the private key; the public one goes to KEY.pub")
+    keygen.add_argument("key", type=path_argument,
+                        help="where to write the private key; the public one goes to KEY.pub")
     keygen.set_defaults(handler=run_keygen)
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import yaml
 
 from pi_controller import config
+from pi_controller.files import path_argument
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import templates
 
@@ -32,16 +33,18 @@ if TYPE_CHECKING:
 
 def add_commands(plugin_commands: Any) -> None:
     call = plugin_commands.add_parser("call", help="run one call of a plugin on a context and show the verdicts")
-    call.add_argument("wasm", type=Path, help="the plugin (.wasm); its manifest (.yaml) beside it is read")
-    call.add_argument("--context", type=Path, help="JSON context file (default: stdin)")
-    call.add_argument("--config", type=Path, help="daemon config: the plugin's settings, ceilings and actuators "
-                                                  "(default: actuators from the context's device_states)")
+    call.add_argument("wasm", type=path_argument, help="the plugin (.wasm); its manifest (.yaml) beside it is read")
+    call.add_argument("--context", type=path_argument, help="JSON context file (default: stdin)")
+    call.add_argument("--config", type=path_argument,
+                      help="daemon config: the plugin's settings, ceilings and actuators "
+                           "(default: actuators from the context's device_states)")
     call.set_defaults(handler=run_call)
     new = plugin_commands.add_parser("new", help="write a new plugin: source, manifest, sample context, scenario")
     new.add_argument("name", help="the plugin's name: letters, digits and '_', not 'operator' or 'safety'")
     new.add_argument("--lang", choices=sorted(templates.SOURCES), default="zig",
                      help="zig (default), c, or ts (AssemblyScript)")
-    new.add_argument("--dir", type=Path, default=Path("."), help="where to write (default: the current folder)")
+    new.add_argument("--dir", type=path_argument, default=Path("."),
+                     help="where to write (default: the current folder)")
     new.set_defaults(handler=run_new)
 
 

@@ -21,6 +21,7 @@ import structlog
 from pi_controller import config
 from pi_controller.config import Settings
 from pi_controller.devices.actuators import ActuatorSettings
+from pi_controller.files import path_argument
 from pi_controller.safety import known_good
 
 log = structlog.get_logger("pi_controller.safe_state")
@@ -32,8 +33,8 @@ def add_command(commands: Any) -> None:
     """Register `safe-state` on the CLI's subcommands (argparse's subparsers action)."""
     safe = commands.add_parser("safe-state", help="drive every actuator of a config to its safe state and exit "
                                                   "(systemd's ExecStopPost=, after a crash)")
-    safe.add_argument("--config", required=True, type=Path, help="YAML config file")
-    safe.add_argument("--state-dir", type=Path, default=known_good.state_directory(),
+    safe.add_argument("--config", required=True, type=path_argument, help="YAML config file")
+    safe.add_argument("--state-dir", type=path_argument, default=known_good.state_directory(),
                       help="where the daemon keeps the config it last ran with (default: $STATE_DIRECTORY)")
     safe.add_argument("--simulate", action="store_true", help="on mock pins")
     safe.add_argument("--log-format", choices=["console", "json"], default="console")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from pi_controller import config, logs
 from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
 from pi_controller.devices.simulation import SimulationError
+from pi_controller.files import path_argument
 from pi_controller.plugins import checks
 from pi_controller.sim import simulation
 from pi_controller.sim.record import Playback, RecordingError
@@ -35,31 +36,33 @@ def add_commands(commands: Any) -> None:
     """Register `simulate` and `replay` on the CLI's subcommands (argparse's subparsers action)."""
     low, high = _RATE.metadata["low"], _RATE.metadata["high"]
     sim = commands.add_parser("simulate", help="run the loop and plugins against the models, faster than real time")
-    sim.add_argument("--config", required=True, type=Path, help="YAML config file, with a simulation: section")
+    sim.add_argument("--config", required=True, type=path_argument, help="YAML config file, with a simulation: section")
     sim.add_argument("--duration", type=parse_duration, default=parse_duration("24h"),
                      help="simulated time: 90s, 30m, 24h, 2d (default 24h)")
     sim.add_argument("--rate", type=_rate, help=f"ticks per simulated second, {low:g} to {high:g} "
                                                 f"(default: the config's loop.rate_hz)")
     sim.add_argument("--seed", type=int, help="reseed the models' random numbers (default: the config's seeds)")
-    sim.add_argument("--trace", type=Path, help="write a CSV trace, a row per tick, to this file")
-    sim.add_argument("--record", type=Path, help="also record every tick to this file, for replay (.gz: gzip)")
-    sim.add_argument("--plot", type=Path, help="draw the trace to this PNG (needs pi-controller[plot])")
-    sim.add_argument("--from-recording", type=Path, help="drive the sensors no model drives from this recording "
-                                                         "(run --record or simulate --record)")
-    sim.add_argument("--plugins", type=Path, help="plugins folder (overrides plugins.directory)")
+    sim.add_argument("--trace", type=path_argument, help="write a CSV trace, a row per tick, to this file")
+    sim.add_argument("--record", type=path_argument, help="also record every tick to this file, for replay (.gz: gzip)")
+    sim.add_argument("--plot", type=path_argument, help="draw the trace to this PNG (needs pi-controller[plot])")
+    sim.add_argument("--from-recording", type=path_argument,
+                     help="drive the sensors no model drives from this recording "
+                          "(run --record or simulate --record)")
+    sim.add_argument("--plugins", type=path_argument, help="plugins folder (overrides plugins.directory)")
     sim.add_argument("--log-format", choices=["console", "json"], default="console")
     sim.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",
                      help="the daemon's own events from this level on; the plugins' pi_log lines show from info on")
     sim.set_defaults(handler=simulate, plugin_log_level="info")  # what an author simulates for
 
     cmd = commands.add_parser("replay", help="feed a recording to plugins and compare their commands with it")
-    cmd.add_argument("recording", type=Path, help="a file written by run --record or simulate --record")
-    cmd.add_argument("--config", type=Path, help="config (default: the one recorded)")
-    cmd.add_argument("--plugins", type=Path, help="plugins folder (default: the config's plugins.directory)")
+    cmd.add_argument("recording", type=path_argument, help="a file written by run --record or simulate --record")
+    cmd.add_argument("--config", type=path_argument, help="config (default: the one recorded)")
+    cmd.add_argument("--plugins", type=path_argument, help="plugins folder (default: the config's plugins.directory)")
     cmd.add_argument("--from", dest="start", type=parse_time, help="first tick: Unix seconds or ISO 8601 time")
     cmd.add_argument("--to", dest="end", type=parse_time, help="last tick: Unix seconds or ISO 8601 time")
-    cmd.add_argument("--plot", type=Path, help="draw the recorded and replayed actuator states over the readings "
-                                               "to this PNG (needs pi-controller[plot])")
+    cmd.add_argument("--plot", type=path_argument,
+                     help="draw the recorded and replayed actuator states over the readings "
+                          "to this PNG (needs pi-controller[plot])")
     cmd.add_argument("--log-format", choices=["console", "json"], default="console")
     cmd.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="error")
     cmd.set_defaults(handler=replay_command)
