@@ -95,7 +95,7 @@ def test_promote_moves_the_shadow_over_the_live_plugin(plugin_dir, cli_logs, cap
     assert (folder / "temperature_control.wasm").read_bytes() == (TEST_PLUGINS / "sweep.wasm").read_bytes()
     assert (folder / "temperature_control.yaml").read_text() == "name: temperature_control\n"
     assert list((folder / shadow.FOLDER).iterdir()) == []
-    assert cli.main(["plugin", "promote", "temperature_control", "--plugins", str(folder)]) == 1
+    assert cli.main(["plugin", "promote", "temperature_control", "--plugins", str(folder)]) == 2  # as docs say
     assert "no shadow plugin" in capsys.readouterr().err
     assert cli.main(["plugin", "promote", "../etc", "--plugins", str(folder)]) == 2
 

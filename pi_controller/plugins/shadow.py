@@ -236,6 +236,9 @@ def _promote(args: argparse.Namespace) -> int:
         return 2
     try:
         print(promote(args.plugins, args.name))
+    except FileNotFoundError as exc:  # no such shadow or folder: a mistake in what was passed, as every command has it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
