@@ -106,13 +106,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_TICKS = 10**9  # three years at 10 Hz: a longer run is one without --ticks, ended by a signal
+
+
 def _positive(text: str) -> int:
+    digits = text.strip().lstrip("+")
+    if digits.isdecimal() and len(digits) > len(str(MAX_TICKS)):  # before int(), which refuses 4300 digits
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TICKS}")
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
+    if not 1 <= value <= MAX_TICKS:
+        raise argparse.ArgumentTypeError("must be 1 or more" if value < 1 else f"must be at most {MAX_TICKS}")
     return value
 
 

@@ -28,6 +28,7 @@ import yaml
 from pi_controller import keys, logs
 from pi_controller.devices import actuators, registry, sensors
 from pi_controller.devices.pins import PinSettings
+from pi_controller.files import open_to_read
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins.plugin_config import check_settings
 from pi_controller.schema import FieldError, bounded, device_id, matching
@@ -457,7 +458,7 @@ def read(path: Path, max_bytes: int, errors: str = "strict") -> str:
     """A YAML file's text, at most `max_bytes` of it; ConfigError if it is longer or unreadable (or, with
     `errors` "strict", not UTF-8)."""
     try:
-        with path.open("rb") as file:
+        with open_to_read(path) as file:
             data = file.read(max_bytes + 1)
     except OSError as exc:
         raise ConfigError(path, (), f"cannot read the file: {exc.strerror or exc}") from exc

@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 from pathlib import Path
+from typing import BinaryIO
 
 # The temporary file of `NAME`, beside it: `.NAME.PID.XXXXXXXX.tmp`. Hidden and of no plugin's suffix, so neither
 # the plugins' watcher nor a glob of `*.wasm` takes it; named by its writer's process, so that one a crash left
@@ -31,6 +32,15 @@ def path_argument(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text[:40]!r}...: a name in the path is over the {NAME_MAX} bytes a "
                                          "name may have")
     return Path(text)
+
+
+def open_to_read(path: Path) -> BinaryIO:
+    """`path` opened for reading as `open(path, "rb")` opens it, but never waiting: a FIFO that nothing writes to
+    reads as empty (a blocking open of it would wait for a writer for good); a pipe with its writer, such as the
+    shell's `<(command)`, reads as usual."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    os.set_blocking(fd, True)  # the open alone was not to wait; the reads may
+    return os.fdopen(fd, "rb")
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600, flush: bool = True) -> None:

@@ -133,6 +133,13 @@ def test_a_mistake_in_what_the_user_passed_is_one_line_and_exit_2(args: list[str
     (["simulate", "--config", CONFIG, "--seed", "x"], "argument --seed: invalid int value: 'x'"),
     (["replay", "x.rec", "--from", "noon"],
      "argument --from: 'noon' is neither Unix seconds nor an ISO 8601 time such as 2026-12-01T18:00:00"),
+    (["run", "--config", CONFIG, "--ticks", "9" * 23], "argument --ticks: must be at most 1000000000"),
+    (["run", "--config", CONFIG, "--ticks", "9" * 5000],  # more digits than int() takes
+     "argument --ticks: must be at most 1000000000"),
+    (["simulate", "--config", CONFIG, "--duration", "9" * 23],  # a run of 10^16 years, started
+     f"argument --duration: '{'9' * 23}' is longer than the 366d a run may simulate"),
+    (["simulate", "--config", CONFIG, "--duration", "9" * 400 + "d"],  # infinite as a float: a traceback
+     f"argument --duration: '{'9' * 40}' is longer than the 366d a run may simulate"),
     (["check-config", CONFIG, "--plugins", "A" * 5000],  # Path.is_dir() raises for it: a traceback
      "argument --plugins: a path of 5000 bytes, over the 4095 a path may have"),
     (["run", "--config", CONFIG, "--state-dir", "/tmp/" + "B" * 300],
@@ -145,6 +152,31 @@ def test_argument_errors_name_the_argument_not_our_functions(args: list[str], me
     assert result.stderr.splitlines()[-1].endswith(message)
     for internal in ("_positive", "_rate", "parse_duration", "parse_time", "path_argument", "Traceback"):
         assert internal not in result.stderr
+
+
+@pytest.mark.parametrize("args, line", [
+    (["check-config", "{tmp}/fifo.yaml"], "config error: {tmp}/fifo.yaml:1: (top level): the file is empty"),
+    (["run", "--config", CONFIG, "--simulate", "--record", "{tmp}/fifo"],
+     "error: --record {tmp}/fifo: is a FIFO that nothing reads: writing to it would wait for good"),
+    (["simulate", "--config", CONFIG, "--trace", "{tmp}/fifo"],
+     "error: --trace {tmp}/fifo: is a FIFO that nothing reads: writing to it would wait for good"),
+    (["simulate", "--config", CONFIG, "--from-recording", "{tmp}/fifo.rec"],
+     "error: --from-recording {tmp}/fifo.rec: {tmp}/fifo.rec: no tick recorded"),
+    (["replay", "{tmp}/fifo.rec"], "replay error: {tmp}/fifo.rec: no tick recorded"),
+    (["plugin", "call", str(REPO / "plugins" / "energy_saver.wasm"), "--context", "{tmp}/fifo.json"],
+     "error: the context is not JSON"),
+    (["simulate", "--config", CONFIG, "--plot", "{tmp}/day.yaml"],  # matplotlib refused it after the run
+     "error: --plot {tmp}/day.yaml: '.yaml' is not a picture's suffix; name it .png (or "),
+])
+def test_a_fifo_nothing_writes_or_reads_or_an_output_of_no_kind_is_one_line_and_exit_2(tmp_path, args: list[str],
+                                                                                      line: str) -> None:
+    """A FIFO with no process at its other end: opening it would wait for one for good (the command hung)."""
+    for name in ("fifo", "fifo.yaml", "fifo.rec", "fifo.json"):
+        os.mkfifo(tmp_path / name)
+    result = subprocess.run(pi_controller(*[arg.format(tmp=tmp_path) for arg in args]), capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(line.format(tmp=tmp_path)), result.stderr
 
 
 def test_check_config_takes_the_path_as_the_other_commands_do() -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import yaml
 
 from pi_controller import config
-from pi_controller.files import path_argument
+from pi_controller.files import open_to_read, path_argument
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import templates
 
@@ -126,7 +126,7 @@ def run_call(args: argparse.Namespace) -> int:
 def _read_context(path: Path | None) -> bytes:
     """At most one byte more than a context may hold, from `path` or stdin."""
     try:
-        with (path.open("rb") if path else sys.stdin.buffer) as source:
+        with (open_to_read(path) if path else sys.stdin.buffer) as source:
             return source.read(MAX_CONTEXT_BYTES + 1)
     except OSError as exc:
         raise ContextError(f"cannot read the context {path or 'from stdin'}: {exc.strerror or exc}") from None

@@ -71,12 +71,18 @@ def add_commands(commands: Any) -> None:
 # --- arguments ---------------------------------------------------------------------------------
 
 
+MAX_DAYS = 366  # of simulated time: a year of seasons in one run; a longer one is hours of a core at 1000 Hz
+
+
 def parse_duration(text: str) -> float:
-    """Seconds in '90', '90s', '30m', '24h' or '2d'."""
+    """Seconds in '90', '90s', '30m', '24h' or '2d'; at most MAX_DAYS."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
     if not match or float(match[1]) == 0:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a duration such as 90s, 30m, 24h or 2d")
-    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    if seconds > MAX_DAYS * 86400:  # float() makes a number of 400 digits infinite, and this refuses it too
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is longer than the {MAX_DAYS}d a run may simulate")
+    return seconds
 
 
 def _rate(text: str) -> float:
@@ -122,6 +128,8 @@ def unwritable(path: Path) -> str | None:
     folder = path.parent
     if path.is_dir():
         return "is a folder; give a file name"
+    if path.is_fifo() and not _read(path):
+        return "is a FIFO that nothing reads: writing to it would wait for good"
     if not folder.is_dir():
         return f"the folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -129,12 +137,26 @@ def unwritable(path: Path) -> str | None:
     return None
 
 
+def _read(fifo: Path) -> bool:
+    """Whether a process has `fifo` open for reading (then a write to it goes through)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+    except OSError:  # ENXIO: no reader
+        return False
+    return True
+
+
 def _check_outputs(**paths: Path | None) -> None:
-    """Refused if matplotlib is missing for a plot, or any of `paths` (by option) cannot be written."""
+    """Refused if matplotlib is missing for a plot or cannot draw to its suffix, or any of `paths` (by option)
+    cannot be written."""
     if paths.get("plot") and importlib.util.find_spec("matplotlib") is None:
         raise CannotRun("--plot needs matplotlib: pip install 'pi-controller[plot]'", EXIT_FAILED)
     for option, path in paths.items():
         problem = unwritable(path) if path else None
+        if option == "plot" and path and not problem:
+            from pi_controller.sim import plot
+
+            problem = plot.unsupported(path)
         if problem:
             raise CannotRun(f"error: --{option} {path}: {problem}")
 

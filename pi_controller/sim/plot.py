@@ -370,6 +370,17 @@ def draw(buckets: Buckets, verdict: Verdict, path: Path) -> None:
     render(plot, binned, title, path)
 
 
+def unsupported(path: Path) -> str | None:
+    """Why matplotlib would draw nothing to `path` (it draws in the format its suffix names, a PNG without
+    one), or None: said before a run, not after it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix and path.suffix[1:].lower() not in formats:
+        return f"{path.suffix[:20]!r} is not a picture's suffix; name it .png (or {', '.join(sorted(formats))})"
+    return None
+
+
 def render(plot: Layout, binned: Binned, title: list[str], path: Path) -> None:
     """Draw `plot` to a PNG at `path`."""
     import matplotlib.pyplot as plt

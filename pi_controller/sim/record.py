@@ -42,6 +42,7 @@ import structlog
 from pi_controller.config import MAX_CONFIG_BYTES, RecordSettings, Settings, read
 from pi_controller.contract import COMPACT, Reading
 from pi_controller.devices.sensors import Sensor
+from pi_controller.files import open_to_read
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import LoopObserver, TickReport, TickTrace
 
@@ -445,7 +446,7 @@ def _chunks(path: Path, size: int = 1 << 16) -> Iterator[bytes]:
     """The file's bytes, gunzipped if it is gzip (members one after another; a cut-off end yields
     what it decodes to), at most `size` bytes at a time, and never more than MAX_GZIP_RATIO times what
     it was inflated from (past a first MAX_GZIP_FLOOR)."""
-    with path.open("rb") as stream:
+    with open_to_read(path) as stream:
         first = stream.read(size)
         if not first.startswith(b"\x1f\x8b"):
             while first:
