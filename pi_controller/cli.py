@@ -19,6 +19,7 @@ from pi_controller.safety import known_good, safe_state
 from pi_controller.sim import commands as sim_commands
 
 EXIT_CONFIG = 2
+MAX_TICKS = 10**9  # three years at 10 Hz: a longer run is one without --ticks, ended by a signal
 
 log = structlog.get_logger("pi_controller.cli")
 
@@ -73,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the control loop")
     run.add_argument("--config", required=True, type=path_argument, help="YAML config file")
     run.add_argument("--simulate", action="store_true", help="mock pins driven by the simulation models")
-    run.add_argument("--ticks", type=_positive, help="run N ticks, then print a JSON snapshot and exit")
+    run.add_argument("--ticks", type=_positive,
+                     help=f"run N ticks (at most {MAX_TICKS}), then print a JSON snapshot and exit")
     run.add_argument("--plugins", type=path_argument, help="plugins folder (overrides plugins.directory)")
     run.add_argument("--record", type=path_argument, help="record every tick to this file, for replay (.gz: gzip; "
                                                           "overrides record.path)")
@@ -104,9 +106,6 @@ def _parser() -> argparse.ArgumentParser:
     shadow.add_command(plugin_commands)
     fleet_tool.add_command(commands)
     return parser
-
-
-MAX_TICKS = 10**9  # three years at 10 Hz: a longer run is one without --ticks, ended by a signal
 
 
 def _positive(text: str) -> int:

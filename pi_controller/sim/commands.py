@@ -28,6 +28,7 @@ from pi_controller.sim.replay import replay
 
 EXIT_CONFIG = 2  # the input's fault, as a config error is
 EXIT_FAILED = 1
+MAX_DAYS = 366  # of simulated time: a year of seasons in one run; a longer one is hours of a core at 1000 Hz
 
 _RATE = next(f for f in dataclasses.fields(config.LoopSettings) if f.name == "rate_hz")  # its bounds
 
@@ -38,7 +39,7 @@ def add_commands(commands: Any) -> None:
     sim = commands.add_parser("simulate", help="run the loop and plugins against the models, faster than real time")
     sim.add_argument("--config", required=True, type=path_argument, help="YAML config file, with a simulation: section")
     sim.add_argument("--duration", type=parse_duration, default=parse_duration("24h"),
-                     help="simulated time: 90s, 30m, 24h, 2d (default 24h)")
+                     help=f"simulated time: 90s, 30m, 24h, 2d (default 24h; at most {MAX_DAYS}d)")
     sim.add_argument("--rate", type=_rate, help=f"ticks per simulated second, {low:g} to {high:g} "
                                                 f"(default: the config's loop.rate_hz)")
     sim.add_argument("--seed", type=int, help="reseed the models' random numbers (default: the config's seeds)")
@@ -69,9 +70,6 @@ def add_commands(commands: Any) -> None:
 
 
 # --- arguments ---------------------------------------------------------------------------------
-
-
-MAX_DAYS = 366  # of simulated time: a year of seasons in one run; a longer one is hours of a core at 1000 Hz
 
 
 def parse_duration(text: str) -> float:
