@@ -208,7 +208,7 @@ class MqttSettings:
     deadband: Mapping[str, float] = field(default_factory=dict)  # sensor id -> change worth publishing
     buffer_messages: int = bounded(10, 10_000_000, default=10_000)  # kept while the broker is away
     buffer_file: str | None = None  # keeps the unsent messages across a restart of the daemon
-    commands: bool = True  # false: read-only, nothing is subscribed
+    commands: bool = True  # false: read-only, no command topic is subscribed
     override_expiry_s: float = bounded(1, 7 * 86400, default=3600.0)
     fleet: bool = False  # take signed plugin rollouts announced on <base_topic>/fleet/ (docs/fleet.md)
 

@@ -322,7 +322,7 @@ def test_read_only_mode_offers_no_config_entity_no_resume_button_and_no_update(w
 
 def test_each_mode_empties_the_other_modes_entities(write_config) -> None:
     """Switching between read-only and commands leaves no orphan: each mode empties the configs of the
-    other's stand-ins (nothing is subscribed in read-only mode to find them otherwise)."""
+    other's stand-ins, by name (whatever the clean-up's subscription finds)."""
     schemas = {"temperature_control": {"setpoint": ConfigField("number", min=5, max=30)}}
     data = example_data()
     configs = {}

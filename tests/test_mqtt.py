@@ -319,7 +319,7 @@ def test_an_override_shows_until_when_and_resume_automatic_ends_it(tmp_path, bro
         finish(process)
 
 
-def test_read_only_mode_subscribes_to_nothing(tmp_path, broker, subscriber) -> None:
+def test_read_only_mode_takes_no_command(tmp_path, broker, subscriber) -> None:
     process = start_daemon(daemon_config(tmp_path, broker.port, commands=False, heartbeat_s=1))
     try:
         subscriber.wait_for(lambda: state(subscriber, f"{BASE}/actuator/led_strip/state"))

@@ -498,6 +498,15 @@ def read_only_and_back(s: Scene) -> None:
     s.restart(commands=True, actuators={"lamp": Device("pwm", 18)})
 
 
+def read_only_restarts_without_a_device(s: Scene) -> None:
+    """A restart into read-only mode, and one in it, each with a device or a plugin gone: what a run before
+    published of them goes too (Home Assistant kept ghost entities)."""
+    s.drop("lamp_ctl", lamp_plugin())
+    s.drop("stray", lamp_plugin())
+    s.restart(commands=False, actuators={"lamp": Device("pwm", 18)}, gone=("stray",))
+    s.restart(sensors={"presence": Device("motion", 17)})
+
+
 def discovery_off_and_on(s: Scene) -> None:
     s.drop("lamp_ctl", lamp_plugin())
     s.restart(discovery=False)  # Home Assistant is told of nothing: what it was told before goes
@@ -538,6 +547,7 @@ SEQUENCES = [
     a_restart_with_another_config,
     an_outage_across_a_restart,
     read_only_and_back,
+    read_only_restarts_without_a_device,
     discovery_off_and_on,
     shadows_come_and_go,
     a_shadow_taken_out_after_its_plugin,

@@ -14,8 +14,8 @@ refusals and failsafes; diagnostics of the daemon
 Read-only (`commands: false`): no entity has a `command_topic`. Buttons and config entities are left
 out; what else would take commands (actuators, plugin switches) is shown as a sensor of its state (in no
 entity category: Home Assistant refuses `config` on a sensor), and its commandable config is emptied
-(nothing is subscribed in read-only mode, so the usual clean-up cannot see it). With commands, the
-read-only stand-ins are emptied the same way, so switching back leaves no orphan.
+by name, whatever the clean-up's subscription finds (a broker may refuse a read-only client's reads). With
+commands, the read-only stand-ins are emptied the same way, so switching back leaves no orphan.
 
 Home Assistant 2024.4 is the oldest that takes these configs: 2024.3 and older refuse a JSON-schema light
 without `color_mode: true`, which 2025.3 and newer warn about as a removed option (docs/home-assistant.md).

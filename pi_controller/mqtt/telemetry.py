@@ -5,8 +5,8 @@ Along Home Assistant's own seams:
 - `link.py`: paho's client, TLS, credentials, the last will; connection failures and takeovers, said once.
 - `inbox.py`: one `{topic filter: handler}` table that drives both subscribing and dispatch; the
   commands, which become `Operator` requests validated at the next tick and each answered on the
-  command topic's `/result` (not retained). With `commands: false` the table is empty: nothing is
-  subscribed at all.
+  command topic's `/result` (not retained). With `commands: false` the table holds only the clean-up's
+  rows, subscribed at each connection until acknowledged: no command topic is ever subscribed.
 - `outbox.py`: the queue by kind of message, the rate cap, the outage buffer and its file.
 - `policy.py`: what is worth publishing and when (deadband, heartbeat), discovery, clean-up of leftovers.
 
@@ -68,23 +68,30 @@ class Telemetry(LoopObserver):
         self.link = Link(settings, timer, self._up, lambda: len(self.outbox))
         self.outbox = Outbox(self.mqtt, self.link, timer)  # what a restart left in the buffer file, first
         self.policy = PublishPolicy(settings, status, operator, self.outbox, wall)
-        self.inbox = Inbox(self._routes() if self.mqtt.commands else {}, inbox.Gate.of(self.mqtt))
+        self.inbox = Inbox(self._routes() if self.mqtt.commands else self._leftovers(), inbox.Gate.of(self.mqtt))
         self.inbox.attach(self.link.client)
         if fleet is not None:
             fleet.wire(self.inbox.fetch, self.inbox.unfetch)
 
     def _routes(self) -> dict[str, Route]:
-        """Our commands; Home Assistant's restarts and the discovery configs of ours it holds; once at
-        each connection, the retained states of ours, to empty those of devices and plugins gone."""
-        policy, base = self.policy, self.policy.topics.base
-        routes = inbox.commands(base, self.operator.submit)
+        """Our commands; Home Assistant's restarts; the leftovers of runs before."""
+        routes = inbox.commands(self.policy.topics.base, self.operator.submit)
         if self.mqtt.discovery:
-            routes["homeassistant/status"] = Route(policy.home_assistant_status)
+            routes["homeassistant/status"] = Route(self.policy.home_assistant_status)
+        return routes | self._leftovers() | (self.fleet.routes() if self.fleet is not None else {})
+
+    def _leftovers(self) -> dict[str, Route]:
+        """The discovery configs of our node that Home Assistant holds and, once at each connection, the
+        retained states of ours: to empty those of entities, devices and plugins gone. Read-only too (a run
+        before left them whatever its mode), where the configs are swept as the states are: nothing that
+        comes after the retained ones is taken in."""
+        policy = self.policy
         # Without discovery too: Home Assistant is then told of nothing, and what an earlier run told it goes.
-        routes[f"{self.mqtt.discovery_prefix}/+/{self.mqtt.node_id}/+/config"] = Route(policy.leftover_config)
+        routes = {f"{self.mqtt.discovery_prefix}/+/{self.mqtt.node_id}/+/config":
+                  Route(policy.leftover_config, sweep=not self.mqtt.commands)}
         for kind in ("sensor", "actuator", "plugin"):
-            routes[f"{base}/{kind}/+/state"] = Route(policy.leftover_state, sweep=True)
-        return routes | (self.fleet.routes() if self.fleet is not None else {})
+            routes[f"{policy.topics.base}/{kind}/+/state"] = Route(policy.leftover_state, sweep=True)
+        return routes
 
     def _up(self, client: mqtt.Client) -> None:
         """Connected (paho's thread): subscribe, and send a subscriber that may have missed us everything."""
