@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -562,6 +563,63 @@ def test_the_broker_retains_what_the_daemon_runs_after_every_step(scene: Scene, 
     scene.start()
     sequence(scene)
     assert time.monotonic() - started < 120
+
+
+def test_a_state_paho_resends_at_reconnecting_goes_before_the_emptying_of_its_topic(scene: Scene) -> None:
+    """The reconnect race, driven step by step. A plugin's state is handed to paho, and the link drops before
+    the broker acknowledged it (the broker stopped, then killed); the plugin is removed meanwhile, which
+    empties its state. paho resends what it held once its connection callback returns: the link must not say
+    connected before that (it waits for the broker's acknowledgement of `online`), or the emptying goes out
+    first and the resent state is what the broker keeps. paho's thread is held in that callback while the
+    daemon ticks."""
+    scene.start()
+    scene.drop("stray", lamp_plugin())
+    daemon, broker = scene._daemon(), scene.broker
+    link, topic = daemon.telemetry.link, f"{BASE}/plugin/stray/state"
+    handed: list[Any] = []  # paho's receipts of the plugin's states
+    publish = link.publish
+
+    def recorded(message: Any) -> Any:
+        receipt = publish(message)
+        if message.topic == topic:
+            handed.append(receipt)
+        return receipt
+
+    link.publish = recorded
+    assert broker.process is not None
+    broker.process.send_signal(signal.SIGSTOP)  # the connection stays up; nothing is acknowledged
+    try:
+        daemon.operator.submit(EnablePlugin("stray", False, ""))
+        scene._tick_until(lambda: bool(handed), "the switched-off plugin's state handed to paho")
+    finally:
+        broker.process.kill()  # unacknowledged: paho keeps it to resend
+        broker.process.wait()
+        broker.process = None
+    assert not handed[-1].is_published()
+    assert scene.rig is not None
+    deadline = time.monotonic() + LINK_WAIT_S
+    while link.connected():
+        scene.rig.tick()
+        assert time.monotonic() < deadline, "the daemon never saw the broker go"
+    scene.remove("stray")  # its state emptied, waiting for the broker
+    entered, release = threading.Event(), threading.Event()
+    up = link._up
+
+    def held(client: mqtt.Client) -> None:
+        entered.set()
+        release.wait(LINK_WAIT_S)
+        up(client)
+
+    link._up = held
+    broker.start()
+    try:
+        assert entered.wait(LINK_WAIT_S), "the daemon never reconnected"
+        scene.rig.ticks(5)  # the outbox pumps at each tick, if the link says connected
+        assert not link.connected()
+    finally:
+        release.set()
+    assert link._connected.wait(LINK_WAIT_S)
+    scene.agree("the reconnection")  # nothing retained on the plugin's state
 
 
 # -- any sequence: the same events drawn by hypothesis ------------------------------------------------------
