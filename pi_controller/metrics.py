@@ -180,7 +180,7 @@ class _StateCollector:
         yield holds
         yield CounterMetricFamily(f"{PREFIX}_watchdog_trips", "Times the watchdog drove every actuator safe",
                                   value=float(self._source.watchdog_trips()))
-        yield from _shadow_families(self._source.shadow_agreement())
+        yield from _shadow_families(self._source.shadow_agreement(), set(self._source.actuator_ids()))
         recording = self._source.recording()
         if recording is not None:
             yield GaugeMetricFamily(f"{PREFIX}_recording_ok", "1 while the recording is written (0: it cannot be, "
@@ -202,8 +202,10 @@ class _StateCollector:
         return iter(())  # names vary with the config; nothing to check them against at registration
 
 
-def _shadow_families(agreement: Mapping[tuple[str, str], tuple[int, int]]) -> Iterator[Metric]:
-    """How each shadow plugin agrees with its live plugin, per actuator ("*": whole calls)."""
+def _shadow_families(agreement: Mapping[tuple[str, str], tuple[int, int]], actuators: set[str]
+                     ) -> Iterator[Metric]:
+    """How each shadow plugin agrees with its live plugin, per actuator of now ("*": whole calls). A device that
+    is none (gone in a reload, or any name a plugin commands) gets no series: the whole calls count it."""
     from prometheus_client.core import CounterMetricFamily
 
     labels = ["plugin", "device"]
@@ -212,6 +214,8 @@ def _shadow_families(agreement: Mapping[tuple[str, str], tuple[int, int]]) -> It
     agreed = CounterMetricFamily(f"{PREFIX}_shadow_agreed_ticks", "Ticks a shadow plugin's commands agreed with "
                                                                   "its live plugin's", labels=labels)
     for key, (agree, ticks) in sorted(agreement.items()):
+        if key[1] != "*" and key[1] not in actuators:
+            continue
         compared.add_metric(list(key), float(ticks))
         agreed.add_metric(list(key), float(agree))
     yield compared
