@@ -5,7 +5,8 @@ The events: plugins dropped in, replaced, removed; the folder deleted and recrea
 out; SIGHUP reloads that add, remove, rename and change the kind of actuators and sensors, or switch a plugin
 off; a plugin quarantined and released; the operator's switch and config values (a thermostat's thermometer);
 the broker restarted, keeping or forgetting what it retained, with changes meanwhile; the daemon restarted
-with another config (devices, plugins, read-only, discovery off), across a broker outage too.
+with another config (devices, plugins, read-only, discovery off), across a broker outage too; another version
+of a plugin rolled out by the fleet tool.
 
 The invariant: the broker retains exactly the discovery configs the daemon would send now (and one entity
 of the right platform per device and plugin the test put there), a state for each sensor, actuator and
