@@ -96,7 +96,7 @@ class Daemon:
             else None
         self.status.rollout_of = fleet.shown if fleet is not None else None
         self.telemetry = Telemetry(settings, self.status, self.operator, self.clock.monotonic, self.clock.time,
-                                   fleet) if settings.mqtt.enabled else None
+                                   fleet, self.state_dir) if settings.mqtt.enabled else None
         self.recorder = self._recorder(settings)
         # /ready, then READY=1; an operator's value on disk before Home Assistant is shown it
         observers = [o for o in (self.watchdog, self.metrics, self.notifier, self.values, self.telemetry,

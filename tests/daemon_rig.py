@@ -141,9 +141,12 @@ class Life:
 class Rig:
     """One daemon on mock pins, served on a `QuietLoop` and ticked by a `SteppedClock`."""
 
-    def __init__(self, config_path: Path, pins: Mapping[str, int], on_tick: Callable[[Tick], None] | None = None):
-        """`pins`: the actuators' GPIO numbers by id; `on_tick`: called with each tick's record."""
+    def __init__(self, config_path: Path, pins: Mapping[str, int], on_tick: Callable[[Tick], None] | None = None,
+                 state_dir: Path | None = None):
+        """`pins`: the actuators' GPIO numbers by id; `on_tick`: called with each tick's record; `state_dir`: the
+        daemon's (`run --state-dir`), none by default."""
         self.config_path = config_path
+        self.state_dir = state_dir
         self.pin_numbers = dict(pins)
         self.on_tick = on_tick
         self.aio = QuietLoop()
@@ -163,7 +166,7 @@ class Rig:
             raise StartRefused(said.getvalue().strip())
         settings, _ = loaded  # what of the folder would not load, the daemon says as it loads it
         self.clock = SteppedClock()
-        daemon = self.daemon = Daemon(settings, simulate=True, clock=self.clock)
+        daemon = self.daemon = Daemon(settings, simulate=True, clock=self.clock, state_dir=self.state_dir)
         # /ready's verdict, as the daemon's metrics give it, without a server (whose stop takes 0.25 s).
         self.readiness = Metrics(settings.loop.period, daemon.status, self.clock.monotonic)
         daemon.loop.observers = [*daemon.loop.observers, self.readiness]

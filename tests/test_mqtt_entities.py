@@ -138,6 +138,7 @@ class Scene:
     mqtt: dict[str, Any] = field(default_factory=dict)  # mqtt settings beyond the scene's own
     disabled: frozenset[str] = frozenset()  # plugins the config switches off (plugins.settings.<name>.enabled)
     owner: Ed25519PrivateKey | None = None  # with it, the node takes fleet rollouts signed by it (`rollout`)
+    state_dir: Path | None = None  # the daemon's (`run --state-dir`)
     rig: Rig | None = None
 
     @property
@@ -153,7 +154,7 @@ class Scene:
     def start(self) -> None:
         self.folder.mkdir()
         self._write_config()
-        self.rig = Rig(self.config_path, {})
+        self.rig = Rig(self.config_path, {}, state_dir=self.state_dir)
         self.rig.start()
         self.rig.finish()
         self.agree("the start")
@@ -694,6 +695,53 @@ def test_a_state_paho_resends_at_reconnecting_goes_before_the_emptying_of_its_to
         release.set()
     assert link._connected.wait(LINK_WAIT_S)
     scene.agree("the reconnection")  # nothing retained on the plugin's state
+
+
+def left_by(node: str, broker: dict[str, bytes]) -> list[str]:
+    """The retained topics of `node`: under its base topic, and its discovery configs."""
+    return sorted(t for t in broker if t.startswith(f"pi-controller/{node}/") or t.split("/")[2:3] == [node])
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["the old id unused", "another Pi under the old id"])
+def test_a_pi_given_another_node_id_empties_what_it_left_under_the_old_one(tmp_path: Path, elsewhere: bool) -> None:
+    """Restarted under another node id, the daemon empties what it published under the one before (remembered in
+    its state directory), unless a client says `online` under the old id: that is another Pi's now."""
+    broker = Broker(tmp_path)
+    broker.start()
+    with quiet_logs():
+        scene = Scene(tmp_path, broker, state_dir=tmp_path / "state")
+        try:
+            scene.start()
+            scene.drop("lamp_ctl", lamp_plugin())
+            before = left_by(NODE, retained(broker.port))
+            assert f"{BASE}/status" in before and f"{PREFIX}/sensor/{NODE}/plugin_lamp_ctl/config" in before
+            assert scene.rig is not None
+            scene.rig.stop()
+            if elsewhere:
+                other = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="the-other-pi")
+                other.connect("127.0.0.1", broker.port)
+                other.loop_start()
+                other.publish(f"{BASE}/status", b"online", qos=1, retain=True).wait_for_publish(PROBE_WAIT_S)
+                other.disconnect()
+                other.loop_stop()
+            scene.mqtt["node_id"] = "renamed"
+            scene._write_config()
+            daemon = scene.rig.start()
+            for _ in range(CONVERGE_TICKS):
+                scene.rig.tick()
+                scene.rig.settle()
+                now = retained(broker.port)
+                if daemon.telemetry.former.before is None and left_by("renamed", now) \
+                        and (elsewhere or not left_by(NODE, now)):
+                    break
+            scene.rig.ticks(3)  # an emptying queued at the sweep goes out within a tick
+            now = retained(broker.port)
+            assert left_by("renamed", now)  # it runs under its new id
+            left = left_by(NODE, now)
+            assert left == (before if elsewhere else []), left
+        finally:
+            scene.stop()
+            broker.stop()
 
 
 # -- any sequence: the same events drawn by hypothesis ------------------------------------------------------

@@ -69,17 +69,21 @@ class Attached:
         self.strays: list[str] = []
         self.unsubscribed = threading.Event()
         self.client.on_message = lambda c, u, message: self.strays.append(message.topic)
-        self.client.on_unsubscribe = lambda *args: self.unsubscribed.set()
         inbox.attach(self.client)
         acknowledged = threading.Event()
-        on_subscribe = self.client.on_subscribe
-        assert on_subscribe is not None  # the inbox's, for its sweep
+        on_subscribe, on_unsubscribe = self.client.on_subscribe, self.client.on_unsubscribe
+        assert on_subscribe is not None and on_unsubscribe is not None  # the inbox's, for its sweep
 
         def subscribed(*args: Any) -> None:
             on_subscribe(*args)
             acknowledged.set()
 
+        def unsubscribed(*args: Any) -> None:
+            on_unsubscribe(*args)
+            self.unsubscribed.set()
+
         self.client.on_subscribe = subscribed
+        self.client.on_unsubscribe = unsubscribed
         self.client.on_connect = lambda c, u, f, reason, p: inbox.subscribe(c)
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
@@ -97,11 +101,14 @@ def recorder(into: list[tuple[str, Inbound]], name: str) -> Callable[[Inbound], 
 def test_the_table_is_both_what_is_subscribed_and_who_takes_each_message(broker, subscriber: Subscriber) -> None:
     subscriber.client.publish("t/sweep/old", b"left over", qos=1, retain=True).wait_for_publish(5)
     got: list[tuple[str, Inbound]] = []
+    swept: list[list[str]] = []  # what the sweep had taken when it was said to be over
     inbox = Inbox({"t/+/x": Route(recorder(got, "x")), "t/status": Route(recorder(got, "status")),
-                   "t/sweep/+": Route(recorder(got, "sweep"), sweep=True)}, Gate.of(MqttSettings()))
+                   "t/sweep/+": Route(recorder(got, "sweep"), sweep=True)}, Gate.of(MqttSettings()),
+                  lambda: swept.append([m.topic for _, m in got]))
     attached = Attached(inbox, broker)
     try:
         poll(attached.unsubscribed.is_set, "the sweep unsubscribed once the broker acknowledged it")
+        poll(lambda: swept == [["t/sweep/old"]], "the sweep said over, once, after what it came for")
         for topic in ("t/sweep/new", "t/a/y", "t/a/x", "t/status"):  # in order: the last one says all came
             subscriber.publish(topic, topic)
         poll(lambda: got[-1][0] == "status", "the last message taken")

@@ -269,7 +269,7 @@ def test_read_only_mode_advertises_no_commands_and_subscribes_to_no_command_topi
     assert broker.logged("Received SUBSCRIBE from test-subscriber") >= 1  # the log sees subscriptions
     # No command topic: only its own retained configs and states, each until the broker acknowledged it.
     log = broker.log.read_text(errors="replace")
-    subscribed = set(re.findall(rf"^\d+: {CLIENT_ID} 1 (\S+)$", log, re.MULTILINE))
+    subscribed = set(re.findall(rf"^\d+: {CLIENT_ID} 0 (\S+)$", log, re.MULTILINE))
     assert subscribed == {f"homeassistant/+/{NODE}/+/config"} | {f"{BASE}/{kind}/+/state"
                                                                 for kind in ("sensor", "actuator", "plugin")}
     assert set(re.findall(rf"^\d+: {CLIENT_ID} (\S+)$", log, re.MULTILINE)) == subscribed  # unsubscribed

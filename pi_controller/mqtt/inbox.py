@@ -4,7 +4,8 @@ what arrives.
 Each row is registered with paho's `message_callback_add`, so paho's own filter matching dispatches a
 message to its row; the same rows are what `subscribe` asks the broker for, at every connection. A row
 cannot be subscribed without a handler, nor handled without being subscribed. A `sweep` row is
-subscribed only until the broker acknowledges it: long enough for the retained messages it brings.
+subscribed (QoS 0) only until the broker acknowledges it: long enough for the retained messages it brings,
+all handled before `swept` is called.
 
 Handlers run on paho's thread: they only hand work over (the operator's thread-safe `submit`, a queue).
 A handler that raises costs its message, logged; on a command's row the refusal is answered on the
@@ -108,14 +109,17 @@ class Gate:
 
 
 class Inbox:
-    def __init__(self, routes: Mapping[str, Route], gate: Gate):
+    def __init__(self, routes: Mapping[str, Route], gate: Gate, swept: Callable[[], None] = lambda: None):
+        """`swept`: called (paho's thread) once the sweep's retained messages are all handled."""
         self.routes = dict(routes)
         self.gate = gate
+        self._swept = swept
         self._lasting = [(topic, 1) for topic, route in self.routes.items() if not (route.sweep or route.on_demand)]
         self._fetching: set[str] = set()  # what on-demand rows asked for (a topic within their filter)
         self._client: mqtt.Client | None = None
         self._sweeps = [topic for topic, route in self.routes.items() if route.sweep]
         self._sweep_mid: int | None = None  # the sweep's subscription, until acknowledged
+        self._unsweep_mid: int | None = None  # its end, until acknowledged
         self._refused: queue.SimpleQueue[Answer] = queue.SimpleQueue()
 
     def attach(self, client: mqtt.Client) -> None:
@@ -123,6 +127,7 @@ class Inbox:
         for topic, route in self.routes.items():
             client.message_callback_add(topic, self._callback(topic, route))
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         self._client = client
 
     def fetch(self, topic: str) -> None:
@@ -141,7 +146,10 @@ class Inbox:
         if self._lasting or self._fetching:
             client.subscribe(self._lasting + [(topic, 1) for topic in sorted(self._fetching)])
         if self._sweeps:
-            self._sweep_mid = client.subscribe([(topic, 1) for topic in self._sweeps])[1]
+            # QoS 0: a broker holds back QoS 1 messages past its inflight window (mosquitto's 20) until they are
+            # acknowledged, and sends the answer to the sweep's end before them; a sweep lost with its connection
+            # is made again at the next.
+            self._sweep_mid = client.subscribe([(topic, 0) for topic in self._sweeps])[1]
 
     def refused(self) -> list[Answer]:
         """The answers to commands refused on arrival since the last call (the event loop's thread)."""
@@ -151,7 +159,13 @@ class Inbox:
         """The retained messages a subscription brings come before its acknowledgement: once it is
         here, the sweep has seen them."""
         if mid == self._sweep_mid:
-            client.unsubscribe(self._sweeps)
+            self._unsweep_mid = client.unsubscribe(self._sweeps)[1]
+
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
+        """The broker answers a client's packets in order: the sweep's retained messages, whether they came
+        before its acknowledgement or just after, are all here before the acknowledgement of its end."""
+        if mid == self._unsweep_mid:
+            self._swept()
 
     def _callback(self, topic_filter: str, route: Route) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
         wildcards = [i for i, level in enumerate(topic_filter.split("/")) if level == "+"]

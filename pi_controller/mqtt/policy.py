@@ -207,6 +207,11 @@ class PublishPolicy:
             self._stale.put((message.topic, b""))
             self._stale.put((message.topic, json.dumps(current).encode()))
 
+    def empty(self, topics: list[str]) -> None:
+        """Retained topics of ours to empty, found by a sweep (any thread)."""
+        for topic in topics:
+            self._stale.put((topic, b""))
+
     def leftover_state(self, message: Inbound) -> None:
         """The retained state of a sensor, actuator or plugin the daemon does not run (a run before had it)."""
         if message.retained and message.payload and message.topic not in self._states:  # replaced whole, not changed

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import paho.mqtt.client as mqtt
@@ -32,6 +33,7 @@ import structlog
 
 from pi_controller.config import Settings
 from pi_controller.mqtt import inbox
+from pi_controller.mqtt.former_node import FormerNode
 from pi_controller.mqtt.inbox import Inbox, Route
 from pi_controller.mqtt.link import FINAL_STATES_WAIT_S, Link
 from pi_controller.mqtt.outbox import Outbox
@@ -58,8 +60,9 @@ class Rollouts(Protocol):
 class Telemetry(LoopObserver):
     def __init__(self, settings: Settings, status: Status, operator: Operator,
                  timer: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 fleet: Rollouts | None = None):
-        """`fleet`: this node's part in rollouts (`mqtt.fleet`), whose rows join the inbox's."""
+                 fleet: Rollouts | None = None, state_dir: Path | None = None):
+        """`fleet`: this node's part in rollouts (`mqtt.fleet`), whose rows join the inbox's; `state_dir`: where
+        the place it publishes under is remembered (`former_node.py`)."""
         self.mqtt = settings.mqtt
         self.fleet = fleet
         self.status = status
@@ -68,7 +71,9 @@ class Telemetry(LoopObserver):
         self.link = Link(settings, timer, self._up, lambda: len(self.outbox))
         self.outbox = Outbox(self.mqtt, self.link, timer)  # what a restart left in the buffer file, first
         self.policy = PublishPolicy(settings, status, operator, self.outbox, wall)
-        self.inbox = Inbox(self._routes() if self.mqtt.commands else self._leftovers(), inbox.Gate.of(self.mqtt))
+        self.former = FormerNode(self.mqtt, state_dir, self.policy.empty)
+        routes = self._routes() if self.mqtt.commands else self._leftovers()
+        self.inbox = Inbox(routes | self.former.routes(), inbox.Gate.of(self.mqtt), self.former.swept)
         self.inbox.attach(self.link.client)
         if fleet is not None:
             fleet.wire(self.inbox.fetch, self.inbox.unfetch)
