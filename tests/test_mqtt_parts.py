@@ -4,6 +4,7 @@ clients), the outbox against a sender that records what it is handed."""
 from __future__ import annotations
 
 import itertools
+import os
 import json
 import random
 import threading
@@ -20,6 +21,7 @@ from structlog.testing import capture_logs
 from pi_controller import config
 from pi_controller.config import MqttSettings
 from pi_controller.contract import Reading, Rejected
+from pi_controller.mqtt import former_node
 from pi_controller.mqtt import outbox as outbox_module
 from pi_controller.mqtt.inbox import (
     ANSWER_EVERY_S,
@@ -464,3 +466,18 @@ def test_a_plugin_state_showing_an_operators_value_waits_until_the_value_is_on_d
         policy.collect(now, {})
         outbox.pump()
         assert [m.topic for m in sender.sent].count(f"{B}/plugin/thermostat/state") == (now >= 1.2)
+
+
+def test_a_record_of_the_former_place_that_is_no_regular_file_is_set_aside_without_waiting(tmp_path: Path) -> None:
+    """A FIFO where the record of the last place should be (a state directory tampered with): opened as a file,
+    it would hold the daemon's start up for good, before any tick or watchdog."""
+    os.mkfifo(tmp_path / former_node.RECORD)
+    built: list[former_node.FormerNode] = []
+    with capture_logs() as events:
+        start = threading.Thread(target=lambda: built.append(
+            former_node.FormerNode(MqttSettings(node_id="new"), tmp_path, lambda topics: None)), daemon=True)
+        start.start()
+        start.join(timeout=30)
+    assert built and built[0].before is None, "the start waited on the FIFO"
+    assert [e["event"] for e in events] == ["mqtt_place_unreadable"]
+    assert (tmp_path / former_node.RECORD).is_file()  # replaced by the record of now

@@ -23,6 +23,7 @@ import structlog
 
 from pi_controller.config import MqttSettings
 from pi_controller.files import write_atomically
+from pi_controller.keys import read_small
 from pi_controller.mqtt.discovery import Topics
 from pi_controller.mqtt.inbox import Inbound, Route
 
@@ -107,9 +108,8 @@ class FormerNode:
     def _read(self) -> Place | None:
         if self._file is None:
             return None
-        try:
-            with self._file.open("rb") as f:
-                data = json.loads(f.read(MAX_RECORD_BYTES + 1)[:MAX_RECORD_BYTES])
+        try:  # a regular file only: a FIFO there would hold the start up for good
+            data = json.loads(read_small(self._file, MAX_RECORD_BYTES, "a record of where this node published"))
             return Place(str(data["base"]), str(data["discovery_prefix"]), str(data["node_id"]))
         except FileNotFoundError:
             return None
