@@ -4,8 +4,8 @@ clients), the outbox against a sender that records what it is handed."""
 from __future__ import annotations
 
 import itertools
-import os
 import json
+import os
 import random
 import threading
 import time
