@@ -6,7 +6,9 @@ One rule decides between a kept value and the config file, the owner's latest wo
 with what the file said when it was set (`file`: the plugin's config as its manifest and the config file
 give it, or its `enabled`). While the file still says that, or nothing (a manifest that gives the key no
 default), the kept value is in force; once the file says something else, the file was edited after the
-value was set, and its value replaces the kept one, which is forgotten (said once in the log). A kept value
+value was set, and its value replaces the kept one, which is forgotten (said once in the log). A default that
+a new manifest gives a key the file said nothing of is no such edit (the config file giving it a value is):
+the kept value stays, and that default is what the file says from then on. A kept value
 that the version loaded now has no key for, or refuses (a new version), is set aside: not applied, and in
 force again for a version that takes it, such as the one a fleet rollout or the owner puts back; forgetting
 it would lose the operator's word to a version tried for minutes. The values of a plugin gone from the
@@ -85,21 +87,28 @@ class OperatorValues(LoopObserver):
             else:
                 disabled.add(name)
         for plugin in plugins:
+            own = settings.settings.get(plugin.name)
             values = {key: kept["value"] for key, kept in list(self.config.get(plugin.name, {}).items())
-                      if self._still(plugin, key, kept)}
+                      if self._still(plugin, key, kept, own is not None and key in own.config)}
             if values:
                 plugin.set_config(values)
         self._save()
 
-    def _still(self, plugin: SandboxedPlugin, key: str, kept: Kept) -> bool:
+    def _still(self, plugin: SandboxedPlugin, key: str, kept: Kept, in_config_file: bool) -> bool:
         """Whether a kept value stands for `plugin` as loaded now: forgotten if the file changed it since, set
-        aside (kept, not applied) while this version has no such key or refuses the value."""
+        aside (kept, not applied) while this version has no such key or refuses the value. `in_config_file`: the
+        config file gives the key a value (not the manifest alone)."""
         grant = plugin.grant
         if key not in grant.config and key not in (grant.config_schema or {}):
             return self._set_aside(plugin, key, "this version has no such key")
         if key in grant.config and _kept(kept["value"], grant.config, key) != kept:  # the file says another value
-            self._forget(plugin.name, key, "the config file changed it since")
-            return False
+            if "file" in kept or in_config_file:
+                self._forget(plugin.name, key, "the config file changed it since")
+                return False
+            # The file said nothing when the value was set, and a manifest's default came since: a default for
+            # whoever set nothing, not the owner's word on this key. Kept as what the file says from now on.
+            kept["file"] = grant.config[key]
+            self._changed = True
         try:
             check_change(key, kept["value"], grant.config_schema, grant.config)
         except Rejected as exc:

@@ -173,3 +173,31 @@ def test_the_values_of_a_plugin_gone_from_the_folder_are_forgotten_unless_the_co
         ("enabled", "the plugin left the plugins folder"), ("setpoint", "the plugin left the plugins folder")]
     assert json.loads((tmp_path / FILE_NAME).read_text()) == {"config": {}, "enabled": {}}
     assert values._aside == {}
+
+
+def test_a_default_a_new_manifest_adds_is_no_edit_of_the_operators_value(tmp_path: Path) -> None:
+    """The operator set the setpoint while the file gave it no default; a new version's manifest then gives one.
+    That default is for whoever set nothing, not the owner's word on the key: the operator's value stays in force,
+    and the default is what the file says from then on (changed later, it is an edit). A value the config file
+    gives the key is the owner's word, and replaces the operator's."""
+    schema = {"setpoint": ConfigField("number", min=5, max=30)}
+    bare = FakePlugin(name="thermostat", grant=SimpleNamespace(config={}, config_schema=schema), sha256="bare")
+    bare.set_config({})
+    set_values(tmp_path, bare, SetPluginConfig("thermostat", "setpoint", 19.5))
+    with capture_logs() as logs:
+        defaulted = thermostat(setpoint=21.0)
+        restart(tmp_path, defaulted)
+        assert defaulted.config == {"setpoint": 19.5}
+        again = thermostat(setpoint=21.0)
+        restart(tmp_path, again)
+        assert again.config == {"setpoint": 19.5}
+    assert [e for e in logs if e["event"] == "operator_value_forgotten"] == []
+    edited = thermostat(setpoint=22.0)  # the default the operator's value stood beside, changed: the owner's edit
+    restart(tmp_path, edited)
+    assert edited.config == {"setpoint": 22.0}
+
+    set_values(tmp_path, bare, SetPluginConfig("thermostat", "setpoint", 19.5))
+    in_config_file = PluginsSettings(settings={"thermostat": PluginSettings(config={"setpoint": 21.0})})
+    given = thermostat(setpoint=21.0)
+    restart(tmp_path, given, in_config_file)
+    assert given.config == {"setpoint": 21.0}
