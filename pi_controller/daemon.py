@@ -144,9 +144,11 @@ class Daemon:
 
     def _plugins_changed(self) -> None:
         """Between two ticks, after a reload or a plugin swapped in or out: Home Assistant's entities
-        follow the plugin set, the operator's kept values apply to the plugins as loaded now, and a recording
+        follow the plugin set, the operator's kept values apply to the plugins as loaded now, the shadows get
+        what the live plugins leave of the tick, and a recording
         says from which tick on which plugins and config were live."""
         self.values.apply(self.plugins, self.settings.plugins, self.operator.disabled, self._present())
+        self.shadows.live_changed()
         if self.telemetry is not None:
             self.telemetry.policy.rediscover()
         if self.recorder is not None:

@@ -8,6 +8,7 @@ says what it waits for, within a bound of ticks that only says how long a broken
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -20,6 +21,7 @@ from structlog.testing import capture_logs
 
 from pi_controller import cli
 from pi_controller.daemon import Daemon
+from pi_controller.fleet import node as node_module
 from pi_controller.fleet import protocol
 from pi_controller.fleet.node import MIN_SWAP_TICKS, FleetNode
 from pi_controller.fleet.protocol import Announcement, Verdict
@@ -267,21 +269,51 @@ def install_filler(site: Site) -> None:
     assert cli.main(["plugin", "install", str(filler), "--config", str(site.rig.config_path)]) == 0
 
 
-def test_a_promoted_version_whose_share_of_the_tick_was_taken_meanwhile_is_rolled_back(site) -> None:
-    """The new version asks 40 ms of the 60 ms plugin budget: room when it was announced and checked, none once
-    another plugin of higher rank is dropped into the folder during its shadow window. At its promotion the
-    plugin set keeps the running version (the budget goes by rank), and the node rolls back, saying why."""
+def test_a_shadow_whose_share_of_the_tick_a_plugin_dropped_in_takes_is_refused_at_once(site) -> None:
+    """The new version asks 40 ms of the 60 ms plugin budget: room beside the live version's 10 ms when it was
+    announced and checked, none once another plugin of higher rank takes 30 ms during its shadow window. The shadow
+    is unloaded (the live plugins' shares come first), and the node says so at once, not after the longest wait
+    for a shadow; the live version never changed."""
     described(site, site.new, 'version: "2.0.0"\nlimits: {timeout_ms: 40}\n')
     site.start()
-    site.announce(site.new, shadow_ticks=20)
+    site.announce(site.new, shadow_ticks=1_000_000)
     site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
     install_filler(site)
-    # At its promotion, not after the longest wait for a swap: the node checks the tick's room before it promotes.
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
-    assert verdict.phase == protocol.ROLLED_BACK and "does not fit the tick" in (verdict.reason or ""), verdict
-    assert "at its promotion" in (verdict.reason or "") and list((site.folder / "shadow").glob(f"{NAME}.*")) == []
+    assert verdict.phase == protocol.REFUSED, verdict
+    assert verdict.reason == ("as a shadow: unloaded: timeout_ms 40 does not fit the tick: 0 of the 20 ms plugin "
+                              "budget is held by nothing (the live plugins leave 20 of the 60 ms plugin budget)")
+    site.settle(lambda: shadow_files(site.folder) == [], "the shadow removed")
     assert verdict.sha256 == sha256_of(site.live) == site.live_status().sha256
-    assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live)
+    assert site.rig.daemon is not None and {p.name for p in site.rig.daemon.plugins} == {NAME, "filler"}
+
+
+def test_a_promoted_version_whose_share_of_the_tick_a_plugin_dropped_in_with_it_takes_is_rolled_back_at_once(
+        site, monkeypatch) -> None:
+    """The owner drops `filler` (30 ms, ranked above `probe`) into the folder as the node promotes a version asking
+    40 ms of the 60 ms plugin budget: in the ticks between the go-live check and the watcher loading the promoted
+    files. The plugin set keeps the running version over the promoted one, and the node, told the module it
+    refused, rolls back at once, not after the longest wait for a swap."""
+    described(site, site.new, 'version: "2.0.0"\nlimits: {timeout_ms: 40}\n')
+    filler = site.tmp / "filler" / "filler.wasm"
+    filler.parent.mkdir()
+    shutil.copy(TEST_PLUGINS / "counter.wasm", filler)
+    described(site, filler, "priority: 50\nlimits: {timeout_ms: 30}\n")
+    promote = node_module.promote
+
+    def with_filler(directory: Path, name: str) -> str:
+        for suffix in (".yaml", ".sig", ".wasm"):  # as plugin install puts them: the module last, by a rename
+            shutil.copy(filler.with_suffix(suffix), directory / f".filler{suffix}")
+            os.replace(directory / f".filler{suffix}", directory / f"filler{suffix}")
+        return promote(directory, name)
+
+    monkeypatch.setattr(node_module, "promote", with_filler)
+    site.start()
+    site.announce(site.new)
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
+    assert verdict.phase == protocol.ROLLED_BACK, verdict
+    assert verdict.reason is not None and verdict.reason.startswith("the promoted version did not load: ")
+    site.settle(lambda: site.live_status().sha256 == sha256_of(site.live), "the version it replaced back")
     assert site.rig.daemon is not None and {p.name for p in site.rig.daemon.plugins} == {NAME, "filler"}
 
 

@@ -259,3 +259,37 @@ def test_promoting_says_the_shadow_left_and_the_live_plugin_was_replaced(run_dae
     events = sorted(e["event"] for e in logs if (e.get("plugin") == "temperature_control" and "unloaded" in e["event"])
                     or e["event"].endswith("_replaced"))
     assert events == ["plugin_replaced", "shadow_unloaded"]
+
+
+def test_the_shadows_share_of_the_tick_follows_the_live_plugins_dropped_in_and_removed(run_daemon, plugin_dir) -> None:
+    """The shadows get what the live plugins leave of the 60 ms plugin budget, as the live set is now: a shadow
+    asking 45 ms is refused beside 20 ms of live plugins, loaded once a live plugin leaves, and unloaded, saying
+    so, when a live plugin dropped into the folder takes its share back: no shadow keeps what the live ones need."""
+    folder = with_shadow(plugin_dir, "temperature_control", "temperature_control", "sweep")
+    (folder / shadow.FOLDER / "temperature_control.yaml").write_text("limits: {timeout_ms: 45}\n")
+    shutil.copy(TEST_PLUGINS / "counter.wasm", folder / "counter.wasm")  # 10 ms, as temperature_control
+    daemon = run_daemon(heater_only(), 0, plugins=folder, clock=SystemClock())
+
+    def shadow_state() -> tuple[str, str]:
+        status = daemon.shadows.current.plugins.status["temperature_control"]
+        return status.state, status.reason or ""
+
+    def fits() -> bool:
+        live = sum(p.grant.timeout_ms for p in daemon.plugins)
+        return live + sum(p.grant.timeout_ms for p in daemon.shadows.current.plugins) <= 60
+
+    async def scenario() -> None:
+        assert shadow_state() == ("failed", "timeout_ms 45 does not fit the tick: 0 of the 40 ms plugin budget is "
+                                            "held by nothing")
+        os.replace(folder / "counter.wasm", folder.parent / "counter.wasm")
+        await until(lambda: shadow_calls(daemon) > 3, "the shadow, room made for it, loaded and called")
+        assert fits()
+        os.replace(folder.parent / "counter.wasm", folder / "counter.wasm")
+        await until(lambda: daemon.plugins.named("counter") is not None and shadow_state()[0] == "failed",
+                    "the live plugin dropped in loaded, the shadow unloaded")
+        assert fits() and shadow_state()[1] == ("unloaded: timeout_ms 45 does not fit the tick: 0 of the 40 ms plugin "
+                                                "budget is held by nothing (the live plugins leave 40 of the 60 ms "
+                                                "plugin budget)")
+
+    run_with(daemon, scenario)
+    assert [p.name for p in daemon.plugins] == ["temperature_control", "counter"]

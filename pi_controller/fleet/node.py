@@ -52,7 +52,6 @@ from pi_controller.mqtt.inbox import Inbound, Route
 from pi_controller.plugins import checks
 from pi_controller.plugins.install import InstallError, put
 from pi_controller.plugins.manifest import read_manifest
-from pi_controller.plugins.sandbox import SandboxedPlugin
 from pi_controller.plugins.shadow import FOLDER, promote, spare_ms
 from pi_controller.plugins.signing import SUFFIX, read_signature
 from pi_controller.status import Status
@@ -313,16 +312,16 @@ class FleetNode:
             return
         shadows = self.status.shadows
         loaded = shadows.plugins.status.get(name) if shadows is not None else None
+        if loaded is not None and loaded.state == "failed" and loaded.refused_sha256 == a.sha256:
+            self._abandon(name, rollout)  # refused, or unloaded: the live plugins now need its share of the tick
+            self._fail(name, rollout, protocol.REFUSED, f"as a shadow: {loaded.reason}")
+            return
         if shadows is None or loaded is None or loaded.sha256 != a.sha256:  # not adopted yet
             rollout.waited += 1
             if rollout.waited > max(a.shadow_ticks, MIN_SWAP_TICKS):
                 self._abandon(name, rollout)
                 self._fail(name, rollout, protocol.REFUSED, "the shadow was not loaded (is the plugins folder "
                                                             "followed?)")
-            return
-        if loaded.state == "failed":
-            self._abandon(name, rollout)
-            self._fail(name, rollout, protocol.REFUSED, f"as a shadow: {loaded.reason}")
             return
         stats = shadows.stats.get(name)
         compared = stats.agreement.ticks if stats is not None else 0
@@ -338,17 +337,11 @@ class FleetNode:
             self._fail(name, rollout, protocol.ROLLED_BACK, f"the shadow agreed {agreement}% over {compared} ticks, "
                                                             f"under the {a.min_agreement_percent}% asked")
         elif compared >= a.shadow_ticks:
-            self._go_live(name, rollout, shadows.plugins.named(name))
+            self._go_live(name, rollout)
 
-    def _go_live(self, name: str, rollout: Rollout, shadow: SandboxedPlugin | None) -> None:
-        """Promote the shadow, compared: unless the live plugins leave it no room in the tick now (the plugin set
-        would keep the running version over it, and the node would wait the longest swap to say so)."""
-        crowded = self.status.plugins.no_room_for(shadow) if shadow is not None else None
-        if crowded is not None:
-            self._abandon(name, rollout)
-            self._fail(name, rollout, protocol.ROLLED_BACK, f"at its promotion: {crowded}; the live version never "
-                                                            "changed")
-            return
+    def _go_live(self, name: str, rollout: Rollout) -> None:
+        """Promote the shadow, compared. It runs in what the live plugins leave of the tick (`Shadows.follow_live`),
+        so it has room in the running version's place."""
         rollout.phase, rollout.waited = protocol.LIVE_WINDOW, 0
         self._keep_word(name, rollout)  # a restart from here on watches the window again, or rolls back
         rollout.job = self._in_worker(partial(self._keep_and_promote, name, rollout.directory))
@@ -383,8 +376,9 @@ class FleetNode:
             return
         if rollout.baseline is None:
             rollout.waited += 1
-            if live.sha256 != a.sha256:  # the watcher may see the files moved in one by one: a refusal may pass
-                if rollout.waited > max(a.live_ticks, MIN_SWAP_TICKS):
+            if live.sha256 != a.sha256:  # the watcher may see the files moved in one by one: a refusal may pass,
+                # but not one of the promoted module itself (moved last, after its manifest and signature)
+                if live.refused_sha256 == a.sha256 or rollout.waited > max(a.live_ticks, MIN_SWAP_TICKS):
                     self._roll_back(name, rollout, f"the promoted version did not load: {live.reason or 'not seen'}")
                 return
             rollout.baseline = self._live_counts(name)

@@ -70,7 +70,7 @@ class PluginSet:
         self._by_name: dict[str, SandboxedPlugin] = {}  # the same, by name
         self.logs_to_extism = False  # whether any of them can write to libextism's log in a call that succeeds
         self._refused: dict[str, PluginStatus] = {}
-        self._kept: dict[str, str] = {}  # live plugins whose replacement was refused, and why
+        self._kept: dict[str, PluginStatus] = {}  # live plugins whose replacement was refused: its refusal
         self._waiting: dict[str, admission.Claim] = {}  # refused or unloaded for want of room in the tick
         self.on_room: Callable[[set[str]], None] | None = None  # told the names of those that would fit now
         self.generation = 0  # counts `adopt`s: an update prepared before one is stale
@@ -169,19 +169,21 @@ class PluginSet:
         return update
 
     def _prepare_one(self, name: str, path: Path, live: SandboxedPlugin | None, update: Update) -> None:
+        digest = None  # of the module, once read: a refused replacement is told by it (`PluginStatus.refused_sha256`)
         try:
             wasm = read_module(path, self.directory, self.settings.ceilings.max_file_bytes)
+            digest = hashlib.sha256(wasm).hexdigest()
             terms = manifest.terms(name, path, wasm, self.settings, self.devices)
-            if live is not None and live.grant == terms and live.sha256 == hashlib.sha256(wasm).hexdigest():
+            if live is not None and live.grant == terms and live.sha256 == digest:
                 update.current.add(name)  # the same plugin under the same terms: nothing to swap
                 return
             host = PluginHost(name, terms.sensors, self.history, self.settings.host, self.clock.monotonic)
             update.loaded[name] = SandboxedPlugin(name, wasm, terms, Quarantine(name, self.settings.quarantine), host,
                                                   self.backstop)
         except (OSError, extism.Error, Refused) as exc:
-            update.refused[name] = PluginStatus("failed", str(exc)[:500])
+            update.refused[name] = PluginStatus("failed", str(exc)[:500], refused_sha256=digest)
         except Exception as exc:  # whatever else a dropped file holds (a manifest in Latin-1...), it fails alone
-            update.refused[name] = PluginStatus("failed", f"{type(exc).__name__}: {exc}"[:500])
+            update.refused[name] = PluginStatus("failed", f"{type(exc).__name__}: {exc}"[:500], refused_sha256=digest)
 
     def apply(self, update: Update) -> None:
         """Swap in what `prepare` found. Call between two ticks: the tick thread is idle."""
@@ -219,14 +221,28 @@ class PluginSet:
         return admission.Claim(plugin.name, plugin.grant.timeout_ms, plugin.priority,
                                self.settings.configured(plugin.name), plugin.quarantine.quarantined)
 
-    def no_room_for(self, plugin: SandboxedPlugin) -> str | None:
-        """Why `plugin` would be refused for want of room in the tick, in its namesake's place, were it loaded
-        now (as `_admit` would refuse it); None if it would fit."""
-        try:
-            admission.displaced(self.claim(plugin), [self.claim(p) for p in self._plugins], self.budget_ms)
-        except admission.NoRoom as exc:
-            return str(exc)
-        return None
+    def rebudget(self, budget_ms: float, whence: str) -> None:
+        """The time budget becomes `budget_ms` (call between two ticks; `whence` says where it comes from): the
+        plugins that no longer fit, the lowest ranked first, are unloaded to wait for room; those waiting that fit
+        now are handed to `on_room`."""
+        if budget_ms == self.budget_ms:
+            return
+        self.budget_ms = budget_ms
+        out = admission.refused_in_rank_order((self.claim(p) for p in self._plugins), budget_ms)
+        for name, why in out.items():
+            plugin = self._by_name[name]
+            self._waiting[name] = self.claim(plugin)
+            self._kept.pop(name, None)
+            reason = f"unloaded: {why} ({whence})"[:500]
+            self._refused[name] = PluginStatus("failed", reason, refused_sha256=plugin.sha256)
+            log.warning(f"{self.role}_unloaded", plugin=name, reason=reason)
+        if out:
+            retired = [p for p in self._plugins if p.name in out]
+            self._become(tuple(p for p in self._plugins if p.name not in out))
+            for plugin in retired:
+                plugin.close()
+        if self._waiting:
+            self.made_room()
 
     def made_room(self) -> None:
         """A plugin was quarantined, unloaded, refused or given a smaller share: the plugins refused for want
@@ -245,7 +261,7 @@ class PluginSet:
     def _refuse(self, name: str, status: PluginStatus, live: dict[str, SandboxedPlugin],
                 retired: list[SandboxedPlugin]) -> None:
         if status.state == "failed" and name in live:  # a bad replacement: the running version stays
-            self._kept[name] = status.reason or "unknown"
+            self._kept[name] = status
             log.error(f"{self.role}_replacement_refused", plugin=name, reason=status.reason,
                       kept_sha256=live[name].sha256[:12])
             return
@@ -268,7 +284,8 @@ class PluginSet:
         except admission.NoRoom as exc:
             retired.append(plugin)
             self._waiting[plugin.name] = claim
-            return self._refuse(plugin.name, PluginStatus("failed", str(exc)[:500]), live, retired)
+            return self._refuse(plugin.name, PluginStatus("failed", str(exc)[:500], refused_sha256=plugin.sha256),
+                                live, retired)
         for other in displaced:
             gone = live.pop(other.name)
             retired.append(gone)
@@ -276,7 +293,7 @@ class PluginSet:
             self._waiting[other.name] = other
             reason = (f"unloaded{f' while quarantined ({gone.quarantine.reason})' if other.resting else ''}: its "
                       f"share of the tick went to {claim.describe()}")
-            self._refused[other.name] = PluginStatus("failed", reason[:500])
+            self._refused[other.name] = PluginStatus("failed", reason[:500], refused_sha256=gone.sha256)
             log.warning(f"{self.role}_unloaded", plugin=other.name, reason=reason[:500])
         self._waiting.pop(plugin.name, None)
         previous = live.get(plugin.name)

@@ -291,11 +291,13 @@ class SandboxedPlugin:
                    for c in commands if c.device_id not in allowed]
         return kept, rejections + refused
 
-    def status(self, kept_because: str | None = None) -> PluginStatus:
+    def status(self, refusal: PluginStatus | None = None) -> PluginStatus:
+        """As loaded now; `refusal`: of a replacement refused, while this version is kept over it."""
+        version, refused = self.grant.manifest.version or None, refusal.refused_sha256 if refusal else None
         if self.quarantine.shown_quarantined:
-            return PluginStatus("quarantined", self.quarantine.reason, self.sha256, self.grant.manifest.version or None)
-        reason = f"kept this version: its replacement was refused: {kept_because}" if kept_because else None
-        return PluginStatus("loaded", reason, self.sha256, self.grant.manifest.version or None)
+            return PluginStatus("quarantined", self.quarantine.reason, self.sha256, version, refused)
+        reason = f"kept this version: its replacement was refused: {refusal.reason or 'unknown'}" if refusal else None
+        return PluginStatus("loaded", reason, self.sha256, version, refused)
 
     def _free_instance(self) -> None:
         router().forget(self._id)
@@ -312,3 +314,4 @@ class PluginStatus:
     reason: str | None = None
     sha256: str | None = None
     version: str | None = None
+    refused_sha256: str | None = None  # the module refused or unloaded: in place of this version (kept), or alone

@@ -10,8 +10,9 @@ rates), counted per actuator and rule; the live actuators' timers, owners, latch
 never touched.
 
 Shadows run after the actuators are written, so they never delay the live plugins' commands, and
-they get the plugin time budget the live plugins leave: a shadow that does not fit is refused at
-load, and on a real clock one is skipped (counted) in a tick already too late for its timeout. A
+they get the plugin time budget the live plugins leave, as it is after each change of the live set
+(`follow_live`): a shadow that does not fit is refused at load, or unloaded, until the live plugins
+leave it room, and on a real clock one is skipped (counted) in a tick already too late for its timeout. A
 shadow's failures are its own: counted, quarantined as any plugin, never the live plugin's health.
 `pi-controller plugin promote NAME` moves the shadow's file over the live one (see `promote`).
 """
@@ -83,6 +84,14 @@ class Shadows:
 
     def __len__(self) -> int:
         return len(self.plugins)
+
+    def follow_live(self) -> None:
+        """Between two ticks, after the live set changed (a plugin swapped in or out, a reload): the shadows get
+        what the live plugins leave now; one that no longer fits is unloaded, saying so, and one waiting for room
+        that fits now is loaded again (by the shadow folder's watcher)."""
+        spare, self.budget_ms = spare_ms(self.live), self.live.budget_ms
+        self.plugins.rebudget(spare, f"the live plugins leave {spare:g} of the {self.live.budget_ms:g} ms plugin "
+                                     "budget")
 
     def carry_on(self, previous: Shadows) -> None:
         """After a rebuild: the comparisons of each shadow whose file did not change go on."""

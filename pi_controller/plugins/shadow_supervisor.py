@@ -82,8 +82,13 @@ class ShadowSupervisor:
         elif moved:
             self._follow()
 
+    def live_changed(self) -> None:
+        """Between two ticks, after the live set changed: the shadows' share of the tick follows it."""
+        self.current.follow_live()
+
     def _adopt(self, shadows: Shadows) -> None:
         old, self.current = self.current, shadows
+        shadows.follow_live()  # built off the event loop: the live set may have changed since
         shadows.carry_on(old)
         self._adopted(shadows)
         old.close()
