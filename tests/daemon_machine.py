@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -372,6 +372,10 @@ class DaemonMachine(RuleBasedStateMachine):
         self._judged(lambda: self.judge.configured_loaded(views, self._due(), "after the last step"))
         ready, _ = self.rig.readiness.ready()
         self._judged(lambda: self.judge.ready(ready, views, self.in_force.enabled(), "after the last step"))
+        daemon = self.rig.daemon
+        live, shadows = ({p.name: p.grant.timeout_ms for p in plugins}
+                         for plugins in (daemon.plugins, daemon.shadows.current.plugins))
+        self._judged(lambda: self.judge.shares(live, shadows, BUDGET_MS, "after the last step"))
 
     # -- setting up and down -------------------------------------------------------------------
 
@@ -421,7 +425,7 @@ class DaemonMachine(RuleBasedStateMachine):
 
     def _rename_in(self, file_name: str, data: bytes) -> None:
         staging = self.root / "staging" / file_name
-        staging.parent.mkdir(exist_ok=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
         staging.write_bytes(data)
         os.replace(staging, self.folder / file_name)
 
@@ -488,10 +492,29 @@ class DaemonMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.folder.is_dir())
     @rule(name=plugin_names)
     def remove(self, name: str) -> None:
+        self._remove(name)
+        self.rig.finish()
+
+    def _remove(self, name: str) -> None:
         (self.folder / f"{name}.yaml").unlink(missing_ok=True)
         (self.folder / f"{name}.wasm").unlink(missing_ok=True)
         self.modules.pop(name, None)
         self.manifests.pop(name, None)
+
+    @precondition(lambda self: self.folder.is_dir())
+    @rule(name=plugin_names, timeout_ms=st.sampled_from([None, 20, 50]))
+    def drop_shadow(self, name: str, timeout_ms: int | None) -> None:
+        """A shadow of `name` dropped into `shadow/`, asking `timeout_ms` of the tick."""
+        (self.folder / "shadow").mkdir(exist_ok=True)
+        self._rename_in(f"shadow/{name}.yaml", Manifest(timeout_ms=timeout_ms).text(name).encode())
+        self._rename_in(f"shadow/{name}.wasm", MODULES["switchboard"])
+        self.rig.finish()
+
+    @precondition(lambda self: (self.folder / "shadow").is_dir())
+    @rule(name=plugin_names)
+    def remove_shadow(self, name: str) -> None:
+        for suffix in (".yaml", ".wasm"):
+            (self.folder / "shadow" / f"{name}{suffix}").unlink(missing_ok=True)
         self.rig.finish()
 
     @precondition(lambda self: self.folder.is_dir())
@@ -548,6 +571,11 @@ class DaemonMachine(RuleBasedStateMachine):
     @rule(choice=configs)
     def reload(self, choice: Config) -> None:
         """A config written, `check-config`, then SIGHUP (the unit's ExecReload and its check)."""
+        self._reload(choice)
+
+    def _reload(self, choice: Config, meanwhile: Callable[[], None] | None = None, aside: str | None = None) -> None:
+        """As `reload`; `meanwhile`: what else happens while the reload, prepared, waits for the gap, to the files
+        of plugin `aside`, left out of the reload's judgement (what the watcher does next is the invariants')."""
         self._write_config(choice)
         accepted, _ = check_config(self.config_path, self.folder, choice)
         daemon = self.rig.daemon
@@ -558,6 +586,9 @@ class DaemonMachine(RuleBasedStateMachine):
         kept = None
         if not self.rig.gap_pending():  # decided without the gap: refused
             kept = (self._views(), daemon.settings == settings)
+        elif meanwhile is not None:
+            meanwhile()
+            self.rig.settle()  # what the watcher makes of it waits for the gap too, behind the reload
         self.rig.finish()
         result = daemon.status.last_reload
         if result is None or result is last:
@@ -566,8 +597,10 @@ class DaemonMachine(RuleBasedStateMachine):
             self.in_force = choice
         after, settings_kept = kept or (self._views(), daemon.settings == settings)
         unloadable = [name for name, view in before.items() if view.live and self.modules.get(name) == "broken"]
+        before, after = ({k: v for k, v in views.items() if k != aside} for views in (before, after))
+        configured, due = ([n for n in names if n != aside] for names in (self.in_force.enabled(), self._due(False)))
         self._judged(lambda: self.judge.reload(accepted, result.outcome, result.message, before, after,
-                                               settings_kept, self.in_force.enabled(), self._due(False), unloadable))
+                                               settings_kept, configured, due, unloadable))
 
     @precondition(lambda self: self.rig.daemon is not None)
     @rule(name=plugin_names, entry=st.one_of(st.none(), entries))
@@ -576,6 +609,16 @@ class DaemonMachine(RuleBasedStateMachine):
         changed = {**self.in_force.entries, name: entry} if entry is not None else \
             {key: value for key, value in self.in_force.entries.items() if key != name}
         self.reload(replace(self.in_force, entries=changed, broken=None))
+
+    @precondition(lambda self: self.rig.daemon is not None and self.folder.is_dir())
+    @rule(name=plugin_names, entry=st.one_of(st.none(), entries), other=plugin_names, files=st.one_of(st.none(), files))
+    def reconfigure_while_files_change(self, name: str, entry: Entry | None, other: str, files: Files | None) -> None:
+        """As `reconfigure`, and `other`'s files dropped in (or removed: None) while the reload, prepared from the
+        folder as it was, waits for the gap."""
+        changed = {**self.in_force.entries, name: entry} if entry is not None else \
+            {key: value for key, value in self.in_force.entries.items() if key != name}
+        self._reload(replace(self.in_force, entries=changed, broken=None),
+                     lambda: self._put(other, files) if files is not None else self._remove(other), other)
 
     @precondition(lambda self: self.rig.daemon is not None)
     @rule(unwritable=st.booleans())

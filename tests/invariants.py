@@ -33,9 +33,10 @@ SHUTDOWN = "shutdown"  # after a stop every pin is in its shut-down state
 CONFIGURED = "configured"  # plugins named in the config are loaded when their files are valid, whatever else is there
 READY = "ready"  # /ready answers ok only while every plugin named in the config is loaded
 INSTALL = "install"  # what `plugin install` accepts the daemon loads; what it refuses changes nothing
+SHARE = "share"  # the shadows run in what the live plugins leave of the plugin budget, never in their share
 
 NAMES = (OWNER, FAILSAFE, LEASE, REQUIRES, INTERLOCK, WEAR, REFUSED_RELOAD, RELOAD_KEEPS, CHECK_CONFIG, SHUTDOWN,
-         CONFIGURED, READY, INSTALL)
+         CONFIGURED, READY, INSTALL, SHARE)
 
 EPSILON = 1e-6  # virtual times are sums of tick periods
 
@@ -305,6 +306,12 @@ class Judge:
                 self.fail(CONFIGURED, f"{when}: '{name}' is named in the config and its files are valid, but it "
                                       f"is {view.state if view else 'not in the set'}"
                                       f"{': ' + (view.reason or '')[:300] if view else ''}")
+
+    def shares(self, live: Mapping[str, int], shadows: Mapping[str, int], budget_ms: float, when: str) -> None:
+        """`live`, `shadows`: the timeout_ms of each plugin loaded, and of each shadow; together within the budget."""
+        if sum(live.values()) + sum(shadows.values()) > budget_ms:
+            self.fail(SHARE, f"{when}: the shadows {dict(shadows)} run beside the live plugins {dict(live)}, past the "
+                             f"{budget_ms:g} ms plugin budget")
 
     def ready(self, ready: bool, plugins: Mapping[str, PluginView], configured: Iterable[str], when: str) -> None:
         missing = [name for name in sorted(configured) if not (name in plugins and plugins[name].live)]

@@ -190,3 +190,20 @@ def test_plugin_install_counts_the_share_of_the_tick_a_version_the_daemon_kept_h
         state.remove(name="lamp_ctl")
         state.install(files=Files(module="switchboard", manifest=None), name="stray")
         assert "stray" not in state.rig.daemon.plugins.status
+
+
+def test_a_configured_plugin_dropped_in_while_a_reload_waits_for_the_gap_is_loaded() -> None:
+    """The reload was prepared from the folder without lamp_ctl; lamp_ctl's files land before its gap. The
+    watcher's swap, prepared on the set the reload replaces, must not be dropped as if the reload had read them."""
+    with machine() as state:
+        state.remove(name="lamp_ctl")
+        state.reconfigure_while_files_change(name="thermostat", entry=Entry({"mode": "on", "device": "heater"},
+                                                                            priority=5),
+                                             other="lamp_ctl",
+                                             files=Files("switchboard", Manifest(actuators=("lamp",))))
+
+
+def test_a_shadow_never_runs_in_the_share_of_a_live_plugin_dropped_in_after_it() -> None:
+    with machine() as state:
+        state.drop_shadow(name="thermostat", timeout_ms=20)
+        state.drop(name="stray", files=Files("switchboard", Manifest(timeout_ms=40)))

@@ -211,8 +211,9 @@ class PluginWatcher:
                 plugins.apply(update)
                 if self._swapped is not None:
                     self._swapped()
-            else:  # a SIGHUP reload replaced the whole set meanwhile, from the same files
-                update.close()
+            else:  # a SIGHUP reload replaced the whole set meanwhile, from the folder as it read it: perhaps before
+                update.close()  # these files changed. Looked at again, against that set (the same: nothing to swap)
+                self._look_at(names)
 
         await self._loop.in_gap(swap, update.close)
 
