@@ -4,8 +4,9 @@
 a stepped virtual clock) through what a Pi owner and the things around the daemon do: plugin files
 dropped in, replaced and removed (the `switchboard` test plugin, whose every behaviour is a config value,
 under several names; a plugin that traps; a file that is no module), manifests rewritten (grants,
-priorities, limits, names, broken ones), plugins quarantined, configs reloaded (good ones, and ones with a
-bad plugin setting, a budget overrun or broken YAML, each after `check-config`), restarts, `plugin install`,
+priorities, limits, names, broken ones), shadows dropped in and removed, plugins quarantined, configs reloaded
+(good ones, and ones with a bad plugin setting, a budget overrun or broken YAML, each after `check-config`; one
+plugin's settings changed while another's files change under the reload), restarts, `plugin install`,
 the plugins folder deleted and recreated, operator requests and plugin settings over the operator's API,
 sensor faults, and time: ticks, and stalls of the loop.
 
@@ -552,9 +553,9 @@ class DaemonMachine(RuleBasedStateMachine):
         if files.manifest is not None:
             (source / f"{name}.yaml").write_text(files.manifest.text(name))
         (source / f"{name}.wasm").write_bytes(MODULES[files.module])
-        before = sorted((p.name, p.read_bytes()) for p in self.folder.iterdir())
+        before = self._folder_files()
         installed, why = run_cli("plugin", "install", str(source / f"{name}.wasm"), "--config", str(self.config_path))
-        kept = before == sorted((p.name, p.read_bytes()) for p in self.folder.iterdir())
+        kept = before == self._folder_files()
         if installed:
             self.modules[name] = files.module
             self.manifests.pop(name, None)
@@ -564,6 +565,10 @@ class DaemonMachine(RuleBasedStateMachine):
         view = self._views().get(name) if installed else None
         valid = runnable(name, files, self.in_force.entries.get(name))
         self._judged(lambda: self.judge.install(name, installed, why, valid, kept, view))
+
+    def _folder_files(self) -> list[tuple[str, bytes]]:
+        """The plugins folder's files (not its shadow folder), and what they hold."""
+        return sorted((p.name, p.read_bytes()) for p in self.folder.iterdir() if p.is_file())
 
     # -- rules: the config ---------------------------------------------------------------------
 
