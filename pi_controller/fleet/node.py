@@ -370,7 +370,7 @@ class FleetNode:
             rollout.waited += 1
             if live.sha256 == rollout.previous:
                 self._fail(name, rollout, protocol.ROLLED_BACK, rollout.restoring)
-            elif rollout.waited > MIN_SWAP_TICKS:
+            elif live.refused_sha256 == rollout.previous or rollout.waited > MIN_SWAP_TICKS:  # put back whole
                 self._fail(name, rollout, protocol.ROLLED_BACK, f"{rollout.restoring}; the kept version did not load "
                                                                 f"either: {live.reason or live.state}")
             return
