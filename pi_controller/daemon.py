@@ -10,7 +10,7 @@ import os
 import platform
 import signal
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 import structlog
 
@@ -86,7 +86,7 @@ class Daemon:
                          if settings.watchdog.enabled else None)
         self.values = OperatorValues(self.state_dir)
         self.operator = Operator(settings.mqtt.override_expiry_s, self.clock.time, self.values, self._promote)
-        self.values.apply(self.plugins, settings.plugins, self.operator.disabled, self._present())
+        self.values.apply(self.plugins, settings.plugins, self.operator.disabled, self.plugins.folder)
         self.status = Status(settings, self.plugins, self.operator, self.watchdog, self.clock.monotonic)
         # Time from the one clock; only the watchdog keeps a real timer, since it must catch a stuck loop.
         self.notifier = Notifier(self.status.line, timer=self.clock.monotonic)
@@ -134,11 +134,6 @@ class Daemon:
         first = record.header(settings, self._live(), self.clock.time())
         return Recorder(settings.record, path, lambda: self.loop.trace, first)
 
-    def _present(self) -> Collection[str] | None:
-        """The plugins of the folder, loaded or not; None while the folder is missing (a card not mounted yet is
-        no owner removing every plugin: the operator's values for them are kept)."""
-        return self.plugins.status.keys() if self.plugins.directory.is_dir() else None
-
     def _live(self) -> dict[str, str]:
         return {p.name: p.sha256 for p in self.plugins}
 
@@ -147,7 +142,7 @@ class Daemon:
         follow the plugin set, the operator's kept values apply to the plugins as loaded now, the shadows get
         what the live plugins leave of the tick, and a recording
         says from which tick on which plugins and config were live."""
-        self.values.apply(self.plugins, self.settings.plugins, self.operator.disabled, self._present())
+        self.values.apply(self.plugins, self.settings.plugins, self.operator.disabled, self.plugins.folder)
         self.shadows.live_changed()
         if self.telemetry is not None:
             self.telemetry.policy.rediscover()

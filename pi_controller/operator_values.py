@@ -12,7 +12,10 @@ the kept value stays, and that default is what the file says from then on. A kep
 that the version loaded now has no key for, or refuses (a new version), is set aside: not applied, and in
 force again for a version that takes it, such as the one a fleet rollout or the owner puts back; forgetting
 it would lose the operator's word to a version tried for minutes. The values of a plugin gone from the
-plugins folder, and not named in the config, are forgotten: removing it is the owner's word.
+plugins folder, and not named in the config, are forgotten: removing it is the owner's word. Gone from a folder
+that holds plugins, as scanned: a folder missing or empty (a card not mounted yet, its empty mount point, a
+redeploy's `rm -rf` and copy) says nothing, so its flicker forgets nothing. A forgotten switch no longer holds
+its plugin off.
 
 Written after the tick that took a value up, on a thread of its own (an fsync took up to 120 ms here, more
 than a tick, and longer on an SD card), and the plugin states that show it are published only once it is
@@ -72,17 +75,20 @@ class OperatorValues(LoopObserver):
     def apply(self, plugins: Iterable[SandboxedPlugin], settings: PluginsSettings, disabled: set[str],
               present: Collection[str] | None = None) -> None:
         """The kept values onto the plugins as loaded now, and the operator's `disabled` set, by the rule.
-        `present`: every plugin of the folder, loaded or not (None: not known, nothing forgotten for it)."""
+        `present`: every plugin of the folder when it was scanned, loaded or not (None: not known, a folder
+        missing or empty: nothing forgotten for it)."""
         if present is not None:
             for name in (set(self.config) | set(self.enabled)) - {*present, *settings.settings, *settings.required}:
                 for key in [*self.config.get(name, {}), *(["enabled"] if name in self.enabled else [])]:
                     self._forget(name, key, "the plugin left the plugins folder")
                 self.config.pop(name, None)
+                disabled.discard(name)  # a switch forgotten holds nothing off: the file's word alone does
         for name, kept in list(self.enabled.items()):
             in_file = settings.settings[name].enabled if name in settings.settings else True
-            if kept["file"] != in_file:
+            edited = kept["file"] != in_file
+            if edited:
                 self._forget(name, "enabled", "the config file changed it since")
-            elif kept["value"]:
+            if edited or kept["value"]:
                 disabled.discard(name)
             else:
                 disabled.add(name)

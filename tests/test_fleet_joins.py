@@ -702,11 +702,14 @@ def test_an_operator_value_whose_default_a_new_version_drops_stays_in_force(site
 def test_the_operator_values_of_a_plugin_removed_by_hand_are_forgotten(site) -> None:
     """The operator set a config value and switched the plugin off; the owner then removes the plugin. Its values,
     set aside for a version that may come back during a rollout, are forgotten once no module of it is left (and
-    the config does not name it): nothing else would ever drop them."""
+    the config does not name it): nothing else would ever drop them. Left in a folder that holds another plugin:
+    an empty one says nothing (tests/test_operator_values.py), and the operator's switch holds it off no more."""
     daemon = started_with_the_operators_note(site)
     daemon.operator.submit(EnablePlugin(NAME, False))
     site.ticks(2)
     assert NAME in daemon.values.config and NAME in daemon.values.enabled
+    shutil.copy(TEST_PLUGINS / "counter.wasm", site.folder / "another.wasm")
     removed_by_hand(site)
     site.settle(lambda: site.live_status() is None, "the plugin unloaded")
     assert NAME not in daemon.values.config and NAME not in daemon.values.enabled
+    assert NAME not in daemon.operator.disabled

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
+import signal
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,12 +13,14 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
-from pi_controller import operator_values
+from pi_controller import config, operator_values
 from pi_controller.config import PluginSettings, PluginsSettings
+from pi_controller.daemon import Daemon
 from pi_controller.operator import EnablePlugin, Operator, SetPluginConfig
 from pi_controller.operator_values import FILE_NAME, OperatorValues
 from pi_controller.plugins.plugin_config import ConfigField
 from pi_controller.plugins.sandbox import SandboxedPlugin
+from tests.conftest import BUNDLED_PLUGINS, example_data, until
 from tests.test_mqtt import poll
 
 
@@ -201,3 +206,94 @@ def test_a_default_a_new_manifest_adds_is_no_edit_of_the_operators_value(tmp_pat
     given = thermostat(setpoint=21.0)
     restart(tmp_path, given, in_config_file)
     assert given.config == {"setpoint": 21.0}
+
+
+def test_a_forgotten_switch_no_longer_holds_its_plugin_off(tmp_path: Path) -> None:
+    """Forgotten, with its plugin gone from the folder or by an edit of the file, the operator's switch leaves the
+    `disabled` set the tick filters by: put back, or enabled in the file again, the plugin runs in this process as
+    it would after a restart."""
+    off_in_file = PluginsSettings(settings={"thermostat": PluginSettings(enabled=False)})
+    for settings, present in ((PluginsSettings(), {"another"}), (off_in_file, {"thermostat"})):
+        set_values(tmp_path, thermostat(), EnablePlugin("thermostat", False))
+        values, disabled = OperatorValues(tmp_path), set[str]()
+        values.apply([thermostat()], PluginsSettings(), disabled, present={"thermostat"})
+        assert disabled == {"thermostat"}
+        values.apply([], settings, disabled, present)  # removed from the folder, or enabled: false in the file
+        assert values.enabled == {}
+        values.apply([thermostat()], PluginsSettings(), disabled, present={"thermostat"})  # back, or enabled again
+        values.close()
+        assert disabled == set()
+
+
+def test_a_plugins_folder_briefly_missing_forgets_nothing_a_plugin_removed_from_it_is(write_config,
+                                                                                   tmp_path: Path) -> None:
+    """A redeploy (`rm -rf plugins && cp -r new plugins`) whose copy lands after the watcher's scan saw the folder
+    gone and before the gap that unloads the plugin: the folder is judged as scanned, not as found in the gap, and
+    a folder missing says nothing. A plugin's file removed from a folder that holds others is the owner's word."""
+    folder, saved = tmp_path / "plugins", tmp_path / "saved"
+    saved.mkdir()
+    for name in ("temperature_control", "motion_light"):
+        for suffix in (".wasm", ".yaml"):
+            shutil.copy(BUNDLED_PLUGINS / f"{name}{suffix}", saved)
+    shutil.copytree(saved, folder)
+    data = example_data()
+    data["plugins"] = {"directory": str(folder), "watch": True}
+    daemon = Daemon(config.load(write_config(data)), simulate=True, state_dir=tmp_path / "state")
+    prepare, copied = daemon.plugins.prepare, []
+
+    def racing(names: Any) -> Any:
+        update = prepare(names)
+        if "temperature_control" in update.removed and not folder.exists():
+            shutil.copytree(saved, folder)
+            copied.append(True)
+        return update
+
+    daemon.plugins.prepare = racing  # type: ignore[method-assign]
+
+    def setpoint() -> object:
+        plugin = daemon.plugins.named("temperature_control")
+        return None if plugin is None else plugin.config.get("setpoint")
+
+    async def main() -> None:
+        serving = asyncio.create_task(daemon.serve())
+        try:
+            await until(lambda: daemon.loop.ticks.count > 2, "the loop runs")
+            daemon.operator.submit(SetPluginConfig("temperature_control", "setpoint", 27.5))
+            await until(lambda: setpoint() == 27.5, "the operator's value taken up")
+            shutil.rmtree(folder)
+            await until(lambda: bool(copied), "the removal seen, the folder copied back")
+            await until(lambda: daemon.plugins.named("temperature_control") is None, "the removal applied")
+            await until(lambda: setpoint() == 27.5 and daemon.values.written(), "loaded again, its value with it")
+            for suffix in (".wasm", ".yaml"):
+                (folder / f"temperature_control{suffix}").unlink()
+            await until(lambda: "temperature_control" not in daemon.values.config, "the removed plugin's values")
+        finally:
+            signal.raise_signal(signal.SIGINT)
+            await serving
+
+    try:
+        asyncio.run(main())
+    finally:
+        daemon.close()
+
+
+def test_an_empty_plugins_folder_at_a_start_forgets_nothing(write_config, tmp_path: Path) -> None:
+    """A card not mounted yet leaves its mount point, an empty folder, where the plugins folder is: no owner
+    removing every plugin."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    for suffix in (".wasm", ".yaml"):
+        shutil.copy(BUNDLED_PLUGINS / f"temperature_control{suffix}", folder)
+    data = example_data()
+    data["plugins"] = {"directory": str(folder), "watch": False}
+    settings = config.load(write_config(data))
+    daemon = Daemon(settings, simulate=True, state_dir=tmp_path / "state")
+    daemon.operator.submit(SetPluginConfig("temperature_control", "setpoint", 27.5))
+    asyncio.run(daemon.serve(3))
+    daemon.close()
+    assert daemon.values.config["temperature_control"]["setpoint"]["value"] == 27.5
+    for path in folder.iterdir():  # the card unmounted
+        path.unlink()
+    daemon = Daemon(settings, simulate=True, state_dir=tmp_path / "state")
+    daemon.close()
+    assert daemon.values.config["temperature_control"]["setpoint"]["value"] == 27.5
