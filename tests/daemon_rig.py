@@ -157,16 +157,17 @@ class Rig:
 
     # -- start and stop ------------------------------------------------------------------------
 
-    def start(self) -> Daemon:
-        """Build the daemon from the config file as `run --simulate` does and serve it, parked before its
-        first tick. StartRefused if `run` would refuse the config (nothing is then running)."""
+    def start(self, plugins: Path | None = None) -> Daemon:
+        """Build the daemon from the config file as `run --simulate [--plugins plugins]` does and serve it, parked
+        before its first tick. StartRefused if `run` would refuse the config (nothing is then running)."""
         with contextlib.redirect_stderr(io.StringIO()) as said:
-            loaded = cli._load(self.config_path)  # `run`'s own reading of its config
+            loaded = cli._load(self.config_path, plugins)  # `run`'s own reading of its config
         if loaded is None:
             raise StartRefused(said.getvalue().strip())
         settings, _ = loaded  # what of the folder would not load, the daemon says as it loads it
         self.clock = SteppedClock()
-        daemon = self.daemon = Daemon(settings, simulate=True, clock=self.clock, state_dir=self.state_dir)
+        daemon = self.daemon = Daemon(settings, simulate=True, clock=self.clock, state_dir=self.state_dir,
+                                      plugins_dir=plugins)
         # /ready's verdict, as the daemon's metrics give it, without a server (whose stop takes 0.25 s).
         self.readiness = Metrics(settings.loop.period, daemon.status, self.clock.monotonic)
         daemon.loop.observers = [*daemon.loop.observers, self.readiness]

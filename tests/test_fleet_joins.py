@@ -59,9 +59,10 @@ class Site:
         self.node: FleetNode | None = None
         self.said: list[Verdict] = []
 
-    def start(self) -> None:
-        """The daemon started (again) on the config as it stands, and its fleet node with its state folder."""
-        daemon = self.rig.start()
+    def start(self, plugins: Path | None = None) -> None:
+        """The daemon started (again) on the config as it stands (`plugins`: as `run --plugins` gives it), and its
+        fleet node with its state folder."""
+        daemon = self.rig.start(plugins)
         self.node = FleetNode(daemon.settings, daemon.status, self.tmp / "state")
         daemon.status.rollout_of = self.node.shown  # as the daemon wires its own (mqtt.fleet)
 
@@ -530,18 +531,29 @@ def test_the_update_entitys_install_during_a_rollouts_shadow_window_leaves_the_p
     assert sha256_of(site.tmp / "state" / "fleet" / "previous" / NAME / f"{NAME}.wasm") == sha256_of(site.live)
 
 
-def test_a_shadow_promoted_by_hand_in_its_window_ends_the_rollout_saying_so(site) -> None:
+@pytest.mark.parametrize("when", ["running", "stopped"])
+def test_a_shadow_promoted_by_hand_in_its_window_ends_the_rollout_saying_so(site, when) -> None:
     """`plugin promote` by hand (what the daemon cannot refuse, unlike the update entity) moves the rollout's
     shadow over the live version before it was compared: the owner's word; the node says so at once, and leaves
-    the version the owner made live, instead of refusing it later as a shadow that never loaded."""
+    the version the owner made live, instead of refusing it later as a shadow that never loaded. Promoted while
+    the node was stopped in that window, it says the same once started again (its note of the shadow it installed
+    for this rollout tells it), not that the version is already live: a canary's verdict that lets the rollout's
+    next stage in, for a version that never finished its shadow window. The note goes either way."""
     site.start()
-    site.announce(site.new, shadow_ticks=1_000_000)
+    a = site.announce(site.new, shadow_ticks=1_000_000)
     site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    if when == "stopped":
+        site.rig.stop()
     assert cli.main(["plugin", "promote", NAME, "--plugins", str(site.folder)]) == 0
+    if when == "stopped":
+        site.start()
+        site.said.clear()
+        site.hand_over(a, site.new.read_bytes())  # the retained announcement, to the node started again
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
     assert verdict.phase == protocol.REFUSED and "promoted by hand" in (verdict.reason or ""), verdict
     site.ticks(MIN_SWAP_TICKS)
     assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.new) == site.live_status().sha256
+    assert not (site.tmp / "state" / "fleet" / "shadow" / f"{NAME}.json").exists()
 
 
 def test_a_rollout_replaced_while_its_shadow_is_being_installed_leaves_no_shadow_behind(site) -> None:
@@ -713,3 +725,18 @@ def test_the_operator_values_of_a_plugin_removed_by_hand_are_forgotten(site) -> 
     site.settle(lambda: site.live_status() is None, "the plugin unloaded")
     assert NAME not in daemon.values.config and NAME not in daemon.values.enabled
     assert NAME not in daemon.operator.disabled
+
+
+def test_the_plugins_folder_named_another_way_at_a_restart_is_no_folder_moved(site) -> None:
+    """`run --plugins` takes the folder as given (here relative to where the daemon started); the node stops in the
+    promoted version's live window and starts again on the config's own, absolute, path to the same folder. It
+    watches the window again, and says live: the same folder is no folder moved by a reload, to roll back from."""
+    site.start(plugins=Path(os.path.relpath(site.folder)))
+    a = site.announce(site.new, live_ticks=30)
+    site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.counts.get("calls", 0) > 0, "called once promoted")
+    site.rig.stop()
+    site.start()
+    site.said.clear()
+    site.hand_over(a, site.new.read_bytes())  # the retained announcement, to the node started again
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
+    assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(site.new), verdict

@@ -17,9 +17,10 @@ For each plugin announced with this node in a stage already let in, the node, by
    rolled back again, and one stopped in the live window watches that window again (or finishes its rollback).
 5. leaves the plugin to its owner when, in a window (or while the node was stopped after a promotion), the owner
    removed it, disabled it, put another version in (`plugin install`, a copy) or promoted the shadow by hand
-   (`plugin promote`): that ends the node's part (`refused`, saying so), with the shadow removed and nothing
-   put back over the owner's word; a plugin disabled, or `plugins.directory` moved by a reload, in the live
-   window puts the version it replaced back into the rollout's folder (`rolled_back`, saying so).
+   (`plugin promote`, also while the node was stopped in the shadow window: its note says so): that ends the
+   node's part (`refused`, saying so), with the shadow removed and nothing put back over the owner's word; a
+   plugin disabled, or `plugins.directory` moved by a reload, in the live window puts the version it replaced
+   back into the rollout's folder (`rolled_back`, saying so).
 
 The live plugin is only ever replaced by a rename of a whole module that loaded as a shadow, and the
 plugin set keeps the running version over any replacement that fails to load: a node is never left without
@@ -78,7 +79,7 @@ class Rollout:
     """This node's progress in one announced rollout."""
 
     announcement: Announcement
-    directory: Path  # the plugins folder it works in: the one followed when its fetch began (or at a restart)
+    directory: Path  # the plugins folder it works in: the one followed when its fetch began (or at a restart), resolved
     phase: str = protocol.WAITING
     reason: str | None = None
     chunks: dict[int, bytes] = field(default_factory=dict)
@@ -184,13 +185,16 @@ class FleetNode:
         if stage is None:
             self.rollouts.pop(a.name, None)
             return
-        rollout = self.rollouts[a.name] = Rollout(a, self.status.plugins.directory)
+        rollout = self.rollouts[a.name] = Rollout(a, self._followed())
         kept = self._kept_word(a.name)
         if kept is not None and kept.get("rollout") == a.rollout:
             self._resume(a.name, rollout, kept)
             return
         live = self.status.plugins.status.get(a.name)
-        if live is not None and live.sha256 == a.sha256:
+        if live is not None and live.sha256 == a.sha256 and self._our_shadow(a):  # the node stopped in its window
+            rollout.phase = protocol.SHADOW
+            self._ended_by_hand(a.name, rollout)  # promoted by hand meanwhile, as a running node would see it
+        elif live is not None and live.sha256 == a.sha256:
             rollout.phase = protocol.LIVE
             log.info("fleet_version_already_live", plugin=a.name, version=a.version, rollout=a.rollout)
 
@@ -203,7 +207,7 @@ class FleetNode:
             return
         previous, why, directory = kept.get("previous"), _cut(kept.get("restoring")), kept.get("directory")
         rollout.previous = previous if isinstance(previous, str) else None
-        rollout.directory = Path(directory) if isinstance(directory, str) else rollout.directory
+        rollout.directory = Path(directory).resolve() if isinstance(directory, str) else rollout.directory
         if self._ended_by_hand(name, rollout):  # while the node was stopped
             return
         live = self.status.plugins.status.get(name)
@@ -259,7 +263,7 @@ class FleetNode:
             return
         a = rollout.announcement
         rollout.phase, rollout.previous = protocol.FETCHING, live.sha256
-        rollout.directory = self.status.plugins.directory  # a reload may have moved it while the stage waited
+        rollout.directory = self._followed()  # a reload may have moved it while the stage waited
         self.fetch(protocol.chunk_topic(self.site, a.sha256, "+"))
         log.info("fleet_fetching", plugin=name, version=a.version, rollout=a.rollout)
 
@@ -429,8 +433,8 @@ class FleetNode:
         as the owner left it (a rollback would put the version the rollout replaced back over the owner's word).
         A plugin disabled, or a plugins folder moved by a reload, in the live window is rolled back (`_put_back`)."""
         live = self.status.plugins.status.get(name)
-        if rollout.directory != self.status.plugins.directory:
-            why = f"plugins.directory moved from {rollout.directory} to {self.status.plugins.directory} by a reload"
+        if rollout.directory != (followed := self._followed()):
+            why = f"plugins.directory moved from {rollout.directory} to {followed} by a reload"
             if rollout.phase == protocol.LIVE_WINDOW:
                 return self._put_back(name, rollout, why, f" in {rollout.directory}; the new folder is left as it is")
         elif live is None:
@@ -519,6 +523,18 @@ class FleetNode:
                          replaced_by=a.rollout)
 
         self._in_worker(remove)
+
+    def _our_shadow(self, a: Announcement) -> bool:
+        """Whether this node's note says it installed the module of `a` as the shadow of that very rollout, in the
+        folder it follows: a node stopped in that shadow window, which did not promote it itself."""
+        note = self._shadow_note(a.name)
+        return note is not None and (note.get("rollout"), note.get("sha256")) == (a.rollout, a.sha256) \
+            and isinstance(note.get("directory"), str) and Path(note["directory"]).resolve() == self._followed()
+
+    def _followed(self) -> Path:
+        """The plugins folder followed now, resolved: the same folder spelled another way (`--plugins plugins`,
+        then an absolute path at a restart) is no folder moved."""
+        return self.status.plugins.directory.resolve()
 
     def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
         rollout.phase, rollout.reason = phase, _cut(why)
