@@ -7,9 +7,11 @@ says what it waits for, within a bound of ticks that only says how long a broken
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -740,3 +742,40 @@ def test_the_plugins_folder_named_another_way_at_a_restart_is_no_folder_moved(si
     site.hand_over(a, site.new.read_bytes())  # the retained announcement, to the node started again
     verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends")
     assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(site.new), verdict
+
+
+def test_a_new_rollout_of_the_same_module_waits_for_the_earlier_shadows_removal(site) -> None:
+    """Stopped in a rollout's shadow window, the node comes back to another rollout of the very same module, its own:
+    the earlier shadow is removed (its note names the other rollout), and the new rollout installs the same module
+    in the same place. Its file work waits for that removal, which, run last, would take the new shadow and its note
+    for the earlier one's (the same sha256) and remove them: held here until the new shadow could be installed."""
+    site.start()
+    a = site.announce(site.new, shadow_ticks=1_000_000)
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    site.rig.stop()
+    site.start()
+    node = site.node
+    assert node is not None
+    gate, remove = threading.Event(), node._remove_shadow
+
+    def held(*args: Any) -> bool:  # on the worker thread
+        gate.wait(120)  # only how long a broken test hangs
+        return remove(*args)
+
+    node._remove_shadow = held  # type: ignore[method-assign]
+    again = replace(a, rollout="1796633878-00000000")
+    site.hand_over(again, site.new.read_bytes())
+
+    async def turns() -> None:  # the node's turns as they come, not waiting for its file work as the rig does
+        for _ in range(3):
+            node.tick(lambda topic, payload: None)
+        job = node.rollouts[NAME].job
+        if node.rollouts[NAME].phase == protocol.SHADOW and job is not None:  # its check ran beside the removal
+            await asyncio.wait([job])
+        gate.set()
+
+    site.rig.aio.run_until_complete(turns())
+    site.said.clear()
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "the new shadow compared")
+    note = json.loads((site.tmp / "state" / "fleet" / "shadow" / f"{NAME}.json").read_text())
+    assert note["rollout"] == again.rollout and sha256_of(site.folder / "shadow" / f"{NAME}.wasm") == again.sha256

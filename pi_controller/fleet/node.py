@@ -177,15 +177,13 @@ class FleetNode:
         if current is not None and current.announcement.rollout == a.rollout:
             current.announcement = a  # a stage let in, or the rollout stopped
             return
-        if current is not None:
-            self._abandon(a.name, current)
-        else:
-            self._remove_earlier_shadow(a)
+        # The shadow of the rollout it replaces is removed first: the new one may install the very same module
+        removal = self._abandon(a.name, current) if current is not None else self._remove_earlier_shadow(a)
         stage = a.stage_of(self.node)
         if stage is None:
             self.rollouts.pop(a.name, None)
             return
-        rollout = self.rollouts[a.name] = Rollout(a, self._followed())
+        rollout = self.rollouts[a.name] = Rollout(a, self._followed(), job=removal)
         kept = self._kept_word(a.name)
         if kept is not None and kept.get("rollout") == a.rollout:
             self._resume(a.name, rollout, kept)
@@ -470,22 +468,40 @@ class FleetNode:
             self._fail(name, rollout, protocol.ROLLED_BACK, f"{why}; the live version never changed")
         return True
 
-    def _abandon(self, name: str, rollout: Rollout) -> None:
+    def _abandon(self, name: str, rollout: Rollout) -> asyncio.Future[None] | None:
         """Stop fetching; remove the shadow this rollout installed (the live version never changed), in this
-        run of the node or an earlier one (stopped in the shadow window, it returns to a rollout stopped)."""
+        run of the node or an earlier one (stopped in the shadow window, it returns to a rollout stopped). Done
+        once it is removed (`_removed`); None if there is none."""
         self.unfetch(protocol.chunk_topic(self.site, rollout.announcement.sha256, "+"))
         rollout.chunks = {}
         remove = partial(self._remove_shadow, name, rollout.directory, rollout.announcement.sha256)
-
-        def after(job: asyncio.Future[None]) -> None:
-            if not job.cancelled():
-                job.exception()  # taken: the rollout it would refuse is gone
-            self._in_worker(remove)
-
         if rollout.job is not None and not rollout.job.done():  # the shadow it installs may land after this
+            removed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def after(job: asyncio.Future[None]) -> None:
+                if not job.cancelled():
+                    job.exception()  # taken: the rollout it would refuse is gone
+                self._removed(self._in_worker(remove), removed)
+
             rollout.job.add_done_callback(after)
-        elif rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
-            self._in_worker(remove)
+            return removed
+        if rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
+            return self._removed(self._in_worker(remove))
+        return None
+
+    def _removed(self, job: asyncio.Future[Any], removed: asyncio.Future[None] | None = None) -> asyncio.Future[None]:
+        """`removed` (a new one if None) done once the removal `job` is, with nothing raised: what a new rollout of
+        the plugin waits for before its own file work, which may put the same module in the same place. What the
+        removal raised is said here, not as the new rollout's refusal."""
+        removed = removed if removed is not None else asyncio.get_running_loop().create_future()
+
+        def done(job: asyncio.Future[Any]) -> None:
+            if not job.cancelled() and job.exception() is not None:
+                log.warning("fleet_shadow_not_removed", error=str(job.exception())[:300])
+            removed.set_result(None)
+
+        job.add_done_callback(done)
+        return removed
 
     def _remove_shadow(self, name: str, directory: Path, sha256: str) -> bool:
         """On a worker thread: the shadow of `name` in `directory` removed if it is the module `sha256` (not one
@@ -509,20 +525,21 @@ class FleetNode:
         (self.folder / FOLDER).mkdir(parents=True, exist_ok=True)
         write_atomically(self.folder / FOLDER / f"{a.name}.json", json.dumps(note).encode(), 0o600, flush=False)
 
-    def _remove_earlier_shadow(self, a: Announcement) -> None:
+    def _remove_earlier_shadow(self, a: Announcement) -> asyncio.Future[None] | None:
         """The first announcement of `a.name` this node takes: a shadow an earlier run installed for another
-        rollout is removed, whether or not `a` is this node's: nothing else would ever compare or remove it."""
+        rollout is removed, whether or not `a` is this node's: nothing else would ever compare or remove it.
+        Done once it is removed (`_removed`); None if there is none."""
         note = self._shadow_note(a.name)
         if note is None or note.get("rollout") == a.rollout or not isinstance(note.get("sha256"), str) \
                 or not isinstance(note.get("directory"), str):
-            return
+            return None
 
         def remove() -> None:
             if self._remove_shadow(a.name, Path(note["directory"]), note["sha256"]):
                 log.info("fleet_earlier_shadow_removed", plugin=a.name, rollout=str(note.get("rollout"))[:64],
                          replaced_by=a.rollout)
 
-        self._in_worker(remove)
+        return self._removed(self._in_worker(remove))
 
     def _our_shadow(self, a: Announcement) -> bool:
         """Whether this node's note says it installed the module of `a` as the shadow of that very rollout, in the
