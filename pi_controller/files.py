@@ -26,8 +26,13 @@ def path_argument(text: str) -> Path:
     """A command line's path (argparse's `type`): one no file can have is refused there, in one line, before
     a check of it on the way (Path.is_dir and its kind raise for it) could end in a traceback."""
     encoded = os.fsencode(text)
-    if len(encoded) >= PATH_MAX:
-        raise argparse.ArgumentTypeError(f"a path of {len(encoded)} bytes, over the {PATH_MAX - 1} a path may have")
+    try:  # as the checks use it: a relative path under PATH_MAX may be over it in the current folder
+        whole = len(os.fsencode(os.path.join(os.getcwd(), text)))
+    except OSError:  # no current folder (removed): the path's first use says so
+        whole = len(encoded)
+    if len(encoded) >= PATH_MAX or whole >= PATH_MAX:
+        size = f"{len(encoded)} bytes" if len(encoded) >= PATH_MAX else f"{whole} bytes in the current folder"
+        raise argparse.ArgumentTypeError(f"a path of {size}, over the {PATH_MAX - 1} a path may have")
     if any(len(name) > NAME_MAX for name in encoded.split(b"/")):
         raise argparse.ArgumentTypeError(f"{text[:40]!r}...: a name in the path is over the {NAME_MAX} bytes a "
                                          "name may have")

@@ -123,6 +123,9 @@ def test_a_mistake_in_what_the_user_passed_is_one_line_and_exit_2(args: list[str
     assert result.stdout == ""
 
 
+LONG_RELATIVE = "/".join(["d" * 200] * 20) + "/" + "x" * 70  # 4090 bytes as typed: over 4095 in any folder but /
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--config", CONFIG, "--ticks", "many"], "argument --ticks: 'many' is not a whole number"),
     (["run", "--config", CONFIG, "--ticks", "0"], "argument --ticks: must be 1 or more"),
@@ -142,6 +145,9 @@ def test_a_mistake_in_what_the_user_passed_is_one_line_and_exit_2(args: list[str
      f"argument --duration: '{'9' * 40}' is longer than the 366d a run may simulate"),
     (["check-config", CONFIG, "--plugins", "A" * 5000],  # Path.is_dir() raises for it: a traceback
      "argument --plugins: a path of 5000 bytes, over the 4095 a path may have"),
+    (["check-config", CONFIG, "--plugins", LONG_RELATIVE],  # is_dir() raised for it: a traceback
+     f"argument --plugins: a path of {len(os.path.join(os.getcwd(), LONG_RELATIVE))} bytes in the current "
+     "folder, over the 4095 a path may have"),
     (["run", "--config", CONFIG, "--state-dir", "/tmp/" + "B" * 300],
      f"argument --state-dir: '/tmp/{'B' * 35}'...: a name in the path is over the 255 bytes a name may have"),
 ])
