@@ -109,11 +109,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(text: str) -> int:
-    digits = text.strip().lstrip("+")
+    digits = text.strip().lstrip("+").lstrip("0")  # leading zeros say nothing of the size, and int() counts them
     if digits.isdecimal() and len(digits) > len(str(MAX_TICKS)):  # before int(), which refuses 4300 digits
         raise argparse.ArgumentTypeError(f"must be at most {MAX_TICKS}")
     try:
-        value = int(text)
+        value = int(digits if digits.isdecimal() else text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
     if not 1 <= value <= MAX_TICKS:

@@ -185,6 +185,13 @@ def test_a_fifo_nothing_writes_or_reads_or_an_output_of_no_kind_is_one_line_and_
     assert result.stderr.splitlines()[-1].startswith(line.format(tmp=tmp_path)), result.stderr
 
 
+def test_ticks_with_leading_zeros_is_the_number_they_pad() -> None:
+    from pi_controller.cli import _positive
+
+    assert _positive("00000000001") == 1  # eleven digits: refused as over 10^9
+    assert _positive("+" + "0" * 5000 + "7") == 7  # more digits than int() takes
+
+
 def test_check_config_takes_the_path_as_the_other_commands_do() -> None:
     for args in ([CONFIG], ["--config", CONFIG]):
         result = subprocess.run(pi_controller("check-config", *args), capture_output=True, text=True, timeout=60)
