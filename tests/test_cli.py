@@ -269,6 +269,15 @@ def test_run_makes_the_state_directory_it_is_given(tmp_path) -> None:
     assert (state / "last-good-config.yaml").read_text() == EXAMPLE_CONFIG.read_text()
 
 
+def test_run_replaces_a_fifo_where_it_keeps_the_config(tmp_path) -> None:
+    """Read only as a regular file: the open of a FIFO there waited for a writer for good, before the first tick."""
+    os.mkfifo(tmp_path / "last-good-config.yaml")
+    result = subprocess.run(pi_controller("run", "--config", CONFIG, "--simulate", "--ticks", "2", "--state-dir",
+                                          str(tmp_path)), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "last-good-config.yaml").read_text() == EXAMPLE_CONFIG.read_text()
+
+
 @pytest.mark.skipif(ON_A_PI, reason="on a Pi the GPIO opens")
 def test_safe_state_without_gpio_exits_3_as_every_command_does() -> None:
     result = subprocess.run(pi_controller("safe-state", "--config", CONFIG, "--log-format", "json"),

@@ -18,6 +18,7 @@ import structlog
 from pi_controller import config
 from pi_controller.config import Settings
 from pi_controller.files import write_atomically
+from pi_controller.keys import read_small
 
 log = structlog.get_logger("pi_controller.known_good")
 
@@ -57,8 +58,7 @@ def keep(settings: Settings, directory: Path | None) -> None:
 
 def _holds(path: Path, data: bytes) -> bool:
     """Whether the file at `path` is `data`, byte for byte (read no further than one byte past it)."""
-    try:
-        with path.open("rb") as file:
-            return file.read(len(data) + 1) == data
-    except OSError:  # none yet, or not readable: written anew
+    try:  # a regular file's only: the open of a FIFO there would wait for a writer for good
+        return read_small(path, len(data), "the config") == data
+    except OSError:  # none yet, not readable, longer, or no regular file: written anew (renamed over it)
         return False
