@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -190,6 +191,44 @@ def test_ticks_with_leading_zeros_is_the_number_they_pad() -> None:
 
     assert _positive("00000000001") == 1  # eleven digits: refused as over 10^9
     assert _positive("+" + "0" * 5000 + "7") == 7  # more digits than int() takes
+
+
+def reading(fifo: Path, into: Path) -> subprocess.Popen[bytes]:
+    """`cat fifo > into`, started and waiting in its open of the FIFO for a writer: the reader a shell makes."""
+    os.mkfifo(fifo)
+    with into.open("wb") as out:
+        reader = subprocess.Popen(["cat", str(fifo)], stdout=out)
+    wchan = Path(f"/proc/{reader.pid}/wchan")
+    for _ in range(6000):  # a minute at most; the kernel's wait in a FIFO's open is wait_for_partner
+        if wchan.read_text() == "wait_for_partner":
+            return reader
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            pytest.fail(f"cat {fifo} exited {reader.wait(timeout=0.01)} before its open")
+    pytest.fail(f"cat {fifo} never opened it")
+
+
+def test_simulate_writes_through_fifos_whose_readers_end_at_their_first_writers_close(tmp_path) -> None:
+    """The check that a FIFO is read opened it and closed it: the end of the file for `cat fifo > file`,
+    which exited, and the trace's open then waited for a reader for good."""
+    day = ["simulate", "--config", CONFIG, "--duration", "30s", "--seed", "1", "--log-level", "error"]
+    readers = [reading(tmp_path / f"{name}.fifo", tmp_path / f"{name}.got") for name in ("trace", "rec")]
+    subprocess.run(pi_controller(*day, "--trace", str(tmp_path / "trace.fifo"), "--record",
+                                 str(tmp_path / "rec.fifo")), capture_output=True, timeout=60, check=True)
+    subprocess.run(pi_controller(*day, "--trace", str(tmp_path / "trace.csv"), "--record",
+                                 str(tmp_path / "rec.rec")), capture_output=True, timeout=60, check=True)
+    assert [reader.wait(timeout=60) for reader in readers] == [0, 0]
+    assert (tmp_path / "trace.got").read_bytes() == (tmp_path / "trace.csv").read_bytes()
+    assert (tmp_path / "rec.got").read_bytes() == (tmp_path / "rec.rec").read_bytes()
+
+
+def test_run_records_through_a_fifo_whose_reader_ends_at_its_first_writers_close(tmp_path) -> None:
+    """As simulate: the recorder's open waited in Daemon.__init__, pins claimed, no tick and no watchdog."""
+    reader = reading(tmp_path / "rec.fifo", tmp_path / "rec.got")
+    result = subprocess.run(pi_controller("run", "--config", CONFIG, "--simulate", "--ticks", "3", "--record",
+                                          str(tmp_path / "rec.fifo")), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and reader.wait(timeout=60) == 0, result.stderr
+    header, *ticks = (tmp_path / "rec.got").read_bytes().splitlines()
+    assert json.loads(header)["format"] and len(ticks) == 3
 
 
 def test_check_config_takes_the_path_as_the_other_commands_do() -> None:

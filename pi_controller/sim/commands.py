@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from typing import Any, Callable
 from pi_controller import config, logs
 from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
 from pi_controller.devices.simulation import SimulationError
-from pi_controller.files import path_argument
+from pi_controller.files import has_reader, open_to_write, path_argument
 from pi_controller.plugins import checks
 from pi_controller.sim import simulation
 from pi_controller.sim.record import Playback, RecordingError
@@ -126,22 +127,13 @@ def unwritable(path: Path) -> str | None:
     folder = path.parent
     if path.is_dir():
         return "is a folder; give a file name"
-    if path.is_fifo() and not _read(path):
+    if path.is_fifo() and not has_reader(path):
         return "is a FIFO that nothing reads: writing to it would wait for good"
     if not folder.is_dir():
         return f"the folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         return "not writable"
     return None
-
-
-def _read(fifo: Path) -> bool:
-    """Whether a process has `fifo` open for reading (then a write to it goes through)."""
-    try:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-    except OSError:  # ENXIO: no reader
-        return False
-    return True
 
 
 def _check_outputs(**paths: Path | None) -> None:
@@ -184,8 +176,8 @@ def _simulate(args: argparse.Namespace) -> None:
         sinks: list[simulation.Sink] = [simulation.Progress(simulation.ticks_in(settings, args.duration),
                                                             settings.loop.period)]
         if args.trace:
-            sinks.append(simulation.TraceWriter(files.enter_context(args.trace.open("w", newline="",
-                                                                                    encoding="utf-8"))))
+            trace = io.TextIOWrapper(open_to_write(args.trace), encoding="utf-8", newline="")
+            sinks.append(simulation.TraceWriter(files.enter_context(trace)))
         if args.plot:
             from pi_controller.sim import plot
 

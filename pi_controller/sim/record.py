@@ -42,7 +42,7 @@ import structlog
 from pi_controller.config import MAX_CONFIG_BYTES, RecordSettings, Settings, read
 from pi_controller.contract import COMPACT, Reading
 from pi_controller.devices.sensors import Sensor
-from pi_controller.files import open_to_read
+from pi_controller.files import open_to_read, open_to_write
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import LoopObserver, TickReport, TickTrace
 
@@ -295,7 +295,7 @@ class _Output:
         self._open()
 
     def _open(self) -> None:
-        raw: IO[bytes] = open(self.path, "ab")
+        raw: IO[bytes] = open_to_write(self.path, append=True)
         self._raw = raw
         try:
             out: IO[bytes] | gzip.GzipFile = raw
@@ -310,7 +310,7 @@ class _Output:
     def write(self, lines: bytes) -> None:
         assert self._out is not None and self._raw is not None
         self._out.write(lines)
-        if self._raw.tell() >= self.max_bytes:
+        if self._raw.seekable() and self._raw.tell() >= self.max_bytes:  # a pipe has no size, and no rotation
             self._rotate()
 
     def flush(self) -> None:
