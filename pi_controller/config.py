@@ -145,14 +145,13 @@ def read_secret(path: str) -> str:
                              "hand, set it to the folder holding the file (sudo env CREDENTIALS_DIRECTORY=/etc/"
                              "pi-controller pi-controller check-config ...) or give the file's own path")
         path = path.replace(CREDENTIALS, folder)
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_SECRET_BYTES + 1)
+    try:  # a regular file's only: the open of a FIFO would wait for a writer for good, before any tick
+        data = keys.read_small(Path(path), MAX_SECRET_BYTES, "a password file")
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}; fix the path or the file's "
-                         "permissions (the daemon's user must read it)") from None
-    if len(data) > MAX_SECRET_BYTES:
-        raise ValueError(f"{path} is longer than {MAX_SECRET_BYTES} bytes: not a password file")
+        if exc.errno:  # the open failed
+            raise ValueError(f"cannot read {path}: {os.strerror(exc.errno)}; fix the path or the file's "
+                             "permissions (the daemon's user must read it)") from None
+        raise ValueError(f"{path} {exc.strerror}") from None  # no regular file, or too long for a password
     try:
         secret = data.decode("utf-8").removesuffix("\n").removesuffix("\r")
     except UnicodeDecodeError:

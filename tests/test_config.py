@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -463,6 +464,16 @@ def test_a_password_file_that_cannot_be_used_is_a_config_error_at_its_key(tmp_pa
     assert error.path == ("mqtt", "password_file")
     assert error.line == data_line(error.file, "password_file:")
     assert error.message.startswith(message.format(file=secret))
+
+
+def test_a_password_file_that_is_a_fifo_is_a_config_error_not_a_wait(tmp_path, write_config) -> None:
+    """Read only as a regular file: the open of a FIFO nothing writes to waited for good, in `run` before the loop."""
+    os.mkfifo(tmp_path / "mqtt-password")
+    path = write_config(mqtt_with(tmp_path, password_file=str(tmp_path / "mqtt-password")))
+    result = subprocess.run([sys.executable, "-m", "pi_controller", "check-config", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"mqtt.password_file: {tmp_path / 'mqtt-password'} is not a regular file")
 
 
 def test_a_tls_key_passphrase_comes_from_a_file(tmp_path, write_config) -> None:
