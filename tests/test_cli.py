@@ -231,6 +231,22 @@ def test_run_records_through_a_fifo_whose_reader_ends_at_its_first_writers_close
     assert json.loads(header)["format"] and len(ticks) == 3
 
 
+def test_a_record_path_nothing_reads_is_one_error_line_and_the_loop_runs_on(tmp_path) -> None:
+    """record.path, a diagnostic: a FIFO nothing reads is unavailable as a full disk is (the recorder's open of it
+    waited for good in Daemon.__init__); tried again every 30 s, so a reader that comes later gets it."""
+    os.mkfifo(tmp_path / "day.rec")
+    config = tmp_path / "config.yaml"
+    config.write_text(EXAMPLE_CONFIG.read_text() + f"\nrecord:\n  path: {tmp_path / 'day.rec'}\n")
+    result = subprocess.run(pi_controller("run", "--config", str(config), "--plugins", str(REPO / "plugins"),
+                                          "--simulate", "--ticks", "3", "--log-format", "json"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    (unavailable,) = [e for e in events if e["event"] == "recording_unavailable"]
+    assert unavailable["error"] == "is a FIFO that nothing reads"
+    assert json.loads(result.stdout)["ticks"]["count"] == 3
+
+
 def test_check_config_takes_the_path_as_the_other_commands_do() -> None:
     for args in ([CONFIG], ["--config", CONFIG]):
         result = subprocess.run(pi_controller("check-config", *args), capture_output=True, text=True, timeout=60)
