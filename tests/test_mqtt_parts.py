@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, cast
 
 import paho.mqtt.client as mqtt
+import pytest
 import yaml
 from structlog.testing import capture_logs
 
@@ -401,6 +402,46 @@ def test_an_oversized_buffer_file_is_refused_in_one_line_and_kept_aside(tmp_path
     (said,) = logs
     assert said["event"] == "telemetry_buffer_refused" and said["bytes"] > 1000
     assert not buffer.exists() and (tmp_path / "outbox.jsonl.refused").exists()  # not read again at each start
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_buffer_file_that_is_no_regular_file_is_skipped_in_one_line(tmp_path, kind: str) -> None:
+    """Read at start-up, in Daemon.__init__: the open of a FIFO nothing writes to waited for good, and /dev/zero
+    was read for good (a line at a time, none ending); neither is a buffer of ours, and it is left as it is."""
+    buffer = tmp_path / "outbox.jsonl"
+    os.mkfifo(buffer) if kind == "fifo" else buffer.symlink_to("/dev/zero")
+    restored: list[tuple[Outbox, list[Any]]] = []
+
+    def restore() -> None:
+        with capture_logs() as logs:
+            restored.append((outbox_on(Recording(), [0.0], tmp_path), logs))
+
+    thread = threading.Thread(target=restore, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    if thread.is_alive() and kind == "fifo":  # a writer's open and close: the end of the file, and it returns
+        os.close(os.open(buffer, os.O_WRONLY | os.O_NONBLOCK))
+    assert not thread.is_alive() and restored, f"the outbox's restore of a {kind} did not return"
+    outbox, logs = restored[0]
+    assert list(outbox) == [] and [(e["event"], e["error"]) for e in logs] == [
+        ("telemetry_restore_failed", "not a regular file")]
+    assert buffer.is_fifo() if kind == "fifo" else buffer.is_symlink()
+
+
+def test_a_fifo_where_the_buffer_is_written_fails_the_save_in_one_line_and_the_stop_goes_on(tmp_path) -> None:
+    """The save's open of `<file>.partial` waited for a reader for good, at the stop, with pins still held."""
+    outbox = outbox_on(Recording(), [0.0], tmp_path)
+    outbox.put_state("s/a", b"1")
+    os.mkfifo(tmp_path / "outbox.jsonl.partial")
+    thread = threading.Thread(target=outbox.save, daemon=True)
+    with capture_logs() as logs:
+        thread.start()
+        thread.join(timeout=60)
+    if thread.is_alive():  # a reader's open and close: it returns
+        os.close(os.open(tmp_path / "outbox.jsonl.partial", os.O_RDONLY | os.O_NONBLOCK))
+    assert not thread.is_alive(), "the save waited on the FIFO for a reader"
+    assert [(e["event"], e["error"]) for e in logs] == [
+        ("telemetry_save_failed", f"[Errno 6] is a FIFO that nothing reads: '{tmp_path / 'outbox.jsonl.partial'}'")]
 
 
 def test_refusals_fire_once_per_hold_and_for_each_refusal_and_failsafe() -> None:

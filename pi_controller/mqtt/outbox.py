@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import time
 from collections import deque
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import IO, Callable, Iterable, Iterator, NamedTuple, Protocol
 import structlog
 
 from pi_controller.config import MqttSettings
+from pi_controller.files import open_to_read, open_to_write
 from pi_controller.mqtt.discovery import Topics
 from pi_controller.token_bucket import TokenBucket
 
@@ -225,8 +227,8 @@ class Outbox:
             return
         partial = Path(f"{self._file}.partial")  # replaced whole: a crash mid-write leaves the old file
         try:
-            with open(partial, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps([topic, payload.decode(), retain]) + "\n"
+            with open_to_write(partial) as f:  # never waiting: a FIFO nothing reads would block the stop for good
+                f.writelines(json.dumps([topic, payload.decode(), retain]).encode() + b"\n"
                              for topic, payload, retain in self._history)
             os.replace(partial, self._file)
         except OSError as exc:  # a full or read-only disk: the states are lost, said once, the stop goes on
@@ -251,7 +253,10 @@ class Outbox:
                 log.warning("telemetry_buffer_refused", file=str(path), bytes=size, limit=MAX_FILE_BYTES,
                             kept_as=f"{path}.refused", fix="not a buffer of ours: inspect it, then delete it")
                 return
-            with open(path, "rb") as f:
+            with open_to_read(path) as f:  # never waiting: a FIFO nothing writes to would block the open for good
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO or a device: its reads may never end
+                    log.warning("telemetry_restore_failed", file=str(path), error="not a regular file")
+                    return
                 skipped, foreign = self._read(f)
         except OSError as exc:
             log.warning("telemetry_restore_failed", file=str(path), error=str(exc)[:300])
