@@ -36,6 +36,7 @@ import structlog
 
 from pi_controller.contract import Rejected
 from pi_controller.files import write_atomically
+from pi_controller.keys import read_small
 from pi_controller.observer import LoopObserver, TickReport
 from pi_controller.plugins.plugin_config import check_change
 
@@ -173,14 +174,14 @@ class OperatorValues(LoopObserver):
         if self.path is None or not self.path.exists():
             return
         try:
-            if self.path.stat().st_size > MAX_FILE_BYTES:
-                raise ValueError(f"over {MAX_FILE_BYTES} bytes")
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            # a regular file's only: the open of a FIFO there would wait for a writer for good, before any tick
+            data = json.loads(read_small(self.path, MAX_FILE_BYTES, "the operator's values"))
             config, enabled = data["config"], data["enabled"]
             if not _readable(config, enabled):
                 raise ValueError("not what this daemon writes")
         except (OSError, ValueError, KeyError, TypeError) as exc:  # a file anyone could edit: never a crash loop
-            log.warning("operator_values_unreadable", file=str(self.path), error=str(exc)[:200],
+            said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # read_small's: no errno
+            log.warning("operator_values_unreadable", file=str(self.path), error=said[:200],
                         note="running on the config file's values; the next value set replaces the file")
             return
         self.config, self.enabled = config, enabled

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import threading
@@ -121,6 +122,21 @@ def test_an_unreadable_file_is_logged_and_the_config_file_rules(tmp_path: Path) 
             assert restart(tmp_path, plugin) == set()
         assert plugin.config == {"setpoint": 21.0}
         assert [e["event"] for e in logs] == ["operator_values_unreadable"]
+
+
+def test_a_fifo_where_the_values_are_kept_is_logged_not_waited_on(tmp_path: Path) -> None:
+    """Read at start-up, in Daemon.__init__: the open of a FIFO nothing writes to waited for good (no tick)."""
+    os.mkfifo(tmp_path / FILE_NAME)
+    plugin, disabled = thermostat(), []
+    thread = threading.Thread(target=lambda: disabled.append(restart(tmp_path, plugin)), daemon=True)
+    with capture_logs() as logs:
+        thread.start()
+        thread.join(timeout=60)
+    if thread.is_alive():  # a writer's open and close: the end of the file, and it returns
+        os.close(os.open(tmp_path / FILE_NAME, os.O_WRONLY | os.O_NONBLOCK))
+    assert not thread.is_alive(), "the values' load waited on the FIFO for a writer"
+    assert disabled == [set()] and plugin.config == {"setpoint": 21.0}
+    assert [(e["event"], e["error"]) for e in logs] == [("operator_values_unreadable", "is not a regular file")]
 
 
 def test_without_a_state_directory_nothing_is_written(tmp_path: Path) -> None:
