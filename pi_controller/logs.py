@@ -123,16 +123,15 @@ class NativeStderr:
     that plugin's, logged by its caller through the plugin's own share of the log; the others are
     logged by the reader thread as they come, in the process's budget.
 
-    `begin` and `end` bracket a plugin call on the calling thread. The reader thread keeps the pipe
-    drained whatever happens (a call writing more than the pipe holds never blocks), holding what it
-    reads during a call (at most MAX_HELD lines, the rest counted) for `end`, which takes what is still
-    in the pipe too: every byte the call wrote is in its answer. Two calls under way at once (a plugin's
-    health check at load time beside the tick) share what they wrote: the first to end takes it.
-
-    The tick's calls are one bracket, a batch (`with native_stderr:`, see `held_native_stderr`): a call
-    in it that can have written takes what it wrote (`take`), and what is left at the end is logged as
-    the process's. A bracket per call cost ~4 us of a paced tick per plugin, two locks and a `poll`, for
-    calls that nearly never write: libextism writes to fd 2 only for a guest's error or log line."""
+    `with native_stderr:` brackets a batch of plugin calls on the calling thread (the tick's, or one call:
+    see `held_native_stderr`). The reader thread keeps the pipe drained whatever happens (a call writing
+    more than the pipe holds never blocks), holding what it reads during a batch (at most MAX_HELD lines,
+    the rest counted) for `take`, which takes what is still in the pipe too: a call in the batch that can
+    have written takes every byte it wrote as its own, and what is left at the end of the batch is logged
+    as the process's. Two batches under way at once (a plugin's health check at load time beside the tick)
+    share what was written: the first to take it has it. One bracket for the tick's calls rather than one
+    each: a bracket cost ~4 us of a paced tick per plugin, two locks and a `poll`, for calls that nearly
+    never write: libextism writes to fd 2 only for a guest's error or log line."""
 
     MAX_HELD = 256
     MAX_LINE = 4096
@@ -150,26 +149,21 @@ class NativeStderr:
         self._ready.register(fd, select.POLLIN)
         threading.Thread(target=self._run, args=(select.poll(),), name="native-stderr", daemon=True).start()
 
-    def begin(self) -> None:
+    def __enter__(self) -> None:
         with self._lock:
             self._calls += 1
 
-    def end(self) -> list[str]:
-        """What was written since `begin` (and by calls under way alongside), line by line."""
+    def __exit__(self, *_: object) -> None:
         with self._lock:
             self._calls -= 1
-            return self._taken()
+            left = self._taken()
+        for line in left:  # written by a call that could not have (or by code beside it): the process's
+            self._log.warning("native_stderr", text=line)
 
     def take(self) -> list[str]:
-        """`end`'s lines, the bracket left open: for one call of a batch."""
+        """What was written since the batch began (and by batches under way alongside), line by line."""
         with self._lock:
             return self._taken()
-
-    __enter__ = begin  # `with native_stderr:` is a batch's bracket
-
-    def __exit__(self, *_: object) -> None:
-        for line in self.end():  # written by a call that could not have (or by code beside it): the process's
-            self._log.warning("native_stderr", text=line)
 
     def _taken(self) -> list[str]:
         """Under the lock: what is held, and what is still in the pipe."""

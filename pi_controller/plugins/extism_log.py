@@ -59,7 +59,7 @@ class ExtismLog:
         self._logger.drain()
 
     def native_stderr(self, instance_id: str, lines: list[str]) -> None:
-        """What libextism wrote to stderr during a call of this instance (`logs.NativeStderr.end`: raw lines
+        """What libextism wrote to stderr during a call of this instance (`logs.NativeStderr.take`: raw lines
         of tracing-subscriber's, when a guest's error or log text holds a NUL), logged as its plugin's,
         within its share of the log. The caller brackets the call itself (`sandbox`), as it runs every tick."""
         with self._lock:

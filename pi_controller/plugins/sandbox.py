@@ -166,7 +166,8 @@ class SandboxedPlugin:
             raise Refused(f"the module does not export '{ENTRY_POINT}'")
         if self._instance.function_exists(HEALTH_CHECK):
             try:
-                self._invoke(HEALTH_CHECK.encode(), b"", bounded=False)
+                with logs.held_native_stderr():
+                    self._invoke(HEALTH_CHECK.encode(), b"", bounded=False)
             except PluginCallError as exc:
                 raise Refused(f"{HEALTH_CHECK} failed: {exc}") from exc
 
@@ -178,37 +179,29 @@ class SandboxedPlugin:
     def call(self, context: bytes, tick: int | None = None) -> bytes:
         """One tick: `context` is the context without its config (`contract.encode_context`). What
         libextism logged during the call is logged before it returns."""
-        output = self._invoke(_ENTRY_POINT, context + self.config_suffix, tick)
+        with logs.held_native_stderr():
+            output = self._invoke(_ENTRY_POINT, context + self.config_suffix, tick)
         drain_log()
         return output
 
-    def _invoke(self, function: bytes, data: bytes, tick: int | None = None, bounded: bool = True,
-                batched: bool = False) -> bytes:
+    def _invoke(self, function: bytes, data: bytes, tick: int | None = None, bounded: bool = True) -> bytes:
         """`function` on `data` under the host-call budget and the backstops, its output within
-        max_output_bytes if `bounded`; libextism's log is left for `drain_log`. What libextism writes to fd 2
-        during the call is this plugin's: taken in a bracket of its own, or, `batched`, in the caller's
-        (`logs.held_native_stderr`) after a call that can have written. One frame for all of it: it runs
-        for every plugin every tick."""
+        max_output_bytes if `bounded`; libextism's log is left for `drain_log`. Called in a batch that holds
+        fd 2 (`logs.held_native_stderr`): what libextism wrote there during a call that can have written is
+        taken as this plugin's, before anything else the call leads to. One frame for all of it: it runs for
+        every plugin every tick."""
         host = self.host
         host.start_call(tick, self._virtual_backstop_s)
-        own = None if batched else logs.native_stderr
-        if own is not None:
-            own.begin()
         try:
-            try:
-                output = call(self._instance, function, data)
-            finally:  # logged before anything else the call leads to
-                if own is not None and (lines := own.end()):
-                    router().native_stderr(self._id, lines)
+            output = call(self._instance, function, data)
         except extism.Error as exc:
-            if batched:  # libextism prints a guest's error that holds a NUL
-                self._take_native_stderr()
+            self._take_native_stderr()  # libextism prints a guest's error that holds a NUL
             error = self._call_error(exc)
             if error.kind in _REBUILD_AFTER:
                 self._rebuild()
                 error.reset = True
             raise error from exc
-        if batched and self._may_write_fd2:
+        if self._may_write_fd2:
             self._take_native_stderr()
         if host.over_budget or host.stalled:  # it ended anyway (a cancel not taken yet): the verdict stands
             self._rebuild()
@@ -259,7 +252,7 @@ class SandboxedPlugin:
         started = timer()
         try:
             mine = context.encoded if self.grant.sensors is None else self.view(context)  # no call for the whole
-            self.last_output = self._invoke(_ENTRY_POINT, mine + self.config_suffix, context.tick, batched=True)
+            self.last_output = self._invoke(_ENTRY_POINT, mine + self.config_suffix, context.tick)
         finally:
             self.last_call_s = timer() - started
 
