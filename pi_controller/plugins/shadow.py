@@ -72,7 +72,6 @@ class Shadows:
         self.plugins = PluginSet(settings, beside.directory / FOLDER, spare_ms(beside), beside.history, clock,
                                  devices=beside.devices, role="shadow")
         self.clock = clock
-        self.budget_ms = beside.budget_ms
         self.live = follows
         self._followed: dict[str, tuple[SandboxedPlugin, dict[str, Any]]] = {}  # name -> shadow, live config
         self.stats: dict[str, ShadowStats] = {}
@@ -89,7 +88,7 @@ class Shadows:
         """Between two ticks, after the live set changed (a plugin swapped in or out, a reload): the shadows get
         what the live plugins leave now; one that no longer fits is unloaded, saying so, and one waiting for room
         that fits now is loaded again (by the shadow folder's watcher)."""
-        spare, self.budget_ms = spare_ms(self.live), self.live.budget_ms
+        spare = spare_ms(self.live)
         self.plugins.rebudget(spare, f"the live plugins leave {spare:g} of the {self.live.budget_ms:g} ms plugin "
                                      "budget")
 
@@ -112,7 +111,7 @@ class Shadows:
             if stats is None or stats.sha256 != shadow.sha256:  # a new shadow, or another file swapped in under it
                 stats = self.stats[shadow.name] = ShadowStats(shadow.sha256)
             spent_ms = (self.clock.perf_counter() - started) * 1000
-            if self.clock.real and spent_ms + shadow.grant.timeout_ms > self.budget_ms:
+            if self.clock.real and spent_ms + shadow.grant.timeout_ms > self.live.budget_ms:
                 stats.skipped += 1
                 continue
             if not shadow.quarantine.admit(self.clock.monotonic(), tick.number):
