@@ -38,7 +38,7 @@ import queue
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,12 @@ def _cut(reason: Any) -> str | None:
     """A reason as a node says and keeps it: a string cut to MAX_REASON characters (whole ones: its UTF-8 is
     never cut inside a character), None for anything else (a kept word's file may hold anything)."""
     return reason[:MAX_REASON] if isinstance(reason, str) else None
+
+
+@lru_cache(maxsize=16)
+def _resolved(directory: Path) -> Path:
+    """`directory` resolved once for the folder a config names, not at every tick of a rollout's windows."""
+    return directory.resolve()
 
 
 @dataclass
@@ -177,8 +183,9 @@ class FleetNode:
         if current is not None and current.announcement.rollout == a.rollout:
             current.announcement = a  # a stage let in, or the rollout stopped
             return
+        note = self._shadow_note(a.name)  # of the shadow this node installed last, if any
         # The shadow of the rollout it replaces is removed first: the new one may install the very same module
-        removal = self._abandon(a.name, current) if current is not None else self._remove_earlier_shadow(a)
+        removal = self._abandon(a.name, current) if current is not None else self._remove_earlier_shadow(a, note)
         stage = a.stage_of(self.node)
         if stage is None:
             self.rollouts.pop(a.name, None)
@@ -189,7 +196,7 @@ class FleetNode:
             self._resume(a.name, rollout, kept)
             return
         live = self.status.plugins.status.get(a.name)
-        if live is not None and live.sha256 == a.sha256 and self._our_shadow(a):  # the node stopped in its window
+        if live is not None and live.sha256 == a.sha256 and self._our_shadow(a, note):  # stopped in its window
             rollout.phase = protocol.SHADOW
             self._ended_by_hand(a.name, rollout)  # promoted by hand meanwhile, as a running node would see it
         elif live is not None and live.sha256 == a.sha256:
@@ -525,11 +532,10 @@ class FleetNode:
         (self.folder / FOLDER).mkdir(parents=True, exist_ok=True)
         write_atomically(self.folder / FOLDER / f"{a.name}.json", json.dumps(note).encode(), 0o600, flush=False)
 
-    def _remove_earlier_shadow(self, a: Announcement) -> asyncio.Future[None] | None:
+    def _remove_earlier_shadow(self, a: Announcement, note: dict[str, Any] | None) -> asyncio.Future[None] | None:
         """The first announcement of `a.name` this node takes: a shadow an earlier run installed for another
-        rollout is removed, whether or not `a` is this node's: nothing else would ever compare or remove it.
-        Done once it is removed (`_removed`); None if there is none."""
-        note = self._shadow_note(a.name)
+        rollout (its `note`) is removed, whether or not `a` is this node's: nothing else would ever compare or
+        remove it. Done once it is removed (`_removed`); None if there is none."""
         if note is None or note.get("rollout") == a.rollout or not isinstance(note.get("sha256"), str) \
                 or not isinstance(note.get("directory"), str):
             return None
@@ -541,17 +547,16 @@ class FleetNode:
 
         return self._removed(self._in_worker(remove))
 
-    def _our_shadow(self, a: Announcement) -> bool:
-        """Whether this node's note says it installed the module of `a` as the shadow of that very rollout, in the
-        folder it follows: a node stopped in that shadow window, which did not promote it itself."""
-        note = self._shadow_note(a.name)
+    def _our_shadow(self, a: Announcement, note: dict[str, Any] | None) -> bool:
+        """Whether this node's `note` says it installed the module of `a` as the shadow of that very rollout, in
+        the folder it follows: a node stopped in that shadow window, which did not promote it itself."""
         return note is not None and (note.get("rollout"), note.get("sha256")) == (a.rollout, a.sha256) \
             and isinstance(note.get("directory"), str) and Path(note["directory"]).resolve() == self._followed()
 
     def _followed(self) -> Path:
         """The plugins folder followed now, resolved: the same folder spelled another way (`--plugins plugins`,
         then an absolute path at a restart) is no folder moved."""
-        return self.status.plugins.directory.resolve()
+        return _resolved(self.status.plugins.directory)
 
     def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
         rollout.phase, rollout.reason = phase, _cut(why)
