@@ -17,6 +17,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from pi_controller.files import open_to_read
+
 MAX_KEY_BYTES = 4096  # a PEM key is ~120 bytes; an encrypted private one a few hundred
 MAX_TRUSTED_KEYS = 64
 _BASE64_KEY = re.compile(r"[A-Za-z0-9+/]{43}=")  # 32 raw bytes
@@ -30,11 +32,11 @@ def read_small(path: Path, limit: int, what: str) -> bytes:
     """A small file's bytes; OSError whose strerror completes "{path} ..." if it cannot be, is no regular
     file (a FIFO would block the read for good) or holds more than `limit` bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        file = open_to_read(path)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot be read: {exc.strerror or type(exc).__name__}") from None
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    with file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
             raise OSError(0, "is not a regular file")
         data = file.read(limit + 1)
     if len(data) > limit:

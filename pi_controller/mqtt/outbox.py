@@ -247,15 +247,15 @@ class Outbox:
         if path is None or not path.exists():
             return
         try:
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                path.replace(f"{path}.refused")
-                log.warning("telemetry_buffer_refused", file=str(path), bytes=size, limit=MAX_FILE_BYTES,
-                            kept_as=f"{path}.refused", fix="not a buffer of ours: inspect it, then delete it")
-                return
             with open_to_read(path) as f:  # never waiting: a FIFO nothing writes to would block the open for good
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO or a device: its reads may never end
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode):  # a FIFO or a device: its reads may never end
                     log.warning("telemetry_restore_failed", file=str(path), error="not a regular file")
+                    return
+                if info.st_size > MAX_FILE_BYTES:
+                    path.replace(f"{path}.refused")
+                    log.warning("telemetry_buffer_refused", file=str(path), bytes=info.st_size, limit=MAX_FILE_BYTES,
+                                kept_as=f"{path}.refused", fix="not a buffer of ours: inspect it, then delete it")
                     return
                 skipped, foreign = self._read(f)
         except OSError as exc:
