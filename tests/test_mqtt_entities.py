@@ -533,10 +533,6 @@ def a_restart_with_another_config(s: Scene) -> None:
               sensors={"presence": Device("motion", 17)}, gone=("stray",))
 
 
-def broken(sequence: Callable[[Scene], None], why: str) -> Any:
-    return pytest.param(sequence, marks=pytest.mark.xfail(strict=True, reason=why))
-
-
 def an_outage_across_a_restart(s: Scene) -> None:
     """The broker away while the daemon stops (its outage buffer kept in a file) and starts with another
     config and plugin set."""

@@ -540,10 +540,12 @@ def test_the_copy_for_safe_state_is_written_off_the_event_loop_before_the_first_
     from pi_controller.daemon import Daemon
     from pi_controller.safety import known_good
 
-    writes: list[str] = []
+    writes: list[tuple[str, int]] = []  # the writing thread, and the ticks run by then
+    daemon: Daemon | None = None
 
     def write(path: Path, data: bytes, *args: Any, **kwargs: Any) -> None:
-        writes.append(threading.current_thread().name)
+        assert daemon is not None
+        writes.append((threading.current_thread().name, daemon.loop.ticks.count))
         write_atomically(path, data, *args, **kwargs)
 
     write_atomically = known_good.write_atomically
@@ -556,7 +558,7 @@ def test_the_copy_for_safe_state_is_written_off_the_event_loop_before_the_first_
         finally:
             daemon.close()
         assert known_good.copy_path(state).read_bytes() == settings.source.read_bytes()
-    assert len(writes) == 1 and writes[0] != threading.main_thread().name
+    assert len(writes) == 1 and writes[0][0] != threading.main_thread().name and writes[0][1] == 0
 
 
 SALVAGEABLE = """\
