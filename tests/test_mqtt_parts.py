@@ -124,6 +124,30 @@ def test_the_table_is_both_what_is_subscribed_and_who_takes_each_message(broker,
     assert attached.strays == []  # t/a/y has no row: never subscribed, so the broker never sent it
 
 
+def test_a_sweep_ended_for_good_is_not_made_again_at_the_next_connection(broker, subscriber: Subscriber) -> None:
+    """The former place's sweep (`former_node`) empties it once; the leftovers' is made at every connection."""
+    for topic in ("t/once/old", "t/sweep/old"):
+        subscriber.client.publish(topic, b"left over", qos=1, retain=True).wait_for_publish(5)
+    got: list[tuple[str, Inbound]] = []
+    swept: list[list[str]] = []
+    inbox: Inbox
+
+    def over() -> None:
+        swept.append(sorted(m.topic for _, m in got))
+        inbox.end_sweep(["t/once/+"])
+
+    inbox = Inbox({"t/once/+": Route(recorder(got, "once"), sweep=True),
+                   "t/sweep/+": Route(recorder(got, "sweep"), sweep=True)}, Gate.of(MqttSettings()), over)
+    attached = Attached(inbox, broker)
+    try:
+        poll(lambda: len(swept) == 1, "the first connection's sweep over")
+        attached.client.reconnect()
+        poll(lambda: len(swept) == 2, "the second connection's sweep over")
+    finally:
+        attached.close()
+    assert swept == [["t/once/old", "t/sweep/old"], ["t/once/old", "t/sweep/old", "t/sweep/old"]]
+
+
 def test_a_refused_command_is_answered_and_a_failing_row_costs_only_its_message(broker, subscriber) -> None:
     def refuse(message: Inbound) -> None:
         raise Rejected("too_large", "over the bound")
@@ -522,3 +546,12 @@ def test_a_record_of_the_former_place_that_is_no_regular_file_is_set_aside_witho
     assert built and built[0].before is None, "the start waited on the FIFO"
     assert [e["event"] for e in events] == ["mqtt_place_unreadable"]
     assert (tmp_path / former_node.RECORD).is_file()  # replaced by the record of now
+
+
+def test_a_former_place_that_shares_the_discovery_configs_of_now_sweeps_only_its_base(tmp_path: Path) -> None:
+    """Only the base topic changed: the node id's discovery configs are this run's, and the leftovers' clean-up
+    (under the same filter) keeps them; the former place's row in its stead would take that filter over."""
+    old = MqttSettings(base_topic="old", node_id="pi")
+    former_node.FormerNode(old, tmp_path, lambda topics: None)
+    now = former_node.FormerNode(MqttSettings(base_topic="new", node_id="pi"), tmp_path, lambda topics: None)
+    assert set(now.routes()) == {f"{former_node.Place.of(old).base}/#"}

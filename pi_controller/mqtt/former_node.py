@@ -71,10 +71,13 @@ class FormerNode:
             self._remember()
 
     def routes(self) -> dict[str, Route]:
-        """The old place's retained messages, swept: its base (unless it is ours now) and its configs."""
+        """The old place's retained messages, swept: its base and its configs, unless they are ours now (the
+        leftovers' clean-up has those)."""
         if self.before is None:
             return {}
-        filters = {self.before.configs()} | ({f"{self.before.base}/#"} if self.before.base != self.now.base else set())
+        filters = {f"{self.before.base}/#"} if self.before.base != self.now.base else set()
+        if self.before.configs() != self.now.configs():
+            filters.add(self.before.configs())
         return {topic: Route(self._retained, sweep=True) for topic in sorted(filters)}
 
     def _retained(self, message: Inbound) -> None:

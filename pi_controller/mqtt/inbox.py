@@ -24,7 +24,7 @@ import math
 import queue
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -150,6 +150,11 @@ class Inbox:
             # acknowledged, and sends the answer to the sweep's end before them; a sweep lost with its connection
             # is made again at the next.
             self._sweep_mid = client.subscribe([(topic, 0) for topic in self._sweeps])[1]
+
+    def end_sweep(self, topics: Iterable[str]) -> None:
+        """`topics`' sweep done for good (paho's thread, as `subscribe`): not made again at the next connection."""
+        done = set(topics)
+        self._sweeps = [topic for topic in self._sweeps if topic not in done]
 
     def refused(self) -> list[Answer]:
         """The answers to commands refused on arrival since the last call (the event loop's thread)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -72,8 +72,8 @@ class Telemetry(LoopObserver):
         self.outbox = Outbox(self.mqtt, self.link, timer)  # what a restart left in the buffer file, first
         self.policy = PublishPolicy(settings, status, operator, self.outbox, wall)
         self.former = FormerNode(self.mqtt, state_dir, self.policy.empty)
-        routes = self._routes() if self.mqtt.commands else self._leftovers()
-        self.inbox = Inbox(routes | self.former.routes(), inbox.Gate.of(self.mqtt), self.former.swept)
+        routes, former = self._routes() if self.mqtt.commands else self._leftovers(), self.former.routes()
+        self.inbox = Inbox(routes | former, inbox.Gate.of(self.mqtt), lambda: self._swept(former))
         self.inbox.attach(self.link.client)
         if fleet is not None:
             fleet.wire(self.inbox.fetch, self.inbox.unfetch)
@@ -97,6 +97,12 @@ class Telemetry(LoopObserver):
         for kind in ("sensor", "actuator", "plugin"):
             routes[f"{policy.topics.base}/{kind}/+/state"] = Route(policy.leftover_state, sweep=True)
         return routes
+
+    def _swept(self, former: Iterable[str]) -> None:
+        """A connection's sweep over (paho's thread): the former place's once for all, the leftovers' again at the
+        next connection."""
+        self.former.swept()
+        self.inbox.end_sweep(former)
 
     def _up(self, client: mqtt.Client) -> None:
         """Connected (paho's thread): subscribe, and send a subscriber that may have missed us everything."""
