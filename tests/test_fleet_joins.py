@@ -779,3 +779,48 @@ def test_a_new_rollout_of_the_same_module_waits_for_the_earlier_shadows_removal(
     site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "the new shadow compared")
     note = json.loads((site.tmp / "state" / "fleet" / "shadow" / f"{NAME}.json").read_text())
     assert note["rollout"] == again.rollout and sha256_of(site.folder / "shadow" / f"{NAME}.wasm") == again.sha256
+
+
+class Said(list[Verdict]):
+    """The node's verdicts, each with whether the shadow's module was still in the plugins folder when it was said."""
+
+    def __init__(self, shadow: Path):
+        super().__init__()
+        self.shadow = shadow
+        self.with_shadow: list[tuple[str, bool]] = []
+
+    def append(self, verdict: Verdict) -> None:
+        self.with_shadow.append((verdict.phase, self.shadow.exists()))
+        super().append(verdict)
+
+
+@pytest.mark.parametrize("ending", ["traps-in-its-shadow", "stopped-by-the-owner"])
+def test_a_rollout_that_ends_in_its_shadow_window_says_so_only_once_its_shadow_is_removed(site, ending) -> None:
+    """The owner's tool reads the verdict and looks at the node: a rollout said ended has left no shadow. The
+    removal runs on a worker thread; here it is held until the node's turn that began it is over, so a verdict said
+    in that turn, before the removal, would be seen with the shadow still there (what a loaded CI runner saw)."""
+    site.start()
+    node = site.node
+    assert node is not None
+    turn_over, remove, turn = threading.Event(), node._remove_shadow, node.tick
+
+    def held(*args: Any) -> bool:  # on the worker thread
+        turn_over.wait(120)  # only how long a broken test hangs
+        return remove(*args)
+
+    def one_turn(publish: Callable[[str, bytes], None]) -> None:
+        turn_over.clear()
+        turn(publish)
+        turn_over.set()
+
+    node._remove_shadow, node.tick = held, one_turn  # type: ignore[method-assign]
+    site.said = said = Said(site.folder / "shadow" / f"{NAME}.wasm")
+    a = site.announce(trapping(site) if ending == "traps-in-its-shadow" else site.new, shadow_ticks=20)
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    if ending == "stopped-by-the-owner":
+        site.hand_over(replace(a, state="stopped"), b"")
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollout ends")
+    assert verdict.phase == (protocol.ROLLED_BACK if ending == "traps-in-its-shadow" else protocol.STOPPED), verdict
+    assert said.with_shadow[-1] == (verdict.phase, False), said.with_shadow
+    assert node.shown(NAME) == {"version": a.version, "sha256": a.sha256, "phase": verdict.phase,
+                                "in_progress": False, "percent": protocol.PROGRESS.get(verdict.phase, 0)}

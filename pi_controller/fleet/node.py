@@ -94,6 +94,7 @@ class Rollout:
     waited: int = 0  # ticks until the shadow, then the promoted version, then a kept one put back, runs
     previous: str | None = None  # the sha256 of the version it replaces: the one live when its fetch began
     restoring: str | None = None  # why it rolls back, from the rollback's job until the version it replaced runs
+    ending: Callable[[], None] | None = None  # its end, said once its shadow is removed (`_end_in_shadow`)
     counts: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -164,6 +165,8 @@ class FleetNode:
                     self.fetch(topic)
         for name, rollout in list(self.rollouts.items()):
             self._advance(name, rollout)
+            if rollout.ending is not None:
+                continue  # it ends once its shadow is removed: until then, what it said last stands
             said = self._verdict(rollout).payload()
             if self._said.get(name) != said:
                 self._said[name] = said
@@ -240,11 +243,13 @@ class FleetNode:
             elif job.exception() is not None:
                 self._fail(name, rollout, protocol.REFUSED, str(job.exception()))
                 return
+            if rollout.ending is not None:
+                ending, rollout.ending = rollout.ending, None
+                ending()
         if rollout.ended:
             return
         if a.state == "stopped" and rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
-            self._abandon(name, rollout)
-            rollout.phase = protocol.STOPPED
+            self._end_in_shadow(name, rollout, partial(setattr, rollout, "phase", protocol.STOPPED))
             return
         stage = a.stage_of(self.node)
         if rollout.phase == protocol.WAITING and stage is not None and stage <= a.stage:
@@ -322,15 +327,16 @@ class FleetNode:
         shadows = self.status.shadows
         loaded = shadows.plugins.status.get(name) if shadows is not None else None
         if loaded is not None and loaded.state == "failed" and loaded.refused_sha256 == a.sha256:
-            self._abandon(name, rollout)  # refused, or unloaded: the live plugins now need its share of the tick
-            self._fail(name, rollout, protocol.REFUSED, f"as a shadow: {loaded.reason}")
+            # refused, or unloaded: the live plugins now need its share of the tick
+            self._end_in_shadow(name, rollout, partial(self._fail, name, rollout, protocol.REFUSED,
+                                                       f"as a shadow: {loaded.reason}"))
             return
         if shadows is None or loaded is None or loaded.sha256 != a.sha256:  # not adopted yet
             rollout.waited += 1
             if rollout.waited > max(a.shadow_ticks, MIN_SWAP_TICKS):
-                self._abandon(name, rollout)
-                self._fail(name, rollout, protocol.REFUSED, "the shadow was not loaded (is the plugins folder "
-                                                            "followed?)")
+                self._end_in_shadow(name, rollout, partial(self._fail, name, rollout, protocol.REFUSED,
+                                                           "the shadow was not loaded (is the plugins folder "
+                                                           "followed?)"))
             return
         stats = shadows.stats.get(name)
         compared = stats.agreement.ticks if stats is not None else 0
@@ -338,13 +344,13 @@ class FleetNode:
         agreement = stats.agreement.percent() if stats is not None else 100.0
         rollout.counts = {"shadow_ticks": compared, "errors": errors, "agreement_percent": agreement}
         if errors or loaded.state == "quarantined":
-            self._abandon(name, rollout)
-            self._fail(name, rollout, protocol.ROLLED_BACK, f"the shadow failed {errors} of {compared} calls "
-                                                            f"({loaded.state}); the live version never changed")
+            self._end_in_shadow(name, rollout, partial(
+                self._fail, name, rollout, protocol.ROLLED_BACK,
+                f"the shadow failed {errors} of {compared} calls ({loaded.state}); the live version never changed"))
         elif compared >= a.shadow_ticks and agreement < a.min_agreement_percent:
-            self._abandon(name, rollout)
-            self._fail(name, rollout, protocol.ROLLED_BACK, f"the shadow agreed {agreement}% over {compared} ticks, "
-                                                            f"under the {a.min_agreement_percent}% asked")
+            self._end_in_shadow(name, rollout, partial(
+                self._fail, name, rollout, protocol.ROLLED_BACK,
+                f"the shadow agreed {agreement}% over {compared} ticks, under the {a.min_agreement_percent}% asked"))
         elif compared >= a.shadow_ticks:
             self._go_live(name, rollout)
 
@@ -455,10 +461,12 @@ class FleetNode:
             why = f"the shadow of plugin '{name}' was promoted by hand (plugin promote) before it was compared"
         else:
             return False
+        end = partial(self._fail, name, rollout, protocol.ROLLED_BACK if rollout.restoring else protocol.REFUSED,
+                      f"{rollout.restoring + '; then ' if rollout.restoring else ''}{why}: the node leaves it as it is")
         if rollout.phase == protocol.SHADOW:
-            self._abandon(name, rollout)
-        self._fail(name, rollout, protocol.ROLLED_BACK if rollout.restoring else protocol.REFUSED,
-                   f"{rollout.restoring + '; then ' if rollout.restoring else ''}{why}: the node leaves it as it is")
+            self._end_in_shadow(name, rollout, end)
+        else:
+            end()
         return True
 
     def _put_back(self, name: str, rollout: Rollout, why: str, where: str) -> bool:
@@ -474,6 +482,16 @@ class FleetNode:
         else:  # stopped before the live version's files were kept: it was never replaced
             self._fail(name, rollout, protocol.ROLLED_BACK, f"{why}; the live version never changed")
         return True
+
+    def _end_in_shadow(self, name: str, rollout: Rollout, end: Callable[[], None]) -> None:
+        """The rollout ends before a promotion: its shadow is removed, then it ends (`end`: its phase set, said and
+        kept). A node that says a rollout ended has nothing of it left in the plugins folder, as the owner's tool
+        reads it; meanwhile `_advance` waits for the removal, so the end comes once."""
+        removal = self._abandon(name, rollout)
+        if removal is None:
+            end()
+        else:
+            rollout.job, rollout.ending = removal, end
 
     def _abandon(self, name: str, rollout: Rollout) -> asyncio.Future[None] | None:
         """Stop fetching; remove the shadow this rollout installed (the live version never changed), in this
