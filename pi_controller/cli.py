@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -136,6 +137,20 @@ def _load(path: Path, plugins_dir: Path | None = None) -> tuple[config.Settings,
 
 
 def _run(args: argparse.Namespace) -> int:
+    loaded = _load(args.config, plugins_dir=args.plugins)
+    if loaded is None:
+        return EXIT_CONFIG
+    settings, _ = loaded  # what of the folder fails to load, the daemon logs as it loads it
+    with contextlib.ExitStack() as held:  # what the check opened: a FIFO's reader sees its end when the run ends
+        problem = sim_commands.unwritable(args.record, held) if args.record else None
+        if problem:  # asked for on the command line: said before any pin moves (record.path never stops control)
+            logs.refusal("recording_error", f"error: --record {args.record}: {problem}")
+            return EXIT_CONFIG
+        return _serve(args, settings)
+
+
+def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
+    """The daemon of `settings`, from its start to its actuators held safe; the exit code."""
     import asyncio
 
     from pi_controller.daemon import Daemon
@@ -143,14 +158,6 @@ def _run(args: argparse.Namespace) -> int:
     from pi_controller.devices.pins import hold
     from pi_controller.devices.simulation import SimulationError
 
-    loaded = _load(args.config, plugins_dir=args.plugins)
-    if loaded is None:
-        return EXIT_CONFIG
-    settings, _ = loaded  # what of the folder fails to load, the daemon logs as it loads it
-    problem = sim_commands.unwritable(args.record) if args.record else None
-    if problem:  # asked for on the command line: said before any pin moves (record.path never stops control)
-        logs.refusal("recording_error", f"error: --record {args.record}: {problem}")
-        return EXIT_CONFIG
     try:
         daemon = Daemon(settings, simulate=args.simulate, plugins_dir=args.plugins, state_dir=args.state_dir,
                         record=args.record)

@@ -48,38 +48,27 @@ def open_to_read(path: Path) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-# FIFOs' write ends that `has_reader` opened, each for `open_to_write` to write through: closed, the only writer's
-# end would be the end of the file for a reader such as `cat fifo > file`, which would exit, and the open that
-# followed would wait for a reader for good.
-_kept: dict[str, int] = {}
-
-
-def has_reader(fifo: Path) -> bool:
-    """Whether a process has `fifo` open for reading (then a write to it goes through)."""
+def write_end(fifo: Path) -> int | None:
+    """A write end of `fifo` if a process has it open for reading (then a write to it goes through), else None.
+    Its caller holds it until done with the FIFO: closed at once, the only writer's end would be the end of the
+    file for a reader such as `cat fifo > file`, which would exit, and the writer's own open that followed would
+    find nothing reading."""
     try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:  # ENXIO: no reader
-        return False
-    earlier = _kept.pop(os.path.abspath(fifo), None)
-    if earlier is not None:
-        os.close(earlier)
-    _kept[os.path.abspath(fifo)] = fd
-    return True
+        return None
 
 
 def open_to_write(path: Path, append: bool = False) -> BinaryIO:
     """`path` opened for writing as `open(path, "wb")` (or "ab") opens it, but never waiting: a FIFO that nothing
-    reads raises ENXIO (a blocking open of it would wait for a reader for good); one `has_reader` found read is
-    written through the end it opened."""
-    fd = _kept.pop(os.path.abspath(path), None)
-    if fd is None:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
-                         | (os.O_APPEND if append else os.O_TRUNC), 0o666)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                raise OSError(exc.errno, "is a FIFO that nothing reads", str(path)) from None
-            raise
+    reads raises ENXIO (a blocking open of it would wait for a reader for good)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+                     | (os.O_APPEND if append else os.O_TRUNC), 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise OSError(exc.errno, "is a FIFO that nothing reads", str(path)) from None
+        raise
     os.set_blocking(fd, True)  # the open alone was not to wait; the writes may
     return os.fdopen(fd, "ab" if append else "wb")
 

@@ -231,6 +231,22 @@ def test_run_records_through_a_fifo_whose_reader_ends_at_its_first_writers_close
     assert json.loads(header)["format"] and len(ticks) == 3
 
 
+def test_a_plot_to_a_fifo_ends_its_readers_file_when_drawn_not_when_the_process_exits(tmp_path) -> None:
+    """The check that --plot's FIFO is read kept a write end for a writer that never took it (the picture is
+    drawn through an open of its own): `cat fifo > file` waited for more until the process exited. In this
+    process, as a long-lived caller of the command would be."""
+    from pi_controller import cli
+
+    reader = reading(tmp_path / "day.png", tmp_path / "day.got")
+    try:
+        assert cli.main(["simulate", "--config", CONFIG, "--duration", "30s", "--log-level", "error",
+                         "--plot", str(tmp_path / "day.png")]) == 0
+        assert reader.wait(timeout=60) == 0
+    finally:
+        reader.kill()
+    assert (tmp_path / "day.got").read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_record_path_nothing_reads_is_one_error_line_and_the_loop_runs_on(tmp_path) -> None:
     """record.path, a diagnostic: a FIFO nothing reads is unavailable as a full disk is (the recorder's open of it
     waited for good in Daemon.__init__); tried again every 30 s, so a reader that comes later gets it."""

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from pi_controller import config, logs
 from pi_controller.devices.hardware import EXIT_HARDWARE, HardwareError
 from pi_controller.devices.simulation import SimulationError
-from pi_controller.files import has_reader, open_to_write, path_argument
+from pi_controller.files import open_to_write, path_argument, write_end
 from pi_controller.plugins import checks
 from pi_controller.sim import simulation
 from pi_controller.sim.record import Playback, RecordingError
@@ -122,13 +122,18 @@ class CannotRun(Exception):
         self.code = code
 
 
-def unwritable(path: Path) -> str | None:
-    """Why a file cannot be written at `path` (checked before a run, not found after it), or None."""
+def unwritable(path: Path, held: contextlib.ExitStack) -> str | None:
+    """Why a file cannot be written at `path` (checked before a run, not found after it), or None. A FIFO's
+    reader is found by opening a write end, which `held` keeps until the command is done with the FIFO (`write_end`
+    says why): then its reader's file ends, whether or not the command wrote to it."""
     folder = path.parent
     if path.is_dir():
         return "is a folder; give a file name"
-    if path.is_fifo() and not has_reader(path):
-        return "is a FIFO that nothing reads: writing to it would wait for good"
+    if path.is_fifo():
+        end = write_end(path)
+        if end is None:
+            return "is a FIFO that nothing reads: writing to it would wait for good"
+        held.callback(os.close, end)
     if not folder.is_dir():
         return f"the folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder"
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -136,13 +141,13 @@ def unwritable(path: Path) -> str | None:
     return None
 
 
-def _check_outputs(**paths: Path | None) -> None:
+def _check_outputs(held: contextlib.ExitStack, **paths: Path | None) -> None:
     """Refused if matplotlib is missing for a plot or cannot draw to its suffix, or any of `paths` (by option)
-    cannot be written."""
+    cannot be written; `held` keeps what the checks opened (`unwritable`)."""
     if paths.get("plot") and importlib.util.find_spec("matplotlib") is None:
         raise CannotRun("--plot needs matplotlib: pip install 'pi-controller[plot]'", EXIT_FAILED)
     for option, path in paths.items():
-        problem = unwritable(path) if path else None
+        problem = unwritable(path, held) if path else None
         if option == "plot" and path and not problem:
             from pi_controller.sim import plot
 
@@ -155,15 +160,15 @@ def _check_outputs(**paths: Path | None) -> None:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    return _reported(lambda: _simulate(args), args.config, ("recording_error", "error"))
+    return _reported(lambda held: _simulate(args, held), args.config, ("recording_error", "error"))
 
 
 def replay_command(args: argparse.Namespace) -> int:
-    return _reported(lambda: _replay(args), args.recording, ("replay_error", "replay error"))
+    return _reported(lambda held: _replay(args, held), args.recording, ("replay_error", "replay error"))
 
 
-def _simulate(args: argparse.Namespace) -> None:
-    _check_outputs(plot=args.plot, trace=args.trace, record=args.record)
+def _simulate(args: argparse.Namespace, held: contextlib.ExitStack) -> None:
+    _check_outputs(held, plot=args.plot, trace=args.trace, record=args.record)
     settings = simulation.prepare(config.load(args.config), args.rate, args.seed)
     folder = config.check_plugins_directory(settings, args.plugins)  # a typo'd folder: not a run of no plugins
     checks.check(settings, folder)  # a plugin the config names that would not load: not a day without it
@@ -191,22 +196,24 @@ def _simulate(args: argparse.Namespace) -> None:
         print(f"plot: {args.plot}")
 
 
-def _replay(args: argparse.Namespace) -> None:
-    _check_outputs(plot=args.plot)
+def _replay(args: argparse.Namespace, held: contextlib.ExitStack) -> None:
+    _check_outputs(held, plot=args.plot)
     settings = config.load(args.config) if args.config else None
     report = replay(args.recording, settings, args.plugins, args.start, args.end, args.plot)
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
 
-def _reported(work: Callable[[], None], subject: Path, recording_error: tuple[str, str]) -> int:
-    """`work()`, and the one ladder from what it may raise to a refusal (`logs.refusal`: a line on stderr, or
-    one JSON event) and an exit code: a bad argument, config, model wiring or recording is 2, as a config
-    error is; hardware that does not answer is 3 (systemd retries it). `subject` is the file an error names;
-    `recording_error` the event a recording's error is and what its line starts with."""
+def _reported(work: Callable[[contextlib.ExitStack], None], subject: Path, recording_error: tuple[str, str]) -> int:
+    """`work(held)`, `held` closed when it returns (the outputs' checks keep in it what they opened), and the one
+    ladder from what it may raise to a refusal (`logs.refusal`: a line on stderr, or one JSON event) and an exit
+    code: a bad argument, config, model wiring or recording is 2, as a config error is; hardware that does not
+    answer is 3 (systemd retries it). `subject` is the file an error names; `recording_error` the event a
+    recording's error is and what its line starts with."""
     event, prefix = recording_error
     try:
-        work()
+        with contextlib.ExitStack() as held:
+            work(held)
     except CannotRun as exc:
         logs.refusal("argument_error", str(exc))
         return exc.code

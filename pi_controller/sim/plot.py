@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from pi_controller.config import Settings
 from pi_controller.devices.actuators import PanelStyle
+from pi_controller.files import open_to_write
 from pi_controller.sim.simulation import model_names
 from pi_controller.sim.verdict import Band, BandTally, Row, Verdict, hms
 
@@ -382,12 +383,16 @@ def unsupported(path: Path) -> str | None:
 
 
 def render(plot: Layout, binned: Binned, title: list[str], path: Path) -> None:
-    """Draw `plot` to a PNG at `path`."""
+    """Draw `plot` to a PNG at `path` (or the format its suffix names), through an open that never waits (a FIFO
+    whose reader went since the check is an error, not a hang) and is closed once written."""
     import matplotlib.pyplot as plt
 
     fig = figure(plot, binned, title)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        with open_to_write(path) as out:
+            fig.savefig(out, dpi=80, format=path.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
 
 
 def figure(plot: Layout, binned: Binned, title: list[str]) -> Any:
