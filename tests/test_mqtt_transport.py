@@ -5,12 +5,14 @@ shut-down states, clean-up of what is ours only, and the rate cap keeping the la
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
 import shutil
 import socket
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,6 +192,81 @@ def test_a_refused_connection_or_an_unknown_host_is_said_once_and_counted_in_met
             _, events = finish(process)
     (failed,) = events_named(events, "mqtt_connect_failed")  # once for three attempts and more
     assert failed["reason"].startswith(expected) and failed["host"] == host
+
+
+def exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        data += sock.recv(count - len(data)) or pytest.fail("closed mid-packet")
+    return data
+
+
+def packet(sock: socket.socket) -> bytes:
+    """One MQTT packet read from `sock`: its first byte, its remaining length (a varint), the rest."""
+    head = exactly(sock, 1)
+    length, shift = 0, 0
+    while True:
+        byte = exactly(sock, 1)
+        head += byte
+        length += (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            return head + exactly(sock, length)
+
+
+def relay(source: socket.socket, to: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            to.sendall(data)
+        to.shutdown(socket.SHUT_WR)
+
+
+@contextmanager
+def dropped_after_connack(port: int) -> Iterator[int]:
+    """A port relaying to the broker at `port` that ends its first connection as soon as it has passed on the
+    broker's CONNACK, nothing of the client's past its CONNECT let through: a link lost between the broker's
+    accepting it and its acknowledging `online`. Later connections are relayed whole."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        for number in itertools.count():
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            upstream = socket.create_connection(("127.0.0.1", port))
+            if number == 0:
+                with client, upstream:
+                    upstream.sendall(packet(client))  # CONNECT
+                    client.sendall(exactly(upstream, 4))  # CONNACK, accepted
+                    client.shutdown(socket.SHUT_WR)
+                continue
+            for source, to in ((client, upstream), (upstream, client)):
+                threading.Thread(target=relay, args=(source, to), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        listener.close()
+
+
+@needs_mosquitto
+def test_a_link_lost_before_the_broker_acknowledged_online_is_a_failed_attempt_not_a_connection(
+        tmp_path, broker, subscriber) -> None:
+    """mqtt_connected was said at the broker's CONNACK: a link lost before `online` was acknowledged (the link's
+    own test of being connected) was then 'closed before the broker answered', after 'connected'."""
+    with dropped_after_connack(broker.port) as port:
+        process = start_daemon(daemon_config(tmp_path, port, discovery=False))
+        try:  # states go out once connected: through the second connection
+            subscriber.wait_for(lambda: subscriber.on(f"{BASE}/actuator/relay_switch/state"), 60)
+        finally:
+            _, events = finish(process)
+    (failed,) = events_named(events, "mqtt_connect_failed")
+    assert "before it acknowledged online" in failed["reason"], failed
+    (connected,) = events_named(events, "mqtt_connected")
+    assert events.index(failed) < events.index(connected)
 
 
 # -- command results ------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@ will, never in the loop's way.
 
 paho's own thread does the network: connecting in the background (a broker that is down never holds up
 the daemon), reconnecting with back-off, QoS 1 retries. Why a connection fails is logged once per reason
-(refused, host unknown, TLS, closed before the broker answered), and once, with the fix, when another
-client keeps taking our client id over. Once connected the link says `online` on the status topic
-(retained; the last will says `offline`) and calls `up` with the client, for the inbox to subscribe.
+(refused, host unknown, TLS, closed before the broker answered or before it acknowledged `online`), and once,
+with the fix, when another client keeps taking our client id over. Once the broker accepts the connection the
+link says `online` on the status topic (retained; the last will says `offline`) and calls `up` with the client,
+for the inbox to subscribe; it is connected, and says so, once the broker acknowledges `online`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Link:
         self._connected = threading.Event()
         self._stopping = False
         self._refused = False  # this attempt's CONNACK refused it
-        self._online: int | None = None  # the message id of this connection's `online`
+        self._online: int | None = None  # the message id of this connection's `online`, once the broker accepted it
         self._connected_at = 0.0
         self._short_links = 0  # connections in a row the broker ended within TAKEOVER_LINK_S
         self.client = self._client(settings)
@@ -113,13 +114,13 @@ class Link:
         # (states handed over as the link dropped) after this callback returns, and a clean-up sent first would
         # be undone by the state it empties.
         self._online = client.publish(self.status_topic, "online", qos=1, retain=True).mid
-        self._connected_at = self._timer()
-        self.error = None
         self._up(client)
-        log.info("mqtt_connected", host=self.mqtt.host, port=self.mqtt.port)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        if mid == self._online:
+        if mid == self._online and not self._connected.is_set():
+            self._connected_at = self._timer()
+            self.error = None
+            log.info("mqtt_connected", host=self.mqtt.host, port=self.mqtt.port)  # before anything goes out on it
             self._connected.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -140,12 +141,17 @@ class Link:
         if self._connected.is_set():  # not leaving on purpose (stop() clears it first)
             log.warning("mqtt_disconnected", reason=str(reason), buffered=self._buffered())
             self._count_short_link()
-        elif not self._stopping and not self._refused:  # closed before the broker's answer (TLS, say)
+        elif self._stopping or self._refused:
+            pass  # leaving on purpose; or the refusal, said already
+        elif self._online is not None:  # accepted, but gone before `online` was acknowledged: never connected
+            self._failed(f"closed after the broker accepted the connection, before it acknowledged online: {reason}")
+        else:  # closed before the broker's answer (TLS, say)
             tls = self.mqtt.tls
             hint = "; does the broker want a client certificate (mqtt.tls.cert_file, key_file)?" if (
                 tls is not None and tls.cert_file is None) else ""
             self._failed(f"closed before the broker answered: {reason}{hint}")
         self._refused = False
+        self._online = None
         self._connected.clear()
 
     def _count_short_link(self) -> None:
