@@ -17,6 +17,7 @@ import math
 import os
 import re
 import socket
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,11 +148,9 @@ def read_secret(path: str) -> str:
         path = path.replace(CREDENTIALS, folder)
     try:  # a regular file's only: the open of a FIFO would wait for a writer for good, before any tick
         data = keys.read_small(Path(path), MAX_SECRET_BYTES, "a password file")
-    except OSError as exc:
-        if exc.errno:  # the open failed
-            raise ValueError(f"cannot read {path}: {os.strerror(exc.errno)}; fix the path or the file's "
-                             "permissions (the daemon's user must read it)") from None
-        raise ValueError(f"{path} {exc.strerror}") from None  # no regular file, or too long for a password
+    except OSError as exc:  # in read_small's words, as every small file's; the open's failure with its fix
+        fix = "; fix the path or the file's permissions (the daemon's user must read it)" if exc.errno else ""
+        raise ValueError(f"{path} {exc.strerror}{fix}") from None
     try:
         secret = data.decode("utf-8").removesuffix("\n").removesuffix("\r")
     except UnicodeDecodeError:
@@ -459,8 +458,11 @@ def read(path: Path, max_bytes: int, errors: str = "strict") -> str:
     try:
         with open_to_read(path) as file:
             data = file.read(max_bytes + 1)
+            regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
     except OSError as exc:
         raise ConfigError(path, (), f"cannot read the file: {exc.strerror or exc}") from exc
+    if not data and not regular:  # a FIFO nothing writes to reads as empty (`open_to_read`): not an empty config
+        raise ConfigError(path, (), "the file is not a regular file, and nothing writes to it")
     return decode(data, path, max_bytes, errors)
 
 

@@ -162,7 +162,8 @@ def test_argument_errors_name_the_argument_not_our_functions(args: list[str], me
 
 
 @pytest.mark.parametrize("args, line", [
-    (["check-config", "{tmp}/fifo.yaml"], "config error: {tmp}/fifo.yaml:1: (top level): the file is empty"),
+    (["check-config", "{tmp}/fifo.yaml"],
+     "config error: {tmp}/fifo.yaml: (top level): the file is not a regular file, and nothing writes to it"),
     (["run", "--config", CONFIG, "--simulate", "--record", "{tmp}/fifo"],
      "error: --record {tmp}/fifo: is a FIFO that nothing reads: writing to it would wait for good"),
     (["simulate", "--config", CONFIG, "--trace", "{tmp}/fifo"],

@@ -449,7 +449,7 @@ def test_password_file_follows_systemds_credentials_directory(tmp_path, write_co
 
 
 @pytest.mark.parametrize("content, mqtt, message", [
-    (None, {}, "cannot read {file}: No such file or directory; fix the path"),
+    (None, {}, "{file} cannot be read: No such file or directory; fix the path"),  # as keys.read_small says it
     ("x" * 5000, {}, "{file} is longer than 4096 bytes: not a password file"),
     ("\n", {}, "{file} is empty"),
     ("pw", {"password": "inline"}, "give password or password_file, not both"),

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from structlog.testing import capture_logs
 
 from pi_controller.clock import VirtualClock
@@ -133,6 +134,22 @@ def test_an_unwritable_recording_is_refused_before_the_loop_starts(write_config,
     code = cli.main(["run", "--config", str(path), "--simulate", "--ticks", "1",
                      "--record", str(tmp_path / "missing" / "r.jsonl")])
     assert code == 2
+
+
+@pytest.mark.parametrize("source", ["gone", "pipe"])
+def test_a_config_that_cannot_be_read_again_is_recorded_as_none_not_a_failed_start(tmp_path, source) -> None:
+    """The header reads the config's text again: a file removed since it was loaded, or a pipe (run --config
+    <(...)) read then, raised ConfigError, which the header's except (OSError) let through to the recorder's
+    start."""
+    from pi_controller import config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(example_data()))
+    settings = config.load(path)
+    path.unlink()
+    if source == "pipe":
+        os.mkfifo(path)  # nothing writes to it: as a pipe already read
+    assert record.header(settings, {}, 0.0)["config"] is None
 
 
 def test_a_plugin_dropped_in_while_recording_starts_a_new_header(run_daemon, tmp_path, plugin_dir) -> None:

@@ -39,7 +39,7 @@ from typing import IO, Any, Callable, Iterator
 
 import structlog
 
-from pi_controller.config import MAX_CONFIG_BYTES, RecordSettings, Settings, read
+from pi_controller.config import MAX_CONFIG_BYTES, ConfigError, RecordSettings, Settings, read
 from pi_controller.contract import COMPACT, Reading
 from pi_controller.devices.sensors import Sensor
 from pi_controller.files import open_to_read, open_to_write
@@ -66,7 +66,7 @@ def header(settings: Settings, plugins: dict[str, str], started: float, tick: in
     what a replay needs besides the ticks. `plugins`: name -> sha256 of the live ones."""
     try:
         text: str | None = read(settings.source, MAX_CONFIG_BYTES)
-    except OSError:  # the file moved since it was loaded: replay then needs --config
+    except ConfigError:  # the file moved since it was loaded, or was a pipe, read then: replay needs --config
         text = None
     return {"format": FORMAT, "version": VERSION, "started": started, "reason": reason, "tick": tick,
             "rate_hz": settings.loop.rate_hz,
