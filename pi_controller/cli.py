@@ -141,6 +141,10 @@ def _run(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_CONFIG
     settings, _ = loaded  # what of the folder fails to load, the daemon logs as it loads it
+    problem = known_good.unusable(args.state_dir, make=True) if args.state_dir else None
+    if problem:  # a daemon that could not keep its state: said before any pin moves
+        logs.refusal("state_dir_error", f"error: state directory {args.state_dir}: {problem}")
+        return EXIT_CONFIG
     with contextlib.ExitStack() as held:  # what the check opened: a FIFO's reader sees its end when the run ends
         problem = sim_commands.unwritable(args.record, held) if args.record else None
         if problem:  # asked for on the command line: said before any pin moves (record.path never stops control)
@@ -200,6 +204,10 @@ def _check_config(args: argparse.Namespace) -> int:
         notes += config.check_service_paths(settings, args.state_dir)
     except config.ConfigError as exc:
         exc.refuse()
+        return EXIT_CONFIG
+    problem = known_good.unusable(args.state_dir, make=False) if args.state_dir else None
+    if problem:  # what `run` would refuse
+        logs.refusal("state_dir_error", f"error: state directory {args.state_dir}: {problem}")
         return EXIT_CONFIG
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)

@@ -341,6 +341,30 @@ def test_run_makes_the_state_directory_it_is_given(tmp_path) -> None:
     assert (state / "last-good-config.yaml").read_text() == EXAMPLE_CONFIG.read_text()
 
 
+@pytest.mark.parametrize("command", [["run", "--simulate", "--ticks", "2"], ["check-config"]])
+def test_a_state_dir_that_is_a_file_is_refused_in_one_line_before_any_pin_moves(tmp_path, command) -> None:
+    """It only warned (known_good_config_not_kept) and the daemon ran on without its last-good config, the
+    operator's values or the fleet's words kept."""
+    (tmp_path / "state").write_text("")
+    result = subprocess.run(pi_controller(*command, "--config", CONFIG, "--state-dir", str(tmp_path / "state")),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "actuators_startup" not in result.stderr
+    assert result.stderr.splitlines() == [f"error: state directory {tmp_path / 'state'}: is not a folder: the "
+                                          "daemon keeps its state there; remove it, or give another --state-dir"]
+
+
+def test_safe_state_with_a_state_dir_that_is_a_file_says_so_and_makes_the_pins_safe(tmp_path) -> None:
+    """As ExecStopPost= nothing may keep it from the pins: a warning, not a refusal (it said nothing)."""
+    (tmp_path / "state").write_text("")
+    result = subprocess.run(pi_controller("safe-state", "--config", CONFIG, "--simulate", "--state-dir",
+                                          str(tmp_path / "state"), "--log-format", "json"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert events[0]["event"] == "state_dir_unusable" and events[0]["problem"].startswith("is not a folder")
+    assert len([e for e in events if e["event"] == "safe_state_set"]) == 3
+
+
 def test_run_replaces_a_fifo_where_it_keeps_the_config(tmp_path) -> None:
     """Read only as a regular file: the open of a FIFO there waited for a writer for good, before the first tick."""
     os.mkfifo(tmp_path / "last-good-config.yaml")

@@ -10,6 +10,7 @@ and `safe-state` reads the config file alone.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Mapping
 
@@ -29,6 +30,28 @@ def state_directory(environ: Mapping[str, str] = os.environ) -> Path | None:
     """systemd's StateDirectory= (the first, when it names several), or None outside systemd."""
     value = environ.get("STATE_DIRECTORY", "")
     return Path(value.split(":")[0]) if value else None
+
+
+def unusable(directory: Path, make: bool) -> str | None:
+    """Why the daemon could not keep its state in `directory` (this copy, the operator's values, a fleet node's
+    words), with the fix, or None; `make`: create it if missing, as `run` does (systemd makes its own)."""
+    try:
+        if not stat.S_ISDIR(os.stat(directory).st_mode):
+            return "is not a folder: the daemon keeps its state there; remove it, or give another --state-dir"
+    except (FileNotFoundError, NotADirectoryError):
+        if not make:  # `run` makes it
+            return None if directory.parent.is_dir() or not directory.parent.exists() else (
+                f"cannot be made: {directory.parent} is not a folder; fix the path, or give another --state-dir")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot be made: {exc.strerror or exc}; fix the path, or give another --state-dir"
+    except OSError as exc:
+        return f"cannot be looked at: {exc.strerror or exc}; fix the path, or give another --state-dir"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return (f"is not writable by this user (uid {os.getuid()}): the daemon keeps its state there; fix its "
+                "owner or mode, or give another --state-dir")
+    return None
 
 
 def copy_path(directory: Path) -> Path:

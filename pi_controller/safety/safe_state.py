@@ -64,7 +64,12 @@ def command(args: argparse.Namespace) -> int:
 
 
 def _known_good(directory: Path | None) -> Settings | None:
-    if directory is None or not known_good.copy_path(directory).is_file():
+    if directory is None:
+        return None
+    problem = known_good.unusable(directory, make=False)
+    if problem:  # said, as `run` refuses it; the pins are made safe all the same, from what can be read
+        log.warning("state_dir_unusable", state_dir=str(directory), problem=problem)
+    if not known_good.copy_path(directory).is_file():
         return None
     return _read(known_good.copy_path(directory), "the config the daemon last ran with")
 
