@@ -521,13 +521,16 @@ def test_safe_state_after_a_crash_drives_what_the_daemon_ran_with_whatever_the_f
         config.write_text(edit)
     assert cli.main(["safe-state", "--config", str(config), "--simulate", "--log-format", "json"],
                     ) == 2  # no state directory given, none in the environment: nothing to go on
-    capfd.readouterr()
+    (failed,) = [json.loads(line) for line in capfd.readouterr().err.splitlines()]  # one line, with the why
+    assert failed["event"] == "safe_state_failed" and failed["invalid"][0].startswith(f"{config}:")
     assert cli.main(["safe-state", "--config", str(config), "--simulate", "--log-format", "json",
                      "--state-dir", str(state)]) == 0
     assert safe_pins() == {18: [0.25], 13: [pytest.approx(0.05)], 27: [1.0]}  # relay active low: high is off
     events = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
     sources = [e for e in events if e["event"] == "safe_state_source"]
     assert sources[0]["source"] == "the config the daemon last ran with"
+    (invalid,) = [e for e in events if e["level"] != "info"]  # the file's problem, in one line
+    assert invalid["event"] == "safe_state_config_invalid" and invalid["file"] == str(config)
     assert sorted(e["device"] for e in events if e["event"] == "safe_state_set") == [
         "led_strip", "relay_switch", "servo_motor"]
 
@@ -586,12 +589,12 @@ def test_safe_state_without_a_copy_salvages_every_actuator_entry_that_converts_a
     capfd.readouterr()
     assert cli.main(["safe-state", "--config", str(config), "--simulate", "--log-format", "json"]) == 0
     events = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
-    (invalid,) = [e for e in events if e["event"] == "safe_state_config_invalid"]
+    (invalid,) = [e for e in events if e["event"] != "safe_state_set"]  # one line: why, and what of it is used
+    assert invalid["event"] == "safe_state_config_invalid"
     assert invalid["line"] == 15 and "not valid YAML" in invalid["problem"]
-    (source,) = [e for e in events if e["event"] == "safe_state_source"]
-    assert source["source"] == "the config file, salvaged"
-    assert source["actuators"] == ["servo_motor", "relay_switch", "fan"]  # fan: read up to the line cut short
-    assert source["skipped"] == [f"{config}:5: actuators[0].frequency: expected a number, got a string ('fast')"]
+    assert invalid["source"] == "the config file, salvaged"
+    assert invalid["actuators"] == ["servo_motor", "relay_switch", "fan"]  # fan: read up to the line cut short
+    assert invalid["skipped"] == [f"{config}:5: actuators[0].frequency: expected a number, got a string ('fast')"]
     assert [e["device"] for e in events if e["event"] == "safe_state_set"] == ["servo_motor", "relay_switch", "fan"]
     pins = safe_pins()
     assert pins[18] == [] and pins[27] == [1.0]  # the broken strip untouched; the relay off (active low)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -48,12 +48,18 @@ def command(args: argparse.Namespace) -> int:
     if os.environ.get("SERVICE_RESULT") == "success":  # systemd's verdict on the run that just ended
         log.info("safe_state_skipped", reason="the daemon stopped cleanly, leaving its shut-down states")
         return 0
-    sources = [s for s in (_known_good(args.state_dir), _read(args.config, "the config file")) if s is not None]
+    read = [r for r in (_known_good(args.state_dir), _read(args.config, "the config file")) if r is not None]
+    sources = [r.settings for r in read if r.settings is not None]
     entries = _by_pin(sources)
-    if not entries:
+    if not entries:  # one line: nothing done, and why, each config's problem in it
         log.error("safe_state_failed", error="no actuator found: no config the daemon ran with, and none in "
-                                             f"{args.config}", state_dir=str(args.state_dir))
+                                             f"{args.config}", state_dir=str(args.state_dir),
+                  invalid=[str(r.invalid) for r in read if r.invalid is not None])
         return EXIT_NOTHING_FOUND
+    for r in read:  # one line each: where and why, and what of it is used
+        if r.invalid is not None:
+            log.warning("safe_state_config_invalid", file=r.invalid.file, line=r.invalid.line,
+                        key=config.format_path(r.invalid.path), problem=r.invalid.message, **(r.used or {}))
     try:
         factory = make_factory(sources[0].pins, sources[0].sensors, args.simulate)
     except HardwareError as exc:  # no GPIO: the exit code every command gives for it (systemd logs it)
@@ -63,7 +69,15 @@ def command(args: argparse.Namespace) -> int:
     return 0 if all(claimed) else 1
 
 
-def _known_good(directory: Path | None) -> Settings | None:
+class _Read(NamedTuple):
+    """A config as safe-state could read it: `settings` (None: nothing of it), why it is not valid, what was used."""
+
+    settings: Settings | None
+    invalid: config.ConfigError | None = None
+    used: dict[str, Any] | None = None
+
+
+def _known_good(directory: Path | None) -> _Read | None:
     if directory is None:
         return None
     problem = known_good.unusable(directory, make=False)
@@ -74,22 +88,20 @@ def _known_good(directory: Path | None) -> Settings | None:
     return _read(known_good.copy_path(directory), "the config the daemon last ran with")
 
 
-def _read(path: Path, what: str) -> Settings | None:
-    """All of a valid config; of an invalid one, what converts on its own (its errors logged)."""
+def _read(path: Path, what: str) -> _Read:
+    """All of a valid config (said: the source, its actuators); of an invalid one, what converts on its own,
+    for the caller to say in one line with why it is invalid."""
     try:
         settings = config.load(path)
-        log.info("safe_state_source", file=str(path), source=what, actuators=[a.id for a in settings.actuators])
-        return settings
     except config.ConfigError as exc:
-        log.warning("safe_state_config_invalid", file=exc.file, line=exc.line, key=config.format_path(exc.path),
-                    problem=exc.message)
-    try:
-        settings, errors = config.salvage(path)
-    except config.ConfigError:  # unreadable: already said
-        return None
-    log.info("safe_state_source", file=str(path), source=f"{what}, salvaged",
-             actuators=[a.id for a in settings.actuators], skipped=[str(error) for error in errors])
-    return settings
+        try:
+            salvaged, errors = config.salvage(path)
+        except config.ConfigError:  # not readable at all
+            return _Read(None, exc, {"source": what, "actuators": []})
+        return _Read(salvaged, exc, {"source": f"{what}, salvaged", "actuators": [a.id for a in salvaged.actuators],
+                                     "skipped": [str(error) for error in errors]})
+    log.info("safe_state_source", file=str(path), source=what, actuators=[a.id for a in settings.actuators])
+    return _Read(settings)
 
 
 def _by_pin(sources: list[Settings]) -> list[ActuatorSettings]:
