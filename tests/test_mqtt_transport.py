@@ -352,6 +352,22 @@ def test_read_only_mode_advertises_no_commands_and_subscribes_to_no_command_topi
     assert set(re.findall(rf"^\d+: {CLIENT_ID} (\S+)$", log, re.MULTILINE)) == subscribed  # unsubscribed
 
 
+@needs_mosquitto
+def test_commands_mode_sweeps_its_retained_configs_as_read_only_mode_does(tmp_path) -> None:
+    """The discovery configs' filter was subscribed for the whole run with commands: every config the daemon sent
+    came back to it, and anything published there later was taken in, where read-only mode swept it."""
+    broker = ConfiguredBroker(tmp_path, "allow_anonymous true")
+    broker.start()
+    try:
+        finish(start_daemon(daemon_config(tmp_path, broker.port), "--ticks", "20"), stop=False)
+    finally:
+        broker.stop()
+    log = broker.log.read_text(errors="replace")
+    configs = re.escape(f"homeassistant/+/{NODE}/+/config")
+    assert re.search(rf"^\d+: {CLIENT_ID} 0 {configs}$", log, re.MULTILINE)  # QoS 0: a sweep's
+    assert re.search(rf"^\d+: {CLIENT_ID} {configs}$", log, re.MULTILINE)  # unsubscribed once acknowledged
+
+
 # -- lifecycle ------------------------------------------------------------------------------------------------
 
 

@@ -86,14 +86,14 @@ class Telemetry(LoopObserver):
         return routes | self._leftovers() | (self.fleet.routes() if self.fleet is not None else {})
 
     def _leftovers(self) -> dict[str, Route]:
-        """The discovery configs of our node that Home Assistant holds and, once at each connection, the
-        retained states of ours: to empty those of entities, devices and plugins gone. Read-only too (a run
-        before left them whatever its mode), where the configs are swept as the states are: nothing that
-        comes after the retained ones is taken in."""
+        """The retained discovery configs of our node that Home Assistant holds and the retained states of ours,
+        swept at each connection: to empty those of entities, devices and plugins gone. In either mode (a run
+        before left them whatever its mode); nothing that comes after the retained ones is taken in (the
+        configs this run sends would each come back to it)."""
         policy = self.policy
         # Without discovery too: Home Assistant is then told of nothing, and what an earlier run told it goes.
         routes = {f"{self.mqtt.discovery_prefix}/+/{self.mqtt.node_id}/+/config":
-                  Route(policy.leftover_config, sweep=not self.mqtt.commands)}
+                  Route(policy.leftover_config, sweep=True)}
         for kind in ("sensor", "actuator", "plugin"):
             routes[f"{policy.topics.base}/{kind}/+/state"] = Route(policy.leftover_state, sweep=True)
         return routes
