@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
+from benchmarks.flood import until as poll
 from pi_controller import cli
 from pi_controller.fleet import protocol
 from pi_controller.fleet.protocol import Announcement
@@ -100,8 +101,15 @@ def all_online(nodes: SimulatedFleet, port: int) -> None:
 
 
 def events(nodes: SimulatedFleet, node: str, event: str) -> list[dict[str, Any]]:
+    """What `node` has logged of `event` so far: for an event that must not be there (`logged` waits for one)."""
     lines = (json.loads(line) for line in nodes.log(node).splitlines() if line.startswith("{"))
     return [e for e in lines if e.get("event") == event]
+
+
+def logged(nodes: SimulatedFleet, node: str, event: str) -> list[dict[str, Any]]:
+    """`node`'s lines of `event`, once there is one. A node writes its log on a thread of its own (no tick waits
+    on stderr), so a line logged before a verdict may reach the file after the verdict reached the broker."""
+    return poll(lambda: events(nodes, node, event), f"{node} logs {event}", WAIT_S)
 
 
 def plugin_state(port: int, node: str, wanted: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
@@ -135,8 +143,8 @@ def test_a_good_version_reaches_10_nodes_through_the_canary_and_the_stages(site)
         assert sha256(folder / "plugins" / "probe.wasm") == sha256(site["good"])  # promoted
         assert sha256(folder / "state" / "fleet" / "previous" / "probe" / "probe.wasm") == sha256(site["live"])
     # Each stage went in only once the one before was live: the canary before stage 1, stage 1 before stage 2.
-    live_at = {n: events(nodes, n, "fleet_version_live")[0]["timestamp"] for n in nodes.nodes}
-    fetched_at = {n: events(nodes, n, "fleet_fetching")[0]["timestamp"] for n in nodes.nodes}
+    live_at = {n: logged(nodes, n, "fleet_version_live")[0]["timestamp"] for n in nodes.nodes}
+    fetched_at = {n: logged(nodes, n, "fleet_fetching")[0]["timestamp"] for n in nodes.nodes}
     assert live_at["node-00"] < min(fetched_at[n] for n in nodes.nodes[1:])
     assert max(live_at[n] for n in nodes.nodes[1:4]) < min(fetched_at[n] for n in nodes.nodes[4:])
     # Home Assistant's update entity: the announced version installed, no longer in progress.
@@ -155,7 +163,7 @@ def test_a_version_that_traps_on_some_inputs_is_rolled_back_on_the_canary_alone(
     said: list[str] = []
     assert rollout(site["trapping"], plan(nodes, site["port"], shadow_ticks=shadow_ticks), said.append) == 1
     assert said[-2].startswith("node node-00: rolled_back: ") and "stopped at stage 0" in said[-1], said
-    failed = events(nodes, "node-00", "fleet_rollout_failed")
+    failed = logged(nodes, "node-00", "fleet_rollout_failed")
     assert len(failed) == 1 and ("after promotion" in failed[0]["reason"]) == (shadow_ticks == 3), failed
     canary = site["tmp"] / "nodes" / "node-00" / "plugins"
     assert sha256(canary / "probe.wasm") == sha256(site["live"])  # the version it had, back (or never left)
@@ -266,7 +274,7 @@ def test_a_node_stopped_in_its_live_window_watches_it_again_and_rolls_back_by_it
     finally:
         seen.close()
     assert (verdict.phase, verdict.sha256) == ("rolled_back", sha256(site["live"])), verdict
-    assert len(events(nodes, "node-00", "fleet_live_window_restarted")) == 1
+    assert len(logged(nodes, "node-00", "fleet_live_window_restarted")) == 1
     assert events(nodes, "node-00", "fleet_version_already_live") == []
     assert sha256(site["tmp"] / "nodes" / "node-00" / "plugins" / "probe.wasm") == sha256(site["live"])
 
