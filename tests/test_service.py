@@ -82,9 +82,28 @@ def test_ready_after_the_first_tick_then_watchdog_pings_and_stopping(tmp_path, n
         process.communicate()
 
 
+class Logged:
+    """What a daemon logs while it runs: its stderr's events, read on a thread as they come."""
+
+    def __init__(self, process: subprocess.Popen[str]):
+        self.events: list[str] = []
+        self._reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self._reader.start()
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            self.events.append(json.loads(line)["event"])
+
+    def join(self) -> None:
+        """Once the daemon exited: every line read."""
+        self._reader.join(60)
+
+
 def test_a_stalled_loop_stops_the_watchdog_pings(tmp_path, notify_socket) -> None:
     config = service_config(tmp_path)
     process = start(config, notify_socket, WATCHDOG_USEC="400000")
+    logged = Logged(process)
     try:
         receive(notify_socket, "READY=1")
         receive(notify_socket, "WATCHDOG=1")
@@ -103,13 +122,15 @@ def test_a_stalled_loop_stops_the_watchdog_pings(tmp_path, notify_socket) -> Non
         notify_socket.settimeout(1.5)
         with pytest.raises(TimeoutError):
             notify_socket.recv(4096)
+        # Meanwhile our own watchdog thread drove the actuators safe: its trip and its lines (written by the log's
+        # thread) are waited for before the SIGKILL, which takes what is not written yet with it.
+        poll(lambda: {"watchdog_tripped", "actuators_safe"} <= set(logged.events),
+             "our own watchdog thread drove the actuators safe meanwhile")
     finally:
         process.kill()
-        _, stderr = process.communicate()
-    events = [json.loads(line) for line in stderr.splitlines()]
-    tripped = [e for e in events if e["event"] == "watchdog_tripped"]
-    assert tripped, "our own watchdog thread drove the actuators safe meanwhile"
-    assert any(e["event"] == "actuators_safe" for e in events)
+        process.wait()
+        logged.join()
+        process.communicate()
 
 
 def monotonic_us() -> int:
