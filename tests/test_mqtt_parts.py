@@ -555,3 +555,34 @@ def test_a_former_place_that_shares_the_discovery_configs_of_now_sweeps_only_its
     former_node.FormerNode(old, tmp_path, lambda topics: None)
     now = former_node.FormerNode(MqttSettings(base_topic="new", node_id="pi"), tmp_path, lambda topics: None)
     assert set(now.routes()) == {f"{former_node.Place.of(old).base}/#"}
+
+
+def test_the_former_place_is_forgotten_only_once_a_sweep_finds_nothing_of_it_left(tmp_path: Path) -> None:
+    """A sweep's emptying is only queued when the sweep is over: a SIGKILL or a power cut before the broker took it
+    leaves the old place's messages retained. So the record still names the old place after a sweep that had
+    something to empty; the next start sweeps it again, and forgets it once that sweep finds nothing left."""
+    old = "pi-controller/old/sensor/t/state"
+    former_node.FormerNode(MqttSettings(node_id="old"), tmp_path, lambda topics: None)  # a run under the old id
+    emptied: list[list[str]] = []
+    for found in ([old], [old], []):  # the first run stopped before its emptying went out; the second's did
+        start = former_node.FormerNode(MqttSettings(node_id="new"), tmp_path, emptied.append)
+        assert start.routes(), emptied  # the old place is swept at this start
+        for topic in found:
+            start._retained(Inbound(topic, b'{"value": 1}', True, ()))
+        start.swept()
+        assert start.before is None  # once in a run
+    assert emptied == [[old], [old], []]
+    assert former_node.FormerNode(MqttSettings(node_id="new"), tmp_path, emptied.append).routes() == {}
+
+
+def test_the_former_place_another_pi_says_online_under_is_left_and_forgotten(tmp_path: Path) -> None:
+    """Another Pi runs under the old id: its topics are its own, nothing is emptied, and the old place is forgotten
+    at once (never swept again, at this start or the next)."""
+    former_node.FormerNode(MqttSettings(node_id="old"), tmp_path, lambda topics: None)
+    emptied: list[list[str]] = []
+    start = former_node.FormerNode(MqttSettings(node_id="new"), tmp_path, emptied.append)
+    start._retained(Inbound("pi-controller/old/status", b"online", True, ()))
+    start._retained(Inbound("pi-controller/old/sensor/t/state", b'{"value": 1}', True, ()))
+    start.swept()
+    again = former_node.FormerNode(MqttSettings(node_id="new"), tmp_path, emptied.append)
+    assert emptied == [] and again.routes() == {}

@@ -6,7 +6,9 @@ Home Assistant keeps the old device with every entity unavailable. The daemon re
 (`RECORD`, in its state directory: systemd's StateDirectory=); started under another place, it sweeps the old
 one once connected (subscribed until the broker acknowledges it, as the clean-up of leftovers is) and empties
 every retained message there, unless the old node's `status` says `online`: then another Pi runs under the old
-id, and its topics are its own. The record moves to the place of now after that sweep, either way.
+id, and its topics are its own. The record moves to the place of now once a sweep finds nothing of ours left
+there (or that other Pi): an emptying is only queued when its sweep is over, and one that a SIGKILL or a power
+cut took before the broker had it is made again at the next start.
 
 Without a state directory nothing is remembered; docs/home-assistant.md says how to empty an old id by hand.
 """
@@ -92,21 +94,23 @@ class FormerNode:
 
     def swept(self) -> None:
         """The sweep acknowledged (paho's thread): its retained messages came before. Empty them, unless
-        another node is online under the old place."""
+        another node is online under the old place; forget the old place once nothing of ours is left there."""
         before = self.before
         if before is None:
             return
         with self._lock:
             found, status = sorted(self._found), self._status
             self._found.clear()
-        if status == b"online" and before.base != self.now.base:
+        another_node = status == b"online" and before.base != self.now.base
+        if another_node:
             log.warning("mqtt_former_node_online", node_id=before.node_id, base=before.base, left=len(found),
                         note="another client says online under the node id this Pi had: its topics are left")
         else:
             self._empty(found + ([f"{before.base}/status"] if status is not None else []))
             log.info("mqtt_former_node_emptied", node_id=before.node_id, base=before.base, topics=len(found))
-        self.before = None
-        self._remember()
+        self.before = None  # swept once in a run
+        if another_node or not (found or status is not None):  # else its emptying, only queued, is swept for again
+            self._remember()
 
     def _read(self) -> Place | None:
         if self._file is None:
