@@ -353,6 +353,18 @@ def test_a_state_dir_that_is_a_file_is_refused_in_one_line_before_any_pin_moves(
                                           "daemon keeps its state there; remove it, or give another --state-dir"]
 
 
+def test_check_config_refuses_a_state_dir_that_run_could_not_make(tmp_path) -> None:
+    """ExecReload='s check says what `run` would: a folder missing under a file further up cannot be made (check-config
+    looked at its parent alone, missing too, and said OK)."""
+    (tmp_path / "file").write_text("")
+    state = tmp_path / "file" / "under" / "state"
+    for command in (["run", "--simulate", "--ticks", "2"], ["check-config"]):
+        result = subprocess.run(pi_controller(*command, "--config", CONFIG, "--state-dir", str(state)),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.startswith(f"error: state directory {state}: cannot be made: "), (command, result.stderr)
+
+
 def test_safe_state_with_a_state_dir_that_is_a_file_says_so_and_makes_the_pins_safe(tmp_path) -> None:
     """As ExecStopPost= nothing may keep it from the pins: a warning, not a refusal (it said nothing)."""
     (tmp_path / "state").write_text("")

@@ -39,9 +39,13 @@ def unusable(directory: Path, make: bool) -> str | None:
         if not stat.S_ISDIR(os.stat(directory).st_mode):
             return "is not a folder: the daemon keeps its state there; remove it, or give another --state-dir"
     except (FileNotFoundError, NotADirectoryError):
-        if not make:  # `run` makes it
-            return None if directory.parent.is_dir() or not directory.parent.exists() else (
-                f"cannot be made: {directory.parent} is not a folder; fix the path, or give another --state-dir")
+        if not make:  # `run` makes it, with what is missing above it: below the nearest folder that exists
+            above = next((p for p in directory.parents if os.path.lexists(p)), Path("."))
+            if not above.is_dir():
+                return f"cannot be made: {above} is not a folder; fix the path, or give another --state-dir"
+            return None if os.access(above, os.W_OK | os.X_OK) else (
+                f"cannot be made: {above} is not writable by this user (uid {os.getuid()}); fix the path, or give "
+                "another --state-dir")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
