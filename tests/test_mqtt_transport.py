@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -221,11 +221,26 @@ def relay(source: socket.socket, to: socket.socket) -> None:
         to.shutdown(socket.SHUT_WR)
 
 
+def dropped_after_connack(client: socket.socket, upstream: socket.socket) -> None:
+    """The connection ended as soon as the broker's CONNACK is passed on, nothing of the client's past its CONNECT
+    let through: a link lost between the broker's accepting it and its acknowledging `online`."""
+    upstream.sendall(packet(client))  # CONNECT
+    client.sendall(exactly(upstream, 4))  # CONNACK, accepted
+    client.shutdown(socket.SHUT_WR)
+
+
+def answers_held_after_connack(client: socket.socket, upstream: socket.socket) -> None:
+    """All the client sends passed on; of the broker's answers, its CONNACK alone: `online` reaches the broker,
+    its acknowledgement never reaches the client (until the client closes the connection)."""
+    upstream.sendall(packet(client))  # CONNECT
+    client.sendall(exactly(upstream, 4))  # CONNACK, accepted
+    relay(client, upstream)
+
+
 @contextmanager
-def dropped_after_connack(port: int) -> Iterator[int]:
-    """A port relaying to the broker at `port` that ends its first connection as soon as it has passed on the
-    broker's CONNACK, nothing of the client's past its CONNECT let through: a link lost between the broker's
-    accepting it and its acknowledging `online`. Later connections are relayed whole."""
+def relayed(port: int, first: Callable[[socket.socket, socket.socket], None]) -> Iterator[int]:
+    """A port relaying to the broker at `port`: its first connection as `first` passes it on (the client's
+    socket, the broker's), later ones whole."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -237,9 +252,7 @@ def dropped_after_connack(port: int) -> Iterator[int]:
             upstream = socket.create_connection(("127.0.0.1", port))
             if number == 0:
                 with client, upstream:
-                    upstream.sendall(packet(client))  # CONNECT
-                    client.sendall(exactly(upstream, 4))  # CONNACK, accepted
-                    client.shutdown(socket.SHUT_WR)
+                    first(client, upstream)
                 continue
             for source, to in ((client, upstream), (upstream, client)):
                 threading.Thread(target=relay, args=(source, to), daemon=True).start()
@@ -257,7 +270,7 @@ def test_a_link_lost_before_the_broker_acknowledged_online_is_a_failed_attempt_n
         tmp_path, broker, subscriber) -> None:
     """mqtt_connected was said at the broker's CONNACK: a link lost before `online` was acknowledged (the link's
     own test of being connected) was then 'closed before the broker answered', after 'connected'."""
-    with dropped_after_connack(broker.port) as port:
+    with relayed(broker.port, dropped_after_connack) as port:
         process = start_daemon(daemon_config(tmp_path, port, discovery=False))
         try:  # states go out once connected: through the second connection
             subscriber.wait_for(lambda: subscriber.on(f"{BASE}/actuator/relay_switch/state"), 60)
@@ -267,6 +280,21 @@ def test_a_link_lost_before_the_broker_acknowledged_online_is_a_failed_attempt_n
     assert "before it acknowledged online" in failed["reason"], failed
     (connected,) = events_named(events, "mqtt_connected")
     assert events.index(failed) < events.index(connected)
+
+
+@needs_mosquitto
+def test_a_daemon_stopped_before_the_broker_acknowledged_online_says_offline(tmp_path, broker, subscriber) -> None:
+    """Stopped once the broker had its `online` but before the acknowledgement came (not connected yet), it said
+    nothing: its clean DISCONNECT sends no last will, so `online` stayed retained and Home Assistant showed the
+    entities of a stopped daemon available."""
+    with relayed(broker.port, answers_held_after_connack) as port:
+        process = start_daemon(daemon_config(tmp_path, port, discovery=False))
+        try:
+            subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status")[-1:] == [b"online"], 60)
+        finally:
+            _, events = finish(process)
+    assert not events_named(events, "mqtt_connected")  # the acknowledgement was held: it never was connected
+    subscriber.wait_for(lambda: subscriber.on(f"{BASE}/status")[-1:] == [b"offline"])
 
 
 # -- command results ------------------------------------------------------------------------------------------

@@ -93,7 +93,9 @@ class Link:
     def stop(self) -> None:
         """Say offline (acknowledged, or the last will says it), disconnect, end paho's thread."""
         self._stopping = True
-        if self._connected.is_set():
+        # Also once the broker took the connection but before it acknowledged `online` (not connected yet): it may
+        # have `online` already, and a clean disconnect sends no last will to undo it.
+        if self._connected.is_set() or self._online is not None:
             info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=OFFLINE_WAIT_S)
