@@ -824,3 +824,27 @@ def test_a_rollout_that_ends_in_its_shadow_window_says_so_only_once_its_shadow_i
     assert said.with_shadow[-1] == (verdict.phase, False), said.with_shadow
     assert node.shown(NAME) == {"version": a.version, "sha256": a.sha256, "phase": verdict.phase,
                                 "in_progress": False, "percent": protocol.PROGRESS.get(verdict.phase, 0)}
+
+
+def test_a_node_stopped_while_a_failed_shadow_is_removed_does_not_run_the_rollout_again(site) -> None:
+    """The shadow failed; its removal is under way and the verdict waits for it, when the node is stopped (before
+    its next turn says the end). Started again on the retained announcement, it keeps its word: the rollout is
+    rolled back, not fetched, shadowed and compared anew (where it might agree this time and be promoted)."""
+    site.start()
+    node = site.node
+    assert node is not None
+    wasm = trapping(site)
+    a = site.announce(wasm, shadow_ticks=20)
+
+    def ending() -> bool:
+        rollout = node.rollouts.get(NAME)
+        return rollout is not None and rollout.ending is not None
+
+    site.settle(ending, "the shadow failed, its removal begun")
+    site.rig.stop()
+    site.start()
+    site.said.clear()
+    site.hand_over(a, wasm.read_bytes())
+    verdict = site.until(lambda v: True, "a verdict")
+    assert verdict.phase == protocol.ROLLED_BACK and "failed" in (verdict.reason or ""), verdict
+    assert list((site.folder / "shadow").glob(f"{NAME}.*")) == []

@@ -249,7 +249,7 @@ class FleetNode:
         if rollout.ended:
             return
         if a.state == "stopped" and rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
-            self._end_in_shadow(name, rollout, partial(setattr, rollout, "phase", protocol.STOPPED))
+            self._end_in_shadow(name, rollout, protocol.STOPPED)
             return
         stage = a.stage_of(self.node)
         if rollout.phase == protocol.WAITING and stage is not None and stage <= a.stage:
@@ -328,15 +328,13 @@ class FleetNode:
         loaded = shadows.plugins.status.get(name) if shadows is not None else None
         if loaded is not None and loaded.state == "failed" and loaded.refused_sha256 == a.sha256:
             # refused, or unloaded: the live plugins now need its share of the tick
-            self._end_in_shadow(name, rollout, partial(self._fail, name, rollout, protocol.REFUSED,
-                                                       f"as a shadow: {loaded.reason}"))
+            self._end_in_shadow(name, rollout, protocol.REFUSED, f"as a shadow: {loaded.reason}")
             return
         if shadows is None or loaded is None or loaded.sha256 != a.sha256:  # not adopted yet
             rollout.waited += 1
             if rollout.waited > max(a.shadow_ticks, MIN_SWAP_TICKS):
-                self._end_in_shadow(name, rollout, partial(self._fail, name, rollout, protocol.REFUSED,
-                                                           "the shadow was not loaded (is the plugins folder "
-                                                           "followed?)"))
+                self._end_in_shadow(name, rollout, protocol.REFUSED,
+                                    "the shadow was not loaded (is the plugins folder followed?)")
             return
         stats = shadows.stats.get(name)
         compared = stats.agreement.ticks if stats is not None else 0
@@ -344,13 +342,13 @@ class FleetNode:
         agreement = stats.agreement.percent() if stats is not None else 100.0
         rollout.counts = {"shadow_ticks": compared, "errors": errors, "agreement_percent": agreement}
         if errors or loaded.state == "quarantined":
-            self._end_in_shadow(name, rollout, partial(
-                self._fail, name, rollout, protocol.ROLLED_BACK,
-                f"the shadow failed {errors} of {compared} calls ({loaded.state}); the live version never changed"))
+            self._end_in_shadow(name, rollout, protocol.ROLLED_BACK,
+                                f"the shadow failed {errors} of {compared} calls ({loaded.state}); the live version "
+                                "never changed")
         elif compared >= a.shadow_ticks and agreement < a.min_agreement_percent:
-            self._end_in_shadow(name, rollout, partial(
-                self._fail, name, rollout, protocol.ROLLED_BACK,
-                f"the shadow agreed {agreement}% over {compared} ticks, under the {a.min_agreement_percent}% asked"))
+            self._end_in_shadow(name, rollout, protocol.ROLLED_BACK,
+                                f"the shadow agreed {agreement}% over {compared} ticks, under the "
+                                f"{a.min_agreement_percent}% asked")
         elif compared >= a.shadow_ticks:
             self._go_live(name, rollout)
 
@@ -461,12 +459,12 @@ class FleetNode:
             why = f"the shadow of plugin '{name}' was promoted by hand (plugin promote) before it was compared"
         else:
             return False
-        end = partial(self._fail, name, rollout, protocol.ROLLED_BACK if rollout.restoring else protocol.REFUSED,
-                      f"{rollout.restoring + '; then ' if rollout.restoring else ''}{why}: the node leaves it as it is")
+        phase = protocol.ROLLED_BACK if rollout.restoring else protocol.REFUSED
+        why = f"{rollout.restoring + '; then ' if rollout.restoring else ''}{why}: the node leaves it as it is"
         if rollout.phase == protocol.SHADOW:
-            self._end_in_shadow(name, rollout, end)
+            self._end_in_shadow(name, rollout, phase, why)
         else:
-            end()
+            self._fail(name, rollout, phase, why)
         return True
 
     def _put_back(self, name: str, rollout: Rollout, why: str, where: str) -> bool:
@@ -483,15 +481,21 @@ class FleetNode:
             self._fail(name, rollout, protocol.ROLLED_BACK, f"{why}; the live version never changed")
         return True
 
-    def _end_in_shadow(self, name: str, rollout: Rollout, end: Callable[[], None]) -> None:
-        """The rollout ends before a promotion: its shadow is removed, then it ends (`end`: its phase set, said and
-        kept). A node that says a rollout ended has nothing of it left in the plugins folder, as the owner's tool
-        reads it; meanwhile `_advance` waits for the removal, so the end comes once."""
+    def _end_in_shadow(self, name: str, rollout: Rollout, phase: str, why: str | None = None) -> None:
+        """The rollout ends before a promotion in `phase` (stopped; or failed, for `why`): its shadow is removed,
+        then it ends (its phase set and said; a failure logged and kept). A node that says a rollout ended has
+        nothing of it left in the plugins folder, as the owner's tool reads it; meanwhile `_advance` waits for the
+        removal, so the end comes once. A failure's word is kept at once all the same: a node stopped before its
+        next turn would otherwise fetch, shadow and compare the rollout anew at its start (and might promote it)."""
+        end = partial(self._fail, name, rollout, phase, why) if why is not None else partial(
+            setattr, rollout, "phase", phase)
         removal = self._abandon(name, rollout)
         if removal is None:
             end()
-        else:
-            rollout.job, rollout.ending = removal, end
+            return
+        if why is not None:
+            self._keep_word(name, replace(rollout, phase=phase, reason=_cut(why)))
+        rollout.job, rollout.ending = removal, end
 
     def _abandon(self, name: str, rollout: Rollout) -> asyncio.Future[None] | None:
         """Stop fetching; remove the shadow this rollout installed (the live version never changed), in this
