@@ -727,7 +727,7 @@ def test_a_pi_given_another_node_id_empties_what_it_left_under_the_old_one(tmp_p
                 scene.rig.tick()
                 scene.rig.settle()
                 now = retained(broker.port)
-                if daemon.telemetry.former.before is None and left_by("renamed", now) \
+                if not daemon.telemetry.former.before and left_by("renamed", now) \
                         and (elsewhere or not left_by(NODE, now)):
                     break
             scene.rig.ticks(3)  # an emptying queued at the sweep goes out within a tick

@@ -543,7 +543,7 @@ def test_a_record_of_the_former_place_that_is_no_regular_file_is_set_aside_witho
             former_node.FormerNode(MqttSettings(node_id="new"), tmp_path, lambda topics: None)), daemon=True)
         start.start()
         start.join(timeout=30)
-    assert built and built[0].before is None, "the start waited on the FIFO"
+    assert built and built[0].before == [], "the start waited on the FIFO"
     assert [e["event"] for e in events] == ["mqtt_place_unreadable"]
     assert (tmp_path / former_node.RECORD).is_file()  # replaced by the record of now
 
@@ -570,7 +570,7 @@ def test_the_former_place_is_forgotten_only_once_a_sweep_finds_nothing_of_it_lef
         for topic in found:
             start._retained(Inbound(topic, b'{"value": 1}', True, ()))
         start.swept()
-        assert start.before is None  # once in a run
+        assert start.before == []  # once in a run
     assert emptied == [[old], [old], []]
     assert former_node.FormerNode(MqttSettings(node_id="new"), tmp_path, emptied.append).routes() == {}
 
@@ -586,3 +586,24 @@ def test_the_former_place_another_pi_says_online_under_is_left_and_forgotten(tmp
     start.swept()
     again = former_node.FormerNode(MqttSettings(node_id="new"), tmp_path, emptied.append)
     assert emptied == [] and again.routes() == {}
+
+
+def test_a_place_between_two_renames_is_swept_though_the_first_was_not_yet_found_empty(tmp_path: Path) -> None:
+    """A node id changed twice (a typo fixed: 'old', then 'greenhous', then 'greenhouse') while the record still
+    named the first place, its emptying not yet found done: the place in between was never recorded, and what the
+    node published there (its status, states, discovery configs) was left retained for good."""
+    former_node.FormerNode(MqttSettings(node_id="old"), tmp_path, lambda topics: None)  # a run under the old id
+    emptied: list[list[str]] = []
+    typo = former_node.FormerNode(MqttSettings(node_id="greenhous"), tmp_path, emptied.append)
+    typo._retained(Inbound("pi-controller/old/sensor/t/state", b'{"value": 1}', True, ()))
+    typo.swept()  # its emptying only queued: the old place is swept again at the next start
+    fixed = former_node.FormerNode(MqttSettings(node_id="greenhouse"), tmp_path, emptied.append)
+    assert set(fixed.routes()) >= {"pi-controller/old/#", "pi-controller/greenhous/#"}
+    fixed._retained(Inbound("pi-controller/greenhous/status", b"offline", True, ()))
+    fixed._retained(Inbound("pi-controller/greenhous/sensor/t/state", b'{"value": 1}', True, ()))
+    fixed.swept()
+    assert sorted(emptied[-1]) == ["pi-controller/greenhous/sensor/t/state", "pi-controller/greenhous/status"]
+    again = former_node.FormerNode(MqttSettings(node_id="greenhouse"), tmp_path, emptied.append)
+    assert set(again.routes()) == {"pi-controller/greenhous/#", "homeassistant/+/greenhous/+/config"}
+    again.swept()  # nothing of it left: forgotten, the old one with it (found empty at the start before)
+    assert former_node.FormerNode(MqttSettings(node_id="greenhouse"), tmp_path, emptied.append).routes() == {}

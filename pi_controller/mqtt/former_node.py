@@ -6,9 +6,10 @@ Home Assistant keeps the old device with every entity unavailable. The daemon re
 (`RECORD`, in its state directory: systemd's StateDirectory=); started under another place, it sweeps the old
 one once connected (subscribed until the broker acknowledges it, as the clean-up of leftovers is) and empties
 every retained message there, unless the old node's `status` says `online`: then another Pi runs under the old
-id, and its topics are its own. The record moves to the place of now once a sweep finds nothing of ours left
-there (or that other Pi): an emptying is only queued when its sweep is over, and one that a SIGKILL or a power
-cut took before the broker had it is made again at the next start.
+id, and its topics are its own. The record names the place of now, and each old place until a sweep finds
+nothing of ours left there (or that other Pi): an emptying is only queued when its sweep is over, and one that a
+SIGKILL or a power cut took before the broker had it is made again at the next start, also under a place renamed
+once more meanwhile (a typo in a node id fixed at once), whose own leftovers are then swept too.
 
 Without a state directory nothing is remembered; docs/home-assistant.md says how to empty an old id by hand.
 """
@@ -33,6 +34,7 @@ log = structlog.get_logger("pi_controller.telemetry")
 
 RECORD = "mqtt-place.json"
 MAX_RECORD_BYTES = 4096
+MAX_FORMER = 8  # former places still to be found empty, kept in the record besides the one of now
 MAX_TOPICS = 10_000  # emptied at most: a node publishes some hundreds; past this a broker holds what is not ours
 
 
@@ -66,69 +68,80 @@ class FormerNode:
         self._empty = empty
         self._lock = threading.Lock()
         self._found: set[str] = set()
-        self._status: bytes | None = None
+        self._status: dict[str, bytes] = {}  # an old place's base -> its retained status
         recorded = self._read()
-        self.before = recorded if recorded is not None and recorded != self.now else None
-        if recorded is None:
-            self._remember()
+        # The places to sweep: the one recorded, and those whose emptying no sweep found done yet
+        self.before = [place for place in dict.fromkeys(recorded) if place != self.now]
+        if not recorded:
+            self._remember([])
 
     def routes(self) -> dict[str, Route]:
-        """The old place's retained messages, swept: its base and its configs, unless they are ours now (the
+        """The old places' retained messages, swept: their bases and their configs, unless they are ours now (the
         leftovers' clean-up has those)."""
-        if self.before is None:
-            return {}
-        filters = {f"{self.before.base}/#"} if self.before.base != self.now.base else set()
-        if self.before.configs() != self.now.configs():
-            filters.add(self.before.configs())
+        filters = {f"{place.base}/#" for place in self.before if place.base != self.now.base}
+        filters |= {place.configs() for place in self.before if place.configs() != self.now.configs()}
         return {topic: Route(self._retained, sweep=True) for topic in sorted(filters)}
 
     def _retained(self, message: Inbound) -> None:
         before = self.before
-        if before is None or not message.retained or not message.payload or self.now.holds(message.topic):
-            return
+        if not before or not message.retained or not message.payload or self.now.holds(message.topic):
+            return  # swept already (until the broker acknowledges its end), or not an old place's
         with self._lock:
-            if message.topic == f"{before.base}/status":
-                self._status = message.payload
+            if any(message.topic == f"{place.base}/status" for place in before):
+                self._status[message.topic.removesuffix("/status")] = message.payload
             elif len(self._found) < MAX_TOPICS:
                 self._found.add(message.topic)
 
     def swept(self) -> None:
-        """The sweep acknowledged (paho's thread): its retained messages came before. Empty them, unless
-        another node is online under the old place; forget the old place once nothing of ours is left there."""
-        before = self.before
-        if before is None:
+        """The sweep acknowledged (paho's thread): its retained messages came before. Empty each old place's,
+        unless another node is online under it; forget a place once nothing of ours is left there."""
+        if not self.before:
             return
         with self._lock:
-            found, status = sorted(self._found), self._status
+            found, statuses = sorted(self._found), dict(self._status)
             self._found.clear()
-        another_node = status == b"online" and before.base != self.now.base
-        if another_node:
-            log.warning("mqtt_former_node_online", node_id=before.node_id, base=before.base, left=len(found),
+            self._status.clear()
+        others = [p for p in self.before if statuses.get(p.base) == b"online" and p.base != self.now.base]
+        for place in others:
+            log.warning("mqtt_former_node_online", node_id=place.node_id, base=place.base,
+                        left=sum(place.holds(t) for t in found),
                         note="another client says online under the node id this Pi had: its topics are left")
-        else:
-            self._empty(found + ([f"{before.base}/status"] if status is not None else []))
-            log.info("mqtt_former_node_emptied", node_id=before.node_id, base=before.base, topics=len(found))
-        self.before = None  # swept once in a run
-        if another_node or not (found or status is not None):  # else its emptying, only queued, is swept for again
-            self._remember()
+        emptied: list[str] = []
+        left: list[Place] = []
+        for place in (p for p in self.before if p not in others):
+            here, status = [t for t in found if place.holds(t)], statuses.get(place.base)
+            emptied += here + ([f"{place.base}/status"] if status is not None else [])
+            log.info("mqtt_former_node_emptied", node_id=place.node_id, base=place.base, topics=len(here))
+            if here or status is not None:  # its emptying, only queued, is swept for again at the next start
+                left.append(place)
+        if len(others) < len(self.before):
+            self._empty(emptied)
+        self.before = []  # swept once in a run
+        self._remember(left)
 
-    def _read(self) -> Place | None:
+    def _read(self) -> list[Place]:
+        """The place recorded, then the former ones still to be found empty; [] if none."""
         if self._file is None:
-            return None
+            return []
         try:  # a regular file only: a FIFO there would hold the start up for good
             data = json.loads(read_small(self._file, MAX_RECORD_BYTES, "a record of where this node published"))
-            return Place(str(data["base"]), str(data["discovery_prefix"]), str(data["node_id"]))
+            return [Place(str(p["base"]), str(p["discovery_prefix"]), str(p["node_id"]))
+                    for p in [data, *data.get("former", [])]]
         except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return []
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("mqtt_place_unreadable", file=str(self._file), error=str(exc)[:300])
-            return None
+            return []
 
-    def _remember(self) -> None:
+    def _remember(self, left: list[Place]) -> None:
+        """The place of now recorded, with the former ones `left` to sweep again."""
         if self._file is None:
             return
+        # The newest first, a few: a record past MAX_RECORD_BYTES would be unreadable, and every place forgotten
+        former = [asdict(place) for place in left[:MAX_FORMER]]
+        record = asdict(self.now) | ({"former": former} if former else {})
         try:
             self._file.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(self._file, json.dumps(asdict(self.now)).encode(), flush=False)
+            write_atomically(self._file, json.dumps(record).encode(), flush=False)
         except OSError as exc:
             log.warning("mqtt_place_not_kept", file=str(self._file), error=str(exc)[:300])
