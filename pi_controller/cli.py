@@ -206,9 +206,9 @@ def _check_config(args: argparse.Namespace) -> int:
         exc.refuse()
         return EXIT_CONFIG
     problem = known_good.unusable(args.state_dir, make=False) if args.state_dir else None
-    if problem:  # what `run` would refuse
-        logs.refusal("state_dir_error", f"error: state directory {args.state_dir}: {problem}")
-        return EXIT_CONFIG
+    if problem:  # a warning: the unit's ExecReload= runs this check, and a running daemon reloads all the same
+        notes.append(f"state directory {args.state_dir}: {problem} (`run` refuses to start with it; a running "
+                     "daemon applies this config without keeping a copy)")
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     print(f"{path}: OK ({len(settings.sensors)} sensors, {len(settings.actuators)} actuators, "
