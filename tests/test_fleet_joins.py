@@ -826,13 +826,18 @@ def test_a_rollout_that_ends_in_its_shadow_window_says_so_only_once_its_shadow_i
                                 "in_progress": False, "percent": protocol.PROGRESS.get(verdict.phase, 0)}
 
 
-def test_a_node_stopped_while_a_failed_shadow_is_removed_does_not_run_the_rollout_again(site) -> None:
+@pytest.mark.parametrize("killed", [False, True], ids=["removed", "killed-before-the-removal"])
+def test_a_node_stopped_while_a_failed_shadow_is_removed_does_not_run_the_rollout_again(site, killed) -> None:
     """The shadow failed; its removal is under way and the verdict waits for it, when the node is stopped (before
     its next turn says the end). Started again on the retained announcement, it keeps its word: the rollout is
-    rolled back, not fetched, shadowed and compared anew (where it might agree this time and be promoted)."""
+    rolled back, not fetched, shadowed and compared anew (where it might agree this time and be promoted). Killed
+    before the removal ran, the shadow it left is removed at the start: it would run beside the live version for
+    good (its rollout ended, nothing else compares or removes it)."""
     site.start()
     node = site.node
     assert node is not None
+    if killed:
+        node._remove_shadow = lambda *args: False  # type: ignore[method-assign]
     wasm = trapping(site)
     a = site.announce(wasm, shadow_ticks=20)
 
@@ -847,4 +852,7 @@ def test_a_node_stopped_while_a_failed_shadow_is_removed_does_not_run_the_rollou
     site.hand_over(a, wasm.read_bytes())
     verdict = site.until(lambda v: True, "a verdict")
     assert verdict.phase == protocol.ROLLED_BACK and "failed" in (verdict.reason or ""), verdict
+    daemon = site.rig.daemon
+    assert daemon is not None
+    site.settle(lambda: len(daemon.shadows.current) == 0, "the shadow unloaded")
     assert list((site.folder / "shadow").glob(f"{NAME}.*")) == []

@@ -187,15 +187,17 @@ class FleetNode:
             current.announcement = a  # a stage let in, or the rollout stopped
             return
         note = self._shadow_note(a.name)  # of the shadow this node installed last, if any
+        kept = self._kept_word(a.name)
+        kept = kept if kept is not None and kept.get("rollout") == a.rollout else None  # its word on this one
         # The shadow of the rollout it replaces is removed first: the new one may install the very same module
-        removal = self._abandon(a.name, current) if current is not None else self._remove_earlier_shadow(a, note)
+        removal = self._abandon(a.name, current) if current is not None else self._remove_earlier_shadow(
+            a, note, kept is not None and kept["phase"] in protocol.FAILED)
         stage = a.stage_of(self.node)
         if stage is None:
             self.rollouts.pop(a.name, None)
             return
         rollout = self.rollouts[a.name] = Rollout(a, self._followed(), job=removal)
-        kept = self._kept_word(a.name)
-        if kept is not None and kept.get("rollout") == a.rollout:
+        if kept is not None:
             self._resume(a.name, rollout, kept)
             return
         live = self.status.plugins.status.get(a.name)
@@ -554,18 +556,21 @@ class FleetNode:
         (self.folder / FOLDER).mkdir(parents=True, exist_ok=True)
         write_atomically(self.folder / FOLDER / f"{a.name}.json", json.dumps(note).encode(), 0o600, flush=False)
 
-    def _remove_earlier_shadow(self, a: Announcement, note: dict[str, Any] | None) -> asyncio.Future[None] | None:
-        """The first announcement of `a.name` this node takes: a shadow an earlier run installed for another
-        rollout (its `note`) is removed, whether or not `a` is this node's: nothing else would ever compare or
-        remove it. Done once it is removed (`_removed`); None if there is none."""
-        if note is None or note.get("rollout") == a.rollout or not isinstance(note.get("sha256"), str) \
-                or not isinstance(note.get("directory"), str):
+    def _remove_earlier_shadow(self, a: Announcement, note: dict[str, Any] | None,
+                               failed: bool) -> asyncio.Future[None] | None:
+        """The first announcement of `a.name` this node takes: a shadow an earlier run installed (its `note`) for
+        another rollout, or for `a` when the node's kept word says `a` `failed` (stopped before the removal that
+        follows a failure's word), is removed, whether or not `a` is this node's: nothing else would ever compare
+        or remove it. Done once it is removed (`_removed`); None if there is none."""
+        if note is None or (note.get("rollout") == a.rollout and not failed) \
+                or not isinstance(note.get("sha256"), str) or not isinstance(note.get("directory"), str):
             return None
+        why = "its rollout failed" if note.get("rollout") == a.rollout else f"replaced by rollout {a.rollout}"
 
         def remove() -> None:
             if self._remove_shadow(a.name, Path(note["directory"]), note["sha256"]):
                 log.info("fleet_earlier_shadow_removed", plugin=a.name, rollout=str(note.get("rollout"))[:64],
-                         replaced_by=a.rollout)
+                         why=why)
 
         return self._removed(self._in_worker(remove))
 
