@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pi_controller.plugins.extism_adapter import may_log
+from pi_controller.plugins.extism_adapter import calls_host, may_log
 from pi_controller.plugins.wasm_imports import imported_functions
 from tests import wasm_modules
 from tests.wasm_modules import HEADER, leb, section
@@ -38,6 +38,7 @@ def test_the_committed_plugins_imports_as_their_sources_declare_them() -> None:
     assert read("trap") == frozenset()  # imports nothing
     assert [may_log(read(p)) for p in ("log_flood", "extism_logger", "alternating", "host_calls")] == [
         True, True, False, False]
+    assert [calls_host(read(p)) for p in ("host_calls", "alternating", "log_flood")] == [True, False, False]
 
 
 def test_imports_of_every_kind_are_read_past_and_only_functions_named() -> None:
@@ -63,4 +64,4 @@ def test_imports_of_every_kind_are_read_past_and_only_functions_named() -> None:
     module(imports(*[name("a") + name("b") + b"\x00\x00"] * 100_001)),  # more imports than wasmtime takes
 ])
 def test_a_section_this_reader_cannot_read_is_unknown_and_taken_for_the_worst(wasm: bytes) -> None:
-    assert imported_functions(wasm) is None and may_log(None)
+    assert imported_functions(wasm) is None and may_log(None) and calls_host(None)

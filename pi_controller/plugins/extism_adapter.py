@@ -20,6 +20,7 @@ from extism.extism import CompiledPlugin, _ffi, _lib  # fuel and host memory are
 from pi_controller.plugins.wasm_cache import compile_with_fallback
 
 NAMESPACE = b"extism:host/user"  # where plugins import our host functions from
+_USER = NAMESPACE.decode()  # as `wasm_imports` names an import's module
 KERNEL = "extism:host/env"  # libextism's own functions: memory, input and output, vars, config, HTTP, its log
 I64 = 1  # ExtismValType
 _SIGNATURE = "void(ExtismCurrentPlugin*, const ExtismVal*, ExtismSize, ExtismVal*, ExtismSize, void*)"
@@ -103,6 +104,11 @@ def may_log(imported: Collection[tuple[str, str]] | None) -> bool:
     """Whether a module importing these functions (None: not known) can write to libextism's log during a
     call that succeeds: only through libextism's log functions (its other lines are of failed calls)."""
     return imported is None or any(module == KERNEL and name.startswith("log_") for module, name in imported)
+
+
+def calls_host(imported: Collection[tuple[str, str]] | None) -> bool:
+    """Whether a module importing these functions (None: not known) can call our host functions (`NAMESPACE`)."""
+    return imported is None or any(module == _USER for module, _ in imported)
 
 
 @cache

@@ -21,7 +21,7 @@ import extism
 from pi_controller import logs
 from pi_controller.contract import Command, CommandTarget, Context, Rejection, encode_config, parse_output
 from pi_controller.plugins.backstop import Backstop
-from pi_controller.plugins.extism_adapter import Module, call, compile_module, handle, may_log
+from pi_controller.plugins.extism_adapter import Module, call, calls_host, compile_module, handle, may_log
 from pi_controller.plugins.extism_log import router
 from pi_controller.plugins.host_functions import FUNCTIONS, PluginHost
 from pi_controller.plugins.manifest import Grant, Refused
@@ -136,7 +136,11 @@ class SandboxedPlugin:
         self._screened: tuple[bytes, Mapping[str, CommandTarget], list[Command], list[Rejection]] | None = None
         self._module = compile_plugin(wasm, terms, self._host_handle, self.backstop_ms)
         # Read once the module has passed its trial and compiled (so its imports are within wasmtime's limits).
-        self.logs_to_extism = may_log(imported_functions(wasm))  # so the tick drains libextism's log for it
+        imported = imported_functions(wasm)
+        self.logs_to_extism = may_log(imported)  # so the tick drains libextism's log for it
+        # Whether a call can reach our host functions, the only readers of the host's per-call budgets and
+        # backstop: most plugins import none, and their calls skip setting them (a Python call per plugin per tick).
+        self._calls_host = calls_host(imported)
         # Whether a call that succeeds can write to fd 2: libextism prints a guest's log line that holds a NUL,
         # and WASI's stderr when EXTISM_ENABLE_WASI_OUTPUT is set (a failed call can always: its error).
         self._may_write_fd2 = self.logs_to_extism or terms.wasi
@@ -191,7 +195,8 @@ class SandboxedPlugin:
         taken as this plugin's, before anything else the call leads to. One frame for all of it: it runs for
         every plugin every tick."""
         host = self.host
-        host.start_call(tick, self._virtual_backstop_s)
+        if self._calls_host:
+            host.start_call(tick, self._virtual_backstop_s)
         try:
             output = call(self._instance, function, data)
         except extism.Error as exc:
