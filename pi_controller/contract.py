@@ -185,8 +185,8 @@ def parse_output(raw: bytes, plugin: str, priority: int, targets: Mapping[str, C
         typed = True
     except (msgspec.DecodeError, RecursionError):
         entries, typed = _array(raw), False
-    limit = max_commands(len(targets))
-    if len(entries) > limit:
+    # The limit asked for only past the commands any output may hold, which nearly no output is.
+    if len(entries) > ANY_OUTPUT_MAY_HOLD and len(entries) > (limit := max_commands(len(targets))):
         raise OutputError("too_many_commands", f"output has {len(entries)} commands; at most {limit} for "
                                                f"{len(targets)} actuators")
     commands: list[Command] = []
@@ -254,6 +254,9 @@ def decode(raw: bytes) -> Any:
         return json.loads(raw)
 
 
+ANY_OUTPUT_MAY_HOLD = 16  # commands, however few the actuators
+
+
 def max_commands(actuators: int) -> int:
     """A few commands per actuator are plenty; more is a runaway plugin, refused before any work."""
-    return 4 * actuators + 16
+    return 4 * actuators + ANY_OUTPUT_MAY_HOLD

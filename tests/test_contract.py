@@ -110,7 +110,9 @@ def test_an_integer_too_large_for_a_float_is_not_finite(targets) -> None:
     assert commands == [] and rejections[0].rule == "not_finite"
 
 
-def test_a_flood_of_commands_is_refused_whole(targets) -> None:
+@pytest.mark.parametrize("actuators", ["all", "none"])  # none: the limit is what any output may hold
+def test_a_flood_of_commands_is_refused_whole(targets, actuators) -> None:
+    targets = targets if actuators == "all" else {}
     limit = contract.max_commands(len(targets))
     parse([1] * limit, targets)  # at the limit: each entry judged (and rejected)
     with pytest.raises(OutputError, match=f"output has {limit + 1} commands; at most {limit}") as caught:
