@@ -23,7 +23,7 @@ import structlog
 from pi_controller import arbitration, contract
 from pi_controller.clock import Clock
 from pi_controller.config import InterlockSettings
-from pi_controller.contract import Command, Reading
+from pi_controller.contract import Command, Reading, Rejection
 from pi_controller.devices.hardware import Hardware
 from pi_controller.devices.sensors import SensorSettings
 from pi_controller.logs import ChangeLog, held_native_stderr, kind_of
@@ -203,11 +203,10 @@ class ControlLoop:
         # The calls back to back (libextism's and the Wasm runtime's code stays in the caches from one to
         # the next), then each answer checked and counted, in the same order.
         with held_native_stderr():  # one bracket for the calls' writes to fd 2, not one each
-            asked = [self._ask(plugin, context, number) for plugin in self.operator.enabled(self.plugins)]
+            asked = self._ask(self.operator.enabled(self.plugins), context, number)
         if self.plugins.logs_to_extism or number % DRAIN_EVERY == 0:
             drain_log()  # what libextism logged during the calls, before their verdicts
-        for call in asked:
-            proposals.extend(self._consult(call, number))
+        proposals.extend(self._consult(asked, number))
         wanted, conflicts = arbitration.resolve(proposals)
         if conflicts:  # this report and the two below are called only when there is something to report
             self._report_conflicts(conflicts, number)
@@ -259,46 +258,60 @@ class ControlLoop:
                                    level="warning" if h.rule in FORCING else "info",
                                    device=h.device_id, rule=h.rule, detail=h.detail, plugin=h.plugin)
 
-    def _ask(self, plugin: SandboxedPlugin, context: contract.Context, number: int) -> Call:
-        """One plugin's call for this tick, unless it is quarantined (not called until its backoff has passed)."""
-        now, quarantine = self.clock.monotonic(), plugin.quarantine
-        if quarantine.until is not None and not quarantine.admit(now, number):  # asked only while the plugin rests
-            return Call(plugin, now, admitted=False)
-        try:
-            plugin.ask(context, self.clock.perf_counter)
-        except Exception as exc:  # whatever a call makes us do, it fails only this plugin
-            return Call(plugin, now, self.clock.monotonic(), failure=exc)
-        return Call(plugin, now, self.clock.monotonic())
+    def _ask(self, plugins: Iterable[SandboxedPlugin], context: contract.Context, number: int) -> list[Call]:
+        """Each plugin's call for this tick, in order, unless it is quarantined (not called until its backoff has
+        passed). One frame for them all, as `_consult`: a paced tick pays about a microsecond a Python call."""
+        asked = []
+        for plugin in plugins:
+            now, quarantine = self.clock.monotonic(), plugin.quarantine
+            if quarantine.until is not None and not quarantine.admit(now, number):  # asked only while it rests
+                asked.append(Call(plugin, now, admitted=False))
+                continue
+            try:
+                plugin.ask(context, self.clock.perf_counter)
+            except Exception as exc:  # whatever a call makes us do, it fails only this plugin
+                asked.append(Call(plugin, now, self.clock.monotonic(), failure=exc))
+            else:
+                asked.append(Call(plugin, now, self.clock.monotonic()))
+        return asked
 
-    def _consult(self, call: Call, number: int) -> list[Command]:
-        """One plugin's commands for this tick; any failure of the plugin stays with the plugin."""
-        plugin, now = call.plugin, call.now
-        if not call.admitted:
-            self.health.failed(plugin.name, now, f"is quarantined: {plugin.quarantine.reason}")
-            self.verdicts.failures[plugin.name] = "quarantined"
-            return []
-        stats = self.plugin_stats.get(plugin.name) or self.plugin_stats.setdefault(plugin.name, PluginStats())
-        stats.calls += 1
-        seconds = plugin.last_call_s
-        stats.durations.add(seconds)
-        try:
-            if call.failure is not None:
-                raise call.failure
-            commands, rejections = plugin.answer(self.hardware.actuators)
-        except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
-            self._failed(plugin, exc, stats, seconds, number, call.ended)
-            return []
-        self.health.ok(plugin.name, now, commands, rejections, plugin.grant.actuators)
-        self.verdicts.answered.append(plugin.name)
-        if self._call_observers:
-            self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False), number,
-                         self._call_observers)
-        quarantine = plugin.quarantine
-        if not rejections:
-            if quarantine.probation:  # a clean call is news to its quarantine only then
-                quarantine.record(now, number, 0, "")
-            return commands
-        if quarantine.record(now, number, len(rejections), rejections[0].reason):
+    def _consult(self, asked: list[Call], number: int) -> list[Command]:
+        """The plugins' commands for this tick, in call order; any failure of a plugin stays with the plugin."""
+        proposals: list[Command] = []
+        for call in asked:
+            plugin, now = call.plugin, call.now
+            if not call.admitted:
+                self.health.failed(plugin.name, now, f"is quarantined: {plugin.quarantine.reason}")
+                self.verdicts.failures[plugin.name] = "quarantined"
+                continue
+            stats = self.plugin_stats.get(plugin.name) or self.plugin_stats.setdefault(plugin.name, PluginStats())
+            stats.calls += 1
+            seconds = plugin.last_call_s
+            stats.durations.add(seconds)
+            try:
+                if call.failure is not None:
+                    raise call.failure
+                commands, rejections = plugin.answer(self.hardware.actuators)
+            except Exception as exc:  # whatever a plugin's output makes us do, it fails only this call
+                self._failed(plugin, exc, stats, seconds, number, call.ended)
+                continue
+            self.health.ok(plugin.name, now, commands, rejections, plugin.grant.actuators)
+            self.verdicts.answered.append(plugin.name)
+            if self._call_observers:
+                self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False),  # noqa: B023
+                             number, self._call_observers)  # (called at once)
+            if rejections:
+                self._rejected(plugin, rejections, stats, now, number)
+            elif plugin.quarantine.probation:  # a clean call is news to its quarantine only then
+                plugin.quarantine.record(now, number, 0, "")
+            proposals += commands
+        return proposals
+
+    def _rejected(self, plugin: SandboxedPlugin, rejections: list[Rejection], stats: PluginStats, now: float,
+                  number: int) -> None:
+        """Commands of a plugin's answer that the contract or its grant refused: towards its quarantine, counted
+        and reported."""
+        if plugin.quarantine.record(now, number, len(rejections), rejections[0].reason):
             self.plugins.made_room()  # its share of the tick is free for a plugin waiting for one
         stats.rejected += len(rejections)
         self.verdicts.rejections.extend(rejections)
@@ -306,7 +319,6 @@ class ControlLoop:
             self._problems.problem(("rejected", r.plugin, r.device_id, r.rule), "command_rejected",
                                    plugin=r.plugin, tick=number, rule=r.rule, reason=r.reason,
                                    **({"device": r.device_id} if r.device_id is not None else {}))
-        return commands
 
     def _failed(self, plugin: SandboxedPlugin, exc: Exception, stats: PluginStats, seconds: float,
                 number: int, ended: float) -> None:
