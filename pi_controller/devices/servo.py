@@ -6,6 +6,8 @@ a position, whatever the angle). Home Assistant sees a number slider.
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
@@ -88,9 +90,8 @@ class Servo(Actuator):
         """The number entity's value."""
         return None if isinstance(data, (dict, list, str)) else ("set_angle", {"angle": data})
 
-    @staticmethod
-    def is_on(target: Target) -> bool:
-        return target is not None  # holding a position, 0 degrees as much as any other
+    # Holding a position, 0 degrees as much as any other: `target is not None`, in C (see `Actuator.is_on`).
+    is_on = staticmethod(functools.partial(operator.is_not, None))
 
     def shapes(self) -> bool:
         return self.settings.max_speed is not None
