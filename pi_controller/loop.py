@@ -195,7 +195,8 @@ class ControlLoop:
         self._report_sensors(number)
         self.plugins.history.record(self.readings)  # filed after the tick (`_run`)
         states = self.hardware.states()
-        context = contract.encode_context(self.readings, self.hardware.states_json(), now, number, monotonic=monotonic)
+        context = contract.encode_context(self.readings, self.hardware.states_json(states), now, number,
+                                          monotonic=monotonic)
         # Operator overrides come first: arbitration keeps the first command for a device.
         proposals = self.operator.commands(self.hardware.actuators, self.plugins, self.clock.monotonic(), number)
         self.health.begin()

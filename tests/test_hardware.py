@@ -194,6 +194,17 @@ def test_states_json_follows_every_actuator_change(led_and_fan) -> None:
     assert json.loads(hardware.states_json()) == hardware.states()
 
 
+def test_states_json_of_the_states_the_caller_has_is_theirs(led_and_fan) -> None:
+    """The tick passes what `states()` gave it; states taken before a write since (the watchdog's thread) are
+    encoded as they are, and the JSON kept for the states now is not taken for them."""
+    hardware = led_and_fan
+    before = hardware.states()
+    assert hardware.states_json(before) is hardware.states_json()
+    hardware.apply([Write("led", 0.4, "p")], 1)
+    assert json.loads(hardware.states_json(before)) == before
+    assert json.loads(hardware.states_json(hardware.states()))["led"]["value"] == pytest.approx(0.4)
+
+
 def test_states_are_built_again_after_every_write_that_changed_an_actuator(led_and_fan, write_config) -> None:
     """`states()` is kept from one look to the next (the tick looks three times) until an actuator is
     written: by the tick, by the watchdog's settle or by a reload; a write that changes nothing keeps it."""

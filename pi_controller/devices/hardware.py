@@ -171,9 +171,11 @@ class Hardware:
             self._states = (version, states, None)
         return states
 
-    def states_json(self) -> str:
-        """`states()` as the context's JSON, encoded once per version of them: most ticks change nothing."""
-        states = self.states()
+    def states_json(self, states: dict[str, dict[str, Any]] | None = None) -> str:
+        """`states()` as the context's JSON, encoded once per version of them: most ticks change nothing.
+        `states`: what `states()` has just returned, where the caller has it (the tick: a call less)."""
+        if states is None:
+            states = self.states()
         version, snapshot, encoded = self._states
         if snapshot is not states:  # another thread's write came in between: what was asked for, uncached
             return contract.encode_states(states)
