@@ -204,7 +204,7 @@ class ControlLoop:
         # The calls back to back (libextism's and the Wasm runtime's code stays in the caches from one to
         # the next), then each answer checked and counted, in the same order.
         with held_native_stderr():  # one bracket for the calls' writes to fd 2, not one each
-            asked = self._ask(self.operator.enabled(self.plugins), context, number)
+            asked = self._ask(self.operator.enabled(self.plugins.members), context, number)
         if self.plugins.logs_to_extism or number % DRAIN_EVERY == 0:
             drain_log()  # what libextism logged during the calls, before their verdicts
         proposals.extend(self._consult(asked, number))

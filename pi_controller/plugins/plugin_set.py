@@ -74,7 +74,8 @@ class PluginSet:
         self.clock = clock or SystemClock()
         self.backstop = backstop or Backstop(real=self.clock.real)
         self.history = history or History(settings.host.history_length)
-        self._plugins: tuple[SandboxedPlugin, ...] = ()  # replaced whole, so a tick sees one version
+        # Replaced whole, so a tick sees one version; a tuple the tick iterates with no call of ours (`__iter__`).
+        self.members: tuple[SandboxedPlugin, ...] = ()
         self._by_name: dict[str, SandboxedPlugin] = {}  # the same, by name
         self.logs_to_extism = False  # whether any of them can write to libextism's log in a call that succeeds
         self._refused: dict[str, PluginStatus] = {}
@@ -85,13 +86,13 @@ class PluginSet:
         self.folder: frozenset[str] | None = None  # every plugin of the folder at the last scan (`modules`)
 
     def __iter__(self) -> Iterator[SandboxedPlugin]:
-        return iter(self._plugins)
+        return iter(self.members)
 
     def __len__(self) -> int:
-        return len(self._plugins)
+        return len(self.members)
 
     def _become(self, plugins: tuple[SandboxedPlugin, ...]) -> None:
-        self._plugins, self._by_name = plugins, {p.name: p for p in plugins}
+        self.members, self._by_name = plugins, {p.name: p for p in plugins}
         self.logs_to_extism = any(p.logs_to_extism for p in plugins)
 
     def named(self, plugin: str) -> SandboxedPlugin | None:
@@ -112,14 +113,14 @@ class PluginSet:
     def status(self) -> dict[str, PluginStatus]:
         """Every plugin of the folder by name: loaded, quarantined, disabled or failed, with why."""
         result = dict(self._refused)
-        result.update((p.name, p.status(self._kept.get(p.name))) for p in self._plugins)
+        result.update((p.name, p.status(self._kept.get(p.name))) for p in self.members)
         return result
 
     def lost_to(self, other: PluginSet) -> dict[str, str]:
         """The plugins running here that `other`, the folder loaded under another config, refuses: name -> why.
         A version kept over a refused replacement counts: it runs, and the file in its place would not load."""
         lost = {}
-        for plugin in self._plugins:
+        for plugin in self.members:
             status = other.status.get(plugin.name)
             if status is not None and status.state == "failed":
                 lost[plugin.name] = status.reason or "unknown"
@@ -130,7 +131,7 @@ class PluginSet:
         for all that holds it. The quarantine state of each plugin whose file did not change carries
         on, under the new quarantine settings: a reload is no way out of quarantine; a new file is (see
         `prepare`). The plugins it replaces are closed."""
-        before = {p.name: p for p in self._plugins}
+        before = {p.name: p for p in self.members}
         for plugin in loaded:
             previous = before.get(plugin.name)
             if previous is not None and previous.sha256 == plugin.sha256:
@@ -139,7 +140,7 @@ class PluginSet:
         self.settings, self.directory, self.budget_ms = loaded.settings, loaded.directory, loaded.budget_ms
         self.devices, self.folder = loaded.devices, loaded.folder
         self.history, self.backstop = loaded.history, loaded.backstop
-        self._become(loaded._plugins)
+        self._become(loaded.members)
         self._refused, self._kept, self._waiting = loaded._refused, loaded._kept, loaded._waiting
         loaded._become(())
         self.generation += 1
@@ -156,13 +157,13 @@ class PluginSet:
         for name in sorted(set(self.settings.settings) - names):
             log.warning("plugin_configured_but_missing", plugin=name, directory=str(self.directory))
         self.apply(self.prepare(names))
-        log.info("plugins_loaded", count=len(self._plugins), directory=str(self.directory),
-                 names=[p.name for p in self._plugins])
+        log.info("plugins_loaded", count=len(self.members), directory=str(self.directory),
+                 names=[p.name for p in self.members])
 
     def prepare(self, names: Iterable[str]) -> Update:
         """Read and compile what changed among `names`; safe on any thread, touches nothing live."""
         update = Update()
-        live = {p.name: p for p in self._plugins}
+        live = {p.name: p for p in self.members}
         for name in names:
             path = self.directory / f"{name}.wasm"
             own = self.settings.settings.get(name)
@@ -197,7 +198,7 @@ class PluginSet:
 
     def apply(self, update: Update) -> None:
         """Swap in what `prepare` found. Call between two ticks: the tick thread is idle."""
-        live = {p.name: p for p in self._plugins}
+        live = {p.name: p for p in self.members}
         retired: list[SandboxedPlugin] = []
         self.folder = update.folder
         for name in update.current:
@@ -239,7 +240,7 @@ class PluginSet:
         if budget_ms == self.budget_ms:
             return
         self.budget_ms = budget_ms
-        out = admission.refused_in_rank_order((self.claim(p) for p in self._plugins), budget_ms)
+        out = admission.refused_in_rank_order((self.claim(p) for p in self.members), budget_ms)
         for name, why in out.items():
             plugin = self._by_name[name]
             self._waiting[name] = self.claim(plugin)
@@ -248,8 +249,8 @@ class PluginSet:
             self._refused[name] = PluginStatus("failed", reason, refused_sha256=plugin.sha256)
             log.warning(f"{self.role}_unloaded", plugin=name, reason=reason)
         if out:
-            retired = [p for p in self._plugins if p.name in out]
-            self._become(tuple(p for p in self._plugins if p.name not in out))
+            retired = [p for p in self.members if p.name in out]
+            self._become(tuple(p for p in self.members if p.name not in out))
             for plugin in retired:
                 plugin.close()
         if self._waiting:
@@ -258,7 +259,7 @@ class PluginSet:
     def made_room(self) -> None:
         """A plugin was quarantined, unloaded, refused or given a smaller share: the plugins refused for want
         of room that would fit now are handed to `on_room` (the watcher loads them again)."""
-        live = [self.claim(p) for p in self._plugins]
+        live = [self.claim(p) for p in self.members]
         fitting = set()
         for name, claim in self._waiting.items():
             try:
@@ -321,6 +322,6 @@ class PluginSet:
                  **({"wasi": True, "paths": dict(terms.allowed_paths)} if terms.wasi else {}))
 
     def close(self) -> None:
-        for plugin in self._plugins:
+        for plugin in self.members:
             plugin.close()
         self._become(())

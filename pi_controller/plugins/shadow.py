@@ -103,8 +103,9 @@ class Shadows:
                 started: float) -> None:
         """Call each shadow whose live plugin was called in `tick`, on its context, compare, and dry-run
         its commands through `safety`; `started`: the tick's start on the clock's perf_counter."""
-        called = tick.verdicts.answered + list(tick.verdicts.failures)
-        for shadow in self.plugins:
+        shadows = self.plugins.members
+        called = tick.verdicts.answered + list(tick.verdicts.failures) if shadows else ()  # most daemons have none
+        for shadow in shadows:
             if shadow.name not in called or tick.verdicts.failures.get(shadow.name) == "quarantined":
                 continue
             stats = self.stats.get(shadow.name)
