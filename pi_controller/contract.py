@@ -123,7 +123,7 @@ def encode_context(readings: Sequence[Reading], states: str, timestamp: float, t
                    f'"timestamp":{float(r.timestamp)!r},"valid":true}}'
                    if r.error is None and r.value is not None else COMPACT.encode(r.as_json()) for r in readings])
     tail = (f',"device_states":{states},"timestamp":{_scalar(timestamp)},"monotonic":{_scalar(monotonic)},'
-            f'"tick":{_scalar(tick)}').encode()
+            f'"tick":{tick:d}').encode()
     return Context(readings, parts, tail, tick, READINGS_KEY + ("[" + ",".join(parts) + "]").encode() + tail)
 
 
