@@ -509,3 +509,22 @@ def test_a_write_that_did_not_take_is_no_switch_for_the_rules() -> None:
     decision = safety.enforce(asked(health, 11.5, ON), [], 11.5, 11.5, health)
     assert [w.target for w in decision.writes] == [1.0] and decision.holds == []
     relay.close()
+
+
+def test_an_owner_sound_everywhere_is_sound_for_every_device_and_no_other_is_taken_for_one() -> None:
+    """The rules ask `sound` only of owners not in `sound_everywhere`: one there must be sound for any device, and
+    one granted some actuators, one with a device whose commands are all rejected or one that failed never is."""
+    health = Health(lambda name: "absent", lambda name, device: True)
+    health.begin()
+    health.ok("all", 0.0, [ON], [], None)
+    health.ok("some", 0.0, [], [], frozenset({"heater"}))
+    health.ok("refused", 0.0, [], [contract.Rejection("refused", "heater", "out_of_range", "too hot")], None)
+    health.ok("failed", 0.0, [], [], None)
+    health.failed("failed", 0.1, "trap")
+    assert health.sound_everywhere == {"all"}
+    assert all(health.sound("all", device) for device in ("heater", "fan"))
+    assert [health.sound("some", d) for d in ("heater", "fan")] == [True, False]
+    assert [health.sound("refused", d) for d in ("heater", "fan")] == [False, True]
+    health.begin()
+    health.ok("refused", 1.0, [contract.Command("heater", "set_high", 1.0, "refused", 0)], [], None)
+    assert health.sound_everywhere == {"refused"} and health.sound("refused", "heater")  # accepted again

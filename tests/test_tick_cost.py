@@ -24,7 +24,7 @@ from tests.conftest import logging_at
 OURS = str(Path(pi_controller.__file__).resolve().parent)
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "tick.py"
 # What one steady tick may call of ours: a budget for the tick's own steps, and one for each plugin.
-PER_TICK, PER_PLUGIN = 47, 12  # 83 at 3 plugins and 166 at 10 when set (issue 30; 115 and 228 before the batch reads)
+PER_TICK, PER_PLUGIN = 41, 12  # 77 at 3 plugins and 158 at 10 when set (issue 30; 115 and 228 before the batch reads)
 
 
 def benchmark() -> Any:

@@ -42,11 +42,15 @@ class Health:
         self._heard: set[str] = set()  # plugins that ran, or were due to run, this tick
         # Plugins whose call this tick gave a usable output -> the actuators they are granted (None: all).
         self._answered: dict[str, Collection[str] | None] = {}
+        # Those of them `sound` for every device: granted all actuators, with none whose commands are all
+        # rejected. Nearly every owner in nearly every tick: the rules ask `sound` only of the others.
+        self.sound_everywhere: set[str] = set()
 
     def begin(self) -> None:
         """A new tick: nothing heard yet."""
         self._heard.clear()
         self._answered.clear()
+        self.sound_everywhere.clear()
 
     def ok(self, plugin: str, now: float, commands: Iterable[Command], rejections: Iterable[Rejection],
            granted: Collection[str] | None) -> None:
@@ -65,11 +69,14 @@ class Health:
         if self._refused:
             for c in commands:
                 self._refused.pop((plugin, c.device_id), None)
+        if granted is None and not (self._refused and any(p == plugin for p, _ in self._refused)):
+            self.sound_everywhere.add(plugin)
 
     def failed(self, plugin: str, now: float, why: str) -> None:
         """Its call failed, or it was not called because it is quarantined."""
         self._heard.add(plugin)
         self._answered.pop(plugin, None)
+        self.sound_everywhere.discard(plugin)
         since = self._failing[plugin][0] if plugin in self._failing else now
         self._failing[plugin] = (since, why)
 

@@ -182,7 +182,8 @@ class Safety:
             elif guard.held:  # a request held back lapses when its plugin stops asking for it
                 guard.drop_request()
             owner = guard.plugin
-            failsafe = (None if owner == SAFETY or (not guard.leased and health.sound(owner, key))
+            failsafe = (None if owner == SAFETY or (not guard.leased and (owner in health.sound_everywhere
+                                                                           or health.sound(owner, key)))
                         else self._ownership(guard, health, now))
             if failsafe is not None:
                 decision.failsafes.append(failsafe)
