@@ -298,9 +298,9 @@ class ControlLoop:
                 continue
             self.health.ok(plugin.name, now, commands, rejections, plugin.grant.actuators)
             self.verdicts.answered.append(plugin.name)
-            if self._call_observers:
+            if self._call_observers:  # each told at once (`_notify`): the loop's variables are still this plugin's
                 self._notify(lambda observer: observer.plugin_called(plugin.name, seconds, False),  # noqa: B023
-                             number, self._call_observers)  # (called at once)
+                             number, self._call_observers)
             if rejections:
                 self._rejected(plugin, rejections, stats, now, number)
             elif plugin.quarantine.probation:  # a clean call is news to its quarantine only then
