@@ -183,6 +183,20 @@ def led_and_fan(write_config) -> Iterator[Hardware]:
         hardware.close()
 
 
+def test_the_tick_reads_the_sensors_the_last_reconfigure_set(led_and_fan, write_config) -> None:
+    """What the tick samples is taken when the sensors are set (`sensors.sampling`): a reload's are read."""
+    hardware = led_and_fan
+    assert hardware.read(1.0) == []
+    door = config.load(write_config({**LED_AND_FAN, "sensors": [{"id": "door", "kind": "line", "pin": 5,
+                                                                 "valid_max": 0.5}]}))
+    hardware.reconfigure(door.actuators, door.sensors, CLOCK)
+    assert [(r.sensor_id, r.value, r.unit) for r in hardware.read(2.0)] == [("door", 0.0, door.sensors[0].unit)]
+    hardware.factory.pin(5).drive_high()
+    assert hardware.read(2.5)[0].error == "1 is above valid_max 0.5"
+    hardware.reconfigure(door.actuators, (), CLOCK)
+    assert hardware.read(3.0) == []
+
+
 def test_states_json_follows_every_actuator_change(led_and_fan) -> None:
     hardware = led_and_fan
     first = hardware.states_json()

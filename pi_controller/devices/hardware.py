@@ -19,7 +19,7 @@ from pi_controller.clock import Clock
 from pi_controller.contract import Reading
 from pi_controller.devices import actuators
 from pi_controller.devices.actuators import Actuator, ActuatorSettings, Target
-from pi_controller.devices.sensors import Sensor, SensorSettings, sample
+from pi_controller.devices.sensors import Sensor, SensorSettings, sample, sampling
 
 if TYPE_CHECKING:  # gpiozero is loaded by the kinds that build devices, not by what only names them
     from gpiozero.pins import Factory
@@ -117,7 +117,7 @@ class Hardware:
         if self.environment is not None:
             self.environment.advance(now)
         if self._sampled_when_read:  # as nearly every config: one frame for all (`sensors.sample`)
-            return sample(self.sensors, now)
+            return sample(self._sampling, now)
         return [sensor.read(now) for sensor in self.sensors]
 
     def apply(self, writes: Iterable[Write], tick: int) -> dict[str, str]:
@@ -190,6 +190,7 @@ class Hardware:
         # Whether every one reads as `Sensor.read` does, a sample when asked; not a kind that serves what a
         # thread of its own sampled (a polled DS18B20), nor a recording.
         self._sampled_when_read = all(type(s).read is Sensor.read for s in sensors)
+        self._sampling = sampling(sensors) if self._sampled_when_read else []
 
     def _set_actuators(self, actuators: dict[str, Actuator]) -> None:
         self.actuators = actuators

@@ -110,7 +110,7 @@ class Sensor:
 
     def read(self, now: float) -> Reading:
         """What the tick reads: a sample, checked (`sample`); a kind may serve one taken on its own thread."""
-        return sample((self,), now)[0]
+        return sample(sampling((self,)), now)[0]
 
     def _invalid(self, now: float, why: str) -> Reading:
         return Reading(self.settings.id, None, self.settings.unit, now, why)
@@ -119,19 +119,28 @@ class Sensor:
         """Release the pins and threads the sensor holds."""
 
 
-def sample(sensors: Iterable[Sensor], now: float) -> list[Reading]:
+# What `sample` needs of a sensor: its sample function, id, unit and valid range (min, max).
+Sampling = tuple[Callable[[], float], str, str, float | None, float | None]
+
+
+def sampling(sensors: Iterable[Sensor]) -> list[Sampling]:
+    """What `sample` needs of each sensor, taken once when the sensors are set (`Hardware.set_sensors`): a paced
+    tick then touches one tuple a sensor, not the sensor and its settings (about 7 us a tick at 12 sensors here,
+    in paced ticks taking turns)."""
+    return [(s._sample, s.settings.id, s.settings.unit, s.settings.valid_min, s.settings.valid_max) for s in sensors]
+
+
+def sample(sensors: Iterable[Sampling], now: float) -> list[Reading]:
     """Each sensor's value now, checked: a sample that fails, is not finite or is outside the sensor's valid
     range is an invalid reading that says why. All of them in one frame: the tick reads every sensor every
     tick, and on a paced tick each Python call of ours costs about a microsecond (`Hardware.read`)."""
     readings = []
-    for sensor in sensors:
-        settings = sensor.settings
+    for read, sensor_id, unit, low, high in sensors:
         try:
-            value = float(sensor._sample())
+            value = float(read())
         except Exception as exc:  # a sensor failure of any kind becomes an invalid reading
             why = f"{type(exc).__name__}: {exc}"
         else:
-            low, high = settings.valid_min, settings.valid_max
             if not math.isfinite(value):
                 why = f"non-finite value {value}"
             elif low is not None and value < low:
@@ -139,9 +148,9 @@ def sample(sensors: Iterable[Sensor], now: float) -> list[Reading]:
             elif high is not None and value > high:
                 why = f"{value:g} is above valid_max {high:g}"
             else:
-                readings.append(Reading(settings.id, value, settings.unit, now))
+                readings.append(Reading(sensor_id, value, unit, now))
                 continue
-        readings.append(Reading(settings.id, None, settings.unit, now, why))
+        readings.append(Reading(sensor_id, None, unit, now, why))
     return readings
 
 
