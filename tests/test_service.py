@@ -93,7 +93,10 @@ class Logged:
     def _read(self, process: subprocess.Popen[str]) -> None:
         assert process.stderr is not None
         for line in process.stderr:
-            self.events.append(json.loads(line)["event"])
+            try:
+                self.events.append(json.loads(line)["event"])
+            except (ValueError, KeyError, TypeError):  # not a line of ours (a traceback): kept whole, read on
+                self.events.append(line.rstrip())
 
     def join(self) -> None:
         """Once the daemon exited: every line read."""
