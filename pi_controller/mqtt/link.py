@@ -54,6 +54,8 @@ class Link:
         self._buffered = buffered
         self._connected = threading.Event()
         self._stopping = False
+        # `stop` and `_on_connect` (paho's thread): `online` is sent before `stop` looks whether to undo it, or never
+        self._stop_lock = threading.Lock()
         self._refused = False  # this attempt's CONNACK refused it
         self._online: int | None = None  # the message id of this connection's `online`, once the broker accepted it
         self._connected_at = 0.0
@@ -92,10 +94,12 @@ class Link:
 
     def stop(self) -> None:
         """Say offline (acknowledged, or the last will says it), disconnect, end paho's thread."""
-        self._stopping = True
-        # Also once the broker took the connection but before it acknowledged `online` (not connected yet): it may
-        # have `online` already, and a clean disconnect sends no last will to undo it.
-        if self._connected.is_set() or self._online is not None:
+        with self._stop_lock:
+            self._stopping = True
+            # Also once the broker took the connection but before it acknowledged `online` (not connected yet): it
+            # may have `online` already, and a clean disconnect sends no last will to undo it.
+            say_offline = self._connected.is_set() or self._online is not None
+        if say_offline:
             info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=OFFLINE_WAIT_S)
@@ -115,7 +119,10 @@ class Link:
         # Connected for the outbox once the broker acknowledges `online`: paho resends what it held from before
         # (states handed over as the link dropped) after this callback returns, and a clean-up sent first would
         # be undone by the state it empties.
-        self._online = client.publish(self.status_topic, "online", qos=1, retain=True).mid
+        with self._stop_lock:
+            if self._stopping:  # `stop` has looked: an `online` now would outlive the clean disconnect that follows
+                return
+            self._online = client.publish(self.status_topic, "online", qos=1, retain=True).mid
         self._up(client)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
