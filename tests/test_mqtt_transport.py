@@ -393,6 +393,7 @@ def test_commands_mode_sweeps_its_retained_configs_as_read_only_mode_does(tmp_pa
     log = broker.log.read_text(errors="replace")
     configs = re.escape(f"homeassistant/+/{NODE}/+/config")
     assert re.search(rf"^\d+: {CLIENT_ID} 0 {configs}$", log, re.MULTILINE)  # QoS 0: a sweep's
+    assert not re.search(rf"^\d+: {CLIENT_ID} [12] {configs}$", log, re.MULTILINE)  # never the lasting one
     assert re.search(rf"^\d+: {CLIENT_ID} {configs}$", log, re.MULTILINE)  # unsubscribed once acknowledged
 
 
