@@ -6,8 +6,9 @@ For each plugin announced with this node in a stage already let in, the node, by
    (`plugins/checks.py`: the signature, here always required, under `plugins.trusted_keys`, the manifest,
    the grant, the tick's budget beside the plugins of the folder), as `plugin install` and a start do;
 2. installs it as the live version's shadow (`plugins/shadow.py`) and compares the two for the announced
-   `shadow_ticks`: any error or quarantine of the shadow, or an agreement under the announced minimum, ends
-   it there, the live version untouched;
+   `shadow_ticks`: the shadow set refusing it (no room in what the live plugins and the other shadows leave of
+   the tick), any error or quarantine of the shadow, or an agreement under the announced minimum, ends it
+   there, the shadow removed and the live version untouched;
 3. keeps the live version's files, promotes the shadow (the `update` entity's install), and watches the new
    version's first `live_ticks` calls: an error, a quarantine, a failsafe (any, on this node, but while the
    operator has the plugin switched off) or a refused load puts the kept files back (the watcher swaps them in,
@@ -53,7 +54,7 @@ from pi_controller.mqtt.inbox import Inbound, Route
 from pi_controller.plugins import checks
 from pi_controller.plugins.install import InstallError, put
 from pi_controller.plugins.manifest import read_manifest
-from pi_controller.plugins.shadow import FOLDER, promote, spare_ms
+from pi_controller.plugins.shadow import FOLDER, promote
 from pi_controller.plugins.signing import SUFFIX, read_signature
 from pi_controller.status import Status
 
@@ -296,8 +297,9 @@ class FleetNode:
                 rollout.phase = protocol.SHADOW
 
     def _check_and_shadow(self, a: Announcement, module: bytes, directory: Path) -> None:
-        """On a worker thread: the bytes against the announcement, then the one check, then the shadow's share of
-        the tick, then the shadow, noted (`_remove_earlier_shadow`)."""
+        """On a worker thread: the bytes against the announcement, then the one check, then the shadow, noted
+        (`_remove_earlier_shadow`). Its share of the tick is the shadow set's to grant, by its own rule beside the
+        other shadows (`PluginSet._admit`): a refusal there is told by its sha256, and `_watch_shadow` says it."""
         if len(module) != a.size:
             raise InstallError(f"the module is {len(module)} bytes, not the {a.size} announced")
         digest = hashlib.sha256(module).hexdigest()
@@ -310,10 +312,6 @@ class FleetNode:
         problem = checks.problems(settings, directory, staged).get(a.name)
         if problem is not None:
             raise InstallError(problem.why)
-        timeout_ms, spare = checks.claim(settings, staged).timeout_ms, spare_ms(self.status.plugins)
-        if timeout_ms > spare:  # the shadow set would refuse it: the shadows get what the live plugins leave
-            raise InstallError(f"as a shadow, timeout_ms {timeout_ms} does not fit the tick: the live plugins leave "
-                               f"{spare:g} of the {self.status.plugins.budget_ms:g} ms plugin budget")
         shadows = directory / FOLDER
         shadows.mkdir(exist_ok=True)
         self._note_shadow(a, directory)

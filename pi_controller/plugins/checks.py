@@ -59,11 +59,6 @@ def problems(settings: config.Settings, folder: Path, candidate: Path | None = N
     return found
 
 
-def claim(settings: config.Settings, path: Path) -> admission.Claim:
-    """The claim on the tick's time budget of the module at `path` under `settings` (Refused if it has none)."""
-    return _claim(settings.plugins, manifest.Devices.of(settings), path.stem, path)
-
-
 def _claim(plugins: config.PluginsSettings, devices: manifest.Devices | None, name: str,
            path: Path) -> admission.Claim:
     module = read_module(path, path.parent, plugins.ceilings.max_file_bytes)

@@ -62,11 +62,13 @@ class PluginSet:
 
     def __init__(self, settings: PluginsSettings, directory: Path, budget_ms: float, history: History | None = None,
                  clock: Clock | None = None, backstop: Backstop | None = None, devices: Devices | None = None,
-                 role: str = "plugin"):
+                 role: str = "plugin", whence: str = ""):
         """`clock`: the loop's (real by default); the backstop follows it unless given. `devices`: what a
         grant may name (None: not checked). `role` names the events of its plugins ("shadow": shadow_loaded,
-        shadow_unloaded..., never taken for the live ones)."""
+        shadow_unloaded..., never taken for the live ones). `whence`: where `budget_ms` comes from, said with
+        each refusal for want of room ("": the config's `loop.plugin_budget`)."""
         self.role = role
+        self.whence = whence
         self.settings = settings
         self.devices = devices
         self.directory = directory
@@ -137,7 +139,8 @@ class PluginSet:
             if previous is not None and previous.sha256 == plugin.sha256:
                 previous.quarantine.settings = loaded.settings.quarantine
                 plugin.quarantine = previous.quarantine
-        self.settings, self.directory, self.budget_ms = loaded.settings, loaded.directory, loaded.budget_ms
+        self.settings, self.directory = loaded.settings, loaded.directory
+        self.budget_ms, self.whence = loaded.budget_ms, loaded.whence
         self.devices, self.folder = loaded.devices, loaded.folder
         self.history, self.backstop = loaded.history, loaded.backstop
         self._become(loaded.members)
@@ -237,6 +240,7 @@ class PluginSet:
         """The time budget becomes `budget_ms` (call between two ticks; `whence` says where it comes from): the
         plugins that no longer fit, the lowest ranked first, are unloaded to wait for room; those waiting that fit
         now are handed to `on_room`."""
+        self.whence = whence
         if budget_ms == self.budget_ms:
             return
         self.budget_ms = budget_ms
@@ -245,7 +249,7 @@ class PluginSet:
             plugin = self._by_name[name]
             self._waiting[name] = self.claim(plugin)
             self._kept.pop(name, None)
-            reason = f"unloaded: {why} ({whence})"[:500]
+            reason = f"unloaded: {self._no_room(why)}"[:500]
             self._refused[name] = PluginStatus("failed", reason, refused_sha256=plugin.sha256)
             log.warning(f"{self.role}_unloaded", plugin=name, reason=reason)
         if out:
@@ -255,6 +259,10 @@ class PluginSet:
                 plugin.close()
         if self._waiting:
             self.made_room()
+
+    def _no_room(self, why: str) -> str:
+        """Why a plugin has no room in the budget, and where the budget comes from unless it is the config's."""
+        return f"{why} ({self.whence})" if self.whence else why
 
     def made_room(self) -> None:
         """A plugin was quarantined, unloaded, refused or given a smaller share: the plugins refused for want
@@ -296,8 +304,8 @@ class PluginSet:
         except admission.NoRoom as exc:
             retired.append(plugin)
             self._waiting[plugin.name] = claim
-            return self._refuse(plugin.name, PluginStatus("failed", str(exc)[:500], refused_sha256=plugin.sha256),
-                                live, retired)
+            return self._refuse(plugin.name, PluginStatus("failed", self._no_room(str(exc))[:500],
+                                                          refused_sha256=plugin.sha256), live, retired)
         for other in displaced:
             gone = live.pop(other.name)
             retired.append(gone)

@@ -57,9 +57,11 @@ class ShadowStats:
         self.agreement = Agreement("live", "shadow")
 
 
-def spare_ms(live: PluginSet) -> float:
-    """The plugin time budget the live plugins leave: the shadows' budget."""
-    return max(0.0, live.budget_ms - sum(p.grant.timeout_ms for p in live))
+def share(live: PluginSet) -> tuple[float, str]:
+    """The plugin time budget the live plugins leave, the shadows' budget, and where it comes from, as a refusal
+    for want of room says it."""
+    spare = max(0.0, live.budget_ms - sum(p.grant.timeout_ms for p in live))
+    return spare, f"the live plugins leave {spare:g} of the {live.budget_ms:g} ms plugin budget"
 
 
 class Shadows:
@@ -69,8 +71,9 @@ class Shadows:
         """The shadows in `beside`'s folder, in what its plugins leave of the tick's budget, reading its history;
         `follows`: the live set whose operator values they follow (`_follow`), the daemon's own, which keeps its
         identity (a reload's `beside` is emptied into it once adopted)."""
-        self.plugins = PluginSet(settings, beside.directory / FOLDER, spare_ms(beside), beside.history, clock,
-                                 devices=beside.devices, role="shadow")
+        budget_ms, whence = share(beside)
+        self.plugins = PluginSet(settings, beside.directory / FOLDER, budget_ms, beside.history, clock,
+                                 devices=beside.devices, role="shadow", whence=whence)
         self.clock = clock
         self.live = follows
         self._followed: dict[str, tuple[SandboxedPlugin, dict[str, Any]]] = {}  # name -> shadow, live config
@@ -88,9 +91,7 @@ class Shadows:
         """Between two ticks, after the live set changed (a plugin swapped in or out, a reload): the shadows get
         what the live plugins leave now; one that no longer fits is unloaded, saying so, and one waiting for room
         that fits now is loaded again (by the shadow folder's watcher)."""
-        spare = spare_ms(self.live)
-        self.plugins.rebudget(spare, f"the live plugins leave {spare:g} of the {self.live.budget_ms:g} ms plugin "
-                                     "budget")
+        self.plugins.rebudget(*share(self.live))
 
     def carry_on(self, previous: Shadows) -> None:
         """After a rebuild: the comparisons of each shadow whose file did not change go on."""
