@@ -13,9 +13,9 @@ that the version loaded now has no key for, or refuses (a new version), is set a
 force again for a version that takes it, such as the one a fleet rollout or the owner puts back; forgetting
 it would lose the operator's word to a version tried for minutes. The values of a plugin gone from the
 plugins folder, and not named in the config, are forgotten: removing it is the owner's word. Gone from a folder
-that holds plugins, as scanned: a folder missing or empty (a card not mounted yet, its empty mount point, a
-redeploy's `rm -rf` and copy) says nothing, so its flicker forgets nothing. A forgotten switch no longer holds
-its plugin off.
+that holds plugins, as listed when the plugin set changed (`apply`): a folder missing or empty (a card not
+mounted yet, its empty mount point, a redeploy's `rm -rf` and copy) says nothing, so its flicker forgets
+nothing. A forgotten switch no longer holds its plugin off.
 
 Written after the tick that took a value up, on a thread of its own (an fsync took up to 120 ms here, more
 than a tick, and longer on an SD card), and the plugin states that show it are published only once it is
@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import structlog
 
@@ -74,10 +74,11 @@ class OperatorValues(LoopObserver):
     # -- between two ticks: a start, a reload, a swap ---------------------------------------------
 
     def apply(self, plugins: Iterable[SandboxedPlugin], settings: PluginsSettings, disabled: set[str],
-              present: Collection[str] | None = None) -> None:
+              folder: Path | None = None) -> None:
         """The kept values onto the plugins as loaded now, and the operator's `disabled` set, by the rule.
-        `present`: every plugin of the folder when it was scanned, loaded or not (None: not known, a folder
+        `folder`: the plugins folder, whose modules are listed now, loaded or not (None: not known; a folder
         missing or empty: nothing forgotten for it)."""
+        present = _modules(folder) if folder is not None else None
         if present is not None:
             for name in (set(self.config) | set(self.enabled)) - {*present, *settings.settings, *settings.required}:
                 for key in [*self.config.get(name, {}), *(["enabled"] if name in self.enabled else [])]:
@@ -194,6 +195,12 @@ def _write(path: Path, text: str) -> None:
         write_atomically(path, text.encode())
     except OSError as exc:  # a full or read-only card: the values stay in force until the process ends
         log.warning("operator_values_not_kept", file=str(path), error=str(exc))
+
+
+def _modules(folder: Path) -> frozenset[str] | None:
+    """The plugins of `folder`, by their modules' names; None for a folder missing or holding none: a card not
+    mounted yet, its empty mount point or a folder being copied back is no owner removing every plugin."""
+    return frozenset(path.stem for path in folder.glob("*.wasm")) or None
 
 
 def _kept(value: Any, file_config: Mapping[str, Any], key: str) -> Kept:

@@ -48,6 +48,15 @@ def restart(state: Path, plugin: FakePlugin, settings: PluginsSettings | None = 
     return disabled
 
 
+def holding(tmp: Path, *names: str) -> Path:
+    """A plugins folder holding modules of `names` (missing without any), as the kept values list it."""
+    folder = tmp / "-".join(("plugins", *names))
+    for name in names:
+        folder.mkdir(exist_ok=True)
+        (folder / f"{name}.wasm").touch()
+    return folder
+
+
 def set_values(state: Path, plugin: FakePlugin, *requests: Any) -> None:
     values = OperatorValues(state)
     operator = Operator(expiry_s=10, values=values)
@@ -177,18 +186,19 @@ def test_the_file_is_written_off_the_loop_one_write_at_a_time_and_the_last_value
 
 
 def test_the_values_of_a_plugin_gone_from_the_folder_are_forgotten_unless_the_config_names_it(tmp_path: Path) -> None:
-    """Gone from the folder (`present`), the plugin's values go, the one set aside with them (nothing else would
+    """Gone from the folder, the plugin's values go, the one set aside with them (nothing else would
     drop them, in the file or in memory); kept while the config still names it, or while the folder is not known."""
     set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0),
                EnablePlugin("thermostat", False))
     values = OperatorValues(tmp_path)
-    values.apply([thermostat(maximum=25.0)], PluginsSettings(), set(), present={"thermostat"})  # set aside
+    values.apply([thermostat(maximum=25.0)], PluginsSettings(), set(), holding(tmp_path, "thermostat"))  # set aside
     assert list(values._aside) == [("thermostat", "setpoint")]
-    for settings, present in ((PluginsSettings(required=("thermostat",)), set()), (PluginsSettings(), None)):
-        values.apply([], settings, set(), present)
+    for settings, folder in ((PluginsSettings(required=("thermostat",)), holding(tmp_path, "another")),
+                             (PluginsSettings(), holding(tmp_path)), (PluginsSettings(), None)):
+        values.apply([], settings, set(), folder)
         assert values.config == {"thermostat": {"setpoint": {"value": 28.0, "file": 21.0}}}
     with capture_logs() as logs:
-        values.apply([], PluginsSettings(), set(), present={"another"})
+        values.apply([], PluginsSettings(), set(), holding(tmp_path, "another"))
     values.close()
     assert sorted((e["key"], e["reason"]) for e in logs if e["event"] == "operator_value_forgotten") == [
         ("enabled", "the plugin left the plugins folder"), ("setpoint", "the plugin left the plugins folder")]
@@ -229,14 +239,14 @@ def test_a_forgotten_switch_no_longer_holds_its_plugin_off(tmp_path: Path) -> No
     `disabled` set the tick filters by: put back, or enabled in the file again, the plugin runs in this process as
     it would after a restart."""
     off_in_file = PluginsSettings(settings={"thermostat": PluginSettings(enabled=False)})
-    for settings, present in ((PluginsSettings(), {"another"}), (off_in_file, {"thermostat"})):
+    for settings, present in ((PluginsSettings(), "another"), (off_in_file, "thermostat")):
         set_values(tmp_path, thermostat(), EnablePlugin("thermostat", False))
         values, disabled = OperatorValues(tmp_path), set[str]()
-        values.apply([thermostat()], PluginsSettings(), disabled, present={"thermostat"})
+        values.apply([thermostat()], PluginsSettings(), disabled, holding(tmp_path, "thermostat"))
         assert disabled == {"thermostat"}
-        values.apply([], settings, disabled, present)  # removed from the folder, or enabled: false in the file
+        values.apply([], settings, disabled, holding(tmp_path, present))  # removed, or enabled: false in the file
         assert values.enabled == {}
-        values.apply([thermostat()], PluginsSettings(), disabled, present={"thermostat"})  # back, or enabled again
+        values.apply([thermostat()], PluginsSettings(), disabled, holding(tmp_path, "thermostat"))  # back, or on
         values.close()
         assert disabled == set()
 

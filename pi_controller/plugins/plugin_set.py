@@ -38,19 +38,11 @@ class Update:
     removed: set[str] = field(default_factory=set)  # its file is gone
     refused: dict[str, PluginStatus] = field(default_factory=dict)  # failed to load, or disabled
     current: set[str] = field(default_factory=set)  # its file is the live version, under the same terms
-    # Every plugin of the folder when it was scanned, after the names above were looked at (`modules`)
-    folder: frozenset[str] | None = None
 
     def close(self) -> None:
         """Drop an update that will not be applied."""
         for plugin in self.loaded.values():
             plugin.close()
-
-
-def modules(directory: Path) -> frozenset[str] | None:
-    """The plugins of `directory`, by their modules' names; None for a folder missing or holding none: a card not
-    mounted yet, its empty mount point or a folder being copied back is no owner removing every plugin."""
-    return frozenset(path.stem for path in directory.glob("*.wasm")) or None
 
 
 def _order(plugin: SandboxedPlugin) -> tuple[int, str]:
@@ -85,7 +77,6 @@ class PluginSet:
         self._waiting: dict[str, admission.Claim] = {}  # refused or unloaded for want of room in the tick
         self.on_room: Callable[[set[str]], None] | None = None  # told the names of those that would fit now
         self.generation = 0  # counts `adopt`s: an update prepared before one is stale
-        self.folder: frozenset[str] | None = None  # every plugin of the folder at the last scan (`modules`)
 
     def __iter__(self) -> Iterator[SandboxedPlugin]:
         return iter(self.members)
@@ -141,7 +132,7 @@ class PluginSet:
                 plugin.quarantine = previous.quarantine
         self.settings, self.directory = loaded.settings, loaded.directory
         self.budget_ms, self.whence = loaded.budget_ms, loaded.whence
-        self.devices, self.folder = loaded.devices, loaded.folder
+        self.devices = loaded.devices
         self.history, self.backstop = loaded.history, loaded.backstop
         self._become(loaded.members)
         self._refused, self._kept, self._waiting = loaded._refused, loaded._kept, loaded._waiting
@@ -179,7 +170,6 @@ class PluginSet:
                 update.refused[name] = PluginStatus("disabled")
             else:
                 self._prepare_one(name, path, live.get(name), update)
-        update.folder = modules(self.directory)  # looked at last: a file seen gone and back is in it
         return update
 
     def _prepare_one(self, name: str, path: Path, live: SandboxedPlugin | None, update: Update) -> None:
@@ -203,7 +193,6 @@ class PluginSet:
         """Swap in what `prepare` found. Call between two ticks: the tick thread is idle."""
         live = {p.name: p for p in self.members}
         retired: list[SandboxedPlugin] = []
-        self.folder = update.folder
         for name in update.current:
             self._withdrawn(name)
         for name in update.removed:
