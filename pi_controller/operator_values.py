@@ -81,15 +81,14 @@ class OperatorValues(LoopObserver):
         present = _modules(folder) if folder is not None else None
         if present is not None:
             for name in (set(self.config) | set(self.enabled)) - {*present, *settings.settings, *settings.required}:
-                for key in [*self.config.get(name, {}), *(["enabled"] if name in self.enabled else [])]:
-                    self._forget(name, key, "the plugin left the plugins folder")
-                self.config.pop(name, None)
+                self._forget(name, "the plugin left the plugins folder", list(self.config.get(name, {})),
+                             switch=name in self.enabled)
                 disabled.discard(name)  # a switch forgotten holds nothing off: the file's word alone does
         for name, kept in list(self.enabled.items()):
             in_file = settings.settings[name].enabled if name in settings.settings else True
             edited = kept["file"] != in_file
             if edited:
-                self._forget(name, "enabled", "the config file changed it since")
+                self._forget(name, "the config file changed it since", switch=True)
             if edited or kept["value"]:
                 disabled.discard(name)
             else:
@@ -111,7 +110,7 @@ class OperatorValues(LoopObserver):
             return self._set_aside(plugin, key, "this version has no such key")
         if key in grant.config and _kept(kept["value"], grant.config, key) != kept:  # the file says another value
             if "file" in kept or in_config_file:
-                self._forget(plugin.name, key, "the config file changed it since")
+                self._forget(plugin.name, "the config file changed it since", [key])
                 return False
             # The file said nothing when the value was set, and a manifest's default came since: a default for
             # whoever set nothing, not the owner's word on this key. Kept as what the file says from now on.
@@ -130,14 +129,20 @@ class OperatorValues(LoopObserver):
             log.info("operator_value_set_aside", plugin=plugin.name, key=key, reason=why)
         return False
 
-    def _forget(self, plugin: str, key: str, why: str) -> None:
-        if key == "enabled":
-            del self.enabled[plugin]
-        else:
-            del self.config[plugin][key]
+    def _forget(self, plugin: str, why: str, keys: Iterable[str] = (), switch: bool = False) -> None:
+        """`plugin`'s kept config values at `keys`, and its switch if `switch` (apart: a config key may be
+        called `enabled` too), each said once; a plugin left with no value kept has no entry."""
+        config = self.config.get(plugin, {})
+        for key in keys:
+            del config[key]
             self._aside.pop((plugin, key), None)
+            log.info("operator_value_forgotten", plugin=plugin, key=key, reason=why)
+        if switch:
+            del self.enabled[plugin]
+            log.info("operator_value_forgotten", plugin=plugin, key="enabled", reason=why)
+        if not config:
+            self.config.pop(plugin, None)
         self._changed = True
-        log.info("operator_value_forgotten", plugin=plugin, key=key, reason=why)
 
     # -- the file --------------------------------------------------------------------------------
 

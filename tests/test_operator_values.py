@@ -81,7 +81,29 @@ def test_a_value_set_is_in_force_after_a_restart_until_the_file_changes_it(tmp_p
     again = thermostat(setpoint=21.0)  # and it is forgotten for good, even with the file back as it was
     restart(tmp_path, again)
     assert again.config == {"setpoint": 21.0}
-    assert json.loads((tmp_path / FILE_NAME).read_text())["config"] == {"thermostat": {}}
+    assert json.loads((tmp_path / FILE_NAME).read_text())["config"] == {}  # nothing left of it
+
+
+def test_a_config_key_called_enabled_is_no_switch(tmp_path: Path) -> None:
+    """A plugin may have a config key called `enabled`: its operator value, changed in the file since, is forgotten
+    as any other key, and the operator's switch of the plugin, kept apart, stays (it was the switch that went, the
+    value staying in force; with no switch kept, the start raised KeyError)."""
+    def lamp(enabled: bool) -> FakePlugin:
+        made = FakePlugin(name="lamp", grant=SimpleNamespace(config={"enabled": enabled},
+                                                              config_schema={"enabled": ConfigField("boolean")}),
+                          sha256="lamp")
+        made.set_config({})
+        return made
+
+    set_values(tmp_path, lamp(False), SetPluginConfig("lamp", "enabled", True), EnablePlugin("lamp", False))
+    edited = lamp(True)  # the file's default changed since
+    with capture_logs() as logs:
+        assert restart(tmp_path, edited) == {"lamp"}
+    assert edited.config == {"enabled": True}
+    assert [(e["key"], e["reason"]) for e in logs if e["event"] == "operator_value_forgotten"] == [
+        ("enabled", "the config file changed it since")]
+    assert json.loads((tmp_path / FILE_NAME).read_text()) == {"config": {}, "enabled": {
+        "lamp": {"value": False, "file": True}}}
 
 
 def test_disabling_in_the_file_replaces_the_operators_switch(tmp_path: Path) -> None:
