@@ -84,7 +84,7 @@ class Daemon:
                         failsafe_after_s=settings.safety.failsafe_after_s)
         self.watchdog = (Watchdog(self.hardware, settings.watchdog.timeout_s, self.clock.perf_counter)
                          if settings.watchdog.enabled else None)
-        self.values = OperatorValues(self.state_dir)
+        self.values = OperatorValues(self.state_dir, self.clock.monotonic)
         self.operator = Operator(settings.mqtt.override_expiry_s, self.clock.time, self.values, self._promote)
         self.values.apply(self.plugins, settings.plugins, self.operator.disabled, self.plugins.directory)
         self.status = Status(settings, self.plugins, self.operator, self.watchdog, self.clock.monotonic)

@@ -13,9 +13,10 @@ that the version loaded now has no key for, or refuses (a new version), is set a
 force again for a version that takes it, such as the one a fleet rollout or the owner puts back; forgetting
 it would lose the operator's word to a version tried for minutes. The values of a plugin gone from the
 plugins folder, and not named in the config, are forgotten: removing it is the owner's word. Gone from a folder
-that holds plugins, as listed when the plugin set changed (`apply`): a folder missing or empty (a card not
-mounted yet, its empty mount point, a redeploy's `rm -rf` and copy) says nothing, so its flicker forgets
-nothing. A forgotten switch no longer holds its plugin off.
+that holds plugins, as listed when the plugin set changed (`apply`), once the folder has held still for
+`SETTLE_S` on the loop's clock (the same modules listed): a redeploy's `rm -rf` and copy caught halfway, other
+plugins still there, forgets nothing, and a folder missing or empty (a card not mounted yet, its empty mount
+point) says nothing at all. A forgotten switch no longer holds its plugin off.
 
 Written after the tick that took a value up, on a thread of its own (an fsync took up to 120 ms here, more
 than a tick, and longer on an SD card), and the plugin states that show it are published only once it is
@@ -29,8 +30,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import structlog
 
@@ -48,17 +50,26 @@ log = structlog.get_logger("pi_controller.operator")
 
 FILE_NAME = "operator-values.json"
 MAX_FILE_BYTES = 256 * 1024  # a few values per plugin; the operator bounds each value at 4 KiB
+# How long the plugins folder must hold still (the same modules listed) before a plugin gone from it is forgotten:
+# a redeploy's `rm -rf` and copy, caught halfway with other plugins still there, is no owner's word.
+SETTLE_S = 60.0
 Kept = dict[str, Any]  # {"value": what the operator set, "file": what the file said then (absent: nothing)}
 
 
 class OperatorValues(LoopObserver):
-    def __init__(self, directory: Path | None):
+    def __init__(self, directory: Path | None, monotonic: Callable[[], float] = time.monotonic):
+        """`directory`: where the values are kept (None: nowhere); `monotonic`: the loop's clock, which times how
+        long the plugins folder held still (`SETTLE_S`)."""
         self.path = directory / FILE_NAME if directory is not None else None
+        self._monotonic = monotonic
         self.config: dict[str, dict[str, Kept]] = {}  # plugin -> key -> kept
         self.enabled: dict[str, Kept] = {}  # plugin -> kept
         self._changed = False
         self._writing: threading.Thread | None = None  # the write under way
         self._aside: dict[tuple[str, str], str] = {}  # (plugin, key) -> the module's sha256 it was said set aside for
+        self._listed: frozenset[str] | None = None  # the plugins folder's modules, as last listed (`_modules`)
+        self._still_since = 0.0  # when that listing was first seen
+        self._gone: set[str] = set()  # plugins with values kept, gone from that listing, not named in the config
         self._load()
 
     # -- from the operator, in the tick ----------------------------------------------------------
@@ -75,24 +86,17 @@ class OperatorValues(LoopObserver):
 
     def apply(self, plugins: Iterable[SandboxedPlugin], settings: PluginsSettings, disabled: set[str],
               folder: Path | None = None) -> None:
-        """The kept values onto the plugins as loaded now, and the operator's `disabled` set, by the rule.
-        `folder`: the plugins folder, whose modules are listed now, loaded or not (None: not known; a folder
-        missing or empty: nothing forgotten for it)."""
-        present = _modules(folder) if folder is not None else None
-        if present is not None:
-            for name in (set(self.config) | set(self.enabled)) - {*present, *settings.settings, *settings.required}:
-                self._forget(name, "the plugin left the plugins folder", list(self.config.get(name, {})),
-                             switch=name in self.enabled)
-                disabled.discard(name)  # a switch forgotten holds nothing off: the file's word alone does
+        """The kept values onto the plugins as loaded now, and the operator's `disabled` set, by the rule: the
+        plugins whose switch is kept off (one forgotten holds nothing off). `folder`: the plugins folder, whose
+        modules are listed now, loaded or not (None: not known; a folder missing or empty: nothing is gone)."""
+        self._list(folder, settings)
         for name, kept in list(self.enabled.items()):
             in_file = settings.settings[name].enabled if name in settings.settings else True
-            edited = kept["file"] != in_file
-            if edited:
+            if kept["file"] != in_file:
                 self._forget(name, "the config file changed it since", switch=True)
-            if edited or kept["value"]:
-                disabled.discard(name)
-            else:
-                disabled.add(name)
+        off = {name for name, kept in self.enabled.items() if not kept["value"]}
+        disabled.intersection_update(off)
+        disabled.update(off)
         for plugin in plugins:
             own = settings.settings.get(plugin.name)
             values = {key: kept["value"] for key, kept in list(self.config.get(plugin.name, {}).items())
@@ -100,6 +104,23 @@ class OperatorValues(LoopObserver):
             if values:
                 plugin.set_config(values)
         self._save()
+
+    def _list(self, folder: Path | None, settings: PluginsSettings) -> None:
+        """The folder listed again: the plugins gone from it, whose values go once it holds still (`_settled`)."""
+        listed = _modules(folder) if folder is not None else None
+        if listed != self._listed:
+            self._listed, self._still_since = listed, self._monotonic()
+        named = {*settings.settings, *settings.required}
+        self._gone = set() if listed is None else (set(self.config) | set(self.enabled)) - listed - named
+        self._settled()
+
+    def _settled(self) -> None:
+        """The values of the plugins gone from a folder that has held still for `SETTLE_S` are forgotten."""
+        if self._gone and self._monotonic() - self._still_since >= SETTLE_S:
+            for name in self._gone:
+                self._forget(name, "the plugin left the plugins folder", list(self.config.get(name, {})),
+                             switch=name in self.enabled)
+            self._gone = set()
 
     def _still(self, plugin: SandboxedPlugin, key: str, kept: Kept, in_config_file: bool) -> bool:
         """Whether a kept value stands for `plugin` as loaded now: forgotten if the file changed it since, set
@@ -147,6 +168,8 @@ class OperatorValues(LoopObserver):
     # -- the file --------------------------------------------------------------------------------
 
     def tick_done(self, report: TickReport) -> None:
+        if self._gone:
+            self._settled()
         self._save()
 
     def written(self) -> bool:

@@ -719,8 +719,10 @@ def test_an_operator_value_whose_default_a_new_version_drops_stays_in_force(site
 def test_the_operator_values_of_a_plugin_removed_by_hand_are_forgotten(site) -> None:
     """The operator set a config value and switched the plugin off; the owner then removes the plugin. Its values,
     set aside for a version that may come back during a rollout, are forgotten once no module of it is left (and
-    the config does not name it): nothing else would ever drop them. Left in a folder that holds another plugin:
-    an empty one says nothing (tests/test_operator_values.py), and the operator's switch holds it off no more."""
+    the config does not name it), and the folder has held still for the settle a redeploy's copy gets: nothing
+    else would ever drop them. Left in a folder that holds another plugin: an empty one says nothing
+    (tests/test_operator_values.py). Put back, the plugin runs, on the file's values: the operator's switch holds
+    it off no more."""
     daemon = started_with_the_operators_note(site)
     daemon.operator.submit(EnablePlugin(NAME, False))
     site.ticks(2)
@@ -728,8 +730,14 @@ def test_the_operator_values_of_a_plugin_removed_by_hand_are_forgotten(site) -> 
     shutil.copy(TEST_PLUGINS / "counter.wasm", site.folder / "another.wasm")
     removed_by_hand(site)
     site.settle(lambda: site.live_status() is None, "the plugin unloaded")
-    assert NAME not in daemon.values.config and NAME not in daemon.values.enabled
-    assert NAME not in daemon.operator.disabled
+    assert NAME in daemon.values.config and NAME in daemon.values.enabled  # a copy may follow
+    site.settle(lambda: NAME not in daemon.values.config and NAME not in daemon.values.enabled,
+                "the values forgotten, the folder held still")
+    for suffix in (".yaml", ".sig", ".wasm"):
+        shutil.copy(site.live.with_suffix(suffix), site.folder / f"{NAME}{suffix}")
+    site.settle(lambda: site.live_status() is not None and site.live_status().state == "loaded", "put back")
+    plugin = daemon.plugins.named(NAME)
+    assert NAME not in daemon.operator.disabled and plugin is not None and plugin.config["note"] == "factory"
 
 
 def test_the_plugins_folder_named_another_way_at_a_restart_is_no_folder_moved(site) -> None:

@@ -18,7 +18,7 @@ from pi_controller import config, operator_values
 from pi_controller.config import PluginSettings, PluginsSettings
 from pi_controller.daemon import Daemon
 from pi_controller.operator import EnablePlugin, Operator, SetPluginConfig
-from pi_controller.operator_values import FILE_NAME, OperatorValues
+from pi_controller.operator_values import FILE_NAME, SETTLE_S, OperatorValues
 from pi_controller.plugins.plugin_config import ConfigField
 from pi_controller.plugins.sandbox import SandboxedPlugin
 from tests.conftest import BUNDLED_PLUGINS, example_data, until
@@ -55,6 +55,21 @@ def holding(tmp: Path, *names: str) -> Path:
         folder.mkdir(exist_ok=True)
         (folder / f"{name}.wasm").touch()
     return folder
+
+
+class Clock:
+    """The loop's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def after(self, values: OperatorValues, seconds: float) -> None:
+        """`seconds` later, a tick done."""
+        self.now += seconds
+        values.tick_done(None)  # type: ignore[arg-type]  # it reads no report
 
 
 def set_values(state: Path, plugin: FakePlugin, *requests: Any) -> None:
@@ -208,19 +223,23 @@ def test_the_file_is_written_off_the_loop_one_write_at_a_time_and_the_last_value
 
 
 def test_the_values_of_a_plugin_gone_from_the_folder_are_forgotten_unless_the_config_names_it(tmp_path: Path) -> None:
-    """Gone from the folder, the plugin's values go, the one set aside with them (nothing else would
-    drop them, in the file or in memory); kept while the config still names it, or while the folder is not known."""
+    """Gone from the folder (once it held still), the plugin's values go, the one set aside with them (nothing else
+    would drop them, in the file or in memory); kept while the config still names it, or while the folder is not
+    known, missing or empty."""
     set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0),
                EnablePlugin("thermostat", False))
-    values = OperatorValues(tmp_path)
+    clock = Clock()
+    values = OperatorValues(tmp_path, clock)
     values.apply([thermostat(maximum=25.0)], PluginsSettings(), set(), holding(tmp_path, "thermostat"))  # set aside
     assert list(values._aside) == [("thermostat", "setpoint")]
     for settings, folder in ((PluginsSettings(required=("thermostat",)), holding(tmp_path, "another")),
                              (PluginsSettings(), holding(tmp_path)), (PluginsSettings(), None)):
         values.apply([], settings, set(), folder)
+        clock.after(values, SETTLE_S)
         assert values.config == {"thermostat": {"setpoint": {"value": 28.0, "file": 21.0}}}
     with capture_logs() as logs:
         values.apply([], PluginsSettings(), set(), holding(tmp_path, "another"))
+        clock.after(values, SETTLE_S)
     values.close()
     assert sorted((e["key"], e["reason"]) for e in logs if e["event"] == "operator_value_forgotten") == [
         ("enabled", "the plugin left the plugins folder"), ("setpoint", "the plugin left the plugins folder")]
@@ -263,21 +282,56 @@ def test_a_forgotten_switch_no_longer_holds_its_plugin_off(tmp_path: Path) -> No
     off_in_file = PluginsSettings(settings={"thermostat": PluginSettings(enabled=False)})
     for settings, present in ((PluginsSettings(), "another"), (off_in_file, "thermostat")):
         set_values(tmp_path, thermostat(), EnablePlugin("thermostat", False))
-        values, disabled = OperatorValues(tmp_path), set[str]()
+        clock = Clock()
+        values, disabled = OperatorValues(tmp_path, clock), set[str]()
         values.apply([thermostat()], PluginsSettings(), disabled, holding(tmp_path, "thermostat"))
         assert disabled == {"thermostat"}
         values.apply([], settings, disabled, holding(tmp_path, present))  # removed, or enabled: false in the file
+        clock.after(values, SETTLE_S)
         assert values.enabled == {}
         values.apply([thermostat()], PluginsSettings(), disabled, holding(tmp_path, "thermostat"))  # back, or on
         values.close()
         assert disabled == set()
 
 
-def test_a_plugins_folder_briefly_missing_forgets_nothing_a_plugin_removed_from_it_is(write_config,
-                                                                                   tmp_path: Path) -> None:
+def test_a_plugin_gone_is_forgotten_only_once_the_folder_has_held_still(tmp_path: Path) -> None:
+    """A redeploy (`rm -rf plugins/*`, then a copy) listed halfway, at each plugin swap: the thermostat gone with
+    another plugin still there, the folder empty, then copied back a plugin at a time. Nothing is forgotten while the
+    folder changes, and the thermostat, back, has its value and stays switched off. Removed for good, from a folder
+    that then holds still for SETTLE_S on the loop's clock, it is the owner's word: its values go, and put back
+    later it runs on the file's."""
+    set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0),
+               EnablePlugin("thermostat", False))
+    clock, disabled = Clock(), set[str]()
+    values = OperatorValues(tmp_path, clock)
+    values.apply([thermostat()], PluginsSettings(), disabled, holding(tmp_path, "another", "thermostat"))
+    for listed in (("another",), (), ("lamp",), ("another", "lamp")):
+        clock.after(values, SETTLE_S - 1)
+        values.apply([], PluginsSettings(), disabled, holding(tmp_path, *listed))
+    clock.after(values, SETTLE_S - 1)
+    back = thermostat()
+    values.apply([back], PluginsSettings(), disabled, holding(tmp_path, "another", "lamp", "thermostat"))
+    assert back.config == {"setpoint": 28.0} and disabled == {"thermostat"}
+    values.apply([], PluginsSettings(), disabled, holding(tmp_path, "another", "lamp"))  # removed for good
+    clock.after(values, SETTLE_S - 1)
+    assert "thermostat" in values.config
+    with capture_logs() as logs:
+        clock.after(values, 1)
+    assert sorted(e["key"] for e in logs if e["event"] == "operator_value_forgotten") == ["enabled", "setpoint"]
+    again = thermostat()
+    values.apply([again], PluginsSettings(), disabled, holding(tmp_path, "another", "lamp", "thermostat"))
+    values.close()
+    assert again.config == {"setpoint": 21.0} and disabled == set()
+    assert json.loads((tmp_path / FILE_NAME).read_text()) == {"config": {}, "enabled": {}}
+
+
+def test_a_plugins_folder_briefly_missing_forgets_nothing_a_plugin_removed_from_it_is(write_config, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
     """A redeploy (`rm -rf plugins && cp -r new plugins`) whose copy lands after the watcher's scan saw the folder
-    gone and before the gap that unloads the plugin: the folder is judged as scanned, not as found in the gap, and
-    a folder missing says nothing. A plugin's file removed from a folder that holds others is the owner's word."""
+    gone and before the gap that unloads the plugin: the folder is judged as listed in the gap, and a folder missing
+    says nothing. A plugin's file removed from a folder that holds others is the owner's word (here at once: the
+    folder's settle is tested on the loop's clock, above)."""
+    monkeypatch.setattr(operator_values, "SETTLE_S", 0.0)
     folder, saved = tmp_path / "plugins", tmp_path / "saved"
     saved.mkdir()
     for name in ("temperature_control", "motion_light"):
