@@ -269,6 +269,8 @@ class Daemon:
             folder = config.check_plugins_directory(new, self.plugins_dir)
             foreseen = checks.problems(new, folder)  # the plugins it would not load, each for a reason of its own
             checks.check(new, folder, foreseen)  # as check-config does
+            if read.loop != new.loop:  # and as the next start will, on the file's loop: check-config's verdict too
+                checks.check(read, folder)
         except config.ConfigError as exc:
             log.error("reload_refused", file=exc.file, line=exc.line, key=config.format_path(exc.path),
                       problem=exc.message, note="kept the running config and plugins")

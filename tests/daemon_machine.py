@@ -60,7 +60,7 @@ PINS = {"heater": 27, "cooler": 22, "lamp": 18}
 NO_SUCH_DEVICE = "boiler"
 SENSOR = "thermometer"
 W1_ID = "28-000000000001"
-BUDGET_MS = 60  # 10 Hz, plugin_budget 0.6
+PLUGIN_BUDGET = 0.6  # loop.plugin_budget: 60 ms of a tick at 10 Hz
 DEFAULT_TIMEOUT_MS = 10
 FAILSAFE_AFTER_S = 1.0
 
@@ -154,9 +154,15 @@ class Config:
     entries: Mapping[str, Entry]
     broken: str | None = None  # "yaml": not YAML; "typo": an unknown top-level key
     unwritable_recording: bool = False  # record.path where no file can be made (a diagnostic, not control)
+    rate_hz: float = 10.0  # loop.rate_hz: a faster loop leaves the plugins less of each tick (from the next start)
 
     def enabled(self) -> list[str]:
         return [name for name, entry in self.entries.items() if entry.enabled]
+
+    @property
+    def budget_ms(self) -> float:
+        """The plugin budget of a tick, as the config defines it (a tick's period x loop.plugin_budget)."""
+        return 1.0 / self.rate_hz * PLUGIN_BUDGET * 1000.0
 
 
 def runnable(name: str, files: Files, entry: Entry | None) -> bool:
@@ -192,7 +198,7 @@ def config_text(root: Path, choice: Config) -> str:
     if choice.broken == "yaml":
         return "loop: {rate_hz: 10\nsensors: [\n"
     data: dict[str, Any] = {
-        "loop": {"rate_hz": 10, "plugin_budget": 0.6},
+        "loop": {"rate_hz": choice.rate_hz, "plugin_budget": PLUGIN_BUDGET},
         "pins": {"factory": "mock"},
         "sensors": [{"id": SENSOR, "kind": "ds18b20", "device": W1_ID, "base_dir": str(root / "w1"),
                      "poll_interval_s": 0, "valid_min": -20, "valid_max": 60}],
@@ -241,9 +247,11 @@ files = st.builds(Files, module=st.sampled_from(["switchboard", "switchboard", "
 entries = st.builds(Entry, config=plugin_config, enabled=st.sampled_from([True, True, True, False]),
                     priority=st.sampled_from([None, 5, 50]), timeout_ms=st.sampled_from([None, None, 10, 20, 40]),
                     actuators=st.sampled_from([None, None, None, ("heater",), ("lamp",), (NO_SUCH_DEVICE,)]))
+rates = st.sampled_from([10.0, 15.0, 20.0])  # plugin budgets of 60, 40 and 30 ms
 configs = st.builds(Config, entries=st.fixed_dictionaries({}, optional=dict.fromkeys(NAMES, entries)),
                     broken=st.sampled_from([None, None, None, None, None, "yaml", "typo"]),
-                    unwritable_recording=st.sampled_from([False, False, False, True]))
+                    unwritable_recording=st.sampled_from([False, False, False, True]),
+                    rate_hz=st.sampled_from([10.0, 10.0, 10.0, 15.0, 20.0]))
 override_payloads = st.sampled_from([b"ON", b"OFF", b'{"state": "ON", "brightness": 30}',
                                      b'{"action": "set_high", "parameters": {}, "expires_s": 2}'])
 sensor_states = st.sampled_from(["20.0", "35.5", "crc", "missing", "power_on", "99.0"])
@@ -362,7 +370,7 @@ class DaemonMachine(RuleBasedStateMachine):
                 due[name] = entry.timeout_ms or files.timeout_ms() or DEFAULT_TIMEOUT_MS
             else:  # a version running still, its replacement refused, holds its share
                 kept += running.get(name, 0)
-        return sorted(due) if sum(due.values()) + kept <= BUDGET_MS else []
+        return sorted(due) if sum(due.values()) + kept <= self.in_force.budget_ms else []
 
     @invariant()
     def configured_plugins_run(self) -> None:
@@ -376,7 +384,7 @@ class DaemonMachine(RuleBasedStateMachine):
         daemon = self.rig.daemon
         live, shadows = ({p.name: p.grant.timeout_ms for p in plugins}
                          for plugins in (daemon.plugins, daemon.shadows.current.plugins))
-        self._judged(lambda: self.judge.shares(live, shadows, BUDGET_MS, "after the last step"))
+        self._judged(lambda: self.judge.shares(live, shadows, self.in_force.budget_ms, "after the last step"))
 
     # -- setting up and down -------------------------------------------------------------------
 
@@ -583,6 +591,8 @@ class DaemonMachine(RuleBasedStateMachine):
         of plugin `aside`, left out of the reload's judgement (what the watcher does next is the invariants')."""
         self._write_config(choice)
         accepted, _ = check_config(self.config_path, self.folder, choice)
+        if accepted and choice.rate_hz != self.in_force.rate_hz:
+            accepted = self._accepted_as_running(choice)
         daemon = self.rig.daemon
         assert daemon is not None
         before, settings, last = self._views(), daemon.settings, daemon.status.last_reload
@@ -598,8 +608,8 @@ class DaemonMachine(RuleBasedStateMachine):
         result = daemon.status.last_reload
         if result is None or result is last:
             raise RigError("the SIGHUP did not reload")
-        if result.outcome == "applied":
-            self.in_force = choice
+        if result.outcome == "applied":  # with the loop's rate as it runs: `loop` waits for a restart
+            self.in_force = replace(choice, rate_hz=self.in_force.rate_hz)
         after, settings_kept = kept or (self._views(), daemon.settings == settings)
         unloadable = [name for name, view in before.items() if view.live and self.modules.get(name) == "broken"]
         before, after = ({k: v for k, v in views.items() if k != aside} for views in (before, after))
@@ -607,23 +617,63 @@ class DaemonMachine(RuleBasedStateMachine):
         self._judged(lambda: self.judge.reload(accepted, result.outcome, result.message, before, after,
                                                settings_kept, configured, due, unloadable))
 
+    def _accepted_as_running(self, choice: Config) -> bool:
+        """Whether check-config accepts `choice` at the loop's running rate: a reload keeps that rate until a
+        restart, so the plugins `choice` names must fit the running loop now, as well as its own at the next start."""
+        running = replace(choice, rate_hz=self.in_force.rate_hz)
+        path = self.root / "as-running.yaml"
+        path.write_text(config_text(self.root, running))
+        return check_config(path, self.folder, running)[0]
+
     @precondition(lambda self: self.rig.daemon is not None)
     @rule(name=plugin_names, entry=st.one_of(st.none(), entries))
     def reconfigure(self, name: str, entry: Entry | None) -> None:
         """The config in force with one plugin's settings changed (or removed), then as `reload`."""
+        self.reload(self._with(name, entry))
+
+    def _with(self, name: str, entry: Entry | None) -> Config:
+        """The config in force with `name`'s settings changed to `entry` (None: removed), unbroken."""
         changed = {**self.in_force.entries, name: entry} if entry is not None else \
             {key: value for key, value in self.in_force.entries.items() if key != name}
-        self.reload(replace(self.in_force, entries=changed, broken=None))
+        return replace(self.in_force, entries=changed, broken=None)
 
     @precondition(lambda self: self.rig.daemon is not None and self.folder.is_dir())
     @rule(name=plugin_names, entry=st.one_of(st.none(), entries), other=plugin_names, files=st.one_of(st.none(), files))
     def reconfigure_while_files_change(self, name: str, entry: Entry | None, other: str, files: Files | None) -> None:
         """As `reconfigure`, and `other`'s files dropped in (or removed: None) while the reload, prepared from the
         folder as it was, waits for the gap."""
-        changed = {**self.in_force.entries, name: entry} if entry is not None else \
-            {key: value for key, value in self.in_force.entries.items() if key != name}
-        self._reload(replace(self.in_force, entries=changed, broken=None),
+        self._reload(self._with(name, entry),
                      lambda: self._put(other, files) if files is not None else self._remove(other), other)
+
+    @precondition(lambda self: self.rig.daemon is not None and self.folder.is_dir())
+    @rule(rate_hz=rates, restart=st.booleans())
+    def change_rate(self, rate_hz: float, restart: bool) -> None:
+        """The config in force with another loop rate, then as `reload` (the loop keeps its rate: `loop` needs a
+        restart), then, if `restart`, as `restart`: the plugin budget grows or shrinks under the live plugins and
+        the shadows in the shadow folder."""
+        self.reload(replace(self.in_force, broken=None, rate_hz=rate_hz))
+        if restart:
+            self.restart()
+
+    @precondition(lambda self: self.rig.daemon is not None)
+    @rule(name=plugin_names, entry=st.one_of(st.none(), entries), other=plugin_names, enabled=st.booleans())
+    def operator_switches_during_reload(self, name: str, entry: Entry | None, other: str, enabled: bool) -> None:
+        """As `reconfigure`, and the operator switching `other` off (or on) over the operator's API while the
+        reload, prepared, waits for the gap: the next tick takes the request up, the gap then adopts the reload."""
+        daemon = self.rig.daemon
+        assert daemon is not None
+        running = self._views().get(other, PluginView("", None)).live  # the tick takes the request up before the gap
+        submitted: list[EnablePlugin] = []  # not if the reload is refused before its gap
+
+        def switch() -> None:
+            submitted.append(EnablePlugin(other, enabled, "reply"))
+            daemon.operator.submit(submitted[-1])
+
+        self._reload(self._with(name, entry), switch)
+        entry_now = self.in_force.entries.get(other)
+        if submitted and running and (entry_now is None or entry_now.enabled) and other in daemon.plugins.status:
+            held_off = other in daemon.operator.disabled
+            self._judged(lambda: self.judge.switch(other, enabled, held_off, "switched during a reload"))
 
     @precondition(lambda self: self.rig.daemon is not None)
     @rule(unwritable=st.booleans())

@@ -34,9 +34,10 @@ CONFIGURED = "configured"  # plugins named in the config are loaded when their f
 READY = "ready"  # /ready answers ok only while every plugin named in the config is loaded
 INSTALL = "install"  # what `plugin install` accepts the daemon loads; what it refuses changes nothing
 SHARE = "share"  # the shadows run in what the live plugins leave of the plugin budget, never in their share
+SWITCH = "switch"  # the operator's switch of a running plugin stands through a reload that leaves it enabled
 
 NAMES = (OWNER, FAILSAFE, LEASE, REQUIRES, INTERLOCK, WEAR, REFUSED_RELOAD, RELOAD_KEEPS, CHECK_CONFIG, SHUTDOWN,
-         CONFIGURED, READY, INSTALL, SHARE)
+         CONFIGURED, READY, INSTALL, SHARE, SWITCH)
 
 EPSILON = 1e-6  # virtual times are sums of tick periods
 
@@ -312,6 +313,13 @@ class Judge:
         if sum(live.values()) + sum(shadows.values()) > budget_ms:
             self.fail(SHARE, f"{when}: the shadows {dict(shadows)} run beside the live plugins {dict(live)}, past the "
                              f"{budget_ms:g} ms plugin budget")
+
+    def switch(self, name: str, on: bool, held_off: bool, when: str) -> None:
+        """The operator switched the running plugin `name` on (`on`) or off, and the config in force since leaves
+        it enabled; `held_off`: whether the daemon holds it off now."""
+        if held_off == on:
+            self.fail(SWITCH, f"{when}: the operator switched '{name}' {'on' if on else 'off'}, and the daemon "
+                              f"holds it {'off' if held_off else 'on'}")
 
     def ready(self, ready: bool, plugins: Mapping[str, PluginView], configured: Iterable[str], when: str) -> None:
         missing = [name for name in sorted(configured) if not (name in plugins and plugins[name].live)]

@@ -207,3 +207,37 @@ def test_a_shadow_never_runs_in_the_share_of_a_live_plugin_dropped_in_after_it()
     with machine() as state:
         state.drop_shadow(name="thermostat", timeout_ms=20)
         state.drop(name="stray", files=Files("switchboard", Manifest(timeout_ms=40)))
+
+
+def test_a_faster_loop_after_a_restart_leaves_the_live_plugins_their_share_beside_a_shadow() -> None:
+    """The loop goes from 10 to 20 Hz (the config reloaded, which keeps the running rate, then a restart): the
+    plugin budget from 60 to 30 ms, under the two configured plugins (10 ms each) and a shadow asking 20 ms beside
+    them. The shadows get what the live plugins leave."""
+    with machine() as state:
+        state.drop_shadow(name="thermostat", timeout_ms=20)
+        state.advance(ticks=3)
+        assert state.rig.daemon is not None and len(state.rig.daemon.shadows.current) == 1
+        state.change_rate(rate_hz=20.0, restart=False)
+        state.configured_plugins_run()
+        assert state.rig.daemon is not None and len(state.rig.daemon.shadows.current) == 1  # at 10 Hz still
+        state.change_rate(rate_hz=20.0, restart=True)
+        state.configured_plugins_run()
+        assert state.rig.daemon is not None and len(state.rig.daemon.shadows.current) == 0
+        state.advance(ticks=3)
+        state.change_rate(rate_hz=10.0, restart=True)
+
+
+def test_a_reload_of_a_faster_loop_whose_plugins_would_not_fit_it_is_refused_as_check_config_refuses_it() -> None:
+    """Found by the machine's loop-rate rule: the thermostat asks 50 ms beside lamp_ctl's 10 of the 60 ms budget at
+    10 Hz; the file then asks for 15 Hz (40 ms). check-config refuses it, as the next start would; the reload,
+    which keeps the running rate until a restart, applied it (and kept it as the known-good config)."""
+    with machine() as state:
+        state.drop_greedy(mode="on", name="thermostat")
+        state.change_rate(rate_hz=15.0, restart=False)
+
+
+def test_the_operators_switch_taken_up_while_a_reload_waits_for_its_gap_stands_after_it() -> None:
+    with machine() as state:
+        state.operator_switches_during_reload(name="lamp_ctl", entry=None, other="thermostat", enabled=False)
+        state.advance(ticks=15)
+        state.operator_switches_during_reload(name="hog", entry=Entry(), other="thermostat", enabled=True)
