@@ -612,8 +612,12 @@ class DaemonMachine(RuleBasedStateMachine):
             self.in_force = replace(choice, rate_hz=self.in_force.rate_hz)
         after, settings_kept = kept or (self._views(), daemon.settings == settings)
         unloadable = [name for name, view in before.items() if view.live and self.modules.get(name) == "broken"]
-        before, after = ({k: v for k, v in views.items() if k != aside} for views in (before, after))
-        configured, due = ([n for n in names if n != aside] for names in (self.in_force.enabled(), self._due(False)))
+        # Left out with `aside`: the plugins whose share of the tick went to it, by rank (admission), as the daemon
+        # says: its files landed meanwhile, and the watcher loads them behind the reload.
+        out = {aside} | {name for name, view in after.items() if f"went to {aside} (" in (view.reason or "")} \
+            if aside else set()
+        before, after = ({k: v for k, v in views.items() if k not in out} for views in (before, after))
+        configured, due = ([n for n in names if n not in out] for names in (self.in_force.enabled(), self._due(False)))
         self._judged(lambda: self.judge.reload(accepted, result.outcome, result.message, before, after,
                                                settings_kept, configured, due, unloadable))
 
