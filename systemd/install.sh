@@ -58,8 +58,25 @@ else
 fi
 install -d -m 0755 "$ROOT$STATE/plugins"
 # Each module with its manifest: its version, limits and config_schema (schema-checked settings, and the
-# Home Assistant entities of its config) are in the manifest; a module alone loads without them.
-install -m 0644 "$SRC"/plugins/*.wasm "$SRC"/plugins/*.yaml "$ROOT$STATE/plugins/"
+# Home Assistant entities of its config) are in the manifest; a module alone loads without them. And with its
+# signature when the checkout has one (`plugin sign`): plugins.require_signature refuses a module without.
+# A signature of an earlier version (one signed here, in the folder) would describe another module, and any
+# .sig that does not verify is refused: it goes when the module or manifest changes, as `plugin install` does.
+for module in "$SRC"/plugins/*.wasm; do
+    name=$(basename "$module" .wasm)
+    dest=$ROOT$STATE/plugins/$name
+    if [ ! -e "$SRC/plugins/$name.sig" ] && cmp -s "$module" "$dest.wasm" \
+            && cmp -s "$SRC/plugins/$name.yaml" "$dest.yaml"; then
+        continue  # unchanged: a signature made here still holds
+    fi
+    install -m 0644 "$SRC/plugins/$name.yaml" "$dest.yaml"
+    if [ -e "$SRC/plugins/$name.sig" ]; then
+        install -m 0644 "$SRC/plugins/$name.sig" "$dest.sig"
+    else
+        rm -f "$dest.sig"
+    fi
+    install -m 0644 "$module" "$dest.wasm"  # the module last, as `plugin install` moves them
+done
 if [ ! -e "$ROOT$CONF" ]; then
     install -d -m 0755 "$ROOT/etc/pi-controller"
     sed "s#^  directory: .*#  directory: $STATE/plugins#" "$SRC/config/example.yaml" > "$ROOT$CONF"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -205,3 +206,35 @@ def test_no_step_for_32_bit_builds_is_left() -> None:
     script = (REPO / "systemd" / "install.sh").read_text()
     assert "swig" not in script and "liblgpio-dev" not in script
     assert script.index("dpkg --print-architecture") < script.index("apt-get install") < script.index("/pip\" install")
+
+
+def test_reinstall_brings_the_checkouts_signatures_and_drops_a_stale_one(stage: Path, tmp_path: Path) -> None:
+    """An upgrade from a checkout whose plugins were signed (`plugin sign`) installs each .sig with its module,
+    and a .sig signed in the folder over an earlier version goes with it: a .sig that does not verify is refused,
+    so before this the installer's own check-config failed (exit 2) on the stale one."""
+    command = str(stage / "opt/pi-controller/venv/bin/pi-controller")
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", ".venv", "build", "__pycache__", ".*_cache"))
+    key = tmp_path / "key.pem"
+    subprocess.run([command, "plugin", "keygen", str(key)], check=True, capture_output=True, timeout=60)
+    sign = [command, "plugin", "sign", "--key", str(key)]
+    subprocess.run([*sign, str(clone / "plugins/temperature_control.wasm")], check=True, capture_output=True,
+                   timeout=60)
+    installed = stage / "var/lib/pi-controller/plugins"
+    manifest = installed / "motion_light.yaml"
+    manifest.write_text(re.sub(r"^version: .*$", "version: 0.0.1", manifest.read_text(), count=1, flags=re.M))
+    subprocess.run([*sign, str(installed / "motion_light.wasm")], check=True, capture_output=True, timeout=60)
+    config = stage / "etc/pi-controller/config.yaml"
+    kept = config.read_text()
+    config.write_text(kept.replace("\nplugins:\n", f"\nplugins:\n  trusted_keys: [{key}.pub]\n", 1))
+    try:
+        result = subprocess.run(["bash", str(clone / "systemd/install.sh")], capture_output=True, text=True,
+                                env={**os.environ, **BOOKWORM, "ROOT": str(stage)}, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        signature = (installed / "temperature_control.sig").read_bytes()
+        assert signature == (clone / "plugins/temperature_control.sig").read_bytes()
+        assert not (installed / "motion_light.sig").exists()
+        assert manifest.read_bytes() == (REPO / "plugins/motion_light.yaml").read_bytes()
+    finally:  # the stage as the other tests know it
+        config.write_text(kept)
+        (installed / "temperature_control.sig").unlink(missing_ok=True)
