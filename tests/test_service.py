@@ -284,6 +284,15 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(run_daemon, write_confi
     assert set(daemon.status.snapshot()["actuators"]) == {"led_strip", "servo_motor", "relay_switch"}
 
 
+def test_operations_md_names_every_section_a_reload_keeps_until_a_restart() -> None:
+    """An owner who edits `record:` and reloads reads there whether a reload applies it (it did not name it)."""
+    from pi_controller.daemon import _RESTART_ONLY
+
+    text = (Path(__file__).resolve().parent.parent / "docs/operations.md").read_text()
+    (sentence,) = re.findall(r"\n((?:`\w+`, )*`\w+` and `\w+`) need a restart", text)
+    assert set(re.findall(r"`(\w+)`", sentence)) == set(_RESTART_ONLY)
+
+
 @pytest.mark.parametrize("truncated, key", [("", ""), ("# pi-controller config\n", ""),
                                             ("loop:\n  rate_hz: 10\nsensors: []\n", "sensors")])
 def test_sighup_with_a_truncated_config_keeps_every_device_and_plugin(run_daemon, write_config, truncated,
