@@ -7,6 +7,9 @@
 #   sudo systemd/install.sh            install on this Pi
 #   ROOT=/tmp/stage systemd/install.sh  stage the files under a root instead (no user, no systemctl)
 set -euo pipefail
+# What root writes, the service's user must read and run: a hardened shell's umask (027, which sudo keeps)
+# left the venv root's alone, and the unit could not even start (203/EXEC). The config is 0640 on purpose.
+umask 022
 
 ROOT=${ROOT:-}
 SRC=$(cd "$(dirname "$0")/.." && pwd)

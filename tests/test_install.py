@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -21,9 +22,11 @@ pytestmark = pytest.mark.slow  # a staged install: a venv and pip, then the unit
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Staged as root with an umask of 027, a hardened shell's (sudo keeps the stricter of its and the user's)."""
     root = tmp_path_factory.mktemp("root")
-    subprocess.run(["bash", str(REPO / "systemd" / "install.sh")], env={**os.environ, **BOOKWORM, "ROOT": str(root)},
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(["bash", "-c", 'umask 027 && exec bash "$0"', str(REPO / "systemd" / "install.sh")],
+                   env={**os.environ, **BOOKWORM, "ROOT": str(root)}, check=True, capture_output=True, text=True,
+                   timeout=600)
     return root
 
 
@@ -39,6 +42,16 @@ def test_install_stages_the_venv_unit_user_config_and_plugins(stage: Path) -> No
     assert config["plugins"]["directory"] == "/var/lib/pi-controller/plugins"
     assert config["pins"]["factory"] == "lgpio"
     assert not (stage / "etc/systemd/system/pi-controller.service.d").exists()  # no notify-reload before systemd 253
+
+
+def test_the_service_user_can_run_what_root_installed_whatever_roots_umask(stage: Path) -> None:
+    """The unit runs as pi-controller: with the venv root's alone (0750 under umask 027) it failed to start at
+    all (203/EXEC), and its plugins and config went unread."""
+    venv = stage / "opt/pi-controller/venv"
+    for path in [venv, *venv.rglob("*")]:
+        if not path.is_symlink():
+            wanted = stat.S_IROTH | (stat.S_IXOTH if path.is_dir() or path.stat().st_mode & stat.S_IXUSR else 0)
+            assert path.stat().st_mode & wanted == wanted, f"{path}: {stat.filemode(path.stat().st_mode)}"
 
 
 def test_the_installed_command_runs_safe_state_quickly(stage: Path) -> None:
