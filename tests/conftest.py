@@ -274,6 +274,14 @@ def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
     sock.close()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _lgpio_working_directory(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """lgpio makes its notification FIFO (.lgd-nfy0) in LG_WD, else in its working directory: the checkout, for
+    the commands the tests run (`run` without --simulate opens lgpio), which a test then copies whole
+    (test_install) and trips on the FIFO. The unit sets LG_WD to its state directory; the tests, to one of theirs."""
+    os.environ["LG_WD"] = str(tmp_path_factory.mktemp("lgpio"))
+
+
 @pytest.fixture(autouse=True)
 def _reset_pin_factory() -> Iterator[None]:
     yield

@@ -221,13 +221,21 @@ def test_no_step_for_32_bit_builds_is_left() -> None:
     assert script.index("dpkg --print-architecture") < script.index("apt-get install") < script.index("/pip\" install")
 
 
+def checkout_files(folder: str, names: list[str]) -> set[str]:
+    """What a copy of the checkout leaves out: what git does not hold (its own folder, the venv, builds, caches)
+    and whatever is no file or folder (a FIFO a command left there: copytree cannot copy it)."""
+    left_out = shutil.ignore_patterns(".git", ".venv", "build", "__pycache__", ".*_cache")(folder, names)
+    return left_out | {name for name in names if not (os.path.isfile(os.path.join(folder, name))
+                                                       or os.path.isdir(os.path.join(folder, name)))}
+
+
 def test_reinstall_brings_the_checkouts_signatures_and_drops_a_stale_one(stage: Path, tmp_path: Path) -> None:
     """An upgrade from a checkout whose plugins were signed (`plugin sign`) installs each .sig with its module,
     and a .sig signed in the folder over an earlier version goes with it: a .sig that does not verify is refused,
     so before this the installer's own check-config failed (exit 2) on the stale one."""
     command = str(stage / "opt/pi-controller/venv/bin/pi-controller")
     clone = tmp_path / "clone"
-    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", ".venv", "build", "__pycache__", ".*_cache"))
+    shutil.copytree(REPO, clone, ignore=checkout_files)
     key = tmp_path / "key.pem"
     subprocess.run([command, "plugin", "keygen", str(key)], check=True, capture_output=True, timeout=60)
     sign = [command, "plugin", "sign", "--key", str(key)]
