@@ -180,9 +180,7 @@ class Operator:
             case SetActuator():
                 return self._override(request, actuators, now, tick)
             case Release():
-                if self._overrides.pop(request.device_id, None) is not None:
-                    log.info("override_ended", device=request.device_id, tick=tick, reason="released")
-                return Answer(request.reply_to, True, applied={"override": False})
+                return self._release(request, actuators, tick)
             case EnablePlugin():
                 return self._enable(request, plugins, tick)
             case SetPluginConfig():
@@ -222,6 +220,18 @@ class Operator:
                                                 self._wall() + lasts)
         log.info("override_set", device=actuator.id, target=target, expires_in_s=lasts, tick=tick)
         return Answer(request.reply_to, True, device=actuator.id)
+
+    def _release(self, request: Release, actuators: Mapping[str, Actuator], tick: int) -> Answer:
+        """An actuator back to its plugins; one the daemon does not run is refused, as a set of it is (its override,
+        if it had one, ended when it was removed)."""
+        if request.device_id not in actuators:
+            reason = f"unknown device '{request.device_id[:64]}'"
+            log.warning("operator_command_rejected", device=request.device_id[:64], tick=tick, rule="unknown_device",
+                        reason=reason)
+            return Answer(request.reply_to, False, "unknown_device", reason, refused=True)
+        if self._overrides.pop(request.device_id, None) is not None:
+            log.info("override_ended", device=request.device_id, tick=tick, reason="released")
+        return Answer(request.reply_to, True, applied={"override": False})
 
     def _configure(self, request: SetPluginConfig, plugins: Iterable[Any], tick: int) -> Answer:
         """A config value for a plugin, checked against its schema (or the keys and types it has) before

@@ -88,6 +88,18 @@ def test_a_swapped_in_plugin_runs_its_own_config_not_the_values_set_on_the_versi
     assert new.config == {"setpoint": 21, "band": 2.0}  # 19.5 was the old version's, unchecked against this one
 
 
+def test_a_release_of_a_device_the_daemon_does_not_run_is_refused(devices) -> None:
+    """Found by the entities machine: a release for an actuator a reload removed (its "resume automatic" button
+    kept by a dashboard) was answered ok, as if there were such a device, where a set of it is refused."""
+    operator = Operator(expiry_s=10)
+    operator.submit(Release("boiler", "reply"))
+    operator.submit(Release("heater", "reply"))
+    operator.commands(devices, [], now=0.0, tick=0)
+    gone, there = operator.answers([], {})
+    assert (gone.ok, gone.rule, gone.reason) == (False, "unknown_device", "unknown device 'boiler'")
+    assert (there.ok, there.applied) == (True, {"override": False})
+
+
 def test_enabling_an_unknown_plugin_is_refused(devices) -> None:
     operator = Operator(expiry_s=10)
     operator.submit(EnablePlugin("nobody", False))
