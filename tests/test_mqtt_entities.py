@@ -5,10 +5,12 @@ The events: plugins dropped in, replaced, removed; the folder deleted and recrea
 out; SIGHUP reloads that add, remove, rename and change the kind of actuators and sensors, or switch a plugin
 off; a plugin quarantined and released; the operator's switch and config values (a thermostat's thermometer);
 the broker restarted, keeping or forgetting what it retained, with changes meanwhile; the daemon restarted
-with another config (devices, plugins, read-only, discovery off), across a broker outage too; another version
-of a plugin rolled out by the fleet tool.
+with another config (devices, plugins, read-only, discovery off; another node id, base topic or discovery
+prefix), across a broker outage too, or with a new state directory; another version of a plugin rolled out by
+the fleet tool.
 
-The invariant: the broker retains exactly the discovery configs the daemon would send now (and one entity
+The invariant: nothing is retained where the daemon does not publish now (the places it had before included), and
+the broker retains exactly the discovery configs the daemon would send now (and one entity
 of the right platform per device and plugin the test put there), a state for each sensor, actuator and
 plugin that runs and none other, each saying what the daemon's status says; every topic an entity reads is
 retained; metrics name no plugin, actuator or sensor that is gone (a shadow's series stay while it runs).
@@ -98,10 +100,10 @@ def lamp_plugin(**config: Any) -> Manifest:
 
 
 def retained(port: int) -> dict[str, bytes]:
-    """What the broker retains under our base topic and the discovery prefix, as a new subscriber gets it:
-    the retained messages a subscription brings come before a message published after its acknowledgement."""
+    """What the broker retains, under every topic, as a new subscriber gets it: the retained messages a
+    subscription brings come before a message published after its acknowledgement."""
     found: dict[str, bytes] = {}
-    marker = f"{BASE}/probe/{uuid.uuid4().hex}"
+    marker = f"probe/{uuid.uuid4().hex}"
     done = threading.Event()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}")
 
@@ -112,7 +114,7 @@ def retained(port: int) -> dict[str, bytes]:
             found[message.topic] = bytes(message.payload)
 
     client.on_message = on_message
-    client.on_connect = lambda c, u, f, rc, p: c.subscribe([(f"{PREFIX}/#", 1), (f"{BASE}/#", 1)])
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe("#", 1)
     client.on_subscribe = lambda c, u, mid, codes, p: c.publish(marker, b".", qos=1)
     client.connect("127.0.0.1", port)
     client.loop_start()
@@ -148,6 +150,12 @@ class Scene:
     @property
     def config_path(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def place(self) -> tuple[str, str, str]:
+        """Where the config on disk publishes: its topics' base, its discovery prefix, its node id."""
+        node = self.mqtt.get("node_id", NODE)
+        return f"{self.mqtt.get('base_topic', 'pi-controller')}/{node}", self.mqtt.get("discovery_prefix", PREFIX), node
 
     # -- set up -----------------------------------------------------------------------------------
 
@@ -262,9 +270,9 @@ class Scene:
         self.agree("a reload")
 
     def restart(self, actuators: Devices | None = None, sensors: Devices | None = None, gone: tuple[str, ...] = (),
-                **mqtt: Any) -> None:
+                state_dir: Path | None = None, **mqtt: Any) -> None:
         """The daemon stopped (SIGTERM), the plugins `gone` taken out of the folder, the config rewritten
-        (with `mqtt` settings), started again."""
+        (with `mqtt` settings), started again (with another `state_dir`, if given)."""
         assert self.rig is not None
         self.rig.stop()
         for name in gone:
@@ -272,6 +280,8 @@ class Scene:
         self.mqtt |= mqtt
         self.actuators, self.sensors = dict(actuators or self.actuators), dict(sensors or self.sensors)
         self._write_config()
+        if state_dir is not None:
+            self.state_dir = self.rig.state_dir = state_dir
         self.rig.start()
         self._finish("a restart")
 
@@ -286,8 +296,9 @@ class Scene:
         wasm.write_bytes(ROLLED_OUT)
         (folder / f"{name}.yaml").write_text('version: "9.0.0"\n')
         wasm.with_suffix(SUFFIX).write_text(sign(name, ROLLED_OUT, b'version: "9.0.0"\n', self.owner).text())
-        site = tool.Broker("127.0.0.1", self.broker.port, BASE.split("/")[0])
-        a, module = tool.announce(wasm, tool.Plan((NODE,), site, shadow_ticks=10, live_ticks=10))
+        base, _, node = self.place
+        site = tool.Broker("127.0.0.1", self.broker.port, base.rsplit("/", 1)[0])
+        a, module = tool.announce(wasm, tool.Plan((node,), site, shadow_ticks=10, live_ticks=10))
         a = replace(a, rollout=uuid.uuid4().hex)  # the tool's id changes once a second
         chunks = [protocol.chunk_topic(site.base_topic, a.sha256, i) for i in range(a.chunks)]
         owner = tool.Watcher(site, name)
@@ -393,12 +404,15 @@ class Scene:
     def disagreements(self, broker: dict[str, bytes]) -> list[str]:
         daemon = self._daemon()
         status = daemon.status
-        problems: list[str] = []
+        base, prefix, node = self.place
+        # Nothing retained where this node no longer publishes (an id, base or prefix it had before).
+        problems = [f"retained where the node does not publish: {t}" for t in sorted(broker)
+                    if not t.startswith(f"{base}/") and not _config_of(t, prefix, node)]
         # Discovery: the configs of what runs, each as the daemon would send it now, and nothing else.
         discovering = self.mqtt.get("discovery", True)
         now = {t: c for t, c in discovery.configs(status.settings, status.config_schemas(), status.shadowed(),
                                                   status.thermostats()).items() if c and discovering}
-        shown = {t: json.loads(p) for t, p in broker.items() if t.startswith(f"{PREFIX}/")}
+        shown = {t: json.loads(p) for t, p in broker.items() if _config_of(t, prefix, node)}
         problems += [f"left over: {t}" for t in sorted(set(shown) - set(now))]
         problems += [f"missing: {t}" for t in sorted(set(now) - set(shown))]
         problems += [f"stale config: {t}" for t in sorted(set(now) & set(shown)) if now[t] != shown[t]]
@@ -406,14 +420,14 @@ class Scene:
         for object_id, device in {**self.actuators, **self.sensors}.items() if discovering else ():
             platform = PLATFORMS[device.kind]
             platform = platform if self.mqtt.get("commands", True) else READ_ONLY.get(platform, platform)
-            if f"{PREFIX}/{platform}/{NODE}/{object_id}/config" not in shown:
+            if f"{prefix}/{platform}/{node}/{object_id}/config" not in shown:
                 problems.append(f"{object_id} ({device.kind}) has no {platform} entity")
         for name in self.plugins if self.folder.is_dir() and discovering else ():
-            if f"{PREFIX}/sensor/{NODE}/plugin_{name}/config" not in shown:
+            if f"{prefix}/sensor/{node}/plugin_{name}/config" not in shown:
                 problems.append(f"plugin {name} has no entity")
         # Each entity reads states the broker holds (an event entity's come and go).
         problems += [f"{t} reads {read}, which nothing publishes" for t, c in sorted(shown.items())
-                     if not t.startswith(f"{PREFIX}/event/") for read in _read(c) if read not in broker]
+                     if not t.startswith(f"{prefix}/event/") for read in _read(c) if read not in broker]
         problems += self._states(broker, status)
         problems += self._series(daemon)
         return problems
@@ -422,9 +436,10 @@ class Scene:
         """The retained states: one per sensor, actuator and plugin of now, each saying what status says."""
         problems = []
         # (A rollout's verdicts, `fleet/<plugin>`, are the node's word to the owner's tool, kept for it.)
-        states = {t[len(BASE) + 1:]: json.loads(p) for t, p in broker.items() if t.startswith(f"{BASE}/")
-                  and t not in (f"{BASE}/status", f"{BASE}/loop/state", f"{BASE}/telemetry/state")
-                  and not t.startswith(f"{BASE}/fleet/")}
+        base = self.place[0]
+        states = {t[len(base) + 1:]: json.loads(p) for t, p in broker.items() if t.startswith(f"{base}/")
+                  and t not in (f"{base}/status", f"{base}/loop/state", f"{base}/telemetry/state")
+                  and not t.startswith(f"{base}/fleet/")}
         expected = {f"sensor/{s.id}/state" for s in status.settings.sensors}
         expected |= {f"actuator/{a.id}/state" for a in status.settings.actuators}
         expected |= {f"plugin/{name}/state" for name in status.plugin_states()}
@@ -462,6 +477,12 @@ class Scene:
         running |= {("plugin", p.name) for p in status.shadows.plugins}  # a shadow runs on without its plugin
         running |= {("sensor", s.id) for s in status.settings.sensors}
         return [f"metrics name a {kind} gone: {name}" for kind, name in sorted(named - running)]
+
+
+def _config_of(topic: str, prefix: str, node: str) -> bool:
+    """A discovery config of the node `node` under the prefix `prefix`."""
+    parts = topic.split("/")
+    return parts[0] == prefix and len(parts) == 5 and parts[2] == node and parts[4] == "config"
 
 
 def _read(config: Mapping[str, Any]) -> set[str]:
@@ -749,6 +770,10 @@ DEVICE_SETS: tuple[tuple[Devices, Devices], ...] = (
     ({"boiler": Device("pwm", 27), "lamp": Device("relay", 18)}, {"presence": Device("ds18b20")}),
     ({**FIRST_ACTUATORS, "vent": Device("servo", 13)}, {"probe": Device("motion", 23), "door": Device("button", 17)}),
 )
+# Where the node publishes: the first place, and each of its three parts changed.
+PLACES: tuple[dict[str, Any], ...] = (
+    {"node_id": NODE, "base_topic": "pi-controller", "discovery_prefix": PREFIX},
+    {"node_id": "renamed"}, {"base_topic": "site"}, {"discovery_prefix": "ha"})
 # Deterministic, as tests/daemon_machine.py's in-suite budget: the same sequences on every run.
 IN_SUITE = settings(max_examples=12, stateful_step_count=15, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck), print_blob=False)
@@ -764,7 +789,8 @@ class EntitiesMachine(RuleBasedStateMachine):
         self.broker.start()
         self._logs = quiet_logs()
         self._logs.__enter__()
-        self.scene = Scene(self.root, self.broker, owner=Ed25519PrivateKey.generate())
+        self.scene = Scene(self.root, self.broker, owner=Ed25519PrivateKey.generate(), state_dir=self.root / "state",
+                           mqtt={"buffer_file": str(self.root / "outbox.jsonl")})
 
     @initialize()
     def start(self) -> None:
@@ -808,6 +834,20 @@ class EntitiesMachine(RuleBasedStateMachine):
     def restart(self, devices: tuple[Devices, Devices], commands: bool) -> None:
         """Into read-only mode too (`commands` false), or back."""
         self.scene.restart(*devices, commands=commands)
+
+    @precondition(lambda self: self.scene.folder.is_dir())
+    @rule(place=st.sampled_from(PLACES))
+    def move(self, place: dict[str, Any]) -> None:
+        """Restarted under another node id, base topic or discovery prefix (or back to the first): what it
+        published where it was goes (its state directory remembers where)."""
+        self.scene.restart(**place)
+
+    @precondition(lambda self: self.scene.folder.is_dir())
+    @rule()
+    def new_state_dir(self) -> None:
+        """Restarted with a state directory of its own, empty (`--state-dir` elsewhere, a new SD card): the operator's
+        values and the place it published under are forgotten; it publishes where it did."""
+        self.scene.restart(state_dir=self.root / f"state-{uuid.uuid4().hex[:8]}")
 
     @precondition(lambda self: self.scene.folder.is_dir() and self.scene.mqtt.get("commands", True))
     @rule(name=st.sampled_from(NAMES))
