@@ -774,6 +774,10 @@ DEVICE_SETS: tuple[tuple[Devices, Devices], ...] = (
 PLACES: tuple[dict[str, Any], ...] = (
     {"node_id": NODE, "base_topic": "pi-controller", "discovery_prefix": PREFIX},
     {"node_id": "renamed"}, {"base_topic": "site"}, {"discovery_prefix": "ha"})
+# What changes while the broker is away (`EntitiesMachine.broker_restart`).
+MEANWHILE = st.one_of(st.none(), st.tuples(st.just("reload"), st.sampled_from(DEVICE_SETS)),
+                      st.tuples(st.just("drop"), st.sampled_from(NAMES), st.sampled_from([*MANIFESTS, "removed"])),
+                      st.tuples(st.just("move"), st.sampled_from(PLACES), st.sampled_from(NAMES)))
 # Deterministic, as tests/daemon_machine.py's in-suite budget: the same sequences on every run.
 IN_SUITE = settings(max_examples=12, stateful_step_count=15, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck), print_blob=False)
@@ -782,9 +786,13 @@ IN_SUITE = settings(max_examples=12, stateful_step_count=15, deadline=None, dera
 class EntitiesMachine(RuleBasedStateMachine):
     """The events of the sequences above in any order; each step waits for the invariant (`Scene.agree`)."""
 
+    max_outages = 1  # of the broker, in a sequence: each costs seconds of real time (paho's back-off); more to hunt
+
+
     def __init__(self) -> None:
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="pi-controller-entities-"))
+        self.outages = 0
         self.broker = Broker(self.root)
         self.broker.start()
         self._logs = quiet_logs()
@@ -857,11 +865,27 @@ class EntitiesMachine(RuleBasedStateMachine):
         if name not in self.scene._daemon().operator.disabled:
             self.scene.rollout(name)
 
-    @precondition(lambda self: self.scene.folder.is_dir())
-    @rule(forgets=st.booleans(), devices=st.one_of(st.none(), st.sampled_from(DEVICE_SETS)))
-    def broker_restart(self, forgets: bool, devices: tuple[Devices, Devices] | None) -> None:
-        """The broker restarted, and the config reloaded meanwhile if `devices`."""
-        self.scene.broker_restart((lambda: self.scene.reload(*devices)) if devices else lambda: None, forgets)
+    @precondition(lambda self: self.scene.folder.is_dir() and self.outages < self.max_outages)
+    @rule(forgets=st.booleans(), meanwhile=MEANWHILE)
+    def broker_restart(self, forgets: bool, meanwhile: tuple[Any, ...] | None) -> None:
+        """The broker restarted, and meanwhile: the config reloaded with other devices; a plugin dropped in (or
+        replaced: a quarantined plugin by a good one) or removed; the daemon restarted under another place, a
+        plugin taken out."""
+        scene = self.scene
+
+        def change() -> None:
+            match meanwhile:
+                case ("reload", devices):
+                    scene.reload(*devices)
+                case ("drop", name, manifest) if manifest != "removed":
+                    scene.drop(name, manifest)
+                case ("drop", name, _) if name in scene.plugins:
+                    scene.remove(name)
+                case ("move", place, gone):
+                    scene.restart(gone=(gone,) if gone in scene.plugins else (), **place)
+
+        self.outages += 1
+        scene.broker_restart(change, forgets)
 
     @precondition(lambda self: any(name in self.scene._daemon().plugins.status for name in NAMES))
     @rule(data=st.data(), enabled=st.booleans())
