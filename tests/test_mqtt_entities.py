@@ -888,6 +888,21 @@ class EntitiesMachine(RuleBasedStateMachine):
         scene.broker_restart(change, forgets)
 
     @precondition(lambda self: any(name in self.scene._daemon().plugins.status for name in NAMES))
+    @rule(data=st.data(), release=st.booleans())
+    def quarantine(self, data: st.DataObject, release: bool) -> None:
+        """A plugin that runs with a mode made to trap until it is quarantined (and given a good mode again,
+        if `release`), as any failing plugin is."""
+        daemon = self.scene._daemon()
+        configs = {p.name: p.config for p in daemon.plugins}
+        able = sorted(name for name, status in daemon.plugins.status.items() if status.state == "loaded"
+                      and name not in daemon.operator.disabled and "mode" in configs.get(name, {}))
+        if able:
+            name = data.draw(st.sampled_from(able))
+            self.scene.quarantine(name)
+            if release:
+                self.scene.release(name)
+
+    @precondition(lambda self: any(name in self.scene._daemon().plugins.status for name in NAMES))
     @rule(data=st.data(), enabled=st.booleans())
     def switch(self, data: st.DataObject, enabled: bool) -> None:
         self.scene.switch(data.draw(st.sampled_from(sorted(self.scene._daemon().plugins.status))), enabled)
