@@ -7,7 +7,7 @@ off; a plugin quarantined and released; the operator's switch and config values 
 the broker restarted, keeping or forgetting what it retained, with changes meanwhile; the daemon restarted
 with another config (devices, plugins, read-only, discovery off; another node id, base topic or discovery
 prefix), across a broker outage too, or with a new state directory; another version of a plugin rolled out by
-the fleet tool.
+the fleet tool; commands for actuators and plugins it does not run (each refused).
 
 The invariant: nothing is retained where the daemon does not publish now (the places it had before included), and
 the broker retains exactly the discovery configs the daemon would send now (and one entity
@@ -361,6 +361,36 @@ class Scene:
         link = self._daemon().telemetry.link  # another daemon's, if `meanwhile` restarted it
         assert link._connected.wait(LINK_WAIT_S), "the daemon never reconnected"  # paho's back-off is real time
         self.agree("the broker's restart")
+
+    def ask(self, command: str, payload: bytes) -> dict[str, Any]:
+        """`payload` published on `<base>/<command>` by a client of its own, as Home Assistant or an automation
+        does; the answer on the command's `/result`, ticked for until it comes."""
+        answers: list[bytes] = []
+        subscribed, answered = threading.Event(), threading.Event()
+        topic = f"{self.place[0]}/{command}"
+
+        def on_message(c: Any, u: Any, message: mqtt.MQTTMessage) -> None:
+            answers.append(bytes(message.payload))
+            answered.set()
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"asker-{uuid.uuid4().hex[:8]}")
+        client.on_message = on_message
+        client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{topic}/result", 1)
+        client.on_subscribe = lambda c, u, mid, codes, p: subscribed.set()
+        client.connect("127.0.0.1", self.broker.port)
+        client.loop_start()
+        try:
+            assert subscribed.wait(PROBE_WAIT_S), "the broker never acknowledged the subscription to the result"
+            client.publish(topic, payload, qos=1).wait_for_publish(PROBE_WAIT_S)
+            deadline = time.monotonic() + PROBE_WAIT_S
+            while not answered.wait(0.01):  # the command crosses the broker in real time, the ticks are the rig's
+                assert self.rig is not None and time.monotonic() < deadline, f"no answer on {topic}/result"
+                self.rig.tick()
+                self.rig.settle()
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        return dict(json.loads(answers[0]))
 
     # -- the invariant ----------------------------------------------------------------------------
 
@@ -778,6 +808,8 @@ PLACES: tuple[dict[str, Any], ...] = (
 MEANWHILE = st.one_of(st.none(), st.tuples(st.just("reload"), st.sampled_from(DEVICE_SETS)),
                       st.tuples(st.just("drop"), st.sampled_from(NAMES), st.sampled_from([*MANIFESTS, "removed"])),
                       st.tuples(st.just("move"), st.sampled_from(PLACES), st.sampled_from(NAMES)))
+GONE_ACTUATORS = sorted({a for actuators, _ in DEVICE_SETS for a in actuators} | {"boiler_2"})
+COMMANDS = ("actuator/{}/set", "actuator/{}/release", "plugin/{}/enable", "plugin/{}/config/mode/set")
 # Deterministic, as tests/daemon_machine.py's in-suite budget: the same sequences on every run.
 IN_SUITE = settings(max_examples=12, stateful_step_count=15, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck), print_blob=False)
@@ -901,6 +933,23 @@ class EntitiesMachine(RuleBasedStateMachine):
             self.scene.quarantine(name)
             if release:
                 self.scene.release(name)
+
+    @precondition(lambda self: self.scene.mqtt.get("commands", True))
+    @rule(data=st.data(), command=st.sampled_from(COMMANDS))
+    def command_a_gone_thing(self, data: st.DataObject, command: str) -> None:
+        """A command for an actuator or plugin the daemon does not run (a removed one's entity kept by a
+        dashboard, an automation): refused, and nothing retained of it."""
+        scene = self.scene
+        if command.startswith("actuator/"):
+            gone, expected = data.draw(st.sampled_from([a for a in GONE_ACTUATORS if a not in scene.actuators])), \
+                "unknown_device"
+        else:
+            running = scene._daemon().plugins.status
+            gone, expected = data.draw(st.sampled_from([n for n in NAMES if n not in running] or ["nothing_here"])), \
+                "unknown_plugin"
+        answer = scene.ask(command.format(gone), b'{"state": "ON"}' if command.endswith("/set") else b"on")
+        assert (answer.get("ok"), answer.get("rule")) == (False, expected), answer
+        scene.agree(f"a command on {command.format(gone)}")
 
     @precondition(lambda self: any(name in self.scene._daemon().plugins.status for name in NAMES))
     @rule(data=st.data(), enabled=st.booleans())
