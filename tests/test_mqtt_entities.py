@@ -138,6 +138,7 @@ class Scene:
     sensors: Devices = field(default_factory=lambda: dict(FIRST_SENSORS))
     plugins: dict[str, Manifest | ThermostatManifest | None] = field(default_factory=dict)
     mqtt: dict[str, Any] = field(default_factory=dict)  # mqtt settings beyond the scene's own
+    running: dict[str, Any] = field(default_factory=dict)  # those the daemon started with (a reload keeps them)
     disabled: frozenset[str] = frozenset()  # plugins the config switches off (plugins.settings.<name>.enabled)
     owner: Ed25519PrivateKey | None = None  # with it, the node takes fleet rollouts signed by it (`rollout`)
     state_dir: Path | None = None  # the daemon's (`run --state-dir`)
@@ -153,9 +154,10 @@ class Scene:
 
     @property
     def place(self) -> tuple[str, str, str]:
-        """Where the config on disk publishes: its topics' base, its discovery prefix, its node id."""
-        node = self.mqtt.get("node_id", NODE)
-        return f"{self.mqtt.get('base_topic', 'pi-controller')}/{node}", self.mqtt.get("discovery_prefix", PREFIX), node
+        """Where the daemon publishes: its topics' base, its discovery prefix, its node id."""
+        node = self.running.get("node_id", NODE)
+        return f"{self.running.get('base_topic', 'pi-controller')}/{node}", \
+            self.running.get("discovery_prefix", PREFIX), node
 
     # -- set up -----------------------------------------------------------------------------------
 
@@ -163,6 +165,7 @@ class Scene:
         self.folder.mkdir()
         self._write_config()
         self.rig = Rig(self.config_path, {}, state_dir=self.state_dir)
+        self.running = dict(self.mqtt)
         self.rig.start()
         self.rig.finish()
         self.agree("the start")
@@ -256,9 +259,11 @@ class Scene:
             self.drop(name, manifest)
 
     def reload(self, actuators: Devices | None = None, sensors: Devices | None = None,
-               disabled: frozenset[str] | None = None) -> None:
-        """The config rewritten with these devices (and plugins switched off), then SIGHUP."""
+               disabled: frozenset[str] | None = None, **mqtt: Any) -> None:
+        """The config rewritten with these devices (and plugins switched off, and `mqtt` settings, which wait for a
+        restart), then SIGHUP."""
         assert self.rig is not None and self.rig.daemon is not None
+        self.mqtt |= mqtt
         self.actuators, self.sensors = dict(actuators or self.actuators), dict(sensors or self.sensors)
         self.disabled = self.disabled if disabled is None else disabled
         self._write_config()
@@ -282,6 +287,7 @@ class Scene:
         self._write_config()
         if state_dir is not None:
             self.state_dir = self.rig.state_dir = state_dir
+        self.running = dict(self.mqtt)
         self.rig.start()
         self._finish("a restart")
 
@@ -439,7 +445,7 @@ class Scene:
         problems = [f"retained where the node does not publish: {t}" for t in sorted(broker)
                     if not t.startswith(f"{base}/") and not _config_of(t, prefix, node)]
         # Discovery: the configs of what runs, each as the daemon would send it now, and nothing else.
-        discovering = self.mqtt.get("discovery", True)
+        discovering = self.running.get("discovery", True)
         now = {t: c for t, c in discovery.configs(status.settings, status.config_schemas(), status.shadowed(),
                                                   status.thermostats()).items() if c and discovering}
         shown = {t: json.loads(p) for t, p in broker.items() if _config_of(t, prefix, node)}
@@ -449,7 +455,7 @@ class Scene:
         # ... and what the test put there, by kind, whatever the daemon thinks it runs.
         for object_id, device in {**self.actuators, **self.sensors}.items() if discovering else ():
             platform = PLATFORMS[device.kind]
-            platform = platform if self.mqtt.get("commands", True) else READ_ONLY.get(platform, platform)
+            platform = platform if self.running.get("commands", True) else READ_ONLY.get(platform, platform)
             if f"{prefix}/{platform}/{node}/{object_id}/config" not in shown:
                 problems.append(f"{object_id} ({device.kind}) has no {platform} entity")
         for name in self.plugins if self.folder.is_dir() and discovering else ():
@@ -876,6 +882,14 @@ class EntitiesMachine(RuleBasedStateMachine):
         self.scene.restart(*devices, commands=commands)
 
     @precondition(lambda self: self.scene.folder.is_dir())
+    @rule(devices=st.sampled_from(DEVICE_SETS), mqtt=st.sampled_from([*PLACES, {"commands": False},
+                                                                        {"commands": True}]))
+    def reload_mqtt(self, devices: tuple[Devices, Devices], mqtt: dict[str, Any]) -> None:
+        """A reload with other devices and other MQTT settings: the devices follow, the MQTT settings wait for the
+        next restart (any rule's), the daemon publishing where it did until then."""
+        self.scene.reload(*devices, **mqtt)
+
+    @precondition(lambda self: self.scene.folder.is_dir())
     @rule(place=st.sampled_from(PLACES))
     def move(self, place: dict[str, Any]) -> None:
         """Restarted under another node id, base topic or discovery prefix (or back to the first): what it
@@ -889,7 +903,7 @@ class EntitiesMachine(RuleBasedStateMachine):
         values and the place it published under are forgotten; it publishes where it did."""
         self.scene.restart(state_dir=self.root / f"state-{uuid.uuid4().hex[:8]}")
 
-    @precondition(lambda self: self.scene.folder.is_dir() and self.scene.mqtt.get("commands", True))
+    @precondition(lambda self: self.scene.folder.is_dir() and self.scene.running.get("commands", True))
     @rule(name=st.sampled_from(NAMES))
     def rollout(self, name: str) -> None:
         """Another version of a plugin rolled out to the node (one it does not run: refused). Not of one the
@@ -934,7 +948,7 @@ class EntitiesMachine(RuleBasedStateMachine):
             if release:
                 self.scene.release(name)
 
-    @precondition(lambda self: self.scene.mqtt.get("commands", True))
+    @precondition(lambda self: self.scene.running.get("commands", True))
     @rule(data=st.data(), command=st.sampled_from(COMMANDS))
     def command_a_gone_thing(self, data: st.DataObject, command: str) -> None:
         """A command for an actuator or plugin the daemon does not run (a removed one's entity kept by a
