@@ -398,6 +398,18 @@ class Scene:
             client.loop_stop()
         return dict(json.loads(answers[0]))
 
+    def home_assistant_restarts(self) -> None:
+        """Home Assistant's birth message, as it says it at its start: `online` on `homeassistant/status`."""
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"home-assistant-{uuid.uuid4().hex[:8]}")
+        client.connect("127.0.0.1", self.broker.port)
+        client.loop_start()
+        try:
+            client.publish("homeassistant/status", b"online", qos=1).wait_for_publish(PROBE_WAIT_S)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        self._finish("Home Assistant's restart")
+
     # -- the invariant ----------------------------------------------------------------------------
 
     def _daemon(self) -> Any:
@@ -974,6 +986,12 @@ class EntitiesMachine(RuleBasedStateMachine):
     @rule(name=st.sampled_from(NAMES), on=st.booleans())
     def shadow(self, name: str, on: bool) -> None:
         self.scene.shadow(name, lamp_plugin(duty=60) if on else None)
+
+    @rule()
+    def home_assistant_restarts(self) -> None:
+        """Home Assistant started again: the daemon sends it discovery and every state (not seen in read-only
+        mode: what is retained does)."""
+        self.scene.home_assistant_restarts()
 
     @precondition(lambda self: "thermo" in self.scene._daemon().plugins.status)
     @rule(sensor=st.sampled_from(["probe", "presence"]))
