@@ -18,17 +18,26 @@ failures found.
 
     python benchmarks/fuzz.py --stateful [--steps 100000] [--seed 1] [--invariant NAME ...] [--matching REGEX]
                               [--leave-out RULE ...]
+
+With `--stateful --entities`, the state machine of tests/test_mqtt_entities.py instead: the daemon, a real
+mosquitto and what a fresh subscriber (Home Assistant) finds retained after each step; rounds of 20 sequences of
+up to 30 steps (the suite's: 15), with up to `--outages` broker restarts in each (the suite's: one; each costs
+seconds of real time). A step takes a second or more: thousands of steps are hours.
+
+    python benchmarks/fuzz.py --stateful --entities [--steps 2000] [--seed 1] [--outages 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -38,6 +47,7 @@ from tests.fuzz_targets import TARGETS
 # Plugin files cost a trial compile in a child each (~0.2 s): fewer of them in the same budget.
 SHARE = {"module_bytes": 0.1, "context": 0.2}
 ROUND_EXAMPLES = 200  # sequences per round of --stateful
+ENTITIES_ROUND_EXAMPLES = 20  # of --stateful --entities, whose steps take a second or more
 
 
 def fuzz(target: str, examples: int, seed: int, timeout: float) -> dict[str, object]:
@@ -62,23 +72,43 @@ def fuzz(target: str, examples: int, seed: int, timeout: float) -> dict[str, obj
 
 def stateful(steps: int, seed: int, judged: list[str], matching: str | None, leaving_out: list[str]) -> bool:
     """Rounds of the daemon's state machine until `steps` steps; whether any found a violation."""
-    from hypothesis import seed as seeded
     from hypothesis import settings
-    from hypothesis.stateful import get_state_machine_test
 
     from tests.daemon_machine import IN_SUITE, checking
 
     machine = checking(*judged, matching=matching, leaving_out=leaving_out)
-    rounds = settings(IN_SUITE, max_examples=ROUND_EXAMPLES, derandomize=False)
+    return rounds(machine, settings(IN_SUITE, max_examples=ROUND_EXAMPLES, derandomize=False), steps, seed)
+
+
+def entities(steps: int, seed: int, outages: int) -> bool:
+    """Rounds of the entities machine (the daemon against a real broker, judged from a subscriber's side) until
+    `steps` steps; whether any found a violation."""
+    from hypothesis import settings
+
+    # By name: the module imports benchmarks/flood.py as `benchmarks.flood`, which mypy, reading this folder's
+    # files as top-level modules, would find twice.
+    module = importlib.import_module("tests.test_mqtt_entities")
+    machine = type("EntitiesMachine_long", (module.EntitiesMachine,), {"max_outages": outages, "examples": 0,
+                                                                      "steps": 0})
+    return rounds(machine, settings(module.IN_SUITE, max_examples=ENTITIES_ROUND_EXAMPLES, stateful_step_count=30,
+                                     derandomize=False), steps, seed)
+
+
+def rounds(machine: Any, each: Any, steps: int, seed: int) -> bool:
+    """Rounds of `machine` under the settings `each`, seeds `seed`, `seed`+1, ..., until `steps` steps; whether any
+    found a violation."""
+    from hypothesis import seed as seeded
+    from hypothesis.stateful import get_state_machine_test
+
     found, started, number = 0, time.perf_counter(), 0
     print(f"{'round':>5} {'seed':>6} {'steps':>8} {'sequences':>10} {'failures':>9} {'seconds':>8}", flush=True)
     while machine.steps < steps:
         try:
-            seeded(seed + number)(get_state_machine_test(machine, settings=rounds))()
+            seeded(seed + number)(get_state_machine_test(machine, settings=each))()
         except Exception as exc:  # whatever a sequence raised is a finding, printed with it
-            for each in exc.exceptions if isinstance(exc, ExceptionGroup) else [exc]:
+            for finding in exc.exceptions if isinstance(exc, ExceptionGroup) else [exc]:
                 found += 1
-                print(f"found: {type(each).__name__}: {each}\n" + "\n".join(getattr(each, "__notes__", [])),
+                print(f"found: {type(finding).__name__}: {finding}\n" + "\n".join(getattr(finding, "__notes__", [])),
                       flush=True)
         print(f"{number:>5} {seed + number:>6} {machine.steps:>8} {machine.examples:>10} {found:>9} "
               f"{time.perf_counter() - started:>8.0f}", flush=True)
@@ -99,7 +129,11 @@ def main() -> None:
     parser.add_argument("--invariant", action="append", default=[], help="--stateful: judge only this one")
     parser.add_argument("--matching", help="--stateful: count only violations whose message matches this")
     parser.add_argument("--leave-out", action="append", default=[], help="--stateful: never run this rule")
+    parser.add_argument("--entities", action="store_true", help="--stateful: the entities machine (MQTT, a broker)")
+    parser.add_argument("--outages", type=int, default=4, help="--entities: broker restarts in a sequence, at most")
     args = parser.parse_args()
+    if args.stateful and args.entities:
+        sys.exit(1 if entities(args.steps, args.seed, args.outages) else 0)
     if args.stateful:
         sys.exit(1 if stateful(args.steps, args.seed, args.invariant, args.matching, args.leave_out) else 0)
     print(f"{'target':<14} {'inputs':>7} {'crashes':>8} {'findings':>9} {'hangs':>6} {'seconds':>8}")

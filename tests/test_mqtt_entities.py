@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -42,7 +42,14 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from pi_controller.fleet import protocol, tool
 from pi_controller.mqtt import discovery
@@ -836,11 +843,14 @@ IN_SUITE = settings(max_examples=12, stateful_step_count=15, deadline=None, dera
 class EntitiesMachine(RuleBasedStateMachine):
     """The events of the sequences above in any order; each step waits for the invariant (`Scene.agree`)."""
 
-    max_outages = 1  # of the broker, in a sequence: each costs seconds of real time (paho's back-off); more to hunt
+    max_outages: ClassVar[int] = 1  # of the broker in a sequence: each costs seconds of real time (paho's back-off)
+    examples: ClassVar[int] = 0  # machines built so far in this process: one per example (benchmarks/fuzz.py)
+    steps: ClassVar[int] = 0
 
 
     def __init__(self) -> None:
         super().__init__()
+        type(self).examples += 1
         self.root = Path(tempfile.mkdtemp(prefix="pi-controller-entities-"))
         self.outages = 0
         self.broker = Broker(self.root)
@@ -861,6 +871,11 @@ class EntitiesMachine(RuleBasedStateMachine):
         finally:
             self._logs.__exit__(None, None, None)
             shutil.rmtree(self.root, ignore_errors=True)
+
+    @invariant()
+    def counted(self) -> None:
+        """Each step judged its own invariant as it ended (`Scene.agree`); here it is only counted."""
+        type(self).steps += 1
 
     @precondition(lambda self: self.scene.folder.is_dir())
     @rule(name=st.sampled_from(NAMES), manifest=st.sampled_from(MANIFESTS))
