@@ -686,6 +686,20 @@ def rollouts_replace_a_plugin(s: Scene) -> None:
     s.rollout("lamp_ctl")  # the version it runs already
 
 
+def a_node_moved_while_its_plugins_change(s: Scene) -> None:
+    """The place (node id, discovery prefix, base topic) changed by restarts, across an outage too, and by a reload
+    that waits for the next restart; a quarantined plugin replaced by a good one while the broker is away."""
+    s.drop("lamp_ctl", lamp_plugin())
+    s.drop("stray", lamp_plugin())
+    s.restart(state_dir=s.root / "state", buffer_file=str(s.root / "outbox.jsonl"))  # it remembers where it is
+    s.quarantine("stray")
+    s.broker_restart(lambda: s.drop("stray", lamp_plugin(mode="silent")))
+    s.broker_restart(lambda: s.restart(gone=("stray",), node_id="renamed"))
+    s.reload(actuators={"lamp": Device("pwm", 18)}, discovery_prefix="ha")  # the devices now, the prefix at a restart
+    s.restart(base_topic="site")
+    s.restart(state_dir=s.root / "another")  # in place: nothing to sweep, nothing left
+
+
 SEQUENCES = [
     plugins_come_and_go,
     reloads_change_the_devices,
@@ -701,6 +715,7 @@ SEQUENCES = [
     a_thermostat_follows_its_config,
     rollouts_replace_a_plugin,
     a_shadow_compared_on_an_actuator_a_reload_removes,
+    a_node_moved_while_its_plugins_change,
 ]
 
 
