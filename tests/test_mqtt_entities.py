@@ -863,7 +863,6 @@ class EntitiesMachine(RuleBasedStateMachine):
     examples: ClassVar[int] = 0  # machines built so far in this process: one per example (benchmarks/fuzz.py)
     steps: ClassVar[int] = 0
 
-
     def __init__(self) -> None:
         super().__init__()
         type(self).examples += 1
