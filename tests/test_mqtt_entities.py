@@ -467,9 +467,11 @@ class Scene:
         daemon = self._daemon()
         status = daemon.status
         base, prefix, node = self.place
-        # Nothing retained where this node no longer publishes (an id, base or prefix it had before).
+        # Nothing retained where this node no longer publishes (an id, base or prefix it had before). The owner's
+        # rollouts are the owner tool's to empty: a crash of the broker may bring its emptied chunks back.
+        site = f"{base.rsplit('/', 1)[0]}/fleet/"
         problems = [f"retained where the node does not publish: {t}" for t in sorted(broker)
-                    if not t.startswith(f"{base}/") and not _config_of(t, prefix, node)]
+                    if not t.startswith((f"{base}/", site)) and not _config_of(t, prefix, node)]
         # Discovery: the configs of what runs, each as the daemon would send it now, and nothing else.
         discovering = self.running.get("discovery", True)
         now = {t: c for t, c in discovery.configs(status.settings, status.config_schemas(), status.shadowed(),
