@@ -631,6 +631,25 @@ def test_a_rollout_whose_shadow_would_not_fit_the_tick_is_refused_at_its_announc
     assert site.rig.daemon is not None and len(site.rig.daemon.shadows.current) == 0
 
 
+def test_a_rollout_whose_shadow_would_not_fit_beside_a_shadow_of_the_same_name_is_refused_at_once(site) -> None:
+    """As above, with the running version also running as a shadow, put there by hand: the shadow set keeps that one
+    over the new version it has no room for (a replacement refused, told by its sha256 on a status still "loaded").
+    The node says so at once, not after the longest wait for a shadow as one that never loaded."""
+    described(site, site.live, 'version: "1.0.0"\nlimits: {timeout_ms: 20}\n')
+    (site.folder / "shadow").mkdir(exist_ok=True)
+    for suffix in (".yaml", ".sig"):
+        shutil.copy(site.live.with_suffix(suffix), site.folder / f"{NAME}{suffix}")
+    for suffix in (".wasm", ".yaml", ".sig"):
+        shutil.copy(site.live.with_suffix(suffix), site.folder / "shadow" / f"{NAME}{suffix}")
+    described(site, site.new, 'version: "2.0.0"\nlimits: {timeout_ms: 45}\n')
+    site.start()
+    daemon = site.rig.daemon
+    assert daemon is not None and len(daemon.shadows.current) == 1  # the hand's shadow runs
+    refused_when_checked(site, "as a shadow: kept this version: its replacement was refused: timeout_ms 45 does not "
+                               "fit the tick: 0 of the 40 ms plugin budget is held by nothing (the live plugins leave "
+                               "40 of the 60 ms plugin budget)")
+
+
 def test_a_rollout_that_would_not_fit_the_tick_in_the_live_versions_place_is_refused_at_its_announcement(
         site) -> None:
     """The one check of the module, beside the folder's plugins, takes the tick's budget by rank: 35 ms in the

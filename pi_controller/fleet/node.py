@@ -326,8 +326,9 @@ class FleetNode:
             return
         shadows = self.status.shadows
         loaded = shadows.plugins.status.get(name) if shadows is not None else None
-        if loaded is not None and loaded.state == "failed" and loaded.refused_sha256 == a.sha256:
-            # refused, or unloaded: the live plugins now need its share of the tick
+        if loaded is not None and loaded.refused_sha256 == a.sha256:
+            # refused, or unloaded: the live plugins now need its share of the tick. Refused as the replacement of
+            # a shadow of the same name (put there by hand), it shows on that one's status, still "loaded".
             self._end_in_shadow(name, rollout, protocol.REFUSED, f"as a shadow: {loaded.reason}")
             return
         if shadows is None or loaded is None or loaded.sha256 != a.sha256:  # not adopted yet
