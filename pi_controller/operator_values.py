@@ -14,9 +14,9 @@ force again for a version that takes it, such as the one a fleet rollout or the 
 it would lose the operator's word to a version tried for minutes. The values of a plugin gone from the
 plugins folder, and not named in the config, are forgotten: removing it is the owner's word. Gone from a folder
 that holds plugins, as listed when the plugin set changed (`apply`), once the folder has held still for
-`SETTLE_S` on the loop's clock (the same modules listed): a redeploy's `rm -rf` and copy caught halfway, other
-plugins still there, forgets nothing, and a folder missing or empty (a card not mounted yet, its empty mount
-point) says nothing at all. A forgotten switch no longer holds its plugin off.
+`SETTLE_S` on the loop's clock (the same modules listed then and when the time is up): a redeploy's `rm -rf`
+and copy caught halfway, other plugins still there, forgets nothing, and a folder missing or empty (a card not
+mounted yet, its empty mount point) says nothing at all. A forgotten switch no longer holds its plugin off.
 
 Written after the tick that took a value up, on a thread of its own (an fsync took up to 120 ms here, more
 than a tick, and longer on an SD card), and the plugin states that show it are published only once it is
@@ -70,6 +70,8 @@ class OperatorValues(LoopObserver):
         self._listed: frozenset[str] | None = None  # the plugins folder's modules, as last listed (`_modules`)
         self._still_since = 0.0  # when that listing was first seen
         self._gone: set[str] = set()  # plugins with values kept, gone from that listing, not named in the config
+        self._folder: Path | None = None  # the plugins folder listed, and the plugins the config names (`_list`)
+        self._named: set[str] = set()
         self._load()
 
     # -- from the operator, in the tick ----------------------------------------------------------
@@ -107,16 +109,23 @@ class OperatorValues(LoopObserver):
 
     def _list(self, folder: Path | None, settings: PluginsSettings) -> None:
         """The folder listed again: the plugins gone from it, whose values go once it holds still (`_settled`)."""
-        listed = _modules(folder) if folder is not None else None
+        self._folder, self._named = folder, {*settings.settings, *settings.required}
+        self._relist()
+        self._settled()
+
+    def _relist(self) -> None:
+        listed = _modules(self._folder) if self._folder is not None else None
         if listed != self._listed:
             self._listed, self._still_since = listed, self._monotonic()
-        named = {*settings.settings, *settings.required}
-        self._gone = set() if listed is None else (set(self.config) | set(self.enabled)) - listed - named
-        self._settled()
+        self._gone = set() if listed is None else (set(self.config) | set(self.enabled)) - listed - self._named
+
+    def _due(self) -> bool:
+        """Whether plugins are gone from a folder that has held still for `SETTLE_S`, as last listed."""
+        return bool(self._gone) and self._monotonic() - self._still_since >= SETTLE_S
 
     def _settled(self) -> None:
         """The values of the plugins gone from a folder that has held still for `SETTLE_S` are forgotten."""
-        if self._gone and self._monotonic() - self._still_since >= SETTLE_S:
+        if self._due():
             for name in self._gone:
                 self._forget(name, "the plugin left the plugins folder", list(self.config.get(name, {})),
                              switch=name in self.enabled)
@@ -168,7 +177,10 @@ class OperatorValues(LoopObserver):
     # -- the file --------------------------------------------------------------------------------
 
     def tick_done(self, report: TickReport) -> None:
-        if self._gone:
+        if self._gone and self._due():
+            # Listed again first: no swap may have listed it since (plugins.watch off, a reload refused), and one
+            # changed meanwhile starts the minute again. A listing a minute at most, while a plugin is gone.
+            self._relist()
             self._settled()
         self._save()
 

@@ -325,6 +325,24 @@ def test_a_plugin_gone_is_forgotten_only_once_the_folder_has_held_still(tmp_path
     assert json.loads((tmp_path / FILE_NAME).read_text()) == {"config": {}, "enabled": {}}
 
 
+def test_a_plugin_back_in_the_folder_when_the_minute_is_up_is_not_forgotten_though_no_swap_listed_it(
+        tmp_path: Path) -> None:
+    """The folder is listed at each swap, but one may not come: plugins.watch off, or the reload that would bring the
+    thermostat back refused for a typo. Its module put back within the minute, the folder as it is when the minute
+    is up decides: its value stays."""
+    set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0))
+    clock, folder = Clock(), holding(tmp_path, "another", "thermostat")
+    values = OperatorValues(tmp_path, clock)
+    values.apply([thermostat()], PluginsSettings(), set(), folder)
+    (folder / "thermostat.wasm").rename(tmp_path / "thermostat.wasm")
+    values.apply([], PluginsSettings(), set(), folder)  # a reload, the thermostat gone
+    clock.after(values, 1)
+    (tmp_path / "thermostat.wasm").rename(folder / "thermostat.wasm")  # back; nothing applied since
+    clock.after(values, SETTLE_S)
+    values.close()
+    assert json.loads((tmp_path / FILE_NAME).read_text())["config"]["thermostat"]["setpoint"]["value"] == 28.0
+
+
 def test_a_plugins_folder_briefly_missing_forgets_nothing_a_plugin_removed_from_it_is(write_config, tmp_path: Path,
                                                                                    monkeypatch) -> None:
     """A redeploy (`rm -rf plugins && cp -r new plugins`) whose copy lands after the watcher's scan saw the folder
