@@ -179,8 +179,12 @@ class OperatorValues(LoopObserver):
     def tick_done(self, report: TickReport) -> None:
         if self._gone and self._due():
             # Listed again first: no swap may have listed it since (plugins.watch off, a reload refused), and one
-            # changed meanwhile starts the minute again. A listing a minute at most, while a plugin is gone.
+            # changed meanwhile starts the minute again. A listing a minute at most, while a plugin is gone. Only
+            # what the last swap found gone may go: a module removed since may be of a plugin still running
+            # (plugins.watch off), whose values wait for the swap that unloads it.
+            gone = self._gone
             self._relist()
+            self._gone &= gone
             self._settled()
         self._save()
 

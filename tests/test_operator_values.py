@@ -343,6 +343,29 @@ def test_a_plugin_back_in_the_folder_when_the_minute_is_up_is_not_forgotten_thou
     assert json.loads((tmp_path / FILE_NAME).read_text())["config"]["thermostat"]["setpoint"]["value"] == 28.0
 
 
+def test_a_module_removed_since_the_last_swap_keeps_its_running_plugins_values_when_the_minute_is_up(
+        tmp_path: Path) -> None:
+    """With plugins.watch off, a plugin whose module is removed runs on until a reload. The listing taken when
+    another plugin's minute is up (it was gone at the last swap) forgets that one, not the one still running: its
+    values wait for the swap that finds it gone, as they would with no other plugin gone."""
+    lamp = FakePlugin(name="lamp", grant=SimpleNamespace(config={"duty": 30},
+                                                         config_schema={"duty": ConfigField("number", min=0, max=100)}),
+                      sha256="lamp")
+    lamp.set_config({})
+    set_values(tmp_path, lamp, SetPluginConfig("lamp", "duty", 60))
+    set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0))
+    clock, folder = Clock(), holding(tmp_path, "another", "thermostat")  # the lamp gone
+    values = OperatorValues(tmp_path, clock)
+    values.apply([thermostat()], PluginsSettings(), set(), folder)
+    (folder / "thermostat.wasm").unlink()  # no swap follows: the thermostat runs on
+    clock.after(values, SETTLE_S)
+    clock.after(values, SETTLE_S)
+    values.close()
+    kept = json.loads((tmp_path / FILE_NAME).read_text())["config"]
+    assert "lamp" not in kept  # the minute was up
+    assert kept["thermostat"]["setpoint"]["value"] == 28.0
+
+
 def test_a_plugins_folder_briefly_missing_forgets_nothing_a_plugin_removed_from_it_is(write_config, tmp_path: Path,
                                                                                    monkeypatch) -> None:
     """A redeploy (`rm -rf plugins && cp -r new plugins`) whose copy lands after the watcher's scan saw the folder
