@@ -103,6 +103,7 @@ def rounds(machine: Any, each: Any, steps: int, seed: int) -> bool:
     found, started, number = 0, time.perf_counter(), 0
     print(f"{'round':>5} {'seed':>6} {'steps':>8} {'sequences':>10} {'failures':>9} {'seconds':>8}", flush=True)
     while machine.steps < steps:
+        before = machine.steps
         try:
             seeded(seed + number)(get_state_machine_test(machine, settings=each))()
         except Exception as exc:  # whatever a sequence raised is a finding, printed with it
@@ -113,6 +114,9 @@ def rounds(machine: Any, each: Any, steps: int, seed: int) -> bool:
         print(f"{number:>5} {seed + number:>6} {machine.steps:>8} {machine.examples:>10} {found:>9} "
               f"{time.perf_counter() - started:>8.0f}", flush=True)
         number += 1
+        if machine.steps == before:  # every sequence failed before its first step: every round would, for good
+            print("no step ran in the round: the machine fails at its start", flush=True)
+            break
     print(f"steps {machine.steps}, sequences {machine.examples}, failures found {found}, "
           f"{time.perf_counter() - started:.0f} s")
     return found > 0

@@ -39,3 +39,39 @@ def test_plugin_call_refuses_a_context_off_the_contract_in_one_line(tmp_path, co
                            str(REPO / "plugins" / "motion_light.wasm"), "--context", str(path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1
+
+
+FAILS_AT_ITS_START = """
+import sys
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from benchmarks import fuzz
+
+
+class Machine(RuleBasedStateMachine):
+    examples, steps = 0, 0
+
+    @initialize()
+    def start(self):
+        raise RuntimeError("the broker did not start")
+
+    @invariant()
+    def counted(self):
+        type(self).steps += 1
+
+    @rule()
+    def step(self):
+        pass
+
+
+sys.exit(1 if fuzz.rounds(Machine, settings(max_examples=2, database=None, deadline=None), 10, 1) else 0)
+"""
+
+
+def test_long_fuzzing_of_a_machine_that_fails_at_its_start_ends() -> None:
+    """`fuzz.py --stateful [--entities]` runs rounds until its steps are counted: a machine whose every sequence
+    fails before its first step (its broker not starting, the daemon's first check failing) counts none, and
+    the run went on for good, a finding a round."""
+    done = subprocess.run([sys.executable, "-c", FAILS_AT_ITS_START], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "the broker did not start" in done.stdout, done.stdout[-2000:] + done.stderr
