@@ -579,7 +579,7 @@ def test_a_rollout_replaced_while_its_shadow_is_being_installed_leaves_no_shadow
 
     site.hand_over(a, module)
     node.wire(fetch, lambda topic: None)
-    site.ticks(3)
+    site.until(lambda v: (v.rollout, v.phase) == (a.rollout, protocol.STOPPED), "the replaced rollout's end said")
     assert node.rollouts == {}  # the new rollout is not this node's
     assert list((site.folder / "shadow").glob(f"{NAME}.*")) == []
 
@@ -886,3 +886,41 @@ def test_a_node_stopped_while_a_failed_shadow_is_removed_does_not_run_the_rollou
     assert daemon is not None
     site.settle(lambda: len(daemon.shadows.current) == 0, "the shadow unloaded")
     assert list((site.folder / "shadow").glob(f"{NAME}.*")) == []
+
+
+@pytest.mark.parametrize("ending", ["traps-in-its-shadow", "compared-in-its-shadow", "in-its-live-window"])
+def test_a_rollout_replaced_by_one_that_leaves_this_node_out_says_its_end_once_its_shadow_is_removed(
+        site, ending) -> None:
+    """The owner announces a new rollout of the plugin that leaves this node out while the node's rollout is in its
+    shadow window, its end pending (the shadow failed, its removal under way) or not, or in its live window. The
+    node's verdict, retained, is what the owner's tool reads of it: it says that rollout's end once its shadow is
+    removed (the end it had come to, or stopped, replaced), never `shadow` or `live_window` for good."""
+    site.start()
+    node = site.node
+    assert node is not None
+    a = site.announce(trapping(site) if ending == "traps-in-its-shadow" else site.new,
+                      shadow_ticks=10 if ending == "in-its-live-window" else 1_000_000, live_ticks=1_000_000)
+    if ending == "traps-in-its-shadow":
+        def pending() -> bool:
+            rollout = node.rollouts.get(NAME)
+            return rollout is not None and rollout.ending is not None
+
+        site.settle(pending, "the shadow failed, its removal begun")
+    else:
+        phase, count = (protocol.LIVE_WINDOW, "calls") if ending == "in-its-live-window" else (
+            protocol.SHADOW, "shadow_ticks")
+        site.until(lambda v: v.phase == phase and v.counts.get(count, 0) > 0, f"{phase}, counted")
+    elsewhere = replace(a, rollout="1796633878-00000000", stages=(("another-node",),))
+    site.hand_over(elsewhere, b"")
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollout's end said")
+    assert verdict.rollout == a.rollout and shadow_files(site.folder) == [] and node.rollouts == {}, verdict
+    replaced = f"replaced by rollout {elsewhere.rollout}, which leaves this node out"
+    if ending == "traps-in-its-shadow":
+        assert verdict.phase == protocol.ROLLED_BACK and "failed" in (verdict.reason or ""), verdict
+    elif ending == "compared-in-its-shadow":
+        assert (verdict.phase, verdict.reason) == (protocol.STOPPED, replaced), verdict
+    else:
+        assert (verdict.phase, verdict.reason) == (
+            protocol.STOPPED, f"{replaced}: the promoted version stays, its live window unfinished"), verdict
+    promoted = ending == "in-its-live-window"
+    assert verdict.sha256 == sha256_of(site.new if promoted else site.live) == site.live_status().sha256

@@ -96,6 +96,7 @@ class Rollout:
     previous: str | None = None  # the sha256 of the version it replaces: the one live when its fetch began
     restoring: str | None = None  # why it rolls back, from the rollback's job until the version it replaced runs
     ending: Callable[[], None] | None = None  # its end, said once its shadow is removed (`_end_in_shadow`)
+    replaced: bool = False  # by a rollout this node is not in: dropped once its end is said (`_replaced`)
     counts: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -172,6 +173,8 @@ class FleetNode:
             if self._said.get(name) != said:
                 self._said[name] = said
                 publish(protocol.verdict_topic(self.site, self.node, name), said)
+            if rollout.replaced and rollout.ended:
+                del self.rollouts[name]
 
     def shown(self, name: str) -> dict[str, Any] | None:
         """For Home Assistant's update entity: the announced version, and how far this node is with it."""
@@ -194,6 +197,9 @@ class FleetNode:
         removal = self._abandon(a.name, current) if current is not None else self._remove_earlier_shadow(
             a, note, kept is not None and kept["phase"] in protocol.FAILED)
         stage = a.stage_of(self.node)
+        if stage is None and current is not None and not current.ended:
+            self._replaced(a, current, removal)
+            return
         if stage is None:
             self.rollouts.pop(a.name, None)
             return
@@ -497,6 +503,27 @@ class FleetNode:
         if why is not None:
             self._keep_word(name, replace(rollout, phase=phase, reason=_cut(why)))
         rollout.job, rollout.ending = removal, end
+
+    def _replaced(self, a: Announcement, rollout: Rollout, removal: asyncio.Future[None] | None) -> None:
+        """`rollout`, not ended, is replaced by `a`, which leaves this node out: its end is still said (its verdict,
+        retained, would otherwise say it in progress for good), once the `removal` of its shadow is done, as any end
+        before a promotion (`_end_in_shadow`); then it is dropped. One already ending ends as it was to; one stopped
+        in its live window leaves the promoted version in place, or the version a rollback puts back."""
+        why = f"replaced by rollout {a.rollout}, which leaves this node out"
+        if rollout.phase == protocol.LIVE_WINDOW and rollout.restoring is None:
+            why += ": the promoted version stays, its live window unfinished"
+        end = rollout.ending or (partial(self._fail, a.name, rollout, protocol.ROLLED_BACK,
+                                         f"{rollout.restoring}; then {why}") if rollout.restoring is not None
+                                 else partial(self._stop, a.name, rollout, why))
+        rollout.replaced, rollout.ending = True, None
+        if removal is None:
+            end()
+        else:
+            rollout.job, rollout.ending = removal, end
+
+    def _stop(self, name: str, rollout: Rollout, why: str) -> None:
+        rollout.phase, rollout.reason = protocol.STOPPED, why
+        log.info("fleet_rollout_stopped", plugin=name, rollout=rollout.announcement.rollout, reason=why)
 
     def _abandon(self, name: str, rollout: Rollout) -> asyncio.Future[None] | None:
         """Stop fetching; remove the shadow this rollout installed (the live version never changed), in this
