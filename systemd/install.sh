@@ -85,6 +85,10 @@ if [ ! -e "$ROOT$CONF" ]; then
     sed "s#^  directory: .*#  directory: $STATE/plugins#" "$SRC/config/example.yaml" > "$ROOT$CONF"
     chmod 0640 "$ROOT$CONF"
 fi
+# An upgrade repairs what an install under a stricter umask left (before the umask above: a venv of 0750, which
+# the service's user could not run): all it installs readable by all, its folders and programs runnable. Links
+# are not followed. The config is not among them: 0640, root's and its group's.
+chmod -R go+rX "$ROOT$PREFIX" "$ROOT$STATE/plugins"
 "$ROOT$PREFIX/venv/bin/pi-controller" check-config "$ROOT$CONF" --plugins "$ROOT$STATE/plugins"
 
 if live; then

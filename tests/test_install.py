@@ -44,14 +44,33 @@ def test_install_stages_the_venv_unit_user_config_and_plugins(stage: Path) -> No
     assert not (stage / "etc/systemd/system/pi-controller.service.d").exists()  # no notify-reload before systemd 253
 
 
-def test_the_service_user_can_run_what_root_installed_whatever_roots_umask(stage: Path) -> None:
-    """The unit runs as pi-controller: with the venv root's alone (0750 under umask 027) it failed to start at
-    all (203/EXEC), and its plugins and config went unread."""
-    venv = stage / "opt/pi-controller/venv"
-    for path in [venv, *venv.rglob("*")]:
+def assert_readable_by_all(folder: Path) -> None:
+    """Every file in `folder` readable by any user, its folders and programs runnable (links aside)."""
+    for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             wanted = stat.S_IROTH | (stat.S_IXOTH if path.is_dir() or path.stat().st_mode & stat.S_IXUSR else 0)
             assert path.stat().st_mode & wanted == wanted, f"{path}: {stat.filemode(path.stat().st_mode)}"
+
+
+def test_the_service_user_can_run_what_root_installed_whatever_roots_umask(stage: Path) -> None:
+    """The unit runs as pi-controller: with the venv root's alone (0750 under umask 027) it failed to start at
+    all (203/EXEC), and its plugins and config went unread."""
+    assert_readable_by_all(stage / "opt/pi-controller")
+    assert_readable_by_all(stage / "var/lib/pi-controller/plugins")
+
+
+def test_an_upgrade_repairs_what_an_install_under_a_stricter_umask_left(stage: Path) -> None:
+    """Installed before the installer set its own umask, under root's 027: the venv and plugins root's alone. Run
+    again (an upgrade, with the same umask), the installer makes them the service's user's to run; the config stays
+    0640 (its group, pi-controller's)."""
+    installed = [stage / "opt/pi-controller", stage / "var/lib/pi-controller/plugins"]
+    subprocess.run(["chmod", "-R", "o-rwx", *map(str, installed)], check=True)
+    config = stage / "etc/pi-controller/config.yaml"
+    subprocess.run(["bash", "-c", 'umask 027 && exec bash "$0"', str(REPO / "systemd" / "install.sh")],
+                   env={**os.environ, **BOOKWORM, "ROOT": str(stage)}, check=True, capture_output=True, timeout=600)
+    for folder in installed:
+        assert_readable_by_all(folder)
+    assert stat.S_IMODE(config.stat().st_mode) == 0o640
 
 
 def test_the_installed_command_runs_safe_state_quickly(stage: Path) -> None:
