@@ -461,8 +461,9 @@ def read(path: Path, max_bytes: int, errors: str = "strict") -> str:
             regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
     except OSError as exc:
         raise ConfigError(path, (), f"cannot read the file: {exc.strerror or exc}") from exc
-    if not data and not regular:  # a FIFO nothing writes to reads as empty (`open_to_read`): not an empty config
-        raise ConfigError(path, (), "the file is not a regular file, and nothing writes to it")
+    # A FIFO nothing writes to reads as empty (`open_to_read`), as one whose writer wrote nothing: not an empty config
+    if not data and not regular:
+        raise ConfigError(path, (), "the file is not a regular file and gave no config: nothing was written to it")
     return decode(data, path, max_bytes, errors)
 
 

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -163,7 +164,8 @@ def test_argument_errors_name_the_argument_not_our_functions(args: list[str], me
 
 @pytest.mark.parametrize("args, line", [
     (["check-config", "{tmp}/fifo.yaml"],
-     "config error: {tmp}/fifo.yaml: (top level): the file is not a regular file, and nothing writes to it"),
+     "config error: {tmp}/fifo.yaml: (top level): the file is not a regular file and gave no config: nothing was "
+     "written to it"),
     (["run", "--config", CONFIG, "--simulate", "--record", "{tmp}/fifo"],
      "error: --record {tmp}/fifo: is a FIFO that nothing reads: writing to it would wait for good"),
     (["simulate", "--config", CONFIG, "--trace", "{tmp}/fifo"],
@@ -185,6 +187,20 @@ def test_a_fifo_nothing_writes_or_reads_or_an_output_of_no_kind_is_one_line_and_
                             text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith(line.format(tmp=tmp_path)), result.stderr
+
+
+@pytest.mark.parametrize("given, said", [
+    ("<(true)", ": (top level): the file is not a regular file and gave no config: nothing was written to it"),
+    (f"<(cat {CONFIG}) --plugins {REPO / 'plugins'}", ": OK (3 sensors, 3 actuators"),  # not relative to /dev/fd
+])
+def test_check_config_of_a_pipe_says_what_its_writer_gave(given: str, said: str) -> None:
+    """The shell's `<(command)`: a pipe whose writer wrote the config is checked as the file; one whose writer
+    wrote nothing and ended is no config, and said so as it is, not as a FIFO that nothing writes to."""
+    command = " ".join(shlex.quote(arg) for arg in pi_controller("check-config"))
+    result = subprocess.run(["bash", "-c", f"exec {command} {given}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == (0 if "OK" in said else 2), result.stderr
+    assert said in (result.stdout if "OK" in said else result.stderr.splitlines()[-1]), result
+    assert "Traceback" not in result.stderr
 
 
 def test_ticks_with_leading_zeros_is_the_number_they_pad() -> None:
