@@ -23,6 +23,7 @@ the broker its view within a few ticks), within a bound.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -382,6 +383,13 @@ class Scene:
         assert link._connected.wait(LINK_WAIT_S), "the daemon never reconnected"  # paho's back-off is real time
         self.agree("the broker's restart")
 
+    def autosaved(self) -> None:
+        """Until the broker saves what it retains now (its autosave, every second): what a crash brings back."""
+        db, now, deadline = self.root / "mosquitto.db", time.time_ns(), time.monotonic() + LINK_WAIT_S
+        while not (db.exists() and db.stat().st_mtime_ns > now):
+            assert time.monotonic() < deadline, "the broker never saved what it retains"
+            time.sleep(0.05)
+
     def ask(self, command: str, payload: bytes) -> dict[str, Any]:
         """`payload` published on `<base>/<command>` by a client of its own, as Home Assistant or an automation
         does; the answer on the command's `/result`, ticked for until it comes."""
@@ -502,7 +510,7 @@ class Scene:
         # (A rollout's verdicts, `fleet/<plugin>`, are the node's word to the owner's tool, kept for it.)
         base = self.place[0]
         states = {t[len(base) + 1:]: json.loads(p) for t, p in broker.items() if t.startswith(f"{base}/")
-                  and t not in (f"{base}/status", f"{base}/loop/state", f"{base}/telemetry/state")
+                  and t not in (f"{base}/status", f"{base}/instance", f"{base}/loop/state", f"{base}/telemetry/state")
                   and not t.startswith(f"{base}/fleet/")}
         expected = {f"sensor/{s.id}/state" for s in status.settings.sensors}
         expected |= {f"actuator/{a.id}/state" for a in status.settings.actuators}
@@ -798,10 +806,9 @@ def left_by(node: str, broker: dict[str, bytes]) -> list[str]:
     return sorted(t for t in broker if t.startswith(f"pi-controller/{node}/") or t.split("/")[2:3] == [node])
 
 
-@pytest.mark.parametrize("elsewhere", [False, True], ids=["the old id unused", "another Pi under the old id"])
-def test_a_pi_given_another_node_id_empties_what_it_left_under_the_old_one(tmp_path: Path, elsewhere: bool) -> None:
-    """Restarted under another node id, the daemon empties what it published under the one before (remembered in
-    its state directory), unless a client says `online` under the old id: that is another Pi's now."""
+@contextlib.contextmanager
+def a_node_with_a_plugin(tmp_path: Path) -> Iterator[Scene]:
+    """A daemon with a state directory and a plugin running, on a broker of its own; both stopped after."""
     broker = Broker(tmp_path)
     broker.start()
     with quiet_logs():
@@ -809,35 +816,61 @@ def test_a_pi_given_another_node_id_empties_what_it_left_under_the_old_one(tmp_p
         try:
             scene.start()
             scene.drop("lamp_ctl", lamp_plugin())
-            before = left_by(NODE, retained(broker.port))
-            assert f"{BASE}/status" in before and f"{PREFIX}/sensor/{NODE}/plugin_lamp_ctl/config" in before
-            assert scene.rig is not None
-            scene.rig.stop()
-            if elsewhere:
-                other = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="the-other-pi")
-                other.connect("127.0.0.1", broker.port)
-                other.loop_start()
-                other.publish(f"{BASE}/status", b"online", qos=1, retain=True).wait_for_publish(PROBE_WAIT_S)
-                other.disconnect()
-                other.loop_stop()
-            scene.mqtt["node_id"] = "renamed"
-            scene._write_config()
-            daemon = scene.rig.start()
-            for _ in range(CONVERGE_TICKS):
-                scene.rig.tick()
-                scene.rig.settle()
-                now = retained(broker.port)
-                if not daemon.telemetry.former.before and left_by("renamed", now) \
-                        and (elsewhere or not left_by(NODE, now)):
-                    break
-            scene.rig.ticks(3)  # an emptying queued at the sweep goes out within a tick
-            now = retained(broker.port)
-            assert left_by("renamed", now)  # it runs under its new id
-            left = left_by(NODE, now)
-            assert left == (before if elsewhere else []), left
+            yield scene
         finally:
             scene.stop()
             broker.stop()
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["the old id unused", "another Pi under the old id"])
+def test_a_pi_given_another_node_id_empties_what_it_left_under_the_old_one(tmp_path: Path, elsewhere: bool) -> None:
+    """Restarted under another node id, the daemon empties what it published under the one before (remembered in
+    its state directory), unless a client says `online` under the old id: that is another Pi's now."""
+    with a_node_with_a_plugin(tmp_path) as scene:
+        broker = scene.broker
+        before = left_by(NODE, retained(broker.port))
+        assert f"{BASE}/status" in before and f"{PREFIX}/sensor/{NODE}/plugin_lamp_ctl/config" in before
+        assert scene.rig is not None
+        scene.rig.stop()
+        if elsewhere:
+            other = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="the-other-pi")
+            other.connect("127.0.0.1", broker.port)
+            other.loop_start()
+            other.publish(f"{BASE}/status", b"online", qos=1, retain=True).wait_for_publish(PROBE_WAIT_S)
+            other.disconnect()
+            other.loop_stop()
+        scene.mqtt["node_id"] = "renamed"
+        scene._write_config()
+        daemon = scene.rig.start()
+        for _ in range(CONVERGE_TICKS):
+            scene.rig.tick()
+            scene.rig.settle()
+            now = retained(broker.port)
+            if not daemon.telemetry.former.before and left_by("renamed", now) \
+                    and (elsewhere or not left_by(NODE, now)):
+                break
+        scene.rig.ticks(3)  # an emptying queued at the sweep goes out within a tick
+        now = retained(broker.port)
+        assert left_by("renamed", now)  # it runs under its new id
+        left = left_by(NODE, now)
+        # (the node's `instance` emptied at its clean stop: the other one's `online` was not said by this install)
+        assert left == ([t for t in before if t != f"{BASE}/instance"] if elsewhere else []), left
+
+
+def test_a_pi_moved_while_its_broker_was_down_after_a_crash_empties_its_own_online_left_under_the_old_id(
+        tmp_path: Path) -> None:
+    """The broker killed while the daemon was connected (no last will: it comes back from its autosave with the
+    node's `online`), the daemon restarted under another node id meanwhile. That `online` is this install's (its
+    `instance` says so), not another Pi's: what the node left under the old id is emptied, not kept for good as a
+    device Home Assistant shows available."""
+    with a_node_with_a_plugin(tmp_path) as scene:
+        broker = scene.broker
+        before = retained(broker.port)
+        assert before[f"{BASE}/status"] == b"online" and f"{BASE}/instance" in before
+        scene.autosaved()  # the node's `online` with it
+        scene.broker_restart(lambda: scene.restart(node_id="renamed"), crashes=True)  # agrees: nothing left
+        now = retained(broker.port)
+        assert left_by("renamed", now) and left_by(NODE, now) == []
 
 
 # -- any sequence: the same events drawn by hypothesis ------------------------------------------------------
@@ -968,10 +1001,13 @@ class EntitiesMachine(RuleBasedStateMachine):
     def broker_restart(self, forgets: bool, crashes: bool, meanwhile: tuple[Any, ...] | None) -> None:
         """The broker restarted (or crashed: killed), and meanwhile: the config reloaded with other devices; a plugin
         dropped in (or replaced: a quarantined plugin by a good one) or removed; the daemon restarted under another
-        place, a plugin taken out. (Not a crash with a move: the old place's `online`, which no will retracted, reads
-        as another Pi running there, and its topics are left, as docs/home-assistant.md says.)"""
+        place, a plugin taken out (after a crash too: the old place's `online`, which no will retracted, is this
+        install's by its `instance`, and swept; the crash after an autosave of what the daemon said last, as one
+        older may hold the `online` of a state directory before this one's, another install, whose topics are left
+        as docs/home-assistant.md says)."""
         scene = self.scene
-        crashes = crashes and (meanwhile is None or meanwhile[0] != "move")
+        if crashes and meanwhile is not None and meanwhile[0] == "move":
+            scene.autosaved()
 
         def change() -> None:
             match meanwhile:

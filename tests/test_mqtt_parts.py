@@ -588,6 +588,27 @@ def test_the_former_place_another_pi_says_online_under_is_left_and_forgotten(tmp
     assert emptied == [] and again.routes() == {}
 
 
+@pytest.mark.parametrize("said_by", ["this install", "another install", "an older pi-controller"])
+def test_an_online_under_the_former_place_is_told_apart_by_the_install_that_said_it(tmp_path: Path,
+                                                                                  said_by: str) -> None:
+    """A broker that crashed while the node was connected comes back with its `online` (no last will said it was
+    gone): said by this install (its `instance`), it is swept as an `offline` is; said by another install, or with
+    no instance at all (an older pi-controller's), another Pi runs under the old id and its topics are left."""
+    ours = former_node.FormerNode(MqttSettings(node_id="old"), tmp_path, lambda topics: None).instance
+    assert ours != former_node.FormerNode(MqttSettings(node_id="old"), tmp_path / "copy", lambda t: None).instance
+    emptied: list[list[str]] = []
+    start = former_node.FormerNode(MqttSettings(node_id="new"), tmp_path, emptied.append)
+    assert start.instance == ours  # kept in the record: what a broker's old autosave holds is still this install's
+    start._retained(Inbound("pi-controller/old/status", b"online", True, ()))
+    instance = {"this install": ours, "another install": "0123456789abcdef", "an older pi-controller": None}[said_by]
+    if instance is not None:
+        start._retained(Inbound("pi-controller/old/instance", instance.encode(), True, ()))
+    start._retained(Inbound("pi-controller/old/sensor/t/state", b'{"value": 1}', True, ()))
+    start.swept()
+    ours_left = ["pi-controller/old/instance", "pi-controller/old/sensor/t/state", "pi-controller/old/status"]
+    assert [sorted(topics) for topics in emptied] == ([ours_left] if said_by == "this install" else [])
+
+
 def test_a_place_between_two_renames_is_swept_though_the_first_was_not_yet_found_empty(tmp_path: Path) -> None:
     """A node id changed twice (a typo fixed: 'old', then 'greenhous', then 'greenhouse') while the record still
     named the first place, its emptying not yet found done: the place in between was never recorded, and what the

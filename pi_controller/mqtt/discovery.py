@@ -68,6 +68,11 @@ class Topics:
         return f"{self.base}/status"
 
     @property
+    def instance(self) -> str:
+        """Which install says `online` on `status` (retained, sent before it): `former_node.py` tells by it."""
+        return f"{self.base}/instance"
+
+    @property
     def loop(self) -> str:
         return f"{self.base}/loop/state"
 

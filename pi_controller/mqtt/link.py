@@ -42,10 +42,12 @@ RECONNECT_MAX_S = 60
 
 class Link:
     def __init__(self, settings: Settings, timer: Callable[[], float], up: Callable[[mqtt.Client], None],
-                 buffered: Callable[[], int]):
-        """`up`: called on paho's thread once connected; `buffered`: the messages waiting, for the logs."""
+                 buffered: Callable[[], int], instance: str):
+        """`up`: called on paho's thread once connected; `buffered`: the messages waiting, for the logs; `instance`:
+        this install's id, said before each `online` (`former_node.py`)."""
         self.mqtt = settings.mqtt
         self.status_topic = Topics.of(self.mqtt).status
+        self.instance_topic, self.instance = Topics.of(self.mqtt).instance, instance
         self.client_id = self.mqtt.client_id or f"pi-controller-{self.mqtt.node_id}"
         self.error: str | None = None  # why the last connection attempt failed, until one succeeds
         self.failures = 0
@@ -99,7 +101,8 @@ class Link:
             # Also once the broker took the connection but before it acknowledged `online` (not connected yet): it
             # may have `online` already, and a clean disconnect sends no last will to undo it.
             say_offline = self._connected.is_set() or self._online is not None
-        if say_offline:
+        if say_offline:  # the instance emptied first: an `online` said under this place later is another install's
+            self.client.publish(self.instance_topic, b"", qos=1, retain=True)
             info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=OFFLINE_WAIT_S)
@@ -122,6 +125,8 @@ class Link:
         with self._stop_lock:
             if self._stopping:  # `stop` has looked: an `online` now would outlive the clean disconnect that follows
                 return
+            # Before `online` (QoS 1 keeps their order): an `online` here is always the install's named
+            client.publish(self.instance_topic, self.instance, qos=1, retain=True)
             self._online = client.publish(self.status_topic, "online", qos=1, retain=True).mid
         self._up(client)
 

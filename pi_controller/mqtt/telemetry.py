@@ -14,6 +14,7 @@ After each tick (`tick_done`, on the event loop): discovery and clean-ups if due
 then as much of the outbox as the rate cap lets out.
 
 Topics (under `<base_topic>/<node_id>`): `status` (retained online/offline, with a last will),
+`instance` (retained: which install says it),
 `sensor/<id>/state`, `actuator/<id>/state` (JSON, retained), `actuator/<id>/set` and `/release`,
 `actuator/<id>/event` (holds, refusals, failsafes; not retained),
 `plugin/<name>/state`, `plugin/<name>/enable`, `plugin/<name>/config/<key>/set`, `loop/state`,
@@ -68,10 +69,10 @@ class Telemetry(LoopObserver):
         self.status = status
         self.operator = operator
         self._timer = timer
-        self.link = Link(settings, timer, self._up, lambda: len(self.outbox))
+        self.former = FormerNode(self.mqtt, state_dir, lambda topics: self.policy.empty(topics))  # its install id first
+        self.link = Link(settings, timer, self._up, lambda: len(self.outbox), self.former.instance)
         self.outbox = Outbox(self.mqtt, self.link, timer)  # what a restart left in the buffer file, first
         self.policy = PublishPolicy(settings, status, operator, self.outbox, wall)
-        self.former = FormerNode(self.mqtt, state_dir, self.policy.empty)
         routes, former = self._routes() if self.mqtt.commands else self._leftovers(), self.former.routes()
         self.inbox = Inbox(routes | former, inbox.Gate.of(self.mqtt), lambda: self._swept(former))
         self.inbox.attach(self.link.client)
