@@ -23,8 +23,10 @@ the broker its view within a few ticks), within a bound.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -40,6 +42,7 @@ from typing import Any, ClassVar
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
+from asyncinotify import Inotify, Mask
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -384,11 +387,20 @@ class Scene:
         self.agree("the broker's restart")
 
     def autosaved(self) -> None:
-        """Until the broker saves what it retains now (its autosave, every second): what a crash brings back."""
-        db, now, deadline = self.root / "mosquitto.db", time.time_ns(), time.monotonic() + LINK_WAIT_S
-        while not (db.exists() and db.stat().st_mtime_ns > now):
-            assert time.monotonic() < deadline, "the broker never saved what it retains"
-            time.sleep(0.05)
+        """The broker made to save what it retains now (SIGUSR1, what its autosave does every second), waited for
+        as the file lands (inotify): what a crash brings back."""
+        assert self.broker.process is not None
+        pid = self.broker.process.pid
+
+        async def saved() -> None:
+            with Inotify() as inotify:
+                inotify.add_watch(self.root, Mask.MOVED_TO | Mask.CLOSE_WRITE)
+                os.kill(pid, signal.SIGUSR1)
+                async for event in inotify:
+                    if event.name == Path("mosquitto.db"):
+                        return
+
+        asyncio.run(asyncio.wait_for(saved(), LINK_WAIT_S))  # only how long a broken test waits
 
     def ask(self, command: str, payload: bytes) -> dict[str, Any]:
         """`payload` published on `<base>/<command>` by a client of its own, as Home Assistant or an automation
