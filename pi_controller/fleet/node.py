@@ -497,12 +497,9 @@ class FleetNode:
         end = partial(self._fail, name, rollout, phase, why) if why is not None else partial(
             setattr, rollout, "phase", phase)
         removal = self._abandon(name, rollout)
-        if removal is None:
-            end()
-            return
-        if why is not None:
+        if removal is not None and why is not None:
             self._keep_word(name, replace(rollout, phase=phase, reason=_cut(why)))
-        rollout.job, rollout.ending = removal, end
+        self._end_after(rollout, removal, end)
 
     def _replaced(self, a: Announcement, rollout: Rollout, removal: asyncio.Future[None] | None) -> None:
         """`rollout`, not ended, is replaced by `a`, which leaves this node out: its end is still said (its verdict,
@@ -516,6 +513,12 @@ class FleetNode:
                                          f"{rollout.restoring}; then {why}") if rollout.restoring is not None
                                  else partial(self._stop, a.name, rollout, why))
         rollout.replaced, rollout.ending = True, None
+        self._end_after(rollout, removal, end)
+
+    @staticmethod
+    def _end_after(rollout: Rollout, removal: asyncio.Future[None] | None, end: Callable[[], None]) -> None:
+        """`end` now if there is no `removal`; else once it is done (`_advance` waits for it): the end is said
+        after the fact it reports."""
         if removal is None:
             end()
         else:
