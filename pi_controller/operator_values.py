@@ -40,6 +40,7 @@ from pi_controller.contract import Rejected
 from pi_controller.files import write_atomically
 from pi_controller.keys import read_small
 from pi_controller.observer import LoopObserver, TickReport
+from pi_controller.plugins.folder import modules as plugin_modules
 from pi_controller.plugins.plugin_config import check_change
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ def _write(path: Path, text: str) -> None:
 def _modules(folder: Path) -> frozenset[str] | None:
     """The plugins of `folder`, by their modules' names; None for a folder missing or holding none: a card not
     mounted yet, its empty mount point or a folder being copied back is no owner removing every plugin."""
-    return frozenset(path.stem for path in folder.glob("*.wasm")) or None
+    return plugin_modules(folder) or None
 
 
 def _kept(value: Any, file_config: Mapping[str, Any], key: str) -> Kept:

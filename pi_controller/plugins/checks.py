@@ -25,6 +25,7 @@ from pathlib import Path
 from pi_controller import config
 from pi_controller.names import valid_plugin_name
 from pi_controller.plugins import admission, manifest
+from pi_controller.plugins.folder import SUFFIX, modules
 from pi_controller.plugins.wasm_gate import read_module
 
 
@@ -84,10 +85,10 @@ def check(settings: config.Settings, folder: Path, found: dict[str, Problem] | N
 
 
 def _modules(folder: Path, candidate: Path | None = None) -> dict[str, Path]:
-    modules = {path.stem: path for path in folder.glob("*.wasm") if valid_plugin_name(path.stem)}
+    found = {name: folder / f"{name}{SUFFIX}" for name in modules(folder) if valid_plugin_name(name)}
     if candidate is not None:
-        modules[candidate.stem] = candidate
-    return modules
+        found[candidate.stem] = candidate
+    return found
 
 
 def _named_at(plugins: config.PluginsSettings, name: str) -> config.KeyPath:

@@ -20,6 +20,7 @@ from pi_controller.config import PluginsSettings
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import admission, manifest
 from pi_controller.plugins.backstop import Backstop
+from pi_controller.plugins.folder import modules
 from pi_controller.plugins.host_functions import History, PluginHost
 from pi_controller.plugins.manifest import Devices, Refused
 from pi_controller.plugins.quarantine import Quarantine
@@ -147,7 +148,7 @@ class PluginSet:
         if not self.directory.is_dir():
             log.error("plugins_directory_missing", directory=str(self.directory))
             return
-        names = {path.stem for path in self.directory.glob("*.wasm")}
+        names = modules(self.directory)
         for name in sorted(set(self.settings.settings) - names):
             log.warning("plugin_configured_but_missing", plugin=name, directory=str(self.directory))
         self.apply(self.prepare(names))

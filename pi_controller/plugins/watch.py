@@ -25,6 +25,7 @@ from typing import Callable
 import structlog
 from asyncinotify import Event, Inotify, Mask, Watch
 
+from pi_controller.plugins.folder import modules
 from pi_controller.plugins.plugin_set import PluginSet, Update
 from pi_controller.reloads import Gap, prepared
 
@@ -173,7 +174,7 @@ class PluginWatcher:
     def _look_at_everything(self, delay: float = 0.0) -> None:
         """Each plugin file, as if it had just landed (one unchanged is left as it is), and each plugin
         loaded, as if its file had gone (one still there stays)."""
-        names = {path.stem for path in self._plugins.directory.glob("*.wasm")} | set(self._plugins.status)
+        names = {*modules(self._plugins.directory), *self._plugins.status}
         self._look_at(names, delay)
 
     def _look_at(self, names: set[str], delay: float = 0.0) -> None:
