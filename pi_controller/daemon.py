@@ -86,7 +86,8 @@ class Daemon:
                          if settings.watchdog.enabled else None)
         self.values = OperatorValues(self.state_dir, self.clock.monotonic)
         self.operator = Operator(settings.mqtt.override_expiry_s, self.clock.time, self.values, self._promote)
-        self.values.apply(self.plugins, settings.plugins, self.operator.disabled, self.plugins.directory)
+        self.values.apply(self.plugins, settings.plugins, self.operator.disabled, self.plugins.directory,
+                          self.plugins.listed)
         self.status = Status(settings, self.plugins, self.operator, self.watchdog, self.clock.monotonic)
         # Time from the one clock; only the watchdog keeps a real timer, since it must catch a stuck loop.
         self.notifier = Notifier(self.status.line, timer=self.clock.monotonic)
@@ -142,7 +143,8 @@ class Daemon:
         follow the plugin set, the operator's kept values apply to the plugins as loaded now, the shadows get
         what the live plugins leave of the tick, and a recording
         says from which tick on which plugins and config were live."""
-        self.values.apply(self.plugins, self.settings.plugins, self.operator.disabled, self.plugins.directory)
+        self.values.apply(self.plugins, self.settings.plugins, self.operator.disabled, self.plugins.directory,
+                          self.plugins.listed)
         self.shadows.live_changed()
         if self.telemetry is not None:
             self.telemetry.policy.rediscover()

@@ -40,7 +40,7 @@ from pi_controller.contract import Rejected
 from pi_controller.files import write_atomically
 from pi_controller.keys import read_small
 from pi_controller.observer import LoopObserver, TickReport
-from pi_controller.plugins.folder import modules as plugin_modules
+from pi_controller.plugins import folder as plugin_folder
 from pi_controller.plugins.plugin_config import check_change
 
 if TYPE_CHECKING:
@@ -68,11 +68,12 @@ class OperatorValues(LoopObserver):
         self._changed = False
         self._writing: threading.Thread | None = None  # the write under way
         self._aside: dict[tuple[str, str], str] = {}  # (plugin, key) -> the module's sha256 it was said set aside for
-        self._listed: frozenset[str] | None = None  # the plugins folder's modules, as last listed (`_modules`)
+        self._listed: frozenset[str] | None = None  # the plugins folder's modules, as last listed (`_relist`)
         self._still_since = 0.0  # when that listing was first seen
         self._gone: set[str] = set()  # plugins with values kept, gone from that listing, not named in the config
         self._folder: Path | None = None  # the plugins folder listed, and the plugins the config names (`_list`)
         self._named: set[str] = set()
+        self._relisting: _Listing | None = None  # the folder listed again when a minute is up (`tick_done`)
         self._load()
 
     # -- from the operator, in the tick ----------------------------------------------------------
@@ -88,11 +89,12 @@ class OperatorValues(LoopObserver):
     # -- between two ticks: a start, a reload, a swap ---------------------------------------------
 
     def apply(self, plugins: Iterable[SandboxedPlugin], settings: PluginsSettings, disabled: set[str],
-              folder: Path | None = None) -> None:
+              folder: Path | None = None, listed: frozenset[str] | None = None) -> None:
         """The kept values onto the plugins as loaded now, and the operator's `disabled` set, by the rule: the
         plugins whose switch is kept off (one forgotten holds nothing off). `folder`: the plugins folder, whose
-        modules are listed now, loaded or not (None: not known; a folder missing or empty: nothing is gone)."""
-        self._list(folder, settings)
+        modules, loaded or not, are `listed` (None: listed now; a folder not known, missing or empty: nothing is
+        gone). The daemon lists it off the loop, with the plugins it loads: the folder may be on a hung mount."""
+        self._list(folder, settings, listed)
         for name, kept in list(self.enabled.items()):
             in_file = settings.settings[name].enabled if name in settings.settings else True
             if kept["file"] != in_file:
@@ -108,14 +110,19 @@ class OperatorValues(LoopObserver):
                 plugin.set_config(values)
         self._save()
 
-    def _list(self, folder: Path | None, settings: PluginsSettings) -> None:
+    def _list(self, folder: Path | None, settings: PluginsSettings, listed: frozenset[str] | None) -> None:
         """The folder listed again: the plugins gone from it, whose values go once it holds still (`_settled`)."""
         self._folder, self._named = folder, {*settings.settings, *settings.required}
-        self._relist()
+        self._relisting = None  # a listing under way from before is older than this one
+        self._relist(listed)
         self._settled()
 
-    def _relist(self) -> None:
-        listed = _modules(self._folder) if self._folder is not None else None
+    def _relist(self, modules: frozenset[str] | None = None) -> None:
+        """The folder's `modules` (None: listed now) taken as the listing: None for a folder holding none, as a card
+        not mounted yet, its empty mount point or a folder being copied back is no owner removing every plugin."""
+        if modules is None and self._folder is not None:
+            modules = plugin_folder.modules(self._folder)
+        listed = (modules or None) if self._folder is not None else None
         if listed != self._listed:
             self._listed, self._still_since = listed, self._monotonic()
         self._gone = set() if listed is None else (set(self.config) | set(self.enabled)) - listed - self._named
@@ -178,15 +185,21 @@ class OperatorValues(LoopObserver):
     # -- the file --------------------------------------------------------------------------------
 
     def tick_done(self, report: TickReport) -> None:
-        if self._gone and self._due():
+        if self._gone and self._due() and self._relisting is None and self._folder is not None:
             # Listed again first: no swap may have listed it since (plugins.watch off, a reload refused), and one
-            # changed meanwhile starts the minute again. A listing a minute at most, while a plugin is gone. Only
-            # what the last swap found gone may go: a module removed since may be of a plugin still running
-            # (plugins.watch off), whose values wait for the swap that unloads it.
-            gone = self._gone
-            self._relist()
-            self._gone &= gone
-            self._settled()
+            # changed meanwhile starts the minute again. A listing a minute at most, while a plugin is gone, on a
+            # thread of its own (the folder may be on a hung mount), taken at the first tick after it is done.
+            self._relisting = _Listing(self._folder)
+        listing = self._relisting
+        if listing is not None and listing.done.is_set():
+            self._relisting = None
+            if listing.modules is not None:
+                # Only what the last swap found gone may go: a module removed since may be of a plugin still
+                # running (plugins.watch off), whose values wait for the swap that unloads it.
+                gone = self._gone
+                self._relist(listing.modules)
+                self._gone &= gone
+                self._settled()
         self._save()
 
     def written(self) -> bool:
@@ -242,10 +255,20 @@ def _write(path: Path, text: str) -> None:
         log.warning("operator_values_not_kept", file=str(path), error=str(exc))
 
 
-def _modules(folder: Path) -> frozenset[str] | None:
-    """The plugins of `folder`, by their modules' names; None for a folder missing or holding none: a card not
-    mounted yet, its empty mount point or a folder being copied back is no owner removing every plugin."""
-    return plugin_modules(folder) or None
+class _Listing:
+    """A plugins folder's modules, listed once on a thread of its own; `modules` None if the listing failed."""
+
+    def __init__(self, folder: Path):
+        self.modules: frozenset[str] | None = None
+        self.done = threading.Event()
+        # A daemon thread: one stuck on a hung mount must not hold the process at its exit.
+        threading.Thread(target=self._list, args=(folder,), name="plugins-listing", daemon=True).start()
+
+    def _list(self, folder: Path) -> None:
+        try:
+            self.modules = plugin_folder.modules(folder)
+        finally:
+            self.done.set()
 
 
 def _kept(value: Any, file_config: Mapping[str, Any], key: str) -> Kept:

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from pi_controller import config
 from pi_controller.clock import SystemClock
 from pi_controller.plugins import checks, install
+from pi_controller.plugins import folder as plugin_folder
 from pi_controller.plugins.plugin_set import PluginSet
 from tests.conftest import (
     BUNDLED_PLUGINS,
@@ -329,6 +330,45 @@ def test_plugin_install_into_a_running_daemon_is_loaded_whole(live, tmp_path, mo
     assert swaps.versions("energy_saver") == [None, first, hashlib.sha256(counter).hexdigest()]
     assert daemon.loop.plugin_stats["energy_saver"].calls == swaps.ticks_live("energy_saver") > 0
     assert daemon.loop.plugin_stats["temperature_control"].calls == daemon.loop.ticks.count
+
+
+def test_a_swap_lists_the_plugins_folder_off_the_loops_thread(live, tmp_path, monkeypatch) -> None:
+    """A plugin dropped in is swapped in, and the operator's kept values see the folder as listed for it; the
+    folder may be on a hung or slow mount (NFS, a failing SD card), so the listing is done on the worker thread
+    with the compile: held there, the loop ticks on."""
+    daemon, folder = live
+    listing = Held(plugin_folder, "modules", monkeypatch)
+    counter = hashlib.sha256((TEST_PLUGINS / "counter.wasm").read_bytes()).hexdigest()
+
+    async def scenario() -> None:
+        shutil.copy(TEST_PLUGINS / "counter.wasm", tmp_path / "counter.wasm")
+        os.rename(tmp_path / "counter.wasm", folder / "counter.wasm")
+        await listing.past_ticks(daemon)
+        await until(lambda: sha(daemon, "counter") == counter, "the dropped plugin swapped in")
+
+    run_with(daemon, scenario)
+    assert listing.waits and all(listing.waits), "the loop did not tick while the folder was listed"
+
+
+def test_a_reload_lists_the_plugins_folder_off_the_loops_thread(configured, tmp_path, monkeypatch) -> None:
+    """The other way in: a SIGHUP reload's swap hands the kept values the folder as its worker listed it."""
+    daemon, reload = configured(folder_with(tmp_path, "a", "temperature_control"))
+    threads: list[int] = []
+    modules = plugin_folder.modules
+
+    def listed(folder: Path) -> frozenset[str]:
+        threads.append(threading.get_ident())
+        return modules(folder)
+
+    monkeypatch.setattr(plugin_folder, "modules", listed)
+
+    async def scenario() -> None:
+        await reload()
+        assert threads and threading.get_ident() not in threads, "the folder was listed on the loop's thread"
+
+    with capture_logs() as logs:
+        run_with(daemon, scenario)
+    assert any(e["event"] == "config_reloaded" for e in logs)
 
 
 def test_a_reload_stopped_while_it_compiles_closes_what_it_compiled(configured, tmp_path, monkeypatch) -> None:

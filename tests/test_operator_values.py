@@ -19,9 +19,10 @@ from pi_controller.config import PluginSettings, PluginsSettings
 from pi_controller.daemon import Daemon
 from pi_controller.operator import EnablePlugin, Operator, SetPluginConfig
 from pi_controller.operator_values import FILE_NAME, SETTLE_S, OperatorValues
+from pi_controller.plugins import folder as plugin_folder
 from pi_controller.plugins.plugin_config import ConfigField
 from pi_controller.plugins.sandbox import SandboxedPlugin
-from tests.conftest import BUNDLED_PLUGINS, example_data, until
+from tests.conftest import BUNDLED_PLUGINS, WAIT_S, example_data, until
 from tests.test_mqtt import poll
 
 
@@ -67,9 +68,13 @@ class Clock:
         return self.now
 
     def after(self, values: OperatorValues, seconds: float) -> None:
-        """`seconds` later, a tick done."""
+        """`seconds` later, a tick done; and the next, once the listing it started (a minute up) is done."""
         self.now += seconds
         values.tick_done(None)  # type: ignore[arg-type]  # it reads no report
+        listing = values._relisting
+        if listing is not None:
+            assert listing.done.wait(WAIT_S)
+            values.tick_done(None)  # type: ignore[arg-type]
 
 
 def set_values(state: Path, plugin: FakePlugin, *requests: Any) -> None:
@@ -364,6 +369,32 @@ def test_a_module_removed_since_the_last_swap_keeps_its_running_plugins_values_w
     kept = json.loads((tmp_path / FILE_NAME).read_text())["config"]
     assert "lamp" not in kept  # the minute was up
     assert kept["thermostat"]["setpoint"]["value"] == 28.0
+
+
+def test_the_folder_listed_again_when_the_minute_is_up_is_listed_off_the_tick(tmp_path: Path, monkeypatch) -> None:
+    """The listing a minute up makes (`tick_done`) runs on a thread of its own: held there (a hung mount), ticks go on
+    and nothing is forgotten; done, the next tick takes it."""
+    set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0))
+    clock = Clock()
+    values = OperatorValues(tmp_path, clock)
+    values.apply([], PluginsSettings(), set(), holding(tmp_path, "another"))  # the thermostat gone
+    modules, entered, release, waits = plugin_folder.modules, threading.Event(), threading.Event(), []
+
+    def held(folder: Path) -> frozenset[str]:
+        entered.set()
+        waits.append(release.wait(WAIT_S))
+        return modules(folder)
+
+    monkeypatch.setattr(plugin_folder, "modules", held)
+    clock.now += SETTLE_S
+    for _ in range(3):
+        values.tick_done(None)  # type: ignore[arg-type]  # it reads no report
+    assert entered.wait(WAIT_S) and "thermostat" in values.config
+    release.set()
+    poll(lambda: values.tick_done(None) or "thermostat" not in values.config,  # type: ignore[func-returns-value]
+         "the listing taken")
+    values.close()
+    assert waits == [True], "the tick waited for the listing"
 
 
 def test_a_plugins_folder_briefly_missing_forgets_nothing_a_plugin_removed_from_it_is(write_config, tmp_path: Path,

@@ -25,7 +25,7 @@ from pathlib import Path
 from pi_controller import config
 from pi_controller.names import valid_plugin_name
 from pi_controller.plugins import admission, manifest
-from pi_controller.plugins.folder import SUFFIX, modules
+from pi_controller.plugins import folder as plugin_folder
 from pi_controller.plugins.wasm_gate import read_module
 
 
@@ -85,7 +85,8 @@ def check(settings: config.Settings, folder: Path, found: dict[str, Problem] | N
 
 
 def _modules(folder: Path, candidate: Path | None = None) -> dict[str, Path]:
-    found = {name: folder / f"{name}{SUFFIX}" for name in modules(folder) if valid_plugin_name(name)}
+    names = filter(valid_plugin_name, plugin_folder.modules(folder))
+    found = {name: folder / f"{name}{plugin_folder.SUFFIX}" for name in names}
     if candidate is not None:
         found[candidate.stem] = candidate
     return found

@@ -19,8 +19,8 @@ from pi_controller.clock import Clock, SystemClock
 from pi_controller.config import PluginsSettings
 from pi_controller.names import PLUGIN_NAME_RULE, valid_plugin_name
 from pi_controller.plugins import admission, manifest
+from pi_controller.plugins import folder as plugin_folder
 from pi_controller.plugins.backstop import Backstop
-from pi_controller.plugins.folder import modules
 from pi_controller.plugins.host_functions import History, PluginHost
 from pi_controller.plugins.manifest import Devices, Refused
 from pi_controller.plugins.quarantine import Quarantine
@@ -39,6 +39,7 @@ class Update:
     removed: set[str] = field(default_factory=set)  # its file is gone
     refused: dict[str, PluginStatus] = field(default_factory=dict)  # failed to load, or disabled
     current: set[str] = field(default_factory=set)  # its file is the live version, under the same terms
+    listed: frozenset[str] | None = None  # the folder's modules, listed with them (None: not listed)
 
     def close(self) -> None:
         """Drop an update that will not be applied."""
@@ -78,6 +79,9 @@ class PluginSet:
         self._waiting: dict[str, admission.Claim] = {}  # refused or unloaded for want of room in the tick
         self.on_room: Callable[[set[str]], None] | None = None  # told the names of those that would fit now
         self.generation = 0  # counts `adopt`s: an update prepared before one is stale
+        # The folder's modules as listed off the loop for the last change (the kept values judge what is gone by
+        # it): the folder may be on a hung or slow mount, and a listing in the gap would stop the ticks.
+        self.listed: frozenset[str] = frozenset()
 
     def __iter__(self) -> Iterator[SandboxedPlugin]:
         return iter(self.members)
@@ -135,6 +139,7 @@ class PluginSet:
         self.budget_ms, self.whence = loaded.budget_ms, loaded.whence
         self.devices = loaded.devices
         self.history, self.backstop = loaded.history, loaded.backstop
+        self.listed = loaded.listed
         self._become(loaded.members)
         self._refused, self._kept, self._waiting = loaded._refused, loaded._kept, loaded._waiting
         loaded._become(())
@@ -148,7 +153,7 @@ class PluginSet:
         if not self.directory.is_dir():
             log.error("plugins_directory_missing", directory=str(self.directory))
             return
-        names = modules(self.directory)
+        names = self.listed = plugin_folder.modules(self.directory)
         for name in sorted(set(self.settings.settings) - names):
             log.warning("plugin_configured_but_missing", plugin=name, directory=str(self.directory))
         self.apply(self.prepare(names))
@@ -192,6 +197,8 @@ class PluginSet:
 
     def apply(self, update: Update) -> None:
         """Swap in what `prepare` found. Call between two ticks: the tick thread is idle."""
+        if update.listed is not None:
+            self.listed = update.listed
         live = {p.name: p for p in self.members}
         retired: list[SandboxedPlugin] = []
         for name in update.current:

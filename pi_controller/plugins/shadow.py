@@ -35,8 +35,8 @@ from pi_controller.devices.actuators import Actuator
 from pi_controller.files import path_argument
 from pi_controller.logs import ChangeLog
 from pi_controller.observer import TickTrace
+from pi_controller.plugins import folder as plugin_folder
 from pi_controller.plugins.agreement import Agreement, verdict_of
-from pi_controller.plugins.folder import modules
 from pi_controller.plugins.plugin_config import check_change
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.plugins.sandbox import PluginCallError, SandboxedPlugin
@@ -81,7 +81,7 @@ class Shadows:
         self.stats: dict[str, ShadowStats] = {}
         self._problems = ChangeLog(log)
         if self.plugins.directory.is_dir():  # not load_all: a live plugin without a shadow is no news
-            self.plugins.apply(self.plugins.prepare(modules(self.plugins.directory)))
+            self.plugins.apply(self.plugins.prepare(plugin_folder.modules(self.plugins.directory)))
             log.info("shadows_loaded", directory=str(self.plugins.directory), names=[p.name for p in self.plugins],
                      failed={name: s.reason for name, s in self.plugins.status.items() if s.state == "failed"})
 

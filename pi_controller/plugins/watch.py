@@ -25,7 +25,7 @@ from typing import Callable
 import structlog
 from asyncinotify import Event, Inotify, Mask, Watch
 
-from pi_controller.plugins.folder import modules
+from pi_controller.plugins import folder as plugin_folder
 from pi_controller.plugins.plugin_set import PluginSet, Update
 from pi_controller.reloads import Gap, prepared
 
@@ -174,7 +174,7 @@ class PluginWatcher:
     def _look_at_everything(self, delay: float = 0.0) -> None:
         """Each plugin file, as if it had just landed (one unchanged is left as it is), and each plugin
         loaded, as if its file had gone (one still there stays)."""
-        names = {*modules(self._plugins.directory), *self._plugins.status}
+        names = {*plugin_folder.modules(self._plugins.directory), *self._plugins.status}
         self._look_at(names, delay)
 
     def _look_at(self, names: set[str], delay: float = 0.0) -> None:
@@ -205,7 +205,13 @@ class PluginWatcher:
     async def reload(self, names: set[str]) -> None:
         """Prepare `names` on a worker thread, then apply them between two ticks."""
         plugins, generation = self._plugins, self._plugins.generation
-        update = await prepared(lambda: plugins.prepare(names), Update.close)
+
+        def prepare() -> Update:  # the folder listed here too, not in the gap: it may be on a hung mount
+            update = plugins.prepare(names)
+            update.listed = plugin_folder.modules(plugins.directory)
+            return update
+
+        update = await prepared(prepare, Update.close)
 
         def swap() -> None:
             if plugins.generation == generation:
