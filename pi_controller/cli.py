@@ -191,6 +191,17 @@ def _serve(args: argparse.Namespace, settings: config.Settings) -> int:
     return 0
 
 
+def _as_reloaded(settings: config.Settings, args: argparse.Namespace) -> list[str]:
+    """Beside a daemon running another loop (the unit's ExecReload= check): the plugins judged as its reload will
+    judge them, at its rate (ConfigError as the reload's refusal), and a line saying the rate waits for a restart."""
+    running = known_good.running_loop(args.state_dir) if args.state_dir else None
+    if running is None or running == settings.loop:
+        return []
+    notes = checks.check_reload(settings, running, config.check_plugins_directory(settings, args.plugins))
+    return notes + [f"loop: the running daemon keeps {running.rate_hz:g} Hz at a reload (plugin budget "
+                    f"{running.plugin_budget_ms:g} ms); this file's {settings.loop.rate_hz:g} Hz applies at a restart"]
+
+
 def _check_config(args: argparse.Namespace) -> int:
     if (args.path is None) == (args.config is None):
         print("error: check-config takes one config file: PATH or --config PATH", file=sys.stderr)
@@ -202,6 +213,7 @@ def _check_config(args: argparse.Namespace) -> int:
     settings, notes = loaded
     try:
         notes += config.check_service_paths(settings, args.state_dir)
+        notes += _as_reloaded(settings, args)
     except config.ConfigError as exc:
         exc.refuse()
         return EXIT_CONFIG
@@ -209,7 +221,7 @@ def _check_config(args: argparse.Namespace) -> int:
     if problem:  # a warning: the unit's ExecReload= runs this check, and a running daemon reloads all the same
         notes.append(f"state directory {args.state_dir}: {problem} (`run` refuses to start with it; a running "
                      "daemon applies this config without keeping a copy)")
-    for note in notes:
+    for note in dict.fromkeys(notes):  # a note of the file's loop and the running one's alike: once
         print(f"warning: {note}", file=sys.stderr)
     print(f"{path}: OK ({len(settings.sensors)} sensors, {len(settings.actuators)} actuators, "
           f"plugins from {args.plugins or settings.plugins_directory()})")

@@ -206,6 +206,7 @@ class Daemon:
             # Off the event loop (signals and the watcher run meanwhile), but before the first tick: after a crash
             # in the first ticks, safe-state drives what they drove, not what an earlier config named.
             await asyncio.to_thread(known_good.keep, self.settings, self.state_dir)
+            await asyncio.to_thread(known_good.keep_running_loop, self.settings.loop, self.state_dir)
             if self.watchdog:  # its time runs from the first tick, not from the start-up steps above
                 self.watchdog.start()
             await self.loop.run(stop, max_ticks)
@@ -315,7 +316,7 @@ class Daemon:
         new = dataclasses.replace(read, **{section: getattr(self.settings, section) for section in _RESTART_ONLY})
         folder = config.check_plugins_directory(new, self.plugins_dir)
         foreseen = checks.problems(new, folder)  # the plugins it would not load, each for a reason of its own
-        checks.check(new, folder, foreseen)  # as check-config does
+        checks.check_reload(read, new.loop, folder, foreseen)  # as check-config beside this daemon does
         if read.loop != new.loop:  # and as the next start will, on the file's loop: check-config's verdict too
             checks.check(read, folder)
         return read, new, foreseen

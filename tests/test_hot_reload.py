@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -20,9 +23,11 @@ from structlog.testing import capture_logs
 
 from pi_controller import config
 from pi_controller.clock import SystemClock
+from pi_controller.daemon import Daemon
 from pi_controller.plugins import checks, install
 from pi_controller.plugins import folder as plugin_folder
 from pi_controller.plugins.plugin_set import PluginSet
+from pi_controller.safety import known_good
 from tests.conftest import (
     BUNDLED_PLUGINS,
     TEST_PLUGINS,
@@ -369,6 +374,55 @@ def test_a_reload_lists_the_plugins_folder_off_the_loops_thread(configured, tmp_
     with capture_logs() as logs:
         run_with(daemon, scenario)
     assert any(e["event"] == "config_reloaded" for e in logs)
+
+
+def test_check_config_beside_a_running_daemon_says_what_its_reload_does_with_a_slower_loop(tmp_path, write_config
+                                                                                          ) -> None:
+    """The loop's rate changes at a restart, not a reload: the plugins a reload loads get the running rate's budget.
+    The same file, at half the running rate, checked as the unit's ExecReload= does beside the running daemon, then
+    reloaded: plugins that fit only the file's own budget are refused by both, for the same reason; plugins that fit
+    the running budget too are accepted by both."""
+    folder = folder_with(tmp_path, "a", "temperature_control", "motion_light")
+    data = unsimulated(example_data())
+    data["plugins"] = {"directory": str(folder), "settings": {"temperature_control": {"timeout_ms": 50},
+                                                                  "motion_light": {"timeout_ms": 5}}}
+    state = tmp_path / "state"
+    daemon = Daemon(config.load(write_config(data)), simulate=True, state_dir=state, clock=SystemClock())
+    results = []
+
+    async def scenario() -> None:
+        for motion_ms in (50, 5):  # 100 ms of plugins: over the running 60 ms budget (10 Hz), within 5 Hz's 120
+            data["loop"] = {"rate_hz": 5, "plugin_budget": 0.6}
+            data["plugins"]["settings"]["motion_light"]["timeout_ms"] = motion_ms
+            path = write_config(data)
+            checked = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "pi_controller", "check-config", str(path)], capture_output=True,
+                text=True, timeout=120, env={**os.environ, "STATE_DIRECTORY": str(state)})
+            results.append((checked, await daemon.reload()))
+
+    try:
+        run_with(daemon, scenario)
+    finally:
+        daemon.close()
+    (refused_check, refused), (accepted_check, applied) = results
+    assert refused.outcome == "refused", refused.message
+    assert refused_check.returncode == 2, refused_check.stderr
+    assert refused.message.removeprefix("reload refused, running config kept: ") in refused_check.stderr
+    assert "10 Hz" in refused.message  # the budget it was judged against, and where it comes from
+    assert applied.outcome == "applied", applied.message
+    assert accepted_check.returncode == 0, accepted_check.stderr
+    assert "restart" in accepted_check.stderr  # the rate itself waits for one
+
+
+def test_the_running_loop_a_stopped_daemon_left_says_no_daemon_runs(tmp_path) -> None:
+    """check-config after a stop or a crash judges the file alone: the next start runs its loop."""
+    known_good.keep_running_loop(config.LoopSettings(rate_hz=5), tmp_path)  # this process: running
+    assert known_good.running_loop(tmp_path) == config.LoopSettings(rate_hz=5)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True, timeout=60)
+    said = json.loads((tmp_path / known_good.RUNNING_LOOP).read_text())
+    (tmp_path / known_good.RUNNING_LOOP).write_text(json.dumps({**said, "pid": int(ended.stdout)}))
+    assert known_good.running_loop(tmp_path) is None
 
 
 def test_a_reload_stopped_while_it_compiles_closes_what_it_compiled(configured, tmp_path, monkeypatch) -> None:

@@ -18,6 +18,7 @@ out, nor the daemon from starting or reloading.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,21 @@ def check(settings: config.Settings, folder: Path, found: dict[str, Problem] | N
     notes = [f"plugin '{name}' ({modules[name]}) would not load: {p.why}" for name, p in sorted(found.items())]
     missing = sorted(plugins.named() - set(modules))
     return notes + [f"plugin '{name}' is named in the config but has no module in {folder}" for name in missing]
+
+
+def check_reload(read: config.Settings, running: config.LoopSettings, folder: Path,
+                 found: dict[str, Problem] | None = None) -> list[str]:
+    """`check` as a reload into a daemon running `running` judges the config `read`: the loop section changes at a
+    restart only, so until then the plugins get the running loop's budget, and a ConfigError says so. The reload
+    and `check-config` beside a running daemon (the unit's ExecReload=) both judge with it, and agree."""
+    try:
+        return check(dataclasses.replace(read, loop=running), folder, found)
+    except config.ConfigError as exc:
+        if running == read.loop:
+            raise
+        raise config.ConfigError(exc.file, exc.path, f"{exc.message} (under the running daemon's loop, "
+                                 f"{running.rate_hz:g} Hz: a reload keeps its rate and a {running.plugin_budget_ms:g} "
+                                 "ms plugin budget; the file's loop applies at a restart)", exc.line) from None
 
 
 def _modules(folder: Path, candidate: Path | None = None) -> dict[str, Path]:

@@ -9,6 +9,7 @@ and `safe-state` reads the config file alone.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -17,13 +18,16 @@ from typing import Mapping
 import structlog
 
 from pi_controller import config
-from pi_controller.config import Settings
+from pi_controller.config import LoopSettings, Settings
 from pi_controller.files import write_atomically
 from pi_controller.keys import read_small
 
 log = structlog.get_logger("pi_controller.known_good")
 
 FILE_NAME = "last-good-config.yaml"
+# The loop the daemon runs, which a reload keeps (its rate changes at a restart): what `check-config` beside it
+# (the unit's ExecReload=) judges the plugins' budget by, as the reload will.
+RUNNING_LOOP = "running-loop.json"
 
 
 def state_directory(environ: Mapping[str, str] = os.environ) -> Path | None:
@@ -81,6 +85,45 @@ def keep(settings: Settings, directory: Path | None) -> None:
             write_atomically(copy_path(directory), text.encode())
     except (OSError, config.ConfigError) as exc:
         log.warning("known_good_config_not_kept", directory=str(directory), error=str(exc))
+
+
+def keep_running_loop(loop: LoopSettings, directory: Path | None) -> None:
+    """Say in `directory` which loop this process runs (at its start: a reload never changes it). Never raises, as
+    `keep`; blocks on the card: call it off the event loop."""
+    if directory is None:
+        return
+    text = json.dumps({"pid": os.getpid(), "rate_hz": loop.rate_hz, "plugin_budget": loop.plugin_budget})
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Not flushed (no fsync): a fact of this process, which a power cut ends with it. Readable by all: a
+        # check-config by hand, as another user, judges as the unit's does.
+        write_atomically(directory / RUNNING_LOOP, text.encode(), mode=0o644, flush=False)
+    except OSError as exc:
+        log.warning("running_loop_not_kept", directory=str(directory), error=str(exc))
+
+
+def running_loop(directory: Path) -> LoopSettings | None:
+    """The loop of the daemon running with `directory` as its state directory; None if none runs (or it cannot
+    be told)."""
+    try:
+        said = json.loads(read_small(directory / RUNNING_LOOP, 4096, "the running loop"))
+        pid, loop = int(said["pid"]), LoopSettings(rate_hz=float(said["rate_hz"]),
+                                                   plugin_budget=float(said["plugin_budget"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return loop if _runs(pid) else None  # a file left by a crash or a stop: no daemon runs
+
+
+def _runs(pid: int) -> bool:
+    if pid <= 0:  # 0 and below name process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # it runs, under another user
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
 
 
 def _holds(path: Path, data: bytes) -> bool:
