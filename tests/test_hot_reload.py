@@ -355,6 +355,24 @@ def test_a_swap_lists_the_plugins_folder_off_the_loops_thread(live, tmp_path, mo
     assert listing.waits and all(listing.waits), "the loop did not tick while the folder was listed"
 
 
+def test_the_plugins_folder_back_is_listed_off_the_loops_thread(live, tmp_path, monkeypatch) -> None:
+    """The folder moved away and back (a remount): the watcher lists it again to load what it holds, on the worker
+    thread: held there, the loop ticks on."""
+    daemon, folder = live
+    listing: list[Held] = []
+
+    async def scenario() -> None:
+        folder.rename(tmp_path / "away")
+        await until(lambda: not daemon.plugins.status, "the plugins of the folder gone unloaded")
+        listing.append(Held(plugin_folder, "modules", monkeypatch))
+        (tmp_path / "away").rename(folder)
+        await listing[0].past_ticks(daemon)
+        await until(lambda: "temperature_control" in {p.name for p in daemon.plugins}, "loaded again")
+
+    run_with(daemon, scenario)
+    assert listing[0].waits and all(listing[0].waits), "the loop did not tick while the folder was listed"
+
+
 def test_a_reload_lists_the_plugins_folder_off_the_loops_thread(configured, tmp_path, monkeypatch) -> None:
     """The other way in: a SIGHUP reload's swap hands the kept values the folder as its worker listed it."""
     daemon, reload = configured(folder_with(tmp_path, "a", "temperature_control"))

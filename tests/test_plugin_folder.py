@@ -4,6 +4,7 @@ not is a plugin the watcher reloads and the load never shows, or one /ready wait
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -71,10 +72,8 @@ def test_the_load_the_shadows_the_watcher_and_check_config_see_the_same_plugins(
     try:
         live.load_all()
         shadows = Shadows(PluginsSettings(), live, live, VirtualClock())
-        rescanned: set[str] = set()
         watcher = PluginWatcher(PluginSet(PluginsSettings(), folder, budget_ms=1000), None)  # type: ignore[arg-type]
-        watcher._look_at = lambda names, delay=0.0: rescanned.update(names)  # type: ignore[method-assign]
-        watcher._look_at_everything()
+        rescanned = asyncio.run(watcher._everything())
         assert set(live.status) == plugins, "the load"
         assert set(shadows.plugins.status) == plugins, "the shadows"
         assert rescanned == plugins, "the watcher's rescan"

@@ -36,6 +36,7 @@ _AT_ONCE = Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE
 _GONE = Mask.DELETE_SELF | Mask.MOVE_SELF  # the watched folder itself was deleted or moved away
 _ANCESTOR = Mask.CREATE | Mask.MOVED_TO | _GONE | Mask.ONLYDIR  # what may bring a missing folder back
 _SUFFIXES = (".wasm", ".yaml", ".sig")  # a plugin, its manifest and its signature
+_EVERYTHING = ""  # scheduled as a name (none is empty): every plugin of the folder, listed off the loop
 
 
 class PluginWatcher:
@@ -173,9 +174,9 @@ class PluginWatcher:
 
     def _look_at_everything(self, delay: float = 0.0) -> None:
         """Each plugin file, as if it had just landed (one unchanged is left as it is), and each plugin
-        loaded, as if its file had gone (one still there stays)."""
-        names = {*plugin_folder.modules(self._plugins.directory), *self._plugins.status}
-        self._look_at(names, delay)
+        loaded, as if its file had gone (one still there stays). The folder is listed when the time is up, on a
+        worker thread (`_everything`): it may be on a hung or slow mount."""
+        self._schedule(_EVERYTHING, delay)
 
     def _look_at(self, names: set[str], delay: float = 0.0) -> None:
         for name in names:
@@ -198,9 +199,17 @@ class PluginWatcher:
             self._wake.clear()
             names, self._due = self._due, set()
             try:
+                if _EVERYTHING in names:
+                    names = names - {_EVERYTHING} | await self._everything()
                 await self.reload(names)
             except Exception as exc:  # one bad batch must not end hot reload for good
                 log.error("plugin_reload_failed", plugins=sorted(names), error=f"{type(exc).__name__}: {exc}")
+
+    async def _everything(self) -> set[str]:
+        """Each plugin of the folder, listed on a worker thread, and each loaded; not one whose file is still
+        waited for (written, or waiting for its module): its own time comes."""
+        listed = await asyncio.to_thread(plugin_folder.modules, self._plugins.directory)
+        return {*listed, *self._plugins.status} - set(self._timers)
 
     async def reload(self, names: set[str]) -> None:
         """Prepare `names` on a worker thread, then apply them between two ticks."""
