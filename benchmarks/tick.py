@@ -19,17 +19,20 @@ period after it. Rounds that took turns (floor, daemon, daemon, floor, ...) put 
 speed and neighbours changed from one round to the next: on an idle machine the same plugin on both sides
 came out 0.68x to 2.27x that way (benchmarks/README.md has the runs).
 The daemon is the real `Daemon.serve`, with its watchdog thread and native stderr capture, as `run` has them.
-Medians over the paired ticks: the wall time of the tick's work; the CPU time its thread spent in it (what
-other processes on the machine change least); the CPU time its thread spent awake, from waking for the tick
-to sleeping again (the daemon's work after its tick too: observers, the garbage collection it does between
-ticks); and the middle half (quartiles) of the ratios of each daemon tick's CPU time to its floor tick's.
+A row is measured in `--processes` fresh processes, one after the other, their pairs pooled: each process
+lays out the daemon's and the floor's code and data its own way, and a row of one process measured that
+layout's luck as much as the code (`measured`). Medians over the paired ticks: the wall time of the tick's
+work; the CPU time its thread spent in it (what other processes on the machine change least); the CPU time
+its thread spent awake, from waking for the tick to sleeping again (the daemon's work after its tick too:
+observers, the garbage collection it does between ticks); the middle half (quartiles) of the ratios of each
+daemon tick's CPU time to its floor tick's; and the lowest and highest of the processes' own wall ratios.
 
 Last, the CPU share of one core the daemon takes running `config/example.yaml` on simulated pins at 10 Hz
 (`pi-controller run --simulate` as a process, its threads' CPU time from /proc over `--share-seconds` after
 READY=1), and with `--baseline REF` the same for the code at git REF, alternating, in the same run.
 
-    python benchmarks/tick.py [--plugins 3 10] [--rates 10 50] [--rows reading echo] [--seconds 12]
-                              [--share-seconds 8] [--baseline REF]
+    python benchmarks/tick.py [--plugins 3 10] [--rates 10 50] [--rows reading echo] [--processes 4]
+                              [--seconds 4] [--share-seconds 8] [--baseline REF]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import socket
@@ -273,6 +277,16 @@ def pairs(daemon: list[Tick], floor: list[Tick], period: float) -> list[tuple[Ti
 
 
 @dataclass
+class Sample:
+    """One process's measurement of a row: its paired ticks (daemon's wall, CPU, CPU awake, then the floor's),
+    its missed ticks and problems (plugin errors, rejections and stalls on either side)."""
+
+    pairs: list[tuple[float, float, float, float, float, float]]
+    missed: int
+    problems: int
+
+
+@dataclass
 class Row:
     row: str
     plugins: int
@@ -280,12 +294,13 @@ class Row:
     floor: tuple[float, float, float]  # medians over the paired ticks: wall, CPU, CPU awake (seconds)
     daemon: tuple[float, float, float]
     spread: tuple[float, float]  # quartiles of the ratios of a daemon tick's CPU time to its floor tick's
+    processes: list[float]  # each process's ratio of wall medians, daemon to floor
     paired: int
     missed: int
     problems: int
 
 
-def measure(folder: Path, row: str, count: int, rate: float, args: argparse.Namespace) -> Row:
+def measure(folder: Path, row: str, count: int, rate: float, seconds: float) -> Sample:
     """The daemon and the floor side by side in one event loop, at the same rate, the floor's ticks half a
     period after the daemon's: each tick is paired with one under the same conditions (the host's clock
     speed, its neighbours, what the other left in the caches), as rounds run one after the other are not."""
@@ -310,21 +325,48 @@ def measure(folder: Path, row: str, count: int, rate: float, args: argparse.Name
         asyncio.run(side_by_side(max(5, round(rate))))  # a second, unmeasured
         for side in timed.values():
             side.clear()
-        asyncio.run(side_by_side(max(5, round(args.seconds * rate))))
+        asyncio.run(side_by_side(max(5, round(seconds * rate))))
         stats = daemon.status.snapshot()
     finally:
         daemon.close()
         floor.close()
     problems = sum(p["errors"] + p["rejected"] + p["stalls"] for p in stats["plugins"].values()) + floor.stalls
     paired = pairs(timed["daemon"].ticks(), timed["floor"].ticks(), period)
-    quartiles = statistics.quantiles([d[2] / f[2] for d, f in paired], n=4)
+    return Sample([(*d[1:], *f[1:]) for d, f in paired], daemon.loop.ticks.missed, problems)
 
-    def medians(side: int) -> tuple[float, float, float]:
-        wall, cpu, awake = (statistics.median(pair[side][column] for pair in paired) for column in (1, 2, 3))
+
+def measured(row: str, count: int, rate: float, args: argparse.Namespace) -> Row:
+    """The row measured in `args.processes` processes one after the other, their paired ticks pooled. Each
+    process has a layout of its own (where the allocator, ASLR and the Wasm compiler put the daemon's and the
+    floor's code and data), and with it a ratio of its own: one process a row, the same code gave 0.99x to
+    1.27x here from one run to the next (benchmarks/README.md). pyperf runs 20 processes a benchmark for the
+    same reason; its runner times a function back to back, not two loops paced side by side, so it is not used."""
+    samples = [_in_child(row, count, rate, args.seconds) for _ in range(args.processes)]
+    pooled = [pair for sample in samples for pair in sample.pairs]
+    quartiles = statistics.quantiles([pair[1] / pair[4] for pair in pooled], n=4)
+
+    def medians(first: int) -> tuple[float, float, float]:
+        wall, cpu, awake = (statistics.median(pair[first + k] for pair in pooled) for k in range(3))
         return wall, cpu, awake
 
-    return Row(row, count, rate, medians(1), medians(0), (quartiles[0], quartiles[2]), len(paired),
-               daemon.loop.ticks.missed, problems)
+    ratios = [statistics.median(p[0] for p in s.pairs) / statistics.median(p[3] for p in s.pairs) for s in samples]
+    return Row(row, count, rate, medians(3), medians(0), (quartiles[0], quartiles[2]), ratios, len(pooled),
+               sum(s.missed for s in samples), sum(s.problems for s in samples))
+
+
+def _in_child(row: str, count: int, rate: float, seconds: float) -> Sample:
+    command = [sys.executable, __file__, "--child", row, str(count), str(rate), "--seconds", str(seconds)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return Sample(**json.loads(output))
+
+
+def child(row: str, count: int, rate: float, seconds: float) -> None:
+    """One process's measurement, printed as JSON for `measured`."""
+    logs.configure("console", "warning")
+    logs.capture_native_stderr()  # as `pi-controller run` does: each plugin call is bracketed (issue 28)
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = measure(Path(tmp), row, count, rate, seconds)
+    print(json.dumps(dataclasses.asdict(sample)))
 
 
 # --- the CPU share of the example config ---------------------------------------------------------
@@ -394,7 +436,8 @@ def line(r: Row) -> str:
     notes = (f"  missed {r.missed}" if r.missed else "") + (f"  problems {r.problems}" if r.problems else "")
     return (f"{r.plugins:>7} {r.rate:>3g}Hz {r.row:>7} | {columns(r.floor[0], r.daemon[0])} | "
             f"{columns(r.floor[1], r.daemon[1])} | {columns(r.floor[2], r.daemon[2])} | "
-            f"{r.spread[0]:>5.2f}-{r.spread[1]:<5.2f}x {r.paired:>4} | {load()}{notes}")
+            f"{r.spread[0]:>5.2f}-{r.spread[1]:<5.2f}x {r.paired:>5} | "
+            f"{min(r.processes):>5.2f}-{max(r.processes):<5.2f}x | {load()}{notes}")
 
 
 def main() -> None:
@@ -402,24 +445,29 @@ def main() -> None:
     parser.add_argument("--plugins", type=int, nargs="+", default=[3, 10], help="plugin counts")
     parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 50.0], help="tick rates (Hz)")
     parser.add_argument("--rows", nargs="+", choices=tuple(PLUGINS), default=list(PLUGINS))
-    parser.add_argument("--seconds", type=float, default=12.0, help="measured ticks of each, in seconds")
+    parser.add_argument("--processes", type=int, default=4, help="processes a row, one after the other")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured ticks of each process, in seconds")
     parser.add_argument("--share-seconds", type=float, default=8.0, help="0: no CPU share measured")
     parser.add_argument("--baseline", help="a git ref whose CPU share is measured beside this code's")
+    parser.add_argument("--child", nargs=3, metavar=("ROW", "PLUGINS", "RATE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    logs.configure("console", "warning")
-    logs.capture_native_stderr()  # as `pi-controller run` does: each plugin call is bracketed (issue 28)
+    if args.child:
+        row, count, rate = args.child
+        return child(row, int(count), float(rate), args.seconds)
     print(f"load average at start: {load()}")
     print("wall and CPU: the tick's work (its thread's CPU time); awake: its thread's CPU time from waking for the "
           "tick to sleeping again (what runs after the tick too); medians over the paired ticks. paired: the middle "
-          "half of the ratios of a daemon tick's CPU time to its floor tick's, and how many pairs")
+          "half of the ratios of a daemon tick's CPU time to its floor tick's, and how many pairs, pooled over the "
+          f"{args.processes} processes of a row; processes: the lowest and highest of their own wall ratios")
     print(f"{'plugins':>7} {'rate':>5} {'plugin':>7} | {'floor':>9} {'daemon':>9} {'ratio':>6} | {'CPU floor':>9} "
-          f"{'daemon':>9} {'ratio':>6} | {'awake fl.':>9} {'daemon':>9} {'ratio':>6} | {'paired':>16} | load average")
+          f"{'daemon':>9} {'ratio':>6} | {'awake fl.':>9} {'daemon':>9} {'ratio':>6} | {'paired':>17} | "
+          f"{'processes':>12} | load average")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for count in args.plugins:
             for rate in args.rates:
                 for row in args.rows:
-                    print(line(measure(folder, row, count, rate, args)), flush=True)
+                    print(line(measured(row, count, rate, args)), flush=True)
         if args.share_seconds > 0:
             sources = {"this code": REPO}
             if args.baseline:
