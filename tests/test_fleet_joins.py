@@ -924,3 +924,34 @@ def test_a_rollout_replaced_by_one_that_leaves_this_node_out_says_its_end_once_i
             protocol.STOPPED, f"{replaced}: the promoted version stays, its live window unfinished"), verdict
     promoted = ending == "in-its-live-window"
     assert verdict.sha256 == sha256_of(site.new if promoted else site.live) == site.live_status().sha256
+
+
+@pytest.mark.parametrize("cause", ["stopped", "replaced", "stopped-then-replaced"])
+def test_a_rollout_stopped_in_its_shadow_window_says_why_in_its_verdict_its_log_and_its_entity(site, cause) -> None:
+    """The owner's tool stops the rollout (its announcement says stopped), or replaces it with one that leaves this
+    node out, or both, the second while the first's shadow is being removed, while the node compares the shadow.
+    However it is stopped, the node says it one way: `stopped` with its reason on the verdict and the update
+    entity, and one log line saying the same reason."""
+    site.start()
+    node = site.node
+    assert node is not None
+    a = site.announce(site.new, shadow_ticks=1_000_000)
+    site.until(lambda v: v.phase == protocol.SHADOW and v.counts.get("shadow_ticks", 0) > 0, "compared")
+    elsewhere = replace(a, rollout="1796633878-00000000", stages=(("another-node",),))
+    with capture_logs() as logs:
+        if cause != "replaced":
+            site.hand_over(replace(a, state="stopped"), b"")
+            site.tick()  # its end begun: the shadow's removal under way, the verdict said once it is done
+        if cause != "stopped":
+            site.hand_over(elsewhere, b"")
+        verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollout ends")
+    assert (verdict.rollout, verdict.phase) == (a.rollout, protocol.STOPPED), verdict
+    stopped = [e for e in logs if e["event"] == "fleet_rollout_stopped"]
+    assert [(e["rollout"], e["reason"]) for e in stopped] == [(a.rollout, verdict.reason)], logs
+    replaced = f"replaced by rollout {elsewhere.rollout}, which leaves this node out"
+    assert verdict.reason == (replaced if cause == "replaced" else "the rollout was stopped before this node "
+                              "promoted it (its announcement says stopped)"), verdict
+    shown = node.shown(NAME) if cause == "stopped" else None  # a replaced one is dropped once its end is said
+    assert shown in (None, {"version": a.version, "sha256": a.sha256, "phase": protocol.STOPPED,
+                            "in_progress": False, "percent": 0})
+    assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)

@@ -13,8 +13,9 @@ For each plugin announced with this node in a stage already let in, the node, by
    version's first `live_ticks` calls: an error, a quarantine, a failsafe (any, on this node, but while the
    operator has the plugin switched off) or a refused load puts the kept files back (the watcher swaps them in,
    as for any file dropped in), by itself;
-4. says where it is at each step on `<base>/<node_id>/fleet/<plugin>` (retained), and keeps its word on each
-   rollout in its state folder from the promotion on, so that a restart never runs a rollout it refused or
+4. says where it is at each step on `<base>/<node_id>/fleet/<plugin>` (retained), each end (but `live`) with one
+   reason and one log line, however it came (`_end`), and keeps its word on each rollout in its state folder from
+   the promotion or its end on, so that a restart never runs a rollout it refused or
    rolled back again, and one stopped in the live window watches that window again (or finishes its rollback).
 5. leaves the plugin to its owner when, in a window (or while the node was stopped after a promotion), the owner
    removed it, disabled it, put another version in (`plugin install`, a copy) or promoted the shadow by hand
@@ -63,6 +64,9 @@ log = structlog.get_logger("pi_controller.fleet")
 MIN_SWAP_TICKS = 300  # a shadow or a promoted version runs within this many ticks (or its window), or it did not load
 MAX_INBOUND = 4096  # messages waiting for the next tick; past it, chunks are dropped (fetched again)
 MAX_REASON = 500  # characters of a reason, said or kept
+STOPPED_WHY = "the rollout was stopped before this node promoted it (its announcement says stopped)"
+_ENDS = {protocol.REFUSED: ("fleet_rollout_refused", "error"),  # each end's log line and level (`_end`)
+         protocol.ROLLED_BACK: ("fleet_rollout_failed", "error"), protocol.STOPPED: ("fleet_rollout_stopped", "info")}
 # A node's word on a rollout, kept in its state folder (`_keep_word`): its ids, two reasons of MAX_REASON
 # characters, each of which JSON may write in up to twelve bytes (a surrogate pair, \ud83d\ude00), and its
 # plugins folder, a path of up to 4096 bytes that JSON may write in up to six each (\u001f).
@@ -195,7 +199,7 @@ class FleetNode:
         kept = kept if kept is not None and kept.get("rollout") == a.rollout else None  # its word on this one
         # The shadow of the rollout it replaces is removed first: the new one may install the very same module
         removal = self._abandon(a.name, current) if current is not None else self._remove_earlier_shadow(
-            a, note, kept is not None and kept["phase"] in protocol.FAILED)
+            a, note, kept is not None and kept["phase"] in _ENDS)
         stage = a.stage_of(self.node)
         if stage is None and current is not None and not current.ended:
             self._replaced(a, current, removal)
@@ -236,7 +240,7 @@ class FleetNode:
         if (self.folder / "previous" / name / f"{name}.wasm").is_file():
             self._roll_back(name, rollout, why)
         else:  # stopped before the live version's files were kept: it was never replaced
-            self._fail(name, rollout, protocol.ROLLED_BACK, f"{why}; the live version never changed")
+            self._end(name, rollout, protocol.ROLLED_BACK, f"{why}; the live version never changed")
 
     def _advance(self, name: str, rollout: Rollout) -> None:
         a = rollout.announcement
@@ -247,10 +251,10 @@ class FleetNode:
             if job.exception() is not None and rollout.restoring is not None:  # a rollback's files could not be written
                 log.error("fleet_rollback_failed", plugin=name, rollout=a.rollout, error=str(job.exception())[:300],
                           note="the plugin set runs on whichever whole version it last loaded")
-                self._fail(name, rollout, protocol.ROLLED_BACK, f"the kept version could not be restored: "
+                self._end(name, rollout, protocol.ROLLED_BACK, f"the kept version could not be restored: "
                                                                 f"{job.exception()}")
             elif job.exception() is not None:
-                self._fail(name, rollout, protocol.REFUSED, str(job.exception()))
+                self._end(name, rollout, protocol.REFUSED, str(job.exception()))
                 return
             if rollout.ending is not None:
                 ending, rollout.ending = rollout.ending, None
@@ -258,7 +262,7 @@ class FleetNode:
         if rollout.ended:
             return
         if a.state == "stopped" and rollout.phase in (protocol.WAITING, protocol.FETCHING, protocol.SHADOW):
-            self._end_in_shadow(name, rollout, protocol.STOPPED)
+            self._end_in_shadow(name, rollout, protocol.STOPPED, STOPPED_WHY)
             return
         stage = a.stage_of(self.node)
         if rollout.phase == protocol.WAITING and stage is not None and stage <= a.stage:
@@ -273,11 +277,11 @@ class FleetNode:
     def _start_fetch(self, name: str, rollout: Rollout) -> None:
         live = self.status.plugins.status.get(name)
         if live is None or live.state != "loaded":
-            self._fail(name, rollout, protocol.REFUSED, f"plugin '{name}' does not run here: a rollout replaces a "
+            self._end(name, rollout, protocol.REFUSED, f"plugin '{name}' does not run here: a rollout replaces a "
                                                         "running version (install the first one with plugin install)")
             return
         if not self.status.settings.plugins.watch:
-            self._fail(name, rollout, protocol.REFUSED, "plugins.watch is off: a shadow or a promoted version "
+            self._end(name, rollout, protocol.REFUSED, "plugins.watch is off: a shadow or a promoted version "
                                                         "would not be loaded until a restart")
             return
         a = rollout.announcement
@@ -292,7 +296,7 @@ class FleetNode:
             if rollout.phase != protocol.FETCHING or a.sha256 != sha256 or rollout.job is not None:
                 continue
             if index >= a.chunks:
-                self._fail(name, rollout, protocol.REFUSED, f"chunk {index} of a module of {a.chunks} chunks")
+                self._end(name, rollout, protocol.REFUSED, f"chunk {index} of a module of {a.chunks} chunks")
                 continue
             rollout.chunks[index] = data
             if len(rollout.chunks) == a.chunks:
@@ -389,9 +393,9 @@ class FleetNode:
         if rollout.restoring is not None:  # said once the version it replaced runs again, or cannot
             rollout.waited += 1
             if live.sha256 == rollout.previous:
-                self._fail(name, rollout, protocol.ROLLED_BACK, rollout.restoring)
+                self._end(name, rollout, protocol.ROLLED_BACK, rollout.restoring)
             elif live.refused_sha256 == rollout.previous or rollout.waited > MIN_SWAP_TICKS:  # put back whole
-                self._fail(name, rollout, protocol.ROLLED_BACK, f"{rollout.restoring}; the kept version did not load "
+                self._end(name, rollout, protocol.ROLLED_BACK, f"{rollout.restoring}; the kept version did not load "
                                                                 f"either: {live.reason or live.state}")
             return
         if rollout.baseline is None:
@@ -471,7 +475,7 @@ class FleetNode:
         if rollout.phase == protocol.SHADOW:
             self._end_in_shadow(name, rollout, phase, why)
         else:
-            self._fail(name, rollout, phase, why)
+            self._end(name, rollout, phase, why)
         return True
 
     def _put_back(self, name: str, rollout: Rollout, why: str, where: str) -> bool:
@@ -480,26 +484,24 @@ class FleetNode:
         back once its files are (it does not run now: disabled, or in a folder no longer followed)."""
         done = f"{why}: the version it replaced is put back{where}"
         if rollout.restoring is not None:  # the rollback's files are back: `_advance` waited for its job
-            self._fail(name, rollout, protocol.ROLLED_BACK,
+            self._end(name, rollout, protocol.ROLLED_BACK,
                        rollout.restoring if rollout.restoring == done else f"{rollout.restoring}; then {why}")
         elif (self.folder / "previous" / name / f"{name}.wasm").is_file():
             self._roll_back(name, rollout, done)
         else:  # stopped before the live version's files were kept: it was never replaced
-            self._fail(name, rollout, protocol.ROLLED_BACK, f"{why}; the live version never changed")
+            self._end(name, rollout, protocol.ROLLED_BACK, f"{why}; the live version never changed")
         return True
 
-    def _end_in_shadow(self, name: str, rollout: Rollout, phase: str, why: str | None = None) -> None:
-        """The rollout ends before a promotion in `phase` (stopped; or failed, for `why`): its shadow is removed,
-        then it ends (its phase set and said; a failure logged and kept). A node that says a rollout ended has
-        nothing of it left in the plugins folder, as the owner's tool reads it; meanwhile `_advance` waits for the
-        removal, so the end comes once. A failure's word is kept at once all the same: a node stopped before its
-        next turn would otherwise fetch, shadow and compare the rollout anew at its start (and might promote it)."""
-        end = partial(self._fail, name, rollout, phase, why) if why is not None else partial(
-            setattr, rollout, "phase", phase)
+    def _end_in_shadow(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
+        """The rollout ends before a promotion in `phase`, for `why`: its shadow is removed, then it ends (`_end`).
+        A node that says a rollout ended has nothing of it left in the plugins folder, as the owner's tool reads it;
+        meanwhile `_advance` waits for the removal, so the end comes once. Its word is kept at once all the same: a
+        node stopped before its next turn would otherwise fetch, shadow and compare a failed rollout anew at its
+        start (and might promote it)."""
         removal = self._abandon(name, rollout)
-        if removal is not None and why is not None:
+        if removal is not None:
             self._keep_word(name, replace(rollout, phase=phase, reason=_cut(why)))
-        self._end_after(rollout, removal, end)
+        self._end_after(rollout, removal, partial(self._end, name, rollout, phase, why))
 
     def _replaced(self, a: Announcement, rollout: Rollout, removal: asyncio.Future[None] | None) -> None:
         """`rollout`, not ended, is replaced by `a`, which leaves this node out: its end is still said (its verdict,
@@ -509,9 +511,9 @@ class FleetNode:
         why = f"replaced by rollout {a.rollout}, which leaves this node out"
         if rollout.phase == protocol.LIVE_WINDOW and rollout.restoring is None:
             why += ": the promoted version stays, its live window unfinished"
-        end = rollout.ending or (partial(self._fail, a.name, rollout, protocol.ROLLED_BACK,
+        end = rollout.ending or (partial(self._end, a.name, rollout, protocol.ROLLED_BACK,
                                          f"{rollout.restoring}; then {why}") if rollout.restoring is not None
-                                 else partial(self._stop, a.name, rollout, why))
+                                 else partial(self._end, a.name, rollout, protocol.STOPPED, why))
         rollout.replaced, rollout.ending = True, None
         self._end_after(rollout, removal, end)
 
@@ -523,10 +525,6 @@ class FleetNode:
             end()
         else:
             rollout.job, rollout.ending = removal, end
-
-    def _stop(self, name: str, rollout: Rollout, why: str) -> None:
-        rollout.phase, rollout.reason = protocol.STOPPED, why
-        log.info("fleet_rollout_stopped", plugin=name, rollout=rollout.announcement.rollout, reason=why)
 
     def _abandon(self, name: str, rollout: Rollout) -> asyncio.Future[None] | None:
         """Stop fetching; remove the shadow this rollout installed (the live version never changed), in this
@@ -586,15 +584,15 @@ class FleetNode:
         write_atomically(self.folder / FOLDER / f"{a.name}.json", json.dumps(note).encode(), 0o600, flush=False)
 
     def _remove_earlier_shadow(self, a: Announcement, note: dict[str, Any] | None,
-                               failed: bool) -> asyncio.Future[None] | None:
+                               ended: bool) -> asyncio.Future[None] | None:
         """The first announcement of `a.name` this node takes: a shadow an earlier run installed (its `note`) for
-        another rollout, or for `a` when the node's kept word says `a` `failed` (stopped before the removal that
-        follows a failure's word), is removed, whether or not `a` is this node's: nothing else would ever compare
-        or remove it. Done once it is removed (`_removed`); None if there is none."""
-        if note is None or (note.get("rollout") == a.rollout and not failed) \
+        another rollout, or for `a` when the node's kept word says `a` `ended` (stopped before the removal that
+        follows the word of an end before a promotion), is removed, whether or not `a` is this node's: nothing
+        else would ever compare or remove it. Done once it is removed (`_removed`); None if there is none."""
+        if note is None or (note.get("rollout") == a.rollout and not ended) \
                 or not isinstance(note.get("sha256"), str) or not isinstance(note.get("directory"), str):
             return None
-        why = "its rollout failed" if note.get("rollout") == a.rollout else f"replaced by rollout {a.rollout}"
+        why = "its rollout ended" if note.get("rollout") == a.rollout else f"replaced by rollout {a.rollout}"
 
         def remove() -> None:
             if self._remove_shadow(a.name, Path(note["directory"]), note["sha256"]):
@@ -614,12 +612,14 @@ class FleetNode:
         then an absolute path at a restart) is no folder moved."""
         return _resolved(self.status.plugins.directory)
 
-    def _fail(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
+    def _end(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
+        """Every end of a rollout but `live`, whatever its cause and path: its phase and one reason, kept (a restart
+        answers with the same), said in one log line; its verdict and the update entity say the same at the turn."""
         rollout.phase, rollout.reason = phase, _cut(why)
         self._keep_word(name, rollout)
         a = rollout.announcement
-        log.error("fleet_rollout_failed" if phase == protocol.ROLLED_BACK else "fleet_rollout_refused",
-                  plugin=name, version=a.version, rollout=a.rollout, reason=rollout.reason)
+        event, level = _ENDS[phase]
+        getattr(log, level)(event, plugin=name, version=a.version, rollout=a.rollout, reason=rollout.reason)
 
     def _verdict(self, rollout: Rollout) -> Verdict:
         live = self.status.plugins.status.get(rollout.announcement.name)
