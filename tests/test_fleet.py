@@ -298,3 +298,39 @@ def test_fleet_simulate_runs_its_nodes_until_interrupted(site, tmp_path) -> None
         if process.poll() is None:
             process.kill()
     assert process.stdout is not None and process.stdout.read().startswith("2 nodes running (node-00, node-01")
+
+
+@pytest.mark.parametrize("window", ["shadow", "live_window"])
+def test_a_node_restarted_after_its_rollout_was_replaced_says_that_rollouts_end_not_its_last_phase(
+        site, window) -> None:
+    """The node stops in a rollout's shadow (or live) window; meanwhile the owner replaces that rollout with one
+    that leaves the node out. Started again, the node has nothing of the new rollout to do, but its verdict on the
+    broker, retained, still says the old rollout's window: the tool and Home Assistant would read it in progress
+    for good. The node says what applies: that rollout's end, `stopped` (replaced), as a running node says it."""
+    nodes = site["fleet"](1)
+    nodes.start_all()
+    all_online(nodes, site["port"])
+    windows = {"shadow_ticks": 1_000_000} if window == "shadow" else {"shadow_ticks": 3, "live_ticks": 1_000_000}
+    a, module = announce(site["good"], plan(nodes, site["port"], **windows))
+    publish(site["port"], a, module)
+    seen = watcher(site["port"])
+    try:
+        running = site["good"] if window == "live_window" else site["live"]  # once promoted
+        assert seen.wait(lambda: (v := seen.verdicts.get(("node-00", "probe"))) is not None
+                         and (v.rollout, v.phase, v.sha256) == (a.rollout, window, sha256(running)), WAIT_S)
+        assert nodes.stop("node-00") == 0
+        elsewhere = Announcement(**{**a.__dict__, "rollout": "1796633878-00000000", "stages": (("another-node",),)})
+        publish(site["port"], elsewhere, module)
+        nodes.start("node-00")
+        assert seen.wait(lambda: (v := seen.verdicts.get(("node-00", "probe"))) is not None
+                         and (v.rollout, v.phase) != (a.rollout, window), WAIT_S), seen.verdicts
+        verdict = seen.verdicts[("node-00", "probe")]
+    finally:
+        seen.close()
+    replaced = f"replaced by rollout {elsewhere.rollout}, which leaves this node out"
+    stays = ": the promoted version stays, its live window unfinished" if window == "live_window" else ""
+    assert (verdict.rollout, verdict.phase, verdict.reason) == (a.rollout, "stopped", replaced + stays), verdict
+    folder = site["tmp"] / "nodes" / "node-00" / "plugins"
+    assert verdict.sha256 == sha256(running) == sha256(folder / "probe.wasm")
+    assert not (folder / "shadow" / "probe.wasm").exists()
+    assert [e["reason"] for e in logged(nodes, "node-00", "fleet_rollout_stopped")] == [replaced + stays]

@@ -181,9 +181,10 @@ class FleetNode:
                 del self.rollouts[name]
 
     def shown(self, name: str) -> dict[str, Any] | None:
-        """For Home Assistant's update entity: the announced version, and how far this node is with it."""
+        """For Home Assistant's update entity: the announced version, and how far this node is with it. A rollout
+        replaced by one that leaves this node out is no longer announced (it is dropped once its end is said)."""
         rollout = self.rollouts.get(name)
-        if rollout is None or rollout.phase == protocol.WAITING:
+        if rollout is None or rollout.phase == protocol.WAITING or rollout.replaced:
             return None
         a = rollout.announcement
         return {"version": a.version, "sha256": a.sha256, "phase": rollout.phase,
@@ -204,8 +205,10 @@ class FleetNode:
         if stage is None and current is not None and not current.ended:
             self._replaced(a, current, removal)
             return
-        if stage is None:
+        if stage is None and (current is not None or not self._replaced_while_away(a, note, removal)):
             self.rollouts.pop(a.name, None)
+            return
+        if stage is None:
             return
         rollout = self.rollouts[a.name] = Rollout(a, self._followed(), job=removal)
         if kept is not None:
@@ -516,6 +519,37 @@ class FleetNode:
                                  else partial(self._end, a.name, rollout, protocol.STOPPED, why))
         rollout.replaced, rollout.ending = True, None
         self._end_after(rollout, removal, end)
+
+    def _replaced_while_away(self, a: Announcement, note: dict[str, Any] | None,
+                             removal: asyncio.Future[None] | None) -> bool:
+        """`a`, which leaves this node out, taken with no rollout of `a.name` under way in this run: the rollout the
+        node was in when it stopped (its word kept in the live window, or the `note` of its shadow), replaced by `a`
+        meanwhile, ends as `_replaced` ends it in a running node: its verdict, retained on the broker, still says
+        the window it was in. One whose end was kept but not said (stopped before its shadow's `removal`) says
+        that end. Whether there was one."""
+        word = self._kept_word(a.name)
+        if word is not None and word["phase"] == protocol.LIVE_WINDOW and word.get("rollout") != a.rollout:
+            earlier = word.get("rollout")
+        elif note is not None and note.get("rollout") != a.rollout:
+            earlier = note.get("rollout")
+        else:
+            return False
+        if not protocol.valid_id(earlier):
+            return False
+        rollout = self.rollouts[a.name] = Rollout(replace(a, rollout=earlier), self._followed(), protocol.SHADOW,
+                                                  replaced=True)
+        word = word if word is not None and word.get("rollout") == earlier else None
+        if word is not None and word["phase"] in _ENDS:
+            self._end_after(rollout, removal, partial(self._end, a.name, rollout, word["phase"],
+                                                      _cut(word.get("reason")) or ""))
+            return True
+        if word is not None and isinstance(word.get("restoring"), str):
+            self._resume(a.name, rollout, word)  # stopped while rolling back: the rollback goes on
+        elif word is not None:
+            rollout.phase = protocol.LIVE_WINDOW
+        if not rollout.ended:
+            self._replaced(a, rollout, removal)
+        return True
 
     @staticmethod
     def _end_after(rollout: Rollout, removal: asyncio.Future[None] | None, end: Callable[[], None]) -> None:

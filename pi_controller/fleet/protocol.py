@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from pi_controller.names import valid_plugin_name
 from pi_controller.plugins.manifest import MAX_MANIFEST_BYTES
@@ -38,6 +38,11 @@ PROGRESS = {WAITING: 0, FETCHING: 10, SHADOW: 30, LIVE_WINDOW: 70, LIVE: 100}  #
 
 class Malformed(ValueError):
     """A payload that is not what a fleet tool or node publishes: said in one line."""
+
+
+def valid_id(text: object) -> TypeGuard[str]:
+    """Whether `text` is a rollout id (or a node id) as an announcement may give it."""
+    return isinstance(text, str) and _ID.fullmatch(text) is not None
 
 
 def rollout_topic(base: str, plugin: str) -> str:
@@ -95,7 +100,7 @@ class Announcement:
 
     def _check(self, max_module_bytes: int) -> None:
         texts = (self.rollout, self.name, self.version, self.sha256, self.signature, self.state)
-        if not all(isinstance(t, str) for t in texts) or not _ID.fullmatch(self.rollout):
+        if not all(isinstance(t, str) for t in texts) or not valid_id(self.rollout):
             raise Malformed("an announcement's rollout, name, version, sha256, signature and state are text")
         if not valid_plugin_name(self.name) or not _SHA256.fullmatch(self.sha256) or len(self.version) > 64:
             raise Malformed("an announcement names a plugin, its version (64 characters at most) and a sha256")
