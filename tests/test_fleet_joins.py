@@ -30,6 +30,7 @@ from pi_controller.fleet.protocol import Announcement, Verdict
 from pi_controller.fleet.tool import Plan, announce
 from pi_controller.mqtt.inbox import Inbound
 from pi_controller.operator import EnablePlugin, PromotePlugin, SetPluginConfig
+from pi_controller.plugins import install
 from tests.conftest import TEST_PLUGINS, example_data, sha256_of, unsimulated
 from tests.daemon_rig import Rig
 from tests.test_fleet import version
@@ -955,3 +956,54 @@ def test_a_rollout_stopped_in_its_shadow_window_says_why_in_its_verdict_its_log_
     assert shown in (None, {"version": a.version, "sha256": a.sha256, "phase": protocol.STOPPED,
                             "in_progress": False, "percent": 0})
     assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)
+
+
+def disk_full(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files written into the plugins folder itself (a rollback's) fail as on a full disk; a shadow's and the
+    state folder's still go in. Our own install's write (`install._stage`), not paho's or Extism's."""
+    stage = install._stage
+
+    def full(wasm: Path, *args: Any) -> list[Path]:
+        if wasm.parent.parent.resolve() == site.folder.resolve():  # staged inside the folder, then renamed in
+            raise install.InstallError(f"cannot write into {site.folder}: No space left on device")
+        return stage(wasm, *args)
+
+    monkeypatch.setattr(install, "_stage", full)
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["alone", "replaced-meanwhile"])
+def test_a_rollback_whose_files_cannot_be_written_says_it_failed_and_which_version_runs_and_is_tried_again(
+        site, monkeypatch, replaced) -> None:
+    """The promoted version fails its live window; the node puts the version it replaced back, but the disk is full:
+    nothing is written. Alone, or with the rollout replaced meanwhile by one that leaves this node out, the node
+    must not say `rolled_back`: it says `rollback_failed`, which version runs (the promoted one, whole in the
+    folder: a known version), in one line; and its next start, the disk freed, puts the kept version back."""
+    site.start()
+    node = site.node
+    assert node is not None
+    wasm = trapping(site)  # traps on its 7th call: after its promotion
+    a = site.announce(wasm, shadow_ticks=3, live_ticks=1_000_000)
+    disk_full(site, monkeypatch)
+    site.settle(lambda: (r := node.rollouts.get(NAME)) is not None and r.restoring is not None, "rolling back")
+    elsewhere = replace(a, rollout="1796633878-00000000", stages=(("another-node",),))
+    with capture_logs() as logs:
+        if replaced:
+            site.hand_over(elsewhere, b"")
+        verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollout ends")
+        site.ticks(2)
+    assert (verdict.rollout, verdict.phase) == (a.rollout, protocol.ROLLBACK_FAILED), verdict
+    assert "No space left on device" in (verdict.reason or "") and "3.0.0" in (verdict.reason or ""), verdict
+    assert verdict.sha256 == sha256_of(wasm) == site.live_status().sha256
+    for suffix in (".wasm", ".yaml", ".sig"):  # one whole version, the one said to run
+        assert (site.folder / f"{NAME}{suffix}").read_bytes() == wasm.with_suffix(suffix).read_bytes()
+    ends = [e for e in logs if e["event"] in ("fleet_rollout_failed", "fleet_rollback_failed", "fleet_rollout_stopped",
+                                              "fleet_rollout_refused")]
+    assert [(e["event"], e["reason"]) for e in ends] == [("fleet_rollback_failed", verdict.reason)], ends
+    monkeypatch.undo()  # the disk freed; the node restarted, on the retained announcement
+    site.rig.stop()
+    site.start()
+    site.said.clear()
+    site.hand_over(elsewhere if replaced else a, wasm.read_bytes())
+    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollback's end")
+    assert (verdict.rollout, verdict.phase) == (a.rollout, protocol.ROLLED_BACK), verdict
+    assert verdict.sha256 == sha256_of(site.live) == site.live_status().sha256

@@ -12,7 +12,8 @@ For each plugin announced with this node in a stage already let in, the node, by
 3. keeps the live version's files, promotes the shadow (the `update` entity's install), and watches the new
    version's first `live_ticks` calls: an error, a quarantine, a failsafe (any, on this node, but while the
    operator has the plugin switched off) or a refused load puts the kept files back (the watcher swaps them in,
-   as for any file dropped in), by itself;
+   as for any file dropped in), by itself; kept files that cannot be written back leave the promoted version
+   running, whole, and the node says so (`rollback_failed`), its next start trying again;
 4. says where it is at each step on `<base>/<node_id>/fleet/<plugin>` (retained), each end (but `live`) with one
    reason and one log line, however it came (`_end`), and keeps its word on each rollout in its state folder from
    the promotion or its end on, so that a restart never runs a rollout it refused or
@@ -66,7 +67,8 @@ MAX_INBOUND = 4096  # messages waiting for the next tick; past it, chunks are dr
 MAX_REASON = 500  # characters of a reason, said or kept
 STOPPED_WHY = "the rollout was stopped before this node promoted it (its announcement says stopped)"
 _ENDS = {protocol.REFUSED: ("fleet_rollout_refused", "error"),  # each end's log line and level (`_end`)
-         protocol.ROLLED_BACK: ("fleet_rollout_failed", "error"), protocol.STOPPED: ("fleet_rollout_stopped", "info")}
+         protocol.ROLLED_BACK: ("fleet_rollout_failed", "error"), protocol.STOPPED: ("fleet_rollout_stopped", "info"),
+         protocol.ROLLBACK_FAILED: ("fleet_rollback_failed", "error")}
 # A node's word on a rollout, kept in its state folder (`_keep_word`): its ids, two reasons of MAX_REASON
 # characters, each of which JSON may write in up to twelve bytes (a surrogate pair, \ud83d\ude00), and its
 # plugins folder, a path of up to 4096 bytes that JSON may write in up to six each (\u001f).
@@ -120,6 +122,7 @@ class FleetNode:
         self.rollouts: dict[str, Rollout] = {}
         self._inbound: queue.Queue[tuple[str, Any]] = queue.Queue(MAX_INBOUND)
         self._said: dict[str, bytes] = {}  # plugin -> the verdict last published
+        self._taken: set[str] = set()  # plugins of which this run took an announcement
         self._lost_chunks = False
         self.fetch: Callable[[str], None] = lambda topic: None  # subscribe, unsubscribe: telemetry's (`wire`)
         self.unfetch: Callable[[str], None] = lambda topic: None
@@ -201,14 +204,14 @@ class FleetNode:
         # The shadow of the rollout it replaces is removed first: the new one may install the very same module
         removal = self._abandon(a.name, current) if current is not None else self._remove_earlier_shadow(
             a, note, kept is not None and kept["phase"] in _ENDS)
-        stage = a.stage_of(self.node)
+        stage, first = a.stage_of(self.node), a.name not in self._taken
+        self._taken.add(a.name)
         if stage is None and current is not None and not current.ended:
             self._replaced(a, current, removal)
             return
-        if stage is None and (current is not None or not self._replaced_while_away(a, note, removal)):
-            self.rollouts.pop(a.name, None)
-            return
         if stage is None:
+            if not (first and self._replaced_while_away(a, note, removal)):
+                self.rollouts.pop(a.name, None)
             return
         rollout = self.rollouts[a.name] = Rollout(a, self._followed(), job=removal)
         if kept is not None:
@@ -227,8 +230,9 @@ class FleetNode:
         yet judged healthy watches its live window again from its first call, or, stopped before the promoted
         version ran or while rolling back, puts the kept version back."""
         rollout.phase, rollout.reason = kept["phase"], _cut(kept.get("reason"))  # the file may hold anything
-        if rollout.phase != protocol.LIVE_WINDOW:
+        if rollout.phase not in (protocol.LIVE_WINDOW, protocol.ROLLBACK_FAILED):
             return
+        rollout.phase = protocol.LIVE_WINDOW  # a rollback that failed is tried again (its kept word's `restoring`)
         previous, why, directory = kept.get("previous"), _cut(kept.get("restoring")), kept.get("directory")
         rollout.previous = previous if isinstance(previous, str) else None
         rollout.directory = Path(directory).resolve() if isinstance(directory, str) else rollout.directory
@@ -251,12 +255,10 @@ class FleetNode:
             if not rollout.job.done():
                 return
             job, rollout.job = rollout.job, None
-            if job.exception() is not None and rollout.restoring is not None:  # a rollback's files could not be written
-                log.error("fleet_rollback_failed", plugin=name, rollout=a.rollout, error=str(job.exception())[:300],
-                          note="the plugin set runs on whichever whole version it last loaded")
-                self._end(name, rollout, protocol.ROLLED_BACK, f"the kept version could not be restored: "
-                                                                f"{job.exception()}")
-            elif job.exception() is not None:
+            if (error := job.exception()) is not None and rollout.restoring is not None:  # its files were not written
+                self._rollback_failed(name, rollout, error)
+                return
+            if job.exception() is not None:
                 self._end(name, rollout, protocol.REFUSED, str(job.exception()))
                 return
             if rollout.ending is not None:
@@ -444,8 +446,9 @@ class FleetNode:
                 manifest.read_bytes() if manifest.exists() else None,
                 signature.read_bytes() if signature.exists() else None)
 
-        self._keep_word(name, rollout, restoring=why)  # a restart finishes the rollback
-        rollout.job, rollout.restoring, rollout.waited = self._in_worker(restore), why, 0
+        rollout.restoring = why
+        self._keep_word(name, rollout)  # a restart finishes the rollback
+        rollout.job, rollout.waited = self._in_worker(restore), 0
         log.warning("fleet_rolling_back", plugin=name, rollout=rollout.announcement.rollout, reason=why[:300])
 
     # -- endings ----------------------------------------------------------------------------------
@@ -481,6 +484,21 @@ class FleetNode:
             self._end(name, rollout, phase, why)
         return True
 
+    def _rollback_failed(self, name: str, rollout: Rollout, error: BaseException) -> None:
+        """The files of the version the rollout replaced could not be written back (the plugins folder not writable,
+        the disk full): nothing was renamed into the folder (`put` stages them first), and the plugin set runs the
+        last whole version it loaded. The node says which: `rollback_failed` while the promoted version runs (its
+        word kept with the rollback's reason, so that the node's next start tries again), `rolled_back` if the
+        version it replaced runs all the same."""
+        live = self.status.plugins.status.get(name)
+        runs = f"version {live.version or '(none given)'} ({(live.sha256 or '?')[:16]}..)" if live else "no version"
+        failed = f"the version it replaced could not be put back ({str(error)[:300]})"
+        if live is not None and live.sha256 == rollout.previous:
+            self._end(name, rollout, protocol.ROLLED_BACK, f"{rollout.restoring}; {failed}, but it runs: {runs}")
+        else:
+            self._end(name, rollout, protocol.ROLLBACK_FAILED, f"{rollout.restoring}; {failed}: {runs} runs still; "
+                                                               "the node's next start tries again")
+
     def _put_back(self, name: str, rollout: Rollout, why: str, where: str) -> bool:
         """The promoted version has not finished its live window, and will not be called in it: the version it
         replaced is put back into the rollout's folder (`where` says what that means), and the node says rolled
@@ -510,25 +528,27 @@ class FleetNode:
         """`rollout`, not ended, is replaced by `a`, which leaves this node out: its end is still said (its verdict,
         retained, would otherwise say it in progress for good), once the `removal` of its shadow is done, as any end
         before a promotion (`_end_in_shadow`); then it is dropped. One already ending ends as it was to; one stopped
-        in its live window leaves the promoted version in place, or the version a rollback puts back."""
+        in its live window leaves the promoted version in place; one rolling back ends once its rollback does."""
+        rollout.replaced = True
+        if rollout.restoring is not None:  # its rollback goes on, and ends as any rollback: the version it replaced
+            return  # runs again, or its files could not be written (`_rollback_failed`)
         why = f"replaced by rollout {a.rollout}, which leaves this node out"
-        if rollout.phase == protocol.LIVE_WINDOW and rollout.restoring is None:
+        if rollout.phase == protocol.LIVE_WINDOW:
             why += ": the promoted version stays, its live window unfinished"
-        end = rollout.ending or (partial(self._end, a.name, rollout, protocol.ROLLED_BACK,
-                                         f"{rollout.restoring}; then {why}") if rollout.restoring is not None
-                                 else partial(self._end, a.name, rollout, protocol.STOPPED, why))
-        rollout.replaced, rollout.ending = True, None
+        end = rollout.ending or partial(self._end, a.name, rollout, protocol.STOPPED, why)
+        rollout.ending = None
         self._end_after(rollout, removal, end)
 
     def _replaced_while_away(self, a: Announcement, note: dict[str, Any] | None,
                              removal: asyncio.Future[None] | None) -> bool:
-        """`a`, which leaves this node out, taken with no rollout of `a.name` under way in this run: the rollout the
+        """`a`, which leaves this node out, the first announcement of `a.name` this run takes: the rollout the
         node was in when it stopped (its word kept in the live window, or the `note` of its shadow), replaced by `a`
         meanwhile, ends as `_replaced` ends it in a running node: its verdict, retained on the broker, still says
         the window it was in. One whose end was kept but not said (stopped before its shadow's `removal`) says
         that end. Whether there was one."""
         word = self._kept_word(a.name)
-        if word is not None and word["phase"] == protocol.LIVE_WINDOW and word.get("rollout") != a.rollout:
+        resumed = (protocol.LIVE_WINDOW, protocol.ROLLBACK_FAILED)  # a promoted version watched, or rolled back
+        if word is not None and word["phase"] in resumed and word.get("rollout") != a.rollout:
             earlier = word.get("rollout")
         elif note is not None and note.get("rollout") != a.rollout:
             earlier = note.get("rollout")
@@ -539,12 +559,12 @@ class FleetNode:
         rollout = self.rollouts[a.name] = Rollout(replace(a, rollout=earlier), self._followed(), protocol.SHADOW,
                                                   replaced=True)
         word = word if word is not None and word.get("rollout") == earlier else None
-        if word is not None and word["phase"] in _ENDS:
+        if word is not None and word["phase"] in resumed and isinstance(word.get("restoring"), str):
+            self._resume(a.name, rollout, word)  # stopped while rolling back, or its rollback failed: it goes on
+        elif word is not None and word["phase"] in _ENDS:
             self._end_after(rollout, removal, partial(self._end, a.name, rollout, word["phase"],
                                                       _cut(word.get("reason")) or ""))
             return True
-        if word is not None and isinstance(word.get("restoring"), str):
-            self._resume(a.name, rollout, word)  # stopped while rolling back: the rollback goes on
         elif word is not None:
             rollout.phase = protocol.LIVE_WINDOW
         if not rollout.ended:
@@ -677,9 +697,9 @@ class FleetNode:
             return None
         return data if isinstance(data, dict) else None
 
-    def _keep_word(self, name: str, rollout: Rollout, restoring: str | None = None) -> None:
+    def _keep_word(self, name: str, rollout: Rollout) -> None:
         word = {"rollout": rollout.announcement.rollout, "phase": rollout.phase, "reason": rollout.reason,
-                "previous": rollout.previous, "restoring": _cut(restoring) or None,
+                "previous": rollout.previous, "restoring": _cut(rollout.restoring) or None,
                 "directory": str(rollout.directory)}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)

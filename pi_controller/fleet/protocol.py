@@ -29,10 +29,11 @@ MAX_NODES = 1000
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a node id (mqtt.node_id) or a rollout id
 
-# A node's phases, in order; the last three end its part in a rollout.
-WAITING, FETCHING, SHADOW, LIVE_WINDOW, LIVE, REFUSED, ROLLED_BACK, STOPPED = (
-    "waiting", "fetching", "shadow", "live_window", "live", "refused", "rolled_back", "stopped")
-FAILED = (REFUSED, ROLLED_BACK)
+# A node's phases, in order; live and the last four end its part in a rollout. rollback_failed: the version a
+# rollback puts back could not be written, and the promoted one runs still (the verdict's version and sha256).
+WAITING, FETCHING, SHADOW, LIVE_WINDOW, LIVE, REFUSED, ROLLED_BACK, ROLLBACK_FAILED, STOPPED = (
+    "waiting", "fetching", "shadow", "live_window", "live", "refused", "rolled_back", "rollback_failed", "stopped")
+FAILED = (REFUSED, ROLLED_BACK, ROLLBACK_FAILED)
 PROGRESS = {WAITING: 0, FETCHING: 10, SHADOW: 30, LIVE_WINDOW: 70, LIVE: 100}  # the update entity's percentage
 
 
