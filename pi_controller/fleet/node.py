@@ -184,10 +184,9 @@ class FleetNode:
                 del self.rollouts[name]
 
     def shown(self, name: str) -> dict[str, Any] | None:
-        """For Home Assistant's update entity: the announced version, and how far this node is with it. A rollout
-        replaced by one that leaves this node out is no longer announced (it is dropped once its end is said)."""
+        """For Home Assistant's update entity: the announced version, and how far this node is with it."""
         rollout = self.rollouts.get(name)
-        if rollout is None or rollout.phase == protocol.WAITING or rollout.replaced:
+        if rollout is None or rollout.phase == protocol.WAITING:
             return None
         a = rollout.announcement
         return {"version": a.version, "sha256": a.sha256, "phase": rollout.phase,
@@ -556,8 +555,10 @@ class FleetNode:
             return False
         if not protocol.valid_id(earlier):
             return False
-        rollout = self.rollouts[a.name] = Rollout(replace(a, rollout=earlier), self._followed(), protocol.SHADOW,
-                                                  replaced=True)
+        # Known by its id (and its module's sha256, noted with its shadow) alone: dropped once its end is said
+        sha256 = note["sha256"] if note is not None and note.get("rollout") == earlier else a.sha256
+        rollout = self.rollouts[a.name] = Rollout(replace(a, rollout=earlier, sha256=str(sha256)), self._followed(),
+                                                  protocol.SHADOW, replaced=True)
         word = word if word is not None and word.get("rollout") == earlier else None
         if word is not None and word["phase"] in resumed and isinstance(word.get("restoring"), str):
             self._resume(a.name, rollout, word)  # stopped while rolling back, or its rollback failed: it goes on
