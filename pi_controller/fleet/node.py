@@ -282,11 +282,11 @@ class FleetNode:
         live = self.status.plugins.status.get(name)
         if live is None or live.state != "loaded":
             self._end(name, rollout, protocol.REFUSED, f"plugin '{name}' does not run here: a rollout replaces a "
-                                                        "running version (install the first one with plugin install)")
+                                                       "running version (install the first one with plugin install)")
             return
         if not self.status.settings.plugins.watch:
             self._end(name, rollout, protocol.REFUSED, "plugins.watch is off: a shadow or a promoted version "
-                                                        "would not be loaded until a restart")
+                                                       "would not be loaded until a restart")
             return
         a = rollout.announcement
         rollout.phase, rollout.previous = protocol.FETCHING, live.sha256
@@ -400,7 +400,7 @@ class FleetNode:
                 self._end(name, rollout, protocol.ROLLED_BACK, rollout.restoring)
             elif live.refused_sha256 == rollout.previous or rollout.waited > MIN_SWAP_TICKS:  # put back whole
                 self._end(name, rollout, protocol.ROLLED_BACK, f"{rollout.restoring}; the kept version did not load "
-                                                                f"either: {live.reason or live.state}")
+                                                               f"either: {live.reason or live.state}")
             return
         if rollout.baseline is None:
             rollout.waited += 1
@@ -485,10 +485,10 @@ class FleetNode:
 
     def _rollback_failed(self, name: str, rollout: Rollout, error: BaseException) -> None:
         """The files of the version the rollout replaced could not be written back (the plugins folder not writable,
-        the disk full): nothing was renamed into the folder (`put` stages them first), and the plugin set runs the
-        last whole version it loaded. The node says which: `rollback_failed` while the promoted version runs (its
-        word kept with the rollback's reason, so that the node's next start tries again), `rolled_back` if the
-        version it replaced runs all the same."""
+        the disk full: `put` stages them all before it renames one, so the promoted version stays whole in the
+        folder), and the plugin set runs the last whole version it loaded. The node says which: `rollback_failed`
+        while the promoted version runs (its word kept with the rollback's reason, so that the node's next start
+        tries again), `rolled_back` if the version it replaced runs all the same."""
         live = self.status.plugins.status.get(name)
         runs = f"version {live.version or '(none given)'} ({(live.sha256 or '?')[:16]}..)" if live else "no version"
         failed = f"the version it replaced could not be put back ({str(error)[:300]})"
@@ -505,7 +505,7 @@ class FleetNode:
         done = f"{why}: the version it replaced is put back{where}"
         if rollout.restoring is not None:  # the rollback's files are back: `_advance` waited for its job
             self._end(name, rollout, protocol.ROLLED_BACK,
-                       rollout.restoring if rollout.restoring == done else f"{rollout.restoring}; then {why}")
+                      rollout.restoring if rollout.restoring == done else f"{rollout.restoring}; then {why}")
         elif (self.folder / "previous" / name / f"{name}.wasm").is_file():
             self._roll_back(name, rollout, done)
         else:  # stopped before the live version's files were kept: it was never replaced
