@@ -8,6 +8,7 @@ says what it waits for, within a bound of ticks that only says how long a broken
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -958,32 +959,44 @@ def test_a_rollout_stopped_in_its_shadow_window_says_why_in_its_verdict_its_log_
     assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)
 
 
-def disk_full(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Files written into the plugins folder itself (a rollback's) fail as on a full disk; a shadow's and the
-    state folder's still go in. Our own install's write (`install._stage`), not paho's or Extism's."""
-    stage = install._stage
+def disk_full(site: Site, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Files put into the plugins folder itself (a rollback's) fail as on a full disk (`where`: as they are staged,
+    or as the module is renamed in, after its manifest and signature: an I/O error); a shadow's and the state
+    folder's still go in. Our own install's write and rename, not paho's or Extism's."""
+    stage, rename = install._stage, os.replace
 
     def full(wasm: Path, *args: Any) -> list[Path]:
         if wasm.parent.parent.resolve() == site.folder.resolve():  # staged inside the folder, then renamed in
             raise install.InstallError(f"cannot write into {site.folder}: No space left on device")
         return stage(wasm, *args)
 
-    monkeypatch.setattr(install, "_stage", full)
+    def failing(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(target).resolve() == (site.folder / f"{NAME}.wasm").resolve():
+            raise OSError(errno.EIO, "Input/output error (no space left on device)")
+        rename(source, target, *args, **kwargs)
+
+    if where == "staging":
+        monkeypatch.setattr(install, "_stage", full)
+    else:
+        monkeypatch.setattr(install.os, "replace", failing)
 
 
+@pytest.mark.parametrize("where", ["staging", "renaming"])
 @pytest.mark.parametrize("replaced", [False, True], ids=["alone", "replaced-meanwhile"])
 def test_a_rollback_whose_files_cannot_be_written_says_it_failed_and_which_version_runs_and_is_tried_again(
-        site, monkeypatch, replaced) -> None:
+        site, monkeypatch, replaced, where) -> None:
     """The promoted version fails its live window; the node puts the version it replaced back, but the disk is full:
-    nothing is written. Alone, or with the rollout replaced meanwhile by one that leaves this node out, the node
-    must not say `rolled_back`: it says `rollback_failed`, which version runs (the promoted one, whole in the
-    folder: a known version), in one line; and its next start, the disk freed, puts the kept version back."""
+    its files cannot be written, or the module's rename fails after its manifest's and signature's. Alone, or with
+    the rollout replaced meanwhile by one that leaves this node out, the node must not say `rolled_back`: it says
+    `rollback_failed`, which version runs (the promoted one, whole in the folder: a known version, that a restart
+    loads), in one line; and its next start, the disk freed, puts the kept version back."""
     site.start()
     node = site.node
     assert node is not None
     wasm = trapping(site)  # traps on its 7th call: after its promotion
     a = site.announce(wasm, shadow_ticks=3, live_ticks=1_000_000)
-    disk_full(site, monkeypatch)
+    site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.sha256 == sha256_of(wasm), "promoted")
+    disk_full(site, monkeypatch, where)
     site.settle(lambda: (r := node.rollouts.get(NAME)) is not None and r.restoring is not None, "rolling back")
     elsewhere = replace(a, rollout="1796633878-00000000", stages=(("another-node",),))
     with capture_logs() as logs:
@@ -992,7 +1005,7 @@ def test_a_rollback_whose_files_cannot_be_written_says_it_failed_and_which_versi
         verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE, protocol.STOPPED), "the rollout ends")
         site.ticks(2)
     assert (verdict.rollout, verdict.phase) == (a.rollout, protocol.ROLLBACK_FAILED), verdict
-    assert "No space left on device" in (verdict.reason or "") and "3.0.0" in (verdict.reason or ""), verdict
+    assert "no space left on device" in (verdict.reason or "").lower() and "3.0.0" in (verdict.reason or ""), verdict
     assert verdict.sha256 == sha256_of(wasm) == site.live_status().sha256
     for suffix in (".wasm", ".yaml", ".sig"):  # one whole version, the one said to run
         assert (site.folder / f"{NAME}{suffix}").read_bytes() == wasm.with_suffix(suffix).read_bytes()

@@ -485,8 +485,9 @@ class FleetNode:
 
     def _rollback_failed(self, name: str, rollout: Rollout, error: BaseException) -> None:
         """The files of the version the rollout replaced could not be written back (the plugins folder not writable,
-        the disk full: `put` stages them all before it renames one, so the promoted version stays whole in the
-        folder), and the plugin set runs the last whole version it loaded. The node says which: `rollback_failed`
+        the disk full: `put` stages them all before it renames one, and puts back what its renames replaced if
+        one fails, so the promoted version stays whole in the folder), and the plugin set runs the last whole
+        version it loaded. The node says which: `rollback_failed`
         while the promoted version runs (its word kept with the rollback's reason, so that the node's next start
         tries again), `rolled_back` if the version it replaced runs all the same."""
         live = self.status.plugins.status.get(name)

@@ -153,20 +153,53 @@ def _stage(wasm: Path, module: bytes, described: bytes | None, signature: bytes 
 
 def _move_in(staged: list[Path], folder: Path) -> list[Path]:
     """Rename the staged files into `folder` (atomic, within one filesystem). A manifest or signature left
-    from an earlier version that the new one lacks is removed first: it would describe another module."""
-    names = {path.name for path in staged}
+    from an earlier version that the new one lacks is removed first: it would describe another module. Whole
+    or not at all: a rename that fails (an I/O error) puts back what the renames before it replaced (`_undo`),
+    never leaving one version's manifest or signature beside another's module."""
+    names, staging = {path.name for path in staged}, staged[-1].parent
+    before: list[tuple[Path, Path | None]] = []  # each file of `folder` changed, and its former self (`_aside`)
     try:
         for suffix in (".yaml", SUFFIX):
             stale = folder / staged[-1].with_suffix(suffix).name
             if stale.name not in names and os.path.lexists(stale):
+                before.append((stale, _aside(stale, staging)))
                 stale.unlink()
         for path in staged:
-            os.replace(path, folder / path.name)
+            target = folder / path.name
+            before.append((target, _aside(target, staging)))
+            os.replace(path, target)
         directory = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(directory)  # the renames themselves on disk
         finally:
             os.close(directory)
     except OSError as exc:
+        _undo(before)
         raise InstallError(f"cannot move the plugin into {folder}: {exc.strerror or exc}") from None
     return [folder / path.name for path in staged]
+
+
+def _aside(path: Path, staging: Path) -> Path | None:
+    """`path` linked into the staging folder (a second name: no byte written), for `_undo`; `path` itself if
+    there is none (a new file); None if it cannot be linked (a file system without hard links: not put back)."""
+    if not os.path.lexists(path):
+        return path
+    kept = staging / f"replaced-{path.name}"
+    try:
+        os.link(path, kept, follow_symlinks=False)
+    except OSError:
+        return None
+    return kept
+
+
+def _undo(before: list[tuple[Path, Path | None]]) -> None:
+    """Each file `_move_in` changed put back as it was, the last first: its former self renamed back from the
+    staging folder, or removed if it was new. Best effort: what cannot be put back stays as it is."""
+    for path, kept in reversed(before):
+        try:
+            if kept == path:
+                path.unlink(missing_ok=True)
+            elif kept is not None:
+                os.replace(kept, path)
+        except OSError:
+            pass
