@@ -177,8 +177,9 @@ class Safety:
             if actuator.target != guard.seen:
                 guard.observe(now)
             command = asked.get(key)
-            if command is not None:
-                guard.follow(command, now)
+            if command is not None:  # `Guard.follow`, written out: it runs for every command of every tick
+                guard.wanted, guard.plugin, guard.commanded_at, guard.failsafe = (command.target, command.plugin,
+                                                                                 now, None)
             elif guard.held:  # a request held back lapses when its plugin stops asking for it
                 guard.drop_request()
             owner = guard.plugin
