@@ -156,6 +156,8 @@ class NativeStderr:
     def __exit__(self, *_: object) -> None:
         with self._lock:
             self._calls -= 1
+            if not (self._ready.poll(0) or self._held or self._partial):
+                return  # nothing written, as after nearly every batch: `_taken`'s answer, without its call
             left = self._taken()
         for line in left:  # written by a call that could not have (or by code beside it): the process's
             self._log.warning("native_stderr", text=line)
@@ -221,10 +223,13 @@ def _native_text(line: bytes) -> str:
 native_stderr: NativeStderr | None = None  # once `capture_native_stderr` has run
 
 
+UNHELD = contextlib.nullcontext()  # fd 2 where it was not captured: a bracket that does nothing, reusable
+
+
 def held_native_stderr() -> contextlib.AbstractContextManager[None]:
     """A batch of plugin calls (`NativeStderr`): what native code writes to fd 2 meanwhile waits for the
-    call that takes it."""
-    return contextlib.nullcontext() if native_stderr is None else native_stderr
+    call that takes it. The tick writes `logs.native_stderr or logs.UNHELD` itself: a call less."""
+    return native_stderr or UNHELD
 
 
 def _stderr(*args: Any) -> Any:

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, T
 import msgspec
 import structlog
 
-from pi_controller import arbitration, contract
+from pi_controller import arbitration, contract, logs
 from pi_controller.clock import Clock
 from pi_controller.config import InterlockSettings
 from pi_controller.contract import Command, Reading, Rejection
 from pi_controller.devices.hardware import Hardware
 from pi_controller.devices.sensors import SensorSettings
-from pi_controller.logs import ChangeLog, held_native_stderr, kind_of
+from pi_controller.logs import ChangeLog, kind_of
 from pi_controller.observer import LoopObserver, TickReport, TickTrace, Verdicts
 from pi_controller.operator import Operator
 from pi_controller.plugins.plugin_set import PluginSet
@@ -203,7 +203,7 @@ class ControlLoop:
         self.verdicts = Verdicts()
         # The calls back to back (libextism's and the Wasm runtime's code stays in the caches from one to
         # the next), then each answer checked and counted, in the same order.
-        with held_native_stderr():  # one bracket for the calls' writes to fd 2, not one each
+        with logs.native_stderr or logs.UNHELD:  # one bracket for the calls' writes to fd 2, not one each
             asked = self._ask(self.operator.enabled(self.plugins.members), context, number)
         if self.plugins.logs_to_extism or number % DRAIN_EVERY == 0:
             drain_log()  # what libextism logged during the calls, before their verdicts
