@@ -123,15 +123,17 @@ class NativeStderr:
     that plugin's, logged by its caller through the plugin's own share of the log; the others are
     logged by the reader thread as they come, in the process's budget.
 
-    `with native_stderr:` brackets a batch of plugin calls on the calling thread (the tick's, or one call:
-    see `held_native_stderr`). The reader thread keeps the pipe drained whatever happens (a call writing
-    more than the pipe holds never blocks), holding what it reads during a batch (at most MAX_HELD lines,
-    the rest counted) for `take`, which takes what is still in the pipe too: a call in the batch that can
-    have written takes every byte it wrote as its own, and what is left at the end of the batch is logged
-    as the process's. Two batches under way at once (a plugin's health check at load time beside the tick)
-    share what was written: the first to take it has it. One bracket for the tick's calls rather than one
-    each: a bracket cost ~4 us of a paced tick per plugin, two locks and a `poll`, for calls that nearly
-    never write: libextism writes to fd 2 only for a guest's error or log line."""
+    `with native_stderr:` brackets a batch of plugin calls on the calling thread (the tick's, or one call: see
+    `held_native_stderr`). The reader thread keeps the pipe drained whatever happens (a call writing more than the
+    pipe holds never blocks), holding what it reads during a batch (at most MAX_HELD lines, the rest counted) for
+    `take`, which takes what is still in the pipe too: a call in the batch that can have written takes every byte it
+    wrote as its own (`SandboxedPlugin._invoke`), and what is held at the end of the batch is logged as the
+    process's. The end does not look at the pipe (a `poll`, ~6 us of a paced tick): what is still there was written
+    beside the calls, not by them, and the reader thread logs it as the process's, as it logs whatever comes outside
+    a batch (`take` outside one too). Two batches under way at once (a plugin's health check at load time beside the
+    tick) share what was written: the first to take it has it. One bracket for the tick's calls rather than one
+    each: a bracket cost ~4 us of a paced tick per plugin, two locks and a `poll`, for calls that nearly never
+    write: libextism writes to fd 2 only for a guest's error or log line."""
 
     MAX_HELD = 256
     MAX_LINE = 4096
@@ -156,16 +158,24 @@ class NativeStderr:
     def __exit__(self, *_: object) -> None:
         with self._lock:
             self._calls -= 1
-            if not (self._ready.poll(0) or self._held or self._partial):
-                return  # nothing written, as after nearly every batch: `_taken`'s answer, without its call
+            if not (self._held or self._partial):
+                return  # nothing held, as after nearly every batch: `_taken`'s answer, without its call
             left = self._taken()
-        for line in left:  # written by a call that could not have (or by code beside it): the process's
-            self._log.warning("native_stderr", text=line)
+        self._as_process_s(left)  # written by a call that could not have (or by code beside it)
 
     def take(self) -> list[str]:
-        """What was written since the batch began (and by batches under way alongside), line by line."""
+        """What was written since the batch began (and by batches under way alongside), line by line;
+        outside a batch, nobody's: logged as the process's, and []."""
         with self._lock:
-            return self._taken()
+            lines = self._taken()
+            if self._calls:
+                return lines
+        self._as_process_s(lines)
+        return []
+
+    def _as_process_s(self, lines: list[str]) -> None:
+        for line in lines:
+            self._log.warning("native_stderr", text=line)
 
     def _taken(self) -> list[str]:
         """Under the lock: what is held, and what is still in the pipe."""
