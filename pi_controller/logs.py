@@ -336,18 +336,19 @@ class ChangeLog:
     def __init__(self, logger: Any, quiet_ticks: int = 50):
         self._log = logger
         self._quiet = quiet_ticks
-        self._active: dict[Hashable, tuple[str, int]] = {}  # key -> (event, tick last seen)
+        # key -> (event, tick last seen); read by the tick, which calls `end_tick` only while one is active
+        self.active: dict[Hashable, tuple[str, int]] = {}
 
     def problem(self, key: Hashable, event: str, tick: int, level: str = "warning", **fields: Any) -> None:
-        if key not in self._active:
+        if key not in self.active:
             getattr(self._log, level)(event, tick=tick, **fields)
-        self._active[key] = (event, tick)
+        self.active[key] = (event, tick)
 
     def end_tick(self, tick: int) -> None:
         """Problems not seen for `quiet_ticks` ticks have cleared."""
-        for key, (event, seen) in list(self._active.items()):
+        for key, (event, seen) in list(self.active.items()):
             if tick - seen >= self._quiet:
-                del self._active[key]
+                del self.active[key]
                 self._log.info(f"{event}_cleared", key=_describe(key), tick=tick, last_seen_tick=seen)
 
 

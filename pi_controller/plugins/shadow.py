@@ -105,9 +105,8 @@ class Shadows:
                 started: float) -> None:
         """Call each shadow whose live plugin was called in `tick`, on its context, compare, and dry-run
         its commands through `safety`; `started`: the tick's start on the clock's perf_counter."""
-        shadows = self.plugins.members
-        called = tick.verdicts.answered + list(tick.verdicts.failures) if shadows else ()  # most daemons have none
-        for shadow in shadows:
+        called = tick.verdicts.answered + list(tick.verdicts.failures)  # the loop calls it only when there are shadows
+        for shadow in self.plugins.members:
             if shadow.name not in called or tick.verdicts.failures.get(shadow.name) == "quarantined":
                 continue
             stats = self.stats.get(shadow.name)
