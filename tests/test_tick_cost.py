@@ -24,7 +24,7 @@ from tests.conftest import logging_at
 OURS = str(Path(pi_controller.__file__).resolve().parent)
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "tick.py"
 # What one steady tick may call of ours: a budget for the tick's own steps, and one for each plugin.
-PER_TICK, PER_PLUGIN = 41, 12  # 77 at 3 plugins and 158 at 10 when set (issue 30; 115 and 228 before the batch reads)
+PER_TICK, PER_PLUGIN = 31, 11  # 64 at 3 plugins, 135 at 10 when set (issue 30; 77 and 158 before, 115 and 228 earlier)
 
 
 def benchmark() -> Any:
