@@ -173,8 +173,10 @@ def test_a_plugins_own_later_command_supersedes_its_earlier_one() -> None:
 def test_readings_are_encoded_as_json_dumps_would(value, timestamp) -> None:
     readings = [Reading("tëmp", value, "°C", timestamp), Reading("x", None, "lux", timestamp, "no \"echo\"")]
     expected = json.dumps([r.as_json() for r in readings], separators=(",", ":")).encode()
-    parts = contract.encode_context(readings, "{}", 0.0, 0, monotonic=0.0).parts
-    assert ("[" + ",".join(parts) + "]").encode() == expected
+    # Dated by another time than the tick's, and by the tick's own (the usual case: its repr is written once).
+    for tick_time in (0.5, timestamp):
+        parts = contract.encode_context(readings, "{}", tick_time, 0, monotonic=0.0).parts
+        assert ("[" + ",".join(parts) + "]").encode() == expected
 
 
 # --- decoding output: msgspec where it can, json's answer always --------------------------------------
