@@ -484,19 +484,31 @@ def test_a_reload_that_removes_an_actuator_which_failed_safe_before_the_rollout_
     assert verdict.phase == protocol.LIVE and verdict.counts["failsafes"] == 0, verdict
 
 
-def test_a_rollback_whose_kept_version_does_not_load_either_ends_saying_so(site) -> None:
+def test_a_rollback_whose_kept_version_does_not_load_either_says_it_failed_and_which_version_runs(site) -> None:
     """A reload in the live window no longer trusts the key both versions are signed with: the promoted version
-    is refused, the node puts the kept one back, and that one is refused too. The node says rolled back, and
-    why the kept version does not run, as soon as the plugin set refuses that module: not after the longest wait
-    for a swap, nor for ever."""
+    is refused, the node puts the kept one back, and that one is refused too. The version it replaced does not run:
+    the node must not say `rolled_back` but `rollback_failed`, as soon as the plugin set refuses that module (not
+    after the longest wait for a swap, nor for ever), with why and what runs (the plugin set's word, in its verdict
+    and reason), in its log line, the fleet tool's status and the update entity."""
     assert cli.main(["plugin", "keygen", str(site.tmp / "keys" / "other.pem")]) == 0
     site.start()
-    site.announce(site.new, live_ticks=1_000_000)
+    node = site.node
+    assert node is not None
+    a = site.announce(site.new, live_ticks=1_000_000)
     site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.counts.get("calls", 0) > 0, "called once promoted")
-    site.reload(lambda data: data["plugins"].update(trusted_keys=[str(site.tmp / "keys" / "other.pem.pub")]))
-    verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
-    assert verdict.phase == protocol.ROLLED_BACK and "did not load either" in (verdict.reason or ""), verdict
+    with capture_logs() as logs:
+        site.reload(lambda data: data["plugins"].update(trusted_keys=[str(site.tmp / "keys" / "other.pem.pub")]))
+        verdict = site.until(in_phase(*protocol.FAILED, protocol.LIVE), "the rollout ends", within=MIN_SWAP_TICKS)
+    live = site.live_status()
+    assert verdict.phase == protocol.ROLLBACK_FAILED and "did not load either" in (verdict.reason or ""), verdict
     assert "trusted_keys" in (verdict.reason or "")
+    assert (verdict.version, verdict.sha256) == (live.version, live.sha256) != ("1.0.0", sha256_of(site.live))
+    runs = f"version {live.version} ({live.sha256[:16]}..) runs still" if live.state == "loaded" else "no version runs"
+    assert runs in (verdict.reason or ""), (verdict, live)
+    assert [(e["event"], e["reason"]) for e in logs if e["event"].startswith("fleet_roll")][-1:] == [
+        ("fleet_rollback_failed", verdict.reason)], logs
+    assert node.shown(NAME) == {"version": a.version, "sha256": a.sha256, "phase": protocol.ROLLBACK_FAILED,
+                                "in_progress": False, "percent": 0}
     assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live)  # what was kept, for a config that takes it
 
 

@@ -148,7 +148,7 @@ def test_a_rollback_a_node_stopped_in_is_finished_from_the_word_it_kept(node, re
     else:
         assert (verdict.reason or "").startswith(f"{why}; the version it replaced could not be put back ([Errno 21] "
                                                  "Is a directory"), verdict
-        assert (verdict.reason or "").endswith(f"), but it runs: version (none given) ({previous[:16]}..)"), verdict
+        assert (verdict.reason or "").endswith(f"), but version (none given) ({previous[:16]}..) runs still"), verdict
     events = [e["event"] for e in logs if e["event"].startswith("fleet_")]
     assert events == ["fleet_rolling_back", "fleet_rollout_failed"]
     assert json.loads((node.folder / f"{NAME}.json").read_text())["phase"] == protocol.ROLLED_BACK

@@ -56,6 +56,7 @@ from pi_controller.mqtt.inbox import Inbound, Route
 from pi_controller.plugins import checks
 from pi_controller.plugins.install import InstallError, put
 from pi_controller.plugins.manifest import read_manifest
+from pi_controller.plugins.sandbox import PluginStatus
 from pi_controller.plugins.shadow import FOLDER, promote
 from pi_controller.plugins.signing import SUFFIX, read_signature
 from pi_controller.status import Status
@@ -79,6 +80,13 @@ def _cut(reason: Any) -> str | None:
     """A reason as a node says and keeps it: a string cut to MAX_REASON characters (whole ones: its UTF-8 is
     never cut inside a character), None for anything else (a kept word's file may hold anything)."""
     return reason[:MAX_REASON] if isinstance(reason, str) else None
+
+
+def _running(live: PluginStatus | None) -> str:
+    """Which version of a plugin runs, as the plugin set's `live` status says: one loaded, or none."""
+    if live is None or live.state != "loaded":
+        return f"no version runs ({live.state if live else 'removed'})"
+    return f"version {live.version or '(none given)'} ({(live.sha256 or '?')[:16]}..) runs still"
 
 
 @lru_cache(maxsize=16)
@@ -255,7 +263,8 @@ class FleetNode:
                 return
             job, rollout.job = rollout.job, None
             if (error := job.exception()) is not None and rollout.restoring is not None:  # its files were not written
-                self._rollback_failed(name, rollout, error)
+                self._rollback_failed(name, rollout,
+                                      f"the version it replaced could not be put back ({str(error)[:300]})")
                 return
             if job.exception() is not None:
                 self._end(name, rollout, protocol.REFUSED, str(job.exception()))
@@ -399,8 +408,8 @@ class FleetNode:
             if live.sha256 == rollout.previous:
                 self._end(name, rollout, protocol.ROLLED_BACK, rollout.restoring)
             elif live.refused_sha256 == rollout.previous or rollout.waited > MIN_SWAP_TICKS:  # put back whole
-                self._end(name, rollout, protocol.ROLLED_BACK, f"{rollout.restoring}; the kept version did not load "
-                                                               f"either: {live.reason or live.state}")
+                self._rollback_failed(name, rollout,
+                                      f"the kept version did not load either: {live.reason or live.state}")
             return
         if rollout.baseline is None:
             rollout.waited += 1
@@ -483,20 +492,19 @@ class FleetNode:
             self._end(name, rollout, phase, why)
         return True
 
-    def _rollback_failed(self, name: str, rollout: Rollout, error: BaseException) -> None:
-        """The files of the version the rollout replaced could not be written back (the plugins folder not writable,
-        the disk full: `put` stages them all before it renames one, and puts back what its renames replaced if
-        one fails, so the promoted version stays whole in the folder), and the plugin set runs the last whole
-        version it loaded. The node says which: `rollback_failed`
-        while the promoted version runs (its word kept with the rollback's reason, so that the node's next start
-        tries again), `rolled_back` if the version it replaced runs all the same."""
+    def _rollback_failed(self, name: str, rollout: Rollout, failed: str) -> None:
+        """The version the rollout replaced does not run after its rollback, for the reason `failed` says: its files
+        could not be written back (the plugins folder not writable, the disk full: `put` stages them all before it
+        renames one, and puts back what its renames replaced if one fails, so the promoted version stays whole in
+        the folder), or the plugin set refused them (a reload no longer trusts its key). The plugin set runs the
+        last whole version it loaded, or none. The node says which: `rollback_failed` with what runs, its word kept
+        with the rollback's reason (its next start tries again), `rolled_back` only if the version it replaced runs
+        all the same."""
         live = self.status.plugins.status.get(name)
-        runs = f"version {live.version or '(none given)'} ({(live.sha256 or '?')[:16]}..)" if live else "no version"
-        failed = f"the version it replaced could not be put back ({str(error)[:300]})"
-        if live is not None and live.sha256 == rollout.previous:
-            self._end(name, rollout, protocol.ROLLED_BACK, f"{rollout.restoring}; {failed}, but it runs: {runs}")
+        if live is not None and live.state == "loaded" and live.sha256 == rollout.previous:
+            self._end(name, rollout, protocol.ROLLED_BACK, f"{rollout.restoring}; {failed}, but {_running(live)}")
         else:
-            self._end(name, rollout, protocol.ROLLBACK_FAILED, f"{rollout.restoring}; {failed}: {runs} runs still; "
+            self._end(name, rollout, protocol.ROLLBACK_FAILED, f"{rollout.restoring}; {failed}: {_running(live)}; "
                                                                "the node's next start tries again")
 
     def _put_back(self, name: str, rollout: Rollout, why: str, where: str) -> bool:
