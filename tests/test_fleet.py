@@ -23,7 +23,7 @@ import yaml
 from benchmarks.flood import until as poll
 from pi_controller import cli
 from pi_controller.fleet import protocol
-from pi_controller.fleet.protocol import Announcement
+from pi_controller.fleet.protocol import Announcement, Verdict
 from pi_controller.fleet.simulate import SimulatedFleet
 from pi_controller.fleet.tool import Broker as Site
 from pi_controller.fleet.tool import Plan, Watcher, announce, rollout, status
@@ -300,6 +300,22 @@ def test_fleet_simulate_runs_its_nodes_until_interrupted(site, tmp_path) -> None
     assert process.stdout is not None and process.stdout.read().startswith("2 nodes running (node-00, node-01")
 
 
+def leaving_it_out(a: Announcement) -> Announcement:
+    """A rollout of the same module that replaces `a` and leaves node-00 out."""
+    return Announcement(**{**a.__dict__, "rollout": "1796633878-00000000", "stages": (("another-node",),)})
+
+
+def away_while(nodes: SimulatedFleet, seen: Watcher, a: Announcement, window: str,
+               meanwhile: Callable[[], None]) -> Verdict:
+    """node-00, stopped in `window` of `a`, started again after `meanwhile`: its verdict once it says another."""
+    assert nodes.stop("node-00") == 0
+    meanwhile()
+    nodes.start("node-00")
+    assert seen.wait(lambda: (v := seen.verdicts.get(("node-00", "probe"))) is not None
+                     and (v.rollout, v.phase) != (a.rollout, window), WAIT_S), seen.verdicts
+    return seen.verdicts[("node-00", "probe")]
+
+
 @pytest.mark.parametrize("window", ["shadow", "live_window"])
 def test_a_node_restarted_after_its_rollout_was_replaced_says_that_rollouts_end_not_its_last_phase(
         site, window) -> None:
@@ -318,13 +334,8 @@ def test_a_node_restarted_after_its_rollout_was_replaced_says_that_rollouts_end_
         running = site["good"] if window == "live_window" else site["live"]  # once promoted
         assert seen.wait(lambda: (v := seen.verdicts.get(("node-00", "probe"))) is not None
                          and (v.rollout, v.phase, v.sha256) == (a.rollout, window, sha256(running)), WAIT_S)
-        assert nodes.stop("node-00") == 0
-        elsewhere = Announcement(**{**a.__dict__, "rollout": "1796633878-00000000", "stages": (("another-node",),)})
-        publish(site["port"], elsewhere, module)
-        nodes.start("node-00")
-        assert seen.wait(lambda: (v := seen.verdicts.get(("node-00", "probe"))) is not None
-                         and (v.rollout, v.phase) != (a.rollout, window), WAIT_S), seen.verdicts
-        verdict = seen.verdicts[("node-00", "probe")]
+        elsewhere = leaving_it_out(a)
+        verdict = away_while(nodes, seen, a, window, lambda: publish(site["port"], elsewhere, module))
     finally:
         seen.close()
     replaced = f"replaced by rollout {elsewhere.rollout}, which leaves this node out"
@@ -334,3 +345,46 @@ def test_a_node_restarted_after_its_rollout_was_replaced_says_that_rollouts_end_
     assert verdict.sha256 == sha256(running) == sha256(folder / "probe.wasm")
     assert not (folder / "shadow" / "probe.wasm").exists()
     assert [e["reason"] for e in logged(nodes, "node-00", "fleet_rollout_stopped")] == [replaced + stays]
+
+
+def clear(port: int, topic: str) -> None:
+    """A retained message deleted, as an owner clears one (an empty retained payload)."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish(topic, b"", 1, retain=True).wait_for_publish(30)
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.mark.parametrize(("window", "cause"), [("waiting", "replaced"), ("fetching", "replaced"),
+                                               ("fetching", "cleared")])
+def test_a_node_restarted_after_its_rollout_left_it_before_a_shadow_says_that_rollouts_end(
+        site, window, cause) -> None:
+    """The node stops while it only waits for its stage or fetches the module (nothing of the rollout in its
+    folders yet); meanwhile the owner replaces that rollout with one that leaves the node out, or clears its
+    announcement. Started again, the node is in no rollout of the plugin, but its verdict on the broker, retained,
+    still says it waits or fetches: in progress for good. The node reads its own retained verdicts at each
+    connection and ends the one of a rollout it is not in: `stopped`, saying why, as a running node says it."""
+    nodes = site["fleet"](1)
+    nodes.start_all()
+    all_online(nodes, site["port"])
+    a, module = announce(site["good"], plan(nodes, site["port"]))
+    if window == "waiting":  # its stage not let in yet
+        a = Announcement(**{**a.__dict__, "stages": (("another-node",), ("node-00",))})
+    publish(site["port"], a, b"")  # no chunks: a node let in fetches, for as long as they are missing
+    seen = watcher(site["port"])
+    try:
+        assert seen.wait(lambda: (v := seen.verdicts.get(("node-00", "probe"))) is not None
+                         and (v.rollout, v.phase) == (a.rollout, window), WAIT_S), seen.verdicts
+        elsewhere = leaving_it_out(a)
+        verdict = away_while(nodes, seen, a, window, lambda: publish(site["port"], elsewhere, module)
+                             if cause == "replaced" else clear(site["port"], protocol.rollout_topic(BASE, "probe")))
+    finally:
+        seen.close()
+    why = (f"replaced by rollout {elsewhere.rollout} while the node was away, which leaves this node out"
+           if cause == "replaced" else "its announcement was cleared while the node was away")
+    assert (verdict.rollout, verdict.phase, verdict.reason) == (a.rollout, "stopped", why), verdict
+    folder = site["tmp"] / "nodes" / "node-00" / "plugins"
+    assert verdict.sha256 == sha256(site["live"]) == sha256(folder / "probe.wasm")
+    assert [e["reason"] for e in logged(nodes, "node-00", "fleet_rollout_stopped")] == [why]

@@ -130,7 +130,7 @@ class FleetNode:
         self.rollouts: dict[str, Rollout] = {}
         self._inbound: queue.Queue[tuple[str, Any]] = queue.Queue(MAX_INBOUND)
         self._said: dict[str, bytes] = {}  # plugin -> the verdict last published
-        self._taken: set[str] = set()  # plugins of which this run took an announcement
+        self._taken: dict[str, str] = {}  # plugin -> the rollout of the last announcement of it this run took
         self._lost_chunks = False
         self.fetch: Callable[[str], None] = lambda topic: None  # subscribe, unsubscribe: telemetry's (`wire`)
         self.unfetch: Callable[[str], None] = lambda topic: None
@@ -139,10 +139,12 @@ class FleetNode:
         self.fetch, self.unfetch = fetch, unfetch
 
     def routes(self) -> dict[str, Route]:
-        """The inbox's rows: the announcements (retained: what a returning node catches up from), and the
-        chunks, subscribed to only while a module is fetched."""
+        """The inbox's rows: the announcements (retained: what a returning node catches up from), the chunks,
+        subscribed to only while a module is fetched, and this node's own verdicts, retained, swept at each
+        connection (`_left_said`): subscribed after the announcements, they come after those retained."""
         return {protocol.rollout_topic(self.site, "+"): Route(self._announced),
-                protocol.chunk_topic(self.site, "+", "+"): Route(self._chunk, on_demand=True)}
+                protocol.chunk_topic(self.site, "+", "+"): Route(self._chunk, on_demand=True),
+                protocol.verdict_topic(self.site, self.node, "+"): Route(self._said_before, sweep=True)}
 
     # -- paho's thread: parse, bound, hand over ---------------------------------------------------
 
@@ -153,6 +155,10 @@ class FleetNode:
         if announcement.name != message.levels[0]:
             raise Malformed(f"an announcement of '{announcement.name}' on the topic of '{message.levels[0][:64]}'")
         self._inbound.put(("announcement", announcement))
+
+    def _said_before(self, message: Inbound) -> None:
+        if message.retained and message.payload:
+            self._inbound.put(("verdict", (message.levels[0], Verdict.parse(message.payload))))
 
     def _chunk(self, message: Inbound) -> None:
         sha256, index = message.levels
@@ -171,6 +177,8 @@ class FleetNode:
             kind, item = self._inbound.get_nowait()
             if kind == "announcement":
                 self._announcement(item)
+            elif kind == "verdict":
+                self._left_said(item[0], item[1], publish)
             else:
                 self._take_chunk(*item)
         if self._lost_chunks:
@@ -212,7 +220,7 @@ class FleetNode:
         removal = self._abandon(a.name, current) if current is not None else self._remove_earlier_shadow(
             a, note, kept is not None and kept["phase"] in _ENDS)
         stage, first = a.stage_of(self.node), a.name not in self._taken
-        self._taken.add(a.name)
+        self._taken[a.name] = a.rollout
         if stage is None and current is not None and not current.ended:
             self._replaced(a, current, removal)
             return
@@ -231,6 +239,26 @@ class FleetNode:
         elif live is not None and live.sha256 == a.sha256:
             rollout.phase = protocol.LIVE
             log.info("fleet_version_already_live", plugin=a.name, version=a.version, rollout=a.rollout)
+
+    def _left_said(self, name: str, verdict: Verdict, publish: Callable[[str, bytes], None]) -> None:
+        """A verdict of this node's left retained on the broker (by this run, or an earlier one), taken after the
+        retained announcements: one that says a rollout in progress that the node is not in (replaced meanwhile by
+        one that leaves it out, or its announcement cleared, before anything of it was kept: it waited or fetched)
+        would say so for good; the node says that rollout's end, `stopped`, as a running node says it."""
+        if verdict.phase not in protocol.PROGRESS or verdict.phase == protocol.LIVE or name in self.rollouts \
+                or name in self._said:
+            return  # an end; or the node's word on the plugin this run, said (it stands over this) or said now
+        if name in self._taken:
+            why = f"replaced by rollout {self._taken[name]} while the node was away, which leaves this node out"
+        else:
+            why = "its announcement was cleared while the node was away"
+        if verdict.phase == protocol.LIVE_WINDOW:
+            why += ": the promoted version stays, its live window unfinished"
+        said = self._verdict_of(name, verdict.rollout, protocol.STOPPED, why).payload()
+        self._said[name] = said
+        publish(protocol.verdict_topic(self.site, self.node, name), said)
+        event, level = _ENDS[protocol.STOPPED]
+        getattr(log, level)(event, plugin=name, rollout=verdict.rollout, reason=why)
 
     def _resume(self, name: str, rollout: Rollout, kept: dict[str, Any]) -> None:
         """This node's rollout as it stood when the node stopped: an ended one stays ended; one promoted but not
@@ -686,9 +714,15 @@ class FleetNode:
         getattr(log, level)(event, plugin=name, version=a.version, rollout=a.rollout, reason=rollout.reason)
 
     def _verdict(self, rollout: Rollout) -> Verdict:
-        live = self.status.plugins.status.get(rollout.announcement.name)
-        return Verdict(rollout.announcement.rollout, rollout.phase, live.version if live else None,
-                       live.sha256 if live else None, rollout.reason, rollout.counts)
+        a = rollout.announcement
+        return self._verdict_of(a.name, a.rollout, rollout.phase, rollout.reason, rollout.counts)
+
+    def _verdict_of(self, name: str, rollout: str, phase: str, reason: str | None,
+                    counts: dict[str, Any] | None = None) -> Verdict:
+        """A verdict on `rollout`, with the version of `name` that runs here, as the plugin set says."""
+        live = self.status.plugins.status.get(name)
+        return Verdict(rollout, phase, live.version if live else None, live.sha256 if live else None, reason,
+                       counts or {})
 
     def _kept_word(self, name: str) -> dict[str, Any] | None:
         data = self._read_state(name, self.folder / f"{name}.json", "a node's word on a rollout")
