@@ -3,6 +3,7 @@ the refusals a node makes on its own (daemon load, hot reload), in `plugin insta
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from structlog.testing import capture_logs
 from pi_controller import cli, config
 from pi_controller.clock import SystemClock
 from pi_controller.keys import MAX_TRUSTED_KEYS, KeyProblem, trusted_key
-from pi_controller.plugins import signing, signing_cli
+from pi_controller.plugins import install, signing, signing_cli
 from pi_controller.plugins.manifest import Grant, Manifest, Refused, parse_manifest, terms
 from pi_controller.plugins.wasm_gate import read_module
 from tests.conftest import (
@@ -393,6 +394,43 @@ def test_installing_an_unsigned_version_removes_the_old_signature(work, keys, tm
     wasm.with_suffix(".sig").unlink()
     assert cli.main(["plugin", "install", str(wasm), "--config", str(node)]) == 0
     assert not (folder / f"{PLUGIN}.sig").exists()  # it would describe the old module
+
+
+@pytest.mark.parametrize("upgrade", [False, True], ids=["first-install", "upgrade-that-drops-its-manifest"])
+def test_plugin_install_whose_rename_fails_halfway_leaves_the_folder_exactly_as_it_was(
+        work, keys, tmp_path, write_config, capsys, monkeypatch, upgrade) -> None:
+    """`plugin install` renames the manifest and the signature, then the module, into the folder (a manifest the
+    new version lacks removed first). The second rename failing (an I/O error: our own call site's os.replace,
+    for the folder's files only) puts back what was changed before it: the folder holds the same files, byte for
+    byte, as before the install (none for a first install; the old module, manifest and signature for an upgrade
+    whose new version has no manifest), and nothing of the staging folder."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    node = write_config(node_data(folder, keys, require=False))
+    wasm = work / f"{PLUGIN}.wasm"
+    sign(wasm, keys["owner"])
+    if upgrade:
+        assert cli.main(["plugin", "install", str(wasm), "--config", str(node)]) == 0
+        wasm.with_suffix(".yaml").unlink()  # version 2: another module (a custom section added), no manifest
+        wasm.write_bytes(wasm.read_bytes() + b"\x00\x03\x02v2")
+        sign(wasm, keys["owner"])
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    renamed, rename = [], os.replace
+
+    def failing(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(target).parent.resolve() == folder.resolve():
+            renamed.append(Path(target).name)
+            if len(renamed) == 2:
+                raise OSError(errno.EIO, "Input/output error")
+        rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(install.os, "replace", failing)
+    capsys.readouterr()
+    assert cli.main(["plugin", "install", str(wasm), "--config", str(node)]) == 2
+    assert f"cannot move the plugin into {folder}: Input/output error" in capsys.readouterr().err
+    assert renamed[:2] == ([f"{PLUGIN}.sig", f"{PLUGIN}.wasm"] if upgrade else [f"{PLUGIN}.yaml", f"{PLUGIN}.sig"])
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert sorted(before) == ([f"{PLUGIN}.sig", f"{PLUGIN}.wasm", f"{PLUGIN}.yaml"] if upgrade else [])
 
 
 def test_check_config_reports_each_plugin_the_daemon_would_refuse(work, keys, tmp_path, write_config, capsys) -> None:
