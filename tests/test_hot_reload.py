@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import pytest
+from asyncinotify import Inotify
 from structlog.testing import capture_logs
 
 from pi_controller import config
@@ -26,6 +27,7 @@ from pi_controller.clock import SystemClock
 from pi_controller.daemon import Daemon
 from pi_controller.plugins import checks, install
 from pi_controller.plugins import folder as plugin_folder
+from pi_controller.plugins import watch as plugin_watch
 from pi_controller.plugins.plugin_set import PluginSet
 from pi_controller.safety import known_good
 from tests.conftest import (
@@ -371,6 +373,33 @@ def test_the_plugins_folder_back_is_listed_off_the_loops_thread(live, tmp_path, 
 
     run_with(daemon, scenario)
     assert listing[0].waits and all(listing[0].waits), "the loop did not tick while the folder was listed"
+
+
+# What the watcher asks of the filesystem while the folder is gone and when it is back: the ancestor looked for, the
+# folder's watch (inotify's add_watch looks the path up; held once the folder is gone, the watch it had taken
+# first), the subfolders listed.
+LOOKS = [(plugin_watch, "_nearest_existing", False), (Inotify, "add_watch", True), (plugin_watch, "_subfolders", False)]
+
+
+@pytest.mark.parametrize(("owner", "method", "once_gone"), LOOKS, ids=[method for _, method, _ in LOOKS])
+def test_the_plugins_folder_gone_and_back_is_looked_for_off_the_loops_thread(live, tmp_path, monkeypatch, owner,
+                                                                            method, once_gone) -> None:
+    """The folder moved away and back (a remount) while the watcher looks for it, the look held: it is on a worker
+    thread, so the loop ticks on; once released, the folder is found and its plugins loaded again."""
+    daemon, folder = live
+    looks = [] if once_gone else [Held(owner, method, monkeypatch)]
+
+    async def scenario() -> None:
+        folder.rename(tmp_path / "away")
+        await until(lambda: not daemon.plugins.status, "the plugins of the folder gone unloaded")
+        if not looks:
+            looks.append(Held(owner, method, monkeypatch))
+        (tmp_path / "away").rename(folder)  # back while the look at its going may be held: the search looks again
+        await looks[0].past_ticks(daemon)
+        await until(lambda: "temperature_control" in {p.name for p in daemon.plugins}, "loaded again")
+
+    run_with(daemon, scenario)
+    assert looks[0].waits and all(looks[0].waits), "the loop did not tick while the folder was looked for"
 
 
 def test_a_reload_lists_the_plugins_folder_off_the_loops_thread(configured, tmp_path, monkeypatch) -> None:

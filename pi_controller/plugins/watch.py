@@ -57,6 +57,8 @@ class PluginWatcher:
         self._inotify: Inotify | None = None
         self._watch: Watch | None = None  # on the folder, while it is there
         self._ancestor: Watch | None = None  # on its nearest existing ancestor, while the folder is gone
+        self._search: asyncio.Task[None] | None = None  # the folder looked for on a worker thread (`_look_for_folder`)
+        self._again = False  # an event came while it was looked for: look once more
 
     async def run(self) -> None:
         """Until cancelled: note what lands in the folder, and reload it. A folder deleted or moved away
@@ -72,12 +74,12 @@ class PluginWatcher:
         with inotify:
             self._inotify = inotify
             try:
-                there = self._watch_folder()
+                self._watch, self._ancestor = await asyncio.to_thread(_search, inotify, directory, None)
             except OSError as exc:  # no more watches allowed (fs.inotify.max_user_watches), ...
                 log.error("plugins_watch_unavailable", directory=str(directory), error=str(exc),
                           note="plugins change on SIGHUP only")
                 return
-            if there:
+            if self._watch is not None:
                 log.info("plugins_watching", directory=str(directory))
                 if self._rescan:
                     self._look_at_everything()
@@ -90,12 +92,17 @@ class PluginWatcher:
                     self._route(event)
             finally:
                 self._plugins.on_room = None
-                reloads.cancel()
+                for task in (reloads, self._search):
+                    if task is not None:
+                        task.cancel()
                 for timer in self._timers.values():
                     timer.cancel()
 
     def _route(self, event: Event) -> None:
-        if Mask.Q_OVERFLOW in event.mask and self._watch is None:  # events were lost: look again
+        folder = self._watch is not None and event.watch is self._watch
+        if self._search is not None and not (folder and not event.mask & _GONE):
+            self._again = True  # perhaps of a watch the search took, not taken up here yet: it looks once more
+        elif Mask.Q_OVERFLOW in event.mask and self._watch is None:  # events were lost: look again
             self._look_for_folder()
         elif Mask.Q_OVERFLOW in event.mask:
             self._look_at_everything()
@@ -107,15 +114,6 @@ class PluginWatcher:
             if event.mask & _GONE:
                 self._drop_ancestor()
             self._look_for_folder()
-
-    def _watch_folder(self) -> bool:
-        """Watch the folder if it is there; whether it is."""
-        assert self._inotify is not None
-        try:
-            self._watch = self._inotify.add_watch(self._plugins.directory, _WATCHED | _GONE)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        return True
 
     def _gone(self) -> None:
         """The folder was deleted or moved away: its plugins are unloaded, and it is waited for."""
@@ -131,29 +129,39 @@ class PluginWatcher:
 
     def _look_for_folder(self) -> None:
         """While the folder is gone: back, watch it again and load what it holds; else watch the nearest
-        ancestor that exists (again after each change to it: the folder may come back a level at a time)."""
+        ancestor that exists (again after each change to it: the folder may come back a level at a time). Looked
+        for on a worker thread (`_search`): the folder may be on a hung or slow mount."""
+        if self._search is None:
+            self._search = asyncio.create_task(self._find_folder(), name="plugins-folder-search")
+
+    async def _find_folder(self) -> None:
         assert self._inotify is not None
-        while not self._watch_folder():
-            ancestor = _nearest_existing(self._plugins.directory)
-            if self._ancestor is not None and self._ancestor.path == ancestor:
-                return
-            self._drop_ancestor()
-            try:
-                self._ancestor = self._inotify.add_watch(ancestor, _ANCESTOR)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # gone meanwhile: look again
-        self._drop_ancestor()
+        try:
+            again = True
+            while again:  # an event of a watch the worker took, come before it was taken up here, is looked at again
+                self._again = False
+                found, self._ancestor = await asyncio.to_thread(
+                    _search, self._inotify, self._plugins.directory, self._ancestor)
+                if found is not self._watch:  # found by a look before, gone again since
+                    _drop(self._inotify, self._watch)
+                self._watch, again = found, self._again
+        except OSError as exc:  # no more watches allowed (fs.inotify.max_user_watches), ...
+            log.error("plugins_watch_unavailable", directory=str(self._plugins.directory), error=str(exc),
+                      note="plugins change on SIGHUP only, until the folder's ancestor changes again")
+            return
+        finally:
+            self._search = None
+        if self._watch is None:
+            return
         log.warning("plugins_folder_back", directory=str(self._plugins.directory))
         self._look_at_everything(self._settle_s)  # a folder being copied in: a file still written waits its close
-        if self._folder is not None:
-            for sub in self._plugins.directory.iterdir():
-                if sub.is_dir():
-                    self._folder(sub.name)
+        if self._folder is not None:  # listed once its watch is taken up here: one made since is an event of it
+            for name in await asyncio.to_thread(_subfolders, self._plugins.directory):
+                self._folder(name)
 
     def _drop_ancestor(self) -> None:
-        if self._ancestor is not None and self._inotify is not None:
-            with contextlib.suppress(OSError):  # deleted: already dropped
-                self._inotify.rm_watch(self._ancestor)
+        if self._inotify is not None:
+            _drop(self._inotify, self._ancestor)
         self._ancestor = None
 
     def _note(self, event: Event) -> None:
@@ -232,6 +240,42 @@ class PluginWatcher:
                 self._look_at(names)
 
         await self._loop.in_gap(swap, update.close)
+
+
+def _search(inotify: Inotify, directory: Path, ancestor: Watch | None) -> tuple[Watch | None, Watch | None]:
+    """On a worker thread (each step may stat a hung mount): the watch on `directory` if it is there (the
+    `ancestor`'s dropped), else none and the watch on its nearest existing ancestor. Each ancestor is watched
+    before the folder is looked for again: one made after a look is either seen then or an event of the watch."""
+    while True:
+        try:
+            watch = inotify.add_watch(directory, _WATCHED | _GONE)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        else:
+            _drop(inotify, ancestor)
+            return watch, None
+        nearest = _nearest_existing(directory)
+        if ancestor is not None and ancestor.path == nearest:
+            return None, ancestor
+        _drop(inotify, ancestor)
+        try:
+            ancestor = inotify.add_watch(nearest, _ANCESTOR)
+        except (FileNotFoundError, NotADirectoryError):  # gone meanwhile: look again
+            ancestor = None
+
+
+def _drop(inotify: Inotify, watch: Watch | None) -> None:
+    if watch is not None:
+        with contextlib.suppress(OSError):  # deleted: already dropped
+            inotify.rm_watch(watch)
+
+
+def _subfolders(folder: Path) -> list[str]:
+    """The names of `folder`'s subfolders (none if it is gone again: its watch says so)."""
+    try:
+        return [sub.name for sub in folder.iterdir() if sub.is_dir()]
+    except OSError:
+        return []
 
 
 def _nearest_existing(path: Path) -> Path:
