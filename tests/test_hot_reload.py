@@ -472,6 +472,19 @@ def test_the_running_loop_a_stopped_daemon_left_says_no_daemon_runs(tmp_path) ->
     assert known_good.running_loop(tmp_path) is None
 
 
+def test_the_running_loop_of_a_daemon_whose_pid_another_program_took_since_says_no_daemon_runs(tmp_path) -> None:
+    """The daemon died (a crash, SIGKILL: nothing removed its file) and its pid went to another program, alive: that
+    process is no daemon of this state directory, and check-config judges the file alone."""
+    known_good.keep_running_loop(config.LoopSettings(rate_hz=5), tmp_path)  # this process, as the daemon
+    said = json.loads((tmp_path / known_good.RUNNING_LOOP).read_text())
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:  # an older process's file, the pid now this one's (its start time, a later one)
+        (tmp_path / known_good.RUNNING_LOOP).write_text(json.dumps({**said, "pid": other.pid}))
+        assert known_good.running_loop(tmp_path) is None
+    finally:
+        other.communicate(b"", timeout=60)
+
+
 def test_a_reload_stopped_while_it_compiles_closes_what_it_compiled(configured, tmp_path, monkeypatch) -> None:
     first, second = folder_with(tmp_path, "a", "temperature_control"), folder_with(tmp_path, "b", "energy_saver")
     daemon, reload = configured(first)

@@ -92,7 +92,9 @@ def keep_running_loop(loop: LoopSettings, directory: Path | None) -> None:
     `keep`; blocks on the card: call it off the event loop."""
     if directory is None:
         return
-    text = json.dumps({"pid": os.getpid(), "rate_hz": loop.rate_hz, "plugin_budget": loop.plugin_budget})
+    pid = os.getpid()
+    text = json.dumps({"pid": pid, "started": _started(pid), "rate_hz": loop.rate_hz,
+                       "plugin_budget": loop.plugin_budget})
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # Not flushed (no fsync): a fact of this process, which a power cut ends with it. Readable by all: a
@@ -107,23 +109,24 @@ def running_loop(directory: Path) -> LoopSettings | None:
     be told)."""
     try:
         said = json.loads(read_small(directory / RUNNING_LOOP, 4096, "the running loop"))
-        pid, loop = int(said["pid"]), LoopSettings(rate_hz=float(said["rate_hz"]),
-                                                   plugin_budget=float(said["plugin_budget"]))
+        pid, started, loop = int(said["pid"]), said["started"], LoopSettings(
+            rate_hz=float(said["rate_hz"]), plugin_budget=float(said["plugin_budget"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return loop if _runs(pid) else None  # a file left by a crash or a stop: no daemon runs
+    # A file left by a crash or a stop: no daemon runs, though its pid may since be another process's.
+    return loop if started is not None and _started(pid) == started else None
 
 
-def _runs(pid: int) -> bool:
-    if pid <= 0:  # 0 and below name process groups
-        return False
+def _started(pid: int) -> str | None:
+    """When process `pid` started, as no other process of this machine did: this boot's id and its start time
+    (clock ticks since the boot, /proc/<pid>/stat's 22nd field); None if it is not there (or not for us to see)."""
     try:
-        os.kill(pid, 0)
-    except PermissionError:  # it runs, under another user
-        return True
-    except (OSError, OverflowError):
-        return False
-    return True
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # after the name, which may hold spaces and brackets: field 3 on
+    return f"{boot} {fields[19]}" if len(fields) > 19 else None
 
 
 def _holds(path: Path, data: bytes) -> bool:
