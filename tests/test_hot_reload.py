@@ -402,6 +402,22 @@ def test_the_plugins_folder_gone_and_back_is_looked_for_off_the_loops_thread(liv
     assert looks[0].waits and all(looks[0].waits), "the loop did not tick while the folder was looked for"
 
 
+def test_a_link_dropped_in_is_looked_at_off_the_loops_thread(live, tmp_path, monkeypatch) -> None:
+    """A file created in the folder is a link (whole at once, loaded) or a file being written (waited for): which,
+    the watcher asks the folder (lstat) on a worker thread, held there while the loop ticks on."""
+    daemon, folder = live
+    shutil.copy(TEST_PLUGINS / "counter.wasm", folder / "counter.module")  # no plugin's name: a link's target
+    look = Held(Path, "is_symlink", monkeypatch)
+
+    async def scenario() -> None:
+        (folder / "counter.wasm").symlink_to("counter.module")
+        await look.past_ticks(daemon)
+        await until(lambda: "counter" in {p.name for p in daemon.plugins}, "the linked plugin loaded")
+
+    run_with(daemon, scenario)
+    assert look.waits and all(look.waits), "the loop did not tick while the link was looked at"
+
+
 def test_a_reload_lists_the_plugins_folder_off_the_loops_thread(configured, tmp_path, monkeypatch) -> None:
     """The other way in: a SIGHUP reload's swap hands the kept values the folder as its worker listed it."""
     daemon, reload = configured(folder_with(tmp_path, "a", "temperature_control"))

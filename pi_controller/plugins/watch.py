@@ -59,6 +59,7 @@ class PluginWatcher:
         self._ancestor: Watch | None = None  # on its nearest existing ancestor, while the folder is gone
         self._search: asyncio.Task[None] | None = None  # the folder looked for on a worker thread (`_look_for_folder`)
         self._again = False  # an event came while it was looked for: look once more
+        self._links: set[asyncio.Task[None]] = set()  # files created, each looked at on a worker thread (`_created`)
 
     async def run(self) -> None:
         """Until cancelled: note what lands in the folder, and reload it. A folder deleted or moved away
@@ -92,7 +93,7 @@ class PluginWatcher:
                     self._route(event)
             finally:
                 self._plugins.on_room = None
-                for task in (reloads, self._search):
+                for task in (reloads, self._search, *self._links):
                     if task is not None:
                         task.cancel()
                 for timer in self._timers.values():
@@ -172,13 +173,26 @@ class PluginWatcher:
             return
         if name is None or name.suffix not in _SUFFIXES or name.name.startswith("."):
             return
-        if Mask.CREATE in event.mask and not (event.path is not None and event.path.is_symlink()):
-            return  # a file being written: its close says when it is whole; a link is whole at once
+        if Mask.CREATE in event.mask:  # a file being written: its close says when it is whole; a link is whole at once
+            if event.path is not None:
+                self._created(event.path)
+            return
         # A renamed or deleted module is whole at once. A manifest or signature waits `settle_s` for its
         # module: `plugin install` renames the manifest and signature, then the module, and the pair is loaded
         # as one, never the new manifest with the old module.
         at_once = event.mask & _AT_ONCE and name.suffix == ".wasm"
         self._schedule(name.stem, 0.0 if at_once else self._settle_s)
+
+    def _created(self, path: Path) -> None:
+        """A file created: looked at once on a worker thread (the folder may be on a hung or slow mount), and
+        reloaded after `settle_s`, as a manifest waits for its module, if it is a link."""
+        async def look() -> None:
+            if await asyncio.to_thread(path.is_symlink):
+                self._schedule(path.stem, self._settle_s)
+
+        task = asyncio.create_task(look())
+        self._links.add(task)
+        task.add_done_callback(self._links.discard)
 
     def _look_at_everything(self, delay: float = 0.0) -> None:
         """Each plugin file, as if it had just landed (one unchanged is left as it is), and each plugin
