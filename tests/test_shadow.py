@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -161,6 +162,32 @@ def test_a_shadow_folder_and_shadows_dropped_in_and_removed_are_picked_up_while_
 
     run_with(daemon, scenario)
     assert [bool(s.state) for s in daemon.hardware.factory.pin(27).states] == [False, True, False]
+
+
+def test_a_shadow_folder_dropped_in_is_followed_without_asking_the_folder_on_the_loops_thread(
+        run_daemon, plugin_dir, monkeypatch) -> None:
+    """The shadow folder is in the plugins folder, which may be on a hung or slow mount: whether it is there is asked
+    by the rebuild on a worker thread, and the watch that follows it goes by that answer, not by a look in the gap."""
+    folder = plugin_dir("temperature_control")
+    daemon = run_daemon(heater_only(), 0, plugins=folder, clock=SystemClock())
+    shadows, askers, loop = folder / shadow.FOLDER, [], []
+    is_dir = Path.is_dir
+
+    def asked(path: Path) -> bool:
+        if path == shadows:
+            askers.append(threading.get_ident())
+        return is_dir(path)
+
+    async def scenario() -> None:
+        loop.append(threading.get_ident())
+        monkeypatch.setattr(Path, "is_dir", asked)
+        shadows.mkdir()  # and at once a shadow in it: whether the rebuild sees it or the watch does
+        shutil.copy(TEST_PLUGINS / "sweep.wasm", shadows / ".copying")
+        os.replace(shadows / ".copying", shadows / "temperature_control.wasm")
+        await until(lambda: shadow_calls(daemon) > 3, "the shadow dropped in runs")
+
+    run_with(daemon, scenario)
+    assert askers and loop[0] not in askers, "the shadow folder was looked at on the loop's thread"
 
 
 class Gap:

@@ -80,7 +80,10 @@ class Shadows:
         self._followed: dict[str, tuple[SandboxedPlugin, dict[str, Any]]] = {}  # name -> shadow, live config
         self.stats: dict[str, ShadowStats] = {}
         self._problems = ChangeLog(log)
-        if self.plugins.directory.is_dir():  # not load_all: a live plugin without a shadow is no news
+        # Whether the folder was there when the set was built (off the event loop, but for the daemon's first): what
+        # the supervisor follows, without asking the folder again in the gap (it may be on a hung or slow mount).
+        self.found = self.plugins.directory.is_dir()
+        if self.found:  # not load_all: a live plugin without a shadow is no news
             self.plugins.apply(self.plugins.prepare(plugin_folder.modules(self.plugins.directory)))
             log.info("shadows_loaded", directory=str(self.plugins.directory), names=[p.name for p in self.plugins],
                      failed={name: s.reason for name, s in self.plugins.status.items() if s.state == "failed"})

@@ -45,7 +45,7 @@ class ShadowSupervisor:
     def start(self, gap: Gap) -> None:
         """Follow the shadow folder while the live folder is followed; swaps go through `gap`."""
         self._gap = gap
-        self._follow()
+        self._follow(self.current.plugins.directory.is_dir())  # before the first tick: as the folder is now
 
     def folder_changed(self, name: str) -> None:
         """The live folder's watcher saw a subfolder `name` come or go: if it is the shadow folder, rebuild."""
@@ -80,7 +80,7 @@ class ShadowSupervisor:
         if shadows is not None:
             self._adopt(shadows)
         elif moved:
-            self._follow()
+            self._follow(self.current.found)
 
     def live_changed(self) -> None:
         """Between two ticks, after the live set changed: the shadows' share of the tick follows it."""
@@ -92,15 +92,14 @@ class ShadowSupervisor:
         shadows.carry_on(old)
         self._adopted(shadows)
         old.close()
-        self._follow(rescan=True)  # what landed between the build's look at the folder and the watch
+        self._follow(shadows.found, rescan=True)  # what landed between the build's look at the folder and the watch
 
-    def _follow(self, rescan: bool = False) -> None:
-        """Watch the current set's folder, if the live folder is watched and the shadow folder is there."""
+    def _follow(self, there: bool, rescan: bool = False) -> None:
+        """Watch the current set's folder, if the live folder is watched and the shadow folder is `there`."""
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
-        folder = self.current.plugins.directory
-        if self._gap is not None and self.settings.watch and folder.is_dir():
+        if self._gap is not None and self.settings.watch and there:
             # A shadow swapped in or out is a set adopted anew: its agreement's entity comes or goes.
             watcher = PluginWatcher(self.current.plugins, self._gap, lambda: self._adopted(self.current), rescan=rescan)
             self._watcher = asyncio.create_task(watcher.run(), name="shadow-watch")
