@@ -179,6 +179,25 @@ def test_a_version_installed_by_hand_in_the_live_window_stays_and_ends_the_rollo
     assert (site.folder / f"{NAME}.yaml").read_bytes() == hand.with_suffix(".yaml").read_bytes()
 
 
+def test_a_rollout_asks_the_plugins_folder_where_it_is_off_the_loops_thread(site, monkeypatch) -> None:
+    """The folder a rollout works in is the followed one resolved (links and all: a path lookup on each level),
+    and the plugins folder may be on a hung or slow mount: resolved where the plugin set is built, off the event
+    loop, not at an announcement or a fetch in the node's turn after a tick."""
+    site.start()
+    askers: list[int] = []
+    resolve = Path.resolve
+
+    def resolved(path: Path, strict: bool = False) -> Path:
+        if path == site.folder:
+            askers.append(threading.get_ident())
+        return resolve(path, strict)
+
+    monkeypatch.setattr(Path, "resolve", resolved)
+    site.announce(site.new, live_ticks=1_000_000)
+    site.until(lambda v: v.phase == protocol.LIVE_WINDOW and v.sha256 == sha256_of(site.new), "promoted")
+    assert threading.main_thread().ident not in askers, "resolved on the event loop's thread"
+
+
 def removed_by_hand(site: Site) -> None:
     for suffix in (".wasm", ".yaml", ".sig"):
         (site.folder / f"{NAME}{suffix}").unlink()

@@ -41,7 +41,7 @@ import queue
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +87,6 @@ def _running(live: PluginStatus | None) -> str:
     if live is None or live.state != "loaded":
         return f"no version runs ({live.state if live else 'removed'})"
     return f"version {live.version or '(none given)'} ({(live.sha256 or '?')[:16]}..) runs still"
-
-
-@lru_cache(maxsize=16)
-def _resolved(directory: Path) -> Path:
-    """`directory` resolved once for the folder a config names, not at every tick of a rollout's windows."""
-    return directory.resolve()
 
 
 @dataclass
@@ -270,7 +264,7 @@ class FleetNode:
         rollout.phase = protocol.LIVE_WINDOW  # a rollback that failed is tried again (its kept word's `restoring`)
         previous, why, directory = kept.get("previous"), _cut(kept.get("restoring")), kept.get("directory")
         rollout.previous = previous if isinstance(previous, str) else None
-        rollout.directory = Path(directory).resolve() if isinstance(directory, str) else rollout.directory
+        rollout.directory = Path(directory) if isinstance(directory, str) else rollout.directory  # kept resolved
         if self._ended_by_hand(name, rollout):  # while the node was stopped
             return
         live = self.status.plugins.status.get(name)
@@ -697,12 +691,12 @@ class FleetNode:
         """Whether this node's `note` says it installed the module of `a` as the shadow of that very rollout, in
         the folder it follows: a node stopped in that shadow window, which did not promote it itself."""
         return note is not None and (note.get("rollout"), note.get("sha256")) == (a.rollout, a.sha256) \
-            and isinstance(note.get("directory"), str) and Path(note["directory"]).resolve() == self._followed()
+            and isinstance(note.get("directory"), str) and Path(note["directory"]) == self._followed()
 
     def _followed(self) -> Path:
         """The plugins folder followed now, resolved: the same folder spelled another way (`--plugins plugins`,
         then an absolute path at a restart) is no folder moved."""
-        return _resolved(self.status.plugins.directory)
+        return self.status.plugins.resolved  # resolved off the event loop: the folder may be on a hung mount
 
     def _end(self, name: str, rollout: Rollout, phase: str, why: str) -> None:
         """Every end of a rollout but `live`, whatever its cause and path: its phase and one reason, kept (a restart

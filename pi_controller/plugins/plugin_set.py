@@ -66,6 +66,9 @@ class PluginSet:
         self.settings = settings
         self.devices = devices
         self.directory = directory
+        # Resolved where the set is built (a reload's off the event loop): the folder may be on a hung or slow mount,
+        # and the fleet node tells the folder followed by it in its turn after a tick.
+        self.resolved = directory.resolve()
         self.budget_ms = budget_ms
         self.clock = clock or SystemClock()
         self.backstop = backstop or Backstop(real=self.clock.real)
@@ -135,7 +138,7 @@ class PluginSet:
             if previous is not None and previous.sha256 == plugin.sha256:
                 previous.quarantine.settings = loaded.settings.quarantine
                 plugin.quarantine = previous.quarantine
-        self.settings, self.directory = loaded.settings, loaded.directory
+        self.settings, self.directory, self.resolved = loaded.settings, loaded.directory, loaded.resolved
         self.budget_ms, self.whence = loaded.budget_ms, loaded.whence
         self.devices = loaded.devices
         self.history, self.backstop = loaded.history, loaded.backstop
