@@ -501,6 +501,15 @@ def test_the_running_loop_of_a_daemon_whose_pid_another_program_took_since_says_
         other.communicate(b"", timeout=60)
 
 
+@pytest.mark.parametrize("rate_hz", [0, -1, 1e9, float("nan")])
+def test_a_running_loop_out_of_the_configs_bounds_is_no_loop_and_no_traceback(tmp_path, rate_hz) -> None:
+    """The file is read, not trusted: a rate no config may give (0 divides by zero in its period) is no daemon's."""
+    known_good.keep_running_loop(config.LoopSettings(rate_hz=5), tmp_path)
+    said = json.loads((tmp_path / known_good.RUNNING_LOOP).read_text())
+    (tmp_path / known_good.RUNNING_LOOP).write_text(json.dumps({**said, "rate_hz": rate_hz}))
+    assert known_good.running_loop(tmp_path) is None
+
+
 def test_a_reload_stopped_while_it_compiles_closes_what_it_compiled(configured, tmp_path, monkeypatch) -> None:
     first, second = folder_with(tmp_path, "a", "temperature_control"), folder_with(tmp_path, "b", "energy_saver")
     daemon, reload = configured(first)

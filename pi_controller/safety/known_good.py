@@ -9,6 +9,7 @@ and `safe-state` reads the config file alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -114,7 +115,13 @@ def running_loop(directory: Path) -> LoopSettings | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     # A file left by a crash or a stop: no daemon runs, though its pid may since be another process's.
-    return loop if started is not None and _started(pid) == started else None
+    return loop if _allowed(loop) and started is not None and _started(pid) == started else None
+
+
+def _allowed(loop: LoopSettings) -> bool:
+    """Each value in the range the config's schema gives it (NaN is in none): a file edited by hand or of another
+    version is no loop (a rate of 0 would divide by zero in its period)."""
+    return all(f.metadata["low"] <= getattr(loop, f.name) <= f.metadata["high"] for f in dataclasses.fields(loop))
 
 
 def _started(pid: int) -> str | None:
