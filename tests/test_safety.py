@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import time
@@ -528,3 +529,18 @@ def test_an_owner_sound_everywhere_is_sound_for_every_device_and_no_other_is_tak
     health.begin()
     health.ok("refused", 1.0, [contract.Command("heater", "set_high", 1.0, "refused", 0)], [], None)
     assert health.sound_everywhere == {"refused"} and health.sound("refused", "heater")  # accepted again
+
+
+def test_the_tick_follows_a_command_as_guard_follow_does() -> None:
+    """`Safety.enforce` writes `Guard.follow` out (a call less for every command of every tick), and the shadows'
+    dry run calls it: every field follow sets, enforce sets to the same value, so the two cannot drift apart."""
+    relay, safety, health = relay_under_rules()
+    safety.enforce([], [], 0.0, 0.0, health)
+    guard = safety.guards["heater"]
+    before, twin = dict(vars(guard)), copy.copy(guard)
+    twin.follow(ON, 3.0)
+    followed = {name: value for name, value in vars(twin).items() if before[name] != value}
+    assert followed.keys() >= {"wanted", "plugin", "commanded_at"}  # a command that changes them, so the test can fail
+    safety.enforce(asked(health, 3.0, ON), [], 3.0, 3.0, health)
+    assert {name: vars(guard)[name] for name in followed} == followed
+    relay.close()

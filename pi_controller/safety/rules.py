@@ -177,7 +177,8 @@ class Safety:
             if actuator.target != guard.seen:
                 guard.observe(now)
             command = asked.get(key)
-            if command is not None:  # `Guard.follow`, written out: it runs for every command of every tick
+            if command is not None:  # `Guard.follow`, written out: it runs for every command of every tick (a test
+                # holds the two to the same fields and values)
                 guard.wanted, guard.plugin, guard.commanded_at, guard.failsafe = (command.target, command.plugin,
                                                                                  now, None)
             elif guard.held:  # a request held back lapses when its plugin stops asking for it
