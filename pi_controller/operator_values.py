@@ -113,7 +113,8 @@ class OperatorValues(LoopObserver):
     def _list(self, folder: Path | None, settings: PluginsSettings, listed: frozenset[str] | None) -> None:
         """The folder listed again: the plugins gone from it, whose values go once it holds still (`_settled`)."""
         self._folder, self._named = folder, {*settings.settings, *settings.required}
-        self._relisting = None  # a listing under way from before is older than this one
+        if self._relisting is not None:  # a listing under way from before is older than this one: not taken, but
+            self._relisting.stale = True  # waited for (on a hung mount, one thread stuck, not one more a minute)
         self._relist(listed)
         self._settled()
 
@@ -193,7 +194,7 @@ class OperatorValues(LoopObserver):
         listing = self._relisting
         if listing is not None and listing.done.is_set():
             self._relisting = None
-            if listing.modules is not None:
+            if listing.modules is not None and not listing.stale:
                 # Only what the last swap found gone may go: a module removed since may be of a plugin still
                 # running (plugins.watch off), whose values wait for the swap that unloads it.
                 gone = self._gone
@@ -260,6 +261,7 @@ class _Listing:
 
     def __init__(self, folder: Path):
         self.modules: frozenset[str] | None = None
+        self.stale = False  # a swap has listed the folder since it began: not to be taken
         self.done = threading.Event()
         # A daemon thread: one stuck on a hung mount must not hold the process at its exit.
         threading.Thread(target=self._list, args=(folder,), name="plugins-listing", daemon=True).start()

@@ -397,6 +397,38 @@ def test_the_folder_listed_again_when_the_minute_is_up_is_listed_off_the_tick(tm
     assert waits == [True], "the tick waited for the listing"
 
 
+def test_a_listing_stuck_on_a_hung_mount_is_waited_for_not_started_again(tmp_path: Path, monkeypatch) -> None:
+    """The minute's listing held (a hung mount) across a swap that lists the folder itself and more minutes: no
+    second listing thread starts while the first hangs, and the stuck one, older than the swap's, is not taken."""
+    set_values(tmp_path, thermostat(), SetPluginConfig("thermostat", "setpoint", 28.0))
+    clock = Clock()
+    values = OperatorValues(tmp_path, clock)
+    folder = holding(tmp_path, "another")
+    values.apply([], PluginsSettings(), set(), folder)  # the thermostat gone
+    release, calls = threading.Event(), []
+
+    def held(listed: Path) -> frozenset[str]:
+        calls.append(listed)
+        release.wait(WAIT_S)
+        return frozenset({"thermostat"})  # what the folder held when the listing began
+
+    monkeypatch.setattr(plugin_folder, "modules", held)
+    clock.now += SETTLE_S
+    values.tick_done(None)  # type: ignore[arg-type]  # it reads no report
+    poll(lambda: calls, "the minute's listing begun")
+    swap = frozenset({"another", "third"})
+    values.apply([], PluginsSettings(), set(), folder, swap)  # a swap, listed off the loop: the minute starts again
+    for _ in range(3):
+        clock.now += SETTLE_S
+        values.tick_done(None)  # type: ignore[arg-type]
+    assert len(calls) == 1, "a second listing started while the first hung"
+    release.set()
+    poll(lambda: values.tick_done(None) or values._relisting is None,  # type: ignore[func-returns-value]
+         "the stuck listing ended")
+    assert values._listed == swap, "the swap's listing stands, not the stuck one's"
+    values.close()
+
+
 def test_a_plugins_folder_briefly_missing_forgets_nothing_a_plugin_removed_from_it_is(write_config, tmp_path: Path,
                                                                                    monkeypatch) -> None:
     """A redeploy (`rm -rf plugins && cp -r new plugins`) whose copy lands after the watcher's scan saw the folder
