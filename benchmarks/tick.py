@@ -356,8 +356,11 @@ def measured(row: str, count: int, rate: float, args: argparse.Namespace) -> Row
 
 def _in_child(row: str, count: int, rate: float, seconds: float) -> Sample:
     command = [sys.executable, __file__, "--child", row, str(count), str(rate), "--seconds", str(seconds)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return Sample(**json.loads(output))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"a measuring process failed ({row}, {count} plugins, {rate:g} Hz, exit {done.returncode}):\n"
+                 f"{done.stderr[-4000:]}")
+    return Sample(**json.loads(done.stdout))
 
 
 def child(row: str, count: int, rate: float, seconds: float) -> None:
@@ -440,12 +443,18 @@ def line(r: Row) -> str:
             f"{min(r.processes):>5.2f}-{max(r.processes):<5.2f}x | {load()}{notes}")
 
 
+def at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of processes, 1 or more: {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plugins", type=int, nargs="+", default=[3, 10], help="plugin counts")
     parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 50.0], help="tick rates (Hz)")
     parser.add_argument("--rows", nargs="+", choices=tuple(PLUGINS), default=list(PLUGINS))
-    parser.add_argument("--processes", type=int, default=4, help="processes a row, one after the other")
+    parser.add_argument("--processes", type=at_least_one, default=4, help="processes a row, one after the other")
     parser.add_argument("--seconds", type=float, default=4.0, help="measured ticks of each process, in seconds")
     parser.add_argument("--share-seconds", type=float, default=8.0, help="0: no CPU share measured")
     parser.add_argument("--baseline", help="a git ref whose CPU share is measured beside this code's")
