@@ -640,6 +640,32 @@ def test_a_rollout_replaced_while_the_node_was_away_in_its_shadow_window_leaves_
     assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live) == site.live_status().sha256
 
 
+@pytest.mark.parametrize("window", ["shadow", "live_window"])
+def test_a_rollout_replaced_while_the_node_was_away_ends_under_its_own_version_not_the_replacing_ones(
+        site, window) -> None:
+    """Started again on a rollout of another version that leaves it out, the node ends the one it was in (kept by
+    its shadow's note, or its word in the live window) under that one's version and module: its update entity and
+    its log line never name the replacing rollout's."""
+    site.start()
+    a = site.announce(site.new, shadow_ticks=1 if window == "live_window" else 1_000_000, live_ticks=1_000_000)
+    site.until(lambda v: v.phase == window and (window != "shadow" or v.counts.get("shadow_ticks", 0) > 0), window)
+    site.rig.stop()
+    site.start()
+    elsewhere = replace(a, rollout="1796633878-00000000", stages=(("another-node",),), version="9.9.9",
+                        sha256="f" * 64)
+    shown: list[dict[str, Any] | None] = []
+    with capture_logs() as logs:
+        site.hand_over(elsewhere, site.new.read_bytes())
+        node = site.node
+        assert node is not None
+        site.settle(lambda: shown.append(node.shown(NAME)) or (shown[-1] is None and len(shown) > 1), "its end said")
+    # Shown while its shadow is removed; one in the live window has no shadow, and ends at the node's first turn.
+    assert {(s["version"], s["sha256"]) for s in shown if s is not None} == (
+        {(a.version, a.sha256)} if window == "shadow" else set())
+    assert [(e["rollout"], e["version"]) for e in logs if e["event"] == "fleet_rollout_stopped"] == [
+        (a.rollout, a.version)]
+
+
 def refused_when_checked(site: Site, reason: str) -> None:
     """`site.new` announced: refused within the longest wait for a shadow, saying `reason`, with no shadow file
     left and the live version running."""

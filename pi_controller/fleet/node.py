@@ -76,10 +76,10 @@ _ENDS = {protocol.REFUSED: ("fleet_rollout_refused", "error"),  # each end's log
 MAX_WORD_BYTES = 40 * 1024
 
 
-def _cut(reason: Any) -> str | None:
-    """A reason as a node says and keeps it: a string cut to MAX_REASON characters (whole ones: its UTF-8 is
-    never cut inside a character), None for anything else (a kept word's file may hold anything)."""
-    return reason[:MAX_REASON] if isinstance(reason, str) else None
+def _cut(text: Any, limit: int = MAX_REASON) -> str | None:
+    """A reason (or another text) as a node says and keeps it: a string cut to `limit` characters (whole ones: its
+    UTF-8 is never cut inside a character), None for anything else (a kept word's file may hold anything)."""
+    return text[:limit] if isinstance(text, str) else None
 
 
 def _running(live: PluginStatus | None) -> str:
@@ -87,6 +87,14 @@ def _running(live: PluginStatus | None) -> str:
     if live is None or live.state != "loaded":
         return f"no version runs ({live.state if live else 'removed'})"
     return f"version {live.version or '(none given)'} ({(live.sha256 or '?')[:16]}..) runs still"
+
+
+def _earlier(a: Announcement, rollout: str, kept: dict[str, Any] | None) -> Announcement:
+    """The announcement of `rollout`, replaced by `a` while the node was away, as far as the node `kept` it (its
+    word or its shadow's note): its version and module's sha256; `?` for what a node before they were kept left
+    out (or a file holding anything), never `a`'s, which are another rollout's."""
+    version, sha256 = (kept or {}).get("version"), (kept or {}).get("sha256")
+    return replace(a, rollout=rollout, version=_cut(version, 64) or "?", sha256=_cut(sha256, 64) or "?")
 
 
 @dataclass
@@ -586,11 +594,10 @@ class FleetNode:
             return False
         if not protocol.valid_id(earlier):
             return False
-        # Known by its id (and its module's sha256, noted with its shadow) alone: dropped once its end is said
-        sha256 = note["sha256"] if note is not None and note.get("rollout") == earlier else a.sha256
-        rollout = self.rollouts[a.name] = Rollout(replace(a, rollout=earlier, sha256=str(sha256)), self._followed(),
-                                                  protocol.SHADOW, replaced=True)
         word = word if word is not None and word.get("rollout") == earlier else None
+        # Known by its id, version and module, as its word or its shadow's note kept them: dropped once its end is said
+        rollout = self.rollouts[a.name] = Rollout(_earlier(a, earlier, word or note), self._followed(),
+                                                  protocol.SHADOW, replaced=True)
         if word is not None and word["phase"] in resumed and isinstance(word.get("restoring"), str):
             self._resume(a.name, rollout, word)  # stopped while rolling back, or its rollback failed: it goes on
         elif word is not None and word["phase"] in _ENDS:
@@ -665,7 +672,7 @@ class FleetNode:
         """Before its shadow is installed: which rollout's module it is, and where, kept in the state folder. The
         node's word is kept only from the promotion on; a node stopped in the shadow window finds the shadow it
         left by this note, for a rollout replaced meanwhile (`_remove_earlier_shadow`)."""
-        note = {"rollout": a.rollout, "sha256": a.sha256, "directory": str(directory)}
+        note = {"rollout": a.rollout, "sha256": a.sha256, "version": a.version, "directory": str(directory)}
         (self.folder / FOLDER).mkdir(parents=True, exist_ok=True)
         write_atomically(self.folder / FOLDER / f"{a.name}.json", json.dumps(note).encode(), 0o600, flush=False)
 
@@ -736,7 +743,9 @@ class FleetNode:
         return data if isinstance(data, dict) else None
 
     def _keep_word(self, name: str, rollout: Rollout) -> None:
-        word = {"rollout": rollout.announcement.rollout, "phase": rollout.phase, "reason": rollout.reason,
+        a = rollout.announcement  # its version and module: what a restart shows of it, replaced while away
+        word = {"rollout": a.rollout, "version": a.version, "sha256": a.sha256, "phase": rollout.phase,
+                "reason": rollout.reason,
                 "previous": rollout.previous, "restoring": _cut(rollout.restoring) or None,
                 "directory": str(rollout.directory)}
         try:
