@@ -150,7 +150,8 @@ def test_a_good_version_reaches_10_nodes_through_the_canary_and_the_stages(site)
     # Home Assistant's update entity: the announced version installed, no longer in progress.
     shown = plugin_state(site["port"], "node-05", lambda state: state["rollout"] is not None)
     assert shown["version"] == "2.0.0" and shown["rollout"] == {
-        "version": "2.0.0", "sha256": sha256(site["good"]), "phase": "live", "in_progress": False, "percent": 100}
+        "version": "2.0.0", "sha256": sha256(site["good"]), "phase": "live", "in_progress": False, "percent": 100,
+        "summary": ""}
 
 
 @pytest.mark.parametrize("shadow_ticks", [3, 20], ids=["traps-once-live", "traps-in-its-shadow"])

@@ -477,7 +477,7 @@ def test_a_reload_that_grants_the_promoted_version_more_keeps_its_live_window_go
     assert verdict.phase == protocol.LIVE and verdict.sha256 == sha256_of(site.new), verdict
     assert verdict.counts["calls"] >= 40 and site.node is not None
     assert site.node.shown(NAME) == {"version": "2.0.0", "sha256": sha256_of(site.new), "phase": protocol.LIVE,
-                                     "in_progress": False, "percent": 100}
+                                     "in_progress": False, "percent": 100, "summary": ""}
 
 
 def test_a_reload_that_removes_an_actuator_which_failed_safe_before_the_rollout_fails_no_live_window(site) -> None:
@@ -527,7 +527,8 @@ def test_a_rollback_whose_kept_version_does_not_load_either_says_it_failed_and_w
     assert [(e["event"], e["reason"]) for e in logs if e["event"].startswith("fleet_roll")][-1:] == [
         ("fleet_rollback_failed", verdict.reason)], logs
     assert node.shown(NAME) == {"version": a.version, "sha256": a.sha256, "phase": protocol.ROLLBACK_FAILED,
-                                "in_progress": False, "percent": 0}
+                                "in_progress": False, "percent": 0,
+                                "summary": f"{protocol.ROLLBACK_FAILED}: {verdict.reason}"[:255]}
     assert sha256_of(site.folder / f"{NAME}.wasm") == sha256_of(site.live)  # what was kept, for a config that takes it
 
 
@@ -912,7 +913,8 @@ def test_a_rollout_that_ends_in_its_shadow_window_says_so_only_once_its_shadow_i
     assert verdict.phase == (protocol.ROLLED_BACK if ending == "traps-in-its-shadow" else protocol.STOPPED), verdict
     assert said.with_shadow[-1] == (verdict.phase, False), said.with_shadow
     assert node.shown(NAME) == {"version": a.version, "sha256": a.sha256, "phase": verdict.phase,
-                                "in_progress": False, "percent": protocol.PROGRESS.get(verdict.phase, 0)}
+                                "in_progress": False, "percent": protocol.PROGRESS.get(verdict.phase, 0),
+                                "summary": f"{verdict.phase}: {verdict.reason}"[:255]}
 
 
 @pytest.mark.parametrize("killed", [False, True], ids=["removed", "killed-before-the-removal"])
@@ -1012,7 +1014,7 @@ def test_a_rollout_stopped_in_its_shadow_window_says_why_in_its_verdict_its_log_
                               "promoted it (its announcement says stopped)"), verdict
     shown = node.shown(NAME) if cause == "stopped" else None  # a replaced one is dropped once its end is said
     assert shown in (None, {"version": a.version, "sha256": a.sha256, "phase": protocol.STOPPED,
-                            "in_progress": False, "percent": 0})
+                            "in_progress": False, "percent": 0, "summary": f"stopped: {verdict.reason}"[:255]})
     assert shadow_files(site.folder) == [] and site.live_status().sha256 == sha256_of(site.live)
 
 

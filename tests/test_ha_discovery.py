@@ -255,6 +255,8 @@ def check_state(platform: str, template: str, value: str, entity: dict[str, Any]
         state = json.loads(value)
         progress = {key: state.pop(key, default) for key, default in (("in_progress", False),
                                                                       ("update_percentage", None))}
+        summary = state.pop("release_summary", "")
+        assert isinstance(summary, str) and len(summary) <= 255, where  # Home Assistant's own limit
         assert set(state) <= {"installed_version", "latest_version", "title"}, where
         assert all(isinstance(v, str) and v for v in state.values()), where
         assert isinstance(progress["in_progress"], bool), where
@@ -495,4 +497,9 @@ def test_an_announced_rollout_is_the_latest_version_with_this_node_s_progress(pu
     check_state("update", "value_template", json.dumps(shown), update, "update")
     done = {**rollout, "phase": "live", "in_progress": False, "percent": 100}
     shown = json.loads(render(update["value_template"], json.dumps({**state, "rollout": done}).encode()))
-    assert shown["in_progress"] is False and shown["update_percentage"] is None
+    assert shown["in_progress"] is False and shown["update_percentage"] is None and shown["release_summary"] == ""
+    failed = {**rollout, "phase": "rollback_failed", "in_progress": False, "percent": 0,
+              "summary": "rollback_failed: the version it replaced could not be put back"}
+    shown = json.loads(render(update["value_template"], json.dumps({**state, "rollout": failed}).encode()))
+    assert shown["release_summary"] == failed["summary"] and shown["in_progress"] is False
+    check_state("update", "value_template", json.dumps(shown), update, "update")

@@ -206,9 +206,12 @@ class FleetNode:
         rollout = self.rollouts.get(name)
         if rollout is None or rollout.phase == protocol.WAITING:
             return None
-        a = rollout.announcement
-        return {"version": a.version, "sha256": a.sha256, "phase": rollout.phase,
-                "in_progress": not rollout.ended, "percent": protocol.PROGRESS.get(rollout.phase, 0)}
+        a, phase, reason = rollout.announcement, rollout.phase, rollout.reason
+        # Why it ended, but live (the update entity's release summary, 255 characters at most in Home Assistant):
+        # a rollout that failed or stopped with the promoted version still running looks "up to date" otherwise.
+        summary = (f"{phase}: {reason}" if reason else phase)[:255] if rollout.ended and phase != protocol.LIVE else ""
+        return {"version": a.version, "sha256": a.sha256, "phase": phase, "in_progress": not rollout.ended,
+                "percent": protocol.PROGRESS.get(phase, 0), "summary": summary}
 
     def _announcement(self, a: Announcement) -> None:
         current = self.rollouts.get(a.name)

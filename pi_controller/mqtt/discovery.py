@@ -307,7 +307,8 @@ def _update(name: str, topics: Topics) -> Entity:
         "value_template": f"{{{{ {{'installed_version': {installed}, 'latest_version': {latest}, "
                           f"'in_progress': ({rollout}.in_progress if {rollout} else false), "
                           f"'update_percentage': ({rollout}.percent if {rollout} and {rollout}.in_progress "
-                          f"else none), 'title': {json.dumps(_name(name, 'plugin'))}}} | tojson }}}}"}
+                          f"else none), 'release_summary': ({rollout}.summary or '' if {rollout} else ''), "
+                          f"'title': {json.dumps(_name(name, 'plugin'))}}} | tojson }}}}"}
 
 
 def _platform_of(field: ConfigField) -> str | None:
