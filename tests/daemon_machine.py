@@ -335,11 +335,13 @@ class DaemonMachine(RuleBasedStateMachine):
         self._logs.__enter__()
         self.rig = Rig(self.config_path, PINS, self._tick)
         self.laws: PinLaws | None = None
+        self.last_tick: Any = None
 
     # -- judging -------------------------------------------------------------------------------
 
     def _tick(self, tick: Any) -> None:
         assert self.laws is not None
+        self.last_tick = tick
         self._judged(lambda: self.laws.tick(tick))
 
     def _judged(self, judge: Any) -> None:
@@ -658,6 +660,112 @@ class DaemonMachine(RuleBasedStateMachine):
         self.reload(replace(self.in_force, broken=None, rate_hz=rate_hz))
         if restart:
             self.restart()
+
+    @precondition(lambda self: self.rig.daemon is not None and self.folder.is_dir())
+    @rule(rate_hz=rates, over=st.booleans(), restart=st.booleans())
+    def budget_edge(self, rate_hz: float, over: bool, restart: bool) -> None:
+        """The config in force with the loop rate `rate_hz`, and the two first plugins alone named in it, enabled,
+        with timeouts that add up to the plugin budget exactly (or 1 ms `over` it), at that rate or the running one,
+        whichever leaves less; then as `reload`, and `restart` if asked. check-config's verdict is the reload's
+        (`reload` judges it), and the daemon runs as the config in force says (`runs_as_checked`)."""
+        budget = min(replace(self.in_force, rate_hz=rate).budget_ms for rate in (rate_hz, self.in_force.rate_hz))
+        total = round(budget) + over
+        entries = {name: replace(self.in_force.entries.get(name, Entry()), enabled=True, timeout_ms=ms)
+                   for name, ms in zip(CONFIGURED, (total // 2, total - total // 2), strict=True)}
+        self.reload(replace(self.in_force, entries=entries, broken=None, rate_hz=rate_hz))
+        self.runs_as_checked("after a reload at the edge of the plugin budget")
+        if restart:
+            self.restart()
+            self.runs_as_checked("after a restart at the edge of the plugin budget")
+
+    def runs_as_checked(self, when: str) -> None:
+        """The daemon's loop rate and its plugins' timeouts as the config in force and their manifests give them."""
+        daemon = self.rig.daemon
+        assert daemon is not None and self.last_tick is not None
+        running = {p.name: p.grant.timeout_ms for p in daemon.plugins}
+        expected = {}
+        for name in self._due():
+            files, entry = self._files(name), self.in_force.entries[name]
+            assert files is not None
+            expected[name] = entry.timeout_ms or files.timeout_ms() or DEFAULT_TIMEOUT_MS
+        self._judged(lambda: self.judge.runs_as_checked(self.last_tick.period, self.in_force.rate_hz,
+                                                        {name: running.get(name) for name in expected}, expected,
+                                                        when))
+
+    @precondition(lambda self: self.rig.daemon is not None and not self.rig.gap_pending())
+    @rule()
+    def configured_plugins_called(self) -> None:
+        """A tick, in which every plugin of the config that is due is called."""
+        due = self._due()
+        tick = self.rig.tick()
+        verdicts = tick.trace.verdicts
+        self._judged(lambda: self.judge.called(due, verdicts.answered, verdicts.failures, tick.trace.disabled,
+                                               "in the tick after the last step"))
+        self.rig.finish(0)
+
+    @precondition(lambda self: self.folder.is_dir())
+    @rule(timeout_ms=st.sampled_from([20, 30, 50]), priority=st.sampled_from([1, 999]),
+          mode=st.sampled_from(["trap", "silent", "on"]))
+    def crowd(self, timeout_ms: int, priority: int, mode: str) -> None:
+        """Every plugin the config does not name dropped in at once, each asking `timeout_ms` of the tick at
+        `priority`: together more than the plugin budget, whose shares the configured plugins keep."""
+        for name in DROPPED:
+            self._put(name, Files("switchboard", Manifest(priority=priority, timeout_ms=timeout_ms,
+                                                          config={"mode": mode})))
+        self.rig.finish()
+        if self.rig.daemon is not None:
+            self.configured_plugins_called()
+
+    def _owned(self) -> list[tuple[str, str]]:
+        """(actuator, plugin): the actuators off their safe state on a plugin's last word."""
+        if self.laws is None or self.rig.daemon is None:
+            return []
+        return [(device, owner.plugin) for device, owner in sorted(self.laws.owners.items())
+                if owner.plugin in NAMES and self.laws.pins[device] != self.plant.actuators[device].safe]
+
+    @precondition(lambda self: self.folder.is_dir() and self._owned())
+    @rule(pick=st.integers(0, 2), keep=st.sampled_from([(), ("heater",), ("lamp",), ("cooler",), ("heater", "lamp")]))
+    def narrow_grant_while_owning(self, pick: int, keep: tuple[str, ...]) -> None:
+        """The manifest of a plugin that holds an actuator off its safe state rewritten to grant it only `keep`,
+        without that actuator: it loses it at once (docs/plugins.md), to its safe state or another owner."""
+        owned = self._owned()
+        device, name = owned[pick % len(owned)]
+        manifest = replace(self.manifests.get(name, Manifest()), actuators=tuple(a for a in keep if a != device))
+        self._put_manifest(name, manifest)
+        self.rig.finish()
+        self.rig.ticks(1)
+        entry, files = self.in_force.entries.get(name), self._files(name)
+        if self.rig.daemon is None or files is None or not runnable(name, files, entry) or \
+                (entry is not None and entry.actuators is not None):  # the config's grant, not the manifest's
+            return
+        view = self._views().get(name)
+        if view is not None and "replacement was refused" in (view.reason or ""):  # the running version stays
+            return
+        assert self.laws is not None
+        value, owner = self.laws.pins[device], self.laws.owners[device].plugin
+        self._judged(lambda: self.judge.grant_ends(device, name, value, self.plant.actuators[device].safe, owner,
+                                                   "a tick after the narrowed manifest landed"))
+
+    @precondition(lambda self: self.rig.daemon is not None and self.folder.is_dir())
+    @rule(name=plugin_names, enabled=st.booleans(), files=files, files_first=st.booleans())
+    def operator_switches_while_replaced(self, name: str, enabled: bool, files: Files, files_first: bool) -> None:
+        """The operator switching `name` off (or on) over the operator's API, and its files replaced, in either
+        order before the next tick: the switch holds whichever version runs."""
+        daemon = self.rig.daemon
+        assert daemon is not None
+        running = name in {p.name for p in daemon.plugins}
+        if files_first:
+            self._put(name, files)
+        daemon.operator.submit(EnablePlugin(name, enabled, "reply"))
+        if not files_first:
+            self._put(name, files)
+        self.rig.finish()
+        tick = self.rig.tick()
+        self.rig.finish(0)
+        if running and name in tick.plugins:
+            verdicts = tick.trace.verdicts
+            called = name in verdicts.answered or name in verdicts.failures
+            self._judged(lambda: self.judge.switch_replaced(name, enabled, called, "a tick after both"))
 
     @precondition(lambda self: self.rig.daemon is not None)
     @rule(name=plugin_names, entry=st.one_of(st.none(), entries), other=plugin_names, enabled=st.booleans())

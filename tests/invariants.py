@@ -35,9 +35,13 @@ READY = "ready"  # /ready answers ok only while every plugin named in the config
 INSTALL = "install"  # what `plugin install` accepts the daemon loads; what it refuses changes nothing
 SHARE = "share"  # the shadows run in what the live plugins leave of the plugin budget, never in their share
 SWITCH = "switch"  # the operator's switch of a running plugin stands through a reload that leaves it enabled
+RUNS_AS_CHECKED = "runs_as_checked"  # after a reload or a start, the loop rate and the timeouts are the config's
+CALLED = "called"  # a plugin of the config that is due is called every tick, whatever was dropped in beside it
+GRANT_ENDS = "grant_ends"  # an owner no longer granted its actuator leaves it at once: safe, or another's
+SWITCH_REPLACED = "switch_replaced"  # the operator's switch of a plugin stands through the replacement of its file
 
 NAMES = (OWNER, FAILSAFE, LEASE, REQUIRES, INTERLOCK, WEAR, REFUSED_RELOAD, RELOAD_KEEPS, CHECK_CONFIG, SHUTDOWN,
-         CONFIGURED, READY, INSTALL, SHARE, SWITCH)
+         CONFIGURED, READY, INSTALL, SHARE, SWITCH, RUNS_AS_CHECKED, CALLED, GRANT_ENDS, SWITCH_REPLACED)
 
 EPSILON = 1e-6  # virtual times are sums of tick periods
 
@@ -320,6 +324,43 @@ class Judge:
         if held_off == on:
             self.fail(SWITCH, f"{when}: the operator switched '{name}' {'on' if on else 'off'}, and the daemon "
                               f"holds it {'off' if held_off else 'on'}")
+
+    def runs_as_checked(self, period_s: float, rate_hz: float, timeouts: Mapping[str, int | None],
+                        expected: Mapping[str, int], when: str) -> None:
+        """`period_s`: a tick's period since; `rate_hz`: the loop rate of the config in force (a reload keeps the
+        running one); `timeouts`: the timeout_ms each plugin of `expected` runs with (None: not loaded);
+        `expected`: what the config and the manifests give the plugins due."""
+        if abs(period_s - 1.0 / rate_hz) > EPSILON:
+            self.fail(RUNS_AS_CHECKED, f"{when}: the loop ticks every {period_s * 1000:g} ms, the config in force "
+                                       f"says {rate_hz:g} Hz")
+        for name, timeout_ms in sorted(expected.items()):
+            if timeouts.get(name) != timeout_ms:
+                self.fail(RUNS_AS_CHECKED, f"{when}: '{name}' runs with timeout_ms {timeouts.get(name)}, the config "
+                                           f"and its manifest give it {timeout_ms}")
+
+    def called(self, due: Iterable[str], answered: Collection[str], failed: Collection[str],
+               disabled: Collection[str], when: str) -> None:
+        """`due`: the plugins of the config in force that must be loaded; each is called in a tick (answers or
+        fails, or rests in quarantine), unless the operator switched it off."""
+        uncalled = [name for name in sorted(due) if name not in answered and name not in failed
+                    and name not in disabled]
+        if uncalled:
+            self.fail(CALLED, f"{when}: '{uncalled[0]}', named in the config and due, was not called in the tick "
+                              f"(called: {sorted(answered)}, failed: {sorted(failed)})")
+
+    def grant_ends(self, device: str, plugin: str, value: float, safe: float, owner: str, when: str) -> None:
+        """`plugin` drove `device` off its safe state and lost its grant for it: `value`, the pin, and `owner`,
+        whose word it follows, a tick after the new grant landed."""
+        if value != safe and owner == plugin:
+            self.fail(GRANT_ENDS, f"{when}: '{device}' at {value:g}, not its safe state {safe:g}, still on the last "
+                                  f"word of '{plugin}', which is no longer granted it")
+
+    def switch_replaced(self, name: str, on: bool, called: bool, when: str) -> None:
+        """The operator switched the running plugin `name` on (`on`) or off, and its file was replaced: `called`,
+        whether it was called in a tick after both."""
+        if called != on:
+            self.fail(SWITCH_REPLACED, f"{when}: the operator switched '{name}' {'on' if on else 'off'}, and after "
+                                       f"its file was replaced it was {'called' if called else 'not called'}")
 
     def ready(self, ready: bool, plugins: Mapping[str, PluginView], configured: Iterable[str], when: str) -> None:
         missing = [name for name in sorted(configured) if not (name in plugins and plugins[name].live)]
