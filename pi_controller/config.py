@@ -790,7 +790,7 @@ def _check_cross_references(settings: Settings, tree: _Tree) -> None:
     _check_ids_and_pins(settings, tree)
     _check_safety_references(settings, tree)
     _check_simulation_references(settings, tree)
-    _check_plugin_budget(settings, tree)
+    check_plugin_budget(settings)
 
 
 def _with_trusted_keys(settings: Settings, tree: _Tree) -> Settings:
@@ -871,18 +871,20 @@ def _check_safety_references(settings: Settings, tree: _Tree) -> None:
                          f"({2 * settings.loop.period:g} s at loop.rate_hz {settings.loop.rate_hz:g}); raise it")
 
 
-def _check_plugin_budget(settings: Settings, tree: _Tree) -> None:
+def check_plugin_budget(settings: Settings) -> None:
+    """The plugins' timeouts that the config sets fit its plugin budget (a reload checks them against the running
+    loop's too: `loop` waits for a restart)."""
     budget_ms = settings.loop.plugin_budget_ms
     defaults = settings.plugins.defaults
     if defaults.timeout_ms > budget_ms:
-        raise tree.error(("plugins", "defaults", "timeout_ms"),
-                         f"{defaults.timeout_ms} ms does not fit the plugin budget of {budget_ms:.1f} ms per "
-                         f"tick (loop.rate_hz x loop.plugin_budget); lower it or the loop rate")
+        raise settings.error(("plugins", "defaults", "timeout_ms"),
+                             f"{defaults.timeout_ms} ms does not fit the plugin budget of {budget_ms:.1f} ms per "
+                             f"tick (loop.rate_hz x loop.plugin_budget); lower it or the loop rate")
     own = settings.plugins.settings
     configured = {name: (own[name].timeout_ms if name in own else None) or defaults.timeout_ms
                   for name in [*own, *settings.plugins.required] if settings.plugins.configured(name)}
     if sum(configured.values()) > budget_ms:
-        raise tree.error(("plugins", "settings"),
-                         f"the configured plugins' timeouts add up to {sum(configured.values()):.1f} ms, over the "
-                         f"plugin budget of {budget_ms:.1f} ms per tick; lower their timeout_ms, the loop rate, "
-                         f"or raise loop.plugin_budget")
+        raise settings.error(("plugins", "settings"),
+                             f"the configured plugins' timeouts add up to {sum(configured.values()):.1f} ms, over the "
+                             f"plugin budget of {budget_ms:.1f} ms per tick; lower their timeout_ms, the loop rate, "
+                             f"or raise loop.plugin_budget")

@@ -255,3 +255,16 @@ def test_a_share_of_the_tick_taken_by_files_landing_during_a_reload_is_no_loss_o
         state.reconfigure(entry=Entry(), name="hog")
         state.reconfigure_while_files_change(entry=None, files=Files("switchboard", None), name="hog",
                                              other="lamp_ctl")
+
+
+def test_a_reload_to_a_slower_loop_checks_the_configured_timeouts_against_the_running_one() -> None:
+    """Found by the machine's budget_edge rule (fuzz.py --stateful --seed 31004): running at 15 Hz (40 ms), the
+    thermostat's files removed; a config for 10 Hz whose two plugins ask 20 and 21 ms. check-config refuses it at the
+    running rate (the timeouts the config sets add up past 40 ms), as the next start's budget check would there; the
+    reload applied it, checking the plugins present (lamp_ctl's 21 ms) but not the config's own sum at that rate."""
+    with machine() as state:
+        state.change_rate(rate_hz=15.0, restart=True)
+        state.remove(name="thermostat")
+        state.budget_edge(over=True, rate_hz=10.0, restart=False)
+        assert state.rig.daemon is not None
+        assert state.rig.daemon.status.last_reload.outcome == "refused"
