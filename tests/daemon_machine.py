@@ -162,7 +162,7 @@ class Config:
     @property
     def budget_ms(self) -> float:
         """The plugin budget of a tick, as the config defines it (a tick's period x loop.plugin_budget)."""
-        return 1.0 / self.rate_hz * PLUGIN_BUDGET * 1000.0
+        return PLUGIN_BUDGET * 1000.0 / self.rate_hz  # exact for the rates below: 600 / 12 is 50
 
 
 def runnable(name: str, files: Files, entry: Entry | None) -> bool:
@@ -248,6 +248,7 @@ entries = st.builds(Entry, config=plugin_config, enabled=st.sampled_from([True, 
                     priority=st.sampled_from([None, 5, 50]), timeout_ms=st.sampled_from([None, None, 10, 20, 40]),
                     actuators=st.sampled_from([None, None, None, ("heater",), ("lamp",), (NO_SUCH_DEVICE,)]))
 rates = st.sampled_from([10.0, 15.0, 20.0])  # plugin budgets of 60, 40 and 30 ms
+edge_rates = st.sampled_from([10.0, 12.0, 15.0, 20.0, 25.0])  # and 50 and 24 ms
 configs = st.builds(Config, entries=st.fixed_dictionaries({}, optional=dict.fromkeys(NAMES, entries)),
                     broken=st.sampled_from([None, None, None, None, None, "yaml", "typo"]),
                     unwritable_recording=st.sampled_from([False, False, False, True]),
@@ -662,7 +663,7 @@ class DaemonMachine(RuleBasedStateMachine):
             self.restart()
 
     @precondition(lambda self: self.rig.daemon is not None and self.folder.is_dir())
-    @rule(rate_hz=rates, over=st.booleans(), restart=st.booleans())
+    @rule(rate_hz=edge_rates, over=st.booleans(), restart=st.booleans())
     def budget_edge(self, rate_hz: float, over: bool, restart: bool) -> None:
         """The config in force with the loop rate `rate_hz`, and the two first plugins alone named in it, enabled,
         with timeouts that add up to the plugin budget exactly (or 1 ms `over` it), at that rate or the running one,
@@ -670,13 +671,28 @@ class DaemonMachine(RuleBasedStateMachine):
         (`reload` judges it), and the daemon runs as the config in force says (`runs_as_checked`)."""
         budget = min(replace(self.in_force, rate_hz=rate).budget_ms for rate in (rate_hz, self.in_force.rate_hz))
         total = round(budget) + over
-        entries = {name: replace(self.in_force.entries.get(name, Entry()), enabled=True, timeout_ms=ms)
-                   for name, ms in zip(CONFIGURED, (total // 2, total - total // 2), strict=True)}
-        self.reload(replace(self.in_force, entries=entries, broken=None, rate_hz=rate_hz))
+        choice, under = (self._edge(rate_hz, ms) for ms in (total, total - 2))
+        self.reload(choice)
+        if not over:  # what check-config accepts 2 ms under the budget, it accepts at the budget
+            self._judged(lambda: self.judge.at_budget(self._accepted(under), self._accepted(choice), total))
         self.runs_as_checked("after a reload at the edge of the plugin budget")
         if restart:
             self.restart()
             self.runs_as_checked("after a restart at the edge of the plugin budget")
+
+    def _edge(self, rate_hz: float, total_ms: int) -> Config:
+        """The config in force at `rate_hz`, with the two first plugins alone named in it, enabled, their timeouts
+        adding up to `total_ms`."""
+        entries = {name: replace(self.in_force.entries.get(name, Entry()), enabled=True, timeout_ms=ms)
+                   for name, ms in zip(CONFIGURED, (total_ms // 2, total_ms - total_ms // 2), strict=True)}
+        return replace(self.in_force, entries=entries, broken=None, rate_hz=rate_hz)
+
+    def _accepted(self, choice: Config) -> bool:
+        """Whether check-config accepts `choice` as a reload of it is judged: at its rate, and at the running one."""
+        path = self.root / "checked.yaml"
+        path.write_text(config_text(self.root, choice))
+        accepted = check_config(path, self.folder, choice)[0]
+        return accepted and (choice.rate_hz == self.in_force.rate_hz or self._accepted_as_running(choice))
 
     def runs_as_checked(self, when: str) -> None:
         """The daemon's loop rate and its plugins' timeouts as the config in force and their manifests give them."""

@@ -338,6 +338,13 @@ class Judge:
                 self.fail(RUNS_AS_CHECKED, f"{when}: '{name}' runs with timeout_ms {timeouts.get(name)}, the config "
                                            f"and its manifest give it {timeout_ms}")
 
+    def at_budget(self, accepted_under: bool, accepted_at: bool, budget_ms: float) -> None:
+        """check-config's verdicts on a config whose plugins' timeouts add up to 2 ms under the plugin budget
+        (`accepted_under`) and to the budget exactly (`accepted_at`), and nothing else differs."""
+        if accepted_under and not accepted_at:
+            self.fail(CHECK_CONFIG, f"check-config accepted timeouts 2 ms under the {budget_ms:g} ms plugin budget, "
+                                    f"and refused them adding up to it exactly")
+
     def called(self, due: Iterable[str], answered: Collection[str], failed: Collection[str],
                disabled: Collection[str], when: str) -> None:
         """`due`: the plugins of the config in force that must be loaded; each is called in a tick (answers or
