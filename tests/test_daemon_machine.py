@@ -268,3 +268,11 @@ def test_a_reload_to_a_slower_loop_checks_the_configured_timeouts_against_the_ru
         state.budget_edge(over=True, rate_hz=10.0, restart=False)
         assert state.rig.daemon is not None
         assert state.rig.daemon.status.last_reload.outcome == "refused"
+
+
+def test_timeouts_that_add_up_to_the_plugin_budget_exactly_fit_it_at_any_loop_rate() -> None:
+    """Found by the machine's budget_edge rule at 12 Hz: 0.6 of a tick is 50 ms, which the product of the period and
+    the share made 49.99999999999999: 25 + 25 ms refused by check-config and the reload alike, 2 ms less accepted."""
+    with machine() as state:
+        state.budget_edge(over=False, rate_hz=12.0, restart=True)
+        assert state.in_force.rate_hz == 12.0
