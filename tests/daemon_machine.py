@@ -746,12 +746,14 @@ class DaemonMachine(RuleBasedStateMachine):
         without that actuator: it loses it at once (docs/plugins.md), to its safe state or another owner."""
         owned = self._owned()
         device, name = owned[pick % len(owned)]
+        assert self.rig.daemon is not None
+        live = name in {p.name for p in self.rig.daemon.plugins}  # unloaded, it fails as FAILSAFE says: no grant to end
         manifest = replace(self.manifests.get(name, Manifest()), actuators=tuple(a for a in keep if a != device))
         self._put_manifest(name, manifest)
         self.rig.finish()
         self.rig.ticks(1)
         entry, files = self.in_force.entries.get(name), self._files(name)
-        if self.rig.daemon is None or files is None or not runnable(name, files, entry) or \
+        if not live or self.rig.daemon is None or files is None or not runnable(name, files, entry) or \
                 (entry is not None and entry.actuators is not None):  # the config's grant, not the manifest's
             return
         view = self._views().get(name)

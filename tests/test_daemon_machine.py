@@ -276,3 +276,19 @@ def test_timeouts_that_add_up_to_the_plugin_budget_exactly_fit_it_at_any_loop_ra
     with machine() as state:
         state.budget_edge(over=False, rate_hz=12.0, restart=True)
         assert state.in_force.rate_hz == 12.0
+
+
+def test_a_manifest_narrowed_for_an_owner_already_unloaded_ends_no_grant() -> None:
+    """Found by fuzz.py --stateful --seed 33002 (the model's error, not the daemon's): hog drove the heater and was
+    unloaded for the configured plugins' shares; its manifest was then narrowed, and the machine asked the heater safe
+    at once, as for a live owner's grant. An unloaded owner's actuator goes safe failsafe_after_s after its last call
+    (docs/safety.md, judged by FAILSAFE); no grant of a running plugin changed."""
+    with machine() as state:
+        state.operator_enables(name="thermostat", enabled=False)
+        state.crowd(mode="on", priority=1, timeout_ms=20)
+        state.advance(ticks=15)
+        assert ("heater", "hog") in state._owned()
+        state.reconfigure(name="lamp_ctl", entry=Entry({"mode": "on", "device": "lamp", "duty": 30}, timeout_ms=40))
+        assert state.rig.daemon is not None and "hog" not in {p.name for p in state.rig.daemon.plugins}
+        state.narrow_grant_while_owning(pick=0, keep=())
+        state.advance(ticks=15)
