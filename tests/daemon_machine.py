@@ -708,7 +708,7 @@ class DaemonMachine(RuleBasedStateMachine):
                                                         {name: running.get(name) for name in expected}, expected,
                                                         when))
 
-    @precondition(lambda self: self.rig.daemon is not None and not self.rig.gap_pending())
+    @precondition(lambda self: self.rig.daemon is not None)
     @rule()
     def configured_plugins_called(self) -> None:
         """A tick, in which every plugin of the config that is due is called."""
@@ -739,12 +739,16 @@ class DaemonMachine(RuleBasedStateMachine):
         return [(device, owner.plugin) for device, owner in sorted(self.laws.owners.items())
                 if owner.plugin in NAMES and self.laws.pins[device] != self.plant.actuators[device].safe]
 
-    @precondition(lambda self: self.folder.is_dir() and self._owned())
+    @precondition(lambda self: self.folder.is_dir() and self.rig.daemon is not None)
     @rule(pick=st.integers(0, 2), keep=st.sampled_from([(), ("heater",), ("lamp",), ("cooler",), ("heater", "lamp")]))
     def narrow_grant_while_owning(self, pick: int, keep: tuple[str, ...]) -> None:
         """The manifest of a plugin that holds an actuator off its safe state rewritten to grant it only `keep`,
-        without that actuator: it loses it at once (docs/plugins.md), to its safe state or another owner."""
+        without that actuator: it loses it at once (docs/plugins.md), to its safe state or another owner. Nothing,
+        if no plugin holds one (not a precondition: who holds what may hang on a compile's timing, and hypothesis
+        needs the rules it may draw to be the same on every run of a sequence)."""
         owned = self._owned()
+        if not owned:
+            return
         device, name = owned[pick % len(owned)]
         assert self.rig.daemon is not None
         live = name in {p.name for p in self.rig.daemon.plugins}  # unloaded, it fails as FAILSAFE says: no grant to end
