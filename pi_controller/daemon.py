@@ -314,12 +314,6 @@ class Daemon:
         restart kept), and the plugins it would not load; ConfigError for a config check-config refuses."""
         read = config.load(self.settings.source)
         new = dataclasses.replace(read, **{section: getattr(self.settings, section) for section in _RESTART_ONLY})
-        if read.loop != new.loop:  # the plugins' timeouts fit the running loop until the restart, as well as the file's
-            try:
-                config.check_plugin_budget(new)
-            except config.ConfigError as exc:
-                raise new.error(exc.path, f"{exc.message} (at the running loop.rate_hz {new.loop.rate_hz:g}: the "
-                                          f"file's {read.loop.rate_hz:g} takes effect at the next restart)") from None
         folder = config.check_plugins_directory(new, self.plugins_dir)
         foreseen = checks.problems(new, folder)  # the plugins it would not load, each for a reason of its own
         checks.check_reload(read, new.loop, folder, foreseen)  # as check-config beside this daemon does

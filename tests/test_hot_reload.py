@@ -477,6 +477,39 @@ def test_check_config_beside_a_running_daemon_says_what_its_reload_does_with_a_s
     assert "restart" in accepted_check.stderr  # the rate itself waits for one
 
 
+def test_check_config_beside_a_running_daemon_judges_the_timeouts_of_plugins_without_a_module_as_its_reload(
+        tmp_path, write_config) -> None:
+    """The config's own timeouts fit the running loop's budget, whether or not each plugin's module is there yet
+    (found by the daemon machine: a plugin named with no file, at half the running rate). check-config beside the
+    running daemon and its reload refuse the file alike, for the same reason."""
+    folder = folder_with(tmp_path, "a", "motion_light")  # temperature_control named, its module not there
+    data = unsimulated(example_data())
+    data["plugins"] = {"directory": str(folder), "settings": {"temperature_control": {"timeout_ms": 50},
+                                                              "motion_light": {"timeout_ms": 5}}}
+    state = tmp_path / "state"
+    daemon = Daemon(config.load(write_config(data)), simulate=True, state_dir=state, clock=SystemClock())
+    results = []
+
+    async def scenario() -> None:  # 50 + 50 ms set: over the running 60 ms budget (10 Hz), within 5 Hz's 120
+        data["loop"] = {"rate_hz": 5, "plugin_budget": 0.6}
+        data["plugins"]["settings"]["motion_light"]["timeout_ms"] = 50
+        path = write_config(data)
+        checked = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "pi_controller", "check-config", str(path)], capture_output=True,
+            text=True, timeout=120, env={**os.environ, "STATE_DIRECTORY": str(state)})
+        results.append((checked, await daemon.reload()))
+
+    try:
+        run_with(daemon, scenario)
+    finally:
+        daemon.close()
+    [(checked, reloaded)] = results
+    assert reloaded.outcome == "refused", reloaded.message
+    assert checked.returncode == 2, checked.stderr
+    assert reloaded.message.removeprefix("reload refused, running config kept: ") in checked.stderr
+    assert "add up to 100.0 ms" in checked.stderr and "10 Hz" in checked.stderr
+
+
 def test_the_running_loop_a_stopped_daemon_left_says_no_daemon_runs(tmp_path) -> None:
     """check-config after a stop or a crash judges the file alone: the next start runs its loop."""
     known_good.keep_running_loop(config.LoopSettings(rate_hz=5), tmp_path)  # this process: running

@@ -90,8 +90,10 @@ def check_reload(read: config.Settings, running: config.LoopSettings, folder: Pa
     """`check` as a reload into a daemon running `running` judges the config `read`: the loop section changes at a
     restart only, so until then the plugins get the running loop's budget, and a ConfigError says so. The reload
     and `check-config` beside a running daemon (the unit's ExecReload=) both judge with it, and agree."""
+    judged = dataclasses.replace(read, loop=running)
     try:
-        return check(dataclasses.replace(read, loop=running), folder, found)
+        config.check_plugin_budget(judged)  # the timeouts the config sets, whether or not their modules are there
+        return check(judged, folder, found)
     except config.ConfigError as exc:
         if running == read.loop:
             raise
