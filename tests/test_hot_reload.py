@@ -439,24 +439,20 @@ def test_a_reload_lists_the_plugins_folder_off_the_loops_thread(configured, tmp_
     assert any(e["event"] == "config_reloaded" for e in logs)
 
 
-def test_check_config_beside_a_running_daemon_says_what_its_reload_does_with_a_slower_loop(tmp_path, write_config
-                                                                                          ) -> None:
-    """The loop's rate changes at a restart, not a reload: the plugins a reload loads get the running rate's budget.
-    The same file, at half the running rate, checked as the unit's ExecReload= does beside the running daemon, then
-    reloaded: plugins that fit only the file's own budget are refused by both, for the same reason; plugins that fit
-    the running budget too are accepted by both."""
-    folder = folder_with(tmp_path, "a", "temperature_control", "motion_light")
+def checked_beside_then_reloaded(write_config, tmp_path: Path, folder: Path, settings: dict[str, Any],
+                                 motion_ms: list[int]) -> list[tuple[subprocess.CompletedProcess[str], Any]]:
+    """A daemon at 10 Hz (`settings`: the plugins' own), then for each of motion_light's `motion_ms` the same file at
+    5 Hz, checked as the unit's ExecReload= checks it beside the running daemon, then reloaded: both verdicts."""
     data = unsimulated(example_data())
-    data["plugins"] = {"directory": str(folder), "settings": {"temperature_control": {"timeout_ms": 50},
-                                                                  "motion_light": {"timeout_ms": 5}}}
+    data["plugins"] = {"directory": str(folder), "settings": settings}
     state = tmp_path / "state"
     daemon = Daemon(config.load(write_config(data)), simulate=True, state_dir=state, clock=SystemClock())
     results = []
 
     async def scenario() -> None:
-        for motion_ms in (50, 5):  # 100 ms of plugins: over the running 60 ms budget (10 Hz), within 5 Hz's 120
+        for timeout_ms in motion_ms:
             data["loop"] = {"rate_hz": 5, "plugin_budget": 0.6}
-            data["plugins"]["settings"]["motion_light"]["timeout_ms"] = motion_ms
+            data["plugins"]["settings"]["motion_light"]["timeout_ms"] = timeout_ms
             path = write_config(data)
             checked = await asyncio.to_thread(
                 subprocess.run, [sys.executable, "-m", "pi_controller", "check-config", str(path)], capture_output=True,
@@ -467,7 +463,20 @@ def test_check_config_beside_a_running_daemon_says_what_its_reload_does_with_a_s
         run_with(daemon, scenario)
     finally:
         daemon.close()
-    (refused_check, refused), (accepted_check, applied) = results
+    return results
+
+
+def test_check_config_beside_a_running_daemon_says_what_its_reload_does_with_a_slower_loop(tmp_path, write_config
+                                                                                          ) -> None:
+    """The loop's rate changes at a restart, not a reload: the plugins a reload loads get the running rate's budget.
+    The same file, at half the running rate, checked as the unit's ExecReload= does beside the running daemon, then
+    reloaded: plugins that fit only the file's own budget are refused by both, for the same reason; plugins that fit
+    the running budget too are accepted by both."""
+    folder = folder_with(tmp_path, "a", "temperature_control", "motion_light")
+    # 100 ms of plugins, then 55: over the running 60 ms budget (10 Hz), within 5 Hz's 120; then within both
+    (refused_check, refused), (accepted_check, applied) = checked_beside_then_reloaded(
+        write_config, tmp_path, folder, {"temperature_control": {"timeout_ms": 50}, "motion_light": {"timeout_ms": 5}},
+        [50, 5])
     assert refused.outcome == "refused", refused.message
     assert refused_check.returncode == 2, refused_check.stderr
     assert refused.message.removeprefix("reload refused, running config kept: ") in refused_check.stderr
@@ -483,27 +492,9 @@ def test_check_config_beside_a_running_daemon_judges_the_timeouts_of_plugins_wit
     (found by the daemon machine: a plugin named with no file, at half the running rate). check-config beside the
     running daemon and its reload refuse the file alike, for the same reason."""
     folder = folder_with(tmp_path, "a", "motion_light")  # temperature_control named, its module not there
-    data = unsimulated(example_data())
-    data["plugins"] = {"directory": str(folder), "settings": {"temperature_control": {"timeout_ms": 50},
-                                                              "motion_light": {"timeout_ms": 5}}}
-    state = tmp_path / "state"
-    daemon = Daemon(config.load(write_config(data)), simulate=True, state_dir=state, clock=SystemClock())
-    results = []
-
-    async def scenario() -> None:  # 50 + 50 ms set: over the running 60 ms budget (10 Hz), within 5 Hz's 120
-        data["loop"] = {"rate_hz": 5, "plugin_budget": 0.6}
-        data["plugins"]["settings"]["motion_light"]["timeout_ms"] = 50
-        path = write_config(data)
-        checked = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "pi_controller", "check-config", str(path)], capture_output=True,
-            text=True, timeout=120, env={**os.environ, "STATE_DIRECTORY": str(state)})
-        results.append((checked, await daemon.reload()))
-
-    try:
-        run_with(daemon, scenario)
-    finally:
-        daemon.close()
-    [(checked, reloaded)] = results
+    [(checked, reloaded)] = checked_beside_then_reloaded(  # 50 + 50 ms set: over the running 60 ms budget
+        write_config, tmp_path, folder, {"temperature_control": {"timeout_ms": 50}, "motion_light": {"timeout_ms": 5}},
+        [50])
     assert reloaded.outcome == "refused", reloaded.message
     assert checked.returncode == 2, checked.stderr
     assert reloaded.message.removeprefix("reload refused, running config kept: ") in checked.stderr
