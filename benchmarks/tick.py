@@ -32,7 +32,7 @@ Last, the CPU share of one core the daemon takes running `config/example.yaml` o
 READY=1), and with `--baseline REF` the same for the code at git REF, alternating, in the same run.
 
     python benchmarks/tick.py [--plugins 3 10] [--rates 10 50] [--rows reading echo] [--processes 4]
-                              [--seconds 4] [--share-seconds 8] [--baseline REF]
+                              [--ticks 160] [--share-seconds 8] [--baseline REF]
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ class Row:
     problems: int
 
 
-def measure(folder: Path, row: str, count: int, rate: float, seconds: float) -> Sample:
+def measure(folder: Path, row: str, count: int, rate: float, ticks: int) -> Sample:
     """The daemon and the floor side by side in one event loop, at the same rate, the floor's ticks half a
     period after the daemon's: each tick is paired with one under the same conditions (the host's clock
     speed, its neighbours, what the other left in the caches), as rounds run one after the other are not."""
@@ -325,7 +325,7 @@ def measure(folder: Path, row: str, count: int, rate: float, seconds: float) -> 
         asyncio.run(side_by_side(max(5, round(rate))))  # a second, unmeasured
         for side in timed.values():
             side.clear()
-        asyncio.run(side_by_side(max(5, round(seconds * rate))))
+        asyncio.run(side_by_side(max(5, ticks)))
         stats = daemon.status.snapshot()
     finally:
         daemon.close()
@@ -341,7 +341,7 @@ def measured(row: str, count: int, rate: float, args: argparse.Namespace) -> Row
     floor's code and data), and with it a ratio of its own: one process a row, the same code gave 0.99x to
     1.27x here from one run to the next (benchmarks/README.md). pyperf runs 20 processes a benchmark for the
     same reason; its runner times a function back to back, not two loops paced side by side, so it is not used."""
-    samples = [_in_child(row, count, rate, args.seconds) for _ in range(args.processes)]
+    samples = [_in_child(row, count, rate, args.ticks) for _ in range(args.processes)]
     pooled = [pair for sample in samples for pair in sample.pairs]
     quartiles = statistics.quantiles([pair[1] / pair[4] for pair in pooled], n=4)
 
@@ -354,8 +354,8 @@ def measured(row: str, count: int, rate: float, args: argparse.Namespace) -> Row
                sum(s.missed for s in samples), sum(s.problems for s in samples))
 
 
-def _in_child(row: str, count: int, rate: float, seconds: float) -> Sample:
-    command = [sys.executable, __file__, "--child", row, str(count), str(rate), "--seconds", str(seconds)]
+def _in_child(row: str, count: int, rate: float, ticks: int) -> Sample:
+    command = [sys.executable, __file__, "--child", row, str(count), str(rate), "--ticks", str(ticks)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"a measuring process failed ({row}, {count} plugins, {rate:g} Hz, exit {done.returncode}):\n"
@@ -363,12 +363,12 @@ def _in_child(row: str, count: int, rate: float, seconds: float) -> Sample:
     return Sample(**json.loads(done.stdout))
 
 
-def child(row: str, count: int, rate: float, seconds: float) -> None:
+def child(row: str, count: int, rate: float, ticks: int) -> None:
     """One process's measurement, printed as JSON for `measured`."""
     logs.configure("console", "warning")
     logs.capture_native_stderr()  # as `pi-controller run` does: each plugin call is bracketed (issue 28)
     with tempfile.TemporaryDirectory() as tmp:
-        sample = measure(Path(tmp), row, count, rate, seconds)
+        sample = measure(Path(tmp), row, count, rate, ticks)
     print(json.dumps(dataclasses.asdict(sample)))
 
 
@@ -445,7 +445,7 @@ def line(r: Row) -> str:
 
 def at_least_one(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"a whole number of processes, 1 or more: {text!r}")
+        raise argparse.ArgumentTypeError(f"a whole number, 1 or more: {text!r}")
     return int(text)
 
 
@@ -455,14 +455,16 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 50.0], help="tick rates (Hz)")
     parser.add_argument("--rows", nargs="+", choices=tuple(PLUGINS), default=list(PLUGINS))
     parser.add_argument("--processes", type=at_least_one, default=4, help="processes a row, one after the other")
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured ticks of each process, in seconds")
+    # As many ticks at 10 Hz as at 50: a row of 40 ticks a process (4 s at 10 Hz) put the median of 160 pairs,
+    # whose ratios scatter from 0.8x to 1.6x, a few hundredths either way from one run to the next.
+    parser.add_argument("--ticks", type=at_least_one, default=160, help="measured ticks of each process")
     parser.add_argument("--share-seconds", type=float, default=8.0, help="0: no CPU share measured")
     parser.add_argument("--baseline", help="a git ref whose CPU share is measured beside this code's")
     parser.add_argument("--child", nargs=3, metavar=("ROW", "PLUGINS", "RATE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         row, count, rate = args.child
-        return child(row, int(count), float(rate), args.seconds)
+        return child(row, int(count), float(rate), args.ticks)
     print(f"load average at start: {load()}")
     print("wall and CPU: the tick's work (its thread's CPU time); awake: its thread's CPU time from waking for the "
           "tick to sleeping again (what runs after the tick too); medians over the paired ticks. paired: the middle "
