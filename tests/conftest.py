@@ -208,6 +208,19 @@ def logging_at(level: str) -> Iterator[None]:
         logs._threshold, logs._plugin_threshold, logs._format = thresholds
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_found() -> Iterator[None]:
+    """Every test leaves logging as it found it: one that runs the CLI in-process (`cli.main` configures logging
+    at its --log-level) left `logs.enabled("info")` false for the tests after it in the same worker, and those that
+    wait for info events (an actuator_set, say) failed or passed by xdist's draw of tests."""
+    saved, thresholds = structlog.get_config(), (logs._threshold, logs._plugin_threshold, logs._format)
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        logs._threshold, logs._plugin_threshold, logs._format = thresholds
+
+
 @pytest.fixture
 def cli_logs() -> Iterator[None]:
     """Tests that run the CLI in-process leave structlog printing to the stderr pytest captured for them,
