@@ -222,6 +222,11 @@ def test_a_recording_that_cannot_be_opened_is_retried_and_reads_on_its_own_from_
         def advance(self, now: float) -> None:
             self.reads += 1
             if self.reads == 30:
+                # The writer has tried a batch without the folder first (and dropped it), however busy the machine:
+                # starved until now, it would open the file at its first try, with nothing lost to resume from.
+                deadline = time.monotonic() + 60
+                while daemon.recorder.dropped == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 folder.mkdir()
             if self.reads > 30 and daemon.recorder.error is not None:
                 time.sleep(0.01)  # the writer's turn: virtual ticks are faster than its thread
