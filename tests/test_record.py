@@ -223,10 +223,10 @@ def test_a_recording_that_cannot_be_opened_is_retried_and_reads_on_its_own_from_
             self.reads += 1
             if self.reads == 30:
                 # The writer has tried a batch without the folder first (and dropped it), however busy the machine:
-                # starved until now, it would open the file at its first try, with nothing lost to resume from.
-                deadline = time.monotonic() + 60
-                while daemon.recorder.dropped == 0 and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                # starved until now, it would open the file at its first try, with nothing lost to resume from. (Its
+                # event is cleared on this thread, at a batch: one set since the count was read stays set.)
+                recorder = daemon.recorder
+                assert recorder.dropped > 0 or recorder._lost.wait(60), "the writer dropped no batch without its folder"
                 folder.mkdir()
             if self.reads > 30 and daemon.recorder.error is not None:
                 time.sleep(0.01)  # the writer's turn: virtual ticks are faster than its thread
