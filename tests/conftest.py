@@ -196,16 +196,23 @@ def example_data() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def logging_at(level: str) -> Iterator[None]:
-    """structlog configured as the daemon configures it, at `level`, and left as it was found."""
+def logging_as_found() -> Iterator[None]:
+    """Logging left as it was found: structlog's configuration, and what the tick and the host functions ask before
+    building an event (`logs.enabled`), so that the tests after this one log at info."""
     saved, thresholds = structlog.get_config(), (logs._threshold, logs._plugin_threshold, logs._format)
-    logs.configure("console", level)
     try:
         yield
     finally:
         structlog.configure(**saved)
-        # What the tick and the host functions ask before building an event: tests after this one log at info.
         logs._threshold, logs._plugin_threshold, logs._format = thresholds
+
+
+@contextlib.contextmanager
+def logging_at(level: str) -> Iterator[None]:
+    """structlog configured as the daemon configures it, at `level`, and left as it was found."""
+    with logging_as_found():
+        logs.configure("console", level)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -213,12 +220,8 @@ def _logging_as_found() -> Iterator[None]:
     """Every test leaves logging as it found it: one that runs the CLI in-process (`cli.main` configures logging
     at its --log-level) left `logs.enabled("info")` false for the tests after it in the same worker, and those that
     wait for info events (an actuator_set, say) failed or passed by xdist's draw of tests."""
-    saved, thresholds = structlog.get_config(), (logs._threshold, logs._plugin_threshold, logs._format)
-    try:
+    with logging_as_found():
         yield
-    finally:
-        structlog.configure(**saved)
-        logs._threshold, logs._plugin_threshold, logs._format = thresholds
 
 
 @pytest.fixture
