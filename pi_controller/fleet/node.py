@@ -82,6 +82,13 @@ def _cut(text: Any, limit: int = MAX_REASON) -> str | None:
     return text[:limit] if isinstance(text, str) else None
 
 
+def _log_end(name: str, phase: str, rollout: str, reason: str | None, version: str | None = None) -> None:
+    """The one log line of a rollout's end but `live` (`_ENDS`: its event and level); `version` if it is known."""
+    event, level = _ENDS[phase]
+    known = {"version": version} if version is not None else {}
+    getattr(log, level)(event, plugin=name, rollout=rollout, reason=reason, **known)
+
+
 def _running(live: PluginStatus | None) -> str:
     """Which version of a plugin runs, as the plugin set's `live` status says: one loaded, or none."""
     if live is None or live.state != "loaded":
@@ -262,8 +269,7 @@ class FleetNode:
         said = self._verdict_of(name, verdict.rollout, protocol.STOPPED, why).payload()
         self._said[name] = said
         publish(protocol.verdict_topic(self.site, self.node, name), said)
-        event, level = _ENDS[protocol.STOPPED]
-        getattr(log, level)(event, plugin=name, rollout=verdict.rollout, reason=why)
+        _log_end(name, protocol.STOPPED, verdict.rollout, why)
 
     def _resume(self, name: str, rollout: Rollout, kept: dict[str, Any]) -> None:
         """This node's rollout as it stood when the node stopped: an ended one stays ended; one promoted but not
@@ -713,9 +719,7 @@ class FleetNode:
         answers with the same), said in one log line; its verdict and the update entity say the same at the turn."""
         rollout.phase, rollout.reason = phase, _cut(why)
         self._keep_word(name, rollout)
-        a = rollout.announcement
-        event, level = _ENDS[phase]
-        getattr(log, level)(event, plugin=name, version=a.version, rollout=a.rollout, reason=rollout.reason)
+        _log_end(name, phase, rollout.announcement.rollout, rollout.reason, rollout.announcement.version)
 
     def _verdict(self, rollout: Rollout) -> Verdict:
         a = rollout.announcement
