@@ -12,8 +12,8 @@ SUFFIX = ".wasm"
 def modules(folder: Path) -> frozenset[str]:
     """The plugins of `folder`, by their modules' names: each entry named `*.wasm` (the case as written) but a
     hidden one (a Mac's `._x.wasm`, an editor's or a copy's temporary file) and a folder, which the watcher takes
-    for a subfolder; a link is a plugin whose target the file gate judges. None for a folder missing or
-    unreadable: none."""
+    for a subfolder; a link is a plugin whose target the file gate judges. A folder missing or unreadable holds
+    none."""
     try:
         with os.scandir(folder) as entries:
             return frozenset(entry.name.removesuffix(SUFFIX) for entry in entries
